@@ -1,0 +1,152 @@
+"""Preallocated KV cache for one generation, with the recurrent-depth slot modes.
+
+Two kinds of layers share one timeline of T positions:
+- plain layers (prelude, coda, every GPT-2 layer) hold one K/V entry per position;
+- looped core layers hold K slots per position, where K depends on ``kv_sharing``:
+  ``full``  K = r_max (a slot per iteration), ``shared`` K = 1 (overwritten every iteration, so memory
+  equals a plain transformer of the same depth), ``ring`` K = k (the paper's KV budget).
+
+Lookup rule (one formula for all modes). A query at iteration t reads, for each earlier position p that
+has written n_p iterations, slot ``min(t mod K, n_p - 1)``. In ``full`` mode this is the entry of
+iteration t, or the position's latest entry when it exited before t (Huginn's "latest-m4" lookup);
+in ring/shared mode it is whatever the slot holds, or the latest entry when the slot was never
+written. Sequences that exited are frozen by masking their writes, never by host branching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KV_MODES = ("full", "shared", "ring")
+
+
+def parse_kv_sharing(kv_sharing: str, r_max: int) -> int:
+    """Number of core slots for a kv_sharing spec: 'full', 'shared', or 'ring-K' / ('ring', K)."""
+    if kv_sharing == "full":
+        return r_max
+    if kv_sharing == "shared":
+        return 1
+    if isinstance(kv_sharing, str) and kv_sharing.startswith("ring-"):
+        try:
+            k = int(kv_sharing[5:])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return min(k, r_max)
+    from .errors import InputError
+
+    raise InputError(f"kv_sharing must be 'full', 'shared' or 'ring-K' with K >= 1, got {kv_sharing!r}")
+
+
+@dataclass
+class Chunk:
+    """A run of new timeline positions [start, end) being processed together."""
+
+    start: int
+    end: int
+    positions: Tensor  # [B, n] model positions (RoPE / wpe) of the new entries
+    mask: Tensor  # [B, 1, n, end] bool: which cached keys each new query attends to
+    valid: Tensor  # [B, n] bool: which new entries are real tokens (not left padding / finished)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+class KVCache:
+    """K/V tensors for every layer, allocated once for ``max_len`` positions."""
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        n_plain: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        n_core: int = 0,
+        core_slots: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.plain_k = torch.zeros((n_plain, *shape), dtype=dtype, device=device)
+        self.plain_v = torch.zeros_like(self.plain_k)
+        self.core_k = torch.zeros((n_core, core_slots, *shape), dtype=dtype, device=device)
+        self.core_v = torch.zeros_like(self.core_k)
+        self.core_slots = core_slots
+        self.written = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.n_valid = torch.zeros(batch, dtype=torch.long, device=device)
+        self.batch, self.max_len, self.length = batch, max_len, 0
+        self._bytes_per_position = (
+            (n_plain + n_core * core_slots) * batch * kv_heads * head_dim * 2 * (self.plain_k.element_size())
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.valid.device
+
+    def used_bytes(self) -> int:
+        """Bytes of K/V storage held for the positions filled so far."""
+        return self._bytes_per_position * self.length
+
+    def begin(self, valid: Tensor) -> Chunk:
+        """Reserve the next ``valid.shape[1]`` positions; ``valid`` [B, n] marks real entries."""
+        n = valid.shape[1]
+        start, end = self.length, self.length + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions > {self.max_len} allocated")
+        valid = valid.to(device=self.device, dtype=torch.bool)
+        self.valid[:, start:end] = valid
+        positions = (self.n_valid[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+        self.n_valid += valid.long().sum(1)
+        self.length = end
+        q_idx = torch.arange(start, end, device=self.device)
+        k_idx = torch.arange(end, device=self.device)
+        causal = k_idx[None, :] <= q_idx[:, None]  # [n, end]
+        diag = k_idx[None, :] == q_idx[:, None]  # a padded query still attends to itself (no NaN rows)
+        mask = (self.valid[:, None, :end] & causal[None]) | diag[None]
+        return Chunk(start, end, positions, mask[:, None], valid)
+
+    def plain(
+        self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, active: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Write the chunk's K/V [B,H,n,D] of a plain layer (masked by ``active`` [B]); return [:end]."""
+        _write(self.plain_k[layer], k, chunk, active)
+        _write(self.plain_v[layer], v, chunk, active)
+        return self.plain_k[layer, :, :, : chunk.end], self.plain_v[layer, :, :, : chunk.end]
+
+    def mark_iteration(self, chunk: Chunk, iteration: int, active: Tensor) -> None:
+        """Record that active sequences write iteration ``iteration`` for the chunk's positions."""
+        cur = self.written[:, chunk.start : chunk.end]
+        self.written[:, chunk.start : chunk.end] = torch.where(active[:, None], iteration + 1, cur)
+
+    def core(
+        self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Write a core layer's K/V for ``iteration`` into its slot; return the K/V the query reads."""
+        slot = iteration % self.core_slots
+        _write(self.core_k[layer, slot], k, chunk, active)
+        _write(self.core_v[layer, slot], v, chunk, active)
+        if self.core_slots == 1:
+            return self.core_k[layer, 0, :, :, : chunk.end], self.core_v[layer, 0, :, :, : chunk.end]
+        idx = (self.written[:, : chunk.end] - 1).clamp(min=0, max=slot)  # min(t mod K, n_p - 1)
+        b = torch.arange(self.batch, device=self.device)[:, None]
+        p = torch.arange(chunk.end, device=self.device)[None, :]
+        # advanced indices split by a slice: result is [B, end, H, D]
+        k_sel = self.core_k[layer][idx, b, :, p].permute(0, 2, 1, 3)
+        v_sel = self.core_v[layer][idx, b, :, p].permute(0, 2, 1, 3)
+        return k_sel, v_sel
+
+
+def _write(buf: Tensor, new: Tensor, chunk: Chunk, active: Tensor | None) -> None:
+    """buf [B,H,T,D] <- new [B,H,n,D] at [start:end], only for active sequences."""
+    dst = buf[:, :, chunk.start : chunk.end]
+    if active is None:
+        dst.copy_(new)
+    else:
+        dst.copy_(torch.where(active[:, None, None, None], new.to(dst.dtype), dst))

@@ -1,0 +1,103 @@
+"""Exit criteria for adaptive recurrence, as batched tensor ops returning device masks.
+
+Each criterion keeps a small per-sequence state across the iterations of one token and, after each
+iteration, returns a bool mask of sequences whose criterion is met. For a prefill (many positions at
+once) latent-diff and cosine average over the prompt's real positions; the distribution-based
+criteria use its last position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+
+DEFAULT_THRESHOLDS = {
+    "latent-diff": 0.03,
+    "kl": 5e-4,
+    "entropy-diff": 1e-3,
+    "argmax-stability": 5,
+    "cosine": 1e-3,
+    "none": 0.0,
+}
+NEEDS_LOGITS = {"kl", "entropy-diff", "argmax-stability"}
+
+
+@dataclass(frozen=True)
+class ExitCriterion:
+    name: str
+    threshold: float
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.name in NEEDS_LOGITS
+
+    @property
+    def never_exits(self) -> bool:
+        return self.name == "none"
+
+
+def make_criterion(name: str, threshold: float | None) -> ExitCriterion:
+    if name not in DEFAULT_THRESHOLDS:
+        raise InputError(f"unknown exit criterion {name!r}; choose one of {sorted(DEFAULT_THRESHOLDS)}")
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS[name]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise InputError(f"exit_threshold must be a finite number, got {threshold!r}")
+    if threshold < 0:
+        raise InputError(f"exit_threshold must be >= 0, got {threshold}")
+    if name == "argmax-stability" and int(threshold) != threshold:
+        raise InputError(f"argmax-stability's threshold counts steps; got non-integer {threshold}")
+    return ExitCriterion(name, float(threshold))
+
+
+class ExitTracker:
+    """Per-token criterion state for a batch of B sequences over V-way next-token distributions."""
+
+    def __init__(self, criterion: ExitCriterion, batch: int, vocab: int, device: torch.device) -> None:
+        self.criterion = criterion
+        name = criterion.name
+        if name == "kl":
+            self.prev = torch.full((batch, vocab), -math.log(vocab), device=device)  # uniform log-probs
+        elif name == "entropy-diff":
+            self.prev = torch.full((batch,), 100.0, device=device)
+        elif name == "argmax-stability":
+            self.prev = torch.full((batch,), -1, dtype=torch.long, device=device)
+            self.stable = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def update(self, prev_state: Tensor, state: Tensor, last_logits: Tensor | None, valid: Tensor) -> Tensor:
+        """Exit mask [B] after one iteration. ``valid`` [B,n] marks the chunk's real positions."""
+        name, thr = self.criterion.name, self.criterion.threshold
+        if name == "none":
+            return torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
+        if name in ("latent-diff", "cosine"):
+            s, p = state.float(), prev_state.float()
+            if name == "latent-diff":
+                per_pos = (p - s).norm(dim=-1) / s.norm(dim=-1)
+            else:
+                per_pos = 1.0 - F.cosine_similarity(s, p, dim=-1)
+            w = valid.to(per_pos.dtype)
+            value = (per_pos * w).sum(-1) / w.sum(-1).clamp(min=1)
+            return value < thr
+        logits = last_logits.float()
+        if name == "kl":
+            log_p = F.log_softmax(logits, dim=-1)
+            kl = F.kl_div(log_p, self.prev, reduction="none", log_target=True).sum(-1)  # KL(prev || cur)
+            self.prev = log_p
+            return kl < thr
+        if name == "entropy-diff":
+            probs = F.softmax(logits, dim=-1)
+            ent = -(probs * torch.log(probs + 1e-10)).sum(-1)
+            diff = (ent - self.prev).abs()
+            self.prev = ent
+            return diff < thr
+        # argmax-stability
+        arg = logits.argmax(-1)
+        self.stable = torch.where(arg == self.prev, self.stable + 1, torch.zeros_like(self.stable))
+        self.prev = arg
+        return self.stable >= thr

@@ -1,0 +1,117 @@
+"""``latentrt.load``: config.json -> model family -> weights -> tokenizer -> backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .backends import get_backend
+from .checkpoint import (
+    load_tokenizer,
+    load_weights,
+    read_config,
+    read_generation_config,
+    read_state_dict,
+    resolve,
+)
+from .config import GPT2Config, RecurrentConfig, parse_config
+from .errors import ConfigError, InputError
+from .models.coconut import CoconutGPT2
+from .models.recurrent import RecurrentDepthLM
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def model_class(cfg):
+    return RecurrentDepthLM if isinstance(cfg, RecurrentConfig) else CoconutGPT2
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    weights: str | os.PathLike | None = None,
+    backend: str = "auto",
+    **overrides,
+):
+    """Load a checkpoint folder (or ``builtin:NAME``); the family is read from config.json's model_type.
+
+    device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+    weights: a .safetensors or torch state-dict file to use instead of the folder's weights (e.g. a
+    Coconut training checkpoint). overrides: config fields to replace (e.g. mean_recurrence=16, or
+    Coconut marker strings latent_token=..., or ids latent_id=...); unknown names are an error.
+    """
+    folder = resolve(path)
+    cfg = parse_config(read_config(folder), overrides, source=str(folder / "config.json"))
+    gen_cfg = read_generation_config(folder)
+    tokenizer = load_tokenizer(folder)
+    if isinstance(cfg, GPT2Config):
+        cfg = _resolve_markers(cfg, tokenizer)
+    eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _parse_dtype(dtype, device)
+
+    cls = model_class(cfg)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    if _tied(cfg):
+        model.lm_head.weight = model.transformer.wte.weight
+    tied = ("lm_head.weight", "transformer.wte.weight") if _tied(cfg) else None
+    load_weights(model, read_state_dict(folder, weights), tied)
+    model.init_buffers()
+    model.eval()
+    model.tokenizer = tokenizer
+    model.eos_token_id = eos if isinstance(eos, int) else None
+    model.source = str(path)
+    model.backend = get_backend(backend, model)
+    return model
+
+
+def _tied(cfg) -> bool:
+    return cfg.tie_embeddings if isinstance(cfg, RecurrentConfig) else cfg.tie_word_embeddings
+
+
+def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise InputError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+
+
+def _resolve_markers(cfg: GPT2Config, tokenizer) -> GPT2Config:
+    """Fill the three latent-marker ids from tokenizer.json's added tokens unless given as overrides."""
+    import dataclasses
+
+    ids = {}
+    for field, tok in (
+        ("latent_id", cfg.latent_token),
+        ("start_latent_id", cfg.start_latent_token),
+        ("end_latent_id", cfg.end_latent_token),
+    ):
+        given = getattr(cfg, field)
+        if given is None and tokenizer is not None:
+            given = tokenizer.token_to_id(tok)
+        if given is not None and not 0 <= given < cfg.vocab_size:
+            raise ConfigError(f"{field}={given} is outside the vocabulary (size {cfg.vocab_size})")
+        ids[field] = given
+    if (ids["latent_id"] is None) != (ids["start_latent_id"] is None) or (ids["latent_id"] is None) != (
+        ids["end_latent_id"] is None
+    ):
+        raise ConfigError(f"only some latent markers were found: {ids}; pass all three ids to load()")
+    return dataclasses.replace(cfg, **ids)

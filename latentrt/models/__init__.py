@@ -1,0 +1,1 @@
+"""Reference PyTorch models of both families."""

@@ -1,0 +1,217 @@
+"""Coconut (continuous thought) on GPT-2, with HF GPT-2 parameter names.
+
+A ``<|latent|>`` position's input embedding is the previous position's last hidden state after ln_f
+(no projection); positions stay consecutive, so GPT-2 still adds wpe. Every thought is one
+single-position pass over the KV cache: the prefix is never recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import Chunk, KVCache
+from ..config import GPT2Config
+from ..errors import InputError
+from .layers import ACTIVATIONS, attention
+
+
+class Conv1D(nn.Module):
+    """HF GPT-2's linear layer: weight stored [in, out]."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
+        scale = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.scale = scale
+
+    def forward(self, x: Tensor, mask: Tensor, kv) -> Tensor:
+        B, S, _ = x.shape
+        q, k, v = (
+            t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).chunk(3, -1)
+        )
+        k_all, v_all = kv(k, v)
+        y = attention(q, k_all, v_all, mask, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).flatten(2))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(cfg.n_embd, cfg.inner_size)
+        self.c_proj = Conv1D(cfg.inner_size, cfg.n_embd)
+        self.act = ACTIVATIONS[cfg.activation_function]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = GPT2Attention(cfg, layer_idx)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x: Tensor, mask: Tensor, kv) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, kv)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CoconutGPT2(nn.Module):
+    family = "coconut"
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.n_positions, cfg.n_embd),
+                h=nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.tokenizer = None
+        self.backend = None
+
+    def init_buffers(self) -> None:
+        """Nothing derived to compute: GPT-2 positions are learned."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, core_slots: int = 1) -> KVCache:
+        cfg = self.config
+        return KVCache(
+            batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim, dtype=self.dtype, device=self.device
+        )
+
+    # ---------------------------------------------------------------- units
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.transformer.wte(input_ids)
+
+    def forward_embeds(self, x: Tensor, cache: KVCache, chunk: Chunk) -> Tensor:
+        """Input embeddings [B,n,d] (without positions) -> last hidden state after ln_f."""
+        x = x + self.transformer.wpe(chunk.positions)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk))
+        return self.transformer.ln_f(x)
+
+    def lm_logits(self, h: Tensor) -> Tensor:
+        return self.lm_head(h).float()
+
+    def feedback(self, h_last: Tensor) -> Tensor:
+        """The next thought's input embedding (wpe is added by the pass itself)."""
+        return h_last
+
+    # ---------------------------------------------------------------- markers
+    @property
+    def marker_ids(self) -> tuple[int | None, int | None, int | None]:
+        c = self.config
+        return c.start_latent_id, c.latent_id, c.end_latent_id
+
+    def check_markers(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Validate marker structure per row; return the bool map of ``<|latent|>`` positions."""
+        start, latent, end = self.marker_ids
+        if latent is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        for b in range(ids.shape[0]):
+            row = ids[b][mask[b]].tolist()
+            depth = 0
+            for j, t in enumerate(row):
+                if t == start:
+                    if depth:
+                        raise InputError(f"sequence {b}: nested start-latent marker at token {j}")
+                    depth = 1
+                elif t == end:
+                    if not depth:
+                        raise InputError(
+                            f"sequence {b}: end-latent marker at token {j} without a start marker"
+                        )
+                    depth = 0
+                elif t == latent and (start is not None and not depth):
+                    raise InputError(
+                        f"sequence {b}: <|latent|> at token {j} outside start/end-latent markers"
+                    )
+            if depth:
+                raise InputError(f"sequence {b}: start-latent marker without a matching end-latent marker")
+            if row and row[0] == latent:
+                raise InputError(
+                    f"sequence {b}: a prompt cannot begin with <|latent|> (no hidden state to feed)"
+                )
+        return (ids == latent) & mask
+
+    # ---------------------------------------------------------------- public
+    def run_prompt(
+        self, ids: Tensor, mask: Tensor, cache: KVCache, hooks=None, backend=None
+    ) -> tuple[Tensor, Tensor, int]:
+        """Process a prompt whose ``<|latent|>`` positions become continuous thoughts.
+
+        The prefix before the first latent runs as one chunk, each column from the first to the last
+        latent as a single-position pass (thought inputs = fed-back hidden states), the rest as one chunk.
+        Returns (logits [B,S,V], last hidden [B,d], number of thought columns).
+        """
+        latent = self.check_markers(ids, mask)
+        feedback = backend.feedback if backend is not None else self.feedback
+        B, S = ids.shape
+        embeds = self.embed(ids)
+        cols = latent.any(0).nonzero()[:, 0].tolist()
+        if not cols:
+            h = self.forward_embeds(embeds, cache, cache.begin(mask))
+            return self.lm_logits(h), h[:, -1], 0
+        first, last = cols[0], cols[-1]
+        hs = [self.forward_embeds(embeds[:, :first], cache, cache.begin(mask[:, :first]))]
+        thought = 0
+        for col in range(first, last + 1):
+            x = embeds[:, col : col + 1]
+            rows = latent[:, col]
+            if rows.any():
+                fed = feedback(hs[-1][:, -1:])
+                if hooks:
+                    fed = hooks.on_thought(thought, fed, rows)
+                x = torch.where(rows[:, None, None], fed.to(x.dtype), x)
+                thought += 1
+            hs.append(self.forward_embeds(x, cache, cache.begin(mask[:, col : col + 1])))
+        if last + 1 < S:
+            hs.append(self.forward_embeds(embeds[:, last + 1 :], cache, cache.begin(mask[:, last + 1 :])))
+        h = torch.cat(hs, dim=1)
+        return self.lm_logits(h), h[:, -1], thought
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, **unused) -> Tensor:
+        """Logits [B,S,V] (fp32); ``<|latent|>`` positions are computed as continuous thoughts."""
+        from ..prompts import check_ids
+
+        bad = {k for k, v in unused.items() if v is not None and k not in ("init_scale",)}
+        if bad:
+            raise InputError(f"arguments {sorted(bad)} apply to recurrent-depth models, not Coconut")
+        ids = check_ids(input_ids, self.config, self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        cache = self.new_cache(ids.shape[0], ids.shape[1])
+        return self.run_prompt(ids, mask.to(self.device), cache)[0]

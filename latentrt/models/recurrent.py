@@ -1,0 +1,261 @@
+"""Recurrent-depth LM (Huginn-0125 layout): prelude -> core block looped r times -> coda.
+
+Parameter names equal the published state-dict keys (``transformer.core_block.0.attn.Wqkv.weight``...).
+The three methods ``prelude``, ``core_step`` and ``head`` are the units the engine loops over;
+``core_step`` is the seam a fast backend replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import Chunk, KVCache
+from ..config import RecurrentConfig
+from ..errors import InputError, NonFiniteStateError
+from .layers import RMSNorm, apply_rope, attention, rope_tables
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: RecurrentConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.Wqkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
+        if cfg.qk_bias:
+            self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim))
+        else:
+            self.qk_bias = None
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as [B, heads, S, D]: Wqkv rows are [q; k; v]; qk_bias then interleaved RoPE."""
+        B, S, _ = x.shape
+        q, k, v = self.Wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
+        )
+        q = q.view(B, S, self.n_head, self.head_dim)
+        k = k.view(B, S, self.n_kv, self.head_dim)
+        v = v.view(B, S, self.n_kv, self.head_dim)
+        if self.qk_bias is not None:
+            q = (q + self.qk_bias[0]).to(x.dtype)
+            k = (k + self.qk_bias[1][:, : self.n_kv]).to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv) -> Tensor:
+        q, k, v = self.project(x, cos, sin)
+        k_all, v_all = kv(k, v)
+        y = attention(q, k_all, v_all, mask)
+        return self.proj(y.transpose(1, 2).flatten(2))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: RecurrentConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)
+        self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(nn.functional.silu(gate) * up)
+
+
+class SandwichBlock(nn.Module):
+    """x = norm_2(x + attn(norm_1(x))); x = norm_4(x + mlp(norm_3(x)))."""
+
+    def __init__(self, cfg: RecurrentConfig) -> None:
+        super().__init__()
+        eps = cfg.norm_eps
+        self.norm_1, self.norm_2 = RMSNorm(cfg.n_embd, eps), RMSNorm(cfg.n_embd, eps)
+        self.norm_3, self.norm_4 = RMSNorm(cfg.n_embd, eps), RMSNorm(cfg.n_embd, eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = GatedMLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv) -> Tensor:
+        x = self.norm_2(self.attn(self.norm_1(x), cos, sin, mask, kv) + x)
+        return self.norm_4(self.mlp(self.norm_3(x)) + x)
+
+
+class RecurrentDepthLM(nn.Module):
+    family = "recurrent"
+
+    def __init__(self, cfg: RecurrentConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d = cfg.n_embd
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.padded_vocab_size, d),
+                prelude=nn.ModuleList(SandwichBlock(cfg) for _ in range(cfg.n_layers_in_prelude)),
+                adapter=nn.Linear(2 * d, d, bias=cfg.bias),
+                core_block=nn.ModuleList(SandwichBlock(cfg) for _ in range(cfg.n_layers_in_recurrent_block)),
+                coda=nn.ModuleList(SandwichBlock(cfg) for _ in range(cfg.n_layers_in_coda)),
+                ln_f=RMSNorm(d, cfg.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.tokenizer = None
+        self.backend = None
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    # ---------------------------------------------------------------- setup
+    def init_buffers(self) -> None:
+        """(Re)compute the fp32 RoPE tables on the model's device."""
+        cfg = self.config
+        self.rope_cos, self.rope_sin = rope_tables(
+            cfg.head_dim, cfg.block_size, cfg.rope_base, device=self.transformer.wte.weight.device
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, core_slots: int) -> KVCache:
+        cfg = self.config
+        return KVCache(
+            batch,
+            max_len,
+            cfg.n_layers_in_prelude + cfg.n_layers_in_coda,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            n_core=cfg.n_layers_in_recurrent_block,
+            core_slots=core_slots,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    # ---------------------------------------------------------------- units of the decode loop
+    def rope(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
+        return self.rope_cos[chunk.positions], self.rope_sin[chunk.positions]
+
+    def prelude(self, input_ids: Tensor, cache: KVCache, chunk: Chunk, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Embeddings x sqrt(n_embd) through the prelude: the per-token input e of the recurrence."""
+        x = self.transformer.wte(input_ids) * self.config.embed_scale
+        for i, block in enumerate(self.transformer.prelude):
+            x = block(x, *rope, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk))
+        return x
+
+    def initial_state(
+        self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Truncated normal (std sqrt(2/(5d)) * init_scale, cut at 3 std) x sqrt(d); zeros at scale 0."""
+        s = torch.zeros_like(e)
+        std = self.config.init_std * init_scale
+        if std > 0 and self.config.state_init == "like-init":
+            noise = torch.empty(e.shape, dtype=torch.float32, device=e.device)
+            torch.nn.init.trunc_normal_(noise, 0.0, std, -3 * std, 3 * std, generator=generator)
+            s = (noise * self.config.embed_scale).to(e.dtype)
+        return s
+
+    def core_step(
+        self,
+        s: Tensor,
+        e: Tensor,
+        cache: KVCache,
+        chunk: Chunk,
+        iteration: int,
+        active: Tensor,
+        rope: tuple[Tensor, Tensor],
+    ) -> Tensor:
+        """One iteration: s <- adapter([s, e]) then every core layer (K/V into the iteration's slot)."""
+        x = self.transformer.adapter(torch.cat([s, e], dim=-1))
+        for j, block in enumerate(self.transformer.core_block):
+            x = block(x, *rope, chunk.mask, lambda k, v, j=j: cache.core(j, k, v, chunk, iteration, active))
+        return x
+
+    def head(
+        self,
+        s: Tensor,
+        cache: KVCache,
+        chunk: Chunk,
+        active: Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        last_only: bool = False,
+    ) -> Tensor:
+        """ln_f -> coda -> ln_f (same weights) -> lm_head; fp32 logits. Coda K/V written for ``active``."""
+        x = self.transformer.ln_f(s)
+        base = self.config.n_layers_in_prelude
+        for i, block in enumerate(self.transformer.coda):
+            x = block(x, *rope, chunk.mask, lambda k, v, i=i: cache.plain(base + i, k, v, chunk, active))
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x).float()
+
+    # ---------------------------------------------------------------- public
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: Tensor,
+        *,
+        num_steps: int | None = None,
+        init_state: Tensor | None = None,
+        init_scale: float = 1.0,
+        attention_mask: Tensor | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Logits [B,S,V] (fp32) after ``num_steps`` iterations of the core block (default mean_recurrence)."""
+        from ..prompts import check_ids
+
+        input_ids = check_ids(input_ids, self.config, self.device)
+        B, S = input_ids.shape
+        r = self.config.mean_recurrence if num_steps is None else check_steps(num_steps)
+        cache = self.new_cache(B, S, core_slots=1)
+        valid = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        chunk = cache.begin(valid)
+        rope = self.rope(chunk)
+        e = self.prelude(input_ids, cache, chunk, rope)
+        if init_state is not None:
+            s = check_state(init_state, e)
+        else:
+            gen = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+            s = self.initial_state(e, init_scale, gen)
+        active = torch.ones(B, dtype=torch.bool, device=self.device)
+        for t in range(r):
+            cache.mark_iteration(chunk, t, active)
+            s = self.core_step(s, e, cache, chunk, t, active, rope)
+        check_finite(s, chunk.valid, "latent state")
+        return self.head(s, cache, chunk, active, rope)
+
+
+def check_steps(num_steps: int) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise InputError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return num_steps
+
+
+def check_state(state: Tensor, like: Tensor) -> Tensor:
+    """A user-given latent state: right shape, finite, on the model's device and dtype."""
+    if not isinstance(state, Tensor):
+        state = torch.as_tensor(state)
+    if state.dim() == 2:
+        state = state[None]
+    if (
+        state.shape[-1] != like.shape[-1]
+        or state.dim() != 3
+        or state.shape[0] != like.shape[0]
+        or (state.shape[1] not in (1, like.shape[1]))
+    ):
+        raise InputError(
+            f"init_state must have shape {tuple(like.shape)} (or [B, 1, d]), got {tuple(state.shape)}"
+        )
+    if not torch.isfinite(state).all():
+        raise NonFiniteStateError("init_state contains NaN or inf")
+    return state.to(device=like.device, dtype=like.dtype).expand_as(like).clone()
+
+
+def check_finite(x: Tensor, valid: Tensor, what: str, where: str = "") -> None:
+    """Raise NonFiniteStateError naming the sequences whose (valid) entries are NaN/inf."""
+    bad = ~torch.isfinite(x).all(dim=-1) & valid.to(x.device)
+    if bad.any():
+        seqs = sorted(set(bad.nonzero()[:, 0].tolist()))
+        raise NonFiniteStateError(
+            f"non-finite {what}{where} in sequence(s) {seqs}; check the weights and the init_state"
+        )

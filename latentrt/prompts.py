@@ -1,0 +1,90 @@
+"""Prompt normalisation: str / list[str] / list[int] / LongTensor -> left-padded ids + mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+
+@dataclass
+class Batch:
+    ids: Tensor  # [B, S] long, left-padded
+    mask: Tensor  # [B, S] bool, False on padding
+    single: bool  # the caller passed one prompt (results are unwrapped)
+
+
+def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
+    """Validate a [B,S] (or [S]) id tensor against the vocabulary and block size."""
+    if not isinstance(ids, Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"input_ids must be a tensor or nested list of ints: {exc}") from None
+    if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
+        raise InputError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise InputError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}")
+    if ids.shape[1] > cfg.block_size:
+        raise InputError(
+            f"prompt has {ids.shape[1]} tokens, longer than the model's context (block_size={cfg.block_size})"
+        )
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.padded_vocab_size:
+        raise InputError(f"token id out of range [0, {cfg.padded_vocab_size}): min {lo}, max {hi}")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def make_batch(
+    prompt, tokenizer, cfg, device: torch.device | str, attention_mask: Tensor | None = None, pad_id: int = 0
+) -> Batch:
+    """Turn any accepted prompt form into a left-padded batch."""
+    single = False
+    if isinstance(prompt, str):
+        prompt, single = [prompt], True
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        if tokenizer is None:
+            raise InputError("this model has no tokenizer.json: pass token ids instead of text")
+        seqs = [tokenizer.encode(p).ids for p in prompt]
+    elif (
+        isinstance(prompt, (list, tuple))
+        and prompt
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+    ):
+        seqs, single = [list(prompt)], True
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
+        seqs = [list(p) for p in prompt]
+    elif isinstance(prompt, Tensor):
+        single = prompt.dim() == 1
+        ids = check_ids(prompt, cfg, device)
+        if attention_mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            mask = torch.as_tensor(attention_mask, device=device).bool()
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+            if not mask[:, -1].all():
+                raise InputError("attention_mask must use left padding (last position real in every row)")
+            if (mask[:, 1:].long() - mask[:, :-1].long() < 0).any():
+                raise InputError("attention_mask must be a left-padding mask (0...0 1...1 per row)")
+        return Batch(ids, mask, single)
+    else:
+        raise InputError(
+            "prompt must be a str, a list of str, a list of token ids, or a LongTensor "
+            f"[B, S]; got {type(prompt).__name__}"
+        )
+    if any(len(s) == 0 for s in seqs):
+        raise InputError("empty prompt: every prompt needs at least one token")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = True
+    ids = check_ids(ids, cfg, device)
+    return Batch(ids, mask.to(device), single)

@@ -1,0 +1,119 @@
+"""Builds the optional CUDA extension (latentrt._cuda, from csrc/) when nvcc is present and either a GPU
+is visible or LATENTRT_FORCE_CUDA=1; a pure-Python install otherwise.
+
+The extension is plain pybind11 + nvcc: it takes raw device pointers and the stream from torch tensors
+on the Python side, so it does not depend on how torch itself was built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent
+CU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+CPP_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+
+
+def _gpu_visible() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("LATENTRT_NO_CUDA") == "1" or not CU_SOURCES:
+        return False
+    if not shutil.which("nvcc"):
+        return False
+    return os.environ.get("LATENTRT_FORCE_CUDA") == "1" or _gpu_visible()
+
+
+class NvccBuildExt(build_ext):
+    """Compile .cu files with nvcc (sm_90a + PTX fallback by default), the binding with the host compiler."""
+
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        nvcc = shutil.which("nvcc")
+        archs = os.environ.get("LATENTRT_CUDA_ARCHS", "90a")
+        build_temp = Path(self.build_temp)
+        build_temp.mkdir(parents=True, exist_ok=True)
+        objects = []
+        cuda_home = Path(nvcc).resolve().parent.parent
+        includes = [pybind11.get_include(), str(ROOT / "csrc"), str(cuda_home / "include")]
+        import sysconfig
+
+        includes.append(sysconfig.get_paths()["include"])
+        inc_flags = [f"-I{p}" for p in includes]
+        for src in ext.sources:
+            obj = build_temp / (Path(src).stem + ".o")
+            if src.endswith(".cu"):
+                gencode = []
+                for a in archs.split(","):
+                    gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+                base = archs.split(",")[0].rstrip("a")
+                gencode += [f"-gencode=arch=compute_{base},code=compute_{base}"]
+                cmd = [
+                    nvcc,
+                    "-c",
+                    src,
+                    "-o",
+                    str(obj),
+                    "-O3",
+                    "-std=c++17",
+                    "--use_fast_math",
+                    "-Xcompiler",
+                    "-fPIC",
+                    "-lineinfo",
+                    *gencode,
+                    *inc_flags,
+                ]
+            else:
+                cmd = [
+                    os.environ.get("CXX", "c++"),
+                    "-c",
+                    src,
+                    "-o",
+                    str(obj),
+                    "-O2",
+                    "-std=c++17",
+                    "-fPIC",
+                    *inc_flags,
+                ]
+            print(" ".join(cmd), file=sys.stderr)
+            subprocess.check_call(cmd)
+            objects.append(str(obj))
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        libdir = cuda_home / "lib64"
+        subprocess.check_call(
+            [
+                os.environ.get("CXX", "c++"),
+                "-shared",
+                *objects,
+                "-o",
+                str(out),
+                f"-L{libdir}",
+                "-lcudart",
+                f"-Wl,-rpath,{libdir}",
+            ]
+        )
+
+
+ext_modules, cmdclass = [], {}
+if _want_cuda():
+    ext_modules = [Extension("latentrt._cuda", sources=CU_SOURCES + CPP_SOURCES)]
+    cmdclass = {"build_ext": NvccBuildExt}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
