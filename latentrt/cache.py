@@ -41,6 +41,13 @@ def parse_kv_sharing(kv_sharing: str, r_max: int) -> int:
     raise InputError(f"kv_sharing must be 'full', 'shared' or 'ring-K' with K >= 1, got {kv_sharing!r}")
 
 
+def kv_bytes_per_token(
+    n_plain: int, n_core: int, core_slots: int, kv_heads: int, head_dim: int, element_size: int
+) -> int:
+    """K and V bytes one position of one sequence occupies: plain layers once, core layers per slot."""
+    return (n_plain + n_core * core_slots) * kv_heads * head_dim * 2 * element_size
+
+
 @dataclass
 class Chunk:
     """A run of new timeline positions [start, end) being processed together."""
@@ -82,6 +89,8 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.n_valid = torch.zeros(batch, dtype=torch.long, device=device)
         self.batch, self.max_len, self.length = batch, max_len, 0
+        # fewest iterations any real, finished position wrote: a slot below it needs no per-position gather
+        self.min_done, self.reported = 1 << 30, 0  # reported: positions [0, reported) went through finish()
         self._bytes_per_position = (
             (n_plain + n_core * core_slots) * batch * kv_heads * head_dim * 2 * (self.plain_k.element_size())
         )
@@ -125,6 +134,14 @@ class KVCache:
         cur = self.written[:, chunk.start : chunk.end]
         self.written[:, chunk.start : chunk.end] = torch.where(active[:, None], iteration + 1, cur)
 
+    def finish(self, chunk: Chunk, used: list[int]) -> None:
+        """Record the iterations each sequence ran for a finished chunk (host ints, read once per token)."""
+        rows = chunk.valid.any(1).tolist()
+        done = [u for u, r in zip(used, rows) if r]
+        if done:
+            self.min_done = min(self.min_done, *done)
+        self.reported = chunk.end
+
     def core(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -132,8 +149,9 @@ class KVCache:
         slot = iteration % self.core_slots
         _write(self.core_k[layer, slot], k, chunk, active)
         _write(self.core_v[layer, slot], v, chunk, active)
-        if self.core_slots == 1:
-            return self.core_k[layer, 0, :, :, : chunk.end], self.core_v[layer, 0, :, :, : chunk.end]
+        if self.core_slots == 1 or (slot < self.min_done and self.reported >= chunk.start):
+            # every earlier position has written this slot: a plain slice equals the gather
+            return self.core_k[layer, slot, :, :, : chunk.end], self.core_v[layer, slot, :, :, : chunk.end]
         idx = (self.written[:, : chunk.end] - 1).clamp(min=0, max=slot)  # min(t mod K, n_p - 1)
         b = torch.arange(self.batch, device=self.device)[:, None]
         p = torch.arange(chunk.end, device=self.device)[None, :]

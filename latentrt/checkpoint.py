@@ -83,9 +83,7 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
         shards = sorted(set(index["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise CheckpointError(
-                f"shard file(s) {missing} named in model.safetensors.index.json are missing"
-            )
+            raise CheckpointError(f"shard file(s) {missing} named in model.safetensors.index.json are missing")
         sd = _read_safetensors([folder / s for s in shards])
         absent = sorted(set(index["weight_map"]) - set(sd))
         if absent:
@@ -138,9 +136,7 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], tied: tuple[str, str] 
     """
     expected = model.state_dict()
     sd = {k: v for k, v in sd.items() if k not in _IGNORED_KEYS and not k.endswith(_IGNORED_SUFFIXES)}
-    if not any(k.startswith("transformer.") for k in sd) and any(
-        ("transformer." + k) in expected for k in sd
-    ):
+    if not any(k.startswith("transformer.") for k in sd) and any(("transformer." + k) in expected for k in sd):
         sd = {("transformer." + k if ("transformer." + k) in expected else k): v for k, v in sd.items()}
     if tied is not None:
         head, emb = tied
@@ -151,8 +147,7 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], tied: tuple[str, str] 
     unexpected = sorted(set(sd) - set(expected))
     if missing:
         raise CheckpointError(
-            f"checkpoint is missing {len(missing)} tensor(s): {missing[:8]}"
-            + (" ..." if len(missing) > 8 else "")
+            f"checkpoint is missing {len(missing)} tensor(s): {missing[:8]}" + (" ..." if len(missing) > 8 else "")
         )
     if unexpected:
         raise CheckpointError(
@@ -161,9 +156,7 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], tied: tuple[str, str] 
         )
     for k, t in expected.items():
         if tuple(sd[k].shape) != tuple(t.shape):
-            raise CheckpointError(
-                f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies {tuple(t.shape)}"
-            )
+            raise CheckpointError(f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies {tuple(t.shape)}")
         if not sd[k].is_floating_point():
             raise CheckpointError(f"tensor {k!r} has dtype {sd[k].dtype}, expected floating point")
     model.load_state_dict(sd, strict=True)

@@ -216,8 +216,7 @@ class GPT2Config:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.activation_function not in _GPT2_ACTIVATIONS:
             raise ConfigError(
-                f"activation_function={self.activation_function!r} is not supported "
-                f"({sorted(_GPT2_ACTIVATIONS)})"
+                f"activation_function={self.activation_function!r} is not supported ({sorted(_GPT2_ACTIVATIONS)})"
             )
         if not self.layer_norm_epsilon > 0:
             raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")

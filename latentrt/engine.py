@@ -35,6 +35,7 @@ class GenerationResult:
     finish_reasons: list = field(default_factory=list)  # "stop" or "length" per sequence
     num_thoughts: int = 0  # Coconut: continuous thoughts run for the prompt
     backend: str = "torch"
+    logits: list | None = None  # with return_logits=True: fp32 next-token logits [n, V] per sequence
 
 
 @dataclass
@@ -84,6 +85,7 @@ def generate(
     stream: bool = False,
     attention_mask: Tensor | None = None,
     hooks=None,
+    return_logits: bool = False,
 ):
     """Generate from a loaded model. See README for the meaning of each argument.
 
@@ -118,6 +120,7 @@ class _Run:
             raise InputError(f"seed must be an integer or None, got {a['seed']!r}")
         self.generator = None if a["seed"] is None else torch.Generator(model.device).manual_seed(a["seed"])
         self.hooks = HookList(a["hooks"])
+        self.return_logits = bool(a["return_logits"])
         criterion = make_criterion(a["exit_criterion"], a["exit_threshold"])
         init_scale = a["init_scale"]
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or init_scale < 0:
@@ -205,6 +208,8 @@ class _Run:
         tokens: list[list[int]] = [[] for _ in range(B)]
         steps: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
+        self._shown = [""] * B
+        kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         thoughts = 0
         if self.recurrent:
             self.carry = None
@@ -218,11 +223,15 @@ class _Run:
         for i in range(self.max_new):
             tok = sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
             tok_l, used_l, alive_l = tok.tolist(), used.tolist(), alive.tolist()  # the one sync per token
+            if self.recurrent:
+                cache.finish(self.last_chunk, used_l)
             for b in range(B):
                 if alive_l[b]:
                     tokens[b].append(tok_l[b])
                     steps[b].append(used_l[b])
-            yield self._event(i, tok_l, used_l, alive_l)
+                    if self.return_logits:
+                        kept_logits[b].append(logits[b].cpu())
+            yield self._event(i, tok_l, used_l, alive_l, tokens)
             stopped = torch.isin(tok, self.stop_ids) & alive
             for b in stopped.nonzero()[:, 0].tolist():
                 reasons[b] = "stop"
@@ -237,14 +246,15 @@ class _Run:
                 h = model.forward_embeds(model.embed(tok[:, None]), cache, chunk)
                 logits = model.lm_logits(h)[:, -1]
                 check_finite(logits, alive, "logits", f" at new token {i + 1}")
-        return self._result(tokens, steps, reasons, cache.used_bytes(), thoughts)
+        logits_out = [torch.stack(k) for k in kept_logits] if self.return_logits else None
+        return self._result(tokens, steps, reasons, cache.used_bytes(), thoughts, logits_out)
 
     def _recurrent_unit(self, ids: Tensor, valid: Tensor, alive: Tensor, cache) -> tuple[Tensor, Tensor]:
         """Run one token (or the prompt) through prelude, the adaptive recurrence and the head.
 
         Returns next-token logits [B,V] and the iterations each sequence used [B]."""
         model, backend, crit = self.model, self.backend, self.criterion
-        chunk = cache.begin(valid)
+        chunk = self.last_chunk = cache.begin(valid)
         rope = model.rope(chunk)
         e = model.prelude(ids, cache, chunk, rope)
         if self.continuous and self.carry is not None:
@@ -267,9 +277,7 @@ class _Run:
             if crit.never_exits:
                 continue
             last_logits = (
-                model.head(s, cache, chunk, active, rope, last_only=True)[:, -1]
-                if crit.needs_logits
-                else None
+                model.head(s, cache, chunk, active, rope, last_only=True)[:, -1] if crit.needs_logits else None
             )
             exits = tracker.update(prev, s, last_logits, chunk.valid) & active
             if t + 1 < self.min_steps:
@@ -303,18 +311,31 @@ class _Run:
         tok = self.model.tokenizer
         return None if tok is None else tok.decode(ids, skip_special_tokens=True)
 
-    def _event(self, i: int, tok: list[int], used: list[int], alive: list[bool]) -> StreamEvent:
+    def _event(self, i: int, tok: list[int], used: list[int], alive: list[bool], tokens) -> StreamEvent:
+        """The new token of each sequence; its text is the decoded growth, so multi-byte characters that
+        span tokens come out whole (an incomplete one is held back until it completes)."""
         toks = [t if a else None for t, a in zip(tok, alive)]
         st = [u if a else None for u, a in zip(used, alive)]
-        texts = [self._decode([t]) if t is not None else None for t in toks]
+        texts = []
+        for b, t in enumerate(toks):
+            if t is None or self.model.tokenizer is None:
+                texts.append(None)
+                continue
+            full = self._decode(tokens[b]) or ""
+            if full.endswith("\ufffd"):
+                texts.append("")
+                continue
+            texts.append(full[len(self._shown[b]) :])
+            self._shown[b] = full
         if self.batch.single:
             return StreamEvent(i, toks[0], st[0], texts[0])
         return StreamEvent(i, toks, st, texts)
 
-    def _result(self, tokens, steps, reasons, kv_bytes: int, thoughts: int) -> GenerationResult:
+    def _result(self, tokens, steps, reasons, kv_bytes: int, thoughts: int, logits) -> GenerationResult:
         texts = [self._decode(t) for t in tokens]
         if self.batch.single:
             tokens, steps, texts = tokens[0], steps[0], texts[0]
+            logits = logits[0] if logits is not None else None
         return GenerationResult(
             tokens=tokens,
             steps=steps,
@@ -323,4 +344,5 @@ class _Run:
             finish_reasons=reasons,
             num_thoughts=thoughts,
             backend=self.backend.name,
+            logits=logits,
         )

@@ -17,8 +17,7 @@ from .checkpoint import (
 )
 from .config import GPT2Config, RecurrentConfig, parse_config
 from .errors import ConfigError, InputError
-from .models.coconut import CoconutGPT2
-from .models.recurrent import RecurrentDepthLM
+from .models import model_class
 
 _DTYPES = {
     "float32": torch.float32,
@@ -30,10 +29,6 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-
-
-def model_class(cfg):
-    return RecurrentDepthLM if isinstance(cfg, RecurrentConfig) else CoconutGPT2
 
 
 def load(

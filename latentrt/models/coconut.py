@@ -43,9 +43,7 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, kv) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = (
-            t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).chunk(3, -1)
-        )
+        q, k, v = (t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).chunk(3, -1))
         k_all, v_all = kv(k, v)
         y = attention(q, k_all, v_all, mask, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).flatten(2))
@@ -94,6 +92,7 @@ class CoconutGPT2(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.tokenizer = None
         self.backend = None
+        self.eos_token_id = cfg.eos_token_id
 
     def init_buffers(self) -> None:
         """Nothing derived to compute: GPT-2 positions are learned."""
@@ -108,9 +107,7 @@ class CoconutGPT2(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, core_slots: int = 1) -> KVCache:
         cfg = self.config
-        return KVCache(
-            batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim, dtype=self.dtype, device=self.device
-        )
+        return KVCache(batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim, dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------- units
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -151,20 +148,14 @@ class CoconutGPT2(nn.Module):
                     depth = 1
                 elif t == end:
                     if not depth:
-                        raise InputError(
-                            f"sequence {b}: end-latent marker at token {j} without a start marker"
-                        )
+                        raise InputError(f"sequence {b}: end-latent marker at token {j} without a start marker")
                     depth = 0
                 elif t == latent and (start is not None and not depth):
-                    raise InputError(
-                        f"sequence {b}: <|latent|> at token {j} outside start/end-latent markers"
-                    )
+                    raise InputError(f"sequence {b}: <|latent|> at token {j} outside start/end-latent markers")
             if depth:
                 raise InputError(f"sequence {b}: start-latent marker without a matching end-latent marker")
             if row and row[0] == latent:
-                raise InputError(
-                    f"sequence {b}: a prompt cannot begin with <|latent|> (no hidden state to feed)"
-                )
+                raise InputError(f"sequence {b}: a prompt cannot begin with <|latent|> (no hidden state to feed)")
         return (ids == latent) & mask
 
     # ---------------------------------------------------------------- public

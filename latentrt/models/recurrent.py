@@ -98,6 +98,7 @@ class RecurrentDepthLM(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.tokenizer = None
         self.backend = None
+        self.eos_token_id = cfg.eos_token_id
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -142,9 +143,7 @@ class RecurrentDepthLM(nn.Module):
             x = block(x, *rope, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk))
         return x
 
-    def initial_state(
-        self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def initial_state(self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Truncated normal (std sqrt(2/(5d)) * init_scale, cut at 3 std) x sqrt(d); zeros at scale 0."""
         s = torch.zeros_like(e)
         std = self.config.init_std * init_scale
@@ -243,9 +242,7 @@ def check_state(state: Tensor, like: Tensor) -> Tensor:
         or state.shape[0] != like.shape[0]
         or (state.shape[1] not in (1, like.shape[1]))
     ):
-        raise InputError(
-            f"init_state must have shape {tuple(like.shape)} (or [B, 1, d]), got {tuple(state.shape)}"
-        )
+        raise InputError(f"init_state must have shape {tuple(like.shape)} (or [B, 1, d]), got {tuple(state.shape)}")
     if not torch.isfinite(state).all():
         raise NonFiniteStateError("init_state contains NaN or inf")
     return state.to(device=like.device, dtype=like.dtype).expand_as(like).clone()

@@ -1,0 +1,78 @@
+"""Tiny random checkpoints, written in the published formats, for every test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentrt.checkpoint import save_checkpoint
+from latentrt.config import parse_config
+from latentrt.models import build_model
+from latentrt.tokenizer import word_tokenizer
+
+WORDS = "every cat dog bird is a an not yes no . ? , Tom Alex Ann the of".split()
+
+
+def recurrent_config(**over):
+    raw = dict(
+        model_type="huginn_raven",
+        n_embd=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=40,
+        block_size=96,
+        n_layers_in_prelude=1,
+        n_layers_in_recurrent_block=2,
+        n_layers_in_coda=1,
+        mean_recurrence=4,
+        mean_backprop_depth=2,
+        padding_multiple=8,
+    )
+    raw.update(over)
+    return parse_config(raw)
+
+
+def gpt2_config(**over):
+    raw = dict(model_type="gpt2", n_embd=32, n_head=2, n_layer=2, n_positions=96, vocab_size=40)
+    raw.update(over)
+    return parse_config(raw)
+
+
+def tiny_recurrent(seed: int = 0, **over):
+    model = build_model(recurrent_config(**over), seed=seed)
+    model.tokenizer = word_tokenizer(WORDS)
+    return model
+
+
+def tiny_coconut(seed: int = 0, **over):
+    cfg = gpt2_config(latent_id=4, start_latent_id=2, end_latent_id=3, **over)
+    model = build_model(cfg, seed=seed)
+    model.tokenizer = word_tokenizer(WORDS, markers=True)
+    return model
+
+
+@pytest.fixture
+def recurrent_model():
+    return tiny_recurrent()
+
+
+@pytest.fixture
+def coconut_model():
+    return tiny_coconut()
+
+
+@pytest.fixture
+def recurrent_dir(tmp_path):
+    save_checkpoint(tiny_recurrent(), tmp_path / "rec", tie_key="lm_head.weight")
+    return tmp_path / "rec"
+
+
+@pytest.fixture
+def coconut_dir(tmp_path):
+    save_checkpoint(tiny_coconut(), tmp_path / "coc", tie_key="lm_head.weight")
+    return tmp_path / "coc"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))

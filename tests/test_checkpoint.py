@@ -1,0 +1,168 @@
+"""Loading: published layouts, round trips, and a clear error for every malformed checkpoint."""
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err, tiny_coconut, tiny_recurrent
+from safetensors.torch import load_file, save_file
+
+import latentrt
+from latentrt.checkpoint import save_checkpoint
+from latentrt.errors import CheckpointError, ConfigError
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("shard", [None, 20_000])
+def test_recurrent_round_trip(tmp_path, tie, shard):
+    model = tiny_recurrent(seed=3, tie_embeddings=tie)
+    save_checkpoint(model, tmp_path, max_shard_bytes=shard, tie_key="lm_head.weight" if tie else None)
+    if shard:
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded = latentrt.load(tmp_path, device="cpu")
+    assert loaded.config == model.config
+    want = model.logits(IDS, num_steps=3, init_scale=0.0)
+    assert rel_err(loaded.logits(IDS, num_steps=3, init_scale=0.0), want) < 1e-6
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie
+
+
+def test_coconut_round_trip_and_tokenizer(coconut_dir):
+    model = latentrt.load(coconut_dir, device="cpu")
+    assert model.config.latent_id == model.tokenizer.token_to_id("<|latent|>")
+    ref = tiny_coconut()
+    ids = torch.tensor([[5, 6, 2, 4, 4, 3, 7]])
+    assert rel_err(model.logits(ids), ref.logits(ids)) < 1e-6
+
+
+def test_freqs_cis_in_file_is_ignored(tmp_path, recurrent_model):
+    save_checkpoint(recurrent_model, tmp_path, tie_key="lm_head.weight")
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["freqs_cis"] = torch.randn(1, 96, 1, 8, 2)
+    save_file(sd, tmp_path / "model.safetensors")
+    latentrt.load(tmp_path, device="cpu")
+
+
+def test_bf16_load(recurrent_dir):
+    m = latentrt.load(recurrent_dir, device="cpu", dtype="bf16")
+    assert m.dtype == torch.bfloat16
+    out = m.logits(IDS, num_steps=2, init_scale=0.0)
+    assert out.dtype == torch.float32
+    ref = latentrt.load(recurrent_dir, device="cpu").logits(IDS, num_steps=2, init_scale=0.0)
+    assert rel_err(out, ref) < 5e-2
+
+
+def _edit_weights(folder, fn):
+    sd = load_file(folder / "model.safetensors")
+    fn(sd)
+    save_file(sd, folder / "model.safetensors")
+
+
+def _edit_config(folder, fn):
+    cfg = json.loads((folder / "config.json").read_text())
+    fn(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_tensor(recurrent_dir):
+    _edit_weights(recurrent_dir, lambda sd: sd.pop("transformer.core_block.1.mlp.fc.weight"))
+    with pytest.raises(CheckpointError, match=r"missing .*core_block\.1\.mlp\.fc\.weight"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_misshaped_tensor(recurrent_dir):
+    _edit_weights(recurrent_dir, lambda sd: sd.update({"transformer.adapter.weight": torch.zeros(32, 32)}))
+    with pytest.raises(CheckpointError, match=r"adapter\.weight.*\(32, 32\).*\(32, 64\)"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_unexpected_tensor(recurrent_dir):
+    _edit_weights(recurrent_dir, lambda sd: sd.update({"transformer.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match="unexpected.*transformer.extra.weight"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_untied_head_missing(tmp_path):
+    save_checkpoint(tiny_recurrent(tie_embeddings=False), tmp_path)
+    _edit_weights(tmp_path, lambda sd: sd.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        latentrt.load(tmp_path, device="cpu")
+
+
+def test_unknown_model_type(recurrent_dir):
+    _edit_config(recurrent_dir, lambda c: c.update(model_type="llama"))
+    with pytest.raises(ConfigError, match="unknown model_type 'llama'"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+@pytest.mark.parametrize("field", ["n_embd", "n_layers_in_recurrent_block", "vocab_size"])
+def test_config_missing_field(recurrent_dir, field):
+    _edit_config(recurrent_dir, lambda c: c.pop(field))
+    with pytest.raises(ConfigError, match=f"missing required field.*{field}"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_config_bad_values(recurrent_dir):
+    _edit_config(recurrent_dir, lambda c: c.update(injection_type="add"))
+    with pytest.raises(ConfigError, match="injection_type"):
+        latentrt.load(recurrent_dir, device="cpu")
+    _edit_config(recurrent_dir, lambda c: c.update(injection_type="linear", n_embd="big"))
+    with pytest.raises(ConfigError, match="n_embd.*integer"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_unknown_override_and_file_field(recurrent_dir):
+    with pytest.raises(ConfigError, match="unknown config field 'mean_recurence'"):
+        latentrt.load(recurrent_dir, device="cpu", mean_recurence=4)
+    _edit_config(recurrent_dir, lambda c: c.update(some_new_field=1))
+    with pytest.warns(UserWarning, match="some_new_field"):
+        latentrt.load(recurrent_dir, device="cpu")
+    m = latentrt.load(recurrent_dir, device="cpu", mean_recurrence=7)
+    assert m.config.mean_recurrence == 7
+
+
+def test_n_heads_alias_and_rope_default(recurrent_dir):
+    _edit_config(recurrent_dir, lambda c: (c.update(n_heads=c.pop("num_attention_heads")), c.pop("rope_base")))
+    m = latentrt.load(recurrent_dir, device="cpu")
+    assert m.config.num_attention_heads == 2 and m.config.rope_base == 50000.0
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        latentrt.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        latentrt.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        latentrt.load(tmp_path)
+
+
+def test_corrupt_safetensors(recurrent_dir):
+    (recurrent_dir / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_coconut_wrapper_checkpoint(tmp_path, coconut_dir):
+    ref = latentrt.load(coconut_dir, device="cpu")
+    wrapper = {"base_causallm." + k: v for k, v in ref.state_dict().items()}
+    wrapper["embedding.weight"] = ref.transformer.wte.weight.detach().clone()
+    torch.save(wrapper, tmp_path / "checkpoint_5")
+    m = latentrt.load(coconut_dir, device="cpu", weights=tmp_path / "checkpoint_5")
+    ids = torch.tensor([[5, 2, 4, 3, 6]])
+    assert rel_err(m.logits(ids), ref.logits(ids)) < 1e-7
+    with pytest.raises(CheckpointError, match="does not exist"):
+        latentrt.load(coconut_dir, weights=tmp_path / "missing.pt")
+
+
+def test_coconut_markers_from_overrides(coconut_dir):
+    (coconut_dir / "tokenizer.json").unlink()
+    _edit_config(coconut_dir, lambda c: [c.pop(k) for k in ("latent_id", "start_latent_id", "end_latent_id")])
+    m = latentrt.load(coconut_dir, device="cpu")
+    assert m.config.latent_id is None
+    m = latentrt.load(coconut_dir, device="cpu", latent_id=4, start_latent_id=2, end_latent_id=3)
+    assert m.marker_ids == (2, 4, 3)
+    with pytest.raises(ConfigError, match="only some latent markers"):
+        latentrt.load(coconut_dir, device="cpu", latent_id=4)

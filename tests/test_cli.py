@@ -1,0 +1,57 @@
+"""The command line: generate, info, errors as exit code 2."""
+
+import json
+
+from latentrt.cli import main
+
+
+def test_info(recurrent_dir, capsys):
+    assert main(["info", str(recurrent_dir), "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "KV bytes per token (r=8)" in out and "shared" in out
+    assert "backend: torch" in out
+
+
+def test_generate_recurrent(recurrent_dir, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                str(recurrent_dir),
+                "every cat is",
+                "--adaptive",
+                "--criterion",
+                "latent-diff",
+                "--steps",
+                "8",
+                "--kv",
+                "shared",
+                "--max-new-tokens",
+                "4",
+                "--init-scale",
+                "0",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "steps per token: [" in out and "KV cache:" in out
+
+
+def test_generate_json_batch_stream(recurrent_dir, capsys):
+    assert main(["generate", str(recurrent_dir), "every cat", "Tom is", "--max-new-tokens", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["tokens"]) == 2 and all(len(t) == 3 for t in res["tokens"])
+    assert main(["generate", str(recurrent_dir), "every cat", "--max-new-tokens", "3", "--stream"]) == 0
+
+
+def test_generate_coconut(coconut_dir, capsys):
+    assert main(["generate", str(coconut_dir), "every cat", "--thoughts", "2", "--max-new-tokens", "3"]) == 0
+    assert "continuous thoughts: 2" in capsys.readouterr().out
+
+
+def test_errors_exit_2(recurrent_dir, tmp_path, capsys):
+    assert main(["generate", str(recurrent_dir), "x", "--steps", "0"]) == 2
+    assert "num_steps must be" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

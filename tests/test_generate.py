@@ -1,0 +1,298 @@
+"""generate(): exactness against the published decode pattern, batching, exits, errors, streaming, hooks."""
+
+import pytest
+import torch
+from conftest import rel_err, tiny_coconut, tiny_recurrent
+
+import latentrt
+from benchmarks.published_pattern import coconut_generate, recurrent_generate
+from latentrt.errors import InputError, NonFiniteStateError
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 5]]
+CRITERIA = ["latent-diff", "kl", "entropy-diff", "argmax-stability", "cosine"]
+
+
+@pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_adaptive_matches_published_pattern(kv, criterion):
+    model = tiny_recurrent(seed=1)
+    ids = torch.tensor([PROMPTS[0]])
+    thr = {"argmax-stability": 3}.get(criterion)
+    got = latentrt.generate(
+        model,
+        ids[0].tolist(),
+        max_new_tokens=8,
+        adaptive=True,
+        num_steps=20,
+        exit_criterion=criterion,
+        exit_threshold=thr,
+        kv_sharing=kv,
+        init_scale=0.0,
+    )
+    want_tokens, want_steps, _ = recurrent_generate(
+        model, ids, 8, 20, adaptive=True, criterion=criterion, threshold=thr, kv=kv
+    )
+    assert got.tokens == want_tokens
+    assert got.steps == want_steps
+    assert len(set(got.steps)) > 1, "the test model should exit at varied depths"
+
+
+@pytest.mark.parametrize("kv", ["full", "shared"])
+def test_fixed_depth_and_continuous_match_published_pattern(kv):
+    model = tiny_recurrent(seed=2)
+    ids = torch.tensor([PROMPTS[2]])
+    for continuous in (False, True):
+        got = latentrt.generate(
+            model, ids, max_new_tokens=6, num_steps=5, kv_sharing=kv, init_scale=0.0, continuous=continuous
+        )
+        want, steps, _ = recurrent_generate(model, ids, 6, 5, kv=kv, continuous=continuous)
+        assert got.tokens == [want] and got.steps == [steps]
+
+
+def test_kv_bytes_modes():
+    model = tiny_recurrent()
+    r = {
+        kv: latentrt.generate(model, PROMPTS[0], max_new_tokens=4, num_steps=6, kv_sharing=kv, init_scale=0.0)
+        for kv in ("full", "ring-2", "shared")
+    }
+    per_pos = 2 * 32 * 4  # K+V, n_embd, fp32
+    n_pos = len(PROMPTS[0]) + 3  # the last token is sampled but never run
+    assert r["shared"].kv_bytes == (2 + 2 * 1) * per_pos * n_pos
+    assert r["ring-2"].kv_bytes == (2 + 2 * 2) * per_pos * n_pos
+    assert r["full"].kv_bytes == (2 + 2 * 6) * per_pos * n_pos
+    _, _, published_bytes = recurrent_generate(model, torch.tensor([PROMPTS[0]]), 4, 6)
+    assert published_bytes == r["full"].kv_bytes
+
+
+@pytest.mark.parametrize("kv", ["full", "shared", "ring-2"])
+@pytest.mark.parametrize("criterion", ["latent-diff", "kl", "argmax-stability"])
+def test_batch_equals_single(kv, criterion):
+    model = tiny_recurrent(seed=5)
+    kw = dict(
+        max_new_tokens=7,
+        adaptive=True,
+        num_steps=16,
+        exit_criterion=criterion,
+        kv_sharing=kv,
+        init_scale=0.0,
+        return_logits=True,
+        exit_threshold={"argmax-stability": 2}.get(criterion),
+    )
+    batch = latentrt.generate(model, PROMPTS, **kw)
+    for i, p in enumerate(PROMPTS):
+        alone = latentrt.generate(model, p, **kw)
+        assert batch.tokens[i] == alone.tokens
+        assert batch.steps[i] == alone.steps
+        assert rel_err(batch.logits[i], alone.logits) < 1e-5
+
+
+def test_batch_with_stop_token_freezes_finished_sequence():
+    model = tiny_recurrent(seed=5)
+    first = latentrt.generate(model, PROMPTS[1], max_new_tokens=6, num_steps=4, init_scale=0.0)
+    stop = first.tokens[2]
+    batch = latentrt.generate(model, PROMPTS, max_new_tokens=6, num_steps=4, init_scale=0.0, stop=[stop])
+    assert batch.tokens[1] == first.tokens[: first.tokens.index(stop) + 1]
+    assert batch.finish_reasons[1] == "stop"
+    for i in (0, 2):
+        alone = latentrt.generate(model, PROMPTS[i], max_new_tokens=6, num_steps=4, init_scale=0.0, stop=[stop])
+        assert batch.tokens[i] == alone.tokens
+
+
+def test_full_and_shared_identical_during_prefill():
+    model = tiny_recurrent(seed=6)
+    a = latentrt.generate(
+        model, PROMPTS, max_new_tokens=1, num_steps=5, kv_sharing="full", return_logits=True, init_scale=0.0
+    )
+    b = latentrt.generate(
+        model, PROMPTS, max_new_tokens=1, num_steps=5, kv_sharing="shared", return_logits=True, init_scale=0.0
+    )
+    for x, y in zip(a.logits, b.logits):
+        assert torch.equal(x, y)
+
+
+def test_deterministic_and_seeded():
+    model = tiny_recurrent(seed=7)
+    kw = dict(max_new_tokens=5, num_steps=4, return_logits=True)
+    z1 = latentrt.generate(model, PROMPTS[0], init_scale=0.0, **kw)
+    z2 = latentrt.generate(model, PROMPTS[0], init_scale=0.0, **kw)
+    assert torch.equal(z1.logits, z2.logits)
+    s1 = latentrt.generate(model, PROMPTS[0], seed=1, temperature=1.0, **kw)
+    s2 = latentrt.generate(model, PROMPTS[0], seed=1, temperature=1.0, **kw)
+    s3 = latentrt.generate(model, PROMPTS[0], seed=2, temperature=1.0, **kw)
+    assert s1.tokens == s2.tokens and torch.equal(s1.logits, s2.logits)
+    assert not torch.equal(s1.logits, s3.logits)  # the random initial state differs
+
+
+def test_sampling_filters():
+    model = tiny_recurrent(seed=7)
+    greedy = latentrt.generate(model, PROMPTS[0], max_new_tokens=6, num_steps=3, init_scale=0.0)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        got = latentrt.generate(
+            model, PROMPTS[0], max_new_tokens=6, num_steps=3, init_scale=0.0, temperature=0.8, seed=3, **kw
+        )
+        assert got.tokens == greedy.tokens
+
+
+def test_exit_thresholds_and_min_steps():
+    model = tiny_recurrent(seed=8)
+    base = dict(max_new_tokens=4, adaptive=True, num_steps=12, init_scale=0.0)
+    for crit in ("latent-diff", "kl", "entropy-diff", "cosine"):
+        never = latentrt.generate(model, PROMPTS[0], exit_criterion=crit, exit_threshold=0.0, **base)
+        assert never.steps == [12] * 4
+        always = latentrt.generate(model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, **base)
+        assert always.steps == [1] * 4
+        floor = latentrt.generate(model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, min_steps=5, **base)
+        assert floor.steps == [5] * 4
+    none = latentrt.generate(model, PROMPTS[0], exit_criterion="none", **base)
+    assert none.steps == [12] * 4
+    stab = latentrt.generate(model, PROMPTS[0], exit_criterion="argmax-stability", exit_threshold=1, **base)
+    assert all(s >= 2 for s in stab.steps)
+    fixed = latentrt.generate(
+        model, PROMPTS[0], max_new_tokens=4, num_steps=7, exit_criterion="latent-diff", exit_threshold=1e9
+    )
+    assert fixed.steps == [7] * 4  # not adaptive: the criterion is ignored
+
+
+def test_streaming_equals_result():
+    model = tiny_recurrent(seed=9)
+    kw = dict(max_new_tokens=6, adaptive=True, num_steps=10, exit_criterion="latent-diff", init_scale=0.0)
+    want = latentrt.generate(model, "every cat is a dog", **kw)
+    stream = latentrt.generate(model, "every cat is a dog", stream=True, **kw)
+    events = list(stream)
+    assert [e.tokens for e in events] == want.tokens
+    assert [e.steps for e in events] == want.steps
+    assert "".join(e.text for e in events).strip() == want.text.strip()
+    assert stream.result.tokens == want.tokens
+    batch = list(latentrt.generate(model, ["every cat", "Tom is"], stream=True, **kw))
+    assert all(isinstance(e.tokens, list) and len(e.tokens) == 2 for e in batch)
+
+
+def test_hooks_observe_and_replace():
+    model = tiny_recurrent(seed=10)
+    seen = []
+    latentrt.generate(
+        model,
+        PROMPTS[0],
+        max_new_tokens=3,
+        num_steps=4,
+        init_scale=0.0,
+        hooks=lambda ev: seen.append((ev.kind, ev.token_index, ev.step, tuple(ev.state.shape))),
+    )
+    assert [s[:3] for s in seen] == [("recurrence", t, i) for t in range(3) for i in range(4)]
+    assert seen[0][3] == (1, 7, 32) and seen[-1][3] == (1, 1, 32)
+    base = latentrt.generate(model, PROMPTS[0], max_new_tokens=3, num_steps=4, init_scale=0.0, return_logits=True)
+    steered = latentrt.generate(
+        model,
+        PROMPTS[0],
+        max_new_tokens=3,
+        num_steps=4,
+        init_scale=0.0,
+        return_logits=True,
+        hooks=lambda ev: ev.state * 0.5,
+    )
+    assert not torch.allclose(base.logits, steered.logits)
+    with pytest.raises(InputError, match="hook returned"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=lambda ev: torch.zeros(3))
+
+
+def test_coconut_hooks_see_each_thought():
+    model = tiny_coconut(seed=1)
+    seen = []
+    latentrt.generate(model, [5, 6], num_thoughts=3, max_new_tokens=2, hooks=lambda ev: seen.append(ev.step))
+    assert seen == [0, 1, 2]
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_recurrent()
+    cases = [
+        (dict(num_steps=0), "num_steps must be an integer >= 1"),
+        (dict(exit_criterion="entropy"), "unknown exit criterion 'entropy'"),
+        (dict(adaptive=True, exit_threshold=-0.1), "exit_threshold must be >= 0"),
+        (dict(adaptive=True, exit_threshold=float("nan")), "finite"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=200), "exceeds the model's context"),
+        (dict(kv_sharing="half"), "kv_sharing"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_steps=9, num_steps=4), "min_steps"),
+        (dict(num_thoughts=2), "Coconut"),
+        (dict(stop=["every cat"]), "exactly one token"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            latentrt.generate(model, PROMPTS[0], **kwargs)
+    with pytest.raises(InputError, match="longer than the model's context"):
+        latentrt.generate(model, list(range(5, 35)) * 4)
+    with pytest.raises(InputError, match="longer than the model's context"):
+        model.logits(torch.ones(1, 97, dtype=torch.long))
+    with pytest.raises(InputError, match="out of range"):
+        latentrt.generate(model, [5, 400])
+    with pytest.raises(InputError, match="prompt must be"):
+        latentrt.generate(model, 3.5)
+    with pytest.raises(InputError, match="empty prompt"):
+        latentrt.generate(model, ["every", ""])
+    with pytest.raises(InputError, match="num_steps"):
+        model.logits(torch.tensor([[5, 6]]), num_steps=-2)
+
+
+def test_non_finite_latent_state_is_an_error_and_corrupts_nothing():
+    model = tiny_recurrent(seed=11)
+    before = latentrt.generate(model, PROMPTS[0], max_new_tokens=3, num_steps=3, init_scale=0.0)
+    with pytest.raises(NonFiniteStateError, match="init_state"):
+        model.logits(torch.tensor([PROMPTS[0]]), init_state=torch.full((1, 7, 32), float("nan")))
+    w = model.transformer.core_block[0].mlp.proj.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStateError, match="non-finite latent state in the prompt in sequence"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=3, num_steps=3)
+    with torch.no_grad():
+        w.copy_(saved)
+    after = latentrt.generate(model, PROMPTS[0], max_new_tokens=3, num_steps=3, init_scale=0.0)
+    assert after.tokens == before.tokens
+
+
+def test_nan_from_a_hook_names_the_token():
+    model = tiny_recurrent(seed=11)
+
+    def poison(ev):
+        return ev.state * float("nan") if ev.token_index == 2 else None
+
+    with pytest.raises(NonFiniteStateError, match="at new token 2"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=4, num_steps=3, hooks=poison)
+
+
+def test_coconut_generate_matches_published_pattern():
+    model = tiny_coconut(seed=3)
+    ids = torch.tensor([[5, 6, 7, 2, 4, 4, 4, 3]])
+    got = latentrt.generate(model, ids, max_new_tokens=6)
+    assert got.tokens == [coconut_generate(model, ids, 6)]
+    assert got.num_thoughts == 3
+    appended = latentrt.generate(model, [5, 6, 7], num_thoughts=3, max_new_tokens=6)
+    assert appended.tokens == got.tokens[0]
+
+
+def test_coconut_batch_equals_single():
+    model = tiny_coconut(seed=4)
+    prompts = [[5, 6, 7, 2, 4, 4, 3, 9], [8, 2, 4, 3], [5, 6, 7, 8, 9, 10, 2, 4, 4, 4, 3]]
+    batch = latentrt.generate(model, prompts, max_new_tokens=5, return_logits=True)
+    for i, p in enumerate(prompts):
+        alone = latentrt.generate(model, p, max_new_tokens=5, return_logits=True)
+        assert batch.tokens[i] == alone.tokens
+        assert rel_err(batch.logits[i], alone.logits) < 1e-5
+
+
+def test_coconut_marker_errors():
+    model = tiny_coconut()
+    for prompt, msg in [
+        ([5, 2, 4, 4], "without a matching end"),
+        ([5, 6, 3], "without a start"),
+        ([5, 4, 6], "outside start/end"),
+        ([2, 2, 4, 3, 3], "nested"),
+    ]:
+        with pytest.raises(InputError, match=msg):
+            latentrt.generate(model, prompt, max_new_tokens=2)
+        with pytest.raises(InputError, match=msg):
+            model.logits(torch.tensor([prompt]))
+    with pytest.raises(InputError, match="recurrent-depth"):
+        latentrt.generate(model, [5, 6], adaptive=True)

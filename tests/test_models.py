@@ -1,0 +1,129 @@
+"""Model math against independent oracles: HF transformers' GPT-2, Coconut's multi-pass forward run on
+HF GPT-2, and a functional Huginn forward written from the published description."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err, tiny_coconut, tiny_recurrent
+
+import latentrt
+from latentrt.checkpoint import save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_gpt2(tmp_path, seed=0, **cfg):
+    config = transformers.GPT2Config(n_embd=48, n_head=3, n_layer=2, n_positions=64, vocab_size=70, **cfg)
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF zero-inits some biases; randomise everything so every term is checked
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("cfg", [{}, {"activation_function": "gelu", "scale_attn_by_inverse_layer_idx": True}])
+def test_gpt2_logits_match_transformers(tmp_path, cfg):
+    hf = _hf_gpt2(tmp_path, **cfg)
+    ours = latentrt.load(tmp_path, device="cpu")
+    ids = torch.randint(0, 70, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(ours.logits(ids), want) < 1e-5
+
+
+def test_coconut_matches_published_multipass_on_hf(tmp_path):
+    """Coconut's published forward: pass over the prefix, then one pass per latent whose input embedding
+    is hidden_states[-1] (after ln_f) of the previous position; here without any cache (full recompute)."""
+    hf = _hf_gpt2(tmp_path, seed=2)
+    latent, start, end = 67, 65, 66
+    ours = latentrt.load(tmp_path, device="cpu", latent_id=latent, start_latent_id=start, end_latent_id=end)
+    ids = torch.tensor([[5, 9, 11, 3, start, latent, latent, latent, end, 20, 21]])
+    embeds = hf.transformer.wte(ids).detach().clone()
+    with torch.no_grad():
+        for pos in (ids[0] == latent).nonzero()[:, 0].tolist():
+            h = hf(inputs_embeds=embeds[:, :pos], output_hidden_states=True).hidden_states[-1]
+            embeds[:, pos] = h[:, -1]
+        want = hf(inputs_embeds=embeds).logits
+    assert rel_err(ours.logits(ids), want) < 1e-5
+
+
+def _functional_huginn(model, ids, r, s0):
+    """Huginn's forward written directly from the state dict, without the package's modules."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    d, H = cfg.n_embd, cfg.num_attention_heads
+    hd = d // H
+    S = ids.shape[1]
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * inv[None]
+
+    def rope(x):  # x [B,S,H,hd], rotate (x[2i], x[2i+1])
+        a, b = x[..., 0::2], x[..., 1::2]
+        c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        out = torch.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = a * c - b * s, b * c + a * s
+        return out
+
+    def layer(x, p):
+        h = rms(x, sd[p + "norm_1.weight"])
+        q, k, v = (h @ sd[p + "attn.Wqkv.weight"].T).split(d, -1)
+        q, k, v = (t.view(1, S, H, hd) for t in (q, k, v))
+        q, k = q + sd[p + "attn.qk_bias"][0], k + sd[p + "attn.qk_bias"][1]
+        q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        att = att.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        y = (att @ v.transpose(1, 2)).transpose(1, 2).reshape(1, S, d) @ sd[p + "attn.proj.weight"].T
+        x = rms(x + y, sd[p + "norm_2.weight"])
+        g, u = (rms(x, sd[p + "norm_3.weight"]) @ sd[p + "mlp.fc.weight"].T).chunk(2, -1)
+        return rms(x + (F.silu(g) * u) @ sd[p + "mlp.proj.weight"].T, sd[p + "norm_4.weight"])
+
+    x = sd["transformer.wte.weight"][ids] * math.sqrt(d)
+    for i in range(cfg.n_layers_in_prelude):
+        x = layer(x, f"transformer.prelude.{i}.")
+    s = s0.double()
+    for _ in range(r):
+        s = torch.cat([s, x], -1) @ sd["transformer.adapter.weight"].T
+        for j in range(cfg.n_layers_in_recurrent_block):
+            s = layer(s, f"transformer.core_block.{j}.")
+    s = rms(s, sd["transformer.ln_f.weight"])
+    for i in range(cfg.n_layers_in_coda):
+        s = layer(s, f"transformer.coda.{i}.")
+    return rms(s, sd["transformer.ln_f.weight"]) @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("r", [1, 3, 5])
+def test_recurrent_logits_match_functional_reference(r):
+    model = tiny_recurrent(seed=4)
+    with torch.no_grad():
+        for blk in model.transformer.prelude:
+            blk.attn.qk_bias.normal_(0, 0.3)
+    ids = torch.tensor([[3, 9, 12, 7, 20, 5, 6]])
+    s0 = torch.randn(1, 7, 32)
+    want = _functional_huginn(model, ids, r, s0)
+    assert rel_err(model.logits(ids, num_steps=r, init_state=s0), want) < 1e-5
+
+
+def test_init_state_distribution():
+    model = tiny_recurrent()
+    e = torch.zeros(4, 64, 32)
+    s = model.initial_state(e, 1.0, torch.Generator().manual_seed(0))
+    std = model.config.init_std * math.sqrt(32)
+    assert abs(s.std().item() / std - 0.9866) < 0.02  # a normal cut at +-3 std has std 0.9866 std
+    assert s.abs().max().item() <= 3 * std + 1e-6
+    assert model.initial_state(e, 0.0).abs().max() == 0
+
+
+def test_tied_save_has_no_head_key(tmp_path):
+    save_checkpoint(tiny_coconut(), tmp_path, tie_key="lm_head.weight")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
