@@ -134,9 +134,9 @@ class KVCache:
         cur = self.written[:, chunk.start : chunk.end]
         self.written[:, chunk.start : chunk.end] = torch.where(active[:, None], iteration + 1, cur)
 
-    def finish(self, chunk: Chunk, used: list[int]) -> None:
-        """Record the iterations each sequence ran for a finished chunk (host ints, read once per token)."""
-        rows = chunk.valid.any(1).tolist()
+    def finish(self, chunk: Chunk, used: list[int], rows: list[bool]) -> None:
+        """Record the iterations each sequence ran for a finished chunk (host values, read once per token);
+        ``rows`` marks the sequences that ran it."""
         done = [u for u, r in zip(used, rows) if r]
         if done:
             self.min_done = min(self.min_done, *done)

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from .cache import parse_kv_sharing
-from .errors import InputError
+from .errors import InputError, NonFiniteStateError
 from .exits import ExitCriterion, ExitTracker, make_criterion
 from .hooks import HookList
-from .models.recurrent import check_finite, check_steps
+from .models.recurrent import check_steps
 from .prompts import make_batch
 from .sampling import check_sampling, sample
 
@@ -211,20 +211,23 @@ class _Run:
         self._shown = [""] * B
         kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         thoughts = 0
+        alive_l = [True] * B
         if self.recurrent:
             self.carry = None
-            logits, used = self._recurrent_unit(ids, mask, alive, cache)
+            logits, used, bad = self._recurrent_unit(ids, mask, alive, cache)
         else:
-            self.hooks.token_index = 0
             logits, _, thoughts = model.run_prompt(ids, mask, cache, self.hooks, self.backend)
             logits = logits[:, -1]
             used = torch.zeros(B, dtype=torch.long, device=model.device)
-            check_finite(logits, alive, "logits", " of the prompt")
+            bad = 2 * (~torch.isfinite(logits).all(-1)).long()
         for i in range(self.max_new):
             tok = sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
-            tok_l, used_l, alive_l = tok.tolist(), used.tolist(), alive.tolist()  # the one sync per token
+            stopped = torch.isin(tok, self.stop_ids) & alive
+            # the one device->host read per token
+            tok_l, used_l, stop_l, bad_l = torch.stack([tok, used, stopped.long(), bad]).tolist()
+            self._raise_if_bad(bad_l, i)
             if self.recurrent:
-                cache.finish(self.last_chunk, used_l)
+                cache.finish(self.last_chunk, used_l, alive_l)
             for b in range(B):
                 if alive_l[b]:
                     tokens[b].append(tok_l[b])
@@ -232,27 +235,41 @@ class _Run:
                     if self.return_logits:
                         kept_logits[b].append(logits[b].cpu())
             yield self._event(i, tok_l, used_l, alive_l, tokens)
-            stopped = torch.isin(tok, self.stop_ids) & alive
-            for b in stopped.nonzero()[:, 0].tolist():
-                reasons[b] = "stop"
+            for b in range(B):
+                if stop_l[b]:
+                    reasons[b] = "stop"
             alive = alive & ~stopped
-            if i + 1 == self.max_new or not alive.any():
+            alive_l = [a and not st for a, st in zip(alive_l, stop_l)]
+            if i + 1 == self.max_new or not any(alive_l):
                 break
             self.hooks.token_index = i + 1
             if self.recurrent:
-                logits, used = self._recurrent_unit(tok[:, None], alive[:, None], alive, cache)
+                logits, used, bad = self._recurrent_unit(tok[:, None], alive[:, None], alive, cache)
             else:
                 chunk = cache.begin(alive[:, None])
                 h = model.forward_embeds(model.embed(tok[:, None]), cache, chunk)
                 logits = model.lm_logits(h)[:, -1]
-                check_finite(logits, alive, "logits", f" at new token {i + 1}")
+                bad = 2 * (~torch.isfinite(logits).all(-1) & alive).long()
         logits_out = [torch.stack(k) for k in kept_logits] if self.return_logits else None
         return self._result(tokens, steps, reasons, cache.used_bytes(), thoughts, logits_out)
 
-    def _recurrent_unit(self, ids: Tensor, valid: Tensor, alive: Tensor, cache) -> tuple[Tensor, Tensor]:
+    def _raise_if_bad(self, bad: list[int], token: int) -> None:
+        """Non-finite flags computed on the device (1: latent state, 2: logits) -> a clear error."""
+        if not any(bad):
+            return
+        where = f" at new token {token}" if token else " in the prompt"
+        what = "latent state" if any(b & 1 for b in bad) else "logits"
+        seqs = [i for i, b in enumerate(bad) if b]
+        raise NonFiniteStateError(
+            f"non-finite {what}{where} in sequence(s) {seqs}; check the weights, the init_state and any hooks"
+        )
+
+    def _recurrent_unit(self, ids: Tensor, valid: Tensor, alive: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
         """Run one token (or the prompt) through prelude, the adaptive recurrence and the head.
 
-        Returns next-token logits [B,V] and the iterations each sequence used [B]."""
+        Returns next-token logits [B,V], the iterations each sequence used [B], and non-finite flags [B]
+        (1: latent state, 2: logits), all on the device: nothing is read back here, except the exit test's
+        mask once per iteration when adaptive (the reference path)."""
         model, backend, crit = self.model, self.backend, self.criterion
         chunk = self.last_chunk = cache.begin(valid)
         rope = model.rope(chunk)
@@ -283,28 +300,21 @@ class _Run:
             if t + 1 < self.min_steps:
                 continue
             if exits.any():  # reference path: one host read per iteration
-                lg = (
-                    last_logits
-                    if last_logits is not None
-                    else model.head(s, cache, chunk, exits, rope, last_only=True)[:, -1]
-                )
-                out = torch.where(exits[:, None], lg, out)
+                if last_logits is None:
+                    last_logits = model.head(s, cache, chunk, exits, rope, last_only=True)[:, -1]
+                out = torch.where(exits[:, None], last_logits, out)
                 active = active & ~exits
                 if not active.any():
                     completed = False
                     break
-        if completed and active.any():
-            lg = (
-                last_logits
-                if last_logits is not None
-                else model.head(s, cache, chunk, active, rope, last_only=True)[:, -1]
-            )
-            out = torch.where(active[:, None], lg, out)
-        where = f" at new token {self.hooks.token_index}" if self.hooks.token_index else " in the prompt"
-        check_finite(s, chunk.valid & alive[:, None], "latent state", where)
-        check_finite(out, alive, "logits", where)
+        if completed:  # sequences that ran every iteration: their logits at the final state
+            if last_logits is None or not crit.needs_logits:
+                last_logits = model.head(s, cache, chunk, active, rope, last_only=True)[:, -1]
+            out = torch.where(active[:, None], last_logits, out)
+        bad_state = (~torch.isfinite(s).all(-1) & chunk.valid).any(-1) & alive
+        bad_logits = ~torch.isfinite(out).all(-1) & alive
         self.carry = s[:, -1:]
-        return out, used
+        return out, used, bad_state.long() + 2 * bad_logits.long()
 
     # ---------------------------------------------------------------- output
     def _decode(self, ids: list[int]) -> str | None:

@@ -13,6 +13,16 @@ from latentrt.tokenizer import word_tokenizer
 WORDS = "every cat dog bird is a an not yes no . ? , Tom Alex Ann the of".split()
 
 
+def pytest_collection_modifyitems(config, items):
+    """gpu-marked tests skip cleanly without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def recurrent_config(**over):
     raw = dict(
         model_type="huginn_raven",

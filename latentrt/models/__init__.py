@@ -19,10 +19,17 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
 def build_model(
     cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> nn.Module:
-    """A freshly initialised model: small-normal weights (std sqrt(2/(5d)), output projections scaled
-    down by depth, as in the papers' inits), unit norms, zero biases. Deterministic for a seed."""
-    gen = torch.Generator().manual_seed(seed)
-    model = model_class(cfg)(cfg)
+    """A freshly initialised model, allocated directly on ``device`` in ``dtype``: small-normal weights
+    (std sqrt(2/(5d)), output projections scaled down by depth, as in the papers' inits), unit norms,
+    zero biases. Deterministic for a (seed, device) pair."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    if model.lm_head.weight.shape == model.transformer.wte.weight.shape and _tied(cfg):
+        model.lm_head.weight = model.transformer.wte.weight
+    gen = torch.Generator(device).manual_seed(seed)
     d = cfg.n_embd
     std = math.sqrt(2 / (5 * d))
     depth = (
@@ -37,16 +44,17 @@ def build_model(
                 p.fill_(1.0) if name.endswith("weight") else p.zero_()
             elif name.endswith("bias") or name.endswith("qk_bias"):
                 p.zero_()
-            elif name.endswith("proj.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    model.to(device=device, dtype=dtype)
+                p.normal_(0.0, out_std if name.endswith("proj.weight") else std, generator=gen)
     model.init_buffers()
     from ..backends import get_backend
 
     model.backend = get_backend("torch", model)
     return model
+
+
+def _tied(cfg: ModelConfig) -> bool:
+    return cfg.tie_embeddings if isinstance(cfg, RecurrentConfig) else cfg.tie_word_embeddings
 
 
 __all__ = ["CoconutGPT2", "RecurrentDepthLM", "build_model", "model_class"]

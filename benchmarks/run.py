@@ -1,0 +1,116 @@
+"""One command for every measurement: ceilings, kernel microbenchmarks, decode paths, host syncs.
+
+    python -m benchmarks.run [--quick] [--only NAME[,NAME]] [--out DIR] [--device cuda]
+
+Writes one JSON record per measurement (name, config, backend, device, torch version, commit, median and
+spread, floor, fraction of floor) to DIR/results.json and prints markdown tables, the summary last.
+On a CPU only tiny shapes run, in well under a minute: a smoke test of the harness, not numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .suites import SUITES, Plan
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout
+        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    if device.type == "cuda":
+        env["card"] = torch.cuda.get_device_name(device)
+    else:
+        env["card"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def table(records: list[dict]) -> str:
+    rows = [
+        "| suite | name | backend | config | median ms | floor ms | of floor | other |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        cfg = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.get("config", {}).items())
+        other = r.get("error") or (f"{r['value']:.3g} {r['unit']}" if "value" in r else "")
+        if "tokens_per_s" in r:
+            other = f"{r['tokens_per_s']:.1f} tok/s"
+        if "gb_per_s" in r:
+            other = f"{r['gb_per_s']:.1f} GB/s"
+        med = f"{r['median_ms']:.3f}" if "median_ms" in r else ""
+        fl = f"{r['floor_ms']:.3f}" if "floor_ms" in r else ""
+        frac = f"{100 * r['fraction_of_floor']:.1f}%" if "fraction_of_floor" in r else ""
+        rows.append(
+            f"| {r['suite']} | {r['name']} | {r.get('backend', '')} | {cfg} | {med} | {fl} | {frac} | {other} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
+    ap.add_argument("--only", default=None, help=f"comma list of suites: {','.join(SUITES)}")
+    ap.add_argument("--out", default="bench_out", help="folder for results.json")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    only = args.only.split(",") if args.only else list(SUITES)
+    unknown = [s for s in only if s not in SUITES]
+    if unknown:
+        ap.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    plan = Plan(device, args.quick)
+    env = environment(device)
+    print(
+        f"# latentrt benchmarks on {env['card']} (torch {env['torch']}, commit {env['commit']}, {env['date']})",
+        flush=True,
+    )
+    records: list[dict] = []
+    copy_bw = None
+    with torch.no_grad():
+        for name in ["ceilings"] + [s for s in only if s != "ceilings"]:
+            t0 = time.perf_counter()
+            fn = SUITES[name]
+            kwargs = {} if name in ("ceilings", "host_syncs") else {"copy_bw": copy_bw}
+            for rec in fn(plan, **kwargs):
+                if rec["suite"] == "ceilings" and rec["name"] == "copy_bandwidth":
+                    copy_bw = rec["value"]
+                rec.update(env)
+                if name in only:
+                    records.append(rec)
+            print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(records, indent=1, default=str))
+    print(table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

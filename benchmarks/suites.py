@@ -1,0 +1,442 @@
+"""Measurement suites: ceilings, kernel microbenchmarks, recurrent and Coconut decode, host syncs.
+
+Each suite yields records (dicts); run.py adds the environment fields, writes JSON and prints tables.
+On a CPU only tiny shapes run (a smoke test of the harness, not a measurement that means anything).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+import latentrt
+from latentrt.config import parse_config
+from latentrt.models import build_model
+
+from . import floors
+from .published_pattern import coconut_generate, recurrent_generate
+from .timing import measure, summarize, sync
+
+HUGINN_0125 = dict(
+    model_type="huginn_raven",
+    n_embd=5280,
+    num_attention_heads=55,
+    num_key_value_heads=55,
+    intermediate_size=17920,
+    vocab_size=65536,
+    padding_multiple=4096,
+    block_size=4096,
+    n_layers_in_prelude=2,
+    n_layers_in_recurrent_block=4,
+    n_layers_in_coda=2,
+    mean_recurrence=32,
+)
+GPT2_124M = dict(model_type="gpt2", n_embd=768, n_head=12, n_layer=12, n_positions=1024, vocab_size=50257)
+TINY_RECURRENT = dict(
+    HUGINN_0125,
+    n_embd=64,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=320,
+    padding_multiple=64,
+    block_size=512,
+)
+TINY_GPT2 = dict(GPT2_124M, n_embd=64, n_head=2, n_layer=3, n_positions=512, vocab_size=320)
+
+
+@dataclass
+class Plan:
+    """What to run: full sweeps on a GPU, tiny and short on a CPU or with --quick."""
+
+    device: torch.device
+    quick: bool
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.gpu else torch.float32
+
+    @property
+    def recurrent_cfg(self):
+        return parse_config(HUGINN_0125 if self.gpu else TINY_RECURRENT)
+
+    @property
+    def gpt2_cfg(self):
+        return parse_config(
+            dict(GPT2_124M if self.gpu else TINY_GPT2, latent_id=50256, start_latent_id=50255, end_latent_id=50254)
+            if self.gpu
+            else dict(TINY_GPT2, latent_id=319, start_latent_id=318, end_latent_id=317)
+        )
+
+    @property
+    def context(self) -> int:
+        return 512 if self.gpu else 64
+
+    @property
+    def batches(self) -> list[int]:
+        return ([1, 8] if self.quick else [1, 8, 32]) if self.gpu else [1, 4]
+
+    @property
+    def depths(self) -> list[int]:
+        return ([4, 32] if self.quick else [4, 16, 32]) if self.gpu else [4, 8]
+
+    @property
+    def tokens(self) -> int:
+        return 6 if self.quick or not self.gpu else 10
+
+
+# ---------------------------------------------------------------------------------------------- ceilings
+def ceilings(plan: Plan) -> Iterator[dict]:
+    n = (1 << 28) if plan.gpu else (1 << 22)  # bytes per buffer: 256 MiB on a GPU
+    src = [torch.randn(n // 4, device=plan.device) for _ in range(2)]
+    dst = torch.empty_like(src[0])
+    t = measure(lambda x: dst.copy_(x), [(s,) for s in src], device=plan.device, repeats=20)
+    bw = 2 * n / (t["median_ms"] / 1e3)
+    yield {
+        "suite": "ceilings",
+        "name": "copy_bandwidth",
+        "config": {"bytes": n},
+        **t,
+        "value": bw,
+        "unit": "B/s (read+write)",
+    }
+    m = 8192 if plan.gpu else 512
+    a = [torch.randn(m, m, device=plan.device, dtype=plan.dtype) for _ in range(2)]
+    t = measure(lambda x: x @ x, [(x,) for x in a], device=plan.device, repeats=10)
+    yield {
+        "suite": "ceilings",
+        "name": "matmul",
+        "config": {"m": m, "dtype": str(plan.dtype)},
+        **t,
+        "value": 2 * m**3 / (t["median_ms"] / 1e3),
+        "unit": "FLOP/s",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- micro
+def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
+    shapes = ["huginn", "gpt2"] if plan.gpu else ["tiny"]
+    for fam_name in kernels.FAMILIES:
+        fam = kernels.family(fam_name)
+        for shape in shapes:
+            inputs = [fam.make_inputs(shape, plan.device, plan.dtype, seed=i) for i in range(3)]
+            impls = {"torch-eager": fam.reference}
+            if plan.gpu:
+                impls["torch-compile"] = torch.compile(fam.reference, dynamic=False)
+            if plan.gpu and kernels.triton_available() and hasattr(fam, "fused"):
+                impls["triton"] = fam.fused
+            nbytes = fam.bytes_moved(inputs[0])
+            for impl, fn in impls.items():
+                try:
+                    t = measure(fn, inputs, device=plan.device, repeats=30 if plan.gpu else 5)
+                except Exception as exc:  # a compile failure is a result, not a crash of the harness
+                    yield {
+                        "suite": "micro",
+                        "name": fam_name,
+                        "backend": impl,
+                        "config": {"shape": shape},
+                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                    }
+                    continue
+                floor_ms = nbytes / copy_bw * 1e3
+                yield {
+                    "suite": "micro",
+                    "name": fam_name,
+                    "backend": impl,
+                    "config": {"shape": shape},
+                    **t,
+                    "gb_per_s": nbytes / (t["median_ms"] / 1e3) / 1e9,
+                    "floor_ms": floor_ms,
+                    "fraction_of_floor": floor_ms / t["median_ms"],
+                }
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
+    """Per-token latency of the decode steps (prefill excluded), timed between streamed tokens; the
+    engine reads each token on the host, which synchronises the device."""
+    times, steps, last = [], [], None
+    stream = latentrt.generate(model, ids, max_new_tokens=new_tokens + 1, stream=True, init_scale=0.0, **kw)
+    for ev in stream:
+        now = time.perf_counter()
+        if last is not None:
+            times.append(1000 * (now - last))
+            steps.extend(s for s in (ev.steps if isinstance(ev.steps, list) else [ev.steps]) if s is not None)
+        last = now
+    return summarize(times), steps
+
+
+def _backends(plan: Plan) -> list[str]:
+    out = ["torch"]
+    for name in ("triton", "cuda"):
+        try:
+            latentrt.backends.get_backend(name, None)
+        except Exception:
+            continue
+        out.append(name)
+    return out
+
+
+def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
+    cfg = plan.recurrent_cfg
+    model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    el = torch.finfo(plan.dtype).bits // 8
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for backend in _backends(plan):
+        model.backend = latentrt.backends.get_backend(backend, model)
+        for batch in plan.batches:
+            ids = torch.randint(10, cfg.vocab_size, (batch, plan.context), generator=gen).to(plan.device)
+            for r in plan.depths:
+                for kv in ("full", "shared"):
+                    for adaptive in (False, True):
+                        t, steps = _decode_ms(
+                            model,
+                            ids,
+                            plan.tokens,
+                            num_steps=r,
+                            kv_sharing=kv,
+                            adaptive=adaptive,
+                            exit_criterion="latent-diff",
+                        )
+                        mean_steps = sum(steps) / max(len(steps), 1)
+                        b = floors.recurrent_step_bytes(
+                            cfg, batch=batch, context=plan.context, steps=round(mean_steps), element_size=el
+                        )
+                        floor_ms = b["total"] / copy_bw * 1e3
+                        yield {
+                            "suite": "decode_recurrent",
+                            "name": "generate",
+                            "backend": backend,
+                            "config": {
+                                "batch": batch,
+                                "r": r,
+                                "kv": kv,
+                                "adaptive": adaptive,
+                                "context": plan.context,
+                                "mean_steps": mean_steps,
+                            },
+                            **t,
+                            "tokens_per_s": batch * 1000 / t["median_ms"],
+                            "floor_ms": floor_ms,
+                            "fraction_of_floor": floor_ms / t["median_ms"],
+                        }
+    yield from _recurrent_baselines(plan, model, copy_bw, el)
+
+
+def _recurrent_baselines(plan: Plan, model, copy_bw: float, el: int) -> Iterator[dict]:
+    cfg = model.config
+    model.backend = latentrt.backends.get_backend("torch", model)
+    ids = torch.randint(10, cfg.vocab_size, (1, plan.context), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(plan.device)
+    for r in plan.depths:
+        sync(plan.device)
+        t0 = time.perf_counter()
+        n = 3 if plan.gpu else 2
+        _, _, kv_bytes = recurrent_generate(model, ids, n + 1, r, kv="full")
+        sync(plan.device)
+        # the published pattern's first call includes the prefill: time decode tokens separately
+        t1 = time.perf_counter()
+        recurrent_generate(model, ids, 1, r, kv="full")
+        sync(plan.device)
+        t2 = time.perf_counter()
+        per_token = 1000 * ((t1 - t0) - (t2 - t1)) / n
+        floor_ms = (
+            floors.recurrent_step_bytes(cfg, batch=1, context=plan.context, steps=r, element_size=el)["total"]
+            / copy_bw
+            * 1e3
+        )
+        yield {
+            "suite": "decode_recurrent",
+            "name": "published-pattern",
+            "backend": "torch",
+            "config": {"batch": 1, "r": r, "kv": "full", "adaptive": False, "context": plan.context},
+            "median_ms": per_token,
+            "p10_ms": per_token,
+            "p90_ms": per_token,
+            "repeats": n,
+            "kv_bytes_published": kv_bytes,
+            "floor_ms": floor_ms,
+            "fraction_of_floor": floor_ms / per_token,
+        }
+    if plan.gpu:
+        yield from _compiled_baseline(plan, model, copy_bw, el)
+
+
+def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int) -> Iterator[dict]:
+    from .compiled_baseline import StaticDecoder, compiled_step
+
+    cfg = model.config
+    for batch in plan.batches:
+        for r in plan.depths:
+            cache = model.new_cache(batch, plan.context + 2, core_slots=1)
+            for buf in (cache.plain_k, cache.plain_v, cache.core_k, cache.core_v):
+                buf.normal_()  # never time on zeros
+            cache.valid[:, : plan.context] = True
+            dec = StaticDecoder(model, cache, r)
+            dec.set_token(torch.full((batch,), 11, device=plan.device), plan.context)
+            floor_ms = (
+                floors.recurrent_step_bytes(cfg, batch=batch, context=plan.context, steps=r, element_size=el)["total"]
+                / copy_bw
+                * 1e3
+            )
+            for name, fn in (("torch-eager-static", dec.step), ("torch-compile+cudagraph", None)):
+                try:
+                    fn = fn or compiled_step(dec)
+                    t = measure(fn, device=plan.device, repeats=10, warmup=2)
+                except Exception as exc:
+                    yield {
+                        "suite": "decode_recurrent",
+                        "name": name,
+                        "backend": "torch",
+                        "config": {"batch": batch, "r": r},
+                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                    }
+                    continue
+                yield {
+                    "suite": "decode_recurrent",
+                    "name": name,
+                    "backend": "torch",
+                    "config": {"batch": batch, "r": r, "kv": "shared", "adaptive": False, "context": plan.context},
+                    **t,
+                    "tokens_per_s": batch * 1000 / t["median_ms"],
+                    "floor_ms": floor_ms,
+                    "fraction_of_floor": floor_ms / t["median_ms"],
+                }
+
+
+def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
+    cfg = plan.gpt2_cfg
+    model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    el = torch.finfo(plan.dtype).bits // 8
+    k = 6
+    gen = torch.Generator().manual_seed(2)
+    for batch in [1, 32] if plan.gpu else [1, 4]:
+        q = torch.randint(10, 300, (batch, 60), generator=gen).to(plan.device)
+        base = torch.cat([q, torch.full((batch, 1), cfg.start_latent_id, device=plan.device)], 1)
+        thoughts = torch.cat(
+            [
+                base,
+                torch.full((batch, k), cfg.latent_id, device=plan.device),
+                torch.full((batch, 1), cfg.end_latent_id, device=plan.device),
+            ],
+            1,
+        )
+
+        def prompt_ms(ids):
+            def run():
+                return model.run_prompt(ids, torch.ones_like(ids, dtype=torch.bool), model.new_cache(*ids.shape))
+
+            return measure(run, device=plan.device, repeats=5 if plan.gpu else 3, warmup=1)["median_ms"]
+
+        with_t, without = prompt_ms(thoughts), prompt_ms(torch.cat([base, thoughts[:, -1:]], 1))
+        per_thought = (with_t - without) / k
+        floor = floors.coconut_step_bytes(cfg, batch=batch, context=62, element_size=el, with_head=True)
+        floor_ms = floor["total"] / copy_bw * 1e3
+        yield {
+            "suite": "decode_coconut",
+            "name": "thought",
+            "backend": "torch",
+            "config": {"batch": batch, "k": k},
+            "median_ms": per_thought,
+            "p10_ms": per_thought,
+            "p90_ms": per_thought,
+            "repeats": 1,
+            "floor_ms": floor_ms,
+            "fraction_of_floor": floor_ms / max(per_thought, 1e-9),
+        }
+        t, _ = _decode_ms(model, thoughts, plan.tokens)
+        yield {
+            "suite": "decode_coconut",
+            "name": "answer_token",
+            "backend": "torch",
+            "config": {"batch": batch, "k": k},
+            **t,
+            "floor_ms": floor_ms,
+            "fraction_of_floor": floor_ms / t["median_ms"],
+        }
+        if batch == 1:
+            n = 3
+            sync(plan.device)
+            t0 = time.perf_counter()
+            coconut_generate(model, thoughts, n)
+            sync(plan.device)
+            total = 1000 * (time.perf_counter() - t0)
+            per_pass = total / (k + n)  # one full pass per thought and per answer token
+            yield {
+                "suite": "decode_coconut",
+                "name": "published-pattern",
+                "backend": "torch",
+                "config": {"batch": 1, "k": k},
+                "median_ms": per_pass,
+                "p10_ms": per_pass,
+                "p90_ms": per_pass,
+                "repeats": 1,
+                "floor_ms": floor_ms,
+                "fraction_of_floor": floor_ms / per_pass,
+            }
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::item",
+)
+
+
+def host_syncs(plan: Plan) -> Iterator[dict]:
+    """Device->host synchronisations per generated token, counted from the torch profiler. On a GPU the
+    CUDA runtime's synchronize calls are counted; on a CPU the ops that read a value back to Python
+    (item / is_nonzero / _local_scalar_dense), a proxy that misses .tolist()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = plan.recurrent_cfg
+    model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    ids = torch.randint(10, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3)).to(plan.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.gpu else [])
+    for backend in _backends(plan):
+        model.backend = latentrt.backends.get_backend(backend, model)
+        for adaptive in (False, True):
+            n = 6
+            kw = dict(num_steps=8, adaptive=adaptive, exit_criterion="latent-diff", init_scale=0.0)
+            latentrt.generate(model, ids, max_new_tokens=2, **kw)  # warm-up
+            with profile(activities=activities) as prof:
+                latentrt.generate(model, ids, max_new_tokens=n, **kw)
+            names = [e.name for e in prof.events()]
+            counted = [nm for nm in SYNC_EVENTS if (nm.startswith("cuda") if plan.gpu else nm.startswith("aten"))]
+            count = sum(names.count(nm) for nm in counted)
+            yield {
+                "suite": "host_syncs",
+                "name": "generate",
+                "backend": backend,
+                "config": {"adaptive": adaptive, "r": 8, "tokens": n},
+                "value": count / n,
+                "unit": "syncs per token" if plan.gpu else "host reads per token (CPU proxy)",
+            }
+
+
+SUITES = {
+    "ceilings": ceilings,
+    "micro": micro,
+    "decode_recurrent": recurrent_decode,
+    "decode_coconut": coconut_decode,
+    "host_syncs": host_syncs,
+}
+
+
+@contextlib.contextmanager
+def no_grad():
+    with torch.no_grad():
+        yield

@@ -1,0 +1,30 @@
+"""On a GPU: the reference path gives the CPU's tokens and steps (fp32), and runs in bf16."""
+
+import pytest
+import torch
+from conftest import rel_err, tiny_recurrent
+
+import latentrt
+
+pytestmark = pytest.mark.gpu
+
+
+def test_cuda_matches_cpu_fp32():
+    cpu = tiny_recurrent(seed=21)
+    gpu = tiny_recurrent(seed=21)
+    gpu.to("cuda")
+    gpu.init_buffers()
+    kw = dict(max_new_tokens=6, adaptive=True, num_steps=12, exit_criterion="kl", init_scale=0.0,
+              return_logits=True)
+    a = latentrt.generate(cpu, [[5, 6, 7, 8], [9, 10]], **kw)
+    b = latentrt.generate(gpu, [[5, 6, 7, 8], [9, 10]], **kw)
+    assert a.tokens == b.tokens and a.steps == b.steps
+    assert rel_err(torch.stack([x[0] for x in b.logits]).cpu(), torch.stack([x[0] for x in a.logits])) < 1e-4
+
+
+def test_bf16_generate_runs():
+    model = tiny_recurrent(seed=22)
+    model.to("cuda", torch.bfloat16)
+    model.init_buffers()
+    out = latentrt.generate(model, [5, 6, 7], max_new_tokens=4, num_steps=4)
+    assert len(out.tokens) == 4
