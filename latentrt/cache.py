@@ -63,6 +63,46 @@ class Chunk:
         return self.end - self.start
 
 
+def make_chunk(valid_so_far: Tensor, n_valid: Tensor, start: int, valid: Tensor) -> Chunk:
+    """Positions and attention mask of new entries [start, end) given the validity of all entries so far."""
+    end = valid_so_far.shape[1]
+    positions = (n_valid[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+    q_idx = torch.arange(start, end, device=valid.device)
+    k_idx = torch.arange(end, device=valid.device)
+    causal = k_idx[None, :] <= q_idx[:, None]  # [n, end]
+    diag = k_idx[None, :] == q_idx[:, None]  # a padded query still attends to itself (no NaN rows)
+    mask = (valid_so_far[:, None, :] & causal[None]) | diag[None]
+    return Chunk(start, end, positions, mask[:, None], valid)
+
+
+class GrowingKVCache:
+    """A differentiable cache for training (plain layers only): entries are concatenated, never written
+    in place, so gradients flow through every cached K/V. Same begin()/plain() interface as KVCache."""
+
+    def __init__(self, batch: int, n_plain: int, device: torch.device | str = "cpu") -> None:
+        self.k: list[list[Tensor]] = [[] for _ in range(n_plain)]
+        self.v: list[list[Tensor]] = [[] for _ in range(n_plain)]
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.n_valid = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    def begin(self, valid: Tensor) -> Chunk:
+        valid = valid.to(device=self.valid.device, dtype=torch.bool)
+        start = self.length
+        self.valid = torch.cat([self.valid, valid], 1)
+        chunk = make_chunk(self.valid, self.n_valid, start, valid)
+        self.n_valid = self.n_valid + valid.long().sum(1)
+        self.length = self.valid.shape[1]
+        return chunk
+
+    def plain(
+        self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, active: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        self.k[layer].append(k)
+        self.v[layer].append(v)
+        return torch.cat(self.k[layer], 2), torch.cat(self.v[layer], 2)
+
+
 class KVCache:
     """K/V tensors for every layer, allocated once for ``max_len`` positions."""
 
@@ -111,15 +151,10 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} positions > {self.max_len} allocated")
         valid = valid.to(device=self.device, dtype=torch.bool)
         self.valid[:, start:end] = valid
-        positions = (self.n_valid[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+        chunk = make_chunk(self.valid[:, :end], self.n_valid, start, valid)
         self.n_valid += valid.long().sum(1)
         self.length = end
-        q_idx = torch.arange(start, end, device=self.device)
-        k_idx = torch.arange(end, device=self.device)
-        causal = k_idx[None, :] <= q_idx[:, None]  # [n, end]
-        diag = k_idx[None, :] == q_idx[:, None]  # a padded query still attends to itself (no NaN rows)
-        mask = (self.valid[:, None, :end] & causal[None]) | diag[None]
-        return Chunk(start, end, positions, mask[:, None], valid)
+        return chunk
 
     def plain(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, active: Tensor | None = None

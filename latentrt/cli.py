@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--criterion", default="kl")
     e.add_argument("--threshold", type=float, default=None)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--modes", default="coconut,cot,nocot", help="Coconut: comma list of coconut, cot, nocot")
+    e.add_argument(
+        "--modes",
+        default="coconut",
+        help="Coconut: comma list of coconut, cot, nocot, pause (the "
+        "prompt format; use each with a model trained that way)",
+    )
     return parser
 
 

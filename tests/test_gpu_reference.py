@@ -14,8 +14,7 @@ def test_cuda_matches_cpu_fp32():
     gpu = tiny_recurrent(seed=21)
     gpu.to("cuda")
     gpu.init_buffers()
-    kw = dict(max_new_tokens=6, adaptive=True, num_steps=12, exit_criterion="kl", init_scale=0.0,
-              return_logits=True)
+    kw = dict(max_new_tokens=6, adaptive=True, num_steps=12, exit_criterion="kl", init_scale=0.0, return_logits=True)
     a = latentrt.generate(cpu, [[5, 6, 7, 8], [9, 10]], **kw)
     b = latentrt.generate(gpu, [[5, 6, 7, 8], [9, 10]], **kw)
     assert a.tokens == b.tokens and a.steps == b.steps

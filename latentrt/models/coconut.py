@@ -160,15 +160,18 @@ class CoconutGPT2(nn.Module):
 
     # ---------------------------------------------------------------- public
     def run_prompt(
-        self, ids: Tensor, mask: Tensor, cache: KVCache, hooks=None, backend=None
+        self, ids: Tensor, mask: Tensor, cache: KVCache, hooks=None, backend=None, continuous: bool = True
     ) -> tuple[Tensor, Tensor, int]:
         """Process a prompt whose ``<|latent|>`` positions become continuous thoughts.
 
         The prefix before the first latent runs as one chunk, each column from the first to the last
         latent as a single-position pass (thought inputs = fed-back hidden states), the rest as one chunk.
-        Returns (logits [B,S,V], last hidden [B,d], number of thought columns).
+        Returns (logits [B,S,V], last hidden [B,d], number of thought columns). With ``continuous=False``
+        the latent tokens stay ordinary tokens (the pause-as-thought baseline).
         """
         latent = self.check_markers(ids, mask)
+        if not continuous:
+            latent = torch.zeros_like(latent)
         feedback = backend.feedback if backend is not None else self.feedback
         B, S = ids.shape
         embeds = self.embed(ids)

@@ -188,6 +188,54 @@ class RecurrentDepthLM(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x).float()
 
+    # ---------------------------------------------------------------- training
+    def forward_train(
+        self,
+        input_ids: Tensor,
+        n_no_grad: int,
+        n_grad: int,
+        *,
+        init_scale: float = 1.0,
+        checkpoint: bool = False,
+        hooks=None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Full causal pass for training: logits [B,S,V]. The first ``n_no_grad`` iterations run without
+        gradients and only the last ``n_grad`` carry them (truncated backprop through depth); with
+        ``checkpoint`` each gradient iteration recomputes its activations in the backward pass."""
+        B, S = input_ids.shape
+        pos = torch.arange(S, device=input_ids.device)[None].expand(B, S)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        mask = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()[None, None]
+
+        def no_cache(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            return k, v
+
+        def run(blocks, x: Tensor) -> Tensor:
+            for blk in blocks:
+                x = blk(x, cos, sin, mask, no_cache)
+            return x
+
+        e = run(self.transformer.prelude, self.transformer.wte(input_ids) * self.config.embed_scale)
+        s = self.initial_state(e, init_scale, generator)
+        active = torch.ones(B, dtype=torch.bool, device=e.device)
+
+        def iterate(state: Tensor) -> Tensor:
+            return run(self.transformer.core_block, self.transformer.adapter(torch.cat([state, e], dim=-1)))
+
+        for t in range(n_no_grad + n_grad):
+            if t < n_no_grad:
+                with torch.no_grad():
+                    s = iterate(s)
+            elif checkpoint:
+                s = torch.utils.checkpoint.checkpoint(iterate, s, use_reentrant=False)
+            else:
+                s = iterate(s)
+            if hooks:
+                s = hooks.on_iteration(t, s, active)
+        x = run(self.transformer.coda, self.transformer.ln_f(s))
+        return self.lm_head(self.transformer.ln_f(x)).float()
+
     # ---------------------------------------------------------------- public
     @torch.no_grad()
     def logits(

@@ -1,0 +1,127 @@
+"""Train the built-in models shipped in latentrt/builtin/ (reproducible: one command, one seed).
+
+    python -m latentrt.train.builtin --seed 0            # all four, one after another
+    python -m latentrt.train.builtin --only recurrent    # one of: recurrent coconut coconut-cot coconut-nocot
+
+Data: generated ProsQA-style problems (latentrt.train.data), difficulties 1-6. Models: a tiny
+recurrent-depth model (d=128, 1+2x r+1 layers, mean recurrence 4) trained on question -> answer, and tiny
+GPT-2s (d=128, 4 layers) trained with the Coconut curriculum and as CoT / no-CoT baselines.
+Each folder gets config.json, model.safetensors, tokenizer.json and training.json (how it was trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import BUILTIN_DIR, save_checkpoint
+from ..config import parse_config
+from ..models import build_model
+from .coconut import Curriculum, train_coconut
+from .common import TrainOptions
+from .data import build_tokenizer, generate_dataset
+from .recurrent import train_recurrent
+
+DIFFICULTIES = (1, 2, 3, 4, 5, 6)
+MODELS = ("recurrent", "coconut", "coconut-cot", "coconut-nocot")
+
+
+def recurrent_config(vocab: int):
+    return parse_config(
+        dict(
+            model_type="huginn_raven",
+            n_embd=128,
+            num_attention_heads=4,
+            intermediate_size=256,
+            vocab_size=vocab,
+            padding_multiple=64,
+            block_size=512,
+            n_layers_in_prelude=1,
+            n_layers_in_recurrent_block=2,
+            n_layers_in_coda=1,
+            mean_recurrence=4,
+            mean_backprop_depth=2,
+            eos_token_id=0,
+        )
+    )
+
+
+def gpt2_config(tok):
+    return parse_config(
+        dict(
+            model_type="gpt2",
+            n_embd=128,
+            n_head=4,
+            n_layer=4,
+            n_positions=512,
+            vocab_size=tok.get_vocab_size(),
+            eos_token_id=0,
+            latent_id=tok.token_to_id("<|latent|>"),
+            start_latent_id=tok.token_to_id("<|start-latent|>"),
+            end_latent_id=tok.token_to_id("<|end-latent|>"),
+        )
+    )
+
+
+def train_one(name: str, seed: int, steps: int, out_root: Path) -> Path:
+    tok = build_tokenizer()
+    records = generate_dataset(20000, DIFFICULTIES, seed=seed)
+    out = out_root / name
+    t0 = time.time()
+    if name == "recurrent":
+        model = build_model(recurrent_config(tok.get_vocab_size()), seed=seed)
+        opts = TrainOptions(steps=steps, batch_size=32, lr=2e-3, warmup=50, seed=seed)
+        log = train_recurrent(model, tok, records, opts)
+        info = {"trainer": "recurrent", "steps": steps}
+    else:
+        mode = {"coconut": "coconut", "coconut-cot": "cot", "coconut-nocot": "nocot"}[name]
+        cur = Curriculum(mode, max_stage=4, thoughts_per_step=1)
+        n_stages = len(Curriculum("coconut", 4).stages())
+        per_stage = steps // n_stages if mode == "coconut" else steps
+        model = build_model(gpt2_config(tok), seed=seed)
+        opts = TrainOptions(steps=per_stage, batch_size=32, lr=2e-3, warmup=30, seed=seed)
+        log = train_coconut(model, tok, records, opts, cur)
+        info = {
+            "trainer": "coconut",
+            "mode": mode,
+            "max_stage": cur.max_stage,
+            "thoughts_per_step": cur.thoughts_per_step,
+            "steps_per_stage": per_stage,
+        }
+    model.tokenizer = tok
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    save_checkpoint(model, out, tie_key="lm_head.weight" if tied else None)
+    info.update(
+        seed=seed,
+        difficulties=list(DIFFICULTIES),
+        train_records=len(records),
+        final_loss=log[-1]["loss"],
+        minutes=round((time.time() - t0) / 60, 1),
+        command=f"python -m latentrt.train.builtin --only {name} --seed {seed} --steps {steps}",
+        torch=torch.__version__,
+    )
+    (out / "training.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=MODELS, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (Coconut: split over its stages)")
+    ap.add_argument("--out", default=str(BUILTIN_DIR))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    defaults = {"recurrent": 900, "coconut": 1200, "coconut-cot": 1200, "coconut-nocot": 1200}
+    for name in [args.only] if args.only else MODELS:
+        path = train_one(name, args.seed, args.steps or defaults[name], Path(args.out))
+        print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Coconut trainer: the multi-stage curriculum replacing reasoning steps by continuous thoughts.
+
+At stage s (0 <= s <= max_stage) the first s reasoning steps are removed and s*c thoughts inserted between
+<|start-latent|> and <|end-latent|>; after the last stage every step is removed and the thoughts stay at
+max_stage*c. The optimizer is reset at every stage change; the loss covers only the remaining steps and
+the answer (not the question, the markers or the thoughts). Thoughts run as KV-cached single-position
+passes (the runtime's own run_prompt over a differentiable cache), so gradients flow through the chain.
+Baselines by mode: ``cot`` (steps in language), ``nocot`` (answer only), ``pause`` (the same layout as
+Coconut with the latent tokens as ordinary "pause" tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..cache import GrowingKVCache
+from ..errors import InputError
+from ..hooks import HookList
+from . import distributed
+from .common import TrainOptions, autocast, make_optimizer, optimizer_step, save_training, seed_all
+from .data import Record
+
+MODES = ("coconut", "cot", "nocot", "pause")
+
+
+@dataclass
+class Curriculum:
+    mode: str = "coconut"
+    max_stage: int = 3  # stages 0..max_stage, then a final stage with every step removed
+    thoughts_per_step: int = 1  # c
+
+    def stages(self) -> list[int]:
+        return list(range(self.max_stage + 2)) if self.mode in ("coconut", "pause") else [0]
+
+    def thoughts_at(self, stage: int, n_steps: int) -> tuple[int, int]:
+        """(steps removed, thoughts inserted) at ``stage``."""
+        if self.mode in ("cot", "nocot"):
+            return 0, 0
+        if stage > self.max_stage:
+            return n_steps, self.max_stage * self.thoughts_per_step
+        return min(stage, n_steps), stage * self.thoughts_per_step
+
+    def inference_thoughts(self) -> int:
+        return self.max_stage * self.thoughts_per_step if self.mode in ("coconut", "pause") else 0
+
+
+def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[int], list[int], list[int]]:
+    """(pre, post, post labels): pre = question [+ start + thoughts]; post = [end +] steps left + '### answer' eos."""
+    ids = tokenizer.token_to_id
+    q = tokenizer.encode(rec.question).ids
+    steps = [tokenizer.encode(s).ids for s in rec.steps]
+    answer = tokenizer.encode("### " + rec.answer).ids + [ids("<|endoftext|>")]
+    if cur.mode == "nocot":
+        return q, answer, answer
+    if cur.mode == "cot":
+        post = [t for s in steps for t in s] + answer
+        return q, post, post
+    skip, k = cur.thoughts_at(stage, len(steps))
+    pre = q + [ids("<|start-latent|>")] + [ids("<|latent|>")] * k
+    rest = [t for s in steps[skip:] for t in s] + answer
+    return pre, [ids("<|end-latent|>")] + rest, [-100] + rest
+
+
+def inference_prompt(tokenizer, question: str, cur: Curriculum) -> list[int]:
+    ids = tokenizer.token_to_id
+    q = tokenizer.encode(question).ids
+    if cur.mode in ("cot", "nocot"):
+        return q
+    k = cur.inference_thoughts()
+    return q + [ids("<|start-latent|>")] + [ids("<|latent|>")] * k + [ids("<|end-latent|>")]
+
+
+def collate(examples, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad the pre-thought part and right-pad the rest, so every row's thoughts share columns and
+    each thought is one single-position pass for the whole batch."""
+    wp = max(len(p) for p, _, _ in examples)
+    wq = max(len(q) for _, q, _ in examples)
+    B = len(examples)
+    ids = torch.full((B, wp + wq), pad, dtype=torch.long)
+    mask = torch.zeros(B, wp + wq, dtype=torch.bool)
+    labels = torch.full((B, wp + wq), -100, dtype=torch.long)
+    for i, (p, q, lab) in enumerate(examples):
+        ids[i, wp - len(p) : wp] = torch.tensor(p)
+        ids[i, wp : wp + len(q)] = torch.tensor(q)
+        mask[i, wp - len(p) : wp + len(q)] = True
+        labels[i, wp : wp + len(lab)] = torch.tensor(lab)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+class CoconutLoss(nn.Module):
+    def __init__(self, model: nn.Module, hooks: HookList | None, continuous: bool) -> None:
+        super().__init__()
+        self.model, self.hooks, self.continuous = model, hooks, continuous
+
+    def forward(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        cache = GrowingKVCache(ids.shape[0], self.model.config.n_layer, ids.device)
+        logits = self.model.run_prompt(ids, mask, cache, self.hooks, continuous=self.continuous)[0]
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_coconut(
+    model: nn.Module, tokenizer, records: list[Record], opts: TrainOptions, cur: Curriculum, *, hooks=None
+) -> list[dict]:
+    """Train in place through every stage (opts.steps optimizer steps per stage); returns the log."""
+    if cur.mode not in MODES:
+        raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
+    opts.validate()
+    rank, world, device = distributed.init()
+    seed_all(opts.seed + rank)
+    model.to(device).train()
+    model.requires_grad_(True)
+    model.tokenizer = tokenizer  # saved beside the weights
+    pad = tokenizer.token_to_id("<|pad|>")
+    loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
+    log: list[dict] = []
+    for stage in cur.stages():
+        data = [encode(tokenizer, r, cur, stage) for r in records]
+        optimizer = make_optimizer(model, opts)  # reset at every stage change, as published
+        bar = tqdm(
+            range(opts.steps), desc=f"{cur.mode} stage {stage}", disable=not (opts.progress and distributed.is_main())
+        )
+        for step in bar:
+            rng = random.Random((opts.seed, rank, stage, step).__hash__())
+            ids, mask, labels = collate([data[rng.randrange(len(data))] for _ in range(opts.batch_size)], pad, device)
+            if ids.shape[1] > model.config.n_positions:
+                raise InputError(f"a training sequence has {ids.shape[1]} tokens > n_positions")
+            with autocast(device):
+                loss = loss_fn(ids, mask, labels)
+            gnorm = optimizer_step(loss_fn, optimizer, loss, step, opts)
+            entry = {
+                "stage": stage,
+                "step": step + 1,
+                "loss": distributed.mean(loss.item(), device),
+                "grad_norm": gnorm,
+            }
+            log.append(entry)
+            if step % max(1, opts.log_every) == 0:
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        if opts.out and distributed.is_main():
+            save_training(
+                model, optimizer, opts.out, opts.steps, opts, extra={"stage": stage, "curriculum": cur.__dict__}
+            )
+    model.eval()
+    distributed.barrier()
+    return log

@@ -1,0 +1,109 @@
+"""Recurrent-depth trainer: depth sampled per step as published, truncated backprop through depth."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..hooks import HookList
+from . import distributed
+from .common import TrainOptions, autocast, load_training, make_optimizer, optimizer_step, save_training, seed_all
+from .data import Record
+
+
+def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Generator) -> tuple[int, int]:
+    """tau ~ LogNormal(ln(mean) - s^2/2, s = 0.5), r = Poisson(tau) + 1; the last min(k, r) iterations
+    carry gradients, the first r - that run under no_grad. Returns (no-grad iterations, grad iterations)."""
+    sigma = 0.5
+    mu = math.log(mean_recurrence) - sigma**2 / 2
+    tau = torch.empty(1).log_normal_(mu, sigma, generator=generator)
+    r = int(torch.poisson(tau, generator=generator).item()) + 1
+    k = min(backprop_depth, r)
+    return r - k, k
+
+
+def encode_qa(tokenizer, rec: Record, eos: int) -> tuple[list[int], list[int]]:
+    """question -> '### answer <eos>'; loss only on the answer part."""
+    q = tokenizer.encode(rec.question).ids
+    a = tokenizer.encode("### " + rec.answer).ids + [eos]
+    return q + a, [-100] * len(q) + a
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[Tensor, Tensor]:
+    """Right-padded ids and labels (causal attention never looks right, so no mask is needed)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+    return ids.to(device), labels.to(device)
+
+
+class RecurrentLoss(nn.Module):
+    """Next-token loss on the coda output; a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, hooks: HookList | None = None, checkpoint: bool = False) -> None:
+        super().__init__()
+        self.model, self.hooks, self.checkpoint = model, hooks, checkpoint
+
+    def forward(self, ids: Tensor, labels: Tensor, n_no_grad: int, n_grad: int) -> Tensor:
+        logits = self.model.forward_train(ids, n_no_grad, n_grad, checkpoint=self.checkpoint, hooks=self.hooks)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_recurrent(
+    model: nn.Module, tokenizer, records: list[Record], opts: TrainOptions, *, hooks=None, resume: str | None = None
+) -> list[dict]:
+    """Train in place; returns the log (step, loss, depth, lr). Runs under torchrun with DDP."""
+    opts.validate()
+    rank, world, device = distributed.init()
+    seed_all(opts.seed + rank)
+    model.to(device).train()
+    model.requires_grad_(True)
+    model.tokenizer = tokenizer  # saved beside the weights
+    cfg = model.config
+    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
+    data = [encode_qa(tokenizer, r, eos) for r in records]
+    too_long = [i for i, (x, _) in enumerate(data) if len(x) > cfg.block_size]
+    if too_long:
+        from ..errors import InputError
+
+        raise InputError(f"records {too_long[:5]} are longer than block_size={cfg.block_size}")
+    loss_fn = distributed.wrap(RecurrentLoss(model, HookList(hooks), opts.checkpoint_activations), device)
+    optimizer = make_optimizer(model, opts)
+    start = load_training(resume, optimizer)["step"] if resume else 0
+    log: list[dict] = []
+    bar = tqdm(range(start, opts.steps), desc="recurrent", disable=not (opts.progress and distributed.is_main()))
+    for step in bar:
+        # depth and batch are functions of (seed, step): identical on every rank, reproducible on resume
+        n_no_grad, n_grad = sample_depth(
+            cfg.mean_recurrence, cfg.mean_backprop_depth, torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
+        )
+        rng = random.Random((opts.seed, rank, step).__hash__())
+        ids, labels = collate([data[rng.randrange(len(data))] for _ in range(opts.batch_size)], pad, device)
+        with autocast(device):
+            loss = loss_fn(ids, labels, n_no_grad, n_grad)
+        gnorm = optimizer_step(loss_fn, optimizer, loss, step, opts)
+        entry = {
+            "step": step + 1,
+            "loss": distributed.mean(loss.item(), device),
+            "depth": n_no_grad + n_grad,
+            "grad_norm": gnorm,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        log.append(entry)
+        if step % max(1, opts.log_every) == 0:
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", r=entry["depth"])
+        if opts.out and opts.save_every and (step + 1) % opts.save_every == 0 and distributed.is_main():
+            save_training(model, optimizer, opts.out, step + 1, opts)
+    model.eval()
+    if opts.out and distributed.is_main():
+        save_training(model, optimizer, opts.out, opts.steps, opts)
+    distributed.barrier()
+    return log

@@ -1,0 +1,209 @@
+"""Trainers: depth sampling, loss masking, curriculum, gradient through thoughts, resume, DDP, data errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recurrent_config, rel_err
+
+import latentrt
+from latentrt.errors import InputError
+from latentrt.models import build_model
+from latentrt.train.coconut import CoconutLoss, Curriculum, collate, encode, train_coconut
+from latentrt.train.common import TrainOptions
+from latentrt.train.data import build_tokenizer, generate_dataset, generate_problem, load_records, save_records
+from latentrt.train.recurrent import encode_qa, sample_depth, train_recurrent
+
+TOK = build_tokenizer()
+
+
+def _recurrent():
+    return build_model(recurrent_config(vocab_size=TOK.get_vocab_size(), block_size=256), seed=0)
+
+
+def _gpt2():
+    from latentrt.config import parse_config
+
+    cfg = parse_config(
+        dict(
+            model_type="gpt2",
+            n_embd=32,
+            n_head=2,
+            n_layer=2,
+            n_positions=256,
+            vocab_size=TOK.get_vocab_size(),
+            latent_id=TOK.token_to_id("<|latent|>"),
+            start_latent_id=TOK.token_to_id("<|start-latent|>"),
+            end_latent_id=TOK.token_to_id("<|end-latent|>"),
+        )
+    )
+    return build_model(cfg, seed=0)
+
+
+def test_depth_sampling_matches_published_distribution():
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_depth(8, 3, g) for _ in range(4000)]
+    total = [a + b for a, b in draws]
+    assert abs(sum(total) / len(total) - 9.0) < 0.25  # E[Poisson(tau) + 1] = mean_recurrence + 1
+    assert all(b == min(3, a + b) for a, b in draws) and min(total) >= 1
+
+
+def test_generator_problems_are_sound():
+    import random
+
+    rng = random.Random(1)
+    for d in range(1, 7):
+        rec = generate_problem(rng, d)
+        assert len(rec.steps) == d == rec.difficulty
+        assert all(step in rec.question for step in rec.steps)
+        person = rec.answer.split()[0]
+        assert rec.steps[0].startswith(person) and rec.answer.endswith(rec.steps[-1].split()[-1])
+        assert 0 not in TOK.encode(rec.question + " ### " + rec.answer).ids  # every word is in the vocabulary
+
+
+def test_qa_loss_covers_only_the_answer():
+    rec = generate_dataset(1)[0]
+    ids, labels = encode_qa(TOK, rec, 0)
+    n_q = len(TOK.encode(rec.question).ids)
+    assert labels[:n_q] == [-100] * n_q and labels[n_q:] == ids[n_q:]
+    assert TOK.decode(ids[n_q:]).startswith("###")
+
+
+def test_curriculum_layout_and_masking():
+    rec = generate_problem(__import__("random").Random(3), 3)
+    cur = Curriculum("coconut", max_stage=2, thoughts_per_step=2)
+    lat, start, end = (TOK.token_to_id(t) for t in ("<|latent|>", "<|start-latent|>", "<|end-latent|>"))
+    for stage, (skip, k) in zip(cur.stages(), [(0, 0), (1, 2), (2, 4), (3, 4)]):
+        pre, post, labels = encode(TOK, rec, cur, stage)
+        assert pre[-k - 1 :] == [start] + [lat] * k
+        assert post[0] == end and labels[0] == -100 and labels[1:] == post[1:]
+        remaining = TOK.decode(post[1:])
+        for i, step in enumerate(rec.steps):
+            assert (step.rstrip(".") in remaining) == (i >= skip)
+    assert Curriculum("cot").stages() == [0]
+    ids, mask, labels = collate([encode(TOK, rec, cur, 3), encode(TOK, generate_dataset(1)[0], cur, 3)], 1, "cpu")
+    cols = [(row == lat).nonzero()[:, 0].tolist() for row in ids]
+    assert cols[0] == cols[1] and len(cols[0]) == 4  # thoughts share columns: one pass per thought
+
+
+def test_gradient_flows_through_the_thought_chain():
+    model = _gpt2()
+    rec = generate_dataset(2, (2,))
+    cur = Curriculum("coconut", max_stage=2)
+    ids, mask, labels = collate([encode(TOK, r, cur, 3) for r in rec], 1, "cpu")
+    seen = []
+
+    def keep(ev):
+        ev.state.retain_grad()
+        seen.append(ev.state)
+
+    from latentrt.hooks import HookList
+
+    loss = CoconutLoss(model, HookList(keep), True)(ids, mask, labels)
+    loss.backward()
+    assert len(seen) == 2
+    for thought in seen:  # both thoughts affect the loss only through the continuous chain
+        assert thought.grad is not None and thought.grad.abs().sum() > 0
+    pause = CoconutLoss(model, HookList(None), False)(ids, mask, labels)
+    assert not torch.isclose(loss, pause)
+
+
+def test_recurrent_training_learns_saves_and_loads(tmp_path):
+    model = _recurrent()
+    recs = generate_dataset(4, (1,))
+    log = train_recurrent(
+        model, TOK, recs, TrainOptions(steps=40, batch_size=4, lr=3e-3, warmup=5, progress=False, out=str(tmp_path))
+    )
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    loaded = latentrt.load(tmp_path, device="cpu")
+    ids = torch.tensor([encode_qa(TOK, recs[0], 0)[0]])
+    assert (
+        rel_err(loaded.logits(ids, num_steps=3, init_scale=0.0), model.logits(ids, num_steps=3, init_scale=0.0)) < 1e-6
+    )
+    assert (tmp_path / "trainer_state.pt").is_file() and (tmp_path / "tokenizer.json").is_file()
+
+
+def test_recurrent_resume_is_exact(tmp_path):
+    recs = generate_dataset(8, (1, 2))
+    straight = _recurrent()
+    train_recurrent(straight, TOK, recs, TrainOptions(steps=6, batch_size=2, progress=False, warmup=2))
+    first = _recurrent()
+    train_recurrent(first, TOK, recs, TrainOptions(steps=3, batch_size=2, progress=False, warmup=2, out=str(tmp_path)))
+    resumed = latentrt.load(tmp_path, device="cpu")
+    train_recurrent(
+        resumed, TOK, recs, TrainOptions(steps=6, batch_size=2, progress=False, warmup=2), resume=str(tmp_path)
+    )
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_coconut_curriculum_trains_and_hooks_run(tmp_path):
+    model = _gpt2()
+    calls = []
+    log = train_coconut(
+        model,
+        TOK,
+        generate_dataset(6, (1, 2)),
+        TrainOptions(steps=2, batch_size=3, progress=False, out=str(tmp_path)),
+        Curriculum("coconut", max_stage=1),
+        hooks=lambda ev: calls.append(ev.step),
+    )
+    assert [e["stage"] for e in log] == [0, 0, 1, 1, 2, 2]
+    assert calls == [0] * 2 + [0] * 2  # one thought per step at stages 1 and 2
+    assert latentrt.load(tmp_path, device="cpu").config.latent_id == TOK.token_to_id("<|latent|>")
+
+
+def test_malformed_data_files(tmp_path):
+    p = tmp_path / "d.json"
+    cases = [
+        ("{", "not valid JSON"),
+        ('{"a": 1}', "JSON list"),
+        ('[{"question": "q", "steps": []}]', "record 0 has no 'answer'"),
+        (
+            '[{"question": "q", "steps": [], "answer": "a"}, {"question": 3, "steps": [], "answer": "a"}]',
+            "record 1: 'question' must be a str",
+        ),
+        ('[{"question": "q", "steps": [1], "answer": "a"}]', "step"),
+    ]
+    for text, msg in cases:
+        p.write_text(text)
+        with pytest.raises(InputError, match=msg):
+            load_records(p)
+    save_records(generate_dataset(3), p)
+    assert len(load_records(p)) == 3
+    with pytest.raises(InputError, match="does not exist"):
+        load_records(tmp_path / "none.json")
+
+
+def test_prosqa_file_reads(tmp_path):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "prosqa_valid.json"
+    if not shared.is_file():
+        pytest.skip("../shared/data not present")
+    recs = load_records(shared)
+    assert len(recs) == 300 and all(3 <= r.difficulty <= 6 for r in recs)
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(Path(__file__).parent / "_ddp_train.py"),
+        str(tmp_path),
+        str(Path(__file__).parent),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # gradients were all-reduced: the replicas stayed identical
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "huginn_raven"
