@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+
 
 def reference(q: Tensor, k_slots: Tensor, v_slots: Tensor, written: Tensor, valid: Tensor, slot: int) -> Tensor:
     """q [B,H,D]; k_slots/v_slots [K,B,Hkv,T,D]; written [B,T] iterations per position; valid [B,T] bool.
@@ -54,3 +56,105 @@ def bytes_moved(inputs) -> int:
     q, ks, vs, written, valid, _ = inputs
     B, H, T, D = ks.shape[1:]
     return (2 * B * H * T * D + 2 * q.numel()) * q.element_size() + written.numel() * 8 + valid.numel()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        written_ptr,
+        valid_ptr,
+        len_ptr,
+        out_ptr,
+        slot,
+        n_head,
+        group,
+        D,
+        sm_scale,
+        stride_ks,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_wb,
+        stride_vb,
+        USE_WRITTEN: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Program (b, h): online-softmax attention of one query over positions [0, length) of sequence b.
+        The key/value of position p come from slot min(slot, written[b, p] - 1) when USE_WRITTEN (looped
+        core layers with several slots), else from ``slot``. Invalid positions (padding, finished) are
+        skipped, except the query's own position."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        hk = h // group
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        q = tl.load(q_ptr + (b * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
+        length = tl.load(len_ptr)
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        base = b * stride_kb + hk * stride_kh
+        for t0 in range(0, length, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            in_range = t < length
+            ok = in_range & ((tl.load(valid_ptr + b * stride_vb + t, mask=in_range, other=0) != 0) | (t == length - 1))
+            if USE_WRITTEN:
+                n = tl.load(written_ptr + b * stride_wb + t, mask=in_range, other=1)
+                s_idx = tl.minimum(tl.maximum(n - 1, 0), slot)
+            else:
+                s_idx = tl.zeros((BLOCK_T,), dtype=tl.int64) + slot
+            off = s_idx[:, None] * stride_ks + base + t[:, None] * stride_kt + d[None, :]
+            kv_mask = ok[:, None] & dm[None, :]
+            k = tl.load(k_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            scores = tl.sum(k * q[None, :], 1) * sm_scale
+            scores = tl.where(ok, scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new)
+            v = tl.load(v_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            m_i = m_new
+        out = acc / l_i
+        tl.store(out_ptr + (b * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+def fused(
+    q: Tensor, k_slots: Tensor, v_slots: Tensor, written: Tensor | None, valid: Tensor, slot: int, length: Tensor
+) -> Tensor:
+    """q [B,H,D]; k/v_slots [K,B,Hkv,T,D]; written [B,T] or None (read ``slot`` for every position);
+    valid [B,T]; length a 1-element device tensor (positions [0, length) are attended). Returns [B,H,D]."""
+    K, B, Hkv, T, D = k_slots.shape
+    H = q.shape[1]
+    assert k_slots.stride() == v_slots.stride() and k_slots.stride(-1) == 1
+    out = torch.empty_like(q)
+    w = written if written is not None else valid
+    _decode_attention_kernel[(B, H)](
+        q.contiguous(),
+        k_slots,
+        v_slots,
+        w,
+        valid,
+        length,
+        out,
+        slot,
+        H,
+        H // Hkv,
+        D,
+        1.0 / math.sqrt(D),
+        k_slots.stride(0),
+        k_slots.stride(1),
+        k_slots.stride(2),
+        k_slots.stride(3),
+        w.stride(0),
+        valid.stride(0),
+        USE_WRITTEN=written is not None,
+        BLOCK_T=64,
+        BLOCK_D=next_pow2(D),
+    )
+    return out

@@ -10,10 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+
 
 def latent_diff_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
     """mean over real positions of |new - prev| / |new|, per sequence [B]."""
     per = (prev.float() - new.float()).norm(dim=-1) / new.float().norm(dim=-1)
+    w = valid.float()
+    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def cosine_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
+    """mean over real positions of 1 - cos(new, prev), per sequence [B]."""
+    per = 1.0 - F.cosine_similarity(new.float(), prev.float(), dim=-1)
     w = valid.float()
     return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
 
@@ -40,3 +49,80 @@ def make_inputs(shape: str, device, dtype, seed: int = 0, batch: int = 8):
 def bytes_moved(inputs) -> int:
     logits, prev = inputs
     return 3 * logits.numel() * 4
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _latent_diff_kernel(prev_ptr, new_ptr, valid_ptr, out_ptr, n, D, COSINE: tl.constexpr, BLOCK: tl.constexpr):
+        """Program b: mean over b's real positions of |new-prev|/|new| (or 1 - cos(new, prev))."""
+        b = tl.program_id(0)
+        total = 0.0
+        count = 0.0
+        for p in range(0, n):
+            dd = 0.0
+            nn = 0.0
+            pp = 0.0
+            dot = 0.0
+            for d0 in range(0, D, BLOCK):
+                c = d0 + tl.arange(0, BLOCK)
+                m = c < D
+                x = tl.load(new_ptr + (b * n + p) * D + c, mask=m, other=0.0).to(tl.float32)
+                y = tl.load(prev_ptr + (b * n + p) * D + c, mask=m, other=0.0).to(tl.float32)
+                dd += tl.sum((y - x) * (y - x), 0)
+                nn += tl.sum(x * x, 0)
+                pp += tl.sum(y * y, 0)
+                dot += tl.sum(x * y, 0)
+            if COSINE:
+                value = 1.0 - dot / tl.maximum(tl.sqrt(nn) * tl.sqrt(pp), 1e-8)
+            else:
+                value = tl.sqrt(dd) / tl.sqrt(nn)
+            w = (tl.load(valid_ptr + b * n + p) != 0).to(tl.float32)
+            total += value * w
+            count += w
+        tl.store(out_ptr + b, total / tl.maximum(count, 1.0))
+
+    @triton.jit
+    def _kl_kernel(logits_ptr, prev_ptr, logp_ptr, kl_ptr, V, BLOCK: tl.constexpr):
+        """Program b: log-softmax of b's logits (two passes: online max/sum, then write) fused with
+        KL(prev || cur) = sum exp(prev) (prev - cur)."""
+        b = tl.program_id(0)
+        row = logits_ptr + b * V
+        m_i = -float("inf")
+        s_i = 0.0
+        for v0 in range(0, V, BLOCK):
+            c = v0 + tl.arange(0, BLOCK)
+            x = tl.load(row + c, mask=c < V, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m_i, tl.max(x, 0))
+            s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m_i = m_new
+        lse = m_i + tl.log(s_i)
+        kl = 0.0
+        for v0 in range(0, V, BLOCK):
+            c = v0 + tl.arange(0, BLOCK)
+            m = c < V
+            lp = tl.load(row + c, mask=m, other=0.0).to(tl.float32) - lse
+            tl.store(logp_ptr + b * V + c, lp, mask=m)
+            prev = tl.load(prev_ptr + b * V + c, mask=m, other=0.0)
+            kl += tl.sum(tl.where(m, tl.exp(prev) * (prev - lp), 0.0), 0)
+        tl.store(kl_ptr + b, kl)
+
+
+def latent_diff_fused(prev: Tensor, new: Tensor, valid: Tensor, cosine: bool = False) -> Tensor:
+    B, n, D = new.shape
+    out = torch.empty(B, dtype=torch.float32, device=new.device)
+    _latent_diff_kernel[(B,)](
+        prev.contiguous(), new.contiguous(), valid.contiguous(), out, n, D, COSINE=cosine, BLOCK=min(1024, next_pow2(D))
+    )
+    return out
+
+
+def kl_fused(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
+    B, V = logits.shape
+    logp = torch.empty(B, V, dtype=torch.float32, device=logits.device)
+    kl = torch.empty(B, dtype=torch.float32, device=logits.device)
+    _kl_kernel[(B,)](logits.contiguous(), prev_logp.contiguous(), logp, kl, V, BLOCK=min(4096, next_pow2(V)))
+    return kl, logp
+
+
+fused = kl_fused

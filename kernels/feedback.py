@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+
 
 def coconut_reference(
     h: Tensor, ln_f_w: Tensor, ln_f_b: Tensor, wpe_row: Tensor, ln1_w: Tensor, ln1_b: Tensor, eps: float
@@ -54,3 +56,60 @@ def make_inputs(shape: str, device, dtype, seed: int = 0, rows: int = 32):
 def bytes_moved(inputs) -> int:
     h = inputs[0]
     return (3 * h.numel() + 5 * h.shape[-1]) * h.element_size()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _coconut_feedback_kernel(
+        h_ptr, fw_ptr, fb_ptr, wpe_ptr, lw_ptr, lb_ptr, x_ptr, y_ptr, D, eps, stride_wpe, pos_ptr, BLOCK: tl.constexpr
+    ):
+        """Row r: x = LayerNorm_f(h) + wpe[pos[r]]; y = LayerNorm_1(x) (both LayerNorms with bias)."""
+        r = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        m = c < D
+        h = tl.load(h_ptr + r * D + c, mask=m, other=0.0)
+        dt = h.dtype
+        h = h.to(tl.float32)
+        mean = tl.sum(h, 0) / D
+        hc = tl.where(m, h - mean, 0.0)
+        var = tl.sum(hc * hc, 0) / D
+        f = hc * tl.rsqrt(var + eps) * tl.load(fw_ptr + c, mask=m, other=0.0).to(tl.float32) + tl.load(
+            fb_ptr + c, mask=m, other=0.0
+        ).to(tl.float32)
+        pos = tl.load(pos_ptr + r)
+        x = f.to(dt).to(tl.float32) + tl.load(wpe_ptr + pos * stride_wpe + c, mask=m, other=0.0).to(tl.float32)
+        x = x.to(dt)
+        tl.store(x_ptr + r * D + c, x, mask=m)
+        xf = x.to(tl.float32)
+        mean2 = tl.sum(xf, 0) / D
+        xc = tl.where(m, xf - mean2, 0.0)
+        var2 = tl.sum(xc * xc, 0) / D
+        y = xc * tl.rsqrt(var2 + eps) * tl.load(lw_ptr + c, mask=m, other=0.0).to(tl.float32) + tl.load(
+            lb_ptr + c, mask=m, other=0.0
+        ).to(tl.float32)
+        tl.store(y_ptr + r * D + c, y.to(dt), mask=m)
+
+
+def coconut_fused(
+    h: Tensor, ln_f_w: Tensor, ln_f_b: Tensor, wpe: Tensor, pos: Tensor, ln1_w: Tensor, ln1_b: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """h [R, d]; wpe the full position table; pos [R] int positions. Returns (x, ln_1(x))."""
+    R, D = h.shape
+    x, y = torch.empty_like(h), torch.empty_like(h)
+    _coconut_feedback_kernel[(R,)](
+        h.contiguous(),
+        ln_f_w,
+        ln_f_b,
+        wpe,
+        ln1_w,
+        ln1_b,
+        x,
+        y,
+        D,
+        eps,
+        wpe.stride(0),
+        pos.contiguous(),
+        BLOCK=next_pow2(D),
+    )
+    return x, y

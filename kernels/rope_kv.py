@@ -12,6 +12,8 @@ from torch import Tensor
 
 from latentrt.models.layers import apply_rope
 
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+
 
 def reference(
     qkv: Tensor,
@@ -60,3 +62,114 @@ def make_inputs(shape: str, device, dtype, seed: int = 0, batch: int = 8, n: int
 def bytes_moved(inputs) -> int:
     qkv = inputs[0]
     return 2 * qkv.numel() * qkv.element_size()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _qkv_epilogue_kernel(
+        qkv_ptr,
+        bias_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        act_ptr,
+        pos_ptr,
+        n_head,
+        n_kv,
+        stride_qkv,
+        stride_cb,
+        stride_ch,
+        stride_ct,
+        HALF,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Program (b, head): q heads are biased, rotated and written to q; kv heads are biased (k),
+        rotated (k) and written into the cache slot at timeline index pos, only for active sequences."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        m = i < HALF
+        D = 2 * HALF
+        row = qkv_ptr + b * stride_qkv
+        c = tl.load(cos_ptr + b * HALF + i, mask=m, other=0.0)
+        s = tl.load(sin_ptr + b * HALF + i, mask=m, other=0.0)
+        if h < n_head:
+            x0 = tl.load(row + h * D + 2 * i, mask=m, other=0.0)
+            dt = x0.dtype
+            x0 = x0.to(tl.float32)
+            x1 = tl.load(row + h * D + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                x0 = (x0 + tl.load(bias_ptr + h * D + 2 * i, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+                x1 = (
+                    (x1 + tl.load(bias_ptr + h * D + 2 * i + 1, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+                )
+            out = q_ptr + (b * n_head + h) * D
+            tl.store(out + 2 * i, (x0 * c - x1 * s).to(dt), mask=m)
+            tl.store(out + 2 * i + 1, (x1 * c + x0 * s).to(dt), mask=m)
+        else:
+            if tl.load(act_ptr + b) != 0:
+                j = h - n_head
+                pos = tl.load(pos_ptr)
+                k0 = tl.load(row + (n_head + j) * D + 2 * i, mask=m, other=0.0)
+                dt = k0.dtype
+                k0 = k0.to(tl.float32)
+                k1 = tl.load(row + (n_head + j) * D + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    kb = bias_ptr + n_head * D + j * D  # qk_bias[1] of head j
+                    k0 = (k0 + tl.load(kb + 2 * i, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+                    k1 = (k1 + tl.load(kb + 2 * i + 1, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+                dst = b * stride_cb + j * stride_ch + pos * stride_ct
+                tl.store(k_ptr + dst + 2 * i, (k0 * c - k1 * s).to(dt), mask=m)
+                tl.store(k_ptr + dst + 2 * i + 1, (k1 * c + k0 * s).to(dt), mask=m)
+                v0 = tl.load(row + (n_head + n_kv + j) * D + 2 * i, mask=m, other=0.0)
+                v1 = tl.load(row + (n_head + n_kv + j) * D + 2 * i + 1, mask=m, other=0.0)
+                tl.store(v_ptr + dst + 2 * i, v0, mask=m)
+                tl.store(v_ptr + dst + 2 * i + 1, v1, mask=m)
+
+
+def fused(
+    qkv: Tensor,
+    qk_bias: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    active: Tensor,
+    n_head: int,
+    n_kv: int,
+) -> Tensor:
+    """Decode form (one new position per sequence): qkv [B, (H+2Hkv)D], cos/sin [B, D/2], k/v_cache
+    [B, Hkv, T, D] (one slot), pos a 1-element device tensor holding the timeline index. Returns q [B,H,D]."""
+    B = qkv.shape[0]
+    D = k_cache.shape[-1]
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    q = torch.empty(B, n_head, D, dtype=qkv.dtype, device=qkv.device)
+    bias = qk_bias if qk_bias is not None else qkv
+    if qk_bias is not None and n_kv != n_head:  # k bias of the first n_kv heads, laid out after q's
+        bias = torch.cat([qk_bias[0].reshape(-1), qk_bias[1][:, :n_kv].reshape(-1)])
+    _qkv_epilogue_kernel[(B, n_head + n_kv)](
+        qkv,
+        bias,
+        cos.contiguous(),
+        sin.contiguous(),
+        q,
+        k_cache,
+        v_cache,
+        active,
+        pos,
+        n_head,
+        n_kv,
+        qkv.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        D // 2,
+        HAS_BIAS=qk_bias is not None,
+        BLOCK=next_pow2(D // 2),
+    )
+    return q

@@ -282,7 +282,8 @@ class _Run:
         active = alive.clone()
         used = torch.zeros(B, dtype=torch.long, device=e.device)
         out = torch.zeros(B, self.cfg.padded_vocab_size, device=e.device)
-        tracker = ExitTracker(crit, B, self.cfg.padded_vocab_size, e.device)
+        tracker = ExitTracker(crit, B, self.cfg.padded_vocab_size, e.device, backend.exit_ops)
+        sync_free = backend.sync_free
         last_logits, completed = None, True
         for t in range(self.r_max):
             cache.mark_iteration(chunk, t, active)
@@ -299,6 +300,11 @@ class _Run:
             exits = tracker.update(prev, s, last_logits, chunk.valid) & active
             if t + 1 < self.min_steps:
                 continue
+            if sync_free:  # device masks only; frozen rows' kernels skip their work
+                if crit.needs_logits:
+                    out = torch.where(exits[:, None], last_logits, out)
+                active = active & ~exits
+                continue
             if exits.any():  # reference path: one host read per iteration
                 if last_logits is None:
                     last_logits = model.head(s, cache, chunk, exits, rope, last_only=True)[:, -1]
@@ -307,7 +313,11 @@ class _Run:
                 if not active.any():
                     completed = False
                     break
-        if completed:  # sequences that ran every iteration: their logits at the final state
+        if sync_free and not crit.needs_logits:
+            # a frozen row's state is its exit state, so one head pass gives every row its exit logits
+            # (and rewrites its coda K/V with the same values)
+            out = model.head(s, cache, chunk, alive, rope, last_only=True)[:, -1]
+        elif completed:  # sequences that ran every iteration: their logits at the final state
             if last_logits is None or not crit.needs_logits:
                 last_logits = model.head(s, cache, chunk, active, rope, last_only=True)[:, -1]
             out = torch.where(active[:, None], last_logits, out)

@@ -56,11 +56,28 @@ def make_criterion(name: str, threshold: float | None) -> ExitCriterion:
     return ExitCriterion(name, float(threshold))
 
 
+class ReferenceExitOps:
+    """The criteria's formulas in PyTorch (kernels/exits.py); a backend may pass fused versions."""
+
+    @staticmethod
+    def latent_diff(prev: Tensor, new: Tensor, valid: Tensor, cosine: bool) -> Tensor:
+        from kernels.exits import cosine_reference, latent_diff_reference
+
+        return (cosine_reference if cosine else latent_diff_reference)(prev, new, valid)
+
+    @staticmethod
+    def kl(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
+        from kernels.exits import kl_reference
+
+        return kl_reference(logits, prev_logp)
+
+
 class ExitTracker:
     """Per-token criterion state for a batch of B sequences over V-way next-token distributions."""
 
-    def __init__(self, criterion: ExitCriterion, batch: int, vocab: int, device: torch.device) -> None:
+    def __init__(self, criterion: ExitCriterion, batch: int, vocab: int, device: torch.device, ops=None) -> None:
         self.criterion = criterion
+        self.ops = ops or ReferenceExitOps
         name = criterion.name
         if name == "kl":
             self.prev = torch.full((batch, vocab), -math.log(vocab), device=device)  # uniform log-probs
@@ -76,19 +93,10 @@ class ExitTracker:
         if name == "none":
             return torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
         if name in ("latent-diff", "cosine"):
-            s, p = state.float(), prev_state.float()
-            if name == "latent-diff":
-                per_pos = (p - s).norm(dim=-1) / s.norm(dim=-1)
-            else:
-                per_pos = 1.0 - F.cosine_similarity(s, p, dim=-1)
-            w = valid.to(per_pos.dtype)
-            value = (per_pos * w).sum(-1) / w.sum(-1).clamp(min=1)
-            return value < thr
+            return self.ops.latent_diff(prev_state, state, valid, name == "cosine") < thr
         logits = last_logits.float()
         if name == "kl":
-            log_p = F.log_softmax(logits, dim=-1)
-            kl = F.kl_div(log_p, self.prev, reduction="none", log_target=True).sum(-1)  # KL(prev || cur)
-            self.prev = log_p
+            kl, self.prev = self.ops.kl(logits, self.prev)  # KL(prev || cur)
             return kl < thr
         if name == "entropy-diff":
             probs = F.softmax(logits, dim=-1)

@@ -20,7 +20,7 @@ from .errors import InputError
 class LatentEvent:
     kind: str  # "recurrence" (one core-block iteration) or "thought" (one Coconut continuous thought)
     step: int  # iteration index within the token, or thought index within the prompt
-    state: Tensor  # recurrence: [B, n, d] latent state; thought: [B, 1, d] next input embedding
+    state: Tensor  # recurrence: [B, n, d] latent state; thought: [B, 1, d] next residual input (ln_f(h) + wpe)
     active: Tensor  # [B] bool: sequences this step updates
     token_index: int = 0  # which generated token (0 = the prompt / prefill)
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels through the interpreter on CPU machines (CI)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from latentrt.checkpoint import save_checkpoint
 from latentrt.config import parse_config

@@ -1,15 +1,32 @@
-"""Backends implement the seams (core-block iteration, Coconut feedback) for one loaded model.
+"""Backends implement the seams (core-block iteration, exit formulas, Coconut feedback) for one model.
 
-``torch`` is the reference and runs everywhere. Faster backends register here and are chosen by
-``load(..., backend=...)``; ``auto`` takes the fastest one that can run on the model's device.
+``torch`` is the reference and runs everywhere. ``triton`` runs the decode-time seams as fused kernels
+on a CUDA GPU (or on the CPU under TRITON_INTERPRET=1, for tests). ``auto`` takes the fastest one that can
+run on the model's device and says why in ``backend.reason`` (printed by ``latentrt info``).
 """
 
 from __future__ import annotations
+
+import os
 
 from ..errors import InputError
 from .torch import TorchBackend
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def triton_status(device) -> tuple[bool, str]:
+    """Whether Triton kernels can run for a model on ``device``, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        return True, "CUDA device"
+    if interpret:
+        return True, "TRITON_INTERPRET=1 (interpreter on the CPU: for tests, slow)"
+    return False, "the model is not on a CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
 
 
 def get_backend(name: str, model):
@@ -18,6 +35,21 @@ def get_backend(name: str, model):
         raise InputError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
     if name == "torch":
         return TorchBackend(model, reason="requested")
-    if name == "auto":
-        return TorchBackend(model, reason="auto: the only backend implemented in this version")
-    raise InputError(f"backend {name!r} is not available in this version of latentrt (use 'torch')")
+    device = getattr(model, "device", None) if model is not None else None
+    ok, why = triton_status(device)
+    if name == "triton":
+        if not ok:
+            raise InputError(f"backend 'triton' is not available: {why}")
+        from .triton import TritonBackend
+
+        return TritonBackend(model, reason=f"requested ({why})")
+    if name == "cuda":
+        raise InputError(
+            "backend 'cuda' (the persistent latent-loop kernel) is not built in this version; use 'triton' or 'torch'"
+        )
+    # auto
+    if ok and getattr(device, "type", "") == "cuda":
+        from .triton import TritonBackend
+
+        return TritonBackend(model, reason="auto: fused Triton kernels on the CUDA device")
+    return TorchBackend(model, reason=f"auto: PyTorch reference ({'no GPU' if not ok else why})")

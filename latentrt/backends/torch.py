@@ -16,9 +16,12 @@ class TorchBackend:
         """One recurrent-block iteration (adapter + core layers), K/V into the iteration's slot."""
         return self.model.core_step(s, e, cache, chunk, iteration, active, rope)
 
-    def feedback(self, h_last: Tensor) -> Tensor:
-        """Coconut: the last hidden state (already after ln_f) becomes the next input embedding."""
-        return self.model.feedback(h_last)
+    sync_free = False  # the engine may read exit masks on the host between iterations
+    exit_ops = None  # the criteria's reference formulas
+
+    def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Coconut: (ln_f(h) + wpe[pos], layer 0's ln_1 of it) for the next thought."""
+        return self.model.feedback(h_pre, positions)
 
     def __repr__(self) -> str:
         return f"TorchBackend({self.reason})"

@@ -68,8 +68,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor, kv) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, kv)
+    def forward(self, x: Tensor, mask: Tensor, kv, ln1x: Tensor | None = None) -> Tensor:
+        """``ln1x``: ln_1(x) when the caller already computed it (the fused feedback path)."""
+        x = x + self.attn(self.ln_1(x) if ln1x is None else ln1x, mask, kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -115,17 +116,23 @@ class CoconutGPT2(nn.Module):
 
     def forward_embeds(self, x: Tensor, cache: KVCache, chunk: Chunk) -> Tensor:
         """Input embeddings [B,n,d] (without positions) -> last hidden state after ln_f."""
-        x = x + self.transformer.wpe(chunk.positions)
+        return self.transformer.ln_f(self.forward_residual(x + self.transformer.wpe(chunk.positions), cache, chunk))
+
+    def forward_residual(self, x: Tensor, cache: KVCache, chunk: Chunk, ln1x: Tensor | None = None) -> Tensor:
+        """Positioned residual input [B,n,d] through every layer; returns the hidden state before ln_f."""
         for i, block in enumerate(self.transformer.h):
-            x = block(x, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk))
-        return self.transformer.ln_f(x)
+            x = block(x, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk), ln1x if i == 0 else None)
+        return x
 
     def lm_logits(self, h: Tensor) -> Tensor:
         return self.lm_head(h).float()
 
-    def feedback(self, h_last: Tensor) -> Tensor:
-        """The next thought's input embedding (wpe is added by the pass itself)."""
-        return h_last
+    def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """A thought's inputs from the previous position's hidden state before ln_f: the residual input
+        x = ln_f(h) + wpe[pos] (the published feedback: last hidden state after ln_f, plus positions) and
+        layer 0's ln_1(x)."""
+        x = self.transformer.ln_f(h_pre) + self.transformer.wpe(positions)
+        return x, self.transformer.h[0].ln_1(x)
 
     # ---------------------------------------------------------------- markers
     @property
@@ -175,26 +182,35 @@ class CoconutGPT2(nn.Module):
         feedback = backend.feedback if backend is not None else self.feedback
         B, S = ids.shape
         embeds = self.embed(ids)
+        wpe = self.transformer.wpe
         cols = latent.any(0).nonzero()[:, 0].tolist()
         if not cols:
-            h = self.forward_embeds(embeds, cache, cache.begin(mask))
+            chunk = cache.begin(mask)
+            h = self.transformer.ln_f(self.forward_residual(embeds + wpe(chunk.positions), cache, chunk))
             return self.lm_logits(h), h[:, -1], 0
         first, last = cols[0], cols[-1]
-        hs = [self.forward_embeds(embeds[:, :first], cache, cache.begin(mask[:, :first]))]
+        chunk = cache.begin(mask[:, :first])
+        hs = [self.forward_residual(embeds[:, :first] + wpe(chunk.positions), cache, chunk)]  # before ln_f
         thought = 0
         for col in range(first, last + 1):
-            x = embeds[:, col : col + 1]
+            chunk = cache.begin(mask[:, col : col + 1])
+            x = embeds[:, col : col + 1] + wpe(chunk.positions)
             rows = latent[:, col]
+            ln1x = None
             if rows.any():
-                fed = feedback(hs[-1][:, -1:])
+                fed, fed_ln1 = feedback(hs[-1][:, -1:], chunk.positions)
                 if hooks:
-                    fed = hooks.on_thought(thought, fed, rows)
+                    replaced = hooks.on_thought(thought, fed, rows)
+                    if replaced is not fed:
+                        fed, fed_ln1 = replaced, self.transformer.h[0].ln_1(replaced)
                 x = torch.where(rows[:, None, None], fed.to(x.dtype), x)
+                ln1x = torch.where(rows[:, None, None], fed_ln1.to(x.dtype), self.transformer.h[0].ln_1(x))
                 thought += 1
-            hs.append(self.forward_embeds(x, cache, cache.begin(mask[:, col : col + 1])))
+            hs.append(self.forward_residual(x, cache, chunk, ln1x))
         if last + 1 < S:
-            hs.append(self.forward_embeds(embeds[:, last + 1 :], cache, cache.begin(mask[:, last + 1 :])))
-        h = torch.cat(hs, dim=1)
+            chunk = cache.begin(mask[:, last + 1 :])
+            hs.append(self.forward_residual(embeds[:, last + 1 :] + wpe(chunk.positions), cache, chunk))
+        h = self.transformer.ln_f(torch.cat(hs, dim=1))
         return self.lm_logits(h), h[:, -1], thought
 
     @torch.no_grad()

@@ -1,0 +1,142 @@
+"""Skinny matrix products for decode (few rows, large weights): out[M, N] = x[M, K] @ W[N, K]^T (+ add).
+
+Decode is bound by reading W, so the kernel's job is to stream W once at full bandwidth. Two extras:
+- ``active`` [M] bool: when no row is active (every sequence exited) the kernel returns before reading W,
+  so frozen work costs a launch, not a weight pass; inactive rows are not written.
+- ``gate=True``: W is Huginn's fc [2I, K]; the program computes the gate and up columns together and
+  writes silu(gate) * up [M, I] (the gated MLP without a round trip of the 2I-wide activation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+
+
+def reference(
+    x: Tensor, w: Tensor, add: Tensor | None = None, active: Tensor | None = None, gate: bool = False
+) -> Tensor:
+    """F.linear (+ add); with gate, silu of the first half times the second half."""
+    y = F.linear(x, w)
+    if gate:
+        g, u = y.chunk(2, -1)
+        return F.silu(g) * u
+    return y + add if add is not None else y
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _linear_kernel(
+        x_ptr,
+        w_ptr,
+        add_ptr,
+        act_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        HAS_ADD: tl.constexpr,
+        GATE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        act = tl.load(act_ptr + rm, mask=m_ok, other=0)
+        if tl.sum(act.to(tl.int32), 0) == 0:  # every row frozen: skip the weight pass
+            return
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            if GATE:
+                wu = tl.load(
+                    w_ptr + (rn[:, None] + N) * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+                )
+                acc_up += tl.dot(x.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
+        dt = out_ptr.dtype.element_ty
+        if GATE:  # round like the reference: fc output in the storage dtype, silu, product
+            g = acc.to(dt).to(tl.float32)
+            u = acc_up.to(dt).to(tl.float32)
+            y = ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt)
+        elif HAS_ADD:
+            a = tl.load(add_ptr + rm[:, None] * stride_om + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            y = (acc.to(dt).to(tl.float32) + a.to(tl.float32)).to(dt)
+        else:
+            y = acc.to(dt)
+        ok = m_ok[:, None] & n_ok[None, :] & (act[:, None] != 0)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=ok)
+
+
+def fused(
+    x: Tensor,
+    w: Tensor,
+    add: Tensor | None = None,
+    active: Tensor | None = None,
+    gate: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K)."""
+    M, K = x.shape
+    N = w.shape[0] // 2 if gate else w.shape[0]
+    assert w.stride(1) == 1 and x.stride(1) == 1
+    if out is None:  # rows of frozen sequences are not written: zeros, not stale memory
+        out = (torch.empty if active is None else torch.zeros)(M, N, dtype=x.dtype, device=x.device)
+    if active is None:
+        active = torch.ones(M, dtype=torch.bool, device=x.device)
+    block_m = max(16, min(64, next_pow2(M)))
+    grid = (triton.cdiv(N, 32), triton.cdiv(M, block_m))
+    _linear_kernel[grid](
+        x,
+        w,
+        add if add is not None else out,
+        active,
+        out,
+        M,
+        N,
+        K,
+        x.stride(0),
+        w.stride(0),
+        out.stride(0),
+        HAS_ADD=add is not None,
+        GATE=gate,
+        BLOCK_M=block_m,
+        BLOCK_N=32,
+        BLOCK_K=64,
+    )
+    return out
+
+
+def make_inputs(shape: str, device, dtype, seed: int = 0, rows: int = 8):
+    from . import SHAPES
+
+    d, _, _, ffn, _ = SHAPES[shape]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (
+        torch.randn(rows, d, generator=g).to(device, dtype),
+        (torch.randn(2 * ffn, d, generator=g) * 0.02).to(device, dtype),
+        None,
+        None,
+        True,
+    )
+
+
+def bytes_moved(inputs) -> int:
+    x, w = inputs[0], inputs[1]
+    return (w.numel() + x.numel() + x.shape[0] * w.shape[0] // 2) * w.element_size()

@@ -1,0 +1,168 @@
+"""Every Triton kernel against its PyTorch reference on random inputs, outputs poisoned first.
+
+On CPU these run under TRITON_INTERPRET=1 in fp32 at small shapes; gpu-marked tests run bf16 at the
+Huginn-0125 and GPT-2 shapes on a CUDA device."""
+
+import os
+
+import pytest
+import torch
+from conftest import rel_err
+
+import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+CPU = not torch.cuda.is_available()
+DEV = "cpu" if CPU else "cuda"
+
+
+def _close(a, b, tol):
+    assert torch.isfinite(a).all(), "unwritten or non-finite output"
+    assert rel_err(a.float(), b.float()) < tol, rel_err(a.float(), b.float())
+
+
+@pytest.mark.parametrize("rows,d", [(1, 64), (5, 96), (3, 130)])
+@pytest.mark.parametrize("with_y,with_b", [(True, True), (False, True), (True, False)])
+def test_sandwich_norms(rows, d, with_y, with_b):
+    from kernels import norms
+
+    g = torch.Generator().manual_seed(rows * d)
+    res, y = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
+    wa, wb = 1 + 0.2 * torch.randn(d, generator=g), 1 + 0.2 * torch.randn(d, generator=g)
+    out, normed = norms.fused(res, y if with_y else None, wa, wb if with_b else None, 1e-6)
+    want_out, want_normed = norms.reference(res, y if with_y else torch.zeros_like(y), wa, wb, 1e-6)
+    _close(out, want_out, 1e-6)
+    if with_b:
+        _close(normed, want_normed, 1e-6)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 64), (3, 70, 100), (17, 33, 48)])
+@pytest.mark.parametrize("mode", ["plain", "add", "gate", "slice"])
+def test_linear(m, n, k, mode):
+    from kernels import linear
+
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(2 * n if mode == "gate" else n, 2 * k if mode == "slice" else k, generator=g)
+    if mode == "slice":
+        w = w[:, :k]  # the adapter's W[:, :d] view: row stride 2k
+    add = torch.randn(m, n, generator=g) if mode == "add" else None
+    out = torch.full((m, n), float("nan"))
+    linear.fused(x, w, add, gate=mode == "gate", out=out)
+    _close(out, linear.reference(x, w, add, gate=mode == "gate"), 1e-5)
+
+
+def test_linear_skips_frozen_rows_and_fully_frozen_launches():
+    from kernels import linear
+
+    x, w = torch.randn(4, 32), torch.randn(24, 32)
+    active = torch.tensor([True, False, True, False])
+    out = torch.full((4, 24), -7.0)
+    linear.fused(x, w, active=active, out=out)
+    _close(out[active], linear.reference(x[active], w), 1e-5)
+    assert (out[~active] == -7.0).all()
+    out2 = torch.full((4, 24), -7.0)
+    linear.fused(x, w, active=torch.zeros(4, dtype=torch.bool), out=out2)
+    assert (out2 == -7.0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["huginn", "gpt2"])
+def test_kernels_bf16_full_shapes(shape):
+    from kernels import linear, norms
+
+    inp = norms.make_inputs(shape, "cuda", torch.bfloat16)
+    out, normed = norms.fused(*inp[:4], inp[4])
+    ref_out, ref_normed = norms.reference(*[t.float() if torch.is_tensor(t) else t for t in inp])
+    _close(out, ref_out, 1e-2)
+    _close(normed, ref_normed, 1e-2)
+    x, w, _, _, _ = linear.make_inputs(shape, "cuda", torch.bfloat16)
+    _close(linear.fused(x, w, gate=True), linear.reference(x.float(), w.float(), gate=True), 2e-2)
+
+
+def test_interpreter_flag_documented():
+    assert CPU is False or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(2, 2, 32), (4, 2, 16), (3, 3, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
+    from kernels import rope_kv
+    from latentrt.models.layers import rope_tables
+
+    B, T, pos = 3, 10, 6
+    g = torch.Generator().manual_seed(H * D)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g)
+    qk_bias = torch.randn(2, 1, H, D, generator=g) if bias else None
+    cos, sin = rope_tables(D, 16, 50000.0)
+    rp = torch.tensor([4, 6, 0])
+    active = torch.tensor([True, False, True])
+    kc, vc = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = rope_kv.fused(qkv, qk_bias, cos[rp], sin[rp], kc, vc, torch.tensor([pos]), active, H, Hkv)
+    want_q = rope_kv.reference(qkv[:, None], qk_bias, cos[rp][:, None], sin[rp][:, None], kc2, vc2, pos, active, H, Hkv)
+    _close(q, want_q[:, :, 0], 1e-6)
+    _close(kc, kc2, 1e-6)
+    _close(vc, vc2, 1e-7)
+    assert torch.equal(kc[1], kc2[1])  # the inactive row kept its entry
+
+
+@pytest.mark.parametrize("slots,use_written", [(1, False), (4, True), (4, False)])
+@pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
+def test_decode_attention_slot_lookup(slots, use_written, H, Hkv, T):
+    from kernels import decode_attention as da
+
+    B, D = 3, 16
+    g = torch.Generator().manual_seed(T + slots)
+    q = torch.randn(B, H, D, generator=g)
+    ks, vs = torch.randn(slots, B, Hkv, T, D, generator=g), torch.randn(slots, B, Hkv, T, D, generator=g)
+    written = torch.randint(1, slots + 3, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :5] = False
+    valid[2, T // 2] = False
+    slot = slots - 1
+    length = T - 2  # attend over the first T-2 positions only
+    out = da.fused(q, ks, vs, written if use_written else None, valid, slot, torch.tensor([length]))
+    w = written if use_written else torch.full_like(written, 10**6)
+    ref_valid = valid[:, :length].clone()
+    ref_valid[:, length - 1] = True  # the query's own position
+    want = da.reference(q, ks[:, :, :, :length], vs[:, :, :, :length], w[:, :length], ref_valid, slot)
+    _close(out, want, 1e-5)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_latent_diff_and_cosine(cosine):
+    from kernels import exits
+    from latentrt.exits import ExitTracker, make_criterion
+
+    g = torch.Generator().manual_seed(5)
+    prev, new = torch.randn(3, 4, 40, generator=g), torch.randn(3, 4, 40, generator=g)
+    valid = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    got = exits.latent_diff_fused(prev, new, valid, cosine=cosine)
+    if not cosine:
+        _close(got, exits.latent_diff_reference(prev, new, valid), 1e-6)
+    thr = float(got[1])  # the reference criterion agrees on which side of a threshold each row is
+    tracker = ExitTracker(make_criterion("cosine" if cosine else "latent-diff", thr + 1e-6), 3, 10, "cpu")
+    assert tracker.update(prev, new, None, valid).tolist() == (got < thr + 1e-6).tolist()
+
+
+def test_kl_fused():
+    from kernels import exits
+
+    logits, prev = exits.make_inputs("tiny", "cpu", torch.float32)
+    kl, logp = exits.kl_fused(logits, prev)
+    want_kl, want_logp = exits.kl_reference(logits, prev)
+    _close(logp, want_logp, 1e-6)
+    _close(kl, want_kl, 1e-5)
+
+
+def test_coconut_feedback():
+    from kernels import feedback
+
+    h, fw, fb, wpe_row, lw, lb, eps = feedback.make_inputs("tiny", "cpu", torch.float32, rows=5)
+    wpe = torch.randn(30, h.shape[1])
+    pos = torch.tensor([3, 7, 0, 29, 12])
+    x, y = feedback.coconut_fused(h, fw, fb, wpe, pos, lw, lb, eps)
+    wx, wy = feedback.coconut_reference(h, fw, fb, wpe[pos], lw, lb, eps)
+    _close(x, wx, 1e-6)
+    _close(y, wy, 1e-6)
