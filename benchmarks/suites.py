@@ -132,8 +132,8 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
             impls = {"torch-eager": fam.reference}
             if plan.gpu:
                 impls["torch-compile"] = torch.compile(fam.reference, dynamic=False)
-            if plan.gpu and kernels.triton_available() and hasattr(fam, "fused"):
-                impls["triton"] = fam.fused
+            if plan.gpu and kernels.triton_available() and kernels.fused_of(fam) is not None:
+                impls["triton"] = kernels.fused_of(fam)
             nbytes = fam.bytes_moved(inputs[0])
             for impl, fn in impls.items():
                 try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("norms", "feedback", "rope_kv", "decode_attention", "exits")
+FAMILIES = ("norms", "linear", "feedback", "rope_kv", "decode_attention", "exits")
 
 SHAPES = {
     # name: (n_embd, heads, head_dim, ffn, vocab)
@@ -18,6 +18,11 @@ SHAPES = {
 
 def family(name: str):
     return importlib.import_module(f"kernels.{name}")
+
+
+def fused_of(fam):
+    """A family's Triton implementation with the signature of its ``reference`` (None without one)."""
+    return getattr(fam, "fused_as_reference", None) or getattr(fam, "fused", None)
 
 
 def triton_available() -> bool:

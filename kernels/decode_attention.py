@@ -158,3 +158,10 @@ def fused(
         BLOCK_D=next_pow2(D),
     )
     return out
+
+
+def fused_as_reference(q, k_slots, v_slots, written, valid, slot):
+    """``fused`` with ``reference``'s signature: attend over every position, keys by the slot rule."""
+    valid = valid.clone()
+    valid[:, -1] = True  # the reference has no "own position"; make the last one valid in both
+    return fused(q, k_slots, v_slots, written, valid, slot, torch.tensor([valid.shape[1]], device=q.device))

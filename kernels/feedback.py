@@ -113,3 +113,9 @@ def coconut_fused(
         BLOCK=next_pow2(D),
     )
     return x, y
+
+
+def fused_as_reference(h, ln_f_w, ln_f_b, wpe_row, ln1_w, ln1_b, eps):
+    """``coconut_fused`` with ``coconut_reference``'s signature (one position-embedding row for all rows)."""
+    pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    return coconut_fused(h, ln_f_w, ln_f_b, wpe_row[None], pos, ln1_w, ln1_b, eps)

@@ -173,3 +173,11 @@ def fused(
         BLOCK=next_pow2(D // 2),
     )
     return q
+
+
+def fused_as_reference(qkv, qk_bias, cos, sin, k_cache, v_cache, start, active, n_head, n_kv):
+    """``fused`` with ``reference``'s signature (one new position: qkv [B, 1, ...]), for tests and benchmarks."""
+    assert qkv.shape[1] == 1, "the fused epilogue handles decode (one position per sequence)"
+    pos = torch.tensor([start], device=qkv.device)
+    q = fused(qkv[:, 0], qk_bias, cos[:, 0], sin[:, 0], k_cache, v_cache, pos, active, n_head, n_kv)
+    return q[:, :, None]

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv", default="full", help="KV sharing across iterations: full | shared | ring-K")
     g.add_argument("--continuous", action="store_true", help="start each token's recurrence from the last state")
     g.add_argument("--init-scale", type=float, default=1.0)
-    g.add_argument("--thoughts", type=int, default=None, help="Coconut: append k continuous thoughts")
+    g.add_argument("--thoughts", type=int, default=None,
+                   help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
+                   "from its training.json, when the prompt has no latent markers)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -95,7 +97,14 @@ def cmd_generate(args) -> int:
             init_scale=args.init_scale,
         )
     else:
-        kwargs.update(num_thoughts=args.thoughts)
+        thoughts = args.thoughts
+        if thoughts is None:
+            from .evaluate import training_info
+
+            info = training_info(model)
+            if info.get("mode") in ("coconut", "pause"):
+                thoughts = info["max_stage"] * info.get("thoughts_per_step", 1)
+        kwargs.update(num_thoughts=thoughts)
     if args.stream:
         stream = generate(model, prompt, stream=True, **kwargs)
         for ev in stream:

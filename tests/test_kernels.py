@@ -166,3 +166,38 @@ def test_coconut_feedback():
     wx, wy = feedback.coconut_reference(h, fw, fb, wpe[pos], lw, lb, eps)
     _close(x, wx, 1e-6)
     _close(y, wy, 1e-6)
+
+
+def _as_float(inputs):
+    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
+
+
+def _clone(inputs):
+    return [t.clone() if torch.is_tensor(t) else t for t in inputs]
+
+
+def _flat(out):
+    return [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+
+
+@pytest.mark.parametrize("family", kernels.FAMILIES)
+def test_every_family_fused_equals_reference_tiny(family):
+    fam = kernels.family(family)
+    inputs = fam.make_inputs("tiny", DEV, torch.float32, seed=3)
+    got = _flat(kernels.fused_of(fam)(*_clone(inputs)))
+    want = _flat(fam.reference(*_clone(inputs)))
+    for g, w in zip(got, want):
+        _close(g, w, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", kernels.FAMILIES)
+@pytest.mark.parametrize("shape", ["huginn", "gpt2"])
+def test_every_family_bf16_full_shapes(family, shape):
+    """bf16 kernels against the fp32 reference on the same (bf16-rounded) inputs; outputs poisoned first."""
+    fam = kernels.family(family)
+    inputs = fam.make_inputs(shape, "cuda", torch.bfloat16, seed=4)
+    got = _flat(kernels.fused_of(fam)(*_clone(inputs)))
+    want = _flat(fam.reference(*_as_float(_clone(inputs))))
+    for g, w in zip(got, want):
+        _close(g, w, 2e-2)
