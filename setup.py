@@ -39,6 +39,28 @@ def _want_cuda() -> bool:
     return os.environ.get("LATENTRT_FORCE_CUDA") == "1" or _gpu_visible()
 
 
+def _cuda_home(nvcc: str) -> Path:
+    """The toolkit root: $CUDA_HOME / $CUDA_PATH, nvcc's grandparent, /usr/local/cuda or /usr/local/cuda-*."""
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        str(Path(nvcc).resolve().parent.parent),
+        "/usr/local/cuda",
+        *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))[::-1],
+    ]
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c)
+    raise RuntimeError("cannot find the CUDA toolkit (set CUDA_HOME)")
+
+
+def _cudart_dir(home: Path) -> Path:
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+        if any((home / sub).glob("libcudart.so*")):
+            return home / sub
+    raise RuntimeError(f"no libcudart.so under {home}")
+
+
 class NvccBuildExt(build_ext):
     """Compile .cu files with nvcc (sm_90a + PTX fallback by default), the binding with the host compiler."""
 
@@ -50,7 +72,7 @@ class NvccBuildExt(build_ext):
         build_temp = Path(self.build_temp)
         build_temp.mkdir(parents=True, exist_ok=True)
         objects = []
-        cuda_home = Path(nvcc).resolve().parent.parent
+        cuda_home = _cuda_home(nvcc)
         includes = [pybind11.get_include(), str(ROOT / "csrc"), str(cuda_home / "include")]
         import sysconfig
 
@@ -96,7 +118,7 @@ class NvccBuildExt(build_ext):
             objects.append(str(obj))
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        libdir = cuda_home / "lib64"
+        libdir = _cudart_dir(cuda_home)
         subprocess.check_call(
             [
                 os.environ.get("CXX", "c++"),

@@ -35,9 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv", default="full", help="KV sharing across iterations: full | shared | ring-K")
     g.add_argument("--continuous", action="store_true", help="start each token's recurrence from the last state")
     g.add_argument("--init-scale", type=float, default=1.0)
-    g.add_argument("--thoughts", type=int, default=None,
-                   help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
-                   "from its training.json, when the prompt has no latent markers)")
+    g.add_argument(
+        "--thoughts",
+        type=int,
+        default=None,
+        help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
+        "from its training.json, when the prompt has no latent markers)",
+    )
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
