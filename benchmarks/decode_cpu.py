@@ -12,25 +12,16 @@ import time
 import torch
 
 import latentrt
-from latentrt.config import parse_config
 from latentrt.models import build_model
 
 
 def tiny_config(block_size: int):
-    return parse_config(
-        dict(
-            model_type="huginn_raven",
-            n_embd=128,
-            num_attention_heads=4,
-            intermediate_size=256,
-            vocab_size=512,
-            block_size=block_size,
-            n_layers_in_prelude=1,
-            n_layers_in_recurrent_block=2,
-            n_layers_in_coda=1,
-            mean_recurrence=4,
-        )
-    )
+    """The built-in recurrent model's shape (d=128, 1 + 2 x r + 1 layers) with a longer context."""
+    import dataclasses
+
+    from latentrt.train.builtin import recurrent_config
+
+    return dataclasses.replace(recurrent_config(512), block_size=block_size)
 
 
 def ms_per_token(model, context: int, new_tokens: int, **kw) -> float:

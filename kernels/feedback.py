@@ -61,33 +61,30 @@ def bytes_moved(inputs) -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def _layer_norm_row(x, w_ptr, b_ptr, c, m, D, eps):
+        """LayerNorm of one fp32 row held in registers (masked to its D real columns), with bias."""
+        mean = tl.sum(x, 0) / D
+        xc = tl.where(m, x - mean, 0.0)
+        var = tl.sum(xc * xc, 0) / D
+        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        return xc * tl.rsqrt(var + eps) * w + tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _coconut_feedback_kernel(
         h_ptr, fw_ptr, fb_ptr, wpe_ptr, lw_ptr, lb_ptr, x_ptr, y_ptr, D, eps, stride_wpe, pos_ptr, BLOCK: tl.constexpr
     ):
-        """Row r: x = LayerNorm_f(h) + wpe[pos[r]]; y = LayerNorm_1(x) (both LayerNorms with bias)."""
+        """Row r: x = LayerNorm_f(h) + wpe[pos[r]]; y = LayerNorm_1(x)."""
         r = tl.program_id(0)
         c = tl.arange(0, BLOCK)
         m = c < D
         h = tl.load(h_ptr + r * D + c, mask=m, other=0.0)
         dt = h.dtype
-        h = h.to(tl.float32)
-        mean = tl.sum(h, 0) / D
-        hc = tl.where(m, h - mean, 0.0)
-        var = tl.sum(hc * hc, 0) / D
-        f = hc * tl.rsqrt(var + eps) * tl.load(fw_ptr + c, mask=m, other=0.0).to(tl.float32) + tl.load(
-            fb_ptr + c, mask=m, other=0.0
-        ).to(tl.float32)
+        f = _layer_norm_row(h.to(tl.float32), fw_ptr, fb_ptr, c, m, D, eps)
         pos = tl.load(pos_ptr + r)
         x = f.to(dt).to(tl.float32) + tl.load(wpe_ptr + pos * stride_wpe + c, mask=m, other=0.0).to(tl.float32)
         x = x.to(dt)
         tl.store(x_ptr + r * D + c, x, mask=m)
-        xf = x.to(tl.float32)
-        mean2 = tl.sum(xf, 0) / D
-        xc = tl.where(m, xf - mean2, 0.0)
-        var2 = tl.sum(xc * xc, 0) / D
-        y = xc * tl.rsqrt(var2 + eps) * tl.load(lw_ptr + c, mask=m, other=0.0).to(tl.float32) + tl.load(
-            lb_ptr + c, mask=m, other=0.0
-        ).to(tl.float32)
+        y = _layer_norm_row(x.to(tl.float32), lw_ptr, lb_ptr, c, m, D, eps)
         tl.store(y_ptr + r * D + c, y.to(dt), mask=m)
 
 

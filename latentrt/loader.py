@@ -15,9 +15,10 @@ from .checkpoint import (
     read_state_dict,
     resolve,
 )
-from .config import GPT2Config, RecurrentConfig, parse_config
+from .config import GPT2Config, parse_config
 from .errors import ConfigError, InputError
 from .models import model_class
+from .models import tied_head as _tied
 
 _DTYPES = {
     "float32": torch.float32,
@@ -73,10 +74,6 @@ def load(
     model.source = str(path)
     model.backend = get_backend(backend, model)
     return model
-
-
-def _tied(cfg) -> bool:
-    return cfg.tie_embeddings if isinstance(cfg, RecurrentConfig) else cfg.tie_word_embeddings
 
 
 def _parse_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -1,22 +1,10 @@
 """The byte counts behind the floors reproduce the reference points measured on an H200 (issue #3)."""
 
 from benchmarks.floors import coconut_step_bytes, gpt2_params, recurrent_step_bytes
+from benchmarks.suites import HUGINN_0125
 from latentrt.config import parse_config
 
-HUGINN = dict(
-    model_type="huginn_raven",
-    n_embd=5280,
-    num_attention_heads=55,
-    num_key_value_heads=55,
-    intermediate_size=17920,
-    vocab_size=65536,
-    padding_multiple=4096,
-    block_size=4096,
-    n_layers_in_prelude=2,
-    n_layers_in_recurrent_block=4,
-    n_layers_in_coda=2,
-    mean_recurrence=32,
-)
+HUGINN = HUGINN_0125
 COPY_BW = 4.27e12  # bytes/s, the H200 copy bandwidth of the reference table
 
 

@@ -27,7 +27,7 @@ def build_model(
         model = model_class(cfg)(cfg)
     model.to_empty(device=device)
     model.to(dtype)
-    if model.lm_head.weight.shape == model.transformer.wte.weight.shape and _tied(cfg):
+    if model.lm_head.weight.shape == model.transformer.wte.weight.shape and tied_head(cfg):
         model.lm_head.weight = model.transformer.wte.weight
     gen = torch.Generator(device).manual_seed(seed)
     d = cfg.n_embd
@@ -53,8 +53,9 @@ def build_model(
     return model
 
 
-def _tied(cfg: ModelConfig) -> bool:
+def tied_head(cfg: ModelConfig) -> bool:
+    """Whether lm_head shares the token embedding."""
     return cfg.tie_embeddings if isinstance(cfg, RecurrentConfig) else cfg.tie_word_embeddings
 
 
-__all__ = ["CoconutGPT2", "RecurrentDepthLM", "build_model", "model_class"]
+__all__ = ["CoconutGPT2", "RecurrentDepthLM", "build_model", "model_class", "tied_head"]

@@ -23,7 +23,7 @@ from ..cache import GrowingKVCache
 from ..errors import InputError
 from ..hooks import HookList
 from . import distributed
-from .common import TrainOptions, autocast, make_optimizer, optimizer_step, save_training, seed_all
+from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare, save_training
 from .data import Record
 
 MODES = ("coconut", "cot", "nocot", "pause")
@@ -110,12 +110,7 @@ def train_coconut(
     """Train in place through every stage (opts.steps optimizer steps per stage); returns the log."""
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
-    opts.validate()
-    rank, world, device = distributed.init()
-    seed_all(opts.seed + rank)
-    model.to(device).train()
-    model.requires_grad_(True)
-    model.tokenizer = tokenizer  # saved beside the weights
+    rank, world, device = prepare(model, tokenizer, opts)
     pad = tokenizer.token_to_id("<|pad|>")
     loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
     log: list[dict] = []

@@ -116,3 +116,17 @@ def load_training(folder: str | Path, optimizer: torch.optim.Optimizer | None) -
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     return state
+
+
+def prepare(model: nn.Module, tokenizer, opts: TrainOptions) -> tuple[int, int, torch.device]:
+    """Validate options, join the process group (torchrun), seed per rank, and put the model in training
+    mode on its device with the tokenizer attached (so checkpoints carry tokenizer.json)."""
+    from . import distributed
+
+    opts.validate()
+    rank, world, device = distributed.init()
+    seed_all(opts.seed + rank)
+    model.to(device).train()
+    model.requires_grad_(True)
+    model.tokenizer = tokenizer
+    return rank, world, device

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..hooks import HookList
 from . import distributed
-from .common import TrainOptions, autocast, load_training, make_optimizer, optimizer_step, save_training, seed_all
+from .common import TrainOptions, autocast, load_training, make_optimizer, optimizer_step, prepare, save_training
 from .data import Record
 
 
@@ -61,12 +61,7 @@ def train_recurrent(
     model: nn.Module, tokenizer, records: list[Record], opts: TrainOptions, *, hooks=None, resume: str | None = None
 ) -> list[dict]:
     """Train in place; returns the log (step, loss, depth, lr). Runs under torchrun with DDP."""
-    opts.validate()
-    rank, world, device = distributed.init()
-    seed_all(opts.seed + rank)
-    model.to(device).train()
-    model.requires_grad_(True)
-    model.tokenizer = tokenizer  # saved beside the weights
+    rank, world, device = prepare(model, tokenizer, opts)
     cfg = model.config
     eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
     data = [encode_qa(tokenizer, r, eos) for r in records]
