@@ -6,7 +6,6 @@ On a CPU only tiny shapes run (a smoke test of the harness, not a measurement th
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -434,9 +433,3 @@ SUITES = {
     "decode_coconut": coconut_decode,
     "host_syncs": host_syncs,
 }
-
-
-@contextlib.contextmanager
-def no_grad():
-    with torch.no_grad():
-        yield

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-KV_MODES = ("full", "shared", "ring")
-
 
 def parse_kv_sharing(kv_sharing: str, r_max: int) -> int:
     """Number of core slots for a kv_sharing spec: 'full', 'shared', or 'ring-K' / ('ring', K)."""

@@ -94,8 +94,8 @@ def generate(
     """
     run = _Run(model, prompt, locals())
     if stream:
-        return GenerationStream(run.events())
-    events = run.events()
+        return GenerationStream(run.events(stream=True))
+    events = run.events(stream=False)
     while True:
         try:
             next(events)
@@ -200,7 +200,9 @@ class _Run:
 
     # ---------------------------------------------------------------- the loop
     @torch.no_grad()
-    def events(self):
+    def events(self, stream: bool):
+        """Yields a StreamEvent per generated position when streaming (None otherwise: decoding the text
+        so far every token is only worth it for a stream); returns the GenerationResult."""
         model, ids, mask = self.model, self.batch.ids, self.batch.mask
         B, S = ids.shape
         cache = model.new_cache(B, S + self.max_new, getattr(self, "slots", 1))
@@ -234,7 +236,7 @@ class _Run:
                     steps[b].append(used_l[b])
                     if self.return_logits:
                         kept_logits[b].append(logits[b].cpu())
-            yield self._event(i, tok_l, used_l, alive_l, tokens)
+            yield self._event(i, tok_l, used_l, alive_l, tokens) if stream else None
             for b in range(B):
                 if stop_l[b]:
                     reasons[b] = "stop"
