@@ -93,6 +93,17 @@ class Plan:
         return 6 if self.quick or not self.gpu else 10
 
 
+def with_floor(timing: dict, floor_ms: float) -> dict:
+    """A timing record plus its floor and the fraction of the floor reached (floor / median)."""
+    return {**timing, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / max(timing["median_ms"], 1e-9)}
+
+
+def single_shot(ms: float, repeats: int) -> dict:
+    """A timing taken once over ``repeats`` units (the published patterns are too slow to repeat), in the
+    shape of measure()'s records."""
+    return {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "repeats": repeats}
+
+
 # ---------------------------------------------------------------------------------------------- ceilings
 def ceilings(plan: Plan) -> Iterator[dict]:
     n = (1 << 28) if plan.gpu else (1 << 22)  # bytes per buffer: 256 MiB on a GPU
@@ -152,10 +163,8 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
                     "name": fam_name,
                     "backend": impl,
                     "config": {"shape": shape},
-                    **t,
                     "gb_per_s": nbytes / (t["median_ms"] / 1e3) / 1e9,
-                    "floor_ms": floor_ms,
-                    "fraction_of_floor": floor_ms / t["median_ms"],
+                    **with_floor(t, floor_ms),
                 }
 
 
@@ -223,10 +232,8 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
                                 "context": plan.context,
                                 "mean_steps": mean_steps,
                             },
-                            **t,
                             "tokens_per_s": batch * 1000 / t["median_ms"],
-                            "floor_ms": floor_ms,
-                            "fraction_of_floor": floor_ms / t["median_ms"],
+                            **with_floor(t, floor_ms),
                         }
     yield from _recurrent_baselines(plan, model, copy_bw, el)
 
@@ -258,13 +265,8 @@ def _recurrent_baselines(plan: Plan, model, copy_bw: float, el: int) -> Iterator
             "name": "published-pattern",
             "backend": "torch",
             "config": {"batch": 1, "r": r, "kv": "full", "adaptive": False, "context": plan.context},
-            "median_ms": per_token,
-            "p10_ms": per_token,
-            "p90_ms": per_token,
-            "repeats": n,
+            **with_floor(single_shot(per_token, n), floor_ms),
             "kv_bytes_published": kv_bytes,
-            "floor_ms": floor_ms,
-            "fraction_of_floor": floor_ms / per_token,
         }
     if plan.gpu:
         yield from _compiled_baseline(plan, model, copy_bw, el)
@@ -305,10 +307,8 @@ def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int) -> Iterator[d
                     "name": name,
                     "backend": "torch",
                     "config": {"batch": batch, "r": r, "kv": "shared", "adaptive": False, "context": plan.context},
-                    **t,
                     "tokens_per_s": batch * 1000 / t["median_ms"],
-                    "floor_ms": floor_ms,
-                    "fraction_of_floor": floor_ms / t["median_ms"],
+                    **with_floor(t, floor_ms),
                 }
 
 
@@ -345,12 +345,7 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
             "name": "thought",
             "backend": "torch",
             "config": {"batch": batch, "k": k},
-            "median_ms": per_thought,
-            "p10_ms": per_thought,
-            "p90_ms": per_thought,
-            "repeats": 1,
-            "floor_ms": floor_ms,
-            "fraction_of_floor": floor_ms / max(per_thought, 1e-9),
+            **with_floor(single_shot(per_thought, 1), floor_ms),
         }
         t, _ = _decode_ms(model, thoughts, plan.tokens)
         yield {
@@ -358,9 +353,7 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
             "name": "answer_token",
             "backend": "torch",
             "config": {"batch": batch, "k": k},
-            **t,
-            "floor_ms": floor_ms,
-            "fraction_of_floor": floor_ms / t["median_ms"],
+            **with_floor(t, floor_ms),
         }
         if batch == 1:
             n = 3
@@ -375,12 +368,7 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 "name": "published-pattern",
                 "backend": "torch",
                 "config": {"batch": 1, "k": k},
-                "median_ms": per_pass,
-                "p10_ms": per_pass,
-                "p90_ms": per_pass,
-                "repeats": 1,
-                "floor_ms": floor_ms,
-                "fraction_of_floor": floor_ms / per_pass,
+                **with_floor(single_shot(per_pass, 1), floor_ms),
             }
 
 
