@@ -16,8 +16,47 @@ def main() -> None:
 
     q, ks, vs, written, valid, slot = da.make_inputs("tiny", "cuda", torch.bfloat16, batch=2, context=40, slots=3)
     cuda_ext.decode_attention_bf16(q, ks, vs, written, valid, slot, 40)
+    persistent_loop()
     torch.cuda.synchronize()
     print("cuda smoke ok")
+
+
+def persistent_loop() -> None:
+    """A few tokens of a small bf16 model through the persistent kernel: both barriers, three criteria."""
+    import latentrt
+    from latentrt.backends import get_backend
+    from latentrt.config import parse_config
+    from latentrt.models import build_model
+
+    cfg = parse_config(
+        dict(
+            model_type="huginn_raven",
+            n_embd=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=64,
+            block_size=64,
+            n_layers_in_prelude=1,
+            n_layers_in_recurrent_block=2,
+            n_layers_in_coda=1,
+            mean_recurrence=4,
+        )
+    )
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    for mode in (0, 1):
+        model.backend = get_backend("cuda", model)
+        model.backend.barrier_mode = mode
+        for crit in ("none", "latent-diff", "kl"):
+            latentrt.generate(
+                model,
+                [[3, 4, 5], [6, 7]],
+                max_new_tokens=3,
+                num_steps=4,
+                kv_sharing="ring-2",
+                adaptive=True,
+                exit_criterion=crit,
+            )
 
 
 if __name__ == "__main__":

@@ -183,15 +183,22 @@ def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
     return summarize(times), steps
 
 
-def _backends(plan: Plan) -> list[str]:
-    out = ["torch"]
+def _backends(model) -> Iterator[tuple[str, object]]:
+    """(label, backend) for every backend that runs on the model's device; the persistent CUDA kernel once
+    per grid-barrier implementation (cooperative groups, counters in global memory)."""
+    yield "torch", latentrt.backends.get_backend("torch", model)
     for name in ("triton", "cuda"):
         try:
-            latentrt.backends.get_backend(name, None)
+            backend = latentrt.backends.get_backend(name, model)
         except Exception:
             continue
-        out.append(name)
-    return out
+        if name != "cuda":
+            yield name, backend
+            continue
+        for mode, label in ((0, "cuda"), (1, "cuda-counter-barrier")):
+            backend = latentrt.backends.get_backend(name, model)
+            backend.barrier_mode = mode
+            yield label, backend
 
 
 def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
@@ -199,8 +206,8 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
     model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
     el = torch.finfo(plan.dtype).bits // 8
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for backend in _backends(plan):
-        model.backend = latentrt.backends.get_backend(backend, model)
+    for backend, impl in _backends(model):
+        model.backend = impl
         for batch in plan.batches:
             ids = torch.randint(10, cfg.vocab_size, (batch, plan.context), generator=gen).to(plan.device)
             for r in plan.depths:
@@ -393,8 +400,8 @@ def host_syncs(plan: Plan) -> Iterator[dict]:
     model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
     ids = torch.randint(10, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3)).to(plan.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.gpu else [])
-    for backend in _backends(plan):
-        model.backend = latentrt.backends.get_backend(backend, model)
+    for backend, impl in _backends(model):
+        model.backend = impl
         for adaptive in (False, True):
             n = 6
             kw = dict(num_steps=8, adaptive=adaptive, exit_criterion="latent-diff", init_scale=0.0)

@@ -1,10 +1,12 @@
 // pybind11 bindings: raw device pointers and a stream handle in, a status code out (see latent_kernels.h).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
 
 #include "latent_kernels.h"
+#include "latent_loop.h"
 
 namespace py = pybind11;
 
@@ -16,7 +18,7 @@ static void check(int status, const char* what) {
 static void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "latentrt CUDA building blocks (bf16 decode GEMV, slot-rule decode attention)";
+  m.doc() = "latentrt CUDA kernels: the persistent latent loop and its building blocks";
   m.def("gemv_bf16", [](uintptr_t x, uintptr_t w, uintptr_t add, uintptr_t active, uintptr_t out, int M, int N,
                         int K, int ldw, int sm_count, uintptr_t stream) {
     check(latentrt::gemv_bf16(ptr(x), ptr(w), ptr(add), ptr(active), ptr(out), M, N, K, ldw, sm_count, ptr(stream)),
@@ -31,6 +33,43 @@ PYBIND11_MODULE(_cuda, m) {
                                                 s_wb, s_vb, scale, ptr(stream)),
                 "decode_attention_bf16");
         });
+  using latentrt::LoopArgs;
+  using latentrt::SandwichLayer;
+  py::class_<SandwichLayer>(m, "SandwichLayer", "device pointers of one Huginn sandwich layer")
+      .def(py::init<>())
+      .def_readwrite("norm_1", &SandwichLayer::norm_1)
+      .def_readwrite("norm_2", &SandwichLayer::norm_2)
+      .def_readwrite("norm_3", &SandwichLayer::norm_3)
+      .def_readwrite("norm_4", &SandwichLayer::norm_4)
+      .def_readwrite("wqkv", &SandwichLayer::wqkv)
+      .def_readwrite("qk_bias", &SandwichLayer::qk_bias)
+      .def_readwrite("wo", &SandwichLayer::wo)
+      .def_readwrite("wfc", &SandwichLayer::wfc)
+      .def_readwrite("wproj", &SandwichLayer::wproj)
+      .def_readwrite("k_cache", &SandwichLayer::k_cache)
+      .def_readwrite("v_cache", &SandwichLayer::v_cache)
+      .def_readwrite("slots", &SandwichLayer::slots);
+  py::class_<LoopArgs>(m, "LoopArgs", "arguments of one persistent latent-loop launch (see latent_loop.h)")
+      .def(py::init<>())
+#define FIELD(name) .def_readwrite(#name, &LoopArgs::name)
+      FIELD(batch) FIELD(d) FIELD(n_head) FIELD(n_kv) FIELD(head_dim) FIELD(ffn) FIELD(max_len) FIELD(vocab)
+      FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(criterion) FIELD(eps) FIELD(threshold) FIELD(core)
+      FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos) FIELD(sin)
+      FIELD(valid) FIELD(written) FIELD(state) FIELD(active) FIELD(used) FIELD(logits) FIELD(prev_logp)
+      FIELD(scratch) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
+#undef FIELD
+  m.def("loop_plan", [](const LoopArgs& a, int device) {
+    int grid = 0, smem = 0;
+    std::string why = latentrt::loop_plan(a, device, &grid, &smem);
+    py::dict d;
+    d["ok"] = why.empty();
+    d["reason"] = why;
+    d["grid"] = grid;
+    d["smem_bytes"] = smem;
+    return d;
+  });
+  m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);
+  m.def("latent_loop", [](const LoopArgs& a, int device) { check(latentrt::latent_loop(a, device), "latent_loop"); });
   m.def("device_info", [](int device) {
     int sms = 0, smem = 0, l2 = 0;
     check(latentrt::device_info(device, &sms, &smem, &l2), "device_info");

@@ -68,6 +68,7 @@ if HAVE_TRITON:
         written_ptr,
         valid_ptr,
         len_ptr,
+        act_ptr,
         out_ptr,
         slot,
         n_head,
@@ -81,15 +82,19 @@ if HAVE_TRITON:
         stride_wb,
         stride_vb,
         USE_WRITTEN: tl.constexpr,
+        HAS_ACTIVE: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """Program (b, h): online-softmax attention of one query over positions [0, length) of sequence b.
         The key/value of position p come from slot min(slot, written[b, p] - 1) when USE_WRITTEN (looped
         core layers with several slots), else from ``slot``. Invalid positions (padding, finished) are
-        skipped, except the query's own position."""
+        skipped, except the query's own position. A frozen sequence (``act`` 0) returns at once."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        if HAS_ACTIVE:
+            if tl.load(act_ptr + b) == 0:
+                return
         hk = h // group
         d = tl.arange(0, BLOCK_D)
         dm = d < D
@@ -125,14 +130,22 @@ if HAVE_TRITON:
 
 
 def fused(
-    q: Tensor, k_slots: Tensor, v_slots: Tensor, written: Tensor | None, valid: Tensor, slot: int, length: Tensor
+    q: Tensor,
+    k_slots: Tensor,
+    v_slots: Tensor,
+    written: Tensor | None,
+    valid: Tensor,
+    slot: int,
+    length: Tensor,
+    active: Tensor | None = None,
 ) -> Tensor:
     """q [B,H,D]; k/v_slots [K,B,Hkv,T,D]; written [B,T] or None (read ``slot`` for every position);
-    valid [B,T]; length a 1-element device tensor (positions [0, length) are attended). Returns [B,H,D]."""
+    valid [B,T]; length a 1-element device tensor (positions [0, length) are attended); ``active`` [B]
+    bool or None: frozen sequences read nothing and get zeros. Returns [B,H,D]."""
     K, B, Hkv, T, D = k_slots.shape
     H = q.shape[1]
     assert k_slots.stride() == v_slots.stride() and k_slots.stride(-1) == 1
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if active is None else torch.zeros_like(q)
     w = written if written is not None else valid
     _decode_attention_kernel[(B, H)](
         q.contiguous(),
@@ -141,6 +154,7 @@ def fused(
         w,
         valid,
         length,
+        active if active is not None else valid,
         out,
         slot,
         H,
@@ -154,6 +168,7 @@ def fused(
         w.stride(0),
         valid.stride(0),
         USE_WRITTEN=written is not None,
+        HAS_ACTIVE=active is not None,
         BLOCK_T=64,
         BLOCK_D=next_pow2(D),
     )

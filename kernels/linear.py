@@ -5,6 +5,10 @@ Decode is bound by reading W, so the kernel's job is to stream W once at full ba
   so frozen work costs a launch, not a weight pass; inactive rows are not written.
 - ``gate=True``: W is Huginn's fc [2I, K]; the program computes the gate and up columns together and
   writes silu(gate) * up [M, I] (the gated MLP without a round trip of the 2I-wide activation).
+- RMSNorm across two products without materialising the normed row (the recurrent adapter -> core layer
+  0's norm_1): ``sumsq=`` [M] fp32 (zeroed) makes the epilogue add each output row's sum of squares (of
+  the rounded outputs) atomically; ``prenorm=(sumsq, weight, eps)`` makes the next product's prologue
+  load x as rms_norm(x, weight, eps) with Huginn's rounding (see ``norm_prologue_reference``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ def reference(
     return y + add if add is not None else y
 
 
+def norm_prologue_reference(h: Tensor, w_adapter: Tensor, add: Tensor, w_norm: Tensor, w_next: Tensor, eps: float):
+    """What the sumsq/prenorm pair computes: h = x W_a^T + add, then rms_norm(h, w_norm) @ W_next^T."""
+    from latentrt.models.layers import rms_norm
+
+    out = reference(h, w_adapter, add)
+    return out, F.linear(rms_norm(out, w_norm, eps), w_next)
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -36,6 +48,10 @@ if HAVE_TRITON:
         add_ptr,
         act_ptr,
         out_ptr,
+        ss_out_ptr,
+        ss_in_ptr,
+        nw_ptr,
+        eps,
         M,
         N,
         K,
@@ -44,6 +60,8 @@ if HAVE_TRITON:
         stride_om,
         HAS_ADD: tl.constexpr,
         GATE: tl.constexpr,
+        SUMSQ: tl.constexpr,
+        PRENORM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -59,10 +77,16 @@ if HAVE_TRITON:
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PRENORM:  # rms_norm(x) on the fly: fp32 x * rsqrt(mean(x^2) + eps), rounded, times the weight
+            rstd = tl.rsqrt(tl.load(ss_in_ptr + rm, mask=m_ok, other=0.0) / K + eps)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if PRENORM:
+                xdt = x.dtype
+                nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+                x = ((x.to(tl.float32) * rstd[:, None]).to(xdt).to(tl.float32) * nw[None, :]).to(xdt)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             if GATE:
@@ -82,6 +106,9 @@ if HAVE_TRITON:
             y = acc.to(dt)
         ok = m_ok[:, None] & n_ok[None, :] & (act[:, None] != 0)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=ok)
+        if SUMSQ:
+            yf = tl.where(ok, y.to(tl.float32), 0.0)
+            tl.atomic_add(ss_out_ptr + rm, tl.sum(yf * yf, 1), mask=m_ok)
 
 
 def fused(
@@ -91,8 +118,11 @@ def fused(
     active: Tensor | None = None,
     gate: bool = False,
     out: Tensor | None = None,
+    sumsq: Tensor | None = None,
+    prenorm: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
-    """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K)."""
+    """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K).
+    ``sumsq`` / ``prenorm``: see the module docstring."""
     M, K = x.shape
     N = w.shape[0] // 2 if gate else w.shape[0]
     assert w.stride(1) == 1 and x.stride(1) == 1
@@ -108,6 +138,10 @@ def fused(
         add if add is not None else out,
         active,
         out,
+        sumsq if sumsq is not None else out,
+        prenorm[0] if prenorm is not None else out,
+        prenorm[1] if prenorm is not None else out,
+        prenorm[2] if prenorm is not None else 0.0,
         M,
         N,
         K,
@@ -116,6 +150,8 @@ def fused(
         out.stride(0),
         HAS_ADD=add is not None,
         GATE=gate,
+        SUMSQ=sumsq is not None,
+        PRENORM=prenorm is not None,
         BLOCK_M=block_m,
         BLOCK_N=32,
         BLOCK_K=64,

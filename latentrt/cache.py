@@ -154,6 +154,14 @@ class KVCache:
         self.length = end
         return chunk
 
+    def reserve(self) -> int:
+        """Reserve the next timeline position on the host only (a TokenStep does the device-side part of
+        ``begin``); returns its index."""
+        if self.length + 1 > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {self.length + 1} positions > {self.max_len} allocated")
+        self.length += 1
+        return self.length - 1
+
     def plain(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, active: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -167,13 +175,13 @@ class KVCache:
         cur = self.written[:, chunk.start : chunk.end]
         self.written[:, chunk.start : chunk.end] = torch.where(active[:, None], iteration + 1, cur)
 
-    def finish(self, chunk: Chunk, used: list[int], rows: list[bool]) -> None:
-        """Record the iterations each sequence ran for a finished chunk (host values, read once per token);
-        ``rows`` marks the sequences that ran it."""
+    def finish(self, end: int, used: list[int], rows: list[bool]) -> None:
+        """Record the iterations each sequence ran for the positions up to ``end`` (host values, read once
+        per token); ``rows`` marks the sequences that ran them."""
         done = [u for u, r in zip(used, rows) if r]
         if done:
             self.min_done = min(self.min_done, *done)
-        self.reported = chunk.end
+        self.reported = end
 
     def core(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor

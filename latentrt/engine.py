@@ -216,6 +216,11 @@ class _Run:
         alive_l = [True] * B
         if self.recurrent:
             self.carry = None
+            # decode tokens as one captured launch sequence where the backend has one (not with hooks:
+            # they are Python called between iterations)
+            self.token_step = (
+                None if self.hooks else self.backend.token_step(cache, self.r_max, self.criterion, self.min_steps)
+            )
             logits, used, bad = self._recurrent_unit(ids, mask, alive, cache)
         else:
             logits, _, thoughts = model.run_prompt(ids, mask, cache, self.hooks, self.backend)
@@ -229,7 +234,7 @@ class _Run:
             tok_l, used_l, stop_l, bad_l = torch.stack([tok, used, stopped.long(), bad]).tolist()
             self._raise_if_bad(bad_l, i)
             if self.recurrent:
-                cache.finish(self.last_chunk, used_l, alive_l)
+                cache.finish(self.last_end, used_l, alive_l)
             for b in range(B):
                 if alive_l[b]:
                     tokens[b].append(tok_l[b])
@@ -273,7 +278,10 @@ class _Run:
         (1: latent state, 2: logits), all on the device: nothing is read back here, except the exit test's
         mask once per iteration when adaptive (the reference path)."""
         model, backend, crit = self.model, self.backend, self.criterion
-        chunk = self.last_chunk = cache.begin(valid)
+        if self.token_step is not None and self.carry is not None:  # a decode token (not the prompt)
+            return self._token_step(ids, alive, cache)
+        chunk = cache.begin(valid)
+        self.last_end = chunk.end
         rope = model.rope(chunk)
         e = model.prelude(ids, cache, chunk, rope)
         if self.continuous and self.carry is not None:
@@ -327,6 +335,20 @@ class _Run:
         bad_logits = ~torch.isfinite(out).all(-1) & alive
         self.carry = s[:, -1:]
         return out, used, bad_state.long() + 2 * bad_logits.long()
+
+    def _token_step(self, ids: Tensor, alive: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
+        """``_recurrent_unit`` for one decode token through the backend's TokenStep (a CUDA graph on GPU)."""
+        step = self.token_step
+        start = cache.reserve()
+        self.last_end = start + 1
+        if self.continuous:
+            s0 = self.carry
+        else:
+            s0 = self.model.initial_state(step.s0[:, None], self.init_scale, self.generator)
+        step.prepare(ids, alive, s0, start)
+        out, used, bad, s = step()
+        self.carry = s[:, None]
+        return out, used, bad
 
     # ---------------------------------------------------------------- output
     def _decode(self, ids: list[int]) -> str | None:

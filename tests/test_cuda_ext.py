@@ -48,3 +48,59 @@ def test_decode_attention_bf16(slots, use_written):
     w = written if use_written else torch.full_like(written, 10**6)
     want = da.reference(q.float(), ks.float(), vs.float(), w, valid, slot)
     assert rel_err(out.float(), want) < 1e-2
+
+
+def _bf16_pair(seed: int, **cfg):
+    from conftest import tiny_recurrent
+
+    from latentrt.backends import get_backend
+
+    ref, fast = (tiny_recurrent(seed=seed, **cfg).to("cuda", torch.bfloat16) for _ in range(2))
+    for m in (ref, fast):
+        m.init_buffers()  # fp32 RoPE tables (.to cast them)
+    ref.backend, fast.backend = get_backend("torch", ref), get_backend("cuda", fast)
+    return ref, fast
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [12, 13], [20, 21, 22, 23], [7, 7, 9]]
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
+@pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
+def test_persistent_loop_equals_torch_backend(batch, kv, criterion):
+    """One launch per token runs every iteration; tokens, steps and logits match the torch backend (bf16)."""
+    import latentrt
+
+    ref, fast = _bf16_pair(seed=6, num_attention_heads=4, num_key_value_heads=2)
+    prompts = (PROMPTS * 4)[:batch]
+    kw = dict(max_new_tokens=5, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
+    if criterion != "none":
+        kw.update(adaptive=True, exit_criterion=criterion, exit_threshold={"latent-diff": 0.3, "kl": 1e-3}[criterion])
+    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
+    assert b.backend == "cuda"
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y[0], x[0]) < 3e-2  # the prompt's logits (prefill: same torch path)
+    assert a.tokens == b.tokens
+    assert a.steps == b.steps
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y, x) < 5e-2
+
+
+def test_persistent_loop_is_used_and_falls_back_with_a_reason(caplog, monkeypatch):
+    import latentrt
+    from latentrt.backends import cuda as cuda_backend
+
+    launches = []
+    real = cuda_backend.PersistentTokenStep._recurrence
+    monkeypatch.setattr(
+        cuda_backend.PersistentTokenStep, "_recurrence", lambda self, *a: launches.append(1) or real(self, *a)
+    )
+    ref, fast = _bf16_pair(seed=7)
+    latentrt.generate(fast, PROMPTS, max_new_tokens=4, num_steps=4)
+    assert len(launches) == 3
+    with caplog.at_level("WARNING", logger="latentrt"):
+        kw = dict(max_new_tokens=3, num_steps=4, adaptive=True, exit_criterion="entropy-diff")
+        out = latentrt.generate(fast, PROMPTS, **kw)
+    assert "not implemented in the kernel" in caplog.text
+    assert len(launches) == 3 and out.backend == "cuda"

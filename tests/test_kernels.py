@@ -66,6 +66,40 @@ def test_linear_skips_frozen_rows_and_fully_frozen_launches():
     assert (out2 == -7.0).all()
 
 
+@pytest.mark.parametrize("m,d,n", [(1, 64, 40), (5, 96, 70), (3, 130, 33)])
+def test_adapter_epilogue_sumsq_and_norm_prologue(m, d, n):
+    """The adapter product's epilogue sums squares; the next product normalises in its prologue: together
+    they equal rms_norm between two plain products (core layer 0's norm_1, folded)."""
+    from kernels import linear
+
+    g = torch.Generator().manual_seed(m * d)
+    s, w_a, add = torch.randn(m, d, generator=g), torch.randn(d, d, generator=g) * 0.1, torch.randn(m, d, generator=g)
+    w_norm, w_next = 1 + 0.2 * torch.randn(d, generator=g), torch.randn(n, d, generator=g)
+    active = torch.ones(m, dtype=torch.bool)
+    active[-1] = m == 1
+    ss = torch.zeros(m)
+    h = linear.fused(s, w_a, add=add, active=active, sumsq=ss)
+    out = torch.full((m, n), float("nan"))
+    linear.fused(h, w_next, active=active, prenorm=(ss, w_norm, 1e-6), out=out)
+    want_h, want_out = linear.norm_prologue_reference(s, w_a, add, w_norm, w_next, 1e-6)
+    _close(h[active], want_h[active], 1e-5)
+    _close(ss[active], want_h[active].pow(2).sum(-1), 1e-5)
+    _close(out[active], want_out[active], 1e-5)
+    assert out[~active].isnan().all()  # frozen rows are not written
+
+
+def test_decode_attention_frozen_rows_read_nothing():
+    from kernels import decode_attention as da
+
+    q, ks, vs, written, valid, slot = da.make_inputs("tiny", "cpu", torch.float32, batch=3, context=20)
+    active = torch.tensor([True, False, True])
+    ks[:, 1] = float("nan")  # a frozen row's cache is never read
+    out = da.fused(q, ks, vs, written, valid, slot, torch.tensor([20]), active)
+    want = da.fused(q, ks, vs, written, valid, slot, torch.tensor([20]))
+    _close(out[active], want[active], 1e-6)
+    assert (out[1] == 0).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["huginn", "gpt2"])
 def test_kernels_bf16_full_shapes(shape):

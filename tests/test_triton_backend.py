@@ -20,22 +20,27 @@ def _pair(seed=1, **cfg):
     return ref, fast
 
 
+# thresholds at which this tiny model's sequences exit at different iterations (the test checks that)
+THRESHOLDS = {"latent-diff": 0.3, "kl": 0.02, "entropy-diff": 0.01, "argmax-stability": 2, "cosine": 0.03}
+
+
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
-@pytest.mark.parametrize("criterion", ["latent-diff", "kl", "entropy-diff", "argmax-stability", "cosine"])
+@pytest.mark.parametrize("criterion", sorted(THRESHOLDS))
 def test_triton_equals_torch_adaptive(kv, criterion):
     ref, fast = _pair()
     kw = dict(
-        max_new_tokens=5,
+        max_new_tokens=3,
         adaptive=True,
-        num_steps=10,
+        num_steps=6,
         exit_criterion=criterion,
+        exit_threshold=THRESHOLDS[criterion],
         kv_sharing=kv,
         init_scale=0.0,
         return_logits=True,
-        exit_threshold={"argmax-stability": 2}.get(criterion),
     )
     a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
     assert a.tokens == b.tokens and a.steps == b.steps
+    assert len({s for seq in a.steps for s in seq}) > 1, "no early exit: the test would not check the masks"
     for x, y in zip(a.logits, b.logits):
         assert rel_err(y, x) < 1e-4
     assert b.backend == "triton"
@@ -48,6 +53,40 @@ def test_triton_equals_torch_fixed_depth_gqa(kv):
     a, b = latentrt.generate(ref, PROMPTS[0], **kw), latentrt.generate(fast, PROMPTS[0], **kw)
     assert a.tokens == b.tokens
     assert rel_err(b.logits, a.logits) < 1e-4
+
+
+def test_decode_tokens_run_as_one_token_step(monkeypatch):
+    """Without hooks every decode token goes through TokenStep (the CUDA-graph unit); with hooks the
+    engine loops over core_step so the hooks can run between iterations; both equal the torch backend."""
+    from latentrt.backends import triton_step
+
+    runs = []
+    real_run = triton_step.TokenStep.run
+    monkeypatch.setattr(triton_step.TokenStep, "run", lambda self: runs.append(1) or real_run(self))
+    ref, fast = _pair(seed=3)
+    kw = dict(max_new_tokens=4, num_steps=5, continuous=True, kv_sharing="ring-2", seed=7, return_logits=True)
+    a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
+    assert len(runs) == 3  # tokens 2..4; the prompt is a prefill
+    assert a.tokens == b.tokens and a.steps == b.steps
+    assert rel_err(torch.cat(b.logits), torch.cat(a.logits)) < 1e-4
+    seen = []
+    c = latentrt.generate(fast, PROMPTS, hooks=[lambda ev: seen.append(ev.step)], **kw)
+    assert len(runs) == 3 and len(seen) > 0
+    assert c.tokens == a.tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
+def test_cuda_graph_replay_equals_torch_backend(criterion):
+    """On a GPU the decode tokens replay one captured graph; tokens and steps equal the torch backend."""
+    ref, fast = (tiny_recurrent(seed=4).cuda() for _ in range(2))
+    fast.backend = get_backend("triton", fast)
+    ref.backend = get_backend("torch", ref)
+    kw = dict(max_new_tokens=6, num_steps=8, adaptive=criterion != "none", exit_criterion=criterion, init_scale=0.0)
+    if criterion == "latent-diff":
+        kw["exit_threshold"] = 0.5
+    a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
+    assert a.tokens == b.tokens and a.steps == b.steps
 
 
 def test_triton_coconut_feedback_equals_torch():

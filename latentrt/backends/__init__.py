@@ -1,8 +1,10 @@
 """Backends implement the seams (core-block iteration, exit formulas, Coconut feedback) for one model.
 
 ``torch`` is the reference and runs everywhere. ``triton`` runs the decode-time seams as fused kernels
-on a CUDA GPU (or on the CPU under TRITON_INTERPRET=1, for tests). ``auto`` takes the fastest one that can
-run on the model's device and says why in ``backend.reason`` (printed by ``latentrt info``).
+on a CUDA GPU (or on the CPU under TRITON_INTERPRET=1, for tests). ``cuda`` runs each decode token's
+core iterations as one persistent kernel launch (the compiled extension, bf16, batch <= 16). ``auto``
+takes the fastest one that can run on the model's device and says why in ``backend.reason`` (printed by
+``latentrt info``).
 """
 
 from __future__ import annotations
@@ -44,12 +46,23 @@ def get_backend(name: str, model):
 
         return TritonBackend(model, reason=f"requested ({why})")
     if name == "cuda":
-        raise InputError(
-            "backend 'cuda' (the persistent latent-loop kernel) is not built in this version; use 'triton' or 'torch'"
-        )
+        from .. import cuda_ext
+
+        built, why_not = cuda_ext.available()
+        if not built:
+            raise InputError(f"backend 'cuda' is not available: {why_not}")
+        if getattr(device, "type", "") != "cuda" or not ok:
+            raise InputError(f"backend 'cuda' is not available: {why}")
+        from .cuda import CudaBackend
+
+        return CudaBackend(model, reason="requested (persistent latent-loop kernel; Triton for prelude and head)")
     # auto
     if ok and getattr(device, "type", "") == "cuda":
         from .triton import TritonBackend
 
-        return TritonBackend(model, reason="auto: fused Triton kernels on the CUDA device")
+        return TritonBackend(
+            model,
+            reason="auto: fused Triton kernels on the CUDA device (backend='cuda', the persistent kernel, is "
+            "opt-in until benchmarks/RESULTS.md shows it faster)",
+        )
     return TorchBackend(model, reason=f"auto: PyTorch reference ({'no GPU' if not ok else why})")

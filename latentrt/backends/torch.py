@@ -19,6 +19,10 @@ class TorchBackend:
     sync_free = False  # the engine may read exit masks on the host between iterations
     exit_ops = None  # the criteria's reference formulas
 
+    def token_step(self, cache, r_max: int, criterion, min_steps: int):
+        """A graph-capturable decode token, or None: the engine then loops over ``core_step``."""
+        return None
+
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Coconut: (ln_f(h) + wpe[pos], layer 0's ln_1 of it) for the next thought."""
         return self.model.feedback(h_pre, positions)

@@ -1,13 +1,14 @@
 """The Triton backend: decode-time seams as fused kernels, and a recurrence without host syncs.
 
 For one new position per sequence (decode), each core iteration runs as: adapter (W[:, :d] s plus the
-per-token W[:, d:] e term computed once) -> core layer 0's norm_1 -> per layer: Wqkv -> qk_bias + RoPE +
-K/V into the iteration's slot -> decode attention with the slot lookup rule -> proj -> residual + norm_2
-+ norm_3 -> fc with fused SiLU gate -> proj -> residual + norm_4 + the next layer's norm_1. Every weight
-kernel returns before touching its weights when no sequence is active, so frozen work costs only launches.
+per-token W[:, d:] e term computed once; its epilogue sums squares for core layer 0's norm_1, applied in
+the QKV product's prologue) -> per layer: Wqkv -> qk_bias + RoPE + K/V into the iteration's slot ->
+decode attention with the slot lookup rule -> proj -> residual + norm_2 + norm_3 -> fc with fused SiLU
+gate -> proj -> residual + norm_4 + the next layer's norm_1. Every weight kernel returns before touching
+its weights when no sequence is active, so frozen work costs only launches.
 Prefill chunks (compute-bound, many positions) go through the PyTorch reference.
-The exit tests use fused kernels and the engine runs all iterations with device masks (``sync_free``):
-at most one device->host read per generated token.
+Decode tokens without hooks run as a ``TokenStep`` (triton_step.py): prelude, every iteration with its
+fused exit test, and the head as one CUDA graph on the GPU; at most one device->host read per token.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import decode_attention, exits, feedback, linear, norms, rope_kv
+from kernels import exits, feedback
 
 from .torch import TorchBackend
+from .triton_step import TokenInputs, TokenStep, core_iteration
 
 
 class TritonExitOps:
@@ -37,57 +39,38 @@ class TritonBackend(TorchBackend):
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
-        self._token = None  # (e tensor, its adapter term, position tensors) of the token being decoded
+        self._token = None  # (e tensor, its adapter term, the position's TokenInputs) of the token being decoded
 
-    def _token_inputs(self, e: Tensor, chunk, rope) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _token_inputs(self, e: Tensor, cache, chunk, rope) -> tuple[Tensor, TokenInputs]:
         if self._token is None or self._token[0] is not e:
             m = self.model
             w = m.transformer.adapter.weight
             d = e.shape[-1]
             term = torch.nn.functional.linear(e[:, 0], w[:, d:], m.transformer.adapter.bias)  # once per token
             dev = e.device
-            pos = torch.tensor([chunk.start], device=dev)
-            length = torch.tensor([chunk.end], device=dev)
-            self._token = (e, term.contiguous(), pos, length, rope[0][:, 0].contiguous(), rope[1][:, 0].contiguous())
+            step = TokenInputs(
+                m.config,
+                torch.tensor([chunk.start], device=dev),
+                torch.tensor([chunk.end], device=dev),
+                rope[0][:, 0].contiguous(),
+                rope[1][:, 0].contiguous(),
+                cache.valid,
+            )
+            self._token = (e, term.contiguous(), step)
         return self._token[1:]
 
     def core_step(self, s: Tensor, e: Tensor, cache, chunk, iteration: int, active: Tensor, rope) -> Tensor:
         m = self.model
         if chunk.size != 1 or s.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return m.core_step(s, e, cache, chunk, iteration, active, rope)
-        cfg = m.config
-        d, eps = cfg.n_embd, cfg.norm_eps
-        term, pos, length, cos, sin = self._token_inputs(e, chunk, rope)
-        blocks = m.transformer.core_block
-        B = s.shape[0]
-        h = linear.fused(s[:, 0].contiguous(), m.transformer.adapter.weight[:, :d], add=term, active=active)
-        normed = norms.fused(h, None, blocks[0].norm_1.weight, None, eps)[0]
-        slot = iteration % cache.core_slots
-        plain_slice = cache.core_slots == 1 or (slot < cache.min_done and cache.reported >= chunk.start)
-        for j, blk in enumerate(blocks):
-            qkv = linear.fused(normed, blk.attn.Wqkv.weight, active=active)
-            q = rope_kv.fused(
-                qkv,
-                blk.attn.qk_bias,
-                cos,
-                sin,
-                cache.core_k[j, slot],
-                cache.core_v[j, slot],
-                pos,
-                active,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-            )
-            y = decode_attention.fused(
-                q, cache.core_k[j], cache.core_v[j], None if plain_slice else cache.written, cache.valid, slot, length
-            )
-            o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active)
-            h, n3 = norms.fused(h, o, blk.norm_2.weight, blk.norm_3.weight, eps)
-            g = linear.fused(n3, blk.mlp.fc.weight, active=active, gate=True)
-            mo = linear.fused(g, blk.mlp.proj.weight, active=active)
-            nxt = blocks[j + 1].norm_1.weight if j + 1 < len(blocks) else None
-            h, normed = norms.fused(h, mo, blk.norm_4.weight, nxt, eps)
-        return h[:, None]
+        term, step = self._token_inputs(e, cache, chunk, rope)
+        return core_iteration(m, s[:, 0].contiguous(), term, cache, iteration, step, active)[:, None]
+
+    def token_step(self, cache, r_max: int, criterion, min_steps: int) -> TokenStep | None:
+        """The graph-capturable decode token (see triton_step); None where the kernels do not apply."""
+        if self.model.family != "recurrent" or self.model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        return TokenStep(self.model, cache, r_max, criterion, min_steps, self.exit_ops)
 
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Coconut: ln_f(h) + wpe[pos] and layer 0's ln_1 of it, in one kernel."""
