@@ -498,23 +498,25 @@ std::string loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes)
   if (a.d % 8 || a.ffn % 8 || (a.n_head * a.head_dim) % 8 || a.ld_adapter % 8)
     return "widths must be multiples of 8 (16-byte loads)";
   if (a.criterion == 3 && (a.lm_head == 0 || a.ln_f == 0)) return "criterion kl needs the head weights";
-  cudaDeviceProp prop;
-  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return "cannot read device properties";
+  int sms = 0, optin = 0, coop = 0;  // single attributes: cheap, unlike cudaGetDeviceProperties
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess)
+    return "cannot read device attributes";
   const int smem = a.batch * a.d * 2;
   cudaFuncAttributes attr;
   const void* kernel = kernel_for(a.batch);
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return "cannot read the kernel's attributes";
-  if (smem + (int)attr.sharedSizeBytes > (int)prop.sharedMemPerBlockOptin)
+  if (smem + (int)attr.sharedSizeBytes > optin)
     return "staged rows (" + std::to_string(smem) + " B) exceed the shared memory per block (" +
-           std::to_string(prop.sharedMemPerBlockOptin) + " B)";
+           std::to_string(optin) + " B)";
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
     return "cannot opt in to " + std::to_string(smem) + " B of shared memory";
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess ||
-      per_sm < 1)
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess || per_sm < 1)
     return "the kernel does not fit on an SM (registers or shared memory)";
-  if (!prop.cooperativeLaunch) return "the device does not support cooperative launches";
-  *grid = prop.multiProcessorCount;  // one block per SM: every block resident, all SMs streaming weights
+  if (!coop) return "the device does not support cooperative launches";
+  *grid = sms;  // one block per SM: every block resident, all SMs streaming weights
   *smem_bytes = smem;
   return "";
 }

@@ -23,6 +23,10 @@ class TorchBackend:
         """A graph-capturable decode token, or None: the engine then loops over ``core_step``."""
         return None
 
+    def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor):
+        """A graph-capturable Coconut prompt column, or None: run_prompt then loops in PyTorch."""
+        return None
+
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Coconut: (ln_f(h) + wpe[pos], layer 0's ln_1 of it) for the next thought."""
         return self.model.feedback(h_pre, positions)

@@ -19,7 +19,7 @@ from torch import Tensor
 from kernels import exits, feedback
 
 from .torch import TorchBackend
-from .triton_step import TokenInputs, TokenStep, core_iteration
+from .triton_step import ThoughtStep, TokenInputs, TokenStep, core_iteration
 
 
 class TritonExitOps:
@@ -71,6 +71,10 @@ class TritonBackend(TorchBackend):
         if self.model.family != "recurrent" or self.model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
         return TokenStep(self.model, cache, r_max, criterion, min_steps, self.exit_ops)
+
+    def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ThoughtStep:
+        """Coconut prompt columns as one graph-capturable unit (see triton_step.ThoughtStep)."""
+        return ThoughtStep(self.model, self.feedback, cache, embeds, latent, mask)
 
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Coconut: ln_f(h) + wpe[pos] and layer 0's ln_1 of it, in one kernel."""

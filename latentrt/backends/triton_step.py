@@ -87,7 +87,40 @@ def core_iteration(model, s: Tensor, term: Tensor, cache, iteration: int, step: 
     return h
 
 
-class TokenStep:
+class GraphedStep:
+    """A unit of decode work with static inputs/outputs: the first call runs eagerly (compiling the
+    kernels) on the stream a CUDA graph is then captured on; later calls replay the graph. Off CUDA every
+    call runs eagerly. Subclasses implement ``run`` and fill their input buffers before calling."""
+
+    _graph = None
+    graph_replays = 0
+
+    def __call__(self):
+        if self._graph is not None:
+            self._graph.replay()
+            self.graph_replays += 1
+            return self._outputs
+        if self.model.device.type != "cuda":
+            return self.run()
+        # the eager call runs on the capture stream, so per-stream library state (cuBLAS workspaces)
+        # exists before capture
+        self._stream = torch.cuda.Stream(self.model.device)
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            out = self.run()
+        torch.cuda.current_stream().wait_stream(self._stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._stream):  # records without executing: state untouched
+            self._outputs = self.run()
+        self._graph = graph
+        return out
+
+    def run(self):
+        raise NotImplementedError
+
+
+class TokenStep(GraphedStep):
     """Static buffers and the launch sequence of one decode token for a batch (see module docstring).
 
     Inputs, set by ``prepare`` before each run: ``tok`` [B], ``alive`` [B], ``s0`` [B, d] (the initial
@@ -103,9 +136,6 @@ class TokenStep:
         self.s0 = torch.zeros(B, d, dtype=model.dtype, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.length = torch.ones(1, dtype=torch.long, device=dev)
-        self._graph = None
-        self._outputs = None
-        self.graph_replays = 0
 
     def prepare(self, tok: Tensor, alive: Tensor, s0: Tensor, timeline_index: int) -> None:
         """Copy the next token's inputs into the static buffers (device copies and fills: no host read)."""
@@ -114,25 +144,6 @@ class TokenStep:
         self.s0.copy_(s0.reshape(self.s0.shape))
         self.pos.fill_(timeline_index)
         self.length.fill_(timeline_index + 1)
-
-    def __call__(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Run one token: eagerly the first time (compiles the kernels), from a CUDA graph after that."""
-        if self._graph is not None:
-            self._graph.replay()
-            self.graph_replays += 1
-            return self._outputs
-        out = self.run()
-        if self.model.device.type == "cuda":
-            self._capture()
-        return out
-
-    def _capture(self) -> None:
-        """Record ``run`` into a CUDA graph. Capture records without executing, so the cache is untouched."""
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.run()
-        self._graph, self._outputs = graph, outputs
 
     def run(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         step, term = self._begin()
@@ -211,3 +222,51 @@ class TokenStep:
         x = norms.fused(s, None, t_.ln_f.weight, None, m.config.norm_eps)[0]
         _, normed = self._plain_stack(t_.coda, m.config.n_layers_in_prelude, x, active, step, t_.ln_f.weight)
         return linear.fused(normed, m.lm_head.weight, active=active).float()
+
+
+class ThoughtStep(GraphedStep):
+    """One Coconut prompt column (a continuous thought, or a token between thoughts) for a batch, on
+    device-side indices so one CUDA graph serves every column: the fed-back input ln_f(h) + wpe[pos]
+    (and layer 0's ln_1 of it) from the previous column's hidden state, every layer with its K/V written
+    at the column's timeline entry, attention over the whole cache under a position mask."""
+
+    def __init__(self, model, feedback, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
+        self.model, self.feedback, self.cache = model, feedback, cache
+        self.embeds, self.latent, self.mask = embeds, latent, mask
+        dev = model.device
+        B, _, d = embeds.shape
+        self.h = torch.zeros(B, 1, d, dtype=embeds.dtype, device=dev)
+        self.col = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.t_idx = torch.arange(cache.max_len, device=dev)
+
+    def prepare(self, h_prev: Tensor, column: int, timeline_index: int) -> None:
+        self.h.copy_(h_prev)
+        self.col.fill_(column)
+        self.pos.fill_(timeline_index)
+
+    def run(self) -> Tensor:
+        m, cache, pos = self.model, self.cache, self.pos
+        t_ = m.transformer
+        valid = self.mask.index_select(1, self.col)  # [B, 1]
+        rows = self.latent.index_select(1, self.col)[:, :, None]  # [B, 1, 1]
+        cache.valid.index_copy_(1, pos, valid)
+        positions = (cache.n_valid[:, None] + valid.long() - 1).clamp(min=0)
+        cache.n_valid.add_(valid[:, 0].long())
+        x = self.embeds.index_select(1, self.col) + t_.wpe(positions)
+        fed, fed_ln1 = self.feedback(self.h, positions)
+        x = torch.where(rows, fed.to(x.dtype), x)
+        ln1x = torch.where(rows, fed_ln1.to(x.dtype), t_.h[0].ln_1(x))
+        mask = ((self.t_idx <= pos) & (cache.valid | (self.t_idx == pos)))[:, None, None, :]
+
+        def kv(i: int):
+            def write(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                cache.plain_k[i].index_copy_(2, pos, k.to(cache.plain_k.dtype))
+                cache.plain_v[i].index_copy_(2, pos, v.to(cache.plain_v.dtype))
+                return cache.plain_k[i], cache.plain_v[i]
+
+            return write
+
+        for i, block in enumerate(t_.h):
+            x = block(x, mask, kv(i), ln1x if i == 0 else None)
+        return x

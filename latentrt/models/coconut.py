@@ -192,7 +192,15 @@ class CoconutGPT2(nn.Module):
         chunk = cache.begin(mask[:, :first])
         hs = [self.forward_residual(embeds[:, :first] + wpe(chunk.positions), cache, chunk)]  # before ln_f
         thought = 0
+        step = None
+        if backend is not None and not hooks and isinstance(cache, KVCache):
+            step = backend.thought_step(cache, embeds, latent, mask)
         for col in range(first, last + 1):
+            if step is not None:  # device-side indices: one CUDA graph for every column on the GPU
+                step.prepare(hs[-1][:, -1:], col, cache.reserve())
+                hs.append(step().clone())
+                thought += col in cols
+                continue
             chunk = cache.begin(mask[:, col : col + 1])
             x = embeds[:, col : col + 1] + wpe(chunk.positions)
             rows = latent[:, col]
