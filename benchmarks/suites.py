@@ -329,9 +329,10 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         q = torch.randint(10, 300, (batch, 60), generator=gen).to(plan.device)
         base = torch.cat([q, torch.full((batch, 1), cfg.start_latent_id, device=plan.device)], 1)
 
-        def with_thoughts(n: int) -> torch.Tensor:
-            latents = torch.full((batch, n), cfg.latent_id, device=plan.device)
-            return torch.cat([base, latents, torch.full((batch, 1), cfg.end_latent_id, device=plan.device)], 1)
+        def with_thoughts(n: int, base: torch.Tensor = base) -> torch.Tensor:
+            B = base.shape[0]
+            latents = torch.full((B, n), cfg.latent_id, device=plan.device)
+            return torch.cat([base, latents, torch.full((B, 1), cfg.end_latent_id, device=plan.device)], 1)
 
         thoughts = with_thoughts(k)
 

@@ -89,6 +89,18 @@ def test_cuda_graph_replay_equals_torch_backend(criterion):
     assert a.tokens == b.tokens and a.steps == b.steps
 
 
+@pytest.mark.gpu
+def test_cuda_graph_coconut_thoughts_equal_torch_backend():
+    ref, fast = tiny_coconut(seed=6).cuda(), tiny_coconut(seed=6).cuda()
+    ref.backend, fast.backend = get_backend("torch", ref), get_backend("triton", fast)
+    ids = [[5, 6, 7, 2] + [4] * 6 + [3], [8, 9, 2] + [4] * 6 + [3]]
+    a = latentrt.generate(ref, ids, max_new_tokens=4, return_logits=True)
+    b = latentrt.generate(fast, ids, max_new_tokens=4, return_logits=True)
+    assert a.tokens == b.tokens and b.num_thoughts == 6
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y, x) < 1e-4
+
+
 def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
     """Thought columns run as ThoughtStep (one CUDA graph on GPU; eager here) and equal the torch path."""
     from latentrt.backends import triton_step
