@@ -1,0 +1,62 @@
+"""The persistent kernel's host side without a GPU: the pybind11 argument structs, the workspace size and
+the launch planner's refusals (runs wherever the extension was compiled, e.g. CI's nvcc build)."""
+
+import pytest
+import torch
+from conftest import tiny_recurrent
+
+_cuda = pytest.importorskip("latentrt._cuda", reason="the CUDA extension is not built here")
+
+
+def _args(batch=2, **cfg):
+    from latentrt.backends.cuda import loop_args
+    from latentrt.exits import make_criterion
+
+    model = tiny_recurrent(seed=1, num_attention_heads=4, num_key_value_heads=2, **cfg).to(torch.bfloat16)
+    cache = model.new_cache(batch, 24, 3)
+    return model, cache, loop_args(_cuda, model, cache, 6, make_criterion("kl", None), 2)
+
+
+def test_loop_args_describe_model_and_cache():
+    model, cache, a = _args()
+    cfg = model.config
+    assert (a.batch, a.d, a.n_head, a.n_kv, a.head_dim) == (2, cfg.n_embd, 4, 2, cfg.head_dim)
+    assert (a.ffn, a.max_len, a.vocab, a.r_max, a.min_steps, a.criterion) == (
+        cfg.intermediate_size,
+        24,
+        cfg.padded_vocab_size,
+        6,
+        2,
+        3,
+    )
+    assert len(a.core) == cfg.n_layers_in_recurrent_block and len(a.coda) == cfg.n_layers_in_coda
+    blk = model.transformer.core_block[1]
+    assert a.core[1].wqkv == blk.attn.Wqkv.weight.data_ptr() and a.core[1].slots == 3
+    assert a.core[1].k_cache == cache.core_k[1].data_ptr() and a.coda[0].slots == 1
+    assert a.adapter == model.transformer.adapter.weight.data_ptr() and a.ld_adapter == 2 * cfg.n_embd
+    hd = cfg.num_attention_heads * cfg.head_dim
+    assert _cuda.loop_scratch_elems(a) == 2 * (4 * cfg.n_embd + 2 * hd + cfg.intermediate_size)
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(batch=17), "batch 17 > 16"),
+        (dict(head_dim=130), "head_dim"),
+        (dict(ffn=60), "multiples of 8"),
+        (dict(n_kv=3), "multiple of n_kv"),
+    ],
+)
+def test_loop_plan_refuses_unsupported_shapes_with_a_reason(change, reason):
+    _, _, a = _args()
+    for k, v in change.items():
+        setattr(a, k, v)
+    plan = _cuda.loop_plan(a, 0)
+    assert not plan["ok"] and reason in plan["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-device answer")
+def test_loop_plan_without_a_device_says_so():
+    _, _, a = _args()
+    plan = _cuda.loop_plan(a, 0)
+    assert not plan["ok"] and "device" in plan["reason"]
