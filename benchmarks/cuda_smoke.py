@@ -17,6 +17,7 @@ def main() -> None:
     q, ks, vs, written, valid, slot = da.make_inputs("tiny", "cuda", torch.bfloat16, batch=2, context=40, slots=3)
     cuda_ext.decode_attention_bf16(q, ks, vs, written, valid, slot, 40)
     persistent_loop()
+    thought_loop()
     torch.cuda.synchronize()
     print("cuda smoke ok")
 
@@ -57,6 +58,33 @@ def persistent_loop() -> None:
                 adaptive=True,
                 exit_criterion=crit,
             )
+
+
+def thought_loop() -> None:
+    """Coconut thoughts of a small bf16 GPT-2 in one launch, both barriers."""
+    import latentrt
+    from latentrt.backends import get_backend
+    from latentrt.config import parse_config
+    from latentrt.models import build_model
+
+    cfg = parse_config(
+        dict(
+            model_type="gpt2",
+            n_embd=64,
+            n_head=2,
+            n_layer=2,
+            n_positions=64,
+            vocab_size=64,
+            latent_id=63,
+            start_latent_id=62,
+            end_latent_id=61,
+        )
+    )
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    for mode in (0, 1):
+        model.backend = get_backend("cuda", model)
+        model.backend.barrier_mode = mode
+        latentrt.generate(model, [[3, 4, 62, 63, 63, 63, 61], [5, 6, 62, 63, 63, 63, 61]], max_new_tokens=2)
 
 
 if __name__ == "__main__":

@@ -350,8 +350,6 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         # prompt cancel out in the difference)
         k2 = 30 if plan.gpu else 10
         for backend, impl in _backends(model):
-            if backend.startswith("cuda"):
-                continue  # the persistent kernel has no Coconut variant yet
             model.backend = impl
             per_thought = (prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k)
             yield {

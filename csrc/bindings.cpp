@@ -69,6 +69,38 @@ PYBIND11_MODULE(_cuda, m) {
     return d;
   });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);
+
+  using latentrt::Gpt2LayerArgs;
+  using latentrt::ThoughtLoopArgs;
+  py::class_<Gpt2LayerArgs>(m, "Gpt2LayerArgs", "device pointers of one GPT-2 layer (Conv1D weights transposed)")
+      .def(py::init<>())
+#define LFIELD(name) .def_readwrite(#name, &Gpt2LayerArgs::name)
+      LFIELD(ln_1_w) LFIELD(ln_1_b) LFIELD(attn_w) LFIELD(attn_b) LFIELD(proj_w) LFIELD(proj_b) LFIELD(ln_2_w)
+      LFIELD(ln_2_b) LFIELD(fc_w) LFIELD(fc_b) LFIELD(out_w) LFIELD(out_b) LFIELD(k_cache) LFIELD(v_cache)
+      LFIELD(scale);
+#undef LFIELD
+  py::class_<ThoughtLoopArgs>(m, "ThoughtLoopArgs", "arguments of one Coconut thought-loop launch")
+      .def(py::init<>())
+#define TFIELD(name) .def_readwrite(#name, &ThoughtLoopArgs::name)
+      TFIELD(batch) TFIELD(d) TFIELD(n_head) TFIELD(head_dim) TFIELD(ffn) TFIELD(max_len) TFIELD(n_thoughts)
+      TFIELD(pos) TFIELD(eps) TFIELD(layers) TFIELD(ln_f_w) TFIELD(ln_f_b) TFIELD(wpe) TFIELD(positions) TFIELD(h)
+      TFIELD(out) TFIELD(valid) TFIELD(active) TFIELD(layer_table) TFIELD(scratch) TFIELD(barrier)
+      TFIELD(barrier_mode) TFIELD(stream);
+#undef TFIELD
+  m.def("thought_plan", [](const ThoughtLoopArgs& a, int device) {
+    int grid = 0, smem = 0;
+    std::string why = latentrt::thought_plan(a, device, &grid, &smem);
+    py::dict d;
+    d["ok"] = why.empty();
+    d["reason"] = why;
+    d["grid"] = grid;
+    d["smem_bytes"] = smem;
+    return d;
+  });
+  m.def("thought_scratch_elems", &latentrt::thought_scratch_elems);
+  m.def("thought_table_bytes", &latentrt::thought_table_bytes);
+  m.def("thought_loop",
+        [](const ThoughtLoopArgs& a, int device) { check(latentrt::thought_loop(a, device), "thought_loop"); });
   m.def("latent_loop", [](const LoopArgs& a, int device) { check(latentrt::latent_loop(a, device), "latent_loop"); });
   m.def("device_info", [](int device) {
     int sms = 0, smem = 0, l2 = 0;

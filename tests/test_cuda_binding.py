@@ -60,3 +60,25 @@ def test_loop_plan_without_a_device_says_so():
     _, _, a = _args()
     plan = _cuda.loop_plan(a, 0)
     assert not plan["ok"] and "device" in plan["reason"]
+
+
+def test_thought_args_describe_gpt2_with_transposed_weights():
+    from conftest import tiny_coconut
+
+    from latentrt.backends.cuda import CudaBackend
+
+    model = tiny_coconut(seed=2).to(torch.bfloat16)
+    backend = CudaBackend(model, reason="test")
+    cache = model.new_cache(3, 20)
+    a = backend.thought_args(cache, 4)
+    cfg = model.config
+    assert (a.batch, a.d, a.n_head, a.head_dim, a.ffn, a.n_thoughts) == (3, 32, 2, 16, cfg.inner_size, 4)
+    assert len(a.layers) == cfg.n_layer
+    blk, w = model.transformer.h[1], backend._transposed[1]
+    assert torch.equal(w["attn"], blk.attn.c_attn.weight.t()) and w["attn"].is_contiguous()
+    assert a.layers[1].attn_w == w["attn"].data_ptr() and a.layers[1].attn_b == blk.attn.c_attn.bias.data_ptr()
+    assert a.layers[1].scale == pytest.approx(blk.attn.scale)
+    assert _cuda.thought_table_bytes(a) >= cfg.n_layer * 14 * 8
+    assert _cuda.thought_scratch_elems(a) == 3 * (6 * 32 + cfg.inner_size)
+    plan = _cuda.thought_plan(a, 0)
+    assert not plan["ok"] and plan["reason"]

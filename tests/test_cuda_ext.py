@@ -104,3 +104,22 @@ def test_persistent_loop_is_used_and_falls_back_with_a_reason(caplog, monkeypatc
         out = latentrt.generate(fast, PROMPTS, **kw)
     assert "not implemented in the kernel" in caplog.text
     assert len(launches) == 3 and out.backend == "cuda"
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_persistent_thoughts_equal_torch_backend(batch):
+    """Every Coconut thought of the prompt in one launch; logits and tokens match the torch backend."""
+    from conftest import tiny_coconut
+
+    import latentrt
+    from latentrt.backends import get_backend
+
+    ref, fast = (tiny_coconut(seed=8).to("cuda", torch.bfloat16) for _ in range(2))
+    ref.backend, fast.backend = get_backend("torch", ref), get_backend("cuda", fast)
+    ids = ([[5, 6, 7, 2] + [4] * 5 + [3], [8, 9, 11, 2] + [4] * 5 + [3]] * 2)[:batch]
+    a = latentrt.generate(ref, ids, max_new_tokens=4, return_logits=True)
+    b = latentrt.generate(fast, ids, max_new_tokens=4, return_logits=True)
+    assert b.num_thoughts == a.num_thoughts == 5
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y[0], x[0]) < 3e-2
+    assert a.tokens == b.tokens

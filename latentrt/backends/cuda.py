@@ -1,4 +1,5 @@
-"""The CUDA backend: every core iteration of a decode token in one persistent kernel launch (csrc/latent_loop.cu).
+"""The CUDA backend: every core iteration of a decode token in one persistent kernel launch (csrc/latent_loop.cu);
+for Coconut, every continuous thought of a prompt in one launch.
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .triton import TritonBackend
-from .triton_step import TokenInputs, TokenStep
+from .triton_step import ThoughtStep, TokenInputs, TokenStep
 
 log = logging.getLogger("latentrt")
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -111,9 +112,106 @@ def loop_args(ext, model, cache, r_max: int, criterion, min_steps: int):
     return a
 
 
+class PersistentThoughtStep(ThoughtStep):
+    """Coconut: when every sequence thinks in the same columns, all of them run in one launch of the
+    thought-loop kernel; otherwise the Triton column steps run (``run_columns`` returns None)."""
+
+    def __init__(self, backend, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
+        super().__init__(backend.model, backend.feedback, cache, embeds, latent, mask)
+        self.backend = backend
+
+    def run_columns(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
+        m, cache, ext = self.model, self.cache, self.backend.ext
+        n = last - first + 1
+        if not bool(self.latent[:, first : last + 1].all()):  # one host read per prompt
+            log_fallback_once("Coconut thoughts in different columns per sequence")
+            return None
+        a = self.backend.thought_args(cache, n)
+        plan = ext.thought_plan(a, m.device.index or 0)
+        if not plan["ok"]:
+            log_fallback_once(plan["reason"])
+            return None
+        B, d = cache.batch, m.config.n_embd
+        start = cache.length
+        for _ in range(n):
+            cache.reserve()
+        cache.valid[:, start : start + n] = True
+        positions = cache.n_valid.clone()
+        cache.n_valid += n
+        h = h_prev.reshape(B, d).to(torch.bfloat16).contiguous()
+        out = torch.empty(B, n, d, dtype=torch.bfloat16, device=m.device)
+        active = torch.ones(B, dtype=torch.uint8, device=m.device)
+        table = torch.empty(ext.thought_table_bytes(a), dtype=torch.uint8, device=m.device)
+        scratch = torch.empty(ext.thought_scratch_elems(a), dtype=torch.bfloat16, device=m.device)
+        barrier = torch.zeros(2, dtype=torch.int32, device=m.device)
+        a.pos, a.positions, a.h, a.out = start, positions.data_ptr(), h.data_ptr(), out.data_ptr()
+        a.active, a.layer_table, a.scratch, a.barrier = (
+            active.data_ptr(),
+            table.data_ptr(),
+            scratch.data_ptr(),
+            barrier.data_ptr(),
+        )
+        a.stream = torch.cuda.current_stream(m.device).cuda_stream
+        ext.thought_loop(a, m.device.index or 0)  # temporaries are freed stream-ordered: safe to drop after
+        return out
+
+
 class CudaBackend(TritonBackend):
     name = "cuda"
     barrier_mode = 0  # grid barrier: 0 cooperative groups, 1 counters in global memory (benchmarks compare)
+
+    @property
+    def ext(self):
+        from .. import cuda_ext
+
+        return cuda_ext._ext()
+
+    def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ThoughtStep:
+        why = None
+        if self.model.dtype != torch.bfloat16:
+            why = f"dtype {self.model.dtype} (the kernel is bf16)"
+        elif self.model.config.activation_function not in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+            why = f"activation {self.model.config.activation_function!r} (the kernel uses GELU's tanh form)"
+        if why is not None:
+            log_fallback_once(why)
+            return super().thought_step(cache, embeds, latent, mask)
+        return PersistentThoughtStep(self, cache, embeds, latent, mask)
+
+    def thought_args(self, cache, n_thoughts: int):
+        """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""
+        m, ext = self.model, self.ext
+        cfg, t_ = m.config, m.transformer
+        if getattr(self, "_transposed", None) is None:
+            self._transposed = [
+                {
+                    name: mod.weight.t().contiguous()
+                    for name, mod in (
+                        ("attn", blk.attn.c_attn),
+                        ("proj", blk.attn.c_proj),
+                        ("fc", blk.mlp.c_fc),
+                        ("out", blk.mlp.c_proj),
+                    )
+                }
+                for blk in t_.h
+            ]
+        a = ext.ThoughtLoopArgs()
+        a.batch, a.d, a.n_head, a.head_dim = cache.batch, cfg.n_embd, cfg.n_head, cfg.head_dim
+        a.ffn, a.max_len, a.n_thoughts, a.eps = cfg.inner_size, cache.max_len, n_thoughts, cfg.layer_norm_epsilon
+        layers = []
+        for i, (blk, w) in enumerate(zip(t_.h, self._transposed)):
+            L = ext.Gpt2LayerArgs()
+            L.ln_1_w, L.ln_1_b = blk.ln_1.weight.data_ptr(), blk.ln_1.bias.data_ptr()
+            L.ln_2_w, L.ln_2_b = blk.ln_2.weight.data_ptr(), blk.ln_2.bias.data_ptr()
+            L.attn_w, L.attn_b = w["attn"].data_ptr(), blk.attn.c_attn.bias.data_ptr()
+            L.proj_w, L.proj_b = w["proj"].data_ptr(), blk.attn.c_proj.bias.data_ptr()
+            L.fc_w, L.fc_b = w["fc"].data_ptr(), blk.mlp.c_fc.bias.data_ptr()
+            L.out_w, L.out_b = w["out"].data_ptr(), blk.mlp.c_proj.bias.data_ptr()
+            L.k_cache, L.v_cache, L.scale = cache.plain_k[i].data_ptr(), cache.plain_v[i].data_ptr(), blk.attn.scale
+            layers.append(L)
+        a.layers = layers
+        a.ln_f_w, a.ln_f_b, a.wpe = t_.ln_f.weight.data_ptr(), t_.ln_f.bias.data_ptr(), t_.wpe.weight.data_ptr()
+        a.valid, a.barrier_mode = cache.valid.data_ptr(), self.barrier_mode
+        return a
 
     def token_step(self, cache, r_max: int, criterion, min_steps: int) -> TokenStep | None:
         from .. import cuda_ext

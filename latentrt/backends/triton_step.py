@@ -240,6 +240,10 @@ class ThoughtStep(GraphedStep):
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.t_idx = torch.arange(cache.max_len, device=dev)
 
+    def run_columns(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
+        """All columns first..last at once, or None (run_prompt then steps column by column)."""
+        return None
+
     def prepare(self, h_prev: Tensor, column: int, timeline_index: int) -> None:
         self.h.copy_(h_prev)
         self.col.fill_(column)

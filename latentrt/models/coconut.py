@@ -195,7 +195,11 @@ class CoconutGPT2(nn.Module):
         step = None
         if backend is not None and not hooks and isinstance(cache, KVCache):
             step = backend.thought_step(cache, embeds, latent, mask)
-        for col in range(first, last + 1):
+        block = step.run_columns(hs[-1][:, -1:], first, last) if step is not None else None
+        if block is not None:  # every thought in one launch (the persistent CUDA kernel)
+            hs.append(block)
+            thought = last - first + 1
+        for col in range(first, last + 1) if block is None else ():
             if step is not None:  # device-side indices: one CUDA graph for every column on the GPU
                 step.prepare(hs[-1][:, -1:], col, cache.reserve())
                 hs.append(step().clone())
