@@ -17,6 +17,19 @@ static void check(int status, const char* what) {
 
 static void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+// A launch planner's answer: ok, the reason when not, and the grid / shared memory it would use.
+template <class Args, class Plan>
+static py::dict plan_dict(Plan plan, const Args& a, int device) {
+  int grid = 0, smem = 0;
+  std::string why = plan(a, device, &grid, &smem);
+  py::dict d;
+  d["ok"] = why.empty();
+  d["reason"] = why;
+  d["grid"] = grid;
+  d["smem_bytes"] = smem;
+  return d;
+}
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "latentrt CUDA kernels: the persistent latent loop and its building blocks";
   m.def("gemv_bf16", [](uintptr_t x, uintptr_t w, uintptr_t add, uintptr_t active, uintptr_t out, int M, int N,
@@ -58,16 +71,7 @@ PYBIND11_MODULE(_cuda, m) {
       FIELD(valid) FIELD(written) FIELD(state) FIELD(active) FIELD(used) FIELD(logits) FIELD(prev_logp)
       FIELD(scratch) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
 #undef FIELD
-  m.def("loop_plan", [](const LoopArgs& a, int device) {
-    int grid = 0, smem = 0;
-    std::string why = latentrt::loop_plan(a, device, &grid, &smem);
-    py::dict d;
-    d["ok"] = why.empty();
-    d["reason"] = why;
-    d["grid"] = grid;
-    d["smem_bytes"] = smem;
-    return d;
-  });
+  m.def("loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::loop_plan, a, device); });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);
 
   using latentrt::Gpt2LayerArgs;
@@ -87,16 +91,8 @@ PYBIND11_MODULE(_cuda, m) {
       TFIELD(out) TFIELD(valid) TFIELD(active) TFIELD(layer_table) TFIELD(scratch) TFIELD(barrier)
       TFIELD(barrier_mode) TFIELD(stream);
 #undef TFIELD
-  m.def("thought_plan", [](const ThoughtLoopArgs& a, int device) {
-    int grid = 0, smem = 0;
-    std::string why = latentrt::thought_plan(a, device, &grid, &smem);
-    py::dict d;
-    d["ok"] = why.empty();
-    d["reason"] = why;
-    d["grid"] = grid;
-    d["smem_bytes"] = smem;
-    return d;
-  });
+  m.def("thought_plan",
+        [](const ThoughtLoopArgs& a, int device) { return plan_dict(latentrt::thought_plan, a, device); });
   m.def("thought_scratch_elems", &latentrt::thought_scratch_elems);
   m.def("thought_table_bytes", &latentrt::thought_table_bytes);
   m.def("thought_loop",

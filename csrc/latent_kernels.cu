@@ -8,27 +8,13 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "device_utils.cuh"
 #include "latent_kernels.h"
 
 namespace {
 
-constexpr int kWarp = 32;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ void bf16x8_to_float(const uint4& u, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
+using latentrt_device::kWarp;
+using latentrt_device::warp_sum;
 
 // Rows of x are processed MT at a time so the accumulators stay in registers (compile-time indices).
 template <int MT>
@@ -53,12 +39,12 @@ __global__ void gemv_bf16_kernel(const __nv_bfloat16* __restrict__ x, const __nv
       for (int i = 0; i < MT; ++i) acc[i] = 0.f;
       for (int k = lane * 8; k < K; k += kWarp * 8) {  // 16 bytes of W per lane per step
         float wf[8];
-        bf16x8_to_float(*reinterpret_cast<const uint4*>(wrow + k), wf);
+        latentrt_device::unpack8(*reinterpret_cast<const uint4*>(wrow + k), wf);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           if (m0 + i < M) {
             float xf[8];
-            bf16x8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)(m0 + i) * K + k), xf);
+            latentrt_device::unpack8(*reinterpret_cast<const uint4*>(x + (size_t)(m0 + i) * K + k), xf);
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[i] += wf[j] * xf[j];
           }

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "device_utils.cuh"
 #include "latent_loop.h"
 
 namespace cg = cooperative_groups;
@@ -28,7 +29,7 @@ using bf16 = __nv_bfloat16;
 
 namespace {
 
-constexpr int kWarp = 32;
+using latentrt_device::kWarp;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kMaxB = 16;
@@ -59,30 +60,12 @@ struct Args {
   int barrier_mode;
 };
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+using latentrt_device::unpack8;
+using latentrt_device::warp_max;
+using latentrt_device::warp_sum;
 
 __device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float ld(const bf16* p) { return __bfloat162float(__ldcg(p)); }
-
-__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
 
 // Sum over the block (all threads get the result). `red` holds kWarps floats.
 __device__ float block_sum(float v, float* red) {
