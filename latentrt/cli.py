@@ -157,6 +157,10 @@ def cmd_info(args) -> int:
     print(f"model: {args.model} ({model.family}, model_type {cfg.model_type})")
     print(f"device: {model.device}, dtype: {str(model.dtype).replace('torch.', '')}")
     print(f"backend: {model.backend.name} ({model.backend.reason})")
+    from .backends import availability
+
+    for name, why in availability(model).items():
+        print(f"  {name}: {why}")
     print(f"parameters: {n_params:,}")
     print("config:")
     for k, v in cfg.to_dict().items():

@@ -10,6 +10,7 @@ def test_info(recurrent_dir, capsys):
     out = capsys.readouterr().out
     assert "parameters:" in out and "KV bytes per token (r=8)" in out and "shared" in out
     assert "backend: torch" in out
+    assert "  triton: " in out and "  cuda: " in out  # each backend: available, or why not
 
 
 def test_generate_recurrent(recurrent_dir, capsys):

@@ -31,6 +31,18 @@ def triton_status(device) -> tuple[bool, str]:
     return False, "the model is not on a CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
 
 
+def availability(model) -> dict[str, str]:
+    """For each backend, 'available' or why not, for a model on its device (``latentrt info``)."""
+    out = {}
+    for name in BACKENDS[1:]:
+        try:
+            get_backend(name, model)
+            out[name] = "available"
+        except InputError as exc:
+            out[name] = str(exc).split(": ", 1)[-1]
+    return out
+
+
 def get_backend(name: str, model):
     """Instantiate the named backend for ``model``; ``auto`` explains its choice in ``.reason``."""
     if name not in BACKENDS:
