@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     records: list[dict] = []
     copy_bw = None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = (out / "results.jsonl").open("w")  # one line per record as it comes: a timed-out run keeps its data
     with torch.no_grad():
         for name in ["ceilings"] + [s for s in only if s != "ceilings"]:
             t0 = time.perf_counter()
@@ -104,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 rec.update(env)
                 if name in only:
                     records.append(rec)
+                    partial.write(json.dumps(rec, default=str) + "\n")
+                    partial.flush()
             print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial.close()
     (out / "results.json").write_text(json.dumps(records, indent=1, default=str))
     print(table(records))
     return 0
