@@ -138,14 +138,16 @@ def fused(
     slot: int,
     length: Tensor,
     active: Tensor | None = None,
+    zero_frozen: bool = True,
 ) -> Tensor:
     """q [B,H,D]; k/v_slots [K,B,Hkv,T,D]; written [B,T] or None (read ``slot`` for every position);
     valid [B,T]; length a 1-element device tensor (positions [0, length) are attended); ``active`` [B]
-    bool or None: frozen sequences read nothing and get zeros. Returns [B,H,D]."""
+    bool or None: frozen sequences read nothing and get zeros (or unwritten memory with ``zero_frozen=False``).
+    Returns [B,H,D]."""
     K, B, Hkv, T, D = k_slots.shape
     H = q.shape[1]
     assert k_slots.stride() == v_slots.stride() and k_slots.stride(-1) == 1
-    out = torch.empty_like(q) if active is None else torch.zeros_like(q)
+    out = torch.zeros_like(q) if active is not None and zero_frozen else torch.empty_like(q)
     w = written if written is not None else valid
     _decode_attention_kernel[(B, H)](
         q.contiguous(),

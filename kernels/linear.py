@@ -120,14 +120,18 @@ def fused(
     out: Tensor | None = None,
     sumsq: Tensor | None = None,
     prenorm: tuple[Tensor, Tensor, float] | None = None,
+    zero_frozen: bool = True,
 ) -> Tensor:
     """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K).
-    ``sumsq`` / ``prenorm``: see the module docstring."""
+    ``sumsq`` / ``prenorm``: see the module docstring. Rows of frozen sequences are left unwritten: zeros
+    in a fresh ``out``, or whatever memory held with ``zero_frozen=False`` (callers that mask those rows
+    save a memset per call)."""
     M, K = x.shape
     N = w.shape[0] // 2 if gate else w.shape[0]
     assert w.stride(1) == 1 and x.stride(1) == 1
-    if out is None:  # rows of frozen sequences are not written: zeros, not stale memory
-        out = (torch.empty if active is None else torch.zeros)(M, N, dtype=x.dtype, device=x.device)
+    if out is None:
+        alloc = torch.zeros if active is not None and zero_frozen else torch.empty
+        out = alloc(M, N, dtype=x.dtype, device=x.device)
     if active is None:
         active = torch.ones(M, dtype=torch.bool, device=x.device)
     block_m = max(16, min(64, next_pow2(M)))

@@ -64,7 +64,9 @@ class TritonBackend(TorchBackend):
         if chunk.size != 1 or s.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return m.core_step(s, e, cache, chunk, iteration, active, rope)
         term, step = self._token_inputs(e, cache, chunk, rope)
-        return core_iteration(m, s[:, 0].contiguous(), term, cache, iteration, step, active)[:, None]
+        s0 = s[:, 0].contiguous()
+        new = core_iteration(m, s0, term, cache, iteration, step, active)
+        return torch.where(active[:, None], new, s0)[:, None]  # frozen rows keep their state (hooks see it)
 
     def token_step(self, cache, r_max: int, criterion, min_steps: int) -> TokenStep | None:
         """The graph-capturable decode token (see triton_step); None where the kernels do not apply."""

@@ -44,10 +44,11 @@ def sandwich_layer(
     prenorm: tuple | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One sandwich block for one new position per sequence. ``x_in`` is norm_1(h), or h itself with
-    ``prenorm`` (norm_1 applied in the QKV product's prologue). Returns (h, next_norm(h))."""
+    ``prenorm`` (norm_1 applied in the QKV product's prologue). Returns (h, next_norm(h)). Rows of frozen
+    sequences are computed from, or left as, unwritten memory: rows never mix, and the caller masks them."""
     cfg = step.config
     B = h.shape[0]
-    qkv = linear.fused(x_in, blk.attn.Wqkv.weight, active=active, prenorm=prenorm)
+    qkv = linear.fused(x_in, blk.attn.Wqkv.weight, active=active, prenorm=prenorm, zero_frozen=False)
     q = rope_kv.fused(
         qkv,
         blk.attn.qk_bias,
@@ -60,22 +61,23 @@ def sandwich_layer(
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
     )
-    y = decode_attention.fused(q, k_slots, v_slots, written, step.valid, slot, step.length, active)
-    o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active)
+    y = decode_attention.fused(q, k_slots, v_slots, written, step.valid, slot, step.length, active, zero_frozen=False)
+    o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active, zero_frozen=False)
     h, n3 = norms.fused(h, o, blk.norm_2.weight, blk.norm_3.weight, cfg.norm_eps)
-    g = linear.fused(n3, blk.mlp.fc.weight, active=active, gate=True)
-    mo = linear.fused(g, blk.mlp.proj.weight, active=active)
+    g = linear.fused(n3, blk.mlp.fc.weight, active=active, gate=True, zero_frozen=False)
+    mo = linear.fused(g, blk.mlp.proj.weight, active=active, zero_frozen=False)
     return norms.fused(h, mo, blk.norm_4.weight, next_norm, cfg.norm_eps)
 
 
 def core_iteration(model, s: Tensor, term: Tensor, cache, iteration: int, step: TokenInputs, active: Tensor) -> Tensor:
     """adapter (W[:, :d] s + the token's W[:, d:] e term, with core layer 0's norm_1 folded in: the
     product's epilogue sums squares and the QKV product's prologue normalises) -> every core layer, K/V
-    into the iteration's slot. s [B, d] -> [B, d]."""
+    into the iteration's slot. s [B, d] -> [B, d]; rows of frozen sequences are unspecified (callers mask)."""
     cfg, blocks = model.config, model.transformer.core_block
     d = cfg.n_embd
     sumsq = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
-    h = linear.fused(s, model.transformer.adapter.weight[:, :d], add=term, active=active, sumsq=sumsq)
+    w = model.transformer.adapter.weight[:, :d]
+    h = linear.fused(s, w, add=term, active=active, sumsq=sumsq, zero_frozen=False)
     x_in, prenorm = h, (sumsq, blocks[0].norm_1.weight, cfg.norm_eps)
     slot = iteration % cache.core_slots
     written = None if cache.core_slots == 1 else cache.written
