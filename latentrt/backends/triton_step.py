@@ -111,6 +111,8 @@ class GraphedStep:
         with torch.cuda.stream(self._stream):
             out = self.run()
         torch.cuda.current_stream().wait_stream(self._stream)
+        for t in out if isinstance(out, tuple) else (out,):
+            t.record_stream(torch.cuda.current_stream())  # used on this stream from now on
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self._stream):  # records without executing: state untouched
