@@ -45,10 +45,12 @@ def sandwich_layer(
 ) -> tuple[Tensor, Tensor | None]:
     """One sandwich block for one new position per sequence. ``x_in`` is norm_1(h), or h itself with
     ``prenorm`` (norm_1 applied in the QKV product's prologue). Returns (h, next_norm(h)). Rows of frozen
-    sequences are computed from, or left as, unwritten memory: rows never mix, and the caller masks them."""
+    sequences are computed from, or left as, unwritten memory on a GPU (fewer memsets in the graph; rows never
+    mix and the caller masks them); elsewhere they are zero-filled so no garbage is computed."""
     cfg = step.config
     B = h.shape[0]
-    qkv = linear.fused(x_in, blk.attn.Wqkv.weight, active=active, prenorm=prenorm, zero_frozen=False)
+    zf = not h.is_cuda
+    qkv = linear.fused(x_in, blk.attn.Wqkv.weight, active=active, prenorm=prenorm, zero_frozen=zf)
     q = rope_kv.fused(
         qkv,
         blk.attn.qk_bias,
@@ -61,11 +63,11 @@ def sandwich_layer(
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
     )
-    y = decode_attention.fused(q, k_slots, v_slots, written, step.valid, slot, step.length, active, zero_frozen=False)
-    o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active, zero_frozen=False)
+    y = decode_attention.fused(q, k_slots, v_slots, written, step.valid, slot, step.length, active, zero_frozen=zf)
+    o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active, zero_frozen=zf)
     h, n3 = norms.fused(h, o, blk.norm_2.weight, blk.norm_3.weight, cfg.norm_eps)
-    g = linear.fused(n3, blk.mlp.fc.weight, active=active, gate=True, zero_frozen=False)
-    mo = linear.fused(g, blk.mlp.proj.weight, active=active, zero_frozen=False)
+    g = linear.fused(n3, blk.mlp.fc.weight, active=active, gate=True, zero_frozen=zf)
+    mo = linear.fused(g, blk.mlp.proj.weight, active=active, zero_frozen=zf)
     return norms.fused(h, mo, blk.norm_4.weight, next_norm, cfg.norm_eps)
 
 
@@ -77,7 +79,7 @@ def core_iteration(model, s: Tensor, term: Tensor, cache, iteration: int, step: 
     d = cfg.n_embd
     sumsq = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
     w = model.transformer.adapter.weight[:, :d]
-    h = linear.fused(s, w, add=term, active=active, sumsq=sumsq, zero_frozen=False)
+    h = linear.fused(s, w, add=term, active=active, sumsq=sumsq, zero_frozen=not s.is_cuda)
     x_in, prenorm = h, (sumsq, blocks[0].norm_1.weight, cfg.norm_eps)
     slot = iteration % cache.core_slots
     written = None if cache.core_slots == 1 else cache.written
