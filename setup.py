@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -71,7 +72,7 @@ class NvccBuildExt(build_ext):
         archs = os.environ.get("LATENTRT_CUDA_ARCHS", "90a")
         build_temp = Path(self.build_temp)
         build_temp.mkdir(parents=True, exist_ok=True)
-        objects = []
+        objects, commands = [], []
         cuda_home = _cuda_home(nvcc)
         includes = [pybind11.get_include(), str(ROOT / "csrc"), str(cuda_home / "include")]
         import sysconfig
@@ -95,6 +96,7 @@ class NvccBuildExt(build_ext):
                     "-O3",
                     "-std=c++17",
                     "--use_fast_math",
+                    "--threads=0",  # the gencode targets in parallel
                     "-Xcompiler",
                     "-fPIC",
                     "-lineinfo",
@@ -113,9 +115,13 @@ class NvccBuildExt(build_ext):
                     "-fPIC",
                     *inc_flags,
                 ]
-            print(" ".join(cmd), file=sys.stderr)
-            subprocess.check_call(cmd)
+            commands.append(cmd)
             objects.append(str(obj))
+        # the translation units are independent: compile them side by side (the loop kernel dominates)
+        with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+            for cmd in commands:
+                print(" ".join(cmd), file=sys.stderr)
+            list(pool.map(subprocess.check_call, commands))
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         libdir = _cudart_dir(cuda_home)

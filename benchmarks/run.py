@@ -73,6 +73,12 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _keep(records: list[dict], partial, rec: dict) -> None:
+    records.append(rec)
+    partial.write(json.dumps(rec, default=str) + "\n")
+    partial.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
@@ -101,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             fn = SUITES[name]
             kwargs = {} if name in ("ceilings", "host_syncs") else {"copy_bw": copy_bw}
-            for rec in fn(plan, **kwargs):
-                if rec["suite"] == "ceilings" and rec["name"] == "copy_bandwidth":
-                    copy_bw = rec["value"]
-                rec.update(env)
-                if name in only:
-                    records.append(rec)
-                    partial.write(json.dumps(rec, default=str) + "\n")
-                    partial.flush()
+            try:
+                for rec in fn(plan, **kwargs):
+                    if rec["suite"] == "ceilings" and rec["name"] == "copy_bandwidth":
+                        copy_bw = rec["value"]
+                    if name in only:
+                        _keep(records, partial, {**rec, **env})
+            except Exception as exc:  # one suite's failure is reported; the others still run
+                if name == "ceilings":
+                    raise
+                print(f"{name} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                err = {"suite": name, "name": "suite", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                _keep(records, partial, {**err, **env})
             print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     partial.close()
     (out / "results.json").write_text(json.dumps(records, indent=1, default=str))

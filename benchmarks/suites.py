@@ -140,7 +140,7 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
         for shape in shapes:
             inputs = [fam.make_inputs(shape, plan.device, plan.dtype, seed=i) for i in range(3)]
             impls = {"torch-eager": fam.reference}
-            if plan.gpu:
+            if plan.gpu and not plan.quick:
                 impls["torch-compile"] = torch.compile(fam.reference, dynamic=False)
             if plan.gpu and kernels.triton_available() and kernels.fused_of(fam) is not None:
                 impls["triton"] = kernels.fused_of(fam)
@@ -165,6 +165,49 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
                     "config": {"shape": shape},
                     "gb_per_s": nbytes / (t["median_ms"] / 1e3) / 1e9,
                     **with_floor(t, floor_ms),
+                }
+
+
+def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
+    """The decode GEMV (kernels/linear.py) at Huginn-0125's products for each candidate launch config:
+    data for choosing the default, which is what the decode path's weight streaming rests on."""
+    from kernels import linear
+
+    if not (plan.gpu and kernels.triton_available()):
+        return
+    d, ffn = 5280, 17920
+    products = {"qkv": (3 * d, d, False), "wo": (d, d, False), "fc_gate": (2 * ffn, d, True), "proj": (d, ffn, False)}
+    g = torch.Generator(device="cpu").manual_seed(5)
+    for name, (n, k, gate) in products.items():
+        ws = [(torch.randn(n, k, generator=g) * 0.02).to(plan.device, plan.dtype) for _ in range(2)]
+        for m in (1, 8):
+            x = torch.randn(m, k, generator=g).to(plan.device, plan.dtype)
+            nbytes = n * k * 2 + m * (k + (n // 2 if gate else n)) * 2
+            for cfg in linear.CANDIDATE_CONFIGS:
+                label = "n{BLOCK_N}k{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
+                try:
+                    t = measure(
+                        lambda w, x=x, gate=gate, cfg=cfg: linear.fused(x, w, gate=gate, config=cfg),
+                        [(w,) for w in ws],
+                        device=plan.device,
+                        repeats=30,
+                    )
+                except Exception as exc:  # an unlaunchable config is a result
+                    yield {
+                        "suite": "linear_configs",
+                        "name": name,
+                        "backend": label,
+                        "config": {"m": m},
+                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                    }
+                    continue
+                yield {
+                    "suite": "linear_configs",
+                    "name": name,
+                    "backend": label,
+                    "config": {"m": m, "n": n, "k": k},
+                    "gb_per_s": nbytes / (t["median_ms"] / 1e3) / 1e9,
+                    **with_floor(t, nbytes / copy_bw * 1e3),
                 }
 
 
@@ -201,47 +244,78 @@ def _backends(model) -> Iterator[tuple[str, object]]:
             yield label, backend
 
 
+def recurrent_configs(plan: Plan) -> list[dict]:
+    """(batch, r, kv, adaptive) to time, most important first (a run cut short keeps the acceptance rows).
+    ``early_exit``: adaptive with a threshold every sequence meets at once, so its time against fixed depth
+    shows what the iterations after an exit cost."""
+    if plan.gpu and plan.quick:
+        b1 = [
+            dict(batch=1, r=32, kv="shared", adaptive=False),
+            dict(batch=1, r=4, kv="shared", adaptive=False),
+            dict(batch=1, r=32, kv="shared", adaptive=True, early_exit=True),
+            dict(batch=8, r=32, kv="shared", adaptive=False),
+            dict(batch=8, r=32, kv="shared", adaptive=True),
+            dict(batch=1, r=32, kv="full", adaptive=False),
+        ]
+        return b1
+    return [
+        dict(batch=b, r=r, kv=kv, adaptive=a)
+        for b in plan.batches
+        for r in plan.depths
+        for kv in ("full", "shared")
+        for a in (False, True)
+    ]
+
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def shared_model(plan: Plan, kind: str):
+    """One model per family for every suite of a run (a Huginn-0125-shaped model is 7 GB in bf16)."""
+    if kind not in _MODELS:
+        cfg = plan.recurrent_cfg if kind == "recurrent" else plan.gpt2_cfg
+        _MODELS[kind] = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    return _MODELS[kind]
+
+
 def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
-    cfg = plan.recurrent_cfg
-    model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    model = shared_model(plan, "recurrent")
+    cfg = model.config
     el = torch.finfo(plan.dtype).bits // 8
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for backend, impl in _backends(model):
-        model.backend = impl
-        for batch in plan.batches:
-            ids = torch.randint(10, cfg.vocab_size, (batch, plan.context), generator=gen).to(plan.device)
-            for r in plan.depths:
-                for kv in ("full", "shared"):
-                    for adaptive in (False, True):
-                        t, steps = _decode_ms(
-                            model,
-                            ids,
-                            plan.tokens,
-                            num_steps=r,
-                            kv_sharing=kv,
-                            adaptive=adaptive,
-                            exit_criterion="latent-diff",
-                        )
-                        mean_steps = sum(steps) / max(len(steps), 1)
-                        b = floors.recurrent_step_bytes(
-                            cfg, batch=batch, context=plan.context, steps=round(mean_steps), element_size=el
-                        )
-                        floor_ms = b["total"] / copy_bw * 1e3
-                        yield {
-                            "suite": "decode_recurrent",
-                            "name": "generate",
-                            "backend": backend,
-                            "config": {
-                                "batch": batch,
-                                "r": r,
-                                "kv": kv,
-                                "adaptive": adaptive,
-                                "context": plan.context,
-                                "mean_steps": mean_steps,
-                            },
-                            "tokens_per_s": batch * 1000 / t["median_ms"],
-                            **with_floor(t, floor_ms),
-                        }
+    backends = list(_backends(model))
+    for c in recurrent_configs(plan):
+        batch, r = c["batch"], c["r"]
+        ids = torch.randint(10, cfg.vocab_size, (batch, plan.context), generator=gen).to(plan.device)
+        kw = dict(num_steps=r, kv_sharing=c["kv"], adaptive=c["adaptive"], exit_criterion="latent-diff")
+        if c.get("early_exit"):
+            kw["exit_threshold"] = 1e30
+        for backend, impl in backends:
+            model.backend = impl
+            try:
+                t, steps = _decode_ms(model, ids, plan.tokens, **kw)
+            except Exception as exc:  # a failing backend is a result, not the end of the run
+                yield {
+                    "suite": "decode_recurrent",
+                    "name": "generate",
+                    "backend": backend,
+                    "config": c,
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                }
+                continue
+            mean_steps = sum(steps) / max(len(steps), 1)
+            b = floors.recurrent_step_bytes(
+                cfg, batch=batch, context=plan.context, steps=max(1, round(mean_steps)), element_size=el
+            )
+            floor_ms = b["total"] / copy_bw * 1e3
+            yield {
+                "suite": "decode_recurrent",
+                "name": "generate",
+                "backend": backend,
+                "config": {**c, "context": plan.context, "mean_steps": mean_steps},
+                "tokens_per_s": batch * 1000 / t["median_ms"],
+                **with_floor(t, floor_ms),
+            }
     yield from _recurrent_baselines(plan, model, copy_bw, el)
 
 
@@ -250,7 +324,7 @@ def _recurrent_baselines(plan: Plan, model, copy_bw: float, el: int) -> Iterator
     model.backend = latentrt.backends.get_backend("torch", model)
     ids = torch.randint(10, cfg.vocab_size, (1, plan.context), generator=torch.Generator().manual_seed(1))
     ids = ids.to(plan.device)
-    for r in plan.depths:
+    for r in [32] if plan.quick and plan.gpu else plan.depths:
         sync(plan.device)
         t0 = time.perf_counter()
         n = 3 if plan.gpu else 2
@@ -275,7 +349,7 @@ def _recurrent_baselines(plan: Plan, model, copy_bw: float, el: int) -> Iterator
             **with_floor(single_shot(per_token, n), floor_ms),
             "kv_bytes_published": kv_bytes,
         }
-    if plan.gpu:
+    if plan.gpu and not plan.quick:  # torch.compile of the r-iteration step takes minutes
         yield from _compiled_baseline(plan, model, copy_bw, el)
 
 
@@ -320,12 +394,12 @@ def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int) -> Iterator[d
 
 
 def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
-    cfg = plan.gpt2_cfg
-    model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    model = shared_model(plan, "gpt2")
+    cfg = model.config
     el = torch.finfo(plan.dtype).bits // 8
     k = 6
     gen = torch.Generator().manual_seed(2)
-    for batch in [1, 32] if plan.gpu else [1, 4]:
+    for batch in ([1] if plan.quick else [1, 32]) if plan.gpu else [1, 4]:
         q = torch.randint(10, 300, (batch, 60), generator=gen).to(plan.device)
         base = torch.cat([q, torch.full((batch, 1), cfg.start_latent_id, device=plan.device)], 1)
 
@@ -351,7 +425,17 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         k2 = 30 if plan.gpu else 10
         for backend, impl in _backends(model):
             model.backend = impl
-            per_thought = (prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k)
+            try:
+                per_thought = (prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k)
+            except Exception as exc:  # a failing backend is a result, not the end of the run
+                yield {
+                    "suite": "decode_coconut",
+                    "name": "thought",
+                    "backend": backend,
+                    "config": {"batch": batch},
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                }
+                continue
             yield {
                 "suite": "decode_coconut",
                 "name": "thought",
@@ -402,8 +486,8 @@ def host_syncs(plan: Plan) -> Iterator[dict]:
     (item / is_nonzero / _local_scalar_dense), a proxy that misses .tolist()."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = plan.recurrent_cfg
-    model = build_model(cfg, device=plan.device, dtype=plan.dtype, seed=0)
+    model = shared_model(plan, "recurrent")
+    cfg = model.config
     ids = torch.randint(10, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3)).to(plan.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.gpu else [])
     for backend, impl in _backends(model):
@@ -433,4 +517,5 @@ SUITES = {
     "decode_recurrent": recurrent_decode,
     "decode_coconut": coconut_decode,
     "host_syncs": host_syncs,
+    "linear_configs": linear_configs,
 }

@@ -42,6 +42,14 @@ def norm_prologue_reference(h: Tensor, w_adapter: Tensor, add: Tensor, w_norm: T
 if HAVE_TRITON:
 
     @triton.jit
+    def _dot_rows(x, w):
+        """x [BM, BK] @ w[BN, BK]^T with fp32 accumulation: bf16/fp16 operands go to the tensor cores
+        (exact products, as cuBLAS does); fp32 operands use the IEEE fp32 path (no TF32 rounding)."""
+        if w.dtype == tl.float32:
+            return tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        return tl.dot(x.to(w.dtype), tl.trans(w))
+
+    @triton.jit
     def _linear_kernel(
         x_ptr,
         w_ptr,
@@ -88,12 +96,12 @@ if HAVE_TRITON:
                 nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
                 x = ((x.to(tl.float32) * rstd[:, None]).to(xdt).to(tl.float32) * nw[None, :]).to(xdt)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            acc += _dot_rows(x, w)
             if GATE:
                 wu = tl.load(
                     w_ptr + (rn[:, None] + N) * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
                 )
-                acc_up += tl.dot(x.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
+                acc_up += _dot_rows(x, wu)
         dt = out_ptr.dtype.element_ty
         if GATE:  # round like the reference: fc output in the storage dtype, silu, product
             g = acc.to(dt).to(tl.float32)
@@ -111,6 +119,23 @@ if HAVE_TRITON:
             tl.atomic_add(ss_out_ptr + rm, tl.sum(yf * yf, 1), mask=m_ok)
 
 
+DEFAULT_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
+# candidates the GPU benchmarks time against the default (benchmarks.suites.linear_configs)
+CANDIDATE_CONFIGS = [
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+    for n, k, w, st in [
+        (32, 64, 4, 3),
+        (16, 128, 4, 4),
+        (32, 128, 4, 4),
+        (64, 128, 4, 4),
+        (64, 128, 8, 4),
+        (64, 256, 8, 3),
+        (128, 128, 8, 4),
+        (16, 256, 4, 3),
+    ]
+]
+
+
 def fused(
     x: Tensor,
     w: Tensor,
@@ -121,8 +146,10 @@ def fused(
     sumsq: Tensor | None = None,
     prenorm: tuple[Tensor, Tensor, float] | None = None,
     zero_frozen: bool = True,
+    config: dict | None = None,
 ) -> Tensor:
     """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K).
+    ``config``: launch parameters overriding ``DEFAULT_CONFIG`` (BLOCK_N, BLOCK_K, num_warps, num_stages).
     ``sumsq`` / ``prenorm``: see the module docstring. Rows of frozen sequences are left unwritten: zeros
     in a fresh ``out``, or whatever memory held with ``zero_frozen=False`` (callers that mask those rows
     save a memset per call)."""
@@ -135,7 +162,8 @@ def fused(
     if active is None:
         active = torch.ones(M, dtype=torch.bool, device=x.device)
     block_m = max(16, min(64, next_pow2(M)))
-    grid = (triton.cdiv(N, 32), triton.cdiv(M, block_m))
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m))
     _linear_kernel[grid](
         x,
         w,
@@ -157,8 +185,7 @@ def fused(
         SUMSQ=sumsq is not None,
         PRENORM=prenorm is not None,
         BLOCK_M=block_m,
-        BLOCK_N=32,
-        BLOCK_K=64,
+        **cfg,
     )
     return out
 

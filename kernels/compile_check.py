@@ -1,0 +1,255 @@
+"""Compile every Triton kernel launch for a GPU target on a machine without a GPU.
+
+The CPU tests run the kernels through Triton's interpreter, which accepts code the real compiler rejects
+(and never allocates registers or shared memory). This check records the launches that real workloads
+make under the interpreter (kernel, argument dtypes and alignment, integer values, constexprs, launch
+options) at tiny and at full Huginn-0125 / GPT-2 shapes, then compiles each distinct one for the target
+(sm_90 by default) through Triton's own compiler with a stand-in driver, and reports the shared memory and
+registers each needs. It fails on a compile error or on shared memory above the target's limit.
+
+    python -m kernels.compile_check [--arch 90] [--full]
+
+``--full`` adds the full-shape launches (builds a 3-layer Huginn-width model on the CPU: ~4 GB bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # bytes of shared memory per block (opt-in maximum)
+
+
+# ------------------------------------------------------------------------------------------ recording
+def _spec(value):
+    """What the compiler sees of an argument: a tensor's dtype and 16-byte alignment, a scalar's value."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0)
+    if value is None or isinstance(value, bool | int | float | str):
+        return ("value", value)
+    return ("value", getattr(value, "value", repr(value)))
+
+
+def record(full: bool, out: Path) -> None:
+    """Run the workloads under TRITON_INTERPRET=1 and pickle one spec per distinct launch."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    from triton.runtime import interpreter
+
+    launches: dict = {}
+    execute = [True]
+    real_run = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        key = (
+            self.fn.__module__,
+            self.fn.__name__,
+            tuple(_spec(a) for a in args),
+            tuple(sorted((k, _spec(v)) for k, v in kwargs.items())),
+        )
+        launches[key] = True
+        if execute[0]:
+            return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
+
+    interpreter.InterpretedFunction.run = recording_run
+    import kernels
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for name in kernels.FAMILIES:
+            fam = kernels.family(name)
+            kernels.fused_of(fam)(*fam.make_inputs("tiny", "cpu", dtype))
+        _workloads("tiny", dtype)
+    if full:
+        execute[0] = False  # full shapes: record the launches, skip the (slow, interpreted) execution;
+        _ignore_non_finite()  # the skipped kernels leave garbage, which must not stop the workloads
+        for name in kernels.FAMILIES:
+            fam = kernels.family(name)
+            for shape in ("huginn", "gpt2"):
+                kernels.fused_of(fam)(*fam.make_inputs(shape, "cpu", torch.bfloat16))
+        _workloads("full", torch.bfloat16)
+    out.write_bytes(pickle.dumps(list(launches)))
+
+
+def _workloads(size: str, dtype) -> None:
+    """generate() through the triton backend: recurrent (every KV mode x exit criterion) and Coconut."""
+    import latentrt
+    from latentrt.backends import get_backend
+    from latentrt.config import parse_config
+    from latentrt.models import build_model
+
+    if size == "tiny":
+        rec = dict(n_embd=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=320)
+        rec.update(padding_multiple=64, block_size=128, n_layers_in_prelude=1, n_layers_in_recurrent_block=2)
+        gpt = dict(n_embd=64, n_head=2, n_layer=2, n_positions=128, vocab_size=320)
+    else:  # widths of Huginn-0125 / GPT-2 124M with fewer layers
+        rec = dict(n_embd=5280, num_attention_heads=55, num_key_value_heads=55, intermediate_size=17920)
+        rec.update(vocab_size=65536, padding_multiple=4096, block_size=128, n_layers_in_prelude=1)
+        rec.update(n_layers_in_recurrent_block=1)
+        gpt = dict(n_embd=768, n_head=12, n_layer=1, n_positions=128, vocab_size=50257)
+    rec.update(model_type="huginn_raven", n_layers_in_coda=1, mean_recurrence=4)
+    gpt.update(model_type="gpt2", latent_id=gpt["vocab_size"] - 1)
+    gpt.update(start_latent_id=gpt["vocab_size"] - 2, end_latent_id=gpt["vocab_size"] - 3)
+    model = build_model(parse_config(rec), dtype=dtype, seed=0)
+    model.backend = get_backend("triton", model)
+    batches = [[[5, 6, 7, 8], [9, 10]]] if size == "tiny" else [[[5, 6, 7, 8]], [[5, 6, 7, 8]] * 8]
+    for prompts in batches:
+        _recurrent_runs(model, prompts, size)
+    del model
+    model = build_model(parse_config(gpt), dtype=dtype, seed=0)
+    model.backend = get_backend("triton", model)
+    s, lat, e = gpt["start_latent_id"], gpt["latent_id"], gpt["end_latent_id"]
+    ids = [[5, 6, 7, s, lat, lat, e], [8, 9, s, lat, lat, e]]
+    _attempt(lambda: latentrt.generate(model, ids, max_new_tokens=2))
+    if size != "tiny":
+        _attempt(lambda: latentrt.generate(model, [[5, 6, 7, s, lat, lat, e]], max_new_tokens=2))
+
+
+def _recurrent_runs(model, prompts, size: str) -> None:
+    import latentrt
+
+    tiny = size == "tiny"  # full shapes: the benchmarks' KV mode and criteria only
+    for kv in ("full", "shared", "ring-2") if tiny else ("shared",):
+        for crit in ("none", "latent-diff", "kl", "entropy-diff", "argmax-stability") if tiny else ("none", "kl"):
+            kw = dict(max_new_tokens=2, num_steps=3, kv_sharing=kv, init_scale=0.0)
+            if crit != "none":
+                kw.update(adaptive=True, exit_criterion=crit)
+            _attempt(lambda kw=kw: latentrt.generate(model, prompts, **kw))
+
+
+def _ignore_non_finite() -> None:
+    from latentrt import engine
+    from latentrt.models import recurrent
+
+    engine._Run._raise_if_bad = lambda self, bad, token: None
+    recurrent.check_finite = lambda *a, **k: None
+
+
+def _attempt(fn) -> None:
+    """Run a workload; with kernels skipped (full shapes) values are garbage and host checks may stop it
+    after the launches of interest were recorded."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - recording keeps what ran before the stop
+        print(f"  workload stopped early: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ compiling
+class _StandInDriver:
+    """What JITFunction.warmup asks of a driver, for a target named on the command line."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _materialise(spec):
+    import torch
+
+    kind = spec[0]
+    if kind == "tensor":
+        t = torch.empty(64, dtype=getattr(torch, spec[1]))
+        return t if spec[2] else t[1:]  # keep the recorded 16-byte (mis)alignment
+    return spec[1]
+
+
+def compile_all(records: Path, arch: int) -> int:
+    """Compile every recorded launch; print a table; return the number of failures."""
+    import importlib
+
+    from triton.runtime.driver import driver
+
+    driver.set_active(_StandInDriver(arch))
+    launches = pickle.loads(records.read_bytes())
+    failures = 0
+    print(f"{'kernel':34s} {'args':>5s} {'warps':>5s} {'smem B':>8s} {'regs':>5s}  status")
+    for module, name, args, kwargs in sorted(launches, key=lambda k: (k[0], k[1])):
+        fn = getattr(importlib.import_module(module), name)
+        kw = {k: _materialise(v) for k, v in kwargs}
+        try:
+            kernel = fn.warmup(*[_materialise(a) for a in args], grid=(1,), **kw)
+            smem = kernel.metadata.shared
+            n_regs = _registers(kernel, arch)
+            limit = SMEM_LIMIT.get(arch, 232448)
+            status = "ok" if smem <= limit else f"FAIL shared memory {smem} > {limit}"
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
+            smem, n_regs, status = 0, 0, f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        failures += status != "ok"
+        print(
+            f"{module.split('.')[-1] + '.' + name:34s} {len(args):5d} {kw.get('num_warps', 4)!s:>5s} "
+            f"{smem:8d} {n_regs!s:>5s}  {status}"
+        )
+    print(f"{len(launches)} launches compiled for sm_{arch}, {failures} failed")
+    return failures
+
+
+def _registers(kernel, arch: int):
+    """Registers per thread from ptxas' report of the kernel's PTX (None when ptxas is not found)."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        res = subprocess.run(
+            [
+                ptxas,
+                "-v",
+                f"--gpu-name=sm_{arch}a" if arch == 90 else f"--gpu-name=sm_{arch}",
+                str(ptx),
+                "-o",
+                str(Path(tmp) / "k.o"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+    m = re.search(r"Used (\d+) registers", res.stderr)
+    return int(m.group(1)) if m else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
+    ap.add_argument("--full", action="store_true", help="also full Huginn-0125 / GPT-2 shapes (~4 GB of RAM)")
+    ap.add_argument("--record-to", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--compile-from", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.record_to:
+        record(args.full, Path(args.record_to))
+        return 0
+    if args.compile_from:
+        return 1 if compile_all(Path(args.compile_from), args.arch) else 0
+    # two processes: triton.jit decides at import time whether kernels are interpreted
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "launches.pkl"
+        me = [sys.executable, "-m", "kernels.compile_check", "--arch", str(args.arch)]
+        interp = dict(os.environ, TRITON_INTERPRET="1")
+        subprocess.run(me + ["--record-to", str(path)] + ["--full"] * args.full, env=interp, check=True)
+        compiled = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run(me + ["--compile-from", str(path)], env=compiled).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
