@@ -53,6 +53,9 @@ def main() -> None:
     ok, why = cuda_ext.available()
     if not ok:
         raise SystemExit(f"cuda extension unavailable: {why}")
+    # prefill attention through torch's math/flash kernels, not cuDNN's: racecheck reports hazards inside
+    # cuDNN's SDPA kernels (asynchronous-copy pipelines it cannot follow), which would bury ours
+    torch.backends.cuda.enable_cudnn_sdp(False)
     building_blocks()
     persistent_loop()
     thought_loop()

@@ -6,7 +6,10 @@
 #   extension for the later stages) -> the gpu-marked tests (Triton kernels in bf16 at full shapes, graph
 #   replay, the persistent kernels against the torch backend) -> the benchmark harness (acceptance rows
 #   first; every record appended to $OUT/bench/results.jsonl as measured) -> compute-sanitizer memcheck and
-#   racecheck on the small run. Carry .triton_cache (python -m kernels.compile_check --full, with
+#   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
+#     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
+#     GPU_CHECK_BUDGET=seconds (470)
+#   Carry .triton_cache (python -m kernels.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,23 +53,24 @@ fi
 stamp "gpu tests"
 TO=""
 python3 -c "import pytest_timeout" 2>/dev/null && TO="--timeout=45"
-timeout 130 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider --durations=12 $TO \
-  tests/test_kernels.py tests/test_triton_backend.py tests/test_gpu_reference.py tests/test_cuda_ext.py \
+eval "set -- ${GPU_TESTS:-tests/test_kernels.py tests/test_triton_backend.py tests/test_gpu_reference.py tests/test_cuda_ext.py}"
+timeout 130 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider --durations=12 $TO "$@" \
   >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $?" | tee -a "$LOG"
 grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
 
 stamp "benchmarks"
 timeout $(($(left) - 60)) python3 -m benchmarks.run --quick \
-  --only decode_recurrent,decode_coconut,host_syncs,linear_configs,micro --out "$OUT/bench" \
+  --only "${GPU_BENCH:-decode_recurrent,decode_coconut,host_syncs,linear_configs,decode_tuned,micro}" --out "$OUT/bench" \
   >"$OUT/bench.log" 2>&1
 echo "benchmarks exit $?" | tee -a "$LOG"
 rm -f "$OUT/bench/results.json"  # results.jsonl holds the same records (and survives a timeout)
 
 if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck; do
+  tools=${GPU_SANITIZE-memcheck racecheck}
+  for tool in $tools; do
     budget=$(($(left) / 2))
-    [ "$tool" = racecheck ] && budget=$(left)
+    [ "$tool" = "${tools##* }" ] && budget=$(left)
     [ "$budget" -lt 20 ] && { stamp "no time left for $tool"; continue; }
     stamp "compute-sanitizer $tool (${budget}s)"
     timeout "$budget" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m benchmarks.cuda_smoke \
@@ -77,4 +81,4 @@ if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
 fi
 stamp "done"
 echo "---- tests"; tail -25 "$OUT/gpu_tests.log"
-echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)" "$OUT/bench.log" | head -60
+echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$OUT/bench.log" | head -60

@@ -168,6 +168,9 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 }
 
 
+BEST_LINEAR: dict[int, tuple[float, dict]] = {}  # rows -> (summed ms over the products, config)
+
+
 def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
     """The decode GEMV (kernels/linear.py) at Huginn-0125's products for each candidate launch config:
     data for choosing the default, which is what the decode path's weight streaming rests on."""
@@ -178,13 +181,14 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
     d, ffn = 5280, 17920
     products = {"qkv": (3 * d, d, False), "wo": (d, d, False), "fc_gate": (2 * ffn, d, True), "proj": (d, ffn, False)}
     g = torch.Generator(device="cpu").manual_seed(5)
+    totals: dict[tuple[int, int], float] = {}  # (rows, config index) -> ms summed over the four products
     for name, (n, k, gate) in products.items():
         ws = [(torch.randn(n, k, generator=g) * 0.02).to(plan.device, plan.dtype) for _ in range(2)]
         for m in (1, 8):
             x = torch.randn(m, k, generator=g).to(plan.device, plan.dtype)
             nbytes = n * k * 2 + m * (k + (n // 2 if gate else n)) * 2
-            for cfg in linear.CANDIDATE_CONFIGS:
-                label = "n{BLOCK_N}k{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
+            for ci, cfg in enumerate(linear.CANDIDATE_CONFIGS):
+                label = "{kind}-n{BLOCK_N}k{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
                 try:
                     t = measure(
                         lambda w, x=x, gate=gate, cfg=cfg: linear.fused(x, w, gate=gate, config=cfg),
@@ -200,7 +204,9 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
                         "config": {"m": m},
                         "error": f"{type(exc).__name__}: {str(exc)[:200]}",
                     }
+                    totals[(m, ci)] = float("inf")
                     continue
+                totals[(m, ci)] = totals.get((m, ci), 0.0) + t["median_ms"]
                 yield {
                     "suite": "linear_configs",
                     "name": name,
@@ -209,6 +215,76 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
                     "gb_per_s": nbytes / (t["median_ms"] / 1e3) / 1e9,
                     **with_floor(t, nbytes / copy_bw * 1e3),
                 }
+    for (m, ci), total in totals.items():
+        if total < BEST_LINEAR.get(m, (float("inf"), None))[0]:
+            BEST_LINEAR[m] = (total, linear.CANDIDATE_CONFIGS[ci])
+    for m, (total, cfg) in sorted(BEST_LINEAR.items()):
+        yield {
+            "suite": "linear_configs",
+            "name": "best",
+            "backend": str(cfg),
+            "config": {"m": m},
+            "value": total,
+            "unit": "ms for one qkv+wo+fc+proj",
+        }
+
+
+def decode_tuned(plan: Plan, copy_bw: float) -> Iterator[dict]:
+    """Recurrent decode through the triton backend with the GEMV config that linear_configs measured
+    fastest (LATENTRT_GEMV), next to the default config on the same machine."""
+    import os
+
+    if not (plan.gpu and kernels.triton_available()):
+        return
+    if not BEST_LINEAR:
+        list(linear_configs(plan, copy_bw))
+    model = shared_model(plan, "recurrent")
+    el = torch.finfo(plan.dtype).bits // 8
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    impl = latentrt.backends.get_backend("triton", model)
+    model.backend = impl
+    runs = [
+        dict(batch=1, r=32, kv="shared", adaptive=False),
+        dict(batch=1, r=4, kv="shared", adaptive=False),
+        dict(batch=1, r=32, kv="shared", adaptive=True, early_exit=True),
+        dict(batch=8, r=32, kv="shared", adaptive=False),
+    ]
+    for c in runs:
+        ids = torch.randint(10, model.config.vocab_size, (c["batch"], plan.context), generator=gen).to(plan.device)
+        kw = dict(num_steps=c["r"], kv_sharing=c["kv"], adaptive=c["adaptive"], exit_criterion="latent-diff")
+        if c.get("early_exit"):
+            kw["exit_threshold"] = 1e30
+        best = BEST_LINEAR.get(1 if c["batch"] == 1 else 8, (0, None))[1]
+        for label, cfg in (("default", None), ("tuned", best)):
+            if cfg is None and label == "tuned":
+                continue
+            spec = None if cfg is None else "{kind},{BLOCK_N},{BLOCK_K},{num_warps},{num_stages}".format(**cfg)
+            os.environ.pop("LATENTRT_GEMV", None) if spec is None else os.environ.__setitem__("LATENTRT_GEMV", spec)
+            try:
+                t, steps = _decode_ms(model, ids, plan.tokens, **kw)
+            except Exception as exc:
+                yield {
+                    "suite": "decode_tuned",
+                    "name": label,
+                    "backend": "triton",
+                    "config": c,
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                }
+                continue
+            finally:
+                os.environ.pop("LATENTRT_GEMV", None)
+            mean_steps = sum(steps) / max(len(steps), 1)
+            b = floors.recurrent_step_bytes(
+                model.config, batch=c["batch"], context=plan.context, steps=max(1, round(mean_steps)), element_size=el
+            )
+            yield {
+                "suite": "decode_tuned",
+                "name": label,
+                "backend": f"triton {spec or 'default'}",
+                "config": {**c, "mean_steps": mean_steps},
+                "tokens_per_s": c["batch"] * 1000 / t["median_ms"],
+                **with_floor(t, b["total"] / copy_bw * 1e3),
+            }
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -493,14 +569,16 @@ def host_syncs(plan: Plan) -> Iterator[dict]:
     for backend, impl in _backends(model):
         model.backend = impl
         for adaptive in (False, True):
-            n = 6
             kw = dict(num_steps=8, adaptive=adaptive, exit_criterion="latent-diff", init_scale=0.0)
             latentrt.generate(model, ids, max_new_tokens=2, **kw)  # warm-up
-            with profile(activities=activities) as prof:
-                latentrt.generate(model, ids, max_new_tokens=n, **kw)
-            names = [e.name for e in prof.events()]
             counted = [nm for nm in SYNC_EVENTS if (nm.startswith("cuda") if plan.gpu else nm.startswith("aten"))]
-            count = sum(names.count(nm) for nm in counted)
+            counts = {}
+            for n in (2, 8):  # per decode token: the difference, so prefill and graph capture cancel
+                with profile(activities=activities) as prof:
+                    latentrt.generate(model, ids, max_new_tokens=n, **kw)
+                names = [e.name for e in prof.events()]
+                counts[n] = sum(names.count(nm) for nm in counted)
+            n, count = 6, counts[8] - counts[2]
             yield {
                 "suite": "host_syncs",
                 "name": "generate",
@@ -518,4 +596,5 @@ SUITES = {
     "decode_coconut": coconut_decode,
     "host_syncs": host_syncs,
     "linear_configs": linear_configs,
+    "decode_tuned": decode_tuned,
 }

@@ -67,6 +67,7 @@ def record(full: bool, out: Path) -> None:
             fam = kernels.family(name)
             kernels.fused_of(fam)(*fam.make_inputs("tiny", "cpu", dtype))
         _workloads("tiny", dtype)
+    _linear_candidates()
     if full:
         execute[0] = False  # full shapes: record the launches, skip the (slow, interpreted) execution;
         _ignore_non_finite()  # the skipped kernels leave garbage, which must not stop the workloads
@@ -76,6 +77,19 @@ def record(full: bool, out: Path) -> None:
                 kernels.fused_of(fam)(*fam.make_inputs(shape, "cpu", torch.bfloat16))
         _workloads("full", torch.bfloat16)
     out.write_bytes(pickle.dumps(list(launches)))
+
+
+def _linear_candidates() -> None:
+    """Every candidate GEMV launch config (the constexprs, hence registers, do not depend on N and K)."""
+    import torch
+
+    from kernels import linear
+
+    for cfg in linear.CANDIDATE_CONFIGS:
+        for m in (1, 8):
+            for gate in (False, True):
+                x, w = torch.randn(m, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+                linear.fused(x, w, gate=gate, config=cfg)
 
 
 def _workloads(size: str, dtype) -> None:
@@ -179,7 +193,7 @@ def compile_all(records: Path, arch: int) -> int:
     driver.set_active(_StandInDriver(arch))
     launches = pickle.loads(records.read_bytes())
     failures = 0
-    print(f"{'kernel':34s} {'args':>5s} {'warps':>5s} {'smem B':>8s} {'regs':>5s}  status")
+    print(f"{'kernel':34s} {'args':>5s} {'warps':>5s} {'smem B':>8s} {'regs':>9s}  status")
     for module, name, args, kwargs in sorted(launches, key=lambda k: (k[0], k[1])):
         fn = getattr(importlib.import_module(module), name)
         kw = {k: _materialise(v) for k, v in kwargs}
@@ -194,7 +208,7 @@ def compile_all(records: Path, arch: int) -> int:
         failures += status != "ok"
         print(
             f"{module.split('.')[-1] + '.' + name:34s} {len(args):5d} {kw.get('num_warps', 4)!s:>5s} "
-            f"{smem:8d} {n_regs!s:>5s}  {status}"
+            f"{smem:8d} {n_regs!s:>9s}  {status}"
         )
     print(f"{len(launches)} launches compiled for sm_{arch}, {failures} failed")
     return failures
@@ -226,7 +240,10 @@ def _registers(kernel, arch: int):
             text=True,
         )
     m = re.search(r"Used (\d+) registers", res.stderr)
-    return int(m.group(1)) if m else None
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    if not m:
+        return None
+    return f"{m.group(1)}" + (f"+{spill.group(1)}B" if spill and int(spill.group(1)) else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ Decode is bound by reading W, so the kernel's job is to stream W once at full ba
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,6 +75,7 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        REDUCE: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -85,6 +88,10 @@ if HAVE_TRITON:
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # REDUCE: products summed in registers per k lane, reduced once after the loop (no tensor cores,
+        # no shared memory): W streams straight from global memory into registers
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc3_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         if PRENORM:  # rms_norm(x) on the fly: fp32 x * rsqrt(mean(x^2) + eps), rounded, times the weight
             rstd = tl.rsqrt(tl.load(ss_in_ptr + rm, mask=m_ok, other=0.0) / K + eps)
         for k0 in range(0, K, BLOCK_K):
@@ -96,12 +103,21 @@ if HAVE_TRITON:
                 nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
                 x = ((x.to(tl.float32) * rstd[:, None]).to(xdt).to(tl.float32) * nw[None, :]).to(xdt)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += _dot_rows(x, w)
+            if REDUCE:
+                acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            else:
+                acc += _dot_rows(x, w)
             if GATE:
                 wu = tl.load(
                     w_ptr + (rn[:, None] + N) * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
                 )
-                acc_up += _dot_rows(x, wu)
+                if REDUCE:
+                    acc3_up += x.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :]
+                else:
+                    acc_up += _dot_rows(x, wu)
+        if REDUCE:
+            acc = tl.sum(acc3, 2)
+            acc_up = tl.sum(acc3_up, 2)
         dt = out_ptr.dtype.element_ty
         if GATE:  # round like the reference: fc output in the storage dtype, silu, product
             g = acc.to(dt).to(tl.float32)
@@ -119,19 +135,21 @@ if HAVE_TRITON:
             tl.atomic_add(ss_out_ptr + rm, tl.sum(yf * yf, 1), mask=m_ok)
 
 
-DEFAULT_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
+DEFAULT_CONFIG = dict(kind="dot", BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
 # candidates the GPU benchmarks time against the default (benchmarks.suites.linear_configs)
 CANDIDATE_CONFIGS = [
-    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
-    for n, k, w, st in [
-        (32, 64, 4, 3),
-        (16, 128, 4, 4),
-        (32, 128, 4, 4),
-        (64, 128, 4, 4),
-        (64, 128, 8, 4),
-        (64, 256, 8, 3),
-        (128, 128, 8, 4),
-        (16, 256, 4, 3),
+    dict(kind=kind, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+    for kind, n, k, w, st in [
+        ("dot", 32, 64, 4, 3),
+        ("dot", 32, 128, 4, 4),
+        ("dot", 64, 256, 8, 3),
+        ("reduce", 4, 512, 4, 1),
+        ("reduce", 8, 256, 4, 1),
+        ("reduce", 8, 512, 8, 1),
+        ("reduce", 16, 256, 8, 1),
+        ("reduce", 16, 128, 4, 2),
+        ("reduce", 2, 1024, 4, 1),
+        ("reduce", 8, 256, 4, 3),
     ]
 ]
 
@@ -161,8 +179,13 @@ def fused(
         out = alloc(M, N, dtype=x.dtype, device=x.device)
     if active is None:
         active = torch.ones(M, dtype=torch.bool, device=x.device)
-    block_m = max(16, min(64, next_pow2(M)))
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = {**DEFAULT_CONFIG, **(config or _env_config() or {})}
+    if cfg["kind"] == "reduce" and M > 16:  # many rows (prefill): the tensor-core tiles
+        cfg = dict(DEFAULT_CONFIG)
+    reduce = cfg.pop("kind") == "reduce"
+    block_m = next_pow2(M) if reduce else max(16, min(64, next_pow2(M)))
+    if reduce:  # the register accumulator is [rows, BLOCK_N, BLOCK_K]: keep it the same size for any rows
+        cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // block_m)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m))
     _linear_kernel[grid](
         x,
@@ -185,9 +208,20 @@ def fused(
         SUMSQ=sumsq is not None,
         PRENORM=prenorm is not None,
         BLOCK_M=block_m,
+        REDUCE=reduce,
         **cfg,
     )
     return out
+
+
+def _env_config() -> dict | None:
+    """LATENTRT_GEMV="kind,BLOCK_N,BLOCK_K,num_warps,num_stages" overrides the launch config (benchmarks
+    use it to time whole decode steps under a candidate)."""
+    spec = os.environ.get("LATENTRT_GEMV")
+    if not spec:
+        return None
+    kind, n, k, w, st = spec.split(",")
+    return dict(kind=kind, BLOCK_N=int(n), BLOCK_K=int(k), num_warps=int(w), num_stages=int(st))
 
 
 def make_inputs(shape: str, device, dtype, seed: int = 0, rows: int = 8):

@@ -52,6 +52,41 @@ def test_linear(m, n, k, mode):
     _close(out, linear.reference(x, w, add, gate=mode == "gate"), 1e-5)
 
 
+REDUCE_CONFIGS = [dict(kind="reduce", BLOCK_N=8, BLOCK_K=64, num_warps=4, num_stages=1)]
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 64), (3, 70, 100), (16, 33, 48)])
+@pytest.mark.parametrize("mode", ["add", "gate", "slice", "norm"])
+def test_linear_register_reduction_variant(m, n, k, mode):
+    """The launch config that sums products in registers (no tensor cores) computes what the dot one does,
+    every flag included: add, gate, column slice, sumsq epilogue + prenorm prologue, frozen rows."""
+    from kernels import linear
+
+    cfg = REDUCE_CONFIGS[0]
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(2 * n if mode == "gate" else n, 2 * k if mode == "slice" else k, generator=g)
+    if mode == "slice":
+        w = w[:, :k]
+    active = torch.ones(m, dtype=torch.bool)
+    active[-1] = m == 1
+    if mode == "norm":
+        ss = torch.zeros(m)
+        w_a, w_norm = torch.randn(k, k, generator=g) * 0.1, 1 + 0.2 * torch.randn(k, generator=g)
+        h = linear.fused(x, w_a, add=x, active=active, sumsq=ss, config=cfg)
+        out = torch.full((m, n), float("nan"))
+        linear.fused(h, w, active=active, prenorm=(ss, w_norm, 1e-6), out=out, config=cfg)
+        want_h, want = linear.norm_prologue_reference(x, w_a, x, w_norm, w, 1e-6)
+        _close(ss[active], want_h[active].pow(2).sum(-1), 1e-5)
+    else:
+        add = torch.randn(m, n, generator=g) if mode == "add" else None
+        out = torch.full((m, n), float("nan"))
+        linear.fused(x, w, add, active=active, gate=mode == "gate", out=out, config=cfg)
+        want = linear.reference(x, w, add, gate=mode == "gate")
+    _close(out[active], want[active], 1e-5)
+    assert out[~active].isnan().all()
+
+
 def test_linear_skips_frozen_rows_and_fully_frozen_launches():
     from kernels import linear
 
@@ -98,6 +133,22 @@ def test_decode_attention_frozen_rows_read_nothing():
     want = da.fused(q, ks, vs, written, valid, slot, torch.tensor([20]))
     _close(out[active], want[active], 1e-6)
     assert (out[1] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8])
+def test_linear_every_candidate_config_bf16(m):
+    """Every launch config the benchmarks time (and LATENTRT_GEMV may select) is right at Huginn's width."""
+    from kernels import linear
+
+    g = torch.Generator(device="cpu").manual_seed(m)
+    x = torch.randn(m, 5280, generator=g).cuda().bfloat16()
+    w = (torch.randn(2 * 1024, 5280, generator=g) * 0.02).cuda().bfloat16()
+    want = linear.reference(x.float(), w.float(), gate=True)
+    for cfg in linear.CANDIDATE_CONFIGS:
+        out = torch.full((m, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
+        linear.fused(x, w, gate=True, out=out, config=cfg)
+        assert rel_err(out.float(), want) < 2e-2, cfg
 
 
 @pytest.mark.gpu
