@@ -147,7 +147,9 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
             nbytes = fam.bytes_moved(inputs[0])
             for impl, fn in impls.items():
                 try:
-                    t = measure(fn, inputs, device=plan.device, repeats=30 if plan.gpu else 5)
+                    t = measure(
+                        fn, inputs, device=plan.device, repeats=30 if plan.gpu else 5, inner=20 if plan.gpu else 1
+                    )
                 except Exception as exc:  # a compile failure is a result, not a crash of the harness
                     yield {
                         "suite": "micro",
@@ -195,6 +197,7 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
                         [(w,) for w in ws],
                         device=plan.device,
                         repeats=30,
+                        inner=20,
                     )
                 except Exception as exc:  # an unlaunchable config is a result
                     yield {
@@ -289,17 +292,18 @@ def decode_tuned(plan: Plan, copy_bw: float) -> Iterator[dict]:
 
 # ---------------------------------------------------------------------------------------------- decode
 def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
-    """Per-token latency of the decode steps (prefill excluded), timed between streamed tokens; the
-    engine reads each token on the host, which synchronises the device."""
+    """Per-token latency of ``new_tokens`` decode steps, timed between streamed tokens (the engine reads
+    each token on the host, which synchronises the device). The prompt and the first decode token (which
+    compiles kernels and captures the CUDA graph) are left out; the latter is reported as first_token_ms."""
     times, steps, last = [], [], None
-    stream = latentrt.generate(model, ids, max_new_tokens=new_tokens + 1, stream=True, init_scale=0.0, **kw)
+    stream = latentrt.generate(model, ids, max_new_tokens=new_tokens + 2, stream=True, init_scale=0.0, **kw)
     for ev in stream:
         now = time.perf_counter()
         if last is not None:
             times.append(1000 * (now - last))
             steps.extend(s for s in (ev.steps if isinstance(ev.steps, list) else [ev.steps]) if s is not None)
         last = now
-    return summarize(times), steps
+    return {**summarize(times[1:] or times), "first_token_ms": times[0]}, steps
 
 
 def _backends(model) -> Iterator[tuple[str, object]]:

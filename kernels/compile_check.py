@@ -206,6 +206,8 @@ def compile_all(records: Path, arch: int) -> int:
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
             smem, n_regs, status = 0, 0, f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         failures += status != "ok"
+        if status != "ok":
+            status += f" {dict((k, v[1]) for k, v in kwargs)}"
         print(
             f"{module.split('.')[-1] + '.' + name:34s} {len(args):5d} {kw.get('num_warps', 4)!s:>5s} "
             f"{smem:8d} {n_regs!s:>9s}  {status}"

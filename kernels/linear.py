@@ -135,7 +135,22 @@ if HAVE_TRITON:
             tl.atomic_add(ss_out_ptr + rm, tl.sum(yf * yf, 1), mask=m_ok)
 
 
-DEFAULT_CONFIG = dict(kind="dot", BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
+DEFAULT_CONFIG = dict(kind="dot", BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)  # many rows (prefill)
+# decode rows, measured on an H200 (benchmarks/RESULTS.md, 2026-11-26): Huginn-0125 decode at r=32 went from
+# 51.9 to 40.8 ms/token at batch 1 (one row: products summed in registers, 2 weight rows x 1024 columns per
+# program) and from 54.5 to 43.0 ms/token at batch 8 (tensor-core tiles of 64 x 256, 8 warps)
+ONE_ROW_CONFIG = dict(kind="reduce", BLOCK_N=2, BLOCK_K=1024, num_warps=4, num_stages=1)
+FEW_ROWS_CONFIG = dict(kind="dot", BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=3)
+
+
+def default_config(rows: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The launch config for ``rows`` rows of x when the caller names none. FEW_ROWS_CONFIG's tiles need
+    288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only."""
+    if rows == 1:
+        return ONE_ROW_CONFIG
+    return FEW_ROWS_CONFIG if rows <= 16 and dtype.itemsize == 2 else DEFAULT_CONFIG
+
+
 # candidates the GPU benchmarks time against the default (benchmarks.suites.linear_configs)
 CANDIDATE_CONFIGS = [
     dict(kind=kind, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
@@ -150,6 +165,10 @@ CANDIDATE_CONFIGS = [
         ("reduce", 16, 128, 4, 2),
         ("reduce", 2, 1024, 4, 1),
         ("reduce", 8, 256, 4, 3),
+        ("reduce", 1, 2048, 4, 1),
+        ("reduce", 2, 2048, 8, 1),
+        ("reduce", 4, 1024, 8, 1),
+        ("dot", 64, 128, 8, 4),
     ]
 ]
 
@@ -167,7 +186,7 @@ def fused(
     config: dict | None = None,
 ) -> Tensor:
     """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K).
-    ``config``: launch parameters overriding ``DEFAULT_CONFIG`` (BLOCK_N, BLOCK_K, num_warps, num_stages).
+    ``config``: launch parameters (kind, BLOCK_N, BLOCK_K, num_warps, num_stages); default_config(M) if None.
     ``sumsq`` / ``prenorm``: see the module docstring. Rows of frozen sequences are left unwritten: zeros
     in a fresh ``out``, or whatever memory held with ``zero_frozen=False`` (callers that mask those rows
     save a memset per call)."""
@@ -179,7 +198,7 @@ def fused(
         out = alloc(M, N, dtype=x.dtype, device=x.device)
     if active is None:
         active = torch.ones(M, dtype=torch.bool, device=x.device)
-    cfg = {**DEFAULT_CONFIG, **(config or _env_config() or {})}
+    cfg = {**DEFAULT_CONFIG, **(config or _env_config() or default_config(M, w.dtype))}
     if cfg["kind"] == "reduce" and M > 16:  # many rows (prefill): the tensor-core tiles
         cfg = dict(DEFAULT_CONFIG)
     reduce = cfg.pop("kind") == "reduce"

@@ -83,13 +83,16 @@ def _questions(model, n: int) -> list[list[int]]:
 
 def _agree(a, b, steps_too: bool = True) -> None:
     """Same tokens; steps equal on >= 90% of tokens (exit tests near their threshold may flip in bf16);
-    the first decoded position's logits (the kernel's first output) within bf16 tolerance."""
+    the first decoded position's logits (the kernel's first output) within two bf16 paths' distance: after
+    8 iterations x 2 core layers each bf16 path is 2-4% from fp32 (measured on an H200: torch 0.020-0.043,
+    kernel 0.016-0.026), so two of them may differ by up to the sum. The error against fp32 itself is
+    checked by test_persistent_loop_error_against_fp32_is_bf16_sized."""
     assert a.tokens == b.tokens
     if steps_too:
         pairs = [(x, y) for sa, sb in zip(a.steps, b.steps) for x, y in zip(sa, sb)]
         assert sum(x == y for x, y in pairs) >= 0.9 * len(pairs), (a.steps, b.steps)
     for x, y in zip(a.logits, b.logits):
-        assert rel_err(y[1], x[1]) < 3e-2
+        assert rel_err(y[1], x[1]) < 6e-2
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
