@@ -98,6 +98,18 @@ def with_floor(timing: dict, floor_ms: float) -> dict:
     return {**timing, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / max(timing["median_ms"], 1e-9)}
 
 
+def error_record(suite: str, name: str, backend: str, config: dict, exc: Exception) -> dict:
+    """A measurement that failed (compile error, unlaunchable config, a backend's exception): a result of
+    the run, not the end of it."""
+    return {
+        "suite": suite,
+        "name": name,
+        "backend": backend,
+        "config": config,
+        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+    }
+
+
 def single_shot(ms: float, repeats: int) -> dict:
     """A timing taken once over ``repeats`` units (the published patterns are too slow to repeat), in the
     shape of measure()'s records."""
@@ -151,13 +163,7 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
                         fn, inputs, device=plan.device, repeats=30 if plan.gpu else 5, inner=20 if plan.gpu else 1
                     )
                 except Exception as exc:  # a compile failure is a result, not a crash of the harness
-                    yield {
-                        "suite": "micro",
-                        "name": fam_name,
-                        "backend": impl,
-                        "config": {"shape": shape},
-                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
-                    }
+                    yield error_record("micro", fam_name, impl, {"shape": shape}, exc)
                     continue
                 floor_ms = nbytes / copy_bw * 1e3
                 yield {
@@ -200,13 +206,7 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
                         inner=20,
                     )
                 except Exception as exc:  # an unlaunchable config is a result
-                    yield {
-                        "suite": "linear_configs",
-                        "name": name,
-                        "backend": label,
-                        "config": {"m": m},
-                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
-                    }
+                    yield error_record("linear_configs", name, label, {"m": m}, exc)
                     totals[(m, ci)] = float("inf")
                     continue
                 totals[(m, ci)] = totals.get((m, ci), 0.0) + t["median_ms"]
@@ -266,13 +266,7 @@ def decode_tuned(plan: Plan, copy_bw: float) -> Iterator[dict]:
             try:
                 t, steps = _decode_ms(model, ids, plan.tokens, **kw)
             except Exception as exc:
-                yield {
-                    "suite": "decode_tuned",
-                    "name": label,
-                    "backend": "triton",
-                    "config": c,
-                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                }
+                yield error_record("decode_tuned", label, "triton", c, exc)
                 continue
             finally:
                 os.environ.pop("LATENTRT_GEMV", None)
@@ -375,13 +369,7 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
             try:
                 t, steps = _decode_ms(model, ids, plan.tokens, **kw)
             except Exception as exc:  # a failing backend is a result, not the end of the run
-                yield {
-                    "suite": "decode_recurrent",
-                    "name": "generate",
-                    "backend": backend,
-                    "config": c,
-                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                }
+                yield error_record("decode_recurrent", "generate", backend, c, exc)
                 continue
             mean_steps = sum(steps) / max(len(steps), 1)
             b = floors.recurrent_step_bytes(
@@ -455,13 +443,7 @@ def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int) -> Iterator[d
                     fn = fn or compiled_step(dec)
                     t = measure(fn, device=plan.device, repeats=10, warmup=2)
                 except Exception as exc:
-                    yield {
-                        "suite": "decode_recurrent",
-                        "name": name,
-                        "backend": "torch",
-                        "config": {"batch": batch, "r": r},
-                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
-                    }
+                    yield error_record("decode_recurrent", name, "torch", {"batch": batch, "r": r}, exc)
                     continue
                 yield {
                     "suite": "decode_recurrent",
@@ -508,13 +490,7 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
             try:
                 per_thought = (prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k)
             except Exception as exc:  # a failing backend is a result, not the end of the run
-                yield {
-                    "suite": "decode_coconut",
-                    "name": "thought",
-                    "backend": backend,
-                    "config": {"batch": batch},
-                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                }
+                yield error_record("decode_coconut", "thought", backend, {"batch": batch}, exc)
                 continue
             yield {
                 "suite": "decode_coconut",
