@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "launches.pkl"
         me = [sys.executable, "-m", "kernels.compile_check", "--arch", str(args.arch)]
-        interp = dict(os.environ, TRITON_INTERPRET="1")
+        interp = dict(os.environ, TRITON_INTERPRET="1", LATENTRT_GPU_CONFIGS="1")  # the GPU's launch configs
         subprocess.run(me + ["--record-to", str(path)] + ["--full"] * args.full, env=interp, check=True)
         compiled = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run(me + ["--compile-from", str(path)], env=compiled).returncode

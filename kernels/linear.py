@@ -61,6 +61,8 @@ if HAVE_TRITON:
         ss_out_ptr,
         ss_in_ptr,
         nw_ptr,
+        nb_ptr,
+        bias_ptr,
         eps,
         M,
         N,
@@ -72,6 +74,9 @@ if HAVE_TRITON:
         GATE: tl.constexpr,
         SUMSQ: tl.constexpr,
         PRENORM: tl.constexpr,
+        LAYERNORM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        GELU: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -90,10 +95,16 @@ if HAVE_TRITON:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # REDUCE: products summed in registers per k lane, reduced once after the loop (no tensor cores,
         # no shared memory): W streams straight from global memory into registers
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc3_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if PRENORM:  # rms_norm(x) on the fly: fp32 x * rsqrt(mean(x^2) + eps), rounded, times the weight
-            rstd = tl.rsqrt(tl.load(ss_in_ptr + rm, mask=m_ok, other=0.0) / K + eps)
+        if REDUCE:  # (allocated only for this kind: the interpreter would build it for every program)
+            acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc3_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if PRENORM:
+            if LAYERNORM:  # statistics are (sum, sum of squares) pairs
+                mean = tl.load(ss_in_ptr + 2 * rm, mask=m_ok, other=0.0) / K
+                var = tl.maximum(tl.load(ss_in_ptr + 2 * rm + 1, mask=m_ok, other=0.0) / K - mean * mean, 0.0)
+                rstd = tl.rsqrt(var + eps)
+            else:  # rms_norm(x) on the fly: fp32 x * rsqrt(mean(x^2) + eps), rounded, times the weight
+                rstd = tl.rsqrt(tl.load(ss_in_ptr + rm, mask=m_ok, other=0.0) / K + eps)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
@@ -101,7 +112,11 @@ if HAVE_TRITON:
             if PRENORM:
                 xdt = x.dtype
                 nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) * rstd[:, None]).to(xdt).to(tl.float32) * nw[None, :]).to(xdt)
+                if LAYERNORM:  # F.layer_norm: fp32 (x - mean) * rstd * w + b, rounded once
+                    nb = tl.load(nb_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+                    x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * nw[None, :] + nb[None, :]).to(xdt)
+                else:
+                    x = ((x.to(tl.float32) * rstd[:, None]).to(xdt).to(tl.float32) * nw[None, :]).to(xdt)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if REDUCE:
                 acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
@@ -119,6 +134,8 @@ if HAVE_TRITON:
             acc = tl.sum(acc3, 2)
             acc_up = tl.sum(acc3_up, 2)
         dt = out_ptr.dtype.element_ty
+        if HAS_BIAS:  # added before the one rounding, as addmm does
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GATE:  # round like the reference: fc output in the storage dtype, silu, product
             g = acc.to(dt).to(tl.float32)
             u = acc_up.to(dt).to(tl.float32)
@@ -126,13 +143,21 @@ if HAVE_TRITON:
         elif HAS_ADD:
             a = tl.load(add_ptr + rm[:, None] * stride_om + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             y = (acc.to(dt).to(tl.float32) + a.to(tl.float32)).to(dt)
+        elif GELU:  # GPT-2's tanh form on the rounded product, in fp32, rounded once
+            g = acc.to(dt).to(tl.float32)
+            u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            y = (0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))).to(dt)  # 1 + tanh(u)
         else:
             y = acc.to(dt)
         ok = m_ok[:, None] & n_ok[None, :] & (act[:, None] != 0)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=ok)
         if SUMSQ:
             yf = tl.where(ok, y.to(tl.float32), 0.0)
-            tl.atomic_add(ss_out_ptr + rm, tl.sum(yf * yf, 1), mask=m_ok)
+            if LAYERNORM:
+                tl.atomic_add(ss_out_ptr + 2 * rm, tl.sum(yf, 1), mask=m_ok)
+                tl.atomic_add(ss_out_ptr + 2 * rm + 1, tl.sum(yf * yf, 1), mask=m_ok)
+            else:
+                tl.atomic_add(ss_out_ptr + rm, tl.sum(yf * yf, 1), mask=m_ok)
 
 
 DEFAULT_CONFIG = dict(kind="dot", BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)  # many rows (prefill)
@@ -145,7 +170,12 @@ FEW_ROWS_CONFIG = dict(kind="dot", BLOCK_N=64, BLOCK_K=256, num_warps=8, num_sta
 
 def default_config(rows: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The launch config for ``rows`` rows of x when the caller names none. FEW_ROWS_CONFIG's tiles need
-    288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only."""
+    288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only. Under the
+    interpreter (CPU tests) the time goes per program, so the config with the fewest programs runs there
+    (every config computes the same function: tests/test_kernels.py checks each kind), unless
+    LATENTRT_GPU_CONFIGS=1 (kernels.compile_check records the GPU's launches that way)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1":
+        return DEFAULT_CONFIG
     if rows == 1:
         return ONE_ROW_CONFIG
     return FEW_ROWS_CONFIG if rows <= 16 and dtype.itemsize == 2 else DEFAULT_CONFIG
@@ -184,12 +214,18 @@ def fused(
     prenorm: tuple[Tensor, Tensor, float] | None = None,
     zero_frozen: bool = True,
     config: dict | None = None,
+    bias: Tensor | None = None,
+    gelu: bool = False,
+    stats: Tensor | None = None,
+    ln_prenorm: tuple[Tensor, Tensor, Tensor, float] | None = None,
 ) -> Tensor:
     """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K).
     ``config``: launch parameters (kind, BLOCK_N, BLOCK_K, num_warps, num_stages); default_config(M) if None.
-    ``sumsq`` / ``prenorm``: see the module docstring. Rows of frozen sequences are left unwritten: zeros
-    in a fresh ``out``, or whatever memory held with ``zero_frozen=False`` (callers that mask those rows
-    save a memset per call)."""
+    ``sumsq`` / ``prenorm``: see the module docstring; ``stats`` / ``ln_prenorm=(stats, w, b, eps)`` are
+    their LayerNorm forms (GPT-2), with [M, 2] fp32 (sum, sum of squares) per row. ``bias`` [N] is added
+    before rounding (addmm); ``gelu`` applies GPT-2's tanh GELU to the result. Rows of frozen sequences
+    are left unwritten: zeros in a fresh ``out``, or whatever memory held with ``zero_frozen=False``
+    (callers that mask those rows save a memset per call)."""
     M, K = x.shape
     N = w.shape[0] // 2 if gate else w.shape[0]
     assert w.stride(1) == 1 and x.stride(1) == 1
@@ -206,16 +242,23 @@ def fused(
     if reduce:  # the register accumulator is [rows, BLOCK_N, BLOCK_K]: keep it the same size for any rows
         cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // block_m)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m))
+    assert not (sumsq is not None and stats is not None) and not (prenorm is not None and ln_prenorm is not None)
+    layernorm = stats is not None or ln_prenorm is not None
+    assert not (layernorm and (sumsq is not None or prenorm is not None)), "one norm kind per product"
+    stats_out = stats if stats is not None else sumsq
+    pre = ln_prenorm if ln_prenorm is not None else (prenorm[0], prenorm[1], None, prenorm[2]) if prenorm else None
     _linear_kernel[grid](
         x,
         w,
         add if add is not None else out,
         active,
         out,
-        sumsq if sumsq is not None else out,
-        prenorm[0] if prenorm is not None else out,
-        prenorm[1] if prenorm is not None else out,
-        prenorm[2] if prenorm is not None else 0.0,
+        stats_out if stats_out is not None else out,
+        pre[0] if pre is not None else out,
+        pre[1] if pre is not None else out,
+        pre[2] if pre is not None and pre[2] is not None else out,
+        bias if bias is not None else out,
+        pre[3] if pre is not None else 0.0,
         M,
         N,
         K,
@@ -224,8 +267,11 @@ def fused(
         out.stride(0),
         HAS_ADD=add is not None,
         GATE=gate,
-        SUMSQ=sumsq is not None,
-        PRENORM=prenorm is not None,
+        SUMSQ=stats_out is not None,
+        PRENORM=pre is not None,
+        LAYERNORM=layernorm,
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
         BLOCK_M=block_m,
         REDUCE=reduce,
         **cfg,

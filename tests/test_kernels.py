@@ -87,6 +87,40 @@ def test_linear_register_reduction_variant(m, n, k, mode):
     assert out[~active].isnan().all()
 
 
+@pytest.mark.parametrize("m,d,f", [(1, 64, 96), (3, 48, 80)])
+@pytest.mark.parametrize("kind", ["dot", "reduce"])
+def test_linear_gpt2_epilogues_and_layernorm_prologue(m, d, f, kind):
+    """GPT-2's sublayer chain on the GEMV: residual + bias with (sum, sum of squares) statistics in the
+    epilogue, then ln_2 in the next product's prologue, bias, tanh GELU, and the second residual: equal
+    to F.layer_norm / addmm / gelu_new."""
+    import torch.nn.functional as F
+
+    from kernels import linear
+    from latentrt.models.layers import gelu_new
+
+    g = torch.Generator().manual_seed(m * d + f)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    att, x = r(m, d), r(m, d) * 3 + 1  # a residual stream with a non-zero mean
+    w_proj, b_proj, w_fc, b_fc, w_out, b_out = r(d, d) * 0.2, r(d), r(f, d) * 0.2, r(f), r(d, f) * 0.2, r(d)
+    ln_w, ln_b = 1 + 0.2 * r(d), 0.1 * r(d)
+    active = torch.ones(m, dtype=torch.bool)
+    active[-1] = m == 1
+    cfg = dict(linear.FEW_ROWS_CONFIG if kind == "dot" else REDUCE_CONFIGS[0], BLOCK_N=16)
+    st1, st2 = torch.zeros(m, 2), torch.zeros(m, 2)
+    mid = linear.fused(att, w_proj, add=x, bias=b_proj, stats=st1, active=active, config=cfg)
+    hid = linear.fused(mid, w_fc, bias=b_fc, gelu=True, ln_prenorm=(st1, ln_w, ln_b, 1e-5), active=active, config=cfg)
+    out = linear.fused(hid, w_out, add=mid, bias=b_out, stats=st2, active=active, config=cfg)
+    want_mid = x + torch.addmm(b_proj, att, w_proj.T)
+    want_hid = gelu_new(torch.addmm(b_fc, F.layer_norm(want_mid, (d,), ln_w, ln_b, 1e-5), w_fc.T))
+    want_out = want_mid + torch.addmm(b_out, want_hid, w_out.T)
+    _close(mid[active], want_mid[active], 1e-5)
+    _close(st1[active], torch.stack([want_mid.sum(-1), want_mid.pow(2).sum(-1)], -1)[active], 1e-5)
+    _close(hid[active], want_hid[active], 1e-5)
+    _close(out[active], want_out[active], 1e-5)
+    _close(st2[active], torch.stack([want_out.sum(-1), want_out.pow(2).sum(-1)], -1)[active], 1e-5)
+    assert (st1[~active] == 0).all()
+
+
 def test_linear_skips_frozen_rows_and_fully_frozen_launches():
     from kernels import linear
 

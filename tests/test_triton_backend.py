@@ -105,15 +105,36 @@ def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
     """Thought columns run as ThoughtStep (one CUDA graph on GPU; eager here) and equal the torch path."""
     from latentrt.backends import triton_step
 
-    runs = []
-    real_run = triton_step.ThoughtStep.run
+    runs, fused = [], []
+    real_run, real_fused = triton_step.ThoughtStep.run, triton_step.ThoughtStep._fused_layers
     monkeypatch.setattr(triton_step.ThoughtStep, "run", lambda self: runs.append(1) or real_run(self))
+    monkeypatch.setattr(
+        triton_step.ThoughtStep, "_fused_layers", lambda self, *a: fused.append(1) or real_fused(self, *a)
+    )
     ref, fast = tiny_coconut(seed=5), tiny_coconut(seed=5)
     fast.backend = get_backend("triton", fast)
     ids = [[5, 6, 7, 2, 4, 4, 4, 3], [8, 9, 2, 4, 4, 4, 3]]
     a = latentrt.generate(ref, ids, max_new_tokens=4, return_logits=True)
     b = latentrt.generate(fast, ids, max_new_tokens=4, return_logits=True)
-    assert len(runs) >= 3 and b.num_thoughts == a.num_thoughts == 3
+    assert len(runs) >= 3 and len(fused) == len(runs) and b.num_thoughts == a.num_thoughts == 3
+    assert a.tokens == b.tokens
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y, x) < 1e-5
+
+
+def test_coconut_thoughts_without_fused_layers_for_other_attention_scaling(monkeypatch):
+    """GPT-2 configs the fused layer path does not cover (attention scaled by the inverse layer index) run
+    the thought columns through the model's own modules, still equal to the torch path."""
+    from latentrt.backends import triton_step
+
+    assert triton_step.fused_layers_apply(tiny_coconut(seed=5).config) is None
+    ref = tiny_coconut(seed=5, scale_attn_by_inverse_layer_idx=True)
+    fast = tiny_coconut(seed=5, scale_attn_by_inverse_layer_idx=True)
+    fast.backend = get_backend("triton", fast)
+    assert triton_step.fused_layers_apply(fast.config) is not None
+    ids = [[5, 6, 7, 2, 4, 4, 3]]
+    a = latentrt.generate(ref, ids, max_new_tokens=3, return_logits=True)
+    b = latentrt.generate(fast, ids, max_new_tokens=3, return_logits=True)
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits):
         assert rel_err(y, x) < 1e-5

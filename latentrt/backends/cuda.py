@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .triton import TritonBackend
-from .triton_step import ThoughtStep, TokenInputs, TokenStep
+from .triton_step import ThoughtStep, TokenInputs, TokenStep, fused_layers_apply
 
 log = logging.getLogger("latentrt")
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -117,7 +117,9 @@ class PersistentThoughtStep(ThoughtStep):
     thought-loop kernel; otherwise the Triton column steps run (``run_columns`` returns None)."""
 
     def __init__(self, backend, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
-        super().__init__(backend.model, backend.feedback, cache, embeds, latent, mask)
+        fused_ok = fused_layers_apply(backend.model.config) is None
+        weights_t = backend.conv1d_transposed() if fused_ok else None
+        super().__init__(backend.model, backend.feedback, cache, embeds, latent, mask, weights_t)
         self.backend = backend
 
     def run_columns(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
@@ -181,24 +183,12 @@ class CudaBackend(TritonBackend):
         """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""
         m, ext = self.model, self.ext
         cfg, t_ = m.config, m.transformer
-        if getattr(self, "_transposed", None) is None:
-            self._transposed = [
-                {
-                    name: mod.weight.t().contiguous()
-                    for name, mod in (
-                        ("attn", blk.attn.c_attn),
-                        ("proj", blk.attn.c_proj),
-                        ("fc", blk.mlp.c_fc),
-                        ("out", blk.mlp.c_proj),
-                    )
-                }
-                for blk in t_.h
-            ]
+        transposed = self.conv1d_transposed()
         a = ext.ThoughtLoopArgs()
         a.batch, a.d, a.n_head, a.head_dim = cache.batch, cfg.n_embd, cfg.n_head, cfg.head_dim
         a.ffn, a.max_len, a.n_thoughts, a.eps = cfg.inner_size, cache.max_len, n_thoughts, cfg.layer_norm_epsilon
         layers = []
-        for i, (blk, w) in enumerate(zip(t_.h, self._transposed)):
+        for i, (blk, w) in enumerate(zip(t_.h, transposed)):
             L = ext.Gpt2LayerArgs()
             L.ln_1_w, L.ln_1_b = blk.ln_1.weight.data_ptr(), blk.ln_1.bias.data_ptr()
             L.ln_2_w, L.ln_2_b = blk.ln_2.weight.data_ptr(), blk.ln_2.bias.data_ptr()

@@ -19,7 +19,7 @@ from torch import Tensor
 from kernels import exits, feedback
 
 from .torch import TorchBackend
-from .triton_step import ThoughtStep, TokenInputs, TokenStep, core_iteration
+from .triton_step import ThoughtStep, TokenInputs, TokenStep, core_iteration, fused_layers_apply
 
 
 class TritonExitOps:
@@ -75,8 +75,30 @@ class TritonBackend(TorchBackend):
         return TokenStep(self.model, cache, r_max, criterion, min_steps, self.exit_ops)
 
     def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ThoughtStep:
-        """Coconut prompt columns as one graph-capturable unit (see triton_step.ThoughtStep)."""
-        return ThoughtStep(self.model, self.feedback, cache, embeds, latent, mask)
+        """Coconut prompt columns as one graph-capturable unit (see triton_step.ThoughtStep), its layers as
+        fused launches where the config allows."""
+        fused_ok = fused_layers_apply(self.model.config) is None
+        weights_t = self.conv1d_transposed() if fused_ok else None
+        return ThoughtStep(self.model, self.feedback, cache, embeds, latent, mask, weights_t)
+
+    def conv1d_transposed(self) -> list[dict[str, Tensor]]:
+        """GPT-2's Conv1D weights ([in, out]) as contiguous [out, in] copies per layer, made once per backend
+        (the GEMV kernels read W row by row): attn, proj, fc, out. Costs one more copy of the layer
+        weights (170 MB in bf16 for GPT-2 124M)."""
+        if getattr(self, "_transposed", None) is None:
+            self._transposed = [
+                {
+                    name: mod.weight.t().contiguous()
+                    for name, mod in (
+                        ("attn", blk.attn.c_attn),
+                        ("proj", blk.attn.c_proj),
+                        ("fc", blk.mlp.c_fc),
+                        ("out", blk.mlp.c_proj),
+                    )
+                }
+                for blk in self.model.transformer.h
+            ]
+        return self._transposed
 
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Coconut: ln_f(h) + wpe[pos] and layer 0's ln_1 of it, in one kernel."""

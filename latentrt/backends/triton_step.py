@@ -236,15 +236,22 @@ class ThoughtStep(GraphedStep):
     (and layer 0's ln_1 of it) from the previous column's hidden state, every layer with its K/V written
     at the column's timeline entry, attention over the whole cache under a position mask."""
 
-    def __init__(self, model, feedback, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
+    def __init__(
+        self, model, feedback, cache, embeds: Tensor, latent: Tensor, mask: Tensor, weights_t: list | None = None
+    ) -> None:
+        """``weights_t``: GPT-2's Conv1D weights transposed to [out, in] per layer (see fused_layers_apply);
+        with them every layer runs as six fused launches, else through the model's own modules."""
         self.model, self.feedback, self.cache = model, feedback, cache
         self.embeds, self.latent, self.mask = embeds, latent, mask
+        self.weights_t = weights_t
         dev = model.device
         B, _, d = embeds.shape
         self.h = torch.zeros(B, 1, d, dtype=embeds.dtype, device=dev)
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.t_idx = torch.arange(cache.max_len, device=dev)
+        # LayerNorm statistics (sum, sum of squares) per row after each residual add: 2 per layer
+        self.stats = torch.zeros(2 * len(model.transformer.h), B, 2, device=dev)
 
     def run_columns(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
         """All columns first..last at once, or None (run_prompt then steps column by column)."""
@@ -267,6 +274,8 @@ class ThoughtStep(GraphedStep):
         fed, fed_ln1 = self.feedback(self.h, positions)
         x = torch.where(rows, fed.to(x.dtype), x)
         ln1x = torch.where(rows, fed_ln1.to(x.dtype), t_.h[0].ln_1(x))
+        if self.weights_t is not None:
+            return self._fused_layers(x[:, 0], ln1x[:, 0])[:, None]
         mask = ((self.t_idx <= pos) & (cache.valid | (self.t_idx == pos)))[:, None, None, :]
 
         def kv(i: int):
@@ -280,3 +289,44 @@ class ThoughtStep(GraphedStep):
         for i, block in enumerate(t_.h):
             x = block(x, mask, kv(i), ln1x if i == 0 else None)
         return x
+
+    def _fused_layers(self, x: Tensor, ln1x: Tensor) -> Tensor:
+        """Every GPT-2 layer for the column as six launches: QKV (ln_1 in the prologue from the previous
+        layer's statistics; layer 0 gets ln_1(x) from the feedback kernel), the K/V writes, decode
+        attention over the timeline (positions <= pos that are valid, and pos itself), c_proj + bias +
+        residual with the row statistics in its epilogue, c_fc with ln_2 in the prologue + bias + GELU,
+        the MLP's c_proj + bias + residual with the next layer's statistics. x, ln1x [B, d]."""
+        m, cache, pos = self.model, self.cache, self.pos
+        B, d = x.shape
+        H = m.config.n_head
+        stats = self.stats
+        stats.zero_()
+        length = pos + 1
+        h = x
+        for i, (blk, w) in enumerate(zip(m.transformer.h, self.weights_t)):
+            attn, mlp = blk.attn, blk.mlp
+            if i == 0:
+                qkv = linear.fused(ln1x, w["attn"], bias=attn.c_attn.bias)
+            else:
+                ln = (stats[2 * i - 1], blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+                qkv = linear.fused(h, w["attn"], bias=attn.c_attn.bias, ln_prenorm=ln)
+            q, k, v = qkv.view(B, 3, H, d // H).unbind(1)
+            cache.plain_k[i].index_copy_(2, pos, k[:, :, None].to(cache.plain_k.dtype))
+            cache.plain_v[i].index_copy_(2, pos, v[:, :, None].to(cache.plain_v.dtype))
+            k_slots, v_slots = cache.plain_k[i : i + 1], cache.plain_v[i : i + 1]
+            att = decode_attention.fused(q, k_slots, v_slots, None, cache.valid, 0, length).reshape(B, d)
+            mid = linear.fused(att, w["proj"], add=h, bias=attn.c_proj.bias, stats=stats[2 * i])
+            ln = (stats[2 * i], blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            hid = linear.fused(mid, w["fc"], bias=mlp.c_fc.bias, gelu=True, ln_prenorm=ln)
+            h = linear.fused(hid, w["out"], add=mid, bias=mlp.c_proj.bias, stats=stats[2 * i + 1])
+        return h
+
+
+def fused_layers_apply(config) -> str | None:
+    """Why GPT-2's fused layer path cannot run this config (None when it can): the decode attention kernel
+    scales by 1/sqrt(head_dim) and the GEMV epilogue computes GELU's tanh form."""
+    if not config.scale_attn_weights or config.scale_attn_by_inverse_layer_idx:
+        return "attention scaling other than 1/sqrt(head_dim)"
+    if config.activation_function not in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return f"activation {config.activation_function!r}"
+    return None
