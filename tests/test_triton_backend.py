@@ -122,6 +122,23 @@ def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
         assert rel_err(y, x) < 1e-5
 
 
+def test_coconut_fused_layers_follow_weight_updates():
+    """The transposed weight copies are remade after an in-place update (a training step): no stale copies."""
+    ref, fast = tiny_coconut(seed=8), tiny_coconut(seed=8)
+    fast.backend = get_backend("triton", fast)
+    ids = [[5, 6, 7, 2, 4, 4, 3]]
+    latentrt.generate(fast, ids, max_new_tokens=1)
+    with torch.no_grad():
+        for m in (ref, fast):
+            for blk in m.transformer.h:
+                blk.mlp.c_fc.weight.mul_(1.5)
+    a = latentrt.generate(ref, ids, max_new_tokens=3, return_logits=True)
+    b = latentrt.generate(fast, ids, max_new_tokens=3, return_logits=True)
+    assert a.tokens == b.tokens
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y, x) < 1e-5
+
+
 def test_coconut_thoughts_without_fused_layers_for_other_attention_scaling(monkeypatch):
     """GPT-2 configs the fused layer path does not cover (attention scaled by the inverse layer index) run
     the thought columns through the model's own modules, still equal to the torch path."""

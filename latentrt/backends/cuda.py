@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .triton import TritonBackend
-from .triton_step import ThoughtStep, TokenInputs, TokenStep, fused_layers_apply
+from .triton_step import ThoughtStep, TokenInputs, TokenStep
 
 log = logging.getLogger("latentrt")
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -117,8 +117,7 @@ class PersistentThoughtStep(ThoughtStep):
     thought-loop kernel; otherwise the Triton column steps run (``run_columns`` returns None)."""
 
     def __init__(self, backend, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
-        fused_ok = fused_layers_apply(backend.model.config) is None
-        weights_t = backend.conv1d_transposed() if fused_ok else None
+        weights_t = backend.fused_layer_weights()
         super().__init__(backend.model, backend.feedback, cache, embeds, latent, mask, weights_t)
         self.backend = backend
 

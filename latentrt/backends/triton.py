@@ -77,27 +77,35 @@ class TritonBackend(TorchBackend):
     def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ThoughtStep:
         """Coconut prompt columns as one graph-capturable unit (see triton_step.ThoughtStep), its layers as
         fused launches where the config allows."""
-        fused_ok = fused_layers_apply(self.model.config) is None
-        weights_t = self.conv1d_transposed() if fused_ok else None
-        return ThoughtStep(self.model, self.feedback, cache, embeds, latent, mask, weights_t)
+        return ThoughtStep(self.model, self.feedback, cache, embeds, latent, mask, self.fused_layer_weights())
+
+    def fused_layer_weights(self) -> list[dict[str, Tensor]] | None:
+        """The transposed weights for ThoughtStep's fused GPT-2 layers, or None where the config needs the
+        model's own modules (see fused_layers_apply)."""
+        return self.conv1d_transposed() if fused_layers_apply(self.model.config) is None else None
 
     def conv1d_transposed(self) -> list[dict[str, Tensor]]:
-        """GPT-2's Conv1D weights ([in, out]) as contiguous [out, in] copies per layer, made once per backend
-        (the GEMV kernels read W row by row): attn, proj, fc, out. Costs one more copy of the layer
-        weights (170 MB in bf16 for GPT-2 124M)."""
-        if getattr(self, "_transposed", None) is None:
+        """GPT-2's Conv1D weights ([in, out]) as contiguous [out, in] copies per layer (the GEMV kernels
+        read W row by row): attn, proj, fc, out. One more copy of the layer weights (170 MB in bf16 for
+        GPT-2 124M), remade when a weight changed (a training step bumps the tensors' version counters, a
+        load_state_dict too), so a fine-tuned model never runs on stale copies."""
+        mods = [
+            (name, mod)
+            for blk in self.model.transformer.h
+            for name, mod in (
+                ("attn", blk.attn.c_attn),
+                ("proj", blk.attn.c_proj),
+                ("fc", blk.mlp.c_fc),
+                ("out", blk.mlp.c_proj),
+            )
+        ]
+        key = tuple((m.weight.data_ptr(), m.weight._version) for _, m in mods)
+        if getattr(self, "_transposed_key", None) != key:
+            copies = [m.weight.detach().t().contiguous() for _, m in mods]
             self._transposed = [
-                {
-                    name: mod.weight.t().contiguous()
-                    for name, mod in (
-                        ("attn", blk.attn.c_attn),
-                        ("proj", blk.attn.c_proj),
-                        ("fc", blk.mlp.c_fc),
-                        ("out", blk.mlp.c_proj),
-                    )
-                }
-                for blk in self.model.transformer.h
+                dict(zip(("attn", "proj", "fc", "out"), copies[i : i + 4])) for i in range(0, len(copies), 4)
             ]
+            self._transposed_key = key
         return self._transposed
 
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
