@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .suites import SUITES, Plan
+from .suites import SUITES, Plan, error_record
 
 
 def commit() -> str:
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "ceilings":
                     raise
                 print(f"{name} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-                err = {"suite": name, "name": "suite", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                _keep(records, partial, {**err, **env})
+                _keep(records, partial, {**error_record(name, "suite", "", {}, exc), **env})
             print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     partial.close()
     (out / "results.json").write_text(json.dumps(records, indent=1, default=str))

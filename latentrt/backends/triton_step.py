@@ -240,7 +240,7 @@ class ThoughtStep(GraphedStep):
         self, model, feedback, cache, embeds: Tensor, latent: Tensor, mask: Tensor, weights_t: list | None = None
     ) -> None:
         """``weights_t``: GPT-2's Conv1D weights transposed to [out, in] per layer (see fused_layers_apply);
-        with them every layer runs as six fused launches, else through the model's own modules."""
+        with them every layer runs as seven launches (_fused_layers), else through the model's own modules."""
         self.model, self.feedback, self.cache = model, feedback, cache
         self.embeds, self.latent, self.mask = embeds, latent, mask
         self.weights_t = weights_t
@@ -291,7 +291,7 @@ class ThoughtStep(GraphedStep):
         return x
 
     def _fused_layers(self, x: Tensor, ln1x: Tensor) -> Tensor:
-        """Every GPT-2 layer for the column as six launches: QKV (ln_1 in the prologue from the previous
+        """Every GPT-2 layer for the column as seven launches: QKV (ln_1 in the prologue from the previous
         layer's statistics; layer 0 gets ln_1(x) from the feedback kernel), the K/V writes, decode
         attention over the timeline (positions <= pos that are valid, and pos itself), c_proj + bias +
         residual with the row statistics in its epilogue, c_fc with ln_2 in the prologue + bias + GELU,
