@@ -113,13 +113,18 @@ def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
     )
     ref, fast = tiny_coconut(seed=5), tiny_coconut(seed=5)
     fast.backend = get_backend("triton", fast)
-    ids = [[5, 6, 7, 2, 4, 4, 4, 3], [8, 9, 2, 4, 4, 4, 3]]
-    a = latentrt.generate(ref, ids, max_new_tokens=4, return_logits=True)
-    b = latentrt.generate(fast, ids, max_new_tokens=4, return_logits=True)
+    a, b = _same_generation(ref, fast, [[5, 6, 7, 2, 4, 4, 4, 3], [8, 9, 2, 4, 4, 4, 3]], max_new_tokens=4)
     assert len(runs) >= 3 and len(fused) == len(runs) and b.num_thoughts == a.num_thoughts == 3
+
+
+def _same_generation(ref, fast, ids, tol: float = 1e-5, **kw):
+    """generate() on both models: the same tokens, logits within ``tol``; returns both results."""
+    a = latentrt.generate(ref, ids, return_logits=True, **kw)
+    b = latentrt.generate(fast, ids, return_logits=True, **kw)
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits):
-        assert rel_err(y, x) < 1e-5
+        assert rel_err(y, x) < tol
+    return a, b
 
 
 def test_coconut_fused_layers_follow_weight_updates():
@@ -132,11 +137,7 @@ def test_coconut_fused_layers_follow_weight_updates():
         for m in (ref, fast):
             for blk in m.transformer.h:
                 blk.mlp.c_fc.weight.mul_(1.5)
-    a = latentrt.generate(ref, ids, max_new_tokens=3, return_logits=True)
-    b = latentrt.generate(fast, ids, max_new_tokens=3, return_logits=True)
-    assert a.tokens == b.tokens
-    for x, y in zip(a.logits, b.logits):
-        assert rel_err(y, x) < 1e-5
+    _same_generation(ref, fast, ids, max_new_tokens=3)
 
 
 def test_coconut_thoughts_without_fused_layers_for_other_attention_scaling(monkeypatch):
@@ -150,11 +151,7 @@ def test_coconut_thoughts_without_fused_layers_for_other_attention_scaling(monke
     fast.backend = get_backend("triton", fast)
     assert triton_step.fused_layers_apply(fast.config) is not None
     ids = [[5, 6, 7, 2, 4, 4, 3]]
-    a = latentrt.generate(ref, ids, max_new_tokens=3, return_logits=True)
-    b = latentrt.generate(fast, ids, max_new_tokens=3, return_logits=True)
-    assert a.tokens == b.tokens
-    for x, y in zip(a.logits, b.logits):
-        assert rel_err(y, x) < 1e-5
+    _same_generation(ref, fast, ids, max_new_tokens=3)
 
 
 def test_backend_choice_and_errors(monkeypatch):
