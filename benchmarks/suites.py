@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -352,12 +353,28 @@ def shared_model(plan: Plan, kind: str):
     return _MODELS[kind]
 
 
+NO_CUDNN_SDPA = "torch-no-cudnn-sdpa"
+
+
+@contextmanager
+def cudnn_sdpa(enabled: bool) -> Iterator[None]:
+    """torch's scaled_dot_product_attention with or without its cuDNN kernels, restored afterwards."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
     model = shared_model(plan, "recurrent")
     cfg = model.config
     el = torch.finfo(plan.dtype).bits // 8
     gen = torch.Generator(device="cpu").manual_seed(0)
     backends = list(_backends(model))
+    if plan.gpu:  # is the torch path's slowness on the H200 cuDNN attention re-planning per key length?
+        backends.insert(1, (NO_CUDNN_SDPA, backends[0][1]))
     for c in recurrent_configs(plan):
         batch, r = c["batch"], c["r"]
         ids = torch.randint(10, cfg.vocab_size, (batch, plan.context), generator=gen).to(plan.device)
@@ -367,7 +384,8 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         for backend, impl in backends:
             model.backend = impl
             try:
-                t, steps = _decode_ms(model, ids, plan.tokens, **kw)
+                with cudnn_sdpa(backend != NO_CUDNN_SDPA):
+                    t, steps = _decode_ms(model, ids, plan.tokens, **kw)
             except Exception as exc:  # a failing backend is a result, not the end of the run
                 yield error_record("decode_recurrent", "generate", backend, c, exc)
                 continue
