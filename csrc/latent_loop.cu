@@ -606,8 +606,10 @@ const void* thought_kernel_for(int batch) {
   return reinterpret_cast<const void*>(thought_loop_kernel<16>);
 }
 
-// Grid and shared memory for a cooperative launch of `kernel` staging `smem` bytes; "" when it fits.
-std::string cooperative_plan(const void* kernel, int smem, int device, int* grid) {
+// Grid and shared memory for a cooperative launch of `kernel`, whose every block stages the batch's rows of
+// width d in bf16 (smem = batch x d x 2 bytes); "" when it fits.
+std::string cooperative_plan(const void* kernel, int batch, int d, int device, int* grid, int* smem_bytes) {
+  const int smem = batch * d * 2;
   int sms = 0, optin = 0, coop = 0;  // single attributes: cheap, unlike cudaGetDeviceProperties
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
@@ -625,6 +627,7 @@ std::string cooperative_plan(const void* kernel, int smem, int device, int* grid
     return "the kernel does not fit on an SM (registers or shared memory)";
   if (!coop) return "the device does not support cooperative launches";
   *grid = sms;  // one block per SM: every block resident, all SMs streaming weights
+  *smem_bytes = smem;
   return "";
 }
 
@@ -651,11 +654,7 @@ std::string loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes)
   if (a.d % 8 || a.ffn % 8 || (a.n_head * a.head_dim) % 8 || a.ld_adapter % 8)
     return "widths must be multiples of 8 (16-byte loads)";
   if (a.criterion == 3 && (a.lm_head == 0 || a.ln_f == 0)) return "criterion kl needs the head weights";
-  const int smem = a.batch * a.d * 2;
-  std::string why = cooperative_plan(kernel_for(a.batch), smem, device, grid);
-  if (!why.empty()) return why;
-  *smem_bytes = smem;
-  return "";
+  return cooperative_plan(kernel_for(a.batch), a.batch, a.d, device, grid, smem_bytes);
 }
 
 int latent_loop(const LoopArgs& h, int device) {
@@ -724,11 +723,7 @@ std::string thought_plan(const ThoughtLoopArgs& a, int device, int* grid, int* s
   if (a.head_dim > kMaxHeadDim || a.n_head * a.head_dim != a.d) return "head_dim must be d / n_head <= 128";
   if (a.d % 8 || a.ffn % 8) return "widths must be multiples of 8 (16-byte loads)";
   if (a.n_thoughts < 1 || a.layers.empty()) return "nothing to run";
-  const int smem = a.batch * a.d * 2;
-  std::string why = cooperative_plan(thought_kernel_for(a.batch), smem, device, grid);
-  if (!why.empty()) return why;
-  *smem_bytes = smem;
-  return "";
+  return cooperative_plan(thought_kernel_for(a.batch), a.batch, a.d, device, grid, smem_bytes);
 }
 
 int thought_loop(const ThoughtLoopArgs& h, int device) {
