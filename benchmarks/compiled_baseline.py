@@ -21,7 +21,7 @@ class StaticDecoder:
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=model.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=model.device)  # timeline index being written
         self.rope_pos = torch.zeros(B, 1, dtype=torch.long, device=model.device)
-        self.valid = cache.valid  # [B, T]
+        self.valid = cache.valid  # [B, T] (read: the cache owns its timeline)
         self.t_idx = torch.arange(T, device=model.device)
 
     def _kv(self, k_buf: Tensor, v_buf: Tensor):
@@ -52,11 +52,12 @@ class StaticDecoder:
         return m.lm_head(t_.ln_f(h)).float()[:, -1]
 
     def set_token(self, tok: Tensor, timeline_index: int) -> None:
-        """Place the next token (in place, so a captured graph sees it) at a timeline index."""
+        """Place the next token (in place, so a captured graph sees it) at the cache's next timeline index."""
+        assert timeline_index == self.cache.length, "tokens are placed at the end of the cache's timeline"
+        chunk = self.cache.begin(torch.ones(self.cache.batch, 1, dtype=torch.bool, device=self.tok.device))
         self.tok.copy_(tok.view(-1, 1))
         self.pos.fill_(timeline_index)
-        self.valid[:, timeline_index] = True
-        self.rope_pos.copy_(self.valid[:, :timeline_index].sum(1, keepdim=True))
+        self.rope_pos.copy_(chunk.positions)
 
 
 def compiled_step(decoder: StaticDecoder, *, cuda_graph: bool = True):

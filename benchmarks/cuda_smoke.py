@@ -8,8 +8,7 @@ import torch
 import latentrt
 from latentrt import cuda_ext
 from latentrt.backends import get_backend
-from latentrt.config import parse_config
-from latentrt.models import build_model
+from latentrt.families import build_model, parse_config
 
 from .suites import TINY_GPT2, TINY_RECURRENT
 
@@ -26,7 +25,7 @@ def building_blocks() -> None:
     x = torch.randn(3, 256, device="cuda").bfloat16()
     w = torch.randn(96, 256, device="cuda").bfloat16()
     cuda_ext.gemv_bf16(x, w, torch.randn(3, 96, device="cuda").bfloat16())
-    from kernels import decode_attention as da
+    from latentrt.kernels import decode_attention as da
 
     q, ks, vs, written, valid, slot = da.make_inputs("tiny", "cuda", torch.bfloat16, batch=2, context=40, slots=3)
     cuda_ext.decode_attention_bf16(q, ks, vs, written, valid, slot, 40)

@@ -12,7 +12,7 @@ import time
 import torch
 
 import latentrt
-from latentrt.models import build_model
+from latentrt.families import build_model
 
 
 def tiny_config(block_size: int):

@@ -8,7 +8,7 @@ new entry per sequence. Coconut: one pass of GPT-2's weights per thought or answ
 
 from __future__ import annotations
 
-from latentrt.config import GPT2Config, RecurrentConfig
+from latentrt.models import GPT2Config, RecurrentConfig
 
 
 def sandwich_params(cfg: RecurrentConfig) -> int:

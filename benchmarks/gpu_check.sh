@@ -9,7 +9,7 @@
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
 #     GPU_CHECK_BUDGET=seconds (470)
-#   Carry .triton_cache (python -m kernels.compile_check --full, with
+#   Carry .triton_cache (python -m tools.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help=f"comma list of suites: {','.join(SUITES)}")
     ap.add_argument("--out", default="bench_out", help="folder for results.json")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any measurement failed (the CI smoke test)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     only = args.only.split(",") if args.only else list(SUITES)
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     partial.close()
     (out / "results.json").write_text(json.dumps(records, indent=1, default=str))
     print(table(records))
+    failed = [f"{r['suite']}/{r['name']}/{r.get('backend', '')}: {r['error']}" for r in records if "error" in r]
+    if failed and args.strict:
+        print("failed measurements:\n" + "\n".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

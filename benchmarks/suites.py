@@ -10,13 +10,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-import kernels
 import latentrt
-from latentrt.config import parse_config
-from latentrt.models import build_model
+import latentrt.kernels as kernels
+from latentrt.families import build_model, family_for, parse_config
 
 from . import floors
 from .published_pattern import coconut_generate, recurrent_generate
@@ -111,6 +111,16 @@ def error_record(suite: str, name: str, backend: str, config: dict, exc: Excepti
     }
 
 
+def timed_record(suite: str, name: str, backend: str, config: dict, timing, floor_ms: float) -> dict:
+    """``timing()`` -> a timing dict: the record with its floor, or the error record if it raised (a failing
+    backend is a result, not the end of the run)."""
+    try:
+        t = timing()
+    except Exception as exc:
+        return error_record(suite, name, backend, config, exc)
+    return {"suite": suite, "name": name, "backend": backend, "config": config, **with_floor(t, floor_ms)}
+
+
 def single_shot(ms: float, repeats: int) -> dict:
     """A timing taken once over ``repeats`` units (the published patterns are too slow to repeat), in the
     shape of measure()'s records."""
@@ -181,9 +191,9 @@ BEST_LINEAR: dict[int, tuple[float, dict]] = {}  # rows -> (summed ms over the p
 
 
 def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
-    """The decode GEMV (kernels/linear.py) at Huginn-0125's products for each candidate launch config:
+    """The decode GEMV (latentrt/kernels/linear.py) at Huginn-0125's products for each candidate launch config:
     data for choosing the default, which is what the decode path's weight streaming rests on."""
-    from kernels import linear
+    from latentrt.kernels import linear
 
     if not (plan.gpu and kernels.triton_available()):
         return
@@ -291,7 +301,9 @@ def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
     each token on the host, which synchronises the device). The prompt and the first decode token (which
     compiles kernels and captures the CUDA graph) are left out; the latter is reported as first_token_ms."""
     times, steps, last = [], [], None
-    stream = latentrt.generate(model, ids, max_new_tokens=new_tokens + 2, stream=True, init_scale=0.0, **kw)
+    if "init_scale" in family_for(model).decoder.OPTIONS:
+        kw = {"init_scale": 0.0, **kw}  # a deterministic initial state: the same work in every timed run
+    stream = latentrt.generate(model, ids, max_new_tokens=new_tokens + 2, stream=True, **kw)
     for ev in stream:
         now = time.perf_counter()
         if last is not None:
@@ -445,10 +457,10 @@ def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int) -> Iterator[d
     cfg = model.config
     for batch in plan.batches:
         for r in plan.depths:
-            cache = model.new_cache(batch, plan.context + 2, core_slots=1)
+            cache = model.new_cache(batch, plan.context + 2)
             for buf in (cache.plain_k, cache.plain_v, cache.core_k, cache.core_v):
                 buf.normal_()  # never time on zeros
-            cache.valid[:, : plan.context] = True
+            cache.begin(torch.ones(batch, plan.context, dtype=torch.bool, device=plan.device))
             dec = StaticDecoder(model, cache, r)
             dec.set_token(torch.full((batch,), 11, device=plan.device), plan.context)
             floor_ms = (
@@ -491,10 +503,10 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         thoughts = with_thoughts(k)
 
         def prompt_ms(ids):
-            def run():
-                return model.run_prompt(
-                    ids, torch.ones_like(ids, dtype=torch.bool), model.new_cache(*ids.shape), backend=model.backend
-                )
+            def run():  # the prompt as the Coconut decoder runs it: thoughts through the backend's column runner
+                cache, b = model.new_cache(*ids.shape), model.backend
+                mask = torch.ones_like(ids, dtype=torch.bool)
+                return model.run_prompt(ids, mask, cache, feedback=b.feedback, columns=partial(b.column_runner, cache))
 
             return measure(run, device=plan.device, repeats=5 if plan.gpu else 3, warmup=1)["median_ms"]
 
@@ -505,27 +517,16 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         k2 = 30 if plan.gpu else 10
         for backend, impl in _backends(model):
             model.backend = impl
-            try:
-                per_thought = (prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k)
-            except Exception as exc:  # a failing backend is a result, not the end of the run
-                yield error_record("decode_coconut", "thought", backend, {"batch": batch}, exc)
-                continue
-            yield {
-                "suite": "decode_coconut",
-                "name": "thought",
-                "backend": backend,
-                "config": {"batch": batch, "k": k, "k2": k2},
-                **with_floor(single_shot(per_thought, 1), floor_ms),
-            }
+
+            def per_thought(thoughts: torch.Tensor = thoughts, k2: int = k2) -> dict:
+                return single_shot((prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k), 1)
+
+            config = {"batch": batch, "k": k, "k2": k2}
+            yield timed_record("decode_coconut", "thought", backend, config, per_thought, floor_ms)
+            # answer tokens: single-position passes through the backend's column runner, plus the head
+            answer = lambda thoughts=thoughts: _decode_ms(model, thoughts, plan.tokens)[0]  # noqa: E731
+            yield timed_record("decode_coconut", "answer_token", backend, config, answer, floor_ms)
         model.backend = latentrt.backends.get_backend("torch", model)
-        t, _ = _decode_ms(model, thoughts, plan.tokens)
-        yield {
-            "suite": "decode_coconut",
-            "name": "answer_token",
-            "backend": "torch",
-            "config": {"batch": batch, "k": k},
-            **with_floor(t, floor_ms),
-        }
         if batch == 1:
             n = 3
             sync(plan.device)

@@ -6,7 +6,8 @@
 #include <string>
 
 #include "latent_kernels.h"
-#include "latent_loop.h"
+#include "recurrent_loop.h"
+#include "thought_loop.h"
 
 namespace py = pybind11;
 
@@ -62,7 +63,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("k_cache", &SandwichLayer::k_cache)
       .def_readwrite("v_cache", &SandwichLayer::v_cache)
       .def_readwrite("slots", &SandwichLayer::slots);
-  py::class_<LoopArgs>(m, "LoopArgs", "arguments of one persistent latent-loop launch (see latent_loop.h)")
+  py::class_<LoopArgs>(m, "LoopArgs", "arguments of one persistent recurrent-loop launch (see recurrent_loop.h)")
       .def(py::init<>())
 #define FIELD(name) .def_readwrite(#name, &LoopArgs::name)
       FIELD(batch) FIELD(d) FIELD(n_head) FIELD(n_kv) FIELD(head_dim) FIELD(ffn) FIELD(max_len) FIELD(vocab)

@@ -1,18 +1,23 @@
 """latentrt: a runtime for language models that reason in latent space.
 
-Public surface: ``load``, ``generate``, ``GenerationResult``, ``LatentEvent`` (hooks) and the errors.
+Public surface: ``load``, ``generate`` (options as keywords or a ``GenerateOptions``), its results
+(``GenerationResult``, ``GenerationStream``, ``StreamEvent``), ``LatentEvent`` (hooks) and the errors.
 """
 
-from .engine import GenerationResult, generate
+from .engine import GenerationResult, GenerationStream, StreamEvent, generate
 from .errors import CheckpointError, ConfigError, InputError, LatentRTError, NonFiniteStateError
 from .hooks import LatentEvent
 from .loader import load
+from .options import GenerateOptions
 
 __version__ = "0.1.0"
 __all__ = [
     "load",
     "generate",
+    "GenerateOptions",
     "GenerationResult",
+    "GenerationStream",
+    "StreamEvent",
     "LatentEvent",
     "LatentRTError",
     "ConfigError",

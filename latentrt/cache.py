@@ -1,16 +1,17 @@
-"""Preallocated KV cache for one generation, with the recurrent-depth slot modes.
+"""Preallocated KV cache for one generation; it owns the timeline every backend reads.
 
 Two kinds of layers share one timeline of T positions:
 - plain layers (prelude, coda, every GPT-2 layer) hold one K/V entry per position;
-- looped core layers hold K slots per position, where K depends on ``kv_sharing``:
-  ``full``  K = r_max (a slot per iteration), ``shared`` K = 1 (overwritten every iteration, so memory
-  equals a plain transformer of the same depth), ``ring`` K = k (the paper's KV budget).
+- looped core layers hold K slots per position, K set by the KV mode (latentrt/kv_modes.py, which also
+  states the write and lookup rules).
 
-Lookup rule (one formula for all modes). A query at iteration t reads, for each earlier position p that
-has written n_p iterations, slot ``min(t mod K, n_p - 1)``. In ``full`` mode this is the entry of
-iteration t, or the position's latest entry when it exited before t (Huginn's "latest-m4" lookup);
-in ring/shared mode it is whatever the slot holds, or the latest entry when the slot was never
-written. Sequences that exited are frozen by masking their writes, never by host branching.
+The timeline is three tensors: ``valid`` [B, T] (which entries are real tokens: not left padding, not a
+finished sequence), ``n_valid`` [B] (real entries so far: the next RoPE / wpe position) and ``written``
+[B, T] (iterations each position ran, for the lookup rule). Only this module writes them, through
+``begin`` / ``mark_iteration`` / ``record_iterations`` for spans the host knows, and ``begin_at`` /
+``mark_iteration_at`` / ``write_plain_at`` for device-side indices (graph-captured decode steps).
+Kernels write K/V data into the slots the cache hands out and read the timeline. Sequences that exited
+are frozen by masking their writes, never by host branching.
 """
 
 from __future__ import annotations
@@ -19,31 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-
-def parse_kv_sharing(kv_sharing: str, r_max: int) -> int:
-    """Number of core slots for a kv_sharing spec: 'full', 'shared', or 'ring-K' / ('ring', K)."""
-    if kv_sharing == "full":
-        return r_max
-    if kv_sharing == "shared":
-        return 1
-    if isinstance(kv_sharing, str) and kv_sharing.startswith("ring-"):
-        try:
-            k = int(kv_sharing[5:])
-        except ValueError:
-            k = 0
-        if k >= 1:
-            return min(k, r_max)
-    from .errors import InputError
-
-    raise InputError(f"kv_sharing must be 'full', 'shared' or 'ring-K' with K >= 1, got {kv_sharing!r}")
-
-
-def kv_bytes_per_token(
-    n_plain: int, n_core: int, core_slots: int, kv_heads: int, head_dim: int, element_size: int
-) -> int:
-    """K and V bytes one position of one sequence occupies: plain layers once, core layers per slot."""
-    return (n_plain + n_core * core_slots) * kv_heads * head_dim * 2 * element_size
 
 
 @dataclass
@@ -128,7 +104,7 @@ class KVCache:
         self.n_valid = torch.zeros(batch, dtype=torch.long, device=device)
         self.batch, self.max_len, self.length = batch, max_len, 0
         # fewest iterations any real, finished position wrote: a slot below it needs no per-position gather
-        self.min_done, self.reported = 1 << 30, 0  # reported: positions [0, reported) went through finish()
+        self.min_done, self.reported = 1 << 30, 0  # reported: positions [0, reported) went through record_iterations()
         self._bytes_per_position = (
             (n_plain + n_core * core_slots) * batch * kv_heads * head_dim * 2 * (self.plain_k.element_size())
         )
@@ -154,13 +130,24 @@ class KVCache:
         self.length = end
         return chunk
 
-    def reserve(self) -> int:
-        """Reserve the next timeline position on the host only (a TokenStep does the device-side part of
-        ``begin``); returns its index."""
-        if self.length + 1 > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {self.length + 1} positions > {self.max_len} allocated")
-        self.length += 1
-        return self.length - 1
+    def reserve(self, n: int = 1) -> int:
+        """Reserve the next ``n`` timeline positions on the host only (``begin_at`` does the device-side part
+        of ``begin`` for each); returns the first one's index."""
+        if self.length + n > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {self.length + n} positions > {self.max_len} allocated")
+        self.length += n
+        return self.length - n
+
+    def begin_at(self, pos: Tensor, valid: Tensor) -> Tensor:
+        """The device-side ``begin`` of one reserved position: ``pos`` a 1-element device tensor holding its
+        index, ``valid`` [B] bool. Marks validity, clears its iteration count and returns each sequence's
+        model position [B] (RoPE / wpe). No host read: capturable in a CUDA graph."""
+        valid = valid.reshape(-1, 1)
+        self.valid.index_copy_(1, pos, valid)
+        self.written.index_fill_(1, pos, 0)
+        positions = (self.n_valid + valid[:, 0].long() - 1).clamp(min=0)
+        self.n_valid.add_(valid[:, 0].long())
+        return positions
 
     def plain(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, active: Tensor | None = None
@@ -175,13 +162,26 @@ class KVCache:
         cur = self.written[:, chunk.start : chunk.end]
         self.written[:, chunk.start : chunk.end] = torch.where(active[:, None], iteration + 1, cur)
 
-    def finish(self, end: int, used: list[int], rows: list[bool]) -> None:
-        """Record the iterations each sequence ran for the positions up to ``end`` (host values, read once
-        per token); ``rows`` marks the sequences that ran them."""
+    def mark_iteration_at(self, pos: Tensor, iteration: int, active: Tensor) -> None:
+        """``mark_iteration`` for the position held in the device tensor ``pos`` (see ``begin_at``)."""
+        cur = self.written.index_select(1, pos)
+        self.written.index_copy_(1, pos, torch.where(active[:, None], iteration + 1, cur))
+
+    def write_plain_at(self, layer: int, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a plain layer's K/V [B, H, 1, D] at the device-held position ``pos``; return the layer's
+        whole K/V [B, H, T, D] (callers mask by position)."""
+        self.plain_k[layer].index_copy_(2, pos, k.to(self.plain_k.dtype))
+        self.plain_v[layer].index_copy_(2, pos, v.to(self.plain_v.dtype))
+        return self.plain_k[layer], self.plain_v[layer]
+
+    def record_iterations(self, used: list[int], rows: list[bool]) -> None:
+        """Record (host values, read once per token) the iterations each sequence ran for the positions so
+        far; ``rows`` marks the sequences that ran them. Lets ``core`` skip the per-position gather for
+        slots every earlier position has written."""
         done = [u for u, r in zip(used, rows) if r]
-        if done:
+        if done and self.core_k.shape[0]:
             self.min_done = min(self.min_done, *done)
-        self.reported = end
+        self.reported = self.length
 
     def core(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor

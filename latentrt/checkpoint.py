@@ -62,6 +62,20 @@ def read_generation_config(folder: Path) -> dict:
         return json.load(f)
 
 
+def read_training_info(source: str | os.PathLike | None) -> dict:
+    """A checkpoint's training.json (how the trainers made it: mode, curriculum, command), or {}."""
+    if source is None:
+        return {}
+    p = resolve(source) / "training.json"
+    if not p.is_file():
+        return {}
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{p} is not valid JSON: {exc}") from None
+    return info if isinstance(info, dict) else {}
+
+
 def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> dict[str, Tensor]:
     """All tensors of a checkpoint, with wrapper prefixes stripped.
 

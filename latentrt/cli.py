@@ -1,4 +1,8 @@
-"""Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``."""
+"""Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``.
+
+Every generate() option the user gives is passed on as given; options that do not apply to the model's
+family are errors (the same message as the Python API). Errors print ``latentrt: error: ...`` and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,43 @@ import argparse
 import json
 import sys
 
+from .backends import CHOICES
 from .errors import LatentRTError
+from .exits import CRITERIA
+
+# CLI flag (dest) -> generate() option, for the options both generate and eval take
+GENERATE_FLAGS = {
+    "adaptive": "adaptive",
+    "criterion": "exit_criterion",
+    "threshold": "exit_threshold",
+    "steps": "num_steps",
+    "min_steps": "min_steps",
+    "kv": "kv_sharing",
+    "continuous": "continuous",
+    "init_scale": "init_scale",
+    "thoughts": "num_thoughts",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "seed": "seed",
+    "max_new_tokens": "max_new_tokens",
+}
+UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate() applies its default
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint folder, or builtin:recurrent / builtin:coconut")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--weights", default=None, help="weights file to use instead of the folder's (.safetensors/.pt)")
+
+
+def _add_latent_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=UNSET, help="recurrence steps (the maximum when adaptive)")
+    p.add_argument("--adaptive", action="store_true", default=UNSET, help="exit the recurrence per token")
+    p.add_argument("--criterion", default=UNSET, choices=sorted(CRITERIA), help="exit criterion (kl)")
+    p.add_argument("--threshold", type=float, default=UNSET, help="exit threshold (default per criterion)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,28 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text and print the recurrence steps per token")
     _add_model_args(g)
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--adaptive", action="store_true", help="exit the recurrence per token by --criterion")
-    g.add_argument(
-        "--criterion", default="kl", choices=["kl", "latent-diff", "entropy-diff", "argmax-stability", "cosine", "none"]
-    )
-    g.add_argument("--threshold", type=float, default=None, help="exit threshold (default per criterion)")
-    g.add_argument("--steps", type=int, default=None, help="recurrence steps (the maximum when adaptive)")
-    g.add_argument("--min-steps", type=int, default=0)
-    g.add_argument("--kv", default="full", help="KV sharing across iterations: full | shared | ring-K")
-    g.add_argument("--continuous", action="store_true", help="start each token's recurrence from the last state")
-    g.add_argument("--init-scale", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
+    _add_latent_args(g)
+    g.add_argument("--min-steps", type=int, default=UNSET)
+    g.add_argument("--kv", default=UNSET, help="KV sharing across iterations: full | shared | ring-K")
+    g.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
+    g.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
     g.add_argument(
         "--thoughts",
         type=int,
-        default=None,
+        default=UNSET,
         help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
         "from its training.json, when the prompt has no latent markers)",
     )
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=UNSET)
+    g.add_argument("--top-k", type=int, default=UNSET)
+    g.add_argument("--top-p", type=float, default=UNSET)
+    g.add_argument("--seed", type=int, default=UNSET)
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -57,16 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("data", help="JSON list of {question, steps, answer} records")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    e.add_argument("--steps", type=int, default=None, help="recurrence steps (the maximum when adaptive)")
-    e.add_argument("--adaptive", action="store_true")
-    e.add_argument("--criterion", default="kl")
-    e.add_argument("--threshold", type=float, default=None)
+    _add_latent_args(e)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument(
         "--modes",
-        default="coconut",
-        help="Coconut: comma list of coconut, cot, nocot, pause (the "
-        "prompt format; use each with a model trained that way)",
+        default=None,
+        help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause; default: the format the "
+        "model was trained with)",
     )
     return parser
 
@@ -77,38 +101,18 @@ def _load(args):
     return load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, weights=args.weights)
 
 
+def _options(args) -> dict:
+    """The generate() options the user gave on the command line."""
+    return {opt: getattr(args, flag) for flag, opt in GENERATE_FLAGS.items() if hasattr(args, flag)}
+
+
 def cmd_generate(args) -> int:
     from .engine import generate
+    from .families import family_for
 
     model = _load(args)
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    if model.family == "recurrent":
-        kwargs.update(
-            adaptive=args.adaptive,
-            exit_criterion=args.criterion,
-            exit_threshold=args.threshold,
-            num_steps=args.steps,
-            min_steps=args.min_steps,
-            kv_sharing=args.kv,
-            continuous=args.continuous,
-            init_scale=args.init_scale,
-        )
-    else:
-        thoughts = args.thoughts
-        if thoughts is None:
-            from .evaluate import training_info
-
-            info = training_info(model)
-            if info.get("mode") in ("coconut", "pause"):
-                thoughts = info["max_stage"] * info.get("thoughts_per_step", 1)
-        kwargs.update(num_thoughts=thoughts)
+    kwargs = _options(args)
     if args.stream:
         stream = generate(model, prompt, stream=True, **kwargs)
         for ev in stream:
@@ -121,35 +125,22 @@ def cmd_generate(args) -> int:
     else:
         result = generate(model, prompt, **kwargs)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "tokens": result.tokens,
-                    "steps": result.steps,
-                    "text": result.text,
-                    "kv_bytes": result.kv_bytes,
-                    "finish_reasons": result.finish_reasons,
-                }
-            )
-        )
+        fields = ("tokens", "steps", "text", "kv_bytes", "finish_reasons", "num_thoughts")
+        print(json.dumps({f: getattr(result, f) for f in fields}))
         return 0
     texts = result.text if isinstance(result.text, list) else [result.text]
-    steps = result.steps if prompt is args.prompt else [result.steps]
-    for n, (text, st) in enumerate(zip(texts, steps)):
-        head = f"[{n}] " if len(texts) > 1 else ""
-        if not args.stream:
-            print(f"{head}{text}")
-        if model.family == "recurrent":
-            mean = sum(st) / max(len(st), 1)
-            print(f"{head}steps per token: {st} (mean {mean:.2f})")
-    if model.family == "coconut":
-        print(f"continuous thoughts: {result.num_thoughts}")
+    for n, text in enumerate(texts):
+        if not args.stream or len(texts) > 1:
+            print(f"[{n}] {text}" if len(texts) > 1 else text)
+    for line in family_for(model).decoder.report(result):
+        print(line)
     print(f"KV cache: {result.kv_bytes / 2**20:.2f} MiB, backend {result.backend}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .cache import kv_bytes_per_token
+    from .backends import availability
+    from .kv_modes import KV_MODES, parse_kv_mode
 
     model = _load(args)
     cfg = model.config
@@ -157,35 +148,30 @@ def cmd_info(args) -> int:
     print(f"model: {args.model} ({model.family}, model_type {cfg.model_type})")
     print(f"device: {model.device}, dtype: {str(model.dtype).replace('torch.', '')}")
     print(f"backend: {model.backend.name} ({model.backend.reason})")
-    from .backends import availability
-
     for name, why in availability(model).items():
         print(f"  {name}: {why}")
     print(f"parameters: {n_params:,}")
     print("config:")
     for k, v in cfg.to_dict().items():
         print(f"  {k}: {v}")
-    el = model.dtype.itemsize
-    if model.family == "recurrent":
-        r = args.steps or cfg.mean_recurrence
-        plain = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
+    layout, el = model.cache_layout(), model.dtype.itemsize
+    if layout.looped:
+        r = args.steps or model.default_steps()
         print(f"KV bytes per token (r={r}):")
-        for mode, slots in (("full", r), ("ring-4", min(4, r)), ("shared", 1)):
-            b = kv_bytes_per_token(
-                plain, cfg.n_layers_in_recurrent_block, slots, cfg.num_key_value_heads, cfg.head_dim, el
-            )
-            print(f"  {mode:8s} {b:>12,d} B")
+        for mode in (parse_kv_mode(spec, r) for spec in ("full", "ring-4", "shared")):
+            print(f"  {mode.name:8s} {layout.bytes_per_position(mode.slots, el):>12,d} B")
+        print(f"  (modes: {', '.join(KV_MODES)}; ring-K takes any K)")
     else:
-        b = kv_bytes_per_token(cfg.n_layer, 0, 1, cfg.n_head, cfg.head_dim, el)
-        print(f"KV bytes per token: {b:,d} B")
-        print(f"latent markers: start={cfg.start_latent_id} latent={cfg.latent_id} end={cfg.end_latent_id}")
+        print(f"KV bytes per token: {layout.bytes_per_position(1, el):,d} B")
+    for line in model.describe():
+        print(line)
     return 0
 
 
 def cmd_eval(args) -> int:
     from .evaluate import run_eval
 
-    return run_eval(args)
+    return run_eval(_load(args), args, _options(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
-"""The decode loop: prefill, per-token latent loop with per-sequence freezing, sampling, streaming.
+"""generate(): the generic token loop.
 
-This is the only module that orchestrates the seams. A generated token (the prompt counts as the unit
-that produces the first one) runs: prelude -> up to r_max core iterations, each followed by the exit
-test -> head -> sample. Sequences that exit are frozen by masking (their state and KV stop changing)
-while the others go on; a sequence's result in a batch equals its result alone.
+Validate the options, build the batch, prefill, then per generated position: sample, stop, stream, ask
+the family's decoder (latentrt/decode/) for the next token's logits; finally assemble the result. The
+decoder does everything model-specific; this loop reads the device once per generated position.
+Sequences that stop are frozen by masks while the others go on; a sequence's result in a batch equals
+its result alone.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .cache import parse_kv_sharing
 from .errors import InputError, NonFiniteStateError
-from .exits import ExitCriterion, ExitTracker, make_criterion
+from .families import check_applicable, family_for
 from .hooks import HookList
-from .models.recurrent import check_steps
+from .options import GenerateOptions
 from .prompts import make_batch
-from .sampling import check_sampling, sample
+from .sampling import sample
 
 
 @dataclass
@@ -66,33 +66,19 @@ class GenerationStream:
 def generate(
     model,
     prompt,
+    options: GenerateOptions | None = None,
     *,
-    max_new_tokens: int = 64,
-    adaptive: bool = False,
-    num_steps: int | None = None,
-    exit_criterion: str = "kl",
-    exit_threshold: float | None = None,
-    min_steps: int = 0,
-    kv_sharing: str = "full",
-    continuous: bool = False,
-    init_scale: float = 1.0,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop=None,
-    num_thoughts: int | None = None,
     stream: bool = False,
     attention_mask: Tensor | None = None,
-    hooks=None,
-    return_logits: bool = False,
+    **kwargs,
 ):
-    """Generate from a loaded model. See README for the meaning of each argument.
+    """Generate from a loaded model. Options (README, *Python API*) come as keyword arguments, as a
+    ``GenerateOptions``, or both (keywords replace its fields).
 
     Returns a GenerationResult, or with ``stream=True`` a GenerationStream yielding one StreamEvent per
     generated position (its ``.result`` is set at the end). All arguments are checked before any work.
     """
-    run = _Run(model, prompt, locals())
+    run = Generation(model, prompt, GenerateOptions.build(options, **kwargs), attention_mask)
     if stream:
         return GenerationStream(run.events(stream=True))
     events = run.events(stream=False)
@@ -103,79 +89,29 @@ def generate(
             return stop.value
 
 
-class _Run:
-    """One generate() call: validated arguments, the cache, and the token loop."""
+class Generation:
+    """One generate() call: validated options, the family's decoder, and the token loop."""
 
-    def __init__(self, model, prompt, args: dict) -> None:
-        self.model, self.cfg = model, model.config
-        self.recurrent = model.family == "recurrent"
-        self.backend = model.backend
-        a = args
-        self.max_new = a["max_new_tokens"]
-        if isinstance(self.max_new, bool) or not isinstance(self.max_new, int) or self.max_new < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new!r}")
-        check_sampling(a["temperature"], a["top_k"], a["top_p"])
-        self.temperature, self.top_k, self.top_p = a["temperature"], a["top_k"], a["top_p"]
-        if a["seed"] is not None and (isinstance(a["seed"], bool) or not isinstance(a["seed"], int)):
-            raise InputError(f"seed must be an integer or None, got {a['seed']!r}")
-        self.generator = None if a["seed"] is None else torch.Generator(model.device).manual_seed(a["seed"])
-        self.hooks = HookList(a["hooks"])
-        self.return_logits = bool(a["return_logits"])
-        criterion = make_criterion(a["exit_criterion"], a["exit_threshold"])
-        init_scale = a["init_scale"]
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or init_scale < 0:
-            raise InputError(f"init_scale must be a number >= 0, got {init_scale!r}")
-        if self.recurrent:
-            if a["num_thoughts"] is not None:
-                raise InputError("num_thoughts applies to Coconut models, not recurrent-depth ones")
-            self.r_max = self.cfg.mean_recurrence if a["num_steps"] is None else check_steps(a["num_steps"])
-            self.slots = parse_kv_sharing(a["kv_sharing"], self.r_max)
-            self.criterion = criterion if a["adaptive"] else ExitCriterion("none", 0.0)
-            ms = a["min_steps"]
-            if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-                raise InputError(f"min_steps must be an integer >= 0, got {ms!r}")
-            if ms > self.r_max:
-                raise InputError(f"min_steps={ms} exceeds the maximum number of steps {self.r_max}")
-            self.min_steps, self.continuous, self.init_scale = ms, bool(a["continuous"]), float(init_scale)
-        else:
-            extra = [
-                n
-                for n, bad in (
-                    ("adaptive", a["adaptive"]),
-                    ("num_steps", a["num_steps"] is not None),
-                    ("continuous", a["continuous"]),
-                    ("min_steps", a["min_steps"] != 0),
-                    ("kv_sharing", a["kv_sharing"] != "full"),
-                )
-                if bad
-            ]
-            if extra:
-                raise InputError(f"{extra} apply to recurrent-depth models, not Coconut")
-        self.batch = make_batch(prompt, model.tokenizer, self.cfg, model.device, a["attention_mask"])
-        if not self.recurrent and a["num_thoughts"] is not None:
-            self._append_thoughts(a["num_thoughts"])
-        self.stop_ids = self._stop_ids(a["stop"])
-        need = self.batch.ids.shape[1] + self.max_new
-        if need > self.cfg.block_size:
+    def __init__(self, model, prompt, options: GenerateOptions, attention_mask: Tensor | None = None) -> None:
+        family = family_for(model)
+        options.validate()
+        check_applicable(family, options)
+        family.decoder.check_options(model, options)
+        self.model, self.options = model, options
+        seed = options.seed
+        self.generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+        hooks = HookList(options.hooks)
+        self.decoder = family.decoder(model, options, hooks, self.generator)
+        batch = make_batch(prompt, model.tokenizer, model.config, model.device, attention_mask)
+        self.batch = self.decoder.prepare_prompt(batch)
+        self.hooks = hooks
+        self.stop_ids = self._stop_ids(options.stop)
+        need = self.batch.ids.shape[1] + options.max_new_tokens
+        if need > model.config.block_size:
             raise InputError(
-                f"prompt ({self.batch.ids.shape[1]} tokens) + max_new_tokens ({self.max_new}) = "
-                f"{need} exceeds the model's context (block_size={self.cfg.block_size})"
+                f"prompt ({self.batch.ids.shape[1]} tokens) + max_new_tokens ({options.max_new_tokens}) = "
+                f"{need} exceeds the model's context (block_size={model.config.block_size})"
             )
-
-    # ---------------------------------------------------------------- argument helpers
-    def _append_thoughts(self, k) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InputError(f"num_thoughts must be an integer >= 0, got {k!r}")
-        start, latent, end = self.model.marker_ids
-        if latent is None:
-            raise InputError(
-                "this model has no latent markers: pass their ids to load() "
-                "(latent_id=, start_latent_id=, end_latent_id=)"
-            )
-        B = self.batch.ids.shape[0]
-        extra = torch.tensor([start] + [latent] * k + [end], device=self.batch.ids.device).expand(B, -1)
-        self.batch.ids = torch.cat([self.batch.ids, extra], dim=1)
-        self.batch.mask = torch.cat([self.batch.mask, torch.ones_like(extra, dtype=torch.bool)], dim=1)
 
     def _stop_ids(self, stop) -> Tensor:
         ids = set()
@@ -192,7 +128,7 @@ class _Run:
                         f"(it is {len(enc)}); pass token ids instead"
                     )
                 ids.add(enc[0])
-            elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.cfg.padded_vocab_size:
+            elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.model.config.padded_vocab_size:
                 ids.add(s)
             else:
                 raise InputError(f"stop entries must be token ids in the vocabulary or strings, got {s!r}")
@@ -203,152 +139,53 @@ class _Run:
     def events(self, stream: bool):
         """Yields a StreamEvent per generated position when streaming (None otherwise: decoding the text
         so far every token is only worth it for a stream); returns the GenerationResult."""
-        model, ids, mask = self.model, self.batch.ids, self.batch.mask
-        B, S = ids.shape
-        cache = model.new_cache(B, S + self.max_new, getattr(self, "slots", 1))
-        alive = torch.ones(B, dtype=torch.bool, device=model.device)
+        opts, decoder = self.options, self.decoder
+        B, S = self.batch.ids.shape
+        cache = decoder.new_cache(B, S + opts.max_new_tokens)
+        alive = torch.ones(B, dtype=torch.bool, device=self.model.device)
+        alive_l = [True] * B
         tokens: list[list[int]] = [[] for _ in range(B)]
         steps: list[list[int]] = [[] for _ in range(B)]
+        kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         self._shown = [""] * B
-        kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
-        thoughts = 0
-        alive_l = [True] * B
-        if self.recurrent:
-            self.carry = None
-            # decode tokens as one captured launch sequence where the backend has one (not with hooks:
-            # they are Python called between iterations)
-            self.token_step = (
-                None if self.hooks else self.backend.token_step(cache, self.r_max, self.criterion, self.min_steps)
-            )
-            logits, used, bad = self._recurrent_unit(ids, mask, alive, cache)
-        else:
-            logits, _, thoughts = model.run_prompt(ids, mask, cache, self.hooks, self.backend)
-            logits = logits[:, -1]
-            used = torch.zeros(B, dtype=torch.long, device=model.device)
-            bad = 2 * (~torch.isfinite(logits).all(-1)).long()
-        for i in range(self.max_new):
-            tok = sample(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        out = decoder.prefill(self.batch)
+        for i in range(opts.max_new_tokens):
+            tok = sample(out.logits, opts.temperature, opts.top_k, opts.top_p, self.generator)
             stopped = torch.isin(tok, self.stop_ids) & alive
             # the one device->host read per token
-            tok_l, used_l, stop_l, bad_l = torch.stack([tok, used, stopped.long(), bad]).tolist()
-            self._raise_if_bad(bad_l, i)
-            if self.recurrent:
-                cache.finish(self.last_end, used_l, alive_l)
+            tok_l, used_l, stop_l, flags_l = torch.stack([tok, out.iterations, stopped.long(), out.nonfinite]).tolist()
+            self._raise_if_nonfinite(flags_l, i)
+            decoder.record(used_l, alive_l)
             for b in range(B):
                 if alive_l[b]:
                     tokens[b].append(tok_l[b])
                     steps[b].append(used_l[b])
-                    if self.return_logits:
-                        kept_logits[b].append(logits[b].cpu())
+                    if opts.return_logits:
+                        kept_logits[b].append(out.logits[b].cpu())
             yield self._event(i, tok_l, used_l, alive_l, tokens) if stream else None
             for b in range(B):
                 if stop_l[b]:
                     reasons[b] = "stop"
             alive = alive & ~stopped
             alive_l = [a and not st for a, st in zip(alive_l, stop_l)]
-            if i + 1 == self.max_new or not any(alive_l):
+            if i + 1 == opts.max_new_tokens or not any(alive_l):
                 break
             self.hooks.token_index = i + 1
-            if self.recurrent:
-                logits, used, bad = self._recurrent_unit(tok[:, None], alive[:, None], alive, cache)
-            else:
-                chunk = cache.begin(alive[:, None])
-                h = model.forward_embeds(model.embed(tok[:, None]), cache, chunk)
-                logits = model.lm_logits(h)[:, -1]
-                bad = 2 * (~torch.isfinite(logits).all(-1) & alive).long()
-        logits_out = [torch.stack(k) for k in kept_logits] if self.return_logits else None
-        return self._result(tokens, steps, reasons, cache.used_bytes(), thoughts, logits_out)
+            out = decoder.next_token(tok, alive)
+        logits_out = [torch.stack(k) for k in kept_logits] if opts.return_logits else None
+        return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
 
-    def _raise_if_bad(self, bad: list[int], token: int) -> None:
+    def _raise_if_nonfinite(self, flags: list[int], token: int) -> None:
         """Non-finite flags computed on the device (1: latent state, 2: logits) -> a clear error."""
-        if not any(bad):
+        if not any(flags):
             return
         where = f" at new token {token}" if token else " in the prompt"
-        what = "latent state" if any(b & 1 for b in bad) else "logits"
-        seqs = [i for i, b in enumerate(bad) if b]
+        what = "latent state" if any(f & 1 for f in flags) else "logits"
+        seqs = [i for i, f in enumerate(flags) if f]
         raise NonFiniteStateError(
             f"non-finite {what}{where} in sequence(s) {seqs}; check the weights, the init_state and any hooks"
         )
-
-    def _recurrent_unit(self, ids: Tensor, valid: Tensor, alive: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
-        """Run one token (or the prompt) through prelude, the adaptive recurrence and the head.
-
-        Returns next-token logits [B,V], the iterations each sequence used [B], and non-finite flags [B]
-        (1: latent state, 2: logits), all on the device: nothing is read back here, except the exit test's
-        mask once per iteration when adaptive (the reference path)."""
-        model, backend, crit = self.model, self.backend, self.criterion
-        if self.token_step is not None and self.carry is not None:  # a decode token (not the prompt)
-            return self._token_step(ids, alive, cache)
-        chunk = cache.begin(valid)
-        self.last_end = chunk.end
-        rope = model.rope(chunk)
-        e = model.prelude(ids, cache, chunk, rope)
-        if self.continuous and self.carry is not None:
-            s = self.carry.expand_as(e).clone()
-        else:
-            s = model.initial_state(e, self.init_scale, self.generator)
-        B = ids.shape[0]
-        active = alive.clone()
-        used = torch.zeros(B, dtype=torch.long, device=e.device)
-        out = torch.zeros(B, self.cfg.padded_vocab_size, device=e.device)
-        tracker = ExitTracker(crit, B, self.cfg.padded_vocab_size, e.device, backend.exit_ops)
-        sync_free = backend.sync_free
-        last_logits, completed = None, True
-        for t in range(self.r_max):
-            cache.mark_iteration(chunk, t, active)
-            new = backend.core_step(s, e, cache, chunk, t, active, rope)
-            if self.hooks:
-                new = self.hooks.on_iteration(t, new, active)
-            prev, s = s, torch.where(active[:, None, None], new, s)
-            used += active.long()
-            if crit.never_exits:
-                continue
-            last_logits = (
-                model.head(s, cache, chunk, active, rope, last_only=True)[:, -1] if crit.needs_logits else None
-            )
-            exits = tracker.update(prev, s, last_logits, chunk.valid) & active
-            if t + 1 < self.min_steps:
-                continue
-            if sync_free:  # device masks only; frozen rows' kernels skip their work
-                if crit.needs_logits:
-                    out = torch.where(exits[:, None], last_logits, out)
-                active = active & ~exits
-                continue
-            if exits.any():  # reference path: one host read per iteration
-                if last_logits is None:
-                    last_logits = model.head(s, cache, chunk, exits, rope, last_only=True)[:, -1]
-                out = torch.where(exits[:, None], last_logits, out)
-                active = active & ~exits
-                if not active.any():
-                    completed = False
-                    break
-        if sync_free and not crit.needs_logits:
-            # a frozen row's state is its exit state, so one head pass gives every row its exit logits
-            # (and rewrites its coda K/V with the same values)
-            out = model.head(s, cache, chunk, alive, rope, last_only=True)[:, -1]
-        elif completed:  # sequences that ran every iteration: their logits at the final state
-            if last_logits is None or not crit.needs_logits:
-                last_logits = model.head(s, cache, chunk, active, rope, last_only=True)[:, -1]
-            out = torch.where(active[:, None], last_logits, out)
-        bad_state = (~torch.isfinite(s).all(-1) & chunk.valid).any(-1) & alive
-        bad_logits = ~torch.isfinite(out).all(-1) & alive
-        self.carry = s[:, -1:]
-        return out, used, bad_state.long() + 2 * bad_logits.long()
-
-    def _token_step(self, ids: Tensor, alive: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
-        """``_recurrent_unit`` for one decode token through the backend's TokenStep (a CUDA graph on GPU)."""
-        step = self.token_step
-        start = cache.reserve()
-        self.last_end = start + 1
-        if self.continuous:
-            s0 = self.carry
-        else:
-            s0 = self.model.initial_state(step.s0[:, None], self.init_scale, self.generator)
-        step.prepare(ids, alive, s0, start)
-        out, used, bad, s = step()
-        self.carry = s[:, None]
-        return out, used, bad
 
     # ---------------------------------------------------------------- output
     def _decode(self, ids: list[int]) -> str | None:
@@ -375,7 +212,7 @@ class _Run:
             return StreamEvent(i, toks[0], st[0], texts[0])
         return StreamEvent(i, toks, st, texts)
 
-    def _result(self, tokens, steps, reasons, kv_bytes: int, thoughts: int, logits) -> GenerationResult:
+    def _result(self, tokens, steps, reasons, kv_bytes: int, logits) -> GenerationResult:
         texts = [self._decode(t) for t in tokens]
         if self.batch.single:
             tokens, steps, texts = tokens[0], steps[0], texts[0]
@@ -386,7 +223,7 @@ class _Run:
             text=texts,
             kv_bytes=kv_bytes,
             finish_reasons=reasons,
-            num_thoughts=thoughts,
-            backend=self.backend.name,
+            num_thoughts=self.decoder.num_thoughts,
+            backend=self.model.backend.name,
             logits=logits,
         )

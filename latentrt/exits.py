@@ -1,75 +1,163 @@
 """Exit criteria for adaptive recurrence, as batched tensor ops returning device masks.
 
-Each criterion keeps a small per-sequence state across the iterations of one token and, after each
-iteration, returns a bool mask of sequences whose criterion is met. For a prefill (many positions at
-once) latent-diff and cosine average over the prompt's real positions; the distribution-based
-criteria use its last position.
+A criterion is a small class: its default threshold, whether it needs the logits of each iteration's
+state, the per-sequence state it keeps across the iterations of one token (``start``) and the mask of
+sequences whose criterion is met after an iteration (``update``). For a prefill (many positions at once)
+latent-diff and cosine average over the prompt's real positions; the distribution-based criteria use its
+last position. ``CRITERIA`` is the registry (names the API, the CLI and the backends accept): a new
+criterion is a class plus one line there. The formulas live in latentrt.kernels.reference; a backend
+may pass fused versions (``exit_ops``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import InputError
-
-DEFAULT_THRESHOLDS = {
-    "latent-diff": 0.03,
-    "kl": 5e-4,
-    "entropy-diff": 1e-3,
-    "argmax-stability": 5,
-    "cosine": 1e-3,
-    "none": 0.0,
-}
-NEEDS_LOGITS = {"kl", "entropy-diff", "argmax-stability"}
-
-
-@dataclass(frozen=True)
-class ExitCriterion:
-    name: str
-    threshold: float
-
-    @property
-    def needs_logits(self) -> bool:
-        return self.name in NEEDS_LOGITS
-
-    @property
-    def never_exits(self) -> bool:
-        return self.name == "none"
-
-
-def make_criterion(name: str, threshold: float | None) -> ExitCriterion:
-    if name not in DEFAULT_THRESHOLDS:
-        raise InputError(f"unknown exit criterion {name!r}; choose one of {sorted(DEFAULT_THRESHOLDS)}")
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLDS[name]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise InputError(f"exit_threshold must be a finite number, got {threshold!r}")
-    if threshold < 0:
-        raise InputError(f"exit_threshold must be >= 0, got {threshold}")
-    if name == "argmax-stability" and int(threshold) != threshold:
-        raise InputError(f"argmax-stability's threshold counts steps; got non-integer {threshold}")
-    return ExitCriterion(name, float(threshold))
+from .kernels.reference import cosine_reference, entropy_reference, kl_reference, latent_diff_reference
 
 
 class ReferenceExitOps:
-    """The criteria's formulas in PyTorch (kernels/exits.py); a backend may pass fused versions."""
+    """The criteria's formulas in PyTorch (latentrt.kernels.reference); a backend may pass fused versions."""
 
     @staticmethod
     def latent_diff(prev: Tensor, new: Tensor, valid: Tensor, cosine: bool) -> Tensor:
-        from kernels.exits import cosine_reference, latent_diff_reference
-
         return (cosine_reference if cosine else latent_diff_reference)(prev, new, valid)
 
     @staticmethod
     def kl(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
-        from kernels.exits import kl_reference
-
         return kl_reference(logits, prev_logp)
+
+
+@dataclass(frozen=True)
+class ExitCriterion:
+    """Base class: a named criterion with its threshold (see module docstring)."""
+
+    name: str
+    threshold: float
+
+    DEFAULT: ClassVar[float] = 0.0
+    needs_logits: ClassVar[bool] = False
+    never_exits: ClassVar[bool] = False
+
+    @classmethod
+    def check_threshold(cls, threshold: float) -> None:
+        """Criterion-specific constraints on a (finite, >= 0) threshold."""
+
+    def start(self, batch: int, vocab: int, device: torch.device) -> Any:
+        """The per-sequence state before a token's first iteration."""
+        return None
+
+    def update(self, state: Any, prev: Tensor, new: Tensor, logits: Tensor | None, valid: Tensor, ops):
+        """(exit mask [B], new state) after one iteration. prev/new states [B, n, d]; ``valid`` [B, n]."""
+        raise NotImplementedError
+
+
+class NoExit(ExitCriterion):
+    never_exits = True
+
+    def update(self, state, prev, new, logits, valid, ops):
+        return torch.zeros(new.shape[0], dtype=torch.bool, device=new.device), state
+
+
+class LatentDiff(ExitCriterion):
+    """||s_t - s_{t-1}|| / ||s_t|| < threshold (averaged over the unit's real positions)."""
+
+    DEFAULT = 0.03
+    cosine: ClassVar[bool] = False
+
+    def update(self, state, prev, new, logits, valid, ops):
+        return ops.latent_diff(prev, new, valid, self.cosine) < self.threshold, state
+
+
+class Cosine(LatentDiff):
+    """1 - cos(s_t, s_{t-1}) < threshold."""
+
+    DEFAULT = 1e-3
+    cosine = True
+
+
+class KL(ExitCriterion):
+    """KL(p_{t-1} || p_t) < threshold; the first iteration compares to the uniform distribution."""
+
+    DEFAULT = 5e-4
+    needs_logits = True
+
+    def start(self, batch, vocab, device):
+        return torch.full((batch, vocab), -math.log(vocab), device=device)  # uniform log-probs
+
+    def update(self, state, prev, new, logits, valid, ops):
+        kl, logp = ops.kl(logits.float(), state)
+        return kl < self.threshold, logp
+
+
+class EntropyDiff(ExitCriterion):
+    """|H(p_t) - H(p_{t-1})| < threshold; the entropy before the first iteration counts as 100."""
+
+    DEFAULT = 1e-3
+    needs_logits = True
+
+    def start(self, batch, vocab, device):
+        return torch.full((batch,), 100.0, device=device)
+
+    def update(self, state, prev, new, logits, valid, ops):
+        ent = entropy_reference(logits.float())
+        return (ent - state).abs() < self.threshold, ent
+
+
+class ArgmaxStability(ExitCriterion):
+    """The argmax token unchanged for ``threshold`` consecutive iterations."""
+
+    DEFAULT = 5
+    needs_logits = True
+
+    @classmethod
+    def check_threshold(cls, threshold):
+        if int(threshold) != threshold:
+            raise InputError(f"argmax-stability's threshold counts steps; got non-integer {threshold}")
+
+    def start(self, batch, vocab, device):
+        return (
+            torch.full((batch,), -1, dtype=torch.long, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    def update(self, state, prev, new, logits, valid, ops):
+        last, stable = state
+        arg = logits.float().argmax(-1)
+        stable = torch.where(arg == last, stable + 1, torch.zeros_like(stable))
+        return stable >= self.threshold, (arg, stable)
+
+
+CRITERIA: dict[str, type[ExitCriterion]] = {
+    "latent-diff": LatentDiff,
+    "kl": KL,
+    "entropy-diff": EntropyDiff,
+    "argmax-stability": ArgmaxStability,
+    "cosine": Cosine,
+    "none": NoExit,
+}
+DEFAULT_THRESHOLDS = {name: cls.DEFAULT for name, cls in CRITERIA.items()}
+
+
+def make_criterion(name: str, threshold: float | None = None) -> ExitCriterion:
+    """The registered criterion ``name`` with ``threshold`` (None: its default), validated."""
+    if name not in CRITERIA:
+        raise InputError(f"unknown exit criterion {name!r}; choose one of {sorted(CRITERIA)}")
+    cls = CRITERIA[name]
+    if threshold is None:
+        threshold = cls.DEFAULT
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise InputError(f"exit_threshold must be a finite number, got {threshold!r}")
+    if threshold < 0:
+        raise InputError(f"exit_threshold must be >= 0, got {threshold}")
+    cls.check_threshold(threshold)
+    return cls(name, float(threshold))
 
 
 class ExitTracker:
@@ -78,34 +166,12 @@ class ExitTracker:
     def __init__(self, criterion: ExitCriterion, batch: int, vocab: int, device: torch.device, ops=None) -> None:
         self.criterion = criterion
         self.ops = ops or ReferenceExitOps
-        name = criterion.name
-        if name == "kl":
-            self.prev = torch.full((batch, vocab), -math.log(vocab), device=device)  # uniform log-probs
-        elif name == "entropy-diff":
-            self.prev = torch.full((batch,), 100.0, device=device)
-        elif name == "argmax-stability":
-            self.prev = torch.full((batch,), -1, dtype=torch.long, device=device)
-            self.stable = torch.zeros(batch, dtype=torch.long, device=device)
+        self.state = criterion.start(batch, vocab, device)
 
     def update(self, prev_state: Tensor, state: Tensor, last_logits: Tensor | None, valid: Tensor) -> Tensor:
-        """Exit mask [B] after one iteration. ``valid`` [B,n] marks the chunk's real positions."""
-        name, thr = self.criterion.name, self.criterion.threshold
-        if name == "none":
-            return torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
-        if name in ("latent-diff", "cosine"):
-            return self.ops.latent_diff(prev_state, state, valid, name == "cosine") < thr
-        logits = last_logits.float()
-        if name == "kl":
-            kl, self.prev = self.ops.kl(logits, self.prev)  # KL(prev || cur)
-            return kl < thr
-        if name == "entropy-diff":
-            probs = F.softmax(logits, dim=-1)
-            ent = -(probs * torch.log(probs + 1e-10)).sum(-1)
-            diff = (ent - self.prev).abs()
-            self.prev = ent
-            return diff < thr
-        # argmax-stability
-        arg = logits.argmax(-1)
-        self.stable = torch.where(arg == self.prev, self.stable + 1, torch.zeros_like(self.stable))
-        self.prev = arg
-        return self.stable >= thr
+        """Exit mask [B] after one iteration. States [B, n, d] (or [B, d]: one position); ``valid`` [B, n]
+        marks the unit's real positions."""
+        if state.dim() == 2:
+            prev_state, state = prev_state[:, None], state[:, None]
+        exits, self.state = self.criterion.update(self.state, prev_state, state, last_logits, valid, self.ops)
+        return exits

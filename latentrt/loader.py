@@ -7,18 +7,9 @@ import os
 import torch
 
 from .backends import get_backend
-from .checkpoint import (
-    load_tokenizer,
-    load_weights,
-    read_config,
-    read_generation_config,
-    read_state_dict,
-    resolve,
-)
-from .config import GPT2Config, parse_config
-from .errors import ConfigError, InputError
-from .models import model_class
-from .models import tied_head as _tied
+from .checkpoint import load_tokenizer, load_weights, read_config, read_generation_config, read_state_dict, resolve
+from .errors import InputError
+from .families import family_of, parse_config
 
 _DTYPES = {
     "float32": torch.float32,
@@ -50,23 +41,20 @@ def load(
     """
     folder = resolve(path)
     cfg = parse_config(read_config(folder), overrides, source=str(folder / "config.json"))
+    family = family_of(cfg.model_type)
     gen_cfg = read_generation_config(folder)
     tokenizer = load_tokenizer(folder)
-    if isinstance(cfg, GPT2Config):
-        cfg = _resolve_markers(cfg, tokenizer)
+    cfg = family.model.bind_tokenizer(cfg, tokenizer)
     eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _parse_dtype(dtype, device)
 
-    cls = model_class(cfg)
     with torch.device("meta"):
-        model = cls(cfg)
+        model = family.model(cfg)
     model.to_empty(device=device)
     model.to(dtype)
-    if _tied(cfg):
-        model.lm_head.weight = model.transformer.wte.weight
-    tied = ("lm_head.weight", "transformer.wte.weight") if _tied(cfg) else None
-    load_weights(model, read_state_dict(folder, weights), tied)
+    model.tie_weights()
+    load_weights(model, read_state_dict(folder, weights), model.tied_keys())
     model.init_buffers()
     model.eval()
     model.tokenizer = tokenizer
@@ -84,26 +72,3 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise InputError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
-
-
-def _resolve_markers(cfg: GPT2Config, tokenizer) -> GPT2Config:
-    """Fill the three latent-marker ids from tokenizer.json's added tokens unless given as overrides."""
-    import dataclasses
-
-    ids = {}
-    for field, tok in (
-        ("latent_id", cfg.latent_token),
-        ("start_latent_id", cfg.start_latent_token),
-        ("end_latent_id", cfg.end_latent_token),
-    ):
-        given = getattr(cfg, field)
-        if given is None and tokenizer is not None:
-            given = tokenizer.token_to_id(tok)
-        if given is not None and not 0 <= given < cfg.vocab_size:
-            raise ConfigError(f"{field}={given} is outside the vocabulary (size {cfg.vocab_size})")
-        ids[field] = given
-    if (ids["latent_id"] is None) != (ids["start_latent_id"] is None) or (ids["latent_id"] is None) != (
-        ids["end_latent_id"] is None
-    ):
-        raise ConfigError(f"only some latent markers were found: {ids}; pass all three ids to load()")
-    return dataclasses.replace(cfg, **ids)

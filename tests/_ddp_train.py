@@ -4,8 +4,7 @@ import sys
 
 import torch
 
-from latentrt.config import parse_config
-from latentrt.models import build_model
+from latentrt.families import build_model, parse_config
 from latentrt.train import distributed
 from latentrt.train.common import TrainOptions
 from latentrt.train.data import build_tokenizer, generate_dataset

@@ -12,8 +12,7 @@ if not torch.cuda.is_available():  # run the Triton kernels through the interpre
 import pytest  # noqa: E402
 
 from latentrt.checkpoint import save_checkpoint
-from latentrt.config import parse_config
-from latentrt.models import build_model
+from latentrt.families import build_model, parse_config
 from latentrt.tokenizer import word_tokenizer
 
 WORDS = "every cat dog bird is a an not yes no . ? , Tom Alex Ann the of".split()

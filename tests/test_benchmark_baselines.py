@@ -16,7 +16,7 @@ def test_static_decoder_matches_generate():
     )
     # prefill exactly as the engine does, into a cache the static decoder then continues
     ids = torch.tensor([prompt])
-    cache = model.new_cache(1, 8, core_slots=1)
+    cache = model.new_cache(1, 8)
     chunk = cache.begin(torch.ones(1, 5, dtype=torch.bool))
     rope = model.rope(chunk)
     e = model.prelude(ids, cache, chunk, rope)
@@ -24,7 +24,7 @@ def test_static_decoder_matches_generate():
     on = torch.ones(1, dtype=torch.bool)
     for t in range(r):
         cache.mark_iteration(chunk, t, on)
-        s = model.core_step(s, e, cache, chunk, t, on, rope)
+        s = model.core_iteration(s, e, cache, chunk, t, on, rope)
     first = model.head(s, cache, chunk, on, rope)[:, -1]
     assert rel_err(first[0], want.logits[0]) < 1e-6
     dec = StaticDecoder(model, cache, r)

@@ -2,7 +2,7 @@
 
 from benchmarks.floors import coconut_step_bytes, gpt2_params, recurrent_step_bytes
 from benchmarks.suites import HUGINN_0125
-from latentrt.config import parse_config
+from latentrt.families import parse_config
 
 HUGINN = HUGINN_0125
 COPY_BW = 4.27e12  # bytes/s, the H200 copy bandwidth of the reference table

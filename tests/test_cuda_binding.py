@@ -11,10 +11,12 @@ _cuda = pytest.importorskip("latentrt._cuda", reason="the CUDA extension is not 
 def _args(batch=2, **cfg):
     from latentrt.backends.cuda import loop_args
     from latentrt.exits import make_criterion
+    from latentrt.kv_modes import parse_kv_mode
+    from latentrt.recurrence import LoopSpec
 
     model = tiny_recurrent(seed=1, num_attention_heads=4, num_key_value_heads=2, **cfg).to(torch.bfloat16)
-    cache = model.new_cache(batch, 24, 3)
-    return model, cache, loop_args(_cuda, model, cache, 6, make_criterion("kl", None), 2)
+    cache = model.new_cache(batch, 24, parse_kv_mode("ring-3", 6))
+    return model, cache, loop_args(_cuda, model, cache, LoopSpec(6, make_criterion("kl"), 2))
 
 
 def test_loop_args_describe_model_and_cache():

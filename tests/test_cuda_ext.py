@@ -39,7 +39,7 @@ def test_gemv_bf16(m, n, k):
 
 @pytest.mark.parametrize("slots,use_written", [(1, False), (8, True)])
 def test_decode_attention_bf16(slots, use_written):
-    from kernels import decode_attention as da
+    from latentrt.kernels import decode_attention as da
 
     q, ks, vs, written, valid, slot = da.make_inputs("huginn", "cuda", torch.bfloat16, slots=slots)
     T = ks.shape[3]
@@ -151,9 +151,9 @@ def test_persistent_loop_is_used_and_falls_back_with_a_reason(caplog, monkeypatc
     from latentrt.backends import cuda as cuda_backend
 
     launches = []
-    real = cuda_backend.PersistentTokenStep._recurrence
+    real = cuda_backend.PersistentTokenRunner.recurrence
     monkeypatch.setattr(
-        cuda_backend.PersistentTokenStep, "_recurrence", lambda self, *a: launches.append(1) or real(self, *a)
+        cuda_backend.PersistentTokenRunner, "recurrence", lambda self, *a: launches.append(1) or real(self, *a)
     )
     ref, fast = _bf16_pair(seed=7)
     latentrt.generate(fast, PROMPTS, max_new_tokens=4, num_steps=4)

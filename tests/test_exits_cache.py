@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from latentrt.cache import KVCache, parse_kv_sharing
+from latentrt.cache import KVCache
 from latentrt.errors import InputError
 from latentrt.exits import ExitTracker, make_criterion
+from latentrt.kv_modes import KVMode, parse_kv_mode
 
 
 def test_latent_diff_averages_over_real_positions_only():
@@ -59,13 +60,15 @@ def test_criterion_validation():
 
 
 def test_kv_sharing_specs():
-    assert parse_kv_sharing("full", 16) == 16
-    assert parse_kv_sharing("shared", 16) == 1
-    assert parse_kv_sharing("ring-4", 16) == 4
-    assert parse_kv_sharing("ring-40", 16) == 16
-    for bad in ("ring-0", "ring-x", "latest", 3):
+    assert parse_kv_mode("full", 16) == KVMode("full", 16)
+    assert parse_kv_mode("shared", 16) == KVMode("shared", 1)
+    assert parse_kv_mode("ring-4", 16) == KVMode("ring-4", 4)
+    assert parse_kv_mode("ring-40", 16).slots == 16
+    assert parse_kv_mode(parse_kv_mode("full", 4), 16) == KVMode("full", 16)  # a mode re-parsed for a depth
+    assert [parse_kv_mode("ring-3", 8).slot(t) for t in range(5)] == [0, 1, 2, 0, 1]
+    for bad in ("ring-0", "ring-x", "latest", "full-2", 3):
         with pytest.raises(InputError, match="kv_sharing"):
-            parse_kv_sharing(bad, 8)
+            parse_kv_mode(bad, 8)
 
 
 @pytest.mark.parametrize("slots", [1, 3, 8])

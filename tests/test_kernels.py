@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-import kernels
+import latentrt.kernels as kernels
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
 CPU = not torch.cuda.is_available()
@@ -24,7 +24,7 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("rows,d", [(1, 64), (5, 96), (3, 130)])
 @pytest.mark.parametrize("with_y,with_b", [(True, True), (False, True), (True, False)])
 def test_sandwich_norms(rows, d, with_y, with_b):
-    from kernels import norms
+    from latentrt.kernels import norms
 
     g = torch.Generator().manual_seed(rows * d)
     res, y = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
@@ -39,7 +39,7 @@ def test_sandwich_norms(rows, d, with_y, with_b):
 @pytest.mark.parametrize("m,n,k", [(1, 40, 64), (3, 70, 100), (17, 33, 48)])
 @pytest.mark.parametrize("mode", ["plain", "add", "gate", "slice"])
 def test_linear(m, n, k, mode):
-    from kernels import linear
+    from latentrt.kernels import linear
 
     g = torch.Generator().manual_seed(m + n + k)
     x = torch.randn(m, k, generator=g)
@@ -60,7 +60,7 @@ REDUCE_CONFIGS = [dict(kind="reduce", BLOCK_N=8, BLOCK_K=64, num_warps=4, num_st
 def test_linear_register_reduction_variant(m, n, k, mode):
     """The launch config that sums products in registers (no tensor cores) computes what the dot one does,
     every flag included: add, gate, column slice, sumsq epilogue + prenorm prologue, frozen rows."""
-    from kernels import linear
+    from latentrt.kernels import linear
 
     cfg = REDUCE_CONFIGS[0]
     g = torch.Generator().manual_seed(m * n + k)
@@ -95,7 +95,7 @@ def test_linear_gpt2_epilogues_and_layernorm_prologue(m, d, f, kind):
     to F.layer_norm / addmm / gelu_new."""
     import torch.nn.functional as F
 
-    from kernels import linear
+    from latentrt.kernels import linear
     from latentrt.models.layers import gelu_new
 
     g = torch.Generator().manual_seed(m * d + f)
@@ -122,7 +122,7 @@ def test_linear_gpt2_epilogues_and_layernorm_prologue(m, d, f, kind):
 
 
 def test_linear_skips_frozen_rows_and_fully_frozen_launches():
-    from kernels import linear
+    from latentrt.kernels import linear
 
     x, w = torch.randn(4, 32), torch.randn(24, 32)
     active = torch.tensor([True, False, True, False])
@@ -139,7 +139,7 @@ def test_linear_skips_frozen_rows_and_fully_frozen_launches():
 def test_adapter_epilogue_sumsq_and_norm_prologue(m, d, n):
     """The adapter product's epilogue sums squares; the next product normalises in its prologue: together
     they equal rms_norm between two plain products (core layer 0's norm_1, folded)."""
-    from kernels import linear
+    from latentrt.kernels import linear
 
     g = torch.Generator().manual_seed(m * d)
     s, w_a, add = torch.randn(m, d, generator=g), torch.randn(d, d, generator=g) * 0.1, torch.randn(m, d, generator=g)
@@ -158,7 +158,7 @@ def test_adapter_epilogue_sumsq_and_norm_prologue(m, d, n):
 
 
 def test_decode_attention_frozen_rows_read_nothing():
-    from kernels import decode_attention as da
+    from latentrt.kernels import decode_attention as da
 
     q, ks, vs, written, valid, slot = da.make_inputs("tiny", "cpu", torch.float32, batch=3, context=20)
     active = torch.tensor([True, False, True])
@@ -173,7 +173,7 @@ def test_decode_attention_frozen_rows_read_nothing():
 @pytest.mark.parametrize("m", [1, 8])
 def test_linear_every_candidate_config_bf16(m):
     """Every launch config the benchmarks time (and LATENTRT_GEMV may select) is right at Huginn's width."""
-    from kernels import linear
+    from latentrt.kernels import linear
 
     g = torch.Generator(device="cpu").manual_seed(m)
     x = torch.randn(m, 5280, generator=g).cuda().bfloat16()
@@ -188,7 +188,7 @@ def test_linear_every_candidate_config_bf16(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["huginn", "gpt2"])
 def test_kernels_bf16_full_shapes(shape):
-    from kernels import linear, norms
+    from latentrt.kernels import linear, norms
 
     inp = norms.make_inputs(shape, "cuda", torch.bfloat16)
     out, normed = norms.fused(*inp[:4], inp[4])
@@ -206,7 +206,7 @@ def test_interpreter_flag_documented():
 @pytest.mark.parametrize("H,Hkv,D", [(2, 2, 32), (4, 2, 16), (3, 3, 24)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
-    from kernels import rope_kv
+    from latentrt.kernels import rope_kv
     from latentrt.models.layers import rope_tables
 
     B, T, pos = 3, 10, 6
@@ -229,7 +229,7 @@ def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
 @pytest.mark.parametrize("slots,use_written", [(1, False), (4, True), (4, False)])
 @pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
 def test_decode_attention_slot_lookup(slots, use_written, H, Hkv, T):
-    from kernels import decode_attention as da
+    from latentrt.kernels import decode_attention as da
 
     B, D = 3, 16
     g = torch.Generator().manual_seed(T + slots)
@@ -251,8 +251,8 @@ def test_decode_attention_slot_lookup(slots, use_written, H, Hkv, T):
 
 @pytest.mark.parametrize("cosine", [False, True])
 def test_latent_diff_and_cosine(cosine):
-    from kernels import exits
     from latentrt.exits import ExitTracker, make_criterion
+    from latentrt.kernels import exits
 
     g = torch.Generator().manual_seed(5)
     prev, new = torch.randn(3, 4, 40, generator=g), torch.randn(3, 4, 40, generator=g)
@@ -266,7 +266,7 @@ def test_latent_diff_and_cosine(cosine):
 
 
 def test_kl_fused():
-    from kernels import exits
+    from latentrt.kernels import exits
 
     logits, prev = exits.make_inputs("tiny", "cpu", torch.float32)
     kl, logp = exits.kl_fused(logits, prev)
@@ -276,7 +276,7 @@ def test_kl_fused():
 
 
 def test_coconut_feedback():
-    from kernels import feedback
+    from latentrt.kernels import feedback
 
     h, fw, fb, wpe_row, lw, lb, eps = feedback.make_inputs("tiny", "cpu", torch.float32, rows=5)
     wpe = torch.randn(30, h.shape[1])

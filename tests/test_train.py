@@ -12,7 +12,7 @@ from conftest import recurrent_config, rel_err
 
 import latentrt
 from latentrt.errors import InputError
-from latentrt.models import build_model
+from latentrt.families import build_model
 from latentrt.train.coconut import CoconutLoss, Curriculum, collate, encode, train_coconut
 from latentrt.train.common import TrainOptions
 from latentrt.train.data import build_tokenizer, generate_dataset, generate_problem, load_records, save_records
@@ -26,7 +26,7 @@ def _recurrent():
 
 
 def _gpt2():
-    from latentrt.config import parse_config
+    from latentrt.families import parse_config
 
     cfg = parse_config(
         dict(

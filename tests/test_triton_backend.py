@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import rel_err, tiny_coconut, tiny_recurrent
 
-import kernels
 import latentrt
+import latentrt.kernels as kernels
 from latentrt.backends import get_backend
 from latentrt.errors import InputError
 
@@ -55,14 +55,15 @@ def test_triton_equals_torch_fixed_depth_gqa(kv):
     assert rel_err(b.logits, a.logits) < 1e-4
 
 
-def test_decode_tokens_run_as_one_token_step(monkeypatch):
-    """Without hooks every decode token goes through TokenStep (the CUDA-graph unit); with hooks the
-    engine loops over core_step so the hooks can run between iterations; both equal the torch backend."""
-    from latentrt.backends import triton_step
+def test_decode_tokens_run_as_one_token_runner(monkeypatch):
+    """Without hooks every decode token goes through the token runner (the CUDA-graph unit); with hooks
+    the decoder loops over core_iteration so the hooks can run between iterations; both equal the torch
+    backend."""
+    from latentrt.backends.triton.token import RecurrentTokenRunner
 
     runs = []
-    real_run = triton_step.TokenStep.run
-    monkeypatch.setattr(triton_step.TokenStep, "run", lambda self: runs.append(1) or real_run(self))
+    real_run = RecurrentTokenRunner.run
+    monkeypatch.setattr(RecurrentTokenRunner, "run", lambda self: runs.append(1) or real_run(self))
     ref, fast = _pair(seed=3)
     kw = dict(max_new_tokens=4, num_steps=5, continuous=True, kv_sharing="ring-2", seed=7, return_logits=True)
     a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
@@ -102,19 +103,18 @@ def test_cuda_graph_coconut_thoughts_equal_torch_backend():
 
 
 def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
-    """Thought columns run as ThoughtStep (one CUDA graph on GPU; eager here) and equal the torch path."""
-    from latentrt.backends import triton_step
+    """Thought columns and answer tokens run as the column runner (one CUDA graph on GPU; eager here) and
+    equal the torch path."""
+    from latentrt.backends.triton.column import ColumnRunner
 
     runs, fused = [], []
-    real_run, real_fused = triton_step.ThoughtStep.run, triton_step.ThoughtStep._fused_layers
-    monkeypatch.setattr(triton_step.ThoughtStep, "run", lambda self: runs.append(1) or real_run(self))
-    monkeypatch.setattr(
-        triton_step.ThoughtStep, "_fused_layers", lambda self, *a: fused.append(1) or real_fused(self, *a)
-    )
+    real_run, real_fused = ColumnRunner.run, ColumnRunner._fused_layers
+    monkeypatch.setattr(ColumnRunner, "run", lambda self: runs.append(1) or real_run(self))
+    monkeypatch.setattr(ColumnRunner, "_fused_layers", lambda self, *a: fused.append(1) or real_fused(self, *a))
     ref, fast = tiny_coconut(seed=5), tiny_coconut(seed=5)
     fast.backend = get_backend("triton", fast)
     a, b = _same_generation(ref, fast, [[5, 6, 7, 2, 4, 4, 4, 3], [8, 9, 2, 4, 4, 4, 3]], max_new_tokens=4)
-    assert len(runs) >= 3 and len(fused) == len(runs) and b.num_thoughts == a.num_thoughts == 3
+    assert len(runs) == 3 + 3 and len(fused) == len(runs) and b.num_thoughts == a.num_thoughts == 3  # + 3 answers
 
 
 def _same_generation(ref, fast, ids, tol: float = 1e-5, **kw):
@@ -143,13 +143,13 @@ def test_coconut_fused_layers_follow_weight_updates():
 def test_coconut_thoughts_without_fused_layers_for_other_attention_scaling(monkeypatch):
     """GPT-2 configs the fused layer path does not cover (attention scaled by the inverse layer index) run
     the thought columns through the model's own modules, still equal to the torch path."""
-    from latentrt.backends import triton_step
+    from latentrt.backends.triton.column import fused_layers_apply
 
-    assert triton_step.fused_layers_apply(tiny_coconut(seed=5).config) is None
+    assert fused_layers_apply(tiny_coconut(seed=5).config) is None
     ref = tiny_coconut(seed=5, scale_attn_by_inverse_layer_idx=True)
     fast = tiny_coconut(seed=5, scale_attn_by_inverse_layer_idx=True)
     fast.backend = get_backend("triton", fast)
-    assert triton_step.fused_layers_apply(fast.config) is not None
+    assert fused_layers_apply(fast.config) is not None
     ids = [[5, 6, 7, 2, 4, 4, 3]]
     _same_generation(ref, fast, ids, max_new_tokens=3)
 

@@ -1,5 +1,6 @@
-"""The CUDA backend: every core iteration of a decode token in one persistent kernel launch (csrc/latent_loop.cu);
-for Coconut, every continuous thought of a prompt in one launch.
+"""The CUDA backend: every core iteration of a decode token in one persistent kernel launch
+(csrc/recurrent_loop.cu, implementing the rules of latentrt/recurrence.py); for Coconut, every continuous
+thought of a prompt in one launch (csrc/thought_loop.cu).
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
@@ -16,8 +17,11 @@ import math
 import torch
 from torch import Tensor
 
+from .base import Capabilities
 from .triton import TritonBackend
-from .triton_step import ThoughtStep, TokenInputs, TokenStep
+from .triton.column import ColumnRunner
+from .triton.recurrent_layers import DecodePosition
+from .triton.token import RecurrentTokenRunner
 
 log = logging.getLogger("latentrt")
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -30,13 +34,14 @@ def log_fallback_once(reason: str) -> None:
         log.warning("latentrt: persistent CUDA kernel not used (%s); running the Triton path", reason)
 
 
-class PersistentTokenStep(TokenStep):
-    """A TokenStep whose recurrence is one launch of the persistent kernel (no CUDA graph: the token's
+class PersistentTokenRunner(RecurrentTokenRunner):
+    """A token runner whose latent loop is one launch of the persistent kernel (no CUDA graph: the token's
     timeline index is a launch argument, and the launch is already one per token)."""
 
-    def __init__(self, model, cache, r_max: int, criterion, min_steps: int, exit_ops, ext, plan_args) -> None:
-        super().__init__(model, cache, r_max, criterion, min_steps, exit_ops)
+    def __init__(self, backend, cache, spec, ext, plan_args) -> None:
+        super().__init__(backend, cache, spec)
         self.ext, self.args = ext, plan_args
+        model = self.model
         cfg, B = model.config, cache.batch
         dev = model.device
         self.state = torch.zeros(B, cfg.n_embd, dtype=model.dtype, device=dev)
@@ -46,7 +51,7 @@ class PersistentTokenStep(TokenStep):
         self.active = torch.zeros(B, dtype=torch.uint8, device=dev)
         self.used = torch.zeros(B, dtype=torch.long, device=dev)
         V = cfg.padded_vocab_size
-        kl = criterion.name == "kl"
+        kl = spec.criterion.name == "kl"
         self.logits = torch.zeros(B, V if kl else 1, device=dev)
         self.prev_logp = torch.zeros_like(self.logits)
         self.scratch = torch.empty(ext.loop_scratch_elems(plan_args), dtype=torch.bfloat16, device=dev)
@@ -65,33 +70,33 @@ class PersistentTokenStep(TokenStep):
     def __call__(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.run()
 
-    def _recurrence(self, step: TokenInputs, term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, crit = self.args, self.criterion
-        self.term.copy_(term)
-        self.cos.copy_(step.cos)
-        self.sin.copy_(step.sin)
+    def recurrence(self, where: DecodePosition, e_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a, crit = self.args, self.spec.criterion
+        self.term.copy_(e_term)
+        self.cos.copy_(where.cos)
+        self.sin.copy_(where.sin)
         self.state.copy_(self.s0)
         self.active.copy_(self.alive)
         self.used.zero_()
         if crit.name == "kl":
-            self.prev_logp.fill_(-math.log(self.logits.shape[1]))  # uniform, as ExitTracker starts
+            self.prev_logp.fill_(-math.log(self.logits.shape[1]))  # uniform, as latentrt.exits.ExitTracker starts
             self.logits.zero_()
         a.pos = self.timeline_index
         a.stream = torch.cuda.current_stream(self.model.device).cuda_stream
         self.ext.latent_loop(a, self.model.device.index or 0)
         s = self.state.clone()
-        out = self.logits.clone() if crit.name == "kl" else self._head(s, self.alive, step)
+        out = self.logits.clone() if crit.name == "kl" else self._head(s, self.alive, where)
         return s, self.used.clone(), out
 
 
-def loop_args(ext, model, cache, r_max: int, criterion, min_steps: int):
-    """The launch's static arguments (weights, cache, shapes); per-token buffers are set by the step."""
+def loop_args(ext, model, cache, spec):
+    """The launch's static arguments (weights, cache, shapes); per-token buffers are set by the runner."""
     cfg, t_ = model.config, model.transformer
     a = ext.LoopArgs()
     a.batch, a.d, a.n_head, a.n_kv = cache.batch, cfg.n_embd, cfg.num_attention_heads, cfg.num_key_value_heads
     a.head_dim, a.ffn, a.max_len, a.vocab = cfg.head_dim, cfg.intermediate_size, cache.max_len, cfg.padded_vocab_size
-    a.r_max, a.min_steps, a.criterion = r_max, min_steps, CRITERIA[criterion.name]
-    a.eps, a.threshold = float(cfg.norm_eps), float(criterion.threshold)
+    a.r_max, a.min_steps, a.criterion = spec.r_max, spec.min_steps, CRITERIA[spec.criterion.name]
+    a.eps, a.threshold = float(cfg.norm_eps), float(spec.criterion.threshold)
 
     def layer(blk, k: Tensor, v: Tensor, slots: int):
         L = ext.SandwichLayer()
@@ -112,16 +117,16 @@ def loop_args(ext, model, cache, r_max: int, criterion, min_steps: int):
     return a
 
 
-class PersistentThoughtStep(ThoughtStep):
+class PersistentColumnRunner(ColumnRunner):
     """Coconut: when every sequence thinks in the same columns, all of them run in one launch of the
-    thought-loop kernel; otherwise the Triton column steps run (``run_columns`` returns None)."""
+    thought-loop kernel; otherwise the Triton column runner runs them (``run_all`` returns None)."""
 
     def __init__(self, backend, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
         weights_t = backend.fused_layer_weights()
         super().__init__(backend.model, backend.feedback, cache, embeds, latent, mask, weights_t)
         self.backend = backend
 
-    def run_columns(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
+    def run_all(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
         m, cache, ext = self.model, self.cache, self.backend.ext
         n = last - first + 1
         if not bool(self.latent[:, first : last + 1].all()):  # one host read per prompt
@@ -133,12 +138,8 @@ class PersistentThoughtStep(ThoughtStep):
             log_fallback_once(plan["reason"])
             return None
         B, d = cache.batch, m.config.n_embd
-        start = cache.length
-        for _ in range(n):
-            cache.reserve()
-        cache.valid[:, start : start + n] = True
-        positions = cache.n_valid.clone()
-        cache.n_valid += n
+        chunk = cache.begin(torch.ones(B, n, dtype=torch.bool, device=m.device))
+        start, positions = chunk.start, chunk.positions[:, 0].contiguous()
         h = h_prev.reshape(B, d).to(torch.bfloat16).contiguous()
         out = torch.empty(B, n, d, dtype=torch.bfloat16, device=m.device)
         active = torch.ones(B, dtype=torch.uint8, device=m.device)
@@ -159,7 +160,25 @@ class PersistentThoughtStep(ThoughtStep):
 
 class CudaBackend(TritonBackend):
     name = "cuda"
+    capabilities = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16,), criteria=frozenset(CRITERIA), max_batch=16)
     barrier_mode = 0  # grid barrier: 0 cooperative groups, 1 counters in global memory (benchmarks compare)
+
+    @classmethod
+    def unavailable(cls, model, auto: bool = False) -> str | None:
+        from .. import cuda_ext
+
+        built, why_not = cuda_ext.available()
+        if not built:
+            return why_not
+        device = getattr(model, "device", None)
+        if getattr(device, "type", "") != "cuda":
+            return "the model is not on a CUDA device"
+        not_triton = TritonBackend.unavailable(model)
+        if not_triton is not None:
+            return not_triton  # the prelude and head run on the Triton kernels
+        if auto and model.dtype != torch.bfloat16:
+            return f"dtype {model.dtype} (the kernels are bf16)"
+        return None
 
     @property
     def ext(self):
@@ -167,7 +186,7 @@ class CudaBackend(TritonBackend):
 
         return cuda_ext._ext()
 
-    def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ThoughtStep:
+    def column_runner(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ColumnRunner:
         why = None
         if self.model.dtype != torch.bfloat16:
             why = f"dtype {self.model.dtype} (the kernel is bf16)"
@@ -175,8 +194,8 @@ class CudaBackend(TritonBackend):
             why = f"activation {self.model.config.activation_function!r} (the kernel uses GELU's tanh form)"
         if why is not None:
             log_fallback_once(why)
-            return super().thought_step(cache, embeds, latent, mask)
-        return PersistentThoughtStep(self, cache, embeds, latent, mask)
+            return super().column_runner(cache, embeds, latent, mask)
+        return PersistentColumnRunner(self, cache, embeds, latent, mask)
 
     def thought_args(self, cache, n_thoughts: int):
         """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""
@@ -202,24 +221,24 @@ class CudaBackend(TritonBackend):
         a.valid, a.barrier_mode = cache.valid.data_ptr(), self.barrier_mode
         return a
 
-    def token_step(self, cache, r_max: int, criterion, min_steps: int) -> TokenStep | None:
+    def token_runner(self, cache, spec) -> RecurrentTokenRunner | None:
         from .. import cuda_ext
 
         m = self.model
         why = None
         if m.dtype != torch.bfloat16:
             why = f"dtype {m.dtype} (the kernel is bf16)"
-        elif criterion.name not in CRITERIA:
-            why = f"exit criterion {criterion.name!r} is not implemented in the kernel"
+        elif spec.criterion.name not in CRITERIA:
+            why = f"exit criterion {spec.criterion.name!r} is not implemented in the kernel"
         elif any(not p.is_contiguous() for p in m.parameters()):
             why = "non-contiguous weights"
         if why is None:
             ext = cuda_ext._ext()
-            args = loop_args(ext, m, cache, r_max, criterion, min_steps)
+            args = loop_args(ext, m, cache, spec)
             args.barrier_mode = self.barrier_mode
             plan = ext.loop_plan(args, m.device.index or 0)
             if plan["ok"]:
-                return PersistentTokenStep(m, cache, r_max, criterion, min_steps, self.exit_ops, ext, args)
+                return PersistentTokenRunner(self, cache, spec, ext, args)
             why = plan["reason"]
         log_fallback_once(why)
-        return super().token_step(cache, r_max, criterion, min_steps)
+        return super().token_runner(cache, spec)

@@ -1,4 +1,5 @@
-"""Coconut (continuous thought) on GPT-2, with HF GPT-2 parameter names.
+"""Coconut (continuous thought) on GPT-2: the config (HF GPT-2's config.json, model_type gpt2) and the
+reference model, with HF GPT-2 parameter names.
 
 A ``<|latent|>`` position's input embedding is the previous position's last hidden state after ln_f
 (no projection); positions stay consecutive, so GPT-2 still adds wpe. Every thought is one
@@ -7,15 +8,96 @@ single-position pass over the KV cache: the prefix is never recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..cache import Chunk, KVCache
-from ..config import GPT2Config
-from ..errors import InputError
+from ..config import ModelConfig, require_positive
+from ..errors import ConfigError, InputError
+from .base import CacheLayout, LatentModel
 from .layers import ACTIVATIONS, attention
+
+
+@dataclass(frozen=True)
+class GPT2Config(ModelConfig):
+    """GPT-2 as saved by HF transformers (model_type gpt2), run as a Coconut continuous-thought LM."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+    IGNORED: ClassVar[frozenset[str]] = frozenset(
+        {
+            "attn_pdrop",
+            "embd_pdrop",
+            "resid_pdrop",
+            "summary_activation",
+            "summary_first_dropout",
+            "summary_proj_to_labels",
+            "summary_type",
+            "summary_use_proj",
+            "add_cross_attention",
+            "n_ctx",
+            "reorder_and_upcast_attn",
+            "gradient_checkpointing",
+        }
+    )
+
+    n_embd: int
+    n_head: int
+    n_layer: int
+    n_positions: int
+    vocab_size: int
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    latent_token: str = "<|latent|>"
+    start_latent_token: str = "<|start-latent|>"
+    end_latent_token: str = "<|end-latent|>"
+    latent_id: int | None = None
+    start_latent_id: int | None = None
+    end_latent_id: int | None = None
+    model_type: str = "gpt2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def block_size(self) -> int:
+        return self.n_positions
+
+    @property
+    def inner_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab_size
+
+    @property
+    def tied_head(self) -> bool:
+        return self.tie_word_embeddings
+
+    def validate(self) -> None:
+        require_positive(self, "n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+        if self.n_inner is not None and self.n_inner <= 0:
+            raise ConfigError(f"n_inner must be positive, got {self.n_inner}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation_function={self.activation_function!r} is not supported ({sorted(ACTIVATIONS)})"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
 
 
 class Conv1D(nn.Module):
@@ -74,12 +156,20 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class CoconutGPT2(nn.Module):
+class CoconutGPT2(LatentModel):
     family = "coconut"
+    # measured on an H200 (benchmarks/RESULTS.md, 2026-11-26)
+    AUTO_BACKENDS = (
+        (
+            "cuda",
+            "persistent thought-loop kernel for Coconut thoughts (0.22 ms per thought against Triton's 0.75 ms on "
+            "an H200); Triton kernels for the rest",
+        ),
+        ("triton", "fused Triton kernels, one CUDA graph per GPT-2 column"),
+    )
 
     def __init__(self, cfg: GPT2Config) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -89,26 +179,37 @@ class CoconutGPT2(nn.Module):
             )
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-        self.tokenizer = None
-        self.backend = None
-        self.eos_token_id = cfg.eos_token_id
+        self.tie_weights()
 
-    def init_buffers(self) -> None:
-        """Nothing derived to compute: GPT-2 positions are learned."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
-
-    def new_cache(self, batch: int, max_len: int, core_slots: int = 1) -> KVCache:
+    def cache_layout(self) -> CacheLayout:
         cfg = self.config
-        return KVCache(batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim, dtype=self.dtype, device=self.device)
+        return CacheLayout(cfg.n_layer, 0, cfg.n_head, cfg.head_dim)
+
+    def init_depth(self) -> int:
+        return self.config.n_layer
+
+    def describe(self) -> list[str]:
+        c = self.config
+        return [f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}"]
+
+    @classmethod
+    def bind_tokenizer(cls, cfg: GPT2Config, tokenizer) -> GPT2Config:
+        """Fill the three latent-marker ids from tokenizer.json's added tokens unless given as overrides."""
+        ids = {}
+        for field, tok in (
+            ("latent_id", cfg.latent_token),
+            ("start_latent_id", cfg.start_latent_token),
+            ("end_latent_id", cfg.end_latent_token),
+        ):
+            given = getattr(cfg, field)
+            if given is None and tokenizer is not None:
+                given = tokenizer.token_to_id(tok)
+            if given is not None and not 0 <= given < cfg.vocab_size:
+                raise ConfigError(f"{field}={given} is outside the vocabulary (size {cfg.vocab_size})")
+            ids[field] = given
+        if len({v is None for v in ids.values()}) > 1:
+            raise ConfigError(f"only some latent markers were found: {ids}; pass all three ids to load()")
+        return dataclasses.replace(cfg, **ids)
 
     # ---------------------------------------------------------------- units
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -167,19 +268,28 @@ class CoconutGPT2(nn.Module):
 
     # ---------------------------------------------------------------- public
     def run_prompt(
-        self, ids: Tensor, mask: Tensor, cache: KVCache, hooks=None, backend=None, continuous: bool = True
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        cache: KVCache,
+        hooks=None,
+        continuous: bool = True,
+        feedback=None,
+        columns=None,
     ) -> tuple[Tensor, Tensor, int]:
         """Process a prompt whose ``<|latent|>`` positions become continuous thoughts.
 
         The prefix before the first latent runs as one chunk, each column from the first to the last
         latent as a single-position pass (thought inputs = fed-back hidden states), the rest as one chunk.
         Returns (logits [B,S,V], last hidden [B,d], number of thought columns). With ``continuous=False``
-        the latent tokens stay ordinary tokens (the pause-as-thought baseline).
+        the latent tokens stay ordinary tokens (the pause-as-thought baseline). A backend may supply
+        ``feedback`` (same contract as ``self.feedback``) and ``columns``, a column runner
+        (backends/base.py) that runs the single-position passes as fused, graph-capturable launches.
         """
         latent = self.check_markers(ids, mask)
         if not continuous:
             latent = torch.zeros_like(latent)
-        feedback = backend.feedback if backend is not None else self.feedback
+        feedback = feedback or self.feedback
         B, S = ids.shape
         embeds = self.embed(ids)
         wpe = self.transformer.wpe
@@ -192,17 +302,15 @@ class CoconutGPT2(nn.Module):
         chunk = cache.begin(mask[:, :first])
         hs = [self.forward_residual(embeds[:, :first] + wpe(chunk.positions), cache, chunk)]  # before ln_f
         thought = 0
-        step = None
-        if backend is not None and not hooks and isinstance(cache, KVCache):
-            step = backend.thought_step(cache, embeds, latent, mask)
-        block = step.run_columns(hs[-1][:, -1:], first, last) if step is not None else None
+        runner = columns(embeds, latent, mask) if columns is not None and not hooks else None
+        block = runner.run_all(hs[-1][:, -1:], first, last) if runner is not None else None
         if block is not None:  # every thought in one launch (the persistent CUDA kernel)
             hs.append(block)
             thought = last - first + 1
         for col in range(first, last + 1) if block is None else ():
-            if step is not None:  # device-side indices: one CUDA graph for every column on the GPU
-                step.prepare(hs[-1][:, -1:], col, cache.reserve())
-                hs.append(step().clone())
+            if runner is not None:  # device-side indices: one CUDA graph for every column on the GPU
+                runner.prepare(hs[-1][:, -1:], col, cache.reserve())
+                hs.append(runner().clone())
                 thought += col in cols
                 continue
             chunk = cache.begin(mask[:, col : col + 1])
@@ -230,9 +338,9 @@ class CoconutGPT2(nn.Module):
         """Logits [B,S,V] (fp32); ``<|latent|>`` positions are computed as continuous thoughts."""
         from ..prompts import check_ids
 
-        bad = {k for k, v in unused.items() if v is not None and k not in ("init_scale",)}
-        if bad:
-            raise InputError(f"arguments {sorted(bad)} apply to recurrent-depth models, not Coconut")
+        inapplicable = {k for k, v in unused.items() if v is not None and k not in ("init_scale",)}
+        if inapplicable:
+            raise InputError(f"arguments {sorted(inapplicable)} apply to recurrent-depth models, not Coconut")
         ids = check_ids(input_ids, self.config, self.device)
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         cache = self.new_cache(ids.shape[0], ids.shape[1])

@@ -1,19 +1,159 @@
 """Recurrent-depth LM (Huginn-0125 layout): prelude -> core block looped r times -> coda.
 
-Parameter names equal the published state-dict keys (``transformer.core_block.0.attn.Wqkv.weight``...).
-The three methods ``prelude``, ``core_step`` and ``head`` are the units the engine loops over;
-``core_step`` is the seam a fast backend replaces.
+The config (as published in config.json, model_type huginn_raven) and the reference model. Parameter
+names equal the published state-dict keys (``transformer.core_block.0.attn.Wqkv.weight``...). The three
+methods ``prelude``, ``core_iteration`` and ``head`` are the units the decoder (latentrt/decode/recurrent.py)
+loops over; ``core_iteration`` is the seam a fast backend replaces.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..cache import Chunk, KVCache
-from ..config import RecurrentConfig
-from ..errors import InputError, NonFiniteStateError
+from ..config import ModelConfig, require_nonnegative, require_positive
+from ..errors import ConfigError, InputError, NonFiniteStateError
+from .base import CacheLayout, LatentModel
 from .layers import RMSNorm, apply_rope, attention, rope_tables
+
+
+@dataclass(frozen=True)
+class RecurrentConfig(ModelConfig):
+    """Recurrent-depth LM (Huginn-0125, model_type huginn_raven): prelude, looped core block, coda."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "n_embd",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "block_size",
+        "n_layers_in_prelude",
+        "n_layers_in_recurrent_block",
+        "n_layers_in_coda",
+        "mean_recurrence",
+    )
+    ALIASES: ClassVar[dict[str, str]] = {"n_heads": "num_attention_heads"}
+    IGNORED: ClassVar[frozenset[str]] = frozenset(
+        {
+            "architecture_class_name",
+            "block_class_name",
+            "norm_class_name",
+            "mlp_class_name",
+            "nonlin_name",
+            "init_strategy",
+            "init_orthogonal",
+            "sampling_scheme",
+            "activation_checkpoint_impl",
+            "init_values",
+            "test_time_noise",
+            "test_time_noise_type",
+            "effective_expected_depth",
+            "num_hidden_layers",
+            "n_layers",
+            "head_dim",
+            "embed_step",
+            "n_embd_init",
+            "attn_impl",
+            "rope_settings",
+            "randomize_embedding",
+            "simple_ops",
+            "strategy",
+            "loss_shape",
+            "mod_capacity",
+            "state_init_std",
+            "local_rank",
+        }
+    )
+
+    n_embd: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    block_size: int
+    n_layers_in_prelude: int
+    n_layers_in_recurrent_block: int
+    n_layers_in_coda: int
+    mean_recurrence: int
+    num_key_value_heads: int = 0  # 0: same as num_attention_heads
+    padding_multiple: int = 1
+    mean_backprop_depth: int = 8
+    norm_eps: float = 1e-6
+    rope_base: float = 50000.0
+    qk_bias: bool = True
+    tie_embeddings: bool = True
+    bias: bool = False
+    injection_type: str = "linear"
+    state_init: str = "like-init"
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    model_type: str = "huginn_raven"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.padding_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def tied_head(self) -> bool:
+        return self.tie_embeddings
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.n_embd)
+
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(2 / (5 * self.n_embd))
+
+    def validate(self) -> None:
+        require_positive(
+            self,
+            "n_embd",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "block_size",
+            "n_layers_in_recurrent_block",
+            "mean_recurrence",
+            "padding_multiple",
+        )
+        require_nonnegative(self, "n_layers_in_prelude", "n_layers_in_coda", "mean_backprop_depth")
+        if self.n_embd % self.num_attention_heads:
+            raise ConfigError(
+                f"n_embd={self.n_embd} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.injection_type != "linear":
+            raise ConfigError(f"injection_type={self.injection_type!r} is not supported (only 'linear')")
+        if self.state_init not in ("like-init", "zero"):
+            raise ConfigError(f"state_init={self.state_init!r} is not supported ('like-init' or 'zero')")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    @classmethod
+    def fill_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Published nulls: no KV-head count means one per attention head; no rope_base the default."""
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        if values.get("rope_base") is None:
+            values["rope_base"] = 50000.0
+        return values
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,12 +216,19 @@ class SandwichBlock(nn.Module):
         return self.norm_4(self.mlp(self.norm_3(x)) + x)
 
 
-class RecurrentDepthLM(nn.Module):
+class RecurrentDepthLM(LatentModel):
     family = "recurrent"
+    # measured on an H200 (benchmarks/RESULTS.md, 2026-11-26)
+    AUTO_BACKENDS = (
+        (
+            "triton",
+            "fused Triton kernels in one CUDA graph per token (faster than the persistent kernel for recurrent "
+            "decode on an H200: 40.8 against 54.4 ms/token at batch 1, r=32)",
+        ),
+    )
 
     def __init__(self, cfg: RecurrentConfig) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         d = cfg.n_embd
         self.transformer = nn.ModuleDict(
             dict(
@@ -94,11 +241,7 @@ class RecurrentDepthLM(nn.Module):
             )
         )
         self.lm_head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-        self.tokenizer = None
-        self.backend = None
-        self.eos_token_id = cfg.eos_token_id
+        self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -110,27 +253,17 @@ class RecurrentDepthLM(nn.Module):
             cfg.head_dim, cfg.block_size, cfg.rope_base, device=self.transformer.wte.weight.device
         )
 
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
-
-    def new_cache(self, batch: int, max_len: int, core_slots: int) -> KVCache:
+    def cache_layout(self) -> CacheLayout:
         cfg = self.config
-        return KVCache(
-            batch,
-            max_len,
-            cfg.n_layers_in_prelude + cfg.n_layers_in_coda,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            n_core=cfg.n_layers_in_recurrent_block,
-            core_slots=core_slots,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        plain = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
+        return CacheLayout(plain, cfg.n_layers_in_recurrent_block, cfg.num_key_value_heads, cfg.head_dim)
+
+    def default_steps(self) -> int:
+        return self.config.mean_recurrence
+
+    def init_depth(self) -> int:
+        cfg = self.config
+        return cfg.n_layers_in_prelude + cfg.n_layers_in_recurrent_block * cfg.mean_recurrence + cfg.n_layers_in_coda
 
     # ---------------------------------------------------------------- units of the decode loop
     def rope(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
@@ -153,7 +286,7 @@ class RecurrentDepthLM(nn.Module):
             s = (noise * self.config.embed_scale).to(e.dtype)
         return s
 
-    def core_step(
+    def core_iteration(
         self,
         s: Tensor,
         e: Tensor,
@@ -254,7 +387,7 @@ class RecurrentDepthLM(nn.Module):
         input_ids = check_ids(input_ids, self.config, self.device)
         B, S = input_ids.shape
         r = self.config.mean_recurrence if num_steps is None else check_steps(num_steps)
-        cache = self.new_cache(B, S, core_slots=1)
+        cache = self.new_cache(B, S)
         valid = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         chunk = cache.begin(valid)
         rope = self.rope(chunk)
@@ -267,7 +400,7 @@ class RecurrentDepthLM(nn.Module):
         active = torch.ones(B, dtype=torch.bool, device=self.device)
         for t in range(r):
             cache.mark_iteration(chunk, t, active)
-            s = self.core_step(s, e, cache, chunk, t, active, rope)
+            s = self.core_iteration(s, e, cache, chunk, t, active, rope)
         check_finite(s, chunk.valid, "latent state")
         return self.head(s, cache, chunk, active, rope)
 

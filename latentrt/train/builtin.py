@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import BUILTIN_DIR, save_checkpoint
-from ..config import parse_config
-from ..models import build_model
+from ..families import build_model, parse_config
 from .coconut import Curriculum, train_coconut
 from .common import TrainOptions
 from .data import build_tokenizer, generate_dataset

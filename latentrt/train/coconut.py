@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..cache import GrowingKVCache
+from ..decode.coconut import thought_prompt
 from ..errors import InputError
 from ..hooks import HookList
+from ..records import Record
 from . import distributed
 from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare, save_training
-from .data import Record
 
 MODES = ("coconut", "cot", "nocot", "pause")
 
@@ -68,12 +69,8 @@ def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[in
 
 
 def inference_prompt(tokenizer, question: str, cur: Curriculum) -> list[int]:
-    ids = tokenizer.token_to_id
-    q = tokenizer.encode(question).ids
-    if cur.mode in ("cot", "nocot"):
-        return q
-    k = cur.inference_thoughts()
-    return q + [ids("<|start-latent|>")] + [ids("<|latent|>")] * k + [ids("<|end-latent|>")]
+    """The prompt a model trained with ``cur`` answers at inference (latentrt.decode.coconut's format)."""
+    return thought_prompt(tokenizer, question, None if cur.mode in ("cot", "nocot") else cur.inference_thoughts())
 
 
 def collate(examples, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:

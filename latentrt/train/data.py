@@ -10,13 +10,13 @@ so models trained here can be evaluated on the published validation file.
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import InputError
+from ..records import Record, load_records, save_records
 from ..tokenizer import word_tokenizer
+
+__all__ = ["Record", "build_tokenizer", "generate_dataset", "generate_problem", "load_records", "save_records"]
 
 NAMES = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom Wren").split()
 CONCEPTS = (
@@ -25,14 +25,6 @@ CONCEPTS = (
     "terpus timpus tumpus vumpus worpus wumpus yerpus yimpus yumpus zhorpus zumpus"
 ).split()
 FUNCTION_WORDS = ["Every", "is", "a", "Is", "or", ".", "?", "###"]
-
-
-@dataclass
-class Record:
-    question: str
-    steps: list[str]
-    answer: str
-    difficulty: int
 
 
 def build_tokenizer():
@@ -71,33 +63,3 @@ def generate_problem(rng: random.Random, difficulty: int, distractors: int | Non
 def generate_dataset(n: int, difficulties: tuple[int, ...] = (1, 2, 3, 4), seed: int = 0) -> list[Record]:
     rng = random.Random(seed)
     return [generate_problem(rng, difficulties[i % len(difficulties)]) for i in range(n)]
-
-
-def load_records(path: str | Path) -> list[Record]:
-    """A JSON list of {question, steps, answer} (ProsQA / ProntoQA / GSM8k files); clear errors per record."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"data file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, list):
-        raise InputError(f"{path} must hold a JSON list of records, got {type(raw).__name__}")
-    out = []
-    for i, r in enumerate(raw):
-        if not isinstance(r, dict):
-            raise InputError(f"{path}: record {i} is not an object")
-        for key, kind in (("question", str), ("answer", str), ("steps", list)):
-            if key not in r:
-                raise InputError(f"{path}: record {i} has no {key!r}")
-            if not isinstance(r[key], kind):
-                raise InputError(f"{path}: record {i}: {key!r} must be a {kind.__name__}")
-        if not all(isinstance(s, str) for s in r["steps"]):
-            raise InputError(f"{path}: record {i}: every step must be a string")
-        out.append(Record(r["question"], list(r["steps"]), r["answer"], int(r.get("difficulty", len(r["steps"])))))
-    return out
-
-
-def save_records(records: list[Record], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([r.__dict__ for r in records], indent=1))

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..hooks import HookList
+from ..records import Record
 from . import distributed
 from .common import TrainOptions, autocast, load_training, make_optimizer, optimizer_step, prepare, save_training
-from .data import Record
 
 
 def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Generator) -> tuple[int, int]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentrt.models.layers import rms_norm
-
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from .reference import rms_norm
 
 
 def reference(res: Tensor, y: Tensor, w_a: Tensor, w_b: Tensor, eps: float) -> tuple[Tensor, Tensor]:

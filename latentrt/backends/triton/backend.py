@@ -1,14 +1,10 @@
 """The Triton backend: decode-time seams as fused kernels, and a recurrence without host syncs.
 
-For one new position per sequence (decode), each core iteration runs as: adapter (W[:, :d] s plus the
-per-token W[:, d:] e term computed once; its epilogue sums squares for core layer 0's norm_1, applied in
-the QKV product's prologue) -> per layer: Wqkv -> qk_bias + RoPE + K/V into the iteration's slot ->
-decode attention with the slot lookup rule -> proj -> residual + norm_2 + norm_3 -> fc with fused SiLU
-gate -> proj -> residual + norm_4 + the next layer's norm_1. Every weight kernel returns before touching
-its weights when no sequence is active, so frozen work costs only launches.
-Prefill chunks (compute-bound, many positions) go through the PyTorch reference.
-Decode tokens without hooks run as a ``TokenStep`` (triton_step.py): prelude, every iteration with its
-fused exit test, and the head as one CUDA graph on the GPU; at most one device->host read per token.
+For one new position per sequence (decode), each core iteration runs as the fused launches of
+recurrent_layers.py; prefill chunks (compute-bound, many positions) go through the PyTorch reference.
+Decode tokens without hooks run as a ``RecurrentTokenRunner`` (token.py): prelude, every iteration with
+its fused exit test, and the head as one CUDA graph on the GPU; at most one device->host read per token.
+GPT-2 columns (Coconut thoughts and answer tokens) run as a ``ColumnRunner`` (column.py).
 """
 
 from __future__ import annotations
@@ -16,10 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import exits, feedback
+from ... import kernels
+from ...kernels import exits, feedback
+from ..base import Backend, Capabilities
+from .column import ColumnRunner, fused_layers_apply
+from .recurrent_layers import DecodePosition, core_iteration
+from .token import RecurrentTokenRunner
 
-from .torch import TorchBackend
-from .triton_step import ThoughtStep, TokenInputs, TokenStep, core_iteration, fused_layers_apply
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class TritonExitOps:
@@ -32,23 +32,31 @@ class TritonExitOps:
         return exits.kl_fused(logits, prev_logp)
 
 
-class TritonBackend(TorchBackend):
+class TritonBackend(Backend):
     name = "triton"
+    capabilities = Capabilities(devices=("cuda",), dtypes=KERNEL_DTYPES, notes=("CPU via TRITON_INTERPRET=1",))
     sync_free = True
     exit_ops = TritonExitOps
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
-        self._token = None  # (e tensor, its adapter term, the position's TokenInputs) of the token being decoded
+        self._token = None  # (e tensor, its adapter term, the position) of the token being decoded
 
-    def _token_inputs(self, e: Tensor, cache, chunk, rope) -> tuple[Tensor, TokenInputs]:
+    @classmethod
+    def unavailable(cls, model, auto: bool = False) -> str | None:
+        ok, why = kernels.triton_status(getattr(model, "device", None))
+        if not ok:
+            return why
+        if auto and model.device.type != "cuda":
+            return "the interpreter is for tests"
+        return None
+
+    # ---------------------------------------------------------------- recurrent depth
+    def _position(self, e: Tensor, cache, chunk, rope) -> tuple[Tensor, DecodePosition]:
         if self._token is None or self._token[0] is not e:
             m = self.model
-            w = m.transformer.adapter.weight
-            d = e.shape[-1]
-            term = torch.nn.functional.linear(e[:, 0], w[:, d:], m.transformer.adapter.bias)  # once per token
             dev = e.device
-            step = TokenInputs(
+            where = DecodePosition(
                 m.config,
                 torch.tensor([chunk.start], device=dev),
                 torch.tensor([chunk.end], device=dev),
@@ -56,32 +64,35 @@ class TritonBackend(TorchBackend):
                 rope[1][:, 0].contiguous(),
                 cache.valid,
             )
-            self._token = (e, term.contiguous(), step)
+            adapter = m.transformer.adapter
+            e_term = feedback.adapter_input_term(e[:, 0], adapter.weight, adapter.bias)  # once per token
+            self._token = (e, e_term.contiguous(), where)
         return self._token[1:]
 
-    def core_step(self, s: Tensor, e: Tensor, cache, chunk, iteration: int, active: Tensor, rope) -> Tensor:
+    def core_iteration(self, s: Tensor, e: Tensor, cache, chunk, iteration: int, active: Tensor, rope) -> Tensor:
         m = self.model
-        if chunk.size != 1 or s.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return m.core_step(s, e, cache, chunk, iteration, active, rope)
-        term, step = self._token_inputs(e, cache, chunk, rope)
+        if chunk.size != 1 or s.dtype not in KERNEL_DTYPES:
+            return m.core_iteration(s, e, cache, chunk, iteration, active, rope)
+        e_term, where = self._position(e, cache, chunk, rope)
         s0 = s[:, 0].contiguous()
-        new = core_iteration(m, s0, term, cache, iteration, step, active)
+        new = core_iteration(m, s0, e_term, cache, iteration, where, active)
         return torch.where(active[:, None], new, s0)[:, None]  # frozen rows keep their state (hooks see it)
 
-    def token_step(self, cache, r_max: int, criterion, min_steps: int) -> TokenStep | None:
-        """The graph-capturable decode token (see triton_step); None where the kernels do not apply."""
-        if self.model.family != "recurrent" or self.model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    def token_runner(self, cache, spec) -> RecurrentTokenRunner | None:
+        """The graph-capturable decode token (see token.py); None where the kernels do not apply."""
+        if self.model.dtype not in KERNEL_DTYPES:
             return None
-        return TokenStep(self.model, cache, r_max, criterion, min_steps, self.exit_ops)
+        return RecurrentTokenRunner(self, cache, spec)
 
-    def thought_step(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ThoughtStep:
-        """Coconut prompt columns as one graph-capturable unit (see triton_step.ThoughtStep), its layers as
-        fused launches where the config allows."""
-        return ThoughtStep(self.model, self.feedback, cache, embeds, latent, mask, self.fused_layer_weights())
+    # ---------------------------------------------------------------- continuous thought
+    def column_runner(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ColumnRunner:
+        """GPT-2 columns as one graph-capturable unit (see column.py), its layers as fused launches where the
+        config allows."""
+        return ColumnRunner(self.model, self.feedback, cache, embeds, latent, mask, self.fused_layer_weights())
 
     def fused_layer_weights(self) -> list[dict[str, Tensor]] | None:
-        """The transposed weights for ThoughtStep's fused GPT-2 layers, or None where the config needs the
-        model's own modules (see fused_layers_apply)."""
+        """The transposed weights for the column runner's fused GPT-2 layers, or None where the config needs
+        the model's own modules (see fused_layers_apply)."""
         return self.conv1d_transposed() if fused_layers_apply(self.model.config) is None else None
 
     def conv1d_transposed(self) -> list[dict[str, Tensor]]:

@@ -7,7 +7,7 @@ options) at tiny and at full Huginn-0125 / GPT-2 shapes, then compiles each dist
 (sm_90 by default) through Triton's own compiler with a stand-in driver, and reports the shared memory and
 registers each needs. It fails on a compile error or on shared memory above the target's limit.
 
-    python -m kernels.compile_check [--arch 90] [--full]
+    python -m tools.compile_check [--arch 90] [--full]
 
 ``--full`` adds the full-shape launches (builds a 3-layer Huginn-width model on the CPU: ~4 GB bf16).
 """
@@ -60,7 +60,7 @@ def record(full: bool, out: Path) -> None:
         return None
 
     interpreter.InterpretedFunction.run = recording_run
-    import kernels
+    from latentrt import kernels
 
     for dtype in (torch.float32, torch.bfloat16):
         for name in kernels.FAMILIES:
@@ -83,7 +83,7 @@ def _linear_candidates() -> None:
     """Every candidate GEMV launch config (the constexprs, hence registers, do not depend on N and K)."""
     import torch
 
-    from kernels import linear
+    from latentrt.kernels import linear
 
     for cfg in linear.CANDIDATE_CONFIGS:
         for m in (1, 8):
@@ -96,8 +96,7 @@ def _workloads(size: str, dtype) -> None:
     """generate() through the triton backend: recurrent (every KV mode x exit criterion) and Coconut."""
     import latentrt
     from latentrt.backends import get_backend
-    from latentrt.config import parse_config
-    from latentrt.models import build_model
+    from latentrt.families import build_model, parse_config
 
     if size == "tiny":
         rec = dict(n_embd=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=320)
@@ -142,7 +141,7 @@ def _ignore_non_finite() -> None:
     from latentrt import engine
     from latentrt.models import recurrent
 
-    engine._Run._raise_if_bad = lambda self, bad, token: None
+    engine.Generation._raise_if_nonfinite = lambda self, flags, token: None
     recurrent.check_finite = lambda *a, **k: None
 
 
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # two processes: triton.jit decides at import time whether kernels are interpreted
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "launches.pkl"
-        me = [sys.executable, "-m", "kernels.compile_check", "--arch", str(args.arch)]
+        me = [sys.executable, "-m", "tools.compile_check", "--arch", str(args.arch)]
         interp = dict(os.environ, TRITON_INTERPRET="1", LATENTRT_GPU_CONFIGS="1")  # the GPU's launch configs
         subprocess.run(me + ["--record-to", str(path)] + ["--full"] * args.full, env=interp, check=True)
         compiled = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

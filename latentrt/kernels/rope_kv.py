@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentrt.models.layers import apply_rope
-
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from .reference import apply_rope, rope_tables
 
 
 def reference(
@@ -44,8 +43,6 @@ def reference(
 
 
 def make_inputs(shape: str, device, dtype, seed: int = 0, batch: int = 8, n: int = 1, context: int = 512):
-    from latentrt.models.layers import rope_tables
-
     from . import SHAPES
 
     _, H, D, _, _ = SHAPES[shape]

@@ -3,7 +3,8 @@
 Coconut: the last hidden state goes through ln_f, gets wpe[pos] added and becomes the next pass's
 residual input; layer 0's ln_1 of it is needed at once, so both come out of one kernel.
 Recurrent depth: the adapter W [d, 2d] applied to [s, e]. Since e is fixed for a token, W[:, d:] e is
-computed once per token; each iteration only computes W[:, :d] s + that term (half the adapter bytes).
+computed once per token (``adapter_input_term``); each iteration only computes W[:, :d] s + that term
+(kernels/linear.py with ``add=``: half the adapter bytes).
 """
 
 from __future__ import annotations
@@ -23,22 +24,10 @@ def coconut_reference(
     return x, F.layer_norm(x, (x.shape[-1],), ln1_w, ln1_b, eps)
 
 
-def adapter_reference(s: Tensor, e: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The published adapter: Linear(2d -> d) on concat[s, e] (state first)."""
-    return F.linear(torch.cat([s, e], -1), w, bias)
-
-
 def adapter_input_term(e: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """W[:, d:] e (+ bias): the part of the adapter that is constant across a token's iterations."""
     d = e.shape[-1]
     return F.linear(e, w[:, d:], bias)
-
-
-def adapter_split(s: Tensor, e_term: Tensor, w: Tensor) -> Tensor:
-    """W[:, :d] s + e_term: equal to adapter_reference, reading half of W per iteration."""
-    return torch.addmm(
-        e_term.reshape(-1, e_term.shape[-1]), s.reshape(-1, s.shape[-1]), w[:, : s.shape[-1]].t()
-    ).view_as(e_term)
 
 
 reference = coconut_reference

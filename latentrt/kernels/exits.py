@@ -11,27 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
-
-
-def latent_diff_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
-    """mean over real positions of |new - prev| / |new|, per sequence [B]."""
-    per = (prev.float() - new.float()).norm(dim=-1) / new.float().norm(dim=-1)
-    w = valid.float()
-    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
-
-
-def cosine_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
-    """mean over real positions of 1 - cos(new, prev), per sequence [B]."""
-    per = 1.0 - F.cosine_similarity(new.float(), prev.float(), dim=-1)
-    w = valid.float()
-    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
-
-
-def kl_reference(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
-    """(KL(prev || cur) [B], cur log-probs [B,V]) from logits [B,V]."""
-    logp = F.log_softmax(logits.float(), -1)
-    return (prev_logp.exp() * (prev_logp - logp)).sum(-1), logp
-
+from .reference import cosine_reference, kl_reference, latent_diff_reference  # noqa: F401 (the family's references)
 
 reference = kl_reference
 

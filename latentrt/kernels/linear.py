@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from .reference import rms_norm
 
 
 def reference(
@@ -35,8 +36,6 @@ def reference(
 
 def norm_prologue_reference(h: Tensor, w_adapter: Tensor, add: Tensor, w_norm: Tensor, w_next: Tensor, eps: float):
     """What the sumsq/prenorm pair computes: h = x W_a^T + add, then rms_norm(h, w_norm) @ W_next^T."""
-    from latentrt.models.layers import rms_norm
-
     out = reference(h, w_adapter, add)
     return out, F.linear(rms_norm(out, w_norm, eps), w_next)
 

@@ -1,0 +1,101 @@
+"""The decoder contract: the model-side work of one generate() call, per family.
+
+The engine (latentrt/engine.py) is the generic token loop: it validates the options, builds the batch,
+samples, stops, streams and assembles the result. Everything between "these token ids" and "these
+next-token logits" is the family's decoder: which options apply, how the prompt is extended (Coconut's
+thoughts), which cache to allocate, the prefill, and each next token. A decoder calls its model's
+reference methods or, where the backend offers them, the backend's fused seams (backends/base.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..cache import KVCache
+from ..options import GenerateOptions
+from ..prompts import Batch
+
+
+@dataclass
+class TokenOutput:
+    """What the prefill or one next token yields for a batch, all on the device (read back once)."""
+
+    logits: Tensor  # [B, V] fp32 next-token logits
+    iterations: Tensor  # [B] long: latent iterations run for this token (0 where the family has none)
+    nonfinite: Tensor  # [B] long flags: 1 the latent state, 2 the logits became NaN/inf
+
+
+class Decoder:
+    """Base class of the family decoders (see module docstring)."""
+
+    TITLE: ClassVar[str]  # how messages name the family's models
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()  # the family options (latentrt/options.py) it accepts
+
+    def __init__(self, model, options: GenerateOptions, hooks, generator: torch.Generator | None) -> None:
+        self.model, self.options, self.hooks, self.generator = model, options, hooks, generator
+        self.backend = model.backend
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def check_options(cls, model, options: GenerateOptions) -> None:
+        """Validate the family options this decoder takes (``OPTIONS``; the engine has rejected the others)."""
+
+    # ---------------------------------------------------------------- one generate() call
+    @property
+    def num_thoughts(self) -> int:
+        """Continuous thoughts run for the prompt (0 for families without them)."""
+        return 0
+
+    def prepare_prompt(self, batch: Batch) -> Batch:
+        """The batch as the model runs it (e.g. with appended thought markers)."""
+        return batch
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        self.cache = self.model.new_cache(batch, max_len)
+        return self.cache
+
+    def prefill(self, batch: Batch) -> TokenOutput:
+        raise NotImplementedError
+
+    def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+        """The next position for every sequence: ``tokens`` [B] the last sampled ids, ``alive`` [B] bool."""
+        raise NotImplementedError
+
+    def record(self, iterations: list[int], alive: list[bool]) -> None:
+        """Host values of the token just produced (after the engine's one device->host read)."""
+
+    # ---------------------------------------------------------------- evaluation and presentation
+    EVAL_MODES: ClassVar[tuple[str, ...]] = ("plain",)  # prompt formats ``latentrt eval --modes`` takes
+
+    @classmethod
+    def eval_mode(cls, model) -> str:
+        """The prompt format the model was trained for (the default of ``latentrt eval``)."""
+        return cls.EVAL_MODES[0]
+
+    @classmethod
+    def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:
+        """Token ids of ``question`` in a prompt format of EVAL_MODES (``thoughts``: a count to use instead
+        of the trained one, for families that think in latent tokens)."""
+        return model.tokenizer.encode(question).ids
+
+    @classmethod
+    def report(cls, result) -> list[str]:
+        """Lines the CLI prints after a generation's text (family-specific statistics)."""
+        return []
+
+
+def nonfinite_flags(state: Tensor | None, state_valid: Tensor | None, logits: Tensor, alive: Tensor) -> Tensor:
+    """[B] long: 1 where a real position's latent state is NaN/inf, + 2 where the logits are."""
+    flags = 2 * (~torch.isfinite(logits).all(-1) & alive).long()
+    if state is not None:
+        nonfinite = ~torch.isfinite(state).all(-1)
+        if state_valid is not None:
+            nonfinite = nonfinite & state_valid
+        if nonfinite.dim() > 1:
+            nonfinite = nonfinite.any(-1)
+        flags = flags + (nonfinite & alive).long()
+    return flags

@@ -1,0 +1,151 @@
+"""Coconut decoding (continuous thought on GPT-2): thoughts in the prompt, then ordinary answer tokens.
+
+The prompt's ``<|latent|>`` positions are continuous thoughts: each is a single-position pass whose input
+is the previous position's last hidden state (models/coconut.py, ``run_prompt``). ``num_thoughts=k``
+appends ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` to the prompt. Answer tokens are
+single-position passes too; both go through the backend's column runner where it has one (fused layers,
+one CUDA graph), else through the model's modules.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import read_training_info
+from ..errors import InputError
+from ..options import GenerateOptions
+from ..prompts import Batch
+from .base import Decoder, TokenOutput, nonfinite_flags
+
+
+def trained_thoughts(model) -> tuple[str, int]:
+    """The prompt format and thought count a model was trained with (its training.json; the trainers write
+    mode ``coconut`` / ``pause`` / ``cot`` / ``nocot`` and the curriculum), or ("coconut", 0)."""
+    info = read_training_info(getattr(model, "source", None))
+    mode = info.get("mode", "coconut")
+    k = info.get("max_stage", 0) * info.get("thoughts_per_step", 1) if mode in THOUGHT_MODES else 0
+    return mode, k
+
+
+THOUGHT_MODES = ("coconut", "pause")  # prompt formats with thought markers (pause: ordinary tokens there)
+
+
+def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
+    """The Coconut prompt: the question, then ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>``
+    (no markers with ``thoughts=None``: the CoT / no-CoT formats)."""
+    ids = tokenizer.encode(question).ids
+    if thoughts is None:
+        return ids
+    tid = tokenizer.token_to_id
+    return ids + [tid("<|start-latent|>")] + [tid("<|latent|>")] * thoughts + [tid("<|end-latent|>")]
+
+
+class CoconutDecoder(Decoder):
+    TITLE = "Coconut continuous-thought"
+    OPTIONS = frozenset({"num_thoughts"})
+
+    @classmethod
+    def check_options(cls, model, options: GenerateOptions) -> None:
+        k = options.num_thoughts
+        if k is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InputError(f"num_thoughts must be an integer >= 0, got {k!r}")
+        if model.marker_ids[1] is None:
+            raise InputError(
+                "this model has no latent markers: pass their ids to load() "
+                "(latent_id=, start_latent_id=, end_latent_id=)"
+            )
+
+    def __init__(self, model, options: GenerateOptions, hooks, generator) -> None:
+        super().__init__(model, options, hooks, generator)
+        self._thoughts = 0
+        self._answer = None  # (runner, its token-embedding buffer, its validity buffer) once made
+
+    @property
+    def num_thoughts(self) -> int:
+        return self._thoughts
+
+    def prepare_prompt(self, batch: Batch) -> Batch:
+        """Append k thoughts: ``num_thoughts=k``, or by default the count the model was trained with (its
+        training.json) when no prompt carries latent markers already."""
+        k = self.options.num_thoughts
+        start, latent, end = self.model.marker_ids
+        if k is None and latent is not None and not bool((batch.ids == start).any()):
+            k = trained_thoughts(self.model)[1] or None
+        if k is None:
+            return batch
+        B = batch.ids.shape[0]
+        extra = torch.tensor([start] + [latent] * k + [end], device=batch.ids.device).expand(B, -1)
+        ids = torch.cat([batch.ids, extra], dim=1)
+        mask = torch.cat([batch.mask, torch.ones_like(extra, dtype=torch.bool)], dim=1)
+        return Batch(ids, mask, batch.single)
+
+    def prefill(self, batch: Batch) -> TokenOutput:
+        model, backend = self.model, self.backend
+        logits, _, self._thoughts = model.run_prompt(
+            batch.ids,
+            batch.mask,
+            self.cache,
+            self.hooks,
+            feedback=backend.feedback,
+            columns=partial(backend.column_runner, self.cache),
+        )
+        logits = logits[:, -1]
+        alive = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        return self._output(logits, alive)
+
+    def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+        model, cache = self.model, self.cache
+        embeds = model.embed(tokens[:, None])
+        runner = self._answer_runner(embeds)
+        if runner is None:
+            chunk = cache.begin(alive[:, None])
+            h = model.forward_embeds(embeds, cache, chunk)
+        else:
+            runner, embeds_buf, valid_buf = runner
+            embeds_buf.copy_(embeds)
+            valid_buf.copy_(alive[:, None])
+            runner.prepare(embeds_buf, 0, cache.reserve())  # no latent rows: the hidden input is unused
+            h = model.transformer.ln_f(runner())
+        return self._output(model.lm_logits(h)[:, -1], alive)
+
+    def _answer_runner(self, like: Tensor):
+        """The backend's column runner for answer tokens (static buffers: one CUDA graph serves all), or
+        None where the backend has none or hooks are set."""
+        if self._answer is None:
+            runner = None
+            if not self.hooks:
+                embeds = torch.zeros_like(like)
+                latent = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
+                valid = torch.zeros_like(latent)
+                made = self.backend.column_runner(self.cache, embeds, latent, valid)
+                runner = (made, embeds, valid) if made is not None else None
+            self._answer = (runner,)
+        return self._answer[0]
+
+    def _output(self, logits: Tensor, alive: Tensor) -> TokenOutput:
+        iterations = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return TokenOutput(logits, iterations, nonfinite_flags(None, None, logits, alive))
+
+    EVAL_MODES = ("coconut", "cot", "nocot", "pause")
+
+    @classmethod
+    def eval_mode(cls, model) -> str:
+        mode = trained_thoughts(model)[0]
+        return mode if mode in cls.EVAL_MODES else "coconut"
+
+    @classmethod
+    def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:
+        """``mode`` coconut / pause: the question then the thoughts (``thoughts``, default the trained count);
+        cot / nocot: the question alone."""
+        if mode not in THOUGHT_MODES:
+            return thought_prompt(model.tokenizer, question, None)
+        return thought_prompt(model.tokenizer, question, trained_thoughts(model)[1] if thoughts is None else thoughts)
+
+    @classmethod
+    def report(cls, result) -> list[str]:
+        return [f"continuous thoughts: {result.num_thoughts}"]

@@ -1,0 +1,134 @@
+"""Recurrent-depth decoding (Huginn): the prompt and each new token run prelude -> latent loop -> head.
+
+The loop's rules (when the criterion runs, ``min_steps``, freezing, what ``.steps`` counts) are written
+once, in latentrt/recurrence.py; the KV lookup rule per mode in latentrt/kv_modes.py. This decoder
+validates the options, picks the cache, and runs each unit either through the reference loop (with the
+backend's ``core_iteration`` seam, and hooks between iterations) or, for decode tokens without hooks,
+through the backend's token runner (one CUDA graph per token on the Triton backend, the persistent kernel
+on the CUDA backend), both of which implement the same rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..exits import make_criterion
+from ..kv_modes import parse_kv_mode
+from ..models.recurrent import check_steps
+from ..options import GenerateOptions
+from ..prompts import Batch
+from ..recurrence import LoopSpec, run_recurrence
+from .base import Decoder, TokenOutput, nonfinite_flags
+
+
+class RecurrentDecoder(Decoder):
+    TITLE = "recurrent-depth"
+    OPTIONS = frozenset(
+        {
+            "adaptive",
+            "num_steps",
+            "exit_criterion",
+            "exit_threshold",
+            "min_steps",
+            "kv_sharing",
+            "continuous",
+            "init_scale",
+        }
+    )
+
+    @classmethod
+    def check_options(cls, model, options: GenerateOptions) -> None:
+        r_max = model.default_steps() if options.num_steps is None else check_steps(options.num_steps)
+        parse_kv_mode(options.kv_sharing, r_max)
+        make_criterion(options.exit_criterion, options.exit_threshold)
+        ms = options.min_steps
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+            raise InputError(f"min_steps must be an integer >= 0, got {ms!r}")
+        if ms > r_max:
+            raise InputError(f"min_steps={ms} exceeds the maximum number of steps {r_max}")
+        s = options.init_scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s >= 0):
+            raise InputError(f"init_scale must be a finite number >= 0, got {s!r}")
+
+    def __init__(self, model, options: GenerateOptions, hooks, generator) -> None:
+        super().__init__(model, options, hooks, generator)
+        o = options
+        r_max = model.default_steps() if o.num_steps is None else o.num_steps
+        criterion = make_criterion(o.exit_criterion, o.exit_threshold) if o.adaptive else make_criterion("none")
+        self.spec = LoopSpec(r_max, criterion, o.min_steps)
+        self.kv_mode = parse_kv_mode(o.kv_sharing, r_max)
+        self.continuous, self.init_scale = bool(o.continuous), float(o.init_scale)
+        self.last_state: Tensor | None = None  # the previous unit's final state (continuous mode)
+        self.runner = None
+
+    def new_cache(self, batch: int, max_len: int):
+        self.cache = self.model.new_cache(batch, max_len, self.kv_mode)
+        return self.cache
+
+    def prefill(self, batch: Batch) -> TokenOutput:
+        # decode tokens as one fixed launch sequence where the backend has one (not with hooks: they are
+        # Python called between iterations)
+        self.runner = None if self.hooks else self.backend.token_runner(self.cache, self.spec)
+        alive = torch.ones(batch.ids.shape[0], dtype=torch.bool, device=self.model.device)
+        return self._unit(batch.ids, batch.mask, alive)
+
+    def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+        if self.runner is not None:
+            return self._runner_token(tokens, alive)
+        return self._unit(tokens[:, None], alive[:, None], alive)
+
+    def record(self, iterations: list[int], alive: list[bool]) -> None:
+        self.cache.record_iterations(iterations, alive)
+
+    def _initial_state(self, like: Tensor) -> Tensor:
+        return self.model.initial_state(like, self.init_scale, self.generator)
+
+    def _unit(self, ids: Tensor, valid: Tensor, alive: Tensor) -> TokenOutput:
+        """One unit (prompt or token) through prelude, the latent loop (latentrt/recurrence.py) and the
+        head, on the reference path: the backend's ``core_iteration`` per iteration, hooks in between."""
+        model, cache, backend = self.model, self.cache, self.backend
+        chunk = cache.begin(valid)
+        rope = model.rope(chunk)
+        e = model.prelude(ids, cache, chunk, rope)
+        if self.continuous and self.last_state is not None:
+            s0 = self.last_state.expand_as(e).clone()
+        else:
+            s0 = self._initial_state(e)
+        s, used, logits = run_recurrence(
+            self.spec,
+            s0,
+            alive,
+            chunk.valid,
+            model.config.padded_vocab_size,
+            iterate=lambda s, t, active: backend.core_iteration(s, e, cache, chunk, t, active, rope),
+            head=lambda s, active: model.head(s, cache, chunk, active, rope, last_only=True)[:, -1],
+            mark=lambda t, active: cache.mark_iteration(chunk, t, active),
+            exit_ops=backend.exit_ops,
+            hooks=self.hooks,
+            host_may_stop=not backend.sync_free,
+        )
+        self.last_state = s[:, -1:]
+        return TokenOutput(logits, used, nonfinite_flags(s, chunk.valid, logits, alive))
+
+    def _runner_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+        """A decode token through the backend's token runner (a CUDA graph on the GPU)."""
+        runner = self.runner
+        position = self.cache.reserve()
+        s0 = self.last_state if self.continuous else self._initial_state(runner.s0[:, None])
+        runner.prepare(tokens, alive, s0, position)
+        logits, used, flags, s = runner()
+        self.last_state = s[:, None]
+        return TokenOutput(logits, used, flags)
+
+    @classmethod
+    def report(cls, result) -> list[str]:
+        steps = result.steps if isinstance(result.text, list) else [result.steps]
+        lines = []
+        for n, st in enumerate(steps):
+            head = f"[{n}] " if len(steps) > 1 else ""
+            lines.append(f"{head}steps per token: {st} (mean {sum(st) / max(len(st), 1):.2f})")
+        return lines

@@ -1,0 +1,103 @@
+"""THE registry of model families: config.json's ``model_type`` -> (config, model, decoder).
+
+Everything family-specific lives in the family's own files: its config and reference model
+(``latentrt/models/<family>.py``) and its decoder (``latentrt/decode/<family>.py``: the generate()
+options it accepts, prefill and the per-token computation). Generic code (loader, engine, CLI, serving)
+looks the family up here and never branches on it. Adding a family = its config, its model, its decoder,
+and one line in ``FAMILIES`` (or one ``register`` call, e.g. from a test or a plugin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decode.coconut import CoconutDecoder
+from .decode.recurrent import RecurrentDecoder
+from .errors import ConfigError, InputError
+from .models.coconut import CoconutGPT2, GPT2Config
+from .models.recurrent import RecurrentConfig, RecurrentDepthLM
+from .options import GenerateOptions
+
+
+@dataclass(frozen=True)
+class Family:
+    config: type  # a ModelConfig dataclass (latentrt/config.py)
+    model: type  # a LatentModel (latentrt/models/base.py)
+    decoder: type  # a Decoder (latentrt/decode/base.py)
+
+    @property
+    def title(self) -> str:
+        """How messages name the family's models."""
+        return self.decoder.TITLE
+
+
+FAMILIES: dict[str, Family] = {
+    "huginn_raven": Family(RecurrentConfig, RecurrentDepthLM, RecurrentDecoder),
+    "gpt2": Family(GPT2Config, CoconutGPT2, CoconutDecoder),
+}
+
+
+def register(model_type: str, family: Family) -> None:
+    """Add (or replace) a family at run time."""
+    FAMILIES[model_type] = family
+
+
+def unregister(model_type: str) -> None:
+    FAMILIES.pop(model_type, None)
+
+
+def family_of(model_type, source: str = "config.json") -> Family:
+    """The family of a config.json ``model_type``; a ConfigError naming the supported ones otherwise."""
+    if model_type is None:
+        raise ConfigError(f"{source} has no 'model_type' field (expected one of {sorted(FAMILIES)})")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"unknown model_type {model_type!r} in {source}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def family_for(model) -> Family:
+    """The family of a loaded model; an InputError for anything that is not one."""
+    cfg = getattr(model, "config", None)
+    family = FAMILIES.get(getattr(cfg, "model_type", None))
+    if family is None or not isinstance(model, family.model):
+        what = f"the string {model!r}" if isinstance(model, str) else f"a {type(model).__name__}"
+        raise InputError(f"expected a model from latentrt.load(...), got {what}; call latentrt.load first")
+    return family
+
+
+def parse_config(raw, overrides: dict | None = None, source: str = "config.json"):
+    """The validated config of the family named by ``raw['model_type']`` (a config.json dict), with load()
+    overrides applied."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+    return family_of(raw.get("model_type"), source).config.from_raw(raw, overrides, source)
+
+
+def check_applicable(family: Family, options: GenerateOptions) -> None:
+    """Options some family's decoder takes (``OPTIONS``) but this family's does not are errors when set,
+    naming the families they apply to."""
+    family_options = set().union(*(f.decoder.OPTIONS for f in FAMILIES.values()))
+    inapplicable = sorted(n for n in family_options - family.decoder.OPTIONS if options.is_set(n))
+    if inapplicable:
+        others = sorted({f.title for f in FAMILIES.values() if set(inapplicable) <= f.decoder.OPTIONS})
+        where = f"; they apply to {' / '.join(others)} models" if others else ""
+        raise InputError(f"{inapplicable} do not apply to this {family.title} model{where}")
+
+
+def build_model(cfg, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A freshly initialised model of ``cfg``'s family, allocated directly on ``device`` in ``dtype`` (see
+    ``LatentModel.init_weights``), with the torch backend. Deterministic for a (seed, device) pair."""
+    from .backends import get_backend
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = family_of(cfg.model_type).model(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    model.tie_weights()
+    model.init_weights(torch.Generator(device).manual_seed(seed))
+    model.init_buffers()
+    model.backend = get_backend("torch", model)
+    return model

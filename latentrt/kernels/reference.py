@@ -1,0 +1,75 @@
+"""The reference formulas that the models, the exit criteria and the kernels share, in plain PyTorch.
+
+One definition each, imported by ``latentrt.models`` (the reference model), ``latentrt.exits`` (the exit
+criteria) and the kernel families beside this file (their ``reference`` functions and tests): RMSNorm with
+Huginn's rounding, interleaved rotary embeddings, GPT-2's tanh GELU, and the exit tests' per-sequence
+quantities. Nothing here imports latentrt.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ------------------------------------------------------------------------------------------ norms
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Huginn's RMSNorm: normalise in fp32, cast back to x's dtype, then scale by the weight."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+# ------------------------------------------------------------------------------------------ rotary
+def rope_tables(
+    head_dim: int, max_positions: int, base: float, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos/sin [max_positions, head_dim/2] in fp32 for pair i rotated by pos * base^(-2i/head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(max_positions, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return torch.cos(freqs), torch.sin(freqs)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) in fp32. x [B,S,H,D]; cos/sin [B,S,D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+# ------------------------------------------------------------------------------------------ activations
+def gelu_new(x: Tensor) -> Tensor:
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# ------------------------------------------------------------------------------------------ exit tests
+def latent_diff_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
+    """mean over real positions of |new - prev| / |new|, per sequence [B]. prev/new [B,n,d], valid [B,n]."""
+    per = (prev.float() - new.float()).norm(dim=-1) / new.float().norm(dim=-1)
+    w = valid.float()
+    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def cosine_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
+    """mean over real positions of 1 - cos(new, prev), per sequence [B]."""
+    per = 1.0 - F.cosine_similarity(new.float(), prev.float(), dim=-1)
+    w = valid.float()
+    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def kl_reference(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
+    """(KL(prev || cur) [B], cur log-probs [B,V]) from logits [B,V]."""
+    logp = F.log_softmax(logits.float(), -1)
+    return (prev_logp.exp() * (prev_logp - logp)).sum(-1), logp
+
+
+def entropy_reference(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) [B] with the published 1e-10 floor inside the log."""
+    probs = F.softmax(logits.float(), dim=-1)
+    return -(probs * torch.log(probs + 1e-10)).sum(-1)

@@ -1,0 +1,131 @@
+"""What every model has, whatever its family: config, device, dtype, tokenizer, backend, a KV cache.
+
+A family's model derives from ``LatentModel`` and implements the abstract parts: its cache layout (how
+many plain and looped layers hold K/V), its public ``logits``, and, where it needs them, the hooks for
+loading (``bind_tokenizer``) and initialisation (``init_depth``). Generic code (loader, engine, CLI,
+benchmarks) talks to models only through this surface and the family's decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import KVCache
+from ..kv_modes import KVMode
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The K/V a model keeps per position: ``plain`` layers one entry each, ``looped`` layers one entry per
+    KV-mode slot (the recurrent core block; 0 for a plain transformer)."""
+
+    plain: int
+    looped: int
+    kv_heads: int
+    head_dim: int
+
+    def bytes_per_position(self, slots: int, element_size: int) -> int:
+        """K and V bytes one position of one sequence occupies."""
+        return (self.plain + self.looped * slots) * self.kv_heads * self.head_dim * 2 * element_size
+
+
+class LatentModel(nn.Module):
+    """Base class of every family's model (see module docstring)."""
+
+    family: ClassVar[str]  # short name users read ("recurrent", "coconut"): set by the family's model
+    # backend="auto": the backends to try in order, each with the measurement that put it there
+    AUTO_BACKENDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = None
+        self.backend = None
+        self.eos_token_id = config.eos_token_id
+        self.source: str | None = None  # what load() was given (a folder or builtin:NAME)
+
+    # ---------------------------------------------------------------- what every model has
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def cache_layout(self) -> CacheLayout:
+        raise NotImplementedError
+
+    def new_cache(self, batch: int, max_len: int, kv_mode: KVMode | None = None) -> KVCache:
+        """A cache for ``batch`` sequences of up to ``max_len`` positions; ``kv_mode`` sets the slots of the
+        looped layers (default: one slot, i.e. shared)."""
+        layout = self.cache_layout()
+        return KVCache(
+            batch,
+            max_len,
+            layout.plain,
+            layout.kv_heads,
+            layout.head_dim,
+            n_core=layout.looped,
+            core_slots=kv_mode.slots if kv_mode is not None else 1,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def init_buffers(self) -> None:
+        """(Re)compute derived, non-persistent buffers on the model's device (e.g. RoPE tables)."""
+
+    def default_steps(self) -> int:
+        """Latent iterations per token when generate() is not told (1 for a model that does not loop)."""
+        return 1
+
+    def describe(self) -> list[str]:
+        """Family-specific lines for ``latentrt info``."""
+        return []
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- weights
+    HEAD_KEY: ClassVar[str] = "lm_head.weight"
+    EMBEDDING_KEY: ClassVar[str] = "transformer.wte.weight"
+
+    def tied_keys(self) -> tuple[str, str] | None:
+        """(head key, embedding key) when the head shares the embedding (the file may omit the head)."""
+        return (self.HEAD_KEY, self.EMBEDDING_KEY) if self.config.tied_head else None
+
+    def tie_weights(self) -> None:
+        keys = self.tied_keys()
+        if keys is not None:
+            head, emb = (self.get_submodule(k.rsplit(".", 1)[0]) for k in keys)
+            head.weight = emb.weight
+
+    @classmethod
+    def bind_tokenizer(cls, config, tokenizer):
+        """The config completed from the checkpoint's tokenizer (e.g. special-token ids); unchanged here."""
+        return config
+
+    def init_depth(self) -> int:
+        """Layers a token passes through (scales the output projections' init)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Small-normal weights (std sqrt(2/(5d)); output projections scaled down by sqrt(2 x depth), as in
+        the papers' inits), unit norms, zero biases."""
+        d = self.config.n_embd
+        std = math.sqrt(2 / (5 * d))
+        out_std = std / math.sqrt(2 * max(self.init_depth(), 1))
+        for name, p in self.named_parameters():
+            if "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.fill_(1.0) if name.endswith("weight") else p.zero_()
+            elif name.endswith("bias") or name.endswith("qk_bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, out_std if name.endswith("proj.weight") else std, generator=generator)

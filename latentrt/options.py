@@ -1,0 +1,72 @@
+"""The options of one generate() call as one dataclass, validated before any work.
+
+Generic options (length, sampling, stopping, hooks) are checked here; the family-specific ones are checked
+by the family's decoder (latentrt/decode/), which names the ones it takes (``OPTIONS``): an option some
+family takes but the model's family does not is an error when set to anything but its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError
+from .sampling import check_sampling
+
+
+@dataclass
+class GenerateOptions:
+    """See README (Python API) for the meaning of each option."""
+
+    max_new_tokens: int = 64
+    # recurrent depth
+    adaptive: bool = False
+    num_steps: int | None = None
+    exit_criterion: str = "kl"
+    exit_threshold: float | None = None
+    min_steps: int = 0
+    kv_sharing: Any = "full"
+    continuous: bool = False
+    init_scale: float = 1.0
+    # Coconut
+    num_thoughts: int | None = None
+    # sampling and stopping
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Any = None
+    # observation
+    hooks: Any = None
+    return_logits: bool = False
+
+    @classmethod
+    def build(cls, options: GenerateOptions | None = None, **kwargs) -> GenerateOptions:
+        """``options`` (or the defaults) with ``kwargs`` replacing fields; unknown names are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
+            hint = "; ".join(f"{u!r}: did you mean {h[0]!r}?" for u, h in zip(unknown, hints) if h)
+            raise InputError(
+                f"unknown generate() option(s) {unknown}" + (f" ({hint})" if hint else "") + f"; known: {sorted(names)}"
+            )
+        if options is not None and not isinstance(options, GenerateOptions):
+            raise InputError(f"options must be a GenerateOptions, got {type(options).__name__}")
+        return dataclasses.replace(options if options is not None else cls(), **kwargs)
+
+    def is_set(self, name: str) -> bool:
+        """Whether the caller gave ``name`` a value other than its default."""
+        default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+        return getattr(self, name) != default
+
+    def validate(self) -> None:
+        """The generic options; family options are checked by the family's decoder."""
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be an integer or None, got {self.seed!r}")

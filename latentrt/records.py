@@ -1,0 +1,51 @@
+"""Question-answer records: a JSON list of ``{question, steps, answer}`` (ProsQA / ProntoQA / GSM8k files).
+
+Read by ``latentrt eval`` and by the trainers; ``steps`` are the reasoning steps in language, ``difficulty``
+their count unless the record says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+
+@dataclass
+class Record:
+    question: str
+    steps: list[str]
+    answer: str
+    difficulty: int
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """A JSON list of {question, steps, answer} (ProsQA / ProntoQA / GSM8k files); clear errors per record."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"data file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, list):
+        raise InputError(f"{path} must hold a JSON list of records, got {type(raw).__name__}")
+    out = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict):
+            raise InputError(f"{path}: record {i} is not an object")
+        for key, kind in (("question", str), ("answer", str), ("steps", list)):
+            if key not in r:
+                raise InputError(f"{path}: record {i} has no {key!r}")
+            if not isinstance(r[key], kind):
+                raise InputError(f"{path}: record {i}: {key!r} must be a {kind.__name__}")
+        if not all(isinstance(s, str) for s in r["steps"]):
+            raise InputError(f"{path}: record {i}: every step must be a string")
+        out.append(Record(r["question"], list(r["steps"]), r["answer"], int(r.get("difficulty", len(r["steps"])))))
+    return out
+
+
+def save_records(records: list[Record], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([r.__dict__ for r in records], indent=1))

@@ -1,0 +1,1 @@
+"""Developer tools that are not product code (run from the repository root: python -m tools.NAME)."""
