@@ -67,10 +67,10 @@ PYBIND11_MODULE(_cuda, m) {
       .def(py::init<>())
 #define FIELD(name) .def_readwrite(#name, &LoopArgs::name)
       FIELD(batch) FIELD(d) FIELD(n_head) FIELD(n_kv) FIELD(head_dim) FIELD(ffn) FIELD(max_len) FIELD(vocab)
-      FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(criterion) FIELD(eps) FIELD(threshold) FIELD(core)
-      FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos) FIELD(sin)
-      FIELD(valid) FIELD(written) FIELD(state) FIELD(active) FIELD(used) FIELD(logits) FIELD(prev_logp)
-      FIELD(scratch) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
+      FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(check_every) FIELD(criterion) FIELD(eps) FIELD(threshold)
+      FIELD(core) FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos)
+      FIELD(sin) FIELD(valid) FIELD(written) FIELD(state) FIELD(ref_state) FIELD(active) FIELD(used) FIELD(logits)
+      FIELD(prev_logp) FIELD(scratch) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
 #undef FIELD
   m.def("loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::loop_plan, a, device); });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);

@@ -8,8 +8,10 @@
 //                      -> decode attention (slot rule min(t mod K, n_p - 1)) -> Wo GEMV
 //                      -> gated fc GEMV (residual + norm_2 + norm_3 in the prologue, silu * up after)
 //                      -> proj GEMV (its residual + norm_4 is folded into the next prologue)
-//     exit phase:      new state, used += 1, latent-diff / cosine test -> sequences that exit freeze
-//     (criterion kl:   coda layers + ln_f + lm_head + log-softmax KL, also in the kernel)
+//     exit phase:      new state, used += 1; at a check (rule 3 of latentrt/recurrence.py: t >= min_steps and
+//                      (t - min_steps) % check_every == 0) the latent-diff / cosine test against the state of
+//                      the previous check (ref_state) -> sequences that exit freeze
+//     (criterion kl:   at a check, coda layers + ln_f + lm_head + log-softmax KL, also in the kernel)
 // Norm prologues are computed redundantly by every block into shared memory (B x d bf16): cheaper than
 // a barrier. The host does nothing until the kernel ends; iterations used per sequence go to `used`.
 //
@@ -32,7 +34,7 @@ struct Layer {
 };
 
 struct Args {
-  int B, d, H, Hkv, D, I, T, V, pos, r_max, min_steps, criterion, n_core, n_coda, ld_adapter;
+  int B, d, H, Hkv, D, I, T, V, pos, r_max, min_steps, check_every, criterion, n_core, n_coda, ld_adapter;
   float eps, threshold;
   Layer core[kMaxCore], coda[kMaxCoda];
   const bf16 *adapter, *term, *ln_f, *lm_head;
@@ -40,6 +42,7 @@ struct Args {
   const uint8_t* valid;
   int64_t* written;
   bf16* state;
+  bf16* ref_state;  // the state at the previous check (latent-diff / cosine compare against it)
   uint8_t* active;
   int64_t* used;
   float *logits, *prev_logp;
@@ -178,7 +181,8 @@ __global__ void __launch_bounds__(kThreads, 1) latent_loop_kernel(const Args a) 
       add = a.mo;
       w_pend = L.n4;
     }
-    // exit phase: the new state (norm_4 of the last layer), iterations used, latent-diff / cosine
+    // exit phase: the new state (norm_4 of the last layer), iterations used, latent-diff / cosine at a check
+    const bool check = a.criterion != 0 && t >= a.min_steps && (t - a.min_steps) % a.check_every == 0;
     if (blockIdx.x == 0) {  // one block: B rows of d elements
       for (int b = 0; b < B; ++b) {
         if (!act[b]) continue;
@@ -192,12 +196,13 @@ __global__ void __launch_bounds__(kThreads, 1) latent_loop_kernel(const Args a) 
         for (int k = threadIdx.x; k < d; k += blockDim.x) {
           const float x = rnd(ld(src + (size_t)b * d + k) + ld(add + (size_t)b * d + k));
           const float s_new = rnd(rnd(x * r) * __bfloat162float(w_pend[k]));
-          const float s_old = ld(a.state + (size_t)b * d + k);
+          const float s_old = ld(a.ref_state + (size_t)b * d + k);
           diff += (s_new - s_old) * (s_new - s_old);
           nn += s_new * s_new;
           dot += s_new * s_old;
           np += s_old * s_old;
           a.state[(size_t)b * d + k] = __float2bfloat16(s_new);
+          if (check) a.ref_state[(size_t)b * d + k] = __float2bfloat16(s_new);
         }
         diff = block_sum(diff, red);
         nn = block_sum(nn, red);
@@ -208,12 +213,12 @@ __global__ void __launch_bounds__(kThreads, 1) latent_loop_kernel(const Args a) 
           float crit = INFINITY;
           if (a.criterion == 1) crit = sqrtf(diff) / sqrtf(nn);
           if (a.criterion == 2) crit = 1.f - dot / fmaxf(sqrtf(nn) * sqrtf(np), 1e-8f);
-          if (t + 1 >= a.min_steps && crit < a.threshold) a.active[b] = 0;
+          if (check && crit < a.threshold) a.active[b] = 0;
         }
       }
     }
     grid_sync(a);
-    if (a.criterion != 3) continue;
+    if (a.criterion != 3 || !check) continue;
     // kl: coda + ln_f + lm_head on the new state, then KL(prev || cur) per sequence
     src = a.state;
     add = nullptr;
@@ -249,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_loop_kernel(const Args a) 
         prev[n] = lp;
       }
       kl = block_sum(kl, red);
-      if (threadIdx.x == 0 && t + 1 >= a.min_steps && kl < a.threshold) a.active[b] = 0;
+      if (threadIdx.x == 0 && kl < a.threshold) a.active[b] = 0;
     }
     grid_sync(a);
   }
@@ -287,6 +292,7 @@ std::string loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes)
   if (a.d % 8 || a.ffn % 8 || (a.n_head * a.head_dim) % 8 || a.ld_adapter % 8)
     return "widths must be multiples of 8 (16-byte loads)";
   if (a.criterion == 3 && (a.lm_head == 0 || a.ln_f == 0)) return "criterion kl needs the head weights";
+  if (a.check_every < 1 || a.min_steps < 0) return "check_every must be >= 1 and min_steps >= 0";
   return cooperative_plan(kernel_for(a.batch), a.batch, a.d, device, grid, smem_bytes);
 }
 
@@ -305,6 +311,7 @@ int latent_loop(const LoopArgs& h, int device) {
   a.pos = h.pos;
   a.r_max = h.r_max;
   a.min_steps = h.min_steps;
+  a.check_every = h.check_every;
   a.criterion = h.criterion;
   a.n_core = (int)h.core.size();
   a.n_coda = (int)h.coda.size();
@@ -322,6 +329,7 @@ int latent_loop(const LoopArgs& h, int device) {
   a.valid = reinterpret_cast<const uint8_t*>(h.valid);
   a.written = reinterpret_cast<int64_t*>(h.written);
   a.state = reinterpret_cast<bf16*>(h.state);
+  a.ref_state = reinterpret_cast<bf16*>(h.ref_state);
   a.active = reinterpret_cast<uint8_t*>(h.active);
   a.used = reinterpret_cast<int64_t*>(h.used);
   a.logits = reinterpret_cast<float*>(h.logits);

@@ -24,7 +24,7 @@ struct SandwichLayer {
 struct LoopArgs {
   int batch = 1, d = 0, n_head = 0, n_kv = 0, head_dim = 0, ffn = 0, max_len = 0, vocab = 0;
   int pos = 0;        // timeline index of the token (its K/V entries)
-  int r_max = 0, min_steps = 0;
+  int r_max = 0, min_steps = 0, check_every = 1;  // checks after iterations t >= min_steps, every check_every
   int criterion = 0;  // 0 none, 1 latent-diff, 2 cosine, 3 kl (head + KL per iteration, in the kernel)
   float eps = 1e-6f, threshold = 0.f;
   std::vector<SandwichLayer> core, coda;
@@ -36,6 +36,7 @@ struct LoopArgs {
   uint64_t valid = 0;              // [B, T] uint8
   uint64_t written = 0;            // [B, T] int64: iterations each position wrote
   uint64_t state = 0;              // [B, d] bf16: initial state in, final state out
+  uint64_t ref_state = 0;          // [B, d] bf16: the initial state in; the state of the last check
   uint64_t active = 0;             // [B] uint8: alive in, still running out
   uint64_t used = 0;               // [B] int64: iterations run (zeroed by the caller)
   uint64_t logits = 0, prev_logp = 0;  // [B, V] fp32 (criterion 3): exit logits out, KL state

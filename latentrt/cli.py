@@ -21,15 +21,21 @@ GENERATE_FLAGS = {
     "threshold": "exit_threshold",
     "steps": "num_steps",
     "min_steps": "min_steps",
+    "check_every": "check_criterion_every_n_steps",
+    "no_exit_in_prefill": "do_not_exit_in_prefill",
+    "adaptive_prefill": "adaptive_prefill",
     "kv": "kv_sharing",
     "continuous": "continuous",
     "init_scale": "init_scale",
     "thoughts": "num_thoughts",
+    "published_eos": "published_eos",
+    "default_stops": "default_stops",
     "temperature": "temperature",
     "top_k": "top_k",
     "top_p": "top_p",
     "seed": "seed",
     "max_new_tokens": "max_new_tokens",
+    "stop": "stop",
 }
 UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate() applies its default
 
@@ -58,8 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch)")
     g.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
     _add_latent_args(g)
-    g.add_argument("--min-steps", type=int, default=UNSET)
-    g.add_argument("--kv", default=UNSET, help="KV sharing across iterations: full | shared | ring-K")
+    g.add_argument("--min-steps", type=int, default=UNSET, help="no exit check before this many iterations (0)")
+    g.add_argument(
+        "--check-every",
+        type=int,
+        default=UNSET,
+        help="check the exit criterion every N iterations (the published check_criterion_every_n_steps; 1)",
+    )
+    g.add_argument("--no-exit-in-prefill", action="store_true", default=UNSET, help="the prompt runs every step")
+    g.add_argument(
+        "--adaptive-prefill", action="store_true", default=UNSET, help="the prompt token by token, each exiting"
+    )
+    g.add_argument(
+        "--kv",
+        default=UNSET,
+        help="KV sharing across iterations: full | shared | ring-K (or the published latest-mL / compress-sN)",
+    )
     g.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
     g.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
     g.add_argument(
@@ -69,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
         "from its training.json, when the prompt has no latent markers)",
     )
+    g.add_argument(
+        "--published-eos",
+        action="store_true",
+        default=UNSET,
+        help="Coconut: never stop on the first answer token; leave out the eos that ends a later one",
+    )
+    g.add_argument(
+        "--no-default-stops",
+        dest="default_stops",
+        action="store_false",
+        default=UNSET,
+        help="stop only on --stop ids, not on eos (nor Huginn's end-of-text / end-of-turn tokens)",
+    )
+    g.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
     g.add_argument("--temperature", type=float, default=UNSET)
     g.add_argument("--top-k", type=int, default=UNSET)
     g.add_argument("--top-p", type=float, default=UNSET)

@@ -36,6 +36,7 @@ class GenerationResult:
     num_thoughts: int = 0  # Coconut: continuous thoughts run for the prompt
     backend: str = "torch"
     logits: list | None = None  # with return_logits=True: fp32 next-token logits [n, V] per sequence
+    prefill_steps: list | None = None  # with adaptive_prefill: iterations per prompt position, per sequence
 
 
 @dataclass
@@ -114,9 +115,9 @@ class Generation:
             )
 
     def _stop_ids(self, stop) -> Tensor:
-        ids = set()
-        if getattr(self.model, "eos_token_id", None) is not None:
-            ids.add(self.model.eos_token_id)
+        if not isinstance(self.options.default_stops, bool):
+            raise InputError(f"default_stops must be True or False, got {self.options.default_stops!r}")
+        ids = self.decoder.default_stop_ids() if self.options.default_stops else set()
         items = [] if stop is None else ([stop] if isinstance(stop, (int, str)) else list(stop))
         for s in items:
             if isinstance(s, str):
@@ -152,18 +153,19 @@ class Generation:
         out = decoder.prefill(self.batch)
         for i in range(opts.max_new_tokens):
             tok = sample(out.logits, opts.temperature, opts.top_k, opts.top_p, self.generator)
-            stopped = torch.isin(tok, self.stop_ids) & alive
+            stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
             # the one device->host read per token
             tok_l, used_l, stop_l, flags_l = torch.stack([tok, out.iterations, stopped.long(), out.nonfinite]).tolist()
             self._raise_if_nonfinite(flags_l, i)
             decoder.record(used_l, alive_l)
+            kept = [a and (decoder.keep_stop_token or not st) for a, st in zip(alive_l, stop_l)]
             for b in range(B):
-                if alive_l[b]:
+                if kept[b]:
                     tokens[b].append(tok_l[b])
                     steps[b].append(used_l[b])
                     if opts.return_logits:
                         kept_logits[b].append(out.logits[b].cpu())
-            yield self._event(i, tok_l, used_l, alive_l, tokens) if stream else None
+            yield self._event(i, tok_l, used_l, kept, tokens) if stream else None
             for b in range(B):
                 if stop_l[b]:
                     reasons[b] = "stop"
@@ -173,7 +175,7 @@ class Generation:
                 break
             self.hooks.token_index = i + 1
             out = decoder.next_token(tok, alive)
-        logits_out = [torch.stack(k) for k in kept_logits] if opts.return_logits else None
+        logits_out = [torch.stack(k) if k else torch.zeros(0) for k in kept_logits] if opts.return_logits else None
         return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
 
     def _raise_if_nonfinite(self, flags: list[int], token: int) -> None:
@@ -214,9 +216,13 @@ class Generation:
 
     def _result(self, tokens, steps, reasons, kv_bytes: int, logits) -> GenerationResult:
         texts = [self._decode(t) for t in tokens]
+        prefill = self.decoder.prefill_steps
+        if prefill is not None:  # per sequence, its real positions only
+            prefill = [[n for n, v in zip(row, m) if v] for row, m in zip(prefill.tolist(), self.batch.mask.tolist())]
         if self.batch.single:
             tokens, steps, texts = tokens[0], steps[0], texts[0]
             logits = logits[0] if logits is not None else None
+            prefill = prefill[0] if prefill is not None else None
         return GenerationResult(
             tokens=tokens,
             steps=steps,
@@ -226,4 +232,5 @@ class Generation:
             num_thoughts=self.decoder.num_thoughts,
             backend=self.model.backend.name,
             logits=logits,
+            prefill_steps=prefill,
         )

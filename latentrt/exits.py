@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .kernels.reference import cosine_reference, entropy_reference, kl_reference, latent_diff_reference
+from .kernels.reference import (
+    cosine_reference,
+    entropy_reference,
+    kl_reference,
+    latent_diff_reference,
+    minp_log_probs_reference,
+)
 
 
 class ReferenceExitOps:
@@ -83,9 +89,9 @@ class Cosine(LatentDiff):
 
 
 class KL(ExitCriterion):
-    """KL(p_{t-1} || p_t) < threshold; the first iteration compares to the uniform distribution."""
+    """KL(p_prev || p_t) < threshold; the first check compares to the uniform distribution."""
 
-    DEFAULT = 5e-4
+    DEFAULT = 1e-3
     needs_logits = True
 
     def start(self, batch, vocab, device):
@@ -94,6 +100,17 @@ class KL(ExitCriterion):
     def update(self, state, prev, new, logits, valid, ops):
         kl, logp = ops.kl(logits.float(), state)
         return kl < self.threshold, logp
+
+
+class MinPKL(KL):
+    """KL between successive min-p filtered distributions (probabilities under 0.1 x the largest set to 1/V,
+    renormalised) < threshold; the first check compares to the uniform distribution."""
+
+    DEFAULT = 1e-5
+
+    def update(self, state, prev, new, logits, valid, ops):
+        logp = minp_log_probs_reference(logits)
+        return (state.exp() * (state - logp)).sum(-1) < self.threshold, logp
 
 
 class EntropyDiff(ExitCriterion):
@@ -137,6 +154,7 @@ class ArgmaxStability(ExitCriterion):
 CRITERIA: dict[str, type[ExitCriterion]] = {
     "latent-diff": LatentDiff,
     "kl": KL,
+    "minp-kl": MinPKL,
     "entropy-diff": EntropyDiff,
     "argmax-stability": ArgmaxStability,
     "cosine": Cosine,

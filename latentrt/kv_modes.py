@@ -14,6 +14,13 @@ In ``full`` mode that is iteration t's entry, or the position's latest entry whe
 slot was never written. The cache's gather (latentrt/cache.py), the Triton decode attention
 (latentrt/kernels/decode_attention.py) and the CUDA loop all implement this rule.
 
+The published implementation's cache strategies (``cache_lookup_strategy`` of Huginn's generate) are
+accepted by name where they are one of these rules, for a model with L core layers: ``latest-mL`` is
+``full`` (its lookup under adaptive exit), ``compress-sN`` with N = K x L is ``ring-K`` (``shared`` for
+K = 1), and ``latest-mL-compress-sN`` the same ring. (The published code hard-codes L = 4 and two prelude
+layers; its ``full`` lookup under adaptive exit attends only to the positions that ran the iteration, a
+rule latentrt does not implement: latentrt's ``full`` is ``latest-m4`` there.)
+
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """
 
@@ -35,38 +42,69 @@ class KVMode:
         return iteration % self.slots
 
 
-def _full(arg: str | None, r_max: int) -> KVMode | None:
+def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
     return KVMode("full", r_max) if arg is None else None
 
 
-def _shared(arg: str | None, r_max: int) -> KVMode | None:
+def _shared(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
     return KVMode("shared", 1) if arg is None else None
 
 
-def _ring(arg: str | None, r_max: int) -> KVMode | None:
+def _ring(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
     if arg is None or not arg.isdigit() or int(arg) < 1:
         return None
     k = int(arg)
     return KVMode(f"ring-{k}", min(k, r_max))
 
 
-# name -> parser(argument after '-' or None, r_max) -> KVMode, or None when the argument is wrong
-KV_MODES: dict[str, Callable[[str | None, int], KVMode | None]] = {
+def _published(arg: str | None, r_max: int, n_core: int | None, latest: bool) -> KVMode | None:
+    """``latest-mL[-compress-sN]`` / ``compress-sN`` (see module docstring)."""
+    if n_core is None or arg is None:
+        return None
+    parts = arg.split("-")
+    if latest:
+        if not parts[0].startswith("m") or parts[0][1:] != str(n_core):
+            return None  # the published "mod L" lookup finds the same physical layer only for L core layers
+        parts = parts[1:]
+        if not parts:
+            return KVMode("full", r_max)
+        if parts[0] != "compress":
+            return None
+        parts = parts[1:]
+    if len(parts) != 1 or not parts[0].startswith("s") or not parts[0][1:].isdigit():
+        return None
+    n = int(parts[0][1:])
+    if n < n_core or n % n_core:
+        return None
+    k = n // n_core
+    return KVMode("shared", 1) if k == 1 else KVMode(f"ring-{k}", min(k, r_max))
+
+
+# name -> parser(argument after the first '-' or None, r_max, core layers or None) -> KVMode, or None when
+# the argument does not name a supported rule
+KV_MODES: dict[str, Callable[[str | None, int, int | None], KVMode | None]] = {
     "full": _full,
     "shared": _shared,
     "ring": _ring,
+    "latest": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
+    "compress": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=False),
 }
-SPECS = "'full', 'shared' or 'ring-K' with K >= 1"
+SPECS = (
+    "'full', 'shared' or 'ring-K' with K >= 1 (or a published strategy with the same rule: 'latest-mL', "
+    "'compress-sN' or 'latest-mL-compress-sN' with L the core layers and N a multiple of L)"
+)
 
 
-def parse_kv_mode(spec, r_max: int) -> KVMode:
-    """The KVMode of a spec for a token depth of at most ``r_max`` iterations."""
+def parse_kv_mode(spec, r_max: int, n_core: int | None = None) -> KVMode:
+    """The KVMode of a spec for a token depth of at most ``r_max`` iterations; published strategy names need
+    the model's number of core layers ``n_core``."""
     if isinstance(spec, KVMode):
         return KVMode(spec.name, parse_kv_mode(spec.name, r_max).slots)
     if isinstance(spec, str):
         name, _, arg = spec.partition("-")
         parser = KV_MODES.get(name)
-        mode = parser(arg if _ else None, r_max) if parser is not None else None
+        mode = parser(arg if _ else None, r_max, n_core) if parser is not None else None
         if mode is not None:
             return mode
-    raise InputError(f"kv_sharing must be {SPECS}, got {spec!r}")
+    where = f" for this model ({n_core} core layers)" if n_core is not None else ""
+    raise InputError(f"kv_sharing must be {SPECS}, got {spec!r}{where}")

@@ -27,17 +27,22 @@ class GenerateOptions:
     exit_criterion: str = "kl"
     exit_threshold: float | None = None
     min_steps: int = 0
+    check_criterion_every_n_steps: int = 1
+    do_not_exit_in_prefill: bool = False
+    adaptive_prefill: bool = False
     kv_sharing: Any = "full"
     continuous: bool = False
     init_scale: float = 1.0
     # Coconut
     num_thoughts: int | None = None
+    published_eos: bool = False
     # sampling and stopping
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: Any = None
+    default_stops: bool = True
     # observation
     hooks: Any = None
     return_logits: bool = False

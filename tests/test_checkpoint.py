@@ -166,3 +166,20 @@ def test_coconut_markers_from_overrides(coconut_dir):
     assert m.marker_ids == (2, 4, 3)
     with pytest.raises(ConfigError, match="only some latent markers"):
         latentrt.load(coconut_dir, device="cpu", latent_id=4)
+
+
+def test_vocabulary_padding_as_published(tmp_path, recwarn):
+    """The published config pads the vocabulary to nothing: padded_vocab_size is the file's field or
+    vocab_size; padding_multiple is read and ignored (a checkpoint with 97 rows and multiple 4096 loads)."""
+    model = tiny_recurrent(vocab_size=97, padding_multiple=4096)
+    assert model.config.padded_vocab_size == 97 and model.transformer.wte.weight.shape[0] == 97
+    save_checkpoint(model, tmp_path, tie_key="lm_head.weight")
+    assert json.loads((tmp_path / "config.json").read_text())["padded_vocab_size"] == 97
+    loaded = latentrt.load(tmp_path, device="cpu")
+    assert loaded.config.padded_vocab_size == 97 and not [w for w in recwarn if "unknown" in str(w.message)]
+    _edit_config(tmp_path, lambda c: c.update(padded_vocab_size=128))  # a file that pads: rows must match
+    with pytest.raises(CheckpointError, match=r"wte\.weight.*\(97, 32\).*\(128, 32\)"):
+        latentrt.load(tmp_path, device="cpu")
+    _edit_config(tmp_path, lambda c: c.update(padded_vocab_size=50))
+    with pytest.raises(ConfigError, match="padded_vocab_size=50 is smaller than vocab_size=97"):
+        latentrt.load(tmp_path, device="cpu")

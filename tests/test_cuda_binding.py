@@ -16,7 +16,7 @@ def _args(batch=2, **cfg):
 
     model = tiny_recurrent(seed=1, num_attention_heads=4, num_key_value_heads=2, **cfg).to(torch.bfloat16)
     cache = model.new_cache(batch, 24, parse_kv_mode("ring-3", 6))
-    return model, cache, loop_args(_cuda, model, cache, LoopSpec(6, make_criterion("kl"), 2))
+    return model, cache, loop_args(_cuda, model, cache, LoopSpec(6, make_criterion("kl"), 2, 3))
 
 
 def test_loop_args_describe_model_and_cache():
@@ -31,6 +31,7 @@ def test_loop_args_describe_model_and_cache():
         2,
         3,
     )
+    assert a.check_every == 3  # checks after iterations 2, 5 (latentrt/recurrence.py, rule 3)
     assert len(a.core) == cfg.n_layers_in_recurrent_block and len(a.coda) == cfg.n_layers_in_coda
     blk = model.transformer.core_block[1]
     assert a.core[1].wqkv == blk.attn.Wqkv.weight.data_ptr() and a.core[1].slots == 3
@@ -47,6 +48,7 @@ def test_loop_args_describe_model_and_cache():
         (dict(head_dim=130), "head_dim"),
         (dict(ffn=60), "multiples of 8"),
         (dict(n_kv=3), "multiple of n_kv"),
+        (dict(check_every=0), "check_every"),
     ],
 )
 def test_loop_plan_refuses_unsupported_shapes_with_a_reason(change, reason):

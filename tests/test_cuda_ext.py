@@ -112,6 +112,21 @@ def test_persistent_loop_equals_torch_backend(batch, kv, criterion):
     _agree(a, b)
 
 
+@pytest.mark.parametrize("criterion", ["latent-diff", "kl"])
+def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
+    """min_steps and check_criterion_every_n_steps as published (latentrt/recurrence.py, rule 3): the kernel
+    checks after the same iterations, against the state (logits) of the previous check."""
+    import latentrt
+
+    ref, fast = _builtin_pair("recurrent")
+    prompts = _questions(ref, 4)
+    kw = dict(max_new_tokens=6, num_steps=12, init_scale=0.0, return_logits=True, adaptive=True)
+    kw.update(exit_criterion=criterion, min_steps=2, check_criterion_every_n_steps=3, kv_sharing="ring-3")
+    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
+    assert b.backend == "cuda"
+    _agree(a, b)
+
+
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
 def test_persistent_loop_error_against_fp32_is_bf16_sized(kv):
     """Against the fp32 torch path (the numbers bf16 approximates), the kernel's logits are as close as the

@@ -46,7 +46,8 @@ def test_argmax_stability_counts_unchanged_steps():
 
 
 def test_criterion_validation():
-    assert make_criterion("kl", None).threshold == 5e-4
+    assert make_criterion("kl", None).threshold == 1e-3  # the published defaults ("auto")
+    assert make_criterion("minp-kl", None).threshold == 1e-5
     assert make_criterion("latent-diff", None).threshold == 0.03
     assert make_criterion("entropy-diff", None).threshold == 1e-3
     assert make_criterion("argmax-stability", None).threshold == 5

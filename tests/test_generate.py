@@ -141,8 +141,15 @@ def test_exit_thresholds_and_min_steps():
         assert never.steps == [12] * 4
         always = latentrt.generate(model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, **base)
         assert always.steps == [1] * 4
+        # no check before min_steps iterations: the first check (always met here) follows iteration 6
         floor = latentrt.generate(model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, min_steps=5, **base)
-        assert floor.steps == [5] * 4
+        assert floor.steps == [6] * 4
+        every = dict(base, exit_threshold=1e9, min_steps=2, check_criterion_every_n_steps=4)
+        assert latentrt.generate(model, PROMPTS[0], exit_criterion=crit, **every).steps == [3] * 4
+        never_checks = latentrt.generate(
+            model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, min_steps=12, **base
+        )
+        assert never_checks.steps == [12] * 4
     none = latentrt.generate(model, PROMPTS[0], exit_criterion="none", **base)
     assert none.steps == [12] * 4
     stab = latentrt.generate(model, PROMPTS[0], exit_criterion="argmax-stability", exit_threshold=1, **base)

@@ -45,6 +45,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         cfg, B = model.config, cache.batch
         dev = model.device
         self.state = torch.zeros(B, cfg.n_embd, dtype=model.dtype, device=dev)
+        self.ref_state = torch.zeros_like(self.state)  # the state of the last check (latentrt/recurrence.py)
         self.term = torch.zeros_like(self.state)
         self.cos = torch.zeros(B, cfg.head_dim // 2, device=dev)
         self.sin = torch.zeros_like(self.cos)
@@ -58,6 +59,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         self.barrier = torch.zeros(2, dtype=torch.int32, device=dev)
         a = self.args
         a.term, a.cos, a.sin, a.state = (t.data_ptr() for t in (self.term, self.cos, self.sin, self.state))
+        a.ref_state = self.ref_state.data_ptr()
         a.active, a.used = self.active.data_ptr(), self.used.data_ptr()
         a.logits, a.prev_logp = self.logits.data_ptr(), self.prev_logp.data_ptr()
         a.scratch, a.barrier = self.scratch.data_ptr(), self.barrier.data_ptr()
@@ -76,6 +78,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         self.cos.copy_(where.cos)
         self.sin.copy_(where.sin)
         self.state.copy_(self.s0)
+        self.ref_state.copy_(self.s0)
         self.active.copy_(self.alive)
         self.used.zero_()
         if crit.name == "kl":
@@ -85,7 +88,9 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         a.stream = torch.cuda.current_stream(self.model.device).cuda_stream
         self.ext.latent_loop(a, self.model.device.index or 0)
         s = self.state.clone()
-        out = self.logits.clone() if crit.name == "kl" else self._head(s, self.alive, where)
+        # kl: the kernel leaves each sequence the logits of its exit or of the last check (rule 5)
+        kl_logits = crit.name == "kl" and self.spec.ever_checks
+        out = self.logits.clone() if kl_logits else self._head(s, self.alive, where)
         return s, self.used.clone(), out
 
 
@@ -95,7 +100,8 @@ def loop_args(ext, model, cache, spec):
     a = ext.LoopArgs()
     a.batch, a.d, a.n_head, a.n_kv = cache.batch, cfg.n_embd, cfg.num_attention_heads, cfg.num_key_value_heads
     a.head_dim, a.ffn, a.max_len, a.vocab = cfg.head_dim, cfg.intermediate_size, cache.max_len, cfg.padded_vocab_size
-    a.r_max, a.min_steps, a.criterion = spec.r_max, spec.min_steps, CRITERIA[spec.criterion.name]
+    a.r_max, a.min_steps, a.check_every = spec.r_max, spec.min_steps, spec.check_every
+    a.criterion = CRITERIA[spec.criterion.name]
     a.eps, a.threshold = float(cfg.norm_eps), float(spec.criterion.threshold)
 
     def layer(blk, k: Tensor, v: Tensor, slots: int):
@@ -230,6 +236,8 @@ class CudaBackend(TritonBackend):
             why = f"dtype {m.dtype} (the kernel is bf16)"
         elif spec.criterion.name not in CRITERIA:
             why = f"exit criterion {spec.criterion.name!r} is not implemented in the kernel"
+        elif m.config.keys_per_query_head:
+            why = "a single KV head with qk_bias (a key per query head) is not implemented in the kernel"
         elif any(not p.is_contiguous() for p in m.parameters()):
             why = "non-contiguous weights"
         if why is None:

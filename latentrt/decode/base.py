@@ -39,6 +39,7 @@ class Decoder:
         self.model, self.options, self.hooks, self.generator = model, options, hooks, generator
         self.backend = model.backend
         self.cache: KVCache | None = None
+        self.prefill_steps: torch.Tensor | None = None  # [B, S] iterations per prompt position, when known
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
@@ -67,6 +68,17 @@ class Decoder:
 
     def record(self, iterations: list[int], alive: list[bool]) -> None:
         """Host values of the token just produced (after the engine's one device->host read)."""
+
+    def default_stop_ids(self) -> set[int]:
+        """Token ids that end a sequence unless ``default_stops=False``: the model's eos."""
+        eos = self.model.eos_token_id
+        return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+
+    def stops_at(self, index: int) -> bool:
+        """Whether generated token ``index`` (0: the first) may end a sequence."""
+        return True
+
+    keep_stop_token: ClassVar[bool] = True  # a token that ends a sequence is part of its output
 
     # ---------------------------------------------------------------- evaluation and presentation
     EVAL_MODES: ClassVar[tuple[str, ...]] = ("plain",)  # prompt formats ``latentrt eval --modes`` takes

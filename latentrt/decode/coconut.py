@@ -45,10 +45,12 @@ def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
 
 class CoconutDecoder(Decoder):
     TITLE = "Coconut continuous-thought"
-    OPTIONS = frozenset({"num_thoughts"})
+    OPTIONS = frozenset({"num_thoughts", "published_eos"})
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
+        if not isinstance(options.published_eos, bool):
+            raise InputError(f"published_eos must be True or False, got {options.published_eos!r}")
         k = options.num_thoughts
         if k is None:
             return
@@ -64,6 +66,12 @@ class CoconutDecoder(Decoder):
         super().__init__(model, options, hooks, generator)
         self._thoughts = 0
         self._answer = None  # (runner, its token-embedding buffer, its validity buffer) once made
+        # published_eos: Coconut's generate never stops on its first answer token, and leaves out the eos
+        # that ends a later one (latentrt's default, as HF: any stop token ends the answer and is kept)
+        self.keep_stop_token = not options.published_eos
+
+    def stops_at(self, index: int) -> bool:
+        return index > 0 or not self.options.published_eos
 
     @property
     def num_thoughts(self) -> int:

@@ -11,6 +11,7 @@ on the CUDA backend), both of which implement the same rules.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ class RecurrentDecoder(Decoder):
             "exit_criterion",
             "exit_threshold",
             "min_steps",
+            "check_criterion_every_n_steps",
+            "do_not_exit_in_prefill",
+            "adaptive_prefill",
             "kv_sharing",
             "continuous",
             "init_scale",
@@ -43,13 +47,19 @@ class RecurrentDecoder(Decoder):
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
         r_max = model.default_steps() if options.num_steps is None else check_steps(options.num_steps)
-        parse_kv_mode(options.kv_sharing, r_max)
+        parse_kv_mode(options.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
         make_criterion(options.exit_criterion, options.exit_threshold)
         ms = options.min_steps
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise InputError(f"min_steps must be an integer >= 0, got {ms!r}")
         if ms > r_max:
             raise InputError(f"min_steps={ms} exceeds the maximum number of steps {r_max}")
+        n = options.check_criterion_every_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"check_criterion_every_n_steps must be an integer >= 1, got {n!r}")
+        for name in ("adaptive", "continuous", "do_not_exit_in_prefill", "adaptive_prefill"):
+            if not isinstance(getattr(options, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(options, name)!r}")
         s = options.init_scale
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s >= 0):
             raise InputError(f"init_scale must be a finite number >= 0, got {s!r}")
@@ -59,8 +69,13 @@ class RecurrentDecoder(Decoder):
         o = options
         r_max = model.default_steps() if o.num_steps is None else o.num_steps
         criterion = make_criterion(o.exit_criterion, o.exit_threshold) if o.adaptive else make_criterion("none")
-        self.spec = LoopSpec(r_max, criterion, o.min_steps)
-        self.kv_mode = parse_kv_mode(o.kv_sharing, r_max)
+        self.spec = LoopSpec(r_max, criterion, o.min_steps, o.check_criterion_every_n_steps)
+        # the prompt's loop: no checks with do_not_exit_in_prefill (it runs r_max iterations)
+        self.prefill_spec = (
+            replace(self.spec, criterion=make_criterion("none")) if o.do_not_exit_in_prefill else self.spec
+        )
+        self.kv_mode = parse_kv_mode(o.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
+        self.adaptive_prefill = o.adaptive_prefill
         self.continuous, self.init_scale = bool(o.continuous), float(o.init_scale)
         self.last_state: Tensor | None = None  # the previous unit's final state (continuous mode)
         self.runner = None
@@ -73,21 +88,46 @@ class RecurrentDecoder(Decoder):
         # decode tokens as one fixed launch sequence where the backend has one (not with hooks: they are
         # Python called between iterations)
         self.runner = None if self.hooks else self.backend.token_runner(self.cache, self.spec)
+        if self.adaptive_prefill:
+            return self._prefill_by_token(batch)
         alive = torch.ones(batch.ids.shape[0], dtype=torch.bool, device=self.model.device)
-        return self._unit(batch.ids, batch.mask, alive)
+        return self._unit(batch.ids, batch.mask, alive, self.prefill_spec)
+
+    def _prefill_by_token(self, batch: Batch) -> TokenOutput:
+        """The prompt one position at a time, each with its own latent loop and exit (the published
+        ``forward_with_adaptive_compute``; for experiments: a prefill as slow as decoding). The last
+        position's iterations are the prompt's entry of ``.steps``; every position's are in
+        ``prefill_steps``."""
+        per_position = []
+        for col in range(batch.ids.shape[1]):
+            valid = batch.mask[:, col : col + 1]
+            out = self._unit(batch.ids[:, col : col + 1], valid, valid[:, 0], self.prefill_spec)
+            per_position.append(out.iterations)
+            self.record(out.iterations.tolist(), valid[:, 0].tolist())
+        self.prefill_steps = torch.stack(per_position, 1)
+        return out
 
     def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
         if self.runner is not None:
             return self._runner_token(tokens, alive)
-        return self._unit(tokens[:, None], alive[:, None], alive)
+        return self._unit(tokens[:, None], alive[:, None], alive, self.spec)
 
     def record(self, iterations: list[int], alive: list[bool]) -> None:
         self.cache.record_iterations(iterations, alive)
 
+    # the published generate paths always stop on <|begin_text|>, <|end_text|>, <|end_turn|> (Huginn-0125's
+    # tokenizer), besides the configured eos
+    PUBLISHED_STOPS = (65504, 65505, 65508)
+
+    def default_stop_ids(self) -> set[int]:
+        """eos, and the published stop tokens that exist in the model's vocabulary."""
+        vocab = self.model.config.vocab_size
+        return super().default_stop_ids() | {t for t in self.PUBLISHED_STOPS if t < vocab}
+
     def _initial_state(self, like: Tensor) -> Tensor:
         return self.model.initial_state(like, self.init_scale, self.generator)
 
-    def _unit(self, ids: Tensor, valid: Tensor, alive: Tensor) -> TokenOutput:
+    def _unit(self, ids: Tensor, valid: Tensor, alive: Tensor, spec: LoopSpec) -> TokenOutput:
         """One unit (prompt or token) through prelude, the latent loop (latentrt/recurrence.py) and the
         head, on the reference path: the backend's ``core_iteration`` per iteration, hooks in between."""
         model, cache, backend = self.model, self.cache, self.backend
@@ -99,7 +139,7 @@ class RecurrentDecoder(Decoder):
         else:
             s0 = self._initial_state(e)
         s, used, logits = run_recurrence(
-            self.spec,
+            spec,
             s0,
             alive,
             chunk.valid,

@@ -69,6 +69,15 @@ def kl_reference(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
     return (prev_logp.exp() * (prev_logp - logp)).sum(-1), logp
 
 
+def minp_log_probs_reference(logits: Tensor, min_p: float = 0.1) -> Tensor:
+    """The published minp-kl criterion's distribution: probabilities below ``min_p`` x the largest are set to
+    1/V, then renormalised; log of that [B, V]."""
+    probs = F.softmax(logits.float(), dim=-1)
+    floor = probs < min_p * probs.max(dim=-1, keepdim=True).values
+    probs = torch.where(floor, 1.0 / probs.shape[-1], probs)
+    return (probs / probs.sum(dim=-1, keepdim=True)).log()
+
+
 def entropy_reference(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) [B] with the published 1e-10 floor inside the log."""
     probs = F.softmax(logits.float(), dim=-1)

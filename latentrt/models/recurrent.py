@@ -80,7 +80,8 @@ class RecurrentConfig(ModelConfig):
     n_layers_in_coda: int
     mean_recurrence: int
     num_key_value_heads: int = 0  # 0: same as num_attention_heads
-    padding_multiple: int = 1
+    padded_vocab_size: int | None = None  # rows of the embedding and head; None: vocab_size (as published)
+    padding_multiple: int = 1  # read, and ignored as by the published config
     mean_backprop_depth: int = 8
     norm_eps: float = 1e-6
     rope_base: float = 50000.0
@@ -98,13 +99,19 @@ class RecurrentConfig(ModelConfig):
         return self.n_embd // self.num_attention_heads
 
     @property
-    def padded_vocab_size(self) -> int:
-        m = self.padding_multiple
-        return ((self.vocab_size + m - 1) // m) * m
-
-    @property
     def tied_head(self) -> bool:
         return self.tie_embeddings
+
+    @property
+    def keys_per_query_head(self) -> bool:
+        """One KV head with qk_bias: as published, the key broadcasts to every query head, each adding its own
+        key bias, so K (and V, repeated) are cached per query head (MQA with per-head keys)."""
+        return self.qk_bias and self.num_key_value_heads == 1 and self.num_attention_heads > 1
+
+    @property
+    def cache_kv_heads(self) -> int:
+        """K/V heads the cache holds per position and layer."""
+        return self.num_attention_heads if self.keys_per_query_head else self.num_key_value_heads
 
     @property
     def embed_scale(self) -> float:
@@ -122,11 +129,16 @@ class RecurrentConfig(ModelConfig):
             "num_key_value_heads",
             "intermediate_size",
             "vocab_size",
+            "padded_vocab_size",
             "block_size",
             "n_layers_in_recurrent_block",
             "mean_recurrence",
             "padding_multiple",
         )
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(
+                f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}"
+            )
         require_nonnegative(self, "n_layers_in_prelude", "n_layers_in_coda", "mean_backprop_depth")
         if self.n_embd % self.num_attention_heads:
             raise ConfigError(
@@ -153,6 +165,8 @@ class RecurrentConfig(ModelConfig):
             values["num_key_value_heads"] = values["num_attention_heads"]
         if values.get("rope_base") is None:
             values["rope_base"] = 50000.0
+        if values.get("padded_vocab_size") is None:  # the published config: padded = vocab_size
+            values["padded_vocab_size"] = values["vocab_size"]
         return values
 
 
@@ -160,6 +174,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: RecurrentConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.keys_per_query_head = cfg.keys_per_query_head
         self.Wqkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
         if cfg.qk_bias:
             self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim))
@@ -178,7 +193,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, S, self.n_kv, self.head_dim)
         if self.qk_bias is not None:
             q = (q + self.qk_bias[0]).to(x.dtype)
-            k = (k + self.qk_bias[1][:, : self.n_kv]).to(x.dtype)
+            if self.keys_per_query_head:  # [B,S,1,D] + [1,H,D]: a key per query head (see the config)
+                k = (k + self.qk_bias[1]).to(x.dtype)
+                v = v.expand(B, S, self.n_head, self.head_dim)
+            else:  # GQA keeps each KV head's own bias (the published code cannot run GQA)
+                k = (k + self.qk_bias[1][:, : self.n_kv]).to(x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -256,7 +275,7 @@ class RecurrentDepthLM(LatentModel):
     def cache_layout(self) -> CacheLayout:
         cfg = self.config
         plain = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
-        return CacheLayout(plain, cfg.n_layers_in_recurrent_block, cfg.num_key_value_heads, cfg.head_dim)
+        return CacheLayout(plain, cfg.n_layers_in_recurrent_block, cfg.cache_kv_heads, cfg.head_dim)
 
     def default_steps(self) -> int:
         return self.config.mean_recurrence

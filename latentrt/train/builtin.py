@@ -37,6 +37,7 @@ def recurrent_config(vocab: int):
             num_attention_heads=4,
             intermediate_size=256,
             vocab_size=vocab,
+            padded_vocab_size=-(-vocab // 64) * 64,  # embedding rows rounded up to a multiple of 64
             padding_multiple=64,
             block_size=512,
             n_layers_in_prelude=1,

@@ -45,6 +45,10 @@ def sandwich_layer(
     B = h.shape[0]
     zf = not h.is_cuda
     qkv = linear.fused(x_in, blk.attn.Wqkv.weight, active=active, prenorm=prenorm, zero_frozen=zf)
+    if cfg.keys_per_query_head:  # MQA with qk_bias: the one K and V head repeated per query head (as cached)
+        H, D = cfg.num_attention_heads, cfg.head_dim
+        q_part, k, v = qkv.split([H * D, D, D], -1)
+        qkv = torch.cat([q_part, k.repeat(1, H), v.repeat(1, H)], -1)
     q = rope_kv.fused(
         qkv,
         blk.attn.qk_bias,
@@ -55,7 +59,7 @@ def sandwich_layer(
         where.pos,
         active,
         cfg.num_attention_heads,
-        cfg.num_key_value_heads,
+        cfg.cache_kv_heads,
     )
     y = decode_attention.fused(q, k_slots, v_slots, written, where.valid, slot, where.length, active, zero_frozen=zf)
     o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active, zero_frozen=zf)

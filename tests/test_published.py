@@ -1,0 +1,100 @@
+"""Every option of the published generate paths behaves as published.
+
+tests/published_vectors.json holds what the published implementations (Huginn's raven_modeling_minimal.py
+``generate_with_adaptive_compute`` / ``forward_with_adaptive_compute``, Coconut's ``generate``) produced on
+tiny seeded models, made by ``python -m tools.published`` (see there; the published code is not vendored).
+latentrt must give the same tokens and iterations per token with the same options, on every backend.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import latentrt
+import latentrt.kernels as kernels
+from latentrt.backends import get_backend
+from tools.published import PROMPT, build, checksum
+
+VECTORS = json.loads((Path(__file__).parent / "published_vectors.json").read_text())
+CASES = {c["name"]: c for c in VECTORS["cases"]}
+_models: dict = {}
+
+
+def _model(name: str):
+    if name not in _models:
+        spec = VECTORS["models"][name]
+        model = build(name, spec)
+        assert checksum(model) == spec["checksum"], "the seeded weights changed: regenerate the vectors"
+        _models[name] = model
+    return _models[name]
+
+
+def _generate(case: dict, backend: str, n_tokens: int | None = None):
+    model = _model(case["model"])
+    model.backend = get_backend(backend, model)
+    if case.get("coconut"):
+        model.eos_token_id = case["eos"]
+    n = n_tokens or case.get("max_new_tokens", 8)
+    return latentrt.generate(model, case.get("prompt", PROMPT), max_new_tokens=n, **case["options"])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_backend_equals_published(name):
+    case = CASES[name]
+    got = _generate(case, "torch")
+    assert got.tokens == case["tokens"]
+    if "steps" in case:
+        assert got.steps == case["steps"]
+    if "prefill_steps" in case:
+        assert got.prefill_steps == case["prefill_steps"]
+
+
+TRITON = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+
+
+# the cases that reach every fused piece the rules run on: latent-diff / cosine / kl exit kernels, the
+# check schedule, the slot rule for shared / ring / full, one KV head with per-head keys (the loop itself is
+# latentrt/recurrence.py, shared with the torch backend, which runs every case)
+TRITON_CASES = [
+    "min_steps latent-diff shared",
+    "check every 2 steps kl min_steps 1",
+    "min_steps argmax-stability ring-2",
+    "single kv head adaptive",
+    "cosine shared",
+]
+
+
+@TRITON
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_backend_equals_published(name):
+    """The Triton token runner (under the interpreter on a CPU: the first tokens, to keep CI fast)."""
+    case = CASES[name]
+    n = 2
+    got = _generate(case, "triton", n)
+    assert got.tokens == case["tokens"][:n]
+    if "steps" in case:
+        assert got.steps == case["steps"][:n]
+
+
+def test_the_vectors_cover_each_published_difference():
+    """The cases exercise what they are named after: exits vary, stops and the Coconut eos rule bite."""
+    for name in ("min_steps latent-diff shared", "check every 3 steps latent-diff", "minp-kl"):
+        assert len(set(CASES[name]["steps"])) > 1, name
+    stops = CASES["published stop tokens"]
+    assert stops["tokens"][-1] == 65505 and len(stops["tokens"]) < stops["max_new_tokens"]
+    coconut = CASES["coconut published eos"]
+    assert coconut["tokens"][0] == coconut["eos"] and coconut["eos"] not in coconut["tokens"][1:]
+    assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out
+
+
+def test_coconut_default_stops_at_the_first_eos_and_keeps_it():
+    """latentrt's default (as HF): any eos ends the answer and is kept; published_eos=True gives Coconut's."""
+    case = dict(CASES["coconut published eos"], options={})
+    assert _generate(case, "torch").tokens == [case["eos"]]
+
+
+def test_published_stops_are_overridable():
+    case = CASES["published stop tokens"]
+    got = _generate(dict(case, options=dict(case["options"], default_stops=False)), "torch")
+    assert len(got.tokens) == case["max_new_tokens"] and got.tokens[: len(case["tokens"])] == case["tokens"]

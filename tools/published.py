@@ -1,0 +1,414 @@
+"""Expected values from the published implementations, for tests/test_published.py.
+
+    python -m tools.published --huginn DIR --coconut DIR [--out tests/published_vectors.json]
+
+``--huginn DIR``: a folder holding the published ``raven_modeling_minimal.py`` and ``raven_config_minimal.py``
+(Huginn's recurrent-pretraining repository, ``recpre/``); ``--coconut DIR``: one holding Coconut's
+``coconut.py``. Neither is vendored: fetch them, point this tool at them. The tool builds the tiny models of
+``CASES`` with latentrt's own seeded initialisation (``build``; the test rebuilds the same weights and checks
+their checksum), runs the published generate paths on them in fp32 on the CPU (with the few shims
+transformers 5 needs, below), and writes the tokens and per-token iterations they produce. The test then
+runs latentrt with the same options on every backend and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# ---------------------------------------------------------------------------------------------- the models
+BASE_HUGINN = dict(
+    model_type="huginn_raven",
+    n_embd=32,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    vocab_size=40,
+    block_size=128,
+    n_layers_in_prelude=2,  # the published cache code hard-codes 2 prelude and 4 core layers
+    n_layers_in_recurrent_block=4,
+    n_layers_in_coda=2,
+    mean_recurrence=8,
+    tie_embeddings=True,
+)
+MODELS = {
+    "huginn-a": dict(config=BASE_HUGINN, seed=1),
+    "huginn-b": dict(config=BASE_HUGINN, seed=7),
+    # the published config ignores padding_multiple: 97 rows, not 4096
+    "huginn-vocab97": dict(config=dict(BASE_HUGINN, vocab_size=97, padding_multiple=4096), seed=2),
+    # one KV head with qk_bias: the key broadcasts to every query head with that head's bias
+    "huginn-mqa": dict(config=dict(BASE_HUGINN, num_attention_heads=4, num_key_value_heads=1), seed=3),
+    # Huginn-0125's vocabulary size, so its stop tokens 65504 / 65505 / 65508 exist; the head row of 65505
+    # copies (x 1.5) the row of a token the model produces, so the published stop is reached
+    "huginn-stops": dict(
+        config=dict(BASE_HUGINN, vocab_size=65536, n_embd=16, intermediate_size=32, tie_embeddings=False),
+        seed=4,
+        head_row_copy=(65505, None, 1.5),  # (row, source row: filled in by this tool, scale)
+    ),
+    "gpt2-a": dict(
+        config=dict(model_type="gpt2", n_embd=32, n_head=2, n_layer=2, n_positions=64, vocab_size=40),
+        seed=5,
+        noise=0.3,
+        markers=dict(latent_id=4, start_latent_id=2, end_latent_id=3),
+    ),
+}
+
+
+def build(name: str, spec: dict | None = None):
+    """The model ``name`` of MODELS (or ``spec``) with latentrt's seeded init, on the CPU in fp32."""
+    from latentrt.families import build_model, parse_config
+
+    spec = spec or MODELS[name]
+    cfg = parse_config(dict(spec["config"], **spec.get("markers", {})))
+    model = build_model(cfg, seed=spec["seed"])
+    with torch.no_grad():
+        for p in model.parameters():  # spread the (small-normal) init so exits and tokens vary
+            g = torch.Generator().manual_seed(spec["seed"] + p.numel())
+            p.add_(torch.randn(p.shape, generator=g) * spec.get("noise", 0.02))
+        copy = spec.get("head_row_copy")
+        if copy is not None and copy[1] is not None:
+            row, src, scale = copy
+            model.lm_head.weight[row] = scale * model.lm_head.weight[src]
+    model.eval()
+    return model
+
+
+def checksum(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+PROMPT = [5, 6, 7, 8, 9, 10, 11]
+ADAPTIVE = dict(adaptive=True, num_steps=12, init_scale=0.0)
+CASES = [
+    # 1. min_steps: no check (and no criterion update) for the first min_steps iterations
+    dict(
+        name="min_steps latent-diff shared",
+        model="huginn-a",
+        options=dict(
+            ADAPTIVE, exit_criterion="latent-diff", exit_threshold=0.3, min_steps=3, kv_sharing="latest-m4-compress-s4"
+        ),
+    ),
+    dict(
+        name="min_steps kl full",
+        model="huginn-b",
+        options=dict(ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, min_steps=2, kv_sharing="latest-m4"),
+    ),
+    dict(
+        name="min_steps argmax-stability ring-2",
+        model="huginn-a",
+        options=dict(
+            ADAPTIVE,
+            exit_criterion="argmax-stability",
+            exit_threshold=2,
+            min_steps=4,
+            kv_sharing="latest-m4-compress-s8",
+        ),
+    ),
+    # 2. the published default thresholds ("auto")
+    dict(
+        name="default kl threshold",
+        model="huginn-b",
+        options=dict(ADAPTIVE, exit_criterion="kl", kv_sharing="latest-m4"),
+    ),
+    dict(
+        name="default latent-diff threshold",
+        model="huginn-a",
+        options=dict(ADAPTIVE, exit_criterion="latent-diff", kv_sharing="latest-m4"),
+    ),
+    # 3. Huginn's stop tokens
+    dict(
+        name="published stop tokens", model="huginn-stops", max_new_tokens=16, options=dict(num_steps=4, init_scale=0.0)
+    ),
+    # 4. padded_vocab_size as published
+    dict(
+        name="vocab 97 padding_multiple 4096",
+        model="huginn-vocab97",
+        options=dict(ADAPTIVE, exit_criterion="latent-diff", exit_threshold=0.1, kv_sharing="latest-m4"),
+    ),
+    # 5. one KV head with qk_bias
+    dict(name="single kv head with qk_bias", model="huginn-mqa", options=dict(num_steps=5, init_scale=0.0)),
+    dict(
+        name="single kv head adaptive",
+        model="huginn-mqa",
+        options=dict(ADAPTIVE, exit_criterion="kl", exit_threshold=1e-2, kv_sharing="latest-m4"),
+    ),
+    # 6. the options latentrt lacked
+    dict(
+        name="minp-kl",
+        model="huginn-b",
+        options=dict(ADAPTIVE, exit_criterion="minp-kl", exit_threshold=1e-3, kv_sharing="latest-m4"),
+    ),
+    dict(
+        name="check every 3 steps latent-diff",
+        model="huginn-a",
+        options=dict(
+            ADAPTIVE,
+            exit_criterion="latent-diff",
+            exit_threshold=0.2,
+            check_criterion_every_n_steps=3,
+            kv_sharing="latest-m4",
+        ),
+    ),
+    dict(
+        name="check every 2 steps kl min_steps 1",
+        model="huginn-b",
+        options=dict(
+            ADAPTIVE,
+            exit_criterion="kl",
+            exit_threshold=5e-3,
+            min_steps=1,
+            check_criterion_every_n_steps=2,
+            kv_sharing="latest-m4-compress-s8",
+        ),
+    ),
+    dict(
+        name="do not exit in prefill",
+        model="huginn-a",
+        options=dict(
+            ADAPTIVE,
+            exit_criterion="latent-diff",
+            exit_threshold=0.2,
+            do_not_exit_in_prefill=True,
+            kv_sharing="latest-m4",
+        ),
+    ),
+    dict(
+        name="cosine shared",
+        model="huginn-b",
+        options=dict(ADAPTIVE, exit_criterion="cosine", exit_threshold=0.02, kv_sharing="compress-s4"),
+    ),
+    dict(
+        name="entropy-diff ring-3 continuous",
+        model="huginn-a",
+        options=dict(
+            ADAPTIVE,
+            exit_criterion="entropy-diff",
+            exit_threshold=0.05,
+            continuous=True,
+            kv_sharing="latest-m4-compress-s12",
+        ),
+    ),
+    dict(
+        name="token-by-token adaptive prefill",
+        model="huginn-a",
+        max_new_tokens=1,
+        adaptive_prefill=True,
+        options=dict(
+            adaptive=True,
+            exit_criterion="latent-diff",
+            exit_threshold=0.2,
+            num_steps=8,
+            init_scale=0.0,
+            kv_sharing="latest-m4",
+            adaptive_prefill=True,
+        ),
+    ),
+    # 7. Coconut's end of sequence
+    dict(
+        name="coconut published eos",
+        model="gpt2-a",
+        coconut=True,
+        prompt=[13, 2, 4, 4, 4, 4, 3],
+        max_new_tokens=10,
+        options=dict(published_eos=True),
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------- shims
+def _load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def huginn_module(folder: Path):
+    """The published modeling file as a package ``raven`` (it imports its config relatively), with the
+    shims transformers 5 needs: tied-weight keys as a mapping, a ``cache`` field on its output class (the
+    output wrapper renames past_key_values), transformers 4's ``_get_initial_cache_position`` and its
+    cache-position update between tokens."""
+    pkg = type(sys)("raven")
+    pkg.__path__ = [str(folder)]
+    sys.modules["raven"] = pkg
+    _load_module(folder / "raven_config_minimal.py", "raven.raven_config_minimal")
+    rm = _load_module(folder / "raven_modeling_minimal.py", "raven.raven_modeling_minimal")
+    from dataclasses import dataclass
+    from typing import Any
+
+    @dataclass
+    class Output(rm.CausalLMOutputRecurrentLatents):
+        cache: Any = None
+
+    def initial_cache_position(self, seq_length, device, model_kwargs):
+        model_kwargs["cache_position"] = torch.arange(seq_length, device=device)
+        return model_kwargs
+
+    def next_cache_position(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        # transformers 4's rule, which the published loops rely on (5 no longer advances cache_position here);
+        # the Huginn cache object stays in model_kwargs
+        model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
+        return model_kwargs
+
+    rm.CausalLMOutputRecurrentLatents = Output
+    rm.RavenForCausalLM._get_initial_cache_position = initial_cache_position
+    rm.RavenForCausalLM._update_model_kwargs_for_generation = next_cache_position
+    rm.RavenPreTrainedModel._tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    return rm
+
+
+def published_huginn(rm, model):
+    """The published RavenForCausalLM with ``model``'s weights, instrumented to count iterations per unit."""
+    raw = {k: v for k, v in model.config.to_dict().items() if v is not None and k != "model_type"}
+    raw["n_heads"] = raw.pop("num_attention_heads")
+    cfg = rm.RavenConfig(**raw)
+    pub = rm.RavenForCausalLM(cfg).eval()
+    missing, unexpected = pub.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight", "freqs_cis"}, (missing, unexpected)
+    if not model.config.tie_embeddings:
+        pub.lm_head.weight.data.copy_(model.lm_head.weight)
+    units: list[int] = []
+    embed, iterate = pub.embed_inputs, pub.iterate_one_step
+
+    def counted_embed(*a, **k):
+        units.append(0)
+        return embed(*a, **k)
+
+    def counted_iterate(*a, **k):
+        units[-1] += 1
+        return iterate(*a, **k)
+
+    pub.embed_inputs, pub.iterate_one_step = counted_embed, counted_iterate
+    return pub, units
+
+
+def run_huginn(rm, case: dict, model) -> dict:
+    from transformers import GenerationConfig
+
+    pub, units = published_huginn(rm, model)
+    o = case["options"]
+    ids = torch.tensor([case.get("prompt", PROMPT)])
+    n_new = case.get("max_new_tokens", 8)
+    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None)
+    if case.get("adaptive_prefill"):
+        evaluator = rm.get_adaptive_exit_evaluator(pub, o["exit_criterion"], o["exit_threshold"])
+        cache = rm.HuginnDynamicCache(lookup_strategy=o["kv_sharing"])
+        out = pub.forward_with_adaptive_compute(ids, evaluator, past_key_values=cache, init_scale=o["init_scale"])
+        return {"tokens": [int(out.logits[0, -1].argmax())], "prefill_steps": out.stats["compute_steps"]}
+    kw = dict(
+        max_new_tokens=n_new,
+        criterion=o.get("exit_criterion", "none") if o.get("adaptive") else "none",
+        exit_threshold=o.get("exit_threshold") if o.get("exit_threshold") is not None else "auto",
+        num_steps=o.get("num_steps", model.config.mean_recurrence),
+        init_scale=o.get("init_scale", 1.0),
+        cache_lookup_strategy=o.get("kv_sharing", "full"),
+        min_steps=o.get("min_steps", 0),
+        check_criterion_every_n_steps=o.get("check_criterion_every_n_steps", 1),
+        do_not_exit_in_prefill=o.get("do_not_exit_in_prefill", False),
+        continuous_compute=o.get("continuous", False),
+    )
+    seq = pub.generate_with_adaptive_compute(ids, gc, **kw)
+    tokens = seq[0, ids.shape[1] :].tolist()
+    steps = [u for u in units if u]  # continuous mode embeds the prompt once more to initialise the state
+    return {"tokens": tokens, "steps": steps[: len(tokens)]}
+
+
+def coconut_module(folder: Path):
+    return _load_module(folder / "coconut.py", "coconut_published")
+
+
+def run_coconut(cm, case: dict, model, eos: int) -> dict:
+    """Coconut's generate on the HF GPT-2 with ``model``'s weights; past key values as the legacy tuples
+    the published code slices (transformers 5 passes cache objects)."""
+    from torch import nn
+    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+    from transformers.cache_utils import Cache
+
+    c = model.config
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=c.n_embd,
+            n_head=c.n_head,
+            n_layer=c.n_layer,
+            n_positions=c.n_positions,
+            vocab_size=c.vocab_size,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+    ).eval()
+    hf.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
+
+    class LegacyCache(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def get_input_embeddings(self):
+            return self.lm.get_input_embeddings()
+
+        def forward(self, past_key_values=None, **kw):
+            if past_key_values is not None and not isinstance(past_key_values, Cache):
+                past_key_values = DynamicCache(ddp_cache_data=list(past_key_values), config=self.lm.config)
+            out = self.lm(past_key_values=past_key_values, **kw)
+            if out.past_key_values is not None:
+                out.past_key_values = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+            return out
+
+    m = c.start_latent_id, c.latent_id, c.end_latent_id
+    pub = cm.Coconut(LegacyCache(hf), m[1], m[0], m[2], eos)
+    ids = torch.tensor([case["prompt"]])
+    with torch.no_grad():
+        seq = pub.generate(ids, torch.ones_like(ids), max_new_tokens=case["max_new_tokens"])
+    return {"tokens": seq[0, ids.shape[1] :].tolist(), "eos": eos}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--huginn", required=True, type=Path)
+    ap.add_argument("--coconut", required=True, type=Path)
+    ap.add_argument("--out", default="tests/published_vectors.json", type=Path)
+    args = ap.parse_args(argv)
+    import latentrt
+
+    torch.set_grad_enabled(False)
+    rm, cm = huginn_module(args.huginn), coconut_module(args.coconut)
+    models = {name: dict(spec) for name, spec in MODELS.items()}
+    # the stop-token model: point row 65505 at the token the plain model produces third
+    stops = models["huginn-stops"]
+    plain = build("huginn-stops", stops)
+    third = latentrt.generate(plain, PROMPT, max_new_tokens=3, num_steps=4, init_scale=0.0, default_stops=False)
+    stops["head_row_copy"] = (65505, third.tokens[2], 1.5)
+    out = {"models": {}, "cases": []}
+    for name, spec in models.items():
+        out["models"][name] = dict(spec, checksum=checksum(build(name, spec)))
+    for case in CASES:
+        model = build(case["model"], models[case["model"]])
+        if case.get("coconut"):
+            # eos := the first answer token, so the published rule (never stop on the first answer token; a
+            # later eos ends the answer and is left out) differs from stopping at once
+            first = latentrt.generate(model, case["prompt"], max_new_tokens=1, default_stops=False).tokens[0]
+            expected = run_coconut(cm, case, model, first)
+        else:
+            expected = run_huginn(rm, case, model)
+        out["cases"].append(dict(case, **expected))
+        print(f"{case['name']}: {expected}", flush=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
