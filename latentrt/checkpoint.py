@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,21 +25,31 @@ _IGNORED_SUFFIXES = ("freqs_cis", ".attn.bias", ".attn.masked_bias")
 _IGNORED_KEYS = {"freqs_cis", "embedding.weight"}
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or ``builtin:NAME`` for a model shipped in the package."""
+def builtin_names() -> list[str]:
+    """The models shipped in the package (``builtin:NAME``)."""
+    if not BUILTIN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint folder, ``builtin:NAME`` for a model shipped in the package, or a Hugging Face Hub
+    id (``owner/name``, optionally at ``revision``) resolved through the hub's cache (latentrt/hub.py)."""
     s = str(path)
     if s.startswith("builtin:"):
-        name = s.split(":", 1)[1] or "recurrent"
-        folder = BUILTIN_DIR / name
-        if not (folder / "config.json").is_file():
-            known = (
-                sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
-                if BUILTIN_DIR.is_dir()
-                else []
-            )
-            raise CheckpointError(f"no built-in model {name!r}; available: {known}")
-        return folder
+        name = s.split(":", 1)[1]
+        if name not in builtin_names():  # exact names only: no paths out of the built-in folder
+            raise CheckpointError(f"no built-in model {name!r}; the built-in models are {builtin_names()}")
+        return BUILTIN_DIR / name
     folder = Path(path)
+    if not folder.exists():
+        from .hub import is_hub_id, resolve_hub
+
+        if is_hub_id(s):
+            return resolve_hub(s, revision)
+        partial = folder.parent / f".{folder.name}.previous"
+        hint = f" (an interrupted save left {str(partial)!r})" if partial.exists() else ""
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist{hint}")
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
     if not folder.is_dir():
@@ -46,33 +59,42 @@ def resolve(path: str | os.PathLike) -> Path:
     return folder
 
 
-def read_config(folder: Path) -> dict:
+def read_json(path: Path, error: type[Exception]) -> object:
+    """A JSON file's content; ``error`` names the file when it is not UTF-8 JSON."""
     try:
-        with open(folder / "config.json") as f:
-            return json.load(f)
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
+        raise error(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_config(folder: Path) -> dict:
+    return read_json(folder / "config.json", ConfigError)
 
 
 def read_generation_config(folder: Path) -> dict:
+    """generation_config.json (an object), or {}; ``eos_token_id`` normalised to a list of ids."""
     p = folder / "generation_config.json"
     if not p.is_file():
         return {}
-    with open(p) as f:
-        return json.load(f)
+    raw = read_json(p, ConfigError)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a JSON object, got {type(raw).__name__}")
+    eos = raw.get("eos_token_id")
+    if eos is not None:
+        ids = [eos] if not isinstance(eos, list) else eos
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ConfigError(f"{p}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        raw = dict(raw, eos_token_id=ids)
+    return raw
 
 
-def read_training_info(source: str | os.PathLike | None) -> dict:
-    """A checkpoint's training.json (how the trainers made it: mode, curriculum, command), or {}."""
-    if source is None:
+def read_training_info(folder: str | os.PathLike | None) -> dict:
+    """A checkpoint folder's training.json (how the trainers made it: mode, curriculum, command), or {}."""
+    if folder is None or not (Path(folder) / "training.json").is_file():
         return {}
-    p = resolve(source) / "training.json"
-    if not p.is_file():
-        return {}
-    try:
-        info = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{p} is not valid JSON: {exc}") from None
+    info = read_json(Path(folder) / "training.json", CheckpointError)
     return info if isinstance(info, dict) else {}
 
 
@@ -90,16 +112,20 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
     elif (folder / "model.safetensors").is_file():
         sd = _read_safetensors([folder / "model.safetensors"])
     elif (folder / "model.safetensors.index.json").is_file():
-        with open(folder / "model.safetensors.index.json") as f:
-            index = json.load(f)
-        if "weight_map" not in index:
-            raise CheckpointError(f"{folder / 'model.safetensors.index.json'} has no 'weight_map'")
-        shards = sorted(set(index["weight_map"].values()))
+        index_path = folder / "model.safetensors.index.json"
+        index = read_json(index_path, CheckpointError)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} has no 'weight_map' object (tensor name -> shard file)")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{index_path} names shard {shard!r}: shards must be files in the folder")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"shard file(s) {missing} named in model.safetensors.index.json are missing")
         sd = _read_safetensors([folder / s for s in shards])
-        absent = sorted(set(index["weight_map"]) - set(sd))
+        absent = sorted(set(weight_map) - set(sd))
         if absent:
             raise CheckpointError(f"tensors {absent[:5]} are listed in the index but not in their shards")
     else:
@@ -188,25 +214,96 @@ def load_tokenizer(folder: Path):
         raise CheckpointError(f"cannot read {p}: {exc}") from None
 
 
-def save_checkpoint(
+# ------------------------------------------------------------------------------------------ writing
+class SimulatedCrash(BaseException):
+    """Raised at a save step named in ``CRASH_AT`` (tests: the folder is left as a kill there would leave it)."""
+
+
+CRASH_AT: str | None = None  # tests only: the save step at which to "crash"
+
+
+def _step(name: str) -> None:
+    if CRASH_AT == name:
+        raise SimulatedCrash(name)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _siblings(folder: Path) -> tuple[Path, Path]:
+    """(where a save writes, where the previous folder waits until the new one is in place)."""
+    return folder.parent / f".{folder.name}.partial", folder.parent / f".{folder.name}.previous"
+
+
+def recover_folder(folder: str | os.PathLike) -> None:
+    """Finish what an interrupted save left: the previous complete folder comes back if the new one never
+    took its place; a half-written new folder and a leftover previous one are removed."""
+    folder = Path(folder)
+    partial, previous = _siblings(folder)
+    if previous.exists():
+        if folder.exists():
+            shutil.rmtree(previous)
+        else:
+            os.rename(previous, folder)
+    if partial.exists():
+        shutil.rmtree(partial)
+
+
+@contextmanager
+def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder's new contents into a sibling temporary folder; once everything is written and synced
+    to disk, swap it in whole (the previous folder stays complete until the new one is in place). A crash
+    at any point leaves either the previous or the new folder complete (``recover_folder`` tidies up)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is a file, not a checkpoint folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(folder)
+    partial, previous = _siblings(folder)
+    partial.mkdir()
+    _step("begin")
+    yield partial  # no cleanup on error: an exception leaves what a kill would, for recover_folder
+    _step("written")
+    for f in partial.iterdir():
+        _fsync(f)
+    _fsync(partial)
+    _step("synced")
+    if folder.exists():
+        os.rename(folder, previous)
+        _step("previous-moved")
+    os.rename(partial, folder)
+    _fsync(folder.parent)
+    _step("new-moved")
+    if previous.exists():
+        shutil.rmtree(previous)
+    _step("done")
+
+
+def write_checkpoint_files(
     model: nn.Module,
-    folder: str | os.PathLike,
+    folder: Path,
     *,
     max_shard_bytes: int | None = None,
     tie_key: str | None = None,
-) -> Path:
-    """Write config.json + model.safetensors (or shards with an index) + tokenizer.json."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder;
+    ``metadata`` goes into every safetensors header (e.g. the trainer's step)."""
     cfg = model.config.to_dict()
     cfg = {k: v for k, v in cfg.items() if v is not None and not k.endswith("_token")}
-    with open(folder / "config.json", "w") as f:
-        json.dump(cfg, f, indent=2)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    _step("config-written")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if tie_key is not None:
         sd.pop(tie_key, None)
+    meta = {"format": "pt", **(metadata or {})}
     if max_shard_bytes is None:
-        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(sd, str(folder / "model.safetensors"), metadata=meta)
     else:
         shards: list[dict[str, Tensor]] = [{}]
         size = 0
@@ -220,10 +317,42 @@ def save_checkpoint(
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            save_file(shard, str(folder / name), metadata=meta)
             weight_map.update({k: name for k in shard})
-        with open(folder / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+        )
+    _step("weights-written")
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+
+
+def save_checkpoint(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    max_shard_bytes: int | None = None,
+    tie_key: str | None = None,
+) -> Path:
+    """Write config.json + model.safetensors (or shards with an index) + tokenizer.json, replacing the
+    folder's contents as a whole (``replaced_folder``: a crash never leaves a half-written folder)."""
+    with replaced_folder(folder) as tmp:
+        write_checkpoint_files(model, tmp, max_shard_bytes=max_shard_bytes, tie_key=tie_key)
+    return Path(folder)
+
+
+def read_weights_metadata(folder: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of a folder's (first) weights file."""
+    folder = Path(folder)
+    files = (
+        [folder / "model.safetensors"]
+        if (folder / "model.safetensors").is_file()
+        else sorted(folder.glob("model-*.safetensors"))
+    )
+    if not files:
+        raise CheckpointError(f"{str(folder)!r} has no model.safetensors")
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {files[0]}: {exc}") from None

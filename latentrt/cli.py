@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .backends import CHOICES
-from .errors import LatentRTError
+from .errors import InputError, LatentRTError
 from .exits import CRITERIA
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
@@ -208,13 +209,32 @@ def cmd_eval(args) -> int:
     return run_eval(_load(args), args, _options(args))
 
 
+def _check_counts(args) -> None:
+    """Counts the parser cannot bound: an error naming the flag, before any model is loaded."""
+    for flag, minimum in (("steps", 1), ("limit", 0), ("batch_size", 1)):
+        value = getattr(args, flag, None)
+        if isinstance(value, int) and value < minimum:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every error prints ``latentrt: error: ...`` and exits 2 (argparse's own errors too),
+    never a traceback (LATENTRT_DEBUG=1 shows one for an unexpected error)."""
     args = build_parser().parse_args(argv)
     try:
+        _check_counts(args)
         return {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval}[args.command](args)
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("latentrt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: a short message, the traceback only on request
+        if os.environ.get("LATENTRT_DEBUG") == "1":
+            raise
+        print(f"latentrt: error: {type(exc).__name__}: {exc} (LATENTRT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ class ModelConfig:
     """Mixin of every family's config dataclass. Subclasses set the class variables below, implement
     ``validate``, and provide (as fields or properties) what the generic code reads: ``block_size`` (the
     context), ``padded_vocab_size`` (rows of the embedding and the head), ``tied_head`` (lm_head shares
-    the token embedding), ``eos_token_id``, ``n_embd``."""
+    the token embedding), ``eos_token_id``, ``n_embd``, and ``weight_bytes(element_size)`` (what a load
+    allocates, checked before allocating)."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ()  # fields config.json must have
     IGNORED: ClassVar[frozenset[str]] = frozenset()  # published fields that do not affect inference

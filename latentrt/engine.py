@@ -18,9 +18,10 @@ from torch import Tensor
 from .errors import InputError, NonFiniteStateError
 from .families import check_applicable, family_for
 from .hooks import HookList
+from .memory import check_fits
 from .options import GenerateOptions
 from .prompts import make_batch
-from .sampling import sample
+from .sampling import SequenceRNG, sample
 
 
 @dataclass
@@ -61,7 +62,8 @@ class GenerationStream:
             while True:
                 yield next(self._events)
         except StopIteration as stop:
-            self.result = stop.value
+            if self.result is None:  # a second iteration yields nothing and keeps the result
+                self.result = stop.value
 
 
 def generate(
@@ -99,12 +101,13 @@ class Generation:
         check_applicable(family, options)
         family.decoder.check_options(model, options)
         self.model, self.options = model, options
-        seed = options.seed
-        self.generator = None if seed is None else torch.Generator(model.device).manual_seed(seed)
         hooks = HookList(options.hooks)
-        self.decoder = family.decoder(model, options, hooks, self.generator)
+        self.decoder = family.decoder(model, options, hooks)
         batch = make_batch(prompt, model.tokenizer, model.config, model.device, attention_mask)
         self.batch = self.decoder.prepare_prompt(batch)
+        B = self.batch.ids.shape[0]
+        self.rng = None if options.seed is None else SequenceRNG(options.seed, B, model.device)
+        self.decoder.rng = self.rng
         self.hooks = hooks
         self.stop_ids = self._stop_ids(options.stop)
         need = self.batch.ids.shape[1] + options.max_new_tokens
@@ -113,12 +116,16 @@ class Generation:
                 f"prompt ({self.batch.ids.shape[1]} tokens) + max_new_tokens ({options.max_new_tokens}) = "
                 f"{need} exceeds the model's context (block_size={model.config.block_size})"
             )
+        per_position = model.cache_layout().bytes_per_position(self.decoder.kv_slots, model.dtype.itemsize)
+        what = f"the KV cache ({B} sequences x {need} positions, {self.decoder.kv_slots} slot(s) per looped layer)"
+        check_fits(per_position * B * need, model.device, what, InputError)
+        model.reserve_positions(need)
 
     def _stop_ids(self, stop) -> Tensor:
         if not isinstance(self.options.default_stops, bool):
             raise InputError(f"default_stops must be True or False, got {self.options.default_stops!r}")
         ids = self.decoder.default_stop_ids() if self.options.default_stops else set()
-        items = [] if stop is None else ([stop] if isinstance(stop, (int, str)) else list(stop))
+        items = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple, set)) else [stop])
         for s in items:
             if isinstance(s, str):
                 tok = self.model.tokenizer
@@ -152,7 +159,7 @@ class Generation:
         self._shown = [""] * B
         out = decoder.prefill(self.batch)
         for i in range(opts.max_new_tokens):
-            tok = sample(out.logits, opts.temperature, opts.top_k, opts.top_p, self.generator)
+            tok = sample(out.logits, opts.temperature, opts.top_k, opts.top_p, self.rng, alive_l)
             stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
             # the one device->host read per token
             tok_l, used_l, stop_l, flags_l = torch.stack([tok, out.iterations, stopped.long(), out.nonfinite]).tolist()
@@ -174,7 +181,7 @@ class Generation:
             if i + 1 == opts.max_new_tokens or not any(alive_l):
                 break
             self.hooks.token_index = i + 1
-            out = decoder.next_token(tok, alive)
+            out = decoder.next_token(tok, alive, alive_l)
         logits_out = [torch.stack(k) if k else torch.zeros(0) for k in kept_logits] if opts.return_logits else None
         return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
 

@@ -90,8 +90,10 @@ def build_model(cfg, *, device: str | torch.device = "cpu", dtype: torch.dtype =
     """A freshly initialised model of ``cfg``'s family, allocated directly on ``device`` in ``dtype`` (see
     ``LatentModel.init_weights``), with the torch backend. Deterministic for a (seed, device) pair."""
     from .backends import get_backend
+    from .memory import check_fits
 
     device = torch.device(device)
+    check_fits(cfg.weight_bytes(dtype.itemsize), device, "the weights", ConfigError)
     with torch.device("meta"):
         model = family_of(cfg.model_type).model(cfg)
     model.to_empty(device=device)

@@ -36,6 +36,8 @@ class HookList:
             hooks = []
         elif callable(hooks):
             hooks = [hooks]
+        elif not isinstance(hooks, (list, tuple)):
+            raise InputError(f"hooks must be a callable or a list of callables, got {type(hooks).__name__}")
         for h in hooks:
             if not callable(h):
                 raise InputError(f"hooks must be callables taking a LatentEvent, got {type(h).__name__}")
@@ -46,8 +48,8 @@ class HookList:
         return bool(self.hooks)
 
     def _run(self, kind: str, step: int, state: Tensor, active: Tensor) -> Tensor:
-        for h in self.hooks:
-            out = h(LatentEvent(kind, step, state, active, self.token_index))
+        for h in self.hooks:  # a copy of the mask: a hook cannot change who the engine runs
+            out = h(LatentEvent(kind, step, state, active.clone(), self.token_index))
             if out is not None:
                 if not isinstance(out, Tensor) or out.shape != state.shape:
                     raise InputError(

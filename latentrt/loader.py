@@ -8,8 +8,9 @@ import torch
 
 from .backends import get_backend
 from .checkpoint import load_tokenizer, load_weights, read_config, read_generation_config, read_state_dict, resolve
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .families import family_of, parse_config
+from .memory import check_fits
 
 _DTYPES = {
     "float32": torch.float32,
@@ -46,8 +47,9 @@ def load(
     tokenizer = load_tokenizer(folder)
     cfg = family.model.bind_tokenizer(cfg, tokenizer)
     eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     dtype = _parse_dtype(dtype, device)
+    check_fits(cfg.weight_bytes(dtype.itemsize), device, f"the weights of {path} ({dtype})", ConfigError)
 
     with torch.device("meta"):
         model = family.model(cfg)
@@ -58,17 +60,35 @@ def load(
     model.init_buffers()
     model.eval()
     model.tokenizer = tokenizer
-    model.eos_token_id = eos if isinstance(eos, int) else None
-    model.source = str(path)
+    model.eos_token_id = eos
+    model.source, model.folder = str(path), folder
     model.backend = get_backend(backend, model)
     return model
+
+
+def parse_device(device) -> torch.device:
+    """A usable torch device: default CUDA when available, else the CPU; a clear error otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r} is not a device torch knows ({str(exc).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available on this machine (use device='cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise InputError(f"device {device!r}: latentrt runs on 'cpu' and 'cuda' devices")
+    return dev
 
 
 def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise InputError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+    raise InputError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} (or its torch.dtype)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
-from .sampling import check_sampling
+from .sampling import MAX_SEED, check_sampling
 
 
 @dataclass
@@ -75,3 +75,5 @@ class GenerateOptions:
         check_sampling(self.temperature, self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be in [0, 2**63 - 1], got {self.seed}")

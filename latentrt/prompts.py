@@ -16,14 +16,18 @@ class Batch:
     mask: Tensor  # [B, S] bool, False on padding
     single: bool  # the caller passed one prompt (results are unwrapped)
 
+    def lengths(self) -> list[int]:
+        """Real tokens per sequence (host values)."""
+        return self.mask.sum(1).tolist()
+
 
 def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
     """Validate a [B,S] (or [S]) id tensor against the vocabulary and block size."""
     if not isinstance(ids, Tensor):
         try:
             ids = torch.as_tensor(ids)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"input_ids must be a tensor or nested list of ints: {exc}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise InputError(f"input_ids must be a tensor or nested list of ints in range: {exc}") from None
     if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
         raise InputError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() == 1:
@@ -40,6 +44,41 @@ def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
     return ids.to(device=device, dtype=torch.long)
 
 
+def check_left_padding(mask, ids: Tensor) -> Tensor:
+    """A [B, S] mask of the ids' shape, left padding only (0...0 1...1 per row), as bool on their device;
+    None: every position is real."""
+    if mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    try:
+        mask = torch.as_tensor(mask, device=ids.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"attention_mask must be a tensor of 0/1: {exc}") from None
+    if mask.dim() == 1 and ids.shape[0] == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+    if mask.is_floating_point() and not ((mask == 0) | (mask == 1)).all():
+        raise InputError("attention_mask must hold 0/1 (or bool) values")
+    mask = mask.bool()
+    if not mask[:, -1].all():
+        raise InputError("attention_mask must use left padding (last position real in every row)")
+    if (mask[:, 1:].long() - mask[:, :-1].long() < 0).any():
+        raise InputError("attention_mask must be a left-padding mask (0...0 1...1 per row)")
+    return mask
+
+
+def encode_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text; a clear error for text the tokenizer cannot take (e.g. lone surrogates)."""
+    out = []
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"prompt {i} is not valid Unicode text ({exc.reason} at {exc.start})") from None
+        out.append(tokenizer.encode(t).ids)
+    return out
+
+
 def make_batch(
     prompt, tokenizer, cfg, device: torch.device | str, attention_mask: Tensor | None = None, pad_id: int = 0
 ) -> Batch:
@@ -50,7 +89,7 @@ def make_batch(
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         if tokenizer is None:
             raise InputError("this model has no tokenizer.json: pass token ids instead of text")
-        seqs = [tokenizer.encode(p).ids for p in prompt]
+        seqs = encode_text(tokenizer, list(prompt))
     elif (
         isinstance(prompt, (list, tuple))
         and prompt
@@ -62,16 +101,7 @@ def make_batch(
     elif isinstance(prompt, Tensor):
         single = prompt.dim() == 1
         ids = check_ids(prompt, cfg, device)
-        if attention_mask is None:
-            mask = torch.ones_like(ids, dtype=torch.bool)
-        else:
-            mask = torch.as_tensor(attention_mask, device=device).bool()
-            if mask.shape != ids.shape:
-                raise InputError(f"attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
-            if not mask[:, -1].all():
-                raise InputError("attention_mask must use left padding (last position real in every row)")
-            if (mask[:, 1:].long() - mask[:, :-1].long() < 0).any():
-                raise InputError("attention_mask must be a left-padding mask (0...0 1...1 per row)")
+        mask = check_left_padding(attention_mask, ids)
         return Batch(ids, mask, single)
     else:
         raise InputError(
@@ -80,6 +110,13 @@ def make_batch(
         )
     if any(len(s) == 0 for s in seqs):
         raise InputError("empty prompt: every prompt needs at least one token")
+    vocab = cfg.padded_vocab_size
+    for s in seqs:
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in s):
+            raise InputError("token ids must be integers")
+        out_of_range = [t for t in s if not 0 <= t < vocab]
+        if out_of_range:
+            raise InputError(f"token id out of range [0, {vocab}): {out_of_range[:5]}")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.bool)

@@ -24,10 +24,16 @@ class Record:
 def load_records(path: str | Path) -> list[Record]:
     """A JSON list of {question, steps, answer} (ProsQA / ProntoQA / GSM8k files); clear errors per record."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"data file {str(path)!r} is a folder, not a JSON file of records")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"data file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"cannot read data file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(raw, list):

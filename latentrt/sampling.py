@@ -1,4 +1,10 @@
-"""Next-token selection: greedy, temperature, top-k, top-p, with an explicit generator for seeding."""
+"""Next-token selection (greedy, temperature, top-k, top-p) and the random streams of a batch.
+
+Batch = single under randomness: with ``seed=s`` sequence i of a batch draws everything random (its
+initial latent states, its samples) from its own generator seeded ``s + i``, in the order a run of that
+sequence alone would, so its result equals ``generate(that prompt alone, seed=s + i)``. Finished sequences
+draw nothing. Without a seed the global torch RNG is used.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +25,23 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+MAX_SEED = 2**63 - 1
+
+
+class SequenceRNG:
+    """One torch.Generator per sequence, seeded ``seed + index`` (see module docstring)."""
+
+    def __init__(self, seed: int, batch: int, device: torch.device) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - batch + 1:
+            raise InputError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
+        self.generators = [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]
+
+    def __getitem__(self, row: int) -> torch.Generator:
+        return self.generators[row]
 
 
 def sample(
@@ -28,12 +49,16 @@ def sample(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    rng: SequenceRNG | None = None,
+    rows: list[bool] | None = None,
 ) -> Tensor:
-    """logits [B,V] -> token ids [B]. Greedy when temperature is 0."""
+    """logits [B,V] -> token ids [B]. Greedy when temperature is 0. With ``rng`` each row in ``rows`` (the
+    running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # in float64 from the maximum down, so a tiny temperature (1e-45) gives its limit, the argmax, not NaNs
+    logits = logits.double()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,4 +70,10 @@ def sample(
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if rng is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    out = probs.argmax(-1)
+    for b, running in enumerate(rows if rows is not None else [True] * probs.shape[0]):
+        if running:
+            out[b] = torch.multinomial(probs[b : b + 1], 1, generator=rng[b])[0, 0]
+    return out

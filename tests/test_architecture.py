@@ -28,6 +28,8 @@ LAYERS = [
         "records",
         "options",
         "checkpoint",
+        "hub",
+        "memory",
         "cuda_ext",
     ),
     ("backends",),

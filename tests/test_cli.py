@@ -53,6 +53,29 @@ def test_generate_coconut(coconut_dir, capsys):
 
 def test_errors_exit_2(recurrent_dir, tmp_path, capsys):
     assert main(["generate", str(recurrent_dir), "x", "--steps", "0"]) == 2
-    assert "num_steps must be" in capsys.readouterr().err
+    assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_path, capsys):
+    """Bad flags and inputs: ``latentrt: error: ...`` on stderr, a non-zero exit, no traceback."""
+    (tmp_path / "records.json").write_text('[{"question": "q"}]')
+    cases = [
+        (["generate", str(coconut_dir), "every cat", "--adaptive"], "do not apply"),
+        (["generate", str(recurrent_dir), "every cat", "--thoughts", "2"], "do not apply"),
+        (["info", str(recurrent_dir), "--steps", "-3"], "--steps must be >= 1"),
+        (["eval", str(recurrent_dir), str(tmp_path), "--limit", "2"], "is a folder"),
+        (["eval", str(recurrent_dir), str(tmp_path / "records.json")], "has no 'answer'"),
+        (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--limit", "-1"], "--limit must be >= 0"),
+        (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--batch-size", "0"], "--batch-size"),
+        (["generate", str(recurrent_dir), "every cat", "--kv", "ring-0"], "kv_sharing"),
+        (["generate", "builtin:", "x"], "the built-in models are"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) != 0, argv
+        err = capsys.readouterr().err
+        assert err.startswith("latentrt: error:") and msg in err and "Traceback" not in err, (argv, err)
+    (tmp_path / "ok.json").write_text('[{"question": "every cat", "steps": [], "answer": "Tom"}]')
+    assert main(["eval", str(coconut_dir), str(tmp_path / "ok.json"), "--modes", "bogus"]) == 2
+    assert "unknown prompt format 'bogus'" in capsys.readouterr().err

@@ -50,6 +50,10 @@ class GatedLoopConfig(ModelConfig):
     def tied_head(self) -> bool:
         return False
 
+    def weight_bytes(self, element_size: int) -> int:
+        d, v = self.n_embd, self.vocab_size
+        return (2 * v * d + 2 * d * d + d + d + 1) * element_size  # wte, head, block, gate
+
     def validate(self) -> None:
         require_positive(self, "n_embd", "vocab_size", "block_size", "max_loops")
 
@@ -98,8 +102,8 @@ class GatedLoopDecoder(Decoder):
     TITLE = "toy gated-loop"
     OPTIONS = frozenset({"adaptive", "num_steps", "exit_threshold"})
 
-    def __init__(self, model, options, hooks, generator) -> None:
-        super().__init__(model, options, hooks, generator)
+    def __init__(self, model, options, hooks) -> None:
+        super().__init__(model, options, hooks)
         o = options
         threshold = GateExit.DEFAULT if o.exit_threshold is None else o.exit_threshold
         crit = GateExit("gate", threshold, model) if o.adaptive else make_criterion("none")
@@ -108,7 +112,7 @@ class GatedLoopDecoder(Decoder):
     def prefill(self, batch) -> TokenOutput:
         return self._unit(batch.ids, torch.ones(batch.ids.shape[0], dtype=torch.bool))
 
-    def next_token(self, tokens, alive) -> TokenOutput:
+    def next_token(self, tokens, alive, rows) -> TokenOutput:
         return self._unit(tokens[:, None], alive)
 
     def _unit(self, ids, alive) -> TokenOutput:

@@ -148,7 +148,7 @@ def test_coconut_curriculum_trains_and_hooks_run(tmp_path):
         model,
         TOK,
         generate_dataset(6, (1, 2)),
-        TrainOptions(steps=2, batch_size=3, progress=False, out=str(tmp_path)),
+        TrainOptions(steps=6, batch_size=3, progress=False, out=str(tmp_path)),  # 2 per stage
         Curriculum("coconut", max_stage=1),
         hooks=lambda ev: calls.append(ev.step),
     )

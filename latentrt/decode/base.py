@@ -18,6 +18,7 @@ from torch import Tensor
 from ..cache import KVCache
 from ..options import GenerateOptions
 from ..prompts import Batch
+from ..sampling import SequenceRNG
 
 
 @dataclass
@@ -35,8 +36,9 @@ class Decoder:
     TITLE: ClassVar[str]  # how messages name the family's models
     OPTIONS: ClassVar[frozenset[str]] = frozenset()  # the family options (latentrt/options.py) it accepts
 
-    def __init__(self, model, options: GenerateOptions, hooks, generator: torch.Generator | None) -> None:
-        self.model, self.options, self.hooks, self.generator = model, options, hooks, generator
+    def __init__(self, model, options: GenerateOptions, hooks) -> None:
+        self.model, self.options, self.hooks = model, options, hooks
+        self.rng: SequenceRNG | None = None  # per-sequence generators with a seed (latentrt/sampling.py)
         self.backend = model.backend
         self.cache: KVCache | None = None
         self.prefill_steps: torch.Tensor | None = None  # [B, S] iterations per prompt position, when known
@@ -55,6 +57,11 @@ class Decoder:
         """The batch as the model runs it (e.g. with appended thought markers)."""
         return batch
 
+    @property
+    def kv_slots(self) -> int:
+        """Slots the looped layers keep per position (the KV mode's)."""
+        return 1
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         self.cache = self.model.new_cache(batch, max_len)
         return self.cache
@@ -62,8 +69,9 @@ class Decoder:
     def prefill(self, batch: Batch) -> TokenOutput:
         raise NotImplementedError
 
-    def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
-        """The next position for every sequence: ``tokens`` [B] the last sampled ids, ``alive`` [B] bool."""
+    def next_token(self, tokens: Tensor, alive: Tensor, rows: list[bool]) -> TokenOutput:
+        """The next position for every sequence: ``tokens`` [B] the last sampled ids, ``alive`` [B] bool on
+        the device and ``rows`` the same on the host (who draws random numbers)."""
         raise NotImplementedError
 
     def record(self, iterations: list[int], alive: list[bool]) -> None:

@@ -24,7 +24,7 @@ from .base import Decoder, TokenOutput, nonfinite_flags
 def trained_thoughts(model) -> tuple[str, int]:
     """The prompt format and thought count a model was trained with (its training.json; the trainers write
     mode ``coconut`` / ``pause`` / ``cot`` / ``nocot`` and the curriculum), or ("coconut", 0)."""
-    info = read_training_info(getattr(model, "source", None))
+    info = read_training_info(getattr(model, "folder", None))
     mode = info.get("mode", "coconut")
     k = info.get("max_stage", 0) * info.get("thoughts_per_step", 1) if mode in THOUGHT_MODES else 0
     return mode, k
@@ -62,8 +62,8 @@ class CoconutDecoder(Decoder):
                 "(latent_id=, start_latent_id=, end_latent_id=)"
             )
 
-    def __init__(self, model, options: GenerateOptions, hooks, generator) -> None:
-        super().__init__(model, options, hooks, generator)
+    def __init__(self, model, options: GenerateOptions, hooks) -> None:
+        super().__init__(model, options, hooks)
         self._thoughts = 0
         self._answer = None  # (runner, its token-embedding buffer, its validity buffer) once made
         # published_eos: Coconut's generate never stops on its first answer token, and leaves out the eos
@@ -106,7 +106,7 @@ class CoconutDecoder(Decoder):
         alive = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return self._output(logits, alive)
 
-    def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+    def next_token(self, tokens: Tensor, alive: Tensor, rows: list[bool]) -> TokenOutput:
         model, cache = self.model, self.cache
         embeds = model.embed(tokens[:, None])
         runner = self._answer_runner(embeds)

@@ -64,8 +64,8 @@ class RecurrentDecoder(Decoder):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s >= 0):
             raise InputError(f"init_scale must be a finite number >= 0, got {s!r}")
 
-    def __init__(self, model, options: GenerateOptions, hooks, generator) -> None:
-        super().__init__(model, options, hooks, generator)
+    def __init__(self, model, options: GenerateOptions, hooks) -> None:
+        super().__init__(model, options, hooks)
         o = options
         r_max = model.default_steps() if o.num_steps is None else o.num_steps
         criterion = make_criterion(o.exit_criterion, o.exit_threshold) if o.adaptive else make_criterion("none")
@@ -80,6 +80,10 @@ class RecurrentDecoder(Decoder):
         self.last_state: Tensor | None = None  # the previous unit's final state (continuous mode)
         self.runner = None
 
+    @property
+    def kv_slots(self) -> int:
+        return self.kv_mode.slots
+
     def new_cache(self, batch: int, max_len: int):
         self.cache = self.model.new_cache(batch, max_len, self.kv_mode)
         return self.cache
@@ -91,7 +95,7 @@ class RecurrentDecoder(Decoder):
         if self.adaptive_prefill:
             return self._prefill_by_token(batch)
         alive = torch.ones(batch.ids.shape[0], dtype=torch.bool, device=self.model.device)
-        return self._unit(batch.ids, batch.mask, alive, self.prefill_spec)
+        return self._unit(batch.ids, batch.mask, alive, self.prefill_spec, batch.lengths())
 
     def _prefill_by_token(self, batch: Batch) -> TokenOutput:
         """The prompt one position at a time, each with its own latent loop and exit (the published
@@ -99,18 +103,21 @@ class RecurrentDecoder(Decoder):
         position's iterations are the prompt's entry of ``.steps``; every position's are in
         ``prefill_steps``."""
         per_position = []
-        for col in range(batch.ids.shape[1]):
+        lengths, width = batch.lengths(), batch.ids.shape[1]
+        for col in range(width):
             valid = batch.mask[:, col : col + 1]
-            out = self._unit(batch.ids[:, col : col + 1], valid, valid[:, 0], self.prefill_spec)
+            rows = [int(col >= width - n) for n in lengths]  # left padding: real from width - length on
+            out = self._unit(batch.ids[:, col : col + 1], valid, valid[:, 0], self.prefill_spec, rows)
             per_position.append(out.iterations)
             self.record(out.iterations.tolist(), valid[:, 0].tolist())
         self.prefill_steps = torch.stack(per_position, 1)
         return out
 
-    def next_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+    def next_token(self, tokens: Tensor, alive: Tensor, rows: list[bool]) -> TokenOutput:
+        positions = [int(r) for r in rows]
         if self.runner is not None:
-            return self._runner_token(tokens, alive)
-        return self._unit(tokens[:, None], alive[:, None], alive, self.spec)
+            return self._runner_token(tokens, alive, positions)
+        return self._unit(tokens[:, None], alive[:, None], alive, self.spec, positions)
 
     def record(self, iterations: list[int], alive: list[bool]) -> None:
         self.cache.record_iterations(iterations, alive)
@@ -124,10 +131,18 @@ class RecurrentDecoder(Decoder):
         vocab = self.model.config.vocab_size
         return super().default_stop_ids() | {t for t in self.PUBLISHED_STOPS if t < vocab}
 
-    def _initial_state(self, like: Tensor) -> Tensor:
-        return self.model.initial_state(like, self.init_scale, self.generator)
+    def _initial_state(self, like: Tensor, positions: list[int]) -> Tensor:
+        """Random initial states [B, n, d]; with a seed each sequence draws its ``positions[b]`` real (last)
+        positions from its own generator (latentrt/sampling.py), as it would alone."""
+        if self.rng is None or not self.init_scale:
+            return self.model.initial_state(like, self.init_scale)
+        s = torch.zeros_like(like)
+        for b, n in enumerate(positions):
+            if n:
+                s[b, -n:] = self.model.initial_state(like[b : b + 1, -n:], self.init_scale, self.rng[b])[0]
+        return s
 
-    def _unit(self, ids: Tensor, valid: Tensor, alive: Tensor, spec: LoopSpec) -> TokenOutput:
+    def _unit(self, ids: Tensor, valid: Tensor, alive: Tensor, spec: LoopSpec, positions: list[int]) -> TokenOutput:
         """One unit (prompt or token) through prelude, the latent loop (latentrt/recurrence.py) and the
         head, on the reference path: the backend's ``core_iteration`` per iteration, hooks in between."""
         model, cache, backend = self.model, self.cache, self.backend
@@ -137,7 +152,7 @@ class RecurrentDecoder(Decoder):
         if self.continuous and self.last_state is not None:
             s0 = self.last_state.expand_as(e).clone()
         else:
-            s0 = self._initial_state(e)
+            s0 = self._initial_state(e, positions)
         s, used, logits = run_recurrence(
             spec,
             s0,
@@ -154,11 +169,11 @@ class RecurrentDecoder(Decoder):
         self.last_state = s[:, -1:]
         return TokenOutput(logits, used, nonfinite_flags(s, chunk.valid, logits, alive))
 
-    def _runner_token(self, tokens: Tensor, alive: Tensor) -> TokenOutput:
+    def _runner_token(self, tokens: Tensor, alive: Tensor, positions: list[int]) -> TokenOutput:
         """A decode token through the backend's token runner (a CUDA graph on the GPU)."""
         runner = self.runner
         position = self.cache.reserve()
-        s0 = self.last_state if self.continuous else self._initial_state(runner.s0[:, None])
+        s0 = self.last_state if self.continuous else self._initial_state(runner.s0[:, None], positions)
         runner.prepare(tokens, alive, s0, position)
         logits, used, flags, s = runner()
         self.last_state = s[:, None]

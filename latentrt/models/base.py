@@ -46,8 +46,9 @@ class LatentModel(nn.Module):
         self.config = config
         self.tokenizer = None
         self.backend = None
-        self.eos_token_id = config.eos_token_id
-        self.source: str | None = None  # what load() was given (a folder or builtin:NAME)
+        self.eos_token_id = config.eos_token_id  # an id, a list of ids (generation_config.json), or None
+        self.source: str | None = None  # what load() was given (a folder, builtin:NAME, a Hub id)
+        self.folder = None  # the checkpoint folder it was read from (a Path), if any
 
     # ---------------------------------------------------------------- what every model has
     @property
@@ -79,6 +80,9 @@ class LatentModel(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)compute derived, non-persistent buffers on the model's device (e.g. RoPE tables)."""
+
+    def reserve_positions(self, n: int) -> None:
+        """Make position-indexed tables (RoPE) cover positions [0, n) before a call that reaches them."""
 
     def default_steps(self) -> int:
         """Latent iterations per token when generate() is not told (1 for a model that does not loop)."""

@@ -86,6 +86,13 @@ class GPT2Config(ModelConfig):
     def tied_head(self) -> bool:
         return self.tie_word_embeddings
 
+    def weight_bytes(self, element_size: int) -> int:
+        """Bytes of the weights at ``element_size``: what a load allocates."""
+        d, f = self.n_embd, self.inner_size
+        layer = 3 * d * d + 3 * d + d * d + d + 2 * d * f + f + d + 4 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return (self.vocab_size * d + head + self.n_positions * d + self.n_layer * layer + 2 * d) * element_size
+
     def validate(self) -> None:
         require_positive(self, "n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
         if self.n_inner is not None and self.n_inner <= 0:
@@ -96,8 +103,8 @@ class GPT2Config(ModelConfig):
             raise ConfigError(
                 f"activation_function={self.activation_function!r} is not supported ({sorted(ACTIVATIONS)})"
             )
-        if not self.layer_norm_epsilon > 0:
-            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if not (math.isfinite(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+            raise ConfigError(f"layer_norm_epsilon must be a finite number > 0, got {self.layer_norm_epsilon}")
 
 
 class Conv1D(nn.Module):
@@ -336,12 +343,12 @@ class CoconutGPT2(LatentModel):
     @torch.no_grad()
     def logits(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, **unused) -> Tensor:
         """Logits [B,S,V] (fp32); ``<|latent|>`` positions are computed as continuous thoughts."""
-        from ..prompts import check_ids
+        from ..prompts import check_ids, check_left_padding
 
         inapplicable = {k for k, v in unused.items() if v is not None and k not in ("init_scale",)}
         if inapplicable:
             raise InputError(f"arguments {sorted(inapplicable)} apply to recurrent-depth models, not Coconut")
         ids = check_ids(input_ids, self.config, self.device)
-        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        mask = check_left_padding(attention_mask, ids)
         cache = self.new_cache(ids.shape[0], ids.shape[1])
         return self.run_prompt(ids, mask.to(self.device), cache)[0]

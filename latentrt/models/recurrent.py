@@ -113,6 +113,19 @@ class RecurrentConfig(ModelConfig):
         """K/V heads the cache holds per position and layer."""
         return self.num_attention_heads if self.keys_per_query_head else self.num_key_value_heads
 
+    def weight_bytes(self, element_size: int) -> int:
+        """Bytes of the weights at ``element_size`` plus the fp32 RoPE tables: what a load allocates."""
+        d, hd, f = self.n_embd, self.head_dim, self.intermediate_size
+        attn = d * (self.num_attention_heads + 2 * self.num_key_value_heads) * hd + d * d
+        if self.qk_bias:
+            attn += 2 * self.num_attention_heads * hd
+        layer = attn + 2 * f * d + f * d + 4 * d
+        layers = self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda
+        head = 0 if self.tie_embeddings else self.padded_vocab_size * d
+        params = self.padded_vocab_size * d + head + layers * layer + 2 * d * d + d
+        rope = min(self.block_size, RecurrentDepthLM.ROPE_POSITIONS) * hd * 4  # the tables at first
+        return params * element_size + rope
+
     @property
     def embed_scale(self) -> float:
         return math.sqrt(self.n_embd)
@@ -155,8 +168,10 @@ class RecurrentConfig(ModelConfig):
             raise ConfigError(f"injection_type={self.injection_type!r} is not supported (only 'linear')")
         if self.state_init not in ("like-init", "zero"):
             raise ConfigError(f"state_init={self.state_init!r} is not supported ('like-init' or 'zero')")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps must be a finite number > 0, got {self.norm_eps}")
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ConfigError(f"rope_base must be a finite number > 1, got {self.rope_base}")
 
     @classmethod
     def fill_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -265,12 +280,21 @@ class RecurrentDepthLM(LatentModel):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     # ---------------------------------------------------------------- setup
-    def init_buffers(self) -> None:
-        """(Re)compute the fp32 RoPE tables on the model's device."""
+    ROPE_POSITIONS = 8192  # positions the RoPE tables cover at first; reserve_positions grows them
+
+    def init_buffers(self, positions: int | None = None) -> None:
+        """(Re)compute the fp32 RoPE tables on the model's device, for the first ``positions`` positions
+        (default: the context or ROPE_POSITIONS, whichever is smaller: a context of 1e8 costs nothing
+        until it is used)."""
         cfg = self.config
+        n = min(cfg.block_size, positions or self.ROPE_POSITIONS)
         self.rope_cos, self.rope_sin = rope_tables(
-            cfg.head_dim, cfg.block_size, cfg.rope_base, device=self.transformer.wte.weight.device
+            cfg.head_dim, n, cfg.rope_base, device=self.transformer.wte.weight.device
         )
+
+    def reserve_positions(self, n: int) -> None:
+        if n > self.rope_cos.shape[0]:
+            self.init_buffers(max(n, 2 * self.rope_cos.shape[0]))
 
     def cache_layout(self) -> CacheLayout:
         cfg = self.config
@@ -356,6 +380,7 @@ class RecurrentDepthLM(LatentModel):
         gradients and only the last ``n_grad`` carry them (truncated backprop through depth); with
         ``checkpoint`` each gradient iteration recomputes its activations in the backward pass."""
         B, S = input_ids.shape
+        self.reserve_positions(S)
         pos = torch.arange(S, device=input_ids.device)[None].expand(B, S)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         mask = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()[None, None]
@@ -401,13 +426,14 @@ class RecurrentDepthLM(LatentModel):
         seed: int | None = None,
     ) -> Tensor:
         """Logits [B,S,V] (fp32) after ``num_steps`` iterations of the core block (default mean_recurrence)."""
-        from ..prompts import check_ids
+        from ..prompts import check_ids, check_left_padding
 
         input_ids = check_ids(input_ids, self.config, self.device)
         B, S = input_ids.shape
+        self.reserve_positions(S)
         r = self.config.mean_recurrence if num_steps is None else check_steps(num_steps)
         cache = self.new_cache(B, S)
-        valid = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        valid = check_left_padding(attention_mask, input_ids)
         chunk = cache.begin(valid)
         rope = self.rope(chunk)
         e = self.prelude(input_ids, cache, chunk, rope)

@@ -1,7 +1,8 @@
 """Train the built-in models shipped in latentrt/builtin/ (reproducible: one command, one seed).
 
-    python -m latentrt.train.builtin --seed 0            # all four, one after another
+    python -m latentrt.train.builtin --seed 0            # all four, into ./latentrt-builtin/
     python -m latentrt.train.builtin --only recurrent    # one of: recurrent coconut coconut-cot coconut-nocot
+    python -m latentrt.train.builtin --overwrite-builtin # replace the models shipped in the package
 
 Data: generated ProsQA-style problems (latentrt.train.data), difficulties 1-3. Models: a tiny
 recurrent-depth model (d=128, 1+2x r+1 layers, mean recurrence 4) trained on question -> answer, and tiny
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import BUILTIN_DIR, save_checkpoint
+from ..checkpoint import BUILTIN_DIR, replaced_folder, write_checkpoint_files
 from ..families import build_model, parse_config
 from .coconut import Curriculum, train_coconut
 from .common import TrainOptions
@@ -67,7 +68,7 @@ def gpt2_config(tok):
     )
 
 
-def train_one(name: str, seed: int, steps: int, out_root: Path) -> Path:
+def train_one(name: str, seed: int, steps: int, out_root: Path, command: str) -> Path:
     tok = build_tokenizer()
     records = generate_dataset(20000, DIFFICULTIES, seed=seed)
     out = out_root / name
@@ -81,9 +82,9 @@ def train_one(name: str, seed: int, steps: int, out_root: Path) -> Path:
         mode = {"coconut": "coconut", "coconut-cot": "cot", "coconut-nocot": "nocot"}[name]
         cur = Curriculum(mode, max_stage=max(DIFFICULTIES), thoughts_per_step=1)
         n_stages = len(Curriculum("coconut", max(DIFFICULTIES)).stages())
-        per_stage = steps // n_stages if mode == "coconut" else steps
+        per_stage = steps // n_stages if mode == "coconut" else steps  # train_coconut splits steps over stages
         model = build_model(gpt2_config(tok), seed=seed)
-        opts = TrainOptions(steps=per_stage, batch_size=32, lr=2e-3, warmup=30, seed=seed)
+        opts = TrainOptions(steps=steps, batch_size=32, lr=2e-3, warmup=30, seed=seed)
         log = train_coconut(model, tok, records, opts, cur)
         info = {
             "trainer": "coconut",
@@ -93,18 +94,19 @@ def train_one(name: str, seed: int, steps: int, out_root: Path) -> Path:
             "steps_per_stage": per_stage,
         }
     model.tokenizer = tok
-    tied = model.lm_head.weight is model.transformer.wte.weight
-    save_checkpoint(model, out, tie_key="lm_head.weight" if tied else None)
+    keys = model.tied_keys()
     info.update(
         seed=seed,
         difficulties=list(DIFFICULTIES),
         train_records=len(records),
         final_loss=log[-1]["loss"],
         minutes=round((time.time() - t0) / 60, 1),
-        command=f"python -m latentrt.train.builtin --only {name} --seed {seed} --steps {steps}",
+        command=command,
         torch=torch.__version__,
     )
-    (out / "training.json").write_text(json.dumps(info, indent=1))
+    with replaced_folder(out) as tmp:  # the model and how it was made, swapped in together
+        write_checkpoint_files(model, tmp, tie_key=keys[0] if keys else None)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1))
     return out
 
 
@@ -113,13 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=MODELS, default=None)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (Coconut: split over its stages)")
-    ap.add_argument("--out", default=str(BUILTIN_DIR))
+    ap.add_argument("--out", default="latentrt-builtin", help="folder for the models (one subfolder each)")
+    ap.add_argument(
+        "--overwrite-builtin",
+        action="store_true",
+        help=f"write into the package's own built-in models ({BUILTIN_DIR}), replacing the shipped ones",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out = BUILTIN_DIR if args.overwrite_builtin else Path(args.out)
+    if not args.overwrite_builtin and out.resolve() == BUILTIN_DIR.resolve():
+        raise SystemExit(
+            "latentrt: error: --out is the package's built-in folder: pass --overwrite-builtin to replace them"
+        )
     defaults = {"recurrent": 1500, "coconut": 2500, "coconut-cot": 2000, "coconut-nocot": 2000}
     for name in [args.only] if args.only else MODELS:
-        path = train_one(name, args.seed, args.steps or defaults[name], Path(args.out))
+        steps = args.steps or defaults[name]
+        where = "--overwrite-builtin" if args.overwrite_builtin else f"--out {args.out}"
+        command = f"python -m latentrt.train.builtin --only {name} --seed {args.seed} --steps {steps} {where}"
+        path = train_one(name, args.seed, steps, out, command)
         print(f"wrote {path}", flush=True)
 
 

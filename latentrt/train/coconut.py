@@ -12,7 +12,7 @@ Coconut with the latent tokens as ordinary "pause" tokens).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ from ..errors import InputError
 from ..hooks import HookList
 from ..records import Record
 from . import distributed
-from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare, save_training
+from .checkpoints import load_training, save_training
+from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare
 
 MODES = ("coconut", "cot", "nocot", "pause")
 
@@ -101,21 +102,55 @@ class CoconutLoss(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def stage_steps(total: int, n_stages: int) -> list[int]:
+    """``total`` optimizer steps split evenly over the stages (the remainder in the last)."""
+    per = total // n_stages
+    return [per] * (n_stages - 1) + [total - per * (n_stages - 1)]
+
+
 def train_coconut(
-    model: nn.Module, tokenizer, records: list[Record], opts: TrainOptions, cur: Curriculum, *, hooks=None
+    model: nn.Module,
+    tokenizer,
+    records: list[Record],
+    opts: TrainOptions,
+    cur: Curriculum,
+    *,
+    hooks=None,
+    resume: str | None = None,
 ) -> list[dict]:
-    """Train in place through every stage (opts.steps optimizer steps per stage); returns the log."""
+    """Train in place through every stage; ``opts.steps`` optimizer steps in all, split evenly over the
+    stages (each stage resets the optimizer and runs its own warmup + cosine schedule, as published).
+    Returns the log. ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
+    restored; the result equals an uninterrupted run's bit for bit)."""
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
-    rank, world, device = prepare(model, tokenizer, opts)
+    rank, world, device = prepare(model, tokenizer, opts, resume)
     pad = tokenizer.token_to_id("<|pad|>")
     loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
+    stages = cur.stages()
+    lengths = stage_steps(opts.steps, len(stages))
+    if min(lengths) < 1:
+        raise InputError(f"steps={opts.steps} is fewer than the curriculum's {len(stages)} stages")
+    extra = lambda stage: {"stage": stage, "curriculum": cur.__dict__}  # noqa: E731
+    done, resumed = 0, None
+    if resume:
+        optimizer = make_optimizer(model, opts)
+        resumed = load_training(resume, model, optimizer)
+        done = resumed["step"]
     log: list[dict] = []
-    for stage in cur.stages():
+    start_of_stage = 0
+    for stage, n in zip(stages, lengths):
+        stage_opts = replace(opts, steps=n)  # the learning-rate schedule runs over the stage
+        first = max(done - start_of_stage, 0)
+        if first >= n:  # a stage finished before the resumed checkpoint
+            start_of_stage += n
+            continue
         data = [encode(tokenizer, r, cur, stage) for r in records]
-        optimizer = make_optimizer(model, opts)  # reset at every stage change, as published
+        if resumed is None or first == 0:
+            optimizer = make_optimizer(model, opts)  # reset at every stage change, as published
+        resumed = None
         bar = tqdm(
-            range(opts.steps), desc=f"{cur.mode} stage {stage}", disable=not (opts.progress and distributed.is_main())
+            range(first, n), desc=f"{cur.mode} stage {stage}", disable=not (opts.progress and distributed.is_main())
         )
         for step in bar:
             rng = random.Random((opts.seed, rank, stage, step).__hash__())
@@ -124,7 +159,7 @@ def train_coconut(
                 raise InputError(f"a training sequence has {ids.shape[1]} tokens > n_positions")
             with autocast(device):
                 loss = loss_fn(ids, mask, labels)
-            gnorm = optimizer_step(loss_fn, optimizer, loss, step, opts)
+            gnorm = optimizer_step(loss_fn, optimizer, loss, step, stage_opts)
             entry = {
                 "stage": stage,
                 "step": step + 1,
@@ -134,10 +169,12 @@ def train_coconut(
             log.append(entry)
             if step % max(1, opts.log_every) == 0:
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
-        if opts.out and distributed.is_main():
-            save_training(
-                model, optimizer, opts.out, opts.steps, opts, extra={"stage": stage, "curriculum": cur.__dict__}
-            )
+            total = start_of_stage + step + 1
+            last_of_stage = step + 1 == n
+            due = opts.save_every and total % opts.save_every == 0
+            if opts.out and (due or last_of_stage) and distributed.is_main():
+                save_training(model, optimizer, opts.out, total, opts, extra=extra(stage))
+        start_of_stage += n
     model.eval()
     distributed.barrier()
     return log

@@ -1,24 +1,23 @@
-"""What both trainers share: options, AdamW with warmup + cosine, clipping, autocast, resumable checkpoints."""
+"""What both trainers share: options, AdamW with warmup + cosine, clipping, autocast (checkpoints:
+checkpoints.py)."""
 
 from __future__ import annotations
 
 import math
 import random
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import save_checkpoint
 from ..errors import InputError
 
 
 @dataclass
 class TrainOptions:
-    steps: int = 1000  # optimizer steps (per curriculum stage for Coconut)
+    steps: int = 1000  # optimizer steps in all (Coconut: split evenly over the curriculum's stages)
     batch_size: int = 32  # per process
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -27,6 +26,7 @@ class TrainOptions:
     grad_clip: float = 1.0
     seed: int = 0
     out: str | None = None  # checkpoint folder; None: do not save
+    overwrite: bool = False  # replace a checkpoint already in ``out`` (else that is an error, unless resuming it)
     save_every: int = 0  # 0: only at the end (and at each Coconut stage end)
     log_every: int = 20
     checkpoint_activations: bool = False
@@ -38,6 +38,8 @@ class TrainOptions:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
+        if self.save_every < 0:
+            raise InputError(f"save_every must be >= 0, got {self.save_every}")
 
 
 def seed_all(seed: int) -> None:
@@ -84,46 +86,14 @@ def optimizer_step(
     return float(norm)
 
 
-def save_training(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    folder: str | Path,
-    step: int,
-    opts: TrainOptions,
-    extra: dict | None = None,
-) -> Path:
-    """The published layout (config.json + model.safetensors + tokenizer.json) that latentrt.load reads,
-    plus trainer_state.pt (optimizer, step, RNG states, options) for resuming."""
-    tied = model.lm_head.weight is model.transformer.wte.weight
-    folder = save_checkpoint(model, folder, tie_key="lm_head.weight" if tied else None)
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "options": asdict(opts),
-        "extra": extra or {},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-    }
-    torch.save(state, folder / "trainer_state.pt")
-    return folder
-
-
-def load_training(folder: str | Path, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore optimizer and RNG states saved by save_training; returns the saved state dict."""
-    state = torch.load(Path(folder) / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None and state.get("optimizer"):
-        optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    return state
-
-
-def prepare(model: nn.Module, tokenizer, opts: TrainOptions) -> tuple[int, int, torch.device]:
-    """Validate options, join the process group (torchrun), seed per rank, and put the model in training
-    mode on its device with the tokenizer attached (so checkpoints carry tokenizer.json)."""
+def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
+    """Validate options and the output folder, join the process group (torchrun), seed per rank, and put the
+    model in training mode on its device with the tokenizer attached (so checkpoints carry tokenizer.json)."""
     from . import distributed
+    from .checkpoints import check_output_folder
 
     opts.validate()
+    check_output_folder(opts.out, resume, opts.overwrite)
     rank, world, device = distributed.init()
     seed_all(opts.seed + rank)
     model.to(device).train()

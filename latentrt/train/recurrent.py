@@ -13,7 +13,8 @@ from tqdm import tqdm
 from ..hooks import HookList
 from ..records import Record
 from . import distributed
-from .common import TrainOptions, autocast, load_training, make_optimizer, optimizer_step, prepare, save_training
+from .checkpoints import load_training, save_training
+from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare
 
 
 def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Generator) -> tuple[int, int]:
@@ -60,8 +61,10 @@ class RecurrentLoss(nn.Module):
 def train_recurrent(
     model: nn.Module, tokenizer, records: list[Record], opts: TrainOptions, *, hooks=None, resume: str | None = None
 ) -> list[dict]:
-    """Train in place; returns the log (step, loss, depth, lr). Runs under torchrun with DDP."""
-    rank, world, device = prepare(model, tokenizer, opts)
+    """Train in place; returns the log (step, loss, depth, lr). Runs under torchrun with DDP. ``resume``: a
+    checkpoint folder of this run (weights, optimizer, RNG and step are restored; the result equals an
+    uninterrupted run's bit for bit)."""
+    rank, world, device = prepare(model, tokenizer, opts, resume)
     cfg = model.config
     eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
     data = [encode_qa(tokenizer, r, eos) for r in records]
@@ -72,7 +75,7 @@ def train_recurrent(
         raise InputError(f"records {too_long[:5]} are longer than block_size={cfg.block_size}")
     loss_fn = distributed.wrap(RecurrentLoss(model, HookList(hooks), opts.checkpoint_activations), device)
     optimizer = make_optimizer(model, opts)
-    start = load_training(resume, optimizer)["step"] if resume else 0
+    start = load_training(resume, model, optimizer)["step"] if resume else 0
     log: list[dict] = []
     bar = tqdm(range(start, opts.steps), desc="recurrent", disable=not (opts.progress and distributed.is_main()))
     for step in bar:

@@ -1,0 +1,141 @@
+"""Training checkpoints: written atomically, read without running code, resumed only as a matching pair.
+
+A checkpoint is the published layout latentrt.load reads (config.json, model.safetensors, tokenizer.json)
+plus ``trainer_state.pt`` (optimizer state, step, RNG states, options: tensors and plain data only, so it
+loads with ``torch.load(weights_only=True)``) and ``training.json`` (how it was made: the command, the
+world size). The whole folder is replaced at once (latentrt.checkpoint.replaced_folder): a crash at any
+point leaves the previous or the new checkpoint complete, never a mix. The step is recorded in the
+weights' metadata and in the trainer state; a pair that disagrees is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..checkpoint import read_weights_metadata, recover_folder, replaced_folder, write_checkpoint_files
+from ..errors import CheckpointError, InputError
+
+STATE_FILE = "trainer_state.pt"
+
+
+def check_output_folder(out: str | None, resume: str | None, overwrite: bool) -> None:
+    """Before training: ``out`` may be new, empty, the folder being resumed, or replaced with ``overwrite``;
+    a file or another run's checkpoint is an error now rather than after training."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"out={out!r} is a file, not a folder for checkpoints")
+    resuming_here = resume is not None and path.exists() and Path(resume).resolve() == path.resolve()
+    if path.is_dir() and any(path.iterdir()) and not (resuming_here or overwrite):
+        raise InputError(
+            f"out={out!r} already holds files (a previous run's checkpoint?): resume from it, choose a new "
+            "folder, or pass overwrite=True to replace it"
+        )
+
+
+def rng_state() -> dict:
+    """torch / Python / NumPy (and CUDA) RNG states as tensors and plain data."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+    }
+    state["numpy"].update(has_gauss=int(has_gauss), cached=float(cached))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    folder: str | Path,
+    step: int,
+    opts,
+    extra: dict | None = None,
+) -> Path:
+    """The checkpoint of ``step`` (see module docstring), replacing ``folder`` as a whole."""
+    from . import distributed
+
+    keys = model.tied_keys() if hasattr(model, "tied_keys") else None
+    state = {
+        "format": 1,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "options": asdict(opts),
+        "extra": extra or {},
+        "rng": rng_state(),
+    }
+    info = {
+        "step": step,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "world_size": distributed.world_size(),
+        "torchrun": "LOCAL_RANK" in os.environ,
+        "options": asdict(opts),
+        **(extra or {}),
+    }
+    with replaced_folder(folder) as tmp:
+        write_checkpoint_files(model, tmp, tie_key=keys[0] if keys else None, metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
+    return Path(folder)
+
+
+def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Resume from a checkpoint written by save_training: the model's weights, the optimizer and RNG states.
+    Returns the trainer state (``step``, ``extra``...). Refuses files that are not plain data (unpickling
+    them could run code) and weights and trainer state from different saves."""
+    folder = Path(folder)
+    recover_folder(folder)
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(folder)!r} has no {STATE_FILE}: not a training checkpoint to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a plain trainer state (tensors and plain data only; loading anything else could run "
+            f"code from the file): {str(exc).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != 1 or "step" not in state:
+        raise CheckpointError(f"{path} is not a latentrt trainer state")
+    saved = read_weights_metadata(folder).get("step")
+    if saved != str(state["step"]):
+        raise CheckpointError(
+            f"{folder}: the weights (step {saved}) and {STATE_FILE} (step {state['step']}) come from different "
+            "saves; refusing to resume from a mismatched pair"
+        )
+    weights = load_file(str(folder / "model.safetensors"))
+    keys = model.tied_keys() if hasattr(model, "tied_keys") else None
+    if keys is not None and keys[0] not in weights:
+        weights[keys[0]] = weights[keys[1]]
+    with torch.no_grad():
+        model.load_state_dict(weights, strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,352 @@
+"""Reliability and security: safe and atomic checkpoints, batch = single under randomness, bounded configs and
+requests, a clear error for every bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_coconut, tiny_recurrent
+from safetensors.torch import save_file
+
+import latentrt
+import latentrt.checkpoint as checkpoint
+import latentrt.kernels as kernels
+from latentrt.backends import get_backend
+from latentrt.checkpoint import save_checkpoint
+from latentrt.errors import CheckpointError, ConfigError, InputError
+from latentrt.families import build_model, parse_config
+from latentrt.train.coconut import Curriculum, train_coconut
+from latentrt.train.common import TrainOptions
+from latentrt.train.data import build_tokenizer, generate_dataset
+from latentrt.train.recurrent import train_recurrent
+
+TOK = build_tokenizer()
+RECORDS = generate_dataset(8, (1, 2), seed=1)
+HERE = Path(__file__).parent
+
+
+def _recurrent():
+    from _fault_train import CONFIG
+
+    return build_model(parse_config(CONFIG), seed=0)
+
+
+def _gpt2():
+    ids = {k: TOK.token_to_id(t) for k, t in (("latent_id", "<|latent|>"), ("start_latent_id", "<|start-latent|>"))}
+    ids["end_latent_id"] = TOK.token_to_id("<|end-latent|>")
+    cfg = dict(model_type="gpt2", n_embd=32, n_head=2, n_layer=2, n_positions=256, vocab_size=TOK.get_vocab_size())
+    return build_model(parse_config(dict(cfg, **ids)), seed=0)
+
+
+def _same_weights(a, b) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def _crash_on(monkeypatch, point: str, occurrence: int) -> None:
+    """The ``occurrence``-th time a save reaches ``point``, stop as a kill there would (nothing tidied)."""
+    seen = {"n": 0}
+    real = checkpoint._step
+
+    def step(name: str) -> None:
+        if name == point:
+            seen["n"] += 1
+            if seen["n"] == occurrence:
+                raise checkpoint.SimulatedCrash(name)
+        real(name)
+
+    monkeypatch.setattr(checkpoint, "_step", step)
+
+
+# ------------------------------------------------------------------------------ resuming, safely and exactly
+class _Payload:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_runs_code_from_the_checkpoint(tmp_path):
+    out = tmp_path / "ckpt"
+    train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=2, batch_size=2, progress=False, out=str(out)))
+    marker = tmp_path / "pwned"
+    torch.save({"format": 1, "step": 2, "payload": _Payload(marker)}, out / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="not a plain trainer state"):
+        train_recurrent(
+            _recurrent(), TOK, RECORDS, TrainOptions(steps=3, batch_size=2, progress=False), resume=str(out)
+        )
+    assert not marker.exists()
+
+
+SAVE_STEPS = ["begin", "config-written", "weights-written", "written", "synced", "previous-moved", "new-moved", "done"]
+
+
+@pytest.mark.parametrize("point", SAVE_STEPS)
+def test_a_crash_anywhere_in_a_save_resumes_to_the_same_weights(tmp_path, monkeypatch, point):
+    """Saving every 2 of 6 steps, a crash at ``point`` of the second save leaves a complete checkpoint (the
+    first or the second); resuming from it ends with the uninterrupted run's weights, bit for bit."""
+    opts = dict(steps=6, batch_size=2, progress=False, warmup=2)
+    straight = _recurrent()
+    train_recurrent(straight, TOK, RECORDS, TrainOptions(**opts))
+    out = tmp_path / "ckpt"
+    _crash_on(monkeypatch, point, occurrence=2)
+    with pytest.raises(checkpoint.SimulatedCrash):
+        train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(**opts, out=str(out), save_every=2))
+    monkeypatch.undo()
+    resumed = _recurrent()
+    train_recurrent(resumed, TOK, RECORDS, TrainOptions(**opts, out=str(out), save_every=2), resume=str(out))
+    _same_weights(straight, resumed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "an interrupted save left files behind"
+    assert json.loads((out / "training.json").read_text())["step"] == 6
+
+
+def test_weights_and_trainer_state_from_different_saves_are_refused(tmp_path):
+    out = tmp_path / "ckpt"
+    train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=2, batch_size=2, progress=False, out=str(out)))
+    older = (out / "trainer_state.pt").read_bytes()
+    train_recurrent(
+        _recurrent(), TOK, RECORDS, TrainOptions(steps=4, batch_size=2, progress=False, out=str(out), overwrite=True)
+    )
+    (out / "trainer_state.pt").write_bytes(older)
+    with pytest.raises(CheckpointError, match="different saves"):
+        train_recurrent(
+            _recurrent(), TOK, RECORDS, TrainOptions(steps=5, batch_size=2, progress=False), resume=str(out)
+        )
+
+
+def test_coconut_resume_is_exact(tmp_path, monkeypatch):
+    cur = Curriculum("coconut", max_stage=1)  # 3 stages, 2 steps each
+    opts = dict(steps=6, batch_size=2, progress=False, warmup=1)
+    straight = _gpt2()
+    train_coconut(straight, TOK, RECORDS, TrainOptions(**opts), cur)
+    out = tmp_path / "ckpt"
+    _crash_on(monkeypatch, "synced", occurrence=2)  # mid-stage 1 (saves after steps 1 (every), 2 (stage end), ...)
+    with pytest.raises(checkpoint.SimulatedCrash):
+        train_coconut(_gpt2(), TOK, RECORDS, TrainOptions(**opts, out=str(out), save_every=1), cur)
+    monkeypatch.undo()
+    resumed = _gpt2()
+    train_coconut(resumed, TOK, RECORDS, TrainOptions(**opts, out=str(out), save_every=1), cur, resume=str(out))
+    _same_weights(straight, resumed)
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    """A training process killed with SIGKILL several times (seeded moments, many mid-save: it saves after
+    every step) always resumes, and finishes with the uninterrupted run's weights."""
+    from _fault_train import run
+
+    out = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    rng = random.Random(1234)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_fault_train.py"), str(out)], stdout=subprocess.PIPE, env=env, text=True
+        )
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = subprocess.run(
+        [sys.executable, str(HERE / "_fault_train.py"), str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr[-2000:]
+    finished = latentrt.load(out, device="cpu")
+    _same_weights(run(None), finished)
+
+
+# ------------------------------------------------------------------------------ output folders
+def test_output_folder_rules(tmp_path):
+    opts = dict(batch_size=2, progress=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "generation_config.json").write_text('{"eos_token_id": 5}')
+    (busy / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="already holds files"):
+        train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=10**6, out=str(busy), **opts))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=10**6, out=str(a_file), **opts))
+    assert time.perf_counter() - start < 5, "the output folder must be checked before training"
+    train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=1, out=str(busy), overwrite=True, **opts))
+    left = sorted(p.name for p in busy.iterdir())
+    assert left == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "training.json"]
+    info = json.loads((busy / "training.json").read_text())
+    assert info["world_size"] == 1 and info["command"] and info["options"]["out"] == str(busy)
+
+
+def test_builtin_trainer_writes_a_new_folder_unless_told(tmp_path, monkeypatch):
+    from latentrt.checkpoint import BUILTIN_DIR
+    from latentrt.train import builtin
+
+    shipped = (BUILTIN_DIR / "recurrent" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(builtin, "generate_dataset", lambda n, d, seed: generate_dataset(32, d, seed=seed))
+    builtin.main(["--only", "recurrent", "--steps", "2", "--out", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "recurrent" / "model.safetensors").is_file()
+    info = json.loads((tmp_path / "mine" / "recurrent" / "training.json").read_text())
+    assert f"--out {tmp_path / 'mine'}" in info["command"]
+    with pytest.raises(SystemExit, match="--overwrite-builtin"):
+        builtin.main(["--only", "recurrent", "--steps", "2", "--out", str(BUILTIN_DIR)])
+    assert (BUILTIN_DIR / "recurrent" / "model.safetensors").read_bytes() == shipped
+
+
+# ------------------------------------------------------------------------------ batch = single
+PROMPTS = [[5, 6, 7, 8, 9], [12, 13], [20, 21, 22, 23]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batch_equals_single_with_sampling_and_random_initial_states(backend):
+    """Sequence i of a batch with seed s equals the sequence alone with seed s + i (latentrt/sampling.py)."""
+    if backend == "triton" and not kernels.triton_available():
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    model = tiny_recurrent(seed=5)
+    model.backend = get_backend(backend, model)
+    kw = dict(max_new_tokens=4, num_steps=5, temperature=1.3, top_k=12, seed=100, adaptive=True)
+    kw.update(exit_criterion="latent-diff", exit_threshold=0.3, return_logits=True)  # init_scale 1.0 (random)
+    batch = latentrt.generate(model, PROMPTS, **kw)
+    for i, p in enumerate(PROMPTS):
+        alone = latentrt.generate(model, p, **dict(kw, seed=100 + i))
+        assert batch.tokens[i] == alone.tokens and batch.steps[i] == alone.steps
+        assert torch.allclose(batch.logits[i], alone.logits, atol=1e-5)
+    assert len({tuple(t) for t in batch.tokens}) > 1
+
+
+def test_coconut_batch_equals_single_with_sampling():
+    model = tiny_coconut(seed=4)
+    prompts = [[5, 6, 7, 2, 4, 4, 3, 9], [8, 2, 4, 3], [5, 6, 7, 8, 9, 10, 2, 4, 4, 4, 3]]
+    kw = dict(max_new_tokens=5, temperature=1.0, seed=7)
+    batch = latentrt.generate(model, prompts, **kw)
+    for i, p in enumerate(prompts):
+        assert batch.tokens[i] == latentrt.generate(model, p, **dict(kw, seed=7 + i)).tokens
+
+
+# ------------------------------------------------------------------------------ bounded configs and requests
+def test_sizes_that_cannot_fit_are_named_before_allocating(recurrent_dir):
+    for field, value in (("vocab_size", 10**9), ("n_layers_in_recurrent_block", 10**6), ("n_embd", 2**20)):
+        with pytest.raises(ConfigError, match=r"the weights .* need [\d.]+ GB, more than the [\d.]+ GB available"):
+            over = {field: value, "padded_vocab_size": value} if field == "vocab_size" else {field: value}
+            latentrt.load(recurrent_dir, device="cpu", **over)
+    model = latentrt.load(recurrent_dir, device="cpu", block_size=10**8)  # RoPE tables grow on demand
+    assert model.rope_cos.shape[0] < 10**5
+    with pytest.raises(InputError, match=r"the KV cache .* need [\d.]+ GB"):
+        latentrt.generate(model, [5, 6], num_steps=10**7, max_new_tokens=4)
+
+
+def test_generation_config_eos_list_stops_on_every_id(tmp_path):
+    save_checkpoint(tiny_recurrent(seed=5), tmp_path, tie_key="lm_head.weight")  # it answers 38 37 15 31 ...
+    kw = dict(max_new_tokens=6, num_steps=3, init_scale=0.0)
+    free = latentrt.generate(latentrt.load(tmp_path, device="cpu"), [5, 6, 7], default_stops=False, **kw).tokens
+    for eos, cut in (([free[1], free[3]], 2), ([free[3], 999], 4)):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+        model = latentrt.load(tmp_path, device="cpu")
+        assert latentrt.generate(model, [5, 6, 7], **kw).tokens == free[:cut]
+    for bad in ("[1, 2", '"text"', "[1]", '{"eos_token_id": [1, "x"]}'):
+        (tmp_path / "generation_config.json").write_text(bad)
+        with pytest.raises(ConfigError, match="generation_config.json"):
+            latentrt.load(tmp_path, device="cpu")
+
+
+# ------------------------------------------------------------------------------ bad input, clear errors
+def test_bad_generate_arguments():
+    model = tiny_recurrent()
+    cases = [
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(stop=1.5), "stop entries"),
+        (dict(hooks=3), "hooks must be a callable"),
+        (dict(init_scale=float("inf")), "init_scale"),
+        (dict(init_scale=float("nan")), "init_scale"),
+        (dict(top_p=True), "top_p"),
+        (dict(continuous="yes"), "continuous must be True or False"),
+        (dict(adaptive="yes"), "adaptive must be True or False"),
+        (dict(check_criterion_every_n_steps=0), "check_criterion_every_n_steps"),
+        (dict(max_new_token=3), "did you mean 'max_new_tokens'"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            latentrt.generate(model, [5, 6], **kwargs)
+    with pytest.raises(InputError, match="out of range"):
+        latentrt.generate(model, [5, 2**63])
+    with pytest.raises(InputError, match="not valid Unicode"):
+        latentrt.generate(model, "every \ud800 cat")
+    tiny_t = latentrt.generate(model, [5, 6], max_new_tokens=3, temperature=1e-45, seed=1, init_scale=0.0)
+    assert tiny_t.tokens == latentrt.generate(model, [5, 6], max_new_tokens=3, init_scale=0.0).tokens
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(InputError, match="attention_mask shape"):
+        model.logits(ids, attention_mask=torch.ones(1, 2))
+    with pytest.raises(InputError, match="left padding"):
+        model.logits(ids, attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(InputError, match="left padding"):
+        tiny_coconut().logits(ids, attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):
+    for kw, msg in ((dict(device="banana"), "not a device"), (dict(dtype=torch.int32), "unsupported dtype")):
+        with pytest.raises(InputError, match=msg):
+            latentrt.load(recurrent_dir, **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            latentrt.load(recurrent_dir, device="cuda")
+    for field, value in (
+        ("norm_eps", float("inf")),
+        ("norm_eps", 0.0),
+        ("rope_base", -1.0),
+        ("rope_base", float("nan")),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            latentrt.load(recurrent_dir, device="cpu", **{field: value})
+    (recurrent_dir / "config.json").write_bytes(b'{"model_type": "huginn_raven", "name": "\xff"}')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        latentrt.load(recurrent_dir, device="cpu")
+    with pytest.raises(CheckpointError, match="no built-in model '../recurrent'"):
+        latentrt.load("builtin:../recurrent")
+    with pytest.raises(CheckpointError, match=r"no built-in model ''; the built-in models are \['coconut'"):
+        latentrt.load("builtin:")
+
+
+@pytest.mark.parametrize(
+    "weight_map,msg",
+    [(["model.safetensors"], "weight_map"), ({"x": "../outside.safetensors"}, "must be files in the folder")],
+)
+def test_bad_shard_index(tmp_path, weight_map, msg):
+    save_checkpoint(tiny_recurrent(), tmp_path, max_shard_bytes=20_000, tie_key="lm_head.weight")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path.parent / "outside.safetensors"))
+    with pytest.raises(CheckpointError, match=msg):
+        latentrt.load(tmp_path, device="cpu")
+
+
+def test_stream_result_survives_a_second_iteration_and_hooks_see_a_copy_of_the_mask():
+    model = tiny_recurrent(seed=2)
+    stream = latentrt.generate(model, [5, 6], max_new_tokens=3, num_steps=2, init_scale=0.0, stream=True)
+    first = list(stream)
+    assert list(stream) == [] and stream.result is not None and stream.result.tokens == [e.tokens for e in first]
+
+    def meddle(ev):
+        ev.active[:] = False  # a hook's copy: the engine keeps running every sequence
+
+    out = latentrt.generate(model, PROMPTS, max_new_tokens=2, num_steps=3, init_scale=0.0, hooks=meddle)
+    assert all(s == [3, 3] for s in out.steps)
+
+
+def test_kv_bytes_match_latentrt_info(recurrent_dir, capsys):
+    from latentrt.cli import main
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    out = latentrt.generate(model, PROMPTS, max_new_tokens=3, num_steps=8, kv_sharing="ring-4", init_scale=0.0)
+    main(["info", str(recurrent_dir), "--steps", "8"])
+    per_token = int(
+        next(ln for ln in capsys.readouterr().out.splitlines() if "ring-4" in ln).split()[1].replace(",", "")
+    )
+    positions = max(len(p) for p in PROMPTS) + 2  # the last sampled token is never run
+    assert out.kv_bytes == len(PROMPTS) * positions * per_token
