@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
     plan = Plan(device, args.quick)
     env = environment(device)
+    if device.type != "cuda":
+        print("# CPU run: tiny shapes; the numbers check the harness, they are not measurements", flush=True)
     print(
         f"# latentrt benchmarks on {env['card']} (torch {env['torch']}, commit {env['commit']}, {env['date']})",
         flush=True,
@@ -122,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     partial.close()
     (out / "results.json").write_text(json.dumps(records, indent=1, default=str))
+    bw = {r["name"]: r["value"] for r in records if r["suite"] == "ceilings" and "value" in r}
+    if "copy_bandwidth" in bw:  # the bandwidth under every floor, beside the table
+        second = (
+            f"; 256 MiB buffer: {bw['copy_bandwidth_256MiB'] / 1e12:.2f} TB/s" if "copy_bandwidth_256MiB" in bw else ""
+        )
+        print(f"# floors use copy bandwidth {bw['copy_bandwidth'] / 1e12:.3f} TB/s (best of repeats){second}")
     print(table(records))
     failed = [f"{r['suite']}/{r['name']}/{r.get('backend', '')}: {r['error']}" for r in records if "error" in r]
     if failed and args.strict:

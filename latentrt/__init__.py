@@ -9,6 +9,7 @@ from .errors import CheckpointError, ConfigError, InputError, LatentRTError, Non
 from .hooks import LatentEvent
 from .loader import load
 from .options import GenerateOptions
+from .prompts import UnknownWordsWarning
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "CheckpointError",
     "InputError",
     "NonFiniteStateError",
+    "UnknownWordsWarning",
     "__version__",
 ]

@@ -48,8 +48,10 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
         if is_hub_id(s):
             return resolve_hub(s, revision)
         partial = folder.parent / f".{folder.name}.previous"
-        hint = f" (an interrupted save left {str(partial)!r})" if partial.exists() else ""
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist{hint}")
+        hint = f"; an interrupted save left {str(partial)!r}" if partial.exists() else ""
+        raise CheckpointError(
+            f"checkpoint folder {str(folder)!r} does not exist (and {s!r} is not a Hub id, owner/name){hint}"
+        )
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
     if not folder.is_dir():

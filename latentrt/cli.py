@@ -12,6 +12,7 @@ import os
 import sys
 
 from .backends import CHOICES
+from .checkpoint import builtin_names
 from .errors import InputError, LatentRTError
 from .exits import CRITERIA
 
@@ -42,7 +43,12 @@ UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder, or builtin:recurrent / builtin:coconut")
+    p.add_argument(
+        "model",
+        help="a checkpoint folder, a Hugging Face Hub id (owner/name), or builtin:NAME, a built-in model: "
+        + ", ".join(builtin_names()),
+    )
+    p.add_argument("--revision", default=None, help="Hub ids: a branch, tag or commit (default: main)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--backend", default="auto", choices=CHOICES)
@@ -133,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .loader import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, weights=args.weights)
+    return load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        weights=args.weights,
+        revision=args.revision,
+    )
 
 
 def _options(args) -> dict:

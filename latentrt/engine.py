@@ -103,7 +103,7 @@ class Generation:
         self.model, self.options = model, options
         hooks = HookList(options.hooks)
         self.decoder = family.decoder(model, options, hooks)
-        batch = make_batch(prompt, model.tokenizer, model.config, model.device, attention_mask)
+        batch = make_batch(prompt, model.tokenizer, model.config, model.device, attention_mask, strict=options.strict)
         self.batch = self.decoder.prepare_prompt(batch)
         B = self.batch.ids.shape[0]
         self.rng = None if options.seed is None else SequenceRNG(options.seed, B, model.device)
@@ -136,7 +136,7 @@ class Generation:
                         f"(it is {len(enc)}); pass token ids instead"
                     )
                 ids.add(enc[0])
-            elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.model.config.padded_vocab_size:
+            elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.model.config.vocab_size:
                 ids.add(s)
             else:
                 raise InputError(f"stop entries must be token ids in the vocabulary or strings, got {s!r}")
@@ -159,7 +159,7 @@ class Generation:
         self._shown = [""] * B
         out = decoder.prefill(self.batch)
         for i in range(opts.max_new_tokens):
-            tok = sample(out.logits, opts.temperature, opts.top_k, opts.top_p, self.rng, alive_l)
+            tok = sample(self._in_vocabulary(out.logits), opts.temperature, opts.top_k, opts.top_p, self.rng, alive_l)
             stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
             # the one device->host read per token
             tok_l, used_l, stop_l, flags_l = torch.stack([tok, out.iterations, stopped.long(), out.nonfinite]).tolist()
@@ -184,6 +184,13 @@ class Generation:
             out = decoder.next_token(tok, alive, alive_l)
         logits_out = [torch.stack(k) if k else torch.zeros(0) for k in kept_logits] if opts.return_logits else None
         return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
+
+    def _in_vocabulary(self, logits: Tensor) -> Tensor:
+        """Padding rows of the head (ids >= vocab_size) are never sampled."""
+        vocab = self.model.config.vocab_size
+        if logits.shape[-1] <= vocab:
+            return logits
+        return torch.cat([logits[:, :vocab], torch.full_like(logits[:, vocab:], float("-inf"))], -1)
 
     def _raise_if_nonfinite(self, flags: list[int], token: int) -> None:
         """Non-finite flags computed on the device (1: latent state, 2: logits) -> a clear error."""

@@ -31,21 +31,24 @@ def load(
     dtype: str | torch.dtype | None = None,
     weights: str | os.PathLike | None = None,
     backend: str = "auto",
+    revision: str | None = None,
     **overrides,
 ):
-    """Load a checkpoint folder (or ``builtin:NAME``); the family is read from config.json's model_type.
+    """Load a checkpoint: a local folder, ``builtin:NAME``, or a Hugging Face Hub id (``owner/name``, at
+    ``revision``; through the hub's cache, offline with HF_HUB_OFFLINE=1). The family is read from
+    config.json's model_type.
 
     device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
     weights: a .safetensors or torch state-dict file to use instead of the folder's weights (e.g. a
-    Coconut training checkpoint). overrides: config fields to replace (e.g. mean_recurrence=16, or
-    Coconut marker strings latent_token=..., or ids latent_id=...); unknown names are an error.
+    Coconut training checkpoint on top of a GPT-2 folder or Hub id). overrides: config fields to replace
+    (e.g. mean_recurrence=16, or Coconut marker ids latent_id=...); unknown names are an error.
     """
-    folder = resolve(path)
+    folder = resolve(path, revision)
     cfg = parse_config(read_config(folder), overrides, source=str(folder / "config.json"))
     family = family_of(cfg.model_type)
     gen_cfg = read_generation_config(folder)
-    tokenizer = load_tokenizer(folder)
-    cfg = family.model.bind_tokenizer(cfg, tokenizer)
+    state_dict = read_state_dict(folder, weights)
+    cfg, tokenizer = family.model.bind_checkpoint(cfg, load_tokenizer(folder), state_dict)
     eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
     device = parse_device(device)
     dtype = _parse_dtype(dtype, device)
@@ -56,7 +59,7 @@ def load(
     model.to_empty(device=device)
     model.to(dtype)
     model.tie_weights()
-    load_weights(model, read_state_dict(folder, weights), model.tied_keys())
+    load_weights(model, state_dict, model.tied_keys())
     model.init_buffers()
     model.eval()
     model.tokenizer = tokenizer

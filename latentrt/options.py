@@ -43,6 +43,8 @@ class GenerateOptions:
     seed: int | None = None
     stop: Any = None
     default_stops: bool = True
+    # input
+    strict: bool = False  # words the tokenizer does not know are an error (else a warning naming them)
     # observation
     hooks: Any = None
     return_logits: bool = False

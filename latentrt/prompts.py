@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,14 @@ class Batch:
     def lengths(self) -> list[int]:
         """Real tokens per sequence (host values)."""
         return self.mask.sum(1).tolist()
+
+
+def _padding_note(cfg) -> str:
+    """Why ids between the vocabulary and the embedding's rows are refused too."""
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return ""
+    rows = f"{cfg.vocab_size}-{cfg.padded_vocab_size - 1}"
+    return f" (the vocabulary has {cfg.vocab_size} tokens; embedding rows {rows} are padding)"
 
 
 def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
@@ -39,8 +48,8 @@ def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
             f"prompt has {ids.shape[1]} tokens, longer than the model's context (block_size={cfg.block_size})"
         )
     lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= cfg.padded_vocab_size:
-        raise InputError(f"token id out of range [0, {cfg.padded_vocab_size}): min {lo}, max {hi}")
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise InputError(f"token id out of range [0, {cfg.vocab_size}){_padding_note(cfg)}: min {lo}, max {hi}")
     return ids.to(device=device, dtype=torch.long)
 
 
@@ -67,29 +76,60 @@ def check_left_padding(mask, ids: Tensor) -> Tensor:
     return mask
 
 
-def encode_text(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text; a clear error for text the tokenizer cannot take (e.g. lone surrogates)."""
+def unknown_words(tokenizer, text: str, encoding) -> list[str]:
+    """Words of ``text`` the tokenizer mapped to its unknown token (a word-level vocabulary's gaps)."""
+    unk = getattr(tokenizer.model, "unk_token", None)
+    unk_id = tokenizer.token_to_id(unk) if unk else None
+    if unk_id is None:
+        return []
+    return [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == unk_id and text[a:b] != unk]
+
+
+def encode_text(tokenizer, texts: list[str], strict: bool = False) -> list[list[int]]:
+    """Token ids of each text; a clear error for text the tokenizer cannot take (e.g. lone surrogates).
+    Words the tokenizer does not know (they become its unknown token) are a warning naming them, or an
+    InputError with ``strict``."""
     out = []
     for i, t in enumerate(texts):
         try:
             t.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InputError(f"prompt {i} is not valid Unicode text ({exc.reason} at {exc.start})") from None
-        out.append(tokenizer.encode(t).ids)
+        enc = tokenizer.encode(t)
+        unknown = unknown_words(tokenizer, t, enc)
+        if unknown:
+            msg = (
+                f"prompt {i}: {len(unknown)} word(s) are not in the tokenizer's vocabulary and became its unknown "
+                f"token: {sorted(set(unknown))[:10]}"
+            )
+            if strict:
+                raise InputError(msg)
+            warnings.warn(msg, UnknownWordsWarning, stacklevel=5)  # at the caller of generate()
+        out.append(enc.ids)
     return out
 
 
+class UnknownWordsWarning(UserWarning):
+    """A prompt had words outside the tokenizer's vocabulary."""
+
+
 def make_batch(
-    prompt, tokenizer, cfg, device: torch.device | str, attention_mask: Tensor | None = None, pad_id: int = 0
+    prompt,
+    tokenizer,
+    cfg,
+    device: torch.device | str,
+    attention_mask: Tensor | None = None,
+    pad_id: int = 0,
+    strict: bool = False,
 ) -> Batch:
-    """Turn any accepted prompt form into a left-padded batch."""
+    """Turn any accepted prompt form into a left-padded batch (``strict``: unknown words are an error)."""
     single = False
     if isinstance(prompt, str):
         prompt, single = [prompt], True
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         if tokenizer is None:
             raise InputError("this model has no tokenizer.json: pass token ids instead of text")
-        seqs = encode_text(tokenizer, list(prompt))
+        seqs = encode_text(tokenizer, list(prompt), strict)
     elif (
         isinstance(prompt, (list, tuple))
         and prompt
@@ -110,13 +150,13 @@ def make_batch(
         )
     if any(len(s) == 0 for s in seqs):
         raise InputError("empty prompt: every prompt needs at least one token")
-    vocab = cfg.padded_vocab_size
+    vocab = cfg.vocab_size
     for s in seqs:
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in s):
             raise InputError("token ids must be integers")
         out_of_range = [t for t in s if not 0 <= t < vocab]
         if out_of_range:
-            raise InputError(f"token id out of range [0, {vocab}): {out_of_range[:5]}")
+            raise InputError(f"token id out of range [0, {vocab}){_padding_note(cfg)}: {out_of_range[:5]}")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.bool)

@@ -36,20 +36,32 @@ def load_records(path: str | Path) -> list[Record]:
         raise InputError(f"{path} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, list):
-        raise InputError(f"{path} must hold a JSON list of records, got {type(raw).__name__}")
+    return as_records(raw, str(path))
+
+
+def as_records(items, source: str = "records") -> list[Record]:
+    """Records from a list of Record objects or ``{question, steps, answer[, difficulty]}`` dicts (as in the
+    published ProsQA / ProntoQA / GSM8k files); a clear error naming the first bad one."""
+    if not isinstance(items, (list, tuple)):
+        raise InputError(f"{source} must hold a JSON list of records, got {type(items).__name__}")
     out = []
-    for i, r in enumerate(raw):
+    for i, r in enumerate(items):
+        if isinstance(r, Record):
+            out.append(r)
+            continue
         if not isinstance(r, dict):
-            raise InputError(f"{path}: record {i} is not an object")
+            raise InputError(f"{source}: record {i} is not an object with question, steps and answer")
         for key, kind in (("question", str), ("answer", str), ("steps", list)):
             if key not in r:
-                raise InputError(f"{path}: record {i} has no {key!r}")
+                raise InputError(f"{source}: record {i} has no {key!r}")
             if not isinstance(r[key], kind):
-                raise InputError(f"{path}: record {i}: {key!r} must be a {kind.__name__}")
+                raise InputError(f"{source}: record {i}: {key!r} must be a {kind.__name__}")
         if not all(isinstance(s, str) for s in r["steps"]):
-            raise InputError(f"{path}: record {i}: every step must be a string")
-        out.append(Record(r["question"], list(r["steps"]), r["answer"], int(r.get("difficulty", len(r["steps"])))))
+            raise InputError(f"{source}: record {i}: every step must be a string")
+        difficulty = r.get("difficulty", len(r["steps"]))
+        if isinstance(difficulty, bool) or not isinstance(difficulty, int):
+            raise InputError(f"{source}: record {i}: 'difficulty' must be an integer")
+        out.append(Record(r["question"], list(r["steps"]), r["answer"], difficulty))
     return out
 
 

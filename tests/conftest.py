@@ -60,7 +60,7 @@ def tiny_recurrent(seed: int = 0, **over):
 
 
 def tiny_coconut(seed: int = 0, **over):
-    cfg = gpt2_config(latent_id=4, start_latent_id=2, end_latent_id=3, **over)
+    cfg = gpt2_config(**{"latent_id": 4, "start_latent_id": 2, "end_latent_id": 3, **over})
     model = build_model(cfg, seed=seed)
     model.tokenizer = word_tokenizer(WORDS, markers=True)
     return model

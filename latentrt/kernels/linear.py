@@ -165,6 +165,8 @@ DEFAULT_CONFIG = dict(kind="dot", BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stage
 # program) and from 54.5 to 43.0 ms/token at batch 8 (tensor-core tiles of 64 x 256, 8 warps)
 ONE_ROW_CONFIG = dict(kind="reduce", BLOCK_N=2, BLOCK_K=1024, num_warps=4, num_stages=1)
 FEW_ROWS_CONFIG = dict(kind="dot", BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=3)
+# the interpreter's time goes per program and per op, not per element: big tiles, few programs
+INTERPRETER_CONFIG = dict(kind="dot", BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1)
 
 
 def default_config(rows: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -172,9 +174,9 @@ def default_config(rows: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only. Under the
     interpreter (CPU tests) the time goes per program, so the config with the fewest programs runs there
     (every config computes the same function: tests/test_kernels.py checks each kind), unless
-    LATENTRT_GPU_CONFIGS=1 (kernels.compile_check records the GPU's launches that way)."""
+    LATENTRT_GPU_CONFIGS=1 (tools/compile_check.py records the GPU's launches that way)."""
     if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1":
-        return DEFAULT_CONFIG
+        return INTERPRETER_CONFIG
     if rows == 1:
         return ONE_ROW_CONFIG
     return FEW_ROWS_CONFIG if rows <= 16 and dtype.itemsize == 2 else DEFAULT_CONFIG

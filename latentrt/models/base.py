@@ -111,9 +111,10 @@ class LatentModel(nn.Module):
             head.weight = emb.weight
 
     @classmethod
-    def bind_tokenizer(cls, config, tokenizer):
-        """The config completed from the checkpoint's tokenizer (e.g. special-token ids); unchanged here."""
-        return config
+    def bind_checkpoint(cls, config, tokenizer, state_dict: dict):
+        """(config, tokenizer) completed from what the checkpoint holds (e.g. special-token ids, an embedding
+        grown by training); unchanged here."""
+        return config, tokenizer
 
     def init_depth(self) -> int:
         """Layers a token passes through (scales the output projections' init)."""

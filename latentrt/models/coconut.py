@@ -200,6 +200,25 @@ class CoconutGPT2(LatentModel):
         return [f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}"]
 
     @classmethod
+    def bind_checkpoint(cls, cfg: GPT2Config, tokenizer, state_dict: dict):
+        """A Coconut training checkpoint on top of a GPT-2: its embedding has the three latent markers more
+        than the base model's vocabulary (Coconut's run.py adds <|start-latent|>, <|end-latent|>,
+        <|latent|> to the tokenizer, in that order, and resizes the embedding). The config takes the
+        checkpoint's vocabulary, and the tokenizer the three markers if it lacks them; then the marker ids
+        are read from the tokenizer (unless given as overrides)."""
+        wte = state_dict.get("transformer.wte.weight", state_dict.get("wte.weight"))
+        if wte is not None and wte.shape[0] == cfg.vocab_size + 3:  # else load_weights names the mismatch
+            if tokenizer is not None and tokenizer.token_to_id(cfg.latent_token) is None:
+                if tokenizer.get_vocab_size() != cfg.vocab_size:
+                    raise ConfigError(
+                        f"the checkpoint's embedding has {wte.shape[0]} rows, the base {cfg.vocab_size}: its 3 "
+                        f"latent markers cannot be placed (the tokenizer has {tokenizer.get_vocab_size()} tokens)"
+                    )
+                tokenizer.add_tokens([cfg.start_latent_token, cfg.end_latent_token, cfg.latent_token])
+            cfg = dataclasses.replace(cfg, vocab_size=wte.shape[0])
+        return cls.bind_tokenizer(cfg, tokenizer), tokenizer
+
+    @classmethod
     def bind_tokenizer(cls, cfg: GPT2Config, tokenizer) -> GPT2Config:
         """Fill the three latent-marker ids from tokenizer.json's added tokens unless given as overrides."""
         ids = {}

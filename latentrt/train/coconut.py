@@ -23,7 +23,7 @@ from ..cache import GrowingKVCache
 from ..decode.coconut import thought_prompt
 from ..errors import InputError
 from ..hooks import HookList
-from ..records import Record
+from ..records import Record, as_records
 from . import distributed
 from .checkpoints import load_training, save_training
 from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare
@@ -111,7 +111,7 @@ def stage_steps(total: int, n_stages: int) -> list[int]:
 def train_coconut(
     model: nn.Module,
     tokenizer,
-    records: list[Record],
+    records: list[Record] | list[dict],
     opts: TrainOptions,
     cur: Curriculum,
     *,
@@ -125,6 +125,7 @@ def train_coconut(
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
     rank, world, device = prepare(model, tokenizer, opts, resume)
+    records = as_records(records)
     pad = tokenizer.token_to_id("<|pad|>")
     loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
     stages = cur.stages()

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..hooks import HookList
-from ..records import Record
+from ..records import Record, as_records
 from . import distributed
 from .checkpoints import load_training, save_training
 from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare
@@ -59,12 +59,19 @@ class RecurrentLoss(nn.Module):
 
 
 def train_recurrent(
-    model: nn.Module, tokenizer, records: list[Record], opts: TrainOptions, *, hooks=None, resume: str | None = None
+    model: nn.Module,
+    tokenizer,
+    records: list[Record] | list[dict],
+    opts: TrainOptions,
+    *,
+    hooks=None,
+    resume: str | None = None,
 ) -> list[dict]:
     """Train in place; returns the log (step, loss, depth, lr). Runs under torchrun with DDP. ``resume``: a
     checkpoint folder of this run (weights, optimizer, RNG and step are restored; the result equals an
     uninterrupted run's bit for bit)."""
     rank, world, device = prepare(model, tokenizer, opts, resume)
+    records = as_records(records)
     cfg = model.config
     eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
     data = [encode_qa(tokenizer, r, eos) for r in records]

@@ -1,0 +1,162 @@
+"""The first hour of a new user: Hub ids through the hub's cache (offline here), Coconut's published training
+checkpoints on top of a GPT-2, honest tokenization, one behaviour across the API and the CLI."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import WORDS, rel_err, tiny_coconut, tiny_recurrent
+
+import latentrt
+from latentrt.checkpoint import save_checkpoint
+from latentrt.cli import main
+from latentrt.errors import CheckpointError, ConfigError, InputError
+from latentrt.tokenizer import word_tokenizer
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache laid out as huggingface_hub lays it out, with tiny checkpoints in it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo: str, model) -> None:
+        root = cache / f"models--{repo.replace('/', '--')}"
+        save_checkpoint(model, root / "snapshots" / COMMIT, tie_key="lm_head.weight")
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(COMMIT)
+
+    add("acme/tiny-huginn", tiny_recurrent(seed=3))
+    add("acme/tiny-coconut", tiny_coconut(seed=3))
+    return add
+
+
+def test_hub_ids_load_from_the_cache_offline(hub_cache, capsys):
+    model = latentrt.load("acme/tiny-huginn", device="cpu")
+    ref = tiny_recurrent(seed=3)
+    ids = torch.tensor([[5, 6, 7]])
+    assert rel_err(model.logits(ids, num_steps=2, init_scale=0.0), ref.logits(ids, num_steps=2, init_scale=0.0)) < 1e-6
+    assert latentrt.load("acme/tiny-huginn", revision=COMMIT, device="cpu").folder == model.folder
+    assert latentrt.load("acme/tiny-coconut", device="cpu").config.latent_id == 4
+    assert main(["generate", "acme/tiny-huginn", "every cat", "--max-new-tokens", "2", "--steps", "2"]) == 0
+    assert main(["info", "acme/tiny-coconut"]) == 0 and "latent markers" in capsys.readouterr().out
+
+
+def test_hub_errors_say_which_problem(hub_cache, tmp_path):
+    with pytest.raises(CheckpointError, match="not in the cache .* while offline"):
+        latentrt.load("acme/not-there")
+    with pytest.raises(CheckpointError, match="at revision 'v9' is not in the cache"):
+        latentrt.load("acme/tiny-huginn", revision="v9")
+    with pytest.raises(CheckpointError, match=r"does not exist \(and .* is not a Hub id"):
+        latentrt.load(str(tmp_path / "nowhere"))
+    hub_cache("acme/llama", tiny_recurrent())
+    cfg = next((tmp_path / "hub" / "models--acme--llama" / "snapshots").iterdir()) / "config.json"
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), model_type="llama")))
+    with pytest.raises(ConfigError, match="unknown model_type 'llama'"):
+        latentrt.load("acme/llama")
+
+
+def _gpt2_base(folder):
+    """A GPT-2 folder as HF saves one, with a tokenizer that does not know the latent markers."""
+    base = tiny_coconut(seed=9)
+    base.config = base.config.__class__(**{**base.config.to_dict(), "latent_id": None, "start_latent_id": None})
+    base.tokenizer = word_tokenizer(WORDS + [f"w{i}" for i in range(40 - 2 - len(WORDS))])  # 40 tokens, no markers
+    save_checkpoint(base, folder, tie_key="lm_head.weight")
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in ("latent_id", "start_latent_id", "end_latent_id"):
+        cfg.pop(k, None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return base
+
+
+def test_coconut_training_checkpoint_on_a_gpt2_base(tmp_path, hub_cache):
+    """Coconut's run.py adds <|start-latent|> <|end-latent|> <|latent|> (ids V, V+1, V+2) and resizes the
+    embedding; its checkpoint (keys prefixed base_causallm.) loads on the base folder or Hub id alone."""
+    base = _gpt2_base(tmp_path / "gpt2")
+    trained = tiny_coconut(seed=11, vocab_size=43, latent_id=42, start_latent_id=40, end_latent_id=41)
+    torch.save({"base_causallm." + k: v for k, v in trained.state_dict().items()}, tmp_path / "checkpoint_6")
+    assert base.config.vocab_size == 40
+    model = latentrt.load(tmp_path / "gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
+    assert model.marker_ids == (40, 42, 41) and model.config.vocab_size == 43
+    assert model.tokenizer.token_to_id("<|latent|>") == 42
+    ids = torch.tensor([[5, 6, 40, 42, 42, 41, 7]])
+    assert rel_err(model.logits(ids), trained.logits(ids)) < 1e-6
+    assert latentrt.generate(model, [5, 6], num_thoughts=2, max_new_tokens=3).num_thoughts == 2
+    root = tmp_path / "hub" / "models--acme--gpt2" / "snapshots" / COMMIT
+    shutil.copytree(tmp_path / "gpt2", root)
+    (root.parent.parent / "refs").mkdir()
+    (root.parent.parent / "refs" / "main").write_text(COMMIT)
+    on_hub = latentrt.load("acme/gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
+    assert rel_err(on_hub.logits(ids), trained.logits(ids)) < 1e-6
+
+
+def test_unknown_words_are_named():
+    model = latentrt.load("builtin:recurrent", device="cpu")
+    with pytest.warns(latentrt.UnknownWordsWarning, match=r"\['The', 'Westeros', 'capital', 'of'\]"):
+        latentrt.generate(model, "The capital of Westeros is Alex", max_new_tokens=1)
+    with pytest.raises(InputError, match="not in the tokenizer's vocabulary"):
+        latentrt.generate(model, "The capital of Westeros is", max_new_tokens=1, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt in the built-in vocabulary: no warning
+        latentrt.generate(model, "Every wumpus is a yumpus. Alex is a wumpus. Is Alex a yumpus or rompus?")
+
+
+def test_padding_rows_of_the_vocabulary_are_never_input_nor_sampled():
+    model = tiny_recurrent(seed=2, vocab_size=37, padded_vocab_size=40)
+    with pytest.raises(InputError, match=r"the vocabulary has 37 tokens; embedding rows 37-39 are padding"):
+        latentrt.generate(model, [5, 38])
+    with torch.no_grad():
+        model.lm_head.weight[37:] = 50 * model.lm_head.weight[5]  # the padding rows would win every argmax
+    for kw in ({}, dict(temperature=2.0, seed=1)):
+        out = latentrt.generate(model, [5, 6, 7], max_new_tokens=6, num_steps=2, **kw)
+        assert max(out.tokens) < 37
+
+
+def test_coconut_runs_its_trained_thought_count_by_default(capsys):
+    model = latentrt.load("builtin:coconut", device="cpu")
+    question = "Every wumpus is a yumpus. Alex is a wumpus. Is Alex a yumpus or rompus?"
+    assert latentrt.generate(model, question, max_new_tokens=2).num_thoughts == 3  # training.json: 3 stages x 1
+    assert latentrt.generate(model, question, num_thoughts=0, max_new_tokens=2).num_thoughts == 0
+    marked = question + " <|start-latent|> <|latent|> <|end-latent|>"
+    assert latentrt.generate(model, marked, max_new_tokens=2).num_thoughts == 1  # the prompt's own markers
+    assert main(["generate", "builtin:coconut", question, "--max-new-tokens", "2"]) == 0
+    assert "continuous thoughts: 3" in capsys.readouterr().out  # the CLI and the API agree
+
+
+def test_trainers_take_the_documented_json_records(tmp_path):
+    from latentrt.train.common import TrainOptions
+    from latentrt.train.recurrent import train_recurrent
+
+    records = [{"question": "every cat is a dog", "steps": ["every cat is a dog"], "answer": "yes"}] * 3
+    model = tiny_recurrent()
+    log = train_recurrent(model, model.tokenizer, records, TrainOptions(steps=2, batch_size=2, progress=False))
+    assert len(log) == 2
+    with pytest.raises(InputError, match="record 0 has no 'answer'"):
+        train_recurrent(model, model.tokenizer, [{"question": "q", "steps": []}], TrainOptions(steps=1))
+
+
+def test_one_behaviour_wherever_it_is_called_from(capsys):
+    with pytest.raises(InputError, match="call latentrt.load first"):
+        latentrt.generate("builtin:recurrent", "Alex is")
+    if not torch.cuda.is_available():
+        assert main(["generate", "builtin:recurrent", "Alex is", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    for name in ("StreamEvent", "GenerationStream", "GenerationResult", "GenerateOptions", "LatentEvent"):
+        assert hasattr(latentrt, name), name
+    assert (
+        main(["generate", "builtin:recurrent", "Alex is a", "Every wumpus is", "--stream", "--max-new-tokens", "3"])
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[-5].startswith("[0] ") and out[-4].startswith("[1] ")  # the final texts after the stream
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "builtin:NAME, a built-in model: coconut, coconut-cot, coconut-nocot, recurrent" in usage
