@@ -1,4 +1,5 @@
-"""Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``.
+"""Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``,
+``latentrt serve [MODEL]``.
 
 Every generate() option the user gives is passed on as given; options that do not apply to the model's
 family are errors (the same message as the Python API). Errors print ``latentrt: error: ...`` and exit 2.
@@ -15,6 +16,7 @@ from .backends import CHOICES
 from .checkpoint import builtin_names
 from .errors import InputError, LatentRTError
 from .exits import CRITERIA
+from .serve.engine import SCHEDULERS
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
 GENERATE_FLAGS = {
@@ -42,10 +44,13 @@ GENERATE_FLAGS = {
 UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate() applies its default
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument(
         "model",
-        help="a checkpoint folder, a Hugging Face Hub id (owner/name), or builtin:NAME, a built-in model: "
+        nargs="?" if default else None,
+        default=default,
+        help=(f"(default {default}) " if default else "")
+        + "a checkpoint folder, a Hugging Face Hub id (owner/name), or builtin:NAME, a built-in model: "
         + ", ".join(builtin_names()),
     )
     p.add_argument("--revision", default=None, help="Hub ids: a branch, tag or commit (default: main)")
@@ -133,6 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause; default: the format the "
         "model was trained with)",
     )
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
+    _add_model_args(s, default="builtin:recurrent")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="requests resident at once (rows of the K/V pool)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (then 429)")
+    s.add_argument("--max-len", type=int, default=None, help="positions per request (default: context, <= 2048)")
+    s.add_argument(
+        "--kv-slots",
+        type=int,
+        default=None,
+        help="looped-layer K/V slots shared by the resident requests (default: max-batch x the default depth, "
+        "i.e. every request in full mode)",
+    )
+    s.add_argument("--scheduler", default="depth", choices=SCHEDULERS, help="batching policy (depth)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    s.add_argument("--log-level", default="info")
     return parser
 
 
@@ -216,6 +239,28 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve.app import run_server
+    except ImportError as exc:
+        raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
+    from .serve import Engine
+
+    model = _load(args)
+    engine = Engine(
+        model,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_len=args.max_len,
+        kv_slots=args.kv_slots,
+        scheduler=args.scheduler,
+    )
+    name = args.served_model_name or args.model
+    print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
+    run_server(engine, name, args.host, args.port, args.log_level)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import run_eval
 
@@ -236,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_counts(args)
-        return {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval}[args.command](args)
+        commands = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "serve": cmd_serve}
+        return commands[args.command](args)
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)
         return 2

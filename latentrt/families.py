@@ -1,10 +1,12 @@
 """THE registry of model families: config.json's ``model_type`` -> (config, model, decoder).
 
 Everything family-specific lives in the family's own files: its config and reference model
-(``latentrt/models/<family>.py``) and its decoder (``latentrt/decode/<family>.py``: the generate()
-options it accepts, prefill and the per-token computation). Generic code (loader, engine, CLI, serving)
-looks the family up here and never branches on it. Adding a family = its config, its model, its decoder,
-and one line in ``FAMILIES`` (or one ``register`` call, e.g. from a test or a plugin).
+(``latentrt/models/<family>.py``), its decoder (``latentrt/decode/<family>.py``: the generate()
+options it accepts, prefill and the per-token computation) and, to be served, its serving program
+(``latentrt/decode/<family>_serving.py``: many requests at different depths in one launch). Generic code
+(loader, engine, CLI, server) looks the family up here and never branches on it. Adding a family = its
+config, its model, its decoder (and serving program), and one line in ``FAMILIES`` (or one ``register``
+call, e.g. from a test or a plugin).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from .decode.coconut import CoconutDecoder
+from .decode.coconut_serving import CoconutServing
 from .decode.recurrent import RecurrentDecoder
+from .decode.recurrent_serving import RecurrentServing
 from .errors import ConfigError, InputError
 from .models.coconut import CoconutGPT2, GPT2Config
 from .models.recurrent import RecurrentConfig, RecurrentDepthLM
@@ -26,6 +30,7 @@ class Family:
     config: type  # a ModelConfig dataclass (latentrt/config.py)
     model: type  # a LatentModel (latentrt/models/base.py)
     decoder: type  # a Decoder (latentrt/decode/base.py)
+    serving: type | None = None  # a ServingProgram (latentrt/decode/serving.py); None: not servable
 
     @property
     def title(self) -> str:
@@ -34,8 +39,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "huginn_raven": Family(RecurrentConfig, RecurrentDepthLM, RecurrentDecoder),
-    "gpt2": Family(GPT2Config, CoconutGPT2, CoconutDecoder),
+    "huginn_raven": Family(RecurrentConfig, RecurrentDepthLM, RecurrentDecoder, RecurrentServing),
+    "gpt2": Family(GPT2Config, CoconutGPT2, CoconutDecoder, CoconutServing),
 }
 
 

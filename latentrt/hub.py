@@ -14,7 +14,7 @@ from .errors import CheckpointError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 # what latentrt reads: configs, tokenizer files, safetensors weights and their index
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
 def is_hub_id(name: str) -> bool:

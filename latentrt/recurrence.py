@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .exits import ExitCriterion, ExitTracker
+from .exits import ExitCriterion, ReferenceExitOps
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,164 @@ class LoopSpec:
         return any(self.checks_at(t) for t in range(self.r_max))
 
 
+class Rows:
+    """Which rows of a LatentLoop a call concerns: all of them (``Rows.all``: plain slices, no index tensor,
+    so capturable in a CUDA graph) or a list (index tensor on the device, the list on the host)."""
+
+    def __init__(self, rows: list[int] | None, total: int, device) -> None:
+        self.list = list(range(total)) if rows is None else list(rows)
+        self.index = slice(None) if rows is None else torch.tensor(self.list, dtype=torch.long, device=device)
+
+    @classmethod
+    def all(cls, total: int) -> Rows:
+        return cls(None, total, None)
+
+    def __len__(self) -> int:
+        return len(self.list)
+
+    def subset(self, keep: list[bool], device) -> Rows:
+        """The rows whose ``keep`` entry (aligned with ``list``) is true: all of them keeps ``self``."""
+        if all(keep):
+            return self
+        return Rows([r for r, k in zip(self.list, keep) if k], 0, device)
+
+
+def _take(state, ix):
+    """A criterion's per-row state (a tensor or a tuple of tensors) at rows ``ix``."""
+    if state is None:
+        return None
+    return tuple(_take(s, ix) for s in state) if isinstance(state, tuple) else state[ix]
+
+
+def _put(state, ix, value) -> None:
+    if state is None:
+        return
+    if isinstance(state, tuple):
+        for s, v in zip(state, value):
+            _put(s, ix, v)
+    else:
+        state[ix] = value
+
+
+class LatentLoop:
+    """The latent loops of R rows following the rules above, each row at its own iteration with its own
+    ``LoopSpec``: the one implementation of rules 2-5.
+
+    ``run_recurrence`` starts every row of a batch together and drives them to the end; the server
+    (latentrt/serve) starts a row when a request's unit begins and retires it when its loop ends, so rows
+    of many requests at different depths advance in one batched iteration. Per iteration the caller
+    computes the new states of some rows from ``s`` and calls ``advance``; the rows ``checking`` then get
+    ``check`` (with the head's logits of their state for the logit criteria); a row's loop is over when it
+    exited (``active`` false) or ran its r_max iterations (``at_end``); ``final_logits`` gives its logits.
+    Iteration counts and check schedules are host values (the spec decides them); exits stay on the device.
+    """
+
+    def __init__(self, rows: int, state_shape: tuple, vocab: int, device, dtype, exit_ops=None) -> None:
+        self.ops = exit_ops or ReferenceExitOps
+        self.vocab, self.device = vocab, device
+        self.s = torch.zeros(rows, *state_shape, dtype=dtype, device=device)
+        self.reference = torch.zeros_like(self.s)  # the state the criterion saw last (rule 3)
+        self.active = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.used = torch.zeros(rows, dtype=torch.long, device=device)
+        self.out = torch.zeros(rows, vocab, device=device)  # logits of the exit state (logit criteria)
+        self.checked_logits = torch.zeros(rows, vocab, device=device)  # of the last check (logit criteria)
+        self.t = [0] * rows  # host: iterations run per row
+        self.specs: list[LoopSpec | None] = [None] * rows
+        self.checked = [False] * rows  # host: whether a row's criterion ran on logits yet
+        self.criterion_state: dict[ExitCriterion, object] = {}  # criterion -> its state for every row
+        self._expand = (slice(None),) + (None,) * len(state_shape)  # mask [R] against states [R, ...]
+
+    def start(self, rows: Rows, spec: LoopSpec, s0: Tensor, alive: Tensor | None = None) -> None:
+        """Begin a unit for ``rows``: initial states ``s0``, ``alive`` the rows that run it (default all)."""
+        ix = rows.index
+        self.s[ix] = s0
+        self.reference[ix] = s0
+        self.active[ix] = True if alive is None else alive
+        self.used[ix] = 0
+        for r in rows.list:
+            self.t[r], self.specs[r], self.checked[r] = 0, spec, False
+        crit = spec.criterion
+        _put(self._criterion_state(crit), ix, crit.start(len(rows), self.vocab, self.device))
+
+    def _criterion_state(self, crit: ExitCriterion):
+        if crit not in self.criterion_state:
+            self.criterion_state[crit] = crit.start(self.s.shape[0], self.vocab, self.device)
+        return self.criterion_state[crit]
+
+    def advance(self, rows: Rows, new: Tensor) -> None:
+        """Rule 2: the iteration just computed ``new`` for ``rows``; their active ones take it."""
+        ix = rows.index
+        act = self.active[ix]
+        self.s[ix] = torch.where(act[self._expand], new, self.s[ix])
+        self.used[ix] += act.long()
+        for r in rows.list:
+            self.t[r] += 1
+
+    def checking(self, rows: Rows) -> tuple[Rows, Rows]:
+        """Of ``rows``, those whose criterion runs after their last iteration (rule 3), split into (those
+        that need the head's logits, the others)."""
+        check = [self.specs[r].checks_at(self.t[r] - 1) for r in rows.list]
+        logits = [c and self.specs[r].criterion.needs_logits for c, r in zip(check, rows.list)]
+        plain = [c and not n for c, n in zip(check, logits)]
+        empty = Rows([], 0, self.device)
+        return (
+            rows.subset(logits, self.device) if any(logits) else empty,
+            rows.subset(plain, self.device) if any(plain) else empty,
+        )
+
+    def check(self, rows: Rows, logits: Tensor | None, valid: Tensor) -> Tensor:
+        """Rules 3-4 for ``rows`` (checking, one kind: all or none need ``logits``): each criterion compares
+        with the state or logits of its previous check; rows whose criterion is met exit (freeze). ``valid``
+        [len(rows), n] marks the units' real positions. Returns the exit mask of ``rows``."""
+        exits = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        groups: dict[ExitCriterion, list[int]] = {}
+        for i, r in enumerate(rows.list):
+            groups.setdefault(self.specs[r].criterion, []).append(i)
+        for crit, members in groups.items():
+            whole = len(members) == len(rows)
+            sub = rows if whole else Rows([rows.list[i] for i in members], 0, self.device)
+            at = slice(None) if whole else torch.tensor(members, device=self.device)
+            ix = sub.index
+            prev, new = self.reference[ix], self.s[ix]
+            if prev.dim() == 2:  # one position per row: [R, d] -> [R, 1, d]
+                prev, new = prev[:, None], new[:, None]
+            state = _take(self._criterion_state(crit), ix)
+            met, state = crit.update(state, prev, new, None if logits is None else logits[at], valid[at], self.ops)
+            _put(self.criterion_state[crit], ix, state)
+            exits[at] = met
+        ix = rows.index
+        exits = exits & self.active[ix]
+        self.reference[ix] = self.s[ix]
+        if logits is not None:
+            self.out[ix] = torch.where(exits[:, None], logits, self.out[ix])
+            self.checked_logits[ix] = logits
+            for r in rows.list:
+                self.checked[r] = True
+        self.active[ix] = self.active[ix] & ~exits
+        return exits
+
+    def at_end(self, row: int) -> bool:
+        """Whether a row ran its r_max iterations (host)."""
+        return self.t[row] >= self.specs[row].r_max
+
+    def final_logits(self, rows: Rows, head: Callable[[Rows], Tensor]) -> Tensor:
+        """Rule 5 for ``rows`` whose loop is over: who exited keeps its exit logits; who never did gets the
+        last check's logits (logit criteria), else ``head(rows needing it)``: the head of its state (a frozen
+        state is its exit state). Returns [len(rows), V]."""
+        from_checks = [self.checked[r] for r in rows.list]
+        if all(from_checks):
+            ix = rows.index
+            return torch.where(self.active[ix][:, None], self.checked_logits[ix], self.out[ix])
+        if not any(from_checks):
+            return head(rows)
+        out = torch.empty(len(rows), self.vocab, device=self.device)
+        for want, pick in ((True, from_checks), (False, [not c for c in from_checks])):
+            part = rows.subset(pick, self.device)
+            at = torch.tensor([i for i, p in enumerate(pick) if p], device=self.device)
+            out[at] = self.final_logits(part, head) if want else head(part)
+        return out
+
+
 def run_recurrence(
     spec: LoopSpec,
     s0: Tensor,
@@ -75,7 +233,8 @@ def run_recurrence(
     hooks=None,
     host_may_stop: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one unit's latent loop (rules in the module docstring).
+    """Run one unit's latent loop for a batch, every sequence from iteration 0 (rules in the module
+    docstring; a ``LatentLoop`` over all rows, no index tensors: capturable in a CUDA graph).
 
     ``s0`` the initial state ([B, n, d] or [B, d]); ``alive`` [B] the sequences that run the unit; ``valid``
     [B, n] its real positions (for the latent-diff average); ``iterate(s, t, active)`` one core iteration;
@@ -83,35 +242,19 @@ def run_recurrence(
     the cache that ``active`` write iteration t; ``exit_ops`` the backend's exit formulas (None: reference);
     ``hooks`` a HookList called after every iteration. Returns (final state, iterations used [B] long,
     logits [B, vocab] fp32)."""
-    crit = spec.criterion
-    s = reference = s0  # reference: the state the criterion saw last (rule 3)
-    B = s.shape[0]
-    active = alive.clone()
-    used = torch.zeros(B, dtype=torch.long, device=s.device)
-    out = torch.zeros(B, vocab, device=s.device)
-    tracker = ExitTracker(crit, B, vocab, s.device, exit_ops)
-    expand = (slice(None),) + (None,) * (s.dim() - 1)  # active[:, None(, None)] against the state
-    checked_logits = None
+    B = s0.shape[0]
+    loop = LatentLoop(B, tuple(s0.shape[1:]), vocab, s0.device, s0.dtype, exit_ops)
+    rows = Rows.all(B)
+    loop.start(rows, spec, s0, alive)
     for t in range(spec.r_max):
-        mark(t, active)
-        new = iterate(s, t, active)
+        mark(t, loop.active)
+        new = iterate(loop.s, t, loop.active)
         if hooks:
-            new = hooks.on_iteration(t, new, active)
-        s = torch.where(active[expand], new, s)
-        used += active.long()
+            new = hooks.on_iteration(t, new, loop.active)
+        loop.advance(rows, new)
         if not spec.checks_at(t):
             continue
-        logits = head(s, active) if crit.needs_logits else None
-        exits = tracker.update(reference, s, logits, valid) & active
-        reference = s
-        if crit.needs_logits:
-            out = torch.where(exits[:, None], logits, out)
-            checked_logits = logits
-        active = active & ~exits
-        if host_may_stop and not bool(active.any()):
+        loop.check(rows, head(loop.s, loop.active) if spec.criterion.needs_logits else None, valid)
+        if host_may_stop and not bool(loop.active.any()):
             break
-    if checked_logits is not None:  # logit criteria: who never exited keeps the last check's logits (rule 5)
-        out = torch.where(active[:, None], checked_logits, out)
-    else:  # a frozen state is its exit state: one head pass gives every sequence its logits
-        out = head(s, alive)
-    return s, used, out
+    return loop.s, loop.used, loop.final_logits(rows, lambda _: head(loop.s, alive))

@@ -19,6 +19,7 @@ LAYERS = [
         "config",
         "cache",
         "kv_modes",
+        "kv_pool",
         "exits",
         "recurrence",
         "hooks",

@@ -7,7 +7,9 @@
 Data: generated ProsQA-style problems (latentrt.train.data), difficulties 1-3. Models: a tiny
 recurrent-depth model (d=128, 1+2x r+1 layers, mean recurrence 4) trained on question -> answer, and tiny
 GPT-2s (d=128, 4 layers) trained with the Coconut curriculum and as CoT / no-CoT baselines.
-Each folder gets config.json, model.safetensors, tokenizer.json and training.json (how it was trained).
+Each folder gets config.json, model.safetensors, tokenizer.json, tokenizer_config.json (a chat template:
+the models answer one question, so a conversation becomes its user messages' text) and training.json
+(how it was trained).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def gpt2_config(tok):
     )
 
 
+# the chat template of the built-in models (tokenizer_config.json, as Hugging Face stores one)
+CHAT_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }} {% endif %}{% endfor %}"
+
+
+def tokenizer_config() -> dict:
+    return {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>"}
+
+
 def train_one(name: str, seed: int, steps: int, out_root: Path, command: str) -> Path:
     tok = build_tokenizer()
     records = generate_dataset(20000, DIFFICULTIES, seed=seed)
@@ -107,6 +117,7 @@ def train_one(name: str, seed: int, steps: int, out_root: Path, command: str) ->
     with replaced_folder(out) as tmp:  # the model and how it was made, swapped in together
         write_checkpoint_files(model, tmp, tie_key=keys[0] if keys else None)
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=1))
     return out
 
 

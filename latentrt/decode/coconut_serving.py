@@ -1,0 +1,119 @@
+"""Serving Coconut models: continuous thoughts scheduled like any other pass (decode/serving.py).
+
+A request's prompt runs as generate() runs it (models/coconut.py, ``run_prompt``): the prefix before its
+first ``<|latent|>`` as one chunk, then every column up to its last latent as a single-position pass (a
+thought's input is the previous pass's hidden state fed back), then the rest as one chunk; then one
+single-position pass per answer token. A launch runs one pass for every resident request: the
+single-position passes of all rows together (thoughts and answer tokens of different requests side by
+side), each chunk on its own. A request in its thought phase holds its row for k passes; its prompt's unit
+ends with the suffix, each answer token's with its pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .base import nonfinite_flags
+from .serving import Ended, ServingProgram, ones
+
+
+@dataclass
+class _Request:
+    request: object
+    passes: list = field(default_factory=list)  # ("chunk", ids [n]) / ("column", id, is_latent) still to run
+    thoughts: int = 0  # latent passes run
+    h: Tensor | None = None  # [1, d] the last pass's last hidden state before ln_f (fed to a thought)
+
+
+class CoconutServing(ServingProgram):
+    def __init__(self, model, rows: int, max_len: int, slot_rows: int) -> None:
+        super().__init__(model, rows, max_len, slot_rows)
+        self.requests: dict[int, _Request] = {}
+        self.results: dict[int, tuple[Tensor, Tensor]] = {}
+        self._ended: list[Ended] = []
+
+    def admit(self, request) -> None:
+        ids = request.batch.ids[0]
+        latent = self.model.check_markers(request.batch.ids, request.batch.mask)[0].tolist()
+        cols = [i for i, x in enumerate(latent) if x]
+        rec = self.requests[request.row] = _Request(request)
+        if not cols:
+            rec.passes = [("chunk", ids)]
+            return
+        first, last = cols[0], cols[-1]
+        rec.passes = [("chunk", ids[:first])] + [("column", ids[c], latent[c]) for c in range(first, last + 1)]
+        if last + 1 < ids.shape[0]:
+            rec.passes.append(("chunk", ids[last + 1 :]))
+
+    def start(self, request, token: Tensor) -> None:
+        self.requests[request.row].passes.append(("column", token, False))
+
+    def latent_work(self, request) -> int:
+        rec = self.requests.get(request.row)
+        return rec.thoughts if rec is not None else 0
+
+    def launch(self, idle: list) -> Tensor:
+        """One pass per request with a pass to run: single-position passes batched, chunks one by one. A
+        pass always completes, so ``ended`` needs no flags from the device."""
+        self._ended = []
+        columns, chunks = [], []
+        for row, rec in sorted(self.requests.items()):
+            if rec.passes:
+                (columns if rec.passes[0][0] == "column" else chunks).append(row)
+        if columns:
+            self._columns(columns)
+        for row in chunks:
+            self._chunk(row)
+        self.launched_rows = len(columns) + len(chunks) + len(idle)  # waiting rows count, computing nothing
+        return torch.zeros(0, dtype=torch.bool)
+
+    def _columns(self, rows: list[int]) -> None:
+        model, dev = self.model, self.model.device
+        passes = [self.requests[r].passes.pop(0) for r in rows]
+        chunk = self.pool.begin(rows, 1)
+        ids = torch.stack([torch.as_tensor(p[1], device=dev) for p in passes])[:, None]
+        x = model.embed(ids) + model.transformer.wpe(chunk.positions)
+        ln1x = None
+        latent = [bool(p[2]) for p in passes]
+        if any(latent):  # a thought's input: the previous pass's hidden state, fed back
+            prev = torch.stack([self.requests[r].h if p[2] else torch.zeros_like(x[0]) for r, p in zip(rows, passes)])
+            fed, fed_ln1 = model.feedback(prev, chunk.positions)
+            is_latent = torch.tensor(latent, device=dev)[:, None, None]
+            x = torch.where(is_latent, fed.to(x.dtype), x)
+            ln1x = torch.where(is_latent, fed_ln1.to(x.dtype), model.transformer.h[0].ln_1(x))
+        h = model.forward_residual(x, self.pool, chunk, ln1x)
+        for i, r in enumerate(rows):
+            self.requests[r].thoughts += latent[i]
+            self._after_pass(r, h[i : i + 1, -1])
+
+    def _chunk(self, row: int) -> None:
+        model, rec = self.model, self.requests[row]
+        ids = rec.passes.pop(0)[1]
+        chunk = self.pool.begin([row], ids.shape[0])
+        h = model.forward_residual(model.embed(ids[None]) + model.transformer.wpe(chunk.positions), self.pool, chunk)
+        self._after_pass(row, h[:, -1])
+
+    def _after_pass(self, row: int, h: Tensor) -> None:
+        """Keep the pass's hidden state; when no prompt pass is left, the unit ended: its logits."""
+        rec = self.requests[row]
+        rec.h = h
+        if rec.passes:
+            return
+        logits = self.model.lm_logits(self.model.transformer.ln_f(h))
+        self.results[row] = (logits[0], nonfinite_flags(None, None, logits, ones(1, h.device))[0])
+        self._ended.append(Ended(rec.request, 0))
+
+    def ended(self, flags: list) -> list[Ended]:
+        return self._ended
+
+    def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
+        got = [self.results.pop(e.request.row) for e in ended]
+        return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+
+    def retire(self, request) -> None:
+        self.requests.pop(request.row, None)
+        self.results.pop(request.row, None)
+        self.pool.release(request.row)

@@ -1,0 +1,85 @@
+"""The serving contract: a family's computation for many requests at once, a scheduler step at a time.
+
+generate() runs one batch from start to end (latentrt/engine.py with the family's ``Decoder``). A server
+(latentrt/serve) holds requests that come and go; the scheduler owns them (options, sampling, stopping,
+events) and a family's ``ServingProgram`` owns their computation: each resident request is a row of a
+``KVPool`` (latentrt/kv_pool.py) and runs *units* (its prompt, then one unit per generated token; a
+recurrent unit is prelude -> latent loop -> head, a Coconut prompt is a prefix, k thought passes and a
+suffix). A program advances every resident row by one piece of work per ``launch``: a core iteration of a
+recurrent loop at that row's own depth, or one Coconut pass. A request's unit ends when its loop exits or
+its last pass runs; the scheduler then samples from its logits and hands the token back with ``start``.
+
+Each request's options live in its own decoder (the family's ``Decoder``, built by the engine's
+validation for that request alone), so a program reads exactly the rules generate() would apply to it, and
+its tokens and steps equal those of ``generate()`` for that request alone (greedy, or seeded: every random
+draw comes from the request's own generator, in the same order).
+
+A family serves when its ``Family`` names a program class (families.py): its own file plus that field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..kv_pool import KVPool
+
+
+@dataclass
+class Ended:
+    """A request whose unit ended this step: the logits of its next token come from ``ServingProgram.logits``."""
+
+    request: object
+    iterations: int  # latent iterations the unit ran (0 where the family has none)
+
+
+class ServingProgram:
+    """Base class of the family programs (see module docstring). ``rows`` requests at most, each up to
+    ``max_len`` positions, ``slot_rows`` looped-layer slot rows shared by them (latentrt/kv_pool.py)."""
+
+    def __init__(self, model, rows: int, max_len: int, slot_rows: int) -> None:
+        self.model = model
+        self.pool = KVPool(model.cache_layout(), rows, max_len, slot_rows, model.dtype, model.device)
+        self.launched_rows = 0  # rows the last launch ran (for slot utilisation)
+
+    @staticmethod
+    def kv_mode(decoder):
+        """The KV mode a request's decoder asks for (None: the family has no looped layers)."""
+        return getattr(decoder, "kv_mode", None)
+
+    def admit(self, request) -> None:
+        """Begin a request's prompt; ``request.row`` is its pool row, ``request.decoder`` its options."""
+        raise NotImplementedError
+
+    def start(self, request, token: Tensor) -> None:
+        """Begin the unit of the request's next token (``token``: a 0-d device tensor)."""
+        raise NotImplementedError
+
+    def launch(self, idle: list) -> Tensor:
+        """One step for every running request, plus ``idle`` requests run masked (the token-synchronous
+        schedulers' waiting rows: launched, computing nothing that is kept). Returns device flags for
+        ``ended`` (read back by the scheduler in its one host read per step)."""
+        raise NotImplementedError
+
+    def ended(self, flags: list) -> list[Ended]:
+        """The units that ended in the last launch, from its flags read back to the host."""
+        raise NotImplementedError
+
+    def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
+        """Next-token logits [n, V] (fp32) of units that ended, and their non-finite flags [n] (1: latent
+        state, 2: logits). Called once per launch, after ``ended``."""
+        raise NotImplementedError
+
+    def retire(self, request) -> None:
+        """Forget a request (finished, failed or cancelled) and free its row."""
+        raise NotImplementedError
+
+    def latent_work(self, request) -> int:
+        """Latent work a request's prompt cost beyond its units' iterations (Coconut: its thoughts)."""
+        return 0
+
+
+def ones(n: int, device) -> Tensor:
+    return torch.ones(n, dtype=torch.bool, device=device)

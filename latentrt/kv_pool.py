@@ -1,0 +1,208 @@
+"""K/V memory for serving: preallocated rows, one per resident request, each with its own timeline.
+
+``KVCache`` (cache.py) serves one generate() call: its sequences share one timeline. A server holds
+requests that arrived at different times, sit at different positions and run their latent loops at
+different depths, so each row of the pool has its own length, and its own KV mode.
+
+Storage is allocated once, when the server starts, and never per token:
+
+- plain layers (prelude, coda, every GPT-2 layer): ``rows`` x ``max_len`` positions;
+- looped core layers: ``slot_rows`` rows of ``max_len`` positions, handed out per request by its KV mode
+  (``shared`` takes 1, ``ring-K`` K, ``full`` r_max). ``slot_table[row, k]`` is the slot row holding
+  request ``row``'s k-th slot, so a request in shared mode costs a twentieth of one in full mode at r=20
+  and the server admits by the bytes a request needs, not by a worst case.
+
+The pool is also the cache interface the models' own modules call (``plain`` / ``core`` /
+``mark_iteration``, as KVCache): for any subset of rows at per-row positions and per-row iterations, with
+the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot t mod K; a query at iteration t
+reads slot min(t mod K, n_p - 1) of an earlier position that ran n_p iterations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kv_modes import KVMode
+
+
+@dataclass
+class RaggedChunk:
+    """Timeline entries of some pool rows processed together: row ``rows[i]``'s entries
+    [starts[i], starts[i] + n). The chunk interface of cache.Chunk, per row."""
+
+    rows: Tensor  # [R] pool rows
+    starts: list[int]  # host: each row's first entry
+    n: int  # entries per row
+    end: int  # keys cover timeline [0, end): the longest row's end
+    q_idx: Tensor  # [R, n] the entries' timeline indices
+    positions: Tensor  # [R, n] model positions (RoPE / wpe)
+    mask: Tensor  # [R, 1, n, end] bool: which keys each query attends to
+    valid: Tensor  # [R, n] bool
+    iterations: Tensor | None = None  # [R] the core iteration each row runs (set per iteration)
+
+    @property
+    def size(self) -> int:
+        return self.n
+
+
+class KVPool:
+    """Rows of K/V storage for resident requests (see module docstring)."""
+
+    def __init__(self, layout, rows: int, max_len: int, slot_rows: int, dtype, device) -> None:
+        self.layout, self.rows, self.max_len = layout, rows, max_len
+        self.slot_rows = slot_rows if layout.looped else 0
+        H, D = layout.kv_heads, layout.head_dim
+        self.plain_k = torch.zeros((layout.plain, rows, H, max_len, D), dtype=dtype, device=device)
+        self.plain_v = torch.zeros_like(self.plain_k)
+        self.core_k = torch.zeros((layout.looped, self.slot_rows, H, max_len, D), dtype=dtype, device=device)
+        self.core_v = torch.zeros_like(self.core_k)
+        self.written = torch.zeros(rows, max_len, dtype=torch.long, device=device)  # iterations per entry
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
+        self.n_valid = torch.zeros(rows, dtype=torch.long, device=device)
+        self.max_slots = max(self.slot_rows, 1)
+        self.slot_table = torch.zeros(rows, self.max_slots, dtype=torch.long, device=device)
+        self.slots = torch.ones(rows, dtype=torch.long, device=device)  # each row's KV-mode slots
+        self.lengths = [0] * rows  # host: entries filled per row
+        self.held: dict[int, list[int]] = {}  # row -> the slot rows it holds
+        self.free_rows = list(range(rows))
+        self.free_slot_rows = list(range(self.slot_rows))
+        self.element_size = self.plain_k.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.valid.device
+
+    # ---------------------------------------------------------------- admission
+    def _slots_of(self, kv_mode: KVMode | None) -> int:
+        return kv_mode.slots if (kv_mode is not None and self.layout.looped) else 0
+
+    def request_bytes(self, kv_mode: KVMode | None) -> int:
+        """K/V bytes a request holds while resident: its plain row and its slot rows."""
+        per_entry = self.layout.kv_heads * self.layout.head_dim * 2 * self.element_size * self.max_len
+        return (self.layout.plain + self.layout.looped * self._slots_of(kv_mode)) * per_entry
+
+    def capacity_bytes(self) -> int:
+        per_entry = self.layout.kv_heads * self.layout.head_dim * 2 * self.element_size * self.max_len
+        return (self.layout.plain * self.rows + self.layout.looped * self.slot_rows) * per_entry
+
+    def bytes_in_use(self) -> int:
+        per_entry = self.layout.kv_heads * self.layout.head_dim * 2 * self.element_size * self.max_len
+        return sum((self.layout.plain + self.layout.looped * len(s)) * per_entry for s in self.held.values())
+
+    def never_fits(self, positions: int, kv_mode: KVMode | None) -> str | None:
+        """Why a request of ``positions`` entries in ``kv_mode`` can never be served here (None: it can)."""
+        if positions > self.max_len:
+            return (
+                f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
+            )
+        slots = self._slots_of(kv_mode)
+        if slots > self.slot_rows:
+            return (
+                f"kv_sharing {kv_mode.name!r} needs {slots} K/V slots per looped layer and position; this server "
+                f"holds {self.slot_rows} in all (use 'shared' or 'ring-K' with K <= {self.slot_rows}, or start "
+                f"the server with more --kv-slots)"
+            )
+        return None
+
+    def can_allocate(self, kv_mode: KVMode | None) -> bool:
+        return bool(self.free_rows) and self._slots_of(kv_mode) <= len(self.free_slot_rows)
+
+    def allocate(self, kv_mode: KVMode | None) -> int:
+        """A row (timeline cleared) and the request's slot rows; the caller checked ``can_allocate``."""
+        row = self.free_rows.pop(0)
+        n = self._slots_of(kv_mode)
+        held, self.free_slot_rows = self.free_slot_rows[:n], self.free_slot_rows[n:]
+        self.held[row] = held
+        if held:
+            self.slot_table[row, :n] = torch.tensor(held, device=self.device)
+        self.slots[row] = max(n, 1)
+        self.valid[row] = False
+        self.written[row] = 0
+        self.n_valid[row] = 0
+        self.lengths[row] = 0
+        return row
+
+    def release(self, row: int) -> None:
+        """Give a request's row and slot rows back, zeroed where it wrote: a batch's attention covers every
+        row's keys up to its longest row, masked, and a masked NaN left by a failed request would still
+        poison the product (0 x NaN)."""
+        n, held = self.lengths[row], self.held[row]
+        for buf in (self.plain_k, self.plain_v):
+            buf[:, row, :, :n] = 0
+        if held:
+            for buf in (self.core_k, self.core_v):
+                buf[:, held, :, :n] = 0
+        self.free_slot_rows = sorted(self.free_slot_rows + self.held.pop(row))
+        self.free_rows = sorted(self.free_rows + [row])
+
+    # ---------------------------------------------------------------- timelines
+    def begin(self, rows: list[int], n: int) -> RaggedChunk:
+        """Reserve the next ``n`` entries of each row (real tokens) and describe them."""
+        starts = [self.lengths[r] for r in rows]
+        for r, s in zip(rows, starts):
+            if s + n > self.max_len:
+                raise RuntimeError(f"KV pool row {r} overflow: {s + n} positions > {self.max_len}")
+            self.lengths[r] = s + n
+        idx = torch.tensor(rows, device=self.device)
+        q_idx = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
+        self.valid[idx[:, None], q_idx] = True
+        self.written[idx[:, None], q_idx] = 0
+        positions = self.n_valid[idx][:, None] + torch.arange(n, device=self.device)
+        self.n_valid[idx] += n
+        return self._chunk(idx, starts, n, q_idx, positions)
+
+    def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
+        """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model
+        position ``positions[i]`` (a decode token over the iterations of its latent loop)."""
+        idx = torch.tensor(rows, device=self.device)
+        q_idx = torch.tensor(starts, device=self.device)[:, None]
+        return self._chunk(idx, starts, 1, q_idx, positions[:, None])
+
+    def _chunk(self, idx: Tensor, starts: list[int], n: int, q_idx: Tensor, positions: Tensor) -> RaggedChunk:
+        end = max(starts) + n
+        k_idx = torch.arange(end, device=self.device)
+        causal = k_idx[None, None, :] <= q_idx[:, :, None]  # [R, n, end]
+        mask = self.valid[idx, :end][:, None, :] & causal
+        valid = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
+        return RaggedChunk(idx, starts, n, end, q_idx, positions, mask[:, None], valid)
+
+    # ---------------------------------------------------------------- the cache interface of the models
+    def _write(self, buf: Tensor, rows: Tensor, new: Tensor, chunk: RaggedChunk, active: Tensor | None) -> None:
+        """buf[rows[i], :, q_idx[i]] <- new [R, H, n, D] (rows of ``active`` only)."""
+        rows = rows[:, None].expand_as(chunk.q_idx)
+        new = new.permute(0, 2, 1, 3).to(buf.dtype)  # [R, n, H, D]
+        if active is not None:
+            new = torch.where(active[:, None, None, None], new, buf[rows, :, chunk.q_idx])
+        buf[rows, :, chunk.q_idx] = new
+
+    def plain(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, active: Tensor | None = None):
+        """Write a plain layer's K/V; return the rows' keys and values [R, H, end, D]."""
+        self._write(self.plain_k[layer], chunk.rows, k, chunk, active)
+        self._write(self.plain_v[layer], chunk.rows, v, chunk, active)
+        return self.plain_k[layer][chunk.rows, :, : chunk.end], self.plain_v[layer][chunk.rows, :, : chunk.end]
+
+    def mark_iteration(self, chunk: RaggedChunk, iteration, active: Tensor) -> None:
+        """Rows in ``active`` write iteration ``chunk.iterations`` at their entries (for the lookup rule)."""
+        rows = chunk.rows[:, None].expand_as(chunk.q_idx)
+        cur = self.written[rows, chunk.q_idx]
+        self.written[rows, chunk.q_idx] = torch.where(active[:, None], chunk.iterations[:, None] + 1, cur)
+
+    def core(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, iteration, active: Tensor):
+        """Write each row's iteration t into its slot t mod K; return what its queries read: for each earlier
+        entry p, slot min(t mod K, n_p - 1) (``iteration`` is ignored: each row's is ``chunk.iterations``)."""
+        slots = self.slots[chunk.rows]
+        slot = chunk.iterations % slots  # [R]
+        table = self.slot_table[chunk.rows]  # [R, max_slots]
+        target = table.gather(1, slot[:, None])[:, 0]  # [R] the slot row written
+        self._write(self.core_k[layer], target, k, chunk, active)
+        self._write(self.core_v[layer], target, v, chunk, active)
+        end = chunk.end
+        lookup = torch.minimum((self.written[chunk.rows, :end] - 1).clamp(min=0), slot[:, None])  # [R, end]
+        phys = table.gather(1, lookup)  # [R, end] slot rows
+        p = torch.arange(end, device=self.device)[None, :].expand_as(phys)
+        k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]
+        v_sel = self.core_v[layer][phys, :, p].permute(0, 2, 1, 3)
+        return k_sel, v_sel

@@ -1,0 +1,265 @@
+"""The HTTP server: OpenAI-compatible routes over an ``Engine``, with FastAPI and uvicorn (the ``serve`` extra).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent
+events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+
+Status codes: 400 for a body that is not JSON, an unknown field or a bad option (the Python API's message);
+404 for a model name other than the served one; 429 with ``Retry-After`` when the queue is full; 503 while
+shutting down; 500 for a request that failed while running (e.g. its latent state became NaN), alone:
+the others go on. A client that disconnects cancels its request, which leaves the engine at its next step.
+The engine runs on its own thread; uvicorn's graceful shutdown (SIGTERM, Ctrl-C) lets in-flight requests
+finish before the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import InputError, LatentRTError
+from .chat import find_chat_template
+from .engine import Engine, QueueFull, ShuttingDown
+from .protocol import (
+    check_model,
+    chunk_body,
+    completion_body,
+    error_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+
+POLL_SECONDS = 0.1  # how often a waiting non-streaming request checks that its client is still there
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
+
+
+class EngineThread:
+    """The engine's stepping thread, started once (by the app's lifespan or its first request)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.engine.run_forever, name="latentrt-engine", daemon=True)
+                self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.engine.stop()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (serve/chat.py) defaults to
+    the model folder's."""
+    runner = EngineThread(engine)
+    model = engine.model
+    template = chat_template if chat_template is not None else find_chat_template(getattr(model, "folder", None))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start()
+        yield
+        await asyncio.to_thread(runner.stop)  # drains: queued and resident requests finish first
+
+    app = FastAPI(title="latentrt", lifespan=lifespan)
+    app.state.engine, app.state.runner = engine, runner
+
+    async def body_of(request: Request):
+        try:
+            return json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"the request body is not valid JSON: {exc}") from None
+
+    def submit_all(parsed, on_event_for) -> list:
+        """Submit one engine request per choice; on a failure, cancel the ones already queued."""
+        runner.start()
+        reqs = []
+        try:
+            for i, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options)):
+                reqs.append(engine.submit(prompt, on_event=on_event_for(i), **opts))
+        except Exception:
+            for r in reqs:
+                engine.cancel(r)
+            raise
+        return reqs
+
+    async def handle(request: Request, chat: bool):
+        try:
+            body = await body_of(request)
+            check_model(body, model_name)
+            if chat:
+                if model.tokenizer is None:
+                    raise InputError("this model has no tokenizer.json: chat needs one")
+                parsed = parse_chat(body, template, model.tokenizer)
+            else:
+                parsed = parse_completion(body)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            reqs = submit_all(parsed, lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        except InputError as exc:
+            return _error(400, str(exc))
+        except LookupError as exc:
+            return _error(404, str(exc), "model_not_found")
+        except QueueFull as exc:
+            return _error(429, str(exc), "rate_limit_exceeded", headers={"Retry-After": "1"})
+        except ShuttingDown as exc:
+            return _error(503, str(exc), "server_shutting_down")
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if parsed.stream:
+            return await stream(request, rid, reqs, events, chat, parsed.include_usage)
+        return await complete(request, rid, reqs, events, chat)
+
+    async def next_event(request: Request, reqs, events: asyncio.Queue):
+        """The next (choice, event), or None when the client went away (its requests are cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    for r in reqs:
+                        engine.cancel(r)
+                    return None
+
+    async def complete(request: Request, rid: str, reqs, events, chat: bool):
+        open_ = len(reqs)
+        while open_:
+            got = await next_event(request, reqs, events)
+            if got is None:
+                return _error(499, "client closed the request")
+            if got[1].kind in ("done", "error"):
+                open_ -= 1
+        failed = [r for r in reqs if r.error is not None]
+        if failed:
+            for r in reqs:
+                engine.cancel(r)
+            return _error(500, str(failed[0].error), "server_error")
+        return JSONResponse(completion_body(rid, model_name, reqs, chat))
+
+    async def stream(request: Request, rid: str, reqs, events, chat: bool, include_usage: bool):
+        first = await next_event(request, reqs, events)
+        if first is None:
+            return _error(499, "client closed the request")
+        if first[1].kind == "error":  # failed before its first token: a plain 500
+            for r in reqs:
+                engine.cancel(r)
+            return _error(500, str(reqs[first[0]].error), "server_error")
+
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def body():
+            got, open_ = first, len(reqs)
+            try:
+                if chat:
+                    for i in range(len(reqs)):
+                        yield sse(chunk_body(rid, model_name, i, True, role=True))
+                while True:
+                    i, ev = got
+                    if ev.kind == "token":
+                        yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev))
+                    elif ev.kind == "done":
+                        yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
+                        open_ -= 1
+                    else:
+                        yield sse(error_body(str(reqs[i].error), "server_error"))
+                        open_ -= 1
+                    if not open_:
+                        break
+                    got = await events.get()
+                if include_usage:
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": int(time.time()),
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage(reqs),
+                        }
+                    )
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (the response task is cancelled) or the stream ended
+                for r in reqs:
+                    if not r.finished:
+                        engine.cancel(r)
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "latentrt"}],
+        }
+
+    @app.get("/health")
+    async def health():
+        if engine.draining:
+            return _error(503, "shutting down", "server_shutting_down")
+        if runner.thread is not None and not runner.alive:
+            return _error(503, "the engine thread stopped", "server_error")
+        return {"status": "ok", "model": model_name, "pid": os.getpid()}  # pid: which replica answered
+
+    @app.get("/metrics")
+    async def metrics():
+        from .prometheus import render
+
+        return PlainTextResponse(render(engine), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def load_engine(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    backend: str = "auto",
+    revision: str | None = None,
+    **engine_kw,
+) -> Engine:
+    """Load a model (as ``latentrt.load``) and wrap it in an Engine."""
+    from ..loader import load
+
+    return Engine(load(model, device=device, dtype=dtype, backend=backend, revision=revision), **engine_kw)
+
+
+def run_server(
+    engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
+    """Serve until SIGTERM / Ctrl-C, then drain."""
+    import uvicorn
+
+    app = create_app(engine, model_name)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+
+
+__all__ = ["create_app", "load_engine", "run_server", "EngineThread", "LatentRTError"]

@@ -1,0 +1,111 @@
+"""Chat templates as Hugging Face applies them: the model folder's template rendered with jinja2.
+
+The template is ``chat_template.jinja`` or the ``chat_template`` field of ``tokenizer_config.json`` (a
+string, or a list of named templates of which ``default`` is used). It is rendered in jinja2's immutable
+sandbox (a template is data: it cannot reach Python objects or the file system), with ``messages``,
+``add_generation_prompt=True`` and the tokenizer config's ``bos_token`` / ``eos_token``, then tokenized
+without adding special tokens (the template places them). A model without a template cannot chat: the
+server answers 400 saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str  # the template text
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+def _token_text(value) -> str:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content", "")
+    return value if isinstance(value, str) else ""
+
+
+def find_chat_template(folder: Path | None) -> ChatTemplate | None:
+    """The template of a model folder, or None."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    config = {}
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (OSError, ValueError):
+            config = {}
+        config = config if isinstance(config, dict) else {}
+    source = None
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        source = jinja_file.read_text()
+    else:
+        raw = config.get("chat_template")
+        if isinstance(raw, list):
+            named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
+            raw = named.get("default")
+        source = raw if isinstance(raw, str) else None
+    if not source:
+        return None
+    return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI chat messages: a non-empty list of {"role": str, "content": str or text parts}."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InputError(f"messages[{i}] must be an object with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise InputError(
+                    f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are supported"
+                )
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise InputError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({**m, "content": content})
+    return out
+
+
+def render_chat(template: ChatTemplate | None, messages) -> str:
+    """The prompt text of a conversation (a 400-worthy InputError when the model has no template or the
+    template rejects the conversation)."""
+    if template is None:
+        raise InputError(
+            "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
+            "use /v1/completions with a prompt"
+        )
+    messages = check_messages(messages)
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template.source).render(
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=template.bos_token,
+            eos_token=template.eos_token,
+        )
+    except jinja2.exceptions.TemplateError as exc:
+        raise InputError(f"the chat template rejected the conversation: {exc}") from None

@@ -1,0 +1,403 @@
+"""The serving engine: requests come and go, their latent loops share launches at different depths.
+
+``Engine.submit`` validates a request exactly as ``generate()`` would (the same ``Generation`` object and
+messages) and queues it; ``Engine.step`` is one scheduler step:
+
+1. admit queued requests into free pool rows (by the K/V their KV mode needs; FIFO, a long prompt only
+   while the step's prompt budget allows), cancel the ones whose client went away;
+2. begin the units of the tokens sampled last step (the scheduler's policy says when, below);
+3. ``program.launch``: the family's program (latentrt/decode/serving.py) runs one piece of work per
+   resident request: one core iteration at each row's own depth, or one Coconut pass;
+4. the one device -> host read of the step: which units ended, and the tokens sampled last step;
+5. host: tokens -> events, stop / length -> finish and free the row (a stop token ends a request one
+   step after it is sampled: its next unit already began, and is dropped);
+6. the logits of the units that ended, sampled per request (its temperature, top-k/p and generator).
+
+Schedulers (``scheduler=``), for the same trace:
+- ``depth`` (default): continuous batching at iteration granularity: a unit that ends is followed by the
+  next one at once, a finished request's row is refilled in the same step;
+- ``token``: continuous batching at token granularity (vLLM's policy): every resident request runs its
+  token's loop in step with the others, rows that exited wait masked until the slowest exits, and new
+  requests join between tokens;
+- ``static``: a batch is admitted when the previous one has finished entirely (generate()'s policy).
+
+The engine runs on one thread (``run_forever`` or ``step`` in a loop); ``submit`` and ``cancel`` may be
+called from any thread. Each request receives ``RequestEvent``s through its ``on_event`` callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import Generation
+from ..errors import InputError, LatentRTError, NonFiniteStateError
+from ..families import family_for
+from ..options import GenerateOptions
+from ..sampling import sample
+from .metrics import EngineMetrics
+
+SCHEDULERS = ("depth", "token", "static")
+
+
+class QueueFull(LatentRTError):
+    """The engine's queue is full: try again later (HTTP 429)."""
+
+
+class ShuttingDown(LatentRTError):
+    """The engine is draining for shutdown and takes no new request (HTTP 503)."""
+
+
+@dataclass
+class RequestEvent:
+    """One thing that happened to a request: ``token`` (a new token: id, its latent iterations, the text
+    it adds), then ``done`` (``request.finish_reason`` set) or ``error`` (``request.error`` set)."""
+
+    kind: str
+    token: int | None = None
+    steps: int | None = None
+    text: str | None = None
+
+
+@dataclass
+class Request:
+    """A resident or queued request and what it has produced so far."""
+
+    id: str
+    generation: Generation
+    on_event: Callable[[RequestEvent], None] | None = None
+    prompt_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
+    error: Exception | None = None
+    stop_set: frozenset = frozenset()  # token ids that end it
+    row: int | None = None
+    latent_work: int = 0  # latent iterations (recurrent) or thoughts (Coconut) spent
+    # scheduler state
+    in_unit: bool = False  # a unit of this request is running in the program
+    sampled: int = 0  # tokens sampled, read back or not
+    next_token: torch.Tensor | None = None  # sampled, its unit not begun yet (0-d, on the device)
+    pending_steps: int = 0  # latent iterations of the unit that produced the token being read back
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    times: dict = field(default_factory=dict)  # submitted / admitted / tokens (list) / finished
+
+    @property
+    def decoder(self):
+        return self.generation.decoder
+
+    @property
+    def batch(self):
+        return self.generation.batch
+
+    @property
+    def options(self) -> GenerateOptions:
+        return self.generation.options
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def emit(self, event: RequestEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+class Engine:
+    """A model served to many requests (see module docstring).
+
+    ``max_batch`` requests are resident at most, each of up to ``max_len`` positions (prompt, thoughts and
+    new tokens; default the model's context, at most 2048); ``kv_slots`` looped-layer K/V slots are shared by
+    the resident requests' KV modes (default: every row in ``full`` mode at the model's default depth);
+    ``max_queue`` requests wait at most; ``prefill_budget`` prompt positions enter one step at most (a
+    longer prompt enters alone)."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        max_len: int | None = None,
+        kv_slots: int | None = None,
+        scheduler: str = "depth",
+        prefill_budget: int = 2048,
+    ) -> None:
+        family = family_for(model)
+        if family.serving is None:
+            raise InputError(f"{family.title} models cannot be served yet (their family has no serving program)")
+        if scheduler not in SCHEDULERS:
+            raise InputError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_budget", prefill_budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        block = model.config.block_size
+        max_len = min(block, 2048) if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= block:
+            raise InputError(f"max_len must be an integer in [1, {block}] (the model's context), got {max_len!r}")
+        looped = model.cache_layout().looped
+        kv_slots = max_batch * model.default_steps() if kv_slots is None else kv_slots
+        if looped and (isinstance(kv_slots, bool) or not isinstance(kv_slots, int) or kv_slots < 1):
+            raise InputError(f"kv_slots must be an integer >= 1, got {kv_slots!r}")
+        self.model, self.scheduler = model, scheduler
+        self.max_batch, self.max_queue, self.max_len, self.prefill_budget = (
+            max_batch,
+            max_queue,
+            max_len,
+            prefill_budget,
+        )
+        model.reserve_positions(max_len)  # tables sized once: nothing grows while serving
+        self.program = family.serving(model, max_batch, max_len, kv_slots if looped else 0)
+        self.queue: deque[Request] = deque()
+        self.resident: list[Request] = []
+        self.metrics = EngineMetrics()
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.draining = False
+        self._stopped = False
+        self._sampled: torch.Tensor | None = None  # tokens sampled in the last step (device)
+        self._sampled_flags: torch.Tensor | None = None
+        self._sampled_for: list[Request] = []
+        self._ids = 0
+
+    # ---------------------------------------------------------------- requests in
+    def submit(
+        self,
+        prompt,
+        options: GenerateOptions | None = None,
+        *,
+        on_event: Callable[[RequestEvent], None] | None = None,
+        request_id: str | None = None,
+        **kwargs,
+    ) -> Request:
+        """Validate and queue a request (errors: InputError with generate()'s message, QueueFull,
+        ShuttingDown). ``prompt``: one prompt (text, ids)."""
+        opts = GenerateOptions.build(options, **kwargs)
+        if opts.hooks:
+            raise InputError("hooks cannot be used with the server (they run Python between iterations)")
+        if opts.return_logits:
+            raise InputError("return_logits is not available from the server")
+        gen = Generation(self.model, prompt, opts)
+        if not gen.batch.single:
+            raise InputError("a request takes one prompt (send several requests for a batch)")
+        need = gen.batch.ids.shape[1] + opts.max_new_tokens
+        why = self.program.pool.never_fits(need, self.program.kv_mode(gen.decoder))
+        if why is not None:
+            raise InputError(why)
+        prompt_tokens, stop_set = int(gen.batch.mask.sum()), frozenset(gen.stop_ids.tolist())
+        with self.lock:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._ids += 1
+            req = Request(request_id or f"req-{self._ids}", gen, on_event, prompt_tokens=prompt_tokens)
+            req.stop_set = stop_set
+            req.times["submitted"] = time.perf_counter()
+            req.times["tokens"] = []
+            self.queue.append(req)
+            self.wake.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: the request ends at the next step and frees its row."""
+        with self.lock:
+            req.cancelled = True
+            self.wake.notify()
+
+    # ---------------------------------------------------------------- the loop
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.resident or self._sampled_for)
+
+    def run_until_idle(self) -> None:
+        while self.busy:
+            self.step()
+
+    def run_forever(self) -> None:
+        """Step while there is work, sleep while there is none, return after ``stop`` (once drained)."""
+        while True:
+            with self.lock:
+                while not self.busy and not self._stopped:
+                    self.wake.wait()
+                if self._stopped and not self.busy:
+                    return
+            self.step()
+
+    def stop(self) -> None:
+        """Stop taking requests; ``run_forever`` returns once the queued and resident ones are done."""
+        with self.lock:
+            self.draining = self._stopped = True
+            self.wake.notify()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._drop_cancelled()
+        admitted = self._admit()
+        for req in admitted:
+            try:
+                self.program.admit(req)
+                req.in_unit = True
+            except LatentRTError as exc:
+                self._fail(req, exc)
+        self._start_units()
+        idle = [r for r in self.resident if not r.in_unit] if self.scheduler != "depth" else []
+        try:
+            t1 = time.perf_counter()
+            flags = self.program.launch(idle)
+            # the step's one device -> host read: which units ended, and last step's sampled tokens
+            parts = [flags.long().reshape(-1)]
+            if self._sampled is not None:
+                parts += [self._sampled.to(flags.device), self._sampled_flags.to(flags.device)]
+            host = torch.cat(parts).tolist()
+            n = flags.numel()
+            t2 = time.perf_counter()
+            self._take_tokens(host[n:])
+            ended = [e for e in self.program.ended(host[:n]) if not e.request.finished]
+            t3 = time.perf_counter()
+            self._sample(ended)
+            t4 = time.perf_counter()
+        except Exception as exc:  # a fault no single request can be blamed for: fail the resident ones, go on
+            self._reset(exc)
+            return
+        self.metrics.step(t4 - t0, (t2 - t1) + (t4 - t3), self.program.launched_rows, self)
+
+    def _reset(self, exc: Exception) -> None:
+        """After an unexpected error inside a launch: every resident request fails with it and the program
+        starts afresh (a new pool); queued requests are served as usual."""
+        for req in list(self.resident) + self._sampled_for:
+            if not req.finished:
+                req.error = exc
+                req.finish_reason = "error"
+                req.times["finished"] = time.perf_counter()
+                req.emit(RequestEvent("error"))
+                req.done.set()
+        self.resident.clear()
+        self._sampled = self._sampled_flags = None
+        self._sampled_for = []
+        cls, pool = type(self.program), self.program.pool
+        self.program = None  # the old pool goes before the new one is allocated
+        self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
+
+    def _admit(self) -> list[Request]:
+        """Queued requests into free rows, FIFO, as the scheduler allows."""
+        if self.scheduler == "static" and self.resident:
+            return []
+        if self.scheduler == "token" and any(r.in_unit for r in self.resident):
+            return []
+        admitted, budget = [], self.prefill_budget
+        pool = self.program.pool
+        with self.lock:
+            while self.queue:
+                req = self.queue[0]
+                if req.cancelled:
+                    self.queue.popleft()
+                    self._finish(req, "cancelled")
+                    continue
+                mode = self.program.kv_mode(req.decoder)
+                size = req.batch.ids.shape[1]
+                if not pool.can_allocate(mode) or (admitted and size > budget):
+                    break
+                self.queue.popleft()
+                req.row = pool.allocate(mode)
+                req.times["admitted"] = time.perf_counter()
+                budget -= size
+                admitted.append(req)
+                self.resident.append(req)
+        return admitted
+
+    def _start_units(self) -> None:
+        """Begin the next units of requests whose last token is sampled (depth: at once; the others: when
+        every resident request's unit has ended)."""
+        if self.scheduler != "depth" and any(r.in_unit for r in self.resident):
+            return
+        for req in self.resident:
+            if req.next_token is not None and req.sampled < req.options.max_new_tokens:
+                self.program.start(req, req.next_token)
+                req.in_unit = True
+            req.next_token = None
+
+    def _take_tokens(self, host: list[int]) -> None:
+        """Last step's sampled tokens on the host: record, stream, stop."""
+        reqs, self._sampled_for = self._sampled_for, []
+        self._sampled = self._sampled_flags = None
+        k = len(reqs)
+        for req, tok, flag in zip(reqs, host[:k], host[k:]):
+            if req.finished:
+                continue
+            index = len(req.tokens)
+            if flag:
+                try:
+                    req.generation._raise_if_nonfinite([flag], index)
+                except NonFiniteStateError as exc:
+                    self._fail(req, exc)
+                continue
+            gen = req.generation
+            stopped = tok in req.stop_set and req.decoder.stops_at(index)
+            if req.decoder.keep_stop_token or not stopped:
+                req.tokens.append(tok)
+                req.steps.append(req.pending_steps)
+                req.times["tokens"].append(time.perf_counter())
+                full = gen._decode(req.tokens) or ""
+                delta = "" if full.endswith("\ufffd") else full[len(req.text) :]
+                req.text = req.text if full.endswith("\ufffd") else full
+                req.emit(RequestEvent("token", tok, req.pending_steps, delta))
+            self.metrics.tokens += 1
+            if stopped:
+                self._finish(req, "stop")
+            elif index + 1 >= req.options.max_new_tokens:
+                self._finish(req, "length")
+
+    def _sample(self, ended: list) -> None:
+        """Sample the next token of every unit that ended, each with its request's own settings."""
+        if not ended:
+            return
+        logits, flags = self.program.logits(ended)
+        tokens = torch.empty(len(ended), dtype=torch.long, device=logits.device)
+        greedy = [i for i, e in enumerate(ended) if e.request.options.temperature == 0]
+        vocab = self.model.config.vocab_size
+        if greedy:
+            at = torch.tensor(greedy, device=logits.device)
+            tokens[at] = logits[at, :vocab].argmax(-1)
+        for i, e in enumerate(ended):
+            req = e.request
+            req.in_unit = False
+            req.sampled += 1
+            req.pending_steps = e.iterations
+            req.latent_work += e.iterations
+            self.metrics.iterations += e.iterations
+            if req.options.temperature != 0:
+                o, gen = req.options, req.generation
+                tokens[i] = sample(gen._in_vocabulary(logits[i : i + 1]), o.temperature, o.top_k, o.top_p, gen.rng)[0]
+            req.next_token = tokens[i]
+        self._sampled, self._sampled_flags, self._sampled_for = tokens, flags.long(), [e.request for e in ended]
+
+    # ---------------------------------------------------------------- requests out
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.resident if r.cancelled and not r.finished]:
+            self._finish(req, "cancelled")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.times["finished"] = time.perf_counter()
+        req.times["finished_step"] = self.metrics.steps
+        if req.row is not None and req in self.resident:
+            req.latent_work += self.program.latent_work(req)
+            self.program.retire(req)
+            self.resident.remove(req)
+        if reason in ("stop", "length"):
+            self.metrics.finished(req)
+        req.emit(RequestEvent("error" if reason == "error" else "done"))
+        req.done.set()
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        req.error = exc
+        self._finish(req, "error")

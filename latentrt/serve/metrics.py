@@ -1,0 +1,79 @@
+"""What a running engine measures: throughput, latency, latent work per token, slot utilisation, overhead.
+
+Plain counters updated by the engine's thread once per step (no locks: single writer; readers see a
+consistent-enough snapshot). ``snapshot`` gives the figures the server exports at ``/metrics`` (Prometheus)
+and the load generator (benchmarks/serve.py) reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineMetrics:
+    steps: int = 0
+    step_seconds: float = 0.0  # wall time of every step
+    compute_seconds: float = 0.0  # of which launching, reading back and sampling (the rest: scheduling)
+    launched_rows: int = 0  # row-iterations executed (rows launched per step, waiting rows included)
+    iterations: int = 0  # latent iterations the units needed (their loops' lengths)
+    tokens: int = 0  # tokens produced
+    requests: int = 0  # requests finished (stop or length)
+    ttft: list[float] = field(default_factory=list)  # seconds from submit to first token, per request
+    itl: list[float] = field(default_factory=list)  # seconds between consecutive tokens
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens) per step
+    queue_length: int = 0
+    resident: int = 0
+    kv_bytes: int = 0
+    kv_capacity: int = 0
+
+    def step(self, seconds: float, compute: float, launched: int, engine) -> None:
+        self.steps += 1
+        self.step_seconds += seconds
+        self.compute_seconds += compute
+        self.launched_rows += launched
+        self.recent.append((time.perf_counter(), self.tokens))
+        self.queue_length, self.resident = len(engine.queue), len(engine.resident)
+        pool = engine.program.pool
+        self.kv_bytes, self.kv_capacity = pool.bytes_in_use(), pool.capacity_bytes()
+
+    def finished(self, req) -> None:
+        self.requests += 1
+        times = req.times.get("tokens", [])
+        if times:
+            self.ttft.append(times[0] - req.times["submitted"])
+            self.itl.extend(b - a for a, b in zip(times, times[1:]))
+
+    def tokens_per_second(self) -> float:
+        """Over the last steps (up to 256)."""
+        if len(self.recent) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.recent[0], self.recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def utilisation(self) -> float:
+        """Latent iterations needed / row-iterations executed (1.0: no launched row wasted)."""
+        return self.iterations / self.launched_rows if self.launched_rows else 1.0
+
+    def overhead(self) -> float:
+        """Share of step time spent in the scheduler's own host work."""
+        return 1 - self.compute_seconds / self.step_seconds if self.step_seconds else 0.0
+
+    def snapshot(self) -> dict:
+        return {
+            "queue_length": self.queue_length,
+            "resident_sequences": self.resident,
+            "tokens_total": self.tokens,
+            "requests_total": self.requests,
+            "tokens_per_second": self.tokens_per_second(),
+            "iterations_total": self.iterations,
+            "iterations_per_token": self.iterations / self.tokens if self.tokens else 0.0,
+            "launched_row_iterations_total": self.launched_rows,
+            "slot_utilisation": self.utilisation(),
+            "scheduler_overhead": self.overhead(),
+            "steps_total": self.steps,
+            "kv_bytes_in_use": self.kv_bytes,
+            "kv_bytes_capacity": self.kv_capacity,
+        }

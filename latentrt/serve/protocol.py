@@ -1,0 +1,242 @@
+"""The OpenAI completions and chat protocol: request bodies -> generate() options, results -> responses.
+
+No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI
+feature latentrt does not implement (log-probabilities, penalties, logit bias, tools) set to anything but
+its neutral value, is an InputError naming it (HTTP 400); option values are checked by generate()'s own
+validation, so the messages are the Python API's. latentrt's options are extra body fields with their
+generate() names (``num_steps``, ``adaptive``, ``exit_criterion``, ``exit_threshold``, ``kv_sharing``,
+``num_thoughts``...). ``n`` > 1 or a list of prompts run as separate requests; with a ``seed``, choice i
+uses seed + i, as sequence i of a generate() batch does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import InputError
+from .chat import render_chat
+
+# latentrt's generate() options accepted as extra request fields
+LATENT_FIELDS = (
+    "num_steps",
+    "adaptive",
+    "exit_criterion",
+    "exit_threshold",
+    "min_steps",
+    "check_criterion_every_n_steps",
+    "do_not_exit_in_prefill",
+    "adaptive_prefill",
+    "kv_sharing",
+    "continuous",
+    "init_scale",
+    "num_thoughts",
+    "published_eos",
+    "default_stops",
+    "top_k",
+)
+# OpenAI fields latentrt does not implement, with the only value(s) it accepts
+NEUTRAL = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None,),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"}
+COMPLETION_FIELDS = COMMON | {"prompt", "best_of"} | set(LATENT_FIELDS) | set(NEUTRAL)
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "parallel_tool_calls"} | set(LATENT_FIELDS) | set(NEUTRAL)
+MAX_CHOICES = 16
+
+
+@dataclass
+class Parsed:
+    """A request as the engine takes it: one prompt per choice and the shared generate() options."""
+
+    prompts: list  # per choice: text or token ids
+    options: list[dict]  # per choice: generate() keyword options
+    stream: bool
+    include_usage: bool
+
+
+def _check_fields(body, allowed: set[str], what: str) -> dict:
+    if not isinstance(body, dict):
+        raise InputError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InputError(f"unknown field(s) {unknown} for {what}; latentrt options: {list(LATENT_FIELDS)}")
+    for name, accepted in NEUTRAL.items():
+        if name in body and body[name] not in accepted:
+            raise InputError(f"{name}={body[name]!r} is not supported by latentrt (leave it out)")
+    return body
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
+    opts = {name: body[name] for name in LATENT_FIELDS if name in body and body[name] is not None}
+    opts["max_new_tokens"] = default_max if max_tokens is None else max_tokens
+    opts["temperature"] = body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0
+    if body.get("top_p") is not None:
+        opts["top_p"] = body["top_p"]
+    if body.get("seed") is not None:
+        opts["seed"] = body["seed"]
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
+            raise InputError(f"stop must be a string or a list of up to 4 strings, got {stop!r}")
+        opts["stop"] = stops
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InputError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
+    return opts, n
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not stream:
+        raise InputError("stream_options is only allowed with stream=true")
+    if not isinstance(so, dict) or set(so) - {"include_usage"}:
+        raise InputError(f"stream_options must be {{'include_usage': true|false}}, got {so!r}")
+    return bool(so.get("include_usage", False))
+
+
+def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
+    """One request per (prompt, copy); with a seed, choice i takes seed + i (generate()'s batch rule)."""
+    out_prompts, out_opts = [], []
+    for p in prompts:
+        for _ in range(n):
+            o = dict(opts)
+            if "seed" in opts and isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool):
+                o["seed"] = opts["seed"] + len(out_opts)
+            out_prompts.append(p)
+            out_opts.append(o)
+    return Parsed(out_prompts, out_opts, False, False)
+
+
+def parse_completion(body) -> Parsed:
+    """A /v1/completions body."""
+    body = _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        prompts = prompt
+    else:
+        raise InputError("prompt must be a string, a list of strings, a list of token ids or a list of such lists")
+    if len(prompts) > MAX_CHOICES:
+        raise InputError(f"at most {MAX_CHOICES} prompts per request, got {len(prompts)}")
+    best_of = body.get("best_of")
+    if best_of not in (None, 1, body.get("n", 1)):
+        raise InputError("best_of is not supported by latentrt (leave it out)")
+    stream = _flag(body, "stream")
+    opts, n = _options(body, body.get("max_tokens"), 16)  # OpenAI's default for completions
+    parsed = _per_choice(prompts, opts, n)
+    if len(parsed.prompts) > MAX_CHOICES:
+        raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
+    parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
+    return parsed
+
+
+def parse_chat(body, template, tokenizer) -> Parsed:
+    """A /v1/chat/completions body: the conversation rendered with the model's chat template (chat.py),
+    tokenized without adding special tokens (the template places them)."""
+    body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    text = render_chat(template, body.get("messages"))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise InputError("the rendered conversation is empty")
+    stream = _flag(body, "stream")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    opts, n = _options(body, max_tokens, 64)  # generate()'s default
+    parsed = _per_choice([ids], opts, n)
+    parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
+    return parsed
+
+
+def check_model(body, served: str) -> None:
+    """The OpenAI clients name a model in every request; it must be the one served (or omitted)."""
+    name = body.get("model") if isinstance(body, dict) else None
+    if name is not None and name != served:
+        raise LookupError(f"model {name!r} is not served here; this server serves {served!r}")
+
+
+# ---------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(reqs) -> dict:
+    """OpenAI usage plus the latent work: recurrence iterations (recurrent depth) or thoughts (Coconut)."""
+    prompt = sum(r.prompt_tokens for r in reqs)
+    completion = sum(len(r.tokens) for r in reqs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "latent_iterations": sum(r.latent_work for r in reqs),
+    }
+
+
+def choice_extras(req) -> dict:
+    """latentrt's per-choice details: token ids and the latent iterations of each."""
+    return {"token_ids": list(req.tokens), "steps": list(req.steps)}
+
+
+def completion_body(rid: str, model: str, reqs, chat: bool) -> dict:
+    choices = []
+    for i, r in enumerate(reqs):
+        c = {"index": i, "finish_reason": r.finish_reason, "latentrt": choice_extras(r)}
+        if chat:
+            c["message"] = {"role": "assistant", "content": r.text}
+        else:
+            c.update(text=r.text, logprobs=None)
+        choices.append(c)
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(reqs),
+    }
+
+
+def chunk_body(rid: str, model: str, index: int, chat: bool, *, text=None, event=None, finish=None, role=False):
+    """One server-sent event's object of a stream."""
+    if chat:
+        delta = {"role": "assistant"} if role else ({} if text is None else {"content": text})
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    if event is not None:
+        choice["latentrt"] = {"token_id": event.token, "steps": event.steps}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}

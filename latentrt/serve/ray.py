@@ -1,0 +1,109 @@
+"""Scale-out: replicas of the latentrt server under Ray Serve (the ``ray`` extra).
+
+Each replica is a Ray actor holding its own model and ``Engine`` and serving the same FastAPI app as
+``latentrt serve`` (app.py: the OpenAI routes, /health, /metrics); Ray's HTTP proxy spreads requests over
+the replicas. A replica builds its app when it starts, from the configuration ``application`` gives it
+(through an environment variable of the replica's runtime env: nothing is pickled but plain JSON).
+
+    python -m latentrt.serve.ray builtin:recurrent --replicas 2 --port 8000
+
+or, from Python, ``serve.run(latentrt.serve.ray.application("builtin:recurrent", replicas=2))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+
+CONFIG_ENV = "LATENTRT_RAY_REPLICA"
+
+
+def build_app():
+    """The FastAPI app of one replica, from its configuration (runs inside the replica)."""
+    from .app import create_app, load_engine
+
+    cfg = json.loads(os.environ[CONFIG_ENV])
+    engine = load_engine(cfg["model"], **cfg["load"], **cfg["engine"])
+    return create_app(engine, cfg["name"])
+
+
+def application(
+    model: str = "builtin:recurrent",
+    *,
+    replicas: int = 2,
+    name: str | None = None,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    backend: str = "auto",
+    revision: str | None = None,
+    **engine_kw,
+):
+    """A Ray Serve application of ``replicas`` servers of ``model``; ``engine_kw`` go to each ``Engine``
+    (max_batch, max_queue, max_len, kv_slots, scheduler), the resources to each replica's actor."""
+    from ray import serve
+
+    cfg = {
+        "model": model,
+        "name": name or model,
+        "load": {"device": device, "dtype": dtype, "backend": backend, "revision": revision},
+        "engine": engine_kw,
+    }
+
+    @serve.deployment(name="latentrt")
+    @serve.ingress(build_app)
+    class LatentRTReplica:
+        """One engine behind Ray's proxy (the routes are the app's)."""
+
+    options = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "runtime_env": {"env_vars": {CONFIG_ENV: json.dumps(cfg)}},
+    }
+    return LatentRTReplica.options(num_replicas=replicas, ray_actor_options=options).bind()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m latentrt.serve.ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("model", nargs="?", default="builtin:recurrent")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
+    ap.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--scheduler", default="depth")
+    ap.add_argument("--backend", default="auto")
+    args = ap.parse_args(argv)
+    import ray
+    from ray import serve
+
+    ray.init()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = application(
+        args.model,
+        replicas=args.replicas,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        scheduler=args.scheduler,
+    )
+    serve.run(app, route_prefix="/")
+    print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

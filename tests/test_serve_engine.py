@@ -1,0 +1,270 @@
+"""The serving engine: every request equals generate() for it alone, whatever else is resident, under each
+scheduler; the K/V pool; admission, cancellation, failures that stay with their request."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_coconut, tiny_recurrent
+
+import latentrt
+from latentrt.errors import InputError, NonFiniteStateError
+from latentrt.serve import Engine, QueueFull
+
+CRITERIA_THRESHOLDS = {
+    "kl": 1e-3,
+    "minp-kl": 1e-4,
+    "latent-diff": 0.3,
+    "cosine": 0.05,
+    "entropy-diff": 1e-2,
+    "argmax-stability": 2,
+}
+
+
+def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
+    """Prompts of mixed lengths with mixed options: depths, criteria, schedules, KV modes, sampling."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(1, 40) for _ in range(rng.randrange(1, 30))]
+        kw = dict(max_new_tokens=rng.randrange(1, 12), seed=1000 + i, default_stops=rng.random() < 0.7)
+        kind = i % 6
+        if kind == 0:
+            kw.update(num_steps=rng.randrange(1, 7))
+        else:
+            crit = list(CRITERIA_THRESHOLDS)[i % len(CRITERIA_THRESHOLDS)]
+            kw.update(adaptive=True, num_steps=rng.randrange(2, 14), exit_criterion=crit)
+            kw.update(exit_threshold=CRITERIA_THRESHOLDS[crit])
+            if kind == 2:
+                kw.update(min_steps=1, check_criterion_every_n_steps=2)
+            if kind == 3:
+                kw.update(do_not_exit_in_prefill=True, continuous=True)
+            if kind == 4:
+                kw.update(adaptive_prefill=rng.random() < 0.5, init_scale=0.5)
+        kw["kv_sharing"] = rng.choice(["full", "shared", "ring-2"])
+        if rng.random() < 0.4:
+            kw.update(temperature=0.9, top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]))
+        if rng.random() < 0.3:
+            kw["stop"] = [rng.randrange(1, 40)]
+        out.append((prompt, kw))
+    return out
+
+
+def assert_served_equals_alone(model, requests, **engine_kw):
+    engine = Engine(model, **engine_kw)
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    engine.run_until_idle()
+    for req, (p, kw) in zip(served, requests):
+        alone = latentrt.generate(model, p, **kw)
+        assert req.error is None, req.error
+        assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+        assert req.finish_reason == alone.finish_reasons[0]
+        assert req.text == alone.text
+    return engine
+
+
+@pytest.mark.parametrize("scheduler", ["depth", "token", "static"])
+def test_recurrent_requests_equal_generate_alone(scheduler):
+    model = tiny_recurrent(seed=3)
+    engine = assert_served_equals_alone(model, recurrent_requests(36), max_batch=8, scheduler=scheduler)
+    m = engine.metrics
+    assert m.requests == 36 and not engine.resident and engine.program.pool.bytes_in_use() == 0
+    assert m.iterations <= m.launched_rows
+
+
+def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
+    """Depth-level batching launches a row only while its loop runs: waiting rows cost nothing; token-level
+    batching launches the rows that exited until the slowest exits."""
+    model = tiny_recurrent(seed=3)
+    reqs = [
+        (
+            [3 + i, 5, 7],
+            dict(
+                max_new_tokens=6,
+                adaptive=True,
+                num_steps=12,
+                exit_criterion="latent-diff",
+                exit_threshold=0.3,
+                seed=i,
+                default_stops=False,
+            ),
+        )
+        for i in range(8)
+    ]
+    util = {}
+    for scheduler in ("depth", "token"):
+        engine = assert_served_equals_alone(model, reqs, max_batch=4, scheduler=scheduler)
+        util[scheduler] = engine.metrics.utilisation()
+    assert util["token"] < util["depth"]
+    # the depth scheduler launches only rows in their loops; a unit dropped after a stop is the only waste
+    assert util["depth"] == 1.0
+
+
+def test_coconut_requests_equal_generate_alone():
+    model = tiny_coconut(seed=2)
+    rng = random.Random(1)
+    reqs = []
+    for i in range(24):
+        prompt = [rng.randrange(5, 40) for _ in range(rng.randrange(1, 20))]
+        kw = dict(max_new_tokens=rng.randrange(1, 10), num_thoughts=rng.choice([None, 0, 1, 3, 5]), seed=i)
+        if i % 3 == 0:
+            kw.update(temperature=0.7)
+        if i % 4 == 0:
+            kw.update(published_eos=True)
+        reqs.append((prompt, kw))
+    reqs.append(([6, 2, 4, 4, 3, 7, 2, 4, 3, 9], dict(max_new_tokens=4)))  # two thought groups in the prompt
+    for scheduler in ("depth", "token"):
+        engine = assert_served_equals_alone(model, reqs, max_batch=6, scheduler=scheduler)
+        assert engine.program.pool.bytes_in_use() == 0
+
+
+def test_kv_pool_admits_by_the_slots_a_mode_needs():
+    """Full mode at r=8 takes 8 slot rows, shared 1: with 10 slot rows, one full and two shared requests are
+    resident together, a second full one waits; a mode that can never fit is refused at submit."""
+    model = tiny_recurrent(seed=1)
+    engine = Engine(model, max_batch=4, kv_slots=10)
+    kw = dict(max_new_tokens=3, num_steps=8, init_scale=0.0)
+    full = engine.submit([5, 6], kv_sharing="full", **kw)
+    shared = [engine.submit([5, 7], kv_sharing="shared", **kw) for _ in range(2)]
+    full2 = engine.submit([5, 8], kv_sharing="full", **kw)
+    engine.step()
+    assert [r in engine.resident for r in (full, *shared, full2)] == [True, True, True, False]
+    pool = engine.program.pool
+    assert pool.bytes_in_use() == pool.request_bytes(full.decoder.kv_mode) + 2 * pool.request_bytes(
+        shared[0].decoder.kv_mode
+    )
+    engine.run_until_idle()
+    assert (
+        full2.finish_reason == "length"
+        and full2.tokens == latentrt.generate(model, [5, 8], kv_sharing="full", **kw).tokens
+    )
+    with pytest.raises(InputError, match="needs 16 K/V slots"):
+        engine.submit([5], kv_sharing="full", num_steps=16, max_new_tokens=2)
+    with pytest.raises(InputError, match="context per request"):
+        Engine(model, max_len=20).submit([5] * 15, max_new_tokens=8)
+
+
+def test_bad_requests_get_generate_messages():
+    model = tiny_recurrent()
+    engine = Engine(model)
+    for kw in (dict(num_steps=0), dict(exit_criterion="nope"), dict(temperature=-1), dict(kv_sharing="ring-x")):
+        with pytest.raises(InputError) as served:
+            engine.submit([5, 6], **kw)
+        with pytest.raises(InputError) as alone:
+            latentrt.generate(model, [5, 6], **kw)
+        assert str(served.value) == str(alone.value)
+    with pytest.raises(InputError, match="unknown generate"):
+        engine.submit([5], bogus=1)
+    with pytest.raises(InputError, match="one prompt"):
+        engine.submit([[5], [6]])
+    with pytest.raises(InputError, match="hooks"):
+        engine.submit([5], hooks=[lambda e: None])
+
+
+def test_queue_full_and_cancel_frees_the_row():
+    model = tiny_recurrent()
+    engine = Engine(model, max_batch=1, max_queue=2)
+    a = engine.submit([5, 6], max_new_tokens=50, default_stops=False, init_scale=0.0)
+    b = engine.submit([5, 7], max_new_tokens=3, init_scale=0.0)
+    with pytest.raises(QueueFull, match="queue is full"):
+        engine.submit([5], max_new_tokens=2)
+    for _ in range(6):
+        engine.step()
+    assert a in engine.resident and 0 < len(a.tokens) < 50
+    engine.cancel(a)
+    engine.step()
+    assert a.finish_reason == "cancelled" and a not in engine.resident and b in engine.resident
+    engine.run_until_idle()
+    assert b.tokens == latentrt.generate(model, [5, 7], max_new_tokens=3, init_scale=0.0).tokens
+
+
+def test_a_failing_request_fails_alone():
+    """A NaN state fails its request with generate()'s message; the others finish unchanged."""
+    model = tiny_recurrent(seed=3)
+    bad_kw = dict(max_new_tokens=4, init_scale=1e39, seed=1)  # the state overflows fp32
+    with pytest.raises(NonFiniteStateError) as alone:
+        latentrt.generate(model, [5, 6, 7], **bad_kw)
+    reqs = recurrent_requests(6, seed=4)
+    engine = Engine(model, max_batch=4)
+    served = [engine.submit(p, **kw) for p, kw in reqs[:3]]
+    bad = engine.submit([5, 6, 7], **bad_kw)
+    served += [engine.submit(p, **kw) for p, kw in reqs[3:]]
+    engine.run_until_idle()
+    assert bad.finish_reason == "error" and str(bad.error) == str(alone.value)
+    for req, (p, kw) in zip(served, reqs):
+        assert req.tokens == latentrt.generate(model, p, **kw).tokens
+
+
+def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch):
+    model = tiny_recurrent()
+    engine = Engine(model, max_batch=2)
+    a = engine.submit([5, 6], max_new_tokens=3, init_scale=0.0)
+    launch = type(engine.program).launch
+
+    def broken(self, idle):
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(type(engine.program), "launch", broken)
+    engine.step()
+    assert a.finish_reason == "error" and "device fault" in str(a.error)
+    monkeypatch.setattr(type(engine.program), "launch", launch)
+    b = engine.submit([5, 6], max_new_tokens=3, init_scale=0.0)
+    engine.run_until_idle()
+    assert b.tokens == latentrt.generate(model, [5, 6], max_new_tokens=3, init_scale=0.0).tokens
+
+
+def test_streamed_events_spell_the_result():
+    model = tiny_recurrent(seed=3)
+    events = []
+    engine = Engine(model)
+    req = engine.submit("Tom is a cat", max_new_tokens=8, default_stops=False, init_scale=0.0, on_event=events.append)
+    engine.run_until_idle()
+    tokens = [e for e in events if e.kind == "token"]
+    assert [e.token for e in tokens] == req.tokens and [e.steps for e in tokens] == req.steps
+    assert "".join(e.text for e in tokens) == req.text and events[-1].kind == "done"
+
+
+def test_unservable_family_and_bad_engine_options():
+    model = tiny_recurrent()
+    with pytest.raises(InputError, match="scheduler"):
+        Engine(model, scheduler="fifo")
+    with pytest.raises(InputError, match="max_batch"):
+        Engine(model, max_batch=0)
+    with pytest.raises(InputError, match="max_len"):
+        Engine(model, max_len=10_000)
+
+
+def test_pool_gather_equals_the_generate_cache():
+    """One row of the pool and a batch-1 KVCache hold the same K/V after the same request (full mode)."""
+    model = tiny_recurrent(seed=2)
+    kw = dict(
+        max_new_tokens=5,
+        adaptive=True,
+        num_steps=6,
+        exit_criterion="latent-diff",
+        exit_threshold=0.3,
+        init_scale=0.0,
+        kv_sharing="full",
+        default_stops=False,
+    )
+    engine = Engine(model, max_batch=2)
+    req = engine.submit([5, 6, 7], **kw)
+    while len(req.tokens) < 4:
+        engine.step()
+    pool, row = engine.program.pool, req.row
+    gen = latentrt.engine.Generation(model, [5, 6, 7], latentrt.GenerateOptions(**kw))
+    events = gen.events(stream=False)
+    for _ in range(4):
+        next(events)
+    cache, n = gen.decoder.cache, 5  # the prompt and two complete token units in both
+    written = pool.written[row, :n]
+    assert torch.equal(written, cache.written[0, :n]) and int(written.max()) > 1
+    for slot in range(int(written.max())):
+        phys = int(pool.slot_table[row, slot])
+        entries = written > slot  # entries that wrote this slot
+        a = pool.core_k[:, phys, :, :n][:, :, entries]
+        b = cache.core_k[:, slot, 0, :, :n][:, :, entries]
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(pool.plain_k[:, row, :, :n], cache.plain_k[:, 0, :, :n], atol=1e-5)

@@ -1,0 +1,370 @@
+"""The HTTP server on a loopback port, talked to with the official openai client and with raw HTTP: every
+request equals generate() alone, streaming and not, and every fault gets its status and message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+from conftest import WORDS, tiny_coconut, tiny_recurrent
+
+import latentrt
+from latentrt.checkpoint import save_checkpoint
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+from latentrt.serve import Engine  # noqa: E402
+from latentrt.serve.app import create_app  # noqa: E402
+from latentrt.serve.chat import ChatTemplate  # noqa: E402
+
+TEMPLATE = ChatTemplate("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(model, name: str = "tiny", template=None, **engine_kw):
+    """A real uvicorn server on a loopback port, in a thread; yields (base url, engine)."""
+    engine = Engine(model, **engine_kw)
+    app = create_app(engine, name, chat_template=template)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def recurrent_server():
+    model = tiny_recurrent(seed=3)
+    with serving(model, template=TEMPLATE, max_batch=8) as (url, engine):
+        yield url, engine, model
+
+
+def mixed_requests(n: int) -> list[dict]:
+    """Request bodies of mixed prompts (text and ids) and options."""
+    out = []
+    for i in range(n):
+        body = dict(max_tokens=2 + i % 9, temperature=0.0 if i % 3 else 0.8, seed=100 + i)
+        body["prompt"] = (
+            " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + i % 7)) if i % 2 else [5 + i % 30] * (1 + i % 11)
+        )
+        extra = {}
+        if i % 4 == 1:
+            extra.update(adaptive=True, num_steps=3 + i % 8, exit_criterion="latent-diff", exit_threshold=0.3)
+        elif i % 4 == 2:
+            extra.update(adaptive=True, exit_criterion="kl", exit_threshold=1e-3, kv_sharing="shared")
+        elif i % 4 == 3:
+            extra.update(num_steps=1 + i % 5, kv_sharing="ring-2", top_k=5)
+        if i % 5 == 0:
+            extra.update(default_stops=False)
+        body["extra"] = extra
+        out.append(body)
+    return out
+
+
+def generate_alone(model, body: dict):
+    kw = dict(body["extra"], max_new_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"])
+    return latentrt.generate(model, body["prompt"], **kw)
+
+
+# ------------------------------------------------------------------------------ the openai client
+def test_completions_equal_generate_alone(recurrent_server):
+    url, _, model = recurrent_server
+    for body in mixed_requests(6):
+        r = client(url).completions.create(
+            model="tiny",
+            prompt=body["prompt"],
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            seed=body["seed"],
+            extra_body=body["extra"],
+        )
+        alone = generate_alone(model, body)
+        choice = r.choices[0]
+        assert choice.text == alone.text and choice.finish_reason == alone.finish_reasons[0]
+        assert choice.latentrt == {"token_ids": alone.tokens, "steps": alone.steps}
+        assert r.usage.completion_tokens == len(alone.tokens)
+        assert r.usage.latent_iterations == sum(alone.steps)
+
+
+def test_streaming_equals_generate_alone(recurrent_server):
+    url, _, model = recurrent_server
+    body = mixed_requests(6)[5]
+    chunks = list(
+        client(url).completions.create(
+            model="tiny",
+            prompt=body["prompt"],
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            seed=body["seed"],
+            extra_body=body["extra"],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    alone = generate_alone(model, body)
+    tokens = [c.choices[0].latentrt["token_id"] for c in chunks if c.choices and c.choices[0].finish_reason is None]
+    assert tokens == alone.tokens
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text
+    assert chunks[-2].choices[0].finish_reason == alone.finish_reasons[0]
+    assert chunks[-1].usage.completion_tokens == len(alone.tokens)
+
+
+def test_chat_with_the_models_template(recurrent_server):
+    url, _, model = recurrent_server
+    messages = [{"role": "user", "content": "Tom is a cat"}, {"role": "assistant", "content": "yes"}]
+    r = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, seed=4)
+    ids = model.tokenizer.encode("user : Tom is a cat . assistant : yes . ", add_special_tokens=False).ids
+    alone = latentrt.generate(model, ids, max_new_tokens=6, seed=4)
+    assert r.choices[0].message.content == alone.text and r.choices[0].message.role == "assistant"
+    stream = client(url).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0, seed=4, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == alone.text
+
+
+def test_many_concurrent_requests_each_equal_generate_alone(recurrent_server):
+    url, engine, model = recurrent_server
+    bodies = mixed_requests(40)
+    steps_before = engine.metrics.steps
+
+    def one(body):
+        c = client(url)
+        args = dict(
+            model="tiny",
+            prompt=body["prompt"],
+            max_tokens=body["max_tokens"],
+            temperature=body["temperature"],
+            seed=body["seed"],
+            extra_body=body["extra"],
+        )
+        if body["max_tokens"] % 2:  # half of them streamed
+            chunks = list(c.completions.create(stream=True, **args))
+            return [ch.choices[0].latentrt["token_id"] for ch in chunks if ch.choices[0].finish_reason is None]
+        return c.completions.create(**args).choices[0].latentrt["token_ids"]
+
+    with ThreadPoolExecutor(40) as pool:
+        served = list(pool.map(one, bodies))
+    for body, tokens in zip(bodies, served):
+        assert tokens == generate_alone(model, body).tokens, body
+    assert engine.metrics.steps > steps_before and max(engine.metrics.resident, 0) == 0
+
+
+def test_coconut_server_thoughts():
+    model = tiny_coconut(seed=2)
+    with serving(model, max_batch=4) as (url, engine):
+        for k in (0, 2, 4):
+            r = client(url).completions.create(
+                model="tiny", prompt="Tom is a cat", max_tokens=5, temperature=0, extra_body={"num_thoughts": k}
+            )
+            alone = latentrt.generate(model, "Tom is a cat", max_new_tokens=5, num_thoughts=k)
+            assert r.choices[0].latentrt["token_ids"] == alone.tokens
+            assert r.usage.latent_iterations == alone.num_thoughts == k
+
+
+# ------------------------------------------------------------------------------ raw HTTP and faults
+def test_routes_and_bad_input(recurrent_server):
+    url, _, model = recurrent_server
+    h = httpx.Client(base_url=url)
+    assert h.get("/health").json()["status"] == "ok"
+    assert h.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    metrics = h.get("/metrics").text
+    for name in (
+        "latentrt_queue_length",
+        "latentrt_resident_sequences",
+        "latentrt_tokens_per_second",
+        "latentrt_iterations_per_token",
+        "latentrt_kv_bytes_in_use",
+    ):
+        assert name in metrics
+
+    def error(body, path="/v1/completions", status=400, raw=None):
+        r = h.post(path, content=raw) if raw is not None else h.post(path, json=body)
+        assert r.status_code == status, r.text
+        return r.json()["error"]["message"]
+
+    assert "not valid JSON" in error(None, raw=b'{"prompt": ')
+    assert "unknown field(s) ['bogus']" in error({"prompt": "a", "bogus": 1})
+    assert "logprobs" in error({"prompt": "a", "logprobs": 3})
+    assert "not served here" in error({"prompt": "a", "model": "gpt-4"}, status=404)
+    # option values: the Python API's messages
+    for extra in ({"num_steps": 0}, {"exit_criterion": "nope"}, {"kv_sharing": "ring-0"}, {"temperature": -1}):
+        with pytest.raises(latentrt.InputError) as api:
+            latentrt.generate(model, "a", **extra)
+        assert error({"prompt": "a", **extra}) == str(api.value)
+    with pytest.raises(latentrt.InputError) as api:
+        latentrt.generate(model, [5] * 90, max_new_tokens=10)
+    assert error({"prompt": [5] * 90, "max_tokens": 10}) == str(api.value)
+    assert "max_new_tokens" in error({"prompt": "a", "max_tokens": 0})
+    assert "messages" in error({"messages": []}, path="/v1/chat/completions")
+
+
+def test_chat_without_a_template_is_400():
+    with serving(tiny_recurrent(), max_batch=2) as (url, _):
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}])
+
+
+def test_queue_full_is_429_with_retry_after():
+    model = tiny_recurrent()
+    gate = threading.Event()
+    with serving(model, max_batch=1, max_queue=1) as (url, engine):
+        step = engine.step
+        engine.step = lambda: (gate.wait(), step())  # a busy device: nothing is admitted until the gate opens
+        h = httpx.Client(base_url=url, timeout=30)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(h.post, "/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            while not engine.queue:
+                time.sleep(0.01)
+            r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+            assert "queue is full (1 requests waiting)" in r.json()["error"]["message"]
+            gate.set()
+            assert first.result().status_code == 200
+
+
+def test_disconnect_mid_stream_frees_the_slot_within_one_step():
+    model = tiny_recurrent()
+    with serving(model, max_batch=2) as (url, engine):
+        cancelled_at = {}
+        cancel = engine.cancel
+
+        def recording_cancel(req):
+            cancelled_at.setdefault(req.id, engine.metrics.steps)
+            cancel(req)
+
+        engine.cancel = recording_cancel
+        body = {"prompt": "a", "max_tokens": 80, "temperature": 0, "stream": True, "default_stops": False}
+        with httpx.Client(base_url=url, timeout=30) as h, h.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            req = engine.resident[0]
+        deadline = time.time() + 10
+        while not req.finished and time.time() < deadline:
+            time.sleep(0.005)
+        assert req.finish_reason == "cancelled" and len(req.tokens) < 80
+        steps_at_finish = req.times["finished_step"]
+        assert steps_at_finish - cancelled_at[req.id] <= 1
+        assert not engine.resident and engine.program.pool.bytes_in_use() == 0
+
+
+def test_a_failing_request_is_500_and_the_others_are_served():
+    model = tiny_recurrent(seed=3)
+    with serving(model, max_batch=4) as (url, _):
+        good = [{"prompt": [5 + i] * (2 + i), "max_tokens": 6, "temperature": 0, "seed": i} for i in range(6)]
+        bad = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "init_scale": 1e39}
+        h = httpx.Client(base_url=url, timeout=60)
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(h.post, "/v1/completions", json=b) for b in good[:3] + [bad] + good[3:]]
+            streamed_bad = pool.submit(h.post, "/v1/completions", json=dict(bad, stream=True))
+        results = [f.result() for f in futures]
+        assert results[3].status_code == 500 and "non-finite latent state" in results[3].json()["error"]["message"]
+        assert streamed_bad.result().status_code == 500
+        for body, r in zip(good, results[:3] + results[4:]):
+            alone = latentrt.generate(model, body["prompt"], max_new_tokens=6, seed=body["seed"])
+            assert r.status_code == 200 and r.json()["choices"][0]["latentrt"]["token_ids"] == alone.tokens
+
+
+@pytest.mark.slow
+def test_cli_serve_drains_on_sigterm(tmp_path):
+    """`latentrt serve` on a checkpoint folder: a streaming request in flight when SIGTERM arrives still
+    gets every token and [DONE]; then the process exits 0."""
+    model = tiny_recurrent(seed=3)
+    save_checkpoint(model, tmp_path / "m", tie_key="lm_head.weight")
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "latentrt.cli",
+            "serve",
+            str(tmp_path / "m"),
+            "--port",
+            str(port),
+            "--backend",
+            "torch",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        body = {
+            "prompt": [5, 6],
+            "max_tokens": 60,
+            "temperature": 0,
+            "stream": True,
+            "default_stops": False,
+            "num_steps": 32,
+            "seed": 7,
+        }
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [first] + list(lines)
+        data = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
+        assert rest[-1] == "data: [DONE]" or rest[-2] == "data: [DONE]"
+        assert data[-1]["choices"][0]["finish_reason"] == "length"
+        tokens = [d["choices"][0]["latentrt"]["token_id"] for d in data if d["choices"][0]["finish_reason"] is None]
+        assert (
+            tokens
+            == latentrt.generate(model, [5, 6], max_new_tokens=60, default_stops=False, num_steps=32, seed=7).tokens
+        )
+        # uvicorn re-raises the signal once drained (so supervisors see it): killed by SIGTERM, nothing lost
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "serving" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_serve_errors():
+    from latentrt.cli import main
+
+    assert main(["serve", "builtin:nope"]) == 2
+    assert main(["serve", "--max-batch", "0", "builtin:recurrent"]) == 2
