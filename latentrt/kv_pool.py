@@ -47,6 +47,23 @@ class RaggedChunk:
     def size(self) -> int:
         return self.n
 
+    def subset(self, members: list[int]) -> RaggedChunk:
+        """The chunk of some of its rows (``members``: indices into ``rows``)."""
+        ix = torch.tensor(members, device=self.rows.device)
+        pick = RaggedChunk(
+            self.rows[ix],
+            [self.starts[i] for i in members],
+            self.n,
+            self.end,
+            self.q_idx[ix],
+            self.positions[ix],
+            self.mask[ix],
+            self.valid[ix],
+        )
+        if self.iterations is not None:
+            pick.iterations = self.iterations[ix]
+        return pick
+
 
 class KVPool:
     """Rows of K/V storage for resident requests (see module docstring)."""
@@ -66,6 +83,7 @@ class KVPool:
         self.slot_table = torch.zeros(rows, self.max_slots, dtype=torch.long, device=device)
         self.slots = torch.ones(rows, dtype=torch.long, device=device)  # each row's KV-mode slots
         self.lengths = [0] * rows  # host: entries filled per row
+        self.extent = [0] * rows  # host: entries written per row (padding of a ragged chunk included)
         self.held: dict[int, list[int]] = {}  # row -> the slot rows it holds
         self.free_rows = list(range(rows))
         self.free_slot_rows = list(range(self.slot_rows))
@@ -122,14 +140,14 @@ class KVPool:
         self.valid[row] = False
         self.written[row] = 0
         self.n_valid[row] = 0
-        self.lengths[row] = 0
+        self.lengths[row] = self.extent[row] = 0
         return row
 
     def release(self, row: int) -> None:
         """Give a request's row and slot rows back, zeroed where it wrote: a batch's attention covers every
         row's keys up to its longest row, masked, and a masked NaN left by a failed request would still
         poison the product (0 x NaN)."""
-        n, held = self.lengths[row], self.held[row]
+        n, held = self.extent[row], self.held[row]
         for buf in (self.plain_k, self.plain_v):
             buf[:, row, :, :n] = 0
         if held:
@@ -139,20 +157,28 @@ class KVPool:
         self.free_rows = sorted(self.free_rows + [row])
 
     # ---------------------------------------------------------------- timelines
-    def begin(self, rows: list[int], n: int) -> RaggedChunk:
-        """Reserve the next ``n`` entries of each row (real tokens) and describe them."""
+    def begin(self, rows: list[int], n: int, lengths: list[int] | None = None) -> RaggedChunk:
+        """Reserve the next ``n`` entries of each row and describe them; with ``lengths``, row ``rows[i]``
+        holds ``lengths[i]`` real tokens, the rest of its ``n`` entries are padding (masked for every query,
+        invalid in ``chunk.valid``, written over by the row's next entries)."""
+        lengths = [n] * len(rows) if lengths is None else list(lengths)
         starts = [self.lengths[r] for r in rows]
-        for r, s in zip(rows, starts):
+        for r, s, m in zip(rows, starts, lengths):
             if s + n > self.max_len:
                 raise RuntimeError(f"KV pool row {r} overflow: {s + n} positions > {self.max_len}")
-            self.lengths[r] = s + n
+            self.lengths[r] = s + m
+            self.extent[r] = max(self.extent[r], s + n)
         idx = torch.tensor(rows, device=self.device)
-        q_idx = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
-        self.valid[idx[:, None], q_idx] = True
+        steps = torch.arange(n, device=self.device)
+        q_idx = torch.tensor(starts, device=self.device)[:, None] + steps
+        real = steps[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        self.valid[idx[:, None], q_idx] = real
         self.written[idx[:, None], q_idx] = 0
-        positions = self.n_valid[idx][:, None] + torch.arange(n, device=self.device)
-        self.n_valid[idx] += n
-        return self._chunk(idx, starts, n, q_idx, positions)
+        positions = self.n_valid[idx][:, None] + steps
+        self.n_valid[idx] += torch.tensor(lengths, device=self.device)
+        chunk = self._chunk(idx, starts, n, q_idx, positions)
+        chunk.valid = real
+        return chunk
 
     def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
         """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model

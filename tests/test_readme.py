@@ -7,8 +7,11 @@ as long (training all four built-in models) runs here in its quick form, named i
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,12 +47,19 @@ def test_the_first_lines_are_the_two_commands_a_newcomer_types():
     assert "python -m pytest" in CI
 
 
+SERVER_URL = "http://127.0.0.1:8000"  # the serving section's blocks talk to the server it starts
+
+
+def _is_client(code: str) -> bool:
+    return SERVER_URL in code
+
+
 def test_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     ran = 0
     for kind, code in BLOCKS:
-        if kind == "python":
+        if kind == "python" and not _is_client(code):
             exec(compile(code, "README.md", "exec"), namespace)
             ran += 1
     assert ran >= 2
@@ -57,6 +67,53 @@ def test_python_blocks_run(tmp_path, monkeypatch):
 
 SHELL = [c for kind, code in BLOCKS[1:] if kind == "bash" for c in _commands(code)]
 SHELL += [c for c in _commands(BLOCKS[0][1]) if c.startswith("latentrt ")]
+SERVE = [c for c in SHELL if c.startswith("latentrt serve ")]
+RAY = [c for c in SHELL if c.startswith("python -m latentrt.serve.ray ")]  # run by tests/test_serve_ray.py
+CURL = [c for c in SHELL if c.startswith("curl ")]
+SHELL = [c for c in SHELL if c not in SERVE + RAY + CURL]
+
+
+def test_serving_blocks_run(tmp_path):
+    """The README's server command starts; its curl command and Python client block get answers from it."""
+    import httpx
+
+    assert len(SERVE) == 1 and CURL and RAY
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "latentrt.cli", *shlex.split(SERVE[0])[1:]]
+    argv = [a if a != "8000" else str(port) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.3)
+        for command in CURL:
+            res = subprocess.run(
+                shlex.split(command.replace(SERVER_URL, url)), capture_output=True, text=True, timeout=120
+            )
+            assert res.returncode == 0 and '"choices"' in res.stdout, (command, res.stdout, res.stderr)
+        clients = [code for kind, code in BLOCKS if kind == "python" and _is_client(code)]
+        assert clients
+        for code in clients:
+            exec(compile(code.replace(SERVER_URL, url), "README.md", "exec"), {})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("command", SHELL)

@@ -1,20 +1,33 @@
-"""Scale-out: two CPU replicas of a built-in model under Ray Serve, the same OpenAI routes through Ray's
-proxy, each answer equal to generate() alone, both replicas serving."""
+"""Scale-out: the README's Ray Serve command (two CPU replicas of a built-in model) serves the same OpenAI
+routes through Ray's proxy, each answer equal to generate() alone, both replicas serving."""
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 import latentrt
 
 ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_COMMAND = next(
+    c
+    for c in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    if "latentrt.serve.ray" in c
+).strip()
 
 
 def free_port() -> int:
@@ -24,24 +37,29 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_replicas_behind_rays_proxy():
-    from latentrt.serve.ray import application
-
+def test_readme_ray_command_serves_two_replicas(tmp_path):
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    argv = shlex.split(RAY_COMMAND.replace("--port 8000", f"--port {port}"))
+    assert argv[:3] == ["python", "-m", "latentrt.serve.ray"] and "--replicas" in argv
+    argv = [sys.executable, *argv[1:], "--num-cpus", "0.5", "--backend", "torch", "--max-batch", "4"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    log = open(tmp_path / "ray.log", "w")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            application("builtin:recurrent", replicas=2, num_cpus=0.5, backend="torch", max_batch=4), route_prefix="/"
-        )
-        url = f"http://127.0.0.1:{port}"
-        pids = set()
-        deadline = time.time() + 60
+        pids, deadline = set(), time.time() + 150
         while len(pids) < 2 and time.time() < deadline:  # the proxy spreads requests over both replicas
-            r = httpx.get(url + "/health", timeout=30)
-            assert r.status_code == 200
-            pids.add(r.json()["pid"])
-        assert len(pids) == 2
+            assert proc.poll() is None, (tmp_path / "ray.log").read_text()[-3000:]
+            try:
+                r = httpx.get(url + "/health", timeout=30)
+                if r.status_code == 200:
+                    pids.add(r.json()["pid"])
+                    continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert len(pids) == 2, (tmp_path / "ray.log").read_text()[-3000:]
         model = latentrt.load("builtin:recurrent", backend="torch")
         questions = ["Tom is a wumpus . Every wumpus is a yumpus . Is Tom a yumpus or dumpus ?"] * 3 + [
             "Sally is a lempus . Is Sally a lempus or zumpus ?"
@@ -65,5 +83,9 @@ def test_two_replicas_behind_rays_proxy():
             assert a.choices[0].latentrt == {"token_ids": alone.tokens, "steps": alone.steps}
             assert a.choices[0].text == alone.text
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

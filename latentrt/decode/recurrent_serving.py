@@ -8,9 +8,11 @@ whose criterion is met, or which ran its r_max, has ended: its head gives the lo
 samples, and the next token's prelude enters the next launch. Rows of different requests never mix: a
 request's tokens and steps are those of ``generate()`` for it alone.
 
-A prompt is one unit of many positions (its own loop, advanced an iteration per launch beside the
-decode rows, so a long prompt costs one iteration's work per step rather than stalling decode for a
-whole prefill); with ``adaptive_prefill`` each prompt position is a unit of its own, as in generate().
+A prompt is one unit of many positions. The prompts admitted in one step form a group: one loop over
+their positions, right-padded to the longest (padding masked, never a key), advanced an iteration per
+launch beside the decode rows, so a long prompt costs one iteration's work per step rather than stalling
+decode for a whole prefill, and prompts arriving together share their launches; with ``adaptive_prefill``
+each prompt position is a unit of its own, as in generate().
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ from .serving import Ended, ServingProgram, ones
 
 
 @dataclass
-class _Prompt:
-    """A prompt unit: its own loop over the prompt's positions."""
+class _PromptGroup:
+    """Prompts admitted together: one loop over their positions (member i: pool row ``rows[i]``, its
+    first ``lengths[i]`` positions real), ``live`` the members still in their loop."""
 
     loop: LatentLoop
-    e: Tensor  # [1, n, d] prelude output
-    chunk: object  # the pool chunk of its positions
+    e: Tensor  # [R, n, d] prelude output
+    chunk: object  # the pool chunk of their positions
     rope: tuple
+    rows: list[int]
+    lengths: list[int]
+    live: list[int]
+
+    def member(self, row: int) -> int:
+        return self.rows.index(row)
 
 
 @dataclass
@@ -56,10 +65,11 @@ class RecurrentServing(ServingProgram):
         self.requests: dict[int, _Request] = {}  # row -> its request
         self.starting: dict[int, tuple[Tensor, LoopSpec]] = {}  # row -> (token, spec) of a unit to begin
         self.running: set[int] = set()  # rows whose one-position unit is in its loop
-        self.prompts: dict[int, _Prompt] = {}  # row -> its prompt unit
+        self.admitted: list[int] = []  # rows whose prompt begins at the next launch
+        self.groups: list[_PromptGroup] = []  # prompts in their loops
         self.results: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (logits [V], flags) of an ended unit
         self._launched: list[int] = []
-        self._launched_prompts: list[int] = []
+        self._launched_prompts: list[tuple[_PromptGroup, int]] = []  # (group, member) per prompt row launched
 
     # ---------------------------------------------------------------- units begin
     def admit(self, request) -> None:
@@ -67,18 +77,36 @@ class RecurrentServing(ServingProgram):
         rec = self.requests[row] = _Request(request)
         self.loop.specs[row], self.loop.t[row] = dec.spec, 0  # the row's decode loop: inactive until a token
         self.entry[row] = 0
-        ids = request.batch.ids[0]
         if dec.adaptive_prefill:  # every prompt position its own unit (generate's _prefill_by_token)
-            rec.prompt_left = ids.tolist()
+            rec.prompt_left = request.batch.ids[0].tolist()
             self._next_prompt_position(rec)
-            return
+        else:
+            self.admitted.append(row)
+
+    def _begin_prompts(self) -> None:
+        """The prompts admitted since the last launch become one group: preludes batched over their
+        positions, right-padded; each loop starts from the initial state generate() would draw for it."""
+        rows, self.admitted = self.admitted, []
         model = self.model
-        chunk = self.pool.begin([row], ids.shape[0])
+        ids = [self.requests[r].request.batch.ids[0] for r in rows]
+        lengths = [len(x) for x in ids]
+        n = max(lengths)
+        padded = torch.stack([torch.nn.functional.pad(x, (0, n - len(x))) for x in ids])
+        chunk = self.pool.begin(rows, n, lengths)
         rope = model.rope(chunk)
-        e = model.prelude(ids[None], self.pool, chunk, rope)
-        loop = LatentLoop(1, tuple(e.shape[1:]), self.vocab, e.device, e.dtype)
-        loop.start(Rows.all(1), dec.prefill_spec, self._initial_state(rec, e))
-        self.prompts[row] = _Prompt(loop, e, chunk, rope)
+        e = model.prelude(padded, self.pool, chunk, rope)
+        loop = LatentLoop(len(rows), tuple(e.shape[1:]), self.vocab, e.device, e.dtype)
+        s0 = torch.zeros_like(e)
+        for i, (r, m) in enumerate(zip(rows, lengths)):
+            s0[i, :m] = self._initial_state(self.requests[r], e[i : i + 1, :m])[0]
+        by_spec: dict[LoopSpec, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_spec.setdefault(self.requests[r].request.decoder.prefill_spec, []).append(i)
+        for spec, members in by_spec.items():
+            whole = len(members) == len(rows)
+            at = slice(None) if whole else torch.tensor(members, device=e.device)
+            loop.start(Rows.all(len(rows)) if whole else Rows(members, 0, e.device), spec, s0[at])
+        self.groups.append(_PromptGroup(loop, e, chunk, rope, rows, lengths, list(range(len(rows)))))
 
     def _next_prompt_position(self, rec: _Request) -> None:
         token = torch.tensor(rec.prompt_left.pop(0), device=self.model.device)
@@ -119,15 +147,18 @@ class RecurrentServing(ServingProgram):
 
     # ---------------------------------------------------------------- one step
     def launch(self, idle: list) -> Tensor:
+        if self.admitted:
+            self._begin_prompts()
         if self.starting:
             self._begin_units()
-        self._launched = sorted(self.running | {r.row for r in idle if r.row not in self.prompts})
+        prompt_rows = {g.rows[i] for g in self.groups for i in g.live}
+        self._launched = sorted(self.running | {r.row for r in idle if r.row not in prompt_rows})
         flags = []
         if self._launched:
             flags.append(self._iterate(Rows(self._launched, 0, self.model.device)))
-        self._launched_prompts = sorted(self.prompts)
-        for row in self._launched_prompts:
-            flags.append(self._iterate_prompt(self.prompts[row]))
+        self._launched_prompts = [(g, i) for g in self.groups for i in g.live]
+        for group in self.groups:
+            flags.append(self._iterate_prompts(group))
         self.launched_rows = len(self._launched) + len(self._launched_prompts)
         return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
@@ -152,18 +183,33 @@ class RecurrentServing(ServingProgram):
             loop.check(without, None, self._valid(without))
         return loop.active[ix]
 
-    def _iterate_prompt(self, unit: _Prompt) -> Tensor:
-        model, loop, chunk = self.model, unit.loop, unit.chunk
-        rows = Rows.all(1)
-        chunk.iterations = torch.tensor([loop.t[0]], device=model.device)
-        self.pool.mark_iteration(chunk, None, loop.active)
-        loop.advance(rows, model.core_iteration(loop.s, unit.e, self.pool, chunk, None, loop.active, unit.rope))
+    def _part(self, group: _PromptGroup, rows: Rows) -> tuple:
+        """The pool chunk and RoPE tables of some members of a group (``rows``: member indices)."""
+        if len(rows) == len(group.rows):
+            return group.chunk, group.rope
+        return group.chunk.subset(rows.list), (group.rope[0][rows.index], group.rope[1][rows.index])
+
+    def _iterate_prompts(self, group: _PromptGroup) -> Tensor:
+        """One core iteration of a group's live prompts, then their checks. Returns [live] still looping."""
+        model, loop = self.model, group.loop
+        whole = len(group.live) == len(group.rows)
+        rows = Rows.all(len(group.rows)) if whole else Rows(group.live, 0, model.device)
+        chunk, rope = self._part(group, rows)
+        ix = rows.index
+        chunk.iterations = torch.tensor([loop.t[i] for i in rows.list], device=model.device)
+        active = loop.active[ix]
+        self.pool.mark_iteration(chunk, None, active)
+        loop.advance(rows, model.core_iteration(loop.s[ix], group.e[ix], self.pool, chunk, None, active, rope))
         with_logits, without = loop.checking(rows)
         if len(with_logits):
-            loop.check(rows, self._prompt_head(unit, loop.active), chunk.valid)
-        elif len(without):
-            loop.check(rows, None, chunk.valid)
-        return loop.active
+            loop.check(
+                with_logits,
+                self._prompt_head(group, with_logits, loop.active[with_logits.index]),
+                group.chunk.valid[with_logits.index],
+            )
+        if len(without):
+            loop.check(without, None, group.chunk.valid[without.index])
+        return loop.active[ix]
 
     def _valid(self, rows: Rows) -> Tensor:
         return ones(len(rows), self.model.device)[:, None]
@@ -174,22 +220,26 @@ class RecurrentServing(ServingProgram):
         s = self.loop.s[rows.index]
         return self.model.head(s, self.pool, chunk, active, self.model.rope(chunk), last_only=True)[:, -1]
 
-    def _prompt_head(self, unit: _Prompt, active: Tensor) -> Tensor:
-        return self.model.head(unit.loop.s, self.pool, unit.chunk, active, unit.rope, last_only=True)[:, -1]
+    def _prompt_head(self, group: _PromptGroup, rows: Rows, active: Tensor) -> Tensor:
+        """Logits [R, V] at the last real position of the prompts of ``rows`` (members of ``group``); the
+        coda's K/V written for ``active``."""
+        chunk, rope = self._part(group, rows)
+        last = torch.tensor([group.lengths[i] - 1 for i in rows.list], device=self.model.device)
+        return self.model.head(group.loop.s[rows.index], self.pool, chunk, active, rope, at=last)[:, -1]
 
     # ---------------------------------------------------------------- units end
     def ended(self, flags: list) -> list[Ended]:
-        still = dict(zip(self._launched + self._launched_prompts, flags))
+        still = dict(zip(self._launched + [(id(g), i) for g, i in self._launched_prompts], flags))
         done = [r for r in self._launched if r in self.running and (not still[r] or self.loop.at_end(r))]
         out = []
         if done:
             out += self._end_units(done)
-        for row in self._launched_prompts:
-            unit = self.prompts.get(row)
-            if unit is None:  # retired since the launch
-                continue
-            if not still[row] or unit.loop.at_end(0):
-                out.append(self._end_prompt(row, unit))
+        for group in self.groups:
+            ran = [i for i in group.live if (id(group), i) in still]
+            done = [i for i in ran if not still[(id(group), i)] or group.loop.at_end(i)]
+            if done:
+                out += self._end_prompts(group, done)
+        self.groups = [g for g in self.groups if g.live]
         return out
 
     def _end_units(self, rows_l: list[int]) -> list[Ended]:
@@ -214,15 +264,22 @@ class RecurrentServing(ServingProgram):
             out.append(Ended(rec.request, self.loop.t[r]))
         return out
 
-    def _end_prompt(self, row: int, unit: _Prompt) -> Ended:
-        loop = unit.loop
-        logits = loop.final_logits(Rows.all(1), lambda _: self._prompt_head(unit, ones(1, self.model.device)))
-        flags = nonfinite_flags(loop.s, unit.chunk.valid, logits, ones(1, self.model.device))
-        self.last[row] = loop.s[0, -1:]
-        self.requests[row].has_state = True
-        self.results[row] = (logits[0], flags[0])
-        del self.prompts[row]
-        return Ended(self.requests[row].request, loop.t[0])
+    def _end_prompts(self, group: _PromptGroup, members: list[int]) -> list[Ended]:
+        """Logits of prompts whose loop ended (rule 5), their last real states kept for ``continuous``."""
+        loop, dev = group.loop, self.model.device
+        rows = Rows(members, 0, dev)
+        logits = loop.final_logits(rows, lambda sub: self._prompt_head(group, sub, ones(len(sub), dev)))
+        valid = group.chunk.valid[rows.index]
+        flags = nonfinite_flags(loop.s[rows.index], valid, logits, ones(len(members), dev))
+        out = []
+        for j, i in enumerate(members):
+            row = group.rows[i]
+            group.live.remove(i)
+            self.last[row] = loop.s[i, group.lengths[i] - 1 : group.lengths[i]]
+            self.requests[row].has_state = True
+            self.results[row] = (logits[j], flags[j])
+            out.append(Ended(self.requests[row].request, loop.t[i]))
+        return out
 
     def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
         got = [self.results.pop(e.request.row) for e in ended]
@@ -232,7 +289,11 @@ class RecurrentServing(ServingProgram):
         row = request.row
         self.requests.pop(row, None)
         self.starting.pop(row, None)
-        self.prompts.pop(row, None)
+        self.admitted = [r for r in self.admitted if r != row]
+        for group in self.groups:  # a retired prompt leaves its group's loop
+            if row in group.rows and group.member(row) in group.live:
+                group.live.remove(group.member(row))
+        self.groups = [g for g in self.groups if g.live]
         self.results.pop(row, None)
         self.running.discard(row)
         self.loop.active[row] = False

@@ -353,14 +353,19 @@ class RecurrentDepthLM(LatentModel):
         active: Tensor | None,
         rope: tuple[Tensor, Tensor],
         last_only: bool = False,
+        at: Tensor | None = None,
     ) -> Tensor:
-        """ln_f -> coda -> ln_f (same weights) -> lm_head; fp32 logits. Coda K/V written for ``active``."""
+        """ln_f -> coda -> ln_f (same weights) -> lm_head; fp32 logits. Coda K/V written for ``active``.
+        ``last_only``: logits of the last position only ([B, 1, V]); ``at`` [B]: of each row's position
+        ``at[b]`` (right-padded prompts of a server's batch)."""
         x = self.transformer.ln_f(s)
         base = self.config.n_layers_in_prelude
         for i, block in enumerate(self.transformer.coda):
             x = block(x, *rope, chunk.mask, lambda k, v, i=i: cache.plain(base + i, k, v, chunk, active))
         x = self.transformer.ln_f(x)
-        if last_only:
+        if at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()
 

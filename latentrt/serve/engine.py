@@ -242,6 +242,7 @@ class Engine:
         t0 = time.perf_counter()
         self._drop_cancelled()
         admitted = self._admit()
+        t_program = time.perf_counter()
         for req in admitted:
             try:
                 self.program.admit(req)
@@ -249,11 +250,13 @@ class Engine:
             except LatentRTError as exc:
                 self._fail(req, exc)
         self._start_units()
+        program = time.perf_counter() - t_program  # the program's work (begin units): computation, not scheduling
         idle = [r for r in self.resident if not r.in_unit] if self.scheduler != "depth" else []
         try:
             t1 = time.perf_counter()
             flags = self.program.launch(idle)
-            # the step's one device -> host read: which units ended, and last step's sampled tokens
+            # the step's one device -> host read: which units ended, and last step's sampled tokens (the
+            # program's work and sampling count as computation, the rest of the step as scheduling)
             parts = [flags.long().reshape(-1)]
             if self._sampled is not None:
                 parts += [self._sampled.to(flags.device), self._sampled_flags.to(flags.device)]
@@ -261,14 +264,14 @@ class Engine:
             n = flags.numel()
             t2 = time.perf_counter()
             self._take_tokens(host[n:])
-            ended = [e for e in self.program.ended(host[:n]) if not e.request.finished]
             t3 = time.perf_counter()
+            ended = [e for e in self.program.ended(host[:n]) if not e.request.finished]
             self._sample(ended)
             t4 = time.perf_counter()
         except Exception as exc:  # a fault no single request can be blamed for: fail the resident ones, go on
             self._reset(exc)
             return
-        self.metrics.step(t4 - t0, (t2 - t1) + (t4 - t3), self.program.launched_rows, self)
+        self.metrics.step(t4 - t0, program + (t2 - t1) + (t4 - t3), self.program.launched_rows, self)
 
     def _reset(self, exc: Exception) -> None:
         """After an unexpected error inside a launch: every resident request fails with it and the program

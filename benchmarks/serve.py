@@ -1,0 +1,227 @@
+"""Serving load generator: one Poisson trace, three schedulers (``python -m benchmarks.serve``).
+
+The trace: ProsQA-style questions (latentrt.train.data) of mixed lengths, arriving as a Poisson process,
+each with its own options (new tokens, greedy or seeded sampling) and one exit criterion and threshold for
+all. The same trace is replayed in real time against a fresh ``Engine`` per scheduler (``static``: batches
+that wait for their slowest sequence; ``token``: continuous batching at token granularity; ``depth``:
+continuous batching at iteration granularity), the engine stepping on this thread, and each run reports
+throughput (tokens/s, requests/s), TTFT and inter-token latency p50/p99, latent iterations per token, slot
+utilisation (iterations needed / row-iterations executed) and scheduler overhead (host share of step time).
+
+The theoretical bound of depth-level over token-level batching for the trace: with B rows in lockstep a
+token costs the deepest of the B rows' loops, with depth-level batching its own, so at full batches the
+gain is at most E[max of B depths] / E[depth], estimated from the depths the depth run recorded.
+
+``--shape huginn`` (for a GPU) serves a random-weight model at Huginn-0125's shape, whose exit depths are
+those recorded from the built-in model on the same trace, replayed (benchmarks/replay_exit.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+import latentrt
+from latentrt.families import build_model, parse_config
+from latentrt.serve.engine import SCHEDULERS, Engine
+from latentrt.train.data import generate_dataset
+
+from . import replay_exit
+from .run import environment
+from .suites import HUGINN_0125, TINY_RECURRENT
+
+SHAPES = {"huginn": HUGINN_0125, "tiny": TINY_RECURRENT}  # random-weight models with replayed depths
+
+
+@dataclass
+class TraceRequest:
+    arrival: float  # seconds after the start
+    prompt: str | list[int]
+    options: dict = field(default_factory=dict)
+
+
+def make_trace(
+    n: int, rate: float, seed: int, criterion: str, threshold: float, num_steps: int, new_tokens=(4, 8, 12, 16)
+) -> list[TraceRequest]:
+    """``n`` questions arriving at ``rate`` per second (Poisson), mixed lengths (difficulty 1-4) and options."""
+    rng = random.Random(seed)
+    questions = [r.question for r in generate_dataset(n, seed=seed)]
+    rng.shuffle(questions)
+    trace, t = [], 0.0
+    for i, q in enumerate(questions):
+        t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
+        opts = dict(
+            max_new_tokens=rng.choice(new_tokens),
+            adaptive=True,
+            num_steps=num_steps,
+            exit_criterion=criterion,
+            exit_threshold=threshold,
+        )
+        if rng.random() < 0.3:
+            opts.update(temperature=0.8, top_k=20, seed=1000 + i)
+        trace.append(TraceRequest(t, q, opts))
+    return trace
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max_len: int = 256) -> dict:
+    """Serve ``trace`` in real time with one scheduler; the figures of the run and every request's depths."""
+    max_len = min(max_len, model.config.block_size)
+    slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
+    warm = Engine(
+        model, max_batch=max_batch, max_len=max_len, kv_slots=slots, scheduler=scheduler
+    )  # first launches (allocations, kernels)
+    warm.submit(trace[0].prompt, **trace[0].options)
+    warm.run_until_idle()
+    del warm
+    engine = Engine(
+        model, max_batch=max_batch, max_len=max_len, kv_slots=slots, max_queue=len(trace) + 1, scheduler=scheduler
+    )
+    requests, i = [], 0
+    start = time.perf_counter()
+    while i < len(trace) or engine.busy:
+        now = time.perf_counter() - start
+        while i < len(trace) and trace[i].arrival <= now:
+            requests.append(engine.submit(trace[i].prompt, **trace[i].options))
+            i += 1
+        if engine.busy:
+            engine.step()
+        elif i < len(trace):
+            time.sleep(max(0.0, trace[i].arrival - (time.perf_counter() - start)))
+    wall = time.perf_counter() - start
+    failed = [r for r in requests if r.finish_reason not in ("stop", "length")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed under {scheduler}: {failed[0].error!r}")
+    m = engine.metrics
+    tokens = sum(len(r.steps) for r in requests)
+    return {
+        "scheduler": scheduler,
+        "requests": len(requests),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": len(requests) / wall,
+        "ttft_p50_ms": 1e3 * percentile(m.ttft, 50),
+        "ttft_p99_ms": 1e3 * percentile(m.ttft, 99),
+        "itl_p50_ms": 1e3 * percentile(m.itl, 50),
+        "itl_p99_ms": 1e3 * percentile(m.itl, 99),
+        "iterations_per_token": sum(sum(r.steps) for r in requests) / max(tokens, 1),
+        "slot_utilisation": m.utilisation(),
+        "scheduler_overhead": m.overhead(),
+        "steps": m.steps,
+        "step_ms": 1e3 * m.step_seconds / max(m.steps, 1),
+        "depths": [d for r in requests for d in r.steps],
+        "outputs": [r.tokens for r in requests],
+    }
+
+
+def lockstep_bound(depths: list[int], rows: int, samples: int = 20000, seed: int = 0) -> float:
+    """E[max of ``rows`` depths] / E[depth], the depths drawn from ``depths``: what depth-level batching can
+    gain over token-level batching at full batches of ``rows``."""
+    if not depths:
+        return float("nan")
+    rng = random.Random(seed)
+    mean_max = statistics.fmean(max(rng.choices(depths, k=rows)) for _ in range(samples))
+    return mean_max / statistics.fmean(depths)
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """A random-weight model of a named shape (Huginn-0125's: 7 GB in bf16; ``tiny``: the CPU test's)."""
+    return build_model(parse_config(dict(SHAPES[shape])), device=device, dtype=dtype, seed=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin:recurrent", help="model to serve (and to record depths from)")
+    p.add_argument(
+        "--shape", choices=["model", *SHAPES], default="model", help="huginn/tiny: random weights, replayed depths"
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--rate", type=float, default=200.0, help="arrivals per second (Poisson; inf: all at once)")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--criterion", default="kl")
+    p.add_argument("--threshold", type=float, default=1e-5)
+    p.add_argument("--num-steps", type=int, default=32)
+    p.add_argument("--schedulers", default=",".join(SCHEDULERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument("--quick", action="store_true", help="a short trace (smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.max_batch = min(args.requests, 10), min(args.max_batch, 4)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    schedulers = args.schedulers.split(",")
+    unknown = set(schedulers) - set(SCHEDULERS)
+    if unknown:
+        p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)}")
+
+    trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps)
+    model = latentrt.load(args.model, device=device)
+    runs = {s: replay(model, trace, s, args.max_batch) for s in schedulers}
+    recorded = runs[schedulers[0]]["depths"]
+    differ = sum(len({json.dumps(r["outputs"][i]) for r in runs.values()}) > 1 for i in range(len(trace)))
+    if differ:  # a request's output is the same under every scheduler unless rounding flips an exit (README)
+        print(f"note: {differ} of {len(trace)} requests' tokens differ between schedulers", file=sys.stderr)
+    source = args.model
+    if args.shape != "model":  # the same trace on a random-weight model of that shape, the depths replayed
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        del model
+        model = random_model(args.shape, device, dtype)
+        vocab = model.config.vocab_size
+        with replay_exit.registered(recorded, seed=args.seed) as name:
+            replayed = [
+                TraceRequest(
+                    r.arrival,
+                    [zlib.crc32(w.encode()) % (vocab - 1) + 1 for w in str(r.prompt).split()],  # ids of the same length
+                    dict(r.options, exit_criterion=name, exit_threshold=0.0, num_steps=max(recorded)),
+                )
+                for r in trace
+            ]
+            runs = {s: replay(model, replayed, s, args.max_batch) for s in schedulers}
+        source = f"{args.shape} shape, random weights, depths replayed from {args.model}"
+
+    depth_source = runs.get("depth", runs[schedulers[0]])["depths"]
+    bound = lockstep_bound(depth_source, args.max_batch)
+    env = environment(device)
+    print(
+        f"# serving: {source}; {args.requests} requests, Poisson {args.rate}/s, max batch {args.max_batch}, "
+        f"{f'{args.criterion} {args.threshold}' if args.shape == 'model' else 'replay-depths'}, num_steps "
+        f"{args.num_steps}; {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
+    )
+    print(
+        f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "
+        f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}"
+    )
+    cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+    cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms"]
+    print("| scheduler | " + " | ".join(cols) + " | vs token |")
+    print("|" + "---|" * (len(cols) + 2))
+    base = runs.get("token", {}).get("tokens_per_s")
+    for s, r in runs.items():
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {s} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + f" | {ratio} |")
+    if args.out:
+        records = [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()]
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "bound": bound, "runs": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The serving load generator runs its three schedulers on one trace and reports what it promises; the
+replayed-depth criterion exits after exactly the depths it replays. Checks that it runs, not the numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_recurrent
+
+import latentrt
+from benchmarks import replay_exit
+from benchmarks.serve import lockstep_bound, main, make_trace, percentile
+from latentrt.exits import CRITERIA
+
+
+def test_trace_is_poisson_mixed_and_reproducible():
+    a = make_trace(40, 10.0, 3, "kl", 1e-3, 16)
+    assert a == make_trace(40, 10.0, 3, "kl", 1e-3, 16)
+    gaps = [y.arrival - x.arrival for x, y in zip(a, a[1:])]
+    assert all(g >= 0 for g in gaps) and 0.03 < sum(gaps) / len(gaps) < 0.3  # mean 1 / rate
+    assert len({len(r.prompt) for r in a}) > 5 and len({r.options["max_new_tokens"] for r in a}) > 1
+    assert {r.options["exit_criterion"] for r in a} == {"kl"}  # one criterion and threshold for all
+    assert any("temperature" in r.options for r in a) and any("temperature" not in r.options for r in a)
+
+
+def test_lockstep_bound_and_percentiles():
+    assert lockstep_bound([3, 3, 3], 8) == pytest.approx(1.0)
+    assert lockstep_bound([1, 9], 1) == pytest.approx(1.0, abs=0.05)
+    assert lockstep_bound([1, 9], 16) == pytest.approx(9 / 5, rel=0.01)  # the max is 9 almost surely
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 99) == 4
+
+
+def test_replayed_depths_are_the_depths_run():
+    model = tiny_recurrent(seed=1)
+    with replay_exit.registered([2, 5], seed=0) as name:
+        out = latentrt.generate(model, [3, 4, 5], max_new_tokens=12, adaptive=True, exit_criterion=name, num_steps=8)
+        assert set(out.steps) <= {2, 5} and len(set(out.steps)) == 2
+    assert name not in CRITERIA  # registered for the block only
+
+
+@pytest.mark.parametrize("shape", ["model", "tiny"])
+def test_load_generator_smoke(tmp_path, capsys, shape):
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--requests", "6", "--rate", "inf", "--shape", shape, "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "lockstep bound" in printed and "| depth |" in printed and "| static |" in printed
+    record = json.loads(out.read_text())
+    runs = {r["scheduler"]: r for r in record["runs"]}
+    assert set(runs) == {"depth", "token", "static"}
+    for r in runs.values():
+        assert r["requests"] == 6 and r["tokens"] == len(r["depths"]) > 0
+        assert 0 < r["slot_utilisation"] <= 1 and 0 <= r["scheduler_overhead"] < 1
+        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+    # depth-level batching launches a row only while its loop runs
+    assert runs["depth"]["slot_utilisation"] >= runs["token"]["slot_utilisation"]
+    assert record["bound"] >= 1
