@@ -130,6 +130,17 @@ class KVCache:
         self.length = end
         return chunk
 
+    def truncate(self, length: int) -> None:
+        """Forget the entries from ``length`` on (a sampler's drafts, a wavefront's window): the timeline
+        rolls back to its first ``length`` entries; their K/V stay in memory, unreachable, until overwritten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} entries to {length}")
+        self.valid[:, length : self.length] = False
+        self.written[:, length : self.length] = 0
+        self.n_valid = self.valid[:, :length].long().sum(1)
+        self.length = length
+        self.reported = min(self.reported, length)
+
     def reserve(self, n: int = 1) -> int:
         """Reserve the next ``n`` timeline positions on the host only (``begin_at`` does the device-side part
         of ``begin`` for each); returns the first one's index."""

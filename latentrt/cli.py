@@ -40,6 +40,8 @@ GENERATE_FLAGS = {
     "seed": "seed",
     "max_new_tokens": "max_new_tokens",
     "stop": "stop",
+    "decoding": "decoding",
+    "decoding_option": "decoding_options",
 }
 UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate() applies its default
 
@@ -115,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop only on --stop ids, not on eos (nor Huginn's end-of-text / end-of-turn tokens)",
     )
     g.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
+    g.add_argument(
+        "--decoding",
+        default=UNSET,
+        choices=["sequential", "speculative", "wavefront"],
+        help="recurrent models: commit several tokens per pass (README: Samplers)",
+    )
+    g.add_argument(
+        "--decoding-option",
+        action="append",
+        default=UNSET,
+        metavar="KEY=VALUE",
+        help="an option of the --decoding sampler, e.g. lookahead=4 (repeatable; VALUE as JSON, else text)",
+    )
     g.add_argument("--temperature", type=float, default=UNSET)
     g.add_argument("--top-k", type=int, default=UNSET)
     g.add_argument("--top-p", type=float, default=UNSET)
@@ -174,7 +189,21 @@ def _load(args):
 
 def _options(args) -> dict:
     """The generate() options the user gave on the command line."""
-    return {opt: getattr(args, flag) for flag, opt in GENERATE_FLAGS.items() if hasattr(args, flag)}
+    opts = {opt: getattr(args, flag) for flag, opt in GENERATE_FLAGS.items() if hasattr(args, flag)}
+    if "decoding_options" in opts:
+        opts["decoding_options"] = dict(_key_value(item) for item in opts["decoding_options"])
+    return opts
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON (numbers, true/false) or else as text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise InputError(f"--decoding-option takes KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def cmd_generate(args) -> int:
@@ -196,7 +225,7 @@ def cmd_generate(args) -> int:
     else:
         result = generate(model, prompt, **kwargs)
     if args.json:
-        fields = ("tokens", "steps", "text", "kv_bytes", "finish_reasons", "num_thoughts")
+        fields = ("tokens", "steps", "text", "kv_bytes", "finish_reasons", "num_thoughts", "decoding")
         print(json.dumps({f: getattr(result, f) for f in fields}))
         return 0
     texts = result.text if isinstance(result.text, list) else [result.text]

@@ -38,6 +38,7 @@ class GenerationResult:
     backend: str = "torch"
     logits: list | None = None  # with return_logits=True: fp32 next-token logits [n, V] per sequence
     prefill_steps: list | None = None  # with adaptive_prefill: iterations per prompt position, per sequence
+    decoding: dict | None = None  # a multi-token sampler's statistics (decode/speculative.py, wavefront.py)
 
 
 @dataclass
@@ -110,6 +111,9 @@ class Generation:
         self.decoder.rng = self.rng
         self.hooks = hooks
         self.stop_ids = self._stop_ids(options.stop)
+        self.sampler = self.decoder.sampler
+        if self.sampler is not None and B != 1:
+            raise InputError(f"decoding={options.decoding!r} takes one prompt (batch 1), got {B}")
         need = self.batch.ids.shape[1] + options.max_new_tokens
         if need > model.config.block_size:
             raise InputError(
@@ -118,8 +122,10 @@ class Generation:
             )
         per_position = model.cache_layout().bytes_per_position(self.decoder.kv_slots, model.dtype.itemsize)
         what = f"the KV cache ({B} sequences x {need} positions, {self.decoder.kv_slots} slot(s) per looped layer)"
-        check_fits(per_position * B * need, model.device, what, InputError)
-        model.reserve_positions(need)
+        check_fits(per_position * B * need, model.device, what, InputError)  # (+ a sampler's few extra)
+        extra = 0 if self.sampler is None else self.sampler.extra_positions
+        self.cache_len = min(need + extra, model.config.block_size)  # a sampler's drafts / window beyond
+        model.reserve_positions(self.cache_len)
 
     def _stop_ids(self, stop) -> Tensor:
         if not isinstance(self.options.default_stops, bool):
@@ -149,7 +155,7 @@ class Generation:
         so far every token is only worth it for a stream); returns the GenerationResult."""
         opts, decoder = self.options, self.decoder
         B, S = self.batch.ids.shape
-        cache = decoder.new_cache(B, S + opts.max_new_tokens)
+        cache = decoder.new_cache(B, self.cache_len)
         alive = torch.ones(B, dtype=torch.bool, device=self.model.device)
         alive_l = [True] * B
         tokens: list[list[int]] = [[] for _ in range(B)]
@@ -157,12 +163,27 @@ class Generation:
         kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         self._shown = [""] * B
-        out = decoder.prefill(self.batch)
+        proposals = None if self.sampler is None else self.sampler.tokens(self.batch, self._draw)
+        out = decoder.prefill(self.batch) if proposals is None else None
+        stop_set = set(self.stop_ids.tolist())
         for i in range(opts.max_new_tokens):
-            tok = sample(self._in_vocabulary(out.logits), opts.temperature, opts.top_k, opts.top_p, self.rng, alive_l)
-            stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
-            # the one device->host read per token
-            tok_l, used_l, stop_l, flags_l = torch.stack([tok, out.iterations, stopped.long(), out.nonfinite]).tolist()
+            if proposals is None:
+                tok = sample(
+                    self._in_vocabulary(out.logits), opts.temperature, opts.top_k, opts.top_p, self.rng, alive_l
+                )
+                stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
+                # the one device->host read per token
+                tok_l, used_l, stop_l, flags_l = torch.stack(
+                    [tok, out.iterations, stopped.long(), out.nonfinite]
+                ).tolist()
+                logits_l = out.logits
+            else:  # a sampler commits the tokens (one prompt): host values already
+                p = next(proposals, None)
+                if p is None:  # the sampler ended early (its own step limit)
+                    break
+                tok_l, used_l, flags_l, logits_l = [p.token], [p.steps], [p.nonfinite], [p.logits]
+                stop_l = [int(p.token in stop_set and decoder.stops_at(i))]
+                stopped = torch.tensor(stop_l, dtype=torch.bool, device=alive.device)
             self._raise_if_nonfinite(flags_l, i)
             decoder.record(used_l, alive_l)
             kept = [a and (decoder.keep_stop_token or not st) for a, st in zip(alive_l, stop_l)]
@@ -171,7 +192,7 @@ class Generation:
                     tokens[b].append(tok_l[b])
                     steps[b].append(used_l[b])
                     if opts.return_logits:
-                        kept_logits[b].append(out.logits[b].cpu())
+                        kept_logits[b].append(logits_l[b].cpu())
             yield self._event(i, tok_l, used_l, kept, tokens) if stream else None
             for b in range(B):
                 if stop_l[b]:
@@ -181,9 +202,22 @@ class Generation:
             if i + 1 == opts.max_new_tokens or not any(alive_l):
                 break
             self.hooks.token_index = i + 1
-            out = decoder.next_token(tok, alive, alive_l)
+            if proposals is None:
+                out = decoder.next_token(tok, alive, alive_l)
+        if proposals is not None:
+            proposals.close()
         logits_out = [torch.stack(k) if k else torch.zeros(0) for k in kept_logits] if opts.return_logits else None
         return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
+
+    def _draw(self, logits: Tensor) -> Tensor:
+        """Tokens [n] from logits [n, V] of one sequence with the call's sampling settings (a sampler's
+        draws, in order, from the sequence's own generator with a seed)."""
+        o, logits = self.options, self._in_vocabulary(logits)
+        if o.temperature == 0:
+            return logits.argmax(-1)
+        return torch.cat(
+            [sample(logits[j : j + 1], o.temperature, o.top_k, o.top_p, self.rng) for j in range(len(logits))]
+        )
 
     def _in_vocabulary(self, logits: Tensor) -> Tensor:
         """Padding rows of the head (ids >= vocab_size) are never sampled."""
@@ -247,4 +281,5 @@ class Generation:
             backend=self.model.backend.name,
             logits=logits,
             prefill_steps=prefill,
+            decoding=None if self.sampler is None else dict(self.sampler.stats, sampler=self.sampler.NAME),
         )

@@ -12,6 +12,10 @@ Storage is allocated once, when the server starts, and never per token:
   request ``row``'s k-th slot, so a request in shared mode costs a twentieth of one in full mode at r=20
   and the server admits by the bytes a request needs, not by a worst case.
 
+A batch may mix rows of different lengths (prompts admitted together, decode tokens beside prompts):
+its chunk is padded to the longest, and a padding position's query writes its K/V into each row's
+*trash* entry (index ``max_len``), which is never a key, so padding costs compute and nothing else.
+
 The pool is also the cache interface the models' own modules call (``plain`` / ``core`` /
 ``mark_iteration``, as KVCache): for any subset of rows at per-row positions and per-row iterations, with
 the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot t mod K; a query at iteration t
@@ -30,17 +34,19 @@ from .kv_modes import KVMode
 
 @dataclass
 class RaggedChunk:
-    """Timeline entries of some pool rows processed together: row ``rows[i]``'s entries
-    [starts[i], starts[i] + n). The chunk interface of cache.Chunk, per row."""
+    """Timeline entries of some pool rows processed together: row ``rows[i]``'s real entries
+    [starts[i], starts[i] + lengths[i]), padded to ``n`` queries (padding: ``valid`` false, its K/V written
+    to the trash entry). The chunk interface of cache.Chunk, per row."""
 
     rows: Tensor  # [R] pool rows
     starts: list[int]  # host: each row's first entry
-    n: int  # entries per row
+    lengths: list[int]  # host: each row's real entries
+    n: int  # queries per row (the longest row's)
     end: int  # keys cover timeline [0, end): the longest row's end
-    q_idx: Tensor  # [R, n] the entries' timeline indices
+    q_idx: Tensor  # [R, n] the entries' timeline indices (the trash entry for padding)
     positions: Tensor  # [R, n] model positions (RoPE / wpe)
     mask: Tensor  # [R, 1, n, end] bool: which keys each query attends to
-    valid: Tensor  # [R, n] bool
+    valid: Tensor  # [R, n] bool: real queries
     iterations: Tensor | None = None  # [R] the core iteration each row runs (set per iteration)
 
     @property
@@ -49,10 +55,13 @@ class RaggedChunk:
 
     def subset(self, members: list[int]) -> RaggedChunk:
         """The chunk of some of its rows (``members``: indices into ``rows``)."""
+        if len(members) == len(self.starts):
+            return self
         ix = torch.tensor(members, device=self.rows.device)
         pick = RaggedChunk(
             self.rows[ix],
             [self.starts[i] for i in members],
+            [self.lengths[i] for i in members],
             self.n,
             self.end,
             self.q_idx[ix],
@@ -72,18 +81,19 @@ class KVPool:
         self.layout, self.rows, self.max_len = layout, rows, max_len
         self.slot_rows = slot_rows if layout.looped else 0
         H, D = layout.kv_heads, layout.head_dim
-        self.plain_k = torch.zeros((layout.plain, rows, H, max_len, D), dtype=dtype, device=device)
+        self.trash = max_len  # the entry padding queries write to (never a key)
+        width = max_len + 1
+        self.plain_k = torch.zeros((layout.plain, rows, H, width, D), dtype=dtype, device=device)
         self.plain_v = torch.zeros_like(self.plain_k)
-        self.core_k = torch.zeros((layout.looped, self.slot_rows, H, max_len, D), dtype=dtype, device=device)
+        self.core_k = torch.zeros((layout.looped, self.slot_rows, H, width, D), dtype=dtype, device=device)
         self.core_v = torch.zeros_like(self.core_k)
-        self.written = torch.zeros(rows, max_len, dtype=torch.long, device=device)  # iterations per entry
-        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
+        self.written = torch.zeros(rows, width, dtype=torch.long, device=device)  # iterations per entry
+        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=device)
         self.n_valid = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_slots = max(self.slot_rows, 1)
         self.slot_table = torch.zeros(rows, self.max_slots, dtype=torch.long, device=device)
         self.slots = torch.ones(rows, dtype=torch.long, device=device)  # each row's KV-mode slots
         self.lengths = [0] * rows  # host: entries filled per row
-        self.extent = [0] * rows  # host: entries written per row (padding of a ragged chunk included)
         self.held: dict[int, list[int]] = {}  # row -> the slot rows it holds
         self.free_rows = list(range(rows))
         self.free_slot_rows = list(range(self.slot_rows))
@@ -140,14 +150,14 @@ class KVPool:
         self.valid[row] = False
         self.written[row] = 0
         self.n_valid[row] = 0
-        self.lengths[row] = self.extent[row] = 0
+        self.lengths[row] = 0
         return row
 
     def release(self, row: int) -> None:
         """Give a request's row and slot rows back, zeroed where it wrote: a batch's attention covers every
         row's keys up to its longest row, masked, and a masked NaN left by a failed request would still
         poison the product (0 x NaN)."""
-        n, held = self.extent[row], self.held[row]
+        n, held = self.lengths[row], self.held[row]
         for buf in (self.plain_k, self.plain_v):
             buf[:, row, :, :n] = 0
         if held:
@@ -158,42 +168,60 @@ class KVPool:
 
     # ---------------------------------------------------------------- timelines
     def begin(self, rows: list[int], n: int, lengths: list[int] | None = None) -> RaggedChunk:
-        """Reserve the next ``n`` entries of each row and describe them; with ``lengths``, row ``rows[i]``
-        holds ``lengths[i]`` real tokens, the rest of its ``n`` entries are padding (masked for every query,
-        invalid in ``chunk.valid``, written over by the row's next entries)."""
+        """Reserve the next entries of each row and describe them: ``n`` each, or with ``lengths`` row
+        ``rows[i]``'s next ``lengths[i]``, padded to ``n`` queries."""
         lengths = [n] * len(rows) if lengths is None else list(lengths)
         starts = [self.lengths[r] for r in rows]
         for r, s, m in zip(rows, starts, lengths):
-            if s + n > self.max_len:
-                raise RuntimeError(f"KV pool row {r} overflow: {s + n} positions > {self.max_len}")
+            if s + m > self.max_len:
+                raise RuntimeError(f"KV pool row {r} overflow: {s + m} positions > {self.max_len}")
             self.lengths[r] = s + m
-            self.extent[r] = max(self.extent[r], s + n)
-        idx = torch.tensor(rows, device=self.device)
-        steps = torch.arange(n, device=self.device)
-        q_idx = torch.tensor(starts, device=self.device)[:, None] + steps
-        real = steps[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        dev = self.device
+        idx = torch.tensor(rows, device=dev)
+        steps = torch.arange(n, device=dev)
+        real = steps[None, :] < torch.tensor(lengths, device=dev)[:, None]
+        q_idx = torch.where(real, torch.tensor(starts, device=dev)[:, None] + steps, self.trash)
         self.valid[idx[:, None], q_idx] = real
         self.written[idx[:, None], q_idx] = 0
-        positions = self.n_valid[idx][:, None] + steps
-        self.n_valid[idx] += torch.tensor(lengths, device=self.device)
-        chunk = self._chunk(idx, starts, n, q_idx, positions)
-        chunk.valid = real
-        return chunk
+        positions = torch.where(real, self.n_valid[idx][:, None] + steps, 0)
+        self.n_valid[idx] += torch.tensor(lengths, device=dev)
+        return self._chunk(idx, starts, lengths, q_idx, positions, real)
 
     def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
         """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model
         position ``positions[i]`` (a decode token over the iterations of its latent loop)."""
         idx = torch.tensor(rows, device=self.device)
         q_idx = torch.tensor(starts, device=self.device)[:, None]
-        return self._chunk(idx, starts, 1, q_idx, positions[:, None])
+        real = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
+        return self._chunk(idx, starts, [1] * len(rows), q_idx, positions[:, None], real)
 
-    def _chunk(self, idx: Tensor, starts: list[int], n: int, q_idx: Tensor, positions: Tensor) -> RaggedChunk:
-        end = max(starts) + n
+    def join(self, chunks: list[RaggedChunk]) -> RaggedChunk:
+        """One chunk of the rows of several (each padded to the longest; they must not share a row)."""
+        if len(chunks) == 1:
+            return chunks[0]
+        n = max(c.n for c in chunks)
+
+        def pad(t: Tensor, value) -> Tensor:
+            return torch.nn.functional.pad(t, (0, n - t.shape[1]), value=value)
+
+        chunk = self._chunk(
+            torch.cat([c.rows for c in chunks]),
+            [s for c in chunks for s in c.starts],
+            [m for c in chunks for m in c.lengths],
+            torch.cat([pad(c.q_idx, self.trash) for c in chunks]),
+            torch.cat([pad(c.positions, 0) for c in chunks]),
+            torch.cat([pad(c.valid, False) for c in chunks]),
+        )
+        if all(c.iterations is not None for c in chunks):
+            chunk.iterations = torch.cat([c.iterations for c in chunks])
+        return chunk
+
+    def _chunk(self, idx, starts, lengths, q_idx: Tensor, positions: Tensor, valid: Tensor) -> RaggedChunk:
+        end = max(s + m for s, m in zip(starts, lengths))
         k_idx = torch.arange(end, device=self.device)
-        causal = k_idx[None, None, :] <= q_idx[:, :, None]  # [R, n, end]
+        causal = k_idx[None, None, :] <= q_idx[:, :, None]  # [R, n, end] (padding: every earlier key)
         mask = self.valid[idx, :end][:, None, :] & causal
-        valid = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
-        return RaggedChunk(idx, starts, n, end, q_idx, positions, mask[:, None], valid)
+        return RaggedChunk(idx, starts, lengths, q_idx.shape[1], end, q_idx, positions, mask[:, None], valid)
 
     # ---------------------------------------------------------------- the cache interface of the models
     def _write(self, buf: Tensor, rows: Tensor, new: Tensor, chunk: RaggedChunk, active: Tensor | None) -> None:

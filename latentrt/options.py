@@ -33,6 +33,8 @@ class GenerateOptions:
     kv_sharing: Any = "full"
     continuous: bool = False
     init_scale: float = 1.0
+    decoding: str = "sequential"  # or a sampler committing several tokens per pass: speculative, wavefront
+    decoding_options: Any = None  # that sampler's options (a dict; README)
     # Coconut
     num_thoughts: int | None = None
     published_eos: bool = False

@@ -1,7 +1,8 @@
 """Every option of the published generate paths behaves as published.
 
 tests/published_vectors.json holds what the published implementations (Huginn's raven_modeling_minimal.py
-``generate_with_adaptive_compute`` / ``forward_with_adaptive_compute``, Coconut's ``generate``) produced on
+``generate_with_adaptive_compute`` / ``forward_with_adaptive_compute`` / ``generate_speculative`` /
+``generate_diffusion_style``, Coconut's ``generate``) produced on
 tiny seeded models, made by ``python -m tools.published`` (see there; the published code is not vendored).
 latentrt must give the same tokens and iterations per token with the same options, on every backend.
 """
@@ -36,7 +37,9 @@ def _generate(case: dict, backend: str, n_tokens: int | None = None):
     if case.get("coconut"):
         model.eos_token_id = case["eos"]
     n = n_tokens or case.get("max_new_tokens", 8)
-    return latentrt.generate(model, case.get("prompt", PROMPT), max_new_tokens=n, **case["options"])
+    sampler = case.get("speculative") or case.get("wavefront")  # a multi-token sampler's options
+    extra = {} if sampler is None else dict(decoding_options=sampler)
+    return latentrt.generate(model, case.get("prompt", PROMPT), max_new_tokens=n, **case["options"], **extra)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -48,6 +51,8 @@ def test_torch_backend_equals_published(name):
         assert got.steps == case["steps"]
     if "prefill_steps" in case:
         assert got.prefill_steps == case["prefill_steps"]
+    if "accepted" in case:  # speculative: the tokens committed per draft-and-verify round
+        assert got.decoding["accepted"] == case["accepted"]
 
 
 TRITON = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
@@ -62,6 +67,8 @@ TRITON_CASES = [
     "min_steps argmax-stability ring-2",
     "single kv head adaptive",
     "cosine shared",
+    "speculative lookahead 3 draft 2 threshold 1 full",
+    "wavefront defaults b",
 ]
 
 
@@ -83,6 +90,12 @@ def test_the_vectors_cover_each_published_difference():
         assert len(set(CASES[name]["steps"])) > 1, name
     stops = CASES["published stop tokens"]
     assert stops["tokens"][-1] == 65505 and len(stops["tokens"]) < stops["max_new_tokens"]
+    speculative = [c for c in CASES.values() if "speculative" in c]
+    assert len({len(set(c["accepted"])) > 1 for c in speculative}) == 2  # rounds accept more and fewer
+    assert any(max(c["accepted"]) == c["speculative"]["lookahead"] for c in speculative)  # whole drafts
+    wavefront = [c for c in CASES.values() if "wavefront" in c]
+    assert sum(len(c["tokens"]) == c["max_new_tokens"] for c in wavefront) >= 9  # they freeze and commit
+    assert all(len(set(c["tokens"])) > 2 for c in wavefront if len(c["tokens"]) > 1)
     coconut = CASES["coconut published eos"]
     assert coconut["tokens"][0] == coconut["eos"] and coconut["eos"] not in coconut["tokens"][1:]
     assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out

@@ -83,9 +83,13 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
             assert a.choices[0].latentrt == {"token_ids": alone.tokens, "steps": alone.steps}
             assert a.choices[0].text == alone.text
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:  # already gone
+                break
+            except subprocess.TimeoutExpired:
+                continue
         log.close()

@@ -214,6 +214,50 @@ CASES = [
             adaptive_prefill=True,
         ),
     ),
+    # 8. self-speculative decoding (generate_speculative): greedy, fixed depths, every KV rule, thresholds
+    *[
+        dict(
+            name=f"speculative lookahead {la} draft {ds} threshold {thr} {kv}",
+            model=mdl,
+            max_new_tokens=12,
+            speculative=dict(lookahead=la, draft_steps=ds, verification_threshold=thr),
+            options=dict(num_steps=8, init_scale=0.0, kv_sharing=kv, decoding="speculative"),
+        )
+        for mdl, la, ds, thr, kv in [
+            ("huginn-a", 3, 2, 1, "full"),
+            ("huginn-b", 4, 1, 1, "full"),
+            ("huginn-a", 2, 4, 1, "latest-m4"),
+            ("huginn-b", 3, 2, 1, "latest-m4-compress-s4"),
+            ("huginn-a", 4, 3, 1, "latest-m4-compress-s8"),
+            ("huginn-b", 3, 1, 0.5, "full"),
+            ("huginn-a", 5, 2, 0.2, "latest-m4-compress-s4"),
+            ("huginn-b", 1, 3, 1, "full"),
+        ]
+    ],
+    # 9. wavefront decoding (generate_diffusion_style): the published defaults without randomness
+    # (init_scale 0), and each freeze strategy / mixer / window setting
+    *[
+        dict(
+            name=f"wavefront {label}",
+            model=mdl,
+            max_new_tokens=10,
+            wavefront=opts,
+            options=dict(num_steps=8, init_scale=0.0, decoding="wavefront"),
+        )
+        for label, mdl, opts in [
+            ("defaults, never freezing", "huginn-a", {}),  # the window grows to the context, one token
+            ("defaults b", "huginn-b", {}),
+            ("exit_t 0.1 inner 2", "huginn-b", dict(exit_t=0.1, inner_recurrence=2)),
+            ("latent-acceleration-1", "huginn-b", dict(freeze_strategy="latent-acceleration-1", exit_t=0.1)),
+            ("latent-acceleration-2", "huginn-b", dict(freeze_strategy="latent-acceleration-2", exit_t=0.2)),
+            ("token-stability", "huginn-b", dict(freeze_strategy="token-stability")),
+            ("fixed", "huginn-a", dict(freeze_strategy="fixed")),
+            ("no ema no noise", "huginn-b", dict(ema_embeds=0.0, state_noise_mixing=0.0, exit_t=0.05)),
+            ("constant sqrt mixer", "huginn-a", dict(dampened_state_mixer=False, sqrt_mixer=True)),
+            ("max_wavefront 3", "huginn-b", dict(max_wavefront=3, exit_t=0.01)),
+            ("continuous", "huginn-a", dict(continuous=True, exit_t=0.05)),
+        ]
+    ],
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",
@@ -294,9 +338,71 @@ def published_huginn(rm, model):
     return pub, units
 
 
+def run_speculative(rm, case: dict, model) -> dict:
+    """generate_speculative; the tokens committed per round from where each verify pass starts."""
+    from transformers import GenerationConfig
+
+    pub, _ = published_huginn(rm, model)
+    o, sp = case["options"], case["speculative"]
+    ids = torch.tensor([case.get("prompt", PROMPT)])
+    n_new = case["max_new_tokens"]
+    starts: list[int] = []
+    forward = pub.forward
+
+    def recorded(*a, **k):  # a verify pass: num_steps over lookahead positions after the prompt
+        if k.get("num_steps") == o["num_steps"] and starts is not None:
+            starts.append(int(k["cache_position"][0]) if k.get("cache_position") is not None else -1)
+        return forward(*a, **k)
+
+    pub.forward = recorded
+    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None)
+    seq = pub.generate_speculative(
+        ids,
+        gc,
+        num_steps=o["num_steps"],
+        init_scale=o["init_scale"],
+        cache_lookup_strategy=o["kv_sharing"],
+        draft_steps=sp["draft_steps"],
+        lookahead_for_draft=sp["lookahead"],
+        verification_threshold=sp["verification_threshold"],
+        max_new_tokens=n_new,
+    )
+    verify = [s for s in starts[1:]]  # starts[0]: the prompt
+    if sp["draft_steps"] == o["num_steps"]:
+        verify = verify[sp["lookahead"] :: sp["lookahead"] + 1]  # every lookahead + 1-th call verifies
+    ends = [v + 1 for v in verify] + [seq.shape[1]]  # round r commits ends[r + 1] - ends[r] tokens
+    accepted = [b - a for a, b in zip(ends, ends[1:])]
+    return {"tokens": seq[0, ids.shape[1] :].tolist()[:n_new], "accepted": accepted}
+
+
+def run_wavefront(rm, case: dict, model) -> dict:
+    """generate_diffusion_style; the tokens and the iterations of the state that produced each."""
+    from transformers import GenerationConfig
+
+    pub, _ = published_huginn(rm, model)
+    o, wf = case["options"], dict(case["wavefront"])
+    ids = torch.tensor([case.get("prompt", PROMPT)])
+    n_new = case["max_new_tokens"]
+    if "continuous" in wf:
+        wf["continuous_compute"] = wf.pop("continuous")
+    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    out = pub.generate_diffusion_style(
+        ids, gc, num_steps=o["num_steps"], init_scale=o["init_scale"], max_new_tokens=n_new, **wf
+    )
+    S = ids.shape[1]
+    tokens = out.sequences[0, S:].tolist()[:n_new]
+    per_position = out.scores["recurrence_per_position"][0].tolist()
+    steps = [per_position[S + i - 1] for i in range(len(tokens))]
+    return {"tokens": tokens, "steps": steps, "diffusion_steps": out.scores["diffusion_steps"]}
+
+
 def run_huginn(rm, case: dict, model) -> dict:
     from transformers import GenerationConfig
 
+    if "speculative" in case:
+        return run_speculative(rm, case, model)
+    if "wavefront" in case:
+        return run_wavefront(rm, case, model)
     pub, units = published_huginn(rm, model)
     o = case["options"]
     ids = torch.tensor([case.get("prompt", PROMPT)])
@@ -380,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--huginn", required=True, type=Path)
     ap.add_argument("--coconut", required=True, type=Path)
     ap.add_argument("--out", default="tests/published_vectors.json", type=Path)
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this (a dry run)")
     args = ap.parse_args(argv)
     import latentrt
 
@@ -395,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in models.items():
         out["models"][name] = dict(spec, checksum=checksum(build(name, spec)))
     for case in CASES:
+        if args.only and args.only not in case["name"]:
+            continue
         model = build(case["model"], models[case["model"]])
         if case.get("coconut"):
             # eos := the first answer token, so the published rule (never stop on the first answer token; a
@@ -405,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             expected = run_huginn(rm, case, model)
         out["cases"].append(dict(case, **expected))
         print(f"{case['name']}: {expected}", flush=True)
+    if args.only:
+        return 0
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

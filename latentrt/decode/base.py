@@ -42,6 +42,7 @@ class Decoder:
         self.backend = model.backend
         self.cache: KVCache | None = None
         self.prefill_steps: torch.Tensor | None = None  # [B, S] iterations per prompt position, when known
+        self.sampler = None  # a sampler committing several tokens per pass (decode/samplers.py), if asked for
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:

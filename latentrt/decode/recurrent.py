@@ -24,6 +24,8 @@ from ..options import GenerateOptions
 from ..prompts import Batch
 from ..recurrence import LoopSpec, run_recurrence
 from .base import Decoder, TokenOutput, nonfinite_flags
+from .speculative import Speculative
+from .wavefront import Wavefront
 
 
 class RecurrentDecoder(Decoder):
@@ -41,8 +43,12 @@ class RecurrentDecoder(Decoder):
             "kv_sharing",
             "continuous",
             "init_scale",
+            "decoding",
+            "decoding_options",
         }
     )
+    # the samplers that commit several tokens per pass (decode/samplers.py): one line each
+    SAMPLERS = {"speculative": Speculative, "wavefront": Wavefront}
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
@@ -63,6 +69,22 @@ class RecurrentDecoder(Decoder):
         s = options.init_scale
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s >= 0):
             raise InputError(f"init_scale must be a finite number >= 0, got {s!r}")
+        cls.sampler_class(options)
+
+    @classmethod
+    def sampler_class(cls, options: GenerateOptions):
+        """The sampler ``options.decoding`` names (None: sequential), its options validated."""
+        name = options.decoding
+        if name == "sequential":
+            if options.decoding_options is not None:
+                raise InputError("decoding_options need decoding='speculative' or 'wavefront'")
+            return None
+        if name not in cls.SAMPLERS:
+            raise InputError(f"unknown decoding {name!r}; choose one of {['sequential', *cls.SAMPLERS]}")
+        sampler = cls.SAMPLERS[name]
+        sampler.Options.parse(options.decoding_options)
+        sampler.check(options)
+        return sampler
 
     def __init__(self, model, options: GenerateOptions, hooks) -> None:
         super().__init__(model, options, hooks)
@@ -74,7 +96,11 @@ class RecurrentDecoder(Decoder):
         self.prefill_spec = (
             replace(self.spec, criterion=make_criterion("none")) if o.do_not_exit_in_prefill else self.spec
         )
-        self.kv_mode = parse_kv_mode(o.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
+        sampler = self.sampler_class(o)
+        self.sampler = None if sampler is None else sampler(self, sampler.Options.parse(o.decoding_options))
+        depth = r_max if self.sampler is None else (self.sampler.kv_depth or r_max)
+        kv = o.kv_sharing if self.sampler is None else self.sampler.kv_sharing(o)
+        self.kv_mode = parse_kv_mode(kv, depth, model.config.n_layers_in_recurrent_block)
         self.adaptive_prefill = o.adaptive_prefill
         self.continuous, self.init_scale = bool(o.continuous), float(o.init_scale)
         self.last_state: Tensor | None = None  # the previous unit's final state (continuous mode)
@@ -95,7 +121,7 @@ class RecurrentDecoder(Decoder):
         if self.adaptive_prefill:
             return self._prefill_by_token(batch)
         alive = torch.ones(batch.ids.shape[0], dtype=torch.bool, device=self.model.device)
-        return self._unit(batch.ids, batch.mask, alive, self.prefill_spec, batch.lengths())
+        return self.unit(batch.ids, batch.mask, alive, self.prefill_spec, batch.lengths())
 
     def _prefill_by_token(self, batch: Batch) -> TokenOutput:
         """The prompt one position at a time, each with its own latent loop and exit (the published
@@ -107,7 +133,7 @@ class RecurrentDecoder(Decoder):
         for col in range(width):
             valid = batch.mask[:, col : col + 1]
             rows = [int(col >= width - n) for n in lengths]  # left padding: real from width - length on
-            out = self._unit(batch.ids[:, col : col + 1], valid, valid[:, 0], self.prefill_spec, rows)
+            out = self.unit(batch.ids[:, col : col + 1], valid, valid[:, 0], self.prefill_spec, rows)
             per_position.append(out.iterations)
             self.record(out.iterations.tolist(), valid[:, 0].tolist())
         self.prefill_steps = torch.stack(per_position, 1)
@@ -117,10 +143,16 @@ class RecurrentDecoder(Decoder):
         positions = [int(r) for r in rows]
         if self.runner is not None:
             return self._runner_token(tokens, alive, positions)
-        return self._unit(tokens[:, None], alive[:, None], alive, self.spec, positions)
+        return self.unit(tokens[:, None], alive[:, None], alive, self.spec, positions)
 
     def record(self, iterations: list[int], alive: list[bool]) -> None:
-        self.cache.record_iterations(iterations, alive)
+        if self.sampler is None:  # a sampler's rollbacks would make the cache's shortcut unsafe: not recorded
+            self.cache.record_iterations(iterations, alive)
+
+    @staticmethod
+    def fixed(r: int) -> LoopSpec:
+        """A loop of exactly ``r`` iterations (the samplers' fixed depths)."""
+        return LoopSpec(r, make_criterion("none"))
 
     # the published generate paths always stop on <|begin_text|>, <|end_text|>, <|end_turn|> (Huginn-0125's
     # tokenizer), besides the configured eos
@@ -142,9 +174,18 @@ class RecurrentDecoder(Decoder):
                 s[b, -n:] = self.model.initial_state(like[b : b + 1, -n:], self.init_scale, self.rng[b])[0]
         return s
 
-    def _unit(self, ids: Tensor, valid: Tensor, alive: Tensor, spec: LoopSpec, positions: list[int]) -> TokenOutput:
+    def unit(
+        self,
+        ids: Tensor,
+        valid: Tensor,
+        alive: Tensor,
+        spec: LoopSpec,
+        positions: list[int],
+        all_logits: bool = False,
+    ) -> TokenOutput:
         """One unit (prompt or token) through prelude, the latent loop (latentrt/recurrence.py) and the
-        head, on the reference path: the backend's ``core_iteration`` per iteration, hooks in between."""
+        head, on the reference path: the backend's ``core_iteration`` per iteration, hooks in between.
+        ``all_logits`` (fixed depth only): the logits of every position [B, n, V], not the last one's."""
         model, cache, backend = self.model, self.cache, self.backend
         chunk = cache.begin(valid)
         rope = model.rope(chunk)
@@ -160,14 +201,19 @@ class RecurrentDecoder(Decoder):
             chunk.valid,
             model.config.padded_vocab_size,
             iterate=lambda s, t, active: backend.core_iteration(s, e, cache, chunk, t, active, rope),
-            head=lambda s, active: model.head(s, cache, chunk, active, rope, last_only=True)[:, -1],
+            head=lambda s, active: (
+                model.head(s, cache, chunk, active, rope)
+                if all_logits
+                else model.head(s, cache, chunk, active, rope, last_only=True)[:, -1]
+            ),
             mark=lambda t, active: cache.mark_iteration(chunk, t, active),
             exit_ops=backend.exit_ops,
             hooks=self.hooks,
             host_may_stop=not backend.sync_free,
         )
         self.last_state = s[:, -1:]
-        return TokenOutput(logits, used, nonfinite_flags(s, chunk.valid, logits, alive))
+        last = logits[:, -1] if all_logits else logits
+        return TokenOutput(logits, used, nonfinite_flags(s, chunk.valid, last, alive))
 
     def _runner_token(self, tokens: Tensor, alive: Tensor, positions: list[int]) -> TokenOutput:
         """A decode token through the backend's token runner (a CUDA graph on the GPU)."""
@@ -186,4 +232,7 @@ class RecurrentDecoder(Decoder):
         for n, st in enumerate(steps):
             head = f"[{n}] " if len(steps) > 1 else ""
             lines.append(f"{head}steps per token: {st} (mean {sum(st) / max(len(st), 1):.2f})")
+        if result.decoding:
+            stats = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.decoding.items()]
+            lines.append(f"decoding: {', '.join(stats)}")
         return lines

@@ -1,18 +1,22 @@
 """Serving recurrent-depth models: depth-level continuous batching (the program of decode/serving.py).
 
-Every resident request's current unit is a row of one ``LatentLoop`` (latentrt/recurrence.py: the loop
-rules, written once) and of the ``KVPool``. A launch runs the preludes of the units that start, then ONE
-core iteration for every running row, each at its own iteration t (its K/V slot t mod K, its own lookup),
-with the model's own modules over pool rows, then the checks of the rows whose schedule checks now. A row
-whose criterion is met, or which ran its r_max, has ended: its head gives the logits, the scheduler
-samples, and the next token's prelude enters the next launch. Rows of different requests never mix: a
-request's tokens and steps are those of ``generate()`` for it alone.
+Every resident request's current unit is a row of a ``LatentLoop`` (latentrt/recurrence.py: the loop
+rules, written once) and of the ``KVPool``. One-position units (a generated token, or a prompt position
+under ``adaptive_prefill``) are rows of one loop over the pool's rows; the prompts admitted in one step
+form a group, one loop over their positions (right-padded to the longest). A launch runs, each as a
+batched pass of the model's modules over every row concerned:
 
-A prompt is one unit of many positions. The prompts admitted in one step form a group: one loop over
-their positions, right-padded to the longest (padding masked, never a key), advanced an iteration per
-launch beside the decode rows, so a long prompt costs one iteration's work per step rather than stalling
-decode for a whole prefill, and prompts arriving together share their launches; with ``adaptive_prefill``
-each prompt position is a unit of its own, as in generate().
+1. the preludes of the units that begin;
+2. one core iteration of every running unit, each at its own iteration t (its K/V slot t mod K, its own
+   lookup rule), padded to the longest (padding writes to the pool's trash entry: latentrt/kv_pool.py);
+3. the head (coda -> lm_head) of the units whose criterion checks now and needs logits; then the checks.
+
+(decode tokens in one pass and prompts in another: ``_passes`` says why).
+
+A unit whose criterion is met, or which ran its r_max, has ended: its logits go to the scheduler, which
+samples, and the next token's prelude enters the next launch. A long prompt costs one iteration's work per
+step rather than stalling decode for a whole prefill. Rows of different requests never mix: a request's
+tokens and steps are those of ``generate()`` for it alone.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..recurrence import LatentLoop, LoopSpec, Rows
@@ -35,13 +40,21 @@ class _PromptGroup:
     loop: LatentLoop
     e: Tensor  # [R, n, d] prelude output
     chunk: object  # the pool chunk of their positions
-    rope: tuple
     rows: list[int]
     lengths: list[int]
     live: list[int]
 
-    def member(self, row: int) -> int:
-        return self.rows.index(row)
+
+@dataclass
+class _Part:
+    """Some rows of one loop taking part in a batched pass: their chunk and the index of the position
+    whose logits a head gives (each row's last real one)."""
+
+    loop: LatentLoop
+    rows: Rows
+    chunk: object
+    e: Tensor | None
+    last: list[int]
 
 
 @dataclass
@@ -50,6 +63,20 @@ class _Request:
     spec: LoopSpec | None = None  # the current unit's loop spec
     prompt_left: list[int] = field(default_factory=list)  # adaptive_prefill: prompt ids still to run
     has_state: bool = False  # a unit ended before (continuous mode starts from its final state)
+
+
+def _pad(t: Tensor, n: int) -> Tensor:
+    """[R, m, d] -> [R, n, d], zeros after."""
+    return F.pad(t, (0, 0, 0, n - t.shape[1]))
+
+
+def _passes(parts: list[_Part]) -> list[list[_Part]]:
+    """Which parts share a pass: one-position units together, prompts together. Joining a decode token
+    with a prompt would pad the token to the prompt's length, and on a CPU the padding's FLOPs cost more
+    than the pass saved (on a weight-bound GPU one pass for all would read the weights once: to measure)."""
+    one = [p for p in parts if p.chunk.n == 1]
+    many = [p for p in parts if p.chunk.n > 1]
+    return [b for b in (one, many) if b]
 
 
 class RecurrentServing(ServingProgram):
@@ -63,13 +90,13 @@ class RecurrentServing(ServingProgram):
         self.position = torch.zeros(rows, dtype=torch.long, device=dev)  # model position of each row's entry
         self.entry = [0] * rows  # host: timeline index of each row's current entry
         self.requests: dict[int, _Request] = {}  # row -> its request
+        self.admitted: list[int] = []  # rows whose prompt begins at the next launch
         self.starting: dict[int, tuple[Tensor, LoopSpec]] = {}  # row -> (token, spec) of a unit to begin
         self.running: set[int] = set()  # rows whose one-position unit is in its loop
-        self.admitted: list[int] = []  # rows whose prompt begins at the next launch
         self.groups: list[_PromptGroup] = []  # prompts in their loops
         self.results: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (logits [V], flags) of an ended unit
         self._launched: list[int] = []
-        self._launched_prompts: list[tuple[_PromptGroup, int]] = []  # (group, member) per prompt row launched
+        self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
 
     # ---------------------------------------------------------------- units begin
     def admit(self, request) -> None:
@@ -82,31 +109,6 @@ class RecurrentServing(ServingProgram):
             self._next_prompt_position(rec)
         else:
             self.admitted.append(row)
-
-    def _begin_prompts(self) -> None:
-        """The prompts admitted since the last launch become one group: preludes batched over their
-        positions, right-padded; each loop starts from the initial state generate() would draw for it."""
-        rows, self.admitted = self.admitted, []
-        model = self.model
-        ids = [self.requests[r].request.batch.ids[0] for r in rows]
-        lengths = [len(x) for x in ids]
-        n = max(lengths)
-        padded = torch.stack([torch.nn.functional.pad(x, (0, n - len(x))) for x in ids])
-        chunk = self.pool.begin(rows, n, lengths)
-        rope = model.rope(chunk)
-        e = model.prelude(padded, self.pool, chunk, rope)
-        loop = LatentLoop(len(rows), tuple(e.shape[1:]), self.vocab, e.device, e.dtype)
-        s0 = torch.zeros_like(e)
-        for i, (r, m) in enumerate(zip(rows, lengths)):
-            s0[i, :m] = self._initial_state(self.requests[r], e[i : i + 1, :m])[0]
-        by_spec: dict[LoopSpec, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_spec.setdefault(self.requests[r].request.decoder.prefill_spec, []).append(i)
-        for spec, members in by_spec.items():
-            whole = len(members) == len(rows)
-            at = slice(None) if whole else torch.tensor(members, device=e.device)
-            loop.start(Rows.all(len(rows)) if whole else Rows(members, 0, e.device), spec, s0[at])
-        self.groups.append(_PromptGroup(loop, e, chunk, rope, rows, lengths, list(range(len(rows)))))
 
     def _next_prompt_position(self, rec: _Request) -> None:
         token = torch.tensor(rec.prompt_left.pop(0), device=self.model.device)
@@ -124,12 +126,39 @@ class RecurrentServing(ServingProgram):
         gen = dec.rng[0] if dec.rng is not None else None
         return self.model.initial_state(like, dec.init_scale, gen)
 
-    def _begin_units(self) -> None:
-        """Preludes of the one-position units starting now, batched; their loops start at iteration 0."""
-        rows = sorted(self.starting)
-        tokens = torch.stack([self.starting[r][0] for r in rows])
-        chunk = self.pool.begin(rows, 1)
-        e = self.model.prelude(tokens[:, None], self.pool, chunk, self.model.rope(chunk))
+    def _begin(self) -> None:
+        """The preludes of the prompts admitted (one pass) and of the one-position units starting (one
+        pass); their loops start at iteration 0."""
+        model, pool = self.model, self.pool
+        prompts, self.admitted = self.admitted, []
+        units = sorted(self.starting)
+        if prompts:  # (two passes, not one: see _passes)
+            seqs = [self.requests[r].request.batch.ids[0] for r in prompts]
+            lengths = [len(x) for x in seqs]
+            n = max(lengths)
+            chunk = pool.begin(prompts, n, lengths)
+            ids = torch.stack([F.pad(x, (0, n - len(x))) for x in seqs])
+            self._start_group(prompts, lengths, chunk, model.prelude(ids, pool, chunk, model.rope(chunk)))
+        if units:
+            chunk = pool.begin(units, 1)
+            ids = torch.stack([self.starting[r][0] for r in units])[:, None]
+            self._start_units(units, chunk, model.prelude(ids, pool, chunk, model.rope(chunk)))
+
+    def _start_group(self, rows: list[int], lengths: list[int], chunk, e: Tensor) -> None:
+        loop = LatentLoop(len(rows), tuple(e.shape[1:]), self.vocab, e.device, e.dtype)
+        s0 = torch.zeros_like(e)
+        for i, (r, m) in enumerate(zip(rows, lengths)):
+            s0[i, :m] = self._initial_state(self.requests[r], e[i : i + 1, :m])[0]
+        by_spec: dict[LoopSpec, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_spec.setdefault(self.requests[r].request.decoder.prefill_spec, []).append(i)
+        for spec, members in by_spec.items():
+            whole = len(members) == len(rows)
+            at = slice(None) if whole else torch.tensor(members, device=e.device)
+            loop.start(Rows.all(len(rows)) if whole else Rows(members, 0, e.device), spec, s0[at])
+        self.groups.append(_PromptGroup(loop, e, chunk, rows, lengths, list(range(len(rows)))))
+
+    def _start_units(self, rows: list[int], chunk, e: Tensor) -> None:
         ix = chunk.rows
         self.e[ix] = e
         self.position[ix] = chunk.positions[:, 0]
@@ -147,109 +176,114 @@ class RecurrentServing(ServingProgram):
 
     # ---------------------------------------------------------------- one step
     def launch(self, idle: list) -> Tensor:
-        if self.admitted:
-            self._begin_prompts()
-        if self.starting:
-            self._begin_units()
+        if self.admitted or self.starting:
+            self._begin()
         prompt_rows = {g.rows[i] for g in self.groups for i in g.live}
         self._launched = sorted(self.running | {r.row for r in idle if r.row not in prompt_rows})
-        flags = []
+        parts = []
         if self._launched:
-            flags.append(self._iterate(Rows(self._launched, 0, self.model.device)))
-        self._launched_prompts = [(g, i) for g in self.groups for i in g.live]
-        for group in self.groups:
-            flags.append(self._iterate_prompts(group))
+            parts.append(self._decode_part(Rows(self._launched, 0, self.model.device)))
+        parts += [self._group_part(g, g.live) for g in self.groups]
+        self._launched_prompts = [(id(g), i) for g in self.groups for i in g.live]
         self.launched_rows = len(self._launched) + len(self._launched_prompts)
-        return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+        if not parts:
+            return torch.zeros(0, dtype=torch.bool)
+        return self._iterate(parts)
 
-    def _chunk(self, rows: Rows):
+    def _decode_part(self, rows: Rows) -> _Part:
         chunk = self.pool.at(rows.list, [self.entry[r] for r in rows.list], self.position[rows.index])
         chunk.iterations = torch.tensor([self.loop.t[r] for r in rows.list], device=self.model.device)
-        return chunk
+        return _Part(self.loop, rows, chunk, self.e[rows.index], [0] * len(rows))
 
-    def _iterate(self, rows: Rows) -> Tensor:
-        """One core iteration of the one-position units of ``rows``, each at its own depth, then the checks
-        due. Returns whether each row is still in its loop."""
-        model, loop, ix = self.model, self.loop, rows.index
-        chunk = self._chunk(rows)
-        rope = model.rope(chunk)
-        active = loop.active[ix]
-        self.pool.mark_iteration(chunk, None, active)
-        loop.advance(rows, model.core_iteration(loop.s[ix], self.e[ix], self.pool, chunk, None, active, rope))
-        with_logits, without = loop.checking(rows)
-        if len(with_logits):
-            loop.check(with_logits, self._head(with_logits, loop.active[with_logits.index]), self._valid(with_logits))
-        if len(without):
-            loop.check(without, None, self._valid(without))
-        return loop.active[ix]
+    def _group_part(self, group: _PromptGroup, members: list[int]) -> _Part:
+        whole = len(members) == len(group.rows)
+        rows = Rows.all(len(group.rows)) if whole else Rows(members, 0, self.model.device)
+        chunk = group.chunk.subset(rows.list)
+        chunk.iterations = torch.tensor([group.loop.t[i] for i in rows.list], device=self.model.device)
+        return _Part(group.loop, rows, chunk, group.e[rows.index], [group.lengths[i] - 1 for i in rows.list])
 
-    def _part(self, group: _PromptGroup, rows: Rows) -> tuple:
-        """The pool chunk and RoPE tables of some members of a group (``rows``: member indices)."""
-        if len(rows) == len(group.rows):
-            return group.chunk, group.rope
-        return group.chunk.subset(rows.list), (group.rope[0][rows.index], group.rope[1][rows.index])
+    def _iterate(self, parts: list[_Part]) -> Tensor:
+        """One core iteration of every part's rows, each at its own depth, then the checks due. Parts of
+        one kind run as one pass (``_passes``). Returns whether each row is still in its loop."""
+        model, pool = self.model, self.pool
+        for batch in _passes(parts):
+            chunk = pool.join([p.chunk for p in batch])
+            n = chunk.n
+            s = torch.cat([_pad(p.loop.s[p.rows.index], n) for p in batch])
+            e = torch.cat([_pad(p.e, n) for p in batch])
+            active = torch.cat([p.loop.active[p.rows.index] for p in batch])
+            pool.mark_iteration(chunk, None, active)
+            new = model.core_iteration(s, e, pool, chunk, None, active, model.rope(chunk))
+            at = 0
+            for p in batch:
+                p.loop.advance(p.rows, new[at : at + len(p.rows), : p.chunk.n])
+                at += len(p.rows)
+        heads = []
+        for p in parts:
+            with_logits, without = p.loop.checking(p.rows)
+            if len(without):
+                p.loop.check(without, None, self._valid(p, without))
+            if len(with_logits):
+                heads.append(self._sub(p, with_logits))
+        for batch in _passes(heads):
+            logits = self._heads(batch, [h.loop.active[h.rows.index] for h in batch])
+            for h, lg in zip(batch, logits):
+                h.loop.check(h.rows, lg, h.chunk.valid)
+        return torch.cat([p.loop.active[p.rows.index] for p in parts])
 
-    def _iterate_prompts(self, group: _PromptGroup) -> Tensor:
-        """One core iteration of a group's live prompts, then their checks. Returns [live] still looping."""
-        model, loop = self.model, group.loop
-        whole = len(group.live) == len(group.rows)
-        rows = Rows.all(len(group.rows)) if whole else Rows(group.live, 0, model.device)
-        chunk, rope = self._part(group, rows)
-        ix = rows.index
-        chunk.iterations = torch.tensor([loop.t[i] for i in rows.list], device=model.device)
-        active = loop.active[ix]
-        self.pool.mark_iteration(chunk, None, active)
-        loop.advance(rows, model.core_iteration(loop.s[ix], group.e[ix], self.pool, chunk, None, active, rope))
-        with_logits, without = loop.checking(rows)
-        if len(with_logits):
-            loop.check(
-                with_logits,
-                self._prompt_head(group, with_logits, loop.active[with_logits.index]),
-                group.chunk.valid[with_logits.index],
-            )
-        if len(without):
-            loop.check(without, None, group.chunk.valid[without.index])
-        return loop.active[ix]
+    def _sub(self, part: _Part, rows: Rows) -> _Part:
+        """The part of ``part`` for some of its rows."""
+        if len(rows) == len(part.rows):
+            return part
+        at = {r: i for i, r in enumerate(part.rows.list)}
+        members = [at[r] for r in rows.list]
+        return _Part(part.loop, rows, part.chunk.subset(members), None, [part.last[i] for i in members])
 
-    def _valid(self, rows: Rows) -> Tensor:
-        return ones(len(rows), self.model.device)[:, None]
+    def _valid(self, part: _Part, rows: Rows) -> Tensor:
+        return self._sub(part, rows).chunk.valid
 
-    def _head(self, rows: Rows, active: Tensor) -> Tensor:
-        """Next-token logits [R, V] of the rows' current states (the coda's K/V written for ``active``)."""
-        chunk = self._chunk(rows)
-        s = self.loop.s[rows.index]
-        return self.model.head(s, self.pool, chunk, active, self.model.rope(chunk), last_only=True)[:, -1]
-
-    def _prompt_head(self, group: _PromptGroup, rows: Rows, active: Tensor) -> Tensor:
-        """Logits [R, V] at the last real position of the prompts of ``rows`` (members of ``group``); the
+    def _heads(self, parts: list[_Part], active: list[Tensor]) -> list[Tensor]:
+        """Next-token logits [R, V] of each part's rows (at its rows' last real positions), in one pass; the
         coda's K/V written for ``active``."""
-        chunk, rope = self._part(group, rows)
-        last = torch.tensor([group.lengths[i] - 1 for i in rows.list], device=self.model.device)
-        return self.model.head(group.loop.s[rows.index], self.pool, chunk, active, rope, at=last)[:, -1]
+        model, pool = self.model, self.pool
+        chunk = pool.join([p.chunk for p in parts])
+        s = torch.cat([_pad(p.loop.s[p.rows.index], chunk.n) for p in parts])
+        last = torch.tensor([i for p in parts for i in p.last], device=model.device)
+        logits = model.head(s, pool, chunk, torch.cat(active), model.rope(chunk), at=last)[:, -1]
+        return list(logits.split([len(p.rows) for p in parts]))
 
     # ---------------------------------------------------------------- units end
     def ended(self, flags: list) -> list[Ended]:
-        still = dict(zip(self._launched + [(id(g), i) for g, i in self._launched_prompts], flags))
+        still = dict(zip(self._launched + self._launched_prompts, flags))
         done = [r for r in self._launched if r in self.running and (not still[r] or self.loop.at_end(r))]
         out = []
         if done:
             out += self._end_units(done)
         for group in self.groups:
             ran = [i for i in group.live if (id(group), i) in still]
-            done = [i for i in ran if not still[(id(group), i)] or group.loop.at_end(i)]
-            if done:
-                out += self._end_prompts(group, done)
+            finished = [i for i in ran if not still[(id(group), i)] or group.loop.at_end(i)]
+            if finished:
+                out += self._end_prompts(group, finished)
         self.groups = [g for g in self.groups if g.live]
         return out
 
-    def _end_units(self, rows_l: list[int]) -> list[Ended]:
-        """Logits of ended one-position units (rule 5, the head batched over them), states kept for
-        ``continuous``; an adaptive prefill's non-last positions start the next position at once."""
+    def _final_logits(self, part: _Part) -> Tensor:
+        """Rule 5 for a part's rows whose loop is over (the head, where needed, over every position)."""
         dev = self.model.device
-        rows = Rows(rows_l, 0, dev)
-        ix = rows.index
-        logits = self.loop.final_logits(rows, lambda sub: self._head(sub, ones(len(sub), dev)))
-        flags = nonfinite_flags(self.loop.s[ix], None, logits, ones(len(rows), dev))
+
+        def head(sub: Rows) -> Tensor:
+            return self._heads([self._sub(part, sub)], [ones(len(sub), dev)])[0]
+
+        return part.loop.final_logits(part.rows, head)
+
+    def _end_units(self, rows_l: list[int]) -> list[Ended]:
+        """Logits of ended one-position units, states kept for ``continuous``; an adaptive prefill's
+        non-last positions start the next position at once."""
+        dev = self.model.device
+        part = self._decode_part(Rows(rows_l, 0, dev))
+        ix = part.rows.index
+        logits = self._final_logits(part)
+        flags = nonfinite_flags(self.loop.s[ix], None, logits, ones(len(rows_l), dev))
         self.last[ix] = self.loop.s[ix]
         self.loop.active[ix] = False  # retired: masked if launched again idle
         self.running.difference_update(rows_l)
@@ -265,20 +299,20 @@ class RecurrentServing(ServingProgram):
         return out
 
     def _end_prompts(self, group: _PromptGroup, members: list[int]) -> list[Ended]:
-        """Logits of prompts whose loop ended (rule 5), their last real states kept for ``continuous``."""
-        loop, dev = group.loop, self.model.device
-        rows = Rows(members, 0, dev)
-        logits = loop.final_logits(rows, lambda sub: self._prompt_head(group, sub, ones(len(sub), dev)))
-        valid = group.chunk.valid[rows.index]
-        flags = nonfinite_flags(loop.s[rows.index], valid, logits, ones(len(members), dev))
+        """Logits of prompts whose loop ended, their last real states kept for ``continuous``."""
+        dev = self.model.device
+        part = self._group_part(group, members)
+        logits = self._final_logits(part)
+        ix = part.rows.index
+        flags = nonfinite_flags(group.loop.s[ix], part.chunk.valid, logits, ones(len(members), dev))
         out = []
         for j, i in enumerate(members):
             row = group.rows[i]
             group.live.remove(i)
-            self.last[row] = loop.s[i, group.lengths[i] - 1 : group.lengths[i]]
+            self.last[row] = group.loop.s[i, group.lengths[i] - 1 : group.lengths[i]]
             self.requests[row].has_state = True
             self.results[row] = (logits[j], flags[j])
-            out.append(Ended(self.requests[row].request, loop.t[i]))
+            out.append(Ended(self.requests[row].request, group.loop.t[i]))
         return out
 
     def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
@@ -291,8 +325,8 @@ class RecurrentServing(ServingProgram):
         self.starting.pop(row, None)
         self.admitted = [r for r in self.admitted if r != row]
         for group in self.groups:  # a retired prompt leaves its group's loop
-            if row in group.rows and group.member(row) in group.live:
-                group.live.remove(group.member(row))
+            if row in group.rows and group.rows.index(row) in group.live:
+                group.live.remove(group.rows.index(row))
         self.groups = [g for g in self.groups if g.live]
         self.results.pop(row, None)
         self.running.discard(row)

@@ -1,0 +1,192 @@
+"""Multi-token samplers against sequential decoding, batch 1 (``python -m benchmarks.samplers``).
+
+On the built-in recurrent model over generated ProsQA-style problems and the shared ProsQA file: the
+accuracy of each sampler and of sequential decoding (exact answer after '###', with a 95% Wilson
+interval), the tokens committed per pass (sequential: one token per prelude -> r iterations -> head unit;
+speculative: per draft or verify unit; wavefront: per window step), core iterations per committed token
+and wall-clock tokens/s relative to sequential decoding in the same run.
+
+``--pass-cost`` measures what the samplers bank on: the time of one core iteration over W positions
+relative to one position, for W = 1 ... 128, with a cache of ``--context`` entries (at Huginn-0125's shape
+with random weights on a GPU, ``--shape huginn``; the built-in shape otherwise). On a GPU a W-position pass
+is a small GEMM that costs about what one position does until the tensor cores fill; on a CPU it grows
+with W.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import latentrt
+from latentrt.evaluate import extract_answer
+from latentrt.families import build_model, parse_config
+from latentrt.records import load_records
+from latentrt.train.data import generate_dataset
+
+from .run import environment
+from .suites import HUGINN_0125
+from .timing import sync
+
+SHARED_PROSQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prosqa_valid.json"
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def configs(num_steps: int) -> dict[str, dict]:
+    """The samplers compared, at one depth."""
+    return {
+        "sequential": dict(),
+        "speculative": dict(decoding="speculative", decoding_options=dict(lookahead=4, draft_steps=2)),
+        "wavefront": dict(decoding="wavefront"),
+    }
+
+
+def passes(result, num_steps: int) -> tuple[int, int]:
+    """(passes, core iterations) a generation ran (see module docstring)."""
+    d = result.decoding
+    if d is None:
+        return len(result.tokens), sum(result.steps)
+    if d["sampler"] == "speculative":
+        n = d["draft_passes"] + d["verify_passes"]
+        draft = d.get("draft_steps", 0)
+        return n, d["verify_passes"] * num_steps + d["draft_passes"] * draft
+    return 1 + d["steps"], d["core_passes"] - 1 + num_steps
+
+
+def run_set(model, records, name: str, kw: dict, num_steps: int, max_new: int) -> dict:
+    correct = tokens = n_passes = iters = 0
+    seconds = 0.0
+    for rec in records:
+        t0 = time.perf_counter()
+        out = latentrt.generate(model, rec.question, max_new_tokens=max_new, num_steps=num_steps, **kw)
+        seconds += time.perf_counter() - t0
+        correct += int(extract_answer(out.text) == rec.answer.strip())
+        tokens += len(out.tokens)
+        if out.decoding and out.decoding["sampler"] == "speculative":
+            out.decoding["draft_steps"] = kw["decoding_options"]["draft_steps"]
+        p, it = passes(out, num_steps)
+        n_passes += p
+        iters += it
+    lo, hi = wilson(correct, len(records))
+    return {
+        "sampler": name,
+        "n": len(records),
+        "accuracy": correct / len(records),
+        "ci95": [lo, hi],
+        "tokens": tokens,
+        "tokens_per_pass": tokens / n_passes,
+        "iterations_per_token": iters / tokens,
+        "tokens_per_s": tokens / seconds,
+    }
+
+
+def pass_cost(model, context: int, widths: list[int], repeats: int) -> list[dict]:
+    """ms of one core iteration over W positions after ``context`` cached ones, per W."""
+    dev = model.device
+    rows = []
+    for w in widths:
+        cache = model.new_cache(1, context + w, _full(model))
+        ids = torch.randint(0, model.config.vocab_size, (1, context), device=dev)
+        chunk = cache.begin(torch.ones(1, context, dtype=torch.bool, device=dev))
+        model.prelude(ids, cache, chunk, model.rope(chunk))
+        chunk = cache.begin(torch.ones(1, w, dtype=torch.bool, device=dev))
+        rope = model.rope(chunk)
+        e = torch.randn(1, w, model.config.n_embd, device=dev, dtype=model.dtype)
+        s = torch.randn_like(e)
+        active = torch.ones(1, dtype=torch.bool, device=dev)
+        args = (s, e, cache, chunk, 0, active, rope)
+        for _ in range(3):
+            model.backend.core_iteration(*args)
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model.backend.core_iteration(*args)
+        sync(dev)
+        rows.append({"W": w, "ms": 1e3 * (time.perf_counter() - t0) / repeats})
+    base = rows[0]["ms"]
+    for r in rows:
+        r["vs_W1"] = r["ms"] / base
+    return rows
+
+
+def _full(model):
+    from latentrt.kv_modes import parse_kv_mode
+
+    return parse_kv_mode("shared", 1, model.config.n_layers_in_recurrent_block)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.samplers", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin:recurrent")
+    p.add_argument("--problems", type=int, default=100, help="generated problems (difficulty 1-4)")
+    p.add_argument("--prosqa", type=int, default=100, help="records of the shared ProsQA file (0: none)")
+    p.add_argument("--num-steps", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--pass-cost", action="store_true", help="only the W-position pass cost")
+    p.add_argument("--shape", choices=["model", "huginn"], default="model")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    print(f"# {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")
+    record = {"environment": env, "args": vars(args)}
+    if args.pass_cost:
+        if args.shape == "huginn":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            model = build_model(parse_config(dict(HUGINN_0125)), device=device, dtype=dtype, seed=0)
+        else:
+            model = latentrt.load(args.model, device=device)
+        widths = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128]
+        context = min(args.context, 64) if args.quick else args.context
+        rows = pass_cost(model, context, widths, 3 if args.quick else 20)
+        print(f"# one core iteration over W positions after {context} cached ({args.shape} shape)")
+        print("| W | ms | vs W=1 |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['W']} | {r['ms']:.3f} | {r['vs_W1']:.2f} |")
+        record["pass_cost"] = rows
+    else:
+        if args.quick:
+            args.problems, args.prosqa = min(args.problems, 4), min(args.prosqa, 2)
+        model = latentrt.load(args.model, device=device)
+        sets = {"generated": generate_dataset(args.problems, seed=12345)}
+        if args.prosqa and SHARED_PROSQA.exists():
+            sets["prosqa_valid"] = load_records(SHARED_PROSQA)[: args.prosqa]
+        record["runs"] = []
+        for set_name, records in sets.items():
+            print(f"\n## {set_name} ({len(records)} problems, num_steps {args.num_steps}, batch 1)")
+            print("| sampler | accuracy | 95% interval | tokens/pass | iterations/token | tokens/s | vs sequential |")
+            print("|---|---|---|---|---|---|---|")
+            base = None
+            for name, kw in configs(args.num_steps).items():
+                r = run_set(model, records, name, kw, args.num_steps, args.max_new_tokens)
+                base = base or r["tokens_per_s"]
+                r["set"], r["vs_sequential"] = set_name, r["tokens_per_s"] / base
+                record["runs"].append(r)
+                print(
+                    f"| {name} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+                    f"{r['tokens_per_pass']:.2f} | {r['iterations_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
+                    f"{r['vs_sequential']:.2f}x |"
+                )
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Samplers that commit more than one token per pass (``generate(decoding=...)``).
+
+Sequential decoding (the default) is the engine's token loop: one unit per generated token. A *sampler*
+replaces that loop's source of tokens for one prompt: it runs the family decoder's primitives (units of
+any length at fixed depth, the cache's rollback) in its own order and hands the engine a stream of
+``Proposal``s, committed tokens in order; the engine stops, streams and assembles the result as for
+sequential decoding. A family lists the samplers it offers in its decoder's ``SAMPLERS`` (one line per
+sampler; each sampler is its own file with its options and their published defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..errors import InputError
+
+
+@dataclass
+class Proposal:
+    """One committed token: its id, the latent iterations spent on the state that produced it, its
+    logits (fp32 [V], for ``return_logits``; None where none exist) and non-finite flags (1 state, 2 logits)."""
+
+    token: int
+    steps: int
+    logits: Tensor | None = None
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Base of a sampler's options: fields with their published defaults, checked by ``check``."""
+
+    def check(self) -> None:
+        """Raise InputError naming a bad field."""
+
+    @classmethod
+    def parse(cls, given: Any) -> SamplerOptions:
+        """``decoding_options`` (None, a dict or this class) as this class, validated."""
+        if given is None:
+            opts = cls()
+        elif isinstance(given, cls):
+            opts = given
+        elif isinstance(given, dict):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise InputError(f"unknown decoding_options {unknown}; this sampler takes {sorted(names)}")
+            opts = cls(**given)
+        else:
+            raise InputError(f"decoding_options must be a dict, got {type(given).__name__}")
+        opts.check()
+        return opts
+
+
+class Sampler:
+    """Base class: ``tokens`` yields the committed tokens of one prompt (see module docstring)."""
+
+    NAME: ClassVar[str]
+    Options: ClassVar[type[SamplerOptions]] = SamplerOptions
+
+    def __init__(self, decoder, options: SamplerOptions) -> None:
+        self.decoder, self.options = decoder, options
+        self.stats: dict = {}  # what the sampler reports in GenerationResult.decoding
+
+    @classmethod
+    def check(cls, generate_options) -> None:
+        """Options of generate() this sampler cannot honour: InputError."""
+
+    def kv_sharing(self, generate_options):
+        """The KV mode the sampler runs (default: the call's ``kv_sharing``)."""
+        return generate_options.kv_sharing
+
+    @property
+    def kv_depth(self) -> int | None:
+        """Iterations a position may run at most in this sampler (sizes a ``full`` KV cache); None: num_steps."""
+        return None
+
+    @property
+    def extra_positions(self) -> int:
+        """Cache positions beyond the prompt and the new tokens the sampler may hold at once."""
+        return 0
+
+    def tokens(self, batch, draw: Callable[[Tensor], Tensor]) -> Iterator[Proposal]:
+        """Committed tokens, in order; ``draw(logits [n, V]) -> ids [n]`` samples with the call's settings."""
+        raise NotImplementedError
+
+
+def check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_float(name: str, value, low: float, high: float | None = None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise InputError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be True or False, got {value!r}")

@@ -1,0 +1,267 @@
+"""Wavefront (diffusion-style) decoding for recurrent depth (the published ``generate_diffusion_style``;
+arXiv 2510.14961).
+
+A window of positions is iterated together; every step advances each of them by ``inner_recurrence``
+core iterations, so a token's state keeps converging while the next positions already start:
+
+1. the prompt runs at ``num_steps`` (fixed depth) and gives the first token, committed at once; the window
+   is its position, from a fresh initial state;
+2. a step: the window's current token guesses go through the prelude (their embeddings mixed with the
+   previous step's, ``ema_embeds``: new x (1 - ema) + old x ema where a position was in the last window),
+   the states are mixed with fresh noise (``state_noise_mixing`` / (1 + iterations so far) with
+   ``dampened_state_mixer``), ``inner_recurrence`` core iterations run for the whole window, the head
+   gives a new guess for every position after the last committed one, and ``headway`` new positions join
+   the window (capped at ``max_wavefront``);
+3. freezing: with ``latent-diff`` (default) a position converged when ||s - s_prev|| / ||s|| < ``exit_t``
+   against the previous step's state; the last converged position and everything before it are
+   committed (its token and the tokens before), the cache keeps their entries, the window restarts at the
+   last committed token's position; other strategies: ``latent-acceleration-1`` / ``-2`` (the change of
+   the change), ``token-stability`` (a guess unchanged for more than num_steps // inner_recurrence steps),
+   ``fixed`` (``headway`` positions per step once num_steps // inner_recurrence steps have run);
+4. repeat until ``max_new_tokens`` are committed (or ``max_diffusion_steps``).
+
+Everything follows the published code, including how the previous step's states are aligned after a
+freeze (by the old window start, as published) and the window's cache entries being recomputed every
+step. The published default KV mode is ``latest-m4-compress-s4`` (one slot per core layer: ``shared``),
+used unless ``kv_sharing`` is given. Differences: latentrt stops at the first stop token it commits (the
+published loop checks stops only after ``num_steps`` steps) and commits at most ``max_new_tokens``;
+with ``headway`` > 1 the extra guesses are random ids of the model's vocabulary from the call's generator.
+With ``init_scale=0`` nothing is random, and the tokens equal the published code's (tests/test_published.py).
+``GenerationResult.decoding`` holds the steps, core passes, tokens per step and the freeze statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cache import GrowingKVCache
+from ..errors import InputError
+from .samplers import Proposal, Sampler, SamplerOptions, check_bool, check_float, check_int
+
+FREEZE = ("latent-diff", "latent-acceleration-1", "latent-acceleration-2", "token-stability", "fixed")
+
+
+@dataclass(frozen=True)
+class WavefrontOptions(SamplerOptions):
+    """The published defaults (``generate_diffusion_style``)."""
+
+    inner_recurrence: int = 4  # core iterations per step for every window position
+    ema_embeds: float = 0.1  # weight of the previous step's embedding of a position
+    state_noise_mixing: float = 0.5  # fresh noise mixed into the states before each step
+    dampened_state_mixer: bool = True  # the noise divided by 1 + the position's iterations so far
+    sqrt_mixer: bool = False  # mix with square roots of the weights
+    freeze_strategy: str = "latent-diff"
+    exit_t: float = 0.03  # latent-diff / acceleration threshold
+    headway: int = 1  # new positions per step
+    max_wavefront: int = 128  # window cap (0: none)
+    max_diffusion_steps: int = 4096  # a bound for settings that never freeze
+    continuous: bool = False  # new positions start from the window's last states (continuous_compute)
+
+    def check(self) -> None:
+        check_int("inner_recurrence", self.inner_recurrence, 1)
+        check_float("ema_embeds", self.ema_embeds, 0.0, 1.0)
+        check_float("state_noise_mixing", self.state_noise_mixing, 0.0, 1.0)
+        check_bool("dampened_state_mixer", self.dampened_state_mixer)
+        check_bool("sqrt_mixer", self.sqrt_mixer)
+        check_bool("continuous", self.continuous)
+        if self.freeze_strategy not in FREEZE:
+            raise InputError(f"freeze_strategy must be one of {list(FREEZE)}, got {self.freeze_strategy!r}")
+        check_float("exit_t", self.exit_t, 0.0)
+        check_int("headway", self.headway, 1)
+        check_int("max_wavefront", self.max_wavefront, 0)
+        if 0 < self.max_wavefront <= self.headway:
+            raise InputError(f"max_wavefront must exceed headway ({self.headway}) or be 0, got {self.max_wavefront}")
+        check_int("max_diffusion_steps", self.max_diffusion_steps, 1)
+
+
+class Wavefront(Sampler):
+    NAME = "wavefront"
+    Options = WavefrontOptions
+    PUBLISHED_KV = "shared"  # the published latest-m4-compress-s4: one slot per core layer (for 4 core layers)
+
+    @classmethod
+    def check(cls, o) -> None:
+        for name, why in (
+            ("adaptive", "positions freeze by its own rule (freeze_strategy, exit_t)"),
+            ("continuous", "use decoding_options={'continuous': True} (new positions from the window's states)"),
+            ("adaptive_prefill", "its prompt runs at num_steps in one pass, as published"),
+        ):
+            if getattr(o, name):
+                raise InputError(f"decoding='wavefront' does not take {name}=True: {why}")
+        if o.hooks:
+            raise InputError("decoding='wavefront' runs no hooks (its iterations are a window's, not a token's)")
+
+    def kv_sharing(self, o):
+        return o.kv_sharing if o.is_set("kv_sharing") else self.PUBLISHED_KV
+
+    @property
+    def kv_depth(self) -> int:
+        return self.options.inner_recurrence  # iterations restart at 0 every step
+
+    @property
+    def extra_positions(self) -> int:
+        o = self.options
+        return (o.max_wavefront if o.max_wavefront else 1 << 30) + o.headway
+
+    def tokens(self, batch, draw: Callable[[Tensor], Tensor]) -> Iterator[Proposal]:
+        dec, o = self.decoder, self.options
+        model, cache, backend = dec.model, dec.cache, dec.backend
+        dev, block = model.device, model.config.block_size
+        num_steps, inner, h = dec.spec.r_max, o.inner_recurrence, o.headway
+        one = torch.ones(1, dtype=torch.bool, device=dev)
+        st = self.stats = dict(steps=0, core_passes=1, positions_forward=0, cache_clears=0, standing_waves=0)
+
+        # 1. the prompt at num_steps; its next token is committed
+        prompt = batch.ids[0].tolist()
+        S = len(prompt)
+        out = dec.unit(batch.ids, batch.mask, one, dec.fixed(num_steps), batch.lengths())
+        st["positions_forward"] += S
+        first = int(draw(out.logits)[0])
+        yield Proposal(first, num_steps, out.logits[0], int(out.nonfinite[0]))
+        frozen = seq = prompt + [first]
+        counter = torch.zeros(max(block, S + 1), dtype=torch.long, device=dev)  # iterations per position
+        stable = torch.zeros_like(counter)  # steps a position's guess stayed the same
+        counter[: len(frozen)] += num_steps
+        d = model.config.n_embd
+        states = self._init(torch.zeros(1, 1, d, dtype=model.dtype, device=dev))
+        if o.ema_embeds > 0:  # the whole sequence's prelude, without the cache (as published)
+            tmp = GrowingKVCache(1, model.config.n_layers_in_prelude, dev)
+            chunk = tmp.begin(torch.ones(1, len(seq), dtype=torch.bool, device=dev))
+            old_embeds = model.prelude(torch.tensor([seq], device=dev), tmp, chunk, model.rope(chunk))
+        latent = "latent" in o.freeze_strategy
+        accel = "latent-acceleration" in o.freeze_strategy
+        previous = states.clone()
+        prev_delta = prev_previous = torch.zeros_like(states)
+        old_old = old_index = k = 0
+        step, done = 0, len(frozen)
+
+        while len(frozen) - S < dec.options.max_new_tokens and len(seq) <= block:
+            index = cache.length
+            W = states.shape[1]
+            if index + W > cache.max_len:
+                return
+            # 2. prelude of the window's guesses, embeddings mixed with the last step's
+            chunk = cache.begin(torch.ones(1, W, dtype=torch.bool, device=dev))
+            rope = model.rope(chunk)
+            ids = torch.tensor([seq[index : index + W]], device=dev)
+            e = model.prelude(ids, cache, chunk, rope)
+            if o.ema_embeds > 0:
+                old = old_embeds[:, index - old_index :]
+                mixed = e.clone() * (1 - o.ema_embeds)
+                mixed[:, : old.shape[1], :] += old * o.ema_embeds
+                e = old_embeds = mixed.clone()
+            if o.state_noise_mixing > 0:
+                noise_states = self._init(states)
+                if o.dampened_state_mixer:
+                    noise = (o.state_noise_mixing / (1 + counter[index : index + W]))[None, :, None].to(states.dtype)
+                else:
+                    noise = torch.as_tensor(o.state_noise_mixing, device=dev, dtype=states.dtype)
+                if o.sqrt_mixer:
+                    states = states * torch.relu(1 - noise).sqrt() + noise.sqrt() * noise_states
+                else:
+                    states = states * (1 - noise) + noise * noise_states
+            active = one
+            for t in range(inner):
+                cache.mark_iteration(chunk, t, active)
+                states = backend.core_iteration(states, e, cache, chunk, t, active, rope)
+                counter[index : index + W] += 1
+            st["core_passes"] += inner
+            st["positions_forward"] += inner * W
+            logits = model.head(states, cache, chunk, active, rope)[0]  # [W, V]
+            lo = max(len(frozen) - 1 - index, 0)
+            new = draw(logits[lo:]).tolist()
+            edits = torch.tensor(frozen + new[:-1], device=dev)
+            stable[: len(seq)] += (torch.tensor(seq, device=dev) == edits).long()
+            extra = (
+                [] if h == 1 else torch.randint(0, model.config.vocab_size, (h - 1,), generator=self._gen()).tolist()
+            )
+            seq = frozen + new + extra
+            if o.continuous and states.shape[1] >= h:
+                fresh = states[:, -h:].clone()
+            else:
+                fresh = self._init(torch.zeros(1, h, d, dtype=model.dtype, device=dev))
+            states = torch.cat([states, fresh], dim=1)
+            h_step = h
+            if o.max_wavefront > 0 and states.shape[1] > o.max_wavefront:
+                h_step = o.max_wavefront - (states.shape[1] - h)
+                states = states[:, : o.max_wavefront]
+                seq = seq[: index + o.max_wavefront]
+                st["standing_waves"] += 1
+
+            # 3. freezing
+            before = len(frozen)
+            if latent:
+                prev = previous[:, index - old_index :]
+                match = states[:, : prev.shape[1], :]
+                if o.freeze_strategy == "latent-diff":
+                    criterion = (match - prev).norm(dim=-1) / match.norm(dim=-1)
+                elif o.freeze_strategy == "latent-acceleration-1":
+                    delta = match - prev
+                    m = min(delta.shape[1], prev_delta.shape[1])
+                    criterion = (delta[:, :m] - prev_delta[:, :m]).norm(dim=-1) / match[:, :m].norm(dim=-1)
+                    prev_delta = delta.clone()
+                else:  # latent-acceleration-2: the three steps' common positions
+                    lo2 = max(index, old_index, old_old)
+                    hi2 = min(index + states.shape[1], old_index + previous.shape[1], old_old + prev_previous.shape[1])
+                    cur = states[:, lo2 - index : hi2 - index]
+                    acc = (cur - previous[:, lo2 - old_index : hi2 - old_index]) - (
+                        previous[:, lo2 - old_index : hi2 - old_index] - prev_previous[:, lo2 - old_old : hi2 - old_old]
+                    )
+                    criterion = acc.norm(dim=-1) / (cur.norm(dim=-1) + 1e-6)
+                exits = (criterion < o.exit_t)[0].nonzero()
+                if len(exits):
+                    k = index + int(exits[-1, 0]) + 1
+                    frozen, states = self._freeze(cache, seq, states, index, k, h_step)
+                else:
+                    self._clear(cache, states.shape[1] - h_step)
+            elif o.freeze_strategy == "token-stability":
+                ready = (stable > num_steps // inner).nonzero()
+                if len(ready):
+                    k = int(ready[-1, 0]) + 1
+                    frozen, states = self._freeze(cache, seq, states, index, k, h_step)
+                else:
+                    self._clear(cache, states.shape[1] - h_step)
+                    k = 0
+            else:  # fixed
+                if step > num_steps // inner:
+                    self._clear(cache, states.shape[1] - h - h_step)
+                    states = states[:, h_step:, :]
+                    frozen = frozen + new[:h_step]
+                else:
+                    self._clear(cache, states.shape[1] - h_step)
+            for p in range(max(before, done), len(frozen)):  # position p's token: position p - 1's state
+                yield Proposal(frozen[p], int(counter[p - 1]), logits[p - 1 - index], 0)
+            done = max(done, len(frozen))  # (token-stability can shorten the published frozen prefix)
+            if step > o.max_diffusion_steps:
+                return
+            if accel:
+                prev_previous, old_old = previous.clone(), old_index
+            if latent:
+                previous = states.clone()
+            old_index = index
+            step += 1
+            st["steps"] = step
+            st["tokens_per_step"] = (len(frozen) - S) / (1 + step)
+
+    def _freeze(self, cache, seq: list[int], states: Tensor, index: int, k: int, h_step: int):
+        """Commit the tokens before position k; the cache keeps entries [0, k - 1); the window restarts at
+        position k - 1 (the published clear count and slice)."""
+        self._clear(cache, len(seq) - h_step - k + 1)
+        return seq[:k], states[:, k - index - 1 :, :]
+
+    def _clear(self, cache, n: int) -> None:
+        """The published ``clear_last_k_entries(n)``."""
+        cache.truncate(cache.length - n)
+        self.stats["cache_clears"] += n
+
+    def _init(self, like: Tensor) -> Tensor:
+        """A fresh state like ``like`` (zeros at init_scale 0), from the call's generator with a seed."""
+        dec = self.decoder
+        return dec.model.initial_state(like, dec.init_scale, self._gen())
+
+    def _gen(self):
+        return None if self.decoder.rng is None else self.decoder.rng[0]

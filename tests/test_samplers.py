@@ -1,0 +1,119 @@
+"""The multi-token samplers (latentrt/decode/speculative.py, wavefront.py): what holds beyond the published
+vectors (tests/test_published.py), and their errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_coconut, tiny_recurrent
+
+import latentrt
+from latentrt.errors import InputError
+from tools.published import PROMPT, build
+
+
+@pytest.mark.parametrize("name", ["huginn-a", "huginn-b"])
+def test_speculative_greedy_full_kv_equals_sequential_for_every_lookahead_and_draft_depth(name):
+    """Greedy, fixed depth, full KV, no randomness: verifying a draft at num_steps computes what sequential
+    decoding computes, whatever was drafted, so the tokens are sequential decoding's."""
+    model = build(name)
+    kw = dict(max_new_tokens=14, num_steps=6, init_scale=0.0, kv_sharing="full")
+    sequential = latentrt.generate(model, PROMPT, **kw)
+    rounds = set()
+    for lookahead in (1, 2, 3, 5, 8):
+        for draft_steps in (1, 2, 6, 9):
+            opts = dict(lookahead=lookahead, draft_steps=draft_steps)
+            got = latentrt.generate(model, PROMPT, decoding="speculative", decoding_options=opts, **kw)
+            assert got.tokens == sequential.tokens, opts
+            assert got.steps == [6] * len(got.tokens)
+            assert 1 + sum(got.decoding["accepted"]) >= len(got.tokens)
+            rounds.add(tuple(got.decoding["accepted"]))
+    assert len(rounds) > 5  # the drafts were accepted to different extents
+
+
+def test_speculative_whole_drafts_when_the_draft_is_the_verifier():
+    model = build("huginn-b")
+    opts = dict(lookahead=4, draft_steps=6)
+    got = latentrt.generate(model, PROMPT, max_new_tokens=13, num_steps=6, init_scale=0.0, decoding="speculative",
+                            decoding_options=opts)  # fmt: skip
+    assert got.decoding["accepted"] == [4, 4, 4]  # drafting at full depth: every draft verified
+    assert got.decoding["tokens_per_pass"] == pytest.approx(13 / (1 + 3 * 5))
+
+
+def test_wavefront_invariants_with_noise():
+    """Random initial states and noise mixing: no published vector, but a seed reproduces it, it commits
+    exactly max_new_tokens, each token's iterations are at least one step's, and the stream is the result."""
+    model = build("huginn-b")
+    kw = dict(max_new_tokens=9, num_steps=8, seed=3, decoding="wavefront", init_scale=1.0)
+    a = latentrt.generate(model, PROMPT, **kw)
+    b = latentrt.generate(model, PROMPT, **kw)
+    assert (a.tokens, a.steps) == (b.tokens, b.steps) and len(a.tokens) == 9
+    assert a.steps[0] == 8 and all(s >= 4 for s in a.steps[1:])
+    stream = latentrt.generate(model, PROMPT, stream=True, **kw)
+    assert [e.tokens for e in stream] == a.tokens and stream.result.tokens == a.tokens
+    assert a.decoding["sampler"] == "wavefront" and a.decoding["steps"] >= 1
+
+
+def test_wavefront_stops_at_the_first_stop_token_it_commits():
+    model = build("huginn-b")
+    full = latentrt.generate(model, PROMPT, max_new_tokens=10, num_steps=8, init_scale=0.0, decoding="wavefront")
+    stop = full.tokens[3]
+    got = latentrt.generate(model, PROMPT, max_new_tokens=10, num_steps=8, init_scale=0.0, decoding="wavefront",
+                            stop=[stop])  # fmt: skip
+    assert got.tokens == full.tokens[: full.tokens.index(stop) + 1] and got.finish_reasons == ["stop"]
+
+
+def test_samplers_return_logits_whose_argmax_is_the_greedy_token():
+    model = build("huginn-a")
+    for decoding in ("speculative", "wavefront"):
+        got = latentrt.generate(model, PROMPT, max_new_tokens=6, num_steps=6, init_scale=0.0, decoding=decoding,
+                                return_logits=True)  # fmt: skip
+        assert got.logits.shape[0] == len(got.tokens)
+        assert got.logits[:, : model.config.vocab_size].argmax(-1).tolist() == got.tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(decoding="beam"), "unknown decoding 'beam'"),
+        (dict(decoding_options={"lookahead": 2}), "decoding_options need decoding="),
+        (dict(decoding="speculative", decoding_options={"lookahead": 0}), "lookahead must be an integer >= 1"),
+        (dict(decoding="speculative", decoding_options={"lookahed": 2}), "unknown decoding_options ['lookahed']"),
+        (dict(decoding="speculative", adaptive=True), "does not take adaptive=True"),
+        (dict(decoding="speculative", continuous=True), "does not take continuous=True"),
+        (dict(decoding="wavefront", decoding_options={"freeze_strategy": "x"}), "freeze_strategy must be one of"),
+        (dict(decoding="wavefront", decoding_options={"max_wavefront": 1}), "max_wavefront must exceed headway"),
+        (dict(decoding="wavefront", decoding_options=[1]), "decoding_options must be a dict"),
+        (dict(decoding="wavefront", hooks=[object()]), "runs no hooks"),
+    ],
+)
+def test_sampler_errors(kwargs, message):
+    model = tiny_recurrent(seed=1)
+    with pytest.raises(InputError) as err:
+        latentrt.generate(model, [3, 4, 5], max_new_tokens=4, **kwargs)
+    assert message in str(err.value)
+
+
+def test_samplers_take_one_prompt_and_only_recurrent_models():
+    model = tiny_recurrent(seed=1)
+    with pytest.raises(InputError, match="takes one prompt"):
+        latentrt.generate(model, [[3, 4], [5, 6]], decoding="wavefront")
+    with pytest.raises(InputError, match="do not apply to this Coconut continuous-thought model"):
+        latentrt.generate(tiny_coconut(seed=1), [3, 4], decoding="speculative")
+
+
+def test_samplers_on_the_triton_backend_equal_torch():
+    """The samplers run the backend's core iteration (the Triton one under the interpreter on a CPU)."""
+    import latentrt.kernels as kernels
+    from latentrt.backends import get_backend
+
+    if not kernels.triton_available():
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    model = build("huginn-b")
+    kw = dict(max_new_tokens=3, num_steps=4, init_scale=0.0)
+    want = {d: latentrt.generate(model, PROMPT, decoding=d, **kw).tokens for d in ("speculative", "wavefront")}
+    model.backend = get_backend("triton", model)
+    try:
+        for d, tokens in want.items():
+            assert latentrt.generate(model, PROMPT, decoding=d, **kw).tokens == tokens
+    finally:
+        model.backend = get_backend("torch", model)
