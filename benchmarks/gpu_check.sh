@@ -8,7 +8,7 @@
 #   first; every record appended to $OUT/bench/results.jsonl as measured) -> compute-sanitizer memcheck and
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
-#     GPU_CHECK_BUDGET=seconds (470)
+#     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve (opt-in stages, below)
 #   Carry .triton_cache (python -m tools.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
@@ -65,6 +65,23 @@ timeout $(($(left) - 60)) python3 -m benchmarks.run --quick \
   >"$OUT/bench.log" 2>&1
 echo "benchmarks exit $?" | tee -a "$LOG"
 rm -f "$OUT/bench/results.json"  # results.jsonl holds the same records (and survives a timeout)
+
+# opt-in stages (GPU_EXTRA=samplers,serve): the W-position pass cost at Huginn-0125's shape (#17) and the
+# serving schedulers on a random-weight Huginn-0125 with the built-in model's exit depths replayed (#16)
+case ",${GPU_EXTRA:-}," in *,samplers,*)
+  stamp "samplers: W-position pass cost"
+  timeout 90 python3 -m benchmarks.samplers --pass-cost --shape huginn --out "$OUT/pass_cost.json" \
+    >"$OUT/samplers.log" 2>&1
+  echo "samplers exit $?" | tee -a "$LOG"
+  tail -12 "$OUT/samplers.log" | tee -a "$LOG" ;;
+esac
+case ",${GPU_EXTRA:-}," in *,serve,*)
+  stamp "serving: three schedulers, Huginn-0125 shape, replayed depths"
+  timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --out "$OUT/serve.json" \
+    >"$OUT/serve.log" 2>&1
+  echo "serve exit $?" | tee -a "$LOG"
+  tail -8 "$OUT/serve.log" | tee -a "$LOG" ;;
+esac
 
 if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
   tools=${GPU_SANITIZE-memcheck racecheck}

@@ -67,31 +67,40 @@ def passes(result, num_steps: int) -> tuple[int, int]:
     return 1 + d["steps"], d["core_passes"] - 1 + num_steps
 
 
-def run_set(model, records, name: str, kw: dict, num_steps: int, max_new: int) -> dict:
-    correct = tokens = n_passes = iters = 0
-    seconds = 0.0
+def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) -> list[dict]:
+    """Every sampler on every problem, interleaved per problem (so a busy machine slows them alike)."""
+    acc = {name: dict(correct=0, tokens=0, passes=0, iters=0, seconds=0.0) for name in kws}
     for rec in records:
-        t0 = time.perf_counter()
-        out = latentrt.generate(model, rec.question, max_new_tokens=max_new, num_steps=num_steps, **kw)
-        seconds += time.perf_counter() - t0
-        correct += int(extract_answer(out.text) == rec.answer.strip())
-        tokens += len(out.tokens)
-        if out.decoding and out.decoding["sampler"] == "speculative":
-            out.decoding["draft_steps"] = kw["decoding_options"]["draft_steps"]
-        p, it = passes(out, num_steps)
-        n_passes += p
-        iters += it
-    lo, hi = wilson(correct, len(records))
-    return {
-        "sampler": name,
-        "n": len(records),
-        "accuracy": correct / len(records),
-        "ci95": [lo, hi],
-        "tokens": tokens,
-        "tokens_per_pass": tokens / n_passes,
-        "iterations_per_token": iters / tokens,
-        "tokens_per_s": tokens / seconds,
-    }
+        for name, kw in kws.items():
+            a = acc[name]
+            t0 = time.perf_counter()
+            out = latentrt.generate(model, rec.question, max_new_tokens=max_new, num_steps=num_steps, **kw)
+            a["seconds"] += time.perf_counter() - t0
+            a["correct"] += int(extract_answer(out.text) == rec.answer.strip())
+            a["tokens"] += len(out.tokens)
+            if out.decoding and out.decoding["sampler"] == "speculative":
+                out.decoding["draft_steps"] = kw["decoding_options"]["draft_steps"]
+            p, it = passes(out, num_steps)
+            a["passes"] += p
+            a["iters"] += it
+    rows = []
+    for name, a in acc.items():
+        lo, hi = wilson(a["correct"], len(records))
+        rows.append(
+            {
+                "sampler": name,
+                "n": len(records),
+                "accuracy": a["correct"] / len(records),
+                "ci95": [lo, hi],
+                "tokens": a["tokens"],
+                "tokens_per_pass": a["tokens"] / a["passes"],
+                "iterations_per_token": a["iters"] / a["tokens"],
+                "tokens_per_s": a["tokens"] / a["seconds"],
+                "vs_sequential": (a["tokens"] / a["seconds"])
+                / (acc["sequential"]["tokens"] / acc["sequential"]["seconds"]),
+            }
+        )
+    return rows
 
 
 def pass_cost(model, context: int, widths: list[int], repeats: int) -> list[dict]:
@@ -172,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n## {set_name} ({len(records)} problems, num_steps {args.num_steps}, batch 1)")
             print("| sampler | accuracy | 95% interval | tokens/pass | iterations/token | tokens/s | vs sequential |")
             print("|---|---|---|---|---|---|---|")
-            base = None
-            for name, kw in configs(args.num_steps).items():
-                r = run_set(model, records, name, kw, args.num_steps, args.max_new_tokens)
-                base = base or r["tokens_per_s"]
-                r["set"], r["vs_sequential"] = set_name, r["tokens_per_s"] / base
+            for r in run_set(model, records, configs(args.num_steps), args.num_steps, args.max_new_tokens):
+                r["set"], name = set_name, r["sampler"]
                 record["runs"].append(r)
                 print(
                     f"| {name} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
