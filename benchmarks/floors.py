@@ -1,9 +1,11 @@
 """The fewest bytes a decode step must move, and its FLOPs: the floor is bytes / measured copy bandwidth.
 
-Recurrent depth, one generated token for B sequences at context T with r iterations: the prelude, coda
-and head weights are read once, the core block's weights (adapter included) once per iteration (they do
-not fit in on-chip memory at real sizes), and every attention layer reads its cached K/V and writes one
-new entry per sequence. Coconut: one pass of GPT-2's weights per thought or answer token.
+Recurrent depth, one generated token for B sequences at context T with r iterations: the prelude, coda,
+final norm and head weights are read once; per iteration the core layers' weights and the adapter's state
+half W[:, :d] (they do not fit in on-chip memory at real sizes); the adapter's input half W[:, d:] once per
+token (W[:, d:] e does not change between iterations: computed once, added every iteration); every
+attention layer reads its cached K/V and writes one new entry per sequence. Coconut: one pass of GPT-2's
+layer weights per thought (a thought never reads the LM head), plus the head for an answer token.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from latentrt.models import GPT2Config, RecurrentConfig
 
 def sandwich_params(cfg: RecurrentConfig) -> int:
     d, kv = cfg.n_embd, cfg.num_key_value_heads * cfg.head_dim
-    return d * (d + 2 * kv) + d * d + d * 2 * cfg.intermediate_size + cfg.intermediate_size * d + 4 * d
+    qk_bias = 2 * cfg.num_attention_heads * cfg.head_dim if cfg.qk_bias else 0
+    return d * (d + 2 * kv) + d * d + d * 2 * cfg.intermediate_size + cfg.intermediate_size * d + 4 * d + qk_bias
 
 
 def recurrent_step_bytes(
@@ -23,8 +26,9 @@ def recurrent_step_bytes(
     d = cfg.n_embd
     layer = sandwich_params(cfg)
     plain_layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
-    core = cfg.n_layers_in_recurrent_block * layer + 2 * d * d + d  # + adapter, ln_f counted below
-    weights = (plain_layers * layer + steps * core + cfg.padded_vocab_size * d + d) * element_size
+    per_iteration = cfg.n_layers_in_recurrent_block * layer + d * d  # core layers + adapter W[:, :d]
+    per_token = plain_layers * layer + d * d + cfg.padded_vocab_size * d + d  # + adapter W[:, d:], head, ln_f
+    weights = (per_token + steps * per_iteration) * element_size
     kv_entry = 2 * cfg.num_key_value_heads * cfg.head_dim * element_size  # K and V of one position
     attn_calls = plain_layers + steps * cfg.n_layers_in_recurrent_block
     kv = batch * attn_calls * (context + 1) * kv_entry  # read the cache, write the new entry
@@ -40,7 +44,8 @@ def recurrent_step_flops(cfg: RecurrentConfig, *, batch: int, context: int, step
         * batch
         * (
             plain_layers * sandwich_params(cfg)
-            + steps * (cfg.n_layers_in_recurrent_block * sandwich_params(cfg) + 2 * d * d)
+            + steps * (cfg.n_layers_in_recurrent_block * sandwich_params(cfg) + d * d)
+            + d * d
             + cfg.padded_vocab_size * d
         )
     )
@@ -55,9 +60,10 @@ def gpt2_params(cfg: GPT2Config) -> int:
 
 
 def coconut_step_bytes(
-    cfg: GPT2Config, *, batch: int, context: int, element_size: int = 2, with_head: bool = True
+    cfg: GPT2Config, *, batch: int, context: int, element_size: int = 2, with_head: bool = False
 ) -> dict[str, int]:
-    """One single-position pass: GPT-2's layer weights (and the head for an answer token) + KV."""
+    """One single-position pass: GPT-2's layer weights and final norm (and the head, tied to the token
+    embedding, for an answer token: ``with_head``) + KV. A thought reads no head."""
     d = cfg.n_embd
     weights = (gpt2_params(cfg) - cfg.n_positions * d - (0 if with_head else cfg.vocab_size * d)) * element_size
     kv = batch * cfg.n_layer * (context + 1) * 2 * d * element_size

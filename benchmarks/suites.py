@@ -514,8 +514,10 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
 
             return measure(run, device=plan.device, repeats=5 if plan.gpu else 3, warmup=1)["median_ms"]
 
-        floor = floors.coconut_step_bytes(cfg, batch=batch, context=62, element_size=el, with_head=True)
-        floor_ms = floor["total"] / copy_bw * 1e3
+        thought_floor = floors.coconut_step_bytes(cfg, batch=batch, context=62, element_size=el)  # no head
+        answer_floor = floors.coconut_step_bytes(cfg, batch=batch, context=62, element_size=el, with_head=True)
+        floor_ms = thought_floor["total"] / copy_bw * 1e3
+        answer_floor_ms = answer_floor["total"] / copy_bw * 1e3
         # marginal cost of a thought: k2 - k thoughts more (the one-off eager pass and graph capture of a
         # prompt cancel out in the difference)
         k2 = 30 if plan.gpu else 10
@@ -529,7 +531,7 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
             yield timed_record("decode_coconut", "thought", backend, config, per_thought, floor_ms)
             # answer tokens: single-position passes through the backend's column runner, plus the head
             answer = lambda thoughts=thoughts: _decode_ms(model, thoughts, plan.tokens)[0]  # noqa: E731
-            yield timed_record("decode_coconut", "answer_token", backend, config, answer, floor_ms)
+            yield timed_record("decode_coconut", "answer_token", backend, config, answer, answer_floor_ms)
         model.backend = latentrt.backends.get_backend("torch", model)
         if batch == 1:
             n = 3
