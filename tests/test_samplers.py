@@ -1,5 +1,5 @@
 """The multi-token samplers (latentrt/decode/speculative.py, wavefront.py): what holds beyond the published
-vectors (tests/test_published.py), and their errors."""
+vectors (tests/test_published.py, which also runs both on the Triton backend), and their errors."""
 
 from __future__ import annotations
 
@@ -99,21 +99,3 @@ def test_samplers_take_one_prompt_and_only_recurrent_models():
         latentrt.generate(model, [[3, 4], [5, 6]], decoding="wavefront")
     with pytest.raises(InputError, match="do not apply to this Coconut continuous-thought model"):
         latentrt.generate(tiny_coconut(seed=1), [3, 4], decoding="speculative")
-
-
-def test_samplers_on_the_triton_backend_equal_torch():
-    """The samplers run the backend's core iteration (the Triton one under the interpreter on a CPU)."""
-    import latentrt.kernels as kernels
-    from latentrt.backends import get_backend
-
-    if not kernels.triton_available():
-        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
-    model = build("huginn-b")
-    kw = dict(max_new_tokens=3, num_steps=4, init_scale=0.0)
-    want = {d: latentrt.generate(model, PROMPT, decoding=d, **kw).tokens for d in ("speculative", "wavefront")}
-    model.backend = get_backend("triton", model)
-    try:
-        for d, tokens in want.items():
-            assert latentrt.generate(model, PROMPT, decoding=d, **kw).tokens == tokens
-    finally:
-        model.backend = get_backend("torch", model)

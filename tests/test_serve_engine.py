@@ -161,6 +161,8 @@ def test_bad_requests_get_generate_messages():
         engine.submit([[5], [6]])
     with pytest.raises(InputError, match="hooks"):
         engine.submit([5], hooks=[lambda e: None])
+    with pytest.raises(InputError, match=r"runs in generate\(\) only"):
+        engine.submit([5], decoding="speculative")
 
 
 def test_queue_full_and_cancel_frees_the_row():

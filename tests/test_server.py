@@ -224,6 +224,7 @@ def test_routes_and_bad_input(recurrent_server):
     assert error({"prompt": [5] * 90, "max_tokens": 10}) == str(api.value)
     assert "max_new_tokens" in error({"prompt": "a", "max_tokens": 0})
     assert "messages" in error({"messages": []}, path="/v1/chat/completions")
+    assert "runs in generate() only" in error({"prompt": "a", "decoding": "wavefront"})
 
 
 def test_chat_without_a_template_is_400():

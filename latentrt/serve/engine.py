@@ -185,6 +185,8 @@ class Engine:
         if opts.return_logits:
             raise InputError("return_logits is not available from the server")
         gen = Generation(self.model, prompt, opts)
+        if gen.decoder.sampler is not None:
+            raise InputError(f"decoding={opts.decoding!r} runs in generate() only; the server decodes sequentially")
         if not gen.batch.single:
             raise InputError("a request takes one prompt (send several requests for a batch)")
         need = gen.batch.ids.shape[1] + opts.max_new_tokens

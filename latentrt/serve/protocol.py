@@ -16,26 +16,12 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..families import FAMILIES
 from .chat import render_chat
 
-# latentrt's generate() options accepted as extra request fields
-LATENT_FIELDS = (
-    "num_steps",
-    "adaptive",
-    "exit_criterion",
-    "exit_threshold",
-    "min_steps",
-    "check_criterion_every_n_steps",
-    "do_not_exit_in_prefill",
-    "adaptive_prefill",
-    "kv_sharing",
-    "continuous",
-    "init_scale",
-    "num_thoughts",
-    "published_eos",
-    "default_stops",
-    "top_k",
-)
+# latentrt's generate() options accepted as extra request fields: every family's options (a family's
+# decoder names them), and the sampling / stopping options the OpenAI body has no field for
+LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.values())))) + ("default_stops", "top_k")
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
     "logprobs": (None, False),
