@@ -19,15 +19,15 @@ def test_speculative_greedy_full_kv_equals_sequential_for_every_lookahead_and_dr
     kw = dict(max_new_tokens=14, num_steps=6, init_scale=0.0, kv_sharing="full")
     sequential = latentrt.generate(model, PROMPT, **kw)
     rounds = set()
-    for lookahead in (1, 2, 3, 5, 8):
-        for draft_steps in (1, 2, 6, 9):
+    for lookahead in (1, 2, 3, 8):
+        for draft_steps in (1, 3, 9):
             opts = dict(lookahead=lookahead, draft_steps=draft_steps)
             got = latentrt.generate(model, PROMPT, decoding="speculative", decoding_options=opts, **kw)
             assert got.tokens == sequential.tokens, opts
             assert got.steps == [6] * len(got.tokens)
             assert 1 + sum(got.decoding["accepted"]) >= len(got.tokens)
             rounds.add(tuple(got.decoding["accepted"]))
-    assert len(rounds) > 5  # the drafts were accepted to different extents
+    assert len(rounds) > 3  # the drafts were accepted to different extents
 
 
 def test_speculative_whole_drafts_when_the_draft_is_the_verifier():

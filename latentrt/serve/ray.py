@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--scheduler", default="depth")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too (slower to start)")
     args = ap.parse_args(argv)
     import ray
     from ray import serve
 
-    ray.init()
+    ray.init(include_dashboard=args.dashboard)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = application(
         args.model,
