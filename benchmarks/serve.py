@@ -125,6 +125,7 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
         "scheduler_overhead": m.overhead(),
         "steps": m.steps,
         "step_ms": 1e3 * m.step_seconds / max(m.steps, 1),
+        "tokens_per_pass": tokens / max(m.passes, 1),  # a pass reads its layers' weights once
         "depths": [d for r in requests for d in r.steps],
         "outputs": [r.tokens for r in requests],
     }
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}"
     )
     cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
-    cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms"]
+    cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms", "tokens_per_pass"]
     print("| scheduler | " + " | ".join(cols) + " | vs token |")
     print("|" + "---|" * (len(cols) + 2))
     base = runs.get("token", {}).get("tokens_per_s")

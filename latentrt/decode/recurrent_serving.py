@@ -139,10 +139,12 @@ class RecurrentServing(ServingProgram):
             chunk = pool.begin(prompts, n, lengths)
             ids = torch.stack([F.pad(x, (0, n - len(x))) for x in seqs])
             self._start_group(prompts, lengths, chunk, model.prelude(ids, pool, chunk, model.rope(chunk)))
+            self.passes += 1
         if units:
             chunk = pool.begin(units, 1)
             ids = torch.stack([self.starting[r][0] for r in units])[:, None]
             self._start_units(units, chunk, model.prelude(ids, pool, chunk, model.rope(chunk)))
+            self.passes += 1
 
     def _start_group(self, rows: list[int], lengths: list[int], chunk, e: Tensor) -> None:
         loop = LatentLoop(len(rows), tuple(e.shape[1:]), self.vocab, e.device, e.dtype)
@@ -214,6 +216,7 @@ class RecurrentServing(ServingProgram):
             active = torch.cat([p.loop.active[p.rows.index] for p in batch])
             pool.mark_iteration(chunk, None, active)
             new = model.core_iteration(s, e, pool, chunk, None, active, model.rope(chunk))
+            self.passes += 1
             at = 0
             for p in batch:
                 p.loop.advance(p.rows, new[at : at + len(p.rows), : p.chunk.n])
@@ -250,6 +253,7 @@ class RecurrentServing(ServingProgram):
         s = torch.cat([_pad(p.loop.s[p.rows.index], chunk.n) for p in parts])
         last = torch.tensor([i for p in parts for i in p.last], device=model.device)
         logits = model.head(s, pool, chunk, torch.cat(active), model.rope(chunk), at=last)[:, -1]
+        self.passes += 1
         return list(logits.split([len(p.rows) for p in parts]))
 
     # ---------------------------------------------------------------- units end

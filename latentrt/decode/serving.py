@@ -43,6 +43,7 @@ class ServingProgram:
         self.model = model
         self.pool = KVPool(model.cache_layout(), rows, max_len, slot_rows, model.dtype, model.device)
         self.launched_rows = 0  # rows the last launch ran (for slot utilisation)
+        self.passes = 0  # passes over a set of the model's layers so far (each reads those weights once)
 
     @staticmethod
     def kv_mode(decoder):

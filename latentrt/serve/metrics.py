@@ -18,6 +18,7 @@ class EngineMetrics:
     step_seconds: float = 0.0  # wall time of every step
     compute_seconds: float = 0.0  # of which launching, reading back and sampling (the rest: scheduling)
     launched_rows: int = 0  # row-iterations executed (rows launched per step, waiting rows included)
+    passes: int = 0  # passes over a set of the model's layers (prelude, core, head, prompt: each reads its weights)
     iterations: int = 0  # latent iterations the units needed (their loops' lengths)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished (stop or length)
@@ -34,6 +35,7 @@ class EngineMetrics:
         self.step_seconds += seconds
         self.compute_seconds += compute
         self.launched_rows += launched
+        self.passes = engine.program.passes
         self.recent.append((time.perf_counter(), self.tokens))
         self.queue_length, self.resident = len(engine.queue), len(engine.resident)
         pool = engine.program.pool
@@ -74,6 +76,7 @@ class EngineMetrics:
             "slot_utilisation": self.utilisation(),
             "scheduler_overhead": self.overhead(),
             "steps_total": self.steps,
+            "passes_total": self.passes,
             "kv_bytes_in_use": self.kv_bytes,
             "kv_bytes_capacity": self.kv_capacity,
         }
