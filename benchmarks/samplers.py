@@ -46,11 +46,13 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def configs(num_steps: int) -> dict[str, dict]:
+def configs(num_steps: int, lookahead: int = 4, draft_steps: int = 2) -> dict[str, dict]:
     """The samplers compared, at one depth."""
     return {
         "sequential": dict(),
-        "speculative": dict(decoding="speculative", decoding_options=dict(lookahead=4, draft_steps=2)),
+        "speculative": dict(
+            decoding="speculative", decoding_options=dict(lookahead=lookahead, draft_steps=draft_steps)
+        ),
         "wavefront": dict(decoding="wavefront"),
     }
 
@@ -69,7 +71,7 @@ def passes(result, num_steps: int) -> tuple[int, int]:
 
 def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) -> list[dict]:
     """Every sampler on every problem, interleaved per problem (so a busy machine slows them alike)."""
-    acc = {name: dict(correct=0, tokens=0, passes=0, iters=0, seconds=0.0) for name in kws}
+    acc = {name: dict(correct=0, tokens=0, passes=0, iters=0, seconds=0.0, drafted=0, accepted=0) for name in kws}
     for rec in records:
         for name, kw in kws.items():
             a = acc[name]
@@ -80,6 +82,8 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
             a["tokens"] += len(out.tokens)
             if out.decoding and out.decoding["sampler"] == "speculative":
                 out.decoding["draft_steps"] = kw["decoding_options"]["draft_steps"]
+                a["drafted"] += out.decoding["draft_passes"]
+                a["accepted"] += out.decoding["drafts_accepted"]
             p, it = passes(out, num_steps)
             a["passes"] += p
             a["iters"] += it
@@ -96,6 +100,7 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
                 "tokens_per_pass": a["tokens"] / a["passes"],
                 "iterations_per_token": a["iters"] / a["tokens"],
                 "tokens_per_s": a["tokens"] / a["seconds"],
+                "draft_acceptance": a["accepted"] / a["drafted"] if a["drafted"] else None,
                 "vs_sequential": (a["tokens"] / a["seconds"])
                 / (acc["sequential"]["tokens"] / acc["sequential"]["seconds"]),
             }
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prosqa", type=int, default=100, help="records of the shared ProsQA file (0: none)")
     p.add_argument("--num-steps", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--lookahead", type=int, default=4, help="speculative: drafts per round")
+    p.add_argument("--draft-steps", type=int, default=2, help="speculative: iterations per draft")
     p.add_argument("--pass-cost", action="store_true", help="only the W-position pass cost")
     p.add_argument("--shape", choices=["model", "huginn"], default="model")
     p.add_argument("--context", type=int, default=512)
@@ -179,14 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         record["runs"] = []
         for set_name, records in sets.items():
             print(f"\n## {set_name} ({len(records)} problems, num_steps {args.num_steps}, batch 1)")
-            print("| sampler | accuracy | 95% interval | tokens/pass | iterations/token | tokens/s | vs sequential |")
-            print("|---|---|---|---|---|---|---|")
-            for r in run_set(model, records, configs(args.num_steps), args.num_steps, args.max_new_tokens):
+            cols = "accuracy | 95% interval | tokens/pass | iterations/token | drafts accepted | tokens/s"
+            print(f"| sampler | {cols} | vs sequential |")
+            print("|---|---|---|---|---|---|---|---|")
+            kws = configs(args.num_steps, args.lookahead, args.draft_steps)
+            for r in run_set(model, records, kws, args.num_steps, args.max_new_tokens):
                 r["set"], name = set_name, r["sampler"]
                 record["runs"].append(r)
                 print(
                     f"| {name} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
-                    f"{r['tokens_per_pass']:.2f} | {r['iterations_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
+                    f"{r['tokens_per_pass']:.2f} | {r['iterations_per_token']:.1f} | "
+                    f"{'-' if r['draft_acceptance'] is None else format(r['draft_acceptance'], '.2f')} | "
+                    f"{r['tokens_per_s']:.1f} | "
                     f"{r['vs_sequential']:.2f}x |"
                 )
     if args.out:

@@ -19,8 +19,8 @@ is a matrix product over ``lookahead`` positions). As published: fixed depths on
 first verify position's K/V are recomputed at full depth, acceptance compares the verifier's argmax with
 the draft. Unlike the published loop, which can run past ``max_new_tokens`` by up to ``lookahead`` - 1
 tokens, latentrt commits at most ``max_new_tokens``. ``GenerationResult.decoding`` holds the tokens
-committed per round (``accepted``), the passes run (``draft_passes``, ``verify_passes``) and the tokens per
-pass.
+committed per round (``accepted``), the passes run (``draft_passes``, ``verify_passes``), the share of drafts
+the verifier accepted (``acceptance``) and the tokens per pass.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Speculative(Sampler):
         verify, draft = dec.fixed(depth), dec.fixed(o.draft_steps)
         one = torch.ones(1, dtype=torch.bool, device=dev)
         accepted: list[int] = []
-        self.stats = {"accepted": accepted, "draft_passes": 0, "verify_passes": 1}
+        self.stats = {"accepted": accepted, "draft_passes": 0, "verify_passes": 1, "drafts_accepted": 0}
 
         out = dec.unit(batch.ids, batch.mask, one, verify, batch.lengths())
         last = draw(out.logits)
@@ -116,6 +116,8 @@ class Speculative(Sampler):
             else:
                 last = drafted[-1:]
             accepted.append(len(committed))
+            self.stats["drafts_accepted"] += a
+            self.stats["acceptance"] = self.stats["drafts_accepted"] / self.stats["draft_passes"]
             self.stats["tokens_per_pass"] = (1 + sum(accepted)) / (
                 self.stats["verify_passes"] + self.stats["draft_passes"]
             )
