@@ -16,6 +16,7 @@ from .backends import CHOICES
 from .checkpoint import builtin_names
 from .errors import InputError, LatentRTError
 from .exits import CRITERIA
+from .families import decodings
 from .serve.engine import SCHEDULERS
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--decoding",
         default=UNSET,
-        choices=["sequential", "speculative", "wavefront"],
+        choices=decodings(),
         help="recurrent models: commit several tokens per pass (README: Samplers)",
     )
     g.add_argument(

@@ -91,6 +91,11 @@ def check_applicable(family: Family, options: GenerateOptions) -> None:
         raise InputError(f"{inapplicable} do not apply to this {family.title} model{where}")
 
 
+def decodings() -> list[str]:
+    """Every ``decoding`` some family offers: sequential, then the families' samplers (their ``SAMPLERS``)."""
+    return ["sequential", *sorted({name for f in FAMILIES.values() for name in f.decoder.SAMPLERS})]
+
+
 def build_model(cfg, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A freshly initialised model of ``cfg``'s family, allocated directly on ``device`` in ``dtype`` (see
     ``LatentModel.init_weights``), with the torch backend. Deterministic for a (seed, device) pair."""

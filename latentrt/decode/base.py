@@ -35,6 +35,7 @@ class Decoder:
 
     TITLE: ClassVar[str]  # how messages name the family's models
     OPTIONS: ClassVar[frozenset[str]] = frozenset()  # the family options (latentrt/options.py) it accepts
+    SAMPLERS: ClassVar[dict] = {}  # name -> multi-token sampler class (decode/samplers.py) it offers
 
     def __init__(self, model, options: GenerateOptions, hooks) -> None:
         self.model, self.options, self.hooks = model, options, hooks
