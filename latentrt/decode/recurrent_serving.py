@@ -70,6 +70,17 @@ def _pad(t: Tensor, n: int) -> Tensor:
     return F.pad(t, (0, 0, 0, n - t.shape[1]))
 
 
+def _start_by_spec(loop: LatentLoop, rows: list[int], specs: list[LoopSpec], s0: Tensor) -> None:
+    """Start ``rows`` of ``loop`` from ``s0`` (aligned with ``rows``), each under its own spec: one
+    ``LatentLoop.start`` per distinct spec."""
+    by_spec: dict[LoopSpec, list[int]] = {}
+    for i, spec in enumerate(specs):
+        by_spec.setdefault(spec, []).append(i)
+    for spec, members in by_spec.items():
+        at = torch.tensor(members, device=s0.device)
+        loop.start(Rows([rows[i] for i in members], 0, s0.device), spec, s0[at])
+
+
 def _passes(parts: list[_Part]) -> list[list[_Part]]:
     """Which parts share a pass: one-position units together, prompts together. Joining a decode token
     with a prompt would pad the token to the prompt's length, and on a CPU the padding's FLOPs cost more
@@ -151,28 +162,19 @@ class RecurrentServing(ServingProgram):
         s0 = torch.zeros_like(e)
         for i, (r, m) in enumerate(zip(rows, lengths)):
             s0[i, :m] = self._initial_state(self.requests[r], e[i : i + 1, :m])[0]
-        by_spec: dict[LoopSpec, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_spec.setdefault(self.requests[r].request.decoder.prefill_spec, []).append(i)
-        for spec, members in by_spec.items():
-            whole = len(members) == len(rows)
-            at = slice(None) if whole else torch.tensor(members, device=e.device)
-            loop.start(Rows.all(len(rows)) if whole else Rows(members, 0, e.device), spec, s0[at])
+        specs = [self.requests[r].request.decoder.prefill_spec for r in rows]
+        _start_by_spec(loop, list(range(len(rows))), specs, s0)
         self.groups.append(_PromptGroup(loop, e, chunk, rows, lengths, list(range(len(rows)))))
 
     def _start_units(self, rows: list[int], chunk, e: Tensor) -> None:
         ix = chunk.rows
         self.e[ix] = e
         self.position[ix] = chunk.positions[:, 0]
-        by_spec: dict[LoopSpec, list[int]] = {}
         for i, r in enumerate(rows):
             self.entry[r] = chunk.starts[i]
-            rec = self.requests[r]
-            rec.spec = self.starting[r][1]
-            by_spec.setdefault(rec.spec, []).append(i)
-        for spec, members in by_spec.items():
-            s0 = torch.cat([self._initial_state(self.requests[rows[i]], e[i : i + 1]) for i in members])
-            self.loop.start(Rows([rows[i] for i in members], 0, e.device), spec, s0)
+            self.requests[r].spec = self.starting[r][1]
+        s0 = torch.cat([self._initial_state(self.requests[r], e[i : i + 1]) for i, r in enumerate(rows)])
+        _start_by_spec(self.loop, rows, [self.requests[r].spec for r in rows], s0)
         self.running.update(rows)
         self.starting.clear()
 

@@ -67,9 +67,14 @@ class Sampler:
         self.decoder, self.options = decoder, options
         self.stats: dict = {}  # what the sampler reports in GenerationResult.decoding
 
+    REFUSES: ClassVar[dict[str, str]] = {}  # generate() flags this sampler cannot honour -> why
+
     @classmethod
     def check(cls, generate_options) -> None:
-        """Options of generate() this sampler cannot honour: InputError."""
+        """Options of generate() this sampler cannot honour (``REFUSES``, set to True): InputError."""
+        for name, why in cls.REFUSES.items():
+            if getattr(generate_options, name):
+                raise InputError(f"decoding={cls.NAME!r} does not take {name}=True: {why}")
 
     def kv_sharing(self, generate_options):
         """The KV mode the sampler runs (default: the call's ``kv_sharing``)."""

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import InputError
 from .samplers import Proposal, Sampler, SamplerOptions, check_float, check_int
 
 
@@ -53,15 +52,11 @@ class Speculative(Sampler):
     NAME = "speculative"
     Options = SpeculativeOptions
 
-    @classmethod
-    def check(cls, o) -> None:
-        for name, why in (
-            ("adaptive", "it runs fixed depths (num_steps to verify, draft_steps to draft), as published"),
-            ("continuous", "the published verify pass cannot start many positions from one carried state"),
-            ("adaptive_prefill", "its prompt runs at num_steps in one pass, as published"),
-        ):
-            if getattr(o, name):
-                raise InputError(f"decoding='speculative' does not take {name}=True: {why}")
+    REFUSES = {
+        "adaptive": "it runs fixed depths (num_steps to verify, draft_steps to draft), as published",
+        "continuous": "the published verify pass cannot start many positions from one carried state",
+        "adaptive_prefill": "its prompt runs at num_steps in one pass, as published",
+    }
 
     @property
     def kv_depth(self) -> int:

@@ -83,15 +83,15 @@ class Wavefront(Sampler):
     Options = WavefrontOptions
     PUBLISHED_KV = "shared"  # the published latest-m4-compress-s4: one slot per core layer (for 4 core layers)
 
+    REFUSES = {
+        "adaptive": "positions freeze by its own rule (freeze_strategy, exit_t)",
+        "continuous": "use decoding_options={'continuous': True} (new positions from the window's states)",
+        "adaptive_prefill": "its prompt runs at num_steps in one pass, as published",
+    }
+
     @classmethod
     def check(cls, o) -> None:
-        for name, why in (
-            ("adaptive", "positions freeze by its own rule (freeze_strategy, exit_t)"),
-            ("continuous", "use decoding_options={'continuous': True} (new positions from the window's states)"),
-            ("adaptive_prefill", "its prompt runs at num_steps in one pass, as published"),
-        ):
-            if getattr(o, name):
-                raise InputError(f"decoding='wavefront' does not take {name}=True: {why}")
+        super().check(o)
         if o.hooks:
             raise InputError("decoding='wavefront' runs no hooks (its iterations are a window's, not a token's)")
 
