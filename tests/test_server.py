@@ -89,6 +89,19 @@ def mixed_requests(n: int) -> list[dict]:
     return out
 
 
+def complete(url: str, body: dict, **kw):
+    """The openai client's completion of a ``mixed_requests`` body (``kw``: stream, stream_options)."""
+    return client(url).completions.create(
+        model="tiny",
+        prompt=body["prompt"],
+        max_tokens=body["max_tokens"],
+        temperature=body["temperature"],
+        seed=body["seed"],
+        extra_body=body["extra"],
+        **kw,
+    )
+
+
 def generate_alone(model, body: dict):
     kw = dict(body["extra"], max_new_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"])
     return latentrt.generate(model, body["prompt"], **kw)
@@ -98,14 +111,7 @@ def generate_alone(model, body: dict):
 def test_completions_equal_generate_alone(recurrent_server):
     url, _, model = recurrent_server
     for body in mixed_requests(6):
-        r = client(url).completions.create(
-            model="tiny",
-            prompt=body["prompt"],
-            max_tokens=body["max_tokens"],
-            temperature=body["temperature"],
-            seed=body["seed"],
-            extra_body=body["extra"],
-        )
+        r = complete(url, body)
         alone = generate_alone(model, body)
         choice = r.choices[0]
         assert choice.text == alone.text and choice.finish_reason == alone.finish_reasons[0]
@@ -117,18 +123,7 @@ def test_completions_equal_generate_alone(recurrent_server):
 def test_streaming_equals_generate_alone(recurrent_server):
     url, _, model = recurrent_server
     body = mixed_requests(6)[5]
-    chunks = list(
-        client(url).completions.create(
-            model="tiny",
-            prompt=body["prompt"],
-            max_tokens=body["max_tokens"],
-            temperature=body["temperature"],
-            seed=body["seed"],
-            extra_body=body["extra"],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    chunks = list(complete(url, body, stream=True, stream_options={"include_usage": True}))
     alone = generate_alone(model, body)
     tokens = [c.choices[0].latentrt["token_id"] for c in chunks if c.choices and c.choices[0].finish_reason is None]
     assert tokens == alone.tokens
@@ -156,19 +151,10 @@ def test_many_concurrent_requests_each_equal_generate_alone(recurrent_server):
     steps_before = engine.metrics.steps
 
     def one(body):
-        c = client(url)
-        args = dict(
-            model="tiny",
-            prompt=body["prompt"],
-            max_tokens=body["max_tokens"],
-            temperature=body["temperature"],
-            seed=body["seed"],
-            extra_body=body["extra"],
-        )
         if body["max_tokens"] % 2:  # half of them streamed
-            chunks = list(c.completions.create(stream=True, **args))
+            chunks = list(complete(url, body, stream=True))
             return [ch.choices[0].latentrt["token_id"] for ch in chunks if ch.choices[0].finish_reason is None]
-        return c.completions.create(**args).choices[0].latentrt["token_ids"]
+        return complete(url, body).choices[0].latentrt["token_ids"]
 
     with ThreadPoolExecutor(40) as pool:
         served = list(pool.map(one, bodies))
