@@ -3,25 +3,13 @@ from the folder when it holds a checkpoint. The parent kills it at random moment
 
 import sys
 
+from _tiny_train import CONFIG, TOK
+
 from latentrt.families import build_model, parse_config
 from latentrt.train.common import TrainOptions
-from latentrt.train.data import build_tokenizer, generate_dataset
+from latentrt.train.data import generate_dataset
 from latentrt.train.recurrent import train_recurrent
 
-TOK = build_tokenizer()
-CONFIG = dict(
-    model_type="huginn_raven",
-    n_embd=32,
-    num_attention_heads=2,
-    intermediate_size=64,
-    vocab_size=TOK.get_vocab_size(),
-    block_size=256,
-    n_layers_in_prelude=1,
-    n_layers_in_recurrent_block=2,
-    n_layers_in_coda=1,
-    mean_recurrence=4,
-    mean_backprop_depth=2,
-)
 STEPS = 30
 
 
