@@ -79,19 +79,24 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
+def parse_scheduler(name: str) -> tuple[str, float | None]:
+    """``depth`` or ``depth@COST``: a scheduler, and for ``depth`` the engine's ``edge_cost`` (default: the
+    program's estimate from the weights; 0: ended units sampled at every step)."""
+    scheduler, _, cost = name.partition("@")
+    return scheduler, float(cost) if cost else None
+
+
 def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max_len: int = 256) -> dict:
     """Serve ``trace`` in real time with one scheduler; the figures of the run and every request's depths."""
     max_len = min(max_len, model.config.block_size)
     slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
-    warm = Engine(
-        model, max_batch=max_batch, max_len=max_len, kv_slots=slots, scheduler=scheduler
-    )  # first launches (allocations, kernels)
+    kind, edge_cost = parse_scheduler(scheduler)
+    kw = dict(max_batch=max_batch, max_len=max_len, kv_slots=slots, scheduler=kind, edge_cost=edge_cost)
+    warm = Engine(model, **kw)  # first launches (allocations, kernels)
     warm.submit(trace[0].prompt, **trace[0].options)
     warm.run_until_idle()
     del warm
-    engine = Engine(
-        model, max_batch=max_batch, max_len=max_len, kv_slots=slots, max_queue=len(trace) + 1, scheduler=scheduler
-    )
+    engine = Engine(model, max_queue=len(trace) + 1, **kw)
     requests, i = [], 0
     start = time.perf_counter()
     while i < len(trace) or engine.busy:
@@ -159,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--criterion", default="kl")
     p.add_argument("--threshold", type=float, default=1e-5)
     p.add_argument("--num-steps", type=int, default=32)
-    p.add_argument("--schedulers", default=",".join(SCHEDULERS))
+    p.add_argument(
+        "--schedulers",
+        default="static,token,depth,depth@0",
+        help="depth@COST: depth with that edge_cost (0: ended units sampled every step; default: from the weights)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the records as JSON here")
     p.add_argument("--quick", action="store_true", help="a short trace (smoke test)")
@@ -168,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.max_batch = min(args.requests, 10), min(args.max_batch, 4)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     schedulers = args.schedulers.split(",")
-    unknown = set(schedulers) - set(SCHEDULERS)
+    try:
+        unknown = {s for s in schedulers if parse_scheduler(s)[0] not in SCHEDULERS}
+    except ValueError as exc:
+        p.error(f"a scheduler's edge cost is not a number: {exc}")
     if unknown:
-        p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)}")
+        p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)} (depth@COST too)")
 
     trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps)
     model = latentrt.load(args.model, device=device)

@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         "i.e. every request in full mode)",
     )
     s.add_argument("--scheduler", default="depth", choices=SCHEDULERS, help="batching policy (depth)")
+    s.add_argument(
+        "--edge-cost",
+        type=float,
+        default=None,
+        help="depth scheduler: what sampling ended units and starting their next tokens costs, in core "
+        "iterations; they wait until the iterations lost by waiting reach it (default: from the weights; 0: "
+        "every step)",
+    )
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
     s.add_argument("--log-level", default="info")
     return parser
@@ -284,6 +292,7 @@ def cmd_serve(args) -> int:
         max_len=args.max_len,
         kv_slots=args.kv_slots,
         scheduler=args.scheduler,
+        edge_cost=args.edge_cost,
     )
     name = args.served_model_name or args.model
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")

@@ -48,7 +48,7 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     assert "lockstep bound" in printed and "| depth |" in printed and "| static |" in printed
     record = json.loads(out.read_text())
     runs = {r["scheduler"]: r for r in record["runs"]}
-    assert set(runs) == {"depth", "token", "static"}
+    assert set(runs) == {"depth", "depth@0", "token", "static"}
     for r in runs.values():
         assert r["requests"] == 6 and r["tokens"] == len(r["depths"]) > 0
         assert 0 < r["slot_utilisation"] <= 1 and 0 <= r["scheduler_overhead"] < 1
@@ -56,3 +56,11 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     # depth-level batching launches a row only while its loop runs
     assert runs["depth"]["slot_utilisation"] >= runs["token"]["slot_utilisation"]
     assert record["bound"] >= 1
+
+
+def test_bad_scheduler_names_are_refused(capsys):
+    for bad in ("fifo", "depth@x"):
+        with pytest.raises(SystemExit):
+            main(["--quick", "--schedulers", bad])
+        err = capsys.readouterr().err
+        assert "unknown schedulers" in err or "not a number" in err

@@ -65,20 +65,21 @@ def assert_served_equals_alone(model, requests, **engine_kw):
     return engine
 
 
-@pytest.mark.parametrize("scheduler", ["depth", "token", "static"])
-def test_recurrent_requests_equal_generate_alone(scheduler):
+@pytest.mark.parametrize(
+    "scheduler, edge_cost", [("depth", None), ("depth", 0.0), ("depth", 4.0), ("token", None), ("static", None)]
+)
+def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost):
+    """(``edge_cost``: how long ended units wait to be sampled together; waiting never changes a result.)"""
     model = tiny_recurrent(seed=3)
-    engine = assert_served_equals_alone(model, recurrent_requests(36), max_batch=8, scheduler=scheduler)
+    kw = dict(max_batch=8, scheduler=scheduler, edge_cost=edge_cost)
+    engine = assert_served_equals_alone(model, recurrent_requests(36), **kw)
     m = engine.metrics
     assert m.requests == 36 and not engine.resident and engine.program.pool.bytes_in_use() == 0
     assert m.iterations <= m.launched_rows
 
 
-def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
-    """Depth-level batching launches a row only while its loop runs: waiting rows cost nothing; token-level
-    batching launches the rows that exited until the slowest exits."""
-    model = tiny_recurrent(seed=3)
-    reqs = [
+def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
+    return [
         (
             [3 + i, 5, 7],
             dict(
@@ -91,8 +92,15 @@ def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
                 default_stops=False,
             ),
         )
-        for i in range(8)
+        for i in range(n)
     ]
+
+
+def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
+    """Depth-level batching launches a row only while its loop runs: waiting rows cost nothing; token-level
+    batching launches the rows that exited until the slowest exits."""
+    model = tiny_recurrent(seed=3)
+    reqs = exiting_requests()
     util = {}
     for scheduler in ("depth", "token"):
         engine = assert_served_equals_alone(model, reqs, max_batch=4, scheduler=scheduler)
@@ -100,6 +108,21 @@ def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
     assert util["token"] < util["depth"]
     # the depth scheduler launches only rows in their loops; a unit dropped after a stop is the only waste
     assert util["depth"] == 1.0
+
+
+def test_depth_batching_samples_ended_units_together_where_that_saves_passes():
+    """Units that end wait (out of the launches) until the row-iterations lost by waiting reach the cost of
+    the heads and preludes: fewer passes for the same tokens; ``edge_cost=0`` samples at every step."""
+    model = tiny_recurrent(seed=3)
+    reqs = exiting_requests(12)
+    passes, steps = {}, {}
+    for cost in (0.0, None, 3.0):
+        engine = assert_served_equals_alone(model, reqs, max_batch=6, edge_cost=cost)
+        passes[cost], steps[cost] = engine.program.passes, engine.metrics.steps
+    program = engine.program
+    assert 0 < program.prelude_cost < 1 and 0 < program.head_cost < 1  # the tiny model's layer ratios
+    assert passes[3.0] < passes[None] < passes[0.0]
+    assert steps[0.0] <= steps[None] <= steps[3.0]  # the price: rows wait
 
 
 def test_coconut_requests_equal_generate_alone():
@@ -236,6 +259,9 @@ def test_unservable_family_and_bad_engine_options():
         Engine(model, max_batch=0)
     with pytest.raises(InputError, match="max_len"):
         Engine(model, max_len=10_000)
+    for bad in (-1, float("inf"), float("nan"), "1", True):
+        with pytest.raises(InputError, match="edge_cost"):
+            Engine(model, edge_cost=bad)
 
 
 def test_pool_gather_equals_the_generate_cache():

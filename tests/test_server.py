@@ -355,3 +355,4 @@ def test_cli_serve_errors():
 
     assert main(["serve", "builtin:nope"]) == 2
     assert main(["serve", "--max-batch", "0", "builtin:recurrent"]) == 2
+    assert main(["serve", "--edge-cost", "-1", "builtin:recurrent"]) == 2

@@ -14,7 +14,10 @@ batched pass of the model's modules over every row concerned:
 (decode tokens in one pass and prompts in another: ``_passes`` says why).
 
 A unit whose criterion is met, or which ran its r_max, has ended: its logits go to the scheduler, which
-samples, and the next token's prelude enters the next launch. A long prompt costs one iteration's work per
+samples, and the next token's prelude enters the next launch. Where the logits need the head (no logit
+criterion checked the state), the unit is parked, out of the launches, until the scheduler asks for them:
+one head pass for every parked unit (``prelude_cost`` / ``head_cost``: those passes' weights per core
+iteration's, for the scheduler's choice of when). A long prompt costs one iteration's work per
 step rather than stalling decode for a whole prefill. Rows of different requests never mix: a request's
 tokens and steps are those of ``generate()`` for it alone.
 """
@@ -29,7 +32,7 @@ from torch import Tensor
 
 from ..recurrence import LatentLoop, LoopSpec, Rows
 from .base import nonfinite_flags
-from .serving import Ended, ServingProgram, ones
+from .serving import Ended, ServingProgram, ones, weight_ratio
 
 
 @dataclass
@@ -106,6 +109,11 @@ class RecurrentServing(ServingProgram):
         self.running: set[int] = set()  # rows whose one-position unit is in its loop
         self.groups: list[_PromptGroup] = []  # prompts in their loops
         self.results: dict[int, tuple[Tensor, Tensor]] = {}  # row -> (logits [V], flags) of an ended unit
+        self.parked: set[int] = set()  # rows whose unit ended and waits for its head (``logits``)
+        t = model.transformer
+        core = [*t.core_block, t.adapter]
+        self.prelude_cost = weight_ratio(t.prelude, core)
+        self.head_cost = weight_ratio([*t.coda, t.ln_f, model.lm_head], core)
         self._launched: list[int] = []
         self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
 
@@ -283,8 +291,22 @@ class RecurrentServing(ServingProgram):
         return part.loop.final_logits(part.rows, head)
 
     def _end_units(self, rows_l: list[int]) -> list[Ended]:
-        """Logits of ended one-position units, states kept for ``continuous``; an adaptive prefill's
-        non-last positions start the next position at once."""
+        """Ended one-position units: those whose logits exist (a logit criterion checked them) or whose
+        head must run now (an adaptive prefill's non-last positions: the coda's K/V, then the next position
+        at once) are finished; the others are parked until ``logits`` runs their heads together."""
+        self.running.difference_update(rows_l)
+        now = [r for r in rows_l if self.loop.checked[r] or self.requests[r].prompt_left]
+        later = [r for r in rows_l if r not in now]
+        out = self._finish_units(now) if now else []
+        if later:
+            self.loop.active[torch.tensor(later, device=self.model.device)] = False  # masked if launched idle
+            self.parked.update(later)
+            out += [Ended(self.requests[r].request, self.loop.t[r], ready=False) for r in later]
+        return out
+
+    def _finish_units(self, rows_l: list[int]) -> list[Ended]:
+        """Logits of ended one-position units (the head where rule 5 needs it, one pass), states kept for
+        ``continuous``; an adaptive prefill's non-last positions start the next position at once."""
         dev = self.model.device
         part = self._decode_part(Rows(rows_l, 0, dev))
         ix = part.rows.index
@@ -292,7 +314,6 @@ class RecurrentServing(ServingProgram):
         flags = nonfinite_flags(self.loop.s[ix], None, logits, ones(len(rows_l), dev))
         self.last[ix] = self.loop.s[ix]
         self.loop.active[ix] = False  # retired: masked if launched again idle
-        self.running.difference_update(rows_l)
         out = []
         for i, r in enumerate(rows_l):
             rec = self.requests[r]
@@ -322,6 +343,10 @@ class RecurrentServing(ServingProgram):
         return out
 
     def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
+        parked = [e.request.row for e in ended if not e.ready]
+        if parked:
+            self.parked.difference_update(parked)
+            self._finish_units(parked)
         got = [self.results.pop(e.request.row) for e in ended]
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
 
@@ -336,5 +361,6 @@ class RecurrentServing(ServingProgram):
         self.groups = [g for g in self.groups if g.live]
         self.results.pop(row, None)
         self.running.discard(row)
+        self.parked.discard(row)
         self.loop.active[row] = False
         self.pool.release(row)

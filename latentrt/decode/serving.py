@@ -33,6 +33,7 @@ class Ended:
 
     request: object
     iterations: int  # latent iterations the unit ran (0 where the family has none)
+    ready: bool = True  # its logits exist already; False: ``logits`` runs the head for it (one pass for all)
 
 
 class ServingProgram:
@@ -44,6 +45,9 @@ class ServingProgram:
         self.pool = KVPool(model.cache_layout(), rows, max_len, slot_rows, model.dtype, model.device)
         self.launched_rows = 0  # rows the last launch ran (for slot utilisation)
         self.passes = 0  # passes over a set of the model's layers so far (each reads those weights once)
+        # what beginning units (their preludes) and ending them (their heads) cost, in core iterations:
+        # the scheduler lets ended units wait until batching them is worth it (latentrt/serve/engine.py)
+        self.prelude_cost = self.head_cost = 0.0
 
     @staticmethod
     def kv_mode(decoder):
@@ -65,12 +69,13 @@ class ServingProgram:
         raise NotImplementedError
 
     def ended(self, flags: list) -> list[Ended]:
-        """The units that ended in the last launch, from its flags read back to the host."""
+        """The units that ended in the last launch, from its flags read back to the host. A unit whose logits
+        need the head (``ready`` false) stays in the program, out of the launches, until ``logits``."""
         raise NotImplementedError
 
     def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
-        """Next-token logits [n, V] (fp32) of units that ended, and their non-finite flags [n] (1: latent
-        state, 2: logits). Called once per launch, after ``ended``."""
+        """Next-token logits [n, V] (fp32) of units that ended (in this or earlier launches), and their
+        non-finite flags [n] (1: latent state, 2: logits); the heads of those not ``ready`` run as one pass."""
         raise NotImplementedError
 
     def retire(self, request) -> None:
@@ -80,6 +85,16 @@ class ServingProgram:
     def latent_work(self, request) -> int:
         """Latent work a request's prompt cost beyond its units' iterations (Coconut: its thoughts)."""
         return 0
+
+
+def weight_ratio(modules, per) -> float:
+    """Parameters of ``modules`` per parameter of ``per``: what a pass over them costs in passes over ``per``
+    where reading the weights is the cost (decode on a GPU; on a CPU each layer's fixed cost scales alike)."""
+
+    def count(mods) -> int:
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    return count(modules) / max(1, count(per))
 
 
 def ones(n: int, device) -> Tensor:

@@ -11,14 +11,17 @@ messages) and queues it; ``Engine.step`` is one scheduler step:
 4. the one device -> host read of the step: which units ended, and the tokens sampled last step;
 5. host: tokens -> events, stop / length -> finish and free the row (a stop token ends a request one
    step after it is sampled: its next unit already began, and is dropped);
-6. the logits of the units that ended, sampled per request (its temperature, top-k/p and generator).
+6. the logits of the units that ended (in this or earlier steps), sampled per request (its temperature,
+   top-k/p and generator), when the scheduler says so (``_sample_due``): until then they wait.
 
 Schedulers (``scheduler=``), for the same trace:
 - ``depth`` (default): continuous batching at iteration granularity: a unit that ends is followed by the
-  next one at once, a finished request's row is refilled in the same step;
+  next one, a finished request's row is refilled; ended units wait (out of the launches) until the
+  row-iterations lost by waiting reach the cost of the head and prelude passes sampling them costs
+  (``edge_cost``), so those passes run for many rows at once;
 - ``token``: continuous batching at token granularity (vLLM's policy): every resident request runs its
-  token's loop in step with the others, rows that exited wait masked until the slowest exits, and new
-  requests join between tokens;
+  token's loop in step with the others, rows that exited wait masked until the slowest exits (then all
+  are sampled together), and new requests join between tokens;
 - ``static``: a batch is admitted when the previous one has finished entirely (generate()'s policy).
 
 The engine runs on one thread (``run_forever`` or ``step`` in a loop); ``submit`` and ``cancel`` may be
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode.serving import Ended
 from ..engine import Generation
 from ..errors import InputError, LatentRTError, NonFiniteStateError
 from ..families import family_for
@@ -81,7 +85,8 @@ class Request:
     row: int | None = None
     latent_work: int = 0  # latent iterations (recurrent) or thoughts (Coconut) spent
     # scheduler state
-    in_unit: bool = False  # a unit of this request is running in the program
+    in_unit: bool = False  # a unit of this request is running in the program (or waits for its logits)
+    exited: bool = False  # its unit ended and waits for the step that samples ended units
     sampled: int = 0  # tokens sampled, read back or not
     next_token: torch.Tensor | None = None  # sampled, its unit not begun yet (0-d, on the device)
     pending_steps: int = 0  # latent iterations of the unit that produced the token being read back
@@ -117,7 +122,7 @@ class Engine:
     new tokens; default the model's context, at most 2048); ``kv_slots`` looped-layer K/V slots are shared by
     the resident requests' KV modes (default: every row in ``full`` mode at the model's default depth);
     ``max_queue`` requests wait at most; ``prefill_budget`` prompt positions enter one step at most (a
-    longer prompt enters alone)."""
+    longer prompt enters alone); ``edge_cost``: see ``_sample_due`` (None: the program's estimate)."""
 
     def __init__(
         self,
@@ -129,6 +134,7 @@ class Engine:
         kv_slots: int | None = None,
         scheduler: str = "depth",
         prefill_budget: int = 2048,
+        edge_cost: float | None = None,
     ) -> None:
         family = family_for(model)
         if family.serving is None:
@@ -158,6 +164,11 @@ class Engine:
         self.queue: deque[Request] = deque()
         self.resident: list[Request] = []
         self.metrics = EngineMetrics()
+        number = isinstance(edge_cost, int | float) and not isinstance(edge_cost, bool)
+        if edge_cost is not None and not (number and 0 <= edge_cost < float("inf")):
+            raise InputError(f"edge_cost must be a number >= 0, got {edge_cost!r}")
+        self.edge_cost = edge_cost
+        self._exited: list[tuple[Ended, int]] = []  # units that ended, not sampled yet, and the step they ended
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.draining = False
@@ -217,7 +228,7 @@ class Engine:
     # ---------------------------------------------------------------- the loop
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.resident or self._sampled_for)
+        return bool(self.queue or self.resident or self._sampled_for or self._exited)
 
     def run_until_idle(self) -> None:
         while self.busy:
@@ -253,7 +264,7 @@ class Engine:
                 self._fail(req, exc)
         self._start_units()
         program = time.perf_counter() - t_program  # the program's work (begin units): computation, not scheduling
-        idle = [r for r in self.resident if not r.in_unit] if self.scheduler != "depth" else []
+        idle = [r for r in self.resident if not r.in_unit or r.exited] if self.scheduler != "depth" else []
         try:
             t1 = time.perf_counter()
             flags = self.program.launch(idle)
@@ -267,8 +278,12 @@ class Engine:
             t2 = time.perf_counter()
             self._take_tokens(host[n:])
             t3 = time.perf_counter()
-            ended = [e for e in self.program.ended(host[:n]) if not e.request.finished]
-            self._sample(ended)
+            for e in self.program.ended(host[:n]):
+                e.request.exited = True
+                self._exited.append((e, self.metrics.steps))
+            if self._sample_due():
+                ended, self._exited = [e for e, _ in self._exited if not e.request.finished], []
+                self._sample(ended)
             t4 = time.perf_counter()
         except Exception as exc:  # a fault no single request can be blamed for: fail the resident ones, go on
             self._reset(exc)
@@ -286,11 +301,32 @@ class Engine:
                 req.emit(RequestEvent("error"))
                 req.done.set()
         self.resident.clear()
+        self._exited = []
         self._sampled = self._sampled_flags = None
         self._sampled_for = []
         cls, pool = type(self.program), self.program.pool
         self.program = None  # the old pool goes before the new one is allocated
         self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
+
+    def _sample_due(self) -> bool:
+        """Whether this step samples the units that ended (then the next begins their tokens' preludes
+        together): ``token`` / ``static`` when no unit runs any more (the round's end); ``depth`` also as
+        soon as the iterations lost by rows waiting since they ended (one row-iteration: 1 / rows of a
+        launch) reach what the heads and preludes cost (in core iterations): renting until buying pays.
+        Waiting never changes a result; ``edge_cost=0`` samples every step."""
+        if not self._exited:
+            return False
+        if not any(r.in_unit and not r.exited for r in self.resident):
+            return True
+        if self.scheduler != "depth":
+            return False
+        program = self.program
+        cost = self.edge_cost
+        if cost is None:
+            heads = any(not e.ready for e, _ in self._exited)
+            cost = program.prelude_cost + (program.head_cost if heads else 0.0)
+        waited = sum(self.metrics.steps - step for _, step in self._exited)
+        return waited >= cost * len(self.resident)
 
     def _admit(self) -> list[Request]:
         """Queued requests into free rows, FIFO, as the scheduler allows."""
@@ -374,7 +410,7 @@ class Engine:
             tokens[at] = logits[at, :vocab].argmax(-1)
         for i, e in enumerate(ended):
             req = e.request
-            req.in_unit = False
+            req.in_unit = req.exited = False
             req.sampled += 1
             req.pending_steps = e.iterations
             req.latent_work += e.iterations

@@ -44,7 +44,7 @@ def application(
     **engine_kw,
 ):
     """A Ray Serve application of ``replicas`` servers of ``model``; ``engine_kw`` go to each ``Engine``
-    (max_batch, max_queue, max_len, kv_slots, scheduler), the resources to each replica's actor."""
+    (max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost), the resources to each replica's actor."""
     from ray import serve
 
     cfg = {
