@@ -4,7 +4,9 @@ On the built-in recurrent model over generated ProsQA-style problems and the sha
 accuracy of each sampler and of sequential decoding (exact answer after '###', with a 95% Wilson
 interval), the tokens committed per pass (sequential: one token per prelude -> r iterations -> head unit;
 speculative: per draft or verify unit; wavefront: per window step), core iterations per committed token
-and wall-clock tokens/s relative to sequential decoding in the same run.
+and wall-clock tokens/s relative to sequential decoding in the same run: end to end, and of the decode
+phase alone (every sampler first runs the prompt at num_steps, which gives the first token: that prefill,
+timed per problem in the same interleaved run, is subtracted, as are the first tokens).
 
 ``--pass-cost`` measures what the samplers bank on: the time of one core iteration over W positions
 relative to one position, for W = 1 ... 128, with a cache of ``--context`` entries (at Huginn-0125's shape
@@ -72,7 +74,12 @@ def passes(result, num_steps: int) -> tuple[int, int]:
 def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) -> list[dict]:
     """Every sampler on every problem, interleaved per problem (so a busy machine slows them alike)."""
     acc = {name: dict(correct=0, tokens=0, passes=0, iters=0, seconds=0.0, drafted=0, accepted=0) for name in kws}
+    prefill, firsts = 0.0, 0  # the prompt at num_steps and its first token: the same for every sampler
     for rec in records:
+        t0 = time.perf_counter()
+        first = latentrt.generate(model, rec.question, max_new_tokens=1, num_steps=num_steps)
+        prefill += time.perf_counter() - t0
+        firsts += len(first.tokens)
         for name, kw in kws.items():
             a = acc[name]
             t0 = time.perf_counter()
@@ -87,6 +94,9 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
             p, it = passes(out, num_steps)
             a["passes"] += p
             a["iters"] += it
+    def decode_rate(a: dict) -> float:
+        return (a["tokens"] - firsts) / max(a["seconds"] - prefill, 1e-9)
+
     rows = []
     for name, a in acc.items():
         lo, hi = wilson(a["correct"], len(records))
@@ -103,6 +113,9 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
                 "draft_acceptance": a["accepted"] / a["drafted"] if a["drafted"] else None,
                 "vs_sequential": (a["tokens"] / a["seconds"])
                 / (acc["sequential"]["tokens"] / acc["sequential"]["seconds"]),
+                "decode_tokens_per_s": decode_rate(a),
+                "decode_vs_sequential": decode_rate(a) / decode_rate(acc["sequential"]),
+                "prefill_share": prefill / a["seconds"],
             }
         )
     return rows
@@ -187,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         for set_name, records in sets.items():
             print(f"\n## {set_name} ({len(records)} problems, num_steps {args.num_steps}, batch 1)")
             cols = "accuracy | 95% interval | tokens/pass | iterations/token | drafts accepted | tokens/s"
-            print(f"| sampler | {cols} | vs sequential |")
-            print("|---|---|---|---|---|---|---|---|")
+            cols += " | vs sequential | prefill share | decode tokens/s | decode vs sequential"
+            print(f"| sampler | {cols} |")
+            print("|---" * (cols.count("|") + 2) + "|")
             kws = configs(args.num_steps, args.lookahead, args.draft_steps)
             for r in run_set(model, records, kws, args.num_steps, args.max_new_tokens):
                 r["set"], name = set_name, r["sampler"]
@@ -197,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {name} | {r['accuracy']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                     f"{r['tokens_per_pass']:.2f} | {r['iterations_per_token']:.1f} | "
                     f"{'-' if r['draft_acceptance'] is None else format(r['draft_acceptance'], '.2f')} | "
-                    f"{r['tokens_per_s']:.1f} | "
-                    f"{r['vs_sequential']:.2f}x |"
+                    f"{r['tokens_per_s']:.1f} | {r['vs_sequential']:.2f}x | {r['prefill_share']:.0%} | "
+                    f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_sequential']:.2f}x |"
                 )
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))

@@ -21,6 +21,8 @@ def test_accuracy_and_speed_table(tmp_path, capsys):
     runs = {r["sampler"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {"sequential", "speculative", "wavefront"}
     assert runs["sequential"]["tokens_per_pass"] == 1.0 and runs["sequential"]["vs_sequential"] == 1.0
+    assert runs["sequential"]["decode_vs_sequential"] == 1.0
+    assert all(0 < r["prefill_share"] < 1 for r in runs.values())
     for r in runs.values():
         assert r["n"] == 3 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["tokens"] > 0
     assert "| wavefront |" in capsys.readouterr().out
