@@ -2,7 +2,7 @@
 # The one script for a lent GPU (H100/H200, torch 2.11, no network). From the repository root:
 #   bash benchmarks/gpu_check.sh            (OUT=folder for logs and JSON; the device tool sets it)
 # Stages, each under its own time limit so one hang cannot eat the lease (about 8 minutes in all):
-#   build the CUDA extension in place -> a small run of every CUDA kernel (a hang there disables the
+#   the streamed-weight probe (benchmarks/probes/stream_probe.cu, 60 s) -> build the CUDA extension in place -> a small run of every CUDA kernel (a hang there disables the
 #   extension for the later stages) -> the gpu-marked tests (Triton kernels in bf16 at full shapes, graph
 #   replay, the persistent kernels against the torch backend) -> the benchmark harness (acceptance rows
 #   first; every record appended to $OUT/bench/results.jsonl as measured) -> compute-sanitizer memcheck and
@@ -29,6 +29,16 @@ left() { echo $((${GPU_CHECK_BUDGET:-470} - ($(date +%s) - start))); }
   python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
   nvcc --version | tail -2
 } 2>&1 | tee -a "$LOG"
+
+# first, the probe that decides issue #11's kernel design (GPU_PROBE=0 skips it): can a streamed weight
+# ring reach >= 85% of the copy bandwidth at batch 1-32 with a dependency wait per matrix?
+if [ "${GPU_PROBE:-1}" = 1 ]; then
+  stamp "probe: streamed weight ring (benchmarks/probes/stream_probe.cu)"
+  nvcc -std=c++17 -O3 -Icsrc -gencode=arch=compute_90a,code=sm_90a benchmarks/probes/stream_probe.cu \
+    -o /tmp/stream_probe >"$OUT/probe_build.log" 2>&1 && timeout 60 /tmp/stream_probe 8 >"$OUT/probe.log" 2>&1
+  echo "probe exit $?" | tee -a "$LOG"
+  grep "^probe" "$OUT/probe.log" | tee -a "$LOG"
+fi
 
 stamp "build the CUDA extension"
 LATENTRT_FORCE_CUDA=1 timeout 150 python3 setup.py -q build_ext --inplace --build-temp /tmp/lrt-build \

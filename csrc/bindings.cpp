@@ -7,6 +7,7 @@
 
 #include "latent_kernels.h"
 #include "recurrent_loop.h"
+#include "stream_plan.h"
 #include "thought_loop.h"
 
 namespace py = pybind11;
@@ -99,6 +100,51 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("thought_loop",
         [](const ThoughtLoopArgs& a, int device) { check(latentrt::thought_loop(a, device), "thought_loop"); });
   m.def("latent_loop", [](const LoopArgs& a, int device) { check(latentrt::latent_loop(a, device), "latent_loop"); });
+  m.def(
+      "stream_plan",
+      [](const std::vector<std::pair<int64_t, int64_t>>& mats, int batch, int ctas, int64_t smem_optin, int tile_rows,
+         int k_chunk) {
+        const auto p = latentrt_stream::plan_stream(mats, batch, ctas, smem_optin, tile_rows, k_chunk);
+        py::dict d;
+        d["ok"] = p.reason.empty();
+        d["reason"] = p.reason;
+        d["batch"] = p.batch;
+        d["ctas"] = p.ctas;
+        d["tile_rows"] = p.tile_rows;
+        d["k_chunk"] = p.k_chunk;
+        d["stages"] = p.stages;
+        d["tensor_cores"] = p.tensor_cores;
+        d["stage_bytes"] = p.stage_bytes;
+        d["reduce_bytes"] = p.reduce_bytes;
+        d["smem_bytes"] = p.smem_bytes;
+        py::list ops;
+        for (const auto& op : p.ops) {
+          py::dict o;
+          o["rows"] = op.rows;
+          o["cols"] = op.cols;
+          o["row_tiles"] = op.row_tiles;
+          o["split_k"] = op.split_k;
+          o["tiles"] = op.tiles();
+          o["balance"] = op.balance;
+          o["cta_first"] = op.cta_first;
+          py::list bytes;
+          for (int64_t t = 0; t < op.tiles(); ++t) bytes.append(latentrt_stream::tile_bytes(op, p.tile_rows, t));
+          o["tile_bytes"] = bytes;
+          py::list cols;
+          for (int s = 0; s < op.split_k; ++s) {
+            int64_t c0, c1;
+            latentrt_stream::split_cols(op.cols, op.split_k, s, &c0, &c1);
+            cols.append(py::make_tuple(c0, c1));
+          }
+          o["split_cols"] = cols;
+          ops.append(o);
+        }
+        d["ops"] = ops;
+        return d;
+      },
+      "the streamed-weight kernel's plan (csrc/stream_plan.h) for matrices {rows, cols} in execution order",
+      py::arg("mats"), py::arg("batch"), py::arg("ctas"), py::arg("smem_optin"), py::arg("tile_rows") = 0,
+      py::arg("k_chunk") = 0);
   m.def("device_info", [](int device) {
     int sms = 0, smem = 0, l2 = 0;
     check(latentrt::device_info(device, &sms, &smem, &l2), "device_info");

@@ -1,0 +1,102 @@
+"""The streamed-weight kernel's host planner (csrc/stream_plan.h) without a GPU: every matrix is covered
+exactly once by tiles and split-K column ranges, each CTA streams a contiguous run of about equal bytes,
+the ring and the reduction fit the shared memory, for batch 1-32 at Huginn-0125's and GPT-2's shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+_cuda = pytest.importorskip("latentrt._cuda", reason="the CUDA extension is not built here")
+
+H200_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100 / H200
+BARRIERS = 2 * 8 * 8 + 128
+
+
+def huginn_iteration(d: int = 5280, ffn: int = 17920, layers: int = 4) -> list[tuple[int, int]]:
+    """The matrices one core iteration reads, in order: the adapter's state half, then per core layer the
+    fused QKV, Wo, the gate-and-up fc and proj (benchmarks/floors.py counts the same bytes)."""
+    return [(d, d)] + [(3 * d, d), (d, d), (2 * ffn, d), (d, ffn)] * layers
+
+
+def gpt2_thought(d: int = 768, layers: int = 12) -> list[tuple[int, int]]:
+    return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
+
+
+def check_plan(mats, batch, ctas, smem=H200_SMEM, **kw):
+    p = _cuda.stream_plan(mats, batch, ctas, smem, **kw)
+    assert p["ok"], p["reason"]
+    rows, k = p["tile_rows"], p["k_chunk"]
+    assert rows % 16 == 0 and k % 16 == 0 and 2 <= p["stages"] <= 8
+    assert p["stage_bytes"] == rows * (2 * k + 16)  # row segments padded by 16 bytes
+    assert p["reduce_bytes"] == 8 * 16 * -(-batch // 8) * 8 * 4  # 8 warps' 16-row block x the batch in 8s
+    assert p["smem_bytes"] == BARRIERS + p["reduce_bytes"] + p["stages"] * p["stage_bytes"] <= smem
+    assert p["tensor_cores"] == (batch > 4)
+    assert len(p["ops"]) == len(mats)
+    for op, (m, n) in zip(p["ops"], mats):
+        assert (op["rows"], op["cols"]) == (m, n)
+        assert op["row_tiles"] == -(-m // rows) and op["tiles"] == op["row_tiles"] * op["split_k"]
+        # split-K column ranges partition [0, cols) at multiples of 16 columns
+        edges = op["split_cols"]
+        assert edges[0][0] == 0 and edges[-1][1] == n and len(edges) == op["split_k"]
+        assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+        assert all(c0 % 16 == 0 and c1 > c0 for c0, c1 in edges)
+        # every weight byte in exactly one tile
+        assert sum(op["tile_bytes"]) == m * n * 2
+        # each CTA a contiguous run; together all tiles once
+        first = op["cta_first"]
+        assert len(first) == ctas + 1 and first[0] == 0 and first[-1] == op["tiles"]
+        assert all(a <= b for a, b in zip(first, first[1:]))
+        runs = [sum(op["tile_bytes"][first[c] : first[c + 1]]) for c in range(ctas)]
+        assert max(runs) / (m * n * 2 / ctas) == pytest.approx(op["balance"])
+    return p
+
+
+@pytest.mark.parametrize("ctas", [132, 114, 78])
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 8, 12, 16, 24, 32])
+def test_huginn_iteration_is_byte_balanced_at_every_batch(batch, ctas):
+    p = check_plan(huginn_iteration(), batch, ctas)
+    # Huginn-0125's matrices are large enough to split evenly: no CTA streams more than 5% over the mean
+    assert max(op["balance"] for op in p["ops"]) <= 1.05
+    # the batch's input chunk read per stage stays at most half the stage's weight bytes
+    assert batch / p["tile_rows"] <= 0.5
+
+
+def test_split_k_only_where_rows_are_too_few():
+    p = check_plan(huginn_iteration(), 1, 132)
+    adapter, qkv, wo, fc, proj = p["ops"][:5]
+    # 5280 rows = 330 tiles of 16 over 132 CTAs (2.5 each): split in two -> 5 each, exactly
+    assert adapter["split_k"] == wo["split_k"] == proj["split_k"] == 2
+    assert adapter["balance"] == pytest.approx(1.0)
+    assert fc["split_k"] == 1  # 35840 rows = 2240 tiles: 17 per CTA, balanced unsplit
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_gpt2_thought_is_covered(batch):
+    check_plan(gpt2_thought(), batch, 132)  # small matrices: covered exactly, balance as good as they allow
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 32])
+def test_tiny_shapes_and_one_cta(batch):
+    mats = [(40, 64), (96, 64), (64, 136), (8, 8)]
+    p = check_plan(mats, batch, 1)
+    assert all(op["cta_first"] == [0, op["tiles"]] for op in p["ops"])
+    check_plan(mats, batch, 7)
+
+
+def test_explicit_tiles_and_refusals():
+    p = check_plan(huginn_iteration(), 8, 132, tile_rows=64, k_chunk=128)
+    assert (p["tile_rows"], p["k_chunk"]) == (64, 128)
+    mats = huginn_iteration()
+    for kw, why in [
+        (dict(batch=0), "outside 1..32"),
+        (dict(batch=33), "outside 1..32"),
+        (dict(smem_optin=30000), "do not fit"),
+        (dict(tile_rows=24), "multiple of 16"),
+        (dict(k_chunk=100), "multiple of 16"),
+        (dict(ctas=0), "no CTAs"),
+    ]:
+        args = dict(mats=mats, batch=8, ctas=132, smem_optin=H200_SMEM) | kw
+        p = _cuda.stream_plan(**args)
+        assert not p["ok"] and why in p["reason"], (kw, p["reason"])
+    p = _cuda.stream_plan([(16, 12)], 1, 4, H200_SMEM)
+    assert not p["ok"] and "multiple of 8" in p["reason"]
