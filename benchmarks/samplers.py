@@ -94,6 +94,7 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
             p, it = passes(out, num_steps)
             a["passes"] += p
             a["iters"] += it
+
     def decode_rate(a: dict) -> float:
         return (a["tokens"] - firsts) / max(a["seconds"] - prefill, 1e-9)
 
