@@ -64,6 +64,8 @@ def table(records: list[dict]) -> str:
             other = f"{r['tokens_per_s']:.1f} tok/s"
         if "gb_per_s" in r:
             other = f"{r['gb_per_s']:.1f} GB/s"
+        ratios = [f"{r[k]:.2f}x {k[3:]}" for k in YARDSTICKS if k in r]
+        other = "; ".join(x for x in (other, *ratios) if x)
         med = f"{r['median_ms']:.3f}" if "median_ms" in r else ""
         fl = f"{r['floor_ms']:.3f}" if "floor_ms" in r else ""
         frac = f"{100 * r['fraction_of_floor']:.1f}%" if "fraction_of_floor" in r else ""
@@ -71,6 +73,33 @@ def table(records: list[dict]) -> str:
             f"| {r['suite']} | {r['name']} | {r.get('backend', '')} | {cfg} | {med} | {fl} | {frac} | {other} |"
         )
     return "\n".join(rows)
+
+
+YARDSTICKS = {"vs_compiled": "torch-compile+cudagraph", "vs_published": "published-pattern"}
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Each decode_recurrent row's tokens/s relative to the same run's yardsticks (issue #11):
+    ``vs_compiled``, the torch.compile + CUDA graph baseline at the same batch, depth, KV mode and context;
+    ``vs_published``, the published implementation's pattern at the same depth and context (batch 1: its
+    per-token time, so at batch B the ratio counts B tokens per step). Above 1: faster than the yardstick."""
+    rows = [r for r in records if r.get("suite") == "decode_recurrent" and "median_ms" in r]
+
+    def key(r: dict, *fields: str) -> tuple:
+        return tuple(r["config"].get(f) for f in fields)
+
+    compiled = {key(r, "batch", "r", "kv", "context"): r for r in rows if r["name"] == YARDSTICKS["vs_compiled"]}
+    published = {key(r, "r", "context"): r for r in rows if r["name"] == YARDSTICKS["vs_published"]}
+    for r in rows:
+        if r["name"] in YARDSTICKS.values():
+            continue
+        batch = r["config"].get("batch", 1)
+        base = compiled.get(key(r, "batch", "r", "kv", "context"))
+        if base is not None:
+            r["vs_compiled"] = base["median_ms"] / r["median_ms"]
+        base = published.get(key(r, "r", "context"))
+        if base is not None:
+            r["vs_published"] = batch * base["median_ms"] / r["median_ms"]
 
 
 def _keep(records: list[dict], partial, rec: dict) -> None:
@@ -123,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 _keep(records, partial, {**error_record(name, "suite", "", {}, exc), **env})
             print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     partial.close()
+    add_ratios(records)
     (out / "results.json").write_text(json.dumps(records, indent=1, default=str))
     bw = {r["name"]: r["value"] for r in records if r["suite"] == "ceilings" and "value" in r}
     if "copy_bandwidth" in bw:  # the bandwidth under every floor, beside the table

@@ -20,7 +20,7 @@ from latentrt.families import build_model, family_for, parse_config
 
 from . import floors
 from .published_pattern import coconut_generate, recurrent_generate
-from .timing import measure, summarize, sync
+from .timing import measure, measure_graph, rotating_copies, summarize, sync
 
 HUGINN_0125 = dict(
     model_type="huginn_raven",
@@ -165,7 +165,9 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
     for fam_name in kernels.FAMILIES:
         fam = kernels.family(fam_name)
         for shape in shapes:
-            inputs = [fam.make_inputs(shape, plan.device, plan.dtype, seed=i) for i in range(3)]
+            first = fam.make_inputs(shape, plan.device, plan.dtype, seed=0)
+            copies = rotating_copies(fam.bytes_moved(first), plan.device, at_least=3)
+            inputs = [first] + [fam.make_inputs(shape, plan.device, plan.dtype, seed=i) for i in range(1, copies)]
             impls = {"torch-eager": fam.reference}
             if plan.gpu and not plan.quick:
                 impls["torch-compile"] = torch.compile(fam.reference, dynamic=False)
@@ -174,9 +176,7 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
             nbytes = fam.bytes_moved(inputs[0])
             for impl, fn in impls.items():
                 try:
-                    t = measure(
-                        fn, inputs, device=plan.device, repeats=30 if plan.gpu else 5, inner=20 if plan.gpu else 1
-                    )
+                    t = measure_graph(fn, inputs, device=plan.device, repeats=30 if plan.gpu else 5)
                 except Exception as exc:  # a compile failure is a result, not a crash of the harness
                     yield error_record("micro", fam_name, impl, {"shape": shape}, exc)
                     continue
@@ -206,19 +206,19 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
     g = torch.Generator(device="cpu").manual_seed(5)
     totals: dict[tuple[int, int], float] = {}  # (rows, config index) -> ms summed over the four products
     for name, (n, k, gate) in products.items():
-        ws = [(torch.randn(n, k, generator=g) * 0.02).to(plan.device, plan.dtype) for _ in range(2)]
+        copies = rotating_copies(n * k * 2, plan.device)  # together over 4x the L2: every call reads HBM
+        ws = [(torch.randn(n, k, generator=g) * 0.02).to(plan.device, plan.dtype) for _ in range(copies)]
         for m in (1, 8):
             x = torch.randn(m, k, generator=g).to(plan.device, plan.dtype)
             nbytes = n * k * 2 + m * (k + (n // 2 if gate else n)) * 2
             for ci, cfg in enumerate(linear.CANDIDATE_CONFIGS):
                 label = "{kind}-n{BLOCK_N}k{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
                 try:
-                    t = measure(
+                    t = measure_graph(
                         lambda w, x=x, gate=gate, cfg=cfg: linear.fused(x, w, gate=gate, config=cfg),
                         [(w,) for w in ws],
                         device=plan.device,
                         repeats=30,
-                        inner=20,
                     )
                 except Exception as exc:  # an unlaunchable config is a result
                     yield error_record("linear_configs", name, label, {"m": m}, exc)
@@ -391,6 +391,7 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
     backends = list(_backends(model))
     if plan.gpu:  # is the torch path's slowness on the H200 cuDNN attention re-planning per key length?
         backends.insert(1, (NO_CUDNN_SDPA, backends[0][1]))
+    compiled: set[tuple] = set()
     for c in recurrent_configs(plan):
         batch, r = c["batch"], c["r"]
         ids = torch.randint(10, cfg.vocab_size, (batch, plan.context), generator=gen).to(plan.device)
@@ -418,6 +419,11 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 "tokens_per_s": batch * 1000 / t["median_ms"],
                 **with_floor(t, floor_ms),
             }
+        # the yardstick beside the row, in the same run: torch.compile + CUDA graph of the same block at the
+        # same batch, depth, context and KV mode (run.py prints each row's ratio to it)
+        if plan.gpu and (batch, r, c["kv"]) not in compiled:
+            compiled.add((batch, r, c["kv"]))
+            yield from _compiled_baseline(plan, model, copy_bw, el, batch, r, c["kv"])
     yield from _recurrent_baselines(plan, model, copy_bw, el)
 
 
@@ -426,7 +432,9 @@ def _recurrent_baselines(plan: Plan, model, copy_bw: float, el: int) -> Iterator
     model.backend = latentrt.backends.get_backend("torch", model)
     ids = torch.randint(10, cfg.vocab_size, (1, plan.context), generator=torch.Generator().manual_seed(1))
     ids = ids.to(plan.device)
-    for r in [32] if plan.quick and plan.gpu else plan.depths:
+    for r in (
+        sorted({c["r"] for c in recurrent_configs(plan)}, reverse=True) if plan.quick and plan.gpu else plan.depths
+    ):
         sync(plan.device)
         t0 = time.perf_counter()
         n = 3 if plan.gpu else 2
@@ -451,42 +459,51 @@ def _recurrent_baselines(plan: Plan, model, copy_bw: float, el: int) -> Iterator
             **with_floor(single_shot(per_token, n), floor_ms),
             "kv_bytes_published": kv_bytes,
         }
-    if plan.gpu and not plan.quick:  # torch.compile of the r-iteration step takes minutes
-        yield from _compiled_baseline(plan, model, copy_bw, el)
 
 
-def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int) -> Iterator[dict]:
+def _compiled_baseline(plan: Plan, model, copy_bw: float, el: int, batch: int, r: int, kv: str) -> Iterator[dict]:
+    """torch.compile (one core iteration, compiled once per batch size) + a CUDA graph of the whole token, and
+    the same ops eager, at fixed depth ``r`` in KV mode ``kv`` (benchmarks/compiled_baseline.py). A quick run
+    compiles in the default mode; a full run with max-autotune (minutes of autotuning)."""
+    from latentrt.kv_modes import parse_kv_mode
+
     from .compiled_baseline import StaticDecoder, compiled_step
 
     cfg = model.config
-    for batch in plan.batches:
-        for r in plan.depths:
-            cache = model.new_cache(batch, plan.context + 2)
-            for buf in (cache.plain_k, cache.plain_v, cache.core_k, cache.core_v):
-                buf.normal_()  # never time on zeros
-            cache.begin(torch.ones(batch, plan.context, dtype=torch.bool, device=plan.device))
-            dec = StaticDecoder(model, cache, r)
-            dec.set_token(torch.full((batch,), 11, device=plan.device), plan.context)
-            floor_ms = (
-                floors.recurrent_step_bytes(cfg, batch=batch, context=plan.context, steps=r, element_size=el)["total"]
-                / copy_bw
-                * 1e3
-            )
-            for name, fn in (("torch-eager-static", dec.step), ("torch-compile+cudagraph", None)):
-                try:
-                    fn = fn or compiled_step(dec)
-                    t = measure(fn, device=plan.device, repeats=10, warmup=2)
-                except Exception as exc:
-                    yield error_record("decode_recurrent", name, "torch", {"batch": batch, "r": r}, exc)
-                    continue
-                yield {
-                    "suite": "decode_recurrent",
-                    "name": name,
-                    "backend": "torch",
-                    "config": {"batch": batch, "r": r, "kv": "shared", "adaptive": False, "context": plan.context},
-                    "tokens_per_s": batch * 1000 / t["median_ms"],
-                    **with_floor(t, floor_ms),
-                }
+    config = {"batch": batch, "r": r, "kv": kv, "adaptive": False, "context": plan.context}
+    mode = "default" if plan.quick else "max-autotune-no-cudagraphs"
+    try:
+        cache = model.new_cache(batch, plan.context + 2, parse_kv_mode(kv, r, cfg.n_layers_in_recurrent_block))
+    except Exception as exc:
+        yield error_record("decode_recurrent", "torch-compile+cudagraph", "torch", config, exc)
+        return
+    for buf in (cache.plain_k, cache.plain_v, cache.core_k, cache.core_v):
+        buf.normal_()  # never time on zeros
+    cache.begin(torch.ones(batch, plan.context, dtype=torch.bool, device=plan.device))
+    dec = StaticDecoder(model, cache, r)
+    dec.set_token(torch.full((batch,), 11, device=plan.device), plan.context)
+    floor_ms = (
+        floors.recurrent_step_bytes(cfg, batch=batch, context=plan.context, steps=r, element_size=el)["total"]
+        / copy_bw
+        * 1e3
+    )
+    for name, fn in (("torch-eager-static", dec.step), ("torch-compile+cudagraph", None)):
+        if fn is not None and plan.quick:
+            continue  # (a quick run keeps its minutes for the compiled one)
+        try:
+            fn = fn or compiled_step(dec, mode=mode)
+            t = measure(fn, device=plan.device, repeats=10, warmup=2)
+        except Exception as exc:
+            yield error_record("decode_recurrent", name, "torch", config, exc)
+            continue
+        yield {
+            "suite": "decode_recurrent",
+            "name": name,
+            "backend": "torch" if name == "torch-eager-static" else f"torch ({mode})",
+            "config": config,
+            "tokens_per_s": batch * 1000 / t["median_ms"],
+            **with_floor(t, floor_ms),
+        }
 
 
 def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:

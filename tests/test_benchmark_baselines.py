@@ -1,22 +1,28 @@
-"""The benchmark baselines compute what generate() computes."""
+"""The benchmark baselines compute what generate() computes: the static decoder of the torch.compile +
+CUDA graph baseline, in every KV mode at fixed depth, eager and traced whole by torch.compile."""
 
+import pytest
 import torch
 from conftest import rel_err, tiny_recurrent
 
 import latentrt
-from benchmarks.compiled_baseline import StaticDecoder
+from benchmarks.compiled_baseline import StaticDecoder, compiled_step
+from latentrt.kv_modes import parse_kv_mode
 
 
-def test_static_decoder_matches_generate():
+@pytest.mark.parametrize("kv", ["shared", "full", "ring-2"])
+@pytest.mark.parametrize("compiled", [False, True])
+@torch.no_grad()  # as the benchmarks run (benchmarks/run.py)
+def test_static_decoder_matches_generate(kv, compiled):
     model = tiny_recurrent(seed=12)
     prompt = [5, 6, 7, 8, 9]
     r = 3
     want = latentrt.generate(
-        model, prompt, max_new_tokens=3, num_steps=r, kv_sharing="shared", init_scale=0.0, return_logits=True
+        model, prompt, max_new_tokens=3, num_steps=r, kv_sharing=kv, init_scale=0.0, return_logits=True
     )
     # prefill exactly as the engine does, into a cache the static decoder then continues
     ids = torch.tensor([prompt])
-    cache = model.new_cache(1, 8)
+    cache = model.new_cache(1, 8, parse_kv_mode(kv, r, model.config.n_layers_in_recurrent_block))
     chunk = cache.begin(torch.ones(1, 5, dtype=torch.bool))
     rope = model.rope(chunk)
     e = model.prelude(ids, cache, chunk, rope)
@@ -28,9 +34,37 @@ def test_static_decoder_matches_generate():
     first = model.head(s, cache, chunk, on, rope)[:, -1]
     assert rel_err(first[0], want.logits[0]) < 1e-6
     dec = StaticDecoder(model, cache, r)
+    # compiled: the iteration traced whole by dynamo (fullgraph: no graph break) and run through AOT autograd
+    step = compiled_step(dec, backend="aot_eager") if compiled else dec.step
     tok = first.argmax(-1)
     for i in range(1, 3):
         dec.set_token(tok, 5 + i - 1)
-        logits = dec.step()
+        logits = step()
         assert rel_err(logits[0], want.logits[i]) < 1e-5
         tok = logits.argmax(-1)
+
+
+def test_rows_carry_their_ratio_to_the_same_runs_yardsticks():
+    from benchmarks.run import add_ratios, table
+
+    def row(name, ms, **config):
+        cfg = dict(batch=1, r=32, kv="shared", adaptive=False, context=512) | config
+        return {"suite": "decode_recurrent", "name": name, "backend": "x", "config": cfg, "median_ms": ms}
+
+    records = [
+        row("generate", 40.0),
+        row("generate", 8.0, r=4),  # no yardstick at r=4 in this run: no ratio
+        row("generate", 50.0, batch=8),
+        row("generate", 30.0, adaptive=True),  # adaptive: against the fixed-depth baseline at its r
+        row("torch-compile+cudagraph", 32.0),
+        row("torch-compile+cudagraph", 40.0, batch=8),
+        row("published-pattern", 280.0, kv="full"),
+    ]
+    add_ratios(records)
+    b1, r4, b8, adaptive = records[:4]
+    assert b1["vs_compiled"] == 0.8 and b1["vs_published"] == 7.0
+    assert "vs_compiled" not in r4 and "vs_published" not in r4
+    assert b8["vs_compiled"] == 0.8 and b8["vs_published"] == 8 * 280 / 50  # 8 tokens per step
+    assert adaptive["vs_compiled"] == 32 / 30
+    assert all("vs_compiled" not in r for r in records[4:])
+    assert "0.80x compiled; 7.00x published" in table(records)
