@@ -83,7 +83,12 @@ case ",${GPU_EXTRA:-}," in *,samplers,*)
   timeout 90 python3 -m benchmarks.samplers --pass-cost --shape huginn --out "$OUT/pass_cost.json" \
     >"$OUT/samplers.log" 2>&1
   echo "samplers exit $?" | tee -a "$LOG"
-  tail -12 "$OUT/samplers.log" | tee -a "$LOG" ;;
+  tail -12 "$OUT/samplers.log" | tee -a "$LOG"
+  stamp "samplers: the built-in model's passes replayed at Huginn-0125's shape"
+  timeout 150 python3 -m benchmarks.sampler_replay --shape huginn --problems 20 --out "$OUT/sampler_replay.json" \
+    >"$OUT/sampler_replay.log" 2>&1
+  echo "sampler replay exit $?" | tee -a "$LOG"
+  tail -8 "$OUT/sampler_replay.log" | tee -a "$LOG" ;;
 esac
 case ",${GPU_EXTRA:-}," in *,serve,*)
   stamp "serving: three schedulers, Huginn-0125 shape, replayed depths"
