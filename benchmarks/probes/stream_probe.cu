@@ -329,6 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_consta
   const int ring_bytes = a.stages * a.tile_rows * (a.k_chunk * 2 + kRowPad);
   for (int i = threadIdx.x; i < ring_bytes / 16; i += blockDim.x)  // no stale NaN under a narrow last k-step
     reinterpret_cast<uint4*>(ring)[i] = uint4{};
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // ordinary stores before the copy engine's
   if (threadIdx.x == 0) {
     for (int s = 0; s < a.stages; ++s) {
       mbar_init(&full[s], 1);
