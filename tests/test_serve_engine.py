@@ -125,6 +125,27 @@ def test_depth_batching_samples_ended_units_together_where_that_saves_passes():
     assert steps[0.0] <= steps[None] <= steps[3.0]  # the price: rows wait
 
 
+def test_a_request_cancelled_while_its_unit_waits_for_sampling_frees_its_row():
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=4, kv_slots=64, edge_cost=50.0)  # ended units wait long
+    reqs = exiting_requests(4)
+    served = [engine.submit(p, **kw) for p, kw in reqs]
+    for _ in range(200):
+        engine.step()
+        if engine.program.parked:
+            break
+    row = next(iter(engine.program.parked))
+    victim = next(r for r in served if r.row == row)
+    engine.cancel(victim)
+    engine.run_until_idle()
+    assert victim.finish_reason == "cancelled" and not engine.program.parked and not engine._exited
+    for req, (p, kw) in zip(served, reqs):
+        if req is not victim:
+            alone = latentrt.generate(model, p, **kw)
+            assert (req.tokens, req.steps) == (alone.tokens, alone.steps)
+    assert engine.program.pool.bytes_in_use() == 0
+
+
 def test_coconut_requests_equal_generate_alone():
     model = tiny_coconut(seed=2)
     rng = random.Random(1)
