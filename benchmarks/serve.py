@@ -131,6 +131,8 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
         "steps": m.steps,
         "step_ms": 1e3 * m.step_seconds / max(m.steps, 1),
         "tokens_per_pass": tokens / max(m.passes, 1),  # a pass reads its layers' weights once
+        # tokens per core iteration's worth of weights read (prelude and head passes at their weights' share)
+        "tokens_per_weight_read": tokens / max(m.weight_reads, 1e-9),
         "depths": [d for r in requests for d in r.steps],
         "outputs": [r.tokens for r in requests],
     }
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
     cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms", "tokens_per_pass"]
+    cols += ["tokens_per_weight_read"]
     print("| scheduler | " + " | ".join(cols) + " | vs token |")
     print("|" + "---|" * (len(cols) + 2))
     base = runs.get("token", {}).get("tokens_per_s")

@@ -12,9 +12,10 @@ Storage is allocated once, when the server starts, and never per token:
   request ``row``'s k-th slot, so a request in shared mode costs a twentieth of one in full mode at r=20
   and the server admits by the bytes a request needs, not by a worst case.
 
-A batch may mix rows of different lengths (prompts admitted together, decode tokens beside prompts):
-its chunk is padded to the longest, and a padding position's query writes its K/V into each row's
-*trash* entry (index ``max_len``), which is never a key, so padding costs compute and nothing else.
+A chunk may hold rows of different lengths (prompts admitted together): it is padded to the longest, and
+a padding position's query writes its K/V into each row's *trash* entry (index ``max_len``), which is
+never a key, so padding costs compute and nothing else. (Chunks of different lengths, say decode tokens
+and a prompt group, run in one pass side by side, not padded: ``Packed`` in latentrt/models/layers.py.)
 
 The pool is also the cache interface the models' own modules call (``plain`` / ``core`` /
 ``mark_iteration``, as KVCache): for any subset of rows at per-row positions and per-row iterations, with
@@ -194,27 +195,6 @@ class KVPool:
         q_idx = torch.tensor(starts, device=self.device)[:, None]
         real = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
         return self._chunk(idx, starts, [1] * len(rows), q_idx, positions[:, None], real)
-
-    def join(self, chunks: list[RaggedChunk]) -> RaggedChunk:
-        """One chunk of the rows of several (each padded to the longest; they must not share a row)."""
-        if len(chunks) == 1:
-            return chunks[0]
-        n = max(c.n for c in chunks)
-
-        def pad(t: Tensor, value) -> Tensor:
-            return torch.nn.functional.pad(t, (0, n - t.shape[1]), value=value)
-
-        chunk = self._chunk(
-            torch.cat([c.rows for c in chunks]),
-            [s for c in chunks for s in c.starts],
-            [m for c in chunks for m in c.lengths],
-            torch.cat([pad(c.q_idx, self.trash) for c in chunks]),
-            torch.cat([pad(c.positions, 0) for c in chunks]),
-            torch.cat([pad(c.valid, False) for c in chunks]),
-        )
-        if all(c.iterations is not None for c in chunks):
-            chunk.iterations = torch.cat([c.iterations for c in chunks])
-        return chunk
 
     def _chunk(self, idx, starts, lengths, q_idx: Tensor, positions: Tensor, valid: Tensor) -> RaggedChunk:
         end = max(s + m for s, m in zip(starts, lengths))

@@ -110,19 +110,31 @@ def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
     assert util["depth"] == 1.0
 
 
-def test_depth_batching_samples_ended_units_together_where_that_saves_passes():
+def test_depth_batching_samples_ended_units_together_where_that_saves_weight_reads():
     """Units that end wait (out of the launches) until the row-iterations lost by waiting reach the cost of
-    the heads and preludes: fewer passes for the same tokens; ``edge_cost=0`` samples at every step."""
+    the head and prelude passes: the default (the weights' ratios) reads fewer weights for the same tokens
+    than sampling at every step (``edge_cost=0``) or waiting too long; waiting never changes a result."""
     model = tiny_recurrent(seed=3)
-    reqs = exiting_requests(12)
-    passes, steps = {}, {}
+    reqs = [(p, dict(kw, kv_sharing="shared")) for p, kw in exiting_requests(24)]
+    reads, passes, steps = {}, {}, {}
     for cost in (0.0, None, 3.0):
-        engine = assert_served_equals_alone(model, reqs, max_batch=6, edge_cost=cost)
-        passes[cost], steps[cost] = engine.program.passes, engine.metrics.steps
+        if cost is None:
+            engine = assert_served_equals_alone(model, reqs, max_batch=8)
+        else:
+            engine = Engine(model, max_batch=8, edge_cost=cost)
+            for p, kw in reqs:
+                engine.submit(p, **kw)
+            engine.run_until_idle()
+        reads[cost], passes[cost], steps[cost] = (
+            engine.program.weight_reads,
+            engine.program.passes,
+            engine.metrics.steps,
+        )
     program = engine.program
-    assert 0 < program.prelude_cost < 1 and 0 < program.head_cost < 1  # the tiny model's layer ratios
-    assert passes[3.0] < passes[None] < passes[0.0]
-    assert steps[0.0] <= steps[None] <= steps[3.0]  # the price: rows wait
+    assert 0 < program.prelude_cost < 1 and 0 < program.head_cost < 1  # the tiny model's weight ratios
+    assert reads[None] < reads[0.0] and reads[None] < reads[3.0]
+    assert passes[None] < passes[0.0]
+    assert steps[0.0] < steps[None] < steps[3.0]  # the price: rows wait
 
 
 def test_a_request_cancelled_while_its_unit_waits_for_sampling_frees_its_row():
@@ -317,3 +329,34 @@ def test_pool_gather_equals_the_generate_cache():
         b = cache.core_k[:, slot, 0, :, :n][:, :, entries]
         assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(pool.plain_k[:, row, :, :n], cache.plain_k[:, 0, :, :n], atol=1e-5)
+
+
+def test_a_packed_pass_equals_its_chunks_run_apart():
+    """Prompt rows (ragged, padded) and decode rows in one pass (``Packed``): every output and every K/V entry
+    equals running each chunk alone (to rounding)."""
+    from latentrt.kv_pool import KVPool
+    from latentrt.models.layers import Packed
+
+    model = tiny_recurrent(seed=4)
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    for packed in (False, True):
+        pool = KVPool(model.cache_layout(), 4, 16, 8, model.dtype, model.device)
+        for _ in range(4):
+            pool.allocate(None)
+        a = pool.begin([0, 1], 3, [3, 2])
+        b = pool.begin([2, 3], 1)
+        ids = [torch.randint(1, 40, (2, 3), generator=g), torch.randint(1, 40, (2, 1), generator=g)]
+        g.manual_seed(0)
+        if packed:
+            p = Packed([a, b], [None, None])
+            rope = tuple(p.pack([model.rope(a)[i], model.rope(b)[i]]) for i in (0, 1))
+            e = p.unpack(model.prelude(p.pack(ids), pool, p, rope))
+        else:
+            e = [model.prelude(x, pool, c, model.rope(c)) for x, c in zip(ids, (a, b))]
+        outs.append((e, pool.plain_k.clone(), pool.plain_v.clone()))
+    (e0, k0, v0), (e1, k1, v1) = outs
+    # equal up to fp32 rounding: a matrix product over 8 rows may round apart from one over 6 and one over 2
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(e0, e1))
+    assert torch.allclose(k0, k1, rtol=1e-5, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-5, atol=1e-6)
+    assert k0[:, 1, :, 2].abs().sum() == 0  # row 1's padding query wrote no real entry (its trash entry instead)

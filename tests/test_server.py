@@ -188,6 +188,8 @@ def test_routes_and_bad_input(recurrent_server):
         "latentrt_tokens_per_second",
         "latentrt_iterations_per_token",
         "latentrt_kv_bytes_in_use",
+        "latentrt_passes_total",
+        "latentrt_weight_reads_total",
     ):
         assert name in metrics
 

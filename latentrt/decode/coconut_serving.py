@@ -85,7 +85,7 @@ class CoconutServing(ServingProgram):
             x = torch.where(is_latent, fed.to(x.dtype), x)
             ln1x = torch.where(is_latent, fed_ln1.to(x.dtype), model.transformer.h[0].ln_1(x))
         h = model.forward_residual(x, self.pool, chunk, ln1x)
-        self.passes += 1
+        self.count_pass()
         for i, r in enumerate(rows):
             self.requests[r].thoughts += latent[i]
             self._after_pass(r, h[i : i + 1, -1])
@@ -95,7 +95,7 @@ class CoconutServing(ServingProgram):
         ids = rec.passes.pop(0)[1]
         chunk = self.pool.begin([row], ids.shape[0])
         h = model.forward_residual(model.embed(ids[None]) + model.transformer.wpe(chunk.positions), self.pool, chunk)
-        self.passes += 1
+        self.count_pass()
         self._after_pass(row, h[:, -1])
 
     def _after_pass(self, row: int, h: Tensor) -> None:

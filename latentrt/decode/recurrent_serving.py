@@ -8,10 +8,13 @@ batched pass of the model's modules over every row concerned:
 
 1. the preludes of the units that begin;
 2. one core iteration of every running unit, each at its own iteration t (its K/V slot t mod K, its own
-   lookup rule), padded to the longest (padding writes to the pool's trash entry: latentrt/kv_pool.py);
+   lookup rule); a prompt group's rows padded to its longest prompt (padding writes to the pool's trash
+   entry: latentrt/kv_pool.py);
 3. the head (coda -> lm_head) of the units whose criterion checks now and needs logits; then the checks.
 
-(decode tokens in one pass and prompts in another: ``_passes`` says why).
+Each is one pass over its layers' weights for every unit concerned, decode tokens and prompt groups alike:
+their tokens are packed into one sequence (``Packed``, latentrt/models/layers.py) for the norms, linears and
+MLPs, and attention runs per group under its own mask (a decode token is not padded to a prompt's length).
 
 A unit whose criterion is met, or which ran its r_max, has ended: its logits go to the scheduler, which
 samples, and the next token's prelude enters the next launch. Where the logits need the head (no logit
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.layers import Packed
 from ..recurrence import LatentLoop, LoopSpec, Rows
 from .base import nonfinite_flags
 from .serving import Ended, ServingProgram, ones, weight_ratio
@@ -68,11 +72,6 @@ class _Request:
     has_state: bool = False  # a unit ended before (continuous mode starts from its final state)
 
 
-def _pad(t: Tensor, n: int) -> Tensor:
-    """[R, m, d] -> [R, n, d], zeros after."""
-    return F.pad(t, (0, 0, 0, n - t.shape[1]))
-
-
 def _start_by_spec(loop: LatentLoop, rows: list[int], specs: list[LoopSpec], s0: Tensor) -> None:
     """Start ``rows`` of ``loop`` from ``s0`` (aligned with ``rows``), each under its own spec: one
     ``LatentLoop.start`` per distinct spec."""
@@ -82,15 +81,6 @@ def _start_by_spec(loop: LatentLoop, rows: list[int], specs: list[LoopSpec], s0:
     for spec, members in by_spec.items():
         at = torch.tensor(members, device=s0.device)
         loop.start(Rows([rows[i] for i in members], 0, s0.device), spec, s0[at])
-
-
-def _passes(parts: list[_Part]) -> list[list[_Part]]:
-    """Which parts share a pass: one-position units together, prompts together. Joining a decode token
-    with a prompt would pad the token to the prompt's length, and on a CPU the padding's FLOPs cost more
-    than the pass saved (on a weight-bound GPU one pass for all would read the weights once: to measure)."""
-    one = [p for p in parts if p.chunk.n == 1]
-    many = [p for p in parts if p.chunk.n > 1]
-    return [b for b in (one, many) if b]
 
 
 class RecurrentServing(ServingProgram):
@@ -146,24 +136,28 @@ class RecurrentServing(ServingProgram):
         return self.model.initial_state(like, dec.init_scale, gen)
 
     def _begin(self) -> None:
-        """The preludes of the prompts admitted (one pass) and of the one-position units starting (one
-        pass); their loops start at iteration 0."""
+        """The preludes of the prompts admitted and of the one-position units starting, as one pass
+        (``Packed``); their loops start at iteration 0."""
         model, pool = self.model, self.pool
         prompts, self.admitted = self.admitted, []
         units = sorted(self.starting)
-        if prompts:  # (two passes, not one: see _passes)
+        chunks, ids = [], []
+        if prompts:
             seqs = [self.requests[r].request.batch.ids[0] for r in prompts]
             lengths = [len(x) for x in seqs]
             n = max(lengths)
-            chunk = pool.begin(prompts, n, lengths)
-            ids = torch.stack([F.pad(x, (0, n - len(x))) for x in seqs])
-            self._start_group(prompts, lengths, chunk, model.prelude(ids, pool, chunk, model.rope(chunk)))
-            self.passes += 1
+            chunks.append(pool.begin(prompts, n, lengths))
+            ids.append(torch.stack([F.pad(x, (0, n - len(x))) for x in seqs]))
         if units:
-            chunk = pool.begin(units, 1)
-            ids = torch.stack([self.starting[r][0] for r in units])[:, None]
-            self._start_units(units, chunk, model.prelude(ids, pool, chunk, model.rope(chunk)))
-            self.passes += 1
+            chunks.append(pool.begin(units, 1))
+            ids.append(torch.stack([self.starting[r][0] for r in units])[:, None])
+        packed = Packed(chunks, [None] * len(chunks))
+        e = packed.unpack(model.prelude(packed.pack(ids), pool, packed, self._rope(packed)))
+        self.count_pass(self.prelude_cost)
+        if prompts:
+            self._start_group(prompts, lengths, chunks[0], e[0])
+        if units:
+            self._start_units(units, chunks[-1], e[-1])
 
     def _start_group(self, rows: list[int], lengths: list[int], chunk, e: Tensor) -> None:
         loop = LatentLoop(len(rows), tuple(e.shape[1:]), self.vocab, e.device, e.dtype)
@@ -215,22 +209,20 @@ class RecurrentServing(ServingProgram):
         return _Part(group.loop, rows, chunk, group.e[rows.index], [group.lengths[i] - 1 for i in rows.list])
 
     def _iterate(self, parts: list[_Part]) -> Tensor:
-        """One core iteration of every part's rows, each at its own depth, then the checks due. Parts of
-        one kind run as one pass (``_passes``). Returns whether each row is still in its loop."""
+        """One core iteration of every part's rows, each at its own depth, as one pass (``Packed``: the
+        linears once over every part's tokens, attention per part), then the checks due. Returns whether each
+        row is still in its loop."""
         model, pool = self.model, self.pool
-        for batch in _passes(parts):
-            chunk = pool.join([p.chunk for p in batch])
-            n = chunk.n
-            s = torch.cat([_pad(p.loop.s[p.rows.index], n) for p in batch])
-            e = torch.cat([_pad(p.e, n) for p in batch])
-            active = torch.cat([p.loop.active[p.rows.index] for p in batch])
-            pool.mark_iteration(chunk, None, active)
-            new = model.core_iteration(s, e, pool, chunk, None, active, model.rope(chunk))
-            self.passes += 1
-            at = 0
-            for p in batch:
-                p.loop.advance(p.rows, new[at : at + len(p.rows), : p.chunk.n])
-                at += len(p.rows)
+        actives = [p.loop.active[p.rows.index] for p in parts]
+        for p, active in zip(parts, actives):
+            pool.mark_iteration(p.chunk, None, active)
+        packed = Packed([p.chunk for p in parts], actives)
+        s = packed.pack([p.loop.s[p.rows.index] for p in parts])
+        e = packed.pack([p.e for p in parts])
+        new = model.core_iteration(s, e, pool, packed, None, None, self._rope(packed))
+        self.count_pass()
+        for p, x in zip(parts, packed.unpack(new)):
+            p.loop.advance(p.rows, x)
         heads = []
         for p in parts:
             with_logits, without = p.loop.checking(p.rows)
@@ -238,11 +230,16 @@ class RecurrentServing(ServingProgram):
                 p.loop.check(without, None, self._valid(p, without))
             if len(with_logits):
                 heads.append(self._sub(p, with_logits))
-        for batch in _passes(heads):
-            logits = self._heads(batch, [h.loop.active[h.rows.index] for h in batch])
-            for h, lg in zip(batch, logits):
+        self.step_cost = 1.0 + (self.head_cost if heads else 0.0)
+        if heads:
+            logits = self._heads(heads, [h.loop.active[h.rows.index] for h in heads])
+            for h, lg in zip(heads, logits):
                 h.loop.check(h.rows, lg, h.chunk.valid)
         return torch.cat([p.loop.active[p.rows.index] for p in parts])
+
+    def _rope(self, packed: Packed) -> tuple[Tensor, Tensor]:
+        ropes = [self.model.rope(c) for c in packed.chunks]
+        return packed.pack([r[0] for r in ropes]), packed.pack([r[1] for r in ropes])
 
     def _sub(self, part: _Part, rows: Rows) -> _Part:
         """The part of ``part`` for some of its rows."""
@@ -256,14 +253,15 @@ class RecurrentServing(ServingProgram):
         return self._sub(part, rows).chunk.valid
 
     def _heads(self, parts: list[_Part], active: list[Tensor]) -> list[Tensor]:
-        """Next-token logits [R, V] of each part's rows (at its rows' last real positions), in one pass; the
-        coda's K/V written for ``active``."""
-        model, pool = self.model, self.pool
-        chunk = pool.join([p.chunk for p in parts])
-        s = torch.cat([_pad(p.loop.s[p.rows.index], chunk.n) for p in parts])
-        last = torch.tensor([i for p in parts for i in p.last], device=model.device)
-        logits = model.head(s, pool, chunk, torch.cat(active), model.rope(chunk), at=last)[:, -1]
-        self.passes += 1
+        """Next-token logits [R, V] of each part's rows (at its rows' last real positions), in one pass
+        (``Packed``); the coda's K/V written for ``active``."""
+        model = self.model
+        packed = Packed([p.chunk for p in parts], active)
+        s = packed.pack([p.loop.s[p.rows.index] for p in parts])
+        at = [a + i * p.chunk.n + last for a, p in zip(packed.offsets, parts) for i, last in enumerate(p.last)]
+        at = torch.tensor(at, device=model.device)
+        logits = model.head(s, self.pool, packed, None, self._rope(packed), at=at)[:, -1]
+        self.count_pass(self.head_cost)
         return list(logits.split([len(p.rows) for p in parts]))
 
     # ---------------------------------------------------------------- units end

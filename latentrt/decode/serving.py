@@ -45,9 +45,11 @@ class ServingProgram:
         self.pool = KVPool(model.cache_layout(), rows, max_len, slot_rows, model.dtype, model.device)
         self.launched_rows = 0  # rows the last launch ran (for slot utilisation)
         self.passes = 0  # passes over a set of the model's layers so far (each reads those weights once)
+        self.weight_reads = 0.0  # those passes' weights, in core iterations' (prelude_cost, head_cost, 1)
         # what beginning units (their preludes) and ending them (their heads) cost, in core iterations:
         # the scheduler lets ended units wait until batching them is worth it (latentrt/serve/engine.py)
         self.prelude_cost = self.head_cost = 0.0
+        self.step_cost = 1.0  # the last launch's passes, in core iterations
 
     @staticmethod
     def kv_mode(decoder):
@@ -81,6 +83,11 @@ class ServingProgram:
     def retire(self, request) -> None:
         """Forget a request (finished, failed or cancelled) and free its row."""
         raise NotImplementedError
+
+    def count_pass(self, weights: float = 1.0) -> None:
+        """One pass over layers whose weights are ``weights`` core iterations'."""
+        self.passes += 1
+        self.weight_reads += weights
 
     def latent_work(self, request) -> int:
         """Latent work a request's prompt cost beyond its units' iterations (Coconut: its thoughts)."""

@@ -19,7 +19,7 @@ from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_nonnegative, require_positive
 from ..errors import ConfigError, InputError, NonFiniteStateError
 from .base import CacheLayout, LatentModel
-from .layers import RMSNorm, apply_rope, attention, rope_tables
+from .layers import Packed, RMSNorm, apply_rope, attention, rope_tables
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,14 @@ class RecurrentConfig(ModelConfig):
         return values
 
 
+def _kv_hook(chunk, active, write):
+    """A layer's K/V hook: ``write(chunk, active, k, v)`` for a chunk; for a ``Packed`` one, of its chunk i
+    (``kv(i, k, v)``, with that chunk's rows' active flags)."""
+    if isinstance(chunk, Packed):
+        return lambda i, k, v: write(chunk.chunks[i], chunk.actives[i], k, v)
+    return lambda k, v: write(chunk, active, k, v)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: RecurrentConfig) -> None:
         super().__init__()
@@ -216,10 +224,13 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Packed, kv) -> Tensor:
         q, k, v = self.project(x, cos, sin)
-        k_all, v_all = kv(k, v)
-        y = attention(q, k_all, v_all, mask)
+        if isinstance(mask, Packed):  # several chunks' tokens in one pass: attention per chunk
+            y = mask.attend(q, k, v, kv)
+        else:
+            k_all, v_all = kv(k, v)
+            y = attention(q, k_all, v_all, mask)
         return self.proj(y.transpose(1, 2).flatten(2))
 
 
@@ -316,7 +327,7 @@ class RecurrentDepthLM(LatentModel):
         """Embeddings x sqrt(n_embd) through the prelude: the per-token input e of the recurrence."""
         x = self.transformer.wte(input_ids) * self.config.embed_scale
         for i, block in enumerate(self.transformer.prelude):
-            x = block(x, *rope, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk))
+            x = block(x, *rope, chunk.mask, _kv_hook(chunk, None, lambda c, a, k, v, i=i: cache.plain(i, k, v, c)))
         return x
 
     def initial_state(self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
@@ -342,7 +353,8 @@ class RecurrentDepthLM(LatentModel):
         """One iteration: s <- adapter([s, e]) then every core layer (K/V into the iteration's slot)."""
         x = self.transformer.adapter(torch.cat([s, e], dim=-1))
         for j, block in enumerate(self.transformer.core_block):
-            x = block(x, *rope, chunk.mask, lambda k, v, j=j: cache.core(j, k, v, chunk, iteration, active))
+            write = lambda c, a, k, v, j=j: cache.core(j, k, v, c, iteration, a)  # noqa: E731
+            x = block(x, *rope, chunk.mask, _kv_hook(chunk, active, write))
         return x
 
     def head(
@@ -357,13 +369,17 @@ class RecurrentDepthLM(LatentModel):
     ) -> Tensor:
         """ln_f -> coda -> ln_f (same weights) -> lm_head; fp32 logits. Coda K/V written for ``active``.
         ``last_only``: logits of the last position only ([B, 1, V]); ``at`` [B]: of each row's position
-        ``at[b]`` (right-padded prompts of a server's batch)."""
+        ``at[b]`` (right-padded prompts of a server's batch), or with a ``Packed`` chunk the tokens ``at`` of
+        the packed sequence ([len(at), 1, V])."""
         x = self.transformer.ln_f(s)
         base = self.config.n_layers_in_prelude
         for i, block in enumerate(self.transformer.coda):
-            x = block(x, *rope, chunk.mask, lambda k, v, i=i: cache.plain(base + i, k, v, chunk, active))
+            write = lambda c, a, k, v, i=i: cache.plain(base + i, k, v, c, a)  # noqa: E731
+            x = block(x, *rope, chunk.mask, _kv_hook(chunk, active, write))
         x = self.transformer.ln_f(x)
-        if at is not None:
+        if at is not None and isinstance(chunk, Packed):  # ``at``: token indices of the packed sequence
+            x = x[0, at][:, None]
+        elif at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
         elif last_only:
             x = x[:, -1:]

@@ -311,9 +311,11 @@ class Engine:
     def _sample_due(self) -> bool:
         """Whether this step samples the units that ended (then the next begins their tokens' preludes
         together): ``token`` / ``static`` when no unit runs any more (the round's end); ``depth`` also as
-        soon as the iterations lost by rows waiting since they ended (one row-iteration: 1 / rows of a
-        launch) reach what the heads and preludes cost (in core iterations): renting until buying pays.
-        Waiting never changes a result; ``edge_cost=0`` samples every step."""
+        soon as the iterations lost by rows waiting since they ended, counting the step they would wait
+        next, reach what the heads and preludes cost (renting until buying pays). A row's wait costs 1 / rows
+        of a step, a step costs a core iteration (and a head where logit criteria checked in it), sampling
+        costs ``edge_cost`` core iterations (default: the program's weight ratios). Waiting never changes a
+        result; ``edge_cost=0`` samples every step."""
         if not self._exited:
             return False
         if not any(r.in_unit and not r.exited for r in self.resident):
@@ -325,8 +327,8 @@ class Engine:
         if cost is None:
             heads = any(not e.ready for e, _ in self._exited)
             cost = program.prelude_cost + (program.head_cost if heads else 0.0)
-        waited = sum(self.metrics.steps - step for _, step in self._exited)
-        return waited >= cost * len(self.resident)
+        waited = sum(self.metrics.steps - step for _, step in self._exited) + len(self._exited)
+        return waited * program.step_cost >= cost * len(self.resident)
 
     def _admit(self) -> list[Request]:
         """Queued requests into free rows, FIFO, as the scheduler allows."""

@@ -19,6 +19,7 @@ class EngineMetrics:
     compute_seconds: float = 0.0  # of which launching, reading back and sampling (the rest: scheduling)
     launched_rows: int = 0  # row-iterations executed (rows launched per step, waiting rows included)
     passes: int = 0  # passes over a set of the model's layers (prelude, core, head, prompt: each reads its weights)
+    weight_reads: float = 0.0  # those passes' weights, in core iterations' (what a weight-bound GPU pays)
     iterations: int = 0  # latent iterations the units needed (their loops' lengths)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished (stop or length)
@@ -36,6 +37,7 @@ class EngineMetrics:
         self.compute_seconds += compute
         self.launched_rows += launched
         self.passes = engine.program.passes
+        self.weight_reads = engine.program.weight_reads
         self.recent.append((time.perf_counter(), self.tokens))
         self.queue_length, self.resident = len(engine.queue), len(engine.resident)
         pool = engine.program.pool
@@ -77,6 +79,7 @@ class EngineMetrics:
             "scheduler_overhead": self.overhead(),
             "steps_total": self.steps,
             "passes_total": self.passes,
+            "weight_reads_total": self.weight_reads,
             "kv_bytes_in_use": self.kv_bytes,
             "kv_bytes_capacity": self.kv_capacity,
         }

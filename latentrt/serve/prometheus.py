@@ -24,6 +24,8 @@ METRICS = {
     "iterations_total": ("latentrt_iterations", "Latent iterations run by units"),
     "launched_row_iterations_total": ("latentrt_launched_row_iterations", "Row-iterations launched"),
     "steps_total": ("latentrt_steps", "Scheduler steps"),
+    "passes_total": ("latentrt_passes", "Passes over a set of the model's layers (each reads those weights)"),
+    "weight_reads_total": ("latentrt_weight_reads", "Weights read by those passes, in core iterations' weights"),
 }
 
 
