@@ -66,7 +66,7 @@ def assert_served_equals_alone(model, requests, **engine_kw):
 
 
 @pytest.mark.parametrize(
-    "scheduler, edge_cost", [("depth", None), ("depth", 0.0), ("depth", 4.0), ("token", None), ("static", None)]
+    "scheduler, edge_cost", [("depth", None), ("depth", 0.0), ("token", None), ("static", None)]
 )
 def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost):
     """(``edge_cost``: how long ended units wait to be sampled together; waiting never changes a result.)"""
