@@ -65,9 +65,7 @@ def assert_served_equals_alone(model, requests, **engine_kw):
     return engine
 
 
-@pytest.mark.parametrize(
-    "scheduler, edge_cost", [("depth", None), ("depth", 0.0), ("token", None), ("static", None)]
-)
+@pytest.mark.parametrize("scheduler, edge_cost", [("depth", None), ("depth", 0.0), ("token", None), ("static", None)])
 def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost):
     """(``edge_cost``: how long ended units wait to be sampled together; waiting never changes a result.)"""
     model = tiny_recurrent(seed=3)
