@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 import latentrt
+from latentrt.backends import get_backend
 from latentrt.families import build_model, parse_config
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.train.data import generate_dataset
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", choices=["model", *SHAPES], default="model", help="huginn/tiny: random weights, replayed depths"
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--backend", default="auto", help="the model's backend (triton / cuda: the pool's fused decode attention)"
+    )
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--rate", type=float, default=200.0, help="arrivals per second (Poisson; inf: all at once)")
     p.add_argument("--max-batch", type=int, default=16)
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)} (depth@COST too)")
 
     trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps)
-    model = latentrt.load(args.model, device=device)
+    model = latentrt.load(args.model, device=device, backend=args.backend)
     runs = {s: replay(model, trace, s, args.max_batch) for s in schedulers}
     recorded = runs[schedulers[0]]["depths"]
     differ = sum(len({json.dumps(r["outputs"][i]) for r in runs.values()}) > 1 for i in range(len(trace)))
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         del model
         model = random_model(args.shape, device, dtype)
+        model.backend = get_backend(args.backend, model)
         vocab = model.config.vocab_size
         with replay_exit.registered(recorded, seed=args.seed) as name:
             replayed = [
@@ -219,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{f'{args.criterion} {args.threshold}' if args.shape == 'model' else 'replay-depths'}, num_steps "
         f"{args.num_steps}; {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
     )
+    fused = model.backend.pool_attention() is not None
+    print(f"# backend {model.backend.name}: pool decode attention {'fused (Triton)' if fused else 'reference'}")
     print(
         f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "
         f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}"

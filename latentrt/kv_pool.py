@@ -20,7 +20,11 @@ and a prompt group, run in one pass side by side, not padded: ``Packed`` in late
 The pool is also the cache interface the models' own modules call (``plain`` / ``core`` /
 ``mark_iteration``, as KVCache): for any subset of rows at per-row positions and per-row iterations, with
 the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot t mod K; a query at iteration t
-reads slot min(t mod K, n_p - 1) of an earlier position that ran n_p iterations).
+reads slot min(t mod K, n_p - 1) of an earlier position that ran n_p iterations). A server's pass
+(``Packed``) asks for attention outputs instead (``attend_plain`` / ``attend_core``): with the backend's
+kernel (``decode_attention``: latentrt/kernels/pool_attention.py) a chunk of one query per row writes and
+attends in one launch per layer, reading each row's keys where they lie; otherwise, and for prompt chunks,
+the keys are gathered per row and attended under the chunk's mask (the reference).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kernels.reference import attention
 from .kv_modes import KVMode
+from .transfer import to_device
 
 
 @dataclass
@@ -58,7 +64,7 @@ class RaggedChunk:
         """The chunk of some of its rows (``members``: indices into ``rows``)."""
         if len(members) == len(self.starts):
             return self
-        ix = torch.tensor(members, device=self.rows.device)
+        ix = to_device(members, self.rows.device)
         pick = RaggedChunk(
             self.rows[ix],
             [self.starts[i] for i in members],
@@ -78,8 +84,9 @@ class RaggedChunk:
 class KVPool:
     """Rows of K/V storage for resident requests (see module docstring)."""
 
-    def __init__(self, layout, rows: int, max_len: int, slot_rows: int, dtype, device) -> None:
+    def __init__(self, layout, rows: int, max_len: int, slot_rows: int, dtype, device, decode_attention=None) -> None:
         self.layout, self.rows, self.max_len = layout, rows, max_len
+        self.decode_attention = decode_attention  # kernels/pool_attention.py's ``fused`` signature, or None
         self.slot_rows = slot_rows if layout.looped else 0
         H, D = layout.kv_heads, layout.head_dim
         self.trash = max_len  # the entry padding queries write to (never a key)
@@ -146,7 +153,7 @@ class KVPool:
         held, self.free_slot_rows = self.free_slot_rows[:n], self.free_slot_rows[n:]
         self.held[row] = held
         if held:
-            self.slot_table[row, :n] = torch.tensor(held, device=self.device)
+            self.slot_table[row, :n] = to_device(held, self.device)
         self.slots[row] = max(n, 1)
         self.valid[row] = False
         self.written[row] = 0
@@ -178,21 +185,22 @@ class KVPool:
                 raise RuntimeError(f"KV pool row {r} overflow: {s + m} positions > {self.max_len}")
             self.lengths[r] = s + m
         dev = self.device
-        idx = torch.tensor(rows, device=dev)
+        idx = to_device(rows, dev)
         steps = torch.arange(n, device=dev)
-        real = steps[None, :] < torch.tensor(lengths, device=dev)[:, None]
-        q_idx = torch.where(real, torch.tensor(starts, device=dev)[:, None] + steps, self.trash)
+        length = to_device(lengths, dev)
+        real = steps[None, :] < length[:, None]
+        q_idx = torch.where(real, to_device(starts, dev)[:, None] + steps, self.trash)
         self.valid[idx[:, None], q_idx] = real
         self.written[idx[:, None], q_idx] = 0
         positions = torch.where(real, self.n_valid[idx][:, None] + steps, 0)
-        self.n_valid[idx] += torch.tensor(lengths, device=dev)
+        self.n_valid[idx] += length
         return self._chunk(idx, starts, lengths, q_idx, positions, real)
 
     def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
         """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model
         position ``positions[i]`` (a decode token over the iterations of its latent loop)."""
-        idx = torch.tensor(rows, device=self.device)
-        q_idx = torch.tensor(starts, device=self.device)[:, None]
+        idx = to_device(rows, self.device)
+        q_idx = to_device(starts, self.device)[:, None]
         real = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
         return self._chunk(idx, starts, [1] * len(rows), q_idx, positions[:, None], real)
 
@@ -240,3 +248,31 @@ class KVPool:
         k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]
         v_sel = self.core_v[layer][phys, :, p].permute(0, 2, 1, 3)
         return k_sel, v_sel
+
+    # ---------------------------------------------------------------- attention (a server's packed passes)
+    def attend_plain(self, layer: int, q: Tensor, k: Tensor, v: Tensor, chunk: RaggedChunk, active=None) -> Tensor:
+        """Write a plain layer's K/V [R,Hkv,n,D] (rows in ``active``; None: all) and return the chunk's
+        attention output [R,H,n,D]."""
+        if self._fused(chunk):
+            return self._decode(q, k, v, self.plain_k[layer], self.plain_v[layer], chunk, active)
+        return attention(q, *self.plain(layer, k, v, chunk, active), chunk.mask)
+
+    def attend_core(self, layer: int, q: Tensor, k: Tensor, v: Tensor, chunk: RaggedChunk, active: Tensor) -> Tensor:
+        """``attend_plain`` for a looped layer: each row at its own iteration (``chunk.iterations``, marked
+        by ``mark_iteration`` first), its KV mode's slots."""
+        if self._fused(chunk):
+            looped = (self.slot_table, self.slots, chunk.iterations, self.written)
+            return self._decode(q, k, v, self.core_k[layer], self.core_v[layer], chunk, active, looped)
+        return attention(q, *self.core(layer, k, v, chunk, None, active), chunk.mask)
+
+    def _fused(self, chunk: RaggedChunk) -> bool:
+        return self.decode_attention is not None and chunk.n == 1
+
+    def _decode(self, q, k, v, k_buf, v_buf, chunk: RaggedChunk, active, looped=()) -> Tensor:
+        if active is None:
+            active = torch.ones(len(chunk.starts), dtype=torch.bool, device=self.device)
+        q, k, v = q[:, :, 0], k[:, :, 0].to(k_buf.dtype), v[:, :, 0].to(v_buf.dtype)
+        entry = chunk.q_idx[:, 0]
+        return self.decode_attention(q, k, v, k_buf, v_buf, chunk.rows, entry, self.valid, active, *looped)[0][
+            :, :, None
+        ]

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .exits import ExitCriterion, ReferenceExitOps
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Rows:
 
     def __init__(self, rows: list[int] | None, total: int, device) -> None:
         self.list = list(range(total)) if rows is None else list(rows)
-        self.index = slice(None) if rows is None else torch.tensor(self.list, dtype=torch.long, device=device)
+        self.index = slice(None) if rows is None else to_device(self.list, device)
 
     @classmethod
     def all(cls, total: int) -> Rows:
@@ -178,7 +179,7 @@ class LatentLoop:
         for crit, members in groups.items():
             whole = len(members) == len(rows)
             sub = rows if whole else Rows([rows.list[i] for i in members], 0, self.device)
-            at = slice(None) if whole else torch.tensor(members, device=self.device)
+            at = slice(None) if whole else to_device(members, self.device)
             ix = sub.index
             prev, new = self.reference[ix], self.s[ix]
             if prev.dim() == 2:  # one position per row: [R, d] -> [R, 1, d]
@@ -215,7 +216,7 @@ class LatentLoop:
         out = torch.empty(len(rows), self.vocab, device=self.device)
         for want, pick in ((True, from_checks), (False, [not c for c in from_checks])):
             part = rows.subset(pick, self.device)
-            at = torch.tensor([i for i, p in enumerate(pick) if p], device=self.device)
+            at = to_device([i for i, p in enumerate(pick) if p], self.device)
             out[at] = self.final_logits(part, head) if want else head(part)
         return out
 

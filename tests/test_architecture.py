@@ -32,6 +32,7 @@ LAYERS = [
         "hub",
         "memory",
         "cuda_ext",
+        "transfer",
     ),
     ("backends",),
     ("models", "decode", "families"),

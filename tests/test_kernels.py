@@ -320,3 +320,56 @@ def test_every_family_bf16_full_shapes(family, shape):
     want = _flat(fam.reference(*_as_float(_clone(inputs))))
     for g, w in zip(got, want):
         _close(g, w, 2e-2)
+
+
+def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
+    from latentrt.kernels import pool_attention as pa
+
+    inputs = list(pa.make_inputs("tiny", DEV, dtype, seed=seed, context=90, heads=heads))
+    if not looped:
+        inputs[-4:] = [None] * 4
+    return pa, inputs
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("looped", [True, False])
+def test_pool_attention_per_row_lookup_and_write(heads, looped):
+    """Each row over its own pool row, slot rows by its own iteration and KV mode (shared, ring-3, full),
+    GQA / MQA: outputs (poisoned first) equal the reference, and the K/V written are exactly the
+    reference's: at the active rows' entries only, in the slot their iteration writes."""
+    pa, inputs = _pool_inputs(looped, heads)
+    want, want_k, want_v = pa.reference(*_clone(inputs))
+    got_inputs = _clone(inputs)
+    out = torch.full_like(inputs[0], float("nan"))
+    got, got_k, got_v = pa.fused(*got_inputs, out=out)
+    _close(got, want, 1e-5)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    changed = (got_k != inputs[3]).any(-1).any(1)  # [storage rows, entries] written
+    active = inputs[8]
+    assert int(changed.sum()) == int(active.sum()), "one entry per active row, nothing else"
+
+
+def test_pool_attention_reads_nothing_outside_its_rows_entries():
+    """Storage a row must not read (other requests' slot rows, its later entries, its invalid entries,
+    slots its lookup does not pick) is NaN: the outputs stay finite and equal."""
+    pa, inputs = _pool_inputs(True, (4, 2), seed=1)
+    want = pa.reference(*_clone(inputs))[0]
+    _, _, _, k_buf, v_buf, rows, entry, valid, _, table, slots, iterations, written = inputs
+    read = torch.zeros(k_buf.shape[0], k_buf.shape[2], dtype=torch.bool)
+    for r in range(len(rows)):
+        row, n = int(rows[r]), int(entry[r])
+        slot = int(iterations[r] % slots[row])
+        for p in range(n):
+            if valid[row, p]:
+                read[table[row, min(max(int(written[row, p]) - 1, 0), slot)], p] = True
+    poisoned = _clone(inputs)
+    poisoned[3][~read[:, None, :, None].expand_as(k_buf)] = float("nan")
+    poisoned[4][~read[:, None, :, None].expand_as(v_buf)] = float("nan")
+    _close(pa.fused(*poisoned)[0], want, 1e-5)
+
+
+def test_pool_attention_bf16_anchored_on_fp32():
+    pa, inputs = _pool_inputs(True, (4, 2), torch.bfloat16, seed=2)
+    got = pa.fused(*_clone(inputs))[0]
+    want = pa.reference(*_as_float(_clone(inputs)))[0]
+    _close(got, want, 2e-2)

@@ -156,11 +156,10 @@ def test_a_request_cancelled_while_its_unit_waits_for_sampling_frees_its_row():
     assert engine.program.pool.bytes_in_use() == 0
 
 
-def test_coconut_requests_equal_generate_alone():
-    model = tiny_coconut(seed=2)
+def coconut_requests(n: int) -> list[tuple[list[int], dict]]:
     rng = random.Random(1)
     reqs = []
-    for i in range(24):
+    for i in range(n):
         prompt = [rng.randrange(5, 40) for _ in range(rng.randrange(1, 20))]
         kw = dict(max_new_tokens=rng.randrange(1, 10), num_thoughts=rng.choice([None, 0, 1, 3, 5]), seed=i)
         if i % 3 == 0:
@@ -169,6 +168,12 @@ def test_coconut_requests_equal_generate_alone():
             kw.update(published_eos=True)
         reqs.append((prompt, kw))
     reqs.append(([6, 2, 4, 4, 3, 7, 2, 4, 3, 9], dict(max_new_tokens=4)))  # two thought groups in the prompt
+    return reqs
+
+
+def test_coconut_requests_equal_generate_alone():
+    model = tiny_coconut(seed=2)
+    reqs = coconut_requests(24)
     for scheduler in ("depth", "token"):
         engine = assert_served_equals_alone(model, reqs, max_batch=6, scheduler=scheduler)
         assert engine.program.pool.bytes_in_use() == 0
@@ -358,3 +363,149 @@ def test_a_packed_pass_equals_its_chunks_run_apart():
     assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(e0, e1))
     assert torch.allclose(k0, k1, rtol=1e-5, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-5, atol=1e-6)
     assert k0[:, 1, :, 2].abs().sum() == 0  # row 1's padding query wrote no real entry (its trash entry instead)
+
+
+def _pool_passes(model, kernel):
+    """Prompt groups and decode rows of mixed KV modes through packed prelude / core / head passes over a
+    pool (with ``kernel`` as its decode attention, or the reference): the outputs and the pool's K/V."""
+    from latentrt.kv_modes import parse_kv_mode
+    from latentrt.kv_pool import KVPool
+    from latentrt.models.layers import Packed
+
+    g = torch.Generator().manual_seed(0)
+    pool = KVPool(model.cache_layout(), 4, 24, 12, model.dtype, model.device, kernel)
+    for mode in ("full", "shared", "ring-2", "ring-3"):
+        pool.allocate(parse_kv_mode(mode, 6))
+    d, outs = model.config.n_embd, []
+
+    def run(chunks, t_of):
+        actives = [torch.tensor([r % 3 != 1 or t_of(r) < 2 for r in c.rows.tolist()]) for c in chunks]
+        for c, a in zip(chunks, actives):
+            c.iterations = torch.tensor([t_of(r) for r in c.rows.tolist()])
+            pool.mark_iteration(c, None, a)
+        p = Packed(chunks, actives)
+        rope = tuple(p.pack([model.rope(c)[i] for c in chunks]) for i in (0, 1))
+        s, e = (torch.randn(1, p.offsets[-1] + p.sizes[-1], d, generator=g) for _ in range(2))
+        kept = p.pack([a[:, None].expand(-1, c.n) for c, a in zip(chunks, actives)])[0]  # inactive: discarded
+        outs.append(model.core_iteration(s, e, pool, p, None, None, rope)[:, kept])
+        outs.append(model.head(s, pool, p, None, rope)[:, kept])
+
+    prompts = pool.begin([0, 1, 2, 3], 5, [5, 3, 4, 2])
+    p = Packed([prompts], [None])
+    ids = torch.randint(1, 40, (1, 20), generator=g)
+    outs.append(model.prelude(ids, pool, p, tuple(p.pack([model.rope(prompts)[i]]) for i in (0, 1))))
+    assert pool.valid[:, :5].sum() == 14
+    for t in range(3):
+        run([prompts], lambda r, t=t: t)
+    for token in range(4):  # decode rows at different depths, beside a second prompt for row 2 at times
+        rows = [0, 1, 3] if token % 2 else [0, 1, 2, 3]
+        decode = pool.begin(rows, 1)
+        chunks = [decode] + ([pool.begin([2], 2)] if token % 2 else [])
+        for t in range(1 + token):
+            run(chunks, lambda r, t=t: (t + r) % 5)
+    return outs, [pool.plain_k, pool.plain_v, pool.core_k, pool.core_v]
+
+
+@torch.no_grad()
+def test_pool_decode_kernel_equals_the_reference_in_packed_passes():
+    """The serving pool's fused decode attention (the Triton backend's: one launch per layer writes each
+    decode row's K/V and attends over its own row, slots by its own iteration and KV mode) gives the
+    reference's outputs and K/V (gathered keys + SDPA), prompt chunks beside decode rows, some rows
+    inactive; run under the interpreter on the CPU."""
+    from latentrt import kernels
+    from latentrt.kernels import pool_attention
+
+    if not kernels.triton_available():
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    model = tiny_recurrent(seed=6, num_key_value_heads=2)
+    want, want_kv = _pool_passes(model, None)
+    got, got_kv = _pool_passes(model, pool_attention.fused)
+    assert len(got) == len(want) > 10
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    for a, b in zip(got_kv, want_kv):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_served_on_the_triton_backend_equals_generate_alone():
+    """A server on the Triton backend (its pool's decode attention fused, under the interpreter on the CPU)
+    serves each request as generate() on the reference backend serves it alone."""
+    from latentrt import kernels
+    from latentrt.backends import get_backend
+
+    if not kernels.triton_available():
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    model = tiny_recurrent(seed=3)
+    reference = model.backend
+    model.backend = get_backend("triton", model)
+    engine = Engine(model, max_batch=4)
+    assert engine.program.pool.decode_attention is not None
+    model.backend = reference  # generate() alone on the reference backend; the engine keeps its kernel
+    requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:8]
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    engine.run_until_idle()
+    for req, (p, kw) in zip(served, requests):
+        alone = latentrt.generate(model, p, **kw)
+        assert req.error is None, req.error
+        assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+
+
+@pytest.mark.parametrize("family, scheduler", [("recurrent", "depth"), ("recurrent", "token"), ("coconut", "depth")])
+def test_a_step_reads_the_device_once(family, scheduler):
+    """Inside a scheduler step the host waits for the device once: the read of which units ended and the
+    tokens sampled (everything else it sends is copied asynchronously, nothing it needs is read back):
+    counted on every operation that would synchronise on CUDA, mixed requests, prompts admitted mid-run."""
+    from host_syncs import HostSyncs
+
+    model = tiny_recurrent(seed=3) if family == "recurrent" else tiny_coconut(seed=2)
+    engine = Engine(model, max_batch=6, scheduler=scheduler)
+    requests = (recurrent_requests(18, seed=2) if family == "recurrent" else coconut_requests(17))[:18]
+    for p, kw in requests[:9]:
+        engine.submit(p, **kw)
+    steps, syncs = 0, HostSyncs()
+    with torch.no_grad():
+        while engine.busy:
+            if steps == 5:
+                for p, kw in requests[9:]:
+                    engine.submit(p, **kw)
+            with syncs:
+                engine.step()
+            steps += 1
+    assert engine.metrics.requests == 18 and steps > 20
+    reads = {k: n for k, n in syncs.hits.items() if k[1] == "serve/engine.py" and k[0] == "tolist"}
+    assert list(reads.values()) == [steps], syncs.hits
+    assert sum(syncs.hits.values()) == steps, syncs.hits
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
+    """On a GPU, with the Triton backend's pool kernel: CUDA's own sync check (warn mode) sees one host
+    synchronisation per step (requests without state noise: torch's trunc_normal_ is not ours), and every
+    request's tokens and steps equal generate() alone on the reference backend."""
+    import warnings
+
+    from latentrt.backends import get_backend
+
+    model = tiny_recurrent(seed=3).cuda()
+    model.backend = get_backend("triton", model)
+    engine = Engine(model, max_batch=6)
+    assert engine.program.pool.decode_attention is not None
+    model.backend = get_backend("torch", model)
+    requests = [(p, dict(kw, init_scale=0.0)) for p, kw in recurrent_requests(12, seed=4)]
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    steps, caught = 0, []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while engine.busy:
+                engine.step()
+                steps += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= steps, [str(w.message) for w in syncs[:5]]
+    for req, (p, kw) in zip(served, requests):
+        alone = latentrt.generate(model, p, **kw)
+        assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)

@@ -115,6 +115,7 @@ def _workloads(size: str, dtype) -> None:
     batches = [[[5, 6, 7, 8], [9, 10]]] if size == "tiny" else [[[5, 6, 7, 8]], [[5, 6, 7, 8]] * 8]
     for prompts in batches:
         _recurrent_runs(model, prompts, size)
+    _attempt(lambda: _served(model, batches[-1]))
     del model
     model = build_model(parse_config(gpt), dtype=dtype, seed=0)
     model.backend = get_backend("triton", model)
@@ -135,6 +136,16 @@ def _recurrent_runs(model, prompts, size: str) -> None:
             if crit != "none":
                 kw.update(adaptive=True, exit_criterion=crit)
             _attempt(lambda kw=kw: latentrt.generate(model, prompts, **kw))
+
+
+def _served(model, prompts) -> None:
+    """The server's steps on the Triton backend: the pool's decode attention (plain and looped layers)."""
+    from latentrt.serve import Engine
+
+    engine = Engine(model, max_batch=len(prompts) + 1, max_len=64, kv_slots=16)
+    for p in prompts:
+        engine.submit(p, max_new_tokens=2, num_steps=3, kv_sharing="ring-2", init_scale=0.0)
+    engine.run_until_idle()
 
 
 def _ignore_non_finite() -> None:

@@ -11,6 +11,8 @@ which ``Backend`` calls by default); a backend overrides the ones it makes faste
 - ``feedback(h_pre, positions)``: Coconut's hidden -> input feedback.
 - ``exit_ops`` and ``sync_free``: the exit formulas as device masks, and whether the reference loop may
   read them on the host (it stops early then).
+- ``pool_attention()``: the serving pool's decode attention (per-row K/V write and attention over pool
+  rows, latentrt/kv_pool.py), or None for the pool's reference.
 
 A runner (backends/triton/graph.py) has static input/output buffers: ``prepare(...)`` fills them,
 calling it runs (or replays a captured CUDA graph). ``Capabilities`` say what a backend can serve;
@@ -66,6 +68,12 @@ class Backend:
 
     def token_runner(self, cache, spec):
         """A graph-capturable decode token, or None: the decoder then loops over ``core_iteration``."""
+        return None
+
+    # ---------------------------------------------------------------- serving
+    def pool_attention(self):
+        """A kernel with latentrt/kernels/pool_attention.py's ``fused`` signature for the server's decode rows,
+        or None: the pool gathers each row's keys and attends with PyTorch (the reference)."""
         return None
 
     # ---------------------------------------------------------------- continuous thought

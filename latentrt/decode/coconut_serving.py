@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..transfer import to_device
 from .base import nonfinite_flags
 from .serving import Ended, ServingProgram, ones
 
@@ -37,7 +38,7 @@ class CoconutServing(ServingProgram):
 
     def admit(self, request) -> None:
         ids = request.batch.ids[0]
-        latent = self.model.check_markers(request.batch.ids, request.batch.mask)[0].tolist()
+        latent = self.model.latent_columns(request.prompt_ids)  # on the host copy: nothing read back
         cols = [i for i, x in enumerate(latent) if x]
         rec = self.requests[request.row] = _Request(request)
         if not cols:
@@ -74,14 +75,14 @@ class CoconutServing(ServingProgram):
         model, dev = self.model, self.model.device
         passes = [self.requests[r].passes.pop(0) for r in rows]
         chunk = self.pool.begin(rows, 1)
-        ids = torch.stack([torch.as_tensor(p[1], device=dev) for p in passes])[:, None]
+        ids = torch.stack([p[1] for p in passes])[:, None]  # 0-d device tensors (prompt ids, sampled tokens)
         x = model.embed(ids) + model.transformer.wpe(chunk.positions)
         ln1x = None
         latent = [bool(p[2]) for p in passes]
         if any(latent):  # a thought's input: the previous pass's hidden state, fed back
             prev = torch.stack([self.requests[r].h if p[2] else torch.zeros_like(x[0]) for r, p in zip(rows, passes)])
             fed, fed_ln1 = model.feedback(prev, chunk.positions)
-            is_latent = torch.tensor(latent, device=dev)[:, None, None]
+            is_latent = to_device(latent, dev, torch.bool)[:, None, None]
             x = torch.where(is_latent, fed.to(x.dtype), x)
             ln1x = torch.where(is_latent, fed_ln1.to(x.dtype), model.transformer.h[0].ln_1(x))
         h = model.forward_residual(x, self.pool, chunk, ln1x)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..models.layers import Packed
 from ..recurrence import LatentLoop, LoopSpec, Rows
+from ..transfer import to_device
 from .base import nonfinite_flags
 from .serving import Ended, ServingProgram, ones, weight_ratio
 
@@ -79,7 +80,7 @@ def _start_by_spec(loop: LatentLoop, rows: list[int], specs: list[LoopSpec], s0:
     for i, spec in enumerate(specs):
         by_spec.setdefault(spec, []).append(i)
     for spec, members in by_spec.items():
-        at = torch.tensor(members, device=s0.device)
+        at = to_device(members, s0.device)
         loop.start(Rows([rows[i] for i in members], 0, s0.device), spec, s0[at])
 
 
@@ -114,13 +115,13 @@ class RecurrentServing(ServingProgram):
         self.loop.specs[row], self.loop.t[row] = dec.spec, 0  # the row's decode loop: inactive until a token
         self.entry[row] = 0
         if dec.adaptive_prefill:  # every prompt position its own unit (generate's _prefill_by_token)
-            rec.prompt_left = request.batch.ids[0].tolist()
+            rec.prompt_left = list(request.prompt_ids)
             self._next_prompt_position(rec)
         else:
             self.admitted.append(row)
 
     def _next_prompt_position(self, rec: _Request) -> None:
-        token = torch.tensor(rec.prompt_left.pop(0), device=self.model.device)
+        token = to_device(rec.prompt_left.pop(0), self.model.device)
         self.starting[rec.request.row] = (token, rec.request.decoder.prefill_spec)
 
     def start(self, request, token: Tensor) -> None:
@@ -198,14 +199,14 @@ class RecurrentServing(ServingProgram):
 
     def _decode_part(self, rows: Rows) -> _Part:
         chunk = self.pool.at(rows.list, [self.entry[r] for r in rows.list], self.position[rows.index])
-        chunk.iterations = torch.tensor([self.loop.t[r] for r in rows.list], device=self.model.device)
+        chunk.iterations = to_device([self.loop.t[r] for r in rows.list], self.model.device)
         return _Part(self.loop, rows, chunk, self.e[rows.index], [0] * len(rows))
 
     def _group_part(self, group: _PromptGroup, members: list[int]) -> _Part:
         whole = len(members) == len(group.rows)
         rows = Rows.all(len(group.rows)) if whole else Rows(members, 0, self.model.device)
         chunk = group.chunk.subset(rows.list)
-        chunk.iterations = torch.tensor([group.loop.t[i] for i in rows.list], device=self.model.device)
+        chunk.iterations = to_device([group.loop.t[i] for i in rows.list], self.model.device)
         return _Part(group.loop, rows, chunk, group.e[rows.index], [group.lengths[i] - 1 for i in rows.list])
 
     def _iterate(self, parts: list[_Part]) -> Tensor:
@@ -259,7 +260,7 @@ class RecurrentServing(ServingProgram):
         packed = Packed([p.chunk for p in parts], active)
         s = packed.pack([p.loop.s[p.rows.index] for p in parts])
         at = [a + i * p.chunk.n + last for a, p in zip(packed.offsets, parts) for i, last in enumerate(p.last)]
-        at = torch.tensor(at, device=model.device)
+        at = to_device(at, model.device)
         logits = model.head(s, self.pool, packed, None, self._rope(packed), at=at)[:, -1]
         self.count_pass(self.head_cost)
         return list(logits.split([len(p.rows) for p in parts]))
@@ -297,7 +298,7 @@ class RecurrentServing(ServingProgram):
         later = [r for r in rows_l if r not in now]
         out = self._finish_units(now) if now else []
         if later:
-            self.loop.active[torch.tensor(later, device=self.model.device)] = False  # masked if launched idle
+            self.loop.active[to_device(later, self.model.device)] = False  # masked if launched idle
             self.parked.update(later)
             out += [Ended(self.requests[r].request, self.loop.t[r], ready=False) for r in later]
         return out

@@ -42,6 +42,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.type_as(x)
 
 
+# ------------------------------------------------------------------------------------------ attention
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """Masked attention. q [B,H,S,D]; k, v [B,Hkv,T,D]; mask [B,1,S,T] bool (True = attend)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 # ------------------------------------------------------------------------------------------ activations
 def gelu_new(x: Tensor) -> Tensor:
     """GPT-2's tanh approximation of GELU."""

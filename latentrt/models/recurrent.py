@@ -185,12 +185,18 @@ class RecurrentConfig(ModelConfig):
         return values
 
 
-def _kv_hook(chunk, active, write):
-    """A layer's K/V hook: ``write(chunk, active, k, v)`` for a chunk; for a ``Packed`` one, of its chunk i
-    (``kv(i, k, v)``, with that chunk's rows' active flags)."""
+def _kv_hook(cache, chunk, active, layer: int, looped: bool = False, iteration=None):
+    """Layer ``layer``'s cache hook (a plain layer's, or with ``looped`` a core layer's at ``iteration``).
+    For a chunk: ``kv(k, v)`` writes the chunk's K/V (rows in ``active``) and returns the keys and values to
+    attend to. For a ``Packed`` one (a server's pass over pool rows): ``kv(i, q, k, v)`` writes chunk i's
+    K/V and returns its attention output (latentrt/kv_pool.py: one fused launch for decode rows where the
+    backend has the kernel)."""
     if isinstance(chunk, Packed):
-        return lambda i, k, v: write(chunk.chunks[i], chunk.actives[i], k, v)
-    return lambda k, v: write(chunk, active, k, v)
+        attend = cache.attend_core if looped else cache.attend_plain
+        return lambda i, q, k, v: attend(layer, q, k, v, chunk.chunks[i], chunk.actives[i])
+    if looped:
+        return lambda k, v: cache.core(layer, k, v, chunk, iteration, active)
+    return lambda k, v: cache.plain(layer, k, v, chunk, active)
 
 
 class CausalSelfAttention(nn.Module):
@@ -327,7 +333,7 @@ class RecurrentDepthLM(LatentModel):
         """Embeddings x sqrt(n_embd) through the prelude: the per-token input e of the recurrence."""
         x = self.transformer.wte(input_ids) * self.config.embed_scale
         for i, block in enumerate(self.transformer.prelude):
-            x = block(x, *rope, chunk.mask, _kv_hook(chunk, None, lambda c, a, k, v, i=i: cache.plain(i, k, v, c)))
+            x = block(x, *rope, chunk.mask, _kv_hook(cache, chunk, None, i))
         return x
 
     def initial_state(self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
@@ -353,8 +359,7 @@ class RecurrentDepthLM(LatentModel):
         """One iteration: s <- adapter([s, e]) then every core layer (K/V into the iteration's slot)."""
         x = self.transformer.adapter(torch.cat([s, e], dim=-1))
         for j, block in enumerate(self.transformer.core_block):
-            write = lambda c, a, k, v, j=j: cache.core(j, k, v, c, iteration, a)  # noqa: E731
-            x = block(x, *rope, chunk.mask, _kv_hook(chunk, active, write))
+            x = block(x, *rope, chunk.mask, _kv_hook(cache, chunk, active, j, looped=True, iteration=iteration))
         return x
 
     def head(
@@ -374,8 +379,7 @@ class RecurrentDepthLM(LatentModel):
         x = self.transformer.ln_f(s)
         base = self.config.n_layers_in_prelude
         for i, block in enumerate(self.transformer.coda):
-            write = lambda c, a, k, v, i=i: cache.plain(base + i, k, v, c, a)  # noqa: E731
-            x = block(x, *rope, chunk.mask, _kv_hook(chunk, active, write))
+            x = block(x, *rope, chunk.mask, _kv_hook(cache, chunk, active, base + i))
         x = self.transformer.ln_f(x)
         if at is not None and isinstance(chunk, Packed):  # ``at``: token indices of the packed sequence
             x = x[0, at][:, None]

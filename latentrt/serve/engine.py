@@ -44,6 +44,7 @@ from ..errors import InputError, LatentRTError, NonFiniteStateError
 from ..families import family_for
 from ..options import GenerateOptions
 from ..sampling import sample
+from ..transfer import to_device
 from .metrics import EngineMetrics
 
 SCHEDULERS = ("depth", "token", "static")
@@ -76,6 +77,7 @@ class Request:
     generation: Generation
     on_event: Callable[[RequestEvent], None] | None = None
     prompt_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)  # host copy, read at submit (not inside a step)
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     text: str = ""
@@ -205,6 +207,7 @@ class Engine:
         if why is not None:
             raise InputError(why)
         prompt_tokens, stop_set = int(gen.batch.mask.sum()), frozenset(gen.stop_ids.tolist())
+        prompt_ids = gen.batch.ids[0].tolist()
         with self.lock:
             if self.draining:
                 raise ShuttingDown("the server is shutting down")
@@ -212,7 +215,7 @@ class Engine:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._ids += 1
             req = Request(request_id or f"req-{self._ids}", gen, on_event, prompt_tokens=prompt_tokens)
-            req.stop_set = stop_set
+            req.stop_set, req.prompt_ids = stop_set, prompt_ids
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
             self.queue.append(req)
@@ -408,7 +411,7 @@ class Engine:
         greedy = [i for i, e in enumerate(ended) if e.request.options.temperature == 0]
         vocab = self.model.config.vocab_size
         if greedy:
-            at = torch.tensor(greedy, device=logits.device)
+            at = to_device(greedy, logits.device)
             tokens[at] = logits[at, :vocab].argmax(-1)
         for i, e in enumerate(ended):
             req = e.request

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import kernels
-from ...kernels import exits, feedback
+from ...kernels import exits, feedback, pool_attention
 from ..base import Backend, Capabilities
 from .column import ColumnRunner, fused_layers_apply
 from .recurrent_layers import DecodePosition, core_iteration
@@ -50,6 +50,9 @@ class TritonBackend(Backend):
         if auto and model.device.type != "cuda":
             return "the interpreter is for tests"
         return None
+
+    def pool_attention(self):
+        return pool_attention.fused
 
     # ---------------------------------------------------------------- recurrent depth
     def _position(self, e: Tensor, cache, chunk, rope) -> tuple[Tensor, DecodePosition]:

@@ -1,0 +1,271 @@
+"""Decode attention over a serving pool: every row its own timeline, KV mode and latent iteration.
+
+A server's K/V (latentrt/kv_pool.py) holds one timeline per resident request. One query per pool row
+attends to its own row's entries: row ``rows[r]``'s query sits at entry ``entry[r]`` and reads the valid
+entries before it, then its own. Plain layers (prelude, coda) keep entry p of pool row ``rows[r]`` at
+storage row ``rows[r]``. Looped core layers keep several slots per entry (the request's KV mode: K of them,
+``slots[rows[r]]``), each a storage row of the shared slot rows (``table[rows[r], k]``); a row running
+iteration t writes slot t mod K and reads entry p from slot min(t mod K, n_p - 1), n_p the iterations
+entry p ran (``written``): the lookup rule of latentrt/kv_modes.py, per row.
+
+The query's own K/V (``k``, ``v``) are stored at its entry for ``active`` rows and used from registers for
+its own key, so the write and the attention are one launch and the gathered K/V copy of the reference
+(``KVPool.core`` / ``plain``: every key of every row, per layer) never exists. Rows of different requests
+never share storage rows, so the programs of one launch never read what another writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+
+
+def _lookup(rows, written, table, slots, iterations, width):
+    """(storage row written [R], storage row of every entry [R, width]) by the rule in the docstring."""
+    if table is None:
+        return rows, rows[:, None].expand(-1, width)
+    slot = iterations % slots[rows]
+    own = table[rows]
+    target = own.gather(1, slot[:, None])[:, 0]
+    lookup = torch.minimum((written[rows] - 1).clamp(min=0), slot[:, None])
+    return target, own.gather(1, lookup)
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_buf: Tensor,
+    v_buf: Tensor,
+    rows: Tensor,
+    entry: Tensor,
+    valid: Tensor,
+    active: Tensor,
+    table: Tensor | None = None,
+    slots: Tensor | None = None,
+    iterations: Tensor | None = None,
+    written: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q [R,H,D]; k, v [R,Hkv,D] the queries' own K/V; k_buf / v_buf [S,Hkv,W,D] one layer's storage;
+    rows, entry [R]; valid [N,W] bool and written [N,W] per pool row and entry; active [R] bool; looped
+    layers: table [N,K_max] storage rows of each pool row's slots, slots [N], iterations [R] (plain: None).
+    Writes k / v at each active row's entry; returns (out [R,H,D], k_buf, v_buf). Sync-free (capturable)."""
+    R, H, D = q.shape
+    Hkv, W = k.shape[1], k_buf.shape[2]
+    target, phys = _lookup(rows, written, table, slots, iterations, W)
+    p = torch.arange(W, device=q.device)[None, :].expand(R, -1)
+    own = p == entry[:, None]
+    keys = torch.where(own[:, :, None, None], k[:, None], k_buf[phys, :, p]).float()  # [R,W,Hkv,D]
+    vals = torch.where(own[:, :, None, None], v[:, None], v_buf[phys, :, p]).float()
+    keys, vals = keys.repeat_interleave(H // Hkv, 2), vals.repeat_interleave(H // Hkv, 2)
+    scores = torch.einsum("rhd,rwhd->rhw", q.float(), keys) / math.sqrt(D)
+    attend = own | ((p < entry[:, None]) & valid[rows])
+    scores = scores.masked_fill(~attend[:, None, :], float("-inf"))
+    out = torch.einsum("rhw,rwhd->rhd", scores.softmax(-1), vals).to(q.dtype)
+    a = active[:, None, None]
+    k_buf[target, :, entry] = torch.where(a, k.to(k_buf.dtype), k_buf[target, :, entry])
+    v_buf[target, :, entry] = torch.where(a, v.to(v_buf.dtype), v_buf[target, :, entry])
+    return out, k_buf, v_buf
+
+
+def make_inputs(
+    shape: str,
+    device,
+    dtype,
+    seed: int = 0,
+    batch: int = 6,
+    context: int = 200,
+    kv_slots: tuple = (1, 3, 32),
+    heads: tuple[int, int] | None = None,
+):
+    """A pool of ``batch`` rows, row r at its own entry (up to ``context``) and iteration, in the KV modes
+    ``kv_slots`` (cycled: shared, ring-3, full at r=32), one row inactive, some entries invalid; ``heads``:
+    (query heads, K/V heads), default the shape's heads for both (Huginn keeps a key per query head)."""
+    from . import SHAPES
+
+    _, H, D, _, _ = SHAPES[shape]
+    H, Hkv = heads or (H, H)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    W = context + 1
+    slots = torch.tensor([kv_slots[i % len(kv_slots)] for i in range(batch)])
+    storage = int(slots.sum())
+    table = torch.zeros(batch, max(kv_slots), dtype=torch.long)
+    perm, at = torch.randperm(storage, generator=g), 0
+    for i, n in enumerate(slots.tolist()):
+        table[i, :n] = perm[at : at + n]
+        at += n
+    rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
+    entry = torch.randint(0, context, (batch,), generator=g)
+    entry[0] = context - 1
+    valid = torch.rand(batch, W, generator=g) > 0.1
+    iterations = torch.randint(0, 40, (batch,), generator=g)
+    written = torch.randint(1, 40, (batch, W), generator=g)
+    active = torch.ones(batch, dtype=torch.bool)
+    active[batch // 2] = False
+    to = lambda t: t.to(device)  # noqa: E731
+    return (
+        r(batch, H, D),
+        r(batch, Hkv, D),
+        r(batch, Hkv, D),
+        r(storage, Hkv, W, D),
+        r(storage, Hkv, W, D),
+        to(rows),
+        to(entry),
+        to(valid),
+        to(active),
+        to(table),
+        to(slots),
+        to(iterations),
+        to(written),
+    )
+
+
+def bytes_moved(inputs) -> int:
+    """The keys and values each row reads (its entries up to its own), its query, output and own K/V."""
+    q, k, _, k_buf, _, rows, entry = inputs[:7]
+    H, D = k_buf.shape[1], k_buf.shape[3]
+    keys = int(entry.sum()) * H * D * 2 * k_buf.element_size()
+    return keys + 2 * q.numel() * q.element_size() + 2 * k.numel() * k.element_size() + int(entry.sum()) * 9
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _pool_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        kbuf_ptr,
+        vbuf_ptr,
+        rows_ptr,
+        entry_ptr,
+        valid_ptr,
+        act_ptr,
+        table_ptr,
+        slots_ptr,
+        it_ptr,
+        written_ptr,
+        out_ptr,
+        n_head,
+        n_kv,
+        group,
+        D,
+        sm_scale,
+        stride_bs,
+        stride_bh,
+        stride_bt,
+        stride_pool,
+        stride_table,
+        LOOPED: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Program (r, h): query head h of launch row r over its pool row's entries [0, entry), storage
+        rows by the lookup rule when LOOPED, then its own K/V; the row's K/V stored at its entry (by the
+        first query head of each KV head) when it is active."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        hk = h // group
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        row = tl.load(rows_ptr + r)
+        n = tl.load(entry_ptr + r)
+        if LOOPED:
+            slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row)
+        q = tl.load(q_ptr + (r * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
+        k_own = tl.load(k_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
+        v_own = tl.load(v_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
+        m_i = tl.sum(q * k_own.to(tl.float32), 0) * sm_scale  # the own key first: weight 1, value v_own
+        l_i = m_i * 0.0 + 1.0
+        acc = v_own.to(tl.float32)
+        for t0 in range(0, n, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            before = t < n
+            ok = before & (tl.load(valid_ptr + row * stride_pool + t, mask=before, other=0) != 0)
+            if LOOPED:
+                iters = tl.load(written_ptr + row * stride_pool + t, mask=before, other=1)
+                pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
+                phys = tl.load(table_ptr + row * stride_table + pick, mask=before, other=0)
+            else:
+                phys = tl.zeros((BLOCK_T,), dtype=tl.int64) + row
+            off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
+            kv_mask = ok[:, None] & dm[None, :]
+            keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new)
+            vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * vals, 0)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            m_i = m_new
+        tl.store(out_ptr + (r * n_head + h) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+        if (h % group == 0) & (tl.load(act_ptr + r) != 0):
+            if LOOPED:
+                target = tl.load(table_ptr + row * stride_table + slot)
+            else:
+                target = row
+            dst = target * stride_bs + hk * stride_bh + n * stride_bt + d
+            tl.store(kbuf_ptr + dst, k_own.to(kbuf_ptr.dtype.element_ty), mask=dm)
+            tl.store(vbuf_ptr + dst, v_own.to(vbuf_ptr.dtype.element_ty), mask=dm)
+
+
+def fused(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_buf: Tensor,
+    v_buf: Tensor,
+    rows: Tensor,
+    entry: Tensor,
+    valid: Tensor,
+    active: Tensor,
+    table: Tensor | None = None,
+    slots: Tensor | None = None,
+    iterations: Tensor | None = None,
+    written: Tensor | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference`` as one launch (grid rows x query heads); ``out`` [R,H,D] may be given."""
+    R, H, D = q.shape
+    Hkv = k.shape[1]
+    assert k_buf.stride() == v_buf.stride() and k_buf.stride(-1) == 1 and H % Hkv == 0
+    assert valid.stride(-1) == 1 and (written is None or written.stride() == valid.stride())
+    out = torch.empty_like(q) if out is None else out
+    looped = table is not None
+    idx = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    _pool_attention_kernel[(R, H)](
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        k_buf,
+        v_buf,
+        idx(rows),
+        idx(entry),
+        valid,
+        active.contiguous(),
+        idx(table) if looped else rows,
+        idx(slots) if looped else rows,
+        idx(iterations) if looped else rows,
+        written if looped else valid,
+        out,
+        H,
+        Hkv,
+        H // Hkv,
+        D,
+        1.0 / math.sqrt(D),
+        k_buf.stride(0),
+        k_buf.stride(1),
+        k_buf.stride(2),
+        valid.stride(0),
+        table.stride(0) if looped else 0,
+        LOOPED=looped,
+        BLOCK_T=64,
+        BLOCK_D=next_pow2(D),
+    )
+    return out, k_buf, v_buf

@@ -1,0 +1,22 @@
+"""Host values to the device without a host-device synchronisation.
+
+``torch.tensor(values, device="cuda")`` copies from pageable memory and then waits for the stream: every
+call stalls the host until the device has run everything queued before it, which serialises a serving
+step's scheduling with its kernels. ``to_device`` stages the values in pinned memory and copies them
+asynchronously (PyTorch's caching host allocator keeps the staging block until the copy has run), so the
+only synchronisation left in a step is the one read the scheduler asks for. On the CPU it is
+``torch.tensor``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def to_device(values, device, dtype: torch.dtype = torch.long) -> Tensor:
+    """``values`` (a number or a list of them) as a tensor on ``device``, copied without a sync."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -1,0 +1,52 @@
+"""Count the operations that make the host wait for a CUDA device, on any device (the CPU tests included).
+
+A ``TorchFunctionMode`` sees every torch call; these would synchronise on CUDA: reading values to the host
+(``item``, ``tolist``, ``bool()`` / ``int()`` / ``float()`` / ``__index__`` of a tensor), data-dependent
+shapes (``nonzero``, masked selection, indexing with a bool tensor) and host data copied to a device by
+``torch.tensor(..., device=...)`` (pageable memory: the copy waits for the stream). What torch's
+``nn.init.trunc_normal_`` does inside is its own (the published initial state's draw) and is left out.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select", "argwhere"}
+
+
+def _bool_index(index) -> bool:
+    if isinstance(index, torch.Tensor):
+        return index.dtype == torch.bool
+    if isinstance(index, tuple | list):
+        return any(_bool_index(i) for i in index)
+    return False
+
+
+class HostSyncs(TorchFunctionMode):
+    """``with HostSyncs() as syncs: ...``; ``syncs.hits``: (operation, latentrt file, line) -> count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        hit = None
+        if name in READS:
+            hit = name
+        elif name in ("__getitem__", "__setitem__") and _bool_index(args[1]):
+            hit = f"{name}[bool]"
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None:
+            hit = "tensor(device=...)"
+        if hit is not None:
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.filename.replace("\\", "/").endswith("torch/nn/init.py") for f in stack):
+                ours = [f for f in stack if "/latentrt/" in f.filename.replace("\\", "/")]
+                where = ours[-1] if ours else stack[-1]
+                self.hits[(hit, where.filename.split("latentrt/")[-1], where.lineno)] += 1
+        return func(*args, **kwargs)
