@@ -428,8 +428,11 @@ def test_pool_decode_kernel_equals_the_reference_in_packed_passes():
 
 
 def test_served_on_the_triton_backend_equals_generate_alone():
-    """A server on the Triton backend (its pool's decode attention fused, under the interpreter on the CPU)
-    serves each request as generate() on the reference backend serves it alone."""
+    """A server on the Triton backend (its pool's decode attention fused, the decode rows' core pass as one
+    graphable launch sequence over all pool rows; under the interpreter on the CPU) serves each request as
+    generate() on the reference backend serves it alone, reading the device once per step."""
+    from host_syncs import HostSyncs
+
     from latentrt import kernels
     from latentrt.backends import get_backend
 
@@ -443,7 +446,16 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     model.backend = reference  # generate() alone on the reference backend; the engine keeps its kernel
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:8]
     served = [engine.submit(p, **kw) for p, kw in requests]
-    engine.run_until_idle()
+    runner, calls = engine.program.decode_core, []
+    run = runner.run
+    runner.run = lambda: calls.append(1) or run()  # the decode rows' graphed pass (eager off CUDA)
+    steps, syncs = 0, HostSyncs()
+    with torch.no_grad():
+        while engine.busy:
+            with syncs:
+                engine.step()
+            steps += 1
+    assert 0 < len(calls) < steps and sum(syncs.hits.values()) == steps, syncs.hits  # one read per step
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert req.error is None, req.error
@@ -479,9 +491,10 @@ def test_a_step_reads_the_device_once(family, scheduler):
 
 @pytest.mark.gpu
 def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
-    """On a GPU, with the Triton backend's pool kernel: CUDA's own sync check (warn mode) sees one host
-    synchronisation per step (requests without state noise: torch's trunc_normal_ is not ours), and every
-    request's tokens and steps equal generate() alone on the reference backend."""
+    """On a GPU, with the Triton backend's pool kernel and the decode rows' core pass captured as a graph:
+    CUDA's own sync check (warn mode) sees one host synchronisation per step (requests without state noise:
+    torch's trunc_normal_ is not ours), and every request's tokens and steps equal generate() alone on the
+    reference backend."""
     import warnings
 
     from latentrt.backends import get_backend
@@ -505,7 +518,8 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= steps, [str(w.message) for w in syncs[:5]]
+    assert engine.program.decode_core._graph is not None  # the decode rows' pass was captured and replayed
+    assert len(syncs) <= steps + 1, [str(w.message) for w in syncs[:5]]  # one per step (+1: the capture)
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)

@@ -37,6 +37,7 @@ from ..models.layers import Packed
 from ..recurrence import LatentLoop, LoopSpec, Rows
 from ..transfer import to_device
 from .base import nonfinite_flags
+from .recurrent_serving_graph import DecodeCoreRunner
 from .serving import Ended, ServingProgram, ones, weight_ratio
 
 
@@ -106,6 +107,8 @@ class RecurrentServing(ServingProgram):
         self.prelude_cost = weight_ratio(t.prelude, core)
         self.head_cost = weight_ratio([*t.coda, t.ln_f, model.lm_head], core)
         self._launched: list[int] = []
+        # the decode rows' core pass as one graph where the pool's attention is fused (recurrent_serving_graph.py)
+        self.decode_core = DecodeCoreRunner(self) if self.pool.decode_attention is not None else None
         self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
 
     # ---------------------------------------------------------------- units begin
@@ -214,15 +217,19 @@ class RecurrentServing(ServingProgram):
         linears once over every part's tokens, attention per part), then the checks due. Returns whether each
         row is still in its loop."""
         model, pool = self.model, self.pool
-        actives = [p.loop.active[p.rows.index] for p in parts]
-        for p, active in zip(parts, actives):
-            pool.mark_iteration(p.chunk, None, active)
-        packed = Packed([p.chunk for p in parts], actives)
-        s = packed.pack([p.loop.s[p.rows.index] for p in parts])
-        e = packed.pack([p.e for p in parts])
-        new = model.core_iteration(s, e, pool, packed, None, None, self._rope(packed))
+        if self.decode_core is not None and len(parts) == 1 and parts[0].loop is self.loop:
+            self.decode_core.prepare(parts[0].rows.list)  # decode rows only: the captured pass
+            new = [self.decode_core()[parts[0].rows.index]]
+        else:
+            actives = [p.loop.active[p.rows.index] for p in parts]
+            for p, active in zip(parts, actives):
+                pool.mark_iteration(p.chunk, None, active)
+            packed = Packed([p.chunk for p in parts], actives)
+            s = packed.pack([p.loop.s[p.rows.index] for p in parts])
+            e = packed.pack([p.e for p in parts])
+            new = packed.unpack(model.core_iteration(s, e, pool, packed, None, None, self._rope(packed)))
         self.count_pass()
-        for p, x in zip(parts, packed.unpack(new)):
+        for p, x in zip(parts, new):
             p.loop.advance(p.rows, x)
         heads = []
         for p in parts:

@@ -1,0 +1,65 @@
+"""The decode rows' core iteration of a recurrent server as one captured launch sequence (a CUDA graph).
+
+A server step (decode/recurrent_serving.py) runs one core iteration for every running unit. When only
+one-position units run (no prompt group in its loop) and the pool's decode attention is fused
+(latentrt/kernels/pool_attention.py: no host value, no data-dependent shape), that iteration is a fixed
+sequence of launches over *every* pool row: rows not launched this step are inactive (they write no K/V and
+their outputs are dropped), and what changes between steps lives in device tensors: the rows' states,
+prelude outputs, positions and loop flags (the program's own per-row tensors, updated in place) and their
+timeline entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the
+whole pass (``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling
+only; elsewhere (the interpreter tests) it runs eagerly, the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends.triton.graph import GraphedRunner
+from ..kv_pool import RaggedChunk
+from ..models.layers import Packed
+from ..transfer import to_device
+
+
+class DecodeCoreRunner(GraphedRunner):
+    """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
+    at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
+
+    def __init__(self, program) -> None:
+        self.program, self.model = program, program.model
+        rows, dev = program.pool.rows, program.model.device
+        self.entry = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.iterations = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.launched = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.chunk = RaggedChunk(
+            torch.arange(rows, device=dev),
+            [0] * rows,  # host starts / end: unused by the fused attention (it reads ``entry`` on the device)
+            [1] * rows,
+            1,
+            program.pool.max_len,
+            self.entry[:, None],
+            program.position[:, None],
+            None,
+            torch.ones(rows, 1, dtype=torch.bool, device=dev),
+            self.iterations,
+        )
+
+    def prepare(self, rows: list[int]) -> None:
+        """This step's launched rows, and every row's entry and iteration (asynchronous copies)."""
+        p, dev = self.program, self.model.device
+        launched = [False] * p.pool.rows
+        for r in rows:
+            launched[r] = True
+        self.launched.copy_(to_device(launched, dev, torch.bool))
+        self.entry.copy_(to_device(p.entry, dev))
+        self.iterations.copy_(to_device(p.loop.t, dev))
+
+    def run(self) -> Tensor:
+        p, pool = self.program, self.program.pool
+        active = p.loop.active & self.launched
+        pool.mark_iteration(self.chunk, None, active)
+        packed = Packed([self.chunk], [active])
+        s, e = packed.pack([p.loop.s]), packed.pack([p.e])
+        new = self.model.core_iteration(s, e, pool, packed, None, None, p._rope(packed))
+        return packed.unpack(new)[0]
