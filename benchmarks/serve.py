@@ -134,6 +134,7 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
         "tokens_per_pass": tokens / max(m.passes, 1),  # a pass reads its layers' weights once
         # tokens per core iteration's worth of weights read (prelude and head passes at their weights' share)
         "tokens_per_weight_read": tokens / max(m.weight_reads, 1e-9),
+        "decode_graph": getattr(getattr(engine.program, "decode_core", None), "_graph", None) is not None,
         "depths": [d for r in requests for d in r.steps],
         "outputs": [r.tokens for r in requests],
     }
@@ -225,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.num_steps}; {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
     )
     fused = model.backend.pool_attention() is not None
-    print(f"# backend {model.backend.name}: pool decode attention {'fused (Triton)' if fused else 'reference'}")
+    graphs = ", ".join(s for s, r in runs.items() if r["decode_graph"]) or "none"
+    print(
+        f"# backend {model.backend.name}: pool decode attention {'fused (Triton)' if fused else 'reference'}; "
+        f"decode rows' core pass captured as a CUDA graph in: {graphs}"
+    )
     print(
         f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "
         f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}"
