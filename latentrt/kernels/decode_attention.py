@@ -61,6 +61,15 @@ def bytes_moved(inputs) -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def online_softmax_step(m_i, l_i, acc, scores, v):
+        """One block of keys into a running softmax-weighted sum (FlashAttention's rescaling): running max
+        ``m_i``, normaliser ``l_i``, ``acc`` [D]; ``scores`` [T] (-inf where masked), ``v`` [T, D]."""
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
+
+    @triton.jit
     def _decode_attention_kernel(
         q_ptr,
         k_ptr,
@@ -118,13 +127,8 @@ if HAVE_TRITON:
             k = tl.load(k_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
             scores = tl.sum(k * q[None, :], 1) * sm_scale
             scores = tl.where(ok, scores, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new)
             v = tl.load(v_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v)
         out = acc / l_i
         tl.store(out_ptr + (b * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
 

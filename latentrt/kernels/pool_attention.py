@@ -23,6 +23,9 @@ from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
 
+if HAVE_TRITON:
+    from .decode_attention import online_softmax_step
+
 
 def _lookup(rows, written, table, slots, iterations, width):
     """(storage row written [R], storage row of every entry [R, width]) by the rule in the docstring."""
@@ -197,13 +200,8 @@ if HAVE_TRITON:
             kv_mask = ok[:, None] & dm[None, :]
             keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
             scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new)
             vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * vals, 0)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, vals)
         tl.store(out_ptr + (r * n_head + h) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
         if (h % group == 0) & (tl.load(act_ptr + r) != 0):
             if LOOPED:
