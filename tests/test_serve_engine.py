@@ -523,3 +523,38 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+
+
+def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
+    """If capturing the decode rows' pass fails (a torch version, a driver), the server warns once and runs
+    the same pass eagerly: every request still equals generate() alone. (The failure is simulated: the
+    runner sees a CUDA device and GraphedRunner raises as a failed capture would.)"""
+    from latentrt import kernels
+    from latentrt.backends import get_backend
+    from latentrt.backends.triton.graph import GraphedRunner
+
+    if not kernels.triton_available():
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    model = tiny_recurrent(seed=3)
+    reference = model.backend
+    model.backend = get_backend("triton", model)
+    engine = Engine(model, max_batch=3)
+    model.backend = reference
+    runner = engine.program.decode_core
+
+    class OnCuda:  # the model, as the runner sees it: on a CUDA device
+        device = torch.device("cuda")
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    runner.model = OnCuda()
+    monkeypatch.setattr(GraphedRunner, "__call__", lambda self: (_ for _ in ()).throw(RuntimeError("capture")))
+    requests = [(p, kw) for p, kw in recurrent_requests(6, seed=7) if not kw.get("adaptive_prefill")][:3]
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        engine.run_until_idle()
+    assert isinstance(runner.capture_error, RuntimeError)
+    for req, (p, kw) in zip(served, requests):
+        alone = latentrt.generate(model, p, **kw)
+        assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)

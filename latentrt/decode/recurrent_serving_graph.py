@@ -63,7 +63,8 @@ class DecodeCoreRunner(GraphedRunner):
 
     def prepare(self, rows: list[int]) -> None:
         """This step's launched rows, and every row's entry and iteration (asynchronous copies)."""
-        p, dev = self.program, self.model.device
+        p = self.program
+        dev = p.model.device
         launched = [False] * p.pool.rows
         for r in rows:
             launched[r] = True
