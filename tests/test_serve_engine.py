@@ -446,16 +446,23 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     model.backend = reference  # generate() alone on the reference backend; the engine keeps its kernel
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:8]
     served = [engine.submit(p, **kw) for p, kw in requests]
-    runner, calls = engine.program.decode_core, []
-    run = runner.run
-    runner.run = lambda: calls.append(1) or run()  # the decode rows' graphed pass (eager off CUDA)
+    calls = []
+
+    def counted(runner):
+        run, kind = runner.run, type(runner).__name__
+        return lambda: calls.append(kind) or run()
+
+    program = engine.program
+    for runner in (program.decode_core, program.decode_head, program.decode_prelude):  # graphed (eager off CUDA)
+        runner.run = counted(runner)
     steps, syncs = 0, HostSyncs()
     with torch.no_grad():
         while engine.busy:
             with syncs:
                 engine.step()
             steps += 1
-    assert 0 < len(calls) < steps and sum(syncs.hits.values()) == steps, syncs.hits  # one read per step
+    assert 0 < calls.count("DecodeCoreRunner") < steps and {"DecodeHeadRunner", "DecodePreludeRunner"} <= set(calls)
+    assert sum(syncs.hits.values()) == steps, syncs.hits  # one read per step
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert req.error is None, req.error
@@ -518,7 +525,8 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert engine.program.decode_core._graph is not None  # the decode rows' pass was captured and replayed
+    assert engine.program.decode_core._graph is not None  # the decode rows' passes were captured and replayed
+    assert engine.program.decode_head._graph is not None and engine.program.decode_prelude._graph is not None
     assert len(syncs) <= steps + 1, [str(w.message) for w in syncs[:5]]  # one per step (+1: the capture)
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
@@ -548,13 +556,13 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
         def __getattr__(self, name):
             return getattr(model, name)
 
-    runner.model = OnCuda()
+    runner.model = engine.program.decode_head.model = engine.program.decode_prelude.model = OnCuda()
     monkeypatch.setattr(GraphedRunner, "__call__", lambda self: (_ for _ in ()).throw(RuntimeError("capture")))
     requests = [(p, kw) for p, kw in recurrent_requests(6, seed=7) if not kw.get("adaptive_prefill")][:3]
     served = [engine.submit(p, **kw) for p, kw in requests]
     with pytest.warns(UserWarning, match="runs eagerly"):
         engine.run_until_idle()
-    assert isinstance(runner.capture_error, RuntimeError)
+    assert isinstance(runner.capture_error, RuntimeError) and engine.program.decode_head.capture_error is not None
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)

@@ -37,7 +37,7 @@ from ..models.layers import Packed
 from ..recurrence import LatentLoop, LoopSpec, Rows
 from ..transfer import to_device
 from .base import nonfinite_flags
-from .recurrent_serving_graph import DecodeCoreRunner
+from .recurrent_serving_graph import DecodeCoreRunner, DecodeHeadRunner, DecodePreludeRunner
 from .serving import Ended, ServingProgram, ones, weight_ratio
 
 
@@ -109,6 +109,9 @@ class RecurrentServing(ServingProgram):
         self._launched: list[int] = []
         # the decode rows' core pass as one graph where the pool's attention is fused (recurrent_serving_graph.py)
         self.decode_core = DecodeCoreRunner(self) if self.pool.decode_attention is not None else None
+        graphed = self.decode_core is not None
+        self.decode_head = DecodeHeadRunner(self.decode_core) if graphed else None
+        self.decode_prelude = DecodePreludeRunner(self.decode_core) if graphed else None
         self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
 
     # ---------------------------------------------------------------- units begin
@@ -145,6 +148,14 @@ class RecurrentServing(ServingProgram):
         model, pool = self.model, self.pool
         prompts, self.admitted = self.admitted, []
         units = sorted(self.starting)
+        if units and not prompts and self.decode_prelude is not None:  # units only: the captured prelude
+            chunk = pool.begin(units, 1)
+            self._place(units, chunk)  # entries and positions first: the graphed prelude reads them
+            self.decode_prelude.prepare(chunk.rows, torch.stack([self.starting[r][0] for r in units]))
+            e = self.decode_prelude()[chunk.rows]
+            self.count_pass(self.prelude_cost)
+            self._start_units(units, chunk, e)
+            return
         chunks, ids = [], []
         if prompts:
             seqs = [self.requests[r].request.batch.ids[0] for r in prompts]
@@ -172,12 +183,17 @@ class RecurrentServing(ServingProgram):
         _start_by_spec(loop, list(range(len(rows))), specs, s0)
         self.groups.append(_PromptGroup(loop, e, chunk, rows, lengths, list(range(len(rows)))))
 
+    def _place(self, rows: list[int], chunk) -> None:
+        """Rows' timeline entries (host) and positions (device) of their units' one position."""
+        self.position[chunk.rows] = chunk.positions[:, 0]
+        for i, r in enumerate(rows):
+            self.entry[r] = chunk.starts[i]
+
     def _start_units(self, rows: list[int], chunk, e: Tensor) -> None:
         ix = chunk.rows
         self.e[ix] = e
-        self.position[ix] = chunk.positions[:, 0]
-        for i, r in enumerate(rows):
-            self.entry[r] = chunk.starts[i]
+        self._place(rows, chunk)
+        for r in rows:
             self.requests[r].spec = self.starting[r][1]
         s0 = torch.cat([self._initial_state(self.requests[r], e[i : i + 1]) for i, r in enumerate(rows)])
         _start_by_spec(self.loop, rows, [self.requests[r].spec for r in rows], s0)
@@ -264,6 +280,12 @@ class RecurrentServing(ServingProgram):
         """Next-token logits [R, V] of each part's rows (at its rows' last real positions), in one pass
         (``Packed``); the coda's K/V written for ``active``."""
         model = self.model
+        if self.decode_head is not None and len(parts) == 1 and parts[0].loop is self.loop:
+            rows = parts[0].rows.index  # decode rows only: the captured head of every pool row
+            self.decode_head.prepare(rows, active[0])
+            logits = self.decode_head()
+            self.count_pass(self.head_cost)
+            return [logits[rows]]
         packed = Packed([p.chunk for p in parts], active)
         s = packed.pack([p.loop.s[p.rows.index] for p in parts])
         at = [a + i * p.chunk.n + last for a, p in zip(packed.offsets, parts) for i, last in enumerate(p.last)]

@@ -1,4 +1,4 @@
-"""The decode rows' core iteration of a recurrent server as one captured launch sequence (a CUDA graph).
+"""The decode rows' core iteration and head of a recurrent server as captured launch sequences (CUDA graphs).
 
 A server step (decode/recurrent_serving.py) runs one core iteration for every running unit. When only
 one-position units run (no prompt group in its loop) and the pool's decode attention is fused
@@ -8,7 +8,10 @@ their outputs are dropped), and what changes between steps lives in device tenso
 prelude outputs, positions and loop flags (the program's own per-row tensors, updated in place) and their
 timeline entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the
 whole pass (``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling
-only; elsewhere (the interpreter tests) it runs eagerly, the same code.
+only; elsewhere (the interpreter tests) it runs eagerly, the same code. The head pass of decode rows (coda
+-> lm_head, for logit criteria every check and for sampling) is the same: every pool row's logits, the
+coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the prelude of the tokens that
+begin their units (``DecodePreludeRunner``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,26 @@ from ..models.layers import Packed
 from ..transfer import to_device
 
 
-class DecodeCoreRunner(GraphedRunner):
+class _Fallback:
+    """Where capturing a runner's launches fails on CUDA (a torch version, a driver), it warns once and runs
+    them eagerly from then on."""
+
+    capture_error: Exception | None = None  # why the pass could not be captured here (then it runs eagerly)
+
+    def __call__(self) -> Tensor:
+        if self.capture_error is None:
+            try:
+                return super().__call__()
+            except RuntimeError as exc:  # the first call (eager, then capture) failed in the capture
+                if self._graph is not None or self.model.device.type != "cuda":
+                    raise
+                self.capture_error = exc
+                why = f"latentrt: the server's {type(self).__name__} runs eagerly (CUDA graph capture failed: {exc})"
+                warnings.warn(why, stacklevel=2)
+        return self.run()  # idempotent: the same K/V, iteration marks and states as a failed first call's
+
+
+class DecodeCoreRunner(_Fallback, GraphedRunner):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
     at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
 
@@ -47,20 +69,6 @@ class DecodeCoreRunner(GraphedRunner):
             self.iterations,
         )
 
-    capture_error: Exception | None = None  # why the pass could not be captured here (then it runs eagerly)
-
-    def __call__(self) -> Tensor:
-        if self.capture_error is None:
-            try:
-                return super().__call__()
-            except RuntimeError as exc:  # the first call (eager, then capture) failed in the capture
-                if self._graph is not None or self.model.device.type != "cuda":
-                    raise
-                self.capture_error = exc
-                why = f"latentrt: the server's decode pass runs eagerly (CUDA graph capture failed: {exc})"
-                warnings.warn(why, stacklevel=2)
-        return self.run()  # idempotent: the same K/V, iteration marks and states as a failed first call's
-
     def prepare(self, rows: list[int]) -> None:
         """This step's launched rows, and every row's entry and iteration (asynchronous copies)."""
         p = self.program
@@ -69,8 +77,11 @@ class DecodeCoreRunner(GraphedRunner):
         for r in rows:
             launched[r] = True
         self.launched.copy_(to_device(launched, dev, torch.bool))
-        self.entry.copy_(to_device(p.entry, dev))
+        self.copy_entries()
         self.iterations.copy_(to_device(p.loop.t, dev))
+
+    def copy_entries(self) -> None:
+        self.entry.copy_(to_device(self.program.entry, self.program.model.device))
 
     def run(self) -> Tensor:
         p, pool = self.program, self.program.pool
@@ -80,3 +91,48 @@ class DecodeCoreRunner(GraphedRunner):
         s, e = packed.pack([p.loop.s]), packed.pack([p.e])
         new = self.model.core_iteration(s, e, pool, packed, None, None, p._rope(packed))
         return packed.unpack(new)[0]
+
+
+class DecodeHeadRunner(_Fallback, GraphedRunner):
+    """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit, the coda's K/V written for
+    the rows ``prepare`` names (at their entries: the core runner's static chunk). Returns logits [rows, V]
+    (fp32); the caller keeps the rows it asked for."""
+
+    def __init__(self, core: DecodeCoreRunner) -> None:
+        self.core, self.program, self.model = core, core.program, core.model
+        self.write = torch.zeros(core.program.pool.rows, dtype=torch.bool, device=core.program.model.device)
+
+    def prepare(self, rows: Tensor, write: Tensor) -> None:
+        """``rows`` (a device index) whose K/V are written where ``write`` (aligned with ``rows``)."""
+        self.core.copy_entries()
+        self.write.zero_()
+        self.write[rows] = write
+
+    def run(self) -> Tensor:
+        p, chunk = self.program, self.core.chunk
+        packed = Packed([chunk], [self.write])
+        at = chunk.rows  # token i of the packed sequence is pool row i's
+        return self.model.head(packed.pack([p.loop.s]), p.pool, packed, None, p._rope(packed), at=at)[:, -1]
+
+
+class DecodePreludeRunner(_Fallback, GraphedRunner):
+    """The prelude (embedding x sqrt(d) -> prelude layers) of every pool row's next token, the prelude's K/V
+    written for the rows whose unit begins (``prepare``: their rows and token ids; their entries and
+    positions already placed). Returns e [rows, 1, d]; the caller keeps the rows it asked for."""
+
+    def __init__(self, core: DecodeCoreRunner) -> None:
+        self.core, self.program, self.model = core, core.program, core.model
+        rows, dev = core.program.pool.rows, core.program.model.device
+        self.ids = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.write = torch.zeros(rows, dtype=torch.bool, device=dev)
+
+    def prepare(self, rows: Tensor, ids: Tensor) -> None:
+        self.core.copy_entries()
+        self.write.zero_()
+        self.write[rows] = True
+        self.ids[rows] = ids
+
+    def run(self) -> Tensor:
+        p = self.program
+        packed = Packed([self.core.chunk], [self.write])
+        return packed.unpack(self.model.prelude(self.ids[None], p.pool, packed, p._rope(packed)))[0]
