@@ -527,7 +527,7 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert engine.program.decode_core._graph is not None  # the decode rows' passes were captured and replayed
     assert engine.program.decode_head._graph is not None and engine.program.decode_prelude._graph is not None
-    assert len(syncs) <= steps + 1, [str(w.message) for w in syncs[:5]]  # one per step (+1: the capture)
+    assert len(syncs) <= steps + 3, [str(w.message) for w in syncs[:5]]  # one per step (+1 per capture)
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
