@@ -444,7 +444,8 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     engine = Engine(model, max_batch=4)
     assert engine.program.pool.decode_attention is not None
     model.backend = reference  # generate() alone on the reference backend; the engine keeps its kernel
-    requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:8]
+    requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:5]
+    requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 6))) for p, kw in requests]  # interpreted
     served = [engine.submit(p, **kw) for p, kw in requests]
     calls = []
 
@@ -558,7 +559,7 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
 
     runner.model = engine.program.decode_head.model = engine.program.decode_prelude.model = OnCuda()
     monkeypatch.setattr(GraphedRunner, "__call__", lambda self: (_ for _ in ()).throw(RuntimeError("capture")))
-    requests = [(p, kw) for p, kw in recurrent_requests(6, seed=7) if not kw.get("adaptive_prefill")][:3]
+    requests = [(p, dict(kw, max_new_tokens=3)) for p, kw in recurrent_requests(6, seed=7)][:2]
     served = [engine.submit(p, **kw) for p, kw in requests]
     with pytest.warns(UserWarning, match="runs eagerly"):
         engine.run_until_idle()
