@@ -1,5 +1,5 @@
-"""A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh: the building
-blocks, the persistent latent loop (three exit criteria) and the Coconut thought loop, with both grid barriers."""
+"""A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh: the persistent
+latent loop (three exit criteria) and the Coconut thought loop, with both grid barriers."""
 
 from collections.abc import Iterator
 
@@ -19,16 +19,6 @@ def _each_barrier(model) -> Iterator[int]:
         model.backend = get_backend("cuda", model)
         model.backend.barrier_mode = mode
         yield mode
-
-
-def building_blocks() -> None:
-    x = torch.randn(3, 256, device="cuda").bfloat16()
-    w = torch.randn(96, 256, device="cuda").bfloat16()
-    cuda_ext.gemv_bf16(x, w, torch.randn(3, 96, device="cuda").bfloat16())
-    from latentrt.kernels import decode_attention as da
-
-    q, ks, vs, written, valid, slot = da.make_inputs("tiny", "cuda", torch.bfloat16, batch=2, context=40, slots=3)
-    cuda_ext.decode_attention_bf16(q, ks, vs, written, valid, slot, 40)
 
 
 def persistent_loop() -> None:
@@ -55,7 +45,6 @@ def main() -> None:
     # prefill attention through torch's math/flash kernels, not cuDNN's: racecheck reports hazards inside
     # cuDNN's SDPA kernels (asynchronous-copy pipelines it cannot follow), which would bury ours
     torch.backends.cuda.enable_cudnn_sdp(False)
-    building_blocks()
     persistent_loop()
     thought_loop()
     torch.cuda.synchronize()

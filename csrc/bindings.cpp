@@ -1,11 +1,11 @@
-// pybind11 bindings: raw device pointers and a stream handle in, a status code out (see latent_kernels.h).
+// pybind11 bindings: raw device pointers and a stream handle in, a status code out (0 ok, 1 unsupported, 2 CUDA).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
 
-#include "latent_kernels.h"
+#include "device_info.h"
 #include "recurrent_loop.h"
 #include "stream_plan.h"
 #include "thought_loop.h"
@@ -33,21 +33,7 @@ static py::dict plan_dict(Plan plan, const Args& a, int device) {
 }
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "latentrt CUDA kernels: the persistent latent loop and its building blocks";
-  m.def("gemv_bf16", [](uintptr_t x, uintptr_t w, uintptr_t add, uintptr_t active, uintptr_t out, int M, int N,
-                        int K, int ldw, int sm_count, uintptr_t stream) {
-    check(latentrt::gemv_bf16(ptr(x), ptr(w), ptr(add), ptr(active), ptr(out), M, N, K, ldw, sm_count, ptr(stream)),
-          "gemv_bf16");
-  });
-  m.def("decode_attention_bf16",
-        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t written, uintptr_t valid, uintptr_t out, int batch,
-           int n_head, int n_kv, int D, int length, int slot, int use_written, int64_t s_slot, int64_t s_b,
-           int64_t s_h, int64_t s_t, int64_t s_wb, int64_t s_vb, float scale, uintptr_t stream) {
-          check(latentrt::decode_attention_bf16(ptr(q), ptr(k), ptr(v), ptr(written), ptr(valid), ptr(out), batch,
-                                                n_head, n_kv, D, length, slot, use_written, s_slot, s_b, s_h, s_t,
-                                                s_wb, s_vb, scale, ptr(stream)),
-                "decode_attention_bf16");
-        });
+  m.doc() = "latentrt CUDA kernels: the persistent latent and thought loops, their planners";
   using latentrt::LoopArgs;
   using latentrt::SandwichLayer;
   py::class_<SandwichLayer>(m, "SandwichLayer", "device pointers of one Huginn sandwich layer")
