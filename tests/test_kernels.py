@@ -351,12 +351,15 @@ def test_pool_attention_per_row_lookup_and_write(heads, looped):
 
 def test_pool_attention_reads_nothing_outside_its_rows_entries():
     """Storage a row must not read (other requests' slot rows, its later entries, its invalid entries,
-    slots its lookup does not pick) is NaN: the outputs stay finite and equal."""
+    slots its lookup does not pick; for an inactive row, everything) is NaN: the outputs stay finite and
+    equal, zeros for the inactive row. (That an inactive row loads nothing, rather than masking what it
+    loaded, is by construction: its key loop has no iteration. Outputs cannot show it.)"""
     pa, inputs = _pool_inputs(True, (4, 2), seed=1)
     want = pa.reference(*_clone(inputs))[0]
-    _, _, _, k_buf, v_buf, rows, entry, valid, _, table, slots, iterations, written = inputs
+    _, _, _, k_buf, v_buf, rows, entry, valid, active, table, slots, iterations, written = inputs
+    assert not active.all() and (want[~active] == 0).all()
     read = torch.zeros(k_buf.shape[0], k_buf.shape[2], dtype=torch.bool)
-    for r in range(len(rows)):
+    for r in active.nonzero()[:, 0].tolist():
         row, n = int(rows[r]), int(entry[r])
         slot = int(iterations[r] % slots[row])
         for p in range(n):

@@ -10,8 +10,10 @@ entry p ran (``written``): the lookup rule of latentrt/kv_modes.py, per row.
 
 The query's own K/V (``k``, ``v``) are stored at its entry for ``active`` rows and used from registers for
 its own key, so the write and the attention are one launch and the gathered K/V copy of the reference
-(``KVPool.core`` / ``plain``: every key of every row, per layer) never exists. Rows of different requests
-never share storage rows, so the programs of one launch never read what another writes.
+(``KVPool.core`` / ``plain``: every key of every row, per layer) never exists. An inactive row (a unit that
+exited, a row not running this step, a free one) reads nothing and gets zeros: the server's graphed passes
+launch every pool row, and a waiting row must not cost its context's K/V. Rows of different requests never
+share storage rows, so the programs of one launch never read what another writes.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def reference(
     """q [R,H,D]; k, v [R,Hkv,D] the queries' own K/V; k_buf / v_buf [S,Hkv,W,D] one layer's storage;
     rows, entry [R]; valid [N,W] bool and written [N,W] per pool row and entry; active [R] bool; looped
     layers: table [N,K_max] storage rows of each pool row's slots, slots [N], iterations [R] (plain: None).
-    Writes k / v at each active row's entry; returns (out [R,H,D], k_buf, v_buf). Sync-free (capturable)."""
+    Writes k / v at each active row's entry; returns (out [R,H,D], zeros for inactive rows, k_buf, v_buf).
+    Sync-free (capturable)."""
     R, H, D = q.shape
     Hkv, W = k.shape[1], k_buf.shape[2]
     target, phys = _lookup(rows, written, table, slots, iterations, W)
@@ -68,8 +71,8 @@ def reference(
     scores = torch.einsum("rhd,rwhd->rhw", q.float(), keys) / math.sqrt(D)
     attend = own | ((p < entry[:, None]) & valid[rows])
     scores = scores.masked_fill(~attend[:, None, :], float("-inf"))
-    out = torch.einsum("rhw,rwhd->rhd", scores.softmax(-1), vals).to(q.dtype)
     a = active[:, None, None]
+    out = torch.where(a, torch.einsum("rhw,rwhd->rhd", scores.softmax(-1), vals), 0.0).to(q.dtype)
     k_buf[target, :, entry] = torch.where(a, k.to(k_buf.dtype), k_buf[target, :, entry])
     v_buf[target, :, entry] = torch.where(a, v.to(v_buf.dtype), v_buf[target, :, entry])
     return out, k_buf, v_buf
@@ -170,7 +173,7 @@ if HAVE_TRITON:
     ):
         """Program (r, h): query head h of launch row r over its pool row's entries [0, entry), storage
         rows by the lookup rule when LOOPED, then its own K/V; the row's K/V stored at its entry (by the
-        first query head of each KV head) when it is active."""
+        first query head of each KV head). An inactive row stores zeros and reads nothing."""
         r = tl.program_id(0)
         h = tl.program_id(1)
         hk = h // group
@@ -178,6 +181,8 @@ if HAVE_TRITON:
         dm = d < D
         row = tl.load(rows_ptr + r)
         n = tl.load(entry_ptr + r)
+        act = tl.load(act_ptr + r) != 0
+        n_read = tl.where(act, n, 0)  # an inactive row reads no key
         if LOOPED:
             slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row)
         q = tl.load(q_ptr + (r * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
@@ -186,9 +191,9 @@ if HAVE_TRITON:
         m_i = tl.sum(q * k_own.to(tl.float32), 0) * sm_scale  # the own key first: weight 1, value v_own
         l_i = m_i * 0.0 + 1.0
         acc = v_own.to(tl.float32)
-        for t0 in range(0, n, BLOCK_T):
+        for t0 in range(0, n_read, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            before = t < n
+            before = t < n_read
             ok = before & (tl.load(valid_ptr + row * stride_pool + t, mask=before, other=0) != 0)
             if LOOPED:
                 iters = tl.load(written_ptr + row * stride_pool + t, mask=before, other=1)
@@ -202,8 +207,9 @@ if HAVE_TRITON:
             scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
             vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, vals)
-        tl.store(out_ptr + (r * n_head + h) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
-        if (h % group == 0) & (tl.load(act_ptr + r) != 0):
+        out = tl.where(act, acc / l_i, 0.0)
+        tl.store(out_ptr + (r * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
+        if (h % group == 0) & act:
             if LOOPED:
                 target = tl.load(table_ptr + row * stride_table + slot)
             else:
