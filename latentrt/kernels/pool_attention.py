@@ -132,11 +132,13 @@ def make_inputs(
 
 
 def bytes_moved(inputs) -> int:
-    """The keys and values each row reads (its entries up to its own), its query, output and own K/V."""
-    q, k, _, k_buf, _, rows, entry = inputs[:7]
+    """The keys and values each active row reads (its entries up to its own, with their flags), every row's
+    query and output, the active rows' own K/V written."""
+    q, k, _, k_buf, _, rows, entry, _, active = inputs[:9]
     H, D = k_buf.shape[1], k_buf.shape[3]
-    keys = int(entry.sum()) * H * D * 2 * k_buf.element_size()
-    return keys + 2 * q.numel() * q.element_size() + 2 * k.numel() * k.element_size() + int(entry.sum()) * 9
+    entries = int(entry[active].sum())
+    written = int(active.sum()) * k[0].numel() * 2 * k_buf.element_size()
+    return entries * (H * D * 2 * k_buf.element_size() + 9) + 2 * q.numel() * q.element_size() + written
 
 
 if HAVE_TRITON:
