@@ -427,12 +427,10 @@ def test_pool_decode_kernel_equals_the_reference_in_packed_passes():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_served_on_the_triton_backend_equals_generate_alone():
-    """A server on the Triton backend (its pool's decode attention fused, the decode rows' core pass as one
-    graphable launch sequence over all pool rows; under the interpreter on the CPU) serves each request as
-    generate() on the reference backend serves it alone, reading the device once per step."""
-    from host_syncs import HostSyncs
-
+def _engine_on_triton(max_batch: int):
+    """A tiny recurrent model and an engine built on its Triton backend (the pool's fused attention, the
+    graphed decode passes; the interpreter on the CPU); the model then goes back to the reference backend,
+    so generate() alone is the reference while the engine keeps its kernels."""
     from latentrt import kernels
     from latentrt.backends import get_backend
 
@@ -441,9 +439,19 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     model = tiny_recurrent(seed=3)
     reference = model.backend
     model.backend = get_backend("triton", model)
-    engine = Engine(model, max_batch=4)
-    assert engine.program.pool.decode_attention is not None
-    model.backend = reference  # generate() alone on the reference backend; the engine keeps its kernel
+    engine = Engine(model, max_batch=max_batch)
+    assert engine.program.pool.decode_attention is not None and engine.program.decode_core is not None
+    model.backend = reference
+    return model, engine
+
+
+def test_served_on_the_triton_backend_equals_generate_alone():
+    """A server on the Triton backend (its pool's decode attention fused, the decode rows' core pass as one
+    graphable launch sequence over all pool rows; under the interpreter on the CPU) serves each request as
+    generate() on the reference backend serves it alone, reading the device once per step."""
+    from host_syncs import HostSyncs
+
+    model, engine = _engine_on_triton(max_batch=4)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:5]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 6))) for p, kw in requests]  # interpreted
     served = [engine.submit(p, **kw) for p, kw in requests]
@@ -538,17 +546,9 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
     """If capturing the decode rows' pass fails (a torch version, a driver), the server warns once and runs
     the same pass eagerly: every request still equals generate() alone. (The failure is simulated: the
     runner sees a CUDA device and GraphedRunner raises as a failed capture would.)"""
-    from latentrt import kernels
-    from latentrt.backends import get_backend
     from latentrt.backends.triton.graph import GraphedRunner
 
-    if not kernels.triton_available():
-        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
-    model = tiny_recurrent(seed=3)
-    reference = model.backend
-    model.backend = get_backend("triton", model)
-    engine = Engine(model, max_batch=3)
-    model.backend = reference
+    model, engine = _engine_on_triton(max_batch=3)
     runner = engine.program.decode_core
 
     class OnCuda:  # the model, as the runner sees it: on a CUDA device
