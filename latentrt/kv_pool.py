@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kernels.pool_attention import slot_rows
 from .kernels.reference import attention
 from .kv_modes import KVMode
 from .transfer import to_device
@@ -235,15 +236,10 @@ class KVPool:
     def core(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, iteration, active: Tensor):
         """Write each row's iteration t into its slot t mod K; return what its queries read: for each earlier
         entry p, slot min(t mod K, n_p - 1) (``iteration`` is ignored: each row's is ``chunk.iterations``)."""
-        slots = self.slots[chunk.rows]
-        slot = chunk.iterations % slots  # [R]
-        table = self.slot_table[chunk.rows]  # [R, max_slots]
-        target = table.gather(1, slot[:, None])[:, 0]  # [R] the slot row written
+        end = chunk.end
+        target, phys = slot_rows(chunk.rows, self.written[:, :end], self.slot_table, self.slots, chunk.iterations)
         self._write(self.core_k[layer], target, k, chunk, active)
         self._write(self.core_v[layer], target, v, chunk, active)
-        end = chunk.end
-        lookup = torch.minimum((self.written[chunk.rows, :end] - 1).clamp(min=0), slot[:, None])  # [R, end]
-        phys = table.gather(1, lookup)  # [R, end] slot rows
         p = torch.arange(end, device=self.device)[None, :].expand_as(phys)
         k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]
         v_sel = self.core_v[layer][phys, :, p].permute(0, 2, 1, 3)

@@ -29,10 +29,10 @@ if HAVE_TRITON:
     from .decode_attention import online_softmax_step
 
 
-def _lookup(rows, written, table, slots, iterations, width):
-    """(storage row written [R], storage row of every entry [R, width]) by the rule in the docstring."""
-    if table is None:
-        return rows, rows[:, None].expand(-1, width)
+def slot_rows(rows: Tensor, written: Tensor, table: Tensor, slots: Tensor, iterations: Tensor) -> tuple[Tensor, Tensor]:
+    """A looped layer's storage rows by the rule in the docstring: (the row each launch row writes [R], the
+    row each of its entries is read from [R, W]); ``written`` [N, W] (W: the entries concerned). The pool's
+    reference (``KVPool.core``) and this family's reference both look up slots here."""
     slot = iterations % slots[rows]
     own = table[rows]
     target = own.gather(1, slot[:, None])[:, 0]
@@ -62,7 +62,10 @@ def reference(
     Sync-free (capturable)."""
     R, H, D = q.shape
     Hkv, W = k.shape[1], k_buf.shape[2]
-    target, phys = _lookup(rows, written, table, slots, iterations, W)
+    if table is None:  # a plain layer: the pool row itself
+        target, phys = rows, rows[:, None].expand(-1, W)
+    else:
+        target, phys = slot_rows(rows, written, table, slots, iterations)
     p = torch.arange(W, device=q.device)[None, :].expand(R, -1)
     own = p == entry[:, None]
     keys = torch.where(own[:, :, None, None], k[:, None], k_buf[phys, :, p]).float()  # [R,W,Hkv,D]
