@@ -1,6 +1,11 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh: the persistent
-latent loop (three exit criteria) and the Coconut thought loop, with both grid barriers."""
+latent loop (three exit criteria) and the Coconut thought loop, with both grid barriers; the streamed-weight
+loop (csrc/stream_loop.cu) at batch 2 (CUDA-core GEMVs) and 8 (tensor cores).
 
+    python -m benchmarks.cuda_smoke [--only barrier|stream]
+"""
+
+import argparse
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +35,22 @@ def persistent_loop() -> None:
             latentrt.generate(model, [[3, 4, 5], [6, 7]], **kw)
 
 
+def streamed_loop() -> None:
+    """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
+    (latent-diff), and a batch on the tensor-core path; each launch must return (a hang is the likely bug)."""
+    cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    model.backend = get_backend("cuda", model)
+    model.backend.loop_kernel = "stream"
+    for batch in (2, 8):
+        prompts = [[3 + i, 4, 5][: 2 + i % 2] for i in range(batch)]
+        for crit in ("none", "latent-diff"):
+            kw = dict(max_new_tokens=3, num_steps=4, kv_sharing="ring-2", adaptive=True, exit_criterion=crit)
+            latentrt.generate(model, prompts, **kw)
+            torch.cuda.synchronize()
+        print(f"streamed loop batch {batch} ok", flush=True)
+
+
 def thought_loop() -> None:
     markers = dict(latent_id=63, start_latent_id=62, end_latent_id=61)
     cfg = parse_config(dict(TINY_GPT2, n_layer=2, n_positions=64, vocab_size=64, **markers))
@@ -39,14 +60,20 @@ def thought_loop() -> None:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cuda_smoke", description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["barrier", "stream"], default=None, help="one kernel family (default: all)")
+    args = p.parse_args()
     ok, why = cuda_ext.available()
     if not ok:
         raise SystemExit(f"cuda extension unavailable: {why}")
     # prefill attention through torch's math/flash kernels, not cuDNN's: racecheck reports hazards inside
     # cuDNN's SDPA kernels (asynchronous-copy pipelines it cannot follow), which would bury ours
     torch.backends.cuda.enable_cudnn_sdp(False)
-    persistent_loop()
-    thought_loop()
+    if args.only in (None, "barrier"):
+        persistent_loop()
+        thought_loop()
+    if args.only in (None, "stream"):
+        streamed_loop()
     torch.cuda.synchronize()
     print("cuda smoke ok")
 

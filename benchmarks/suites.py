@@ -6,6 +6,7 @@ On a CPU only tiny shapes run (a smoke test of the harness, not a measurement th
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -318,8 +319,9 @@ def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
 
 
 def _backends(model) -> Iterator[tuple[str, object]]:
-    """(label, backend) for every backend that runs on the model's device; the persistent CUDA kernel once
-    per grid-barrier implementation (cooperative groups, counters in global memory)."""
+    """(label, backend) for every backend that runs on the model's device; the persistent CUDA loop once per
+    kernel: grid barriers by cooperative groups (``cuda``), the streamed-weight kernel (``cuda-stream``,
+    csrc/stream_loop.cu), grid barriers by counters in global memory (``cuda-counter-barrier``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
     for name in ("triton", "cuda"):
         try:
@@ -329,9 +331,13 @@ def _backends(model) -> Iterator[tuple[str, object]]:
         if name != "cuda":
             yield name, backend
             continue
-        for mode, label in ((0, "cuda"), (1, "cuda-counter-barrier")):
+        skip = set(os.environ.get("LATENTRT_BENCH_SKIP", "").split(","))  # gpu_check.sh: kernels whose smoke failed
+        kernels = (("barrier", 0, "cuda"), ("stream", 0, "cuda-stream"), ("barrier", 1, "cuda-counter-barrier"))
+        for kernel, mode, label in kernels:
+            if label in skip:
+                continue
             backend = latentrt.backends.get_backend(name, model)
-            backend.barrier_mode = mode
+            backend.loop_kernel, backend.barrier_mode = kernel, mode
             yield label, backend
 
 

@@ -7,6 +7,7 @@
 
 #include "device_info.h"
 #include "recurrent_loop.h"
+#include "stream_loop.h"
 #include "stream_plan.h"
 #include "thought_loop.h"
 
@@ -57,10 +58,14 @@ PYBIND11_MODULE(_cuda, m) {
       FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(check_every) FIELD(criterion) FIELD(eps) FIELD(threshold)
       FIELD(core) FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos)
       FIELD(sin) FIELD(valid) FIELD(written) FIELD(state) FIELD(ref_state) FIELD(active) FIELD(used) FIELD(logits)
-      FIELD(prev_logp) FIELD(scratch) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
+      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
 #undef FIELD
   m.def("loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::loop_plan, a, device); });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);
+  m.def("stream_loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::stream_loop_plan, a, device); });
+  m.def("stream_loop_scratch_bytes", &latentrt::stream_loop_scratch_bytes);
+  m.def("stream_loop_table", &latentrt::stream_loop_table);
+  m.def("stream_loop", [](const LoopArgs& a, int device) { check(latentrt::stream_loop(a, device), "stream_loop"); });
 
   using latentrt::Gpt2LayerArgs;
   using latentrt::ThoughtLoopArgs;

@@ -66,6 +66,53 @@ def test_loop_plan_without_a_device_says_so():
     assert not plan["ok"] and "device" in plan["reason"]
 
 
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(batch=33), "batch 33 is outside 1..32"),
+        (dict(head_dim=130), "head_dim"),
+        (dict(ffn=60), "multiples of 8"),
+        (dict(n_kv=3), "multiple of n_kv"),
+        (dict(check_every=0), "check_every"),
+        (dict(criterion=3), "kl"),
+        (dict(core=[]), "core layers"),
+    ],
+)
+def test_stream_loop_plan_refuses_unsupported_shapes_with_a_reason(change, reason):
+    _, _, a = _args()
+    a.criterion = 1  # latent-diff: the streamed kernel's criteria are none / latent-diff / cosine
+    for k, v in change.items():
+        setattr(a, k, v)
+    plan = _cuda.stream_loop_plan(a, 0)
+    assert not plan["ok"] and reason in plan["reason"]
+
+
+def test_stream_loop_workspace_and_table():
+    """The workspace holds the bf16 activations and the fp32 sums of every GEMV (256-byte aligned pieces);
+    without a plan (no device here, or an unsupported shape) there is no tile table and no launch."""
+    model, _, a = _args(batch=3)
+    a.criterion = 1
+    cfg = model.config
+    B, d, ffn = 3, cfg.n_embd, cfg.intermediate_size
+    hd, qkv = 4 * cfg.head_dim, (4 + 2 * 2) * cfg.head_dim
+    up = lambda n: -(-n // 256) * 256  # noqa: E731
+    bf16 = up(B * d * 2) * 3 + up(B * hd * 2) + up(B * ffn * 2)
+    fp32 = up(B * d * 4) * 3 + up(B * qkv * 4) + up(B * 2 * ffn * 4) + up(4 * 2 * 32 * 4) + up(2 * 32 * 4 * 4)
+    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32
+    if not torch.cuda.is_available():
+        assert _cuda.stream_loop_table(a, 0) == []
+        with pytest.raises(ValueError, match="unsupported"):
+            _cuda.stream_loop(a, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-device answer")
+def test_stream_loop_plan_without_a_device_says_so():
+    _, _, a = _args()
+    a.criterion = 1
+    plan = _cuda.stream_loop_plan(a, 0)
+    assert not plan["ok"] and "device" in plan["reason"]
+
+
 def test_thought_args_describe_gpt2_with_transposed_weights():
     from conftest import tiny_coconut
 

@@ -98,8 +98,9 @@ def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
     _agree(a, b)
 
 
+@pytest.mark.parametrize("kernel", ["barrier", "stream"])
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
-def test_persistent_loop_error_against_fp32_is_bf16_sized(kv):
+def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
     """Against the fp32 torch path (the numbers bf16 approximates), the kernel's logits are as close as the
     torch backend's own bf16 logits (within 1.5x + 5e-3): a slot-rule or rounding bug shows up here as an
     error larger than bf16's, while bf16-vs-bf16 differences of two accumulation orders do not."""
@@ -109,6 +110,7 @@ def test_persistent_loop_error_against_fp32_is_bf16_sized(kv):
 
     ref32 = latentrt.load("builtin:recurrent", device="cuda", dtype="float32", backend="torch")
     ref16, fast = _builtin_pair("recurrent")
+    fast.backend.loop_kernel = kernel
     prompts = _questions(ref16, 4)
     kw = dict(max_new_tokens=3, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
     a32, a16, b16 = (latentrt.generate(m, prompts, **kw) for m in (ref32, ref16, fast))
@@ -116,8 +118,84 @@ def test_persistent_loop_error_against_fp32_is_bf16_sized(kv):
     assert same, "no sequence decoded the same first token in fp32 and bf16"
     e16 = max(rel_err(a16.logits[i][1], a32.logits[i][1]) for i in same)
     efast = max(rel_err(b16.logits[i][1], a32.logits[i][1]) for i in same)
-    warnings.warn(f"kv={kv}: logits error vs fp32: torch bf16 {e16:.4f}, cuda kernel {efast:.4f}", stacklevel=1)
+    warnings.warn(f"kv={kv}: logits error vs fp32: torch bf16 {e16:.4f}, {kernel} kernel {efast:.4f}", stacklevel=1)
     assert efast <= 1.5 * e16 + 5e-3, (efast, e16)
+
+
+def _stream_launches(monkeypatch) -> list[str]:
+    """The kernel of every persistent-loop launch from now on (the streamed tests must run that kernel, not
+    a fallback)."""
+    from latentrt.backends import cuda as cuda_backend
+
+    kernels = []
+    real = cuda_backend.PersistentTokenRunner.recurrence
+    monkeypatch.setattr(
+        cuda_backend.PersistentTokenRunner,
+        "recurrence",
+        lambda self, *a: kernels.append(self.kernel) or real(self, *a),
+    )
+    return kernels
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
+@pytest.mark.parametrize("criterion", ["none", "latent-diff"])
+def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
+    """The streamed-weight kernel (csrc/stream_loop.cu): batch 1 on CUDA-core GEMVs, 8 and 32 on tensor
+    cores, every KV mode, rows exiting at their own iterations: tokens, steps and logits as the torch backend."""
+    import latentrt
+
+    ref, fast = _builtin_pair("recurrent")
+    fast.backend.loop_kernel = "stream"
+    kernels = _stream_launches(monkeypatch)
+    prompts = _questions(ref, batch)
+    kw = dict(max_new_tokens=6, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
+    if criterion != "none":
+        kw.update(adaptive=True, exit_criterion=criterion)
+    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
+    assert kernels and set(kernels) == {"stream"}, kernels
+    _agree(a, b)
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_streamed_loop_check_schedule_and_cosine_equal_torch_backend(batch, monkeypatch):
+    """min_steps / check_criterion_every_n_steps and the cosine criterion in the streamed kernel."""
+    import latentrt
+
+    ref, fast = _builtin_pair("recurrent")
+    fast.backend.loop_kernel = "stream"
+    kernels = _stream_launches(monkeypatch)
+    prompts = _questions(ref, batch)
+    kw = dict(max_new_tokens=6, num_steps=12, init_scale=0.0, return_logits=True, adaptive=True)
+    for crit in ("latent-diff", "cosine"):
+        kw.update(exit_criterion=crit, min_steps=2, check_criterion_every_n_steps=3, kv_sharing="ring-3")
+        _agree(latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw))
+    assert kernels and set(kernels) == {"stream"}, kernels
+
+
+def test_streamed_loop_gqa_random_weights_logits(monkeypatch):
+    """GQA and qk_bias on random weights through the streamed kernel (first decoded position's logits)."""
+    import latentrt
+
+    ref, fast = _bf16_pair(seed=6, num_attention_heads=4, num_key_value_heads=2)
+    fast.backend.loop_kernel = "stream"
+    kernels = _stream_launches(monkeypatch)
+    kw = dict(max_new_tokens=2, num_steps=6, init_scale=0.0, return_logits=True)
+    a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
+    assert kernels and set(kernels) == {"stream"}, kernels
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y[1], x[1]) < 3e-2
+
+
+def test_streamed_loop_falls_back_with_a_reason_for_kl(caplog, monkeypatch):
+    import latentrt
+
+    ref, fast = _bf16_pair(seed=7)
+    fast.backend.loop_kernel = "stream"
+    kernels = _stream_launches(monkeypatch)
+    with caplog.at_level("WARNING", logger="latentrt"):
+        latentrt.generate(fast, PROMPTS, max_new_tokens=2, num_steps=4, adaptive=True, exit_criterion="kl")
+    assert "stream kernel: exit criterion kl" in caplog.text and not kernels
 
 
 def test_persistent_loop_gqa_random_weights_logits():

@@ -31,318 +31,44 @@
 #include <cstdlib>
 #include <vector>
 
-#include "stream_plan.h"
+#include "stream_ring.cuh"
 
 namespace {
 
-using bf16 = __nv_bfloat16;
-using namespace latentrt_stream;
+using namespace latentrt_ring;
+using latentrt_stream::OpPlan;
+using latentrt_stream::Plan;
+using latentrt_stream::plan_stream;
 
-constexpr int kThreads = 32 * (1 + kConsumerWarps);
 constexpr int kMaxOps = 24;
-constexpr int kMaxNTiles = kMaxBatch / 8;
-
-struct Op {
-  const bf16* w;  // [rows, cols]
-  const bf16* x;  // [batch, ldx] input (its first cols columns)
-  float* out;     // [batch, rows] fp32
-  int rows, cols, ldx, split_k, row_tiles;
-  const int* cta_first;  // [ctas + 1] tile runs
-};
 
 struct Args {
   Op ops[kMaxOps];
-  int n_ops, batch, tile_rows, k_chunk, stages, iters, consume, wait, ldg;
+  Ring ring;
+  int n_ops, iters, consume, wait, ldg;
   unsigned* counter;  // monotonic: one arrival per CTA per matrix; zeroed before each launch
 };
-
-// ---------------------------------------------------------------- PTX wrappers
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned n) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(n));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
-  asm volatile(
-      "{\n .reg .pred done;\n WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(b)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ uint64_t evict_first() {
-  uint64_t p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(pol)
-      : "memory");
-}
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"r"(32 * kConsumerWarps) : "memory"); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
-  const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
-  float s = 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 a = __bfloat1622float2(w2[j]), b = __bfloat1622float2(x2[j]);
-    s += a.x * b.x + a.y * b.y;
-  }
-  return s;
-}
-
-// The tile geometry both roles walk (the plan's split_cols).
-struct Tile {
-  int row0, rows, c0, c1;
-};
-__device__ __forceinline__ Tile tile_at(const Op& op, int R, int t) {
-  const int rt = t % op.row_tiles, s = t / op.row_tiles;
-  int64_t c0, c1;
-  split_cols(op.cols, op.split_k, s, &c0, &c1);
-  return Tile{rt * R, min(R, op.rows - rt * R), (int)c0, (int)c1};
-}
-
-// ---------------------------------------------------------------- the producer warp
-__device__ void produce(const Args& a, unsigned char* ring, uint64_t* full, uint64_t* empty) {
-  const int lane = threadIdx.x % 32, R = a.tile_rows, kc = a.k_chunk;
-  const int row_stride = kc * 2 + kRowPad, stage_bytes = R * row_stride;
-  const uint64_t pol = evict_first();
-  unsigned slot = 0, phase = 0, issued = 0;
-  for (int it = 0; it < a.iters; ++it)
-    for (int o = 0; o < a.n_ops; ++o) {
-      const Op& op = a.ops[o];
-      for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
-        const Tile tl = tile_at(op, R, t);
-        for (int k0 = tl.c0; k0 < tl.c1; k0 += kc) {
-          const int w = min(kc, tl.c1 - k0);
-          if (issued >= (unsigned)a.stages) mbar_wait(&empty[slot], phase ^ 1);
-          if (lane == 0) mbar_expect_tx(&full[slot], (unsigned)(tl.rows * w * 2));
-          __syncwarp();
-          unsigned char* st = ring + (size_t)slot * stage_bytes;
-          for (int r = lane; r < tl.rows; r += 32)
-            bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.cols + k0, (unsigned)(w * 2),
-                      &full[slot], pol);
-          ++issued;
-          if (++slot == (unsigned)a.stages) {
-            slot = 0;
-            phase ^= 1;
-          }
-        }
-      }
-    }
-}
-
-// ---------------------------------------------------------------- consumers
-// Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each.
-template <int MB>
-__device__ void consume_fma(const Args& a, const Op& op, const Tile& tl, const unsigned char* st, int k0, int w,
-                            float (&acc)[2][MB]) {
-  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = a.k_chunk * 2 + kRowPad;
-  for (int e = lane * 8; e < w; e += 256) {
-    uint4 xv[MB];
-#pragma unroll
-    for (int b = 0; b < MB; ++b)
-      xv[b] = b < a.batch ? __ldcg(reinterpret_cast<const uint4*>(op.x + (size_t)b * op.ldx + k0 + e)) : uint4{};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = cw + 8 * i;
-      if (r >= tl.rows) continue;
-      const uint4 wv = a.ldg ? __ldg(reinterpret_cast<const uint4*>(op.w + (size_t)(tl.row0 + r) * op.cols + k0 + e))
-                             : *reinterpret_cast<const uint4*>(st + (size_t)r * row_stride + e * 2);
-#pragma unroll
-      for (int b = 0; b < MB; ++b) acc[i][b] += dot8(wv, xv[b]);
-    }
-  }
-}
-
-template <int MB>
-__device__ void finish_fma(const Args& a, const Op& op, const Tile& tl, float (&acc)[2][MB]) {
-  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1;
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int b = 0; b < MB; ++b) {
-      float s = acc[i][b];
-#pragma unroll
-      for (int m = 16; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
-      const int r = cw + 8 * i;
-      if (lane == 0 && b < a.batch && r < tl.rows) {
-        float* dst = op.out + (size_t)b * op.rows + tl.row0 + r;
-        if (op.split_k > 1)
-          atomicAdd(dst, s);
-        else
-          *dst = s;
-      }
-      acc[i][b] = 0.f;
-    }
-}
-
-// Batch > 4: R / 16 row blocks x (8 / (R / 16)) k-groups of warps; each warp: mma over its k-steps, for
-// every 8-wide slice of the batch; a tile's partial sums are reduced across k-groups in shared memory.
-__device__ void consume_mma(const Args& a, const Op& op, const unsigned char* st, int k0, int w,
-                            float (&c)[kMaxNTiles][4]) {
-  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = a.k_chunk * 2 + kRowPad;
-  const int blocks = a.tile_rows / 16, groups = kConsumerWarps / blocks, rb = cw % blocks, g = cw / blocks;
-  const int n_tiles = (a.batch + 7) / 8;
-  const unsigned char* a_base = st + (size_t)(rb * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * row_stride + (lane / 16) * 16;
-  for (int ks = g; ks * 16 < w; ks += groups) {
-    uint32_t af[4];
-    ldmatrix_x4(af, a_base + ks * 32);
-    const int k = k0 + ks * 16 + (lane % 4) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kMaxNTiles; ++nt) {
-      if (nt >= n_tiles) break;
-      const int n = nt * 8 + lane / 4;
-      uint32_t b0 = 0, b1 = 0;
-      if (n < a.batch) {
-        const bf16* xr = op.x + (size_t)n * op.ldx;
-        if (k < op.cols) b0 = __ldcg(reinterpret_cast<const unsigned*>(xr + k));
-        if (k + 8 < op.cols) b1 = __ldcg(reinterpret_cast<const unsigned*>(xr + k + 8));
-      }
-      mma_bf16(c[nt], af, b0, b1);
-    }
-  }
-}
-
-__device__ void finish_mma(const Args& a, const Op& op, const Tile& tl, float (&c)[kMaxNTiles][4], float* red) {
-  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1;
-  const int blocks = a.tile_rows / 16, groups = kConsumerWarps / blocks;
-  const int n_tiles = (a.batch + 7) / 8, NB = n_tiles * 8;
-  // red[warp][16 rows][NB]: C fragment (row lane/4 (+8), column 2 (lane % 4) (+1))
-#pragma unroll
-  for (int nt = 0; nt < kMaxNTiles; ++nt) {
-    if (nt >= n_tiles) break;
-    float* base = red + (size_t)cw * 16 * NB;
-    const int r = lane / 4, col = nt * 8 + (lane % 4) * 2;
-    base[r * NB + col] = c[nt][0];
-    base[r * NB + col + 1] = c[nt][1];
-    base[(r + 8) * NB + col] = c[nt][2];
-    base[(r + 8) * NB + col + 1] = c[nt][3];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) c[nt][j] = 0.f;
-  }
-  consumers_sync();
-  for (int i = threadIdx.x - 32; i < a.tile_rows * a.batch; i += 32 * kConsumerWarps) {
-    const int row = i / a.batch, b = i % a.batch, rb = row / 16;
-    if (row >= tl.rows) continue;
-    float s = 0.f;
-    for (int gg = 0; gg < groups; ++gg) s += red[(size_t)(gg * blocks + rb) * 16 * NB + (row % 16) * NB + b];
-    float* dst = op.out + (size_t)b * op.rows + tl.row0 + row;
-    if (op.split_k > 1)
-      atomicAdd(dst, s);
-    else
-      *dst = s;
-  }
-  consumers_sync();  // red is reused by the next tile
-}
-
-__device__ void wait_for(unsigned* counter, unsigned target) {
-  consumers_sync();
-  if (threadIdx.x == 32) {
-    unsigned v;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
-    } while (v < target);
-  }
-  consumers_sync();
-}
-
-template <int MB>
-__device__ void consume(const Args& a, unsigned char* ring, uint64_t* full, uint64_t* empty, float* red) {
-  const int lane = threadIdx.x % 32, R = a.tile_rows, kc = a.k_chunk;
-  const int stage_bytes = R * (kc * 2 + kRowPad);
-  const bool mma = a.batch > 4;
-  unsigned slot = 0, phase = 0, done = 0;
-  float acc[2][MB] = {};
-  float c[kMaxNTiles][4] = {};
-  for (int it = 0; it < a.iters; ++it)
-    for (int o = 0; o < a.n_ops; ++o) {
-      const Op& op = a.ops[o];
-      if (a.wait && done > 0) wait_for(a.counter, done * gridDim.x);
-      for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
-        const Tile tl = tile_at(op, R, t);
-        for (int k0 = tl.c0; k0 < tl.c1; k0 += kc) {
-          const int w = min(kc, tl.c1 - k0);
-          if (!a.ldg) mbar_wait(&full[slot], phase);
-          const unsigned char* st = ring + (size_t)slot * stage_bytes;
-          if (a.consume) {
-            if (mma)
-              consume_mma(a, op, st, k0, w, c);
-            else
-              consume_fma<MB>(a, op, tl, st, k0, w, acc);
-          }
-          if (!a.ldg) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&empty[slot]);
-          }
-          if (++slot == (unsigned)a.stages) {
-            slot = 0;
-            phase ^= 1;
-          }
-        }
-        if (a.consume) {
-          if (mma)
-            finish_mma(a, op, tl, c, red);
-          else
-            finish_fma<MB>(a, op, tl, acc);
-        }
-      }
-      ++done;
-      if (a.wait) {  // this CTA's outputs of the matrix are written: arrive (release)
-        __threadfence();
-        consumers_sync();
-        if (threadIdx.x == 32) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(a.counter) : "memory");
-      }
-    }
-}
 
 template <int MB>
 __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_constant__ Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
-  uint64_t* empty = full + kMaxStages;
-  // the plan's layout: mbarriers, then (from byte 256) the reduction buffer, then the ring
-  float* red = reinterpret_cast<float*>(smem + 2 * kMaxStages * 8 + 128);
-  const int red_bytes = kConsumerWarps * 16 * ((a.batch + 7) / 8 * 8) * 4;
-  unsigned char* ring = reinterpret_cast<unsigned char*>(red) + red_bytes;
-  const int ring_bytes = a.stages * a.tile_rows * (a.k_chunk * 2 + kRowPad);
-  for (int i = threadIdx.x; i < ring_bytes / 16; i += blockDim.x)  // no stale NaN under a narrow last k-step
-    reinterpret_cast<uint4*>(ring)[i] = uint4{};
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // ordinary stores before the copy engine's
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < a.stages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kConsumerWarps);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  __shared__ int stop;  // never set: the probe runs every iteration
+  const Smem s = smem_layout(smem, a.ring);
+  if (threadIdx.x == 0) stop = 1 << 30;
+  ring_init(s, a.ring);
   if (threadIdx.x < 32) {
-    if (!a.ldg) produce(a, ring, full, empty);
+    if (!a.ldg) produce(a.ops, a.n_ops, a.ring, s, a.iters, &stop);
     return;
   }
-  consume<MB>(a, ring, full, empty, red);
+  Cursor cur;
+  unsigned done = 0;
+  for (int it = 0; it < a.iters; ++it)
+    for (int o = 0; o < a.n_ops; ++o) {
+      if (a.wait && done > 0) wait_for(a.counter, done * gridDim.x);
+      consume_op<MB>(a.ring, a.ops[o], s, cur, a.consume, a.ldg);
+      ++done;
+      if (a.wait) arrive(a.counter);  // this CTA's outputs of the matrix are written (release)
+    }
 }
 
 // ---------------------------------------------------------------- host
@@ -465,10 +191,7 @@ int main(int argc, char** argv) {
     }
     Args a{};
     a.n_ops = n_ops;
-    a.batch = cf.batch;
-    a.tile_rows = p.tile_rows;
-    a.k_chunk = p.k_chunk;
-    a.stages = cf.stages ? std::min(cf.stages, p.stages) : p.stages;
+    a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages};
     a.consume = cf.consume;
     a.wait = cf.wait;
     a.ldg = cf.ldg;
@@ -479,7 +202,7 @@ int main(int argc, char** argv) {
     for (int o = 0; o < n_ops; ++o) {
       const OpPlan& op = p.ops[o];
       for (int64_t f : op.cta_first) host_first.push_back((int)f);
-      a.ops[o] = Op{weights[o],       x, outs + out_at, (int)op.rows, (int)op.cols, ffn, op.split_k,
+      a.ops[o] = Op{weights[o], x, outs + out_at, (int)op.rows, (int)op.cols, (int)op.cols, ffn, op.split_k,
                     (int)op.row_tiles, firsts + (size_t)o * (sms + 1)};
       out_at += (size_t)kMaxBatch * op.rows;
     }
@@ -534,8 +257,8 @@ int main(int argc, char** argv) {
     std::printf(
         "probe batch=%d mode=%s stages=%d consume=%d wait=%d tile_rows=%d k_chunk=%d us_per_iteration=%.1f "
         "TB/s=%.3f max_rel_err=%.2e %s\n",
-        cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"), a.stages, cf.consume, cf.wait,
-        a.tile_rows, a.k_chunk, us, total / (us * 1e-6) / 1e12, worst, ok ? "ok" : "WRONG");
+        cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"), a.ring.stages, cf.consume, cf.wait,
+        a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst, ok ? "ok" : "WRONG");
   }
   std::printf("probe done, %d wrong\n", failures);
   return failures ? 1 : 0;

@@ -2,6 +2,13 @@
 (csrc/recurrent_loop.cu, implementing the rules of latentrt/recurrence.py); for Coconut, every continuous
 thought of a prompt in one launch (csrc/thought_loop.cu).
 
+Two kernels run the latent loop (``CudaBackend.loop_kernel``): ``barrier`` (recurrent_loop.cu: grid
+barriers between GEMVs, every criterion, batch <= 16) and ``stream`` (stream_loop.cu, issue #11: a producer
+warp per SM streams the weights through a shared-memory ring while the consumers wait on dependency
+counters; batch <= 32, criteria none / latent-diff / cosine). ``barrier`` stays the default until a lent GPU
+has measured ``stream`` (benchmarks/RESULTS.md); where the chosen kernel cannot run a call the other paths
+take over as below.
+
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
 or KL with the coda and lm_head inside the kernel) and writes the iterations each sequence used. Where
@@ -38,9 +45,9 @@ class PersistentTokenRunner(RecurrentTokenRunner):
     """A token runner whose latent loop is one launch of the persistent kernel (no CUDA graph: the token's
     timeline index is a launch argument, and the launch is already one per token)."""
 
-    def __init__(self, backend, cache, spec, ext, plan_args) -> None:
+    def __init__(self, backend, cache, spec, ext, plan_args, kernel: str = "barrier") -> None:
         super().__init__(backend, cache, spec)
-        self.ext, self.args = ext, plan_args
+        self.ext, self.args, self.kernel = ext, plan_args, kernel
         model = self.model
         cfg, B = model.config, cache.batch
         dev = model.device
@@ -55,7 +62,15 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         kl = spec.criterion.name == "kl"
         self.logits = torch.zeros(B, V if kl else 1, device=dev)
         self.prev_logp = torch.zeros_like(self.logits)
-        self.scratch = torch.empty(ext.loop_scratch_elems(plan_args), dtype=torch.bfloat16, device=dev)
+        if kernel == "stream":  # a byte workspace and the plan's tile table, uploaded once
+            self.scratch = torch.empty(ext.stream_loop_scratch_bytes(plan_args), dtype=torch.uint8, device=dev)
+            table = ext.stream_loop_table(plan_args, dev.index or 0)
+            self.table = torch.tensor(table, dtype=torch.int32).to(dev)
+            plan_args.table = self.table.data_ptr()
+            self.launch = ext.stream_loop
+        else:
+            self.scratch = torch.empty(ext.loop_scratch_elems(plan_args), dtype=torch.bfloat16, device=dev)
+            self.launch = ext.latent_loop
         self.barrier = torch.zeros(2, dtype=torch.int32, device=dev)
         a = self.args
         a.term, a.cos, a.sin, a.state = (t.data_ptr() for t in (self.term, self.cos, self.sin, self.state))
@@ -86,7 +101,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
             self.logits.zero_()
         a.pos = self.timeline_index
         a.stream = torch.cuda.current_stream(self.model.device).cuda_stream
-        self.ext.latent_loop(a, self.model.device.index or 0)
+        self.launch(a, self.model.device.index or 0)
         s = self.state.clone()
         # kl: the kernel leaves each sequence the logits of its exit or of the last check (rule 5)
         kl_logits = crit.name == "kl" and self.spec.ever_checks
@@ -168,6 +183,7 @@ class CudaBackend(TritonBackend):
     name = "cuda"
     capabilities = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16,), criteria=frozenset(CRITERIA), max_batch=16)
     barrier_mode = 0  # grid barrier: 0 cooperative groups, 1 counters in global memory (benchmarks compare)
+    loop_kernel = "barrier"  # the latent loop's kernel: "barrier" (recurrent_loop.cu) or "stream" (stream_loop.cu)
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
@@ -244,9 +260,12 @@ class CudaBackend(TritonBackend):
             ext = cuda_ext._ext()
             args = loop_args(ext, m, cache, spec)
             args.barrier_mode = self.barrier_mode
-            plan = ext.loop_plan(args, m.device.index or 0)
+            if self.loop_kernel not in ("barrier", "stream"):
+                raise ValueError(f"loop_kernel must be 'barrier' or 'stream', got {self.loop_kernel!r}")
+            planner = ext.stream_loop_plan if self.loop_kernel == "stream" else ext.loop_plan
+            plan = planner(args, m.device.index or 0)
             if plan["ok"]:
-                return PersistentTokenRunner(self, cache, spec, ext, args)
-            why = plan["reason"]
+                return PersistentTokenRunner(self, cache, spec, ext, args, self.loop_kernel)
+            why = f"{self.loop_kernel} kernel: {plan['reason']}"
         log_fallback_once(why)
         return super().token_runner(cache, spec)

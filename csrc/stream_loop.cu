@@ -1,0 +1,645 @@
+// The streamed-weight persistent loop (issue #11 §2): every core iteration of one generated token in one
+// launch, like recurrent_loop.cu, rebuilt so that the weight stream never waits for activations. It runs the
+// latent loop of latentrt/recurrence.py (the one description of its rules: iteration t writes K/V slot
+// t mod K, the lookup min(t mod K, n_p - 1) with `written`, checks at t >= min_steps every check_every,
+// latent-diff / cosine against the state of the previous check) for criteria none / latent-diff / cosine.
+//
+// One CTA per SM (cooperative launch: all resident). Warp 0 streams the CTA's byte-balanced share of every
+// weight matrix of an iteration (adapter W[:, :d], then per core layer Wqkv, Wo, Wfc, Wproj), r_max times,
+// through the shared-memory ring of stream_ring.cuh, on the plan of stream_plan.h (split-K where a matrix
+// has too few row tiles per SM). Warps 1-8 consume, and order themselves across CTAs with one monotonic
+// counter (a consumer-only barrier: the producer keeps streaming the next matrices meanwhile). Phases of
+// iteration t, each ended by that barrier:
+//   ADAPT  acc_a = W[:, :d] s                          (GEMV; every GEMV's sums are fp32, split-K by atomics)
+//   N1     h = rnd(rnd(acc_a) + term) -> hx; sum h^2   (norm statistics: each CTA its column slice, one
+//   N3     xs = norm_1(hx)                              atomic per row, so no CTA reads a whole row)
+//   per core layer:
+//     QKV    acc_qkv = Wqkv xs
+//     ATT    per (row, head) item: q, k, v from acc_qkv (rounded, qk_bias, RoPE), this position's K/V
+//            written to its slot, attention over the row's positions (slot rule above) -> y
+//     WO     acc_o = Wo y
+//     N1/N2/N3  v = rnd(hx + rnd(acc_o)); hb = norm_2(v); xs = norm_3(hb)
+//     FC     acc_fc = Wfc xs                    G  g = rnd(silu(rnd(gate))) * rnd(up)
+//     PROJ   acc_p = Wproj g
+//     N1/N2/N3  v = rnd(hb + rnd(acc_p)); hx = norm_4(v); xs = norm_1 of the next layer
+//   last layer's N1/N2 (exit): s = norm_4(v) -> state; at a check the criterion's sums -> every CTA
+//   takes the same decision; rows that exit freeze (no more K/V, state or used writes).
+// When every row has exited the consumers stop and tell the producer (shared memory); it drains the copies
+// in flight and stops too. fp32 accumulators are zeroed two phases after their last reader (see `run`).
+//
+// Rounding follows the PyTorch reference in bf16 like recurrent_loop.cu (fp32 sums rounded to bf16 where
+// the reference materialises a bf16 tensor); split-K and the atomics change the order of the fp32 sums, so
+// results agree within bf16 tolerance, not bit for bit. Data written inside the launch is read through L2.
+#include <climits>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "device_utils.cuh"
+#include "stream_loop.h"
+#include "stream_ring.cuh"
+
+namespace {
+
+using namespace latentrt_ring;
+using latentrt_device::warp_sum;
+using latentrt_stream::Plan;
+
+constexpr int kMaxCore = 8;
+constexpr int kOpsPerLayer = 4;
+constexpr int kMaxOps = 1 + kOpsPerLayer * kMaxCore;
+constexpr int kMaxHeadDim = 128;
+constexpr int kDims = kMaxHeadDim / 32;  // head dimensions per lane
+constexpr int kStatsRing = 4;           // norm instances whose statistics are live at once (see norm_stats)
+
+struct Layer {
+  const bf16 *n1, *n2, *n3, *n4, *qk_bias;
+  bf16 *k, *v;
+  int slots;
+};
+
+struct Args {
+  Op ops[kMaxOps];  // adapter, then per core layer qkv, wo, fc, proj: the producer's order
+  Layer core[kMaxCore];
+  Ring ring;
+  int B, d, H, Hkv, D, I, T, pos, r_max, min_steps, check_every, criterion, n_core;
+  float eps, threshold;
+  const bf16* term;
+  const float *cos, *sin;
+  const uint8_t* valid;
+  int64_t* written;
+  bf16 *state, *ref_state;
+  uint8_t* active;
+  int64_t* used;
+  bf16 *xs, *hx, *hb, *y, *g;                      // bf16 workspace
+  float *acc_a, *acc_qkv, *acc_o, *acc_fc, *acc_p;  // fp32 sums of the GEMVs
+  float* stats;                                     // [kStatsRing][2][kMaxBatch] norm statistics
+  float* exit_sums;                                 // [2][kMaxBatch][4] criterion sums, by iteration parity
+  float* zero_from;                                 // the fp32 workspace, zeroed at the start
+  size_t zero_count;
+  unsigned* counter;
+};
+
+__device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
+__device__ __forceinline__ float ldb(const bf16* p) { return __bfloat162float(__ldcg(p)); }
+__device__ __forceinline__ int lane_id() { return threadIdx.x % 32; }
+__device__ __forceinline__ int consumer_warp() { return threadIdx.x / 32 - 1; }
+__device__ __forceinline__ int consumer_thread() { return threadIdx.x - 32; }
+
+// The consumers' state in one CTA: ring cursor, barrier phase, norm instance, rows still running.
+struct Consumer {
+  Cursor cur;
+  unsigned phase = 0, norm = 0;
+};
+
+// Every CTA's consumers have finished the phase (their writes visible) before any goes on.
+__device__ __forceinline__ void sync(const Args& a, Consumer& c) {
+  arrive(a.counter);
+  ++c.phase;
+  wait_for(a.counter, c.phase * gridDim.x);
+}
+
+// Zero n floats, spread over every consumer thread of the grid.
+__device__ void zero(float* p, size_t n) {
+  const size_t stride = (size_t)gridDim.x * 32 * kConsumerWarps;
+  for (size_t i = (size_t)blockIdx.x * 32 * kConsumerWarps + consumer_thread(); i < n; i += stride) p[i] = 0.f;
+}
+
+// This CTA's columns [c0, c1) of a width-n row (every CTA a contiguous slice).
+__device__ __forceinline__ void slice(int n, int* c0, int* c1) {
+  *c0 = (int)((long long)blockIdx.x * n / gridDim.x);
+  *c1 = (int)((long long)(blockIdx.x + 1) * n / gridDim.x);
+}
+
+// For every running row b: f(b, k) over this CTA's columns k of a width-d row, the sum of what it returns
+// added to sums[b] (one atomic per row and CTA; sums null: none).
+template <class F>
+__device__ void over_slice(const Args& a, const uint8_t* act, float* sums, F f) {
+  int c0, c1;
+  slice(a.d, &c0, &c1);
+  const int lane = lane_id();
+  for (int b = consumer_warp(); b < a.B; b += kConsumerWarps) {
+    if (!act[b]) continue;
+    float s = 0.f;
+    for (int k = c0 + lane; k < c1; k += 32) s += f(b, k);
+    if (sums != nullptr) {
+      s = warp_sum(s);
+      if (lane == 0) atomicAdd(sums + b, s);
+    }
+  }
+}
+
+// Huginn's RMSNorm of value v with row statistic ss: fp32 v * rsqrt(mean(v^2) + eps), rounded, times the
+// weight, rounded.
+__device__ __forceinline__ float rms(float v, float ss, float eps, int d, const bf16* w, int k) {
+  return rnd(rnd(v * rsqrtf(ss / d + eps)) * __bfloat162float(w[k]));
+}
+
+// Norm statistics of instance c.norm: [2][kMaxBatch] (sum of v^2, sum of norm(v)^2). The buffer of instance
+// n + 2 is zeroed at instance n: its last reader (instance n - 2's N3) finished at least one barrier ago,
+// and its next writer comes at least one barrier later.
+__device__ float* norm_stats(const Args& a, Consumer& c) {
+  float* mine = a.stats + (size_t)(c.norm % kStatsRing) * 2 * kMaxBatch;
+  if (blockIdx.x == 0 && consumer_thread() < 2 * kMaxBatch)
+    a.stats[(size_t)((c.norm + 2) % kStatsRing) * 2 * kMaxBatch + consumer_thread()] = 0.f;
+  ++c.norm;
+  return mine;
+}
+
+// The residual after a sublayer, then the pending norm and the next layer's input norm:
+//   v = rnd(res + rnd(acc)); out = norm_pend(v); xs = norm_next(out)        (three phases)
+__device__ void add_norm_norm(const Args& a, Consumer& c, const uint8_t* act, const bf16* res, const float* acc,
+                              const bf16* w_pend, bf16* out, const bf16* w_next) {
+  float* st = norm_stats(a, c);
+  const int d = a.d;
+  auto v_at = [&](int b, int k) { return rnd(ldb(res + (size_t)b * d + k) + rnd(__ldcg(acc + (size_t)b * d + k))); };
+  over_slice(a, act, st, [&](int b, int k) {
+    const float v = v_at(b, k);
+    return v * v;
+  });
+  sync(a, c);
+  over_slice(a, act, st + kMaxBatch, [&](int b, int k) {
+    const float x = rms(v_at(b, k), __ldcg(st + b), a.eps, d, w_pend, k);
+    out[(size_t)b * d + k] = __float2bfloat16(x);
+    return x * x;
+  });
+  sync(a, c);
+  over_slice(a, act, nullptr, [&](int b, int k) {
+    a.xs[(size_t)b * d + k] = __float2bfloat16(rms(ldb(out + (size_t)b * d + k), __ldcg(st + kMaxBatch + b), a.eps, d, w_next, k));
+    return 0.f;
+  });
+  sync(a, c);
+}
+
+// One (row, head) item per CTA at a time: this position's q, k, v from the QKV sums (rounded, qk_bias,
+// interleaved RoPE in fp32), its K/V written to `slot`, then attention over positions [0, pos]: warps
+// take positions in turn (online softmax), merged in shared memory.
+__device__ void attend(const Args& a, const Layer& L, int slot, bool use_written, const uint8_t* act, float* sm) {
+  const int lane = lane_id(), cw = consumer_warp(), D = a.D, H = a.H, Hkv = a.Hkv, group = H / Hkv;
+  const int qkv = (H + 2 * Hkv) * D;
+  const float scale = rsqrtf((float)D);
+  float* sm_m = sm;
+  float* sm_l = sm + kConsumerWarps;
+  float* sm_acc = sm + 2 * kConsumerWarps;  // [kConsumerWarps][kMaxHeadDim]
+  for (int item = blockIdx.x; item < a.B * H; item += gridDim.x) {
+    const int b = item / H, h = item % H, hk = h / group;
+    if (!act[b]) continue;  // uniform across the CTA
+    const float* acc = a.acc_qkv + (size_t)b * qkv;
+    float qf[kDims], kf[kDims], vf[kDims];
+#pragma unroll
+    for (int i = 0; i < kDims; ++i) {
+      const int dd = lane + 32 * i;
+      const bool in = dd < D;
+      float q = in ? rnd(__ldcg(acc + h * D + dd)) : 0.f;
+      float k = in ? rnd(__ldcg(acc + (H + hk) * D + dd)) : 0.f;
+      vf[i] = in ? rnd(__ldcg(acc + (H + Hkv + hk) * D + dd)) : 0.f;
+      if (in && L.qk_bias != nullptr) {
+        q = rnd(q + __bfloat162float(L.qk_bias[h * D + dd]));
+        k = rnd(k + __bfloat162float(L.qk_bias[(size_t)H * D + hk * D + dd]));
+      }
+      const float qp = __shfl_xor_sync(0xffffffffu, q, 1), kp = __shfl_xor_sync(0xffffffffu, k, 1);
+      const float cs = in ? a.cos[(size_t)b * (D / 2) + dd / 2] : 0.f, sn = in ? a.sin[(size_t)b * (D / 2) + dd / 2] : 0.f;
+      const float sign = (dd & 1) ? 1.f : -1.f;  // (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)
+      qf[i] = rnd(q * cs + sign * qp * sn);
+      kf[i] = rnd(k * cs + sign * kp * sn);
+    }
+    if (h % group == 0 && cw == 0) {  // this position's K/V entry (one writer per KV head)
+      const size_t off = ((((size_t)slot * a.B + b) * Hkv + hk) * a.T + a.pos) * D;
+#pragma unroll
+      for (int i = 0; i < kDims; ++i) {
+        const int dd = lane + 32 * i;
+        if (dd < D) {
+          L.k[off + dd] = __float2bfloat16(kf[i]);
+          L.v[off + dd] = __float2bfloat16(vf[i]);
+        }
+      }
+    }
+    float m_i = -INFINITY, l_i = 0.f, o[kDims];
+#pragma unroll
+    for (int i = 0; i < kDims; ++i) o[i] = 0.f;
+    for (int t = cw; t <= a.pos; t += kConsumerWarps) {
+      const bool here = t == a.pos;
+      if (!here && !a.valid[(size_t)b * a.T + t]) continue;
+      int sl = slot;
+      if (use_written && !here) {
+        const long long n = __ldcg(reinterpret_cast<const long long*>(a.written) + (size_t)b * a.T + t) - 1;
+        sl = n < 0 ? 0 : (n < slot ? (int)n : slot);
+      }
+      const size_t base = ((((size_t)sl * a.B + b) * Hkv + hk) * a.T + t) * D;
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < kDims; ++i) {
+        const int dd = lane + 32 * i;
+        if (dd < D) dot += qf[i] * (here ? kf[i] : ldb(L.k + base + dd));
+      }
+      const float s = warp_sum(dot) * scale;
+      const float m_new = fmaxf(m_i, s);
+      const float alpha = __expf(m_i - m_new), p = __expf(s - m_new);
+#pragma unroll
+      for (int i = 0; i < kDims; ++i) {
+        const int dd = lane + 32 * i;
+        if (dd < D) o[i] = o[i] * alpha + p * (here ? vf[i] : ldb(L.v + base + dd));
+      }
+      l_i = l_i * alpha + p;
+      m_i = m_new;
+    }
+    consumers_sync();  // the previous item's merge is done with the shared arrays
+    if (lane == 0) {
+      sm_m[cw] = m_i;
+      sm_l[cw] = l_i;
+    }
+#pragma unroll
+    for (int i = 0; i < kDims; ++i) {
+      const int dd = lane + 32 * i;
+      if (dd < D) sm_acc[cw * kMaxHeadDim + dd] = o[i];
+    }
+    consumers_sync();
+    for (int dd = consumer_thread(); dd < D; dd += 32 * kConsumerWarps) {
+      float m = -INFINITY;
+      for (int w = 0; w < kConsumerWarps; ++w) m = fmaxf(m, sm_m[w]);
+      float num = 0.f, den = 0.f;
+      for (int w = 0; w < kConsumerWarps; ++w) {
+        if (sm_l[w] == 0.f) continue;
+        const float f = __expf(sm_m[w] - m);
+        num += sm_acc[w * kMaxHeadDim + dd] * f;
+        den += sm_l[w] * f;
+      }
+      a.y[((size_t)b * H + h) * D + dd] = __float2bfloat16(num / den);
+    }
+  }
+}
+
+// g = rnd(silu(rnd(gate)) rounded * rnd(up)) over this CTA's slice of the I gated columns.
+__device__ void gate(const Args& a, const uint8_t* act) {
+  int c0, c1;
+  const int I = a.I;
+  c0 = (int)((long long)blockIdx.x * I / gridDim.x);
+  c1 = (int)((long long)(blockIdx.x + 1) * I / gridDim.x);
+  for (int b = consumer_warp(); b < a.B; b += kConsumerWarps) {
+    if (!act[b]) continue;
+    const float* acc = a.acc_fc + (size_t)b * 2 * I;
+    for (int k = c0 + lane_id(); k < c1; k += 32) {
+      const float gt = rnd(__ldcg(acc + k)), up = rnd(__ldcg(acc + I + k));
+      a.g[(size_t)b * I + k] = __float2bfloat16(rnd(gt / (1.f + __expf(-gt))) * up);
+    }
+  }
+}
+
+// The consumers' walk: phases of every iteration in the producer's matrix order. MB: rows of the CUDA-core
+// GEMV (batch <= 4); above 4 the GEMVs run on tensor cores.
+template <int MB>
+__device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volatile int* stop) {
+  Consumer c;
+  const int B = a.B, d = a.d, ct = consumer_thread();
+  int any = 0;
+  for (int b = 0; b < B; ++b) any |= act[b];
+  if (!any) {  // nothing to run: the producer stops at once
+    if (ct == 0) *stop = -1;
+    return;
+  }
+  zero(a.zero_from, a.zero_count);
+  sync(a, c);
+  for (int t = 0; t < a.r_max; ++t) {
+    if (blockIdx.x == 0 && ct < B && act[ct]) a.written[(size_t)ct * a.T + a.pos] = t + 1;
+    // ADAPT, then h = rnd(rnd(acc_a) + term) -> hx and xs = norm_1(hx)
+    consume_op<MB>(a.ring, a.ops[0], s, c.cur);
+    sync(a, c);
+    {
+      float* st = norm_stats(a, c);
+      over_slice(a, act, st, [&](int b, int k) {
+        const float h = rnd(rnd(__ldcg(a.acc_a + (size_t)b * d + k)) + ldb(a.term + (size_t)b * d + k));
+        a.hx[(size_t)b * d + k] = __float2bfloat16(h);
+        return h * h;
+      });
+      sync(a, c);
+      over_slice(a, act, nullptr, [&](int b, int k) {
+        a.xs[(size_t)b * d + k] = __float2bfloat16(rms(ldb(a.hx + (size_t)b * d + k), __ldcg(st + b), a.eps, d, a.core[0].n1, k));
+        return 0.f;
+      });
+      sync(a, c);
+    }
+    for (int j = 0; j < a.n_core; ++j) {
+      const Layer& L = a.core[j];
+      const Op* ops = a.ops + 1 + kOpsPerLayer * j;
+      consume_op<MB>(a.ring, ops[0], s, c.cur);  // QKV
+      sync(a, c);
+      zero(a.acc_p, (size_t)B * d);  // last read by the previous N2 (or exit): two barriers ago
+      if (j == 0 && blockIdx.x == 0 && ct < 4 * kMaxBatch)  // the other parity's criterion sums: read last iteration
+        a.exit_sums[(size_t)((t + 1) % 2) * 4 * kMaxBatch + ct] = 0.f;
+      attend(a, L, t % L.slots, L.slots > 1, act, sm);
+      sync(a, c);
+      consume_op<MB>(a.ring, ops[1], s, c.cur);  // WO
+      sync(a, c);
+      add_norm_norm(a, c, act, a.hx, a.acc_o, L.n2, a.hb, L.n3);
+      zero(a.acc_qkv, (size_t)B * (a.H + 2 * a.Hkv) * a.D);  // last read by ATT
+      zero(a.acc_o, (size_t)B * d);                           // last read by the N2 above
+      if (j == 0) zero(a.acc_a, (size_t)B * d);
+      consume_op<MB>(a.ring, ops[2], s, c.cur);  // FC
+      sync(a, c);
+      gate(a, act);
+      sync(a, c);
+      consume_op<MB>(a.ring, ops[3], s, c.cur);  // PROJ
+      sync(a, c);
+      if (j + 1 < a.n_core) {
+        add_norm_norm(a, c, act, a.hb, a.acc_p, L.n4, a.hx, a.core[j + 1].n1);
+        zero(a.acc_fc, (size_t)B * 2 * a.I);  // last read by G, two barriers ago
+      }
+    }
+    // exit: s = norm_4(rnd(hb + rnd(acc_p))) -> state; the criterion's sums at a check; the same decision in
+    // every CTA
+    const Layer& last = a.core[a.n_core - 1];
+    const bool check = a.criterion != 0 && t >= a.min_steps && (t - a.min_steps) % a.check_every == 0;
+    float* st = norm_stats(a, c);
+    float* ex = a.exit_sums + (size_t)(t % 2) * 4 * kMaxBatch;
+    auto v_at = [&](int b, int k) { return rnd(ldb(a.hb + (size_t)b * d + k) + rnd(__ldcg(a.acc_p + (size_t)b * d + k))); };
+    over_slice(a, act, st, [&](int b, int k) {
+      const float v = v_at(b, k);
+      return v * v;
+    });
+    sync(a, c);
+    zero(a.acc_fc, (size_t)B * 2 * a.I);  // last read by G, two barriers ago
+    {
+      int c0, c1;
+      slice(d, &c0, &c1);
+      const int lane = lane_id();
+      for (int b = consumer_warp(); b < B; b += kConsumerWarps) {
+        if (!act[b]) continue;
+        float diff = 0.f, nn = 0.f, dot = 0.f, np = 0.f;
+        const float ss = __ldcg(st + b);
+        for (int k = c0 + lane; k < c1; k += 32) {
+          const float s_new = rms(v_at(b, k), ss, a.eps, d, last.n4, k);
+          const float s_old = ldb(a.ref_state + (size_t)b * d + k);
+          diff += (s_new - s_old) * (s_new - s_old);
+          nn += s_new * s_new;
+          dot += s_new * s_old;
+          np += s_old * s_old;
+          a.state[(size_t)b * d + k] = __float2bfloat16(s_new);
+          if (check) a.ref_state[(size_t)b * d + k] = __float2bfloat16(s_new);
+        }
+        diff = warp_sum(diff);
+        nn = warp_sum(nn);
+        dot = warp_sum(dot);
+        np = warp_sum(np);
+        if (lane == 0) {
+          atomicAdd(ex + 4 * b, diff);
+          atomicAdd(ex + 4 * b + 1, nn);
+          atomicAdd(ex + 4 * b + 2, dot);
+          atomicAdd(ex + 4 * b + 3, np);
+        }
+      }
+    }
+    sync(a, c);
+    // the decision, from the same sums in every CTA
+    if (ct < B && act[ct]) {
+      const float* e = ex + 4 * ct;
+      const float diff = __ldcg(e), nn = __ldcg(e + 1), dot = __ldcg(e + 2), np = __ldcg(e + 3);
+      float crit = INFINITY;
+      if (a.criterion == 1) crit = sqrtf(diff) / sqrtf(nn);
+      if (a.criterion == 2) crit = 1.f - dot / fmaxf(sqrtf(nn) * sqrtf(np), 1e-8f);
+      const bool exits = check && crit < a.threshold;
+      if (blockIdx.x == 0) {
+        a.used[ct] += 1;
+        if (exits) a.active[ct] = 0;
+      }
+      if (exits) act[ct] = 0;
+    }
+    consumers_sync();
+    any = 0;
+    for (int b = 0; b < B; ++b) any |= act[b];
+    if (!any) {  // every row has exited: the producer stops after this iteration's stages
+      if (ct == 0) *stop = t;
+      return;
+    }
+  }
+}
+
+template <int MB>
+__global__ void __launch_bounds__(kThreads, 1) stream_loop_kernel(const __grid_constant__ Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float sm[2 * kConsumerWarps + kConsumerWarps * kMaxHeadDim];  // attention's merge
+  __shared__ uint8_t act[kMaxBatch];
+  __shared__ int stop;
+  const Smem s = smem_layout(smem, a.ring);
+  if (threadIdx.x < kMaxBatch) act[threadIdx.x] = threadIdx.x < a.B ? a.active[threadIdx.x] : 0;
+  if (threadIdx.x == 0) stop = INT_MAX;
+  ring_init(s, a.ring);  // ends with __syncthreads
+  if (threadIdx.x < 32) {
+    produce(a.ops, 1 + kOpsPerLayer * a.n_core, a.ring, s, a.r_max, &stop);
+    return;
+  }
+  run<MB>(a, s, act, sm, &stop);
+}
+
+const void* kernel_for(int batch) {
+  if (batch <= 1) return reinterpret_cast<const void*>(stream_loop_kernel<1>);
+  if (batch <= 4) return reinterpret_cast<const void*>(stream_loop_kernel<4>);
+  return reinterpret_cast<const void*>(stream_loop_kernel<1>);  // tensor cores: MB unused
+}
+
+// The matrices of one iteration, {rows, cols}, in the producer's order.
+std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::LoopArgs& a) {
+  const int64_t d = a.d, hd = (int64_t)a.n_head * a.head_dim, qkv = (int64_t)(a.n_head + 2 * a.n_kv) * a.head_dim;
+  std::vector<std::pair<int64_t, int64_t>> m = {{d, d}};
+  for (size_t j = 0; j < a.core.size(); ++j) m.insert(m.end(), {{qkv, d}, {d, hd}, {2 * (int64_t)a.ffn, d}, {d, a.ffn}});
+  return m;
+}
+
+// Plans by shape and device: computing one walks every tile of every matrix, too slow for every token.
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int>;
+std::mutex plans_lock;
+std::map<PlanKey, Plan> plans;
+
+std::string checks(const latentrt::LoopArgs& a) {
+  if (a.batch < 1 || a.batch > kMaxBatch)
+    return "batch " + std::to_string(a.batch) + " is outside 1.." + std::to_string(kMaxBatch);
+  if (a.core.empty() || (int)a.core.size() > kMaxCore) return "1 to " + std::to_string(kMaxCore) + " core layers";
+  if (a.head_dim > kMaxHeadDim || a.head_dim % 2) return "head_dim must be even and <= 128";
+  if (a.n_kv < 1 || a.n_head % a.n_kv) return "n_head must be a multiple of n_kv";
+  if (a.d % 8 || a.ffn % 8 || (a.n_head * a.head_dim) % 8 || a.ld_adapter % 8)
+    return "widths must be multiples of 8 (16-byte rows for the bulk copies)";
+  if (a.criterion == 3) return "exit criterion kl: the head inside the loop is not in the streamed kernel yet";
+  if (a.criterion < 0 || a.criterion > 3) return "unknown exit criterion";
+  if (a.check_every < 1 || a.min_steps < 0) return "check_every must be >= 1 and min_steps >= 0";
+  for (const auto& L : a.core)
+    if (L.slots < 1) return "every core layer needs at least one KV slot";
+  return "";
+}
+
+// The plan for a launch (cached), or the reason there is none.
+std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
+  std::string why = checks(a);
+  if (!why.empty()) return why;
+  int sms = 0, optin = 0, coop = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess)
+    return "cannot read device attributes";
+  if (!coop) return "the device does not support cooperative launches";
+  const void* kernel = kernel_for(a.batch);
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return "cannot read the kernel's attributes";
+  const PlanKey key{device, a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter};
+  std::lock_guard<std::mutex> guard(plans_lock);
+  auto found = plans.find(key);
+  if (found == plans.end()) {
+    Plan p = latentrt_stream::plan_stream(matrices(a), a.batch, sms, optin - (int64_t)attr.sharedSizeBytes);
+    found = plans.emplace(key, std::move(p)).first;
+  }
+  if (!found->second.reason.empty()) return found->second.reason;
+  *out = found->second;
+  return "";
+}
+
+// Workspace layout: bf16 buffers, then the fp32 ones (zeroed by the kernel at its start).
+struct Layout {
+  size_t xs, hx, hb, y, g, acc_a, acc_qkv, acc_o, acc_fc, acc_p, stats, exit_sums, end;
+};
+Layout layout(const latentrt::LoopArgs& a) {
+  const size_t B = a.batch, d = a.d, hd = (size_t)a.n_head * a.head_dim, I = a.ffn;
+  const size_t qkv = (size_t)(a.n_head + 2 * a.n_kv) * a.head_dim;
+  auto up = [](size_t v) { return (v + 255) / 256 * 256; };
+  Layout l;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t here = at;
+    at = up(at + bytes);
+    return here;
+  };
+  l.xs = take(B * d * 2);
+  l.hx = take(B * d * 2);
+  l.hb = take(B * d * 2);
+  l.y = take(B * hd * 2);
+  l.g = take(B * I * 2);
+  l.acc_a = take(B * d * 4);
+  l.acc_qkv = take(B * qkv * 4);
+  l.acc_o = take(B * d * 4);
+  l.acc_fc = take(B * 2 * I * 4);
+  l.acc_p = take(B * d * 4);
+  l.stats = take(kStatsRing * 2 * kMaxBatch * 4);
+  l.exit_sums = take(2 * kMaxBatch * 4 * 4);
+  l.end = at;
+  return l;
+}
+
+}  // namespace
+
+namespace latentrt {
+
+std::string stream_loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes) {
+  Plan p;
+  std::string why = plan_for(a, device, &p);
+  if (!why.empty()) return why;
+  *grid = p.ctas;
+  *smem_bytes = (int)p.smem_bytes;
+  return "";
+}
+
+long long stream_loop_scratch_bytes(const LoopArgs& a) { return (long long)layout(a).end; }
+
+std::vector<int32_t> stream_loop_table(const LoopArgs& a, int device) {
+  Plan p;
+  std::vector<int32_t> table;
+  if (!plan_for(a, device, &p).empty()) return table;
+  for (const auto& op : p.ops)
+    for (int64_t f : op.cta_first) table.push_back((int32_t)f);
+  return table;
+}
+
+int stream_loop(const LoopArgs& h, int device) {
+  Plan p;
+  if (!plan_for(h, device, &p).empty() || h.table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
+  Args a{};
+  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages};
+  a.B = h.batch;
+  a.d = h.d;
+  a.H = h.n_head;
+  a.Hkv = h.n_kv;
+  a.D = h.head_dim;
+  a.I = h.ffn;
+  a.T = h.max_len;
+  a.pos = h.pos;
+  a.r_max = h.r_max;
+  a.min_steps = h.min_steps;
+  a.check_every = h.check_every;
+  a.criterion = h.criterion;
+  a.n_core = (int)h.core.size();
+  a.eps = h.eps;
+  a.threshold = h.threshold;
+  auto bp = [](uint64_t v) { return reinterpret_cast<bf16*>(v); };
+  for (int j = 0; j < a.n_core; ++j) {
+    const SandwichLayer& s = h.core[j];
+    a.core[j] = Layer{bp(s.norm_1), bp(s.norm_2), bp(s.norm_3), bp(s.norm_4), bp(s.qk_bias), bp(s.k_cache), bp(s.v_cache), s.slots};
+  }
+  a.term = bp(h.term);
+  a.cos = reinterpret_cast<const float*>(h.cos);
+  a.sin = reinterpret_cast<const float*>(h.sin);
+  a.valid = reinterpret_cast<const uint8_t*>(h.valid);
+  a.written = reinterpret_cast<int64_t*>(h.written);
+  a.state = bp(h.state);
+  a.ref_state = bp(h.ref_state);
+  a.active = reinterpret_cast<uint8_t*>(h.active);
+  a.used = reinterpret_cast<int64_t*>(h.used);
+  const Layout l = layout(h);
+  unsigned char* w = reinterpret_cast<unsigned char*>(h.scratch);
+  a.xs = reinterpret_cast<bf16*>(w + l.xs);
+  a.hx = reinterpret_cast<bf16*>(w + l.hx);
+  a.hb = reinterpret_cast<bf16*>(w + l.hb);
+  a.y = reinterpret_cast<bf16*>(w + l.y);
+  a.g = reinterpret_cast<bf16*>(w + l.g);
+  a.acc_a = reinterpret_cast<float*>(w + l.acc_a);
+  a.acc_qkv = reinterpret_cast<float*>(w + l.acc_qkv);
+  a.acc_o = reinterpret_cast<float*>(w + l.acc_o);
+  a.acc_fc = reinterpret_cast<float*>(w + l.acc_fc);
+  a.acc_p = reinterpret_cast<float*>(w + l.acc_p);
+  a.stats = reinterpret_cast<float*>(w + l.stats);
+  a.exit_sums = reinterpret_cast<float*>(w + l.exit_sums);
+  a.zero_from = a.acc_a;
+  a.zero_count = (l.end - l.acc_a) / 4;
+  a.counter = reinterpret_cast<unsigned*>(h.barrier);
+  // the matrices: their plan, their inputs and outputs
+  const int* table = reinterpret_cast<const int*>(h.table);
+  const int hd = a.H * a.D;
+  for (size_t o = 0; o < p.ops.size(); ++o) {
+    const auto& op = p.ops[o];
+    Op& x = a.ops[o];
+    x.rows = (int)op.rows;
+    x.cols = (int)op.cols;
+    x.ldw = x.cols;
+    x.split_k = op.split_k;
+    x.row_tiles = (int)op.row_tiles;
+    x.cta_first = table + o * (p.ctas + 1);
+    if (o == 0) {  // adapter: W[:, :d] of [d, 2d], input the state
+      x.w = bp(h.adapter);
+      x.ldw = h.ld_adapter;
+      x.x = a.state;
+      x.ldx = a.d;
+      x.out = a.acc_a;
+      continue;
+    }
+    const SandwichLayer& s = h.core[(o - 1) / kOpsPerLayer];
+    switch ((o - 1) % kOpsPerLayer) {
+      case 0:
+        x.w = bp(s.wqkv), x.x = a.xs, x.ldx = a.d, x.out = a.acc_qkv;
+        break;
+      case 1:
+        x.w = bp(s.wo), x.x = a.y, x.ldx = hd, x.out = a.acc_o;
+        break;
+      case 2:
+        x.w = bp(s.wfc), x.x = a.xs, x.ldx = a.d, x.out = a.acc_fc;
+        break;
+      default:
+        x.w = bp(s.wproj), x.x = a.g, x.ldx = a.I, x.out = a.acc_p;
+        break;
+    }
+  }
+  const void* kernel = kernel_for(h.batch);
+  const int smem = (int)p.smem_bytes;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 2;
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
+  if (cudaMemsetAsync(a.counter, 0, sizeof(unsigned), stream) != cudaSuccess) return 2;
+  void* params[] = {&a};
+  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(p.ctas), dim3(kThreads), params, smem, stream);
+  return err == cudaSuccess ? 0 : 2;
+}
+
+}  // namespace latentrt

@@ -1,0 +1,365 @@
+// The streamed-weight ring (issue #11: "the weight stream never waits for activations; only the consumers
+// do"), shared by the kernel (stream_loop.cu) and the probe that measures it (benchmarks/probes/stream_probe.cu).
+// The plan (tiles, split-K, k-chunks, stages, each CTA's run of tiles) is csrc/stream_plan.h's.
+//
+// One CTA per SM. Warp 0 produces: it walks the CTA's tiles of every matrix in execution order, `iters`
+// times, and copies each k-chunk of a tile (tile_rows row segments, one cp.async.bulk each, L2 evict-first)
+// into the next free stage of a shared-memory ring, completing on the stage's "full" mbarrier. It waits only
+// for a free stage ("empty" mbarrier), never for activations. Warps 1..kConsumerWarps consume: per stage,
+// the staged weights times the batch's input chunk read from L2 (CUDA-core dot products up to batch 4,
+// mma.sync m16n8k16 with the weights as M and the batch as N above), a tile's sums stored, or added with
+// atomics where the matrix is split along K. Consumers order themselves across CTAs with a monotonic counter
+// in global memory (`arrive` / `wait_for`: release / acquire); the producer never joins it.
+//
+// Early stop: the consumers set the CTA's `stop` word (shared memory) to the last iteration they finish; the
+// producer stops issuing stages of later iterations, then waits until its copies in flight have landed
+// (`drain`), so no bulk copy writes shared memory after its CTA has exited.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "stream_plan.h"
+
+namespace latentrt_ring {
+
+using bf16 = __nv_bfloat16;
+using latentrt_stream::kConsumerWarps;
+using latentrt_stream::kMaxBatch;
+using latentrt_stream::kMaxStages;
+using latentrt_stream::kRowPad;
+
+constexpr int kThreads = 32 * (1 + kConsumerWarps);
+constexpr int kMaxNTiles = kMaxBatch / 8;  // the batch in the mma's 8-wide N tiles
+
+// One matrix product of the stream: out[b, row] (+)= sum_k w[row, k] x[b, k] over the batch's rows.
+struct Op {
+  const bf16* w;  // [rows, ldw], its first cols columns used
+  const bf16* x;  // [batch, ldx] input, its first cols columns
+  float* out;     // [batch, rows] fp32 (atomics where split_k > 1: zeroed before)
+  int rows, cols, ldw, ldx, split_k, row_tiles;
+  const int* cta_first;  // [ctas + 1]: CTA c streams tiles [cta_first[c], cta_first[c + 1])
+};
+
+// The ring's geometry (the plan's) and the batch.
+struct Ring {
+  int batch, tile_rows, k_chunk, stages;
+  __device__ int row_stride() const { return k_chunk * 2 + kRowPad; }
+  __device__ int stage_bytes() const { return tile_rows * row_stride(); }
+};
+
+// ---------------------------------------------------------------- PTX wrappers
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(n));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* b, unsigned parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(b)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  while (!mbar_try_wait(b, parity)) {
+  }
+}
+__device__ __forceinline__ uint64_t evict_first() {
+  uint64_t p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(pol)
+      : "memory");
+}
+// The consumer warps' own barrier (named barrier 1; the producer never joins it).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"r"(32 * kConsumerWarps) : "memory"); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+  const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 a = __bfloat1622float2(w2[j]), b = __bfloat1622float2(x2[j]);
+    s += a.x * b.x + a.y * b.y;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- shared memory layout
+// mbarriers (full, empty), then (128-byte aligned) the consumers' tile reduction buffer, then the ring:
+// the plan's smem_bytes (stream_plan.h) counts the same.
+struct Smem {
+  uint64_t* full;
+  uint64_t* empty;
+  float* red;
+  unsigned char* ring;
+};
+__device__ inline Smem smem_layout(unsigned char* base, const Ring& g) {
+  Smem s;
+  s.full = reinterpret_cast<uint64_t*>(base);
+  s.empty = s.full + kMaxStages;
+  s.red = reinterpret_cast<float*>(base + 2 * kMaxStages * 8 + 128);
+  s.ring = reinterpret_cast<unsigned char*>(s.red) + kConsumerWarps * 16 * ((g.batch + 7) / 8 * 8) * 4;
+  return s;
+}
+// Called by every thread of the CTA before the roles split: ring zeroed (no stale NaN under a narrow last
+// k-step), barriers initialised.
+__device__ inline void ring_init(const Smem& s, const Ring& g) {
+  const int bytes = g.stages * g.stage_bytes();
+  for (int i = threadIdx.x; i < bytes / 16; i += blockDim.x) reinterpret_cast<uint4*>(s.ring)[i] = uint4{};
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // ordinary stores before the copy engine's
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < g.stages; ++i) {
+      mbar_init(&s.full[i], 1);
+      mbar_init(&s.empty[i], kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------- the tiles
+struct Tile {
+  int row0, rows, c0, c1;
+};
+__device__ __forceinline__ Tile tile_at(const Op& op, int R, int t) {
+  const int rt = t % op.row_tiles, s = t / op.row_tiles;
+  int64_t c0, c1;
+  latentrt_stream::split_cols(op.cols, op.split_k, s, &c0, &c1);
+  return Tile{rt * R, min(R, op.rows - rt * R), (int)c0, (int)c1};
+}
+
+// A position in the ring: the stage slot and the parity of its current use.
+struct Cursor {
+  unsigned slot = 0, phase = 0;
+  __device__ void next(int stages) {
+    if (++slot == (unsigned)stages) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- the producer warp
+// Streams `iters` passes over ops[0 .. n_ops) (the CTA's tiles of each). `stop` (shared memory, written by
+// the consumers): the last iteration they run; no stage of a later iteration is issued after it is set.
+__device__ inline void produce(const Op* ops, int n_ops, const Ring& g, const Smem& s, int iters,
+                               const volatile int* stop) {
+  const int lane = threadIdx.x % 32, R = g.tile_rows, kc = g.k_chunk, row_stride = g.row_stride();
+  const uint64_t pol = evict_first();
+  Cursor cur;
+  unsigned issued = 0;
+  for (int it = 0; it < iters; ++it)
+    for (int o = 0; o < n_ops; ++o) {
+      const Op& op = ops[o];
+      for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
+        const Tile tl = tile_at(op, R, t);
+        for (int k0 = tl.c0; k0 < tl.c1; k0 += kc) {
+          const int w = min(kc, tl.c1 - k0);
+          if (issued >= (unsigned)g.stages)
+            while (!mbar_try_wait(&s.empty[cur.slot], cur.phase ^ 1))
+              if (*stop < it) goto drain;
+          if (*stop < it) goto drain;
+          if (lane == 0) mbar_expect_tx(&s.full[cur.slot], (unsigned)(tl.rows * w * 2));
+          __syncwarp();
+          unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
+          for (int r = lane; r < tl.rows; r += 32)
+            bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.ldw + k0, (unsigned)(w * 2),
+                      &s.full[cur.slot], pol);
+          ++issued;
+          cur.next(g.stages);
+        }
+      }
+    }
+drain:  // the last stages issued (at most one per slot) have landed before the CTA may exit
+  for (unsigned j = issued > (unsigned)g.stages ? issued - g.stages : 0; j < issued; ++j)
+    mbar_wait(&s.full[j % g.stages], (j / g.stages) & 1);
+}
+
+// ---------------------------------------------------------------- consumers
+// Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each. `ldg`:
+// the weights straight from global memory (the probe's no-ring baseline).
+template <int MB>
+__device__ void consume_fma(const Ring& g, const Op& op, const Tile& tl, const unsigned char* st, int k0, int w,
+                            float (&acc)[2][MB], bool ldg = false) {
+  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
+  for (int e = lane * 8; e < w; e += 256) {
+    uint4 xv[MB];
+#pragma unroll
+    for (int b = 0; b < MB; ++b)
+      xv[b] = b < g.batch ? __ldcg(reinterpret_cast<const uint4*>(op.x + (size_t)b * op.ldx + k0 + e)) : uint4{};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = cw + 8 * i;
+      if (r >= tl.rows) continue;
+      const uint4 wv = ldg ? __ldg(reinterpret_cast<const uint4*>(op.w + (size_t)(tl.row0 + r) * op.ldw + k0 + e))
+                           : *reinterpret_cast<const uint4*>(st + (size_t)r * row_stride + e * 2);
+#pragma unroll
+      for (int b = 0; b < MB; ++b) acc[i][b] += dot8(wv, xv[b]);
+    }
+  }
+}
+
+template <int MB>
+__device__ void finish_fma(const Ring& g, const Op& op, const Tile& tl, float (&acc)[2][MB]) {
+  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int b = 0; b < MB; ++b) {
+      float v = acc[i][b];
+#pragma unroll
+      for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+      const int r = cw + 8 * i;
+      if (lane == 0 && b < g.batch && r < tl.rows) {
+        float* dst = op.out + (size_t)b * op.rows + tl.row0 + r;
+        if (op.split_k > 1)
+          atomicAdd(dst, v);
+        else
+          *dst = v;
+      }
+      acc[i][b] = 0.f;
+    }
+}
+
+// Batch > 4: R / 16 row blocks x (8 / (R / 16)) k-groups of warps; each warp: mma over its k-steps, for
+// every 8-wide slice of the batch; a tile's partial sums are reduced across k-groups in shared memory.
+__device__ inline void consume_mma(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
+                                   float (&c)[kMaxNTiles][4]) {
+  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
+  const int blocks = g.tile_rows / 16, groups = kConsumerWarps / blocks, rb = cw % blocks, kg = cw / blocks;
+  const int n_tiles = (g.batch + 7) / 8;
+  const unsigned char* a_base =
+      st + (size_t)(rb * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * row_stride + (lane / 16) * 16;
+  for (int ks = kg; ks * 16 < w; ks += groups) {
+    uint32_t af[4];
+    ldmatrix_x4(af, a_base + ks * 32);
+    const int k = k0 + ks * 16 + (lane % 4) * 2;
+#pragma unroll
+    for (int nt = 0; nt < kMaxNTiles; ++nt) {
+      if (nt >= n_tiles) break;
+      const int n = nt * 8 + lane / 4;
+      uint32_t b0 = 0, b1 = 0;
+      if (n < g.batch) {
+        const bf16* xr = op.x + (size_t)n * op.ldx;
+        if (k < op.cols) b0 = __ldcg(reinterpret_cast<const unsigned*>(xr + k));
+        if (k + 8 < op.cols) b1 = __ldcg(reinterpret_cast<const unsigned*>(xr + k + 8));
+      }
+      mma_bf16(c[nt], af, b0, b1);
+    }
+  }
+}
+
+__device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, float (&c)[kMaxNTiles][4],
+                                  float* red) {
+  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1;
+  const int blocks = g.tile_rows / 16, groups = kConsumerWarps / blocks;
+  const int n_tiles = (g.batch + 7) / 8, NB = n_tiles * 8;
+  // red[warp][16 rows][NB]: C fragment (row lane/4 (+8), column 2 (lane % 4) (+1))
+#pragma unroll
+  for (int nt = 0; nt < kMaxNTiles; ++nt) {
+    if (nt >= n_tiles) break;
+    float* base = red + (size_t)cw * 16 * NB;
+    const int r = lane / 4, col = nt * 8 + (lane % 4) * 2;
+    base[r * NB + col] = c[nt][0];
+    base[r * NB + col + 1] = c[nt][1];
+    base[(r + 8) * NB + col] = c[nt][2];
+    base[(r + 8) * NB + col + 1] = c[nt][3];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) c[nt][j] = 0.f;
+  }
+  consumers_sync();
+  for (int i = threadIdx.x - 32; i < g.tile_rows * g.batch; i += 32 * kConsumerWarps) {
+    const int row = i / g.batch, b = i % g.batch, rb = row / 16;
+    if (row >= tl.rows) continue;
+    float v = 0.f;
+    for (int gg = 0; gg < groups; ++gg) v += red[(size_t)(gg * blocks + rb) * 16 * NB + (row % 16) * NB + b];
+    float* dst = op.out + (size_t)b * op.rows + tl.row0 + row;
+    if (op.split_k > 1)
+      atomicAdd(dst, v);
+    else
+      *dst = v;
+  }
+  consumers_sync();  // red is reused by the next tile
+}
+
+// One op's share of this CTA: every stage of its tiles from the ring (in the producer's order), multiplied
+// and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores. `ldg`: no ring.
+template <int MB>
+__device__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
+                           bool ldg = false) {
+  const int lane = threadIdx.x % 32;
+  const bool mma = g.batch > 4;
+  float acc[2][MB] = {};
+  float c[kMaxNTiles][4] = {};
+  for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
+    const Tile tl = tile_at(op, g.tile_rows, t);
+    for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
+      const int w = min(g.k_chunk, tl.c1 - k0);
+      if (!ldg) mbar_wait(&s.full[cur.slot], cur.phase);
+      const unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
+      if (compute) {
+        if (mma)
+          consume_mma(g, op, st, k0, w, c);
+        else
+          consume_fma<MB>(g, op, tl, st, k0, w, acc, ldg);
+      }
+      if (!ldg) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&s.empty[cur.slot]);
+      }
+      cur.next(g.stages);
+    }
+    if (compute) {
+      if (mma)
+        finish_mma(g, op, tl, c, s.red);
+      else
+        finish_fma<MB>(g, op, tl, acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- ordering across CTAs (consumers only)
+// This CTA's consumers are done with a phase: their global writes become visible, then one arrival.
+__device__ inline void arrive(unsigned* counter) {
+  __threadfence();
+  consumers_sync();
+  if (threadIdx.x == 32) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
+// Until `target` arrivals (every CTA's for each phase so far) have been counted.
+__device__ inline void wait_for(unsigned* counter, unsigned target) {
+  if (threadIdx.x == 32) {
+    unsigned v;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+    } while (v < target);
+  }
+  consumers_sync();
+}
+
+}  // namespace latentrt_ring
