@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_loop_kernel(const Args a) 
     if (blockIdx.x == 0) {  // one block: B rows of d elements
       for (int b = 0; b < B; ++b) {
         if (!act[b]) continue;
-        float diff = 0.f, nn = 0.f, dot = 0.f, np = 0.f;
+        latentrt_device::StateSums sums;
         float ss = 0.f;
         for (int k = threadIdx.x; k < d; k += blockDim.x) {
           const float x = rnd(ld(src + (size_t)b * d + k) + ld(add + (size_t)b * d + k));
@@ -196,24 +196,17 @@ __global__ void __launch_bounds__(kThreads, 1) latent_loop_kernel(const Args a) 
         for (int k = threadIdx.x; k < d; k += blockDim.x) {
           const float x = rnd(ld(src + (size_t)b * d + k) + ld(add + (size_t)b * d + k));
           const float s_new = rnd(rnd(x * r) * __bfloat162float(w_pend[k]));
-          const float s_old = ld(a.ref_state + (size_t)b * d + k);
-          diff += (s_new - s_old) * (s_new - s_old);
-          nn += s_new * s_new;
-          dot += s_new * s_old;
-          np += s_old * s_old;
+          sums.add(s_new, ld(a.ref_state + (size_t)b * d + k));
           a.state[(size_t)b * d + k] = __float2bfloat16(s_new);
           if (check) a.ref_state[(size_t)b * d + k] = __float2bfloat16(s_new);
         }
-        diff = block_sum(diff, red);
-        nn = block_sum(nn, red);
-        dot = block_sum(dot, red);
-        np = block_sum(np, red);
+        sums.diff = block_sum(sums.diff, red);
+        sums.nn = block_sum(sums.nn, red);
+        sums.dot = block_sum(sums.dot, red);
+        sums.np = block_sum(sums.np, red);
         if (threadIdx.x == 0) {
           a.used[b] += 1;
-          float crit = INFINITY;
-          if (a.criterion == 1) crit = sqrtf(diff) / sqrtf(nn);
-          if (a.criterion == 2) crit = 1.f - dot / fmaxf(sqrtf(nn) * sqrtf(np), 1e-8f);
-          if (check && crit < a.threshold) a.active[b] = 0;
+          if (check && sums.value(a.criterion) < a.threshold) a.active[b] = 0;
         }
       }
     }

@@ -42,6 +42,7 @@
 namespace {
 
 using namespace latentrt_ring;
+using latentrt_device::StateSums;
 using latentrt_device::warp_sum;
 using latentrt_stream::Plan;
 
@@ -364,39 +365,26 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
       const int lane = lane_id();
       for (int b = consumer_warp(); b < B; b += kConsumerWarps) {
         if (!act[b]) continue;
-        float diff = 0.f, nn = 0.f, dot = 0.f, np = 0.f;
+        StateSums sums;
         const float ss = __ldcg(st + b);
         for (int k = c0 + lane; k < c1; k += 32) {
           const float s_new = rms(v_at(b, k), ss, a.eps, d, last.n4, k);
-          const float s_old = ldb(a.ref_state + (size_t)b * d + k);
-          diff += (s_new - s_old) * (s_new - s_old);
-          nn += s_new * s_new;
-          dot += s_new * s_old;
-          np += s_old * s_old;
+          sums.add(s_new, ldb(a.ref_state + (size_t)b * d + k));
           a.state[(size_t)b * d + k] = __float2bfloat16(s_new);
           if (check) a.ref_state[(size_t)b * d + k] = __float2bfloat16(s_new);
         }
-        diff = warp_sum(diff);
-        nn = warp_sum(nn);
-        dot = warp_sum(dot);
-        np = warp_sum(np);
-        if (lane == 0) {
-          atomicAdd(ex + 4 * b, diff);
-          atomicAdd(ex + 4 * b + 1, nn);
-          atomicAdd(ex + 4 * b + 2, dot);
-          atomicAdd(ex + 4 * b + 3, np);
-        }
+        const float part[4] = {warp_sum(sums.diff), warp_sum(sums.nn), warp_sum(sums.dot), warp_sum(sums.np)};
+        if (lane == 0)
+          for (int i = 0; i < 4; ++i) atomicAdd(ex + 4 * b + i, part[i]);
       }
     }
     sync(a, c);
     // the decision, from the same sums in every CTA
     if (ct < B && act[ct]) {
       const float* e = ex + 4 * ct;
-      const float diff = __ldcg(e), nn = __ldcg(e + 1), dot = __ldcg(e + 2), np = __ldcg(e + 3);
-      float crit = INFINITY;
-      if (a.criterion == 1) crit = sqrtf(diff) / sqrtf(nn);
-      if (a.criterion == 2) crit = 1.f - dot / fmaxf(sqrtf(nn) * sqrtf(np), 1e-8f);
-      const bool exits = check && crit < a.threshold;
+      StateSums sums;
+      sums.diff = __ldcg(e), sums.nn = __ldcg(e + 1), sums.dot = __ldcg(e + 2), sums.np = __ldcg(e + 3);
+      const bool exits = check && sums.value(a.criterion) < a.threshold;
       if (blockIdx.x == 0) {
         a.used[ct] += 1;
         if (exits) a.active[ct] = 0;
