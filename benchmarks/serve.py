@@ -32,6 +32,8 @@ import torch
 
 import latentrt
 from latentrt.backends import get_backend
+from latentrt.decode.serving import weight_ratio
+from latentrt.exits import CRITERIA
 from latentrt.families import build_model, parse_config
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.train.data import generate_dataset
@@ -150,6 +152,31 @@ def lockstep_bound(depths: list[int], rows: int, samples: int = 20000, seed: int
     return mean_max / statistics.fmean(depths)
 
 
+def weight_read_bounds(depths: list[int], rows: int, per_iteration: float, per_token: float) -> tuple[float, float]:
+    """Depth-level over token-level batching in tokens per weight read, at full batches of ``rows`` and
+    without prompts: a lockstep round reads ``per_iteration`` (a core iteration, plus the head where the
+    criterion needs logits every iteration) E[max of rows] times and ``per_token`` (the prelude, and the head
+    unless the criterion ran it) once, for ``rows`` tokens; a depth-level step reads ``per_iteration`` for
+    rows / E[depth] tokens, plus ``per_token`` when it samples. Returns (the bound when sampling is free, i.e.
+    amortised over many steps; the bound when every step samples): a scheduler that waits to sample in
+    groups lands between them."""
+    if not depths:
+        return float("nan"), float("nan")
+    mean_max = lockstep_bound(depths, rows) * statistics.fmean(depths)
+    token = mean_max * per_iteration + per_token  # weights read per round of `rows` tokens
+    mean = statistics.fmean(depths)
+    return token / (mean * per_iteration), token / (mean * (per_iteration + per_token))
+
+
+def pass_costs(model, criterion: str) -> tuple[float, float]:
+    """(per_iteration, per_token) weight reads of the serving program, in core iterations' weights."""
+    t = model.transformer
+    core = [*t.core_block, t.adapter]
+    prelude, head = weight_ratio(t.prelude, core), weight_ratio([*t.coda, t.ln_f, model.lm_head], core)
+    logits = criterion in CRITERIA and CRITERIA[criterion].needs_logits
+    return (1.0 + head, prelude) if logits else (1.0, prelude + head)
+
+
 def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     """A random-weight model of a named shape (Huginn-0125's: 7 GB in bf16; ``tiny``: the CPU test's)."""
     return build_model(parse_config(dict(SHAPES[shape])), device=device, dtype=dtype, seed=0)
@@ -219,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     depth_source = runs.get("depth", runs[schedulers[0]])["depths"]
     bound = lockstep_bound(depth_source, args.max_batch)
+    costs = pass_costs(model, args.criterion if args.shape == "model" else "none")
+    read_bounds = weight_read_bounds(depth_source, args.max_batch, *costs)
     env = environment(device)
     print(
         f"# serving: {source}; {args.requests} requests, Poisson {args.rate}/s, max batch {args.max_batch}, "
@@ -233,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "
-        f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}"
+        f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}; in weights read (a pass costs {costs[0]:.2f} core "
+        f"iterations per iteration, {costs[1]:.2f} per token; no prompts): {read_bounds[1]:.2f} sampling every "
+        f"step, {read_bounds[0]:.2f} sampling for free"
     )
     cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
     cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms", "tokens_per_pass"]
@@ -247,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         records = [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()]
         with open(args.out, "w") as f:
-            json.dump({"environment": env, "args": vars(args), "bound": bound, "runs": records}, f, indent=1)
+            record = {"environment": env, "args": vars(args), "bound": bound, "weight_read_bounds": read_bounds}
+            json.dump({**record, "runs": records}, f, indent=1)
     return 0
 
 

@@ -162,16 +162,20 @@ class KVPool:
         self.lengths[row] = 0
         return row
 
-    def release(self, row: int) -> None:
-        """Give a request's row and slot rows back, zeroed where it wrote: a batch's attention covers every
-        row's keys up to its longest row, masked, and a masked NaN left by a failed request would still
-        poison the product (0 x NaN)."""
+    def release(self, row: int, scrub: bool = True) -> None:
+        """Give a request's row and slot rows back; with ``scrub`` zeroed where it wrote. A batch's attention
+        covers every row's keys up to its longest row, masked: a masked finite value adds exactly 0, but a
+        masked NaN left by a failed request would still poison the product (0 x NaN). So the serving programs
+        scrub the rows of failed requests only (a request whose K/V held a NaN fails: its own attention
+        spreads it to its state or logits, which are checked), saving a write of every K/V entry the request
+        made for each one that finishes."""
         n, held = self.lengths[row], self.held[row]
-        for buf in (self.plain_k, self.plain_v):
-            buf[:, row, :, :n] = 0
-        if held:
-            for buf in (self.core_k, self.core_v):
-                buf[:, held, :, :n] = 0
+        if scrub:
+            for buf in (self.plain_k, self.plain_v):
+                buf[:, row, :, :n] = 0
+            if held:
+                for buf in (self.core_k, self.core_v):
+                    buf[:, held, :, :n] = 0
         self.free_slot_rows = sorted(self.free_slot_rows + self.held.pop(row))
         self.free_rows = sorted(self.free_rows + [row])
 

@@ -10,7 +10,7 @@ from conftest import tiny_recurrent
 
 import latentrt
 from benchmarks import replay_exit
-from benchmarks.serve import lockstep_bound, main, make_trace, percentile
+from benchmarks.serve import lockstep_bound, main, make_trace, percentile, weight_read_bounds
 from latentrt.exits import CRITERIA
 
 
@@ -29,6 +29,15 @@ def test_lockstep_bound_and_percentiles():
     assert lockstep_bound([1, 9], 1) == pytest.approx(1.0, abs=0.05)
     assert lockstep_bound([1, 9], 16) == pytest.approx(9 / 5, rel=0.01)  # the max is 9 almost surely
     assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 99) == 4
+
+
+def test_weight_read_bounds_count_the_per_token_passes():
+    # depths 1 and 9 at 16 rows: a lockstep round reads 9 iterations (+ the per-token passes once) for 16
+    # tokens; depth-level steps read 16 / 5 tokens' worth per iteration
+    free, every = weight_read_bounds([1, 9], 16, per_iteration=1.5, per_token=0.5)
+    assert free == pytest.approx((9 * 1.5 + 0.5) / (5 * 1.5), rel=0.01)
+    assert every == pytest.approx((9 * 1.5 + 0.5) / (5 * 2.0), rel=0.01)
+    assert weight_read_bounds([4, 4], 8, 1.0, 0.0) == pytest.approx((1.0, 1.0))
 
 
 def test_replayed_depths_are_the_depths_run():
@@ -55,7 +64,7 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
         assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
     # depth-level batching launches a row only while its loop runs
     assert runs["depth"]["slot_utilisation"] >= runs["token"]["slot_utilisation"]
-    assert record["bound"] >= 1
+    assert record["bound"] >= 1 and record["weight_read_bounds"][0] >= record["weight_read_bounds"][1]
 
 
 def test_bad_scheduler_names_are_refused(capsys):

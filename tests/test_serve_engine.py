@@ -258,6 +258,22 @@ def test_a_failing_request_fails_alone():
         assert req.tokens == latentrt.generate(model, p, **kw).tokens
 
 
+def test_a_failed_requests_row_is_scrubbed_before_reuse():
+    """A failed request leaves NaN K/V in its row; the short request that takes the row next attends
+    (masked) over it while batched with a longer one, so the pool must zero it (``KVPool.release``): a
+    finished request's finite K/V is left as it is, and masked it adds exactly nothing."""
+    model = tiny_recurrent(seed=3)
+    kw = dict(max_new_tokens=6, init_scale=0.0, default_stops=False)
+    engine = Engine(model, max_batch=2)
+    long = engine.submit(list(range(5, 25)), **kw)
+    bad = engine.submit(list(range(5, 17)), max_new_tokens=4, init_scale=1e39, seed=1)  # overflows
+    short = engine.submit([5, 7], **kw)
+    engine.run_until_idle()
+    assert bad.finish_reason == "error" and short.row == bad.row
+    assert long.tokens == latentrt.generate(model, list(range(5, 25)), **kw).tokens
+    assert short.tokens == latentrt.generate(model, [5, 7], **kw).tokens
+
+
 def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch):
     model = tiny_recurrent()
     engine = Engine(model, max_batch=2)

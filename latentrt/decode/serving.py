@@ -83,7 +83,8 @@ class ServingProgram:
         raise NotImplementedError
 
     def retire(self, request) -> None:
-        """Forget a request (finished, failed or cancelled) and free its row."""
+        """Forget a request (finished, failed or cancelled) and free its row (scrubbed if it failed:
+        ``KVPool.release``)."""
         raise NotImplementedError
 
     def count_pass(self, weights: float = 1.0) -> None:
