@@ -73,7 +73,13 @@ def main() -> None:
         persistent_loop()
         thought_loop()
     if args.only in (None, "stream"):
-        streamed_loop()
+        try:
+            streamed_loop()
+        except Exception:
+            from latentrt.backends.cuda import stream_watchdog_report
+
+            print(stream_watchdog_report() or "streamed loop failed; its watchdog did not trip", flush=True)
+            raise
     torch.cuda.synchronize()
     print("cuda smoke ok")
 

@@ -125,7 +125,7 @@ if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
     [ "$tool" = "${tools##* }" ] && budget=$(left)
     [ "$budget" -lt 20 ] && { stamp "no time left for $tool"; continue; }
     stamp "compute-sanitizer $tool (${budget}s)"
-    timeout "$budget" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m benchmarks.cuda_smoke $SMOKE_ONLY \
+    LATENTRT_STREAM_WATCHDOG=0 timeout "$budget" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m benchmarks.cuda_smoke $SMOKE_ONLY \
       >>"$OUT/sanitizer.log" 2>&1
     echo "$tool exit $?" | tee -a "$OUT/sanitizer.log" "$LOG"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -1 | tee -a "$LOG"

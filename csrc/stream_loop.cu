@@ -79,6 +79,7 @@ struct Args {
   float* zero_from;                                 // the fp32 workspace, zeroed at the start
   size_t zero_count;
   unsigned* counter;
+  Watch watch;  // status null: no watchdog
 };
 
 __device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
@@ -97,7 +98,7 @@ struct Consumer {
 __device__ __forceinline__ void sync(const Args& a, Consumer& c) {
   arrive(a.counter);
   ++c.phase;
-  wait_for(a.counter, c.phase * gridDim.x);
+  wait_for(a.counter, c.phase * gridDim.x, &a.watch, (int)c.phase);
 }
 
 // Zero n floats, spread over every consumer thread of the grid.
@@ -303,7 +304,7 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
   for (int t = 0; t < a.r_max; ++t) {
     if (blockIdx.x == 0 && ct < B && act[ct]) a.written[(size_t)ct * a.T + a.pos] = t + 1;
     // ADAPT, then h = rnd(rnd(acc_a) + term) -> hx and xs = norm_1(hx)
-    consume_op<MB>(a.ring, a.ops[0], s, c.cur);
+    consume_op<MB>(a.ring, a.ops[0], s, c.cur, true, false, &a.watch);
     sync(a, c);
     {
       float* st = norm_stats(a, c);
@@ -322,24 +323,24 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
     for (int j = 0; j < a.n_core; ++j) {
       const Layer& L = a.core[j];
       const Op* ops = a.ops + 1 + kOpsPerLayer * j;
-      consume_op<MB>(a.ring, ops[0], s, c.cur);  // QKV
+      consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
       sync(a, c);
       zero(a.acc_p, (size_t)B * d);  // last read by the previous N2 (or exit): two barriers ago
       if (j == 0 && blockIdx.x == 0 && ct < 4 * kMaxBatch)  // the other parity's criterion sums: read last iteration
         a.exit_sums[(size_t)((t + 1) % 2) * 4 * kMaxBatch + ct] = 0.f;
       attend(a, L, t % L.slots, L.slots > 1, act, sm);
       sync(a, c);
-      consume_op<MB>(a.ring, ops[1], s, c.cur);  // WO
+      consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
       sync(a, c);
       add_norm_norm(a, c, act, a.hx, a.acc_o, L.n2, a.hb, L.n3);
       zero(a.acc_qkv, (size_t)B * (a.H + 2 * a.Hkv) * a.D);  // last read by ATT
       zero(a.acc_o, (size_t)B * d);                           // last read by the N2 above
       if (j == 0) zero(a.acc_a, (size_t)B * d);
-      consume_op<MB>(a.ring, ops[2], s, c.cur);  // FC
+      consume_op<MB>(a.ring, ops[2], s, c.cur, true, false, &a.watch);  // FC
       sync(a, c);
       gate(a, act);
       sync(a, c);
-      consume_op<MB>(a.ring, ops[3], s, c.cur);  // PROJ
+      consume_op<MB>(a.ring, ops[3], s, c.cur, true, false, &a.watch);  // PROJ
       sync(a, c);
       if (j + 1 < a.n_core) {
         add_norm_norm(a, c, act, a.hb, a.acc_p, L.n4, a.hx, a.core[j + 1].n1);
@@ -584,6 +585,7 @@ int stream_loop(const LoopArgs& h, int device) {
   a.zero_from = a.acc_a;
   a.zero_count = (l.end - l.acc_a) / 4;
   a.counter = reinterpret_cast<unsigned*>(h.barrier);
+  a.watch = Watch{reinterpret_cast<int*>(h.watch), h.watch_cycles};
   // the matrices: their plan, their inputs and outputs
   const int* table = reinterpret_cast<const int*>(h.table);
   const int hd = a.H * a.D;

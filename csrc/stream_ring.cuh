@@ -143,6 +143,37 @@ __device__ inline void ring_init(const Smem& s, const Ring& g) {
   __syncthreads();
 }
 
+// ---------------------------------------------------------------- the watchdog
+// A consumer wait that outlasts `cycles` is a hang (a dependency scheme's likeliest bug): the waiting thread
+// writes what it waited for to `status` (host-mapped pinned memory, so it survives the dead context) and
+// traps, so the launch fails with a diagnosis instead of running into the caller's timeout. status[0]: 1 a
+// counter wait (status[1] phase, [2] CTA, [3] arrivals seen, [4] awaited), 2 a stage wait ([2] CTA, [3]
+// warp, [4] ring slot, [5] parity). status null: no watchdog.
+struct Watch {
+  int* status;
+  long long cycles;
+};
+__device__ __noinline__ void watch_trip(const Watch* w, int code, int a, int b, int c, int d, int e) {
+  volatile int* st = w->status;
+  if (atomicCAS(w->status, 0, code) == 0) {  // the first to trip tells its story
+    st[1] = a;
+    st[2] = b;
+    st[3] = c;
+    st[4] = d;
+    st[5] = e;
+  }
+  __threadfence_system();
+  __trap();
+}
+// Wait for bars[slot]'s phase of `parity` to complete.
+__device__ __forceinline__ void mbar_wait_watched(uint64_t* bars, unsigned slot, unsigned parity, const Watch* w) {
+  if (w == nullptr || w->status == nullptr) return mbar_wait(&bars[slot], parity);
+  const long long t0 = clock64();
+  while (!mbar_try_wait(&bars[slot], parity))
+    if (clock64() - t0 > w->cycles)
+      watch_trip(w, 2, 0, (int)blockIdx.x, (int)threadIdx.x / 32 - 1, (int)slot, (int)parity);
+}
+
 // ---------------------------------------------------------------- the tiles
 struct Tile {
   int row0, rows, c0, c1;
@@ -312,7 +343,7 @@ __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, f
 // and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores. `ldg`: no ring.
 template <int MB>
 __device__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
-                           bool ldg = false) {
+                           bool ldg = false, const Watch* watch = nullptr) {
   const int lane = threadIdx.x % 32;
   const bool mma = g.batch > 4;
   float acc[2][MB] = {};
@@ -321,7 +352,7 @@ __device__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& c
     const Tile tl = tile_at(op, g.tile_rows, t);
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
-      if (!ldg) mbar_wait(&s.full[cur.slot], cur.phase);
+      if (!ldg) mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
       const unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
       if (compute) {
         if (mma)
@@ -351,13 +382,18 @@ __device__ inline void arrive(unsigned* counter) {
   consumers_sync();
   if (threadIdx.x == 32) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
-// Until `target` arrivals (every CTA's for each phase so far) have been counted.
-__device__ inline void wait_for(unsigned* counter, unsigned target) {
+// Until `target` arrivals (every CTA's for each phase so far) have been counted; `phase` names it to the
+// watchdog.
+__device__ inline void wait_for(unsigned* counter, unsigned target, const Watch* watch = nullptr, int phase = 0) {
   if (threadIdx.x == 32) {
+    const bool watched = watch != nullptr && watch->status != nullptr;
+    const long long t0 = watched ? clock64() : 0;
     unsigned v;
-    do {
+    for (;;) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
-    } while (v < target);
+      if (v >= target) break;
+      if (watched && clock64() - t0 > watch->cycles) watch_trip(watch, 1, phase, (int)blockIdx.x, (int)v, (int)target, 0);
+    }
   }
   consumers_sync();
 }

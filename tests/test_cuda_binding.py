@@ -133,3 +133,19 @@ def test_thought_args_describe_gpt2_with_transposed_weights():
     assert _cuda.thought_scratch_elems(a) == 3 * (6 * 32 + cfg.inner_size)
     plan = _cuda.thought_plan(a, 0)
     assert not plan["ok"] and plan["reason"]
+
+
+def test_stream_watchdog_report_names_the_wait_that_hung(monkeypatch):
+    """The streamed kernel's watchdog writes what a hung wait waited for into pinned host memory; the report
+    reads it back (no CUDA call: it works after the context died)."""
+    from latentrt.backends import cuda as cuda_backend
+
+    barrier, stage = torch.tensor([1, 35, 17, 4488, 4620, 0, 0, 0]), torch.tensor([2, 0, 3, 5, 6, 1, 0, 0])
+    monkeypatch.setattr(cuda_backend, "_watches", [torch.zeros(8, dtype=torch.int32)])
+    assert cuda_backend.stream_watchdog_report() is None
+    monkeypatch.setattr(cuda_backend, "_watches", [barrier])
+    assert cuda_backend.stream_watchdog_report() == (
+        "streamed loop hang: CTA 17 waited at consumer barrier 35 (4488 of 4620 arrivals)"
+    )
+    monkeypatch.setattr(cuda_backend, "_watches", [stage])
+    assert "CTA 3 consumer warp 5 waited for ring stage 6 (parity 1)" in cuda_backend.stream_watchdog_report()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ from .triton.recurrent_layers import DecodePosition
 from .triton.token import RecurrentTokenRunner
 
 log = logging.getLogger("latentrt")
+WATCHDOG_ENV = "LATENTRT_STREAM_WATCHDOG"  # seconds a streamed-kernel wait may last (default 2; 0: off)
+_watches: list[Tensor] = []  # the latest runners' watchdog buffers (pinned host memory), for the report
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
 _logged: set[str] = set()
 
@@ -68,6 +71,11 @@ class PersistentTokenRunner(RecurrentTokenRunner):
             self.table = torch.tensor(table, dtype=torch.int32).to(dev)
             plan_args.table = self.table.data_ptr()
             self.launch = ext.stream_loop
+            seconds = float(os.environ.get(WATCHDOG_ENV, "2"))
+            if seconds > 0:  # written by the kernel when a wait hangs, readable after the context died
+                self.watch = torch.zeros(8, dtype=torch.int32).pin_memory()
+                plan_args.watch, plan_args.watch_cycles = self.watch.data_ptr(), int(seconds * 2e9)
+                _watches[:] = [*_watches[-15:], self.watch]
         else:
             self.scratch = torch.empty(ext.loop_scratch_elems(plan_args), dtype=torch.bfloat16, device=dev)
             self.launch = ext.latent_loop
@@ -107,6 +115,18 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         kl_logits = crit.name == "kl" and self.spec.ever_checks
         out = self.logits.clone() if kl_logits else self._head(s, self.alive, where)
         return s, self.used.clone(), out
+
+
+def stream_watchdog_report() -> str | None:
+    """What the streamed kernel's watchdog recorded when a wait hung (the launch then failed with a trap),
+    or None. Reads pinned host memory only, so it works after the CUDA context has died."""
+    for buf in reversed(_watches):
+        code, phase, cta, a, b, c, _, _ = buf.tolist()
+        if code == 1:
+            return f"streamed loop hang: CTA {cta} waited at consumer barrier {phase} ({a} of {b} arrivals)"
+        if code == 2:
+            return f"streamed loop hang: CTA {cta} consumer warp {a} waited for ring stage {b} (parity {c})"
+    return None
 
 
 def loop_args(ext, model, cache, spec):
