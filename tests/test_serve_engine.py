@@ -562,7 +562,7 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
     """If capturing the decode rows' pass fails (a torch version, a driver), the server warns once and runs
     the same pass eagerly: every request still equals generate() alone. (The failure is simulated: the
     runner sees a CUDA device and GraphedRunner raises as a failed capture would.)"""
-    from latentrt.backends.triton.graph import GraphedRunner
+    from latentrt.backends.graph import GraphedRunner
 
     model, engine = _engine_on_triton(max_batch=3)
     runner = engine.program.decode_core

@@ -14,7 +14,7 @@ which ``Backend`` calls by default); a backend overrides the ones it makes faste
 - ``pool_attention()``: the serving pool's decode attention (per-row K/V write and attention over pool
   rows, latentrt/kv_pool.py), or None for the pool's reference.
 
-A runner (backends/triton/graph.py) has static input/output buffers: ``prepare(...)`` fills them,
+A runner (backends/graph.py) has static input/output buffers: ``prepare(...)`` fills them,
 calling it runs (or replays a captured CUDA graph). ``Capabilities`` say what a backend can serve;
 ``unavailable`` says why not for a given model. ``BACKENDS`` is the registry that ``get_backend``
 (``auto`` included), ``latentrt info`` and the CLI read: a new backend is its own module plus one line.

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..backends.triton.graph import GraphedRunner
+from ..backends.graph import GraphedRunner
 from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
 from ..transfer import to_device

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...kernels import decode_attention, linear
-from .graph import GraphedRunner
+from ..graph import GraphedRunner
 
 
 def fused_layers_apply(config) -> str | None:

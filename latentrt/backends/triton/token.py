@@ -17,7 +17,7 @@ from torch import Tensor
 from ...kernels import feedback, linear, norms
 from ...recurrence import LoopSpec, run_recurrence
 from ..base import Backend
-from .graph import GraphedRunner
+from ..graph import GraphedRunner
 from .recurrent_layers import DecodePosition, core_iteration, sandwich_layer
 
 
