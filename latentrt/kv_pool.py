@@ -23,8 +23,10 @@ the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot t mo
 reads slot min(t mod K, n_p - 1) of an earlier position that ran n_p iterations). A server's pass
 (``Packed``) asks for attention outputs instead (``attend_plain`` / ``attend_core``): with the backend's
 kernel (``decode_attention``: latentrt/kernels/pool_attention.py) a chunk of one query per row writes and
-attends in one launch per layer, reading each row's keys where they lie; otherwise, and for prompt chunks,
-the keys are gathered per row and attended under the chunk's mask (the reference).
+attends in one launch per layer, reading each row's keys where they lie; a prompt chunk (several queries
+per row) is written, then attended by ``prefill_attention`` (latentrt/kernels/pool_prefill.py), also
+reading the keys where they lie; without kernels the keys are gathered per row and attended under the
+chunk's mask (the reference).
 """
 
 from __future__ import annotations
@@ -85,9 +87,20 @@ class RaggedChunk:
 class KVPool:
     """Rows of K/V storage for resident requests (see module docstring)."""
 
-    def __init__(self, layout, rows: int, max_len: int, slot_rows: int, dtype, device, decode_attention=None) -> None:
+    def __init__(
+        self,
+        layout,
+        rows: int,
+        max_len: int,
+        slot_rows: int,
+        dtype,
+        device,
+        decode_attention=None,
+        prefill_attention=None,
+    ) -> None:
         self.layout, self.rows, self.max_len = layout, rows, max_len
         self.decode_attention = decode_attention  # kernels/pool_attention.py's ``fused`` signature, or None
+        self.prefill_attention = prefill_attention  # kernels/pool_prefill.py's ``fused`` signature, or None
         self.slot_rows = slot_rows if layout.looped else 0
         H, D = layout.kv_heads, layout.head_dim
         self.trash = max_len  # the entry padding queries write to (never a key)
@@ -255,14 +268,25 @@ class KVPool:
         attention output [R,H,n,D]."""
         if self._fused(chunk):
             return self._decode(q, k, v, self.plain_k[layer], self.plain_v[layer], chunk, active)
+        if self.prefill_attention is not None:
+            k_buf, v_buf = self.plain_k[layer], self.plain_v[layer]
+            self._write(k_buf, chunk.rows, k, chunk, active)
+            self._write(v_buf, chunk.rows, v, chunk, active)
+            return self.prefill_attention(q, k_buf, v_buf, chunk.rows, chunk.q_idx, chunk.end, self.valid)
         return attention(q, *self.plain(layer, k, v, chunk, active), chunk.mask)
 
     def attend_core(self, layer: int, q: Tensor, k: Tensor, v: Tensor, chunk: RaggedChunk, active: Tensor) -> Tensor:
         """``attend_plain`` for a looped layer: each row at its own iteration (``chunk.iterations``, marked
         by ``mark_iteration`` first), its KV mode's slots."""
+        looped = (self.slot_table, self.slots, chunk.iterations, self.written)
         if self._fused(chunk):
-            looped = (self.slot_table, self.slots, chunk.iterations, self.written)
             return self._decode(q, k, v, self.core_k[layer], self.core_v[layer], chunk, active, looped)
+        if self.prefill_attention is not None:
+            k_buf, v_buf = self.core_k[layer], self.core_v[layer]
+            target, _ = slot_rows(chunk.rows, self.written[:, : chunk.end], *looped[:3])
+            self._write(k_buf, target, k, chunk, active)
+            self._write(v_buf, target, v, chunk, active)
+            return self.prefill_attention(q, k_buf, v_buf, chunk.rows, chunk.q_idx, chunk.end, self.valid, *looped)
         return attention(q, *self.core(layer, k, v, chunk, None, active), chunk.mask)
 
     def _fused(self, chunk: RaggedChunk) -> bool:

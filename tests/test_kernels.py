@@ -371,6 +371,56 @@ def test_pool_attention_reads_nothing_outside_its_rows_entries():
     _close(pa.fused(*poisoned)[0], want, 1e-5)
 
 
+def _prefill_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
+    from latentrt.kernels import pool_prefill as pp
+
+    inputs = list(pp.make_inputs("tiny", DEV, dtype, seed=seed, n=20, context=80, heads=heads))
+    if not looped:
+        inputs[-4:] = [None] * 4
+    return pp, inputs
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("looped", [True, False])
+def test_pool_prefill_ragged_prompts_per_row_lookup(heads, looped):
+    """Ragged prompt chunks (20 queries in two blocks, padding at the trash entry), each row over its own
+    pool row with its own KV mode and iteration, GQA / MQA: outputs (poisoned first) equal the reference."""
+    pp, inputs = _prefill_inputs(looped, heads)
+    want = pp.reference(*_clone(inputs))
+    out = torch.full_like(inputs[0], float("nan"))
+    got = pp.fused(*_clone(inputs), out=out)
+    _close(got, want, 1e-5)
+
+
+def test_pool_prefill_reads_nothing_outside_its_rows_entries():
+    """Storage a query must not read (other requests' slot rows, entries after the chunk, invalid entries,
+    slots the lookup does not pick) is NaN: the real queries' outputs stay finite and equal."""
+    pp, inputs = _prefill_inputs(True, (4, 2), seed=1)
+    want = pp.reference(*_clone(inputs))
+    q, k_buf, v_buf, rows, q_idx, end, valid, table, slots, iterations, written = inputs
+    read = torch.zeros(k_buf.shape[0], k_buf.shape[2], dtype=torch.bool)
+    real = q_idx < valid.shape[1] - 1  # not the trash entry
+    for r in range(len(rows)):
+        row, last = int(rows[r]), int(q_idx[r][real[r]].max())
+        slot = int(iterations[r] % slots[row])
+        for p in range(last + 1):
+            if valid[row, p]:
+                read[table[row, min(max(int(written[row, p]) - 1, 0), slot)], p] = True
+    poisoned = _clone(inputs)
+    poisoned[1][~read[:, None, :, None].expand_as(k_buf)] = float("nan")
+    poisoned[2][~read[:, None, :, None].expand_as(v_buf)] = float("nan")
+    got = pp.fused(*poisoned)
+    mask = real[:, None, :, None].expand_as(want)
+    _close(got[mask], want[mask], 1e-5)
+
+
+def test_pool_prefill_bf16_anchored_on_fp32():
+    pp, inputs = _prefill_inputs(True, (4, 2), torch.bfloat16, seed=2)
+    got = pp.fused(*_clone(inputs))
+    want = pp.reference(*_as_float(_clone(inputs)))
+    _close(got, want, 2e-2)
+
+
 def test_pool_attention_bf16_anchored_on_fp32():
     pa, inputs = _pool_inputs(True, (4, 2), torch.bfloat16, seed=2)
     got = pa.fused(*_clone(inputs))[0]

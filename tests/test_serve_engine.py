@@ -462,8 +462,8 @@ def _engine_on_triton(max_batch: int):
 
 
 def test_served_on_the_triton_backend_equals_generate_alone():
-    """A server on the Triton backend (its pool's decode attention fused, the decode rows' core pass as one
-    graphable launch sequence over all pool rows; under the interpreter on the CPU) serves each request as
+    """A server on the Triton backend (its pool's decode and prompt attention fused, the decode rows' core
+    pass as one graphable launch sequence over all pool rows; under the interpreter on the CPU) serves each request as
     generate() on the reference backend serves it alone, reading the device once per step."""
     from host_syncs import HostSyncs
 
@@ -480,6 +480,8 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     program = engine.program
     for runner in (program.decode_core, program.decode_head, program.decode_prelude):  # graphed (eager off CUDA)
         runner.run = counted(runner)
+    prefill = program.pool.prefill_attention  # prompt chunks: the pool's multi-query kernel
+    program.pool.prefill_attention = lambda *a: calls.append("prefill") or prefill(*a)
     steps, syncs = 0, HostSyncs()
     with torch.no_grad():
         while engine.busy:
@@ -487,6 +489,7 @@ def test_served_on_the_triton_backend_equals_generate_alone():
                 engine.step()
             steps += 1
     assert 0 < calls.count("DecodeCoreRunner") < steps and {"DecodeHeadRunner", "DecodePreludeRunner"} <= set(calls)
+    assert "prefill" in calls
     assert sum(syncs.hits.values()) == steps, syncs.hits  # one read per step
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)

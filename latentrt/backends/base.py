@@ -11,8 +11,8 @@ which ``Backend`` calls by default); a backend overrides the ones it makes faste
 - ``feedback(h_pre, positions)``: Coconut's hidden -> input feedback.
 - ``exit_ops`` and ``sync_free``: the exit formulas as device masks, and whether the reference loop may
   read them on the host (it stops early then).
-- ``pool_attention()``: the serving pool's decode attention (per-row K/V write and attention over pool
-  rows, latentrt/kv_pool.py), or None for the pool's reference.
+- ``pool_attention()`` / ``pool_prefill()``: the serving pool's attention for decode rows (per-row K/V
+  write and attention over pool rows) and prompt chunks (latentrt/kv_pool.py), or None for the reference.
 
 A runner (backends/graph.py) has static input/output buffers: ``prepare(...)`` fills them,
 calling it runs (or replays a captured CUDA graph). ``Capabilities`` say what a backend can serve;
@@ -74,6 +74,11 @@ class Backend:
     def pool_attention(self):
         """A kernel with latentrt/kernels/pool_attention.py's ``fused`` signature for the server's decode rows,
         or None: the pool gathers each row's keys and attends with PyTorch (the reference)."""
+        return None
+
+    def pool_prefill(self):
+        """A kernel with latentrt/kernels/pool_prefill.py's ``fused`` signature for the server's prompt
+        chunks (several queries per row), or None: the reference gathers each row's keys."""
         return None
 
     # ---------------------------------------------------------------- continuous thought

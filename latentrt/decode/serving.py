@@ -43,8 +43,9 @@ class ServingProgram:
     def __init__(self, model, rows: int, max_len: int, slot_rows: int) -> None:
         self.model = model
         backend = model.backend
-        kernel = backend.pool_attention() if backend is not None else None
-        self.pool = KVPool(model.cache_layout(), rows, max_len, slot_rows, model.dtype, model.device, kernel)
+        decode = backend.pool_attention() if backend is not None else None
+        prefill = backend.pool_prefill() if backend is not None else None
+        self.pool = KVPool(model.cache_layout(), rows, max_len, slot_rows, model.dtype, model.device, decode, prefill)
         self.launched_rows = 0  # rows the last launch ran (for slot utilisation)
         self.passes = 0  # passes over a set of the model's layers so far (each reads those weights once)
         self.weight_reads = 0.0  # those passes' weights, in core iterations' (prelude_cost, head_cost, 1)

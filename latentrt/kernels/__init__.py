@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 
-FAMILIES = ("norms", "linear", "feedback", "rope_kv", "decode_attention", "pool_attention", "exits")
+FAMILIES = ("norms", "linear", "feedback", "rope_kv", "decode_attention", "pool_attention", "pool_prefill", "exits")
 
 SHAPES = {
     # name: (n_embd, heads, head_dim, ffn, vocab)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import kernels
-from ...kernels import exits, feedback, pool_attention
+from ...kernels import exits, feedback, pool_attention, pool_prefill
 from ..base import Backend, Capabilities
 from .column import ColumnRunner, fused_layers_apply
 from .recurrent_layers import DecodePosition, core_iteration
@@ -53,6 +53,9 @@ class TritonBackend(Backend):
 
     def pool_attention(self):
         return pool_attention.fused
+
+    def pool_prefill(self):
+        return pool_prefill.fused
 
     # ---------------------------------------------------------------- recurrent depth
     def _position(self, e: Tensor, cache, chunk, rope) -> tuple[Tensor, DecodePosition]:

@@ -1,0 +1,260 @@
+"""Prompt attention over a serving pool: several queries per row, every row its own timeline, KV mode and
+latent iteration.
+
+The multi-query companion of pool_attention.py (one query per row, fused with its K/V write). A prompt
+chunk's K/V are written first (``KVPool``: one indexed store per buffer), then this family attends: query
+i of launch row r sits at entry ``q_idx[r, i]`` of pool row ``rows[r]`` and reads every valid entry of that
+row up to and including its own (the chunk's earlier entries too, written by the same pass); a padding
+query (``q_idx``: the pool's trash entry) reads every valid entry before ``end`` (its output is never
+used). Looped core layers read entry p from storage row ``table[rows[r], min(t mod K, n_p - 1)]``, t the
+row's iteration (``pool_attention.slot_rows``: the one lookup rule). The reference gathers each row's K/V
+[R, Hkv, end, D] and attends under the mask; the kernel streams each row's keys in blocks where they lie
+(no gathered copy: at Huginn's width a row's K/V is about 43 MB per layer at 2K positions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from .pool_attention import slot_rows
+from .reference import attention
+
+
+def reference(
+    q: Tensor,
+    k_buf: Tensor,
+    v_buf: Tensor,
+    rows: Tensor,
+    q_idx: Tensor,
+    end: int,
+    valid: Tensor,
+    table: Tensor | None = None,
+    slots: Tensor | None = None,
+    iterations: Tensor | None = None,
+    written: Tensor | None = None,
+) -> Tensor:
+    """q [R,H,n,D]; k_buf / v_buf [S,Hkv,W,D] one layer's storage (the chunk's K/V already written);
+    rows [R]; q_idx [R,n] each query's entry; end: the entries concerned (the chunk's last + 1); valid /
+    written [N,W] per pool row and entry; looped layers: table [N,K_max], slots [N], iterations [R] (plain:
+    None). Returns [R,H,n,D]."""
+    if table is None:
+        phys = rows[:, None].expand(-1, end)
+    else:
+        _, phys = slot_rows(rows, written[:, :end], table, slots, iterations)
+    p = torch.arange(end, device=q.device)[None, :].expand_as(phys)
+    k = k_buf[phys, :, p].permute(0, 2, 1, 3)  # [R, end, Hkv, D] -> [R, Hkv, end, D]
+    v = v_buf[phys, :, p].permute(0, 2, 1, 3)
+    causal = torch.arange(end, device=q.device)[None, None, :] <= q_idx[:, :, None]
+    mask = valid[rows, :end][:, None, :] & causal  # [R, n, end]
+    return attention(q, k, v, mask[:, None])
+
+
+def make_inputs(
+    shape: str,
+    device,
+    dtype,
+    seed: int = 0,
+    batch: int = 4,
+    n: int = 12,
+    context: int = 64,
+    kv_slots: tuple = (1, 3, 32),
+    heads: tuple[int, int] | None = None,
+):
+    """A prompt chunk of ``batch`` rows (``n`` queries, row r's first ``lengths[r]`` real, the rest padding
+    at the trash entry), each row's chunk after its own earlier entries (some invalid), looped in the KV
+    modes ``kv_slots`` (cycled: shared, ring-3, full at r=32); ``heads``: (query heads, K/V heads)."""
+    from . import SHAPES
+
+    _, H, D, _, _ = SHAPES[shape]
+    H, Hkv = heads or (H, H)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    W = context + 1
+    trash = context
+    slots = torch.tensor([kv_slots[i % len(kv_slots)] for i in range(batch)])
+    storage = int(slots.sum())
+    table = torch.zeros(batch, max(kv_slots), dtype=torch.long)
+    perm, at = torch.randperm(storage, generator=g), 0
+    for i, k in enumerate(slots.tolist()):
+        table[i, :k] = perm[at : at + k]
+        at += k
+    rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
+    lengths = torch.randint(1, n + 1, (batch,), generator=g)
+    lengths[0] = n
+    starts = torch.randint(0, context - n, (batch,), generator=g)
+    iterations = torch.randint(0, 40, (batch,), generator=g)
+    valid = torch.zeros(batch, W, dtype=torch.bool)
+    written = torch.randint(1, 40, (batch, W), generator=g)
+    q_idx = torch.full((batch, n), trash, dtype=torch.long)
+    for i in range(batch):
+        row, s, m = int(rows[i]), int(starts[i]), int(lengths[i])
+        valid[row, :s] = torch.rand(s, generator=g) > 0.1
+        valid[row, s : s + m] = True
+        written[row, s : s + m] = iterations[i] + 1  # the chunk's entries: this iteration (mark_iteration)
+        q_idx[i, :m] = torch.arange(s, s + m)
+    end = int((starts + lengths).max())
+    to = lambda t: t.to(device)  # noqa: E731
+    return (
+        r(batch, H, n, D),
+        r(storage, Hkv, W, D),
+        r(storage, Hkv, W, D),
+        to(rows),
+        to(q_idx),
+        end,
+        to(valid),
+        to(table),
+        to(slots),
+        to(iterations),
+        to(written),
+    )
+
+
+def bytes_moved(inputs) -> int:
+    """Each row's keys and values up to ``end`` (with their flags), once; the queries and outputs."""
+    q, k_buf, _, rows, _, end, _ = inputs[:7]
+    Hkv, D = k_buf.shape[1], k_buf.shape[3]
+    return len(rows) * end * (Hkv * D * 2 * k_buf.element_size() + 9) + 2 * q.numel() * q.element_size()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _pool_prefill_kernel(
+        q_ptr,
+        kbuf_ptr,
+        vbuf_ptr,
+        rows_ptr,
+        qidx_ptr,
+        valid_ptr,
+        table_ptr,
+        slots_ptr,
+        it_ptr,
+        written_ptr,
+        out_ptr,
+        n_q,
+        n_head,
+        group,
+        D,
+        end,
+        sm_scale,
+        stride_bs,
+        stride_bh,
+        stride_bt,
+        stride_pool,
+        stride_table,
+        LOOPED: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Program (r, h, b): queries [b BLOCK_Q, (b + 1) BLOCK_Q) of launch row r, head h, over the row's
+        entries up to its block's last query (storage rows by the lookup rule when LOOPED); online
+        softmax over key blocks, two tensor-core products per block in fp32 (loads cast to fp32, as the
+        interpreter needs; bf16 values are exact in tf32, so bf16 pools lose nothing to PRECISION "tf32",
+        fp32 pools use "ieee")."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        hk = h // group
+        im = i < n_q
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        row = tl.load(rows_ptr + r)
+        qi = tl.load(qidx_ptr + r * n_q + i, mask=im, other=0)
+        q_off = ((r * n_head + h) * n_q + i[:, None]) * D + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=im[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        if LOOPED:
+            slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row)
+        m_i = tl.full((BLOCK_Q,), -float("inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_Q,), tl.float32)
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+        hi = tl.minimum(end, tl.max(tl.where(im, qi, 0), 0) + 1)  # no key after the block's last query
+        for t0 in range(0, hi, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < hi
+            ok = tm & (tl.load(valid_ptr + row * stride_pool + t, mask=tm, other=0) != 0)
+            if LOOPED:
+                iters = tl.load(written_ptr + row * stride_pool + t, mask=tm, other=1)
+                pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
+                phys = tl.load(table_ptr + row * stride_table + pick, mask=tm, other=0)
+            else:
+                phys = tl.zeros((BLOCK_T,), dtype=tl.int64) + row
+            off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
+            kv_mask = ok[:, None] & dm[None, :]
+            keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+            attend = ok[None, :] & (t[None, :] <= qi[:, None])
+            s = tl.where(attend, s * sm_scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no key yet: nothing to rescale
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = tl.dot(p, vals, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=im[:, None] & dm[None, :])
+
+
+def fused(
+    q: Tensor,
+    k_buf: Tensor,
+    v_buf: Tensor,
+    rows: Tensor,
+    q_idx: Tensor,
+    end: int,
+    valid: Tensor,
+    table: Tensor | None = None,
+    slots: Tensor | None = None,
+    iterations: Tensor | None = None,
+    written: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``reference`` as one launch (grid rows x query heads x query blocks); ``out`` [R,H,n,D] may be given."""
+    R, H, n, D = q.shape
+    Hkv = k_buf.shape[1]
+    assert k_buf.stride() == v_buf.stride() and k_buf.stride(-1) == 1 and H % Hkv == 0
+    assert valid.stride(-1) == 1 and (written is None or written.stride() == valid.stride())
+    q = q.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    looped = table is not None
+    idx = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    rows_i = idx(rows)
+    BLOCK_Q = 16
+    _pool_prefill_kernel[(R, H, triton.cdiv(n, BLOCK_Q))](
+        q,
+        k_buf,
+        v_buf,
+        rows_i,
+        idx(q_idx),
+        valid,
+        idx(table) if looped else rows_i,
+        idx(slots) if looped else rows_i,
+        idx(iterations) if looped else rows_i,
+        written if looped else valid,
+        out,
+        n,
+        H,
+        H // Hkv,
+        D,
+        int(end),
+        1.0 / math.sqrt(D),
+        k_buf.stride(0),
+        k_buf.stride(1),
+        k_buf.stride(2),
+        valid.stride(0),
+        table.stride(0) if looped else 0,
+        LOOPED=looped,
+        PRECISION="ieee" if k_buf.dtype == torch.float32 else "tf32",
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_T=32,
+        BLOCK_D=max(16, next_pow2(D)),
+    )
+    return out
