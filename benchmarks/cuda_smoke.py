@@ -37,14 +37,15 @@ def persistent_loop() -> None:
 
 def streamed_loop() -> None:
     """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
-    (latent-diff), and a batch on the tensor-core path; each launch must return (a hang is the likely bug)."""
+    (latent-diff; KL with the coda and lm_head streamed at its checks), and a batch on the tensor-core path;
+    each launch must return (a hang is the likely bug)."""
     cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     model.backend = get_backend("cuda", model)
     model.backend.loop_kernel = "stream"
     for batch in (2, 8):
         prompts = [[3 + i, 4, 5][: 2 + i % 2] for i in range(batch)]
-        for crit in ("none", "latent-diff"):
+        for crit in ("none", "latent-diff", "kl"):
             kw = dict(max_new_tokens=3, num_steps=4, kv_sharing="ring-2", adaptive=True, exit_criterion=crit)
             latentrt.generate(model, prompts, **kw)
             torch.cuda.synchronize()

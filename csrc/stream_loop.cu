@@ -2,7 +2,8 @@
 // launch, like recurrent_loop.cu, rebuilt so that the weight stream never waits for activations. It runs the
 // latent loop of latentrt/recurrence.py (the one description of its rules: iteration t writes K/V slot
 // t mod K, the lookup min(t mod K, n_p - 1) with `written`, checks at t >= min_steps every check_every,
-// latent-diff / cosine against the state of the previous check) for criteria none / latent-diff / cosine.
+// latent-diff / cosine against the state of the previous check; KL against the log-probs of the previous
+// check, its coda + lm_head streamed only in the iterations that check).
 //
 // One CTA per SM (cooperative launch: all resident). Warp 0 streams the CTA's byte-balanced share of every
 // weight matrix of an iteration (adapter W[:, :d], then per core layer Wqkv, Wo, Wfc, Wproj), r_max times,
@@ -24,6 +25,8 @@
 //     N1/N2/N3  v = rnd(hb + rnd(acc_p)); hx = norm_4(v); xs = norm_1 of the next layer
 //   last layer's N1/N2 (exit): s = norm_4(v) -> state; at a check the criterion's sums -> every CTA
 //   takes the same decision; rows that exit freeze (no more K/V, state or used writes).
+//   KL at a check (kl_head): hx = ln_f(s), each coda layer as above (its K/V in slot 0), xs = ln_f of the
+//   last, HEAD acc_logits = lm_head xs, then one CTA per row: logits, log-softmax, KL -> `active`.
 // When every row has exited the consumers stop and tell the producer (shared memory); it drains the copies
 // in flight and stops too. fp32 accumulators are zeroed two phases after their last reader (see `run`).
 //
@@ -47,8 +50,10 @@ using latentrt_device::warp_sum;
 using latentrt_stream::Plan;
 
 constexpr int kMaxCore = 8;
+constexpr int kMaxCoda = 4;
 constexpr int kOpsPerLayer = 4;
-constexpr int kMaxOps = 1 + kOpsPerLayer * kMaxCore;
+constexpr int kMaxOps = 1 + kOpsPerLayer * (kMaxCore + kMaxCoda) + 1;  // adapter, core, coda, lm_head
+constexpr int kKL = 3;  // LoopArgs.criterion of KL
 constexpr int kMaxHeadDim = 128;
 constexpr int kDims = kMaxHeadDim / 32;  // head dimensions per lane
 constexpr int kStatsRing = 4;           // norm instances whose statistics are live at once (see norm_stats)
@@ -60,10 +65,10 @@ struct Layer {
 };
 
 struct Args {
-  Op ops[kMaxOps];  // adapter, then per core layer qkv, wo, fc, proj: the producer's order
-  Layer core[kMaxCore];
+  Op ops[kMaxOps];  // adapter, per core layer qkv, wo, fc, proj; KL: per coda layer the same, lm_head
+  Layer core[kMaxCore], coda[kMaxCoda];
   Ring ring;
-  int B, d, H, Hkv, D, I, T, pos, r_max, min_steps, check_every, criterion, n_core;
+  int B, d, H, Hkv, D, I, T, V, pos, r_max, min_steps, check_every, criterion, n_core, n_coda;
   float eps, threshold;
   const bf16* term;
   const float *cos, *sin;
@@ -72,8 +77,11 @@ struct Args {
   bf16 *state, *ref_state;
   uint8_t* active;
   int64_t* used;
+  const bf16* ln_f;         // KL only
+  float *logits, *prev_logp;  // KL only: [B, V] the logits of each row's last check; the log-probs before
   bf16 *xs, *hx, *hb, *y, *g;                      // bf16 workspace
   float *acc_a, *acc_qkv, *acc_o, *acc_fc, *acc_p;  // fp32 sums of the GEMVs
+  float* acc_logits;                                // KL only: lm_head's sums [B, V], else null
   float* stats;                                     // [kStatsRing][2][kMaxBatch] norm statistics
   float* exit_sums;                                 // [2][kMaxBatch][4] criterion sums, by iteration parity
   float* zero_from;                                 // the fp32 workspace, zeroed at the start
@@ -81,6 +89,8 @@ struct Args {
   unsigned* counter;
   Watch watch;  // status null: no watchdog
 };
+
+static_assert(sizeof(Args) <= 4096, "the launch's arguments stay within the classic 4 KB parameter space");
 
 __device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float ldb(const bf16* p) { return __bfloat162float(__ldcg(p)); }
@@ -149,12 +159,15 @@ __device__ float* norm_stats(const Args& a, Consumer& c) {
 }
 
 // The residual after a sublayer, then the pending norm and the next layer's input norm:
-//   v = rnd(res + rnd(acc)); out = norm_pend(v); xs = norm_next(out)        (three phases)
+//   v = rnd(res + rnd(acc)) (acc null: v = res); out = norm_pend(v); xs = norm_next(out)   (three phases)
 __device__ void add_norm_norm(const Args& a, Consumer& c, const uint8_t* act, const bf16* res, const float* acc,
                               const bf16* w_pend, bf16* out, const bf16* w_next) {
   float* st = norm_stats(a, c);
   const int d = a.d;
-  auto v_at = [&](int b, int k) { return rnd(ldb(res + (size_t)b * d + k) + rnd(__ldcg(acc + (size_t)b * d + k))); };
+  auto v_at = [&](int b, int k) {
+    const float r = ldb(res + (size_t)b * d + k);
+    return acc == nullptr ? r : rnd(r + rnd(__ldcg(acc + (size_t)b * d + k)));
+  };
   over_slice(a, act, st, [&](int b, int k) {
     const float v = v_at(b, k);
     return v * v;
@@ -287,6 +300,102 @@ __device__ void gate(const Args& a, const uint8_t* act) {
   }
 }
 
+// Whether iteration t checks its criterion (rule 3 of latentrt/recurrence.py); the producer and the
+// consumers both ask, so the KL head's matrices stream exactly in the iterations that use them.
+__device__ __forceinline__ bool checks_at(const Args& a, int t) {
+  return a.criterion != 0 && t >= a.min_steps && (t - a.min_steps) % a.check_every == 0;
+}
+
+// Sum / max over the CTA's consumer threads (every one gets it); `sm` holds kConsumerWarps floats.
+__device__ float consumer_sum(float v, float* sm) {
+  v = warp_sum(v);
+  consumers_sync();  // sm may still be read from the previous call
+  if (lane_id() == 0) sm[consumer_warp()] = v;
+  consumers_sync();
+  float t = 0.f;
+  for (int w = 0; w < kConsumerWarps; ++w) t += sm[w];
+  return t;
+}
+__device__ float consumer_max(float v, float* sm) {
+  v = latentrt_device::warp_max(v);
+  consumers_sync();
+  if (lane_id() == 0) sm[consumer_warp()] = v;
+  consumers_sync();
+  float t = -INFINITY;
+  for (int w = 0; w < kConsumerWarps; ++w) t = fmaxf(t, sm[w]);
+  return t;
+}
+
+// One sandwich layer's phases from xs = norm_1(hx) to acc_p = Wproj g (its four matrices: ops[0..3]);
+// the norm after it is the caller's (the next layer's input, the exit, or ln_f before the head).
+template <int MB>
+__device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_t* act, float* sm, const Layer& L,
+                         const Op* ops, int slot, bool zero_adapter) {
+  const int B = a.B, d = a.d;
+  consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
+  sync(a, c);
+  zero(a.acc_p, (size_t)B * d);  // last read by the previous norm after a PROJ: two barriers ago
+  attend(a, L, slot, L.slots > 1, act, sm);
+  sync(a, c);
+  consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
+  sync(a, c);
+  add_norm_norm(a, c, act, a.hx, a.acc_o, L.n2, a.hb, L.n3);
+  zero(a.acc_qkv, (size_t)B * (a.H + 2 * a.Hkv) * a.D);  // last read by ATT
+  zero(a.acc_o, (size_t)B * d);                           // last read by the norm above
+  if (zero_adapter) zero(a.acc_a, (size_t)B * d);
+  consume_op<MB>(a.ring, ops[2], s, c.cur, true, false, &a.watch);  // FC
+  sync(a, c);
+  gate(a, act);
+  sync(a, c);
+  consume_op<MB>(a.ring, ops[3], s, c.cur, true, false, &a.watch);  // PROJ
+  sync(a, c);
+}
+
+// KL at a check: ln_f -> coda -> ln_f -> lm_head on the new state, then per row (one CTA each) the
+// log-softmax, KL(previous check || now) and the logits kept for rule 5; a row under the threshold exits.
+template <int MB>
+__device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act, float* sm) {
+  const int B = a.B, V = a.V;
+  const Op* coda_ops = a.ops + 1 + kOpsPerLayer * a.n_core;
+  add_norm_norm(a, c, act, a.state, nullptr, a.ln_f, a.hx, a.coda[0].n1);
+  for (int j = 0; j < a.n_coda; ++j) {
+    const Layer& L = a.coda[j];
+    sandwich<MB>(a, c, s, act, sm, L, coda_ops + kOpsPerLayer * j, 0, false);
+    add_norm_norm(a, c, act, a.hb, a.acc_p, L.n4, a.hx, j + 1 < a.n_coda ? a.coda[j + 1].n1 : a.ln_f);
+    zero(a.acc_fc, (size_t)B * 2 * a.I);  // last read by G, two barriers ago
+  }
+  consume_op<MB>(a.ring, coda_ops[kOpsPerLayer * a.n_coda], s, c.cur, true, false, &a.watch);  // lm_head
+  sync(a, c);
+  for (int b = blockIdx.x; b < B; b += gridDim.x) {
+    if (!act[b]) continue;  // uniform across the CTA
+    const float* acc = a.acc_logits + (size_t)b * V;
+    float* lg = a.logits + (size_t)b * V;
+    float* prev = a.prev_logp + (size_t)b * V;
+    float m = -INFINITY;
+    for (int n = consumer_thread(); n < V; n += 32 * kConsumerWarps) {
+      const float l = rnd(__ldcg(acc + n));
+      lg[n] = l;
+      m = fmaxf(m, l);
+    }
+    m = consumer_max(m, sm);
+    float se = 0.f;
+    for (int n = consumer_thread(); n < V; n += 32 * kConsumerWarps) se += __expf(lg[n] - m);
+    const float lse = m + logf(consumer_sum(se, sm));
+    float kl = 0.f;
+    for (int n = consumer_thread(); n < V; n += 32 * kConsumerWarps) {
+      const float lp = lg[n] - lse, pp = prev[n];
+      kl += expf(pp) * (pp - lp);
+      prev[n] = lp;
+    }
+    kl = consumer_sum(kl, sm);
+    if (consumer_thread() == 0 && kl < a.threshold) a.active[b] = 0;
+  }
+  sync(a, c);
+  if (consumer_thread() < B && act[consumer_thread()] && !__ldcg(a.active + consumer_thread()))
+    act[consumer_thread()] = 0;
+  consumers_sync();
+}
+
 // The consumers' walk: phases of every iteration in the producer's matrix order. MB: rows of the CUDA-core
 // GEMV (batch <= 4); above 4 the GEMVs run on tensor cores.
 template <int MB>
@@ -320,28 +429,13 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
       });
       sync(a, c);
     }
+    if (blockIdx.x == 0 && ct < 4 * kMaxBatch)  // the other parity's criterion sums: read last iteration
+      a.exit_sums[(size_t)((t + 1) % 2) * 4 * kMaxBatch + ct] = 0.f;
+    if (a.criterion == kKL && checks_at(a, t))  // lm_head's sums: last read by the previous check's KL phase
+      zero(a.acc_logits, (size_t)B * a.V);
     for (int j = 0; j < a.n_core; ++j) {
       const Layer& L = a.core[j];
-      const Op* ops = a.ops + 1 + kOpsPerLayer * j;
-      consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
-      sync(a, c);
-      zero(a.acc_p, (size_t)B * d);  // last read by the previous N2 (or exit): two barriers ago
-      if (j == 0 && blockIdx.x == 0 && ct < 4 * kMaxBatch)  // the other parity's criterion sums: read last iteration
-        a.exit_sums[(size_t)((t + 1) % 2) * 4 * kMaxBatch + ct] = 0.f;
-      attend(a, L, t % L.slots, L.slots > 1, act, sm);
-      sync(a, c);
-      consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
-      sync(a, c);
-      add_norm_norm(a, c, act, a.hx, a.acc_o, L.n2, a.hb, L.n3);
-      zero(a.acc_qkv, (size_t)B * (a.H + 2 * a.Hkv) * a.D);  // last read by ATT
-      zero(a.acc_o, (size_t)B * d);                           // last read by the N2 above
-      if (j == 0) zero(a.acc_a, (size_t)B * d);
-      consume_op<MB>(a.ring, ops[2], s, c.cur, true, false, &a.watch);  // FC
-      sync(a, c);
-      gate(a, act);
-      sync(a, c);
-      consume_op<MB>(a.ring, ops[3], s, c.cur, true, false, &a.watch);  // PROJ
-      sync(a, c);
+      sandwich<MB>(a, c, s, act, sm, L, a.ops + 1 + kOpsPerLayer * j, t % L.slots, j == 0);
       if (j + 1 < a.n_core) {
         add_norm_norm(a, c, act, a.hb, a.acc_p, L.n4, a.hx, a.core[j + 1].n1);
         zero(a.acc_fc, (size_t)B * 2 * a.I);  // last read by G, two barriers ago
@@ -350,7 +444,7 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
     // exit: s = norm_4(rnd(hb + rnd(acc_p))) -> state; the criterion's sums at a check; the same decision in
     // every CTA
     const Layer& last = a.core[a.n_core - 1];
-    const bool check = a.criterion != 0 && t >= a.min_steps && (t - a.min_steps) % a.check_every == 0;
+    const bool check = checks_at(a, t);
     float* st = norm_stats(a, c);
     float* ex = a.exit_sums + (size_t)(t % 2) * 4 * kMaxBatch;
     auto v_at = [&](int b, int k) { return rnd(ldb(a.hb + (size_t)b * d + k) + rnd(__ldcg(a.acc_p + (size_t)b * d + k))); };
@@ -380,7 +474,7 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
       }
     }
     sync(a, c);
-    // the decision, from the same sums in every CTA
+    // the decision, from the same sums in every CTA (KL: from the head below)
     if (ct < B && act[ct]) {
       const float* e = ex + 4 * ct;
       StateSums sums;
@@ -393,6 +487,7 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
       if (exits) act[ct] = 0;
     }
     consumers_sync();
+    if (a.criterion == kKL && check) kl_head<MB>(a, c, s, act, sm);
     any = 0;
     for (int b = 0; b < B; ++b) any |= act[b];
     if (!any) {  // every row has exited: the producer stops after this iteration's stages
@@ -402,10 +497,24 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
   }
 }
 
+// The producer's walk: every iteration's core matrices, and at a KL check the coda's and lm_head.
+__device__ void stream_weights(const Args& a, const Smem& s, const volatile int* stop) {
+  Producer p;
+  const int core = 1 + kOpsPerLayer * a.n_core, head = kOpsPerLayer * a.n_coda + 1;
+  for (int t = 0; t < a.r_max; ++t) {
+    for (int o = 0; o < core; ++o)
+      if (!produce_op(a.ops[o], a.ring, s, p, t, stop)) return drain(a.ring, s, p);
+    if (a.criterion == kKL && checks_at(a, t))
+      for (int o = core; o < core + head; ++o)
+        if (!produce_op(a.ops[o], a.ring, s, p, t, stop)) return drain(a.ring, s, p);
+  }
+  drain(a.ring, s, p);
+}
+
 template <int MB>
 __global__ void __launch_bounds__(kThreads, 1) stream_loop_kernel(const __grid_constant__ Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ float sm[2 * kConsumerWarps + kConsumerWarps * kMaxHeadDim];  // attention's merge
+  __shared__ float sm[2 * kConsumerWarps + kConsumerWarps * kMaxHeadDim];  // attention's merge, reductions
   __shared__ uint8_t act[kMaxBatch];
   __shared__ int stop;
   const Smem s = smem_layout(smem, a.ring);
@@ -413,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1) stream_loop_kernel(const __grid_c
   if (threadIdx.x == 0) stop = INT_MAX;
   ring_init(s, a.ring);  // ends with __syncthreads
   if (threadIdx.x < 32) {
-    produce(a.ops, 1 + kOpsPerLayer * a.n_core, a.ring, s, a.r_max, &stop);
+    stream_weights(a, s, &stop);
     return;
   }
   run<MB>(a, s, act, sm, &stop);
@@ -425,16 +534,21 @@ const void* kernel_for(int batch) {
   return reinterpret_cast<const void*>(stream_loop_kernel<1>);  // tensor cores: MB unused
 }
 
-// The matrices of one iteration, {rows, cols}, in the producer's order.
+// The matrices of one iteration, {rows, cols}, in the producer's order (KL: the coda's and lm_head after).
 std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::LoopArgs& a) {
   const int64_t d = a.d, hd = (int64_t)a.n_head * a.head_dim, qkv = (int64_t)(a.n_head + 2 * a.n_kv) * a.head_dim;
+  const std::vector<std::pair<int64_t, int64_t>> layer = {{qkv, d}, {d, hd}, {2 * (int64_t)a.ffn, d}, {d, a.ffn}};
   std::vector<std::pair<int64_t, int64_t>> m = {{d, d}};
-  for (size_t j = 0; j < a.core.size(); ++j) m.insert(m.end(), {{qkv, d}, {d, hd}, {2 * (int64_t)a.ffn, d}, {d, a.ffn}});
+  for (size_t j = 0; j < a.core.size(); ++j) m.insert(m.end(), layer.begin(), layer.end());
+  if (a.criterion == kKL) {
+    for (size_t j = 0; j < a.coda.size(); ++j) m.insert(m.end(), layer.begin(), layer.end());
+    m.push_back({a.vocab, d});
+  }
   return m;
 }
 
 // Plans by shape and device: computing one walks every tile of every matrix, too slow for every token.
-using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int>;
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int>;
 std::mutex plans_lock;
 std::map<PlanKey, Plan> plans;
 
@@ -446,8 +560,12 @@ std::string checks(const latentrt::LoopArgs& a) {
   if (a.n_kv < 1 || a.n_head % a.n_kv) return "n_head must be a multiple of n_kv";
   if (a.d % 8 || a.ffn % 8 || (a.n_head * a.head_dim) % 8 || a.ld_adapter % 8)
     return "widths must be multiples of 8 (16-byte rows for the bulk copies)";
-  if (a.criterion == 3) return "exit criterion kl: the head inside the loop is not in the streamed kernel yet";
   if (a.criterion < 0 || a.criterion > 3) return "unknown exit criterion";
+  if (a.criterion == kKL && (a.lm_head == 0 || a.ln_f == 0 || a.vocab < 1))
+    return "criterion kl needs the head weights";
+  if (a.criterion == kKL && (a.coda.empty() || (int)a.coda.size() > kMaxCoda))
+    return "criterion kl: 1 to " + std::to_string(kMaxCoda) + " coda layers";
+  if (a.criterion == kKL && a.vocab % 8) return "criterion kl: the vocabulary must be a multiple of 8";
   if (a.check_every < 1 || a.min_steps < 0) return "check_every must be >= 1 and min_steps >= 0";
   for (const auto& L : a.core)
     if (L.slots < 1) return "every core layer needs at least one KV slot";
@@ -467,7 +585,9 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   const void* kernel = kernel_for(a.batch);
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return "cannot read the kernel's attributes";
-  const PlanKey key{device, a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter};
+  const bool kl = a.criterion == kKL;
+  const PlanKey key{device,     a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter,
+                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0};
   std::lock_guard<std::mutex> guard(plans_lock);
   auto found = plans.find(key);
   if (found == plans.end()) {
@@ -481,7 +601,7 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
 
 // Workspace layout: bf16 buffers, then the fp32 ones (zeroed by the kernel at its start).
 struct Layout {
-  size_t xs, hx, hb, y, g, acc_a, acc_qkv, acc_o, acc_fc, acc_p, stats, exit_sums, end;
+  size_t xs, hx, hb, y, g, acc_a, acc_qkv, acc_o, acc_fc, acc_p, acc_logits, stats, exit_sums, end;
 };
 Layout layout(const latentrt::LoopArgs& a) {
   const size_t B = a.batch, d = a.d, hd = (size_t)a.n_head * a.head_dim, I = a.ffn;
@@ -504,6 +624,7 @@ Layout layout(const latentrt::LoopArgs& a) {
   l.acc_o = take(B * d * 4);
   l.acc_fc = take(B * 2 * I * 4);
   l.acc_p = take(B * d * 4);
+  l.acc_logits = take(a.criterion == kKL ? B * (size_t)a.vocab * 4 : 0);
   l.stats = take(kStatsRing * 2 * kMaxBatch * 4);
   l.exit_sums = take(2 * kMaxBatch * 4 * 4);
   l.end = at;
@@ -552,13 +673,19 @@ int stream_loop(const LoopArgs& h, int device) {
   a.check_every = h.check_every;
   a.criterion = h.criterion;
   a.n_core = (int)h.core.size();
+  a.n_coda = h.criterion == kKL ? (int)h.coda.size() : 0;
+  a.V = h.vocab;
   a.eps = h.eps;
   a.threshold = h.threshold;
   auto bp = [](uint64_t v) { return reinterpret_cast<bf16*>(v); };
-  for (int j = 0; j < a.n_core; ++j) {
-    const SandwichLayer& s = h.core[j];
-    a.core[j] = Layer{bp(s.norm_1), bp(s.norm_2), bp(s.norm_3), bp(s.norm_4), bp(s.qk_bias), bp(s.k_cache), bp(s.v_cache), s.slots};
-  }
+  auto layer = [&](const SandwichLayer& s) {
+    return Layer{bp(s.norm_1), bp(s.norm_2), bp(s.norm_3), bp(s.norm_4), bp(s.qk_bias), bp(s.k_cache), bp(s.v_cache), s.slots};
+  };
+  for (int j = 0; j < a.n_core; ++j) a.core[j] = layer(h.core[j]);
+  for (int j = 0; j < a.n_coda; ++j) a.coda[j] = layer(h.coda[j]);
+  a.ln_f = bp(h.ln_f);
+  a.logits = reinterpret_cast<float*>(h.logits);
+  a.prev_logp = reinterpret_cast<float*>(h.prev_logp);
   a.term = bp(h.term);
   a.cos = reinterpret_cast<const float*>(h.cos);
   a.sin = reinterpret_cast<const float*>(h.sin);
@@ -580,6 +707,7 @@ int stream_loop(const LoopArgs& h, int device) {
   a.acc_o = reinterpret_cast<float*>(w + l.acc_o);
   a.acc_fc = reinterpret_cast<float*>(w + l.acc_fc);
   a.acc_p = reinterpret_cast<float*>(w + l.acc_p);
+  a.acc_logits = a.criterion == kKL ? reinterpret_cast<float*>(w + l.acc_logits) : nullptr;
   a.stats = reinterpret_cast<float*>(w + l.stats);
   a.exit_sums = reinterpret_cast<float*>(w + l.exit_sums);
   a.zero_from = a.acc_a;
@@ -606,8 +734,15 @@ int stream_loop(const LoopArgs& h, int device) {
       x.out = a.acc_a;
       continue;
     }
-    const SandwichLayer& s = h.core[(o - 1) / kOpsPerLayer];
-    switch ((o - 1) % kOpsPerLayer) {
+    const size_t layer_op = o - 1, n_core_ops = (size_t)kOpsPerLayer * a.n_core;
+    if (layer_op == n_core_ops + (size_t)kOpsPerLayer * a.n_coda) {  // KL: lm_head on ln_f of the coda's output
+      x.w = bp(h.lm_head), x.x = a.xs, x.ldx = a.d, x.out = a.acc_logits;
+      continue;
+    }
+    const bool coda = layer_op >= n_core_ops;
+    const size_t in_part = coda ? layer_op - n_core_ops : layer_op;
+    const SandwichLayer& s = coda ? h.coda[in_part / kOpsPerLayer] : h.core[in_part / kOpsPerLayer];
+    switch (in_part % kOpsPerLayer) {
       case 0:
         x.w = bp(s.wqkv), x.x = a.xs, x.ldx = a.d, x.out = a.acc_qkv;
         break;

@@ -197,39 +197,54 @@ struct Cursor {
 };
 
 // ---------------------------------------------------------------- the producer warp
-// Streams `iters` passes over ops[0 .. n_ops) (the CTA's tiles of each). `stop` (shared memory, written by
-// the consumers): the last iteration they run; no stage of a later iteration is issued after it is set.
-__device__ inline void produce(const Op* ops, int n_ops, const Ring& g, const Smem& s, int iters,
-                               const volatile int* stop) {
-  const int lane = threadIdx.x % 32, R = g.tile_rows, kc = g.k_chunk, row_stride = g.row_stride();
-  const uint64_t pol = evict_first();
+// The producer's position: ring cursor and stages issued so far.
+struct Producer {
   Cursor cur;
   unsigned issued = 0;
-  for (int it = 0; it < iters; ++it)
-    for (int o = 0; o < n_ops; ++o) {
-      const Op& op = ops[o];
-      for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
-        const Tile tl = tile_at(op, R, t);
-        for (int k0 = tl.c0; k0 < tl.c1; k0 += kc) {
-          const int w = min(kc, tl.c1 - k0);
-          if (issued >= (unsigned)g.stages)
-            while (!mbar_try_wait(&s.empty[cur.slot], cur.phase ^ 1))
-              if (*stop < it) goto drain;
-          if (*stop < it) goto drain;
-          if (lane == 0) mbar_expect_tx(&s.full[cur.slot], (unsigned)(tl.rows * w * 2));
-          __syncwarp();
-          unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
-          for (int r = lane; r < tl.rows; r += 32)
-            bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.ldw + k0, (unsigned)(w * 2),
-                      &s.full[cur.slot], pol);
-          ++issued;
-          cur.next(g.stages);
-        }
-      }
+  uint64_t pol;
+  __device__ Producer() : pol(evict_first()) {}
+};
+
+// Issue every stage of this CTA's tiles of `op`, a matrix of iteration `it`. `stop` (shared memory, written
+// by the consumers): the last iteration they run; returns false, issuing nothing more, once it is below it.
+__device__ inline bool produce_op(const Op& op, const Ring& g, const Smem& s, Producer& p, int it,
+                                  const volatile int* stop) {
+  const int lane = threadIdx.x % 32, R = g.tile_rows, kc = g.k_chunk, row_stride = g.row_stride();
+  for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
+    const Tile tl = tile_at(op, R, t);
+    for (int k0 = tl.c0; k0 < tl.c1; k0 += kc) {
+      const int w = min(kc, tl.c1 - k0);
+      if (p.issued >= (unsigned)g.stages)
+        while (!mbar_try_wait(&s.empty[p.cur.slot], p.cur.phase ^ 1))
+          if (*stop < it) return false;
+      if (*stop < it) return false;
+      if (lane == 0) mbar_expect_tx(&s.full[p.cur.slot], (unsigned)(tl.rows * w * 2));
+      __syncwarp();
+      unsigned char* st = s.ring + (size_t)p.cur.slot * g.stage_bytes();
+      for (int r = lane; r < tl.rows; r += 32)
+        bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.ldw + k0, (unsigned)(w * 2),
+                  &s.full[p.cur.slot], p.pol);
+      ++p.issued;
+      p.cur.next(g.stages);
     }
-drain:  // the last stages issued (at most one per slot) have landed before the CTA may exit
-  for (unsigned j = issued > (unsigned)g.stages ? issued - g.stages : 0; j < issued; ++j)
+  }
+  return true;
+}
+
+// Before the CTA may exit: the last stages issued (at most one per slot) have landed.
+__device__ inline void drain(const Ring& g, const Smem& s, const Producer& p) {
+  for (unsigned j = p.issued > (unsigned)g.stages ? p.issued - g.stages : 0; j < p.issued; ++j)
     mbar_wait(&s.full[j % g.stages], (j / g.stages) & 1);
+}
+
+// `iters` passes over ops[0 .. n_ops), then drain.
+__device__ inline void produce(const Op* ops, int n_ops, const Ring& g, const Smem& s, int iters,
+                               const volatile int* stop) {
+  Producer p;
+  for (int it = 0; it < iters; ++it)
+    for (int o = 0; o < n_ops; ++o)
+      if (!produce_op(ops[o], g, s, p, it, stop)) return drain(g, s, p);
+  drain(g, s, p);
 }
 
 // ---------------------------------------------------------------- consumers

@@ -74,7 +74,8 @@ def test_loop_plan_without_a_device_says_so():
         (dict(ffn=60), "multiples of 8"),
         (dict(n_kv=3), "multiple of n_kv"),
         (dict(check_every=0), "check_every"),
-        (dict(criterion=3), "kl"),
+        (dict(criterion=3, lm_head=0), "kl needs the head weights"),
+        (dict(criterion=3, coda=[]), "coda layers"),
         (dict(core=[]), "core layers"),
     ],
 )
@@ -99,6 +100,8 @@ def test_stream_loop_workspace_and_table():
     bf16 = up(B * d * 2) * 3 + up(B * hd * 2) + up(B * ffn * 2)
     fp32 = up(B * d * 4) * 3 + up(B * qkv * 4) + up(B * 2 * ffn * 4) + up(4 * 2 * 32 * 4) + up(2 * 32 * 4 * 4)
     assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32
+    a.criterion = 3  # KL: lm_head's fp32 sums too
+    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + up(B * cfg.padded_vocab_size * 4)
     if not torch.cuda.is_available():
         assert _cuda.stream_loop_table(a, 0) == []
         with pytest.raises(ValueError, match="unsupported"):

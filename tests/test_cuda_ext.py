@@ -139,10 +139,11 @@ def _stream_launches(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
-@pytest.mark.parametrize("criterion", ["none", "latent-diff"])
+@pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
 def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
     """The streamed-weight kernel (csrc/stream_loop.cu): batch 1 on CUDA-core GEMVs, 8 and 32 on tensor
-    cores, every KV mode, rows exiting at their own iterations: tokens, steps and logits as the torch backend."""
+    cores, every KV mode, rows exiting at their own iterations (KL: the coda and lm_head streamed at each
+    check): tokens, steps and logits as the torch backend."""
     import latentrt
 
     ref, fast = _builtin_pair("recurrent")
@@ -187,15 +188,16 @@ def test_streamed_loop_gqa_random_weights_logits(monkeypatch):
         assert rel_err(y[1], x[1]) < 3e-2
 
 
-def test_streamed_loop_falls_back_with_a_reason_for_kl(caplog, monkeypatch):
+def test_streamed_loop_falls_back_with_a_reason(caplog, monkeypatch):
+    """Past its 32 rows the streamed kernel says why and the Triton path runs the batch."""
     import latentrt
 
     ref, fast = _bf16_pair(seed=7)
     fast.backend.loop_kernel = "stream"
     kernels = _stream_launches(monkeypatch)
     with caplog.at_level("WARNING", logger="latentrt"):
-        latentrt.generate(fast, PROMPTS, max_new_tokens=2, num_steps=4, adaptive=True, exit_criterion="kl")
-    assert "stream kernel: exit criterion kl" in caplog.text and not kernels
+        out = latentrt.generate(fast, [[5, 6, 7]] * 33, max_new_tokens=2, num_steps=4)
+    assert "stream kernel: batch 33 is outside 1..32" in caplog.text and not kernels and out.backend == "cuda"
 
 
 def test_persistent_loop_gqa_random_weights_logits():

@@ -5,7 +5,7 @@ thought of a prompt in one launch (csrc/thought_loop.cu).
 Two kernels run the latent loop (``CudaBackend.loop_kernel``): ``barrier`` (recurrent_loop.cu: grid
 barriers between GEMVs, every criterion, batch <= 16) and ``stream`` (stream_loop.cu, issue #11: a producer
 warp per SM streams the weights through a shared-memory ring while the consumers wait on dependency
-counters; batch <= 32, criteria none / latent-diff / cosine). ``barrier`` stays the default until a lent GPU
+counters; batch <= 32, criteria none / latent-diff / cosine / KL). ``barrier`` stays the default until a lent GPU
 has measured ``stream`` (benchmarks/RESULTS.md); where the chosen kernel cannot run a call the other paths
 take over as below.
 
