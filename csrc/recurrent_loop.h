@@ -42,6 +42,7 @@ struct LoopArgs {
   uint64_t logits = 0, prev_logp = 0;  // [B, V] fp32 (criterion 3): exit logits out, KL state
   uint64_t scratch = 0;            // workspace: loop_scratch_elems() bf16 (stream_loop: its scratch bytes)
   uint64_t table = 0;              // stream_loop only: the plan's tile runs (stream_loop_table), on the device
+  uint64_t pos_ptr = 0;            // stream_loop only: int64 [1] on the device holding `pos` (then `pos` is unused)
   uint64_t watch = 0;              // stream_loop only: int32[8] in pinned host memory for the watchdog, or 0
   long long watch_cycles = 4000000000LL;  // a consumer wait longer than this trips the watchdog (~2 s)
   uint64_t barrier = 0;            // 2 x uint32, zeroed once; self-resetting

@@ -69,6 +69,7 @@ struct Args {
   Layer core[kMaxCore], coda[kMaxCoda];
   Ring ring;
   int B, d, H, Hkv, D, I, T, V, pos, r_max, min_steps, check_every, criterion, n_core, n_coda;
+  const int64_t* pos_ptr;  // non-null: the timeline index is read here (a launch captured in a CUDA graph)
   float eps, threshold;
   const bf16* term;
   const float *cos, *sin;
@@ -102,6 +103,7 @@ __device__ __forceinline__ int consumer_thread() { return threadIdx.x - 32; }
 struct Consumer {
   Cursor cur;
   unsigned phase = 0, norm = 0;
+  int pos = 0;  // the token's timeline index (from the device where the launch is captured in a graph)
 };
 
 // Every CTA's consumers have finished the phase (their writes visible) before any goes on.
@@ -189,7 +191,8 @@ __device__ void add_norm_norm(const Args& a, Consumer& c, const uint8_t* act, co
 // One (row, head) item per CTA at a time: this position's q, k, v from the QKV sums (rounded, qk_bias,
 // interleaved RoPE in fp32), its K/V written to `slot`, then attention over positions [0, pos]: warps
 // take positions in turn (online softmax), merged in shared memory.
-__device__ void attend(const Args& a, const Layer& L, int slot, bool use_written, const uint8_t* act, float* sm) {
+__device__ void attend(const Args& a, const Layer& L, int pos, int slot, bool use_written, const uint8_t* act,
+                       float* sm) {
   const int lane = lane_id(), cw = consumer_warp(), D = a.D, H = a.H, Hkv = a.Hkv, group = H / Hkv;
   const int qkv = (H + 2 * Hkv) * D;
   const float scale = rsqrtf((float)D);
@@ -219,7 +222,7 @@ __device__ void attend(const Args& a, const Layer& L, int slot, bool use_written
       kf[i] = rnd(k * cs + sign * kp * sn);
     }
     if (h % group == 0 && cw == 0) {  // this position's K/V entry (one writer per KV head)
-      const size_t off = ((((size_t)slot * a.B + b) * Hkv + hk) * a.T + a.pos) * D;
+      const size_t off = ((((size_t)slot * a.B + b) * Hkv + hk) * a.T + pos) * D;
 #pragma unroll
       for (int i = 0; i < kDims; ++i) {
         const int dd = lane + 32 * i;
@@ -232,8 +235,8 @@ __device__ void attend(const Args& a, const Layer& L, int slot, bool use_written
     float m_i = -INFINITY, l_i = 0.f, o[kDims];
 #pragma unroll
     for (int i = 0; i < kDims; ++i) o[i] = 0.f;
-    for (int t = cw; t <= a.pos; t += kConsumerWarps) {
-      const bool here = t == a.pos;
+    for (int t = cw; t <= pos; t += kConsumerWarps) {
+      const bool here = t == pos;
       if (!here && !a.valid[(size_t)b * a.T + t]) continue;
       int sl = slot;
       if (use_written && !here) {
@@ -335,7 +338,7 @@ __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_
   consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
   sync(a, c);
   zero(a.acc_p, (size_t)B * d);  // last read by the previous norm after a PROJ: two barriers ago
-  attend(a, L, slot, L.slots > 1, act, sm);
+  attend(a, L, c.pos, slot, L.slots > 1, act, sm);
   sync(a, c);
   consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
   sync(a, c);
@@ -401,6 +404,7 @@ __device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act,
 template <int MB>
 __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volatile int* stop) {
   Consumer c;
+  c.pos = a.pos_ptr != nullptr ? (int)__ldcg(a.pos_ptr) : a.pos;
   const int B = a.B, d = a.d, ct = consumer_thread();
   int any = 0;
   for (int b = 0; b < B; ++b) any |= act[b];
@@ -411,7 +415,7 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
   zero(a.zero_from, a.zero_count);
   sync(a, c);
   for (int t = 0; t < a.r_max; ++t) {
-    if (blockIdx.x == 0 && ct < B && act[ct]) a.written[(size_t)ct * a.T + a.pos] = t + 1;
+    if (blockIdx.x == 0 && ct < B && act[ct]) a.written[(size_t)ct * a.T + c.pos] = t + 1;
     // ADAPT, then h = rnd(rnd(acc_a) + term) -> hx and xs = norm_1(hx)
     consume_op<MB>(a.ring, a.ops[0], s, c.cur, true, false, &a.watch);
     sync(a, c);
@@ -668,6 +672,7 @@ int stream_loop(const LoopArgs& h, int device) {
   a.I = h.ffn;
   a.T = h.max_len;
   a.pos = h.pos;
+  a.pos_ptr = reinterpret_cast<const int64_t*>(h.pos_ptr);
   a.r_max = h.r_max;
   a.min_steps = h.min_steps;
   a.check_every = h.check_every;
@@ -759,7 +764,16 @@ int stream_loop(const LoopArgs& h, int device) {
   }
   const void* kernel = kernel_for(h.batch);
   const int smem = (int)p.smem_bytes;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 2;
+  {  // once per kernel and size, not per launch: a launch may be under CUDA graph capture
+    static std::mutex lock;
+    static std::map<const void*, int> opted;
+    std::lock_guard<std::mutex> guard(lock);
+    int& have = opted[kernel];
+    if (have < smem) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 2;
+      have = smem;
+    }
+  }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
   if (cudaMemsetAsync(a.counter, 0, sizeof(unsigned), stream) != cudaSuccess) return 2;
   void* params[] = {&a};

@@ -152,3 +152,23 @@ def test_stream_watchdog_report_names_the_wait_that_hung(monkeypatch):
     )
     monkeypatch.setattr(cuda_backend, "_watches", [stage])
     assert "CTA 3 consumer warp 5 waited for ring stage 6 (parity 1)" in cuda_backend.stream_watchdog_report()
+
+
+def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatch):
+    """The streamed kernel's token is one CUDA graph; if capturing it fails (a torch version, a driver) the
+    runner keeps the eager call's outputs, warns once and runs later tokens eagerly (a second eager run of
+    the same token would count its timeline entry twice). The barrier kernel's runner never captures."""
+    from latentrt.backends import cuda as cuda_backend
+    from latentrt.backends.graph import GraphedRunner
+
+    runner = object.__new__(cuda_backend.PersistentTokenRunner)
+    runner.kernel, runs = "stream", []
+    runner.run = lambda: runs.append(1) or "eager"
+    monkeypatch.setattr(GraphedRunner, "_capture", lambda self: (_ for _ in ()).throw(RuntimeError("capture")))
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        runner._capture()
+    assert isinstance(runner.capture_error, RuntimeError)
+    assert runner() == "eager" and runs == [1]  # no capture attempted again
+    barrier = object.__new__(cuda_backend.PersistentTokenRunner)
+    barrier.kernel, barrier.run = "barrier", lambda: "eager"
+    assert barrier() == "eager" and barrier.capture_error is None

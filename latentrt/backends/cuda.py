@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -45,8 +46,12 @@ def log_fallback_once(reason: str) -> None:
 
 
 class PersistentTokenRunner(RecurrentTokenRunner):
-    """A token runner whose latent loop is one launch of the persistent kernel (no CUDA graph: the token's
-    timeline index is a launch argument, and the launch is already one per token)."""
+    """A token runner whose latent loop is one launch of a persistent kernel. ``barrier``: run eagerly (the
+    token's timeline index is a launch argument). ``stream``: the kernel reads the index from the runner's
+    device buffer, so the whole token (prelude, the launch, head) is captured as one CUDA graph like the
+    Triton runner's; where the capture fails (a torch version, a driver) it warns once and runs eagerly."""
+
+    capture_error: Exception | None = None
 
     def __init__(self, backend, cache, spec, ext, plan_args, kernel: str = "barrier") -> None:
         super().__init__(backend, cache, spec)
@@ -70,6 +75,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
             table = ext.stream_loop_table(plan_args, dev.index or 0)
             self.table = torch.tensor(table, dtype=torch.int32).to(dev)
             plan_args.table = self.table.data_ptr()
+            plan_args.pos_ptr = self.pos.data_ptr()  # the timeline index on the device: capturable
             self.launch = ext.stream_loop
             seconds = float(os.environ.get(WATCHDOG_ENV, "2"))
             if seconds > 0:  # written by the kernel when a wait hangs, readable after the context died
@@ -93,7 +99,17 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         self.timeline_index = timeline_index
 
     def __call__(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.run()
+        if self.kernel != "stream" or self.capture_error is not None:
+            return self.run()
+        return super().__call__()
+
+    def _capture(self) -> None:
+        try:
+            super()._capture()
+        except RuntimeError as exc:  # the eager call's outputs stand; later tokens run eagerly
+            self.capture_error = exc
+            why = f"latentrt: the streamed loop's token runs eagerly (CUDA graph capture failed: {exc})"
+            warnings.warn(why, stacklevel=2)
 
     def recurrence(self, where: DecodePosition, e_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, crit = self.args, self.spec.criterion

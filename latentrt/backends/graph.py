@@ -33,11 +33,16 @@ class GraphedRunner:
         for t in out if isinstance(out, tuple) else (out,):
             t.record_stream(torch.cuda.current_stream())  # used on this stream from now on
         torch.cuda.synchronize()
+        self._capture()
+        return out
+
+    def _capture(self) -> None:
+        """Record ``run``'s launches as the graph later calls replay (recording executes nothing: the state
+        the eager call left is untouched)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._stream):  # records without executing: state untouched
+        with torch.cuda.graph(graph, stream=self._stream):
             self._outputs = self.run()
         self._graph = graph
-        return out
 
     def run(self):
         raise NotImplementedError
