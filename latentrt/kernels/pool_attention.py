@@ -147,6 +147,17 @@ def bytes_moved(inputs) -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def key_rows(row, t, mask, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED: tl.constexpr):
+        """The storage rows of pool row ``row``'s entries ``t`` (the lookup rule: a looped layer's entry p
+        from slot min(t mod K, n_p - 1), ``slot`` = t mod K; a plain layer's from the row itself). Shared by
+        this family and pool_prefill.py."""
+        if LOOPED:
+            iters = tl.load(written_ptr + row * stride_pool + t, mask=mask, other=1)
+            pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
+            return tl.load(table_ptr + row * stride_table + pick, mask=mask, other=0)
+        return tl.zeros(t.shape, dtype=tl.int64) + row
+
+    @triton.jit
     def _pool_attention_kernel(
         q_ptr,
         k_ptr,
@@ -188,8 +199,7 @@ if HAVE_TRITON:
         n = tl.load(entry_ptr + r)
         act = tl.load(act_ptr + r) != 0
         n_read = tl.where(act, n, 0)  # an inactive row reads no key
-        if LOOPED:
-            slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row)
+        slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row) if LOOPED else 0
         q = tl.load(q_ptr + (r * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
         k_own = tl.load(k_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
         v_own = tl.load(v_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
@@ -200,12 +210,7 @@ if HAVE_TRITON:
             t = t0 + tl.arange(0, BLOCK_T)
             before = t < n_read
             ok = before & (tl.load(valid_ptr + row * stride_pool + t, mask=before, other=0) != 0)
-            if LOOPED:
-                iters = tl.load(written_ptr + row * stride_pool + t, mask=before, other=1)
-                pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
-                phys = tl.load(table_ptr + row * stride_table + pick, mask=before, other=0)
-            else:
-                phys = tl.zeros((BLOCK_T,), dtype=tl.int64) + row
+            phys = key_rows(row, t, before, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED)
             off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
             kv_mask = ok[:, None] & dm[None, :]
             keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)

@@ -21,6 +21,9 @@ from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
 from .pool_attention import slot_rows
+
+if HAVE_TRITON:
+    from .pool_attention import key_rows
 from .reference import attention
 
 
@@ -168,8 +171,7 @@ if HAVE_TRITON:
         qi = tl.load(qidx_ptr + r * n_q + i, mask=im, other=0)
         q_off = ((r * n_head + h) * n_q + i[:, None]) * D + d[None, :]
         q = tl.load(q_ptr + q_off, mask=im[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        if LOOPED:
-            slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row)
+        slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row) if LOOPED else 0
         m_i = tl.full((BLOCK_Q,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_Q,), tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
@@ -178,12 +180,7 @@ if HAVE_TRITON:
             t = t0 + tl.arange(0, BLOCK_T)
             tm = t < hi
             ok = tm & (tl.load(valid_ptr + row * stride_pool + t, mask=tm, other=0) != 0)
-            if LOOPED:
-                iters = tl.load(written_ptr + row * stride_pool + t, mask=tm, other=1)
-                pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
-                phys = tl.load(table_ptr + row * stride_table + pick, mask=tm, other=0)
-            else:
-                phys = tl.zeros((BLOCK_T,), dtype=tl.int64) + row
+            phys = key_rows(row, t, tm, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED)
             off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
             kv_mask = ok[:, None] & dm[None, :]
             keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
