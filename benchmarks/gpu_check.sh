@@ -4,7 +4,7 @@
 # Stages, each under its own time limit so one hang cannot eat the lease (about 8 minutes in all):
 #   the streamed-weight probe (benchmarks/probes/stream_probe.cu, 60 s) -> build the CUDA extension in place -> a small run of every CUDA kernel (a hang there disables the
 #   extension for the later stages) -> the same for the streamed-weight loop (csrc/stream_loop.cu; a hang
-#   drops only its tests and benchmark rows) -> the gpu-marked tests (Triton kernels in bf16 at full shapes, graph
+#   drops only its tests and benchmark rows) -> its gpu tests -> the other gpu-marked tests (Triton kernels in bf16 at full shapes, graph
 #   replay, the persistent kernels against the torch backend) -> the benchmark harness (acceptance rows
 #   first; every record appended to $OUT/bench/results.jsonl as measured) -> compute-sanitizer memcheck and
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
@@ -76,14 +76,22 @@ if [ "$CUDA_BUILT" = 1 ] && ! smoke stream 40; then
   SMOKE_ONLY="--only barrier"
 fi
 
-stamp "gpu tests"
 TO=""
 python3 -c "import pytest_timeout" 2>/dev/null && TO="--timeout=45"
+PYTEST="python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider --durations=12 $TO"
+# the streamed kernel's tests first, in their own stage: they are what this GPU has not run yet (the other
+# gpu tests passed on an earlier lent GPU and follow with what time is left)
+if [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
+  stamp "gpu tests: the streamed-weight loop"
+  timeout 120 $PYTEST -k stream tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
+  echo "stream tests exit $?" | tee -a "$LOG"
+  grep -E "passed|failed|error" "$OUT/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
+fi
+stamp "gpu tests"
 eval "set -- ${GPU_TESTS:-tests/test_kernels.py tests/test_triton_backend.py tests/test_gpu_reference.py tests/test_cuda_ext.py}"
-SEL=""
-[ "$STREAM_OK" = 0 ] && SEL="not stream"
-timeout 150 python3 -m pytest -m gpu ${SEL:+-k "$SEL"} -q -rfEs --tb=short -p no:cacheprovider --durations=12 $TO "$@" \
-  >"$OUT/gpu_tests.log" 2>&1
+SEL="not stream"
+[ -n "${GPU_TESTS:-}" ] && [ "$STREAM_OK" = 1 ] && SEL=""  # an explicit selection runs as given
+timeout 130 $PYTEST ${SEL:+-k "$SEL"} "$@" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $?" | tee -a "$LOG"
 grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
 
