@@ -351,8 +351,10 @@ def recurrent_configs(plan: Plan) -> list[dict]:
             dict(batch=1, r=4, kv="shared", adaptive=False),
             dict(batch=1, r=32, kv="shared", adaptive=True, early_exit=True),
             dict(batch=8, r=32, kv="shared", adaptive=False),
+            dict(batch=32, r=32, kv="shared", adaptive=False),  # issue #11's acceptance batches: 1, 8, 32
             dict(batch=8, r=32, kv="shared", adaptive=True),
             dict(batch=1, r=32, kv="full", adaptive=False),
+            dict(batch=32, r=32, kv="shared", adaptive=True),
         ]
         return b1
     return [
