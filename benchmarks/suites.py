@@ -168,7 +168,11 @@ def micro(plan: Plan, copy_bw: float) -> Iterator[dict]:
         for shape in shapes:
             first = fam.make_inputs(shape, plan.device, plan.dtype, seed=0)
             copies = rotating_copies(fam.bytes_moved(first), plan.device, at_least=3)
-            inputs = [first] + [fam.make_inputs(shape, plan.device, plan.dtype, seed=i) for i in range(1, copies)]
+            # copies on the device (a clone per call's inputs: different addresses defeat the L2 as well as
+            # new random values would, without generating gigabytes on the host: a Huginn-shaped pool is
+            # ~300 MB per copy)
+            clone = lambda inp: [t.clone() if torch.is_tensor(t) else t for t in inp]  # noqa: E731
+            inputs = [first] + [clone(first) for _ in range(1, copies)]
             impls = {"torch-eager": fam.reference}
             if plan.gpu and not plan.quick:
                 impls["torch-compile"] = torch.compile(fam.reference, dynamic=False)
@@ -208,7 +212,8 @@ def linear_configs(plan: Plan, copy_bw: float) -> Iterator[dict]:
     totals: dict[tuple[int, int], float] = {}  # (rows, config index) -> ms summed over the four products
     for name, (n, k, gate) in products.items():
         copies = rotating_copies(n * k * 2, plan.device)  # together over 4x the L2: every call reads HBM
-        ws = [(torch.randn(n, k, generator=g) * 0.02).to(plan.device, plan.dtype) for _ in range(copies)]
+        w0 = (torch.randn(n, k, generator=g) * 0.02).to(plan.device, plan.dtype)
+        ws = [w0] + [w0.clone() for _ in range(1, copies)]  # copies made on the device, not drawn on the host
         for m in (1, 8):
             x = torch.randn(m, k, generator=g).to(plan.device, plan.dtype)
             nbytes = n * k * 2 + m * (k + (n // 2 if gate else n)) * 2
