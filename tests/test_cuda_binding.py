@@ -172,3 +172,19 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
     barrier = object.__new__(cuda_backend.PersistentTokenRunner)
     barrier.kernel, barrier.run = "barrier", lambda: "eager"
     assert barrier() == "eager" and barrier.capture_error is None
+
+
+def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch):
+    """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks); a value it
+    does not know is an InputError naming the variable, when the backend is made, not at the first token."""
+    from latentrt.backends import cuda as cuda_backend
+    from latentrt.errors import InputError
+
+    model = tiny_recurrent(seed=1)
+    monkeypatch.delenv(cuda_backend.LOOP_KERNEL_ENV, raising=False)
+    assert cuda_backend.CudaBackend(model).loop_kernel == "barrier"
+    monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "stream")
+    assert cuda_backend.CudaBackend(model).loop_kernel == "stream"
+    monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "fast")
+    with pytest.raises(InputError, match="LATENTRT_CUDA_LOOP must be one of"):
+        cuda_backend.CudaBackend(model)

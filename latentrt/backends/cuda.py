@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .base import Capabilities
 from .triton import TritonBackend
 from .triton.column import ColumnRunner
@@ -33,6 +34,8 @@ from .triton.recurrent_layers import DecodePosition
 from .triton.token import RecurrentTokenRunner
 
 log = logging.getLogger("latentrt")
+LOOP_KERNEL_ENV = "LATENTRT_CUDA_LOOP"  # the latent loop's kernel, one of LOOP_KERNELS (default: barrier)
+LOOP_KERNELS = ("barrier", "stream")
 WATCHDOG_ENV = "LATENTRT_STREAM_WATCHDOG"  # seconds a streamed-kernel wait may last (default 2; 0: off)
 _watches: list[Tensor] = []  # the latest runners' watchdog buffers (pinned host memory), for the report
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -221,6 +224,13 @@ class CudaBackend(TritonBackend):
     barrier_mode = 0  # grid barrier: 0 cooperative groups, 1 counters in global memory (benchmarks compare)
     loop_kernel = "barrier"  # the latent loop's kernel: "barrier" (recurrent_loop.cu) or "stream" (stream_loop.cu)
 
+    def __init__(self, model, reason: str = "") -> None:
+        super().__init__(model, reason)
+        # the CLI, the server and the benchmarks take the latent loop's kernel from the environment too
+        self.loop_kernel = os.environ.get(LOOP_KERNEL_ENV, type(self).loop_kernel)
+        if self.loop_kernel not in LOOP_KERNELS:
+            raise InputError(f"{LOOP_KERNEL_ENV} must be one of {list(LOOP_KERNELS)}, got {self.loop_kernel!r}")
+
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
         from .. import cuda_ext
@@ -296,8 +306,8 @@ class CudaBackend(TritonBackend):
             ext = cuda_ext._ext()
             args = loop_args(ext, m, cache, spec)
             args.barrier_mode = self.barrier_mode
-            if self.loop_kernel not in ("barrier", "stream"):
-                raise ValueError(f"loop_kernel must be 'barrier' or 'stream', got {self.loop_kernel!r}")
+            if self.loop_kernel not in LOOP_KERNELS:
+                raise InputError(f"loop_kernel must be one of {list(LOOP_KERNELS)}, got {self.loop_kernel!r}")
             planner = ext.stream_loop_plan if self.loop_kernel == "stream" else ext.loop_plan
             plan = planner(args, m.device.index or 0)
             if plan["ok"]:
