@@ -402,14 +402,14 @@ __device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act,
 // The consumers' walk: phases of every iteration in the producer's matrix order. MB: rows of the CUDA-core
 // GEMV (batch <= 4); above 4 the GEMVs run on tensor cores.
 template <int MB>
-__device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volatile int* stop) {
+__device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, int* stop) {
   Consumer c;
   c.pos = a.pos_ptr != nullptr ? (int)__ldcg(a.pos_ptr) : a.pos;
   const int B = a.B, d = a.d, ct = consumer_thread();
   int any = 0;
   for (int b = 0; b < B; ++b) any |= act[b];
   if (!any) {  // nothing to run: the producer stops at once
-    if (ct == 0) *stop = -1;
+    if (ct == 0) set_stop(stop, -1);
     return;
   }
   zero(a.zero_from, a.zero_count);
@@ -495,14 +495,14 @@ __device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, volat
     any = 0;
     for (int b = 0; b < B; ++b) any |= act[b];
     if (!any) {  // every row has exited: the producer stops after this iteration's stages
-      if (ct == 0) *stop = t;
+      if (ct == 0) set_stop(stop, t);
       return;
     }
   }
 }
 
 // The producer's walk: every iteration's core matrices, and at a KL check the coda's and lm_head.
-__device__ void stream_weights(const Args& a, const Smem& s, const volatile int* stop) {
+__device__ void stream_weights(const Args& a, const Smem& s, int* stop) {
   Producer p;
   const int core = 1 + kOpsPerLayer * a.n_core, head = kOpsPerLayer * a.n_coda + 1;
   for (int t = 0; t < a.r_max; ++t) {
