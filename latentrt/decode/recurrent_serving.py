@@ -27,6 +27,7 @@ tokens and steps are those of ``generate()`` for it alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,14 +57,22 @@ class _PromptGroup:
 
 @dataclass
 class _Part:
-    """Some rows of one loop taking part in a batched pass: their chunk and the index of the position
-    whose logits a head gives (each row's last real one)."""
+    """Some rows of one loop taking part in a batched pass: their chunk (built when first asked for: the
+    captured decode passes need only the rows) and the index of the position whose logits a head gives
+    (each row's last real one)."""
 
     loop: LatentLoop
     rows: Rows
-    chunk: object
+    build: Callable[[], object]  # -> the pool chunk of the rows' positions
     e: Tensor | None
     last: list[int]
+    _chunk: object = None
+
+    @property
+    def chunk(self):
+        if self._chunk is None:
+            self._chunk = self.build()
+        return self._chunk
 
 
 @dataclass
@@ -217,16 +226,19 @@ class RecurrentServing(ServingProgram):
         return self._iterate(parts)
 
     def _decode_part(self, rows: Rows) -> _Part:
-        chunk = self.pool.at(rows.list, [self.entry[r] for r in rows.list], self.position[rows.index])
-        chunk.iterations = to_device([self.loop.t[r] for r in rows.list], self.model.device)
-        return _Part(self.loop, rows, chunk, self.e[rows.index], [0] * len(rows))
+        def build():
+            chunk = self.pool.at(rows.list, [self.entry[r] for r in rows.list], self.position[rows.index])
+            chunk.iterations = to_device([self.loop.t[r] for r in rows.list], self.model.device)
+            return chunk
+
+        return _Part(self.loop, rows, build, self.e[rows.index], [0] * len(rows))
 
     def _group_part(self, group: _PromptGroup, members: list[int]) -> _Part:
         whole = len(members) == len(group.rows)
         rows = Rows.all(len(group.rows)) if whole else Rows(members, 0, self.model.device)
         chunk = group.chunk.subset(rows.list)
         chunk.iterations = to_device([group.loop.t[i] for i in rows.list], self.model.device)
-        return _Part(group.loop, rows, chunk, group.e[rows.index], [group.lengths[i] - 1 for i in rows.list])
+        return _Part(group.loop, rows, lambda: chunk, group.e[rows.index], [group.lengths[i] - 1 for i in rows.list])
 
     def _iterate(self, parts: list[_Part]) -> Tensor:
         """One core iteration of every part's rows, each at its own depth, as one pass (``Packed``: the
@@ -258,7 +270,7 @@ class RecurrentServing(ServingProgram):
         if heads:
             logits = self._heads(heads, [h.loop.active[h.rows.index] for h in heads])
             for h, lg in zip(heads, logits):
-                h.loop.check(h.rows, lg, h.chunk.valid)
+                h.loop.check(h.rows, lg, self._valid(h, h.rows))
         return torch.cat([p.loop.active[p.rows.index] for p in parts])
 
     def _rope(self, packed: Packed) -> tuple[Tensor, Tensor]:
@@ -271,9 +283,13 @@ class RecurrentServing(ServingProgram):
             return part
         at = {r: i for i, r in enumerate(part.rows.list)}
         members = [at[r] for r in rows.list]
-        return _Part(part.loop, rows, part.chunk.subset(members), None, [part.last[i] for i in members])
+        return _Part(part.loop, rows, lambda: part.chunk.subset(members), None, [part.last[i] for i in members])
 
     def _valid(self, part: _Part, rows: Rows) -> Tensor:
+        """Which positions of ``rows`` (a part's) are real: every one of a one-position unit (without building
+        its chunk), a prompt's first ``lengths``."""
+        if part.loop is self.loop and part._chunk is None:
+            return torch.ones(len(rows), 1, dtype=torch.bool, device=self.model.device)
         return self._sub(part, rows).chunk.valid
 
     def _heads(self, parts: list[_Part], active: list[Tensor]) -> list[Tensor]:
