@@ -104,6 +104,7 @@ class RecurrentServing(ServingProgram):
         self.last = torch.zeros(rows, 1, cfg.n_embd, dtype=dt, device=dev)  # each row's last final state
         self.position = torch.zeros(rows, dtype=torch.long, device=dev)  # model position of each row's entry
         self.entry = [0] * rows  # host: timeline index of each row's current entry
+        self.entries_changed = True  # since the graphed passes last copied ``entry`` to the device
         self.requests: dict[int, _Request] = {}  # row -> its request
         self.admitted: list[int] = []  # rows whose prompt begins at the next launch
         self.starting: dict[int, tuple[Tensor, LoopSpec]] = {}  # row -> (token, spec) of a unit to begin
@@ -129,6 +130,7 @@ class RecurrentServing(ServingProgram):
         rec = self.requests[row] = _Request(request)
         self.loop.specs[row], self.loop.t[row] = dec.spec, 0  # the row's decode loop: inactive until a token
         self.entry[row] = 0
+        self.entries_changed = True
         if dec.adaptive_prefill:  # every prompt position its own unit (generate's _prefill_by_token)
             rec.prompt_left = list(request.prompt_ids)
             self._next_prompt_position(rec)
@@ -197,6 +199,7 @@ class RecurrentServing(ServingProgram):
         self.position[chunk.rows] = chunk.positions[:, 0]
         for i, r in enumerate(rows):
             self.entry[r] = chunk.starts[i]
+        self.entries_changed = True
 
     def _start_units(self, rows: list[int], chunk, e: Tensor) -> None:
         ix = chunk.rows

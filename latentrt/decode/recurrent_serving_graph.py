@@ -81,7 +81,12 @@ class DecodeCoreRunner(_Fallback, GraphedRunner):
         self.iterations.copy_(to_device(p.loop.t, dev))
 
     def copy_entries(self) -> None:
-        self.entry.copy_(to_device(self.program.entry, self.program.model.device))
+        """Every row's entry to the device, when a unit began since the last copy (the three passes of a
+        step share one copy, and a step where no unit began needs none)."""
+        p = self.program
+        if p.entries_changed:
+            self.entry.copy_(to_device(p.entry, p.model.device))
+            p.entries_changed = False
 
     def run(self) -> Tensor:
         p, pool = self.program, self.program.pool
