@@ -65,7 +65,12 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("stream_loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::stream_loop_plan, a, device); });
   m.def("stream_loop_scratch_bytes", &latentrt::stream_loop_scratch_bytes);
   m.def("stream_loop_table", &latentrt::stream_loop_table);
-  m.def("stream_loop", [](const LoopArgs& a, int device) { check(latentrt::stream_loop(a, device), "stream_loop"); });
+  m.def("stream_loop", [](const LoopArgs& a, int device) {
+    std::string why;
+    const int status = latentrt::stream_loop(a, device, &why);
+    if (status == 2) throw std::runtime_error("stream_loop: CUDA launch failed: " + why);
+    check(status, "stream_loop");
+  });
 
   using latentrt::Gpt2LayerArgs;
   using latentrt::ThoughtLoopArgs;

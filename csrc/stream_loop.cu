@@ -659,9 +659,14 @@ std::vector<int32_t> stream_loop_table(const LoopArgs& a, int device) {
   return table;
 }
 
-int stream_loop(const LoopArgs& h, int device) {
+int stream_loop(const LoopArgs& h, int device, std::string* why) {
   Plan p;
   if (!plan_for(h, device, &p).empty() || h.table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
+  auto failed = [why](cudaError_t e) {  // say which error, and clear it: a failed launch under graph capture
+    if (why != nullptr) *why = cudaGetErrorString(e);  // must not surface later in an unrelated check
+    cudaGetLastError();
+    return 2;
+  };
   Args a{};
   a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages};
   a.B = h.batch;
@@ -770,15 +775,17 @@ int stream_loop(const LoopArgs& h, int device) {
     std::lock_guard<std::mutex> guard(lock);
     int& have = opted[kernel];
     if (have < smem) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 2;
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return failed(e);
       have = smem;
     }
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
-  if (cudaMemsetAsync(a.counter, 0, sizeof(unsigned), stream) != cudaSuccess) return 2;
+  cudaError_t err = cudaMemsetAsync(a.counter, 0, sizeof(unsigned), stream);
+  if (err != cudaSuccess) return failed(err);
   void* params[] = {&a};
-  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(p.ctas), dim3(kThreads), params, smem, stream);
-  return err == cudaSuccess ? 0 : 2;
+  err = cudaLaunchCooperativeKernel(kernel, dim3(p.ctas), dim3(kThreads), params, smem, stream);
+  return err == cudaSuccess ? 0 : failed(err);
 }
 
 }  // namespace latentrt

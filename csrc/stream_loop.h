@@ -18,8 +18,8 @@ long long stream_loop_scratch_bytes(const LoopArgs& a);
 // Each matrix's tile runs per CTA (int32, [matrices][ctas + 1]): uploaded once to the device, `table`
 // points to it. Empty when there is no plan.
 std::vector<int32_t> stream_loop_table(const LoopArgs& a, int device);
-// 0 launched, 1 unsupported (see stream_loop_plan) or a missing buffer, 2 CUDA error. Resets the counter
-// (`barrier`, 4 bytes) on the launch's stream first.
-int stream_loop(const LoopArgs& a, int device);
+// 0 launched, 1 unsupported (see stream_loop_plan) or a missing buffer, 2 CUDA error (its text in `why`, and
+// cleared). Resets the counter (`barrier`, 4 bytes) on the launch's stream first.
+int stream_loop(const LoopArgs& a, int device, std::string* why = nullptr);
 
 }  // namespace latentrt
