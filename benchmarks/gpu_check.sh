@@ -10,6 +10,7 @@
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
 #     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve (opt-in stages, below)
+#     GPU_TESTS=none / GPU_BENCH=none skip those stages
 #   Carry .triton_cache (python -m tools.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
@@ -81,28 +82,34 @@ python3 -c "import pytest_timeout" 2>/dev/null && TO="--timeout=45"
 PYTEST="python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider --durations=12 $TO"
 # the streamed kernel's tests first, in their own stage: they are what this GPU has not run yet (the other
 # gpu tests passed on an earlier lent GPU and follow with what time is left)
-if [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
+if [ "${GPU_TESTS:-}" = none ]; then
+  stamp "gpu tests: skipped (GPU_TESTS=none)"
+elif [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
   stamp "gpu tests: the streamed-weight loop"
   timeout 120 $PYTEST -k stream tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
   echo "stream tests exit $?" | tee -a "$LOG"
   grep -E "passed|failed|error" "$OUT/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
 fi
-stamp "gpu tests"
-eval "set -- ${GPU_TESTS:-tests/test_kernels.py tests/test_triton_backend.py tests/test_gpu_reference.py tests/test_cuda_ext.py}"
-SEL="not stream"
-[ -n "${GPU_TESTS:-}" ] && [ "$STREAM_OK" = 1 ] && SEL=""  # an explicit selection runs as given
-timeout 130 $PYTEST ${SEL:+-k "$SEL"} "$@" >"$OUT/gpu_tests.log" 2>&1
-echo "gpu tests exit $?" | tee -a "$LOG"
-grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
+if [ "${GPU_TESTS:-}" != none ]; then
+  stamp "gpu tests"
+  eval "set -- ${GPU_TESTS:-tests/test_kernels.py tests/test_triton_backend.py tests/test_gpu_reference.py tests/test_cuda_ext.py}"
+  SEL="not stream"
+  [ -n "${GPU_TESTS:-}" ] && [ "$STREAM_OK" = 1 ] && SEL=""  # an explicit selection runs as given
+  timeout 130 $PYTEST ${SEL:+-k "$SEL"} "$@" >"$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests exit $?" | tee -a "$LOG"
+  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
+fi
 
-stamp "benchmarks"
-bench_s=$(($(left) - 60))
-[ "$bench_s" -lt 30 ] && bench_s=30  # (timeout 0 would mean no limit)
-timeout "$bench_s" python3 -m benchmarks.run --quick \
-  --only "${GPU_BENCH:-decode_recurrent,decode_coconut,host_syncs,linear_configs,decode_tuned,micro}" --out "$OUT/bench" \
-  >"$OUT/bench.log" 2>&1
-echo "benchmarks exit $?" | tee -a "$LOG"
-rm -f "$OUT/bench/results.json"  # results.jsonl holds the same records (and survives a timeout)
+if [ "${GPU_BENCH:-}" != none ]; then
+  stamp "benchmarks"
+  bench_s=$(($(left) - 60))
+  [ "$bench_s" -lt 30 ] && bench_s=30  # (timeout 0 would mean no limit)
+  timeout "$bench_s" python3 -m benchmarks.run --quick \
+    --only "${GPU_BENCH:-decode_recurrent,decode_coconut,host_syncs,linear_configs,decode_tuned,micro}" --out "$OUT/bench" \
+    >"$OUT/bench.log" 2>&1
+  echo "benchmarks exit $?" | tee -a "$LOG"
+  rm -f "$OUT/bench/results.json"  # results.jsonl holds the same records (and survives a timeout)
+fi
 
 # opt-in stages (GPU_EXTRA=samplers,serve): the W-position pass cost at Huginn-0125's shape (#17) and the
 # serving schedulers on a random-weight Huginn-0125 with the built-in model's exit depths replayed (#16)
@@ -140,5 +147,6 @@ if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 stamp "done"
-echo "---- tests"; tail -25 "$OUT/gpu_tests.log"
-echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$OUT/bench.log" | head -60
+echo "---- streamed loop tests"; tail -15 "$OUT/gpu_tests_stream.log" 2>/dev/null
+echo "---- tests"; tail -25 "$OUT/gpu_tests.log" 2>/dev/null
+echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$OUT/bench.log" 2>/dev/null | head -60
