@@ -229,9 +229,13 @@ class RecurrentServing(ServingProgram):
         return self._iterate(parts)
 
     def _decode_part(self, rows: Rows) -> _Part:
+        # the host values as they are now (a chunk built after the loop advanced would see later iterations);
+        # positions change only when units begin, before any part of the step exists
+        entries, iterations = [self.entry[r] for r in rows.list], [self.loop.t[r] for r in rows.list]
+
         def build():
-            chunk = self.pool.at(rows.list, [self.entry[r] for r in rows.list], self.position[rows.index])
-            chunk.iterations = to_device([self.loop.t[r] for r in rows.list], self.model.device)
+            chunk = self.pool.at(rows.list, entries, self.position[rows.index])
+            chunk.iterations = to_device(iterations, self.model.device)
             return chunk
 
         return _Part(self.loop, rows, build, self.e[rows.index], [0] * len(rows))
