@@ -175,20 +175,21 @@ class KVPool:
         self.lengths[row] = 0
         return row
 
-    def release(self, row: int, scrub: bool = True) -> None:
-        """Give a request's row and slot rows back; with ``scrub`` zeroed where it wrote. A batch's attention
-        covers every row's keys up to its longest row, masked: a masked finite value adds exactly 0, but a
-        masked NaN left by a failed request would still poison the product (0 x NaN). So the serving programs
-        scrub the rows of failed requests only (a request whose K/V held a NaN fails: its own attention
-        spreads it to its state or logits, which are checked), saving a write of every K/V entry the request
-        made for each one that finishes."""
+    def release(self, row: int, clean_from: int = 0) -> None:
+        """Give a request's row and slot rows back, its entries from ``clean_from`` on zeroed. A batch's
+        attention covers every row's keys up to its longest row, masked: a masked finite value adds exactly
+        0, but a masked NaN would still poison the product (0 x NaN). Every entry of a unit that ended was
+        checked (a NaN in its K/V spreads to its state or logits, and the request fails), so a request that
+        finished leaves unchecked only the entry of the unit begun after its last token (``clean_from``: its
+        last entry); a failed or cancelled one is zeroed from 0. (Zeroing every entry of every finished
+        request was most of the scheduler's host time.)"""
         n, held = self.lengths[row], self.held[row]
-        if scrub:
+        if clean_from < n:
             for buf in (self.plain_k, self.plain_v):
-                buf[:, row, :, :n] = 0
+                buf[:, row, :, clean_from:n] = 0
             if held:
                 for buf in (self.core_k, self.core_v):
-                    buf[:, held, :, :n] = 0
+                    buf[:, held, :, clean_from:n] = 0
         self.free_slot_rows = sorted(self.free_slot_rows + self.held.pop(row))
         self.free_rows = sorted(self.free_rows + [row])
 

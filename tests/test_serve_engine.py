@@ -274,6 +274,21 @@ def test_a_failed_requests_row_is_scrubbed_before_reuse():
     assert short.tokens == latentrt.generate(model, [5, 7], **kw).tokens
 
 
+def test_a_finished_requests_row_keeps_its_checked_entries_and_zeroes_the_last():
+    """A request that finished leaves its K/V in the pool (every ended unit's entries were checked finite)
+    except its last entry, which may belong to the unit begun after its last token (never checked): zeroed."""
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=1)
+    req = engine.submit([5, 6, 7], max_new_tokens=3, init_scale=0.0, default_stops=False)
+    engine.step()
+    pool, row = engine.program.pool, req.row
+    engine.run_until_idle()
+    n = len(req.prompt_ids) + len(req.tokens) - 1  # entries begun: a length finish begins no unit after
+    assert req.finish_reason == "length" and row in pool.free_rows
+    written = pool.plain_k[:, row, :, :n].abs().sum(dim=(0, 1, 3))  # per entry
+    assert (written[: n - 1] > 0).all() and written[n - 1] == 0
+
+
 def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch):
     model = tiny_recurrent()
     engine = Engine(model, max_batch=2)

@@ -119,4 +119,4 @@ class CoconutServing(ServingProgram):
     def retire(self, request) -> None:
         self.requests.pop(request.row, None)
         self.results.pop(request.row, None)
-        self.pool.release(request.row, scrub=request.finish_reason == "error")
+        self.release_row(request)

@@ -414,4 +414,4 @@ class RecurrentServing(ServingProgram):
         self.running.discard(row)
         self.parked.discard(row)
         self.loop.active[row] = False
-        self.pool.release(row, scrub=request.finish_reason == "error")
+        self.release_row(request)

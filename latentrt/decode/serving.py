@@ -84,9 +84,15 @@ class ServingProgram:
         raise NotImplementedError
 
     def retire(self, request) -> None:
-        """Forget a request (finished, failed or cancelled) and free its row (scrubbed if it failed:
-        ``KVPool.release``)."""
+        """Forget a request (finished, failed or cancelled) and free its row (``release_row``)."""
         raise NotImplementedError
+
+    def release_row(self, request) -> None:
+        """Free the request's pool row, zeroing what may hold an unchecked value (``KVPool.release``): a
+        finished request's last entry, a failed or cancelled one's every entry."""
+        row = request.row
+        finished = request.finish_reason in ("stop", "length")
+        self.pool.release(row, max(self.pool.lengths[row] - 1, 0) if finished else 0)
 
     def count_pass(self, weights: float = 1.0) -> None:
         """One pass over layers whose weights are ``weights`` core iterations'."""
