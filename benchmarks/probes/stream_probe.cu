@@ -12,7 +12,8 @@
 // products up to batch 4, mma.sync m16n8k16 (weights as M, the batch as N) above; a tile's sums go out
 // with a store, or atomics where the matrix is split along K.
 //
-// Modes per batch: consume 0 (the stream alone: consumers release stages untouched) / 1; wait 0 / 1 (the
+// First the consumers' barrier alone (us per barrier over every SM). Modes per batch: consume 0 (the stream
+// alone: consumers release stages untouched) / 1; wait 0 / 1 (the
 // dependency counter); stages 2 .. the plan's; and `ldg` at batch 1 (no ring: consumers read the weights
 // with 16-byte loads themselves, as csrc/recurrent_loop.cu does today). Beside them the copy bandwidth of
 // a 4 GiB buffer, the floor's denominator (benchmarks/suites.py: bytes read + written per second).
@@ -69,6 +70,17 @@ __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_consta
       ++done;
       if (a.wait) arrive(a.counter);  // this CTA's outputs of the matrix are written (release)
     }
+}
+
+// The consumers' barrier alone (stream_loop.cu's `sync`: arrive, then wait for every CTA's arrival), n times:
+// its cost decides how many of them an iteration can afford (the streamed loop has 50 per Huginn
+// iteration; the ring hides a wait only while it is shorter than the ring's bytes take to stream).
+__global__ void __launch_bounds__(kThreads, 1) barrier_kernel(unsigned* counter, int n) {
+  if (threadIdx.x < 32) return;  // no producer: only the consumers' ordering is timed
+  for (int i = 1; i <= n; ++i) {
+    arrive(counter);
+    wait_for(counter, (unsigned)i * gridDim.x);
+  }
 }
 
 // ---------------------------------------------------------------- host
@@ -142,6 +154,27 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(s0));
     CHECK(cudaFree(s1));
     CHECK(cudaFree(dst));
+  }
+
+  {  // the consumers' barrier across every SM, alone
+    unsigned* counter;
+    CHECK(cudaMalloc(&counter, 4));
+    const int n = 2000;
+    float best = 1e30f;
+    for (int rep = 0; rep < 4; ++rep) {
+      CHECK(cudaMemset(counter, 0, 4));
+      CHECK(cudaEventRecord(e0));
+      barrier_kernel<<<sms, kThreads>>>(counter, n);  // one CTA per SM (one fits; all resident)
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      CHECK(cudaGetLastError());
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (rep > 0) best = std::fmin(best, ms);
+    }
+    std::printf("probe barrier ctas=%d us_per_barrier=%.2f (the streamed loop: 50 per Huginn iteration)\n", sms,
+                best * 1e3 / n);
+    CHECK(cudaFree(counter));
   }
 
   std::vector<std::pair<int64_t, int64_t>> mats = {{d, d}};
