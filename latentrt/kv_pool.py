@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels.pool_attention import slot_rows
+from .kernels.pool_attention import slot_rows, slot_target
 from .kernels.reference import attention
 from .kv_modes import KVMode
 from .transfer import to_device
@@ -239,10 +239,14 @@ class KVPool:
             new = torch.where(active[:, None, None, None], new, buf[rows, :, chunk.q_idx])
         buf[rows, :, chunk.q_idx] = new
 
+    def _store(self, k_buf: Tensor, v_buf: Tensor, rows: Tensor, k: Tensor, v: Tensor, chunk, active) -> None:
+        """One layer's K and V of the chunk into storage rows ``rows`` (``_write``, both buffers)."""
+        self._write(k_buf, rows, k, chunk, active)
+        self._write(v_buf, rows, v, chunk, active)
+
     def plain(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, active: Tensor | None = None):
         """Write a plain layer's K/V; return the rows' keys and values [R, H, end, D]."""
-        self._write(self.plain_k[layer], chunk.rows, k, chunk, active)
-        self._write(self.plain_v[layer], chunk.rows, v, chunk, active)
+        self._store(self.plain_k[layer], self.plain_v[layer], chunk.rows, k, v, chunk, active)
         return self.plain_k[layer][chunk.rows, :, : chunk.end], self.plain_v[layer][chunk.rows, :, : chunk.end]
 
     def mark_iteration(self, chunk: RaggedChunk, iteration, active: Tensor) -> None:
@@ -256,8 +260,7 @@ class KVPool:
         entry p, slot min(t mod K, n_p - 1) (``iteration`` is ignored: each row's is ``chunk.iterations``)."""
         end = chunk.end
         target, phys = slot_rows(chunk.rows, self.written[:, :end], self.slot_table, self.slots, chunk.iterations)
-        self._write(self.core_k[layer], target, k, chunk, active)
-        self._write(self.core_v[layer], target, v, chunk, active)
+        self._store(self.core_k[layer], self.core_v[layer], target, k, v, chunk, active)
         p = torch.arange(end, device=self.device)[None, :].expand_as(phys)
         k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]
         v_sel = self.core_v[layer][phys, :, p].permute(0, 2, 1, 3)
@@ -271,8 +274,7 @@ class KVPool:
             return self._decode(q, k, v, self.plain_k[layer], self.plain_v[layer], chunk, active)
         if self.prefill_attention is not None:
             k_buf, v_buf = self.plain_k[layer], self.plain_v[layer]
-            self._write(k_buf, chunk.rows, k, chunk, active)
-            self._write(v_buf, chunk.rows, v, chunk, active)
+            self._store(k_buf, v_buf, chunk.rows, k, v, chunk, active)
             return self.prefill_attention(q, k_buf, v_buf, chunk.rows, chunk.q_idx, chunk.end, self.valid)
         return attention(q, *self.plain(layer, k, v, chunk, active), chunk.mask)
 
@@ -284,9 +286,7 @@ class KVPool:
             return self._decode(q, k, v, self.core_k[layer], self.core_v[layer], chunk, active, looped)
         if self.prefill_attention is not None:
             k_buf, v_buf = self.core_k[layer], self.core_v[layer]
-            target, _ = slot_rows(chunk.rows, self.written[:, : chunk.end], *looped[:3])
-            self._write(k_buf, target, k, chunk, active)
-            self._write(v_buf, target, v, chunk, active)
+            self._store(k_buf, v_buf, slot_target(chunk.rows, *looped[:3]), k, v, chunk, active)
             return self.prefill_attention(q, k_buf, v_buf, chunk.rows, chunk.q_idx, chunk.end, self.valid, *looped)
         return attention(q, *self.core(layer, k, v, chunk, None, active), chunk.mask)
 

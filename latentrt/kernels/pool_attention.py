@@ -29,15 +29,35 @@ if HAVE_TRITON:
     from .decode_attention import online_softmax_step
 
 
+def slot_target(rows: Tensor, table: Tensor, slots: Tensor, iterations: Tensor) -> Tensor:
+    """The storage row each launch row's iteration writes [R]: its slot t mod K (``slot_rows``' first half,
+    without the lookup of the entries it reads: what a write needs)."""
+    return table[rows].gather(1, (iterations % slots[rows])[:, None])[:, 0]
+
+
 def slot_rows(rows: Tensor, written: Tensor, table: Tensor, slots: Tensor, iterations: Tensor) -> tuple[Tensor, Tensor]:
     """A looped layer's storage rows by the rule in the docstring: (the row each launch row writes [R], the
     row each of its entries is read from [R, W]); ``written`` [N, W] (W: the entries concerned). The pool's
     reference (``KVPool.core``) and this family's reference both look up slots here."""
     slot = iterations % slots[rows]
     own = table[rows]
-    target = own.gather(1, slot[:, None])[:, 0]
     lookup = torch.minimum((written[rows] - 1).clamp(min=0), slot[:, None])
-    return target, own.gather(1, lookup)
+    return own.gather(1, slot[:, None])[:, 0], own.gather(1, lookup)
+
+
+def pool_launch_args(k_buf: Tensor, v_buf: Tensor, valid: Tensor, rows: Tensor, heads: int, looked_up: tuple) -> tuple:
+    """What the pool kernels (this family's and pool_prefill.py's) take after their own inputs: the lookup
+    tensors (``looked_up`` = (table, slots, iterations, written), all None for a plain layer: placeholders
+    then), and the storage strides; checks the layouts they assume."""
+    table, slots, iterations, written = looked_up
+    Hkv = k_buf.shape[1]
+    assert k_buf.stride() == v_buf.stride() and k_buf.stride(-1) == 1 and heads % Hkv == 0
+    assert valid.stride(-1) == 1 and (written is None or written.stride() == valid.stride())
+    looped = table is not None
+    idx = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    lookup = (idx(table), idx(slots), idx(iterations), written) if looped else (rows, rows, rows, valid)
+    strides = (k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), valid.stride(0), table.stride(0) if looped else 0)
+    return lookup, strides
 
 
 def reference(
@@ -248,37 +268,28 @@ def fused(
     """``reference`` as one launch (grid rows x query heads); ``out`` [R,H,D] may be given."""
     R, H, D = q.shape
     Hkv = k.shape[1]
-    assert k_buf.stride() == v_buf.stride() and k_buf.stride(-1) == 1 and H % Hkv == 0
-    assert valid.stride(-1) == 1 and (written is None or written.stride() == valid.stride())
+    rows = rows.to(torch.int64).contiguous()
+    lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, slots, iterations, written))
     out = torch.empty_like(q) if out is None else out
-    looped = table is not None
-    idx = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
     _pool_attention_kernel[(R, H)](
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
         k_buf,
         v_buf,
-        idx(rows),
-        idx(entry),
+        rows,
+        entry.to(torch.int64).contiguous(),
         valid,
         active.contiguous(),
-        idx(table) if looped else rows,
-        idx(slots) if looped else rows,
-        idx(iterations) if looped else rows,
-        written if looped else valid,
+        *lookup,
         out,
         H,
         Hkv,
         H // Hkv,
         D,
         1.0 / math.sqrt(D),
-        k_buf.stride(0),
-        k_buf.stride(1),
-        k_buf.stride(2),
-        valid.stride(0),
-        table.stride(0) if looped else 0,
-        LOOPED=looped,
+        *strides,
+        LOOPED=table is not None,
         BLOCK_T=64,
         BLOCK_D=next_pow2(D),
     )

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
-from .pool_attention import slot_rows
+from .pool_attention import pool_launch_args, slot_rows
 
 if HAVE_TRITON:
     from .pool_attention import key_rows
@@ -217,25 +217,19 @@ def fused(
     """``reference`` as one launch (grid rows x query heads x query blocks); ``out`` [R,H,n,D] may be given."""
     R, H, n, D = q.shape
     Hkv = k_buf.shape[1]
-    assert k_buf.stride() == v_buf.stride() and k_buf.stride(-1) == 1 and H % Hkv == 0
-    assert valid.stride(-1) == 1 and (written is None or written.stride() == valid.stride())
+    rows = rows.to(torch.int64).contiguous()
+    lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, slots, iterations, written))
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
-    looped = table is not None
-    idx = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
-    rows_i = idx(rows)
     BLOCK_Q = 16
     _pool_prefill_kernel[(R, H, triton.cdiv(n, BLOCK_Q))](
         q,
         k_buf,
         v_buf,
-        rows_i,
-        idx(q_idx),
+        rows,
+        q_idx.to(torch.int64).contiguous(),
         valid,
-        idx(table) if looped else rows_i,
-        idx(slots) if looped else rows_i,
-        idx(iterations) if looped else rows_i,
-        written if looped else valid,
+        *lookup,
         out,
         n,
         H,
@@ -243,12 +237,8 @@ def fused(
         D,
         int(end),
         1.0 / math.sqrt(D),
-        k_buf.stride(0),
-        k_buf.stride(1),
-        k_buf.stride(2),
-        valid.stride(0),
-        table.stride(0) if looped else 0,
-        LOOPED=looped,
+        *strides,
+        LOOPED=table is not None,
         PRECISION="ieee" if k_buf.dtype == torch.float32 else "tf32",
         BLOCK_Q=BLOCK_Q,
         BLOCK_T=32,
