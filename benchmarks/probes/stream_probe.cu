@@ -130,6 +130,21 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   CHECK(cudaEventCreate(&e0));
   CHECK(cudaEventCreate(&e1));
+  // the best of `reps` timed runs of run(rep) in ms, the first left out (warm-up); a launch error fails here
+  auto best_ms = [&](int reps, auto run) {
+    float best = 1e30f;
+    for (int rep = 0; rep < reps; ++rep) {
+      CHECK(cudaEventRecord(e0));
+      run(rep);
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      CHECK(cudaGetLastError());
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (rep > 0) best = std::fmin(best, ms);
+    }
+    return best;
+  };
 
   // the floor's denominator: device-to-device copies of two 4 GiB sources in turn (read + write)
   for (size_t gib : {4, 0}) {
@@ -140,16 +155,8 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&dst, n));
     CHECK(cudaMemset(s0, 1, n));
     CHECK(cudaMemset(s1, 2, n));
-    float best = 1e30f;
-    for (int rep = 0; rep < 6; ++rep) {
-      CHECK(cudaEventRecord(e0));
-      CHECK(cudaMemcpyAsync(dst, rep % 2 ? s1 : s0, n, cudaMemcpyDeviceToDevice));
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      if (rep > 0) best = std::fmin(best, ms);
-    }
+    const float best =
+        best_ms(6, [&](int rep) { CHECK(cudaMemcpyAsync(dst, rep % 2 ? s1 : s0, n, cudaMemcpyDeviceToDevice)); });
     std::printf("probe copy bytes=%zu TB/s=%.3f\n", n, 2.0 * n / (best * 1e-3) / 1e12);
     CHECK(cudaFree(s0));
     CHECK(cudaFree(s1));
@@ -160,18 +167,10 @@ int main(int argc, char** argv) {
     unsigned* counter;
     CHECK(cudaMalloc(&counter, 4));
     const int n = 2000;
-    float best = 1e30f;
-    for (int rep = 0; rep < 4; ++rep) {
-      CHECK(cudaMemset(counter, 0, 4));
-      CHECK(cudaEventRecord(e0));
+    const float best = best_ms(4, [&](int) {
+      CHECK(cudaMemsetAsync(counter, 0, 4));
       barrier_kernel<<<sms, kThreads>>>(counter, n);  // one CTA per SM (one fits; all resident)
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      CHECK(cudaGetLastError());
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      if (rep > 0) best = std::fmin(best, ms);
-    }
+    });
     std::printf("probe barrier ctas=%d us_per_barrier=%.2f (the streamed loop: 50 per Huginn iteration)\n", sms,
                 best * 1e3 / n);
     CHECK(cudaFree(counter));
@@ -273,17 +272,7 @@ int main(int argc, char** argv) {
         }
       }
     }
-    float best = 1e30f;
-    for (int rep = 0; rep < 4; ++rep) {
-      CHECK(cudaEventRecord(e0));
-      launch(iters);
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      CHECK(cudaGetLastError());
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      if (rep > 0) best = std::fmin(best, ms);
-    }
+    const float best = best_ms(4, [&](int) { launch(iters); });
     const double us = best * 1e3 / iters;
     const bool ok = !cf.consume || worst < 1e-2;
     failures += !ok;

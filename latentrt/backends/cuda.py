@@ -42,6 +42,13 @@ CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
 _logged: set[str] = set()
 
 
+def _known_loop_kernel(name: str, source: str) -> str:
+    """``name`` if it is one of LOOP_KERNELS, else an InputError naming where it came from."""
+    if name not in LOOP_KERNELS:
+        raise InputError(f"{source} must be one of {list(LOOP_KERNELS)}, got {name!r}")
+    return name
+
+
 def log_fallback_once(reason: str) -> None:
     if reason not in _logged:
         _logged.add(reason)
@@ -227,9 +234,7 @@ class CudaBackend(TritonBackend):
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
         # the CLI, the server and the benchmarks take the latent loop's kernel from the environment too
-        self.loop_kernel = os.environ.get(LOOP_KERNEL_ENV, type(self).loop_kernel)
-        if self.loop_kernel not in LOOP_KERNELS:
-            raise InputError(f"{LOOP_KERNEL_ENV} must be one of {list(LOOP_KERNELS)}, got {self.loop_kernel!r}")
+        self.loop_kernel = _known_loop_kernel(os.environ.get(LOOP_KERNEL_ENV, type(self).loop_kernel), LOOP_KERNEL_ENV)
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
@@ -306,8 +311,7 @@ class CudaBackend(TritonBackend):
             ext = cuda_ext._ext()
             args = loop_args(ext, m, cache, spec)
             args.barrier_mode = self.barrier_mode
-            if self.loop_kernel not in LOOP_KERNELS:
-                raise InputError(f"loop_kernel must be one of {list(LOOP_KERNELS)}, got {self.loop_kernel!r}")
+            _known_loop_kernel(self.loop_kernel, "loop_kernel")  # may have been set after the backend was made
             planner = ext.stream_loop_plan if self.loop_kernel == "stream" else ext.loop_plan
             plan = planner(args, m.device.index or 0)
             if plan["ok"]:
