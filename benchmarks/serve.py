@@ -32,7 +32,6 @@ import torch
 
 import latentrt
 from latentrt.backends import get_backend
-from latentrt.decode.serving import weight_ratio
 from latentrt.exits import CRITERIA
 from latentrt.families import build_model, parse_config
 from latentrt.serve.engine import SCHEDULERS, Engine
@@ -137,6 +136,9 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
         # tokens per core iteration's worth of weights read (prelude and head passes at their weights' share)
         "tokens_per_weight_read": tokens / max(m.weight_reads, 1e-9),
         "decode_graph": getattr(getattr(engine.program, "decode_core", None), "_graph", None) is not None,
+        # the program's passes beside a core iteration's, in weights read (its own estimate, from the weights)
+        "prelude_cost": engine.program.prelude_cost,
+        "head_cost": engine.program.head_cost,
         "depths": [d for r in requests for d in r.steps],
         "outputs": [r.tokens for r in requests],
     }
@@ -162,17 +164,15 @@ def weight_read_bounds(depths: list[int], rows: int, per_iteration: float, per_t
     groups lands between them."""
     if not depths:
         return float("nan"), float("nan")
-    mean_max = lockstep_bound(depths, rows) * statistics.fmean(depths)
-    token = mean_max * per_iteration + per_token  # weights read per round of `rows` tokens
     mean = statistics.fmean(depths)
+    token = lockstep_bound(depths, rows) * mean * per_iteration + per_token  # read per round of `rows` tokens
     return token / (mean * per_iteration), token / (mean * (per_iteration + per_token))
 
 
-def pass_costs(model, criterion: str) -> tuple[float, float]:
-    """(per_iteration, per_token) weight reads of the serving program, in core iterations' weights."""
-    t = model.transformer
-    core = [*t.core_block, t.adapter]
-    prelude, head = weight_ratio(t.prelude, core), weight_ratio([*t.coda, t.ln_f, model.lm_head], core)
+def pass_costs(run: dict, criterion: str) -> tuple[float, float]:
+    """(per_iteration, per_token) weight reads of a run's serving program, in core iterations' weights: the
+    head runs every iteration where the criterion needs logits, else once per token with the prelude."""
+    prelude, head = run["prelude_cost"], run["head_cost"]
     logits = criterion in CRITERIA and CRITERIA[criterion].needs_logits
     return (1.0 + head, prelude) if logits else (1.0, prelude + head)
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     depth_source = runs.get("depth", runs[schedulers[0]])["depths"]
     bound = lockstep_bound(depth_source, args.max_batch)
-    costs = pass_costs(model, args.criterion if args.shape == "model" else "none")
+    costs = pass_costs(runs[schedulers[0]], args.criterion if args.shape == "model" else "none")
     read_bounds = weight_read_bounds(depth_source, args.max_batch, *costs)
     env = environment(device)
     print(
