@@ -322,13 +322,17 @@ def test_every_family_bf16_full_shapes(family, shape):
         _close(g, w, 2e-2)
 
 
-def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
-    from latentrt.kernels import pool_attention as pa
-
-    inputs = list(pa.make_inputs("tiny", DEV, dtype, seed=seed, context=90, heads=heads))
+def _pool_family_inputs(name: str, looped: bool, heads, dtype, seed: int, **shape):
+    """A pool family's module and tiny inputs; a plain layer's without the four lookup inputs."""
+    fam = kernels.family(name)
+    inputs = list(fam.make_inputs("tiny", DEV, dtype, seed=seed, heads=heads, **shape))
     if not looped:
         inputs[-4:] = [None] * 4
-    return pa, inputs
+    return fam, inputs
+
+
+def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
+    return _pool_family_inputs("pool_attention", looped, heads, dtype, seed, context=90)
 
 
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])
@@ -372,12 +376,7 @@ def test_pool_attention_reads_nothing_outside_its_rows_entries():
 
 
 def _prefill_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
-    from latentrt.kernels import pool_prefill as pp
-
-    inputs = list(pp.make_inputs("tiny", DEV, dtype, seed=seed, n=20, context=80, heads=heads))
-    if not looped:
-        inputs[-4:] = [None] * 4
-    return pp, inputs
+    return _pool_family_inputs("pool_prefill", looped, heads, dtype, seed, n=20, context=80)
 
 
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])
