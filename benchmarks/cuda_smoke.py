@@ -37,19 +37,20 @@ def persistent_loop() -> None:
 
 def streamed_loop() -> None:
     """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
-    (latent-diff; KL with the coda and lm_head streamed at its checks), and a batch on the tensor-core path;
-    each launch must return (a hang is the likely bug)."""
+    (latent-diff; KL with the coda and lm_head streamed at its checks), a batch on the tensor-core path, and
+    one row at 56 positions (its attention in 4 splits, merged); each launch must return (a hang is the
+    likely bug). The attention is the backend's default, or LATENTRT_STREAM_ATTENTION's."""
     cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     model.backend = get_backend("cuda", model)
     model.backend.loop_kernel = "stream"
-    for batch in (2, 8):
-        prompts = [[3 + i, 4, 5][: 2 + i % 2] for i in range(batch)]
+    for batch, length in ((2, 3), (8, 3), (1, 56)):
+        prompts = [[3 + (i + j) % 50 for j in range(length - i % 2)] for i in range(batch)]
         for crit in ("none", "latent-diff", "kl"):
             kw = dict(max_new_tokens=3, num_steps=4, kv_sharing="ring-2", adaptive=True, exit_criterion=crit)
             latentrt.generate(model, prompts, **kw)
             torch.cuda.synchronize()
-        print(f"streamed loop batch {batch} ok", flush=True)
+        print(f"streamed loop ({model.backend.stream_attention} attention) batch {batch} ok", flush=True)
 
 
 def thought_loop() -> None:

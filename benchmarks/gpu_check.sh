@@ -49,13 +49,14 @@ echo "build exit $?" | tee -a "$LOG"
 CUDA_BUILT=0
 python3 -c "import latentrt._cuda" 2>>"$LOG" && CUDA_BUILT=1
 
-# smoke KERNELS SECONDS: one small run of those kernels (benchmarks/cuda_smoke.py); its exit status
+# smoke KERNELS SECONDS [NAME]: one small run of those kernels (benchmarks/cuda_smoke.py); its exit status
 smoke() {
-  stamp "cuda smoke: $1"
-  timeout "$2" python3 -m benchmarks.cuda_smoke --only "$1" >"$OUT/smoke_$1.log" 2>&1
+  local name=${3:-$1}
+  stamp "cuda smoke: $name"
+  timeout "$2" python3 -m benchmarks.cuda_smoke --only "$1" >"$OUT/smoke_$name.log" 2>&1
   local rc=$?
-  echo "smoke $1 exit $rc" | tee -a "$LOG"
-  tail -5 "$OUT/smoke_$1.log" | tee -a "$LOG"
+  echo "smoke $name exit $rc" | tee -a "$LOG"
+  tail -5 "$OUT/smoke_$name.log" | tee -a "$LOG"
   return $rc
 }
 STREAM_OK=1
@@ -70,11 +71,18 @@ if [ "$CUDA_BUILT" = 1 ]; then
   fi
 fi
 # the streamed-weight loop (#11, csrc/stream_loop.cu) on its own: a failure or hang there (its likeliest bug:
-# a dependency wait that never completes) drops only its tests and benchmark rows
-if [ "$CUDA_BUILT" = 1 ] && ! smoke stream 40; then
-  STREAM_OK=0
-  export LATENTRT_BENCH_SKIP=cuda-stream
-  SMOKE_ONLY="--only barrier"
+# a dependency wait that never completes) drops only its tests and benchmark rows. Its split attention is
+# its newest part: where the default fails, the kernel is tried again with its attention one (row, head) per
+# CTA, and if that passes the later stages run that way
+if [ "$CUDA_BUILT" = 1 ] && ! smoke stream 50; then
+  if LATENTRT_STREAM_ATTENTION=cta smoke stream 50 stream_cta; then
+    stamp "the streamed loop's split attention failed its smoke: later stages use LATENTRT_STREAM_ATTENTION=cta"
+    export LATENTRT_STREAM_ATTENTION=cta LATENTRT_BENCH_SKIP=cuda-stream
+  else
+    STREAM_OK=0
+    export LATENTRT_BENCH_SKIP=cuda-stream,cuda-stream-cta
+    SMOKE_ONLY="--only barrier"
+  fi
 fi
 
 TO=""

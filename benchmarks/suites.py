@@ -326,7 +326,8 @@ def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
 def _backends(model) -> Iterator[tuple[str, object]]:
     """(label, backend) for every backend that runs on the model's device; the persistent CUDA loop once per
     kernel: grid barriers by cooperative groups (``cuda``), the streamed-weight kernel (``cuda-stream``,
-    csrc/stream_loop.cu), grid barriers by counters in global memory (``cuda-counter-barrier``)."""
+    csrc/stream_loop.cu, attention split over positions; ``cuda-stream-cta``: its attention one (row, head)
+    per CTA), grid barriers by counters in global memory (``cuda-counter-barrier``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
     for name in ("triton", "cuda"):
         try:
@@ -337,12 +338,17 @@ def _backends(model) -> Iterator[tuple[str, object]]:
             yield name, backend
             continue
         skip = set(os.environ.get("LATENTRT_BENCH_SKIP", "").split(","))  # gpu_check.sh: kernels whose smoke failed
-        kernels = (("barrier", 0, "cuda"), ("stream", 0, "cuda-stream"), ("barrier", 1, "cuda-counter-barrier"))
-        for kernel, mode, label in kernels:
+        kernels = (
+            ("barrier", 0, "split", "cuda"),
+            ("stream", 0, "split", "cuda-stream"),
+            ("stream", 0, "cta", "cuda-stream-cta"),
+            ("barrier", 1, "split", "cuda-counter-barrier"),
+        )
+        for kernel, mode, attention, label in kernels:
             if label in skip:
                 continue
             backend = latentrt.backends.get_backend(name, model)
-            backend.loop_kernel, backend.barrier_mode = kernel, mode
+            backend.loop_kernel, backend.barrier_mode, backend.stream_attention = kernel, mode, attention
             yield label, backend
 
 

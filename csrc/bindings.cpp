@@ -58,7 +58,7 @@ PYBIND11_MODULE(_cuda, m) {
       FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(check_every) FIELD(criterion) FIELD(eps) FIELD(threshold)
       FIELD(core) FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos)
       FIELD(sin) FIELD(valid) FIELD(written) FIELD(state) FIELD(ref_state) FIELD(active) FIELD(used) FIELD(logits)
-      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(pos_ptr) FIELD(watch) FIELD(watch_cycles) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
+      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(pos_ptr) FIELD(watch) FIELD(watch_cycles) FIELD(split_attention) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
 #undef FIELD
   m.def("loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::loop_plan, a, device); });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);
@@ -141,6 +141,11 @@ PYBIND11_MODULE(_cuda, m) {
       "the streamed-weight kernel's plan (csrc/stream_plan.h) for matrices {rows, cols} in execution order",
       py::arg("mats"), py::arg("batch"), py::arg("ctas"), py::arg("smem_optin"), py::arg("tile_rows") = 0,
       py::arg("k_chunk") = 0);
+  m.def("attention_splits", &latentrt_stream::attention_splits,
+        "splits per (row, head) of the streamed kernel's split attention (csrc/stream_plan.h)", py::arg("heads"),
+        py::arg("positions"), py::arg("warps"), py::arg("split_max"));
+  m.def("attention_split_max", &latentrt_stream::attention_split_max,
+        "the most splits the workspace of `heads` (row, head) pairs holds", py::arg("heads"));
   m.def("device_info", [](int device) {
     int sms = 0, smem = 0, l2 = 0;
     check(latentrt::device_info(device, &sms, &smem, &l2), "device_info");

@@ -16,8 +16,10 @@
 //   N3     xs = norm_1(hx)                              atomic per row, so no CTA reads a whole row)
 //   per core layer:
 //     QKV    acc_qkv = Wqkv xs
-//     ATT    per (row, head) item: q, k, v from acc_qkv (rounded, qk_bias, RoPE), this position's K/V
-//            written to its slot, attention over the row's positions (slot rule above) -> y
+//     ATT    q, k, v from acc_qkv (rounded, qk_bias, RoPE), this position's K/V written to its slot,
+//            attention over the row's positions (slot rule above) -> y: split over positions, one
+//            (row, head, split) item per consumer warp of the grid, merged by the last item of each head
+//            (attend_split, the default); or one (row, head) per CTA (attend, LoopArgs.split_attention 0)
 //     WO     acc_o = Wo y
 //     N1/N2/N3  v = rnd(hx + rnd(acc_o)); hb = norm_2(v); xs = norm_3(hb)
 //     FC     acc_fc = Wfc xs                    G  g = rnd(silu(rnd(gate))) * rnd(up)
@@ -57,6 +59,8 @@ constexpr int kKL = 3;  // LoopArgs.criterion of KL
 constexpr int kMaxHeadDim = 128;
 constexpr int kDims = kMaxHeadDim / 32;  // head dimensions per lane
 constexpr int kStatsRing = 4;           // norm instances whose statistics are live at once (see norm_stats)
+constexpr int kVec = 8;                 // bf16 of one 16-byte load
+constexpr int kUnroll = 4;              // split attention: positions per lane group whose loads are in flight together
 
 struct Layer {
   const bf16 *n1, *n2, *n3, *n4, *qk_bias;
@@ -85,7 +89,10 @@ struct Args {
   float* acc_logits;                                // KL only: lm_head's sums [B, V], else null
   float* stats;                                     // [kStatsRing][2][kMaxBatch] norm statistics
   float* exit_sums;                                 // [2][kMaxBatch][4] criterion sums, by iteration parity
-  float* zero_from;                                 // the fp32 workspace, zeroed at the start
+  float* att_part;     // split attention: per item (row, head, split) m, l, then D sums (see attend_split)
+  unsigned* att_count;  // split attention: [B * H] items arrived, cumulative over the launch
+  int att_split_max;    // 0: attention one (row, head) per CTA (attend); else at most this many splits
+  float* zero_from;                                 // the fp32 sums and counters, zeroed at the start
   size_t zero_count;
   unsigned* counter;
   Watch watch;  // status null: no watchdog
@@ -104,6 +111,7 @@ struct Consumer {
   Cursor cur;
   unsigned phase = 0, norm = 0;
   int pos = 0;  // the token's timeline index (from the device where the launch is captured in a graph)
+  int splits = 1;  // split attention: splits per (row, head) in this launch (the same positions throughout)
 };
 
 // Every CTA's consumers have finished the phase (their writes visible) before any goes on.
@@ -287,6 +295,164 @@ __device__ void attend(const Args& a, const Layer& L, int pos, int slot, bool us
   }
 }
 
+// q, k, v of (row b, head h) at this position for one lane's 8 dimensions [d0, d0 + 8): rounded from the
+// QKV sums, qk_bias added, interleaved RoPE in fp32 (each pair (2i, 2i + 1) lies within the lane's 8), as in
+// attend.
+__device__ void qkv8(const Args& a, const Layer& L, int b, int h, int d0, float* q, float* k, float* v) {
+  const int D = a.D, H = a.H, Hkv = a.Hkv, hk = h / (H / Hkv);
+  const float* acc = a.acc_qkv + (size_t)b * (H + 2 * Hkv) * D;
+#pragma unroll
+  for (int i = 0; i < kVec; i += 4) {
+    const float4 qa = __ldcg(reinterpret_cast<const float4*>(acc + h * D + d0 + i));
+    const float4 ka = __ldcg(reinterpret_cast<const float4*>(acc + (H + hk) * D + d0 + i));
+    const float4 va = __ldcg(reinterpret_cast<const float4*>(acc + (H + Hkv + hk) * D + d0 + i));
+    q[i] = rnd(qa.x), q[i + 1] = rnd(qa.y), q[i + 2] = rnd(qa.z), q[i + 3] = rnd(qa.w);
+    k[i] = rnd(ka.x), k[i + 1] = rnd(ka.y), k[i + 2] = rnd(ka.z), k[i + 3] = rnd(ka.w);
+    v[i] = rnd(va.x), v[i + 1] = rnd(va.y), v[i + 2] = rnd(va.z), v[i + 3] = rnd(va.w);
+  }
+  if (L.qk_bias != nullptr) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      q[i] = rnd(q[i] + __bfloat162float(L.qk_bias[h * D + d0 + i]));
+      k[i] = rnd(k[i] + __bfloat162float(L.qk_bias[(size_t)H * D + hk * D + d0 + i]));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kVec; i += 2) {  // (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)
+    const float cs = a.cos[(size_t)b * (D / 2) + (d0 + i) / 2], sn = a.sin[(size_t)b * (D / 2) + (d0 + i) / 2];
+    const float q0 = q[i], q1 = q[i + 1], k0 = k[i], k1 = k[i + 1];
+    q[i] = rnd(q0 * cs + -1.f * q1 * sn), q[i + 1] = rnd(q1 * cs + 1.f * q0 * sn);
+    k[i] = rnd(k0 * cs + -1.f * k1 * sn), k[i + 1] = rnd(k1 * cs + 1.f * k0 * sn);
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return u;
+}
+
+// The same attention as `attend`, spread over every consumer warp of the grid (issue #11: "split the KV range
+// across at least as many work items as SMs, 16-byte loads"). A work item is (row, head, split): one warp
+// takes `splits` consecutive positions' share of [0, pos], its lanes in groups of gs (D / 8 rounded up to a
+// power of two), each group one position at a time with one 16-byte load of K and of V per lane, kUnroll
+// positions' loads issued before any is used; every group keeps its own online softmax, merged across the
+// warp's groups by shuffles. With one split the warp writes y itself; otherwise it writes its (m, l, sums)
+// partial and the last of a (row, head)'s items to arrive (a cumulative counter) merges them into y. The
+// warp holding position `pos` writes its K/V entry (one writer per KV head); no item reads that entry from
+// memory, it uses the values it built.
+__device__ void attend_split(const Args& a, const Layer& L, int pos, int slot, bool use_written, const uint8_t* act,
+                             int splits) {
+  const int lane = lane_id(), D = a.D, H = a.H, Hkv = a.Hkv, group = H / Hkv;
+  const int gs = D > 64 ? 16 : (D > 32 ? 8 : 4), per_pass = 32 / gs, grp = lane / gs, d0 = kVec * (lane % gs);
+  const bool has = d0 < D;
+  const float scale = rsqrtf((float)D);
+  const int n = pos + 1, chunk = (n + splits - 1) / splits;
+  const int items = a.B * H * splits, warps = gridDim.x * kConsumerWarps;
+  const size_t slot_stride = (size_t)a.B * Hkv * a.T * D;
+  for (int item = blockIdx.x * kConsumerWarps + consumer_warp(); item < items; item += warps) {
+    const int rh = item / splits, sp = item % splits, b = rh / H, h = rh % H, hk = h / group;
+    if (!act[b]) continue;  // uniform across the warp
+    float q[kVec] = {}, kc[kVec] = {}, vc[kVec] = {};
+    if (has) qkv8(a, L, b, h, d0, q, kc, vc);
+    const int t0 = sp * chunk, t1 = min(n, t0 + chunk);
+    const size_t row = ((size_t)b * Hkv + hk) * a.T;  // (b, hk)'s positions within a slot
+    if (h % group == 0 && t0 <= pos && pos < t1 && grp == 0 && has) {  // this position's K/V entry
+      const size_t off = slot * slot_stride + (row + pos) * D + d0;
+      *reinterpret_cast<uint4*>(L.k + off) = pack8(kc);
+      *reinterpret_cast<uint4*>(L.v + off) = pack8(vc);
+    }
+    float m = -INFINITY, l = 0.f, o[kVec] = {};
+    for (int base = t0; base < t1; base += per_pass * kUnroll) {
+      uint4 kr[kUnroll], vr[kUnroll];
+      bool use[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // every load first (a masked position's K/V is loaded, not used)
+        const int t = base + u * per_pass + grp;
+        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (t < t1 && t != pos && has) {
+          int sl = slot;
+          if (use_written) {
+            const long long w = __ldcg(reinterpret_cast<const long long*>(a.written) + (size_t)b * a.T + t) - 1;
+            sl = w < 0 ? 0 : (w < slot ? (int)w : slot);
+          }
+          const size_t off = sl * slot_stride + (row + t) * D + d0;
+          kr[u] = __ldcg(reinterpret_cast<const uint4*>(L.k + off));
+          vr[u] = __ldcg(reinterpret_cast<const uint4*>(L.v + off));
+        }
+        use[u] = t < t1 && (t == pos || a.valid[(size_t)b * a.T + t]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const bool here = base + u * per_pass + grp == pos;
+        float kf[kVec], vf[kVec];
+        latentrt_device::unpack8(kr[u], kf);
+        latentrt_device::unpack8(vr[u], vf);
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dot += q[i] * (here ? kc[i] : kf[i]);
+        for (int off = gs / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        if (!use[u]) continue;  // after the shuffles: every lane takes part in them
+        const float s = dot * scale, m_new = fmaxf(m, s);
+        const float alpha = __expf(m - m_new), p = __expf(s - m_new);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) o[i] = o[i] * alpha + p * (here ? vc[i] : vf[i]);
+        l = l * alpha + p;
+        m = m_new;
+      }
+    }
+    for (int off = gs; off < 32; off <<= 1) {  // the warp's groups merged (every group ends with the result)
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
+      const float mm = fmaxf(m, m2);
+      const float f1 = m == -INFINITY ? 0.f : __expf(m - mm), f2 = m2 == -INFINITY ? 0.f : __expf(m2 - mm);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) o[i] = o[i] * f1 + __shfl_xor_sync(0xffffffffu, o[i], off) * f2;
+      l = l * f1 + l2 * f2;
+      m = mm;
+    }
+    bf16* y = a.y + ((size_t)b * H + h) * D;
+    if (splits == 1) {  // the whole range: l > 0 (position pos is always in it)
+      if (grp == 0 && has) {
+        float r[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) r[i] = o[i] / l;
+        *reinterpret_cast<uint4*>(y + d0) = pack8(r);
+      }
+      continue;
+    }
+    float* part = a.att_part + (size_t)item * (2 + D);
+    if (grp == 0 && has) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) part[2 + d0 + i] = o[i];
+    }
+    if (lane == 0) part[0] = m, part[1] = l;
+    __threadfence();  // the partial before the count that says it is there
+    __syncwarp();
+    unsigned last = 0;
+    if (lane == 0) last = (atomicAdd(a.att_count + rh, 1u) + 1u) % (unsigned)splits == 0u;
+    if (!__shfl_sync(0xffffffffu, last, 0)) continue;
+    __threadfence();
+    const float* parts = a.att_part + (size_t)rh * splits * (2 + D);  // lane s: split s
+    const float ms = lane < splits ? __ldcg(parts + (size_t)lane * (2 + D)) : -INFINITY;
+    const float ls = lane < splits ? __ldcg(parts + (size_t)lane * (2 + D) + 1) : 0.f;
+    const float mx = latentrt_device::warp_max(ms);
+    const float f = ls == 0.f ? 0.f : __expf(ms - mx);
+    const float den = warp_sum(ls * f);
+#pragma unroll
+    for (int i = 0; i < kDims; ++i) {
+      const int dd = lane + 32 * i;
+      float num = 0.f;
+      for (int sp2 = 0; sp2 < splits; ++sp2) {
+        const float fs = __shfl_sync(0xffffffffu, f, sp2);
+        if (dd < D && fs != 0.f) num += __ldcg(parts + (size_t)sp2 * (2 + D) + 2 + dd) * fs;
+      }
+      if (dd < D) y[dd] = __float2bfloat16(num / den);
+    }
+  }
+}
+
 // g = rnd(silu(rnd(gate)) rounded * rnd(up)) over this CTA's slice of the I gated columns.
 __device__ void gate(const Args& a, const uint8_t* act) {
   int c0, c1;
@@ -338,7 +504,10 @@ __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_
   consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
   sync(a, c);
   zero(a.acc_p, (size_t)B * d);  // last read by the previous norm after a PROJ: two barriers ago
-  attend(a, L, c.pos, slot, L.slots > 1, act, sm);
+  if (a.att_split_max > 0)
+    attend_split(a, L, c.pos, slot, L.slots > 1, act, c.splits);
+  else
+    attend(a, L, c.pos, slot, L.slots > 1, act, sm);
   sync(a, c);
   consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
   sync(a, c);
@@ -402,9 +571,10 @@ __device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act,
 // The consumers' walk: phases of every iteration in the producer's matrix order. MB: rows of the CUDA-core
 // GEMV (batch <= 4); above 4 the GEMVs run on tensor cores.
 template <int MB>
-__device__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, int* stop) {
+__device__ __forceinline__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, int* stop) {
   Consumer c;
   c.pos = a.pos_ptr != nullptr ? (int)__ldcg(a.pos_ptr) : a.pos;
+  c.splits = latentrt_stream::attention_splits((int64_t)a.B * a.H, c.pos + 1, gridDim.x * kConsumerWarps, a.att_split_max);
   const int B = a.B, d = a.d, ct = consumer_thread();
   int any = 0;
   for (int b = 0; b < B; ++b) any |= act[b];
@@ -605,8 +775,14 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
 
 // Workspace layout: bf16 buffers, then the fp32 ones (zeroed by the kernel at its start).
 struct Layout {
-  size_t xs, hx, hb, y, g, acc_a, acc_qkv, acc_o, acc_fc, acc_p, acc_logits, stats, exit_sums, end;
+  size_t xs, hx, hb, y, g, att_part, acc_a, acc_qkv, acc_o, acc_fc, acc_p, acc_logits, stats, exit_sums, att_count, end;
 };
+// Split attention's most splits per (row, head) for these arguments; 0: attention one (row, head) per CTA
+// (asked for, or a head_dim that is not a multiple of 8, the 16-byte loads' width).
+int split_max(const latentrt::LoopArgs& a) {
+  if (!a.split_attention || a.head_dim % kVec) return 0;
+  return latentrt_stream::attention_split_max((int64_t)a.batch * a.n_head);
+}
 Layout layout(const latentrt::LoopArgs& a) {
   const size_t B = a.batch, d = a.d, hd = (size_t)a.n_head * a.head_dim, I = a.ffn;
   const size_t qkv = (size_t)(a.n_head + 2 * a.n_kv) * a.head_dim;
@@ -623,6 +799,7 @@ Layout layout(const latentrt::LoopArgs& a) {
   l.hb = take(B * d * 2);
   l.y = take(B * hd * 2);
   l.g = take(B * I * 2);
+  l.att_part = take(B * a.n_head * (size_t)split_max(a) * (2 + a.head_dim) * 4);  // not zeroed: written before read
   l.acc_a = take(B * d * 4);
   l.acc_qkv = take(B * qkv * 4);
   l.acc_o = take(B * d * 4);
@@ -631,6 +808,7 @@ Layout layout(const latentrt::LoopArgs& a) {
   l.acc_logits = take(a.criterion == kKL ? B * (size_t)a.vocab * 4 : 0);
   l.stats = take(kStatsRing * 2 * kMaxBatch * 4);
   l.exit_sums = take(2 * kMaxBatch * 4 * 4);
+  l.att_count = take(B * a.n_head * 4);
   l.end = at;
   return l;
 }
@@ -720,6 +898,9 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
   a.acc_logits = a.criterion == kKL ? reinterpret_cast<float*>(w + l.acc_logits) : nullptr;
   a.stats = reinterpret_cast<float*>(w + l.stats);
   a.exit_sums = reinterpret_cast<float*>(w + l.exit_sums);
+  a.att_part = reinterpret_cast<float*>(w + l.att_part);
+  a.att_count = reinterpret_cast<unsigned*>(w + l.att_count);
+  a.att_split_max = split_max(h);
   a.zero_from = a.acc_a;
   a.zero_count = (l.end - l.acc_a) / 4;
   a.counter = reinterpret_cast<unsigned*>(h.barrier);

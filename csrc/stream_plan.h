@@ -3,7 +3,7 @@
 // GPU (tests/test_stream_plan.py, through the extension's `stream_plan`) and shared by the probe
 // (benchmarks/probes/stream_probe.cu) and the kernel built on it.
 //
-// (The header is also included by CUDA code; only split_cols is compiled for the device.)
+// (The header is also included by CUDA code; split_cols and attention_splits are compiled for the device.)
 //
 // One core iteration reads a fixed sequence of weight matrices (row-major [rows, cols], each read once).
 // Each matrix is cut into tiles of `tile_rows` rows x a range of columns (split-K: `split_k` column ranges
@@ -77,6 +77,36 @@ LRT_HOST_DEVICE inline int64_t split_edge(int64_t cols, int split, int64_t i) {
 LRT_HOST_DEVICE inline void split_cols(int64_t cols, int split, int64_t s, int64_t* first, int64_t* last) {
   *first = split_edge(cols, split, s);
   *last = split_edge(cols, split, s + 1);
+}
+
+// Attention split over positions (stream_loop.cu's split attention; also compiled for the device, which
+// chooses per launch). A work item is one (row, head, split) for one consumer warp; `heads` (row, head) pairs,
+// `positions` keys, `warps` consumer warps in the grid. The split count minimises the rounds of items times
+// an item's cost (its positions plus a fixed cost: q / k / v from the QKV sums, the partial written and
+// merged), with at least kMinSplitPositions positions a split and at most `split_max` splits.
+constexpr int kMaxAttentionSplits = 32;  // a warp merges a (row, head)'s splits, one per lane
+constexpr int kMinSplitPositions = 16;
+constexpr int kItemPositions = 8;   // an item's fixed cost, in positions
+constexpr int kSplitWarps = 2048;   // more consumer warps than any device's grid has (the workspace's bound)
+LRT_HOST_DEVICE inline int attention_splits(int64_t heads, int positions, int warps, int split_max) {
+  if (heads < 1 || positions < 1 || warps < 1 || split_max <= 1) return 1;
+  const int by_length = (positions + kMinSplitPositions - 1) / kMinSplitPositions;
+  const int most = split_max < by_length ? split_max : by_length;
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int s = 1; s <= most; ++s) {
+    const int64_t rounds = (heads * s + warps - 1) / warps;
+    const int64_t cost = rounds * ((positions + s - 1) / s + kItemPositions);
+    if (best_cost < 0 || cost < best_cost) best = s, best_cost = cost;
+  }
+  return best;
+}
+// The most splits a launch may choose for `heads` (row, head) pairs (sizes the partials' workspace): enough
+// to give twice the warps of any grid an item, at most kMaxAttentionSplits.
+LRT_HOST_DEVICE inline int attention_split_max(int64_t heads) {
+  if (heads < 1) return 1;
+  const int64_t s = (2 * (int64_t)kSplitWarps + heads - 1) / heads;
+  return s < 1 ? 1 : (s > kMaxAttentionSplits ? kMaxAttentionSplits : (int)s);
 }
 
 // Tile t of an op: row tile t % row_tiles, split t / row_tiles (a CTA's run covers neighbouring rows of one

@@ -68,3 +68,31 @@ def test_rows_carry_their_ratio_to_the_same_runs_yardsticks():
     assert adaptive["vs_compiled"] == 32 / 30
     assert all("vs_compiled" not in r for r in records[4:])
     assert "0.80x compiled; 7.00x published" in table(records)
+
+
+def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
+    """decode_recurrent times the CUDA backend once per latent-loop variant, the streamed kernel with both of
+    its attentions, and leaves out the labels gpu_check.sh names in LATENTRT_BENCH_SKIP (a failed smoke)."""
+    from types import SimpleNamespace
+
+    from benchmarks import suites
+
+    monkeypatch.setattr(suites.latentrt.backends, "get_backend", lambda name, model: SimpleNamespace(name=name))
+    monkeypatch.delenv("LATENTRT_BENCH_SKIP", raising=False)
+    rows = {label: b for label, b in suites._backends(None)}
+    assert list(rows) == ["torch", "triton", "cuda", "cuda-stream", "cuda-stream-cta", "cuda-counter-barrier"]
+    variant = {k: (b.loop_kernel, b.barrier_mode, b.stream_attention) for k, b in rows.items() if k.startswith("cuda")}
+    assert variant == {
+        "cuda": ("barrier", 0, "split"),
+        "cuda-stream": ("stream", 0, "split"),
+        "cuda-stream-cta": ("stream", 0, "cta"),
+        "cuda-counter-barrier": ("barrier", 1, "split"),
+    }
+    monkeypatch.setenv("LATENTRT_BENCH_SKIP", "cuda-stream")
+    assert [k for k, _ in suites._backends(None)] == [
+        "torch",
+        "triton",
+        "cuda",
+        "cuda-stream-cta",
+        "cuda-counter-barrier",
+    ]

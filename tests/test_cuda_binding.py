@@ -99,9 +99,16 @@ def test_stream_loop_workspace_and_table():
     up = lambda n: -(-n // 256) * 256  # noqa: E731
     bf16 = up(B * d * 2) * 3 + up(B * hd * 2) + up(B * ffn * 2)
     fp32 = up(B * d * 4) * 3 + up(B * qkv * 4) + up(B * 2 * ffn * 4) + up(4 * 2 * 32 * 4) + up(2 * 32 * 4 * 4)
-    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32
+    # split attention (the default): per (row, head, split) item m, l and head_dim sums, at most
+    # attention_split_max splits; and one arrival counter per (row, head)
+    heads = B * 4
+    split = up(heads * _cuda.attention_split_max(heads) * (2 + cfg.head_dim) * 4) + up(heads * 4)
+    assert a.split_attention == 1 and cfg.head_dim % 8 == 0
+    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + split
+    a.split_attention = 0  # attention one (row, head) per CTA: no partials
+    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + up(heads * 4)
     a.criterion = 3  # KL: lm_head's fp32 sums too
-    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + up(B * cfg.padded_vocab_size * 4)
+    assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + up(heads * 4) + up(B * cfg.padded_vocab_size * 4)
     if not torch.cuda.is_available():
         assert _cuda.stream_loop_table(a, 0) == []
         with pytest.raises(ValueError, match="unsupported"):
@@ -175,8 +182,9 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
 
 
 def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch):
-    """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks); a value it
-    does not know is an InputError naming the variable, when the backend is made, not at the first token."""
+    """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks), and
+    LATENTRT_STREAM_ATTENTION the streamed kernel's attention; a value either does not know is an InputError
+    naming the variable, when the backend is made, not at the first token."""
     from latentrt.backends import cuda as cuda_backend
     from latentrt.errors import InputError
 
@@ -187,4 +195,12 @@ def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch):
     assert cuda_backend.CudaBackend(model).loop_kernel == "stream"
     monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "fast")
     with pytest.raises(InputError, match="LATENTRT_CUDA_LOOP must be one of"):
+        cuda_backend.CudaBackend(model)
+    monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "stream")  # the streamed kernel's attention: split by default
+    monkeypatch.delenv(cuda_backend.STREAM_ATTENTION_ENV, raising=False)
+    assert cuda_backend.CudaBackend(model).stream_attention == "split"
+    monkeypatch.setenv(cuda_backend.STREAM_ATTENTION_ENV, "cta")
+    assert cuda_backend.CudaBackend(model).stream_attention == "cta"
+    monkeypatch.setenv(cuda_backend.STREAM_ATTENTION_ENV, "warp")
+    with pytest.raises(InputError, match="LATENTRT_STREAM_ATTENTION must be one of"):
         cuda_backend.CudaBackend(model)

@@ -98,7 +98,7 @@ def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
     _agree(a, b)
 
 
-@pytest.mark.parametrize("kernel", ["barrier", "stream"])
+@pytest.mark.parametrize("kernel", ["barrier", "stream", "stream-cta"])
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
 def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
     """Against the fp32 torch path (the numbers bf16 approximates), the kernel's logits are as close as the
@@ -110,7 +110,8 @@ def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
 
     ref32 = latentrt.load("builtin:recurrent", device="cuda", dtype="float32", backend="torch")
     ref16, fast = _builtin_pair("recurrent")
-    fast.backend.loop_kernel = kernel
+    fast.backend.loop_kernel = kernel.removesuffix("-cta")  # stream-cta: the streamed kernel, per-CTA attention
+    fast.backend.stream_attention = "cta" if kernel.endswith("-cta") else "split"
     prompts = _questions(ref16, 4)
     kw = dict(max_new_tokens=3, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
     a32, a16, b16 = (latentrt.generate(m, prompts, **kw) for m in (ref32, ref16, fast))
@@ -183,6 +184,29 @@ def test_streamed_loop_gqa_random_weights_logits(monkeypatch):
     kernels = _stream_launches(monkeypatch)
     kw = dict(max_new_tokens=2, num_steps=6, init_scale=0.0, return_logits=True)
     a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
+    assert kernels and set(kernels) == {"stream"}, kernels
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y[1], x[1]) < 3e-2
+
+
+@pytest.mark.parametrize("attention", ["split", "cta"])
+@pytest.mark.parametrize("kv", ["full", "ring-3"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streamed_attention_over_a_long_context(attention, kv, batch, monkeypatch):
+    """The streamed kernel's attention at 380-450 positions: split over positions (batch 1 on an H200: 29
+    splits of 16 positions, merged by the last item of each head) and per CTA; head_dim 96 as
+    Huginn-0125's (12 of a lane group's 16 lanes load); prompts of different lengths (the padding mask).
+    The first decoded position's logits against the torch backend."""
+    import latentrt
+
+    shape = dict(n_embd=192, num_attention_heads=2, intermediate_size=256, block_size=512, vocab_size=64)
+    ref, fast = _bf16_pair(seed=9, **shape)
+    fast.backend.loop_kernel, fast.backend.stream_attention = "stream", attention
+    kernels = _stream_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 60, (450 - 37 * i,), generator=gen).tolist() for i in range(batch)]
+    kw = dict(max_new_tokens=2, num_steps=6, kv_sharing=kv, init_scale=0.0, return_logits=True)
+    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
     assert kernels and set(kernels) == {"stream"}, kernels
     for x, y in zip(a.logits, b.logits):
         assert rel_err(y[1], x[1]) < 3e-2

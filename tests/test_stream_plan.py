@@ -100,3 +100,36 @@ def test_explicit_tiles_and_refusals():
         assert not p["ok"] and why in p["reason"], (kw, p["reason"])
     p = _cuda.stream_plan([(16, 12)], 1, 4, H200_SMEM)
     assert not p["ok"] and "multiple of 8" in p["reason"]
+
+
+def split_cost(heads: int, positions: int, warps: int, splits: int) -> int:
+    """The split attention's cost model: rounds of (row, head, split) items over the warps, times an item's
+    positions plus its fixed cost of 8 positions (csrc/stream_plan.h)."""
+    return -(-heads * splits // warps) * (-(-positions // splits) + 8)
+
+
+@pytest.mark.parametrize("positions", [1, 15, 17, 100, 512, 2048, 8192])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8, 16, 32])
+@pytest.mark.parametrize("sms", [132, 148, 78])
+def test_attention_splits_spread_every_row_head_over_the_grid(batch, positions, sms):
+    heads, warps = batch * 55, sms * 8  # Huginn-0125: 55 heads; 8 consumer warps per SM
+    most = _cuda.attention_split_max(heads)
+    assert most == min(32, -(-2 * 2048 // heads))
+    assert most * heads >= min(32 * heads, 2 * warps)  # the workspace holds two items per warp of any grid
+    s = _cuda.attention_splits(heads, positions, warps, most)
+    assert 1 <= s <= min(most, -(-positions // 16))  # at most 32 splits, of about 16 positions or more
+    best = min(split_cost(heads, positions, warps, k) for k in range(1, min(most, -(-positions // 16)) + 1))
+    assert split_cost(heads, positions, warps, s) == best
+    if positions >= 512:  # a long context keeps every SM busy: items at least the SMs, most warps busy
+        assert heads * s >= sms
+        assert heads * s >= 0.75 * min(warps, heads * most) or -(-heads * s // warps) > 1
+
+
+def test_attention_splits_at_huginn_decode():
+    """Batch 1 at context 512 on an H200: 19 splits of 27 positions, 1045 items for 1056 warps; batch 32:
+    3 splits, 5 full rounds; a one-position context or a one-split workspace never splits."""
+    assert _cuda.attention_splits(55, 512, 1056, _cuda.attention_split_max(55)) == 19
+    assert _cuda.attention_splits(32 * 55, 512, 1056, _cuda.attention_split_max(32 * 55)) == 3
+    assert _cuda.attention_splits(55, 1, 1056, 32) == 1
+    assert _cuda.attention_splits(55, 512, 1056, 1) == 1
+    assert _cuda.attention_splits(55, 512, 1056, 0) == 1

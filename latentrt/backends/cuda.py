@@ -7,7 +7,9 @@ barriers between GEMVs, every criterion, batch <= 16) and ``stream`` (stream_loo
 warp per SM streams the weights through a shared-memory ring while the consumers wait on dependency
 counters; batch <= 32, criteria none / latent-diff / cosine / KL). ``barrier`` stays the default until a lent GPU
 has measured ``stream`` (benchmarks/RESULTS.md); where the chosen kernel cannot run a call the other paths
-take over as below.
+take over as below. The streamed kernel's attention (``CudaBackend.stream_attention``, env
+LATENTRT_STREAM_ATTENTION): ``split`` over positions by every warp of the grid (default), or ``cta``, one
+(row, head) per CTA (the barrier kernel's loop), kept until a GPU has compared them.
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
@@ -36,16 +38,18 @@ from .triton.token import RecurrentTokenRunner
 log = logging.getLogger("latentrt")
 LOOP_KERNEL_ENV = "LATENTRT_CUDA_LOOP"  # the latent loop's kernel, one of LOOP_KERNELS (default: barrier)
 LOOP_KERNELS = ("barrier", "stream")
+STREAM_ATTENTION_ENV = "LATENTRT_STREAM_ATTENTION"  # the streamed kernel's attention (default: split)
+STREAM_ATTENTIONS = ("split", "cta")  # over positions by every warp of the grid / one (row, head) per CTA
 WATCHDOG_ENV = "LATENTRT_STREAM_WATCHDOG"  # seconds a streamed-kernel wait may last (default 2; 0: off)
 _watches: list[Tensor] = []  # the latest runners' watchdog buffers (pinned host memory), for the report
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
 _logged: set[str] = set()
 
 
-def _known_loop_kernel(name: str, source: str) -> str:
-    """``name`` if it is one of LOOP_KERNELS, else an InputError naming where it came from."""
-    if name not in LOOP_KERNELS:
-        raise InputError(f"{source} must be one of {list(LOOP_KERNELS)}, got {name!r}")
+def _one_of(name: str, allowed: tuple[str, ...], source: str) -> str:
+    """``name`` if it is one of ``allowed``, else an InputError naming where it came from."""
+    if name not in allowed:
+        raise InputError(f"{source} must be one of {list(allowed)}, got {name!r}")
     return name
 
 
@@ -230,11 +234,15 @@ class CudaBackend(TritonBackend):
     capabilities = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16,), criteria=frozenset(CRITERIA), max_batch=16)
     barrier_mode = 0  # grid barrier: 0 cooperative groups, 1 counters in global memory (benchmarks compare)
     loop_kernel = "barrier"  # the latent loop's kernel: "barrier" (recurrent_loop.cu) or "stream" (stream_loop.cu)
+    stream_attention = "split"  # the streamed kernel's attention, one of STREAM_ATTENTIONS (benchmarks compare)
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
         # the CLI, the server and the benchmarks take the latent loop's kernel from the environment too
-        self.loop_kernel = _known_loop_kernel(os.environ.get(LOOP_KERNEL_ENV, type(self).loop_kernel), LOOP_KERNEL_ENV)
+        env = os.environ.get
+        self.loop_kernel = _one_of(env(LOOP_KERNEL_ENV, type(self).loop_kernel), LOOP_KERNELS, LOOP_KERNEL_ENV)
+        attention = env(STREAM_ATTENTION_ENV, type(self).stream_attention)
+        self.stream_attention = _one_of(attention, STREAM_ATTENTIONS, STREAM_ATTENTION_ENV)
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
@@ -311,7 +319,8 @@ class CudaBackend(TritonBackend):
             ext = cuda_ext._ext()
             args = loop_args(ext, m, cache, spec)
             args.barrier_mode = self.barrier_mode
-            _known_loop_kernel(self.loop_kernel, "loop_kernel")  # may have been set after the backend was made
+            _one_of(self.loop_kernel, LOOP_KERNELS, "loop_kernel")  # both may have been set after the backend
+            args.split_attention = int(_one_of(self.stream_attention, STREAM_ATTENTIONS, "stream_attention") == "split")
             planner = ext.stream_loop_plan if self.loop_kernel == "stream" else ext.loop_plan
             plan = planner(args, m.device.index or 0)
             if plan["ok"]:
