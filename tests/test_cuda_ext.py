@@ -189,9 +189,10 @@ def test_streamed_loop_gqa_random_weights_logits(monkeypatch):
         assert rel_err(y[1], x[1]) < 3e-2
 
 
-@pytest.mark.parametrize("attention", ["split", "cta"])
-@pytest.mark.parametrize("kv", ["full", "ring-3"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(
+    ("attention", "kv", "batch"),
+    [("split", "full", 1), ("split", "ring-3", 3), ("cta", "full", 3), ("cta", "ring-3", 1)],
+)
 def test_streamed_attention_over_a_long_context(attention, kv, batch, monkeypatch):
     """The streamed kernel's attention at 380-450 positions: split over positions (batch 1 on an H200: 29
     splits of 16 positions, merged by the last item of each head) and per CTA; head_dim 96 as
