@@ -181,26 +181,26 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
     assert barrier() == "eager" and barrier.capture_error is None
 
 
-def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch):
+@pytest.mark.parametrize(
+    ("env", "attr", "default", "other"),
+    [
+        ("LATENTRT_CUDA_LOOP", "loop_kernel", "barrier", "stream"),
+        ("LATENTRT_STREAM_ATTENTION", "stream_attention", "split", "cta"),
+    ],
+)
+def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch, env, attr, default, other):
     """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks), and
     LATENTRT_STREAM_ATTENTION the streamed kernel's attention; a value either does not know is an InputError
     naming the variable, when the backend is made, not at the first token."""
     from latentrt.backends import cuda as cuda_backend
     from latentrt.errors import InputError
 
+    assert env in (cuda_backend.LOOP_KERNEL_ENV, cuda_backend.STREAM_ATTENTION_ENV)
     model = tiny_recurrent(seed=1)
-    monkeypatch.delenv(cuda_backend.LOOP_KERNEL_ENV, raising=False)
-    assert cuda_backend.CudaBackend(model).loop_kernel == "barrier"
-    monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "stream")
-    assert cuda_backend.CudaBackend(model).loop_kernel == "stream"
-    monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "fast")
-    with pytest.raises(InputError, match="LATENTRT_CUDA_LOOP must be one of"):
-        cuda_backend.CudaBackend(model)
-    monkeypatch.setenv(cuda_backend.LOOP_KERNEL_ENV, "stream")  # the streamed kernel's attention: split by default
-    monkeypatch.delenv(cuda_backend.STREAM_ATTENTION_ENV, raising=False)
-    assert cuda_backend.CudaBackend(model).stream_attention == "split"
-    monkeypatch.setenv(cuda_backend.STREAM_ATTENTION_ENV, "cta")
-    assert cuda_backend.CudaBackend(model).stream_attention == "cta"
-    monkeypatch.setenv(cuda_backend.STREAM_ATTENTION_ENV, "warp")
-    with pytest.raises(InputError, match="LATENTRT_STREAM_ATTENTION must be one of"):
+    monkeypatch.delenv(env, raising=False)
+    assert getattr(cuda_backend.CudaBackend(model), attr) == default
+    monkeypatch.setenv(env, other)
+    assert getattr(cuda_backend.CudaBackend(model), attr) == other
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(InputError, match=f"{env} must be one of"):
         cuda_backend.CudaBackend(model)
