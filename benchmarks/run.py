@@ -64,7 +64,7 @@ def table(records: list[dict]) -> str:
             other = f"{r['tokens_per_s']:.1f} tok/s"
         if "gb_per_s" in r:
             other = f"{r['gb_per_s']:.1f} GB/s"
-        ratios = [f"{r[k]:.2f}x {k[3:]}" for k in YARDSTICKS if k in r]
+        ratios = [f"{r[k]:.2f}x {k[3:]}" for k in (*YARDSTICKS, "vs_ideal") if k in r]
         other = "; ".join(x for x in (other, *ratios) if x)
         med = f"{r['median_ms']:.3f}" if "median_ms" in r else ""
         fl = f"{r['floor_ms']:.3f}" if "floor_ms" in r else ""
@@ -100,6 +100,39 @@ def add_ratios(records: list[dict]) -> None:
         base = published.get(key(r, "r", "context"))
         if base is not None:
             r["vs_published"] = batch * base["median_ms"] / r["median_ms"]
+    add_ideal(rows)
+
+
+def add_ideal(rows: list[dict]) -> None:
+    """Each adaptive decode row's time against the ideal set by the iterations it ran (issue #11: within 10%
+    at batch 1; at batch 8 / 32, each row exiting on its own, at least 90%): ``ideal_ms`` = the per-token
+    passes + ``launch_steps`` (per token, its slowest sequence's iterations) x the per-iteration time, both
+    from the same backend's fixed-depth rows at the same batch, KV mode and context (r and 4:
+    per-iteration = the difference / (r - 4)). Without an r=4 row the per-token passes count as iterations
+    (time at r / r): an ideal that is too low, so the ratio errs against the row. ``vs_ideal`` = ideal /
+    measured (1.0: no time lost to the exit test or to rows that exited)."""
+
+    def key(r: dict, depth: int) -> tuple:
+        c = r["config"]
+        return r.get("backend"), c.get("batch", 1), depth, c.get("kv"), c.get("context")
+
+    fixed = {
+        key(r, r["config"].get("r")): r for r in rows if r["name"] == "generate" and not r["config"].get("adaptive")
+    }
+    for r in rows:
+        c = r["config"]
+        if r["name"] != "generate" or not c.get("adaptive") or "launch_steps" not in c:
+            continue
+        deep, shallow = fixed.get(key(r, c["r"])), fixed.get(key(r, 4))
+        if deep is None:
+            continue
+        if shallow is not None and c["r"] > 4:
+            per_iteration = (deep["median_ms"] - shallow["median_ms"]) / (c["r"] - 4)
+            per_token = deep["median_ms"] - c["r"] * per_iteration
+        else:
+            per_iteration, per_token = deep["median_ms"] / c["r"], 0.0
+        r["ideal_ms"] = per_token + c["launch_steps"] * per_iteration
+        r["vs_ideal"] = r["ideal_ms"] / r["median_ms"]
 
 
 def _keep(records: list[dict], partial, rec: dict) -> None:

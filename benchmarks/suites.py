@@ -291,7 +291,7 @@ def decode_tuned(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 continue
             finally:
                 os.environ.pop("LATENTRT_GEMV", None)
-            mean_steps = sum(steps) / max(len(steps), 1)
+            mean_steps = steps["mean_steps"]
             b = floors.recurrent_step_bytes(
                 model.config, batch=c["batch"], context=plan.context, steps=max(1, round(mean_steps)), element_size=el
             )
@@ -306,10 +306,11 @@ def decode_tuned(plan: Plan, copy_bw: float) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
+def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, dict]:
     """Per-token latency of ``new_tokens`` decode steps, timed between streamed tokens (the engine reads
     each token on the host, which synchronises the device). The prompt and the first decode token (which
-    compiles kernels and captures the CUDA graph) are left out; the latter is reported as first_token_ms."""
+    compiles kernels and captures the CUDA graph) are left out; the latter is reported as first_token_ms.
+    Also the iterations of the timed tokens (``step_counts``)."""
     times, steps, last = [], [], None
     if "init_scale" in family_for(model).decoder.OPTIONS:
         kw = {"init_scale": 0.0, **kw}  # a deterministic initial state: the same work in every timed run
@@ -318,9 +319,21 @@ def _decode_ms(model, ids, new_tokens: int, **kw) -> tuple[dict, list[int]]:
         now = time.perf_counter()
         if last is not None:
             times.append(1000 * (now - last))
-            steps.extend(s for s in (ev.steps if isinstance(ev.steps, list) else [ev.steps]) if s is not None)
+            steps.append([s for s in (ev.steps if isinstance(ev.steps, list) else [ev.steps]) if s is not None])
         last = now
-    return {**summarize(times[1:] or times), "first_token_ms": times[0]}, steps
+    timed = slice(1, None) if len(times) > 1 else slice(None)
+    return {**summarize(times[timed]), "first_token_ms": times[0]}, step_counts(steps[timed])
+
+
+def step_counts(per_token: list[list[int]]) -> dict:
+    """``mean_steps``: iterations per sequence and token; ``launch_steps``: per token, the iterations of its
+    slowest sequence (what a batch's launch runs, each row exiting on its own), averaged over tokens."""
+    flat = [s for token in per_token for s in token]
+    launches = [max(token) for token in per_token if token]
+    return {
+        "mean_steps": sum(flat) / max(len(flat), 1),
+        "launch_steps": sum(launches) / max(len(launches), 1),
+    }
 
 
 def _backends(model) -> Iterator[tuple[str, object]]:
@@ -366,6 +379,9 @@ def recurrent_configs(plan: Plan) -> list[dict]:
             dict(batch=8, r=32, kv="shared", adaptive=True),
             dict(batch=1, r=32, kv="full", adaptive=False),
             dict(batch=32, r=32, kv="shared", adaptive=True),
+            # r=4 beside r=32 separates the per-token passes from the iterations: the adaptive rows' ideal
+            dict(batch=8, r=4, kv="shared", adaptive=False),
+            dict(batch=32, r=4, kv="shared", adaptive=False),
         ]
         return b1
     return [
@@ -425,7 +441,7 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
             except Exception as exc:  # a failing backend is a result, not the end of the run
                 yield error_record("decode_recurrent", "generate", backend, c, exc)
                 continue
-            mean_steps = sum(steps) / max(len(steps), 1)
+            mean_steps = steps["mean_steps"]
             b = floors.recurrent_step_bytes(
                 cfg, batch=batch, context=plan.context, steps=max(1, round(mean_steps)), element_size=el
             )
@@ -434,7 +450,7 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 "suite": "decode_recurrent",
                 "name": "generate",
                 "backend": backend,
-                "config": {**c, "context": plan.context, "mean_steps": mean_steps},
+                "config": {**c, "context": plan.context, **steps},
                 "tokens_per_s": batch * 1000 / t["median_ms"],
                 **with_floor(t, floor_ms),
             }

@@ -70,6 +70,40 @@ def test_rows_carry_their_ratio_to_the_same_runs_yardsticks():
     assert "0.80x compiled; 7.00x published" in table(records)
 
 
+def test_adaptive_rows_carry_their_ratio_to_the_ideal_of_the_iterations_they_ran():
+    """Per backend, batch, KV mode and context: the fixed-depth rows at r and 4 give the per-iteration time
+    and the per-token passes; an adaptive row's ideal is those passes + its launches' iterations x the
+    per-iteration time (without an r=4 row: time at r / r per iteration, the passes uncounted)."""
+    from benchmarks.run import add_ratios, table
+
+    def row(backend, ms, **config):
+        cfg = dict(batch=1, r=32, kv="shared", adaptive=False, context=512) | config
+        return {"suite": "decode_recurrent", "name": "generate", "backend": backend, "config": cfg, "median_ms": ms}
+
+    records = [
+        row("a", 36.0),  # 1 ms per iteration + 4 ms per token
+        row("a", 8.0, r=4),
+        row("a", 16.0, adaptive=True, mean_steps=10.0, launch_steps=10.0),  # ideal 4 + 10 = 14
+        row("b", 64.0, batch=8),  # no r=4 row: 2 ms per iteration
+        row("b", 40.0, batch=8, adaptive=True, mean_steps=12.5, launch_steps=18.0),  # ideal 36
+        row("a", 99.0, batch=8, adaptive=True, launch_steps=3.0),  # no fixed row of its backend and batch
+        row("b", 30.0, kv="full", adaptive=True, launch_steps=3.0),  # nor of its KV mode
+    ]
+    add_ratios(records)
+    b1, b8 = records[2], records[4]
+    assert b1["ideal_ms"] == 14.0 and b1["vs_ideal"] == 14.0 / 16.0
+    assert b8["ideal_ms"] == 36.0 and b8["vs_ideal"] == 36.0 / 40.0
+    assert not any("vs_ideal" in r for i, r in enumerate(records) if i not in (2, 4))
+    assert "0.88x ideal" in table(records) and "0.90x ideal" in table(records)
+
+
+def test_step_counts_mean_per_sequence_and_per_launch():
+    from benchmarks.suites import step_counts
+
+    assert step_counts([[4, 8], [6, 2], [5]]) == {"mean_steps": 5.0, "launch_steps": (8 + 6 + 5) / 3}
+    assert step_counts([]) == {"mean_steps": 0.0, "launch_steps": 0.0}
+
+
 def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     """decode_recurrent times the CUDA backend once per latent-loop variant, the streamed kernel with both of
     its attentions, and leaves out the labels gpu_check.sh names in LATENTRT_BENCH_SKIP (a failed smoke)."""
