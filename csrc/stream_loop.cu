@@ -40,9 +40,8 @@
 #include <mutex>
 #include <tuple>
 
-#include "device_utils.cuh"
+#include "stream_attention.cuh"
 #include "stream_loop.h"
-#include "stream_ring.cuh"
 
 namespace {
 
@@ -56,11 +55,7 @@ constexpr int kMaxCoda = 4;
 constexpr int kOpsPerLayer = 4;
 constexpr int kMaxOps = 1 + kOpsPerLayer * (kMaxCore + kMaxCoda) + 1;  // adapter, core, coda, lm_head
 constexpr int kKL = 3;  // LoopArgs.criterion of KL
-constexpr int kMaxHeadDim = 128;
-constexpr int kDims = kMaxHeadDim / 32;  // head dimensions per lane
 constexpr int kStatsRing = 4;           // norm instances whose statistics are live at once (see norm_stats)
-constexpr int kVec = 8;                 // bf16 of one 16-byte load
-constexpr int kUnroll = 4;              // split attention: positions per lane group whose loads are in flight together
 
 struct Layer {
   const bf16 *n1, *n2, *n3, *n4, *qk_bias;
@@ -100,12 +95,6 @@ struct Args {
 
 static_assert(sizeof(Args) <= 4096, "the launch's arguments stay within the classic 4 KB parameter space");
 
-__device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
-__device__ __forceinline__ float ldb(const bf16* p) { return __bfloat162float(__ldcg(p)); }
-__device__ __forceinline__ int lane_id() { return threadIdx.x % 32; }
-__device__ __forceinline__ int consumer_warp() { return threadIdx.x / 32 - 1; }
-__device__ __forceinline__ int consumer_thread() { return threadIdx.x - 32; }
-
 // The consumers' state in one CTA: ring cursor, barrier phase, norm instance, rows still running.
 struct Consumer {
   Cursor cur;
@@ -115,17 +104,7 @@ struct Consumer {
 };
 
 // Every CTA's consumers have finished the phase (their writes visible) before any goes on.
-__device__ __forceinline__ void sync(const Args& a, Consumer& c) {
-  arrive(a.counter);
-  ++c.phase;
-  wait_for(a.counter, c.phase * gridDim.x, &a.watch, (int)c.phase);
-}
-
-// Zero n floats, spread over every consumer thread of the grid.
-__device__ void zero(float* p, size_t n) {
-  const size_t stride = (size_t)gridDim.x * 32 * kConsumerWarps;
-  for (size_t i = (size_t)blockIdx.x * 32 * kConsumerWarps + consumer_thread(); i < n; i += stride) p[i] = 0.f;
-}
+__device__ __forceinline__ void sync(const Args& a, Consumer& c) { grid_step(a.counter, c.phase, &a.watch); }
 
 // This CTA's columns [c0, c1) of a width-n row (every CTA a contiguous slice).
 __device__ __forceinline__ void slice(int n, int* c0, int* c1) {
@@ -295,9 +274,9 @@ __device__ void attend(const Args& a, const Layer& L, int pos, int slot, bool us
   }
 }
 
-// q, k, v of (row b, head h) at this position for one lane's 8 dimensions [d0, d0 + 8): rounded from the
-// QKV sums, qk_bias added, interleaved RoPE in fp32 (each pair (2i, 2i + 1) lies within the lane's 8), as in
-// attend.
+// q, k, v of (row b, head h) at this position for one lane's 8 dimensions [d0, d0 + 8) (attend_split's
+// `build`): rounded from the QKV sums, qk_bias added, interleaved RoPE in fp32 (each pair (2i, 2i + 1) lies
+// within the lane's 8), as in attend.
 __device__ void qkv8(const Args& a, const Layer& L, int b, int h, int d0, float* q, float* k, float* v) {
   const int D = a.D, H = a.H, Hkv = a.Hkv, hk = h / (H / Hkv);
   const float* acc = a.acc_qkv + (size_t)b * (H + 2 * Hkv) * D;
@@ -326,133 +305,6 @@ __device__ void qkv8(const Args& a, const Layer& L, int b, int h, int d0, float*
   }
 }
 
-__device__ __forceinline__ uint4 pack8(const float* f) {
-  uint4 u;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return u;
-}
-
-// The same attention as `attend`, spread over every consumer warp of the grid (issue #11: "split the KV range
-// across at least as many work items as SMs, 16-byte loads"). A work item is (row, head, split): one warp
-// takes `splits` consecutive positions' share of [0, pos], its lanes in groups of gs (D / 8 rounded up to a
-// power of two), each group one position at a time with one 16-byte load of K and of V per lane, kUnroll
-// positions' loads issued before any is used; every group keeps its own online softmax, merged across the
-// warp's groups by shuffles. With one split the warp writes y itself; otherwise it writes its (m, l, sums)
-// partial and the last of a (row, head)'s items to arrive (a cumulative counter) merges them into y. The
-// warp holding position `pos` writes its K/V entry (one writer per KV head); no item reads that entry from
-// memory, it uses the values it built.
-__device__ void attend_split(const Args& a, const Layer& L, int pos, int slot, bool use_written, const uint8_t* act,
-                             int splits) {
-  const int lane = lane_id(), D = a.D, H = a.H, Hkv = a.Hkv, group = H / Hkv;
-  const int gs = D > 64 ? 16 : (D > 32 ? 8 : 4), per_pass = 32 / gs, grp = lane / gs, d0 = kVec * (lane % gs);
-  const bool has = d0 < D;
-  const float scale = rsqrtf((float)D);
-  const int n = pos + 1, chunk = (n + splits - 1) / splits;
-  const int items = a.B * H * splits, warps = gridDim.x * kConsumerWarps;
-  const size_t slot_stride = (size_t)a.B * Hkv * a.T * D;
-  for (int item = blockIdx.x * kConsumerWarps + consumer_warp(); item < items; item += warps) {
-    const int rh = item / splits, sp = item % splits, b = rh / H, h = rh % H, hk = h / group;
-    if (!act[b]) continue;  // uniform across the warp
-    float q[kVec] = {}, kc[kVec] = {}, vc[kVec] = {};
-    if (has) qkv8(a, L, b, h, d0, q, kc, vc);
-    const int t0 = sp * chunk, t1 = min(n, t0 + chunk);
-    const size_t row = ((size_t)b * Hkv + hk) * a.T;  // (b, hk)'s positions within a slot
-    if (h % group == 0 && t0 <= pos && pos < t1 && grp == 0 && has) {  // this position's K/V entry
-      const size_t off = slot * slot_stride + (row + pos) * D + d0;
-      *reinterpret_cast<uint4*>(L.k + off) = pack8(kc);
-      *reinterpret_cast<uint4*>(L.v + off) = pack8(vc);
-    }
-    float m = -INFINITY, l = 0.f, o[kVec] = {};
-    for (int base = t0; base < t1; base += per_pass * kUnroll) {
-      uint4 kr[kUnroll], vr[kUnroll];
-      bool use[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // every load first (a masked position's K/V is loaded, not used)
-        const int t = base + u * per_pass + grp;
-        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
-        if (t < t1 && t != pos && has) {
-          int sl = slot;
-          if (use_written) {
-            const long long w = __ldcg(reinterpret_cast<const long long*>(a.written) + (size_t)b * a.T + t) - 1;
-            sl = w < 0 ? 0 : (w < slot ? (int)w : slot);
-          }
-          const size_t off = sl * slot_stride + (row + t) * D + d0;
-          kr[u] = __ldcg(reinterpret_cast<const uint4*>(L.k + off));
-          vr[u] = __ldcg(reinterpret_cast<const uint4*>(L.v + off));
-        }
-        use[u] = t < t1 && (t == pos || a.valid[(size_t)b * a.T + t]);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const bool here = base + u * per_pass + grp == pos;
-        float kf[kVec], vf[kVec];
-        latentrt_device::unpack8(kr[u], kf);
-        latentrt_device::unpack8(vr[u], vf);
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) dot += q[i] * (here ? kc[i] : kf[i]);
-        for (int off = gs / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        if (!use[u]) continue;  // after the shuffles: every lane takes part in them
-        const float s = dot * scale, m_new = fmaxf(m, s);
-        const float alpha = __expf(m - m_new), p = __expf(s - m_new);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) o[i] = o[i] * alpha + p * (here ? vc[i] : vf[i]);
-        l = l * alpha + p;
-        m = m_new;
-      }
-    }
-    for (int off = gs; off < 32; off <<= 1) {  // the warp's groups merged (every group ends with the result)
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
-      const float mm = fmaxf(m, m2);
-      const float f1 = m == -INFINITY ? 0.f : __expf(m - mm), f2 = m2 == -INFINITY ? 0.f : __expf(m2 - mm);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) o[i] = o[i] * f1 + __shfl_xor_sync(0xffffffffu, o[i], off) * f2;
-      l = l * f1 + l2 * f2;
-      m = mm;
-    }
-    bf16* y = a.y + ((size_t)b * H + h) * D;
-    if (splits == 1) {  // the whole range: l > 0 (position pos is always in it)
-      if (grp == 0 && has) {
-        float r[kVec];
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) r[i] = o[i] / l;
-        *reinterpret_cast<uint4*>(y + d0) = pack8(r);
-      }
-      continue;
-    }
-    float* part = a.att_part + (size_t)item * (2 + D);
-    if (grp == 0 && has) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) part[2 + d0 + i] = o[i];
-    }
-    if (lane == 0) part[0] = m, part[1] = l;
-    __threadfence();  // the partial before the count that says it is there
-    __syncwarp();
-    unsigned last = 0;
-    if (lane == 0) last = (atomicAdd(a.att_count + rh, 1u) + 1u) % (unsigned)splits == 0u;
-    if (!__shfl_sync(0xffffffffu, last, 0)) continue;
-    __threadfence();
-    const float* parts = a.att_part + (size_t)rh * splits * (2 + D);  // lane s: split s
-    const float ms = lane < splits ? __ldcg(parts + (size_t)lane * (2 + D)) : -INFINITY;
-    const float ls = lane < splits ? __ldcg(parts + (size_t)lane * (2 + D) + 1) : 0.f;
-    const float mx = latentrt_device::warp_max(ms);
-    const float f = ls == 0.f ? 0.f : __expf(ms - mx);
-    const float den = warp_sum(ls * f);
-#pragma unroll
-    for (int i = 0; i < kDims; ++i) {
-      const int dd = lane + 32 * i;
-      float num = 0.f;
-      for (int sp2 = 0; sp2 < splits; ++sp2) {
-        const float fs = __shfl_sync(0xffffffffu, f, sp2);
-        if (dd < D && fs != 0.f) num += __ldcg(parts + (size_t)sp2 * (2 + D) + 2 + dd) * fs;
-      }
-      if (dd < D) y[dd] = __float2bfloat16(num / den);
-    }
-  }
-}
-
 // g = rnd(silu(rnd(gate)) rounded * rnd(up)) over this CTA's slice of the I gated columns.
 __device__ void gate(const Args& a, const uint8_t* act) {
   int c0, c1;
@@ -475,26 +327,6 @@ __device__ __forceinline__ bool checks_at(const Args& a, int t) {
   return a.criterion != 0 && t >= a.min_steps && (t - a.min_steps) % a.check_every == 0;
 }
 
-// Sum / max over the CTA's consumer threads (every one gets it); `sm` holds kConsumerWarps floats.
-__device__ float consumer_sum(float v, float* sm) {
-  v = warp_sum(v);
-  consumers_sync();  // sm may still be read from the previous call
-  if (lane_id() == 0) sm[consumer_warp()] = v;
-  consumers_sync();
-  float t = 0.f;
-  for (int w = 0; w < kConsumerWarps; ++w) t += sm[w];
-  return t;
-}
-__device__ float consumer_max(float v, float* sm) {
-  v = latentrt_device::warp_max(v);
-  consumers_sync();
-  if (lane_id() == 0) sm[consumer_warp()] = v;
-  consumers_sync();
-  float t = -INFINITY;
-  for (int w = 0; w < kConsumerWarps; ++w) t = fmaxf(t, sm[w]);
-  return t;
-}
-
 // One sandwich layer's phases from xs = norm_1(hx) to acc_p = Wproj g (its four matrices: ops[0..3]);
 // the norm after it is the caller's (the next layer's input, the exit, or ln_f before the head).
 template <int MB>
@@ -504,9 +336,11 @@ __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_
   consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
   sync(a, c);
   zero(a.acc_p, (size_t)B * d);  // last read by the previous norm after a PROJ: two barriers ago
-  if (a.att_split_max > 0)
-    attend_split(a, L, c.pos, slot, L.slots > 1, act, c.splits);
-  else
+  if (a.att_split_max > 0) {
+    const AttnIO io{a.B, a.H, a.Hkv, a.D, a.T, a.valid, a.written, a.y, a.att_part, a.att_count};
+    attend_split(io, L.k, L.v, c.pos, slot, L.slots > 1, act, c.splits, rsqrtf((float)a.D),
+                 [&](int b, int h, int d0, float* q, float* k, float* v) { qkv8(a, L, b, h, d0, q, k, v); });
+  } else
     attend(a, L, c.pos, slot, L.slots > 1, act, sm);
   sync(a, c);
   consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
