@@ -1,6 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh: the persistent
 latent loop (three exit criteria) and the Coconut thought loop, with both grid barriers; the streamed-weight
-loop (csrc/stream_loop.cu) at batch 2 (CUDA-core GEMVs) and 8 (tensor cores).
+loop (csrc/stream_loop.cu) at batch 2 (CUDA-core GEMVs) and 8 (tensor cores) and the streamed thought loop
+(csrc/stream_thought.cu) at batch 1 and 4.
 
     python -m benchmarks.cuda_smoke [--only barrier|stream]
 """
@@ -53,6 +54,20 @@ def streamed_loop() -> None:
         print(f"streamed loop ({model.backend.stream_attention} attention) batch {batch} ok", flush=True)
 
 
+def streamed_thoughts() -> None:
+    """The streamed thought loop (csrc/stream_thought.cu) at batch 1 and 4: every launch must return."""
+    markers = dict(latent_id=63, start_latent_id=62, end_latent_id=61)
+    cfg = parse_config(dict(TINY_GPT2, n_layer=2, n_positions=64, vocab_size=64, **markers))
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    model.backend = get_backend("cuda", model)
+    model.backend.loop_kernel = "stream"
+    for batch in (1, 4):
+        prompts = [[3 + i, 4, 62, 63, 63, 63, 61] for i in range(batch)]
+        latentrt.generate(model, prompts, max_new_tokens=2)
+        torch.cuda.synchronize()
+        print(f"streamed thoughts batch {batch} ok", flush=True)
+
+
 def thought_loop() -> None:
     markers = dict(latent_id=63, start_latent_id=62, end_latent_id=61)
     cfg = parse_config(dict(TINY_GPT2, n_layer=2, n_positions=64, vocab_size=64, **markers))
@@ -77,6 +92,7 @@ def main() -> None:
     if args.only in (None, "stream"):
         try:
             streamed_loop()
+            streamed_thoughts()
         except Exception:
             from latentrt.backends.cuda import stream_watchdog_report
 

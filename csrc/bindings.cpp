@@ -9,6 +9,7 @@
 #include "recurrent_loop.h"
 #include "stream_loop.h"
 #include "stream_plan.h"
+#include "stream_thought.h"
 #include "thought_loop.h"
 
 namespace py = pybind11;
@@ -87,11 +88,21 @@ PYBIND11_MODULE(_cuda, m) {
       TFIELD(batch) TFIELD(d) TFIELD(n_head) TFIELD(head_dim) TFIELD(ffn) TFIELD(max_len) TFIELD(n_thoughts)
       TFIELD(pos) TFIELD(eps) TFIELD(layers) TFIELD(ln_f_w) TFIELD(ln_f_b) TFIELD(wpe) TFIELD(positions) TFIELD(h)
       TFIELD(out) TFIELD(valid) TFIELD(active) TFIELD(layer_table) TFIELD(scratch) TFIELD(barrier)
-      TFIELD(barrier_mode) TFIELD(stream);
+      TFIELD(barrier_mode) TFIELD(watch) TFIELD(watch_cycles) TFIELD(stream);
 #undef TFIELD
   m.def("thought_plan",
         [](const ThoughtLoopArgs& a, int device) { return plan_dict(latentrt::thought_plan, a, device); });
   m.def("thought_scratch_elems", &latentrt::thought_scratch_elems);
+  m.def("stream_thought_plan",
+        [](const ThoughtLoopArgs& a, int device) { return plan_dict(latentrt::stream_thought_plan, a, device); });
+  m.def("stream_thought_scratch_bytes", &latentrt::stream_thought_scratch_bytes, py::arg("args"), py::arg("ctas"));
+  m.def("stream_thought_table_bytes", &latentrt::stream_thought_table_bytes, py::arg("args"), py::arg("ctas"));
+  m.def("stream_thought", [](const ThoughtLoopArgs& a, int device) {
+    std::string why;
+    const int status = latentrt::stream_thought(a, device, &why);
+    if (status == 2) throw std::runtime_error("stream_thought: CUDA launch failed: " + why);
+    check(status, "stream_thought");
+  });
   m.def("thought_table_bytes", &latentrt::thought_table_bytes);
   m.def("thought_loop",
         [](const ThoughtLoopArgs& a, int device) { check(latentrt::thought_loop(a, device), "thought_loop"); });

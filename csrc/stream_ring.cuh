@@ -153,7 +153,8 @@ struct Watch {
   int* status;
   long long cycles;
 };
-__device__ __noinline__ void watch_trip(const Watch* w, int code, int a, int b, int c, int d, int e) {
+// (static: each kernel's translation unit has its own copy)
+static __device__ __noinline__ void watch_trip(const Watch* w, int code, int a, int b, int c, int d, int e) {
   volatile int* st = w->status;
   if (atomicCAS(w->status, 0, code) == 0) {  // the first to trip tells its story
     st[1] = a;

@@ -32,6 +32,8 @@ struct ThoughtLoopArgs {
   uint64_t scratch = 0;      // bf16 workspace, thought_scratch_elems() elements
   uint64_t barrier = 0;
   int barrier_mode = 0;
+  uint64_t watch = 0;                     // stream_thought only: int32[8] pinned host memory for the watchdog, or 0
+  long long watch_cycles = 4000000000LL;  // stream_thought only: a consumer wait longer than this trips it
   uint64_t stream = 0;
 };
 

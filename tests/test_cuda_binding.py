@@ -145,6 +145,45 @@ def test_thought_args_describe_gpt2_with_transposed_weights():
     assert not plan["ok"] and plan["reason"]
 
 
+def test_stream_thought_workspace_table_and_refusals():
+    """The streamed thought loop (csrc/stream_thought.cu): its workspace holds the residual rows, every CTA's
+    own LayerNorm and GELU outputs (its GEMV inputs), the split attention's partials, then the fp32 sums and
+    the attention's counters (256-byte aligned pieces); its device table the ops, the layers and each op's
+    tile runs per CTA. Refusals name the problem; without a device there is no plan and no launch."""
+    from conftest import tiny_coconut
+
+    from latentrt.backends.cuda import CudaBackend
+
+    model = tiny_coconut(seed=2).to(torch.bfloat16)
+    a = CudaBackend(model, reason="test").thought_args(model.new_cache(3, 20), 4)
+    cfg = model.config
+    B, d, ffn, H, D, layers = 3, 32, cfg.inner_size, 2, 16, cfg.n_layer
+    up = lambda n: -(-n // 256) * 256  # noqa: E731
+    for ctas in (1, 132):
+        own = up(ctas * B * d * 2) + up(ctas * B * ffn * 2)
+        partials = up(B * H * _cuda.attention_split_max(B * H) * (2 + D) * 4)
+        sums = up(B * 3 * d * 4) + up(B * d * 4) + up(B * ffn * 4) + up(B * d * 4) + up(B * H * 4)
+        assert _cuda.stream_thought_scratch_bytes(a, ctas) == 3 * up(B * d * 2) + own + partials + sums
+    runs = _cuda.stream_thought_table_bytes(a, 133) - _cuda.stream_thought_table_bytes(a, 1)
+    assert runs == layers * 4 * 132 * 4  # int32 tile runs: one more per CTA for each of 4 ops a layer
+    assert _cuda.stream_thought_table_bytes(a, 1) >= layers * (4 * 56 + 10 * 8) + layers * 4 * 2 * 4
+    plan = _cuda.stream_thought_plan(a, 0)
+    assert not plan["ok"] and plan["reason"]
+    if not torch.cuda.is_available():
+        assert "device" in plan["reason"]
+        with pytest.raises(ValueError, match="unsupported"):
+            _cuda.stream_thought(a, 0)
+    for field, value, reason in [
+        ("batch", 17, "batch 17 is outside 1..16"),
+        ("head_dim", 12, "head_dim must be d / n_head, a multiple of 8"),
+        ("n_thoughts", 0, "nothing to run"),
+        ("layers", [], "1 to 48 layers"),
+    ]:
+        b = CudaBackend(model, reason="test").thought_args(model.new_cache(3, 20), 4)
+        setattr(b, field, value)
+        assert _cuda.stream_thought_plan(b, 0)["reason"].startswith(reason)
+
+
 def test_stream_watchdog_report_names_the_wait_that_hung(monkeypatch):
     """The streamed kernel's watchdog writes what a hung wait waited for into pinned host memory; the report
     reads it back (no CUDA call: it works after the context died)."""

@@ -256,15 +256,23 @@ def test_persistent_loop_is_used_and_falls_back_with_a_reason(caplog, monkeypatc
     assert len(launches) == 3 and out.backend == "cuda"
 
 
+@pytest.mark.parametrize("kernel", ["barrier", "stream"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_persistent_thoughts_equal_torch_backend(batch):
-    """Every Coconut thought of the prompt in one launch; tokens and logits match the torch backend."""
+def test_persistent_thoughts_equal_torch_backend(batch, kernel, monkeypatch):
+    """Every Coconut thought of the prompt in one launch (thought_loop.cu, or stream_thought.cu on the
+    streamed ring); tokens and logits match the torch backend."""
     import latentrt
 
     ref, fast = _builtin_pair("coconut")
+    fast.backend.loop_kernel = kernel
+    ext, launches = cuda_ext._ext(), []
+    launcher = "stream_thought" if kernel == "stream" else "thought_loop"
+    real = getattr(ext, launcher)
+    monkeypatch.setattr(ext, launcher, lambda *a: launches.append(1) or real(*a))
     kw = dict(max_new_tokens=6, num_thoughts=3, return_logits=True)
     a = latentrt.generate(ref, _questions(ref, batch), **kw)
     b = latentrt.generate(fast, _questions(ref, batch), **kw)
+    assert launches, f"the {kernel} thought kernel did not run"
     assert b.num_thoughts == a.num_thoughts == 3
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits):

@@ -7,7 +7,8 @@ barriers between GEMVs, every criterion, batch <= 16) and ``stream`` (stream_loo
 warp per SM streams the weights through a shared-memory ring while the consumers wait on dependency
 counters; batch <= 32, criteria none / latent-diff / cosine / KL). ``barrier`` stays the default until a lent GPU
 has measured ``stream`` (benchmarks/RESULTS.md); where the chosen kernel cannot run a call the other paths
-take over as below. The streamed kernel's attention (``CudaBackend.stream_attention``, env
+take over as below. For Coconut, ``stream`` runs the thoughts on the same ring (stream_thought.cu) instead of
+thought_loop.cu. The streamed latent loop's attention (``CudaBackend.stream_attention``, env
 LATENTRT_STREAM_ATTENTION): ``split`` over positions by every warp of the grid (default), or ``cta``, one
 (row, head) per CTA (the barrier kernel's loop), kept until a GPU has compared them.
 
@@ -91,11 +92,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
             plan_args.table = self.table.data_ptr()
             plan_args.pos_ptr = self.pos.data_ptr()  # the timeline index on the device: capturable
             self.launch = ext.stream_loop
-            seconds = float(os.environ.get(WATCHDOG_ENV, "2"))
-            if seconds > 0:  # written by the kernel when a wait hangs, readable after the context died
-                self.watch = torch.zeros(8, dtype=torch.int32).pin_memory()
-                plan_args.watch, plan_args.watch_cycles = self.watch.data_ptr(), int(seconds * 2e9)
-                _watches[:] = [*_watches[-15:], self.watch]
+            self.watch = watchdog(plan_args)
         else:
             self.scratch = torch.empty(ext.loop_scratch_elems(plan_args), dtype=torch.bfloat16, device=dev)
             self.launch = ext.latent_loop
@@ -159,6 +156,19 @@ def stream_watchdog_report() -> str | None:
     return None
 
 
+def watchdog(args) -> Tensor | None:
+    """The streamed kernels' watchdog buffer for a launch's arguments (LoopArgs / ThoughtLoopArgs): written by
+    the kernel when a wait hangs, readable after the context died (stream_watchdog_report); None when
+    LATENTRT_STREAM_WATCHDOG is 0."""
+    seconds = float(os.environ.get(WATCHDOG_ENV, "2"))
+    if seconds <= 0:
+        return None
+    watch = torch.zeros(8, dtype=torch.int32).pin_memory()
+    args.watch, args.watch_cycles = watch.data_ptr(), int(seconds * 2e9)
+    _watches[:] = [*_watches[-15:], watch]
+    return watch
+
+
 def loop_args(ext, model, cache, spec):
     """The launch's static arguments (weights, cache, shapes); per-token buffers are set by the runner."""
     cfg, t_ = model.config, model.transformer
@@ -190,7 +200,8 @@ def loop_args(ext, model, cache, spec):
 
 class PersistentColumnRunner(ColumnRunner):
     """Coconut: when every sequence thinks in the same columns, all of them run in one launch of the
-    thought-loop kernel; otherwise the Triton column runner runs them (``run_all`` returns None)."""
+    thought-loop kernel (``backend.loop_kernel``: ``barrier``, csrc/thought_loop.cu, or ``stream``,
+    csrc/stream_thought.cu); otherwise the Triton column runner runs them (``run_all`` returns None)."""
 
     def __init__(self, backend, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
         weights_t = backend.fused_layer_weights()
@@ -204,9 +215,10 @@ class PersistentColumnRunner(ColumnRunner):
             log_fallback_once("Coconut thoughts in different columns per sequence")
             return None
         a = self.backend.thought_args(cache, n)
-        plan = ext.thought_plan(a, m.device.index or 0)
+        streamed = self.backend.loop_kernel == "stream"
+        plan = (ext.stream_thought_plan if streamed else ext.thought_plan)(a, m.device.index or 0)
         if not plan["ok"]:
-            log_fallback_once(plan["reason"])
+            log_fallback_once(f"{self.backend.loop_kernel} thought kernel: {plan['reason']}")
             return None
         B, d = cache.batch, m.config.n_embd
         chunk = cache.begin(torch.ones(B, n, dtype=torch.bool, device=m.device))
@@ -214,8 +226,13 @@ class PersistentColumnRunner(ColumnRunner):
         h = h_prev.reshape(B, d).to(torch.bfloat16).contiguous()
         out = torch.empty(B, n, d, dtype=torch.bfloat16, device=m.device)
         active = torch.ones(B, dtype=torch.uint8, device=m.device)
-        table = torch.empty(ext.thought_table_bytes(a), dtype=torch.uint8, device=m.device)
-        scratch = torch.empty(ext.thought_scratch_elems(a), dtype=torch.bfloat16, device=m.device)
+        if streamed:  # byte-sized buffers, by the plan's grid
+            table = torch.empty(ext.stream_thought_table_bytes(a, plan["grid"]), dtype=torch.uint8, device=m.device)
+            scratch = torch.empty(ext.stream_thought_scratch_bytes(a, plan["grid"]), dtype=torch.uint8, device=m.device)
+            self.watch = watchdog(a)
+        else:
+            table = torch.empty(ext.thought_table_bytes(a), dtype=torch.uint8, device=m.device)
+            scratch = torch.empty(ext.thought_scratch_elems(a), dtype=torch.bfloat16, device=m.device)
         barrier = torch.zeros(2, dtype=torch.int32, device=m.device)
         a.pos, a.positions, a.h, a.out = start, positions.data_ptr(), h.data_ptr(), out.data_ptr()
         a.active, a.layer_table, a.scratch, a.barrier = (
@@ -225,7 +242,8 @@ class PersistentColumnRunner(ColumnRunner):
             barrier.data_ptr(),
         )
         a.stream = torch.cuda.current_stream(m.device).cuda_stream
-        ext.thought_loop(a, m.device.index or 0)  # temporaries are freed stream-ordered: safe to drop after
+        # temporaries are freed stream-ordered: safe to drop after
+        (ext.stream_thought if streamed else ext.thought_loop)(a, m.device.index or 0)
         return out
 
 
@@ -233,7 +251,9 @@ class CudaBackend(TritonBackend):
     name = "cuda"
     capabilities = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16,), criteria=frozenset(CRITERIA), max_batch=16)
     barrier_mode = 0  # grid barrier: 0 cooperative groups, 1 counters in global memory (benchmarks compare)
-    loop_kernel = "barrier"  # the latent loop's kernel: "barrier" (recurrent_loop.cu) or "stream" (stream_loop.cu)
+    loop_kernel = (
+        "barrier"  # "barrier" (recurrent_loop.cu, thought_loop.cu) or "stream" (stream_loop.cu, stream_thought.cu)
+    )
     stream_attention = "split"  # the streamed kernel's attention, one of STREAM_ATTENTIONS (benchmarks compare)
 
     def __init__(self, model, reason: str = "") -> None:
