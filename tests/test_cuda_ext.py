@@ -138,13 +138,13 @@ def _stream_launches(monkeypatch) -> list[str]:
     return kernels
 
 
-@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16, 32])
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
 @pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
 def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
-    """The streamed-weight kernel (csrc/stream_loop.cu): batch 1 on CUDA-core GEMVs, 8 and 32 on tensor
-    cores, every KV mode, rows exiting at their own iterations (KL: the coda and lm_head streamed at each
-    check): tokens, steps and logits as the torch backend."""
+    """The streamed-weight kernel (csrc/stream_loop.cu) at issue #11's batches: 1 and 4 on CUDA-core GEMVs,
+    8, 16 and 32 on tensor cores, every KV mode, rows exiting at their own iterations (KL: the coda and
+    lm_head streamed at each check): tokens, steps and logits as the torch backend."""
     import latentrt
 
     ref, fast = _builtin_pair("recurrent")
