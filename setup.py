@@ -63,7 +63,9 @@ def _cudart_dir(home: Path) -> Path:
 
 
 class NvccBuildExt(build_ext):
-    """Compile .cu files with nvcc (sm_90a + PTX fallback by default), the binding with the host compiler."""
+    """Compile .cu files with nvcc (sm_90a + PTX fallback by default), the binding with the host compiler.
+    LATENTRT_PTXAS_LOG=DIR: ptxas's register / spill report of each .cu file goes to DIR/<name>.log (CI's
+    ``python -m tools.ptxas_check --from-build DIR`` reads it instead of compiling everything again)."""
 
     def build_extension(self, ext: Extension) -> None:
         import pybind11
@@ -72,7 +74,10 @@ class NvccBuildExt(build_ext):
         archs = os.environ.get("LATENTRT_CUDA_ARCHS", "90a")
         build_temp = Path(self.build_temp)
         build_temp.mkdir(parents=True, exist_ok=True)
-        objects, commands = [], []
+        objects, commands, logs = [], [], []
+        ptxas_log = os.environ.get("LATENTRT_PTXAS_LOG")
+        if ptxas_log:
+            Path(ptxas_log).mkdir(parents=True, exist_ok=True)
         cuda_home = _cuda_home(nvcc)
         includes = [pybind11.get_include(), str(ROOT / "csrc"), str(cuda_home / "include")]
         import sysconfig
@@ -103,6 +108,9 @@ class NvccBuildExt(build_ext):
                     *gencode,
                     *inc_flags,
                 ]
+                if ptxas_log:
+                    cmd += ["-Xptxas", "-v"]
+                logs.append(Path(ptxas_log) / f"{Path(src).stem}.log" if ptxas_log else None)
             else:
                 cmd = [
                     os.environ.get("CXX", "c++"),
@@ -115,13 +123,14 @@ class NvccBuildExt(build_ext):
                     "-fPIC",
                     *inc_flags,
                 ]
+                logs.append(None)
             commands.append(cmd)
             objects.append(str(obj))
         # the translation units are independent: compile them side by side (the loop kernel dominates)
         with ThreadPoolExecutor(max_workers=len(commands)) as pool:
             for cmd in commands:
                 print(" ".join(cmd), file=sys.stderr)
-            list(pool.map(subprocess.check_call, commands))
+            list(pool.map(_run, commands, logs))
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         libdir = _cudart_dir(cuda_home)
@@ -137,6 +146,18 @@ class NvccBuildExt(build_ext):
                 f"-Wl,-rpath,{libdir}",
             ]
         )
+
+
+def _run(cmd: list[str], log: Path | None) -> None:
+    """Run a compile command; with ``log``, its stderr (ptxas's report) goes there, and is shown on failure."""
+    if log is None:
+        subprocess.check_call(cmd)
+        return
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stderr=f)
+    if proc.returncode != 0:
+        sys.stderr.write(log.read_text())
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 ext_modules, cmdclass = [], {}

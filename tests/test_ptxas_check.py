@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tools.ptxas_check import parse_report, problems
+from tools.ptxas_check import parse_report, problems, report
 
 pytestmark = pytest.mark.skipif(shutil.which("c++filt") is None, reason="c++filt (binutils) demangles the names")
 
@@ -37,3 +37,40 @@ def test_spills_fail_unless_known_and_known_entries_stay_true():
     assert problems(kernels, {}) == ["latent_loop_kernel<16> (csrc/x.cu) spills 780 bytes"]
     assert problems(kernels, {"latent_loop_kernel<16>": "why"}) == []
     assert "no longer spills" in problems(kernels, {"latent_loop_kernel<16>": "why", "fill": "why"})[0]
+
+
+CALLEE = "_ZN13latentrt_ring10watch_tripEPKNS_5WatchEiiiiii"
+RUN = "_ZN45_INTERNAL_x3runILi1EEEvRKNS0_4ArgsE"
+STREAM = "_ZN47_GLOBAL__N__9937fa9c_14_stream_loop_cu_45bbea7f18stream_loop_kernelILi1EEEvNS_4ArgsE"
+# as ptxas prints it: the entry's own properties, then those of functions it kept out of line
+WITH_CALLEES = f"""\
+ptxas info    : Compiling entry function '{STREAM}' for 'sm_90a'
+ptxas info    : Function properties for {STREAM}
+    40 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 2 barriers, 40 bytes cumulative stack size, 4224 bytes smem
+ptxas info    : Compile time = 9350.984 ms
+ptxas info    : Function properties for {CALLEE}
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Function properties for {RUN}
+    0 bytes stack frame, 12 bytes spill stores, 64 bytes spill loads
+"""
+
+
+def test_a_callee_spill_is_reported_under_its_own_name_not_hidden_in_the_entry():
+    """A spill in a function ptxas kept out of line fails the check under that function's name, and a
+    callee's clean properties printed after the entry's do not overwrite the entry's."""
+    entry, *callees = parse_report(WITH_CALLEES, "csrc/stream_loop.cu")
+    assert entry["name"] == "stream_loop_kernel<1>" and (entry["stack"], entry["registers"]) == (40, 168)
+    assert [c.get("function") for c in callees] == [True, True]
+    assert problems([entry, *callees], {}) == [f"{callees[1]['name']} (csrc/stream_loop.cu) spills 76 bytes"]
+    clean = parse_report(WITH_CALLEES.replace("12 bytes spill stores, 64", "0 bytes spill stores, 0"), "x.cu")
+    assert problems(clean, {}) == []
+
+
+def test_reports_come_from_the_build_logs_when_given(tmp_path):
+    """--from-build: csrc/'s reports are read from the build's ptxas logs, nothing compiled (nvcc None)."""
+    from tools.ptxas_check import ROOT
+
+    (tmp_path / "stream_loop.log").write_text(WITH_CALLEES)
+    kernels = report(ROOT / "csrc" / "stream_loop.cu", "90a", None, tmp_path)
+    assert kernels[0]["name"] == "stream_loop_kernel<1>" and kernels[0]["source"] == "csrc/stream_loop.cu"

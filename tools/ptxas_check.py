@@ -7,7 +7,11 @@ kernel (registers, spill stores / loads, stack frame, static shared memory) and 
 unless ``KNOWN_SPILLS`` names it with the reason; an entry that no longer spills fails too (the list stays
 true).
 
-    python -m tools.ptxas_check [--arch 90a] [--jobs 2]
+    python -m tools.ptxas_check [--arch 90a] [--jobs 2] [--from-build DIR]
+
+``--from-build DIR``: csrc/'s reports are read from the extension build's logs (``LATENTRT_PTXAS_LOG=DIR
+python setup.py build_ext``, the same flags plus ``-Xptxas -v``) instead of compiling those files again;
+the sources without a log there (the probes) are compiled as usual.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ KNOWN_SPILLS = {
 }
 
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+FUNCTION = re.compile(r"Function properties for (\S+)")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
@@ -62,21 +67,39 @@ def compile_report(src: Path, arch: str, nvcc: str) -> list[dict]:
     return parse_report(proc.stderr, src.relative_to(ROOT).as_posix())
 
 
+def report(src: Path, arch: str, nvcc: str, logs: Path | None) -> list[dict]:
+    """``src``'s kernels: from the build's log in ``logs`` when there is one, else compiled here."""
+    log = logs / f"{src.stem}.log" if logs is not None and src.parent == ROOT / "csrc" else None
+    if log is not None and log.is_file():
+        return parse_report(log.read_text(), src.relative_to(ROOT).as_posix())
+    return compile_report(src, arch, nvcc)
+
+
 def parse_report(text: str, source: str) -> list[dict]:
-    """The kernels of one ``ptxas -v`` report."""
-    kernels, current = [], None
+    """The kernels of one ``ptxas -v`` report, then the device functions ptxas kept out of line (a spill in
+    a callee is a spill in the kernel that calls it). Each "Function properties" block is attributed to the
+    function it names, not to the entry compiled last."""
+    kernels, functions, current, target = [], {}, None, None
     for line in text.splitlines():
         if m := ENTRY.search(line):
             current = {"source": source, "mangled": m.group(1), "smem": 0}
             kernels.append(current)
-        elif current is not None and (m := PROPS.search(line)):
-            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+            target = None
+        elif m := FUNCTION.search(line):
+            name = m.group(1)
+            if current is not None and name == current["mangled"]:
+                target = current
+            else:
+                target = functions.setdefault(name, {"source": source, "mangled": name, "smem": 0, "function": True})
+        elif target is not None and (m := PROPS.search(line)):
+            target["stack"], target["spill_stores"], target["spill_loads"] = map(int, m.groups())
         elif current is not None and (m := USED.search(line)):
             current["registers"] = int(m.group(1))
             current["smem"] = int(m.group(2) or 0)
-    for k, name in zip(kernels, demangle([k["mangled"] for k in kernels])):
+    found = kernels + list(functions.values())
+    for k, name in zip(found, demangle([k["mangled"] for k in found])):
         k["name"] = short(name)
-    return kernels
+    return found
 
 
 def spilled(k: dict) -> int:
@@ -100,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.ptxas_check", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="90a")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--from-build", type=Path, default=None, help="read csrc/'s reports from this build log folder")
     args = p.parse_args(argv)
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("ptxas check: nvcc not found, nothing checked")
         return 0
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        reports = list(pool.map(lambda s: compile_report(s, args.arch, nvcc), SOURCES))
+        reports = list(pool.map(lambda s: report(s, args.arch, nvcc, args.from_build), SOURCES))
     kernels = [k for r in reports for k in r]
     print(f"ptxas summary, sm_{args.arch} ({len(kernels)} kernels in {len(SOURCES)} files):")
     print(f"  {'kernel':<40} {'source':<36} regs  spill st/ld  stack  smem")
@@ -114,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         known = any(frag in k["name"] for frag in KNOWN_SPILLS)
         mark = "" if not spilled(k) else (" (known)" if known else " SPILLS")
         print(
-            f"  {k['name']:<40} {k['source']:<36} {k.get('registers', 0):>4}  "
+            f"  {k['name'] + (' (callee)' if k.get('function') else ''):<40} {k['source']:<36} "
+            f"{'-' if k.get('function') else k.get('registers', 0):>4}  "
             f"{k.get('spill_stores', 0):>5}/{k.get('spill_loads', 0):<5} {k.get('stack', 0):>5}  {k['smem']:>5}{mark}"
         )
     found = problems(kernels, KNOWN_SPILLS)
