@@ -94,7 +94,7 @@ if [ "${GPU_TESTS:-}" = none ]; then
   stamp "gpu tests: skipped (GPU_TESTS=none)"
 elif [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
   stamp "gpu tests: the streamed-weight loop"
-  timeout 120 $PYTEST -k stream tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
+  timeout 150 $PYTEST -k stream tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
   echo "stream tests exit $?" | tee -a "$LOG"
   grep -E "passed|failed|error" "$OUT/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
 fi
