@@ -3,7 +3,7 @@ latent loop (three exit criteria) and the Coconut thought loop, with both grid b
 loop (csrc/stream_loop.cu) at batch 2 (CUDA-core GEMVs) and 8 (tensor cores) and the streamed thought loop
 (csrc/stream_thought.cu) at batch 1 and 4.
 
-    python -m benchmarks.cuda_smoke [--only barrier|stream]
+    python -m benchmarks.cuda_smoke [--only barrier,stream,stream-thoughts]
 """
 
 import argparse
@@ -78,25 +78,33 @@ def thought_loop() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cuda_smoke", description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["barrier", "stream"], default=None, help="one kernel family (default: all)")
+    p.add_argument(
+        "--only", default=None, help="kernel families, comma-separated: barrier, stream, stream-thoughts (default: all)"
+    )
     args = p.parse_args()
+    families = ("barrier", "stream", "stream-thoughts")
+    only = set(families if args.only is None else args.only.split(","))
+    if only - set(families):
+        p.error(f"unknown kernel family {sorted(only - set(families))}; choose from {list(families)}")
     ok, why = cuda_ext.available()
     if not ok:
         raise SystemExit(f"cuda extension unavailable: {why}")
     # prefill attention through torch's math/flash kernels, not cuDNN's: racecheck reports hazards inside
     # cuDNN's SDPA kernels (asynchronous-copy pipelines it cannot follow), which would bury ours
     torch.backends.cuda.enable_cudnn_sdp(False)
-    if args.only in (None, "barrier"):
+    if "barrier" in only:
         persistent_loop()
         thought_loop()
-    if args.only in (None, "stream"):
+    streamed = {"stream": streamed_loop, "stream-thoughts": streamed_thoughts}
+    for name, run in streamed.items():
+        if name not in only:
+            continue
         try:
-            streamed_loop()
-            streamed_thoughts()
+            run()
         except Exception:
             from latentrt.backends.cuda import stream_watchdog_report
 
-            print(stream_watchdog_report() or "streamed loop failed; its watchdog did not trip", flush=True)
+            print(stream_watchdog_report() or f"{name} failed; its watchdog did not trip", flush=True)
             raise
     torch.cuda.synchronize()
     print("cuda smoke ok")

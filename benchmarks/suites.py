@@ -336,12 +336,15 @@ def step_counts(per_token: list[list[int]]) -> dict:
     }
 
 
-def _backends(model, stream_attentions: tuple[str, ...] = ("split", "cta")) -> Iterator[tuple[str, object]]:
+def _backends(
+    model, stream_attentions: tuple[str, ...] = ("split", "cta"), suite: str = "decode_recurrent"
+) -> Iterator[tuple[str, object]]:
     """(label, backend) for every backend that runs on the model's device; the persistent CUDA loop once per
     kernel: grid barriers by cooperative groups (``cuda``), the streamed-weight kernel (``cuda-stream``,
     csrc/stream_loop.cu / stream_thought.cu, attention split over positions; ``cuda-stream-cta``: the latent
     loop's attention one (row, head) per CTA, timed where ``stream_attentions`` has "cta"), grid barriers by
-    counters in global memory (``cuda-counter-barrier``)."""
+    counters in global memory (``cuda-counter-barrier``). LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke
+    failed) names labels to leave out, everywhere (``cuda-stream``) or in one suite (``decode_coconut:cuda-stream``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
     for name in ("triton", "cuda"):
         try:
@@ -351,7 +354,7 @@ def _backends(model, stream_attentions: tuple[str, ...] = ("split", "cta")) -> I
         if name != "cuda":
             yield name, backend
             continue
-        skip = set(os.environ.get("LATENTRT_BENCH_SKIP", "").split(","))  # gpu_check.sh: kernels whose smoke failed
+        skip = set(os.environ.get("LATENTRT_BENCH_SKIP", "").split(","))
         kernels = (
             ("barrier", 0, "split", "cuda"),
             ("stream", 0, "split", "cuda-stream"),
@@ -359,7 +362,7 @@ def _backends(model, stream_attentions: tuple[str, ...] = ("split", "cta")) -> I
             ("barrier", 1, "split", "cuda-counter-barrier"),
         )
         for kernel, mode, attention, label in kernels:
-            if label in skip or attention not in stream_attentions:
+            if label in skip or f"{suite}:{label}" in skip or attention not in stream_attentions:
                 continue
             backend = latentrt.backends.get_backend(name, model)
             backend.loop_kernel, backend.barrier_mode, backend.stream_attention = kernel, mode, attention
@@ -574,7 +577,7 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         # marginal cost of a thought: k2 - k thoughts more (the one-off eager pass and graph capture of a
         # prompt cancel out in the difference)
         k2 = 30 if plan.gpu else 10
-        for backend, impl in _backends(model, stream_attentions=("split",)):  # the thought loop has one attention
+        for backend, impl in _backends(model, ("split",), "decode_coconut"):  # the thought loop has one attention
             model.backend = impl
 
             def per_thought(thoughts: torch.Tensor = thoughts, k2: int = k2) -> dict:

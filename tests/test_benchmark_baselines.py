@@ -132,3 +132,6 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     ]
     monkeypatch.delenv("LATENTRT_BENCH_SKIP")  # Coconut: the streamed thought loop has one attention
     assert "cuda-stream-cta" not in dict(suites._backends(None, stream_attentions=("split",)))
+    monkeypatch.setenv("LATENTRT_BENCH_SKIP", "decode_coconut:cuda-stream")  # one suite's row only
+    assert "cuda-stream" not in dict(suites._backends(None, ("split",), "decode_coconut"))
+    assert "cuda-stream" in dict(suites._backends(None))
