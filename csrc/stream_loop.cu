@@ -41,6 +41,7 @@
 #include <tuple>
 
 #include "stream_attention.cuh"
+#include "stream_host.cuh"
 #include "stream_loop.h"
 
 namespace {
@@ -584,22 +585,17 @@ std::string checks(const latentrt::LoopArgs& a) {
 std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   std::string why = checks(a);
   if (!why.empty()) return why;
-  int sms = 0, optin = 0, coop = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess)
-    return "cannot read device attributes";
-  if (!coop) return "the device does not support cooperative launches";
-  const void* kernel = kernel_for(a.batch);
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return "cannot read the kernel's attributes";
+  int sms = 0;
+  int64_t smem = 0;
+  why = latentrt_stream::device_room(device, kernel_for(a.batch), &sms, &smem);
+  if (!why.empty()) return why;
   const bool kl = a.criterion == kKL;
   const PlanKey key{device,     a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter,
                     kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0};
   std::lock_guard<std::mutex> guard(plans_lock);
   auto found = plans.find(key);
   if (found == plans.end()) {
-    Plan p = latentrt_stream::plan_stream(matrices(a), a.batch, sms, optin - (int64_t)attr.sharedSizeBytes);
+    Plan p = latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem);
     found = plans.emplace(key, std::move(p)).first;
   }
   if (!found->second.reason.empty()) return found->second.reason;
@@ -620,14 +616,9 @@ int split_max(const latentrt::LoopArgs& a) {
 Layout layout(const latentrt::LoopArgs& a) {
   const size_t B = a.batch, d = a.d, hd = (size_t)a.n_head * a.head_dim, I = a.ffn;
   const size_t qkv = (size_t)(a.n_head + 2 * a.n_kv) * a.head_dim;
-  auto up = [](size_t v) { return (v + 255) / 256 * 256; };
   Layout l;
-  size_t at = 0;
-  auto take = [&](size_t bytes) {
-    const size_t here = at;
-    at = up(at + bytes);
-    return here;
-  };
+  latentrt_stream::Carver c;
+  auto take = [&](size_t bytes) { return c.take(bytes); };
   l.xs = take(B * d * 2);
   l.hx = take(B * d * 2);
   l.hb = take(B * d * 2);
@@ -643,7 +634,7 @@ Layout layout(const latentrt::LoopArgs& a) {
   l.stats = take(kStatsRing * 2 * kMaxBatch * 4);
   l.exit_sums = take(2 * kMaxBatch * 4 * 4);
   l.att_count = take(B * a.n_head * 4);
-  l.end = at;
+  l.end = c.at;
   return l;
 }
 
@@ -674,11 +665,6 @@ std::vector<int32_t> stream_loop_table(const LoopArgs& a, int device) {
 int stream_loop(const LoopArgs& h, int device, std::string* why) {
   Plan p;
   if (!plan_for(h, device, &p).empty() || h.table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
-  auto failed = [why](cudaError_t e) {  // say which error, and clear it: a failed launch under graph capture
-    if (why != nullptr) *why = cudaGetErrorString(e);  // must not surface later in an unrelated check
-    cudaGetLastError();
-    return 2;
-  };
   Args a{};
   a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages};
   a.B = h.batch;
@@ -782,25 +768,8 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
         break;
     }
   }
-  const void* kernel = kernel_for(h.batch);
-  const int smem = (int)p.smem_bytes;
-  {  // once per kernel and size, not per launch: a launch may be under CUDA graph capture
-    static std::mutex lock;
-    static std::map<const void*, int> opted;
-    std::lock_guard<std::mutex> guard(lock);
-    int& have = opted[kernel];
-    if (have < smem) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return failed(e);
-      have = smem;
-    }
-  }
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
-  cudaError_t err = cudaMemsetAsync(a.counter, 0, sizeof(unsigned), stream);
-  if (err != cudaSuccess) return failed(err);
-  void* params[] = {&a};
-  err = cudaLaunchCooperativeKernel(kernel, dim3(p.ctas), dim3(kThreads), params, smem, stream);
-  return err == cudaSuccess ? 0 : failed(err);
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
+  return latentrt_stream::launch_cooperative(kernel_for(h.batch), p.ctas, kThreads, (int)p.smem_bytes, &a, a.counter, stream, why);
 }
 
 }  // namespace latentrt

@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "stream_attention.cuh"
+#include "stream_host.cuh"
 #include "stream_thought.h"
 #include "thought_loop.h"
 
@@ -270,20 +271,15 @@ std::map<PlanKey, Plan> plans;
 std::string plan_for(const latentrt::ThoughtLoopArgs& a, int device, Plan* out) {
   std::string why = checks(a);
   if (!why.empty()) return why;
-  int sms = 0, optin = 0, coop = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess)
-    return "cannot read device attributes";
-  if (!coop) return "the device does not support cooperative launches";
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel_for(a.batch)) != cudaSuccess) return "cannot read the kernel's attributes";
+  int sms = 0;
+  int64_t smem = 0;
+  why = latentrt_stream::device_room(device, kernel_for(a.batch), &sms, &smem);
+  if (!why.empty()) return why;
   const PlanKey key{device, a.batch, a.d, a.ffn, (int)a.layers.size()};
   std::lock_guard<std::mutex> guard(plans_lock);
   auto found = plans.find(key);
   if (found == plans.end())
-    found = plans.emplace(key, latentrt_stream::plan_stream(matrices(a), a.batch, sms, optin - (int64_t)attr.sharedSizeBytes))
-                .first;
+    found = plans.emplace(key, latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem)).first;
   if (!found->second.reason.empty()) return found->second.reason;
   *out = found->second;
   return "";
@@ -297,14 +293,9 @@ struct Layout {
 int split_max(const latentrt::ThoughtLoopArgs& a) { return latentrt_stream::attention_split_max((int64_t)a.batch * a.n_head); }
 Layout layout(const latentrt::ThoughtLoopArgs& a, int ctas) {
   const size_t B = a.batch, d = a.d, I = a.ffn;
-  auto up = [](size_t v) { return (v + 255) / 256 * 256; };
   Layout l;
-  size_t at = 0;
-  auto take = [&](size_t bytes) {
-    const size_t here = at;
-    at = up(at + bytes);
-    return here;
-  };
+  latentrt_stream::Carver c;
+  auto take = [&](size_t bytes) { return c.take(bytes); };
   l.x_a = take(B * d * 2);
   l.x_b = take(B * d * 2);
   l.y = take(B * d * 2);
@@ -316,7 +307,7 @@ Layout layout(const latentrt::ThoughtLoopArgs& a, int ctas) {
   l.acc_fc = take(B * I * 4);
   l.acc_mo = take(B * d * 4);
   l.att_count = take(B * a.n_head * 4);
-  l.end = at;
+  l.end = c.at;
   return l;
 }
 
@@ -349,11 +340,6 @@ long long stream_thought_table_bytes(const ThoughtLoopArgs& a, int ctas) {
 int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
   Plan p;
   if (!plan_for(h, device, &p).empty() || h.layer_table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
-  auto failed = [why](cudaError_t e) {
-    if (why != nullptr) *why = cudaGetErrorString(e);
-    cudaGetLastError();
-    return 2;
-  };
   auto bp = [](uint64_t v) { return reinterpret_cast<bf16*>(v); };
   const Layout l = layout(h, p.ctas);
   unsigned char* w = reinterpret_cast<unsigned char*>(h.scratch);
@@ -433,27 +419,12 @@ int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
   }
   a.ops = reinterpret_cast<const Op*>(base);
   a.layers = reinterpret_cast<const Gpt2Layer*>(base + table_ops(h));
-  const void* kernel = kernel_for(h.batch);
-  const int smem = (int)p.smem_bytes;
-  {  // once per kernel and size
-    static std::mutex lock;
-    static std::map<const void*, int> opted;
-    std::lock_guard<std::mutex> guard(lock);
-    int& have = opted[kernel];
-    if (have < smem) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return failed(e);
-      have = smem;
-    }
-  }
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
   // pageable source: the copy is staged before cudaMemcpyAsync returns, so `table` may go out of scope
-  cudaError_t err = cudaMemcpyAsync(reinterpret_cast<void*>(base), table.data(), table.size(), cudaMemcpyHostToDevice, stream);
-  if (err == cudaSuccess) err = cudaMemsetAsync(a.counter, 0, sizeof(unsigned), stream);
-  if (err != cudaSuccess) return failed(err);
-  void* params[] = {&a};
-  err = cudaLaunchCooperativeKernel(kernel, dim3(p.ctas), dim3(kThreads), params, smem, stream);
-  return err == cudaSuccess ? 0 : failed(err);
+  const cudaError_t err =
+      cudaMemcpyAsync(reinterpret_cast<void*>(base), table.data(), table.size(), cudaMemcpyHostToDevice, stream);
+  if (err != cudaSuccess) return latentrt_stream::cuda_failed(err, why);
+  return latentrt_stream::launch_cooperative(kernel_for(h.batch), p.ctas, kThreads, (int)p.smem_bytes, &a, a.counter, stream, why);
 }
 
 }  // namespace latentrt

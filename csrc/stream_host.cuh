@@ -1,0 +1,69 @@
+// Host-side launch helpers shared by the streamed kernels' launchers (stream_loop.cu, stream_thought.cu):
+// the device's room for a plan, workspace carving, and the cooperative launch with its error reporting.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace latentrt_stream {
+
+// Workspace pieces in order, each at a 256-byte boundary; `at` ends as the total.
+struct Carver {
+  size_t at = 0;
+  size_t take(size_t bytes) {
+    const size_t here = at;
+    at = (at + bytes + 255) / 256 * 256;
+    return here;
+  }
+};
+
+// The device's SM count and the dynamic shared memory a CTA of `kernel` may opt in to (beyond its static
+// shared memory); "" or why the streamed kernels cannot run there (they need cooperative launches).
+inline std::string device_room(int device, const void* kernel, int* sms, int64_t* smem) {
+  int optin = 0, coop = 0;
+  if (cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device) != cudaSuccess)
+    return "cannot read device attributes";
+  if (!coop) return "the device does not support cooperative launches";
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return "cannot read the kernel's attributes";
+  *smem = optin - (int64_t)attr.sharedSizeBytes;
+  return "";
+}
+
+// A failed CUDA call: its text in `why`, and the error cleared (a failed launch under graph capture must not
+// surface later in an unrelated check). Returns 2, the launchers' "CUDA error".
+inline int cuda_failed(cudaError_t e, std::string* why) {
+  if (why != nullptr) *why = cudaGetErrorString(e);
+  cudaGetLastError();
+  return 2;
+}
+
+// One cooperative launch of `kernel` (one argument struct) over `ctas` CTAs, after zeroing the consumers'
+// counter on the stream; the dynamic shared memory limit raised once per kernel and size, not per launch
+// (a launch may be under CUDA graph capture). 0, or 2 with the error in `why`.
+inline int launch_cooperative(const void* kernel, int ctas, int threads, int smem, void* args, unsigned* counter,
+                              cudaStream_t stream, std::string* why) {
+  {
+    static std::mutex lock;
+    static std::map<const void*, int> opted;
+    std::lock_guard<std::mutex> guard(lock);
+    int& have = opted[kernel];
+    if (have < smem) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return cuda_failed(e, why);
+      have = smem;
+    }
+  }
+  cudaError_t err = cudaMemsetAsync(counter, 0, sizeof(unsigned), stream);
+  if (err != cudaSuccess) return cuda_failed(err, why);
+  void* params[] = {args};
+  err = cudaLaunchCooperativeKernel(kernel, dim3(ctas), dim3(threads), params, smem, stream);
+  return err == cudaSuccess ? 0 : cuda_failed(err, why);
+}
+
+}  // namespace latentrt_stream
