@@ -277,3 +277,15 @@ def test_persistent_thoughts_equal_torch_backend(batch, kernel, monkeypatch):
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits):
         assert rel_err(y[0], x[0]) < 3e-2  # the answer's first logits come right after the thoughts
+
+
+def test_streamed_thoughts_fall_back_with_a_reason(caplog):
+    """Past its 16 rows the streamed thought loop says why and the Triton column runner thinks instead."""
+    import latentrt
+
+    ref, fast = _builtin_pair("coconut")
+    fast.backend.loop_kernel = "stream"
+    prompts = _questions(ref, 1) * 17
+    with caplog.at_level("WARNING", logger="latentrt"):
+        out = latentrt.generate(fast, prompts, max_new_tokens=2, num_thoughts=2)
+    assert "stream thought kernel: batch 17 is outside 1..16" in caplog.text and out.backend == "cuda"
