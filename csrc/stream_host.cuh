@@ -8,6 +8,8 @@
 #include <mutex>
 #include <string>
 
+#include "stream_plan.h"
+
 namespace latentrt_stream {
 
 // Workspace pieces in order, each at a 256-byte boundary; `at` ends as the total.
@@ -32,6 +34,39 @@ inline std::string device_room(int device, const void* kernel, int* sms, int64_t
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return "cannot read the kernel's attributes";
   *smem = optin - (int64_t)attr.sharedSizeBytes;
+  return "";
+}
+
+// Plans by shape and device: computing one walks every tile of every matrix, too slow for every launch.
+template <class Key>
+class PlanCache {
+ public:
+  // The plan of `kernel` over the matrices `mats()` (computed on a miss only) at `batch` rows on `device`,
+  // cached under `key` (which names the device), or why there is none.
+  template <class Mats>
+  std::string get(int device, const void* kernel, const Key& key, int batch, Mats mats, Plan* out) {
+    int sms = 0;
+    int64_t smem = 0;
+    std::string why = device_room(device, kernel, &sms, &smem);
+    if (!why.empty()) return why;
+    std::lock_guard<std::mutex> guard(lock_);
+    auto found = plans_.find(key);
+    if (found == plans_.end()) found = plans_.emplace(key, plan_stream(mats(), batch, sms, smem)).first;
+    if (!found->second.reason.empty()) return found->second.reason;
+    *out = found->second;
+    return "";
+  }
+
+ private:
+  std::mutex lock_;
+  std::map<Key, Plan> plans_;
+};
+
+// The public planners' answer: "" with the plan's grid and dynamic shared memory, or `why`.
+inline std::string grid_of(const std::string& why, const Plan& p, int* grid, int* smem_bytes) {
+  if (!why.empty()) return why;
+  *grid = p.ctas;
+  *smem_bytes = (int)p.smem_bytes;
   return "";
 }
 

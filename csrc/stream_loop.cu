@@ -556,10 +556,8 @@ std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::LoopArgs& a) {
   return m;
 }
 
-// Plans by shape and device: computing one walks every tile of every matrix, too slow for every token.
 using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int>;
-std::mutex plans_lock;
-std::map<PlanKey, Plan> plans;
+latentrt_stream::PlanCache<PlanKey> plans;
 
 std::string checks(const latentrt::LoopArgs& a) {
   if (a.batch < 1 || a.batch > kMaxBatch)
@@ -585,22 +583,10 @@ std::string checks(const latentrt::LoopArgs& a) {
 std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   std::string why = checks(a);
   if (!why.empty()) return why;
-  int sms = 0;
-  int64_t smem = 0;
-  why = latentrt_stream::device_room(device, kernel_for(a.batch), &sms, &smem);
-  if (!why.empty()) return why;
   const bool kl = a.criterion == kKL;
   const PlanKey key{device,     a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter,
                     kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0};
-  std::lock_guard<std::mutex> guard(plans_lock);
-  auto found = plans.find(key);
-  if (found == plans.end()) {
-    Plan p = latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem);
-    found = plans.emplace(key, std::move(p)).first;
-  }
-  if (!found->second.reason.empty()) return found->second.reason;
-  *out = found->second;
-  return "";
+  return plans.get(device, kernel_for(a.batch), key, a.batch, [&] { return matrices(a); }, out);
 }
 
 // Workspace layout: bf16 buffers, then the fp32 ones (zeroed by the kernel at its start).
@@ -618,22 +604,21 @@ Layout layout(const latentrt::LoopArgs& a) {
   const size_t qkv = (size_t)(a.n_head + 2 * a.n_kv) * a.head_dim;
   Layout l;
   latentrt_stream::Carver c;
-  auto take = [&](size_t bytes) { return c.take(bytes); };
-  l.xs = take(B * d * 2);
-  l.hx = take(B * d * 2);
-  l.hb = take(B * d * 2);
-  l.y = take(B * hd * 2);
-  l.g = take(B * I * 2);
-  l.att_part = take(B * a.n_head * (size_t)split_max(a) * (2 + a.head_dim) * 4);  // not zeroed: written before read
-  l.acc_a = take(B * d * 4);
-  l.acc_qkv = take(B * qkv * 4);
-  l.acc_o = take(B * d * 4);
-  l.acc_fc = take(B * 2 * I * 4);
-  l.acc_p = take(B * d * 4);
-  l.acc_logits = take(a.criterion == kKL ? B * (size_t)a.vocab * 4 : 0);
-  l.stats = take(kStatsRing * 2 * kMaxBatch * 4);
-  l.exit_sums = take(2 * kMaxBatch * 4 * 4);
-  l.att_count = take(B * a.n_head * 4);
+  l.xs = c.take(B * d * 2);
+  l.hx = c.take(B * d * 2);
+  l.hb = c.take(B * d * 2);
+  l.y = c.take(B * hd * 2);
+  l.g = c.take(B * I * 2);
+  l.att_part = c.take(B * a.n_head * (size_t)split_max(a) * (2 + a.head_dim) * 4);  // not zeroed: written before read
+  l.acc_a = c.take(B * d * 4);
+  l.acc_qkv = c.take(B * qkv * 4);
+  l.acc_o = c.take(B * d * 4);
+  l.acc_fc = c.take(B * 2 * I * 4);
+  l.acc_p = c.take(B * d * 4);
+  l.acc_logits = c.take(a.criterion == kKL ? B * (size_t)a.vocab * 4 : 0);
+  l.stats = c.take(kStatsRing * 2 * kMaxBatch * 4);
+  l.exit_sums = c.take(2 * kMaxBatch * 4 * 4);
+  l.att_count = c.take(B * a.n_head * 4);
   l.end = c.at;
   return l;
 }
@@ -644,11 +629,7 @@ namespace latentrt {
 
 std::string stream_loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes) {
   Plan p;
-  std::string why = plan_for(a, device, &p);
-  if (!why.empty()) return why;
-  *grid = p.ctas;
-  *smem_bytes = (int)p.smem_bytes;
-  return "";
+  return latentrt_stream::grid_of(plan_for(a, device, &p), p, grid, smem_bytes);
 }
 
 long long stream_loop_scratch_bytes(const LoopArgs& a) { return (long long)layout(a).end; }

@@ -265,24 +265,13 @@ std::string checks(const latentrt::ThoughtLoopArgs& a) {
 }
 
 using PlanKey = std::tuple<int, int, int, int, int>;
-std::mutex plans_lock;
-std::map<PlanKey, Plan> plans;
+latentrt_stream::PlanCache<PlanKey> plans;
 
 std::string plan_for(const latentrt::ThoughtLoopArgs& a, int device, Plan* out) {
   std::string why = checks(a);
   if (!why.empty()) return why;
-  int sms = 0;
-  int64_t smem = 0;
-  why = latentrt_stream::device_room(device, kernel_for(a.batch), &sms, &smem);
-  if (!why.empty()) return why;
   const PlanKey key{device, a.batch, a.d, a.ffn, (int)a.layers.size()};
-  std::lock_guard<std::mutex> guard(plans_lock);
-  auto found = plans.find(key);
-  if (found == plans.end())
-    found = plans.emplace(key, latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem)).first;
-  if (!found->second.reason.empty()) return found->second.reason;
-  *out = found->second;
-  return "";
+  return plans.get(device, kernel_for(a.batch), key, a.batch, [&] { return matrices(a); }, out);
 }
 
 // Workspace: bf16 rows, the CTAs' own inputs, split attention's partials, then the fp32 sums and the
@@ -295,18 +284,17 @@ Layout layout(const latentrt::ThoughtLoopArgs& a, int ctas) {
   const size_t B = a.batch, d = a.d, I = a.ffn;
   Layout l;
   latentrt_stream::Carver c;
-  auto take = [&](size_t bytes) { return c.take(bytes); };
-  l.x_a = take(B * d * 2);
-  l.x_b = take(B * d * 2);
-  l.y = take(B * d * 2);
-  l.xs_cta = take((size_t)ctas * B * d * 2);
-  l.g_cta = take((size_t)ctas * B * I * 2);
-  l.att_part = take(B * a.n_head * (size_t)split_max(a) * (2 + a.head_dim) * 4);
-  l.acc_qkv = take(B * 3 * d * 4);
-  l.acc_o = take(B * d * 4);
-  l.acc_fc = take(B * I * 4);
-  l.acc_mo = take(B * d * 4);
-  l.att_count = take(B * a.n_head * 4);
+  l.x_a = c.take(B * d * 2);
+  l.x_b = c.take(B * d * 2);
+  l.y = c.take(B * d * 2);
+  l.xs_cta = c.take((size_t)ctas * B * d * 2);
+  l.g_cta = c.take((size_t)ctas * B * I * 2);
+  l.att_part = c.take(B * a.n_head * (size_t)split_max(a) * (2 + a.head_dim) * 4);
+  l.acc_qkv = c.take(B * 3 * d * 4);
+  l.acc_o = c.take(B * d * 4);
+  l.acc_fc = c.take(B * I * 4);
+  l.acc_mo = c.take(B * d * 4);
+  l.att_count = c.take(B * a.n_head * 4);
   l.end = c.at;
   return l;
 }
@@ -324,11 +312,7 @@ namespace latentrt {
 
 std::string stream_thought_plan(const ThoughtLoopArgs& a, int device, int* grid, int* smem_bytes) {
   Plan p;
-  std::string why = plan_for(a, device, &p);
-  if (!why.empty()) return why;
-  *grid = p.ctas;
-  *smem_bytes = (int)p.smem_bytes;
-  return "";
+  return latentrt_stream::grid_of(plan_for(a, device, &p), p, grid, smem_bytes);
 }
 
 long long stream_thought_scratch_bytes(const ThoughtLoopArgs& a, int ctas) { return (long long)layout(a, ctas).end; }
