@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck) in gpu_check.sh: the persistent
 latent loop (three exit criteria) and the Coconut thought loop, with both grid barriers; the streamed-weight
 loop (csrc/stream_loop.cu) at batch 2 (CUDA-core GEMVs) and 8 (tensor cores) and the streamed thought loop
-(csrc/stream_thought.cu) at batch 1 and 4.
+(csrc/stream_thought.cu: thoughts and answer tokens) at batch 1 and 4.
 
     python -m benchmarks.cuda_smoke [--only barrier,stream,stream-thoughts]
 """
@@ -55,7 +55,8 @@ def streamed_loop() -> None:
 
 
 def streamed_thoughts() -> None:
-    """The streamed thought loop (csrc/stream_thought.cu) at batch 1 and 4: every launch must return."""
+    """The streamed thought loop (csrc/stream_thought.cu) at batch 1 and 4, its thoughts and its answer tokens
+    (the layers and the LM head in one launch: eager, captured, then replayed): every launch must return."""
     markers = dict(latent_id=63, start_latent_id=62, end_latent_id=61)
     cfg = parse_config(dict(TINY_GPT2, n_layer=2, n_positions=64, vocab_size=64, **markers))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
@@ -63,9 +64,9 @@ def streamed_thoughts() -> None:
     model.backend.loop_kernel = "stream"
     for batch in (1, 4):
         prompts = [[3 + i, 4, 62, 63, 63, 63, 61] for i in range(batch)]
-        latentrt.generate(model, prompts, max_new_tokens=2)
+        latentrt.generate(model, prompts, max_new_tokens=4)
         torch.cuda.synchronize()
-        print(f"streamed thoughts batch {batch} ok", flush=True)
+        print(f"streamed thoughts and answer tokens batch {batch} ok", flush=True)
 
 
 def thought_loop() -> None:

@@ -88,7 +88,8 @@ PYBIND11_MODULE(_cuda, m) {
       TFIELD(batch) TFIELD(d) TFIELD(n_head) TFIELD(head_dim) TFIELD(ffn) TFIELD(max_len) TFIELD(n_thoughts)
       TFIELD(pos) TFIELD(eps) TFIELD(layers) TFIELD(ln_f_w) TFIELD(ln_f_b) TFIELD(wpe) TFIELD(positions) TFIELD(h)
       TFIELD(out) TFIELD(valid) TFIELD(active) TFIELD(layer_table) TFIELD(scratch) TFIELD(barrier)
-      TFIELD(barrier_mode) TFIELD(watch) TFIELD(watch_cycles) TFIELD(stream);
+      TFIELD(barrier_mode) TFIELD(watch) TFIELD(watch_cycles) TFIELD(embeds) TFIELD(lm_head) TFIELD(logits)
+          TFIELD(vocab) TFIELD(pos_ptr) TFIELD(table_uploaded) TFIELD(stream);
 #undef TFIELD
   m.def("thought_plan",
         [](const ThoughtLoopArgs& a, int device) { return plan_dict(latentrt::thought_plan, a, device); });
@@ -97,6 +98,15 @@ PYBIND11_MODULE(_cuda, m) {
         [](const ThoughtLoopArgs& a, int device) { return plan_dict(latentrt::stream_thought_plan, a, device); });
   m.def("stream_thought_scratch_bytes", &latentrt::stream_thought_scratch_bytes, py::arg("args"), py::arg("ctas"));
   m.def("stream_thought_table_bytes", &latentrt::stream_thought_table_bytes, py::arg("args"), py::arg("ctas"));
+  m.def(
+      "stream_thought_table",
+      [](const ThoughtLoopArgs& a, int device, int sms, long long smem_optin) {
+        const std::vector<uint8_t> t = latentrt::stream_thought_table(a, device, sms, smem_optin);
+        return py::bytes(reinterpret_cast<const char*>(t.data()), t.size());
+      },
+      py::arg("args"), py::arg("device"), py::arg("sms") = 0, py::arg("smem_optin") = 0,
+      "the streamed thought loop's device table (bytes) for these arguments, to upload once; sms > 0 plans for "
+      "that many SMs and smem_optin bytes of shared memory without a device");
   m.def("stream_thought", [](const ThoughtLoopArgs& a, int device) {
     std::string why;
     const int status = latentrt::stream_thought(a, device, &why);

@@ -18,13 +18,18 @@
 //   OUT   each CTA stages g = gelu(rnd(acc_fc + bias)) over the whole row; acc_mo = mlp.c_proj g
 // The hidden state of thought j (before ln_f) is x2 + rnd(acc_mo + bias) of the last layer, written to
 // out[:, j] at the start of thought j + 1 (the last one after the loop). Block 0 keeps the residual rows
-// (x_a, x_b) for the other CTAs. fp32 sums are zeroed two steps after their last reader (split-K adds by
+// (x_a, x_b) for the other CTAs.
+// An answer token (`embeds`, `lm_head`: issue #11 §2 "answer tokens through the same machinery") is the same
+// walk with k = 1: layer 0's input is the token's embedding + wpe (no feedback), and after the last layer
+//   HEAD  each CTA stages ln_f(hidden state) itself; logits = lm_head . ln_f(h)                (GEMV, fp32)
+// with the LM head streamed after the layers; the launch's end is the head's only barrier. The timeline index
+// may live on the device (`pos_ptr`) and the table be uploaded once (`table_uploaded`), so one CUDA graph
+// replays a whole answer token. fp32 sums are zeroed two steps after their last reader (split-K adds by
 // atomics); their order of addition differs from thought_loop.cu's, so results agree within bf16
 // tolerance, not bit for bit.
 #include <climits>
-#include <map>
-#include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "stream_attention.cuh"
 #include "stream_host.cuh"
@@ -55,8 +60,12 @@ struct Args {
   float eps;
   const bf16 *ln_f_w, *ln_f_b, *wpe;
   const int64_t* positions;  // [B] model position of the first thought
+  const int64_t* pos_ptr;    // non-null: pos0 is read here (a launch captured in a CUDA graph)
   const bf16* h_in;          // [B, d] hidden state (before ln_f) feeding the first thought
+  const bf16* embeds;        // non-null: [B, d] token embeddings, the first position's input (an answer token)
   bf16* out;                 // [B, k, d] every thought's hidden state (before ln_f)
+  float* logits;             // non-null: [B, V] the LM head's sums over ln_f of the last hidden state
+  int V;
   const uint8_t *valid, *active;
   bf16 *x_a, *x_b, *y;    // residual rows (block 0 writes them), attention output
   bf16 *xs_cta, *g_cta;   // per CTA: ln(x) [B, d] and gelu(fc) [B, I], each CTA's GEMV input
@@ -95,24 +104,38 @@ __device__ void layer_norm_row(float* row, int d, const bf16* w, const bf16* bia
   consumers_sync();
 }
 
-// The input of layer i of thought j, staged by every CTA for itself: the residual x (layer 0: the feedback
-// ln_f(h) + wpe[position + j] of the previous position's hidden state h) -> x_a (block 0), ln_1(x) -> its xs.
+// Row b of the residual after layer `prev` (x2 + rnd(acc_mo + bias)) into the CTA's `row`; block 0 also
+// stores it (bf16) to `keep` when that is non-null (a position's hidden state, out[b, j]).
+__device__ void load_residual(const Args& a, int b, const Gpt2Layer& prev, float* row, bf16* keep) {
+  for (int k = consumer_thread(); k < a.d; k += 32 * kConsumerWarps) {
+    const size_t at = (size_t)b * a.d + k;
+    row[k] = rnd(ldb(a.x_b + at) + rnd(__ldcg(a.acc_mo + at) + __bfloat162float(prev.out_b[k])));
+    if (keep != nullptr && blockIdx.x == 0) keep[k] = __float2bfloat16(row[k]);
+  }
+  consumers_sync();
+}
+
+// Where block 0 stores row b's hidden state of position j (before ln_f).
+__device__ __forceinline__ bf16* hidden_out(const Args& a, int b, int j) { return a.out + ((size_t)b * a.k + j) * a.d; }
+
+// The input of layer i of position j, staged by every CTA for itself: the residual x (layer 0: the feedback
+// ln_f(h) + wpe[position + j] of the previous position's hidden state h, or for an answer token its
+// embedding + wpe[position]) -> x_a (block 0), ln_1(x) -> its xs.
 __device__ void stage_input(const Args& a, int j, int i, float* row, float* sm) {
   const int d = a.d;
   const bool first = i == 0 && j == 0;
   const Gpt2Layer& prev = a.layers[i == 0 ? a.n_layers - 1 : i - 1];  // whose MLP output is added
   bf16* xs = a.xs_cta + (size_t)blockIdx.x * a.B * d;
   for (int b = 0; b < a.B; ++b) {
-    for (int k = consumer_thread(); k < d; k += 32 * kConsumerWarps) {
-      const size_t at = (size_t)b * d + k;
-      const float x = first ? ldb(a.h_in + at)
-                            : rnd(ldb(a.x_b + at) + rnd(__ldcg(a.acc_mo + at) + __bfloat162float(prev.out_b[k])));
-      row[k] = x;
-      if (i == 0 && j > 0 && blockIdx.x == 0) a.out[((size_t)b * a.k + j - 1) * d + k] = __float2bfloat16(x);
+    if (first) {
+      const bf16* src = (a.embeds != nullptr ? a.embeds : a.h_in) + (size_t)b * d;
+      for (int k = consumer_thread(); k < d; k += 32 * kConsumerWarps) row[k] = ldb(src + k);
+      consumers_sync();
+    } else {
+      load_residual(a, b, prev, row, i == 0 ? hidden_out(a, b, j - 1) : nullptr);
     }
-    consumers_sync();
-    if (i == 0) {  // feedback: this thought's input embedding
-      layer_norm_row(row, d, a.ln_f_w, a.ln_f_b, a.eps, sm);
+    if (i == 0) {  // this position's input embedding: a thought's feedback ln_f(h), or a token's embedding
+      if (!(first && a.embeds != nullptr)) layer_norm_row(row, d, a.ln_f_w, a.ln_f_b, a.eps, sm);
       const bf16* pe = a.wpe + (size_t)(a.positions[b] + j) * d;
       for (int k = consumer_thread(); k < d; k += 32 * kConsumerWarps) row[k] = rnd(row[k] + __bfloat162float(pe[k]));
       consumers_sync();
@@ -158,17 +181,35 @@ __device__ void gemv(const Args& a, Consumer& c, const Smem& s, int o, size_t x_
   consume_op<MB>(a.ring, op, s, c.cur, true, false, &a.watch);
 }
 
+// After the last position: its hidden state -> out (block 0); with an LM head every CTA stages ln_f of it
+// into its xs, the head's input.
+__device__ void stage_head(const Args& a, float* row, float* sm) {
+  const bool head = a.logits != nullptr;
+  if (!head && blockIdx.x != 0) return;
+  bf16* xs = a.xs_cta + (size_t)blockIdx.x * a.B * a.d;
+  for (int b = 0; b < a.B; ++b) {
+    load_residual(a, b, a.layers[a.n_layers - 1], row, hidden_out(a, b, a.k - 1));
+    if (!head) continue;
+    layer_norm_row(row, a.d, a.ln_f_w, a.ln_f_b, a.eps, sm);
+    for (int k = consumer_thread(); k < a.d; k += 32 * kConsumerWarps) xs[(size_t)b * a.d + k] = __float2bfloat16(row[k]);
+    consumers_sync();
+  }
+}
+
 template <int MB>
 __device__ __forceinline__ void run(const Args& a, const Smem& s, const uint8_t* act, float* row, float* sm) {
   Consumer c;
   const int B = a.B, d = a.d, H = a.H, D = a.D;
-  c.splits = latentrt_stream::attention_splits((int64_t)B * H, a.pos0 + a.k, gridDim.x * kConsumerWarps,
+  const int pos0 = a.pos_ptr != nullptr ? (int)__ldcg(a.pos_ptr) : a.pos0;
+  const int head = kOpsPerLayer * a.n_layers;  // the LM head's op, when there is one
+  c.splits = latentrt_stream::attention_splits((int64_t)B * H, pos0 + a.k, gridDim.x * kConsumerWarps,
                                                a.att_split_max);  // the longest thought's positions
   zero(a.zero_from, a.zero_count);
+  if (a.logits != nullptr && a.ops[head].split_k > 1) zero(a.logits, (size_t)B * a.V);  // split-K adds
   step(a, c);
   const AttnIO io{B, H, H, D, a.T, a.valid, nullptr, a.y, a.att_part, a.att_count};
   for (int j = 0; j < a.k; ++j) {
-    const int pos = a.pos0 + j;
+    const int pos = pos0 + j;
     for (int i = 0; i < a.n_layers; ++i) {
       const Gpt2Layer& L = a.layers[i];
       const int o = kOpsPerLayer * i;
@@ -201,22 +242,18 @@ __device__ __forceinline__ void run(const Args& a, const Smem& s, const uint8_t*
       step(a, c);
     }
   }
-  if (blockIdx.x == 0) {  // the last thought's hidden state
-    const Gpt2Layer& last = a.layers[a.n_layers - 1];
-    for (int e = consumer_thread(); e < B * d; e += 32 * kConsumerWarps)
-      a.out[((size_t)(e / d) * a.k + a.k - 1) * d + e % d] = __float2bfloat16(
-          rnd(ldb(a.x_b + e) + rnd(__ldcg(a.acc_mo + e) + __bfloat162float(last.out_b[e % d]))));
-  }
+  stage_head(a, row, sm);
+  if (a.logits != nullptr) gemv<MB>(a, c, s, head, (size_t)B * d);  // HEAD: the launch's end is its barrier
 }
 
-// The producer's walk: every thought's layers, in the consumers' order.
+// The producer's walk: every position's layers, then the LM head if any, in the consumers' order.
 __device__ void stream_weights(const Args& a, const Smem& s, int* stop) {
   Producer p;
+  const int n = kOpsPerLayer * a.n_layers;
   for (int j = 0; j < a.k; ++j)
-    for (int o = 0; o < kOpsPerLayer * a.n_layers; ++o) {
-      const Op op = a.ops[o];
-      if (!produce_op(op, a.ring, s, p, j, stop)) return drain(a.ring, s, p);
-    }
+    for (int o = 0; o < n; ++o)
+      if (!produce_op(a.ops[o], a.ring, s, p, j, stop)) return drain(a.ring, s, p);
+  if (a.logits != nullptr) produce_op(a.ops[n], a.ring, s, p, a.k, stop);
   drain(a.ring, s, p);
 }
 
@@ -244,11 +281,15 @@ const void* kernel_for(int batch) {
   return reinterpret_cast<const void*>(stream_thought_kernel<1>);  // tensor cores: MB unused
 }
 
-// The matrices of one thought, {rows, cols}, in the producer's order.
+// Ops of a launch: four per layer, then the LM head of an answer token.
+size_t n_ops(const latentrt::ThoughtLoopArgs& a) { return a.layers.size() * kOpsPerLayer + (a.lm_head != 0); }
+
+// The matrices of one position, {rows, cols}, in the producer's order (the LM head last).
 std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::ThoughtLoopArgs& a) {
   const int64_t d = a.d, I = a.ffn;
   std::vector<std::pair<int64_t, int64_t>> m;
   for (size_t i = 0; i < a.layers.size(); ++i) m.insert(m.end(), {{3 * d, d}, {d, d}, {I, d}, {d, I}});
+  if (a.lm_head != 0) m.push_back({a.vocab, d});
   return m;
 }
 
@@ -261,16 +302,23 @@ std::string checks(const latentrt::ThoughtLoopArgs& a) {
   if (a.d % 8 || a.ffn % 8) return "widths must be multiples of 8 (16-byte rows for the bulk copies)";
   if (a.d > kMaxWidth) return "d must be <= " + std::to_string(kMaxWidth);
   if (a.n_thoughts < 1) return "nothing to run";
+  if (a.lm_head != 0 && a.vocab < 1) return "an LM head needs vocab >= 1";
   return "";
 }
 
-using PlanKey = std::tuple<int, int, int, int, int>;
+using PlanKey = std::tuple<int, int, int, int, int, int>;
 latentrt_stream::PlanCache<PlanKey> plans;
 
-std::string plan_for(const latentrt::ThoughtLoopArgs& a, int device, Plan* out) {
+// The plan on `device` (cached), or with `sms` > 0 for that many SMs and `smem` bytes of shared memory
+// without asking a device (host-side tests).
+std::string plan_for(const latentrt::ThoughtLoopArgs& a, int device, Plan* out, int sms = 0, int64_t smem = 0) {
   std::string why = checks(a);
   if (!why.empty()) return why;
-  const PlanKey key{device, a.batch, a.d, a.ffn, (int)a.layers.size()};
+  if (sms > 0) {
+    *out = latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem);
+    return out->reason;
+  }
+  const PlanKey key{device, a.batch, a.d, a.ffn, (int)a.layers.size(), a.lm_head != 0 ? a.vocab : 0};
   return plans.get(device, kernel_for(a.batch), key, a.batch, [&] { return matrices(a); }, out);
 }
 
@@ -300,35 +348,20 @@ Layout layout(const latentrt::ThoughtLoopArgs& a, int ctas) {
 }
 
 // The launch's device table: the ops (their tile runs pointing into the table), the layers, the runs.
-size_t table_ops(const latentrt::ThoughtLoopArgs& a) { return a.layers.size() * kOpsPerLayer * sizeof(Op); }
+size_t table_ops(const latentrt::ThoughtLoopArgs& a) { return n_ops(a) * sizeof(Op); }
 size_t table_layers(const latentrt::ThoughtLoopArgs& a) { return a.layers.size() * sizeof(Gpt2Layer); }
-size_t table_runs(const latentrt::ThoughtLoopArgs& a, int ctas) {
-  return a.layers.size() * kOpsPerLayer * (size_t)(ctas + 1) * sizeof(int32_t);
-}
+size_t table_runs(const latentrt::ThoughtLoopArgs& a, int ctas) { return n_ops(a) * (size_t)(ctas + 1) * sizeof(int32_t); }
 
-}  // namespace
+bf16* bp(uint64_t v) { return reinterpret_cast<bf16*>(v); }
 
-namespace latentrt {
-
-std::string stream_thought_plan(const ThoughtLoopArgs& a, int device, int* grid, int* smem_bytes) {
-  Plan p;
-  return latentrt_stream::grid_of(plan_for(a, device, &p), p, grid, smem_bytes);
-}
-
-long long stream_thought_scratch_bytes(const ThoughtLoopArgs& a, int ctas) { return (long long)layout(a, ctas).end; }
-
-long long stream_thought_table_bytes(const ThoughtLoopArgs& a, int ctas) {
-  return (long long)(table_ops(a) + table_layers(a) + table_runs(a, ctas));
-}
-
-int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
-  Plan p;
-  if (!plan_for(h, device, &p).empty() || h.layer_table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
-  auto bp = [](uint64_t v) { return reinterpret_cast<bf16*>(v); };
+// The kernel's arguments: the host's, the workspace carved from `scratch`, the table's parts in `layer_table`.
+Args make_args(const latentrt::ThoughtLoopArgs& h, const Plan& p) {
   const Layout l = layout(h, p.ctas);
   unsigned char* w = reinterpret_cast<unsigned char*>(h.scratch);
   Args a{};
   a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages};
+  a.ops = reinterpret_cast<const Op*>(h.layer_table);
+  a.layers = reinterpret_cast<const Gpt2Layer*>(h.layer_table + table_ops(h));
   a.B = h.batch;
   a.d = h.d;
   a.H = h.n_head;
@@ -344,8 +377,12 @@ int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
   a.ln_f_b = bp(h.ln_f_b);
   a.wpe = bp(h.wpe);
   a.positions = reinterpret_cast<const int64_t*>(h.positions);
+  a.pos_ptr = reinterpret_cast<const int64_t*>(h.pos_ptr);
   a.h_in = bp(h.h);
+  a.embeds = bp(h.embeds);
   a.out = bp(h.out);
+  a.logits = h.lm_head != 0 ? reinterpret_cast<float*>(h.logits) : nullptr;
+  a.V = h.vocab;
   a.valid = reinterpret_cast<const uint8_t*>(h.valid);
   a.active = reinterpret_cast<const uint8_t*>(h.active);
   a.x_a = reinterpret_cast<bf16*>(w + l.x_a);
@@ -363,16 +400,18 @@ int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
   a.zero_count = (l.end - l.acc_qkv) / 4;
   a.counter = reinterpret_cast<unsigned*>(h.barrier);
   a.watch = Watch{reinterpret_cast<int*>(h.watch), h.watch_cycles};
-  // the table: ops, layers, tile runs (device addresses inside it computed from its base)
-  const size_t n_ops = h.layers.size() * kOpsPerLayer, runs_at = table_ops(h) + table_layers(h);
-  const uint64_t base = h.layer_table;
-  std::vector<unsigned char> table(table_ops(h) + table_layers(h) + table_runs(h, p.ctas));
+  return a;
+}
+
+// The table's bytes for the plan `p` and the arguments `a` (make_args: its buffers' device addresses).
+std::vector<uint8_t> make_table(const latentrt::ThoughtLoopArgs& h, const Plan& p, const Args& a) {
+  const size_t ops_n = n_ops(h), runs_at = table_ops(h) + table_layers(h);
+  std::vector<uint8_t> table(runs_at + table_runs(h, p.ctas));
   Op* ops = reinterpret_cast<Op*>(table.data());
   Gpt2Layer* layers = reinterpret_cast<Gpt2Layer*>(table.data() + table_ops(h));
   int32_t* runs = reinterpret_cast<int32_t*>(table.data() + runs_at);
-  for (size_t o = 0; o < n_ops; ++o) {
+  for (size_t o = 0; o < ops_n; ++o) {
     const auto& op = p.ops[o];
-    const Gpt2LayerArgs& s = h.layers[o / kOpsPerLayer];
     Op& x = ops[o];
     x.rows = (int)op.rows;
     x.cols = (int)op.cols;
@@ -380,7 +419,12 @@ int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
     x.split_k = op.split_k;
     x.row_tiles = (int)op.row_tiles;
     for (int c = 0; c <= p.ctas; ++c) runs[o * (p.ctas + 1) + c] = (int32_t)op.cta_first[c];
-    x.cta_first = reinterpret_cast<const int*>(base + runs_at + o * (p.ctas + 1) * sizeof(int32_t));
+    x.cta_first = reinterpret_cast<const int*>(h.layer_table + runs_at + o * (p.ctas + 1) * sizeof(int32_t));
+    if (o == h.layers.size() * kOpsPerLayer) {  // the LM head on every CTA's own ln_f(h)
+      x.w = bp(h.lm_head), x.x = a.xs_cta, x.ldx = h.d, x.out = a.logits;
+      continue;
+    }
+    const latentrt::Gpt2LayerArgs& s = h.layers[o / kOpsPerLayer];
     switch (o % kOpsPerLayer) {  // inputs of the CTAs' own buffers: the kernel offsets them per CTA
       case 0:
         x.w = bp(s.attn_w), x.x = a.xs_cta, x.ldx = h.d, x.out = a.acc_qkv;
@@ -397,17 +441,48 @@ int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
     }
   }
   for (size_t i = 0; i < h.layers.size(); ++i) {
-    const Gpt2LayerArgs& s = h.layers[i];
+    const latentrt::Gpt2LayerArgs& s = h.layers[i];
     layers[i] = Gpt2Layer{bp(s.ln_1_w), bp(s.ln_1_b), bp(s.attn_b), bp(s.proj_b), bp(s.ln_2_w), bp(s.ln_2_b),
                           bp(s.fc_b),   bp(s.out_b),  bp(s.k_cache), bp(s.v_cache), s.scale};
   }
-  a.ops = reinterpret_cast<const Op*>(base);
-  a.layers = reinterpret_cast<const Gpt2Layer*>(base + table_ops(h));
+  return table;
+}
+
+}  // namespace
+
+namespace latentrt {
+
+std::string stream_thought_plan(const ThoughtLoopArgs& a, int device, int* grid, int* smem_bytes) {
+  Plan p;
+  return latentrt_stream::grid_of(plan_for(a, device, &p), p, grid, smem_bytes);
+}
+
+long long stream_thought_scratch_bytes(const ThoughtLoopArgs& a, int ctas) { return (long long)layout(a, ctas).end; }
+
+long long stream_thought_table_bytes(const ThoughtLoopArgs& a, int ctas) {
+  return (long long)(table_ops(a) + table_layers(a) + table_runs(a, ctas));
+}
+
+std::vector<uint8_t> stream_thought_table(const ThoughtLoopArgs& a, int device, int sms, long long smem_optin) {
+  Plan p;
+  if (!plan_for(a, device, &p, sms, smem_optin).empty() || a.layer_table == 0 || a.scratch == 0) return {};
+  return make_table(a, p, make_args(a, p));
+}
+
+int stream_thought(const ThoughtLoopArgs& h, int device, std::string* why) {
+  Plan p;
+  if (!plan_for(h, device, &p).empty() || h.layer_table == 0 || h.scratch == 0 || h.barrier == 0 ||
+      (h.lm_head != 0 && h.logits == 0))
+    return 1;
+  Args a = make_args(h, p);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
-  // pageable source: the copy is staged before cudaMemcpyAsync returns, so `table` may go out of scope
-  const cudaError_t err =
-      cudaMemcpyAsync(reinterpret_cast<void*>(base), table.data(), table.size(), cudaMemcpyHostToDevice, stream);
-  if (err != cudaSuccess) return latentrt_stream::cuda_failed(err, why);
+  if (!h.table_uploaded) {
+    const std::vector<uint8_t> table = make_table(h, p, a);
+    // pageable source: the copy is staged before cudaMemcpyAsync returns, so `table` may go out of scope
+    const cudaError_t err = cudaMemcpyAsync(reinterpret_cast<void*>(h.layer_table), table.data(), table.size(),
+                                            cudaMemcpyHostToDevice, stream);
+    if (err != cudaSuccess) return latentrt_stream::cuda_failed(err, why);
+  }
   return latentrt_stream::launch_cooperative(kernel_for(h.batch), p.ctas, kThreads, (int)p.smem_bytes, &a, a.counter, stream, why);
 }
 

@@ -166,6 +166,8 @@ std::string thought_plan(const ThoughtLoopArgs& a, int device, int* grid, int* s
   if (a.head_dim > kMaxHeadDim || a.n_head * a.head_dim != a.d) return "head_dim must be d / n_head <= 128";
   if (a.d % 8 || a.ffn % 8) return "widths must be multiples of 8 (16-byte loads)";
   if (a.n_thoughts < 1 || a.layers.empty()) return "nothing to run";
+  if (a.embeds || a.lm_head || a.pos_ptr || a.table_uploaded)
+    return "answer tokens, device-held positions and prepared tables run on stream_thought only";
   return cooperative_plan(thought_kernel_for(a.batch), a.batch, a.d, device, grid, smem_bytes);
 }
 

@@ -34,6 +34,14 @@ struct ThoughtLoopArgs {
   int barrier_mode = 0;
   uint64_t watch = 0;                     // stream_thought only: int32[8] pinned host memory for the watchdog, or 0
   long long watch_cycles = 4000000000LL;  // stream_thought only: a consumer wait longer than this trips it
+  // stream_thought only, an answer token (issue #11 §2): `embeds` [B, d] bf16 token embeddings make the first
+  // position an ordinary token (input embeds + wpe, no feedback; `h` unused); `lm_head` [vocab, d] bf16 adds
+  // the LM head after the last position: `logits` [B, vocab] fp32 = lm_head . ln_f(last hidden state), the
+  // sums before torch's bf16 rounding of the product (the caller rounds).
+  uint64_t embeds = 0, lm_head = 0, logits = 0;
+  int vocab = 0;
+  uint64_t pos_ptr = 0;         // stream_thought only: int64 device scalar holding `pos` (a captured launch)
+  bool table_uploaded = false;  // stream_thought only: `layer_table` holds stream_thought_table()'s bytes
   uint64_t stream = 0;
 };
 

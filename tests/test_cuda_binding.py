@@ -184,6 +184,64 @@ def test_stream_thought_workspace_table_and_refusals():
         assert _cuda.stream_thought_plan(b, 0)["reason"].startswith(reason)
 
 
+def test_stream_thought_answer_token_table_on_the_host():
+    """An answer token's launch (csrc/stream_thought.cu with ``embeds`` and ``lm_head``): its device table,
+    planned here for 4 SMs with an H200's shared memory (no device needed), holds each layer's four ops, then
+    the LM head [vocab, d] reading every CTA's staged ln_f(h) into the caller's ``logits``; every op's tile
+    runs lie in the table and cover its tiles in order; the layers' pointers are the model's. The workspace
+    does not grow (the logits are the caller's); the barrier kernel refuses answer tokens."""
+    import struct
+
+    from conftest import tiny_coconut
+
+    from latentrt.backends.cuda import CudaBackend
+
+    model = tiny_coconut(seed=2).to(torch.bfloat16)
+    cache = model.new_cache(3, 20)
+    backend = CudaBackend(model, reason="test")
+    a = backend.thought_args(cache, 1)
+    scratch_bytes = _cuda.stream_thought_scratch_bytes(a, 4)
+    V, d = model.lm_head.weight.shape
+    ffn, L = model.config.inner_size, model.config.n_layer
+    logits = torch.zeros(3, V)
+    a.embeds, a.lm_head, a.vocab, a.logits = 1 << 36, model.lm_head.weight.data_ptr(), V, logits.data_ptr()
+    assert _cuda.stream_thought_table(a, 0, sms=4, smem_optin=232448) == b""  # no table without its buffers
+    base, scratch = 1 << 40, 1 << 41  # device addresses, only recorded in the table
+    a.layer_table, a.scratch = base, scratch
+    if not torch.cuda.is_available():
+        assert _cuda.stream_thought_table(a, 0) == b""  # no device: no plan
+    ctas = 4
+    t = _cuda.stream_thought_table(a, 0, sms=ctas, smem_optin=232448)
+    n_ops = 4 * L + 1
+    assert len(t) == _cuda.stream_thought_table_bytes(a, ctas) == n_ops * 56 + L * 88 + n_ops * (ctas + 1) * 4
+    assert _cuda.stream_thought_scratch_bytes(a, ctas) == scratch_bytes
+    ops = [struct.unpack_from("<QQQiiiiiiQ", t, 56 * o) for o in range(n_ops)]
+    runs_at = n_ops * 56 + L * 88
+    xs, y, g = ops[0][1], ops[1][1], ops[3][1]
+    assert all(scratch <= p < scratch + scratch_bytes for p in (xs, y, g))
+    shapes = [(3 * d, d, d), (d, d, d), (ffn, d, d), (d, ffn, ffn)] * L + [(V, d, d)]  # rows, cols, ldx
+    for o, (w, x, out, rows, cols, ldw, ldx, split_k, row_tiles, first) in enumerate(ops):
+        assert (rows, cols, ldx) == shapes[o] and ldw == cols
+        if o < 4 * L:
+            assert w == backend._transposed[o // 4][("attn", "proj", "fc", "out")[o % 4]].data_ptr()
+        assert x == (y if o % 4 == 1 and o < 4 * L else g if o % 4 == 3 and o < 4 * L else xs)
+        assert first == base + runs_at + o * (ctas + 1) * 4
+        runs = struct.unpack_from(f"<{ctas + 1}i", t, runs_at + o * (ctas + 1) * 4)
+        assert runs[0] == 0 and runs[-1] == row_tiles * split_k and list(runs) == sorted(runs)
+        if o < 4 * L:
+            assert scratch <= out < scratch + scratch_bytes
+    w, _, out, *_ = ops[-1]
+    assert (w, out) == (model.lm_head.weight.data_ptr(), logits.data_ptr())
+    for i, blk in enumerate(model.transformer.h):
+        *ptrs, scale = struct.unpack_from("<10Qf", t, n_ops * 56 + i * 88)
+        assert ptrs[0] == blk.ln_1.weight.data_ptr() and ptrs[7] == blk.mlp.c_proj.bias.data_ptr()
+        assert ptrs[8:] == [cache.plain_k[i].data_ptr(), cache.plain_v[i].data_ptr()]
+        assert scale == pytest.approx(blk.attn.scale)
+    a.vocab = 0
+    assert _cuda.stream_thought_plan(a, 0)["reason"] == "an LM head needs vocab >= 1"
+    assert "run on stream_thought only" in _cuda.thought_plan(a, 0)["reason"]
+
+
 def test_stream_watchdog_report_names_the_wait_that_hung(monkeypatch):
     """The streamed kernel's watchdog writes what a hung wait waited for into pinned host memory; the report
     reads it back (no CUDA call: it works after the context died)."""
@@ -207,14 +265,18 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
     from latentrt.backends import cuda as cuda_backend
     from latentrt.backends.graph import GraphedRunner
 
+    class OnCuda:
+        device = torch.device("cuda")
+
     runner = object.__new__(cuda_backend.PersistentTokenRunner)
-    runner.kernel, runs = "stream", []
-    runner.run = lambda: runs.append(1) or "eager"
-    monkeypatch.setattr(GraphedRunner, "_capture", lambda self: (_ for _ in ()).throw(RuntimeError("capture")))
-    with pytest.warns(UserWarning, match="runs eagerly"):
-        runner._capture()
+    runner.kernel, runner.model, runs = "stream", OnCuda(), []
+    runner.run = lambda: runs.append(1) or f"eager {len(runs)}"
+    monkeypatch.setattr(GraphedRunner, "_run_on_capture_stream", lambda self: self.run())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("capture")))
+    with pytest.warns(UserWarning, match="PersistentTokenRunner runs eagerly"):
+        assert runner() == "eager 1"  # the first call's outputs stand
     assert isinstance(runner.capture_error, RuntimeError)
-    assert runner() == "eager" and runs == [1]  # no capture attempted again
+    assert runner() == "eager 2" and runs == [1, 1]  # one run per call, no capture attempted again
     barrier = object.__new__(cuda_backend.PersistentTokenRunner)
     barrier.kernel, barrier.run = "barrier", lambda: "eager"
     assert barrier() == "eager" and barrier.capture_error is None

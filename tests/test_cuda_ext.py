@@ -279,6 +279,31 @@ def test_persistent_thoughts_equal_torch_backend(batch, kernel, monkeypatch):
         assert rel_err(y[0], x[0]) < 3e-2  # the answer's first logits come right after the thoughts
 
 
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_streamed_thoughts_kernel_answer_tokens_equal_torch_backend(batch):
+    """With the ``stream`` kernel each Coconut answer token is one launch of stream_thought.cu (the layers over
+    the token's embedding + wpe, then the LM head over ln_f), captured once and replayed: every answer token
+    and its logits match the torch backend (bf16)."""
+    import latentrt
+    from latentrt.backends.cuda_coconut import StreamedAnswerRunner
+
+    ref, fast = _builtin_pair("coconut")
+    fast.backend.loop_kernel = "stream"
+    made = []
+    real = type(fast.backend).answer_runner
+    fast.backend.answer_runner = lambda cache: made.append(real(fast.backend, cache)) or made[-1]
+    kw = dict(max_new_tokens=8, num_thoughts=3, return_logits=True)
+    a = latentrt.generate(ref, _questions(ref, batch), **kw)
+    b = latentrt.generate(fast, _questions(ref, batch), **kw)
+    assert len(made) == 1 and isinstance(made[0], StreamedAnswerRunner), made
+    runner = made[0]
+    assert runner._graph is not None and runner.capture_error is None  # later tokens replayed the graph
+    assert a.tokens == b.tokens
+    for x, y in zip(a.logits, b.logits):
+        for t in range(1, len(x)):  # every answer token after the first (which comes from the prompt's pass)
+            assert rel_err(y[t], x[t]) < 3e-2, t
+
+
 def test_streamed_thoughts_fall_back_with_a_reason(caplog):
     """Past its 16 rows the streamed thought loop says why and the Triton column runner thinks instead."""
     import latentrt

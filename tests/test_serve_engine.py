@@ -579,7 +579,7 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
 def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
     """If capturing the decode rows' pass fails (a torch version, a driver), the server warns once and runs
     the same pass eagerly: every request still equals generate() alone. (The failure is simulated: the
-    runner sees a CUDA device and GraphedRunner raises as a failed capture would.)"""
+    runner sees a CUDA device, its first call runs eagerly here and the capture raises as a failed one would.)"""
     from latentrt.backends.graph import GraphedRunner
 
     model, engine = _engine_on_triton(max_batch=3)
@@ -592,7 +592,8 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
             return getattr(model, name)
 
     runner.model = engine.program.decode_head.model = engine.program.decode_prelude.model = OnCuda()
-    monkeypatch.setattr(GraphedRunner, "__call__", lambda self: (_ for _ in ()).throw(RuntimeError("capture")))
+    monkeypatch.setattr(GraphedRunner, "_run_on_capture_stream", lambda self: self.run())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("capture")))
     requests = [(p, dict(kw, max_new_tokens=3)) for p, kw in recurrent_requests(6, seed=7)][:2]
     served = [engine.submit(p, **kw) for p, kw in requests]
     with pytest.warns(UserWarning, match="runs eagerly"):

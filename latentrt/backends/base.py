@@ -8,6 +8,8 @@ which ``Backend`` calls by default); a backend overrides the ones it makes faste
   of latentrt/recurrence.py -> head) as one fixed launch sequence, or None.
 - ``column_runner(cache, embeds, latent, mask)``: one timeline position of a GPT-2 model for the batch (a
   Coconut thought, a prompt token between thoughts, or an answer token), or None.
+- ``answer_runner(cache)``: a Coconut answer token (token embeddings at the next timeline position -> the
+  LM logits) for the batch, or None.
 - ``feedback(h_pre, positions)``: Coconut's hidden -> input feedback.
 - ``exit_ops`` and ``sync_free``: the exit formulas as device masks, and whether the reference loop may
   read them on the host (it stops early then).
@@ -84,6 +86,12 @@ class Backend:
     # ---------------------------------------------------------------- continuous thought
     def column_runner(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor):
         """A graph-capturable GPT-2 column, or None: the model's modules run it."""
+        return None
+
+    def answer_runner(self, cache):
+        """A graph-capturable Coconut answer token, or None: the model's modules run it. ``prepare(embeds
+        [B, 1, d], alive [B])`` takes the tokens' embeddings (positions are added inside) and reserves the
+        next timeline position; calling it returns the LM logits [B, V] (fp32)."""
         return None
 
     def feedback(self, h_pre: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,8 @@ warp per SM streams the weights through a shared-memory ring while the consumers
 counters; batch <= 32, criteria none / latent-diff / cosine / KL). ``barrier`` stays the default until a lent GPU
 has measured ``stream`` (benchmarks/RESULTS.md); where the chosen kernel cannot run a call the other paths
 take over as below. For Coconut, ``stream`` runs the thoughts on the same ring (stream_thought.cu) instead of
-thought_loop.cu. The streamed latent loop's attention (``CudaBackend.stream_attention``, env
+thought_loop.cu, and each answer token too (the layers and the LM head in one launch); the Coconut runners
+are backends/cuda_coconut.py. The streamed latent loop's attention (``CudaBackend.stream_attention``, env
 LATENTRT_STREAM_ATTENTION): ``split`` over positions by every warp of the grid (default), or ``cta``, one
 (row, head) per CTA (the barrier kernel's loop), kept until a GPU has compared them.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 
 import torch
 from torch import Tensor
@@ -64,9 +64,7 @@ class PersistentTokenRunner(RecurrentTokenRunner):
     """A token runner whose latent loop is one launch of a persistent kernel. ``barrier``: run eagerly (the
     token's timeline index is a launch argument). ``stream``: the kernel reads the index from the runner's
     device buffer, so the whole token (prelude, the launch, head) is captured as one CUDA graph like the
-    Triton runner's; where the capture fails (a torch version, a driver) it warns once and runs eagerly."""
-
-    capture_error: Exception | None = None
+    Triton runner's (where the capture fails it warns once and runs eagerly: backends/graph.py)."""
 
     def __init__(self, backend, cache, spec, ext, plan_args, kernel: str = "barrier") -> None:
         super().__init__(backend, cache, spec)
@@ -110,17 +108,9 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         self.timeline_index = timeline_index
 
     def __call__(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if self.kernel != "stream" or self.capture_error is not None:
+        if self.kernel != "stream":
             return self.run()
         return super().__call__()
-
-    def _capture(self) -> None:
-        try:
-            super()._capture()
-        except RuntimeError as exc:  # the eager call's outputs stand; later tokens run eagerly
-            self.capture_error = exc
-            why = f"latentrt: the streamed loop's token runs eagerly (CUDA graph capture failed: {exc})"
-            warnings.warn(why, stacklevel=2)
 
     def recurrence(self, where: DecodePosition, e_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, crit = self.args, self.spec.criterion
@@ -198,55 +188,6 @@ def loop_args(ext, model, cache, spec):
     return a
 
 
-class PersistentColumnRunner(ColumnRunner):
-    """Coconut: when every sequence thinks in the same columns, all of them run in one launch of the
-    thought-loop kernel (``backend.loop_kernel``: ``barrier``, csrc/thought_loop.cu, or ``stream``,
-    csrc/stream_thought.cu); otherwise the Triton column runner runs them (``run_all`` returns None)."""
-
-    def __init__(self, backend, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> None:
-        weights_t = backend.fused_layer_weights()
-        super().__init__(backend.model, backend.feedback, cache, embeds, latent, mask, weights_t)
-        self.backend = backend
-
-    def run_all(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
-        m, cache, ext = self.model, self.cache, self.backend.ext
-        n = last - first + 1
-        if not bool(self.latent[:, first : last + 1].all()):  # one host read per prompt
-            log_fallback_once("Coconut thoughts in different columns per sequence")
-            return None
-        a = self.backend.thought_args(cache, n)
-        streamed = self.backend.loop_kernel == "stream"
-        plan = (ext.stream_thought_plan if streamed else ext.thought_plan)(a, m.device.index or 0)
-        if not plan["ok"]:
-            log_fallback_once(f"{self.backend.loop_kernel} thought kernel: {plan['reason']}")
-            return None
-        B, d = cache.batch, m.config.n_embd
-        chunk = cache.begin(torch.ones(B, n, dtype=torch.bool, device=m.device))
-        start, positions = chunk.start, chunk.positions[:, 0].contiguous()
-        h = h_prev.reshape(B, d).to(torch.bfloat16).contiguous()
-        out = torch.empty(B, n, d, dtype=torch.bfloat16, device=m.device)
-        active = torch.ones(B, dtype=torch.uint8, device=m.device)
-        if streamed:  # byte-sized buffers, by the plan's grid
-            table = torch.empty(ext.stream_thought_table_bytes(a, plan["grid"]), dtype=torch.uint8, device=m.device)
-            scratch = torch.empty(ext.stream_thought_scratch_bytes(a, plan["grid"]), dtype=torch.uint8, device=m.device)
-            self.watch = watchdog(a)
-        else:
-            table = torch.empty(ext.thought_table_bytes(a), dtype=torch.uint8, device=m.device)
-            scratch = torch.empty(ext.thought_scratch_elems(a), dtype=torch.bfloat16, device=m.device)
-        barrier = torch.zeros(2, dtype=torch.int32, device=m.device)
-        a.pos, a.positions, a.h, a.out = start, positions.data_ptr(), h.data_ptr(), out.data_ptr()
-        a.active, a.layer_table, a.scratch, a.barrier = (
-            active.data_ptr(),
-            table.data_ptr(),
-            scratch.data_ptr(),
-            barrier.data_ptr(),
-        )
-        a.stream = torch.cuda.current_stream(m.device).cuda_stream
-        # temporaries are freed stream-ordered: safe to drop after
-        (ext.stream_thought if streamed else ext.thought_loop)(a, m.device.index or 0)
-        return out
-
-
 class CudaBackend(TritonBackend):
     name = "cuda"
     capabilities = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16,), criteria=frozenset(CRITERIA), max_batch=16)
@@ -288,15 +229,26 @@ class CudaBackend(TritonBackend):
         return cuda_ext._ext()
 
     def column_runner(self, cache, embeds: Tensor, latent: Tensor, mask: Tensor) -> ColumnRunner:
-        why = None
-        if self.model.dtype != torch.bfloat16:
-            why = f"dtype {self.model.dtype} (the kernel is bf16)"
-        elif self.model.config.activation_function not in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-            why = f"activation {self.model.config.activation_function!r} (the kernel uses GELU's tanh form)"
+        """Coconut thoughts in one launch of a thought-loop kernel (backends/cuda_coconut.py) where the model
+        allows, else the Triton column runner."""
+        from .cuda_coconut import PersistentColumnRunner, thought_kernel_refusal
+
+        why = thought_kernel_refusal(self.model)
         if why is not None:
             log_fallback_once(why)
             return super().column_runner(cache, embeds, latent, mask)
         return PersistentColumnRunner(self, cache, embeds, latent, mask)
+
+    def answer_runner(self, cache):
+        """With the ``stream`` kernel, a Coconut answer token (the layers and the LM head) in one launch of
+        csrc/stream_thought.cu (backends/cuda_coconut.py); else, or where it cannot run, the column runner's."""
+        if self.loop_kernel == "stream":
+            from .cuda_coconut import streamed_answer_runner
+
+            runner = streamed_answer_runner(self, cache)
+            if runner is not None:
+                return runner
+        return super().answer_runner(cache)
 
     def thought_args(self, cache, n_thoughts: int):
         """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""

@@ -65,7 +65,7 @@ class CoconutDecoder(Decoder):
     def __init__(self, model, options: GenerateOptions, hooks) -> None:
         super().__init__(model, options, hooks)
         self._thoughts = 0
-        self._answer = None  # (runner, its token-embedding buffer, its validity buffer) once made
+        self._answer = None  # (the answer-token runner or None,) once made
         # published_eos: Coconut's generate never stops on its first answer token, and leaves out the eos
         # that ends a later one (latentrt's default, as HF: any stop token ends the answer and is kept)
         self.keep_stop_token = not options.published_eos
@@ -109,30 +109,20 @@ class CoconutDecoder(Decoder):
     def next_token(self, tokens: Tensor, alive: Tensor, rows: list[bool]) -> TokenOutput:
         model, cache = self.model, self.cache
         embeds = model.embed(tokens[:, None])
-        runner = self._answer_runner(embeds)
+        runner = self._answer_runner()
         if runner is None:
             chunk = cache.begin(alive[:, None])
-            h = model.forward_embeds(embeds, cache, chunk)
+            logits = model.lm_logits(model.forward_embeds(embeds, cache, chunk))[:, -1]
         else:
-            runner, embeds_buf, valid_buf = runner
-            embeds_buf.copy_(embeds)
-            valid_buf.copy_(alive[:, None])
-            runner.prepare(embeds_buf, 0, cache.reserve())  # no latent rows: the hidden input is unused
-            h = model.transformer.ln_f(runner())
-        return self._output(model.lm_logits(h)[:, -1], alive)
+            runner.prepare(embeds, alive)
+            logits = runner()
+        return self._output(logits, alive)
 
-    def _answer_runner(self, like: Tensor):
-        """The backend's column runner for answer tokens (static buffers: one CUDA graph serves all), or
+    def _answer_runner(self):
+        """The backend's answer-token runner (static buffers: one CUDA graph serves every token), made once;
         None where the backend has none or hooks are set."""
         if self._answer is None:
-            runner = None
-            if not self.hooks:
-                embeds = torch.zeros_like(like)
-                latent = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
-                valid = torch.zeros_like(latent)
-                made = self.backend.column_runner(self.cache, embeds, latent, valid)
-                runner = (made, embeds, valid) if made is not None else None
-            self._answer = (runner,)
+            self._answer = (None if self.hooks else self.backend.answer_runner(self.cache),)
         return self._answer[0]
 
     def _output(self, logits: Tensor, alive: Tensor) -> TokenOutput:

@@ -16,8 +16,6 @@ begin their units (``DecodePreludeRunner``).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -27,26 +25,7 @@ from ..models.layers import Packed
 from ..transfer import to_device
 
 
-class _Fallback:
-    """Where capturing a runner's launches fails on CUDA (a torch version, a driver), it warns once and runs
-    them eagerly from then on."""
-
-    capture_error: Exception | None = None  # why the pass could not be captured here (then it runs eagerly)
-
-    def __call__(self) -> Tensor:
-        if self.capture_error is None:
-            try:
-                return super().__call__()
-            except RuntimeError as exc:  # the first call (eager, then capture) failed in the capture
-                if self._graph is not None or self.model.device.type != "cuda":
-                    raise
-                self.capture_error = exc
-                why = f"latentrt: the server's {type(self).__name__} runs eagerly (CUDA graph capture failed: {exc})"
-                warnings.warn(why, stacklevel=2)
-        return self.run()  # idempotent: the same K/V, iteration marks and states as a failed first call's
-
-
-class DecodeCoreRunner(_Fallback, GraphedRunner):
+class DecodeCoreRunner(GraphedRunner):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
     at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
 
@@ -98,7 +77,7 @@ class DecodeCoreRunner(_Fallback, GraphedRunner):
         return packed.unpack(new)[0]
 
 
-class DecodeHeadRunner(_Fallback, GraphedRunner):
+class DecodeHeadRunner(GraphedRunner):
     """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit, the coda's K/V written for
     the rows ``prepare`` names (at their entries: the core runner's static chunk). Returns logits [rows, V]
     (fp32); the caller keeps the rows it asked for."""
@@ -120,7 +99,7 @@ class DecodeHeadRunner(_Fallback, GraphedRunner):
         return self.model.head(packed.pack([p.loop.s]), p.pool, packed, None, p._rope(packed), at=at)[:, -1]
 
 
-class DecodePreludeRunner(_Fallback, GraphedRunner):
+class DecodePreludeRunner(GraphedRunner):
     """The prelude (embedding x sqrt(d) -> prelude layers) of every pool row's next token, the prelude's K/V
     written for the rows whose unit begins (``prepare``: their rows and token ids; their entries and
     positions already placed). Returns e [rows, 1, d]; the caller keeps the rows it asked for."""

@@ -15,7 +15,7 @@ from torch import Tensor
 from ... import kernels
 from ...kernels import exits, feedback, pool_attention, pool_prefill
 from ..base import Backend, Capabilities
-from .column import ColumnRunner, fused_layers_apply
+from .column import ColumnAnswerRunner, ColumnRunner, fused_layers_apply
 from .recurrent_layers import DecodePosition, core_iteration
 from .token import RecurrentTokenRunner
 
@@ -95,6 +95,10 @@ class TritonBackend(Backend):
         """GPT-2 columns as one graph-capturable unit (see column.py), its layers as fused launches where the
         config allows."""
         return ColumnRunner(self.model, self.feedback, cache, embeds, latent, mask, self.fused_layer_weights())
+
+    def answer_runner(self, cache) -> ColumnAnswerRunner:
+        """Answer tokens on the column runner (one graph), then ln_f and the LM head."""
+        return ColumnAnswerRunner(self, cache)
 
     def fused_layer_weights(self) -> list[dict[str, Tensor]] | None:
         """The transposed weights for the column runner's fused GPT-2 layers, or None where the config needs

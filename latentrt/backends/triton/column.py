@@ -104,3 +104,26 @@ class ColumnRunner(GraphedRunner):
             hid = linear.fused(mid, w["fc"], bias=mlp.c_fc.bias, gelu=True, ln_prenorm=ln)
             h = linear.fused(hid, w["out"], add=mid, bias=mlp.c_proj.bias, stats=stats[2 * i + 1])
         return h
+
+
+class ColumnAnswerRunner:
+    """Coconut answer tokens on the backend's column runner (``Backend.answer_runner``): the column (one
+    captured graph: the layers over the token embeddings + wpe), then ln_f and the LM head as the model's
+    modules. ``prepare(embeds [B, 1, d], alive [B])``; calling it returns the logits [B, V] (fp32)."""
+
+    def __init__(self, backend, cache) -> None:
+        m = backend.model
+        self.model, self.cache = m, cache
+        self.embeds = torch.zeros(cache.batch, 1, m.config.n_embd, dtype=m.dtype, device=m.device)
+        no_thoughts = torch.zeros(cache.batch, 1, dtype=torch.bool, device=m.device)
+        self.valid = torch.zeros_like(no_thoughts)
+        self.column = backend.column_runner(cache, self.embeds, no_thoughts, self.valid)
+
+    def prepare(self, embeds: Tensor, alive: Tensor) -> None:
+        self.embeds.copy_(embeds)
+        self.valid.copy_(alive[:, None])
+        self.column.prepare(self.embeds, 0, self.cache.reserve())  # no thought rows: the fed-back input is unused
+
+    def __call__(self) -> Tensor:
+        m = self.model
+        return m.lm_logits(m.transformer.ln_f(self.column()))[:, -1]
