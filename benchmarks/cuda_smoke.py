@@ -40,7 +40,8 @@ def streamed_loop() -> None:
     """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
     (latent-diff; KL with the coda and lm_head streamed at its checks), a batch on the tensor-core path, and
     one row at 56 positions (its attention in 4 splits, merged); each launch must return (a hang is the
-    likely bug). The attention is the backend's default, or LATENTRT_STREAM_ATTENTION's."""
+    likely bug). The attention and the input are the backend's defaults, or LATENTRT_STREAM_ATTENTION's and
+    LATENTRT_STREAM_INPUT's."""
     cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     model.backend = get_backend("cuda", model)
@@ -51,7 +52,8 @@ def streamed_loop() -> None:
             kw = dict(max_new_tokens=3, num_steps=4, kv_sharing="ring-2", adaptive=True, exit_criterion=crit)
             latentrt.generate(model, prompts, **kw)
             torch.cuda.synchronize()
-        print(f"streamed loop ({model.backend.stream_attention} attention) batch {batch} ok", flush=True)
+        b = model.backend
+        print(f"streamed loop ({b.stream_attention} attention, {b.stream_input} input) batch {batch} ok", flush=True)
 
 
 def streamed_thoughts() -> None:

@@ -4,8 +4,9 @@
 # Stages, each under its own time limit so one hang cannot eat the lease (about 8 minutes in all):
 #   the streamed-weight probe (benchmarks/probes/stream_probe.cu, 60 s) -> build the CUDA extension in place
 #   -> a small run of the grid-barrier kernels (a hang there disables the extension for the later stages)
-#   -> the same for the streamed latent loop (csrc/stream_loop.cu; a failure retries it with its per-CTA
-#   attention, and a second failure drops only its tests and benchmark rows) and for the streamed thought
+#   -> the same for the streamed latent loop (csrc/stream_loop.cu; a failure retries it with its input read
+#   from L2, then also with its per-CTA attention, and a third failure drops only its tests and benchmark
+#   rows) and for the streamed thought
 #   loop (csrc/stream_thought.cu, likewise) -> the streamed kernels' gpu tests -> the benchmark harness
 #   (acceptance rows first; every record appended to $OUT/bench/results.jsonl as measured) -> the other
 #   gpu-marked tests (Triton kernels in bf16 at full shapes, graph replay, the barrier kernels against the
@@ -74,13 +75,18 @@ if [ "$CUDA_BUILT" = 1 ]; then
   fi
 fi
 # the streamed-weight loop (#11, csrc/stream_loop.cu) on its own: a failure or hang there (its likeliest bug:
-# a dependency wait that never completes) drops only its tests and benchmark rows. Its split attention is
-# its newest part: where the default fails, the kernel is tried again with its attention one (row, head) per
-# CTA, and if that passes the later stages run that way
+# a dependency wait that never completes) drops only its tests and benchmark rows. Its newest parts are tried
+# away one at a time: where the default fails, the kernel is tried again with each stage's input read from L2
+# (not staged in shared memory), then also with its attention one (row, head) per CTA; the first that passes
+# is how the later stages run
 if [ "$CUDA_BUILT" = 1 ] && ! smoke stream 50; then
-  if LATENTRT_STREAM_ATTENTION=cta smoke stream 50 stream_cta; then
+  if LATENTRT_STREAM_INPUT=l2 smoke stream 50 stream_l2; then
+    stamp "the streamed kernels' staged input failed its smoke: later stages use LATENTRT_STREAM_INPUT=l2"
+    export LATENTRT_STREAM_INPUT=l2
+  elif LATENTRT_STREAM_INPUT=l2 LATENTRT_STREAM_ATTENTION=cta smoke stream 50 stream_cta; then
     stamp "the streamed loop's split attention failed its smoke: later stages use LATENTRT_STREAM_ATTENTION=cta"
-    export LATENTRT_STREAM_ATTENTION=cta LATENTRT_BENCH_SKIP=cuda-stream
+    stamp "and LATENTRT_STREAM_INPUT=l2"
+    export LATENTRT_STREAM_INPUT=l2 LATENTRT_STREAM_ATTENTION=cta LATENTRT_BENCH_SKIP=cuda-stream
   else
     STREAM_OK=0
     export LATENTRT_BENCH_SKIP=cuda-stream,cuda-stream-cta

@@ -59,7 +59,7 @@ PYBIND11_MODULE(_cuda, m) {
       FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(check_every) FIELD(criterion) FIELD(eps) FIELD(threshold)
       FIELD(core) FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos)
       FIELD(sin) FIELD(valid) FIELD(written) FIELD(state) FIELD(ref_state) FIELD(active) FIELD(used) FIELD(logits)
-      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(pos_ptr) FIELD(watch) FIELD(watch_cycles) FIELD(split_attention) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
+      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(pos_ptr) FIELD(watch) FIELD(watch_cycles) FIELD(split_attention) FIELD(stage_input) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
 #undef FIELD
   m.def("loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::loop_plan, a, device); });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);
@@ -89,7 +89,7 @@ PYBIND11_MODULE(_cuda, m) {
       TFIELD(pos) TFIELD(eps) TFIELD(layers) TFIELD(ln_f_w) TFIELD(ln_f_b) TFIELD(wpe) TFIELD(positions) TFIELD(h)
       TFIELD(out) TFIELD(valid) TFIELD(active) TFIELD(layer_table) TFIELD(scratch) TFIELD(barrier)
       TFIELD(barrier_mode) TFIELD(watch) TFIELD(watch_cycles) TFIELD(embeds) TFIELD(lm_head) TFIELD(logits)
-          TFIELD(vocab) TFIELD(pos_ptr) TFIELD(table_uploaded) TFIELD(stream);
+          TFIELD(vocab) TFIELD(pos_ptr) TFIELD(table_uploaded) TFIELD(stage_input) TFIELD(stream);
 #undef TFIELD
   m.def("thought_plan",
         [](const ThoughtLoopArgs& a, int device) { return plan_dict(latentrt::thought_plan, a, device); });
@@ -120,8 +120,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "stream_plan",
       [](const std::vector<std::pair<int64_t, int64_t>>& mats, int batch, int ctas, int64_t smem_optin, int tile_rows,
-         int k_chunk) {
-        const auto p = latentrt_stream::plan_stream(mats, batch, ctas, smem_optin, tile_rows, k_chunk);
+         int k_chunk, bool stage_input) {
+        const auto p = latentrt_stream::plan_stream(mats, batch, ctas, smem_optin, tile_rows, k_chunk, stage_input);
         py::dict d;
         d["ok"] = p.reason.empty();
         d["reason"] = p.reason;
@@ -133,6 +133,8 @@ PYBIND11_MODULE(_cuda, m) {
         d["tensor_cores"] = p.tensor_cores;
         d["stage_bytes"] = p.stage_bytes;
         d["reduce_bytes"] = p.reduce_bytes;
+        d["stage_input"] = p.stage_input;
+        d["input_bytes"] = p.input_bytes;
         d["smem_bytes"] = p.smem_bytes;
         py::list ops;
         for (const auto& op : p.ops) {
@@ -161,7 +163,7 @@ PYBIND11_MODULE(_cuda, m) {
       },
       "the streamed-weight kernel's plan (csrc/stream_plan.h) for matrices {rows, cols} in execution order",
       py::arg("mats"), py::arg("batch"), py::arg("ctas"), py::arg("smem_optin"), py::arg("tile_rows") = 0,
-      py::arg("k_chunk") = 0);
+      py::arg("k_chunk") = 0, py::arg("stage_input") = true);
   m.def("attention_splits", &latentrt_stream::attention_splits,
         "splits per (row, head) of the streamed kernel's split attention (csrc/stream_plan.h)", py::arg("heads"),
         py::arg("positions"), py::arg("warps"), py::arg("split_max"));

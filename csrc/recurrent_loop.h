@@ -46,6 +46,7 @@ struct LoopArgs {
   uint64_t watch = 0;              // stream_loop only: int32[8] in pinned host memory for the watchdog, or 0
   long long watch_cycles = 4000000000LL;  // a consumer wait longer than this trips the watchdog (~2 s)
   int split_attention = 1;         // stream_loop only: attention split over positions (1), or per CTA (0)
+  int stage_input = 1;             // stream_loop only: each stage's input chunk in shared memory (1) or from L2 (0)
   uint64_t barrier = 0;            // 2 x uint32, zeroed once; self-resetting
   int barrier_mode = 0;            // 0 cooperative-groups grid sync, 1 counters in global memory
   uint64_t stream = 0;

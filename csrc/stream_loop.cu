@@ -556,7 +556,7 @@ std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::LoopArgs& a) {
   return m;
 }
 
-using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int>;
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int, bool>;
 latentrt_stream::PlanCache<PlanKey> plans;
 
 std::string checks(const latentrt::LoopArgs& a) {
@@ -585,8 +585,8 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   if (!why.empty()) return why;
   const bool kl = a.criterion == kKL;
   const PlanKey key{device,     a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter,
-                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0};
-  return plans.get(device, kernel_for(a.batch), key, a.batch, [&] { return matrices(a); }, out);
+                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0, a.stage_input != 0};
+  return plans.get(device, kernel_for(a.batch), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out);
 }
 
 // Workspace layout: bf16 buffers, then the fp32 ones (zeroed by the kernel at its start).
@@ -647,7 +647,7 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
   Plan p;
   if (!plan_for(h, device, &p).empty() || h.table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
   Args a{};
-  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages};
+  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input};
   a.B = h.batch;
   a.d = h.d;
   a.H = h.n_head;

@@ -13,10 +13,16 @@
 // warp copies its stages in execution order into a ring of `stages` shared-memory buffers and waits only
 // for a free buffer, while its consumer warps wait for the previous op's outputs and then for the stage.
 //
+// The batch's input chunk of a stage, x[:, k-chunk], is copied once per stage from L2 into a double-buffered
+// shared-memory buffer (`stage_input`; issue #11: "the input staged per K-chunk ... so no weight row re-reads
+// x from L2"): the next stage's chunk lands while the consumers multiply the current one. Without it (the
+// `l2` input, kept for the probe's A/B) every consumer warp reads the chunk from L2 itself: 8 times a stage
+// on the CUDA-core path, tile_rows / 16 times on the tensor-core path.
+//
 // Choices, each from a count rather than a guess:
-//   tile_rows: the batch's input chunk x[:, k-chunk] is read from L2 once per stage, so its bytes relative
-//              to the stage's weight bytes are batch / tile_rows: 16 rows up to batch 4 (CUDA-core dot
-//              products), 32 up to 16, 64 up to 32 (tensor cores, the batch as the mma's N side);
+//   tile_rows: the input chunk's bytes relative to the stage's weight bytes are batch / tile_rows: 16 rows
+//              up to batch 4 (CUDA-core dot products), 32 up to 16, 64 up to 32 (tensor cores, the batch as
+//              the mma's N side);
 //   k_chunk:   a stage of about kStageTarget bytes (the bulk copies of one stage in flight together);
 //   split_k:   the smallest split whose byte balance over the CTAs is within kBalance (Wo, the adapter and
 //              proj have 5280 rows = 330 tiles of 16 for 132 SMs: 2.5 per CTA unsplit), else the best one up
@@ -41,6 +47,7 @@ constexpr int kMaxBatch = 32;
 constexpr int kConsumerWarps = 8;
 constexpr int64_t kStageTarget = 16384;  // bytes of weights per ring stage
 constexpr int kRowPad = 16;              // bytes after each staged row segment (no ldmatrix bank conflicts)
+constexpr int kInputPad = 8;             // elements after each staged input row (conflict-free B fragments)
 constexpr int kMaxStages = 8;
 constexpr double kBalance = 1.05;  // largest CTA's bytes / mean, accepted without a further split
 constexpr int kMaxSplit = 16;
@@ -61,8 +68,10 @@ struct Plan {
   std::string reason;  // empty when the plan is usable
   int batch = 0, ctas = 0, tile_rows = 0, k_chunk = 0, stages = 0;
   bool tensor_cores = false;
+  bool stage_input = true;   // the input chunk staged in shared memory per stage (else read from L2)
   int64_t stage_bytes = 0;   // shared memory of one stage (rows padded)
   int64_t reduce_bytes = 0;  // the consumer warps' partial sums of one tile (fp32)
+  int64_t input_bytes = 0;   // the staged input: two buffers of batch x (k_chunk + kInputPad) elements
   int64_t smem_bytes = 0;    // dynamic shared memory of a CTA
   std::vector<OpPlan> ops;
 };
@@ -140,13 +149,19 @@ inline double assign(OpPlan& op, int tile_rows, int ctas) {
   return total > 0 ? most / (total / ctas) : 1.0;
 }
 
+// The bytes of the staged input's two buffers (stage_input), or 0.
+inline int64_t input_buffer_bytes(bool stage_input, int batch, int k_chunk) {
+  return stage_input ? 2 * (int64_t)batch * (k_chunk + kInputPad) * kElem : 0;
+}
+
 // The plan for `mats` ({rows, cols} in execution order) at `batch` rows of input, over `ctas` persistent
 // CTAs with `smem_optin` bytes of shared memory each. tile_rows / k_chunk 0: chosen as above.
 inline Plan plan_stream(const std::vector<std::pair<int64_t, int64_t>>& mats, int batch, int ctas,
-                        int64_t smem_optin, int tile_rows = 0, int k_chunk = 0) {
+                        int64_t smem_optin, int tile_rows = 0, int k_chunk = 0, bool stage_input = true) {
   Plan p;
   p.batch = batch;
   p.ctas = ctas;
+  p.stage_input = stage_input;
   if (batch < 1 || batch > kMaxBatch) {
     p.reason = "batch " + std::to_string(batch) + " is outside 1.." + std::to_string(kMaxBatch);
     return p;
@@ -180,16 +195,17 @@ inline Plan plan_stream(const std::vector<std::pair<int64_t, int64_t>>& mats, in
   p.stage_bytes = (int64_t)p.tile_rows * (p.k_chunk * kElem + kRowPad);
   // each consumer warp's partial sums of a tile's 16-row block x batch, reduced across warps at a tile's end
   p.reduce_bytes = (int64_t)kConsumerWarps * 16 * ((batch + 7) / 8 * 8) * 4;  // the batch in 8-wide mma tiles
+  p.input_bytes = input_buffer_bytes(stage_input, batch, p.k_chunk);
   const int64_t barriers = 2 * kMaxStages * 8 + 128;  // full/empty mbarriers; the rest 128-byte aligned
-  const int64_t room = smem_optin - p.reduce_bytes - barriers;
+  const int64_t room = smem_optin - p.reduce_bytes - p.input_bytes - barriers;
   p.stages = (int)std::min<int64_t>(kMaxStages, room > 0 ? room / p.stage_bytes : 0);
   if (p.stages < 2) {
-    p.reason = "a ring of two " + std::to_string(p.stage_bytes) + "-byte stages and the " +
-               std::to_string(p.reduce_bytes) + "-byte reduction do not fit in " + std::to_string(smem_optin) +
-               " bytes of shared memory";
+    p.reason = "a ring of two " + std::to_string(p.stage_bytes) + "-byte stages, the " +
+               std::to_string(p.reduce_bytes) + "-byte reduction and the " + std::to_string(p.input_bytes) +
+               "-byte input do not fit in " + std::to_string(smem_optin) + " bytes of shared memory";
     return p;
   }
-  p.smem_bytes = barriers + p.reduce_bytes + p.stages * p.stage_bytes;
+  p.smem_bytes = barriers + p.reduce_bytes + p.stages * p.stage_bytes + p.input_bytes;
   for (const auto& m : mats) {
     OpPlan op;
     op.rows = m.first;

@@ -6,9 +6,11 @@
 // times, and copies each k-chunk of a tile (tile_rows row segments, one cp.async.bulk each, L2 evict-first)
 // into the next free stage of a shared-memory ring, completing on the stage's "full" mbarrier. It waits only
 // for a free stage ("empty" mbarrier), never for activations. Warps 1..kConsumerWarps consume: per stage,
-// the staged weights times the batch's input chunk read from L2 (CUDA-core dot products up to batch 4,
-// mma.sync m16n8k16 with the weights as M and the batch as N above), a tile's sums stored, or added with
-// atomics where the matrix is split along K. Consumers order themselves across CTAs with a monotonic counter
+// the staged weights times the batch's input chunk (CUDA-core dot products up to batch 4, mma.sync
+// m16n8k16 with the weights as M and the batch as N above), a tile's sums stored, or added with atomics
+// where the matrix is split along K. The input chunk is copied from L2 once per stage into a double-buffered
+// shared-memory buffer by the consumers (cp.async: the next stage's chunk lands while this one is
+// multiplied; `Ring::stage_input`), or, with stage_input 0, read from L2 by every warp itself. Consumers order themselves across CTAs with a monotonic counter
 // in global memory (`arrive` / `wait_for`: release / acquire); the producer never joins it.
 //
 // Early stop: the consumers set the CTA's `stop` word (shared memory) to the last iteration they finish; the
@@ -25,6 +27,7 @@ namespace latentrt_ring {
 
 using bf16 = __nv_bfloat16;
 using latentrt_stream::kConsumerWarps;
+using latentrt_stream::kInputPad;
 using latentrt_stream::kMaxBatch;
 using latentrt_stream::kMaxStages;
 using latentrt_stream::kRowPad;
@@ -41,11 +44,14 @@ struct Op {
   const int* cta_first;  // [ctas + 1]: CTA c streams tiles [cta_first[c], cta_first[c + 1])
 };
 
-// The ring's geometry (the plan's) and the batch.
+// The ring's geometry (the plan's), the batch, and whether each stage's input chunk is staged in shared
+// memory (the plan's stage_input; its buffers then follow the ring).
 struct Ring {
   int batch, tile_rows, k_chunk, stages;
+  int stage_input = 0;
   __device__ int row_stride() const { return k_chunk * 2 + kRowPad; }
   __device__ int stage_bytes() const { return tile_rows * row_stride(); }
+  __device__ int input_stride() const { return k_chunk + kInputPad; }  // elements per staged input row
 };
 
 // ---------------------------------------------------------------- PTX wrappers
@@ -91,6 +97,18 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
+__device__ __forceinline__ uint64_t evict_last() {
+  uint64_t p;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+// 16 bytes global -> shared, asynchronously (L2 only: no stale L1 line of a buffer rewritten in the launch),
+// with the L2 policy `pol`; cp_async_wait_all() waits for this thread's copies.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, uint64_t pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "l"(pol)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -111,13 +129,14 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 }
 
 // ---------------------------------------------------------------- shared memory layout
-// mbarriers (full, empty), then (128-byte aligned) the consumers' tile reduction buffer, then the ring:
-// the plan's smem_bytes (stream_plan.h) counts the same.
+// mbarriers (full, empty), then (128-byte aligned) the consumers' tile reduction buffer, then the ring, then
+// the staged input's two buffers: the plan's smem_bytes (stream_plan.h) counts the same.
 struct Smem {
   uint64_t* full;
   uint64_t* empty;
   float* red;
   unsigned char* ring;
+  bf16* input;  // [2][batch][input_stride] (stage_input)
 };
 __device__ inline Smem smem_layout(unsigned char* base, const Ring& g) {
   Smem s;
@@ -125,6 +144,7 @@ __device__ inline Smem smem_layout(unsigned char* base, const Ring& g) {
   s.empty = s.full + kMaxStages;
   s.red = reinterpret_cast<float*>(base + 2 * kMaxStages * 8 + 128);
   s.ring = reinterpret_cast<unsigned char*>(s.red) + kConsumerWarps * 16 * ((g.batch + 7) / 8 * 8) * 4;
+  s.input = reinterpret_cast<bf16*>(s.ring + (size_t)g.stages * g.stage_bytes());
   return s;
 }
 // Called by every thread of the CTA before the roles split: ring zeroed (no stale NaN under a narrow last
@@ -254,17 +274,36 @@ __device__ inline void produce(const Op* ops, int n_ops, const Ring& g, const Sm
 }
 
 // ---------------------------------------------------------------- consumers
-// Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each. `ldg`:
-// the weights straight from global memory (the probe's no-ring baseline).
+// The batch's input columns [k0, k0 + w) of `op` into a staged buffer ([batch][input_stride]), 16 bytes per
+// consumer thread at a time, asynchronously: readable after cp_async_wait_all() and a consumers' barrier.
+// Activations are read by every CTA, weights once: evict-last for these, evict-first for the weights.
+__device__ inline void stage_input_chunk(const Ring& g, const Op& op, int k0, int w, bf16* buf) {
+  const int per_row = w / 8, stride = g.input_stride();
+  const uint64_t pol = evict_last();
+  for (int i = threadIdx.x - 32; i < g.batch * per_row; i += 32 * kConsumerWarps) {
+    const int b = i / per_row, c = (i - b * per_row) * 8;
+    cp_async16(buf + (size_t)b * stride + c, op.x + (size_t)b * op.ldx + k0 + c, pol);
+  }
+}
+
+// Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each. `staged`:
+// the input chunk in shared memory (stage_input), else read from L2. `ldg`: the weights straight from global
+// memory (the probe's no-ring baseline).
 template <int MB>
 __device__ void consume_fma(const Ring& g, const Op& op, const Tile& tl, const unsigned char* st, int k0, int w,
-                            float (&acc)[2][MB], bool ldg = false) {
+                            float (&acc)[2][MB], const bf16* staged, bool ldg = false) {
   const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
   for (int e = lane * 8; e < w; e += 256) {
     uint4 xv[MB];
 #pragma unroll
-    for (int b = 0; b < MB; ++b)
-      xv[b] = b < g.batch ? __ldcg(reinterpret_cast<const uint4*>(op.x + (size_t)b * op.ldx + k0 + e)) : uint4{};
+    for (int b = 0; b < MB; ++b) {
+      if (b >= g.batch)
+        xv[b] = uint4{};
+      else if (staged != nullptr)
+        xv[b] = *reinterpret_cast<const uint4*>(staged + (size_t)b * g.input_stride() + e);
+      else
+        xv[b] = __ldcg(reinterpret_cast<const uint4*>(op.x + (size_t)b * op.ldx + k0 + e));
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = cw + 8 * i;
@@ -301,8 +340,9 @@ __device__ void finish_fma(const Ring& g, const Op& op, const Tile& tl, float (&
 
 // Batch > 4: R / 16 row blocks x (8 / (R / 16)) k-groups of warps; each warp: mma over its k-steps, for
 // every 8-wide slice of the batch; a tile's partial sums are reduced across k-groups in shared memory.
+// `staged`: the input chunk in shared memory (stage_input), else read from L2.
 __device__ inline void consume_mma(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
-                                   float (&c)[kMaxNTiles][4]) {
+                                   float (&c)[kMaxNTiles][4], const bf16* staged) {
   const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
   const int blocks = g.tile_rows / 16, groups = kConsumerWarps / blocks, rb = cw % blocks, kg = cw / blocks;
   const int n_tiles = (g.batch + 7) / 8;
@@ -311,13 +351,17 @@ __device__ inline void consume_mma(const Ring& g, const Op& op, const unsigned c
   for (int ks = kg; ks * 16 < w; ks += groups) {
     uint32_t af[4];
     ldmatrix_x4(af, a_base + ks * 32);
-    const int k = k0 + ks * 16 + (lane % 4) * 2;
+    const int kk = ks * 16 + (lane % 4) * 2, k = k0 + kk;
 #pragma unroll
     for (int nt = 0; nt < kMaxNTiles; ++nt) {
       if (nt >= n_tiles) break;
       const int n = nt * 8 + lane / 4;
       uint32_t b0 = 0, b1 = 0;
-      if (n < g.batch) {
+      if (n < g.batch && staged != nullptr) {  // (row stride input_stride: the 8 n x 4 lanes hit 32 banks)
+        const bf16* xr = staged + (size_t)n * g.input_stride();
+        if (kk < w) b0 = *reinterpret_cast<const unsigned*>(xr + kk);
+        if (kk + 8 < w) b1 = *reinterpret_cast<const unsigned*>(xr + kk + 8);
+      } else if (n < g.batch) {
         const bf16* xr = op.x + (size_t)n * op.ldx;
         if (k < op.cols) b0 = __ldcg(reinterpret_cast<const unsigned*>(xr + k));
         if (k + 8 < op.cols) b1 = __ldcg(reinterpret_cast<const unsigned*>(xr + k + 8));
@@ -362,24 +406,48 @@ __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, f
 
 // One op's share of this CTA: every stage of its tiles from the ring (in the producer's order), multiplied
 // and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores. `ldg`: no ring.
+// With stage_input, stage i's input chunk was copied during stage i - 1 (the first one before the loop) into
+// buffer i % 2; one consumers' barrier a stage makes it readable and frees the other buffer for stage i + 1.
 template <int MB>
 __device__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
                            bool ldg = false, const Watch* watch = nullptr) {
   const int lane = threadIdx.x % 32;
-  const bool mma = g.batch > 4;
+  const bool mma = g.batch > 4, staged = g.stage_input && compute && !ldg;
+  const int t0 = op.cta_first[blockIdx.x], t1 = op.cta_first[blockIdx.x + 1];
+  const size_t buf_elems = (size_t)g.batch * g.input_stride();
   float acc[2][MB] = {};
   float c[kMaxNTiles][4] = {};
-  for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
+  int buf = 0;
+  if (staged && t0 < t1) {
+    consumers_sync();  // every warp is done with the buffers of the previous op
+    const Tile first = tile_at(op, g.tile_rows, t0);
+    stage_input_chunk(g, op, first.c0, min(g.k_chunk, first.c1 - first.c0), s.input);
+  }
+  for (int t = t0; t < t1; ++t) {
     const Tile tl = tile_at(op, g.tile_rows, t);
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
+      const bf16* x = nullptr;
+      if (staged) {
+        cp_async_wait_all();
+        consumers_sync();  // this stage's chunk is readable; every warp is done with the other buffer
+        x = s.input + buf * buf_elems;
+        bf16* next = s.input + (buf ^ 1) * buf_elems;
+        if (k0 + g.k_chunk < tl.c1) {  // the next stage: this tile's next chunk, or the next tile's first
+          stage_input_chunk(g, op, k0 + g.k_chunk, min(g.k_chunk, tl.c1 - k0 - g.k_chunk), next);
+        } else if (t + 1 < t1) {
+          const Tile nt = tile_at(op, g.tile_rows, t + 1);
+          stage_input_chunk(g, op, nt.c0, min(g.k_chunk, nt.c1 - nt.c0), next);
+        }
+        buf ^= 1;
+      }
       if (!ldg) mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
       const unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
       if (compute) {
         if (mma)
-          consume_mma(g, op, st, k0, w, c);
+          consume_mma(g, op, st, k0, w, c, x);
         else
-          consume_fma<MB>(g, op, tl, st, k0, w, acc, ldg);
+          consume_fma<MB>(g, op, tl, st, k0, w, acc, x, ldg);
       }
       if (!ldg) {
         __syncwarp();

@@ -306,7 +306,7 @@ std::string checks(const latentrt::ThoughtLoopArgs& a) {
   return "";
 }
 
-using PlanKey = std::tuple<int, int, int, int, int, int>;
+using PlanKey = std::tuple<int, int, int, int, int, int, bool>;
 latentrt_stream::PlanCache<PlanKey> plans;
 
 // The plan on `device` (cached), or with `sms` > 0 for that many SMs and `smem` bytes of shared memory
@@ -315,11 +315,11 @@ std::string plan_for(const latentrt::ThoughtLoopArgs& a, int device, Plan* out, 
   std::string why = checks(a);
   if (!why.empty()) return why;
   if (sms > 0) {
-    *out = latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem);
+    *out = latentrt_stream::plan_stream(matrices(a), a.batch, sms, smem, 0, 0, a.stage_input != 0);
     return out->reason;
   }
-  const PlanKey key{device, a.batch, a.d, a.ffn, (int)a.layers.size(), a.lm_head != 0 ? a.vocab : 0};
-  return plans.get(device, kernel_for(a.batch), key, a.batch, [&] { return matrices(a); }, out);
+  const PlanKey key{device, a.batch, a.d, a.ffn, (int)a.layers.size(), a.lm_head != 0 ? a.vocab : 0, a.stage_input != 0};
+  return plans.get(device, kernel_for(a.batch), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out);
 }
 
 // Workspace: bf16 rows, the CTAs' own inputs, split attention's partials, then the fp32 sums and the
@@ -359,7 +359,7 @@ Args make_args(const latentrt::ThoughtLoopArgs& h, const Plan& p) {
   const Layout l = layout(h, p.ctas);
   unsigned char* w = reinterpret_cast<unsigned char*>(h.scratch);
   Args a{};
-  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages};
+  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input};
   a.ops = reinterpret_cast<const Op*>(h.layer_table);
   a.layers = reinterpret_cast<const Gpt2Layer*>(h.layer_table + table_ops(h));
   a.B = h.batch;

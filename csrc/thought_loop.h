@@ -42,6 +42,7 @@ struct ThoughtLoopArgs {
   int vocab = 0;
   uint64_t pos_ptr = 0;         // stream_thought only: int64 device scalar holding `pos` (a captured launch)
   bool table_uploaded = false;  // stream_thought only: `layer_table` holds stream_thought_table()'s bytes
+  int stage_input = 1;          // stream_thought only: each stage's input chunk in shared memory (1) or from L2 (0)
   uint64_t stream = 0;
 };
 

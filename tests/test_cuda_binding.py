@@ -242,6 +242,26 @@ def test_stream_thought_answer_token_table_on_the_host():
     assert "run on stream_thought only" in _cuda.thought_plan(a, 0)["reason"]
 
 
+def test_the_streamed_input_mode_reaches_both_kernels_arguments():
+    """``stream_input`` (LATENTRT_STREAM_INPUT) sets ``stage_input`` in the streamed latent loop's and the
+    streamed thought loop's launch arguments; an unknown value set after the backend is an InputError."""
+    from conftest import tiny_coconut
+
+    from latentrt.backends import cuda as cuda_backend
+    from latentrt.errors import InputError
+
+    coconut = tiny_coconut(seed=2).to(torch.bfloat16)
+    backend = cuda_backend.CudaBackend(coconut, reason="test")
+    cache = coconut.new_cache(2, 16)
+    assert backend.thought_args(cache, 2).stage_input == 1
+    backend.stream_input = "l2"
+    assert backend.thought_args(cache, 2).stage_input == 0
+    backend.stream_input = "smem"
+    with pytest.raises(InputError, match="stream_input must be one of"):
+        backend.thought_args(cache, 2)
+    assert _cuda.LoopArgs().stage_input == 1 and _cuda.ThoughtLoopArgs().stage_input == 1
+
+
 def test_stream_watchdog_report_names_the_wait_that_hung(monkeypatch):
     """The streamed kernel's watchdog writes what a hung wait waited for into pinned host memory; the report
     reads it back (no CUDA call: it works after the context died)."""
@@ -287,16 +307,17 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
     [
         ("LATENTRT_CUDA_LOOP", "loop_kernel", "barrier", "stream"),
         ("LATENTRT_STREAM_ATTENTION", "stream_attention", "split", "cta"),
+        ("LATENTRT_STREAM_INPUT", "stream_input", "staged", "l2"),
     ],
 )
 def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch, env, attr, default, other):
     """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks), and
-    LATENTRT_STREAM_ATTENTION the streamed kernel's attention; a value either does not know is an InputError
-    naming the variable, when the backend is made, not at the first token."""
+    LATENTRT_STREAM_ATTENTION the streamed kernel's attention, LATENTRT_STREAM_INPUT its input chunks; a value
+    none knows is an InputError naming the variable, when the backend is made, not at the first token."""
     from latentrt.backends import cuda as cuda_backend
     from latentrt.errors import InputError
 
-    assert env in (cuda_backend.LOOP_KERNEL_ENV, cuda_backend.STREAM_ATTENTION_ENV)
+    assert env in (cuda_backend.LOOP_KERNEL_ENV, cuda_backend.STREAM_ATTENTION_ENV, cuda_backend.STREAM_INPUT_ENV)
     model = tiny_recurrent(seed=1)
     monkeypatch.delenv(env, raising=False)
     assert getattr(cuda_backend.CudaBackend(model), attr) == default

@@ -98,7 +98,15 @@ def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
     _agree(a, b)
 
 
-@pytest.mark.parametrize("kernel", ["barrier", "stream", "stream-cta"])
+STREAM_VARIANTS = {  # label: (loop_kernel, stream_attention, stream_input)
+    "barrier": ("barrier", "split", "staged"),
+    "stream": ("stream", "split", "staged"),
+    "stream-cta": ("stream", "cta", "staged"),  # the per-CTA attention
+    "stream-l2": ("stream", "split", "l2"),  # every warp reads its input from L2
+}
+
+
+@pytest.mark.parametrize("kernel", list(STREAM_VARIANTS))
 @pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
 def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
     """Against the fp32 torch path (the numbers bf16 approximates), the kernel's logits are as close as the
@@ -110,8 +118,8 @@ def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
 
     ref32 = latentrt.load("builtin:recurrent", device="cuda", dtype="float32", backend="torch")
     ref16, fast = _builtin_pair("recurrent")
-    fast.backend.loop_kernel = kernel.removesuffix("-cta")  # stream-cta: the streamed kernel, per-CTA attention
-    fast.backend.stream_attention = "cta" if kernel.endswith("-cta") else "split"
+    b = fast.backend
+    b.loop_kernel, b.stream_attention, b.stream_input = STREAM_VARIANTS[kernel]
     prompts = _questions(ref16, 4)
     kw = dict(max_new_tokens=3, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
     a32, a16, b16 = (latentrt.generate(m, prompts, **kw) for m in (ref32, ref16, fast))
@@ -157,6 +165,22 @@ def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
     a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
     assert kernels and set(kernels) == {"stream"}, kernels
     _agree(a, b)
+
+
+@pytest.mark.parametrize("batch", [4, 32])
+def test_streamed_loop_input_from_l2_equals_torch_backend(batch, monkeypatch):
+    """The streamed kernel with every consumer warp reading its input from L2 (``stream_input="l2"``, the
+    probe's A/B of the staged input) on both GEMV paths: tokens, steps and logits as the torch backend."""
+    import latentrt
+
+    ref, fast = _builtin_pair("recurrent")
+    fast.backend.loop_kernel, fast.backend.stream_input = "stream", "l2"
+    kernels = _stream_launches(monkeypatch)
+    prompts = _questions(ref, batch)
+    kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="ring-3", init_scale=0.0, return_logits=True)
+    kw.update(adaptive=True, exit_criterion="kl")
+    _agree(latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw))
+    assert kernels and set(kernels) == {"stream"}, kernels
 
 
 @pytest.mark.parametrize("batch", [4, 16])

@@ -29,7 +29,9 @@ def check_plan(mats, batch, ctas, smem=H200_SMEM, **kw):
     assert rows % 16 == 0 and k % 16 == 0 and 2 <= p["stages"] <= 8
     assert p["stage_bytes"] == rows * (2 * k + 16)  # row segments padded by 16 bytes
     assert p["reduce_bytes"] == 8 * 16 * -(-batch // 8) * 8 * 4  # 8 warps' 16-row block x the batch in 8s
-    assert p["smem_bytes"] == BARRIERS + p["reduce_bytes"] + p["stages"] * p["stage_bytes"] <= smem
+    # the staged input: two buffers of batch rows of a k-chunk + 8 elements (bf16), after the ring
+    assert p["input_bytes"] == (2 * batch * (k + 8) * 2 if p["stage_input"] else 0)
+    assert p["smem_bytes"] == BARRIERS + p["reduce_bytes"] + p["stages"] * p["stage_bytes"] + p["input_bytes"] <= smem
     assert p["tensor_cores"] == (batch > 4)
     assert len(p["ops"]) == len(mats)
     for op, (m, n) in zip(p["ops"], mats):
@@ -59,6 +61,18 @@ def test_huginn_iteration_is_byte_balanced_at_every_batch(batch, ctas):
     assert max(op["balance"] for op in p["ops"]) <= 1.05
     # the batch's input chunk read per stage stays at most half the stage's weight bytes
     assert batch / p["tile_rows"] <= 0.5
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8, 32])
+def test_the_staged_input_costs_no_ring_stage_at_huginn_shapes(batch):
+    """Staging each stage's input chunk in shared memory (the default) takes at most 35 KB (batch 32) and
+    leaves the ring its 8 stages; the plan without it (the `l2` input) differs only in those bytes."""
+    staged = check_plan(huginn_iteration(), batch, 132)
+    l2 = check_plan(huginn_iteration(), batch, 132, stage_input=False)
+    assert staged["stage_input"] and not l2["stage_input"] and l2["input_bytes"] == 0
+    assert staged["stages"] == l2["stages"] == 8 and staged["input_bytes"] <= 35 * 1024
+    assert staged["smem_bytes"] - l2["smem_bytes"] == staged["input_bytes"]
+    assert [op["cta_first"] for op in staged["ops"]] == [op["cta_first"] for op in l2["ops"]]
 
 
 def test_split_k_only_where_rows_are_too_few():

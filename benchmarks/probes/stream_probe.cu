@@ -8,13 +8,16 @@
 // next free stage of a shared-memory ring, completing on the stage's "full" mbarrier; it waits only for a
 // free stage ("empty" mbarrier), never for activations. Warps 1-8 consume: before a matrix they wait until
 // every CTA has finished the previous one (a monotonic counter in global memory, release / acquire), then
-// per stage they multiply the staged weights with the batch's input chunk read from L2: CUDA-core dot
-// products up to batch 4, mma.sync m16n8k16 (weights as M, the batch as N) above; a tile's sums go out
-// with a store, or atomics where the matrix is split along K.
+// per stage they multiply the staged weights with the batch's input chunk: CUDA-core dot products up to
+// batch 4, mma.sync m16n8k16 (weights as M, the batch as N) above; a tile's sums go out with a store, or
+// atomics where the matrix is split along K. The input chunk is staged in shared memory once per stage
+// (`input=staged`, the kernels' default), or read from L2 by every consumer warp (`input=l2`: 8 reads of
+// each chunk a stage at batch <= 4, tile_rows / 16 on the tensor-core path).
 //
 // First the consumers' barrier alone (us per barrier over every SM). Modes per batch: consume 0 (the stream
 // alone: consumers release stages untouched) / 1; wait 0 / 1 (the
-// dependency counter); stages 2 .. the plan's; and `ldg` at batch 1 (no ring: consumers read the weights
+// dependency counter); stages 2 .. the plan's; the input staged or from L2 (at the plan's stages, consuming,
+// with and without waits); and `ldg` at batch 1 (no ring: consumers read the weights
 // with 16-byte loads themselves, as csrc/recurrent_loop.cu does today). Beside them the copy bandwidth of
 // a 4 GiB buffer, the floor's denominator (benchmarks/suites.py: bytes read + written per second).
 // Correctness first: each configuration is run once on zeroed outputs and sampled rows of every matrix
@@ -117,6 +120,7 @@ const void* kernel_for(int batch) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line reaches the log as measured, even if a timeout kills us
   const int iters = argc > 1 ? std::atoi(argv[1]) : 8;
   const int d = 5280, ffn = 17920, layers = 4;
   int dev = 0, sms = 0, optin = 0;
@@ -203,27 +207,29 @@ int main(int argc, char** argv) {
 
   int failures = 0;
   struct Config {
-    int batch, stages, consume, wait, ldg;
+    int batch, stages, consume, wait, ldg, staged;
   };
   std::vector<Config> configs;
-  for (int batch : {1, 8, 16, 32})
+  for (int batch : {1, 4, 8, 16, 32})
     for (int stages : {2, 4, 0})
       for (int consume : {1, 0})
-        for (int wait : {1, 0}) {
-          if (!consume && wait) continue;  // nothing to wait for
-          configs.push_back({batch, stages, consume, wait, 0});
-        }
-  configs.push_back({1, 0, 1, 1, 1});  // ldg: today's pattern, no ring
-  configs.push_back({1, 0, 1, 0, 1});
+        for (int wait : {1, 0})
+          for (int staged : {1, 0}) {
+            if (!consume && wait) continue;                  // nothing to wait for
+            if (!staged && !(consume && stages == 0)) continue;  // the input's A/B at the plan's stages only
+            configs.push_back({batch, stages, consume, wait, 0, staged});
+          }
+  configs.push_back({1, 0, 1, 1, 1, 0});  // ldg: the barrier kernel's pattern, no ring
+  configs.push_back({1, 0, 1, 0, 1, 0});
   for (const Config& cf : configs) {
-    const Plan p = plan_stream(mats, cf.batch, sms, optin);
+    const Plan p = plan_stream(mats, cf.batch, sms, optin, 0, 0, cf.staged != 0);
     if (!p.reason.empty()) {
       std::printf("probe batch=%d plan refused: %s\n", cf.batch, p.reason.c_str());
       continue;
     }
     Args a{};
     a.n_ops = n_ops;
-    a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages};
+    a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages, cf.staged};
     a.consume = cf.consume;
     a.wait = cf.wait;
     a.ldg = cf.ldg;
@@ -277,9 +283,10 @@ int main(int argc, char** argv) {
     const bool ok = !cf.consume || worst < 1e-2;
     failures += !ok;
     std::printf(
-        "probe batch=%d mode=%s stages=%d consume=%d wait=%d tile_rows=%d k_chunk=%d us_per_iteration=%.1f "
+        "probe batch=%d mode=%s input=%s stages=%d consume=%d wait=%d tile_rows=%d k_chunk=%d us_per_iteration=%.1f "
         "TB/s=%.3f max_rel_err=%.2e %s\n",
-        cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"), a.ring.stages, cf.consume, cf.wait,
+        cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"), cf.staged ? "staged" : "l2", a.ring.stages,
+        cf.consume, cf.wait,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst, ok ? "ok" : "WRONG");
   }
   std::printf("probe done, %d wrong\n", failures);

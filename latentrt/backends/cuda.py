@@ -11,7 +11,9 @@ take over as below. For Coconut, ``stream`` runs the thoughts on the same ring (
 thought_loop.cu, and each answer token too (the layers and the LM head in one launch); the Coconut runners
 are backends/cuda_coconut.py. The streamed latent loop's attention (``CudaBackend.stream_attention``, env
 LATENTRT_STREAM_ATTENTION): ``split`` over positions by every warp of the grid (default), or ``cta``, one
-(row, head) per CTA (the barrier kernel's loop), kept until a GPU has compared them.
+(row, head) per CTA (the barrier kernel's loop), kept until a GPU has compared them. The streamed kernels'
+input (``CudaBackend.stream_input``, env LATENTRT_STREAM_INPUT): each ring stage's input chunk ``staged`` in
+shared memory once per stage (default), or read from ``l2`` by every consumer warp (the probe compares them).
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
@@ -41,6 +43,8 @@ LOOP_KERNEL_ENV = "LATENTRT_CUDA_LOOP"  # the latent loop's kernel, one of LOOP_
 LOOP_KERNELS = ("barrier", "stream")
 STREAM_ATTENTION_ENV = "LATENTRT_STREAM_ATTENTION"  # the streamed kernel's attention (default: split)
 STREAM_ATTENTIONS = ("split", "cta")  # over positions by every warp of the grid / one (row, head) per CTA
+STREAM_INPUT_ENV = "LATENTRT_STREAM_INPUT"  # the streamed kernels' input chunks (default: staged)
+STREAM_INPUTS = ("staged", "l2")  # copied to shared memory once per stage / read from L2 by every warp
 WATCHDOG_ENV = "LATENTRT_STREAM_WATCHDOG"  # seconds a streamed-kernel wait may last (default 2; 0: off)
 _watches: list[Tensor] = []  # the latest runners' watchdog buffers (pinned host memory), for the report
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -196,6 +200,7 @@ class CudaBackend(TritonBackend):
         "barrier"  # "barrier" (recurrent_loop.cu, thought_loop.cu) or "stream" (stream_loop.cu, stream_thought.cu)
     )
     stream_attention = "split"  # the streamed kernel's attention, one of STREAM_ATTENTIONS (benchmarks compare)
+    stream_input = "staged"  # the streamed kernels' input chunks, one of STREAM_INPUTS (the probe compares)
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
@@ -204,6 +209,7 @@ class CudaBackend(TritonBackend):
         self.loop_kernel = _one_of(env(LOOP_KERNEL_ENV, type(self).loop_kernel), LOOP_KERNELS, LOOP_KERNEL_ENV)
         attention = env(STREAM_ATTENTION_ENV, type(self).stream_attention)
         self.stream_attention = _one_of(attention, STREAM_ATTENTIONS, STREAM_ATTENTION_ENV)
+        self.stream_input = _one_of(env(STREAM_INPUT_ENV, type(self).stream_input), STREAM_INPUTS, STREAM_INPUT_ENV)
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
@@ -250,6 +256,10 @@ class CudaBackend(TritonBackend):
                 return runner
         return super().answer_runner(cache)
 
+    def _stage_input(self) -> int:
+        """The launch arguments' ``stage_input`` for ``stream_input`` (set after the backend, maybe)."""
+        return int(_one_of(self.stream_input, STREAM_INPUTS, "stream_input") == "staged")
+
     def thought_args(self, cache, n_thoughts: int):
         """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""
         m, ext = self.model, self.ext
@@ -272,6 +282,7 @@ class CudaBackend(TritonBackend):
         a.layers = layers
         a.ln_f_w, a.ln_f_b, a.wpe = t_.ln_f.weight.data_ptr(), t_.ln_f.bias.data_ptr(), t_.wpe.weight.data_ptr()
         a.valid, a.barrier_mode = cache.valid.data_ptr(), self.barrier_mode
+        a.stage_input = self._stage_input()
         return a
 
     def token_runner(self, cache, spec) -> RecurrentTokenRunner | None:
@@ -293,6 +304,7 @@ class CudaBackend(TritonBackend):
             args.barrier_mode = self.barrier_mode
             _one_of(self.loop_kernel, LOOP_KERNELS, "loop_kernel")  # both may have been set after the backend
             args.split_attention = int(_one_of(self.stream_attention, STREAM_ATTENTIONS, "stream_attention") == "split")
+            args.stage_input = self._stage_input()
             planner = ext.stream_loop_plan if self.loop_kernel == "stream" else ext.loop_plan
             plan = planner(args, m.device.index or 0)
             if plan["ok"]:
