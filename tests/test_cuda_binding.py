@@ -242,6 +242,27 @@ def test_stream_thought_answer_token_table_on_the_host():
     assert "run on stream_thought only" in _cuda.thought_plan(a, 0)["reason"]
 
 
+def test_answer_tokens_fall_back_to_the_column_runner_with_a_reason(caplog, monkeypatch):
+    """With the ``stream`` kernel the CUDA backend offers the streamed answer-token runner only where it can
+    run: an fp32 model or no plan (no device here) logs why once and answers with the column runner (its
+    layers, then ln_f and the LM head); the ``barrier`` kernel always answers with the column runner."""
+    from conftest import tiny_coconut
+
+    from latentrt.backends import cuda as cuda_backend
+    from latentrt.backends.triton.column import ColumnAnswerRunner
+
+    monkeypatch.setattr(cuda_backend, "_logged", set())
+    for dtype, reason in [(torch.float32, "dtype torch.float32"), (torch.bfloat16, "stream answer kernel: ")]:
+        model = tiny_coconut(seed=2).to(dtype)
+        backend = cuda_backend.CudaBackend(model, reason="test")
+        backend.loop_kernel = "stream"
+        with caplog.at_level("WARNING", logger="latentrt"):
+            runner = backend.answer_runner(model.new_cache(2, 16))
+        assert isinstance(runner, ColumnAnswerRunner) and reason in caplog.text, caplog.text
+        backend.loop_kernel = "barrier"
+        assert isinstance(backend.answer_runner(model.new_cache(2, 16)), ColumnAnswerRunner)
+
+
 def test_the_streamed_input_mode_reaches_both_kernels_arguments():
     """``stream_input`` (LATENTRT_STREAM_INPUT) sets ``stage_input`` in the streamed latent loop's and the
     streamed thought loop's launch arguments; an unknown value set after the backend is an InputError."""
