@@ -408,8 +408,11 @@ __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, f
 // and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores. `ldg`: no ring.
 // With stage_input, stage i's input chunk was copied during stage i - 1 (the first one before the loop) into
 // buffer i % 2; one consumers' barrier a stage makes it readable and frees the other buffer for stage i + 1.
+// Not inlined: one copy per MB instead of one per call site (a kernel has 5-7), which halves the extension's
+// build (stream_loop.cu: 50 s -> 15 s in ptxas) at the cost of one call per op and its arguments in local
+// memory (64-168 bytes of stack, no spills).
 template <int MB>
-__device__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
+__device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
                            bool ldg = false, const Watch* watch = nullptr) {
   const int lane = threadIdx.x % 32;
   const bool mma = g.batch > 4, staged = g.stage_input && compute && !ldg;
