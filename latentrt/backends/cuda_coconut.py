@@ -12,9 +12,7 @@ from torch import Tensor
 
 from .cuda import log_fallback_once, watchdog
 from .graph import GraphedRunner
-from .triton.column import ColumnRunner
-
-TANH_GELUS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")  # GELU's tanh form, the kernels' activation
+from .triton.column import TANH_GELUS, ColumnRunner
 
 
 def thought_kernel_refusal(model) -> str | None:

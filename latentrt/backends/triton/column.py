@@ -15,13 +15,15 @@ from torch import Tensor
 from ...kernels import decode_attention, linear
 from ..graph import GraphedRunner
 
+TANH_GELUS = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")  # GELU's tanh form: the fused kernels' activation
+
 
 def fused_layers_apply(config) -> str | None:
     """Why GPT-2's fused layer path cannot run this config (None when it can): the decode attention kernel
     scales by 1/sqrt(head_dim) and the GEMV epilogue computes GELU's tanh form."""
     if not config.scale_attn_weights or config.scale_attn_by_inverse_layer_idx:
         return "attention scaling other than 1/sqrt(head_dim)"
-    if config.activation_function not in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+    if config.activation_function not in TANH_GELUS:
         return f"activation {config.activation_function!r}"
     return None
 
