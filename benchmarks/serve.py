@@ -169,6 +169,24 @@ def weight_read_bounds(depths: list[int], rows: int, per_iteration: float, per_t
     return token / (mean * per_iteration), token / (mean * (per_iteration + per_token))
 
 
+def sampling_bound(
+    depths: list[int], rows: int, per_iteration: float, per_token: float, most_k: int = 64
+) -> tuple[float, int]:
+    """Depth-level over token-level batching in tokens per cost, at full batches of ``rows`` and without
+    prompts, when depth-level batching samples the rows that ended every k steps (the engine waits so that
+    the per-token passes run for many rows at once), at the best k: a row that ended waits (k - 1) / 2 steps
+    on average, so a step yields rows / (E[depth] + (k - 1) / 2) tokens for ``per_iteration`` +
+    ``per_token`` / k; a lockstep round yields ``rows`` tokens for E[max of rows] x ``per_iteration`` +
+    ``per_token``. Between weight_read_bounds' two (k = 1: sampling every step; waiting free). Returns (the
+    bound, its k)."""
+    if not depths:
+        return float("nan"), 0
+    mean = statistics.fmean(depths)
+    token = rows / (lockstep_bound(depths, rows) * mean * per_iteration + per_token)
+    best, k = max((rows / (mean + (k - 1) / 2) / (per_iteration + per_token / k), k) for k in range(1, most_k + 1))
+    return best / token, k
+
+
 def pass_costs(run: dict, criterion: str) -> tuple[float, float]:
     """(per_iteration, per_token) weight reads of a run's serving program, in core iterations' weights: the
     head runs every iteration where the criterion needs logits, else once per token with the prelude."""
@@ -259,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     bound = lockstep_bound(depth_source, args.max_batch)
     costs = pass_costs(runs[schedulers[0]], args.criterion if args.shape == "model" else "none")
     read_bounds = weight_read_bounds(depth_source, args.max_batch, *costs)
+    # the same in passes, every pass one unit: the cost model of a CPU at these widths (overheads, not bytes)
+    logits = args.shape == "model" and CRITERIA[args.criterion].needs_logits
+    passes = (2.0, 1.0) if logits else (1.0, 2.0)  # (core [+ head] a step, prelude [+ head] a token)
+    waits = {
+        c: sampling_bound(depth_source, args.max_batch, *cost) for c, cost in (("weights", costs), ("passes", passes))
+    }
     env = environment(device)
     print(
         f"# serving: {source}; {args.requests} requests ({args.new_tokens} new tokens), Poisson {args.rate}/s, "
@@ -277,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}; in weights read (a pass costs {costs[0]:.2f} core "
         f"iterations per iteration, {costs[1]:.2f} per token; no prompts): {read_bounds[1]:.2f} sampling every "
         f"step, {read_bounds[0]:.2f} sampling for free"
+    )
+    print(
+        f"# sampling every k steps (a row that ended waits (k-1)/2 steps), at the best k: in weights read "
+        f"{waits['weights'][0]:.2f} (k={waits['weights'][1]}); in passes, each the same cost (a CPU at tiny "
+        f"widths: overheads, not bytes) {waits['passes'][0]:.2f} (k={waits['passes'][1]})"
     )
     if "token" in runs:  # the lockstep loss the token run met: rows of a round exit at correlated depths
         realised = 1 / max(runs["token"]["slot_utilisation"], 1e-9)
@@ -297,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()]
         with open(args.out, "w") as f:
             record = {"environment": env, "args": vars(args), "bound": bound, "weight_read_bounds": read_bounds}
+            record["sampling_bounds"] = waits
             json.dump({**record, "runs": records}, f, indent=1)
     return 0
 

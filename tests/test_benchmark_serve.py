@@ -10,7 +10,7 @@ from conftest import tiny_recurrent
 
 import latentrt
 from benchmarks import replay_exit
-from benchmarks.serve import lockstep_bound, main, make_trace, percentile, weight_read_bounds
+from benchmarks.serve import lockstep_bound, main, make_trace, percentile, sampling_bound, weight_read_bounds
 from latentrt.exits import CRITERIA
 
 
@@ -40,6 +40,21 @@ def test_weight_read_bounds_count_the_per_token_passes():
     assert weight_read_bounds([4, 4], 8, 1.0, 0.0) == pytest.approx((1.0, 1.0))
 
 
+def test_sampling_bound_lies_between_sampling_every_step_and_for_free():
+    """Sampling every k steps: free per-token passes give the lockstep bound at k = 1; costly ones make
+    waiting pay (k > 1) and land between weight_read_bounds' two; with equal-cost passes (a CPU) the built-in
+    trace's depths cap depth-level batching near 1.2x."""
+    depths = [1, 9]
+    assert sampling_bound(depths, 16, 1.0, 0.0) == (pytest.approx(lockstep_bound(depths, 16)), 1)
+    free, every = weight_read_bounds(depths, 16, 1.0, 2.0)
+    bound, k = sampling_bound(depths, 16, 1.0, 2.0)
+    assert every <= bound <= free and k > 1
+    # by hand at k: 16 / (5 + (k - 1) / 2) tokens for 1 + 2 / k passes, against 16 tokens for 9 + 2
+    assert bound == pytest.approx(16 / (5 + (k - 1) / 2) / (1 + 2 / k) / (16 / 11), rel=0.01)
+    builtin = [2] * 60 + [3] * 25 + [4] * 8 + [5] * 4 + [6] * 2 + [7]  # mean ~2.6, max 7: the built-in's shape
+    assert 1.0 < sampling_bound(builtin, 16, 1.0, 2.0)[0] < 1.35
+
+
 def test_replayed_depths_are_the_depths_run():
     model = tiny_recurrent(seed=1)
     with replay_exit.registered([2, 5], seed=0) as name:
@@ -65,6 +80,7 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     # depth-level batching launches a row only while its loop runs
     assert runs["depth"]["slot_utilisation"] >= runs["token"]["slot_utilisation"]
     assert record["bound"] >= 1 and record["weight_read_bounds"][0] >= record["weight_read_bounds"][1]
+    assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
 
 
 def test_bad_scheduler_names_are_refused(capsys):
