@@ -226,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         default="static,token,depth,depth@0",
         help="depth@COST: depth with that edge_cost (0: ended units sampled every step; default: from the weights)",
     )
+    p.add_argument(
+        "--depths",
+        default=None,
+        help="with --shape huginn/tiny: replay these exit depths (comma-separated, each unit draws one) instead "
+        "of the model's (a synthetic depth distribution: say so beside its numbers)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the records as JSON here")
     p.add_argument("--quick", action="store_true", help="a short trace (smoke test)")
@@ -247,10 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--new-tokens must be comma-separated integers, got {args.new_tokens!r}")
     if min(new_tokens) < 1:
         p.error("--new-tokens must be positive")
+    synthetic = None
+    if args.depths is not None:
+        if args.shape == "model":
+            p.error("--depths replays depths on a random-weight model: give --shape huginn or tiny")
+        try:
+            synthetic = [int(d) for d in args.depths.split(",")]
+        except ValueError:
+            p.error(f"--depths must be comma-separated integers, got {args.depths!r}")
+        if min(synthetic) < 1:
+            p.error("--depths must be integers >= 1")
     trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps, new_tokens)
     model = latentrt.load(args.model, device=device, backend=args.backend)
-    runs = {s: replay(model, trace, s, args.max_batch) for s in schedulers}
-    recorded = runs[schedulers[0]]["depths"]
+    runs = {} if synthetic else {s: replay(model, trace, s, args.max_batch) for s in schedulers}
+    recorded = synthetic or runs[schedulers[0]]["depths"]
     differ = sum(len({json.dumps(r["outputs"][i]) for r in runs.values()}) > 1 for i in range(len(trace)))
     if differ:  # a request's output is the same under every scheduler unless rounding flips an exit (README)
         print(f"note: {differ} of {len(trace)} requests' tokens differ between schedulers", file=sys.stderr)
@@ -271,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in trace
             ]
             runs = {s: replay(model, replayed, s, args.max_batch) for s in schedulers}
-        source = f"{args.shape} shape, random weights, depths replayed from {args.model}"
+        origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
+        source = f"{args.shape} shape, random weights, depths replayed from {origin}"
 
     depth_source = runs.get("depth", runs[schedulers[0]])["depths"]
     bound = lockstep_bound(depth_source, args.max_batch)

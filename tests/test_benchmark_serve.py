@@ -83,6 +83,25 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
 
 
+def test_synthetic_depths_are_replayed_and_named(tmp_path, capsys):
+    """--depths replays a given depth distribution on the random-weight model (and says so); on the trained
+    model itself it is refused."""
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--requests", "4", "--rate", "inf", "--shape", "tiny", "--schedulers", "token,depth"]
+    assert main([*argv, "--depths", "2,9", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "depths replayed from the synthetic --depths 2,9" in printed
+    runs = {r["scheduler"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs["depth"]["depths"]) <= {2, 9} and set(runs["token"]["depths"]) <= {2, 9}
+    for bad, why in [(["--depths", "2,x"], "comma-separated integers"), (["--depths", "0"], ">= 1")]:
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--quick", "--depths", "2,9"])
+    assert "--shape huginn or tiny" in capsys.readouterr().err
+
+
 def test_bad_scheduler_names_are_refused(capsys):
     for bad in ("fifo", "depth@x"):
         with pytest.raises(SystemExit):
