@@ -164,7 +164,15 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
   timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --out "$OUT/serve.json" \
     >"$OUT/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
-  tail -8 "$OUT/serve.log" | tee -a "$LOG" ;;
+  tail -8 "$OUT/serve.log" | tee -a "$LOG"
+  # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
+  # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
+  stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"
+  timeout 120 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
+    --depths 4,4,4,4,4,4,4,4,6,6,6,6,6,6,8,8,8,8,8,12,12,12,12,16,16,16,24,24,32,32 \
+    --out "$OUT/serve_long_tail.json" >"$OUT/serve_long_tail.log" 2>&1
+  echo "serve (long tail) exit $?" | tee -a "$LOG"
+  tail -6 "$OUT/serve_long_tail.log" | tee -a "$LOG" ;;
 esac
 
 if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
