@@ -710,14 +710,7 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
   const int* table = reinterpret_cast<const int*>(h.table);
   const int hd = a.H * a.D;
   for (size_t o = 0; o < p.ops.size(); ++o) {
-    const auto& op = p.ops[o];
-    Op& x = a.ops[o];
-    x.rows = (int)op.rows;
-    x.cols = (int)op.cols;
-    x.ldw = x.cols;
-    x.split_k = op.split_k;
-    x.row_tiles = (int)op.row_tiles;
-    x.cta_first = table + o * (p.ctas + 1);
+    Op& x = a.ops[o] = planned_op(p.ops[o], table + o * (p.ctas + 1));
     if (o == 0) {  // adapter: W[:, :d] of [d, 2d], input the state
       x.w = bp(h.adapter);
       x.ldw = h.ld_adapter;

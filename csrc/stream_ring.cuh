@@ -44,6 +44,20 @@ struct Op {
   const int* cta_first;  // [ctas + 1]: CTA c streams tiles [cta_first[c], cta_first[c + 1])
 };
 
+// A planned matrix's Op (stream_plan.h's OpPlan: shape, split-K, row tiles), its CTAs' tile runs at
+// `cta_first` (device memory); the caller sets the weights, input and output (and ldw, if the weights are a
+// slice of wider rows).
+inline Op planned_op(const latentrt_stream::OpPlan& op, const int* cta_first) {
+  Op x{};
+  x.rows = (int)op.rows;
+  x.cols = (int)op.cols;
+  x.ldw = x.cols;
+  x.split_k = op.split_k;
+  x.row_tiles = (int)op.row_tiles;
+  x.cta_first = cta_first;
+  return x;
+}
+
 // The ring's geometry (the plan's), the batch, and whether each stage's input chunk is staged in shared
 // memory (the plan's stage_input; its buffers then follow the ring).
 struct Ring {

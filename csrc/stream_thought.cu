@@ -412,14 +412,8 @@ std::vector<uint8_t> make_table(const latentrt::ThoughtLoopArgs& h, const Plan& 
   int32_t* runs = reinterpret_cast<int32_t*>(table.data() + runs_at);
   for (size_t o = 0; o < ops_n; ++o) {
     const auto& op = p.ops[o];
-    Op& x = ops[o];
-    x.rows = (int)op.rows;
-    x.cols = (int)op.cols;
-    x.ldw = x.cols;
-    x.split_k = op.split_k;
-    x.row_tiles = (int)op.row_tiles;
     for (int c = 0; c <= p.ctas; ++c) runs[o * (p.ctas + 1) + c] = (int32_t)op.cta_first[c];
-    x.cta_first = reinterpret_cast<const int*>(h.layer_table + runs_at + o * (p.ctas + 1) * sizeof(int32_t));
+    Op& x = ops[o] = planned_op(op, reinterpret_cast<const int*>(h.layer_table + runs_at + o * (p.ctas + 1) * sizeof(int32_t)));
     if (o == h.layers.size() * kOpsPerLayer) {  // the LM head on every CTA's own ln_f(h)
       x.w = bp(h.lm_head), x.x = a.xs_cta, x.ldx = h.d, x.out = a.logits;
       continue;

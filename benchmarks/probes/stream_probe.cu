@@ -240,8 +240,8 @@ int main(int argc, char** argv) {
     for (int o = 0; o < n_ops; ++o) {
       const OpPlan& op = p.ops[o];
       for (int64_t f : op.cta_first) host_first.push_back((int)f);
-      a.ops[o] = Op{weights[o], x, outs + out_at, (int)op.rows, (int)op.cols, (int)op.cols, ffn, op.split_k,
-                    (int)op.row_tiles, firsts + (size_t)o * (sms + 1)};
+      Op& planned = a.ops[o] = planned_op(op, firsts + (size_t)o * (sms + 1));
+      planned.w = weights[o], planned.x = x, planned.ldx = ffn, planned.out = outs + out_at;
       out_at += (size_t)kMaxBatch * op.rows;
     }
     CHECK(cudaMemcpy(firsts, host_first.data(), host_first.size() * 4, cudaMemcpyHostToDevice));
