@@ -101,6 +101,20 @@ def reference(
     return out, k_buf, v_buf
 
 
+def slot_table(batch: int, kv_slots: tuple, g: torch.Generator) -> tuple[Tensor, int, Tensor]:
+    """A test pool's slots (this family's and pool_prefill.py's inputs): pool row i keeps
+    ``kv_slots[i mod len]`` slots (cycled), each its own storage row, in random order. Returns (slots [N],
+    storage rows, table [N, K_max])."""
+    slots = torch.tensor([kv_slots[i % len(kv_slots)] for i in range(batch)])
+    storage = int(slots.sum())
+    table = torch.zeros(batch, max(kv_slots), dtype=torch.long)
+    perm, at = torch.randperm(storage, generator=g), 0
+    for i, n in enumerate(slots.tolist()):
+        table[i, :n] = perm[at : at + n]
+        at += n
+    return slots, storage, table
+
+
 def make_inputs(
     shape: str,
     device,
@@ -121,13 +135,7 @@ def make_inputs(
     g = torch.Generator(device="cpu").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     W = context + 1
-    slots = torch.tensor([kv_slots[i % len(kv_slots)] for i in range(batch)])
-    storage = int(slots.sum())
-    table = torch.zeros(batch, max(kv_slots), dtype=torch.long)
-    perm, at = torch.randperm(storage, generator=g), 0
-    for i, n in enumerate(slots.tolist()):
-        table[i, :n] = perm[at : at + n]
-        at += n
+    slots, storage, table = slot_table(batch, kv_slots, g)
     rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
     entry = torch.randint(0, context, (batch,), generator=g)
     entry[0] = context - 1
@@ -169,13 +177,28 @@ if HAVE_TRITON:
     @triton.jit
     def key_rows(row, t, mask, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED: tl.constexpr):
         """The storage rows of pool row ``row``'s entries ``t`` (the lookup rule: a looped layer's entry p
-        from slot min(t mod K, n_p - 1), ``slot`` = t mod K; a plain layer's from the row itself). Shared by
-        this family and pool_prefill.py."""
+        from slot min(t mod K, n_p - 1), ``slot`` = t mod K; a plain layer's from the row itself)."""
         if LOOPED:
             iters = tl.load(written_ptr + row * stride_pool + t, mask=mask, other=1)
             pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
             return tl.load(table_ptr + row * stride_table + pick, mask=mask, other=0)
         return tl.zeros(t.shape, dtype=tl.int64) + row
+
+    @triton.jit
+    def key_block(
+        kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, row, t, in_range, slot, hk, d, dm,
+        stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
+    ):  # fmt: skip
+        """Entries ``t`` of pool row ``row`` for K/V head ``hk``: (which to attend to: in range and valid,
+        their keys, their values, both fp32 [len(t), BLOCK_D], zeros where not attended), read from the
+        storage rows of ``key_rows``. Shared by this family and pool_prefill.py."""
+        ok = in_range & (tl.load(valid_ptr + row * stride_pool + t, mask=in_range, other=0) != 0)
+        phys = key_rows(row, t, in_range, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED)
+        off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
+        kv_mask = ok[:, None] & dm[None, :]
+        keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+        vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+        return ok, keys, vals
 
     @triton.jit
     def _pool_attention_kernel(
@@ -228,14 +251,11 @@ if HAVE_TRITON:
         acc = v_own.to(tl.float32)
         for t0 in range(0, n_read, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            before = t < n_read
-            ok = before & (tl.load(valid_ptr + row * stride_pool + t, mask=before, other=0) != 0)
-            phys = key_rows(row, t, before, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED)
-            off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
-            kv_mask = ok[:, None] & dm[None, :]
-            keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            ok, keys, vals = key_block(
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, row, t, t < n_read, slot, hk, d, dm,
+                stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
+            )  # fmt: skip
             scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
-            vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, vals)
         out = tl.where(act, acc / l_i, 0.0)
         tl.store(out_ptr + (r * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
-from .pool_attention import pool_launch_args, slot_rows
+from .pool_attention import pool_launch_args, slot_rows, slot_table
 
 if HAVE_TRITON:
-    from .pool_attention import key_rows
+    from .pool_attention import key_block
 from .reference import attention
 
 
@@ -78,13 +78,7 @@ def make_inputs(
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     W = context + 1
     trash = context
-    slots = torch.tensor([kv_slots[i % len(kv_slots)] for i in range(batch)])
-    storage = int(slots.sum())
-    table = torch.zeros(batch, max(kv_slots), dtype=torch.long)
-    perm, at = torch.randperm(storage, generator=g), 0
-    for i, k in enumerate(slots.tolist()):
-        table[i, :k] = perm[at : at + k]
-        at += k
+    slots, storage, table = slot_table(batch, kv_slots, g)
     rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
     lengths = torch.randint(1, n + 1, (batch,), generator=g)
     lengths[0] = n
@@ -178,13 +172,10 @@ if HAVE_TRITON:
         hi = tl.minimum(end, tl.max(tl.where(im, qi, 0), 0) + 1)  # no key after the block's last query
         for t0 in range(0, hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            tm = t < hi
-            ok = tm & (tl.load(valid_ptr + row * stride_pool + t, mask=tm, other=0) != 0)
-            phys = key_rows(row, t, tm, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED)
-            off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
-            kv_mask = ok[:, None] & dm[None, :]
-            keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
-            vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
+            ok, keys, vals = key_block(
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, row, t, t < hi, slot, hk, d, dm,
+                stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
+            )  # fmt: skip
             s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
             attend = ok[None, :] & (t[None, :] <= qi[:, None])
             s = tl.where(attend, s * sm_scale, -float("inf"))
