@@ -104,14 +104,15 @@ fi
 
 TO=""
 python3 -c "import pytest_timeout" 2>/dev/null && TO="--timeout=45"
-PYTEST="python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider --durations=12 $TO"
+PYTEST="python3 -m pytest -m gpu -rfEs --tb=short -p no:cacheprovider --durations=12 $TO"
 # the streamed kernels' tests first, in their own stage: they are what no GPU has run yet; then the benchmark
 # rows, then the other gpu tests (most passed on an earlier lent GPU) with what time is left
 if [ "${GPU_TESTS:-}" = none ]; then
   stamp "gpu tests: skipped (GPU_TESTS=none)"
 elif [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
   stamp "gpu tests: the streamed-weight loop"
-  timeout 150 $PYTEST -k "$STREAM_TESTS" tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
+  # -v: a line per test as it ends, so a stage cut by its timeout still says which tests passed
+  timeout 150 $PYTEST -v -k "$STREAM_TESTS" tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
   echo "stream tests exit $?" | tee -a "$LOG"
   grep -E "passed|failed|error" "$OUT/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
 fi
@@ -140,7 +141,7 @@ if [ "${GPU_TESTS:-}" != none ]; then
   tests_s=$(($(left) - 40))  # at most 130 s; the sanitizer gets what is left
   [ "$tests_s" -gt 130 ] && tests_s=130
   [ "$tests_s" -lt 30 ] && tests_s=30
-  timeout "$tests_s" $PYTEST ${SEL:+-k "$SEL"} "$@" >"$OUT/gpu_tests.log" 2>&1
+  timeout "$tests_s" $PYTEST -q ${SEL:+-k "$SEL"} "$@" >"$OUT/gpu_tests.log" 2>&1
   echo "gpu tests exit $?" | tee -a "$LOG"
   grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
 fi
@@ -189,7 +190,8 @@ if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 stamp "done"
-echo "---- streamed loop tests"; tail -15 "$OUT/gpu_tests_stream.log" 2>/dev/null
+echo "---- streamed loop tests"; grep -E "FAILED|ERROR" "$OUT/gpu_tests_stream.log" 2>/dev/null | head -20
+tail -15 "$OUT/gpu_tests_stream.log" 2>/dev/null
 echo "---- tests"; tail -25 "$OUT/gpu_tests.log" 2>/dev/null
 echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$OUT/bench.log" 2>/dev/null | head -60
 true  # the summary above is best effort: a stage that did not run leaves no log
