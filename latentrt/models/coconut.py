@@ -20,7 +20,7 @@ from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_positive
 from ..errors import ConfigError, InputError
 from .base import CacheLayout, LatentModel
-from .layers import ACTIVATIONS, attention
+from .layers import ACTIVATIONS, Embedding, attention
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,8 @@ class CoconutGPT2(LatentModel):
         super().__init__(cfg)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.n_positions, cfg.n_embd),
+                wte=Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=Embedding(cfg.n_positions, cfg.n_embd),
                 h=nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layer)),
                 ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
             )

@@ -14,7 +14,26 @@ from torch import Tensor, nn
 
 from ..kernels.reference import apply_rope, attention, gelu_new, rms_norm, rope_tables
 
-__all__ = ["ACTIVATIONS", "Packed", "RMSNorm", "apply_rope", "attention", "gelu_new", "rms_norm", "rope_tables"]
+__all__ = [
+    "ACTIVATIONS",
+    "Embedding",
+    "Packed",
+    "RMSNorm",
+    "apply_rope",
+    "attention",
+    "gelu_new",
+    "rms_norm",
+    "rope_tables",
+]
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` without its random init. The models are built on the meta device and get their
+    weights from a checkpoint or ``LatentModel.init_weights``; torch's ``normal_`` on a meta tensor (the
+    init this skips) imports torch._dynamo, about 2 s of every load on a CPU."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):

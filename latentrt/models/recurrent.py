@@ -19,7 +19,7 @@ from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_nonnegative, require_positive
 from ..errors import ConfigError, InputError, NonFiniteStateError
 from .base import CacheLayout, LatentModel
-from .layers import Packed, RMSNorm, apply_rope, attention, rope_tables
+from .layers import Embedding, Packed, RMSNorm, apply_rope, attention, rope_tables
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ class RecurrentDepthLM(LatentModel):
         d = cfg.n_embd
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(cfg.padded_vocab_size, d),
+                wte=Embedding(cfg.padded_vocab_size, d),
                 prelude=nn.ModuleList(SandwichBlock(cfg) for _ in range(cfg.n_layers_in_prelude)),
                 adapter=nn.Linear(2 * d, d, bias=cfg.bias),
                 core_block=nn.ModuleList(SandwichBlock(cfg) for _ in range(cfg.n_layers_in_recurrent_block)),
