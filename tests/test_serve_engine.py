@@ -76,6 +76,35 @@ def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost):
     assert m.iterations <= m.launched_rows
 
 
+@pytest.mark.parametrize("scheduler", ["depth", "token"])
+def test_logprobs_equal_the_log_softmax_of_generates_logits(scheduler):
+    """Requests that ask for log-probs (``top_logprobs`` 0 or 3) among those that do not, mixed options:
+    each token's log-prob and its 3 best equal log-softmax(generate(return_logits=True) alone) over the
+    vocabulary, whatever the temperature; the others get none."""
+    model = tiny_recurrent(seed=3)
+    requests = recurrent_requests(18, seed=4)
+    engine = Engine(model, max_batch=6, scheduler=scheduler)
+    tops = [(None, 0, 3)[i % 3] for i in range(len(requests))]
+    served = [engine.submit(p, top_logprobs=k, **kw) for (p, kw), k in zip(requests, tops)]
+    engine.run_until_idle()
+    V = model.config.vocab_size
+    for req, (p, kw), k in zip(served, requests, tops):
+        alone = latentrt.generate(model, p, return_logits=True, **kw)
+        assert req.tokens == alone.tokens, (p, kw)
+        if k is None:
+            assert req.logprobs == []
+            continue
+        lp = alone.logits[:, :V].float().log_softmax(-1)
+        assert [e.token for e in req.logprobs] == alone.tokens
+        for i, e in enumerate(req.logprobs):
+            assert e.logprob == pytest.approx(lp[i, e.token].item(), abs=1e-5)
+            best = lp[i].topk(k)
+            assert [t for t, _ in e.top] == best.indices.tolist()
+            assert [v for _, v in e.top] == pytest.approx(best.values.tolist(), abs=1e-5)
+    with pytest.raises(InputError, match=r"top_logprobs must be an integer in \[0, 20\]"):
+        engine.submit([5], top_logprobs=21)
+
+
 def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
     return [
         (
@@ -515,15 +544,16 @@ def test_served_on_the_triton_backend_equals_generate_alone():
 @pytest.mark.parametrize("family, scheduler", [("recurrent", "depth"), ("recurrent", "token"), ("coconut", "depth")])
 def test_a_step_reads_the_device_once(family, scheduler):
     """Inside a scheduler step the host waits for the device once: the read of which units ended and the
-    tokens sampled (everything else it sends is copied asynchronously, nothing it needs is read back):
-    counted on every operation that would synchronise on CUDA, mixed requests, prompts admitted mid-run."""
+    tokens sampled, with their log-probs where asked (everything else it sends is copied asynchronously, nothing
+    it needs is read back): counted on every operation that would synchronise on CUDA, mixed requests,
+    prompts admitted mid-run."""
     from host_syncs import HostSyncs
 
     model = tiny_recurrent(seed=3) if family == "recurrent" else tiny_coconut(seed=2)
     engine = Engine(model, max_batch=6, scheduler=scheduler)
     requests = (recurrent_requests(18, seed=2) if family == "recurrent" else coconut_requests(17))[:18]
-    for p, kw in requests[:9]:
-        engine.submit(p, **kw)
+    for i, (p, kw) in enumerate(requests[:9]):
+        engine.submit(p, top_logprobs=(None, 2)[i % 2], **kw)  # log-probs come back in the same read
     steps, syncs = 0, HostSyncs()
     with torch.no_grad():
         while engine.busy:

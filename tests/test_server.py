@@ -145,6 +145,66 @@ def test_chat_with_the_models_template(recurrent_server):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == alone.text
 
 
+def _logprobs_alone(model, prompt, k: int, **kw) -> list[tuple[int, float, list]]:
+    """Per generated token of generate() alone: (id, log-prob, the k best (id, log-prob)) from its logits."""
+    alone = latentrt.generate(model, prompt, return_logits=True, **kw)
+    lp = alone.logits[:, : model.config.vocab_size].float().log_softmax(-1)
+    best = lp.topk(k, -1)
+    return [
+        (t, lp[i, t].item(), list(zip(best.indices[i].tolist(), best.values[i].tolist())))
+        for i, t in enumerate(alone.tokens)
+    ]
+
+
+def test_logprobs_are_the_models_distribution(recurrent_server):
+    """Completions ``logprobs: k`` and chat ``logprobs`` + ``top_logprobs``, streamed and not: each token's
+    log-prob and the k best equal the log-softmax of generate()'s logits for the request alone (sampled with
+    a temperature: the log-probs are the model's, before temperature)."""
+    url, _, model = recurrent_server
+    text = lambda t: model.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    prompt, kw = "Tom is a cat", dict(max_new_tokens=5, temperature=0.7, seed=11)
+    want = _logprobs_alone(model, prompt, 3, **kw)
+    r = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0.7, seed=11, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].latentrt["token_ids"] == [t for t, _, _ in want]
+    assert lp.tokens == [text(t) for t, _, _ in want]
+    assert lp.token_logprobs == pytest.approx([v for _, v, _ in want], abs=1e-5)
+    for top, (_, _, best) in zip(lp.top_logprobs, want):  # (a dict: tokens with one text collide, as OpenAI's)
+        assert top == pytest.approx({text(t): v for t, v in best}, abs=1e-5)
+    chunks = [
+        c.choices[0]
+        for c in client(url).completions.create(
+            model="tiny", prompt=prompt, max_tokens=5, temperature=0.7, seed=11, logprobs=3, stream=True
+        )
+        if c.choices[0].logprobs is not None
+    ]
+    assert [c.logprobs.token_logprobs[0] for c in chunks] == lp.token_logprobs
+    starts = [sum(len(c.text) for c in chunks[:i]) for i in range(len(chunks))]  # where each token's text starts
+    assert [c.logprobs.text_offset[0] for c in chunks] == starts == lp.text_offset
+    plain = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0.7, seed=11)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text
+
+    messages = [{"role": "user", "content": "Tom is a cat"}]
+    ids = model.tokenizer.encode("user : Tom is a cat . ", add_special_tokens=False).ids
+    want = _logprobs_alone(model, ids, 2, max_new_tokens=4, temperature=0.0, seed=4)
+    args = dict(model="tiny", messages=messages, max_tokens=4, temperature=0, seed=4, logprobs=True, top_logprobs=2)
+    content = client(url).chat.completions.create(**args).choices[0].logprobs.content
+    streamed = [
+        c.choices[0].logprobs.content[0]
+        for c in client(url).chat.completions.create(stream=True, **args)
+        if c.choices and c.choices[0].logprobs is not None
+    ]
+    for got in (content, streamed):
+        assert [e.token for e in got] == [text(t) for t, _, _ in want]
+        assert [e.logprob for e in got] == pytest.approx([v for _, v, _ in want], abs=1e-5)
+        assert [e.bytes for e in got] == [list(text(t).encode()) for t, _, _ in want]
+        for e, (_, _, best) in zip(got, want):
+            assert [x.token for x in e.top_logprobs] == [text(t) for t, _ in best]
+            assert [x.logprob for x in e.top_logprobs] == pytest.approx([v for _, v in best], abs=1e-5)
+    only = client(url).chat.completions.create(**dict(args, top_logprobs=None)).choices[0].logprobs.content
+    assert [e.top_logprobs for e in only] == [[]] * len(want)
+
+
 def test_many_concurrent_requests_each_equal_generate_alone(recurrent_server):
     url, engine, model = recurrent_server
     bodies = mixed_requests(40)
@@ -200,7 +260,16 @@ def test_routes_and_bad_input(recurrent_server):
 
     assert "not valid JSON" in error(None, raw=b'{"prompt": ')
     assert "unknown field(s) ['bogus']" in error({"prompt": "a", "bogus": 1})
-    assert "logprobs" in error({"prompt": "a", "logprobs": 3})
+    assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": 21})
+    assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": True})
+    assert "echo=True is not supported" in error({"prompt": "a", "echo": True})
+    chat = dict(path="/v1/chat/completions")
+    assert "top_logprobs needs logprobs: true" in error(
+        {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, **chat
+    )
+    assert "top_logprobs must be" in error(
+        {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 99}, **chat
+    )
     assert "not served here" in error({"prompt": "a", "model": "gpt-4"}, status=404)
     # option values: the Python API's messages
     for extra in ({"num_steps": 0}, {"exit_criterion": "nope"}, {"kv_sharing": "ring-0"}, {"temperature": -1}):

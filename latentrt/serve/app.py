@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,6 +35,7 @@ from .protocol import (
     new_id,
     parse_chat,
     parse_completion,
+    token_text,
     usage,
 )
 
@@ -73,6 +75,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
     the model folder's."""
     runner = EngineThread(engine)
     model = engine.model
+    text_of = partial(token_text, model.tokenizer)  # a token as log-probs name it
     template = chat_template if chat_template is not None else find_chat_template(getattr(model, "folder", None))
 
     @asynccontextmanager
@@ -96,7 +99,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
         reqs = []
         try:
             for i, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options)):
-                reqs.append(engine.submit(prompt, on_event=on_event_for(i), **opts))
+                reqs.append(engine.submit(prompt, on_event=on_event_for(i), top_logprobs=parsed.top_logprobs, **opts))
         except Exception:
             for r in reqs:
                 engine.cancel(r)
@@ -153,7 +156,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
             for r in reqs:
                 engine.cancel(r)
             return _error(500, str(failed[0].error), "server_error")
-        return JSONResponse(completion_body(rid, model_name, reqs, chat))
+        return JSONResponse(completion_body(rid, model_name, reqs, chat, text_of))
 
     async def stream(request: Request, rid: str, reqs, events, chat: bool, include_usage: bool):
         first = await next_event(request, reqs, events)
@@ -176,7 +179,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
                 while True:
                     i, ev = got
                     if ev.kind == "token":
-                        yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev))
+                        yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev, token_text=text_of))
                     elif ev.kind == "done":
                         yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
                         open_ -= 1

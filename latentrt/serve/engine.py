@@ -12,7 +12,11 @@ messages) and queues it; ``Engine.step`` is one scheduler step:
 5. host: tokens -> events, stop / length -> finish and free the row (a stop token ends a request one
    step after it is sampled: its next unit already began, and is dropped);
 6. the logits of the units that ended (in this or earlier steps), sampled per request (its temperature,
-   top-k/p and generator), when the scheduler says so (``_sample_due``): until then they wait.
+   top-k/p and generator), when the scheduler says so (``_sample_due``): until then they wait. A request
+   that asks for log-probabilities (``top_logprobs``) gets, with each token, the token's log-probability
+   under the model's distribution (log-softmax of its logits over the vocabulary: before temperature and
+   top-k/p, as OpenAI and vLLM report them) and the ``top_logprobs`` most likely tokens', read back with
+   the tokens in the next step's one read.
 
 Schedulers (``scheduler=``), for the same trace:
 - ``depth`` (default): continuous batching at iteration granularity: a unit that ends is followed by the
@@ -48,6 +52,7 @@ from ..transfer import to_device
 from .metrics import EngineMetrics
 
 SCHEDULERS = ("depth", "token", "static")
+MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position at most (vLLM's default limit)
 
 
 class QueueFull(LatentRTError):
@@ -59,14 +64,58 @@ class ShuttingDown(LatentRTError):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's distribution (log-softmax of its logits over
+    the vocabulary, before temperature and top-k/p), the (id, log-prob) of the most likely tokens, best
+    first, and where its text starts in the request's text."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int
+
+
+@dataclass
 class RequestEvent:
     """One thing that happened to a request: ``token`` (a new token: id, its latent iterations, the text
-    it adds), then ``done`` (``request.finish_reason`` set) or ``error`` (``request.error`` set)."""
+    it adds, its log-probs if the request asked), then ``done`` (``request.finish_reason`` set) or ``error``
+    (``request.error`` set)."""
 
     kind: str
     token: int | None = None
     steps: int | None = None
     text: str | None = None
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class Sampled:
+    """The tokens sampled in a step, on the device until the next step's one read: the requests, their
+    token ids and non-finite flags [n], and for those of them that asked for log-probs (``lp_reqs``, in
+    order) rows [token's log-prob, the k best log-probs, their ids] flattened (``logprobs``, fp32)."""
+
+    reqs: list
+    tokens: torch.Tensor
+    flags: torch.Tensor
+    lp_reqs: list
+    k: int = 0
+    logprobs: torch.Tensor | None = None
+
+    def parts(self, device) -> list[torch.Tensor]:
+        parts = [self.tokens, self.flags] + ([self.logprobs] if self.logprobs is not None else [])
+        return [p.to(device) for p in parts]
+
+    def read(self, host: list[float]) -> tuple[list[int], list[int], dict]:
+        """This record's values from the step's read: token ids, flags, and per request that asked,
+        (log-prob, [(id, log-prob)] of its own top_logprobs best)."""
+        n, k = len(self.reqs), self.k
+        tokens, flags, rest = [int(v) for v in host[:n]], [int(v) for v in host[n : 2 * n]], host[2 * n :]
+        lps = {}
+        for j, req in enumerate(self.lp_reqs):
+            row = rest[j * (1 + 2 * k) : (j + 1) * (1 + 2 * k)]
+            best = [(int(i), v) for v, i in zip(row[1 : 1 + k], row[1 + k :])][: req.top_logprobs]
+            lps[id(req)] = (row[0], best)
+        return tokens, flags, lps
 
 
 @dataclass
@@ -81,6 +130,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     text: str = ""
+    top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per position
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token in ``tokens`` (when asked)
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
     stop_set: frozenset = frozenset()  # token ids that end it
@@ -175,9 +226,7 @@ class Engine:
         self.wake = threading.Condition(self.lock)
         self.draining = False
         self._stopped = False
-        self._sampled: torch.Tensor | None = None  # tokens sampled in the last step (device)
-        self._sampled_flags: torch.Tensor | None = None
-        self._sampled_for: list[Request] = []
+        self._sampled: Sampled | None = None  # the tokens sampled in the last step (device)
         self._ids = 0
 
     # ---------------------------------------------------------------- requests in
@@ -188,11 +237,16 @@ class Engine:
         *,
         on_event: Callable[[RequestEvent], None] | None = None,
         request_id: str | None = None,
+        top_logprobs: int | None = None,
         **kwargs,
     ) -> Request:
         """Validate and queue a request (errors: InputError with generate()'s message, QueueFull,
-        ShuttingDown). ``prompt``: one prompt (text, ids)."""
+        ShuttingDown). ``prompt``: one prompt (text, ids); ``top_logprobs``: report each token's
+        log-probability and those of the ``top_logprobs`` most likely tokens (None: no log-probs)."""
         opts = GenerateOptions.build(options, **kwargs)
+        number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
+        if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+            raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         if opts.hooks:
             raise InputError("hooks cannot be used with the server (they run Python between iterations)")
         if opts.return_logits:
@@ -215,7 +269,7 @@ class Engine:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._ids += 1
             req = Request(request_id or f"req-{self._ids}", gen, on_event, prompt_tokens=prompt_tokens)
-            req.stop_set, req.prompt_ids = stop_set, prompt_ids
+            req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
             self.queue.append(req)
@@ -231,7 +285,7 @@ class Engine:
     # ---------------------------------------------------------------- the loop
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.resident or self._sampled_for or self._exited)
+        return bool(self.queue or self.resident or self._sampled or self._exited)
 
     def run_until_idle(self) -> None:
         while self.busy:
@@ -272,16 +326,15 @@ class Engine:
             t1 = time.perf_counter()
             flags = self.program.launch(idle)
             # the step's one device -> host read: which units ended, and last step's sampled tokens (the
-            # program's work and sampling count as computation, the rest of the step as scheduling)
-            parts = [flags.long().reshape(-1)]
-            if self._sampled is not None:
-                parts += [self._sampled.to(flags.device), self._sampled_flags.to(flags.device)]
-            host = torch.cat(parts).tolist()
+            # program's work and sampling count as computation, the rest of the step as scheduling); fp64
+            # holds the ids, flags and log-probs exactly
+            parts = [flags.reshape(-1)] + (self._sampled.parts(flags.device) if self._sampled is not None else [])
+            host = torch.cat([p.double() for p in parts]).tolist()
             n = flags.numel()
             t2 = time.perf_counter()
             self._take_tokens(host[n:])
             t3 = time.perf_counter()
-            for e in self.program.ended(host[:n]):
+            for e in self.program.ended([int(v) for v in host[:n]]):
                 e.request.exited = True
                 self._exited.append((e, self.metrics.steps))
             if self._sample_due():
@@ -296,7 +349,7 @@ class Engine:
     def _reset(self, exc: Exception) -> None:
         """After an unexpected error inside a launch: every resident request fails with it and the program
         starts afresh (a new pool); queued requests are served as usual."""
-        for req in list(self.resident) + self._sampled_for:
+        for req in list(self.resident) + (self._sampled.reqs if self._sampled is not None else []):
             if not req.finished:
                 req.error = exc
                 req.finish_reason = "error"
@@ -305,8 +358,7 @@ class Engine:
                 req.done.set()
         self.resident.clear()
         self._exited = []
-        self._sampled = self._sampled_flags = None
-        self._sampled_for = []
+        self._sampled = None
         cls, pool = type(self.program), self.program.pool
         self.program = None  # the old pool goes before the new one is allocated
         self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
@@ -371,12 +423,13 @@ class Engine:
                 req.in_unit = True
             req.next_token = None
 
-    def _take_tokens(self, host: list[int]) -> None:
+    def _take_tokens(self, host: list[float]) -> None:
         """Last step's sampled tokens on the host: record, stream, stop."""
-        reqs, self._sampled_for = self._sampled_for, []
-        self._sampled = self._sampled_flags = None
-        k = len(reqs)
-        for req, tok, flag in zip(reqs, host[:k], host[k:]):
+        if self._sampled is None:
+            return
+        sampled, self._sampled = self._sampled, None
+        tokens, flags, lps = sampled.read(host)
+        for req, tok, flag in zip(sampled.reqs, tokens, flags):
             if req.finished:
                 continue
             index = len(req.tokens)
@@ -389,13 +442,17 @@ class Engine:
             gen = req.generation
             stopped = tok in req.stop_set and req.decoder.stops_at(index)
             if req.decoder.keep_stop_token or not stopped:
+                lp = None
+                if id(req) in lps:
+                    lp = TokenLogprob(tok, *lps[id(req)], offset=len(req.text))
+                    req.logprobs.append(lp)
                 req.tokens.append(tok)
                 req.steps.append(req.pending_steps)
                 req.times["tokens"].append(time.perf_counter())
                 full = gen._decode(req.tokens) or ""
                 delta = "" if full.endswith("\ufffd") else full[len(req.text) :]
                 req.text = req.text if full.endswith("\ufffd") else full
-                req.emit(RequestEvent("token", tok, req.pending_steps, delta))
+                req.emit(RequestEvent("token", tok, req.pending_steps, delta, lp))
             self.metrics.tokens += 1
             if stopped:
                 self._finish(req, "stop")
@@ -424,7 +481,18 @@ class Engine:
                 o, gen = req.options, req.generation
                 tokens[i] = sample(gen._in_vocabulary(logits[i : i + 1]), o.temperature, o.top_k, o.top_p, gen.rng)[0]
             req.next_token = tokens[i]
-        self._sampled, self._sampled_flags, self._sampled_for = tokens, flags.long(), [e.request for e in ended]
+        self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), [])
+        want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]
+        if want:  # the model's distribution (no temperature / top-k/p), over the vocabulary
+            at = to_device(want, logits.device)
+            lp = torch.log_softmax(logits[at, :vocab].float(), -1)
+            cols = [lp.gather(1, tokens[at][:, None])]
+            k = min(max(ended[i].request.top_logprobs for i in want), vocab)
+            if k:
+                best = lp.topk(k, -1)
+                cols += [best.values, best.indices.float()]  # ids < 2^24: exact in fp32
+            self._sampled.lp_reqs, self._sampled.k = [ended[i].request for i in want], k
+            self._sampled.logprobs = torch.cat(cols, 1).reshape(-1)
 
     # ---------------------------------------------------------------- requests out
     def _drop_cancelled(self) -> None:

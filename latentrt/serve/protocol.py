@@ -1,12 +1,14 @@
 """The OpenAI completions and chat protocol: request bodies -> generate() options, results -> responses.
 
 No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI
-feature latentrt does not implement (log-probabilities, penalties, logit bias, tools) set to anything but
-its neutral value, is an InputError naming it (HTTP 400); option values are checked by generate()'s own
-validation, so the messages are the Python API's. latentrt's options are extra body fields with their
-generate() names (``num_steps``, ``adaptive``, ``exit_criterion``, ``exit_threshold``, ``kv_sharing``,
-``num_thoughts``...). ``n`` > 1 or a list of prompts run as separate requests; with a ``seed``, choice i
-uses seed + i, as sequence i of a generate() batch does.
+feature latentrt does not implement (echo, penalties, logit bias, tools) set to anything but its neutral
+value, is an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so
+the messages are the Python API's. Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true``
+with ``top_logprobs: k``) are the model's distribution's (log-softmax of the logits, before temperature
+and top-k/p), each token's and the k most likely tokens' (serve/engine.py). latentrt's options are extra
+body fields with their generate() names (``num_steps``, ``adaptive``, ``exit_criterion``,
+``exit_threshold``, ``kv_sharing``, ``num_thoughts``...). ``n`` > 1 or a list of prompts run as separate
+requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..families import FAMILIES
 from .chat import render_chat
+from .engine import MAX_TOP_LOGPROBS
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
 # decoder names them), and the sampling / stopping options the OpenAI body has no field for
 LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.values())))) + ("default_stops", "top_k")
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None,),
     "presence_penalty": (None, 0),
@@ -36,8 +37,13 @@ NEUTRAL = {
     "response_format": (None, {"type": "text"}),
 }
 COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"}
-COMPLETION_FIELDS = COMMON | {"prompt", "best_of"} | set(LATENT_FIELDS) | set(NEUTRAL)
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "parallel_tool_calls"} | set(LATENT_FIELDS) | set(NEUTRAL)
+COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs"} | set(LATENT_FIELDS) | set(NEUTRAL)
+CHAT_FIELDS = (
+    COMMON
+    | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs", "top_logprobs"}
+    | set(LATENT_FIELDS)
+    | set(NEUTRAL)
+)
 MAX_CHOICES = 16
 
 
@@ -49,6 +55,7 @@ class Parsed:
     options: list[dict]  # per choice: generate() keyword options
     stream: bool
     include_usage: bool
+    top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per token
 
 
 def _check_fields(body, allowed: set[str], what: str) -> dict:
@@ -92,6 +99,24 @@ def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise InputError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
     return opts, n
+
+
+def _top_logprobs(body: dict, chat: bool) -> int | None:
+    """How many most likely tokens to report with each token's log-prob; None: no log-probs. Completions:
+    ``logprobs: k``; chat: ``logprobs: true`` and ``top_logprobs: k`` (default 0)."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if lp is not None and not isinstance(lp, bool):
+            raise InputError(f"logprobs must be true or false, got {lp!r}")
+        if top is not None and not lp:
+            raise InputError("top_logprobs needs logprobs: true")
+        lp, top = (None, None) if not lp else (True, 0 if top is None else top)
+        name = "top_logprobs"
+    else:
+        top, name = lp, "logprobs"
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise InputError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+    return top
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -139,6 +164,7 @@ def parse_completion(body) -> Parsed:
     if len(parsed.prompts) > MAX_CHOICES:
         raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
+    parsed.top_logprobs = _top_logprobs(body, chat=False)
     return parsed
 
 
@@ -155,6 +181,7 @@ def parse_chat(body, template, tokenizer) -> Parsed:
     opts, n = _options(body, max_tokens, 64)  # generate()'s default
     parsed = _per_choice([ids], opts, n)
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
+    parsed.top_logprobs = _top_logprobs(body, chat=True)
     return parsed
 
 
@@ -187,14 +214,41 @@ def choice_extras(req) -> dict:
     return {"token_ids": list(req.tokens), "steps": list(req.steps)}
 
 
-def completion_body(rid: str, model: str, reqs, chat: bool) -> dict:
+def token_text(tokenizer, token: int) -> str:
+    """A token as log-probs name it: its text (special tokens too), or ``token_id:N`` without a tokenizer."""
+    return f"token_id:{token}" if tokenizer is None else tokenizer.decode([token], skip_special_tokens=False)
+
+
+def logprobs_body(entries, chat: bool, text) -> dict:
+    """OpenAI's log-probs object for generated tokens (engine ``TokenLogprob``s; ``text``: token id ->
+    text): chat's ``content`` list (with UTF-8 bytes), or the completions API's parallel lists."""
+    if chat:
+
+        def item(token: int, logprob: float) -> dict:
+            s = text(token)
+            return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
+
+        content = [dict(item(e.token, e.logprob), top_logprobs=[item(t, lp) for t, lp in e.top]) for e in entries]
+        return {"content": content, "refusal": None}
+    return {
+        "tokens": [text(e.token) for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": [e.offset for e in entries],
+    }
+
+
+def completion_body(rid: str, model: str, reqs, chat: bool, text=str) -> dict:
+    """The response to a request that is not streamed; ``text``: token id -> text, for log-probs."""
     choices = []
     for i, r in enumerate(reqs):
         c = {"index": i, "finish_reason": r.finish_reason, "latentrt": choice_extras(r)}
+        logprobs = logprobs_body(r.logprobs, chat, text) if r.top_logprobs is not None else None
         if chat:
             c["message"] = {"role": "assistant", "content": r.text}
+            c["logprobs"] = logprobs
         else:
-            c.update(text=r.text, logprobs=None)
+            c.update(text=r.text, logprobs=logprobs)
         choices.append(c)
     return {
         "id": rid,
@@ -206,8 +260,10 @@ def completion_body(rid: str, model: str, reqs, chat: bool) -> dict:
     }
 
 
-def chunk_body(rid: str, model: str, index: int, chat: bool, *, text=None, event=None, finish=None, role=False):
-    """One server-sent event's object of a stream."""
+def chunk_body(
+    rid: str, model: str, index: int, chat: bool, *, text=None, event=None, finish=None, role=False, token_text=str
+):
+    """One server-sent event's object of a stream (``token_text``: token id -> text, for log-probs)."""
     if chat:
         delta = {"role": "assistant"} if role else ({} if text is None else {"content": text})
         choice = {"index": index, "delta": delta, "finish_reason": finish}
@@ -215,6 +271,8 @@ def chunk_body(rid: str, model: str, index: int, chat: bool, *, text=None, event
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
     if event is not None:
         choice["latentrt"] = {"token_id": event.token, "steps": event.steps}
+        if event.logprob is not None:
+            choice["logprobs"] = logprobs_body([event.logprob], chat, token_text)
     return {
         "id": rid,
         "object": "chat.completion.chunk" if chat else "text_completion",
