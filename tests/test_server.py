@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
+import torch
 from conftest import WORDS, tiny_coconut, tiny_recurrent
 
 import latentrt
@@ -205,6 +206,34 @@ def test_logprobs_are_the_models_distribution(recurrent_server):
     assert [e.top_logprobs for e in only] == [[]] * len(want)
 
 
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):
+    """lm-evaluation-harness's log-likelihood request (token ids, ``echo``, ``logprobs: 1``, ``max_tokens: 1``,
+    greedy): the prompt's tokens' log-probs (the first has none) are the log-softmax of one forward of the
+    prompt at ``num_steps`` (``model.logits``), and the generated token's is the same forward's last position
+    (no initial-state noise: both paths start from zeros)."""
+    url, _, model = recurrent_server
+    ids = [5, 9, 14, 3, 22, 7, 11]
+    extra = {"num_steps": 3, "init_scale": 0.0}
+    r = client(url).completions.create(
+        model="tiny", prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0, seed=3, extra_body=extra
+    )
+    choice, V = r.choices[0], model.config.vocab_size
+    lp = model.logits(torch.tensor([ids]), num_steps=3, init_scale=0.0)[0, :, :V].log_softmax(-1)
+    token = choice.latentrt["token_ids"][0]
+    got = choice.logprobs
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None and len(got.tokens) == len(ids) + 1
+    want = [lp[i, t].item() for i, t in enumerate(ids[1:] + [token])]
+    assert got.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert [max(top, key=top.get) for top in got.top_logprobs[1:]] == [
+        model.tokenizer.decode([t], skip_special_tokens=False) for t in lp.argmax(-1).tolist()
+    ]
+    prompt_text = model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert choice.text == prompt_text + latentrt.generate(model, ids, max_new_tokens=1, seed=3, **extra).text
+    assert got.text_offset[len(ids)] == len(prompt_text)  # the generated token's text starts after the prompt's
+    plain = client(url).completions.create(model="tiny", prompt="Tom is a cat", max_tokens=2, echo=True, temperature=0)
+    assert plain.choices[0].text.startswith("Tom is a cat") and plain.choices[0].logprobs is None
+
+
 def test_many_concurrent_requests_each_equal_generate_alone(recurrent_server):
     url, engine, model = recurrent_server
     bodies = mixed_requests(40)
@@ -262,7 +291,7 @@ def test_routes_and_bad_input(recurrent_server):
     assert "unknown field(s) ['bogus']" in error({"prompt": "a", "bogus": 1})
     assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": 21})
     assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": True})
-    assert "echo=True is not supported" in error({"prompt": "a", "echo": True})
+    assert "echo is not available with stream" in error({"prompt": "a", "echo": True, "stream": True})
     chat = dict(path="/v1/chat/completions")
     assert "top_logprobs needs logprobs: true" in error(
         {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, **chat

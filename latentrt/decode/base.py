@@ -79,6 +79,14 @@ class Decoder:
     def record(self, iterations: list[int], alive: list[bool]) -> None:
         """Host values of the token just produced (after the engine's one device->host read)."""
 
+    # the family scores a prompt's own tokens (``prompt_logits``: the server's ``echo`` with log-probs)
+    SCORES_PROMPTS: ClassVar[bool] = False
+
+    def prompt_logits(self, ids: Tensor) -> Tensor:
+        """Logits [S, V] (fp32) after each position of prompt ``ids`` [S]: how the model scores the prompt's
+        own tokens, with this call's options (families with ``SCORES_PROMPTS``)."""
+        raise NotImplementedError
+
     def default_stop_ids(self) -> set[int]:
         """Token ids that end a sequence unless ``default_stops=False``: the model's eos."""
         eos = self.model.eos_token_id

@@ -110,6 +110,14 @@ class RecurrentDecoder(Decoder):
     def kv_slots(self) -> int:
         return self.kv_mode.slots
 
+    SCORES_PROMPTS = True
+
+    def prompt_logits(self, ids: Tensor) -> Tensor:
+        """One forward of the prompt at fixed depth ``num_steps`` (how the published model scores text), from
+        this call's initial state (``init_scale``, and its ``seed``'s generator)."""
+        o = self.options
+        return self.model.logits(ids[None], num_steps=self.spec.r_max, init_scale=self.init_scale, seed=o.seed)[0]
+
     def new_cache(self, batch: int, max_len: int):
         self.cache = self.model.new_cache(batch, max_len, self.kv_mode)
         return self.cache

@@ -99,7 +99,11 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
         reqs = []
         try:
             for i, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options)):
-                reqs.append(engine.submit(prompt, on_event=on_event_for(i), top_logprobs=parsed.top_logprobs, **opts))
+                reqs.append(
+                    engine.submit(
+                        prompt, on_event=on_event_for(i), top_logprobs=parsed.top_logprobs, echo=parsed.echo, **opts
+                    )
+                )
         except Exception:
             for r in reqs:
                 engine.cancel(r)

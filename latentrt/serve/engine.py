@@ -16,7 +16,8 @@ messages) and queues it; ``Engine.step`` is one scheduler step:
    that asks for log-probabilities (``top_logprobs``) gets, with each token, the token's log-probability
    under the model's distribution (log-softmax of its logits over the vocabulary: before temperature and
    top-k/p, as OpenAI and vLLM report them) and the ``top_logprobs`` most likely tokens', read back with
-   the tokens in the next step's one read.
+   the tokens in the next step's one read. With ``echo`` it also gets the prompt's own tokens' (the
+   decoder's ``prompt_logits``: one forward of the prompt, read back when the request is admitted).
 
 Schedulers (``scheduler=``), for the same trace:
 - ``depth`` (default): continuous batching at iteration granularity: a unit that ends is followed by the
@@ -70,7 +71,7 @@ class TokenLogprob:
     first, and where its text starts in the request's text."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it to score it)
     top: list[tuple[int, float]]
     offset: int
 
@@ -132,6 +133,9 @@ class Request:
     text: str = ""
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per position
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token in ``tokens`` (when asked)
+    echo: bool = False  # the response repeats the prompt (and with log-probs, scores its tokens)
+    prompt_text: str = ""  # the prompt as text (decoded where it came as ids)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
     stop_set: frozenset = frozenset()  # token ids that end it
@@ -238,11 +242,13 @@ class Engine:
         on_event: Callable[[RequestEvent], None] | None = None,
         request_id: str | None = None,
         top_logprobs: int | None = None,
+        echo: bool = False,
         **kwargs,
     ) -> Request:
         """Validate and queue a request (errors: InputError with generate()'s message, QueueFull,
         ShuttingDown). ``prompt``: one prompt (text, ids); ``top_logprobs``: report each token's
-        log-probability and those of the ``top_logprobs`` most likely tokens (None: no log-probs)."""
+        log-probability and those of the ``top_logprobs`` most likely tokens (None: no log-probs); ``echo``: the
+        prompt too (its text, and with log-probs its tokens', where the family scores prompts)."""
         opts = GenerateOptions.build(options, **kwargs)
         number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
         if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
@@ -254,6 +260,8 @@ class Engine:
         gen = Generation(self.model, prompt, opts)
         if gen.decoder.sampler is not None:
             raise InputError(f"decoding={opts.decoding!r} runs in generate() only; the server decodes sequentially")
+        if echo and top_logprobs is not None and not gen.decoder.SCORES_PROMPTS:
+            raise InputError(f"echo with logprobs scores the prompt's tokens, which {gen.decoder.TITLE} models do not")
         if not gen.batch.single:
             raise InputError("a request takes one prompt (send several requests for a batch)")
         need = gen.batch.ids.shape[1] + opts.max_new_tokens
@@ -270,6 +278,7 @@ class Engine:
             self._ids += 1
             req = Request(request_id or f"req-{self._ids}", gen, on_event, prompt_tokens=prompt_tokens)
             req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
+            req.echo, req.prompt_text = bool(echo), prompt if isinstance(prompt, str) else gen._decode(prompt_ids) or ""
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
             self.queue.append(req)
@@ -315,6 +324,8 @@ class Engine:
         t_program = time.perf_counter()
         for req in admitted:
             try:
+                if req.echo and req.top_logprobs is not None:
+                    req.prompt_logprobs = self._score_prompt(req)
                 self.program.admit(req)
                 req.in_unit = True
             except LatentRTError as exc:
@@ -422,6 +433,26 @@ class Engine:
                 self.program.start(req, req.next_token)
                 req.in_unit = True
             req.next_token = None
+
+    def _score_prompt(self, req: Request) -> list[TokenLogprob]:
+        """The prompt's own tokens' log-probs (``echo``): one forward of the prompt (the decoder's
+        ``prompt_logits``), read back here; the first token has none. Offsets: where the text each token
+        adds starts (the length of the prompt's tokens before it, decoded), as for generated tokens."""
+        ids, vocab = req.prompt_ids, self.model.config.vocab_size
+        logits = req.decoder.prompt_logits(torch.tensor(ids, device=self.model.device))
+        lp = torch.log_softmax(logits[:-1, :vocab].float(), -1)
+        cols = [lp.gather(1, torch.tensor(ids[1:], device=lp.device)[:, None])]
+        k = min(req.top_logprobs, vocab)
+        if k:
+            best = lp.topk(k, -1)
+            cols += [best.values, best.indices.float()]
+        rows = torch.cat(cols, 1).tolist() if len(ids) > 1 else []
+        offsets = [min(len(req.generation._decode(ids[:i]) or ""), len(req.prompt_text)) for i in range(len(ids))]
+        out = [TokenLogprob(ids[0], None, [], 0)]
+        for i, row in enumerate(rows):
+            top = [(int(t), v) for v, t in zip(row[1 : 1 + k], row[1 + k :])]
+            out.append(TokenLogprob(ids[i + 1], row[0], top, offsets[i + 1]))
+        return out
 
     def _take_tokens(self, host: list[float]) -> None:
         """Last step's sampled tokens on the host: record, stream, stop."""

@@ -1,18 +1,20 @@
 """The OpenAI completions and chat protocol: request bodies -> generate() options, results -> responses.
 
 No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI
-feature latentrt does not implement (echo, penalties, logit bias, tools) set to anything but its neutral
-value, is an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so
-the messages are the Python API's. Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true``
-with ``top_logprobs: k``) are the model's distribution's (log-softmax of the logits, before temperature
-and top-k/p), each token's and the k most likely tokens' (serve/engine.py). latentrt's options are extra
-body fields with their generate() names (``num_steps``, ``adaptive``, ``exit_criterion``,
-``exit_threshold``, ``kv_sharing``, ``num_thoughts``...). ``n`` > 1 or a list of prompts run as separate
-requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
+feature latentrt does not implement (penalties, logit bias, tools) set to anything but its neutral value,
+is an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so the
+messages are the Python API's. Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with
+``top_logprobs: k``) are the model's distribution's (log-softmax of the logits, before temperature and
+top-k/p), each token's and the k most likely tokens' (serve/engine.py); completions' ``echo`` repeats the
+prompt, and with ``logprobs`` scores its tokens too (recurrent depth: one forward at ``num_steps``).
+latentrt's options are extra body fields with their generate() names (``num_steps``, ``adaptive``,
+``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...). ``n`` > 1 or a list of prompts
+run as separate requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +29,6 @@ from .engine import MAX_TOP_LOGPROBS
 LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.values())))) + ("default_stops", "top_k")
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
-    "echo": (None, False),
     "suffix": (None,),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
@@ -37,7 +38,7 @@ NEUTRAL = {
     "response_format": (None, {"type": "text"}),
 }
 COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"}
-COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs"} | set(LATENT_FIELDS) | set(NEUTRAL)
+COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs", "echo"} | set(LATENT_FIELDS) | set(NEUTRAL)
 CHAT_FIELDS = (
     COMMON
     | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs", "top_logprobs"}
@@ -56,6 +57,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per token
+    echo: bool = False  # completions: the prompt is repeated (and scored, with log-probs)
 
 
 def _check_fields(body, allowed: set[str], what: str) -> dict:
@@ -165,6 +167,9 @@ def parse_completion(body) -> Parsed:
         raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=False)
+    parsed.echo = _flag(body, "echo")
+    if parsed.echo and stream:
+        raise InputError("echo is not available with stream: true")
     return parsed
 
 
@@ -233,7 +238,7 @@ def logprobs_body(entries, chat: bool, text) -> dict:
     return {
         "tokens": [text(e.token) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries],
+        "top_logprobs": [None if e.logprob is None else {text(t): lp for t, lp in e.top} for e in entries],
         "text_offset": [e.offset for e in entries],
     }
 
@@ -243,12 +248,16 @@ def completion_body(rid: str, model: str, reqs, chat: bool, text=str) -> dict:
     choices = []
     for i, r in enumerate(reqs):
         c = {"index": i, "finish_reason": r.finish_reason, "latentrt": choice_extras(r)}
-        logprobs = logprobs_body(r.logprobs, chat, text) if r.top_logprobs is not None else None
+        entries = r.logprobs
+        if r.echo:  # the prompt's tokens first; the completion's text offsets after the prompt's text
+            shift = len(r.prompt_text)
+            entries = r.prompt_logprobs + [dataclasses.replace(e, offset=e.offset + shift) for e in entries]
+        logprobs = logprobs_body(entries, chat, text) if r.top_logprobs is not None else None
         if chat:
             c["message"] = {"role": "assistant", "content": r.text}
             c["logprobs"] = logprobs
         else:
-            c.update(text=r.text, logprobs=logprobs)
+            c.update(text=r.prompt_text + r.text if r.echo else r.text, logprobs=logprobs)
         choices.append(c)
     return {
         "id": rid,
