@@ -22,6 +22,7 @@ from .memory import check_fits
 from .options import GenerateOptions
 from .prompts import make_batch
 from .sampling import SequenceRNG, sample
+from .stop_strings import StopStrings
 
 
 @dataclass
@@ -128,24 +129,27 @@ class Generation:
         model.reserve_positions(self.cache_len)
 
     def _stop_ids(self, stop) -> Tensor:
+        """The stop token ids (checked on the device; the token is kept, as HF keeps eos); sets
+        ``stop_strings``, the ``stop`` strings (matched on the decoded text, which ends before them, as
+        vLLM's and OpenAI's ``stop``: latentrt/stop_strings.py)."""
         if not isinstance(self.options.default_stops, bool):
             raise InputError(f"default_stops must be True or False, got {self.options.default_stops!r}")
         ids = self.decoder.default_stop_ids() if self.options.default_stops else set()
         items = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple, set)) else [stop])
+        strings = []
         for s in items:
             if isinstance(s, str):
                 tok = self.model.tokenizer
-                enc = tok.encode(s, add_special_tokens=False).ids if tok is not None else []
-                if len(enc) != 1:
-                    raise InputError(
-                        f"stop string {s!r} must be exactly one token of the tokenizer "
-                        f"(it is {len(enc)}); pass token ids instead"
-                    )
-                ids.add(enc[0])
+                if tok is None:
+                    raise InputError(f"stop string {s!r} needs a tokenizer (this model has none); pass token ids")
+                if not s:
+                    raise InputError("stop strings must not be empty")
+                strings.append(s)
             elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.model.config.vocab_size:
                 ids.add(s)
             else:
                 raise InputError(f"stop entries must be token ids in the vocabulary or strings, got {s!r}")
+        self.stop_strings = StopStrings(strings)
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.model.device)
 
     # ---------------------------------------------------------------- the loop
@@ -163,6 +167,7 @@ class Generation:
         kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         self._shown = [""] * B
+        self._cut: list[int | None] = [None] * B  # where a stop string begins in a sequence's text
         proposals = None if self.sampler is None else self.sampler.tokens(self.batch, self._draw)
         out = decoder.prefill(self.batch) if proposals is None else None
         stop_set = set(self.stop_ids.tolist())
@@ -193,7 +198,14 @@ class Generation:
                     steps[b].append(used_l[b])
                     if opts.return_logits:
                         kept_logits[b].append(logits_l[b].cpu())
-            yield self._event(i, tok_l, used_l, kept, tokens) if stream else None
+            if self.stop_strings and any(kept):  # stop strings: on the text (host), after the token joined it
+                for b in range(B):
+                    if kept[b] and self._cut[b] is None:
+                        self._cut[b] = self.stop_strings.cut(self._decode(tokens[b]) or "")
+                        stop_l[b] = int(stop_l[b] or self._cut[b] is not None)
+                stopped = torch.tensor(stop_l, dtype=torch.bool, device=alive.device)
+            ending = [a and (st or i + 1 == opts.max_new_tokens) for a, st in zip(alive_l, stop_l)]
+            yield self._event(i, tok_l, used_l, kept, tokens, ending) if stream else None
             for b in range(B):
                 if stop_l[b]:
                     reasons[b] = "stop"
@@ -242,28 +254,40 @@ class Generation:
         tok = self.model.tokenizer
         return None if tok is None else tok.decode(ids, skip_special_tokens=True)
 
-    def _event(self, i: int, tok: list[int], used: list[int], alive: list[bool], tokens) -> StreamEvent:
+    def _text_so_far(self, b: int, tokens: list[int], ending: bool) -> str:
+        """Sequence b's text as the stream may show it: up to a stop string that was found; while it runs,
+        without an end that may begin a stop string (held back until the next tokens decide)."""
+        full = self._decode(tokens) or ""
+        if self._cut[b] is not None:
+            return full[: self._cut[b]]
+        return full if ending or not self.stop_strings else self.stop_strings.visible(full)
+
+    def _event(self, i: int, tok: list[int], used: list[int], kept: list[bool], tokens, ending) -> StreamEvent:
         """The new token of each sequence; its text is the decoded growth, so multi-byte characters that
-        span tokens come out whole (an incomplete one is held back until it completes)."""
-        toks = [t if a else None for t, a in zip(tok, alive)]
-        st = [u if a else None for u, a in zip(used, alive)]
+        span tokens come out whole (an incomplete one is held back until it completes), and so is an end of
+        the text that may begin a stop string. A sequence that ends without a new token (a stop token) shows
+        the text it held back, if any."""
+        toks = [t if a else None for t, a in zip(tok, kept)]
+        st = [u if a else None for u, a in zip(used, kept)]
         texts = []
         for b, t in enumerate(toks):
-            if t is None or self.model.tokenizer is None:
+            if self.model.tokenizer is None or (t is None and not (ending[b] and self.stop_strings)):
                 texts.append(None)
                 continue
-            full = self._decode(tokens[b]) or ""
-            if full.endswith("\ufffd"):
-                texts.append("")
+            shown = self._text_so_far(b, tokens[b], ending[b])
+            if shown.endswith("\ufffd") or len(shown) < len(self._shown[b]):
+                texts.append("" if t is not None else None)
                 continue
-            texts.append(full[len(self._shown[b]) :])
-            self._shown[b] = full
+            delta = shown[len(self._shown[b]) :]
+            texts.append(delta if t is not None or delta else None)
+            self._shown[b] = shown
         if self.batch.single:
             return StreamEvent(i, toks[0], st[0], texts[0])
         return StreamEvent(i, toks, st, texts)
 
     def _result(self, tokens, steps, reasons, kv_bytes: int, logits) -> GenerationResult:
         texts = [self._decode(t) for t in tokens]
+        texts = [t[:c] if t is not None and c is not None else t for t, c in zip(texts, self._cut)]
         prefill = self.decoder.prefill_steps
         if prefill is not None:  # per sequence, its real positions only
             prefill = [[n for n, v in zip(row, m) if v] for row, m in zip(prefill.tolist(), self.batch.mask.tolist())]

@@ -223,7 +223,7 @@ def test_bad_inputs_give_clear_errors():
         (dict(top_p=1.5), "top_p"),
         (dict(min_steps=9, num_steps=4), "min_steps"),
         (dict(num_thoughts=2), "Coconut"),
-        (dict(stop=["every cat"]), "exactly one token"),
+        (dict(stop=[""]), "stop strings must not be empty"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(InputError, match=msg):
@@ -303,3 +303,33 @@ def test_coconut_marker_errors():
             model.logits(torch.tensor([prompt]))
     with pytest.raises(InputError, match="recurrent-depth"):
         latentrt.generate(model, [5, 6], adaptive=True)
+
+
+def test_stop_strings_that_span_tokens_end_the_text_before_them():
+    """A stop string that is not one token is matched on the text: the sequence stops at the token that
+    completes it (kept), its text ends just before it, and the streamed pieces (text that may begin a stop
+    string is held back) add up to that text; one never completed changes nothing. In a batch, each
+    sequence stops on its own."""
+    model = latentrt.load("builtin:recurrent")
+    prompt = "Alex is a wumpus. Every wumpus is a yumpus. Is Alex a yumpus or rompus?"
+    kw = dict(max_new_tokens=8, temperature=0, seed=1)
+    base = latentrt.generate(model, prompt, **kw)
+    text = base.text
+    assert len(base.tokens) >= 5
+    decoded = [model.tokenizer.decode(base.tokens[:n], skip_special_tokens=True) for n in range(len(base.tokens) + 1)]
+    # across a token boundary, from inside a word, the whole text's end, and one that only begins
+    for stop in (text[3:9], text[5:12], text[-6:], text[-4:] + "zz", "zz"):
+        r = latentrt.generate(model, prompt, stop=[stop], **kw)
+        streamed = latentrt.generate(model, prompt, stop=[stop], stream=True, **kw)
+        pieces = "".join(e.text or "" for e in streamed)
+        at = text.find(stop)
+        if at < 0:
+            assert (r.tokens, r.text, r.finish_reasons) == (base.tokens, text, base.finish_reasons), stop
+        else:
+            n = next(n for n, d in enumerate(decoded) if stop in d)  # the token that completes it
+            assert (r.tokens, r.text, r.finish_reasons) == (base.tokens[:n], text[:at], ["stop"]), stop
+        assert pieces == r.text == streamed.result.text, stop
+    other = "Bob is a zumpus. Is Bob a zumpus or rompus?"
+    both = latentrt.generate(model, [prompt, other], stop=[text[5:12]], **kw)
+    alone = latentrt.generate(model, other, stop=[text[5:12]], **kw)
+    assert both.text == [text[: text.find(text[5:12])], alone.text] and both.tokens[1] == alone.tokens

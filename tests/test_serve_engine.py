@@ -107,6 +107,31 @@ def test_logprobs_equal_the_log_softmax_of_generates_logits(scheduler):
         Engine(tiny_coconut(seed=2), max_batch=2).submit([5, 6], top_logprobs=0, echo=True)
 
 
+def test_stop_strings_served_as_generate_alone():
+    """Stop strings (matched on the text, which ends before them) under the depth scheduler: each request's
+    tokens, text and finish reason equal generate() alone, and its events' texts add up to its text."""
+    model = tiny_recurrent(seed=3)
+    prompts = ["every cat is a dog", "Tom is a cat", "a dog is every cat", "is Tom"]
+    kw = dict(max_new_tokens=10, temperature=0.0, seed=7, default_stops=False)
+    requests = []
+    for p in prompts:
+        text = latentrt.generate(model, p, **kw).text
+        for stop in (text[2:7], text[-3:] + "zz", text[4:6]):
+            if stop.strip():
+                requests.append((p, dict(kw, stop=[stop, "never"])))
+    engine = Engine(model, max_batch=4)
+    events = [[] for _ in requests]
+    served = [engine.submit(p, on_event=events[i].append, **o) for i, (p, o) in enumerate(requests)]
+    engine.run_until_idle()
+    stopped = 0
+    for req, (p, o), evs in zip(served, requests, events):
+        alone = latentrt.generate(model, p, **o)
+        assert (req.tokens, req.text, req.finish_reason) == (alone.tokens, alone.text, alone.finish_reasons[0]), o
+        assert "".join(e.text or "" for e in evs if e.kind in ("token", "text")) == req.text
+        stopped += req.finish_reason == "stop"
+    assert stopped >= len(requests) // 2
+
+
 def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
     return [
         (

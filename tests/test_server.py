@@ -206,6 +206,24 @@ def test_logprobs_are_the_models_distribution(recurrent_server):
     assert [e.top_logprobs for e in only] == [[]] * len(want)
 
 
+def test_stop_strings_end_the_text_before_them(recurrent_server):
+    """OpenAI's ``stop``: the returned text never contains the stop sequence (it may span tokens), streamed
+    or not, and equals generate() alone's."""
+    url, _, model = recurrent_server
+    kw = dict(max_new_tokens=10, temperature=0.0, seed=5, default_stops=False)
+    text = latentrt.generate(model, "Tom is a cat", **kw).text
+    stop = text[3:8]
+    alone = latentrt.generate(model, "Tom is a cat", stop=[stop], **kw)
+    assert alone.finish_reasons == ["stop"] and stop not in alone.text
+    args = dict(model="tiny", prompt="Tom is a cat", max_tokens=10, temperature=0, seed=5, stop=[stop, "never"])
+    extra = {"default_stops": False}
+    r = client(url).completions.create(extra_body=extra, **args)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (alone.text, "stop")
+    assert r.choices[0].latentrt["token_ids"] == alone.tokens
+    chunks = list(client(url).completions.create(stream=True, extra_body=extra, **args))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text
+
+
 def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):
     """lm-evaluation-harness's log-likelihood request (token ids, ``echo``, ``logprobs: 1``, ``max_tokens: 1``,
     greedy): the prompt's tokens' log-probs (the first has none) are the log-softmax of one forward of the

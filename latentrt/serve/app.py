@@ -184,6 +184,8 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
                     i, ev = got
                     if ev.kind == "token":
                         yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev, token_text=text_of))
+                    elif ev.kind == "text":  # held back while it might have begun a stop string
+                        yield sse(chunk_body(rid, model_name, i, chat, text=ev.text))
                     elif ev.kind == "done":
                         yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
                         open_ -= 1

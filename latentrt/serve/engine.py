@@ -79,8 +79,9 @@ class TokenLogprob:
 @dataclass
 class RequestEvent:
     """One thing that happened to a request: ``token`` (a new token: id, its latent iterations, the text
-    it adds, its log-probs if the request asked), then ``done`` (``request.finish_reason`` set) or ``error``
-    (``request.error`` set)."""
+    it adds, its log-probs if the request asked), ``text`` (text held back while it might have begun a stop
+    string, shown when a stop token ends the request), then ``done`` (``request.finish_reason`` set) or
+    ``error`` (``request.error`` set)."""
 
     kind: str
     token: int | None = None
@@ -470,22 +471,32 @@ class Engine:
                 except NonFiniteStateError as exc:
                     self._fail(req, exc)
                 continue
-            gen = req.generation
+            gen, stops = req.generation, req.generation.stop_strings
             stopped = tok in req.stop_set and req.decoder.stops_at(index)
-            if req.decoder.keep_stop_token or not stopped:
-                lp = None
+            kept = req.decoder.keep_stop_token or not stopped
+            lp = None
+            if kept:
                 if id(req) in lps:
                     lp = TokenLogprob(tok, *lps[id(req)], offset=len(req.text))
                     req.logprobs.append(lp)
                 req.tokens.append(tok)
                 req.steps.append(req.pending_steps)
                 req.times["tokens"].append(time.perf_counter())
-                full = gen._decode(req.tokens) or ""
-                delta = "" if full.endswith("\ufffd") else full[len(req.text) :]
-                req.text = req.text if full.endswith("\ufffd") else full
+            # the text so far, as generate() shows it (latentrt/stop_strings.py): up to a stop string found;
+            # while running, without an end that may begin one; an incomplete character held back
+            full = gen._decode(req.tokens) or ""
+            cut = stops.cut(full) if stops and kept else None
+            ends = stopped or cut is not None or index + 1 >= req.options.max_new_tokens
+            shown = full[:cut] if cut is not None else (stops.visible(full) if stops and not ends else full)
+            grows = not shown.endswith("\ufffd") and len(shown) >= len(req.text)
+            delta = shown[len(req.text) :] if grows else ""
+            req.text = shown if grows else req.text
+            if kept:
                 req.emit(RequestEvent("token", tok, req.pending_steps, delta, lp))
+            elif delta:  # a stop token ends it: the text it held back
+                req.emit(RequestEvent("text", text=delta))
             self.metrics.tokens += 1
-            if stopped:
+            if stopped or cut is not None:
                 self._finish(req, "stop")
             elif index + 1 >= req.options.max_new_tokens:
                 self._finish(req, "length")
