@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
     g.add_argument(
+        "--stop-text",
+        nargs="+",
+        default=UNSET,
+        help="strings that end a sequence (matched on the text, which ends before them)",
+    )
+    g.add_argument(
         "--decoding",
         default=UNSET,
         choices=decodings(),
@@ -199,6 +205,8 @@ def _load(args):
 def _options(args) -> dict:
     """The generate() options the user gave on the command line."""
     opts = {opt: getattr(args, flag) for flag, opt in GENERATE_FLAGS.items() if hasattr(args, flag)}
+    if hasattr(args, "stop_text"):  # one ``stop`` list: the token ids, then the strings
+        opts["stop"] = list(opts.get("stop", [])) + list(args.stop_text)
     if "decoding_options" in opts:
         opts["decoding_options"] = dict(_key_value(item) for item in opts["decoding_options"])
     return opts

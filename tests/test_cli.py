@@ -46,6 +46,21 @@ def test_generate_json_batch_stream(recurrent_dir, capsys):
     assert main(["generate", str(recurrent_dir), "every cat", "--max-new-tokens", "3", "--stream"]) == 0
 
 
+def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
+    """``--stop-text`` strings join ``--stop`` ids in generate()'s ``stop``: the same tokens and text."""
+    import latentrt
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    kw = dict(max_new_tokens=8, temperature=0.0, seed=2, default_stops=False)
+    text = latentrt.generate(model, "every cat is", **kw).text
+    want = latentrt.generate(model, "every cat is", stop=[7, text[2:6]], **kw)
+    argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--temperature", "0"]
+    argv += ["--seed", "2", "--no-default-stops", "--stop", "7", "--stop-text", text[2:6], "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["tokens"], res["text"], res["finish_reasons"]) == (want.tokens, want.text, want.finish_reasons)
+
+
 def test_generate_coconut(coconut_dir, capsys):
     assert main(["generate", str(coconut_dir), "every cat", "--thoughts", "2", "--max-new-tokens", "3"]) == 0
     assert "continuous thoughts: 2" in capsys.readouterr().out
