@@ -24,6 +24,7 @@ LAYERS = [
         "recurrence",
         "hooks",
         "sampling",
+        "stop_strings",
         "prompts",
         "tokenizer",
         "records",
