@@ -75,6 +75,8 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
     """Every sampler on every problem, interleaved per problem (so a busy machine slows them alike)."""
     acc = {name: dict(correct=0, tokens=0, passes=0, iters=0, seconds=0.0, drafted=0, accepted=0) for name in kws}
     prefill, firsts = 0.0, 0  # the prompt at num_steps and its first token: the same for every sampler
+    for kw in [{}, *kws.values()]:  # warm-up, untimed: first calls pay one-time costs (lazy imports, allocations)
+        latentrt.generate(model, records[0].question, max_new_tokens=2, num_steps=num_steps, **kw)
     for rec in records:
         t0 = time.perf_counter()
         first = latentrt.generate(model, rec.question, max_new_tokens=1, num_steps=num_steps)
