@@ -132,6 +132,31 @@ def test_stop_strings_served_as_generate_alone():
     assert stopped >= len(requests) // 2
 
 
+def test_text_not_read_per_token_is_decoded_once(monkeypatch):
+    """``text_per_token=False`` (a response that is not streamed): no decode while the request runs, one when
+    it finishes, the same text as generate() alone; stop strings and log-probs still decode per token."""
+    from latentrt.engine import Generation
+
+    model = tiny_recurrent(seed=3)
+    requests = [(p, dict(kw, max_new_tokens=8)) for p, kw in recurrent_requests(6, seed=5)]
+    engine = Engine(model, max_batch=4)
+    events = [[] for _ in requests]
+    served = [
+        engine.submit(p, on_event=events[i].append, text_per_token=False, **kw) for i, (p, kw) in enumerate(requests)
+    ]
+    decodes = []
+    real = Generation._decode
+    monkeypatch.setattr(Generation, "_decode", lambda self, ids: decodes.append(len(ids)) or real(self, ids))
+    engine.run_until_idle()
+    assert len(decodes) == len(requests)  # one each, at the end
+    for req, (p, kw), evs in zip(served, requests, events):
+        alone = latentrt.generate(model, p, **kw)
+        assert (req.tokens, req.text) == (alone.tokens, alone.text)
+        assert all(e.text is None for e in evs if e.kind == "token")
+    live = engine.submit(requests[0][0], text_per_token=False, **dict(requests[0][1], stop=["never"]))
+    assert live.live_text
+
+
 def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
     return [
         (

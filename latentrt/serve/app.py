@@ -101,7 +101,12 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
             for i, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options)):
                 reqs.append(
                     engine.submit(
-                        prompt, on_event=on_event_for(i), top_logprobs=parsed.top_logprobs, echo=parsed.echo, **opts
+                        prompt,
+                        on_event=on_event_for(i),
+                        top_logprobs=parsed.top_logprobs,
+                        echo=parsed.echo,
+                        text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
+                        **opts,
                     )
                 )
         except Exception:

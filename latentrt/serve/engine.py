@@ -137,6 +137,7 @@ class Request:
     echo: bool = False  # the response repeats the prompt (and with log-probs, scores its tokens)
     prompt_text: str = ""  # the prompt as text (decoded where it came as ids)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
+    live_text: bool = True  # ``text`` kept up to date at every token; else decoded once, when it finishes
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
     stop_set: frozenset = frozenset()  # token ids that end it
@@ -244,12 +245,16 @@ class Engine:
         request_id: str | None = None,
         top_logprobs: int | None = None,
         echo: bool = False,
+        text_per_token: bool = True,
         **kwargs,
     ) -> Request:
         """Validate and queue a request (errors: InputError with generate()'s message, QueueFull,
         ShuttingDown). ``prompt``: one prompt (text, ids); ``top_logprobs``: report each token's
         log-probability and those of the ``top_logprobs`` most likely tokens (None: no log-probs); ``echo``: the
-        prompt too (its text, and with log-probs its tokens', where the family scores prompts)."""
+        prompt too (its text, and with log-probs its tokens', where the family scores prompts);
+        ``text_per_token``: False when nobody reads the text before the request finishes (a response that is
+        not streamed): it is then decoded once, at the end, unless stop strings or log-probs' text offsets
+        need it at every token (decoding the whole text at every token costs O(length^2))."""
         opts = GenerateOptions.build(options, **kwargs)
         number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
         if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
@@ -280,6 +285,7 @@ class Engine:
             req = Request(request_id or f"req-{self._ids}", gen, on_event, prompt_tokens=prompt_tokens)
             req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
             req.echo, req.prompt_text = bool(echo), prompt if isinstance(prompt, str) else gen._decode(prompt_ids) or ""
+            req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
             self.queue.append(req)
@@ -482,15 +488,17 @@ class Engine:
                 req.tokens.append(tok)
                 req.steps.append(req.pending_steps)
                 req.times["tokens"].append(time.perf_counter())
-            # the text so far, as generate() shows it (latentrt/stop_strings.py): up to a stop string found;
-            # while running, without an end that may begin one; an incomplete character held back
-            full = gen._decode(req.tokens) or ""
-            cut = stops.cut(full) if stops and kept else None
-            ends = stopped or cut is not None or index + 1 >= req.options.max_new_tokens
-            shown = full[:cut] if cut is not None else (stops.visible(full) if stops and not ends else full)
-            grows = not shown.endswith("\ufffd") and len(shown) >= len(req.text)
-            delta = shown[len(req.text) :] if grows else ""
-            req.text = shown if grows else req.text
+            cut, delta = None, None  # without live text, it is decoded when the request finishes (``_finish``)
+            if req.live_text:
+                # the text so far, as generate() shows it (latentrt/stop_strings.py): up to a stop string
+                # found; while running, without an end that may begin one; an incomplete character held back
+                full = gen._decode(req.tokens) or ""
+                cut = stops.cut(full) if stops and kept else None
+                ends = stopped or cut is not None or index + 1 >= req.options.max_new_tokens
+                shown = full[:cut] if cut is not None else (stops.visible(full) if stops and not ends else full)
+                grows = not shown.endswith("\ufffd") and len(shown) >= len(req.text)
+                delta = shown[len(req.text) :] if grows else ""
+                req.text = shown if grows else req.text
             if kept:
                 req.emit(RequestEvent("token", tok, req.pending_steps, delta, lp))
             elif delta:  # a stop token ends it: the text it held back
@@ -542,6 +550,8 @@ class Engine:
             self._finish(req, "cancelled")
 
     def _finish(self, req: Request, reason: str) -> None:
+        if not req.live_text:
+            req.text = req.generation._decode(req.tokens) or ""
         req.finish_reason = reason
         req.times["finished"] = time.perf_counter()
         req.times["finished_step"] = self.metrics.steps
