@@ -103,6 +103,8 @@ def test_logprobs_equal_the_log_softmax_of_generates_logits(scheduler):
             assert [v for _, v in e.top] == pytest.approx(best.values.tolist(), abs=1e-5)
     with pytest.raises(InputError, match=r"top_logprobs must be an integer in \[0, 20\]"):
         engine.submit([5], top_logprobs=21)
+    with pytest.raises(InputError, match="only a request that echoes its prompt can generate no token"):
+        engine.submit([5], score_only=True)
     with pytest.raises(InputError, match="echo with logprobs scores the prompt's tokens, which Coconut"):
         Engine(tiny_coconut(seed=2), max_batch=2).submit([5, 6], top_logprobs=0, echo=True)
 

@@ -248,6 +248,15 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):
     prompt_text = model.tokenizer.decode(ids, skip_special_tokens=True)
     assert choice.text == prompt_text + latentrt.generate(model, ids, max_new_tokens=1, seed=3, **extra).text
     assert got.text_offset[len(ids)] == len(prompt_text)  # the generated token's text starts after the prompt's
+    scored = (
+        client(url)
+        .completions.create(
+            model="tiny", prompt=ids, max_tokens=0, logprobs=1, echo=True, temperature=0, seed=3, extra_body=extra
+        )
+        .choices[0]
+    )  # OpenAI's scoring request: the prompt only, no token generated
+    assert (scored.text, scored.finish_reason, scored.latentrt["token_ids"]) == (prompt_text, "length", [])
+    assert scored.logprobs.token_logprobs == got.token_logprobs[: len(ids)]
     plain = client(url).completions.create(model="tiny", prompt="Tom is a cat", max_tokens=2, echo=True, temperature=0)
     assert plain.choices[0].text.startswith("Tom is a cat") and plain.choices[0].logprobs is None
 

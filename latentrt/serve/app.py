@@ -105,6 +105,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
                         on_event=on_event_for(i),
                         top_logprobs=parsed.top_logprobs,
                         echo=parsed.echo,
+                        score_only=parsed.score_only,
                         text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
                         **opts,
                     )

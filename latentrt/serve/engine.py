@@ -138,6 +138,7 @@ class Request:
     prompt_text: str = ""  # the prompt as text (decoded where it came as ids)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
     live_text: bool = True  # ``text`` kept up to date at every token; else decoded once, when it finishes
+    score_only: bool = False  # echo with no new token: the prompt is scored (with log-probs) and it ends
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
     stop_set: frozenset = frozenset()  # token ids that end it
@@ -246,6 +247,7 @@ class Engine:
         top_logprobs: int | None = None,
         echo: bool = False,
         text_per_token: bool = True,
+        score_only: bool = False,
         **kwargs,
     ) -> Request:
         """Validate and queue a request (errors: InputError with generate()'s message, QueueFull,
@@ -254,7 +256,9 @@ class Engine:
         prompt too (its text, and with log-probs its tokens', where the family scores prompts);
         ``text_per_token``: False when nobody reads the text before the request finishes (a response that is
         not streamed): it is then decoded once, at the end, unless stop strings or log-probs' text offsets
-        need it at every token (decoding the whole text at every token costs O(length^2))."""
+        need it at every token (decoding the whole text at every token costs O(length^2)); ``score_only`` (with
+        ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
+        (``max_new_tokens`` is then only checked)."""
         opts = GenerateOptions.build(options, **kwargs)
         number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
         if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
@@ -266,6 +270,8 @@ class Engine:
         gen = Generation(self.model, prompt, opts)
         if gen.decoder.sampler is not None:
             raise InputError(f"decoding={opts.decoding!r} runs in generate() only; the server decodes sequentially")
+        if score_only and not echo:
+            raise InputError("only a request that echoes its prompt can generate no token (max_tokens 0)")
         if echo and top_logprobs is not None and not gen.decoder.SCORES_PROMPTS:
             raise InputError(f"echo with logprobs scores the prompt's tokens, which {gen.decoder.TITLE} models do not")
         if not gen.batch.single:
@@ -286,6 +292,7 @@ class Engine:
             req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
             req.echo, req.prompt_text = bool(echo), prompt if isinstance(prompt, str) else gen._decode(prompt_ids) or ""
             req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
+            req.score_only = bool(score_only)
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
             self.queue.append(req)
@@ -409,7 +416,7 @@ class Engine:
             return []
         if self.scheduler == "token" and any(r.in_unit for r in self.resident):
             return []
-        admitted, budget = [], self.prefill_budget
+        admitted, budget, scored = [], self.prefill_budget, []
         pool = self.program.pool
         with self.lock:
             while self.queue:
@@ -417,6 +424,10 @@ class Engine:
                 if req.cancelled:
                     self.queue.popleft()
                     self._finish(req, "cancelled")
+                    continue
+                if req.score_only:  # no row: scored (below, outside the lock) and ended
+                    self.queue.popleft()
+                    scored.append(req)
                     continue
                 mode = self.program.kv_mode(req.decoder)
                 size = req.batch.ids.shape[1]
@@ -428,6 +439,14 @@ class Engine:
                 budget -= size
                 admitted.append(req)
                 self.resident.append(req)
+        for req in scored:
+            try:
+                if req.top_logprobs is not None:
+                    req.prompt_logprobs = self._score_prompt(req)
+            except LatentRTError as exc:
+                self._fail(req, exc)
+                continue
+            self._finish(req, "length")
         return admitted
 
     def _start_units(self) -> None:

@@ -58,6 +58,7 @@ class Parsed:
     include_usage: bool
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per token
     echo: bool = False  # completions: the prompt is repeated (and scored, with log-probs)
+    score_only: bool = False  # echo with max_tokens 0: no token is generated
 
 
 def _check_fields(body, allowed: set[str], what: str) -> dict:
@@ -170,6 +171,11 @@ def parse_completion(body) -> Parsed:
     parsed.echo = _flag(body, "echo")
     if parsed.echo and stream:
         raise InputError("echo is not available with stream: true")
+    max_tokens = body.get("max_tokens")
+    if parsed.echo and max_tokens == 0 and not isinstance(max_tokens, bool):  # score the prompt only
+        parsed.score_only = True
+        for o in parsed.options:
+            o["max_new_tokens"] = 1  # what generate() checks; no token is generated
     return parsed
 
 
