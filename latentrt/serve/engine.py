@@ -90,6 +90,22 @@ class RequestEvent:
     logprob: TokenLogprob | None = None
 
 
+def logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab: int) -> torch.Tensor:
+    """[n, 1 + 2k] fp32 on the logits' device: per row, ``tokens``' log-prob under the model's distribution
+    (log-softmax of ``logits[:, :vocab]``: no temperature or top-k/p), then the k best log-probs and their
+    ids (ids < 2^24: exact in fp32); k is clipped to the vocabulary. ``read_logprob_row`` reads a row back."""
+    lp = torch.log_softmax(logits[:, :vocab].float(), -1)
+    cols = [lp.gather(1, tokens[:, None])]
+    best = lp.topk(min(k, vocab), -1)
+    return torch.cat(cols + [best.values, best.indices.float()], 1)
+
+
+def read_logprob_row(row: list[float], keep: int) -> tuple[float, list[tuple[int, float]]]:
+    """A ``logprob_rows`` row on the host: (the token's log-prob, [(id, log-prob)] of its ``keep`` best)."""
+    k = (len(row) - 1) // 2
+    return row[0], [(int(i), v) for v, i in zip(row[1 : 1 + k], row[1 + k :])][:keep]
+
+
 @dataclass
 class Sampled:
     """The tokens sampled in a step, on the device until the next step's one read: the requests, their
@@ -112,11 +128,11 @@ class Sampled:
         (log-prob, [(id, log-prob)] of its own top_logprobs best)."""
         n, k = len(self.reqs), self.k
         tokens, flags, rest = [int(v) for v in host[:n]], [int(v) for v in host[n : 2 * n]], host[2 * n :]
-        lps = {}
-        for j, req in enumerate(self.lp_reqs):
-            row = rest[j * (1 + 2 * k) : (j + 1) * (1 + 2 * k)]
-            best = [(int(i), v) for v, i in zip(row[1 : 1 + k], row[1 + k :])][: req.top_logprobs]
-            lps[id(req)] = (row[0], best)
+        width = 1 + 2 * k
+        lps = {
+            id(req): read_logprob_row(rest[j * width : (j + 1) * width], req.top_logprobs)
+            for j, req in enumerate(self.lp_reqs)
+        }
         return tokens, flags, lps
 
 
@@ -465,19 +481,13 @@ class Engine:
         ``prompt_logits``), read back here; the first token has none. Offsets: where the text each token
         adds starts (the length of the prompt's tokens before it, decoded), as for generated tokens."""
         ids, vocab = req.prompt_ids, self.model.config.vocab_size
-        logits = req.decoder.prompt_logits(torch.tensor(ids, device=self.model.device))
-        lp = torch.log_softmax(logits[:-1, :vocab].float(), -1)
-        cols = [lp.gather(1, torch.tensor(ids[1:], device=lp.device)[:, None])]
-        k = min(req.top_logprobs, vocab)
-        if k:
-            best = lp.topk(k, -1)
-            cols += [best.values, best.indices.float()]
-        rows = torch.cat(cols, 1).tolist() if len(ids) > 1 else []
+        ids_t = torch.tensor(ids, device=self.model.device)
+        logits = req.decoder.prompt_logits(ids_t)
+        rows = logprob_rows(logits[:-1], ids_t[1:], req.top_logprobs, vocab).tolist() if len(ids) > 1 else []
         offsets = [min(len(req.generation._decode(ids[:i]) or ""), len(req.prompt_text)) for i in range(len(ids))]
         out = [TokenLogprob(ids[0], None, [], 0)]
         for i, row in enumerate(rows):
-            top = [(int(t), v) for v, t in zip(row[1 : 1 + k], row[1 + k :])]
-            out.append(TokenLogprob(ids[i + 1], row[0], top, offsets[i + 1]))
+            out.append(TokenLogprob(ids[i + 1], *read_logprob_row(row, req.top_logprobs), offsets[i + 1]))
         return out
 
     def _take_tokens(self, host: list[float]) -> None:
@@ -554,14 +564,9 @@ class Engine:
         want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]
         if want:  # the model's distribution (no temperature / top-k/p), over the vocabulary
             at = to_device(want, logits.device)
-            lp = torch.log_softmax(logits[at, :vocab].float(), -1)
-            cols = [lp.gather(1, tokens[at][:, None])]
             k = min(max(ended[i].request.top_logprobs for i in want), vocab)
-            if k:
-                best = lp.topk(k, -1)
-                cols += [best.values, best.indices.float()]  # ids < 2^24: exact in fp32
             self._sampled.lp_reqs, self._sampled.k = [ended[i].request for i in want], k
-            self._sampled.logprobs = torch.cat(cols, 1).reshape(-1)
+            self._sampled.logprobs = logprob_rows(logits[at], tokens[at], k, vocab).reshape(-1)
 
     # ---------------------------------------------------------------- requests out
     def _drop_cancelled(self) -> None:
