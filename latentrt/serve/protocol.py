@@ -113,7 +113,7 @@ def _top_logprobs(body: dict, chat: bool) -> int | None:
             raise InputError(f"logprobs must be true or false, got {lp!r}")
         if top is not None and not lp:
             raise InputError("top_logprobs needs logprobs: true")
-        lp, top = (None, None) if not lp else (True, 0 if top is None else top)
+        top = None if not lp else (0 if top is None else top)
         name = "top_logprobs"
     else:
         top, name = lp, "logprobs"
