@@ -22,6 +22,7 @@ from .memory import check_fits
 from .options import GenerateOptions
 from .prompts import make_batch
 from .sampling import SequenceRNG, sample
+from .sequence_text import SequenceText
 from .stop_strings import StopStrings
 
 
@@ -166,8 +167,9 @@ class Generation:
         steps: list[list[int]] = [[] for _ in range(B)]
         kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         reasons = ["length"] * B
-        self._shown = [""] * B
-        self._cut: list[int | None] = [None] * B  # where a stop string begins in a sequence's text
+        tok = self.model.tokenizer  # each sequence's text, decoded as it grows where a stream or stop strings read it
+        self._texts = None if tok is None else [SequenceText(tok, self.stop_strings) for _ in range(B)]
+        live = self._texts is not None and (stream or bool(self.stop_strings))
         proposals = None if self.sampler is None else self.sampler.tokens(self.batch, self._draw)
         out = decoder.prefill(self.batch) if proposals is None else None
         stop_set = set(self.stop_ids.tolist())
@@ -198,11 +200,10 @@ class Generation:
                     steps[b].append(used_l[b])
                     if opts.return_logits:
                         kept_logits[b].append(logits_l[b].cpu())
-            if self.stop_strings and any(kept):  # stop strings: on the text (host), after the token joined it
-                for b in range(B):
-                    if kept[b] and self._cut[b] is None:
-                        self._cut[b] = self.stop_strings.cut(self._decode(tokens[b]) or "")
-                        stop_l[b] = int(stop_l[b] or self._cut[b] is not None)
+                    if live:  # stop strings: on the text (host), after the token joined it
+                        self._texts[b].add(tok_l[b])
+                        stop_l[b] = int(stop_l[b] or self._texts[b].cut is not None)
+            if self.stop_strings and any(kept):
                 stopped = torch.tensor(stop_l, dtype=torch.bool, device=alive.device)
             ending = [a and (st or i + 1 == opts.max_new_tokens) for a, st in zip(alive_l, stop_l)]
             yield self._event(i, tok_l, used_l, kept, tokens, ending) if stream else None
@@ -254,40 +255,26 @@ class Generation:
         tok = self.model.tokenizer
         return None if tok is None else tok.decode(ids, skip_special_tokens=True)
 
-    def _text_so_far(self, b: int, tokens: list[int], ending: bool) -> str:
-        """Sequence b's text as the stream may show it: up to a stop string that was found; while it runs,
-        without an end that may begin a stop string (held back until the next tokens decide)."""
-        full = self._decode(tokens) or ""
-        if self._cut[b] is not None:
-            return full[: self._cut[b]]
-        return full if ending or not self.stop_strings else self.stop_strings.visible(full)
-
     def _event(self, i: int, tok: list[int], used: list[int], kept: list[bool], tokens, ending) -> StreamEvent:
-        """The new token of each sequence; its text is the decoded growth, so multi-byte characters that
-        span tokens come out whole (an incomplete one is held back until it completes), and so is an end of
-        the text that may begin a stop string. A sequence that ends without a new token (a stop token) shows
-        the text it held back, if any."""
+        """The new token of each sequence, with the text it adds (latentrt/sequence_text.py): a character
+        that spans tokens comes out whole, and an end that may begin a stop string is held back until the
+        next tokens decide; a sequence that ends shows all it held back, so the pieces add up to its text
+        (with a stop token that is not kept, as a text without a token)."""
         toks = [t if a else None for t, a in zip(tok, kept)]
         st = [u if a else None for u, a in zip(used, kept)]
         texts = []
         for b, t in enumerate(toks):
-            if self.model.tokenizer is None or (t is None and not (ending[b] and self.stop_strings)):
+            if self._texts is None or (t is None and not ending[b]):
                 texts.append(None)
                 continue
-            shown = self._text_so_far(b, tokens[b], ending[b])
-            if shown.endswith("\ufffd") or len(shown) < len(self._shown[b]):
-                texts.append("" if t is not None else None)
-                continue
-            delta = shown[len(self._shown[b]) :]
-            texts.append(delta if t is not None or delta else None)
-            self._shown[b] = shown
+            piece = self._texts[b].end(tokens[b]) if ending[b] else self._texts[b].show()
+            texts.append(piece if t is not None or piece else None)
         if self.batch.single:
             return StreamEvent(i, toks[0], st[0], texts[0])
         return StreamEvent(i, toks, st, texts)
 
     def _result(self, tokens, steps, reasons, kv_bytes: int, logits) -> GenerationResult:
-        texts = [self._decode(t) for t in tokens]
-        texts = [t[:c] if t is not None and c is not None else t for t, c in zip(texts, self._cut)]
+        texts = [None] * len(tokens) if self._texts is None else [x.finish(t) for x, t in zip(self._texts, tokens)]
         prefill = self.decoder.prefill_steps
         if prefill is not None:  # per sequence, its real positions only
             prefill = [[n for n, v in zip(row, m) if v] for row, m in zip(prefill.tolist(), self.batch.mask.tolist())]

@@ -5,7 +5,7 @@ A string, e.g. ``"Question:"`` or ``"\\n\\n"``, one token or several, is matched
 sequence's generated text after every token (as vLLM's and OpenAI's ``stop``): the sequence stops at the
 token that completes the string (its tokens keep that token), and its text ends just before the string.
 While streaming, text that might be the beginning of a stop string is held back until the next tokens say
-whether it is, so the streamed pieces always add up to the final text.
+whether it is, so the streamed pieces always add up to the final text (latentrt/sequence_text.py).
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ class StopStrings:
 
     def __init__(self, strings: list[str]) -> None:
         self.strings = tuple(dict.fromkeys(strings))
+        self.longest = max((len(s) for s in self.strings), default=0)
 
     def __bool__(self) -> bool:
         return bool(self.strings)
 
-    def cut(self, text: str) -> int | None:
-        """Where the first stop string in ``text`` begins (the text ends there), or None."""
-        found = [j for j in (text.find(s) for s in self.strings) if j >= 0]
+    def cut(self, text: str, start: int = 0) -> int | None:
+        """Where the first stop string in ``text`` that begins at ``start`` or later begins (the text ends
+        there), or None."""
+        found = [j for j in (text.find(s, start) for s in self.strings) if j >= 0]
         return min(found) if found else None
 
-    def visible(self, text: str) -> str:
-        """``text`` less its longest end that begins a stop string (what may be shown while streaming)."""
+    def held(self, text: str) -> int:
+        """How many characters at the end of ``text`` may begin a stop string (a stream holds them back)."""
         held = 0
         for s in self.strings:
             for k in range(min(len(s) - 1, len(text)), held, -1):
                 if text.endswith(s[:k]):
                     held = k
                     break
-        return text[: len(text) - held]
+        return held

@@ -25,6 +25,7 @@ LAYERS = [
         "hooks",
         "sampling",
         "stop_strings",
+        "sequence_text",
         "prompts",
         "tokenizer",
         "records",

@@ -137,7 +137,7 @@ def test_stop_strings_served_as_generate_alone():
 def test_text_not_read_per_token_is_decoded_once(monkeypatch):
     """``text_per_token=False`` (a response that is not streamed): no decode while the request runs, one when
     it finishes, the same text as generate() alone; stop strings and log-probs still decode per token."""
-    from latentrt.engine import Generation
+    from latentrt.sequence_text import SequenceText
 
     model = tiny_recurrent(seed=3)
     requests = [(p, dict(kw, max_new_tokens=8)) for p, kw in recurrent_requests(6, seed=5)]
@@ -146,17 +146,24 @@ def test_text_not_read_per_token_is_decoded_once(monkeypatch):
     served = [
         engine.submit(p, on_event=events[i].append, text_per_token=False, **kw) for i, (p, kw) in enumerate(requests)
     ]
-    decodes = []
-    real = Generation._decode
-    monkeypatch.setattr(Generation, "_decode", lambda self, ids: decodes.append(len(ids)) or real(self, ids))
+    added, decoded = [], []
+    real_add, real_finish = SequenceText.add, SequenceText.finish
+    monkeypatch.setattr(SequenceText, "add", lambda self, t: added.append(t) or real_add(self, t))
+    monkeypatch.setattr(
+        SequenceText, "finish", lambda self, ids: decoded.append(self.final is None) or real_finish(self, ids)
+    )
     engine.run_until_idle()
-    assert len(decodes) == len(requests)  # one each, at the end
+    assert added == [] and decoded.count(True) == len(requests)  # nothing per token; the whole text once each
     for req, (p, kw), evs in zip(served, requests, events):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.text) == (alone.tokens, alone.text)
         assert all(e.text is None for e in evs if e.kind == "token")
+    added.clear(), decoded.clear()
     live = engine.submit(requests[0][0], text_per_token=False, **dict(requests[0][1], stop=["never"]))
-    assert live.live_text
+    streamed = engine.submit(requests[1][0], **requests[1][1])
+    assert live.live_text and streamed.live_text
+    engine.run_until_idle()  # each token's text decoded as it comes (O(1) a token); the whole text once, at the end
+    assert sorted(added) == sorted(live.tokens + streamed.tokens) and decoded.count(True) == 2
 
 
 def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:

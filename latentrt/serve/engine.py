@@ -49,6 +49,8 @@ from ..errors import InputError, LatentRTError, NonFiniteStateError
 from ..families import family_for
 from ..options import GenerateOptions
 from ..sampling import sample
+from ..sequence_text import SequenceText
+from ..stop_strings import StopStrings
 from ..transfer import to_device
 from .metrics import EngineMetrics
 
@@ -147,13 +149,16 @@ class Request:
     prompt_ids: list[int] = field(default_factory=list)  # host copy, read at submit (not inside a step)
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # the final text, set when it finishes
+    sequence_text: SequenceText | None = None  # the text as it grows (None without a tokenizer)
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per position
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token in ``tokens`` (when asked)
     echo: bool = False  # the response repeats the prompt (and with log-probs, scores its tokens)
     prompt_text: str = ""  # the prompt as text (decoded where it came as ids)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
-    live_text: bool = True  # ``text`` kept up to date at every token; else decoded once, when it finishes
+    live_text: bool = (
+        True  # the text decoded as it grows (a stream, stop strings, log-probs' offsets); else once, at the end
+    )
     score_only: bool = False  # echo with no new token: the prompt is scored (with log-probs) and it ends
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
@@ -308,6 +313,8 @@ class Engine:
             req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
             req.echo, req.prompt_text = bool(echo), prompt if isinstance(prompt, str) else gen._decode(prompt_ids) or ""
             req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
+            tok = self.model.tokenizer
+            req.sequence_text = None if tok is None else SequenceText(tok, gen.stop_strings)
             req.score_only = bool(score_only)
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
@@ -484,7 +491,11 @@ class Engine:
         ids_t = torch.tensor(ids, device=self.model.device)
         logits = req.decoder.prompt_logits(ids_t)
         rows = logprob_rows(logits[:-1], ids_t[1:], req.top_logprobs, vocab).tolist() if len(ids) > 1 else []
-        offsets = [min(len(req.generation._decode(ids[:i]) or ""), len(req.prompt_text)) for i in range(len(ids))]
+        offsets, prompt = [], SequenceText(self.model.tokenizer, StopStrings([])) if self.model.tokenizer else None
+        for t in ids:  # (decoded as it grows, as generated tokens' offsets are)
+            offsets.append(0 if prompt is None else min(len(prompt.text), len(req.prompt_text)))
+            if prompt is not None:
+                prompt.add(t)
         out = [TokenLogprob(ids[0], None, [], 0)]
         for i, row in enumerate(rows):
             out.append(TokenLogprob(ids[i + 1], *read_logprob_row(row, req.top_logprobs), offsets[i + 1]))
@@ -506,28 +517,23 @@ class Engine:
                 except NonFiniteStateError as exc:
                     self._fail(req, exc)
                 continue
-            gen, stops = req.generation, req.generation.stop_strings
             stopped = tok in req.stop_set and req.decoder.stops_at(index)
             kept = req.decoder.keep_stop_token or not stopped
             lp = None
             if kept:
                 if id(req) in lps:
-                    lp = TokenLogprob(tok, *lps[id(req)], offset=len(req.text))
+                    lp = TokenLogprob(tok, *lps[id(req)], offset=req.sequence_text.shown if req.sequence_text else 0)
                     req.logprobs.append(lp)
                 req.tokens.append(tok)
                 req.steps.append(req.pending_steps)
                 req.times["tokens"].append(time.perf_counter())
-            cut, delta = None, None  # without live text, it is decoded when the request finishes (``_finish``)
-            if req.live_text:
-                # the text so far, as generate() shows it (latentrt/stop_strings.py): up to a stop string
-                # found; while running, without an end that may begin one; an incomplete character held back
-                full = gen._decode(req.tokens) or ""
-                cut = stops.cut(full) if stops and kept else None
+            cut, delta, text = None, None, req.sequence_text
+            if req.live_text and text is not None:  # as generate() shows it (latentrt/sequence_text.py)
+                if kept:
+                    text.add(tok)
+                cut = text.cut
                 ends = stopped or cut is not None or index + 1 >= req.options.max_new_tokens
-                shown = full[:cut] if cut is not None else (stops.visible(full) if stops and not ends else full)
-                grows = not shown.endswith("\ufffd") and len(shown) >= len(req.text)
-                delta = shown[len(req.text) :] if grows else ""
-                req.text = shown if grows else req.text
+                delta = text.end(req.tokens) if ends else text.show()
             if kept:
                 req.emit(RequestEvent("token", tok, req.pending_steps, delta, lp))
             elif delta:  # a stop token ends it: the text it held back
@@ -574,8 +580,8 @@ class Engine:
             self._finish(req, "cancelled")
 
     def _finish(self, req: Request, reason: str) -> None:
-        if not req.live_text:
-            req.text = req.generation._decode(req.tokens) or ""
+        if req.sequence_text is not None:
+            req.text = req.sequence_text.finish(req.tokens)
         req.finish_reason = reason
         req.times["finished"] = time.perf_counter()
         req.times["finished_step"] = self.metrics.steps

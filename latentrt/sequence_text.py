@@ -1,0 +1,82 @@
+"""The text of one generated sequence as it grows: what a stream shows and where a stop string ends it.
+
+Each new token is decoded with a few tokens of context (the ``tokenizers`` library's ``DecodeStream``, the
+incremental detokenization vLLM does too), so a token costs the same at position 10 and at 10,000; decoding
+the whole text again at every token is O(length^2) (1.9 ms a token at 1,200 tokens on a CPU). A character
+that spans tokens comes out whole: an incomplete one is held back until it completes. Stop strings
+(latentrt/stop_strings.py) are searched only where the new text can complete one, and a stream is shown
+the text less an end that may begin one.
+
+The final text is the whole decode, once (``tokenizer.decode(tokens, skip_special_tokens=True)``, up to the
+stop string found: what generate() returns); at the end a stream is given what of it was still held back
+(an incomplete character, the beginning of a stop string), so its pieces add up to the final text.
+"""
+
+from __future__ import annotations
+
+from tokenizers.decoders import DecodeStream
+
+from .stop_strings import StopStrings
+
+CONTEXT = 8  # tokens of context a restarted decode is given (DecodeStream itself keeps one or two)
+
+
+class SequenceText:
+    """One sequence's text: ``add`` each token it keeps, ``show`` while it runs, ``end`` when it ends;
+    ``finish`` gives the final text."""
+
+    def __init__(self, tokenizer, stops: StopStrings) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (whole characters only)
+        self.cut: int | None = None  # where the first stop string begins, once a token completed one
+        self.shown = 0  # characters a stream has been given
+        self.final: str | None = None  # the whole decode, up to the stop string (set by ``finish``)
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def add(self, token: int) -> None:
+        """The sequence keeps ``token``: decode what it adds and look for a stop string it completes."""
+        self.ids.append(token)
+        try:
+            piece = self._stream.step(self.tokenizer, token)
+        except Exception:  # a decoder whose text is not a prefix of the next one's: decode it all again
+            piece = self._redecode()
+        if not piece:
+            return
+        start = max(0, len(self.text) - self.stops.longest + 1)
+        self.text += piece
+        if self.stops and self.cut is None:
+            self.cut = self.stops.cut(self.text, start)
+
+    def _redecode(self) -> str:
+        """The rare decoder that rewrites earlier text (DecodeStream refuses): the whole decode's growth, and
+        a fresh incremental decode from here."""
+        whole = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._stream = DecodeStream(self.ids[-CONTEXT:], skip_special_tokens=True)
+        piece, self.text = whole[len(self.text) :], whole[: len(self.text)]
+        return piece
+
+    def show(self) -> str:
+        """What a running stream may show now and has not: the text up to a stop string found, else less an
+        end that may begin one."""
+        end = self.cut if self.cut is not None else len(self.text) - self.stops.held(self.text)
+        if end <= self.shown:
+            return ""
+        piece, self.shown = self.text[self.shown : end], end
+        return piece
+
+    def finish(self, tokens: list[int]) -> str:
+        """The final text of the sequence that ended with ``tokens`` (decoded once, then kept in ``final``)."""
+        if self.final is None:
+            whole = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = self.stops.cut(whole) if self.cut is not None else None
+            self.final = whole if cut is None else whole[:cut]
+        return self.final
+
+    def end(self, tokens: list[int]) -> str:
+        """What of the final text a stream has not been shown (all it held back)."""
+        final = self.finish(tokens)
+        if self.shown > len(final) or not final.startswith(self.text[: self.shown]):
+            return ""  # (only a decoder that rewrites earlier text: the stream showed what the end changed)
+        piece, self.shown = final[self.shown :], len(final)
+        return piece

@@ -1,0 +1,103 @@
+"""latentrt/sequence_text.py: the text decoded as it grows equals the whole decode at every token, stop strings
+end it where a whole decode after every token would, and a stream's pieces add up to the final text."""
+
+import random
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from latentrt.sequence_text import SequenceText
+from latentrt.stop_strings import StopStrings
+from latentrt.tokenizer import word_tokenizer
+
+CORPUS = [
+    "Héllo wörld — naïve café, 你好 世界! Ünïcödé and ascii: the cat sat on the mat.",
+    "Every wumpus is a yumpus. Alex is a wumpus? Qué? ¿Dónde? 東京 and Zürich.",
+]
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A GPT-2-style byte-level BPE (ids are bytes or merges of them: a random id sequence splits characters
+    across tokens and holds invalid UTF-8, as sampled tokens may)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok
+
+
+TOKENIZERS = {"byte-level": byte_level_tokenizer(), "word": word_tokenizer("the cat sat on mat . , ? ! a".split())}
+
+
+def whole_decode_reference(tok, ids: list[int], stops: list[str]) -> tuple[int, str]:
+    """What decoding the whole text after every token gives: the number of tokens kept (the one completing a
+    stop string is kept) and the final text (ending before the stop string)."""
+    for n in range(1, len(ids) + 1):
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        found = [j for j in (text.find(s) for s in stops) if j >= 0]
+        if found:
+            return n, text[: min(found)]
+    return len(ids), tok.decode(ids, skip_special_tokens=True)
+
+
+def run(tok, ids: list[int], stops: list[str]) -> tuple[int, str, list[str], SequenceText]:
+    """Feed ``ids`` until a stop string ends it, as generate() does: the tokens kept, the final text, the
+    stream's pieces."""
+    text, pieces = SequenceText(tok, StopStrings(stops)), []
+    for n, t in enumerate(ids, 1):
+        text.add(t)
+        if text.cut is not None or n == len(ids):
+            pieces.append(text.end(ids[:n]))
+            return n, text.final, pieces, text
+        pieces.append(text.show())
+        assert not any(s in "".join(pieces) for s in stops)  # a stop string is never shown, even in part ...
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_random_ids_decode_as_the_whole_text(name):
+    tok, rng = TOKENIZERS[name], random.Random(0)
+    V = tok.get_vocab_size()
+    for _ in range(300):
+        ids = [rng.randrange(V) for _ in range(rng.randint(1, 30))]
+        kept, final, pieces, text = run(tok, ids, [])
+        assert kept == len(ids) and final == tok.decode(ids, skip_special_tokens=True)
+        assert "".join(pieces) == final  # incomplete characters come out at the end
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # ... and never half-shown while running
+        assert text.text == final.rstrip("\ufffd")[: len(text.text)]
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_stop_strings_end_where_the_whole_decode_would(name):
+    tok, rng = TOKENIZERS[name], random.Random(1)
+    for line in CORPUS * 10:
+        ids = tok.encode(line).ids
+        whole = tok.decode(ids, skip_special_tokens=True)
+        a = rng.randrange(len(whole))
+        stops = [whole[a : a + rng.randint(1, 6)], "never seen", whole[rng.randrange(len(whole)) :][:2]]
+        stops = [s for s in stops if s.strip()] or ["never"]
+        kept, final, pieces, _ = run(tok, ids, stops)
+        assert (kept, final) == whole_decode_reference(tok, ids, stops)
+        assert "".join(pieces) == final
+
+
+def test_a_decoder_that_rewrites_earlier_text_falls_back_to_the_whole_decode():
+    """DecodeStream refuses a decoder whose text is not a prefix of the next one's: the text is decoded whole
+    for that token, and goes on incrementally after it."""
+    tok = TOKENIZERS["byte-level"]
+    ids = tok.encode(CORPUS[0]).ids
+    text = SequenceText(tok, StopStrings([]))
+
+    class Refuses:
+        def step(self, tokenizer, token):
+            raise Exception("InvalidPrefix")
+
+    for i, t in enumerate(ids):
+        if i == 5:
+            text._stream = Refuses()
+        text.add(t)
+        assert text.text == tok.decode(ids[: i + 1]).rstrip("\ufffd")[: len(text.text)]
+    assert text.finish(ids) == CORPUS[0] and text.text == CORPUS[0]
