@@ -100,8 +100,33 @@ def read_training_info(folder: str | os.PathLike | None) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> dict[str, Tensor]:
-    """All tensors of a checkpoint, with wrapper prefixes stripped.
+class StoredTensor:
+    """A tensor of a safetensors file, read when ``read`` is called; its shape and dtype are known before
+    (from the header). The loader copies one tensor at a time into the model, so a checkpoint never sits
+    whole in host memory beside the model it fills."""
+
+    def __init__(self, handle, path: Path, key: str) -> None:
+        view = handle.get_slice(key)
+        self.shape, self._dtype = tuple(view.get_shape()), view.get_dtype()
+        self._handle, self._path, self._key = handle, path, key
+
+    def is_floating_point(self) -> bool:
+        return self._dtype.startswith(("F", "BF"))  # F16 / BF16 / F32 / F64 / F8_*
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    def read(self) -> Tensor:
+        try:
+            return self._handle.get_tensor(self._key)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {self._key!r} from {self._path}: {exc}") from None
+
+
+def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> dict[str, Tensor | StoredTensor]:
+    """All tensors of a checkpoint, with wrapper prefixes stripped: safetensors files' as ``StoredTensor``
+    (read one at a time by ``load_weights``), a torch state dict's as tensors.
 
     ``weights`` overrides the folder's model.safetensors: a .safetensors file or a ``torch.save``d
     state dict (e.g. Coconut's training checkpoints, keys prefixed ``base_causallm.``).
@@ -135,13 +160,14 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
     return _strip(sd)
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
-    sd: dict[str, Tensor] = {}
+def _read_safetensors(files: list[Path]) -> dict[str, StoredTensor]:
+    """The files' tensors, not read yet (their headers are: a corrupt or truncated file fails here)."""
+    sd: dict[str, StoredTensor] = {}
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    sd[k] = f.get_tensor(k)
+            handle = safe_open(str(path), framework="pt")  # (open while a StoredTensor refers to it)
+            for k in handle.keys():
+                sd[k] = StoredTensor(handle, path, k)
         except Exception as exc:  # safetensors raises several types for a corrupt file
             raise CheckpointError(f"cannot read {path}: {exc}") from None
     return sd
@@ -170,8 +196,9 @@ def _strip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_weights(model: nn.Module, sd: dict[str, Tensor], tied: tuple[str, str] | None) -> None:
-    """Copy ``sd`` into ``model`` after checking names and shapes; clear errors for any mismatch.
+def load_weights(model: nn.Module, sd: dict[str, Tensor | StoredTensor], tied: tuple[str, str] | None) -> None:
+    """Copy ``sd`` into ``model`` after checking names and shapes; clear errors for any mismatch. Stored
+    tensors are read and copied one at a time (converted to the model's dtype and device as they go).
 
     ``tied`` = (head key, embedding key) when the head shares the embedding: the head key may then be
     absent from the file.
@@ -201,7 +228,9 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], tied: tuple[str, str] 
             raise CheckpointError(f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies {tuple(t.shape)}")
         if not sd[k].is_floating_point():
             raise CheckpointError(f"tensor {k!r} has dtype {sd[k].dtype}, expected floating point")
-    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        for k, t in expected.items():  # (the state dict's tensors share the parameters' storage)
+            t.copy_(sd[k].read() if isinstance(sd[k], StoredTensor) else sd[k])
 
 
 def load_tokenizer(folder: Path):

@@ -56,8 +56,8 @@ def load(
 
     with torch.device("meta"):
         model = family.model(cfg)
+    model.to(dtype)  # on the meta device: the weights are allocated once, in their dtype (no fp32 copy first)
     model.to_empty(device=device)
-    model.to(dtype)
     model.tie_weights()
     load_weights(model, state_dict, model.tied_keys())
     model.init_buffers()

@@ -1,14 +1,17 @@
 """Loading: published layouts, round trips, and a clear error for every malformed checkpoint."""
 
+import collections
 import json
+import weakref
 
 import pytest
 import torch
 from conftest import rel_err, tiny_coconut, tiny_recurrent
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import latentrt
-from latentrt.checkpoint import save_checkpoint
+from latentrt.checkpoint import StoredTensor, save_checkpoint
 from latentrt.errors import CheckpointError, ConfigError
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -137,6 +140,49 @@ def test_missing_folder_and_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         latentrt.load(tmp_path)
+
+
+class Allocations(TorchDispatchMode):
+    """Bytes of the tensors allocated (``empty*``, dtype conversions) under it, by dtype, off the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if (
+            isinstance(out, torch.Tensor)
+            and out.device.type != "meta"
+            and (name.startswith("empty") or name == "_to_copy")
+        ):
+            self.bytes[out.dtype] += out.numel() * out.element_size()
+        return out
+
+
+@pytest.mark.parametrize("shard", [None, 20_000])
+def test_loading_allocates_each_weight_once_and_reads_one_tensor_at_a_time(tmp_path, monkeypatch, shard):
+    """A bf16 load allocates the bf16 weights and nothing else (before, it allocated the model in fp32 first:
+    twice the memory ``check_fits`` counts), and reads the checkpoint one tensor at a time, each gone before
+    the next is read (before, the whole state dict sat in host memory beside the model)."""
+    model = tiny_recurrent(seed=3, tie_embeddings=False)
+    save_checkpoint(model, tmp_path, max_shard_bytes=shard)
+    alive, real_read = [], StoredTensor.read
+
+    def read(self):
+        assert all(ref() is None for ref in alive), "a checkpoint tensor outlived its copy into the model"
+        t = real_read(self)
+        alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(StoredTensor, "read", read)
+    with Allocations() as allocated:
+        loaded = latentrt.load(tmp_path, device="cpu", dtype=torch.bfloat16)
+    weights = sum(p.numel() * 2 for p in loaded.parameters())
+    assert len(alive) == len(loaded.state_dict()) and dict(+allocated.bytes) == {torch.bfloat16: weights}
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
 
 
 def test_corrupt_safetensors(recurrent_dir):
