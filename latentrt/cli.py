@@ -38,6 +38,11 @@ GENERATE_FLAGS = {
     "temperature": "temperature",
     "top_k": "top_k",
     "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",
     "seed": "seed",
     "max_new_tokens": "max_new_tokens",
     "stop": "stop",
@@ -140,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=UNSET)
     g.add_argument("--top-k", type=int, default=UNSET)
     g.add_argument("--top-p", type=float, default=UNSET)
+    g.add_argument("--min-p", type=float, default=UNSET, help="drop tokens less likely than MIN_P x the likeliest")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=UNSET, help="HF's / the published sampler's (1: none; README)"
+    )
+    g.add_argument("--presence-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
+    g.add_argument(
+        "--logit-bias",
+        action="append",
+        default=UNSET,
+        metavar="ID=BIAS",
+        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
+    )
     g.add_argument("--seed", type=int, default=UNSET)
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -208,15 +226,26 @@ def _options(args) -> dict:
     if hasattr(args, "stop_text"):  # one ``stop`` list: the token ids, then the strings
         opts["stop"] = list(opts.get("stop", [])) + list(args.stop_text)
     if "decoding_options" in opts:
-        opts["decoding_options"] = dict(_key_value(item) for item in opts["decoding_options"])
+        opts["decoding_options"] = dict(_key_value(item, "--decoding-option") for item in opts["decoding_options"])
+    if "logit_bias" in opts:
+        opts["logit_bias"] = dict(_token_bias(item) for item in opts["logit_bias"])
     return opts
 
 
-def _key_value(item: str) -> tuple[str, object]:
+def _token_bias(item: str) -> tuple[int, float]:
+    """ID=BIAS of --logit-bias (its range is generate()'s to check)."""
+    key, value = _key_value(item, "--logit-bias", "ID=BIAS")
+    try:
+        return int(key), float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}") from None
+
+
+def _key_value(item: str, flag: str, form: str = "KEY=VALUE") -> tuple[str, object]:
     """KEY=VALUE with VALUE read as JSON (numbers, true/false) or else as text."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise InputError(f"--decoding-option takes KEY=VALUE, got {item!r}")
+        raise InputError(f"{flag} takes {form}, got {item!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

@@ -20,6 +20,8 @@ from .families import check_applicable, family_for
 from .hooks import HookList
 from .memory import check_fits
 from .options import GenerateOptions
+from .penalties import NAMES as PENALTIES
+from .penalties import LogitPenalties
 from .prompts import make_batch
 from .sampling import SequenceRNG, sample
 from .sequence_text import SequenceText
@@ -116,6 +118,10 @@ class Generation:
         self.sampler = self.decoder.sampler
         if self.sampler is not None and B != 1:
             raise InputError(f"decoding={options.decoding!r} takes one prompt (batch 1), got {B}")
+        self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
+        if self.sampler is not None and self.penalties is not None:
+            given = [n for n in PENALTIES if options.is_set(n)]
+            raise InputError(f"{', '.join(given)} apply with decoding='sequential' only, not {options.decoding!r}")
         need = self.batch.ids.shape[1] + options.max_new_tokens
         if need > model.config.block_size:
             raise InputError(
@@ -175,9 +181,9 @@ class Generation:
         stop_set = set(self.stop_ids.tolist())
         for i in range(opts.max_new_tokens):
             if proposals is None:
-                tok = sample(
-                    self._in_vocabulary(out.logits), opts.temperature, opts.top_k, opts.top_p, self.rng, alive_l
-                )
+                tok = self._pick(self._next_logits(out.logits), alive_l)
+                if self.penalties is not None:
+                    self.penalties.record(tok, alive)
                 stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
                 # the one device->host read per token
                 tok_l, used_l, stop_l, flags_l = torch.stack(
@@ -225,12 +231,20 @@ class Generation:
     def _draw(self, logits: Tensor) -> Tensor:
         """Tokens [n] from logits [n, V] of one sequence with the call's sampling settings (a sampler's
         draws, in order, from the sequence's own generator with a seed)."""
-        o, logits = self.options, self._in_vocabulary(logits)
-        if o.temperature == 0:
+        logits = self._in_vocabulary(logits)
+        if self.options.temperature == 0:
             return logits.argmax(-1)
-        return torch.cat(
-            [sample(logits[j : j + 1], o.temperature, o.top_k, o.top_p, self.rng) for j in range(len(logits))]
-        )
+        return torch.cat([self._pick(logits[j : j + 1]) for j in range(len(logits))])
+
+    def _pick(self, logits: Tensor, rows: list[bool] | None = None) -> Tensor:
+        """Tokens [B] from logits [B, V] with the call's sampling settings (``rows``: the running sequences)."""
+        o = self.options
+        return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p)
+
+    def _next_logits(self, logits: Tensor) -> Tensor:
+        """The logits the next tokens are chosen from: the vocabulary's, with the call's penalties and bias."""
+        logits = self._in_vocabulary(logits)
+        return logits if self.penalties is None else self.penalties.apply(logits)
 
     def _in_vocabulary(self, logits: Tensor) -> Tensor:
         """Padding rows of the head (ids >= vocab_size) are never sampled."""

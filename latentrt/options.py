@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
+from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
 
 
@@ -42,6 +43,11 @@ class GenerateOptions:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Any = None  # {token id: bias}
     seed: int | None = None
     stop: Any = None
     default_stops: bool = True
@@ -76,7 +82,8 @@ class GenerateOptions:
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {n!r}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:

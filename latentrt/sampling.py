@@ -1,4 +1,7 @@
-"""Next-token selection (greedy, temperature, top-k, top-p) and the random streams of a batch.
+"""Next-token selection (greedy, temperature, top-k, top-p, min-p) and the random streams of a batch.
+
+The filters apply in the published Huginn sampler's (and HF's) order: temperature, top-k, top-p, then
+min-p, which drops every token less likely than ``min_p`` x the likeliest one (after top-k/top-p).
 
 Batch = single under randomness: with ``seed=s`` sequence i of a batch draws everything random (its
 initial latent states, its samples) from its own generator seeded ``s + i``, in the order a run of that
@@ -16,7 +19,7 @@ from torch import Tensor
 from .errors import InputError
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float = 0.0) -> None:
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
@@ -27,6 +30,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(min_p, bool) or not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+        raise InputError(f"min_p must be in [0, 1], got {min_p!r}")
 
 
 MAX_SEED = 2**63 - 1
@@ -44,18 +49,11 @@ class SequenceRNG:
         return self.generators[row]
 
 
-def sample(
-    logits: Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    rng: SequenceRNG | None = None,
-    rows: list[bool] | None = None,
+def filtered_logits(
+    logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0
 ) -> Tensor:
-    """logits [B,V] -> token ids [B]. Greedy when temperature is 0. With ``rng`` each row in ``rows`` (the
-    running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
-    if temperature == 0:
-        return logits.argmax(-1)
+    """logits [B,V] -> float64 logits / temperature with the tokens top-k, top-p and min-p drop at -inf (the
+    distribution ``sample`` draws from; temperature > 0)."""
     # in float64 from the maximum down, so a tiny temperature (1e-45) gives its limit, the argmax, not NaNs
     logits = logits.double()
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
@@ -69,7 +67,25 @@ def sample(
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    if min_p:  # p < min_p * p_max, i.e. logit < max + log(min_p) (the maximum is 0 here; the top token stays)
+        logits = logits.masked_fill(logits < math.log(min_p), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: SequenceRNG | None = None,
+    rows: list[bool] | None = None,
+    min_p: float = 0.0,
+) -> Tensor:
+    """logits [B,V] -> token ids [B]. Greedy when temperature is 0. With ``rng`` each row in ``rows`` (the
+    running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(filtered_logits(logits, temperature, top_k, top_p, min_p), dim=-1)
     if rng is None:
         return torch.multinomial(probs, 1)[:, 0]
     out = probs.argmax(-1)

@@ -61,6 +61,25 @@ def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
     assert (res["tokens"], res["text"], res["finish_reasons"]) == (want.tokens, want.text, want.finish_reasons)
 
 
+def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
+    """The sampling flags reach generate(): min-p, the penalties, ``--logit-bias ID=BIAS`` (repeatable)."""
+    import latentrt
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    opts = dict(min_p=0.1, repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=1.5)
+    kw = dict(max_new_tokens=8, temperature=0.9, seed=2, default_stops=False, logit_bias={5: 2.0, 9: -3.5}, **opts)
+    want = latentrt.generate(model, "every cat is", **kw)
+    argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--temperature", "0.9"]
+    argv += ["--seed", "2", "--no-default-stops", "--logit-bias", "5=2", "--logit-bias", "9=-3.5", "--json"]
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
+    assert main(["generate", str(recurrent_dir), "x", "--logit-bias", "5"]) == 2
+    assert "--logit-bias takes ID=BIAS" in capsys.readouterr().err
+    assert main(["generate", str(recurrent_dir), "x", "--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty must be > 0" in capsys.readouterr().err
+
+
 def test_generate_coconut(coconut_dir, capsys):
     assert main(["generate", str(coconut_dir), "every cat", "--thoughts", "2", "--max-new-tokens", "3"]) == 0
     assert "continuous thoughts: 2" in capsys.readouterr().out

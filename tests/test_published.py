@@ -99,6 +99,10 @@ def test_the_vectors_cover_each_published_difference():
     coconut = CASES["coconut published eos"]
     assert coconut["tokens"][0] == coconut["eos"] and coconut["eos"] not in coconut["tokens"][1:]
     assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out
+    for name in ("repetition penalty fixed depth", "repetition penalty adaptive kl"):  # the penalty bites
+        case = CASES[name]
+        unpenalised = dict(case, options={k: v for k, v in case["options"].items() if k != "repetition_penalty"})
+        assert _generate(unpenalised, "torch").tokens != case["tokens"], name
 
 
 def test_coconut_default_stops_at_the_first_eos_and_keeps_it():

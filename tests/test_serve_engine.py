@@ -48,6 +48,9 @@ def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
             kw.update(temperature=0.9, top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]))
         if rng.random() < 0.3:
             kw["stop"] = [rng.randrange(1, 40)]
+        if i % 5 == 4:  # penalties and a bias: each request's own state
+            kw.update(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=1.0, min_p=0.05)
+            kw["logit_bias"] = {rng.randrange(1, 40): 4.0}
         out.append((prompt, kw))
     return out
 
@@ -256,6 +259,8 @@ def coconut_requests(n: int) -> list[tuple[list[int], dict]]:
             kw.update(temperature=0.7)
         if i % 4 == 0:
             kw.update(published_eos=True)
+        if i % 5 == 1:
+            kw.update(repetition_penalty=2.0, frequency_penalty=0.5, logit_bias={rng.randrange(5, 40): 2.0})
         reqs.append((prompt, kw))
     reqs.append(([6, 2, 4, 4, 3, 7, 2, 4, 3, 9], dict(max_new_tokens=4)))  # two thought groups in the prompt
     return reqs

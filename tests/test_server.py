@@ -206,6 +206,36 @@ def test_logprobs_are_the_models_distribution(recurrent_server):
     assert [e.top_logprobs for e in only] == [[]] * len(want)
 
 
+def test_penalties_and_logit_bias_as_openai_and_vllm_take_them(recurrent_server):
+    """OpenAI's ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as strings) and vLLM's
+    ``repetition_penalty``, ``min_p`` (extra fields): the tokens of generate() alone with the same options,
+    streamed or not; out-of-range values are 400s with the API's message."""
+    url, _, model = recurrent_server
+    args = dict(model="tiny", prompt="Tom is a cat", max_tokens=8, temperature=0.8, seed=3)
+    pen = dict(presence_penalty=1.2, frequency_penalty=0.6, logit_bias={"6": 2.5, "9": -100})
+    extra = {"repetition_penalty": 1.7, "min_p": 0.1, "default_stops": False}
+    alone = latentrt.generate(
+        model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3, logit_bias={6: 2.5, 9: -100.0},
+        presence_penalty=1.2, frequency_penalty=0.6, repetition_penalty=1.7, min_p=0.1, default_stops=False,
+    )  # fmt: skip
+    plain = latentrt.generate(model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3, default_stops=False)
+    assert alone.tokens != plain.tokens and 9 not in alone.tokens
+    r = client(url).completions.create(extra_body=extra, **pen, **args)
+    assert r.choices[0].latentrt["token_ids"] == alone.tokens and r.choices[0].text == alone.text
+    chunks = list(client(url).completions.create(stream=True, extra_body=extra, **pen, **args))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text
+    h = httpx.Client(base_url=url)
+    for bad, message in [
+        (dict(presence_penalty=3), "presence_penalty must be in [-2, 2]"),
+        (dict(logit_bias={"x": 1}), "logit_bias keys must be token ids"),
+        (dict(logit_bias={"5": 500}), "logit_bias[5] must be in [-100, 100]"),
+        (dict(repetition_penalty=-1), "repetition_penalty must be > 0"),
+        (dict(min_p=7), "min_p must be in [0, 1]"),
+    ]:
+        got = h.post("/v1/completions", json=dict(args, **bad))
+        assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
+
+
 def test_stop_strings_end_the_text_before_them(recurrent_server):
     """OpenAI's ``stop``: the returned text never contains the stop sequence (it may span tokens), streamed
     or not, and equals generate() alone's."""

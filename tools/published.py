@@ -258,6 +258,21 @@ CASES = [
             ("continuous", "huginn-a", dict(continuous=True, exit_t=0.05)),
         ]
     ],
+    # 10. the published sampler's repetition_penalty (HF's rule over the prompt and the new tokens), greedy
+    dict(
+        name="repetition penalty fixed depth",
+        model="huginn-a",
+        max_new_tokens=12,
+        options=dict(num_steps=4, init_scale=0.0, repetition_penalty=1.8),
+    ),
+    dict(
+        name="repetition penalty adaptive kl",
+        model="huginn-b",
+        max_new_tokens=12,
+        options=dict(
+            ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4", repetition_penalty=3.0
+        ),
+    ),
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",
@@ -407,7 +422,9 @@ def run_huginn(rm, case: dict, model) -> dict:
     o = case["options"]
     ids = torch.tensor([case.get("prompt", PROMPT)])
     n_new = case.get("max_new_tokens", 8)
-    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None)
+    gc = GenerationConfig(
+        max_new_tokens=n_new, do_sample=False, eos_token_id=None, repetition_penalty=o.get("repetition_penalty", 1.0)
+    )
     if case.get("adaptive_prefill"):
         evaluator = rm.get_adaptive_exit_evaluator(pub, o["exit_criterion"], o["exit_threshold"])
         cache = rm.HuginnDynamicCache(lookup_strategy=o["kv_sharing"])

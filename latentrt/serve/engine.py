@@ -48,7 +48,6 @@ from ..engine import Generation
 from ..errors import InputError, LatentRTError, NonFiniteStateError
 from ..families import family_for
 from ..options import GenerateOptions
-from ..sampling import sample
 from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
 from ..transfer import to_device
@@ -550,7 +549,12 @@ class Engine:
             return
         logits, flags = self.program.logits(ended)
         tokens = torch.empty(len(ended), dtype=torch.long, device=logits.device)
-        greedy = [i for i, e in enumerate(ended) if e.request.options.temperature == 0]
+        # greedy rows together; a request with penalties or a bias, or one that samples, on its own
+        greedy = [
+            i
+            for i, e in enumerate(ended)
+            if e.request.options.temperature == 0 and e.request.generation.penalties is None
+        ]
         vocab = self.model.config.vocab_size
         if greedy:
             at = to_device(greedy, logits.device)
@@ -562,9 +566,11 @@ class Engine:
             req.pending_steps = e.iterations
             req.latent_work += e.iterations
             self.metrics.iterations += e.iterations
-            if req.options.temperature != 0:
-                o, gen = req.options, req.generation
-                tokens[i] = sample(gen._in_vocabulary(logits[i : i + 1]), o.temperature, o.top_k, o.top_p, gen.rng)[0]
+            gen = req.generation
+            if req.options.temperature != 0 or gen.penalties is not None:
+                tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1]))[0]
+            if gen.penalties is not None:
+                gen.penalties.record(tokens[i : i + 1])
             req.next_token = tokens[i]
         self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), [])
         want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]

@@ -26,18 +26,24 @@ from .engine import MAX_TOP_LOGPROBS
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
 # decoder names them), and the sampling / stopping options the OpenAI body has no field for
-LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.values())))) + ("default_stops", "top_k")
+LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.values())))) + (
+    "default_stops",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+)
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
     "suffix": (None,),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
-COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"}
+COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"} | {
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+}
 COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs", "echo"} | set(LATENT_FIELDS) | set(NEUTRAL)
 CHAT_FIELDS = (
     COMMON
@@ -90,6 +96,11 @@ def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
         opts["top_p"] = body["top_p"]
     if body.get("seed") is not None:
         opts["seed"] = body["seed"]
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) is not None:
+            opts[name] = body[name]
+    if body.get("logit_bias"):
+        opts["logit_bias"] = _logit_bias(body["logit_bias"])
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -102,6 +113,19 @@ def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise InputError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
     return opts, n
+
+
+def _logit_bias(bias) -> dict:
+    """OpenAI's ``logit_bias``: a JSON object from token ids (strings, as JSON keys are) to biases."""
+    if not isinstance(bias, dict):
+        raise InputError(f"logit_bias must be an object {{token id: bias}}, got {bias!r}")
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InputError(f"logit_bias keys must be token ids, got {key!r}") from None
+    return out
 
 
 def _top_logprobs(body: dict, chat: bool) -> int | None:

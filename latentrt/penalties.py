@@ -1,0 +1,110 @@
+"""Logit penalties and biases that depend on what a sequence holds: ``repetition_penalty`` (the published
+Huginn sampler's and HF's), ``presence_penalty`` and ``frequency_penalty`` (OpenAI's and vLLM's), and
+``logit_bias`` (OpenAI's), applied to the next-token logits before temperature and the filters
+(latentrt/sampling.py), in vLLM's order: the bias, then the penalties.
+
+- ``repetition_penalty`` r: every token already in the sequence (its prompt and its new tokens) has its
+  logit divided by r where positive and multiplied by r where negative (r > 1 discourages repeats).
+- ``presence_penalty`` a, ``frequency_penalty`` f: a token the sequence generated c > 0 times has
+  f * c + a subtracted from its logit (the prompt does not count), in [-2, 2] as OpenAI's.
+- ``logit_bias``: {token id: bias in [-100, 100]} added to those tokens' logits.
+
+The state lives on the logits' device ([B, V] counts and a seen mask), updated from the sampled tokens
+without reading them back, so a step still reads the device once. Log-probs reported by the server are the
+model's, before these (as OpenAI and vLLM report them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+MAX_BIAS = 100.0
+NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
+def _number(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def check_penalties(repetition: float, presence: float, frequency: float, logit_bias) -> None:
+    """The options' types and ranges (the bias's token ids are checked against the vocabulary by ``build``)."""
+    if _number("repetition_penalty", repetition, -math.inf, math.inf) <= 0:
+        raise InputError(f"repetition_penalty must be > 0 (1: none), got {repetition!r}")
+    _number("presence_penalty", presence, -2.0, 2.0)
+    _number("frequency_penalty", frequency, -2.0, 2.0)
+    if logit_bias is None:
+        return
+    if not isinstance(logit_bias, dict):
+        raise InputError(f"logit_bias must be a dict {{token id: bias}}, got {logit_bias!r}")
+    for token, bias in logit_bias.items():
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise InputError(f"logit_bias keys must be token ids (integers), got {token!r}")
+        _number(f"logit_bias[{token}]", bias, -MAX_BIAS, MAX_BIAS)
+
+
+def active(options) -> bool:
+    """Whether ``options`` set any penalty or bias."""
+    return bool(
+        options.repetition_penalty != 1 or options.presence_penalty or options.frequency_penalty or options.logit_bias
+    )
+
+
+class LogitPenalties:
+    """The penalties and bias of one generate() call (or one served request), with each sequence's state."""
+
+    def __init__(self, options, batch_size: int, vocab: int, device: torch.device) -> None:
+        self.repetition = float(options.repetition_penalty)
+        self.presence, self.frequency = float(options.presence_penalty), float(options.frequency_penalty)
+        self.vocab = vocab
+        self.bias = None
+        if options.logit_bias:
+            bad = sorted(t for t in options.logit_bias if not 0 <= t < vocab)
+            if bad:
+                raise InputError(f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            self.bias = torch.zeros(vocab, device=device)
+            ids = torch.tensor(list(options.logit_bias), device=device)
+            self.bias[ids] = torch.tensor([float(b) for b in options.logit_bias.values()], device=device)
+        self.seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=device) if self.repetition != 1 else None
+        counted = self.presence != 0 or self.frequency != 0
+        self.counts = torch.zeros(batch_size, vocab, device=device) if counted else None
+
+    @classmethod
+    def build(cls, options, ids: Tensor, mask: Tensor, vocab: int) -> LogitPenalties | None:
+        """For a call's (validated) options and its prompts ``ids`` [B, S] (``mask``: real positions); None when
+        none is set."""
+        if not active(options):
+            return None
+        pen = cls(options, ids.shape[0], vocab, ids.device)
+        if pen.seen is not None:  # the prompt's tokens (padding and ids past the vocabulary are not tokens)
+            real = mask.bool() & (ids >= 0) & (ids < vocab)
+            pen.seen.scatter_(1, torch.where(real, ids, 0), real)
+        return pen
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits [B, >= vocab] -> fp32 logits with the bias and penalties applied to the vocabulary's columns."""
+        x = logits[:, : self.vocab].float()
+        if self.bias is not None:
+            x = x + self.bias
+        if self.seen is not None:
+            x = torch.where(self.seen, torch.where(x < 0, x * self.repetition, x / self.repetition), x)
+        if self.counts is not None:
+            x = x - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+        return x if logits.shape[-1] == self.vocab else torch.cat([x, logits[:, self.vocab :].float()], -1)
+
+    def record(self, tokens: Tensor, rows: Tensor | None = None) -> None:
+        """The sampled ``tokens`` [B] join their sequences (``rows``: the running ones; None: all)."""
+        add = torch.ones(tokens.shape[0], 1, device=tokens.device) if rows is None else rows.float()[:, None]
+        at = tokens.clamp(0, self.vocab - 1)[:, None]
+        if self.seen is not None:
+            self.seen.scatter_(1, at, self.seen.gather(1, at) | add.bool())
+        if self.counts is not None:
+            self.counts.scatter_add_(1, at, add)

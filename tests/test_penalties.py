@@ -1,0 +1,145 @@
+"""latentrt/penalties.py and min_p (latentrt/sampling.py) against their definitions: HF's logits processors
+(the oracle for the published Huginn sampler's repetition_penalty and min_p, which follow HF's rules) and
+OpenAI's formula for presence and frequency penalties; then through generate() and its batch rule."""
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import tiny_coconut, tiny_recurrent
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import latentrt
+from latentrt.options import GenerateOptions
+from latentrt.penalties import LogitPenalties
+from latentrt.sampling import filtered_logits
+
+V = 50
+
+
+def penalties(ids: list[list[int]], new: list[list[int]], **options) -> LogitPenalties:
+    """The state of a batch whose prompts are ``ids`` (right-padded with -1) after generating ``new``."""
+    S = max(len(r) for r in ids)
+    t = torch.tensor([r + [-1] * (S - len(r)) for r in ids])
+    pen = LogitPenalties.build(GenerateOptions(**options), t.clamp(min=0), t >= 0, V)
+    for step in zip(*new):
+        pen.record(torch.tensor(step))
+    return pen
+
+
+@pytest.mark.parametrize("r", [1.3, 0.7, 3.0])
+def test_repetition_penalty_is_hfs_over_the_prompt_and_the_new_tokens(r):
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 3, 12)]
+    new = [torch.randint(0, V, (5,), generator=g).tolist() for _ in ids]
+    logits = torch.randn(3, V, generator=g) * 4
+    got = penalties(ids, new, repetition_penalty=r).apply(logits)
+    hf = RepetitionPenaltyLogitsProcessor(r)
+    for b in range(3):
+        want = hf(torch.tensor([ids[b] + new[b]]), logits[b : b + 1].clone())
+        assert torch.equal(got[b : b + 1], want)
+
+
+def test_presence_and_frequency_penalties_are_openais_formula_over_the_new_tokens():
+    g = torch.Generator().manual_seed(1)
+    ids = [[1, 2, 3, 3], [4]]
+    new = [torch.randint(0, 8, (9,), generator=g).tolist() for _ in ids]  # repeats
+    logits = torch.randn(2, V, generator=g)
+    got = penalties(ids, new, presence_penalty=0.6, frequency_penalty=-0.3).apply(logits)
+    for b in range(2):
+        want = logits[b].clone()
+        for token, count in Counter(new[b]).items():  # the prompt does not count
+            want[token] -= count * -0.3 + 0.6
+        assert torch.allclose(got[b], want, atol=1e-6)
+
+
+def test_logit_bias_adds_and_everything_applies_in_vllms_order():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, V + 14, generator=g)  # a head padded past the vocabulary
+    bias = {3: 100.0, 7: -2.5, 0: 0.5}
+    got = penalties([[3, 9]], [[9, 9]], logit_bias=bias, repetition_penalty=2.0, frequency_penalty=0.5).apply(logits)
+    want = logits[:, :V].clone()
+    for t, b in bias.items():
+        want[0, t] += b  # the bias first, then the penalties
+    want = RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([[3, 9, 9, 9]]), want)
+    want[0, 9] -= 2 * 0.5
+    assert torch.allclose(got[:, :V], want, atol=1e-6) and torch.equal(got[:, V:], logits[:, V:])
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [(1.0, None, None, 0.1), (0.7, 20, None, 0.05), (1.3, None, 0.9, 0.2), (0.5, 8, 0.8, 0.3)],
+)
+def test_min_p_keeps_what_hfs_warpers_keep_after_top_k_and_top_p(temperature, top_k, top_p, min_p):
+    """The published sampler's order (temperature, top-k, top-p, min-p), which is HF's."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 200, generator=g) * 3
+    kept = filtered_logits(logits, temperature, top_k, top_p, min_p) > float("-inf")
+    x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p:
+        x = TopPLogitsWarper(top_p)(None, x)
+    x = MinPLogitsWarper(min_p)(None, x)
+    assert torch.equal(kept, x > float("-inf"))
+    assert kept.sum() < (filtered_logits(logits, temperature, top_k, top_p) > float("-inf")).sum()
+
+
+def test_generate_with_penalties_batch_equals_each_alone():
+    """Each sequence's penalties see its own prompt and tokens (not the padding, not the others')."""
+    model = tiny_recurrent(seed=5)
+    prompts = [[5, 9, 5, 9, 5], [7, 8], [3, 3, 3, 4, 6, 2]]
+    kw = dict(max_new_tokens=8, num_steps=3, seed=4, temperature=0.9, min_p=0.05, default_stops=False)
+    for extra in (dict(repetition_penalty=1.8), dict(presence_penalty=1.5, frequency_penalty=2.0, logit_bias={6: 3.0})):
+        batch = latentrt.generate(model, prompts, **kw, **extra)
+        plain = latentrt.generate(model, prompts, **kw)
+        for i, p in enumerate(prompts):
+            assert batch.tokens[i] == latentrt.generate(model, p, **dict(kw, seed=4 + i), **extra).tokens
+        assert batch.tokens != plain.tokens  # (the penalties change what is sampled)
+
+
+@pytest.mark.parametrize("family", ["recurrent", "coconut"])
+def test_each_greedy_token_is_the_argmax_of_its_logits_penalised_by_what_came_before(family):
+    """The loop's wiring: token i is the argmax of the model's logits at i (``return_logits``: before the
+    penalties) with the penalties of the prompt and tokens[:i] applied as defined (HF's repetition penalty,
+    OpenAI's presence and frequency penalties, the bias)."""
+    model = tiny_recurrent(seed=5) if family == "recurrent" else tiny_coconut(seed=2)
+    vocab, prompt = model.config.vocab_size, [5, 6, 7, 5]
+    opts = dict(repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.7, logit_bias={6: 2.0, 9: -1.0})
+    kw = dict(max_new_tokens=10, default_stops=False, return_logits=True)
+    kw.update(num_steps=3, init_scale=0.0) if family == "recurrent" else None
+    got = latentrt.generate(model, prompt, **kw, **opts)
+    assert got.tokens != latentrt.generate(model, prompt, **kw).tokens
+    for i, token in enumerate(got.tokens):
+        x = got.logits[i : i + 1, :vocab].clone()
+        for t, b in opts["logit_bias"].items():
+            x[0, t] += b
+        x = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([prompt + got.tokens[:i]]), x)
+        for t, c in Counter(got.tokens[:i]).items():
+            x[0, t] -= 0.7 * c + 0.4
+        assert int(x.argmax()) == token, i
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(repetition_penalty=0), r"repetition_penalty must be > 0"),
+        (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty must be a finite number"),
+        (dict(logit_bias=[1, 2]), "logit_bias must be a dict"),
+        (dict(logit_bias={"3": 1.0}), "logit_bias keys must be token ids"),
+        (dict(logit_bias={3: 101}), r"logit_bias\[3\] must be in \[-100, 100\]"),
+        (dict(logit_bias={999: 1.0}), r"logit_bias names token ids \[999\] outside the vocabulary"),
+        (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+        (dict(repetition_penalty=1.2, decoding="speculative"), "repetition_penalty apply with decoding='sequential'"),
+    ],
+)
+def test_bad_penalties_are_clear_errors(kwargs, message):
+    with pytest.raises(latentrt.InputError, match=message):
+        latentrt.generate(tiny_recurrent(seed=1), [5, 6, 7], max_new_tokens=2, **kwargs)
