@@ -108,8 +108,34 @@ def test_logprobs_equal_the_log_softmax_of_generates_logits(scheduler):
         engine.submit([5], top_logprobs=21)
     with pytest.raises(InputError, match="only a request that echoes its prompt can generate no token"):
         engine.submit([5], score_only=True)
-    with pytest.raises(InputError, match="echo with logprobs scores the prompt's tokens, which Coconut"):
-        Engine(tiny_coconut(seed=2), max_batch=2).submit([5, 6], top_logprobs=0, echo=True)
+
+
+def test_coconut_echo_scores_the_prompt_with_its_thoughts():
+    """A Coconut prompt is scored as the model runs it: ``<|latent|>`` positions are continuous thoughts (the
+    markers are tokens of the prompt, with log-probs like any, including those ``num_thoughts`` appends); the
+    generated token's log-prob is the same forward's last position, a cross-check of the two paths. A prompt
+    without markers, on a model trained without thoughts, is scored as plain GPT-2."""
+    model = tiny_coconut(seed=2)
+    start, latent, end = model.marker_ids
+    V = model.config.vocab_size
+    engine = Engine(model, max_batch=2)
+    cases = [
+        ([6, 9, start, latent, latent, end, 7], {}, []),
+        ([6, 9, 11, 7, 5], {}, []),
+        ([6, 9, 11], dict(num_thoughts=2), [start, latent, latent, end]),
+    ]
+    for ids, kw, appended in cases:
+        req = engine.submit(ids, top_logprobs=2, echo=True, max_new_tokens=1, **kw)
+        engine.run_until_idle()
+        ran = ids + appended
+        lp = model.logits(torch.tensor([ran]))[0, :, :V].log_softmax(-1)
+        assert req.prompt_ids == ran and req.prompt_logprobs[0].logprob is None
+        assert [e.token for e in req.prompt_logprobs] == ran
+        for i, e in enumerate(req.prompt_logprobs[1:]):
+            assert e.logprob == pytest.approx(lp[i, ran[i + 1]].item(), abs=1e-5)
+            assert [t for t, _ in e.top] == lp[i].topk(2).indices.tolist()
+        assert req.logprobs[0].logprob == pytest.approx(lp[-1, req.tokens[0]].item(), abs=1e-5)
+        assert req.tokens == latentrt.generate(model, ids, max_new_tokens=1, **kw).tokens
 
 
 def test_stop_strings_served_as_generate_alone():

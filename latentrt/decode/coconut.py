@@ -70,6 +70,13 @@ class CoconutDecoder(Decoder):
         # that ends a later one (latentrt's default, as HF: any stop token ends the answer and is kept)
         self.keep_stop_token = not options.published_eos
 
+    SCORES_PROMPTS = True
+
+    def prompt_logits(self, ids: Tensor) -> Tensor:
+        """One forward of the prompt as the model runs it (its ``<|latent|>`` positions continuous thoughts:
+        ``model.logits``); a prompt without markers (``num_thoughts=0``) is scored as plain GPT-2."""
+        return self.model.logits(ids[None])[0]
+
     def stops_at(self, index: int) -> bool:
         return index > 0 or not self.options.published_eos
 
