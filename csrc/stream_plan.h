@@ -180,6 +180,10 @@ inline Plan plan_stream(const std::vector<std::pair<int64_t, int64_t>>& mats, in
     p.reason = "tile_rows must be a multiple of 16 up to 128, got " + std::to_string(p.tile_rows);
     return p;
   }
+  if (!p.tensor_cores && p.tile_rows != 16) {  // consume_fma: 8 consumer warps x 2 rows each
+    p.reason = "batch <= 4 (the CUDA-core path) takes tile_rows 16, got " + std::to_string(p.tile_rows);
+    return p;
+  }
   p.k_chunk = k_chunk > 0 ? k_chunk : (int)std::max<int64_t>(64, kStageTarget / (p.tile_rows * kElem));
   if (p.k_chunk % 16) {
     p.reason = "k_chunk must be a multiple of 16 (mma k-steps, 16-byte copies), got " + std::to_string(p.k_chunk);

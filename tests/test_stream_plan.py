@@ -114,6 +114,8 @@ def test_explicit_tiles_and_refusals():
         assert not p["ok"] and why in p["reason"], (kw, p["reason"])
     p = _cuda.stream_plan([(16, 12)], 1, 4, H200_SMEM)
     assert not p["ok"] and "multiple of 8" in p["reason"]
+    p = _cuda.stream_plan(mats, 4, 132, H200_SMEM, tile_rows=32)  # the CUDA-core path covers 16 rows a tile
+    assert not p["ok"] and "takes tile_rows 16" in p["reason"]
 
 
 def split_cost(heads: int, positions: int, warps: int, splits: int) -> int:
