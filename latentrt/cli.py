@@ -45,6 +45,7 @@ GENERATE_FLAGS = {
     "logit_bias": "logit_bias",
     "seed": "seed",
     "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
     "stop": "stop",
     "decoding": "decoding",
     "decoding_option": "decoding_options",
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch)")
     g.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
+    g.add_argument(
+        "--min-new-tokens", type=int, default=UNSET, help="no stop token or stop string ends it before this many"
+    )
     _add_latent_args(g)
     g.add_argument("--min-steps", type=int, default=UNSET, help="no exit check before this many iterations (0)")
     g.add_argument(

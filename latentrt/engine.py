@@ -119,8 +119,8 @@ class Generation:
         if self.sampler is not None and B != 1:
             raise InputError(f"decoding={options.decoding!r} takes one prompt (batch 1), got {B}")
         self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
-        if self.sampler is not None and self.penalties is not None:
-            given = [n for n in PENALTIES if options.is_set(n)]
+        if self.sampler is not None and (self.penalties is not None or options.min_new_tokens):
+            given = [n for n in (*PENALTIES, "min_new_tokens") if options.is_set(n)]
             raise InputError(f"{', '.join(given)} apply with decoding='sequential' only, not {options.decoding!r}")
         need = self.batch.ids.shape[1] + options.max_new_tokens
         if need > model.config.block_size:
@@ -181,7 +181,7 @@ class Generation:
         stop_set = set(self.stop_ids.tolist())
         for i in range(opts.max_new_tokens):
             if proposals is None:
-                tok = self._pick(self._next_logits(out.logits), alive_l)
+                tok = self._pick(self._next_logits(out.logits, i), alive_l)
                 if self.penalties is not None:
                     self.penalties.record(tok, alive)
                 stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
@@ -207,7 +207,7 @@ class Generation:
                     if opts.return_logits:
                         kept_logits[b].append(logits_l[b].cpu())
                     if live:  # stop strings: on the text (host), after the token joined it
-                        self._texts[b].add(tok_l[b])
+                        self._texts[b].add(tok_l[b], may_stop=i + 1 >= opts.min_new_tokens)
                         stop_l[b] = int(stop_l[b] or self._texts[b].cut is not None)
             if self.stop_strings and any(kept):
                 stopped = torch.tensor(stop_l, dtype=torch.bool, device=alive.device)
@@ -241,10 +241,21 @@ class Generation:
         o = self.options
         return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p)
 
-    def _next_logits(self, logits: Tensor) -> Tensor:
-        """The logits the next tokens are chosen from: the vocabulary's, with the call's penalties and bias."""
+    def _next_logits(self, logits: Tensor, index: int) -> Tensor:
+        """The logits new token ``index`` (0: the first) is chosen from: the vocabulary's, with the call's
+        penalties and bias; before ``min_new_tokens`` no stop token (HF's ``min_new_tokens``, vLLM's
+        ``min_tokens``)."""
         logits = self._in_vocabulary(logits)
-        return logits if self.penalties is None else self.penalties.apply(logits)
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits)
+        if index < self.options.min_new_tokens and len(self.stop_ids):
+            logits = logits.index_fill(-1, self.stop_ids, float("-inf"))
+        return logits
+
+    def _adjusts_logits(self, index: int) -> bool:
+        """Whether ``_next_logits`` changes the logits of new token ``index`` (else the argmax of the
+        vocabulary's logits is the greedy token)."""
+        return self.penalties is not None or (index < self.options.min_new_tokens and len(self.stop_ids) > 0)
 
     def _in_vocabulary(self, logits: Tensor) -> Tensor:
         """Padding rows of the head (ids >= vocab_size) are never sampled."""

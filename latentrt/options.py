@@ -22,6 +22,7 @@ class GenerateOptions:
     """See README (Python API) for the meaning of each option."""
 
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # no stop token nor stop string ends a sequence before this many new tokens
     # recurrent depth
     adaptive: bool = False
     num_steps: int | None = None
@@ -82,6 +83,9 @@ class GenerateOptions:
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        m = self.min_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= n:
+            raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens={n}], got {m!r}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

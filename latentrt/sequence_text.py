@@ -30,12 +30,15 @@ class SequenceText:
         self.ids: list[int] = []
         self.text = ""  # decoded so far (whole characters only)
         self.cut: int | None = None  # where the first stop string begins, once a token completed one
+        self._cut_from = 0  # where the search that found it began (the final text's search begins there too)
         self.shown = 0  # characters a stream has been given
         self.final: str | None = None  # the whole decode, up to the stop string (set by ``finish``)
         self._stream = DecodeStream(skip_special_tokens=True)
 
-    def add(self, token: int) -> None:
-        """The sequence keeps ``token``: decode what it adds and look for a stop string it completes."""
+    def add(self, token: int, may_stop: bool = True) -> None:
+        """The sequence keeps ``token``: decode what it adds and look for a stop string it completes (not
+        while ``may_stop`` is False: before ``min_new_tokens``, as vLLM's ``min_tokens``, a string completed
+        then is not found later)."""
         self.ids.append(token)
         try:
             piece = self._stream.step(self.tokenizer, token)
@@ -45,8 +48,8 @@ class SequenceText:
             return
         start = max(0, len(self.text) - self.stops.longest + 1)
         self.text += piece
-        if self.stops and self.cut is None:
-            self.cut = self.stops.cut(self.text, start)
+        if self.stops and self.cut is None and may_stop:
+            self.cut, self._cut_from = self.stops.cut(self.text, start), start
 
     def _redecode(self) -> str:
         """The rare decoder that rewrites earlier text (DecodeStream refuses): the whole decode's growth, and
@@ -69,7 +72,7 @@ class SequenceText:
         """The final text of the sequence that ended with ``tokens`` (decoded once, then kept in ``final``)."""
         if self.final is None:
             whole = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = self.stops.cut(whole) if self.cut is not None else None
+            cut = self.stops.cut(whole, self._cut_from) if self.cut is not None else None
             self.final = whole if cut is None else whole[:cut]
         return self.final
 

@@ -62,11 +62,12 @@ def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
 
 
 def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
-    """The sampling flags reach generate(): min-p, the penalties, ``--logit-bias ID=BIAS`` (repeatable)."""
+    """The sampling flags reach generate(): min-p, the penalties, ``--logit-bias ID=BIAS`` (repeatable),
+    ``--min-new-tokens``."""
     import latentrt
 
     model = latentrt.load(recurrent_dir, device="cpu")
-    opts = dict(min_p=0.1, repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=1.5)
+    opts = dict(min_p=0.1, repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=1.5, min_new_tokens=3)
     kw = dict(max_new_tokens=8, temperature=0.9, seed=2, default_stops=False, logit_bias={5: 2.0, 9: -3.5}, **opts)
     want = latentrt.generate(model, "every cat is", **kw)
     argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--temperature", "0.9"]

@@ -305,6 +305,44 @@ def test_coconut_marker_errors():
         latentrt.generate(model, [5, 6], adaptive=True)
 
 
+def test_min_new_tokens_holds_back_every_stop():
+    """``min_new_tokens`` (HF's; vLLM's ``min_tokens``): before it a stop token is never chosen (token i < m
+    is the argmax of its logits without the stop ids) and no stop string ends the sequence (one completed
+    then is not looked for again, as vLLM); from it on, the first stop ends it, in a batch each on its own."""
+    model = latentrt.load("builtin:recurrent")
+    prompt = "Alex is a wumpus. Every wumpus is a yumpus. Is Alex a yumpus or rompus?"
+    eos, V = model.eos_token_id, model.config.vocab_size
+    base = latentrt.generate(model, prompt, max_new_tokens=16)
+    assert base.tokens[-1] == eos and len(base.tokens) < 10
+    m = len(base.tokens) + 2
+    r = latentrt.generate(model, prompt, max_new_tokens=24, min_new_tokens=m, return_logits=True)
+    assert eos not in r.tokens[:m] and r.tokens[-1] == eos and r.finish_reasons == ["stop"]
+    for i, token in enumerate(r.tokens):
+        logits = r.logits[i, :V].clone()
+        if i < m:
+            logits[eos] = float("-inf")
+        assert int(logits.argmax()) == token, i
+    stop = "rompus"
+    kw = dict(max_new_tokens=24, min_new_tokens=6, default_stops=False)
+    free = latentrt.generate(model, prompt, **kw)
+    texts = [model.tokenizer.decode(free.tokens[:n], skip_special_tokens=True) for n in range(len(free.tokens) + 1)]
+    n, at = next(  # the first token from the 6th on whose text completes the string
+        (n, texts[n].find(stop, max(0, len(texts[n - 1]) - len(stop) + 1)))
+        for n in range(6, len(texts))
+        if stop in texts[n][max(0, len(texts[n - 1]) - len(stop) + 1) :]
+    )
+    assert stop in texts[5]  # (completed before the 6th token: not a stop)
+    got = latentrt.generate(model, prompt, stop=[stop], **kw)
+    assert (got.tokens, got.text, got.finish_reasons) == (free.tokens[:n], texts[n][:at], ["stop"])
+    streamed = latentrt.generate(model, prompt, stop=[stop], stream=True, **kw)
+    assert "".join(e.text or "" for e in streamed) == got.text
+    other = "Bob is a zumpus. Is Bob a zumpus or rompus?"
+    both = latentrt.generate(model, [prompt, other], stop=[stop], **kw)
+    assert both.tokens == [got.tokens, latentrt.generate(model, other, stop=[stop], **kw).tokens]
+    with pytest.raises(latentrt.InputError, match=r"min_new_tokens must be an integer in \[0, max_new_tokens=4\]"):
+        latentrt.generate(model, prompt, max_new_tokens=4, min_new_tokens=5)
+
+
 def test_stop_strings_that_span_tokens_end_the_text_before_them():
     """A stop string that is not one token is matched on the text: the sequence stops at the token that
     completes it (kept), its text ends just before it, and the streamed pieces (text that may begin a stop

@@ -51,6 +51,8 @@ def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
         if i % 5 == 4:  # penalties and a bias: each request's own state
             kw.update(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=1.0, min_p=0.05)
             kw["logit_bias"] = {rng.randrange(1, 40): 4.0}
+        if i % 7 == 3:  # no stop before the 3rd token
+            kw["min_new_tokens"] = min(3, kw["max_new_tokens"])
         out.append((prompt, kw))
     return out
 
@@ -177,7 +179,7 @@ def test_text_not_read_per_token_is_decoded_once(monkeypatch):
     ]
     added, decoded = [], []
     real_add, real_finish = SequenceText.add, SequenceText.finish
-    monkeypatch.setattr(SequenceText, "add", lambda self, t: added.append(t) or real_add(self, t))
+    monkeypatch.setattr(SequenceText, "add", lambda self, t, **kw: added.append(t) or real_add(self, t, **kw))
     monkeypatch.setattr(
         SequenceText, "finish", lambda self, ids: decoded.append(self.final is None) or real_finish(self, ids)
     )

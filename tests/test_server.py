@@ -213,12 +213,12 @@ def test_penalties_and_logit_bias_as_openai_and_vllm_take_them(recurrent_server)
     url, _, model = recurrent_server
     args = dict(model="tiny", prompt="Tom is a cat", max_tokens=8, temperature=0.8, seed=3)
     pen = dict(presence_penalty=1.2, frequency_penalty=0.6, logit_bias={"6": 2.5, "9": -100})
-    extra = {"repetition_penalty": 1.7, "min_p": 0.1, "default_stops": False}
+    extra = {"repetition_penalty": 1.7, "min_p": 0.1, "min_tokens": 5}
     alone = latentrt.generate(
         model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3, logit_bias={6: 2.5, 9: -100.0},
-        presence_penalty=1.2, frequency_penalty=0.6, repetition_penalty=1.7, min_p=0.1, default_stops=False,
+        presence_penalty=1.2, frequency_penalty=0.6, repetition_penalty=1.7, min_p=0.1, min_new_tokens=5,
     )  # fmt: skip
-    plain = latentrt.generate(model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3, default_stops=False)
+    plain = latentrt.generate(model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3)
     assert alone.tokens != plain.tokens and 9 not in alone.tokens
     r = client(url).completions.create(extra_body=extra, **pen, **args)
     assert r.choices[0].latentrt["token_ids"] == alone.tokens and r.choices[0].text == alone.text
@@ -231,6 +231,7 @@ def test_penalties_and_logit_bias_as_openai_and_vllm_take_them(recurrent_server)
         (dict(logit_bias={"5": 500}), "logit_bias[5] must be in [-100, 100]"),
         (dict(repetition_penalty=-1), "repetition_penalty must be > 0"),
         (dict(min_p=7), "min_p must be in [0, 1]"),
+        (dict(min_tokens=9), "min_new_tokens must be an integer in [0, max_new_tokens=8]"),
     ]:
         got = h.post("/v1/completions", json=dict(args, **bad))
         assert got.status_code == 400 and message in got.json()["error"]["message"], got.text

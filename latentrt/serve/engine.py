@@ -529,7 +529,7 @@ class Engine:
             cut, delta, text = None, None, req.sequence_text
             if req.live_text and text is not None:  # as generate() shows it (latentrt/sequence_text.py)
                 if kept:
-                    text.add(tok)
+                    text.add(tok, may_stop=index + 1 >= req.options.min_new_tokens)
                 cut = text.cut
                 ends = stopped or cut is not None or index + 1 >= req.options.max_new_tokens
                 delta = text.end(req.tokens) if ends else text.show()
@@ -553,7 +553,7 @@ class Engine:
         greedy = [
             i
             for i, e in enumerate(ended)
-            if e.request.options.temperature == 0 and e.request.generation.penalties is None
+            if e.request.options.temperature == 0 and not e.request.generation._adjusts_logits(e.request.sampled)
         ]
         vocab = self.model.config.vocab_size
         if greedy:
@@ -566,9 +566,9 @@ class Engine:
             req.pending_steps = e.iterations
             req.latent_work += e.iterations
             self.metrics.iterations += e.iterations
-            gen = req.generation
-            if req.options.temperature != 0 or gen.penalties is not None:
-                tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1]))[0]
+            gen, index = req.generation, req.sampled - 1
+            if req.options.temperature != 0 or gen._adjusts_logits(index):
+                tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1], index))[0]
             if gen.penalties is not None:
                 gen.penalties.record(tokens[i : i + 1])
             req.next_token = tokens[i]

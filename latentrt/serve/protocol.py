@@ -43,6 +43,7 @@ COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "sto
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "min_tokens",  # vLLM's: generate()'s min_new_tokens
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs", "echo"} | set(LATENT_FIELDS) | set(NEUTRAL)
 CHAT_FIELDS = (
@@ -96,6 +97,8 @@ def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
         opts["top_p"] = body["top_p"]
     if body.get("seed") is not None:
         opts["seed"] = body["seed"]
+    if body.get("min_tokens") is not None:  # vLLM's name
+        opts["min_new_tokens"] = body["min_tokens"]
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) is not None:
             opts[name] = body[name]
