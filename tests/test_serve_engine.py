@@ -412,7 +412,9 @@ def test_a_finished_requests_row_keeps_its_checked_entries_and_zeroes_the_last()
     assert (written[: n - 1] > 0).all() and written[n - 1] == 0
 
 
-def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch):
+def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch, caplog):
+    """A fault no request can be blamed for (a bug, a device error) fails the running requests with its
+    message, logs its traceback for the operator, and the engine serves the next requests."""
     model = tiny_recurrent()
     engine = Engine(model, max_batch=2)
     a = engine.submit([5, 6], max_new_tokens=3, init_scale=0.0)
@@ -422,8 +424,12 @@ def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeyp
         raise RuntimeError("device fault")
 
     monkeypatch.setattr(type(engine.program), "launch", broken)
-    engine.step()
+    with caplog.at_level("ERROR", logger="latentrt.serve"):
+        engine.step()
     assert a.finish_reason == "error" and "device fault" in str(a.error)
+    (record,) = [r for r in caplog.records if r.name == "latentrt.serve"]
+    assert "1 running request(s)" in record.getMessage() and record.exc_info[1] is not None
+    assert "raise RuntimeError" in caplog.text  # the traceback
     monkeypatch.setattr(type(engine.program), "launch", launch)
     b = engine.submit([5, 6], max_new_tokens=3, init_scale=0.0)
     engine.run_until_idle()

@@ -35,6 +35,7 @@ called from any thread. Each request receives ``RequestEvent``s through its ``on
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -52,6 +53,8 @@ from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
 from ..transfer import to_device
 from .metrics import EngineMetrics
+
+log = logging.getLogger("latentrt.serve")
 
 SCHEDULERS = ("depth", "token", "static")
 MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position at most (vLLM's default limit)
@@ -395,8 +398,12 @@ class Engine:
 
     def _reset(self, exc: Exception) -> None:
         """After an unexpected error inside a launch: every resident request fails with it and the program
-        starts afresh (a new pool); queued requests are served as usual."""
-        for req in list(self.resident) + (self._sampled.reqs if self._sampled is not None else []):
+        starts afresh (a new pool); queued requests are served as usual. The traceback goes to the
+        ``latentrt.serve`` log (clients see the message only)."""
+        running = list(self.resident) + (self._sampled.reqs if self._sampled is not None else [])
+        failing = list({id(r): r for r in running if not r.finished}.values())
+        log.error("a scheduler step failed; %d running request(s) fail with it", len(failing), exc_info=exc)
+        for req in failing:
             if not req.finished:
                 req.error = exc
                 req.finish_reason = "error"
