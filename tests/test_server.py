@@ -146,6 +146,33 @@ def test_chat_with_the_models_template(recurrent_server):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == alone.text
 
 
+def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_server):
+    """vLLM's /tokenize and /detokenize: a prompt's ids are those /v1/completions runs (its usage counts them),
+    a conversation's those /v1/chat/completions runs; /detokenize inverts; bad bodies are 400s."""
+    url, _, model = recurrent_server
+    h = httpx.Client(base_url=url)
+    got = h.post("/tokenize", json={"model": "tiny", "prompt": "Tom is a cat"}).json()
+    r = client(url).completions.create(model="tiny", prompt="Tom is a cat", max_tokens=1, temperature=0)
+    assert got["tokens"] == model.tokenizer.encode("Tom is a cat").ids and got["count"] == r.usage.prompt_tokens
+    assert got["max_model_len"] == model.config.block_size
+    messages = [{"role": "user", "content": "Tom is a cat"}]
+    chat = h.post("/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == model.tokenizer.encode("user : Tom is a cat . ", add_special_tokens=False).ids
+    c = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0)
+    assert chat["count"] == c.usage.prompt_tokens
+    back = h.post("/detokenize", json={"model": "tiny", "tokens": got["tokens"]}).json()
+    assert back == {"prompt": model.tokenizer.decode(got["tokens"], skip_special_tokens=False)}
+    for route, body, message in [
+        ("/tokenize", {"prompt": "a", "messages": messages}, "one of 'prompt' (text) or 'messages'"),
+        ("/tokenize", {"prompt": [1, 2]}, "prompt must be a string"),
+        ("/tokenize", {"prompt": "a", "extra": 1}, "unknown field(s) ['extra'] for /tokenize"),
+        ("/detokenize", {"tokens": [1, 10**6]}, "tokens must be a list of token ids"),
+    ]:
+        bad = h.post(route, json=body)
+        assert bad.status_code == 400 and message in bad.json()["error"]["message"], bad.text
+    assert h.post("/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404
+
+
 def _logprobs_alone(model, prompt, k: int, **kw) -> list[tuple[int, float, list]]:
     """Per generated token of generate() alone: (id, log-prob, the k best (id, log-prob)) from its logits."""
     alone = latentrt.generate(model, prompt, return_logits=True, **kw)

@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible routes over an ``Engine``, with FastAPI and uvicorn (the ``serve`` extra).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent
-events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format), and vLLM's
+``POST /tokenize`` / ``POST /detokenize`` (the server's own tokenization, for clients that count tokens).
 
 Status codes: 400 for a body that is not JSON, an unknown field or a bad option (the Python API's message);
 404 for a model name other than the served one; 429 with ``Retry-After`` when the queue is full; 503 while
@@ -35,6 +36,8 @@ from .protocol import (
     new_id,
     parse_chat,
     parse_completion,
+    parse_detokenize,
+    parse_tokenize,
     token_text,
     usage,
 )
@@ -227,6 +230,32 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            body = await body_of(request)
+            check_model(body, model_name)
+            ids = parse_tokenize(body, template, model.tokenizer)
+        except InputError as exc:
+            return _error(400, str(exc))
+        except LookupError as exc:
+            return _error(404, str(exc), "model_not_found")
+        return {"count": len(ids), "max_model_len": model.config.block_size, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            body = await body_of(request)
+            check_model(body, model_name)
+            ids = parse_detokenize(body, model.config.vocab_size)
+            if model.tokenizer is None:
+                raise InputError("this model has no tokenizer.json: nothing to detokenize with")
+        except InputError as exc:
+            return _error(400, str(exc))
+        except LookupError as exc:
+            return _error(404, str(exc), "model_not_found")
+        return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
 
     @app.get("/v1/models")
     async def models():

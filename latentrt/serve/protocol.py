@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..families import FAMILIES
+from ..prompts import encode_text
 from .chat import render_chat
 from .engine import MAX_TOP_LOGPROBS
 
@@ -221,6 +222,34 @@ def parse_chat(body, template, tokenizer) -> Parsed:
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=True)
     return parsed
+
+
+def parse_tokenize(body, template, tokenizer) -> list[int]:
+    """vLLM's /tokenize body: ``prompt`` (text, encoded as /v1/completions encodes it) or ``messages``
+    (rendered with the chat template, as /v1/chat/completions does) -> token ids."""
+    body = _check_fields(body, {"model", "prompt", "messages", "add_generation_prompt"}, "/tokenize")
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer.json: nothing to tokenize with")
+    if ("prompt" in body) == ("messages" in body):
+        raise InputError("/tokenize takes one of 'prompt' (text) or 'messages' (a conversation)")
+    if "messages" in body:
+        if body.get("add_generation_prompt", True) is not True:
+            raise InputError("add_generation_prompt: the chat route always adds it, so /tokenize does too")
+        return tokenizer.encode(render_chat(template, body["messages"]), add_special_tokens=False).ids
+    if not isinstance(body["prompt"], str):
+        raise InputError(f"prompt must be a string, got {type(body['prompt']).__name__}")
+    return encode_text(tokenizer, [body["prompt"]])[0]
+
+
+def parse_detokenize(body, vocab: int) -> list[int]:
+    """vLLM's /detokenize body: ``tokens``, ids in the vocabulary."""
+    body = _check_fields(body, {"model", "tokens"}, "/detokenize")
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
+    ):
+        raise InputError(f"tokens must be a list of token ids in [0, {vocab}), got {ids!r}")
+    return ids
 
 
 def check_model(body, served: str) -> None:
