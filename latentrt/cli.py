@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         "every step)",
     )
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    s.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
+    )
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
+    )
     s.add_argument("--log-level", default="info")
     return parser
 
@@ -324,7 +332,10 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
     from .serve import Engine
+    from .serve.chat import chat_template_file
 
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise InputError(f"--chat-template {args.chat_template!r} is not a file")
     model = _load(args)
     engine = Engine(
         model,
@@ -335,9 +346,11 @@ def cmd_serve(args) -> int:
         scheduler=args.scheduler,
         edge_cost=args.edge_cost,
     )
+    template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
+    api_key = args.api_key or os.environ.get("LATENTRT_API_KEY") or None
     name = args.served_model_name or args.model
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
-    run_server(engine, name, args.host, args.port, args.log_level)
+    run_server(engine, name, args.host, args.port, args.log_level, chat_template=template, api_key=api_key)
     return 0
 
 

@@ -38,10 +38,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model, name: str = "tiny", template=None, **engine_kw):
+def serving(model, name: str = "tiny", template=None, api_key=None, **engine_kw):
     """A real uvicorn server on a loopback port, in a thread; yields (base url, engine)."""
     engine = Engine(model, **engine_kw)
-    app = create_app(engine, name, chat_template=template)
+    app = create_app(engine, name, chat_template=template, api_key=api_key)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -533,8 +533,51 @@ def test_cli_serve_drains_on_sigterm(tmp_path):
             proc.kill()
 
 
-def test_cli_serve_errors():
+def test_api_key_guards_the_model_routes_and_a_template_file_gives_a_model_chat(tmp_path):
+    """``api_key`` (``latentrt serve --api-key``): the openai client with the key is served, a wrong or missing
+    key is a 401 on /v1 and the tokenizer routes, /health stays open. A template file (``--chat-template``)
+    lets a model without one chat: the prompt is its rendering."""
+    from latentrt.serve.chat import chat_template_file
+
+    model = tiny_coconut(seed=2)
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    with serving(model, template=chat_template_file(tmp_path / "t.jinja"), api_key="s3cret", max_batch=2) as (url, _):
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        messages = [{"role": "user", "content": "Tom is a cat"}]
+        r = keyed.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+        ids = model.tokenizer.encode("Tom is a cat ", add_special_tokens=False).ids
+        assert r.choices[0].message.content == latentrt.generate(model, ids, max_new_tokens=3).text
+        with pytest.raises(openai.AuthenticationError, match="invalid or missing API key"):
+            client(url).completions.create(model="tiny", prompt="Tom", max_tokens=1)
+        h = httpx.Client(base_url=url)
+        assert h.post("/v1/completions", json={"prompt": "Tom", "max_tokens": 1}).status_code == 401
+        assert h.post("/tokenize", json={"prompt": "Tom"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert h.post("/tokenize", json={"prompt": "Tom"}, headers=auth).json()["count"] == 1
+        assert h.get("/health").status_code == 200 and h.get("/metrics").status_code == 200
+    (tmp_path / "empty.jinja").write_text(" ")
+    with pytest.raises(latentrt.InputError, match="is empty"):
+        chat_template_file(tmp_path / "empty.jinja")
+
+
+def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
     from latentrt.cli import main
+
+    seen = {}
+    monkeypatch.setattr("latentrt.serve.app.run_server", lambda engine, name, *a, **kw: seen.update(kw, name=name))
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
+    assert main(["serve", "--chat-template", str(tmp_path / "t.jinja"), "--api-key", "k1", "builtin:coconut"]) == 0
+    assert seen["chat_template"].source == "{{ messages[0]['content'] }}" and seen["api_key"] == "k1"
+    monkeypatch.setenv("LATENTRT_API_KEY", "k2")
+    assert main(["serve", "builtin:coconut"]) == 0
+    assert seen["chat_template"] is None and seen["api_key"] == "k2"
+
+
+def test_cli_serve_errors(capsys):
+    from latentrt.cli import main
+
+    assert main(["serve", "--chat-template", "/no/such.jinja", "builtin:recurrent"]) == 2
+    assert "--chat-template '/no/such.jinja' is not a file" in capsys.readouterr().err
 
     assert main(["serve", "builtin:nope"]) == 2
     assert main(["serve", "--max-batch", "0", "builtin:recurrent"]) == 2

@@ -15,6 +15,7 @@ finish before the engine stops.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import threading
@@ -73,9 +74,11 @@ class EngineThread:
             self.thread.join(timeout)
 
 
-def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
+def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (serve/chat.py) defaults to
-    the model folder's."""
+    the model folder's; with ``api_key`` the model routes (``/v1/...``, ``/tokenize``, ``/detokenize``)
+    answer only requests with ``Authorization: Bearer <api_key>`` (401 otherwise, as OpenAI's and vLLM's),
+    while ``/health`` and ``/metrics`` stay open for probes and scrapers."""
     runner = EngineThread(engine)
     model = engine.model
     text_of = partial(token_text, model.tokenizer)  # a token as log-probs name it
@@ -89,6 +92,17 @@ def create_app(engine: Engine, model_name: str, chat_template=None) -> FastAPI:
 
     app = FastAPI(title="latentrt", lifespan=lifespan)
     app.state.engine, app.state.runner = engine, runner
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            guarded = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
+            given = request.headers.get("authorization", "").encode()
+            if guarded and not hmac.compare_digest(given, expected):
+                return _error(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
+            return await call_next(request)
 
     async def body_of(request: Request):
         try:
@@ -297,12 +311,18 @@ def load_engine(
 
 
 def run_server(
-    engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+    engine: Engine,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    chat_template=None,
+    api_key: str | None = None,
 ) -> None:
-    """Serve until SIGTERM / Ctrl-C, then drain."""
+    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``: as ``create_app``)."""
     import uvicorn
 
-    app = create_app(engine, model_name)
+    app = create_app(engine, model_name, chat_template=chat_template, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
 
 

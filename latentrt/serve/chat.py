@@ -32,19 +32,38 @@ def _token_text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _tokenizer_config(folder: Path | None) -> dict:
+    """A model folder's tokenizer_config.json ({} when it has none or it cannot be read)."""
+    cfg_file = None if folder is None else Path(folder) / "tokenizer_config.json"
+    if cfg_file is None or not cfg_file.is_file():
+        return {}
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def chat_template_file(path: str | Path, folder: Path | None = None) -> ChatTemplate:
+    """A jinja template from a file (``latentrt serve --chat-template``), for a model without one or to
+    replace its own; bos / eos text from the model folder's tokenizer_config.json where it has one."""
+    path = Path(path)
+    try:
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the chat template {str(path)!r}: {exc}") from None
+    if not source.strip():
+        raise InputError(f"the chat template {str(path)!r} is empty")
+    config = _tokenizer_config(folder)
+    return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+
+
 def find_chat_template(folder: Path | None) -> ChatTemplate | None:
     """The template of a model folder, or None."""
     if folder is None:
         return None
     folder = Path(folder)
-    config = {}
-    cfg_file = folder / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (OSError, ValueError):
-            config = {}
-        config = config if isinstance(config, dict) else {}
+    config = _tokenizer_config(folder)
     source = None
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
