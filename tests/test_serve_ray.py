@@ -41,7 +41,9 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
     port = free_port()
     argv = shlex.split(RAY_COMMAND.replace("--port 8000", f"--port {port}"))
     assert argv[:3] == ["python", "-m", "latentrt.serve.ray"] and "--replicas" in argv
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
     argv = [sys.executable, *argv[1:], "--num-cpus", "0.5", "--backend", "torch", "--max-batch", "4"]
+    argv += ["--chat-template", "t.jinja", "--api-key", "k3y"]  # (relative: the replicas get its absolute path)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     log = open(tmp_path / "ray.log", "w")
@@ -64,7 +66,13 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
         questions = ["Tom is a wumpus . Every wumpus is a yumpus . Is Tom a yumpus or dumpus ?"] * 3 + [
             "Sally is a lempus . Is Sally a lempus or zumpus ?"
         ] * 3
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Tom", "max_tokens": 1}).status_code == 401
+        chat = client.chat.completions.create(
+            model="builtin:recurrent", messages=[{"role": "user", "content": questions[0]}], max_tokens=4, temperature=0
+        )
+        ids = model.tokenizer.encode(questions[0] + " ", add_special_tokens=False).ids
+        assert chat.choices[0].message.content == latentrt.generate(model, ids, max_new_tokens=4).text
 
         def ask(i):
             return client.completions.create(

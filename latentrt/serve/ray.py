@@ -24,10 +24,13 @@ CONFIG_ENV = "LATENTRT_RAY_REPLICA"
 def build_app():
     """The FastAPI app of one replica, from its configuration (runs inside the replica)."""
     from .app import create_app, load_engine
+    from .chat import chat_template_file
 
     cfg = json.loads(os.environ[CONFIG_ENV])
     engine = load_engine(cfg["model"], **cfg["load"], **cfg["engine"])
-    return create_app(engine, cfg["name"])
+    path = cfg.get("chat_template")
+    template = None if path is None else chat_template_file(path, getattr(engine.model, "folder", None))
+    return create_app(engine, cfg["name"], chat_template=template, api_key=cfg.get("api_key"))
 
 
 def application(
@@ -41,10 +44,13 @@ def application(
     dtype: str | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    chat_template: str | None = None,
+    api_key: str | None = None,
     **engine_kw,
 ):
     """A Ray Serve application of ``replicas`` servers of ``model``; ``engine_kw`` go to each ``Engine``
-    (max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost), the resources to each replica's actor."""
+    (max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost), the resources to each replica's actor;
+    ``chat_template`` (a file's path) and ``api_key`` as ``latentrt serve``'s."""
     from ray import serve
 
     cfg = {
@@ -52,6 +58,8 @@ def application(
         "name": name or model,
         "load": {"device": device, "dtype": dtype, "backend": backend, "revision": revision},
         "engine": engine_kw,
+        "chat_template": None if chat_template is None else os.path.abspath(chat_template),
+        "api_key": api_key,
     }
 
     @serve.deployment(name="latentrt")
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheduler", default="depth")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too (slower to start)")
+    ap.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja chat template (as latentrt serve)")
+    ap.add_argument("--api-key", default=None, help="as latentrt serve (default: $LATENTRT_API_KEY)")
     args = ap.parse_args(argv)
     import ray
     from ray import serve
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         max_batch=args.max_batch,
         scheduler=args.scheduler,
+        chat_template=args.chat_template,
+        api_key=args.api_key or os.environ.get("LATENTRT_API_KEY") or None,
     )
     serve.run(app, route_prefix="/")
     print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
