@@ -2,10 +2,10 @@
 
 Each new token is decoded with a few tokens of context (the ``tokenizers`` library's ``DecodeStream``, the
 incremental detokenization vLLM does too), so a token costs the same at position 10 and at 10,000; decoding
-the whole text again at every token is O(length^2) (1.9 ms a token at 1,200 tokens on a CPU). A character
-that spans tokens comes out whole: an incomplete one is held back until it completes. Stop strings
-(latentrt/stop_strings.py) are searched only where the new text can complete one, and a stream is shown
-the text less an end that may begin one.
+the whole text again at every token is O(length^2) (0.9 ms a token at 1,200 tokens with the built-in word
+tokenizer on a CPU; 13 us incrementally, at any length). A character that spans tokens comes out whole: an
+incomplete one is held back until it completes. Stop strings (latentrt/stop_strings.py) are searched only
+where the new text can complete one, and a stream is shown the text less an end that may begin one.
 
 The final text is the whole decode, once (``tokenizer.decode(tokens, skip_special_tokens=True)``, up to the
 stop string found: what generate() returns); at the end a stream is given what of it was still held back

@@ -158,9 +158,7 @@ class Request:
     echo: bool = False  # the response repeats the prompt (and with log-probs, scores its tokens)
     prompt_text: str = ""  # the prompt as text (decoded where it came as ids)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
-    live_text: bool = (
-        True  # the text decoded as it grows (a stream, stop strings, log-probs' offsets); else once, at the end
-    )
+    live_text: bool = True  # decoded as it grows (a stream, stop strings, log-prob offsets); else at the end
     score_only: bool = False  # echo with no new token: the prompt is scored (with log-probs) and it ends
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
@@ -404,12 +402,11 @@ class Engine:
         failing = list({id(r): r for r in running if not r.finished}.values())
         log.error("a scheduler step failed; %d running request(s) fail with it", len(failing), exc_info=exc)
         for req in failing:
-            if not req.finished:
-                req.error = exc
-                req.finish_reason = "error"
-                req.times["finished"] = time.perf_counter()
-                req.emit(RequestEvent("error"))
-                req.done.set()
+            req.error = exc
+            req.finish_reason = "error"
+            req.times["finished"] = time.perf_counter()
+            req.emit(RequestEvent("error"))
+            req.done.set()
         self.resident.clear()
         self._exited = []
         self._sampled = None
