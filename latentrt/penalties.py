@@ -84,9 +84,11 @@ class LogitPenalties:
         if not active(options):
             return None
         pen = cls(options, ids.shape[0], vocab, ids.device)
-        if pen.seen is not None:  # the prompt's tokens (padding and ids past the vocabulary are not tokens)
+        if pen.seen is not None:  # the prompt's tokens (padding and ids past the vocabulary are not tokens),
+            # counted, not written: a padding position sharing an index with a real token adds 0, on the device
             real = mask.bool() & (ids >= 0) & (ids < vocab)
-            pen.seen.scatter_(1, torch.where(real, ids, 0), real)
+            held = torch.zeros(pen.seen.shape, dtype=torch.int32, device=ids.device)
+            pen.seen = held.scatter_add_(1, torch.where(real, ids, 0), real.int()) > 0
         return pen
 
     def apply(self, logits: Tensor) -> Tensor:

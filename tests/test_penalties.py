@@ -46,6 +46,15 @@ def test_repetition_penalty_is_hfs_over_the_prompt_and_the_new_tokens(r):
         assert torch.equal(got[b : b + 1], want)
 
 
+def test_the_prompts_padding_is_not_a_token_even_beside_token_zero():
+    """Padding positions (right-padded here with id 0) must not mark nor unmark token 0, which the first
+    prompt holds."""
+    logits = torch.full((2, V), 2.0)
+    got = penalties([[0, 3], [5, 6, 7]], [[], []], repetition_penalty=2.0).apply(logits)
+    assert got[0, 0] == 1.0 and got[0, 3] == 1.0 and got[0, 5] == 2.0  # row 0: its tokens 0 and 3 only
+    assert got[1, 0] == 2.0 and got[1, 5] == 1.0  # row 1: no token 0
+
+
 def test_presence_and_frequency_penalties_are_openais_formula_over_the_new_tokens():
     g = torch.Generator().manual_seed(1)
     ids = [[1, 2, 3, 3], [4]]
