@@ -245,31 +245,34 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
+    async def quick(request: Request, respond):
+        """A route whose work is quick and needs no engine: ``respond(body)``'s JSON, or its error's status."""
         try:
             body = await body_of(request)
             check_model(body, model_name)
-            ids = parse_tokenize(body, template, model.tokenizer)
+            return respond(body)
         except InputError as exc:
             return _error(400, str(exc))
         except LookupError as exc:
             return _error(404, str(exc), "model_not_found")
+
+    def tokenized(body) -> dict:
+        ids = parse_tokenize(body, template, model.tokenizer)
         return {"count": len(ids), "max_model_len": model.config.block_size, "tokens": ids}
+
+    def detokenized(body) -> dict:
+        ids = parse_detokenize(body, model.config.vocab_size)
+        if model.tokenizer is None:
+            raise InputError("this model has no tokenizer.json: nothing to detokenize with")
+        return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await quick(request, tokenized)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        try:
-            body = await body_of(request)
-            check_model(body, model_name)
-            ids = parse_detokenize(body, model.config.vocab_size)
-            if model.tokenizer is None:
-                raise InputError("this model has no tokenizer.json: nothing to detokenize with")
-        except InputError as exc:
-            return _error(400, str(exc))
-        except LookupError as exc:
-            return _error(404, str(exc), "model_not_found")
-        return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
+        return await quick(request, detokenized)
 
     @app.get("/v1/models")
     async def models():

@@ -103,7 +103,7 @@ def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) is not None:
             opts[name] = body[name]
-    if body.get("logit_bias"):
+    if body.get("logit_bias") is not None:
         opts["logit_bias"] = _logit_bias(body["logit_bias"])
     stop = body.get("stop")
     if stop is not None:
