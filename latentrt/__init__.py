@@ -1,9 +1,11 @@
 """latentrt: a runtime for language models that reason in latent space.
 
 Public surface: ``load``, ``generate`` (options as keywords or a ``GenerateOptions``), its results
-(``GenerationResult``, ``GenerationStream``, ``StreamEvent``), ``LatentEvent`` (hooks) and the errors.
+(``GenerationResult``, ``GenerationStream``, ``StreamEvent``), ``apply_chat_template`` (a conversation's
+prompt ids), ``LatentEvent`` (hooks) and the errors.
 """
 
+from .chat import apply_chat_template
 from .engine import GenerationResult, GenerationStream, StreamEvent, generate
 from .errors import CheckpointError, ConfigError, InputError, LatentRTError, NonFiniteStateError
 from .hooks import LatentEvent
@@ -15,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "generate",
+    "apply_chat_template",
     "GenerateOptions",
     "GenerationResult",
     "GenerationStream",

@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
     )
     g.add_argument("--seed", type=int, default=UNSET)
+    g.add_argument(
+        "--chat", action="store_true", help="each prompt is a user message, through the model's chat template"
+    )
+    g.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
+    g.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -268,8 +273,11 @@ def cmd_generate(args) -> int:
     from .engine import generate
     from .families import family_for
 
+    if not args.chat and (args.system is not None or args.chat_template is not None):
+        raise InputError("--system and --chat-template go with --chat")
     model = _load(args)
-    prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    prompts = [_chat_ids(model, p, args) for p in args.prompt] if args.chat else args.prompt
+    prompt = prompts[0] if len(prompts) == 1 else prompts
     kwargs = _options(args)
     if args.stream:
         stream = generate(model, prompt, stream=True, **kwargs)
@@ -294,6 +302,14 @@ def cmd_generate(args) -> int:
         print(line)
     print(f"KV cache: {result.kv_bytes / 2**20:.2f} MiB, backend {result.backend}")
     return 0
+
+
+def _chat_ids(model, prompt: str, args) -> list[int]:
+    """``--chat``: the prompt as a user message (after ``--system``'s), through the chat template."""
+    from .chat import apply_chat_template
+
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    return apply_chat_template(model, [*system, {"role": "user", "content": prompt}], args.chat_template)
 
 
 def cmd_info(args) -> int:
@@ -331,8 +347,8 @@ def cmd_serve(args) -> int:
         from .serve.app import run_server
     except ImportError as exc:
         raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
+    from .chat import chat_template_file
     from .serve import Engine
-    from .serve.chat import chat_template_file
 
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")

@@ -27,6 +27,7 @@ LAYERS = [
         "penalties",
         "stop_strings",
         "sequence_text",
+        "chat",
         "prompts",
         "tokenizer",
         "records",

@@ -24,9 +24,9 @@ from latentrt.checkpoint import save_checkpoint
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+from latentrt.chat import ChatTemplate  # noqa: E402
 from latentrt.serve import Engine  # noqa: E402
 from latentrt.serve.app import create_app  # noqa: E402
-from latentrt.serve.chat import ChatTemplate  # noqa: E402
 
 TEMPLATE = ChatTemplate("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}")
 
@@ -537,7 +537,7 @@ def test_api_key_guards_the_model_routes_and_a_template_file_gives_a_model_chat(
     """``api_key`` (``latentrt serve --api-key``): the openai client with the key is served, a wrong or missing
     key is a 401 on /v1 and the tokenizer routes, /health stays open. A template file (``--chat-template``)
     lets a model without one chat: the prompt is its rendering."""
-    from latentrt.serve.chat import chat_template_file
+    from latentrt.chat import chat_template_file
 
     model = tiny_coconut(seed=2)
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")

@@ -26,8 +26,8 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from ..chat import find_chat_template
 from ..errors import InputError, LatentRTError
-from .chat import find_chat_template
 from .engine import Engine, QueueFull, ShuttingDown
 from .protocol import (
     check_model,
@@ -75,7 +75,7 @@ class EngineThread:
 
 
 def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (serve/chat.py) defaults to
+    """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (latentrt/chat.py) defaults to
     the model folder's; with ``api_key`` the model routes (``/v1/...``, ``/tokenize``, ``/detokenize``)
     answer only requests with ``Authorization: Bearer <api_key>`` (401 otherwise, as OpenAI's and vLLM's),
     while ``/health`` and ``/metrics`` stay open for probes and scrapers."""
@@ -138,8 +138,6 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
             body = await body_of(request)
             check_model(body, model_name)
             if chat:
-                if model.tokenizer is None:
-                    raise InputError("this model has no tokenizer.json: chat needs one")
                 parsed = parse_chat(body, template, model.tokenizer)
             else:
                 parsed = parse_completion(body)

@@ -19,10 +19,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ..chat import chat_prompt_ids
 from ..errors import InputError
 from ..families import FAMILIES
 from ..prompts import encode_text
-from .chat import render_chat
 from .engine import MAX_TOP_LOGPROBS
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
@@ -211,10 +211,7 @@ def parse_chat(body, template, tokenizer) -> Parsed:
     """A /v1/chat/completions body: the conversation rendered with the model's chat template (chat.py),
     tokenized without adding special tokens (the template places them)."""
     body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-    text = render_chat(template, body.get("messages"))
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    if not ids:
-        raise InputError("the rendered conversation is empty")
+    ids = chat_prompt_ids(template, tokenizer, body.get("messages"))
     stream = _flag(body, "stream")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     opts, n = _options(body, max_tokens, 64)  # generate()'s default
@@ -235,7 +232,7 @@ def parse_tokenize(body, template, tokenizer) -> list[int]:
     if "messages" in body:
         if body.get("add_generation_prompt", True) is not True:
             raise InputError("add_generation_prompt: the chat route always adds it, so /tokenize does too")
-        return tokenizer.encode(render_chat(template, body["messages"]), add_special_tokens=False).ids
+        return chat_prompt_ids(template, tokenizer, body["messages"])
     if not isinstance(body["prompt"], str):
         raise InputError(f"prompt must be a string, got {type(body['prompt']).__name__}")
     return encode_text(tokenizer, [body["prompt"]])[0]

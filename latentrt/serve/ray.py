@@ -23,8 +23,8 @@ CONFIG_ENV = "LATENTRT_RAY_REPLICA"
 
 def build_app():
     """The FastAPI app of one replica, from its configuration (runs inside the replica)."""
+    from ..chat import chat_template_file
     from .app import create_app, load_engine
-    from .chat import chat_template_file
 
     cfg = json.loads(os.environ[CONFIG_ENV])
     engine = load_engine(cfg["model"], **cfg["load"], **cfg["engine"])

@@ -1,11 +1,12 @@
-"""Chat templates as Hugging Face applies them: the model folder's template rendered with jinja2.
+"""Chat templates as Hugging Face applies them: the model folder's template rendered with jinja2, for the
+server's chat route, ``latentrt.apply_chat_template`` and ``latentrt generate --chat``.
 
 The template is ``chat_template.jinja`` or the ``chat_template`` field of ``tokenizer_config.json`` (a
 string, or a list of named templates of which ``default`` is used). It is rendered in jinja2's immutable
 sandbox (a template is data: it cannot reach Python objects or the file system), with ``messages``,
 ``add_generation_prompt=True`` and the tokenizer config's ``bos_token`` / ``eos_token``, then tokenized
-without adding special tokens (the template places them). A model without a template cannot chat: the
-server answers 400 saying so.
+without adding special tokens (the template places them). A model without a template cannot chat: the API
+and the CLI say so, the server answers 400; ``--chat-template FILE`` gives it one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import InputError
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def render_chat(template: ChatTemplate | None, messages) -> str:
     if template is None:
         raise InputError(
             "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
-            "use /v1/completions with a prompt"
+            "give one (--chat-template FILE) or use a plain prompt (the server: /v1/completions)"
         )
     messages = check_messages(messages)
     import jinja2
@@ -128,3 +129,24 @@ def render_chat(template: ChatTemplate | None, messages) -> str:
         )
     except jinja2.exceptions.TemplateError as exc:
         raise InputError(f"the chat template rejected the conversation: {exc}") from None
+
+
+def chat_prompt_ids(template: ChatTemplate | None, tokenizer, messages) -> list[int]:
+    """A conversation's prompt ids: rendered with ``template``, tokenized without adding special tokens."""
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer.json: chat needs one")
+    ids = tokenizer.encode(render_chat(template, messages), add_special_tokens=False).ids
+    if not ids:
+        raise InputError("the rendered conversation is empty")
+    return ids
+
+
+def apply_chat_template(model, messages, template: ChatTemplate | str | Path | None = None) -> list[int]:
+    """The prompt ids of a conversation (OpenAI-style ``messages``) for ``model``, as HF's
+    ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` gives them and the server's chat
+    route runs them: ``generate(model, apply_chat_template(model, messages))``. ``template``: a
+    ``ChatTemplate`` or a template file's path, default the model folder's."""
+    folder = getattr(model, "folder", None)
+    if isinstance(template, (str, Path)):
+        template = chat_template_file(template, folder)
+    return chat_prompt_ids(template if template is not None else find_chat_template(folder), model.tokenizer, messages)

@@ -1,0 +1,71 @@
+"""latentrt/chat.py: a conversation's prompt ids, as the server's chat route runs them, for the Python API
+(``latentrt.apply_chat_template``) and ``latentrt generate --chat``."""
+
+import pytest
+from conftest import tiny_recurrent
+
+import latentrt
+from latentrt.chat import ChatTemplate
+from latentrt.cli import main
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Alex is a wumpus."}]
+
+
+def test_the_model_folders_template_renders_and_tokenizes_without_special_tokens():
+    model = latentrt.load("builtin:recurrent")  # its tokenizer_config.json: the user messages, each + " "
+    ids = latentrt.apply_chat_template(model, MESSAGES)
+    assert ids == model.tokenizer.encode("Alex is a wumpus. ", add_special_tokens=False).ids
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Alex is "}, {"type": "text", "text": "a wumpus."}]}]
+    assert latentrt.apply_chat_template(model, parts) == ids  # OpenAI's text parts
+
+
+def test_a_template_given_as_an_object_or_a_file(tmp_path):
+    model = tiny_recurrent(seed=1)  # built in memory: no folder, no template
+    with pytest.raises(latentrt.InputError, match="this model has no chat template"):
+        latentrt.apply_chat_template(model, MESSAGES)
+    source = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+    want = model.tokenizer.encode("system : Be brief. . user : Alex is a wumpus. . ", add_special_tokens=False).ids
+    assert latentrt.apply_chat_template(model, MESSAGES, ChatTemplate(source)) == want
+    (tmp_path / "t.jinja").write_text(source)
+    assert latentrt.apply_chat_template(model, MESSAGES, tmp_path / "t.jinja") == want
+    with pytest.raises(latentrt.InputError, match="messages must be a non-empty list"):
+        latentrt.apply_chat_template(model, [], ChatTemplate(source))
+
+
+def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
+    """``--chat`` (with ``--system`` and ``--chat-template``): each prompt a user message, the tokens of
+    generate() on the API's ids; the flags that need --chat without it are an error."""
+    import json
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    want = [
+        latentrt.generate(
+            model,
+            latentrt.apply_chat_template(model, MESSAGES[:1] + [m], tmp_path / "t.jinja"),
+            max_new_tokens=4,
+            init_scale=0.0,
+        )
+        for m in ({"role": "user", "content": "every cat"}, {"role": "user", "content": "is a"})
+    ]
+    argv = ["generate", str(recurrent_dir), "every cat", "is a", "--chat", "--system", "Be brief."]
+    assert (
+        main(
+            [
+                *argv,
+                "--chat-template",
+                str(tmp_path / "t.jinja"),
+                "--max-new-tokens",
+                "4",
+                "--init-scale",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["tokens"] == [w.tokens for w in want]
+    assert main(["generate", str(recurrent_dir), "x", "--system", "hi"]) == 2
+    assert "--system and --chat-template go with --chat" in capsys.readouterr().err
+    assert main(["generate", str(recurrent_dir), "x", "--chat"]) == 2  # a folder without a template
+    assert "has no chat template" in capsys.readouterr().err
