@@ -76,6 +76,90 @@ def _add_latent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=UNSET, help="exit threshold (default per criterion)")
 
 
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    """generate()'s options as flags (``generate`` and ``chat``); one not given is left to generate()."""
+    p.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
+    p.add_argument(
+        "--min-new-tokens", type=int, default=UNSET, help="no stop token or stop string ends it before this many"
+    )
+    _add_latent_args(p)
+    p.add_argument("--min-steps", type=int, default=UNSET, help="no exit check before this many iterations (0)")
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=UNSET,
+        help="check the exit criterion every N iterations (the published check_criterion_every_n_steps; 1)",
+    )
+    p.add_argument("--no-exit-in-prefill", action="store_true", default=UNSET, help="the prompt runs every step")
+    p.add_argument(
+        "--adaptive-prefill", action="store_true", default=UNSET, help="the prompt token by token, each exiting"
+    )
+    p.add_argument(
+        "--kv",
+        default=UNSET,
+        help="KV sharing across iterations: full | shared | ring-K (or the published latest-mL / compress-sN)",
+    )
+    p.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
+    p.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
+    p.add_argument(
+        "--thoughts",
+        type=int,
+        default=UNSET,
+        help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
+        "from its training.json, when the prompt has no latent markers)",
+    )
+    p.add_argument(
+        "--published-eos",
+        action="store_true",
+        default=UNSET,
+        help="Coconut: never stop on the first answer token; leave out the eos that ends a later one",
+    )
+    p.add_argument(
+        "--no-default-stops",
+        dest="default_stops",
+        action="store_false",
+        default=UNSET,
+        help="stop only on --stop ids, not on eos (nor Huginn's end-of-text / end-of-turn tokens)",
+    )
+    p.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
+    p.add_argument(
+        "--stop-text",
+        nargs="+",
+        default=UNSET,
+        help="strings that end a sequence (matched on the text, which ends before them)",
+    )
+    p.add_argument(
+        "--decoding",
+        default=UNSET,
+        choices=decodings(),
+        help="recurrent models: commit several tokens per pass (README: Samplers)",
+    )
+    p.add_argument(
+        "--decoding-option",
+        action="append",
+        default=UNSET,
+        metavar="KEY=VALUE",
+        help="an option of the --decoding sampler, e.g. lookahead=4 (repeatable; VALUE as JSON, else text)",
+    )
+    p.add_argument("--temperature", type=float, default=UNSET)
+    p.add_argument("--top-k", type=int, default=UNSET)
+    p.add_argument("--top-p", type=float, default=UNSET)
+    p.add_argument("--min-p", type=float, default=UNSET, help="drop tokens less likely than MIN_P x the likeliest")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=UNSET, help="HF's / the published sampler's (1: none; README)"
+    )
+    p.add_argument("--presence-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=UNSET,
+        metavar="ID=BIAS",
+        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=UNSET)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,86 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text and print the recurrence steps per token")
     _add_model_args(g)
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch)")
-    g.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
-    g.add_argument(
-        "--min-new-tokens", type=int, default=UNSET, help="no stop token or stop string ends it before this many"
-    )
-    _add_latent_args(g)
-    g.add_argument("--min-steps", type=int, default=UNSET, help="no exit check before this many iterations (0)")
-    g.add_argument(
-        "--check-every",
-        type=int,
-        default=UNSET,
-        help="check the exit criterion every N iterations (the published check_criterion_every_n_steps; 1)",
-    )
-    g.add_argument("--no-exit-in-prefill", action="store_true", default=UNSET, help="the prompt runs every step")
-    g.add_argument(
-        "--adaptive-prefill", action="store_true", default=UNSET, help="the prompt token by token, each exiting"
-    )
-    g.add_argument(
-        "--kv",
-        default=UNSET,
-        help="KV sharing across iterations: full | shared | ring-K (or the published latest-mL / compress-sN)",
-    )
-    g.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
-    g.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
-    g.add_argument(
-        "--thoughts",
-        type=int,
-        default=UNSET,
-        help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
-        "from its training.json, when the prompt has no latent markers)",
-    )
-    g.add_argument(
-        "--published-eos",
-        action="store_true",
-        default=UNSET,
-        help="Coconut: never stop on the first answer token; leave out the eos that ends a later one",
-    )
-    g.add_argument(
-        "--no-default-stops",
-        dest="default_stops",
-        action="store_false",
-        default=UNSET,
-        help="stop only on --stop ids, not on eos (nor Huginn's end-of-text / end-of-turn tokens)",
-    )
-    g.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
-    g.add_argument(
-        "--stop-text",
-        nargs="+",
-        default=UNSET,
-        help="strings that end a sequence (matched on the text, which ends before them)",
-    )
-    g.add_argument(
-        "--decoding",
-        default=UNSET,
-        choices=decodings(),
-        help="recurrent models: commit several tokens per pass (README: Samplers)",
-    )
-    g.add_argument(
-        "--decoding-option",
-        action="append",
-        default=UNSET,
-        metavar="KEY=VALUE",
-        help="an option of the --decoding sampler, e.g. lookahead=4 (repeatable; VALUE as JSON, else text)",
-    )
-    g.add_argument("--temperature", type=float, default=UNSET)
-    g.add_argument("--top-k", type=int, default=UNSET)
-    g.add_argument("--top-p", type=float, default=UNSET)
-    g.add_argument("--min-p", type=float, default=UNSET, help="drop tokens less likely than MIN_P x the likeliest")
-    g.add_argument(
-        "--repetition-penalty", type=float, default=UNSET, help="HF's / the published sampler's (1: none; README)"
-    )
-    g.add_argument("--presence-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
-    g.add_argument("--frequency-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
-    g.add_argument(
-        "--logit-bias",
-        action="append",
-        default=UNSET,
-        metavar="ID=BIAS",
-        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
-    )
-    g.add_argument("--seed", type=int, default=UNSET)
+    _add_generate_args(g)
     g.add_argument(
         "--chat", action="store_true", help="each prompt is a user message, through the model's chat template"
     )
@@ -170,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    c = sub.add_parser("chat", help="talk to a model: each line of input is a user message, answers stream")
+    _add_model_args(c)
+    _add_generate_args(c)
+    c.add_argument("--system", default=None, help="a system message opening the conversation")
+    c.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja template file")
 
     i = sub.add_parser("info", help="print the config, parameter count and KV bytes per token")
     _add_model_args(i)
@@ -304,6 +315,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """A conversation on stdin: each non-empty line a user message, the answer streamed as it is generated
+    and kept in the history (through the chat template, as the server's chat route); ``/reset`` starts
+    over, end of input or ``/exit`` ends."""
+    from .chat import apply_chat_template
+    from .engine import generate
+
+    model = _load(args)
+    kwargs = _options(args)
+    opening = [] if args.system is None else [{"role": "system", "content": args.system}]
+    history = list(opening)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history = list(opening)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        stream = generate(model, apply_chat_template(model, history, args.chat_template), stream=True, **kwargs)
+        for ev in stream:
+            print(ev.text or "", end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": stream.result.text})
+
+
 def _chat_ids(model, prompt: str, args) -> list[int]:
     """``--chat``: the prompt as a user message (after ``--system``'s), through the chat template."""
     from .chat import apply_chat_template
@@ -390,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_counts(args)
-        commands = {"generate": cmd_generate, "info": cmd_info, "eval": cmd_eval, "serve": cmd_serve}
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "eval": cmd_eval, "serve": cmd_serve}
         return commands[args.command](args)
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)

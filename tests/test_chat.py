@@ -69,3 +69,25 @@ def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
     assert "--system and --chat-template go with --chat" in capsys.readouterr().err
     assert main(["generate", str(recurrent_dir), "x", "--chat"]) == 2  # a folder without a template
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_the_conversation(recurrent_dir, tmp_path, capsys, monkeypatch):
+    """``latentrt chat``: each input line a user message; each answer is generate() on the conversation so far
+    (answers included, through the template), streamed; ``/reset`` starts over, ``/exit`` ends."""
+    import io
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}")
+    kw = dict(max_new_tokens=4, init_scale=0.0)
+    history, want = [{"role": "system", "content": "cat"}], []
+    for line in ("every cat", "is a"):
+        history.append({"role": "user", "content": line})
+        want.append(latentrt.generate(model, latentrt.apply_chat_template(model, history, template), **kw).text)
+        history.append({"role": "assistant", "content": want[-1]})
+    fresh = [history[0], {"role": "user", "content": "a cat"}]
+    want.append(latentrt.generate(model, latentrt.apply_chat_template(model, fresh, template), **kw).text)
+    monkeypatch.setattr("sys.stdin", io.StringIO("every cat\n\nis a\n/reset\na cat\n/exit\nnever read\n"))
+    argv = ["chat", str(recurrent_dir), "--system", "cat", "--chat-template", str(template)]
+    assert main([*argv, "--max-new-tokens", "4", "--init-scale", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == want

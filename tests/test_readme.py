@@ -120,7 +120,12 @@ def _free_port() -> int:
 def test_shell_commands_run(command, tmp_path_factory):
     work = tmp_path_factory.getbasetemp() / "readme"  # one folder: later commands use earlier outputs
     work.mkdir(exist_ok=True)
-    argv = shlex.split(QUICK.get(command, command))
+    stdin, command = None, QUICK.get(command, command)
+    if " | " in command:  # echo TEXT | latentrt ...: TEXT on the command's standard input
+        feed, command = command.split(" | ", 1)
+        assert shlex.split(feed)[0] == "echo", command
+        stdin = " ".join(shlex.split(feed)[1:]) + "\n"
+    argv = shlex.split(command)
     if argv[0] == "latentrt":
         argv = [sys.executable, "-m", "latentrt.cli", *argv[1:]]
     elif argv[0] == "python":
@@ -129,5 +134,5 @@ def test_shell_commands_run(command, tmp_path_factory):
         pytest.fail(f"the README documents a command this test does not know how to run: {command}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs them
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=600, env=env, input=stdin)
     assert res.returncode == 0, f"{command}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
