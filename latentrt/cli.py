@@ -324,7 +324,7 @@ def cmd_chat(args) -> int:
 
     model = _load(args)
     kwargs = _options(args)
-    opening = [] if args.system is None else [{"role": "system", "content": args.system}]
+    opening = _system_messages(args)
     history = list(opening)
     interactive = sys.stdin.isatty()
     while True:
@@ -346,12 +346,17 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": stream.result.text})
 
 
+def _system_messages(args) -> list[dict]:
+    """``--system``'s message, the conversation's opening (none without it)."""
+    return [] if args.system is None else [{"role": "system", "content": args.system}]
+
+
 def _chat_ids(model, prompt: str, args) -> list[int]:
     """``--chat``: the prompt as a user message (after ``--system``'s), through the chat template."""
     from .chat import apply_chat_template
 
-    system = [] if args.system is None else [{"role": "system", "content": args.system}]
-    return apply_chat_template(model, [*system, {"role": "user", "content": prompt}], args.chat_template)
+    messages = [*_system_messages(args), {"role": "user", "content": prompt}]
+    return apply_chat_template(model, messages, args.chat_template)
 
 
 def cmd_info(args) -> int:

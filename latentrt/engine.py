@@ -134,6 +134,8 @@ class Generation:
         extra = 0 if self.sampler is None else self.sampler.extra_positions
         self.cache_len = min(need + extra, model.config.block_size)  # a sampler's drafts / window beyond
         model.reserve_positions(self.cache_len)
+        tok = model.tokenizer  # each sequence's text (latentrt/sequence_text.py; the server's requests read it too)
+        self.texts = None if tok is None else [SequenceText(tok, self.stop_strings) for _ in range(B)]
 
     def _stop_ids(self, stop) -> Tensor:
         """The stop token ids (checked on the device; the token is kept, as HF keeps eos); sets
@@ -173,9 +175,7 @@ class Generation:
         steps: list[list[int]] = [[] for _ in range(B)]
         kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
         reasons = ["length"] * B
-        tok = self.model.tokenizer  # each sequence's text, decoded as it grows where a stream or stop strings read it
-        self._texts = None if tok is None else [SequenceText(tok, self.stop_strings) for _ in range(B)]
-        live = self._texts is not None and (stream or bool(self.stop_strings))
+        live = self.texts is not None and (stream or bool(self.stop_strings))  # decoded as it grows, when read
         proposals = None if self.sampler is None else self.sampler.tokens(self.batch, self._draw)
         out = decoder.prefill(self.batch) if proposals is None else None
         stop_set = set(self.stop_ids.tolist())
@@ -207,8 +207,8 @@ class Generation:
                     if opts.return_logits:
                         kept_logits[b].append(logits_l[b].cpu())
                     if live:  # stop strings: on the text (host), after the token joined it
-                        self._texts[b].add(tok_l[b], may_stop=i + 1 >= opts.min_new_tokens)
-                        stop_l[b] = int(stop_l[b] or self._texts[b].cut is not None)
+                        self.texts[b].add(tok_l[b], may_stop=i + 1 >= opts.min_new_tokens)
+                        stop_l[b] = int(stop_l[b] or self.texts[b].cut is not None)
             if self.stop_strings and any(kept):
                 stopped = torch.tensor(stop_l, dtype=torch.bool, device=alive.device)
             ending = [a and (st or i + 1 == opts.max_new_tokens) for a, st in zip(alive_l, stop_l)]
@@ -248,14 +248,18 @@ class Generation:
         logits = self._in_vocabulary(logits)
         if self.penalties is not None:
             logits = self.penalties.apply(logits)
-        if index < self.options.min_new_tokens and len(self.stop_ids):
+        if self._holds_stops(index):
             logits = logits.index_fill(-1, self.stop_ids, float("-inf"))
         return logits
+
+    def _holds_stops(self, index: int) -> bool:
+        """Whether new token ``index`` comes before ``min_new_tokens`` (and there are stop ids to hold back)."""
+        return index < self.options.min_new_tokens and len(self.stop_ids) > 0
 
     def _adjusts_logits(self, index: int) -> bool:
         """Whether ``_next_logits`` changes the logits of new token ``index`` (else the argmax of the
         vocabulary's logits is the greedy token)."""
-        return self.penalties is not None or (index < self.options.min_new_tokens and len(self.stop_ids) > 0)
+        return self.penalties is not None or self._holds_stops(index)
 
     def _in_vocabulary(self, logits: Tensor) -> Tensor:
         """Padding rows of the head (ids >= vocab_size) are never sampled."""
@@ -289,17 +293,17 @@ class Generation:
         st = [u if a else None for u, a in zip(used, kept)]
         texts = []
         for b, t in enumerate(toks):
-            if self._texts is None or (t is None and not ending[b]):
+            if self.texts is None or (t is None and not ending[b]):
                 texts.append(None)
                 continue
-            piece = self._texts[b].end(tokens[b]) if ending[b] else self._texts[b].show()
+            piece = self.texts[b].end(tokens[b]) if ending[b] else self.texts[b].show()
             texts.append(piece if t is not None or piece else None)
         if self.batch.single:
             return StreamEvent(i, toks[0], st[0], texts[0])
         return StreamEvent(i, toks, st, texts)
 
     def _result(self, tokens, steps, reasons, kv_bytes: int, logits) -> GenerationResult:
-        texts = [None] * len(tokens) if self._texts is None else [x.finish(t) for x, t in zip(self._texts, tokens)]
+        texts = [None] * len(tokens) if self.texts is None else [x.finish(t) for x, t in zip(self.texts, tokens)]
         prefill = self.decoder.prefill_steps
         if prefill is not None:  # per sequence, its real positions only
             prefill = [[n for n, v in zip(row, m) if v] for row, m in zip(prefill.tolist(), self.batch.mask.tolist())]

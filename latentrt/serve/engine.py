@@ -152,7 +152,6 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     text: str = ""  # the final text, set when it finishes
-    sequence_text: SequenceText | None = None  # the text as it grows (None without a tokenizer)
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per position
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token in ``tokens`` (when asked)
     echo: bool = False  # the response repeats the prompt (and with log-probs, scores its tokens)
@@ -178,6 +177,12 @@ class Request:
     @property
     def decoder(self):
         return self.generation.decoder
+
+    @property
+    def sequence_text(self) -> SequenceText | None:
+        """The text as it grows (the Generation's one sequence; None without a tokenizer)."""
+        texts = self.generation.texts
+        return None if texts is None else texts[0]
 
     @property
     def batch(self):
@@ -277,7 +282,7 @@ class Engine:
         prompt too (its text, and with log-probs its tokens', where the family scores prompts);
         ``text_per_token``: False when nobody reads the text before the request finishes (a response that is
         not streamed): it is then decoded once, at the end, unless stop strings or log-probs' text offsets
-        need it at every token (decoding the whole text at every token costs O(length^2)); ``score_only`` (with
+        need it at every token (no per-token decoding work for the rest); ``score_only`` (with
         ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
         (``max_new_tokens`` is then only checked)."""
         opts = GenerateOptions.build(options, **kwargs)
@@ -313,8 +318,6 @@ class Engine:
             req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
             req.echo, req.prompt_text = bool(echo), prompt if isinstance(prompt, str) else gen._decode(prompt_ids) or ""
             req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
-            tok = self.model.tokenizer
-            req.sequence_text = None if tok is None else SequenceText(tok, gen.stop_strings)
             req.score_only = bool(score_only)
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
@@ -494,10 +497,11 @@ class Engine:
         ids_t = torch.tensor(ids, device=self.model.device)
         logits = req.decoder.prompt_logits(ids_t)
         rows = logprob_rows(logits[:-1], ids_t[1:], req.top_logprobs, vocab).tolist() if len(ids) > 1 else []
-        offsets, prompt = [], SequenceText(self.model.tokenizer, StopStrings([])) if self.model.tokenizer else None
-        for t in ids:  # (decoded as it grows, as generated tokens' offsets are)
-            offsets.append(0 if prompt is None else min(len(prompt.text), len(req.prompt_text)))
-            if prompt is not None:
+        offsets = [0] * len(ids)
+        if self.model.tokenizer is not None:  # (decoded as it grows, as generated tokens' offsets are)
+            prompt = SequenceText(self.model.tokenizer, StopStrings([]))
+            for i, t in enumerate(ids):
+                offsets[i] = min(len(prompt.text), len(req.prompt_text))
                 prompt.add(t)
         out = [TokenLogprob(ids[0], None, [], 0)]
         for i, row in enumerate(rows):
