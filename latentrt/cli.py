@@ -43,6 +43,9 @@ GENERATE_FLAGS = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "logit_bias": "logit_bias",
+    "dry_multiplier": "dry_multiplier",
+    "dry_base": "dry_base",
+    "dry_allowed_length": "dry_allowed_length",
     "seed": "seed",
     "max_new_tokens": "max_new_tokens",
     "min_new_tokens": "min_new_tokens",
@@ -157,6 +160,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         metavar="ID=BIAS",
         help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
     )
+    p.add_argument(
+        "--dry-multiplier", type=float, default=UNSET, help="the published sampler's DRY penalty (0: none; README)"
+    )
+    p.add_argument("--dry-base", type=float, default=UNSET, help="DRY's growth per token of a repeat (1.75)")
+    p.add_argument("--dry-allowed-length", type=int, default=UNSET, help="repeats DRY lets pass (2)")
     p.add_argument("--seed", type=int, default=UNSET)
 
 

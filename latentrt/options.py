@@ -12,6 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from .dry import check_dry
 from .errors import InputError
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
@@ -49,6 +50,9 @@ class GenerateOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Any = None  # {token id: bias}
+    dry_multiplier: float = 0.0  # the published sampler's DRY penalty (latentrt/dry.py); 0: none
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
     seed: int | None = None
     stop: Any = None
     default_stops: bool = True
@@ -88,6 +92,7 @@ class GenerateOptions:
             raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens={n}], got {m!r}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
+        check_dry(self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.repetition_penalty)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:

@@ -8,6 +8,8 @@ Huginn sampler's and HF's), ``presence_penalty`` and ``frequency_penalty`` (Open
 - ``presence_penalty`` a, ``frequency_penalty`` f: a token the sequence generated c > 0 times has
   f * c + a subtracted from its logit (the prompt does not count), in [-2, 2] as OpenAI's.
 - ``logit_bias``: {token id: bias in [-100, 100]} added to those tokens' logits.
+- ``dry_multiplier`` (with ``dry_base``, ``dry_allowed_length``): the published sampler's DRY penalty on
+  tokens that continue a repeated pattern (latentrt/dry.py), where the repetition penalty would apply.
 
 The state lives on the logits' device ([B, V] counts and a seen mask), updated from the sampled tokens
 without reading them back, so a step still reads the device once. Log-probs reported by the server are the
@@ -21,10 +23,12 @@ import math
 import torch
 from torch import Tensor
 
+from .dry import NAMES as DRY_NAMES
+from .dry import DryPenalty
 from .errors import InputError
 
 MAX_BIAS = 100.0
-NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias")
+NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", *DRY_NAMES)
 
 
 def _number(name: str, value, low: float, high: float) -> float:
@@ -54,7 +58,11 @@ def check_penalties(repetition: float, presence: float, frequency: float, logit_
 def active(options) -> bool:
     """Whether ``options`` set any penalty or bias."""
     return bool(
-        options.repetition_penalty != 1 or options.presence_penalty or options.frequency_penalty or options.logit_bias
+        options.repetition_penalty != 1
+        or options.presence_penalty
+        or options.frequency_penalty
+        or options.logit_bias
+        or options.dry_multiplier
     )
 
 
@@ -76,6 +84,7 @@ class LogitPenalties:
         self.seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=device) if self.repetition != 1 else None
         counted = self.presence != 0 or self.frequency != 0
         self.counts = torch.zeros(batch_size, vocab, device=device) if counted else None
+        self.dry: DryPenalty | None = None
 
     @classmethod
     def build(cls, options, ids: Tensor, mask: Tensor, vocab: int) -> LogitPenalties | None:
@@ -89,6 +98,9 @@ class LogitPenalties:
             real = mask.bool() & (ids >= 0) & (ids < vocab)
             held = torch.zeros(pen.seen.shape, dtype=torch.int32, device=ids.device)
             pen.seen = held.scatter_add_(1, torch.where(real, ids, 0), real.int()) > 0
+        if options.dry_multiplier:
+            o = options
+            pen.dry = DryPenalty(o.dry_multiplier, o.dry_base, o.dry_allowed_length, ids, mask)
         return pen
 
     def apply(self, logits: Tensor) -> Tensor:
@@ -98,6 +110,8 @@ class LogitPenalties:
             x = x + self.bias
         if self.seen is not None:
             x = torch.where(self.seen, torch.where(x < 0, x * self.repetition, x / self.repetition), x)
+        if self.dry is not None:
+            x = self.dry.apply(x)
         if self.counts is not None:
             x = x - self.frequency * self.counts - self.presence * (self.counts > 0).float()
         return x if logits.shape[-1] == self.vocab else torch.cat([x, logits[:, self.vocab :].float()], -1)
@@ -110,3 +124,5 @@ class LogitPenalties:
             self.seen.scatter_(1, at, self.seen.gather(1, at) | add.bool())
         if self.counts is not None:
             self.counts.scatter_add_(1, at, add)
+        if self.dry is not None:
+            self.dry.record(tokens, rows)

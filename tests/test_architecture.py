@@ -24,6 +24,7 @@ LAYERS = [
         "recurrence",
         "hooks",
         "sampling",
+        "dry",
         "penalties",
         "stop_strings",
         "sequence_text",

@@ -63,7 +63,7 @@ def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
 
 def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     """The sampling flags reach generate(): min-p, the penalties, ``--logit-bias ID=BIAS`` (repeatable),
-    ``--min-new-tokens``."""
+    ``--min-new-tokens``, the DRY penalty's three."""
     import latentrt
 
     model = latentrt.load(recurrent_dir, device="cpu")
@@ -79,6 +79,14 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     assert "--logit-bias takes ID=BIAS" in capsys.readouterr().err
     assert main(["generate", str(recurrent_dir), "x", "--repetition-penalty", "0"]) == 2
     assert "repetition_penalty must be > 0" in capsys.readouterr().err
+    dry = dict(dry_multiplier=2.5, dry_base=1.5, dry_allowed_length=1)
+    want = latentrt.generate(model, "every cat is", max_new_tokens=8, default_stops=False, seed=2, **dry)
+    argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--no-default-stops", "--json"]
+    argv += ["--seed", "2"]
+    assert main(argv + [f"--{k.replace('_', '-')}={v}" for k, v in dry.items()]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
+    assert main(argv + ["--dry-multiplier", "1", "--repetition-penalty", "1.2"]) == 2
+    assert "dry_multiplier and repetition_penalty are exclusive" in capsys.readouterr().err
 
 
 def test_generate_coconut(coconut_dir, capsys):

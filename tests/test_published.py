@@ -99,9 +99,11 @@ def test_the_vectors_cover_each_published_difference():
     coconut = CASES["coconut published eos"]
     assert coconut["tokens"][0] == coconut["eos"] and coconut["eos"] not in coconut["tokens"][1:]
     assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out
-    for name in ("repetition penalty fixed depth", "repetition penalty adaptive kl"):  # the penalty bites
+    penalised = ("repetition penalty fixed depth", "repetition penalty adaptive kl", "dry penalty fixed depth")
+    for name in (*penalised, "dry penalty adaptive kl"):  # the penalty bites
         case = CASES[name]
-        unpenalised = dict(case, options={k: v for k, v in case["options"].items() if k != "repetition_penalty"})
+        drop = ("repetition_penalty", "dry_multiplier", "dry_base", "dry_allowed_length")
+        unpenalised = dict(case, options={k: v for k, v in case["options"].items() if k not in drop})
         assert _generate(unpenalised, "torch").tokens != case["tokens"], name
 
 

@@ -51,6 +51,8 @@ def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
         if i % 5 == 4:  # penalties and a bias: each request's own state
             kw.update(repetition_penalty=1.6, presence_penalty=0.5, frequency_penalty=1.0, min_p=0.05)
             kw["logit_bias"] = {rng.randrange(1, 40): 4.0}
+        if i % 5 == 2:  # the published DRY penalty: each request's own window of tokens
+            kw.update(dry_multiplier=2.0, dry_base=1.5, dry_allowed_length=1)
         if i % 7 == 3:  # no stop before the 3rd token
             kw["min_new_tokens"] = min(3, kw["max_new_tokens"])
         out.append((prompt, kw))
@@ -289,6 +291,8 @@ def coconut_requests(n: int) -> list[tuple[list[int], dict]]:
             kw.update(published_eos=True)
         if i % 5 == 1:
             kw.update(repetition_penalty=2.0, frequency_penalty=0.5, logit_bias={rng.randrange(5, 40): 2.0})
+        if i % 5 == 3:
+            kw.update(dry_multiplier=3.0)
         reqs.append((prompt, kw))
     reqs.append(([6, 2, 4, 4, 3, 7, 2, 4, 3, 9], dict(max_new_tokens=4)))  # two thought groups in the prompt
     return reqs

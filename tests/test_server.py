@@ -264,6 +264,20 @@ def test_penalties_and_logit_bias_as_openai_and_vllm_take_them(recurrent_server)
         assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
 
 
+def test_the_published_dry_penalty_as_extra_fields(recurrent_server):
+    """``dry_multiplier``, ``dry_base``, ``dry_allowed_length``: generate() alone's tokens; with
+    ``repetition_penalty`` a 400 with the API's message."""
+    url, _, model = recurrent_server
+    dry = dict(dry_multiplier=2.5, dry_base=1.5, dry_allowed_length=1)
+    args = dict(model="tiny", prompt="Tom is a cat", max_tokens=8, temperature=0, seed=3)
+    alone = latentrt.generate(model, "Tom is a cat", max_new_tokens=8, seed=3, **dry)
+    assert alone.tokens != latentrt.generate(model, "Tom is a cat", max_new_tokens=8, seed=3).tokens
+    r = client(url).completions.create(extra_body=dry, **args)
+    assert r.choices[0].latentrt["token_ids"] == alone.tokens
+    got = httpx.post(f"{url}/v1/completions", json=dict(args, **dry, repetition_penalty=1.3))
+    assert got.status_code == 400 and "dry_multiplier and repetition_penalty are exclusive" in got.text
+
+
 def test_stop_strings_end_the_text_before_them(recurrent_server):
     """OpenAI's ``stop``: the returned text never contains the stop sequence (it may span tokens), streamed
     or not, and equals generate() alone's."""

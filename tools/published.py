@@ -273,6 +273,28 @@ CASES = [
             ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4", repetition_penalty=3.0
         ),
     ),
+    # 11. the published sampler's DRY penalty (its own n-gram rule; applied when repetition_penalty != 1, in
+    # its place: run_huginn passes a repetition_penalty of 2 beside it), greedy
+    dict(
+        name="dry penalty fixed depth",
+        model="huginn-a",
+        max_new_tokens=14,
+        options=dict(num_steps=4, init_scale=0.0, dry_multiplier=0.8),
+    ),
+    dict(
+        name="dry penalty adaptive kl",
+        model="huginn-a",
+        max_new_tokens=14,
+        options=dict(
+            ADAPTIVE,
+            exit_criterion="kl",
+            exit_threshold=5e-3,
+            kv_sharing="latest-m4",
+            dry_multiplier=2.0,
+            dry_base=1.5,
+            dry_allowed_length=1,
+        ),
+    ),
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",
@@ -422,9 +444,11 @@ def run_huginn(rm, case: dict, model) -> dict:
     o = case["options"]
     ids = torch.tensor([case.get("prompt", PROMPT)])
     n_new = case.get("max_new_tokens", 8)
-    gc = GenerationConfig(
-        max_new_tokens=n_new, do_sample=False, eos_token_id=None, repetition_penalty=o.get("repetition_penalty", 1.0)
-    )
+    sampler = dict(repetition_penalty=o.get("repetition_penalty", 1.0))
+    if o.get("dry_multiplier"):  # the published sampler applies DRY in place of a repetition penalty != 1
+        sampler = dict(repetition_penalty=2.0, dry_multiplier=o["dry_multiplier"])
+        sampler.update({k: o[k] for k in ("dry_base", "dry_allowed_length") if k in o})
+    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, **sampler)
     if case.get("adaptive_prefill"):
         evaluator = rm.get_adaptive_exit_evaluator(pub, o["exit_criterion"], o["exit_threshold"])
         cache = rm.HuginnDynamicCache(lookup_strategy=o["kv_sharing"])

@@ -32,6 +32,9 @@ LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.v
     "top_k",
     "min_p",
     "repetition_penalty",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
 )
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
