@@ -35,6 +35,8 @@ GENERATE_FLAGS = {
     "thoughts": "num_thoughts",
     "published_eos": "published_eos",
     "default_stops": "default_stops",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+    "skip_special_tokens": "skip_special_tokens",
     "temperature": "temperature",
     "top_k": "top_k",
     "top_p": "top_p",
@@ -130,6 +132,19 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=UNSET,
         help="strings that end a sequence (matched on the text, which ends before them)",
+    )
+    p.add_argument(
+        "--include-stop-str-in-output",
+        action="store_true",
+        default=UNSET,
+        help="the text ends after the --stop-text string that ended it (vLLM's option)",
+    )
+    p.add_argument(
+        "--no-skip-special-tokens",
+        dest="skip_special_tokens",
+        action="store_false",
+        default=UNSET,
+        help="keep special tokens' text (e.g. the eos that ended it) in the text",
     )
     p.add_argument(
         "--decoding",

@@ -135,14 +135,13 @@ class Generation:
         self.cache_len = min(need + extra, model.config.block_size)  # a sampler's drafts / window beyond
         model.reserve_positions(self.cache_len)
         tok = model.tokenizer  # each sequence's text (latentrt/sequence_text.py; the server's requests read it too)
-        self.texts = None if tok is None else [SequenceText(tok, self.stop_strings) for _ in range(B)]
+        text = (self.stop_strings, options.skip_special_tokens, options.include_stop_str_in_output)
+        self.texts = None if tok is None else [SequenceText(tok, *text) for _ in range(B)]
 
     def _stop_ids(self, stop) -> Tensor:
         """The stop token ids (checked on the device; the token is kept, as HF keeps eos); sets
         ``stop_strings``, the ``stop`` strings (matched on the decoded text, which ends before them, as
         vLLM's and OpenAI's ``stop``: latentrt/stop_strings.py)."""
-        if not isinstance(self.options.default_stops, bool):
-            raise InputError(f"default_stops must be True or False, got {self.options.default_stops!r}")
         ids = self.decoder.default_stop_ids() if self.options.default_stops else set()
         items = [] if stop is None else (list(stop) if isinstance(stop, (list, tuple, set)) else [stop])
         strings = []
@@ -282,7 +281,7 @@ class Generation:
     # ---------------------------------------------------------------- output
     def _decode(self, ids: list[int]) -> str | None:
         tok = self.model.tokenizer
-        return None if tok is None else tok.decode(ids, skip_special_tokens=True)
+        return None if tok is None else tok.decode(ids, skip_special_tokens=self.options.skip_special_tokens)
 
     def _event(self, i: int, tok: list[int], used: list[int], kept: list[bool], tokens, ending) -> StreamEvent:
         """The new token of each sequence, with the text it adds (latentrt/sequence_text.py): a character

@@ -56,6 +56,8 @@ class GenerateOptions:
     seed: int | None = None
     stop: Any = None
     default_stops: bool = True
+    include_stop_str_in_output: bool = False  # the text ends after the stop string that ended it (vLLM's)
+    skip_special_tokens: bool = True  # the text leaves special tokens out (HF's decode, vLLM)
     # input
     strict: bool = False  # words the tokenizer does not know are an error (else a warning naming them)
     # observation
@@ -97,3 +99,6 @@ class GenerateOptions:
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+        for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -7,9 +7,13 @@ tokenizer on a CPU; 13 us incrementally, at any length). A character that spans 
 incomplete one is held back until it completes. Stop strings (latentrt/stop_strings.py) are searched only
 where the new text can complete one, and a stream is shown the text less an end that may begin one.
 
-The final text is the whole decode, once (``tokenizer.decode(tokens, skip_special_tokens=True)``, up to the
+The final text is the whole decode, once (``tokenizer.decode(tokens, skip_special_tokens=...)``, up to the
 stop string found: what generate() returns); at the end a stream is given what of it was still held back
 (an incomplete character, the beginning of a stop string), so its pieces add up to the final text.
+
+Options (generate()'s, as vLLM names them): ``skip_special_tokens`` (default True, as HF's decode and vLLM)
+leaves special tokens' text out; ``include_stop_str_in_output`` ends the text after the stop string instead
+of before it (nothing is then held back: what may begin a stop string is shown either way).
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ class SequenceText:
     """One sequence's text: ``add`` each token it keeps, ``show`` while it runs, ``end`` when it ends;
     ``finish`` gives the final text."""
 
-    def __init__(self, tokenizer, stops: StopStrings) -> None:
+    def __init__(
+        self, tokenizer, stops: StopStrings, skip_special_tokens: bool = True, include_stop_str: bool = False
+    ) -> None:
         self.tokenizer, self.stops = tokenizer, stops
+        self.skip_special, self.keep_stop = skip_special_tokens, include_stop_str
         self.ids: list[int] = []
         self.text = ""  # decoded so far (whole characters only)
         self.cut: int | None = None  # where the first stop string begins, once a token completed one
         self._cut_from = 0  # where the search that found it began (the final text's search begins there too)
         self.shown = 0  # characters a stream has been given
         self.final: str | None = None  # the whole decode, up to the stop string (set by ``finish``)
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, token: int, may_stop: bool = True) -> None:
         """The sequence keeps ``token``: decode what it adds and look for a stop string it completes (not
@@ -49,20 +56,21 @@ class SequenceText:
         start = max(0, len(self.text) - self.stops.longest + 1)
         self.text += piece
         if self.stops and self.cut is None and may_stop:
-            self.cut, self._cut_from = self.stops.cut(self.text, start), start
+            self.cut, self._cut_from = self.stops.cut(self.text, start, self.keep_stop), start
 
     def _redecode(self) -> str:
         """The rare decoder that rewrites earlier text (DecodeStream refuses): the whole decode's growth, and
         a fresh incremental decode from here."""
-        whole = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self._stream = DecodeStream(self.ids[-CONTEXT:], skip_special_tokens=True)
+        whole = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
+        self._stream = DecodeStream(self.ids[-CONTEXT:], skip_special_tokens=self.skip_special)
         piece, self.text = whole[len(self.text) :], whole[: len(self.text)]
         return piece
 
     def show(self) -> str:
         """What a running stream may show now and has not: the text up to a stop string found, else less an
         end that may begin one."""
-        end = self.cut if self.cut is not None else len(self.text) - self.stops.held(self.text)
+        held = 0 if self.keep_stop else self.stops.held(self.text)
+        end = self.cut if self.cut is not None else len(self.text) - held
         if end <= self.shown:
             return ""
         piece, self.shown = self.text[self.shown : end], end
@@ -71,8 +79,8 @@ class SequenceText:
     def finish(self, tokens: list[int]) -> str:
         """The final text of the sequence that ended with ``tokens`` (decoded once, then kept in ``final``)."""
         if self.final is None:
-            whole = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = self.stops.cut(whole, self._cut_from) if self.cut is not None else None
+            whole = self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special)
+            cut = self.stops.cut(whole, self._cut_from, self.keep_stop) if self.cut is not None else None
             self.final = whole if cut is None else whole[:cut]
         return self.final
 

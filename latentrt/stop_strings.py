@@ -21,11 +21,15 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.strings)
 
-    def cut(self, text: str, start: int = 0) -> int | None:
-        """Where the first stop string in ``text`` that begins at ``start`` or later begins (the text ends
-        there), or None."""
-        found = [j for j in (text.find(s, start) for s in self.strings) if j >= 0]
-        return min(found) if found else None
+    def cut(self, text: str, start: int = 0, keep: bool = False) -> int | None:
+        """Where the text ends at the first stop string in ``text`` that begins at ``start`` or later: where
+        the string begins, or with ``keep`` (vLLM's ``include_stop_str_in_output``) where it ends; None if
+        there is none."""
+        found = [(j, -len(s)) for s, j in ((s, text.find(s, start)) for s in self.strings) if j >= 0]
+        if not found:
+            return None
+        begin, minus_length = min(found)  # the first to begin (of two there, the longer: both are complete)
+        return begin - minus_length if keep else begin
 
     def held(self, text: str) -> int:
         """How many characters at the end of ``text`` may begin a stop string (a stream holds them back)."""

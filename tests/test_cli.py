@@ -47,7 +47,8 @@ def test_generate_json_batch_stream(recurrent_dir, capsys):
 
 
 def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
-    """``--stop-text`` strings join ``--stop`` ids in generate()'s ``stop``: the same tokens and text."""
+    """``--stop-text`` strings join ``--stop`` ids in generate()'s ``stop``: the same tokens and text; the
+    text options too."""
     import latentrt
 
     model = latentrt.load(recurrent_dir, device="cpu")
@@ -59,6 +60,13 @@ def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert (res["tokens"], res["text"], res["finish_reasons"]) == (want.tokens, want.text, want.finish_reasons)
+    # --include-stop-str-in-output and --no-skip-special-tokens: the text as generate()'s with those options
+    want = latentrt.generate(
+        model, "every cat is", stop=[7, text[2:6]], include_stop_str_in_output=True, skip_special_tokens=False, **kw
+    )
+    assert main(argv + ["--include-stop-str-in-output", "--no-skip-special-tokens"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["text"] == want.text != latentrt.generate(model, "every cat is", stop=[7, text[2:6]], **kw).text
 
 
 def test_generate_penalties_equal_the_api(recurrent_dir, capsys):

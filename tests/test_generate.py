@@ -371,3 +371,29 @@ def test_stop_strings_that_span_tokens_end_the_text_before_them():
     both = latentrt.generate(model, [prompt, other], stop=[text[5:12]], **kw)
     alone = latentrt.generate(model, other, stop=[text[5:12]], **kw)
     assert both.text == [text[: text.find(text[5:12])], alone.text] and both.tokens[1] == alone.tokens
+
+
+def test_include_stop_str_in_output_and_skip_special_tokens_as_vllm():
+    """``include_stop_str_in_output``: the text ends after the stop string (the tokens are the same);
+    ``skip_special_tokens=False``: special tokens' text stays (here the eos that ended it); streamed pieces
+    add up to the text either way."""
+    model = latentrt.load("builtin:recurrent")
+    prompt = "Alex is a wumpus. Every wumpus is a yumpus. Is Alex a yumpus or rompus?"
+    kw = dict(max_new_tokens=12, temperature=0)
+    base = latentrt.generate(model, prompt, **kw)
+    eos = model.tokenizer.decode([base.tokens[-1]], skip_special_tokens=False)
+    assert base.finish_reasons == ["stop"] and eos and eos not in base.text
+    stop = base.text[4:9]
+    cases = [
+        (dict(stop=[stop]), base.text[:4]),
+        (dict(stop=[stop], include_stop_str_in_output=True), base.text[:9]),
+        (dict(stop=[stop, base.text[4:11]], include_stop_str_in_output=True), base.text[:11]),  # (the longer)
+        (dict(skip_special_tokens=False), model.tokenizer.decode(base.tokens, skip_special_tokens=False)),
+    ]
+    for options, want in cases:
+        r = latentrt.generate(model, prompt, **kw, **options)
+        streamed = latentrt.generate(model, prompt, **kw, **options, stream=True)
+        assert r.text == want == "".join(e.text or "" for e in streamed) == streamed.result.text, options
+    assert cases[-1][1].endswith(eos)
+    with pytest.raises(InputError, match="skip_special_tokens must be True or False"):
+        latentrt.generate(model, prompt, skip_special_tokens="no")

@@ -32,46 +32,57 @@ def byte_level_tokenizer() -> Tokenizer:
 TOKENIZERS = {"byte-level": byte_level_tokenizer(), "word": word_tokenizer("the cat sat on mat . , ? ! a".split())}
 
 
-def whole_decode_reference(tok, ids: list[int], stops: list[str]) -> tuple[int, str]:
+def whole_decode_reference(tok, ids: list[int], stops: list[str], keep=False, skip=True) -> tuple[int, str]:
     """What decoding the whole text after every token gives: the number of tokens kept (the one completing a
-    stop string is kept) and the final text (ending before the stop string)."""
+    stop string is kept) and the final text (ending before the stop string; with ``keep``, after it)."""
     for n in range(1, len(ids) + 1):
-        text = tok.decode(ids[:n], skip_special_tokens=True)
-        found = [j for j in (text.find(s) for s in stops) if j >= 0]
+        text = tok.decode(ids[:n], skip_special_tokens=skip)
+        found = sorted((j, -len(s)) for s, j in ((s, text.find(s)) for s in stops) if j >= 0)
         if found:
-            return n, text[: min(found)]
-    return len(ids), tok.decode(ids, skip_special_tokens=True)
+            begin, minus_length = found[0]
+            return n, text[: begin - minus_length if keep else begin]
+    return len(ids), tok.decode(ids, skip_special_tokens=skip)
 
 
-def run(tok, ids: list[int], stops: list[str]) -> tuple[int, str, list[str], SequenceText]:
+def run(tok, ids: list[int], stops: list[str], keep=False, skip=True) -> tuple[int, str, list[str], SequenceText]:
     """Feed ``ids`` until a stop string ends it, as generate() does: the tokens kept, the final text, the
     stream's pieces."""
-    text, pieces = SequenceText(tok, StopStrings(stops)), []
+    text, pieces = SequenceText(tok, StopStrings(stops), skip, keep), []
     for n, t in enumerate(ids, 1):
         text.add(t)
         if text.cut is not None or n == len(ids):
             pieces.append(text.end(ids[:n]))
             return n, text.final, pieces, text
         pieces.append(text.show())
-        assert not any(s in "".join(pieces) for s in stops)  # a stop string is never shown, even in part ...
+        if keep:  # nothing held back but an incomplete character
+            assert "".join(pieces) == text.text
+        else:
+            assert not any(s in "".join(pieces) for s in stops)  # a stop string is never shown, even in part ...
     raise AssertionError("unreachable")
 
 
+@pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
-def test_random_ids_decode_as_the_whole_text(name):
+def test_random_ids_decode_as_the_whole_text(name, skip):
+    """(``skip``: skip_special_tokens; each tokenizer has special tokens, which random ids draw)"""
     tok, rng = TOKENIZERS[name], random.Random(0)
     V = tok.get_vocab_size()
+    specials = 0
     for _ in range(300):
         ids = [rng.randrange(V) for _ in range(rng.randint(1, 30))]
-        kept, final, pieces, text = run(tok, ids, [])
-        assert kept == len(ids) and final == tok.decode(ids, skip_special_tokens=True)
+        kept, final, pieces, text = run(tok, ids, [], skip=skip)
+        specials += tok.decode(ids, skip_special_tokens=True) != tok.decode(ids, skip_special_tokens=False)
+        assert kept == len(ids) and final == tok.decode(ids, skip_special_tokens=skip)
         assert "".join(pieces) == final  # incomplete characters come out at the end
         assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # ... and never half-shown while running
         assert text.text == final.rstrip("\ufffd")[: len(text.text)]
+    assert specials > 10
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
-def test_stop_strings_end_where_the_whole_decode_would(name):
+def test_stop_strings_end_where_the_whole_decode_would(name, keep):
+    """(``keep``: include_stop_str_in_output, the text ends after the stop string)"""
     tok, rng = TOKENIZERS[name], random.Random(1)
     for line in CORPUS * 10:
         ids = tok.encode(line).ids
@@ -79,8 +90,8 @@ def test_stop_strings_end_where_the_whole_decode_would(name):
         a = rng.randrange(len(whole))
         stops = [whole[a : a + rng.randint(1, 6)], "never seen", whole[rng.randrange(len(whole)) :][:2]]
         stops = [s for s in stops if s.strip()] or ["never"]
-        kept, final, pieces, _ = run(tok, ids, stops)
-        assert (kept, final) == whole_decode_reference(tok, ids, stops)
+        kept, final, pieces, _ = run(tok, ids, stops, keep)
+        assert (kept, final) == whole_decode_reference(tok, ids, stops, keep)
         assert "".join(pieces) == final
 
 

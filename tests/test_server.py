@@ -27,6 +27,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from latentrt.chat import ChatTemplate  # noqa: E402
 from latentrt.serve import Engine  # noqa: E402
 from latentrt.serve.app import create_app  # noqa: E402
+from latentrt.serve.protocol import parse_completion  # noqa: E402
 
 TEMPLATE = ChatTemplate("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}")
 
@@ -294,6 +295,44 @@ def test_stop_strings_end_the_text_before_them(recurrent_server):
     assert r.choices[0].latentrt["token_ids"] == alone.tokens
     chunks = list(client(url).completions.create(stream=True, extra_body=extra, **args))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text
+
+
+def test_vllms_stop_and_text_fields(recurrent_server):
+    """vLLM's ``stop_token_ids`` (generate()'s stop ids), ``ignore_eos`` (``default_stops=False``),
+    ``include_stop_str_in_output`` and ``skip_special_tokens``: generate() alone's tokens and text, streamed
+    or not; bad values are 400s."""
+    url, _, model = recurrent_server
+    kw = dict(max_new_tokens=10, temperature=0.0, seed=5)
+    base = latentrt.generate(model, "Tom is a cat", default_stops=False, **kw)
+    stop, stop_id = base.text[3:8], base.tokens[6]
+    args = dict(model="tiny", prompt="Tom is a cat", max_tokens=10, temperature=0, seed=5)
+    pad = {"1": 4.0}  # a bias toward the special token <|pad|>
+    cases = [
+        (dict(stop_token_ids=[stop_id], ignore_eos=True), dict(stop=[stop_id], default_stops=False)),
+        (dict(stop=[stop], include_stop_str_in_output=True), dict(stop=[stop], include_stop_str_in_output=True)),
+        (dict(logit_bias=pad), dict(logit_bias={1: 4.0})),
+        (dict(logit_bias=pad, skip_special_tokens=False), dict(logit_bias={1: 4.0}, skip_special_tokens=False)),
+    ]
+    assert parse_completion(dict(args, ignore_eos=True)).options[0]["default_stops"] is False  # (no eos here)
+    texts = set()
+    for fields, options in cases:
+        alone = latentrt.generate(model, "Tom is a cat", **kw, **options)
+        body = dict(args, **fields)
+        r = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]
+        assert (r["text"], r["latentrt"]["token_ids"]) == (alone.text, alone.tokens), fields
+        chunks = list(client(url).completions.create(stream=True, extra_body=fields, **args))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text, fields
+        texts.add(alone.text)
+    assert len(texts) == len(cases)  # (each option changes the answer)
+    for bad, message in [
+        (dict(stop_token_ids=[1, "x"]), "stop_token_ids must be a list of token ids"),
+        (dict(stop_token_ids=[10**6]), "stop entries must be token ids in the vocabulary"),
+        (dict(ignore_eos=1), "ignore_eos must be true or false"),
+        (dict(ignore_eos=True, default_stops=True), "ignore_eos: true contradicts default_stops: true"),
+        (dict(skip_special_tokens="no"), "skip_special_tokens must be True or False"),
+    ]:
+        got = httpx.post(f"{url}/v1/completions", json=dict(args, **bad))
+        assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
 
 
 def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):

@@ -1,14 +1,16 @@
 """The OpenAI completions and chat protocol: request bodies -> generate() options, results -> responses.
 
 No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI
-feature latentrt does not implement (penalties, logit bias, tools) set to anything but its neutral value,
-is an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so the
+feature latentrt does not implement (``suffix``, tools, ``response_format``) set to anything but its neutral
+value, is an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so the
 messages are the Python API's. Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with
 ``top_logprobs: k``) are the model's distribution's (log-softmax of the logits, before temperature and
 top-k/p), each token's and the k most likely tokens' (serve/engine.py); completions' ``echo`` repeats the
 prompt, and with ``logprobs`` scores its tokens too (recurrent depth: one forward at ``num_steps``).
 latentrt's options are extra body fields with their generate() names (``num_steps``, ``adaptive``,
-``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...). ``n`` > 1 or a list of prompts
+``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...), and vLLM's extra fields where
+latentrt has the option (``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
+``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``...). ``n`` > 1 or a list of prompts
 run as separate requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
 """
 
@@ -35,6 +37,8 @@ LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.v
     "dry_multiplier",
     "dry_base",
     "dry_allowed_length",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 )
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
@@ -48,6 +52,8 @@ COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "sto
     "frequency_penalty",
     "logit_bias",
     "min_tokens",  # vLLM's: generate()'s min_new_tokens
+    "stop_token_ids",  # vLLM's: generate()'s stop ids
+    "ignore_eos",  # vLLM's: generate()'s default_stops=False
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs", "echo"} | set(LATENT_FIELDS) | set(NEUTRAL)
 CHAT_FIELDS = (
@@ -114,6 +120,15 @@ def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
             raise InputError(f"stop must be a string or a list of up to 4 strings, got {stop!r}")
         opts["stop"] = stops
+    ids = body.get("stop_token_ids")
+    if ids is not None:  # checked against the vocabulary by generate()
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {ids!r}")
+        opts["stop"] = opts.get("stop", []) + ids
+    if _flag(body, "ignore_eos"):
+        if opts.get("default_stops") is True:
+            raise InputError("ignore_eos: true contradicts default_stops: true (ignore_eos is default_stops: false)")
+        opts["default_stops"] = False
     n = body.get("n", 1)
     if n is None:
         n = 1
