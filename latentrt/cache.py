@@ -90,10 +90,12 @@ class KVCache:
         *,
         n_core: int = 0,
         core_slots: int = 1,
+        drops_missing: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
+        self.drops_missing = drops_missing  # the "skip" KV mode's lookup (see core_mask)
         self.plain_k = torch.zeros((n_plain, *shape), dtype=dtype, device=device)
         self.plain_v = torch.zeros_like(self.plain_k)
         self.core_k = torch.zeros((n_core, core_slots, *shape), dtype=dtype, device=device)
@@ -193,6 +195,15 @@ class KVCache:
         if done and self.core_k.shape[0]:
             self.min_done = min(self.min_done, *done)
         self.reported = self.length
+
+    def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
+        """The attention mask of the chunk's core layers at ``iteration``: the chunk's, less (in a mode that
+        ``drops_missing``, latentrt/kv_modes.py) the earlier positions that did not run that iteration."""
+        if not self.drops_missing or (iteration < self.min_done and self.reported >= chunk.start):
+            return chunk.mask  # every earlier position ran it
+        ran = self.written[:, : chunk.end] > iteration
+        ran[:, chunk.start :] = True  # the chunk's own positions run it now (its mask says which it sees)
+        return chunk.mask & ran[:, None, None, :]
 
     def core(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor

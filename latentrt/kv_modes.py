@@ -6,6 +6,8 @@ the backends, the CLI, the benchmarks and the published-pattern oracle all read.
 - ``full``: one slot per iteration (K = r_max).
 - ``shared``: one slot, overwritten every iteration: the memory of a plain transformer of the same depth.
 - ``ring-K``: K slots used round-robin (the paper's KV budget).
+- ``skip``: ``full``'s slots with the published ``full`` (and ``skip``) lookup under adaptive exit: a query
+  at iteration t attends only to the earlier positions that ran iteration t (``drops_missing``).
 
 Write rule: iteration t writes slot ``t mod K``. Lookup rule (one formula for every mode): a query at
 iteration t reads, for each earlier position p that wrote n_p iterations, slot ``min(t mod K, n_p - 1)``.
@@ -17,9 +19,10 @@ slot was never written. The cache's gather (latentrt/cache.py), the Triton decod
 The published implementation's cache strategies (``cache_lookup_strategy`` of Huginn's generate) are
 accepted by name where they are one of these rules, for a model with L core layers: ``latest-mL`` is
 ``full`` (its lookup under adaptive exit), ``compress-sN`` with N = K x L is ``ring-K`` (``shared`` for
-K = 1), and ``latest-mL-compress-sN`` the same ring. (The published code hard-codes L = 4 and two prelude
-layers; its ``full`` lookup under adaptive exit attends only to the positions that ran the iteration, a
-rule latentrt does not implement: latentrt's ``full`` is ``latest-m4`` there.)
+K = 1), and ``latest-mL-compress-sN`` the same ring; its ``full`` lookup (its default) under adaptive exit
+is ``skip`` (it keeps only the positions holding the entry; ``skip`` is its name for that rule). The
+published code hard-codes L = 4 and two prelude layers. The cache applies ``drops_missing`` as an attention
+mask (``KVCache.core_mask``); the fused backends fall back to the reference path for it.
 
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """
@@ -34,8 +37,9 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class KVMode:
-    name: str  # the spec it was parsed from, normalised ("full", "shared", "ring-4")
+    name: str  # the spec it was parsed from, normalised ("full", "shared", "ring-4", "skip")
     slots: int  # core slots per position for the depth it was parsed for
+    drops_missing: bool = False  # a query at iteration t ignores positions that did not run it ("skip")
 
     def slot(self, iteration: int) -> int:
         """The slot iteration ``iteration`` writes."""
@@ -44,6 +48,10 @@ class KVMode:
 
 def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
     return KVMode("full", r_max) if arg is None else None
+
+
+def _skip(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
+    return KVMode("skip", r_max, drops_missing=True) if arg is None else None
 
 
 def _shared(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
@@ -86,11 +94,12 @@ KV_MODES: dict[str, Callable[[str | None, int, int | None], KVMode | None]] = {
     "full": _full,
     "shared": _shared,
     "ring": _ring,
+    "skip": _skip,
     "latest": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
     "compress": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=False),
 }
 SPECS = (
-    "'full', 'shared' or 'ring-K' with K >= 1 (or a published strategy with the same rule: 'latest-mL', "
+    "'full', 'shared', 'ring-K' with K >= 1 or 'skip' (or a published strategy with the same rule: 'latest-mL', "
     "'compress-sN' or 'latest-mL-compress-sN' with L the core layers and N a multiple of L)"
 )
 
@@ -99,7 +108,7 @@ def parse_kv_mode(spec, r_max: int, n_core: int | None = None) -> KVMode:
     """The KVMode of a spec for a token depth of at most ``r_max`` iterations; published strategy names need
     the model's number of core layers ``n_core``."""
     if isinstance(spec, KVMode):
-        return KVMode(spec.name, parse_kv_mode(spec.name, r_max).slots)
+        return parse_kv_mode(spec.name, r_max)
     if isinstance(spec, str):
         name, _, arg = spec.partition("-")
         parser = KV_MODES.get(name)

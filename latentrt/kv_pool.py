@@ -125,6 +125,10 @@ class KVPool:
     def device(self) -> torch.device:
         return self.valid.device
 
+    def core_mask(self, chunk, iteration):
+        """The core layers' mask: the chunk's (the pool serves no mode that ``drops_missing``)."""
+        return chunk.mask
+
     # ---------------------------------------------------------------- admission
     def _slots_of(self, kv_mode: KVMode | None) -> int:
         return kv_mode.slots if (kv_mode is not None and self.layout.looped) else 0
@@ -147,6 +151,11 @@ class KVPool:
         if positions > self.max_len:
             return (
                 f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
+            )
+        if kv_mode is not None and kv_mode.drops_missing and self.layout.looped:
+            return (
+                f"kv_sharing {kv_mode.name!r} (the published lookup that drops positions without the iteration's "
+                "entry) is not served: generate() runs it; the server takes 'full', 'shared' and 'ring-K'"
             )
         slots = self._slots_of(kv_mode)
         if slots > self.slot_rows:

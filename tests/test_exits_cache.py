@@ -67,6 +67,8 @@ def test_kv_sharing_specs():
     assert parse_kv_mode("ring-40", 16).slots == 16
     assert parse_kv_mode(parse_kv_mode("full", 4), 16) == KVMode("full", 16)  # a mode re-parsed for a depth
     assert [parse_kv_mode("ring-3", 8).slot(t) for t in range(5)] == [0, 1, 2, 0, 1]
+    assert parse_kv_mode("skip", 16) == KVMode("skip", 16, drops_missing=True)  # the published name too
+    assert parse_kv_mode(parse_kv_mode("skip", 4), 16) == KVMode("skip", 16, drops_missing=True)
     for bad in ("ring-0", "ring-x", "latest", "full-2", 3):
         with pytest.raises(InputError, match="kv_sharing"):
             parse_kv_mode(bad, 8)
@@ -93,6 +95,33 @@ def test_slot_lookup_rule(slots):
             last_write = max(i for i in range(n) if i % slots == slot)  # the slot's latest content
             assert k[0, 0, p, 0].item() == 100.0 * p + last_write
         assert k[0, 0, 3, 0].item() == -1.0
+
+
+@pytest.mark.parametrize("reported", [False, True])
+def test_skip_masks_the_positions_that_did_not_run_the_iteration(reported):
+    """The "skip" lookup (the published "full" under adaptive exit): at iteration t a query sees only the
+    earlier positions that ran t, its own chunk's positions as its mask says, and no padding; other modes,
+    and iterations every earlier position ran, keep the chunk's mask. (``reported``: whether the host
+    recorded the iterations, which enables the shortcut for iterations all positions ran.)"""
+    cache = KVCache(2, 8, 0, 1, 1, n_core=1, core_slots=8, drops_missing=True)
+    iters = [[5, 2, 8], [3, 3, 1]]  # per sequence, the iterations of three earlier positions
+    for p in range(3):
+        chunk = cache.begin(torch.tensor([[True], [p > 0]]))  # sequence 1's first position is padding
+        for t in range(8):
+            cache.mark_iteration(chunk, t, torch.tensor([t < iters[0][p], t < iters[1][p]]))
+        if reported:
+            cache.record_iterations([iters[0][p], iters[1][p]], [True, p > 0])
+    chunk = cache.begin(torch.ones(2, 2, dtype=torch.bool))  # a chunk of two new positions
+    for t in range(8):
+        mask = cache.core_mask(chunk, t)
+        for b in range(2):
+            for q in range(2):
+                seen = [p for p in range(5) if mask[b, 0, q, p]]
+                earlier = [p for p in range(3) if t < iters[b][p] and (b == 0 or p > 0)]
+                assert seen == earlier + [3, 4][: q + 1], (t, b, q)
+    plain = KVCache(1, 4, 0, 1, 1, n_core=1, core_slots=8)
+    chunk = plain.begin(torch.ones(1, 1, dtype=torch.bool))
+    assert plain.core_mask(chunk, 5) is chunk.mask
 
 
 def test_frozen_sequences_keep_their_entries():

@@ -107,6 +107,17 @@ def test_the_vectors_cover_each_published_difference():
         assert _generate(unpenalised, "torch").tokens != case["tokens"], name
 
 
+def test_the_published_full_lookup_differs_from_latest_m4():
+    """The published default lookup under adaptive exit ("full", which drops the positions without the
+    iteration's entry: latentrt's "skip") and latentrt's "full" ("latest-m4") give different tokens or steps
+    on these vectors, so they check the rule."""
+    lookup = [c for c in CASES.values() if c["options"].get("kv_sharing") == "skip"]
+    assert {c.get("published_cache") for c in lookup} == {"full", "skip"}
+    for case in lookup:
+        latest = _generate(dict(case, options=dict(case["options"], kv_sharing="full")), "torch")
+        assert (latest.tokens, latest.steps) != (case["tokens"], case["steps"]), case["name"]
+
+
 def test_coconut_default_stops_at_the_first_eos_and_keeps_it():
     """latentrt's default (as HF): any eos ends the answer and is kept; published_eos=True gives Coconut's."""
     case = dict(CASES["coconut published eos"], options={})

@@ -295,6 +295,23 @@ CASES = [
             dry_allowed_length=1,
         ),
     ),
+    # 12. the published default lookup under adaptive exit: its "full" (run with the published default, as
+    # ``published_cache`` says) and its "skip" drop the positions that did not run the iteration; latentrt's
+    # "skip" mode
+    *[
+        dict(
+            name=name,
+            model=model,
+            max_new_tokens=16,
+            published_cache=published,
+            options=dict(ADAPTIVE, exit_criterion=crit, exit_threshold=th, kv_sharing="skip"),
+        )
+        for name, model, crit, th, published in [
+            ("published full lookup adaptive kl", "huginn-b", "kl", 5e-3, "full"),
+            ("published full lookup adaptive argmax-stability", "huginn-a", "argmax-stability", 3, "full"),
+            ("skip lookup adaptive entropy-diff", "huginn-a", "entropy-diff", 1e-2, "skip"),
+        ]
+    ],
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",
@@ -460,7 +477,7 @@ def run_huginn(rm, case: dict, model) -> dict:
         exit_threshold=o.get("exit_threshold") if o.get("exit_threshold") is not None else "auto",
         num_steps=o.get("num_steps", model.config.mean_recurrence),
         init_scale=o.get("init_scale", 1.0),
-        cache_lookup_strategy=o.get("kv_sharing", "full"),
+        cache_lookup_strategy=case.get("published_cache", o.get("kv_sharing", "full")),
         min_steps=o.get("min_steps", 0),
         check_criterion_every_n_steps=o.get("check_criterion_every_n_steps", 1),
         do_not_exit_in_prefill=o.get("do_not_exit_in_prefill", False),

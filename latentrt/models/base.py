@@ -74,6 +74,7 @@ class LatentModel(nn.Module):
             layout.head_dim,
             n_core=layout.looped,
             core_slots=kv_mode.slots if kv_mode is not None else 1,
+            drops_missing=kv_mode is not None and kv_mode.drops_missing,
             dtype=self.dtype,
             device=self.device,
         )

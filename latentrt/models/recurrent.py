@@ -358,8 +358,9 @@ class RecurrentDepthLM(LatentModel):
     ) -> Tensor:
         """One iteration: s <- adapter([s, e]) then every core layer (K/V into the iteration's slot)."""
         x = self.transformer.adapter(torch.cat([s, e], dim=-1))
+        mask = cache.core_mask(chunk, iteration)
         for j, block in enumerate(self.transformer.core_block):
-            x = block(x, *rope, chunk.mask, _kv_hook(cache, chunk, active, j, looped=True, iteration=iteration))
+            x = block(x, *rope, mask, _kv_hook(cache, chunk, active, j, looped=True, iteration=iteration))
         return x
 
     def head(
