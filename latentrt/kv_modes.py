@@ -22,7 +22,8 @@ accepted by name where they are one of these rules, for a model with L core laye
 K = 1), and ``latest-mL-compress-sN`` the same ring; its ``full`` lookup (its default) under adaptive exit
 is ``skip`` (it keeps only the positions holding the entry; ``skip`` is its name for that rule). The
 published code hard-codes L = 4 and two prelude layers. The cache applies ``drops_missing`` as an attention
-mask (``KVCache.core_mask``); the fused backends fall back to the reference path for it.
+mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the CUDA persistent kernel and
+the server's pool do not implement it (the CUDA backend falls back to the Triton path; the pool refuses it).
 
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """

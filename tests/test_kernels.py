@@ -226,9 +226,12 @@ def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
     assert torch.equal(kc[1], kc2[1])  # the inactive row kept its entry
 
 
-@pytest.mark.parametrize("slots,use_written", [(1, False), (4, True), (4, False)])
+@pytest.mark.parametrize(
+    "slots,use_written,drops", [(1, False, False), (4, True, False), (4, False, False), (4, True, True)]
+)
 @pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
-def test_decode_attention_slot_lookup(slots, use_written, H, Hkv, T):
+def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T):
+    """(``drops``: the skip mode, positions that ran no more than ``slot`` iterations are not attended)"""
     from latentrt.kernels import decode_attention as da
 
     B, D = 3, 16
@@ -241,12 +244,17 @@ def test_decode_attention_slot_lookup(slots, use_written, H, Hkv, T):
     valid[2, T // 2] = False
     slot = slots - 1
     length = T - 2  # attend over the first T-2 positions only
-    out = da.fused(q, ks, vs, written if use_written else None, valid, slot, torch.tensor([length]))
+    out = da.fused(
+        q, ks, vs, written if use_written else None, valid, slot, torch.tensor([length]), drops_missing=drops
+    )
     w = written if use_written else torch.full_like(written, 10**6)
     ref_valid = valid[:, :length].clone()
     ref_valid[:, length - 1] = True  # the query's own position
-    want = da.reference(q, ks[:, :, :, :length], vs[:, :, :, :length], w[:, :length], ref_valid, slot)
+    want = da.reference(q, ks[:, :, :, :length], vs[:, :, :, :length], w[:, :length], ref_valid, slot, drops)
     _close(out, want, 1e-5)
+    if drops:  # some positions were dropped, so the lookups differ
+        kept = da.reference(q, ks[:, :, :, :length], vs[:, :, :, :length], w[:, :length], ref_valid, slot)
+        assert (written[:, : length - 1] <= slot).any() and not torch.allclose(want, kept)
 
 
 @pytest.mark.parametrize("cosine", [False, True])

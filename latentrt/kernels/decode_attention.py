@@ -3,7 +3,8 @@
 One query position per sequence attends to its cached keys [0, length) under a validity mask (left
 padding, finished sequences). For looped core layers with several slots, the key of position p comes
 from slot ``min(t mod K, n_p - 1)`` (see latentrt.cache): the kernel reads the slot index per position
-instead of materialising a gathered copy.
+instead of materialising a gathered copy. In the ``skip`` KV mode (``drops_missing``, latentrt/kv_modes.py)
+a position that ran no more than ``slot`` iterations (slot = the iteration there) is not attended.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from torch import Tensor
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
 
 
-def reference(q: Tensor, k_slots: Tensor, v_slots: Tensor, written: Tensor, valid: Tensor, slot: int) -> Tensor:
+def reference(
+    q: Tensor, k_slots: Tensor, v_slots: Tensor, written: Tensor, valid: Tensor, slot: int, drops_missing=False
+) -> Tensor:
     """q [B,H,D]; k_slots/v_slots [K,B,Hkv,T,D]; written [B,T] iterations per position; valid [B,T] bool.
-    Returns [B,H,D]: softmax(q k^T / sqrt(D)) v over valid positions, keys from slot min(slot, n_p - 1)."""
+    Returns [B,H,D]: softmax(q k^T / sqrt(D)) v over valid positions, keys from slot min(slot, n_p - 1);
+    with ``drops_missing`` over the valid positions that ran more than ``slot`` iterations (and the last)."""
     K, B, Hkv, T, D = k_slots.shape
+    if drops_missing:
+        valid = valid & (written > slot)
+        valid[:, -1] = True  # the query's own position
     idx = (written - 1).clamp(min=0, max=slot)
     b = torch.arange(B, device=q.device)[:, None]
     p = torch.arange(T, device=q.device)[None, :]
@@ -91,6 +98,7 @@ if HAVE_TRITON:
         stride_wb,
         stride_vb,
         USE_WRITTEN: tl.constexpr,
+        DROPS_MISSING: tl.constexpr,
         HAS_ACTIVE: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -98,7 +106,8 @@ if HAVE_TRITON:
         """Program (b, h): online-softmax attention of one query over positions [0, length) of sequence b.
         The key/value of position p come from slot min(slot, written[b, p] - 1) when USE_WRITTEN (looped
         core layers with several slots), else from ``slot``. Invalid positions (padding, finished) are
-        skipped, except the query's own position. A frozen sequence (``act`` 0) returns at once."""
+        skipped, except the query's own position; with DROPS_MISSING (and USE_WRITTEN) so are positions that
+        ran no more than ``slot`` iterations. A frozen sequence (``act`` 0) returns at once."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         if HAS_ACTIVE:
@@ -120,6 +129,8 @@ if HAVE_TRITON:
             if USE_WRITTEN:
                 n = tl.load(written_ptr + b * stride_wb + t, mask=in_range, other=1)
                 s_idx = tl.minimum(tl.maximum(n - 1, 0), slot)
+                if DROPS_MISSING:
+                    ok = ok & ((n > slot) | (t == length - 1))
             else:
                 s_idx = tl.zeros((BLOCK_T,), dtype=tl.int64) + slot
             off = s_idx[:, None] * stride_ks + base + t[:, None] * stride_kt + d[None, :]
@@ -143,10 +154,12 @@ def fused(
     length: Tensor,
     active: Tensor | None = None,
     zero_frozen: bool = True,
+    drops_missing: bool = False,
 ) -> Tensor:
     """q [B,H,D]; k/v_slots [K,B,Hkv,T,D]; written [B,T] or None (read ``slot`` for every position);
     valid [B,T]; length a 1-element device tensor (positions [0, length) are attended); ``active`` [B]
-    bool or None: frozen sequences read nothing and get zeros (or unwritten memory with ``zero_frozen=False``).
+    bool or None: frozen sequences read nothing and get zeros (or unwritten memory with ``zero_frozen=False``);
+    ``drops_missing`` (with ``written``; ``slot`` is then the iteration): the ``skip`` mode's lookup.
     Returns [B,H,D]."""
     K, B, Hkv, T, D = k_slots.shape
     H = q.shape[1]
@@ -174,6 +187,7 @@ def fused(
         w.stride(0),
         valid.stride(0),
         USE_WRITTEN=written is not None,
+        DROPS_MISSING=drops_missing,
         HAS_ACTIVE=active is not None,
         BLOCK_T=64,
         BLOCK_D=next_pow2(D),

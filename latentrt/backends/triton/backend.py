@@ -77,7 +77,7 @@ class TritonBackend(Backend):
 
     def core_iteration(self, s: Tensor, e: Tensor, cache, chunk, iteration: int, active: Tensor, rope) -> Tensor:
         m = self.model
-        if chunk.size != 1 or s.dtype not in KERNEL_DTYPES or cache.drops_missing:  # (the "skip" lookup: reference)
+        if chunk.size != 1 or s.dtype not in KERNEL_DTYPES:
             return m.core_iteration(s, e, cache, chunk, iteration, active, rope)
         e_term, where = self._position(e, cache, chunk, rope)
         s0 = s[:, 0].contiguous()
@@ -86,7 +86,7 @@ class TritonBackend(Backend):
 
     def token_runner(self, cache, spec) -> RecurrentTokenRunner | None:
         """The graph-capturable decode token (see token.py); None where the kernels do not apply."""
-        if self.model.dtype not in KERNEL_DTYPES or cache.drops_missing:
+        if self.model.dtype not in KERNEL_DTYPES:
             return None
         return RecurrentTokenRunner(self, cache, spec)
 

@@ -36,6 +36,7 @@ def sandwich_layer(
     active: Tensor,
     next_norm: Tensor | None,
     prenorm: tuple | None = None,
+    drops_missing: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """One sandwich block for one new position per sequence. ``x_in`` is norm_1(h), or h itself with
     ``prenorm`` (norm_1 applied in the QKV product's prologue). Returns (h, next_norm(h)). Rows of frozen
@@ -61,7 +62,18 @@ def sandwich_layer(
         cfg.num_attention_heads,
         cfg.cache_kv_heads,
     )
-    y = decode_attention.fused(q, k_slots, v_slots, written, where.valid, slot, where.length, active, zero_frozen=zf)
+    y = decode_attention.fused(
+        q,
+        k_slots,
+        v_slots,
+        written,
+        where.valid,
+        slot,
+        where.length,
+        active,
+        zero_frozen=zf,
+        drops_missing=drops_missing,
+    )
     o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active, zero_frozen=zf)
     h, n3 = norms.fused(h, o, blk.norm_2.weight, blk.norm_3.weight, cfg.norm_eps)
     g = linear.fused(n3, blk.mlp.fc.weight, active=active, gate=True, zero_frozen=zf)
@@ -81,11 +93,11 @@ def core_iteration(
     w = model.transformer.adapter.weight[:, :d]
     h = linear.fused(s, w, add=e_term, active=active, sumsq=sumsq, zero_frozen=not s.is_cuda)
     x_in, prenorm = h, (sumsq, blocks[0].norm_1.weight, cfg.norm_eps)
-    slot = iteration % cache.core_slots
+    slot = iteration % cache.core_slots  # (the iteration itself in the skip mode: r_max slots)
     written = None if cache.core_slots == 1 else cache.written
     for j, blk in enumerate(blocks):
         nxt = blocks[j + 1].norm_1.weight if j + 1 < len(blocks) else None
         k, v = cache.core_k[j], cache.core_v[j]
-        h, x_in = sandwich_layer(blk, h, x_in, k, v, written, slot, where, active, nxt, prenorm)
+        h, x_in = sandwich_layer(blk, h, x_in, k, v, written, slot, where, active, nxt, prenorm, cache.drops_missing)
         prenorm = None
     return h
