@@ -91,3 +91,17 @@ def coconut_dir(tmp_path):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def penalty_state(ids: list[list[int]], new: list[list[int]], vocab: int, **options):
+    """latentrt/penalties.py's state for prompts ``ids`` (right-padded with -1: padding) after generating
+    ``new`` (one list per sequence, of equal lengths), with generate() ``options``."""
+    from latentrt.options import GenerateOptions
+    from latentrt.penalties import LogitPenalties
+
+    S = max(len(r) for r in ids)
+    t = torch.tensor([r + [-1] * (S - len(r)) for r in ids])
+    pen = LogitPenalties.build(GenerateOptions(**options), t.clamp(min=0), t >= 0, vocab)
+    for step in zip(*new):
+        pen.record(torch.tensor(step))
+    return pen

@@ -5,12 +5,10 @@ option checks. The published sampler's own outputs with DRY are in tests/publish
 
 import pytest
 import torch
-from conftest import tiny_coconut, tiny_recurrent
+from conftest import penalty_state, tiny_coconut, tiny_recurrent
 
 import latentrt
 from latentrt.errors import InputError
-from latentrt.options import GenerateOptions
-from latentrt.penalties import LogitPenalties
 
 V = 12
 
@@ -40,14 +38,8 @@ def penalised(logits: torch.Tensor, context: list[int], multiplier: float, base:
     return x
 
 
-def state(ids: list[list[int]], new: list[list[int]], **options) -> LogitPenalties:
-    """The penalties of prompts ``ids`` (right-padded with -1) after generating ``new``."""
-    S = max(len(r) for r in ids)
-    t = torch.tensor([r + [-1] * (S - len(r)) for r in ids])
-    pen = LogitPenalties.build(GenerateOptions(**options), t.clamp(min=0), t >= 0, V)
-    for step in zip(*new):
-        pen.record(torch.tensor(step))
-    return pen
+def state(ids: list[list[int]], new: list[list[int]], **options):
+    return penalty_state(ids, new, V, **options)
 
 
 @pytest.mark.parametrize(

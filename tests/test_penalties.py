@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_coconut, tiny_recurrent
+from conftest import penalty_state, tiny_coconut, tiny_recurrent
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -16,21 +16,13 @@ from transformers.generation.logits_process import (
 )
 
 import latentrt
-from latentrt.options import GenerateOptions
-from latentrt.penalties import LogitPenalties
 from latentrt.sampling import filtered_logits
 
 V = 50
 
 
-def penalties(ids: list[list[int]], new: list[list[int]], **options) -> LogitPenalties:
-    """The state of a batch whose prompts are ``ids`` (right-padded with -1) after generating ``new``."""
-    S = max(len(r) for r in ids)
-    t = torch.tensor([r + [-1] * (S - len(r)) for r in ids])
-    pen = LogitPenalties.build(GenerateOptions(**options), t.clamp(min=0), t >= 0, V)
-    for step in zip(*new):
-        pen.record(torch.tensor(step))
-    return pen
+def penalties(ids: list[list[int]], new: list[list[int]], **options):
+    return penalty_state(ids, new, V, **options)
 
 
 @pytest.mark.parametrize("r", [1.3, 0.7, 3.0])
