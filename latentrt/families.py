@@ -106,8 +106,8 @@ def build_model(cfg, *, device: str | torch.device = "cpu", dtype: torch.dtype =
     check_fits(cfg.weight_bytes(dtype.itemsize), device, "the weights", ConfigError)
     with torch.device("meta"):
         model = family_of(cfg.model_type).model(cfg)
+    model.to(dtype)  # still on meta: the weights are allocated once, in ``dtype`` (fp32 first doubled the peak)
     model.to_empty(device=device)
-    model.to(dtype)
     model.tie_weights()
     model.init_weights(torch.Generator(device).manual_seed(seed))
     model.init_buffers()

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import latentrt
 from latentrt.checkpoint import StoredTensor, save_checkpoint
 from latentrt.errors import CheckpointError, ConfigError
+from latentrt.families import build_model
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -183,6 +184,21 @@ def test_loading_allocates_each_weight_once_and_reads_one_tensor_at_a_time(tmp_p
     assert len(alive) == len(loaded.state_dict()) and dict(+allocated.bytes) == {torch.bfloat16: weights}
     want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["recurrent", "gpt2"])
+def test_building_a_bf16_model_allocates_bf16_weights_only(family):
+    """build_model (the built-in and random-init models) allocated every weight in fp32 before casting:
+    a peak of 1.5x the bf16 bytes ``check_fits`` counts. Untied here, so the bytes are exactly the weights'
+    (a tied head is allocated, then replaced by the tie)."""
+    from conftest import gpt2_config, recurrent_config
+
+    untied = dict(tie_embeddings=False) if family == "recurrent" else dict(tie_word_embeddings=False)
+    cfg = (recurrent_config if family == "recurrent" else gpt2_config)(**untied)
+    with Allocations() as allocated:
+        model = build_model(cfg, dtype=torch.bfloat16, seed=4)
+    assert dict(+allocated.bytes) == {torch.bfloat16: sum(p.numel() * 2 for p in model.parameters())}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_corrupt_safetensors(recurrent_dir):
