@@ -5,6 +5,7 @@ import torch
 from conftest import rel_err, tiny_recurrent
 
 import latentrt
+from latentrt.backends import get_backend
 
 pytestmark = pytest.mark.gpu
 
@@ -27,3 +28,25 @@ def test_bf16_generate_runs():
     model.init_buffers()
     out = latentrt.generate(model, [5, 6, 7], max_new_tokens=4, num_steps=4)
     assert len(out.tokens) == 4
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_skip_lookup_on_the_gpu_equals_the_cpu_reference(backend):
+    """kv_sharing='skip' (the published default lookup under adaptive exit) through the Triton decode
+    attention's flag on the GPU (fp32; the CUDA backend's persistent kernel does not take it and falls back to
+    the Triton path): the CPU torch backend's tokens and steps, on a padded batch whose rows exit apart."""
+    cpu = tiny_recurrent(seed=21)
+    gpu = tiny_recurrent(seed=21)
+    gpu.to("cuda")
+    gpu.init_buffers()
+    try:
+        gpu.backend = get_backend(backend, gpu)
+    except Exception as e:  # the CUDA extension may be missing on the machine
+        pytest.skip(f"{backend}: {e}")
+    kw = dict(max_new_tokens=6, adaptive=True, num_steps=12, exit_criterion="kl", exit_threshold=0.02)
+    kw.update(kv_sharing="skip", init_scale=0.0, return_logits=True)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    a, b = latentrt.generate(cpu, prompts, **kw), latentrt.generate(gpu, prompts, **kw)
+    assert a.tokens == b.tokens and a.steps == b.steps and len({s for r in a.steps for s in r}) > 1
+    for x, y in zip(a.logits, b.logits):
+        assert rel_err(y.cpu(), x) < 1e-4
