@@ -42,7 +42,7 @@ class StaticDecoder:
             x = blk(x, cos, sin, mask, self._kv(c.plain_k[i], c.plain_v[i]))
         e, s = x, torch.zeros_like(x)
         for t in range(self.steps):
-            slot = t % c.core_slots
+            slot = c.slot(t)
             s = self.iteration(m, self.pos, s, e, cos, sin, mask, c.core_k[:, slot], c.core_v[:, slot])
         h = t_.ln_f(s)
         base = m.config.n_layers_in_prelude

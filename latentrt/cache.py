@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kv_modes import slot_of
+
 
 @dataclass
 class Chunk:
@@ -91,11 +93,13 @@ class KVCache:
         n_core: int = 0,
         core_slots: int = 1,
         drops_missing: bool = False,
+        anchor: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
         self.drops_missing = drops_missing  # the "skip" KV mode's lookup (see core_mask)
+        self.anchor = anchor  # anchor-A: iterations from A on share slot A (latentrt/kv_modes.py)
         self.plain_k = torch.zeros((n_plain, *shape), dtype=dtype, device=device)
         self.plain_v = torch.zeros_like(self.plain_k)
         self.core_k = torch.zeros((n_core, core_slots, *shape), dtype=dtype, device=device)
@@ -196,6 +200,10 @@ class KVCache:
             self.min_done = min(self.min_done, *done)
         self.reported = self.length
 
+    def slot(self, iteration: int) -> int:
+        """The slot ``iteration`` writes (the KV mode's write rule, latentrt/kv_modes.py)."""
+        return slot_of(iteration, self.core_slots, self.anchor)
+
     def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
         """The attention mask of the chunk's core layers at ``iteration``: the chunk's, less (in a mode that
         ``drops_missing``, latentrt/kv_modes.py) the earlier positions that did not run that iteration."""
@@ -209,7 +217,7 @@ class KVCache:
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Write a core layer's K/V for ``iteration`` into its slot; return the K/V the query reads."""
-        slot = iteration % self.core_slots
+        slot = self.slot(iteration)
         _write(self.core_k[layer, slot], k, chunk, active)
         _write(self.core_v[layer, slot], v, chunk, active)
         if self.core_slots == 1 or (slot < self.min_done and self.reported >= chunk.start):

@@ -1,29 +1,34 @@
 """KV modes: how a looped core layer keeps K/V across the iterations of one position.
 
-A mode is parsed once from its spec (``full``, ``shared``, ``ring-K``) into a ``KVMode`` that the cache,
-the backends, the CLI, the benchmarks and the published-pattern oracle all read.
+A mode is parsed once from its spec (``full``, ``shared``, ``ring-K``, ``anchor-A``, ``skip``) into a
+``KVMode`` that the cache, the backends, the CLI, the benchmarks and the published-pattern oracle all read.
 
 - ``full``: one slot per iteration (K = r_max).
 - ``shared``: one slot, overwritten every iteration: the memory of a plain transformer of the same depth.
 - ``ring-K``: K slots used round-robin (the paper's KV budget).
+- ``anchor-A``: A + 1 slots: iterations 0..A-1 keep their own, every later one shares slot A (the published
+  ``compress-anchor``, A = 8: the first 8 recurrences anchored, one recurrence's worth for the rest).
 - ``skip``: ``full``'s slots with the published ``full`` (and ``skip``) lookup under adaptive exit: a query
   at iteration t attends only to the earlier positions that ran iteration t (``drops_missing``).
 
-Write rule: iteration t writes slot ``t mod K``. Lookup rule (one formula for every mode): a query at
-iteration t reads, for each earlier position p that wrote n_p iterations, slot ``min(t mod K, n_p - 1)``.
+Write rule: iteration t writes slot ``slot(t)``: ``t mod K`` (``min(t, A)`` in ``anchor-A``). Lookup rule
+(one formula for every mode): a query at iteration t reads, for each earlier position p that wrote n_p
+iterations, slot ``min(slot(t), n_p - 1)``.
 In ``full`` mode that is iteration t's entry, or the position's latest entry when it exited before t
 (Huginn's "latest-m4" lookup); in ring/shared mode whatever the slot holds, or the latest entry when the
-slot was never written. The cache's gather (latentrt/cache.py), the Triton decode attention
-(latentrt/kernels/decode_attention.py) and the CUDA loop all implement this rule.
+slot was never written. The cache's gather (latentrt/cache.py) and the Triton decode attention
+(latentrt/kernels/decode_attention.py) implement this rule, the CUDA loop its ``t mod K`` form.
 
 The published implementation's cache strategies (``cache_lookup_strategy`` of Huginn's generate) are
 accepted by name where they are one of these rules, for a model with L core layers: ``latest-mL`` is
 ``full`` (its lookup under adaptive exit), ``compress-sN`` with N = K x L is ``ring-K`` (``shared`` for
-K = 1), and ``latest-mL-compress-sN`` the same ring; its ``full`` lookup (its default) under adaptive exit
+K = 1), ``latest-mL-compress-sN`` the same ring, ``[latest-m4-]compress-anchor`` is ``anchor-8`` (for 4 core
+layers, which its index arithmetic assumes); its ``full`` lookup (its default) under adaptive exit
 is ``skip`` (it keeps only the positions holding the entry; ``skip`` is its name for that rule). The
 published code hard-codes L = 4 and two prelude layers. The cache applies ``drops_missing`` as an attention
 mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the CUDA persistent kernel and
-the server's pool do not implement it (the CUDA backend falls back to the Triton path; the pool refuses it).
+the server's pool implement neither ``skip`` nor ``anchor-A`` (the CUDA backend falls back to the Triton
+path; the pool refuses them).
 
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """
@@ -41,10 +46,16 @@ class KVMode:
     name: str  # the spec it was parsed from, normalised ("full", "shared", "ring-4", "skip")
     slots: int  # core slots per position for the depth it was parsed for
     drops_missing: bool = False  # a query at iteration t ignores positions that did not run it ("skip")
+    anchor: int | None = None  # anchor-A: iterations from A on share slot A
 
     def slot(self, iteration: int) -> int:
         """The slot iteration ``iteration`` writes."""
-        return iteration % self.slots
+        return slot_of(iteration, self.slots, self.anchor)
+
+
+def slot_of(iteration: int, slots: int, anchor: int | None) -> int:
+    """The write rule: ``min(t, A)`` with an anchor, else ``t mod K``."""
+    return min(iteration, anchor) if anchor is not None else iteration % slots
 
 
 def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
@@ -53,6 +64,13 @@ def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
 
 def _skip(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
     return KVMode("skip", r_max, drops_missing=True) if arg is None else None
+
+
+def _anchor(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
+    if arg is None or not arg.isdigit() or int(arg) < 1:
+        return None
+    a = int(arg)
+    return KVMode(f"anchor-{a}", min(a + 1, r_max), anchor=a)
 
 
 def _shared(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
@@ -80,6 +98,8 @@ def _published(arg: str | None, r_max: int, n_core: int | None, latest: bool) ->
         if parts[0] != "compress":
             return None
         parts = parts[1:]
+    if parts == ["anchor"]:  # the published anchor: 8 recurrences, its index arithmetic assumes 4 core layers
+        return _anchor("8", r_max, n_core) if n_core == 4 else None
     if len(parts) != 1 or not parts[0].startswith("s") or not parts[0][1:].isdigit():
         return None
     n = int(parts[0][1:])
@@ -96,12 +116,14 @@ KV_MODES: dict[str, Callable[[str | None, int, int | None], KVMode | None]] = {
     "shared": _shared,
     "ring": _ring,
     "skip": _skip,
+    "anchor": _anchor,
     "latest": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
     "compress": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=False),
 }
 SPECS = (
-    "'full', 'shared', 'ring-K' with K >= 1 or 'skip' (or a published strategy with the same rule: 'latest-mL', "
-    "'compress-sN' or 'latest-mL-compress-sN' with L the core layers and N a multiple of L)"
+    "'full', 'shared', 'ring-K' with K >= 1, 'anchor-A' with A >= 1 or 'skip' (or a published strategy with the "
+    "same rule: 'latest-mL', 'compress-sN' or 'latest-mL-compress-sN' with L the core layers and N a multiple of "
+    "L, 'compress-anchor' or 'latest-m4-compress-anchor' with 4 core layers)"
 )
 
 

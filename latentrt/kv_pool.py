@@ -152,10 +152,10 @@ class KVPool:
             return (
                 f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
             )
-        if kv_mode is not None and kv_mode.drops_missing and self.layout.looped:
+        if kv_mode is not None and (kv_mode.drops_missing or kv_mode.anchor is not None) and self.layout.looped:
             return (
-                f"kv_sharing {kv_mode.name!r} (the published lookup that drops positions without the iteration's "
-                "entry) is not served: generate() runs it; the server takes 'full', 'shared' and 'ring-K'"
+                f"kv_sharing {kv_mode.name!r} is not served: generate() runs it; the server takes 'full', 'shared' "
+                "and 'ring-K'"
             )
         slots = self._slots_of(kv_mode)
         if slots > self.slot_rows:

@@ -68,16 +68,25 @@ def test_kv_sharing_specs():
     assert parse_kv_mode(parse_kv_mode("full", 4), 16) == KVMode("full", 16)  # a mode re-parsed for a depth
     assert [parse_kv_mode("ring-3", 8).slot(t) for t in range(5)] == [0, 1, 2, 0, 1]
     assert parse_kv_mode("skip", 16) == KVMode("skip", 16, drops_missing=True)  # the published name too
+    assert parse_kv_mode("anchor-8", 16) == KVMode("anchor-8", 9, anchor=8)
+    assert [parse_kv_mode("anchor-3", 16).slot(t) for t in range(6)] == [0, 1, 2, 3, 3, 3]
+    assert parse_kv_mode("anchor-8", 5).slots == 5  # a depth below the anchor: full
+    for published in ("latest-m4-compress-anchor", "compress-anchor"):
+        assert parse_kv_mode(published, 16, n_core=4) == KVMode("anchor-8", 9, anchor=8)
+        with pytest.raises(InputError, match="kv_sharing"):  # its index arithmetic assumes 4 core layers
+            parse_kv_mode(published, 16, n_core=2)
     assert parse_kv_mode(parse_kv_mode("skip", 4), 16) == KVMode("skip", 16, drops_missing=True)
     for bad in ("ring-0", "ring-x", "latest", "full-2", 3):
         with pytest.raises(InputError, match="kv_sharing"):
             parse_kv_mode(bad, 8)
 
 
-@pytest.mark.parametrize("slots", [1, 3, 8])
-def test_slot_lookup_rule(slots):
-    """A query at iteration t reads slot min(t mod K, n_p - 1) of each position p."""
-    cache = KVCache(1, 4, 0, 1, 1, n_core=1, core_slots=slots)
+@pytest.mark.parametrize("slots,anchor", [(1, None), (3, None), (8, None), (4, 3)])
+def test_slot_lookup_rule(slots, anchor):
+    """A query at iteration t reads slot min(slot(t), n_p - 1) of each position p: slot(t) = t mod K, or
+    min(t, A) in anchor-A (K = A + 1), holding the latest iteration written there."""
+    cache = KVCache(1, 4, 0, 1, 1, n_core=1, core_slots=slots, anchor=anchor)
+    slot_of = (lambda t: t % slots) if anchor is None else (lambda t: min(t, anchor))
     every = torch.ones(1, dtype=torch.bool)
     iters = [5, 2, 8]  # iterations run by three earlier positions
     for p, n in enumerate(iters):
@@ -91,8 +100,8 @@ def test_slot_lookup_rule(slots):
         cache.mark_iteration(chunk, t, every)
         k, _ = cache.core(0, torch.full((1, 1, 1, 1), -1.0), torch.zeros(1, 1, 1, 1), chunk, t, every)
         for p, n in enumerate(iters):
-            slot = min(t % slots, n - 1)
-            last_write = max(i for i in range(n) if i % slots == slot)  # the slot's latest content
+            slot = min(slot_of(t), n - 1)
+            last_write = max(i for i in range(n) if slot_of(i) == slot)  # the slot's latest content
             assert k[0, 0, p, 0].item() == 100.0 * p + last_write
         assert k[0, 0, 3, 0].item() == -1.0
 

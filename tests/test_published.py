@@ -118,6 +118,16 @@ def test_the_published_full_lookup_differs_from_latest_m4():
         assert (latest.tokens, latest.steps) != (case["tokens"], case["steps"]), case["name"]
 
 
+def test_the_anchored_cache_differs_from_the_other_modes():
+    """The compress-anchor vectors check the anchor rule: for each other mode, one of them gives different
+    tokens or steps."""
+    anchored = [c for c in CASES.values() if c["options"].get("kv_sharing") == "latest-m4-compress-anchor"]
+    assert len(anchored) == 2
+    for kv in ("full", "ring-2", "shared"):
+        runs = [_generate(dict(c, options=dict(c["options"], kv_sharing=kv)), "torch") for c in anchored]
+        assert any((r.tokens, r.steps) != (c["tokens"], c["steps"]) for r, c in zip(runs, anchored)), kv
+
+
 def test_coconut_default_stops_at_the_first_eos_and_keeps_it():
     """latentrt's default (as HF): any eos ends the answer and is kept; published_eos=True gives Coconut's."""
     case = dict(CASES["coconut published eos"], options={})

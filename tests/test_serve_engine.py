@@ -328,8 +328,9 @@ def test_kv_pool_admits_by_the_slots_a_mode_needs():
     )
     with pytest.raises(InputError, match="needs 16 K/V slots"):
         engine.submit([5], kv_sharing="full", num_steps=16, max_new_tokens=2)
-    with pytest.raises(InputError, match="kv_sharing 'skip' .* is not served: generate\\(\\) runs it"):
-        engine.submit([5], kv_sharing="skip", **kw)
+    for mode in ("skip", "anchor-2"):
+        with pytest.raises(InputError, match=f"kv_sharing '{mode}' is not served: generate\\(\\) runs it"):
+            engine.submit([5], kv_sharing=mode, **kw)
     with pytest.raises(InputError, match="context per request"):
         Engine(model, max_len=20).submit([5] * 15, max_new_tokens=8)
 

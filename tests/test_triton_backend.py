@@ -37,12 +37,14 @@ ADAPTIVE_CASES = [
     ("cosine", "ring-3"),
     ("kl", "skip"),
     ("latent-diff", "skip"),
+    ("kl", "anchor-2"),
+    ("entropy-diff", "anchor-2"),
 ]
 
 
 def test_adaptive_cases_cover_every_criterion_and_kv_mode():
     assert {c for c, _ in ADAPTIVE_CASES} == set(THRESHOLDS)
-    assert all(sum(k == kv for _, k in ADAPTIVE_CASES) >= 2 for kv in ("full", "shared", "ring-3", "skip"))
+    assert all(sum(k == kv for _, k in ADAPTIVE_CASES) >= 2 for kv in ("full", "shared", "ring-3", "skip", "anchor-2"))
 
 
 @pytest.mark.parametrize("criterion,kv", ADAPTIVE_CASES)

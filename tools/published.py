@@ -312,6 +312,19 @@ CASES = [
             ("skip lookup adaptive entropy-diff", "huginn-a", "entropy-diff", 1e-2, "skip"),
         ]
     ],
+    # 13. the published anchored cache: the first 8 recurrences keep their K/V, later ones share one slot per layer
+    dict(
+        name="compress-anchor fixed depth",
+        model="huginn-a",
+        max_new_tokens=10,
+        options=dict(num_steps=12, init_scale=0.0, kv_sharing="latest-m4-compress-anchor"),
+    ),
+    dict(
+        name="compress-anchor adaptive kl",
+        model="huginn-b",
+        max_new_tokens=12,
+        options=dict(ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4-compress-anchor"),
+    ),
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",

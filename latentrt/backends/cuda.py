@@ -298,6 +298,8 @@ class CudaBackend(TritonBackend):
             why = "a single KV head with qk_bias (a key per query head) is not implemented in the kernel"
         elif cache.drops_missing:
             why = "kv_sharing 'skip' (the published lookup that drops positions) is not implemented in the kernel"
+        elif cache.anchor is not None:
+            why = "kv_sharing 'anchor-A' (slot min(t, A)) is not implemented in the kernel"
         elif any(not p.is_contiguous() for p in m.parameters()):
             why = "non-contiguous weights"
         if why is None:

@@ -75,6 +75,7 @@ class LatentModel(nn.Module):
             n_core=layout.looped,
             core_slots=kv_mode.slots if kv_mode is not None else 1,
             drops_missing=kv_mode is not None and kv_mode.drops_missing,
+            anchor=None if kv_mode is None else kv_mode.anchor,
             dtype=self.dtype,
             device=self.device,
         )

@@ -93,7 +93,7 @@ def core_iteration(
     w = model.transformer.adapter.weight[:, :d]
     h = linear.fused(s, w, add=e_term, active=active, sumsq=sumsq, zero_frozen=not s.is_cuda)
     x_in, prenorm = h, (sumsq, blocks[0].norm_1.weight, cfg.norm_eps)
-    slot = iteration % cache.core_slots  # (the iteration itself in the skip mode: r_max slots)
+    slot = cache.slot(iteration)  # (the iteration itself in the skip mode: r_max slots)
     written = None if cache.core_slots == 1 else cache.written
     for j, blk in enumerate(blocks):
         nxt = blocks[j + 1].norm_1.weight if j + 1 < len(blocks) else None
