@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kv_modes import slot_of
+from .kv_modes import KVMode
 
 
 @dataclass
@@ -91,15 +91,13 @@ class KVCache:
         head_dim: int,
         *,
         n_core: int = 0,
-        core_slots: int = 1,
-        drops_missing: bool = False,
-        anchor: int | None = None,
+        kv_mode: KVMode | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
-        self.drops_missing = drops_missing  # the "skip" KV mode's lookup (see core_mask)
-        self.anchor = anchor  # anchor-A: iterations from A on share slot A (latentrt/kv_modes.py)
+        self.kv_mode = kv_mode if kv_mode is not None else KVMode("shared", 1)  # the looped layers' slot rules
+        core_slots = self.kv_mode.slots
         self.plain_k = torch.zeros((n_plain, *shape), dtype=dtype, device=device)
         self.plain_v = torch.zeros_like(self.plain_k)
         self.core_k = torch.zeros((n_core, core_slots, *shape), dtype=dtype, device=device)
@@ -202,12 +200,12 @@ class KVCache:
 
     def slot(self, iteration: int) -> int:
         """The slot ``iteration`` writes (the KV mode's write rule, latentrt/kv_modes.py)."""
-        return slot_of(iteration, self.core_slots, self.anchor)
+        return self.kv_mode.slot(iteration)
 
     def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
         """The attention mask of the chunk's core layers at ``iteration``: the chunk's, less (in a mode that
         ``drops_missing``, latentrt/kv_modes.py) the earlier positions that did not run that iteration."""
-        if not self.drops_missing or (iteration < self.min_done and self.reported >= chunk.start):
+        if not self.kv_mode.drops_missing or (iteration < self.min_done and self.reported >= chunk.start):
             return chunk.mask  # every earlier position ran it
         ran = self.written[:, : chunk.end] > iteration
         ran[:, chunk.start :] = True  # the chunk's own positions run it now (its mask says which it sees)

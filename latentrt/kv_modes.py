@@ -49,13 +49,8 @@ class KVMode:
     anchor: int | None = None  # anchor-A: iterations from A on share slot A
 
     def slot(self, iteration: int) -> int:
-        """The slot iteration ``iteration`` writes."""
-        return slot_of(iteration, self.slots, self.anchor)
-
-
-def slot_of(iteration: int, slots: int, anchor: int | None) -> int:
-    """The write rule: ``min(t, A)`` with an anchor, else ``t mod K``."""
-    return min(iteration, anchor) if anchor is not None else iteration % slots
+        """The slot iteration ``iteration`` writes: ``min(t, A)`` with an anchor, else ``t mod K``."""
+        return min(iteration, self.anchor) if self.anchor is not None else iteration % self.slots
 
 
 def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:

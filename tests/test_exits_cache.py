@@ -85,7 +85,7 @@ def test_kv_sharing_specs():
 def test_slot_lookup_rule(slots, anchor):
     """A query at iteration t reads slot min(slot(t), n_p - 1) of each position p: slot(t) = t mod K, or
     min(t, A) in anchor-A (K = A + 1), holding the latest iteration written there."""
-    cache = KVCache(1, 4, 0, 1, 1, n_core=1, core_slots=slots, anchor=anchor)
+    cache = KVCache(1, 4, 0, 1, 1, n_core=1, kv_mode=KVMode("rule", slots, anchor=anchor))
     slot_of = (lambda t: t % slots) if anchor is None else (lambda t: min(t, anchor))
     every = torch.ones(1, dtype=torch.bool)
     iters = [5, 2, 8]  # iterations run by three earlier positions
@@ -112,7 +112,7 @@ def test_skip_masks_the_positions_that_did_not_run_the_iteration(reported):
     earlier positions that ran t, its own chunk's positions as its mask says, and no padding; other modes,
     and iterations every earlier position ran, keep the chunk's mask. (``reported``: whether the host
     recorded the iterations, which enables the shortcut for iterations all positions ran.)"""
-    cache = KVCache(2, 8, 0, 1, 1, n_core=1, core_slots=8, drops_missing=True)
+    cache = KVCache(2, 8, 0, 1, 1, n_core=1, kv_mode=parse_kv_mode("skip", 8))
     iters = [[5, 2, 8], [3, 3, 1]]  # per sequence, the iterations of three earlier positions
     for p in range(3):
         chunk = cache.begin(torch.tensor([[True], [p > 0]]))  # sequence 1's first position is padding
@@ -128,7 +128,7 @@ def test_skip_masks_the_positions_that_did_not_run_the_iteration(reported):
                 seen = [p for p in range(5) if mask[b, 0, q, p]]
                 earlier = [p for p in range(3) if t < iters[b][p] and (b == 0 or p > 0)]
                 assert seen == earlier + [3, 4][: q + 1], (t, b, q)
-    plain = KVCache(1, 4, 0, 1, 1, n_core=1, core_slots=8)
+    plain = KVCache(1, 4, 0, 1, 1, n_core=1, kv_mode=parse_kv_mode("full", 8))
     chunk = plain.begin(torch.ones(1, 1, dtype=torch.bool))
     assert plain.core_mask(chunk, 5) is chunk.mask
 

@@ -296,9 +296,9 @@ class CudaBackend(TritonBackend):
             why = f"exit criterion {spec.criterion.name!r} is not implemented in the kernel"
         elif m.config.keys_per_query_head:
             why = "a single KV head with qk_bias (a key per query head) is not implemented in the kernel"
-        elif cache.drops_missing:
+        elif cache.kv_mode.drops_missing:
             why = "kv_sharing 'skip' (the published lookup that drops positions) is not implemented in the kernel"
-        elif cache.anchor is not None:
+        elif cache.kv_mode.anchor is not None:
             why = "kv_sharing 'anchor-A' (slot min(t, A)) is not implemented in the kernel"
         elif any(not p.is_contiguous() for p in m.parameters()):
             why = "non-contiguous weights"

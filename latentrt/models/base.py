@@ -73,9 +73,7 @@ class LatentModel(nn.Module):
             layout.kv_heads,
             layout.head_dim,
             n_core=layout.looped,
-            core_slots=kv_mode.slots if kv_mode is not None else 1,
-            drops_missing=kv_mode is not None and kv_mode.drops_missing,
-            anchor=None if kv_mode is None else kv_mode.anchor,
+            kv_mode=kv_mode,
             dtype=self.dtype,
             device=self.device,
         )

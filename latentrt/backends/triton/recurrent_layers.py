@@ -98,6 +98,8 @@ def core_iteration(
     for j, blk in enumerate(blocks):
         nxt = blocks[j + 1].norm_1.weight if j + 1 < len(blocks) else None
         k, v = cache.core_k[j], cache.core_v[j]
-        h, x_in = sandwich_layer(blk, h, x_in, k, v, written, slot, where, active, nxt, prenorm, cache.drops_missing)
+        h, x_in = sandwich_layer(
+            blk, h, x_in, k, v, written, slot, where, active, nxt, prenorm, cache.kv_mode.drops_missing
+        )
         prenorm = None
     return h
