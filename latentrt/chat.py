@@ -141,12 +141,18 @@ def chat_prompt_ids(template: ChatTemplate | None, tokenizer, messages) -> list[
     return ids
 
 
+def chat_template_for(model, template: ChatTemplate | str | Path | None = None) -> ChatTemplate | None:
+    """The template ``model`` chats with: ``template`` (a ``ChatTemplate``, or a template file's path, read
+    with the model folder's bos / eos), else the model folder's own (None when it has none)."""
+    folder = getattr(model, "folder", None)
+    if isinstance(template, (str, Path)):
+        return chat_template_file(template, folder)
+    return template if template is not None else find_chat_template(folder)
+
+
 def apply_chat_template(model, messages, template: ChatTemplate | str | Path | None = None) -> list[int]:
     """The prompt ids of a conversation (OpenAI-style ``messages``) for ``model``, as HF's
     ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` gives them and the server's chat
-    route runs them: ``generate(model, apply_chat_template(model, messages))``. ``template``: a
-    ``ChatTemplate`` or a template file's path, default the model folder's."""
-    folder = getattr(model, "folder", None)
-    if isinstance(template, (str, Path)):
-        template = chat_template_file(template, folder)
-    return chat_prompt_ids(template if template is not None else find_chat_template(folder), model.tokenizer, messages)
+    route runs them: ``generate(model, apply_chat_template(model, messages))``. ``template``: as
+    ``chat_template_for``'s."""
+    return chat_prompt_ids(chat_template_for(model, template), model.tokenizer, messages)

@@ -304,13 +304,18 @@ def _key_value(item: str, flag: str, form: str = "KEY=VALUE") -> tuple[str, obje
 
 
 def cmd_generate(args) -> int:
+    from .chat import chat_template_for
     from .engine import generate
     from .families import family_for
 
     if not args.chat and (args.system is not None or args.chat_template is not None):
         raise InputError("--system and --chat-template go with --chat")
     model = _load(args)
-    prompts = [_chat_ids(model, p, args) for p in args.prompt] if args.chat else args.prompt
+    if args.chat:
+        template = chat_template_for(model, args.chat_template)
+        prompts = [_chat_ids(model, p, template, args) for p in args.prompt]
+    else:
+        prompts = args.prompt
     prompt = prompts[0] if len(prompts) == 1 else prompts
     kwargs = _options(args)
     if args.stream:
@@ -342,11 +347,12 @@ def cmd_chat(args) -> int:
     """A conversation on stdin: each non-empty line a user message, the answer streamed as it is generated
     and kept in the history (through the chat template, as the server's chat route); ``/reset`` starts
     over, end of input or ``/exit`` ends."""
-    from .chat import apply_chat_template
+    from .chat import apply_chat_template, chat_template_for
     from .engine import generate
 
     model = _load(args)
     kwargs = _options(args)
+    template = chat_template_for(model, args.chat_template)  # read once, not every turn
     opening = _system_messages(args)
     history = list(opening)
     interactive = sys.stdin.isatty()
@@ -362,7 +368,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
-        stream = generate(model, apply_chat_template(model, history, args.chat_template), stream=True, **kwargs)
+        stream = generate(model, apply_chat_template(model, history, template), stream=True, **kwargs)
         for ev in stream:
             print(ev.text or "", end="", flush=True)
         print(flush=True)
@@ -374,12 +380,12 @@ def _system_messages(args) -> list[dict]:
     return [] if args.system is None else [{"role": "system", "content": args.system}]
 
 
-def _chat_ids(model, prompt: str, args) -> list[int]:
+def _chat_ids(model, prompt: str, template, args) -> list[int]:
     """``--chat``: the prompt as a user message (after ``--system``'s), through the chat template."""
     from .chat import apply_chat_template
 
     messages = [*_system_messages(args), {"role": "user", "content": prompt}]
-    return apply_chat_template(model, messages, args.chat_template)
+    return apply_chat_template(model, messages, template)
 
 
 def cmd_info(args) -> int:

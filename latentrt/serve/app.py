@@ -26,7 +26,7 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..chat import find_chat_template
+from ..chat import chat_template_for
 from ..errors import InputError, LatentRTError
 from .engine import Engine, QueueFull, ShuttingDown
 from .protocol import (
@@ -75,14 +75,14 @@ class EngineThread:
 
 
 def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (latentrt/chat.py) defaults to
-    the model folder's; with ``api_key`` the model routes (``/v1/...``, ``/tokenize``, ``/detokenize``)
-    answer only requests with ``Authorization: Bearer <api_key>`` (401 otherwise, as OpenAI's and vLLM's),
-    while ``/health`` and ``/metrics`` stay open for probes and scrapers."""
+    """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
+    path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
+    ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401
+    otherwise, as OpenAI's and vLLM's), while ``/health`` and ``/metrics`` stay open for probes and scrapers."""
     runner = EngineThread(engine)
     model = engine.model
     text_of = partial(token_text, model.tokenizer)  # a token as log-probs name it
-    template = chat_template if chat_template is not None else find_chat_template(getattr(model, "folder", None))
+    template = chat_template_for(model, chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -23,14 +23,11 @@ CONFIG_ENV = "LATENTRT_RAY_REPLICA"
 
 def build_app():
     """The FastAPI app of one replica, from its configuration (runs inside the replica)."""
-    from ..chat import chat_template_file
     from .app import create_app, load_engine
 
     cfg = json.loads(os.environ[CONFIG_ENV])
     engine = load_engine(cfg["model"], **cfg["load"], **cfg["engine"])
-    path = cfg.get("chat_template")
-    template = None if path is None else chat_template_file(path, getattr(engine.model, "folder", None))
-    return create_app(engine, cfg["name"], chat_template=template, api_key=cfg.get("api_key"))
+    return create_app(engine, cfg["name"], chat_template=cfg.get("chat_template"), api_key=cfg.get("api_key"))
 
 
 def application(
