@@ -48,6 +48,12 @@ class KVMode:
     drops_missing: bool = False  # a query at iteration t ignores positions that did not run it ("skip")
     anchor: int | None = None  # anchor-A: iterations from A on share slot A
 
+    @property
+    def ring_lookup(self) -> bool:
+        """Whether the mode is ``t mod K`` slots with every earlier position read (full, shared, ring-K): the rule
+        the CUDA persistent kernels and the serving pool implement (not ``anchor-A``, not ``skip``)."""
+        return not self.drops_missing and self.anchor is None
+
     def slot(self, iteration: int) -> int:
         """The slot iteration ``iteration`` writes: ``min(t, A)`` with an anchor, else ``t mod K``."""
         return min(iteration, self.anchor) if self.anchor is not None else iteration % self.slots

@@ -126,7 +126,7 @@ class KVPool:
         return self.valid.device
 
     def core_mask(self, chunk, iteration):
-        """The core layers' mask: the chunk's (the pool serves no mode that ``drops_missing``)."""
+        """The core layers' mask: the chunk's (the pool serves ring-lookup modes only, none that drops keys)."""
         return chunk.mask
 
     # ---------------------------------------------------------------- admission
@@ -152,7 +152,7 @@ class KVPool:
             return (
                 f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
             )
-        if kv_mode is not None and (kv_mode.drops_missing or kv_mode.anchor is not None) and self.layout.looped:
+        if kv_mode is not None and not kv_mode.ring_lookup and self.layout.looped:
             return (
                 f"kv_sharing {kv_mode.name!r} is not served: generate() runs it; the server takes 'full', 'shared' "
                 "and 'ring-K'"

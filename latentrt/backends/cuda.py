@@ -296,10 +296,8 @@ class CudaBackend(TritonBackend):
             why = f"exit criterion {spec.criterion.name!r} is not implemented in the kernel"
         elif m.config.keys_per_query_head:
             why = "a single KV head with qk_bias (a key per query head) is not implemented in the kernel"
-        elif cache.kv_mode.drops_missing:
-            why = "kv_sharing 'skip' (the published lookup that drops positions) is not implemented in the kernel"
-        elif cache.kv_mode.anchor is not None:
-            why = "kv_sharing 'anchor-A' (slot min(t, A)) is not implemented in the kernel"
+        elif not cache.kv_mode.ring_lookup:
+            why = f"kv_sharing {cache.kv_mode.name!r} is not implemented in the kernel (t mod K slots only)"
         elif any(not p.is_contiguous() for p in m.parameters()):
             why = "non-contiguous weights"
         if why is None:
