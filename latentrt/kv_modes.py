@@ -26,9 +26,9 @@ K = 1), ``latest-mL-compress-sN`` the same ring, ``[latest-m4-]compress-anchor``
 layers, which its index arithmetic assumes); its ``full`` lookup (its default) under adaptive exit
 is ``skip`` (it keeps only the positions holding the entry; ``skip`` is its name for that rule). The
 published code hard-codes L = 4 and two prelude layers. The cache applies ``drops_missing`` as an attention
-mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the CUDA persistent kernel and
-the server's pool implement neither ``skip`` nor ``anchor-A`` (the CUDA backend falls back to the Triton
-path; the pool refuses them).
+mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the server's pool
+(latentrt/kv_pool.py) reads each row's mode as (K, ``kept``, ``drops_missing``); the CUDA persistent kernel
+implements neither ``skip`` nor ``anchor-A`` (the CUDA backend falls back to the Triton path).
 
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """
@@ -51,12 +51,20 @@ class KVMode:
     @property
     def ring_lookup(self) -> bool:
         """Whether the mode is ``t mod K`` slots with every earlier position read (full, shared, ring-K): the rule
-        the CUDA persistent kernels and the serving pool implement (not ``anchor-A``, not ``skip``)."""
+        the CUDA persistent kernels implement (not ``anchor-A``, not ``skip``)."""
         return not self.drops_missing and self.anchor is None
 
+    @property
+    def kept(self) -> int:
+        """The first iterations that keep a slot of their own (the anchor; 0 in a ring): with ``slots`` = K,
+        iteration t writes slot ``min(t, a) + (t - min(t, a)) mod (K - a)``, one formula for every mode (the
+        serving pool's kernels read a row's mode as the pair (K, a))."""
+        return min(self.anchor, self.slots - 1) if self.anchor is not None else 0
+
     def slot(self, iteration: int) -> int:
-        """The slot iteration ``iteration`` writes: ``min(t, A)`` with an anchor, else ``t mod K``."""
-        return min(iteration, self.anchor) if self.anchor is not None else iteration % self.slots
+        """The slot iteration ``iteration`` writes: ``min(t, A)`` with an anchor, else ``t mod K`` (``kept``)."""
+        first = min(iteration, self.kept)
+        return first + (iteration - first) % (self.slots - self.kept)
 
 
 def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:

@@ -8,9 +8,10 @@ Storage is allocated once, when the server starts, and never per token:
 
 - plain layers (prelude, coda, every GPT-2 layer): ``rows`` x ``max_len`` positions;
 - looped core layers: ``slot_rows`` rows of ``max_len`` positions, handed out per request by its KV mode
-  (``shared`` takes 1, ``ring-K`` K, ``full`` r_max). ``slot_table[row, k]`` is the slot row holding
-  request ``row``'s k-th slot, so a request in shared mode costs a twentieth of one in full mode at r=20
-  and the server admits by the bytes a request needs, not by a worst case.
+  (``shared`` takes 1, ``ring-K`` K, ``anchor-A`` A + 1, ``full`` and ``skip`` r_max). ``slot_table[row, k]``
+  is the slot row holding request ``row``'s k-th slot, so a request in shared mode costs a twentieth of one
+  in full mode at r=20 and the server admits by the bytes a request needs, not by a worst case.
+  ``modes[row]`` is the request's mode as the kernels read it: (K, ``KVMode.kept``, ``drops_missing``).
 
 A chunk may hold rows of different lengths (prompts admitted together): it is padded to the longest, and
 a padding position's query writes its K/V into each row's *trash* entry (index ``max_len``), which is
@@ -19,8 +20,9 @@ and a prompt group, run in one pass side by side, not padded: ``Packed`` in late
 
 The pool is also the cache interface the models' own modules call (``plain`` / ``core`` /
 ``mark_iteration``, as KVCache): for any subset of rows at per-row positions and per-row iterations, with
-the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot t mod K; a query at iteration t
-reads slot min(t mod K, n_p - 1) of an earlier position that ran n_p iterations). A server's pass
+the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot s(t), t mod K in a ring; a
+query at iteration t reads slot min(s(t), n_p - 1) of an earlier position that ran n_p iterations, and in
+the ``skip`` mode none that ran no more than t). A server's pass
 (``Packed``) asks for attention outputs instead (``attend_plain`` / ``attend_core``): with the backend's
 kernel (``decode_attention``: latentrt/kernels/pool_attention.py) a chunk of one query per row writes and
 attends in one launch per layer, reading each row's keys where they lie; a prompt chunk (several queries
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels.pool_attention import slot_rows, slot_target
+from .kernels.pool_attention import dropped, slot_rows, slot_target
 from .kernels.reference import attention
 from .kv_modes import KVMode
 from .transfer import to_device
@@ -114,7 +116,8 @@ class KVPool:
         self.n_valid = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_slots = max(self.slot_rows, 1)
         self.slot_table = torch.zeros(rows, self.max_slots, dtype=torch.long, device=device)
-        self.slots = torch.ones(rows, dtype=torch.long, device=device)  # each row's KV-mode slots
+        self.modes = torch.zeros(rows, 3, dtype=torch.long, device=device)  # each row's (K, a, drops)
+        self.modes[:, 0] = 1
         self.lengths = [0] * rows  # host: entries filled per row
         self.held: dict[int, list[int]] = {}  # row -> the slot rows it holds
         self.free_rows = list(range(rows))
@@ -125,9 +128,15 @@ class KVPool:
     def device(self) -> torch.device:
         return self.valid.device
 
-    def core_mask(self, chunk, iteration):
-        """The core layers' mask: the chunk's (the pool serves ring-lookup modes only, none that drops keys)."""
-        return chunk.mask
+    def core_mask(self, chunk, iteration=None):
+        """The core layers' mask: the chunk's, less (rows in a mode that drops) the entries before the chunk
+        that did not run the row's iteration (``chunk.iterations``; ``iteration`` is ignored). A server's
+        packed pass (no ``iterations``) gets its mask: its attention asks ``attend_core``, which applies it."""
+        if getattr(chunk, "iterations", None) is None:
+            return chunk.mask
+        first = to_device(chunk.starts, self.device)
+        drop = dropped(chunk.rows, self.written[:, : chunk.end], self.modes, chunk.iterations, first)
+        return chunk.mask & ~drop[:, None, None, :]
 
     # ---------------------------------------------------------------- admission
     def _slots_of(self, kv_mode: KVMode | None) -> int:
@@ -152,17 +161,12 @@ class KVPool:
             return (
                 f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
             )
-        if kv_mode is not None and not kv_mode.ring_lookup and self.layout.looped:
-            return (
-                f"kv_sharing {kv_mode.name!r} is not served: generate() runs it; the server takes 'full', 'shared' "
-                "and 'ring-K'"
-            )
         slots = self._slots_of(kv_mode)
         if slots > self.slot_rows:
             return (
                 f"kv_sharing {kv_mode.name!r} needs {slots} K/V slots per looped layer and position; this server "
-                f"holds {self.slot_rows} in all (use 'shared' or 'ring-K' with K <= {self.slot_rows}, or start "
-                f"the server with more --kv-slots)"
+                f"holds {self.slot_rows} in all (use 'shared', 'ring-K' with K <= {self.slot_rows} or 'anchor-A' "
+                f"with A < {self.slot_rows}, or start the server with more --kv-slots)"
             )
         return None
 
@@ -177,7 +181,10 @@ class KVPool:
         self.held[row] = held
         if held:
             self.slot_table[row, :n] = to_device(held, self.device)
-        self.slots[row] = max(n, 1)
+        if n:
+            self.modes[row] = to_device([n, kv_mode.kept, int(kv_mode.drops_missing)], self.device)
+        else:
+            self.modes[row] = to_device([1, 0, 0], self.device)
         self.valid[row] = False
         self.written[row] = 0
         self.n_valid[row] = 0
@@ -265,10 +272,11 @@ class KVPool:
         self.written[rows, chunk.q_idx] = torch.where(active[:, None], chunk.iterations[:, None] + 1, cur)
 
     def core(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, iteration, active: Tensor):
-        """Write each row's iteration t into its slot t mod K; return what its queries read: for each earlier
-        entry p, slot min(t mod K, n_p - 1) (``iteration`` is ignored: each row's is ``chunk.iterations``)."""
+        """Write each row's iteration t into its slot s(t); return what its queries read: for each earlier
+        entry p, slot min(s(t), n_p - 1) (``iteration`` is ignored: each row's is ``chunk.iterations``); the
+        entries a mode drops are read too, ``core_mask`` masks them."""
         end = chunk.end
-        target, phys = slot_rows(chunk.rows, self.written[:, :end], self.slot_table, self.slots, chunk.iterations)
+        target, phys = slot_rows(chunk.rows, self.written[:, :end], self.slot_table, self.modes, chunk.iterations)
         self._store(self.core_k[layer], self.core_v[layer], target, k, v, chunk, active)
         p = torch.arange(end, device=self.device)[None, :].expand_as(phys)
         k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]
@@ -290,14 +298,14 @@ class KVPool:
     def attend_core(self, layer: int, q: Tensor, k: Tensor, v: Tensor, chunk: RaggedChunk, active: Tensor) -> Tensor:
         """``attend_plain`` for a looped layer: each row at its own iteration (``chunk.iterations``, marked
         by ``mark_iteration`` first), its KV mode's slots."""
-        looped = (self.slot_table, self.slots, chunk.iterations, self.written)
+        looped = (self.slot_table, self.modes, chunk.iterations, self.written)
         if self._fused(chunk):
             return self._decode(q, k, v, self.core_k[layer], self.core_v[layer], chunk, active, looped)
         if self.prefill_attention is not None:
             k_buf, v_buf = self.core_k[layer], self.core_v[layer]
             self._store(k_buf, v_buf, slot_target(chunk.rows, *looped[:3]), k, v, chunk, active)
             return self.prefill_attention(q, k_buf, v_buf, chunk.rows, chunk.q_idx, chunk.end, self.valid, *looped)
-        return attention(q, *self.core(layer, k, v, chunk, None, active), chunk.mask)
+        return attention(q, *self.core(layer, k, v, chunk, None, active), self.core_mask(chunk))
 
     def _fused(self, chunk: RaggedChunk) -> bool:
         return self.decode_attention is not None and chunk.n == 1

@@ -339,6 +339,40 @@ def _pool_family_inputs(name: str, looped: bool, heads, dtype, seed: int, **shap
     return fam, inputs
 
 
+def _mark_read(read, table, mode, t: int, written, valid, entries, first: int) -> None:
+    """Mark in ``read`` [storage rows, entries] what one launch row reads of its pool row's ``entries``, by
+    the rules of latentrt/kv_modes.py written out: mode (K, a, drops) writes slot t below a, else
+    a + (t - a) mod (K - a); entry p from slot min(that, n_p - 1); with drops, not an entry before
+    ``first`` that ran no more than t iterations."""
+    k, a, drops = (int(x) for x in mode)
+    slot = t if t < a else a + (t - a) % (k - a)
+    for p in entries:
+        if valid[p] and not (drops and p < first and int(written[p]) <= t):
+            read[table[min(max(int(written[p]) - 1, 0), slot)], p] = True
+
+
+def test_pool_modes_encode_the_kv_modes_write_rule():
+    """A pool row's (K, kept, drops) gives ``KVMode.slot`` for every iteration of every mode (the pool's
+    kernels and the cache write the same slots), and the test pools exercise what the rules distinguish:
+    rows past their anchor, skip rows with entries dropped."""
+    from latentrt.kernels.pool_attention import TEST_MODES, mode_slot
+    from latentrt.kv_modes import parse_kv_mode
+
+    for spec, r_max in [("full", 12), ("shared", 12), ("ring-3", 12), ("anchor-4", 12), ("anchor-8", 5), ("skip", 9)]:
+        mode = parse_kv_mode(spec, r_max)
+        t = torch.arange(r_max)
+        row = torch.tensor([[mode.slots, mode.kept, int(mode.drops_missing)]]).expand(r_max, 3)
+        assert mode_slot(row, t).tolist() == [mode.slot(i) for i in range(r_max)], spec
+    assert {tuple(m) for m in TEST_MODES} >= {(1, 0, 0), (5, 4, 0), (32, 0, 1)}
+    _, inputs = _pool_inputs(True, seed=1)
+    rows, entry, modes, iterations, written = inputs[5], inputs[6], inputs[10], inputs[11], inputs[12]
+    m = modes[rows]
+    assert ((m[:, 1] > 0) & (iterations > m[:, 1])).any(), "a row past its anchor"
+    p = torch.arange(written.shape[1])[None, :]
+    stale = (written[rows] <= iterations[:, None]) & (p < entry[:, None]) & (m[:, 2] != 0)[:, None]
+    assert stale.any(), "a skip row with entries it drops"
+
+
 def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
     return _pool_family_inputs("pool_attention", looped, heads, dtype, seed, context=90)
 
@@ -368,15 +402,12 @@ def test_pool_attention_reads_nothing_outside_its_rows_entries():
     loaded, is by construction: its key loop has no iteration. Outputs cannot show it.)"""
     pa, inputs = _pool_inputs(True, (4, 2), seed=1)
     want = pa.reference(*_clone(inputs))[0]
-    _, _, _, k_buf, v_buf, rows, entry, valid, active, table, slots, iterations, written = inputs
+    _, _, _, k_buf, v_buf, rows, entry, valid, active, table, modes, iterations, written = inputs
     assert not active.all() and (want[~active] == 0).all()
     read = torch.zeros(k_buf.shape[0], k_buf.shape[2], dtype=torch.bool)
     for r in active.nonzero()[:, 0].tolist():
         row, n = int(rows[r]), int(entry[r])
-        slot = int(iterations[r] % slots[row])
-        for p in range(n):
-            if valid[row, p]:
-                read[table[row, min(max(int(written[row, p]) - 1, 0), slot)], p] = True
+        _mark_read(read, table[row], modes[row], int(iterations[r]), written[row], valid[row], range(n), n)
     poisoned = _clone(inputs)
     poisoned[3][~read[:, None, :, None].expand_as(k_buf)] = float("nan")
     poisoned[4][~read[:, None, :, None].expand_as(v_buf)] = float("nan")
@@ -404,15 +435,13 @@ def test_pool_prefill_reads_nothing_outside_its_rows_entries():
     slots the lookup does not pick) is NaN: the real queries' outputs stay finite and equal."""
     pp, inputs = _prefill_inputs(True, (4, 2), seed=1)
     want = pp.reference(*_clone(inputs))
-    q, k_buf, v_buf, rows, q_idx, end, valid, table, slots, iterations, written = inputs
+    q, k_buf, v_buf, rows, q_idx, end, valid, table, modes, iterations, written = inputs
     read = torch.zeros(k_buf.shape[0], k_buf.shape[2], dtype=torch.bool)
     real = q_idx < valid.shape[1] - 1  # not the trash entry
     for r in range(len(rows)):
         row, last = int(rows[r]), int(q_idx[r][real[r]].max())
-        slot = int(iterations[r] % slots[row])
-        for p in range(last + 1):
-            if valid[row, p]:
-                read[table[row, min(max(int(written[row, p]) - 1, 0), slot)], p] = True
+        span = range(last + 1)
+        _mark_read(read, table[row], modes[row], int(iterations[r]), written[row], valid[row], span, int(q_idx[r, 0]))
     poisoned = _clone(inputs)
     poisoned[1][~read[:, None, :, None].expand_as(k_buf)] = float("nan")
     poisoned[2][~read[:, None, :, None].expand_as(v_buf)] = float("nan")

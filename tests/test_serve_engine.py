@@ -43,7 +43,7 @@ def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
                 kw.update(do_not_exit_in_prefill=True, continuous=True)
             if kind == 4:
                 kw.update(adaptive_prefill=rng.random() < 0.5, init_scale=0.5)
-        kw["kv_sharing"] = rng.choice(["full", "shared", "ring-2"])
+        kw["kv_sharing"] = rng.choice(["full", "shared", "ring-2", "anchor-2", "skip"])
         if rng.random() < 0.4:
             kw.update(temperature=0.9, top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]))
         if rng.random() < 0.3:
@@ -328,11 +328,48 @@ def test_kv_pool_admits_by_the_slots_a_mode_needs():
     )
     with pytest.raises(InputError, match="needs 16 K/V slots"):
         engine.submit([5], kv_sharing="full", num_steps=16, max_new_tokens=2)
-    for mode in ("skip", "anchor-2"):
-        with pytest.raises(InputError, match=f"kv_sharing '{mode}' is not served: generate\\(\\) runs it"):
-            engine.submit([5], kv_sharing=mode, **kw)
+    with pytest.raises(InputError, match="needs 16 K/V slots"):
+        engine.submit([5], kv_sharing="skip", num_steps=16, max_new_tokens=2)
     with pytest.raises(InputError, match="context per request"):
         Engine(model, max_len=20).submit([5] * 15, max_new_tokens=8)
+
+
+def lookup_requests(modes=("full", "skip", "anchor-2", "ring-3", "shared"), cases=None):
+    """Requests whose tokens or steps depend on the KV mode's rules (adaptive exits at several depths): each
+    of five prompts in every mode of ``modes``; the tests assert the modes do differ on them."""
+    cases = cases or [
+        ([38, 19, 29, 6, 39, 25, 21, 37, 16, 19], "kl", 1e-3),
+        ([18, 8], "entropy-diff", 1e-2),
+        ([15, 3, 37, 35], "entropy-diff", 1e-2),
+        ([36, 6, 9, 1, 26], "entropy-diff", 1e-2),
+        ([37, 27, 3, 11, 29, 5, 17, 11], "latent-diff", 0.3),
+    ]
+    kw = dict(max_new_tokens=8, adaptive=True, num_steps=8, init_scale=0.0, default_stops=False)
+    return [
+        (p, dict(kw, exit_criterion=crit, exit_threshold=thr, kv_sharing=m)) for p, crit, thr in cases for m in modes
+    ]
+
+
+def assert_modes_differ(model, requests) -> None:
+    """The published lookups change these requests: ``skip`` differs from ``full`` on some, ``anchor-2`` from
+    ``full``, ``ring-3`` and ``shared`` on some (else serving them would not test the pool's rules)."""
+    alone = {}
+    for p, kw in requests:
+        r = latentrt.generate(model, p, **kw)
+        alone[tuple(p), kw["kv_sharing"]] = (r.tokens, r.steps)
+    prompts = {p for p, _ in alone}
+    assert any(alone[p, "skip"] != alone[p, "full"] for p in prompts)
+    assert any(all(alone[p, "anchor-2"] != alone[p, m] for m in ("full", "ring-3", "shared")) for p in prompts)
+
+
+def test_published_lookups_served_equal_generate_alone():
+    """The published cache rules (``skip``: its default lookup under adaptive exit; ``anchor-2``: its
+    anchored cache) served side by side with the ring modes, each request equal to generate() alone, on
+    requests where the rules change tokens or steps."""
+    model = tiny_recurrent(seed=3)
+    requests = lookup_requests()
+    assert_modes_differ(model, requests)
+    assert_served_equals_alone(model, requests, max_batch=8, kv_slots=48)
 
 
 def test_bad_requests_get_generate_messages():
@@ -621,6 +658,7 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     model, engine = _engine_on_triton(max_batch=4)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:5]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 6))) for p, kw in requests]  # interpreted
+    requests += lookup_requests(("skip", "anchor-2"))[2:6]  # the kernels' lookup rules where they matter
     served = [engine.submit(p, **kw) for p, kw in requests]
     calls = []
 

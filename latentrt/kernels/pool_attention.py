@@ -3,10 +3,13 @@
 A server's K/V (latentrt/kv_pool.py) holds one timeline per resident request. One query per pool row
 attends to its own row's entries: row ``rows[r]``'s query sits at entry ``entry[r]`` and reads the valid
 entries before it, then its own. Plain layers (prelude, coda) keep entry p of pool row ``rows[r]`` at
-storage row ``rows[r]``. Looped core layers keep several slots per entry (the request's KV mode: K of them,
-``slots[rows[r]]``), each a storage row of the shared slot rows (``table[rows[r], k]``); a row running
-iteration t writes slot t mod K and reads entry p from slot min(t mod K, n_p - 1), n_p the iterations
-entry p ran (``written``): the lookup rule of latentrt/kv_modes.py, per row.
+storage row ``rows[r]``. Looped core layers keep several slots per entry (the request's KV mode:
+``modes[rows[r]]`` = (K slots, a kept, drops)), each a storage row of the shared slot rows
+(``table[rows[r], k]``); a row running iteration t writes slot s(t) = min(t, a) + (t - min(t, a)) mod (K - a)
+(t mod K in a ring, min(t, A) in ``anchor-A``) and reads entry p from slot min(s(t), n_p - 1), n_p the
+iterations entry p ran (``written``); with ``drops`` (the ``skip`` mode) an entry before the row's own
+that ran no more than t iterations is not read at all: the write and lookup rules of
+latentrt/kv_modes.py (``KVMode.slot``, ``kept``, ``drops_missing``), per row.
 
 The query's own K/V (``k``, ``v``) are stored at its entry for ``active`` rows and used from registers for
 its own key, so the write and the attention are one launch and the gathered K/V copy of the reference
@@ -29,33 +32,49 @@ if HAVE_TRITON:
     from .decode_attention import online_softmax_step
 
 
-def slot_target(rows: Tensor, table: Tensor, slots: Tensor, iterations: Tensor) -> Tensor:
-    """The storage row each launch row's iteration writes [R]: its slot t mod K (``slot_rows``' first half,
+def mode_slot(modes: Tensor, iterations: Tensor) -> Tensor:
+    """The slot each row's iteration writes [R] (``modes`` [R, 3]: the rows' (K, a, drops)): the write rule
+    of the module docstring, ``KVMode.slot`` on tensors."""
+    first = torch.minimum(iterations, modes[:, 1])
+    return first + (iterations - first) % (modes[:, 0] - modes[:, 1])
+
+
+def slot_target(rows: Tensor, table: Tensor, modes: Tensor, iterations: Tensor) -> Tensor:
+    """The storage row each launch row's iteration writes [R]: its slot s(t) (``slot_rows``' first half,
     without the lookup of the entries it reads: what a write needs)."""
-    return table[rows].gather(1, (iterations % slots[rows])[:, None])[:, 0]
+    return table[rows].gather(1, mode_slot(modes[rows], iterations)[:, None])[:, 0]
 
 
-def slot_rows(rows: Tensor, written: Tensor, table: Tensor, slots: Tensor, iterations: Tensor) -> tuple[Tensor, Tensor]:
+def slot_rows(rows: Tensor, written: Tensor, table: Tensor, modes: Tensor, iterations: Tensor) -> tuple[Tensor, Tensor]:
     """A looped layer's storage rows by the rule in the docstring: (the row each launch row writes [R], the
     row each of its entries is read from [R, W]); ``written`` [N, W] (W: the entries concerned). The pool's
     reference (``KVPool.core``) and this family's reference both look up slots here."""
-    slot = iterations % slots[rows]
+    slot = mode_slot(modes[rows], iterations)
     own = table[rows]
     lookup = torch.minimum((written[rows] - 1).clamp(min=0), slot[:, None])
     return own.gather(1, slot[:, None])[:, 0], own.gather(1, lookup)
 
 
+def dropped(rows: Tensor, written: Tensor, modes: Tensor, iterations: Tensor, first: Tensor) -> Tensor:
+    """Which entries each launch row does not read [R, W] (``written`` [N, W]): in a mode that drops (``skip``)
+    those before the row's first entry of this pass (``first`` [R]) that ran no more than its iteration."""
+    p = torch.arange(written.shape[1], device=written.device)[None, :]
+    stale = (written[rows] <= iterations[:, None]) & (p < first[:, None])
+    return stale & (modes[rows, 2] != 0)[:, None]
+
+
 def pool_launch_args(k_buf: Tensor, v_buf: Tensor, valid: Tensor, rows: Tensor, heads: int, looked_up: tuple) -> tuple:
     """What the pool kernels (this family's and pool_prefill.py's) take after their own inputs: the lookup
-    tensors (``looked_up`` = (table, slots, iterations, written), all None for a plain layer: placeholders
+    tensors (``looked_up`` = (table, modes, iterations, written), all None for a plain layer: placeholders
     then), and the storage strides; checks the layouts they assume."""
-    table, slots, iterations, written = looked_up
+    table, modes, iterations, written = looked_up
     Hkv = k_buf.shape[1]
     assert k_buf.stride() == v_buf.stride() and k_buf.stride(-1) == 1 and heads % Hkv == 0
     assert valid.stride(-1) == 1 and (written is None or written.stride() == valid.stride())
     looped = table is not None
+    assert not looped or modes.shape[1] == 3
     idx = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
-    lookup = (idx(table), idx(slots), idx(iterations), written) if looped else (rows, rows, rows, valid)
+    lookup = (idx(table), idx(modes), idx(iterations), written) if looped else (rows, rows, rows, valid)
     strides = (k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), valid.stride(0), table.stride(0) if looped else 0)
     return lookup, strides
 
@@ -71,28 +90,31 @@ def reference(
     valid: Tensor,
     active: Tensor,
     table: Tensor | None = None,
-    slots: Tensor | None = None,
+    modes: Tensor | None = None,
     iterations: Tensor | None = None,
     written: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q [R,H,D]; k, v [R,Hkv,D] the queries' own K/V; k_buf / v_buf [S,Hkv,W,D] one layer's storage;
     rows, entry [R]; valid [N,W] bool and written [N,W] per pool row and entry; active [R] bool; looped
-    layers: table [N,K_max] storage rows of each pool row's slots, slots [N], iterations [R] (plain: None).
+    layers: table [N,K_max] storage rows of each pool row's slots, modes [N,3] each pool row's (K, a, drops),
+    iterations [R] (plain: None).
     Writes k / v at each active row's entry; returns (out [R,H,D], zeros for inactive rows, k_buf, v_buf).
     Sync-free (capturable)."""
     R, H, D = q.shape
     Hkv, W = k.shape[1], k_buf.shape[2]
     if table is None:  # a plain layer: the pool row itself
         target, phys = rows, rows[:, None].expand(-1, W)
+        kept = torch.ones(R, W, dtype=torch.bool, device=q.device)
     else:
-        target, phys = slot_rows(rows, written, table, slots, iterations)
+        target, phys = slot_rows(rows, written, table, modes, iterations)
+        kept = ~dropped(rows, written, modes, iterations, entry)
     p = torch.arange(W, device=q.device)[None, :].expand(R, -1)
     own = p == entry[:, None]
     keys = torch.where(own[:, :, None, None], k[:, None], k_buf[phys, :, p]).float()  # [R,W,Hkv,D]
     vals = torch.where(own[:, :, None, None], v[:, None], v_buf[phys, :, p]).float()
     keys, vals = keys.repeat_interleave(H // Hkv, 2), vals.repeat_interleave(H // Hkv, 2)
     scores = torch.einsum("rhd,rwhd->rhw", q.float(), keys) / math.sqrt(D)
-    attend = own | ((p < entry[:, None]) & valid[rows])
+    attend = own | ((p < entry[:, None]) & valid[rows] & kept)
     scores = scores.masked_fill(~attend[:, None, :], float("-inf"))
     a = active[:, None, None]
     out = torch.where(a, torch.einsum("rhw,rwhd->rhd", scores.softmax(-1), vals), 0.0).to(q.dtype)
@@ -101,18 +123,22 @@ def reference(
     return out, k_buf, v_buf
 
 
-def slot_table(batch: int, kv_slots: tuple, g: torch.Generator) -> tuple[Tensor, int, Tensor]:
-    """A test pool's slots (this family's and pool_prefill.py's inputs): pool row i keeps
-    ``kv_slots[i mod len]`` slots (cycled), each its own storage row, in random order. Returns (slots [N],
-    storage rows, table [N, K_max])."""
-    slots = torch.tensor([kv_slots[i % len(kv_slots)] for i in range(batch)])
-    storage = int(slots.sum())
-    table = torch.zeros(batch, max(kv_slots), dtype=torch.long)
+# test pools' KV modes as (K, a, drops), cycled over the rows: shared, ring-3, full, anchor-4, skip (r = 32)
+TEST_MODES = ((1, 0, 0), (3, 0, 0), (32, 0, 0), (5, 4, 0), (32, 0, 1))
+
+
+def slot_table(batch: int, kv_modes: tuple, g: torch.Generator) -> tuple[Tensor, int, Tensor]:
+    """A test pool's slots (this family's and pool_prefill.py's inputs): pool row i in the KV mode
+    ``kv_modes[i mod len]`` ((K, a, drops), cycled), its K slots each its own storage row, in random order.
+    Returns (modes [N, 3], storage rows, table [N, K_max])."""
+    modes = torch.tensor([kv_modes[i % len(kv_modes)] for i in range(batch)])
+    storage = int(modes[:, 0].sum())
+    table = torch.zeros(batch, int(modes[:, 0].max()), dtype=torch.long)
     perm, at = torch.randperm(storage, generator=g), 0
-    for i, n in enumerate(slots.tolist()):
+    for i, n in enumerate(modes[:, 0].tolist()):
         table[i, :n] = perm[at : at + n]
         at += n
-    return slots, storage, table
+    return modes, storage, table
 
 
 def make_inputs(
@@ -122,11 +148,11 @@ def make_inputs(
     seed: int = 0,
     batch: int = 6,
     context: int = 200,
-    kv_slots: tuple = (1, 3, 32),
+    kv_modes: tuple = TEST_MODES,
     heads: tuple[int, int] | None = None,
 ):
     """A pool of ``batch`` rows, row r at its own entry (up to ``context``) and iteration, in the KV modes
-    ``kv_slots`` (cycled: shared, ring-3, full at r=32), one row inactive, some entries invalid; ``heads``:
+    ``kv_modes`` (cycled), one row inactive, some entries invalid; ``heads``:
     (query heads, K/V heads), default the shape's heads for both (Huginn keeps a key per query head)."""
     from . import SHAPES
 
@@ -135,7 +161,7 @@ def make_inputs(
     g = torch.Generator(device="cpu").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     W = context + 1
-    slots, storage, table = slot_table(batch, kv_slots, g)
+    modes, storage, table = slot_table(batch, kv_modes, g)
     rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
     entry = torch.randint(0, context, (batch,), generator=g)
     entry[0] = context - 1
@@ -156,7 +182,7 @@ def make_inputs(
         to(valid),
         to(active),
         to(table),
-        to(slots),
+        to(modes),
         to(iterations),
         to(written),
     )
@@ -175,25 +201,40 @@ def bytes_moved(inputs) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def key_rows(row, t, mask, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED: tl.constexpr):
-        """The storage rows of pool row ``row``'s entries ``t`` (the lookup rule: a looped layer's entry p
-        from slot min(t mod K, n_p - 1), ``slot`` = t mod K; a plain layer's from the row itself)."""
+    def row_slot(modes_ptr, row, it):
+        """The slot pool row ``row``'s iteration ``it`` writes: s(t) of its mode (K, a) (``mode_slot``)."""
+        k = tl.load(modes_ptr + row * 3)
+        a = tl.load(modes_ptr + row * 3 + 1)
+        first = tl.minimum(it, a)
+        return first + (it - first) % (k - a)
+
+    @triton.jit
+    def key_rows(row, t, mask, slot, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table,
+                 LOOPED: tl.constexpr):  # fmt: skip
+        """The storage rows of pool row ``row``'s entries ``t`` and which of them it reads (the lookup rule:
+        a looped layer's entry p from slot min(s(t), n_p - 1), ``slot`` = s(t), and in a mode that drops not
+        an entry before ``first`` that ran no more than ``it`` iterations; a plain layer's from the row
+        itself, every one)."""
         if LOOPED:
             iters = tl.load(written_ptr + row * stride_pool + t, mask=mask, other=1)
             pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
-            return tl.load(table_ptr + row * stride_table + pick, mask=mask, other=0)
-        return tl.zeros(t.shape, dtype=tl.int64) + row
+            drops = tl.load(modes_ptr + row * 3 + 2)
+            kept = (iters > it) | (t >= first) | (drops == 0)
+            return tl.load(table_ptr + row * stride_table + pick, mask=mask, other=0), kept
+        return tl.zeros(t.shape, dtype=tl.int64) + row, mask
 
     @triton.jit
     def key_block(
-        kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, row, t, in_range, slot, hk, d, dm,
-        stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
+        kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, in_range, slot, it, first,
+        hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
     ):  # fmt: skip
-        """Entries ``t`` of pool row ``row`` for K/V head ``hk``: (which to attend to: in range and valid,
-        their keys, their values, both fp32 [len(t), BLOCK_D], zeros where not attended), read from the
+        """Entries ``t`` of pool row ``row`` for K/V head ``hk``: (which to attend to: in range, valid and
+        kept, their keys, their values, both fp32 [len(t), BLOCK_D], zeros where not attended), read from the
         storage rows of ``key_rows``. Shared by this family and pool_prefill.py."""
-        ok = in_range & (tl.load(valid_ptr + row * stride_pool + t, mask=in_range, other=0) != 0)
-        phys = key_rows(row, t, in_range, slot, written_ptr, table_ptr, stride_pool, stride_table, LOOPED)
+        phys, kept = key_rows(
+            row, t, in_range, slot, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table, LOOPED
+        )
+        ok = in_range & kept & (tl.load(valid_ptr + row * stride_pool + t, mask=in_range, other=0) != 0)
         off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
         kv_mask = ok[:, None] & dm[None, :]
         keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
@@ -212,7 +253,7 @@ if HAVE_TRITON:
         valid_ptr,
         act_ptr,
         table_ptr,
-        slots_ptr,
+        modes_ptr,
         it_ptr,
         written_ptr,
         out_ptr,
@@ -242,7 +283,8 @@ if HAVE_TRITON:
         n = tl.load(entry_ptr + r)
         act = tl.load(act_ptr + r) != 0
         n_read = tl.where(act, n, 0)  # an inactive row reads no key
-        slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row) if LOOPED else 0
+        it = tl.load(it_ptr + r)
+        slot = row_slot(modes_ptr, row, it) if LOOPED else 0
         q = tl.load(q_ptr + (r * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
         k_own = tl.load(k_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
         v_own = tl.load(v_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
@@ -252,8 +294,8 @@ if HAVE_TRITON:
         for t0 in range(0, n_read, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
-                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, row, t, t < n_read, slot, hk, d, dm,
-                stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < n_read, slot, it, n,
+                hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
             )  # fmt: skip
             scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, vals)
@@ -280,7 +322,7 @@ def fused(
     valid: Tensor,
     active: Tensor,
     table: Tensor | None = None,
-    slots: Tensor | None = None,
+    modes: Tensor | None = None,
     iterations: Tensor | None = None,
     written: Tensor | None = None,
     out: Tensor | None = None,
@@ -289,7 +331,7 @@ def fused(
     R, H, D = q.shape
     Hkv = k.shape[1]
     rows = rows.to(torch.int64).contiguous()
-    lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, slots, iterations, written))
+    lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, modes, iterations, written))
     out = torch.empty_like(q) if out is None else out
     _pool_attention_kernel[(R, H)](
         q.contiguous(),

@@ -6,10 +6,12 @@ chunk's K/V are written first (``KVPool``: one indexed store per buffer), then t
 i of launch row r sits at entry ``q_idx[r, i]`` of pool row ``rows[r]`` and reads every valid entry of that
 row up to and including its own (the chunk's earlier entries too, written by the same pass); a padding
 query (``q_idx``: the pool's trash entry) reads every valid entry before ``end`` (its output is never
-used). Looped core layers read entry p from storage row ``table[rows[r], min(t mod K, n_p - 1)]``, t the
-row's iteration (``pool_attention.slot_rows``: the one lookup rule). The reference gathers each row's K/V
-[R, Hkv, end, D] and attends under the mask; the kernel streams each row's keys in blocks where they lie
-(no gathered copy: at Huginn's width a row's K/V is about 43 MB per layer at 2K positions).
+used). Looped core layers read entry p from storage row ``table[rows[r], min(s(t), n_p - 1)]``, t the
+row's iteration and s its mode's write rule, and in a mode that drops (``skip``) no entry before the row's
+chunk that ran no more than t iterations (``pool_attention.slot_rows`` / ``dropped``: the one lookup
+rule). The reference gathers each row's K/V [R, Hkv, end, D] and attends under the mask; the kernel
+streams each row's keys in blocks where they lie (no gathered copy: at Huginn's width a row's K/V is
+about 43 MB per layer at 2K positions).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import torch
 from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
-from .pool_attention import pool_launch_args, slot_rows, slot_table
+from .pool_attention import TEST_MODES, dropped, pool_launch_args, slot_rows, slot_table
 
 if HAVE_TRITON:
-    from .pool_attention import key_block
+    from .pool_attention import key_block, row_slot
 from .reference import attention
 
 
@@ -36,23 +38,25 @@ def reference(
     end: int,
     valid: Tensor,
     table: Tensor | None = None,
-    slots: Tensor | None = None,
+    modes: Tensor | None = None,
     iterations: Tensor | None = None,
     written: Tensor | None = None,
 ) -> Tensor:
     """q [R,H,n,D]; k_buf / v_buf [S,Hkv,W,D] one layer's storage (the chunk's K/V already written);
-    rows [R]; q_idx [R,n] each query's entry; end: the entries concerned (the chunk's last + 1); valid /
-    written [N,W] per pool row and entry; looped layers: table [N,K_max], slots [N], iterations [R] (plain:
-    None). Returns [R,H,n,D]."""
+    rows [R]; q_idx [R,n] each query's entry (a row's real queries first); end: the entries concerned (the
+    chunk's last + 1); valid / written [N,W] per pool row and entry; looped layers: table [N,K_max], modes
+    [N,3] (K, a, drops), iterations [R] (plain: None). Returns [R,H,n,D]."""
+    kept = torch.ones(len(rows), end, dtype=torch.bool, device=q.device)
     if table is None:
         phys = rows[:, None].expand(-1, end)
     else:
-        _, phys = slot_rows(rows, written[:, :end], table, slots, iterations)
+        _, phys = slot_rows(rows, written[:, :end], table, modes, iterations)
+        kept = ~dropped(rows, written[:, :end], modes, iterations, q_idx[:, 0])
     p = torch.arange(end, device=q.device)[None, :].expand_as(phys)
     k = k_buf[phys, :, p].permute(0, 2, 1, 3)  # [R, end, Hkv, D] -> [R, Hkv, end, D]
     v = v_buf[phys, :, p].permute(0, 2, 1, 3)
     causal = torch.arange(end, device=q.device)[None, None, :] <= q_idx[:, :, None]
-    mask = valid[rows, :end][:, None, :] & causal  # [R, n, end]
+    mask = (valid[rows, :end] & kept)[:, None, :] & causal  # [R, n, end]
     return attention(q, k, v, mask[:, None])
 
 
@@ -64,12 +68,12 @@ def make_inputs(
     batch: int = 4,
     n: int = 12,
     context: int = 64,
-    kv_slots: tuple = (1, 3, 32),
+    kv_modes: tuple = TEST_MODES,
     heads: tuple[int, int] | None = None,
 ):
     """A prompt chunk of ``batch`` rows (``n`` queries, row r's first ``lengths[r]`` real, the rest padding
     at the trash entry), each row's chunk after its own earlier entries (some invalid), looped in the KV
-    modes ``kv_slots`` (cycled: shared, ring-3, full at r=32); ``heads``: (query heads, K/V heads)."""
+    modes ``kv_modes`` (cycled: pool_attention.TEST_MODES); ``heads``: (query heads, K/V heads)."""
     from . import SHAPES
 
     _, H, D, _, _ = SHAPES[shape]
@@ -78,7 +82,7 @@ def make_inputs(
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     W = context + 1
     trash = context
-    slots, storage, table = slot_table(batch, kv_slots, g)
+    modes, storage, table = slot_table(batch, kv_modes, g)
     rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
     lengths = torch.randint(1, n + 1, (batch,), generator=g)
     lengths[0] = n
@@ -104,7 +108,7 @@ def make_inputs(
         end,
         to(valid),
         to(table),
-        to(slots),
+        to(modes),
         to(iterations),
         to(written),
     )
@@ -128,7 +132,7 @@ if HAVE_TRITON:
         qidx_ptr,
         valid_ptr,
         table_ptr,
-        slots_ptr,
+        modes_ptr,
         it_ptr,
         written_ptr,
         out_ptr,
@@ -165,7 +169,9 @@ if HAVE_TRITON:
         qi = tl.load(qidx_ptr + r * n_q + i, mask=im, other=0)
         q_off = ((r * n_head + h) * n_q + i[:, None]) * D + d[None, :]
         q = tl.load(q_ptr + q_off, mask=im[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        slot = tl.load(it_ptr + r) % tl.load(slots_ptr + row) if LOOPED else 0
+        it = tl.load(it_ptr + r)
+        slot = row_slot(modes_ptr, row, it) if LOOPED else 0
+        first = tl.load(qidx_ptr + r * n_q)  # the row's first entry of this chunk
         m_i = tl.full((BLOCK_Q,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_Q,), tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
@@ -173,8 +179,8 @@ if HAVE_TRITON:
         for t0 in range(0, hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
-                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, row, t, t < hi, slot, hk, d, dm,
-                stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < hi, slot, it, first,
+                hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
             )  # fmt: skip
             s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
             attend = ok[None, :] & (t[None, :] <= qi[:, None])
@@ -200,7 +206,7 @@ def fused(
     end: int,
     valid: Tensor,
     table: Tensor | None = None,
-    slots: Tensor | None = None,
+    modes: Tensor | None = None,
     iterations: Tensor | None = None,
     written: Tensor | None = None,
     out: Tensor | None = None,
@@ -209,7 +215,7 @@ def fused(
     R, H, n, D = q.shape
     Hkv = k_buf.shape[1]
     rows = rows.to(torch.int64).contiguous()
-    lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, slots, iterations, written))
+    lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, modes, iterations, written))
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
     BLOCK_Q = 16
