@@ -21,11 +21,14 @@ slot was never written. The cache's gather (latentrt/cache.py) and the Triton de
 
 The published implementation's cache strategies (``cache_lookup_strategy`` of Huginn's generate) are
 accepted by name where they are one of these rules, for a model with L core layers: ``latest-mL`` is
-``full`` (its lookup under adaptive exit), ``compress-sN`` with N = K x L is ``ring-K`` (``shared`` for
-K = 1), ``latest-mL-compress-sN`` the same ring, ``[latest-m4-]compress-anchor`` is ``anchor-8`` (for 4 core
-layers, which its index arithmetic assumes); its ``full`` lookup (its default) under adaptive exit
-is ``skip`` (it keeps only the positions holding the entry; ``skip`` is its name for that rule). The
-published code hard-codes L = 4 and two prelude layers. The cache applies ``drops_missing`` as an attention
+``full`` (its lookup under adaptive exit), and so is ``available-mL`` (the query's iteration where the
+position holds it, else the same latest entry: the same rule, since the largest index up to the query's
+that a position holds is the query's own when it holds that), ``compress-sN`` with N = K x L is ``ring-K``
+(``shared`` for K = 1), ``latest-mL-compress-sN`` (or ``available-``) the same ring,
+``[latest-m4-]compress-anchor`` is ``anchor-8`` (for 4 core layers, which its index arithmetic assumes);
+its ``full`` lookup (its default) under adaptive exit is ``skip`` (it keeps only the positions holding the
+entry; ``skip`` is its name for that rule). The published code hard-codes L = 4 and two prelude layers. Its
+other strategies are refused with the reason (``UNSUPPORTED``). The cache applies ``drops_missing`` as an attention
 mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the server's pool
 (latentrt/kv_pool.py) reads each row's mode as (K, ``kept``, ``drops_missing``); the CUDA persistent kernel
 implements neither ``skip`` nor ``anchor-A`` (the CUDA backend falls back to the Triton path).
@@ -127,13 +130,23 @@ KV_MODES: dict[str, Callable[[str | None, int, int | None], KVMode | None]] = {
     "skip": _skip,
     "anchor": _anchor,
     "latest": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
+    "available": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
     "compress": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=False),
 }
 SPECS = (
     "'full', 'shared', 'ring-K' with K >= 1, 'anchor-A' with A >= 1 or 'skip' (or a published strategy with the "
-    "same rule: 'latest-mL', 'compress-sN' or 'latest-mL-compress-sN' with L the core layers and N a multiple of "
-    "L, 'compress-anchor' or 'latest-m4-compress-anchor' with 4 core layers)"
+    "same rule: 'latest-mL' or 'available-mL', 'compress-sN', 'latest-mL-compress-sN' with L the core layers and N "
+    "a multiple of L, 'compress-anchor' or 'latest-m4-compress-anchor' with 4 core layers)"
 )
+
+
+# published strategies no mode here implements (by the prefix the published code tests), and why
+UNSUPPORTED = {
+    "always-last": "it reads each earlier position's last iteration, even one deeper than the query's, whenever "
+    "some position lacks the query's",
+    "compress-r": "it shares one entry between consecutive layers (keys of one layer read by another)",
+    "randomized": "it draws entries from torch's global generator (the published sanity check)",
+}
 
 
 def parse_kv_mode(spec, r_max: int, n_core: int | None = None) -> KVMode:
@@ -148,4 +161,7 @@ def parse_kv_mode(spec, r_max: int, n_core: int | None = None) -> KVMode:
         if mode is not None:
             return mode
     where = f" for this model ({n_core} core layers)" if n_core is not None else ""
+    unsupported = [why for name, why in UNSUPPORTED.items() if isinstance(spec, str) and name in spec]
+    if unsupported:
+        raise InputError(f"kv_sharing {spec!r} is a published strategy latentrt does not implement: {unsupported[0]}")
     raise InputError(f"kv_sharing must be {SPECS}, got {spec!r}{where}")

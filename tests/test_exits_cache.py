@@ -76,7 +76,18 @@ def test_kv_sharing_specs():
         with pytest.raises(InputError, match="kv_sharing"):  # its index arithmetic assumes 4 core layers
             parse_kv_mode(published, 16, n_core=2)
     assert parse_kv_mode(parse_kv_mode("skip", 4), 16) == KVMode("skip", 16, drops_missing=True)
-    for bad in ("ring-0", "ring-x", "latest", "full-2", 3):
+    for lookup in ("latest", "available"):  # the published names of the full cache's lookup, and its folds
+        assert parse_kv_mode(f"{lookup}-m4", 16, n_core=4) == KVMode("full", 16)
+        assert parse_kv_mode(f"{lookup}-m2-compress-s4", 16, n_core=2) == KVMode("ring-2", 2)
+        assert parse_kv_mode(f"{lookup}-m4-compress-s4", 16, n_core=4) == KVMode("shared", 1)
+        for bad in (f"{lookup}-m4", f"{lookup}-m2-compress-s3", f"{lookup}-m2-skip"):  # m4 for 2 layers; no fold
+            with pytest.raises(InputError, match="kv_sharing"):
+                parse_kv_mode(bad, 16, n_core=2)
+    assert parse_kv_mode("compress-s12", 16, n_core=4) == KVMode("ring-3", 3)
+    for published in ("always-last-m4", "latest-m4-compress-r4", "compress-r2", "randomized"):
+        with pytest.raises(InputError, match=f"kv_sharing '{published}' is a published strategy latentrt does not"):
+            parse_kv_mode(published, 16, n_core=4)
+    for bad in ("ring-0", "ring-x", "latest", "available", "full-2", 3):
         with pytest.raises(InputError, match="kv_sharing"):
             parse_kv_mode(bad, 8)
 

@@ -96,6 +96,9 @@ def test_the_vectors_cover_each_published_difference():
     wavefront = [c for c in CASES.values() if "wavefront" in c]
     assert sum(len(c["tokens"]) == c["max_new_tokens"] for c in wavefront) >= 9  # they freeze and commit
     assert all(len(set(c["tokens"])) > 2 for c in wavefront if len(c["tokens"]) > 1)
+    available, skip = CASES["available-m4 adaptive kl"], CASES["published full lookup adaptive kl"]
+    assert available["options"]["exit_threshold"] == skip["options"]["exit_threshold"]  # the lookup alone differs
+    assert (available["tokens"], available["steps"]) != (skip["tokens"], skip["steps"])
     coconut = CASES["coconut published eos"]
     assert coconut["tokens"][0] == coconut["eos"] and coconut["eos"] not in coconut["tokens"][1:]
     assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out

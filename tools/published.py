@@ -312,6 +312,13 @@ CASES = [
             ("skip lookup adaptive entropy-diff", "huginn-a", "entropy-diff", 1e-2, "skip"),
         ]
     ],
+    # the published "available-m4" lookup: latentrt reads it as "full" (kv_modes.py says why they are one rule)
+    dict(
+        name="available-m4 adaptive kl",
+        model="huginn-b",
+        max_new_tokens=16,
+        options=dict(ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="available-m4"),
+    ),
     # 13. the published anchored cache: the first 8 recurrences keep their K/V, later ones share one slot per layer
     dict(
         name="compress-anchor fixed depth",
