@@ -69,6 +69,7 @@ TRITON_CASES = [
     "cosine shared",
     "speculative lookahead 3 draft 2 threshold 1 full",
     "wavefront defaults b",
+    "wavefront skip depth 3",
 ]
 
 
@@ -96,6 +97,8 @@ def test_the_vectors_cover_each_published_difference():
     wavefront = [c for c in CASES.values() if "wavefront" in c]
     assert sum(len(c["tokens"]) == c["max_new_tokens"] for c in wavefront) >= 9  # they freeze and commit
     assert all(len(set(c["tokens"])) > 2 for c in wavefront if len(c["tokens"]) > 1)
+    for a, b in [("latest-m4 depth 3", "skip depth 3"), ("latest-m4 depth 8", "latest-m4-compress-s8 depth 8")]:
+        assert CASES[f"wavefront {a}"]["tokens"] != CASES[f"wavefront {b}"]["tokens"]  # the wavefront's KV rule bites
     available, skip = CASES["available-m4 adaptive kl"], CASES["published full lookup adaptive kl"]
     assert available["options"]["exit_threshold"] == skip["options"]["exit_threshold"]  # the lookup alone differs
     assert (available["tokens"], available["steps"]) != (skip["tokens"], skip["steps"])
@@ -110,11 +113,14 @@ def test_the_vectors_cover_each_published_difference():
         assert _generate(unpenalised, "torch").tokens != case["tokens"], name
 
 
+SEQUENTIAL = [c for c in CASES.values() if not (c.get("speculative") or c.get("wavefront"))]  # one token a unit
+
+
 def test_the_published_full_lookup_differs_from_latest_m4():
     """The published default lookup under adaptive exit ("full", which drops the positions without the
     iteration's entry: latentrt's "skip") and latentrt's "full" ("latest-m4") give different tokens or steps
     on these vectors, so they check the rule."""
-    lookup = [c for c in CASES.values() if c["options"].get("kv_sharing") == "skip"]
+    lookup = [c for c in SEQUENTIAL if c["options"].get("kv_sharing") == "skip"]
     assert {c.get("published_cache") for c in lookup} == {"full", "skip"}
     for case in lookup:
         latest = _generate(dict(case, options=dict(case["options"], kv_sharing="full")), "torch")
@@ -124,7 +130,7 @@ def test_the_published_full_lookup_differs_from_latest_m4():
 def test_the_anchored_cache_differs_from_the_other_modes():
     """The compress-anchor vectors check the anchor rule: for each other mode, one of them gives different
     tokens or steps."""
-    anchored = [c for c in CASES.values() if c["options"].get("kv_sharing") == "latest-m4-compress-anchor"]
+    anchored = [c for c in SEQUENTIAL if c["options"].get("kv_sharing") == "latest-m4-compress-anchor"]
     assert len(anchored) == 2
     for kv in ("full", "ring-2", "shared"):
         runs = [_generate(dict(c, options=dict(c["options"], kv_sharing=kv)), "torch") for c in anchored]

@@ -234,6 +234,21 @@ CASES = [
             ("huginn-b", 1, 3, 1, "full"),
         ]
     ],
+    # 8b. the published lookups under speculative decoding (a depth past the anchor: 12)
+    *[
+        dict(
+            name=f"speculative lookahead {la} draft {ds} {kv} depth {r}",
+            model=mdl,
+            max_new_tokens=12,
+            speculative=dict(lookahead=la, draft_steps=ds, verification_threshold=1),
+            options=dict(num_steps=r, init_scale=0.0, kv_sharing=kv, decoding="speculative"),
+        )
+        for mdl, la, ds, r, kv in [
+            ("huginn-a", 3, 2, 12, "latest-m4-compress-anchor"),
+            ("huginn-b", 4, 10, 12, "latest-m4-compress-anchor"),
+            ("huginn-b", 3, 2, 8, "skip"),
+        ]
+    ],
     # 9. wavefront decoding (generate_diffusion_style): the published defaults without randomness
     # (init_scale 0), and each freeze strategy / mixer / window setting
     *[
@@ -256,6 +271,24 @@ CASES = [
             ("constant sqrt mixer", "huginn-a", dict(dampened_state_mixer=False, sqrt_mixer=True)),
             ("max_wavefront 3", "huginn-b", dict(max_wavefront=3, exit_t=0.01)),
             ("continuous", "huginn-a", dict(continuous=True, exit_t=0.05)),
+        ]
+    ],
+    # 9b. wavefront decoding under other published lookups than its default (one slot per core layer)
+    *[
+        dict(
+            name=f"wavefront {kv} depth {r}",
+            model=mdl,
+            max_new_tokens=10,
+            wavefront=opts,
+            options=dict(num_steps=r, init_scale=0.0, decoding="wavefront", kv_sharing=kv),
+        )
+        for kv, mdl, r, opts in [
+            ("latest-m4", "huginn-b", 8, dict(exit_t=0.1)),
+            ("latest-m4-compress-s8", "huginn-b", 8, dict(exit_t=0.1)),
+            ("latest-m4-compress-anchor", "huginn-a", 12, dict(exit_t=0.05, inner_recurrence=4)),
+            ("skip", "huginn-b", 8, dict(exit_t=0.1)),
+            ("latest-m4", "huginn-b", 3, dict(exit_t=0.1, inner_recurrence=6)),  # the prompt's entries end at 3
+            ("skip", "huginn-b", 3, dict(exit_t=0.1, inner_recurrence=6)),  # ... the published full drops them
         ]
     ],
     # 10. the published sampler's repetition_penalty (HF's rule over the prompt and the new tokens), greedy
@@ -460,6 +493,8 @@ def run_wavefront(rm, case: dict, model) -> dict:
     if "continuous" in wf:
         wf["continuous_compute"] = wf.pop("continuous")
     gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    if "kv_sharing" in o:  # the published default otherwise (latest-m4-compress-s4)
+        wf["cache_lookup_strategy"] = "full" if o["kv_sharing"] == "skip" else o["kv_sharing"]
     out = pub.generate_diffusion_style(
         ids, gc, num_steps=o["num_steps"], init_scale=o["init_scale"], max_new_tokens=n_new, **wf
     )

@@ -100,7 +100,10 @@ class Wavefront(Sampler):
 
     @property
     def kv_depth(self) -> int:
-        return self.options.inner_recurrence  # iterations restart at 0 every step
+        """The prompt's num_steps iterations and a step's inner_recurrence (iterations restart at 0 every
+        step): a ``full`` cache keeps every prompt iteration, which a window query at iteration t reads at
+        its own t (the published lookup), not wrapped onto the window's depth."""
+        return max(self.decoder.spec.r_max, self.options.inner_recurrence)
 
     @property
     def extra_positions(self) -> int:
