@@ -67,6 +67,7 @@ class ModelConfig:
         Unknown fields in the file are reported with a warning (published files carry many fields that
         do not affect inference); unknown override names are an error, since they are user typos."""
         model_type = raw["model_type"]
+        cls.check_ignored(raw, source)
         names = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         unknown = []
@@ -94,6 +95,11 @@ class ModelConfig:
         cfg = cls(**values)
         cfg.validate()
         return cfg
+
+    @classmethod
+    def check_ignored(cls, raw: dict[str, Any], source: str) -> None:
+        """Refuse an ignored published field whose value would change the published computation (ignoring it
+        would be a silent wrong answer); nothing here."""
 
     @classmethod
     def fill_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,23 @@ def test_config_bad_values(recurrent_dir):
         latentrt.load(recurrent_dir, device="cpu")
 
 
+def test_published_fields_that_would_change_the_computation(recurrent_dir):
+    """Fields latentrt ignores but the published model reads: neutral values (what save_pretrained writes)
+    load; test-time noise or another initial-state std is an error, not a silently different model."""
+    import math
+
+    d = json.loads((recurrent_dir / "config.json").read_text())["n_embd"]
+    std = math.sqrt(2 / (5 * d))
+    _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=0, init_values={"std": std, "embed_scale": 8.0}))
+    latentrt.load(recurrent_dir, device="cpu")
+    _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=0.5))
+    with pytest.raises(ConfigError, match="test_time_noise=0.5 .*not implemented"):
+        latentrt.load(recurrent_dir, device="cpu")
+    _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=0, init_values={"std": 2 * std}))
+    with pytest.raises(ConfigError, match="init_values.std=.* differs from the published"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
 def test_unknown_override_and_file_field(recurrent_dir):
     with pytest.raises(ConfigError, match="unknown config field 'mean_recurence'"):
         latentrt.load(recurrent_dir, device="cpu", mean_recurence=4)

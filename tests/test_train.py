@@ -50,6 +50,9 @@ def test_depth_sampling_matches_published_distribution():
     total = [a + b for a, b in draws]
     assert abs(sum(total) / len(total) - 9.0) < 0.25  # E[Poisson(tau) + 1] = mean_recurrence + 1
     assert all(b == min(3, a + b) for a, b in draws) and min(total) >= 1
+    # a backprop depth above the mean: the published log-mean is ln(max(mean - k, 0) + k) = ln(k)
+    deep = [sum(sample_depth(2, 6, g)) for _ in range(4000)]
+    assert abs(sum(deep) / len(deep) - 7.0) < 0.25
 
 
 def test_generator_problems_are_sound():

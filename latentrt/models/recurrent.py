@@ -174,6 +174,26 @@ class RecurrentConfig(ModelConfig):
             raise ConfigError(f"rope_base must be a finite number > 1, got {self.rope_base}")
 
     @classmethod
+    def check_ignored(cls, raw: dict[str, Any], source: str) -> None:
+        """The published model reads two of the fields latentrt ignores: ``test_time_noise`` (noise injected
+        into the state every iteration when > 0) and ``init_values["std"]`` (the initial state's std, derived
+        from n_embd unless a saved config carries another). Either one away from its neutral value is an
+        error."""
+        noise = raw.get("test_time_noise")
+        if noise not in (None, 0):
+            raise ConfigError(
+                f"{source}: test_time_noise={noise!r} (the published test-time noise injection) is not "
+                "implemented by latentrt; set it to 0"
+            )
+        std = raw.get("init_values", {}).get("std") if isinstance(raw.get("init_values"), dict) else None
+        d = raw.get("n_embd")
+        if std is not None and isinstance(d, int) and d > 0 and not math.isclose(std, math.sqrt(2 / (5 * d))):
+            raise ConfigError(
+                f"{source}: init_values.std={std!r} differs from the published sqrt(2 / (5 n_embd)) = "
+                f"{math.sqrt(2 / (5 * d))!r}, which latentrt uses for the initial state"
+            )
+
+    @classmethod
     def fill_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
         """Published nulls: no KV-head count means one per attention head; no rope_base the default."""
         if values.get("num_key_value_heads") is None:

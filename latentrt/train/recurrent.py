@@ -18,10 +18,12 @@ from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prep
 
 
 def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Generator) -> tuple[int, int]:
-    """tau ~ LogNormal(ln(mean) - s^2/2, s = 0.5), r = Poisson(tau) + 1; the last min(k, r) iterations
-    carry gradients, the first r - that run under no_grad. Returns (no-grad iterations, grad iterations)."""
+    """tau ~ LogNormal(ln(max(mean, k)) - s^2/2, s = 0.5), r = Poisson(tau) + 1; the last min(k, r)
+    iterations carry gradients, the first r - that run under no_grad. Returns (no-grad iterations, grad
+    iterations). (The published sampler's log-mean is ln(max(mean - k, 0) + k): the mean, or k when the
+    backprop depth is the larger.)"""
     sigma = 0.5
-    mu = math.log(mean_recurrence) - sigma**2 / 2
+    mu = math.log(max(mean_recurrence, backprop_depth)) - sigma**2 / 2
     tau = torch.empty(1).log_normal_(mu, sigma, generator=generator)
     r = int(torch.poisson(tau, generator=generator).item()) + 1
     k = min(backprop_depth, r)
