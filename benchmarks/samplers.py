@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import latentrt
-from latentrt.evaluate import extract_answer
+from latentrt.evaluate import is_correct
 from latentrt.families import build_model, parse_config
 from latentrt.records import load_records
 from latentrt.train.data import generate_dataset
@@ -87,7 +87,9 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
             t0 = time.perf_counter()
             out = latentrt.generate(model, rec.question, max_new_tokens=max_new, num_steps=num_steps, **kw)
             a["seconds"] += time.perf_counter() - t0
-            a["correct"] += int(extract_answer(out.text) == rec.answer.strip())
+            a["correct"] += int(
+                is_correct(model.tokenizer, model.tokenizer.encode(rec.question).ids, out.tokens, rec.answer)
+            )
             a["tokens"] += len(out.tokens)
             if out.decoding and out.decoding["sampler"] == "speculative":
                 out.decoding["draft_steps"] = kw["decoding_options"]["draft_steps"]

@@ -1,10 +1,12 @@
 """``latentrt eval MODEL DATA``: accuracy per difficulty on {question, steps, answer} records.
 
-The model answers '### X is a Y.' (the Coconut data format); accuracy is an exact match of the answer
-after the last '###'. The prompt format comes from the family's decoder (``EVAL_MODES``: for Coconut,
-``coconut`` appends the trained thoughts, ``cot`` lets the model write its steps, ``nocot`` answers
-directly). Reported per difficulty: accuracy, generated tokens and, for families that iterate in latent
-space, mean iterations per generated token.
+The model answers '### X is a Y.' (the Coconut data format); accuracy is the published rule (Coconut's
+run.py): the decoded prompt and output (special tokens skipped), after its last '#', commas removed and
+stripped, equals the record's answer with commas removed and stripped. The prompt format comes from the
+family's decoder (``EVAL_MODES``: for Coconut, the question and a newline, then ``coconut`` appends the
+trained thoughts, ``cot`` lets the model write its steps, ``nocot`` answers directly). Reported per
+difficulty: accuracy, generated tokens and, for families that iterate in latent space, mean iterations per
+generated token.
 """
 
 from __future__ import annotations
@@ -21,8 +23,15 @@ from .records import Record, load_records
 
 
 def extract_answer(text: str) -> str:
-    """The text after the last '###' (the Coconut data format), stripped."""
-    return text.split("###")[-1].strip() if "###" in text else text.strip()
+    """The published answer of a decoded sequence: after its last '#', commas removed, stripped."""
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> bool:
+    """Coconut's accuracy rule on the whole decoded sequence (prompt and output, special tokens skipped):
+    an output without '#' leaves the prompt's text as its answer, as published."""
+    text = tokenizer.decode(list(prompt) + list(tokens), skip_special_tokens=True)
+    return extract_answer(text) == answer.replace(",", "").strip()
 
 
 def evaluate(
@@ -49,10 +58,10 @@ def evaluate(
     for i in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
         batch = records[i : i + batch_size]
         out = generate(model, prompts[i : i + batch_size], max_new_tokens=max_new, **gen_kwargs)
-        for rec, text, toks, steps in zip(batch, out.text, out.tokens, out.steps):
+        for rec, prompt, toks, steps in zip(batch, prompts[i : i + batch_size], out.tokens, out.steps):
             s = stats[rec.difficulty]
             s["n"] += 1
-            s["correct"] += int(extract_answer(text) == rec.answer.strip())
+            s["correct"] += int(is_correct(model.tokenizer, prompt, toks, rec.answer))
             s["tokens"] += len(toks)
             s["steps"] += sum(steps[1:]) / max(len(steps) - 1, 1)
     table = {}

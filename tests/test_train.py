@@ -93,6 +93,58 @@ def test_curriculum_layout_and_masking():
     assert cols[0] == cols[1] and len(cols[0]) == 4  # thoughts share columns: one pass per thought
 
 
+def _byte_level_tokenizer():
+    """A GPT-2-like byte-level BPE with the Coconut markers: a newline is a token of its own, as in GPT-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|start-latent|>", "<|latent|>", "<|end-latent|>"]
+    corpus = [r.question + "\n" + "\n".join(r.steps) + "\n### " + r.answer for r in generate_dataset(20)]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte: any text encodes
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=alphabet)
+    )
+    return tok
+
+
+def test_curriculum_uses_the_published_text_format():
+    """Coconut's dataset.py: question + '\\n', each step + '\\n', '### ' + answer, eos; the markers and
+    thoughts between question and steps; the evaluation prompt is the question + '\\n' and the markers.
+    A byte-level tokenizer keeps the newlines (the built-in word-level one drops them)."""
+    from latentrt.decode.coconut import thought_prompt
+
+    tok = _byte_level_tokenizer()
+    enc = lambda text: tok.encode(text).ids  # noqa: E731
+    ids = tok.token_to_id
+    rec = generate_problem(__import__("random").Random(5), 3)
+    start, lat, end, eos = ids("<|start-latent|>"), ids("<|latent|>"), ids("<|end-latent|>"), ids("<|endoftext|>")
+    assert enc("\n") and enc(rec.question + "\n") != enc(rec.question)
+    cur = Curriculum("coconut", max_stage=2, thoughts_per_step=1)
+    pre, post, labels = encode(tok, rec, cur, 1)
+    steps = [t for s in rec.steps[1:] for t in enc(s + "\n")]
+    answer = enc("### " + rec.answer) + [eos]
+    assert pre == enc(rec.question + "\n") + [start, lat]
+    assert post == [end] + steps + answer and labels == [-100] + steps + answer
+    assert encode(tok, rec, Curriculum("cot"), 0)[1] == [t for s in rec.steps for t in enc(s + "\n")] + answer
+    assert encode(tok, rec, Curriculum("nocot"), 0) == (enc(rec.question + "\n"), answer, answer)
+    assert thought_prompt(tok, rec.question, 2) == enc(rec.question + "\n") + [start, lat, lat, end]
+
+
+def test_evaluation_uses_the_published_answer_rule():
+    """Coconut's run.py: the decoded prompt and output after the last '#', commas removed, against the
+    answer without commas; an output without '#' is judged on the whole decoded text (so it fails)."""
+    from latentrt.evaluate import extract_answer, is_correct
+
+    tok = _byte_level_tokenizer()
+    prompt = tok.encode("Is Tom a cat?\n").ids
+    assert is_correct(tok, prompt, tok.encode("Tom is a cat.\n### 1,000 cats").ids, "1000 cats")
+    assert is_correct(tok, prompt, tok.encode("## Tom is a cat.").ids, "Tom is a cat.")
+    assert not is_correct(tok, prompt, tok.encode("Tom is a cat.").ids, "Tom is a cat.")  # no '#'
+    assert extract_answer("a ### b, c #d ") == "d"
+
+
 def test_gradient_flows_through_the_thought_chain():
     model = _gpt2()
     rec = generate_dataset(2, (2,))

@@ -34,9 +34,10 @@ THOUGHT_MODES = ("coconut", "pause")  # prompt formats with thought markers (pau
 
 
 def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
-    """The Coconut prompt: the question, then ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>``
-    (no markers with ``thoughts=None``: the CoT / no-CoT formats)."""
-    ids = tokenizer.encode(question).ids
+    """The Coconut prompt: the question and a newline (the published data format: its dataset.py encodes
+    ``question + "\n"``), then ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` (no markers with
+    ``thoughts=None``: the CoT / no-CoT formats)."""
+    ids = tokenizer.encode(question + "\n").ids
     if thoughts is None:
         return ids
     tid = tokenizer.token_to_id

@@ -53,10 +53,12 @@ class Curriculum:
 
 
 def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[int], list[int], list[int]]:
-    """(pre, post, post labels): pre = question [+ start + thoughts]; post = [end +] steps left + '### answer' eos."""
+    """(pre, post, post labels): pre = question [+ start + thoughts]; post = [end +] steps left + '### answer' eos.
+    The published text format: the question and each step end in a newline, the answer is '### ' + answer
+    (Coconut's dataset.py)."""
     ids = tokenizer.token_to_id
-    q = tokenizer.encode(rec.question).ids
-    steps = [tokenizer.encode(s).ids for s in rec.steps]
+    q = thought_prompt(tokenizer, rec.question, None)
+    steps = [tokenizer.encode(s + "\n").ids for s in rec.steps]
     answer = tokenizer.encode("### " + rec.answer).ids + [ids("<|endoftext|>")]
     if cur.mode == "nocot":
         return q, answer, answer
