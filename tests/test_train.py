@@ -145,6 +145,30 @@ def test_evaluation_uses_the_published_answer_rule():
     assert extract_answer("a ### b, c #d ") == "d"
 
 
+def test_the_published_coconut_optimiser():
+    """Coconut's run.py: AdamW(model.parameters(), lr=1e-4, weight_decay=0.01) at a constant rate, no
+    clipping (a large gradient reaches the step unscaled)."""
+    from latentrt.train.common import lr_at, make_optimizer, optimizer_step
+
+    opts = TrainOptions.coconut_published(steps=10)
+    assert {lr_at(step, opts) for step in range(10)} == {1e-4}
+    model = _gpt2()
+    opt = make_optimizer(model, opts)
+    decayed = [g for g in opt.param_groups if g["params"]]
+    assert len(decayed) == 1 and decayed[0]["weight_decay"] == 0.01 and decayed[0]["betas"] == (0.9, 0.999)
+    assert sum(p.numel() for p in decayed[0]["params"]) == sum(p.numel() for p in model.parameters())
+    loss = 1e4 * sum(p.sum() for p in model.parameters())  # every parameter's gradient: 1e4
+    norm = optimizer_step(model, opt, loss, 0, opts)
+    assert norm > 1e4 and all(torch.all(p.grad == 1e4) for p in model.parameters())
+    clipped = TrainOptions(steps=10)
+    assert (
+        lr_at(0, clipped) < lr_at(49, clipped) and make_optimizer(model, clipped).param_groups[1]["weight_decay"] == 0
+    )
+    for bad in (dict(grad_clip=0.0), dict(min_lr_ratio=0.0)):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            TrainOptions(**bad).validate()
+
+
 def test_gradient_flows_through_the_thought_chain():
     model = _gpt2()
     rec = generate_dataset(2, (2,))

@@ -121,7 +121,8 @@ def train_coconut(
     resume: str | None = None,
 ) -> list[dict]:
     """Train in place through every stage; ``opts.steps`` optimizer steps in all, split evenly over the
-    stages (each stage resets the optimizer and runs its own warmup + cosine schedule, as published).
+    stages (each stage resets the optimizer, as published, and runs its own schedule: warmup + cosine, or
+    the published constant rate with ``TrainOptions.coconut_published()``).
     Returns the log. ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
     if cur.mode not in MODES:

@@ -1,5 +1,5 @@
 """What both trainers share: options, AdamW with warmup + cosine, clipping, autocast (checkpoints:
-checkpoints.py)."""
+checkpoints.py); ``TrainOptions.coconut_published()`` gives the published Coconut optimiser instead."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class TrainOptions:
     weight_decay: float = 0.1
     warmup: int = 50
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # None: no clipping (the norm is still reported)
+    betas: tuple[float, float] = (0.9, 0.95)
+    decay_everything: bool = False  # weight decay on norms, biases and qk_bias too (the published Coconut's AdamW)
     seed: int = 0
     out: str | None = None  # checkpoint folder; None: do not save
     overwrite: bool = False  # replace a checkpoint already in ``out`` (else that is an error, unless resuming it)
@@ -31,6 +33,16 @@ class TrainOptions:
     log_every: int = 20
     checkpoint_activations: bool = False
     progress: bool = True
+
+    @classmethod
+    def coconut_published(cls, **overrides) -> TrainOptions:
+        """The optimiser of Coconut's run.py and args/*_coconut.yaml: AdamW at a constant lr 1e-4 (no warmup, no
+        decay), weight decay 0.01 on every parameter, torch's default betas, no clipping, batch 32 per
+        process. (Its data order, epochs of 5 per stage, is not reproduced: latentrt draws each step's batch
+        and splits ``steps`` evenly over the stages.)"""
+        published = dict(lr=1e-4, weight_decay=0.01, warmup=0, min_lr_ratio=1.0, grad_clip=None)
+        published.update(betas=(0.9, 0.999), decay_everything=True, batch_size=32)
+        return cls(**{**published, **overrides})
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -40,6 +52,10 @@ class TrainOptions:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if self.save_every < 0:
             raise InputError(f"save_every must be >= 0, got {self.save_every}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InputError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}")
+        if not (0 < self.min_lr_ratio <= 1):
+            raise InputError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
 
 
 def seed_all(seed: int) -> None:
@@ -49,20 +65,21 @@ def seed_all(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms / biases / qk_bias do not."""
+    """AdamW; matrices decay, norms / biases / qk_bias do not (all of them with ``decay_everything``)."""
     params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2 or n.endswith("qk_bias")]
+    decay = [p for n, p in params if p.dim() >= 2 or opts.decay_everything]
+    no_decay = [p for n, p in params if not opts.decay_everything and (p.dim() < 2 or n.endswith("qk_bias"))]
     decay = [p for p in decay if all(p is not q for q in no_decay)]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=opts.lr,
-        betas=(0.9, 0.95),
+        betas=tuple(opts.betas),
     )
 
 
 def lr_at(step: int, opts: TrainOptions) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr over opts.steps."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr over opts.steps (constant with no warmup and
+    min_lr_ratio 1)."""
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
     progress = min(1.0, (step - opts.warmup) / max(1, opts.steps - opts.warmup))
@@ -81,7 +98,7 @@ def optimizer_step(
         group["lr"] = lr_at(step, opts)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), opts.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), math.inf if opts.grad_clip is None else opts.grad_clip)
     optimizer.step()
     return float(norm)
 
