@@ -120,6 +120,7 @@ class KVPool:
         self.modes[:, 0] = 1
         self.lengths = [0] * rows  # host: entries filled per row
         self.held: dict[int, list[int]] = {}  # row -> the slot rows it holds
+        self.dropping: set[int] = set()  # host: rows in a mode that drops entries (none: no mask to compute)
         self.free_rows = list(range(rows))
         self.free_slot_rows = list(range(self.slot_rows))
         self.element_size = self.plain_k.element_size()
@@ -132,7 +133,7 @@ class KVPool:
         """The core layers' mask: the chunk's, less (rows in a mode that drops) the entries before the chunk
         that did not run the row's iteration (``chunk.iterations``; ``iteration`` is ignored). A server's
         packed pass (no ``iterations``) gets its mask: its attention asks ``attend_core``, which applies it."""
-        if getattr(chunk, "iterations", None) is None:
+        if getattr(chunk, "iterations", None) is None or not self.dropping:
             return chunk.mask
         first = to_device(chunk.starts, self.device)
         drop = dropped(chunk.rows, self.written[:, : chunk.end], self.modes, chunk.iterations, first)
@@ -183,6 +184,8 @@ class KVPool:
             self.slot_table[row, :n] = to_device(held, self.device)
         if n:
             self.modes[row] = to_device([n, kv_mode.kept, int(kv_mode.drops_missing)], self.device)
+            if kv_mode.drops_missing:
+                self.dropping.add(row)
         else:
             self.modes[row] = to_device([1, 0, 0], self.device)
         self.valid[row] = False
@@ -207,6 +210,7 @@ class KVPool:
                 for buf in (self.core_k, self.core_v):
                     buf[:, held, :, clean_from:n] = 0
         self.free_slot_rows = sorted(self.free_slot_rows + self.held.pop(row))
+        self.dropping.discard(row)
         self.free_rows = sorted(self.free_rows + [row])
 
     # ---------------------------------------------------------------- timelines
