@@ -82,13 +82,24 @@ def unknown_words(tokenizer, text: str, encoding) -> list[str]:
     unk_id = tokenizer.token_to_id(unk) if unk else None
     if unk_id is None:
         return []
-    return [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == unk_id and text[a:b] != unk]
+    spans = zip(encoding.ids, encoding.offsets, encoding.special_tokens_mask)
+    return [text[a:b] for i, (a, b), added in spans if i == unk_id and not added and text[a:b] != unk]
+
+
+def prompt_ids(encoding) -> list[int]:
+    """A text's ids for a generation prompt: with the tokens the tokenizer's post-processor adds before the
+    text (a BOS), without those it appends after it (an end-of-text: the prompt continues its text, it does
+    not end it; Huginn-0125's card strips that token with ``[:, :-1]``). ``special_tokens_mask`` marks
+    exactly the post-processor's tokens, not special tokens written in the text."""
+    mask = encoding.special_tokens_mask
+    last_text = max((i for i, added in enumerate(mask) if not added), default=None)
+    return encoding.ids if last_text is None else encoding.ids[: last_text + 1]
 
 
 def encode_text(tokenizer, texts: list[str], strict: bool = False) -> list[list[int]]:
-    """Token ids of each text; a clear error for text the tokenizer cannot take (e.g. lone surrogates).
-    Words the tokenizer does not know (they become its unknown token) are a warning naming them, or an
-    InputError with ``strict``."""
+    """Token ids of each text (``prompt_ids``); a clear error for text the tokenizer cannot take (e.g. lone
+    surrogates). Words the tokenizer does not know (they become its unknown token) are a warning naming
+    them, or an InputError with ``strict``."""
     out = []
     for i, t in enumerate(texts):
         try:
@@ -105,7 +116,7 @@ def encode_text(tokenizer, texts: list[str], strict: bool = False) -> list[list[
             if strict:
                 raise InputError(msg)
             warnings.warn(msg, UnknownWordsWarning, stacklevel=5)  # at the caller of generate()
-        out.append(enc.ids)
+        out.append(prompt_ids(enc))
     return out
 
 

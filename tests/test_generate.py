@@ -1,5 +1,7 @@
 """generate(): exactness against the published decode pattern, batching, exits, errors, streaming, hooks."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import rel_err, tiny_coconut, tiny_recurrent
@@ -207,6 +209,34 @@ def test_coconut_hooks_see_each_thought():
     seen = []
     latentrt.generate(model, [5, 6], num_thoughts=3, max_new_tokens=2, hooks=lambda ev: seen.append(ev.step))
     assert seen == [0, 1, 2]
+
+
+def test_a_text_prompt_keeps_the_tokenizers_bos_and_not_an_appended_eos():
+    """A tokenizer whose post-processor wraps text in BOS ... EOS (as Huginn-0125's, whose card strips the
+    last token with [:, :-1]): a text prompt keeps the BOS and ends where its text ends, in generate() and in
+    the evaluation prompts; a special token written in the text stays."""
+    from tokenizers import Tokenizer, processors
+
+    from latentrt.decode.base import Decoder
+
+    model = latentrt.load("builtin:recurrent")
+    plain = model.tokenizer
+    wrapped = Tokenizer.from_str(plain.to_str())
+    bos, eos = plain.token_to_id("<|pad|>"), plain.token_to_id("<|endoftext|>")
+    wrapped.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A <|endoftext|>", special_tokens=[("<|pad|>", bos), ("<|endoftext|>", eos)]
+    )
+    text = "Alex is a wumpus. Is Alex a zumpus?"
+    ids = plain.encode(text).ids
+    assert wrapped.encode(text).ids == [bos, *ids, eos]
+    kw = dict(max_new_tokens=4, num_steps=4, init_scale=0.0)
+    want = latentrt.generate(model, [bos, *ids], **kw)
+    model.tokenizer = wrapped
+    with warnings.catch_warnings():  # the BOS is this vocabulary's unknown token: not a word of the text
+        warnings.simplefilter("error", latentrt.UnknownWordsWarning)
+        assert latentrt.generate(model, text, **kw).tokens == want.tokens
+    assert Decoder.eval_prompt(model, text, "plain") == [bos, *ids]
+    assert latentrt.prompts.encode_text(wrapped, [text + " <|endoftext|>"])[0] == [bos, *ids, eos]
 
 
 def test_bad_inputs_give_clear_errors():

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..cache import KVCache
 from ..options import GenerateOptions
-from ..prompts import Batch
+from ..prompts import Batch, prompt_ids
 from ..sampling import SequenceRNG
 
 
@@ -110,7 +110,7 @@ class Decoder:
     def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:
         """Token ids of ``question`` in a prompt format of EVAL_MODES (``thoughts``: a count to use instead
         of the trained one, for families that think in latent tokens)."""
-        return model.tokenizer.encode(question).ids
+        return prompt_ids(model.tokenizer.encode(question))
 
     @classmethod
     def report(cls, result) -> list[str]:

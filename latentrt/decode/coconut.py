@@ -17,7 +17,7 @@ from torch import Tensor
 from ..checkpoint import read_training_info
 from ..errors import InputError
 from ..options import GenerateOptions
-from ..prompts import Batch
+from ..prompts import Batch, prompt_ids
 from .base import Decoder, TokenOutput, nonfinite_flags
 
 
@@ -37,7 +37,7 @@ def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
     """The Coconut prompt: the question and a newline (the published data format: its dataset.py encodes
     ``question + "\n"``), then ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` (no markers with
     ``thoughts=None``: the CoT / no-CoT formats)."""
-    ids = tokenizer.encode(question + "\n").ids
+    ids = prompt_ids(tokenizer.encode(question + "\n"))
     if thoughts is None:
         return ids
     tid = tokenizer.token_to_id

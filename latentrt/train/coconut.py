@@ -58,8 +58,8 @@ def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[in
     (Coconut's dataset.py)."""
     ids = tokenizer.token_to_id
     q = thought_prompt(tokenizer, rec.question, None)
-    steps = [tokenizer.encode(s + "\n").ids for s in rec.steps]
-    answer = tokenizer.encode("### " + rec.answer).ids + [ids("<|endoftext|>")]
+    steps = [tokenizer.encode(s + "\n", add_special_tokens=False).ids for s in rec.steps]
+    answer = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [ids("<|endoftext|>")]
     if cur.mode == "nocot":
         return q, answer, answer
     if cur.mode == "cot":

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..hooks import HookList
+from ..prompts import prompt_ids
 from ..records import Record, as_records
 from . import distributed
 from .checkpoints import load_training, save_training
@@ -32,8 +33,8 @@ def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Gen
 
 def encode_qa(tokenizer, rec: Record, eos: int) -> tuple[list[int], list[int]]:
     """question -> '### answer <eos>'; loss only on the answer part."""
-    q = tokenizer.encode(rec.question).ids
-    a = tokenizer.encode("### " + rec.answer).ids + [eos]
+    q = prompt_ids(tokenizer.encode(rec.question))
+    a = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [eos]
     return q + a, [-100] * len(q) + a
 
 
