@@ -5,8 +5,10 @@ The template is ``chat_template.jinja`` or the ``chat_template`` field of ``toke
 string, or a list of named templates of which ``default`` is used). It is rendered in jinja2's immutable
 sandbox (a template is data: it cannot reach Python objects or the file system), with ``messages``,
 ``add_generation_prompt=True`` and the tokenizer config's ``bos_token`` / ``eos_token``, then tokenized
-without adding special tokens (the template places them). A model without a template cannot chat: the API
-and the CLI say so, the server answers 400; ``--chat-template FILE`` gives it one.
+without adding special tokens (the template places them). As in transformers, ``{% generation %}`` ...
+``{% endgeneration %}`` (the block marking the assistant's tokens for training masks, which Huginn's
+template uses) renders its body. A model without a template cannot chat: the API and the CLI say so, the
+server answers 400; ``--chat-template FILE`` gives it one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 
 from .errors import InputError
@@ -103,6 +106,22 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
+@cache
+def _generation_block():
+    """The jinja2 extension of the ``{% generation %}`` block: its body, rendered as is (transformers also
+    records where it starts and ends, for assistant-token masks; a prompt needs only the text)."""
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationBlock
+
+
 def render_chat(template: ChatTemplate | None, messages) -> str:
     """The prompt text of a conversation (a 400-worthy InputError when the model has no template or the
     template rejects the conversation)."""
@@ -118,7 +137,8 @@ def render_chat(template: ChatTemplate | None, messages) -> str:
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    extensions = ["jinja2.ext.loopcontrols", _generation_block()]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         return env.from_string(template.source).render(

@@ -32,6 +32,37 @@ def test_a_template_given_as_an_object_or_a_file(tmp_path):
         latentrt.apply_chat_template(model, [], ChatTemplate(source))
 
 
+# a template in the shape of Huginn-0125's: a {% generation %} block around the assistant's turns (for
+# transformers' assistant masks), bos_token on the first turn, trim, the generation prompt
+GENERATION_BLOCK_TEMPLATE = (
+    "{% for m in messages %}{% set head = '<h>' %}{% if loop.index0 == 0 %}{% set head = bos_token + head %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ head + 'bot</h>' }}{% generation %}{{ m['content'] | trim + '<e>' }}"
+    "{% endgeneration %}{% else %}{{ head + m['role'] + '</h>' + m['content'] | trim + '<e>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<h>bot</h>' }}{% endif %}"
+)
+
+
+def test_a_generation_block_renders_as_transformers_renders_it():
+    """``{% generation %}`` (Huginn-0125's template uses it) renders its body; the text equals transformers'
+    apply_chat_template rendering (the oracle) for a conversation with an assistant turn."""
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from latentrt.chat import render_chat
+
+    conversation = [*MESSAGES, {"role": "assistant", "content": " Yes. "}, {"role": "user", "content": "Why?"}]
+    got = render_chat(ChatTemplate(GENERATION_BLOCK_TEMPLATE, "<s>", "</s>"), conversation)
+    want = render_jinja_template(
+        [conversation],
+        chat_template=GENERATION_BLOCK_TEMPLATE,
+        add_generation_prompt=True,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    want = want[0][0] if isinstance(want, tuple) else want[0]
+    assert got == want and "bot</h>Yes.<e>" in got and got.startswith("<s><h>system")
+
+
 def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
     """``--chat`` (with ``--system`` and ``--chat-template``): each prompt a user message, the tokens of
     generate() on the API's ids; the flags that need --chat without it are an error."""
