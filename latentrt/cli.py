@@ -103,7 +103,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         "--kv",
         default=UNSET,
         help="KV sharing across iterations: full | shared | ring-K | anchor-A | skip (or a published name: "
-        "latest-mL, compress-sN, compress-anchor; README)",
+        "latest-mL, available-mL, compress-sN, compress-anchor; README)",
     )
     p.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
     p.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
