@@ -222,6 +222,11 @@ class KVCache:
             # every earlier position has written this slot: a plain slice equals the gather
             return self.core_k[layer, slot, :, :, : chunk.end], self.core_v[layer, slot, :, :, : chunk.end]
         idx = (self.written[:, : chunk.end] - 1).clamp(min=0, max=slot)  # min(t mod K, n_p - 1)
+        if self.kv_mode.reads_last:  # always-last: n_p - 1 unless every earlier real position ran t
+            p = torch.arange(chunk.end, device=self.device)[None, :]
+            ran = (self.written[:, : chunk.end] > iteration) | ~self.valid[:, : chunk.end] | (p >= chunk.start)
+            last = (self.written[:, : chunk.end] - 1).clamp(min=0)  # the chunk's own: t (marked before)
+            idx = torch.where(ran.all(1, keepdim=True), idx, last)
         b = torch.arange(self.batch, device=self.device)[:, None]
         p = torch.arange(chunk.end, device=self.device)[None, :]
         # advanced indices split by a slice: result is [B, end, H, D]

@@ -102,8 +102,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv",
         default=UNSET,
-        help="KV sharing across iterations: full | shared | ring-K | anchor-A | skip (or a published name: "
-        "latest-mL, available-mL, compress-sN, compress-anchor; README)",
+        help="KV sharing across iterations: full | shared | ring-K | anchor-A | skip | always-last (or a published "
+        "name: latest-mL, available-mL, compress-sN, compress-anchor, always-last-mL; README)",
     )
     p.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
     p.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
@@ -391,7 +391,7 @@ def _chat_ids(model, prompt: str, template, args) -> list[int]:
 
 def cmd_info(args) -> int:
     from .backends import availability
-    from .kv_modes import KV_MODES, parse_kv_mode
+    from .kv_modes import SPECS, parse_kv_mode
 
     model = _load(args)
     cfg = model.config
@@ -411,7 +411,7 @@ def cmd_info(args) -> int:
         print(f"KV bytes per token (r={r}):")
         for mode in (parse_kv_mode(spec, r) for spec in ("full", "ring-4", "shared")):
             print(f"  {mode.name:8s} {layout.bytes_per_position(mode.slots, el):>12,d} B")
-        print(f"  (modes: {', '.join(KV_MODES)}; ring-K takes any K)")
+        print(f"  (kv_sharing: {SPECS})")
     else:
         print(f"KV bytes per token: {layout.bytes_per_position(1, el):,d} B")
     for line in model.describe():

@@ -10,6 +10,9 @@ A mode is parsed once from its spec (``full``, ``shared``, ``ring-K``, ``anchor-
   ``compress-anchor``, A = 8: the first 8 recurrences anchored, one recurrence's worth for the rest).
 - ``skip``: ``full``'s slots with the published ``full`` (and ``skip``) lookup under adaptive exit: a query
   at iteration t attends only to the earlier positions that ran iteration t (``drops_missing``).
+- ``always-last``: ``full``'s slots with the published ``always-last-mL`` lookup: when every earlier position
+  ran iteration t a query at t reads their entries t, else each one's last iteration, even one deeper than
+  t (``reads_last``; the torch backend's cache only).
 
 Write rule: iteration t writes slot ``slot(t)``: ``t mod K`` (``min(t, A)`` in ``anchor-A``). Lookup rule
 (one formula for every mode): a query at iteration t reads, for each earlier position p that wrote n_p
@@ -50,12 +53,13 @@ class KVMode:
     slots: int  # core slots per position for the depth it was parsed for
     drops_missing: bool = False  # a query at iteration t ignores positions that did not run it ("skip")
     anchor: int | None = None  # anchor-A: iterations from A on share slot A
+    reads_last: bool = False  # a query reads each earlier position's last entry unless all ran its iteration
 
     @property
     def ring_lookup(self) -> bool:
         """Whether the mode is ``t mod K`` slots with every earlier position read (full, shared, ring-K): the rule
         the CUDA persistent kernels implement (not ``anchor-A``, not ``skip``)."""
-        return not self.drops_missing and self.anchor is None
+        return not self.drops_missing and self.anchor is None and not self.reads_last
 
     @property
     def kept(self) -> int:
@@ -76,6 +80,14 @@ def _full(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
 
 def _skip(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
     return KVMode("skip", r_max, drops_missing=True) if arg is None else None
+
+
+def _always_last(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
+    """``always-last``, or the published name ``always-last-mL`` for L core layers (no fold: its lookup takes
+    the largest index, which a fold would make another iteration's)."""
+    if arg == "last" or (n_core is not None and arg == f"last-m{n_core}"):
+        return KVMode("always-last", r_max, reads_last=True)
+    return None
 
 
 def _anchor(arg: str | None, r_max: int, n_core: int | None) -> KVMode | None:
@@ -129,21 +141,21 @@ KV_MODES: dict[str, Callable[[str | None, int, int | None], KVMode | None]] = {
     "ring": _ring,
     "skip": _skip,
     "anchor": _anchor,
+    "always": _always_last,
     "latest": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
     "available": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=True),
     "compress": lambda arg, r_max, n_core: _published(arg, r_max, n_core, latest=False),
 }
 SPECS = (
-    "'full', 'shared', 'ring-K' with K >= 1, 'anchor-A' with A >= 1 or 'skip' (or a published strategy with the "
-    "same rule: 'latest-mL' or 'available-mL', 'compress-sN', 'latest-mL-compress-sN' with L the core layers and N "
-    "a multiple of L, 'compress-anchor' or 'latest-m4-compress-anchor' with 4 core layers)"
+    "'full', 'shared', 'ring-K' with K >= 1, 'anchor-A' with A >= 1, 'skip' or 'always-last' (or a published "
+    "strategy with the same rule: 'latest-mL' or 'available-mL', 'compress-sN', 'latest-mL-compress-sN' with L the "
+    "core layers and N a multiple of L, 'compress-anchor' or 'latest-m4-compress-anchor' with 4 core layers, "
+    "'always-last-mL')"
 )
 
 
 # published strategies no mode here implements (by the prefix the published code tests), and why
 UNSUPPORTED = {
-    "always-last": "it reads each earlier position's last iteration, even one deeper than the query's, whenever "
-    "some position lacks the query's",
     "compress-r": "it shares one entry between consecutive layers (keys of one layer read by another)",
     "randomized": "it draws entries from torch's global generator (the published sanity check)",
 }

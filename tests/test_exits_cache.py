@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_recurrent
 
+import latentrt
 from latentrt.cache import KVCache
 from latentrt.errors import InputError
 from latentrt.exits import ExitTracker, make_criterion
@@ -84,12 +86,55 @@ def test_kv_sharing_specs():
             with pytest.raises(InputError, match="kv_sharing"):
                 parse_kv_mode(bad, 16, n_core=2)
     assert parse_kv_mode("compress-s12", 16, n_core=4) == KVMode("ring-3", 3)
-    for published in ("always-last-m4", "latest-m4-compress-r4", "compress-r2", "randomized"):
+    for spec in ("always-last", "always-last-m4"):  # the published always-last lookup, no fold
+        assert parse_kv_mode(spec, 16, n_core=4) == KVMode("always-last", 16, reads_last=True)
+        assert not parse_kv_mode(spec, 16, n_core=4).ring_lookup
+    for bad in ("always-last-m2", "always-last-m4-compress-s8", "always"):
+        with pytest.raises(InputError, match="kv_sharing must be"):
+            parse_kv_mode(bad, 16, n_core=4)
+    for published in ("latest-m4-compress-r4", "compress-r2", "randomized"):
         with pytest.raises(InputError, match=f"kv_sharing '{published}' is a published strategy latentrt does not"):
             parse_kv_mode(published, 16, n_core=4)
     for bad in ("ring-0", "ring-x", "latest", "available", "full-2", 3):
         with pytest.raises(InputError, match="kv_sharing"):
             parse_kv_mode(bad, 8)
+
+
+def test_always_last_reads_each_positions_last_entry_unless_all_ran_the_iteration():
+    """The published always-last lookup on the cache: at iteration t, every earlier real position's entry t
+    when all of them ran t, else each one's last entry (deeper than t too); the chunk's own at t. Other
+    backends and the samplers refuse it (the rule is the torch cache's)."""
+    import types
+
+    cache = KVCache(1, 8, 0, 1, 1, n_core=1, kv_mode=parse_kv_mode("always-last", 8))
+    runs = [3, 1, 5]  # iterations positions 0..2 ran
+    for p, n in enumerate(runs):
+        chunk = cache.begin(torch.ones(1, 1, dtype=torch.bool))
+        for t in range(n):
+            cache.mark_iteration(chunk, t, torch.ones(1, dtype=torch.bool))
+            cache.core(
+                0,
+                torch.full((1, 1, 1, 1), 10.0 * p + t),
+                torch.zeros(1, 1, 1, 1),
+                chunk,
+                t,
+                torch.ones(1, dtype=torch.bool),
+            )
+    chunk = cache.begin(torch.ones(1, 1, dtype=torch.bool))
+    for t, want in [(0, [0, 10, 20]), (1, [2, 10, 24]), (3, [2, 10, 24])]:  # t=0: all ran it; t>=1: position 1 did not
+        cache.mark_iteration(chunk, t, torch.ones(1, dtype=torch.bool))
+        k, _ = cache.core(
+            0, torch.full((1, 1, 1, 1), 30.0 + t), torch.zeros(1, 1, 1, 1), chunk, t, torch.ones(1, dtype=torch.bool)
+        )
+        assert k[0, 0, :, 0].tolist() == [*want, 30.0 + t], t
+    model = tiny_recurrent(seed=1)
+    kw = dict(kv_sharing="always-last", num_steps=3, max_new_tokens=2)
+    latentrt.generate(model, [5, 6], adaptive=True, exit_criterion="kl", **kw)
+    with pytest.raises(InputError, match="torch backend's sequential decoding only"):
+        latentrt.generate(model, [5, 6], decoding="speculative", **kw)
+    model.backend = types.SimpleNamespace(name="triton")  # refused before the backend runs anything
+    with pytest.raises(InputError, match="backend 'triton'.*load the model with backend='torch'"):
+        latentrt.generate(model, [5, 6], **kw)
 
 
 @pytest.mark.parametrize("slots,anchor", [(1, None), (3, None), (8, None), (4, 3)])

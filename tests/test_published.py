@@ -99,6 +99,10 @@ def test_the_vectors_cover_each_published_difference():
     assert all(len(set(c["tokens"])) > 2 for c in wavefront if len(c["tokens"]) > 1)
     for a, b in [("latest-m4 depth 3", "skip depth 3"), ("latest-m4 depth 8", "latest-m4-compress-s8 depth 8")]:
         assert CASES[f"wavefront {a}"]["tokens"] != CASES[f"wavefront {b}"]["tokens"]  # the wavefront's KV rule bites
+    last = CASES["always-last-m4 adaptive entropy-diff"]  # always-last differs from latest-m4 and skip here
+    for kv in ("full", "skip"):
+        other = _generate(dict(last, options=dict(last["options"], kv_sharing=kv)), "torch")
+        assert (other.tokens, other.steps) != (last["tokens"], last["steps"]), kv
     available, skip = CASES["available-m4 adaptive kl"], CASES["published full lookup adaptive kl"]
     assert available["options"]["exit_threshold"] == skip["options"]["exit_threshold"]  # the lookup alone differs
     assert (available["tokens"], available["steps"]) != (skip["tokens"], skip["steps"])

@@ -345,6 +345,16 @@ CASES = [
             ("skip lookup adaptive entropy-diff", "huginn-a", "entropy-diff", 1e-2, "skip"),
         ]
     ],
+    # the published "always-last-m4" lookup: each earlier position's last iteration when one lacks the query's
+    *[
+        dict(
+            name=f"always-last-m4 adaptive {crit}",
+            model=model,
+            max_new_tokens=16,
+            options=dict(ADAPTIVE, exit_criterion=crit, exit_threshold=th, kv_sharing="always-last-m4"),
+        )
+        for model, crit, th in [("huginn-b", "kl", 5e-3), ("huginn-a", "entropy-diff", 1e-2)]
+    ],
     # the published "available-m4" lookup: latentrt reads it as "full" (kv_modes.py says why they are one rule)
     dict(
         name="available-m4 adaptive kl",

@@ -53,7 +53,13 @@ class RecurrentDecoder(Decoder):
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
         r_max = model.default_steps() if options.num_steps is None else check_steps(options.num_steps)
-        parse_kv_mode(options.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
+        mode = parse_kv_mode(options.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
+        if mode.reads_last and (model.backend.name != "torch" or options.decoding != "sequential"):
+            raise InputError(
+                f"kv_sharing {options.kv_sharing!r} (the published always-last lookup) runs on the torch backend's "
+                f"sequential decoding only (this call: backend {model.backend.name!r}, decoding "
+                f"{options.decoding!r}); load the model with backend='torch'"
+            )
         make_criterion(options.exit_criterion, options.exit_threshold)
         ms = options.min_steps
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
