@@ -202,6 +202,14 @@ class KVCache:
         """The slot ``iteration`` writes (the KV mode's write rule, latentrt/kv_modes.py)."""
         return self.kv_mode.slot(iteration)
 
+    def reads_last_rows(self, iteration: int, length: Tensor) -> Tensor:
+        """``always-last`` (latentrt/kv_modes.py): the rows [B] whose query at entry ``length - 1`` (a device
+        scalar) reads each earlier position's last entry, because some earlier real position did not run
+        ``iteration``. No host read: capturable."""
+        p = torch.arange(self.max_len, device=self.device)[None, :]
+        ran = (self.written > iteration) | ~self.valid | (p >= length - 1)
+        return ~ran.all(1)
+
     def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
         """The attention mask of the chunk's core layers at ``iteration``: the chunk's, less (in a mode that
         ``drops_missing``, latentrt/kv_modes.py) the earlier positions that did not run that iteration."""

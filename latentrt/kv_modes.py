@@ -12,7 +12,8 @@ A mode is parsed once from its spec (``full``, ``shared``, ``ring-K``, ``anchor-
   at iteration t attends only to the earlier positions that ran iteration t (``drops_missing``).
 - ``always-last``: ``full``'s slots with the published ``always-last-mL`` lookup: when every earlier position
   ran iteration t a query at t reads their entries t, else each one's last iteration, even one deeper than
-  t (``reads_last``; the torch backend's cache only).
+  t (``reads_last``: the cache's gather and the Triton decode attention; not the CUDA persistent kernels
+  nor the serving pool).
 
 Write rule: iteration t writes slot ``slot(t)``: ``t mod K`` (``min(t, A)`` in ``anchor-A``). Lookup rule
 (one formula for every mode): a query at iteration t reads, for each earlier position p that wrote n_p
@@ -34,7 +35,8 @@ entry; ``skip`` is its name for that rule). The published code hard-codes L = 4 
 other strategies are refused with the reason (``UNSUPPORTED``). The cache applies ``drops_missing`` as an attention
 mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the server's pool
 (latentrt/kv_pool.py) reads each row's mode as (K, ``kept``, ``drops_missing``); the CUDA persistent kernel
-implements neither ``skip`` nor ``anchor-A`` (the CUDA backend falls back to the Triton path).
+implements neither ``skip``, ``anchor-A`` nor ``always-last`` (the CUDA backend falls back to the Triton
+path); the pool refuses ``always-last``.
 
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """

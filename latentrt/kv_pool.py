@@ -163,7 +163,7 @@ class KVPool:
                 f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
             )
         if kv_mode is not None and kv_mode.reads_last and self.layout.looped:
-            return f"kv_sharing {kv_mode.name!r} is not served: generate() runs it on the torch backend"
+            return f"kv_sharing {kv_mode.name!r} is not served: generate() runs it"
         slots = self._slots_of(kv_mode)
         if slots > self.slot_rows:
             return (

@@ -257,6 +257,33 @@ def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T):
         assert (written[:, : length - 1] <= slot).any() and not torch.allclose(want, kept)
 
 
+@pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
+def test_decode_attention_reads_last_rows(H, Hkv, T):
+    """The always-last mode: flagged rows read each position's last entry (slot n_p - 1, deeper than the
+    query's iteration too), the others min(slot, n_p - 1); the output (poisoned first) equals the reference
+    and differs from the plain lookup on the flagged rows."""
+    from latentrt.kernels import decode_attention as da
+
+    B, D, slots = 3, 16, 6
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B, H, D, generator=g)
+    ks, vs = torch.randn(slots, B, Hkv, T, D, generator=g), torch.randn(slots, B, Hkv, T, D, generator=g)
+    written = torch.randint(1, slots + 1, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False
+    slot, length = 2, T - 2
+    last = torch.tensor([True, False, True])
+    out = torch.full_like(q, float("nan"))
+    out = da.fused(q, ks, vs, written, valid, slot, torch.tensor([length]), reads_last=last)
+    ref_valid = valid[:, :length].clone()
+    ref_valid[:, length - 1] = True
+    args = (q, ks[:, :, :, :length], vs[:, :, :, :length], written[:, :length], ref_valid, slot)
+    want = da.reference(*args, reads_last=last)
+    _close(out, want, 1e-5)
+    plain = da.reference(*args)
+    assert torch.allclose(want[1], plain[1]) and not torch.allclose(want[0], plain[0])
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_latent_diff_and_cosine(cosine):
     from latentrt.exits import ExitTracker, make_criterion

@@ -70,6 +70,7 @@ TRITON_CASES = [
     "speculative lookahead 3 draft 2 threshold 1 full",
     "wavefront defaults b",
     "wavefront skip depth 3",
+    "always-last-m4 adaptive entropy-diff",
 ]
 
 

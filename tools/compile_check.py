@@ -130,7 +130,7 @@ def _recurrent_runs(model, prompts, size: str) -> None:
     import latentrt
 
     tiny = size == "tiny"  # full shapes: the benchmarks' KV mode and criteria only
-    for kv in ("full", "shared", "ring-2", "skip") if tiny else ("shared",):
+    for kv in ("full", "shared", "ring-2", "skip", "always-last") if tiny else ("shared",):
         for crit in ("none", "latent-diff", "kl", "entropy-diff", "argmax-stability") if tiny else ("none", "kl"):
             kw = dict(max_new_tokens=2, num_steps=3, kv_sharing=kv, init_scale=0.0)
             if crit != "none":

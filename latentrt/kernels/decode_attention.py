@@ -4,7 +4,9 @@ One query position per sequence attends to its cached keys [0, length) under a v
 padding, finished sequences). For looped core layers with several slots, the key of position p comes
 from slot ``min(t mod K, n_p - 1)`` (see latentrt.cache): the kernel reads the slot index per position
 instead of materialising a gathered copy. In the ``skip`` KV mode (``drops_missing``, latentrt/kv_modes.py)
-a position that ran no more than ``slot`` iterations (slot = the iteration there) is not attended.
+a position that ran no more than ``slot`` iterations (slot = the iteration there) is not attended; in the
+``always-last`` mode (``reads_last``) the rows flagged in ``reads_last`` [B] (some earlier position did not
+run the iteration) read every position's last entry, slot ``n_p - 1``.
 """
 
 from __future__ import annotations
@@ -18,16 +20,26 @@ from ._triton import HAVE_TRITON, next_pow2, tl, triton
 
 
 def reference(
-    q: Tensor, k_slots: Tensor, v_slots: Tensor, written: Tensor, valid: Tensor, slot: int, drops_missing=False
+    q: Tensor,
+    k_slots: Tensor,
+    v_slots: Tensor,
+    written: Tensor,
+    valid: Tensor,
+    slot: int,
+    drops_missing=False,
+    reads_last: Tensor | None = None,
 ) -> Tensor:
     """q [B,H,D]; k_slots/v_slots [K,B,Hkv,T,D]; written [B,T] iterations per position; valid [B,T] bool.
     Returns [B,H,D]: softmax(q k^T / sqrt(D)) v over valid positions, keys from slot min(slot, n_p - 1);
-    with ``drops_missing`` over the valid positions that ran more than ``slot`` iterations (and the last)."""
+    with ``drops_missing`` over the valid positions that ran more than ``slot`` iterations (and the last);
+    rows where ``reads_last`` [B] is set read slot n_p - 1."""
     K, B, Hkv, T, D = k_slots.shape
     if drops_missing:
         valid = valid & (written > slot)
         valid[:, -1] = True  # the query's own position
     idx = (written - 1).clamp(min=0, max=slot)
+    if reads_last is not None:
+        idx = torch.where(reads_last[:, None], (written - 1).clamp(min=0), idx)
     b = torch.arange(B, device=q.device)[:, None]
     p = torch.arange(T, device=q.device)[None, :]
     k = k_slots[idx, b, :, p].permute(0, 2, 1, 3).float()  # [B,Hkv,T,D]
@@ -85,6 +97,7 @@ if HAVE_TRITON:
         valid_ptr,
         len_ptr,
         act_ptr,
+        last_ptr,
         out_ptr,
         slot,
         n_head,
@@ -99,6 +112,7 @@ if HAVE_TRITON:
         stride_vb,
         USE_WRITTEN: tl.constexpr,
         DROPS_MISSING: tl.constexpr,
+        READS_LAST: tl.constexpr,
         HAS_ACTIVE: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -107,7 +121,8 @@ if HAVE_TRITON:
         The key/value of position p come from slot min(slot, written[b, p] - 1) when USE_WRITTEN (looped
         core layers with several slots), else from ``slot``. Invalid positions (padding, finished) are
         skipped, except the query's own position; with DROPS_MISSING (and USE_WRITTEN) so are positions that
-        ran no more than ``slot`` iterations. A frozen sequence (``act`` 0) returns at once."""
+        ran no more than ``slot`` iterations; with READS_LAST a row whose ``last`` flag is set reads slot
+        written[b, p] - 1. A frozen sequence (``act`` 0) returns at once."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         if HAS_ACTIVE:
@@ -122,6 +137,9 @@ if HAVE_TRITON:
         l_i = 0.0
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         base = b * stride_kb + hk * stride_kh
+        use_last = False
+        if READS_LAST:
+            use_last = tl.load(last_ptr + b) != 0
         for t0 in range(0, length, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             in_range = t < length
@@ -129,6 +147,8 @@ if HAVE_TRITON:
             if USE_WRITTEN:
                 n = tl.load(written_ptr + b * stride_wb + t, mask=in_range, other=1)
                 s_idx = tl.minimum(tl.maximum(n - 1, 0), slot)
+                if READS_LAST:
+                    s_idx = tl.where(use_last, tl.maximum(n - 1, 0), s_idx)
                 if DROPS_MISSING:
                     ok = ok & ((n > slot) | (t == length - 1))
             else:
@@ -155,11 +175,13 @@ def fused(
     active: Tensor | None = None,
     zero_frozen: bool = True,
     drops_missing: bool = False,
+    reads_last: Tensor | None = None,
 ) -> Tensor:
     """q [B,H,D]; k/v_slots [K,B,Hkv,T,D]; written [B,T] or None (read ``slot`` for every position);
     valid [B,T]; length a 1-element device tensor (positions [0, length) are attended); ``active`` [B]
     bool or None: frozen sequences read nothing and get zeros (or unwritten memory with ``zero_frozen=False``);
-    ``drops_missing`` (with ``written``; ``slot`` is then the iteration): the ``skip`` mode's lookup.
+    ``drops_missing`` (with ``written``; ``slot`` is then the iteration): the ``skip`` mode's lookup;
+    ``reads_last`` [B] bool (with ``written``): the ``always-last`` mode's rows reading each last entry.
     Returns [B,H,D]."""
     K, B, Hkv, T, D = k_slots.shape
     H = q.shape[1]
@@ -174,6 +196,7 @@ def fused(
         valid,
         length,
         active if active is not None else valid,
+        reads_last if reads_last is not None else valid,
         out,
         slot,
         H,
@@ -188,6 +211,7 @@ def fused(
         valid.stride(0),
         USE_WRITTEN=written is not None,
         DROPS_MISSING=drops_missing,
+        READS_LAST=reads_last is not None,
         HAS_ACTIVE=active is not None,
         BLOCK_T=64,
         BLOCK_D=next_pow2(D),

@@ -37,6 +37,7 @@ def sandwich_layer(
     next_norm: Tensor | None,
     prenorm: tuple | None = None,
     drops_missing: bool = False,
+    reads_last: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One sandwich block for one new position per sequence. ``x_in`` is norm_1(h), or h itself with
     ``prenorm`` (norm_1 applied in the QKV product's prologue). Returns (h, next_norm(h)). Rows of frozen
@@ -73,6 +74,7 @@ def sandwich_layer(
         active,
         zero_frozen=zf,
         drops_missing=drops_missing,
+        reads_last=reads_last,
     )
     o = linear.fused(y.reshape(B, -1), blk.attn.proj.weight, active=active, zero_frozen=zf)
     h, n3 = norms.fused(h, o, blk.norm_2.weight, blk.norm_3.weight, cfg.norm_eps)
@@ -95,11 +97,12 @@ def core_iteration(
     x_in, prenorm = h, (sumsq, blocks[0].norm_1.weight, cfg.norm_eps)
     slot = cache.slot(iteration)  # (the iteration itself in the skip mode: r_max slots)
     written = None if cache.core_slots == 1 else cache.written
+    reads_last = cache.reads_last_rows(iteration, where.length) if cache.kv_mode.reads_last else None
     for j, blk in enumerate(blocks):
         nxt = blocks[j + 1].norm_1.weight if j + 1 < len(blocks) else None
         k, v = cache.core_k[j], cache.core_v[j]
         h, x_in = sandwich_layer(
-            blk, h, x_in, k, v, written, slot, where, active, nxt, prenorm, cache.kv_mode.drops_missing
+            blk, h, x_in, k, v, written, slot, where, active, nxt, prenorm, cache.kv_mode.drops_missing, reads_last
         )
         prenorm = None
     return h
