@@ -30,11 +30,13 @@ def test_bf16_generate_runs():
     assert len(out.tokens) == 4
 
 
+@pytest.mark.parametrize("kv", ["skip", "always-last"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_skip_lookup_on_the_gpu_equals_the_cpu_reference(backend):
-    """kv_sharing='skip' (the published default lookup under adaptive exit) through the Triton decode
-    attention's flag on the GPU (fp32; the CUDA backend's persistent kernel does not take it and falls back to
-    the Triton path): the CPU torch backend's tokens and steps, on a padded batch whose rows exit apart."""
+def test_published_lookups_on_the_gpu_equal_the_cpu_reference(backend, kv):
+    """kv_sharing='skip' (the published default lookup under adaptive exit) and 'always-last' through the
+    Triton decode attention's flags on the GPU (fp32; the CUDA backend's persistent kernel takes neither and
+    falls back to the Triton path): the CPU torch backend's tokens and steps, on a padded batch whose rows
+    exit apart."""
     cpu = tiny_recurrent(seed=21)
     gpu = tiny_recurrent(seed=21)
     gpu.to("cuda")
@@ -44,7 +46,7 @@ def test_skip_lookup_on_the_gpu_equals_the_cpu_reference(backend):
     except Exception as e:  # the CUDA extension may be missing on the machine
         pytest.skip(f"{backend}: {e}")
     kw = dict(max_new_tokens=6, adaptive=True, num_steps=12, exit_criterion="kl", exit_threshold=0.02)
-    kw.update(kv_sharing="skip", init_scale=0.0, return_logits=True)
+    kw.update(kv_sharing=kv, init_scale=0.0, return_logits=True)
     prompts = [[5, 6, 7, 8], [9, 10]]
     a, b = latentrt.generate(cpu, prompts, **kw), latentrt.generate(gpu, prompts, **kw)
     assert a.tokens == b.tokens and a.steps == b.steps and len({s for r in a.steps for s in r}) > 1
