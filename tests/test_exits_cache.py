@@ -102,8 +102,7 @@ def test_kv_sharing_specs():
 
 def test_always_last_reads_each_positions_last_entry_unless_all_ran_the_iteration():
     """The published always-last lookup on the cache: at iteration t, every earlier real position's entry t
-    when all of them ran t, else each one's last entry (deeper than t too); the chunk's own at t. The
-    samplers refuse it (their lookups are checked against the published code for the other modes)."""
+    when all of them ran t, else each one's last entry (deeper than t too); the chunk's own at t."""
     cache = KVCache(1, 8, 0, 1, 1, n_core=1, kv_mode=parse_kv_mode("always-last", 8))
     runs = [3, 1, 5]  # iterations positions 0..2 ran
     for p, n in enumerate(runs):
@@ -128,8 +127,6 @@ def test_always_last_reads_each_positions_last_entry_unless_all_ran_the_iteratio
     model = tiny_recurrent(seed=1)
     kw = dict(kv_sharing="always-last", num_steps=3, max_new_tokens=2)
     latentrt.generate(model, [5, 6], adaptive=True, exit_criterion="kl", **kw)
-    with pytest.raises(InputError, match="always-last lookup\\) is not available with decoding='speculative'"):
-        latentrt.generate(model, [5, 6], decoding="speculative", **kw)
 
 
 @pytest.mark.parametrize("slots,anchor", [(1, None), (3, None), (8, None), (4, 3)])

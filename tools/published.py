@@ -247,6 +247,8 @@ CASES = [
             ("huginn-a", 3, 2, 12, "latest-m4-compress-anchor"),
             ("huginn-b", 4, 10, 12, "latest-m4-compress-anchor"),
             ("huginn-b", 3, 2, 8, "skip"),
+            ("huginn-a", 3, 2, 8, "always-last-m4"),
+            ("huginn-b", 4, 10, 12, "always-last-m4"),
         ]
     ],
     # 9. wavefront decoding (generate_diffusion_style): the published defaults without randomness
@@ -289,6 +291,8 @@ CASES = [
             ("skip", "huginn-b", 8, dict(exit_t=0.1)),
             ("latest-m4", "huginn-b", 3, dict(exit_t=0.1, inner_recurrence=6)),  # the prompt's entries end at 3
             ("skip", "huginn-b", 3, dict(exit_t=0.1, inner_recurrence=6)),  # ... the published full drops them
+            ("always-last-m4", "huginn-b", 8, dict(exit_t=0.1)),
+            ("always-last-m4", "huginn-b", 3, dict(exit_t=0.1, inner_recurrence=6)),
         ]
     ],
     # 10. the published sampler's repetition_penalty (HF's rule over the prompt and the new tokens), greedy

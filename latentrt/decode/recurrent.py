@@ -53,13 +53,7 @@ class RecurrentDecoder(Decoder):
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
         r_max = model.default_steps() if options.num_steps is None else check_steps(options.num_steps)
-        mode = parse_kv_mode(options.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
-        if mode.reads_last and options.decoding != "sequential":
-            raise InputError(
-                f"kv_sharing {options.kv_sharing!r} (the published always-last lookup) is not available with "
-                f"decoding={options.decoding!r} (the samplers' lookups are checked against the published code for "
-                "the other modes)"
-            )
+        parse_kv_mode(options.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
         make_criterion(options.exit_criterion, options.exit_threshold)
         ms = options.min_steps
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
