@@ -88,6 +88,17 @@ def checksum(model) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the cases
+def _speculative(name: str, model: str, lookahead: int, draft_steps: int, threshold, depth: int, kv: str) -> dict:
+    """A generate_speculative case: 12 greedy tokens at ``depth`` under the published lookup ``kv``."""
+    return dict(
+        name=name,
+        model=model,
+        max_new_tokens=12,
+        speculative=dict(lookahead=lookahead, draft_steps=draft_steps, verification_threshold=threshold),
+        options=dict(num_steps=depth, init_scale=0.0, kv_sharing=kv, decoding="speculative"),
+    )
+
+
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 ADAPTIVE = dict(adaptive=True, num_steps=12, init_scale=0.0)
 CASES = [
@@ -216,13 +227,7 @@ CASES = [
     ),
     # 8. self-speculative decoding (generate_speculative): greedy, fixed depths, every KV rule, thresholds
     *[
-        dict(
-            name=f"speculative lookahead {la} draft {ds} threshold {thr} {kv}",
-            model=mdl,
-            max_new_tokens=12,
-            speculative=dict(lookahead=la, draft_steps=ds, verification_threshold=thr),
-            options=dict(num_steps=8, init_scale=0.0, kv_sharing=kv, decoding="speculative"),
-        )
+        _speculative(f"speculative lookahead {la} draft {ds} threshold {thr} {kv}", mdl, la, ds, thr, 8, kv)
         for mdl, la, ds, thr, kv in [
             ("huginn-a", 3, 2, 1, "full"),
             ("huginn-b", 4, 1, 1, "full"),
@@ -236,13 +241,7 @@ CASES = [
     ],
     # 8b. the published lookups under speculative decoding (a depth past the anchor: 12)
     *[
-        dict(
-            name=f"speculative lookahead {la} draft {ds} {kv} depth {r}",
-            model=mdl,
-            max_new_tokens=12,
-            speculative=dict(lookahead=la, draft_steps=ds, verification_threshold=1),
-            options=dict(num_steps=r, init_scale=0.0, kv_sharing=kv, decoding="speculative"),
-        )
+        _speculative(f"speculative lookahead {la} draft {ds} {kv} depth {r}", mdl, la, ds, 1, r, kv)
         for mdl, la, ds, r, kv in [
             ("huginn-a", 3, 2, 12, "latest-m4-compress-anchor"),
             ("huginn-b", 4, 10, 12, "latest-m4-compress-anchor"),
