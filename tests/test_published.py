@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import latentrt
 import latentrt.kernels as kernels
@@ -140,6 +141,30 @@ def test_the_anchored_cache_differs_from_the_other_modes():
     for kv in ("full", "ring-2", "shared"):
         runs = [_generate(dict(c, options=dict(c["options"], kv_sharing=kv)), "torch") for c in anchored]
         assert any((r.tokens, r.steps) != (c["tokens"], c["steps"]) for r, c in zip(runs, anchored)), kv
+
+
+@pytest.mark.parametrize("case", VECTORS["training"], ids=lambda c: c["name"])
+def test_coconut_training_loss_and_gradients_equal_published(case):
+    """The Coconut trainer's loss (its thoughts as KV-cached single-position passes, latentrt's collate) on
+    the batch the published collator pads, against the published forward: the loss to float rounding, the
+    gradients' norm too."""
+    from latentrt.train.coconut import CoconutLoss, collate
+
+    model = _model(case["model"])
+    c = model.config
+    examples = []
+    for pre, post in case["examples"]:
+        labels = [-100] + post[1:]  # the end marker is not a target
+        assert post[0] == c.end_latent_id and pre[-1] == c.latent_id
+        examples.append((pre, post, labels))
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = CoconutLoss(model, None, continuous=True)(*collate(examples, 0, "cpu"))
+        loss.backward()
+    norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
+    model.zero_grad(set_to_none=True)
+    assert abs(loss.item() - case["loss"]) <= 1e-6 * case["loss"]
+    assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
 
 
 def test_coconut_default_stops_at_the_first_eos_and_keeps_it():

@@ -561,9 +561,10 @@ def coconut_module(folder: Path):
     return _load_module(folder / "coconut.py", "coconut_published")
 
 
-def run_coconut(cm, case: dict, model, eos: int) -> dict:
-    """Coconut's generate on the HF GPT-2 with ``model``'s weights; past key values as the legacy tuples
-    the published code slices (transformers 5 passes cache objects)."""
+def published_coconut(cm, model, eos: int):
+    """Coconut's module (``cm.Coconut``) around an HF GPT-2 with ``model``'s weights; past key values as the
+    legacy tuples the published code slices (transformers 5 passes cache objects). Returns (it, the HF
+    model)."""
     from torch import nn
     from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
     from transformers.cache_utils import Cache
@@ -599,11 +600,63 @@ def run_coconut(cm, case: dict, model, eos: int) -> dict:
             return out
 
     m = c.start_latent_id, c.latent_id, c.end_latent_id
-    pub = cm.Coconut(LegacyCache(hf), m[1], m[0], m[2], eos)
+    return cm.Coconut(LegacyCache(hf), m[1], m[0], m[2], eos), hf
+
+
+def run_coconut(cm, case: dict, model, eos: int) -> dict:
+    """Coconut's generate on the HF GPT-2 with ``model``'s weights."""
+    pub, _ = published_coconut(cm, model, eos)
     ids = torch.tensor([case["prompt"]])
     with torch.no_grad():
         seq = pub.generate(ids, torch.ones_like(ids), max_new_tokens=case["max_new_tokens"])
     return {"tokens": seq[0, ids.shape[1] :].tolist(), "eos": eos}
+
+
+# Coconut training: a batch of curriculum examples (question + start + thoughts | end + steps + answer + eos,
+# labels on the steps and the answer), markers by name; the published forward's loss and gradients
+TRAINING = [
+    dict(
+        name="coconut training loss, a padded batch",
+        model="gpt2-a",
+        eos=1,
+        examples=[
+            ([5, 6, 7, 8, "S", "L", "L"], ["E", 9, 10, 11, 12, "EOS"]),
+            ([13, 14, "S", "L", "L"], ["E", 15, 9, 10, 16, 17, 18, "EOS"]),
+            ([19, 5, 20, "S", "L", "L"], ["E", 21, "EOS"]),
+        ],
+    ),
+]
+
+
+def run_coconut_training(cm, case: dict, model) -> dict:
+    """Coconut's forward (its run.py's training step) on the published collator's batch: left padding that
+    aligns the first thought, position ids from 0 at each example's first token, right padding; its loss
+    and the gradient norm of the weights."""
+    c = model.config
+    eos = case["eos"]
+    names = {"S": c.start_latent_id, "L": c.latent_id, "E": c.end_latent_id, "EOS": eos}
+    examples = [[[names.get(t, t) for t in part] for part in ex] for ex in case["examples"]]
+    first = [pre.index(c.latent_id) for pre, _ in examples]
+    rows = []
+    for (pre, post), f in zip(examples, first):
+        n = max(first) - f
+        labels = [-100] * (n + len(pre) + 1) + post[1:]  # the end marker is not a target, as published
+        rows.append(([0] * n + pre + post, [0] * n + list(range(len(pre) + len(post))), labels, n))
+    width = max(len(r[0]) for r in rows)
+
+    def pad(values: list, fill) -> list:
+        return values + [fill] * (width - len(values))
+
+    ids = torch.tensor([pad(r[0], 0) for r in rows])
+    positions = torch.tensor([pad(r[1], 0) for r in rows])
+    labels = torch.tensor([pad(r[2], -100) for r in rows])
+    attention = torch.tensor([pad([0] * r[3] + [1] * (len(r[0]) - r[3]), 0) for r in rows])
+    pub, hf = published_coconut(cm, model, eos)
+    with torch.enable_grad():
+        loss = pub(ids, attention, labels, positions).loss
+        loss.backward()
+    grads = [p.grad.norm() ** 2 for p in hf.parameters() if p.grad is not None]
+    return {"examples": examples, "loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -627,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
     out = {"models": {}, "cases": []}
     for name, spec in models.items():
         out["models"][name] = dict(spec, checksum=checksum(build(name, spec)))
+    for case in TRAINING:
+        if args.only and args.only not in case["name"]:
+            continue
+        expected = run_coconut_training(cm, case, build(case["model"], models[case["model"]]))
+        out.setdefault("training", []).append(dict(case, **expected))
+        print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
     for case in CASES:
         if args.only and args.only not in case["name"]:
             continue
