@@ -28,6 +28,7 @@ import torch
 import latentrt
 from latentrt.evaluate import is_correct
 from latentrt.families import build_model, parse_config
+from latentrt.prompts import prompt_ids
 from latentrt.records import load_records
 from latentrt.train.data import generate_dataset
 
@@ -88,7 +89,7 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
             out = latentrt.generate(model, rec.question, max_new_tokens=max_new, num_steps=num_steps, **kw)
             a["seconds"] += time.perf_counter() - t0
             a["correct"] += int(
-                is_correct(model.tokenizer, model.tokenizer.encode(rec.question).ids, out.tokens, rec.answer)
+                is_correct(model.tokenizer, prompt_ids(model.tokenizer.encode(rec.question)), out.tokens, rec.answer)
             )
             a["tokens"] += len(out.tokens)
             if out.decoding and out.decoding["sampler"] == "speculative":

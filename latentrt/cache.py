@@ -202,12 +202,12 @@ class KVCache:
         """The slot ``iteration`` writes (the KV mode's write rule, latentrt/kv_modes.py)."""
         return self.kv_mode.slot(iteration)
 
-    def reads_last_rows(self, iteration: int, length: Tensor) -> Tensor:
-        """``always-last`` (latentrt/kv_modes.py): the rows [B] whose query at entry ``length - 1`` (a device
-        scalar) reads each earlier position's last entry, because some earlier real position did not run
-        ``iteration``. No host read: capturable."""
+    def reads_last_rows(self, iteration: int, first) -> Tensor:
+        """``always-last`` (latentrt/kv_modes.py): the rows [B] whose queries, from entry ``first`` on (an int,
+        or a device scalar), read each earlier position's last entry, because some real position before
+        ``first`` did not run ``iteration``. No host read: capturable."""
         p = torch.arange(self.max_len, device=self.device)[None, :]
-        ran = (self.written > iteration) | ~self.valid | (p >= length - 1)
+        ran = (self.written > iteration) | ~self.valid | (p >= first)
         return ~ran.all(1)
 
     def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
@@ -230,11 +230,9 @@ class KVCache:
             # every earlier position has written this slot: a plain slice equals the gather
             return self.core_k[layer, slot, :, :, : chunk.end], self.core_v[layer, slot, :, :, : chunk.end]
         idx = (self.written[:, : chunk.end] - 1).clamp(min=0, max=slot)  # min(t mod K, n_p - 1)
-        if self.kv_mode.reads_last:  # always-last: n_p - 1 unless every earlier real position ran t
-            p = torch.arange(chunk.end, device=self.device)[None, :]
-            ran = (self.written[:, : chunk.end] > iteration) | ~self.valid[:, : chunk.end] | (p >= chunk.start)
+        if self.kv_mode.reads_last:  # always-last: n_p - 1 where an earlier real position missed t
             last = (self.written[:, : chunk.end] - 1).clamp(min=0)  # the chunk's own: t (marked before)
-            idx = torch.where(ran.all(1, keepdim=True), idx, last)
+            idx = torch.where(self.reads_last_rows(iteration, chunk.start)[:, None], last, idx)
         b = torch.arange(self.batch, device=self.device)[:, None]
         p = torch.arange(chunk.end, device=self.device)[None, :]
         # advanced indices split by a slice: result is [B, end, H, D]

@@ -60,7 +60,7 @@ class KVMode:
     @property
     def ring_lookup(self) -> bool:
         """Whether the mode is ``t mod K`` slots with every earlier position read (full, shared, ring-K): the rule
-        the CUDA persistent kernels implement (not ``anchor-A``, not ``skip``)."""
+        the CUDA persistent kernels implement (not ``anchor-A``, ``skip`` or ``always-last``)."""
         return not self.drops_missing and self.anchor is None and not self.reads_last
 
     @property

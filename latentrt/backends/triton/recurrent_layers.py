@@ -97,7 +97,7 @@ def core_iteration(
     x_in, prenorm = h, (sumsq, blocks[0].norm_1.weight, cfg.norm_eps)
     slot = cache.slot(iteration)  # (the iteration itself in the skip mode: r_max slots)
     written = None if cache.core_slots == 1 else cache.written
-    reads_last = cache.reads_last_rows(iteration, where.length) if cache.kv_mode.reads_last else None
+    reads_last = cache.reads_last_rows(iteration, where.pos) if cache.kv_mode.reads_last else None
     for j, blk in enumerate(blocks):
         nxt = blocks[j + 1].norm_1.weight if j + 1 < len(blocks) else None
         k, v = cache.core_k[j], cache.core_v[j]
