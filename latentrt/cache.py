@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kernels.reference import missed_iteration
 from .kv_modes import KVMode
 
 
@@ -206,9 +207,7 @@ class KVCache:
         """``always-last`` (latentrt/kv_modes.py): the rows [B] whose queries, from entry ``first`` on (an int,
         or a device scalar), read each earlier position's last entry, because some real position before
         ``first`` did not run ``iteration``. No host read: capturable."""
-        p = torch.arange(self.max_len, device=self.device)[None, :]
-        ran = (self.written > iteration) | ~self.valid | (p >= first)
-        return ~ran.all(1)
+        return missed_iteration(self.written, self.valid, iteration, first)
 
     def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
         """The attention mask of the chunk's core layers at ``iteration``: the chunk's, less (in a mode that

@@ -12,8 +12,8 @@ A mode is parsed once from its spec (``full``, ``shared``, ``ring-K``, ``anchor-
   at iteration t attends only to the earlier positions that ran iteration t (``drops_missing``).
 - ``always-last``: ``full``'s slots with the published ``always-last-mL`` lookup: when every earlier position
   ran iteration t a query at t reads their entries t, else each one's last iteration, even one deeper than
-  t (``reads_last``: the cache's gather and the Triton decode attention; not the CUDA persistent kernels
-  nor the serving pool).
+  t (``reads_last``: the cache's gather, the Triton decode attention and the serving pool; not the CUDA
+  persistent kernels).
 
 Write rule: iteration t writes slot ``slot(t)``: ``t mod K`` (``min(t, A)`` in ``anchor-A``). Lookup rule
 (one formula for every mode): a query at iteration t reads, for each earlier position p that wrote n_p
@@ -34,9 +34,9 @@ its ``full`` lookup (its default) under adaptive exit is ``skip`` (it keeps only
 entry; ``skip`` is its name for that rule). The published code hard-codes L = 4 and two prelude layers. Its
 other strategies are refused with the reason (``UNSUPPORTED``). The cache applies ``drops_missing`` as an attention
 mask (``KVCache.core_mask``) and the Triton decode attention as a flag; the server's pool
-(latentrt/kv_pool.py) reads each row's mode as (K, ``kept``, ``drops_missing``); the CUDA persistent kernel
+(latentrt/kv_pool.py) reads each row's mode as (K, ``kept``, ``pool_lookup``); the CUDA persistent kernel
 implements neither ``skip``, ``anchor-A`` nor ``always-last`` (the CUDA backend falls back to the Triton
-path); the pool refuses ``always-last``.
+path).
 
 A new mode is a parser function here plus one line in ``KV_MODES``.
 """
@@ -69,6 +69,12 @@ class KVMode:
         iteration t writes slot ``min(t, a) + (t - min(t, a)) mod (K - a)``, one formula for every mode (the
         serving pool's kernels read a row's mode as the pair (K, a))."""
         return min(self.anchor, self.slots - 1) if self.anchor is not None else 0
+
+    @property
+    def pool_lookup(self) -> int:
+        """The serving pool's code for the lookup (a row's third mode column, latentrt/kernels/pool_attention.py):
+        0 the slot rule, 1 it less the stale earlier positions (``drops_missing``), 2 ``reads_last``."""
+        return 2 if self.reads_last else int(self.drops_missing)
 
     def slot(self, iteration: int) -> int:
         """The slot iteration ``iteration`` writes: ``min(t, A)`` with an anchor, else ``t mod K`` (``kept``)."""

@@ -11,7 +11,7 @@ Storage is allocated once, when the server starts, and never per token:
   (``shared`` takes 1, ``ring-K`` K, ``anchor-A`` A + 1, ``full`` and ``skip`` r_max). ``slot_table[row, k]``
   is the slot row holding request ``row``'s k-th slot, so a request in shared mode costs a twentieth of one
   in full mode at r=20 and the server admits by the bytes a request needs, not by a worst case.
-  ``modes[row]`` is the request's mode as the kernels read it: (K, ``KVMode.kept``, ``drops_missing``).
+  ``modes[row]`` is the request's mode as the kernels read it: (K, ``KVMode.kept``, ``pool_lookup``).
 
 A chunk may hold rows of different lengths (prompts admitted together): it is padded to the longest, and
 a padding position's query writes its K/V into each row's *trash* entry (index ``max_len``), which is
@@ -21,8 +21,9 @@ and a prompt group, run in one pass side by side, not padded: ``Packed`` in late
 The pool is also the cache interface the models' own modules call (``plain`` / ``core`` /
 ``mark_iteration``, as KVCache): for any subset of rows at per-row positions and per-row iterations, with
 the write and lookup rules of latentrt/kv_modes.py (iteration t writes slot s(t), t mod K in a ring; a
-query at iteration t reads slot min(s(t), n_p - 1) of an earlier position that ran n_p iterations, and in
-the ``skip`` mode none that ran no more than t). A server's pass
+query at iteration t reads slot min(s(t), n_p - 1) of an earlier position that ran n_p iterations; in
+the ``skip`` mode none that ran no more than t; in ``always-last``, if one did, slot n_p - 1 of each).
+A server's pass
 (``Packed``) asks for attention outputs instead (``attend_plain`` / ``attend_core``): with the backend's
 kernel (``decode_attention``: latentrt/kernels/pool_attention.py) a chunk of one query per row writes and
 attends in one launch per layer, reading each row's keys where they lie; a prompt chunk (several queries
@@ -116,7 +117,7 @@ class KVPool:
         self.n_valid = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_slots = max(self.slot_rows, 1)
         self.slot_table = torch.zeros(rows, self.max_slots, dtype=torch.long, device=device)
-        self.modes = torch.zeros(rows, 3, dtype=torch.long, device=device)  # each row's (K, a, drops)
+        self.modes = torch.zeros(rows, 3, dtype=torch.long, device=device)  # each row's (K, a, lookup)
         self.modes[:, 0] = 1
         self.lengths = [0] * rows  # host: entries filled per row
         self.held: dict[int, list[int]] = {}  # row -> the slot rows it holds
@@ -162,8 +163,6 @@ class KVPool:
             return (
                 f"the request needs {positions} positions, more than this server's context per request ({self.max_len})"
             )
-        if kv_mode is not None and kv_mode.reads_last and self.layout.looped:
-            return f"kv_sharing {kv_mode.name!r} is not served: generate() runs it"
         slots = self._slots_of(kv_mode)
         if slots > self.slot_rows:
             return (
@@ -185,7 +184,7 @@ class KVPool:
         if held:
             self.slot_table[row, :n] = to_device(held, self.device)
         if n:
-            self.modes[row] = to_device([n, kv_mode.kept, int(kv_mode.drops_missing)], self.device)
+            self.modes[row] = to_device([n, kv_mode.kept, kv_mode.pool_lookup], self.device)
             if kv_mode.drops_missing:
                 self.dropping.add(row)
         else:
@@ -279,10 +278,12 @@ class KVPool:
 
     def core(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, iteration, active: Tensor):
         """Write each row's iteration t into its slot s(t); return what its queries read: for each earlier
-        entry p, slot min(s(t), n_p - 1) (``iteration`` is ignored: each row's is ``chunk.iterations``); the
-        entries a mode drops are read too, ``core_mask`` masks them."""
+        entry p, slot min(s(t), n_p - 1), or n_p - 1 (``always-last``) (``iteration`` is ignored: each row's is
+        ``chunk.iterations``); the entries a mode drops are read too, ``core_mask`` masks them."""
         end = chunk.end
-        target, phys = slot_rows(chunk.rows, self.written[:, :end], self.slot_table, self.modes, chunk.iterations)
+        first = to_device(chunk.starts, self.device)
+        looked_up = (self.valid[:, :end], self.slot_table, self.modes, chunk.iterations, first)
+        target, phys = slot_rows(chunk.rows, self.written[:, :end], *looked_up)
         self._store(self.core_k[layer], self.core_v[layer], target, k, v, chunk, active)
         p = torch.arange(end, device=self.device)[None, :].expand_as(phys)
         k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]

@@ -368,36 +368,55 @@ def _pool_family_inputs(name: str, looped: bool, heads, dtype, seed: int, **shap
 
 def _mark_read(read, table, mode, t: int, written, valid, entries, first: int) -> None:
     """Mark in ``read`` [storage rows, entries] what one launch row reads of its pool row's ``entries``, by
-    the rules of latentrt/kv_modes.py written out: mode (K, a, drops) writes slot t below a, else
-    a + (t - a) mod (K - a); entry p from slot min(that, n_p - 1); with drops, not an entry before
-    ``first`` that ran no more than t iterations."""
-    k, a, drops = (int(x) for x in mode)
+    the rules of latentrt/kv_modes.py written out: mode (K, a, lookup) writes slot t below a, else
+    a + (t - a) mod (K - a); entry p from slot min(that, n_p - 1); with lookup 1 (skip), not an entry
+    before ``first`` that ran no more than t iterations; with lookup 2 (always-last), when such an entry
+    exists, every entry from slot n_p - 1."""
+    k, a, lookup = (int(x) for x in mode)
     slot = t if t < a else a + (t - a) % (k - a)
+    missed = any(valid[p] and int(written[p]) <= t for p in range(first))
+    cap = k - 1 if lookup == 2 and missed else slot
     for p in entries:
-        if valid[p] and not (drops and p < first and int(written[p]) <= t):
-            read[table[min(max(int(written[p]) - 1, 0), slot)], p] = True
+        if valid[p] and not (lookup == 1 and p < first and int(written[p]) <= t):
+            read[table[min(max(int(written[p]) - 1, 0), cap)], p] = True
 
 
 def test_pool_modes_encode_the_kv_modes_write_rule():
-    """A pool row's (K, kept, drops) gives ``KVMode.slot`` for every iteration of every mode (the pool's
+    """A pool row's (K, kept, lookup) gives ``KVMode.slot`` for every iteration of every mode (the pool's
     kernels and the cache write the same slots), and the test pools exercise what the rules distinguish:
-    rows past their anchor, skip rows with entries dropped."""
+    rows past their anchor, skip rows with entries dropped, always-last rows reading deeper entries, in
+    both families' inputs."""
     from latentrt.kernels.pool_attention import TEST_MODES, mode_slot
     from latentrt.kv_modes import parse_kv_mode
 
-    for spec, r_max in [("full", 12), ("shared", 12), ("ring-3", 12), ("anchor-4", 12), ("anchor-8", 5), ("skip", 9)]:
+    specs = [("full", 12), ("shared", 12), ("ring-3", 12), ("anchor-4", 12), ("anchor-8", 5), ("skip", 9)]
+    for spec, r_max in specs + [("always-last", 7)]:
         mode = parse_kv_mode(spec, r_max)
         t = torch.arange(r_max)
-        row = torch.tensor([[mode.slots, mode.kept, int(mode.drops_missing)]]).expand(r_max, 3)
+        row = torch.tensor([[mode.slots, mode.kept, mode.pool_lookup]]).expand(r_max, 3)
         assert mode_slot(row, t).tolist() == [mode.slot(i) for i in range(r_max)], spec
-    assert {tuple(m) for m in TEST_MODES} >= {(1, 0, 0), (5, 4, 0), (32, 0, 1)}
-    _, inputs = _pool_inputs(True, seed=1)
-    rows, entry, modes, iterations, written = inputs[5], inputs[6], inputs[10], inputs[11], inputs[12]
-    m = modes[rows]
-    assert ((m[:, 1] > 0) & (iterations > m[:, 1])).any(), "a row past its anchor"
-    p = torch.arange(written.shape[1])[None, :]
-    stale = (written[rows] <= iterations[:, None]) & (p < entry[:, None]) & (m[:, 2] != 0)[:, None]
-    assert stale.any(), "a skip row with entries it drops"
+    assert [parse_kv_mode(s, 8).pool_lookup for s in ("full", "ring-3", "skip", "always-last")] == [0, 0, 1, 2]
+    assert {tuple(m) for m in TEST_MODES} >= {(1, 0, 0), (5, 4, 0), (32, 0, 1), (32, 0, 2)}
+    for family in (_pool_inputs, _prefill_inputs):  # the seeds their tests use, together
+        seen = set()
+        for seed in (0, 1):
+            inputs = family(True, seed=seed)[1]
+            if (
+                len(inputs) == 13
+            ):  # decode: rows, entry (the pass's first entry), valid, ..., modes, iterations, written
+                rows, first, valid, modes, iterations, written = (inputs[i] for i in (5, 6, 7, 10, 11, 12))
+            else:  # prefill: rows, q_idx, valid, ..., modes, iterations, written
+                rows, q_idx, valid, modes, iterations, written = (inputs[i] for i in (3, 4, 6, 8, 9, 10))
+                first = q_idx[:, 0]
+            m = modes[rows]
+            p = torch.arange(written.shape[1])[None, :]
+            earlier = (p < first[:, None]) & valid[rows]
+            stale = (written[rows] <= iterations[:, None]) & earlier
+            deeper = (written[rows] - 1 > iterations[:, None]) & earlier
+            seen |= {"past anchor"} if ((m[:, 1] > 0) & (iterations > m[:, 1])).any() else set()
+            seen |= {"skip drops"} if (stale & (m[:, 2] == 1)[:, None]).any() else set()
+            seen |= {"last reads deeper"} if (stale.any(1) & deeper.any(1) & (m[:, 2] == 2)).any() else set()
+        assert seen == {"past anchor", "skip drops", "last reads deeper"}, family
 
 
 def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
@@ -482,6 +501,36 @@ def test_pool_prefill_bf16_anchored_on_fp32():
     got = pp.fused(*_clone(inputs))
     want = pp.reference(*_as_float(_clone(inputs)))
     _close(got, want, 2e-2)
+
+
+@pytest.mark.parametrize("family", ["pool_attention", "pool_prefill"])
+def test_pool_always_last_rows_read_last_entries_only_when_one_missed(family):
+    """Every row ``always-last`` (full's slots), some at iteration 0 (every earlier entry ran it: each
+    reads slot t, as ``full``) and the rest at 12 (some entry missed it: each reads its last slot): kernel
+    (poisoned output) = reference, both kinds present, and the two lookups do differ from ``full``'s."""
+    from latentrt.kernels.pool_attention import LAST, SLOT
+
+    fam = kernels.family(family)
+    shape = {"context": 90} if family == "pool_attention" else {"n": 20, "context": 80}
+    inputs = list(fam.make_inputs("tiny", DEV, torch.float32, seed=3, kv_modes=((32, 0, LAST),), heads=(4, 2), **shape))
+    it = 11 if family == "pool_attention" else 9  # the iterations' index
+    inputs[it][::2] = 0  # half the launch rows at iteration 0: no earlier entry missed it
+    inputs[it][1::2] = 12  # the others where some entry missed it and some ran deeper (written: 1-39)
+    want = fam.reference(*_clone(inputs))
+    out = torch.full_like(inputs[0], float("nan"))
+    got = fam.fused(*_clone(inputs), out=out)
+    got, want = (got[0], want[0]) if family == "pool_attention" else (got, want)
+    _close(got, want, 1e-5)
+    as_full = _clone(inputs)
+    as_full[it - 1][:, 2] = SLOT
+    full = fam.reference(*as_full)
+    full = full[0] if family == "pool_attention" else full
+    same = (want == full).flatten(1).all(1)
+    later = torch.arange(len(same)) % 2 == 1
+    if family == "pool_attention":  # an inactive row reads nothing (zeros either way)
+        same, later = same[inputs[8]], later[inputs[8]]
+    assert later.any() and (~later).any()
+    assert same[~later].all() and not same[later].any(), "iteration 0 reads as full; a missed iteration differs"
 
 
 def test_pool_attention_bf16_anchored_on_fp32():

@@ -43,7 +43,7 @@ def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
                 kw.update(do_not_exit_in_prefill=True, continuous=True)
             if kind == 4:
                 kw.update(adaptive_prefill=rng.random() < 0.5, init_scale=0.5)
-        kw["kv_sharing"] = rng.choice(["full", "shared", "ring-2", "anchor-2", "skip"])
+        kw["kv_sharing"] = rng.choice(["full", "shared", "ring-2", "anchor-2", "skip", "always-last"])
         if rng.random() < 0.4:
             kw.update(temperature=0.9, top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]))
         if rng.random() < 0.3:
@@ -330,13 +330,11 @@ def test_kv_pool_admits_by_the_slots_a_mode_needs():
         engine.submit([5], kv_sharing="full", num_steps=16, max_new_tokens=2)
     with pytest.raises(InputError, match="needs 16 K/V slots"):
         engine.submit([5], kv_sharing="skip", num_steps=16, max_new_tokens=2)
-    with pytest.raises(InputError, match="'always-last' is not served: generate\\(\\) runs it"):
-        engine.submit([5], kv_sharing="always-last", **kw)
     with pytest.raises(InputError, match="context per request"):
         Engine(model, max_len=20).submit([5] * 15, max_new_tokens=8)
 
 
-def lookup_requests(modes=("full", "skip", "anchor-2", "ring-3", "shared"), cases=None):
+def lookup_requests(modes=("full", "skip", "always-last", "anchor-2", "ring-3", "shared"), cases=None):
     """Requests whose tokens or steps depend on the KV mode's rules (adaptive exits at several depths): each
     of five prompts in every mode of ``modes``; the tests assert the modes do differ on them."""
     cases = cases or [
@@ -353,21 +351,23 @@ def lookup_requests(modes=("full", "skip", "anchor-2", "ring-3", "shared"), case
 
 
 def assert_modes_differ(model, requests) -> None:
-    """The published lookups change these requests: ``skip`` differs from ``full`` on some, ``anchor-2`` from
-    ``full``, ``ring-3`` and ``shared`` on some (else serving them would not test the pool's rules)."""
+    """The published lookups change these requests: ``skip`` and ``always-last`` differ from ``full`` and
+    from each other on some, ``anchor-2`` from ``full``, ``ring-3`` and ``shared`` on some (else serving them
+    would not test the pool's rules)."""
     alone = {}
     for p, kw in requests:
         r = latentrt.generate(model, p, **kw)
         alone[tuple(p), kw["kv_sharing"]] = (r.tokens, r.steps)
     prompts = {p for p, _ in alone}
     assert any(alone[p, "skip"] != alone[p, "full"] for p in prompts)
+    assert any(all(alone[p, "always-last"] != alone[p, m] for m in ("full", "skip")) for p in prompts)
     assert any(all(alone[p, "anchor-2"] != alone[p, m] for m in ("full", "ring-3", "shared")) for p in prompts)
 
 
 def test_published_lookups_served_equal_generate_alone():
-    """The published cache rules (``skip``: its default lookup under adaptive exit; ``anchor-2``: its
-    anchored cache) served side by side with the ring modes, each request equal to generate() alone, on
-    requests where the rules change tokens or steps."""
+    """The published cache rules (``skip``: its default lookup under adaptive exit; ``always-last``;
+    ``anchor-2``: its anchored cache) served side by side with the ring modes, each request equal to
+    generate() alone, on requests where the rules change tokens or steps."""
     model = tiny_recurrent(seed=3)
     requests = lookup_requests()
     assert_modes_differ(model, requests)
@@ -660,7 +660,7 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     model, engine = _engine_on_triton(max_batch=4)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:5]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 6))) for p, kw in requests]  # interpreted
-    requests += lookup_requests(("skip", "anchor-2"))[2:6]  # the kernels' lookup rules where they matter
+    requests += lookup_requests(("skip", "always-last", "anchor-2"))[3:9]  # the kernels' lookup rules where they matter
     served = [engine.submit(p, **kw) for p, kw in requests]
     calls = []
 

@@ -216,7 +216,7 @@ def compile_all(records: Path, arch: int) -> int:
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
             smem, n_regs, status = 0, 0, f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         failures += status != "ok"
-        if status != "ok":
+        if status != "ok" or "+" in str(n_regs):
             status += f" {dict((k, v[1]) for k, v in kwargs)}"
         print(
             f"{module.split('.')[-1] + '.' + name:34s} {len(args):5d} {kw.get('num_warps', 4)!s:>5s} "

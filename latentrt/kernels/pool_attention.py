@@ -4,12 +4,14 @@ A server's K/V (latentrt/kv_pool.py) holds one timeline per resident request. On
 attends to its own row's entries: row ``rows[r]``'s query sits at entry ``entry[r]`` and reads the valid
 entries before it, then its own. Plain layers (prelude, coda) keep entry p of pool row ``rows[r]`` at
 storage row ``rows[r]``. Looped core layers keep several slots per entry (the request's KV mode:
-``modes[rows[r]]`` = (K slots, a kept, drops)), each a storage row of the shared slot rows
+``modes[rows[r]]`` = (K slots, a kept, lookup)), each a storage row of the shared slot rows
 (``table[rows[r], k]``); a row running iteration t writes slot s(t) = min(t, a) + (t - min(t, a)) mod (K - a)
 (t mod K in a ring, min(t, A) in ``anchor-A``) and reads entry p from slot min(s(t), n_p - 1), n_p the
-iterations entry p ran (``written``); with ``drops`` (the ``skip`` mode) an entry before the row's own
-that ran no more than t iterations is not read at all: the write and lookup rules of
-latentrt/kv_modes.py (``KVMode.slot``, ``kept``, ``drops_missing``), per row.
+iterations entry p ran (``written``); with lookup ``DROPS`` (the ``skip`` mode) an entry before the row's
+own that ran no more than t iterations is not read at all; with lookup ``LAST`` (``always-last``), when
+some valid entry before the row's own ran no more than t iterations, every entry is read from its last
+slot n_p - 1 (``lookup_cap``: a per-row scan of ``written`` before the keys). The write and lookup rules of
+latentrt/kv_modes.py (``KVMode.slot``, ``kept``, ``pool_lookup``), per row.
 
 The query's own K/V (``k``, ``v``) are stored at its entry for ``active`` rows and used from registers for
 its own key, so the write and the attention are one launch and the gathered K/V copy of the reference
@@ -27,13 +29,17 @@ import torch
 from torch import Tensor
 
 from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from .reference import missed_iteration
 
 if HAVE_TRITON:
     from .decode_attention import online_softmax_step
 
+# a pool row's lookup (the third column of ``modes``; ``KVMode.pool_lookup``)
+SLOT, DROPS, LAST = 0, 1, 2  # min(s(t), n_p - 1); that, less stale earlier entries (skip); always-last
+
 
 def mode_slot(modes: Tensor, iterations: Tensor) -> Tensor:
-    """The slot each row's iteration writes [R] (``modes`` [R, 3]: the rows' (K, a, drops)): the write rule
+    """The slot each row's iteration writes [R] (``modes`` [R, 3]: the rows' (K, a, lookup)): the write rule
     of the module docstring, ``KVMode.slot`` on tensors."""
     first = torch.minimum(iterations, modes[:, 1])
     return first + (iterations - first) % (modes[:, 0] - modes[:, 1])
@@ -45,13 +51,28 @@ def slot_target(rows: Tensor, table: Tensor, modes: Tensor, iterations: Tensor) 
     return table[rows].gather(1, mode_slot(modes[rows], iterations)[:, None])[:, 0]
 
 
-def slot_rows(rows: Tensor, written: Tensor, table: Tensor, modes: Tensor, iterations: Tensor) -> tuple[Tensor, Tensor]:
+def lookup_cap(
+    rows: Tensor, written: Tensor, valid: Tensor, modes: Tensor, iterations: Tensor, first: Tensor
+) -> Tensor:
+    """The highest slot each launch row's lookups read [R]: s(t), or K - 1 (any: each entry's last) for a
+    ``LAST`` row with a valid entry before its first of this pass (``first`` [R]) that ran no more than t
+    iterations (``missed_iteration``); ``written`` / ``valid`` [N, W]."""
+    m = modes[rows]
+    last = (m[:, 2] == LAST) & missed_iteration(written[rows], valid[rows], iterations, first)
+    return torch.where(last, m[:, 0] - 1, mode_slot(m, iterations))
+
+
+def slot_rows(
+    rows: Tensor, written: Tensor, valid: Tensor, table: Tensor, modes: Tensor, iterations: Tensor, first: Tensor
+) -> tuple[Tensor, Tensor]:
     """A looped layer's storage rows by the rule in the docstring: (the row each launch row writes [R], the
-    row each of its entries is read from [R, W]); ``written`` [N, W] (W: the entries concerned). The pool's
-    reference (``KVPool.core``) and this family's reference both look up slots here."""
+    row each of its entries is read from [R, W]); ``written`` / ``valid`` [N, W] (W: the entries concerned),
+    ``first`` [R] each row's first entry of this pass. The pool's reference (``KVPool.core``) and this
+    family's reference both look up slots here."""
     slot = mode_slot(modes[rows], iterations)
+    cap = lookup_cap(rows, written, valid, modes, iterations, first)
     own = table[rows]
-    lookup = torch.minimum((written[rows] - 1).clamp(min=0), slot[:, None])
+    lookup = torch.minimum((written[rows] - 1).clamp(min=0), cap[:, None])
     return own.gather(1, slot[:, None])[:, 0], own.gather(1, lookup)
 
 
@@ -60,7 +81,7 @@ def dropped(rows: Tensor, written: Tensor, modes: Tensor, iterations: Tensor, fi
     those before the row's first entry of this pass (``first`` [R]) that ran no more than its iteration."""
     p = torch.arange(written.shape[1], device=written.device)[None, :]
     stale = (written[rows] <= iterations[:, None]) & (p < first[:, None])
-    return stale & (modes[rows, 2] != 0)[:, None]
+    return stale & (modes[rows, 2] == DROPS)[:, None]
 
 
 def pool_launch_args(k_buf: Tensor, v_buf: Tensor, valid: Tensor, rows: Tensor, heads: int, looked_up: tuple) -> tuple:
@@ -96,7 +117,7 @@ def reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q [R,H,D]; k, v [R,Hkv,D] the queries' own K/V; k_buf / v_buf [S,Hkv,W,D] one layer's storage;
     rows, entry [R]; valid [N,W] bool and written [N,W] per pool row and entry; active [R] bool; looped
-    layers: table [N,K_max] storage rows of each pool row's slots, modes [N,3] each pool row's (K, a, drops),
+    layers: table [N,K_max] storage rows of each pool row's slots, modes [N,3] each pool row's (K, a, lookup),
     iterations [R] (plain: None).
     Writes k / v at each active row's entry; returns (out [R,H,D], zeros for inactive rows, k_buf, v_buf).
     Sync-free (capturable)."""
@@ -106,7 +127,7 @@ def reference(
         target, phys = rows, rows[:, None].expand(-1, W)
         kept = torch.ones(R, W, dtype=torch.bool, device=q.device)
     else:
-        target, phys = slot_rows(rows, written, table, modes, iterations)
+        target, phys = slot_rows(rows, written, valid, table, modes, iterations, entry)
         kept = ~dropped(rows, written, modes, iterations, entry)
     p = torch.arange(W, device=q.device)[None, :].expand(R, -1)
     own = p == entry[:, None]
@@ -123,13 +144,14 @@ def reference(
     return out, k_buf, v_buf
 
 
-# test pools' KV modes as (K, a, drops), cycled over the rows: shared, ring-3, full, anchor-4, skip (r = 32)
-TEST_MODES = ((1, 0, 0), (3, 0, 0), (32, 0, 0), (5, 4, 0), (32, 0, 1))
+# test pools' KV modes as (K, a, lookup), cycled over the rows: shared, ring-3, full, anchor-4, skip,
+# always-last (r = 32)
+TEST_MODES = ((1, 0, SLOT), (3, 0, SLOT), (32, 0, SLOT), (5, 4, SLOT), (32, 0, DROPS), (32, 0, LAST))
 
 
 def slot_table(batch: int, kv_modes: tuple, g: torch.Generator) -> tuple[Tensor, int, Tensor]:
     """A test pool's slots (this family's and pool_prefill.py's inputs): pool row i in the KV mode
-    ``kv_modes[i mod len]`` ((K, a, drops), cycled), its K slots each its own storage row, in random order.
+    ``kv_modes[i mod len]`` ((K, a, lookup), cycled), its K slots each its own storage row, in random order.
     Returns (modes [N, 3], storage rows, table [N, K_max])."""
     modes = torch.tensor([kv_modes[i % len(kv_modes)] for i in range(batch)])
     storage = int(modes[:, 0].sum())
@@ -209,30 +231,47 @@ if HAVE_TRITON:
         return first + (it - first) % (k - a)
 
     @triton.jit
-    def key_rows(row, t, mask, slot, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table,
+    def row_cap(modes_ptr, valid_ptr, written_ptr, row, it, first, slot, stride_pool, BLOCK_T: tl.constexpr):
+        """The highest slot pool row ``row``'s lookups read at iteration ``it`` (``lookup_cap``): ``slot``
+        (s(t)), or K - 1 for a ``LAST`` row with a valid entry before ``first`` that ran no more than ``it``
+        iterations. Only a ``LAST`` row scans its entries' ``written`` (9 bytes an entry, against its keys'
+        4 D per head)."""
+        lookup = tl.load(modes_ptr + row * 3 + 2)
+        scan = tl.where(lookup == 2, first, 0)
+        missed = tl.zeros((), dtype=tl.int32)
+        for t0 in range(0, scan, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            m = t < scan
+            n_p = tl.load(written_ptr + row * stride_pool + t, mask=m, other=0)
+            ok = tl.load(valid_ptr + row * stride_pool + t, mask=m, other=0) != 0
+            missed += tl.sum((ok & (n_p <= it)).to(tl.int32), 0)
+        return tl.where(missed > 0, tl.load(modes_ptr + row * 3) - 1, slot)
+
+    @triton.jit
+    def key_rows(row, t, mask, cap, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table,
                  LOOPED: tl.constexpr):  # fmt: skip
         """The storage rows of pool row ``row``'s entries ``t`` and which of them it reads (the lookup rule:
-        a looped layer's entry p from slot min(s(t), n_p - 1), ``slot`` = s(t), and in a mode that drops not
-        an entry before ``first`` that ran no more than ``it`` iterations; a plain layer's from the row
-        itself, every one)."""
+        a looped layer's entry p from slot min(``cap``, n_p - 1), ``cap`` = s(t) or ``row_cap``'s, and in a
+        mode that drops not an entry before ``first`` that ran no more than ``it`` iterations; a plain
+        layer's from the row itself, every one)."""
         if LOOPED:
             iters = tl.load(written_ptr + row * stride_pool + t, mask=mask, other=1)
-            pick = tl.minimum(tl.maximum(iters - 1, 0), slot)
-            drops = tl.load(modes_ptr + row * 3 + 2)
-            kept = (iters > it) | (t >= first) | (drops == 0)
+            pick = tl.minimum(tl.maximum(iters - 1, 0), cap)
+            lookup = tl.load(modes_ptr + row * 3 + 2)
+            kept = (iters > it) | (t >= first) | (lookup != 1)
             return tl.load(table_ptr + row * stride_table + pick, mask=mask, other=0), kept
         return tl.zeros(t.shape, dtype=tl.int64) + row, mask
 
     @triton.jit
     def key_block(
-        kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, in_range, slot, it, first,
+        kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, in_range, cap, it, first,
         hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
     ):  # fmt: skip
         """Entries ``t`` of pool row ``row`` for K/V head ``hk``: (which to attend to: in range, valid and
         kept, their keys, their values, both fp32 [len(t), BLOCK_D], zeros where not attended), read from the
         storage rows of ``key_rows``. Shared by this family and pool_prefill.py."""
         phys, kept = key_rows(
-            row, t, in_range, slot, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table, LOOPED
+            row, t, in_range, cap, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table, LOOPED
         )
         ok = in_range & kept & (tl.load(valid_ptr + row * stride_pool + t, mask=in_range, other=0) != 0)
         off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
@@ -284,7 +323,11 @@ if HAVE_TRITON:
         act = tl.load(act_ptr + r) != 0
         n_read = tl.where(act, n, 0)  # an inactive row reads no key
         it = tl.load(it_ptr + r)
-        slot = row_slot(modes_ptr, row, it) if LOOPED else 0
+        if LOOPED:  # (s(t) recomputed for the write below rather than kept live over the key loop)
+            cap = row_cap(modes_ptr, valid_ptr, written_ptr, row, it, n_read, row_slot(modes_ptr, row, it), stride_pool,
+                          BLOCK_T)  # fmt: skip
+        else:
+            cap = 0
         q = tl.load(q_ptr + (r * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
         k_own = tl.load(k_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
         v_own = tl.load(v_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
@@ -294,7 +337,7 @@ if HAVE_TRITON:
         for t0 in range(0, n_read, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
-                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < n_read, slot, it, n,
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < n_read, cap, it, n,
                 hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
             )  # fmt: skip
             scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
@@ -303,7 +346,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + (r * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
         if (h % group == 0) & act:
             if LOOPED:
-                target = tl.load(table_ptr + row * stride_table + slot)
+                target = tl.load(table_ptr + row * stride_table + row_slot(modes_ptr, row, it))
             else:
                 target = row
             dst = target * stride_bs + hk * stride_bh + n * stride_bt + d

@@ -8,10 +8,11 @@ row up to and including its own (the chunk's earlier entries too, written by the
 query (``q_idx``: the pool's trash entry) reads every valid entry before ``end`` (its output is never
 used). Looped core layers read entry p from storage row ``table[rows[r], min(s(t), n_p - 1)]``, t the
 row's iteration and s its mode's write rule, and in a mode that drops (``skip``) no entry before the row's
-chunk that ran no more than t iterations (``pool_attention.slot_rows`` / ``dropped``: the one lookup
-rule). The reference gathers each row's K/V [R, Hkv, end, D] and attends under the mask; the kernel
-streams each row's keys in blocks where they lie (no gathered copy: at Huginn's width a row's K/V is
-about 43 MB per layer at 2K positions).
+chunk that ran no more than t iterations; an ``always-last`` row with such an entry reads every entry from
+slot n_p - 1 (``pool_attention.slot_rows`` / ``dropped`` / ``lookup_cap``: the one lookup rule). The
+reference gathers each row's K/V [R, Hkv, end, D] and attends under the mask; the kernel streams each row's
+keys in blocks where they lie (no gathered copy: at Huginn's width a row's K/V is about 43 MB per layer at
+2K positions).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ._triton import HAVE_TRITON, next_pow2, tl, triton
 from .pool_attention import TEST_MODES, dropped, pool_launch_args, slot_rows, slot_table
 
 if HAVE_TRITON:
-    from .pool_attention import key_block, row_slot
+    from .pool_attention import key_block, row_cap, row_slot
 from .reference import attention
 
 
@@ -45,12 +46,12 @@ def reference(
     """q [R,H,n,D]; k_buf / v_buf [S,Hkv,W,D] one layer's storage (the chunk's K/V already written);
     rows [R]; q_idx [R,n] each query's entry (a row's real queries first); end: the entries concerned (the
     chunk's last + 1); valid / written [N,W] per pool row and entry; looped layers: table [N,K_max], modes
-    [N,3] (K, a, drops), iterations [R] (plain: None). Returns [R,H,n,D]."""
+    [N,3] (K, a, lookup), iterations [R] (plain: None). Returns [R,H,n,D]."""
     kept = torch.ones(len(rows), end, dtype=torch.bool, device=q.device)
     if table is None:
         phys = rows[:, None].expand(-1, end)
     else:
-        _, phys = slot_rows(rows, written[:, :end], table, modes, iterations)
+        _, phys = slot_rows(rows, written[:, :end], valid[:, :end], table, modes, iterations, q_idx[:, 0])
         kept = ~dropped(rows, written[:, :end], modes, iterations, q_idx[:, 0])
     p = torch.arange(end, device=q.device)[None, :].expand_as(phys)
     k = k_buf[phys, :, p].permute(0, 2, 1, 3)  # [R, end, Hkv, D] -> [R, Hkv, end, D]
@@ -65,7 +66,7 @@ def make_inputs(
     device,
     dtype,
     seed: int = 0,
-    batch: int = 4,
+    batch: int = 7,
     n: int = 12,
     context: int = 64,
     kv_modes: tuple = TEST_MODES,
@@ -86,7 +87,7 @@ def make_inputs(
     rows = torch.randperm(batch, generator=g)  # the launch's rows in any order
     lengths = torch.randint(1, n + 1, (batch,), generator=g)
     lengths[0] = n
-    starts = torch.randint(0, context - n, (batch,), generator=g)
+    starts = torch.randint(context // 4, context - n, (batch,), generator=g)  # earlier entries to look up
     iterations = torch.randint(0, 40, (batch,), generator=g)
     valid = torch.zeros(batch, W, dtype=torch.bool)
     written = torch.randint(1, 40, (batch, W), generator=g)
@@ -170,8 +171,12 @@ if HAVE_TRITON:
         q_off = ((r * n_head + h) * n_q + i[:, None]) * D + d[None, :]
         q = tl.load(q_ptr + q_off, mask=im[:, None] & dm[None, :], other=0.0).to(tl.float32)
         it = tl.load(it_ptr + r)
-        slot = row_slot(modes_ptr, row, it) if LOOPED else 0
         first = tl.load(qidx_ptr + r * n_q)  # the row's first entry of this chunk
+        if LOOPED:
+            slot = row_slot(modes_ptr, row, it)
+            cap = row_cap(modes_ptr, valid_ptr, written_ptr, row, it, first, slot, stride_pool, BLOCK_T)
+        else:
+            cap = 0
         m_i = tl.full((BLOCK_Q,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_Q,), tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
@@ -179,7 +184,7 @@ if HAVE_TRITON:
         for t0 in range(0, hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
-                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < hi, slot, it, first,
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < hi, cap, it, first,
                 hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
             )  # fmt: skip
             s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)

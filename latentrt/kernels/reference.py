@@ -52,6 +52,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def missed_iteration(written: Tensor, valid: Tensor, iterations, first) -> Tensor:
+    """The ``always-last`` lookup's test (latentrt/kv_modes.py): which rows [R] hold a valid entry before
+    ``first`` that ran no more than its iteration (``written`` [R, W] iterations run per entry, ``valid``
+    [R, W]; ``iterations`` and ``first``: ints, or per row [R] / device scalars). Such a row's queries read
+    every earlier entry's last iteration. No host read: capturable. The cache's gather and the serving
+    pool's references both ask it here."""
+    p = torch.arange(written.shape[1], device=written.device)[None, :]
+    it = iterations[:, None] if isinstance(iterations, Tensor) and iterations.dim() else iterations
+    start = first[:, None] if isinstance(first, Tensor) and first.dim() else first
+    return (valid & (written <= it) & (p < start)).any(1)
+
+
 # ------------------------------------------------------------------------------------------ activations
 def gelu_new(x: Tensor) -> Tensor:
     """GPT-2's tanh approximation of GELU."""
