@@ -22,7 +22,7 @@ from .memory import check_fits
 from .options import GenerateOptions
 from .penalties import NAMES as PENALTIES
 from .penalties import LogitPenalties
-from .prompts import make_batch
+from .prompts import make_batch, prompt_texts
 from .sampling import SequenceRNG, sample
 from .sequence_text import SequenceText
 from .stop_strings import StopStrings
@@ -108,6 +108,10 @@ class Generation:
         self.model, self.options = model, options
         hooks = HookList(options.hooks)
         self.decoder = family.decoder(model, options, hooks)
+        texts = prompt_texts(prompt)
+        if texts is not None and model.tokenizer is not None:
+            texts = self.decoder.prepare_text(texts)
+            prompt = texts[0] if isinstance(prompt, str) else texts
         batch = make_batch(prompt, model.tokenizer, model.config, model.device, attention_mask, strict=options.strict)
         self.batch = self.decoder.prepare_prompt(batch)
         B = self.batch.ids.shape[0]

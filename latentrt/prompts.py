@@ -124,6 +124,15 @@ class UnknownWordsWarning(UserWarning):
     """A prompt had words outside the tokenizer's vocabulary."""
 
 
+def prompt_texts(prompt) -> list[str] | None:
+    """The texts of a text prompt (a str or a list of str), or None for the other prompt forms."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return None
+
+
 def make_batch(
     prompt,
     tokenizer,
@@ -134,13 +143,12 @@ def make_batch(
     strict: bool = False,
 ) -> Batch:
     """Turn any accepted prompt form into a left-padded batch (``strict``: unknown words are an error)."""
-    single = False
-    if isinstance(prompt, str):
-        prompt, single = [prompt], True
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+    single = isinstance(prompt, str)
+    texts = prompt_texts(prompt)
+    if texts is not None:
         if tokenizer is None:
             raise InputError("this model has no tokenizer.json: pass token ids instead of text")
-        seqs = encode_text(tokenizer, list(prompt), strict)
+        seqs = encode_text(tokenizer, texts, strict)
     elif (
         isinstance(prompt, (list, tuple))
         and prompt

@@ -132,6 +132,34 @@ def test_curriculum_uses_the_published_text_format():
     assert thought_prompt(tok, rec.question, 2) == enc(rec.question + "\n") + [start, lat, lat, end]
 
 
+def test_generate_appends_thoughts_in_the_published_text_format():
+    """generate() on a text prompt puts the newline Coconut's data has before the markers it appends
+    (``question + "\\n"``, then ``<|start-latent|>``, k ``<|latent|>``, ``<|end-latent|>``: the eval prompt),
+    not a second one, none when the text carries markers or when no markers are appended, and never
+    changes a token-id prompt."""
+    from latentrt.decode.coconut import thought_prompt
+    from latentrt.engine import Generation
+    from latentrt.families import build_model, parse_config
+    from latentrt.options import GenerateOptions
+
+    tok = _byte_level_tokenizer()
+    ids = tok.token_to_id
+    markers = dict(latent_id=ids("<|latent|>"), start_latent_id=ids("<|start-latent|>"))
+    cfg = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, n_positions=128, vocab_size=tok.get_vocab_size())
+    model = build_model(parse_config(dict(cfg, **markers, end_latent_id=ids("<|end-latent|>"))), seed=0)
+    model.tokenizer = tok
+    ran = lambda prompt, **kw: Generation(model, prompt, GenerateOptions(max_new_tokens=1, **kw)).batch.ids.tolist()  # noqa: E731
+    q = generate_problem(__import__("random").Random(5), 2).question
+    assert ran(q, num_thoughts=2) == [thought_prompt(tok, q, 2)]
+    assert ran(q + "\n", num_thoughts=0) == [thought_prompt(tok, q, 0)]  # its own newline, not a second
+    tail = [ids(m) for m in ("<|start-latent|>", "<|latent|>", "<|end-latent|>")]
+    assert ran([q, "Is Tom a cat?"], num_thoughts=1)[1][-5:] == tok.encode("?\n").ids + tail  # each text
+    written = q + "\n<|start-latent|><|latent|><|end-latent|>"
+    assert ran(written) == [tok.encode(written).ids]  # markers in the text: the text as written
+    assert ran(q) == [tok.encode(q).ids]  # no training.json: no thoughts appended, no newline
+    assert ran(tok.encode(q).ids, num_thoughts=1) == [tok.encode(q).ids + tail]  # ids: as given
+
+
 def test_evaluation_uses_the_published_answer_rule():
     """Coconut's run.py: the decoded prompt and output after the last '#', commas removed, against the
     answer without commas; an output without '#' is judged on the whole decoded text (so it fails)."""

@@ -55,6 +55,11 @@ class Decoder:
         """Continuous thoughts run for the prompt (0 for families without them)."""
         return 0
 
+    def prepare_text(self, texts: list[str]) -> list[str]:
+        """Text prompts as the family's format wants them before tokenization (e.g. Coconut's newline before
+        the markers ``prepare_prompt`` appends); token-id prompts never come here."""
+        return texts
+
     def prepare_prompt(self, batch: Batch) -> Batch:
         """The batch as the model runs it (e.g. with appended thought markers)."""
         return batch

@@ -2,7 +2,9 @@
 
 The prompt's ``<|latent|>`` positions are continuous thoughts: each is a single-position pass whose input
 is the previous position's last hidden state (models/coconut.py, ``run_prompt``). ``num_thoughts=k``
-appends ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` to the prompt. Answer tokens are
+appends ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` to the prompt (by default the trained
+count, when no prompt carries markers), after a newline that ends a text prompt, as the published data
+format has it (``question + "\n"``, then the markers). Answer tokens are
 single-position passes too; both go through the backend's column runner where it has one (fused layers,
 one CUDA graph), else through the model's modules.
 """
@@ -85,13 +87,27 @@ class CoconutDecoder(Decoder):
     def num_thoughts(self) -> int:
         return self._thoughts
 
-    def prepare_prompt(self, batch: Batch) -> Batch:
-        """Append k thoughts: ``num_thoughts=k``, or by default the count the model was trained with (its
-        training.json) when no prompt carries latent markers already."""
+    def _thoughts_to_append(self, carries_markers) -> int | None:
+        """k thoughts to append: ``num_thoughts=k``, or by default the count the model was trained with (its
+        training.json) when no prompt carries latent markers already (``carries_markers()``); None: none."""
         k = self.options.num_thoughts
-        start, latent, end = self.model.marker_ids
-        if k is None and latent is not None and not bool((batch.ids == start).any()):
+        if k is None and self.model.marker_ids[1] is not None and not carries_markers():
             k = trained_thoughts(self.model)[1] or None
+        return k
+
+    def prepare_text(self, texts: list[str]) -> list[str]:
+        """End each text in a newline when markers will be appended (``thought_prompt``'s format, Coconut's
+        ``question + "\n"``); a text that ends in one already keeps it alone."""
+        start = self.model.marker_ids[0]
+        marker = self.model.tokenizer.id_to_token(start) if start is not None else None
+        if self._thoughts_to_append(lambda: marker is not None and any(marker in t for t in texts)) is None:
+            return texts
+        return [t if t.endswith("\n") else t + "\n" for t in texts]
+
+    def prepare_prompt(self, batch: Batch) -> Batch:
+        """Append k thoughts (``_thoughts_to_append``)."""
+        start, latent, end = self.model.marker_ids
+        k = self._thoughts_to_append(lambda: bool((batch.ids == start).any()))
         if k is None:
             return batch
         B = batch.ids.shape[0]
