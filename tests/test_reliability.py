@@ -124,8 +124,14 @@ def test_weights_and_trainer_state_from_different_saves_are_refused(tmp_path):
         )
 
 
-def test_coconut_resume_is_exact(tmp_path, monkeypatch):
-    cur = Curriculum("coconut", max_stage=1)  # 3 stages, 2 steps each
+@pytest.mark.parametrize(
+    "cur",
+    [
+        Curriculum("coconut", max_stage=1),  # 3 stages, 2 steps each
+        Curriculum("coconut", max_stage=1, epochs=3, epochs_per_stage=1),  # the published schedule: epochs
+    ],
+)
+def test_coconut_resume_is_exact(tmp_path, monkeypatch, cur):
     opts = dict(steps=6, batch_size=2, progress=False, warmup=1)
     straight = _gpt2()
     train_coconut(straight, TOK, RECORDS, TrainOptions(**opts), cur)

@@ -264,6 +264,46 @@ def test_coconut_curriculum_trains_and_hooks_run(tmp_path):
     assert latentrt.load(tmp_path, device="cpu").config.latent_id == TOK.token_to_id("<|latent|>")
 
 
+def test_the_published_coconut_epoch_schedule():
+    """Coconut's run.py: epoch e trains stage e // epochs_per_stage (every stage past max_stage is the final
+    one); args/*_coconut.yaml: ProsQA / ProntoQA 6 stages x 5 epochs in 50, GSM8k 3 x 3 in 25 (2 thoughts)."""
+    pros = Curriculum.published("prosqa")
+    assert (pros.max_stage, pros.thoughts_per_step, pros.epochs) == (6, 1, 50)
+    assert [pros.stage_of_epoch(e) for e in range(50)] == [min(e // 5, 7) for e in range(50)]
+    gsm = Curriculum.published("gsm")
+    assert [gsm.stage_of_epoch(e) for e in range(25)] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 13
+    assert gsm.thoughts_per_step == 2 and Curriculum.published("gsm", "cot").stage_of_epoch(20) == 0
+    for bad in (dict(epochs=0), dict(epochs=2, epochs_per_stage=0)):
+        with pytest.raises(InputError, match=next(iter(bad)) if "per" not in str(bad) else "epochs_per_stage"):
+            Curriculum(**bad).validate()
+    with pytest.raises(InputError, match="no published Coconut curriculum"):
+        Curriculum.published("mnist")
+
+
+def test_coconut_epochs_pass_over_every_record_and_reset_the_optimizer(monkeypatch):
+    """With ``Curriculum.epochs`` each epoch is one shuffled pass over the records (each once, in batches,
+    the last short), on its stage's encoding, and the optimizer is made anew at every epoch (the published
+    ``reset_optimizer``); the log says each step's epoch and stage."""
+    import latentrt.train.coconut as coconut
+
+    recs = generate_dataset(7, (1, 2))
+    cur = Curriculum("coconut", max_stage=1, epochs=5, epochs_per_stage=2)
+    seen, made = [], []
+    collate, make = coconut.collate, coconut.make_optimizer
+    monkeypatch.setattr(coconut, "collate", lambda ex, *a: seen.append(ex) or collate(ex, *a))
+    monkeypatch.setattr(coconut, "make_optimizer", lambda *a: made.append(1) or make(*a))
+    log = train_coconut(_gpt2(), TOK, recs, TrainOptions(steps=1, batch_size=3, progress=False), cur)
+    assert [(e["epoch"], e["stage"]) for e in log] == [(ep + 1, min(ep // 2, 2)) for ep in range(5) for _ in range(3)]
+    assert len(made) == 5 and [len(b) for b in seen] == [3, 3, 1] * 5
+    orders = []
+    for ep in range(5):
+        drawn = [ex for batch in seen[3 * ep : 3 * ep + 3] for ex in batch]
+        want = [encode(TOK, r, cur, min(ep // 2, 2)) for r in recs]
+        assert sorted(map(str, drawn)) == sorted(map(str, want)), ep  # every record once, at its stage
+        orders.append([want.index(ex) for ex in drawn])
+    assert len({tuple(o) for o in orders}) > 1, "a fresh shuffle per epoch"
+
+
 def test_malformed_data_files(tmp_path):
     p = tmp_path / "d.json"
     cases = [

@@ -2,7 +2,11 @@
 
 At stage s (0 <= s <= max_stage) the first s reasoning steps are removed and s*c thoughts inserted between
 <|start-latent|> and <|end-latent|>; after the last stage every step is removed and the thoughts stay at
-max_stage*c. The optimizer is reset at every stage change; the loss covers only the remaining steps and
+max_stage*c. Two schedules: ``opts.steps`` optimizer steps split evenly over the stages, each drawing random
+batches and resetting the optimizer at its start; or, with ``Curriculum.epochs``, the published one (Coconut's
+run.py): epoch e trains stage e // ``epochs_per_stage`` (the final stage from max_stage + 1 on), each epoch
+one shuffled pass over the records in batches, the optimizer reset at every epoch (its ``reset_optimizer``,
+on in every published config). The loss covers only the remaining steps and
 the answer (not the question, the markers or the thoughts). Thoughts run as KV-cached single-position
 passes (the runtime's own run_prompt over a differentiable cache), so gradients flow through the chain.
 Baselines by mode: ``cot`` (steps in language), ``nocot`` (answer only), ``pause`` (the same layout as
@@ -36,9 +40,40 @@ class Curriculum:
     mode: str = "coconut"
     max_stage: int = 3  # stages 0..max_stage, then a final stage with every step removed
     thoughts_per_step: int = 1  # c
+    epochs: int | None = None  # None: opts.steps split over the stages; else the published epoch schedule
+    epochs_per_stage: int = 1
+
+    @classmethod
+    def published(cls, dataset: str = "prosqa", mode: str = "coconut") -> Curriculum:
+        """The curriculum of Coconut's args/{dataset}_coconut.yaml: ProsQA and ProntoQA 6 stages of 1 thought,
+        5 epochs each, 50 epochs; GSM8k 3 stages of 2 thoughts, 3 epochs each, 25 epochs."""
+        table = {"prosqa": (6, 1, 50, 5), "prontoqa": (6, 1, 50, 5), "gsm": (3, 2, 25, 3)}
+        if dataset not in table:
+            raise InputError(f"no published Coconut curriculum for {dataset!r}; known: {sorted(table)}")
+        max_stage, c, epochs, per_stage = table[dataset]
+        return cls(mode, max_stage, c, epochs, per_stage)
 
     def stages(self) -> list[int]:
         return list(range(self.max_stage + 2)) if self.mode in ("coconut", "pause") else [0]
+
+    def stage_of_epoch(self, epoch: int) -> int:
+        """The published schedule: stage epoch // epochs_per_stage (0 for cot / nocot); every stage past
+        max_stage is the final one (they encode alike)."""
+        if self.mode not in ("coconut", "pause"):
+            return 0
+        return min(epoch // self.epochs_per_stage, self.max_stage + 1)
+
+    def validate(self) -> None:
+        if self.epochs is not None and (
+            isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1
+        ):
+            raise InputError(f"epochs must be an integer >= 1 or None, got {self.epochs!r}")
+        if (
+            isinstance(self.epochs_per_stage, bool)
+            or not isinstance(self.epochs_per_stage, int)
+            or self.epochs_per_stage < 1
+        ):
+            raise InputError(f"epochs_per_stage must be an integer >= 1, got {self.epochs_per_stage!r}")
 
     def thoughts_at(self, stage: int, n_steps: int) -> tuple[int, int]:
         """(steps removed, thoughts inserted) at ``stage``."""
@@ -110,6 +145,40 @@ def stage_steps(total: int, n_stages: int) -> list[int]:
     return [per] * (n_stages - 1) + [total - per * (n_stages - 1)]
 
 
+@dataclass
+class Segment:
+    """A run of optimizer steps on one stage's data with one optimizer (made at its start) and one
+    learning-rate schedule: a stage of the step schedule, or an epoch of the published one."""
+
+    stage: int
+    steps: int
+    epoch: int | None = None  # the published schedule: its epoch, whose batches come from ``batches``
+
+    def batches(self, n_records: int, batch_size: int, seed: int, rank: int, world: int) -> list[list[int]]:
+        """The epoch's batches of record indices on this process: one seeded shuffle of every record (the
+        same on every process; ints only, so no hash randomisation), padded with its first records to a
+        multiple of ``world`` as torch's DistributedSampler pads, its share ``rank::world`` in order, cut into
+        batches (the last may be short): every process runs as many."""
+        order = list(range(n_records))
+        random.Random((seed, self.epoch).__hash__()).shuffle(order)
+        order += order[: -len(order) % world]
+        mine = order[rank::world]
+        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def schedule(cur: Curriculum, opts: TrainOptions, n_records: int, world: int) -> list[Segment]:
+    """The segments of a run: one per stage (``opts.steps`` split evenly), or with ``cur.epochs`` one per epoch
+    (as many steps as its batches)."""
+    if cur.epochs is None:
+        lengths = stage_steps(opts.steps, len(cur.stages()))
+        if min(lengths) < 1:
+            raise InputError(f"steps={opts.steps} is fewer than the curriculum's {len(cur.stages())} stages")
+        return [Segment(stage, n) for stage, n in zip(cur.stages(), lengths)]
+    per_process = -(-n_records // world)  # ceil: the sampler's padding
+    steps = -(-per_process // opts.batch_size)
+    return [Segment(cur.stage_of_epoch(e), steps, e) for e in range(cur.epochs)]
+
+
 def train_coconut(
     model: nn.Module,
     tokenizer,
@@ -120,21 +189,20 @@ def train_coconut(
     hooks=None,
     resume: str | None = None,
 ) -> list[dict]:
-    """Train in place through every stage; ``opts.steps`` optimizer steps in all, split evenly over the
-    stages (each stage resets the optimizer, as published, and runs its own schedule: warmup + cosine, or
-    the published constant rate with ``TrainOptions.coconut_published()``).
+    """Train in place through every stage (``schedule``): ``opts.steps`` optimizer steps split evenly over
+    the stages, or with ``cur.epochs`` the published epochs (``Curriculum.published``); each segment resets
+    the optimizer, as published, and runs its own learning-rate schedule (warmup + cosine, or the published
+    constant rate with ``TrainOptions.coconut_published()``).
     Returns the log. ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
+    cur.validate()
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
     pad = tokenizer.token_to_id("<|pad|>")
     loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
-    stages = cur.stages()
-    lengths = stage_steps(opts.steps, len(stages))
-    if min(lengths) < 1:
-        raise InputError(f"steps={opts.steps} is fewer than the curriculum's {len(stages)} stages")
+    segments = schedule(cur, opts, len(records), world)
     extra = lambda stage: {"stage": stage, "curriculum": cur.__dict__}  # noqa: E731
     done, resumed = 0, None
     if resume:
@@ -142,23 +210,29 @@ def train_coconut(
         resumed = load_training(resume, model, optimizer)
         done = resumed["step"]
     log: list[dict] = []
-    start_of_stage = 0
-    for stage, n in zip(stages, lengths):
-        stage_opts = replace(opts, steps=n)  # the learning-rate schedule runs over the stage
+    start_of_stage, data, encoded = 0, None, None
+    for seg in segments:
+        stage, n = seg.stage, seg.steps
+        stage_opts = replace(opts, steps=n)  # the learning-rate schedule runs over the segment
         first = max(done - start_of_stage, 0)
-        if first >= n:  # a stage finished before the resumed checkpoint
+        if first >= n:  # a segment finished before the resumed checkpoint
             start_of_stage += n
             continue
-        data = [encode(tokenizer, r, cur, stage) for r in records]
+        if encoded != stage:
+            data, encoded = [encode(tokenizer, r, cur, stage) for r in records], stage
         if resumed is None or first == 0:
-            optimizer = make_optimizer(model, opts)  # reset at every stage change, as published
+            optimizer = make_optimizer(model, opts)  # reset at every stage change / epoch, as published
         resumed = None
-        bar = tqdm(
-            range(first, n), desc=f"{cur.mode} stage {stage}", disable=not (opts.progress and distributed.is_main())
-        )
+        batches = None if seg.epoch is None else seg.batches(len(records), opts.batch_size, opts.seed, rank, world)
+        where = f"stage {stage}" + ("" if seg.epoch is None else f" epoch {seg.epoch + 1}")
+        bar = tqdm(range(first, n), desc=f"{cur.mode} {where}", disable=not (opts.progress and distributed.is_main()))
         for step in bar:
-            rng = random.Random((opts.seed, rank, stage, step).__hash__())
-            ids, mask, labels = collate([data[rng.randrange(len(data))] for _ in range(opts.batch_size)], pad, device)
+            if batches is None:
+                rng = random.Random((opts.seed, rank, stage, step).__hash__())
+                picked = [rng.randrange(len(data)) for _ in range(opts.batch_size)]
+            else:
+                picked = batches[step]
+            ids, mask, labels = collate([data[i] for i in picked], pad, device)
             if ids.shape[1] > model.config.n_positions:
                 raise InputError(f"a training sequence has {ids.shape[1]} tokens > n_positions")
             with autocast(device):
@@ -166,6 +240,7 @@ def train_coconut(
             gnorm = optimizer_step(loss_fn, optimizer, loss, step, stage_opts)
             entry = {
                 "stage": stage,
+                **({} if seg.epoch is None else {"epoch": seg.epoch + 1}),
                 "step": step + 1,
                 "loss": distributed.mean(loss.item(), device),
                 "grad_norm": gnorm,

@@ -38,8 +38,9 @@ class TrainOptions:
     def coconut_published(cls, **overrides) -> TrainOptions:
         """The optimiser of Coconut's run.py and args/*_coconut.yaml: AdamW at a constant lr 1e-4 (no warmup, no
         decay), weight decay 0.01 on every parameter, torch's default betas, no clipping, batch 32 per
-        process. (Its data order, epochs of 5 per stage, is not reproduced: latentrt draws each step's batch
-        and splits ``steps`` evenly over the stages.)"""
+        process. Its epochs (stages of 5 epochs, each a shuffled pass, the optimizer reset every epoch) come
+        from the curriculum: ``Curriculum.published`` (latentrt/train/coconut.py); the shuffle is latentrt's
+        own seeded one, not the datasets library's."""
         published = dict(lr=1e-4, weight_decay=0.01, warmup=0, min_lr_ratio=1.0, grad_clip=None)
         published.update(betas=(0.9, 0.999), decay_everything=True, batch_size=32)
         return cls(**{**published, **overrides})
