@@ -402,6 +402,9 @@ def cmd_info(args) -> int:
     for name, why in availability(model).items():
         print(f"  {name}: {why}")
     print(f"parameters: {n_params:,}")
+    defaults = getattr(model, "generation_defaults", None) or {}
+    shown = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none (greedy)"
+    print(f"sampling defaults (generation_config.json): {shown}")
     print("config:")
     for k, v in cfg.to_dict().items():
         print(f"  {k}: {v}")

@@ -86,7 +86,8 @@ def generate(
     Returns a GenerationResult, or with ``stream=True`` a GenerationStream yielding one StreamEvent per
     generated position (its ``.result`` is set at the end). All arguments are checked before any work.
     """
-    run = Generation(model, prompt, GenerateOptions.build(options, **kwargs), attention_mask)
+    opts = GenerateOptions.build(options, getattr(model, "generation_defaults", None), **kwargs)
+    run = Generation(model, prompt, opts, attention_mask)
     if stream:
         return GenerationStream(run.events(stream=True))
     events = run.events(stream=False)

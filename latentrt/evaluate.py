@@ -45,7 +45,10 @@ def evaluate(
     progress: bool = True,
     **gen_kwargs,
 ) -> dict:
-    """Per-difficulty accuracy, mean generated tokens and mean latent iterations per token."""
+    """Per-difficulty accuracy, mean generated tokens and mean latent iterations per token. Greedy unless
+    ``temperature`` is given (as the published evaluations and lm-evaluation-harness score), whatever
+    sampling defaults the checkpoint's generation_config.json has."""
+    gen_kwargs.setdefault("temperature", 0.0)
     if model.tokenizer is None:
         raise InputError("evaluation needs a model with a tokenizer.json")
     decoder = family_for(model).decoder

@@ -11,6 +11,7 @@ from .checkpoint import load_tokenizer, load_weights, read_config, read_generati
 from .errors import ConfigError, InputError
 from .families import family_of, parse_config
 from .memory import check_fits
+from .options import generation_defaults
 
 _DTYPES = {
     "float32": torch.float32,
@@ -64,6 +65,7 @@ def load(
     model.eval()
     model.tokenizer = tokenizer
     model.eos_token_id = eos
+    model.generation_defaults = generation_defaults(gen_cfg, str(folder / "generation_config.json"))
     model.source, model.folder = str(path), folder
     model.backend = get_backend(backend, model)
     return model

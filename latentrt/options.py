@@ -3,6 +3,9 @@
 Generic options (length, sampling, stopping, hooks) are checked here; the family-specific ones are checked
 by the family's decoder (latentrt/decode/), which names the ones it takes (``OPTIONS``): an option some
 family takes but the model's family does not is an error when set to anything but its default.
+
+A checkpoint's generation_config.json may carry sampling defaults (``generation_defaults``): they fill the
+options a call leaves unset, as HF's generate and the published Huginn sampler read that file.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .dry import check_dry
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
 
@@ -65,8 +68,15 @@ class GenerateOptions:
     return_logits: bool = False
 
     @classmethod
-    def build(cls, options: GenerateOptions | None = None, **kwargs) -> GenerateOptions:
-        """``options`` (or the defaults) with ``kwargs`` replacing fields; unknown names are an error."""
+    def build(
+        cls, options: GenerateOptions | None = None, model_defaults: dict | None = None, **kwargs
+    ) -> GenerateOptions:
+        """``options`` (or the defaults) with ``kwargs`` replacing fields; unknown names are an error.
+        ``model_defaults`` (a model's ``generation_defaults``) fill the fields neither sets (a field of
+        ``options`` left at latentrt's default counts as unset: give such a value as a keyword)."""
+        if model_defaults:
+            unset = {k: v for k, v in model_defaults.items() if not (options is not None and options.is_set(k))}
+            kwargs = {**unset, **kwargs}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -102,3 +112,29 @@ class GenerateOptions:
         for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def generation_defaults(gen_cfg: dict, source: str) -> dict:
+    """generate() defaults from a checkpoint's generation_config.json (``gen_cfg``), read as the published
+    Huginn sampler reads it (``_sample_next_token`` on the model's generation config): ``repetition_penalty``
+    always; with ``do_sample`` true ``temperature`` (absent, null or 0: 1, as its ``if temperature:``),
+    ``top_k``, ``top_p``, ``min_p``; fields absent, null or neutral give nothing (no implicit top_k of 50: a
+    transformers 4 default, gone in 5). A value generate() would refuse is a ConfigError naming the file."""
+    out = {}
+    rep = gen_cfg.get("repetition_penalty")
+    if rep is not None and rep != 1:
+        out["repetition_penalty"] = rep
+    if gen_cfg.get("do_sample") is True:
+        out["temperature"] = gen_cfg.get("temperature") or 1.0
+        top_k, top_p, min_p = (gen_cfg.get(name) for name in ("top_k", "top_p", "min_p"))
+        if top_k not in (None, 0):
+            out["top_k"] = top_k
+        if top_p is not None and top_p != 1:
+            out["top_p"] = top_p
+        if min_p not in (None, 0):
+            out["min_p"] = min_p
+    try:
+        GenerateOptions(**out).validate()
+    except InputError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return out

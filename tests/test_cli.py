@@ -11,6 +11,10 @@ def test_info(recurrent_dir, capsys):
     assert "parameters:" in out and "KV bytes per token (r=8)" in out and "shared" in out
     assert "backend: torch" in out
     assert "  triton: " in out and "  cuda: " in out  # each backend: available, or why not
+    assert "sampling defaults (generation_config.json): none (greedy)" in out
+    (recurrent_dir / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6}')
+    assert main(["info", str(recurrent_dir)]) == 0
+    assert "sampling defaults (generation_config.json): temperature=0.6" in capsys.readouterr().out
 
 
 def test_generate_recurrent(recurrent_dir, capsys):

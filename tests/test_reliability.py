@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_coconut, tiny_recurrent
+from conftest import WORDS, tiny_coconut, tiny_recurrent
 from safetensors.torch import save_file
 
 import latentrt
@@ -259,6 +259,52 @@ def test_generation_config_eos_list_stops_on_every_id(tmp_path):
     for bad in ("[1, 2", '"text"', "[1]", '{"eos_token_id": [1, "x"]}'):
         (tmp_path / "generation_config.json").write_text(bad)
         with pytest.raises(ConfigError, match="generation_config.json"):
+            latentrt.load(tmp_path, device="cpu")
+
+
+def test_generation_config_sampling_defaults_fill_the_unset_options(tmp_path, monkeypatch):
+    """A checkpoint's generation_config.json sampling fields, read as the published Huginn sampler reads
+    them (do_sample gates temperature / top_k / top_p / min_p; repetition_penalty always), are generate()'s
+    defaults: a call that sets none of them samples as if it had passed them; one given as a keyword (or set
+    on a GenerateOptions) wins; without do_sample only the penalty applies; a bad value is a ConfigError."""
+    from latentrt.options import GenerateOptions
+    from latentrt.records import as_records
+
+    save_checkpoint(tiny_recurrent(seed=5), tmp_path, tie_key="lm_head.weight")
+    kw = dict(max_new_tokens=10, num_steps=3, init_scale=0.0, default_stops=False, seed=7)
+    plain = latentrt.load(tmp_path, device="cpu")
+    assert plain.generation_defaults == {}
+    cfg = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 1.0, "repetition_penalty": 1.3}
+    (tmp_path / "generation_config.json").write_text(json.dumps(cfg))
+    model = latentrt.load(tmp_path, device="cpu")
+    assert model.generation_defaults == {"temperature": 0.7, "top_k": 5, "repetition_penalty": 1.3}
+    given = dict(temperature=0.7, top_k=5, repetition_penalty=1.3)
+    sampled = latentrt.generate(model, [5, 6, 7], **kw).tokens
+    assert sampled == latentrt.generate(plain, [5, 6, 7], **kw, **given).tokens
+    assert sampled != latentrt.generate(plain, [5, 6, 7], **kw).tokens  # the defaults change the answer
+    greedy = latentrt.generate(model, [5, 6, 7], temperature=0, **kw).tokens  # a keyword wins
+    assert greedy == latentrt.generate(plain, [5, 6, 7], temperature=0, repetition_penalty=1.3, **kw).tokens
+    opts = GenerateOptions(top_k=2)  # set on an options object: it wins too
+    assert (
+        latentrt.generate(model, [5, 6, 7], opts, **kw).tokens
+        == latentrt.generate(plain, [5, 6, 7], **kw, **dict(given, top_k=2)).tokens
+    )
+    import latentrt.evaluate as evaluation  # scoring stays greedy: what its generate() call ran
+
+    ran = []
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: ran.append(latentrt.generate(*a, **k)) or ran[-1])
+    recs = as_records([dict(question=" ".join(WORDS[i : i + 4]), steps=[], answer=WORDS[i]) for i in range(3)])
+    evaluation.evaluate(model, recs, num_steps=3, init_scale=0.0, progress=False, max_new_tokens=6)
+    prompts = [model.tokenizer.encode(r.question).ids for r in recs]
+    greedy = latentrt.generate(plain, prompts, num_steps=3, init_scale=0.0, max_new_tokens=6, repetition_penalty=1.3)
+    assert ran[0].tokens == greedy.tokens
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(cfg, do_sample=False)))
+    assert latentrt.load(tmp_path, device="cpu").generation_defaults == {"repetition_penalty": 1.3}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": None}))
+    assert latentrt.load(tmp_path, device="cpu").generation_defaults == {"temperature": 1.0}  # as `if temperature:`
+    for bad, field in (({"do_sample": True, "top_p": 2}, "top_p"), ({"repetition_penalty": -1}, "repetition")):
+        (tmp_path / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):
             latentrt.load(tmp_path, device="cpu")
 
 

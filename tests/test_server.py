@@ -122,6 +122,25 @@ def test_completions_equal_generate_alone(recurrent_server):
         assert r.usage.latent_iterations == sum(alone.steps)
 
 
+def test_a_request_without_temperature_samples_at_the_models_default_or_openais(recurrent_server, tmp_path):
+    """vLLM's rule: a request that gives no temperature gets the model's generation_config.json default
+    (with its other sampling defaults, as generate() applies them), else OpenAI's 1."""
+    url, _, model = recurrent_server
+    body = {"prompt": [5, 6, 7], "max_tokens": 8, "seed": 11, "default_stops": False}
+    want = latentrt.generate(model, [5, 6, 7], max_new_tokens=8, seed=11, default_stops=False, temperature=1.0)
+    choice = lambda url: httpx.post(f"{url}/v1/completions", json=dict(body, model="tiny")).json()["choices"][0]  # noqa: E731
+    assert choice(url)["latentrt"]["token_ids"] == want.tokens
+    save_checkpoint(tiny_recurrent(seed=3), tmp_path, tie_key="lm_head.weight")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.4, "top_k": 3}))
+    sampler = latentrt.load(tmp_path, device="cpu")
+    with serving(sampler) as (url2, _):
+        got = choice(url2)["latentrt"]["token_ids"]
+    alone = latentrt.generate(
+        model, [5, 6, 7], max_new_tokens=8, seed=11, default_stops=False, temperature=0.4, top_k=3
+    )
+    assert got == alone.tokens != want.tokens
+
+
 def test_streaming_equals_generate_alone(recurrent_server):
     url, _, model = recurrent_server
     body = mixed_requests(6)[5]

@@ -41,6 +41,7 @@ from .protocol import (
     parse_tokenize,
     token_text,
     usage,
+    with_openai_defaults,
 )
 
 POLL_SECONDS = 0.1  # how often a waiting non-streaming request checks that its client is still there
@@ -124,7 +125,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
                         echo=parsed.echo,
                         score_only=parsed.score_only,
                         text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
-                        **opts,
+                        **with_openai_defaults(opts, getattr(engine.model, "generation_defaults", None)),
                     )
                 )
         except Exception:

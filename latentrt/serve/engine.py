@@ -285,7 +285,7 @@ class Engine:
         need it at every token (no per-token decoding work for the rest); ``score_only`` (with
         ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
         (``max_new_tokens`` is then only checked)."""
-        opts = GenerateOptions.build(options, **kwargs)
+        opts = GenerateOptions.build(options, getattr(self.model, "generation_defaults", None), **kwargs)
         number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
         if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")

@@ -102,7 +102,8 @@ def _flag(body: dict, name: str) -> bool:
 def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
     opts = {name: body[name] for name in LATENT_FIELDS if name in body and body[name] is not None}
     opts["max_new_tokens"] = default_max if max_tokens is None else max_tokens
-    opts["temperature"] = body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0
+    if body.get("temperature") is not None:  # absent: the model's default, else OpenAI's (``with_openai_defaults``)
+        opts["temperature"] = body["temperature"]
     if body.get("top_p") is not None:
         opts["top_p"] = body["top_p"]
     if body.get("seed") is not None:
@@ -190,6 +191,17 @@ def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
             out_prompts.append(p)
             out_opts.append(o)
     return Parsed(out_prompts, out_opts, False, False)
+
+
+OPENAI_TEMPERATURE = 1.0  # a request without a temperature samples at 1 (OpenAI's API)
+
+
+def with_openai_defaults(opts: dict, model_defaults: dict | None) -> dict:
+    """A choice's generate() options with OpenAI's temperature where neither the request nor the model's
+    generation_config.json (``model_defaults``, which generate() applies itself) gives one: vLLM's rule."""
+    if "temperature" in opts or "temperature" in (model_defaults or {}):
+        return opts
+    return {**opts, "temperature": OPENAI_TEMPERATURE}
 
 
 def parse_completion(body) -> Parsed:
