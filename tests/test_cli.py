@@ -50,6 +50,23 @@ def test_generate_json_batch_stream(recurrent_dir, capsys):
     assert main(["generate", str(recurrent_dir), "every cat", "--max-new-tokens", "3", "--stream"]) == 0
 
 
+def test_generate_takes_the_checkpoints_sampling_defaults_unless_a_flag_is_given(recurrent_dir, capsys):
+    """A flag not given is left to generate(), so a checkpoint's generation_config.json sampling defaults
+    apply (as in the API); ``--temperature 0`` overrides them."""
+    import latentrt
+
+    (recurrent_dir / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.9, "top_k": 4}')
+    model = latentrt.load(recurrent_dir, device="cpu")
+    kw = dict(max_new_tokens=8, seed=3, default_stops=False, init_scale=0.0)
+    flags = ["--max-new-tokens", "8", "--seed", "3", "--no-default-stops", "--init-scale", "0", "--json"]
+    for extra, want in (([], {}), (["--temperature", "0"], {"temperature": 0.0})):
+        assert main(["generate", str(recurrent_dir), "every cat is", *flags, *extra]) == 0
+        got = json.loads(capsys.readouterr().out)["tokens"]
+        assert got == latentrt.generate(model, "every cat is", **kw, **want).tokens
+    sampled = latentrt.generate(model, "every cat is", **kw).tokens
+    assert sampled != latentrt.generate(model, "every cat is", **kw, temperature=0.0).tokens
+
+
 def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
     """``--stop-text`` strings join ``--stop`` ids in generate()'s ``stop``: the same tokens and text; the
     text options too."""
