@@ -14,7 +14,8 @@
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
 #     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve (opt-in stages, below)
-#     GPU_TESTS=none / GPU_BENCH=none skip those stages
+#     GPU_TESTS=none / GPU_BENCH=none skip those stages; GPU_PROBE=0 the probe, GPU_BUILD=0 the build
+#   tests/test_benchmark_baselines.py runs it on the CPU (a stand-in nvidia-smi) through its fallbacks.
 #   Carry .triton_cache (python -m tools.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
@@ -46,10 +47,12 @@ if [ "${GPU_PROBE:-1}" = 1 ]; then
   grep "^probe" "$OUT/probe.log" | tee -a "$LOG"
 fi
 
-stamp "build the CUDA extension"
-LATENTRT_FORCE_CUDA=1 timeout 150 python3 setup.py -q build_ext --inplace --build-temp /tmp/lrt-build \
-  >"$OUT/build.log" 2>&1
-echo "build exit $?" | tee -a "$LOG"
+if [ "${GPU_BUILD:-1}" = 1 ]; then  # GPU_BUILD=0: use the extension built already (tests' dry run)
+  stamp "build the CUDA extension"
+  LATENTRT_FORCE_CUDA=1 timeout 150 python3 setup.py -q build_ext --inplace --build-temp /tmp/lrt-build \
+    >"$OUT/build.log" 2>&1
+  echo "build exit $?" | tee -a "$LOG"
+fi
 CUDA_BUILT=0
 python3 -c "import latentrt._cuda" 2>>"$LOG" && CUDA_BUILT=1
 
