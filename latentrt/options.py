@@ -121,6 +121,8 @@ def generation_defaults(gen_cfg: dict, source: str) -> dict:
     ``top_k``, ``top_p``, ``min_p``; fields absent, null or neutral give nothing (no implicit top_k of 50: a
     transformers 4 default, gone in 5). A value generate() would refuse is a ConfigError naming the file."""
     out = {}
+    if gen_cfg.get("do_sample") not in (None, True, False):
+        raise ConfigError(f"{source}: do_sample must be true or false, got {gen_cfg['do_sample']!r}")
     rep = gen_cfg.get("repetition_penalty")
     if rep is not None and rep != 1:
         out["repetition_penalty"] = rep

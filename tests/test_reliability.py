@@ -302,7 +302,8 @@ def test_generation_config_sampling_defaults_fill_the_unset_options(tmp_path, mo
     assert latentrt.load(tmp_path, device="cpu").generation_defaults == {"repetition_penalty": 1.3}
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": None}))
     assert latentrt.load(tmp_path, device="cpu").generation_defaults == {"temperature": 1.0}  # as `if temperature:`
-    for bad, field in (({"do_sample": True, "top_p": 2}, "top_p"), ({"repetition_penalty": -1}, "repetition")):
+    bad_files = [({"do_sample": True, "top_p": 2}, "top_p"), ({"repetition_penalty": -1}, "repetition")]
+    for bad, field in bad_files + [({"do_sample": "yes"}, "do_sample")]:
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):
             latentrt.load(tmp_path, device="cpu")
