@@ -238,14 +238,14 @@ if HAVE_TRITON:
         4 D per head)."""
         lookup = tl.load(modes_ptr + row * 3 + 2)
         scan = tl.where(lookup == 2, first, 0)
-        missed = tl.zeros((), dtype=tl.int32)
+        missed = tl.zeros((BLOCK_T,), dtype=tl.int32)
         for t0 in range(0, scan, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             m = t < scan
             n_p = tl.load(written_ptr + row * stride_pool + t, mask=m, other=0)
             ok = tl.load(valid_ptr + row * stride_pool + t, mask=m, other=0) != 0
-            missed += tl.sum((ok & (n_p <= it)).to(tl.int32), 0)
-        return tl.where(missed > 0, tl.load(modes_ptr + row * 3) - 1, slot)
+            missed = tl.maximum(missed, (ok & (n_p <= it)).to(tl.int32))
+        return tl.where(tl.max(missed, 0) > 0, tl.load(modes_ptr + row * 3) - 1, slot)
 
     @triton.jit
     def key_rows(row, t, mask, cap, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table,
