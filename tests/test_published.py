@@ -16,6 +16,7 @@ import torch
 import latentrt
 import latentrt.kernels as kernels
 from latentrt.backends import get_backend
+from latentrt.options import generation_defaults
 from tools.published import PROMPT, build, checksum
 
 VECTORS = json.loads((Path(__file__).parent / "published_vectors.json").read_text())
@@ -40,6 +41,8 @@ def _generate(case: dict, backend: str, n_tokens: int | None = None):
     n = n_tokens or case.get("max_new_tokens", 8)
     sampler = case.get("speculative") or case.get("wavefront")  # a multi-token sampler's options
     extra = {} if sampler is None else dict(decoding_options=sampler)
+    # the model's generation_config.json, as load() reads it (the published: the model's generation config)
+    model.generation_defaults = generation_defaults(case.get("generation_config", {}), case["name"])
     return latentrt.generate(model, case.get("prompt", PROMPT), max_new_tokens=n, **case["options"], **extra)
 
 

@@ -309,6 +309,15 @@ CASES = [
             ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4", repetition_penalty=3.0
         ),
     ),
+    # 10b. the same penalty from the model's own generation config (``self.generation_config``, what the
+    # published generate reads when the caller passes none; latentrt: the checkpoint's generation_config.json)
+    dict(
+        name="repetition penalty from the model's generation config",
+        model="huginn-a",
+        max_new_tokens=12,
+        options=dict(num_steps=4, init_scale=0.0),
+        generation_config=dict(repetition_penalty=1.8, do_sample=False),
+    ),
     # 11. the published sampler's DRY penalty (its own n-gram rule; applied when repetition_penalty != 1, in
     # its place: run_huginn passes a repetition_penalty of 2 beside it), greedy
     dict(
@@ -534,6 +543,9 @@ def run_huginn(rm, case: dict, model) -> dict:
         sampler = dict(repetition_penalty=2.0, dry_multiplier=o["dry_multiplier"])
         sampler.update({k: o[k] for k in ("dry_base", "dry_allowed_length") if k in o})
     gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, **sampler)
+    if "generation_config" in case:  # the model's own config, read by generate when it is passed none
+        pub.generation_config = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **case["generation_config"])
+        gc = None
     if case.get("adaptive_prefill"):
         evaluator = rm.get_adaptive_exit_evaluator(pub, o["exit_criterion"], o["exit_threshold"])
         cache = rm.HuginnDynamicCache(lookup_strategy=o["kv_sharing"])
