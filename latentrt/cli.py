@@ -341,7 +341,16 @@ def cmd_generate(args) -> int:
     for line in family_for(model).decoder.report(result):
         print(line)
     print(f"KV cache: {result.kv_bytes / 2**20:.2f} MiB, backend {result.backend}")
+    applied = _model_defaults_applied(model, kwargs)
+    if applied:
+        print(f"sampling defaults from generation_config.json: {applied} (a flag overrides: --temperature 0 is greedy)")
     return 0
+
+
+def _model_defaults_applied(model, given: dict) -> str:
+    """The checkpoint's sampling defaults a command's options left in force, as ``k=v, ...`` ('' if none)."""
+    defaults = getattr(model, "generation_defaults", None) or {}
+    return ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in given)
 
 
 def cmd_chat(args) -> int:
@@ -446,6 +455,9 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("LATENTRT_API_KEY") or None
     name = args.served_model_name or args.model
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
+    applied = _model_defaults_applied(model, {})
+    if applied:  # as vLLM says it: the defaults of every request that leaves them out
+        print(f"latentrt: sampling defaults from the model's generation_config.json: {applied}")
     run_server(engine, name, args.host, args.port, args.log_level, chat_template=template, api_key=api_key)
     return 0
 

@@ -65,6 +65,11 @@ def test_generate_takes_the_checkpoints_sampling_defaults_unless_a_flag_is_given
         assert got == latentrt.generate(model, "every cat is", **kw, **want).tokens
     sampled = latentrt.generate(model, "every cat is", **kw).tokens
     assert sampled != latentrt.generate(model, "every cat is", **kw, temperature=0.0).tokens
+    plain = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "2"]
+    assert main(plain) == 0  # the summary says which defaults were in force
+    assert "sampling defaults from generation_config.json: temperature=0.9, top_k=4" in capsys.readouterr().out
+    assert main([*plain, "--temperature", "0.5"]) == 0
+    assert "generation_config.json: top_k=4 (" in capsys.readouterr().out
 
 
 def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
