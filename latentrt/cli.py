@@ -72,6 +72,25 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> N
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--weights", default=None, help="weights file to use instead of the folder's (.safetensors/.pt)")
+    p.add_argument(
+        "--hf-overrides",
+        default=None,
+        metavar="JSON",
+        help="config.json fields to replace, as vLLM takes them, e.g. '{\"mean_recurrence\": 32}'",
+    )
+
+
+def _json_object(text: str | None, flag: str) -> dict:
+    """A flag's JSON object ({} when not given); anything else is a clear error."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _add_latent_args(p: argparse.ArgumentParser) -> None:
@@ -255,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
     )
+    s.add_argument(
+        "--override-generation-config",
+        default=None,
+        metavar="JSON",
+        help="defaults of every request's generate() options, over the model's generation_config.json (vLLM's "
+        'flag; any option: \'{"temperature": 0.5, "num_steps": 32, "kv_sharing": "shared"}\'); a '
+        "request's own fields win",
+    )
     s.add_argument("--log-level", default="info")
     return parser
 
@@ -269,6 +296,7 @@ def _load(args):
         backend=args.backend,
         weights=args.weights,
         revision=args.revision,
+        **_json_object(args.hf_overrides, "--hf-overrides"),
     )
 
 
@@ -349,7 +377,7 @@ def cmd_generate(args) -> int:
 
 def _model_defaults_applied(model, given: dict) -> str:
     """The checkpoint's sampling defaults a command's options left in force, as ``k=v, ...`` ('' if none)."""
-    defaults = getattr(model, "generation_defaults", None) or {}
+    defaults = model.generation_defaults
     return ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in given)
 
 
@@ -411,7 +439,7 @@ def cmd_info(args) -> int:
     for name, why in availability(model).items():
         print(f"  {name}: {why}")
     print(f"parameters: {n_params:,}")
-    defaults = getattr(model, "generation_defaults", None) or {}
+    defaults = model.generation_defaults
     shown = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none (greedy)"
     print(f"sampling defaults (generation_config.json): {shown}")
     print("config:")
@@ -442,6 +470,11 @@ def cmd_serve(args) -> int:
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
     model = _load(args)
+    override = _json_object(args.override_generation_config, "--override-generation-config")
+    if override:
+        from .serve import server_defaults
+
+        model.generation_defaults = server_defaults(model, override)
     engine = Engine(
         model,
         max_batch=args.max_batch,

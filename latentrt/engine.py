@@ -86,7 +86,7 @@ def generate(
     Returns a GenerationResult, or with ``stream=True`` a GenerationStream yielding one StreamEvent per
     generated position (its ``.result`` is set at the end). All arguments are checked before any work.
     """
-    opts = GenerateOptions.build(options, getattr(model, "generation_defaults", None), **kwargs)
+    opts = GenerateOptions.build(options, getattr(model, "generation_defaults", None), **kwargs)  # None: refused below
     run = Generation(model, prompt, opts, attention_mask)
     if stream:
         return GenerationStream(run.events(stream=True))

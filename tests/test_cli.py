@@ -15,6 +15,8 @@ def test_info(recurrent_dir, capsys):
     (recurrent_dir / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6}')
     assert main(["info", str(recurrent_dir)]) == 0
     assert "sampling defaults (generation_config.json): temperature=0.6" in capsys.readouterr().out
+    assert main(["info", str(recurrent_dir), "--hf-overrides", '{"mean_recurrence": 7}']) == 0  # vLLM's flag
+    assert "  mean_recurrence: 7" in capsys.readouterr().out
 
 
 def test_generate_recurrent(recurrent_dir, capsys):
@@ -148,6 +150,11 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
         (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--batch-size", "0"], "--batch-size"),
         (["generate", str(recurrent_dir), "every cat", "--kv", "ring-0"], "kv_sharing"),
         (["generate", "builtin:", "x"], "the built-in models are"),
+        (["info", str(recurrent_dir), "--hf-overrides", "{mean_recurrence: 3}"], "--hf-overrides must be a JSON"),
+        (["info", str(recurrent_dir), "--hf-overrides", "[3]"], "must be a JSON object, got list"),
+        (["info", str(recurrent_dir), "--hf-overrides", '{"mean_recurence": 3}'], "mean_recurence"),
+        (["serve", str(recurrent_dir), "--override-generation-config", '{"num_thoughts": 2}'], "do not apply"),
+        (["serve", str(recurrent_dir), "--override-generation-config", "3"], "must be a JSON object"),
     ]
     for argv, msg in cases:
         assert main(argv) != 0, argv

@@ -141,6 +141,48 @@ def test_a_request_without_temperature_samples_at_the_models_default_or_openais(
     assert got == alone.tokens != want.tokens
 
 
+def test_server_wide_defaults_sit_between_the_request_and_openais():
+    """``--override-generation-config`` (``server_defaults``): any generate() option as every request's default,
+    over the model's generation_config.json; a request's own fields win, and OpenAI's defaults (temperature 1,
+    16 completion tokens) apply only where neither gives one. Bad defaults fail at startup with generate()'s
+    messages."""
+    from latentrt.serve import server_defaults
+
+    model = tiny_recurrent(seed=3)
+    model.generation_defaults = {"repetition_penalty": 1.5}  # as if from generation_config.json
+    override = {"num_steps": 3, "temperature": 0.0, "max_new_tokens": 5, "kv_sharing": "shared", "init_scale": 0.0}
+    defaults = server_defaults(model, override)
+    assert defaults == {"repetition_penalty": 1.5, **override}
+    for bad, message in (
+        ({"hooks": [print]}, "cannot be server defaults"),
+        ({"num_thoughts": 1}, "do not apply"),
+        ({"temprature": 0.5}, "did you mean 'temperature'"),
+        ({"temperature": -1}, "temperature must be"),
+        ({"kv_sharing": "ring-x"}, "kv_sharing must be"),
+    ):
+        with pytest.raises(latentrt.InputError, match=message):
+            server_defaults(model, bad)
+    model.generation_defaults = defaults
+    plain = tiny_recurrent(seed=3)
+    with serving(model) as (url, _):
+        post = lambda body: httpx.post(f"{url}/v1/completions", json=dict(body, model="tiny")).json()  # noqa: E731
+        got = post({"prompt": [5, 6, 7], "default_stops": False})["choices"][0]["latentrt"]
+        want = latentrt.generate(plain, [5, 6, 7], default_stops=False, **defaults)
+        assert (got["token_ids"], got["steps"]) == (want.tokens, want.steps) and len(want.tokens) == 5
+        mine = dict(num_steps=2, max_tokens=3, temperature=0.8, seed=4, default_stops=False)
+        got = post(dict(mine, prompt=[5, 6, 7]))["choices"][0]["latentrt"]
+        want = latentrt.generate(
+            plain,
+            [5, 6, 7],
+            **dict(defaults, num_steps=2, max_new_tokens=3, temperature=0.8, seed=4),
+            default_stops=False,
+        )
+        assert (got["token_ids"], got["steps"]) == (want.tokens, want.steps)
+    with serving(plain) as (url, _):  # no defaults: OpenAI's (16 tokens for completions)
+        got = httpx.post(f"{url}/v1/completions", json={"prompt": [5], "model": "tiny", "default_stops": False})
+        assert len(got.json()["choices"][0]["latentrt"]["token_ids"]) == 16
+
+
 def test_streaming_equals_generate_alone(recurrent_server):
     url, _, model = recurrent_server
     body = mixed_requests(6)[5]

@@ -47,6 +47,7 @@ class LatentModel(nn.Module):
         self.tokenizer = None
         self.backend = None
         self.eos_token_id = config.eos_token_id  # an id, a list of ids (generation_config.json), or None
+        self.generation_defaults: dict = {}  # generate() option defaults (generation_config.json; options.py)
         self.source: str | None = None  # what load() was given (a folder, builtin:NAME, a Hub id)
         self.folder = None  # the checkpoint folder it was read from (a Path), if any
 

@@ -4,6 +4,6 @@ server (``latentrt serve``, the ``serve`` extra) and Ray Serve replicas (the ``r
 The engine needs only torch; ``latentrt.serve.app`` imports FastAPI and ``latentrt.serve.ray`` Ray.
 """
 
-from .engine import SCHEDULERS, Engine, QueueFull, Request, RequestEvent, ShuttingDown
+from .engine import SCHEDULERS, Engine, QueueFull, Request, RequestEvent, ShuttingDown, server_defaults
 
-__all__ = ["Engine", "Request", "RequestEvent", "QueueFull", "ShuttingDown", "SCHEDULERS"]
+__all__ = ["Engine", "Request", "RequestEvent", "QueueFull", "ShuttingDown", "SCHEDULERS", "server_defaults"]

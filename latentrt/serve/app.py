@@ -125,7 +125,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
                         echo=parsed.echo,
                         score_only=parsed.score_only,
                         text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
-                        **with_openai_defaults(opts, getattr(engine.model, "generation_defaults", None)),
+                        **with_openai_defaults(opts, parsed.openai_defaults, engine.model.generation_defaults),
                     )
                 )
         except Exception:

@@ -47,7 +47,7 @@ import torch
 from ..decode.serving import Ended
 from ..engine import Generation
 from ..errors import InputError, LatentRTError, NonFiniteStateError
-from ..families import family_for
+from ..families import check_applicable, family_for
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
@@ -58,6 +58,23 @@ log = logging.getLogger("latentrt.serve")
 
 SCHEDULERS = ("depth", "token", "static")
 MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position at most (vLLM's default limit)
+NOT_SERVER_DEFAULTS = ("hooks", "return_logits", "decoding", "decoding_options", "strict")
+
+
+def server_defaults(model, override: dict) -> dict:
+    """The generate() defaults a server gives every request (``latentrt serve --override-generation-config``):
+    the model's (its generation_config.json) with ``override``'s options on top; any generate() option the
+    server takes, checked now (names, values, the model's family) with generate()'s messages."""
+    bad = sorted(set(override) & set(NOT_SERVER_DEFAULTS))
+    if bad:
+        raise InputError(f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks)")
+    merged = {**model.generation_defaults, **override}
+    opts = GenerateOptions.build(None, **merged)
+    opts.validate()
+    family = family_for(model)
+    check_applicable(family, opts)
+    family.decoder.check_options(model, opts)
+    return merged
 
 
 class QueueFull(LatentRTError):
@@ -285,7 +302,7 @@ class Engine:
         need it at every token (no per-token decoding work for the rest); ``score_only`` (with
         ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
         (``max_new_tokens`` is then only checked)."""
-        opts = GenerateOptions.build(options, getattr(self.model, "generation_defaults", None), **kwargs)
+        opts = GenerateOptions.build(options, self.model.generation_defaults, **kwargs)
         number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
         if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")

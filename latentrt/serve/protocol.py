@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..chat import chat_prompt_ids
 from ..errors import InputError
@@ -76,6 +76,7 @@ class Parsed:
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per token
     echo: bool = False  # completions: the prompt is repeated (and scored, with log-probs)
     score_only: bool = False  # echo with max_tokens 0: no token is generated
+    openai_defaults: dict = field(default_factory=dict)  # OpenAI's value of each option the request left out
 
 
 def _check_fields(body, allowed: set[str], what: str) -> dict:
@@ -99,10 +100,11 @@ def _flag(body: dict, name: str) -> bool:
     return value
 
 
-def _options(body: dict, max_tokens, default_max: int) -> tuple[dict, int]:
+def _options(body: dict, max_tokens) -> tuple[dict, int]:
     opts = {name: body[name] for name in LATENT_FIELDS if name in body and body[name] is not None}
-    opts["max_new_tokens"] = default_max if max_tokens is None else max_tokens
-    if body.get("temperature") is not None:  # absent: the model's default, else OpenAI's (``with_openai_defaults``)
+    if max_tokens is not None:  # absent: the model's default, else OpenAI's (``with_openai_defaults``)
+        opts["max_new_tokens"] = max_tokens
+    if body.get("temperature") is not None:  # likewise
         opts["temperature"] = body["temperature"]
     if body.get("top_p") is not None:
         opts["top_p"] = body["top_p"]
@@ -196,12 +198,12 @@ def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
 OPENAI_TEMPERATURE = 1.0  # a request without a temperature samples at 1 (OpenAI's API)
 
 
-def with_openai_defaults(opts: dict, model_defaults: dict | None) -> dict:
-    """A choice's generate() options with OpenAI's temperature where neither the request nor the model's
-    generation_config.json (``model_defaults``, which generate() applies itself) gives one: vLLM's rule."""
-    if "temperature" in opts or "temperature" in (model_defaults or {}):
-        return opts
-    return {**opts, "temperature": OPENAI_TEMPERATURE}
+def with_openai_defaults(opts: dict, openai: dict, model_defaults: dict | None) -> dict:
+    """A choice's generate() options: the request's; then the model's defaults (its generation_config.json
+    and the server's ``--override-generation-config``: ``model_defaults``, which generate() applies itself);
+    then OpenAI's (``openai``: temperature 1, the route's max_tokens): vLLM's order."""
+    model_defaults = model_defaults or {}
+    return {**{k: v for k, v in openai.items() if k not in model_defaults}, **opts}
 
 
 def parse_completion(body) -> Parsed:
@@ -220,8 +222,9 @@ def parse_completion(body) -> Parsed:
     if best_of not in (None, 1, body.get("n", 1)):
         raise InputError("best_of is not supported by latentrt (leave it out)")
     stream = _flag(body, "stream")
-    opts, n = _options(body, body.get("max_tokens"), 16)  # OpenAI's default for completions
+    opts, n = _options(body, body.get("max_tokens"))
     parsed = _per_choice(prompts, opts, n)
+    parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=16)  # completions: 16 tokens
     if len(parsed.prompts) > MAX_CHOICES:
         raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
@@ -244,8 +247,9 @@ def parse_chat(body, template, tokenizer) -> Parsed:
     ids = chat_prompt_ids(template, tokenizer, body.get("messages"))
     stream = _flag(body, "stream")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    opts, n = _options(body, max_tokens, 64)  # generate()'s default
+    opts, n = _options(body, max_tokens)
     parsed = _per_choice([ids], opts, n)
+    parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=True)
     return parsed
