@@ -376,9 +376,8 @@ def cmd_generate(args) -> int:
 
 
 def _model_defaults_applied(model, given: dict) -> str:
-    """The checkpoint's sampling defaults a command's options left in force, as ``k=v, ...`` ('' if none)."""
-    defaults = model.generation_defaults
-    return ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in given)
+    """The model's generate() defaults a command's options left in force, as ``k=v, ...`` ('' if none)."""
+    return ", ".join(f"{k}={v}" for k, v in model.generation_defaults.items() if k not in given)
 
 
 def cmd_chat(args) -> int:
@@ -439,9 +438,7 @@ def cmd_info(args) -> int:
     for name, why in availability(model).items():
         print(f"  {name}: {why}")
     print(f"parameters: {n_params:,}")
-    defaults = model.generation_defaults
-    shown = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none (greedy)"
-    print(f"sampling defaults (generation_config.json): {shown}")
+    print(f"sampling defaults (generation_config.json): {_model_defaults_applied(model, {}) or 'none (greedy)'}")
     print("config:")
     for k, v in cfg.to_dict().items():
         print(f"  {k}: {v}")
@@ -490,7 +487,7 @@ def cmd_serve(args) -> int:
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
     applied = _model_defaults_applied(model, {})
     if applied:  # as vLLM says it: the defaults of every request that leaves them out
-        print(f"latentrt: sampling defaults from the model's generation_config.json: {applied}")
+        print(f"latentrt: request defaults (generation_config.json, --override-generation-config): {applied}")
     run_server(engine, name, args.host, args.port, args.log_level, chat_template=template, api_key=api_key)
     return 0
 

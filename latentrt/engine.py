@@ -98,14 +98,20 @@ def generate(
             return stop.value
 
 
+def check_options_for(model, options: GenerateOptions):
+    """The options checked for the model (generic, applicable to its family, the family's own); its family."""
+    family = family_for(model)
+    options.validate()
+    check_applicable(family, options)
+    family.decoder.check_options(model, options)
+    return family
+
+
 class Generation:
     """One generate() call: validated options, the family's decoder, and the token loop."""
 
     def __init__(self, model, prompt, options: GenerateOptions, attention_mask: Tensor | None = None) -> None:
-        family = family_for(model)
-        options.validate()
-        check_applicable(family, options)
-        family.decoder.check_options(model, options)
+        family = check_options_for(model, options)
         self.model, self.options = model, options
         hooks = HookList(options.hooks)
         self.decoder = family.decoder(model, options, hooks)

@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..decode.serving import Ended
-from ..engine import Generation
+from ..engine import Generation, check_options_for
 from ..errors import InputError, LatentRTError, NonFiniteStateError
-from ..families import check_applicable, family_for
+from ..families import family_for
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
@@ -69,11 +69,7 @@ def server_defaults(model, override: dict) -> dict:
     if bad:
         raise InputError(f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks)")
     merged = {**model.generation_defaults, **override}
-    opts = GenerateOptions.build(None, **merged)
-    opts.validate()
-    family = family_for(model)
-    check_applicable(family, opts)
-    family.decoder.check_options(model, opts)
+    check_options_for(model, GenerateOptions.build(None, **merged))
     return merged
 
 
