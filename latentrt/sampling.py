@@ -72,6 +72,24 @@ def filtered_logits(
     return logits
 
 
+def sampling_probs(
+    logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0
+) -> Tensor:
+    """The distribution [B, V] a sample draws from (temperature > 0), computed as the published Huginn sampler
+    computes it: softmax of logits / temperature in float32, the dropped tokens (``filtered_logits``'s rule)
+    zeroed, renormalised. ``torch.multinomial``'s draw depends on these bits, so a generator in the published
+    run's state draws the published token. A row where float32 overflows (a tiny temperature, where the
+    published sampler fails on NaNs) gets the float64 distribution of ``filtered_logits``: its limit, the
+    argmax. No host sync: the choice is made on the device."""
+    filtered = filtered_logits(logits, temperature, top_k, top_p, min_p)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k is not None or (top_p is not None and top_p < 1) or min_p:
+        probs = torch.where(filtered > float("-inf"), probs, torch.zeros_like(probs))
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
+    overflowed = ~torch.isfinite(probs).all(-1, keepdim=True)
+    return torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)
+
+
 def sample(
     logits: Tensor,
     temperature: float = 0.0,
@@ -85,7 +103,7 @@ def sample(
     running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(filtered_logits(logits, temperature, top_k, top_p, min_p), dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
     if rng is None:
         return torch.multinomial(probs, 1)[:, 0]
     out = probs.argmax(-1)

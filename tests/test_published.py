@@ -59,6 +59,35 @@ def test_torch_backend_equals_published(name):
         assert got.decoding["accepted"] == case["accepted"]
 
 
+SEEDED = sorted(name for name, c in CASES.items() if "seed" in c["options"])
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_unseeded_draws_from_torchs_generator_as_published(name):
+    """Without ``seed=`` latentrt draws from torch's global generator in the published order: seeding it with
+    torch.manual_seed as the published run was gives the published tokens."""
+    case = CASES[name]
+    options = {k: v for k, v in case["options"].items() if k != "seed"}
+    torch.manual_seed(case["options"]["seed"])
+    got = _generate(dict(case, options=options), "torch")
+    assert got.tokens == case["tokens"]
+    if "steps" in case:
+        assert got.steps == case["steps"]
+
+
+def test_the_seeded_vectors_depend_on_their_draws():
+    """Another seed gives other tokens or steps in every seeded case, so each checks the draws; the cases reach
+    the random initial state at the default init_scale, sampling, and the draw at init_scale 0."""
+    assert len(SEEDED) >= 8
+    for name in SEEDED:
+        case = CASES[name]
+        other = _generate(dict(case, options=dict(case["options"], seed=case["options"]["seed"] + 100)), "torch")
+        assert (other.tokens, other.steps) != (case["tokens"], case.get("steps", other.steps)), name
+    assert any("init_scale" not in CASES[n]["options"] and "temperature" not in CASES[n]["options"] for n in SEEDED)
+    zero = CASES["sampling with a zero initial state"]["options"]
+    assert zero["init_scale"] == 0 and zero["temperature"] > 0
+
+
 TRITON = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
 
 
@@ -75,6 +104,8 @@ TRITON_CASES = [
     "wavefront defaults b",
     "wavefront skip depth 3",
     "always-last-m4 adaptive entropy-diff",
+    "random initial state adaptive kl",
+    "sampling top_k min_p repetition penalty adaptive kl",
 ]
 
 

@@ -387,6 +387,69 @@ CASES = [
         max_new_tokens=12,
         options=dict(ADAPTIVE, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4-compress-anchor"),
     ),
+    # 14. randomness on torch's generator (``seed``: torch.manual_seed(seed) before the published call, latentrt's
+    # ``seed=``): the random initial state of the default init_scale 1, drawn as the published draws it, and
+    # its sampler's draws (do_sample with temperature / top_k / min_p) from the float32 probabilities it builds
+    *[
+        dict(name=name, model=model, max_new_tokens=n, options=dict(options, seed=seed))
+        for name, model, n, seed, options in [
+            ("random initial state fixed depth", "huginn-a", 8, 0, dict(num_steps=4)),
+            (
+                "random initial state adaptive kl",
+                "huginn-b",
+                10,
+                1,
+                dict(adaptive=True, num_steps=12, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4"),
+            ),
+            (
+                "random initial state continuous latent-diff",
+                "huginn-a",
+                10,
+                2,
+                dict(adaptive=True, num_steps=12, exit_criterion="latent-diff", exit_threshold=0.1, continuous=True),
+            ),
+            ("sampling temperature fixed depth", "huginn-a", 12, 3, dict(num_steps=4, temperature=0.9)),
+            (
+                "sampling top_k min_p repetition penalty adaptive kl",
+                "huginn-b",
+                12,
+                4,
+                dict(
+                    adaptive=True,
+                    num_steps=12,
+                    exit_criterion="kl",
+                    exit_threshold=5e-3,
+                    kv_sharing="latest-m4",
+                    temperature=1.3,
+                    top_k=6,
+                    min_p=0.05,
+                    repetition_penalty=1.5,
+                ),
+            ),
+            # at init_scale 0 the published still draws the state (then zeroes it): the samples after it move
+            (
+                "sampling with a zero initial state",
+                "huginn-b",
+                12,
+                5,
+                dict(num_steps=4, init_scale=0.0, temperature=1.0),
+            ),
+        ]
+    ],
+    dict(
+        name="speculative random initial state",
+        model="huginn-a",
+        max_new_tokens=12,
+        speculative=dict(lookahead=3, draft_steps=2, verification_threshold=1),
+        options=dict(num_steps=8, init_scale=1.0, kv_sharing="full", decoding="speculative", seed=6),
+    ),
+    dict(
+        name="wavefront random initial state",
+        model="huginn-b",
+        max_new_tokens=10,
+        wavefront=dict(exit_t=0.1),
+        options=dict(num_steps=8, init_scale=1.0, decoding="wavefront", seed=7),
+    ),
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",
@@ -467,6 +530,13 @@ def published_huginn(rm, model):
     return pub, units
 
 
+def _seed(case: dict) -> None:
+    """With the option ``seed``, torch's generator seeded just before the published call: its random initial states (and
+    samples) are drawn from it, as latentrt draws them from ``generate(..., seed=)``'s."""
+    if "seed" in case["options"]:
+        torch.manual_seed(case["options"]["seed"])
+
+
 def run_speculative(rm, case: dict, model) -> dict:
     """generate_speculative; the tokens committed per round from where each verify pass starts."""
     from transformers import GenerationConfig
@@ -485,6 +555,7 @@ def run_speculative(rm, case: dict, model) -> dict:
 
     pub.forward = recorded
     gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None)
+    _seed(case)
     seq = pub.generate_speculative(
         ids,
         gc,
@@ -517,6 +588,7 @@ def run_wavefront(rm, case: dict, model) -> dict:
     gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     if "kv_sharing" in o:  # the published default otherwise (latest-m4-compress-s4)
         wf["cache_lookup_strategy"] = "full" if o["kv_sharing"] == "skip" else o["kv_sharing"]
+    _seed(case)
     out = pub.generate_diffusion_style(
         ids, gc, num_steps=o["num_steps"], init_scale=o["init_scale"], max_new_tokens=n_new, **wf
     )
@@ -542,7 +614,9 @@ def run_huginn(rm, case: dict, model) -> dict:
     if o.get("dry_multiplier"):  # the published sampler applies DRY in place of a repetition penalty != 1
         sampler = dict(repetition_penalty=2.0, dry_multiplier=o["dry_multiplier"])
         sampler.update({k: o[k] for k in ("dry_base", "dry_allowed_length") if k in o})
-    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, **sampler)
+    sampler["do_sample"] = bool(o.get("temperature"))  # its sampler, on torch's generator (seeded: "seed")
+    sampler.update({k: o.get(k) for k in ("temperature", "top_k", "top_p", "min_p")})
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **sampler)
     if "generation_config" in case:  # the model's own config, read by generate when it is passed none
         pub.generation_config = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **case["generation_config"])
         gc = None
@@ -563,6 +637,7 @@ def run_huginn(rm, case: dict, model) -> dict:
         do_not_exit_in_prefill=o.get("do_not_exit_in_prefill", False),
         continuous_compute=o.get("continuous", False),
     )
+    _seed(case)
     seq = pub.generate_with_adaptive_compute(ids, gc, **kw)
     tokens = seq[0, ids.shape[1] :].tolist()
     steps = [u for u in units if u]  # continuous mode embeds the prompt once more to initialise the state

@@ -174,7 +174,7 @@ class RecurrentDecoder(Decoder):
     def _initial_state(self, like: Tensor, positions: list[int]) -> Tensor:
         """Random initial states [B, n, d]; with a seed each sequence draws its ``positions[b]`` real (last)
         positions from its own generator (latentrt/sampling.py), as it would alone."""
-        if self.rng is None or not self.init_scale:
+        if self.rng is None:
             return self.model.initial_state(like, self.init_scale)
         s = torch.zeros_like(like)
         for b, n in enumerate(positions):

@@ -26,7 +26,8 @@ step. The published default KV mode is ``latest-m4-compress-s4`` (one slot per c
 used unless ``kv_sharing`` is given. Differences: latentrt stops at the first stop token it commits (the
 published loop checks stops only after ``num_steps`` steps) and commits at most ``max_new_tokens``;
 with ``headway`` > 1 the extra guesses are random ids of the model's vocabulary from the call's generator.
-With ``init_scale=0`` nothing is random, and the tokens equal the published code's (tests/test_published.py).
+The tokens equal the published code's (tests/test_published.py): with ``init_scale=0``, and with the random
+initial states of a ``seed`` (the published run seeded alike; at ``headway`` 1).
 ``GenerationResult.decoding`` holds the steps, core passes, tokens per step and the freeze statistics.
 """
 

@@ -357,14 +357,17 @@ class RecurrentDepthLM(LatentModel):
         return x
 
     def initial_state(self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """Truncated normal (std sqrt(2/(5d)) * init_scale, cut at 3 std) x sqrt(d); zeros at scale 0."""
-        s = torch.zeros_like(e)
+        """Truncated normal (std sqrt(2/(5d)) * init_scale, cut at 3 std) x sqrt(d); zeros at scale 0.
+
+        Drawn as the published ``initialize_state`` draws it, so the same generator state gives the same
+        state, bit for bit: a standard normal the shape and dtype of ``e`` first (overwritten, but it advances
+        the generator, at every scale, 0 included), then the truncated normal in place, in ``e``'s dtype."""
+        x = torch.randn(e.shape, dtype=e.dtype, device=e.device, generator=generator)
         std = self.config.init_std * init_scale
-        if std > 0 and self.config.state_init == "like-init":
-            noise = torch.empty(e.shape, dtype=torch.float32, device=e.device)
-            torch.nn.init.trunc_normal_(noise, 0.0, std, -3 * std, 3 * std, generator=generator)
-            s = (noise * self.config.embed_scale).to(e.dtype)
-        return s
+        if not (std > 0 and self.config.state_init == "like-init"):
+            return x.zero_()
+        torch.nn.init.trunc_normal_(x, 0.0, std, -3 * std, 3 * std, generator=generator)
+        return x * self.config.embed_scale
 
     def core_iteration(
         self,
