@@ -443,6 +443,14 @@ CASES = [
         speculative=dict(lookahead=3, draft_steps=2, verification_threshold=1),
         options=dict(num_steps=8, init_scale=1.0, kv_sharing="full", decoding="speculative", seed=6),
     ),
+    # headway 2: each step's guess drawn by torch.randint below 65510 (a model with Huginn-0125's vocabulary)
+    dict(
+        name="wavefront headway 2 random guesses",
+        model="huginn-stops",
+        max_new_tokens=8,
+        wavefront=dict(headway=2, exit_t=0.1),
+        options=dict(num_steps=4, init_scale=1.0, decoding="wavefront", default_stops=False, seed=8),
+    ),
     dict(
         name="wavefront random initial state",
         model="huginn-b",

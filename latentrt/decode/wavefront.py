@@ -25,9 +25,11 @@ freeze (by the old window start, as published) and the window's cache entries be
 step. The published default KV mode is ``latest-m4-compress-s4`` (one slot per core layer: ``shared``),
 used unless ``kv_sharing`` is given. Differences: latentrt stops at the first stop token it commits (the
 published loop checks stops only after ``num_steps`` steps) and commits at most ``max_new_tokens``;
-with ``headway`` > 1 the extra guesses are random ids of the model's vocabulary from the call's generator.
-The tokens equal the published code's (tests/test_published.py): with ``init_scale=0``, and with the random
-initial states of a ``seed`` (the published run seeded alike; at ``headway`` 1).
+with ``headway`` > 1 the extra guesses are random ids below 65510 (the published range: Huginn-0125's ids up
+to its last special token; below the vocabulary's size in a smaller one) from the call's generator. The
+random draws follow the published code (its new positions' states drawn in bfloat16, whatever the model's
+dtype), so the tokens equal the published code's (tests/test_published.py) with ``init_scale=0`` and with
+a ``seed`` (the published run seeded alike), guesses included.
 ``GenerationResult.decoding`` holds the steps, core passes, tokens per step and the freeze statistics.
 """
 
@@ -43,6 +45,8 @@ from ..cache import GrowingKVCache
 from ..errors import InputError
 from .samplers import Proposal, Sampler, SamplerOptions, check_bool, check_float, check_int
 
+# the published guesses for headway > 1: torch.randint(0, 65510), Huginn-0125's ids up to its last special token
+PUBLISHED_GUESS_IDS = 65510
 FREEZE = ("latent-diff", "latent-acceleration-1", "latent-acceleration-2", "token-stability", "fixed")
 
 
@@ -180,14 +184,13 @@ class Wavefront(Sampler):
             new = draw(logits[lo:]).tolist()
             edits = torch.tensor(frozen + new[:-1], device=dev)
             stable[: len(seq)] += (torch.tensor(seq, device=dev) == edits).long()
-            extra = (
-                [] if h == 1 else torch.randint(0, model.config.vocab_size, (h - 1,), generator=self._gen()).tolist()
-            )
+            guess_ids = min(PUBLISHED_GUESS_IDS, model.config.vocab_size)
+            extra = [] if h == 1 else torch.randint(0, guess_ids, (1, h - 1), generator=self._gen())[0].tolist()
             seq = frozen + new + extra
             if o.continuous and states.shape[1] >= h:
                 fresh = states[:, -h:].clone()
             else:
-                fresh = self._init(torch.zeros(1, h, d, dtype=model.dtype, device=dev))
+                fresh = self._init(torch.zeros(1, h, d, dtype=torch.bfloat16, device=dev)).to(states.dtype)
             states = torch.cat([states, fresh], dim=1)
             h_step = h
             if o.max_wavefront > 0 and states.shape[1] > o.max_wavefront:
