@@ -43,7 +43,10 @@ def _generate(case: dict, backend: str, n_tokens: int | None = None):
     extra = {} if sampler is None else dict(decoding_options=sampler)
     # the model's generation_config.json, as load() reads it (the published: the model's generation config)
     model.generation_defaults = generation_defaults(case.get("generation_config", {}), case["name"])
-    return latentrt.generate(model, case.get("prompt", PROMPT), max_new_tokens=n, **case["options"], **extra)
+    if "torch_seed" in case:  # a batch drawing from torch's generator, seeded as the published run was
+        torch.manual_seed(case["torch_seed"])
+    prompt = case.get("prompts") or case.get("prompt", PROMPT)
+    return latentrt.generate(model, prompt, max_new_tokens=n, **case["options"], **extra)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -86,6 +89,8 @@ def test_the_seeded_vectors_depend_on_their_draws():
     assert any("init_scale" not in CASES[n]["options"] and "temperature" not in CASES[n]["options"] for n in SEEDED)
     zero = CASES["sampling with a zero initial state"]["options"]
     assert zero["init_scale"] == 0 and zero["temperature"] > 0
+    batch = CASES["batch sampling random initial state fixed depth"]  # unseeded, on torch's generator
+    assert _generate(dict(batch, torch_seed=batch["torch_seed"] + 100), "torch").tokens != batch["tokens"]
 
 
 TRITON = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")

@@ -436,6 +436,16 @@ CASES = [
             ),
         ]
     ],
+    # a batch at fixed depth (where the published batch is latentrt's): unseeded, every row draws from
+    # torch's generator in the published order
+    dict(
+        name="batch sampling random initial state fixed depth",
+        model="huginn-b",
+        prompts=[PROMPT, [t + 2 for t in PROMPT], [t * 3 % 40 for t in PROMPT]],
+        torch_seed=9,
+        max_new_tokens=8,
+        options=dict(num_steps=4, temperature=0.9, top_k=10),
+    ),
     dict(
         name="speculative random initial state",
         model="huginn-a",
@@ -543,6 +553,8 @@ def _seed(case: dict) -> None:
     samples) are drawn from it, as latentrt draws them from ``generate(..., seed=)``'s."""
     if "seed" in case["options"]:
         torch.manual_seed(case["options"]["seed"])
+    elif "torch_seed" in case:  # a batch: latentrt unseeded, on torch's generator seeded alike
+        torch.manual_seed(case["torch_seed"])
 
 
 def run_speculative(rm, case: dict, model) -> dict:
@@ -616,7 +628,7 @@ def run_huginn(rm, case: dict, model) -> dict:
         return run_wavefront(rm, case, model)
     pub, units = published_huginn(rm, model)
     o = case["options"]
-    ids = torch.tensor([case.get("prompt", PROMPT)])
+    ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
     n_new = case.get("max_new_tokens", 8)
     sampler = dict(repetition_penalty=o.get("repetition_penalty", 1.0))
     if o.get("dry_multiplier"):  # the published sampler applies DRY in place of a repetition penalty != 1
@@ -647,6 +659,8 @@ def run_huginn(rm, case: dict, model) -> dict:
     )
     _seed(case)
     seq = pub.generate_with_adaptive_compute(ids, gc, **kw)
+    if "prompts" in case:  # a batch (equal lengths): every row's tokens
+        return {"tokens": seq[:, ids.shape[1] :].tolist()}
     tokens = seq[0, ids.shape[1] :].tolist()
     steps = [u for u in units if u]  # continuous mode embeds the prompt once more to initialise the state
     return {"tokens": tokens, "steps": steps[: len(tokens)]}
