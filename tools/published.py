@@ -453,6 +453,21 @@ CASES = [
         speculative=dict(lookahead=3, draft_steps=2, verification_threshold=1),
         options=dict(num_steps=8, init_scale=1.0, kv_sharing="full", decoding="speculative", seed=6),
     ),
+    # the samplers sampling (do_sample): drafts, the final token of a round, the wavefront's window
+    dict(
+        name="speculative sampling threshold 0.5",
+        model="huginn-a",
+        max_new_tokens=12,
+        speculative=dict(lookahead=3, draft_steps=2, verification_threshold=0.5),
+        options=dict(num_steps=8, init_scale=1.0, kv_sharing="full", decoding="speculative", temperature=0.7, seed=0),
+    ),
+    dict(
+        name="wavefront sampling",
+        model="huginn-b",
+        max_new_tokens=10,
+        wavefront=dict(exit_t=0.1),
+        options=dict(num_steps=8, init_scale=1.0, decoding="wavefront", temperature=0.8, seed=2),
+    ),
     # headway 2: each step's guess drawn by torch.randint below 65510 (a model with Huginn-0125's vocabulary)
     dict(
         name="wavefront headway 2 random guesses",
@@ -557,6 +572,13 @@ def _seed(case: dict) -> None:
         torch.manual_seed(case["torch_seed"])
 
 
+def _sampling(options: dict) -> dict:
+    """The published sampler's generation-config fields for latentrt's options: do_sample with a temperature
+    (its draws on torch's generator, seeded by ``_seed``), top_k / top_p / min_p (None: off)."""
+    out = {k: options.get(k) for k in ("temperature", "top_k", "top_p", "min_p")}
+    return dict(out, do_sample=bool(options.get("temperature")))
+
+
 def run_speculative(rm, case: dict, model) -> dict:
     """generate_speculative; the tokens committed per round from where each verify pass starts."""
     from transformers import GenerationConfig
@@ -574,7 +596,7 @@ def run_speculative(rm, case: dict, model) -> dict:
         return forward(*a, **k)
 
     pub.forward = recorded
-    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None)
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o))
     _seed(case)
     seq = pub.generate_speculative(
         ids,
@@ -605,7 +627,7 @@ def run_wavefront(rm, case: dict, model) -> dict:
     n_new = case["max_new_tokens"]
     if "continuous" in wf:
         wf["continuous_compute"] = wf.pop("continuous")
-    gc = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, return_dict_in_generate=True, **_sampling(o))
     if "kv_sharing" in o:  # the published default otherwise (latest-m4-compress-s4)
         wf["cache_lookup_strategy"] = "full" if o["kv_sharing"] == "skip" else o["kv_sharing"]
     _seed(case)
@@ -634,9 +656,7 @@ def run_huginn(rm, case: dict, model) -> dict:
     if o.get("dry_multiplier"):  # the published sampler applies DRY in place of a repetition penalty != 1
         sampler = dict(repetition_penalty=2.0, dry_multiplier=o["dry_multiplier"])
         sampler.update({k: o[k] for k in ("dry_base", "dry_allowed_length") if k in o})
-    sampler["do_sample"] = bool(o.get("temperature"))  # its sampler, on torch's generator (seeded: "seed")
-    sampler.update({k: o.get(k) for k in ("temperature", "top_k", "top_p", "min_p")})
-    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **sampler)
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o), **sampler)
     if "generation_config" in case:  # the model's own config, read by generate when it is passed none
         pub.generation_config = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **case["generation_config"])
         gc = None
