@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 import latentrt
-from latentrt.sampling import filtered_logits
+from latentrt.sampling import filtered_logits, sampling_probs
 
 V = 50
 
@@ -90,6 +90,28 @@ def test_min_p_keeps_what_hfs_warpers_keep_after_top_k_and_top_p(temperature, to
     x = MinPLogitsWarper(min_p)(None, x)
     assert torch.equal(kept, x > float("-inf"))
     assert kept.sum() < (filtered_logits(logits, temperature, top_k, top_p) > float("-inf")).sum()
+
+
+def test_sampling_probs_are_the_published_float32_distribution_and_overflow_falls_back_per_row():
+    """The bits torch.multinomial draws from: the published sampler's float32 softmax / zeroing / renormalising
+    (top-k here; which tokens are dropped is ``filtered_logits``'s rule), so the same generator state draws
+    the same token; a row whose float32 logits / T overflow gets the float64 limit (its argmax), the others
+    are untouched."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 50, generator=g) * 2
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    kth = torch.topk(probs, 7, dim=-1).values[:, -1:]
+    probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    want = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
+    got = sampling_probs(logits, 0.8, top_k=7)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    a = torch.multinomial(got, 1, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, torch.multinomial(want, 1, generator=torch.Generator().manual_seed(9)))
+    huge = logits.clone()
+    huge[1] *= 1e37  # / 1e-3 overflows float32 in this row only
+    tiny = sampling_probs(huge, 1e-3)
+    assert torch.isfinite(tiny).all() and tiny[1].argmax() == huge[1].argmax() and tiny[1].max() == 1
+    assert torch.equal(tiny[[0, 2]], sampling_probs(huge[[0, 2]], 1e-3))
 
 
 def test_generate_with_penalties_batch_equals_each_alone():
