@@ -119,8 +119,12 @@ def generation_defaults(gen_cfg: dict, source: str) -> dict:
     Huginn sampler reads it (``_sample_next_token`` on the model's generation config): ``repetition_penalty``
     always; with ``do_sample`` true ``temperature`` (absent, null or 0: 1, as its ``if temperature:``),
     ``top_k``, ``top_p``, ``min_p``; fields absent, null or neutral give nothing (no implicit top_k of 50: a
-    transformers 4 default, gone in 5). A value generate() would refuse is a ConfigError naming the file."""
+    transformers 4 default, gone in 5). ``max_new_tokens`` too, as HF's generate and vLLM (its default
+    max_tokens) read it (``max_length``, a total length, is not read). A value generate() would refuse is a
+    ConfigError naming the file."""
     out = {}
+    if gen_cfg.get("max_new_tokens") is not None:
+        out["max_new_tokens"] = gen_cfg["max_new_tokens"]
     if gen_cfg.get("do_sample") not in (None, True, False):
         raise ConfigError(f"{source}: do_sample must be true or false, got {gen_cfg['do_sample']!r}")
     rep = gen_cfg.get("repetition_penalty")

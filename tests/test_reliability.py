@@ -302,7 +302,13 @@ def test_generation_config_sampling_defaults_fill_the_unset_options(tmp_path, mo
     assert latentrt.load(tmp_path, device="cpu").generation_defaults == {"repetition_penalty": 1.3}
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": None}))
     assert latentrt.load(tmp_path, device="cpu").generation_defaults == {"temperature": 1.0}  # as `if temperature:`
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5, "max_length": 3}))
+    short = latentrt.load(tmp_path, device="cpu")  # HF's and vLLM's default length; max_length is not read
+    assert short.generation_defaults == {"max_new_tokens": 5}
+    assert len(latentrt.generate(short, [5, 6, 7], num_steps=3, default_stops=False).tokens) == 5
+    assert len(latentrt.generate(short, [5, 6, 7], num_steps=3, default_stops=False, max_new_tokens=7).tokens) == 7
     bad_files = [({"do_sample": True, "top_p": 2}, "top_p"), ({"repetition_penalty": -1}, "repetition")]
+    bad_files += [({"max_new_tokens": 0}, "max_new_tokens")]
     for bad, field in bad_files + [({"do_sample": "yes"}, "do_sample")]:
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):

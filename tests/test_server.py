@@ -139,6 +139,13 @@ def test_a_request_without_temperature_samples_at_the_models_default_or_openais(
         model, [5, 6, 7], max_new_tokens=8, seed=11, default_stops=False, temperature=0.4, top_k=3
     )
     assert got == alone.tokens != want.tokens
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))  # max_tokens: vLLM's rule
+    with serving(latentrt.load(tmp_path, device="cpu")) as (url3, _):
+        short = {k: v for k, v in body.items() if k != "max_tokens"}
+        r = httpx.post(f"{url3}/v1/completions", json=dict(short, model="tiny", temperature=0)).json()
+        assert r["usage"]["completion_tokens"] == 3
+        r = httpx.post(f"{url3}/v1/completions", json=dict(body, model="tiny", temperature=0)).json()
+        assert r["usage"]["completion_tokens"] == 8
 
 
 def test_server_wide_defaults_sit_between_the_request_and_openais():
