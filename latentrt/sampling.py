@@ -83,8 +83,8 @@ def sampling_probs(
     argmax. No host sync: the choice is made on the device."""
     filtered = filtered_logits(logits, temperature, top_k, top_p, min_p)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_k is not None or (top_p is not None and top_p < 1) or min_p:
-        probs = torch.where(filtered > float("-inf"), probs, torch.zeros_like(probs))
+    # without a filter this zeroes only tokens whose probability is 0 already (logit -inf) or rows that overflow
+    probs = torch.where(filtered > float("-inf"), probs, torch.zeros_like(probs))
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
     overflowed = ~torch.isfinite(probs).all(-1, keepdim=True)
     return torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)

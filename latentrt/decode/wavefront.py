@@ -135,6 +135,7 @@ class Wavefront(Sampler):
         stable = torch.zeros_like(counter)  # steps a position's guess stayed the same
         counter[: len(frozen)] += num_steps
         d = model.config.n_embd
+        guess_ids = min(PUBLISHED_GUESS_IDS, model.config.vocab_size)  # headway > 1: the range of the guesses
         states = self._init(torch.zeros(1, 1, d, dtype=model.dtype, device=dev))
         if o.ema_embeds > 0:  # the whole sequence's prelude, without the cache (as published)
             tmp = GrowingKVCache(1, model.config.n_layers_in_prelude, dev)
@@ -184,7 +185,6 @@ class Wavefront(Sampler):
             new = draw(logits[lo:]).tolist()
             edits = torch.tensor(frozen + new[:-1], device=dev)
             stable[: len(seq)] += (torch.tensor(seq, device=dev) == edits).long()
-            guess_ids = min(PUBLISHED_GUESS_IDS, model.config.vocab_size)
             extra = [] if h == 1 else torch.randint(0, guess_ids, (1, h - 1), generator=self._gen())[0].tolist()
             seq = frozen + new + extra
             if o.continuous and states.shape[1] >= h:
