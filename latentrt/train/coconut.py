@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..cache import GrowingKVCache
 from ..decode.coconut import thought_prompt
+from ..decode.samplers import check_int
 from ..errors import InputError
 from ..hooks import HookList
 from ..records import Record, as_records
@@ -64,16 +65,9 @@ class Curriculum:
         return min(epoch // self.epochs_per_stage, self.max_stage + 1)
 
     def validate(self) -> None:
-        if self.epochs is not None and (
-            isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1
-        ):
-            raise InputError(f"epochs must be an integer >= 1 or None, got {self.epochs!r}")
-        if (
-            isinstance(self.epochs_per_stage, bool)
-            or not isinstance(self.epochs_per_stage, int)
-            or self.epochs_per_stage < 1
-        ):
-            raise InputError(f"epochs_per_stage must be an integer >= 1, got {self.epochs_per_stage!r}")
+        if self.epochs is not None:  # None: the step schedule
+            check_int("epochs", self.epochs, 1)
+        check_int("epochs_per_stage", self.epochs_per_stage, 1)
 
     def thoughts_at(self, stage: int, n_steps: int) -> tuple[int, int]:
         """(steps removed, thoughts inserted) at ``stage``."""
