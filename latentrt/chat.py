@@ -14,6 +14,8 @@ server answers 400; ``--chat-template FILE`` gives it one.
 from __future__ import annotations
 
 import json
+import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -106,31 +108,50 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
+# The ``{% generation %}`` blocks' character spans while a conversation is rendered for training (None: not
+# tracking): the chunks rendered so far and the spans found.
+_SPANS: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar(
+    "latentrt_generation_spans", default=None
+)
+
+
 @cache
 def _generation_block():
-    """The jinja2 extension of the ``{% generation %}`` block: its body, rendered as is (transformers also
-    records where it starts and ends, for assistant-token masks; a prompt needs only the text)."""
+    """The jinja2 extension of the ``{% generation %}`` block: its body, rendered as is; while a training
+    conversation is rendered it also records where the body starts and ends in the output (transformers'
+    ``AssistantTracker``, which ``return_assistant_tokens_mask`` reads)."""
+    from jinja2 import nodes
     from jinja2.ext import Extension
 
     class GenerationBlock(Extension):
         tags = {"generation"}
 
         def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller) -> str:
+            text = caller()
+            tracking = _SPANS.get()
+            if tracking is not None:
+                rendered, spans = tracking
+                start = sum(len(chunk) for chunk in rendered)
+                spans.append((start, start + len(text)))
+            return text
 
     return GenerationBlock
 
 
-def render_chat(template: ChatTemplate | None, messages) -> str:
-    """The prompt text of a conversation (a 400-worthy InputError when the model has no template or the
-    template rejects the conversation)."""
-    if template is None:
-        raise InputError(
-            "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
-            "give one (--chat-template FILE) or use a plain prompt (the server: /v1/completions)"
-        )
-    messages = check_messages(messages)
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' ``tojson`` filter (jinja2's own escapes HTML characters; templates render tools with it)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@cache
+def _environment():
+    """The sandboxed environment transformers renders chat templates in: trim_blocks, lstrip_blocks, loop
+    controls, the generation block, its ``tojson``, ``raise_exception`` and ``strftime_now``."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -139,16 +160,50 @@ def render_chat(template: ChatTemplate | None, messages) -> str:
 
     extensions = ["jinja2.ext.loopcontrols", _generation_block()]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    try:
-        return env.from_string(template.source).render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=template.bos_token,
-            eos_token=template.eos_token,
+    return env
+
+
+def _render(
+    template: ChatTemplate | None, messages, add_generation_prompt: bool, spans: list[tuple[int, int]] | None
+) -> str:
+    """The conversation's text; with ``spans`` (a list) the generation blocks' character spans are added to it."""
+    if template is None:
+        raise InputError(
+            "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
+            "give one (--chat-template FILE) or use a plain prompt (the server: /v1/completions)"
         )
+    messages = check_messages(messages)
+    import jinja2
+
+    variables = dict(
+        messages=messages,
+        tools=None,  # as transformers passes them without tools / documents: "is defined", and none
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=template.bos_token,
+        eos_token=template.eos_token,
+    )
+    try:
+        compiled = _environment().from_string(template.source)
+        if spans is None:
+            return compiled.render(**variables)
+        rendered: list[str] = []
+        token = _SPANS.set((rendered, spans))
+        try:
+            rendered.extend(compiled.generate(**variables))
+        finally:
+            _SPANS.reset(token)
+        return "".join(rendered)
     except jinja2.exceptions.TemplateError as exc:
         raise InputError(f"the chat template rejected the conversation: {exc}") from None
+
+
+def render_chat(template: ChatTemplate | None, messages) -> str:
+    """The prompt text of a conversation (a 400-worthy InputError when the model has no template or the
+    template rejects the conversation)."""
+    return _render(template, messages, True, None)
 
 
 def chat_prompt_ids(template: ChatTemplate | None, tokenizer, messages) -> list[int]:
@@ -159,6 +214,40 @@ def chat_prompt_ids(template: ChatTemplate | None, tokenizer, messages) -> list[
     if not ids:
         raise InputError("the rendered conversation is empty")
     return ids
+
+
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers finds the block in a template
+
+
+def chat_training_ids(
+    template: ChatTemplate | None, tokenizer, messages, loss_on: str = "assistant"
+) -> tuple[list[int], list[bool]]:
+    """A conversation as training data, as transformers' ``apply_chat_template(messages,
+    add_generation_prompt=False, return_assistant_tokens_mask=True)`` gives it (what Huginn's fine-tuning
+    script trains on): the ids (rendered without a generation prompt, tokenized without adding special
+    tokens) and which of them the loss is on: with ``loss_on="assistant"`` every token overlapping a
+    ``{% generation %}`` block (the assistant's turns in Huginn-0125's template), with ``"all"`` every token."""
+    if loss_on not in ("assistant", "all"):
+        raise InputError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer.json: chat needs one")
+    if loss_on == "assistant" and template is not None and not GENERATION_TAG.search(template.source):
+        raise InputError(
+            "the chat template has no {% generation %} block marking the assistant's tokens, so there is nothing "
+            "to train on with loss_on='assistant' (loss_on='all' trains on every token)"
+        )
+    spans: list[tuple[int, int]] = []
+    encoding = tokenizer.encode(_render(template, messages, False, spans), add_special_tokens=False)
+    if loss_on == "all":
+        return list(encoding.ids), [True] * len(encoding.ids)
+    mask, k = [False] * len(encoding.ids), 0
+    for i, (start, end) in enumerate(encoding.offsets):  # both in order: one pass
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        mask[i] = end > spans[k][0]
+    return list(encoding.ids), mask
 
 
 def chat_template_for(model, template: ChatTemplate | str | Path | None = None) -> ChatTemplate | None:

@@ -44,25 +44,26 @@ def as_records(items, source: str = "records") -> list[Record]:
     published ProsQA / ProntoQA / GSM8k files); a clear error naming the first bad one."""
     if not isinstance(items, (list, tuple)):
         raise InputError(f"{source} must hold a JSON list of records, got {type(items).__name__}")
-    out = []
-    for i, r in enumerate(items):
-        if isinstance(r, Record):
-            out.append(r)
-            continue
-        if not isinstance(r, dict):
-            raise InputError(f"{source}: record {i} is not an object with question, steps and answer")
-        for key, kind in (("question", str), ("answer", str), ("steps", list)):
-            if key not in r:
-                raise InputError(f"{source}: record {i} has no {key!r}")
-            if not isinstance(r[key], kind):
-                raise InputError(f"{source}: record {i}: {key!r} must be a {kind.__name__}")
-        if not all(isinstance(s, str) for s in r["steps"]):
-            raise InputError(f"{source}: record {i}: every step must be a string")
-        difficulty = r.get("difficulty", len(r["steps"]))
-        if isinstance(difficulty, bool) or not isinstance(difficulty, int):
-            raise InputError(f"{source}: record {i}: 'difficulty' must be an integer")
-        out.append(Record(r["question"], list(r["steps"]), r["answer"], difficulty))
-    return out
+    return [as_record(r, i, source) for i, r in enumerate(items)]
+
+
+def as_record(r, i: int, source: str = "records") -> Record:
+    """Record ``i`` of ``source`` (a Record or a dict), or an InputError naming what is wrong with it."""
+    if isinstance(r, Record):
+        return r
+    if not isinstance(r, dict):
+        raise InputError(f"{source}: record {i} is not an object with question, steps and answer")
+    for key, kind in (("question", str), ("answer", str), ("steps", list)):
+        if key not in r:
+            raise InputError(f"{source}: record {i} has no {key!r}")
+        if not isinstance(r[key], kind):
+            raise InputError(f"{source}: record {i}: {key!r} must be a {kind.__name__}")
+    if not all(isinstance(s, str) for s in r["steps"]):
+        raise InputError(f"{source}: record {i}: every step must be a string")
+    difficulty = r.get("difficulty", len(r["steps"]))
+    if isinstance(difficulty, bool) or not isinstance(difficulty, int):
+        raise InputError(f"{source}: record {i}: 'difficulty' must be an integer")
+    return Record(r["question"], list(r["steps"]), r["answer"], difficulty)
 
 
 def save_records(records: list[Record], path: str | Path) -> None:

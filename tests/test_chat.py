@@ -63,6 +63,25 @@ def test_a_generation_block_renders_as_transformers_renders_it():
     assert got == want and "bot</h>Yes.<e>" in got and got.startswith("<s><h>system")
 
 
+def test_tojson_and_tools_render_as_transformers_renders_them():
+    """transformers' own ``tojson`` (no HTML escaping, keeps non-ASCII; templates render tools and arguments
+    with it) and ``tools`` / ``documents`` passed as none (defined): the same text as its renderer."""
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from latentrt.chat import render_chat
+
+    source = (
+        "{% if tools is defined and tools is none %}[no tools]{% endif %}{% if documents is defined %}[docs]{% endif %}"
+        "{% for m in messages %}{{ m | tojson }}{{ m['content'] | tojson(indent=2) }}{% endfor %}"
+    )
+    conversation = [{"role": "user", "content": "a < b & c > 'd' \"é\" ✓"}]
+    got = render_chat(ChatTemplate(source), conversation)
+    want = render_jinja_template([conversation], chat_template=source, add_generation_prompt=True)
+    want = want[0][0] if isinstance(want, tuple) else want[0]
+    assert got == want and got.startswith("[no tools][docs]") and "a < b & c" in got and "é" in got
+
+
 def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
     """``--chat`` (with ``--system`` and ``--chat-template``): each prompt a user message, the tokens of
     generate() on the API's ids; the flags that need --chat without it are an error."""

@@ -16,7 +16,8 @@ from latentrt.families import build_model
 from latentrt.train.coconut import CoconutLoss, Curriculum, collate, encode, train_coconut
 from latentrt.train.common import TrainOptions
 from latentrt.train.data import build_tokenizer, generate_dataset, generate_problem, load_records, save_records
-from latentrt.train.recurrent import encode_qa, sample_depth, train_recurrent
+from latentrt.train.examples import encode_qa
+from latentrt.train.recurrent import sample_depth, train_recurrent
 
 TOK = build_tokenizer()
 
@@ -195,6 +196,73 @@ def test_the_published_coconut_optimiser():
     for bad in (dict(grad_clip=0.0), dict(min_lr_ratio=0.0)):
         with pytest.raises(InputError, match=next(iter(bad))):
             TrainOptions(**bad).validate()
+
+
+def test_the_published_huginn_fine_tuning_optimiser_and_schedule():
+    """Huginn's finetuning_simple_example.py: AdamW(lr 5e-7, no weight decay, betas (0.9, 0.95)) under
+    transformers' get_scheduler("warmup_stable_decay", 10% warmup, 10% decay, min_lr_ratio 0.001) — the
+    oracle — stepped once per optimizer step; batch 32 in micro-batches of 2."""
+    transformers = pytest.importorskip("transformers")
+    from latentrt.train.common import lr_at, make_optimizer
+
+    for steps in (50, 7, 1):
+        opts = TrainOptions.huginn_published(steps=steps)
+        opts.validate()
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([param], lr=5e-7, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+        warm = -(-steps // 10)
+        sched = transformers.get_scheduler(
+            name="warmup_stable_decay",
+            optimizer=opt,
+            num_warmup_steps=warm,
+            num_training_steps=steps,
+            scheduler_specific_kwargs={"num_decay_steps": warm, "min_lr_ratio": 0.001},
+        )
+        for step in range(steps):
+            assert lr_at(step, opts) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-20), (steps, step)
+            opt.step()
+            sched.step()
+    assert (opts.batch_size, opts.micro_batch_size, opts.weight_decay, opts.betas) == (32, 2, 0.0, (0.9, 0.95))
+    groups = [g for g in make_optimizer(_recurrent(), opts).param_groups if g["params"]]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+    bad_options = [
+        (dict(batch_size=4, micro_batch_size=3), "micro_batch_size must divide batch_size=4"),
+        (dict(micro_batch_size=0), "micro_batch_size must divide"),
+        (dict(schedule="linear"), "schedule must be 'cosine' or 'wsd'"),
+        (dict(schedule="wsd", cooldown=-1), "warmup and cooldown must be >= 0"),
+    ]
+    for bad, message in bad_options:
+        with pytest.raises(InputError, match=message):
+            TrainOptions(**bad).validate()
+
+
+def test_micro_batches_add_up_to_the_batchs_gradient(monkeypatch):
+    """Gradient accumulation: at one depth and a zero initial state (so nothing differs but the split), a
+    batch of 4 in micro-batches of 2 or 1 gives the whole batch's gradient norm, loss and weights; each
+    micro-batch draws its own depth, the first the one a whole-batch step draws."""
+    import latentrt.train.recurrent as recurrent
+
+    recs = generate_dataset(8, (1,))  # answers of equal length: equal token counts per micro-batch
+    assert len({len(encode_qa(TOK, r, 0)[0]) - len(TOK.encode(r.question).ids) for r in recs}) == 1
+    depths = []
+    monkeypatch.setattr(recurrent, "sample_depth", lambda *a: depths.append(sample_depth(*a)) or (1, 2))
+    runs = {}
+    for micro in (None, 2, 1):
+        model = _recurrent()
+        model.initial_state = lambda e, *args: torch.zeros_like(e)
+        opts = TrainOptions(steps=3, batch_size=4, micro_batch_size=micro, lr=1e-2, warmup=0, progress=False)
+        runs[micro] = (train_recurrent(model, TOK, recs, opts), model.state_dict())
+    (log, weights) = runs[None]
+    for micro in (2, 1):
+        other_log, other_weights = runs[micro]
+        for a, b in zip(log, other_log):
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert b["depth"] == [3] * (4 // micro)
+        for name, w in weights.items():
+            assert rel_err(other_weights[name], w) < 1e-3, (micro, name)  # Adam on near-zero gradients
+    assert depths[:3] == depths[3:9:2] == depths[9:21:4]  # the first micro-batch: the whole batch's depth
+    assert len(set(depths[9:13])) > 1  # the others draw their own
 
 
 def test_gradient_flows_through_the_thought_chain():

@@ -1,5 +1,6 @@
-"""What both trainers share: options, AdamW with warmup + cosine, clipping, autocast (checkpoints:
-checkpoints.py); ``TrainOptions.coconut_published()`` gives the published Coconut optimiser instead."""
+"""What both trainers share: options, AdamW with warmup + cosine (or warmup-stable-decay), clipping, autocast
+(checkpoints: checkpoints.py); ``TrainOptions.coconut_published()`` and ``TrainOptions.huginn_published()``
+give the published recipes' optimisers instead."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from ..errors import InputError
 @dataclass
 class TrainOptions:
     steps: int = 1000  # optimizer steps in all (Coconut: split evenly over the curriculum's stages)
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # per process and optimizer step
+    micro_batch_size: int | None = None  # rows per forward pass, gradients accumulated up to batch_size (None: all)
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 50
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # "cosine": warmup, cosine decay; "wsd": warmup, constant, decay over `cooldown` steps
+    cooldown: int = 0  # "wsd": the decay's steps (the last ones)
     grad_clip: float | None = 1.0  # None: no clipping (the norm is still reported)
     betas: tuple[float, float] = (0.9, 0.95)
     decay_everything: bool = False  # weight decay on norms, biases and qk_bias too (the published Coconut's AdamW)
@@ -45,10 +49,29 @@ class TrainOptions:
         published.update(betas=(0.9, 0.999), decay_everything=True, batch_size=32)
         return cls(**{**published, **overrides})
 
+    @classmethod
+    def huginn_published(cls, steps: int = 1000, **overrides) -> TrainOptions:
+        """The optimiser of Huginn's published fine-tuning script (``finetuning_simple_example.py``): AdamW at
+        lr 5e-7, no weight decay, betas (0.9, 0.95); transformers' warmup-stable-decay schedule with 10% of
+        the steps warming up, 10% decaying (cosine) to 0.001 x lr; batch 32 in micro-batches of 2; gradients
+        clipped at norm 1e6 (in effect never). Its data: ``train_recurrent``'s conversation records."""
+        warm = math.ceil(0.1 * steps)
+        published = dict(lr=5e-7, weight_decay=0.0, betas=(0.9, 0.95), decay_everything=True, grad_clip=1e6)
+        published.update(schedule="wsd", warmup=warm, cooldown=warm, min_lr_ratio=0.001)
+        published.update(batch_size=32, micro_batch_size=2)
+        return cls(**{**published, "steps": steps, **overrides})
+
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        micro = self.micro_batch_size
+        if micro is not None and not (isinstance(micro, int) and micro >= 1 and self.batch_size % micro == 0):
+            raise InputError(f"micro_batch_size must divide batch_size={self.batch_size}, got {micro!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise InputError(f"schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.warmup < 0 or self.cooldown < 0:
+            raise InputError(f"warmup and cooldown must be >= 0, got {self.warmup} and {self.cooldown}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if self.save_every < 0:
@@ -80,11 +103,26 @@ def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimize
 
 def lr_at(step: int, opts: TrainOptions) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr over opts.steps (constant with no warmup and
-    min_lr_ratio 1)."""
+    min_lr_ratio 1); or with ``schedule="wsd"`` transformers' warmup-stable-decay (``get_wsd_schedule``:
+    linear warmup from min_lr_ratio, constant, cosine decay over the last ``cooldown`` steps)."""
+    if opts.schedule == "wsd":
+        return opts.lr * _wsd_factor(step, opts.warmup, opts.steps - opts.warmup - opts.cooldown, opts.cooldown, opts)
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
     progress = min(1.0, (step - opts.warmup) / max(1, opts.steps - opts.warmup))
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _wsd_factor(step: int, warmup: int, stable: int, decay: int, opts: TrainOptions) -> float:
+    low = opts.min_lr_ratio
+    if step < warmup:
+        return max(0.0, step / max(1, warmup) * (1 - low) + low)
+    if step < warmup + stable:
+        return 1.0
+    if step < warmup + stable + decay:
+        progress = (step - warmup - stable) / max(1, decay)
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) * (1 - low) + low)
+    return low
 
 
 def autocast(device: torch.device):
@@ -92,16 +130,27 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def optimizer_step(
-    module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, opts: TrainOptions
-) -> float:
+def begin_step(optimizer: torch.optim.Optimizer, step: int, opts: TrainOptions) -> None:
+    """Set the step's learning rate and clear the gradients (then backward, as many micro-batches as wanted)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, opts)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+
+
+def finish_step(module: nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions) -> float:
+    """Clip (or only measure) the gradients' norm and step; returns the norm."""
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), math.inf if opts.grad_clip is None else opts.grad_clip)
     optimizer.step()
     return float(norm)
+
+
+def optimizer_step(
+    module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, opts: TrainOptions
+) -> float:
+    """One optimizer step on one loss."""
+    begin_step(optimizer, step, opts)
+    loss.backward()
+    return finish_step(module, optimizer, opts)
 
 
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,14 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
     return module
+
+
+def no_sync(module: nn.Module, skip: bool):
+    """Under DistributedDataParallel with ``skip``, a backward that does not all-reduce (a micro-batch whose
+    gradients are accumulated, not yet the step's last); otherwise nothing."""
+    if skip and isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return nullcontext()
 
 
 def world_size() -> int:

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..chat import ChatTemplate, chat_template_for
+from ..errors import InputError
 from ..hooks import HookList
-from ..prompts import prompt_ids
-from ..records import Record, as_records
+from ..records import Record
 from . import distributed
 from .checkpoints import load_training, save_training
-from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare
+from .common import TrainOptions, autocast, begin_step, finish_step, make_optimizer, prepare
+from .examples import training_examples
 
 
 def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Generator) -> tuple[int, int]:
@@ -29,13 +31,6 @@ def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Gen
     r = int(torch.poisson(tau, generator=generator).item()) + 1
     k = min(backprop_depth, r)
     return r - k, k
-
-
-def encode_qa(tokenizer, rec: Record, eos: int) -> tuple[list[int], list[int]]:
-    """question -> '### answer <eos>'; loss only on the answer part."""
-    q = prompt_ids(tokenizer.encode(rec.question))
-    a = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [eos]
-    return q + a, [-100] * len(q) + a
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[Tensor, Tensor]:
@@ -69,39 +64,57 @@ def train_recurrent(
     *,
     hooks=None,
     resume: str | None = None,
+    loss_on: str = "assistant",
+    chat_template: ChatTemplate | str | None = None,
 ) -> list[dict]:
-    """Train in place; returns the log (step, loss, depth, lr). Runs under torchrun with DDP. ``resume``: a
-    checkpoint folder of this run (weights, optimizer, RNG and step are restored; the result equals an
-    uninterrupted run's bit for bit)."""
+    """Train in place; returns the log (step, loss, depth, grad_norm, lr). Runs under torchrun with DDP.
+    ``records``: question-answer records, conversations (``{"messages": [...]}``, through the model's chat
+    template or ``chat_template``, the loss on the assistant's tokens or with ``loss_on="all"`` on every
+    token) or texts (``{"text": ...}``), mixed as you like (latentrt/train/examples.py). Each step draws
+    ``opts.batch_size`` records; with ``opts.micro_batch_size`` they run in micro-batches whose gradients
+    add up (each loss divided by their number, as the published fine-tuning script does), each at its own
+    sampled depth (the published model draws one per forward; the log's ``depth`` is then a list).
+    ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are restored; the result
+    equals an uninterrupted run's bit for bit)."""
     rank, world, device = prepare(model, tokenizer, opts, resume)
-    records = as_records(records)
     cfg = model.config
-    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|pad|>")
-    data = [encode_qa(tokenizer, r, eos) for r in records]
+    template = chat_template_for(model, chat_template)
+    data = training_examples(
+        records, tokenizer, eos_token_id=getattr(model, "eos_token_id", None), chat_template=template, loss_on=loss_on
+    )
     too_long = [i for i, (x, _) in enumerate(data) if len(x) > cfg.block_size]
     if too_long:
-        from ..errors import InputError
-
         raise InputError(f"records {too_long[:5]} are longer than block_size={cfg.block_size}")
+    pad = tokenizer.token_to_id("<|pad|>")
+    pad = data[0][0][-1] if pad is None else pad  # any id: padding is right of every real token, with no loss
     loss_fn = distributed.wrap(RecurrentLoss(model, HookList(hooks), opts.checkpoint_activations), device)
     optimizer = make_optimizer(model, opts)
     start = load_training(resume, model, optimizer)["step"] if resume else 0
+    micro = opts.micro_batch_size or opts.batch_size
+    n_micro = opts.batch_size // micro
     log: list[dict] = []
     bar = tqdm(range(start, opts.steps), desc="recurrent", disable=not (opts.progress and distributed.is_main()))
     for step in bar:
-        # depth and batch are functions of (seed, step): identical on every rank, reproducible on resume
-        n_no_grad, n_grad = sample_depth(
-            cfg.mean_recurrence, cfg.mean_backprop_depth, torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
-        )
+        # depths and batch are functions of (seed, step): identical on every rank, reproducible on resume
+        depth_rng = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
         rng = random.Random((opts.seed, rank, step).__hash__())
-        ids, labels = collate([data[rng.randrange(len(data))] for _ in range(opts.batch_size)], pad, device)
-        with autocast(device):
-            loss = loss_fn(ids, labels, n_no_grad, n_grad)
-        gnorm = optimizer_step(loss_fn, optimizer, loss, step, opts)
+        picked = [data[rng.randrange(len(data))] for _ in range(opts.batch_size)]
+        begin_step(optimizer, step, opts)
+        losses, depths = [], []
+        for m in range(n_micro):
+            n_no_grad, n_grad = sample_depth(cfg.mean_recurrence, cfg.mean_backprop_depth, depth_rng)
+            ids, labels = collate(picked[m * micro : (m + 1) * micro], pad, device)
+            with distributed.no_sync(loss_fn, m < n_micro - 1):
+                with autocast(device):
+                    loss = loss_fn(ids, labels, n_no_grad, n_grad)
+                (loss / n_micro if n_micro > 1 else loss).backward()
+            losses.append(loss.item())
+            depths.append(n_no_grad + n_grad)
+        gnorm = finish_step(loss_fn, optimizer, opts)
         entry = {
             "step": step + 1,
-            "loss": distributed.mean(loss.item(), device),
-            "depth": n_no_grad + n_grad,
+            "loss": distributed.mean(sum(losses) / n_micro, device),
+            "depth": depths[0] if n_micro == 1 else depths,
             "grad_norm": gnorm,
             "lr": optimizer.param_groups[0]["lr"],
         }
