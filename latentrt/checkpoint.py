@@ -315,6 +315,11 @@ def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
     _step("done")
 
 
+# files of the folder a model was loaded from that a checkpoint of it keeps (the tokenizer's chat template and
+# special tokens, the generation defaults); training.json is not one (a trainer writes its own)
+COMPANION_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
+
+
 def write_checkpoint_files(
     model: nn.Module,
     folder: Path,
@@ -323,7 +328,8 @@ def write_checkpoint_files(
     tie_key: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder;
+    """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder, and
+    the ``COMPANION_FILES`` of the folder the model was loaded from that ``folder`` does not have yet;
     ``metadata`` goes into every safetensors header (e.g. the trainer's step)."""
     cfg = model.config.to_dict()
     cfg = {k: v for k, v in cfg.items() if v is not None and not k.endswith("_token")}
@@ -356,6 +362,10 @@ def write_checkpoint_files(
     _step("weights-written")
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(str(folder / "tokenizer.json"))
+    source = getattr(model, "folder", None)
+    for name in COMPANION_FILES:  # as save_pretrained keeps them: the chat template, the generation defaults
+        if source is not None and (Path(source) / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(Path(source) / name, folder / name)
 
 
 def save_checkpoint(

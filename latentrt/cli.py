@@ -1,5 +1,5 @@
 """Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``,
-``latentrt serve [MODEL]``.
+``latentrt train MODEL DATA --out DIR``, ``latentrt serve [MODEL]``.
 
 Every generate() option the user gives is passed on as given; options that do not apply to the model's
 family are errors (the same message as the Python API). Errors print ``latentrt: error: ...`` and exit 2.
@@ -241,6 +241,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause; default: the format the "
         "model was trained with)",
     )
+
+    t = sub.add_parser("train", help="fine-tune a recurrent-depth model on a JSON / JSON Lines file of records")
+    _add_model_args(t)
+    t.add_argument("data", help="JSON list or JSON Lines of records: {question, steps, answer}, {messages}, {text}")
+    t.add_argument("--out", required=True, help="the checkpoint folder (written whole at each save)")
+    t.add_argument(
+        "--recipe",
+        default="huginn",
+        choices=("huginn", "scratch"),
+        help="huginn: the published fine-tuning script's optimiser (lr 5e-7, warmup-stable-decay, batch 32 in "
+        "micro-batches of 2); scratch: latentrt's from-scratch one (lr 1e-3, cosine)",
+    )
+    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (the recipe's)")
+    t.add_argument("--batch-size", type=int, default=None, help="records per optimizer step and process (32)")
+    t.add_argument("--micro-batch-size", type=int, default=None, help="records per forward pass (the recipe's)")
+    t.add_argument(
+        "--loss-on",
+        default="assistant",
+        choices=("assistant", "all"),
+        help="conversations: the loss on the assistant's tokens (the template's {%% generation %%} blocks) or all",
+    )
+    t.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
+    )
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--save-every", type=int, default=None, help="also save every N steps (default: at the end)")
+    t.add_argument("--checkpoint-activations", action="store_true", help="recompute each iteration in backward")
+    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
+    t.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
     _add_model_args(s, default="builtin:recurrent")
@@ -492,6 +522,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.command import run_train
+
+    return run_train(_load(args), args)
+
+
 def cmd_eval(args) -> int:
     from .evaluate import run_eval
 
@@ -500,7 +536,7 @@ def cmd_eval(args) -> int:
 
 def _check_counts(args) -> None:
     """Counts the parser cannot bound: an error naming the flag, before any model is loaded."""
-    for flag, minimum in (("steps", 1), ("limit", 0), ("batch_size", 1)):
+    for flag, minimum in (("steps", 1), ("limit", 0), ("batch_size", 1), ("max_steps", 1), ("micro_batch_size", 1)):
         value = getattr(args, flag, None)
         if isinstance(value, int) and value < minimum:
             raise InputError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -512,7 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_counts(args)
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "eval": cmd_eval, "serve": cmd_serve}
+        commands = {
+            "generate": cmd_generate,
+            "chat": cmd_chat,
+            "info": cmd_info,
+            "eval": cmd_eval,
+            "train": cmd_train,
+            "serve": cmd_serve,
+        }
         return commands[args.command](args)
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Question-answer records: a JSON list of ``{question, steps, answer}`` (ProsQA / ProntoQA / GSM8k files).
+"""Question-answer records: a JSON list of ``{question, steps, answer}`` (ProsQA / ProntoQA / GSM8k files), or
+JSON Lines of them.
 
 Read by ``latentrt eval`` and by the trainers; ``steps`` are the reasoning steps in language, ``difficulty``
 their count unless the record says otherwise.
@@ -22,21 +23,38 @@ class Record:
 
 
 def load_records(path: str | Path) -> list[Record]:
-    """A JSON list of {question, steps, answer} (ProsQA / ProntoQA / GSM8k files); clear errors per record."""
+    """A JSON list of {question, steps, answer} (ProsQA / ProntoQA / GSM8k files), or JSON Lines of them;
+    clear errors per record."""
+    return as_records(read_records_file(path), str(path))
+
+
+def read_records_file(path: str | Path) -> list:
+    """The records of a data file as parsed JSON: a ``.jsonl`` file one object per line (blank lines
+    skipped), any other a JSON list; an InputError names an unreadable file, bad JSON and its line."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"data file {str(path)!r} is a folder, not a JSON file of records")
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"data file {str(path)!r} does not exist") from None
     except OSError as exc:
         raise InputError(f"cannot read data file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-    return as_records(raw, str(path))
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON: {exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}, line {number}: not valid JSON: {exc}") from None
+    return records
 
 
 def as_records(items, source: str = "records") -> list[Record]:

@@ -41,7 +41,7 @@ def check_output_folder(out: str | None, resume: str | None, overwrite: bool) ->
     if path.is_dir() and any(path.iterdir()) and not (resuming_here or overwrite):
         raise InputError(
             f"out={out!r} already holds files (a previous run's checkpoint?): resume from it, choose a new "
-            "folder, or pass overwrite=True to replace it"
+            "folder, or pass overwrite=True (latentrt train: --overwrite) to replace it"
         )
 
 
@@ -77,8 +77,10 @@ def save_training(
     step: int,
     opts,
     extra: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """The checkpoint of ``step`` (see module docstring), replacing ``folder`` as a whole."""
+    """The checkpoint of ``step`` (see module docstring), replacing ``folder`` as a whole; ``files``: more
+    text files to write in it (name -> text), e.g. the chat template the run trained with."""
     from . import distributed
 
     keys = model.tied_keys() if hasattr(model, "tied_keys") else None
@@ -102,6 +104,8 @@ def save_training(
         write_checkpoint_files(model, tmp, tie_key=keys[0] if keys else None, metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
         (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return Path(folder)
 
 

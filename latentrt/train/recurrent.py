@@ -74,11 +74,15 @@ def train_recurrent(
     ``opts.batch_size`` records; with ``opts.micro_batch_size`` they run in micro-batches whose gradients
     add up (each loss divided by their number, as the published fine-tuning script does), each at its own
     sampled depth (the published model draws one per forward; the log's ``depth`` is then a list).
-    ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are restored; the result
-    equals an uninterrupted run's bit for bit)."""
+    Checkpoints (``opts.out``) keep the source folder's chat template and generation defaults, and
+    ``chat_template`` when one is given (as chat_template.jinja). ``resume``: a checkpoint folder of this
+    run (weights, optimizer, RNG and step are restored; the result equals an uninterrupted run's bit for
+    bit)."""
     rank, world, device = prepare(model, tokenizer, opts, resume)
     cfg = model.config
     template = chat_template_for(model, chat_template)
+    # a template given for this run is the checkpoint's (chat_template.jinja wins over the source folder's)
+    files = {"chat_template.jinja": template.source} if chat_template is not None else None
     data = training_examples(
         records, tokenizer, eos_token_id=getattr(model, "eos_token_id", None), chat_template=template, loss_on=loss_on
     )
@@ -120,11 +124,11 @@ def train_recurrent(
         }
         log.append(entry)
         if step % max(1, opts.log_every) == 0:
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", r=entry["depth"])
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", r=f"{sum(depths) / n_micro:.1f}")
         if opts.out and opts.save_every and (step + 1) % opts.save_every == 0 and distributed.is_main():
-            save_training(model, optimizer, opts.out, step + 1, opts)
+            save_training(model, optimizer, opts.out, step + 1, opts, files=files)
     model.eval()
     if opts.out and distributed.is_main():
-        save_training(model, optimizer, opts.out, opts.steps, opts)
+        save_training(model, optimizer, opts.out, opts.steps, opts, files=files)
     distributed.barrier()
     return log

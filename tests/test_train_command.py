@@ -1,0 +1,103 @@
+"""``latentrt train`` (latentrt/train/command.py): the CLI runs train_recurrent with the recipe's options and
+the flags given, on JSON or JSON Lines data, and writes a checkpoint that keeps the model's chat template
+and generation defaults."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_recurrent
+
+import latentrt
+from latentrt.checkpoint import save_checkpoint
+from latentrt.cli import main
+from latentrt.train.common import TrainOptions
+from latentrt.train.recurrent import train_recurrent
+
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }} .{% endgeneration %}"
+    "{% else %}{{ m['content'] }} ?{% endif %} {% endfor %}"
+)
+RECORDS = [
+    {"messages": [{"role": "user", "content": "is Tom a cat"}, {"role": "assistant", "content": "yes Tom is a cat"}]},
+    {"messages": [{"role": "user", "content": "is Ann a dog"}, {"role": "assistant", "content": "no"}]},
+    {"text": "every cat is a cat ."},
+    {"question": "is Alex a bird ?", "steps": [], "answer": "Alex is a bird ."},
+]
+
+
+@pytest.fixture
+def huginn_like(tmp_path):
+    """A model folder with a chat template (a generation block) and generation defaults, as Huginn-0125's."""
+    folder = tmp_path / "model"
+    save_checkpoint(tiny_recurrent(seed=3), folder, tie_key="lm_head.weight")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "."}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [10, 11], "max_new_tokens": 5}))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n\n")
+    return folder, data
+
+
+def test_the_command_trains_as_the_api_does_and_keeps_the_models_files(huginn_like, tmp_path, capsys):
+    folder, data = huginn_like
+    out = tmp_path / "tuned"
+    args = ["train", str(folder), str(data), "--out", str(out), "--max-steps", "3", "--batch-size", "2"]
+    assert main([*args, "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "4"]) == 0
+    assert f"checkpoint: {out}" in capsys.readouterr().out
+    model = latentrt.load(folder, device="cpu")
+    opts = TrainOptions.huginn_published(steps=3, batch_size=2, micro_batch_size=1, lr=1e-3, seed=4, progress=False)
+    train_recurrent(model, model.tokenizer, RECORDS, opts)
+    tuned = latentrt.load(out, device="cpu")
+    source = latentrt.load(folder, device="cpu")
+    for (name, want), got in zip(model.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(got, want), name
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), source.parameters()))
+    for name in ("tokenizer_config.json", "generation_config.json"):  # kept, as save_pretrained keeps them
+        assert (out / name).read_text() == (folder / name).read_text()
+    assert tuned.generation_defaults == {"max_new_tokens": 5} and tuned.eos_token_id == [10, 11]
+    messages = [{"role": "user", "content": "is Tom a dog"}]
+    assert latentrt.apply_chat_template(tuned, messages) == latentrt.apply_chat_template(source, messages)
+    options = json.loads((out / "training.json").read_text())["options"]
+    assert options["schedule"] == "wsd" and options["micro_batch_size"] == 1 and options["lr"] == 1e-3
+
+
+def test_defaults_a_template_file_and_the_scratch_recipe(huginn_like, tmp_path):
+    folder, _ = huginn_like
+    (tmp_path / "data.json").write_text(json.dumps(RECORDS * 20))  # 80 records: 3 steps of 32 by default
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE.replace(" ?", " ? ?"))
+    out = tmp_path / "tuned"
+    args = ["train", str(folder), str(tmp_path / "data.json"), "--out", str(out), "--chat-template", str(template)]
+    assert main([*args, "--recipe", "scratch", "--batch-size", "32", "--micro-batch-size", "16"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["step"] == 3 and info["options"]["schedule"] == "cosine" and info["options"]["lr"] == 1e-3
+    assert (out / "chat_template.jinja").read_text() == template.read_text()  # the run's template is the model's
+    tuned = latentrt.load(out, device="cpu")
+    messages = [{"role": "user", "content": "is Tom a dog"}]
+    question = tuned.tokenizer.token_to_id("?")
+    assert latentrt.apply_chat_template(tuned, messages)[-2:] == [question, question]
+
+
+def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
+    folder, data = huginn_like
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "none.json").write_text(json.dumps([{"messages": RECORDS[0]["messages"][:1]}]))
+    out = str(tmp_path / "out")
+    cases = [
+        ([str(coconut_dir), str(data)], "fine-tunes recurrent-depth models"),
+        ([str(folder), str(tmp_path / "bad.jsonl")], "bad.jsonl, line 2: not valid JSON"),
+        ([str(folder), str(tmp_path / "empty.json")], "holds no records"),
+        ([str(folder), str(tmp_path / "none.json")], "record 0 has no token under the loss"),
+        ([str(folder), str(data), "--max-steps", "0"], "--max-steps must be >= 1"),
+        ([str(folder), str(data), "--batch-size", "4", "--micro-batch-size", "3"], "micro_batch_size must divide"),
+    ]
+    for args, message in cases:
+        assert main(["train", *args, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("latentrt: error: ") and message in err, (args, err)
+        assert "Traceback" not in err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("a file")
+    assert main(["train", str(folder), str(data), "--out", out, "--max-steps", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
