@@ -265,6 +265,19 @@ def test_micro_batches_add_up_to_the_batchs_gradient(monkeypatch):
     assert len(set(depths[9:13])) > 1  # the others draw their own
 
 
+def test_coconut_micro_batches_add_up_to_the_batchs_gradient():
+    """The published gradient_accumulation_steps: a batch of 4 in micro-batches of 2 gives the whole batch's
+    loss and gradient norm (answers of equal length: equal token counts per micro-batch)."""
+    recs = generate_dataset(8, (1,))
+    logs = []
+    for micro in (None, 2):
+        opts = TrainOptions(steps=3, batch_size=4, micro_batch_size=micro, lr=1e-2, warmup=0, progress=False)
+        logs.append(train_coconut(_gpt2(), TOK, recs, opts, Curriculum("nocot")))
+    for whole, split in zip(*logs):
+        assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+
+
 def test_gradient_flows_through_the_thought_chain():
     model = _gpt2()
     rec = generate_dataset(2, (2,))

@@ -31,7 +31,7 @@ from ..hooks import HookList
 from ..records import Record, as_records
 from . import distributed
 from .checkpoints import load_training, save_training
-from .common import TrainOptions, autocast, make_optimizer, optimizer_step, prepare
+from .common import TrainOptions, accumulate, autocast, begin_step, finish_step, make_optimizer, micro_batches, prepare
 
 MODES = ("coconut", "cot", "nocot", "pause")
 
@@ -186,7 +186,8 @@ def train_coconut(
     """Train in place through every stage (``schedule``): ``opts.steps`` optimizer steps split evenly over
     the stages, or with ``cur.epochs`` the published epochs (``Curriculum.published``); each segment resets
     the optimizer, as published, and runs its own learning-rate schedule (warmup + cosine, or the published
-    constant rate with ``TrainOptions.coconut_published()``).
+    constant rate with ``TrainOptions.coconut_published()``). With ``opts.micro_batch_size`` a step's
+    batch runs in micro-batches whose gradients add up (the published ``gradient_accumulation_steps``).
     Returns the log. ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
     if cur.mode not in MODES:
@@ -203,6 +204,14 @@ def train_coconut(
         optimizer = make_optimizer(model, opts)
         resumed = load_training(resume, model, optimizer)
         done = resumed["step"]
+
+    def loss_of(chunk: list) -> Tensor:
+        ids, mask, labels = collate(chunk, pad, device)
+        if ids.shape[1] > model.config.n_positions:
+            raise InputError(f"a training sequence has {ids.shape[1]} tokens > n_positions")
+        with autocast(device):
+            return loss_fn(ids, mask, labels)
+
     log: list[dict] = []
     start_of_stage, data, encoded = 0, None, None
     for seg in segments:
@@ -226,17 +235,14 @@ def train_coconut(
                 picked = [rng.randrange(len(data)) for _ in range(opts.batch_size)]
             else:
                 picked = batches[step]
-            ids, mask, labels = collate([data[i] for i in picked], pad, device)
-            if ids.shape[1] > model.config.n_positions:
-                raise InputError(f"a training sequence has {ids.shape[1]} tokens > n_positions")
-            with autocast(device):
-                loss = loss_fn(ids, mask, labels)
-            gnorm = optimizer_step(loss_fn, optimizer, loss, step, stage_opts)
+            begin_step(optimizer, step, stage_opts)
+            losses = accumulate(loss_fn, micro_batches([data[i] for i in picked], opts), loss_of)
+            gnorm = finish_step(loss_fn, optimizer, stage_opts)
             entry = {
                 "stage": stage,
                 **({} if seg.epoch is None else {"epoch": seg.epoch + 1}),
                 "step": step + 1,
-                "loss": distributed.mean(loss.item(), device),
+                "loss": distributed.mean(sum(losses) / len(losses), device),
                 "grad_norm": gnorm,
             }
             log.append(entry)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -142,6 +143,27 @@ def finish_step(module: nn.Module, optimizer: torch.optim.Optimizer, opts: Train
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), math.inf if opts.grad_clip is None else opts.grad_clip)
     optimizer.step()
     return float(norm)
+
+
+def micro_batches(items: list, opts: TrainOptions) -> list[list]:
+    """A step's records cut into micro-batches of ``opts.micro_batch_size`` (the whole batch without one)."""
+    size = opts.micro_batch_size or len(items)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def accumulate(module: nn.Module, chunks: list, loss_of: Callable[[object], torch.Tensor]) -> list[float]:
+    """Backward the loss of every micro-batch in ``chunks`` divided by their number (gradients add up to the
+    batch's mean loss, as the published scripts' accumulation does); under DistributedDataParallel only the
+    last backward all-reduces. ``loss_of(chunk)`` runs the forward. Returns each micro-batch's loss."""
+    from . import distributed
+
+    losses = []
+    for m, chunk in enumerate(chunks):
+        with distributed.no_sync(module, m < len(chunks) - 1):
+            loss = loss_of(chunk)
+            (loss / len(chunks) if len(chunks) > 1 else loss).backward()
+        losses.append(loss.item())
+    return losses
 
 
 def optimizer_step(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from ..hooks import HookList
 from ..records import Record
 from . import distributed
 from .checkpoints import load_training, save_training
-from .common import TrainOptions, autocast, begin_step, finish_step, make_optimizer, prepare
+from .common import TrainOptions, accumulate, autocast, begin_step, finish_step, make_optimizer, micro_batches, prepare
 from .examples import training_examples
 
 
@@ -94,8 +95,15 @@ def train_recurrent(
     loss_fn = distributed.wrap(RecurrentLoss(model, HookList(hooks), opts.checkpoint_activations), device)
     optimizer = make_optimizer(model, opts)
     start = load_training(resume, model, optimizer)["step"] if resume else 0
-    micro = opts.micro_batch_size or opts.batch_size
-    n_micro = opts.batch_size // micro
+
+    def loss_of(chunk: list, depth_rng: torch.Generator, depths: list[int]) -> Tensor:
+        """A micro-batch's loss at its own sampled depth (the published model draws one per forward)."""
+        n_no_grad, n_grad = sample_depth(cfg.mean_recurrence, cfg.mean_backprop_depth, depth_rng)
+        depths.append(n_no_grad + n_grad)
+        ids, labels = collate(chunk, pad, device)
+        with autocast(device):
+            return loss_fn(ids, labels, n_no_grad, n_grad)
+
     log: list[dict] = []
     bar = tqdm(range(start, opts.steps), desc="recurrent", disable=not (opts.progress and distributed.is_main()))
     for step in bar:
@@ -104,27 +112,19 @@ def train_recurrent(
         rng = random.Random((opts.seed, rank, step).__hash__())
         picked = [data[rng.randrange(len(data))] for _ in range(opts.batch_size)]
         begin_step(optimizer, step, opts)
-        losses, depths = [], []
-        for m in range(n_micro):
-            n_no_grad, n_grad = sample_depth(cfg.mean_recurrence, cfg.mean_backprop_depth, depth_rng)
-            ids, labels = collate(picked[m * micro : (m + 1) * micro], pad, device)
-            with distributed.no_sync(loss_fn, m < n_micro - 1):
-                with autocast(device):
-                    loss = loss_fn(ids, labels, n_no_grad, n_grad)
-                (loss / n_micro if n_micro > 1 else loss).backward()
-            losses.append(loss.item())
-            depths.append(n_no_grad + n_grad)
+        depths: list[int] = []
+        losses = accumulate(loss_fn, micro_batches(picked, opts), partial(loss_of, depth_rng=depth_rng, depths=depths))
         gnorm = finish_step(loss_fn, optimizer, opts)
         entry = {
             "step": step + 1,
-            "loss": distributed.mean(sum(losses) / n_micro, device),
-            "depth": depths[0] if n_micro == 1 else depths,
+            "loss": distributed.mean(sum(losses) / len(losses), device),
+            "depth": depths[0] if len(depths) == 1 else depths,
             "grad_norm": gnorm,
             "lr": optimizer.param_groups[0]["lr"],
         }
         log.append(entry)
         if step % max(1, opts.log_every) == 0:
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", r=f"{sum(depths) / n_micro:.1f}")
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", r=f"{sum(depths) / len(depths):.1f}")
         if opts.out and opts.save_every and (step + 1) % opts.save_every == 0 and distributed.is_main():
             save_training(model, optimizer, opts.out, step + 1, opts, files=files)
     model.eval()
