@@ -94,19 +94,22 @@ def test_curriculum_layout_and_masking():
     assert cols[0] == cols[1] and len(cols[0]) == 4  # thoughts share columns: one pass per thought
 
 
-def _byte_level_tokenizer():
-    """A GPT-2-like byte-level BPE with the Coconut markers: a newline is a token of its own, as in GPT-2."""
+def _byte_level_tokenizer(markers: bool = True):
+    """A GPT-2-like byte-level BPE with the Coconut markers (or, as GPT-2's, without them and with a '<<'
+    token): a newline is a token of its own, as in GPT-2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|start-latent|>", "<|latent|>", "<|end-latent|>"]
+    special = ["<|endoftext|>", "<|start-latent|>", "<|latent|>", "<|end-latent|>"][: 4 if markers else 1]
     corpus = [r.question + "\n" + "\n".join(r.steps) + "\n### " + r.answer for r in generate_dataset(20)]
+    corpus += [] if markers else ["<< " * 8]
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte: any text encodes
-    tok.train_from_iterator(
-        corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=alphabet)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=alphabet, show_progress=False
     )
+    tok.train_from_iterator(corpus, trainer)
     return tok
 
 
@@ -159,6 +162,38 @@ def test_generate_appends_thoughts_in_the_published_text_format():
     assert ran(written) == [tok.encode(written).ids]  # markers in the text: the text as written
     assert ran(q) == [tok.encode(q).ids]  # no training.json: no thoughts appended, no newline
     assert ran(tok.encode(q).ids, num_thoughts=1) == [tok.encode(q).ids + tail]  # ids: as given
+
+
+def test_a_plain_gpt2_gets_the_latent_markers_as_coconuts_run_py_adds_them(tmp_path):
+    """run.py on GPT-2: the three markers appended to the tokenizer (start, end, latent), the embedding and
+    the tied head grown by three rows copied from '<<', the ids in the config; train_coconut does it for a
+    plain GPT-2 and its checkpoint loads with the markers and thinks."""
+    from latentrt.families import parse_config
+    from latentrt.train.coconut import add_latent_markers
+
+    tok = _byte_level_tokenizer(markers=False)
+    vocab, target = tok.get_vocab_size(), tok.token_to_id("<<")
+    cfg = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, n_positions=256, vocab_size=vocab)
+    model = build_model(parse_config(cfg), seed=0)
+    before = model.transformer.wte.weight.detach().clone()
+    assert target is not None and model.marker_ids == (None, None, None)
+    assert add_latent_markers(model, tok)
+    names = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+    assert [tok.token_to_id(n) for n in names] == [vocab, vocab + 1, vocab + 2]
+    assert model.marker_ids == (vocab, vocab + 2, vocab + 1) and model.config.vocab_size == vocab + 3
+    wte = model.transformer.wte.weight
+    assert torch.equal(wte[:vocab], before) and all(torch.equal(wte[vocab + i], before[target]) for i in range(3))
+    assert model.lm_head.weight is wte and not add_latent_markers(model, tok)  # tied; a second call: nothing
+    plain = build_model(parse_config(cfg), seed=1)
+    tok = _byte_level_tokenizer(markers=False)
+    opts = TrainOptions(steps=3, batch_size=2, progress=False, out=str(tmp_path / "ckpt"))
+    train_coconut(plain, tok, generate_dataset(4, (1,)), opts, Curriculum("coconut", max_stage=1))
+    loaded = latentrt.load(tmp_path / "ckpt", device="cpu")
+    assert loaded.marker_ids == (vocab, vocab + 2, vocab + 1)
+    assert latentrt.generate(loaded, "Tom is a cat.", max_new_tokens=2).num_thoughts == 1
+    no_angle = _byte_level_tokenizer(markers=True)  # markers already in the tokenizer, not in the model
+    with pytest.raises(InputError, match="cannot add the latent markers|no '<<' token"):
+        add_latent_markers(build_model(parse_config(dict(cfg, vocab_size=no_angle.get_vocab_size()))), no_angle)
 
 
 def test_evaluation_uses_the_published_answer_rule():

@@ -15,6 +15,7 @@ Coconut with the latent tokens as ordinary "pause" tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, replace
 
@@ -79,6 +80,42 @@ class Curriculum:
 
     def inference_thoughts(self) -> int:
         return self.max_stage * self.thoughts_per_step if self.mode in ("coconut", "pause") else 0
+
+
+def add_latent_markers(model: nn.Module, tokenizer) -> bool:
+    """Coconut's run.py on a GPT-2 without the latent markers: ``<|start-latent|>``, ``<|end-latent|>``,
+    ``<|latent|>`` added to the tokenizer in that order (ids V, V+1, V+2 after GPT-2's V tokens), the
+    embedding (and the head tied to it) grown by their rows, each a copy of the embedding of ``<<`` ("it
+    helps stabilize the training"), and the model's marker ids set. Returns whether it added them (a model
+    that has them is unchanged)."""
+    cfg = model.config
+    if all(i is not None for i in model.marker_ids):
+        return False
+    names = (cfg.start_latent_token, cfg.end_latent_token, cfg.latent_token)
+    target = tokenizer.token_to_id("<<")
+    if target is None:
+        raise InputError("the tokenizer has no '<<' token, whose embedding Coconut gives the new latent markers")
+    if any(tokenizer.token_to_id(name) is not None for name in names) or tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise InputError(
+            f"cannot add the latent markers: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
+            f"{cfg.vocab_size} embedding rows, and some markers already (pass their ids to load())"
+        )
+    tokenizer.add_tokens(list(names))
+    wte = model.transformer.wte
+    grown = type(wte)(cfg.vocab_size + 3, cfg.n_embd, device=wte.weight.device, dtype=wte.weight.dtype)
+    with torch.no_grad():
+        grown.weight[: cfg.vocab_size] = wte.weight
+        grown.weight[cfg.vocab_size :] = wte.weight[target]
+        head = model.lm_head
+        if head.weight is not wte.weight:  # an untied head grows the same way
+            new_head = nn.Linear(cfg.n_embd, cfg.vocab_size + 3, bias=False, device=head.weight.device)
+            new_head.weight.copy_(torch.cat([head.weight, head.weight[target].expand(3, -1)]))
+            model.lm_head = new_head.to(head.weight.dtype)
+    model.transformer.wte = grown
+    ids = dict(zip(("start_latent_id", "end_latent_id", "latent_id"), map(tokenizer.token_to_id, names)))
+    model.config = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 3, **ids)
+    model.tie_weights()
+    return True
 
 
 def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[int], list[int], list[int]]:
@@ -188,6 +225,7 @@ def train_coconut(
     the optimizer, as published, and runs its own learning-rate schedule (warmup + cosine, or the published
     constant rate with ``TrainOptions.coconut_published()``). With ``opts.micro_batch_size`` a step's
     batch runs in micro-batches whose gradients add up (the published ``gradient_accumulation_steps``).
+    A model without the latent markers (a plain GPT-2) gets them first (``add_latent_markers``).
     Returns the log. ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
     if cur.mode not in MODES:
@@ -195,10 +233,20 @@ def train_coconut(
     cur.validate()
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
-    pad = tokenizer.token_to_id("<|pad|>")
-    loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
     segments = schedule(cur, opts, len(records), world)
-    extra = lambda stage: {"stage": stage, "curriculum": cur.__dict__}  # noqa: E731
+    if cur.mode in ("coconut", "pause"):  # (after the checks: a refused run leaves the model as it was)
+        add_latent_markers(model, tokenizer)  # a plain GPT-2 gets them as Coconut's run.py adds them
+    pad = tokenizer.token_to_id("<|pad|>")
+    pad = tokenizer.token_to_id("<|endoftext|>") if pad is None else pad  # run.py: pad = eos
+    loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
+    # training.json's mode and thought count are what generate() appends and eval prompts with by default
+    made = {
+        "trainer": "coconut",
+        "mode": cur.mode,
+        "max_stage": cur.max_stage,
+        "thoughts_per_step": cur.thoughts_per_step,
+    }
+    extra = lambda stage: {**made, "stage": stage, "curriculum": cur.__dict__}  # noqa: E731
     done, resumed = 0, None
     if resume:
         optimizer = make_optimizer(model, opts)
