@@ -242,35 +242,49 @@ def build_parser() -> argparse.ArgumentParser:
         "model was trained with)",
     )
 
-    t = sub.add_parser("train", help="fine-tune a recurrent-depth model on a JSON / JSON Lines file of records")
+    t = sub.add_parser("train", help="train a model on a JSON / JSON Lines file of records (README)")
     _add_model_args(t)
     t.add_argument("data", help="JSON list or JSON Lines of records: {question, steps, answer}, {messages}, {text}")
     t.add_argument("--out", required=True, help="the checkpoint folder (written whole at each save)")
     t.add_argument(
         "--recipe",
-        default="huginn",
-        choices=("huginn", "scratch"),
-        help="huginn: the published fine-tuning script's optimiser (lr 5e-7, warmup-stable-decay, batch 32 in "
-        "micro-batches of 2); scratch: latentrt's from-scratch one (lr 1e-3, cosine)",
+        default=None,
+        choices=("huginn", "coconut", "scratch"),
+        help="the optimiser: huginn (default for recurrent models) the published fine-tuning script's (lr 5e-7, "
+        "warmup-stable-decay, batch 32 in micro-batches of 2); coconut (default for Coconut models) the "
+        "published Coconut's (constant lr 1e-4, weight decay 0.01); scratch latentrt's (lr 1e-3, cosine)",
     )
     t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (the recipe's)")
     t.add_argument("--batch-size", type=int, default=None, help="records per optimizer step and process (32)")
     t.add_argument("--micro-batch-size", type=int, default=None, help="records per forward pass (the recipe's)")
-    t.add_argument(
-        "--loss-on",
-        default="assistant",
-        choices=("assistant", "all"),
-        help="conversations: the loss on the assistant's tokens (the template's {%% generation %%} blocks) or all",
-    )
-    t.add_argument(
-        "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
-    )
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--save-every", type=int, default=None, help="also save every N steps (default: at the end)")
     t.add_argument("--checkpoint-activations", action="store_true", help="recompute each iteration in backward")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
     t.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    t.add_argument(
+        "--loss-on",
+        default=None,
+        choices=("assistant", "all"),
+        help="recurrent, conversations: the loss on the assistant's tokens (default) or all",
+    )
+    t.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="recurrent: a jinja chat template (default: the model's)"
+    )
+    t.add_argument(
+        "--curriculum", default=None, choices=("coconut", "cot", "nocot", "pause"), help="Coconut: the mode (coconut)"
+    )
+    t.add_argument("--max-stage", type=int, default=None, help="Coconut: steps replaced by thoughts, at most (3)")
+    t.add_argument("--thoughts-per-step", type=int, default=None, help="Coconut: thoughts per replaced step (1)")
+    t.add_argument("--epochs", type=int, default=None, help="Coconut: the published epoch schedule, in all")
+    t.add_argument("--epochs-per-stage", type=int, default=None, help="Coconut: epochs per stage (1)")
+    t.add_argument(
+        "--published-curriculum",
+        default=None,
+        choices=("prosqa", "prontoqa", "gsm"),
+        help="Coconut: the curriculum of its args/DATASET_coconut.yaml (stages, thoughts, epochs)",
+    )
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
     _add_model_args(s, default="builtin:recurrent")

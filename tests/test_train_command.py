@@ -78,6 +78,29 @@ def test_defaults_a_template_file_and_the_scratch_recipe(huginn_like, tmp_path):
     assert latentrt.apply_chat_template(tuned, messages)[-2:] == [question, question]
 
 
+def test_coconut_trains_through_its_curriculum_as_the_api_does(coconut_dir, tmp_path, capsys):
+    """A Coconut model: train_coconut with the published Coconut optimiser by default and the curriculum
+    the flags give; the checkpoint appends the trained thoughts by default."""
+    from latentrt.train.coconut import Curriculum, train_coconut
+
+    qa = [RECORDS[3], {"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "Tom is a cat ."}]
+    (tmp_path / "qa.json").write_text(json.dumps(qa))
+    out = tmp_path / "tuned"
+    args = ["train", str(coconut_dir), str(tmp_path / "qa.json"), "--out", str(out), "--max-stage", "1"]
+    assert main([*args, "--thoughts-per-step", "2", "--max-steps", "3", "--batch-size", "2"]) == 0
+    model = latentrt.load(coconut_dir, device="cpu")
+    opts = TrainOptions.coconut_published(steps=3, batch_size=2, progress=False)
+    train_coconut(model, model.tokenizer, qa, opts, Curriculum("coconut", max_stage=1, thoughts_per_step=2))
+    tuned = latentrt.load(out, device="cpu")
+    for (name, want), got in zip(model.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(got, want), name
+    info = json.loads((out / "training.json").read_text())
+    assert (info["mode"], info["max_stage"], info["thoughts_per_step"]) == ("coconut", 1, 2)
+    assert info["options"]["lr"] == 1e-4 and info["options"]["weight_decay"] == 0.01
+    assert latentrt.generate(tuned, "is Tom a cat ?", max_new_tokens=2).num_thoughts == 2
+    capsys.readouterr()
+
+
 def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     folder, data = huginn_like
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
@@ -85,7 +108,10 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     (tmp_path / "none.json").write_text(json.dumps([{"messages": RECORDS[0]["messages"][:1]}]))
     out = str(tmp_path / "out")
     cases = [
-        ([str(coconut_dir), str(data)], "fine-tunes recurrent-depth models"),
+        ([str(coconut_dir), str(data)], "record 0: Coconut trains on question-answer records"),
+        ([str(coconut_dir), str(data), "--loss-on", "all"], "--loss-on applies to recurrent-depth (huginn_raven)"),
+        ([str(folder), str(data), "--max-stage", "2"], "--max-stage applies to Coconut (gpt2) models only"),
+        ([str(coconut_dir), str(data), "--published-curriculum", "gsm", "--epochs", "3"], "drop --epochs"),
         ([str(folder), str(tmp_path / "bad.jsonl")], "bad.jsonl, line 2: not valid JSON"),
         ([str(folder), str(tmp_path / "empty.json")], "holds no records"),
         ([str(folder), str(tmp_path / "none.json")], "record 0 has no token under the loss"),

@@ -231,6 +231,12 @@ def train_coconut(
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
     cur.validate()
+    for i, r in enumerate(records if isinstance(records, (list, tuple)) else []):
+        if isinstance(r, dict) and "question" not in r and ("messages" in r or "text" in r):
+            raise InputError(
+                f"records: record {i}: Coconut trains on question-answer records ({{question, steps, answer}}: its "
+                "curriculum replaces the steps by thoughts), not on conversations or texts"
+            )
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
     segments = schedule(cur, opts, len(records), world)

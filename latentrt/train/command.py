@@ -1,62 +1,117 @@
-"""``latentrt train MODEL DATA --out DIR``: fine-tune a recurrent-depth model on a data file.
+"""``latentrt train MODEL DATA --out DIR``: train a model of either family on a data file.
 
-DATA is a JSON list or JSON Lines of records (question-answer, ``{"messages": [...]}`` conversations,
-``{"text": ...}``; latentrt/train/examples.py). The default recipe is Huginn's published fine-tuning script's
-(``TrainOptions.huginn_published``); ``--recipe scratch`` is latentrt's from-scratch one (the built-in models'
-trainer). Without ``--max-steps`` the run makes one pass's worth of steps over the records (the published
-script's one epoch). The checkpoint in ``--out`` loads, generates and serves like any model folder.
+DATA is a JSON list or JSON Lines of records. A recurrent-depth model fine-tunes with ``train_recurrent`` on
+question-answer records, ``{"messages": [...]}`` conversations and ``{"text": ...}`` (latentrt/train/
+examples.py); its default recipe is Huginn's published fine-tuning script's (``TrainOptions.huginn_published``).
+A Coconut (GPT-2) model trains with ``train_coconut`` through a curriculum on question-answer records (a plain
+GPT-2 gets the latent markers first, as Coconut's run.py adds them); its default recipe is the published
+Coconut optimiser (``TrainOptions.coconut_published``). ``--recipe scratch`` is latentrt's from-scratch one
+(the built-in models' trainer). Without ``--max-steps`` the run makes one pass's worth of steps over the
+records (per curriculum stage for Coconut; a published curriculum counts epochs instead). The checkpoint in
+``--out`` loads, generates and serves like any model folder.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..chat import chat_template_file
 from ..errors import InputError
 from ..records import read_records_file
 from .common import TrainOptions
 
-RECIPES = ("huginn", "scratch")
+RECIPES = {"huginn": TrainOptions.huginn_published, "coconut": TrainOptions.coconut_published, "scratch": TrainOptions}
+RECURRENT_FLAGS = ("loss_on", "chat_template")
+COCONUT_FLAGS = ("curriculum", "max_stage", "thoughts_per_step", "epochs", "epochs_per_stage", "published_curriculum")
 
 
-def options_from_args(args, n_records: int) -> TrainOptions:
-    """The run's TrainOptions: the recipe's, with the flags given on top."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> TrainOptions:
+    """The run's TrainOptions: the recipe's, with the flags given on top; by default ``passes`` passes'
+    worth of steps over ``n_records``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     given = {
         name: getattr(args, name)
         for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")
         if getattr(args, name) is not None
     }
-    batch = given.get("batch_size", 32)
-    steps = args.max_steps if args.max_steps is not None else max(1, math.ceil(n_records / (batch * world)))
+    make = RECIPES[recipe]
+    batch = given.get("batch_size", make().batch_size)
+    steps = args.max_steps if args.max_steps is not None else passes * max(1, math.ceil(n_records / (batch * world)))
     common = dict(out=args.out, overwrite=args.overwrite, checkpoint_activations=args.checkpoint_activations)
-    if args.recipe == "huginn":
-        return TrainOptions.huginn_published(steps=steps, **common, **given)
-    return TrainOptions(steps=steps, **common, **given)
+    return make(steps=steps, **common, **given)
+
+
+def curriculum_from_args(args):
+    """The Coconut curriculum the flags name: a published one, or mode / stages / thoughts / epochs."""
+    from .coconut import Curriculum
+
+    if args.published_curriculum is not None:
+        mixed = [n for n in COCONUT_FLAGS[1:-1] if getattr(args, n) is not None]
+        if mixed:
+            raise InputError(f"--published-curriculum sets the curriculum; drop {_flag(mixed[0])}")
+        return Curriculum.published(args.published_curriculum, args.curriculum or "coconut")
+    fields = dict(mode=args.curriculum or "coconut")
+    for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    return Curriculum(**fields)
+
+
+def _train_recurrent(model, args, records: list) -> list[dict]:
+    from .recurrent import train_recurrent
+
+    opts = options_from_args(args, len(records), args.recipe or "huginn")
+    template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
+    loss_on = args.loss_on or "assistant"
+    return train_recurrent(
+        model, model.tokenizer, records, opts, resume=args.resume, loss_on=loss_on, chat_template=template
+    )
+
+
+def _train_coconut(model, args, records: list) -> list[dict]:
+    from .coconut import train_coconut
+
+    curriculum = curriculum_from_args(args)
+    opts = options_from_args(args, len(records), args.recipe or "coconut", len(curriculum.stages()))
+    return train_coconut(model, model.tokenizer, records, opts, curriculum, resume=args.resume)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    run: Callable  # (model, args, records) -> the log
+    flags: tuple[str, ...]  # the command's flags only this trainer takes
+    title: str  # how messages name its models
+
+
+# model_type -> its trainer: one line per family that can be trained from the command line
+TRAINERS = {
+    "huginn_raven": Trainer(_train_recurrent, RECURRENT_FLAGS, "recurrent-depth (huginn_raven)"),
+    "gpt2": Trainer(_train_coconut, COCONUT_FLAGS, "Coconut (gpt2)"),
+}
 
 
 def run_train(model, args) -> int:
-    """The CLI's train command on a loaded model."""
-    from ..models.recurrent import RecurrentConfig
-    from .recurrent import train_recurrent
-
-    if not isinstance(model.config, RecurrentConfig):
-        raise InputError(
-            "latentrt train fine-tunes recurrent-depth models (model_type huginn_raven); a Coconut (gpt2) model "
-            "trains through its curriculum: latentrt.train.coconut.train_coconut (README, Built-in models and "
-            "training)"
-        )
+    """The CLI's train command on a loaded model: its family's trainer, the other trainers' flags refused."""
+    trainer = TRAINERS.get(model.config.model_type)
+    if trainer is None:
+        raise InputError(f"latentrt train has no trainer for model_type {model.config.model_type!r}")
     if model.tokenizer is None:
         raise InputError("training needs a model with a tokenizer.json")
+    for other in TRAINERS.values():
+        misplaced = [n for n in other.flags if n not in trainer.flags and getattr(args, n) is not None]
+        if misplaced:
+            raise InputError(f"{_flag(misplaced[0])} applies to {other.title} models only")
     records = read_records_file(args.data)
     if not isinstance(records, list) or not records:
         raise InputError(f"{args.data} holds no records (a JSON list, or JSON Lines, of records)")
-    opts = options_from_args(args, len(records))
-    template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
-    log = train_recurrent(
-        model, model.tokenizer, records, opts, resume=args.resume, loss_on=args.loss_on, chat_template=template
-    )
+    log = trainer.run(model, args, records)
     if log:
         first, last = log[0], log[-1]
         print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}")
