@@ -206,6 +206,26 @@ def test_coconut_training_loss_and_gradients_equal_published(case):
     assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
 
 
+@pytest.mark.parametrize("case", VECTORS["huginn_training"], ids=lambda c: c["name"])
+def test_huginn_training_loss_and_gradients_equal_published(case):
+    """The recurrent trainer's loss (RecurrentLoss at a given no-grad / grad depth) against the published
+    forward in training mode as its fine-tuning script calls it, the random initial state drawn from torch's
+    generator seeded alike: the loss to float rounding, the gradients' norm too."""
+    from latentrt.train.recurrent import RecurrentLoss
+
+    model = _model(case["model"]).train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(case["torch_seed"])
+    with torch.enable_grad():
+        loss = RecurrentLoss(model)(torch.tensor(case["ids"]), torch.tensor(case["labels"]), *case["steps"])
+        loss.backward()
+    norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    assert abs(loss.item() - case["loss"]) <= 1e-6 * case["loss"]
+    assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
+
+
 def test_coconut_default_stops_at_the_first_eos_and_keeps_it():
     """latentrt's default (as HF): any eos ends the answer and is kept; published_eos=True gives Coconut's."""
     case = dict(CASES["coconut published eos"], options={})

@@ -788,6 +788,51 @@ def run_coconut_training(cm, case: dict, model) -> dict:
     return {"examples": examples, "loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
 
 
+# Huginn training: the published forward in training mode as its fine-tuning script calls it (input_ids[:, :-1],
+# labels[:, 1:]: right-padded rows, labels -100 where there is no loss) at a given (no-grad, grad) depth, its
+# random initial state drawn from torch's generator seeded just before; the loss and the gradients' norm
+HUGINN_TRAINING = [
+    dict(
+        name="huginn training: random state, truncated backprop, a padded batch",
+        model="huginn-a",
+        steps=[3, 2],
+        torch_seed=21,
+        ids=[[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18, 19, 0, 0, 0]],
+        labels=[[-100, -100, -100, -100, 9, 10, 11, 12, 13], [-100, -100, 16, 17, 18, 19, -100, -100, -100]],
+    ),
+    dict(
+        name="huginn training: every iteration with gradients",
+        model="huginn-b",
+        steps=[0, 4],
+        torch_seed=22,
+        ids=[[20, 21, 22, 23, 24, 25, 26]],
+        labels=[[20, 21, 22, 23, 24, 25, 26]],
+    ),
+    dict(
+        name="huginn training: one KV head with qk_bias",
+        model="huginn-mqa",
+        steps=[2, 3],
+        torch_seed=23,
+        ids=[[5, 9, 13, 17, 21, 25], [6, 10, 14, 18, 22, 26]],
+        labels=[[-100, 9, 13, 17, 21, 25], [-100, -100, -100, 18, 22, 26]],
+    ),
+]
+
+
+def run_huginn_training(rm, case: dict, model) -> dict:
+    """The published RavenForCausalLM in training mode on the case's batch: its loss and gradients' norm."""
+    pub, _ = published_huginn(rm, model)
+    pub.train()
+    ids, labels = torch.tensor(case["ids"]), torch.tensor(case["labels"])
+    n, k = (torch.tensor(v) for v in case["steps"])
+    torch.manual_seed(case["torch_seed"])
+    with torch.enable_grad():
+        loss = pub(ids[:, :-1], labels=labels[:, 1:].contiguous(), num_steps=(n, k)).loss
+        loss.backward()
+    grads = [p.grad.norm() ** 2 for p in pub.parameters() if p.grad is not None]
+    return {"loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -814,6 +859,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         expected = run_coconut_training(cm, case, build(case["model"], models[case["model"]]))
         out.setdefault("training", []).append(dict(case, **expected))
+        print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
+    for case in HUGINN_TRAINING:
+        if args.only and args.only not in case["name"]:
+            continue
+        expected = run_huginn_training(rm, case, build(case["model"], models[case["model"]]))
+        out.setdefault("huginn_training", []).append(dict(case, **expected))
         print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
     for case in CASES:
         if args.only and args.only not in case["name"]:

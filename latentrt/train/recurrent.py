@@ -46,15 +46,18 @@ def collate(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tu
 
 
 class RecurrentLoss(nn.Module):
-    """Next-token loss on the coda output; a module so DistributedDataParallel can wrap it."""
+    """Next-token loss on the coda output; a module so DistributedDataParallel can wrap it. As the published
+    fine-tuning script calls the model: the ids but the last (whose prediction has no target) against the
+    labels shifted by one, so the random initial state is drawn for those positions as the published
+    forward draws it (and the last position costs nothing)."""
 
     def __init__(self, model: nn.Module, hooks: HookList | None = None, checkpoint: bool = False) -> None:
         super().__init__()
         self.model, self.hooks, self.checkpoint = model, hooks, checkpoint
 
     def forward(self, ids: Tensor, labels: Tensor, n_no_grad: int, n_grad: int) -> Tensor:
-        logits = self.model.forward_train(ids, n_no_grad, n_grad, checkpoint=self.checkpoint, hooks=self.hooks)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        logits = self.model.forward_train(ids[:, :-1], n_no_grad, n_grad, checkpoint=self.checkpoint, hooks=self.hooks)
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def train_recurrent(
