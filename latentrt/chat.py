@@ -31,6 +31,40 @@ class ChatTemplate:
     eos_token: str = ""
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation is rendered: transformers' ``apply_chat_template`` arguments, vLLM's chat request
+    fields. ``add_generation_prompt``: end with the header of a new assistant turn; ``continue_final_message``:
+    end inside the last message instead, for the model to continue it (an assistant prefix); the two exclude
+    each other. ``template_kwargs``: more template variables (vLLM's ``chat_template_kwargs``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict | None = None
+
+    def validate(self) -> None:
+        for name in ("add_generation_prompt", "continue_final_message"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InputError(
+                "continue_final_message and add_generation_prompt cannot both be true: the first continues the "
+                "last message, the second starts a new assistant turn (set add_generation_prompt to false)"
+            )
+        kwargs = self.template_kwargs
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise InputError(f"chat_template_kwargs must be an object of template variables, got {kwargs!r}")
+        reserved = sorted(set(kwargs) & {"messages", "tools", "documents", "add_generation_prompt"})
+        if reserved:
+            raise InputError(f"chat_template_kwargs cannot set {reserved}: the request sets them")
+
+
+# what transformers appends to the final message to find where it ends in the rendered text
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
 def _token_text(value) -> str:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
     if isinstance(value, dict):
@@ -165,52 +199,67 @@ def _environment():
     return env
 
 
-def _render(
-    template: ChatTemplate | None, messages, add_generation_prompt: bool, spans: list[tuple[int, int]] | None
-) -> str:
+def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans: list[tuple[int, int]] | None) -> str:
     """The conversation's text; with ``spans`` (a list) the generation blocks' character spans are added to it."""
     if template is None:
         raise InputError(
             "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
             "give one (--chat-template FILE) or use a plain prompt (the server: /v1/completions)"
         )
+    options.validate()
     messages = check_messages(messages)
+    final = messages[-1]["content"]
+    if options.continue_final_message:  # transformers: tag the final message, cut the text where the tag is
+        messages = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE_TAG}]
     import jinja2
 
-    variables = dict(
+    variables = {"bos_token": template.bos_token, "eos_token": template.eos_token, **(options.template_kwargs or {})}
+    variables.update(
         messages=messages,
         tools=None,  # as transformers passes them without tools / documents: "is defined", and none
         documents=None,
-        add_generation_prompt=add_generation_prompt,
-        bos_token=template.bos_token,
-        eos_token=template.eos_token,
+        add_generation_prompt=options.add_generation_prompt,
     )
     try:
         compiled = _environment().from_string(template.source)
         if spans is None:
-            return compiled.render(**variables)
-        rendered: list[str] = []
-        token = _SPANS.set((rendered, spans))
-        try:
-            rendered.extend(compiled.generate(**variables))
-        finally:
-            _SPANS.reset(token)
-        return "".join(rendered)
+            text = compiled.render(**variables)
+        else:
+            rendered: list[str] = []
+            token = _SPANS.set((rendered, spans))
+            try:
+                rendered.extend(compiled.generate(**variables))
+            finally:
+                _SPANS.reset(token)
+            text = "".join(rendered)
     except jinja2.exceptions.TemplateError as exc:
         raise InputError(f"the chat template rejected the conversation: {exc}") from None
+    if not options.continue_final_message:
+        return text
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise InputError(
+            "continue_final_message: the chat template does not render the final message as written, so the "
+            "model cannot continue it"
+        )
+    at = text.rindex(tag)
+    return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
-def render_chat(template: ChatTemplate | None, messages) -> str:
+def render_chat(template: ChatTemplate | None, messages, options: ChatOptions | None = None) -> str:
     """The prompt text of a conversation (a 400-worthy InputError when the model has no template or the
-    template rejects the conversation)."""
-    return _render(template, messages, True, None)
+    template rejects the conversation); ``options``: how (default: with the generation prompt)."""
+    return _render(template, messages, options or ChatOptions(), None)
 
 
-def chat_prompt_ids(template: ChatTemplate | None, tokenizer, messages) -> list[int]:
-    """A conversation's prompt ids: rendered with ``template``, tokenized without adding special tokens."""
+def chat_prompt_ids(
+    template: ChatTemplate | None, tokenizer, messages, options: ChatOptions | None = None
+) -> list[int]:
+    """A conversation's prompt ids: rendered with ``template`` (and ``options``), tokenized without adding
+    special tokens."""
     if tokenizer is None:
         raise InputError("this model has no tokenizer.json: chat needs one")
-    ids = tokenizer.encode(render_chat(template, messages), add_special_tokens=False).ids
+    ids = tokenizer.encode(render_chat(template, messages, options), add_special_tokens=False).ids
     if not ids:
         raise InputError("the rendered conversation is empty")
     return ids
@@ -237,7 +286,8 @@ def chat_training_ids(
             "to train on with loss_on='assistant' (loss_on='all' trains on every token)"
         )
     spans: list[tuple[int, int]] = []
-    encoding = tokenizer.encode(_render(template, messages, False, spans), add_special_tokens=False)
+    rendering = ChatOptions(add_generation_prompt=False)
+    encoding = tokenizer.encode(_render(template, messages, rendering, spans), add_special_tokens=False)
     if loss_on == "all":
         return list(encoding.ids), [True] * len(encoding.ids)
     mask, k = [False] * len(encoding.ids), 0
@@ -259,9 +309,19 @@ def chat_template_for(model, template: ChatTemplate | str | Path | None = None) 
     return template if template is not None else find_chat_template(folder)
 
 
-def apply_chat_template(model, messages, template: ChatTemplate | str | Path | None = None) -> list[int]:
+def apply_chat_template(
+    model,
+    messages,
+    template: ChatTemplate | str | Path | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    **template_kwargs,
+) -> list[int]:
     """The prompt ids of a conversation (OpenAI-style ``messages``) for ``model``, as HF's
     ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` gives them and the server's chat
     route runs them: ``generate(model, apply_chat_template(model, messages))``. ``template``: as
-    ``chat_template_for``'s."""
-    return chat_prompt_ids(chat_template_for(model, template), model.tokenizer, messages)
+    ``chat_template_for``'s; ``continue_final_message=True`` (with ``add_generation_prompt=False``) ends inside
+    the last message, for the model to continue it; other keywords are template variables (as HF's)."""
+    options = ChatOptions(add_generation_prompt, continue_final_message, template_kwargs or None)
+    return chat_prompt_ids(chat_template_for(model, template), model.tokenizer, messages, options)

@@ -1,6 +1,8 @@
 """latentrt/chat.py: a conversation's prompt ids, as the server's chat route runs them, for the Python API
 (``latentrt.apply_chat_template``) and ``latentrt generate --chat``."""
 
+import re
+
 import pytest
 from conftest import tiny_recurrent
 
@@ -80,6 +82,56 @@ def test_tojson_and_tools_render_as_transformers_renders_them():
     want = render_jinja_template([conversation], chat_template=source, add_generation_prompt=True)
     want = want[0][0] if isinstance(want, tuple) else want[0]
     assert got == want and got.startswith("[no tools][docs]") and "a < b & c" in got and "é" in got
+
+
+def test_continue_final_message_and_template_variables_render_as_transformers_renders_them():
+    """transformers' continue_final_message (the text ends inside the last message: an assistant prefix the
+    model continues; a template that trims it too), add_generation_prompt=False and extra template
+    variables (vLLM's chat_template_kwargs) give its text; the ids are that text's."""
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from latentrt.chat import ChatOptions, render_chat
+
+    trimmed = GENERATION_BLOCK_TEMPLATE + "{% if mood is defined %}[{{ mood }}]{% endif %}"
+    kept = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} .\n{% endfor %}"
+    conversation = [*MESSAGES, {"role": "assistant", "content": "Yes, because "}]
+    for source in (trimmed, kept):
+        for options in (
+            ChatOptions(add_generation_prompt=False, continue_final_message=True),
+            ChatOptions(add_generation_prompt=False, template_kwargs={"mood": "calm"}),
+            ChatOptions(add_generation_prompt=True, template_kwargs={"mood": "calm", "bos_token": "<B>"}),
+        ):
+            got = render_chat(ChatTemplate(source, "<s>", "</s>"), conversation, options)
+            want = render_jinja_template(
+                [conversation],
+                chat_template=source,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                **{"bos_token": "<s>", "eos_token": "</s>", **(options.template_kwargs or {})},
+            )
+            assert got == (want[0][0] if isinstance(want, tuple) else want[0]), (source, options)
+    continued = render_chat(ChatTemplate(kept), conversation, ChatOptions(False, True))
+    assert continued.endswith("assistant: Yes, because ")  # the prefix as written, for the model to continue
+    model = latentrt.load("builtin:recurrent")
+    prefix = [{"role": "user", "content": "Alex is a wumpus."}, {"role": "assistant", "content": "Alex is"}]
+    template = ChatTemplate(kept)
+    ids = latentrt.apply_chat_template(
+        model, prefix, template, add_generation_prompt=False, continue_final_message=True
+    )
+    assert ids == model.tokenizer.encode("user: Alex is a wumpus. .\nassistant: Alex is", add_special_tokens=False).ids
+    bad = [
+        (ChatOptions(True, True), "continue_final_message and add_generation_prompt cannot both be true"),
+        (ChatOptions(False, "yes"), "continue_final_message must be true or false"),
+        (ChatOptions(template_kwargs={"messages": []}), "chat_template_kwargs cannot set ['messages']"),
+        (ChatOptions(template_kwargs=[1]), "chat_template_kwargs must be an object"),
+    ]
+    for options, message in bad:
+        with pytest.raises(latentrt.InputError, match=re.escape(message)):
+            render_chat(ChatTemplate(kept), conversation, options)
+    drops_last = ChatTemplate("{% for m in messages[:-1] %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(latentrt.InputError, match="does not render the final message as written"):
+        render_chat(drops_last, conversation, ChatOptions(False, True))
 
 
 def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):

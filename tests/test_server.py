@@ -215,6 +215,28 @@ def test_chat_with_the_models_template(recurrent_server):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == alone.text
 
 
+def test_chat_continues_the_final_message_as_vllm_does(recurrent_server):
+    """vLLM's chat fields: continue_final_message with add_generation_prompt false runs the conversation
+    ending inside the last message (an assistant prefix), /tokenize gives the same ids; both true, or
+    template variables that clash with the request's, are 400s naming the problem."""
+    url, _, model = recurrent_server
+    messages = [{"role": "user", "content": "Tom is a cat"}, {"role": "assistant", "content": "yes Tom"}]
+    fields = {"add_generation_prompt": False, "continue_final_message": True, "chat_template_kwargs": {"x": 1}}
+    r = client(url).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, temperature=0, seed=4, extra_body=fields
+    )
+    ids = model.tokenizer.encode("user : Tom is a cat . assistant : yes Tom", add_special_tokens=False).ids
+    assert r.choices[0].message.content == latentrt.generate(model, ids, max_new_tokens=4, temperature=0, seed=4).text
+    h = httpx.Client(base_url=url)
+    assert h.post("/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
+    for extra, message in [
+        ({"continue_final_message": True}, "continue_final_message and add_generation_prompt cannot both be true"),
+        ({"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs cannot set ['messages']"),
+    ]:
+        bad = h.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1, **extra})
+        assert bad.status_code == 400 and message in bad.json()["error"]["message"], bad.text
+
+
 def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_server):
     """vLLM's /tokenize and /detokenize: a prompt's ids are those /v1/completions runs (its usage counts them),
     a conversation's those /v1/chat/completions runs; /detokenize inverts; bad bodies are 400s."""

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..chat import chat_prompt_ids
+from ..chat import ChatOptions, chat_prompt_ids
 from ..errors import InputError
 from ..families import FAMILIES
 from ..prompts import encode_text
@@ -56,9 +56,11 @@ COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "sto
     "ignore_eos",  # vLLM's: generate()'s default_stops=False
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs", "echo"} | set(LATENT_FIELDS) | set(NEUTRAL)
+CHAT_RENDERING = {"add_generation_prompt", "continue_final_message", "chat_template_kwargs"}  # vLLM's
 CHAT_FIELDS = (
     COMMON
     | {"messages", "max_completion_tokens", "parallel_tool_calls", "logprobs", "top_logprobs"}
+    | CHAT_RENDERING
     | set(LATENT_FIELDS)
     | set(NEUTRAL)
 )
@@ -240,11 +242,21 @@ def parse_completion(body) -> Parsed:
     return parsed
 
 
+def chat_options(body: dict) -> ChatOptions:
+    """How a request's conversation is rendered: vLLM's add_generation_prompt (true), continue_final_message
+    (false) and chat_template_kwargs."""
+    return ChatOptions(
+        body.get("add_generation_prompt", True),
+        body.get("continue_final_message", False),
+        body.get("chat_template_kwargs"),
+    )
+
+
 def parse_chat(body, template, tokenizer) -> Parsed:
     """A /v1/chat/completions body: the conversation rendered with the model's chat template (chat.py),
     tokenized without adding special tokens (the template places them)."""
     body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-    ids = chat_prompt_ids(template, tokenizer, body.get("messages"))
+    ids = chat_prompt_ids(template, tokenizer, body.get("messages"), chat_options(body))
     stream = _flag(body, "stream")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     opts, n = _options(body, max_tokens)
@@ -258,15 +270,13 @@ def parse_chat(body, template, tokenizer) -> Parsed:
 def parse_tokenize(body, template, tokenizer) -> list[int]:
     """vLLM's /tokenize body: ``prompt`` (text, encoded as /v1/completions encodes it) or ``messages``
     (rendered with the chat template, as /v1/chat/completions does) -> token ids."""
-    body = _check_fields(body, {"model", "prompt", "messages", "add_generation_prompt"}, "/tokenize")
+    body = _check_fields(body, {"model", "prompt", "messages"} | CHAT_RENDERING, "/tokenize")
     if tokenizer is None:
         raise InputError("this model has no tokenizer.json: nothing to tokenize with")
     if ("prompt" in body) == ("messages" in body):
         raise InputError("/tokenize takes one of 'prompt' (text) or 'messages' (a conversation)")
     if "messages" in body:
-        if body.get("add_generation_prompt", True) is not True:
-            raise InputError("add_generation_prompt: the chat route always adds it, so /tokenize does too")
-        return chat_prompt_ids(template, tokenizer, body["messages"])
+        return chat_prompt_ids(template, tokenizer, body["messages"], chat_options(body))
     if not isinstance(body["prompt"], str):
         raise InputError(f"prompt must be a string, got {type(body['prompt']).__name__}")
     return encode_text(tokenizer, [body["prompt"]])[0]
