@@ -212,7 +212,7 @@ def test_evaluation_uses_the_published_answer_rule():
 def test_the_published_coconut_optimiser():
     """Coconut's run.py: AdamW(model.parameters(), lr=1e-4, weight_decay=0.01) at a constant rate, no
     clipping (a large gradient reaches the step unscaled)."""
-    from latentrt.train.common import lr_at, make_optimizer, optimizer_step
+    from latentrt.train.common import begin_step, finish_step, lr_at, make_optimizer
 
     opts = TrainOptions.coconut_published(steps=10)
     assert {lr_at(step, opts) for step in range(10)} == {1e-4}
@@ -222,7 +222,9 @@ def test_the_published_coconut_optimiser():
     assert len(decayed) == 1 and decayed[0]["weight_decay"] == 0.01 and decayed[0]["betas"] == (0.9, 0.999)
     assert sum(p.numel() for p in decayed[0]["params"]) == sum(p.numel() for p in model.parameters())
     loss = 1e4 * sum(p.sum() for p in model.parameters())  # every parameter's gradient: 1e4
-    norm = optimizer_step(model, opt, loss, 0, opts)
+    begin_step(opt, 0, opts)
+    loss.backward()
+    norm = finish_step(model, opt, opts)
     assert norm > 1e4 and all(torch.all(p.grad == 1e4) for p in model.parameters())
     clipped = TrainOptions(steps=10)
     assert (

@@ -107,15 +107,17 @@ def lr_at(step: int, opts: TrainOptions) -> float:
     min_lr_ratio 1); or with ``schedule="wsd"`` transformers' warmup-stable-decay (``get_wsd_schedule``:
     linear warmup from min_lr_ratio, constant, cosine decay over the last ``cooldown`` steps)."""
     if opts.schedule == "wsd":
-        return opts.lr * _wsd_factor(step, opts.warmup, opts.steps - opts.warmup - opts.cooldown, opts.cooldown, opts)
+        return opts.lr * _wsd_factor(
+            step, opts.warmup, opts.steps - opts.warmup - opts.cooldown, opts.cooldown, opts.min_lr_ratio
+        )
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
     progress = min(1.0, (step - opts.warmup) / max(1, opts.steps - opts.warmup))
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _wsd_factor(step: int, warmup: int, stable: int, decay: int, opts: TrainOptions) -> float:
-    low = opts.min_lr_ratio
+def _wsd_factor(step: int, warmup: int, stable: int, decay: int, low: float) -> float:
+    """transformers' warmup-stable-decay factor (linear warmup, cosine decay) with ``low`` its min_lr_ratio."""
     if step < warmup:
         return max(0.0, step / max(1, warmup) * (1 - low) + low)
     if step < warmup + stable:
@@ -164,15 +166,6 @@ def accumulate(module: nn.Module, chunks: list, loss_of: Callable[[object], torc
             (loss / len(chunks) if len(chunks) > 1 else loss).backward()
         losses.append(loss.item())
     return losses
-
-
-def optimizer_step(
-    module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, opts: TrainOptions
-) -> float:
-    """One optimizer step on one loss."""
-    begin_step(optimizer, step, opts)
-    loss.backward()
-    return finish_step(module, optimizer, opts)
 
 
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
