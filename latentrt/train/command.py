@@ -6,7 +6,8 @@ examples.py); its default recipe is Huginn's published fine-tuning script's (``T
 A Coconut (GPT-2) model trains with ``train_coconut`` through a curriculum on question-answer records (a plain
 GPT-2 gets the latent markers first, as Coconut's run.py adds them); its default recipe is the published
 Coconut optimiser (``TrainOptions.coconut_published``). ``--recipe scratch`` is latentrt's from-scratch one
-(the built-in models' trainer). Without ``--max-steps`` the run makes one pass's worth of steps over the
+(the built-in models' trainer). Under torchrun (``torchrun --nproc_per_node N -m latentrt.cli train ...``) it
+trains data-parallel. Without ``--max-steps`` the run makes one pass's worth of steps over the
 records (per curriculum stage for Coconut; a published curriculum counts epochs instead). The checkpoint in
 ``--out`` loads, generates and serves like any model folder.
 """
@@ -111,9 +112,15 @@ def run_train(model, args) -> int:
     records = read_records_file(args.data)
     if not isinstance(records, list) or not records:
         raise InputError(f"{args.data} holds no records (a JSON list, or JSON Lines, of records)")
-    log = trainer.run(model, args, records)
-    if log:
-        first, last = log[0], log[-1]
-        print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}")
-    print(f"checkpoint: {args.out} (latentrt generate {args.out} PROMPT)")
+    from . import distributed
+
+    try:
+        log = trainer.run(model, args, records)
+        if distributed.is_main():  # under torchrun: one report, by the process that saved
+            if log:
+                first, last = log[0], log[-1]
+                print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}")
+            print(f"checkpoint: {args.out} (latentrt generate {args.out} PROMPT)")
+    finally:
+        distributed.shutdown()
     return 0
