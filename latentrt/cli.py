@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=None, help="also save every N steps (default: at the end)")
     t.add_argument("--checkpoint-activations", action="store_true", help="recompute each iteration in backward")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
+    t.add_argument("--log", default=None, metavar="FILE", help="append each step's loss, depth, lr... as a JSON line")
     t.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     t.add_argument(
         "--loss-on",

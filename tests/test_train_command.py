@@ -42,11 +42,13 @@ def test_the_command_trains_as_the_api_does_and_keeps_the_models_files(huginn_li
     folder, data = huginn_like
     out = tmp_path / "tuned"
     args = ["train", str(folder), str(data), "--out", str(out), "--max-steps", "3", "--batch-size", "2"]
-    assert main([*args, "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "4"]) == 0
+    log = tmp_path / "log.jsonl"
+    assert main([*args, "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "4", "--log", str(log)]) == 0
     assert f"checkpoint: {out}" in capsys.readouterr().out
     model = latentrt.load(folder, device="cpu")
     opts = TrainOptions.huginn_published(steps=3, batch_size=2, micro_batch_size=1, lr=1e-3, seed=4, progress=False)
-    train_recurrent(model, model.tokenizer, RECORDS, opts)
+    want = train_recurrent(model, model.tokenizer, RECORDS, opts)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == want  # --log: each step's entry
     tuned = latentrt.load(out, device="cpu")
     source = latentrt.load(folder, device="cpu")
     for (name, want), got in zip(model.state_dict().items(), tuned.state_dict().values()):

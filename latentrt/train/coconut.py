@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -219,6 +220,7 @@ def train_coconut(
     *,
     hooks=None,
     resume: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train in place through every stage (``schedule``): ``opts.steps`` optimizer steps split evenly over
     the stages, or with ``cur.epochs`` the published epochs (``Curriculum.published``); each segment resets
@@ -226,7 +228,8 @@ def train_coconut(
     constant rate with ``TrainOptions.coconut_published()``). With ``opts.micro_batch_size`` a step's
     batch runs in micro-batches whose gradients add up (the published ``gradient_accumulation_steps``).
     A model without the latent markers (a plain GPT-2) gets them first (``add_latent_markers``).
-    Returns the log. ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
+    Returns the log (``on_step``, if given, receives each entry as it is made, on the main process).
+    ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
@@ -300,6 +303,8 @@ def train_coconut(
                 "grad_norm": gnorm,
             }
             log.append(entry)
+            if on_step is not None and distributed.is_main():
+                on_step(entry)
             if step % max(1, opts.log_every) == 0:
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
             total = start_of_stage + step + 1

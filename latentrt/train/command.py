@@ -14,6 +14,7 @@ records (per curriculum stage for Coconut; a published curriculum counts epochs 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -65,6 +66,19 @@ def curriculum_from_args(args):
     return Curriculum(**fields)
 
 
+def _log_writer(path: str | None) -> Callable[[dict], None] | None:
+    """``--log FILE``: each step's log entry appended as a JSON line as it is made (a loss curve to plot while
+    the run goes on; a resumed run appends)."""
+    if path is None:
+        return None
+
+    def write(entry: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    return write
+
+
 def _train_recurrent(model, args, records: list) -> list[dict]:
     from .recurrent import train_recurrent
 
@@ -72,7 +86,14 @@ def _train_recurrent(model, args, records: list) -> list[dict]:
     template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
     loss_on = args.loss_on or "assistant"
     return train_recurrent(
-        model, model.tokenizer, records, opts, resume=args.resume, loss_on=loss_on, chat_template=template
+        model,
+        model.tokenizer,
+        records,
+        opts,
+        resume=args.resume,
+        loss_on=loss_on,
+        chat_template=template,
+        on_step=_log_writer(args.log),
     )
 
 
@@ -81,7 +102,9 @@ def _train_coconut(model, args, records: list) -> list[dict]:
 
     curriculum = curriculum_from_args(args)
     opts = options_from_args(args, len(records), args.recipe or "coconut", len(curriculum.stages()))
-    return train_coconut(model, model.tokenizer, records, opts, curriculum, resume=args.resume)
+    return train_coconut(
+        model, model.tokenizer, records, opts, curriculum, resume=args.resume, on_step=_log_writer(args.log)
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -68,10 +69,12 @@ def train_recurrent(
     *,
     hooks=None,
     resume: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
     loss_on: str = "assistant",
     chat_template: ChatTemplate | str | None = None,
 ) -> list[dict]:
-    """Train in place; returns the log (step, loss, depth, grad_norm, lr). Runs under torchrun with DDP.
+    """Train in place; returns the log (step, loss, depth, grad_norm, lr; ``on_step``, if given, receives each
+    entry as it is made, on the main process). Runs under torchrun with DDP.
     ``records``: question-answer records, conversations (``{"messages": [...]}``, through the model's chat
     template or ``chat_template``, the loss on the assistant's tokens or with ``loss_on="all"`` on every
     token) or texts (``{"text": ...}``), mixed as you like (latentrt/train/examples.py). Each step draws
@@ -126,6 +129,8 @@ def train_recurrent(
             "lr": optimizer.param_groups[0]["lr"],
         }
         log.append(entry)
+        if on_step is not None and distributed.is_main():
+            on_step(entry)
         if step % max(1, opts.log_every) == 0:
             bar.set_postfix(loss=f"{entry['loss']:.3f}", r=f"{sum(depths) / len(depths):.1f}")
         if opts.out and opts.save_every and (step + 1) % opts.save_every == 0 and distributed.is_main():
