@@ -114,6 +114,8 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(coconut_dir), str(data), "--loss-on", "all"], "--loss-on applies to recurrent-depth (huginn_raven)"),
         ([str(folder), str(data), "--max-stage", "2"], "--max-stage applies to Coconut (gpt2) models only"),
         ([str(coconut_dir), str(data), "--published-curriculum", "gsm", "--epochs", "3"], "drop --epochs"),
+        ([str(coconut_dir), str(data), "--max-stage", "-1"], "max_stage must be an integer >= 0"),
+        ([str(folder), str(data), "--log", str(tmp_path / "no" / "log.jsonl")], "--log"),
         ([str(folder), str(tmp_path / "bad.jsonl")], "bad.jsonl, line 2: not valid JSON"),
         ([str(folder), str(tmp_path / "empty.json")], "holds no records"),
         ([str(folder), str(tmp_path / "none.json")], "record 0 has no token under the loss"),

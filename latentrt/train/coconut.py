@@ -70,6 +70,8 @@ class Curriculum:
         if self.epochs is not None:  # None: the step schedule
             check_int("epochs", self.epochs, 1)
         check_int("epochs_per_stage", self.epochs_per_stage, 1)
+        check_int("max_stage", self.max_stage, 0)
+        check_int("thoughts_per_step", self.thoughts_per_step, 0)
 
     def thoughts_at(self, stage: int, n_steps: int) -> tuple[int, int]:
         """(steps removed, thoughts inserted) at ``stage``."""

@@ -71,6 +71,10 @@ def _log_writer(path: str | None) -> Callable[[dict], None] | None:
     the run goes on; a resumed run appends)."""
     if path is None:
         return None
+    try:
+        open(path, "a").close()  # before training: a path that cannot be written is an error now
+    except OSError as exc:
+        raise InputError(f"--log {path!r} cannot be written: {exc.strerror}") from None
 
     def write(entry: dict) -> None:
         with open(path, "a") as f:
