@@ -442,6 +442,12 @@ def test_malformed_data_files(tmp_path):
     assert len(load_records(p)) == 3
     with pytest.raises(InputError, match="does not exist"):
         load_records(tmp_path / "none.json")
+    lines = tmp_path / "d.jsonl"  # JSON Lines: one record per line, blank lines skipped
+    lines.write_text("\n".join(json.dumps(r.__dict__) for r in generate_dataset(3)) + "\n\n")
+    assert load_records(lines) == load_records(p)
+    lines.write_text(json.dumps(generate_dataset(1)[0].__dict__) + "\n[\n")
+    with pytest.raises(InputError, match="d.jsonl, line 2: not valid JSON"):
+        load_records(lines)
 
 
 def test_prosqa_file_reads(tmp_path):
