@@ -229,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--steps", type=int, default=None, help="recurrence depth for the KV figures")
 
-    e = sub.add_parser("eval", help="accuracy per difficulty on a JSON file of {question, steps, answer}")
+    e = sub.add_parser(
+        "eval", help="accuracy per difficulty on a JSON (or JSON Lines) file of {question, steps, answer}"
+    )
     _add_model_args(e)
-    e.add_argument("data", help="JSON list of {question, steps, answer} records")
+    e.add_argument("data", help="JSON list or JSON Lines of {question, steps, answer} records")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     _add_latent_args(e)
     e.add_argument("--batch-size", type=int, default=16)
