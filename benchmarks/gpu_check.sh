@@ -13,7 +13,7 @@
 #   torch backend) -> compute-sanitizer memcheck and
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
-#     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve (opt-in stages, below)
+#     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve,train (opt-in stages, below)
 #     GPU_TESTS=none / GPU_BENCH=none skip those stages; GPU_PROBE=0 the probe, GPU_BUILD=0 the build
 #   tests/test_benchmark_baselines.py runs it on the CPU (a stand-in nvidia-smi) through its fallbacks.
 #   Carry .triton_cache (python -m tools.compile_check --full, with
@@ -149,8 +149,9 @@ if [ "${GPU_TESTS:-}" != none ]; then
   grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
 fi
 
-# opt-in stages (GPU_EXTRA=samplers,serve): the W-position pass cost at Huginn-0125's shape (#17) and the
-# serving schedulers on a random-weight Huginn-0125 with the built-in model's exit depths replayed (#16)
+# opt-in stages (GPU_EXTRA=samplers,serve,train): the W-position pass cost at Huginn-0125's shape (#17), the
+# serving schedulers on a random-weight Huginn-0125 with the built-in model's exit depths replayed (#16), and
+# the trainers in bf16 (below)
 case ",${GPU_EXTRA:-}," in *,samplers,*)
   stamp "samplers: W-position pass cost"
   timeout 90 python3 -m benchmarks.samplers --pass-cost --shape huginn --out "$OUT/pass_cost.json" \
@@ -177,6 +178,21 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
     --out "$OUT/serve_long_tail.json" >"$OUT/serve_long_tail.log" 2>&1
   echo "serve (long tail) exit $?" | tee -a "$LOG"
   tail -6 "$OUT/serve_long_tail.log" | tee -a "$LOG" ;;
+esac
+
+case ",${GPU_EXTRA:-}," in *,train,*)
+  # the trainers on the GPU (bf16 weights under bf16 autocast, never run on one yet): anchored on fp32, then
+  # the CLI fine-tuning the built-in model with the published recipe's micro-batches and loading the result
+  stamp "training: bf16 on the GPU against fp32, and latentrt train"
+  timeout 90 $PYTEST -q tests/test_train.py -k gpu_in_bf16 >"$OUT/train.log" 2>&1
+  echo "train test exit $?" | tee -a "$LOG"
+  python3 -c "from latentrt.train.data import generate_dataset, save_records; save_records(generate_dataset(64, (1, 2, 3)), '/tmp/lrt_train.json')"
+  timeout 90 python3 -m latentrt.cli train builtin:recurrent /tmp/lrt_train.json --out /tmp/lrt_tuned --overwrite \
+    --max-steps 4 --checkpoint-activations --log "$OUT/train_log.jsonl" >>"$OUT/train.log" 2>&1 &&
+    timeout 60 python3 -m latentrt.cli generate /tmp/lrt_tuned "Alex is a wumpus. Is Alex a wumpus or rompus?" \
+      --max-new-tokens 8 >>"$OUT/train.log" 2>&1
+  echo "latentrt train + generate exit $?" | tee -a "$LOG"
+  tail -6 "$OUT/train.log" | tee -a "$LOG" ;;
 esac
 
 if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then

@@ -352,6 +352,34 @@ def test_recurrent_training_learns_saves_and_loads(tmp_path):
     assert (tmp_path / "trainer_state.pt").is_file() and (tmp_path / "tokenizer.json").is_file()
 
 
+@pytest.mark.gpu
+def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
+    """On a GPU the trainers run bf16 weights under bf16 autocast (``load``'s default dtype there): at one
+    depth and a zero initial state the loss and gradient norm equal an fp32 CPU run's within bf16
+    tolerance; then a few micro-batched, activation-checkpointed steps of each trainer stay finite."""
+    from latentrt.train.recurrent import RecurrentLoss, collate
+
+    recs = generate_dataset(8, (1, 2))
+    data = [encode_qa(TOK, r, TOK.token_to_id("<|endoftext|>")) for r in recs]
+    results = []
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        model = _recurrent().to(device, dtype)
+        model.initial_state = lambda e, *args: torch.zeros_like(e)
+        ids, labels = collate(data, 1, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = RecurrentLoss(model)(ids, labels, 2, 2)
+        loss.backward()
+        norm = sum(p.grad.float().norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
+        results.append((loss.item(), float(norm)))
+    (loss32, norm32), (loss16, norm16) = results
+    assert abs(loss16 - loss32) <= 2e-2 * loss32 and abs(norm16 - norm32) <= 5e-2 * norm32, results
+    opts = TrainOptions(steps=3, batch_size=4, micro_batch_size=2, checkpoint_activations=True, progress=False)
+    log = train_recurrent(_recurrent().to("cuda", torch.bfloat16), TOK, recs, opts)
+    assert all(torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in log)
+    log = train_coconut(_gpt2().to("cuda", torch.bfloat16), TOK, recs, opts, Curriculum("coconut", max_stage=1))
+    assert all(torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in log)
+
+
 def test_recurrent_resume_is_exact(tmp_path):
     recs = generate_dataset(8, (1, 2))
     straight = _recurrent()
