@@ -103,6 +103,23 @@ def test_coconut_trains_through_its_curriculum_as_the_api_does(coconut_dir, tmp_
     capsys.readouterr()
 
 
+def test_a_run_whose_optimizer_state_cannot_fit_is_refused_before_training(huginn_like, tmp_path, capsys, monkeypatch):
+    """Gradients and AdamW's two moments (3 x the weights) are checked against the free memory before the
+    first step: a clear error naming both figures, not an allocation failure (or the OOM killer) mid-run."""
+    import latentrt.memory
+
+    folder, data = huginn_like
+    model = latentrt.load(folder, device="cpu")
+    need = 3 * sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    monkeypatch.setattr(latentrt.memory, "available_bytes", lambda device: need - 1)
+    assert main(["train", str(folder), str(data), "--out", str(tmp_path / "o"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "training's gradients and AdamW's two moments" in err and "GB available on cpu" in err, err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(latentrt.memory, "available_bytes", lambda device: need)
+    assert main(["train", str(folder), str(data), "--out", str(tmp_path / "o"), "--max-steps", "1"]) == 0
+
+
 def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     folder, data = huginn_like
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json\n")

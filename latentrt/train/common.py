@@ -169,14 +169,19 @@ def accumulate(module: nn.Module, chunks: list, loss_of: Callable[[object], torc
 
 
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
-    """Validate options and the output folder, join the process group (torchrun), seed per rank, and put the
-    model in training mode on its device with the tokenizer attached (so checkpoints carry tokenizer.json)."""
+    """Validate options and the output folder, join the process group (torchrun), check that the gradients and
+    AdamW's moments fit beside the weights, seed per rank, and put the model in training mode on its device
+    with the tokenizer attached (so checkpoints carry tokenizer.json)."""
+    from ..memory import check_fits
     from . import distributed
     from .checkpoints import check_output_folder
 
     opts.validate()
     check_output_folder(opts.out, resume, opts.overwrite)
     rank, world, device = distributed.init()
+    weights = {id(p): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
+    what = "training's gradients and AdamW's two moments (3 x the weights' bytes, before activations)"
+    check_fits(3 * sum(weights.values()), device, what, InputError)
     seed_all(opts.seed + rank)
     model.to(device).train()
     model.requires_grad_(True)
