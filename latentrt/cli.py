@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     _add_latent_args(e)
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=UNSET, help="per answer (16; 96 for cot and --chat)")
+    e.add_argument("--chat", action="store_true", help="ask each question as a user message, through the template")
+    e.add_argument("--system", default=None, help="with --chat: a system message before each question")
+    e.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
     e.add_argument(
         "--modes",
         default=None,

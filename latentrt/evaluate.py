@@ -1,4 +1,5 @@
-"""``latentrt eval MODEL DATA``: accuracy per difficulty on {question, steps, answer} records.
+"""``latentrt eval MODEL DATA``: accuracy per difficulty on {question, steps, answer} records (``--chat``: each
+question through the model's chat template, for chat-tuned models).
 
 The model answers '### X is a Y.' (the Coconut data format); accuracy is the published rule (Coconut's
 run.py): the decoded prompt and output (special tokens skipped), after its last '#', commas removed and
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .chat import ChatTemplate, chat_prompt_ids, chat_template_for
 from .engine import generate
 from .errors import InputError
 from .families import family_for
@@ -43,20 +45,34 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    chat: ChatTemplate | None = None,
+    system: str | None = None,
     **gen_kwargs,
 ) -> dict:
     """Per-difficulty accuracy, mean generated tokens and mean latent iterations per token. Greedy unless
     ``temperature`` is given (as the published evaluations and lm-evaluation-harness score), whatever
-    sampling defaults the checkpoint's generation_config.json has."""
+    sampling defaults the checkpoint's generation_config.json has. With ``chat`` (a chat template) each
+    question is a user message (after ``system``'s) through it, as a chat-tuned model is asked (the answer
+    rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply."""
     gen_kwargs.setdefault("temperature", 0.0)
+    if max_new_tokens is not None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if model.tokenizer is None:
         raise InputError("evaluation needs a model with a tokenizer.json")
     decoder = family_for(model).decoder
     mode = mode or decoder.eval_mode(model)
     if mode not in decoder.EVAL_MODES:
         raise InputError(f"unknown prompt format {mode!r} for this model; choose from {list(decoder.EVAL_MODES)}")
-    prompts = [decoder.eval_prompt(model, r.question, mode, thoughts) for r in records]
-    max_new = max_new_tokens or (96 if mode == "cot" else 16)
+    if chat is not None:
+        opening = [] if system is None else [{"role": "system", "content": system}]
+        prompts = [
+            chat_prompt_ids(chat, model.tokenizer, [*opening, {"role": "user", "content": r.question}]) for r in records
+        ]
+    else:
+        prompts = [decoder.eval_prompt(model, r.question, mode, thoughts) for r in records]
+    max_new = max_new_tokens or (96 if mode == "cot" or chat is not None else 16)
     stats: dict[int, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "tokens": 0, "steps": 0.0})
     for i in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
         batch = records[i : i + batch_size]
@@ -105,9 +121,29 @@ def run_eval(model, args, gen_kwargs: dict) -> int:
     decoder = family_for(model).decoder
     if "init_scale" in decoder.OPTIONS and "init_scale" not in gen_kwargs:
         gen_kwargs = dict(gen_kwargs, init_scale=0.0)  # a deterministic initial state for scoring
+    if not args.chat and (args.system is not None or args.chat_template is not None):
+        raise InputError("--system and --chat-template go with --chat")
+    if args.chat and args.modes:
+        raise InputError("--modes are the model's own prompt formats; --chat asks through the chat template")
+    template = None
+    if args.chat:
+        template = chat_template_for(model, args.chat_template)
+        if template is None:
+            chat_prompt_ids(None, model.tokenizer, [{"role": "user", "content": "x"}])  # the no-template error
+    max_new_tokens = gen_kwargs.pop("max_new_tokens", None)
     modes = args.modes.split(",") if args.modes else [decoder.eval_mode(model)]
     for mode in modes:
-        table = evaluate(model, records, mode=mode, batch_size=args.batch_size, **gen_kwargs)
-        title = f"{args.model} on {args.data}" + (f" ({mode})" if len(decoder.EVAL_MODES) > 1 else "")
+        table = evaluate(
+            model,
+            records,
+            mode=mode,
+            batch_size=args.batch_size,
+            max_new_tokens=max_new_tokens,
+            chat=template,
+            system=args.system,
+            **gen_kwargs,
+        )
+        shown = "chat" if args.chat else mode
+        title = f"{args.model} on {args.data}" + (f" ({shown})" if args.chat or len(decoder.EVAL_MODES) > 1 else "")
         print(f"\n{title}\n{format_table(table)}")
     return 0

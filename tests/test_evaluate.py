@@ -1,0 +1,47 @@
+"""latentrt/evaluate.py with ``--chat``: each question asked as a user message through the chat template (a
+chat-tuned model's evaluation), scored by the same published answer rule."""
+
+import pytest
+
+import latentrt
+from latentrt.chat import ChatTemplate
+from latentrt.cli import main
+from latentrt.evaluate import evaluate, extract_answer, is_correct
+from latentrt.train.data import generate_dataset, save_records
+
+TEMPLATE = ChatTemplate("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+
+
+def test_chat_evaluation_asks_through_the_template():
+    """The accuracy, tokens and iterations of evaluate(chat=...) are those of generate() on the conversation's
+    ids (system message first), scored on them; GSM8k's '#### 1,234' reads as '1234'."""
+    model = latentrt.load("builtin:recurrent")
+    records = generate_dataset(6, (1, 2), seed=3)
+    table = evaluate(model, records, chat=TEMPLATE, system="Every", init_scale=0.0, max_new_tokens=8, progress=False)
+    correct = tokens = 0
+    for rec in records:
+        messages = [{"role": "system", "content": "Every"}, {"role": "user", "content": rec.question}]
+        ids = latentrt.apply_chat_template(model, messages, TEMPLATE)
+        out = latentrt.generate(model, ids, max_new_tokens=8, temperature=0.0, init_scale=0.0)
+        correct += is_correct(model.tokenizer, ids, out.tokens, rec.answer)
+        tokens += len(out.tokens)
+    assert table["all"]["n"] == 6 and table["all"]["accuracy"] == correct / 6
+    assert table["all"]["generated_tokens"] == tokens / 6
+    assert extract_answer("so 1,000 + 234 = 1,234.\n#### 1,234") == "1234"
+    with pytest.raises(latentrt.InputError, match="max_new_tokens must be an integer >= 1"):
+        evaluate(model, records, chat=TEMPLATE, max_new_tokens=0, progress=False)
+
+
+def test_cli_eval_chat(tmp_path, capsys):
+    save_records(generate_dataset(4, (1,), seed=5), tmp_path / "p.json")
+    (tmp_path / "t.jinja").write_text(TEMPLATE.source)
+    args = ["eval", "builtin:recurrent", str(tmp_path / "p.json")]
+    assert main([*args, "--chat", "--chat-template", str(tmp_path / "t.jinja"), "--max-new-tokens", "8"]) == 0
+    assert "(chat)" in capsys.readouterr().out
+    for extra, message in [
+        (["--system", "x"], "--system and --chat-template go with --chat"),
+        (["--chat", "--modes", "coconut"], "--modes are the model's own prompt formats"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    ]:
+        assert main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
