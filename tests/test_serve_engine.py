@@ -660,7 +660,10 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     model, engine = _engine_on_triton(max_batch=4)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:5]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 6))) for p, kw in requests]  # interpreted
-    requests += lookup_requests(("skip", "always-last", "anchor-2"))[3:9]  # the kernels' lookup rules where they matter
+    # the kernels' lookup rules where they matter: prompt [18, 8], on which each of the three modes changes tokens
+    # or steps against full (asserted below)
+    lookups = lookup_requests(("skip", "always-last", "anchor-2"))[3:6]
+    requests += lookups
     served = [engine.submit(p, **kw) for p, kw in requests]
     calls = []
 
@@ -686,6 +689,9 @@ def test_served_on_the_triton_backend_equals_generate_alone():
         alone = latentrt.generate(model, p, **kw)
         assert req.error is None, req.error
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+    full = latentrt.generate(model, lookups[0][0], **dict(lookups[0][1], kv_sharing="full"))
+    for req, (_, kw) in zip(served[-len(lookups) :], lookups):
+        assert (req.tokens, req.steps) != (full.tokens, full.steps), kw["kv_sharing"]  # the rule matters here
 
 
 @pytest.mark.parametrize("family, scheduler", [("recurrent", "depth"), ("recurrent", "token"), ("coconut", "depth")])
