@@ -117,6 +117,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_latentrt_console_script_runs_the_cli():
+    """The README's commands are typed as ``latentrt ...``: the installed script (pyproject's entry point) runs
+    the CLI that test_shell_commands_run calls in-process."""
+    import shutil
+
+    script = shutil.which("latentrt")
+    if script is None:
+        pytest.skip("latentrt is not installed as a command here (pip install -e . installs it)")
+    res = subprocess.run([script, "generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--adaptive" in res.stdout, res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command", SHELL)
 def test_shell_commands_run(command, tmp_path_factory, monkeypatch, capsys):
     """Each documented command exits 0: ``latentrt ...`` through the CLI's main() in this process (what the
