@@ -199,13 +199,19 @@ def _environment():
     return env
 
 
-def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans: list[tuple[int, int]] | None) -> str:
-    """The conversation's text; with ``spans`` (a list) the generation blocks' character spans are added to it."""
+def require_template(template: ChatTemplate | None) -> ChatTemplate:
+    """``template``, or the error a model without one gets when asked to chat."""
     if template is None:
         raise InputError(
             "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
             "give one (--chat-template FILE) or use a plain prompt (the server: /v1/completions)"
         )
+    return template
+
+
+def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans: list[tuple[int, int]] | None) -> str:
+    """The conversation's text; with ``spans`` (a list) the generation blocks' character spans are added to it."""
+    template = require_template(template)
     options.validate()
     messages = check_messages(messages)
     final = messages[-1]["content"]
@@ -266,6 +272,12 @@ def chat_prompt_ids(
 
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers finds the block in a template
+LOSS_ON = ("assistant", "all")  # which tokens of a conversation a fine-tuning loss is on
+
+
+def check_loss_on(loss_on: str) -> None:
+    if loss_on not in LOSS_ON:
+        raise InputError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
 
 
 def chat_training_ids(
@@ -276,8 +288,7 @@ def chat_training_ids(
     script trains on): the ids (rendered without a generation prompt, tokenized without adding special
     tokens) and which of them the loss is on: with ``loss_on="assistant"`` every token overlapping a
     ``{% generation %}`` block (the assistant's turns in Huginn-0125's template), with ``"all"`` every token."""
-    if loss_on not in ("assistant", "all"):
-        raise InputError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
+    check_loss_on(loss_on)
     if tokenizer is None:
         raise InputError("this model has no tokenizer.json: chat needs one")
     if loss_on == "assistant" and template is not None and not GENERATION_TAG.search(template.source):

@@ -18,6 +18,7 @@ from .errors import InputError, LatentRTError
 from .exits import CRITERIA
 from .families import decodings
 from .serve.engine import SCHEDULERS
+from .train.command import add_train_args
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
 GENERATE_FLAGS = {
@@ -203,6 +204,20 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=UNSET)
 
 
+def _add_chat_args(p: argparse.ArgumentParser, each: str) -> None:
+    """``--chat`` (each prompt or question a user message, through the chat template) and its companions."""
+    p.add_argument(
+        "--chat", action="store_true", help=f"each {each} is a user message, through the model's chat template"
+    )
+    p.add_argument("--system", default=None, help=f"with --chat: a system message before each {each}")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
+
+
+def _check_chat_args(args) -> None:
+    if not args.chat and (args.system is not None or args.chat_template is not None):
+        raise InputError("--system and --chat-template go with --chat")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,11 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch)")
     _add_generate_args(g)
-    g.add_argument(
-        "--chat", action="store_true", help="each prompt is a user message, through the model's chat template"
-    )
-    g.add_argument("--system", default=None, help="with --chat: a system message before each prompt")
-    g.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
+    _add_chat_args(g, "prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -238,9 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_latent_args(e)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=UNSET, help="per answer (16; 96 for cot and --chat)")
-    e.add_argument("--chat", action="store_true", help="ask each question as a user message, through the template")
-    e.add_argument("--system", default=None, help="with --chat: a system message before each question")
-    e.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
+    _add_chat_args(e, "question")
     e.add_argument(
         "--modes",
         default=None,
@@ -250,48 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on a JSON / JSON Lines file of records (README)")
     _add_model_args(t)
-    t.add_argument("data", help="JSON list or JSON Lines of records: {question, steps, answer}, {messages}, {text}")
-    t.add_argument("--out", required=True, help="the checkpoint folder (written whole at each save)")
-    t.add_argument(
-        "--recipe",
-        default=None,
-        choices=("huginn", "coconut", "scratch"),
-        help="the optimiser: huginn (default for recurrent models) the published fine-tuning script's (lr 5e-7, "
-        "warmup-stable-decay, batch 32 in micro-batches of 2); coconut (default for Coconut models) the "
-        "published Coconut's (constant lr 1e-4, weight decay 0.01); scratch latentrt's (lr 1e-3, cosine)",
-    )
-    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (the recipe's)")
-    t.add_argument("--batch-size", type=int, default=None, help="records per optimizer step and process (32)")
-    t.add_argument("--micro-batch-size", type=int, default=None, help="records per forward pass (the recipe's)")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--save-every", type=int, default=None, help="also save every N steps (default: at the end)")
-    t.add_argument("--checkpoint-activations", action="store_true", help="recompute each iteration in backward")
-    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
-    t.add_argument("--log", default=None, metavar="FILE", help="append each step's loss, depth, lr... as a JSON line")
-    t.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
-    t.add_argument(
-        "--loss-on",
-        default=None,
-        choices=("assistant", "all"),
-        help="recurrent, conversations: the loss on the assistant's tokens (default) or all",
-    )
-    t.add_argument(
-        "--chat-template", default=None, metavar="FILE", help="recurrent: a jinja chat template (default: the model's)"
-    )
-    t.add_argument(
-        "--curriculum", default=None, choices=("coconut", "cot", "nocot", "pause"), help="Coconut: the mode (coconut)"
-    )
-    t.add_argument("--max-stage", type=int, default=None, help="Coconut: steps replaced by thoughts, at most (3)")
-    t.add_argument("--thoughts-per-step", type=int, default=None, help="Coconut: thoughts per replaced step (1)")
-    t.add_argument("--epochs", type=int, default=None, help="Coconut: the published epoch schedule, in all")
-    t.add_argument("--epochs-per-stage", type=int, default=None, help="Coconut: epochs per stage (1)")
-    t.add_argument(
-        "--published-curriculum",
-        default=None,
-        choices=("prosqa", "prontoqa", "gsm"),
-        help="Coconut: the curriculum of its args/DATASET_coconut.yaml (stages, thoughts, epochs)",
-    )
+    add_train_args(t)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
     _add_model_args(s, default="builtin:recurrent")
@@ -388,8 +356,7 @@ def cmd_generate(args) -> int:
     from .engine import generate
     from .families import family_for
 
-    if not args.chat and (args.system is not None or args.chat_template is not None):
-        raise InputError("--system and --chat-template go with --chat")
+    _check_chat_args(args)
     model = _load(args)
     if args.chat:
         template = chat_template_for(model, args.chat_template)
@@ -552,6 +519,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import run_eval
 
+    _check_chat_args(args)
     return run_eval(_load(args), args, _options(args))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .chat import ChatTemplate, chat_prompt_ids, chat_template_for
+from .chat import ChatTemplate, chat_prompt_ids, chat_template_for, require_template
 from .engine import generate
 from .errors import InputError
 from .families import family_for
@@ -121,15 +121,9 @@ def run_eval(model, args, gen_kwargs: dict) -> int:
     decoder = family_for(model).decoder
     if "init_scale" in decoder.OPTIONS and "init_scale" not in gen_kwargs:
         gen_kwargs = dict(gen_kwargs, init_scale=0.0)  # a deterministic initial state for scoring
-    if not args.chat and (args.system is not None or args.chat_template is not None):
-        raise InputError("--system and --chat-template go with --chat")
     if args.chat and args.modes:
         raise InputError("--modes are the model's own prompt formats; --chat asks through the chat template")
-    template = None
-    if args.chat:
-        template = chat_template_for(model, args.chat_template)
-        if template is None:
-            chat_prompt_ids(None, model.tokenizer, [{"role": "user", "content": "x"}])  # the no-template error
+    template = require_template(chat_template_for(model, args.chat_template)) if args.chat else None
     max_new_tokens = gen_kwargs.pop("max_new_tokens", None)
     modes = args.modes.split(",") if args.modes else [decoder.eval_mode(model)]
     for mode in modes:

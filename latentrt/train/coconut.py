@@ -36,6 +36,8 @@ from .checkpoints import load_training, save_training
 from .common import TrainOptions, accumulate, autocast, begin_step, finish_step, make_optimizer, micro_batches, prepare
 
 MODES = ("coconut", "cot", "nocot", "pause")
+# Coconut's args/{dataset}_coconut.yaml: (max_latent_stage, c_thought, num_epochs, epochs_per_stage)
+PUBLISHED_CURRICULA = {"prosqa": (6, 1, 50, 5), "prontoqa": (6, 1, 50, 5), "gsm": (3, 2, 25, 3)}
 
 
 @dataclass
@@ -50,10 +52,9 @@ class Curriculum:
     def published(cls, dataset: str = "prosqa", mode: str = "coconut") -> Curriculum:
         """The curriculum of Coconut's args/{dataset}_coconut.yaml: ProsQA and ProntoQA 6 stages of 1 thought,
         5 epochs each, 50 epochs; GSM8k 3 stages of 2 thoughts, 3 epochs each, 25 epochs."""
-        table = {"prosqa": (6, 1, 50, 5), "prontoqa": (6, 1, 50, 5), "gsm": (3, 2, 25, 3)}
-        if dataset not in table:
-            raise InputError(f"no published Coconut curriculum for {dataset!r}; known: {sorted(table)}")
-        max_stage, c, epochs, per_stage = table[dataset]
+        if dataset not in PUBLISHED_CURRICULA:
+            raise InputError(f"no published Coconut curriculum for {dataset!r}; known: {sorted(PUBLISHED_CURRICULA)}")
+        max_stage, c, epochs, per_stage = PUBLISHED_CURRICULA[dataset]
         return cls(mode, max_stage, c, epochs, per_stage)
 
     def stages(self) -> list[int]:

@@ -14,20 +14,67 @@ records (per curriculum stage for Coconut; a published curriculum counts epochs 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..chat import chat_template_file
+from ..chat import LOSS_ON, chat_template_file
 from ..errors import InputError
 from ..records import read_records_file
+from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
 from .common import TrainOptions
 
 RECIPES = {"huginn": TrainOptions.huginn_published, "coconut": TrainOptions.coconut_published, "scratch": TrainOptions}
 RECURRENT_FLAGS = ("loss_on", "chat_template")
 COCONUT_FLAGS = ("curriculum", "max_stage", "thoughts_per_step", "epochs", "epochs_per_stage", "published_curriculum")
+
+
+def add_train_args(t: argparse.ArgumentParser) -> None:
+    """The command's arguments after MODEL; the choices are the registries' (RECIPES, LOSS_ON, MODES,
+    PUBLISHED_CURRICULA), so a new entry is a flag value without touching the parser."""
+    t.add_argument("data", help="JSON list or JSON Lines of records: {question, steps, answer}, {messages}, {text}")
+    t.add_argument("--out", required=True, help="the checkpoint folder (written whole at each save)")
+    t.add_argument(
+        "--recipe",
+        default=None,
+        choices=tuple(RECIPES),
+        help="the optimiser: huginn (default for recurrent models) the published fine-tuning script's (lr 5e-7, "
+        "warmup-stable-decay, batch 32 in micro-batches of 2); coconut (default for Coconut models) the "
+        "published Coconut's (constant lr 1e-4, weight decay 0.01); scratch latentrt's (lr 1e-3, cosine)",
+    )
+    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (the recipe's)")
+    t.add_argument("--batch-size", type=int, default=None, help="records per optimizer step and process (32)")
+    t.add_argument("--micro-batch-size", type=int, default=None, help="records per forward pass (the recipe's)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--save-every", type=int, default=None, help="also save every N steps (default: at the end)")
+    t.add_argument("--checkpoint-activations", action="store_true", help="recompute each iteration in backward")
+    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
+    t.add_argument("--log", default=None, metavar="FILE", help="append each step's loss, depth, lr... as a JSON line")
+    t.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    t.add_argument(
+        "--loss-on",
+        default=None,
+        choices=LOSS_ON,
+        help="recurrent, conversations: the loss on the assistant's tokens (default) or all",
+    )
+    t.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="recurrent: a jinja chat template (default: the model's)"
+    )
+    t.add_argument("--curriculum", default=None, choices=MODES, help="Coconut: the mode (coconut)")
+    t.add_argument("--max-stage", type=int, default=None, help="Coconut: steps replaced by thoughts, at most (3)")
+    t.add_argument("--thoughts-per-step", type=int, default=None, help="Coconut: thoughts per replaced step (1)")
+    t.add_argument("--epochs", type=int, default=None, help="Coconut: the published epoch schedule, in all")
+    t.add_argument("--epochs-per-stage", type=int, default=None, help="Coconut: epochs per stage (1)")
+    t.add_argument(
+        "--published-curriculum",
+        default=None,
+        choices=tuple(PUBLISHED_CURRICULA),
+        help="Coconut: the curriculum of its args/DATASET_coconut.yaml (stages, thoughts, epochs)",
+    )
 
 
 def _flag(name: str) -> str:
@@ -52,8 +99,6 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
 
 def curriculum_from_args(args):
     """The Coconut curriculum the flags name: a published one, or mode / stages / thoughts / epochs."""
-    from .coconut import Curriculum
-
     if args.published_curriculum is not None:
         mixed = [n for n in COCONUT_FLAGS[1:-1] if getattr(args, n) is not None]
         if mixed:

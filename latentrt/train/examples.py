@@ -15,7 +15,7 @@ A record is one of:
 
 from __future__ import annotations
 
-from ..chat import ChatTemplate, chat_training_ids
+from ..chat import ChatTemplate, chat_training_ids, check_loss_on
 from ..errors import InputError
 from ..prompts import prompt_ids
 from ..records import Record, as_record
@@ -55,8 +55,7 @@ def training_examples(
     record, a conversation without a template, one with no token under the loss)."""
     if not isinstance(records, (list, tuple)):
         raise InputError(f"{source} must be a list of records, got {type(records).__name__}")
-    if loss_on not in ("assistant", "all"):
-        raise InputError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
+    check_loss_on(loss_on)
     out, eos = [], None
     for i, rec in enumerate(records):
         if isinstance(rec, dict) and "messages" in rec:
