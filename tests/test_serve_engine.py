@@ -231,6 +231,21 @@ def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
     assert util["depth"] == 1.0
 
 
+@pytest.mark.parametrize("scheduler", ["token", "static"])
+def test_an_ended_unit_launched_idle_keeps_its_logits(scheduler):
+    """A unit that ends without a check of its logit criterion (``min_steps`` = ``num_steps``) waits for its
+    head while a deeper request runs; the token-synchronous schedulers launch its row idle meanwhile. Its
+    loop must keep no trace of those launches (they once checked it there and it was sampled from zeros)."""
+    model = tiny_recurrent(seed=3)
+    unchecked = dict(adaptive=True, exit_criterion="kl", max_new_tokens=4, init_scale=0.0)
+    reqs = [
+        ([5, 9, 2], dict(unchecked, num_steps=2, min_steps=2)),
+        ([7, 3], dict(unchecked, num_steps=1, min_steps=1, check_criterion_every_n_steps=2)),
+        ([4, 8, 1, 6], dict(num_steps=6, max_new_tokens=4, init_scale=0.0)),
+    ]
+    assert_served_equals_alone(model, reqs, max_batch=4, scheduler=scheduler)
+
+
 def test_depth_batching_samples_ended_units_together_where_that_saves_weight_reads():
     """Units that end wait (out of the launches) until the row-iterations lost by waiting reach the cost of
     the head and prelude passes: the default (the weights' ratios) reads fewer weights for the same tokens

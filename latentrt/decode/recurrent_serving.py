@@ -264,11 +264,12 @@ class RecurrentServing(ServingProgram):
             e = packed.pack([p.e for p in parts])
             new = packed.unpack(model.core_iteration(s, e, pool, packed, None, None, self._rope(packed)))
         self.count_pass()
-        for p, x in zip(parts, new):
-            p.loop.advance(p.rows, x)
+        in_loop = [self._in_loop(p) for p in parts]
+        for p, (rows, at), x in zip(parts, in_loop, new):
+            p.loop.advance(rows, x if at is None else x[at])
         heads = []
-        for p in parts:
-            with_logits, without = p.loop.checking(p.rows)
+        for p, (rows, _) in zip(parts, in_loop):
+            with_logits, without = p.loop.checking(rows)
             if len(without):
                 p.loop.check(without, None, self._valid(p, without))
             if len(with_logits):
@@ -279,6 +280,19 @@ class RecurrentServing(ServingProgram):
             for h, lg in zip(heads, logits):
                 h.loop.check(h.rows, lg, self._valid(h, h.rows))
         return torch.cat([p.loop.active[p.rows.index] for p in parts])
+
+    def _in_loop(self, part: _Part) -> tuple[Rows, Tensor | None]:
+        """The rows of ``part`` in their loops, and where they are among its rows (None: all of them). The
+        idle rows a token-synchronous scheduler launches compute masked and their loop keeps no trace of it:
+        an ended unit's iteration count, checks and logits stay as it ended (a parked unit's head, run later,
+        must see them so)."""
+        if part.loop is not self.loop:
+            return part.rows, None
+        keep = [r in self.running for r in part.rows.list]
+        if all(keep):
+            return part.rows, None
+        dev = self.model.device
+        return part.rows.subset(keep, dev), to_device([i for i, k in enumerate(keep) if k], dev)
 
     def _rope(self, packed: Packed) -> tuple[Tensor, Tensor]:
         ropes = [self.model.rope(c) for c in packed.chunks]
