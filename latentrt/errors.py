@@ -19,3 +19,10 @@ class InputError(LatentRTError, ValueError):
 
 class NonFiniteStateError(LatentRTError, FloatingPointError):
     """A latent state or logits became NaN/inf; generation stops rather than return garbage."""
+
+
+def is_choice(value, choices) -> bool:
+    """Whether ``value`` names one of ``choices`` (a registry's keys). Only a string can: any other value, an
+    unhashable list or dict from a JSON request or config file included, is not one (where a plain ``in``
+    on a dict would raise TypeError instead of the caller's error naming the choices)."""
+    return isinstance(value, str) and value in choices

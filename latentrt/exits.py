@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, is_choice
 from .kernels.reference import (
     cosine_reference,
     entropy_reference,
@@ -165,7 +165,7 @@ DEFAULT_THRESHOLDS = {name: cls.DEFAULT for name, cls in CRITERIA.items()}
 
 def make_criterion(name: str, threshold: float | None = None) -> ExitCriterion:
     """The registered criterion ``name`` with ``threshold`` (None: its default), validated."""
-    if name not in CRITERIA:
+    if not is_choice(name, CRITERIA):
         raise InputError(f"unknown exit criterion {name!r}; choose one of {sorted(CRITERIA)}")
     cls = CRITERIA[name]
     if threshold is None:

@@ -19,7 +19,7 @@ from .decode.coconut import CoconutDecoder
 from .decode.coconut_serving import CoconutServing
 from .decode.recurrent import RecurrentDecoder
 from .decode.recurrent_serving import RecurrentServing
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, is_choice
 from .models.coconut import CoconutGPT2, GPT2Config
 from .models.recurrent import RecurrentConfig, RecurrentDepthLM
 from .options import GenerateOptions
@@ -57,7 +57,7 @@ def family_of(model_type, source: str = "config.json") -> Family:
     """The family of a config.json ``model_type``; a ConfigError naming the supported ones otherwise."""
     if model_type is None:
         raise ConfigError(f"{source} has no 'model_type' field (expected one of {sorted(FAMILIES)})")
-    if model_type not in FAMILIES:
+    if not is_choice(model_type, FAMILIES):
         raise ConfigError(f"unknown model_type {model_type!r} in {source}; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 

@@ -99,6 +99,9 @@ def test_unknown_model_type(recurrent_dir):
     _edit_config(recurrent_dir, lambda c: c.update(model_type="llama"))
     with pytest.raises(ConfigError, match="unknown model_type 'llama'"):
         latentrt.load(recurrent_dir, device="cpu")
+    _edit_config(recurrent_dir, lambda c: c.update(model_type=["huginn_raven"]))
+    with pytest.raises(ConfigError, match=r"unknown model_type \['huginn_raven'\]"):
+        latentrt.load(recurrent_dir, device="cpu")
 
 
 @pytest.mark.parametrize("field", ["n_embd", "n_layers_in_recurrent_block", "vocab_size"])

@@ -244,6 +244,7 @@ def test_bad_inputs_give_clear_errors():
     cases = [
         (dict(num_steps=0), "num_steps must be an integer >= 1"),
         (dict(exit_criterion="entropy"), "unknown exit criterion 'entropy'"),
+        (dict(exit_criterion=["kl"]), r"unknown exit criterion \['kl'\]"),  # a JSON list: not a TypeError
         (dict(adaptive=True, exit_threshold=-0.1), "exit_threshold must be >= 0"),
         (dict(adaptive=True, exit_threshold=float("nan")), "finite"),
         (dict(max_new_tokens=0), "max_new_tokens"),

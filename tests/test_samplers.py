@@ -75,6 +75,7 @@ def test_samplers_return_logits_whose_argmax_is_the_greedy_token():
     "kwargs, message",
     [
         (dict(decoding="beam"), "unknown decoding 'beam'"),
+        (dict(decoding={"name": "beam"}), "unknown decoding {'name': 'beam'}"),
         (dict(decoding_options={"lookahead": 2}), "decoding_options need decoding="),
         (dict(decoding="speculative", decoding_options={"lookahead": 0}), "lookahead must be an integer >= 1"),
         (dict(decoding="speculative", decoding_options={"lookahed": 2}), "unknown decoding_options ['lookahed']"),

@@ -189,6 +189,8 @@ def test_backend_choice_and_errors(monkeypatch):
     assert "reference" in get_backend("auto", m).reason or torch.cuda.is_available()
     with pytest.raises(InputError, match="unknown backend"):
         get_backend("fast", m)
+    with pytest.raises(InputError, match="unknown backend"):
+        get_backend(["torch"], m)
     with pytest.raises(InputError, match="'cuda'"):
         get_backend("cuda", m)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, is_choice
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ CHOICES = ("auto", *BACKENDS)
 
 
 def backend_class(name: str) -> type[Backend]:
-    if name not in BACKENDS:
+    if not is_choice(name, BACKENDS):
         raise InputError(f"unknown backend {name!r}; choose one of {list(CHOICES)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)

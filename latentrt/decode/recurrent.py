@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, is_choice
 from ..exits import make_criterion
 from ..kv_modes import parse_kv_mode
 from ..models.recurrent import check_steps
@@ -79,7 +79,7 @@ class RecurrentDecoder(Decoder):
             if options.decoding_options is not None:
                 raise InputError("decoding_options need decoding='speculative' or 'wavefront'")
             return None
-        if name not in cls.SAMPLERS:
+        if not is_choice(name, cls.SAMPLERS):
             raise InputError(f"unknown decoding {name!r}; choose one of {['sequential', *cls.SAMPLERS]}")
         sampler = cls.SAMPLERS[name]
         sampler.Options.parse(options.decoding_options)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_positive
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, is_choice
 from .base import CacheLayout, LatentModel
 from .layers import ACTIVATIONS, Embedding, attention
 
@@ -99,7 +99,7 @@ class GPT2Config(ModelConfig):
             raise ConfigError(f"n_inner must be positive, got {self.n_inner}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.activation_function not in ACTIVATIONS:
+        if not is_choice(self.activation_function, ACTIVATIONS):
             raise ConfigError(
                 f"activation_function={self.activation_function!r} is not supported ({sorted(ACTIVATIONS)})"
             )

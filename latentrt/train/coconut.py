@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..cache import GrowingKVCache
 from ..decode.coconut import thought_prompt
 from ..decode.samplers import check_int
-from ..errors import InputError
+from ..errors import InputError, is_choice
 from ..hooks import HookList
 from ..records import Record, as_records
 from . import distributed
@@ -52,7 +52,7 @@ class Curriculum:
     def published(cls, dataset: str = "prosqa", mode: str = "coconut") -> Curriculum:
         """The curriculum of Coconut's args/{dataset}_coconut.yaml: ProsQA and ProntoQA 6 stages of 1 thought,
         5 epochs each, 50 epochs; GSM8k 3 stages of 2 thoughts, 3 epochs each, 25 epochs."""
-        if dataset not in PUBLISHED_CURRICULA:
+        if not is_choice(dataset, PUBLISHED_CURRICULA):
             raise InputError(f"no published Coconut curriculum for {dataset!r}; known: {sorted(PUBLISHED_CURRICULA)}")
         max_stage, c, epochs, per_stage = PUBLISHED_CURRICULA[dataset]
         return cls(mode, max_stage, c, epochs, per_stage)
