@@ -523,12 +523,24 @@ def cmd_eval(args) -> int:
     return run_eval(_load(args), args, _options(args))
 
 
+# flag (dest) -> its bounds (None: none above)
+COUNT_BOUNDS = (
+    ("steps", 1, None),
+    ("limit", 1, None),
+    ("batch_size", 1, None),
+    ("max_steps", 1, None),
+    ("micro_batch_size", 1, None),
+    ("port", 1, 65535),
+)
+
+
 def _check_counts(args) -> None:
     """Counts the parser cannot bound: an error naming the flag, before any model is loaded."""
-    for flag, minimum in (("steps", 1), ("limit", 0), ("batch_size", 1), ("max_steps", 1), ("micro_batch_size", 1)):
+    for flag, low, high in COUNT_BOUNDS:
         value = getattr(args, flag, None)
-        if isinstance(value, int) and value < minimum:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+        if isinstance(value, int) and not (low <= value and (high is None or value <= high)):
+            rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise InputError(f"--{flag.replace('_', '-')} must be {rule}, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,17 @@ def load_records(path: str | Path) -> list[Record]:
 
 def read_records_file(path: str | Path) -> list:
     """The records of a data file as parsed JSON: a ``.jsonl`` file one object per line (blank lines
-    skipped), any other a JSON list; an InputError names an unreadable file, bad JSON and its line."""
-    path = Path(path)
+    skipped), any other a JSON list; an InputError names an unreadable file, bad JSON and its line, a file
+    that is not a list or holds none (nothing to train on or score)."""
+    records = _parse_records_file(Path(path))
+    if not isinstance(records, list):
+        raise InputError(f"{path} must hold a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise InputError(f"{path} holds no records (a JSON list, or JSON Lines, of records)")
+    return records
+
+
+def _parse_records_file(path: Path):
     if path.is_dir():
         raise InputError(f"data file {str(path)!r} is a folder, not a JSON file of records")
     try:

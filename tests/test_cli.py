@@ -140,13 +140,16 @@ def test_errors_exit_2(recurrent_dir, tmp_path, capsys):
 def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_path, capsys):
     """Bad flags and inputs: ``latentrt: error: ...`` on stderr, a non-zero exit, no traceback."""
     (tmp_path / "records.json").write_text('[{"question": "q"}]')
+    (tmp_path / "empty.json").write_text("[]")
     cases = [
         (["generate", str(coconut_dir), "every cat", "--adaptive"], "do not apply"),
         (["generate", str(recurrent_dir), "every cat", "--thoughts", "2"], "do not apply"),
         (["info", str(recurrent_dir), "--steps", "-3"], "--steps must be >= 1"),
         (["eval", str(recurrent_dir), str(tmp_path), "--limit", "2"], "is a folder"),
         (["eval", str(recurrent_dir), str(tmp_path / "records.json")], "has no 'answer'"),
-        (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--limit", "-1"], "--limit must be >= 0"),
+        (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--limit", "0"], "--limit must be >= 1"),
+        (["eval", str(recurrent_dir), str(tmp_path / "empty.json")], "empty.json holds no records"),
+        (["serve", str(recurrent_dir), "--port", "99999"], "--port must be in [1, 65535], got 99999"),
         (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--batch-size", "0"], "--batch-size"),
         (["generate", str(recurrent_dir), "every cat", "--kv", "ring-0"], "kv_sharing"),
         (["generate", "builtin:", "x"], "the built-in models are"),

@@ -455,6 +455,7 @@ def test_malformed_data_files(tmp_path):
     cases = [
         ("{", "not valid JSON"),
         ('{"a": 1}', "JSON list"),
+        ("[]", "holds no records"),  # nothing to train on or score: not an empty table
         ('[{"question": "q", "steps": []}]', "record 0 has no 'answer'"),
         (
             '[{"question": "q", "steps": [], "answer": "a"}, {"question": 3, "steps": [], "answer": "a"}]',
@@ -473,6 +474,9 @@ def test_malformed_data_files(tmp_path):
     lines = tmp_path / "d.jsonl"  # JSON Lines: one record per line, blank lines skipped
     lines.write_text("\n".join(json.dumps(r.__dict__) for r in generate_dataset(3)) + "\n\n")
     assert load_records(lines) == load_records(p)
+    lines.write_text("\n\n")
+    with pytest.raises(InputError, match="d.jsonl holds no records"):
+        load_records(lines)
     lines.write_text(json.dumps(generate_dataset(1)[0].__dict__) + "\n[\n")
     with pytest.raises(InputError, match="d.jsonl, line 2: not valid JSON"):
         load_records(lines)

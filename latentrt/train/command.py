@@ -182,8 +182,6 @@ def run_train(model, args) -> int:
         if misplaced:
             raise InputError(f"{_flag(misplaced[0])} applies to {other.title} models only")
     records = read_records_file(args.data)
-    if not isinstance(records, list) or not records:
-        raise InputError(f"{args.data} holds no records (a JSON list, or JSON Lines, of records)")
     from . import distributed
 
     try:
