@@ -531,10 +531,12 @@ COUNT_BOUNDS = (
     ("max_steps", 1, None),
     ("micro_batch_size", 1, None),
     ("port", 1, 65535),
+    ("max_batch", 1, None),
+    ("replicas", 1, None),
 )
 
 
-def _check_counts(args) -> None:
+def check_counts(args) -> None:
     """Counts the parser cannot bound: an error naming the flag, before any model is loaded."""
     for flag, low, high in COUNT_BOUNDS:
         value = getattr(args, flag, None)
@@ -548,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     never a traceback (LATENTRT_DEBUG=1 shows one for an unexpected error)."""
     args = build_parser().parse_args(argv)
     try:
-        _check_counts(args)
+        check_counts(args)
         commands = {
             "generate": cmd_generate,
             "chat": cmd_chat,

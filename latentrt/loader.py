@@ -44,9 +44,7 @@ def load(
     Coconut training checkpoint on top of a GPT-2 folder or Hub id). overrides: config fields to replace
     (e.g. mean_recurrence=16, or Coconut marker ids latent_id=...); unknown names are an error.
     """
-    folder = resolve(path, revision)
-    cfg = parse_config(read_config(folder), overrides, source=str(folder / "config.json"))
-    family = family_of(cfg.model_type)
+    folder, cfg, family = read_model_config(path, revision, **overrides)
     gen_cfg = read_generation_config(folder)
     state_dict = read_state_dict(folder, weights)
     cfg, tokenizer = family.model.bind_checkpoint(cfg, load_tokenizer(folder), state_dict)
@@ -69,6 +67,14 @@ def load(
     model.source, model.folder = str(path), folder
     model.backend = get_backend(backend, model)
     return model
+
+
+def read_model_config(path: str | os.PathLike, revision: str | None = None, **overrides):
+    """What ``load`` reads before any weight: the checkpoint folder, its parsed config and its family (the
+    errors ``load`` would give about them, without reading the weights)."""
+    folder = resolve(path, revision)
+    cfg = parse_config(read_config(folder), overrides, source=str(folder / "config.json"))
+    return folder, cfg, family_of(cfg.model_type)
 
 
 def parse_device(device) -> torch.device:

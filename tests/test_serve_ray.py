@@ -101,3 +101,23 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+
+
+def test_the_launcher_refuses_what_every_replica_would_before_starting_ray(tmp_path, capsys, monkeypatch):
+    """A bad model, count or template file: ``latentrt: error: ...`` and exit 2 at once, not a Ray traceback
+    after each replica's retries (``ray.init`` must not be reached)."""
+    from latentrt.serve.ray import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    cases = [
+        (["builtin:nope"], "no built-in model 'nope'"),
+        ([str(tmp_path)], "has no config.json"),
+        (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+        (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+        (["--port", "70000"], "--port must be in [1, 65535], got 70000"),
+        (["--chat-template", str(tmp_path / "none.jinja")], "cannot read the chat template"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("latentrt: error:") and message in err, (argv, err)

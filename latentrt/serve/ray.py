@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 
 CONFIG_ENV = "LATENTRT_RAY_REPLICA"
@@ -72,7 +73,25 @@ def application(
     return LatentRTReplica.options(num_replicas=replicas, ray_actor_options=options).bind()
 
 
+def check_before_starting(args) -> None:
+    """What every replica would refuse, refused before Ray starts (a replica that fails to build is a Ray
+    traceback after its retries): counts out of bounds, the model's folder and config (no weights read),
+    the template file."""
+    from ..chat import chat_template_file
+    from ..cli import check_counts
+    from ..loader import read_model_config
+
+    check_counts(args)
+    folder, _, _ = read_model_config(args.model)
+    if args.chat_template is not None:
+        chat_template_file(args.chat_template, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ..backends import CHOICES
+    from ..errors import LatentRTError
+    from .engine import SCHEDULERS
+
     ap = argparse.ArgumentParser(
         prog="python -m latentrt.serve.ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -83,12 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     ap.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--scheduler", default="depth")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--scheduler", default="depth", choices=SCHEDULERS)
+    ap.add_argument("--backend", default="auto", choices=CHOICES)
     ap.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too (slower to start)")
     ap.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja chat template (as latentrt serve)")
     ap.add_argument("--api-key", default=None, help="as latentrt serve (default: $LATENTRT_API_KEY)")
     args = ap.parse_args(argv)
+    try:
+        check_before_starting(args)
+    except LatentRTError as exc:
+        print(f"latentrt: error: {exc}", file=sys.stderr)
+        return 2
     import ray
     from ray import serve
 
