@@ -51,10 +51,16 @@ class HookList:
         for h in self.hooks:  # a copy of the mask: a hook cannot change who the engine runs
             out = h(LatentEvent(kind, step, state, active.clone(), self.token_index))
             if out is not None:
-                if not isinstance(out, Tensor) or out.shape != state.shape:
+                like = isinstance(out, Tensor) and out.shape == state.shape and out.device == state.device
+                if not (like and out.is_floating_point()):  # an int tensor would truncate the state silently
+                    got = (
+                        f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}"
+                        if isinstance(out, Tensor)
+                        else type(out).__name__
+                    )
                     raise InputError(
-                        f"a {kind} hook returned {getattr(out, 'shape', type(out))}; "
-                        f"expected a tensor of shape {tuple(state.shape)} or None"
+                        f"a {kind} hook returned {got}; expected a floating-point tensor of shape "
+                        f"{tuple(state.shape)} on {state.device}, or None"
                     )
                 state = out.to(state.dtype)
         return state

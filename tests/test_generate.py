@@ -202,6 +202,8 @@ def test_hooks_observe_and_replace():
     assert not torch.allclose(base.logits, steered.logits)
     with pytest.raises(InputError, match="hook returned"):
         latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=lambda ev: torch.zeros(3))
+    with pytest.raises(InputError, match="hook returned a torch.int64 tensor .* expected a floating-point tensor"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=lambda ev: ev.state.long())  # not truncated
 
 
 def test_coconut_hooks_see_each_thought():
