@@ -183,7 +183,10 @@ def test_output_folder_rules(tmp_path):
     a_file.write_text("x")
     with pytest.raises(InputError, match="is a file"):
         train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=10**6, out=str(a_file), **opts))
+    with pytest.raises(InputError, match="cannot be written: a save writes beside it"):  # (root writes anywhere)
+        train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=10**6, out=str(a_file / "run"), **opts))
     assert time.perf_counter() - start < 5, "the output folder must be checked before training"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "file"]  # the write probe left nothing
     train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=1, out=str(busy), overwrite=True, **opts))
     left = sorted(p.name for p in busy.iterdir())
     assert left == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "training.json"]

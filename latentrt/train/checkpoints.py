@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,12 +32,20 @@ STATE_FILE = "trainer_state.pt"
 
 def check_output_folder(out: str | None, resume: str | None, overwrite: bool) -> None:
     """Before training: ``out`` may be new, empty, the folder being resumed, or replaced with ``overwrite``;
-    a file or another run's checkpoint is an error now rather than after training."""
+    a file, another run's checkpoint or a place that cannot be written is an error now rather than after
+    training (a save writes a sibling folder, then renames it: its parent must take a new folder)."""
     if out is None:
         return
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"out={out!r} is a file, not a folder for checkpoints")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=path.parent))
+    except OSError as exc:
+        raise InputError(
+            f"out={out!r} cannot be written: a save writes beside it, in {str(path.parent)!r} ({exc.strerror})"
+        ) from None
     resuming_here = resume is not None and path.exists() and Path(resume).resolve() == path.resolve()
     if path.is_dir() and any(path.iterdir()) and not (resuming_here or overwrite):
         raise InputError(
