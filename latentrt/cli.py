@@ -476,16 +476,25 @@ def cmd_info(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .serve.app import run_server
+        from .serve.app import listening_socket
     except ImportError as exc:
         raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
-    from .chat import chat_template_file
-    from .serve import Engine
-
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
-    model = _load(args)
     override = _json_object(args.override_generation_config, "--override-generation-config")
+    sock = listening_socket(args.host, args.port)  # before the weights load: a port in use fails at once
+    try:
+        return _serve(args, sock, override)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock, override: dict) -> int:
+    from .chat import chat_template_file
+    from .serve import Engine
+    from .serve.app import run_server
+
+    model = _load(args)
     if override:
         from .serve import server_defaults
 
@@ -506,7 +515,7 @@ def cmd_serve(args) -> int:
     applied = _model_defaults_applied(model, {})
     if applied:  # as vLLM says it: the defaults of every request that leaves them out
         print(f"latentrt: request defaults (generation_config.json, --override-generation-config): {applied}")
-    run_server(engine, name, args.host, args.port, args.log_level, chat_template=template, api_key=api_key)
+    run_server(engine, name, args.host, args.port, args.log_level, chat_template=template, api_key=api_key, sock=sock)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The command line: generate, info, errors as exit code 2."""
 
 import json
+import socket
 
 from latentrt.cli import main
 
@@ -141,6 +142,9 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
     """Bad flags and inputs: ``latentrt: error: ...`` on stderr, a non-zero exit, no traceback."""
     (tmp_path / "records.json").write_text('[{"question": "q"}]')
     (tmp_path / "empty.json").write_text("[]")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = str(s.getsockname()[1])
     cases = [
         (["generate", str(coconut_dir), "every cat", "--adaptive"], "do not apply"),
         (["generate", str(recurrent_dir), "every cat", "--thoughts", "2"], "do not apply"),
@@ -156,7 +160,10 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
         (["info", str(recurrent_dir), "--hf-overrides", "{mean_recurrence: 3}"], "--hf-overrides must be a JSON"),
         (["info", str(recurrent_dir), "--hf-overrides", "[3]"], "must be a JSON object, got list"),
         (["info", str(recurrent_dir), "--hf-overrides", '{"mean_recurence": 3}'], "mean_recurence"),
-        (["serve", str(recurrent_dir), "--override-generation-config", '{"num_thoughts": 2}'], "do not apply"),
+        (
+            ["serve", str(recurrent_dir), "--port", free, "--override-generation-config", '{"num_thoughts": 2}'],
+            "do not apply",
+        ),
         (["serve", str(recurrent_dir), "--override-generation-config", "3"], "must be a JSON object"),
     ]
     for argv, msg in cases:

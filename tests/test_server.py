@@ -707,21 +707,38 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
     from latentrt.cli import main
 
     seen = {}
-    monkeypatch.setattr("latentrt.serve.app.run_server", lambda engine, name, *a, **kw: seen.update(kw, name=name))
+
+    def run_server(engine, name, *a, sock, **kw):
+        seen.update(kw, name=name, port=sock.getsockname()[1])
+
+    monkeypatch.setattr("latentrt.serve.app.run_server", run_server)
     (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
-    assert main(["serve", "--chat-template", str(tmp_path / "t.jinja"), "--api-key", "k1", "builtin:coconut"]) == 0
+    port = ["--port", str(free_port())]
+    assert (
+        main(["serve", *port, "--chat-template", str(tmp_path / "t.jinja"), "--api-key", "k1", "builtin:coconut"]) == 0
+    )
     assert seen["chat_template"].source == "{{ messages[0]['content'] }}" and seen["api_key"] == "k1"
+    assert seen["port"] == int(port[1])  # served on the socket taken before the model loaded
     monkeypatch.setenv("LATENTRT_API_KEY", "k2")
-    assert main(["serve", "builtin:coconut"]) == 0
+    assert main(["serve", *port, "builtin:coconut"]) == 0
     assert seen["chat_template"] is None and seen["api_key"] == "k2"
 
 
-def test_cli_serve_errors(capsys):
-    from latentrt.cli import main
+def test_cli_serve_errors(capsys, monkeypatch):
+    from latentrt import cli
 
-    assert main(["serve", "--chat-template", "/no/such.jinja", "builtin:recurrent"]) == 2
+    port = ["--port", str(free_port())]
+    assert cli.main(["serve", *port, "--chat-template", "/no/such.jinja", "builtin:recurrent"]) == 2
     assert "--chat-template '/no/such.jinja' is not a file" in capsys.readouterr().err
 
-    assert main(["serve", "builtin:nope"]) == 2
-    assert main(["serve", "--max-batch", "0", "builtin:recurrent"]) == 2
-    assert main(["serve", "--edge-cost", "-1", "builtin:recurrent"]) == 2
+    assert cli.main(["serve", *port, "builtin:nope"]) == 2
+    assert cli.main(["serve", *port, "--max-batch", "0", "builtin:recurrent"]) == 2
+    assert cli.main(["serve", *port, "--edge-cost", "-1", "builtin:recurrent"]) == 2
+    capsys.readouterr()
+    with socket.socket() as taken:  # a port in use: the error before the weights load, not after
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model loaded before the port was taken"))
+        assert cli.main(["serve", "--port", str(busy), "builtin:recurrent"]) == 2
+    assert f"cannot listen on 127.0.0.1:{busy}" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import json
 import os
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -312,6 +313,23 @@ def load_engine(
     return Engine(load(model, device=device, dtype=dtype, backend=backend, revision=revision), **engine_kw)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, taken before the model loads (as vLLM does): a port in use or a
+    host that does not resolve is an error at once, not after the weights are read."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def run_server(
     engine: Engine,
     model_name: str,
@@ -320,12 +338,15 @@ def run_server(
     log_level: str = "info",
     chat_template=None,
     api_key: str | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``: as ``create_app``)."""
+    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``: as ``create_app``); on
+    ``sock`` when given (``listening_socket``), else on ``host``:``port``."""
     import uvicorn
 
     app = create_app(engine, model_name, chat_template=chat_template, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
 
 
-__all__ = ["create_app", "load_engine", "run_server", "EngineThread", "LatentRTError"]
+__all__ = ["create_app", "listening_socket", "load_engine", "run_server", "EngineThread", "LatentRTError"]
