@@ -541,6 +541,38 @@ def test_routes_and_bad_input(recurrent_server):
     assert "runs in generate() only" in error({"prompt": "a", "decoding": "wavefront"})
 
 
+def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_never_a_500(recurrent_server):
+    """Each field of both routes set, one at a time, to values of every JSON type (lists and objects where a
+    name is expected, huge and negative numbers, nulls): each body gets 200 or a 4xx naming the problem; the
+    server stays healthy and holds nothing afterwards. (A list as exit_criterion once answered 500.)"""
+    url, engine, _ = recurrent_server
+    fields = [
+        *("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop", "seed", "logprobs", "echo"),
+        *("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_tokens", "stop_token_ids"),
+        *("num_steps", "adaptive", "exit_criterion", "exit_threshold", "kv_sharing", "min_steps", "init_scale"),
+        *("continuous", "decoding", "decoding_options", "num_thoughts", "stream_options", "ignore_eos", "user"),
+        *("include_stop_str_in_output", "skip_special_tokens", "response_format", "tools", "chat_template_kwargs"),
+        *("add_generation_prompt", "continue_final_message", "top_logprobs", "max_completion_tokens", "suffix"),
+        *("messages", "prompt", "model"),
+    ]
+    values = [None, True, -1, 3, 0.5, 1e30, 2**63, "", "kl", [1, 2], ["a"], {"5": 100}, [{"role": 3}]]
+    h = httpx.Client(base_url=url, timeout=60)
+    for i, (field, value) in enumerate((f, v) for f in fields for v in values):
+        chat = i % 2 == 1
+        body = {"max_tokens": 1, **({"messages": [{"role": "user", "content": "a"}]} if chat else {"prompt": "a"})}
+        r = h.post("/v1/chat/completions" if chat else "/v1/completions", json={**body, field: value})
+        assert r.status_code == 200 or (400 <= r.status_code < 500 and r.json()["error"]["message"]), (
+            field,
+            value,
+            r.text,
+        )
+    assert h.get("/health").status_code == 200
+    deadline = time.time() + 10
+    while (engine.resident or engine.queue) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.resident and not engine.queue
+
+
 def test_chat_without_a_template_is_400():
     with serving(tiny_recurrent(), max_batch=2) as (url, _):
         with pytest.raises(openai.BadRequestError, match="no chat template"):
