@@ -128,14 +128,14 @@ def check_messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InputError(f"messages[{i}] must be an object with a string 'role'")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
+        if isinstance(content, list):  # content parts: text only, joined by newlines as vLLM joins them
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
             ):
                 raise InputError(
                     f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) are supported"
                 )
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InputError(f"messages[{i}].content must be a string or a list of text parts")
         out.append({**m, "content": content})

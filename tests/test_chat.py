@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_recurrent
 
 import latentrt
-from latentrt.chat import ChatTemplate
+from latentrt.chat import ChatTemplate, find_chat_template, render_chat
 from latentrt.cli import main
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Alex is a wumpus."}]
@@ -17,8 +17,9 @@ def test_the_model_folders_template_renders_and_tokenizes_without_special_tokens
     model = latentrt.load("builtin:recurrent")  # its tokenizer_config.json: the user messages, each + " "
     ids = latentrt.apply_chat_template(model, MESSAGES)
     assert ids == model.tokenizer.encode("Alex is a wumpus. ", add_special_tokens=False).ids
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Alex is "}, {"type": "text", "text": "a wumpus."}]}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Alex is"}, {"type": "text", "text": "a wumpus."}]}]
     assert latentrt.apply_chat_template(model, parts) == ids  # OpenAI's text parts
+    assert render_chat(find_chat_template(model.folder), parts) == "Alex is\na wumpus. "  # joined as vLLM joins them
 
 
 def test_a_template_given_as_an_object_or_a_file(tmp_path):
