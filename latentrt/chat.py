@@ -199,6 +199,11 @@ def _environment():
     return env
 
 
+def system_opening(system: str | None) -> list[dict]:
+    """A conversation's opening: ``system`` as its system message, or nothing."""
+    return [] if system is None else [{"role": "system", "content": system}]
+
+
 def require_template(template: ChatTemplate | None) -> ChatTemplate:
     """``template``, or the error a model without one gets when asked to chat."""
     if template is None:

@@ -402,13 +402,13 @@ def cmd_chat(args) -> int:
     """A conversation on stdin: each non-empty line a user message, the answer streamed as it is generated
     and kept in the history (through the chat template, as the server's chat route); ``/reset`` starts
     over, end of input or ``/exit`` ends."""
-    from .chat import apply_chat_template, chat_template_for
+    from .chat import apply_chat_template, chat_template_for, system_opening
     from .engine import generate
 
     model = _load(args)
     kwargs = _options(args)
     template = chat_template_for(model, args.chat_template)  # read once, not every turn
-    opening = _system_messages(args)
+    opening = system_opening(args.system)
     history = list(opening)
     interactive = sys.stdin.isatty()
     while True:
@@ -430,16 +430,11 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": stream.result.text})
 
 
-def _system_messages(args) -> list[dict]:
-    """``--system``'s message, the conversation's opening (none without it)."""
-    return [] if args.system is None else [{"role": "system", "content": args.system}]
-
-
 def _chat_ids(model, prompt: str, template, args) -> list[int]:
     """``--chat``: the prompt as a user message (after ``--system``'s), through the chat template."""
-    from .chat import apply_chat_template
+    from .chat import apply_chat_template, system_opening
 
-    messages = [*_system_messages(args), {"role": "user", "content": prompt}]
+    messages = [*system_opening(args.system), {"role": "user", "content": prompt}]
     return apply_chat_template(model, messages, template)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .chat import ChatTemplate, chat_prompt_ids, chat_template_for, require_template
+from .chat import ChatTemplate, chat_prompt_ids, chat_template_for, require_template, system_opening
+from .decode.samplers import check_int
 from .engine import generate
 from .errors import InputError
 from .families import family_for
@@ -55,10 +56,8 @@ def evaluate(
     question is a user message (after ``system``'s) through it, as a chat-tuned model is asked (the answer
     rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply."""
     gen_kwargs.setdefault("temperature", 0.0)
-    if max_new_tokens is not None and (
-        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
-    ):
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens is not None:
+        check_int("max_new_tokens", max_new_tokens, 1)
     if model.tokenizer is None:
         raise InputError("evaluation needs a model with a tokenizer.json")
     decoder = family_for(model).decoder
@@ -66,7 +65,7 @@ def evaluate(
     if mode not in decoder.EVAL_MODES:
         raise InputError(f"unknown prompt format {mode!r} for this model; choose from {list(decoder.EVAL_MODES)}")
     if chat is not None:
-        opening = [] if system is None else [{"role": "system", "content": system}]
+        opening = system_opening(system)
         prompts = [
             chat_prompt_ids(chat, model.tokenizer, [*opening, {"role": "user", "content": r.question}]) for r in records
         ]
