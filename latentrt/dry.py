@@ -21,12 +21,10 @@ no read-back (a step still reads the device once).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, check_finite, check_int
 
 WINDOW = 128  # the published search: starts among the last 128 tokens
 MAX_MATCH = 32  # the published match length limit
@@ -36,14 +34,12 @@ NAMES = ("dry_multiplier", "dry_base", "dry_allowed_length")
 def check_dry(multiplier, base, allowed_length, repetition_penalty) -> None:
     """The DRY options' types and ranges; DRY and ``repetition_penalty`` together are refused."""
     for name, value in (("dry_multiplier", multiplier), ("dry_base", base)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"{name} must be a finite number, got {value!r}")
+        check_finite(name, value)
     if multiplier < 0:
         raise InputError(f"dry_multiplier must be >= 0 (0: no DRY penalty), got {multiplier!r}")
     if base <= 0:
         raise InputError(f"dry_base must be > 0, got {base!r}")
-    if isinstance(allowed_length, bool) or not isinstance(allowed_length, int) or allowed_length < 0:
-        raise InputError(f"dry_allowed_length must be an integer >= 0, got {allowed_length!r}")
+    check_int("dry_allowed_length", allowed_length, 0)
     if multiplier > 0 and repetition_penalty != 1:
         raise InputError(
             "dry_multiplier and repetition_penalty are exclusive: the published sampler applies DRY in place of "

@@ -1,4 +1,7 @@
-"""Exception types. Each names the problem; all are ValueError subclasses except the numeric one."""
+"""Exception types, and the argument checks every layer shares. Each error names the problem; all are
+ValueError subclasses except the numeric one."""
+
+import math
 
 
 class LatentRTError(Exception):
@@ -26,3 +29,37 @@ def is_choice(value, choices) -> bool:
     unhashable list or dict from a JSON request or config file included, is not one (where a plain ``in``
     on a dict would raise TypeError instead of the caller's error naming the choices)."""
     return isinstance(value, str) and value in choices
+
+
+def check_int(name: str, value, low: int, high: int | None = None, high_label: str | None = None) -> None:
+    """InputError unless ``value`` is an int (not a bool) in [low, high] (high None: no upper bound);
+    ``high_label`` shows the upper bound by its source (``max_new_tokens=5``) rather than as a bare number."""
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= low and (high is None or value <= high)
+    if not ok:
+        bound = f">= {low}" if high is None else f"in [{low}, {high_label or high}]"
+        raise InputError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def check_finite(name: str, value, low: float | None = None) -> float:
+    """``value`` as a float; InputError unless it is a finite number (not a bool) and, with ``low``, >= low."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise InputError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def check_float(name: str, value, low: float, high: float | None = None) -> None:
+    """InputError unless ``value`` is a number (int or float, not a bool, not NaN) in [low, high]."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise InputError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """InputError unless ``value`` is True or False (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be True or False, got {value!r}")

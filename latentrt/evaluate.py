@@ -18,9 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .chat import ChatTemplate, chat_prompt_ids, chat_template_for, require_template, system_opening
-from .decode.samplers import check_int
 from .engine import generate
-from .errors import InputError
+from .errors import InputError, check_int
 from .families import family_for
 from .records import Record, load_records
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .errors import InputError, is_choice
+from .errors import InputError, check_finite, is_choice
 from .kernels.reference import (
     cosine_reference,
     entropy_reference,
@@ -170,8 +170,7 @@ def make_criterion(name: str, threshold: float | None = None) -> ExitCriterion:
     cls = CRITERIA[name]
     if threshold is None:
         threshold = cls.DEFAULT
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise InputError(f"exit_threshold must be a finite number, got {threshold!r}")
+    check_finite("exit_threshold", threshold)
     if threshold < 0:
         raise InputError(f"exit_threshold must be >= 0, got {threshold}")
     cls.check_threshold(threshold)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .dry import check_dry
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, check_bool, check_int
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
 
@@ -97,11 +97,8 @@ class GenerateOptions:
     def validate(self) -> None:
         """The generic options; family options are checked by the family's decoder."""
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {n!r}")
-        m = self.min_new_tokens
-        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= n:
-            raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens={n}], got {m!r}")
+        check_int("max_new_tokens", n, 1)
+        check_int("min_new_tokens", self.min_new_tokens, 0, n, high_label=f"max_new_tokens={n}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
         check_dry(self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.repetition_penalty)
@@ -110,8 +107,7 @@ class GenerateOptions:
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
 
 
 def generation_defaults(gen_cfg: dict, source: str) -> dict:

@@ -25,15 +25,14 @@ from torch import Tensor
 
 from .dry import NAMES as DRY_NAMES
 from .dry import DryPenalty
-from .errors import InputError
+from .errors import InputError, check_finite
 
 MAX_BIAS = 100.0
 NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", *DRY_NAMES)
 
 
 def _number(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
+    check_finite(name, value)
     if not low <= value <= high:
         raise InputError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
     return float(value)

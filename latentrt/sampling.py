@@ -16,18 +16,13 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, check_finite, check_int
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float = 0.0) -> None:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature >= 0)
-    ):
-        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
+    check_finite("temperature", temperature, 0)
+    if top_k is not None:
+        check_int("top_k", top_k, 1)
     if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(min_p, bool) or not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
@@ -41,8 +36,7 @@ class SequenceRNG:
     """One torch.Generator per sequence, seeded ``seed + index`` (see module docstring)."""
 
     def __init__(self, seed: int, batch: int, device: torch.device) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - batch + 1:
-            raise InputError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
+        check_int("seed", seed, 0, MAX_SEED - batch + 1, high_label="2**63 - batch")
         self.generators = [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]
 
     def __getitem__(self, row: int) -> torch.Generator:

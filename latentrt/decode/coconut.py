@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import read_training_info
-from ..errors import InputError
+from ..errors import InputError, check_bool, check_int
 from ..options import GenerateOptions
 from ..prompts import Batch, prompt_ids
 from .base import Decoder, TokenOutput, nonfinite_flags
@@ -52,13 +52,11 @@ class CoconutDecoder(Decoder):
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
-        if not isinstance(options.published_eos, bool):
-            raise InputError(f"published_eos must be True or False, got {options.published_eos!r}")
+        check_bool("published_eos", options.published_eos)
         k = options.num_thoughts
         if k is None:
             return
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InputError(f"num_thoughts must be an integer >= 0, got {k!r}")
+        check_int("num_thoughts", k, 0)
         if model.marker_ids[1] is None:
             raise InputError(
                 "this model has no latent markers: pass their ids to load() "

@@ -10,13 +10,12 @@ on the CUDA backend), both of which implement the same rules.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError, is_choice
+from ..errors import InputError, check_bool, check_finite, check_int, is_choice
 from ..exits import make_criterion
 from ..kv_modes import parse_kv_mode
 from ..models.recurrent import check_steps
@@ -56,19 +55,13 @@ class RecurrentDecoder(Decoder):
         parse_kv_mode(options.kv_sharing, r_max, model.config.n_layers_in_recurrent_block)
         make_criterion(options.exit_criterion, options.exit_threshold)
         ms = options.min_steps
-        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-            raise InputError(f"min_steps must be an integer >= 0, got {ms!r}")
+        check_int("min_steps", ms, 0)
         if ms > r_max:
             raise InputError(f"min_steps={ms} exceeds the maximum number of steps {r_max}")
-        n = options.check_criterion_every_n_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(f"check_criterion_every_n_steps must be an integer >= 1, got {n!r}")
+        check_int("check_criterion_every_n_steps", options.check_criterion_every_n_steps, 1)
         for name in ("adaptive", "continuous", "do_not_exit_in_prefill", "adaptive_prefill"):
-            if not isinstance(getattr(options, name), bool):
-                raise InputError(f"{name} must be True or False, got {getattr(options, name)!r}")
-        s = options.init_scale
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s >= 0):
-            raise InputError(f"init_scale must be a finite number >= 0, got {s!r}")
+            check_bool(name, getattr(options, name))
+        check_finite("init_scale", options.init_scale, 0)
         cls.sampler_class(options)
 
     @classmethod

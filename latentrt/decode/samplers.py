@@ -93,22 +93,3 @@ class Sampler:
     def tokens(self, batch, draw: Callable[[Tensor], Tensor]) -> Iterator[Proposal]:
         """Committed tokens, in order; ``draw(logits [n, V]) -> ids [n]`` samples with the call's settings."""
         raise NotImplementedError
-
-
-def check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def check_float(name: str, value, low: float, high: float | None = None) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise InputError(f"{name} must be a number {bound}, got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise InputError(f"{name} must be True or False, got {value!r}")

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .samplers import Proposal, Sampler, SamplerOptions, check_float, check_int
+from ..errors import check_float, check_int
+from .samplers import Proposal, Sampler, SamplerOptions
 
 
 @dataclass(frozen=True)

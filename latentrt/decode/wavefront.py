@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from ..cache import GrowingKVCache
-from ..errors import InputError
-from .samplers import Proposal, Sampler, SamplerOptions, check_bool, check_float, check_int
+from ..errors import InputError, check_bool, check_float, check_int
+from .samplers import Proposal, Sampler, SamplerOptions
 
 # the published guesses for headway > 1: torch.randint(0, 65510), Huginn-0125's ids up to its last special token
 PUBLISHED_GUESS_IDS = 65510

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_nonnegative, require_positive
-from ..errors import ConfigError, InputError, NonFiniteStateError
+from ..errors import ConfigError, InputError, NonFiniteStateError, check_int
 from .base import CacheLayout, LatentModel
 from .layers import Embedding, Packed, RMSNorm, apply_rope, attention, rope_tables
 
@@ -500,8 +500,7 @@ class RecurrentDepthLM(LatentModel):
 
 
 def check_steps(num_steps: int) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise InputError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    check_int("num_steps", num_steps, 1)
     return num_steps
 
 

@@ -46,7 +46,7 @@ import torch
 
 from ..decode.serving import Ended
 from ..engine import Generation, check_options_for
-from ..errors import InputError, LatentRTError, NonFiniteStateError
+from ..errors import InputError, LatentRTError, NonFiniteStateError, check_int
 from ..families import family_for
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText
@@ -241,16 +241,14 @@ class Engine:
         if scheduler not in SCHEDULERS:
             raise InputError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_budget", prefill_budget)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, value, 1)
         block = model.config.block_size
         max_len = min(block, 2048) if max_len is None else max_len
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= block:
-            raise InputError(f"max_len must be an integer in [1, {block}] (the model's context), got {max_len!r}")
+        check_int("max_len", max_len, 1, block, high_label=f"{block} (the model's context)")
         looped = model.cache_layout().looped
         kv_slots = max_batch * model.default_steps() if kv_slots is None else kv_slots
-        if looped and (isinstance(kv_slots, bool) or not isinstance(kv_slots, int) or kv_slots < 1):
-            raise InputError(f"kv_slots must be an integer >= 1, got {kv_slots!r}")
+        if looped:
+            check_int("kv_slots", kv_slots, 1)
         self.model, self.scheduler = model, scheduler
         self.max_batch, self.max_queue, self.max_len, self.prefill_budget = (
             max_batch,
@@ -299,9 +297,8 @@ class Engine:
         ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
         (``max_new_tokens`` is then only checked)."""
         opts = GenerateOptions.build(options, self.model.generation_defaults, **kwargs)
-        number = isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
-        if top_logprobs is not None and not (number and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
-            raise InputError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+        if top_logprobs is not None:
+            check_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
         if opts.hooks:
             raise InputError("hooks cannot be used with the server (they run Python between iterations)")
         if opts.return_logits:

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..chat import ChatOptions, chat_prompt_ids
-from ..errors import InputError
+from ..errors import InputError, check_int
 from ..families import FAMILIES
 from ..prompts import encode_text
 from .engine import MAX_TOP_LOGPROBS
@@ -137,8 +137,7 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
     n = body.get("n", 1)
     if n is None:
         n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise InputError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
+    check_int("n", n, 1, MAX_CHOICES)
     return opts, n
 
 
@@ -168,8 +167,8 @@ def _top_logprobs(body: dict, chat: bool) -> int | None:
         name = "top_logprobs"
     else:
         top, name = lp, "logprobs"
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise InputError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+    if top is not None:
+        check_int(name, top, 0, MAX_TOP_LOGPROBS)
     return top
 
 

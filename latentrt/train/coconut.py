@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from ..cache import GrowingKVCache
 from ..decode.coconut import thought_prompt
-from ..decode.samplers import check_int
-from ..errors import InputError, is_choice
+from ..errors import InputError, check_int, is_choice
 from ..hooks import HookList
 from ..records import Record, as_records
 from . import distributed

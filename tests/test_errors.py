@@ -1,0 +1,54 @@
+"""The argument checks every layer shares (latentrt.errors): what each accepts, and the message it raises."""
+
+import math
+
+import pytest
+
+from latentrt.errors import InputError, check_bool, check_finite, check_float, check_int, is_choice
+
+
+@pytest.mark.parametrize("value", [0, 3, 2**70])
+def test_check_int_accepts_ints_in_range(value):
+    check_int("n", value, 0)
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, "1", None, [1], -1])
+def test_check_int_refuses_non_ints_bools_and_low_values(value):
+    with pytest.raises(InputError, match=rf"^n must be an integer >= 0, got {value!r}$".replace("[", r"\[")):
+        check_int("n", value, 0)
+
+
+def test_check_int_names_its_upper_bound():
+    check_int("n", 5, 1, 5)
+    with pytest.raises(InputError, match=r"^n must be an integer in \[1, 5\], got 6$"):
+        check_int("n", 6, 1, 5)
+    with pytest.raises(InputError, match=r"^m must be an integer in \[0, max_new_tokens=4\], got 5$"):
+        check_int("m", 5, 0, 4, high_label="max_new_tokens=4")
+
+
+def test_check_finite_returns_a_float_and_refuses_nan_inf_and_bools():
+    assert check_finite("t", 2) == 2.0 and isinstance(check_finite("t", 2), float)
+    assert check_finite("t", -1.5) == -1.5
+    for bad in (math.nan, math.inf, -math.inf, True, "1", None):
+        with pytest.raises(InputError, match=r"^t must be a finite number, got "):
+            check_finite("t", bad)
+    with pytest.raises(InputError, match=r"^t must be a finite number >= 0, got -0.5$"):
+        check_finite("t", -0.5, 0)
+
+
+def test_check_float_and_check_bool():
+    check_float("p", 0.5, 0.0, 1.0)
+    for bad in (math.nan, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(InputError, match=r"^p must be a number in \[0.0, 1.0\], got "):
+            check_float("p", bad, 0.0, 1.0)
+    check_bool("b", False)
+    for bad in (0, 1, "true", None):
+        with pytest.raises(InputError, match=r"^b must be True or False, got "):
+            check_bool("b", bad)
+
+
+def test_is_choice_is_false_for_unhashable_values():
+    choices = {"kl": 1}
+    assert is_choice("kl", choices)
+    assert not is_choice("KL", choices)
+    assert not is_choice(["kl"], choices) and not is_choice({"kl": 1}, choices) and not is_choice(None, choices)
