@@ -94,10 +94,13 @@ def read_generation_config(folder: Path) -> dict:
 
 def read_training_info(folder: str | os.PathLike | None) -> dict:
     """A checkpoint folder's training.json (how the trainers made it: mode, curriculum, command), or {}."""
-    if folder is None or not (Path(folder) / "training.json").is_file():
+    path = None if folder is None else Path(folder) / "training.json"
+    if path is None or not path.is_file():
         return {}
-    info = read_json(Path(folder) / "training.json", CheckpointError)
-    return info if isinstance(info, dict) else {}
+    info = read_json(path, CheckpointError)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(info).__name__}")
+    return info
 
 
 class StoredTensor:

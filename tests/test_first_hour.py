@@ -10,7 +10,7 @@ import torch
 from conftest import WORDS, rel_err, tiny_coconut, tiny_recurrent
 
 import latentrt
-from latentrt.checkpoint import save_checkpoint
+from latentrt.checkpoint import BUILTIN_DIR, save_checkpoint
 from latentrt.cli import main
 from latentrt.errors import CheckpointError, ConfigError, InputError
 from latentrt.tokenizer import word_tokenizer
@@ -128,6 +128,30 @@ def test_coconut_runs_its_trained_thought_count_by_default(capsys):
     assert latentrt.generate(model, marked, max_new_tokens=2).num_thoughts == 1  # the prompt's own markers
     assert main(["generate", "builtin:coconut", question, "--max-new-tokens", "2"]) == 0
     assert "continuous thoughts: 3" in capsys.readouterr().out  # the CLI and the API agree
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"mode": 0}, r"mode must be one of \['coconut', 'cot', 'nocot', 'pause'\], got 0"),
+        ({"mode": "latent"}, r"mode must be one of .*, got 'latent'"),
+        ({"max_stage": "3"}, r"max_stage must be an integer >= 0, got '3'"),
+        ({"thoughts_per_step": True}, r"thoughts_per_step must be an integer >= 0, got True"),
+        ({"max_stage": -1}, r"max_stage must be an integer >= 0, got -1"),
+        (["coconut"], r"training.json must hold a JSON object, got list"),
+    ],
+)
+def test_a_corrupt_training_json_is_named_not_read_as_no_thoughts(tmp_path, fields, problem):
+    """training.json sets a Coconut model's default thought count: a mode or count the trainers would not write
+    is an error naming the file (read as "no thoughts", every answer would change silently)."""
+    folder = tmp_path / "coconut"
+    shutil.copytree(BUILTIN_DIR / "coconut", folder)
+    info = json.loads((folder / "training.json").read_text())
+    (folder / "training.json").write_text(json.dumps({**info, **fields} if isinstance(fields, dict) else fields))
+    model = latentrt.load(folder, device="cpu")
+    with pytest.raises(CheckpointError, match=problem):
+        latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1)
+    assert latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1, num_thoughts=2).num_thoughts == 2
 
 
 def test_trainers_take_the_documented_json_records(tmp_path):

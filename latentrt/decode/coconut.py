@@ -17,22 +17,32 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import read_training_info
-from ..errors import InputError, check_bool, check_int
+from ..errors import CheckpointError, InputError, check_bool, check_int, is_choice
 from ..options import GenerateOptions
 from ..prompts import Batch, prompt_ids
 from .base import Decoder, TokenOutput, nonfinite_flags
 
+PROMPT_MODES = ("coconut", "cot", "nocot", "pause")  # the formats a Coconut model is trained and asked in
+THOUGHT_MODES = ("coconut", "pause")  # prompt formats with thought markers (pause: ordinary tokens there)
+
 
 def trained_thoughts(model) -> tuple[str, int]:
     """The prompt format and thought count a model was trained with (its training.json; the trainers write
-    mode ``coconut`` / ``pause`` / ``cot`` / ``nocot`` and the curriculum), or ("coconut", 0)."""
-    info = read_training_info(getattr(model, "folder", None))
+    a mode of PROMPT_MODES and the curriculum), or ("coconut", 0). A field the trainers would not write is a
+    CheckpointError naming the file (read as "no thoughts", it would change every answer silently)."""
+    folder = getattr(model, "folder", None)
+    info = read_training_info(folder)
+    source = f"{folder}/training.json"
     mode = info.get("mode", "coconut")
-    k = info.get("max_stage", 0) * info.get("thoughts_per_step", 1) if mode in THOUGHT_MODES else 0
-    return mode, k
-
-
-THOUGHT_MODES = ("coconut", "pause")  # prompt formats with thought markers (pause: ordinary tokens there)
+    if not is_choice(mode, PROMPT_MODES):
+        raise CheckpointError(f"{source}: mode must be one of {list(PROMPT_MODES)}, got {mode!r}")
+    if mode not in THOUGHT_MODES:
+        return mode, 0
+    counts = {"max_stage": info.get("max_stage", 0), "thoughts_per_step": info.get("thoughts_per_step", 1)}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{source}: {name} must be an integer >= 0, got {value!r}")
+    return mode, counts["max_stage"] * counts["thoughts_per_step"]
 
 
 def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
@@ -151,12 +161,11 @@ class CoconutDecoder(Decoder):
         iterations = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return TokenOutput(logits, iterations, nonfinite_flags(None, None, logits, alive))
 
-    EVAL_MODES = ("coconut", "cot", "nocot", "pause")
+    EVAL_MODES = PROMPT_MODES
 
     @classmethod
     def eval_mode(cls, model) -> str:
-        mode = trained_thoughts(model)[0]
-        return mode if mode in cls.EVAL_MODES else "coconut"
+        return trained_thoughts(model)[0]
 
     @classmethod
     def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..cache import GrowingKVCache
-from ..decode.coconut import thought_prompt
+from ..decode.coconut import PROMPT_MODES, thought_prompt
 from ..errors import InputError, check_int, is_choice
 from ..hooks import HookList
 from ..records import Record, as_records
@@ -34,7 +34,7 @@ from . import distributed
 from .checkpoints import load_training, save_training
 from .common import TrainOptions, accumulate, autocast, begin_step, finish_step, make_optimizer, micro_batches, prepare
 
-MODES = ("coconut", "cot", "nocot", "pause")
+MODES = PROMPT_MODES
 # Coconut's args/{dataset}_coconut.yaml: (max_latent_stage, c_thought, num_epochs, epochs_per_stage)
 PUBLISHED_CURRICULA = {"prosqa": (6, 1, 50, 5), "prontoqa": (6, 1, 50, 5), "gsm": (3, 2, 25, 3)}
 
