@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,4 +140,41 @@ def generation_defaults(gen_cfg: dict, source: str) -> dict:
         GenerateOptions(**out).validate()
     except InputError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    unread = sorted(
+        k for k, neutral in UNREAD_GENERATION_FIELDS.items() if gen_cfg.get(k, neutral) not in (None, neutral, [], {})
+    )
+    if unread:
+        warnings.warn(
+            f"{source}: not read as defaults: {', '.join(f'{k}={gen_cfg[k]!r}' for k in unread)} (HF's generate or "
+            "the published sampler would apply them); pass the generate() option where there is one",
+            stacklevel=3,
+        )
     return out
+
+
+# generation_config.json fields that change the tokens HF's generate (or, dry_*, the published Huginn sampler)
+# makes, which generation_defaults does not read, with their neutral values: set to anything else, the file
+# asks for something a latentrt default does not do, and the load says so rather than ignore it silently.
+UNREAD_GENERATION_FIELDS = {
+    "min_new_tokens": 0,
+    "min_length": 0,
+    "stop_strings": None,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "renormalize_logits": False,
+    "exponential_decay_length_penalty": None,
+    "num_beams": 1,
+    "penalty_alpha": None,
+    "guidance_scale": 1.0,
+    "num_return_sequences": 1,
+    "watermarking_config": None,
+    "dry_multiplier": 0.0,
+}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,15 @@ def test_generation_config_sampling_defaults_fill_the_unset_options(tmp_path, mo
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):
             latentrt.load(tmp_path, device="cpu")
+    # what HF's generate would apply but no default reads is named, not ignored silently (neutral values: quiet)
+    unread = {"no_repeat_ngram_size": 3, "min_new_tokens": 2, "num_beams": 1, "stop_strings": [], "typical_p": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(cfg, **unread)))
+    with pytest.warns(UserWarning, match=r"not read as defaults: min_new_tokens=2, no_repeat_ngram_size=3 \(HF's"):
+        assert latentrt.load(tmp_path, device="cpu").generation_defaults == model.generation_defaults
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(cfg, num_beams=1, stop_strings=None)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        latentrt.load(tmp_path, device="cpu")
 
 
 # ------------------------------------------------------------------------------ bad input, clear errors
