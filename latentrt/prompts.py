@@ -162,6 +162,8 @@ def make_batch(
         ids = check_ids(prompt, cfg, device)
         mask = check_left_padding(attention_mask, ids)
         return Batch(ids, mask, single)
+    elif isinstance(prompt, (list, tuple)) and not prompt:
+        raise InputError(f"empty prompt: got an empty {type(prompt).__name__} (no prompt, no token)")
     else:
         raise InputError(
             "prompt must be a str, a list of str, a list of token ids, or a LongTensor "

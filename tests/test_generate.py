@@ -271,6 +271,8 @@ def test_bad_inputs_give_clear_errors():
         latentrt.generate(model, 3.5)
     with pytest.raises(InputError, match="empty prompt"):
         latentrt.generate(model, ["every", ""])
+    with pytest.raises(InputError, match="empty prompt: got an empty list"):
+        latentrt.generate(model, [])
     with pytest.raises(InputError, match="num_steps"):
         model.logits(torch.tensor([[5, 6]]), num_steps=-2)
 
