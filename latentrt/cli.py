@@ -95,10 +95,17 @@ def _json_object(text: str | None, flag: str) -> dict:
 
 
 def _add_latent_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=UNSET, help="recurrence steps (the maximum when adaptive)")
+    """The recurrence flags; each also takes generate()'s and the server's name for it (--num-steps ...)."""
+    p.add_argument(
+        "--steps", "--num-steps", type=int, default=UNSET, help="recurrence steps (the maximum when adaptive)"
+    )
     p.add_argument("--adaptive", action="store_true", default=UNSET, help="exit the recurrence per token")
-    p.add_argument("--criterion", default=UNSET, choices=sorted(CRITERIA), help="exit criterion (kl)")
-    p.add_argument("--threshold", type=float, default=UNSET, help="exit threshold (default per criterion)")
+    p.add_argument(
+        "--criterion", "--exit-criterion", default=UNSET, choices=sorted(CRITERIA), help="exit criterion (kl)"
+    )
+    p.add_argument(
+        "--threshold", "--exit-threshold", type=float, default=UNSET, help="exit threshold (default per criterion)"
+    )
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +128,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv",
+        "--kv-sharing",
         default=UNSET,
         help="KV sharing across iterations: full | shared | ring-K | anchor-A | skip | always-last (or a published "
         "name: latest-mL, available-mL, compress-sN, compress-anchor, always-last-mL; README)",
@@ -129,6 +137,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
     p.add_argument(
         "--thoughts",
+        "--num-thoughts",
         type=int,
         default=UNSET,
         help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
@@ -238,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print the config, parameter count and KV bytes per token")
     _add_model_args(i)
-    i.add_argument("--steps", type=int, default=None, help="recurrence depth for the KV figures")
+    i.add_argument("--steps", "--num-steps", type=int, default=None, help="recurrence depth for the KV figures")
 
     e = sub.add_parser(
         "eval", help="accuracy per difficulty on a JSON (or JSON Lines) file of {question, steps, answer}"

@@ -138,6 +138,21 @@ def test_errors_exit_2(recurrent_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_recurrence_flags_take_the_api_names_too():
+    """--num-steps, --exit-criterion, --exit-threshold, --kv-sharing, --num-thoughts (generate()'s and the
+    server's names) are the same flags as --steps, --criterion, --threshold, --kv, --thoughts."""
+    from latentrt.cli import build_parser
+
+    parse = build_parser().parse_args
+    short = ["--steps", "3", "--criterion", "cosine", "--threshold", "0.1", "--kv", "shared", "--thoughts", "2"]
+    long = ["--num-steps", "3", "--exit-criterion", "cosine", "--exit-threshold", "0.1", "--kv-sharing", "shared"]
+    long += ["--num-thoughts", "2"]
+    assert parse(["generate", "m", "p", *short]) == parse(["generate", "m", "p", *long])
+    assert parse(["chat", "m", *short]) == parse(["chat", "m", *long])
+    assert parse(["eval", "m", "d", *short[:6]]) == parse(["eval", "m", "d", *long[:6]])
+    assert parse(["info", "m", "--num-steps", "8"]).steps == 8
+
+
 def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_path, capsys):
     """Bad flags and inputs: ``latentrt: error: ...`` on stderr, a non-zero exit, no traceback."""
     (tmp_path / "records.json").write_text('[{"question": "q"}]')
