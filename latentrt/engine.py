@@ -133,10 +133,11 @@ class Generation:
         if self.sampler is not None and (self.penalties is not None or options.min_new_tokens):
             given = [n for n in (*PENALTIES, "min_new_tokens") if options.is_set(n)]
             raise InputError(f"{', '.join(given)} apply with decoding='sequential' only, not {options.decoding!r}")
-        need = self.batch.ids.shape[1] + options.max_new_tokens
+        length = self.batch.ids.shape[1]
+        need = length + options.max_new_tokens
         if need > model.config.block_size:
             raise InputError(
-                f"prompt ({self.batch.ids.shape[1]} tokens) + max_new_tokens ({options.max_new_tokens}) = "
+                f"prompt ({length} token{'s' * (length != 1)}) + max_new_tokens ({options.max_new_tokens}) = "
                 f"{need} exceeds the model's context (block_size={model.config.block_size})"
             )
         per_position = model.cache_layout().bytes_per_position(self.decoder.kv_slots, model.dtype.itemsize)
