@@ -109,6 +109,9 @@ def test_the_launcher_refuses_what_every_replica_would_before_starting_ray(tmp_p
     from latentrt.serve.ray import main
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     cases = [
         (["builtin:nope"], "no built-in model 'nope'"),
         ([str(tmp_path)], "has no config.json"),
@@ -116,8 +119,10 @@ def test_the_launcher_refuses_what_every_replica_would_before_starting_ray(tmp_p
         (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
         (["--port", "70000"], "--port must be in [1, 65535], got 70000"),
         (["--chat-template", str(tmp_path / "none.jinja")], "cannot read the chat template"),
+        (["--port", str(busy.getsockname()[1])], f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("latentrt: error:") and message in err, (argv, err)
+    busy.close()

@@ -76,15 +76,17 @@ def application(
 def check_before_starting(args) -> None:
     """What every replica would refuse, refused before Ray starts (a replica that fails to build is a Ray
     traceback after its retries): counts out of bounds, the model's folder and config (no weights read),
-    the template file."""
+    the template file, a port in use or a host that does not resolve (Ray's proxy would fail to bind it)."""
     from ..chat import chat_template_file
     from ..cli import check_counts
     from ..loader import read_model_config
+    from .app import listening_socket
 
     check_counts(args)
     folder, _, _ = read_model_config(args.model)
     if args.chat_template is not None:
         chat_template_file(args.chat_template, folder)
+    listening_socket(args.host, args.port).close()  # free now: Ray's proxy takes it a few seconds later
 
 
 def main(argv: list[str] | None = None) -> int:
