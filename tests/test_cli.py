@@ -82,20 +82,28 @@ def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
 
     model = latentrt.load(recurrent_dir, device="cpu")
     kw = dict(max_new_tokens=8, temperature=0.0, seed=2, default_stops=False)
-    text = latentrt.generate(model, "every cat is", **kw).text
-    want = latentrt.generate(model, "every cat is", stop=[7, text[2:6]], **kw)
+    plain = latentrt.generate(model, "every cat is", **kw)
+    text = plain.text
+    assert len(text) >= 3  # text[2:6] is a stop string it meets
+    stop_id = min(set(range(5, 40)) - set(plain.tokens))  # an id it does not make: the stop string ends it
+    want = latentrt.generate(model, "every cat is", stop=[stop_id, text[2:6]], **kw)
     argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--temperature", "0"]
-    argv += ["--seed", "2", "--no-default-stops", "--stop", "7", "--stop-text", text[2:6], "--json"]
+    argv += ["--seed", "2", "--no-default-stops", "--stop", str(stop_id), "--stop-text", text[2:6], "--json"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert (res["tokens"], res["text"], res["finish_reasons"]) == (want.tokens, want.text, want.finish_reasons)
     # --include-stop-str-in-output and --no-skip-special-tokens: the text as generate()'s with those options
     want = latentrt.generate(
-        model, "every cat is", stop=[7, text[2:6]], include_stop_str_in_output=True, skip_special_tokens=False, **kw
+        model,
+        "every cat is",
+        stop=[stop_id, text[2:6]],
+        include_stop_str_in_output=True,
+        skip_special_tokens=False,
+        **kw,
     )
     assert main(argv + ["--include-stop-str-in-output", "--no-skip-special-tokens"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["text"] == want.text != latentrt.generate(model, "every cat is", stop=[7, text[2:6]], **kw).text
+    assert res["text"] == want.text != latentrt.generate(model, "every cat is", stop=[stop_id, text[2:6]], **kw).text
 
 
 def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
