@@ -118,7 +118,8 @@ def test_generate_with_penalties_batch_equals_each_alone():
     """Each sequence's penalties see its own prompt and tokens (not the padding, not the others')."""
     model = tiny_recurrent(seed=5)
     prompts = [[5, 9, 5, 9, 5], [7, 8], [3, 3, 3, 4, 6, 2]]
-    kw = dict(max_new_tokens=8, num_steps=3, seed=14, temperature=0.9, min_p=0.05, default_stops=False)
+    # init_scale 0: the draws are the sampler's alone (torch 2.11 and 2.13 draw trunc_normal_ states differently)
+    kw = dict(max_new_tokens=8, num_steps=3, seed=14, temperature=0.9, min_p=0.05, default_stops=False, init_scale=0.0)
     for extra in (dict(repetition_penalty=1.8), dict(presence_penalty=1.5, frequency_penalty=2.0, logit_bias={6: 3.0})):
         batch = latentrt.generate(model, prompts, **kw, **extra)
         plain = latentrt.generate(model, prompts, **kw)

@@ -834,6 +834,16 @@ def run_huginn_training(rm, case: dict, model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def draw_fingerprint() -> dict:
+    """What this torch's ``trunc_normal_`` draws from seed 0 (the published random initial state's sampler),
+    with the torch version. torch 2.13 changed how trunc_normal_ draws (2.11 gives other numbers from the same
+    seed: the published code and latentrt both follow it), so a case that draws an initial state holds only
+    under a torch that draws as the one that made the vectors; tests/test_published.py compares the two."""
+    seeded = torch.Generator().manual_seed(0)  # draws as torch.manual_seed(0) would, leaving torch's own alone
+    x = torch.nn.init.trunc_normal_(torch.empty(4), 0.0, 1.0, -3.0, 3.0, generator=seeded)
+    return {"torch": torch.__version__, "trunc_normal_seed_0": x.tolist()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--huginn", required=True, type=Path)
@@ -851,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = build("huginn-stops", stops)
     third = latentrt.generate(plain, PROMPT, max_new_tokens=3, num_steps=4, init_scale=0.0, default_stops=False)
     stops["head_row_copy"] = (65505, third.tokens[2], 1.5)
-    out = {"models": {}, "cases": []}
+    out = {"draws": draw_fingerprint(), "models": {}, "cases": []}
     for name, spec in models.items():
         out["models"][name] = dict(spec, checksum=checksum(build(name, spec)))
     for case in TRAINING:
