@@ -52,7 +52,10 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
                 f"({constants.HF_HUB_CACHE}) while offline (HF_HUB_OFFLINE=1): download it once online, or "
                 "give a folder"
             ) from None
-        raise CheckpointError(f"{repo_id!r} is not a local folder and could not be fetched from the Hub{at}") from None
+        raise CheckpointError(
+            f"{repo_id!r} is not a local folder and could not be fetched from the Hub{at}: the Hub did not answer "
+            f"(no network?) and the model is not in the cache ({constants.HF_HUB_CACHE})"
+        ) from None
     except huggingface_hub.errors.RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id!r} is not a local folder, nor a model repository on the Hub") from None
     except huggingface_hub.errors.RevisionNotFoundError:

@@ -63,6 +63,16 @@ def test_hub_errors_say_which_problem(hub_cache, tmp_path):
         latentrt.load("acme/llama")
 
 
+def test_an_unreachable_hub_is_named(hub_cache, monkeypatch):
+    """Online, a Hub that does not answer (no network) and a model not in the cache: an error saying so."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(CheckpointError, match=r"could not be fetched from the Hub: the Hub did not answer"):
+        latentrt.load("acme/not-there")
+
+
 def _gpt2_base(folder):
     """A GPT-2 folder as HF saves one, with a tokenizer that does not know the latent markers."""
     base = tiny_coconut(seed=9)
