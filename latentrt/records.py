@@ -29,9 +29,11 @@ def load_records(path: str | Path) -> list[Record]:
 
 
 def read_records_file(path: str | Path) -> list:
-    """The records of a data file as parsed JSON: a ``.jsonl`` file one object per line (blank lines
-    skipped), any other a JSON list; an InputError names an unreadable file, bad JSON and its line, a file
-    that is not a list or holds none (nothing to train on or score)."""
+    """The records of a data file as parsed JSON: a JSON list, or JSON Lines (one object per line, blank lines
+    skipped: a ``.jsonl`` file, or any file whose first line is a whole JSON value followed by more, as HF
+    datasets' json loader reads either); a UTF-8 byte-order mark is allowed. An InputError names an
+    unreadable file, bad JSON and its line, a file that is not a list or holds none (nothing to train on or
+    score)."""
     records = _parse_records_file(Path(path))
     if not isinstance(records, list):
         raise InputError(f"{path} must hold a JSON list of records, got {type(records).__name__}")
@@ -44,18 +46,35 @@ def _parse_records_file(path: Path):
     if path.is_dir():
         raise InputError(f"data file {str(path)!r} is a folder, not a JSON file of records")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"data file {str(path)!r} does not exist") from None
     except OSError as exc:
         raise InputError(f"cannot read data file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text: {exc}") from None
-    if path.suffix != ".jsonl":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON: {exc}") from None
+    if path.suffix == ".jsonl" or _first_line_is_a_value(text):
+        return _json_lines(text, path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _first_line_is_a_value(text: str) -> bool:
+    """Whether ``text`` is JSON Lines by its shape: its first non-blank line a whole JSON value, more after it
+    (a JSON list written on one line and nothing else is a list)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        json.loads(lines[0])
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _json_lines(text: str, path: Path) -> list:
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():

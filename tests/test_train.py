@@ -480,6 +480,15 @@ def test_malformed_data_files(tmp_path):
     lines.write_text(json.dumps(generate_dataset(1)[0].__dict__) + "\n[\n")
     with pytest.raises(InputError, match="d.jsonl, line 2: not valid JSON"):
         load_records(lines)
+    # JSON Lines under another name (as HF datasets' json loader reads it), and a byte-order mark: the same records
+    other = tmp_path / "lines.json"
+    other.write_text("\n".join(json.dumps(r.__dict__) for r in generate_dataset(3)))
+    assert load_records(other) == load_records(p)
+    other.write_text(json.dumps(generate_dataset(1)[0].__dict__) + "\n{not json\n")
+    with pytest.raises(InputError, match="lines.json, line 2: not valid JSON"):
+        load_records(other)
+    other.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert load_records(other) == load_records(p)
 
 
 def test_prosqa_file_reads(tmp_path):
