@@ -2,6 +2,7 @@
 checkpoints on top of a GPT-2, honest tokenization, one behaviour across the API and the CLI."""
 
 import json
+import os
 import shutil
 import warnings
 
@@ -12,7 +13,7 @@ from conftest import WORDS, rel_err, tiny_coconut, tiny_recurrent
 import latentrt
 from latentrt.checkpoint import BUILTIN_DIR, save_checkpoint
 from latentrt.cli import main
-from latentrt.errors import CheckpointError, ConfigError, InputError
+from latentrt.errors import CheckpointError, ConfigError, InputError, LatentRTError
 from latentrt.tokenizer import word_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -174,6 +175,22 @@ def test_trainers_take_the_documented_json_records(tmp_path):
     assert len(log) == 2
     with pytest.raises(InputError, match="record 0 has no 'answer'"):
         train_recurrent(model, model.tokenizer, [{"question": "q", "steps": []}], TrainOptions(steps=1))
+
+
+def test_a_triton_older_than_the_tested_one_is_refused_by_name(monkeypatch):
+    """Triton 3.0 / 3.1 fail inside the kernels (their interpreter refuses ``tl.arange(0, BLOCK)``): the triton
+    backend says which version it found and needs; ``auto`` falls back to the torch backend."""
+    triton = pytest.importorskip("triton")
+    import latentrt.kernels as kernels
+
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    ok, why = kernels.triton_status()
+    assert not ok and why == "triton 3.1.0 is older than 3.2, the oldest the kernels are tested with"
+    with pytest.raises(LatentRTError, match="triton 3.1.0 is older than 3.2"):
+        latentrt.load("builtin:recurrent", device="cpu", backend="triton")
+    assert latentrt.load("builtin:recurrent", device="cpu").backend.name == "torch"
+    monkeypatch.setattr(triton, "__version__", "3.2.0+git1a2b")
+    assert kernels.triton_status()[0] == (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available())
 
 
 def test_one_behaviour_wherever_it_is_called_from(capsys):

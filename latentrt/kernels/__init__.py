@@ -31,13 +31,33 @@ def fused_of(fam):
     return getattr(fam, "fused_as_reference", None) or getattr(fam, "fused", None)
 
 
+# The oldest Triton the kernels are tested with (their interpreter tests pass on 3.2 to 3.6; 3.0 and 3.1 refuse
+# ``tl.arange(0, BLOCK)``'s literal start under TRITON_INTERPRET=1); the GPU measurements used 3.6.
+MIN_TRITON = (3, 2)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "3.2.0+git1234"."""
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def triton_status(device=None) -> tuple[bool, str]:
     """Whether the Triton kernels can run for tensors on ``device`` (None: any CUDA device), and why not:
-    on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 (tests)."""
+    on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 (tests), with a Triton of MIN_TRITON or newer."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False, "triton is not installed"
+    found = getattr(triton, "__version__", "0")
+    if _version(found) < MIN_TRITON:
+        return (
+            False,
+            f"triton {found} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest the kernels are tested with",
+        )
     import torch
 
     on_cuda = torch.cuda.is_available() if device is None else getattr(device, "type", str(device)) == "cuda"
