@@ -88,6 +88,16 @@ def coconut_dir(tmp_path):
     return tmp_path / "coc"
 
 
+def transformers_with_torch():
+    """transformers as a test oracle of models or schedules: skip where it is absent or cannot use this torch
+    (transformers 5 needs torch >= 2.6; latentrt itself runs on older ones)."""
+    transformers = pytest.importorskip("transformers")
+    if not transformers.utils.is_torch_available():
+        reason = f"transformers {transformers.__version__} does not run on torch {torch.__version__}"
+        pytest.skip(reason, allow_module_level=True)
+    return transformers
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, tiny_coconut, tiny_recurrent
+from conftest import rel_err, tiny_coconut, tiny_recurrent, transformers_with_torch
 
 import latentrt
 from latentrt.checkpoint import save_checkpoint
 
-transformers = pytest.importorskip("transformers")
+transformers = transformers_with_torch()
 
 
 def _hf_gpt2(tmp_path, seed=0, **cfg):

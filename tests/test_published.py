@@ -23,28 +23,36 @@ from tools.published import PROMPT, build, checksum, draw_fingerprint
 VECTORS = json.loads((Path(__file__).parent / "published_vectors.json").read_text())
 CASES = {c["name"]: c for c in VECTORS["cases"]}
 _models: dict = {}
-SAME_DRAWS = draw_fingerprint()["trunc_normal_seed_0"] == VECTORS["draws"]["trunc_normal_seed_0"]
+DRAWS = draw_fingerprint()
+# what the cases draw from (the initial state, samples) -> their draws in the fingerprints
+SAMPLERS = {"trunc_normal_": "trunc_normal_seed_0", "multinomial": "multinomial_seed_0"}
 
 
 @contextmanager
 def _as_recorded():
-    """Run a case; skip the test if it drew a random initial state (``trunc_normal_``) and this torch draws it
-    otherwise than the torch that made the vectors did (2.13 changed the sampler: the published code and
-    latentrt draw the same numbers under either, other numbers than the vectors' under 2.11)."""
-    original, drew = torch.nn.init.trunc_normal_, []
+    """Run a case; skip the test if it drew from a sampler (a random initial state by ``trunc_normal_``, a
+    sample by ``multinomial``) that this torch draws otherwise than the torch that made the vectors did (the
+    published code and latentrt draw alike under any: torch 2.13 draws trunc_normal_ otherwise than 2.11,
+    2.4 multinomial otherwise than 2.11 and 2.13)."""
+    originals = {"trunc_normal_": torch.nn.init.trunc_normal_, "multinomial": torch.multinomial}
+    drew = set()
 
-    def counted(*args, **kwargs):
-        drew.append(True)
-        return original(*args, **kwargs)
+    def counted(name):
+        def call(*args, **kwargs):
+            drew.add(name)
+            return originals[name](*args, **kwargs)
 
-    torch.nn.init.trunc_normal_ = counted
+        return call
+
+    torch.nn.init.trunc_normal_, torch.multinomial = counted("trunc_normal_"), counted("multinomial")
     try:
         yield
     finally:
-        torch.nn.init.trunc_normal_ = original
-    if drew and not SAME_DRAWS:
+        torch.nn.init.trunc_normal_, torch.multinomial = originals["trunc_normal_"], originals["multinomial"]
+    differ = [n for n, key in SAMPLERS.items() if n in drew and DRAWS[key] != VECTORS["draws"][key]]
+    if differ:
         pytest.skip(
-            f"draws a random initial state, which torch {torch.__version__} draws otherwise than torch "
+            f"draws with {', '.join(differ)}, which torch {torch.__version__} draws otherwise than torch "
             f"{VECTORS['draws']['torch']} that made the vectors (python -m tools.published remakes them)"
         )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recurrent_config, rel_err
+from conftest import recurrent_config, rel_err, transformers_with_torch
 
 import latentrt
 from latentrt.errors import InputError
@@ -239,7 +239,7 @@ def test_the_published_huginn_fine_tuning_optimiser_and_schedule():
     """Huginn's finetuning_simple_example.py: AdamW(lr 5e-7, no weight decay, betas (0.9, 0.95)) under
     transformers' get_scheduler("warmup_stable_decay", 10% warmup, 10% decay, min_lr_ratio 0.001) — the
     oracle — stepped once per optimizer step; batch 32 in micro-batches of 2."""
-    transformers = pytest.importorskip("transformers")
+    transformers = transformers_with_torch()
     from latentrt.train.common import lr_at, make_optimizer
 
     for steps in (50, 7, 1):

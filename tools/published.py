@@ -835,13 +835,17 @@ def run_huginn_training(rm, case: dict, model) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def draw_fingerprint() -> dict:
-    """What this torch's ``trunc_normal_`` draws from seed 0 (the published random initial state's sampler),
-    with the torch version. torch 2.13 changed how trunc_normal_ draws (2.11 gives other numbers from the same
-    seed: the published code and latentrt both follow it), so a case that draws an initial state holds only
-    under a torch that draws as the one that made the vectors; tests/test_published.py compares the two."""
+    """What this torch draws from seed 0 with the two samplers the cases draw from, with its version:
+    ``trunc_normal_`` (the published random initial state; torch 2.13 changed it, 2.11 gives other numbers)
+    and ``multinomial`` (sampling; torch 2.4 gives other tokens than 2.11 and 2.13). The published code and
+    latentrt follow their torch alike, so a case that draws holds only under a torch that draws as the one
+    that made the vectors did; tests/test_published.py compares the two."""
     seeded = torch.Generator().manual_seed(0)  # draws as torch.manual_seed(0) would, leaving torch's own alone
     x = torch.nn.init.trunc_normal_(torch.empty(4), 0.0, 1.0, -3.0, 3.0, generator=seeded)
-    return {"torch": torch.__version__, "trunc_normal_seed_0": x.tolist()}
+    probs = torch.softmax(torch.linspace(0.0, 1.0, 40), 0)[None]
+    seeded = torch.Generator().manual_seed(0)
+    tokens = [torch.multinomial(probs, 1, generator=seeded).item() for _ in range(8)]
+    return {"torch": torch.__version__, "trunc_normal_seed_0": x.tolist(), "multinomial_seed_0": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
