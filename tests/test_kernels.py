@@ -11,7 +11,7 @@ from conftest import rel_err
 
 import latentrt.kernels as kernels
 
-pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_status()[1])
 CPU = not torch.cuda.is_available()
 DEV = "cpu" if CPU else "cuda"
 

@@ -127,7 +127,7 @@ def test_the_seeded_vectors_depend_on_their_draws():
     assert _generate(dict(batch, torch_seed=batch["torch_seed"] + 100), "torch").tokens != batch["tokens"]
 
 
-TRITON = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+TRITON = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_status()[1])
 
 
 # the cases that reach every fused piece the rules run on: latent-diff / cosine / kl exit kernels, the

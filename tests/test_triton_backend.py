@@ -9,7 +9,7 @@ import latentrt.kernels as kernels
 from latentrt.backends import get_backend
 from latentrt.errors import InputError
 
-pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton with CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_status()[1])
 PROMPTS = [[5, 6, 7, 8, 9], [12, 13], [20, 21, 22, 23]]
 
 
