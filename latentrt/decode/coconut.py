@@ -38,11 +38,13 @@ def trained_thoughts(model) -> tuple[str, int]:
         raise CheckpointError(f"{source}: mode must be one of {list(PROMPT_MODES)}, got {mode!r}")
     if mode not in THOUGHT_MODES:
         return mode, 0
-    counts = {"max_stage": info.get("max_stage", 0), "thoughts_per_step": info.get("thoughts_per_step", 1)}
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"{source}: {name} must be an integer >= 0, got {value!r}")
-    return mode, counts["max_stage"] * counts["thoughts_per_step"]
+    stages, per_stage = info.get("max_stage", 0), info.get("thoughts_per_step", 1)
+    try:
+        check_int("max_stage", stages, 0)
+        check_int("thoughts_per_step", per_stage, 0)
+    except InputError as exc:  # the file's fault, not the caller's
+        raise CheckpointError(f"{source}: {exc}") from None
+    return mode, stages * per_stage
 
 
 def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
