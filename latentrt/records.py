@@ -64,11 +64,11 @@ def _parse_records_file(path: Path):
 def _first_line_is_a_value(text: str) -> bool:
     """Whether ``text`` is JSON Lines by its shape: its first non-blank line a whole JSON value, more after it
     (a JSON list written on one line and nothing else is a list)."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) < 2:
+    first, _, rest = text.lstrip().partition("\n")
+    if not rest.strip():
         return False
     try:
-        json.loads(lines[0])
+        json.loads(first)
     except json.JSONDecodeError:
         return False
     return True
