@@ -266,11 +266,49 @@ def test_the_published_huginn_fine_tuning_optimiser_and_schedule():
         (dict(batch_size=4, micro_batch_size=3), "micro_batch_size must divide batch_size=4"),
         (dict(micro_batch_size=0), "micro_batch_size must divide"),
         (dict(schedule="linear"), "schedule must be 'cosine' or 'wsd'"),
-        (dict(schedule="wsd", cooldown=-1), "warmup and cooldown must be >= 0"),
+        (dict(schedule="wsd", cooldown=-1), "cooldown must be an integer >= 0"),
     ]
     for bad, message in bad_options:
         with pytest.raises(InputError, match=message):
             TrainOptions(**bad).validate()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(steps="3"), "steps must be an integer >= 1, got '3'"),
+        (dict(steps=2.5), "steps must be an integer"),
+        (dict(batch_size=(2,)), "batch_size must be an integer"),
+        (dict(micro_batch_size=1.0), "micro_batch_size must divide"),
+        (dict(lr=float("inf")), "lr must be a finite number"),
+        (dict(lr="1e-3"), "lr must be a finite number"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+        (dict(weight_decay=True), "weight_decay must be a finite number"),
+        (dict(warmup=1.5), "warmup must be an integer >= 0"),
+        (dict(cooldown=[1]), "cooldown must be an integer >= 0"),
+        (dict(schedule=["cosine"]), "schedule must be 'cosine' or 'wsd'"),
+        (dict(grad_clip="1"), "grad_clip must be a number"),
+        (dict(grad_clip=0), r"grad_clip must be > 0 or None"),
+        (dict(min_lr_ratio=(0.1,)), "min_lr_ratio must be a number in"),
+        (dict(min_lr_ratio=0.0), r"min_lr_ratio must be in \(0, 1\]"),
+        (dict(betas=0.9), "betas must be two numbers in"),
+        (dict(betas=(1.5, 0.9)), "betas must be two numbers in"),
+        (dict(betas=(0.9, float("nan"))), "betas must be two numbers in"),
+        (dict(seed=-1), "seed must be an integer in"),
+        (dict(seed=float("nan")), "seed must be an integer in"),
+        (dict(save_every="10"), "save_every must be an integer >= 0"),
+        (dict(log_every=-1), "log_every must be an integer >= 0"),
+        (dict(decay_everything="yes"), "decay_everything must be True or False"),
+        (dict(checkpoint_activations=1), "checkpoint_activations must be True or False"),
+        (dict(out=3), "out must be a folder path or None"),
+    ],
+)
+def test_train_options_of_a_wrong_type_are_named_before_training(bad, message):
+    """Each option's type and range is checked up front: before, a string lr or a tuple batch size failed as a
+    TypeError inside the optimizer, betas (1.5, 0.9) as torch's ValueError, an infinite lr trained to NaN."""
+    with pytest.raises(InputError, match=message):
+        train_recurrent(_recurrent(), TOK, generate_dataset(2, (1,)), TrainOptions(progress=False, **bad))
 
 
 def test_micro_batches_add_up_to_the_batchs_gradient(monkeypatch):

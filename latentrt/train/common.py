@@ -5,6 +5,7 @@ give the published recipes' optimisers instead."""
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, check_bool, check_finite, check_float, check_int, is_choice
+from ..sampling import MAX_SEED
 
 
 @dataclass
@@ -63,24 +65,40 @@ class TrainOptions:
         return cls(**{**published, "steps": steps, **overrides})
 
     def validate(self) -> None:
+        """InputError naming the first option of the wrong type or out of its range (before any work starts, so
+        a typo fails at once rather than as a TypeError inside the optimizer or a NaN loss later)."""
         for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_int(name, getattr(self, name), 1)
         micro = self.micro_batch_size
-        if micro is not None and not (isinstance(micro, int) and micro >= 1 and self.batch_size % micro == 0):
+        if micro is not None and not (type(micro) is int and micro >= 1 and self.batch_size % micro == 0):
             raise InputError(f"micro_batch_size must divide batch_size={self.batch_size}, got {micro!r}")
-        if self.schedule not in ("cosine", "wsd"):
+        if not is_choice(self.schedule, ("cosine", "wsd")):
             raise InputError(f"schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
-        if self.warmup < 0 or self.cooldown < 0:
-            raise InputError(f"warmup and cooldown must be >= 0, got {self.warmup} and {self.cooldown}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
-        if self.save_every < 0:
-            raise InputError(f"save_every must be >= 0, got {self.save_every}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise InputError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}")
-        if not (0 < self.min_lr_ratio <= 1):
-            raise InputError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup", "cooldown", "save_every", "log_every"):
+            check_int(name, getattr(self, name), 0)
+        check_int("seed", self.seed, 0, MAX_SEED, high_label="2**63 - 1")
+        if not (check_finite("lr", self.lr) > 0):
+            raise InputError(f"lr must be > 0, got {self.lr!r}")
+        check_finite("weight_decay", self.weight_decay, 0)
+        if self.grad_clip is not None:
+            check_float("grad_clip", self.grad_clip, 0)
+            if not self.grad_clip > 0:
+                raise InputError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip!r}")
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if not self.min_lr_ratio > 0:
+            raise InputError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio!r}")
+        betas = self.betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_beta(b) for b in betas)):
+            raise InputError(f"betas must be two numbers in [0, 1), as AdamW takes them, got {betas!r}")
+        for name in ("decay_everything", "overwrite", "checkpoint_activations", "progress"):
+            check_bool(name, getattr(self, name))
+        if self.out is not None and not isinstance(self.out, (str, os.PathLike)):
+            raise InputError(f"out must be a folder path or None, got {self.out!r}")
+
+
+def _is_beta(value) -> bool:
+    """A number in [0, 1) (not a bool): what torch's AdamW accepts as a beta."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < 1
 
 
 def seed_all(seed: int) -> None:
