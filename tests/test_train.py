@@ -353,6 +353,49 @@ def test_coconut_micro_batches_add_up_to_the_batchs_gradient():
         assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
 
 
+def test_coconut_records_fit_alone_though_their_batch_is_wider():
+    """Positions count each row's own tokens, so a record that fits n_positions trains even when its batch,
+    left-padded before the thoughts and right-padded after, is wider (it was refused mid-run); the padded
+    batch's loss is the token-weighted mean of the rows' own. A record too long at a stage it would train on
+    is named before any step (it failed only when a batch drew it)."""
+    from latentrt.records import as_records
+
+    fact, short = "Alex is a wumpus . ", "Alex is a wumpus ."
+    wide = [
+        dict(question=fact * 40 + "Is Alex a wumpus ?", steps=[short], answer=short),
+        dict(question="Is Alex a wumpus ?", steps=[fact * 40], answer=short),
+    ]
+    cur = Curriculum("coconut", max_stage=1)
+    rows = [encode(TOK, r, cur, 0) for r in as_records(wide)]
+    assert all(len(pre) + len(post) <= 256 for pre, post, _ in rows)
+    ids, mask, labels = collate(rows, 1, "cpu")
+    assert ids.shape[1] > 256
+    from latentrt.hooks import HookList
+
+    model = _gpt2()
+    loss_fn = CoconutLoss(model, HookList(None), True)
+    with torch.no_grad():
+        batch = loss_fn(ids, mask, labels)
+        alone = [loss_fn(*collate([r], 1, "cpu")) for r in rows]
+    counts = [sum(t != -100 for t in labels_of_row) for _, _, labels_of_row in rows]  # the loss's tokens
+    want = sum(loss * n for loss, n in zip(alone, counts)) / sum(counts)
+    assert float(batch) == pytest.approx(float(want), rel=1e-5)
+    opts = TrainOptions(steps=3, batch_size=2, warmup=0, progress=False)
+    log = train_coconut(model, TOK, wide, opts, cur)
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+
+    too_long = dict(question=fact * 40 + "Is Alex a wumpus ?", steps=[fact * 40], answer=short)
+    model = _gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        InputError,
+        match=r"records: record 2 is \d+ tokens long at stage 0, more than the model's "
+        r"n_positions=256",
+    ):
+        train_coconut(model, TOK, [*wide, too_long], opts, cur)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_gradient_flows_through_the_thought_chain():
     model = _gpt2()
     rec = generate_dataset(2, (2,))

@@ -121,23 +121,63 @@ def add_latent_markers(model: nn.Module, tokenizer) -> bool:
     return True
 
 
-def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[int], list[int], list[int]]:
-    """(pre, post, post labels): pre = question [+ start + thoughts]; post = [end +] steps left + '### answer' eos.
-    The published text format: the question and each step end in a newline, the answer is '### ' + answer
-    (Coconut's dataset.py)."""
-    ids = tokenizer.token_to_id
-    q = thought_prompt(tokenizer, rec.question, None)
+@dataclass(frozen=True)
+class TokenizedRecord:
+    """A record's pieces, tokenized once: every stage's sequence is assembled from them (``assemble``)."""
+
+    question: list[int]  # the question and its newline
+    steps: list[list[int]]  # each step and its newline
+    answer: list[int]  # '### ' + answer, then eos
+
+
+def tokenize_record(tokenizer, rec: Record) -> TokenizedRecord:
+    """The published text format (Coconut's dataset.py): the question and each step end in a newline, the
+    answer is '### ' + answer."""
     steps = [tokenizer.encode(s + "\n", add_special_tokens=False).ids for s in rec.steps]
-    answer = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [ids("<|endoftext|>")]
+    answer = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [
+        tokenizer.token_to_id("<|endoftext|>")
+    ]
+    return TokenizedRecord(thought_prompt(tokenizer, rec.question, None), steps, answer)
+
+
+def latent_markers(tokenizer) -> tuple[int, int, int]:
+    """The ids of <|start-latent|>, <|end-latent|>, <|latent|>."""
+    return tuple(tokenizer.token_to_id(name) for name in ("<|start-latent|>", "<|end-latent|>", "<|latent|>"))
+
+
+def assemble(
+    rec: TokenizedRecord, cur: Curriculum, stage: int, markers: tuple[int, int, int]
+) -> tuple[list[int], list[int], list[int]]:
+    """(pre, post, post labels) at ``stage``: pre = question [+ start + thoughts]; post = [end +] the steps left
+    + '### answer' eos; the labels leave out the end marker."""
     if cur.mode == "nocot":
-        return q, answer, answer
+        return rec.question, rec.answer, rec.answer
     if cur.mode == "cot":
-        post = [t for s in steps for t in s] + answer
-        return q, post, post
-    skip, k = cur.thoughts_at(stage, len(steps))
-    pre = q + [ids("<|start-latent|>")] + [ids("<|latent|>")] * k
-    rest = [t for s in steps[skip:] for t in s] + answer
-    return pre, [ids("<|end-latent|>")] + rest, [-100] + rest
+        post = [t for s in rec.steps for t in s] + rec.answer
+        return rec.question, post, post
+    start, end, latent = markers
+    skip, k = cur.thoughts_at(stage, len(rec.steps))
+    rest = [t for s in rec.steps[skip:] for t in s] + rec.answer
+    return rec.question + [start] + [latent] * k, [end] + rest, [-100] + rest
+
+
+def encode(tokenizer, rec: Record, cur: Curriculum, stage: int) -> tuple[list[int], list[int], list[int]]:
+    """``assemble`` of one record at one stage."""
+    return assemble(tokenize_record(tokenizer, rec), cur, stage, latent_markers(tokenizer))
+
+
+def check_lengths(records: list[TokenizedRecord], cur: Curriculum, stages, n_positions: int) -> None:
+    """InputError naming the first record longer than the model's positions at a stage it trains on (before
+    training starts: a batch drawing it later would fail hours in). Rows are padded to a common width in a
+    batch, but positions count each row's own tokens, so each record need only fit alone."""
+    for i, rec in enumerate(records):
+        for stage in sorted(stages):
+            pre, post, _ = assemble(rec, cur, stage, (0, 0, 0))  # its length only
+            if len(pre) + len(post) > n_positions:
+                raise InputError(
+                    f"records: record {i} is {len(pre) + len(post)} tokens long at stage {stage}, more than the "
+                    f"model's n_positions={n_positions}"
+                )
 
 
 def inference_prompt(tokenizer, question: str, cur: Curriculum) -> list[int]:
@@ -245,6 +285,8 @@ def train_coconut(
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
     segments = schedule(cur, opts, len(records), world)
+    pieces = [tokenize_record(tokenizer, r) for r in records]
+    check_lengths(pieces, cur, {seg.stage for seg in segments}, model.config.n_positions)
     if cur.mode in ("coconut", "pause"):  # (after the checks: a refused run leaves the model as it was)
         add_latent_markers(model, tokenizer)  # a plain GPT-2 gets them as Coconut's run.py adds them
     pad = tokenizer.token_to_id("<|pad|>")
@@ -266,8 +308,6 @@ def train_coconut(
 
     def loss_of(chunk: list) -> Tensor:
         ids, mask, labels = collate(chunk, pad, device)
-        if ids.shape[1] > model.config.n_positions:
-            raise InputError(f"a training sequence has {ids.shape[1]} tokens > n_positions")
         with autocast(device):
             return loss_fn(ids, mask, labels)
 
@@ -281,7 +321,8 @@ def train_coconut(
             start_of_stage += n
             continue
         if encoded != stage:
-            data, encoded = [encode(tokenizer, r, cur, stage) for r in records], stage
+            markers = latent_markers(tokenizer)
+            data, encoded = [assemble(p, cur, stage, markers) for p in pieces], stage
         if resumed is None or first == 0:
             optimizer = make_optimizer(model, opts)  # reset at every stage change / epoch, as published
         resumed = None
