@@ -1,6 +1,8 @@
 """latentrt/train/examples.py: the recurrent trainer's records (question-answer, conversations, texts) as ids
 and labels; conversations masked as transformers masks the assistant's tokens (the oracle)."""
 
+import re
+
 import pytest
 import torch
 from conftest import recurrent_config
@@ -86,7 +88,8 @@ def test_records_that_cannot_be_trained_on_are_named():
     tok = _bpe()
     no_assistant = {"messages": CONVERSATION[:2]}
     cases = [
-        ([{"text": "Alex is a wumpus."}, no_assistant], TEMPLATE, "record 1 has no token under the loss"),
+        ([{"text": "Alex is a wumpus."}, no_assistant], TEMPLATE, "record 1 has no token under the loss (no assistant"),
+        ([{"text": "a"}], TEMPLATE, "record 0 has no token under the loss (a text of 1 token(s), none to predict)"),
         ([{"messages": CONVERSATION}], None, "record 0: this model has no chat template"),
         ([{"messages": CONVERSATION}], ChatTemplate("{{ messages[0]['content'] }}"), "has no {% generation %} block"),
         ([{"messages": []}], TEMPLATE, "record 0: messages must be a non-empty list"),
@@ -97,7 +100,7 @@ def test_records_that_cannot_be_trained_on_are_named():
         ({"text": "x"}, TEMPLATE, "records must be a list of records"),
     ]
     for records, template, message in cases:
-        with pytest.raises(InputError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        with pytest.raises(InputError, match=re.escape(message)):
             training_examples(records, tok, eos_token_id=1, chat_template=template)
     with pytest.raises(InputError, match="loss_on must be 'assistant' or 'all'"):
         training_examples([{"text": "x"}], tok, loss_on="everything")

@@ -76,6 +76,11 @@ def training_examples(
             eos = end_of_text_id(tokenizer, eos_token_id) if eos is None else eos
             ids, labels = encode_qa(tokenizer, qa, eos)
         if all(label == -100 for label in labels[1:]):  # the first label is never predicted
-            raise InputError(f"{source}: record {i} has no token under the loss (no assistant tokens to learn)")
+            why = (
+                "no assistant tokens to learn"
+                if "messages" in rec
+                else f"a text of {len(ids)} token(s), none to predict"
+            )
+            raise InputError(f"{source}: record {i} has no token under the loss ({why})")
         out.append((ids, labels))
     return out
