@@ -21,7 +21,7 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ChatTemplate:
     source: str  # the template text
     bos_token: str = ""
     eos_token: str = ""
+    problem: str = ""  # why the model folder's template cannot be used (a malformed field): raised on use
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,18 @@ def _token_text(value) -> str:
 
 
 def _tokenizer_config(folder: Path | None) -> dict:
-    """A model folder's tokenizer_config.json ({} when it has none or it cannot be read)."""
+    """A model folder's tokenizer_config.json ({} when it has none); CheckpointError when it is not a JSON
+    object (its template and bos / eos text would be lost without a word)."""
     cfg_file = None if folder is None else Path(folder) / "tokenizer_config.json"
     if cfg_file is None or not cfg_file.is_file():
         return {}
     try:
         config = json.loads(cfg_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"tokenizer_config.json cannot be read as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"tokenizer_config.json must be a JSON object, got {type(config).__name__}")
+    return config
 
 
 def chat_template_file(path: str | Path, folder: Path | None = None) -> ChatTemplate:
@@ -103,20 +107,40 @@ def find_chat_template(folder: Path | None) -> ChatTemplate | None:
     if folder is None:
         return None
     folder = Path(folder)
-    config = _tokenizer_config(folder)
-    source = None
+    try:
+        config = _tokenizer_config(folder)
+    except CheckpointError as exc:
+        return _unusable(str(exc))
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        source = jinja_file.read_text()
+        try:
+            source = jinja_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            return _unusable(f"{jinja_file.name} cannot be read: {exc}")
     else:
         raw = config.get("chat_template")
-        if isinstance(raw, list):
-            named = {t.get("name"): t.get("template") for t in raw if isinstance(t, dict)}
-            raw = named.get("default")
-        source = raw if isinstance(raw, str) else None
-    if not source:
+        if raw is None or raw == "" or raw == []:
+            return None
+        if isinstance(raw, list):  # transformers' named templates: the one named "default" is used
+            named = [t for t in raw if isinstance(t, dict) and isinstance(t.get("name"), str)]
+            if len(named) != len(raw) or not all(isinstance(t.get("template"), str) for t in named):
+                return _unusable("tokenizer_config.json: chat_template must be a list of {name, template} objects")
+            raw = {t["name"]: t["template"] for t in named}.get("default")
+            if raw is None:
+                names = ", ".join(t["name"] for t in named)
+                return _unusable(f"tokenizer_config.json has named chat templates ({names}) and none named 'default'")
+        if not isinstance(raw, str):
+            return _unusable(f"tokenizer_config.json: chat_template must be a string, got {type(raw).__name__}")
+        source = raw
+    if not source.strip():
         return None
     return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+
+
+def _unusable(problem: str) -> ChatTemplate:
+    """The template of a folder whose template field is malformed: loading and plain prompts work, chatting
+    says what is wrong (rather than "no chat template")."""
+    return ChatTemplate("", problem=f"this model's chat template cannot be used: {problem}")
 
 
 def check_messages(messages) -> list[dict]:
@@ -205,7 +229,9 @@ def system_opening(system: str | None) -> list[dict]:
 
 
 def require_template(template: ChatTemplate | None) -> ChatTemplate:
-    """``template``, or the error a model without one gets when asked to chat."""
+    """``template``, or the error a model without one (or with a malformed one) gets when asked to chat."""
+    if template is not None and template.problem:
+        raise InputError(f"{template.problem}: give one (--chat-template FILE) or use a plain prompt")
     if template is None:
         raise InputError(
             "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json): "
@@ -296,7 +322,7 @@ def chat_training_ids(
     check_loss_on(loss_on)
     if tokenizer is None:
         raise InputError("this model has no tokenizer.json: chat needs one")
-    if loss_on == "assistant" and template is not None and not GENERATION_TAG.search(template.source):
+    if loss_on == "assistant" and template is not None and not GENERATION_TAG.search(require_template(template).source):
         raise InputError(
             "the chat template has no {% generation %} block marking the assistant's tokens, so there is nothing "
             "to train on with loss_on='assistant' (loss_on='all' trains on every token)"

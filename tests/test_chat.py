@@ -1,6 +1,7 @@
 """latentrt/chat.py: a conversation's prompt ids, as the server's chat route runs them, for the Python API
 (``latentrt.apply_chat_template``) and ``latentrt generate --chat``."""
 
+import json
 import re
 
 import pytest
@@ -33,6 +34,43 @@ def test_a_template_given_as_an_object_or_a_file(tmp_path):
     assert latentrt.apply_chat_template(model, MESSAGES, tmp_path / "t.jinja") == want
     with pytest.raises(latentrt.InputError, match="messages must be a non-empty list"):
         latentrt.apply_chat_template(model, [], ChatTemplate(source))
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ({"chat_template": 3}, "chat_template must be a string, got int"),
+        (
+            {"chat_template": [{"name": "tool_use", "template": "x"}]},
+            r"named chat templates \(tool_use\) and none named 'default'",
+        ),
+        ({"chat_template": [{"name": "default", "template": 3}]}, r"must be a list of \{name, template\} objects"),
+        ({"chat_template": ["x"]}, r"must be a list of \{name, template\} objects"),
+        (None, "tokenizer_config.json cannot be read as JSON"),
+        ([], "tokenizer_config.json must be a JSON object, got list"),
+    ],
+)
+def test_a_malformed_template_field_is_named_when_chatting(tmp_path, field, message):
+    """A template field of the wrong shape (or a tokenizer_config.json that is not a JSON object) read as "no
+    chat template"; now chatting names it, while loading and plain prompts still work (a server still serves
+    completions). A named template called "default" is used, as transformers uses it."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(latentrt.load("builtin:recurrent").folder, folder)
+    config = folder / "tokenizer_config.json"
+    good = json.loads(config.read_text())
+    config.write_text(
+        "{not json" if field is None else json.dumps(field if isinstance(field, list) else {**good, **field})
+    )
+    model = latentrt.load(folder)
+    assert latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=2).tokens
+    with pytest.raises(latentrt.InputError, match="this model's chat template cannot be used: .*" + message):
+        latentrt.apply_chat_template(model, MESSAGES)
+    config.write_text(json.dumps({**good, "chat_template": [{"name": "default", "template": good["chat_template"]}]}))
+    assert latentrt.apply_chat_template(latentrt.load(folder), MESSAGES) == latentrt.apply_chat_template(
+        latentrt.load("builtin:recurrent"), MESSAGES
+    )
 
 
 # a template in the shape of Huginn-0125's: a {% generation %} block around the assistant's turns (for
