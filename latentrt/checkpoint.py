@@ -147,10 +147,10 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path} has no 'weight_map' object (tensor name -> shard file)")
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
+        for shard in weight_map.values():  # (before sorting them: a number or a list among them cannot be)
             if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
                 raise CheckpointError(f"{index_path} names shard {shard!r}: shards must be files in the folder")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"shard file(s) {missing} named in model.safetensors.index.json are missing")

@@ -388,7 +388,12 @@ def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "weight_map,msg",
-    [(["model.safetensors"], "weight_map"), ({"x": "../outside.safetensors"}, "must be files in the folder")],
+    [
+        (["model.safetensors"], "weight_map"),
+        ({"x": "../outside.safetensors"}, "must be files in the folder"),
+        ({"x": "model-00001.safetensors", "y": 1}, "names shard 1: shards must be files"),  # was a TypeError
+        ({"x": ["a.safetensors"]}, r"names shard \['a.safetensors'\]"),
+    ],
 )
 def test_bad_shard_index(tmp_path, weight_map, msg):
     save_checkpoint(tiny_recurrent(), tmp_path, max_shard_bytes=20_000, tie_key="lm_head.weight")
