@@ -132,7 +132,8 @@ class Generation:
         self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
         if self.sampler is not None and (self.penalties is not None or options.min_new_tokens):
             given = [n for n in (*PENALTIES, "min_new_tokens") if options.is_set(n)]
-            raise InputError(f"{', '.join(given)} apply with decoding='sequential' only, not {options.decoding!r}")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise InputError(f"{', '.join(given)} {verb} with decoding='sequential' only, not {options.decoding!r}")
         length = self.batch.ids.shape[1]
         need = length + options.max_new_tokens
         if need > model.config.block_size:

@@ -130,7 +130,7 @@ def test_each_greedy_token_is_the_argmax_of_its_logits_less_the_dry_penalty(fami
         (dict(dry_multiplier=0.8, dry_allowed_length=1.5), "dry_allowed_length must be an integer >= 0"),
         (dict(dry_multiplier=0.8, dry_allowed_length=-1), "dry_allowed_length must be an integer >= 0"),
         (dict(dry_multiplier=0.8, repetition_penalty=1.2), "dry_multiplier and repetition_penalty are exclusive"),
-        (dict(dry_multiplier=0.8, decoding="speculative"), "dry_multiplier apply with decoding='sequential'"),
+        (dict(dry_multiplier=0.8, decoding="speculative"), "dry_multiplier applies with decoding='sequential'"),
     ],
 )
 def test_bad_dry_options_are_clear_errors(kwargs, message):

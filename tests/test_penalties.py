@@ -164,7 +164,11 @@ def test_each_greedy_token_is_the_argmax_of_its_logits_penalised_by_what_came_be
         (dict(logit_bias={3: 101}), r"logit_bias\[3\] must be in \[-100, 100\]"),
         (dict(logit_bias={999: 1.0}), r"logit_bias names token ids \[999\] outside the vocabulary"),
         (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
-        (dict(repetition_penalty=1.2, decoding="speculative"), "repetition_penalty apply with decoding='sequential'"),
+        (dict(repetition_penalty=1.2, decoding="speculative"), "repetition_penalty applies with decoding='sequential'"),
+        (
+            dict(min_new_tokens=1, top_k=2, presence_penalty=0.5, decoding="wavefront"),
+            "presence_penalty, min_new_tokens apply",
+        ),
     ],
 )
 def test_bad_penalties_are_clear_errors(kwargs, message):
