@@ -360,6 +360,21 @@ def test_bad_generate_arguments():
         model.logits(ids, attention_mask=torch.tensor([[1, 1, 0]]))
     with pytest.raises(InputError, match="left padding"):
         tiny_coconut().logits(ids, attention_mask=torch.tensor([[1, 1, 0]]))
+    # model.logits checks its initial-state arguments as generate() does (a NaN scale gave finite-looking logits)
+    for kwargs, msg in [
+        (dict(init_scale=float("nan")), "init_scale must be a finite number >= 0"),
+        (dict(init_scale="x"), "init_scale must be a finite number"),
+        (dict(seed=-1), "seed must be an integer in"),
+        (dict(seed="1"), "seed must be an integer in"),
+    ]:
+        with pytest.raises(InputError, match=msg):
+            model.logits(ids, **kwargs)
+    # a Coconut model names a recurrent-depth argument as such, and an unknown one is Python's TypeError (it named
+    # every unknown keyword a recurrent-depth argument)
+    with pytest.raises(InputError, match=r"arguments \['init_scale', 'num_steps'\] apply to recurrent-depth models"):
+        tiny_coconut().logits(ids, num_steps=2, init_scale=0.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        tiny_coconut().logits(ids, bogus=1)
 
 
 def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):

@@ -367,13 +367,24 @@ class CoconutGPT2(LatentModel):
         return self.lm_logits(h), h[:, -1], thought
 
     @torch.no_grad()
-    def logits(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, **unused) -> Tensor:
-        """Logits [B,S,V] (fp32); ``<|latent|>`` positions are computed as continuous thoughts."""
+    def logits(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        num_steps: int | None = None,
+        init_state: Tensor | None = None,
+        init_scale: float | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Logits [B,S,V] (fp32); ``<|latent|>`` positions are computed as continuous thoughts. The recurrent-depth
+        models' arguments are named so that giving one to this model is an error saying so (as generate()'s)."""
         from ..prompts import check_ids, check_left_padding
 
-        inapplicable = {k for k, v in unused.items() if v is not None and k not in ("init_scale",)}
-        if inapplicable:
-            raise InputError(f"arguments {sorted(inapplicable)} apply to recurrent-depth models, not Coconut")
+        recurrent = dict(num_steps=num_steps, init_state=init_state, init_scale=init_scale, seed=seed)
+        given = sorted(name for name, value in recurrent.items() if value is not None)
+        if given:
+            raise InputError(f"arguments {given} apply to recurrent-depth models, not Coconut")
         ids = check_ids(input_ids, self.config, self.device)
         mask = check_left_padding(attention_mask, ids)
         cache = self.new_cache(ids.shape[0], ids.shape[1])

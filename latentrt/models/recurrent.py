@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_nonnegative, require_positive
 from ..errors import ConfigError, InputError, NonFiniteStateError, check_int
+from ..errors import check_finite as check_finite_number
 from .base import CacheLayout, LatentModel
 from .layers import Embedding, Packed, RMSNorm, apply_rope, attention, rope_tables
 
@@ -474,9 +475,15 @@ class RecurrentDepthLM(LatentModel):
         attention_mask: Tensor | None = None,
         seed: int | None = None,
     ) -> Tensor:
-        """Logits [B,S,V] (fp32) after ``num_steps`` iterations of the core block (default mean_recurrence)."""
+        """Logits [B,S,V] (fp32) after ``num_steps`` iterations of the core block (default mean_recurrence), from
+        ``init_state`` or a random one (``init_scale``, drawn from ``seed``'s generator), checked as generate()
+        checks them."""
         from ..prompts import check_ids, check_left_padding
+        from ..sampling import MAX_SEED
 
+        check_finite_number("init_scale", init_scale, 0)
+        if seed is not None:
+            check_int("seed", seed, 0, MAX_SEED, high_label="2**63 - 1")
         input_ids = check_ids(input_ids, self.config, self.device)
         B, S = input_ids.shape
         self.reserve_positions(S)
