@@ -125,6 +125,28 @@ def test_weights_and_trainer_state_from_different_saves_are_refused(tmp_path):
         )
 
 
+def test_resuming_with_another_model_or_optimiser_grouping_says_so(tmp_path):
+    """Resuming another family's (or shape's) checkpoint, or with another recipe's parameter groups, is a
+    CheckpointError in a line (it was torch's list of every tensor, or its optimizer ValueError)."""
+    out = tmp_path / "ckpt"
+    opts = dict(steps=2, batch_size=2, progress=False)
+    train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(**opts, out=str(out)))
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds another model's weights \(\d+ of the model's tensors missing, "
+        r"e\.g\. 'transformer\.wpe\.weight'; \d+ tensors it does not have",
+    ):
+        train_coconut(_gpt2(), TOK, RECORDS, TrainOptions(**dict(opts, steps=4)), Curriculum("cot"), resume=str(out))
+    from _fault_train import CONFIG
+
+    wider = build_model(parse_config(dict(CONFIG, intermediate_size=2 * CONFIG["intermediate_size"])), seed=0)
+    with pytest.raises(CheckpointError, match=r"\d+ of another shape, e\.g\. '.*mlp.*': \[\d+, \d+\] saved"):
+        train_recurrent(wider, TOK, RECORDS, TrainOptions(**dict(opts, steps=3)), resume=str(out))
+    with pytest.raises(CheckpointError, match=r"optimizer state does not fit .* saved with decay_everything=False"):
+        regrouped = TrainOptions(**dict(opts, steps=3), decay_everything=True)
+        train_recurrent(_recurrent(), TOK, RECORDS, regrouped, resume=str(out))
+
+
 @pytest.mark.parametrize(
     "cur",
     [

@@ -118,6 +118,20 @@ def save_training(
     return Path(folder)
 
 
+def _weights_mismatch(own: dict, saved: dict) -> str:
+    """How a checkpoint's tensors differ from a model's, in a line ("" when they fit)."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    misshaped = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+    parts = [f"{len(missing)} of the model's tensors missing, e.g. {missing[0]!r}"] if missing else []
+    parts += [f"{len(unexpected)} tensors it does not have, e.g. {unexpected[0]!r}"] if unexpected else []
+    if misshaped:
+        k = misshaped[0]
+        shapes = f"{list(saved[k].shape)} saved, {list(own[k].shape)} here"
+        parts.append(f"{len(misshaped)} of another shape, e.g. {k!r}: {shapes}")
+    return "; ".join(parts)
+
+
 def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Resume from a checkpoint written by save_training: the model's weights, the optimizer and RNG states.
     Returns the trainer state (``step``, ``extra``...). Refuses files that are not plain data (unpickling
@@ -146,9 +160,22 @@ def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.O
     keys = model.tied_keys() if hasattr(model, "tied_keys") else None
     if keys is not None and keys[0] not in weights:
         weights[keys[0]] = weights[keys[1]]
+    mismatch = _weights_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointError(
+            f"{folder} holds another model's weights ({mismatch}): resume with the model the run started from"
+        )
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            saved = state.get("options", {}) if isinstance(state.get("options"), dict) else {}
+            raise CheckpointError(
+                f"{path}: its optimizer state does not fit this run's optimizer ({exc}); it was saved with "
+                f"decay_everything={saved.get('decay_everything')!r} (latentrt train: the recipe), which decides "
+                "the parameter groups: resume with the options the run was saved with"
+            ) from None
     set_rng_state(state["rng"])
     return state
