@@ -486,14 +486,15 @@ def cmd_serve(args) -> int:
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
     override = _json_object(args.override_generation_config, "--override-generation-config")
+    api_key = api_key_from(args.api_key)
     sock = listening_socket(args.host, args.port)  # before the weights load: a port in use fails at once
     try:
-        return _serve(args, sock, override)
+        return _serve(args, sock, override, api_key)
     finally:
         sock.close()
 
 
-def _serve(args, sock, override: dict) -> int:
+def _serve(args, sock, override: dict, api_key: str | None) -> int:
     from .chat import chat_template_file
     from .serve import Engine
     from .serve.app import run_server
@@ -513,7 +514,6 @@ def _serve(args, sock, override: dict) -> int:
         edge_cost=args.edge_cost,
     )
     template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
-    api_key = args.api_key or os.environ.get("LATENTRT_API_KEY") or None
     name = args.served_model_name or args.model
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
     applied = _model_defaults_applied(model, {})
@@ -547,6 +547,17 @@ COUNT_BOUNDS = (
     ("max_batch", 1, None),
     ("replicas", 1, None),
 )
+
+
+def api_key_from(flag: str | None) -> str | None:
+    """The server's key: ``--api-key``'s, else $LATENTRT_API_KEY's, else None (no key). An empty one is an error:
+    ``--api-key "$UNSET_VARIABLE"`` would otherwise serve without a key, silently."""
+    for source, value in (("--api-key", flag), ("LATENTRT_API_KEY", os.environ.get("LATENTRT_API_KEY"))):
+        if value is not None:
+            if not value.strip():
+                raise InputError(f"{source} is empty: give a key, or leave it unset to serve without one")
+            return value
+    return None
 
 
 def check_counts(args) -> None:

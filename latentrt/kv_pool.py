@@ -39,9 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .kernels.pool_attention import dropped, slot_rows, slot_target
 from .kernels.reference import attention
 from .kv_modes import KVMode
+from .memory import check_fits
 from .transfer import to_device
 
 
@@ -108,6 +110,10 @@ class KVPool:
         H, D = layout.kv_heads, layout.head_dim
         self.trash = max_len  # the entry padding queries write to (never a key)
         width = max_len + 1
+        kv_rows = layout.plain * rows + layout.looped * self.slot_rows
+        nbytes = 2 * kv_rows * H * width * D * torch.empty(0, dtype=dtype).element_size() + rows * width * 9
+        what = f"the KV pool's buffers for {rows} resident requests of {max_len} positions (max_batch)"
+        check_fits(nbytes, torch.device(device), what, InputError)
         self.plain_k = torch.zeros((layout.plain, rows, H, width, D), dtype=dtype, device=device)
         self.plain_v = torch.zeros_like(self.plain_k)
         self.core_k = torch.zeros((layout.looped, self.slot_rows, H, width, D), dtype=dtype, device=device)

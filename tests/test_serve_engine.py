@@ -516,6 +516,13 @@ def test_unservable_family_and_bad_engine_options():
         Engine(model, max_batch=0)
     with pytest.raises(InputError, match="max_len"):
         Engine(model, max_len=10_000)
+    # a pool larger than the memory is refused before any allocation (it was the allocator's RuntimeError)
+    with pytest.raises(
+        InputError,
+        match=r"the KV pool's buffers for 1000000000 resident requests of \d+ positions "
+        r"\(max_batch\) need [\d.]+ GB, more than the",
+    ):
+        Engine(model, max_batch=10**9)
     for bad in (-1, float("inf"), float("nan"), "1", True):
         with pytest.raises(InputError, match="edge_cost"):
             Engine(model, edge_cost=bad)

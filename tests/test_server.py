@@ -738,6 +738,7 @@ def test_api_key_guards_the_model_routes_and_a_template_file_gives_a_model_chat(
 
 
 def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
+    from latentrt.cli import api_key_from as cli_api_key_from
     from latentrt.cli import main
 
     seen = {}
@@ -756,6 +757,15 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTRT_API_KEY", "k2")
     assert main(["serve", *port, "builtin:coconut"]) == 0
     assert seen["chat_template"] is None and seen["api_key"] == "k2"
+    # an empty key (--api-key "$UNSET", an exported empty variable) is refused, not served without a key
+    for argv, source in ((["--api-key", " "], "--api-key"), ([], "LATENTRT_API_KEY")):
+        monkeypatch.setenv("LATENTRT_API_KEY", "")
+        with pytest.raises(latentrt.InputError, match=f"{source} is empty: give a key, or leave it unset"):
+            cli_api_key_from(argv[1] if argv else None)
+        seen.clear()
+        assert main(["serve", *port, *argv, "builtin:coconut"]) == 2 and not seen
+    with pytest.raises(latentrt.InputError, match="api_key must be a non-empty string or None"):
+        create_app(Engine(tiny_recurrent(), max_batch=1), "tiny", api_key="")
 
 
 def test_cli_serve_errors(capsys, monkeypatch):

@@ -95,7 +95,9 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
     app = FastAPI(title="latentrt", lifespan=lifespan)
     app.state.engine, app.state.runner = engine, runner
 
-    if api_key:
+    if api_key is not None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise InputError(f"api_key must be a non-empty string or None (no key), got {api_key!r}")
         expected = f"Bearer {api_key}".encode()
 
         @app.middleware("http")

@@ -78,11 +78,12 @@ def check_before_starting(args) -> None:
     traceback after its retries): counts out of bounds, the model's folder and config (no weights read),
     the template file, a port in use or a host that does not resolve (Ray's proxy would fail to bind it)."""
     from ..chat import chat_template_file
-    from ..cli import check_counts
+    from ..cli import api_key_from, check_counts
     from ..loader import read_model_config
     from .app import listening_socket
 
     check_counts(args)
+    api_key_from(args.api_key)
     folder, _, _ = read_model_config(args.model)
     if args.chat_template is not None:
         chat_template_file(args.chat_template, folder)
@@ -91,6 +92,7 @@ def check_before_starting(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ..backends import CHOICES
+    from ..cli import api_key_from
     from ..errors import LatentRTError
     from .engine import SCHEDULERS
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         scheduler=args.scheduler,
         chat_template=args.chat_template,
-        api_key=args.api_key or os.environ.get("LATENTRT_API_KEY") or None,
+        api_key=api_key_from(args.api_key),
     )
     serve.run(app, route_prefix="/")
     print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
