@@ -112,7 +112,10 @@ class KVPool:
         width = max_len + 1
         kv_rows = layout.plain * rows + layout.looped * self.slot_rows
         nbytes = 2 * kv_rows * H * width * D * torch.empty(0, dtype=dtype).element_size() + rows * width * 9
-        what = f"the KV pool's buffers for {rows} resident requests of {max_len} positions (max_batch)"
+        what = (
+            f"the KV pool's buffers for {rows} resident requests of {max_len} positions and {self.slot_rows} "
+            "looped-layer slot rows (max_batch, max_len, kv_slots)"
+        )
         check_fits(nbytes, torch.device(device), what, InputError)
         self.plain_k = torch.zeros((layout.plain, rows, H, width, D), dtype=dtype, device=device)
         self.plain_v = torch.zeros_like(self.plain_k)

@@ -520,7 +520,7 @@ def test_unservable_family_and_bad_engine_options():
     with pytest.raises(
         InputError,
         match=r"the KV pool's buffers for 1000000000 resident requests of \d+ positions "
-        r"\(max_batch\) need [\d.]+ GB, more than the",
+        r"and \d+ looped-layer slot rows \(max_batch, max_len, kv_slots\) need [\d.]+ GB, more than the",
     ):
         Engine(model, max_batch=10**9)
     for bad in (-1, float("inf"), float("nan"), "1", True):
