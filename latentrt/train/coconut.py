@@ -288,7 +288,8 @@ def train_coconut(
     pieces = [tokenize_record(tokenizer, r) for r in records]
     check_lengths(pieces, cur, {seg.stage for seg in segments}, model.config.n_positions)
     if cur.mode in ("coconut", "pause"):  # (after the checks: a refused run leaves the model as it was)
-        add_latent_markers(model, tokenizer)  # a plain GPT-2 gets them as Coconut's run.py adds them
+        if add_latent_markers(model, tokenizer):  # a plain GPT-2 gets them as Coconut's run.py adds them, then
+            pieces = [tokenize_record(tokenizer, r) for r in records]  # tokenizes (a marker's name is its token)
     pad = tokenizer.token_to_id("<|pad|>")
     pad = tokenizer.token_to_id("<|endoftext|>") if pad is None else pad  # run.py: pad = eos
     loss_fn = distributed.wrap(CoconutLoss(model, HookList(hooks), cur.mode != "pause"), device)
