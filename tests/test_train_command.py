@@ -125,19 +125,29 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "none.json").write_text(json.dumps([{"messages": RECORDS[0]["messages"][:1]}]))
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "yes"}]))
     out = str(tmp_path / "out")
     cases = [
         ([str(coconut_dir), str(data)], "record 0: Coconut trains on question-answer records"),
         ([str(coconut_dir), str(data), "--loss-on", "all"], "--loss-on applies to recurrent-depth (huginn_raven)"),
         ([str(folder), str(data), "--max-stage", "2"], "--max-stage applies to Coconut (gpt2) models only"),
         ([str(coconut_dir), str(data), "--published-curriculum", "gsm", "--epochs", "3"], "drop --epochs"),
-        ([str(coconut_dir), str(data), "--max-stage", "-1"], "max_stage must be an integer >= 0"),
+        ([str(coconut_dir), str(data), "--max-stage", "-1"], "--max-stage must be an integer >= 0"),
+        # the options' checks name the flags (they named the Python options: "seed must be ...")
+        ([str(coconut_dir), str(data), "--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1], got -1"),
+        ([str(folder), str(data), "--save-every", "-2"], "--save-every must be an integer >= 0"),
+        ([str(folder), str(data), "--lr", "inf"], "--lr must be a finite number, got inf"),
+        ([str(coconut_dir), str(qa), "--max-steps", "2"], "--max-steps=2 is fewer than the curriculum's"),
         ([str(folder), str(data), "--log", str(tmp_path / "no" / "log.jsonl")], "--log"),
         ([str(folder), str(tmp_path / "bad.jsonl")], "bad.jsonl, line 2: not valid JSON"),
         ([str(folder), str(tmp_path / "empty.json")], "holds no records"),
         ([str(folder), str(tmp_path / "none.json")], "record 0 has no token under the loss"),
         ([str(folder), str(data), "--max-steps", "0"], "--max-steps must be >= 1"),
-        ([str(folder), str(data), "--batch-size", "4", "--micro-batch-size", "3"], "micro_batch_size must divide"),
+        (
+            [str(folder), str(data), "--batch-size", "4", "--micro-batch-size", "3"],
+            "--micro-batch-size must divide --batch",
+        ),
     ]
     for args, message in cases:
         assert main(["train", *args, "--out", out]) == 2

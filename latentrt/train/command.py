@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,30 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# the options' names as this command's flags, where a message names them ("seed must be ...", "batch_size=32")
+FLAG_OF = {
+    "steps": "--max-steps",
+    **{name: _flag(name) for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")},
+    **{name: _flag(name) for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage")},
+}
+_NAMED = re.compile(r"\b(" + "|".join(FLAG_OF) + r")\b(?==| must)")
+
+
+def in_flags(exc: InputError) -> InputError:
+    """The error with the options it names as the command's flags (``--seed must be ...``, ``--max-steps=3 is
+    fewer than ...``) rather than as the trainers' Python options."""
+    return InputError(_NAMED.sub(lambda m: FLAG_OF[m.group(1)], str(exc)))
+
+
+def validated(options: TrainOptions | Curriculum) -> TrainOptions | Curriculum:
+    """``options`` checked before the trainer runs, their errors naming the flags."""
+    try:
+        options.validate()
+    except InputError as exc:
+        raise in_flags(exc) from None
+    return options
+
+
 def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> TrainOptions:
     """The run's TrainOptions: the recipe's, with the flags given on top; by default ``passes`` passes'
     worth of steps over ``n_records``."""
@@ -94,7 +119,7 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
     batch = given.get("batch_size", make().batch_size)
     steps = args.max_steps if args.max_steps is not None else passes * max(1, math.ceil(n_records / (batch * world)))
     common = dict(out=args.out, overwrite=args.overwrite, checkpoint_activations=args.checkpoint_activations)
-    return make(steps=steps, **common, **given)
+    return validated(make(steps=steps, **common, **given))
 
 
 def curriculum_from_args(args):
@@ -108,7 +133,7 @@ def curriculum_from_args(args):
     for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    return Curriculum(**fields)
+    return validated(Curriculum(**fields))
 
 
 def _log_writer(path: str | None) -> Callable[[dict], None] | None:
@@ -185,7 +210,10 @@ def run_train(model, args) -> int:
     from . import distributed
 
     try:
-        log = trainer.run(model, args, records)
+        try:
+            log = trainer.run(model, args, records)
+        except InputError as exc:
+            raise in_flags(exc) from None
         if distributed.is_main():  # under torchrun: one report, by the process that saved
             if log:
                 first, last = log[0], log[-1]
