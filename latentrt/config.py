@@ -55,6 +55,11 @@ class ModelConfig:
     REQUIRED: ClassVar[tuple[str, ...]] = ()  # fields config.json must have
     IGNORED: ClassVar[frozenset[str]] = frozenset()  # published fields that do not affect inference
     ALIASES: ClassVar[dict[str, str]] = {}  # published name -> field name
+    CONTEXT_FIELD: ClassVar[str] = "block_size"  # how config.json names the context (messages quote it)
+
+    def context(self) -> str:
+        """The context as config.json names it, for messages: ``block_size=512``, ``n_positions=1024``."""
+        return f"{self.CONTEXT_FIELD}={self.block_size}"
 
     model_type: str
 

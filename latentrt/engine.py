@@ -139,7 +139,7 @@ class Generation:
         if need > model.config.block_size:
             raise InputError(
                 f"prompt ({length} token{'s' * (length != 1)}) + max_new_tokens ({options.max_new_tokens}) = "
-                f"{need} exceeds the model's context (block_size={model.config.block_size})"
+                f"{need} exceeds the model's context ({model.config.context()})"
             )
         per_position = model.cache_layout().bytes_per_position(self.decoder.kv_slots, model.dtype.itemsize)
         what = f"the KV cache ({B} sequences x {need} positions, {self.decoder.kv_slots} slot(s) per looped layer)"

@@ -44,9 +44,7 @@ def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
     if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
         raise InputError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}")
     if ids.shape[1] > cfg.block_size:
-        raise InputError(
-            f"prompt has {ids.shape[1]} tokens, longer than the model's context (block_size={cfg.block_size})"
-        )
+        raise InputError(f"prompt has {ids.shape[1]} tokens, longer than the model's context ({cfg.context()})")
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= cfg.vocab_size:
         raise InputError(f"token id out of range [0, {cfg.vocab_size}){_padding_note(cfg)}: min {lo}, max {hi}")

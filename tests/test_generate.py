@@ -250,7 +250,7 @@ def test_bad_inputs_give_clear_errors():
         (dict(adaptive=True, exit_threshold=-0.1), "exit_threshold must be >= 0"),
         (dict(adaptive=True, exit_threshold=float("nan")), "finite"),
         (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(max_new_tokens=200), "exceeds the model's context"),
+        (dict(max_new_tokens=200), r"exceeds the model's context \(block_size=\d+\)"),
         (dict(kv_sharing="half"), "kv_sharing"),
         (dict(temperature=-1), "temperature"),
         (dict(top_p=1.5), "top_p"),
@@ -265,6 +265,13 @@ def test_bad_inputs_give_clear_errors():
         latentrt.generate(model, list(range(5, 35)) * 4)
     with pytest.raises(InputError, match="longer than the model's context"):
         model.logits(torch.ones(1, 97, dtype=torch.long))
+    # each family's context as its config.json names it (a GPT-2's was called block_size)
+    coconut = tiny_coconut()
+    n_positions = coconut.config.n_positions
+    with pytest.raises(InputError, match=rf"exceeds the model's context \(n_positions={n_positions}\)"):
+        latentrt.generate(coconut, [5, 6], max_new_tokens=n_positions)
+    with pytest.raises(InputError, match=rf"longer than the model's context \(n_positions={n_positions}\)"):
+        coconut.logits(torch.ones(1, n_positions + 1, dtype=torch.long))
     with pytest.raises(InputError, match="out of range"):
         latentrt.generate(model, [5, 400])
     with pytest.raises(InputError, match="prompt must be"):

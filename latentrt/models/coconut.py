@@ -28,6 +28,7 @@ class GPT2Config(ModelConfig):
     """GPT-2 as saved by HF transformers (model_type gpt2), run as a Coconut continuous-thought LM."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+    CONTEXT_FIELD: ClassVar[str] = "n_positions"
     IGNORED: ClassVar[frozenset[str]] = frozenset(
         {
             "attn_pdrop",
