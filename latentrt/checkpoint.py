@@ -199,6 +199,15 @@ def _strip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def tensor_mismatch(expected: dict, found: dict) -> tuple[list[str], list[str], list[str]]:
+    """The names of a state dict's tensors that ``found`` lacks, that it has beyond ``expected``, and that it
+    holds in another shape (each in its dict's order; all empty when it fits)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, misshaped
+
+
 def load_weights(model: nn.Module, sd: dict[str, Tensor | StoredTensor], tied: tuple[str, str] | None) -> None:
     """Copy ``sd`` into ``model`` after checking names and shapes; clear errors for any mismatch. Stored
     tensors are read and copied one at a time (converted to the model's dtype and device as they go).
@@ -215,8 +224,8 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor | StoredTensor], tied: t
         sd.pop(head, None)  # a tied head always equals the embedding
         if emb in sd:
             sd[head] = sd[emb]
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing, unexpected, misshaped = tensor_mismatch(expected, sd)
+    missing, unexpected = sorted(missing), sorted(unexpected)
     if missing:
         raise CheckpointError(
             f"checkpoint is missing {len(missing)} tensor(s): {missing[:8]}" + (" ..." if len(missing) > 8 else "")
@@ -226,9 +235,12 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor | StoredTensor], tied: t
             f"checkpoint has {len(unexpected)} unexpected tensor(s): {unexpected[:8]}"
             + (" ..." if len(unexpected) > 8 else "")
         )
-    for k, t in expected.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies {tuple(t.shape)}")
+    if misshaped:
+        k = misshaped[0]
+        raise CheckpointError(
+            f"tensor {k!r} has shape {tuple(sd[k].shape)}, the config implies {tuple(expected[k].shape)}"
+        )
+    for k in expected:
         if not sd[k].is_floating_point():
             raise CheckpointError(f"tensor {k!r} has dtype {sd[k].dtype}, expected floating point")
     with torch.no_grad():

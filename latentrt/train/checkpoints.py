@@ -24,7 +24,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import read_weights_metadata, recover_folder, replaced_folder, write_checkpoint_files
+from ..checkpoint import (
+    read_weights_metadata,
+    recover_folder,
+    replaced_folder,
+    tensor_mismatch,
+    write_checkpoint_files,
+)
 from ..errors import CheckpointError, InputError
 
 STATE_FILE = "trainer_state.pt"
@@ -120,9 +126,7 @@ def save_training(
 
 def _weights_mismatch(own: dict, saved: dict) -> str:
     """How a checkpoint's tensors differ from a model's, in a line ("" when they fit)."""
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    misshaped = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+    missing, unexpected, misshaped = tensor_mismatch(own, saved)
     parts = [f"{len(missing)} of the model's tensors missing, e.g. {missing[0]!r}"] if missing else []
     parts += [f"{len(unexpected)} tensors it does not have, e.g. {unexpected[0]!r}"] if unexpected else []
     if misshaped:
