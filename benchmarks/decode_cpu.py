@@ -14,6 +14,8 @@ import torch
 import latentrt
 from latentrt.families import build_model
 
+from . import cli
+
 
 def tiny_config(block_size: int):
     """The built-in recurrent model's shape (d=128, 1 + 2 x r + 1 layers) with a longer context."""
@@ -40,11 +42,17 @@ def ms_per_token(model, context: int, new_tokens: int, **kw) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024])
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.decode_cpu", description=__doc__)
+    ap.add_argument("--contexts", type=cli.at_least(1), nargs="+", default=[64, 1024])
+    ap.add_argument("--tokens", type=cli.at_least(1), default=16)
+    ap.add_argument("--steps", type=cli.at_least(1), default=8)
     args = ap.parse_args()
+    with cli.reported(ap):
+        run_flags(args)
+
+
+def run_flags(args: argparse.Namespace) -> None:
+    """Time both KV modes at each context (after the flags are parsed)."""
     torch.set_num_threads(1)
     model = build_model(tiny_config(max(args.contexts) + args.tokens + 1))
     print(f"| context | kv | ms/token (r={args.steps}) |\n|---|---|---|")

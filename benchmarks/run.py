@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli
 from .suites import SUITES, Plan, error_record
 
 
@@ -145,10 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
     ap.add_argument("--only", default=None, help=f"comma list of suites: {','.join(SUITES)}")
-    ap.add_argument("--out", default="bench_out", help="folder for results.json")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--out", type=cli.output_folder, default="bench_out", help="folder for results.json")
+    ap.add_argument("--device", type=cli.device, default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any measurement failed (the CI smoke test)")
     args = ap.parse_args(argv)
+    with cli.reported(ap):
+        return run_flags(args, ap)
+
+
+def run_flags(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """Run the suites and write the records (after the flags are parsed)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     only = args.only.split(",") if args.only else list(SUITES)
     unknown = [s for s in only if s not in SUITES]

@@ -33,7 +33,7 @@ from latentrt.families import build_model, parse_config
 from latentrt.kv_modes import parse_kv_mode
 from latentrt.train.data import generate_dataset
 
-from . import floors
+from . import cli, floors
 from .run import environment
 from .samplers import configs
 from .suites import HUGINN_0125, copy_bandwidth
@@ -173,14 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sampler_replay", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:recurrent", help="the model whose passes are recorded")
     p.add_argument("--shape", choices=["model", "huginn"], default="huginn", help="the model the passes run on")
-    p.add_argument("--problems", type=int, default=20)
-    p.add_argument("--num-steps", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lookahead", type=int, default=6)
-    p.add_argument("--draft-steps", type=int, default=3)
-    p.add_argument("--out", default=None)
+    p.add_argument("--problems", type=cli.at_least(1), default=20)
+    p.add_argument("--num-steps", type=cli.at_least(1), default=32)
+    p.add_argument("--max-new-tokens", type=cli.at_least(1), default=16)
+    p.add_argument("--lookahead", type=cli.at_least(1), default=6)
+    p.add_argument("--draft-steps", type=cli.at_least(1), default=3)
+    p.add_argument("--out", type=cli.output_file, default=None)
     p.add_argument("--quick", action="store_true", help="a few problems, few repeats (smoke test)")
     args = p.parse_args(argv)
+    with cli.reported(p):
+        return run_flags(args)
+
+
+def run_flags(args: argparse.Namespace) -> int:
+    """Record the passes, time them on the target and print the table (after the flags are parsed)."""
     if args.quick:
         args.problems = min(args.problems, 3)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

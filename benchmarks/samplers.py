@@ -32,6 +32,7 @@ from latentrt.prompts import prompt_ids
 from latentrt.records import load_records
 from latentrt.train.data import generate_dataset
 
+from . import cli
 from .run import environment
 from .suites import HUGINN_0125
 from .timing import sync
@@ -165,18 +166,24 @@ def _full(model):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.samplers", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:recurrent")
-    p.add_argument("--problems", type=int, default=100, help="generated problems (difficulty 1-4)")
-    p.add_argument("--prosqa", type=int, default=100, help="records of the shared ProsQA file (0: none)")
-    p.add_argument("--num-steps", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lookahead", type=int, default=4, help="speculative: drafts per round")
-    p.add_argument("--draft-steps", type=int, default=2, help="speculative: iterations per draft")
+    p.add_argument("--problems", type=cli.at_least(1), default=100, help="generated problems (difficulty 1-4)")
+    p.add_argument("--prosqa", type=cli.at_least(0), default=100, help="records of the shared ProsQA file (0: none)")
+    p.add_argument("--num-steps", type=cli.at_least(1), default=8)
+    p.add_argument("--max-new-tokens", type=cli.at_least(1), default=16)
+    p.add_argument("--lookahead", type=cli.at_least(1), default=4, help="speculative: drafts per round")
+    p.add_argument("--draft-steps", type=cli.at_least(1), default=2, help="speculative: iterations per draft")
     p.add_argument("--pass-cost", action="store_true", help="only the W-position pass cost")
     p.add_argument("--shape", choices=["model", "huginn"], default="model")
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--out", default=None)
+    p.add_argument("--context", type=cli.at_least(1), default=512)
+    p.add_argument("--out", type=cli.output_file, default=None)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    with cli.reported(p):
+        return run_flags(args)
+
+
+def run_flags(args: argparse.Namespace) -> int:
+    """Run the samplers (or the pass cost) and print the tables (after the flags are parsed)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     print(f"# {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")

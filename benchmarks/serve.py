@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import torch
 
 import latentrt
-from latentrt.backends import get_backend
+from latentrt.backends import CHOICES, get_backend
 from latentrt.exits import CRITERIA
 from latentrt.families import build_model, parse_config
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.train.data import generate_dataset
 
-from . import replay_exit
+from . import cli, replay_exit
 from .run import environment
 from .suites import HUGINN_0125, TINY_RECURRENT
 
@@ -206,16 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shape", choices=["model", *SHAPES], default="model", help="huginn/tiny: random weights, replayed depths"
     )
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", type=cli.device, default=None, help="default: cuda when available, else cpu")
     p.add_argument(
-        "--backend", default="auto", help="the model's backend (triton / cuda: the pool's fused decode attention)"
+        "--backend",
+        choices=CHOICES,
+        default="auto",
+        help="the model's backend (triton / cuda: the pool's fused decode attention)",
     )
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--rate", type=float, default=200.0, help="arrivals per second (Poisson; inf: all at once)")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--criterion", default="kl")
-    p.add_argument("--threshold", type=float, default=1e-5)
-    p.add_argument("--num-steps", type=int, default=32)
+    p.add_argument("--requests", type=cli.at_least(1), default=64)
+    p.add_argument("--rate", type=cli.rate, default=200.0, help="arrivals per second (Poisson; inf: all at once)")
+    p.add_argument("--max-batch", type=cli.at_least(1), default=16)
+    p.add_argument("--criterion", choices=sorted(CRITERIA), default="kl")
+    p.add_argument("--threshold", type=cli.non_negative, default=1e-5)
+    p.add_argument("--num-steps", type=cli.at_least(1), default=32)
     p.add_argument(
         "--new-tokens",
         default="4,8,12,16",
@@ -233,9 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         "of the model's (a synthetic depth distribution: say so beside its numbers)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument("--out", type=cli.output_file, default=None, help="write the records as JSON here")
     p.add_argument("--quick", action="store_true", help="a short trace (smoke test)")
     args = p.parse_args(argv)
+    with cli.reported(p):
+        return run_flags(args, p)
+
+
+def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """Run the trace under every scheduler and print the table (after the flags are parsed)."""
     if args.quick:
         args.requests, args.max_batch = min(args.requests, 10), min(args.max_batch, 4)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
