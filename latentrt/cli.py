@@ -590,11 +590,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latentrt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`latentrt ... | head`): stop quietly, as SIGPIPE would
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE: the status a shell reports for a process the closed pipe ended
     except Exception as exc:  # an unexpected failure: a short message, the traceback only on request
         if os.environ.get("LATENTRT_DEBUG") == "1":
             raise
         print(f"latentrt: error: {type(exc).__name__}: {exc} (LATENTRT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,23 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
     (tmp_path / "ok.json").write_text('[{"question": "every cat", "steps": [], "answer": "Tom"}]')
     assert main(["eval", str(coconut_dir), str(tmp_path / "ok.json"), "--modes", "bogus"]) == 2
     assert "unknown prompt format 'bogus'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly(recurrent_dir, monkeypatch, capsys):
+    """``latentrt ... | head -1``: once the reader has gone, the command stops with the status a shell
+    gives a process SIGPIPE ended (141) and prints nothing more (it said "latentrt: error:
+    BrokenPipeError", status 1)."""
+    import os
+    import sys
+
+    commands = [["info"], ["generate", "every cat", "--max-new-tokens", "3", "--stream"]]
+    for command, *args in commands:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader has gone before the first line
+        closed = os.fdopen(write_end, "w", buffering=1)
+        monkeypatch.setattr(sys, "stdout", closed)
+        try:
+            assert main([command, str(recurrent_dir), *args]) == 141
+        finally:
+            closed.close()  # its descriptor now points at /dev/null: closing it cannot fail
+    assert capsys.readouterr().err == ""
