@@ -21,7 +21,7 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, check_unicode
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,8 @@ def check_messages(messages) -> list[dict]:
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InputError(f"messages[{i}].content must be a string or a list of text parts")
+        check_unicode(f"messages[{i}].role", m["role"])
+        check_unicode(f"messages[{i}].content", content)
         out.append({**m, "content": content})
     return out
 
@@ -271,6 +273,7 @@ def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans
             text = "".join(rendered)
     except jinja2.exceptions.TemplateError as exc:
         raise InputError(f"the chat template rejected the conversation: {exc}") from None
+    check_unicode("the rendered conversation (a template variable?)", text)
     if not options.continue_final_message:
         return text
     tag = _CONTINUE_TAG.strip()

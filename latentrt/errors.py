@@ -63,3 +63,12 @@ def check_bool(name: str, value) -> None:
     """InputError unless ``value`` is True or False (not 0/1, not a string)."""
     if not isinstance(value, bool):
         raise InputError(f"{name} must be True or False, got {value!r}")
+
+
+def check_unicode(name: str, text: str) -> None:
+    """InputError unless ``text`` is valid Unicode (no lone surrogates, which a JSON body's ``\\ud800`` or
+    undecodable bytes on stdin leave in a Python string and which a tokenizer refuses with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{name} is not valid Unicode text ({exc.reason} at {exc.start})") from None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, check_unicode
 
 
 @dataclass
@@ -100,10 +100,7 @@ def encode_text(tokenizer, texts: list[str], strict: bool = False) -> list[list[
     them, or an InputError with ``strict``."""
     out = []
     for i, t in enumerate(texts):
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InputError(f"prompt {i} is not valid Unicode text ({exc.reason} at {exc.start})") from None
+        check_unicode(f"prompt {i}", t)
         enc = tokenizer.encode(t)
         unknown = unknown_words(tokenizer, t, enc)
         if unknown:

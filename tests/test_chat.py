@@ -232,3 +232,26 @@ def test_cli_chat_keeps_the_conversation(recurrent_dir, tmp_path, capsys, monkey
     argv = ["chat", str(recurrent_dir), "--system", "cat", "--chat-template", str(template)]
     assert main([*argv, "--max-new-tokens", "4", "--init-scale", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == want
+
+
+def test_text_that_is_not_unicode_is_named(recurrent_dir, tmp_path, capsys, monkeypatch):
+    """A lone surrogate (a JSON escape, or bytes on stdin that are not UTF-8) in a message is an InputError
+    naming the message; the tokenizer refused it with a TypeError (the server answered 500, the CLI
+    'TypeError: TextInputSequence must be str')."""
+    import io
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    template = ChatTemplate("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}{{ x }}")
+    for messages, where in [
+        ([{"role": "user", "content": "every cat"}, {"role": "user", "content": "is \ud800"}], "messages[1].content"),
+        ([{"role": "us\udcffer", "content": "a"}], "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a \ud800"}]}], "messages[0].content"),
+    ]:
+        with pytest.raises(latentrt.InputError, match=rf"{re.escape(where)} is not valid Unicode text"):
+            latentrt.apply_chat_template(model, messages, template)
+    with pytest.raises(latentrt.InputError, match="the rendered conversation .* is not valid Unicode text"):
+        latentrt.apply_chat_template(model, [{"role": "user", "content": "a"}], template, x="\ud800")
+    (tmp_path / "t.jinja").write_text(template.source)
+    monkeypatch.setattr("sys.stdin", io.StringIO("every \udcff cat\n"))  # as Python reads bytes 0xff
+    assert main(["chat", str(recurrent_dir), "--chat-template", str(tmp_path / "t.jinja")]) == 2
+    assert "latentrt: error: messages[0].content is not valid Unicode text" in capsys.readouterr().err

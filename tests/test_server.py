@@ -512,17 +512,23 @@ def test_routes_and_bad_input(recurrent_server):
     ):
         assert name in metrics
 
+    chat = dict(path="/v1/chat/completions")
+
     def error(body, path="/v1/completions", status=400, raw=None):
         r = h.post(path, content=raw) if raw is not None else h.post(path, json=body)
         assert r.status_code == status, r.text
         return r.json()["error"]["message"]
 
     assert "not valid JSON" in error(None, raw=b'{"prompt": ')
+    # a JSON escape can carry a lone surrogate, which the tokenizer refused with a TypeError (a 500)
+    surrogate = {"messages": [{"role": "user", "content": "a \ud800"}]}
+    assert "messages[0].content is not valid Unicode text" in error(None, raw=json.dumps(surrogate).encode(), **chat)
+    two = json.dumps({"prompt": ["a", "b \udcff"]}).encode()
+    assert "prompt 1 is not valid Unicode text" in error(None, raw=two)  # the request's index, not 0
     assert "unknown field(s) ['bogus']" in error({"prompt": "a", "bogus": 1})
     assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": 21})
     assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": True})
     assert "echo is not available with stream" in error({"prompt": "a", "echo": True, "stream": True})
-    chat = dict(path="/v1/chat/completions")
     assert "top_logprobs needs logprobs: true" in error(
         {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, **chat
     )

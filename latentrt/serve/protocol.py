@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..chat import ChatOptions, chat_prompt_ids
-from ..errors import InputError, check_int
+from ..errors import InputError, check_int, check_unicode
 from ..families import FAMILIES
 from ..prompts import encode_text
 from .engine import MAX_TOP_LOGPROBS
@@ -219,6 +219,9 @@ def parse_completion(body) -> Parsed:
         raise InputError("prompt must be a string, a list of strings, a list of token ids or a list of such lists")
     if len(prompts) > MAX_CHOICES:
         raise InputError(f"at most {MAX_CHOICES} prompts per request, got {len(prompts)}")
+    for i, text in enumerate(prompts):  # here, where the request's index is known (each is submitted alone)
+        if isinstance(text, str):
+            check_unicode(f"prompt {i}", text)
     best_of = body.get("best_of")
     if best_of not in (None, 1, body.get("n", 1)):
         raise InputError("best_of is not supported by latentrt (leave it out)")
