@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, check_unicode
 
 
 @dataclass
@@ -106,6 +106,10 @@ def as_record(r, i: int, source: str = "records") -> Record:
             raise InputError(f"{source}: record {i}: {key!r} must be a {kind.__name__}")
     if not all(isinstance(s, str) for s in r["steps"]):
         raise InputError(f"{source}: record {i}: every step must be a string")
+    for key, text in [("question", r["question"]), ("answer", r["answer"])] + [
+        (f"steps[{k}]", step) for k, step in enumerate(r["steps"])
+    ]:  # a JSON escape can leave a lone surrogate, which the tokenizer refuses with a TypeError
+        check_unicode(f"{source}: record {i}: {key!r}", text)
     difficulty = r.get("difficulty", len(r["steps"]))
     if isinstance(difficulty, bool) or not isinstance(difficulty, int):
         raise InputError(f"{source}: record {i}: 'difficulty' must be an integer")

@@ -543,6 +543,12 @@ def test_malformed_data_files(tmp_path):
             "record 1: 'question' must be a str",
         ),
         ('[{"question": "q", "steps": [1], "answer": "a"}]', "step"),
+        # a lone surrogate escape: valid JSON, not valid text (the tokenizer raised a TypeError)
+        (
+            '[{"question": "q", "steps": ["s", "t \\ud800"], "answer": "a"}]',
+            "record 0: 'steps\\[1\\]' is not valid Unicode",
+        ),
+        ('[{"question": "q \\udcff", "steps": [], "answer": "a"}]', "record 0: 'question' is not valid Unicode"),
     ]
     for text, msg in cases:
         p.write_text(text)

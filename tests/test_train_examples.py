@@ -94,6 +94,16 @@ def test_records_that_cannot_be_trained_on_are_named():
         ([{"messages": CONVERSATION}], ChatTemplate("{{ messages[0]['content'] }}"), "has no {% generation %} block"),
         ([{"messages": []}], TEMPLATE, "record 0: messages must be a non-empty list"),
         ([{"text": ""}], TEMPLATE, "record 0: 'text' must be a non-empty string"),
+        (
+            [{"text": "Alex is a wumpus."}, {"text": "a \udcff b"}],
+            TEMPLATE,
+            "record 1: 'text' is not valid Unicode text",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "\ud800"}]}],
+            TEMPLATE,
+            "record 0: messages[0].content is not valid",
+        ),
         ([{"prompt": "x"}], TEMPLATE, "record 0 has none of 'question', 'messages', 'text'"),
         ([{"question": "x", "answer": "y"}], TEMPLATE, "record 0 has no 'steps'"),
         ([7], TEMPLATE, "record 0 is not an object"),

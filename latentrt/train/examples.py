@@ -16,7 +16,7 @@ A record is one of:
 from __future__ import annotations
 
 from ..chat import ChatTemplate, chat_training_ids, check_loss_on
-from ..errors import InputError
+from ..errors import InputError, check_unicode
 from ..prompts import prompt_ids
 from ..records import Record, as_record
 
@@ -67,6 +67,7 @@ def training_examples(
         elif isinstance(rec, dict) and "text" in rec:
             if not isinstance(rec["text"], str) or not rec["text"]:
                 raise InputError(f"{source}: record {i}: 'text' must be a non-empty string")
+            check_unicode(f"{source}: record {i}: 'text'", rec["text"])
             ids = list(tokenizer.encode(rec["text"]).ids)
             labels = list(ids)
         else:
