@@ -28,6 +28,10 @@ from .dry import DryPenalty
 from .errors import InputError, check_finite
 
 MAX_BIAS = 100.0
+# The published sampler takes any r > 0, but in float32 a seen token's logit L becomes L / r or L * r: inside
+# this range |L| < 3e8 (any model's) stays finite; outside it a sampled step met inf / NaN probabilities
+# (torch.multinomial's RuntimeError, a device-side assert on CUDA) where the published code fails too.
+REPETITION_RANGE = (1e-30, 1e30)
 NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", *DRY_NAMES)
 
 
@@ -40,8 +44,12 @@ def _number(name: str, value, low: float, high: float) -> float:
 
 def check_penalties(repetition: float, presence: float, frequency: float, logit_bias) -> None:
     """The options' types and ranges (the bias's token ids are checked against the vocabulary by ``build``)."""
-    if _number("repetition_penalty", repetition, -math.inf, math.inf) <= 0:
-        raise InputError(f"repetition_penalty must be > 0 (1: none), got {repetition!r}")
+    low, high = REPETITION_RANGE
+    if not low <= _number("repetition_penalty", repetition, -math.inf, math.inf) <= high:
+        raise InputError(
+            f"repetition_penalty must be in [{low:g}, {high:g}] (1: none; beyond, the float32 logits it divides "
+            f"or multiplies overflow and sampling fails), got {repetition!r}"
+        )
     _number("presence_penalty", presence, -2.0, 2.0)
     _number("frequency_penalty", frequency, -2.0, 2.0)
     if logit_bias is None:

@@ -123,7 +123,7 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     assert main(["generate", str(recurrent_dir), "x", "--logit-bias", "5"]) == 2
     assert "--logit-bias takes ID=BIAS" in capsys.readouterr().err
     assert main(["generate", str(recurrent_dir), "x", "--repetition-penalty", "0"]) == 2
-    assert "repetition_penalty must be > 0" in capsys.readouterr().err
+    assert "repetition_penalty must be in [1e-30, 1e+30]" in capsys.readouterr().err
     dry = dict(dry_multiplier=2.5, dry_base=1.5, dry_allowed_length=1)
     want = latentrt.generate(model, "every cat is", max_new_tokens=8, default_stops=False, seed=2, **dry)
     argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--no-default-stops", "--json"]

@@ -156,7 +156,10 @@ def test_each_greedy_token_is_the_argmax_of_its_logits_penalised_by_what_came_be
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(repetition_penalty=0), r"repetition_penalty must be > 0"),
+        (dict(repetition_penalty=0), r"repetition_penalty must be in \[1e-30, 1e\+30\]"),
+        # float32 overflow: a sampled step met inf / NaN probabilities (torch.multinomial's RuntimeError)
+        (dict(repetition_penalty=1e-300, temperature=1.0, seed=1), r"repetition_penalty must be in \[1e-30"),
+        (dict(repetition_penalty=1e300), r"repetition_penalty must be in \[1e-30"),
         (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
         (dict(frequency_penalty=float("nan")), "frequency_penalty must be a finite number"),
         (dict(logit_bias=[1, 2]), "logit_bias must be a dict"),
@@ -174,3 +177,11 @@ def test_each_greedy_token_is_the_argmax_of_its_logits_penalised_by_what_came_be
 def test_bad_penalties_are_clear_errors(kwargs, message):
     with pytest.raises(latentrt.InputError, match=message):
         latentrt.generate(tiny_recurrent(seed=1), [5, 6, 7], max_new_tokens=2, **kwargs)
+
+
+def test_repetition_penalty_at_its_bounds_samples_finite_probabilities():
+    """The extremes of the accepted range keep the penalised float32 logits finite, so a sampled step draws."""
+    model = tiny_recurrent(seed=1)
+    for r in (1e-30, 1e30):
+        got = latentrt.generate(model, [5, 6, 7], max_new_tokens=4, repetition_penalty=r, temperature=1.0, seed=3)
+        assert len(got.tokens) == 4

@@ -347,7 +347,7 @@ def test_penalties_and_logit_bias_as_openai_and_vllm_take_them(recurrent_server)
         (dict(presence_penalty=3), "presence_penalty must be in [-2, 2]"),
         (dict(logit_bias={"x": 1}), "logit_bias keys must be token ids"),
         (dict(logit_bias={"5": 500}), "logit_bias[5] must be in [-100, 100]"),
-        (dict(repetition_penalty=-1), "repetition_penalty must be > 0"),
+        (dict(repetition_penalty=-1), "repetition_penalty must be in [1e-30, 1e+30]"),
         (dict(min_p=7), "min_p must be in [0, 1]"),
         (dict(min_tokens=9), "min_new_tokens must be an integer in [0, max_new_tokens=8]"),
     ]:
