@@ -18,9 +18,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .chat import ChatTemplate, chat_prompt_ids, chat_template_for, require_template, system_opening
-from .engine import generate
+from .engine import check_options_for, generate
 from .errors import InputError, check_int
 from .families import family_for
+from .options import GenerateOptions
 from .records import Record, load_records
 
 
@@ -71,6 +72,9 @@ def evaluate(
     else:
         prompts = [decoder.eval_prompt(model, r.question, mode, thoughts) for r in records]
     max_new = max_new_tokens or (96 if mode == "cot" or chat is not None else 16)
+    defaults = getattr(model, "generation_defaults", None)
+    options = GenerateOptions.build(None, defaults, max_new_tokens=max_new, **gen_kwargs)
+    check_options_for(model, options)  # a bad option is named before the first batch (and its progress bar)
     stats: dict[int, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "tokens": 0, "steps": 0.0})
     for i in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
         batch = records[i : i + batch_size]

@@ -45,3 +45,14 @@ def test_cli_eval_chat(tmp_path, capsys):
     ]:
         assert main([*args, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_bad_options_are_named_before_the_first_batch(monkeypatch):
+    """A family option (exit_threshold) is checked before any batch runs: it was found by the first
+    generate(), after the progress bar had started."""
+    model = latentrt.load("builtin:recurrent")
+    monkeypatch.setattr("latentrt.evaluate.generate", lambda *a, **k: pytest.fail("generate() ran"))
+    records = generate_dataset(2, seed=3)
+    for bad, message in [(dict(exit_threshold=-5.0), "exit_threshold must be >= 0"), (dict(num_thoughts=2), "apply")]:
+        with pytest.raises(latentrt.InputError, match=message):
+            evaluate(model, records, progress=False, **bad)
