@@ -35,7 +35,13 @@ def builtin_names() -> list[str]:
 def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint folder, ``builtin:NAME`` for a model shipped in the package, or a Hugging Face Hub
     id (``owner/name``, optionally at ``revision``) resolved through the hub's cache (latentrt/hub.py)."""
-    s = str(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(
+            f"a model is a folder path, builtin:NAME or a Hub id (owner/name), got {type(path).__name__} {path!r}"
+        )
+    s = os.fspath(path)
+    if isinstance(s, bytes) or not s.strip():
+        raise CheckpointError(f"a model is a folder path, builtin:NAME or a Hub id (owner/name), got {path!r}")
     if s.startswith("builtin:"):
         name = s.split(":", 1)[1]
         if name not in builtin_names():  # exact names only: no paths out of the built-in folder
@@ -52,8 +58,6 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
         raise CheckpointError(
             f"checkpoint folder {str(folder)!r} does not exist (and {s!r} is not a Hub id, owner/name){hint}"
         )
-    if not folder.exists():
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r} is not a folder (expected config.json + model.safetensors)")
     if not (folder / "config.json").is_file():

@@ -156,6 +156,9 @@ def test_n_heads_alias_and_rope_default(recurrent_dir):
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         latentrt.load(tmp_path / "nope")
+    for bad in (None, 5, "", "  "):  # a TypeError from pathlib; '' read as '.' ("'.' has no config.json")
+        with pytest.raises(CheckpointError, match="a model is a folder path, builtin:NAME or a Hub id"):
+            latentrt.load(bad)
     with pytest.raises(CheckpointError, match="no config.json"):
         latentrt.load(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
