@@ -2,6 +2,7 @@
 ValueError subclasses except the numeric one."""
 
 import math
+import numbers
 
 
 class LatentRTError(Exception):
@@ -72,3 +73,12 @@ def check_unicode(name: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InputError(f"{name} is not valid Unicode text ({exc.reason} at {exc.start})") from None
+
+
+def plain_scalar(value):
+    """A numpy scalar number (``np.int64`` from ``np.arange``, ``np.float32``) as the Python int / float it
+    holds, so a sweep's values pass the checks above and serialise as JSON; anything else unchanged (a bool,
+    a tensor, a string: the checks judge those)."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .dry import check_dry
-from .errors import ConfigError, InputError, check_bool, check_int
+from .errors import ConfigError, InputError, check_bool, check_int, plain_scalar
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
 
@@ -67,6 +67,10 @@ class GenerateOptions:
     # observation
     hooks: Any = None
     return_logits: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars (a sweep's np.arange) as Python numbers
+            setattr(self, f.name, plain_scalar(getattr(self, f.name)))
 
     @classmethod
     def build(

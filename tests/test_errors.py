@@ -52,3 +52,28 @@ def test_is_choice_is_false_for_unhashable_values():
     assert is_choice("kl", choices)
     assert not is_choice("KL", choices)
     assert not is_choice(["kl"], choices) and not is_choice({"kl": 1}, choices) and not is_choice(None, choices)
+
+
+def test_numpy_scalars_are_the_python_numbers_they_hold():
+    """A sweep's np.arange / np.float32 values pass as the options they hold (they were refused: np.int64 is
+    not an int), and serialise as JSON; other values are left for the checks to judge."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    import latentrt
+    from latentrt.errors import plain_scalar
+    from latentrt.train.common import TrainOptions
+
+    assert type(plain_scalar(np.int64(3))) is int and type(plain_scalar(np.float32(0.5))) is float
+    for kept in (True, 3, 0.5, "3", None, np.bool_(True), np.array([3])):
+        assert plain_scalar(kept) is kept
+    model = latentrt.load("builtin:recurrent")
+    for steps in np.arange(2, 6, 3):
+        swept = latentrt.generate(model, "Alex is", max_new_tokens=np.int64(3), num_steps=steps, init_scale=0.0)
+        plain = latentrt.generate(model, "Alex is", max_new_tokens=3, num_steps=int(steps), init_scale=0.0)
+        assert (swept.tokens, swept.steps) == (plain.tokens, plain.steps)
+    opts = TrainOptions(steps=np.int64(3), batch_size=np.int32(4), lr=np.float32(0.5), betas=(np.float32(0.5), 0.9))
+    opts.validate()
+    assert json.loads(json.dumps(dataclasses.asdict(opts)))["betas"] == [0.5, 0.9]

@@ -9,13 +9,13 @@ import os
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, check_bool, check_finite, check_float, check_int, is_choice
+from ..errors import InputError, check_bool, check_finite, check_float, check_int, is_choice, plain_scalar
 from ..sampling import MAX_SEED
 
 
@@ -40,6 +40,12 @@ class TrainOptions:
     log_every: int = 20
     checkpoint_activations: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # numpy scalars (a sweep's np.arange / np.logspace) as Python numbers
+            value = getattr(self, f.name)
+            plain = tuple(plain_scalar(v) for v in value) if isinstance(value, tuple) else plain_scalar(value)
+            setattr(self, f.name, plain)
 
     @classmethod
     def coconut_published(cls, **overrides) -> TrainOptions:
