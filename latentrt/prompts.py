@@ -159,6 +159,11 @@ def make_batch(
         return Batch(ids, mask, single)
     elif isinstance(prompt, (list, tuple)) and not prompt:
         raise InputError(f"empty prompt: got an empty {type(prompt).__name__} (no prompt, no token)")
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(p, dict) and "role" in p for p in prompt):
+        raise InputError(
+            "prompt is a conversation (a list of {'role': ..., 'content': ...}): generate() takes text or ids; "
+            "pass latentrt.apply_chat_template(model, messages), which renders it as the model was tuned"
+        )
     else:
         raise InputError(
             "prompt must be a str, a list of str, a list of token ids, or a LongTensor "

@@ -280,6 +280,8 @@ def test_bad_inputs_give_clear_errors():
         latentrt.generate(model, ["every", ""])
     with pytest.raises(InputError, match="empty prompt: got an empty list"):
         latentrt.generate(model, [])
+    with pytest.raises(InputError, match=r"prompt is a conversation .* latentrt.apply_chat_template"):
+        latentrt.generate(model, [{"role": "user", "content": "every cat"}])  # vLLM's LLM.chat, not generate
     with pytest.raises(InputError, match="num_steps"):
         model.logits(torch.tensor([[5, 6]]), num_steps=-2)
 
