@@ -19,7 +19,7 @@ from .decode.coconut import CoconutDecoder
 from .decode.coconut_serving import CoconutServing
 from .decode.recurrent import RecurrentDecoder
 from .decode.recurrent_serving import RecurrentServing
-from .errors import ConfigError, InputError, is_choice
+from .errors import ConfigError, InputError, is_choice, plain_scalar
 from .models.coconut import CoconutGPT2, GPT2Config
 from .models.recurrent import RecurrentConfig, RecurrentDepthLM
 from .options import GenerateOptions
@@ -77,6 +77,8 @@ def parse_config(raw, overrides: dict | None = None, source: str = "config.json"
     overrides applied."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+    if overrides:  # a sweep's numpy scalars as the numbers they hold
+        overrides = {name: plain_scalar(value) for name, value in overrides.items()}
     return family_of(raw.get("model_type"), source).config.from_raw(raw, overrides, source)
 
 

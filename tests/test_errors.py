@@ -61,6 +61,7 @@ def test_numpy_scalars_are_the_python_numbers_they_hold():
     import json
 
     import numpy as np
+    import torch
 
     import latentrt
     from latentrt.errors import plain_scalar
@@ -74,6 +75,11 @@ def test_numpy_scalars_are_the_python_numbers_they_hold():
         swept = latentrt.generate(model, "Alex is", max_new_tokens=np.int64(3), num_steps=steps, init_scale=0.0)
         plain = latentrt.generate(model, "Alex is", max_new_tokens=3, num_steps=int(steps), init_scale=0.0)
         assert (swept.tokens, swept.steps) == (plain.tokens, plain.steps)
+    assert latentrt.load("builtin:recurrent", mean_recurrence=np.int64(6)).config.mean_recurrence == 6
+    ids = torch.tensor([[5, 6]])
+    assert torch.equal(
+        model.logits(ids, num_steps=np.int64(3), init_scale=np.float32(0)), model.logits(ids, num_steps=3, init_scale=0)
+    )
     opts = TrainOptions(steps=np.int64(3), batch_size=np.int32(4), lr=np.float32(0.5), betas=(np.float32(0.5), 0.9))
     opts.validate()
     assert json.loads(json.dumps(dataclasses.asdict(opts)))["betas"] == [0.5, 0.9]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_nonnegative, require_positive
-from ..errors import ConfigError, InputError, NonFiniteStateError, check_int
+from ..errors import ConfigError, InputError, NonFiniteStateError, check_int, plain_scalar
 from ..errors import check_finite as check_finite_number
 from .base import CacheLayout, LatentModel
 from .layers import Embedding, Packed, RMSNorm, apply_rope, attention, rope_tables
@@ -481,6 +481,7 @@ class RecurrentDepthLM(LatentModel):
         from ..prompts import check_ids, check_left_padding
         from ..sampling import MAX_SEED
 
+        num_steps, init_scale, seed = (plain_scalar(v) for v in (num_steps, init_scale, seed))  # a sweep's numpy
         check_finite_number("init_scale", init_scale, 0)
         if seed is not None:
             check_int("seed", seed, 0, MAX_SEED, high_label="2**63 - 1")
