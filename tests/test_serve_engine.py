@@ -807,3 +807,19 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+
+
+def test_latency_samples_are_bounded(monkeypatch):
+    """A server runs for days: the engine keeps the latest LATENCY_SAMPLES first-token and inter-token
+    latencies (lists of every one grew with every token served), and the served requests' are recorded."""
+    from latentrt.serve import metrics
+
+    monkeypatch.setattr(metrics, "LATENCY_SAMPLES", 5)
+    engine = Engine(tiny_recurrent(seed=3), max_batch=2)
+    reqs = [engine.submit([5, 6, 7], max_new_tokens=4, num_steps=2, init_scale=0.0) for _ in range(4)]
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert all(len(r.tokens) == 4 for r in reqs) and engine.metrics.requests == 4
+    assert len(engine.metrics.ttft) == 4 and len(engine.metrics.itl) == 5  # 12 inter-token gaps, the last 5
+    stamps = [t for r in reqs for t in r.times["tokens"]]
+    assert all(0 <= gap <= max(stamps) - min(stamps) for gap in engine.metrics.itl)

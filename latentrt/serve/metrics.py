@@ -11,6 +11,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+LATENCY_SAMPLES = 100_000  # per latency kind: a few MB; a benchmark trace's requests and tokens all fit
+
 
 @dataclass
 class EngineMetrics:
@@ -23,8 +25,10 @@ class EngineMetrics:
     iterations: int = 0  # latent iterations the units needed (their loops' lengths)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished (stop or length)
-    ttft: list[float] = field(default_factory=list)  # seconds from submit to first token, per request
-    itl: list[float] = field(default_factory=list)  # seconds between consecutive tokens
+    # seconds from submit to first token per request, and between consecutive tokens: the latest
+    # LATENCY_SAMPLES of each (a server runs for days; a list of every one grew without end)
+    ttft: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    itl: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens) per step
     queue_length: int = 0
     resident: int = 0
