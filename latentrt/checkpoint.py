@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,7 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
         name = s.split(":", 1)[1]
         if name not in builtin_names():  # exact names only: no paths out of the built-in folder
             raise CheckpointError(f"no built-in model {name!r}; the built-in models are {builtin_names()}")
+        _revision_unused(revision, f"{s!r} is a built-in model")
         return BUILTIN_DIR / name
     folder = Path(path)
     if not folder.exists():
@@ -62,7 +64,15 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
         raise CheckpointError(f"{str(folder)!r} is not a folder (expected config.json + model.safetensors)")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{str(folder)!r} has no config.json")
+    _revision_unused(revision, f"{s!r} is a local folder")
     return folder
+
+
+def _revision_unused(revision: str | None, what: str) -> None:
+    """A revision names a Hub commit, branch or tag: given with a local or built-in model it cannot apply, and
+    the files read are not what was asked for (HF and vLLM ignore it silently)."""
+    if revision is not None:
+        warnings.warn(f"revision={revision!r} applies to Hub ids; {what}, read as it is", stacklevel=5)
 
 
 def read_json(path: Path, error: type[Exception]) -> object:

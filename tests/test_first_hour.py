@@ -57,6 +57,12 @@ def test_hub_errors_say_which_problem(hub_cache, tmp_path):
         latentrt.load("acme/tiny-huginn", revision="v9")
     with pytest.raises(CheckpointError, match=r"does not exist \(and .* is not a Hub id"):
         latentrt.load(str(tmp_path / "nowhere"))
+    # a revision cannot apply to a local or built-in model: said, not silently dropped (HF and vLLM drop it)
+    with pytest.warns(UserWarning, match=r"revision='v9' applies to Hub ids; 'builtin:recurrent' is a built-in"):
+        latentrt.load("builtin:recurrent", revision="v9")
+    folder = latentrt.load("acme/tiny-huginn").folder
+    with pytest.warns(UserWarning, match=r"revision='v9' applies to Hub ids; .* is a local folder, read as it is"):
+        latentrt.load(folder, revision="v9")
     hub_cache("acme/llama", tiny_recurrent())
     cfg = next((tmp_path / "hub" / "models--acme--llama" / "snapshots").iterdir()) / "config.json"
     cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), model_type="llama")))
