@@ -156,10 +156,11 @@ def test_exit_thresholds_and_min_steps():
     assert none.steps == [12] * 4
     stab = latentrt.generate(model, PROMPTS[0], exit_criterion="argmax-stability", exit_threshold=1, **base)
     assert all(s >= 2 for s in stab.steps)
-    fixed = latentrt.generate(
-        model, PROMPTS[0], max_new_tokens=4, num_steps=7, exit_criterion="latent-diff", exit_threshold=1e9
-    )
-    assert fixed.steps == [7] * 4  # not adaptive: the criterion is ignored
+    with pytest.warns(UserWarning, match="exit_criterion, exit_threshold act only on the adaptive exit"):
+        fixed = latentrt.generate(
+            model, PROMPTS[0], max_new_tokens=4, num_steps=7, exit_criterion="latent-diff", exit_threshold=1e9
+        )
+    assert fixed.steps == [7] * 4  # not adaptive: the criterion is ignored, and said so (it was silent)
 
 
 def test_streaming_equals_result():

@@ -10,6 +10,7 @@ on the CUDA backend), both of which implement the same rules.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
@@ -46,6 +47,14 @@ class RecurrentDecoder(Decoder):
             "decoding_options",
         }
     )
+    # options that only the adaptive exit test reads (latentrt/recurrence.py); a fixed-depth loop ignores them
+    ADAPTIVE_ONLY = (
+        "exit_criterion",
+        "exit_threshold",
+        "min_steps",
+        "check_criterion_every_n_steps",
+        "do_not_exit_in_prefill",
+    )
     # the samplers that commit several tokens per pass (decode/samplers.py): one line each
     SAMPLERS = {"speculative": Speculative, "wavefront": Wavefront}
 
@@ -63,6 +72,13 @@ class RecurrentDecoder(Decoder):
             check_bool(name, getattr(options, name))
         check_finite("init_scale", options.init_scale, 0)
         cls.sampler_class(options)
+        unused = [name for name in cls.ADAPTIVE_ONLY if options.is_set(name)] if not options.adaptive else []
+        if unused:  # as HF warns of sampling flags in greedy mode: a sweep of adaptive on/off keeps its kwargs
+            warnings.warn(
+                f"{', '.join(unused)} act only on the adaptive exit: without adaptive=True every token runs "
+                "num_steps iterations and they are unused",
+                stacklevel=2,
+            )
 
     @classmethod
     def sampler_class(cls, options: GenerateOptions):
