@@ -56,8 +56,16 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
             f"{repo_id!r} is not a local folder and could not be fetched from the Hub{at}: the Hub did not answer "
             f"(no network?) and the model is not in the cache ({constants.HF_HUB_CACHE})"
         ) from None
+    except huggingface_hub.errors.GatedRepoError:  # before its base class, RepositoryNotFoundError
+        raise CheckpointError(
+            f"the Hub model {repo_id!r} is gated: accept its terms on its Hub page, then log in (hf auth login, or "
+            "HF_TOKEN) so the download is authorised"
+        ) from None
     except huggingface_hub.errors.RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id!r} is not a local folder, nor a model repository on the Hub") from None
+        raise CheckpointError(
+            f"{repo_id!r} is not a local folder, nor a model repository on the Hub that this login can see (a "
+            "private one needs hf auth login, or HF_TOKEN)"
+        ) from None
     except huggingface_hub.errors.RevisionNotFoundError:
         raise CheckpointError(f"the Hub model {repo_id!r} has no revision {revision!r}") from None
     except huggingface_hub.errors.HfHubHTTPError as exc:

@@ -80,6 +80,45 @@ def test_an_unreachable_hub_is_named(hub_cache, monkeypatch):
         latentrt.load("acme/not-there")
 
 
+@pytest.mark.parametrize(
+    "status, code, message",
+    [
+        (401, "GatedRepo", r"'acme/gated' is gated: accept its terms on its Hub page, then log in"),
+        (404, "RepoNotFound", r"nor a model repository on the Hub that this login can see \(a private one"),
+    ],
+)
+def test_gated_and_unseen_hub_models_are_named(hub_cache, monkeypatch, status, code, message):
+    """A Hub that answers as huggingface.co does for a gated model (401, X-Error-Code: GatedRepo) or one this
+    login cannot see (404, RepoNotFound): a gated model said it was 'not a model repository on the Hub'."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", "as the Hub says it")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(CheckpointError, match=message):
+            latentrt.load("acme/gated")
+    finally:
+        server.shutdown()
+
+
 def _gpt2_base(folder):
     """A GPT-2 folder as HF saves one, with a tokenizer that does not know the latent markers."""
     base = tiny_coconut(seed=9)
