@@ -173,7 +173,14 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
         if absent:
             raise CheckpointError(f"tensors {absent[:5]} are listed in the index but not in their shards")
     else:
-        raise CheckpointError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json")
+        torch_files = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = (
+            f"; it holds {torch_files[:3]}: a single torch state dict loads as weights='{folder / torch_files[0]}' "
+            "(read with torch.load(weights_only=True): no code runs)"
+            if torch_files
+            else ""
+        )
+        raise CheckpointError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json{hint}")
     return _strip(sd)
 
 

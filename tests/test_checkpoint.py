@@ -268,3 +268,18 @@ def test_vocabulary_padding_as_published(tmp_path, recwarn):
     _edit_config(tmp_path, lambda c: c.update(padded_vocab_size=50))
     with pytest.raises(ConfigError, match="padded_vocab_size=50 is smaller than vocab_size=97"):
         latentrt.load(tmp_path, device="cpu")
+
+
+def test_a_folder_of_torch_weights_names_them_and_loads_through_weights(recurrent_dir):
+    """HF's older format (pytorch_model.bin, no safetensors): the error names the file and the weights=
+    route (weights_only: no code runs), which loads it."""
+    import safetensors.torch
+
+    ref = latentrt.load(recurrent_dir, device="cpu")
+    torch.save(safetensors.torch.load_file(recurrent_dir / "model.safetensors"), recurrent_dir / "pytorch_model.bin")
+    (recurrent_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"it holds \['pytorch_model.bin'\]: a single torch state dict loads as"):
+        latentrt.load(recurrent_dir)
+    model = latentrt.load(recurrent_dir, weights=recurrent_dir / "pytorch_model.bin", device="cpu")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(model.logits(ids, init_scale=0.0), ref.logits(ids, init_scale=0.0))
