@@ -100,3 +100,24 @@ def test_samplers_take_one_prompt_and_only_recurrent_models():
         latentrt.generate(model, [[3, 4], [5, 6]], decoding="wavefront")
     with pytest.raises(InputError, match="do not apply to this Coconut continuous-thought model"):
         latentrt.generate(tiny_coconut(seed=1), [3, 4], decoding="speculative")
+
+
+@pytest.mark.parametrize(
+    "window, prompt, steps",
+    [
+        (dict(freeze_strategy="fixed", headway=2, max_wavefront=3, inner_recurrence=1), [5], 8),
+        (dict(freeze_strategy="fixed", continuous=True, max_wavefront=3, ema_embeds=0.0), [26, 12, 22, 22, 10], 8),
+        (dict(freeze_strategy="latent-acceleration-2", headway=4, exit_t=0.3), [13, 5, 26, 7], 5),
+    ],
+)
+def test_wavefront_options_the_published_sampler_cannot_run_are_named(window, prompt, steps):
+    """Window settings where the published sampler's slicing fails (IndexError / RuntimeError, checked with
+    its code) end in an InputError naming the options: latentrt raised torch's 'The size of tensor a (6)
+    must match the size of tensor b (4)' at the same point."""
+    model = build("huginn-a")
+    kw = dict(decoding="wavefront", num_steps=steps, seed=9, default_stops=False, max_new_tokens=9)
+    with pytest.raises(InputError, match=r"decoding='wavefront' cannot go on with freeze_strategy="):
+        latentrt.generate(model, prompt, decoding_options=dict(window, state_noise_mixing=0.5), **kw)
+    # the same freeze strategies with the published defaults run
+    got = latentrt.generate(model, prompt, decoding_options=dict(freeze_strategy=window["freeze_strategy"]), **kw)
+    assert len(got.tokens) == 9

@@ -156,6 +156,8 @@ class Wavefront(Sampler):
             # 2. prelude of the window's guesses, embeddings mixed with the last step's
             chunk = cache.begin(torch.ones(1, W, dtype=torch.bool, device=dev))
             rope = model.rope(chunk)
+            if len(seq) - index < W:  # more states than guesses to embed: the published indexing fails too
+                raise self.misaligned(f"the window holds {W} states for {len(seq) - index} tokens")
             ids = torch.tensor([seq[index : index + W]], device=dev)
             e = model.prelude(ids, cache, chunk, rope)
             if o.ema_embeds > 0:
@@ -184,6 +186,8 @@ class Wavefront(Sampler):
             lo = max(len(frozen) - 1 - index, 0)
             new = draw(logits[lo:]).tolist()
             edits = torch.tensor(frozen + new[:-1], device=dev)
+            if len(seq) != len(edits):  # the published comparison fails here too (its window arithmetic)
+                raise self.misaligned(f"{len(seq)} positions against {len(edits)} new guesses")
             stable[: len(seq)] += (torch.tensor(seq, device=dev) == edits).long()
             extra = [] if h == 1 else torch.randint(0, guess_ids, (1, h - 1), generator=self._gen())[0].tolist()
             seq = frozen + new + extra
@@ -215,9 +219,12 @@ class Wavefront(Sampler):
                     lo2 = max(index, old_index, old_old)
                     hi2 = min(index + states.shape[1], old_index + previous.shape[1], old_old + prev_previous.shape[1])
                     cur = states[:, lo2 - index : hi2 - index]
-                    acc = (cur - previous[:, lo2 - old_index : hi2 - old_index]) - (
-                        previous[:, lo2 - old_index : hi2 - old_index] - prev_previous[:, lo2 - old_old : hi2 - old_old]
-                    )
+                    last = previous[:, lo2 - old_index : hi2 - old_index]
+                    earliest = prev_previous[:, lo2 - old_old : hi2 - old_old]
+                    if not cur.shape[1] == last.shape[1] == earliest.shape[1]:  # as in the published slices
+                        widths = f"{cur.shape[1]}, {last.shape[1]} and {earliest.shape[1]} positions"
+                        raise self.misaligned(f"the last three steps' states cover {widths}")
+                    acc = (cur - last) - (last - earliest)
                     criterion = acc.norm(dim=-1) / (cur.norm(dim=-1) + 1e-6)
                 exits = (criterion < o.exit_t)[0].nonzero()
                 if len(exits):
@@ -253,6 +260,16 @@ class Wavefront(Sampler):
             step += 1
             st["steps"] = step
             st["tokens_per_step"] = (len(frozen) - S) / (1 + step)
+
+    def misaligned(self, what: str) -> InputError:
+        """The window no longer lines up with the step's guesses or states: the published sampler fails on the
+        same options (a RuntimeError or IndexError in its slicing), so there is no published result to give."""
+        o = self.options
+        return InputError(
+            f"decoding='wavefront' cannot go on with freeze_strategy={o.freeze_strategy!r}, headway={o.headway}, "
+            f"max_wavefront={o.max_wavefront}, inner_recurrence={o.inner_recurrence}: {what} (the published sampler "
+            "fails on these options as well); another freeze_strategy or an uncapped window (max_wavefront=0) runs"
+        )
 
     def _freeze(self, cache, seq: list[int], states: Tensor, index: int, k: int, h_step: int):
         """Commit the tokens before position k; the cache keeps entries [0, k - 1); the window restarts at
