@@ -268,7 +268,7 @@ class Wavefront(Sampler):
         return InputError(
             f"decoding='wavefront' cannot go on with freeze_strategy={o.freeze_strategy!r}, headway={o.headway}, "
             f"max_wavefront={o.max_wavefront}, inner_recurrence={o.inner_recurrence}: {what} (the published sampler "
-            "fails on these options as well); another freeze_strategy or an uncapped window (max_wavefront=0) runs"
+            "fails on these options as well)"
         )
 
     def _freeze(self, cache, seq: list[int], states: Tensor, index: int, k: int, h_step: int):
