@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from latentrt.loader import parse_device
+
 from . import cli
 from .suites import SUITES, Plan, error_record
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_flags(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     """Run the suites and write the records (after the flags are parsed)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)  # (checked by the flag's type; default: CUDA when available)
     only = args.only.split(",") if args.only else list(SUITES)
     unknown = [s for s in only if s not in SUITES]
     if unknown:

@@ -34,6 +34,7 @@ import latentrt
 from latentrt.backends import CHOICES, get_backend
 from latentrt.exits import CRITERIA
 from latentrt.families import build_model, parse_config
+from latentrt.loader import parse_device
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.train.data import generate_dataset
 
@@ -247,7 +248,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Run the trace under every scheduler and print the table (after the flags are parsed)."""
     if args.quick:
         args.requests, args.max_batch = min(args.requests, 10), min(args.max_batch, 4)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)  # (checked by the flag's type; default: CUDA when available)
     schedulers = args.schedulers.split(",")
     try:
         unknown = {s for s in schedulers if parse_scheduler(s)[0] not in SCHEDULERS}

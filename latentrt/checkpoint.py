@@ -36,12 +36,8 @@ def builtin_names() -> list[str]:
 def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint folder, ``builtin:NAME`` for a model shipped in the package, or a Hugging Face Hub
     id (``owner/name``, optionally at ``revision``) resolved through the hub's cache (latentrt/hub.py)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointError(
-            f"a model is a folder path, builtin:NAME or a Hub id (owner/name), got {type(path).__name__} {path!r}"
-        )
-    s = os.fspath(path)
-    if isinstance(s, bytes) or not s.strip():
+    s = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(s, str) or not s.strip():  # None, a number, bytes, "" (read as '.')
         raise CheckpointError(f"a model is a folder path, builtin:NAME or a Hub id (owner/name), got {path!r}")
     if s.startswith("builtin:"):
         name = s.split(":", 1)[1]
