@@ -31,6 +31,7 @@ import latentrt
 from latentrt.backends import get_backend
 from latentrt.families import build_model, parse_config
 from latentrt.kv_modes import parse_kv_mode
+from latentrt.loader import parse_device
 from latentrt.train.data import generate_dataset
 
 from . import cli, floors
@@ -189,7 +190,7 @@ def run_flags(args: argparse.Namespace) -> int:
     """Record the passes, time them on the target and print the table (after the flags are parsed)."""
     if args.quick:
         args.problems = min(args.problems, 3)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device(None)  # CUDA when available, else the CPU
     env = environment(device)
     recorder = latentrt.load(args.model)  # the passes do not depend on the device: recorded on the CPU
     questions = [r.question for r in generate_dataset(args.problems, seed=12345)]

@@ -28,6 +28,7 @@ import torch
 import latentrt
 from latentrt.evaluate import is_correct
 from latentrt.families import build_model, parse_config
+from latentrt.loader import parse_device
 from latentrt.prompts import prompt_ids
 from latentrt.records import load_records
 from latentrt.train.data import generate_dataset
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_flags(args: argparse.Namespace) -> int:
     """Run the samplers (or the pass cost) and print the tables (after the flags are parsed)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device(None)  # CUDA when available, else the CPU
     env = environment(device)
     print(f"# {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")
     record = {"environment": env, "args": vars(args)}
