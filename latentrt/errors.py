@@ -3,6 +3,7 @@ ValueError subclasses except the numeric one."""
 
 import math
 import numbers
+import os
 
 
 class LatentRTError(Exception):
@@ -82,3 +83,21 @@ def plain_scalar(value):
     if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def env_number(name: str, default: int | float, low: int | float = 0):
+    """The environment variable ``name`` as a number of ``default``'s type (``default`` when unset or empty);
+    an InputError naming the variable when it is not one or is below ``low`` (where ``int()`` would raise a
+    bare "invalid literal" ValueError that names nothing)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    kind = type(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low:
+        what = "an integer" if kind is int else "a finite number"
+        raise InputError(f"environment variable {name} must be {what} >= {low}, got {raw!r}")
+    return value

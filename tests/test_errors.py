@@ -83,3 +83,33 @@ def test_numpy_scalars_are_the_python_numbers_they_hold():
     opts = TrainOptions(steps=np.int64(3), batch_size=np.int32(4), lr=np.float32(0.5), betas=(np.float32(0.5), 0.9))
     opts.validate()
     assert json.loads(json.dumps(dataclasses.asdict(opts)))["betas"] == [0.5, 0.9]
+
+
+def test_environment_numbers_are_checked_and_named(monkeypatch):
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK and the streamed kernels' watchdog seconds: a value that is
+    not a number, or out of range, is an InputError naming the variable (it was int()'s bare ValueError)."""
+    from latentrt.errors import env_number
+    from latentrt.train import distributed
+
+    monkeypatch.delenv("LATENTRT_TEST_N", raising=False)
+    assert env_number("LATENTRT_TEST_N", 3) == 3
+    for raw, want in (("", 3), (" 7 ", 7)):
+        monkeypatch.setenv("LATENTRT_TEST_N", raw)
+        assert env_number("LATENTRT_TEST_N", 3) == want
+    monkeypatch.setenv("LATENTRT_TEST_N", "0.5")
+    assert env_number("LATENTRT_TEST_N", 2.0) == 0.5
+    for raw, default in (("abc", 1), ("1.5", 1), ("-1", 1), ("nan", 1.0), ("inf", 1.0), ("-0.5", 1.0)):
+        monkeypatch.setenv("LATENTRT_TEST_N", raw)
+        with pytest.raises(InputError, match=f"environment variable LATENTRT_TEST_N must be .*got '{raw}'"):
+            env_number("LATENTRT_TEST_N", default)
+    for name, raw, message in (
+        ("WORLD_SIZE", "abc", "WORLD_SIZE must be an integer >= 1"),
+        ("WORLD_SIZE", "0", "WORLD_SIZE must be an integer >= 1"),
+        ("RANK", "2", "RANK must be below WORLD_SIZE=1"),
+        ("LOCAL_RANK", "-1", "LOCAL_RANK must be an integer >= 0"),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(name, raw)
+            with pytest.raises(InputError, match=message):
+                distributed.init()
+    assert distributed.init()[:2] == (0, 1)

@@ -169,6 +169,32 @@ def test_decode_attention_frozen_rows_read_nothing():
     assert (out[1] == 0).all()
 
 
+def test_linear_env_config_parses_every_candidate_and_names_a_bad_one(monkeypatch):
+    """LATENTRT_GEMV selects any candidate the benchmarks time; a malformed value is a ValueError naming the
+    variable (not an unpacking error, nor a launch with a block of 0)."""
+    from latentrt.kernels import linear
+
+    for cfg in linear.CANDIDATE_CONFIGS:
+        monkeypatch.setenv(
+            "LATENTRT_GEMV", ",".join(str(cfg[k]) for k in ("kind", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+        )
+        assert linear._env_config() == cfg
+    for bad in (
+        "dot,64,256,8",
+        "dot,64,256,8,3,1",
+        "wide,64,256,8,3",
+        "dot,48,256,8,3",
+        "dot,64,0,8,3",
+        "dot,x,256,8,3",
+        "reduce,2,1024,4,0",
+    ):
+        monkeypatch.setenv("LATENTRT_GEMV", bad)
+        with pytest.raises(ValueError, match="LATENTRT_GEMV must be"):
+            linear._env_config()
+    monkeypatch.setenv("LATENTRT_GEMV", "")
+    assert linear._env_config() is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 8])
 def test_linear_every_candidate_config_bf16(m):

@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, env_number
 from .base import Capabilities
 from .triton import TritonBackend
 from .triton.column import ColumnRunner
@@ -154,7 +154,7 @@ def watchdog(args) -> Tensor | None:
     """The streamed kernels' watchdog buffer for a launch's arguments (LoopArgs / ThoughtLoopArgs): written by
     the kernel when a wait hangs, readable after the context died (stream_watchdog_report); None when
     LATENTRT_STREAM_WATCHDOG is 0."""
-    seconds = float(os.environ.get(WATCHDOG_ENV, "2"))
+    seconds = env_number(WATCHDOG_ENV, 2.0)
     if seconds <= 0:
         return None
     watch = torch.zeros(8, dtype=torch.int32).pin_memory()

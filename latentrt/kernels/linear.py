@@ -286,8 +286,16 @@ def _env_config() -> dict | None:
     spec = os.environ.get("LATENTRT_GEMV")
     if not spec:
         return None
-    kind, n, k, w, st = spec.split(",")
-    return dict(kind=kind, BLOCK_N=int(n), BLOCK_K=int(k), num_warps=int(w), num_stages=int(st))
+    fields = spec.split(",")
+    numbers = [int(f) if f.strip().isdigit() else 0 for f in fields[1:]]
+    powers = all(n > 0 and n & (n - 1) == 0 for n in numbers[:3])
+    if len(fields) != 5 or fields[0] not in ("dot", "reduce") or not powers or numbers[-1] < 1:
+        raise ValueError(
+            "LATENTRT_GEMV must be 'kind,BLOCK_N,BLOCK_K,num_warps,num_stages' (kind dot or reduce; the blocks and"
+            f" num_warps powers of two; num_stages >= 1), got {spec!r}"
+        )
+    n, k, w, st = numbers
+    return dict(kind=fields[0], BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
 
 
 def make_inputs(shape: str, device, dtype, seed: int = 0, rows: int = 8):

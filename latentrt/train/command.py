@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..chat import LOSS_ON, chat_template_file
-from ..errors import InputError
+from ..errors import InputError, env_number
 from ..records import read_records_file
 from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
 from .common import TrainOptions
@@ -109,7 +108,7 @@ def validated(options: TrainOptions | Curriculum) -> TrainOptions | Curriculum:
 def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> TrainOptions:
     """The run's TrainOptions: the recipe's, with the flags given on top; by default ``passes`` passes'
     worth of steps over ``n_records``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_number("WORLD_SIZE", 1, 1)
     given = {
         name: getattr(args, name)
         for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")

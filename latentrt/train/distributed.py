@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InputError, env_number
+
 
 def init() -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; initialises the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local = env_number("WORLD_SIZE", 1, 1), env_number("RANK", 0), env_number("LOCAL_RANK", 0)
+    if rank >= world:
+        raise InputError(f"environment variable RANK must be below WORLD_SIZE={world}, got {rank}")
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
