@@ -7,7 +7,7 @@ prompt ids), ``LatentEvent`` (hooks) and the errors.
 
 from .chat import apply_chat_template
 from .engine import GenerationResult, GenerationStream, StreamEvent, generate
-from .errors import CheckpointError, ConfigError, InputError, LatentRTError, NonFiniteStateError
+from .errors import CheckpointError, ConfigError, InputError, LatentRTError, NonFiniteStateError, PromptError
 from .hooks import LatentEvent
 from .loader import load
 from .options import GenerateOptions
@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "InputError",
+    "PromptError",
     "NonFiniteStateError",
     "UnknownWordsWarning",
     "__version__",

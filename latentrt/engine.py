@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import InputError, NonFiniteStateError
+from .errors import InputError, NonFiniteStateError, PromptError
 from .families import check_applicable, family_for
 from .hooks import HookList
 from .memory import check_fits
 from .options import GenerateOptions
 from .penalties import NAMES as PENALTIES
-from .penalties import LogitPenalties
+from .penalties import LogitPenalties, check_bias_vocabulary
+from .penalties import active as penalties_active
 from .prompts import make_batch, prompt_texts
 from .sampling import SequenceRNG, sample
 from .sequence_text import SequenceText
@@ -111,39 +112,47 @@ class Generation:
     """One generate() call: validated options, the family's decoder, and the token loop."""
 
     def __init__(self, model, prompt, options: GenerateOptions, attention_mask: Tensor | None = None) -> None:
+        # the options against the model first, then the prompt: an error after that point is the prompt's
+        # (PromptError), so the server can name which prompt of a request is bad
         family = check_options_for(model, options)
         self.model, self.options = model, options
         hooks = HookList(options.hooks)
         self.decoder = family.decoder(model, options, hooks)
-        texts = prompt_texts(prompt)
-        if texts is not None and model.tokenizer is not None:
-            texts = self.decoder.prepare_text(texts)
-            prompt = texts[0] if isinstance(prompt, str) else texts
-        batch = make_batch(prompt, model.tokenizer, model.config, model.device, attention_mask, strict=options.strict)
-        self.batch = self.decoder.prepare_prompt(batch)
-        B = self.batch.ids.shape[0]
-        self.rng = None if options.seed is None else SequenceRNG(options.seed, B, model.device)
-        self.decoder.rng = self.rng
         self.hooks = hooks
         self.stop_ids = self._stop_ids(options.stop)
         self.sampler = self.decoder.sampler
-        if self.sampler is not None and B != 1:
-            raise InputError(f"decoding={options.decoding!r} takes one prompt (batch 1), got {B}")
-        self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
-        if self.sampler is not None and (self.penalties is not None or options.min_new_tokens):
+        if self.sampler is not None and (penalties_active(options) or options.min_new_tokens):
             given = [n for n in (*PENALTIES, "min_new_tokens") if options.is_set(n)]
             verb = "applies" if len(given) == 1 else "apply"
             raise InputError(f"{', '.join(given)} {verb} with decoding='sequential' only, not {options.decoding!r}")
+        check_bias_vocabulary(options.logit_bias, model.config.vocab_size)
+        try:
+            texts = prompt_texts(prompt)
+            if texts is not None and model.tokenizer is not None:
+                texts = self.decoder.prepare_text(texts)
+                prompt = texts[0] if isinstance(prompt, str) else texts
+            batch = make_batch(
+                prompt, model.tokenizer, model.config, model.device, attention_mask, strict=options.strict
+            )
+            self.batch = self.decoder.prepare_prompt(batch)
+        except InputError as exc:
+            raise PromptError(str(exc)) from None
+        B = self.batch.ids.shape[0]
+        if self.sampler is not None and B != 1:
+            raise InputError(f"decoding={options.decoding!r} takes one prompt (batch 1), got {B}")
+        self.rng = None if options.seed is None else SequenceRNG(options.seed, B, model.device)
+        self.decoder.rng = self.rng
+        self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
         length = self.batch.ids.shape[1]
         need = length + options.max_new_tokens
         if need > model.config.block_size:
-            raise InputError(
+            raise PromptError(
                 f"prompt ({length} token{'s' * (length != 1)}) + max_new_tokens ({options.max_new_tokens}) = "
                 f"{need} exceeds the model's context ({model.config.context()})"
             )
         per_position = model.cache_layout().bytes_per_position(self.decoder.kv_slots, model.dtype.itemsize)
         what = f"the KV cache ({B} sequences x {need} positions, {self.decoder.kv_slots} slot(s) per looped layer)"
-        check_fits(per_position * B * need, model.device, what, InputError)  # (+ a sampler's few extra)
+        check_fits(per_position * B * need, model.device, what, PromptError)  # (+ a sampler's few extra)
         extra = 0 if self.sampler is None else self.sampler.extra_positions
         self.cache_len = min(need + extra, model.config.block_size)  # a sampler's drafts / window beyond
         model.reserve_positions(self.cache_len)

@@ -22,6 +22,11 @@ class InputError(LatentRTError, ValueError):
     """A bad argument to logits() / generate(): prompt, step count, criterion, markers..."""
 
 
+class PromptError(InputError):
+    """One prompt is bad (its tokens, its markers, its length or KV memory with ``max_new_tokens``) where the
+    options are fine: the server names which prompt of a request with several."""
+
+
 class NonFiniteStateError(LatentRTError, FloatingPointError):
     """A latent state or logits became NaN/inf; generation stops rather than return garbage."""
 

@@ -62,6 +62,13 @@ def check_penalties(repetition: float, presence: float, frequency: float, logit_
         _number(f"logit_bias[{token}]", bias, -MAX_BIAS, MAX_BIAS)
 
 
+def check_bias_vocabulary(logit_bias: dict | None, vocab: int) -> None:
+    """InputError when ``logit_bias`` (checked by ``check_penalties``) names a token id outside the vocabulary."""
+    bad = sorted(t for t in logit_bias or () if not 0 <= t < vocab)
+    if bad:
+        raise InputError(f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+
+
 def active(options) -> bool:
     """Whether ``options`` set any penalty or bias."""
     return bool(
@@ -82,9 +89,7 @@ class LogitPenalties:
         self.vocab = vocab
         self.bias = None
         if options.logit_bias:
-            bad = sorted(t for t in options.logit_bias if not 0 <= t < vocab)
-            if bad:
-                raise InputError(f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            check_bias_vocabulary(options.logit_bias, vocab)
             self.bias = torch.zeros(vocab, device=device)
             ids = torch.tensor(list(options.logit_bias), device=device)
             self.bias[ids] = torch.tensor([float(b) for b in options.logit_bias.values()], device=device)

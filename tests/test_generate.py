@@ -8,7 +8,7 @@ from conftest import rel_err, tiny_coconut, tiny_recurrent
 
 import latentrt
 from benchmarks.published_pattern import coconut_generate, recurrent_generate
-from latentrt.errors import InputError, NonFiniteStateError
+from latentrt.errors import InputError, NonFiniteStateError, PromptError
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 5]]
 CRITERIA = ["latent-diff", "kl", "entropy-diff", "argmax-stability", "cosine"]
@@ -342,12 +342,21 @@ def test_coconut_marker_errors():
         ([5, 4, 6], "outside start/end"),
         ([2, 2, 4, 3, 3], "nested"),
     ]:
-        with pytest.raises(InputError, match=msg):
+        with pytest.raises(PromptError, match=msg) as info:
             latentrt.generate(model, prompt, max_new_tokens=2)
+        assert not str(info.value).startswith("sequence")  # one prompt: no sequence to name
         with pytest.raises(InputError, match=msg):
             model.logits(torch.tensor([prompt]))
-    with pytest.raises(InputError, match="recurrent-depth"):
+        # checked before any work: a stream raises when it is asked for, not at its first token (the server's
+        # engine validates a request the same way, so bad markers are its 400, not a failed step's 500)
+        with pytest.raises(PromptError, match=msg):
+            latentrt.generate(model, prompt, max_new_tokens=2, stream=True)
+        # a batch names the sequence; a single prompt is the only one
+        with pytest.raises(PromptError, match=f"^sequence 1: .*{msg}"):
+            latentrt.generate(model, [[5, 6, 7], prompt], max_new_tokens=2)
+    with pytest.raises(InputError, match="recurrent-depth") as info:
         latentrt.generate(model, [5, 6], adaptive=True)
+    assert not isinstance(info.value, PromptError)  # the options' error, whatever the prompt
 
 
 def test_min_new_tokens_holds_back_every_stop():

@@ -492,6 +492,12 @@ def test_coconut_server_thoughts():
             alone = latentrt.generate(model, "Tom is a cat", max_new_tokens=5, num_thoughts=k)
             assert r.choices[0].latentrt["token_ids"] == alone.tokens
             assert r.usage.latent_iterations == alone.num_thoughts == k
+        # a prompt whose latent markers are malformed is refused when submitted (400), as generate() refuses
+        # it before any work; it was found in the engine's step and failed as a 500
+        h = httpx.Client(base_url=url)
+        r = h.post("/v1/completions", json={"prompt": [[5, 6, 7], [5, 6, 3]], "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == "prompt 1: end-latent marker at token 2 without a start marker"
 
 
 # ------------------------------------------------------------------------------ raw HTTP and faults
@@ -525,6 +531,18 @@ def test_routes_and_bad_input(recurrent_server):
     assert "messages[0].content is not valid Unicode text" in error(None, raw=json.dumps(surrogate).encode(), **chat)
     two = json.dumps({"prompt": ["a", "b \udcff"]}).encode()
     assert "prompt 1 is not valid Unicode text" in error(None, raw=two)  # the request's index, not 0
+    # any error about one prompt of several names it; the options' errors name none; one prompt is not named
+    vocab = model.config.vocab_size
+    assert error({"prompt": ["a", [1, vocab]]}).startswith("prompt 1: token id out of range")
+    assert error({"prompt": [[1], ""]}).startswith("prompt 1: empty prompt")
+    assert error({"prompt": [[1, 2], [1, True]]}).startswith("prompt 1 must be a string or a list of token ids")
+    too_long = "prompt 1: prompt (90 tokens) + max_new_tokens (16) = 106 exceeds the model's context (block_size=96)"
+    assert error({"prompt": [[1], [1] * 90]}) == too_long
+    assert error({"prompt": [[1, vocab]]}).startswith("token id out of range")
+    assert error({"prompt": ["a", "b"], "temperature": -1}).startswith("temperature must be")
+    # choice i samples with seed + i: the bound says so (it said 'got 2**63', a seed the client never sent)
+    big = {"prompt": "a", "n": 2, "seed": 2**63 - 1}
+    assert "seed must be in [0, 2**63 - 2] for 2 choices (choice i samples with seed + i)" in error(big)
     assert "unknown field(s) ['bogus']" in error({"prompt": "a", "bogus": 1})
     assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": 21})
     assert "logprobs must be an integer in [0, 20]" in error({"prompt": "a", "logprobs": True})

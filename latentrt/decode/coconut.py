@@ -115,16 +115,18 @@ class CoconutDecoder(Decoder):
         return [t if t.endswith("\n") else t + "\n" for t in texts]
 
     def prepare_prompt(self, batch: Batch) -> Batch:
-        """Append k thoughts (``_thoughts_to_append``)."""
+        """Append k thoughts (``_thoughts_to_append``); the markers' structure is checked here, before any work
+        (a served request's bad markers are its 400, not a failure in the engine's step)."""
         start, latent, end = self.model.marker_ids
         k = self._thoughts_to_append(lambda: bool((batch.ids == start).any()))
-        if k is None:
-            return batch
-        B = batch.ids.shape[0]
-        extra = torch.tensor([start] + [latent] * k + [end], device=batch.ids.device).expand(B, -1)
-        ids = torch.cat([batch.ids, extra], dim=1)
-        mask = torch.cat([batch.mask, torch.ones_like(extra, dtype=torch.bool)], dim=1)
-        return Batch(ids, mask, batch.single)
+        if k is not None:
+            B = batch.ids.shape[0]
+            extra = torch.tensor([start] + [latent] * k + [end], device=batch.ids.device).expand(B, -1)
+            ids = torch.cat([batch.ids, extra], dim=1)
+            mask = torch.cat([batch.mask, torch.ones_like(extra, dtype=torch.bool)], dim=1)
+            batch = Batch(ids, mask, batch.single)
+        self.model.check_markers(batch.ids, batch.mask)
+        return batch
 
     def prefill(self, batch: Batch) -> TokenOutput:
         model, backend = self.model, self.backend

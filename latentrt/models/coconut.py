@@ -273,31 +273,32 @@ class CoconutGPT2(LatentModel):
         if self.marker_ids[1] is None:
             return torch.zeros_like(ids, dtype=torch.bool)
         for b in range(ids.shape[0]):
-            self.latent_columns(ids[b][mask[b]].tolist(), b)
+            self.latent_columns(ids[b][mask[b]].tolist(), b if ids.shape[0] > 1 else None)
         return (ids == self.marker_ids[1]) & mask
 
-    def latent_columns(self, row: list[int], b: int = 0) -> list[bool]:
+    def latent_columns(self, row: list[int], b: int | None = None) -> list[bool]:
         """One sequence's tokens (host ids, no padding): which are ``<|latent|>``, after validating its
-        markers (messages name sequence ``b``)."""
+        markers (messages name sequence ``b`` of a batch)."""
         start, latent, end = self.marker_ids
         if latent is None:
             return [False] * len(row)
+        seq = "" if b is None else f"sequence {b}: "
         depth = 0
         for j, t in enumerate(row):
             if t == start:
                 if depth:
-                    raise InputError(f"sequence {b}: nested start-latent marker at token {j}")
+                    raise InputError(f"{seq}nested start-latent marker at token {j}")
                 depth = 1
             elif t == end:
                 if not depth:
-                    raise InputError(f"sequence {b}: end-latent marker at token {j} without a start marker")
+                    raise InputError(f"{seq}end-latent marker at token {j} without a start marker")
                 depth = 0
             elif t == latent and (start is not None and not depth):
-                raise InputError(f"sequence {b}: <|latent|> at token {j} outside start/end-latent markers")
+                raise InputError(f"{seq}<|latent|> at token {j} outside start/end-latent markers")
         if depth:
-            raise InputError(f"sequence {b}: start-latent marker without a matching end-latent marker")
+            raise InputError(f"{seq}start-latent marker without a matching end-latent marker")
         if row and row[0] == latent:
-            raise InputError(f"sequence {b}: a prompt cannot begin with <|latent|> (no hidden state to feed)")
+            raise InputError(f"{seq}a prompt cannot begin with <|latent|> (no hidden state to feed)")
         return [t == latent for t in row]
 
     # ---------------------------------------------------------------- public

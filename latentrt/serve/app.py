@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..chat import chat_template_for
-from ..errors import InputError, LatentRTError
+from ..errors import InputError, LatentRTError, PromptError
 from .engine import Engine, QueueFull, ShuttingDown
 from .protocol import (
     check_model,
@@ -131,9 +131,11 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
                         **with_openai_defaults(opts, parsed.openai_defaults, engine.model.generation_defaults),
                     )
                 )
-        except Exception:
+        except Exception as exc:
             for r in reqs:
                 engine.cancel(r)
+            if isinstance(exc, PromptError) and parsed.several_prompts:
+                raise InputError(f"prompt {parsed.prompt_index[len(reqs)]}: {exc}") from None
             raise
         return reqs
 

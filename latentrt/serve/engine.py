@@ -46,7 +46,7 @@ import torch
 
 from ..decode.serving import Ended
 from ..engine import Generation, check_options_for
-from ..errors import InputError, LatentRTError, NonFiniteStateError, check_int
+from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
 from ..families import family_for
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText
@@ -315,7 +315,7 @@ class Engine:
         need = gen.batch.ids.shape[1] + opts.max_new_tokens
         why = self.program.pool.never_fits(need, self.program.kv_mode(gen.decoder))
         if why is not None:
-            raise InputError(why)
+            raise PromptError(why)
         prompt_tokens, stop_set = int(gen.batch.mask.sum()), frozenset(gen.stop_ids.tolist())
         prompt_ids = gen.batch.ids[0].tolist()
         with self.lock:

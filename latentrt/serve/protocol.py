@@ -25,6 +25,7 @@ from ..chat import ChatOptions, chat_prompt_ids
 from ..errors import InputError, check_int, check_unicode
 from ..families import FAMILIES
 from ..prompts import encode_text
+from ..sampling import MAX_SEED
 from .engine import MAX_TOP_LOGPROBS
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
@@ -79,6 +80,8 @@ class Parsed:
     echo: bool = False  # completions: the prompt is repeated (and scored, with log-probs)
     score_only: bool = False  # echo with max_tokens 0: no token is generated
     openai_defaults: dict = field(default_factory=dict)  # OpenAI's value of each option the request left out
+    prompt_index: list[int] = field(default_factory=list)  # per choice: its prompt's index in the request
+    several_prompts: bool = False  # a completion's list of prompts: errors about one name its index
 
 
 def _check_fields(body, allowed: set[str], what: str) -> dict:
@@ -185,15 +188,21 @@ def _stream_options(body: dict, stream: bool) -> bool:
 
 def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
     """One request per (prompt, copy); with a seed, choice i takes seed + i (generate()'s batch rule)."""
-    out_prompts, out_opts = [], []
-    for p in prompts:
+    seed, choices = opts.get("seed"), len(prompts) * n
+    if isinstance(seed, int) and not isinstance(seed, bool) and choices > 1 and seed > MAX_SEED - choices + 1:
+        raise InputError(
+            f"seed must be in [0, 2**63 - {choices}] for {choices} choices (choice i samples with seed + i), got {seed}"
+        )
+    out_prompts, out_opts, index = [], [], []
+    for k, p in enumerate(prompts):
         for _ in range(n):
             o = dict(opts)
-            if "seed" in opts and isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool):
-                o["seed"] = opts["seed"] + len(out_opts)
+            if isinstance(seed, int) and not isinstance(seed, bool):
+                o["seed"] = seed + len(out_opts)
             out_prompts.append(p)
             out_opts.append(o)
-    return Parsed(out_prompts, out_opts, False, False)
+            index.append(k)
+    return Parsed(out_prompts, out_opts, False, False, prompt_index=index, several_prompts=len(prompts) > 1)
 
 
 OPENAI_TEMPERATURE = 1.0  # a request without a temperature samples at 1 (OpenAI's API)
@@ -222,6 +231,8 @@ def parse_completion(body) -> Parsed:
     for i, text in enumerate(prompts):  # here, where the request's index is known (each is submitted alone)
         if isinstance(text, str):
             check_unicode(f"prompt {i}", text)
+        elif not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+            raise InputError(f"prompt {i} must be a string or a list of token ids (integers), got {text!r:.80}")
     best_of = body.get("best_of")
     if best_of not in (None, 1, body.get("n", 1)):
         raise InputError("best_of is not supported by latentrt (leave it out)")
