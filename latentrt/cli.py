@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from .backends import CHOICES
 from .checkpoint import builtin_names
@@ -573,6 +574,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; every error prints ``latentrt: error: ...`` and exits 2 (argparse's own errors too),
     never a traceback (LATENTRT_DEBUG=1 shows one for an unexpected error)."""
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores Python's display when main() returns (tests call it in-process)
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a command line tool says it: ``latentrt: warning: ...`` (no file, line or source)."""
+    print(f"latentrt: warning: {message}", file=file or sys.stderr)
+
+
+def _run(args) -> int:
     try:
         check_counts(args)
         commands = {

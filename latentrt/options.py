@@ -79,6 +79,9 @@ class GenerateOptions:
         """``options`` (or the defaults) with ``kwargs`` replacing fields; unknown names are an error.
         ``model_defaults`` (a model's ``generation_defaults``) fill the fields neither sets (a field of
         ``options`` left at latentrt's default counts as unset: give such a value as a keyword)."""
+        given = set(kwargs) | {
+            f.name for f in dataclasses.fields(cls) if options is not None and options.is_set(f.name)
+        }
         if model_defaults:
             unset = {k: v for k, v in model_defaults.items() if not (options is not None and options.is_set(k))}
             kwargs = {**unset, **kwargs}
@@ -92,7 +95,9 @@ class GenerateOptions:
             )
         if options is not None and not isinstance(options, GenerateOptions):
             raise InputError(f"options must be a GenerateOptions, got {type(options).__name__}")
-        return dataclasses.replace(options if options is not None else cls(), **kwargs)
+        built = dataclasses.replace(options if options is not None else cls(), **kwargs)
+        _warn_unused(built, given)
+        return built
 
     def is_set(self, name: str) -> bool:
         """Whether the caller gave ``name`` a value other than its default."""
@@ -113,6 +118,30 @@ class GenerateOptions:
             raise InputError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens"):
             check_bool(name, getattr(self, name))
+
+
+# options that act only under another: (their names, the test that they are unused, why); a caller's value other
+# than the option's default or neutral value (top_p 1) under that test gets a warning, as HF's generate warns
+# of top_p given with do_sample=False (a checkpoint's defaults never do: the caller did not give them)
+ACT_ONLY_WHEN = (
+    (("top_k", "top_p", "min_p"), lambda o: o.temperature == 0, "when sampling (temperature > 0); with temperature=0"),
+    (("dry_base", "dry_allowed_length"), lambda o: not o.dry_multiplier, "with DRY (dry_multiplier > 0); without it"),
+)
+NEUTRAL = {"top_p": 1}
+
+
+def _warn_unused(options: GenerateOptions, given: set[str]) -> None:
+    try:  # an invalid value is its error, raised when the options are checked, not a warning first
+        options.validate()
+    except InputError:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(options)}
+    for names, unused, why in ACT_ONLY_WHEN:
+        set_here = [n for n in names if n in given and getattr(options, n) not in (defaults[n], NEUTRAL.get(n))]
+        if set_here and unused(options):
+            one = len(set_here) == 1
+            verb, unused_ = ("acts", "it is unused") if one else ("act", "they are unused")
+            warnings.warn(f"{', '.join(set_here)} {verb} only {why} {unused_}", stacklevel=4)
 
 
 def generation_defaults(gen_cfg: dict, source: str) -> dict:

@@ -75,6 +75,20 @@ def test_generate_takes_the_checkpoints_sampling_defaults_unless_a_flag_is_given
     assert "generation_config.json: top_k=4 (" in capsys.readouterr().out
 
 
+def test_warnings_are_one_line_saying_latentrt(recurrent_dir, capsys):
+    """A warning reads as the errors do (``latentrt: warning: ...``), not as Python's file:line: UserWarning
+    with a source line; and main() leaves Python's display as it was (tests call it in-process)."""
+    import warnings
+
+    shown = warnings.showwarning
+    assert main(["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "1", "--top-p", "0.9"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        err == "latentrt: warning: top_p acts only when sampling (temperature > 0); with temperature=0 it is unused\n"
+    )
+    assert warnings.showwarning is shown
+
+
 def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
     """``--stop-text`` strings join ``--stop`` ids in generate()'s ``stop``: the same tokens and text; the
     text options too."""

@@ -161,6 +161,30 @@ def test_exit_thresholds_and_min_steps():
             model, PROMPTS[0], max_new_tokens=4, num_steps=7, exit_criterion="latent-diff", exit_threshold=1e9
         )
     assert fixed.steps == [7] * 4  # not adaptive: the criterion is ignored, and said so (it was silent)
+    with pytest.warns(UserWarning, match="^min_steps acts only on the adaptive exit: .* and it is unused"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=1, num_steps=7, min_steps=2)
+
+
+def test_sampling_and_dry_options_given_where_they_do_nothing_are_said_to():
+    """top_k / top_p / min_p given with temperature 0 (greedy), dry_base / dry_allowed_length without
+    dry_multiplier: a warning naming them (HF warns of top_p without do_sample), the tokens unchanged; values
+    at their neutral setting, or where they act, say nothing."""
+    model = latentrt.load("builtin:recurrent")
+    greedy = latentrt.generate(model, "Alex is", max_new_tokens=3, init_scale=0.0)
+    for given, message in (
+        (dict(top_p=0.9), r"^top_p acts only when sampling \(temperature > 0\); with temperature=0 it is unused"),
+        (dict(top_k=3, min_p=0.1), "^top_k, min_p act only when sampling .* they are unused"),
+        (dict(options=latentrt.GenerateOptions(top_k=3)), "^top_k acts only when sampling"),
+        (dict(dry_base=2.0), r"^dry_base acts only with DRY \(dry_multiplier > 0\); without it it is unused"),
+        (dict(dry_allowed_length=3, dry_base=1.5), "^dry_base, dry_allowed_length act only with DRY"),
+    ):
+        with pytest.warns(UserWarning, match=message):
+            out = latentrt.generate(model, "Alex is", max_new_tokens=3, init_scale=0.0, **given)
+        assert out.tokens == greedy.tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for quiet in (dict(top_p=1.0), dict(top_k=3, temperature=0.5, seed=1), dict(dry_base=2, dry_multiplier=0.5)):
+            latentrt.generate(model, "Alex is", max_new_tokens=3, init_scale=0.0, **quiet)
 
 
 def test_streaming_equals_result():

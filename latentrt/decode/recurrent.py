@@ -74,9 +74,10 @@ class RecurrentDecoder(Decoder):
         cls.sampler_class(options)
         unused = [name for name in cls.ADAPTIVE_ONLY if options.is_set(name)] if not options.adaptive else []
         if unused:  # as HF warns of sampling flags in greedy mode: a sweep of adaptive on/off keeps its kwargs
+            verb, unused_ = ("acts", "it is") if len(unused) == 1 else ("act", "they are")
             warnings.warn(
-                f"{', '.join(unused)} act only on the adaptive exit: without adaptive=True every token runs "
-                "num_steps iterations and they are unused",
+                f"{', '.join(unused)} {verb} only on the adaptive exit: without adaptive=True every token runs "
+                f"num_steps iterations and {unused_} unused",
                 stacklevel=2,
             )
 
