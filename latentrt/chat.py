@@ -4,7 +4,9 @@ server's chat route, ``latentrt.apply_chat_template`` and ``latentrt generate --
 The template is ``chat_template.jinja`` or the ``chat_template`` field of ``tokenizer_config.json`` (a
 string, or a list of named templates of which ``default`` is used). It is rendered in jinja2's immutable
 sandbox (a template is data: it cannot reach Python objects or the file system), with ``messages``,
-``add_generation_prompt=True`` and the tokenizer config's ``bos_token`` / ``eos_token``, then tokenized
+``add_generation_prompt=True`` and the special tokens transformers passes (``bos_token``, ``eos_token``,
+``unk_token``, ``sep_token``, ``pad_token``, ``cls_token``, ``mask_token``: those tokenizer_config.json or
+special_tokens_map.json names, the latter's winning; a token neither names is undefined), then tokenized
 without adding special tokens (the template places them). As in transformers, ``{% generation %}`` ...
 ``{% endgeneration %}`` (the block marking the assistant's tokens for training masks, which Huginn's
 template uses) renders its body. A model without a template cannot chat: the API and the CLI say so, the
@@ -23,13 +25,21 @@ from pathlib import Path
 
 from .errors import CheckpointError, InputError, check_unicode
 
+# transformers' SPECIAL_TOKENS_ATTRIBUTES, each a template variable where the tokenizer names it
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
 
 @dataclass(frozen=True)
 class ChatTemplate:
     source: str  # the template text
-    bos_token: str = ""
-    eos_token: str = ""
+    bos_token: str | None = None  # None: not a variable of the template (transformers leaves it undefined)
+    eos_token: str | None = None
     problem: str = ""  # why the model folder's template cannot be used (a malformed field): raised on use
+    other_tokens: tuple[tuple[str, str], ...] = ()  # (name, text) of the other SPECIAL_TOKENS the tokenizer names
+
+    def token_variables(self) -> dict[str, str]:
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, **dict(self.other_tokens)}
+        return {name: text for name, text in named.items() if text is not None}
 
 
 @dataclass(frozen=True)
@@ -66,25 +76,41 @@ class ChatOptions:
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
-def _token_text(value) -> str:
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}; None: not given."""
     if isinstance(value, dict):
-        value = value.get("content", "")
-    return value if isinstance(value, str) else ""
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template(source: str, folder: Path | None, config: dict) -> ChatTemplate:
+    """``source`` with the special tokens transformers renders it with: tokenizer_config.json's, replaced by
+    those special_tokens_map.json names (transformers reads that file after the config)."""
+    mapped = _json_object(Path(folder) / "special_tokens_map.json") if folder is not None else {}
+    tokens = {}
+    for name in SPECIAL_TOKENS:
+        text = _token_text(mapped.get(name))
+        tokens[name] = text if text is not None else _token_text(config.get(name))
+    others = tuple((name, tokens[name]) for name in SPECIAL_TOKENS[2:] if tokens[name] is not None)
+    return ChatTemplate(source, tokens["bos_token"], tokens["eos_token"], other_tokens=others)
 
 
 def _tokenizer_config(folder: Path | None) -> dict:
     """A model folder's tokenizer_config.json ({} when it has none); CheckpointError when it is not a JSON
     object (its template and bos / eos text would be lost without a word)."""
-    cfg_file = None if folder is None else Path(folder) / "tokenizer_config.json"
-    if cfg_file is None or not cfg_file.is_file():
+    return {} if folder is None else _json_object(Path(folder) / "tokenizer_config.json")
+
+
+def _json_object(path: Path) -> dict:
+    """A tokenizer file's JSON object ({} when there is no such file); CheckpointError naming it otherwise."""
+    if not path.is_file():
         return {}
     try:
-        config = json.loads(cfg_file.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"tokenizer_config.json cannot be read as JSON: {exc}") from None
+        raise CheckpointError(f"{path.name} cannot be read as JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"tokenizer_config.json must be a JSON object, got {type(config).__name__}")
+        raise CheckpointError(f"{path.name} must be a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -98,8 +124,7 @@ def chat_template_file(path: str | Path, folder: Path | None = None) -> ChatTemp
         raise InputError(f"cannot read the chat template {str(path)!r}: {exc}") from None
     if not source.strip():
         raise InputError(f"the chat template {str(path)!r} is empty")
-    config = _tokenizer_config(folder)
-    return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+    return _template(source, folder, _tokenizer_config(folder))
 
 
 def find_chat_template(folder: Path | None) -> ChatTemplate | None:
@@ -109,6 +134,7 @@ def find_chat_template(folder: Path | None) -> ChatTemplate | None:
     folder = Path(folder)
     try:
         config = _tokenizer_config(folder)
+        _json_object(folder / "special_tokens_map.json")  # its tokens are read below: a broken one is said here
     except CheckpointError as exc:
         return _unusable(str(exc))
     jinja_file = folder / "chat_template.jinja"
@@ -134,7 +160,7 @@ def find_chat_template(folder: Path | None) -> ChatTemplate | None:
         source = raw
     if not source.strip():
         return None
-    return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+    return _template(source, folder, config)
 
 
 def _unusable(problem: str) -> ChatTemplate:
@@ -252,7 +278,7 @@ def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans
         messages = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE_TAG}]
     import jinja2
 
-    variables = {"bos_token": template.bos_token, "eos_token": template.eos_token, **(options.template_kwargs or {})}
+    variables = {**template.token_variables(), **(options.template_kwargs or {})}
     variables.update(
         messages=messages,
         tools=None,  # as transformers passes them without tools / documents: "is defined", and none

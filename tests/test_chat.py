@@ -73,6 +73,44 @@ def test_a_malformed_template_field_is_named_when_chatting(tmp_path, field, mess
     )
 
 
+def test_the_special_tokens_a_template_sees_are_transformers(tmp_path):
+    """Every special token transformers passes a template (bos, eos, unk, sep, pad, cls, mask), from
+    tokenizer_config.json with special_tokens_map.json's winning; one neither names is undefined (it was bos
+    and eos only, each "" when absent: ``bos_token is defined`` was true). The text equals transformers'."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(latentrt.load("builtin:recurrent").folder, folder)
+    source = (
+        "{% for name in ['bos', 'eos', 'unk', 'sep', 'pad', 'cls', 'mask'] %}{% set t = name + '_token' %}"
+        "[{{ name }}:{% if t == 'bos_token' and bos_token is defined %}{{ bos_token }}{% elif t == 'eos_token' and "
+        "eos_token is defined %}{{ eos_token }}{% elif t == 'unk_token' and unk_token is defined %}{{ unk_token }}"
+        "{% elif t == 'sep_token' and sep_token is defined %}{{ sep_token }}{% elif t == 'pad_token' and pad_token "
+        "is defined %}{{ pad_token }}{% elif t == 'cls_token' and cls_token is defined %}{{ cls_token }}{% elif t =="
+        " 'mask_token' and mask_token is defined %}{{ mask_token }}{% else %}-{% endif %}]{% endfor %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    config = {"chat_template": source, "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "Alex"}
+    cases = [
+        ({**config, "eos_token": {"__type": "AddedToken", "content": "is"}, "pad_token": "a"}, None),
+        ({**config, "mask_token": "wumpus"}, {"bos_token": "Every", "cls_token": {"content": "yumpus"}}),
+        ({"chat_template": source, "tokenizer_class": "PreTrainedTokenizerFast"}, None),
+    ]
+    for tokenizer_config, special_map in cases:
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        (folder / "special_tokens_map.json").unlink(missing_ok=True)
+        if special_map is not None:
+            (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
+        hf = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+        want = hf.apply_chat_template(MESSAGES, tokenize=False)
+        assert render_chat(find_chat_template(folder), MESSAGES) == want
+    assert want == "[bos:-][eos:-][unk:-][sep:-][pad:-][cls:-][mask:-]Be brief.Alex is a wumpus."
+    (folder / "special_tokens_map.json").write_text("[1]")
+    with pytest.raises(latentrt.InputError, match="cannot be used: special_tokens_map.json must be a JSON object"):
+        render_chat(find_chat_template(folder), MESSAGES)
+
+
 # a template in the shape of Huginn-0125's: a {% generation %} block around the assistant's turns (for
 # transformers' assistant masks), bos_token on the first turn, trim, the generation prompt
 GENERATION_BLOCK_TEMPLATE = (
