@@ -1,10 +1,12 @@
-"""Prompt normalisation: str / list[str] / list[int] / LongTensor -> left-padded ids + mask."""
+"""Prompt normalisation: str / list[str] / list[int] / list[list[int]] / LongTensor (or an integer numpy array)
+-> left-padded ids + mask."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +34,8 @@ def _padding_note(cfg) -> str:
 
 def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
     """Validate a [B,S] (or [S]) id tensor against the vocabulary and block size."""
+    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
+        raise InputError("input_ids must be token ids, not text: encode it first (model.tokenizer.encode(text).ids)")
     if not isinstance(ids, Tensor):
         try:
             ids = torch.as_tensor(ids)
@@ -138,6 +142,13 @@ def make_batch(
     strict: bool = False,
 ) -> Batch:
     """Turn any accepted prompt form into a left-padded batch (``strict``: unknown words are an error)."""
+    if attention_mask is not None and not isinstance(prompt, (Tensor, np.ndarray)):  # it was ignored unsaid
+        raise InputError(
+            "attention_mask applies to a tensor prompt (input_ids [B, S], left-padded); a list of prompts is padded "
+            f"by latentrt (leave attention_mask out), got a {type(prompt).__name__} prompt"
+        )
+    if isinstance(prompt, np.ndarray) and prompt.dtype.kind in "iufb":  # a tokenizer's return_tensors="np"
+        prompt = torch.from_numpy(prompt)
     single = isinstance(prompt, str)
     texts = prompt_texts(prompt)
     if texts is not None:

@@ -466,3 +466,27 @@ def test_kv_bytes_match_latentrt_info(recurrent_dir, capsys):
     )
     positions = max(len(p) for p in PROMPTS) + 2  # the last sampled token is never run
     assert out.kv_bytes == len(PROMPTS) * positions * per_token
+
+
+def test_prompt_forms_a_user_has_at_hand():
+    """An integer numpy array (a tokenizer's return_tensors="np") is a prompt as its tensor is, with its mask;
+    an attention_mask beside a list prompt is refused (it was ignored without a word); text given to
+    model.logits is named as text."""
+    import numpy as np
+
+    model = tiny_recurrent(seed=2)
+    kw = dict(max_new_tokens=3, init_scale=0.0)
+    ids = [[0, 5, 6, 7], [8, 9, 10, 11]]
+    mask = [[0, 1, 1, 1], [1, 1, 1, 1]]
+    want = latentrt.generate(model, torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+    got = latentrt.generate(model, np.array(ids), attention_mask=np.array(mask), **kw)
+    assert got.tokens == want.tokens == latentrt.generate(model, [[5, 6, 7], [8, 9, 10, 11]], **kw).tokens
+    assert latentrt.generate(model, np.array([5, 6, 7], dtype=np.int32), **kw).tokens == want.tokens[0]
+    with pytest.raises(InputError, match="input_ids must hold integer token ids, got dtype torch.float64"):
+        latentrt.generate(model, np.array([5.0, 6.0]), **kw)
+    for prompt in ([[5, 6], [7, 8]], [5, 6], "every cat"):
+        with pytest.raises(InputError, match="attention_mask applies to a tensor prompt"):
+            latentrt.generate(model, prompt, attention_mask=torch.ones(2, 2), **kw)
+    for text in ("every cat", ["every cat"]):
+        with pytest.raises(InputError, match="input_ids must be token ids, not text: encode it first"):
+            model.logits(text)
