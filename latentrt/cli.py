@@ -238,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_args(g)
     _add_chat_args(g, "prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (with --stream, JSON lines: one per generated position, then the result)",
+    )
 
     c = sub.add_parser("chat", help="talk to a model: each line of input is a user message, answers stream")
     _add_model_args(c)
@@ -378,11 +382,14 @@ def cmd_generate(args) -> int:
     if args.stream:
         stream = generate(model, prompt, stream=True, **kwargs)
         for ev in stream:
-            if isinstance(ev.tokens, list):
+            if args.json:  # JSON lines: one per generated position, then the result's (a reader parses each)
+                print(json.dumps(dict(index=ev.index, tokens=ev.tokens, steps=ev.steps, text=ev.text)), flush=True)
+            elif isinstance(ev.tokens, list):
                 print(" | ".join(repr(t) for t in (ev.text or ev.tokens)), flush=True)
             else:
                 print(ev.text if ev.text is not None else ev.tokens, end="", flush=True)
-        print()
+        if not args.json:
+            print()
         result = stream.result
     else:
         result = generate(model, prompt, **kwargs)

@@ -51,6 +51,15 @@ def test_generate_json_batch_stream(recurrent_dir, capsys):
     res = json.loads(capsys.readouterr().out)
     assert len(res["tokens"]) == 2 and all(len(t) == 3 for t in res["tokens"])
     assert main(["generate", str(recurrent_dir), "every cat", "--max-new-tokens", "3", "--stream"]) == 0
+    capsys.readouterr()
+    # --json with --stream: every line is JSON (the streamed text came before the JSON, so no reader parsed it)
+    for prompts in (["every cat"], ["every cat", "Tom is"]):
+        assert main(["generate", str(recurrent_dir), *prompts, "--max-new-tokens", "3", "--stream", "--json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        events, result = lines[:-1], lines[-1]
+        assert [e["index"] for e in events] == [0, 1, 2]
+        tokens = [e["tokens"] for e in events]
+        assert (tokens if len(prompts) == 1 else [list(t) for t in zip(*tokens)]) == result["tokens"]
 
 
 def test_generate_takes_the_checkpoints_sampling_defaults_unless_a_flag_is_given(recurrent_dir, capsys):
