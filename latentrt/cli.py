@@ -553,6 +553,9 @@ COUNT_BOUNDS = (
     ("micro_batch_size", 1, None),
     ("port", 1, 65535),
     ("max_batch", 1, None),
+    ("max_queue", 1, None),
+    ("max_len", 2, None),  # a prompt token and a new one (the model's context bounds it above, once loaded)
+    ("kv_slots", 1, None),
     ("replicas", 1, None),
 )
 

@@ -516,6 +516,8 @@ def test_unservable_family_and_bad_engine_options():
         Engine(model, max_batch=0)
     with pytest.raises(InputError, match="max_len"):
         Engine(model, max_len=10_000)
+    with pytest.raises(InputError, match=r"max_len must be an integer in \[2, "):  # no request fits 1 position
+        Engine(model, max_len=1)
     # a pool larger than the memory is refused before any allocation (it was the allocator's RuntimeError)
     with pytest.raises(
         InputError,

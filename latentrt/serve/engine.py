@@ -244,7 +244,8 @@ class Engine:
             check_int(name, value, 1)
         block = model.config.block_size
         max_len = min(block, 2048) if max_len is None else max_len
-        check_int("max_len", max_len, 1, block, high_label=f"{block} (the model's context)")
+        # at least a prompt token and a new one: a pool of shorter rows could serve no request
+        check_int("max_len", max_len, 2, block, high_label=f"{block} (the model's context)")
         looped = model.cache_layout().looped
         kv_slots = max_batch * model.default_steps() if kv_slots is None else kv_slots
         if looped:
