@@ -87,7 +87,8 @@ FLAG_OF = {
     **{name: _flag(name) for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")},
     **{name: _flag(name) for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage")},
 }
-_NAMED = re.compile(r"\b(" + "|".join(FLAG_OF) + r")\b(?==| must)")
+# an option's name not already a flag's (an error renamed once is not renamed again: it said "----lr")
+_NAMED = re.compile(r"(?<![\w-])(" + "|".join(FLAG_OF) + r")\b(?==| must)")
 
 
 def in_flags(exc: InputError) -> InputError:
