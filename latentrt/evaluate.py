@@ -7,7 +7,7 @@ stripped, equals the record's answer with commas removed and stripped. The promp
 family's decoder (``EVAL_MODES``: for Coconut, the question and a newline, then ``coconut`` appends the
 trained thoughts, ``cot`` lets the model write its steps, ``nocot`` answers directly). Reported per
 difficulty: accuracy, generated tokens and, for families that iterate in latent space, mean iterations per
-generated token.
+generated token after the first (the first's are the prompt pass's), or of the only one.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ def evaluate(
             s["n"] += 1
             s["correct"] += int(is_correct(model.tokenizer, prompt, toks, rec.answer))
             s["tokens"] += len(toks)
-            s["steps"] += sum(steps[1:]) / max(len(steps) - 1, 1)
+            # the tokens after the first (whose iterations are the prompt pass's), or the only one (a one-token
+            # answer counted 0 iterations, and the column vanished when every answer had one token)
+            decoded = steps[1:] or steps
+            s["steps"] += sum(decoded) / max(len(decoded), 1)
     table = {}
     for d in sorted(stats):
         s = stats[d]

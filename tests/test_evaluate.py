@@ -32,6 +32,26 @@ def test_chat_evaluation_asks_through_the_template():
         evaluate(model, records, chat=TEMPLATE, max_new_tokens=0, progress=False)
 
 
+def test_mean_iterations_count_the_decoded_tokens_or_the_only_one():
+    """The iterations column: per token after the first (its iterations are the prompt pass's), and for a
+    one-token answer that token's (it counted 0, and the column vanished when every answer had one token)."""
+    from latentrt.evaluate import format_table
+
+    model = latentrt.load("builtin:recurrent")
+    records = generate_dataset(4, (1,), seed=5)
+    kw = dict(adaptive=True, num_steps=12, exit_criterion="kl", exit_threshold=1e-3, init_scale=0.0)
+    for n in (1, 4):
+        table = evaluate(model, records, max_new_tokens=n, progress=False, **kw)
+        want = []
+        for rec in records:
+            prompt = model.tokenizer.encode(rec.question + "\n").ids
+            steps = latentrt.generate(model, prompt, max_new_tokens=n, **kw).steps
+            decoded = steps[1:] if len(steps) > 1 else steps
+            want.append(sum(decoded) / len(decoded))
+        assert table["all"]["mean_steps"] == pytest.approx(sum(want) / len(want)) and table["all"]["mean_steps"] > 0
+        assert "mean iterations" in format_table(table)
+
+
 def test_cli_eval_chat(tmp_path, capsys):
     save_records(generate_dataset(4, (1,), seed=5), tmp_path / "p.json")
     (tmp_path / "t.jinja").write_text(TEMPLATE.source)
