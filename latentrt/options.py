@@ -127,7 +127,7 @@ ACT_ONLY_WHEN = (
     (("top_k", "top_p", "min_p"), lambda o: o.temperature == 0, "when sampling (temperature > 0); with temperature=0"),
     (("dry_base", "dry_allowed_length"), lambda o: not o.dry_multiplier, "with DRY (dry_multiplier > 0); without it"),
 )
-NEUTRAL = {"top_p": 1}
+NEUTRAL = {"top_p": 1, "top_k": 0}
 
 
 def _warn_unused(options: GenerateOptions, given: set[str]) -> None:

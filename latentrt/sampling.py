@@ -21,8 +21,8 @@ from .errors import InputError, check_finite, check_int
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float = 0.0) -> None:
     check_finite("temperature", temperature, 0)
-    if top_k is not None:
-        check_int("top_k", top_k, 1)
+    if top_k is not None:  # 0: no top-k (HF's and the published sampler's ``if top_k:``)
+        check_int("top_k", top_k, 0)
     if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(min_p, bool) or not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
@@ -51,7 +51,7 @@ def filtered_logits(
     # in float64 from the maximum down, so a tiny temperature (1e-45) gives its limit, the argmax, not NaNs
     logits = logits.double()
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:

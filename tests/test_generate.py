@@ -133,6 +133,13 @@ def test_sampling_filters():
             model, PROMPTS[0], max_new_tokens=6, num_steps=3, init_scale=0.0, temperature=0.8, seed=3, **kw
         )
         assert got.tokens == greedy.tokens
+    # top_k=0 is no top-k (HF's generate and the published sampler's ``if top_k:``); it was refused
+    sampled = dict(max_new_tokens=6, num_steps=3, init_scale=0.0, temperature=1.5, seed=3)
+    plain = latentrt.generate(model, PROMPTS[0], **sampled).tokens
+    assert latentrt.generate(model, PROMPTS[0], top_k=0, **sampled).tokens == plain
+    assert latentrt.generate(model, PROMPTS[0], top_k=2, **sampled).tokens != plain
+    with pytest.raises(InputError, match="top_k must be an integer >= 0, got -1"):
+        latentrt.generate(model, PROMPTS[0], top_k=-1, **sampled)
 
 
 def test_exit_thresholds_and_min_steps():

@@ -139,6 +139,14 @@ def test_a_request_without_temperature_samples_at_the_models_default_or_openais(
         model, [5, 6, 7], max_new_tokens=8, seed=11, default_stops=False, temperature=0.4, top_k=3
     )
     assert got == alone.tokens != want.tokens
+    # vLLM's top_k -1 (or 0) is "no top-k": it overrides the model's default top_k (it was a 400)
+    with serving(sampler) as (url2, _):
+        for off in (-1, 0):
+            r = httpx.post(f"{url2}/v1/completions", json=dict(body, model="tiny", top_k=off)).json()
+            no_top_k = latentrt.generate(
+                model, [5, 6, 7], max_new_tokens=8, seed=11, default_stops=False, temperature=0.4
+            )
+            assert r["choices"][0]["latentrt"]["token_ids"] == no_top_k.tokens != alone.tokens
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))  # max_tokens: vLLM's rule
     with serving(latentrt.load(tmp_path, device="cpu")) as (url3, _):
         short = {k: v for k, v in body.items() if k != "max_tokens"}

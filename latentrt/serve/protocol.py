@@ -107,6 +107,8 @@ def _flag(body: dict, name: str) -> bool:
 
 def _options(body: dict, max_tokens) -> tuple[dict, int]:
     opts = {name: body[name] for name in LATENT_FIELDS if name in body and body[name] is not None}
+    if opts.get("top_k") == -1 and not isinstance(opts["top_k"], bool):  # vLLM's "no top-k" (as is 0)
+        opts["top_k"] = 0
     if max_tokens is not None:  # absent: the model's default, else OpenAI's (``with_openai_defaults``)
         opts["max_new_tokens"] = max_tokens
     if body.get("temperature") is not None:  # likewise
