@@ -382,7 +382,7 @@ def chat_template_for(model, template: ChatTemplate | str | Path | None = None) 
 
 def apply_chat_template(
     model,
-    messages,
+    messages: list[dict],
     template: ChatTemplate | str | Path | None = None,
     *,
     add_generation_prompt: bool = True,

@@ -19,11 +19,12 @@ from .errors import InputError, NonFiniteStateError, PromptError
 from .families import check_applicable, family_for
 from .hooks import HookList
 from .memory import check_fits
+from .models.base import LatentModel
 from .options import GenerateOptions
 from .penalties import NAMES as PENALTIES
 from .penalties import LogitPenalties, check_bias_vocabulary
 from .penalties import active as penalties_active
-from .prompts import make_batch, prompt_texts
+from .prompts import Prompt, make_batch, prompt_texts
 from .sampling import SequenceRNG, sample
 from .sequence_text import SequenceText
 from .stop_strings import StopStrings
@@ -73,14 +74,14 @@ class GenerationStream:
 
 
 def generate(
-    model,
-    prompt,
+    model: LatentModel,
+    prompt: Prompt,
     options: GenerateOptions | None = None,
     *,
     stream: bool = False,
     attention_mask: Tensor | None = None,
     **kwargs,
-):
+) -> GenerationResult | GenerationStream:
     """Generate from a loaded model. Options (README, *Python API*) come as keyword arguments, as a
     ``GenerateOptions``, or both (keywords replace its fields).
 

@@ -11,6 +11,7 @@ from .checkpoint import load_tokenizer, load_weights, read_config, read_generati
 from .errors import ConfigError, InputError
 from .families import family_of, parse_config
 from .memory import check_fits
+from .models.base import LatentModel
 from .options import generation_defaults
 
 _DTYPES = {
@@ -34,7 +35,7 @@ def load(
     backend: str = "auto",
     revision: str | None = None,
     **overrides,
-):
+) -> LatentModel:
     """Load a checkpoint: a local folder, ``builtin:NAME``, or a Hugging Face Hub id (``owner/name``, at
     ``revision``; through the hub's cache, offline with HF_HUB_OFFLINE=1). The family is read from
     config.json's model_type.

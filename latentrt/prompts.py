@@ -12,6 +12,9 @@ from torch import Tensor
 
 from .errors import InputError, check_unicode
 
+# what generate() takes as a prompt: one text or id list (a 1-D tensor / array), or a batch of them
+Prompt = str | list[str] | list[int] | list[list[int]] | Tensor | np.ndarray
+
 
 @dataclass
 class Batch:
