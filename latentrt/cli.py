@@ -42,6 +42,7 @@ GENERATE_FLAGS = {
     "temperature": "temperature",
     "top_k": "top_k",
     "top_p": "top_p",
+    "published_top_p": "published_top_p",
     "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
     "presence_penalty": "presence_penalty",
@@ -193,6 +194,12 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=UNSET)
     p.add_argument("--top-k", type=int, default=UNSET)
     p.add_argument("--top-p", type=float, default=UNSET)
+    p.add_argument(
+        "--published-top-p",
+        action="store_true",
+        default=UNSET,
+        help="top-p by the published Huginn sampler's rule (drops the token that crosses p; README)",
+    )
     p.add_argument("--min-p", type=float, default=UNSET, help="drop tokens less likely than MIN_P x the likeliest")
     p.add_argument(
         "--repetition-penalty", type=float, default=UNSET, help="HF's / the published sampler's (1: none; README)"

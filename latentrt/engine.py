@@ -261,7 +261,7 @@ class Generation:
     def _pick(self, logits: Tensor, rows: list[bool] | None = None) -> Tensor:
         """Tokens [B] from logits [B, V] with the call's sampling settings (``rows``: the running sequences)."""
         o = self.options
-        return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p)
+        return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p, o.published_top_p)
 
     def _next_logits(self, logits: Tensor, index: int) -> Tensor:
         """The logits new token ``index`` (0: the first) is chosen from: the vocabulary's, with the call's

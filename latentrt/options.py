@@ -49,6 +49,7 @@ class GenerateOptions:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    published_top_p: bool = False  # the published Huginn sampler's top_p rule (sampling.filtered_logits)
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -116,7 +117,7 @@ class GenerateOptions:
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
-        for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens", "published_top_p"):
             check_bool(name, getattr(self, name))
 
 
@@ -126,6 +127,7 @@ class GenerateOptions:
 ACT_ONLY_WHEN = (
     (("top_k", "top_p", "min_p"), lambda o: o.temperature == 0, "when sampling (temperature > 0); with temperature=0"),
     (("dry_base", "dry_allowed_length"), lambda o: not o.dry_multiplier, "with DRY (dry_multiplier > 0); without it"),
+    (("published_top_p",), lambda o: not o.temperature or o.top_p in (None, 1), "with top_p < 1 when sampling; here"),
 )
 NEUTRAL = {"top_p": 1, "top_k": 0}
 

@@ -44,17 +44,25 @@ class SequenceRNG:
 
 
 def filtered_logits(
-    logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float = 0.0,
+    published_top_p: bool = False,
 ) -> Tensor:
     """logits [B,V] -> float64 logits / temperature with the tokens top-k, top-p and min-p drop at -inf (the
-    distribution ``sample`` draws from; temperature > 0)."""
+    distribution ``sample`` draws from; temperature > 0). ``published_top_p``: top-p by the published Huginn
+    sampler's rule (``_published_top_p_drops``) instead of HF's."""
     # in float64 from the maximum down, so a tiny temperature (1e-45) gives its limit, the argmax, not NaNs
-    logits = logits.double()
+    raw, logits = logits, logits.double()
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
+    if top_p is not None and top_p < 1 and published_top_p:
+        logits = logits.masked_fill(_published_top_p_drops(raw, temperature, top_k, top_p), float("-inf"))
+    elif top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
@@ -66,8 +74,28 @@ def filtered_logits(
     return logits
 
 
+def _published_top_p_drops(logits: Tensor, temperature: float, top_k: int | None, top_p: float) -> Tensor:
+    """The tokens the published Huginn sampler's top-p drops, computed as it computes them: on its float32
+    probabilities softmax(logits / temperature) with the top-k ones kept (not renormalised), sorted, a token
+    dropped where the cumulative sum up to and including it exceeds top_p (the token that crosses p goes; the
+    top one stays). HF's rule (the default) keeps the crossing token and renormalises after top-k."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k:
+        kth = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+    drop_sorted = torch.cumsum(sorted_probs, dim=-1) > top_p
+    drop_sorted[:, 0] = False
+    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+
+
 def sampling_probs(
-    logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float = 0.0,
+    published_top_p: bool = False,
 ) -> Tensor:
     """The distribution [B, V] a sample draws from (temperature > 0), computed as the published Huginn sampler
     computes it: softmax of logits / temperature in float32, the dropped tokens (``filtered_logits``'s rule)
@@ -75,7 +103,7 @@ def sampling_probs(
     run's state draws the published token. A row where float32 overflows (a tiny temperature, where the
     published sampler fails on NaNs) gets the float64 distribution of ``filtered_logits``: its limit, the
     argmax. No host sync: the choice is made on the device."""
-    filtered = filtered_logits(logits, temperature, top_k, top_p, min_p)
+    filtered = filtered_logits(logits, temperature, top_k, top_p, min_p, published_top_p)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     # without a filter this zeroes only tokens whose probability is 0 already (logit -inf) or rows that overflow
     probs = torch.where(filtered > float("-inf"), probs, torch.zeros_like(probs))
@@ -92,12 +120,13 @@ def sample(
     rng: SequenceRNG | None = None,
     rows: list[bool] | None = None,
     min_p: float = 0.0,
+    published_top_p: bool = False,
 ) -> Tensor:
     """logits [B,V] -> token ids [B]. Greedy when temperature is 0. With ``rng`` each row in ``rows`` (the
     running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p, published_top_p)
     if rng is None:
         return torch.multinomial(probs, 1)[:, 0]
     out = probs.argmax(-1)

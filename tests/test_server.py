@@ -818,3 +818,32 @@ def test_cli_serve_errors(capsys, monkeypatch):
         monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model loaded before the port was taken"))
         assert cli.main(["serve", "--port", str(busy), "builtin:recurrent"]) == 2
     assert f"cannot listen on 127.0.0.1:{busy}" in capsys.readouterr().err
+
+
+def test_published_top_p_reaches_the_api_the_cli_and_the_server(recurrent_dir, capsys):
+    """published_top_p (its draws are checked against the published sampler in test_published.py) is an
+    option of generate(), a flag of the CLI and a field of the server, each giving the same tokens; without
+    top_p it does nothing and says so."""
+    from latentrt.cli import main
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    kw = dict(max_new_tokens=8, init_scale=0.0, temperature=1.5, top_p=0.5, seed=4, default_stops=False)
+    want = latentrt.generate(model, [5, 6, 7], published_top_p=True, **kw).tokens
+    flags = ["--max-new-tokens", "8", "--init-scale", "0", "--temperature", "1.5", "--top-p", "0.5", "--seed", "4"]
+    assert (
+        main(["generate", str(recurrent_dir), "every cat", "--json", "--no-default-stops", *flags, "--published-top-p"])
+        == 0
+    )
+    prompt = model.tokenizer.encode("every cat").ids
+    assert (
+        json.loads(capsys.readouterr().out)["tokens"]
+        == latentrt.generate(model, prompt, published_top_p=True, **kw).tokens
+    )
+    with serving(model) as (url, _):
+        body = dict(prompt=[5, 6, 7], max_tokens=8, init_scale=0.0, temperature=1.5, top_p=0.5, seed=4)
+        r = httpx.post(f"{url}/v1/completions", json=dict(body, default_stops=False, published_top_p=True)).json()
+    assert r["choices"][0]["latentrt"]["token_ids"] == want
+    with pytest.warns(UserWarning, match="^published_top_p acts only with top_p < 1 when sampling"):
+        latentrt.generate(model, [5, 6, 7], max_new_tokens=2, temperature=1.0, published_top_p=True)
+    with pytest.raises(latentrt.InputError, match="published_top_p must be True or False"):
+        latentrt.generate(model, [5, 6, 7], published_top_p="yes")

@@ -434,6 +434,32 @@ CASES = [
                 5,
                 dict(num_steps=4, init_scale=0.0, temperature=1.0),
             ),
+            # its top_p rule (latentrt's published_top_p; its default is HF's): the token crossing p dropped,
+            # the mass counted over the top-k probabilities as they are, not renormalised
+            (
+                "sampling published top_p fixed depth",
+                "huginn-a",
+                16,
+                7,
+                dict(num_steps=4, temperature=1.5, top_p=0.5, published_top_p=True),
+            ),
+            (
+                "sampling published top_p top_k adaptive kl",
+                "huginn-b",
+                16,
+                8,
+                dict(
+                    adaptive=True,
+                    num_steps=12,
+                    exit_criterion="kl",
+                    exit_threshold=5e-3,
+                    kv_sharing="latest-m4",
+                    temperature=2.0,
+                    top_k=8,
+                    top_p=0.5,
+                    published_top_p=True,
+                ),
+            ),
         ]
     ],
     # a batch at fixed depth (where the published batch is latentrt's): unseeded, every row draws from

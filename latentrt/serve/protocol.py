@@ -33,6 +33,7 @@ from .engine import MAX_TOP_LOGPROBS
 LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.values())))) + (
     "default_stops",
     "top_k",
+    "published_top_p",
     "min_p",
     "repetition_penalty",
     "dry_multiplier",
