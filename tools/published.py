@@ -101,6 +101,8 @@ def _speculative(name: str, model: str, lookahead: int, draft_steps: int, thresh
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 ADAPTIVE = dict(adaptive=True, num_steps=12, init_scale=0.0)
+# the sampled adaptive cases' exit (their random initial state: the default init_scale 1)
+SAMPLED_KL = dict(adaptive=True, num_steps=12, exit_criterion="kl", exit_threshold=5e-3, kv_sharing="latest-m4")
 CASES = [
     # 1. min_steps: no check (and no criterion update) for the first min_steps iterations
     dict(
@@ -414,17 +416,7 @@ CASES = [
                 "huginn-b",
                 12,
                 4,
-                dict(
-                    adaptive=True,
-                    num_steps=12,
-                    exit_criterion="kl",
-                    exit_threshold=5e-3,
-                    kv_sharing="latest-m4",
-                    temperature=1.3,
-                    top_k=6,
-                    min_p=0.05,
-                    repetition_penalty=1.5,
-                ),
+                dict(SAMPLED_KL, temperature=1.3, top_k=6, min_p=0.05, repetition_penalty=1.5),
             ),
             # at init_scale 0 the published still draws the state (then zeroes it): the samples after it move
             (
@@ -448,17 +440,7 @@ CASES = [
                 "huginn-b",
                 16,
                 8,
-                dict(
-                    adaptive=True,
-                    num_steps=12,
-                    exit_criterion="kl",
-                    exit_threshold=5e-3,
-                    kv_sharing="latest-m4",
-                    temperature=2.0,
-                    top_k=8,
-                    top_p=0.5,
-                    published_top_p=True,
-                ),
+                dict(SAMPLED_KL, temperature=2.0, top_k=8, top_p=0.5, published_top_p=True),
             ),
         ]
     ],
