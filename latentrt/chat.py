@@ -83,10 +83,18 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _template(source: str, folder: Path | None, config: dict) -> ChatTemplate:
-    """``source`` with the special tokens transformers renders it with: tokenizer_config.json's, replaced by
-    those special_tokens_map.json names (transformers reads that file after the config)."""
-    mapped = _json_object(Path(folder) / "special_tokens_map.json") if folder is not None else {}
+def _tokenizer_files(folder: Path | None) -> tuple[dict, dict]:
+    """A model folder's tokenizer_config.json and special_tokens_map.json ({} for one it lacks, both for no
+    folder); CheckpointError naming a file that is not a JSON object."""
+    if folder is None:
+        return {}, {}
+    return _tokenizer_config(folder), _json_object(Path(folder) / "special_tokens_map.json")
+
+
+def _template(source: str, config: dict, mapped: dict) -> ChatTemplate:
+    """``source`` with the special tokens transformers renders it with: tokenizer_config.json's (``config``),
+    replaced by those special_tokens_map.json (``mapped``) names (transformers reads that file after the
+    config)."""
     tokens = {}
     for name in SPECIAL_TOKENS:
         text = _token_text(mapped.get(name))
@@ -124,7 +132,7 @@ def chat_template_file(path: str | Path, folder: Path | None = None) -> ChatTemp
         raise InputError(f"cannot read the chat template {str(path)!r}: {exc}") from None
     if not source.strip():
         raise InputError(f"the chat template {str(path)!r} is empty")
-    return _template(source, folder, _tokenizer_config(folder))
+    return _template(source, *_tokenizer_files(folder))
 
 
 def find_chat_template(folder: Path | None) -> ChatTemplate | None:
@@ -133,8 +141,7 @@ def find_chat_template(folder: Path | None) -> ChatTemplate | None:
         return None
     folder = Path(folder)
     try:
-        config = _tokenizer_config(folder)
-        _json_object(folder / "special_tokens_map.json")  # its tokens are read below: a broken one is said here
+        config, mapped = _tokenizer_files(folder)
     except CheckpointError as exc:
         return _unusable(str(exc))
     jinja_file = folder / "chat_template.jinja"
@@ -160,7 +167,7 @@ def find_chat_template(folder: Path | None) -> ChatTemplate | None:
         source = raw
     if not source.strip():
         return None
-    return _template(source, folder, config)
+    return _template(source, config, mapped)
 
 
 def _unusable(problem: str) -> ChatTemplate:

@@ -133,17 +133,22 @@ NEUTRAL = {"top_p": 1, "top_k": 0}
 
 
 def _warn_unused(options: GenerateOptions, given: set[str]) -> None:
-    try:  # an invalid value is its error, raised when the options are checked, not a warning first
-        options.validate()
-    except InputError:
-        return
     defaults = {f.name: f.default for f in dataclasses.fields(options)}
     for names, unused, why in ACT_ONLY_WHEN:
         set_here = [n for n in names if n in given and getattr(options, n) not in (defaults[n], NEUTRAL.get(n))]
         if set_here and unused(options):
-            one = len(set_here) == 1
-            verb, unused_ = ("acts", "it is unused") if one else ("act", "they are unused")
-            warnings.warn(f"{', '.join(set_here)} {verb} only {why} {unused_}", stacklevel=4)
+            try:  # an invalid value is its error, raised when the options are checked, not a warning first
+                options.validate()
+            except InputError:
+                return
+            warnings.warn(unused_message(set_here, why), stacklevel=4)
+
+
+def unused_message(names: list[str], only: str) -> str:
+    """The warning for options given where they do nothing: "``names`` act(s) only ``only`` they are (it is)
+    unused" (``only`` says where they act and what happens here)."""
+    verb, pronoun = ("acts", "it is") if len(names) == 1 else ("act", "they are")
+    return f"{', '.join(names)} {verb} only {only} {pronoun} unused"
 
 
 def generation_defaults(gen_cfg: dict, source: str) -> dict:

@@ -43,7 +43,8 @@ def _number(name: str, value, low: float, high: float) -> float:
 
 
 def check_penalties(repetition: float, presence: float, frequency: float, logit_bias) -> None:
-    """The options' types and ranges (the bias's token ids are checked against the vocabulary by ``build``)."""
+    """The options' types and ranges (the bias's token ids are checked against the vocabulary by
+    ``check_bias_vocabulary``, which generate() calls with the options, before the prompt)."""
     low, high = REPETITION_RANGE
     if not low <= _number("repetition_penalty", repetition, -math.inf, math.inf) <= high:
         raise InputError(
@@ -88,8 +89,7 @@ class LogitPenalties:
         self.presence, self.frequency = float(options.presence_penalty), float(options.frequency_penalty)
         self.vocab = vocab
         self.bias = None
-        if options.logit_bias:
-            check_bias_vocabulary(options.logit_bias, vocab)
+        if options.logit_bias:  # its ids checked by check_bias_vocabulary (generate(), before the prompt)
             self.bias = torch.zeros(vocab, device=device)
             ids = torch.tensor(list(options.logit_bias), device=device)
             self.bias[ids] = torch.tensor([float(b) for b in options.logit_bias.values()], device=device)

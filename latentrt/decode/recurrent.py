@@ -20,7 +20,7 @@ from ..errors import InputError, check_bool, check_finite, check_int, is_choice
 from ..exits import make_criterion
 from ..kv_modes import parse_kv_mode
 from ..models.recurrent import check_steps
-from ..options import GenerateOptions
+from ..options import GenerateOptions, unused_message
 from ..prompts import Batch
 from ..recurrence import LoopSpec, run_recurrence
 from .base import Decoder, TokenOutput, nonfinite_flags
@@ -74,12 +74,8 @@ class RecurrentDecoder(Decoder):
         cls.sampler_class(options)
         unused = [name for name in cls.ADAPTIVE_ONLY if options.is_set(name)] if not options.adaptive else []
         if unused:  # as HF warns of sampling flags in greedy mode: a sweep of adaptive on/off keeps its kwargs
-            verb, unused_ = ("acts", "it is") if len(unused) == 1 else ("act", "they are")
-            warnings.warn(
-                f"{', '.join(unused)} {verb} only on the adaptive exit: without adaptive=True every token runs "
-                f"num_steps iterations and {unused_} unused",
-                stacklevel=2,
-            )
+            only = "on the adaptive exit: without adaptive=True every token runs num_steps iterations and"
+            warnings.warn(unused_message(unused, only), stacklevel=2)
 
     @classmethod
     def sampler_class(cls, options: GenerateOptions):

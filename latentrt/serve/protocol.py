@@ -82,7 +82,11 @@ class Parsed:
     score_only: bool = False  # echo with max_tokens 0: no token is generated
     openai_defaults: dict = field(default_factory=dict)  # OpenAI's value of each option the request left out
     prompt_index: list[int] = field(default_factory=list)  # per choice: its prompt's index in the request
-    several_prompts: bool = False  # a completion's list of prompts: errors about one name its index
+
+    @property
+    def several_prompts(self) -> bool:
+        """A completion's list of prompts: errors about one name its index."""
+        return len(set(self.prompt_index)) > 1
 
 
 def _check_fields(body, allowed: set[str], what: str) -> dict:
@@ -192,7 +196,8 @@ def _stream_options(body: dict, stream: bool) -> bool:
 def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
     """One request per (prompt, copy); with a seed, choice i takes seed + i (generate()'s batch rule)."""
     seed, choices = opts.get("seed"), len(prompts) * n
-    if isinstance(seed, int) and not isinstance(seed, bool) and choices > 1 and seed > MAX_SEED - choices + 1:
+    seeded = isinstance(seed, int) and not isinstance(seed, bool)  # another type: generate() names it
+    if seeded and choices > 1 and seed > MAX_SEED - choices + 1:
         raise InputError(
             f"seed must be in [0, 2**63 - {choices}] for {choices} choices (choice i samples with seed + i), got {seed}"
         )
@@ -200,12 +205,12 @@ def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
     for k, p in enumerate(prompts):
         for _ in range(n):
             o = dict(opts)
-            if isinstance(seed, int) and not isinstance(seed, bool):
+            if seeded:
                 o["seed"] = seed + len(out_opts)
             out_prompts.append(p)
             out_opts.append(o)
             index.append(k)
-    return Parsed(out_prompts, out_opts, False, False, prompt_index=index, several_prompts=len(prompts) > 1)
+    return Parsed(out_prompts, out_opts, False, False, prompt_index=index)
 
 
 OPENAI_TEMPERATURE = 1.0  # a request without a temperature samples at 1 (OpenAI's API)
