@@ -15,7 +15,7 @@ import warnings
 
 from .backends import CHOICES
 from .checkpoint import builtin_names
-from .errors import InputError, LatentRTError
+from .errors import InputError, LatentRTError, renamed
 from .exits import CRITERIA
 from .families import decodings
 from .serve.engine import SCHEDULERS
@@ -235,6 +235,26 @@ def _check_chat_args(args) -> None:
         raise InputError("--system and --chat-template go with --chat")
 
 
+def _name_options_as_flags(p: argparse.ArgumentParser) -> None:
+    """``p``'s errors and warnings name the generate() options the user gave as the flags typed
+    (``--threshold must be >= 0``, not ``exit_threshold``; ``_given_flags``): each option that takes a
+    value, by its first flag (on/off flags keep the option's name: ``--adaptive=True`` is no flag's spelling)."""
+    flags = {
+        GENERATE_FLAGS[a.dest]: a.option_strings[0] for a in p._actions if a.dest in GENERATE_FLAGS and a.nargs != 0
+    }
+    p.set_defaults(option_flags=flags)
+
+
+def _given_flags(args) -> dict[str, str]:
+    """generate()'s option -> flag, for the options given on this command line (one left to its default keeps
+    its name: "in [0, max_new_tokens=64]" is the default's, not a --max-new-tokens the user typed)."""
+    return {opt: flag for opt, flag in getattr(args, "option_flags", {}).items() if _given(args, opt)}
+
+
+def _given(args, option: str) -> bool:
+    return any(hasattr(args, dest) for dest, opt in GENERATE_FLAGS.items() if opt == option)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,12 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the result as JSON (with --stream, JSON lines: one per generated position, then the result)",
     )
+    _name_options_as_flags(g)
 
     c = sub.add_parser("chat", help="talk to a model: each line of input is a user message, answers stream")
     _add_model_args(c)
     _add_generate_args(c)
     c.add_argument("--system", default=None, help="a system message opening the conversation")
     c.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja template file")
+    _name_options_as_flags(c)
 
     i = sub.add_parser("info", help="print the config, parameter count and KV bytes per token")
     _add_model_args(i)
@@ -277,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause; default: the format the "
         "model was trained with)",
     )
+    _name_options_as_flags(e)
 
     t = sub.add_parser("train", help="train a model on a JSON / JSON Lines file of records (README)")
     _add_model_args(t)
@@ -427,10 +450,14 @@ def cmd_chat(args) -> int:
     and kept in the history (through the chat template, as the server's chat route); ``/reset`` starts
     over, end of input or ``/exit`` ends."""
     from .chat import apply_chat_template, chat_template_for, system_opening
-    from .engine import generate
+    from .engine import check_options_for, generate
+    from .options import GenerateOptions
 
     model = _load(args)
     kwargs = _options(args)
+    with warnings.catch_warnings():  # a bad option is named before the first message is read, not after it;
+        warnings.simplefilter("ignore")  # an unused one is said by the first turn's generate() (not twice)
+        check_options_for(model, GenerateOptions.build(None, model.generation_defaults, **kwargs))
     template = chat_template_for(model, args.chat_template)  # read once, not every turn
     opening = system_opening(args.system)
     history = list(opening)
@@ -591,14 +618,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; every error prints ``latentrt: error: ...`` and exits 2 (argparse's own errors too),
     never a traceback (LATENTRT_DEBUG=1 shows one for an unexpected error)."""
     args = build_parser().parse_args(argv)
+    flags = _given_flags(args)
     with warnings.catch_warnings():  # restores Python's display when main() returns (tests call it in-process)
-        warnings.showwarning = _show_warning
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: _show_warning(
+            message, flags, file
+        )
         return _run(args)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as a command line tool says it: ``latentrt: warning: ...`` (no file, line or source)."""
-    print(f"latentrt: warning: {message}", file=file or sys.stderr)
+def _show_warning(message, flags: dict, file=None) -> None:
+    """A warning as a command line tool says it: ``latentrt: warning: ...`` (no file, line or source), the
+    options it names as the command's ``flags``."""
+    print(f"latentrt: warning: {renamed(str(message), flags)}", file=file or sys.stderr)
 
 
 def _run(args) -> int:
@@ -613,6 +644,9 @@ def _run(args) -> int:
             "serve": cmd_serve,
         }
         return commands[args.command](args)
+    except InputError as exc:
+        print(f"latentrt: error: {renamed(str(exc), _given_flags(args))}", file=sys.stderr)
+        return 2
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)
         return 2

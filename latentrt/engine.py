@@ -176,10 +176,14 @@ class Generation:
                 if not s:
                     raise InputError("stop strings must not be empty")
                 strings.append(s)
-            elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.model.config.vocab_size:
-                ids.add(s)
+            elif not isinstance(s, int) or isinstance(s, bool):
+                raise InputError(f"stop entries must be token ids or strings, got {s!r}")
+            elif not 0 <= s < self.model.config.vocab_size:
+                raise InputError(
+                    f"stop token id {s} is not in the vocabulary (ids 0 to {self.model.config.vocab_size - 1})"
+                )
             else:
-                raise InputError(f"stop entries must be token ids in the vocabulary or strings, got {s!r}")
+                ids.add(s)
         self.stop_strings = StopStrings(strings)
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.model.device)
 

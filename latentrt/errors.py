@@ -4,6 +4,8 @@ ValueError subclasses except the numeric one."""
 import math
 import numbers
 import os
+import re
+from collections.abc import Mapping
 
 
 class LatentRTError(Exception):
@@ -29,6 +31,19 @@ class PromptError(InputError):
 
 class NonFiniteStateError(LatentRTError, FloatingPointError):
     """A latent state or logits became NaN/inf; generation stops rather than return garbage."""
+
+
+def renamed(message: str, names: Mapping[str, str]) -> str:
+    """``message`` with the options it names as the caller knows them: a command's flags (``--seed must be
+    ...``), a request's fields (``max_tokens must be ...``). A name is replaced where it is the subject
+    (``NAME must``, ``NAME acts only``, ``NAME does not``, a list of them: ``NAME, NAME do not``) or shows
+    a value (``NAME=2``, ``NAME (2)``); never inside another name, nor a name already replaced (``--lr``
+    stays ``--lr``)."""
+    if not names:
+        return message
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w-])({alternatives})\b(?==| must| act| do|, | \()")
+    return pattern.sub(lambda m: names[m.group(1)], message)
 
 
 def is_choice(value, choices) -> bool:

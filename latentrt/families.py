@@ -89,8 +89,9 @@ def check_applicable(family: Family, options: GenerateOptions) -> None:
     inapplicable = sorted(n for n in family_options - family.decoder.OPTIONS if options.is_set(n))
     if inapplicable:
         others = sorted({f.title for f in FAMILIES.values() if set(inapplicable) <= f.decoder.OPTIONS})
-        where = f"; they apply to {' / '.join(others)} models" if others else ""
-        raise InputError(f"{inapplicable} do not apply to this {family.title} model{where}")
+        verb, pronoun = ("does", "it applies") if len(inapplicable) == 1 else ("do", "they apply")
+        where = f"; {pronoun} to {' / '.join(others)} models" if others else ""
+        raise InputError(f"{', '.join(inapplicable)} {verb} not apply to this {family.title} model{where}")
 
 
 def decodings() -> list[str]:

@@ -107,12 +107,13 @@ def encode_text(tokenizer, texts: list[str], strict: bool = False) -> list[list[
     them, or an InputError with ``strict``."""
     out = []
     for i, t in enumerate(texts):
-        check_unicode(f"prompt {i}", t)
+        which = f"prompt {i}" if len(texts) > 1 else "the prompt"  # one prompt: no index to name
+        check_unicode(which, t)
         enc = tokenizer.encode(t)
         unknown = unknown_words(tokenizer, t, enc)
         if unknown:
             msg = (
-                f"prompt {i}: {len(unknown)} word(s) are not in the tokenizer's vocabulary and became its unknown "
+                f"{len(unknown)} word(s) of {which} are not in the tokenizer's vocabulary and became its unknown "
                 f"token: {sorted(set(unknown))[:10]}"
             )
             if strict:

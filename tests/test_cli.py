@@ -1,5 +1,6 @@
 """The command line: generate, info, errors as exit code 2."""
 
+import io
 import json
 import socket
 
@@ -93,7 +94,7 @@ def test_warnings_are_one_line_saying_latentrt(recurrent_dir, capsys):
     assert main(["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "1", "--top-p", "0.9"]) == 0
     err = capsys.readouterr().err
     assert (
-        err == "latentrt: warning: top_p acts only when sampling (temperature > 0); with temperature=0 it is unused\n"
+        err == "latentrt: warning: --top-p acts only when sampling (temperature > 0); with temperature=0 it is unused\n"
     )
     assert warnings.showwarning is shown
 
@@ -146,7 +147,7 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     assert main(["generate", str(recurrent_dir), "x", "--logit-bias", "5"]) == 2
     assert "--logit-bias takes ID=BIAS" in capsys.readouterr().err
     assert main(["generate", str(recurrent_dir), "x", "--repetition-penalty", "0"]) == 2
-    assert "repetition_penalty must be in [1e-30, 1e+30]" in capsys.readouterr().err
+    assert "error: --repetition-penalty must be in [1e-30, 1e+30]" in capsys.readouterr().err
     dry = dict(dry_multiplier=2.5, dry_base=1.5, dry_allowed_length=1)
     want = latentrt.generate(model, "every cat is", max_new_tokens=8, default_stops=False, seed=2, **dry)
     argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--no-default-stops", "--json"]
@@ -192,8 +193,8 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
         s.bind(("127.0.0.1", 0))
         free = str(s.getsockname()[1])
     cases = [
-        (["generate", str(coconut_dir), "every cat", "--adaptive"], "do not apply"),
-        (["generate", str(recurrent_dir), "every cat", "--thoughts", "2"], "do not apply"),
+        (["generate", str(coconut_dir), "every cat", "--adaptive"], "adaptive does not apply to this Coconut"),
+        (["generate", str(recurrent_dir), "every cat", "--thoughts", "2"], "error: --thoughts does not apply"),
         (["info", str(recurrent_dir), "--steps", "-3"], "--steps must be >= 1"),
         (["eval", str(recurrent_dir), str(tmp_path), "--limit", "2"], "is a folder"),
         (["eval", str(recurrent_dir), str(tmp_path / "records.json")], "has no 'answer'"),
@@ -204,14 +205,14 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
         (["serve", str(recurrent_dir), "--max-len", "1"], "--max-len must be >= 2, got 1"),
         (["serve", str(recurrent_dir), "--kv-slots", "0"], "--kv-slots must be >= 1, got 0"),
         (["eval", str(recurrent_dir), str(tmp_path / "records.json"), "--batch-size", "0"], "--batch-size"),
-        (["generate", str(recurrent_dir), "every cat", "--kv", "ring-0"], "kv_sharing"),
+        (["generate", str(recurrent_dir), "every cat", "--kv", "ring-0"], "error: --kv must be"),
         (["generate", "builtin:", "x"], "the built-in models are"),
         (["info", str(recurrent_dir), "--hf-overrides", "{mean_recurrence: 3}"], "--hf-overrides must be a JSON"),
         (["info", str(recurrent_dir), "--hf-overrides", "[3]"], "must be a JSON object, got list"),
         (["info", str(recurrent_dir), "--hf-overrides", '{"mean_recurence": 3}'], "mean_recurence"),
         (
             ["serve", str(recurrent_dir), "--port", free, "--override-generation-config", '{"num_thoughts": 2}'],
-            "do not apply",
+            "num_thoughts does not apply",
         ),
         (["serve", str(recurrent_dir), "--override-generation-config", "3"], "must be a JSON object"),
     ]
@@ -222,6 +223,36 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
     (tmp_path / "ok.json").write_text('[{"question": "every cat", "steps": [], "answer": "Tom"}]')
     assert main(["eval", str(coconut_dir), str(tmp_path / "ok.json"), "--modes", "bogus"]) == 2
     assert "unknown prompt format 'bogus'" in capsys.readouterr().err
+
+
+def test_generate_options_are_named_as_the_commands_flags(recurrent_dir, tmp_path, capsys, monkeypatch):
+    """Errors and warnings about generate()'s options name the flag the user types (``--threshold must be``,
+    not ``exit_threshold``), in generate, chat and eval, as train's name its flags; on/off flags keep the
+    option's name (``adaptive=True``: ``--adaptive=True`` is no flag's spelling)."""
+    d = str(recurrent_dir)
+    (tmp_path / "r.json").write_text('[{"question": "every cat", "steps": [], "answer": "Tom"}]')
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # chat checks its options before reading a message
+    for argv, message in [
+        (["generate", d, "x", "--threshold", "-1", "--adaptive"], "error: --threshold must be >= 0, got -1.0"),
+        (
+            ["generate", d, "x", "--min-new-tokens", "5", "--max-new-tokens", "2"],
+            "error: --min-new-tokens must be an integer in [0, --max-new-tokens=2], got 5",
+        ),
+        (["generate", d, "x", "--thoughts", "2"], "error: --thoughts does not apply to this recurrent-depth model"),
+        (
+            ["chat", d, "--chat-template", str(tmp_path / "t.jinja"), "--check-every", "0", "--adaptive"],
+            "error: --check-every must be an integer >= 1, got 0",
+        ),
+        (["eval", d, str(tmp_path / "r.json"), "--criterion", "kl", "--adaptive", "--threshold", "-2"], "--threshold"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("latentrt: ") and message in err, (argv, err)
+    assert main(["generate", d, "x", "--top-k", "3", "--threshold", "0.1", "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "latentrt: warning: --top-k acts only when sampling (temperature > 0); with temperature=0 it" in err
+    assert "latentrt: warning: --threshold acts only on the adaptive exit: without adaptive=True" in err
 
 
 def test_a_closed_pipe_ends_the_command_quietly(recurrent_dir, monkeypatch, capsys):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from latentrt.errors import InputError, check_bool, check_finite, check_float, check_int, is_choice
+from latentrt.errors import InputError, check_bool, check_finite, check_float, check_int, is_choice, renamed
 
 
 @pytest.mark.parametrize("value", [0, 3, 2**70])
@@ -113,3 +113,26 @@ def test_environment_numbers_are_checked_and_named(monkeypatch):
             with pytest.raises(InputError, match=message):
                 distributed.init()
     assert distributed.init()[:2] == (0, 1)
+
+
+def test_renamed_names_options_as_the_caller_knows_them():
+    """The CLI's flags and the server's fields replace generate()'s names where an option is the subject or
+    shows a value; nowhere else, never inside another name, never twice."""
+    names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "lr": "--lr", "top_k": "--top-k"}
+    cases = [
+        (
+            "min_new_tokens must be an integer in [0, max_new_tokens=2], got 5",
+            "min_tokens must be an integer in [0, max_tokens=2], got 5",
+        ),
+        ("prompt (9 tokens) + max_new_tokens (16) = 25 exceeds", "prompt (9 tokens) + max_tokens (16) = 25 exceeds"),
+        ("top_k, lr do not apply", "--top-k, --lr do not apply"),
+        ("top_k acts only when sampling", "--top-k acts only when sampling"),
+        ("--lr must be > 0; lr must be > 0", "--lr must be > 0; --lr must be > 0"),
+        (
+            "the lr schedule; lr_min must be; my_lr=3; top_k is 3",
+            "the lr schedule; lr_min must be; my_lr=3; top_k is 3",
+        ),
+    ]
+    for message, want in cases:
+        assert renamed(message, names) == want
+    assert renamed("lr must be", {}) == "lr must be"

@@ -61,7 +61,7 @@ def test_cli_eval_chat(tmp_path, capsys):
     for extra, message in [
         (["--system", "x"], "--system and --chat-template go with --chat"),
         (["--chat", "--modes", "coconut"], "--modes are the model's own prompt formats"),
-        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["--max-new-tokens", "0"], "error: --max-new-tokens must be an integer >= 1"),
     ]:
         assert main([*args, *extra]) == 2
         assert message in capsys.readouterr().err

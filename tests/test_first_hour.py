@@ -155,8 +155,12 @@ def test_coconut_training_checkpoint_on_a_gpt2_base(tmp_path, hub_cache):
 
 def test_unknown_words_are_named():
     model = latentrt.load("builtin:recurrent", device="cpu")
-    with pytest.warns(latentrt.UnknownWordsWarning, match=r"\['The', 'Westeros', 'capital', 'of'\]"):
+    with pytest.warns(
+        latentrt.UnknownWordsWarning, match=r"^4 word\(s\) of the prompt .*\['The', 'Westeros', 'capital', 'of'\]"
+    ):
         latentrt.generate(model, "The capital of Westeros is Alex", max_new_tokens=1)
+    with pytest.warns(latentrt.UnknownWordsWarning, match=r"^1 word\(s\) of prompt 1 .*\['Westeros'\]"):
+        latentrt.generate(model, ["Alex is", "Westeros is"], max_new_tokens=1)
     with pytest.raises(InputError, match="not in the tokenizer's vocabulary"):
         latentrt.generate(model, "The capital of Westeros is", max_new_tokens=1, strict=True)
     with warnings.catch_warnings():

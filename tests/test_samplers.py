@@ -98,7 +98,7 @@ def test_samplers_take_one_prompt_and_only_recurrent_models():
     model = tiny_recurrent(seed=1)
     with pytest.raises(InputError, match="takes one prompt"):
         latentrt.generate(model, [[3, 4], [5, 6]], decoding="wavefront")
-    with pytest.raises(InputError, match="do not apply to this Coconut continuous-thought model"):
+    with pytest.raises(InputError, match="decoding does not apply to this Coconut continuous-thought model"):
         latentrt.generate(tiny_coconut(seed=1), [3, 4], decoding="speculative")
 
 

@@ -170,7 +170,7 @@ def test_server_wide_defaults_sit_between_the_request_and_openais():
     assert defaults == {"repetition_penalty": 1.5, **override}
     for bad, message in (
         ({"hooks": [print]}, "cannot be server defaults"),
-        ({"num_thoughts": 1}, "do not apply"),
+        ({"num_thoughts": 1}, "num_thoughts does not apply"),
         ({"temprature": 0.5}, "did you mean 'temperature'"),
         ({"temperature": -1}, "temperature must be"),
         ({"kv_sharing": "ring-x"}, "kv_sharing must be"),
@@ -357,7 +357,7 @@ def test_penalties_and_logit_bias_as_openai_and_vllm_take_them(recurrent_server)
         (dict(logit_bias={"5": 500}), "logit_bias[5] must be in [-100, 100]"),
         (dict(repetition_penalty=-1), "repetition_penalty must be in [1e-30, 1e+30]"),
         (dict(min_p=7), "min_p must be in [0, 1]"),
-        (dict(min_tokens=9), "min_new_tokens must be an integer in [0, max_new_tokens=8]"),
+        (dict(min_tokens=9), "min_tokens must be an integer in [0, max_tokens=8]"),
     ]:
         got = h.post("/v1/completions", json=dict(args, **bad))
         assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
@@ -426,7 +426,7 @@ def test_vllms_stop_and_text_fields(recurrent_server):
     assert len(texts) == len(cases)  # (each option changes the answer)
     for bad, message in [
         (dict(stop_token_ids=[1, "x"]), "stop_token_ids must be a list of token ids"),
-        (dict(stop_token_ids=[10**6]), "stop entries must be token ids in the vocabulary"),
+        (dict(stop_token_ids=[10**6]), "stop token id 1000000 is not in the vocabulary"),
         (dict(ignore_eos=1), "ignore_eos must be true or false"),
         (dict(ignore_eos=True, default_stops=True), "ignore_eos: true contradicts default_stops: true"),
         (dict(skip_special_tokens="no"), "skip_special_tokens must be True or False"),
@@ -544,7 +544,7 @@ def test_routes_and_bad_input(recurrent_server):
     assert error({"prompt": ["a", [1, vocab]]}).startswith("prompt 1: token id out of range")
     assert error({"prompt": [[1], ""]}).startswith("prompt 1: empty prompt")
     assert error({"prompt": [[1, 2], [1, True]]}).startswith("prompt 1 must be a string or a list of token ids")
-    too_long = "prompt 1: prompt (90 tokens) + max_new_tokens (16) = 106 exceeds the model's context (block_size=96)"
+    too_long = "prompt 1: prompt (90 tokens) + max_tokens (16) = 106 exceeds the model's context (block_size=96)"
     assert error({"prompt": [[1], [1] * 90]}) == too_long
     assert error({"prompt": [[1, vocab]]}).startswith("token id out of range")
     assert error({"prompt": ["a", "b"], "temperature": -1}).startswith("temperature must be")
@@ -562,15 +562,31 @@ def test_routes_and_bad_input(recurrent_server):
         {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 99}, **chat
     )
     assert "not served here" in error({"prompt": "a", "model": "gpt-4"}, status=404)
-    # option values: the Python API's messages
+    # option values: the Python API's messages, naming the request's fields (max_tokens, not max_new_tokens)
     for extra in ({"num_steps": 0}, {"exit_criterion": "nope"}, {"kv_sharing": "ring-0"}, {"temperature": -1}):
         with pytest.raises(latentrt.InputError) as api:
             latentrt.generate(model, "a", **extra)
         assert error({"prompt": "a", **extra}) == str(api.value)
     with pytest.raises(latentrt.InputError) as api:
         latentrt.generate(model, [5] * 90, max_new_tokens=10)
-    assert error({"prompt": [5] * 90, "max_tokens": 10}) == str(api.value)
-    assert "max_new_tokens" in error({"prompt": "a", "max_tokens": 0})
+    assert error({"prompt": [5] * 90, "max_tokens": 10}) == str(api.value).replace("max_new_tokens", "max_tokens")
+    assert error({"prompt": "a", "max_tokens": 0}) == "max_tokens must be an integer >= 1, got 0"
+    assert error({"prompt": "a", "max_tokens": 2, "min_tokens": 5}).startswith(
+        "min_tokens must be an integer in [0, max_tokens=2]"
+    )
+    talk = {"messages": [{"role": "user", "content": "a"}]}
+    assert error({**talk, "max_completion_tokens": 0}, **chat).startswith("max_completion_tokens must be")
+    assert error({**talk, "max_tokens": 0}, **chat).startswith("max_tokens must be")
+    assert error({**talk, "min_tokens": 99}, **chat).startswith(
+        "min_tokens must be an integer in [0, max_completion_tokens=64]"
+    )
+    assert error({"max_tokens": 2}).startswith("prompt is required")
+    assert error({"prompt": "a", "model": 3}).startswith("model must be a string")
+    assert error({"prompt": "a", "user": 3}).startswith("user must be a string")
+    assert (
+        error({"prompt": "a", "stop_token_ids": [vocab]})
+        == f"stop token id {vocab} is not in the vocabulary (ids 0 to {vocab - 1})"
+    )
     assert "messages" in error({"messages": []}, path="/v1/chat/completions")
     assert "runs in generate() only" in error({"prompt": "a", "decoding": "wavefront"})
 

@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..chat import chat_template_for
-from ..errors import InputError, LatentRTError, PromptError
+from ..errors import InputError, LatentRTError, PromptError, renamed
 from .engine import Engine, QueueFull, ShuttingDown
 from .protocol import (
     check_model,
@@ -134,9 +134,12 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
         except Exception as exc:
             for r in reqs:
                 engine.cancel(r)
+            if not isinstance(exc, InputError):
+                raise
+            message = renamed(str(exc), parsed.field_names)  # the request's fields, not generate()'s names
             if isinstance(exc, PromptError) and parsed.several_prompts:
-                raise InputError(f"prompt {parsed.prompt_index[len(reqs)]}: {exc}") from None
-            raise
+                message = f"prompt {parsed.prompt_index[len(reqs)]}: {message}"
+            raise InputError(message) from None
         return reqs
 
     async def handle(request: Request, chat: bool):

@@ -67,6 +67,8 @@ CHAT_FIELDS = (
     | set(NEUTRAL)
 )
 MAX_CHOICES = 16
+# generate()'s options a request field of another name sets (besides max_new_tokens, the route's max_tokens)
+RENAMED = {"min_new_tokens": "min_tokens"}
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Parsed:
     score_only: bool = False  # echo with max_tokens 0: no token is generated
     openai_defaults: dict = field(default_factory=dict)  # OpenAI's value of each option the request left out
     prompt_index: list[int] = field(default_factory=list)  # per choice: its prompt's index in the request
+    # generate()'s option names -> the request's fields for them, for its errors: "max_tokens must be ..."
+    field_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def several_prompts(self) -> bool:
@@ -144,6 +148,8 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
         if opts.get("default_stops") is True:
             raise InputError("ignore_eos: true contradicts default_stops: true (ignore_eos is default_stops: false)")
         opts["default_stops"] = False
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise InputError(f"user must be a string (an id of the end user), got {body['user']!r}")
     n = body.get("n", 1)
     if n is None:
         n = 1
@@ -228,6 +234,8 @@ def parse_completion(body) -> Parsed:
     """A /v1/completions body."""
     body = _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
     prompt = body.get("prompt")
+    if prompt is None:
+        raise InputError("prompt is required: a string, a list of strings, a list of token ids or a list of such lists")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
@@ -248,6 +256,7 @@ def parse_completion(body) -> Parsed:
     opts, n = _options(body, body.get("max_tokens"))
     parsed = _per_choice(prompts, opts, n)
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=16)  # completions: 16 tokens
+    parsed.field_names = dict(RENAMED, max_new_tokens="max_tokens")
     if len(parsed.prompts) > MAX_CHOICES:
         raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
@@ -283,6 +292,8 @@ def parse_chat(body, template, tokenizer) -> Parsed:
     opts, n = _options(body, max_tokens)
     parsed = _per_choice([ids], opts, n)
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
+    given = "max_tokens" if "max_completion_tokens" not in body and "max_tokens" in body else "max_completion_tokens"
+    parsed.field_names = dict(RENAMED, max_new_tokens=given)
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=True)
     return parsed
@@ -317,6 +328,8 @@ def parse_detokenize(body, vocab: int) -> list[int]:
 def check_model(body, served: str) -> None:
     """The OpenAI clients name a model in every request; it must be the one served (or omitted)."""
     name = body.get("model") if isinstance(body, dict) else None
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"model must be a string (the served model's name, {served!r}), got {name!r}")
     if name is not None and name != served:
         raise LookupError(f"model {name!r} is not served here; this server serves {served!r}")
 

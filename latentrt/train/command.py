@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..chat import LOSS_ON, chat_template_file
-from ..errors import InputError, env_number
+from ..errors import InputError, env_number, renamed
 from ..records import read_records_file
 from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
 from .common import TrainOptions
@@ -87,14 +86,12 @@ FLAG_OF = {
     **{name: _flag(name) for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")},
     **{name: _flag(name) for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage")},
 }
-# an option's name not already a flag's (an error renamed once is not renamed again: it said "----lr")
-_NAMED = re.compile(r"(?<![\w-])(" + "|".join(FLAG_OF) + r")\b(?==| must)")
 
 
 def in_flags(exc: InputError) -> InputError:
     """The error with the options it names as the command's flags (``--seed must be ...``, ``--max-steps=3 is
     fewer than ...``) rather than as the trainers' Python options."""
-    return InputError(_NAMED.sub(lambda m: FLAG_OF[m.group(1)], str(exc)))
+    return InputError(renamed(str(exc), FLAG_OF))
 
 
 def validated(options: TrainOptions | Curriculum) -> TrainOptions | Curriculum:
