@@ -29,8 +29,9 @@ A *unit* is the prompt (prefill, many positions) or one generated token. For a b
 
 Without an exit criterion (``none``, i.e. fixed depth) every sequence runs r_max iterations. A
 sequence's result does not depend on the others in the batch: masks, never host branches, decide who
-runs. The loop never reads the device from the host unless ``host_may_stop`` (the reference path: it
-stops early once every sequence has exited, a host read per check).
+runs. The loop never reads the device from the host unless ``host_may_stop`` (the reference path, and any
+path with hooks: it stops early once every sequence has exited, a host read per check; so hooks are called
+after the iterations some sequence runs, the same ones on every backend).
 """
 
 from __future__ import annotations

@@ -105,6 +105,26 @@ def test_decode_tokens_run_as_one_token_runner(monkeypatch):
     assert c.tokens == a.tokens
 
 
+def test_hooks_see_the_same_iterations_on_every_backend():
+    """With an adaptive exit, hooks are called after the iterations some sequence runs, as on the torch
+    backend: the Triton path (whose loop keeps exit masks on the device) called them for every iteration up to
+    num_steps, the later ones with nobody active. A hook's replaced state gives the same tokens and steps."""
+    ref, fast = _pair(seed=5)
+    kw = dict(max_new_tokens=3, num_steps=8, adaptive=True, exit_criterion="kl", exit_threshold=0.5, seed=3)
+    logs = []
+    for model in (ref, fast):
+        log = []
+
+        def hook(ev, log=log):
+            log.append((ev.kind, ev.step, ev.token_index, tuple(ev.active.tolist())))
+            return ev.state * 0.9
+
+        out = latentrt.generate(model, PROMPTS, hooks=hook, **kw)
+        logs.append((out.tokens, out.steps, log))
+    assert logs[0] == logs[1]
+    assert max(max(s) for s in logs[0][1]) < 8  # (every sequence exited early: iterations were left to skip)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
 def test_cuda_graph_replay_equals_torch_backend(criterion):

@@ -223,7 +223,9 @@ class RecurrentDecoder(Decoder):
             mark=lambda t, active: cache.mark_iteration(chunk, t, active),
             exit_ops=backend.exit_ops,
             hooks=self.hooks,
-            host_may_stop=not backend.sync_free,
+            # with hooks the host runs between iterations anyway: it stops once every sequence has exited, so
+            # hooks see the same iterations on every backend (none after the last exit)
+            host_may_stop=not backend.sync_free or bool(self.hooks),
         )
         self.last_state = s[:, -1:]
         last = logits[:, -1] if all_logits else logits
