@@ -44,7 +44,8 @@ def test_the_command_trains_as_the_api_does_and_keeps_the_models_files(huginn_li
     args = ["train", str(folder), str(data), "--out", str(out), "--max-steps", "3", "--batch-size", "2"]
     log = tmp_path / "log.jsonl"
     assert main([*args, "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "4", "--log", str(log)]) == 0
-    assert f"checkpoint: {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"checkpoint: {out}" in printed and "steps 1-3: loss " in printed
     model = latentrt.load(folder, device="cpu")
     opts = TrainOptions.huginn_published(steps=3, batch_size=2, micro_batch_size=1, lr=1e-3, seed=4, progress=False)
     want = train_recurrent(model, model.tokenizer, RECORDS, opts)
@@ -100,7 +101,8 @@ def test_coconut_trains_through_its_curriculum_as_the_api_does(coconut_dir, tmp_
     assert (info["mode"], info["max_stage"], info["thoughts_per_step"]) == ("coconut", 1, 2)
     assert info["options"]["lr"] == 1e-4 and info["options"]["weight_decay"] == 0.01
     assert latentrt.generate(tuned, "is Tom a cat ?", max_new_tokens=2).num_thoughts == 2
-    capsys.readouterr()
+    # a curriculum counts steps per stage: the summary names the stages (it said 'steps 1-1')
+    assert "3 steps (stage 0 step 1 to stage 2 step 1): loss " in capsys.readouterr().out
 
 
 def test_a_run_whose_optimizer_state_cannot_fit_is_refused_before_training(huginn_like, tmp_path, capsys, monkeypatch):

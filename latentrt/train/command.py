@@ -192,6 +192,18 @@ TRAINERS = {
 }
 
 
+def summary(log: list[dict]) -> str:
+    """The run's line: its steps and the loss at the first and the last. A curriculum's steps count within each
+    stage (``stage 0 step 1 to stage 4 step 1``: 'steps 1-1' said nothing)."""
+    first, last = log[0], log[-1]
+    if "stage" in first:
+        where = lambda e: f"stage {e['stage']} step {e['step']}"  # noqa: E731
+        steps = f"{len(log)} steps ({where(first)} to {where(last)})"
+    else:
+        steps = f"steps {first['step']}-{last['step']}"
+    return f"{steps}: loss {first['loss']:.4f} -> {last['loss']:.4f}"
+
+
 def run_train(model, args) -> int:
     """The CLI's train command on a loaded model: its family's trainer, the other trainers' flags refused."""
     trainer = TRAINERS.get(model.config.model_type)
@@ -213,8 +225,7 @@ def run_train(model, args) -> int:
             raise in_flags(exc) from None
         if distributed.is_main():  # under torchrun: one report, by the process that saved
             if log:
-                first, last = log[0], log[-1]
-                print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}")
+                print(summary(log))
             print(f"checkpoint: {args.out} (latentrt generate {args.out} PROMPT)")
     finally:
         distributed.shutdown()
