@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text and print the recurrence steps per token")
     _add_model_args(g)
-    g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch)")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch); - reads one from stdin")
     _add_generate_args(g)
     _add_chat_args(g, "prompt")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
@@ -401,12 +401,13 @@ def cmd_generate(args) -> int:
     from .families import family_for
 
     _check_chat_args(args)
+    given = _read_stdin_prompt(args.prompt)
     model = _load(args)
     if args.chat:
         template = chat_template_for(model, args.chat_template)
-        prompts = [_chat_ids(model, p, template, args) for p in args.prompt]
+        prompts = [_chat_ids(model, p, template, args) for p in given]
     else:
-        prompts = args.prompt
+        prompts = given
     prompt = prompts[0] if len(prompts) == 1 else prompts
     kwargs = _options(args)
     if args.stream:
@@ -438,6 +439,21 @@ def cmd_generate(args) -> int:
     if applied:
         print(f"sampling defaults from generation_config.json: {applied} (a flag overrides: --temperature 0 is greedy)")
     return 0
+
+
+def _read_stdin_prompt(prompts: list[str]) -> list[str]:
+    """The prompts with ``-`` read from standard input (its text, less one final newline: ``echo ... |``), as
+    many command line tools take a file's text; read before the model loads, so a second ``-`` fails first."""
+    if prompts.count("-") > 1:
+        raise InputError("only one prompt can be - (standard input)")
+    if "-" not in prompts:
+        return prompts
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"standard input is not UTF-8 text: {exc}") from None
+    text = text[:-1] if text.endswith("\n") else text
+    return [text if p == "-" else p for p in prompts]
 
 
 def _model_defaults_applied(model, given: dict) -> str:

@@ -225,6 +225,19 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
     assert "unknown prompt format 'bogus'" in capsys.readouterr().err
 
 
+def test_a_prompt_dash_is_standard_input(recurrent_dir, capsys, monkeypatch):
+    """``echo TEXT | latentrt generate MODEL -``: the text less its final newline, beside other prompts too;
+    two ``-`` are an error before the model loads."""
+    d, kw = str(recurrent_dir), ["--max-new-tokens", "3", "--seed", "3", "--json"]
+    assert main(["generate", d, "every cat is", "a dog", *kw]) == 0
+    want = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("every cat is\n"))
+    assert main(["generate", d, "-", "a dog", *kw]) == 0
+    assert json.loads(capsys.readouterr().out) == want
+    assert main(["generate", d, "-", "-"]) == 2
+    assert "only one prompt can be - (standard input)" in capsys.readouterr().err
+
+
 def test_generate_options_are_named_as_the_commands_flags(recurrent_dir, tmp_path, capsys, monkeypatch):
     """Errors and warnings about generate()'s options name the flag the user types (``--threshold must be``,
     not ``exit_threshold``), in generate, chat and eval, as train's name its flags; on/off flags keep the
