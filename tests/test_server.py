@@ -513,7 +513,11 @@ def test_routes_and_bad_input(recurrent_server):
     url, _, model = recurrent_server
     h = httpx.Client(base_url=url)
     assert h.get("/health").json()["status"] == "ok"
-    assert h.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    card = h.get("/v1/models").json()["data"][0]
+    assert card["id"] == "tiny" and card["max_model_len"] == 96  # (the tiny model's context)
+    assert client(url).models.retrieve("tiny").model_dump(exclude_unset=True) == card  # OpenAI's retrieve, through its client
+    assert h.get("/v1/models/gpt-4").status_code == 404
+    assert "not served here" in h.get("/v1/models/acme/gpt-4").json()["error"]["message"]
     metrics = h.get("/metrics").text
     for name in (
         "latentrt_queue_length",

@@ -1,8 +1,9 @@
 """The HTTP server: OpenAI-compatible routes over an ``Engine``, with FastAPI and uvicorn (the ``serve`` extra).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent
-events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format), and vLLM's
-``POST /tokenize`` / ``POST /detokenize`` (the server's own tokenization, for clients that count tokens).
+events), ``GET /v1/models`` (and ``/v1/models/{id}``), ``GET /health``, ``GET /metrics`` (Prometheus text
+format), and vLLM's ``POST /tokenize`` / ``POST /detokenize`` (the server's own tokenization, for clients
+that count tokens).
 
 Status codes: 400 for a body that is not JSON, an unknown field or a bad option (the Python API's message);
 404 for a model name other than the served one; 429 with ``Retry-After`` when the queue is full; 503 while
@@ -281,12 +282,29 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
     async def detokenize(request: Request):
         return await quick(request, detokenized)
 
+    started = int(time.time())
+
+    def model_card() -> dict:
+        """OpenAI's model object, with vLLM's ``max_model_len`` (the positions a request may use here)."""
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "latentrt",
+            "max_model_len": engine.max_len,
+        }
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "latentrt"}],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")  # OpenAI's retrieve (client.models.retrieve); a Hub id holds a '/'
+    async def one_model(name: str):
+        if name != model_name:
+            return _error(
+                404, f"model {name!r} is not served here; this server serves {model_name!r}", "model_not_found"
+            )
+        return model_card()
 
     @app.get("/health")
     async def health():
