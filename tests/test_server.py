@@ -515,7 +515,9 @@ def test_routes_and_bad_input(recurrent_server):
     assert h.get("/health").json()["status"] == "ok"
     card = h.get("/v1/models").json()["data"][0]
     assert card["id"] == "tiny" and card["max_model_len"] == 96  # (the tiny model's context)
-    assert client(url).models.retrieve("tiny").model_dump(exclude_unset=True) == card  # OpenAI's retrieve, through its client
+    assert (
+        client(url).models.retrieve("tiny").model_dump(exclude_unset=True) == card
+    )  # OpenAI's retrieve, through its client
     assert h.get("/v1/models/gpt-4").status_code == 404
     assert "not served here" in h.get("/v1/models/acme/gpt-4").json()["error"]["message"]
     metrics = h.get("/metrics").text

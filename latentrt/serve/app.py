@@ -300,10 +300,10 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
 
     @app.get("/v1/models/{name:path}")  # OpenAI's retrieve (client.models.retrieve); a Hub id holds a '/'
     async def one_model(name: str):
-        if name != model_name:
-            return _error(
-                404, f"model {name!r} is not served here; this server serves {model_name!r}", "model_not_found"
-            )
+        try:
+            check_model({"model": name}, model_name)
+        except LookupError as exc:
+            return _error(404, str(exc), "model_not_found")
         return model_card()
 
     @app.get("/health")
