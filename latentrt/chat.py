@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer
 
 from .errors import CheckpointError, InputError, check_unicode
 
@@ -176,7 +179,7 @@ def _unusable(problem: str) -> ChatTemplate:
     return ChatTemplate("", problem=f"this model's chat template cannot be used: {problem}")
 
 
-def check_messages(messages) -> list[dict]:
+def check_messages(messages: object) -> list[dict]:
     """OpenAI chat messages: a non-empty list of {"role": str, "content": str or text parts}."""
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
@@ -319,14 +322,14 @@ def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans
     return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
-def render_chat(template: ChatTemplate | None, messages, options: ChatOptions | None = None) -> str:
+def render_chat(template: ChatTemplate | None, messages: list[dict], options: ChatOptions | None = None) -> str:
     """The prompt text of a conversation (a 400-worthy InputError when the model has no template or the
     template rejects the conversation); ``options``: how (default: with the generation prompt)."""
     return _render(template, messages, options or ChatOptions(), None)
 
 
 def chat_prompt_ids(
-    template: ChatTemplate | None, tokenizer, messages, options: ChatOptions | None = None
+    template: ChatTemplate | None, tokenizer: Tokenizer | None, messages: list[dict], options: ChatOptions | None = None
 ) -> list[int]:
     """A conversation's prompt ids: rendered with ``template`` (and ``options``), tokenized without adding
     special tokens."""
@@ -348,7 +351,7 @@ def check_loss_on(loss_on: str) -> None:
 
 
 def chat_training_ids(
-    template: ChatTemplate | None, tokenizer, messages, loss_on: str = "assistant"
+    template: ChatTemplate | None, tokenizer: Tokenizer | None, messages: list[dict], loss_on: str = "assistant"
 ) -> tuple[list[int], list[bool]]:
     """A conversation as training data, as transformers' ``apply_chat_template(messages,
     add_generation_prompt=False, return_assistant_tokens_mask=True)`` gives it (what Huginn's fine-tuning
@@ -378,7 +381,15 @@ def chat_training_ids(
     return list(encoding.ids), mask
 
 
-def chat_template_for(model, template: ChatTemplate | str | Path | None = None) -> ChatTemplate | None:
+class ChatModel(Protocol):
+    """What chatting reads of a model (a LatentModel, latentrt/models/base.py, above this module): its
+    tokenizer and the folder its template and special tokens come from."""
+
+    tokenizer: Tokenizer | None
+    folder: Path | None
+
+
+def chat_template_for(model: ChatModel, template: ChatTemplate | str | Path | None = None) -> ChatTemplate | None:
     """The template ``model`` chats with: ``template`` (a ``ChatTemplate``, or a template file's path, read
     with the model folder's bos / eos), else the model folder's own (None when it has none)."""
     folder = getattr(model, "folder", None)
@@ -388,7 +399,7 @@ def chat_template_for(model, template: ChatTemplate | str | Path | None = None) 
 
 
 def apply_chat_template(
-    model,
+    model: ChatModel,
     messages: list[dict],
     template: ChatTemplate | str | Path | None = None,
     *,

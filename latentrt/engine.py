@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, NonFiniteStateError, PromptError
-from .families import check_applicable, family_for
+from .families import Family, check_applicable, family_for
 from .hooks import HookList
 from .memory import check_fits
 from .models.base import LatentModel
@@ -100,7 +100,7 @@ def generate(
             return stop.value
 
 
-def check_options_for(model, options: GenerateOptions):
+def check_options_for(model: LatentModel, options: GenerateOptions) -> Family:
     """The options checked for the model (generic, applicable to its family, the family's own); its family."""
     family = family_for(model)
     options.validate()

@@ -12,6 +12,7 @@ generated token after the first (the first's are the prompt pass's), or of the o
 
 from __future__ import annotations
 
+import argparse
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .chat import ChatTemplate, chat_prompt_ids, chat_template_for, require_temp
 from .engine import check_options_for, generate
 from .errors import InputError, check_int
 from .families import family_for
+from .models.base import LatentModel
 from .options import GenerateOptions
 from .records import Record, load_records
 
@@ -38,7 +40,7 @@ def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> 
 
 
 def evaluate(
-    model,
+    model: LatentModel,
     records: list[Record],
     *,
     mode: str | None = None,
@@ -120,7 +122,7 @@ def format_table(table: dict) -> str:
     return "\n".join(rows)
 
 
-def run_eval(model, args, gen_kwargs: dict) -> int:
+def run_eval(model: LatentModel, args: argparse.Namespace, gen_kwargs: dict) -> int:
     """The CLI's eval command on a loaded model (``gen_kwargs``: the generate() options given)."""
     records = load_records(Path(args.data))[: args.limit]
     decoder = family_for(model).decoder

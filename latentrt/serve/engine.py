@@ -48,6 +48,7 @@ from ..decode.serving import Ended
 from ..engine import Generation, check_options_for
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
 from ..families import family_for
+from ..models.base import LatentModel
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
@@ -61,7 +62,7 @@ MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position at most (vLLM'
 NOT_SERVER_DEFAULTS = ("hooks", "return_logits", "decoding", "decoding_options", "strict")
 
 
-def server_defaults(model, override: dict) -> dict:
+def server_defaults(model: LatentModel, override: dict) -> dict:
     """The generate() defaults a server gives every request (``latentrt serve --override-generation-config``):
     the model's (its generation_config.json) with ``override``'s options on top; any generate() option the
     server takes, checked now (names, values, the model's family) with generate()'s messages."""
