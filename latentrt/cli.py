@@ -264,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch); - reads one from stdin")
     _add_generate_args(g)
     _add_chat_args(g, "prompt")
+    g.add_argument(
+        "--ids",
+        action="store_true",
+        help="each prompt is token ids, e.g. 5,6,7 (a model without tokenizer.json); the output is token ids",
+    )
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument(
         "--json",
@@ -401,8 +406,16 @@ def cmd_generate(args) -> int:
     from .families import family_for
 
     _check_chat_args(args)
+    if args.ids and args.chat:
+        raise InputError("--ids and --chat do not go together (a conversation is text)")
     given = _read_stdin_prompt(args.prompt)
+    if args.ids:
+        given = [_token_ids(p) for p in given]
     model = _load(args)
+    if model.tokenizer is None and not args.ids:
+        raise InputError(
+            "this model has no tokenizer.json: give the prompts as token ids with --ids (e.g. --ids 5,6,7)"
+        )
     if args.chat:
         template = chat_template_for(model, args.chat_template)
         prompts = [_chat_ids(model, p, template, args) for p in given]
@@ -415,10 +428,12 @@ def cmd_generate(args) -> int:
         for ev in stream:
             if args.json:  # JSON lines: one per generated position, then the result's (a reader parses each)
                 print(json.dumps(dict(index=ev.index, tokens=ev.tokens, steps=ev.steps, text=ev.text)), flush=True)
-            elif isinstance(ev.tokens, list):
-                print(" | ".join(repr(t) for t in (ev.text or ev.tokens)), flush=True)
-            else:
-                print(ev.text if ev.text is not None else ev.tokens, end="", flush=True)
+            elif isinstance(ev.tokens, list):  # a batch: a line per position, the sequences' tokens side by side
+                print(" | ".join(repr(t) for t in (ev.tokens if model.tokenizer is None else ev.text)), flush=True)
+            elif ev.text is not None:
+                print(ev.text, end="", flush=True)
+            else:  # no tokenizer: the ids, one after another
+                print(ev.tokens, end=" ", flush=True)
         if not args.json:
             print()
         result = stream.result
@@ -428,7 +443,10 @@ def cmd_generate(args) -> int:
         fields = ("tokens", "steps", "text", "kv_bytes", "finish_reasons", "num_thoughts", "decoding")
         print(json.dumps({f: getattr(result, f) for f in fields}))
         return 0
-    texts = result.text if isinstance(result.text, list) else [result.text]
+    batch = isinstance(result.text, list)
+    texts = result.text if batch else [result.text]
+    if model.tokenizer is None:  # no text: each sequence's ids
+        texts = [" ".join(map(str, t)) for t in (result.tokens if batch else [result.tokens])]
     for n, text in enumerate(texts):
         if not args.stream or len(texts) > 1:
             print(f"[{n}] {text}" if len(texts) > 1 else text)
@@ -439,6 +457,15 @@ def cmd_generate(args) -> int:
     if applied:
         print(f"sampling defaults from generation_config.json: {applied} (a flag overrides: --temperature 0 is greedy)")
     return 0
+
+
+def _token_ids(prompt: str) -> list[int]:
+    """``--ids``: a prompt of token ids separated by commas or spaces (``5,6,7``, ``"5 6 7"``, ``[5, 6, 7]``)."""
+    parts = prompt.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--ids: a prompt must be token ids separated by commas or spaces, got {prompt!r}") from None
 
 
 def _read_stdin_prompt(prompts: list[str]) -> list[str]:

@@ -238,6 +238,31 @@ def test_a_prompt_dash_is_standard_input(recurrent_dir, capsys, monkeypatch):
     assert "only one prompt can be - (standard input)" in capsys.readouterr().err
 
 
+def test_ids_prompts_for_a_model_without_a_tokenizer(recurrent_dir, capsys):
+    """``--ids 5,6,7``: prompts as token ids, for a model folder without tokenizer.json (whose text prompts
+    are refused naming the flag); the output is the generated ids, batched and streamed too."""
+    import latentrt
+
+    d = str(recurrent_dir)
+    (recurrent_dir / "tokenizer.json").unlink()
+    model = latentrt.load(recurrent_dir, device="cpu")
+    kw = dict(max_new_tokens=3, seed=2, default_stops=False)
+    one, two = latentrt.generate(model, [5, 6, 7], **kw), latentrt.generate(model, [[5, 6, 7], [8, 9]], **kw)
+    flags = ["--max-new-tokens", "3", "--seed", "2", "--no-default-stops"]
+    assert main(["generate", d, "every cat"]) == 2
+    assert "no tokenizer.json: give the prompts as token ids with --ids" in capsys.readouterr().err
+    assert main(["generate", d, "--ids", "5,6,7", *flags]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == " ".join(map(str, one.tokens))
+    assert main(["generate", d, "--ids", "5 6 7", "[8, 9]", *flags]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"[{i}] " + " ".join(map(str, t)) for i, t in enumerate(two.tokens)]
+    assert main(["generate", d, "--ids", "5,6,7", "8,9", "--stream", *flags]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [f"{a} | {b}" for a, b in zip(*two.tokens)]
+    assert main(["generate", d, "--ids", "5,x"]) == 2
+    assert "--ids: a prompt must be token ids separated by commas or spaces, got '5,x'" in capsys.readouterr().err
+
+
 def test_generate_options_are_named_as_the_commands_flags(recurrent_dir, tmp_path, capsys, monkeypatch):
     """Errors and warnings about generate()'s options name the flag the user types (``--threshold must be``,
     not ``exit_threshold``), in generate, chat and eval, as train's name its flags; on/off flags keep the
