@@ -21,6 +21,19 @@ def test_info(recurrent_dir, capsys):
     assert "  mean_recurrence: 7" in capsys.readouterr().out
 
 
+def test_python_dash_m_latentrt_is_the_command(recurrent_dir):
+    """``python -m latentrt ...`` runs the command (where the console script is not on PATH), exit status
+    included."""
+    import subprocess
+    import sys
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "latentrt", *a], capture_output=True, text=True)  # noqa: E731
+    ok = run("info", str(recurrent_dir))
+    assert ok.returncode == 0 and "parameters:" in ok.stdout
+    bad = run("info", str(recurrent_dir), "--steps", "0")
+    assert bad.returncode == 2 and bad.stderr.startswith("latentrt: error: --steps must be >= 1")
+
+
 def test_generate_recurrent(recurrent_dir, capsys):
     assert (
         main(
