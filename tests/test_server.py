@@ -3,6 +3,7 @@ request equals generate() alone, streaming and not, and every fault gets its sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -695,44 +696,42 @@ def test_a_failing_request_is_500_and_the_others_are_served():
 
 
 @pytest.mark.slow
-def test_cli_serve_drains_on_sigterm(tmp_path):
-    """`latentrt serve` on a checkpoint folder: a streaming request in flight when SIGTERM arrives still
-    gets every token and [DONE]; then the process exits 0."""
-    model = tiny_recurrent(seed=3)
+def serve_process(tmp_path, model) -> tuple[subprocess.Popen, str]:
+    """`latentrt serve` on ``model`` saved as a checkpoint folder, in a process of its own, once healthy:
+    (the process, its URL). Its output (stdout and stderr) is ``proc.stdout``."""
     save_checkpoint(model, tmp_path / "m", tie_key="lm_head.weight")
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = ["serve", str(tmp_path / "m"), "--port", str(port), "--backend", "torch", "--log-level", "warning"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "latentrt.cli",
-            "serve",
-            str(tmp_path / "m"),
-            "--port",
-            str(port),
-            "--backend",
-            "torch",
-            "--log-level",
-            "warning",
-        ],
+        [sys.executable, "-m", "latentrt.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not start")
+        time.sleep(0.2)
+
+
+def test_cli_serve_drains_on_sigterm(tmp_path):
+    """`latentrt serve` on a checkpoint folder: a streaming request in flight when SIGTERM arrives still
+    gets every token and [DONE]; then the process exits 0."""
+    model = tiny_recurrent(seed=3)
+    proc, url = serve_process(tmp_path, model)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.2)
         body = {
             "prompt": [5, 6],
             "max_tokens": 60,
@@ -759,6 +758,30 @@ def test_cli_serve_drains_on_sigterm(tmp_path):
         assert proc.wait(60) in (0, -signal.SIGTERM)
         out = proc.stdout.read()
         assert "Traceback" not in out and "serving" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_serve_a_second_ctrl_c_ends_it_at_once_in_one_line(tmp_path):
+    """A first Ctrl-C drains (as SIGTERM); a second during the drain ends the process at once: exit 130 and
+    one line saying how many requests were cut short. (uvicorn's own forced exit tore the event loop down under
+    the running engine: tracebacks, a plain-text 500, then a C++ 'terminate called'.)"""
+    proc, url = serve_process(tmp_path, tiny_recurrent(seed=3))
+    try:
+        body = {"prompt": [5, 6], "max_tokens": 90, "stream": True, "default_stops": False, "num_steps": 64}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(httpx.HTTPError):
+                list(lines)
+        assert proc.wait(30) == 130
+        out = proc.stdout.read()
+        assert "latentrt: forced exit (1 request(s) cut short)" in out, out
+        assert "Traceback" not in out and "terminate called" not in out, out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,7 +19,9 @@ import asyncio
 import hmac
 import json
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -365,9 +367,21 @@ def run_server(
     ``sock`` when given (``listening_socket``), else on ``host``:``port``."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose first Ctrl-C (or SIGTERM) drains; a second Ctrl-C during the drain ends the
+        process at once with one line (uvicorn would skip the drain and tear the loop down under the running
+        engine: tracebacks, 500s in plain text, a C++ abort)."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                left = len(engine.resident) + len(engine.queue)
+                print(f"latentrt: forced exit ({left} request(s) cut short)", file=sys.stderr, flush=True)
+                os._exit(130)
+            super().handle_exit(sig, frame)
+
     app = create_app(engine, model_name, chat_template=chat_template, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
-    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
+    Server(config).run(sockets=None if sock is None else [sock])
 
 
 __all__ = ["create_app", "listening_socket", "load_engine", "run_server", "EngineThread", "LatentRTError"]
