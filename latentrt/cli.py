@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause; default: the format the "
         "model was trained with)",
     )
+    e.add_argument("--json", action="store_true", help="print each format's table as a JSON line (for scripts)")
     _name_options_as_flags(e)
 
     t = sub.add_parser("train", help="train a model on a JSON / JSON Lines file of records (README)")

@@ -13,6 +13,7 @@ generated token after the first (the first's are the prompt pass's), or of the o
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def evaluate(
         ]
     else:
         prompts = [decoder.eval_prompt(model, r.question, mode, thoughts) for r in records]
+        gen_kwargs = {**decoder.eval_options(mode), **gen_kwargs}  # (a caller's num_thoughts wins)
     max_new = max_new_tokens or (96 if mode == "cot" or chat is not None else 16)
     defaults = getattr(model, "generation_defaults", None)
     options = GenerateOptions.build(None, defaults, max_new_tokens=max_new, **gen_kwargs)
@@ -145,6 +147,10 @@ def run_eval(model: LatentModel, args: argparse.Namespace, gen_kwargs: dict) -> 
             **gen_kwargs,
         )
         shown = "chat" if args.chat else mode
+        if args.json:  # one line per mode, for scripts: the table's rows by difficulty ("all": every record)
+            rows = {str(d): s for d, s in table.items()}
+            print(json.dumps({"model": args.model, "data": args.data, "mode": shown, "table": rows}), flush=True)
+            continue
         title = f"{args.model} on {args.data}" + (f" ({shown})" if args.chat or len(decoder.EVAL_MODES) > 1 else "")
         print(f"\n{title}\n{format_table(table)}")
     return 0

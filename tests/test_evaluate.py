@@ -1,6 +1,8 @@
 """latentrt/evaluate.py with ``--chat``: each question asked as a user message through the chat template (a
 chat-tuned model's evaluation), scored by the same published answer rule."""
 
+import json
+
 import pytest
 
 import latentrt
@@ -76,3 +78,26 @@ def test_bad_options_are_named_before_the_first_batch(monkeypatch):
     for bad, message in [(dict(exit_threshold=-5.0), "exit_threshold must be >= 0"), (dict(num_thoughts=2), "apply")]:
         with pytest.raises(latentrt.InputError, match=message):
             evaluate(model, records, progress=False, **bad)
+
+
+def test_question_alone_formats_run_no_thoughts(monkeypatch, tmp_path, capsys):
+    """A Coconut model asked in cot / nocot runs no continuous thoughts (generate() appends the trained count
+    to a prompt without markers: --modes cot on a Coconut-trained model scored the coconut format twice);
+    coconut / pause run the trained count. ``--json``: a line per format."""
+    import latentrt.evaluate as ev
+
+    model = latentrt.load("builtin:coconut")
+    records = generate_dataset(4, (1, 2), seed=5)
+    seen = []
+    real = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: seen.append(real(*a, **k).num_thoughts) or real(*a, **k))
+    for mode, thoughts in (("cot", 0), ("nocot", 0), ("coconut", 3), ("pause", 3)):
+        seen.clear()
+        evaluate(model, records, mode=mode, max_new_tokens=4, progress=False)
+        assert seen and set(seen) == {thoughts}, mode
+    monkeypatch.undo()
+    save_records(records, tmp_path / "r.json")
+    assert main(["eval", "builtin:coconut", str(tmp_path / "r.json"), "--modes", "coconut,cot", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["mode"] for line in lines] == ["coconut", "cot"]
+    assert lines[1]["table"]["all"] == evaluate(model, records, mode="cot", progress=False)["all"]

@@ -118,6 +118,11 @@ class Decoder:
         return prompt_ids(model.tokenizer.encode(question))
 
     @classmethod
+    def eval_options(cls, mode: str) -> dict:
+        """generate() options a prompt format of EVAL_MODES needs beside its prompt (none by default)."""
+        return {}
+
+    @classmethod
     def report(cls, result) -> list[str]:
         """Lines the CLI prints after a generation's text (family-specific statistics)."""
         return []

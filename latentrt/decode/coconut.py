@@ -180,5 +180,11 @@ class CoconutDecoder(Decoder):
         return thought_prompt(model.tokenizer, question, trained_thoughts(model)[1] if thoughts is None else thoughts)
 
     @classmethod
+    def eval_options(cls, mode: str) -> dict:
+        """cot / nocot ask the question alone, with no thoughts: generate() would append the trained count to
+        a prompt without markers."""
+        return {} if mode in THOUGHT_MODES else {"num_thoughts": 0}
+
+    @classmethod
     def report(cls, result) -> list[str]:
         return [f"continuous thoughts: {result.num_thoughts}"]
