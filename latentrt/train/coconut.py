@@ -81,9 +81,6 @@ class Curriculum:
             return n_steps, self.max_stage * self.thoughts_per_step
         return min(stage, n_steps), stage * self.thoughts_per_step
 
-    def inference_thoughts(self) -> int:
-        return self.max_stage * self.thoughts_per_step if self.mode in ("coconut", "pause") else 0
-
 
 def add_latent_markers(model: nn.Module, tokenizer) -> bool:
     """Coconut's run.py on a GPT-2 without the latent markers: ``<|start-latent|>``, ``<|end-latent|>``,
@@ -178,11 +175,6 @@ def check_lengths(records: list[TokenizedRecord], cur: Curriculum, stages, n_pos
                     f"records: record {i} is {len(pre) + len(post)} tokens long at stage {stage}, more than the "
                     f"model's n_positions={n_positions}"
                 )
-
-
-def inference_prompt(tokenizer, question: str, cur: Curriculum) -> list[int]:
-    """The prompt a model trained with ``cur`` answers at inference (latentrt.decode.coconut's format)."""
-    return thought_prompt(tokenizer, question, None if cur.mode in ("cot", "nocot") else cur.inference_thoughts())
 
 
 def collate(examples, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
