@@ -20,7 +20,7 @@ def sandwich_params(cfg: RecurrentConfig) -> int:
 
 
 def recurrent_step_bytes(
-    cfg: RecurrentConfig, *, batch: int, context: int, steps: int, kv_slots_read: int = 1, element_size: int = 2
+    cfg: RecurrentConfig, *, batch: int, context: int, steps: int, element_size: int = 2
 ) -> dict[str, int]:
     """Bytes moved to decode one token for ``batch`` sequences after ``context`` cached positions."""
     d = cfg.n_embd
@@ -37,6 +37,9 @@ def recurrent_step_bytes(
 
 
 def recurrent_step_flops(cfg: RecurrentConfig, *, batch: int, context: int, steps: int) -> int:
+    """FLOPs of the same step: two per weight touched per sequence (the norms' few counted alike), and per
+    attention call 4 d (context + 1) per sequence (q k^T and the weighted sum of V). Over the bytes above it is
+    the step's arithmetic intensity: far below a GPU's FLOP/byte ratio at batch 1-32, so the bytes bound it."""
     d = cfg.n_embd
     plain_layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda
     matmul = (

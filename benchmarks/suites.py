@@ -450,12 +450,14 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 cfg, batch=batch, context=plan.context, steps=max(1, round(mean_steps)), element_size=el
             )
             floor_ms = b["total"] / copy_bw * 1e3
+            flops = floors.recurrent_step_flops(cfg, batch=batch, context=plan.context, steps=max(1, round(mean_steps)))
             yield {
                 "suite": "decode_recurrent",
                 "name": "generate",
                 "backend": backend,
                 "config": {**c, "context": plan.context, **steps},
                 "tokens_per_s": batch * 1000 / t["median_ms"],
+                "flops_per_byte": flops / b["total"],  # the step's arithmetic intensity (floors.py)
                 **with_floor(t, floor_ms),
             }
         # the yardstick beside the row, in the same run: torch.compile + CUDA graph of the same block at the

@@ -1,6 +1,6 @@
 """The byte counts behind the floors reproduce the reference points measured on an H200 (issue #3)."""
 
-from benchmarks.floors import coconut_step_bytes, gpt2_params, recurrent_step_bytes
+from benchmarks.floors import coconut_step_bytes, gpt2_params, recurrent_step_bytes, recurrent_step_flops
 from benchmarks.suites import HUGINN_0125
 from latentrt.families import parse_config
 
@@ -53,6 +53,23 @@ def test_recurrent_weight_bytes_are_the_parameters_a_token_touches():
     for steps in (1, 4, 32):
         b = recurrent_step_bytes(cfg, batch=1, context=70, steps=steps)
         assert b["weights"] == 2 * (per_token + steps * per_iteration), steps
+
+
+def test_recurrent_flops_are_two_per_weight_touched_plus_attention():
+    """Pinned against the model's parameters at Huginn-0125's shape: 2 FLOPs per weight touched per sequence
+    (the final norm's d aside), 4 d (context + 1) per attention call per sequence; decode is far below an
+    H200's ~200 FLOP/byte at batch 1-32, so the bytes (the floor) bound it."""
+    cfg, model = _meta_model(HUGINN)
+    t, d = model.transformer, cfg.n_embd
+    half = t.adapter.weight.numel() // 2
+    per_token = _numel(t.prelude) + _numel(t.coda) + model.lm_head.weight.numel() + half
+    per_iteration = _numel(t.core_block) + half
+    for batch, steps in ((1, 1), (1, 32), (8, 4), (32, 32)):
+        calls = cfg.n_layers_in_prelude + cfg.n_layers_in_coda + steps * cfg.n_layers_in_recurrent_block
+        want = 2 * batch * (per_token + steps * per_iteration) + 4 * batch * calls * 71 * d
+        assert recurrent_step_flops(cfg, batch=batch, context=70, steps=steps) == want, (batch, steps)
+        intensity = want / recurrent_step_bytes(cfg, batch=batch, context=70, steps=steps)["total"]
+        assert intensity < 40, (batch, steps, intensity)
 
 
 def test_coconut_thought_bytes_read_no_head():
