@@ -21,6 +21,17 @@ def test_info(recurrent_dir, capsys):
     assert "  mean_recurrence: 7" in capsys.readouterr().out
 
 
+def test_info_says_a_coconut_models_trained_format(capsys):
+    """What ``generate()`` appends to a prompt without markers is the model's training.json's count: info
+    says it (and the format), as the README's models table does."""
+    for name, line in (
+        ("coconut", "coconut; a prompt without markers gets 3"),
+        ("coconut-cot", "cot; a prompt without markers gets 0"),
+    ):
+        assert main(["info", f"builtin:{name}"]) == 0
+        assert f"trained prompt format: {line} continuous thought(s)" in capsys.readouterr().out
+
+
 def test_python_dash_m_latentrt_is_the_command(recurrent_dir):
     """``python -m latentrt ...`` runs the command (where the console script is not on PATH), exit status
     included."""

@@ -197,8 +197,13 @@ class CoconutGPT2(LatentModel):
         return self.config.n_layer
 
     def describe(self) -> list[str]:
-        c = self.config
-        return [f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}"]
+        from ..decode.coconut import trained_thoughts  # (the decoder reads training.json; imported on use)
+
+        c, (mode, k) = self.config, trained_thoughts(self)
+        return [
+            f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}",
+            f"trained prompt format: {mode}; a prompt without markers gets {k} continuous thought(s) (training.json)",
+        ]
 
     @classmethod
     def bind_checkpoint(cls, cfg: GPT2Config, tokenizer, state_dict: dict):
