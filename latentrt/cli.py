@@ -35,6 +35,7 @@ GENERATE_FLAGS = {
     "continuous": "continuous",
     "init_scale": "init_scale",
     "thoughts": "num_thoughts",
+    "append_thoughts": "append_thoughts",
     "published_eos": "published_eos",
     "default_stops": "default_stops",
     "include_stop_str_in_output": "include_stop_str_in_output",
@@ -144,6 +145,13 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
         default=UNSET,
         help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
         "from its training.json, when the prompt has no latent markers)",
+    )
+    p.add_argument(
+        "--no-append-thoughts",
+        dest="append_thoughts",
+        action="store_false",
+        default=UNSET,
+        help="Coconut: a prompt without latent markers runs as it is, no thoughts appended (the CoT / no-CoT formats)",
     )
     p.add_argument(
         "--published-eos",

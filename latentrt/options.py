@@ -44,6 +44,7 @@ class GenerateOptions:
     decoding_options: Any = None  # that sampler's options (a dict; README)
     # Coconut
     num_thoughts: int | None = None
+    append_thoughts: bool = True  # False: a prompt without markers runs as it is (the CoT / no-CoT formats)
     published_eos: bool = False
     # sampling and stopping
     temperature: float = 0.0

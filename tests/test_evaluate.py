@@ -81,20 +81,33 @@ def test_bad_options_are_named_before_the_first_batch(monkeypatch):
 
 
 def test_question_alone_formats_run_no_thoughts(monkeypatch, tmp_path, capsys):
-    """A Coconut model asked in cot / nocot runs no continuous thoughts (generate() appends the trained count
-    to a prompt without markers: --modes cot on a Coconut-trained model scored the coconut format twice);
-    coconut / pause run the trained count. ``--json``: a line per format."""
+    """A Coconut model asked in cot / nocot runs the question alone, no markers and no thoughts, as Coconut's
+    data has those formats (generate() appended the trained count to the marker-less prompt: --modes cot on a
+    Coconut-trained model scored the coconut format twice); coconut / pause run the trained count. ``--json``:
+    a line per format."""
     import latentrt.evaluate as ev
+    from latentrt.engine import Generation
+    from latentrt.options import GenerateOptions
 
     model = latentrt.load("builtin:coconut")
     records = generate_dataset(4, (1, 2), seed=5)
     seen = []
     real = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: seen.append(real(*a, **k).num_thoughts) or real(*a, **k))
-    for mode, thoughts in (("cot", 0), ("nocot", 0), ("coconut", 3), ("pause", 3)):
+
+    def spy(m, prompts, **kw):
+        options = GenerateOptions(**kw)
+        seen.append([Generation(m, p, options).batch.ids.tolist()[0] == p for p in prompts])  # ran as given?
+        out = real(m, prompts, **kw)
+        seen[-1] = (seen[-1], out.num_thoughts)
+        return out
+
+    monkeypatch.setattr(ev, "generate", spy)
+    for mode, as_given, thoughts in (("cot", True, 0), ("nocot", True, 0), ("coconut", True, 3), ("pause", True, 3)):
         seen.clear()
         evaluate(model, records, mode=mode, max_new_tokens=4, progress=False)
-        assert seen and set(seen) == {thoughts}, mode
+        assert seen and all(all(given) == as_given and k == thoughts for given, k in seen), (mode, seen)
+    start = model.config.start_latent_id
+    assert start not in ev.family_for(model).decoder.eval_prompt(model, records[0].question, "cot")
     monkeypatch.undo()
     save_records(records, tmp_path / "r.json")
     assert main(["eval", "builtin:coconut", str(tmp_path / "r.json"), "--modes", "coconut,cot", "--json"]) == 0

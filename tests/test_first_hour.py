@@ -188,6 +188,26 @@ def test_coconut_runs_its_trained_thought_count_by_default(capsys):
     assert latentrt.generate(model, marked, max_new_tokens=2).num_thoughts == 1  # the prompt's own markers
     assert main(["generate", "builtin:coconut", question, "--max-new-tokens", "2"]) == 0
     assert "continuous thoughts: 3" in capsys.readouterr().out  # the CLI and the API agree
+    # append_thoughts=False: the question as it is, no markers (Coconut's CoT / no-CoT formats), the same
+    # tokens as the model's plain GPT-2 forward; num_thoughts=0 instead appends the markers around none
+    from latentrt.engine import Generation
+    from latentrt.options import GenerateOptions
+
+    ids = model.tokenizer.encode(question).ids
+    assert Generation(model, ids, GenerateOptions(append_thoughts=False)).batch.ids.tolist() == [ids]
+    assert len(Generation(model, ids, GenerateOptions(num_thoughts=0)).batch.ids[0]) == len(ids) + 2
+    plain = latentrt.generate(model, ids, append_thoughts=False, max_new_tokens=3, default_stops=False)
+    greedy, seq = [], list(ids)
+    for _ in range(3):
+        greedy.append(int(model.logits([seq])[0, -1].argmax()))
+        seq.append(greedy[-1])
+    assert (plain.tokens, plain.num_thoughts) == (greedy, 0)
+    with pytest.raises(latentrt.InputError, match="num_thoughts=2 appends thoughts and append_thoughts=False"):
+        latentrt.generate(model, ids, append_thoughts=False, num_thoughts=2)
+    assert main(["generate", "builtin:coconut", question, "--max-new-tokens", "2", "--no-append-thoughts"]) == 0
+    assert "continuous thoughts: 0" in capsys.readouterr().out
+    with pytest.raises(latentrt.InputError, match="append_thoughts does not apply to this recurrent-depth"):
+        latentrt.generate(latentrt.load("builtin:recurrent"), ids, append_thoughts=False)
 
 
 @pytest.mark.parametrize(

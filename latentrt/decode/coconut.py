@@ -60,14 +60,17 @@ def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
 
 class CoconutDecoder(Decoder):
     TITLE = "Coconut continuous-thought"
-    OPTIONS = frozenset({"num_thoughts", "published_eos"})
+    OPTIONS = frozenset({"num_thoughts", "append_thoughts", "published_eos"})
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
         check_bool("published_eos", options.published_eos)
+        check_bool("append_thoughts", options.append_thoughts)
         k = options.num_thoughts
         if k is None:
             return
+        if not options.append_thoughts:
+            raise InputError(f"num_thoughts={k!r} appends thoughts and append_thoughts=False appends none: give one")
         check_int("num_thoughts", k, 0)
         if model.marker_ids[1] is None:
             raise InputError(
@@ -87,7 +90,7 @@ class CoconutDecoder(Decoder):
 
     def prompt_logits(self, ids: Tensor) -> Tensor:
         """One forward of the prompt as the model runs it (its ``<|latent|>`` positions continuous thoughts:
-        ``model.logits``); a prompt without markers (``num_thoughts=0``) is scored as plain GPT-2."""
+        ``model.logits``); a prompt without markers (``append_thoughts=False``) is scored as plain GPT-2."""
         return self.model.logits(ids[None])[0]
 
     def stops_at(self, index: int) -> bool:
@@ -99,7 +102,10 @@ class CoconutDecoder(Decoder):
 
     def _thoughts_to_append(self, carries_markers) -> int | None:
         """k thoughts to append: ``num_thoughts=k``, or by default the count the model was trained with (its
-        training.json) when no prompt carries latent markers already (``carries_markers()``); None: none."""
+        training.json) when no prompt carries latent markers already (``carries_markers()``); None: none
+        (always with ``append_thoughts=False``: the prompt as it is, Coconut's CoT / no-CoT formats)."""
+        if not self.options.append_thoughts:
+            return None
         k = self.options.num_thoughts
         if k is None and self.model.marker_ids[1] is not None and not carries_markers():
             k = trained_thoughts(self.model)[1] or None
@@ -181,9 +187,9 @@ class CoconutDecoder(Decoder):
 
     @classmethod
     def eval_options(cls, mode: str) -> dict:
-        """cot / nocot ask the question alone, with no thoughts: generate() would append the trained count to
-        a prompt without markers."""
-        return {} if mode in THOUGHT_MODES else {"num_thoughts": 0}
+        """cot / nocot ask the question alone, no markers (as Coconut's data has them): generate() would append
+        the trained count to a prompt without markers."""
+        return {} if mode in THOUGHT_MODES else {"append_thoughts": False}
 
     @classmethod
     def report(cls, result) -> list[str]:
