@@ -44,6 +44,8 @@ def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise InputError(f"input_ids must be a tensor or nested list of ints in range: {exc}") from None
+    if ids.numel() == 0:  # (an empty list becomes a float tensor: say what is wrong, not its dtype)
+        raise InputError(f"input_ids is empty (shape {tuple(ids.shape)}): a prompt needs at least one token")
     if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
         raise InputError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() == 1:

@@ -490,3 +490,6 @@ def test_prompt_forms_a_user_has_at_hand():
     for text in ("every cat", ["every cat"]):
         with pytest.raises(InputError, match="input_ids must be token ids, not text: encode it first"):
             model.logits(text)
+    for empty in ([[]], torch.zeros(1, 0, dtype=torch.long), np.array([[]])):  # (it named [[]]'s float dtype)
+        with pytest.raises(InputError, match=r"input_ids is empty \(shape \(1, 0\)\)"):
+            model.logits(empty)
