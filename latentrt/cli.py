@@ -1,8 +1,9 @@
 """Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``,
 ``latentrt train MODEL DATA --out DIR``, ``latentrt serve [MODEL]``.
 
-Every generate() option the user gives is passed on as given; options that do not apply to the model's
-family are errors (the same message as the Python API). Errors print ``latentrt: error: ...`` and exit 2.
+Every generate() option the user gives is passed on as given (the flags: latentrt/cli_flags.py); options that
+do not apply to the model's family are errors (the same message as the Python API, naming the flags typed).
+Errors print ``latentrt: error: ...`` and exit 2.
 """
 
 from __future__ import annotations
@@ -13,254 +14,23 @@ import os
 import sys
 import warnings
 
-from .backends import CHOICES
-from .checkpoint import builtin_names
+from .cli_flags import (
+    UNSET,
+    add_chat_args,
+    add_generate_args,
+    add_latent_args,
+    add_model_args,
+    check_chat_args,
+    check_counts,
+    generate_options,
+    given_flags,
+    json_object,
+    name_options_as_flags,
+    token_ids,
+)
 from .errors import InputError, LatentRTError, renamed
-from .exits import CRITERIA
-from .families import decodings
 from .serve.engine import SCHEDULERS
 from .train.command import add_train_args
-
-# CLI flag (dest) -> generate() option, for the options both generate and eval take
-GENERATE_FLAGS = {
-    "adaptive": "adaptive",
-    "criterion": "exit_criterion",
-    "threshold": "exit_threshold",
-    "steps": "num_steps",
-    "min_steps": "min_steps",
-    "check_every": "check_criterion_every_n_steps",
-    "no_exit_in_prefill": "do_not_exit_in_prefill",
-    "adaptive_prefill": "adaptive_prefill",
-    "kv": "kv_sharing",
-    "continuous": "continuous",
-    "init_scale": "init_scale",
-    "thoughts": "num_thoughts",
-    "append_thoughts": "append_thoughts",
-    "published_eos": "published_eos",
-    "default_stops": "default_stops",
-    "include_stop_str_in_output": "include_stop_str_in_output",
-    "skip_special_tokens": "skip_special_tokens",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "published_top_p": "published_top_p",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "logit_bias": "logit_bias",
-    "dry_multiplier": "dry_multiplier",
-    "dry_base": "dry_base",
-    "dry_allowed_length": "dry_allowed_length",
-    "seed": "seed",
-    "max_new_tokens": "max_new_tokens",
-    "min_new_tokens": "min_new_tokens",
-    "stop": "stop",
-    "decoding": "decoding",
-    "decoding_option": "decoding_options",
-}
-UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate() applies its default
-
-
-def _add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument(
-        "model",
-        nargs="?" if default else None,
-        default=default,
-        help=(f"(default {default}) " if default else "")
-        + "a checkpoint folder, a Hugging Face Hub id (owner/name), or builtin:NAME, a built-in model: "
-        + ", ".join(builtin_names()),
-    )
-    p.add_argument("--revision", default=None, help="Hub ids: a branch, tag or commit (default: main)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--backend", default="auto", choices=CHOICES)
-    p.add_argument("--weights", default=None, help="weights file to use instead of the folder's (.safetensors/.pt)")
-    p.add_argument(
-        "--hf-overrides",
-        default=None,
-        metavar="JSON",
-        help="config.json fields to replace, as vLLM takes them, e.g. '{\"mean_recurrence\": 32}'",
-    )
-
-
-def _json_object(text: str | None, flag: str) -> dict:
-    """A flag's JSON object ({} when not given); anything else is a clear error."""
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{flag} must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{flag} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _add_latent_args(p: argparse.ArgumentParser) -> None:
-    """The recurrence flags; each also takes generate()'s and the server's name for it (--num-steps ...)."""
-    p.add_argument(
-        "--steps", "--num-steps", type=int, default=UNSET, help="recurrence steps (the maximum when adaptive)"
-    )
-    p.add_argument("--adaptive", action="store_true", default=UNSET, help="exit the recurrence per token")
-    p.add_argument(
-        "--criterion", "--exit-criterion", default=UNSET, choices=sorted(CRITERIA), help="exit criterion (kl)"
-    )
-    p.add_argument(
-        "--threshold", "--exit-threshold", type=float, default=UNSET, help="exit threshold (default per criterion)"
-    )
-
-
-def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    """generate()'s options as flags (``generate`` and ``chat``); one not given is left to generate()."""
-    p.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
-    p.add_argument(
-        "--min-new-tokens", type=int, default=UNSET, help="no stop token or stop string ends it before this many"
-    )
-    _add_latent_args(p)
-    p.add_argument("--min-steps", type=int, default=UNSET, help="no exit check before this many iterations (0)")
-    p.add_argument(
-        "--check-every",
-        type=int,
-        default=UNSET,
-        help="check the exit criterion every N iterations (the published check_criterion_every_n_steps; 1)",
-    )
-    p.add_argument("--no-exit-in-prefill", action="store_true", default=UNSET, help="the prompt runs every step")
-    p.add_argument(
-        "--adaptive-prefill", action="store_true", default=UNSET, help="the prompt token by token, each exiting"
-    )
-    p.add_argument(
-        "--kv",
-        "--kv-sharing",
-        default=UNSET,
-        help="KV sharing across iterations: full | shared | ring-K | anchor-A | skip | always-last (or a published "
-        "name: latest-mL, available-mL, compress-sN, compress-anchor, always-last-mL; README)",
-    )
-    p.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
-    p.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
-    p.add_argument(
-        "--thoughts",
-        "--num-thoughts",
-        type=int,
-        default=UNSET,
-        help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
-        "from its training.json, when the prompt has no latent markers)",
-    )
-    p.add_argument(
-        "--no-append-thoughts",
-        dest="append_thoughts",
-        action="store_false",
-        default=UNSET,
-        help="Coconut: a prompt without latent markers runs as it is, no thoughts appended (the CoT / no-CoT formats)",
-    )
-    p.add_argument(
-        "--published-eos",
-        action="store_true",
-        default=UNSET,
-        help="Coconut: never stop on the first answer token; leave out the eos that ends a later one",
-    )
-    p.add_argument(
-        "--no-default-stops",
-        dest="default_stops",
-        action="store_false",
-        default=UNSET,
-        help="stop only on --stop ids, not on eos (nor Huginn's end-of-text / end-of-turn tokens)",
-    )
-    p.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
-    p.add_argument(
-        "--stop-text",
-        nargs="+",
-        default=UNSET,
-        help="strings that end a sequence (matched on the text, which ends before them)",
-    )
-    p.add_argument(
-        "--include-stop-str-in-output",
-        action="store_true",
-        default=UNSET,
-        help="the text ends after the --stop-text string that ended it (vLLM's option)",
-    )
-    p.add_argument(
-        "--no-skip-special-tokens",
-        dest="skip_special_tokens",
-        action="store_false",
-        default=UNSET,
-        help="keep special tokens' text (e.g. the eos that ended it) in the text",
-    )
-    p.add_argument(
-        "--decoding",
-        default=UNSET,
-        choices=decodings(),
-        help="recurrent models: commit several tokens per pass (README: Samplers)",
-    )
-    p.add_argument(
-        "--decoding-option",
-        action="append",
-        default=UNSET,
-        metavar="KEY=VALUE",
-        help="an option of the --decoding sampler, e.g. lookahead=4 (repeatable; VALUE as JSON, else text)",
-    )
-    p.add_argument("--temperature", type=float, default=UNSET)
-    p.add_argument("--top-k", type=int, default=UNSET)
-    p.add_argument("--top-p", type=float, default=UNSET)
-    p.add_argument(
-        "--published-top-p",
-        action="store_true",
-        default=UNSET,
-        help="top-p by the published Huginn sampler's rule (drops the token that crosses p; README)",
-    )
-    p.add_argument("--min-p", type=float, default=UNSET, help="drop tokens less likely than MIN_P x the likeliest")
-    p.add_argument(
-        "--repetition-penalty", type=float, default=UNSET, help="HF's / the published sampler's (1: none; README)"
-    )
-    p.add_argument("--presence-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
-    p.add_argument("--frequency-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
-    p.add_argument(
-        "--logit-bias",
-        action="append",
-        default=UNSET,
-        metavar="ID=BIAS",
-        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
-    )
-    p.add_argument(
-        "--dry-multiplier", type=float, default=UNSET, help="the published sampler's DRY penalty (0: none; README)"
-    )
-    p.add_argument("--dry-base", type=float, default=UNSET, help="DRY's growth per token of a repeat (1.75)")
-    p.add_argument("--dry-allowed-length", type=int, default=UNSET, help="repeats DRY lets pass (2)")
-    p.add_argument("--seed", type=int, default=UNSET)
-
-
-def _add_chat_args(p: argparse.ArgumentParser, each: str) -> None:
-    """``--chat`` (each prompt or question a user message, through the chat template) and its companions."""
-    p.add_argument(
-        "--chat", action="store_true", help=f"each {each} is a user message, through the model's chat template"
-    )
-    p.add_argument("--system", default=None, help=f"with --chat: a system message before each {each}")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
-
-
-def _check_chat_args(args) -> None:
-    if not args.chat and (args.system is not None or args.chat_template is not None):
-        raise InputError("--system and --chat-template go with --chat")
-
-
-def _name_options_as_flags(p: argparse.ArgumentParser) -> None:
-    """``p``'s errors and warnings name the generate() options the user gave as the flags typed
-    (``--threshold must be >= 0``, not ``exit_threshold``; ``_given_flags``): each option that takes a
-    value, by its first flag (on/off flags keep the option's name: ``--adaptive=True`` is no flag's spelling)."""
-    flags = {
-        GENERATE_FLAGS[a.dest]: a.option_strings[0] for a in p._actions if a.dest in GENERATE_FLAGS and a.nargs != 0
-    }
-    p.set_defaults(option_flags=flags)
-
-
-def _given_flags(args) -> dict[str, str]:
-    """generate()'s option -> flag, for the options given on this command line (one left to its default keeps
-    its name: "in [0, max_new_tokens=64]" is the default's, not a --max-new-tokens the user typed)."""
-    return {opt: flag for opt, flag in getattr(args, "option_flags", {}).items() if _given(args, opt)}
-
-
-def _given(args, option: str) -> bool:
-    return any(hasattr(args, dest) for dest, opt in GENERATE_FLAGS.items() if opt == option)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text and print the recurrence steps per token")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as a batch); - reads one from stdin")
-    _add_generate_args(g)
-    _add_chat_args(g, "prompt")
+    add_generate_args(g)
+    add_chat_args(g, "prompt")
     g.add_argument(
         "--ids",
         action="store_true",
@@ -283,29 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the result as JSON (with --stream, JSON lines: one per generated position, then the result)",
     )
-    _name_options_as_flags(g)
+    name_options_as_flags(g)
 
     c = sub.add_parser("chat", help="talk to a model: each line of input is a user message, answers stream")
-    _add_model_args(c)
-    _add_generate_args(c)
+    add_model_args(c)
+    add_generate_args(c)
     c.add_argument("--system", default=None, help="a system message opening the conversation")
     c.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja template file")
-    _name_options_as_flags(c)
+    name_options_as_flags(c)
 
     i = sub.add_parser("info", help="print the config, parameter count and KV bytes per token")
-    _add_model_args(i)
+    add_model_args(i)
     i.add_argument("--steps", "--num-steps", type=int, default=None, help="recurrence depth for the KV figures")
 
     e = sub.add_parser(
         "eval", help="accuracy per difficulty on a JSON (or JSON Lines) file of {question, steps, answer}"
     )
-    _add_model_args(e)
+    add_model_args(e)
     e.add_argument("data", help="JSON list or JSON Lines of {question, steps, answer} records")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    _add_latent_args(e)
+    add_latent_args(e)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=UNSET, help="per answer (16; 96 for cot and --chat)")
-    _add_chat_args(e, "question")
+    add_chat_args(e, "question")
     e.add_argument(
         "--modes",
         default=None,
@@ -313,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "model was trained with)",
     )
     e.add_argument("--json", action="store_true", help="print each format's table as a JSON line (for scripts)")
-    _name_options_as_flags(e)
+    name_options_as_flags(e)
 
     t = sub.add_parser("train", help="train a model on a JSON / JSON Lines file of records (README)")
-    _add_model_args(t)
+    add_model_args(t)
     add_train_args(t)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
-    _add_model_args(s, default="builtin:recurrent")
+    add_model_args(s, default="builtin:recurrent")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=16, help="requests resident at once (rows of the K/V pool)")
@@ -373,40 +143,8 @@ def _load(args):
         backend=args.backend,
         weights=args.weights,
         revision=args.revision,
-        **_json_object(args.hf_overrides, "--hf-overrides"),
+        **json_object(args.hf_overrides, "--hf-overrides"),
     )
-
-
-def _options(args) -> dict:
-    """The generate() options the user gave on the command line."""
-    opts = {opt: getattr(args, flag) for flag, opt in GENERATE_FLAGS.items() if hasattr(args, flag)}
-    if hasattr(args, "stop_text"):  # one ``stop`` list: the token ids, then the strings
-        opts["stop"] = list(opts.get("stop", [])) + list(args.stop_text)
-    if "decoding_options" in opts:
-        opts["decoding_options"] = dict(_key_value(item, "--decoding-option") for item in opts["decoding_options"])
-    if "logit_bias" in opts:
-        opts["logit_bias"] = dict(_token_bias(item) for item in opts["logit_bias"])
-    return opts
-
-
-def _token_bias(item: str) -> tuple[int, float]:
-    """ID=BIAS of --logit-bias (its range is generate()'s to check)."""
-    key, value = _key_value(item, "--logit-bias", "ID=BIAS")
-    try:
-        return int(key), float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}") from None
-
-
-def _key_value(item: str, flag: str, form: str = "KEY=VALUE") -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as JSON (numbers, true/false) or else as text."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise InputError(f"{flag} takes {form}, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def cmd_generate(args) -> int:
@@ -414,12 +152,12 @@ def cmd_generate(args) -> int:
     from .engine import generate
     from .families import family_for
 
-    _check_chat_args(args)
+    check_chat_args(args)
     if args.ids and args.chat:
         raise InputError("--ids and --chat do not go together (a conversation is text)")
     given = _read_stdin_prompt(args.prompt)
     if args.ids:
-        given = [_token_ids(p) for p in given]
+        given = [token_ids(p) for p in given]
     model = _load(args)
     if model.tokenizer is None and not args.ids:
         raise InputError(
@@ -431,7 +169,7 @@ def cmd_generate(args) -> int:
     else:
         prompts = given
     prompt = prompts[0] if len(prompts) == 1 else prompts
-    kwargs = _options(args)
+    kwargs = generate_options(args)
     if args.stream:
         stream = generate(model, prompt, stream=True, **kwargs)
         for ev in stream:
@@ -468,15 +206,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _token_ids(prompt: str) -> list[int]:
-    """``--ids``: a prompt of token ids separated by commas or spaces (``5,6,7``, ``"5 6 7"``, ``[5, 6, 7]``)."""
-    parts = prompt.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise InputError(f"--ids: a prompt must be token ids separated by commas or spaces, got {prompt!r}") from None
-
-
 def _read_stdin_prompt(prompts: list[str]) -> list[str]:
     """The prompts with ``-`` read from standard input (its text, less one final newline: ``echo ... |``), as
     many command line tools take a file's text; read before the model loads, so a second ``-`` fails first."""
@@ -506,7 +235,7 @@ def cmd_chat(args) -> int:
     from .options import GenerateOptions
 
     model = _load(args)
-    kwargs = _options(args)
+    kwargs = generate_options(args)
     with warnings.catch_warnings():  # a bad option is named before the first message is read, not after it;
         warnings.simplefilter("ignore")  # an unused one is said by the first turn's generate() (not twice)
         check_options_for(model, GenerateOptions.build(None, model.generation_defaults, **kwargs))
@@ -579,7 +308,7 @@ def cmd_serve(args) -> int:
         raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
-    override = _json_object(args.override_generation_config, "--override-generation-config")
+    override = json_object(args.override_generation_config, "--override-generation-config")
     api_key = api_key_from(args.api_key)
     sock = listening_socket(args.host, args.port)  # before the weights load: a port in use fails at once
     try:
@@ -626,24 +355,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import run_eval
 
-    _check_chat_args(args)
-    return run_eval(_load(args), args, _options(args))
-
-
-# flag (dest) -> its bounds (None: none above)
-COUNT_BOUNDS = (
-    ("steps", 1, None),
-    ("limit", 1, None),
-    ("batch_size", 1, None),
-    ("max_steps", 1, None),
-    ("micro_batch_size", 1, None),
-    ("port", 1, 65535),
-    ("max_batch", 1, None),
-    ("max_queue", 1, None),
-    ("max_len", 2, None),  # a prompt token and a new one (the model's context bounds it above, once loaded)
-    ("kv_slots", 1, None),
-    ("replicas", 1, None),
-)
+    check_chat_args(args)
+    return run_eval(_load(args), args, generate_options(args))
 
 
 def api_key_from(flag: str | None) -> str | None:
@@ -657,20 +370,11 @@ def api_key_from(flag: str | None) -> str | None:
     return None
 
 
-def check_counts(args) -> None:
-    """Counts the parser cannot bound: an error naming the flag, before any model is loaded."""
-    for flag, low, high in COUNT_BOUNDS:
-        value = getattr(args, flag, None)
-        if isinstance(value, int) and not (low <= value and (high is None or value <= high)):
-            rule = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise InputError(f"--{flag.replace('_', '-')} must be {rule}, got {value}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every error prints ``latentrt: error: ...`` and exits 2 (argparse's own errors too),
     never a traceback (LATENTRT_DEBUG=1 shows one for an unexpected error)."""
     args = build_parser().parse_args(argv)
-    flags = _given_flags(args)
+    flags = given_flags(args)
     with warnings.catch_warnings():  # restores Python's display when main() returns (tests call it in-process)
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: _show_warning(
             message, flags, file
@@ -697,7 +401,7 @@ def _run(args) -> int:
         }
         return commands[args.command](args)
     except InputError as exc:
-        print(f"latentrt: error: {renamed(str(exc), _given_flags(args))}", file=sys.stderr)
+        print(f"latentrt: error: {renamed(str(exc), given_flags(args))}", file=sys.stderr)
         return 2
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)

@@ -42,7 +42,7 @@ LAYERS = [
     ("backends",),
     ("models", "decode", "families"),
     ("engine", "loader", "evaluate"),
-    ("cli", "serve", "train", "__init__", "__main__"),
+    ("cli", "cli_flags", "serve", "train", "__init__", "__main__"),
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -1,0 +1,323 @@
+"""The command line's flags: generate()'s options as flags (``generate``, ``chat``, ``eval``), the model flags
+every command takes, and the checks the parser cannot make; the options the user gave, read back from the
+parsed arguments (``generate_options``), and errors naming the flags typed (``given_flags``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .backends import CHOICES
+from .checkpoint import builtin_names
+from .errors import InputError
+from .exits import CRITERIA
+from .families import decodings
+
+# CLI flag (dest) -> generate() option, for the options both generate and eval take
+GENERATE_FLAGS = {
+    "adaptive": "adaptive",
+    "criterion": "exit_criterion",
+    "threshold": "exit_threshold",
+    "steps": "num_steps",
+    "min_steps": "min_steps",
+    "check_every": "check_criterion_every_n_steps",
+    "no_exit_in_prefill": "do_not_exit_in_prefill",
+    "adaptive_prefill": "adaptive_prefill",
+    "kv": "kv_sharing",
+    "continuous": "continuous",
+    "init_scale": "init_scale",
+    "thoughts": "num_thoughts",
+    "append_thoughts": "append_thoughts",
+    "published_eos": "published_eos",
+    "default_stops": "default_stops",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+    "skip_special_tokens": "skip_special_tokens",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "published_top_p": "published_top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",
+    "dry_multiplier": "dry_multiplier",
+    "dry_base": "dry_base",
+    "dry_allowed_length": "dry_allowed_length",
+    "seed": "seed",
+    "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
+    "stop": "stop",
+    "decoding": "decoding",
+    "decoding_option": "decoding_options",
+}
+
+
+UNSET = argparse.SUPPRESS  # an option the user did not give is absent: generate() applies its default
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument(
+        "model",
+        nargs="?" if default else None,
+        default=default,
+        help=(f"(default {default}) " if default else "")
+        + "a checkpoint folder, a Hugging Face Hub id (owner/name), or builtin:NAME, a built-in model: "
+        + ", ".join(builtin_names()),
+    )
+    p.add_argument("--revision", default=None, help="Hub ids: a branch, tag or commit (default: main)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--backend", default="auto", choices=CHOICES)
+    p.add_argument("--weights", default=None, help="weights file to use instead of the folder's (.safetensors/.pt)")
+    p.add_argument(
+        "--hf-overrides",
+        default=None,
+        metavar="JSON",
+        help="config.json fields to replace, as vLLM takes them, e.g. '{\"mean_recurrence\": 32}'",
+    )
+
+
+def json_object(text: str | None, flag: str) -> dict:
+    """A flag's JSON object ({} when not given); anything else is a clear error."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def add_latent_args(p: argparse.ArgumentParser) -> None:
+    """The recurrence flags; each also takes generate()'s and the server's name for it (--num-steps ...)."""
+    p.add_argument(
+        "--steps", "--num-steps", type=int, default=UNSET, help="recurrence steps (the maximum when adaptive)"
+    )
+    p.add_argument("--adaptive", action="store_true", default=UNSET, help="exit the recurrence per token")
+    p.add_argument(
+        "--criterion", "--exit-criterion", default=UNSET, choices=sorted(CRITERIA), help="exit criterion (kl)"
+    )
+    p.add_argument(
+        "--threshold", "--exit-threshold", type=float, default=UNSET, help="exit threshold (default per criterion)"
+    )
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """generate()'s options as flags (``generate`` and ``chat``); one not given is left to generate()."""
+    p.add_argument("--max-new-tokens", type=int, default=UNSET, help="tokens to generate (64)")
+    p.add_argument(
+        "--min-new-tokens", type=int, default=UNSET, help="no stop token or stop string ends it before this many"
+    )
+    add_latent_args(p)
+    p.add_argument("--min-steps", type=int, default=UNSET, help="no exit check before this many iterations (0)")
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=UNSET,
+        help="check the exit criterion every N iterations (the published check_criterion_every_n_steps; 1)",
+    )
+    p.add_argument("--no-exit-in-prefill", action="store_true", default=UNSET, help="the prompt runs every step")
+    p.add_argument(
+        "--adaptive-prefill", action="store_true", default=UNSET, help="the prompt token by token, each exiting"
+    )
+    p.add_argument(
+        "--kv",
+        "--kv-sharing",
+        default=UNSET,
+        help="KV sharing across iterations: full | shared | ring-K | anchor-A | skip | always-last (or a published "
+        "name: latest-mL, available-mL, compress-sN, compress-anchor, always-last-mL; README)",
+    )
+    p.add_argument("--continuous", action="store_true", default=UNSET, help="start from the last state")
+    p.add_argument("--init-scale", type=float, default=UNSET, help="scale of the random initial state (1.0)")
+    p.add_argument(
+        "--thoughts",
+        "--num-thoughts",
+        type=int,
+        default=UNSET,
+        help="Coconut: append k continuous thoughts (default: the count the model was trained with, "
+        "from its training.json, when the prompt has no latent markers)",
+    )
+    p.add_argument(
+        "--no-append-thoughts",
+        dest="append_thoughts",
+        action="store_false",
+        default=UNSET,
+        help="Coconut: a prompt without latent markers runs as it is, no thoughts appended (the CoT / no-CoT formats)",
+    )
+    p.add_argument(
+        "--published-eos",
+        action="store_true",
+        default=UNSET,
+        help="Coconut: never stop on the first answer token; leave out the eos that ends a later one",
+    )
+    p.add_argument(
+        "--no-default-stops",
+        dest="default_stops",
+        action="store_false",
+        default=UNSET,
+        help="stop only on --stop ids, not on eos (nor Huginn's end-of-text / end-of-turn tokens)",
+    )
+    p.add_argument("--stop", type=int, nargs="+", default=UNSET, help="token ids that end a sequence")
+    p.add_argument(
+        "--stop-text",
+        nargs="+",
+        default=UNSET,
+        help="strings that end a sequence (matched on the text, which ends before them)",
+    )
+    p.add_argument(
+        "--include-stop-str-in-output",
+        action="store_true",
+        default=UNSET,
+        help="the text ends after the --stop-text string that ended it (vLLM's option)",
+    )
+    p.add_argument(
+        "--no-skip-special-tokens",
+        dest="skip_special_tokens",
+        action="store_false",
+        default=UNSET,
+        help="keep special tokens' text (e.g. the eos that ended it) in the text",
+    )
+    p.add_argument(
+        "--decoding",
+        default=UNSET,
+        choices=decodings(),
+        help="recurrent models: commit several tokens per pass (README: Samplers)",
+    )
+    p.add_argument(
+        "--decoding-option",
+        action="append",
+        default=UNSET,
+        metavar="KEY=VALUE",
+        help="an option of the --decoding sampler, e.g. lookahead=4 (repeatable; VALUE as JSON, else text)",
+    )
+    p.add_argument("--temperature", type=float, default=UNSET)
+    p.add_argument("--top-k", type=int, default=UNSET)
+    p.add_argument("--top-p", type=float, default=UNSET)
+    p.add_argument(
+        "--published-top-p",
+        action="store_true",
+        default=UNSET,
+        help="top-p by the published Huginn sampler's rule (drops the token that crosses p; README)",
+    )
+    p.add_argument("--min-p", type=float, default=UNSET, help="drop tokens less likely than MIN_P x the likeliest")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=UNSET, help="HF's / the published sampler's (1: none; README)"
+    )
+    p.add_argument("--presence-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=UNSET, help="OpenAI's, in [-2, 2]")
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=UNSET,
+        metavar="ID=BIAS",
+        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
+    )
+    p.add_argument(
+        "--dry-multiplier", type=float, default=UNSET, help="the published sampler's DRY penalty (0: none; README)"
+    )
+    p.add_argument("--dry-base", type=float, default=UNSET, help="DRY's growth per token of a repeat (1.75)")
+    p.add_argument("--dry-allowed-length", type=int, default=UNSET, help="repeats DRY lets pass (2)")
+    p.add_argument("--seed", type=int, default=UNSET)
+
+
+def add_chat_args(p: argparse.ArgumentParser, each: str) -> None:
+    """``--chat`` (each prompt or question a user message, through the chat template) and its companions."""
+    p.add_argument(
+        "--chat", action="store_true", help=f"each {each} is a user message, through the model's chat template"
+    )
+    p.add_argument("--system", default=None, help=f"with --chat: a system message before each {each}")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="with --chat: a jinja template file")
+
+
+def check_chat_args(args: argparse.Namespace) -> None:
+    if not args.chat and (args.system is not None or args.chat_template is not None):
+        raise InputError("--system and --chat-template go with --chat")
+
+
+def name_options_as_flags(p: argparse.ArgumentParser) -> None:
+    """``p``'s errors and warnings name the generate() options the user gave as the flags typed
+    (``--threshold must be >= 0``, not ``exit_threshold``; ``given_flags``): each option that takes a
+    value, by its first flag (on/off flags keep the option's name: ``--adaptive=True`` is no flag's spelling)."""
+    flags = {
+        GENERATE_FLAGS[a.dest]: a.option_strings[0] for a in p._actions if a.dest in GENERATE_FLAGS and a.nargs != 0
+    }
+    p.set_defaults(option_flags=flags)
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """generate()'s option -> flag, for the options given on this command line (one left to its default keeps
+    its name: "in [0, max_new_tokens=64]" is the default's, not a --max-new-tokens the user typed)."""
+    return {opt: flag for opt, flag in getattr(args, "option_flags", {}).items() if _given(args, opt)}
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    return any(hasattr(args, dest) for dest, opt in GENERATE_FLAGS.items() if opt == option)
+
+
+def generate_options(args: argparse.Namespace) -> dict:
+    """The generate() options the user gave on the command line."""
+    opts = {opt: getattr(args, flag) for flag, opt in GENERATE_FLAGS.items() if hasattr(args, flag)}
+    if hasattr(args, "stop_text"):  # one ``stop`` list: the token ids, then the strings
+        opts["stop"] = list(opts.get("stop", [])) + list(args.stop_text)
+    if "decoding_options" in opts:
+        opts["decoding_options"] = dict(_key_value(item, "--decoding-option") for item in opts["decoding_options"])
+    if "logit_bias" in opts:
+        opts["logit_bias"] = dict(_token_bias(item) for item in opts["logit_bias"])
+    return opts
+
+
+def _token_bias(item: str) -> tuple[int, float]:
+    """ID=BIAS of --logit-bias (its range is generate()'s to check)."""
+    key, value = _key_value(item, "--logit-bias", "ID=BIAS")
+    try:
+        return int(key), float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}") from None
+
+
+def _key_value(item: str, flag: str, form: str = "KEY=VALUE") -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON (numbers, true/false) or else as text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise InputError(f"{flag} takes {form}, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def token_ids(prompt: str) -> list[int]:
+    """``--ids``: a prompt of token ids separated by commas or spaces (``5,6,7``, ``"5 6 7"``, ``[5, 6, 7]``)."""
+    parts = prompt.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--ids: a prompt must be token ids separated by commas or spaces, got {prompt!r}") from None
+
+
+# flag (dest) -> its bounds (None: none above)
+COUNT_BOUNDS = (
+    ("steps", 1, None),
+    ("limit", 1, None),
+    ("batch_size", 1, None),
+    ("max_steps", 1, None),
+    ("micro_batch_size", 1, None),
+    ("port", 1, 65535),
+    ("max_batch", 1, None),
+    ("max_queue", 1, None),
+    ("max_len", 2, None),  # a prompt token and a new one (the model's context bounds it above, once loaded)
+    ("kv_slots", 1, None),
+    ("replicas", 1, None),
+)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts the parser cannot bound: an error naming the flag, before any model is loaded."""
+    for flag, low, high in COUNT_BOUNDS:
+        value = getattr(args, flag, None)
+        if isinstance(value, int) and not (low <= value and (high is None or value <= high)):
+            rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise InputError(f"--{flag.replace('_', '-')} must be {rule}, got {value}")
