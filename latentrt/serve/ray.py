@@ -78,7 +78,8 @@ def check_before_starting(args) -> None:
     traceback after its retries): counts out of bounds, the model's folder and config (no weights read),
     the template file, a port in use or a host that does not resolve (Ray's proxy would fail to bind it)."""
     from ..chat import chat_template_file
-    from ..cli import api_key_from, check_counts
+    from ..cli import api_key_from
+    from ..cli_flags import check_counts
     from ..loader import read_model_config
     from .app import listening_socket
 
