@@ -33,8 +33,10 @@ def read_records_file(path: str | Path) -> list:
     skipped: a ``.jsonl`` file, or any file whose first line is a whole JSON value followed by more, as HF
     datasets' json loader reads either); a UTF-8 byte-order mark is allowed. An InputError names an
     unreadable file, bad JSON and its line, a file that is not a list or holds none (nothing to train on or
-    score)."""
+    score). A file holding one JSON object is one record (a one-line JSON Lines file, as HF datasets reads it)."""
     records = _parse_records_file(Path(path))
+    if isinstance(records, dict):
+        records = [records]
     if not isinstance(records, list):
         raise InputError(f"{path} must hold a JSON list of records, got {type(records).__name__}")
     if not records:

@@ -576,6 +576,12 @@ def test_malformed_data_files(tmp_path):
         load_records(other)
     other.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
     assert load_records(other) == load_records(p)
+    # one record alone, a JSON object (a one-line JSON Lines file, as HF datasets reads it): it said "must hold
+    # a JSON list of records, got dict"
+    one = generate_dataset(1)[0]
+    for text in (json.dumps(one.__dict__), json.dumps(one.__dict__, indent=2)):
+        other.write_text(text)
+        assert load_records(other) == [one]
 
 
 def test_prosqa_file_reads(tmp_path):
