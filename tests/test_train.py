@@ -2,13 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import recurrent_config, rel_err, transformers_with_torch
+from conftest import recurrent_config, rel_err, tiny_coconut, tiny_recurrent, transformers_with_torch
 
 import latentrt
 from latentrt.errors import InputError
@@ -535,7 +536,8 @@ def test_malformed_data_files(tmp_path):
     p = tmp_path / "d.json"
     cases = [
         ("{", "not valid JSON"),
-        ('{"a": 1}', "JSON list"),
+        ('{"a": 1}', "record 0 has no 'question'"),  # one object: one record (as HF datasets reads it)
+        ("3", "must hold a JSON list of records, got int"),
         ("[]", "holds no records"),  # nothing to train on or score: not an empty table
         ('[{"question": "q", "steps": []}]', "record 0 has no 'answer'"),
         (
@@ -612,3 +614,27 @@ def test_ddp_two_processes_gloo(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k  # gradients were all-reduced: the replicas stayed identical
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "huginn_raven"
+
+
+def test_trainers_name_a_wrong_argument():
+    """The trainers' Python arguments: another family's model, no tokenizer, no records, options or a
+    curriculum of the wrong type are InputErrors naming them (they were AttributeErrors and a ValueError from
+    random.randrange, deep inside)."""
+    rec, coc = tiny_recurrent(seed=1), tiny_coconut(seed=1)
+    records = generate_dataset(4, (1,), seed=2)
+    opts = TrainOptions(steps=4, batch_size=2, progress=False)
+    cases = [
+        (lambda: train_recurrent(coc, coc.tokenizer, records, opts), "train_recurrent trains recurrent-depth models"),
+        (
+            lambda: train_coconut(rec, rec.tokenizer, records, opts, Curriculum("coconut", max_stage=1)),
+            "train_coconut trains Coconut",
+        ),
+        (lambda: train_recurrent(rec, None, records, opts), "train_recurrent needs a tokenizer"),
+        (lambda: train_recurrent(rec, rec.tokenizer, [], opts), "records is empty: nothing to train on"),
+        (lambda: train_recurrent(rec, rec.tokenizer, records, {"steps": 4}), "opts must be a TrainOptions, got dict"),
+        (lambda: train_coconut(coc, coc.tokenizer, records, opts, "coconut"), "cur must be a Curriculum"),
+        (lambda: train_recurrent("builtin:recurrent", None, records, opts), "expected a model from latentrt.load"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError, match=re.escape(message)):
+            call()

@@ -32,7 +32,17 @@ from ..hooks import HookList
 from ..records import Record, as_records
 from . import distributed
 from .checkpoints import load_training, save_training
-from .common import TrainOptions, accumulate, autocast, begin_step, finish_step, make_optimizer, micro_batches, prepare
+from .common import (
+    TrainOptions,
+    accumulate,
+    autocast,
+    begin_step,
+    check_arguments,
+    finish_step,
+    make_optimizer,
+    micro_batches,
+    prepare,
+)
 
 MODES = PROMPT_MODES
 # Coconut's args/{dataset}_coconut.yaml: (max_latent_stage, c_thought, num_epochs, epochs_per_stage)
@@ -265,6 +275,9 @@ def train_coconut(
     Returns the log (``on_step``, if given, receives each entry as it is made, on the main process).
     ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
+    check_arguments(model, tokenizer, records, opts, "gpt2", "train_coconut")
+    if not isinstance(cur, Curriculum):
+        raise InputError(f"cur must be a Curriculum (e.g. Curriculum('coconut', max_stage=3)), got {cur!r}")
     if cur.mode not in MODES:
         raise InputError(f"unknown Coconut training mode {cur.mode!r}; choose one of {MODES}")
     cur.validate()

@@ -192,6 +192,26 @@ def accumulate(module: nn.Module, chunks: list, loss_of: Callable[[object], torc
     return losses
 
 
+def check_arguments(model: nn.Module, tokenizer, records, opts, model_type: str, trainer: str) -> None:
+    """A trainer's arguments, before anything else: a latentrt model of the family it trains (``model_type``),
+    a tokenizer, records and a TrainOptions; a wrong one is an InputError naming it (it was an AttributeError
+    or a ValueError from deep inside)."""
+    from ..families import FAMILIES, family_for
+
+    family = family_for(model)  # (anything but a loaded model: its own error)
+    if model.config.model_type != model_type:
+        raise InputError(f"{trainer} trains {FAMILIES[model_type].title} models; this is a {family.title} model")
+    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+        raise InputError(
+            f"{trainer} needs a tokenizer (the model's: model.tokenizer; a model without tokenizer.json has none), "
+            f"got {type(tokenizer).__name__}"
+        )
+    if isinstance(records, (list, tuple)) and not records:
+        raise InputError("records is empty: nothing to train on")
+    if not isinstance(opts, TrainOptions):
+        raise InputError(f"opts must be a TrainOptions, got {type(opts).__name__}")
+
+
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
     """Validate options and the output folder, join the process group (torchrun), check that the gradients and
     AdamW's moments fit beside the weights, seed per rank, and put the model in training mode on its device

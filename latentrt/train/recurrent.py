@@ -18,7 +18,17 @@ from ..hooks import HookList
 from ..records import Record
 from . import distributed
 from .checkpoints import load_training, save_training
-from .common import TrainOptions, accumulate, autocast, begin_step, finish_step, make_optimizer, micro_batches, prepare
+from .common import (
+    TrainOptions,
+    accumulate,
+    autocast,
+    begin_step,
+    check_arguments,
+    finish_step,
+    make_optimizer,
+    micro_batches,
+    prepare,
+)
 from .examples import training_examples
 
 
@@ -85,6 +95,7 @@ def train_recurrent(
     ``chat_template`` when one is given (as chat_template.jinja). ``resume``: a checkpoint folder of this
     run (weights, optimizer, RNG and step are restored; the result equals an uninterrupted run's bit for
     bit)."""
+    check_arguments(model, tokenizer, records, opts, "huginn_raven", "train_recurrent")
     rank, world, device = prepare(model, tokenizer, opts, resume)
     cfg = model.config
     template = chat_template_for(model, chat_template)
