@@ -25,7 +25,7 @@ from .errors import InputError, check_int
 from .families import family_for
 from .models.base import LatentModel
 from .options import GenerateOptions
-from .records import Record, load_records
+from .records import Record, as_records, load_records
 
 
 def extract_answer(text: str) -> str:
@@ -42,7 +42,7 @@ def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> 
 
 def evaluate(
     model: LatentModel,
-    records: list[Record],
+    records: list[Record] | list[dict],
     *,
     mode: str | None = None,
     thoughts: int | None = None,
@@ -59,11 +59,15 @@ def evaluate(
     question is a user message (after ``system``'s) through it, as a chat-tuned model is asked (the answer
     rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply."""
     gen_kwargs.setdefault("temperature", 0.0)
+    decoder = family_for(model).decoder  # (anything but a loaded model: its own error)
+    records = as_records(records)  # Record objects or their dicts, each checked
+    if not records:
+        raise InputError("records is empty: nothing to evaluate")
+    check_int("batch_size", batch_size, 1)
     if max_new_tokens is not None:
         check_int("max_new_tokens", max_new_tokens, 1)
     if model.tokenizer is None:
         raise InputError("evaluation needs a model with a tokenizer.json")
-    decoder = family_for(model).decoder
     mode = mode or decoder.eval_mode(model)
     if mode not in decoder.EVAL_MODES:
         raise InputError(f"unknown prompt format {mode!r} for this model; choose from {list(decoder.EVAL_MODES)}")

@@ -91,7 +91,9 @@ def as_records(items, source: str = "records") -> list[Record]:
     """Records from a list of Record objects or ``{question, steps, answer[, difficulty]}`` dicts (as in the
     published ProsQA / ProntoQA / GSM8k files); a clear error naming the first bad one."""
     if not isinstance(items, (list, tuple)):
-        raise InputError(f"{source} must hold a JSON list of records, got {type(items).__name__}")
+        raise InputError(
+            f"{source} must be a list of records (Record objects or their dicts), got {type(items).__name__}"
+        )
     return [as_record(r, i, source) for i, r in enumerate(items)]
 
 

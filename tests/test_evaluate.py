@@ -114,3 +114,21 @@ def test_question_alone_formats_run_no_thoughts(monkeypatch, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["mode"] for line in lines] == ["coconut", "cot"]
     assert lines[1]["table"]["all"] == evaluate(model, records, mode="cot", progress=False)["all"]
+
+
+def test_evaluate_takes_record_dicts_and_names_bad_arguments():
+    """evaluate() takes Record objects or their dicts (as the trainers do); a string for the model, a lone
+    record, no records or batch_size 0 are InputErrors (they were AttributeError, TypeError, an empty table
+    and range()'s ValueError)."""
+    model = latentrt.load("builtin:recurrent")
+    records = generate_dataset(3, (1,), seed=4)
+    kw = dict(init_scale=0.0, max_new_tokens=4, progress=False)
+    assert evaluate(model, [r.__dict__ for r in records], **kw) == evaluate(model, records, **kw)
+    for args, extra, message in [
+        (("builtin:recurrent", records), {}, "expected a model from latentrt.load"),
+        ((model, records[0]), {}, r"records must be a list of records \(Record objects or their dicts\), got Record"),
+        ((model, []), {}, "records is empty: nothing to evaluate"),
+        ((model, records), {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(latentrt.InputError, match=message):
+            evaluate(*args, **{**kw, **extra})
