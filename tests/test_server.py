@@ -843,6 +843,11 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
         assert main(["serve", *port, *argv, "builtin:coconut"]) == 2 and not seen
     with pytest.raises(latentrt.InputError, match="api_key must be a non-empty string or None"):
         create_app(Engine(tiny_recurrent(), max_batch=1), "tiny", api_key="")
+    # create_app's own arguments (a model where the engine goes: an AttributeError before)
+    with pytest.raises(latentrt.InputError, match="engine must be a latentrt.serve.Engine"):
+        create_app(tiny_recurrent(), "tiny")
+    with pytest.raises(latentrt.InputError, match="model_name must be a non-empty string"):
+        create_app(Engine(tiny_recurrent(), max_batch=1), 3)
 
 
 def test_cli_serve_errors(capsys, monkeypatch):

@@ -84,6 +84,12 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
     path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
     ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401
     otherwise, as OpenAI's and vLLM's), while ``/health`` and ``/metrics`` stay open for probes and scrapers."""
+    if not isinstance(engine, Engine):
+        raise InputError(
+            f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
+        )
+    if not isinstance(model_name, str) or not model_name:
+        raise InputError(f"model_name must be a non-empty string (the name clients send), got {model_name!r}")
     runner = EngineThread(engine)
     model = engine.model
     text_of = partial(token_text, model.tokenizer)  # a token as log-probs name it
