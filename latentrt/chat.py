@@ -26,7 +26,7 @@ from typing import Protocol
 
 from tokenizers import Tokenizer
 
-from .errors import CheckpointError, InputError, check_unicode
+from .errors import CheckpointError, InputError, check_unicode, not_a_model
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, each a template variable where the tokenizer names it
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -392,6 +392,10 @@ class ChatModel(Protocol):
 def chat_template_for(model: ChatModel, template: ChatTemplate | str | Path | None = None) -> ChatTemplate | None:
     """The template ``model`` chats with: ``template`` (a ``ChatTemplate``, or a template file's path, read
     with the model folder's bos / eos), else the model folder's own (None when it has none)."""
+    if not hasattr(model, "tokenizer"):
+        raise not_a_model(model)
+    if template is not None and not isinstance(template, (ChatTemplate, str, Path)):
+        raise InputError(f"template must be a ChatTemplate or a template file's path, got {type(template).__name__}")
     folder = getattr(model, "folder", None)
     if isinstance(template, (str, Path)):
         return chat_template_file(template, folder)

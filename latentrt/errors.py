@@ -46,6 +46,12 @@ def renamed(message: str, names: Mapping[str, str]) -> str:
     return pattern.sub(lambda m: names[m.group(1)], message)
 
 
+def not_a_model(value) -> InputError:
+    """The error for something given where a loaded model goes (most likely its name: load it first)."""
+    what = f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+    return InputError(f"expected a model from latentrt.load(...), got {what}; call latentrt.load first")
+
+
 def is_choice(value, choices) -> bool:
     """Whether ``value`` names one of ``choices`` (a registry's keys). Only a string can: any other value, an
     unhashable list or dict from a JSON request or config file included, is not one (where a plain ``in``

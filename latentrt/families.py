@@ -19,7 +19,7 @@ from .decode.coconut import CoconutDecoder
 from .decode.coconut_serving import CoconutServing
 from .decode.recurrent import RecurrentDecoder
 from .decode.recurrent_serving import RecurrentServing
-from .errors import ConfigError, InputError, is_choice, plain_scalar
+from .errors import ConfigError, InputError, is_choice, not_a_model, plain_scalar
 from .models.coconut import CoconutGPT2, GPT2Config
 from .models.recurrent import RecurrentConfig, RecurrentDepthLM
 from .options import GenerateOptions
@@ -67,8 +67,7 @@ def family_for(model) -> Family:
     cfg = getattr(model, "config", None)
     family = FAMILIES.get(getattr(cfg, "model_type", None))
     if family is None or not isinstance(model, family.model):
-        what = f"the string {model!r}" if isinstance(model, str) else f"a {type(model).__name__}"
-        raise InputError(f"expected a model from latentrt.load(...), got {what}; call latentrt.load first")
+        raise not_a_model(model)
     return family
 
 

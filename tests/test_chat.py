@@ -34,6 +34,11 @@ def test_a_template_given_as_an_object_or_a_file(tmp_path):
     assert latentrt.apply_chat_template(model, MESSAGES, tmp_path / "t.jinja") == want
     with pytest.raises(latentrt.InputError, match="messages must be a non-empty list"):
         latentrt.apply_chat_template(model, [], ChatTemplate(source))
+    # a model's name where the model goes, a template of another type: named (AttributeErrors before)
+    with pytest.raises(latentrt.InputError, match="expected a model from latentrt.load"):
+        latentrt.apply_chat_template("builtin:recurrent", MESSAGES)
+    with pytest.raises(latentrt.InputError, match="template must be a ChatTemplate or a template file's path"):
+        latentrt.apply_chat_template(model, MESSAGES, 3)
 
 
 @pytest.mark.parametrize(
