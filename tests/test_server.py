@@ -273,6 +273,34 @@ def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_serve
     assert h.post("/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404
 
 
+def test_tokenize_takes_vllms_add_special_tokens():
+    """vLLM's ``add_special_tokens`` on /tokenize: a prompt's ids with the tokenizer's BOS (true, the default:
+    as /v1/completions runs it) or the text's tokens alone (false); a conversation's template places its own."""
+    from tokenizers import Tokenizer, processors
+
+    from latentrt.serve.protocol import parse_tokenize
+
+    plain = latentrt.load("builtin:recurrent").tokenizer
+    wrapped = Tokenizer.from_str(plain.to_str())
+    bos, eos = plain.token_to_id("<|pad|>"), plain.token_to_id("<|endoftext|>")
+    wrapped.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A <|endoftext|>", special_tokens=[("<|pad|>", bos), ("<|endoftext|>", eos)]
+    )
+    ids = plain.encode("Alex is a wumpus").ids
+    for extra, want in (
+        ({}, [bos, *ids]),
+        ({"add_special_tokens": True}, [bos, *ids]),
+        ({"add_special_tokens": False}, ids),
+    ):
+        assert parse_tokenize({"prompt": "Alex is a wumpus", **extra}, None, wrapped) == want, extra
+    for body, message in (
+        ({"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens must be true or false"),
+        ({"messages": [{"role": "user", "content": "a"}], "add_special_tokens": True}, "applies to a prompt"),
+    ):
+        with pytest.raises(latentrt.InputError, match=message):
+            parse_tokenize(body, None, wrapped)
+
+
 def _logprobs_alone(model, prompt, k: int, **kw) -> list[tuple[int, float, list]]:
     """Per generated token of generate() alone: (id, log-prob, the k best (id, log-prob)) from its logits."""
     alone = latentrt.generate(model, prompt, return_logits=True, **kw)

@@ -274,7 +274,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
 
     def tokenized(body) -> dict:
         ids = parse_tokenize(body, template, model.tokenizer)
-        return {"count": len(ids), "max_model_len": model.config.block_size, "tokens": ids}
+        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}  # (as /v1/models says)
 
     def detokenized(body) -> dict:
         ids = parse_detokenize(body, model.config.vocab_size)

@@ -300,17 +300,28 @@ def parse_chat(body, template, tokenizer) -> Parsed:
 
 
 def parse_tokenize(body, template, tokenizer) -> list[int]:
-    """vLLM's /tokenize body: ``prompt`` (text, encoded as /v1/completions encodes it) or ``messages``
-    (rendered with the chat template, as /v1/chat/completions does) -> token ids."""
-    body = _check_fields(body, {"model", "prompt", "messages"} | CHAT_RENDERING, "/tokenize")
+    """vLLM's /tokenize body: ``prompt`` (text, encoded as /v1/completions encodes it; vLLM's
+    ``add_special_tokens: false``: the text's tokens alone) or ``messages`` (rendered with the chat template, as
+    /v1/chat/completions does: the template places the special tokens) -> token ids."""
+    body = _check_fields(body, {"model", "prompt", "messages", "add_special_tokens"} | CHAT_RENDERING, "/tokenize")
     if tokenizer is None:
         raise InputError("this model has no tokenizer.json: nothing to tokenize with")
     if ("prompt" in body) == ("messages" in body):
         raise InputError("/tokenize takes one of 'prompt' (text) or 'messages' (a conversation)")
+    special = body.get("add_special_tokens")
+    if special is not None and not isinstance(special, bool):
+        raise InputError(f"add_special_tokens must be true or false, got {special!r}")
     if "messages" in body:
+        if special:
+            raise InputError(
+                "add_special_tokens applies to a prompt: a conversation's template places its special tokens"
+            )
         return chat_prompt_ids(template, tokenizer, body["messages"], chat_options(body))
     if not isinstance(body["prompt"], str):
         raise InputError(f"prompt must be a string, got {type(body['prompt']).__name__}")
+    if special is False:
+        check_unicode("prompt", body["prompt"])
+        return tokenizer.encode(body["prompt"], add_special_tokens=False).ids
     return encode_text(tokenizer, [body["prompt"]])[0]
 
 
