@@ -424,6 +424,12 @@ def test_stop_strings_end_the_text_before_them(recurrent_server):
     assert r.choices[0].latentrt["token_ids"] == alone.tokens
     chunks = list(client(url).completions.create(stream=True, extra_body=extra, **args))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text
+    # more than OpenAI's 4, as vLLM takes them (a bound keeps the matching cheap)
+    many = dict(args, stop=[f"never{i}" for i in range(7)] + [stop], **extra)
+    r = httpx.post(f"{url}/v1/completions", json=many).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == (alone.text, "stop")
+    too_many = httpx.post(f"{url}/v1/completions", json=dict(many, stop=["x"] * 257))
+    assert too_many.status_code == 400 and "stop takes at most 256 strings, got 257" in too_many.text
 
 
 def test_vllms_stop_and_text_fields(recurrent_server):

@@ -67,6 +67,7 @@ CHAT_FIELDS = (
     | set(NEUTRAL)
 )
 MAX_CHOICES = 16
+MAX_STOP_STRINGS = 256  # vLLM takes any number (OpenAI 4); a bound keeps each token's matching cheap
 # generate()'s options a request field of another name sets (besides max_new_tokens, the route's max_tokens)
 RENAMED = {"min_new_tokens": "min_tokens"}
 
@@ -136,8 +137,10 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-            raise InputError(f"stop must be a string or a list of up to 4 strings, got {stop!r}")
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InputError(f"stop must be a string or a list of strings, got {stop!r:.200}")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InputError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         opts["stop"] = stops
     ids = body.get("stop_token_ids")
     if ids is not None:  # checked against the vocabulary by generate()
