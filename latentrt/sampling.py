@@ -109,7 +109,12 @@ def sampling_probs(
     probs = torch.where(filtered > float("-inf"), probs, torch.zeros_like(probs))
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
     overflowed = ~torch.isfinite(probs).all(-1, keepdim=True)
-    return torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)
+    probs = torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)
+    # NaN logits (a non-finite state, which the caller reports after this token's one host read, discarding
+    # the token): a uniform row, so the draw does not fail first with torch.multinomial's RuntimeError (a
+    # device-side assert on CUDA) instead of the NonFiniteStateError naming the sequence
+    broken = ~torch.isfinite(probs).all(-1, keepdim=True) | (probs.sum(-1, keepdim=True) <= 0)
+    return torch.where(broken, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
 
 
 def sample(

@@ -343,6 +343,14 @@ def test_nan_from_a_hook_names_the_token():
 
     with pytest.raises(NonFiniteStateError, match="at new token 2"):
         latentrt.generate(model, PROMPTS[0], max_new_tokens=4, num_steps=3, hooks=poison)
+    # sampling too: the draw from NaN logits failed first, with torch.multinomial's RuntimeError (a device-side
+    # assert on CUDA), before the token's one host read saw the non-finite flag
+    for kw in (dict(temperature=1.0), dict(temperature=0.7, seed=4, top_k=5, top_p=0.5)):
+        with pytest.raises(NonFiniteStateError, match="at new token 2"):
+            latentrt.generate(model, PROMPTS, max_new_tokens=4, num_steps=3, hooks=poison, **kw)
+    probs = latentrt.sampling.sampling_probs(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]), 1.0)
+    assert torch.equal(probs[0], torch.tensor([0.5, 0.5]))  # a NaN row: uniform (its token is discarded)
+    assert torch.allclose(probs[1], torch.tensor([0.0, 1.0]).softmax(-1))  # a finite row: its distribution
 
 
 def test_coconut_generate_matches_published_pattern():
