@@ -78,7 +78,7 @@ def evaluate(
         ]
     else:
         prompts = [decoder.eval_prompt(model, r.question, mode, thoughts) for r in records]
-        gen_kwargs = {**decoder.eval_options(mode), **gen_kwargs}  # (a caller's num_thoughts wins)
+        gen_kwargs = {**decoder.eval_options(mode), **gen_kwargs}  # (a caller's own value of these wins)
     max_new = max_new_tokens or (96 if mode == "cot" or chat is not None else 16)
     defaults = getattr(model, "generation_defaults", None)
     options = GenerateOptions.build(None, defaults, max_new_tokens=max_new, **gen_kwargs)
