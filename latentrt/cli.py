@@ -23,12 +23,12 @@ from .cli_flags import (
     check_chat_args,
     check_counts,
     generate_options,
-    given_flags,
+    in_flags,
     json_object,
     name_options_as_flags,
     token_ids,
 )
-from .errors import InputError, LatentRTError, renamed
+from .errors import InputError, LatentRTError
 from .serve.engine import SCHEDULERS
 from .train.command import add_train_args
 
@@ -374,18 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; every error prints ``latentrt: error: ...`` and exits 2 (argparse's own errors too),
     never a traceback (LATENTRT_DEBUG=1 shows one for an unexpected error)."""
     args = build_parser().parse_args(argv)
-    flags = given_flags(args)
     with warnings.catch_warnings():  # restores Python's display when main() returns (tests call it in-process)
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: _show_warning(
-            message, flags, file
+            message, args, file
         )
         return _run(args)
 
 
-def _show_warning(message, flags: dict, file=None) -> None:
+def _show_warning(message, args: argparse.Namespace, file=None) -> None:
     """A warning as a command line tool says it: ``latentrt: warning: ...`` (no file, line or source), the
-    options it names as the command's ``flags``."""
-    print(f"latentrt: warning: {renamed(str(message), flags)}", file=file or sys.stderr)
+    options it names as the flags given (``in_flags``)."""
+    print(f"latentrt: warning: {in_flags(str(message), args)}", file=file or sys.stderr)
 
 
 def _run(args) -> int:
@@ -401,7 +400,7 @@ def _run(args) -> int:
         }
         return commands[args.command](args)
     except InputError as exc:
-        print(f"latentrt: error: {renamed(str(exc), given_flags(args))}", file=sys.stderr)
+        print(f"latentrt: error: {in_flags(str(exc), args)}", file=sys.stderr)
         return 2
     except LatentRTError as exc:
         print(f"latentrt: error: {exc}", file=sys.stderr)

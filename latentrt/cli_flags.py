@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from .backends import CHOICES
 from .checkpoint import builtin_names
-from .errors import InputError
+from .errors import InputError, renamed
 from .exits import CRITERIA
 from .families import decodings
 
@@ -239,18 +240,29 @@ def check_chat_args(args: argparse.Namespace) -> None:
 
 def name_options_as_flags(p: argparse.ArgumentParser) -> None:
     """``p``'s errors and warnings name the generate() options the user gave as the flags typed
-    (``--threshold must be >= 0``, not ``exit_threshold``; ``given_flags``): each option that takes a
-    value, by its first flag (on/off flags keep the option's name: ``--adaptive=True`` is no flag's spelling)."""
-    flags = {
-        GENERATE_FLAGS[a.dest]: a.option_strings[0] for a in p._actions if a.dest in GENERATE_FLAGS and a.nargs != 0
-    }
-    p.set_defaults(option_flags=flags)
+    (``--threshold must be >= 0``, not ``exit_threshold``; ``in_flags``), each by its first flag; an on/off
+    flag also stands for the value it sets (``adaptive=True`` is ``--adaptive``, ``append_thoughts=False``
+    ``--no-append-thoughts``)."""
+    actions = [a for a in p._actions if a.dest in GENERATE_FLAGS]
+    flags = {GENERATE_FLAGS[a.dest]: a.option_strings[0] for a in actions}
+    switches = {GENERATE_FLAGS[a.dest]: str(a.const) for a in actions if a.nargs == 0}  # the value it sets
+    p.set_defaults(option_flags=flags, option_switches=switches)
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, str]:
     """generate()'s option -> flag, for the options given on this command line (one left to its default keeps
     its name: "in [0, max_new_tokens=64]" is the default's, not a --max-new-tokens the user typed)."""
     return {opt: flag for opt, flag in getattr(args, "option_flags", {}).items() if _given(args, opt)}
+
+
+def in_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` (an error's or a warning's) with the generate() options given on this command line named as
+    their flags (``given_flags``); an on/off flag's ``NAME=VALUE`` (the value it sets) is the flag alone."""
+    flags = given_flags(args)
+    for opt, value in getattr(args, "option_switches", {}).items():
+        if opt in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(opt)}={value}\b", flags[opt], message)
+    return renamed(message, flags)
 
 
 def _given(args: argparse.Namespace, option: str) -> bool:

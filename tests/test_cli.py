@@ -289,8 +289,9 @@ def test_ids_prompts_for_a_model_without_a_tokenizer(recurrent_dir, capsys):
 
 def test_generate_options_are_named_as_the_commands_flags(recurrent_dir, tmp_path, capsys, monkeypatch):
     """Errors and warnings about generate()'s options name the flag the user types (``--threshold must be``,
-    not ``exit_threshold``), in generate, chat and eval, as train's name its flags; on/off flags keep the
-    option's name (``adaptive=True``: ``--adaptive=True`` is no flag's spelling)."""
+    not ``exit_threshold``), in generate, chat and eval, as train's name its flags; an on/off flag stands for
+    the value it sets (``append_thoughts=False`` is ``--no-append-thoughts``); an option not given keeps its
+    name (``without adaptive=True``)."""
     d = str(recurrent_dir)
     (tmp_path / "r.json").write_text('[{"question": "every cat", "steps": [], "answer": "Tom"}]')
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
@@ -302,6 +303,11 @@ def test_generate_options_are_named_as_the_commands_flags(recurrent_dir, tmp_pat
             "error: --min-new-tokens must be an integer in [0, --max-new-tokens=2], got 5",
         ),
         (["generate", d, "x", "--thoughts", "2"], "error: --thoughts does not apply to this recurrent-depth model"),
+        (["generate", d, "x", "--no-append-thoughts"], "error: --no-append-thoughts does not apply to this recurrent"),
+        (
+            ["generate", "builtin:coconut", "x", "--no-append-thoughts", "--thoughts", "2"],
+            "error: --thoughts=2 appends thoughts and --no-append-thoughts appends none",
+        ),
         (
             ["chat", d, "--chat-template", str(tmp_path / "t.jinja"), "--check-every", "0", "--adaptive"],
             "error: --check-every must be an integer >= 1, got 0",
