@@ -251,7 +251,11 @@ class Generation:
                 out = decoder.next_token(tok, alive, alive_l)
         if proposals is not None:
             proposals.close()
-        logits_out = [torch.stack(k) if k else torch.zeros(0) for k in kept_logits] if opts.return_logits else None
+        logits_out = (
+            [torch.stack(k) if k else torch.zeros(0, dtype=torch.float32, device="cpu") for k in kept_logits]
+            if opts.return_logits
+            else None
+        )
         return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
 
     def _draw(self, logits: Tensor) -> Tensor:

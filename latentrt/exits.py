@@ -95,7 +95,7 @@ class KL(ExitCriterion):
     needs_logits = True
 
     def start(self, batch, vocab, device):
-        return torch.full((batch, vocab), -math.log(vocab), device=device)  # uniform log-probs
+        return torch.full((batch, vocab), -math.log(vocab), dtype=torch.float32, device=device)  # uniform log-probs
 
     def update(self, state, prev, new, logits, valid, ops):
         kl, logp = ops.kl(logits.float(), state)
@@ -120,7 +120,7 @@ class EntropyDiff(ExitCriterion):
     needs_logits = True
 
     def start(self, batch, vocab, device):
-        return torch.full((batch,), 100.0, device=device)
+        return torch.full((batch,), 100.0, dtype=torch.float32, device=device)
 
     def update(self, state, prev, new, logits, valid, ops):
         ent = entropy_reference(logits.float())

@@ -111,7 +111,7 @@ class KVPool:
         self.trash = max_len  # the entry padding queries write to (never a key)
         width = max_len + 1
         kv_rows = layout.plain * rows + layout.looped * self.slot_rows
-        nbytes = 2 * kv_rows * H * width * D * torch.empty(0, dtype=dtype).element_size() + rows * width * 9
+        nbytes = 2 * kv_rows * H * width * D * dtype.itemsize + rows * width * 9
         what = (
             f"the KV pool's buffers for {rows} resident requests of {max_len} positions and {self.slot_rows} "
             "looped-layer slot rows (max_batch, max_len, kv_slots)"

@@ -40,7 +40,8 @@ def load(
     ``revision``; through the hub's cache, offline with HF_HUB_OFFLINE=1). The family is read from
     config.json's model_type.
 
-    device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+    device: default torch's default device where one was set (``torch.set_default_device``), else CUDA when
+    available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU (torch's default dtype is not read).
     weights: a .safetensors or torch state-dict file to use instead of the folder's weights (e.g. a
     Coconut training checkpoint on top of a GPT-2 folder or Hub id). overrides: config fields to replace
     (e.g. mean_recurrence=16, or Coconut marker ids latent_id=...); unknown names are an error.
@@ -79,9 +80,22 @@ def read_model_config(path: str | os.PathLike, revision: str | None = None, **ov
 
 
 def parse_device(device) -> torch.device:
-    """A usable torch device: default CUDA when available, else the CPU; a clear error otherwise."""
+    """A usable torch device: None is torch's default device where one was set (``torch.set_default_device``
+    or a ``with torch.device(...)`` block, as HF's ``from_pretrained`` reads it), else CUDA when available,
+    else the CPU; a clear error otherwise."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        default = torch.get_default_device()
+        if default.type == "meta":
+            raise InputError(
+                "torch's default device is 'meta' (torch.set_default_device or a `with torch.device(...)` block): "
+                "a loaded model needs its weights; pass device='cpu' or 'cuda', or load outside that block"
+            )
+        if default.type == "cpu":  # not set (torch's own default): CUDA where there is one
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return parse_device(str(default))
+        except InputError as exc:
+            raise InputError(f"{exc}: it is torch's default device (torch.set_default_device)") from None
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

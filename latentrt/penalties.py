@@ -90,12 +90,14 @@ class LogitPenalties:
         self.vocab = vocab
         self.bias = None
         if options.logit_bias:  # its ids checked by check_bias_vocabulary (generate(), before the prompt)
-            self.bias = torch.zeros(vocab, device=device)
+            self.bias = torch.zeros(vocab, dtype=torch.float32, device=device)
             ids = torch.tensor(list(options.logit_bias), device=device)
-            self.bias[ids] = torch.tensor([float(b) for b in options.logit_bias.values()], device=device)
+            self.bias[ids] = torch.tensor(
+                [float(b) for b in options.logit_bias.values()], dtype=torch.float32, device=device
+            )
         self.seen = torch.zeros(batch_size, vocab, dtype=torch.bool, device=device) if self.repetition != 1 else None
         counted = self.presence != 0 or self.frequency != 0
-        self.counts = torch.zeros(batch_size, vocab, device=device) if counted else None
+        self.counts = torch.zeros(batch_size, vocab, dtype=torch.float32, device=device) if counted else None
         self.dry: DryPenalty | None = None
 
     @classmethod
@@ -130,7 +132,11 @@ class LogitPenalties:
 
     def record(self, tokens: Tensor, rows: Tensor | None = None) -> None:
         """The sampled ``tokens`` [B] join their sequences (``rows``: the running ones; None: all)."""
-        add = torch.ones(tokens.shape[0], 1, device=tokens.device) if rows is None else rows.float()[:, None]
+        add = (
+            torch.ones(tokens.shape[0], 1, dtype=torch.float32, device=tokens.device)
+            if rows is None
+            else rows.float()[:, None]
+        )
         at = tokens.clamp(0, self.vocab - 1)[:, None]
         if self.seen is not None:
             self.seen.scatter_(1, at, self.seen.gather(1, at) | add.bool())

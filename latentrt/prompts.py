@@ -41,7 +41,7 @@ def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
         raise InputError("input_ids must be token ids, not text: encode it first (model.tokenizer.encode(text).ids)")
     if not isinstance(ids, Tensor):
         try:
-            ids = torch.as_tensor(ids)
+            ids = torch.as_tensor(ids, device="cpu")  # host values, checked here, then moved
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise InputError(f"input_ids must be a tensor or nested list of ints in range: {exc}") from None
     if ids.numel() == 0:  # (an empty list becomes a float tensor: say what is wrong, not its dtype)
@@ -196,10 +196,10 @@ def make_batch(
         if out_of_range:
             raise InputError(f"token id out of range [0, {vocab}){_padding_note(cfg)}: {out_of_range[:5]}")
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")  # built on the host, moved once
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool, device="cpu")
     for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+        ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long, device="cpu")
         mask[i, width - len(s) :] = True
     ids = check_ids(ids, cfg, device)
     return Batch(ids, mask.to(device), single)

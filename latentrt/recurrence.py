@@ -123,8 +123,12 @@ class LatentLoop:
         self.reference = torch.zeros_like(self.s)  # the state the criterion saw last (rule 3)
         self.active = torch.zeros(rows, dtype=torch.bool, device=device)
         self.used = torch.zeros(rows, dtype=torch.long, device=device)
-        self.out = torch.zeros(rows, vocab, device=device)  # logits of the exit state (logit criteria)
-        self.checked_logits = torch.zeros(rows, vocab, device=device)  # of the last check (logit criteria)
+        self.out = torch.zeros(
+            rows, vocab, dtype=torch.float32, device=device
+        )  # logits of the exit state (logit criteria)
+        self.checked_logits = torch.zeros(
+            rows, vocab, dtype=torch.float32, device=device
+        )  # of the last check (logit criteria)
         self.t = [0] * rows  # host: iterations run per row
         self.specs: list[LoopSpec | None] = [None] * rows
         self.checked = [False] * rows  # host: whether a row's criterion ran on logits yet
@@ -214,7 +218,7 @@ class LatentLoop:
             return torch.where(self.active[ix][:, None], self.checked_logits[ix], self.out[ix])
         if not any(from_checks):
             return head(rows)
-        out = torch.empty(len(rows), self.vocab, device=self.device)
+        out = torch.empty(len(rows), self.vocab, dtype=torch.float32, device=self.device)
         for want, pick in ((True, from_checks), (False, [not c for c in from_checks])):
             part = rows.subset(pick, self.device)
             at = to_device([i for i, p in enumerate(pick) if p], self.device)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 def to_device(values, device, dtype: torch.dtype = torch.long) -> Tensor:
     """``values`` (a number or a list of them) as a tensor on ``device``, copied without a sync."""
-    t = torch.tensor(values, dtype=dtype)
+    t = torch.tensor(values, dtype=dtype, device="cpu")  # host values (whatever torch's default device)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -79,18 +79,18 @@ class PersistentTokenRunner(RecurrentTokenRunner):
         self.state = torch.zeros(B, cfg.n_embd, dtype=model.dtype, device=dev)
         self.ref_state = torch.zeros_like(self.state)  # the state of the last check (latentrt/recurrence.py)
         self.term = torch.zeros_like(self.state)
-        self.cos = torch.zeros(B, cfg.head_dim // 2, device=dev)
+        self.cos = torch.zeros(B, cfg.head_dim // 2, dtype=torch.float32, device=dev)
         self.sin = torch.zeros_like(self.cos)
         self.active = torch.zeros(B, dtype=torch.uint8, device=dev)
         self.used = torch.zeros(B, dtype=torch.long, device=dev)
         V = cfg.padded_vocab_size
         kl = spec.criterion.name == "kl"
-        self.logits = torch.zeros(B, V if kl else 1, device=dev)
+        self.logits = torch.zeros(B, V if kl else 1, dtype=torch.float32, device=dev)
         self.prev_logp = torch.zeros_like(self.logits)
         if kernel == "stream":  # a byte workspace and the plan's tile table, uploaded once
             self.scratch = torch.empty(ext.stream_loop_scratch_bytes(plan_args), dtype=torch.uint8, device=dev)
             table = ext.stream_loop_table(plan_args, dev.index or 0)
-            self.table = torch.tensor(table, dtype=torch.int32).to(dev)
+            self.table = torch.tensor(table, dtype=torch.int32, device="cpu").to(dev)
             plan_args.table = self.table.data_ptr()
             plan_args.pos_ptr = self.pos.data_ptr()  # the timeline index on the device: capturable
             self.launch = ext.stream_loop
@@ -157,7 +157,7 @@ def watchdog(args) -> Tensor | None:
     seconds = env_number(WATCHDOG_ENV, 2.0)
     if seconds <= 0:
         return None
-    watch = torch.zeros(8, dtype=torch.int32).pin_memory()
+    watch = torch.zeros(8, dtype=torch.int32, device="cpu").pin_memory()
     args.watch, args.watch_cycles = watch.data_ptr(), int(seconds * 2e9)
     _watches[:] = [*_watches[-15:], watch]
     return watch

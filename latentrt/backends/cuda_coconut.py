@@ -108,7 +108,7 @@ class StreamedAnswerRunner(GraphedRunner):
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(B, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(B, 1, d, dtype=torch.bfloat16, device=dev)  # before ln_f (the kernel's `out`)
-        self.sums = torch.zeros(B, m.lm_head.weight.shape[0], device=dev)
+        self.sums = torch.zeros(B, m.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
         self.active = torch.ones(B, dtype=torch.uint8, device=dev)
         self.barrier = torch.zeros(2, dtype=torch.int32, device=dev)
         a = self.args = backend.thought_args(cache, 1)

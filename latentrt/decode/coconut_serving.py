@@ -69,7 +69,7 @@ class CoconutServing(ServingProgram):
         for row in chunks:
             self._chunk(row)
         self.launched_rows = len(columns) + len(chunks) + len(idle)  # waiting rows count, computing nothing
-        return torch.zeros(0, dtype=torch.bool)
+        return torch.zeros(0, dtype=torch.bool, device="cpu")
 
     def _columns(self, rows: list[int]) -> None:
         model, dev = self.model, self.model.device

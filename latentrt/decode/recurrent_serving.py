@@ -225,7 +225,7 @@ class RecurrentServing(ServingProgram):
         self._launched_prompts = [(id(g), i) for g in self.groups for i in g.live]
         self.launched_rows = len(self._launched) + len(self._launched_prompts)
         if not parts:
-            return torch.zeros(0, dtype=torch.bool)
+            return torch.zeros(0, dtype=torch.bool, device="cpu")
         return self._iterate(parts)
 
     def _decode_part(self, rows: Rows) -> _Part:

@@ -168,7 +168,9 @@ class Wavefront(Sampler):
             if o.state_noise_mixing > 0:
                 noise_states = self._init(states)
                 if o.dampened_state_mixer:
-                    noise = (o.state_noise_mixing / (1 + counter[index : index + W]))[None, :, None].to(states.dtype)
+                    noise = (o.state_noise_mixing / (1 + counter[index : index + W]).float())[None, :, None].to(
+                        states.dtype
+                    )
                 else:
                     noise = torch.as_tensor(o.state_noise_mixing, device=dev, dtype=states.dtype)
                 if o.sqrt_mixer:
@@ -189,7 +191,7 @@ class Wavefront(Sampler):
             if len(seq) != len(edits):  # the published comparison fails here too (its window arithmetic)
                 raise self.misaligned(f"{len(seq)} positions against {len(edits)} new guesses")
             stable[: len(seq)] += (torch.tensor(seq, device=dev) == edits).long()
-            extra = [] if h == 1 else torch.randint(0, guess_ids, (1, h - 1), generator=self._gen())[0].tolist()
+            extra = [] if h == 1 else self._guesses(guess_ids, h - 1)
             seq = frozen + new + extra
             if o.continuous and states.shape[1] >= h:
                 fresh = states[:, -h:].clone()
@@ -286,6 +288,12 @@ class Wavefront(Sampler):
         """A fresh state like ``like`` (zeros at init_scale 0), from the call's generator with a seed."""
         dec = self.decoder
         return dec.model.initial_state(like, dec.init_scale, self._gen())
+
+    def _guesses(self, high: int, n: int) -> list[int]:
+        """``n`` random ids below ``high`` for the positions past the window (the sequence's generator with a seed,
+        torch's global CPU generator without, as published), whatever torch's default device."""
+        gen = self._gen()
+        return torch.randint(0, high, (1, n), generator=gen, device=gen.device if gen else "cpu")[0].tolist()
 
     def _gen(self):
         return None if self.decoder.rng is None else self.decoder.rng[0]

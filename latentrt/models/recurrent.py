@@ -515,7 +515,7 @@ def check_steps(num_steps: int) -> int:
 def check_state(state: Tensor, like: Tensor) -> Tensor:
     """A user-given latent state: right shape, finite, on the model's device and dtype."""
     if not isinstance(state, Tensor):
-        state = torch.as_tensor(state)
+        state = torch.as_tensor(state, device="cpu")  # moved to the model's device below
     if state.dim() == 2:
         state = state[None]
     if (

@@ -193,14 +193,14 @@ def collate(examples, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
     wp = max(len(p) for p, _, _ in examples)
     wq = max(len(q) for _, q, _ in examples)
     B = len(examples)
-    ids = torch.full((B, wp + wq), pad, dtype=torch.long)
-    mask = torch.zeros(B, wp + wq, dtype=torch.bool)
-    labels = torch.full((B, wp + wq), -100, dtype=torch.long)
+    ids = torch.full((B, wp + wq), pad, dtype=torch.long, device="cpu")
+    mask = torch.zeros(B, wp + wq, dtype=torch.bool, device="cpu")
+    labels = torch.full((B, wp + wq), -100, dtype=torch.long, device="cpu")
     for i, (p, q, lab) in enumerate(examples):
-        ids[i, wp - len(p) : wp] = torch.tensor(p)
-        ids[i, wp : wp + len(q)] = torch.tensor(q)
+        ids[i, wp - len(p) : wp] = torch.tensor(p, dtype=torch.long, device="cpu")
+        ids[i, wp : wp + len(q)] = torch.tensor(q, dtype=torch.long, device="cpu")
         mask[i, wp - len(p) : wp + len(q)] = True
-        labels[i, wp : wp + len(lab)] = torch.tensor(lab)
+        labels[i, wp : wp + len(lab)] = torch.tensor(lab, dtype=torch.long, device="cpu")
     return ids.to(device), mask.to(device), labels.to(device)
 
 

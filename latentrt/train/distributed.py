@@ -55,7 +55,7 @@ def barrier() -> None:
 def mean(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 

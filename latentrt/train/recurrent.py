@@ -39,7 +39,7 @@ def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Gen
     backprop depth is the larger.)"""
     sigma = 0.5
     mu = math.log(max(mean_recurrence, backprop_depth)) - sigma**2 / 2
-    tau = torch.empty(1).log_normal_(mu, sigma, generator=generator)
+    tau = torch.empty(1, dtype=torch.float32, device="cpu").log_normal_(mu, sigma, generator=generator)
     r = int(torch.poisson(tau, generator=generator).item()) + 1
     k = min(backprop_depth, r)
     return r - k, k
@@ -48,11 +48,11 @@ def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Gen
 def collate(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[Tensor, Tensor]:
     """Right-padded ids and labels (causal attention never looks right, so no mask is needed)."""
     width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long, device="cpu")
+    labels = torch.full((len(examples), width), -100, dtype=torch.long, device="cpu")
     for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long, device="cpu")
+        labels[i, : len(y)] = torch.tensor(y, dtype=torch.long, device="cpu")
     return ids.to(device), labels.to(device)
 
 

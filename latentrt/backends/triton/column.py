@@ -49,7 +49,7 @@ class ColumnRunner(GraphedRunner):
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.t_idx = torch.arange(cache.max_len, device=dev)
         # LayerNorm statistics (sum, sum of squares) per row after each residual add: 2 per layer
-        self.stats = torch.zeros(2 * len(model.transformer.h), B, 2, device=dev)
+        self.stats = torch.zeros(2 * len(model.transformer.h), B, 2, dtype=torch.float32, device=dev)
 
     def run_all(self, h_prev: Tensor, first: int, last: int) -> Tensor | None:
         """All columns first..last in one launch, or None (the caller then runs them one by one)."""
