@@ -128,3 +128,28 @@ def test_no_top_level_kernels_module(tmp_path, where):
 def test_developer_tools_live_outside_the_package(tool):
     assert not (PKG / "kernels" / "compile_check.py").exists()
     assert (ROOT / Path(*tool.split("."))).with_suffix(".py").is_file()
+
+
+FACTORIES = {"zeros", "ones", "full", "empty", "tensor", "as_tensor", "arange", "randn", "rand", "randint", "randperm"}
+# where torch's defaults are meant: modules' parameters (nn's convention; load builds them on the meta device
+# and sets the dtype) and the kernels' random test inputs (a CPU generator's draws, moved by the caller)
+DEFAULTS_MEANT = {"__init__", "make_inputs", "slot_table"}
+
+
+def test_tensors_name_their_device():
+    """Every torch factory call in the package names its device (and so neither torch.set_default_device nor
+    a ``with torch.device(...)`` block moves latentrt's tensors; tests/test_torch_defaults.py runs it)."""
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef) or fn.name in DEFAULTS_MEANT:
+                continue
+            for node in ast.walk(fn):
+                call = node if isinstance(node, ast.Call) else None
+                if call is None or not isinstance(call.func, ast.Attribute) or call.func.attr not in FACTORIES:
+                    continue
+                if isinstance(call.func.value, ast.Name) and call.func.value.id == "torch":
+                    if "device" not in {k.arg for k in call.keywords}:
+                        found.append(f"{path.relative_to(ROOT)}:{call.lineno} torch.{call.func.attr} in {fn.name}")
+    assert not found, "factory calls without device=:\n" + "\n".join(sorted(set(found)))
