@@ -121,9 +121,14 @@ class ModelConfig:
 def check_types(cls: type, values: dict[str, Any], source: str) -> None:
     """Each given field has its annotated type (an integral float is accepted as an int)."""
     for f in dataclasses.fields(cls):
-        if f.name not in values or values[f.name] is None:
+        if f.name not in values:
             continue
         v, t = values[f.name], str(f.type)
+        if v is None:  # null: only where the field may be None (a bool's null is false, as HF reads it)
+            kind = {"int": "an integer", "float": "a number", "str": "a string"}.get(t.split(" ")[0])
+            if kind is not None and "None" not in t:
+                raise ConfigError(f"{source}: field {f.name!r} must be {kind}, got null")
+            continue
         if t.startswith("int") and (isinstance(v, bool) or not isinstance(v, int)):
             if isinstance(v, float) and v.is_integer():
                 values[f.name] = int(v)

@@ -41,7 +41,7 @@ class HostSyncs(TorchFunctionMode):
             hit = name
         elif name in ("__getitem__", "__setitem__") and _bool_index(args[1]):
             hit = f"{name}[bool]"
-        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None:
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") not in (None, "cpu"):  # host data to a device
             hit = "tensor(device=...)"
         if hit is not None:
             stack = traceback.extract_stack()[:-1]

@@ -127,3 +127,58 @@ def test_tied_save_has_no_head_key(tmp_path):
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [
+        dict(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1),  # HF's defaults: the masks drawn alike
+        dict(embd_pdrop=1.0, attn_pdrop=0.0, resid_pdrop=0.0),  # each site alone, all dropped: where it acts
+        dict(embd_pdrop=0.0, attn_pdrop=1.0, resid_pdrop=0.0),
+        dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=1.0),
+    ],
+)
+def test_gpt2_training_dropout_matches_transformers(tmp_path, drop):
+    """In train mode with gradients (the Coconut trainer's forward) GPT-2 drops embeddings plus positions, the
+    attention probabilities and both residual branches as HF does, drawing torch's generator in HF's order: the
+    same loss from the same seed."""
+    from latentrt.train.coconut import CoconutLoss
+
+    hf = _hf_gpt2(tmp_path, **drop).train()
+    ours = latentrt.load(tmp_path, device="cpu").train()
+    ids = torch.randint(0, 70, (3, 17), generator=torch.Generator().manual_seed(1))
+    everything = torch.ones_like(ids, dtype=torch.bool)
+    torch.manual_seed(5)
+    want = hf(ids, labels=ids).loss.item()
+    torch.manual_seed(5)
+    got = CoconutLoss(ours, None, True)(ids, everything, ids).item()
+    assert abs(got - want) <= 1e-6 * want
+    if max(drop.values()) < 1:  # masks drawn: another seed, another loss
+        torch.manual_seed(6)
+        assert CoconutLoss(ours, None, True)(ids, everything, ids).item() != got
+
+
+def test_gpt2_dropout_never_acts_at_inference(tmp_path):
+    """A model left in train mode generates, scores and serves as in eval mode (no gradients: no dropout), so
+    every backend agrees; the dropout fields are checked probabilities."""
+    from latentrt.errors import ConfigError
+    from latentrt.families import parse_config
+    from latentrt.serve import Engine
+
+    _hf_gpt2(tmp_path, embd_pdrop=0.5, attn_pdrop=0.5, resid_pdrop=0.5)
+    model = latentrt.load(tmp_path, device="cpu")
+    ids = [[5, 9, 11, 3, 20]]
+    expected = latentrt.generate(model, ids, max_new_tokens=5, return_logits=True), model.logits(ids)
+    model.train()
+    got = latentrt.generate(model, ids, max_new_tokens=5, return_logits=True), model.logits(ids)
+    engine = Engine(model, max_batch=2)
+    served = engine.submit(ids[0], max_new_tokens=5)
+    engine.run_until_idle()
+    assert got[0].tokens == expected[0].tokens == [served.tokens]
+    assert all(torch.equal(a, b) for a, b in zip(got[0].logits, expected[0].logits))
+    assert torch.equal(got[1], expected[1])
+    base = dict(model_type="gpt2", n_embd=32, n_head=2, n_layer=2, n_positions=64, vocab_size=40)
+    assert parse_config(base).resid_pdrop == 0.1  # HF's default where config.json has none
+    for bad, match in ((1.5, "probability in"), (-0.1, "probability in"), (None, "got null"), ("0.1", "number")):
+        with pytest.raises(ConfigError, match=f"attn_pdrop.*{match}"):
+            parse_config(dict(base, attn_pdrop=bad))

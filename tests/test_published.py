@@ -220,7 +220,8 @@ def test_the_anchored_cache_differs_from_the_other_modes():
 def test_coconut_training_loss_and_gradients_equal_published(case):
     """The Coconut trainer's loss (its thoughts as KV-cached single-position passes, latentrt's collate) on
     the batch the published collator pads, against the published forward: the loss to float rounding, the
-    gradients' norm too."""
+    gradients' norm too. A case with ``torch_seed`` runs both in train mode, GPT-2's dropout drawn from torch's
+    generator seeded alike: the published passes draw the same masks."""
     from latentrt.train.coconut import CoconutLoss, collate
 
     model = _model(case["model"])
@@ -231,11 +232,15 @@ def test_coconut_training_loss_and_gradients_equal_published(case):
         assert post[0] == c.end_latent_id and pre[-1] == c.latent_id
         examples.append((pre, post, labels))
     model.zero_grad(set_to_none=True)
+    if case.get("torch_seed") is not None:
+        model.train()
+        torch.manual_seed(case["torch_seed"])
     with torch.enable_grad():
         loss = CoconutLoss(model, None, continuous=True)(*collate(examples, 0, "cpu"))
         loss.backward()
     norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
     model.zero_grad(set_to_none=True)
+    model.eval()
     assert abs(loss.item() - case["loss"]) <= 1e-6 * case["loss"]
     assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
 

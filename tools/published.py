@@ -762,6 +762,17 @@ TRAINING = [
             ([19, 5, 20, "S", "L", "L"], ["E", 21, "EOS"]),
         ],
     ),
+    dict(  # run.py trains the model in train mode: GPT-2's dropout (0.1 at each site) draws from torch's generator
+        name="coconut training loss in train mode (dropout), a padded batch",
+        model="gpt2-a",
+        eos=1,
+        torch_seed=11,
+        examples=[
+            ([5, 6, 7, 8, "S", "L", "L", "L"], ["E", 9, 10, 11, 12, "EOS"]),
+            ([13, 14, "S", "L", "L", "L"], ["E", 15, 9, 10, 16, 17, 18, "EOS"]),
+            ([19, 5, 20, "S", "L", "L", "L"], ["E", 21, "EOS"]),
+        ],
+    ),
 ]
 
 
@@ -789,6 +800,9 @@ def run_coconut_training(cm, case: dict, model) -> dict:
     labels = torch.tensor([pad(r[2], -100) for r in rows])
     attention = torch.tensor([pad([0] * r[3] + [1] * (len(r[0]) - r[3]), 0) for r in rows])
     pub, hf = published_coconut(cm, model, eos)
+    if case.get("torch_seed") is not None:  # train mode: dropout on, drawn from torch's generator
+        hf.train()
+        torch.manual_seed(case["torch_seed"])
     with torch.enable_grad():
         loss = pub(ids, attention, labels, positions).loss
         loss.backward()

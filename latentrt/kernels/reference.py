@@ -43,13 +43,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ attention
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
-    """Masked attention. q [B,H,S,D]; k, v [B,Hkv,T,D]; mask [B,1,S,T] bool (True = attend)."""
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """Masked attention. q [B,H,S,D]; k, v [B,Hkv,T,D]; mask [B,1,S,T] bool (True = attend); ``dropout_p``:
+    dropout on the attention probabilities (training only)."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def missed_iteration(written: Tensor, valid: Tensor, iterations, first) -> Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import Chunk, KVCache
@@ -31,9 +32,6 @@ class GPT2Config(ModelConfig):
     CONTEXT_FIELD: ClassVar[str] = "n_positions"
     IGNORED: ClassVar[frozenset[str]] = frozenset(
         {
-            "attn_pdrop",
-            "embd_pdrop",
-            "resid_pdrop",
             "summary_activation",
             "summary_first_dropout",
             "summary_proj_to_labels",
@@ -53,6 +51,10 @@ class GPT2Config(ModelConfig):
     vocab_size: int
     n_inner: int | None = None
     layer_norm_epsilon: float = 1e-5
+    # dropout while training (HF's GPT-2 defaults; the published Coconut trains the model in train mode)
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
     activation_function: str = "gelu_new"
     tie_word_embeddings: bool = True
     scale_attn_weights: bool = True
@@ -106,6 +108,15 @@ class GPT2Config(ModelConfig):
             )
         if not (math.isfinite(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
             raise ConfigError(f"layer_norm_epsilon must be a finite number > 0, got {self.layer_norm_epsilon}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if getattr(self, name) is None or not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+
+
+def dropping(module: nn.Module) -> bool:
+    """Dropout acts while training: the module in train mode with gradients on (a trainer's forward). Inference
+    (generate(), the server, evaluate: no gradients) never drops, whatever the mode, so every backend agrees."""
+    return module.training and torch.is_grad_enabled()
 
 
 class Conv1D(nn.Module):
@@ -130,13 +141,16 @@ class GPT2Attention(nn.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.scale = scale
+        self.attn_pdrop, self.resid_pdrop = cfg.attn_pdrop, cfg.resid_pdrop
 
     def forward(self, x: Tensor, mask: Tensor, kv) -> Tensor:
         B, S, _ = x.shape
         q, k, v = (t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).chunk(3, -1))
         k_all, v_all = kv(k, v)
-        y = attention(q, k_all, v_all, mask, scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).flatten(2))
+        drop = dropping(self)
+        y = attention(q, k_all, v_all, mask, scale=self.scale, dropout_p=self.attn_pdrop if drop else 0.0)
+        y = self.c_proj(y.transpose(1, 2).flatten(2))
+        return F.dropout(y, self.resid_pdrop) if drop else y
 
 
 class GPT2MLP(nn.Module):
@@ -145,9 +159,11 @@ class GPT2MLP(nn.Module):
         self.c_fc = Conv1D(cfg.n_embd, cfg.inner_size)
         self.c_proj = Conv1D(cfg.inner_size, cfg.n_embd)
         self.act = ACTIVATIONS[cfg.activation_function]
+        self.resid_pdrop = cfg.resid_pdrop
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        y = self.c_proj(self.act(self.c_fc(x)))
+        return F.dropout(y, self.resid_pdrop) if dropping(self) else y
 
 
 class GPT2Block(nn.Module):
@@ -252,7 +268,11 @@ class CoconutGPT2(LatentModel):
         return self.transformer.ln_f(self.forward_residual(x + self.transformer.wpe(chunk.positions), cache, chunk))
 
     def forward_residual(self, x: Tensor, cache: KVCache, chunk: Chunk, ln1x: Tensor | None = None) -> Tensor:
-        """Positioned residual input [B,n,d] through every layer; returns the hidden state before ln_f."""
+        """Positioned residual input [B,n,d] through every layer; returns the hidden state before ln_f. While
+        training, the input first goes through the embedding dropout (HF's GPT-2 drops embeddings plus positions,
+        continuous thoughts included: they enter as ``inputs_embeds``)."""
+        if dropping(self) and self.config.embd_pdrop:
+            x, ln1x = F.dropout(x, self.config.embd_pdrop), None
         for i, block in enumerate(self.transformer.h):
             x = block(x, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk), ln1x if i == 0 else None)
         return x
@@ -319,12 +339,14 @@ class CoconutGPT2(LatentModel):
     ) -> tuple[Tensor, Tensor, int]:
         """Process a prompt whose ``<|latent|>`` positions become continuous thoughts.
 
-        The prefix before the first latent runs as one chunk, each column from the first to the last
-        latent as a single-position pass (thought inputs = fed-back hidden states), the rest as one chunk.
-        Returns (logits [B,S,V], last hidden [B,d], number of thought columns). With ``continuous=False``
-        the latent tokens stay ordinary tokens (the pause-as-thought baseline). A backend may supply
-        ``feedback`` (same contract as ``self.feedback``) and ``columns``, a column runner
-        (backends/base.py) that runs the single-position passes as fused, graph-capturable launches.
+        The published passes: the prefix before the first latent as one chunk, each column from the first
+        latent to the one before the last as a single-position pass (thought inputs = fed-back hidden states),
+        then the last latent column and the rest as one chunk (so a trainer's dropout draws its masks as the
+        published forward does). Returns (logits [B,S,V], last hidden [B,d], number of thought columns). With
+        ``continuous=False`` the latent tokens stay ordinary tokens (the pause-as-thought baseline). A backend
+        may supply ``feedback`` (same contract as ``self.feedback``) and ``columns``, a column runner
+        (backends/base.py) that runs every thought column, the last included, as fused, graph-capturable
+        launches.
         """
         latent = self.check_markers(ids, mask)
         if not continuous:
@@ -347,31 +369,46 @@ class CoconutGPT2(LatentModel):
         if block is not None:  # every thought in one launch (the persistent CUDA kernel)
             hs.append(block)
             thought = last - first + 1
-        for col in range(first, last + 1) if block is None else ():
+        rest = last if runner is None else last + 1  # where the final chunk starts
+        for col in range(first, rest) if block is None else ():
             if runner is not None:  # device-side indices: one CUDA graph for every column on the GPU
                 runner.prepare(hs[-1][:, -1:], col, cache.reserve())
                 hs.append(runner().clone())
                 thought += col in cols
                 continue
             chunk = cache.begin(mask[:, col : col + 1])
-            x = embeds[:, col : col + 1] + wpe(chunk.positions)
-            rows = latent[:, col]
-            ln1x = None
-            if rows.any():
-                fed, fed_ln1 = feedback(hs[-1][:, -1:], chunk.positions)
-                if hooks:
-                    replaced = hooks.on_thought(thought, fed, rows)
-                    if replaced is not fed:
-                        fed, fed_ln1 = replaced, self.transformer.h[0].ln_1(replaced)
-                x = torch.where(rows[:, None, None], fed.to(x.dtype), x)
-                ln1x = torch.where(rows[:, None, None], fed_ln1.to(x.dtype), self.transformer.h[0].ln_1(x))
-                thought += 1
+            x, ln1x, thought = self._column_input(embeds, col, latent, chunk, hs[-1], feedback, hooks, thought)
             hs.append(self.forward_residual(x, cache, chunk, ln1x))
-        if last + 1 < S:
-            chunk = cache.begin(mask[:, last + 1 :])
-            hs.append(self.forward_residual(embeds[:, last + 1 :] + wpe(chunk.positions), cache, chunk))
+        if rest < S:
+            chunk = cache.begin(mask[:, rest:])
+            x, ln1x = embeds[:, rest:] + wpe(chunk.positions), None
+            if rest == last:  # the last thought opens the final chunk
+                col = self._column_input(embeds, last, latent, chunk, hs[-1], feedback, hooks, thought, width=1)
+                x, ln1x, thought = torch.cat([col[0], x[:, 1:]], 1), col[1], col[2]
+                if ln1x is not None:
+                    ln1x = torch.cat([ln1x, self.transformer.h[0].ln_1(x[:, 1:])], 1)
+            hs.append(self.forward_residual(x, cache, chunk, ln1x))
         h = self.transformer.ln_f(torch.cat(hs, dim=1))
         return self.lm_logits(h), h[:, -1], thought
+
+    def _column_input(self, embeds, col, latent, chunk, h_prev, feedback, hooks, thought, width=None):
+        """Column ``col``'s residual input [B,1,d] (positions from the first ``width`` of ``chunk``'s, all when
+        None): the token's embedding, or on the rows whose token is ``<|latent|>`` the thought fed back from
+        ``h_prev``'s last position (hooks may replace it); layer 0's ln_1 of it where fed (else None); and the
+        thought count after it."""
+        positions = chunk.positions[:, :width] if width else chunk.positions
+        x = embeds[:, col : col + 1] + self.transformer.wpe(positions)
+        rows = latent[:, col]
+        if not rows.any():
+            return x, None, thought
+        fed, fed_ln1 = feedback(h_prev[:, -1:], positions)
+        if hooks:
+            replaced = hooks.on_thought(thought, fed, rows)
+            if replaced is not fed:
+                fed, fed_ln1 = replaced, self.transformer.h[0].ln_1(replaced)
+        x = torch.where(rows[:, None, None], fed.to(x.dtype), x)
+        ln1x = torch.where(rows[:, None, None], fed_ln1.to(x.dtype), self.transformer.h[0].ln_1(x))
+        return x, ln1x, thought + 1
 
     @torch.no_grad()
     def logits(
