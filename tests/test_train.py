@@ -642,3 +642,13 @@ def test_trainers_name_a_wrong_argument():
     for call, message in cases:
         with pytest.raises(InputError, match=re.escape(message)):
             call()
+
+
+def test_every_process_seeds_torch_alike(monkeypatch):
+    """Both published trainers seed torch with the same seed on every process (Coconut's set_seed, Huginn's
+    seed_everything): dropout masks and initial states are drawn alike; the data differ by rank."""
+    from latentrt.train import common, distributed
+
+    monkeypatch.setattr(distributed, "init", lambda: (1, 2, torch.device("cpu")))
+    common.prepare(_gpt2(), TOK, TrainOptions(seed=7, progress=False), None)
+    assert torch.initial_seed() == 7

@@ -226,7 +226,9 @@ def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None)
     weights = {id(p): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
     what = "training's gradients and AdamW's two moments (3 x the weights' bytes, before activations)"
     check_fits(3 * sum(weights.values()), device, what, InputError)
-    seed_all(opts.seed + rank)
+    # the same seed on every process, as both published trainers seed (Coconut's set_seed, Huginn's
+    # seed_everything): dropout masks and initial states drawn alike; each process's data differs by rank
+    seed_all(opts.seed)
     model.to(device).train()
     model.requires_grad_(True)
     model.tokenizer = tokenizer
