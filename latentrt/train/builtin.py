@@ -66,6 +66,11 @@ def gpt2_config(tok):
             latent_id=tok.token_to_id("<|latent|>"),
             start_latent_id=tok.token_to_id("<|start-latent|>"),
             end_latent_id=tok.token_to_id("<|end-latent|>"),
+            # the shipped models were trained without dropout (before the trainer applied GPT-2's): kept, so
+            # the command in their training.json makes them again
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
         )
     )
 
