@@ -131,7 +131,8 @@ def get_backend(name: str, model) -> Backend:
             tried.append(f"{choice}: {not_here}")
         from .torch import TorchBackend
 
-        return TorchBackend(model, reason="auto: PyTorch reference (" + "; ".join(tried or ["no other choice"]) + ")")
+        passed = "; ".join(tried) if tried else "no other choice"
+        return TorchBackend(model, reason=f"auto: PyTorch reference, as no other runs here well; {passed}")
     cls = backend_class(name)
     not_here = cls.unavailable(model)
     if not_here is not None:
