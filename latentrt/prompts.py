@@ -103,15 +103,15 @@ def prompt_ids(encoding) -> list[int]:
     return encoding.ids if last_text is None else encoding.ids[: last_text + 1]
 
 
-def encode_text(tokenizer, texts: list[str], strict: bool = False) -> list[list[int]]:
-    """Token ids of each text (``prompt_ids``); a clear error for text the tokenizer cannot take (e.g. lone
-    surrogates). Words the tokenizer does not know (they become its unknown token) are a warning naming
-    them, or an InputError with ``strict``."""
+def encode_text(tokenizer, texts: list[str], strict: bool = False, add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text (``prompt_ids``; ``add_special_tokens=False``: the text's tokens alone); a clear
+    error for text the tokenizer cannot take (e.g. lone surrogates). Words the tokenizer does not know (they
+    become its unknown token) are a warning naming them, or an InputError with ``strict``."""
     out = []
     for i, t in enumerate(texts):
         which = f"prompt {i}" if len(texts) > 1 else "the prompt"  # one prompt: no index to name
         check_unicode(which, t)
-        enc = tokenizer.encode(t)
+        enc = tokenizer.encode(t, add_special_tokens=add_special_tokens)
         unknown = unknown_words(tokenizer, t, enc)
         if unknown:
             msg = (

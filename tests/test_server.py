@@ -293,6 +293,8 @@ def test_tokenize_takes_vllms_add_special_tokens():
         ({"add_special_tokens": False}, ids),
     ):
         assert parse_tokenize({"prompt": "Alex is a wumpus", **extra}, None, wrapped) == want, extra
+        with pytest.warns(latentrt.UnknownWordsWarning, match="Westeros"):  # either way, unknown words named
+            parse_tokenize({"prompt": "Alex is Westeros", **extra}, None, wrapped)
     for body, message in (
         ({"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens must be true or false"),
         ({"messages": [{"role": "user", "content": "a"}], "add_special_tokens": True}, "applies to a prompt"),

@@ -322,10 +322,7 @@ def parse_tokenize(body, template, tokenizer) -> list[int]:
         return chat_prompt_ids(template, tokenizer, body["messages"], chat_options(body))
     if not isinstance(body["prompt"], str):
         raise InputError(f"prompt must be a string, got {type(body['prompt']).__name__}")
-    if special is False:
-        check_unicode("prompt", body["prompt"])
-        return tokenizer.encode(body["prompt"], add_special_tokens=False).ids
-    return encode_text(tokenizer, [body["prompt"]])[0]
+    return encode_text(tokenizer, [body["prompt"]], add_special_tokens=special is not False)[0]
 
 
 def parse_detokenize(body, vocab: int) -> list[int]:
