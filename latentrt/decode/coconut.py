@@ -1,7 +1,8 @@
 """Coconut decoding (continuous thought on GPT-2): thoughts in the prompt, then ordinary answer tokens.
 
-The prompt's ``<|latent|>`` positions are continuous thoughts: each is a single-position pass whose input
-is the previous position's last hidden state (models/coconut.py, ``run_prompt``). ``num_thoughts=k``
+The prompt's ``<|latent|>`` positions are continuous thoughts: each takes as input the previous position's last
+hidden state, in a single-position pass (the last one opens the prompt's final chunk, as the published passes
+run; models/coconut.py, ``run_prompt``). ``num_thoughts=k``
 appends ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` to the prompt (by default the trained
 count, when no prompt carries markers), after a newline that ends a text prompt, as the published data
 format has it (``question + "\n"``, then the markers). Answer tokens are
