@@ -1,5 +1,6 @@
 """Trainers: depth sampling, loss masking, curriculum, gradient through thoughts, resume, DDP, data errors."""
 
+import dataclasses
 import json
 import os
 import re
@@ -638,6 +639,12 @@ def test_trainers_name_a_wrong_argument():
         (lambda: train_recurrent(rec, rec.tokenizer, records, {"steps": 4}), "opts must be a TrainOptions, got dict"),
         (lambda: train_coconut(coc, coc.tokenizer, records, opts, "coconut"), "cur must be a Curriculum"),
         (lambda: train_recurrent("builtin:recurrent", None, records, opts), "expected a model from latentrt.load"),
+        (  # (it was ignored: only the recurrent trainer recomputes activations)
+            lambda: train_coconut(
+                coc, coc.tokenizer, records, dataclasses.replace(opts, checkpoint_activations=True), Curriculum("cot")
+            ),
+            "checkpoint_activations applies to recurrent-depth models",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(InputError, match=re.escape(message)):

@@ -134,6 +134,7 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(coconut_dir), str(data)], "record 0: Coconut trains on question-answer records"),
         ([str(coconut_dir), str(data), "--loss-on", "all"], "--loss-on applies to recurrent-depth (huginn_raven)"),
         ([str(folder), str(data), "--max-stage", "2"], "--max-stage applies to Coconut (gpt2) models only"),
+        ([str(coconut_dir), str(qa), "--checkpoint-activations"], "--checkpoint-activations applies to recurrent"),
         ([str(coconut_dir), str(data), "--published-curriculum", "gsm", "--epochs", "3"], "drop --epochs"),
         ([str(coconut_dir), str(data), "--max-stage", "-1"], "--max-stage must be an integer >= 0"),
         # the options' checks name the flags (they named the Python options: "seed must be ...")

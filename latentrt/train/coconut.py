@@ -276,6 +276,11 @@ def train_coconut(
     ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are
     restored; the result equals an uninterrupted run's bit for bit)."""
     check_arguments(model, tokenizer, records, opts, "gpt2", "train_coconut")
+    if opts.checkpoint_activations:  # (recomputing a block would append its K/V to the thoughts' cache again)
+        raise InputError(
+            "checkpoint_activations applies to recurrent-depth models (each core iteration recomputed in "
+            "backward); the Coconut trainer keeps its activations"
+        )
     if not isinstance(cur, Curriculum):
         raise InputError(f"cur must be a Curriculum (e.g. Curriculum('coconut', max_stage=3)), got {cur!r}")
     if cur.mode not in MODES:

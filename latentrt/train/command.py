@@ -27,7 +27,7 @@ from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
 from .common import TrainOptions
 
 RECIPES = {"huginn": TrainOptions.huginn_published, "coconut": TrainOptions.coconut_published, "scratch": TrainOptions}
-RECURRENT_FLAGS = ("loss_on", "chat_template")
+RECURRENT_FLAGS = ("loss_on", "chat_template", "checkpoint_activations")
 COCONUT_FLAGS = ("curriculum", "max_stage", "thoughts_per_step", "epochs", "epochs_per_stage", "published_curriculum")
 
 
@@ -50,7 +50,12 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--micro-batch-size", type=int, default=None, help="records per forward pass (the recipe's)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--save-every", type=int, default=None, help="also save every N steps (default: at the end)")
-    t.add_argument("--checkpoint-activations", action="store_true", help="recompute each iteration in backward")
+    t.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        default=None,  # (None: not given, so a Coconut model can refuse it)
+        help="recompute each core iteration in backward (recurrent-depth models)",
+    )
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
     t.add_argument("--log", default=None, metavar="FILE", help="append each step's loss, depth, lr... as a JSON line")
     t.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
@@ -115,7 +120,7 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
     make = RECIPES[recipe]
     batch = given.get("batch_size", make().batch_size)
     steps = args.max_steps if args.max_steps is not None else passes * max(1, math.ceil(n_records / (batch * world)))
-    common = dict(out=args.out, overwrite=args.overwrite, checkpoint_activations=args.checkpoint_activations)
+    common = dict(out=args.out, overwrite=args.overwrite, checkpoint_activations=bool(args.checkpoint_activations))
     return validated(make(steps=steps, **common, **given))
 
 
