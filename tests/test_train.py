@@ -659,3 +659,35 @@ def test_every_process_seeds_torch_alike(monkeypatch):
     monkeypatch.setattr(distributed, "init", lambda: (1, 2, torch.device("cpu")))
     common.prepare(_gpt2(), TOK, TrainOptions(seed=7, progress=False), None)
     assert torch.initial_seed() == 7
+
+
+def test_coconut_resume_is_exact(tmp_path):
+    """A run stopped mid-stage and resumed from its last checkpoint ends with the uninterrupted run's weights
+    bit for bit: the optimizer, the stage schedule and torch's generator (GPT-2's dropout masks) restored."""
+    recs = generate_dataset(8, (1, 2))
+    cur = Curriculum("coconut", max_stage=1)  # 3 stages of 2 steps
+
+    def opts(out=None):
+        return TrainOptions(steps=6, batch_size=2, progress=False, warmup=1, save_every=3, out=out)
+
+    straight = _gpt2()
+    assert straight.config.resid_pdrop > 0  # dropout draws
+    train_coconut(straight, TOK, recs, opts(), cur)
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def stop_at_4(entry):
+        calls.append(entry)
+        if len(calls) == 4:  # before step 4's save: the last checkpoint is step 3's, in stage 1
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_coconut(_gpt2(), TOK, recs, opts(str(tmp_path)), cur, on_step=stop_at_4)
+    resumed = latentrt.load(tmp_path, device="cpu")
+    log = train_coconut(resumed, TOK, recs, opts(str(tmp_path)), cur, resume=str(tmp_path))
+    assert [(e["stage"], e["step"]) for e in log] == [(1, 2), (2, 1), (2, 2)]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
