@@ -123,12 +123,9 @@ class LatentLoop:
         self.reference = torch.zeros_like(self.s)  # the state the criterion saw last (rule 3)
         self.active = torch.zeros(rows, dtype=torch.bool, device=device)
         self.used = torch.zeros(rows, dtype=torch.long, device=device)
-        self.out = torch.zeros(
-            rows, vocab, dtype=torch.float32, device=device
-        )  # logits of the exit state (logit criteria)
-        self.checked_logits = torch.zeros(
-            rows, vocab, dtype=torch.float32, device=device
-        )  # of the last check (logit criteria)
+        # logits (logit criteria) of the exit state, and of the last check
+        self.out = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        self.checked_logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
         self.t = [0] * rows  # host: iterations run per row
         self.specs: list[LoopSpec | None] = [None] * rows
         self.checked = [False] * rows  # host: whether a row's criterion ran on logits yet

@@ -214,7 +214,7 @@ def check_arguments(model: nn.Module, tokenizer, records, opts, model_type: str,
 
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
     """Validate options and the output folder, join the process group (torchrun), check that the gradients and
-    AdamW's moments fit beside the weights, seed per rank, and put the model in training mode on its device
+    AdamW's moments fit beside the weights, seed every process alike, and put the model in training mode on its device
     with the tokenizer attached (so checkpoints carry tokenizer.json)."""
     from ..memory import check_fits
     from . import distributed
