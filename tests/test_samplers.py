@@ -79,6 +79,23 @@ def test_samplers_return_logits_whose_argmax_is_the_greedy_token():
         (dict(decoding_options={"lookahead": 2}), "decoding_options need decoding="),
         (dict(decoding="speculative", decoding_options={"lookahead": 0}), "lookahead must be an integer >= 1"),
         (dict(decoding="speculative", decoding_options={"lookahed": 2}), "unknown decoding_options ['lookahed']"),
+        # the published keywords: renamed ones point to latentrt's name, unimplemented ones say why
+        (
+            dict(decoding="speculative", decoding_options={"lookahead_for_draft": 2}),
+            "'lookahead_for_draft' (the published keyword) is decoding_options 'lookahead' here",
+        ),
+        (
+            dict(decoding="wavefront", decoding_options={"cache_lookup_strategy": "full"}),
+            "'cache_lookup_strategy' (the published keyword) is generate()'s kv_sharing here",
+        ),
+        (
+            dict(decoding="wavefront", decoding_options={"full_prefill": False}),
+            "full_prefill=False is a published option latentrt does not implement (only full_prefill=True",
+        ),
+        (
+            dict(decoding="wavefront", decoding_options={"return_analysis_tablets": True}),
+            "return_analysis_tablets=True is a published option latentrt does not implement",
+        ),
         (dict(decoding="speculative", adaptive=True), "does not take adaptive=True"),
         (dict(decoding="speculative", continuous=True), "does not take continuous=True"),
         (dict(decoding="wavefront", decoding_options={"freeze_strategy": "x"}), "freeze_strategy must be one of"),
@@ -92,6 +109,16 @@ def test_sampler_errors(kwargs, message):
     with pytest.raises(InputError) as err:
         latentrt.generate(model, [3, 4, 5], max_new_tokens=4, **kwargs)
     assert message in str(err.value)
+
+
+def test_wavefront_takes_the_published_keywords_set_to_what_it_does():
+    """full_prefill=True and the analysis tablets off are what latentrt's wavefront does: accepted, same tokens."""
+    model = build("huginn-a")
+    plain = latentrt.generate(model, PROMPT, max_new_tokens=6, num_steps=6, init_scale=0.0, decoding="wavefront")
+    published = dict(full_prefill=True, return_analysis_tablets=False, return_full_state_tablet=False)
+    got = latentrt.generate(model, PROMPT, max_new_tokens=6, num_steps=6, init_scale=0.0, decoding="wavefront",
+                            decoding_options=published)  # fmt: skip
+    assert got.tokens == plain.tokens and got.steps == plain.steps
 
 
 def test_samplers_take_one_prompt_and_only_recurrent_models():

@@ -33,7 +33,15 @@ class Proposal:
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """Base of a sampler's options: fields with their published defaults, checked by ``check``."""
+    """Base of a sampler's options: fields with their published defaults, checked by ``check``.
+
+    ``PUBLISHED_NAMES``: a published keyword latentrt names otherwise -> that name (given the published one,
+    the error says it). ``NOT_IMPLEMENTED``: published keywords no field implements -> (the value that is
+    what latentrt does, why another is refused): given that value they are accepted, any other is an error
+    naming them."""
+
+    PUBLISHED_NAMES: ClassVar[dict[str, str]] = {"cache_lookup_strategy": "generate()'s kv_sharing"}
+    NOT_IMPLEMENTED: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def check(self) -> None:
         """Raise InputError naming a bad field."""
@@ -47,6 +55,7 @@ class SamplerOptions:
             opts = given
         elif isinstance(given, dict):
             names = {f.name for f in dataclasses.fields(cls)}
+            given = cls._published_keywords(given)
             unknown = sorted(set(given) - names)
             if unknown:
                 raise InputError(f"unknown decoding_options {unknown}; this sampler takes {sorted(names)}")
@@ -55,6 +64,23 @@ class SamplerOptions:
             raise InputError(f"decoding_options must be a dict, got {type(given).__name__}")
         opts.check()
         return opts
+
+    @classmethod
+    def _published_keywords(cls, given: dict) -> dict:
+        """``given`` less the published keywords set to what latentrt does; an InputError for a published
+        name of a field or a published keyword set to what latentrt does not implement."""
+        for name in sorted(set(given) & set(cls.PUBLISHED_NAMES)):
+            raise InputError(f"decoding_options {name!r} (the published keyword) is {cls.PUBLISHED_NAMES[name]} here")
+        kept = dict(given)
+        for name in sorted(set(given) & set(cls.NOT_IMPLEMENTED)):
+            value, why = cls.NOT_IMPLEMENTED[name]
+            if type(given[name]) is not type(value) or given[name] != value:
+                raise InputError(
+                    f"decoding_options {name}={given[name]!r} is a published option latentrt does not implement "
+                    f"(only {name}={value!r}, what latentrt does): {why}"
+                )
+            del kept[name]
+        return kept
 
 
 class Sampler:

@@ -39,6 +39,8 @@ from .samplers import Proposal, Sampler, SamplerOptions
 class SpeculativeOptions(SamplerOptions):
     """The published defaults (``generate_speculative``)."""
 
+    PUBLISHED_NAMES = dict(SamplerOptions.PUBLISHED_NAMES, lookahead_for_draft="decoding_options 'lookahead'")
+
     lookahead: int = 8  # lookahead_for_draft: drafts per round
     draft_steps: int = 32  # iterations per drafted token
     verification_threshold: float = 1.0  # >= 1: argmax match; else p(draft) >= threshold x p_max

@@ -54,6 +54,17 @@ FREEZE = ("latent-diff", "latent-acceleration-1", "latent-acceleration-2", "toke
 class WavefrontOptions(SamplerOptions):
     """The published defaults (``generate_diffusion_style``)."""
 
+    PUBLISHED_NAMES = dict(SamplerOptions.PUBLISHED_NAMES, continuous_compute="decoding_options 'continuous'")
+    NOT_IMPLEMENTED = {
+        "full_prefill": (
+            True,
+            "without the prompt's own pass the published sampler iterates the prompt in its window and re-guesses "
+            "the prompt's own tokens (its output need not begin with the prompt: not a continuation)",
+        ),
+        "return_analysis_tablets": (False, "GenerationResult.decoding holds the steps and freeze statistics"),
+        "return_full_state_tablet": (False, "GenerationResult.decoding holds the steps and freeze statistics"),
+    }
+
     inner_recurrence: int = 4  # core iterations per step for every window position
     ema_embeds: float = 0.1  # weight of the previous step's embedding of a position
     state_noise_mixing: float = 0.5  # fresh noise mixed into the states before each step
