@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -51,6 +52,9 @@ def load(
     state_dict = read_state_dict(folder, weights)
     cfg, tokenizer = family.model.bind_checkpoint(cfg, load_tokenizer(folder), state_dict)
     eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
+    _warn_eos_outside_vocabulary(
+        eos, cfg.vocab_size, folder / ("generation_config.json" if gen_cfg.get("eos_token_id") else "config.json")
+    )
     device = parse_device(device)
     dtype = _parse_dtype(dtype, device)
     check_fits(cfg.weight_bytes(dtype.itemsize), device, f"the weights of {path} ({dtype})", ConfigError)
@@ -69,6 +73,20 @@ def load(
     model.source, model.folder = str(path), folder
     model.backend = get_backend(backend, model)
     return model
+
+
+def _warn_eos_outside_vocabulary(eos, vocab_size: int, source) -> None:
+    """An eos id the model cannot produce ends no sequence (HF's generate loads such configs too, e.g. a tiny
+    GPT-2 keeping GPT2Config's default 50256): said once at load; the default stops leave it out."""
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        warnings.warn(
+            f"{source}: eos_token_id {outside[0] if len(outside) == 1 else outside} is not in the vocabulary "
+            f"(ids 0 to {vocab_size - 1}): no generated token can be it, so it ends no sequence",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def read_model_config(path: str | os.PathLike, revision: str | None = None, **overrides):

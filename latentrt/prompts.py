@@ -27,7 +27,7 @@ class Batch:
         return self.mask.sum(1).tolist()
 
 
-def _padding_note(cfg) -> str:
+def padding_note(cfg) -> str:
     """Why ids between the vocabulary and the embedding's rows are refused too."""
     if cfg.padded_vocab_size == cfg.vocab_size:
         return ""
@@ -56,7 +56,7 @@ def check_ids(ids, cfg, device: torch.device | str) -> Tensor:
         raise InputError(f"prompt has {ids.shape[1]} tokens, longer than the model's context ({cfg.context()})")
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= cfg.vocab_size:
-        raise InputError(f"token id out of range [0, {cfg.vocab_size}){_padding_note(cfg)}: min {lo}, max {hi}")
+        raise InputError(f"token id out of range [0, {cfg.vocab_size}){padding_note(cfg)}: min {lo}, max {hi}")
     return ids.to(device=device, dtype=torch.long)
 
 
@@ -194,7 +194,7 @@ def make_batch(
             raise InputError("token ids must be integers")
         out_of_range = [t for t in s if not 0 <= t < vocab]
         if out_of_range:
-            raise InputError(f"token id out of range [0, {vocab}){_padding_note(cfg)}: {out_of_range[:5]}")
+            raise InputError(f"token id out of range [0, {vocab}){padding_note(cfg)}: {out_of_range[:5]}")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")  # built on the host, moved once
     mask = torch.zeros(len(seqs), width, dtype=torch.bool, device="cpu")

@@ -280,12 +280,38 @@ def test_generation_config_eos_list_stops_on_every_id(tmp_path):
     free = latentrt.generate(latentrt.load(tmp_path, device="cpu"), [5, 6, 7], default_stops=False, **kw).tokens
     for eos, cut in (([free[1], free[3]], 2), ([free[3], 999], 4)):
         (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
-        model = latentrt.load(tmp_path, device="cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = latentrt.load(tmp_path, device="cpu")
+        said = [str(w.message) for w in caught if "eos_token_id" in str(w.message)]
+        outside = "generation_config.json: eos_token_id 999 is not in the vocabulary (ids 0 to 39)"
+        assert len(said) == (999 in eos) and all(outside in m for m in said)
         assert latentrt.generate(model, [5, 6, 7], **kw).tokens == free[:cut]
     for bad in ("[1, 2", '"text"', "[1]", '{"eos_token_id": [1, "x"]}'):
         (tmp_path / "generation_config.json").write_text(bad)
         with pytest.raises(ConfigError, match="generation_config.json"):
             latentrt.load(tmp_path, device="cpu")
+
+
+def test_an_eos_outside_the_vocabulary_is_said_at_load_and_ends_nothing(tmp_path):
+    """An eos id the model cannot produce (HF loads such configs: a tiny GPT-2 keeps GPT2Config's 50256) is
+    said once at load, from config.json or generation_config.json, and left out of the default stops: an id
+    past int64 failed every generate() with an OverflowError; a negative one was a stop no token can be."""
+    save_checkpoint(tiny_recurrent(seed=5), tmp_path, tie_key="lm_head.weight")
+    kw = dict(max_new_tokens=6, num_steps=3, init_scale=0.0)
+    free = latentrt.generate(latentrt.load(tmp_path, device="cpu"), [5, 6, 7], default_stops=False, **kw).tokens
+    config = json.loads((tmp_path / "config.json").read_text())
+    for eos in (10**30, -1, 40):
+        (tmp_path / "config.json").write_text(json.dumps(dict(config, eos_token_id=eos)))
+        with pytest.warns(
+            UserWarning, match=rf"config.json: eos_token_id {eos} is not in the vocabulary \(ids 0 to 39\)"
+        ):
+            model = latentrt.load(tmp_path, device="cpu")
+        assert latentrt.generate(model, [5, 6, 7], **kw).tokens == free
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[2], 10**20]}))
+    with pytest.warns(UserWarning, match=r"generation_config.json: eos_token_id 100000000000000000000 is not in"):
+        model = latentrt.load(tmp_path, device="cpu")
+    assert latentrt.generate(model, [5, 6, 7], **kw).tokens == free[:3]
 
 
 def test_generation_config_sampling_defaults_fill_the_unset_options(tmp_path, monkeypatch):

@@ -691,3 +691,27 @@ def test_coconut_resume_is_exact(tmp_path):
     assert [(e["stage"], e["step"]) for e in log] == [(1, 2), (2, 1), (2, 2)]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_token_outside_the_models_vocabulary_is_named_before_training():
+    """A tokenizer with a token the model has no row for (here one added past the model's vocabulary) is refused
+    before any step, as generate() refuses such a prompt: the recurrent model's padded embedding trained its
+    padding row silently, GPT-2's failed inside a batch. The model stays as it was."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(TOK.to_str())
+    tok.add_tokens(["zorbix"])
+    (extra,) = tok.encode("zorbix", add_special_tokens=False).ids
+    assert extra == TOK.get_vocab_size()
+    record = dict(question="Is Alex a zorbix ?", steps=["Alex is a wumpus ."], answer="Alex is a zorbix .")
+    clean = dict(record, question="Is Alex a wumpus ?", answer="Alex is a wumpus .")
+    opts = TrainOptions(steps=3, batch_size=1, warmup=0, progress=False)
+    for model, train in [
+        (_recurrent(), lambda m, records: train_recurrent(m, tok, records, opts)),
+        (_gpt2(), lambda m, records: train_coconut(m, tok, records, opts, Curriculum("coconut", max_stage=1))),
+    ]:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(InputError, match=rf"record 1 holds token id {extra}, outside the model's vocabulary"):
+            train(model, [clean, record])
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert train(model, [clean])  # the same tokenizer, records within the vocabulary: trains

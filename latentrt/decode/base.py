@@ -93,9 +93,11 @@ class Decoder:
         raise NotImplementedError
 
     def default_stop_ids(self) -> set[int]:
-        """Token ids that end a sequence unless ``default_stops=False``: the model's eos."""
+        """Token ids that end a sequence unless ``default_stops=False``: the model's eos, where it is in the
+        vocabulary (``load`` warns of one that is not: no token can be it)."""
         eos = self.model.eos_token_id
-        return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+        ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+        return {i for i in ids if 0 <= i < self.model.config.vocab_size}
 
     def stops_at(self, index: int) -> bool:
         """Whether generated token ``index`` (0: the first) may end a sequence."""

@@ -38,6 +38,7 @@ from .common import (
     autocast,
     begin_step,
     check_arguments,
+    check_vocabulary,
     finish_step,
     make_optimizer,
     micro_batches,
@@ -297,6 +298,7 @@ def train_coconut(
     segments = schedule(cur, opts, len(records), world)
     pieces = [tokenize_record(tokenizer, r) for r in records]
     check_lengths(pieces, cur, {seg.stage for seg in segments}, model.config.n_positions)
+    check_vocabulary([p.question + [t for s in p.steps for t in s] + p.answer for p in pieces], model.config)
     if cur.mode in ("coconut", "pause"):  # (after the checks: a refused run leaves the model as it was)
         if add_latent_markers(model, tokenizer):  # a plain GPT-2 gets them as Coconut's run.py adds them, then
             pieces = [tokenize_record(tokenizer, r) for r in records]  # tokenizes (a marker's name is its token)

@@ -212,6 +212,21 @@ def check_arguments(model: nn.Module, tokenizer, records, opts, model_type: str,
         raise InputError(f"opts must be a TrainOptions, got {type(opts).__name__}")
 
 
+def check_vocabulary(records: list[list[int]], cfg) -> None:
+    """InputError naming the first record holding a token id the model has no vocabulary row for (a tokenizer
+    with more tokens than the model, or an end-of-text id outside it), as generate() refuses such a prompt: an
+    embedding's padding rows would train silently, an id past them fail deep inside a batch."""
+    from ..prompts import padding_note
+
+    for i, ids in enumerate(records):
+        bad = [t for t in ids if t is None or not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InputError(
+                f"records: record {i} holds token id {bad[0]}, outside the model's vocabulary [0, {cfg.vocab_size})"
+                f"{padding_note(cfg)}: the tokenizer and the model do not match"
+            )
+
+
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
     """Validate options and the output folder, join the process group (torchrun), check that the gradients and
     AdamW's moments fit beside the weights, seed every process alike, and put the model in training mode on its device

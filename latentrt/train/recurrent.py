@@ -24,6 +24,7 @@ from .common import (
     autocast,
     begin_step,
     check_arguments,
+    check_vocabulary,
     finish_step,
     make_optimizer,
     micro_batches,
@@ -104,6 +105,7 @@ def train_recurrent(
     data = training_examples(
         records, tokenizer, eos_token_id=getattr(model, "eos_token_id", None), chat_template=template, loss_on=loss_on
     )
+    check_vocabulary([x for x, _ in data], cfg)
     too_long = [i for i, (x, _) in enumerate(data) if len(x) > cfg.block_size]
     if too_long:
         raise InputError(f"records {too_long[:5]} are longer than block_size={cfg.block_size}")
