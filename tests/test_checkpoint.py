@@ -251,6 +251,9 @@ def test_coconut_markers_from_overrides(coconut_dir):
     assert m.marker_ids == (2, 4, 3)
     with pytest.raises(ConfigError, match="only some latent markers"):
         latentrt.load(coconut_dir, device="cpu", latent_id=4)
+    # one token for two markers: an error at load (it was a 'nested start-latent marker' at every generate)
+    with pytest.raises(ConfigError, match=r"the latent markers must be three different tokens, got \{'latent_id': 2"):
+        latentrt.load(coconut_dir, device="cpu", latent_id=2, start_latent_id=2, end_latent_id=3)
 
 
 def test_vocabulary_padding_as_published(tmp_path, recwarn):

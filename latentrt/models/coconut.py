@@ -257,6 +257,8 @@ class CoconutGPT2(LatentModel):
             ids[field] = given
         if len({v is None for v in ids.values()}) > 1:
             raise ConfigError(f"only some latent markers were found: {ids}; pass all three ids to load()")
+        if None not in ids.values() and len(set(ids.values())) < 3:
+            raise ConfigError(f"the latent markers must be three different tokens, got {ids}")
         return dataclasses.replace(cfg, **ids)
 
     # ---------------------------------------------------------------- units
