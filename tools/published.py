@@ -491,6 +491,22 @@ CASES = [
         wavefront=dict(exit_t=0.1),
         options=dict(num_steps=8, init_scale=1.0, decoding="wavefront", seed=7),
     ),
+    # the published latent-acceleration-2 where a window cut by max_wavefront leaves one position against empty
+    # slices of the earlier steps: torch broadcasts them to none (no freeze that step) and the sampler goes on
+    dict(
+        name="wavefront latent-acceleration-2 broadcast slices",
+        model="huginn-a",
+        prompt=[32, 6, 22, 17, 14],
+        max_new_tokens=10,
+        wavefront=dict(
+            inner_recurrence=6,
+            freeze_strategy="latent-acceleration-2",
+            state_noise_mixing=0.0,
+            sqrt_mixer=True,
+            max_wavefront=4,
+        ),
+        options=dict(num_steps=12, init_scale=0.0, decoding="wavefront", temperature=1.0, top_k=2, seed=450),
+    ),
     # 7. Coconut's end of sequence
     dict(
         name="coconut published eos",

@@ -234,9 +234,11 @@ class Wavefront(Sampler):
                     cur = states[:, lo2 - index : hi2 - index]
                     last = previous[:, lo2 - old_index : hi2 - old_index]
                     earliest = prev_previous[:, lo2 - old_old : hi2 - old_old]
-                    if not cur.shape[1] == last.shape[1] == earliest.shape[1]:  # as in the published slices
+                    try:  # the published arithmetic broadcasts: a one-position slice against empty ones: none
+                        torch.broadcast_shapes(cur.shape, last.shape, earliest.shape)
+                    except RuntimeError:  # (where torch cannot broadcast, the published step fails)
                         widths = f"{cur.shape[1]}, {last.shape[1]} and {earliest.shape[1]} positions"
-                        raise self.misaligned(f"the last three steps' states cover {widths}")
+                        raise self.misaligned(f"the last three steps' states cover {widths}") from None
                     acc = (cur - last) - (last - earliest)
                     criterion = acc.norm(dim=-1) / (cur.norm(dim=-1) + 1e-6)
                 exits = (criterion < o.exit_t)[0].nonzero()
