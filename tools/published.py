@@ -227,6 +227,22 @@ CASES = [
             adaptive_prefill=True,
         ),
     ),
+    dict(
+        name="token-by-token adaptive prefill random initial state",
+        model="huginn-b",
+        prompt=[29, 23, 1, 35, 7, 7, 17],
+        max_new_tokens=1,
+        adaptive_prefill=True,
+        options=dict(
+            adaptive=True,
+            exit_criterion="kl",
+            exit_threshold=0.02,
+            num_steps=8,
+            kv_sharing="latest-m4-compress-s8",
+            adaptive_prefill=True,
+            seed=297,
+        ),
+    ),
     # 8. self-speculative decoding (generate_speculative): greedy, fixed depths, every KV rule, thresholds
     *[
         _speculative(f"speculative lookahead {la} draft {ds} threshold {thr} {kv}", mdl, la, ds, thr, 8, kv)
@@ -687,7 +703,10 @@ def run_huginn(rm, case: dict, model) -> dict:
     if case.get("adaptive_prefill"):
         evaluator = rm.get_adaptive_exit_evaluator(pub, o["exit_criterion"], o["exit_threshold"])
         cache = rm.HuginnDynamicCache(lookup_strategy=o["kv_sharing"])
-        out = pub.forward_with_adaptive_compute(ids, evaluator, past_key_values=cache, init_scale=o["init_scale"])
+        _seed(case)
+        out = pub.forward_with_adaptive_compute(
+            ids, evaluator, past_key_values=cache, init_scale=o.get("init_scale", 1.0)
+        )
         return {"tokens": [int(out.logits[0, -1].argmax())], "prefill_steps": out.stats["compute_steps"]}
     kw = dict(
         max_new_tokens=n_new,
