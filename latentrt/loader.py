@@ -53,7 +53,7 @@ def load(
     cfg, tokenizer = family.model.bind_checkpoint(cfg, load_tokenizer(folder), state_dict)
     eos = gen_cfg.get("eos_token_id", cfg.eos_token_id)
     _warn_eos_outside_vocabulary(
-        eos, cfg.vocab_size, folder / ("generation_config.json" if gen_cfg.get("eos_token_id") else "config.json")
+        eos, cfg.vocab_size, folder / ("generation_config.json" if "eos_token_id" in gen_cfg else "config.json")
     )
     device = parse_device(device)
     dtype = _parse_dtype(dtype, device)

@@ -715,3 +715,15 @@ def test_a_token_outside_the_models_vocabulary_is_named_before_training():
             train(model, [clean, record])
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         assert train(model, [clean])  # the same tokenizer, records within the vocabulary: trains
+
+
+def test_coconut_needs_the_end_of_text_token_its_answers_end_in():
+    """Coconut's answers end in <|endoftext|> (its dataset.py): a tokenizer without it is named before training
+    (a None token id failed inside the first batch)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(TOK.to_str().replace("<|endoftext|>", "<|eot|>"))
+    record = dict(question="Is Alex a wumpus ?", steps=["Alex is a wumpus ."], answer="Alex is a wumpus .")
+    opts = TrainOptions(steps=3, batch_size=1, warmup=0, progress=False)
+    with pytest.raises(InputError, match=r"Coconut's answers end in <\|endoftext\|> .*the tokenizer has none"):
+        train_coconut(_gpt2(), tok, [record], opts, Curriculum("coconut", max_stage=1))

@@ -141,10 +141,13 @@ class TokenizedRecord:
 def tokenize_record(tokenizer, rec: Record) -> TokenizedRecord:
     """The published text format (Coconut's dataset.py): the question and each step end in a newline, the
     answer is '### ' + answer."""
+    end = tokenizer.token_to_id("<|endoftext|>")
+    if end is None:
+        raise InputError(
+            "Coconut's answers end in <|endoftext|> (its dataset.py appends GPT-2's eos): the tokenizer has none"
+        )
     steps = [tokenizer.encode(s + "\n", add_special_tokens=False).ids for s in rec.steps]
-    answer = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [
-        tokenizer.token_to_id("<|endoftext|>")
-    ]
+    answer = tokenizer.encode("### " + rec.answer, add_special_tokens=False).ids + [end]
     return TokenizedRecord(thought_prompt(tokenizer, rec.question, None), steps, answer)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, check_bool, check_finite, check_float, check_int, is_choice, plain_scalar
+from ..prompts import padding_note
 from ..sampling import MAX_SEED
 
 
@@ -216,10 +217,8 @@ def check_vocabulary(records: list[list[int]], cfg) -> None:
     """InputError naming the first record holding a token id the model has no vocabulary row for (a tokenizer
     with more tokens than the model, or an end-of-text id outside it), as generate() refuses such a prompt: an
     embedding's padding rows would train silently, an id past them fail deep inside a batch."""
-    from ..prompts import padding_note
-
     for i, ids in enumerate(records):
-        bad = [t for t in ids if t is None or not 0 <= t < cfg.vocab_size]
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if bad:
             raise InputError(
                 f"records: record {i} holds token id {bad[0]}, outside the model's vocabulary [0, {cfg.vocab_size})"
