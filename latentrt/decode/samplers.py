@@ -69,7 +69,9 @@ class SamplerOptions:
     def _published_keywords(cls, given: dict) -> dict:
         """``given`` less the published keywords set to what latentrt does; an InputError for a published
         name of a field or a published keyword set to what latentrt does not implement."""
-        for name in sorted(set(given) & set(cls.PUBLISHED_NAMES)):
+        renamed = sorted(set(given) & set(cls.PUBLISHED_NAMES))
+        if renamed:
+            name = renamed[0]
             raise InputError(f"decoding_options {name!r} (the published keyword) is {cls.PUBLISHED_NAMES[name]} here")
         kept = dict(given)
         for name in sorted(set(given) & set(cls.NOT_IMPLEMENTED)):
