@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--modes",
         default=None,
-        help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause; default: the format the "
+        help="comma list of prompt formats (Coconut: coconut, cot, nocot, pause, nothoughts; default: the format the "
         "model was trained with)",
     )
     e.add_argument("--json", action="store_true", help="print each format's table as a JSON line (for scripts)")

@@ -213,7 +213,7 @@ def test_coconut_runs_its_trained_thought_count_by_default(capsys):
 @pytest.mark.parametrize(
     "fields, problem",
     [
-        ({"mode": 0}, r"mode must be one of \['coconut', 'cot', 'nocot', 'pause'\], got 0"),
+        ({"mode": 0}, r"mode must be one of \['coconut', 'cot', 'nocot', 'pause', 'nothoughts'\], got 0"),
         ({"mode": "latent"}, r"mode must be one of .*, got 'latent'"),
         ({"max_stage": "3"}, r"max_stage must be an integer >= 0, got '3'"),
         ({"thoughts_per_step": True}, r"thoughts_per_step must be an integer >= 0, got True"),

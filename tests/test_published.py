@@ -2,7 +2,7 @@
 
 tests/published_vectors.json holds what the published implementations (Huginn's raven_modeling_minimal.py
 ``generate_with_adaptive_compute`` / ``forward_with_adaptive_compute`` / ``generate_speculative`` /
-``generate_diffusion_style``, Coconut's ``generate``) produced on
+``generate_diffusion_style``, Coconut's ``generate``, its trainer's data and loss) produced on
 tiny seeded models, made by ``python -m tools.published`` (see there; the published code is not vendored).
 latentrt must give the same tokens and iterations per token with the same options, on every backend.
 """
@@ -243,6 +243,23 @@ def test_coconut_training_loss_and_gradients_equal_published(case):
     model.eval()
     assert abs(loss.item() - case["loss"]) <= 1e-6 * case["loss"]
     assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
+
+
+@pytest.mark.parametrize("case", VECTORS["curriculum"], ids=lambda c: c["name"])
+def test_coconut_curriculum_data_equals_published(case):
+    """The Coconut trainer's sequence and labels of a record at a stage (``assemble``: the question [+ markers
+    and thoughts], the steps left, the answer; labels on the steps and the answer) against the published
+    get_cot_latent_dataset with the configs run.py gives each method, for records with 0 to 4 steps at stages
+    before, at and past max_stage (where the thoughts stay at max_stage * c, as every published config pads)."""
+    from latentrt.train.coconut import Curriculum, TokenizedRecord, assemble
+
+    cur = Curriculum(case["mode"], max_stage=case["max_stage"], thoughts_per_step=case["c"])
+    cur.validate()
+    assert len(case["samples"]) == len(case["sequences"]) == 4
+    for (question, steps, answer), (ids, labels) in zip(case["samples"], case["sequences"]):
+        pre, post, post_labels = assemble(TokenizedRecord(question, steps, answer), cur, case["stage"], (2, 3, 4))
+        assert pre + post == ids
+        assert [-100] * len(pre) + post_labels == labels
 
 
 @pytest.mark.parametrize("case", VECTORS["huginn_training"], ids=lambda c: c["name"])

@@ -506,6 +506,10 @@ def test_the_published_coconut_epoch_schedule():
     gsm = Curriculum.published("gsm")
     assert [gsm.stage_of_epoch(e) for e in range(25)] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 13
     assert gsm.thoughts_per_step == 2 and Curriculum.published("gsm", "cot").stage_of_epoch(20) == 0
+    # gsm_coconut.yaml: resume 3 (it starts from a CoT-tuned model); gsm_cot.yaml: reset_optimizer False
+    assert (gsm.start_epoch, gsm.reset_optimizer, pros.start_epoch, pros.reset_optimizer) == (3, True, 0, True)
+    cot = Curriculum.published("gsm", "cot")
+    assert (cot.epochs, cot.start_epoch, cot.reset_optimizer, cot.uniform_prob) == (25, 0, False, 0.0)
     for bad in (dict(epochs=0), dict(epochs=2, epochs_per_stage=0)):
         with pytest.raises(InputError, match=next(iter(bad)) if "per" not in str(bad) else "epochs_per_stage"):
             Curriculum(**bad).validate()
@@ -535,6 +539,111 @@ def test_coconut_epochs_pass_over_every_record_and_reset_the_optimizer(monkeypat
         assert sorted(map(str, drawn)) == sorted(map(str, want)), ep  # every record once, at its stage
         orders.append([want.index(ex) for ex in drawn])
     assert len({tuple(o) for o in orders}) > 1, "a fresh shuffle per epoch"
+
+
+def _coconut_run(monkeypatch, cur, opts, recs):
+    """train_coconut with the optimizers it makes and the examples of each batch recorded."""
+    import latentrt.train.coconut as coconut
+
+    seen, made = [], []
+    collate, make = coconut.collate, coconut.make_optimizer
+    monkeypatch.setattr(coconut, "collate", lambda ex, *a: seen.append(ex) or collate(ex, *a))
+    monkeypatch.setattr(coconut, "make_optimizer", lambda *a: made.append(1) or make(*a))
+    return train_coconut(_gpt2(), TOK, recs, opts, cur), seen, made
+
+
+def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch):
+    """``start_epoch`` (the published ``resume``): the epochs before it are not run; the others train the
+    stage of their own number (GSM8k's Coconut: epochs 3-24 from a CoT-tuned model, stage 0 skipped)."""
+    recs = generate_dataset(5, (1, 2))
+    cur = Curriculum("coconut", max_stage=1, epochs=5, epochs_per_stage=2, start_epoch=3)
+    log, seen, made = _coconut_run(monkeypatch, cur, TrainOptions(steps=1, batch_size=3, progress=False), recs)
+    assert [(e["epoch"], e["stage"], e["step"]) for e in log] == [(4, 1, 1), (4, 1, 2), (5, 2, 1), (5, 2, 2)]
+    assert len(made) == 2 and sorted(map(str, seen[0] + seen[1])) == sorted(str(encode(TOK, r, cur, 1)) for r in recs)
+    for bad, message in (
+        (dict(start_epoch=2), "start_epoch=2 skips epochs of the published epoch schedule: it needs epochs"),
+        (dict(epochs=3, start_epoch=3), "start_epoch=3 skips epochs"),
+        (dict(epochs=3, start_epoch=-1), "start_epoch must be an integer >= 0"),
+    ):
+        with pytest.raises(InputError, match=message):
+            Curriculum(**bad).validate()
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_coconut_reset_optimizer_off_keeps_one_optimizer_and_one_schedule(monkeypatch, reset):
+    """``reset_optimizer=False`` (the published CoT config's): one optimizer for the whole run, its moments
+    carried across epochs and its learning-rate schedule (here warmup + cosine) over every step; on (every
+    published Coconut config), a fresh optimizer and schedule per epoch."""
+    from latentrt.train.common import lr_at
+
+    recs = generate_dataset(6, (1, 2))
+    cur = Curriculum("coconut", max_stage=1, epochs=3, reset_optimizer=reset)
+    opts = TrainOptions(steps=1, batch_size=2, warmup=2, progress=False)  # 3 steps per epoch
+    log, _, made = _coconut_run(monkeypatch, cur, opts, recs)
+    assert len(log) == 9 and len(made) == (3 if reset else 1)
+    per_epoch = [lr_at(step, dataclasses.replace(opts, steps=3)) for _ in range(3) for step in range(3)]
+    whole = [lr_at(step, dataclasses.replace(opts, steps=9)) for step in range(9)]
+    assert [e["lr"] for e in log] == (per_epoch if reset else whole) and per_epoch != whole
+    with pytest.raises(InputError, match="reset_optimizer must be True or False, got 0"):
+        Curriculum(reset_optimizer=0).validate()
+
+
+def test_coconut_uniform_prob_mixes_stages_as_published(monkeypatch):
+    """``uniform_prob`` (the published analysis runs' 0.3): per record and epoch, with that probability a stage
+    drawn uniformly from 0 to the record's step count (past max_stage: the final stage), else the epoch's;
+    seeded, so a resumed run draws the same; one-stage modes and values outside [0, 1] refused."""
+    cur = Curriculum("coconut", max_stage=2, uniform_prob=0.3)
+    n_steps = [3] * 4000
+    drawn = cur.record_stages(n_steps, 99, (0, 1, 2))
+    mixed = [s for s in drawn if s != 99]
+    assert abs(len(mixed) / len(drawn) - 0.3) < 0.03 and set(mixed) == {0, 1, 2, 3}
+    assert drawn == cur.record_stages(n_steps, 99, (0, 1, 2)) != cur.record_stages(n_steps, 99, (0, 2, 2))
+    assert Curriculum("coconut").record_stages([1, 2], 5, (0,)) == [5, 5]
+    every = Curriculum("coconut", max_stage=1, epochs=2, uniform_prob=1.0)
+    recs = generate_dataset(40, (1, 3))
+    _, seen, _ = _coconut_run(monkeypatch, every, TrainOptions(steps=1, batch_size=40, progress=False), recs)
+    assert len(seen) == 2
+    for batch in seen:  # each record at one of its own stages 0..len(steps), and several stages in a batch
+        stages = []
+        for ex in batch:
+            rec = next(r for r in recs if any(encode(TOK, r, every, s) == ex for s in range(len(r.steps) + 1)))
+            stages.append(next(s for s in range(len(rec.steps) + 1) if encode(TOK, rec, every, s) == ex))
+        assert len(set(stages)) >= 3
+    assert seen[0] != seen[1]  # drawn anew per epoch
+    for bad, message in (
+        (dict(uniform_prob=1.5), r"uniform_prob must be a probability in \[0, 1\], got 1.5"),
+        (dict(uniform_prob=True), "uniform_prob must be a probability"),
+        (
+            dict(mode="cot", uniform_prob=0.3),
+            "uniform_prob acts only where the curriculum has stages to mix .*; mode 'cot' has one",
+        ),
+    ):
+        with pytest.raises(InputError, match=message):
+            Curriculum(**bad).validate()
+
+
+def test_nothoughts_removes_the_steps_with_nothing_in_their_place(tmp_path):
+    """Coconut's ``no_thoughts`` ("w/o thought"): the curriculum removes steps stage by stage, no thoughts and
+    no markers in their place (a plain GPT-2 gets none); the checkpoint is asked with the question alone."""
+    from latentrt.families import parse_config
+
+    cur = Curriculum("nothoughts", max_stage=2, thoughts_per_step=3)
+    assert cur.stages() == [0, 1, 2, 3] and cur.thoughts_at(1, 3) == (1, 0) and cur.thoughts_at(3, 3) == (3, 0)
+    tok = _byte_level_tokenizer(markers=False)
+    vocab = tok.get_vocab_size()
+    cfg = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, n_positions=256, vocab_size=vocab)
+    plain = build_model(parse_config(cfg), seed=1)
+    opts = TrainOptions(steps=4, batch_size=2, progress=False, out=str(tmp_path / "ckpt"))
+    log = train_coconut(plain, tok, generate_dataset(4, (2,)), opts, cur)
+    assert [e["stage"] for e in log] == [0, 1, 2, 3] and tok.get_vocab_size() == vocab
+    loaded = latentrt.load(tmp_path / "ckpt", device="cpu")
+    assert loaded.marker_ids == (None, None, None) and loaded.config.vocab_size == vocab
+    assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["mode"] == "nothoughts"
+    from latentrt.decode.coconut import CoconutDecoder
+
+    question = "Tom is a cat. Is Tom a cat?"
+    assert CoconutDecoder.eval_prompt(loaded, question, "nothoughts") == tok.encode(question + "\n").ids
+    assert latentrt.generate(loaded, question, max_new_tokens=2).num_thoughts == 0
 
 
 def test_malformed_data_files(tmp_path):
@@ -661,11 +770,15 @@ def test_every_process_seeds_torch_alike(monkeypatch):
     assert torch.initial_seed() == 7
 
 
-def test_coconut_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("kept", [False, True], ids=["reset", "one optimizer, mixed stages"])
+def test_coconut_resume_is_exact(tmp_path, kept):
     """A run stopped mid-stage and resumed from its last checkpoint ends with the uninterrupted run's weights
-    bit for bit: the optimizer, the stage schedule and torch's generator (GPT-2's dropout masks) restored."""
+    bit for bit: the optimizer, the stage schedule and torch's generator (GPT-2's dropout masks) restored;
+    with one optimizer for the run, its schedule and moments; with mixed stages, the same draws."""
     recs = generate_dataset(8, (1, 2))
     cur = Curriculum("coconut", max_stage=1)  # 3 stages of 2 steps
+    if kept:
+        cur = dataclasses.replace(cur, reset_optimizer=False, uniform_prob=0.5)
 
     def opts(out=None):
         return TrainOptions(steps=6, batch_size=2, progress=False, warmup=1, save_every=3, out=out)

@@ -105,6 +105,32 @@ def test_coconut_trains_through_its_curriculum_as_the_api_does(coconut_dir, tmp_
     assert "3 steps (stage 0 step 1 to stage 2 step 1): loss " in capsys.readouterr().out
 
 
+def test_the_published_runs_options_as_flags_equal_the_api(coconut_dir, tmp_path):
+    """run.py's options the curriculum takes (``--start-epoch``: its resume, ``--no-reset-optimizer``,
+    ``--uniform-prob``, the ``nothoughts`` method) reach train_coconut as the API gives them."""
+    from latentrt.train.coconut import Curriculum, train_coconut
+
+    qa = [RECORDS[3], {"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "Tom is a cat ."}]
+    (tmp_path / "qa.json").write_text(json.dumps(qa))
+    for mode in ("coconut", "nothoughts"):
+        out = tmp_path / mode
+        args = ["train", str(coconut_dir), str(tmp_path / "qa.json"), "--out", str(out), "--curriculum", mode]
+        flags = ["--max-stage", "1", "--epochs", "4", "--start-epoch", "1", "--no-reset-optimizer"]
+        assert main([*args, *flags, "--uniform-prob", "0.5", "--batch-size", "1"]) == 0
+        model = latentrt.load(coconut_dir, device="cpu")
+        cur = Curriculum(mode, max_stage=1, epochs=4, start_epoch=1, reset_optimizer=False, uniform_prob=0.5)
+        log = train_coconut(
+            model, model.tokenizer, qa, TrainOptions.coconut_published(batch_size=1, progress=False), cur
+        )
+        assert [e["epoch"] for e in log] == [2, 2, 3, 3, 4, 4]
+        tuned = latentrt.load(out, device="cpu")
+        for (name, want), got in zip(model.state_dict().items(), tuned.state_dict().values()):
+            assert torch.equal(got, want), (mode, name)
+        info = json.loads((out / "training.json").read_text())
+        assert info["mode"] == mode and info["curriculum"]["start_epoch"] == 1
+        assert info["curriculum"]["reset_optimizer"] is False and info["curriculum"]["uniform_prob"] == 0.5
+
+
 def test_a_run_whose_optimizer_state_cannot_fit_is_refused_before_training(huginn_like, tmp_path, capsys, monkeypatch):
     """Gradients and AdamW's two moments (3 x the weights) are checked against the free memory before the
     first step: a clear error naming both figures, not an allocation failure (or the OOM killer) mid-run."""
@@ -136,6 +162,11 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(folder), str(data), "--max-stage", "2"], "--max-stage applies to Coconut (gpt2) models only"),
         ([str(coconut_dir), str(qa), "--checkpoint-activations"], "--checkpoint-activations applies to recurrent"),
         ([str(coconut_dir), str(data), "--published-curriculum", "gsm", "--epochs", "3"], "drop --epochs"),
+        ([str(coconut_dir), str(qa), "--published-curriculum", "gsm", "--no-reset-optimizer"], "drop --no-reset-opt"),
+        ([str(folder), str(data), "--no-reset-optimizer"], "--no-reset-optimizer applies to Coconut (gpt2) models"),
+        ([str(coconut_dir), str(qa), "--start-epoch", "1"], "--start-epoch=1 skips epochs of the published epoch"),
+        ([str(coconut_dir), str(qa), "--uniform-prob", "2"], "--uniform-prob must be a probability in [0, 1], got 2"),
+        ([str(coconut_dir), str(qa), "--curriculum", "cot", "--uniform-prob", "0.3"], "--uniform-prob acts only where"),
         ([str(coconut_dir), str(data), "--max-stage", "-1"], "--max-stage must be an integer >= 0"),
         # the options' checks name the flags (they named the Python options: "seed must be ...")
         ([str(coconut_dir), str(data), "--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1], got -1"),

@@ -4,10 +4,10 @@
 
 ``--huginn DIR``: a folder holding the published ``raven_modeling_minimal.py`` and ``raven_config_minimal.py``
 (Huginn's recurrent-pretraining repository, ``recpre/``); ``--coconut DIR``: one holding Coconut's
-``coconut.py``. Neither is vendored: fetch them, point this tool at them. The tool builds the tiny models of
-``CASES`` with latentrt's own seeded initialisation (``build``; the test rebuilds the same weights and checks
-their checksum), runs the published generate paths on them in fp32 on the CPU (with the few shims
-transformers 5 needs, below), and writes the tokens and per-token iterations they produce. The test then
+``coconut.py`` and ``dataset.py``. Neither is vendored: fetch them, point this tool at them. The tool builds the
+tiny models of ``CASES`` with latentrt's own seeded initialisation (``build``; the test rebuilds the same
+weights and checks their checksum), runs the published generate paths on them in fp32 on the CPU (with the few
+shims transformers 5 needs, below), and writes the tokens and per-token iterations they produce. The test then
 runs latentrt with the same options on every backend and compares.
 """
 
@@ -733,6 +733,15 @@ def coconut_module(folder: Path):
     return _load_module(folder / "coconut.py", "coconut_published")
 
 
+def coconut_dataset_module(folder: Path):
+    """Coconut's dataset.py. It imports HF ``datasets`` for a type it names only; where that package is absent a
+    stand-in module lets it load (the functions used here take any object with ``map`` and ``features``)."""
+    if importlib.util.find_spec("datasets") is None:
+        sys.modules["datasets"] = type(sys)("datasets")
+        sys.modules["datasets"].Dataset = object
+    return _load_module(folder / "dataset.py", "coconut_dataset_published")
+
+
 def published_coconut(cm, model, eos: int):
     """Coconut's module (``cm.Coconut``) around an HF GPT-2 with ``model``'s weights; past key values as the
     legacy tuples the published code slices (transformers 5 passes cache objects). Returns (it, the HF
@@ -845,6 +854,57 @@ def run_coconut_training(cm, case: dict, model) -> dict:
     return {"examples": examples, "loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
 
 
+# Coconut's data: its dataset.py's get_cot_latent_dataset (one training sequence and its labels) on token ids, at a
+# scheduled stage, with the configs run.py gives each method (coconut / pause: the *_coconut.yaml fields; cot:
+# gsm_cot.yaml's c_thought 0 and stage 0; no_cot; no_thoughts: c_thought 0), markers 2 / 3 / 4 (start, end, latent)
+_SAMPLES = [  # (question, steps, answer): 0, 1, 2 and 4 steps
+    ([10, 11, 12], [], [30, 31, 1]),
+    ([10, 13], [[20, 21]], [32, 1]),
+    ([14, 15, 16, 17], [[22], [23, 24, 25]], [33, 34, 1]),
+    ([18], [[26, 27], [28], [29, 20], [21, 22, 23]], [35, 1]),
+]
+CURRICULUM = [
+    dict(name=f"coconut data: {mode} c={c} max_stage={m} stage {s}", mode=mode, c=c, max_stage=m, stage=s)
+    for mode, c, m, stages in (
+        ("coconut", 1, 2, (0, 1, 2, 3, 5)),
+        ("coconut", 2, 3, (1, 3, 4)),
+        ("cot", 1, 2, (0,)),
+        ("nocot", 1, 2, (0,)),
+        ("nothoughts", 1, 2, (0, 1, 2, 3)),
+    )
+    for s in stages
+]
+
+
+def run_curriculum(dm, case: dict) -> dict:
+    """get_cot_latent_dataset on ``_SAMPLES`` over a list standing in for the HF dataset (its ``map`` over the
+    rows in order; with one process it shuffles nothing): each sample's input_ids and labels."""
+    from types import SimpleNamespace
+
+    class Rows(list):
+        features = {"question_tokenized": 0, "steps_tokenized": 0, "answer_tokenized": 0, "idx": 0}
+
+        def map(self, fn, remove_columns=None, num_proc=None):
+            return Rows(fn(dict(row)) for row in self)
+
+    mode, c = case["mode"], case["c"]
+    plain = mode in ("cot", "nocot", "nothoughts")  # run.py: no_special_marker=cot or no_cot or no_thoughts
+    configs = SimpleNamespace(
+        c_thought=0 if mode in ("cot", "nothoughts") else c,  # gsm_cot.yaml's 0; run.py zeroes it for no_thoughts
+        max_latent_stage=case["max_stage"],
+        pad_latent_to_max=True,  # every published config
+        uniform_prob=0.0,
+        no_cot=mode == "nocot",
+    )
+    stage = 0 if mode in ("cot", "nocot") else case["stage"]  # run.py: stage 0 for cot and no_cot
+    rows = Rows(
+        dict(question_tokenized=q, steps_tokenized=steps, answer_tokenized=a, idx=i)
+        for i, (q, steps, a) in enumerate(_SAMPLES)
+    )
+    out = dm.get_cot_latent_dataset(stage, rows, configs, 2, 4, 3, no_special_marker=plain)
+    return {"samples": _SAMPLES, "sequences": [[r["input_ids"], r["labels"]] for r in out]}
+
+
 # Huginn training: the published forward in training mode as its fine-tuning script calls it (input_ids[:, :-1],
 # labels[:, 1:]: right-padded rows, labels -100 where there is no loss) at a given (no-grad, grad) depth, its
 # random initial state drawn from torch's generator seeded just before; the loss and the gradients' norm
@@ -931,6 +991,11 @@ def main(argv: list[str] | None = None) -> int:
         expected = run_coconut_training(cm, case, build(case["model"], models[case["model"]]))
         out.setdefault("training", []).append(dict(case, **expected))
         print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
+    dm = coconut_dataset_module(args.coconut)
+    for case in CURRICULUM:
+        if args.only and args.only not in case["name"]:
+            continue
+        out.setdefault("curriculum", []).append(dict(case, **run_curriculum(dm, case)))
     for case in HUGINN_TRAINING:
         if args.only and args.only not in case["name"]:
             continue

@@ -23,7 +23,8 @@ from ..options import GenerateOptions
 from ..prompts import Batch, prompt_ids
 from .base import Decoder, TokenOutput, nonfinite_flags
 
-PROMPT_MODES = ("coconut", "cot", "nocot", "pause")  # the formats a Coconut model is trained and asked in
+PROMPT_MODES = ("coconut", "cot", "nocot", "pause", "nothoughts")  # the formats a Coconut model is trained and
+# asked in (nothoughts: the question alone, as cot / nocot)
 THOUGHT_MODES = ("coconut", "pause")  # prompt formats with thought markers (pause: ordinary tokens there)
 
 
@@ -181,15 +182,15 @@ class CoconutDecoder(Decoder):
     @classmethod
     def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:
         """``mode`` coconut / pause: the question then the thoughts (``thoughts``, default the trained count);
-        cot / nocot: the question alone."""
+        cot / nocot / nothoughts: the question alone."""
         if mode not in THOUGHT_MODES:
             return thought_prompt(model.tokenizer, question, None)
         return thought_prompt(model.tokenizer, question, trained_thoughts(model)[1] if thoughts is None else thoughts)
 
     @classmethod
     def eval_options(cls, mode: str) -> dict:
-        """cot / nocot ask the question alone, no markers (as Coconut's data has them): generate() would append
-        the trained count to a prompt without markers."""
+        """cot / nocot / nothoughts ask the question alone, no markers (as Coconut's data has them): generate()
+        would append the trained count to a prompt without markers."""
         return {} if mode in THOUGHT_MODES else {"append_thoughts": False}
 
     @classmethod

@@ -5,12 +5,14 @@ At stage s (0 <= s <= max_stage) the first s reasoning steps are removed and s*c
 max_stage*c. Two schedules: ``opts.steps`` optimizer steps split evenly over the stages, each drawing random
 batches and resetting the optimizer at its start; or, with ``Curriculum.epochs``, the published one (Coconut's
 run.py): epoch e trains stage e // ``epochs_per_stage`` (the final stage from max_stage + 1 on), each epoch
-one shuffled pass over the records in batches, the optimizer reset at every epoch (its ``reset_optimizer``,
-on in every published config). The loss covers only the remaining steps and
-the answer (not the question, the markers or the thoughts). Thoughts run as KV-cached single-position
-passes (the runtime's own run_prompt over a differentiable cache), so gradients flow through the chain.
-Baselines by mode: ``cot`` (steps in language), ``nocot`` (answer only), ``pause`` (the same layout as
-Coconut with the latent tokens as ordinary "pause" tokens).
+one shuffled pass over the records in batches, the optimizer reset at every epoch (its ``reset_optimizer``; off
+for its CoT config), the first ``start_epoch`` epochs skipped (its ``resume``: GSM8k's Coconut starts at epoch 3
+from a CoT-tuned model). ``uniform_prob`` mixes stages as its analysis runs do. The loss covers only the
+remaining steps and the answer (not the question, the markers or the thoughts). Thoughts run as KV-cached
+single-position passes (the runtime's own run_prompt over a differentiable cache), so gradients flow through
+the chain. Baselines by mode (run.py's methods): ``cot`` (steps in language), ``nocot`` (answer only),
+``pause`` (the same layout as Coconut with the latent tokens as ordinary "pause" tokens), ``nothoughts``
+(Coconut's curriculum removing the steps with nothing in their place: its ``no_thoughts``, "w/o thought").
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ from .common import (
 )
 
 MODES = PROMPT_MODES
-# Coconut's args/{dataset}_coconut.yaml: (max_latent_stage, c_thought, num_epochs, epochs_per_stage)
-PUBLISHED_CURRICULA = {"prosqa": (6, 1, 50, 5), "prontoqa": (6, 1, 50, 5), "gsm": (3, 2, 25, 3)}
+STAGED_MODES = ("coconut", "pause", "nothoughts")  # the modes whose stages remove steps (cot / nocot: one stage)
+# Coconut's args/{dataset}_coconut.yaml: (max_latent_stage, c_thought, num_epochs, epochs_per_stage, resume)
+PUBLISHED_CURRICULA = {"prosqa": (6, 1, 50, 5, 0), "prontoqa": (6, 1, 50, 5, 0), "gsm": (3, 2, 25, 3, 3)}
 
 
 @dataclass
@@ -57,23 +60,31 @@ class Curriculum:
     thoughts_per_step: int = 1  # c
     epochs: int | None = None  # None: opts.steps split over the stages; else the published epoch schedule
     epochs_per_stage: int = 1
+    start_epoch: int = 0  # the published ``resume``: the epochs before it are skipped (the epoch schedule only)
+    reset_optimizer: bool = True  # a fresh optimizer (and learning-rate schedule) per stage / epoch, as published
+    uniform_prob: float = 0.0  # per record and stage / epoch, the chance of a stage drawn from 0..its step count
 
     @classmethod
     def published(cls, dataset: str = "prosqa", mode: str = "coconut") -> Curriculum:
         """The curriculum of Coconut's args/{dataset}_coconut.yaml: ProsQA and ProntoQA 6 stages of 1 thought,
-        5 epochs each, 50 epochs; GSM8k 3 stages of 2 thoughts, 3 epochs each, 25 epochs."""
+        5 epochs each, 50 epochs; GSM8k 3 stages of 2 thoughts, 3 epochs each, 25 epochs from epoch 3 (its
+        ``resume: 3``: it starts from a CoT-tuned model, skipping stage 0). ``cot`` / ``nocot``: its CoT config
+        (args/gsm_cot.yaml, the only one it ships): one stage, 25 epochs on GSM8k (the dataset's epochs
+        elsewhere), one optimizer for the whole run (``reset_optimizer: False``)."""
         if not is_choice(dataset, PUBLISHED_CURRICULA):
             raise InputError(f"no published Coconut curriculum for {dataset!r}; known: {sorted(PUBLISHED_CURRICULA)}")
-        max_stage, c, epochs, per_stage = PUBLISHED_CURRICULA[dataset]
-        return cls(mode, max_stage, c, epochs, per_stage)
+        max_stage, c, epochs, per_stage, resume = PUBLISHED_CURRICULA[dataset]
+        if mode in STAGED_MODES:
+            return cls(mode, max_stage, c, epochs, per_stage, start_epoch=resume)
+        return cls(mode, max_stage, c, epochs, per_stage, reset_optimizer=False)
 
     def stages(self) -> list[int]:
-        return list(range(self.max_stage + 2)) if self.mode in ("coconut", "pause") else [0]
+        return list(range(self.max_stage + 2)) if self.mode in STAGED_MODES else [0]
 
     def stage_of_epoch(self, epoch: int) -> int:
         """The published schedule: stage epoch // epochs_per_stage (0 for cot / nocot); every stage past
         max_stage is the final one (they encode alike)."""
-        if self.mode not in ("coconut", "pause"):
+        if self.mode not in STAGED_MODES:
             return 0
         return min(epoch // self.epochs_per_stage, self.max_stage + 1)
 
@@ -83,14 +94,42 @@ class Curriculum:
         check_int("epochs_per_stage", self.epochs_per_stage, 1)
         check_int("max_stage", self.max_stage, 0)
         check_int("thoughts_per_step", self.thoughts_per_step, 0)
+        check_int("start_epoch", self.start_epoch, 0)
+        if self.start_epoch and (self.epochs is None or self.start_epoch >= self.epochs):
+            raise InputError(
+                f"start_epoch={self.start_epoch} skips epochs of the published epoch schedule: it needs epochs "
+                f"greater than it (epochs={self.epochs})"
+            )
+        if not isinstance(self.reset_optimizer, bool):
+            raise InputError(f"reset_optimizer must be True or False, got {self.reset_optimizer!r}")
+        p = self.uniform_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise InputError(f"uniform_prob must be a probability in [0, 1], got {p!r}")
+        if p and self.mode not in STAGED_MODES:
+            raise InputError(
+                f"uniform_prob acts only where the curriculum has stages to mix ({', '.join(STAGED_MODES)}); mode "
+                f"{self.mode!r} has one"
+            )
 
     def thoughts_at(self, stage: int, n_steps: int) -> tuple[int, int]:
-        """(steps removed, thoughts inserted) at ``stage``."""
-        if self.mode in ("cot", "nocot"):
+        """(steps removed, thoughts inserted) at ``stage``: the published get_cot_latent_dataset's (every
+        published config pads the final stage's thoughts to max_stage * c)."""
+        if self.mode not in STAGED_MODES:
             return 0, 0
+        c = 0 if self.mode == "nothoughts" else self.thoughts_per_step  # run.py: c_thought 0 for no_thoughts
         if stage > self.max_stage:
-            return n_steps, self.max_stage * self.thoughts_per_step
-        return min(stage, n_steps), stage * self.thoughts_per_step
+            return n_steps, self.max_stage * c
+        return min(stage, n_steps), stage * c
+
+    def record_stages(self, n_steps: list[int], stage: int, seed: tuple[int, ...]) -> list[int]:
+        """Each record's stage in a segment training ``stage``: that stage, or with probability ``uniform_prob``
+        one drawn uniformly from 0 to the record's step count (the published get_cot_latent_dataset's mixing,
+        "0.3 for analysis experiments"; drawn anew per epoch, or per stage on the step schedule). ``seed``: ints
+        only (their hash is not randomised), so a resumed run draws the same."""
+        if not self.uniform_prob:
+            return [stage] * len(n_steps)
+        rng = random.Random(seed.__hash__())
+        return [rng.randrange(n + 1) if rng.random() < self.uniform_prob else stage for n in n_steps]
 
 
 def add_latent_markers(model: nn.Module, tokenizer) -> bool:
@@ -166,9 +205,11 @@ def assemble(
     if cur.mode == "cot":
         post = [t for s in rec.steps for t in s] + rec.answer
         return rec.question, post, post
-    start, end, latent = markers
     skip, k = cur.thoughts_at(stage, len(rec.steps))
     rest = [t for s in rec.steps[skip:] for t in s] + rec.answer
+    if cur.mode == "nothoughts":  # no markers (run.py's no_special_marker)
+        return rec.question, rest, rest
+    start, end, latent = markers
     return rec.question + [start] + [latent] * k, [end] + rest, [-100] + rest
 
 
@@ -256,7 +297,7 @@ def schedule(cur: Curriculum, opts: TrainOptions, n_records: int, world: int) ->
         return [Segment(stage, n) for stage, n in zip(cur.stages(), lengths)]
     per_process = -(-n_records // world)  # ceil: the sampler's padding
     steps = -(-per_process // opts.batch_size)
-    return [Segment(cur.stage_of_epoch(e), steps, e) for e in range(cur.epochs)]
+    return [Segment(cur.stage_of_epoch(e), steps, e) for e in range(cur.start_epoch, cur.epochs)]
 
 
 def train_coconut(
@@ -300,7 +341,8 @@ def train_coconut(
     records = as_records(records)
     segments = schedule(cur, opts, len(records), world)
     pieces = [tokenize_record(tokenizer, r) for r in records]
-    check_lengths(pieces, cur, {seg.stage for seg in segments}, model.config.n_positions)
+    trained = set(cur.stages()) if cur.uniform_prob else {seg.stage for seg in segments}  # (mixing: any stage)
+    check_lengths(pieces, cur, trained, model.config.n_positions)
     check_vocabulary([p.question + [t for s in p.steps for t in s] + p.answer for p in pieces], model.config)
     if cur.mode in ("coconut", "pause"):  # (after the checks: a refused run leaves the model as it was)
         if add_latent_markers(model, tokenizer):  # a plain GPT-2 gets them as Coconut's run.py adds them, then
@@ -316,11 +358,12 @@ def train_coconut(
         "thoughts_per_step": cur.thoughts_per_step,
     }
     extra = lambda stage: {**made, "stage": stage, "curriculum": cur.__dict__}  # noqa: E731
-    done, resumed = 0, None
+    done, resumed, optimizer = 0, None, None
     if resume:
         optimizer = make_optimizer(model, opts)
         resumed = load_training(resume, model, optimizer)
         done = resumed["step"]
+    whole_run = replace(opts, steps=sum(seg.steps for seg in segments))  # one schedule without resets
 
     def loss_of(chunk: list) -> Tensor:
         ids, mask, labels = collate(chunk, pad, device)
@@ -331,17 +374,21 @@ def train_coconut(
     start_of_stage, data, encoded = 0, None, None
     for seg in segments:
         stage, n = seg.stage, seg.steps
-        stage_opts = replace(opts, steps=n)  # the learning-rate schedule runs over the segment
         first = max(done - start_of_stage, 0)
         if first >= n:  # a segment finished before the resumed checkpoint
             start_of_stage += n
             continue
-        if encoded != stage:
+        key = (opts.seed, -1 if seg.epoch is None else seg.epoch, stage)
+        if encoded != (key if cur.uniform_prob else stage):  # (mixing draws anew per segment)
             markers = latent_markers(tokenizer)
-            data, encoded = [assemble(p, cur, stage, markers) for p in pieces], stage
-        if resumed is None or first == 0:
+            stages = cur.record_stages([len(p.steps) for p in pieces], stage, key)
+            data = [assemble(p, cur, s, markers) for p, s in zip(pieces, stages)]
+            encoded = key if cur.uniform_prob else stage
+        if optimizer is None or (cur.reset_optimizer and (resumed is None or first == 0)):
             optimizer = make_optimizer(model, opts)  # reset at every stage change / epoch, as published
         resumed = None
+        # the learning-rate schedule runs over the segment, or over the whole run with one optimizer
+        stage_opts, offset = (replace(opts, steps=n), 0) if cur.reset_optimizer else (whole_run, start_of_stage)
         batches = None if seg.epoch is None else seg.batches(len(records), opts.batch_size, opts.seed, rank, world)
         where = f"stage {stage}" + ("" if seg.epoch is None else f" epoch {seg.epoch + 1}")
         bar = tqdm(range(first, n), desc=f"{cur.mode} {where}", disable=not (opts.progress and distributed.is_main()))
@@ -351,7 +398,7 @@ def train_coconut(
                 picked = [rng.randrange(len(data)) for _ in range(opts.batch_size)]
             else:
                 picked = batches[step]
-            begin_step(optimizer, step, stage_opts)
+            begin_step(optimizer, offset + step, stage_opts)
             losses = accumulate(loss_fn, micro_batches([data[i] for i in picked], opts), loss_of)
             gnorm = finish_step(loss_fn, optimizer, stage_opts)
             entry = {
@@ -360,6 +407,7 @@ def train_coconut(
                 "step": step + 1,
                 "loss": distributed.mean(sum(losses) / len(losses), device),
                 "grad_norm": gnorm,
+                "lr": optimizer.param_groups[0]["lr"],
             }
             log.append(entry)
             if on_step is not None and distributed.is_main():

@@ -28,7 +28,16 @@ from .common import TrainOptions
 
 RECIPES = {"huginn": TrainOptions.huginn_published, "coconut": TrainOptions.coconut_published, "scratch": TrainOptions}
 RECURRENT_FLAGS = ("loss_on", "chat_template", "checkpoint_activations")
-COCONUT_FLAGS = ("curriculum", "max_stage", "thoughts_per_step", "epochs", "epochs_per_stage", "published_curriculum")
+CURRICULUM_FIELDS = (  # the Curriculum fields with a flag of their own (--max-stage ...)
+    "max_stage",
+    "thoughts_per_step",
+    "epochs",
+    "epochs_per_stage",
+    "start_epoch",
+    "reset_optimizer",
+    "uniform_prob",
+)
+COCONUT_FLAGS = ("curriculum", *CURRICULUM_FIELDS, "published_curriculum")
 
 
 def add_train_args(t: argparse.ArgumentParser) -> None:
@@ -74,6 +83,25 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=int, default=None, help="Coconut: the published epoch schedule, in all")
     t.add_argument("--epochs-per-stage", type=int, default=None, help="Coconut: epochs per stage (1)")
     t.add_argument(
+        "--start-epoch",
+        type=int,
+        default=None,
+        help="Coconut: skip the epochs before it (the published resume; e.g. a CoT-tuned model skips stage 0)",
+    )
+    t.add_argument(
+        "--no-reset-optimizer",
+        dest="reset_optimizer",
+        action="store_false",
+        default=None,  # (None: not given)
+        help="Coconut: one optimizer for the whole run (default: a fresh one per stage / epoch, as published)",
+    )
+    t.add_argument(
+        "--uniform-prob",
+        type=float,
+        default=None,
+        help="Coconut: per record, the chance of a stage drawn at random (the published analysis runs' 0.3)",
+    )
+    t.add_argument(
         "--published-curriculum",
         default=None,
         choices=tuple(PUBLISHED_CURRICULA),
@@ -89,7 +117,8 @@ def _flag(name: str) -> str:
 FLAG_OF = {
     "steps": "--max-steps",
     **{name: _flag(name) for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")},
-    **{name: _flag(name) for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage")},
+    **{name: _flag(name) for name in CURRICULUM_FIELDS},
+    "reset_optimizer": "--no-reset-optimizer",
 }
 
 
@@ -125,14 +154,14 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
 
 
 def curriculum_from_args(args):
-    """The Coconut curriculum the flags name: a published one, or mode / stages / thoughts / epochs."""
+    """The Coconut curriculum the flags name: a published one, or mode / stages / thoughts / epochs..."""
     if args.published_curriculum is not None:
         mixed = [n for n in COCONUT_FLAGS[1:-1] if getattr(args, n) is not None]
         if mixed:
-            raise InputError(f"--published-curriculum sets the curriculum; drop {_flag(mixed[0])}")
+            raise InputError(f"--published-curriculum sets the curriculum; drop {FLAG_OF[mixed[0]]}")
         return Curriculum.published(args.published_curriculum, args.curriculum or "coconut")
     fields = dict(mode=args.curriculum or "coconut")
-    for name in ("max_stage", "thoughts_per_step", "epochs", "epochs_per_stage"):
+    for name in CURRICULUM_FIELDS:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     return validated(Curriculum(**fields))
@@ -219,7 +248,7 @@ def run_train(model, args) -> int:
     for other in TRAINERS.values():
         misplaced = [n for n in other.flags if n not in trainer.flags and getattr(args, n) is not None]
         if misplaced:
-            raise InputError(f"{_flag(misplaced[0])} applies to {other.title} models only")
+            raise InputError(f"{FLAG_OF.get(misplaced[0], _flag(misplaced[0]))} applies to {other.title} models only")
     records = read_records_file(args.data)
     from . import distributed
 
