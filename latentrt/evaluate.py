@@ -1,5 +1,6 @@
 """``latentrt eval MODEL DATA``: accuracy per difficulty on {question, steps, answer} records (``--chat``: each
-question through the model's chat template, for chat-tuned models).
+question through the model's chat template, for chat-tuned models), or {question, answer} ones without steps
+(the Hub's GSM8k: the answer a worked solution ending in '#### 72', scored against the part after its last '#').
 
 The model answers '### X is a Y.' (the Coconut data format); accuracy is the published rule (Coconut's
 run.py): the decoded prompt and output (special tokens skipped), after its last '#', commas removed and
@@ -25,12 +26,28 @@ from .errors import InputError, check_int
 from .families import family_for
 from .models.base import LatentModel
 from .options import GenerateOptions
-from .records import Record, as_records, load_records
+from .records import Record, as_records, read_records_file
 
 
 def extract_answer(text: str) -> str:
     """The published answer of a decoded sequence: after its last '#', commas removed, stripped."""
     return text.split("#")[-1].replace(",", "").strip()
+
+
+def eval_records(records, source: str = "records") -> list[Record]:
+    """The records to score: ``{question, steps, answer}`` ones as they are (the published files), and
+    ``{question, answer}`` ones without steps (the Hub's GSM8k, whose answer is the worked solution) with the
+    answer's text after its last '#' as the gold, read by the rule that reads the model's output (difficulty 0
+    unless given)."""
+    if isinstance(records, (list, tuple)):
+        records = [_gold_of_solution(r) if isinstance(r, dict) and "steps" not in r else r for r in records]
+    return as_records(records, source)
+
+
+def _gold_of_solution(record: dict) -> dict:
+    answer = record.get("answer")
+    gold = extract_answer(answer) if isinstance(answer, str) else answer  # (a bad one: as_records names it)
+    return {**record, "steps": [], "answer": gold} if "question" in record else record
 
 
 def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> bool:
@@ -60,7 +77,7 @@ def evaluate(
     rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply."""
     gen_kwargs.setdefault("temperature", 0.0)
     decoder = family_for(model).decoder  # (anything but a loaded model: its own error)
-    records = as_records(records)  # Record objects or their dicts, each checked
+    records = eval_records(records)  # Record objects or their dicts, each checked
     if not records:
         raise InputError("records is empty: nothing to evaluate")
     check_int("batch_size", batch_size, 1)
@@ -130,7 +147,7 @@ def format_table(table: dict) -> str:
 
 def run_eval(model: LatentModel, args: argparse.Namespace, gen_kwargs: dict) -> int:
     """The CLI's eval command on a loaded model (``gen_kwargs``: the generate() options given)."""
-    records = load_records(Path(args.data))[: args.limit]
+    records = eval_records(read_records_file(Path(args.data)), args.data)[: args.limit]
     decoder = family_for(model).decoder
     if "init_scale" in decoder.OPTIONS and "init_scale" not in gen_kwargs:
         gen_kwargs = dict(gen_kwargs, init_scale=0.0)  # a deterministic initial state for scoring

@@ -132,3 +132,25 @@ def test_evaluate_takes_record_dicts_and_names_bad_arguments():
     ]:
         with pytest.raises(latentrt.InputError, match=message):
             evaluate(*args, **{**kw, **extra})
+
+
+def test_hub_gsm8k_records_without_steps_are_scored_on_the_number_after_their_hashes(tmp_path, capsys):
+    """{question, answer} records without steps (the Hub's GSM8k, whose answer is the worked solution ending
+    in '#### 1,234'): the gold is the answer's text after its last '#', read by the rule that reads the model's
+    output; the same score as the {question, steps, answer} record with that gold, from the API and the CLI."""
+    from latentrt.evaluate import eval_records
+
+    model = latentrt.load("builtin:recurrent")
+    records = generate_dataset(6, (1, 2), seed=3)
+    hub = [{"question": r.question, "answer": " ".join(r.steps) + f"\n#### {r.answer}"} for r in records]
+    assert [r.answer for r in eval_records(hub)] == [extract_answer("#### " + r.answer) for r in records]
+    assert eval_records([{"question": "q", "answer": "so 1,000 + 234 = 1,234.\n#### 1,234"}])[0].answer == "1234"
+    kw = dict(init_scale=0.0, max_new_tokens=8, progress=False)
+    want = evaluate(model, [dict(r.__dict__, difficulty=0) for r in records], **kw)
+    assert evaluate(model, hub, **kw) == want and want["all"]["accuracy"] > 0
+    (tmp_path / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in hub))
+    assert main(["eval", "builtin:recurrent", str(tmp_path / "gsm.jsonl"), "--json", "--max-new-tokens", "8"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["table"]["all"]["accuracy"] == want["all"]["accuracy"]
+    with pytest.raises(latentrt.InputError, match="record 0: 'answer' must be a str"):
+        evaluate(model, [{"question": "q", "answer": 3}], **kw)

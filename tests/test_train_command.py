@@ -64,6 +64,46 @@ def test_the_command_trains_as_the_api_does_and_keeps_the_models_files(huginn_li
     assert options["schedule"] == "wsd" and options["micro_batch_size"] == 1 and options["lr"] == 1e-3
 
 
+def test_question_answer_records_train_as_the_published_fine_tuning_script_makes_them(huginn_like, tmp_path, capsys):
+    """{question, answer} records (the Hub's GSM8k, the published fine-tuning script's default data): the
+    script's conversation through the model's template (its answers in the 'Huginn' role, which Huginn-0125's
+    template marks), each cut to --max-seq-length + 1 tokens with a warning, as the API trains them."""
+    folder, _ = huginn_like
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": TEMPLATE.replace("'assistant'", "'Huginn'"), "eos_token": "."})
+    )
+    gsm = [
+        {"question": "is Tom a cat ?", "answer": "yes Tom is a cat . " * 3},
+        {"question": "is Ann a dog", "answer": "no"},
+    ]
+    (tmp_path / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in gsm))
+    out = tmp_path / "tuned"
+    args = [
+        "train",
+        str(folder),
+        str(tmp_path / "gsm.jsonl"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    assert main([*args, "--max-seq-length", "20"]) == 0
+    assert "1 of 2 records are longer than max_seq_length + 1 = 21 tokens and are cut" in capsys.readouterr().err
+    model = latentrt.load(folder, device="cpu")
+    opts = TrainOptions.huginn_published(steps=2, batch_size=2, max_seq_length=20, progress=False)
+    with pytest.warns(UserWarning, match="1 of 2 records are longer"):
+        train_recurrent(model, model.tokenizer, gsm, opts)
+    tuned = latentrt.load(out, device="cpu")
+    for (name, want), got in zip(model.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(got, want), name
+    assert json.loads((out / "training.json").read_text())["options"]["max_seq_length"] == 20
+    assert main([*args, "--overwrite", "--max-seq-length", "0"]) == 0  # 0: not cut
+    assert "cut" not in capsys.readouterr().err
+    assert json.loads((out / "training.json").read_text())["options"]["max_seq_length"] is None
+
+
 def test_defaults_a_template_file_and_the_scratch_recipe(huginn_like, tmp_path):
     folder, _ = huginn_like
     (tmp_path / "data.json").write_text(json.dumps(RECORDS * 20))  # 80 records: 3 steps of 32 by default
@@ -152,6 +192,7 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     folder, data = huginn_like
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
     (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "gsm.json").write_text(json.dumps([{"question": "is Tom a cat ?", "answer": "yes"}]))
     (tmp_path / "none.json").write_text(json.dumps([{"messages": RECORDS[0]["messages"][:1]}]))
     qa = tmp_path / "qa.json"
     qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "yes"}]))
@@ -164,6 +205,9 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(coconut_dir), str(data), "--published-curriculum", "gsm", "--epochs", "3"], "drop --epochs"),
         ([str(coconut_dir), str(qa), "--published-curriculum", "gsm", "--no-reset-optimizer"], "drop --no-reset-opt"),
         ([str(folder), str(data), "--no-reset-optimizer"], "--no-reset-optimizer applies to Coconut (gpt2) models"),
+        ([str(coconut_dir), str(qa), "--max-seq-length", "64"], "--max-seq-length applies to recurrent-depth"),
+        ([str(folder), str(data), "--max-seq-length", "-1"], "--max-seq-length must be an integer >= 1, got -1"),
+        ([str(folder), str(tmp_path / "gsm.json")], "record 0 has no token under the loss (its answer is the "),
         ([str(coconut_dir), str(qa), "--start-epoch", "1"], "--start-epoch=1 skips epochs of the published epoch"),
         ([str(coconut_dir), str(qa), "--uniform-prob", "2"], "--uniform-prob must be a probability in [0, 1], got 2"),
         ([str(coconut_dir), str(qa), "--curriculum", "cot", "--uniform-prob", "0.3"], "--uniform-prob acts only where"),

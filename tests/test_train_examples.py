@@ -105,7 +105,10 @@ def test_records_that_cannot_be_trained_on_are_named():
             "record 0: messages[0].content is not valid",
         ),
         ([{"prompt": "x"}], TEMPLATE, "record 0 has none of 'question', 'messages', 'text'"),
-        ([{"question": "x", "answer": "y"}], TEMPLATE, "record 0 has no 'steps'"),
+        ([{"question": "x", "answer": "y"}], None, "record 0: a {question, answer} record trains as Huginn's"),
+        ([{"question": "x"}], TEMPLATE, "record 0 has no 'answer'"),
+        ([{"question": 3, "answer": "y"}], TEMPLATE, "record 0: 'question' must be a string"),
+        ([{"question": "x", "answer": "\ud800"}], TEMPLATE, "record 0: 'answer' is not valid Unicode text"),
         ([7], TEMPLATE, "record 0 is not an object"),
         ({"text": "x"}, TEMPLATE, "records must be a list of records"),
     ]
@@ -119,6 +122,96 @@ def test_records_that_cannot_be_trained_on_are_named():
         [{"messages": CONVERSATION}], tok, chat_template=ChatTemplate("{{ messages[0]['content'] }}"), loss_on="all"
     )
     assert ids == labels == tok.encode("Be brief.", add_special_tokens=False).ids
+
+
+# Huginn-0125's shape: its answer turns in the "Huginn" role inside a generation block
+HUGINN_ROLE_TEMPLATE = ChatTemplate(GENERATION_BLOCK_TEMPLATE.replace("== 'assistant'", "== 'Huginn'"), "<s>", "</s>")
+
+
+def _published_batch(hf, records: list[dict], max_seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Huginn's published fine-tuning script (finetuning_simple_example.py) trains on for {question, answer}
+    records, made as it makes it with transformers: each record a conversation (its system prompt, the question
+    stripped, the answer stripped in the "Huginn" role), apply_chat_template padded and truncated to
+    max_seq_length + 1, the model's inputs all but the last column, the labels the rest where the assistant
+    mask and the attention mask are both set."""
+    system = "You are a helpful assistant that can assist users with mathematical reasoning."
+    conversations = [
+        [
+            {"role": "system", "content": system},
+            {"role": "user", "content": r["question"].strip()},
+            {"role": "Huginn", "content": r["answer"].strip()},
+        ]
+        for r in records
+    ]
+    enc = hf.apply_chat_template(
+        conversations,
+        chat_template=HUGINN_ROLE_TEMPLATE.source,
+        tokenize=True,
+        add_generation_prompt=False,
+        return_assistant_tokens_mask=True,
+        padding="max_length",
+        max_length=max_seq_length + 1,
+        return_tensors="pt",
+        return_dict=True,
+        truncation=True,
+    )
+    mask = ~(enc["assistant_masks"].bool() & enc["attention_mask"].bool())
+    return enc["input_ids"][:, :-1], torch.where(mask[:, 1:], -100, enc["input_ids"][:, 1:])
+
+
+def test_question_answer_records_train_as_huginns_published_fine_tuning_script_makes_them():
+    """A {question, answer} record without steps (the Hub's GSM8k, the script's default data) is the script's
+    conversation through the chat template, cut to max_seq_length + 1 tokens (TrainOptions.huginn_published's
+    128): latentrt's inputs and targets equal the script's, row by row, short records and cut ones alike."""
+    transformers = pytest.importorskip("transformers")
+    from latentrt.train.recurrent import collate, cut_examples
+
+    tok = _bpe()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf.pad_token = "<|pad|>"
+    records = [
+        {"question": " Alex is a wumpus. Is Alex a wumpus?\n", "answer": "Yes, Alex is a wumpus. "},
+        {"question": "Why?", "answer": "Every wumpus is! " * 12},  # longer than the cut
+    ]
+    assert TrainOptions.huginn_published().max_seq_length == 128
+    whole = training_examples(records, tok, chat_template=HUGINN_ROLE_TEMPLATE)
+    short, long = (len(x) for x, _ in whole)
+    assert long > short + 20
+    for max_seq_length in (short + 5, long + 3):  # the second record cut, then neither
+        ids, labels = _published_batch(hf, records, max_seq_length)
+        if max_seq_length < long:
+            with pytest.warns(UserWarning, match=rf"1 of 2 records are longer than max_seq_length \+ 1 = {short + 6} "):
+                data = cut_examples(whole, max_seq_length)
+        else:
+            data = cut_examples(whole, max_seq_length)
+        pad = tok.token_to_id("<|pad|>")
+        ours, our_labels = collate(data, pad, "cpu")  # the trainer's batch: inputs ids[:, :-1], targets labels[:, 1:]
+        # padded to the longest row, where the script pads every row to max_seq_length + 1: its columns past
+        # ours carry no loss (and causal attention keeps them out of every earlier position)
+        n = ours.shape[1] - 1
+        assert torch.equal(ours[:, :-1], ids[:, :n]) and torch.equal(our_labels[:, 1:], labels[:, :n])
+        assert bool((labels[:, n:] == -100).all())
+        assert bool((labels != -100).any(dim=1).all())
+
+
+def test_a_cut_record_left_with_no_loss_is_left_out():
+    """Cut before its answer begins, a record has nothing to learn: it is left out with a warning (in the
+    published run a micro-batch of such rows has a NaN loss); nothing left is an error naming the option."""
+    from latentrt.train.recurrent import cut_examples
+
+    tok = _bpe()
+    long_question = {"question": "Alex is a wumpus. " * 10, "answer": "Yes"}
+    short = {"question": "Why?", "answer": "Every wumpus is!"}
+    data = training_examples([long_question, short], tok, chat_template=HUGINN_ROLE_TEMPLATE)
+    n = len(data[1][0])
+    assert len(data[0][0]) > n + 20
+    with pytest.warns(UserWarning, match="1 of 2 records are longer .*; 1 left with no token under the loss are left"):
+        assert cut_examples(data, n + 1) == [data[1]]
+    with pytest.raises(InputError, match=r"no record has a token under the loss within max_seq_length \+ 1 = 11"):
+        cut_examples(data, 10)
+    assert cut_examples(data, 10_000) == data
+    with pytest.raises(InputError, match="max_seq_length must be an integer >= 1, got 0"):
+        TrainOptions(max_seq_length=0).validate()
 
 
 def test_the_recurrent_trainer_fine_tunes_on_conversations_in_micro_batches(tmp_path):

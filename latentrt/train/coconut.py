@@ -326,6 +326,11 @@ def train_coconut(
             "checkpoint_activations applies to recurrent-depth models (each core iteration recomputed in "
             "backward); the Coconut trainer keeps its activations"
         )
+    if opts.max_seq_length is not None:
+        raise InputError(
+            "max_seq_length applies to recurrent-depth models (Huginn's fine-tuning script cuts its examples); "
+            "Coconut's run.py trains on whole sequences"
+        )
     if not isinstance(cur, Curriculum):
         raise InputError(f"cur must be a Curriculum (e.g. Curriculum('coconut', max_stage=3)), got {cur!r}")
     if cur.mode not in MODES:

@@ -27,7 +27,7 @@ from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
 from .common import TrainOptions
 
 RECIPES = {"huginn": TrainOptions.huginn_published, "coconut": TrainOptions.coconut_published, "scratch": TrainOptions}
-RECURRENT_FLAGS = ("loss_on", "chat_template", "checkpoint_activations")
+RECURRENT_FLAGS = ("loss_on", "chat_template", "checkpoint_activations", "max_seq_length")
 CURRICULUM_FIELDS = (  # the Curriculum fields with a flag of their own (--max-stage ...)
     "max_stage",
     "thoughts_per_step",
@@ -64,6 +64,12 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,  # (None: not given, so a Coconut model can refuse it)
         help="recompute each core iteration in backward (recurrent-depth models)",
+    )
+    t.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help="recurrent: cut each example to N + 1 tokens (the huginn recipe's 128, as published; 0: not cut)",
     )
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
     t.add_argument("--log", default=None, metavar="FILE", help="append each step's loss, depth, lr... as a JSON line")
@@ -116,7 +122,7 @@ def _flag(name: str) -> str:
 # the options' names as this command's flags, where a message names them ("seed must be ...", "batch_size=32")
 FLAG_OF = {
     "steps": "--max-steps",
-    **{name: _flag(name) for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")},
+    **{name: _flag(name) for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every", "max_seq_length")},
     **{name: _flag(name) for name in CURRICULUM_FIELDS},
     "reset_optimizer": "--no-reset-optimizer",
 }
@@ -150,6 +156,8 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
     batch = given.get("batch_size", make().batch_size)
     steps = args.max_steps if args.max_steps is not None else passes * max(1, math.ceil(n_records / (batch * world)))
     common = dict(out=args.out, overwrite=args.overwrite, checkpoint_activations=bool(args.checkpoint_activations))
+    if args.max_seq_length is not None:  # (0: not cut)
+        common["max_seq_length"] = args.max_seq_length or None
     return validated(make(steps=steps, **common, **given))
 
 

@@ -40,6 +40,9 @@ class TrainOptions:
     save_every: int = 0  # 0: only at the end (and at each Coconut stage end)
     log_every: int = 20
     checkpoint_activations: bool = False
+    # recurrent: each example cut to max_seq_length + 1 tokens (inputs and shifted targets), as the published
+    # fine-tuning script pads and truncates them (None: not cut)
+    max_seq_length: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -64,11 +67,12 @@ class TrainOptions:
         """The optimiser of Huginn's published fine-tuning script (``finetuning_simple_example.py``): AdamW at
         lr 5e-7, no weight decay, betas (0.9, 0.95); transformers' warmup-stable-decay schedule with 10% of
         the steps warming up, 10% decaying (cosine) to 0.001 x lr; batch 32 in micro-batches of 2; gradients
-        clipped at norm 1e6 (in effect never). Its data: ``train_recurrent``'s conversation records."""
+        clipped at norm 1e6 (in effect never); each example cut to max_seq_length 128 (+ 1) tokens. Its data:
+        ``train_recurrent``'s conversation records ({question, answer} ones as it makes them)."""
         warm = math.ceil(0.1 * steps)
         published = dict(lr=5e-7, weight_decay=0.0, betas=(0.9, 0.95), decay_everything=True, grad_clip=1e6)
         published.update(schedule="wsd", warmup=warm, cooldown=warm, min_lr_ratio=0.001)
-        published.update(batch_size=32, micro_batch_size=2)
+        published.update(batch_size=32, micro_batch_size=2, max_seq_length=128)
         return cls(**{**published, "steps": steps, **overrides})
 
     def validate(self) -> None:
@@ -97,6 +101,8 @@ class TrainOptions:
         betas = self.betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_beta(b) for b in betas)):
             raise InputError(f"betas must be two numbers in [0, 1), as AdamW takes them, got {betas!r}")
+        if self.max_seq_length is not None:
+            check_int("max_seq_length", self.max_seq_length, 1)
         for name in ("decay_everything", "overwrite", "checkpoint_activations", "progress"):
             check_bool(name, getattr(self, name))
         if self.out is not None and not isinstance(self.out, (str, os.PathLike)):

@@ -5,6 +5,10 @@ A record is one of:
 - ``{question, steps, answer}`` (a ``Record``; ProsQA / ProntoQA / GSM8k files): the question, then
   ``### answer`` and the end-of-text token, the loss on the answer part (Coconut's format, the built-in
   models' data);
+- ``{question, answer}`` without ``steps`` (the Hub's GSM8k, the default data of Huginn's published
+  fine-tuning script): the conversation that script makes of it (``published_conversation``: its system
+  prompt, the question as the user's turn, the answer as the ``Huginn`` turn, both stripped) through the chat
+  template, the loss as for a conversation's;
 - ``{"messages": [...]}``: a conversation rendered with the model's chat template without a generation
   prompt, the loss on the assistant's tokens (the template's ``{% generation %}`` blocks: transformers'
   assistant-token mask, what Huginn's published fine-tuning script trains on) or, with ``loss_on="all"``, on
@@ -19,6 +23,26 @@ from ..chat import ChatTemplate, chat_training_ids, check_loss_on
 from ..errors import InputError, check_unicode
 from ..prompts import prompt_ids
 from ..records import Record, as_record
+
+# Huginn's published fine-tuning script (finetuning_simple_example.py): its system prompt, and the role of the
+# answer's turn (the one Huginn-0125's template prompts for)
+PUBLISHED_SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
+PUBLISHED_ANSWER_ROLE = "Huginn"
+
+
+def published_conversation(rec: dict, i: int, source: str = "records") -> list[dict]:
+    """A ``{question, answer}`` record as the published fine-tuning script's conversation: its system prompt,
+    the question stripped as the user's turn, the answer stripped as the ``Huginn`` turn."""
+    for key in ("question", "answer"):
+        if not isinstance(rec.get(key), str):
+            why = "has no 'answer'" if key not in rec else f"{key!r} must be a string"
+            raise InputError(f"{source}: record {i} {why}" if key not in rec else f"{source}: record {i}: {why}")
+        check_unicode(f"{source}: record {i}: {key!r}", rec[key])
+    return [
+        {"role": "system", "content": PUBLISHED_SYSTEM_PROMPT},
+        {"role": "user", "content": rec["question"].strip()},
+        {"role": PUBLISHED_ANSWER_ROLE, "content": rec["answer"].strip()},
+    ]
 
 
 def end_of_text_id(tokenizer, eos_token_id) -> int:
@@ -58,6 +82,15 @@ def training_examples(
     check_loss_on(loss_on)
     out, eos = [], None
     for i, rec in enumerate(records):
+        published = isinstance(rec, dict) and "question" in rec and "steps" not in rec and "messages" not in rec
+        if published:
+            if chat_template is None:
+                raise InputError(
+                    f"{source}: record {i}: a {{question, answer}} record trains as Huginn's published fine-tuning "
+                    "script makes it, a conversation through the chat template, and there is none (pass one, or "
+                    "give the record 'steps' for the '### answer' format)"
+                )
+            rec = {"messages": published_conversation(rec, i, source)}
         if isinstance(rec, dict) and "messages" in rec:
             try:
                 ids, mask = chat_training_ids(chat_template, tokenizer, rec["messages"], loss_on)
@@ -78,7 +111,10 @@ def training_examples(
             ids, labels = encode_qa(tokenizer, qa, eos)
         if all(label == -100 for label in labels[1:]):  # the first label is never predicted
             why = (
-                "no assistant tokens to learn"
+                f"its answer is the published script's {PUBLISHED_ANSWER_ROLE!r} turn, which the chat template does "
+                "not mark as the assistant's: give it as messages in the role the template marks"
+                if published
+                else "no assistant tokens to learn"
                 if "messages" in rec
                 else f"a text of {len(ids)} token(s), none to predict"
             )

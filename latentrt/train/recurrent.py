@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -44,6 +45,32 @@ def sample_depth(mean_recurrence: int, backprop_depth: int, generator: torch.Gen
     r = int(torch.poisson(tau, generator=generator).item()) + 1
     k = min(backprop_depth, r)
     return r - k, k
+
+
+def cut_examples(data: list[tuple[list[int], list[int]]], max_seq_length: int) -> list[tuple[list[int], list[int]]]:
+    """Each example cut to ``max_seq_length`` + 1 tokens, as the published fine-tuning script truncates them
+    (its inputs are the first max_seq_length, its targets the last); an example left with no token under the
+    loss is left out (in the published run its micro-batch's loss could be a NaN). One warning counts both;
+    an InputError if nothing is left."""
+    keep = max_seq_length + 1
+    cut = [(x[:keep], y[:keep]) for x, y in data]
+    kept = [(x, y) for x, y in cut if any(label != -100 for label in y[1:])]
+    n_cut = sum(len(x) > keep for x, _ in data)
+    if not kept:
+        raise InputError(
+            f"no record has a token under the loss within max_seq_length + 1 = {keep} tokens: raise max_seq_length "
+            "(None: examples not cut)"
+        )
+    if n_cut:
+        left_out = len(data) - len(kept)
+        warnings.warn(
+            f"{n_cut} of {len(data)} records are longer than max_seq_length + 1 = {keep} tokens and are cut there, as "
+            f"the published fine-tuning script cuts them"
+            + (f"; {left_out} left with no token under the loss are left out" if left_out else "")
+            + " (max_seq_length=None keeps them whole)",
+            stacklevel=3,
+        )
+    return kept
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[Tensor, Tensor]:
@@ -106,6 +133,8 @@ def train_recurrent(
         records, tokenizer, eos_token_id=getattr(model, "eos_token_id", None), chat_template=template, loss_on=loss_on
     )
     check_vocabulary([x for x, _ in data], cfg)
+    if opts.max_seq_length is not None:
+        data = cut_examples(data, opts.max_seq_length)
     too_long = [i for i, (x, _) in enumerate(data) if len(x) > cfg.block_size]
     if too_long:
         raise InputError(f"records {too_long[:5]} are longer than block_size={cfg.block_size}")
