@@ -34,9 +34,10 @@ def published_conversation(rec: dict, i: int, source: str = "records") -> list[d
     """A ``{question, answer}`` record as the published fine-tuning script's conversation: its system prompt,
     the question stripped as the user's turn, the answer stripped as the ``Huginn`` turn."""
     for key in ("question", "answer"):
-        if not isinstance(rec.get(key), str):
-            why = "has no 'answer'" if key not in rec else f"{key!r} must be a string"
-            raise InputError(f"{source}: record {i} {why}" if key not in rec else f"{source}: record {i}: {why}")
+        if key not in rec:
+            raise InputError(f"{source}: record {i} has no {key!r}")
+        if not isinstance(rec[key], str):
+            raise InputError(f"{source}: record {i}: {key!r} must be a string")
         check_unicode(f"{source}: record {i}: {key!r}", rec[key])
     return [
         {"role": "system", "content": PUBLISHED_SYSTEM_PROMPT},
