@@ -218,25 +218,24 @@ def test_the_anchored_cache_differs_from_the_other_modes():
 
 @pytest.mark.parametrize("case", VECTORS["training"], ids=lambda c: c["name"])
 def test_coconut_training_loss_and_gradients_equal_published(case):
-    """The Coconut trainer's loss (its thoughts as KV-cached single-position passes, latentrt's collate) on
-    the batch the published collator pads, against the published forward: the loss to float rounding, the
-    gradients' norm too. A case with ``torch_seed`` runs both in train mode, GPT-2's dropout drawn from torch's
-    generator seeded alike: the published passes draw the same masks."""
+    """The Coconut trainer's loss (its thoughts as KV-cached single-position passes, latentrt's collate) on the
+    examples the published collator lays out (first thoughts aligned, a row without thoughts unpadded), against
+    the forward run.py runs for the mode (the Coconut module; the plain GPT-2 for cot and pause): the loss to
+    float rounding, the gradients' norm too. A case with ``torch_seed`` runs both in train mode, GPT-2's dropout
+    drawn from torch's generator seeded alike: the same layout and passes draw the same masks."""
     from latentrt.train.coconut import CoconutLoss, collate
 
     model = _model(case["model"])
     c = model.config
-    examples = []
-    for pre, post in case["examples"]:
-        labels = [-100] + post[1:]  # the end marker is not a target
-        assert post[0] == c.end_latent_id and pre[-1] == c.latent_id
-        examples.append((pre, post, labels))
+    examples = [tuple(ex) for ex in case["examples"]]  # (pre, post, labels of post)
+    assert any(c.latent_id in pre for pre, _, _ in examples) == (case.get("mode") in (None, "coconut", "pause"))
     model.zero_grad(set_to_none=True)
     if case.get("torch_seed") is not None:
         model.train()
         torch.manual_seed(case["torch_seed"])
     with torch.enable_grad():
-        loss = CoconutLoss(model, None, continuous=True)(*collate(examples, 0, "cpu"))
+        continuous = case.get("mode") != "pause"  # pause as thought: the latent tokens are ordinary tokens
+        loss = CoconutLoss(model, None, continuous)(*collate(examples, 0, "cpu", c.latent_id))
         loss.backward()
     norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
     model.zero_grad(set_to_none=True)

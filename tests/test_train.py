@@ -93,7 +93,8 @@ def test_curriculum_layout_and_masking():
         for i, step in enumerate(rec.steps):
             assert (step.rstrip(".") in remaining) == (i >= skip)
     assert Curriculum("cot").stages() == [0]
-    ids, mask, labels = collate([encode(TOK, rec, cur, 3), encode(TOK, generate_dataset(1)[0], cur, 3)], 1, "cpu")
+    rows = [encode(TOK, rec, cur, 3), encode(TOK, generate_dataset(1)[0], cur, 3)]
+    ids, mask, labels = collate(rows, 1, "cpu", lat)
     cols = [(row == lat).nonzero()[:, 0].tolist() for row in ids]
     assert cols[0] == cols[1] and len(cols[0]) == 4  # thoughts share columns: one pass per thought
 
@@ -361,20 +362,21 @@ def test_coconut_micro_batches_add_up_to_the_batchs_gradient():
 
 def test_coconut_records_fit_alone_though_their_batch_is_wider():
     """Positions count each row's own tokens, so a record that fits n_positions trains even when its batch,
-    left-padded before the thoughts and right-padded after, is wider (it was refused mid-run); the padded
-    batch's loss is the token-weighted mean of the rows' own. A record too long at a stage it would train on
-    is named before any step (it failed only when a batch drew it)."""
+    left-padded to align the first thoughts and right-padded after, is wider (it was refused mid-run); the
+    padded batch's loss is the token-weighted mean of the rows' own. A record too long at a stage it would
+    train on is named before any step (it failed only when a batch drew it)."""
     from latentrt.records import as_records
 
     fact, short = "Alex is a wumpus . ", "Alex is a wumpus ."
     wide = [
         dict(question=fact * 40 + "Is Alex a wumpus ?", steps=[short], answer=short),
-        dict(question="Is Alex a wumpus ?", steps=[fact * 40], answer=short),
+        dict(question="Is Alex a wumpus ?", steps=[short, fact * 40], answer=short),
     ]
     cur = Curriculum("coconut", max_stage=1)
-    rows = [encode(TOK, r, cur, 0) for r in as_records(wide)]
+    rows = [encode(TOK, r, cur, 1) for r in as_records(wide)]  # one thought each: the first thoughts aligned
     assert all(len(pre) + len(post) <= 256 for pre, post, _ in rows)
-    ids, mask, labels = collate(rows, 1, "cpu")
+    lat = TOK.token_to_id("<|latent|>")
+    ids, mask, labels = collate(rows, 1, "cpu", lat)
     assert ids.shape[1] > 256
     from latentrt.hooks import HookList
 
@@ -382,7 +384,7 @@ def test_coconut_records_fit_alone_though_their_batch_is_wider():
     loss_fn = CoconutLoss(model, HookList(None), True)
     with torch.no_grad():
         batch = loss_fn(ids, mask, labels)
-        alone = [loss_fn(*collate([r], 1, "cpu")) for r in rows]
+        alone = [loss_fn(*collate([r], 1, "cpu", lat)) for r in rows]
     counts = [sum(t != -100 for t in labels_of_row) for _, _, labels_of_row in rows]  # the loss's tokens
     want = sum(loss * n for loss, n in zip(alone, counts)) / sum(counts)
     assert float(batch) == pytest.approx(float(want), rel=1e-5)
@@ -406,7 +408,7 @@ def test_gradient_flows_through_the_thought_chain():
     model = _gpt2()
     rec = generate_dataset(2, (2,))
     cur = Curriculum("coconut", max_stage=2)
-    ids, mask, labels = collate([encode(TOK, r, cur, 3) for r in rec], 1, "cpu")
+    ids, mask, labels = collate([encode(TOK, r, cur, 3) for r in rec], 1, "cpu", TOK.token_to_id("<|latent|>"))
     seen = []
 
     def keep(ev):

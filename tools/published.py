@@ -793,8 +793,10 @@ def run_coconut(cm, case: dict, model, eos: int) -> dict:
     return {"tokens": seq[0, ids.shape[1] :].tolist(), "eos": eos}
 
 
-# Coconut training: a batch of curriculum examples (question + start + thoughts | end + steps + answer + eos,
-# labels on the steps and the answer), markers by name; the published forward's loss and gradients
+# Coconut training: a batch of curriculum examples (question [+ start + thoughts] | [end +] steps + answer + eos,
+# labels on the steps and the answer), markers by name, laid out by the published collator (dataset.py's
+# MyCollator); run.py's forward for the mode (the Coconut module for coconut, the plain GPT-2 for the others) in
+# train mode where torch_seed is given: its loss and gradients
 TRAINING = [
     dict(
         name="coconut training loss, a padded batch",
@@ -817,41 +819,85 @@ TRAINING = [
             ([19, 5, 20, "S", "L", "L", "L"], ["E", 21, "EOS"]),
         ],
     ),
+    dict(  # uniform_prob mixes stages in a batch: the collator aligns the first thoughts, a row without any stays
+        name="coconut training in train mode, rows of 3, 1 and 0 thoughts (mixed stages)",
+        model="gpt2-a",
+        eos=1,
+        torch_seed=12,
+        examples=[
+            ([5, 6, "S", "L", "L", "L"], ["E", 9, 10, "EOS"]),
+            ([13, 14, 15, 16, 17, "S", "L"], ["E", 15, 9, 10, 16, 17, 18, "EOS"]),
+            ([19, 5, 20, "S"], ["E", 21, 22, 23, "EOS"]),
+        ],
+    ),
+    dict(
+        name="cot training in train mode: no markers, rows of different question lengths",
+        model="gpt2-a",
+        mode="cot",
+        eos=1,
+        torch_seed=13,
+        examples=[([5, 6, 7, 8, 9], [10, 11, 12, 13, "EOS"]), ([14, 15], [16, 17, "EOS"]), ([18, 19, 20], [21, "EOS"])],
+    ),
+    dict(
+        name="pause-as-thought training in train mode: the latent tokens ordinary",
+        model="gpt2-a",
+        mode="pause",
+        eos=1,
+        torch_seed=14,
+        examples=[
+            ([5, 6, 7, "S", "L", "L"], ["E", 9, 10, "EOS"]),
+            ([13, "S", "L", "L"], ["E", 15, 9, 10, 16, "EOS"]),
+        ],
+    ),
 ]
+PLAIN_MODES = ("cot", "nocot", "nothoughts")  # run.py: no markers (no_special_marker), all labels after the question
 
 
-def run_coconut_training(cm, case: dict, model) -> dict:
-    """Coconut's forward (its run.py's training step) on the published collator's batch: left padding that
-    aligns the first thought, position ids from 0 at each example's first token, right padding; its loss
-    and the gradient norm of the weights."""
+def _hf_tokenizer(vocab_size: int, pad: int):
+    """A transformers tokenizer over ids alone (``str(i)`` is token i) whose pad token is ``pad``, right padding:
+    what the published collator needs of run.py's (GPT-2's, its pad token its eos)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({str(i): i for i in range(vocab_size)}, unk_token="0"))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=str(pad))
+    hf.padding_side = "right"
+    return hf
+
+
+def run_coconut_training(cm, dm, case: dict, model) -> dict:
+    """run.py's training step on the case's batch: each example as get_cot_latent_dataset makes it (input ids,
+    labels: -100 on the question, the markers and the thoughts; attention mask; position ids), the batch from
+    the published MyCollator (left padding that aligns the rows' first thoughts, a row without thoughts
+    unpadded, then right padding), the forward run.py runs for the mode; its loss and the gradient norm of the
+    weights."""
     c = model.config
     eos = case["eos"]
+    mode = case.get("mode", "coconut")
     names = {"S": c.start_latent_id, "L": c.latent_id, "E": c.end_latent_id, "EOS": eos}
     examples = [[[names.get(t, t) for t in part] for part in ex] for ex in case["examples"]]
-    first = [pre.index(c.latent_id) for pre, _ in examples]
-    rows = []
-    for (pre, post), f in zip(examples, first):
-        n = max(first) - f
-        labels = [-100] * (n + len(pre) + 1) + post[1:]  # the end marker is not a target, as published
-        rows.append(([0] * n + pre + post, [0] * n + list(range(len(pre) + len(post))), labels, n))
-    width = max(len(r[0]) for r in rows)
-
-    def pad(values: list, fill) -> list:
-        return values + [fill] * (width - len(values))
-
-    ids = torch.tensor([pad(r[0], 0) for r in rows])
-    positions = torch.tensor([pad(r[1], 0) for r in rows])
-    labels = torch.tensor([pad(r[2], -100) for r in rows])
-    attention = torch.tensor([pad([0] * r[3] + [1] * (len(r[0]) - r[3]), 0) for r in rows])
+    features = []
+    for pre, post in examples:
+        labels = [-100] * len(pre) + (post if mode in PLAIN_MODES else [-100] + post[1:])
+        ids = pre + post
+        features.append(
+            dict(input_ids=ids, labels=labels, attention_mask=[1] * len(ids), position_ids=list(range(len(ids))))
+        )
+    batch = dm.MyCollator(_hf_tokenizer(c.vocab_size, eos), latent_id=c.latent_id)(features)
     pub, hf = published_coconut(cm, model, eos)
     if case.get("torch_seed") is not None:  # train mode: dropout on, drawn from torch's generator
         hf.train()
         torch.manual_seed(case["torch_seed"])
     with torch.enable_grad():
-        loss = pub(ids, attention, labels, positions).loss
+        if mode == "coconut":
+            loss = pub(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]).loss
+        else:  # run.py wraps only Coconut's model: the others are the plain GPT-2 (pause: its latent tokens too)
+            loss = hf(**batch).loss
         loss.backward()
     grads = [p.grad.norm() ** 2 for p in hf.parameters() if p.grad is not None]
-    return {"examples": examples, "loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
+    out = [[pre, post, (post if mode in PLAIN_MODES else [-100] + post[1:])] for pre, post in examples]
+    return {"examples": out, "loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
 
 
 # Coconut's data: its dataset.py's get_cot_latent_dataset (one training sequence and its labels) on token ids, at a
@@ -975,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     import latentrt
 
     torch.set_grad_enabled(False)
-    rm, cm = huginn_module(args.huginn), coconut_module(args.coconut)
+    rm, cm, dm = huginn_module(args.huginn), coconut_module(args.coconut), coconut_dataset_module(args.coconut)
     models = {name: dict(spec) for name, spec in MODELS.items()}
     # the stop-token model: point row 65505 at the token the plain model produces third
     stops = models["huginn-stops"]
@@ -988,10 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
     for case in TRAINING:
         if args.only and args.only not in case["name"]:
             continue
-        expected = run_coconut_training(cm, case, build(case["model"], models[case["model"]]))
+        expected = run_coconut_training(cm, dm, case, build(case["model"], models[case["model"]]))
         out.setdefault("training", []).append(dict(case, **expected))
         print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
-    dm = coconut_dataset_module(args.coconut)
     for case in CURRICULUM:
         if args.only and args.only not in case["name"]:
             continue

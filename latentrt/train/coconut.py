@@ -232,20 +232,24 @@ def check_lengths(records: list[TokenizedRecord], cur: Curriculum, stages, n_pos
                 )
 
 
-def collate(examples, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Left-pad the pre-thought part and right-pad the rest, so every row's thoughts share columns and
-    each thought is one single-position pass for the whole batch."""
-    wp = max(len(p) for p, _, _ in examples)
-    wq = max(len(q) for _, q, _ in examples)
+def collate(examples, pad: int, device, latent: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The published collator's layout (Coconut's dataset.py, MyCollator): each row holding ``latent`` tokens
+    left-padded so that every row's first thought falls in one column (a row without thoughts unpadded), then
+    every row right-padded to the longest; labels -100 on the pre-thought part and the padding. Rows of equal
+    thought counts thus share their thought columns (one single-position pass per thought for the batch), and
+    a run in train mode draws GPT-2's dropout masks over the very tensors the published run does."""
+    firsts = [pre.index(latent) if latent in pre else None for pre, _, _ in examples]
+    target = max((f for f in firsts if f is not None), default=0)
+    shifts = [0 if f is None else target - f for f in firsts]
+    width = max(n + len(p) + len(q) for n, (p, q, _) in zip(shifts, examples))
     B = len(examples)
-    ids = torch.full((B, wp + wq), pad, dtype=torch.long, device="cpu")
-    mask = torch.zeros(B, wp + wq, dtype=torch.bool, device="cpu")
-    labels = torch.full((B, wp + wq), -100, dtype=torch.long, device="cpu")
-    for i, (p, q, lab) in enumerate(examples):
-        ids[i, wp - len(p) : wp] = torch.tensor(p, dtype=torch.long, device="cpu")
-        ids[i, wp : wp + len(q)] = torch.tensor(q, dtype=torch.long, device="cpu")
-        mask[i, wp - len(p) : wp + len(q)] = True
-        labels[i, wp : wp + len(lab)] = torch.tensor(lab, dtype=torch.long, device="cpu")
+    ids = torch.full((B, width), pad, dtype=torch.long, device="cpu")
+    mask = torch.zeros(B, width, dtype=torch.bool, device="cpu")
+    labels = torch.full((B, width), -100, dtype=torch.long, device="cpu")
+    for i, (n, (p, q, lab)) in enumerate(zip(shifts, examples)):
+        ids[i, n : n + len(p) + len(q)] = torch.tensor(p + q, dtype=torch.long, device="cpu")
+        mask[i, n : n + len(p) + len(q)] = True
+        labels[i, n + len(p) : n + len(p) + len(lab)] = torch.tensor(lab, dtype=torch.long, device="cpu")
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -371,7 +375,7 @@ def train_coconut(
     whole_run = replace(opts, steps=sum(seg.steps for seg in segments))  # one schedule without resets
 
     def loss_of(chunk: list) -> Tensor:
-        ids, mask, labels = collate(chunk, pad, device)
+        ids, mask, labels = collate(chunk, pad, device, latent_markers(tokenizer)[2])
         with autocast(device):
             return loss_fn(ids, mask, labels)
 
