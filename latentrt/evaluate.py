@@ -45,9 +45,11 @@ def eval_records(records, source: str = "records") -> list[Record]:
 
 
 def _gold_of_solution(record: dict) -> dict:
-    answer = record.get("answer")
+    if "question" not in record or "answer" not in record:
+        return record  # (as_records names what is missing)
+    answer = record["answer"]
     gold = extract_answer(answer) if isinstance(answer, str) else answer  # (a bad one: as_records names it)
-    return {**record, "steps": [], "answer": gold} if "question" in record else record
+    return {**record, "steps": [], "answer": gold}
 
 
 def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> bool:
