@@ -483,6 +483,34 @@ def test_recurrent_resume_is_exact(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_recurrent_batches_are_shuffled_passes_over_the_records(monkeypatch):
+    """Each step's batch comes from a shuffled pass over the records, as the published fine-tuning script's
+    DataLoader makes them: an epoch takes every record once (the last batch short), a fresh shuffle per epoch;
+    under torchrun each process takes its share of the order padded as DistributedSampler pads it. (Records
+    were drawn at random with replacement: a 'pass' of steps left about a third unseen.)"""
+    import latentrt.train.recurrent as recurrent
+    from latentrt.train.common import epoch_batches
+    from latentrt.train.examples import training_examples
+
+    recs = generate_dataset(7, (1, 2))
+    seen = []
+    collate = recurrent.collate
+    monkeypatch.setattr(recurrent, "collate", lambda ex, *a: seen.append(ex) or collate(ex, *a))
+    log = train_recurrent(_recurrent(), TOK, recs, TrainOptions(steps=8, batch_size=3, progress=False))
+    assert [e["epoch"] for e in log] == [1, 1, 1, 2, 2, 2, 3, 3] and [len(b) for b in seen] == [3, 3, 1] * 2 + [3, 3]
+    every = sorted(map(str, training_examples(recs, TOK)))
+    orders = []
+    for epoch in range(2):
+        drawn = [ex for batch in seen[3 * epoch : 3 * epoch + 3] for ex in batch]
+        assert sorted(map(str, drawn)) == every, epoch  # every record once
+        orders.append([every.index(str(ex)) for ex in drawn])
+    assert orders[0] != orders[1]
+    shares = [epoch_batches(7, 2, 0, 1, rank, 3) for rank in range(3)]
+    assert [len(b) for b in shares[0]] == [2, 1] and all(len(s) == 2 for s in shares)  # 7 padded to 9: 3 each
+    flat = sorted(i for share in shares for batch in share for i in batch)
+    assert set(flat) == set(range(7)) and len(flat) == 9
+
+
 def test_coconut_curriculum_trains_and_hooks_run(tmp_path):
     model = _gpt2()
     calls = []

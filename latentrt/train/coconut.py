@@ -41,6 +41,7 @@ from .common import (
     begin_step,
     check_arguments,
     check_vocabulary,
+    epoch_batches,
     finish_step,
     make_optimizer,
     micro_batches,
@@ -280,15 +281,8 @@ class Segment:
     epoch: int | None = None  # the published schedule: its epoch, whose batches come from ``batches``
 
     def batches(self, n_records: int, batch_size: int, seed: int, rank: int, world: int) -> list[list[int]]:
-        """The epoch's batches of record indices on this process: one seeded shuffle of every record (the
-        same on every process; ints only, so no hash randomisation), padded with its first records to a
-        multiple of ``world`` as torch's DistributedSampler pads, its share ``rank::world`` in order, cut into
-        batches (the last may be short): every process runs as many."""
-        order = list(range(n_records))
-        random.Random((seed, self.epoch).__hash__()).shuffle(order)
-        order += order[: -len(order) % world]
-        mine = order[rank::world]
-        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        """The epoch's batches of record indices on this process (``epoch_batches``)."""
+        return epoch_batches(n_records, batch_size, seed, self.epoch, rank, world)
 
 
 def schedule(cur: Curriculum, opts: TrainOptions, n_records: int, world: int) -> list[Segment]:

@@ -178,6 +178,19 @@ def finish_step(module: nn.Module, optimizer: torch.optim.Optimizer, opts: Train
     return float(norm)
 
 
+def epoch_batches(n_records: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """An epoch's batches of record indices on this process: one seeded shuffle of every record (the same on
+    every process; ints only, so no hash randomisation), padded with its first records to a multiple of
+    ``world`` as torch's DistributedSampler pads, its share ``rank::world`` in order, cut into batches (the last
+    may be short): every process runs as many, and an epoch passes over every record once (the published
+    scripts' shuffled DataLoader passes)."""
+    order = list(range(n_records))
+    random.Random((seed, epoch).__hash__()).shuffle(order)
+    order += order[: -len(order) % world]
+    mine = order[rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
 def micro_batches(items: list, opts: TrainOptions) -> list[list]:
     """A step's records cut into micro-batches of ``opts.micro_batch_size`` (the whole batch without one)."""
     size = opts.micro_batch_size or len(items)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +25,7 @@ from .common import (
     begin_step,
     check_arguments,
     check_vocabulary,
+    epoch_batches,
     finish_step,
     make_optimizer,
     micro_batches,
@@ -111,18 +111,18 @@ def train_recurrent(
     loss_on: str = "assistant",
     chat_template: ChatTemplate | str | None = None,
 ) -> list[dict]:
-    """Train in place; returns the log (step, loss, depth, grad_norm, lr; ``on_step``, if given, receives each
-    entry as it is made, on the main process). Runs under torchrun with DDP.
-    ``records``: question-answer records, conversations (``{"messages": [...]}``, through the model's chat
-    template or ``chat_template``, the loss on the assistant's tokens or with ``loss_on="all"`` on every
-    token) or texts (``{"text": ...}``), mixed as you like (latentrt/train/examples.py). Each step draws
-    ``opts.batch_size`` records; with ``opts.micro_batch_size`` they run in micro-batches whose gradients
-    add up (each loss divided by their number, as the published fine-tuning script does), each at its own
-    sampled depth (the published model draws one per forward; the log's ``depth`` is then a list).
-    Checkpoints (``opts.out``) keep the source folder's chat template and generation defaults, and
-    ``chat_template`` when one is given (as chat_template.jinja). ``resume``: a checkpoint folder of this
-    run (weights, optimizer, RNG and step are restored; the result equals an uninterrupted run's bit for
-    bit)."""
+    """Train in place; returns the log (step, epoch, loss, depth, grad_norm, lr; ``on_step``, if given, receives each
+    entry as it is made, on the main process). Runs under torchrun with DDP. ``records``: question-answer records,
+    conversations (``{"messages": [...]}``, through the model's chat template or ``chat_template``, the loss on the
+    assistant's tokens or with ``loss_on="all"`` on every token) or texts (``{"text": ...}``), mixed as you like
+    (latentrt/train/examples.py). Each step takes ``opts.batch_size`` records from a shuffled pass over them (an
+    epoch: every record once, the last batch short; per process under torchrun, as torch's DistributedSampler shares
+    them); with ``opts.micro_batch_size`` they run in micro-batches whose gradients add up (each loss divided by
+    their number, as the published fine-tuning script does), each at its own sampled depth (the published model
+    draws one per forward; the log's ``depth`` is then a list). Checkpoints (``opts.out``) keep the source folder's
+    chat template and generation defaults, and ``chat_template`` when one is given (as chat_template.jinja).
+    ``resume``: a checkpoint folder of this run (weights, optimizer, RNG and step are restored; the result equals an
+    uninterrupted run's bit for bit)."""
     check_arguments(model, tokenizer, records, opts, "huginn_raven", "train_recurrent")
     rank, world, device = prepare(model, tokenizer, opts, resume)
     cfg = model.config
@@ -153,18 +153,24 @@ def train_recurrent(
             return loss_fn(ids, labels, n_no_grad, n_grad)
 
     log: list[dict] = []
+    per_epoch = len(epoch_batches(len(data), opts.batch_size, opts.seed, 0, rank, world))
+    batches, epoch_of_batches = None, None
     bar = tqdm(range(start, opts.steps), desc="recurrent", disable=not (opts.progress and distributed.is_main()))
     for step in bar:
-        # depths and batch are functions of (seed, step): identical on every rank, reproducible on resume
+        # depths and batches are functions of (seed, step): identical on every rank, reproducible on resume;
+        # the batches are shuffled passes over the records (each record once per epoch, the last batch short)
         depth_rng = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
-        rng = random.Random((opts.seed, rank, step).__hash__())
-        picked = [data[rng.randrange(len(data))] for _ in range(opts.batch_size)]
+        epoch, k = divmod(step, per_epoch)
+        if epoch != epoch_of_batches:
+            batches, epoch_of_batches = epoch_batches(len(data), opts.batch_size, opts.seed, epoch, rank, world), epoch
+        picked = [data[i] for i in batches[k]]
         begin_step(optimizer, step, opts)
         depths: list[int] = []
         losses = accumulate(loss_fn, micro_batches(picked, opts), partial(loss_of, depth_rng=depth_rng, depths=depths))
         gnorm = finish_step(loss_fn, optimizer, opts)
         entry = {
             "step": step + 1,
+            "epoch": epoch + 1,
             "loss": distributed.mean(sum(losses) / len(losses), device),
             "depth": depths[0] if len(depths) == 1 else depths,
             "grad_norm": gnorm,
