@@ -582,6 +582,18 @@ def _coconut_run(monkeypatch, cur, opts, recs):
     return train_coconut(_gpt2(), TOK, recs, opts, cur), seen, made
 
 
+def test_coconut_step_schedule_takes_shuffled_passes_within_each_stage(monkeypatch):
+    """On the step schedule each stage's steps take their batches from shuffled passes over the records (every
+    record once per pass, the last batch short), not random draws with replacement."""
+    recs = generate_dataset(5, (1, 2))
+    cur = Curriculum("coconut", max_stage=0)  # stages 0 and 1 (final): 3 steps each, one pass of 2 + 2 + 1
+    log, seen, _ = _coconut_run(monkeypatch, cur, TrainOptions(steps=6, batch_size=2, progress=False), recs)
+    assert [e["stage"] for e in log] == [0, 0, 0, 1, 1, 1] and [len(b) for b in seen] == [2, 2, 1] * 2
+    for stage in (0, 1):
+        drawn = [ex for batch in seen[3 * stage : 3 * stage + 3] for ex in batch]
+        assert sorted(map(str, drawn)) == sorted(str(encode(TOK, r, cur, stage)) for r in recs), stage
+
+
 def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch):
     """``start_epoch`` (the published ``resume``): the epochs before it are not run; the others train the
     stage of their own number (GSM8k's Coconut: epochs 3-24 from a CoT-tuned model, stage 0 skipped)."""

@@ -2,17 +2,18 @@
 
 At stage s (0 <= s <= max_stage) the first s reasoning steps are removed and s*c thoughts inserted between
 <|start-latent|> and <|end-latent|>; after the last stage every step is removed and the thoughts stay at
-max_stage*c. Two schedules: ``opts.steps`` optimizer steps split evenly over the stages, each drawing random
-batches and resetting the optimizer at its start; or, with ``Curriculum.epochs``, the published one (Coconut's
-run.py): epoch e trains stage e // ``epochs_per_stage`` (the final stage from max_stage + 1 on), each epoch
-one shuffled pass over the records in batches, the optimizer reset at every epoch (its ``reset_optimizer``; off
-for its CoT config), the first ``start_epoch`` epochs skipped (its ``resume``: GSM8k's Coconut starts at epoch 3
-from a CoT-tuned model). ``uniform_prob`` mixes stages as its analysis runs do. The loss covers only the
-remaining steps and the answer (not the question, the markers or the thoughts). Thoughts run as KV-cached
-single-position passes (the runtime's own run_prompt over a differentiable cache), so gradients flow through
-the chain. Baselines by mode (run.py's methods): ``cot`` (steps in language), ``nocot`` (answer only),
-``pause`` (the same layout as Coconut with the latent tokens as ordinary "pause" tokens), ``nothoughts``
-(Coconut's curriculum removing the steps with nothing in their place: its ``no_thoughts``, "w/o thought").
+max_stage*c. Two schedules: ``opts.steps`` optimizer steps split evenly over the stages, each taking its batches
+from shuffled passes over the records and resetting the optimizer at its start; or, with ``Curriculum.epochs``,
+the published one (Coconut's run.py): epoch e trains stage e // ``epochs_per_stage`` (the final stage from
+max_stage + 1 on), each epoch one shuffled pass over the records in batches, the optimizer reset at every epoch
+(its ``reset_optimizer``; off for its CoT config), the first ``start_epoch`` epochs skipped (its ``resume``:
+GSM8k's Coconut starts at epoch 3 from a CoT-tuned model). ``uniform_prob`` mixes stages as its analysis runs
+do. The loss covers only the remaining steps and the answer (not the question, the markers or the thoughts).
+Thoughts run as KV-cached single-position passes (the runtime's own run_prompt over a differentiable cache), so
+gradients flow through the chain. Baselines by mode (run.py's methods): ``cot`` (steps in language), ``nocot``
+(answer only), ``pause`` (the same layout as Coconut with the latent tokens as ordinary "pause" tokens),
+``nothoughts`` (Coconut's curriculum removing the steps with nothing in their place: its ``no_thoughts``, "w/o
+thought").
 """
 
 from __future__ import annotations
@@ -280,9 +281,14 @@ class Segment:
     steps: int
     epoch: int | None = None  # the published schedule: its epoch, whose batches come from ``batches``
 
-    def batches(self, n_records: int, batch_size: int, seed: int, rank: int, world: int) -> list[list[int]]:
-        """The epoch's batches of record indices on this process (``epoch_batches``)."""
-        return epoch_batches(n_records, batch_size, seed, self.epoch, rank, world)
+    def batches(self, n_records: int, opts: TrainOptions, rank: int, world: int, n: int) -> list[int]:
+        """The records of the segment's ``n``-th step on this process: its epoch's batch, or on the step
+        schedule a batch of the stage's shuffled passes over the records (each record once per pass)."""
+        if self.epoch is not None:
+            return epoch_batches(n_records, opts.batch_size, opts.seed, self.epoch, rank, world)[n]
+        per_pass = len(epoch_batches(n_records, opts.batch_size, opts.seed, (self.stage, 0), rank, world))
+        p, k = divmod(n, per_pass)
+        return epoch_batches(n_records, opts.batch_size, opts.seed, (self.stage, p), rank, world)[k]
 
 
 def schedule(cur: Curriculum, opts: TrainOptions, n_records: int, world: int) -> list[Segment]:
@@ -392,15 +398,10 @@ def train_coconut(
         resumed = None
         # the learning-rate schedule runs over the segment, or over the whole run with one optimizer
         stage_opts, offset = (replace(opts, steps=n), 0) if cur.reset_optimizer else (whole_run, start_of_stage)
-        batches = None if seg.epoch is None else seg.batches(len(records), opts.batch_size, opts.seed, rank, world)
         where = f"stage {stage}" + ("" if seg.epoch is None else f" epoch {seg.epoch + 1}")
         bar = tqdm(range(first, n), desc=f"{cur.mode} {where}", disable=not (opts.progress and distributed.is_main()))
         for step in bar:
-            if batches is None:
-                rng = random.Random((opts.seed, rank, stage, step).__hash__())
-                picked = [rng.randrange(len(data)) for _ in range(opts.batch_size)]
-            else:
-                picked = batches[step]
+            picked = seg.batches(len(records), opts, rank, world, step)
             begin_step(optimizer, offset + step, stage_opts)
             losses = accumulate(loss_fn, micro_batches([data[i] for i in picked], opts), loss_of)
             gnorm = finish_step(loss_fn, optimizer, stage_opts)

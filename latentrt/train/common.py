@@ -4,6 +4,7 @@ give the published recipes' optimisers instead."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -178,11 +179,14 @@ def finish_step(module: nn.Module, optimizer: torch.optim.Optimizer, opts: Train
     return float(norm)
 
 
-def epoch_batches(n_records: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """An epoch's batches of record indices on this process: one seeded shuffle of every record (the same on
-    every process; ints only, so no hash randomisation), padded with its first records to a multiple of
-    ``world`` as torch's DistributedSampler pads, its share ``rank::world`` in order, cut into batches (the last
-    may be short): every process runs as many, and an epoch passes over every record once (the published
+@functools.lru_cache(maxsize=4)  # (a trainer asks for the same epoch at every step; the shuffle is O(records))
+def epoch_batches(
+    n_records: int, batch_size: int, seed: int, epoch: int | tuple[int, int], rank: int, world: int
+) -> list[list[int]]:
+    """An epoch's batches of record indices on this process: one shuffle seeded by (``seed``, ``epoch``) of every
+    record (the same on every process; ints only, so no hash randomisation), padded with its first records to a
+    multiple of ``world`` as torch's DistributedSampler pads, its share ``rank::world`` in order, cut into batches
+    (the last may be short): every process runs as many, and an epoch passes over every record once (the published
     scripts' shuffled DataLoader passes)."""
     order = list(range(n_records))
     random.Random((seed, epoch).__hash__()).shuffle(order)
