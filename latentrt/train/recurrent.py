@@ -154,16 +154,13 @@ def train_recurrent(
 
     log: list[dict] = []
     per_epoch = len(epoch_batches(len(data), opts.batch_size, opts.seed, 0, rank, world))
-    batches, epoch_of_batches = None, None
     bar = tqdm(range(start, opts.steps), desc="recurrent", disable=not (opts.progress and distributed.is_main()))
     for step in bar:
-        # depths and batches are functions of (seed, step): identical on every rank, reproducible on resume;
-        # the batches are shuffled passes over the records (each record once per epoch, the last batch short)
+        # the depths are functions of (seed, step), identical on every rank, and the batches of (seed, step, rank):
+        # shuffled passes over the records (each once per epoch, the last batch short); reproducible on resume
         depth_rng = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
         epoch, k = divmod(step, per_epoch)
-        if epoch != epoch_of_batches:
-            batches, epoch_of_batches = epoch_batches(len(data), opts.batch_size, opts.seed, epoch, rank, world), epoch
-        picked = [data[i] for i in batches[k]]
+        picked = [data[i] for i in epoch_batches(len(data), opts.batch_size, opts.seed, epoch, rank, world)[k]]
         begin_step(optimizer, step, opts)
         depths: list[int] = []
         losses = accumulate(loss_fn, micro_batches(picked, opts), partial(loss_of, depth_rng=depth_rng, depths=depths))
