@@ -208,6 +208,7 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(coconut_dir), str(qa), "--max-seq-length", "64"], "--max-seq-length applies to recurrent-depth"),
         ([str(folder), str(data), "--max-seq-length", "-1"], "--max-seq-length must be an integer >= 1, got -1"),
         ([str(folder), str(tmp_path / "gsm.json")], "record 0 has no token under the loss (its answer is the "),
+        ([str(coconut_dir), str(tmp_path / "gsm.json")], "record 0 has no 'steps': Coconut's curriculum replaces"),
         ([str(coconut_dir), str(qa), "--start-epoch", "1"], "--start-epoch=1 skips epochs of the published epoch"),
         ([str(coconut_dir), str(qa), "--uniform-prob", "2"], "--uniform-prob must be a probability in [0, 1], got 2"),
         ([str(coconut_dir), str(qa), "--curriculum", "cot", "--uniform-prob", "0.3"], "--uniform-prob acts only where"),

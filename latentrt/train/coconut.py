@@ -346,6 +346,12 @@ def train_coconut(
                 f"records: record {i}: Coconut trains on question-answer records ({{question, steps, answer}}: its "
                 "curriculum replaces the steps by thoughts), not on conversations or texts"
             )
+        if isinstance(r, dict) and "question" in r and "answer" in r and "steps" not in r:
+            raise InputError(
+                f"records: record {i} has no 'steps': Coconut's curriculum replaces a record's reasoning steps by "
+                "thoughts, so its records are {question, steps, answer} (Coconut's preprocessing splits the Hub "
+                "GSM8k's worked solutions into steps and the final answer)"
+            )
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
     segments = schedule(cur, opts, len(records), world)
