@@ -1,15 +1,16 @@
 """``latentrt train MODEL DATA --out DIR``: train a model of either family on a data file.
 
 DATA is a JSON list or JSON Lines of records. A recurrent-depth model fine-tunes with ``train_recurrent`` on
-question-answer records, ``{"messages": [...]}`` conversations and ``{"text": ...}`` (latentrt/train/
-examples.py); its default recipe is Huginn's published fine-tuning script's (``TrainOptions.huginn_published``).
-A Coconut (GPT-2) model trains with ``train_coconut`` through a curriculum on question-answer records (a plain
-GPT-2 gets the latent markers first, as Coconut's run.py adds them); its default recipe is the published
-Coconut optimiser (``TrainOptions.coconut_published``). ``--recipe scratch`` is latentrt's from-scratch one
-(the built-in models' trainer). Under torchrun (``torchrun --nproc_per_node N -m latentrt.cli train ...``) it
-trains data-parallel. Without ``--max-steps`` the run makes one pass's worth of steps over the
-records (per curriculum stage for Coconut; a published curriculum counts epochs instead). The checkpoint in
-``--out`` loads, generates and serves like any model folder.
+question-answer records (``{question, answer}`` ones as its published fine-tuning script makes them),
+``{"messages": [...]}`` conversations and ``{"text": ...}`` (latentrt/train/examples.py); its default recipe is
+Huginn's published fine-tuning script's (``TrainOptions.huginn_published``). A Coconut (GPT-2) model trains with
+``train_coconut`` through a curriculum on question-answer records (a plain GPT-2 gets the latent markers first,
+as Coconut's run.py adds them); its default recipe is the published Coconut optimiser
+(``TrainOptions.coconut_published``). ``--recipe scratch`` is latentrt's from-scratch one (the built-in models'
+trainer). Under torchrun (``torchrun --nproc_per_node N -m latentrt.cli train ...``) it trains data-parallel.
+Without ``--max-steps`` the run makes one pass's worth of steps over the records (per curriculum stage for
+Coconut; a published curriculum counts epochs instead). The checkpoint in ``--out`` loads, generates and serves
+like any model folder.
 """
 
 from __future__ import annotations
@@ -43,15 +44,19 @@ COCONUT_FLAGS = ("curriculum", *CURRICULUM_FIELDS, "published_curriculum")
 def add_train_args(t: argparse.ArgumentParser) -> None:
     """The command's arguments after MODEL; the choices are the registries' (RECIPES, LOSS_ON, MODES,
     PUBLISHED_CURRICULA), so a new entry is a flag value without touching the parser."""
-    t.add_argument("data", help="JSON list or JSON Lines of records: {question, steps, answer}, {messages}, {text}")
+    t.add_argument(
+        "data",
+        help="JSON list or JSON Lines of records: {question, steps, answer}, {question, answer}, {messages}, {text}",
+    )
     t.add_argument("--out", required=True, help="the checkpoint folder (written whole at each save)")
     t.add_argument(
         "--recipe",
         default=None,
         choices=tuple(RECIPES),
         help="the optimiser: huginn (default for recurrent models) the published fine-tuning script's (lr 5e-7, "
-        "warmup-stable-decay, batch 32 in micro-batches of 2); coconut (default for Coconut models) the "
-        "published Coconut's (constant lr 1e-4, weight decay 0.01); scratch latentrt's (lr 1e-3, cosine)",
+        "warmup-stable-decay, batch 32 in micro-batches of 2, examples cut to 128 tokens); coconut (default for "
+        "Coconut models) the published Coconut's (constant lr 1e-4, weight decay 0.01); scratch latentrt's (lr "
+        "1e-3, cosine)",
     )
     t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (the recipe's)")
