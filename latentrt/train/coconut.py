@@ -318,7 +318,8 @@ def train_coconut(
     """Train in place through every stage (``schedule``): ``opts.steps`` optimizer steps split evenly over
     the stages, or with ``cur.epochs`` the published epochs (``Curriculum.published``); each segment resets
     the optimizer, as published, and runs its own learning-rate schedule (warmup + cosine, or the published
-    constant rate with ``TrainOptions.coconut_published()``). With ``opts.micro_batch_size`` a step's
+    constant rate with ``TrainOptions.coconut_published()``); with ``cur.reset_optimizer=False`` one optimizer
+    and one schedule span the run. With ``opts.micro_batch_size`` a step's
     batch runs in micro-batches whose gradients add up (the published ``gradient_accumulation_steps``).
     A model without the latent markers (a plain GPT-2) gets them first (``add_latent_markers``).
     Returns the log (``on_step``, if given, receives each entry as it is made, on the main process).
