@@ -9,7 +9,9 @@ recurrent-depth model (d=128, 1+2x r+1 layers, mean recurrence 4) trained on que
 GPT-2s (d=128, 4 layers) trained with the Coconut curriculum and as CoT / no-CoT baselines.
 Each folder gets config.json, model.safetensors, tokenizer.json, tokenizer_config.json (a chat template:
 the models answer one question, so a conversation becomes its user messages' text) and training.json
-(how it was trained).
+(how it was trained). The shipped weights were made before the trainers took their batches from shuffled
+passes over the records (2026-12-04; they drew them at random with replacement): their training.json
+command now makes other weights of the same recipe, as deterministic.
 """
 
 from __future__ import annotations
