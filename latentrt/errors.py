@@ -38,12 +38,14 @@ def renamed(message: str, names: Mapping[str, str]) -> str:
     ...``), a request's fields (``max_tokens must be ...``). A name is replaced where it is the subject
     (``NAME must``, ``NAME acts only``, ``NAME does not``, a list of them: ``NAME, NAME do not``) or shows
     a value (``NAME=2``, ``NAME (2)``); never inside another name, nor a name already replaced (``--lr``
-    stays ``--lr``)."""
+    stays ``--lr``), nor inside braces (a record's shape, ``{question, steps, answer}``, names fields of data,
+    not options)."""
     if not names:
         return message
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
     pattern = re.compile(rf"(?<![\w-])({alternatives})\b(?==| must| act| do|, | \()")
-    return pattern.sub(lambda m: names[m.group(1)], message)
+    parts = re.split(r"(\{[^{}]*\})", message)  # odd parts: the braces' contents, left as they are
+    return "".join(part if i % 2 else pattern.sub(lambda m: names[m.group(1)], part) for i, part in enumerate(parts))
 
 
 def not_a_model(value) -> InputError:

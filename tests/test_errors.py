@@ -132,6 +132,8 @@ def test_renamed_names_options_as_the_caller_knows_them():
             "the lr schedule; lr_min must be; my_lr=3; top_k is 3",
             "the lr schedule; lr_min must be; my_lr=3; top_k is 3",
         ),
+        # a record's shape names data fields, not options (it read '{question, --max-steps, answer}')
+        ("records are {lr, top_k, answer}; lr=2", "records are {lr, top_k, answer}; --lr=2"),
     ]
     for message, want in cases:
         assert renamed(message, names) == want

@@ -198,7 +198,7 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "yes"}]))
     out = str(tmp_path / "out")
     cases = [
-        ([str(coconut_dir), str(data)], "record 0: Coconut trains on question-answer records"),
+        ([str(coconut_dir), str(data)], "record 0: Coconut trains on question-answer records ({question, steps, "),
         ([str(coconut_dir), str(data), "--loss-on", "all"], "--loss-on applies to recurrent-depth (huginn_raven)"),
         ([str(folder), str(data), "--max-stage", "2"], "--max-stage applies to Coconut (gpt2) models only"),
         ([str(coconut_dir), str(qa), "--checkpoint-activations"], "--checkpoint-activations applies to recurrent"),
@@ -208,7 +208,7 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(coconut_dir), str(qa), "--max-seq-length", "64"], "--max-seq-length applies to recurrent-depth"),
         ([str(folder), str(data), "--max-seq-length", "-1"], "--max-seq-length must be an integer >= 1, got -1"),
         ([str(folder), str(tmp_path / "gsm.json")], "record 0 has no token under the loss (its answer is the "),
-        ([str(coconut_dir), str(tmp_path / "gsm.json")], "record 0 has no 'steps': Coconut's curriculum replaces"),
+        ([str(coconut_dir), str(tmp_path / "gsm.json")], "its records are {question, steps, answer} (Coconut's"),
         ([str(coconut_dir), str(qa), "--start-epoch", "1"], "--start-epoch=1 skips epochs of the published epoch"),
         ([str(coconut_dir), str(qa), "--uniform-prob", "2"], "--uniform-prob must be a probability in [0, 1], got 2"),
         ([str(coconut_dir), str(qa), "--curriculum", "cot", "--uniform-prob", "0.3"], "--uniform-prob acts only where"),
