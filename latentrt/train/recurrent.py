@@ -58,8 +58,8 @@ def cut_examples(data: list[tuple[list[int], list[int]]], max_seq_length: int) -
     n_cut = sum(len(x) > keep for x, _ in data)
     if not kept:
         raise InputError(
-            f"no record has a token under the loss within max_seq_length + 1 = {keep} tokens: raise max_seq_length "
-            "(None: examples not cut)"
+            f"no record has a token under the loss within max_seq_length + 1 = {keep} tokens: raise max_seq_length, "
+            "or turn the cut off (None; 0 on the command line)"
         )
     if n_cut:
         left_out = len(data) - len(kept)
@@ -67,7 +67,7 @@ def cut_examples(data: list[tuple[list[int], list[int]]], max_seq_length: int) -
             f"{n_cut} of {len(data)} records are longer than max_seq_length + 1 = {keep} tokens and are cut there, as "
             f"the published fine-tuning script cuts them"
             + (f"; {left_out} left with no token under the loss are left out" if left_out else "")
-            + " (max_seq_length=None keeps them whole)",
+            + " (max_seq_length=None, --max-seq-length 0 on the command line, keeps them whole)",
             stacklevel=3,
         )
     return kept
