@@ -223,7 +223,9 @@ def test_coconut_runs_its_trained_thought_count_by_default(capsys):
 )
 def test_a_corrupt_training_json_is_named_not_read_as_no_thoughts(tmp_path, fields, problem):
     """training.json sets a Coconut model's default thought count: a mode or count the trainers would not write
-    is an error naming the file (read as "no thoughts", every answer would change silently)."""
+    is an error naming the file (read as "no thoughts", every answer would change silently). The mode also says
+    whether the latent tokens are thoughts at all (a pause-trained model's are ordinary tokens), so an unreadable
+    mode is an error even with an explicit thought count; a bad count is not then."""
     folder = tmp_path / "coconut"
     shutil.copytree(BUILTIN_DIR / "coconut", folder)
     info = json.loads((folder / "training.json").read_text())
@@ -231,7 +233,11 @@ def test_a_corrupt_training_json_is_named_not_read_as_no_thoughts(tmp_path, fiel
     model = latentrt.load(folder, device="cpu")
     with pytest.raises(CheckpointError, match=problem):
         latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1)
-    assert latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1, num_thoughts=2).num_thoughts == 2
+    if "mode" in fields or not isinstance(fields, dict):
+        with pytest.raises(CheckpointError, match=problem):
+            latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1, num_thoughts=2)
+    else:
+        assert latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1, num_thoughts=2).num_thoughts == 2
 
 
 def test_trainers_take_the_documented_json_records(tmp_path):

@@ -51,6 +51,41 @@ def test_coconut_matches_published_multipass_on_hf(tmp_path):
     assert rel_err(ours.logits(ids), want) < 1e-5
 
 
+def test_a_pause_trained_model_runs_its_latent_tokens_as_gpt2_runs_them(tmp_path):
+    """A model trained as the pause-as-thought baseline (training.json's mode "pause") was trained with its
+    ``<|latent|>`` tokens as ordinary tokens, and the published evaluation generates with the plain GPT-2: its
+    logits, generate() and the serving engine equal transformers' GPT-2 on the same ids (they ran the tokens as
+    continuous thoughts). A Coconut-trained model's stay thoughts."""
+    import json
+
+    from latentrt.serve.engine import Engine
+
+    hf = _hf_gpt2(tmp_path, seed=4)
+    latent, start, end = 67, 65, 66
+    ids = [5, 9, 11, 3, start, latent, latent, end]
+    for mode in ("pause", "coconut"):
+        (tmp_path / "training.json").write_text(
+            json.dumps({"trainer": "coconut", "mode": mode, "max_stage": 1, "thoughts_per_step": 2})
+        )
+        ours = latentrt.load(tmp_path, device="cpu", latent_id=latent, start_latent_id=start, end_latent_id=end)
+        assert ours.continuous_thoughts == (mode == "coconut")
+        with torch.no_grad():
+            plain = hf(torch.tensor([ids])).logits
+        assert (rel_err(ours.logits(torch.tensor([ids])), plain) < 1e-5) == (mode == "pause")
+        out = latentrt.generate(ours, ids, max_new_tokens=5, default_stops=False)
+        assert out.num_thoughts == (0 if mode == "pause" else 2)
+        if mode == "pause":  # greedy with a full recompute per token, on transformers' GPT-2
+            seq = list(ids)
+            with torch.no_grad():
+                for _ in range(5):
+                    seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+            assert out.tokens == seq[len(ids) :]
+        engine = Engine(ours, max_batch=2)
+        served = engine.submit(ids, max_new_tokens=5, default_stops=False)
+        engine.run_until_idle()
+        assert served.error is None and served.tokens == out.tokens
+
+
 def _functional_huginn(model, ids, r, s0):
     """Huginn's forward written directly from the state dict, without the package's modules."""
     sd = {k: v.double() for k, v in model.state_dict().items()}

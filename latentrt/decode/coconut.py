@@ -28,16 +28,23 @@ PROMPT_MODES = ("coconut", "cot", "nocot", "pause", "nothoughts")  # the formats
 THOUGHT_MODES = ("coconut", "pause")  # prompt formats with thought markers (pause: ordinary tokens there)
 
 
+def trained_mode(model) -> tuple[str, dict]:
+    """The prompt format a model was trained in (its training.json's mode, one of PROMPT_MODES; "coconut"
+    without one) and the file's fields; a mode the trainers would not write is a CheckpointError naming it."""
+    folder = getattr(model, "folder", None)
+    info = read_training_info(folder)
+    mode = info.get("mode", "coconut")
+    if not is_choice(mode, PROMPT_MODES):
+        raise CheckpointError(f"{folder}/training.json: mode must be one of {list(PROMPT_MODES)}, got {mode!r}")
+    return mode, info
+
+
 def trained_thoughts(model) -> tuple[str, int]:
     """The prompt format and thought count a model was trained with (its training.json; the trainers write
     a mode of PROMPT_MODES and the curriculum), or ("coconut", 0). A field the trainers would not write is a
     CheckpointError naming the file (read as "no thoughts", it would change every answer silently)."""
-    folder = getattr(model, "folder", None)
-    info = read_training_info(folder)
-    source = f"{folder}/training.json"
-    mode = info.get("mode", "coconut")
-    if not is_choice(mode, PROMPT_MODES):
-        raise CheckpointError(f"{source}: mode must be one of {list(PROMPT_MODES)}, got {mode!r}")
+    mode, info = trained_mode(model)
+    source = f"{getattr(model, 'folder', None)}/training.json"
     if mode not in THOUGHT_MODES:
         return mode, 0
     stages, per_stage = info.get("max_stage", 0), info.get("thoughts_per_step", 1)

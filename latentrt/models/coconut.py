@@ -9,6 +9,7 @@ single-position pass over the KV cache: the prefix is never recomputed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -218,7 +219,9 @@ class CoconutGPT2(LatentModel):
         c, (mode, k) = self.config, trained_thoughts(self)
         return [
             f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}",
-            f"trained prompt format: {mode}; a prompt without markers gets {k} continuous thought(s) (training.json)",
+            f"trained prompt format: {mode}; a prompt without markers gets {k} "
+            + ("pause token(s) (<|latent|> as an ordinary token)" if mode == "pause" else "continuous thought(s)")
+            + " (training.json)",
         ]
 
     @classmethod
@@ -326,7 +329,16 @@ class CoconutGPT2(LatentModel):
             raise InputError(f"{seq}start-latent marker without a matching end-latent marker")
         if row and row[0] == latent:
             raise InputError(f"{seq}a prompt cannot begin with <|latent|> (no hidden state to feed)")
-        return [t == latent for t in row]
+        return [self.continuous_thoughts and t == latent for t in row]
+
+    @functools.cached_property
+    def continuous_thoughts(self) -> bool:
+        """Whether ``<|latent|>`` positions run as continuous thoughts: yes, but for a model trained as the
+        pause-as-thought baseline (its training.json's mode ``pause``), whose latent tokens are ordinary tokens,
+        as its training ran them and the published evaluation runs them (the plain GPT-2's generate)."""
+        from ..decode.coconut import trained_mode  # (the decoder reads training.json; imported on use)
+
+        return trained_mode(self)[0] != "pause"
 
     # ---------------------------------------------------------------- public
     def run_prompt(
@@ -335,7 +347,7 @@ class CoconutGPT2(LatentModel):
         mask: Tensor,
         cache: KVCache,
         hooks=None,
-        continuous: bool = True,
+        continuous: bool | None = None,
         feedback=None,
         columns=None,
     ) -> tuple[Tensor, Tensor, int]:
@@ -345,13 +357,14 @@ class CoconutGPT2(LatentModel):
         latent to the one before the last as a single-position pass (thought inputs = fed-back hidden states),
         then the last latent column and the rest as one chunk (so a trainer's dropout draws its masks as the
         published forward does). Returns (logits [B,S,V], last hidden [B,d], number of thought columns). With
-        ``continuous=False`` the latent tokens stay ordinary tokens (the pause-as-thought baseline). A backend
+        ``continuous=False`` the latent tokens stay ordinary tokens (the pause-as-thought baseline); None: the
+        model's ``continuous_thoughts``. A backend
         may supply ``feedback`` (same contract as ``self.feedback``) and ``columns``, a column runner
         (backends/base.py) that runs every thought column, the last included, as fused, graph-capturable
         launches.
         """
         latent = self.check_markers(ids, mask)
-        if not continuous:
+        if not (self.continuous_thoughts if continuous is None else continuous):
             latent = torch.zeros_like(latent)
         feedback = feedback or self.feedback
         B, S = ids.shape

@@ -432,5 +432,6 @@ def train_coconut(
                 save_training(model, optimizer, opts.out, total, opts, extra=extra(stage))
         start_of_stage += n
     model.eval()
+    model.continuous_thoughts = cur.mode != "pause"  # (as its checkpoint's training.json will say)
     distributed.barrier()
     return log
