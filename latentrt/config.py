@@ -118,6 +118,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def eos_ids(eos) -> list[int]:
+    """An ``eos_token_id`` as config.json and generation_config.json hold it (one id, a list of them, or None)
+    as a list of ids."""
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def check_types(cls: type, values: dict[str, Any], source: str) -> None:
     """Each given field has its annotated type (an integral float is accepted as an int)."""
     for f in dataclasses.fields(cls):

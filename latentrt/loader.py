@@ -9,6 +9,7 @@ import torch
 
 from .backends import get_backend
 from .checkpoint import load_tokenizer, load_weights, read_config, read_generation_config, read_state_dict, resolve
+from .config import eos_ids
 from .errors import ConfigError, InputError
 from .families import family_of, parse_config
 from .memory import check_fits
@@ -78,8 +79,7 @@ def load(
 def _warn_eos_outside_vocabulary(eos, vocab_size: int, source) -> None:
     """An eos id the model cannot produce ends no sequence (HF's generate loads such configs too, e.g. a tiny
     GPT-2 keeping GPT2Config's default 50256): said once at load; the default stops leave it out."""
-    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    outside = [i for i in ids if not 0 <= i < vocab_size]
+    outside = [i for i in eos_ids(eos) if not 0 <= i < vocab_size]
     if outside:
         warnings.warn(
             f"{source}: eos_token_id {outside[0] if len(outside) == 1 else outside} is not in the vocabulary "

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..cache import KVCache
+from ..config import eos_ids
 from ..options import GenerateOptions
 from ..prompts import Batch, prompt_ids
 from ..sampling import SequenceRNG
@@ -95,9 +96,7 @@ class Decoder:
     def default_stop_ids(self) -> set[int]:
         """Token ids that end a sequence unless ``default_stops=False``: the model's eos, where it is in the
         vocabulary (``load`` warns of one that is not: no token can be it)."""
-        eos = self.model.eos_token_id
-        ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-        return {i for i in ids if 0 <= i < self.model.config.vocab_size}
+        return {i for i in eos_ids(self.model.eos_token_id) if 0 <= i < self.model.config.vocab_size}
 
     def stops_at(self, index: int) -> bool:
         """Whether generated token ``index`` (0: the first) may end a sequence."""

@@ -20,6 +20,7 @@ A record is one of:
 from __future__ import annotations
 
 from ..chat import ChatTemplate, chat_training_ids, check_loss_on
+from ..config import eos_ids
 from ..errors import InputError, check_unicode
 from ..prompts import prompt_ids
 from ..records import Record, as_record
@@ -51,7 +52,8 @@ def end_of_text_id(tokenizer, eos_token_id) -> int:
     the built-in models'), else the model's (first) eos id (Huginn-0125's ``<|end_text|>``)."""
     token = tokenizer.token_to_id("<|endoftext|>")
     if token is None:
-        token = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) and eos_token_id else eos_token_id
+        ids = eos_ids(eos_token_id)
+        token = ids[0] if ids else None
     if not isinstance(token, int):
         raise InputError(
             "question-answer records need an end-of-text token: the tokenizer has no <|endoftext|> "
