@@ -67,14 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--steps", "--num-steps", type=int, default=None, help="recurrence depth for the KV figures")
 
     e = sub.add_parser(
-        "eval", help="accuracy per difficulty on a JSON (or JSON Lines) file of {question, steps, answer}"
+        "eval", help="accuracy per difficulty on a JSON (or JSON Lines) file of {question, steps, answer} records"
     )
     add_model_args(e)
-    e.add_argument("data", help="JSON list or JSON Lines of {question, steps, answer} records")
+    e.add_argument(
+        "data",
+        help="JSON list or JSON Lines of {question, steps, answer} records, or the Hub's GSM8k {question, answer}",
+    )
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     add_latent_args(e)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-new-tokens", type=int, default=UNSET, help="per answer (16; 96 for cot and --chat)")
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=UNSET,
+        help="per answer (Coconut: 64 on a 'gsm' file, else 128, as its run.py; recurrent depth: 16; --chat: 96)",
+    )
     add_chat_args(e, "question")
     e.add_argument(
         "--modes",

@@ -70,16 +70,19 @@ def evaluate(
     progress: bool = True,
     chat: ChatTemplate | None = None,
     system: str | None = None,
+    source: str = "records",
     **gen_kwargs,
 ) -> dict:
     """Per-difficulty accuracy, mean generated tokens and mean latent iterations per token. Greedy unless
     ``temperature`` is given (as the published evaluations and lm-evaluation-harness score), whatever
     sampling defaults the checkpoint's generation_config.json has. With ``chat`` (a chat template) each
     question is a user message (after ``system``'s) through it, as a chat-tuned model is asked (the answer
-    rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply."""
+    rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply. ``source`` names
+    the data (a file's path) in errors and picks the default ``max_new_tokens`` as the family's published
+    evaluation does (Coconut's run.py: 64 on GSM8k, 128 otherwise; recurrent depth: 16; --chat: 96)."""
     gen_kwargs.setdefault("temperature", 0.0)
     decoder = family_for(model).decoder  # (anything but a loaded model: its own error)
-    records = eval_records(records)  # Record objects or their dicts, each checked
+    records = eval_records(records, source)  # Record objects or their dicts, each checked
     if not records:
         raise InputError("records is empty: nothing to evaluate")
     check_int("batch_size", batch_size, 1)
@@ -98,7 +101,7 @@ def evaluate(
     else:
         prompts = [decoder.eval_prompt(model, r.question, mode, thoughts) for r in records]
         gen_kwargs = {**decoder.eval_options(mode), **gen_kwargs}  # (a caller's own value of these wins)
-    max_new = max_new_tokens or (96 if mode == "cot" or chat is not None else 16)
+    max_new = max_new_tokens or (96 if chat is not None else decoder.eval_max_new_tokens(mode, source))
     defaults = getattr(model, "generation_defaults", None)
     options = GenerateOptions.build(None, defaults, max_new_tokens=max_new, **gen_kwargs)
     check_options_for(model, options)  # a bad option is named before the first batch (and its progress bar)
@@ -167,6 +170,7 @@ def run_eval(model: LatentModel, args: argparse.Namespace, gen_kwargs: dict) -> 
             max_new_tokens=max_new_tokens,
             chat=template,
             system=args.system,
+            source=args.data,
             **gen_kwargs,
         )
         shown = "chat" if args.chat else mode

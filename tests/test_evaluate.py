@@ -154,3 +154,35 @@ def test_hub_gsm8k_records_without_steps_are_scored_on_the_number_after_their_ha
     assert printed["table"]["all"]["accuracy"] == want["all"]["accuracy"]
     with pytest.raises(latentrt.InputError, match="record 0: 'answer' must be a str"):
         evaluate(model, [{"question": "q", "answer": 3}], **kw)
+
+
+def test_default_answer_lengths_are_the_published_evaluations(monkeypatch, tmp_path):
+    """Without --max-new-tokens a Coconut model gets its run.py's lengths in every format (64 tokens on a file
+    whose path has 'gsm', 128 on any other: a chain of steps cut at 16 or 96 changed the answer read after the
+    last '#'); recurrent depth 16, --chat 96; a given length wins."""
+    import latentrt.evaluate as ev
+
+    lengths = []
+    monkeypatch.setattr(ev, "generate", lambda m, p, **kw: lengths.append(kw["max_new_tokens"]) or _no_answer(p))
+    coconut, recurrent = latentrt.load("builtin:coconut"), latentrt.load("builtin:recurrent")
+    records = generate_dataset(2, (1,), seed=1)
+    for mode in ("coconut", "cot", "nocot"):
+        evaluate(coconut, records, mode=mode, progress=False, source="data/gsm_valid.json")
+        evaluate(coconut, records, mode=mode, progress=False, source="data/prosqa_valid.json")
+    evaluate(coconut, records, progress=False)
+    evaluate(recurrent, records, progress=False, source="gsm8k.json")
+    evaluate(recurrent, records, chat=TEMPLATE, progress=False)
+    evaluate(coconut, records, max_new_tokens=5, progress=False, source="gsm.json")
+    assert lengths == [64, 128] * 3 + [128, 16, 96, 5]
+    lengths.clear()
+    for name in ("gsm_test.json", "prosqa.json"):
+        save_records(records, tmp_path / name)
+        assert main(["eval", "builtin:coconut", str(tmp_path / name)]) == 0
+    assert lengths == [64, 128]
+
+
+def _no_answer(prompts):
+    """A generate() result of one empty answer per prompt (the length test runs no model)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tokens=[[] for _ in prompts], steps=[[0] for _ in prompts])

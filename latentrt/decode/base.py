@@ -124,6 +124,12 @@ class Decoder:
         return {}
 
     @classmethod
+    def eval_max_new_tokens(cls, mode: str, source: str) -> int:
+        """``latentrt eval``'s default tokens per answer in a prompt format of EVAL_MODES (``source``: the data's
+        name, a file's path); --chat has its own."""
+        return 16
+
+    @classmethod
     def report(cls, result) -> list[str]:
         """Lines the CLI prints after a generation's text (family-specific statistics)."""
         return []

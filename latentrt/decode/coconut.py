@@ -201,5 +201,11 @@ class CoconutDecoder(Decoder):
         return {} if mode in THOUGHT_MODES else {"append_thoughts": False}
 
     @classmethod
+    def eval_max_new_tokens(cls, mode: str, source: str) -> int:
+        """Coconut's run.py, in every format: 64 tokens on GSM8k data ('gsm' in the file's path, its test),
+        128 on any other (ProsQA, ProntoQA)."""
+        return 64 if "gsm" in source else 128
+
+    @classmethod
     def report(cls, result) -> list[str]:
         return [f"continuous thoughts: {result.num_thoughts}"]
