@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -594,12 +595,15 @@ def test_coconut_step_schedule_takes_shuffled_passes_within_each_stage(monkeypat
         assert sorted(map(str, drawn)) == sorted(str(encode(TOK, r, cur, stage)) for r in recs), stage
 
 
-def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch):
+def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch, tmp_path):
     """``start_epoch`` (the published ``resume``): the epochs before it are not run; the others train the
-    stage of their own number (GSM8k's Coconut: epochs 3-24 from a CoT-tuned model, stage 0 skipped)."""
+    stage of their own number (GSM8k's Coconut: epochs 3-24 from a CoT-tuned model, stage 0 skipped). On a
+    model whose training.json is not a cot run's, that start is said (a warning); a CoT-tuned one trains
+    silently."""
     recs = generate_dataset(5, (1, 2))
     cur = Curriculum("coconut", max_stage=1, epochs=5, epochs_per_stage=2, start_epoch=3)
-    log, seen, made = _coconut_run(monkeypatch, cur, TrainOptions(steps=1, batch_size=3, progress=False), recs)
+    with pytest.warns(UserWarning, match="starts at epoch 3 \\(stage 1\\), skipping the chain-of-thought epochs"):
+        log, seen, made = _coconut_run(monkeypatch, cur, TrainOptions(steps=1, batch_size=3, progress=False), recs)
     assert [(e["epoch"], e["stage"], e["step"]) for e in log] == [(4, 1, 1), (4, 1, 2), (5, 2, 1), (5, 2, 2)]
     assert len(made) == 2 and sorted(map(str, seen[0] + seen[1])) == sorted(str(encode(TOK, r, cur, 1)) for r in recs)
     for bad, message in (
@@ -609,6 +613,12 @@ def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch):
     ):
         with pytest.raises(InputError, match=message):
             Curriculum(**bad).validate()
+    (tmp_path / "training.json").write_text(json.dumps({"trainer": "coconut", "mode": "cot"}))
+    cot_tuned = _gpt2()
+    cot_tuned.folder = tmp_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_coconut(cot_tuned, TOK, recs, TrainOptions(steps=1, batch_size=3, progress=False), cur)
 
 
 @pytest.mark.parametrize("reset", [True, False])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..cache import GrowingKVCache
-from ..decode.coconut import PROMPT_MODES, thought_prompt
+from ..decode.coconut import PROMPT_MODES, thought_prompt, trained_mode
 from ..errors import InputError, check_int, is_choice
 from ..hooks import HookList
 from ..records import Record, as_records
@@ -304,6 +305,21 @@ def schedule(cur: Curriculum, opts: TrainOptions, n_records: int, world: int) ->
     return [Segment(cur.stage_of_epoch(e), steps, e) for e in range(cur.start_epoch, cur.epochs)]
 
 
+def _warn_if_not_cot_tuned(model: nn.Module, cur: Curriculum) -> None:
+    """A curriculum that skips epochs (the published GSM8k one: ``resume: 3``) starts where a CoT-tuned model
+    left off (its config's ``load_model_path``): said when the model's training.json is not a cot run's."""
+    if trained_mode(model)[0] == "cot":
+        return
+    warnings.warn(
+        f"the curriculum starts at epoch {cur.start_epoch} (stage {cur.stage_of_epoch(cur.start_epoch)}), skipping "
+        "the chain-of-thought epochs before it: Coconut's GSM8k run starts there from a model CoT-tuned first (its "
+        "load_model_path), and this model has no training.json of a cot run (train it with the cot curriculum "
+        "first: Curriculum.published(dataset, 'cot'), --curriculum cot)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def train_coconut(
     model: nn.Module,
     tokenizer,
@@ -355,6 +371,8 @@ def train_coconut(
             )
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
+    if cur.start_epoch and not resume and rank == 0:
+        _warn_if_not_cot_tuned(model, cur)
     segments = schedule(cur, opts, len(records), world)
     pieces = [tokenize_record(tokenizer, r) for r in records]
     trained = set(cur.stages()) if cur.uniform_prob else {seg.stage for seg in segments}  # (mixing: any stage)
