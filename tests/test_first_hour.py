@@ -218,6 +218,7 @@ def test_coconut_runs_its_trained_thought_count_by_default(capsys):
         ({"max_stage": "3"}, r"max_stage must be an integer >= 0, got '3'"),
         ({"thoughts_per_step": True}, r"thoughts_per_step must be an integer >= 0, got True"),
         ({"max_stage": -1}, r"max_stage must be an integer >= 0, got -1"),
+        ({"stage": "2"}, r"stage must be an integer >= 0, got '2'"),
         (["coconut"], r"training.json must hold a JSON object, got list"),
     ],
 )
@@ -238,6 +239,24 @@ def test_a_corrupt_training_json_is_named_not_read_as_no_thoughts(tmp_path, fiel
             latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1, num_thoughts=2)
     else:
         assert latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1, num_thoughts=2).num_thoughts == 2
+
+
+@pytest.mark.parametrize("stage, thoughts", [(0, 0), (2, 4), (3, 6), (4, 6), (None, 6)])
+def test_a_checkpoint_thinks_as_many_thoughts_as_its_stage_trained(tmp_path, stage, thoughts):
+    """A checkpoint saved at stage s (a run stopped early, the folder of a stage's end) runs Coconut's run.py's
+    count for that stage, min(s, max_stage) x thoughts per step: as it trained and as run.py evaluates it then
+    (it got max_stage x c whatever its stage); a training.json without a stage is a finished run's."""
+    folder = tmp_path / "coconut"
+    shutil.copytree(BUILTIN_DIR / "coconut", folder)
+    info = json.loads((folder / "training.json").read_text())
+    info.update(max_stage=3, thoughts_per_step=2, **({} if stage is None else {"stage": stage}))
+    (folder / "training.json").write_text(json.dumps(info))
+    model = latentrt.load(folder, device="cpu")
+    assert latentrt.generate(model, "Alex is a wumpus.", max_new_tokens=1).num_thoughts == thoughts
+    from latentrt.decode.coconut import CoconutDecoder
+
+    prompt = CoconutDecoder.eval_prompt(model, "Alex is a wumpus.", "coconut")
+    assert prompt.count(model.config.latent_id) == thoughts
 
 
 def test_trainers_take_the_documented_json_records(tmp_path):

@@ -41,8 +41,11 @@ def trained_mode(model) -> tuple[str, dict]:
 
 def trained_thoughts(model) -> tuple[str, int]:
     """The prompt format and thought count a model was trained with (its training.json; the trainers write
-    a mode of PROMPT_MODES and the curriculum), or ("coconut", 0). A field the trainers would not write is a
-    CheckpointError naming the file (read as "no thoughts", it would change every answer silently)."""
+    a mode of PROMPT_MODES and the curriculum), or ("coconut", 0). The count is Coconut's run.py's at the
+    stage the weights were saved in (training.json's ``stage``; a file without one: the last):
+    min(stage, max_stage) x thoughts per step, so a checkpoint of a run stopped at stage 2 thinks 2 x c, as
+    it trained and as run.py evaluates it then. A field the trainers would not write is a CheckpointError
+    naming the file (read as "no thoughts", it would change every answer silently)."""
     mode, info = trained_mode(model)
     source = f"{getattr(model, 'folder', None)}/training.json"
     if mode not in THOUGHT_MODES:
@@ -51,9 +54,11 @@ def trained_thoughts(model) -> tuple[str, int]:
     try:
         check_int("max_stage", stages, 0)
         check_int("thoughts_per_step", per_stage, 0)
+        stage = info.get("stage", stages)
+        check_int("stage", stage, 0)
     except InputError as exc:  # the file's fault, not the caller's
         raise CheckpointError(f"{source}: {exc}") from None
-    return mode, stages * per_stage
+    return mode, min(stage, stages) * per_stage
 
 
 def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
