@@ -181,8 +181,9 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
 esac
 
 case ",${GPU_EXTRA:-}," in *,train,*)
-  # the trainers on the GPU (bf16 weights under bf16 autocast, never run on one yet): anchored on fp32, then
-  # the CLI fine-tuning the built-in model with the published recipe's micro-batches and loading the result
+  # the trainers on the GPU (never run on one yet): bf16 weights under bf16 autocast anchored on fp32, the
+  # published Coconut recipe's fp32 (no autocast) against the CPU's, then the CLI fine-tuning the built-in model
+  # with the published recipe (bf16 weights, no autocast) and its micro-batches and loading the result
   stamp "training: bf16 on the GPU against fp32, and latentrt train"
   timeout 90 $PYTEST -q tests/test_train.py -k gpu_in_bf16 >"$OUT/train.log" 2>&1
   echo "train test exit $?" | tee -a "$LOG"

@@ -355,8 +355,9 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.command import run_train
+    from .train.command import run_train, training_dtype
 
+    args.dtype = training_dtype(args)  # (on a GPU, the published script's precision unless --dtype)
     return run_train(_load(args), args)
 
 

@@ -446,7 +446,8 @@ def test_recurrent_training_learns_saves_and_loads(tmp_path):
 def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
     """On a GPU the trainers run bf16 weights under bf16 autocast (``load``'s default dtype there): at one
     depth and a zero initial state the loss and gradient norm equal an fp32 CPU run's within bf16
-    tolerance; then a few micro-batched, activation-checkpointed steps of each trainer stay finite."""
+    tolerance; then a few micro-batched, activation-checkpointed steps of each trainer stay finite; the
+    published Coconut recipe on fp32 weights runs no autocast (the CPU's losses within fp32 tolerance)."""
     from latentrt.train.recurrent import RecurrentLoss, collate
 
     recs = generate_dataset(8, (1, 2))
@@ -468,6 +469,14 @@ def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
     assert all(torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in log)
     log = train_coconut(_gpt2().to("cuda", torch.bfloat16), TOK, recs, opts, Curriculum("coconut", max_stage=1))
     assert all(torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in log)
+    # the published Coconut recipe trains fp32 weights without autocast (run.py's bf16: False): its GPU steps
+    # equal the CPU's within fp32 tolerance (no dropout: the devices draw different masks)
+    losses = []
+    for device in ("cpu", "cuda"):
+        model = _gpt2(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0).to(device)
+        published = TrainOptions.coconut_published(steps=3, batch_size=4, progress=False)
+        losses.append([e["loss"] for e in train_coconut(model, TOK, recs, published, Curriculum("coconut", 1))])
+    assert all(abs(g - c) <= 1e-4 * c for g, c in zip(losses[1], losses[0])), losses
 
 
 def test_recurrent_resume_is_exact(tmp_path):

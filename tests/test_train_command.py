@@ -238,3 +238,43 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     (tmp_path / "out" / "x").write_text("a file")
     assert main(["train", str(folder), str(data), "--out", out, "--max-steps", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_precision_is_the_published_scripts_unless_given(coconut_dir, huginn_like, tmp_path, monkeypatch):
+    """The published recipes train in the weights' own dtype, no autocast (Huginn's script: bf16 weights, its
+    "bf16-true"; Coconut's run.py: fp32, its "bf16: False"); latentrt's scratch recipe runs bf16 autocast on a
+    GPU; ``--autocast`` / ``--no-autocast`` choose. On a GPU ``latentrt train`` loads a Coconut model in fp32
+    (it loaded bf16, load's GPU default, and trained it in bf16 autocast); --dtype wins."""
+    import argparse
+
+    import latentrt.train.coconut as coconut
+    import latentrt.train.command as command
+    import latentrt.train.recurrent as recurrent
+
+    assert not TrainOptions.coconut_published().autocast and not TrainOptions.huginn_published().autocast
+    assert TrainOptions().autocast
+    with pytest.raises(latentrt.InputError, match="autocast must be True or False, got 'yes'"):
+        TrainOptions(autocast="yes").validate()
+    enabled = []
+    for module in (coconut, recurrent):
+        real = module.autocast
+        monkeypatch.setattr(module, "autocast", lambda device, on, real=real: enabled.append(on) or real(device, on))
+    folder, data = huginn_like
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "Tom is a cat ."}]))
+    runs = [
+        ([str(folder), str(data)], False),
+        ([str(folder), str(data), "--recipe", "scratch"], True),
+        ([str(folder), str(data), "--autocast"], True),
+        ([str(coconut_dir), str(qa), "--max-stage", "0"], False),
+        ([str(coconut_dir), str(qa), "--max-stage", "0", "--recipe", "scratch", "--no-autocast"], False),
+    ]
+    for i, (args, on) in enumerate(runs):
+        enabled.clear()
+        assert main(["train", *args, "--out", str(tmp_path / f"o{i}"), "--max-steps", "2", "--batch-size", "2"]) == 0
+        assert enabled and set(enabled) == {on}, (args, enabled)
+    monkeypatch.setattr("latentrt.loader.parse_device", lambda device: torch.device("cuda"))
+    given = dict(device=None, revision=None, hf_overrides=None, dtype=None)
+    dtypes = [command.training_dtype(argparse.Namespace(**given, model=str(m))) for m in (coconut_dir, folder)]
+    assert dtypes == ["float32", None]  # (None: load's GPU default, bf16)
+    assert command.training_dtype(argparse.Namespace(**{**given, "dtype": "bf16"}, model=str(coconut_dir))) == "bf16"

@@ -401,7 +401,7 @@ def train_coconut(
 
     def loss_of(chunk: list) -> Tensor:
         ids, mask, labels = collate(chunk, pad, device, latent_markers(tokenizer)[2])
-        with autocast(device):
+        with autocast(device, opts.autocast):
             return loss_fn(ids, mask, labels)
 
     log: list[dict] = []

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..chat import LOSS_ON, chat_template_file
+from ..cli_flags import json_object
 from ..errors import InputError, env_number, renamed
 from ..records import read_records_file
 from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
@@ -75,6 +76,14 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="recurrent: cut each example to N + 1 tokens (the huginn recipe's 128, as published; 0: not cut)",
+    )
+    t.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast on a GPU (the scratch recipe's; the published recipes train in the weights' dtype: "
+        "bf16 for recurrent models, fp32 for Coconut, as their scripts do; --dtype float32 --autocast is "
+        "Huginn's bf16-mixed)",
     )
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoint is DIR")
     t.add_argument("--log", default=None, metavar="FILE", help="append each step's loss, depth, lr... as a JSON line")
@@ -154,7 +163,7 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
     world = env_number("WORLD_SIZE", 1, 1)
     given = {
         name: getattr(args, name)
-        for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every")
+        for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every", "autocast")
         if getattr(args, name) is not None
     }
     make = RECIPES[recipe]
@@ -230,13 +239,29 @@ class Trainer:
     run: Callable  # (model, args, records) -> the log
     flags: tuple[str, ...]  # the command's flags only this trainer takes
     title: str  # how messages name its models
+    gpu_dtype: str | None = None  # the weights' dtype on a GPU without --dtype (None: load's, bf16)
 
 
 # model_type -> its trainer: one line per family that can be trained from the command line
 TRAINERS = {
     "huginn_raven": Trainer(_train_recurrent, RECURRENT_FLAGS, "recurrent-depth (huginn_raven)"),
-    "gpt2": Trainer(_train_coconut, COCONUT_FLAGS, "Coconut (gpt2)"),
+    # Coconut's run.py trains GPT-2 in fp32 (its configs' bf16: False); Huginn's script in bf16 ("bf16-true")
+    "gpt2": Trainer(_train_coconut, COCONUT_FLAGS, "Coconut (gpt2)", gpu_dtype="float32"),
 }
+
+
+def training_dtype(args) -> str | None:
+    """The dtype ``latentrt train`` loads the model in: --dtype's, else on a GPU its trainer's (the published
+    script's precision), else load's default (fp32 on a CPU)."""
+    if args.dtype is not None:
+        return args.dtype
+    from ..loader import parse_device, read_model_config
+
+    if parse_device(args.device).type != "cuda":
+        return None
+    _, cfg, _ = read_model_config(args.model, args.revision, **json_object(args.hf_overrides, "--hf-overrides"))
+    trainer = TRAINERS.get(cfg.model_type)
+    return trainer.gpu_dtype if trainer is not None else None
 
 
 def summary(log: list[dict]) -> str:

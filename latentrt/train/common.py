@@ -44,6 +44,10 @@ class TrainOptions:
     # recurrent: each example cut to max_seq_length + 1 tokens (inputs and shifted targets), as the published
     # fine-tuning script pads and truncates them (None: not cut)
     max_seq_length: int | None = None
+    # bf16 autocast on a GPU over the weights' own dtype (latentrt's recipe); the published recipes run without
+    # it, in the dtype the weights were loaded in (Huginn's script: bf16 weights, its "bf16-true"; Coconut's run.py:
+    # fp32, its "bf16: False"). fp32 weights with it are the Huginn script's "bf16-mixed". No effect on a CPU.
+    autocast: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -55,12 +59,13 @@ class TrainOptions:
     @classmethod
     def coconut_published(cls, **overrides) -> TrainOptions:
         """The optimiser of Coconut's run.py and args/*_coconut.yaml: AdamW at a constant lr 1e-4 (no warmup, no
-        decay), weight decay 0.01 on every parameter, torch's default betas, no clipping, batch 32 per
-        process. Its epochs (stages of 5 epochs, each a shuffled pass, the optimizer reset every epoch) come
-        from the curriculum: ``Curriculum.published`` (latentrt/train/coconut.py); the shuffle is latentrt's
-        own seeded one, not the datasets library's."""
+        decay), weight decay 0.01 on every parameter, torch's default betas, no clipping, batch 32 per process,
+        no autocast (run.py trains in fp32 unless its ``bf16``: the weights' own dtype). Its epochs (stages of 5
+        epochs, each a shuffled pass, the optimizer reset every epoch) come from the curriculum:
+        ``Curriculum.published`` (latentrt/train/coconut.py); the shuffle is latentrt's own seeded one, not the
+        datasets library's."""
         published = dict(lr=1e-4, weight_decay=0.01, warmup=0, min_lr_ratio=1.0, grad_clip=None)
-        published.update(betas=(0.9, 0.999), decay_everything=True, batch_size=32)
+        published.update(betas=(0.9, 0.999), decay_everything=True, batch_size=32, autocast=False)
         return cls(**{**published, **overrides})
 
     @classmethod
@@ -68,12 +73,13 @@ class TrainOptions:
         """The optimiser of Huginn's published fine-tuning script (``finetuning_simple_example.py``): AdamW at
         lr 5e-7, no weight decay, betas (0.9, 0.95); transformers' warmup-stable-decay schedule with 10% of
         the steps warming up, 10% decaying (cosine) to 0.001 x lr; batch 32 in micro-batches of 2; gradients
-        clipped at norm 1e6 (in effect never); each example cut to max_seq_length 128 (+ 1) tokens. Its data:
+        clipped at norm 1e6 (in effect never); each example cut to max_seq_length 128 (+ 1) tokens; no autocast
+        (its default precision "bf16-true": the bf16 weights ``load`` gives on a GPU, as they are). Its data:
         ``train_recurrent``'s conversation records ({question, answer} ones as it makes them)."""
         warm = math.ceil(0.1 * steps)
         published = dict(lr=5e-7, weight_decay=0.0, betas=(0.9, 0.95), decay_everything=True, grad_clip=1e6)
         published.update(schedule="wsd", warmup=warm, cooldown=warm, min_lr_ratio=0.001)
-        published.update(batch_size=32, micro_batch_size=2, max_seq_length=128)
+        published.update(batch_size=32, micro_batch_size=2, max_seq_length=128, autocast=False)
         return cls(**{**published, "steps": steps, **overrides})
 
     def validate(self) -> None:
@@ -104,7 +110,7 @@ class TrainOptions:
             raise InputError(f"betas must be two numbers in [0, 1), as AdamW takes them, got {betas!r}")
         if self.max_seq_length is not None:
             check_int("max_seq_length", self.max_seq_length, 1)
-        for name in ("decay_everything", "overwrite", "checkpoint_activations", "progress"):
+        for name in ("decay_everything", "overwrite", "checkpoint_activations", "autocast", "progress"):
             check_bool(name, getattr(self, name))
         if self.out is not None and not isinstance(self.out, (str, os.PathLike)):
             raise InputError(f"out must be a folder path or None, got {self.out!r}")
@@ -160,9 +166,10 @@ def _wsd_factor(step: int, warmup: int, stable: int, decay: int, low: float) -> 
     return low
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on a GPU where ``enabled`` (``TrainOptions.autocast``); else, and on a CPU, none: the
+    weights' own dtype."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
 
 
 def begin_step(optimizer: torch.optim.Optimizer, step: int, opts: TrainOptions) -> None:

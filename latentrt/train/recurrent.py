@@ -149,7 +149,7 @@ def train_recurrent(
         n_no_grad, n_grad = sample_depth(cfg.mean_recurrence, cfg.mean_backprop_depth, depth_rng)
         depths.append(n_no_grad + n_grad)
         ids, labels = collate(chunk, pad, device)
-        with autocast(device):
+        with autocast(device, opts.autocast):
             return loss_fn(ids, labels, n_no_grad, n_grad)
 
     log: list[dict] = []
