@@ -12,8 +12,8 @@ from .hooks import LatentEvent
 from .loader import load
 from .options import GenerateOptions
 from .prompts import UnknownWordsWarning
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "load",
     "generate",

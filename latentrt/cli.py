@@ -31,10 +31,12 @@ from .cli_flags import (
 from .errors import InputError, LatentRTError
 from .serve.engine import SCHEDULERS
 from .train.command import add_train_args
+from .version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentrt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"latentrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text and print the recurrence steps per token")

@@ -38,6 +38,7 @@ LAYERS = [
         "memory",
         "cuda_ext",
         "transfer",
+        "version",
     ),
     ("backends",),
     ("models", "decode", "families"),

@@ -4,6 +4,9 @@ import io
 import json
 import socket
 
+import pytest
+
+import latentrt
 from latentrt.cli import main
 
 
@@ -30,6 +33,16 @@ def test_info_says_a_coconut_models_trained_format(capsys):
     ):
         assert main(["info", f"builtin:{name}"]) == 0
         assert f"trained prompt format: {line} continuous thought(s)" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    """``latentrt --version``: the one version pyproject.toml and ``latentrt.__version__`` read."""
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"latentrt {latentrt.__version__}\n"
+    assert importlib.metadata.version("latentrt") == latentrt.__version__
 
 
 def test_python_dash_m_latentrt_is_the_command(recurrent_dir):

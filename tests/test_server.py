@@ -550,6 +550,7 @@ def test_routes_and_bad_input(recurrent_server):
     url, _, model = recurrent_server
     h = httpx.Client(base_url=url)
     assert h.get("/health").json()["status"] == "ok"
+    assert h.get("/version").json() == {"version": latentrt.__version__}  # vLLM's route
     card = h.get("/v1/models").json()["data"][0]
     assert card["id"] == "tiny" and card["max_model_len"] == 96  # (the tiny model's context)
     assert (

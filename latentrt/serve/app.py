@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..chat import chat_template_for
 from ..errors import InputError, LatentRTError, PromptError, renamed
+from ..version import __version__
 from .engine import Engine, QueueFull, ShuttingDown
 from .protocol import (
     check_model,
@@ -83,7 +84,8 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
     """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
     path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
     ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401
-    otherwise, as OpenAI's and vLLM's), while ``/health`` and ``/metrics`` stay open for probes and scrapers."""
+    otherwise, as OpenAI's and vLLM's), while ``/health``, ``/version`` and ``/metrics`` stay open for probes and
+    scrapers."""
     if not isinstance(engine, Engine):
         raise InputError(
             f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
@@ -321,6 +323,10 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
         if runner.thread is not None and not runner.alive:
             return _error(503, "the engine thread stopped", "server_error")
         return {"status": "ok", "model": model_name, "pid": os.getpid()}  # pid: which replica answered
+
+    @app.get("/version")  # vLLM's: which latentrt answers (open, as /health)
+    async def version():
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def metrics():
