@@ -15,6 +15,7 @@ from latentrt.checkpoint import BUILTIN_DIR, save_checkpoint
 from latentrt.cli import main
 from latentrt.errors import CheckpointError, ConfigError, InputError, LatentRTError
 from latentrt.tokenizer import word_tokenizer
+from latentrt.train.data import generate_dataset
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -151,6 +152,24 @@ def test_coconut_training_checkpoint_on_a_gpt2_base(tmp_path, hub_cache):
     (root.parent.parent / "refs" / "main").write_text(COMMIT)
     on_hub = latentrt.load("acme/gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
     assert rel_err(on_hub.logits(ids), trained.logits(ids)) < 1e-6
+
+
+def test_a_gpt2_without_latent_markers_is_evaluated_on_the_question_alone(tmp_path, capsys):
+    """A plain GPT-2 (or a published CoT / no-CoT checkpoint on one: no markers, no training.json) is asked the
+    question alone by ``latentrt eval`` (the coconut format's prompt held None ids: 'token ids must be
+    integers'); asking it for thoughts names the missing markers; ``info`` says it has none."""
+    from latentrt.evaluate import evaluate
+
+    _gpt2_base(tmp_path / "gpt2")
+    model = latentrt.load(tmp_path / "gpt2", device="cpu")
+    records = generate_dataset(3, (1,), seed=1)
+    table = evaluate(model, records, max_new_tokens=2, progress=False)
+    assert table == evaluate(model, records, mode="cot", max_new_tokens=2, progress=False) and table["all"]["n"] == 3
+    for mode in ("coconut", "pause"):
+        with pytest.raises(latentrt.InputError, match=r"^this model has no latent markers: pass their ids to load"):
+            evaluate(model, records, mode=mode, max_new_tokens=2, progress=False)
+    assert main(["info", str(tmp_path / "gpt2")]) == 0
+    assert "latent markers: none (a plain GPT-2" in capsys.readouterr().out
 
 
 def test_unknown_words_are_named():

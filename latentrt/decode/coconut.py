@@ -61,15 +61,22 @@ def trained_thoughts(model) -> tuple[str, int]:
     return mode, min(stage, stages) * per_stage
 
 
-def thought_prompt(tokenizer, question: str, thoughts: int | None) -> list[int]:
+NO_MARKERS = "this model has no latent markers: pass their ids to load() (latent_id=, start_latent_id=, end_latent_id=)"
+
+
+def thought_prompt(tokenizer, question: str, thoughts: int | None, markers: tuple | None = None) -> list[int]:
     """The Coconut prompt: the question and a newline (the published data format: its dataset.py encodes
     ``question + "\n"``), then ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` (no markers with
-    ``thoughts=None``: the CoT / no-CoT formats)."""
+    ``thoughts=None``: the CoT / no-CoT formats). ``markers``: their (start, latent, end) ids, a model's
+    ``marker_ids`` (default: the tokenizer's tokens of those names); none is an InputError."""
     ids = prompt_ids(tokenizer.encode(question + "\n"))
     if thoughts is None:
         return ids
-    tid = tokenizer.token_to_id
-    return ids + [tid("<|start-latent|>")] + [tid("<|latent|>")] * thoughts + [tid("<|end-latent|>")]
+    names = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")
+    start, latent, end = markers if markers is not None else tuple(tokenizer.token_to_id(n) for n in names)
+    if latent is None:
+        raise InputError(NO_MARKERS)
+    return ids + [start] + [latent] * thoughts + [end]
 
 
 class CoconutDecoder(Decoder):
@@ -87,10 +94,7 @@ class CoconutDecoder(Decoder):
             raise InputError(f"num_thoughts={k!r} appends thoughts and append_thoughts=False appends none: give one")
         check_int("num_thoughts", k, 0)
         if model.marker_ids[1] is None:
-            raise InputError(
-                "this model has no latent markers: pass their ids to load() "
-                "(latent_id=, start_latent_id=, end_latent_id=)"
-            )
+            raise InputError(NO_MARKERS)
 
     def __init__(self, model, options: GenerateOptions, hooks) -> None:
         super().__init__(model, options, hooks)
@@ -189,15 +193,22 @@ class CoconutDecoder(Decoder):
 
     @classmethod
     def eval_mode(cls, model) -> str:
-        return trained_thoughts(model)[0]
+        """The trained format (training.json); a model without latent markers and without that file (a plain
+        GPT-2, a published CoT / no-CoT run's checkpoint) is asked the question alone: ``cot``."""
+        mode = trained_thoughts(model)[0]
+        if mode in THOUGHT_MODES and model.marker_ids[1] is None and "mode" not in trained_mode(model)[1]:
+            return "cot"
+        return mode
 
     @classmethod
     def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:
-        """``mode`` coconut / pause: the question then the thoughts (``thoughts``, default the trained count);
-        cot / nocot / nothoughts: the question alone."""
+        """``mode`` coconut / pause: the question then the thoughts (``thoughts``, default the trained count;
+        a model without latent markers is an InputError naming them); cot / nocot / nothoughts: the question
+        alone."""
         if mode not in THOUGHT_MODES:
             return thought_prompt(model.tokenizer, question, None)
-        return thought_prompt(model.tokenizer, question, trained_thoughts(model)[1] if thoughts is None else thoughts)
+        k = trained_thoughts(model)[1] if thoughts is None else thoughts
+        return thought_prompt(model.tokenizer, question, k, model.marker_ids)
 
     @classmethod
     def eval_options(cls, mode: str) -> dict:

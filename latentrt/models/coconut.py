@@ -217,6 +217,8 @@ class CoconutGPT2(LatentModel):
         from ..decode.coconut import trained_thoughts  # (the decoder reads training.json; imported on use)
 
         c, (mode, k) = self.config, trained_thoughts(self)
+        if c.latent_id is None:  # (all three or none: bind_tokenizer)
+            return ["latent markers: none (a plain GPT-2: prompts run as they are, no continuous thoughts)"]
         return [
             f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}",
             f"trained prompt format: {mode}; a prompt without markers gets {k} "
