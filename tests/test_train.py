@@ -20,7 +20,7 @@ from latentrt.train.coconut import CoconutLoss, Curriculum, collate, encode, tra
 from latentrt.train.common import TrainOptions
 from latentrt.train.data import build_tokenizer, generate_dataset, generate_problem, load_records, save_records
 from latentrt.train.examples import encode_qa
-from latentrt.train.recurrent import sample_depth, train_recurrent
+from latentrt.train.recurrent import RecurrentLoss, sample_depth, train_recurrent
 
 TOK = build_tokenizer()
 
@@ -477,6 +477,31 @@ def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
         published = TrainOptions.coconut_published(steps=3, batch_size=4, progress=False)
         losses.append([e["loss"] for e in train_coconut(model, TOK, recs, published, Curriculum("coconut", 1))])
     assert all(abs(g - c) <= 1e-4 * c for g, c in zip(losses[1], losses[0])), losses
+
+
+def test_recurrent_batches_are_padded_as_the_published_script_pads_them(monkeypatch):
+    """With the cut (``max_seq_length``, the huginn recipe's 128) every batch is max_seq_length + 1 columns wide,
+    as the published script's padding="max_length" makes it (its random initial state is drawn over those
+    positions: a narrower batch draws other numbers for the same tokens), at most the model's context; without
+    the cut, a batch is as wide as its longest example. Padding changes no loss but through those draws."""
+    import latentrt.train.recurrent as recurrent
+
+    widths, real = [], recurrent.collate
+    monkeypatch.setattr(recurrent, "collate", lambda *a: widths.append(real(*a)[0].shape[1]) or real(*a))
+    recs = generate_dataset(4, (1, 2))
+    longest = max(len(x) for x, _ in recurrent.training_examples(recs, TOK))
+    for cut, want in ((60, {61}), (None, None), (1000, {256})):
+        widths.clear()
+        opts = TrainOptions(steps=2, batch_size=2, progress=False, max_seq_length=cut)
+        train_recurrent(_recurrent(), TOK, recs, opts)
+        assert len(widths) == 2 and (set(widths) == want if want else max(widths) <= longest), (cut, widths)
+    model = _recurrent().train()
+    data = [encode_qa(TOK, r, TOK.token_to_id("<|endoftext|>")) for r in recs[:2]]
+    losses = []
+    for width in (None, 64):
+        torch.manual_seed(5)
+        losses.append(RecurrentLoss(model)(*real(data, 1, "cpu", width), 2, 1).item())
+    assert losses[0] != losses[1]  # (the same tokens and depth: only the initial state's draws differ)
 
 
 def test_recurrent_resume_is_exact(tmp_path):

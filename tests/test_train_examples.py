@@ -162,7 +162,8 @@ def _published_batch(hf, records: list[dict], max_seq_length: int) -> tuple[torc
 def test_question_answer_records_train_as_huginns_published_fine_tuning_script_makes_them():
     """A {question, answer} record without steps (the Hub's GSM8k, the script's default data) is the script's
     conversation through the chat template, cut to max_seq_length + 1 tokens (TrainOptions.huginn_published's
-    128): latentrt's inputs and targets equal the script's, row by row, short records and cut ones alike."""
+    128) and padded to that width as it pads them: latentrt's inputs and targets equal the script's tensors
+    (so the random initial state is drawn over the same positions), short records and cut ones alike."""
     transformers = pytest.importorskip("transformers")
     from latentrt.train.recurrent import collate, cut_examples
 
@@ -185,12 +186,9 @@ def test_question_answer_records_train_as_huginns_published_fine_tuning_script_m
         else:
             data = cut_examples(whole, max_seq_length)
         pad = tok.token_to_id("<|pad|>")
-        ours, our_labels = collate(data, pad, "cpu")  # the trainer's batch: inputs ids[:, :-1], targets labels[:, 1:]
-        # padded to the longest row, where the script pads every row to max_seq_length + 1: its columns past
-        # ours carry no loss (and causal attention keeps them out of every earlier position)
-        n = ours.shape[1] - 1
-        assert torch.equal(ours[:, :-1], ids[:, :n]) and torch.equal(our_labels[:, 1:], labels[:, :n])
-        assert bool((labels[:, n:] == -100).all())
+        # the trainer's batch (train_recurrent pads to max_seq_length + 1): inputs ids[:, :-1], targets labels[:, 1:]
+        ours, our_labels = collate(data, pad, "cpu", max_seq_length + 1)
+        assert torch.equal(ours[:, :-1], ids) and torch.equal(our_labels[:, 1:], labels)
         assert bool((labels != -100).any(dim=1).all())
 
 

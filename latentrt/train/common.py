@@ -41,8 +41,9 @@ class TrainOptions:
     save_every: int = 0  # 0: only at the end (and at each Coconut stage end)
     log_every: int = 20
     checkpoint_activations: bool = False
-    # recurrent: each example cut to max_seq_length + 1 tokens (inputs and shifted targets), as the published
-    # fine-tuning script pads and truncates them (None: not cut)
+    # recurrent: each example cut to max_seq_length + 1 tokens (inputs and shifted targets) and every batch padded
+    # to that width (the model's context at most), as the published fine-tuning script truncates and pads them
+    # (None: not cut, batches padded to their longest example)
     max_seq_length: int | None = None
     # bf16 autocast on a GPU over the weights' own dtype (latentrt's recipe); the published recipes run without
     # it, in the dtype the weights were loaded in (Huginn's script: bf16 weights, its "bf16-true"; Coconut's run.py:

@@ -73,9 +73,12 @@ def cut_examples(data: list[tuple[list[int], list[int]]], max_seq_length: int) -
     return kept
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[Tensor, Tensor]:
-    """Right-padded ids and labels (causal attention never looks right, so no mask is needed)."""
-    width = max(len(ids) for ids, _ in examples)
+def collate(
+    examples: list[tuple[list[int], list[int]]], pad: int, device, width: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Right-padded ids and labels (causal attention never looks right, so no mask is needed), to ``width``
+    columns (default: the longest example's)."""
+    width = max(len(ids) for ids, _ in examples) if width is None else width
     ids = torch.full((len(examples), width), pad, dtype=torch.long, device="cpu")
     labels = torch.full((len(examples), width), -100, dtype=torch.long, device="cpu")
     for i, (x, y) in enumerate(examples):
@@ -140,6 +143,9 @@ def train_recurrent(
         raise InputError(f"records {too_long[:5]} are longer than block_size={cfg.block_size}")
     pad = tokenizer.token_to_id("<|pad|>")
     pad = data[0][0][-1] if pad is None else pad  # any id: padding is right of every real token, with no loss
+    # with the cut, every batch padded to max_seq_length + 1 columns as the script pads it (padding="max_length"):
+    # the random initial state is drawn over those positions, so a batch draws the script's numbers
+    width = None if opts.max_seq_length is None else min(opts.max_seq_length + 1, cfg.block_size)
     loss_fn = distributed.wrap(RecurrentLoss(model, HookList(hooks), opts.checkpoint_activations), device)
     optimizer = make_optimizer(model, opts)
     start = load_training(resume, model, optimizer)["step"] if resume else 0
@@ -148,7 +154,7 @@ def train_recurrent(
         """A micro-batch's loss at its own sampled depth (the published model draws one per forward)."""
         n_no_grad, n_grad = sample_depth(cfg.mean_recurrence, cfg.mean_backprop_depth, depth_rng)
         depths.append(n_no_grad + n_grad)
-        ids, labels = collate(chunk, pad, device)
+        ids, labels = collate(chunk, pad, device, width)
         with autocast(device, opts.autocast):
             return loss_fn(ids, labels, n_no_grad, n_grad)
 
