@@ -75,7 +75,8 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
         "--max-seq-length",
         type=int,
         default=None,
-        help="recurrent: cut each example to N + 1 tokens (the huginn recipe's 128, as published; 0: not cut)",
+        help="recurrent: cut each example to N + 1 tokens and pad every batch to that (the huginn recipe's 128, as "
+        "published; 0: neither)",
     )
     t.add_argument(
         "--autocast",
