@@ -52,11 +52,21 @@ def _gold_of_solution(record: dict) -> dict:
     return {**record, "steps": [], "answer": gold}
 
 
+def extract_chain(text: str) -> str:
+    """The published chain of thought of a decoded sequence: its lines after the first (the question's), up to
+    the first '#', stripped (Coconut's run.py, its "CoT match")."""
+    return "\n".join(text.split("\n")[1:]).split("#")[0].strip()
+
+
+def decoded(tokenizer, prompt: list[int], tokens: list[int]) -> str:
+    """The whole sequence as the published evaluation reads it: prompt and output, special tokens skipped."""
+    return tokenizer.decode(list(prompt) + list(tokens), skip_special_tokens=True)
+
+
 def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> bool:
     """Coconut's accuracy rule on the whole decoded sequence (prompt and output, special tokens skipped):
     an output without '#' leaves the prompt's text as its answer, as published."""
-    text = tokenizer.decode(list(prompt) + list(tokens), skip_special_tokens=True)
-    return extract_answer(text) == answer.replace(",", "").strip()
+    return extract_answer(decoded(tokenizer, prompt, tokens)) == answer.replace(",", "").strip()
 
 
 def evaluate(
@@ -79,7 +89,9 @@ def evaluate(
     question is a user message (after ``system``'s) through it, as a chat-tuned model is asked (the answer
     rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply. ``source`` names
     the data (a file's path) in errors and picks the default ``max_new_tokens`` as the family's published
-    evaluation does (Coconut's run.py: 64 on GSM8k, 128 otherwise; recurrent depth: 16; --chat: 96)."""
+    evaluation does (Coconut's run.py: 64 on GSM8k, 128 otherwise; recurrent depth: 16; --chat: 96). Where every
+    record has steps (and no chat template), each row also has run.py's "CoT match", ``cot_match`` (``extract_chain``;
+    it reads lines, so a tokenizer that drops newlines, as the built-in models' word tokenizer does, never matches)."""
     gen_kwargs.setdefault("temperature", 0.0)
     decoder = family_for(model).decoder  # (anything but a loaded model: its own error)
     records = eval_records(records, source)  # Record objects or their dicts, each checked
@@ -105,36 +117,30 @@ def evaluate(
     defaults = getattr(model, "generation_defaults", None)
     options = GenerateOptions.build(None, defaults, max_new_tokens=max_new, **gen_kwargs)
     check_options_for(model, options)  # a bad option is named before the first batch (and its progress bar)
-    stats: dict[int, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "tokens": 0, "steps": 0.0})
+    # run.py's "CoT match" where every record has its steps (not through a chat template, whose lines it cannot read)
+    chains = chat is None and all(r.steps for r in records)
+    stats: dict[int, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "tokens": 0, "steps": 0.0, "chain": 0})
     for i in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress):
         batch = records[i : i + batch_size]
         out = generate(model, prompts[i : i + batch_size], max_new_tokens=max_new, **gen_kwargs)
         for rec, prompt, toks, steps in zip(batch, prompts[i : i + batch_size], out.tokens, out.steps):
-            s = stats[rec.difficulty]
+            s, text = stats[rec.difficulty], decoded(model.tokenizer, prompt, toks)
             s["n"] += 1
-            s["correct"] += int(is_correct(model.tokenizer, prompt, toks, rec.answer))
+            s["correct"] += int(extract_answer(text) == rec.answer.replace(",", "").strip())
+            s["chain"] += int(chains and extract_chain(text) == "\n".join(rec.steps))
             s["tokens"] += len(toks)
             # the tokens after the first (whose iterations are the prompt pass's), or the only one (a one-token
             # answer counted 0 iterations, and the column vanished when every answer had one token)
-            decoded = steps[1:] or steps
-            s["steps"] += sum(decoded) / max(len(decoded), 1)
-    table = {}
-    for d in sorted(stats):
-        s = stats[d]
-        table[d] = {
-            "n": s["n"],
-            "accuracy": s["correct"] / s["n"],
-            "generated_tokens": s["tokens"] / s["n"],
-            "mean_steps": s["steps"] / s["n"],
-        }
-    total = sum(s["n"] for s in stats.values())
-    table["all"] = {
-        "n": total,
-        "accuracy": sum(s["correct"] for s in stats.values()) / max(total, 1),
-        "generated_tokens": sum(s["tokens"] for s in stats.values()) / max(total, 1),
-        "mean_steps": sum(s["steps"] for s in stats.values()) / max(total, 1),
-    }
-    return table
+            iterated = steps[1:] or steps
+            s["steps"] += sum(iterated) / max(len(iterated), 1)
+
+    def row(group: list[dict]) -> dict:
+        n = sum(s["n"] for s in group)
+        mean = lambda key: sum(s[key] for s in group) / max(n, 1)  # noqa: E731
+        out = {"n": n, "accuracy": mean("correct"), "generated_tokens": mean("tokens"), "mean_steps": mean("steps")}
+        return {**out, "cot_match": mean("chain")} if chains else out
+
+    return {**{d: row([stats[d]]) for d in sorted(stats)}, "all": row(list(stats.values()))}
 
 
 def format_table(table: dict) -> str:

@@ -2,6 +2,7 @@
 chat-tuned model's evaluation), scored by the same published answer rule."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -146,7 +147,7 @@ def test_hub_gsm8k_records_without_steps_are_scored_on_the_number_after_their_ha
     assert [r.answer for r in eval_records(hub)] == [extract_answer("#### " + r.answer) for r in records]
     assert eval_records([{"question": "q", "answer": "so 1,000 + 234 = 1,234.\n#### 1,234"}])[0].answer == "1234"
     kw = dict(init_scale=0.0, max_new_tokens=8, progress=False)
-    want = evaluate(model, [dict(r.__dict__, difficulty=0) for r in records], **kw)
+    want = evaluate(model, [dict(r.__dict__, difficulty=0, steps=[]) for r in records], **kw)  # (no CoT to match)
     assert evaluate(model, hub, **kw) == want and want["all"]["accuracy"] > 0
     (tmp_path / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in hub))
     assert main(["eval", "builtin:recurrent", str(tmp_path / "gsm.jsonl"), "--json", "--max-new-tokens", "8"]) == 0
@@ -183,6 +184,40 @@ def test_default_answer_lengths_are_the_published_evaluations(monkeypatch, tmp_p
 
 def _no_answer(prompts):
     """A generate() result of one empty answer per prompt (the length test runs no model)."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(tokens=[[] for _ in prompts], steps=[[0] for _ in prompts])
+
+
+def test_cot_match_is_the_published_rule(monkeypatch):
+    """Coconut's run.py also reports "CoT match": the decoded sequence's lines after the question's, up to the
+    first '#', stripped, equal to the record's steps joined by newlines. evaluate() reports it (``cot_match``)
+    where every record has steps and the question is not asked through a chat template; a model whose tokenizer
+    keeps newlines (GPT-2's byte-level BPE) answering with the gold chain matches, another chain does not."""
+    from conftest import tiny_coconut
+    from test_train import _byte_level_tokenizer
+
+    import latentrt.evaluate as ev
+
+    assert ev.extract_chain("Q? a\nstep 1\nstep 2\n### A #B") == "step 1\nstep 2"
+    assert ev.extract_chain("no newline ### A") == ""
+    tok = _byte_level_tokenizer(markers=False)
+    model = tiny_coconut(latent_id=None, start_latent_id=None, end_latent_id=None)
+    model.tokenizer = tok
+    records = generate_dataset(4, (1, 2), seed=2)
+    gold = {tuple(tok.encode(r.question + "\n").ids): r for r in records}
+
+    def answering(chain):
+        def fake(m, prompts, **kw):
+            rows = [chain(gold[tuple(p)]) if tuple(p) in gold else "" for p in prompts]  # ("": a chat prompt)
+            return SimpleNamespace(tokens=[tok.encode(t).ids for t in rows], steps=[[0] for _ in rows])
+
+        return fake
+
+    monkeypatch.setattr(ev, "generate", answering(lambda r: "\n".join(r.steps) + "\n### " + r.answer))
+    table = evaluate(model, records, mode="cot", progress=False)
+    assert table["all"]["cot_match"] == 1.0 and table["all"]["accuracy"] == 1.0
+    monkeypatch.setattr(ev, "generate", answering(lambda r: "Every one.\n### " + r.answer))
+    table = evaluate(model, records, mode="cot", progress=False)
+    assert table["all"]["cot_match"] == 0.0 and table["all"]["accuracy"] == 1.0
+    assert "cot_match" not in evaluate(model, records, mode="cot", chat=TEMPLATE, progress=False)["all"]
+    no_steps = [dict(r.__dict__, steps=[]) for r in records]
+    assert "cot_match" not in evaluate(model, no_steps, mode="cot", progress=False)["all"]
