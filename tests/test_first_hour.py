@@ -142,6 +142,7 @@ def test_coconut_training_checkpoint_on_a_gpt2_base(tmp_path, hub_cache):
     assert base.config.vocab_size == 40
     model = latentrt.load(tmp_path / "gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
     assert model.marker_ids == (40, 42, 41) and model.config.vocab_size == 43
+    assert model.weights_file == str(tmp_path / "checkpoint_6")  # (a trained checkpoint: the trainer reads it)
     assert model.tokenizer.token_to_id("<|latent|>") == 42
     ids = torch.tensor([[5, 6, 40, 42, 42, 41, 7]])
     assert rel_err(model.logits(ids), trained.logits(ids)) < 1e-6

@@ -631,12 +631,13 @@ def test_coconut_step_schedule_takes_shuffled_passes_within_each_stage(monkeypat
 
 def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch, tmp_path):
     """``start_epoch`` (the published ``resume``): the epochs before it are not run; the others train the
-    stage of their own number (GSM8k's Coconut: epochs 3-24 from a CoT-tuned model, stage 0 skipped). On a
-    model whose training.json is not a cot run's, that start is said (a warning); a CoT-tuned one trains
+    stage of their own number (GSM8k's Coconut: epochs 3-24 from a CoT-tuned model, stage 0 skipped). As run.py
+    warns when it skips epochs without loading a checkpoint, a model that is no trained checkpoint (no
+    training.json, no weights file) is warned about; a training run's folder or a ``weights=`` file trains
     silently."""
     recs = generate_dataset(5, (1, 2))
     cur = Curriculum("coconut", max_stage=1, epochs=5, epochs_per_stage=2, start_epoch=3)
-    with pytest.warns(UserWarning, match="starts at epoch 3 \\(stage 1\\), skipping the chain-of-thought epochs"):
+    with pytest.warns(UserWarning, match=r"skips the first 3 epoch\(s\) \(it starts at stage 1\) but the model is no"):
         log, seen, made = _coconut_run(monkeypatch, cur, TrainOptions(steps=1, batch_size=3, progress=False), recs)
     assert [(e["epoch"], e["stage"], e["step"]) for e in log] == [(4, 1, 1), (4, 1, 2), (5, 2, 1), (5, 2, 2)]
     assert len(made) == 2 and sorted(map(str, seen[0] + seen[1])) == sorted(str(encode(TOK, r, cur, 1)) for r in recs)
@@ -648,11 +649,12 @@ def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch, tmp_path):
         with pytest.raises(InputError, match=message):
             Curriculum(**bad).validate()
     (tmp_path / "training.json").write_text(json.dumps({"trainer": "coconut", "mode": "cot"}))
-    cot_tuned = _gpt2()
-    cot_tuned.folder = tmp_path
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        train_coconut(cot_tuned, TOK, recs, TrainOptions(steps=1, batch_size=3, progress=False), cur)
+    cot_tuned, published_cot = _gpt2(), _gpt2()
+    cot_tuned.folder, published_cot.weights_file = tmp_path, "checkpoint_25"
+    for model in (cot_tuned, published_cot):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            train_coconut(model, TOK, recs, TrainOptions(steps=1, batch_size=3, progress=False), cur)
 
 
 @pytest.mark.parametrize("reset", [True, False])

@@ -145,7 +145,7 @@ def test_coconut_trains_through_its_curriculum_as_the_api_does(coconut_dir, tmp_
     assert "3 steps (stage 0 step 1 to stage 2 step 1): loss " in capsys.readouterr().out
 
 
-@pytest.mark.filterwarnings("ignore:the curriculum starts at epoch 1")  # (a plain model: said)
+@pytest.mark.filterwarnings("ignore:the curriculum skips the first 1 epoch")  # (a plain model: said)
 def test_the_published_runs_options_as_flags_equal_the_api(coconut_dir, tmp_path):
     """run.py's options the curriculum takes (``--start-epoch``: its resume, ``--no-reset-optimizer``,
     ``--uniform-prob``, the ``nothoughts`` method) reach train_coconut as the API gives them."""

@@ -305,16 +305,18 @@ def schedule(cur: Curriculum, opts: TrainOptions, n_records: int, world: int) ->
     return [Segment(cur.stage_of_epoch(e), steps, e) for e in range(cur.start_epoch, cur.epochs)]
 
 
-def _warn_if_not_cot_tuned(model: nn.Module, cur: Curriculum) -> None:
-    """A curriculum that skips epochs (the published GSM8k one: ``resume: 3``) starts where a CoT-tuned model
-    left off (its config's ``load_model_path``): said when the model's training.json is not a cot run's."""
-    if trained_mode(model)[0] == "cot":
+def _warn_if_no_trained_weights(model: nn.Module, cur: Curriculum) -> None:
+    """A curriculum that skips epochs (the published GSM8k one: ``resume: 3``) starts where a trained model left
+    off (run.py's ``load_model_path``: for GSM8k a CoT-tuned one). run.py warns when no checkpoint is loaded;
+    here, when the model is neither a training run's folder (a training.json) nor loaded with ``weights=``."""
+    if trained_mode(model)[1] or getattr(model, "weights_file", None):
         return
     warnings.warn(
-        f"the curriculum starts at epoch {cur.start_epoch} (stage {cur.stage_of_epoch(cur.start_epoch)}), skipping "
-        "the chain-of-thought epochs before it: Coconut's GSM8k run starts there from a model CoT-tuned first (its "
-        "load_model_path), and this model has no training.json of a cot run (train it with the cot curriculum "
-        "first: Curriculum.published(dataset, 'cot'), --curriculum cot)",
+        f"the curriculum skips the first {cur.start_epoch} epoch(s) (it starts at stage "
+        f"{cur.stage_of_epoch(cur.start_epoch)}) but the model is no trained checkpoint (no training.json, no "
+        "weights file): Coconut's GSM8k run starts there from a CoT-tuned model (its load_model_path); train one "
+        "first with the cot curriculum (Curriculum.published(dataset, 'cot'), --curriculum cot) or load it with "
+        "weights=",
         UserWarning,
         stacklevel=3,
     )
@@ -372,7 +374,7 @@ def train_coconut(
     rank, world, device = prepare(model, tokenizer, opts, resume)
     records = as_records(records)
     if cur.start_epoch and not resume and rank == 0:
-        _warn_if_not_cot_tuned(model, cur)
+        _warn_if_no_trained_weights(model, cur)
     segments = schedule(cur, opts, len(records), world)
     pieces = [tokenize_record(tokenizer, r) for r in records]
     trained = set(cur.stages()) if cur.uniform_prob else {seg.stage for seg in segments}  # (mixing: any stage)
