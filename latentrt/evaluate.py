@@ -63,10 +63,16 @@ def decoded(tokenizer, prompt: list[int], tokens: list[int]) -> str:
     return tokenizer.decode(list(prompt) + list(tokens), skip_special_tokens=True)
 
 
+def answer_matches(text: str, answer: str) -> bool:
+    """Coconut's accuracy rule on a decoded sequence: its text after the last '#' (commas removed, stripped)
+    equals the answer (commas removed, stripped)."""
+    return extract_answer(text) == answer.replace(",", "").strip()
+
+
 def is_correct(tokenizer, prompt: list[int], tokens: list[int], answer: str) -> bool:
     """Coconut's accuracy rule on the whole decoded sequence (prompt and output, special tokens skipped):
     an output without '#' leaves the prompt's text as its answer, as published."""
-    return extract_answer(decoded(tokenizer, prompt, tokens)) == answer.replace(",", "").strip()
+    return answer_matches(decoded(tokenizer, prompt, tokens), answer)
 
 
 def evaluate(
@@ -126,7 +132,7 @@ def evaluate(
         for rec, prompt, toks, steps in zip(batch, prompts[i : i + batch_size], out.tokens, out.steps):
             s, text = stats[rec.difficulty], decoded(model.tokenizer, prompt, toks)
             s["n"] += 1
-            s["correct"] += int(extract_answer(text) == rec.answer.replace(",", "").strip())
+            s["correct"] += int(answer_matches(text, rec.answer))
             s["chain"] += int(chains and extract_chain(text) == "\n".join(rec.steps))
             s["tokens"] += len(toks)
             # the tokens after the first (whose iterations are the prompt pass's), or the only one (a one-token
