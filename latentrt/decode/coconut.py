@@ -195,10 +195,8 @@ class CoconutDecoder(Decoder):
     def eval_mode(cls, model) -> str:
         """The trained format (training.json); a model without latent markers and without that file (a plain
         GPT-2, a published CoT / no-CoT run's checkpoint) is asked the question alone: ``cot``."""
-        mode = trained_thoughts(model)[0]
-        if mode in THOUGHT_MODES and model.marker_ids[1] is None and "mode" not in trained_mode(model)[1]:
-            return "cot"
-        return mode
+        mode, info = trained_mode(model)
+        return "cot" if mode in THOUGHT_MODES and model.marker_ids[1] is None and "mode" not in info else mode
 
     @classmethod
     def eval_prompt(cls, model, question: str, mode: str, thoughts: int | None = None) -> list[int]:
