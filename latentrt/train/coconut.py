@@ -316,7 +316,7 @@ def _warn_if_no_trained_weights(model: nn.Module, cur: Curriculum) -> None:
         f"{cur.stage_of_epoch(cur.start_epoch)}) but the model is no trained checkpoint (no training.json, no "
         "weights file): Coconut's GSM8k run starts there from a CoT-tuned model (its load_model_path); train one "
         "first with the cot curriculum (Curriculum.published(dataset, 'cot'), --curriculum cot) or load it with "
-        "weights=",
+        "load(..., weights=) / --weights",
         UserWarning,
         stacklevel=3,
     )
