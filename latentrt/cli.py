@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=UNSET,
         help="per answer (Coconut: 64 on a 'gsm' file, else 128, as its run.py; recurrent depth: 16; --chat: 96)",
     )
+    e.add_argument(
+        "--thoughts",
+        "--num-thoughts",
+        type=int,
+        default=UNSET,
+        help="Coconut: continuous thoughts in the coconut / pause formats (default: the trained count, training.json)",
+    )
     add_chat_args(e, "question")
     e.add_argument(
         "--modes",

@@ -108,6 +108,12 @@ def evaluate(
         check_int("max_new_tokens", max_new_tokens, 1)
     if model.tokenizer is None:
         raise InputError("evaluation needs a model with a tokenizer.json")
+    if "num_thoughts" in gen_kwargs and "num_thoughts" in decoder.OPTIONS:  # (generate() would append a 2nd group)
+        raise InputError("evaluate() takes the thought count as thoughts= (the prompt format appends them)")
+    if thoughts is not None:
+        if "num_thoughts" not in decoder.OPTIONS:
+            raise InputError(f"thoughts applies to models that think in latent tokens, not {decoder.TITLE} models")
+        check_int("thoughts", thoughts, 0)
     mode = mode or decoder.eval_mode(model)
     if mode not in decoder.EVAL_MODES:
         raise InputError(f"unknown prompt format {mode!r} for this model; choose from {list(decoder.EVAL_MODES)}")
@@ -172,12 +178,14 @@ def run_eval(model: LatentModel, args: argparse.Namespace, gen_kwargs: dict) -> 
         raise InputError("--modes are the model's own prompt formats; --chat asks through the chat template")
     template = require_template(chat_template_for(model, args.chat_template)) if args.chat else None
     max_new_tokens = gen_kwargs.pop("max_new_tokens", None)
+    thoughts = gen_kwargs.pop("num_thoughts", None)  # (--thoughts: the formats' count, not generate()'s)
     modes = args.modes.split(",") if args.modes else [decoder.eval_mode(model)]
     for mode in modes:
         table = evaluate(
             model,
             records,
             mode=mode,
+            thoughts=thoughts,
             batch_size=args.batch_size,
             max_new_tokens=max_new_tokens,
             chat=template,

@@ -15,7 +15,7 @@ from latentrt.checkpoint import BUILTIN_DIR, save_checkpoint
 from latentrt.cli import main
 from latentrt.errors import CheckpointError, ConfigError, InputError, LatentRTError
 from latentrt.tokenizer import word_tokenizer
-from latentrt.train.data import generate_dataset
+from latentrt.train.data import generate_dataset, save_records
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -153,6 +153,41 @@ def test_coconut_training_checkpoint_on_a_gpt2_base(tmp_path, hub_cache):
     (root.parent.parent / "refs" / "main").write_text(COMMIT)
     on_hub = latentrt.load("acme/gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
     assert rel_err(on_hub.logits(ids), trained.logits(ids)) < 1e-6
+
+
+def test_a_published_checkpoint_without_training_json_says_its_thought_count_is_unknown(tmp_path, capsys, monkeypatch):
+    """Coconut's published checkpoint_N carries no thought count (its yaml does: 6 for ProsQA): generate() and
+    eval append none by default, so they say so (silently every answer came from no thought) and take the
+    count as num_thoughts / ``latentrt eval --thoughts`` (eval had no way to give it); a model with its
+    training.json says nothing."""
+    import latentrt.evaluate as ev
+    from latentrt.evaluate import evaluate
+
+    _gpt2_base(tmp_path / "gpt2")
+    trained = tiny_coconut(seed=11, vocab_size=43, latent_id=42, start_latent_id=40, end_latent_id=41)
+    torch.save({"base_causallm." + k: v for k, v in trained.state_dict().items()}, tmp_path / "checkpoint_6")
+    model = latentrt.load(tmp_path / "gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
+    with pytest.warns(UserWarning, match="has latent markers but no training.json saying how many thoughts"):
+        assert latentrt.generate(model, [5, 6], max_new_tokens=1).num_thoughts == 0
+    records = generate_dataset(2, (1,), seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert latentrt.generate(model, [5, 6], num_thoughts=2, max_new_tokens=1).num_thoughts == 2
+        latentrt.generate(latentrt.load("builtin:coconut"), "Alex is a wumpus.", max_new_tokens=1)
+        seen, real = [], ev.generate
+        monkeypatch.setattr(ev, "generate", lambda m, p, **kw: seen.extend(p) or real(m, p, **kw))
+        evaluate(model, records, thoughts=2, max_new_tokens=1, progress=False)
+        monkeypatch.undo()
+    assert [p.count(42) for p in seen] == [2, 2]
+    save_records(records, tmp_path / "r.json")
+    args = ["eval", str(tmp_path / "gpt2"), str(tmp_path / "r.json"), "--weights", str(tmp_path / "checkpoint_6")]
+    assert main([*args, "--thoughts", "2", "--max-new-tokens", "1", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["table"]["all"] == evaluate(model, records, thoughts=2, max_new_tokens=1, progress=False)["all"]
+    assert main(["eval", "builtin:recurrent", str(tmp_path / "r.json"), "--thoughts", "2"]) == 2
+    assert "thoughts applies to models that think in latent tokens" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"evaluate\(\) takes the thought count as thoughts="):
+        evaluate(model, records, num_thoughts=2, progress=False)
 
 
 def test_a_gpt2_without_latent_markers_is_evaluated_on_the_question_alone(tmp_path, capsys):

@@ -12,6 +12,7 @@ one CUDA graph), else through the model's modules.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -59,6 +60,25 @@ def trained_thoughts(model) -> tuple[str, int]:
     except InputError as exc:  # the file's fault, not the caller's
         raise CheckpointError(f"{source}: {exc}") from None
     return mode, min(stage, stages) * per_stage
+
+
+def default_thoughts(model) -> int:
+    """The thoughts appended to a prompt without markers when none are asked for: the trained count
+    (``trained_thoughts``). A loaded model with latent markers but no training.json (Coconut's published
+    ``checkpoint_N`` loaded with ``weights=``, a converted folder) has no count to give: 0, said in a warning
+    (run.py evaluates its ProsQA model with 6 thoughts; without one, every answer comes from no thought)."""
+    mode, k = trained_thoughts(model)
+    folder = getattr(model, "folder", None)
+    if folder is not None and mode in THOUGHT_MODES and model.marker_ids[1] is not None:
+        if not read_training_info(folder):
+            warnings.warn(
+                f"{getattr(model, 'source', None) or folder} has latent markers but no training.json saying how many "
+                "thoughts it was trained with, so none are appended: give the count (num_thoughts=, --thoughts; "
+                "Coconut's published ProsQA and GSM8k models think 6)",
+                UserWarning,
+                stacklevel=4,
+            )
+    return k
 
 
 NO_MARKERS = "this model has no latent markers: pass their ids to load() (latent_id=, start_latent_id=, end_latent_id=)"
@@ -126,7 +146,7 @@ class CoconutDecoder(Decoder):
             return None
         k = self.options.num_thoughts
         if k is None and self.model.marker_ids[1] is not None and not carries_markers():
-            k = trained_thoughts(self.model)[1] or None
+            k = default_thoughts(self.model) or None
         return k
 
     def prepare_text(self, texts: list[str]) -> list[str]:
@@ -205,7 +225,7 @@ class CoconutDecoder(Decoder):
         alone."""
         if mode not in THOUGHT_MODES:
             return thought_prompt(model.tokenizer, question, None)
-        k = trained_thoughts(model)[1] if thoughts is None else thoughts
+        k = default_thoughts(model) if thoughts is None else thoughts
         return thought_prompt(model.tokenizer, question, k, model.marker_ids)
 
     @classmethod
