@@ -184,6 +184,8 @@ def test_a_published_checkpoint_without_training_json_says_its_thought_count_is_
     assert main([*args, "--thoughts", "2", "--max-new-tokens", "1", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["table"]["all"] == evaluate(model, records, thoughts=2, max_new_tokens=1, progress=False)["all"]
+    assert main(["info", str(tmp_path / "gpt2"), "--weights", str(tmp_path / "checkpoint_6")]) == 0
+    assert "no training.json: a prompt without markers gets no thought unless num_thoughts" in capsys.readouterr().out
     assert main(["eval", "builtin:recurrent", str(tmp_path / "r.json"), "--thoughts", "2"]) == 2
     assert "thoughts applies to models that think in latent tokens" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"evaluate\(\) takes the thought count as thoughts="):

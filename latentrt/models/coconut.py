@@ -214,13 +214,19 @@ class CoconutGPT2(LatentModel):
         return self.config.n_layer
 
     def describe(self) -> list[str]:
-        from ..decode.coconut import trained_thoughts  # (the decoder reads training.json; imported on use)
+        from ..decode.coconut import trained_mode, trained_thoughts  # (the decoder reads training.json; on use)
 
         c, (mode, k) = self.config, trained_thoughts(self)
         if c.latent_id is None:  # (all three or none: bind_tokenizer)
             return ["latent markers: none (a plain GPT-2: prompts run as they are, no continuous thoughts)"]
+        markers = f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}"
+        if not trained_mode(self)[1]:
+            return [
+                markers,
+                "no training.json: a prompt without markers gets no thought unless num_thoughts gives some",
+            ]
         return [
-            f"latent markers: start={c.start_latent_id} latent={c.latent_id} end={c.end_latent_id}",
+            markers,
             f"trained prompt format: {mode}; a prompt without markers gets {k} "
             + ("pause token(s) (<|latent|> as an ordinary token)" if mode == "pause" else "continuous thought(s)")
             + " (training.json)",
