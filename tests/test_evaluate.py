@@ -221,3 +221,25 @@ def test_cot_match_is_the_published_rule(monkeypatch):
     assert "cot_match" not in evaluate(model, records, mode="cot", chat=TEMPLATE, progress=False)["all"]
     no_steps = [dict(r.__dict__, steps=[]) for r in records]
     assert "cot_match" not in evaluate(model, no_steps, mode="cot", progress=False)["all"]
+
+
+def test_the_coconut_format_answers_as_run_py_generates(monkeypatch):
+    """run.py evaluates the coconut format through the Coconut module's generate (its first answer token never
+    ends the answer; the eos that ends it is not part of it: ``published_eos``) and the question-alone formats
+    through HF's generate (latentrt's default); a caller's own value wins."""
+    import latentrt.evaluate as ev
+
+    model = latentrt.load("builtin:coconut")
+    records = generate_dataset(2, (1,), seed=4)
+    seen, real = [], ev.generate
+    monkeypatch.setattr(ev, "generate", lambda m, p, **kw: seen.append(kw.get("published_eos")) or real(m, p, **kw))
+    for mode in ("coconut", "pause", "cot", "nocot", "nothoughts"):
+        evaluate(model, records, mode=mode, max_new_tokens=12, progress=False)
+    evaluate(model, records, mode="coconut", max_new_tokens=12, progress=False, published_eos=False)
+    assert seen == [True, None, None, None, None, False]
+    monkeypatch.undo()
+    table = evaluate(model, records, mode="coconut", max_new_tokens=12, progress=False)
+    eos = model.eos_token_id
+    outs = [latentrt.generate(model, r.question, max_new_tokens=12, published_eos=True) for r in records]
+    assert table["all"]["generated_tokens"] == sum(len(o.tokens) for o in outs) / 2
+    assert all(eos not in o.tokens for o in outs)  # (the answer's eos left out, as run.py's generate leaves it)

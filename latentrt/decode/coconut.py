@@ -231,7 +231,12 @@ class CoconutDecoder(Decoder):
     @classmethod
     def eval_options(cls, mode: str) -> dict:
         """cot / nocot / nothoughts ask the question alone, no markers (as Coconut's data has them): generate()
-        would append the trained count to a prompt without markers."""
+        would append the trained count to a prompt without markers. coconut answers as run.py's evaluation
+        generates it, through the Coconut module's generate (``published_eos``: its first token never ends the
+        answer, the eos that ends it is left out); the question-alone formats run HF's generate there, as
+        latentrt's default does."""
+        if mode == "coconut":
+            return {"published_eos": True}
         return {} if mode in THOUGHT_MODES else {"append_thoughts": False}
 
     @classmethod
