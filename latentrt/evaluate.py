@@ -93,7 +93,9 @@ def evaluate(
     ``temperature`` is given (as the published evaluations and lm-evaluation-harness score), whatever
     sampling defaults the checkpoint's generation_config.json has. With ``chat`` (a chat template) each
     question is a user message (after ``system``'s) through it, as a chat-tuned model is asked (the answer
-    rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply. ``source`` names
+    rule is the same: a GSM8k-style '#### 42' is read as '42'); ``mode`` then does not apply. ``mode``: the
+    family's prompt format (default: the trained one); ``thoughts``: the count its thought formats (Coconut's
+    coconut / pause) append (default: the trained one; the other formats have none). ``source`` names
     the data (a file's path) in errors and picks the default ``max_new_tokens`` as the family's published
     evaluation does (Coconut's run.py: 64 on GSM8k, 128 otherwise; recurrent depth: 16; --chat: 96). Where every
     record has steps (and no chat template), each row also has run.py's "CoT match", ``cot_match`` (``extract_chain``;
