@@ -48,9 +48,14 @@ def trained_thoughts(model) -> tuple[str, int]:
     it trained and as run.py evaluates it then. A field the trainers would not write is a CheckpointError
     naming the file (read as "no thoughts", it would change every answer silently)."""
     mode, info = trained_mode(model)
+    return mode, _trained_count(model, mode, info)
+
+
+def _trained_count(model, mode: str, info: dict) -> int:
+    """``trained_thoughts``' count from the model's training.json fields ``info`` (read once by the caller)."""
     source = f"{getattr(model, 'folder', None)}/training.json"
     if mode not in THOUGHT_MODES:
-        return mode, 0
+        return 0
     stages, per_stage = info.get("max_stage", 0), info.get("thoughts_per_step", 1)
     try:
         check_int("max_stage", stages, 0)
@@ -59,7 +64,7 @@ def trained_thoughts(model) -> tuple[str, int]:
         check_int("stage", stage, 0)
     except InputError as exc:  # the file's fault, not the caller's
         raise CheckpointError(f"{source}: {exc}") from None
-    return mode, min(stage, stages) * per_stage
+    return min(stage, stages) * per_stage
 
 
 def default_thoughts(model) -> int:
@@ -67,18 +72,17 @@ def default_thoughts(model) -> int:
     (``trained_thoughts``). A loaded model with latent markers but no training.json (Coconut's published
     ``checkpoint_N`` loaded with ``weights=``, a converted folder) has no count to give: 0, said in a warning
     (run.py evaluates its ProsQA model with 6 thoughts; without one, every answer comes from no thought)."""
-    mode, k = trained_thoughts(model)
+    mode, info = trained_mode(model)  # (one read of training.json: generate() asks at every prompt)
     folder = getattr(model, "folder", None)
-    if folder is not None and mode in THOUGHT_MODES and model.marker_ids[1] is not None:
-        if not read_training_info(folder):
-            warnings.warn(
-                f"{getattr(model, 'source', None) or folder} has latent markers but no training.json saying how many "
-                "thoughts it was trained with, so none are appended: give the count (num_thoughts=, --thoughts; "
-                "Coconut's published ProsQA and GSM8k models think 6)",
-                UserWarning,
-                stacklevel=4,
-            )
-    return k
+    if folder is not None and not info and model.marker_ids[1] is not None:
+        warnings.warn(
+            f"{getattr(model, 'source', None) or folder} has latent markers but no training.json saying how many "
+            "thoughts it was trained with, so none are appended: give the count (num_thoughts=, --thoughts; "
+            "Coconut's published ProsQA and GSM8k models think 6)",
+            UserWarning,
+            stacklevel=4,
+        )
+    return _trained_count(model, mode, info)
 
 
 NO_MARKERS = "this model has no latent markers: pass their ids to load() (latent_id=, start_latent_id=, end_latent_id=)"
