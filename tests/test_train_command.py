@@ -278,3 +278,26 @@ def test_precision_is_the_published_scripts_unless_given(coconut_dir, huginn_lik
     dtypes = [command.training_dtype(argparse.Namespace(**given, model=str(m))) for m in (coconut_dir, folder)]
     assert dtypes == ["float32", None]  # (None: load's GPU default, bf16)
     assert command.training_dtype(argparse.Namespace(**{**given, "dtype": "bf16"}, model=str(coconut_dir))) == "bf16"
+
+
+def test_a_published_curriculum_resumes_at_an_epoch(coconut_dir, tmp_path):
+    """``--start-epoch`` goes with ``--published-curriculum`` (its run.py's ``resume``, a setting apart from the
+    curriculum: a preempted run continued from its checkpoint_N, loaded with --weights): the published
+    curriculum from that epoch on, as the API's; past its last epoch it is the curriculum's own error."""
+    import argparse
+    from dataclasses import replace
+
+    from latentrt.train.coconut import Curriculum
+    from latentrt.train.command import curriculum_from_args
+
+    names = ("published_curriculum", "curriculum", "max_stage", "thoughts_per_step", "epochs", "epochs_per_stage")
+    given = dict.fromkeys(names + ("reset_optimizer", "uniform_prob"), None)
+    args = argparse.Namespace(**{**given, "published_curriculum": "prosqa", "start_epoch": 45})
+    assert curriculum_from_args(args) == replace(Curriculum.published("prosqa"), start_epoch=45)
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "yes"}]))
+    flags = ["--published-curriculum", "prosqa", "--batch-size", "1"]
+    assert main(["train", str(coconut_dir), str(qa), "--out", str(tmp_path / "o"), *flags, "--start-epoch", "49"]) == 0
+    info = json.loads((tmp_path / "o" / "training.json").read_text())
+    assert info["curriculum"]["start_epoch"] == 49 and info["stage"] == 7  # (epoch 49 // 5, past max_stage 6)
+    assert main(["train", str(coconut_dir), str(qa), "--out", str(tmp_path / "p"), *flags, "--start-epoch", "50"]) == 2

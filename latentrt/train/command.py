@@ -19,7 +19,7 @@ import argparse
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..chat import LOSS_ON, chat_template_file
 from ..cli_flags import json_object
@@ -107,7 +107,8 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
         "--start-epoch",
         type=int,
         default=None,
-        help="Coconut: skip the epochs before it (the published resume; e.g. a CoT-tuned model skips stage 0)",
+        help="Coconut: skip the epochs before it (the published resume: a CoT-tuned model skips stage 0, a preempted "
+        "run continues from its checkpoint_N; with --published-curriculum too)",
     )
     t.add_argument(
         "--no-reset-optimizer",
@@ -177,12 +178,16 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
 
 
 def curriculum_from_args(args):
-    """The Coconut curriculum the flags name: a published one, or mode / stages / thoughts / epochs..."""
+    """The Coconut curriculum the flags name: a published one (``--start-epoch`` its run.py's ``resume``: a
+    preempted run continued from its checkpoint_N), or mode / stages / thoughts / epochs..."""
     if args.published_curriculum is not None:
-        mixed = [n for n in COCONUT_FLAGS[1:-1] if getattr(args, n) is not None]
+        mixed = [n for n in COCONUT_FLAGS[1:-1] if getattr(args, n) is not None and n != "start_epoch"]
         if mixed:
             raise InputError(f"--published-curriculum sets the curriculum; drop {FLAG_OF[mixed[0]]}")
-        return Curriculum.published(args.published_curriculum, args.curriculum or "coconut")
+        cur = Curriculum.published(args.published_curriculum, args.curriculum or "coconut")
+        if args.start_epoch is not None:
+            cur = replace(cur, start_epoch=args.start_epoch)
+        return validated(cur)
     fields = dict(mode=args.curriculum or "coconut")
     for name in CURRICULUM_FIELDS:
         if getattr(args, name) is not None:
