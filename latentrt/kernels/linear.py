@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, INTERPRETED, next_pow2, tl, triton
 from .reference import rms_norm
 
 
@@ -45,9 +45,11 @@ if HAVE_TRITON:
     @triton.jit
     def _dot_rows(x, w):
         """x [BM, BK] @ w[BN, BK]^T with fp32 accumulation: bf16/fp16 operands go to the tensor cores
-        (exact products, as cuBLAS does); fp32 operands use the IEEE fp32 path (no TF32 rounding)."""
-        if w.dtype == tl.float32:
-            return tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        (exact products, as cuBLAS does); fp32 operands use the IEEE fp32 path (no TF32 rounding). The
+        interpreter's 16-bit dot is wrong (bf16: garbage): there the operands go to fp32, whose products of
+        16-bit values are as exact, so the CPU tests check the 16-bit kernels too."""
+        if w.dtype == tl.float32 or INTERPRETED:
+            return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         return tl.dot(x.to(w.dtype), tl.trans(w))
 
     @triton.jit
