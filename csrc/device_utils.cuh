@@ -31,20 +31,33 @@ __device__ __forceinline__ void unpack8(const uint4& u, float* f) {
   }
 }
 
+// fp32 -> bf16 -> fp32: where the published criteria, computed on bf16 states, round a value.
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
 // A row's sums for the state criteria (latentrt/exits.py), new state s against the state of the previous
-// check p: |s - p|^2, |s|^2, s.p, |p|^2; both persistent loops accumulate them and decide by `value`.
+// check p: |s - p|^2, |s|^2, s.p, |p|^2; both persistent loops accumulate them and decide by `value`. The
+// rounding is the reference's (latentrt/kernels/reference.py: the published formulas on bf16 states):
+// s - p and s * p per element, then each norm, the dot, each quotient and 1 - cos; the threshold the
+// value is compared with is rounded to bf16 on the host (a bf16 tensor compares with a float in bf16).
 struct StateSums {
   float diff = 0.f, nn = 0.f, dot = 0.f, np = 0.f;
   __device__ __forceinline__ void add(float s, float p) {
-    diff += (s - p) * (s - p);
+    const float d = round_bf16(s - p);
+    diff += d * d;
     nn += s * s;
-    dot += s * p;
+    dot += round_bf16(s * p);
     np += p * p;
   }
-  // criterion 1 latent-diff: |s - p| / |s|; 2 cosine: 1 - cos(s, p); anything else never exits (+inf)
+  // criterion 1 latent-diff: |s - p| / |s|; 2 cosine: 1 - cos(s, p) (a zero state: NaN, never below a
+  // threshold, as published); anything else never exits (+inf). IEEE-rounded roots and quotients (fast
+  // math would approximate them), as torch's.
   __device__ __forceinline__ float value(int criterion) const {
-    if (criterion == 1) return sqrtf(diff) / sqrtf(nn);
-    if (criterion == 2) return 1.f - dot / fmaxf(sqrtf(nn) * sqrtf(np), 1e-8f);
+    const float norm_s = round_bf16(__fsqrt_rn(nn));
+    if (criterion == 1) return round_bf16(__fdiv_rn(round_bf16(__fsqrt_rn(diff)), norm_s));
+    if (criterion == 2) {
+      const float over_s = round_bf16(__fdiv_rn(round_bf16(dot), norm_s));
+      return round_bf16(1.f - round_bf16(__fdiv_rn(over_s, round_bf16(__fsqrt_rn(np)))));
+    }
     return INFINITY;
   }
 };

@@ -50,10 +50,17 @@ class ExitCriterion:
     DEFAULT: ClassVar[float] = 0.0
     needs_logits: ClassVar[bool] = False
     never_exits: ClassVar[bool] = False
+    on_states: ClassVar[bool] = False  # computed on the states, in their dtype (else on fp32 logits)
 
     @classmethod
     def check_threshold(cls, threshold: float) -> None:
         """Criterion-specific constraints on a (finite, >= 0) threshold."""
+
+    def kernel_threshold(self, state_dtype: torch.dtype) -> float:
+        """The threshold for a kernel comparing in fp32: rounded to the dtype the criterion compares in (a
+        bf16 value compares with a Python float in bf16), so ``value < threshold`` decides as here."""
+        dtype = state_dtype if self.on_states else torch.float32
+        return float(torch.full((), self.threshold, dtype=dtype, device="cpu"))
 
     def start(self, batch: int, vocab: int, device: torch.device) -> Any:
         """The per-sequence state before a token's first iteration."""
@@ -72,17 +79,19 @@ class NoExit(ExitCriterion):
 
 
 class LatentDiff(ExitCriterion):
-    """||s_t - s_{t-1}|| / ||s_t|| < threshold (averaged over the unit's real positions)."""
+    """||s_t - s_{t-1}|| / ||s_t|| < threshold (averaged over the unit's real positions), in the states' dtype
+    as published (a bf16 model's value and threshold are bf16)."""
 
     DEFAULT = 0.03
     cosine: ClassVar[bool] = False
+    on_states = True
 
     def update(self, state, prev, new, logits, valid, ops):
         return ops.latent_diff(prev, new, valid, self.cosine) < self.threshold, state
 
 
 class Cosine(LatentDiff):
-    """1 - cos(s_t, s_{t-1}) < threshold."""
+    """1 - cos(s_t, s_{t-1}) < threshold (the cosine averaged over the unit's real positions)."""
 
     DEFAULT = 1e-3
     cosine = True

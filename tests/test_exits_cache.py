@@ -23,6 +23,33 @@ def test_latent_diff_averages_over_real_positions_only():
     assert tr.update(prev, new, None, valid).tolist() == [False, True]  # row 0 mean 0.33, row 1 mean 0
 
 
+def test_state_criteria_compare_in_the_states_dtype_as_kernels_do():
+    """A bf16 value compares with the threshold in bf16 (as the published criteria's tensors do); a kernel
+    comparing in fp32 gets the threshold rounded that way (``kernel_threshold``) and so decides alike; the
+    logits' criteria compare in fp32."""
+    thr = 0.03005  # rounds to bf16's 0.030029296875
+    value = torch.tensor([0.030029296875], dtype=torch.bfloat16)
+    assert not bool(value < thr) and float(value) < thr  # in bf16 the two are equal
+    for name in ("latent-diff", "cosine"):
+        crit = make_criterion(name, thr)
+        assert crit.kernel_threshold(torch.bfloat16) == 0.030029296875
+        assert crit.kernel_threshold(torch.float32) == float(torch.tensor(thr, dtype=torch.float32))
+        assert not (float(value) < crit.kernel_threshold(torch.bfloat16))  # as the bf16 comparison
+    kl = make_criterion("kl", thr)
+    assert kl.kernel_threshold(torch.bfloat16) == float(torch.tensor(thr, dtype=torch.float32))
+
+
+def test_state_criteria_nan_on_a_zero_state_never_exit():
+    """The published cosine has no epsilon: against a zero state it is NaN, which is below no threshold; a
+    padded position's NaN does not spread to its row."""
+    valid = torch.tensor([[True, True], [False, True]])
+    prev, new = torch.ones(2, 2, 4), torch.ones(2, 2, 4)
+    prev[0, 0] = 0.0  # row 0: a real position against a zero state
+    prev[1, 0] = new[1, 0] = 0.0  # row 1: a zero state at a padded position
+    tr = ExitTracker(make_criterion("cosine", 5.0), 2, 10, torch.device("cpu"))
+    assert tr.update(prev, new, None, valid).tolist() == [False, True]
+
+
 def _kl_exit(threshold, *logits):
     tr = ExitTracker(make_criterion("kl", threshold), 1, logits[0].shape[-1], torch.device("cpu"))
     return [tr.update(None, torch.zeros(1, 1, 1), lg, None).item() for lg in logits]

@@ -320,11 +320,39 @@ def test_latent_diff_and_cosine(cosine):
     prev, new = torch.randn(3, 4, 40, generator=g), torch.randn(3, 4, 40, generator=g)
     valid = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
     got = exits.latent_diff_fused(prev, new, valid, cosine=cosine)
-    if not cosine:
-        _close(got, exits.latent_diff_reference(prev, new, valid), 1e-6)
+    _close(got, (exits.cosine_reference if cosine else exits.latent_diff_reference)(prev, new, valid), 1e-6)
     thr = float(got[1])  # the reference criterion agrees on which side of a threshold each row is
     tracker = ExitTracker(make_criterion("cosine" if cosine else "latent-diff", thr + 1e-6), 3, 10, "cpu")
     assert tracker.update(prev, new, None, valid).tolist() == (got < thr + 1e-6).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_latent_diff_and_cosine_round_as_the_reference(cosine, dtype):
+    """On low-precision states the fused criterion rounds where the reference (the published formula in the
+    states' dtype) rounds, so its value is the reference's to within summation order; computed in fp32 it
+    would not be. A zero state gives NaN (no exit) in both; a padded position's NaN counts for nothing."""
+    from latentrt.kernels import exits
+
+    g = torch.Generator().manual_seed(7)
+    prev = torch.randn(48, 3, 300, generator=g)
+    new = (prev + 0.05 * torch.randn(48, 3, 300, generator=g)).to(dtype)
+    prev = prev.to(dtype)
+    prev[0], new[1, 0] = 0.0, 0.0  # row 0: a zero previous state; row 1: a zero state at a padded position
+    valid = torch.rand(48, 3, generator=g) > 0.3
+    valid[:2] = torch.tensor([[True, True, True], [False, True, True]])
+    reference = exits.cosine_reference if cosine else exits.latent_diff_reference
+    want = reference(prev, new, valid)
+    out = exits.latent_diff_fused(prev, new, valid, cosine=cosine)
+    assert out.dtype == want.dtype == dtype
+    got, want = out.float(), want.float()
+    assert torch.isnan(got[0]) == torch.isnan(want[0]) == cosine  # |new - 0| / |new| = 1: no NaN
+    assert torch.isfinite(got[1:]).all() and torch.isfinite(want[1:]).all()
+    ulp = torch.finfo(dtype).eps * want[1:].abs()
+    assert ((got[1:] - want[1:]).abs() <= ulp).all()  # at most one unit in the last place apart
+    assert (got[1:] == want[1:]).float().mean() >= 0.9
+    in_fp32 = reference(prev.float(), new.float(), valid)[1:]
+    assert (in_fp32 != want[1:]).float().mean() >= 0.5  # the rounding is what is tested
 
 
 def test_kl_fused():

@@ -139,6 +139,8 @@ TRITON_CASES = [
     "min_steps argmax-stability ring-2",
     "single kv head adaptive",
     "cosine shared",
+    "cosine bf16 default threshold",
+    "latent-diff bf16",
     "speculative lookahead 3 draft 2 threshold 1 full",
     "wavefront defaults b",
     "wavefront skip depth 3",
@@ -190,6 +192,26 @@ def test_the_vectors_cover_each_published_difference():
         drop = ("repetition_penalty", "dry_multiplier", "dry_base", "dry_allowed_length")
         unpenalised = dict(case, options={k: v for k, v in case["options"].items() if k not in drop})
         assert _generate(unpenalised, "torch").tokens != case["tokens"], name
+
+
+def test_the_bf16_cases_depend_on_the_criteria_rounding_in_bf16(monkeypatch):
+    """Computed in fp32 (as latentrt did), the bf16 cases' latent-diff and cosine exit at other iterations than
+    the published code's, which computes and compares them in the states' bf16; and the zero initial state's
+    first cosine check is NaN (no epsilon), which never exits, where an epsilon would give 1 - 0 < 1.5."""
+    from latentrt.exits import ReferenceExitOps
+
+    assert _generate(CASES["cosine zero initial state"], "torch").steps[0] == 2  # not at the NaN check
+    bf16 = [n for n in CASES if CASES[n]["model"].endswith("-bf16")]
+    assert {CASES[n]["options"]["exit_criterion"] for n in bf16} == {"latent-diff", "cosine"}
+    in_fp32 = ReferenceExitOps.latent_diff
+
+    def fp32(prev, new, valid, cosine):
+        return in_fp32(prev.float(), new.float(), valid, cosine)
+
+    monkeypatch.setattr(ReferenceExitOps, "latent_diff", staticmethod(fp32))
+    for name in bf16:
+        case = CASES[name]
+        assert _generate(case, "torch").steps != case["steps"], name
 
 
 SEQUENTIAL = [c for c in CASES.values() if not (c.get("speculative") or c.get("wavefront"))]  # one token a unit

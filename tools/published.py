@@ -6,9 +6,9 @@
 (Huginn's recurrent-pretraining repository, ``recpre/``); ``--coconut DIR``: one holding Coconut's
 ``coconut.py`` and ``dataset.py``. Neither is vendored: fetch them, point this tool at them. The tool builds the
 tiny models of ``CASES`` with latentrt's own seeded initialisation (``build``; the test rebuilds the same
-weights and checks their checksum), runs the published generate paths on them in fp32 on the CPU (with the few
-shims transformers 5 needs, below), and writes the tokens and per-token iterations they produce. The test then
-runs latentrt with the same options on every backend and compares.
+weights and checks their checksum), runs the published generate paths on them on the CPU (in fp32; the ``-bf16``
+models in bf16, Huginn-0125's dtype) with the few shims transformers 5 needs (below), and writes the tokens and
+per-token iterations they produce. The test then runs latentrt with the same options on every backend and compares.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ MODELS = {
     "huginn-b": dict(config=BASE_HUGINN, seed=7),
     # the published config ignores padding_multiple: 97 rows, not 4096
     "huginn-vocab97": dict(config=dict(BASE_HUGINN, vocab_size=97, padding_multiple=4096), seed=2),
+    # Huginn-0125's own dtype: the published exit criteria on the states (latent-diff, cosine) run in it
+    "huginn-a-bf16": dict(config=BASE_HUGINN, seed=1, dtype="bfloat16"),
+    "huginn-b-bf16": dict(config=BASE_HUGINN, seed=7, dtype="bfloat16"),
     # one KV head with qk_bias: the key broadcasts to every query head with that head's bias
     "huginn-mqa": dict(config=dict(BASE_HUGINN, num_attention_heads=4, num_key_value_heads=1), seed=3),
     # Huginn-0125's vocabulary size, so its stop tokens 65504 / 65505 / 65508 exist; the head row of 65505
@@ -61,7 +64,8 @@ MODELS = {
 
 
 def build(name: str, spec: dict | None = None):
-    """The model ``name`` of MODELS (or ``spec``) with latentrt's seeded init, on the CPU in fp32."""
+    """The model ``name`` of MODELS (or ``spec``) with latentrt's seeded init, on the CPU in fp32 (or the spec's
+    ``dtype``, cast from those fp32 weights)."""
     from latentrt.families import build_model, parse_config
 
     spec = spec or MODELS[name]
@@ -76,7 +80,7 @@ def build(name: str, spec: dict | None = None):
             row, src, scale = copy
             model.lm_head.weight[row] = scale * model.lm_head.weight[src]
     model.eval()
-    return model
+    return model.to(getattr(torch, spec.get("dtype", "float32")))
 
 
 def checksum(model) -> str:
@@ -200,6 +204,35 @@ CASES = [
         name="cosine shared",
         model="huginn-b",
         options=dict(ADAPTIVE, exit_criterion="cosine", exit_threshold=0.02, kv_sharing="compress-s4"),
+    ),
+    # the criteria on the states in Huginn-0125's dtype: the published code computes and compares them in bf16
+    dict(
+        name="cosine bf16 default threshold",
+        model="huginn-a-bf16",
+        prompt=[20, 1, 1, 1, 34, 0, 24],
+        options=dict(ADAPTIVE, exit_criterion="cosine", kv_sharing="latest-m4"),
+    ),
+    dict(
+        name="latent-diff bf16",
+        model="huginn-b-bf16",
+        prompt=[2, 3, 15, 25, 2, 25, 31],
+        options=dict(
+            ADAPTIVE, exit_criterion="latent-diff", exit_threshold=0.10217837019447579, kv_sharing="latest-m4"
+        ),
+    ),
+    dict(
+        name="latent-diff bf16 b",
+        model="huginn-a-bf16",
+        prompt=[25, 36, 23, 33, 17, 5, 29],
+        options=dict(
+            ADAPTIVE, exit_criterion="latent-diff", exit_threshold=0.26223584276085815, kv_sharing="latest-m4"
+        ),
+    ),
+    # a zero initial state: the published cosine (no epsilon) is NaN at the first check, which never exits
+    dict(
+        name="cosine zero initial state",
+        model="huginn-a",
+        options=dict(ADAPTIVE, exit_criterion="cosine", exit_threshold=1.5, kv_sharing="latest-m4"),
     ),
     dict(
         name="entropy-diff ring-3 continuous",
@@ -588,6 +621,7 @@ def published_huginn(rm, model):
     assert not unexpected and set(missing) <= {"lm_head.weight", "freqs_cis"}, (missing, unexpected)
     if not model.config.tie_embeddings:
         pub.lm_head.weight.data.copy_(model.lm_head.weight)
+    pub = pub.to(model.lm_head.weight.dtype)  # the published model in the model's dtype (bf16: Huginn-0125's)
     units: list[int] = []
     embed, iterate = pub.embed_inputs, pub.iterate_one_step
 

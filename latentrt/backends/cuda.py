@@ -171,7 +171,7 @@ def loop_args(ext, model, cache, spec):
     a.head_dim, a.ffn, a.max_len, a.vocab = cfg.head_dim, cfg.intermediate_size, cache.max_len, cfg.padded_vocab_size
     a.r_max, a.min_steps, a.check_every = spec.r_max, spec.min_steps, spec.check_every
     a.criterion = CRITERIA[spec.criterion.name]
-    a.eps, a.threshold = float(cfg.norm_eps), float(spec.criterion.threshold)
+    a.eps, a.threshold = float(cfg.norm_eps), spec.criterion.kernel_threshold(torch.bfloat16)
 
     def layer(blk, k: Tensor, v: Tensor, slots: int):
         L = ext.SandwichLayer()

@@ -35,8 +35,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _latent_diff_kernel(prev_ptr, new_ptr, valid_ptr, out_ptr, n, D, COSINE: tl.constexpr, BLOCK: tl.constexpr):
-        """Program b: mean over b's real positions of |new-prev|/|new| (or 1 - cos(new, prev))."""
+        """Program b: mean over b's real positions of |new-prev|/|new| (or 1 - that mean of cos(new, prev)),
+        rounded to the states' dtype where the reference (the published formula in that dtype) rounds:
+        new - prev and new * prev per element, each norm, dot and quotient, the mean and 1 - it."""
         b = tl.program_id(0)
+        dt = new_ptr.dtype.element_ty  # x.to(dt).to(tl.float32): x rounded to the states' dtype
         total = 0.0
         count = 0.0
         for p in range(0, n):
@@ -49,18 +52,25 @@ if HAVE_TRITON:
                 m = c < D
                 x = tl.load(new_ptr + (b * n + p) * D + c, mask=m, other=0.0).to(tl.float32)
                 y = tl.load(prev_ptr + (b * n + p) * D + c, mask=m, other=0.0).to(tl.float32)
-                dd += tl.sum((y - x) * (y - x), 0)
+                diff = (x - y).to(dt).to(tl.float32)
+                dd += tl.sum(diff * diff, 0)
                 nn += tl.sum(x * x, 0)
                 pp += tl.sum(y * y, 0)
-                dot += tl.sum(x * y, 0)
+                dot += tl.sum((x * y).to(dt).to(tl.float32), 0)
+            # IEEE-rounded square roots and quotients (the GPU's defaults approximate), as torch's
+            norm_new = tl.sqrt_rn(nn).to(dt).to(tl.float32)
             if COSINE:
-                value = 1.0 - dot / tl.maximum(tl.sqrt(nn) * tl.sqrt(pp), 1e-8)
+                value = tl.div_rn(dot.to(dt).to(tl.float32), norm_new).to(dt).to(tl.float32)
+                value = tl.div_rn(value, tl.sqrt_rn(pp).to(dt).to(tl.float32)).to(dt).to(tl.float32)
             else:
-                value = tl.sqrt(dd) / tl.sqrt(nn)
+                value = tl.div_rn(tl.sqrt_rn(dd).to(dt).to(tl.float32), norm_new).to(dt).to(tl.float32)
             w = (tl.load(valid_ptr + b * n + p) != 0).to(tl.float32)
-            total += value * w
+            total += tl.where(w > 0, value, 0.0)
             count += w
-        tl.store(out_ptr + b, total / tl.maximum(count, 1.0))
+        mean = tl.div_rn(total, tl.maximum(count, 1.0)).to(dt).to(tl.float32)
+        if COSINE:
+            mean = 1.0 - mean
+        tl.store(out_ptr + b, mean)  # rounded to the states' dtype by the store
 
     @triton.jit
     def _kl_kernel(logits_ptr, prev_ptr, logp_ptr, kl_ptr, V, BLOCK: tl.constexpr):
@@ -89,8 +99,10 @@ if HAVE_TRITON:
 
 
 def latent_diff_fused(prev: Tensor, new: Tensor, valid: Tensor, cosine: bool = False) -> Tensor:
+    """The criterion per sequence [B] in the states' dtype (compared with the threshold in it, as the
+    reference's value is)."""
     B, n, D = new.shape
-    out = torch.empty(B, dtype=torch.float32, device=new.device)
+    out = torch.empty(B, dtype=new.dtype, device=new.device)
     _latent_diff_kernel[(B,)](
         prev.contiguous(), new.contiguous(), valid.contiguous(), out, n, D, COSINE=cosine, BLOCK=min(1024, next_pow2(D))
     )

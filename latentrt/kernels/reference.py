@@ -74,18 +74,28 @@ def gelu_new(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ exit tests
+def _position_mean(per: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``per`` [B, n] over each sequence's real positions (``valid`` [B, n]), in ``per``'s dtype: the
+    sum in fp32 rounded once, as torch's ``mean`` rounds a bf16 mean (the published criteria average all
+    positions of their one sequence). A padded position's value (NaN on a zero state) counts for nothing."""
+    w = valid.to(torch.float32)
+    total = torch.where(valid, per.float(), 0.0).sum(-1)
+    return (total / w.sum(-1).clamp(min=1)).to(per.dtype)
+
+
 def latent_diff_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
-    """mean over real positions of |new - prev| / |new|, per sequence [B]. prev/new [B,n,d], valid [B,n]."""
-    per = (prev.float() - new.float()).norm(dim=-1) / new.float().norm(dim=-1)
-    w = valid.float()
-    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
+    """mean over real positions of |new - prev| / |new|, per sequence [B]. prev/new [B,n,d], valid [B,n].
+
+    The published LatentDiffExitEvaluator's formula in the states' own dtype (a bf16 model's criterion is
+    rounded to bf16 at each op, and its threshold compares in bf16), so the exits are its exits."""
+    return _position_mean((new - prev).norm(dim=-1) / new.norm(dim=-1), valid)
 
 
 def cosine_reference(prev: Tensor, new: Tensor, valid: Tensor) -> Tensor:
-    """mean over real positions of 1 - cos(new, prev), per sequence [B]."""
-    per = 1.0 - F.cosine_similarity(new.float(), prev.float(), dim=-1)
-    w = valid.float()
-    return (per * w).sum(-1) / w.sum(-1).clamp(min=1)
+    """1 - the mean over real positions of cos(new, prev), per sequence [B]: the published
+    CosineExitEvaluator's formula (dot / |new| / |prev|, no epsilon: a zero state gives NaN, which never
+    exits) in the states' own dtype, as ``latent_diff_reference``."""
+    return 1 - _position_mean((new * prev).sum(dim=-1) / new.norm(dim=-1) / prev.norm(dim=-1), valid)
 
 
 def kl_reference(logits: Tensor, prev_logp: Tensor) -> tuple[Tensor, Tensor]:
