@@ -1005,6 +1005,14 @@ HUGINN_TRAINING = [
         ids=[[20, 21, 22, 23, 24, 25, 26]],
         labels=[[20, 21, 22, 23, 24, 25, 26]],
     ),
+    dict(  # the fine-tuning script's precision ("bf16-true": bf16 weights, no autocast)
+        name="huginn training in bf16",
+        model="huginn-a-bf16",
+        steps=[3, 2],
+        torch_seed=24,
+        ids=[[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17, 18, 19, 0, 0, 0]],
+        labels=[[-100, -100, -100, -100, 9, 10, 11, 12, 13], [-100, -100, 16, 17, 18, 19, -100, -100, -100]],
+    ),
     dict(
         name="huginn training: one KV head with qk_bias",
         model="huginn-mqa",
