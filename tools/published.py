@@ -797,6 +797,7 @@ def published_coconut(cm, model, eos: int):
         )
     ).eval()
     hf.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)
+    hf = hf.to(model.lm_head.weight.dtype)  # the model's dtype (as published_huginn)
 
     class LegacyCache(nn.Module):
         def __init__(self, lm):
