@@ -164,6 +164,19 @@ def _load(args):
     )
 
 
+def published_dtype(args) -> str | None:
+    """The dtype ``train`` and ``eval`` load the model in: --dtype's, else on a GPU the one the published code
+    trains and evaluates its family in (``Family.published_dtype``: Coconut's fp32), else load's default."""
+    if args.dtype is not None:
+        return args.dtype
+    from .loader import parse_device, read_model_config
+
+    if parse_device(args.device).type != "cuda":
+        return None
+    _, _, family = read_model_config(args.model, args.revision, **json_object(args.hf_overrides, "--hf-overrides"))
+    return family.published_dtype
+
+
 def cmd_generate(args) -> int:
     from .chat import chat_template_for
     from .engine import generate
@@ -364,9 +377,9 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.command import run_train, training_dtype
+    from .train.command import run_train
 
-    args.dtype = training_dtype(args)  # (on a GPU, the published script's precision unless --dtype)
+    args.dtype = published_dtype(args)  # (on a GPU, the published script's precision unless --dtype)
     return run_train(_load(args), args)
 
 
@@ -374,6 +387,7 @@ def cmd_eval(args) -> int:
     from .evaluate import run_eval
 
     check_chat_args(args)
+    args.dtype = published_dtype(args)  # (on a GPU, the published evaluation's precision unless --dtype)
     return run_eval(_load(args), args, generate_options(args))
 
 

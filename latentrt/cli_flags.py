@@ -68,7 +68,12 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> No
     )
     p.add_argument("--revision", default=None, help="Hub ids: a branch, tag or commit (default: main)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU; train and eval a Coconut model in "
+        "fp32 on GPU, as its published run.py)",
+    )
     p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--weights", default=None, help="weights file to use instead of the folder's (.safetensors/.pt)")
     p.add_argument(

@@ -31,6 +31,9 @@ class Family:
     model: type  # a LatentModel (latentrt/models/base.py)
     decoder: type  # a Decoder (latentrt/decode/base.py)
     serving: type | None = None  # a ServingProgram (latentrt/decode/serving.py); None: not servable
+    # the weights' dtype the published code trains and evaluates the family in on a GPU, which ``latentrt train``
+    # and ``latentrt eval`` load in there unless --dtype; None: load's default (bf16, Huginn's own precision)
+    published_dtype: str | None = None
 
     @property
     def title(self) -> str:
@@ -40,7 +43,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "huginn_raven": Family(RecurrentConfig, RecurrentDepthLM, RecurrentDecoder, RecurrentServing),
-    "gpt2": Family(GPT2Config, CoconutGPT2, CoconutDecoder, CoconutServing),
+    # Coconut's run.py trains and evaluates GPT-2 in fp32 (its configs' bf16: False)
+    "gpt2": Family(GPT2Config, CoconutGPT2, CoconutDecoder, CoconutServing, published_dtype="float32"),
 }
 
 

@@ -243,13 +243,14 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
 def test_precision_is_the_published_scripts_unless_given(coconut_dir, huginn_like, tmp_path, monkeypatch):
     """The published recipes train in the weights' own dtype, no autocast (Huginn's script: bf16 weights, its
     "bf16-true"; Coconut's run.py: fp32, its "bf16: False"); latentrt's scratch recipe runs bf16 autocast on a
-    GPU; ``--autocast`` / ``--no-autocast`` choose. On a GPU ``latentrt train`` loads a Coconut model in fp32
-    (it loaded bf16, load's GPU default, and trained it in bf16 autocast); --dtype wins."""
+    GPU; ``--autocast`` / ``--no-autocast`` choose. On a GPU ``latentrt train`` and ``latentrt eval`` load a
+    Coconut model in fp32 (they loaded bf16, load's GPU default, and trained it in bf16 autocast); --dtype
+    wins."""
     import argparse
 
     import latentrt.train.coconut as coconut
-    import latentrt.train.command as command
     import latentrt.train.recurrent as recurrent
+    from latentrt.cli import published_dtype
 
     assert not TrainOptions.coconut_published().autocast and not TrainOptions.huginn_published().autocast
     assert TrainOptions().autocast
@@ -275,9 +276,21 @@ def test_precision_is_the_published_scripts_unless_given(coconut_dir, huginn_lik
         assert enabled and set(enabled) == {on}, (args, enabled)
     monkeypatch.setattr("latentrt.loader.parse_device", lambda device: torch.device("cuda"))
     given = dict(device=None, revision=None, hf_overrides=None, dtype=None)
-    dtypes = [command.training_dtype(argparse.Namespace(**given, model=str(m))) for m in (coconut_dir, folder)]
+    dtypes = [published_dtype(argparse.Namespace(**given, model=str(m))) for m in (coconut_dir, folder)]
     assert dtypes == ["float32", None]  # (None: load's GPU default, bf16)
-    assert command.training_dtype(argparse.Namespace(**{**given, "dtype": "bf16"}, model=str(coconut_dir))) == "bf16"
+    assert published_dtype(argparse.Namespace(**{**given, "dtype": "bf16"}, model=str(coconut_dir))) == "bf16"
+    # latentrt eval loads as run.py evaluates (it loaded bf16 there)
+    loaded = []
+
+    def record(args):
+        loaded.append(args.dtype)
+        raise latentrt.InputError("stop here")
+
+    monkeypatch.setattr("latentrt.cli._load", record)
+    for extra in ([], ["--dtype", "bfloat16"]):
+        assert main(["eval", str(coconut_dir), str(qa), *extra]) == 2
+    assert main(["eval", str(folder), str(qa)]) == 2
+    assert loaded == ["float32", "bfloat16", None]
 
 
 def test_a_published_curriculum_resumes_at_an_epoch(coconut_dir, tmp_path):

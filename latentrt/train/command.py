@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..chat import LOSS_ON, chat_template_file
-from ..cli_flags import json_object
 from ..errors import InputError, env_number, renamed
 from ..records import read_records_file
 from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
@@ -245,29 +244,13 @@ class Trainer:
     run: Callable  # (model, args, records) -> the log
     flags: tuple[str, ...]  # the command's flags only this trainer takes
     title: str  # how messages name its models
-    gpu_dtype: str | None = None  # the weights' dtype on a GPU without --dtype (None: load's, bf16)
 
 
 # model_type -> its trainer: one line per family that can be trained from the command line
 TRAINERS = {
     "huginn_raven": Trainer(_train_recurrent, RECURRENT_FLAGS, "recurrent-depth (huginn_raven)"),
-    # Coconut's run.py trains GPT-2 in fp32 (its configs' bf16: False); Huginn's script in bf16 ("bf16-true")
-    "gpt2": Trainer(_train_coconut, COCONUT_FLAGS, "Coconut (gpt2)", gpu_dtype="float32"),
+    "gpt2": Trainer(_train_coconut, COCONUT_FLAGS, "Coconut (gpt2)"),
 }
-
-
-def training_dtype(args) -> str | None:
-    """The dtype ``latentrt train`` loads the model in: --dtype's, else on a GPU its trainer's (the published
-    script's precision), else load's default (fp32 on a CPU)."""
-    if args.dtype is not None:
-        return args.dtype
-    from ..loader import parse_device, read_model_config
-
-    if parse_device(args.device).type != "cuda":
-        return None
-    _, cfg, _ = read_model_config(args.model, args.revision, **json_object(args.hf_overrides, "--hf-overrides"))
-    trainer = TRAINERS.get(cfg.model_type)
-    return trainer.gpu_dtype if trainer is not None else None
 
 
 def summary(log: list[dict]) -> str:
