@@ -239,3 +239,19 @@ def test_triton_bf16_anchored_on_fp32(kv):
                 assert rel_err(b.logits[i][t], anchor.logits[i][t]) < 2 * bf16_error + 5e-3
                 compared += 1
     assert compared >= 9
+
+
+def test_triton_coconut_thoughts_bf16_anchored_on_fp32():
+    """Continuous thoughts in bf16 through the Triton feedback path under the interpreter: the torch backend's
+    bf16 tokens, logits as close to the fp32 run's as its bf16 ones."""
+    ref32, ref, fast = (tiny_coconut(seed=6) for _ in range(3))
+    ref, fast = ref.to(torch.bfloat16), fast.to(torch.bfloat16)
+    fast.backend = get_backend("triton", fast)
+    kw = dict(max_new_tokens=5, num_thoughts=3, return_logits=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    anchor, a, b = (latentrt.generate(m, prompts, **kw) for m in (ref32, ref, fast))
+    assert a.tokens == b.tokens == anchor.tokens and b.backend == "triton"
+    for x, y, z in zip(a.logits, b.logits, anchor.logits):
+        bf16_error = rel_err(x, z)
+        assert 1e-3 < bf16_error < 3e-2
+        assert rel_err(y, z) < 2 * bf16_error + 5e-3
