@@ -363,13 +363,16 @@ def write_checkpoint_files(
     """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder, and
     the ``COMPANION_FILES`` of the folder the model was loaded from that ``folder`` does not have yet;
     ``metadata`` goes into every safetensors header (e.g. the trainer's step)."""
-    cfg = model.config.to_dict()
+    cfg = model.config.to_file_dict()
     cfg = {k: v for k, v in cfg.items() if v is not None and not k.endswith("_token")}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     _step("config-written")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if tie_key is not None:
         sd.pop(tie_key, None)
+    file_buffers = getattr(model, "file_buffers", None)  # what the published code reads from the file too
+    if file_buffers is not None:
+        sd.update(file_buffers())
     meta = {"format": "pt", **(metadata or {})}
     if max_shard_bytes is None:
         save_file(sd, str(folder / "model.safetensors"), metadata=meta)

@@ -117,6 +117,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_file_dict(self) -> dict[str, Any]:
+        """The fields a saved config.json holds, under their published names where they have one (ALIASES
+        inverted: Huginn's ``n_heads``), so the published code reads the folder as latentrt does."""
+        published = {field: name for name, field in self.ALIASES.items()}
+        return {published.get(k, k): v for k, v in self.to_dict().items()}
+
 
 def eos_ids(eos) -> list[int]:
     """An ``eos_token_id`` as config.json and generation_config.json hold it (one id, a list of them, or None)

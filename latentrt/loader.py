@@ -66,6 +66,7 @@ def load(
     model.to_empty(device=device)
     model.tie_weights()
     load_weights(model, state_dict, model.tied_keys())
+    model.read_file_buffers(state_dict)
     model.init_buffers()
     model.eval()
     model.tokenizer = tokenizer

@@ -41,12 +41,37 @@ def test_coconut_round_trip_and_tokenizer(coconut_dir):
     assert rel_err(model.logits(ids), ref.logits(ids)) < 1e-6
 
 
-def test_freqs_cis_in_file_is_ignored(tmp_path, recurrent_model):
+def test_the_files_rope_table_is_used_as_published(tmp_path, recurrent_model):
+    """The published model reads its RoPE table (``freqs_cis``) from the checkpoint, so a bf16 file's table is
+    rounded to bf16 there; latentrt ignored it and computed its own fp32 table (on such a file its logits were
+    far from the published model's: 0.8 at 20 positions, found with the published code). It uses the file's
+    values now, and a table of another shape is an error; a saved folder carries the table (the published
+    loader left a missing one uninitialised: garbage) under the published names (``n_heads``)."""
+    from latentrt.kernels.reference import rope_tables
+
     save_checkpoint(recurrent_model, tmp_path, tie_key="lm_head.weight")
     sd = load_file(tmp_path / "model.safetensors")
-    sd["freqs_cis"] = torch.randn(1, 96, 1, 8, 2)
+    hd, T = recurrent_model.config.head_dim, recurrent_model.config.block_size
+    cos, sin = rope_tables(hd, T, recurrent_model.config.rope_base)
+    assert torch.equal(sd["freqs_cis"], torch.stack([cos[None, :, None], sin[None, :, None]], dim=4))
+    assert json.loads((tmp_path / "config.json").read_text())["n_heads"] == recurrent_model.config.num_attention_heads
+    exact = latentrt.load(tmp_path, device="cpu")
+    sd["freqs_cis"] = sd["freqs_cis"].to(torch.bfloat16)  # as a bf16 checkpoint holds it
     save_file(sd, tmp_path / "model.safetensors")
-    latentrt.load(tmp_path, device="cpu")
+    rounded = latentrt.load(tmp_path, device="cpu")
+    assert torch.equal(rounded.rope_cos, cos.to(torch.bfloat16).float())
+    assert torch.equal(rounded.rope_sin, sin.to(torch.bfloat16).float())
+    ids = torch.tensor([list(range(3, 30))])
+    assert not torch.equal(
+        rounded.logits(ids, num_steps=2, init_scale=0.0), exact.logits(ids, num_steps=2, init_scale=0.0)
+    )
+    again = tmp_path / "again"
+    save_checkpoint(rounded, again, tie_key="lm_head.weight")  # the table goes on with the model
+    assert torch.equal(load_file(again / "model.safetensors")["freqs_cis"], sd["freqs_cis"].float())
+    sd["freqs_cis"] = torch.randn(1, T, 1, hd, 2)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'freqs_cis' has shape \(1, 96, 1, 16, 2\), the config implies"):
+        latentrt.load(tmp_path, device="cpu")
 
 
 def test_bf16_load(recurrent_dir):
@@ -148,7 +173,8 @@ def test_unknown_override_and_file_field(recurrent_dir):
 
 
 def test_n_heads_alias_and_rope_default(recurrent_dir):
-    _edit_config(recurrent_dir, lambda c: (c.update(n_heads=c.pop("num_attention_heads")), c.pop("rope_base")))
+    assert "num_attention_heads" not in json.loads((recurrent_dir / "config.json").read_text())  # saved: n_heads
+    _edit_config(recurrent_dir, lambda c: (c.update(num_attention_heads=c.pop("n_heads")), c.pop("rope_base")))
     m = latentrt.load(recurrent_dir, device="cpu")
     assert m.config.num_attention_heads == 2 and m.config.rope_base == 50000.0
 
@@ -204,7 +230,8 @@ def test_loading_allocates_each_weight_once_and_reads_one_tensor_at_a_time(tmp_p
     with Allocations() as allocated:
         loaded = latentrt.load(tmp_path, device="cpu", dtype=torch.bfloat16)
     weights = sum(p.numel() * 2 for p in loaded.parameters())
-    assert len(alive) == len(loaded.state_dict()) and dict(+allocated.bytes) == {torch.bfloat16: weights}
+    read = len(loaded.state_dict()) + len(loaded.file_buffers())  # (+ freqs_cis, the published RoPE table)
+    assert len(alive) == read and dict(+allocated.bytes) == {torch.bfloat16: weights}
     want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
 

@@ -83,6 +83,16 @@ class LatentModel(nn.Module):
     def init_buffers(self) -> None:
         """(Re)compute derived, non-persistent buffers on the model's device (e.g. RoPE tables)."""
 
+    def read_file_buffers(self, state_dict: dict) -> None:
+        """Take the buffers the published model reads from its checkpoint file although they could be derived
+        (Huginn's ``freqs_cis``: the published model uses the file's values, as stored) from a loaded state
+        dict (tensors or ``checkpoint.StoredTensor``); before ``init_buffers``. None here."""
+
+    def file_buffers(self) -> dict[str, Tensor]:
+        """The buffers a checkpoint of this model carries for the published code to load it (their published
+        names); none here."""
+        return {}
+
     def reserve_positions(self, n: int) -> None:
         """Make position-indexed tables (RoPE) cover positions [0, n) before a call that reaches them."""
 

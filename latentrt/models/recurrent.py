@@ -316,6 +316,7 @@ class RecurrentDepthLM(LatentModel):
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.file_rope: tuple[Tensor, Tensor] | None = None  # the checkpoint's freqs_cis (cos, sin), fp32, CPU
 
     # ---------------------------------------------------------------- setup
     ROPE_POSITIONS = 8192  # positions the RoPE tables cover at first; reserve_positions grows them
@@ -326,9 +327,47 @@ class RecurrentDepthLM(LatentModel):
         until it is used)."""
         cfg = self.config
         n = min(cfg.block_size, positions or self.ROPE_POSITIONS)
-        self.rope_cos, self.rope_sin = rope_tables(
-            cfg.head_dim, n, cfg.rope_base, device=self.transformer.wte.weight.device
-        )
+        device = self.transformer.wte.weight.device
+        cos, sin = rope_tables(cfg.head_dim, n, cfg.rope_base, device=device)
+        if self.file_rope is not None:  # the checkpoint's values where it has them, as the published model
+            m = min(n, self.file_rope[0].shape[0])
+            cos[:m], sin[:m] = (t[:m].to(device) for t in self.file_rope)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    # the most positions a saved freqs_cis may hold (published buffer: block_size; 2**20 x 48 pairs: 384 MiB)
+    FILE_ROPE_POSITIONS = 1 << 20
+
+    def read_file_buffers(self, state_dict: dict) -> None:
+        """The published model reads its RoPE table (``freqs_cis`` [1, block_size, 1, head_dim / 2, 2]: cos,
+        sin) from the checkpoint, so its values are the file's: rounded to bf16 in a bf16 file. latentrt uses
+        them too (else its own fp32 table); a table of another shape is an error, as it is there."""
+        table = state_dict.get("freqs_cis")
+        if table is None:
+            return
+        from ..errors import CheckpointError
+
+        pairs = self.config.head_dim // 2
+        shape = tuple(table.shape)
+        if len(shape) != 5 or shape[0] != 1 or shape[2] != 1 or shape[3:] != (pairs, 2) or shape[1] < 1:
+            raise CheckpointError(
+                f"tensor 'freqs_cis' has shape {shape}, the config implies (1, positions, 1, {pairs}, 2) "
+                f"(the published RoPE table: cos, sin of head_dim / 2 = {pairs} pairs)"
+            )
+        t = (table.read() if hasattr(table, "read") else table).detach().to("cpu", torch.float32)
+        self.file_rope = (t[0, :, 0, :, 0].clone(), t[0, :, 0, :, 1].clone())
+
+    def file_buffers(self) -> dict[str, Tensor]:
+        """``freqs_cis`` as the published model holds it (fp32; the loaded file's values where it had them), so
+        the published code reads a saved folder's table rather than leave its buffer uninitialised; none for
+        a context over FILE_ROPE_POSITIONS."""
+        cfg = self.config
+        if cfg.block_size > self.FILE_ROPE_POSITIONS:
+            return {}
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base, device="cpu")
+        if self.file_rope is not None:
+            m = min(cfg.block_size, self.file_rope[0].shape[0])
+            cos[:m], sin[:m] = self.file_rope[0][:m], self.file_rope[1][:m]
+        return {"freqs_cis": torch.stack([cos[None, :, None, :], sin[None, :, None, :]], dim=4).contiguous()}
 
     def reserve_positions(self, n: int) -> None:
         if n > self.rope_cos.shape[0]:
