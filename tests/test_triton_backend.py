@@ -1,5 +1,7 @@
 """End to end: the triton backend gives the torch backend's tokens and step counts (fp32, interpreter on CPU)."""
 
+import os
+
 import pytest
 import torch
 from conftest import rel_err, tiny_coconut, tiny_recurrent
@@ -11,6 +13,14 @@ from latentrt.errors import InputError
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_status()[1])
 PROMPTS = [[5, 6, 7, 8, 9], [12, 13], [20, 21, 22, 23]]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_models_need_the_interpreter(request):
+    """The tests not marked gpu build their models on the CPU for the Triton interpreter; on a GPU machine (no
+    interpreter: the Triton backend refuses a CPU model) they skip, and the gpu-marked ones run."""
+    if "gpu" not in request.keywords and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU models through the Triton interpreter (TRITON_INTERPRET=1; on a GPU the gpu tests run)")
 
 
 def _pair(seed=1, **cfg):
