@@ -327,12 +327,16 @@ class RecurrentDepthLM(LatentModel):
         until it is used)."""
         cfg = self.config
         n = min(cfg.block_size, positions or self.ROPE_POSITIONS)
-        device = self.transformer.wte.weight.device
-        cos, sin = rope_tables(cfg.head_dim, n, cfg.rope_base, device=device)
-        if self.file_rope is not None:  # the checkpoint's values where it has them, as the published model
+        self.rope_cos, self.rope_sin = self._rope_tables(n, self.transformer.wte.weight.device)
+
+    def _rope_tables(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """fp32 cos, sin [n, head_dim / 2]: the checkpoint's values where it has them (as the published model
+        reads them), computed beyond."""
+        cos, sin = rope_tables(self.config.head_dim, n, self.config.rope_base, device=device)
+        if self.file_rope is not None:
             m = min(n, self.file_rope[0].shape[0])
             cos[:m], sin[:m] = (t[:m].to(device) for t in self.file_rope)
-        self.rope_cos, self.rope_sin = cos, sin
+        return cos, sin
 
     # the most positions a saved freqs_cis may hold (published buffer: block_size; 2**20 x 48 pairs: 384 MiB)
     FILE_ROPE_POSITIONS = 1 << 20
@@ -363,10 +367,7 @@ class RecurrentDepthLM(LatentModel):
         cfg = self.config
         if cfg.block_size > self.FILE_ROPE_POSITIONS:
             return {}
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base, device="cpu")
-        if self.file_rope is not None:
-            m = min(cfg.block_size, self.file_rope[0].shape[0])
-            cos[:m], sin[:m] = self.file_rope[0][:m], self.file_rope[1][:m]
+        cos, sin = self._rope_tables(cfg.block_size, "cpu")
         return {"freqs_cis": torch.stack([cos[None, :, None, :], sin[None, :, None, :]], dim=4).contiguous()}
 
     def reserve_positions(self, n: int) -> None:
