@@ -54,6 +54,7 @@ def test_the_files_rope_table_is_used_as_published(tmp_path, recurrent_model):
     hd, T = recurrent_model.config.head_dim, recurrent_model.config.block_size
     cos, sin = rope_tables(hd, T, recurrent_model.config.rope_base)
     assert torch.equal(sd["freqs_cis"], torch.stack([cos[None, :, None], sin[None, :, None]], dim=4))
+    assert set(recurrent_model.file_buffers()) == set(recurrent_model.FILE_BUFFERS)
     assert json.loads((tmp_path / "config.json").read_text())["n_heads"] == recurrent_model.config.num_attention_heads
     exact = latentrt.load(tmp_path, device="cpu")
     sd["freqs_cis"] = sd["freqs_cis"].to(torch.bfloat16)  # as a bf16 checkpoint holds it
@@ -230,7 +231,7 @@ def test_loading_allocates_each_weight_once_and_reads_one_tensor_at_a_time(tmp_p
     with Allocations() as allocated:
         loaded = latentrt.load(tmp_path, device="cpu", dtype=torch.bfloat16)
     weights = sum(p.numel() * 2 for p in loaded.parameters())
-    read = len(loaded.state_dict()) + len(loaded.file_buffers())  # (+ freqs_cis, the published RoPE table)
+    read = len(loaded.state_dict()) + len(loaded.FILE_BUFFERS)  # (+ freqs_cis, the published RoPE table)
     assert len(alive) == read and dict(+allocated.bytes) == {torch.bfloat16: weights}
     want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())

@@ -88,6 +88,8 @@ class LatentModel(nn.Module):
         (Huginn's ``freqs_cis``: the published model uses the file's values, as stored) from a loaded state
         dict (tensors or ``checkpoint.StoredTensor``); before ``init_buffers``. None here."""
 
+    FILE_BUFFERS: ClassVar[tuple[str, ...]] = ()  # the names ``file_buffers`` writes (a resume leaves them out)
+
     def file_buffers(self) -> dict[str, Tensor]:
         """The buffers a checkpoint of this model carries for the published code to load it (their published
         names); none here."""

@@ -340,6 +340,7 @@ class RecurrentDepthLM(LatentModel):
 
     # the most positions a saved freqs_cis may hold (published buffer: block_size; 2**20 x 48 pairs: 384 MiB)
     FILE_ROPE_POSITIONS = 1 << 20
+    FILE_BUFFERS = ("freqs_cis",)
 
     def read_file_buffers(self, state_dict: dict) -> None:
         """The published model reads its RoPE table (``freqs_cis`` [1, block_size, 1, head_dim / 2, 2]: cos,

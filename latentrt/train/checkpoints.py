@@ -161,7 +161,7 @@ def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.O
             "saves; refusing to resume from a mismatched pair"
         )
     weights = load_file(str(folder / "model.safetensors"))
-    for name in getattr(model, "file_buffers", dict)():  # (for the published code's loader: freqs_cis)
+    for name in getattr(model, "FILE_BUFFERS", ()):  # (for the published code's loader: freqs_cis)
         weights.pop(name, None)
     keys = model.tied_keys() if hasattr(model, "tied_keys") else None
     if keys is not None and keys[0] not in weights:
