@@ -66,8 +66,23 @@ def _model(name: str):
     return _models[name]
 
 
+def _from_file(name: str):
+    """The model ``name`` as a bf16 checkpoint file holds it, loaded by latentrt (``save_bf16_checkpoint``: the
+    file the published ``from_pretrained`` read for the case)."""
+    import tempfile
+
+    from tools.published import save_bf16_checkpoint
+
+    key = ("file", name)
+    if key not in _models:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_bf16_checkpoint(_model(name), Path(tmp))
+            _models[key] = latentrt.load(tmp, device="cpu", dtype="bfloat16")
+    return _models[key]
+
+
 def _generate(case: dict, backend: str, n_tokens: int | None = None):
-    model = _model(case["model"])
+    model = _from_file(case["model"]) if case.get("from_file") else _model(case["model"])
     model.backend = get_backend(backend, model)
     if case.get("coconut"):
         model.eos_token_id = case["eos"]
@@ -212,6 +227,23 @@ def test_the_bf16_cases_depend_on_the_criteria_rounding_in_bf16(monkeypatch):
     for name in bf16:
         case = CASES[name]
         assert _generate(case, "torch").steps != case["steps"], name
+
+
+def test_a_bf16_files_rope_table_is_what_the_case_checks():
+    """The published model rotates with the bf16 file's RoPE table (the vector); with the exact fp32 table,
+    which latentrt used before, this case's tokens differ."""
+    case = CASES["bf16 checkpoint file rope table"]
+    model = _from_file(case["model"])
+    saved = model.file_rope
+    assert saved is not None
+    try:
+        model.file_rope = None
+        model.init_buffers()
+        other = latentrt.generate(model, case["prompt"], max_new_tokens=case["max_new_tokens"], **case["options"])
+    finally:
+        model.file_rope = saved
+        model.init_buffers()
+    assert other.tokens != case["tokens"]
 
 
 SEQUENTIAL = [c for c in CASES.values() if not (c.get("speculative") or c.get("wavefront"))]  # one token a unit

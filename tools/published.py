@@ -228,6 +228,15 @@ CASES = [
             ADAPTIVE, exit_criterion="latent-diff", exit_threshold=0.26223584276085815, kv_sharing="latest-m4"
         ),
     ),
+    # a bf16 checkpoint file loaded by the published from_pretrained: its RoPE table is the file's (bf16 values)
+    dict(
+        name="bf16 checkpoint file rope table",
+        model="huginn-a",
+        from_file=True,
+        prompt=[27, 30, 36, 0, 13, 29, 31, 17, 10, 2, 33, 31, 20, 4, 15, 23, 2, 26, 8, 38, 22, 24, 26, 18],
+        max_new_tokens=12,
+        options=dict(num_steps=8, init_scale=0.0, default_stops=False),
+    ),
     # a zero initial state: the published cosine (no epsilon) is NaN at the first check, which never exits
     dict(
         name="cosine zero initial state",
@@ -715,6 +724,37 @@ def run_wavefront(rm, case: dict, model) -> dict:
     return {"tokens": tokens, "steps": steps, "diffusion_steps": out.scores["diffusion_steps"]}
 
 
+def save_bf16_checkpoint(model, folder: Path) -> None:
+    """``model`` saved as a bf16 Huginn checkpoint is (Huginn-0125's dtype): latentrt's folder (published config
+    names, the published ``freqs_cis`` table) with every tensor, the table included, cast to bf16."""
+    from safetensors.torch import load_file, save_file
+
+    from latentrt.checkpoint import save_checkpoint
+
+    save_checkpoint(model, folder, tie_key="lm_head.weight" if model.config.tie_embeddings else None)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def run_huginn_from_file(rm, case: dict, model) -> dict:
+    """The published model loaded by ``from_pretrained`` (bf16) from ``save_bf16_checkpoint``'s folder, its greedy
+    fixed-depth tokens: its RoPE table is the file's, rounded to bf16."""
+    import tempfile
+
+    from transformers import GenerationConfig
+
+    o = case["options"]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_bf16_checkpoint(model, Path(tmp))
+        pub = rm.RavenForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([case["prompt"]])
+    gc = GenerationConfig(max_new_tokens=case["max_new_tokens"], eos_token_id=None, do_sample=False)
+    seq = pub.generate_with_adaptive_compute(
+        ids, gc, max_new_tokens=case["max_new_tokens"], num_steps=o["num_steps"], init_scale=0.0, criterion="none"
+    )
+    return {"tokens": seq[0, ids.shape[1] :].tolist()}
+
+
 def run_huginn(rm, case: dict, model) -> dict:
     from transformers import GenerationConfig
 
@@ -722,6 +762,8 @@ def run_huginn(rm, case: dict, model) -> dict:
         return run_speculative(rm, case, model)
     if "wavefront" in case:
         return run_wavefront(rm, case, model)
+    if case.get("from_file"):
+        return run_huginn_from_file(rm, case, model)
     pub, units = published_huginn(rm, model)
     o = case["options"]
     ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
