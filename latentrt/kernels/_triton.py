@@ -25,37 +25,23 @@ if HAVE_TRITON:
     INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _interpreter_without_overflow_sanitizer() -> None:
-    """Under TRITON_INTERPRET=1 (the CPU tests), skip the interpreter's int32-overflow sanitizer: it checks
-    every integer op in Python (a third of the interpreted time) and compiled kernels do not run it either
-    (their default). The kernels' index math stays in int64 where it can grow (row strides x rows)."""
+def _without_overflow_sanitizer(interpreter) -> None:
+    """Skip the interpreter's int32-overflow sanitizer: it checks every integer op in Python (a third of the
+    interpreted time) and compiled kernels do not run it either (their default). The kernels' index math stays
+    in int64 where it can grow (row strides x rows)."""
     import dataclasses
-    import os
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover - another Triton layout: keep its defaults
-        return
     builder = getattr(interpreter, "interpreter_builder", None)
     if builder is not None and getattr(builder.options, "sanitize_overflow", False):
         builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
-def _interpreter_rounding_bf16_to_nearest() -> None:
-    """Under TRITON_INTERPRET=1, cast fp32 to bf16 to nearest even, as the GPU does (``cvt.rn``); the
-    interpreter truncates, so every bf16 kernel drifted from torch's rounding there and the CPU tests could
-    not check the kernels' bf16 rounding (latentrt's fast path's dtype). NaN stays NaN."""
-    import os
+def _rounding_bf16_to_nearest(interpreter) -> None:
+    """Cast fp32 to bf16 to nearest even, as the GPU does (``cvt.rn``); the interpreter truncates, so every bf16
+    kernel drifted from torch's rounding there and the CPU tests could not check the kernels' bf16 rounding
+    (latentrt's fast path's dtype). NaN stays NaN."""
+    import numpy as np
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import numpy as np
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover
-        return
     builder = getattr(interpreter, "interpreter_builder", None)
     handle = getattr(interpreter, "TensorHandle", None)
     if builder is None or handle is None or not hasattr(type(builder), "cast_impl"):  # pragma: no cover
@@ -74,6 +60,11 @@ def _interpreter_rounding_bf16_to_nearest() -> None:
     cls.cast_impl = cast_impl
 
 
-if HAVE_TRITON:
-    _interpreter_without_overflow_sanitizer()
-    _interpreter_rounding_bf16_to_nearest()
+if INTERPRETED:  # (the CPU tests) the interpreter, adjusted to run as compiled kernels do
+    try:
+        from triton.runtime import interpreter as _interpreter
+    except ImportError:  # pragma: no cover - another Triton layout: keep its defaults
+        _interpreter = None
+    if _interpreter is not None:
+        _without_overflow_sanitizer(_interpreter)
+        _rounding_bf16_to_nearest(_interpreter)
