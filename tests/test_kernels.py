@@ -284,6 +284,28 @@ def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T):
         assert (written[:, : length - 1] <= slot).any() and not torch.allclose(want, kept)
 
 
+@pytest.mark.parametrize("use_written", [False, True])
+def test_decode_attention_whole_key_blocks_of_padding(use_written):
+    """A row left-padded over whole key blocks (a short prompt batched with long ones: found on an H200,
+    a NaN latent at the first decoded token): a block with no valid key must leave the running softmax as
+    it is, not rescale it by exp(-inf - -inf). Poisoned padding: its K/V are never read either."""
+    from latentrt.kernels import decode_attention as da
+
+    B, H, Hkv, T, D, slots = 3, 2, 2, 200, 16, 3
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, H, D, generator=g)
+    ks, vs = torch.randn(slots, B, Hkv, T, D, generator=g), torch.randn(slots, B, Hkv, T, D, generator=g)
+    written = torch.randint(1, slots + 2, (B, T), generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :64] = False  # exactly the first block
+    valid[2, :150] = False  # two whole blocks and part of a third
+    want = da.reference(q, ks, vs, written if use_written else torch.full_like(written, 10**6), valid, slots - 1)
+    pad = (~valid)[None, :, None, :, None].expand_as(ks)
+    ks[pad], vs[pad] = float("nan"), float("nan")
+    out = da.fused(q, ks, vs, written if use_written else None, valid, slots - 1, torch.tensor([T]))
+    _close(out, want, 1e-5)
+
+
 @pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
 def test_decode_attention_reads_last_rows(H, Hkv, T):
     """The always-last mode: flagged rows read each position's last entry (slot n_p - 1, deeper than the
@@ -513,6 +535,20 @@ def test_pool_attention_per_row_lookup_and_write(heads, looped):
     changed = (got_k != inputs[3]).any(-1).any(1)  # [storage rows, entries] written
     active = inputs[8]
     assert int(changed.sum()) == int(active.sum()), "one entry per active row, nothing else"
+
+
+@pytest.mark.parametrize("looped", [True, False])
+def test_pool_attention_whole_key_blocks_invalid(looped):
+    """A row whose first key blocks are all invalid entries: its output stays finite and equals the
+    reference. (This kernel seeds its softmax with the row's own key, so no block starts from -inf; the
+    test keeps it so should that change: decode_attention's step once turned such a block into NaN.)"""
+    pa, inputs = _pool_inputs(looped, (4, 2))
+    rows, entry, valid = inputs[5], inputs[6], inputs[7]
+    assert int(entry[0]) >= 80
+    valid[rows[0], :75] = False  # launch row 0's pool row: one whole block of 64 and part of the next
+    want = pa.reference(*_clone(inputs))[0]
+    out = torch.full_like(inputs[0], float("nan"))
+    _close(pa.fused(*_clone(inputs), out=out)[0], want, 1e-5)
 
 
 def test_pool_attention_reads_nothing_outside_its_rows_entries():

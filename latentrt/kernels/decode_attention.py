@@ -82,10 +82,13 @@ if HAVE_TRITON:
     @triton.jit
     def online_softmax_step(m_i, l_i, acc, scores, v):
         """One block of keys into a running softmax-weighted sum (FlashAttention's rescaling): running max
-        ``m_i``, normaliser ``l_i``, ``acc`` [D]; ``scores`` [T] (-inf where masked), ``v`` [T, D]."""
+        ``m_i``, normaliser ``l_i``, ``acc`` [D]; ``scores`` [T] (-inf where masked), ``v`` [T, D]. While
+        every key so far is masked (a block of left padding) the max is -inf: exponents are then taken
+        against 0, so the sums stay 0 instead of becoming exp(-inf - -inf) = NaN."""
         m_new = tl.maximum(m_i, tl.max(scores, 0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new)
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(scores - m_ref)
         return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
 
     @triton.jit
