@@ -52,13 +52,35 @@ def _questions(model, n: int) -> list[list[int]]:
     return [model.tokenizer.encode(r.question).ids for r in generate_dataset(n, (1, 2, 3), seed=4242)]
 
 
-def _agree(a, b, steps_too: bool = True) -> None:
-    """Same tokens; steps equal on >= 90% of tokens (exit tests near their threshold may flip in bf16);
-    the first decoded position's logits (the kernel's first output) within two bf16 paths' distance: after
-    8 iterations x 2 core layers each bf16 path is 2-4% from fp32 (measured on an H200: torch 0.020-0.043,
-    kernel 0.016-0.026), so two of them may differ by up to the sum. The error against fp32 itself is
-    checked by test_persistent_loop_error_against_fp32_is_bf16_sized."""
-    assert a.tokens == b.tokens
+def _fp32_run(prompts, kw):
+    """The builtin recurrent model's run in fp32 on the torch backend, made only when asked (the anchor)."""
+    import latentrt
+
+    def run():
+        model = latentrt.load("builtin:recurrent", device="cuda", dtype="float32", backend="torch")
+        return latentrt.generate(model, prompts, **kw)
+
+    return run
+
+
+def _shared_prefix(x: list[int], y: list[int]) -> int:
+    return next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+
+
+def _agree(a, b, fp32=None, steps_too: bool = True) -> None:
+    """Same tokens, or where a sequence's differ (a bf16 near-tie: an exit value or an argmax within bf16's
+    noise of the threshold or of the runner-up, measured on an H200: a KL of 2.0e-3 against 1e-3 in torch
+    CPU bf16, 0.85e-3 in fp32) the kernel's tokens follow the fp32 run (``fp32``: a thunk making it) at least
+    as far as the torch backend's bf16 tokens do; steps equal on >= 90% of tokens (exit tests near their
+    threshold may flip in bf16); the first decoded position's logits (the kernel's first output) within two
+    bf16 paths' distance: after 8 iterations x 2 core layers each bf16 path is 2-4% from fp32 (measured on an
+    H200: torch 0.020-0.043, kernel 0.016-0.026), so two of them may differ by up to the sum. The error
+    against fp32 itself is checked by test_persistent_loop_error_against_fp32_is_bf16_sized."""
+    if a.tokens != b.tokens:
+        assert fp32 is not None, (a.tokens, b.tokens)
+        anchor = fp32().tokens
+        for ta, tb, tf in zip(a.tokens, b.tokens, anchor):
+            assert ta == tb or _shared_prefix(tb, tf) >= _shared_prefix(ta, tf), (ta, tb, tf)
     if steps_too:
         pairs = [(x, y) for sa, sb in zip(a.steps, b.steps) for x, y in zip(sa, sb)]
         assert sum(x == y for x, y in pairs) >= 0.9 * len(pairs), (a.steps, b.steps)
@@ -80,7 +102,7 @@ def test_persistent_loop_equals_torch_backend(batch, kv, criterion):
         kw.update(adaptive=True, exit_criterion=criterion)
     a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
     assert b.backend == "cuda"
-    _agree(a, b)
+    _agree(a, b, _fp32_run(prompts, kw))
 
 
 @pytest.mark.parametrize("criterion", ["latent-diff", "kl"])
@@ -95,7 +117,7 @@ def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
     kw.update(exit_criterion=criterion, min_steps=2, check_criterion_every_n_steps=3, kv_sharing="ring-3")
     a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
     assert b.backend == "cuda"
-    _agree(a, b)
+    _agree(a, b, _fp32_run(prompts, kw))
 
 
 STREAM_VARIANTS = {  # label: (loop_kernel, stream_attention, stream_input)
@@ -164,7 +186,7 @@ def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
         kw.update(adaptive=True, exit_criterion=criterion)
     a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
     assert kernels and set(kernels) == {"stream"}, kernels
-    _agree(a, b)
+    _agree(a, b, _fp32_run(prompts, kw))
 
 
 @pytest.mark.parametrize("batch", [4, 32])
@@ -179,7 +201,7 @@ def test_streamed_loop_input_from_l2_equals_torch_backend(batch, monkeypatch):
     prompts = _questions(ref, batch)
     kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="ring-3", init_scale=0.0, return_logits=True)
     kw.update(adaptive=True, exit_criterion="kl")
-    _agree(latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw))
+    _agree(latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw), _fp32_run(prompts, kw))
     assert kernels and set(kernels) == {"stream"}, kernels
 
 
@@ -195,7 +217,7 @@ def test_streamed_loop_check_schedule_and_cosine_equal_torch_backend(batch, monk
     kw = dict(max_new_tokens=6, num_steps=12, init_scale=0.0, return_logits=True, adaptive=True)
     for crit in ("latent-diff", "cosine"):
         kw.update(exit_criterion=crit, min_steps=2, check_criterion_every_n_steps=3, kv_sharing="ring-3")
-        _agree(latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw))
+        _agree(latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw), _fp32_run(prompts, kw))
     assert kernels and set(kernels) == {"stream"}, kernels
 
 
