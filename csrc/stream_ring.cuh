@@ -44,6 +44,18 @@ struct Op {
   const int* cta_first;  // [ctas + 1]: CTA c streams tiles [cta_first[c], cta_first[c + 1])
 };
 
+// The probe's `copy=packed` (Ring::packed): `w` then points at the weights re-laid out as stage images, one
+// per (tile t, k-chunk j) ([tile_rows][row_stride] bytes, padding included) at image t * packed_chunks + j.
+__host__ __device__ inline int packed_chunks(const Op& op, int k_chunk) {
+  int64_t widest = 0;
+  for (int s = 0; s < op.split_k; ++s) {
+    int64_t c0, c1;
+    latentrt_stream::split_cols(op.cols, op.split_k, s, &c0, &c1);
+    widest = widest > c1 - c0 ? widest : c1 - c0;
+  }
+  return (int)((widest + k_chunk - 1) / k_chunk);
+}
+
 // A planned matrix's Op (stream_plan.h's OpPlan: shape, split-K, row tiles), its CTAs' tile runs at
 // `cta_first` (device memory); the caller sets the weights, input and output (and ldw, if the weights are a
 // slice of wider rows).
@@ -59,10 +71,15 @@ inline Op planned_op(const latentrt_stream::OpPlan& op, const int* cta_first) {
 }
 
 // The ring's geometry (the plan's), the batch, and whether each stage's input chunk is staged in shared
-// memory (the plan's stage_input; its buffers then follow the ring).
+// memory (the plan's stage_input; its buffers then follow the ring). Two probe-only settings (the kernels
+// leave them 0): stage_input 2 (`input=fixed`) multiplies every stage by the first input buffer as it
+// stands, never refilled (wrong sums: the consumers' cost without the input's per-stage L2 round trip);
+// packed 1 (`copy=packed`) copies each stage as one bulk copy of its packed image (packed_chunks) instead
+// of one per row segment (the producer's cost per copy).
 struct Ring {
   int batch, tile_rows, k_chunk, stages;
   int stage_input = 0;
+  int packed = 0;
   __device__ int row_stride() const { return k_chunk * 2 + kRowPad; }
   __device__ int stage_bytes() const { return tile_rows * row_stride(); }
   __device__ int input_stride() const { return k_chunk + kInputPad; }  // elements per staged input row
@@ -258,12 +275,23 @@ __device__ inline bool produce_op(const Op& op, const Ring& g, const Smem& s, Pr
         while (!mbar_try_wait(&s.empty[p.cur.slot], p.cur.phase ^ 1))
           if (stop_word(stop) < it) return false;
       if (stop_word(stop) < it) return false;
-      if (lane == 0) mbar_expect_tx(&s.full[p.cur.slot], (unsigned)(tl.rows * w * 2));
-      __syncwarp();
       unsigned char* st = s.ring + (size_t)p.cur.slot * g.stage_bytes();
-      for (int r = lane; r < tl.rows; r += 32)
-        bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.ldw + k0, (unsigned)(w * 2),
-                  &s.full[p.cur.slot], p.pol);
+      if (g.packed) {  // the stage's image in one copy (its row padding travels too)
+        const unsigned bytes = (unsigned)(tl.rows * row_stride);
+        const size_t image = (size_t)t * packed_chunks(op, kc) + (k0 - tl.c0) / kc;
+        if (lane == 0) {
+          mbar_expect_tx(&s.full[p.cur.slot], bytes);
+          bulk_copy(st, reinterpret_cast<const unsigned char*>(op.w) + image * g.stage_bytes(), bytes,
+                    &s.full[p.cur.slot], p.pol);
+        }
+        __syncwarp();
+      } else {
+        if (lane == 0) mbar_expect_tx(&s.full[p.cur.slot], (unsigned)(tl.rows * w * 2));
+        __syncwarp();
+        for (int r = lane; r < tl.rows; r += 32)
+          bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.ldw + k0, (unsigned)(w * 2),
+                    &s.full[p.cur.slot], p.pol);
+      }
       ++p.issued;
       p.cur.next(g.stages);
     }
@@ -429,7 +457,8 @@ template <int MB>
 __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
                            bool ldg = false, const Watch* watch = nullptr) {
   const int lane = threadIdx.x % 32;
-  const bool mma = g.batch > 4, staged = g.stage_input && compute && !ldg;
+  const bool mma = g.batch > 4, staged = g.stage_input == 1 && compute && !ldg;
+  const bf16* fixed = g.stage_input == 2 ? s.input : nullptr;  // the probe's input=fixed
   const int t0 = op.cta_first[blockIdx.x], t1 = op.cta_first[blockIdx.x + 1];
   const size_t buf_elems = (size_t)g.batch * g.input_stride();
   float acc[2][MB] = {};
@@ -444,7 +473,7 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
     const Tile tl = tile_at(op, g.tile_rows, t);
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
-      const bf16* x = nullptr;
+      const bf16* x = fixed;
       if (staged) {
         cp_async_wait_all();
         consumers_sync();  // this stage's chunk is readable; every warp is done with the other buffer
