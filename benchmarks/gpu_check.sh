@@ -214,4 +214,8 @@ echo "---- streamed loop tests"; grep -E "FAILED|ERROR" "$OUT/gpu_tests_stream.l
 tail -15 "$OUT/gpu_tests_stream.log" 2>/dev/null
 echo "---- tests"; tail -25 "$OUT/gpu_tests.log" 2>/dev/null
 echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$OUT/bench.log" 2>/dev/null | head -60
-true  # the summary above is best effort: a stage that did not run leaves no log
+# the device tool brings back at most 8 files (2026-12-04: run 1's results.jsonl and smoke logs stayed behind):
+# every log but main.log goes back in one archive ($OUT/logs.tar.gz; `tar xzf` it)
+(cd "$OUT" && find . -type f ! -name main.log ! -name logs.tar.gz -print0 | tar czf logs.tar.gz --null -T - \
+  --remove-files) 2>>"$LOG"
+true

@@ -159,7 +159,14 @@ def test_the_gpu_script_runs_through_its_fallbacks_without_a_gpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "unbound variable" not in r.stderr and "syntax error" not in r.stderr, r.stderr[-2000:]
     assert "gpu tests: skipped (GPU_TESTS=none)" in log and log.rstrip().endswith("done")
+    # what the device tool brings back (at most 8 files): main.log and one archive of every other log
+    import tarfile
+
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["logs.tar.gz", "main.log"]
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        packed = archive.getnames()
     built = any(root.glob("latentrt/_cuda*.so"))
     if built:  # the smokes ran and failed: the streamed loop's fallbacks, in order
         names = [line.split()[1] for line in log.splitlines() if line.startswith("smoke ")]
         assert names == ["barrier", "stream", "stream_l2", "stream_cta", "stream-thoughts"], log
+        assert "./smoke_stream_cta.log" in packed, packed
