@@ -2,22 +2,21 @@
 (csrc/recurrent_loop.cu, implementing the rules of latentrt/recurrence.py); for Coconut, every continuous
 thought of a prompt in one launch (csrc/thought_loop.cu).
 
-Two kernels run the latent loop (``CudaBackend.loop_kernel``): ``barrier`` (recurrent_loop.cu: grid
-barriers between GEMVs, every criterion, batch <= 16) and ``stream`` (stream_loop.cu, issue #11: a producer
-warp per SM streams the weights through a shared-memory ring while the consumers wait on dependency
-counters; batch <= 32, criteria none / latent-diff / cosine / KL). ``barrier`` stays the default: on an H200
-(2026-12-04, benchmarks/RESULTS.md) ``stream`` was correct, slower than it at batch 1 (66.5 against 55.6 ms a
-token at r=32: the ring's copies cap the weight stream; the probe says what to change), faster at batch 8
-(107 against 211 ms) and slower than Triton at every batch unless tokens exit after one iteration; where the
-chosen kernel cannot run a call the other paths
-take over as below. For Coconut, ``stream`` runs the thoughts on the same ring (stream_thought.cu) instead of
-thought_loop.cu, and each answer token too (the layers and the LM head in one launch); the Coconut runners
-are backends/cuda_coconut.py. The streamed latent loop's attention (``CudaBackend.stream_attention``, env
-LATENTRT_STREAM_ATTENTION): ``split`` over positions by every warp of the grid (default), or ``cta``, one
-(row, head) per CTA (the barrier kernel's loop; slower in every row the H200 measured, kept as the GPU
-script's fallback). The streamed kernels' input (``CudaBackend.stream_input``, env LATENTRT_STREAM_INPUT):
-each ring stage's input chunk ``staged`` in shared memory once per stage (default: as fast at batch 1 and
-1.4-2.4x faster from batch 4 in the probe), or read from ``l2`` by every consumer warp.
+Two kernels run the latent loop (``CudaBackend.loop_kernel``): ``barrier`` (recurrent_loop.cu: grid barriers
+between GEMVs, every criterion, batch <= 16) and ``stream`` (stream_loop.cu, issue #11: a producer warp per SM
+streams the weights through a shared-memory ring while the consumers wait on dependency counters; batch <= 32,
+criteria none / latent-diff / cosine / KL). ``barrier`` stays the default: on an H200 (2026-12-04,
+benchmarks/RESULTS.md) ``stream`` was correct, slower than it at batch 1 (66.5 against 55.6 ms a token at r=32:
+the ring's copies cap the weight stream; the probe says what to change), faster at batch 8 (107 against 211 ms)
+and slower than Triton at every batch unless tokens exit after one iteration; where the chosen kernel cannot
+run a call the other paths take over as below. For Coconut, ``stream`` runs the thoughts on the same ring
+(stream_thought.cu) instead of thought_loop.cu, and each answer token too (the layers and the LM head in one
+launch); the Coconut runners are backends/cuda_coconut.py. The streamed latent loop's attention
+(``CudaBackend.stream_attention``, env LATENTRT_STREAM_ATTENTION): ``split`` over positions by every warp of
+the grid (default), or ``cta``, one (row, head) per CTA (the barrier kernel's loop; slower in every row the
+H200 measured, kept as the GPU script's fallback). The streamed kernels' input (``CudaBackend.stream_input``,
+env LATENTRT_STREAM_INPUT): each ring stage's input chunk ``staged`` in shared memory once per stage (default:
+as fast at batch 1 and 1.4-2.4x faster from batch 4 in the probe), or read from ``l2`` by every consumer warp.
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
