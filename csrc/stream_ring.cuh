@@ -75,7 +75,9 @@ inline Op planned_op(const latentrt_stream::OpPlan& op, const int* cta_first) {
 // leave them 0): stage_input 2 (`input=fixed`) multiplies every stage by the first input buffer as it
 // stands, never refilled (wrong sums: the consumers' cost without the input's per-stage L2 round trip);
 // packed 1 (`copy=packed`) copies each stage as one bulk copy of its packed image (packed_chunks) instead
-// of one per row segment (the producer's cost per copy).
+// of one per row segment (the producer's cost per copy); packed 2 (`copy=tensor`) as 2D tensor-map copies of
+// up to 256 columns each from the weights in place (`w` then points at the matrix's CUtensorMap in global
+// memory): the stage lands unpadded, in k-boxes, which the consumers do not read, so only the stream alone.
 struct Ring {
   int batch, tile_rows, k_chunk, stages;
   int stage_input = 0;
@@ -113,6 +115,14 @@ __device__ __forceinline__ uint64_t evict_first() {
   uint64_t p;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
   return p;
+}
+// A box of a 2D tensor map (columns x, rows y onward) into shared memory, completing on `bar` (copy=tensor).
+__device__ __forceinline__ void tensor_copy_2d(void* dst, const void* map, int x, int y, uint64_t* bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
+      "l"(map), "r"(x), "r"(y), "r"(smem_u32(bar)), "l"(pol)
+      : "memory");
 }
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
   asm volatile(
@@ -276,7 +286,15 @@ __device__ inline bool produce_op(const Op& op, const Ring& g, const Smem& s, Pr
           if (stop_word(stop) < it) return false;
       if (stop_word(stop) < it) return false;
       unsigned char* st = s.ring + (size_t)p.cur.slot * g.stage_bytes();
-      if (g.packed) {  // the stage's image in one copy (its row padding travels too)
+      if (g.packed == 2) {  // tensor-map boxes of tile rows x up to 256 columns (full boxes: zeros past the edge)
+        const int box_k = kc < 256 ? kc : 256, boxes = (w + box_k - 1) / box_k;
+        if (lane == 0) {
+          mbar_expect_tx(&s.full[p.cur.slot], (unsigned)(boxes * R * box_k * 2));
+          for (int i = 0; i < boxes; ++i)
+            tensor_copy_2d(st + (size_t)i * R * box_k * 2, op.w, k0 + i * box_k, tl.row0, &s.full[p.cur.slot], p.pol);
+        }
+        __syncwarp();
+      } else if (g.packed) {  // the stage's image in one copy (its row padding travels too)
         const unsigned bytes = (unsigned)(tl.rows * row_stride);
         const size_t image = (size_t)t * packed_chunks(op, kc) + (k0 - tl.c0) / kc;
         if (lane == 0) {

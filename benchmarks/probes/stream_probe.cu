@@ -22,12 +22,19 @@
 // and `ldg` at batch 1 (no ring: consumers read the weights with 16-byte loads themselves, as
 // csrc/recurrent_loop.cu does today). Beside them the copy bandwidth of
 // a 4 GiB buffer, the floor's denominator (benchmarks/suites.py: bytes read + written per second).
+// Added after the H200 run of 2026-12-04 (the stream alone at 58% of the copy, its rate set by the bytes per
+// cp.async.bulk): `copy=packed` (the weights re-laid out as stage images, one copy per stage; alone and
+// consuming, checked), `copy=tensor` (2D tensor-map boxes from the weights in place; the stream alone) and
+// `input=fixed` (consuming without refilling the input each stage; sums not checked), which tell whether
+// the producer's copies or the consumers' input round trip bound the ring.
 // Correctness first: each configuration is run once on zeroed outputs and sampled rows of every matrix
 // are compared with a host dot product of the same bf16 values (rel. error < 1e-2), then timed.
 //
 // Build (no GPU needed): nvcc -std=c++17 -O3 -Icsrc -gencode=arch=compute_90a,code=sm_90a
 //   benchmarks/probes/stream_probe.cu -o stream_probe            (tools/ptxas_check.py checks spills)
 // Run: ./stream_probe [iterations per launch, default 8]; one line per configuration (`probe ...`).
+#include <cuda.h>  // CUtensorMap (copy=tensor; the encoder comes from the driver at run time, no -lcuda)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -248,7 +255,7 @@ int main(int argc, char** argv) {
   int failures = 0;
   struct Config {
     int batch, stages, consume, wait, ldg, staged;  // staged: 0 input from L2, 1 staged, 2 fixed (unchecked)
-    int packed = 0;                                  // copy=packed: one bulk copy per stage
+    int packed = 0;  // 1 copy=packed: one bulk copy per stage; 2 copy=tensor: 2D tensor-map boxes
   };
   std::vector<Config> configs;
   for (int batch : {1, 4, 8, 16, 32})
@@ -275,6 +282,22 @@ int main(int argc, char** argv) {
   }
   for (int batch : {1, 4, 8, 32})
     for (int packed : {0, 1}) configs.push_back({batch, 0, 1, 0, 0, 2, packed});
+  // copy=tensor: the stream alone through 2D tensor-map copies from the weights in place (no second copy)
+  for (int batch : {1, 4, 8, 16, 32}) configs.push_back({batch, 0, 0, 0, 0, 1, 2});
+  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  {
+    cudaDriverEntryPointQueryResult found;
+    void* fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
+        found == cudaDriverEntryPointSuccess)
+      encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    else
+      std::printf("probe copy=tensor unavailable: no cuTensorMapEncodeTiled from the driver\n");
+    cudaGetLastError();
+  }
+  CUtensorMap* maps;  // copy=tensor: one per matrix, in global memory (64-byte aligned)
+  CHECK(cudaMalloc(&maps, (size_t)n_ops * sizeof(CUtensorMap)));
   for (const Config& cf : configs) {
     const Plan p = plan_stream(mats, cf.batch, sms, optin, 0, 0, cf.staged != 0);
     if (!p.reason.empty()) {
@@ -302,8 +325,31 @@ int main(int argc, char** argv) {
       out_at += (size_t)kMaxBatch * op.rows;
     }
     CHECK(cudaMemcpy(firsts, host_first.data(), host_first.size() * 4, cudaMemcpyHostToDevice));
+    if (cf.packed == 2) {  // the tensor maps of this plan's boxes (tile rows x up to 256 columns)
+      if (encode == nullptr) continue;
+      std::vector<CUtensorMap> host_maps(n_ops);
+      bool encoded = true;
+      for (int o = 0; o < n_ops; ++o) {
+        const cuuint64_t dims[2] = {(cuuint64_t)mats[o].second, (cuuint64_t)mats[o].first};
+        const cuuint64_t strides[1] = {(cuuint64_t)mats[o].second * 2};
+        const cuuint32_t box[2] = {(cuuint32_t)std::min(p.k_chunk, 256), (cuuint32_t)p.tile_rows};
+        const cuuint32_t unit[2] = {1, 1};
+        const CUresult r = encode(&host_maps[o], CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, weights[o], dims, strides, box,
+                                  unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+        if (r != CUDA_SUCCESS) {
+          std::printf("probe batch=%d copy=tensor: cuTensorMapEncodeTiled failed (%d) for matrix %d\n", cf.batch,
+                      (int)r, o);
+          encoded = false;
+          break;
+        }
+        a.ops[o].w = reinterpret_cast<const bf16*>(maps + o);
+      }
+      if (!encoded) continue;
+      CHECK(cudaMemcpy(maps, host_maps.data(), n_ops * sizeof(CUtensorMap), cudaMemcpyHostToDevice));
+    }
     std::vector<bf16*> packed_w;  // copy=packed: each op's stage images, made from its weights, stand in for them
-    for (int o = 0; cf.packed && o < n_ops; ++o) {
+    for (int o = 0; cf.packed == 1 && o < n_ops; ++o) {
       Op& op = a.ops[o];
       const int tiles = op.row_tiles * op.split_k;
       bf16* buf;
@@ -360,7 +406,8 @@ int main(int argc, char** argv) {
         cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"),
         cf.staged == 2 ? "fixed" : (cf.staged ? "staged" : "l2"), a.ring.stages, cf.consume, cf.wait, barriers,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst,
-        checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked", cf.packed ? " copy=packed" : "");
+        checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked",
+        cf.packed == 2 ? " copy=tensor" : (cf.packed ? " copy=packed" : ""));
   }
   std::printf("probe done, %d wrong\n", failures);
   return failures ? 1 : 0;
