@@ -82,6 +82,9 @@ struct Ring {
   int batch, tile_rows, k_chunk, stages;
   int stage_input = 0;
   int packed = 0;
+  // staged input buffers (2: each chunk copied one stage ahead; the probe's `input_depth=4|8` copies depth - 1
+  // stages ahead, its shared memory after the two the plan counts)
+  int input_depth = 2;
   __device__ int row_stride() const { return k_chunk * 2 + kRowPad; }
   __device__ int stage_bytes() const { return tile_rows * row_stride(); }
   __device__ int input_stride() const { return k_chunk + kInputPad; }  // elements per staged input row
@@ -150,6 +153,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, uint64_t 
                : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Until at most `pending` of this thread's committed groups are in flight (0, 2 or 6: input depth 2, 4, 8).
+__device__ __forceinline__ void cp_async_wait_pending(int pending) {
+  if (pending >= 6)
+    asm volatile("cp.async.wait_group 6;" ::: "memory");
+  else if (pending >= 2)
+    asm volatile("cp.async.wait_group 2;" ::: "memory");
+  else
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -482,7 +495,22 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
   float acc[2][MB] = {};
   float c[kMaxNTiles][4] = {};
   int buf = 0;
-  if (staged && t0 < t1) {
+  const bool deep = staged && g.input_depth > 2;  // the probe's deeper input prefetch
+  int ahead_t = t0, ahead_k = t0 < t1 ? tile_at(op, g.tile_rows, t0).c0 : 0;  // the next chunk to prefetch
+  auto prefetch = [&](bf16* dst) {  // that chunk into dst (nothing past the op's last), one committed group
+    if (ahead_t < t1) {
+      const Tile at = tile_at(op, g.tile_rows, ahead_t);
+      stage_input_chunk(g, op, ahead_k, min(g.k_chunk, at.c1 - ahead_k), dst);
+      ahead_k += g.k_chunk;
+      if (ahead_k >= at.c1 && ++ahead_t < t1) ahead_k = tile_at(op, g.tile_rows, ahead_t).c0;
+    }
+    cp_async_commit();
+  };
+  int stage = 0;
+  if (deep && t0 < t1) {
+    consumers_sync();  // every warp is done with the buffers of the previous op
+    for (int j = 0; j < g.input_depth - 1; ++j) prefetch(s.input + j * buf_elems);
+  } else if (staged && t0 < t1) {
     consumers_sync();  // every warp is done with the buffers of the previous op
     const Tile first = tile_at(op, g.tile_rows, t0);
     stage_input_chunk(g, op, first.c0, min(g.k_chunk, first.c1 - first.c0), s.input);
@@ -492,7 +520,13 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
       const bf16* x = fixed;
-      if (staged) {
+      if (deep) {
+        cp_async_wait_pending(g.input_depth - 2);  // this stage's group has landed (groups complete in order)
+        consumers_sync();  // readable by every warp; every warp is done with the previous stage's buffer
+        x = s.input + (stage % g.input_depth) * buf_elems;
+        prefetch(s.input + ((stage + g.input_depth - 1) % g.input_depth) * buf_elems);
+        ++stage;
+      } else if (staged) {
         cp_async_wait_all();
         consumers_sync();  // this stage's chunk is readable; every warp is done with the other buffer
         x = s.input + buf * buf_elems;

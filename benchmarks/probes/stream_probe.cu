@@ -26,7 +26,8 @@
 // cp.async.bulk): `copy=packed` (the weights re-laid out as stage images, one copy per stage; alone and
 // consuming, checked), `copy=tensor` (2D tensor-map boxes from the weights in place; the stream alone) and
 // `input=fixed` (consuming without refilling the input each stage; sums not checked), which tell whether
-// the producer's copies or the consumers' input round trip bound the ring.
+// the producer's copies or the consumers' input round trip bound the ring, and `input_depth=4|8` (the staged
+// input copied 3 or 7 stages ahead instead of 1; checked), the fix for the latter.
 // Correctness first: each configuration is run once on zeroed outputs and sampled rows of every matrix
 // are compared with a host dot product of the same bf16 values (rel. error < 1e-2), then timed.
 //
@@ -256,6 +257,7 @@ int main(int argc, char** argv) {
   struct Config {
     int batch, stages, consume, wait, ldg, staged;  // staged: 0 input from L2, 1 staged, 2 fixed (unchecked)
     int packed = 0;  // 1 copy=packed: one bulk copy per stage; 2 copy=tensor: 2D tensor-map boxes
+    int depth = 2;   // staged input buffers: each chunk copied depth - 1 stages ahead
   };
   std::vector<Config> configs;
   for (int batch : {1, 4, 8, 16, 32})
@@ -282,6 +284,10 @@ int main(int argc, char** argv) {
   }
   for (int batch : {1, 4, 8, 32})
     for (int packed : {0, 1}) configs.push_back({batch, 0, 1, 0, 0, 2, packed});
+  // the staged input copied 3 and 7 stages ahead instead of 1 (outputs checked): the fix if input=fixed
+  // shows the input's round trip bounding the consumers
+  for (int batch : {1, 4, 8, 32})
+    for (int depth : {4, 8}) configs.push_back({batch, 0, 1, 1, 0, 1, 0, depth});
   // copy=tensor: the stream alone through 2D tensor-map copies from the weights in place (no second copy)
   for (int batch : {1, 4, 8, 16, 32}) configs.push_back({batch, 0, 0, 0, 0, 1, 2});
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
@@ -307,7 +313,7 @@ int main(int argc, char** argv) {
     Args a{};
     a.n_ops = n_ops;
     a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages, cf.staged,
-                  cf.packed};
+                  cf.packed, cf.depth};
     a.consume = cf.consume;
     a.wait = cf.wait;
     const std::vector<int> gaps = kernel_gaps(layers);
@@ -360,7 +366,12 @@ int main(int argc, char** argv) {
       packed_w.push_back(buf);
     }
     const void* kernel = kernel_for(cf.batch);
-    const int smem = (int)p.smem_bytes;
+    // deeper input: its buffers beyond the plan's two follow them
+    const int smem = (int)p.smem_bytes + (cf.depth - 2) * cf.batch * (p.k_chunk + kInputPad) * 2;
+    if (smem > optin) {
+      std::printf("probe batch=%d input_depth=%d skipped: %d B of shared memory\n", cf.batch, cf.depth, smem);
+      continue;
+    }
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     auto launch = [&](int n_iters) {
       a.iters = n_iters;
@@ -402,12 +413,13 @@ int main(int argc, char** argv) {
     failures += !ok;
     std::printf(
         "probe batch=%d mode=%s input=%s stages=%d consume=%d wait=%d barriers=%d tile_rows=%d k_chunk=%d "
-        "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s\n",
+        "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s%s\n",
         cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"),
         cf.staged == 2 ? "fixed" : (cf.staged ? "staged" : "l2"), a.ring.stages, cf.consume, cf.wait, barriers,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst,
         checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked",
-        cf.packed == 2 ? " copy=tensor" : (cf.packed ? " copy=packed" : ""));
+        cf.packed == 2 ? " copy=tensor" : (cf.packed ? " copy=packed" : ""),
+        cf.depth > 2 ? (cf.depth == 4 ? " input_depth=4" : " input_depth=8") : "");
   }
   std::printf("probe done, %d wrong\n", failures);
   return failures ? 1 : 0;
