@@ -496,7 +496,7 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
   float c[kMaxNTiles][4] = {};
   int buf = 0;
   const bool deep = staged && g.input_depth > 2;  // the probe's deeper input prefetch
-  int ahead_t = t0, ahead_k = t0 < t1 ? tile_at(op, g.tile_rows, t0).c0 : 0;  // the next chunk to prefetch
+  int ahead_t = t0, ahead_k = deep && t0 < t1 ? tile_at(op, g.tile_rows, t0).c0 : 0;  // the next chunk to prefetch
   auto prefetch = [&](bf16* dst) {  // that chunk into dst (nothing past the op's last), one committed group
     if (ahead_t < t1) {
       const Tile at = tile_at(op, g.tile_rows, ahead_t);
