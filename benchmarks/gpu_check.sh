@@ -8,25 +8,38 @@
 #   from L2, then also with its per-CTA attention, and a third failure drops only its tests and benchmark
 #   rows) and for the streamed thought
 #   loop (csrc/stream_thought.cu, likewise) -> the streamed kernels' gpu tests -> the benchmark harness
-#   (acceptance rows first; every record appended to $OUT/bench/results.jsonl as measured) -> the other
+#   (acceptance rows first; every record appended to bench/results.jsonl in logs.tar.gz as measured) -> the other
 #   gpu-marked tests (Triton kernels in bf16 at full shapes, graph replay, the barrier kernels against the
 #   torch backend) -> compute-sanitizer memcheck and
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
 #     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve,train (opt-in stages, below)
-#     GPU_TESTS=none / GPU_BENCH=none skip those stages; GPU_PROBE=0 the probe, GPU_BUILD=0 the build
+#     GPU_TESTS=none / GPU_BENCH=none / GPU_SANITIZE=none skip those stages; GPU_PROBE=0 the probe,
+#     GPU_BUILD=0 the build. Set GPU_CHECK_BUDGET about 30 s under the call's timeout: the later stages
+#     size themselves by it (2026-12-04, run 2: the default 470 under a 340 s call cut racecheck off)
 #   tests/test_benchmark_baselines.py runs it on the CPU (a stand-in nvidia-smi) through its fallbacks.
 #   Carry .triton_cache (python -m tools.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-mkdir -p "$OUT/bench"
+mkdir -p "$OUT"
+# every log but main.log is written outside $OUT and packed into $OUT/logs.tar.gz every 20 s and at each
+# stage: the device tool brings back at most 8 files (2026-12-04: run 1's results.jsonl and smoke logs stayed
+# behind), and a run cut by the tool's time limit still brings back what its stages had written
+LOGS=$(mktemp -d)
+mkdir -p "$LOGS/bench"
+pack() { tar czf "$OUT/.logs.tar.gz" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/.logs.tar.gz" "$OUT/logs.tar.gz"; }
+(while sleep 20; do pack; done) &
+PACKER=$!
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
 start=$(date +%s)
 LOG="$OUT/main.log"
-stamp() { echo "[gpu_check +$(($(date +%s) - start))s] $*" | tee -a "$LOG"; }
+stamp() {
+  echo "[gpu_check +$(($(date +%s) - start))s] $*" | tee -a "$LOG"
+  pack
+}
 left() { echo $((${GPU_CHECK_BUDGET:-470} - ($(date +%s) - start))); }
 
 {
@@ -42,15 +55,15 @@ left() { echo $((${GPU_CHECK_BUDGET:-470} - ($(date +%s) - start))); }
 if [ "${GPU_PROBE:-1}" = 1 ]; then
   stamp "probe: streamed weight ring (benchmarks/probes/stream_probe.cu)"
   nvcc -std=c++17 -O3 -Icsrc -gencode=arch=compute_90a,code=sm_90a benchmarks/probes/stream_probe.cu \
-    -o /tmp/stream_probe >"$OUT/probe_build.log" 2>&1 && timeout 60 /tmp/stream_probe 8 >"$OUT/probe.log" 2>&1
+    -o /tmp/stream_probe >"$LOGS/probe_build.log" 2>&1 && timeout 60 /tmp/stream_probe 8 >"$LOGS/probe.log" 2>&1
   echo "probe exit $?" | tee -a "$LOG"
-  grep "^probe" "$OUT/probe.log" | tee -a "$LOG"
+  grep "^probe" "$LOGS/probe.log" | tee -a "$LOG"
 fi
 
 if [ "${GPU_BUILD:-1}" = 1 ]; then  # GPU_BUILD=0: use the extension built already (tests' dry run)
   stamp "build the CUDA extension"
   LATENTRT_FORCE_CUDA=1 timeout 150 python3 setup.py -q build_ext --inplace --build-temp /tmp/lrt-build \
-    >"$OUT/build.log" 2>&1
+    >"$LOGS/build.log" 2>&1
   echo "build exit $?" | tee -a "$LOG"
 fi
 CUDA_BUILT=0
@@ -60,10 +73,10 @@ python3 -c "import latentrt._cuda" 2>>"$LOG" && CUDA_BUILT=1
 smoke() {
   local name=${3:-$1}
   stamp "cuda smoke: $name"
-  timeout "$2" python3 -m benchmarks.cuda_smoke --only "$1" >"$OUT/smoke_$name.log" 2>&1
+  timeout "$2" python3 -m benchmarks.cuda_smoke --only "$1" >"$LOGS/smoke_$name.log" 2>&1
   local rc=$?
   echo "smoke $name exit $rc" | tee -a "$LOG"
-  tail -5 "$OUT/smoke_$name.log" | tee -a "$LOG"
+  tail -5 "$LOGS/smoke_$name.log" | tee -a "$LOG"
   return $rc
 }
 STREAM_OK=1
@@ -115,9 +128,9 @@ if [ "${GPU_TESTS:-}" = none ]; then
 elif [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
   stamp "gpu tests: the streamed-weight loop"
   # -v: a line per test as it ends, so a stage cut by its timeout still says which tests passed
-  timeout 150 $PYTEST -v -k "$STREAM_TESTS" tests/test_cuda_ext.py >"$OUT/gpu_tests_stream.log" 2>&1
+  timeout 150 $PYTEST -v -k "$STREAM_TESTS" tests/test_cuda_ext.py >"$LOGS/gpu_tests_stream.log" 2>&1
   echo "stream tests exit $?" | tee -a "$LOG"
-  grep -E "passed|failed|error" "$OUT/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
+  grep -E "passed|failed|error" "$LOGS/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
 fi
 
 if [ "${GPU_BENCH:-}" != none ]; then
@@ -128,10 +141,10 @@ if [ "${GPU_BENCH:-}" != none ]; then
   [ "$bench_s" -gt 200 ] && bench_s=200
   [ "$bench_s" -lt 30 ] && bench_s=30  # (timeout 0 would mean no limit)
   timeout "$bench_s" python3 -m benchmarks.run --quick \
-    --only "${GPU_BENCH:-decode_recurrent,decode_coconut,host_syncs,linear_configs,decode_tuned,micro}" --out "$OUT/bench" \
-    >"$OUT/bench.log" 2>&1
+    --only "${GPU_BENCH:-decode_recurrent,decode_coconut,host_syncs,linear_configs,decode_tuned,micro}" --out "$LOGS/bench" \
+    >"$LOGS/bench.log" 2>&1
   echo "benchmarks exit $?" | tee -a "$LOG"
-  rm -f "$OUT/bench/results.json"  # results.jsonl holds the same records (and survives a timeout)
+  rm -f "$LOGS/bench/results.json"  # results.jsonl holds the same records (and survives a timeout)
 fi
 
 # the other gpu tests (Triton kernels in bf16 at full shapes, the pool kernels of serving, the barrier
@@ -144,9 +157,9 @@ if [ "${GPU_TESTS:-}" != none ]; then
   tests_s=$(($(left) - 40))  # at most 130 s; the sanitizer gets what is left
   [ "$tests_s" -gt 130 ] && tests_s=130
   [ "$tests_s" -lt 30 ] && tests_s=30
-  timeout "$tests_s" $PYTEST -q ${SEL:+-k "$SEL"} "$@" >"$OUT/gpu_tests.log" 2>&1
+  timeout "$tests_s" $PYTEST -q ${SEL:+-k "$SEL"} "$@" >"$LOGS/gpu_tests.log" 2>&1
   echo "gpu tests exit $?" | tee -a "$LOG"
-  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3 | tee -a "$LOG"
+  grep -E "passed|failed|error" "$LOGS/gpu_tests.log" | tail -3 | tee -a "$LOG"
 fi
 
 # opt-in stages (GPU_EXTRA=samplers,serve,train): the W-position pass cost at Huginn-0125's shape (#17), the
@@ -154,30 +167,30 @@ fi
 # the trainers in bf16 (below)
 case ",${GPU_EXTRA:-}," in *,samplers,*)
   stamp "samplers: W-position pass cost"
-  timeout 90 python3 -m benchmarks.samplers --pass-cost --shape huginn --out "$OUT/pass_cost.json" \
-    >"$OUT/samplers.log" 2>&1
+  timeout 90 python3 -m benchmarks.samplers --pass-cost --shape huginn --out "$LOGS/pass_cost.json" \
+    >"$LOGS/samplers.log" 2>&1
   echo "samplers exit $?" | tee -a "$LOG"
-  tail -12 "$OUT/samplers.log" | tee -a "$LOG"
+  tail -12 "$LOGS/samplers.log" | tee -a "$LOG"
   stamp "samplers: the built-in model's passes replayed at Huginn-0125's shape"
-  timeout 150 python3 -m benchmarks.sampler_replay --shape huginn --problems 20 --out "$OUT/sampler_replay.json" \
-    >"$OUT/sampler_replay.log" 2>&1
+  timeout 150 python3 -m benchmarks.sampler_replay --shape huginn --problems 20 --out "$LOGS/sampler_replay.json" \
+    >"$LOGS/sampler_replay.log" 2>&1
   echo "sampler replay exit $?" | tee -a "$LOG"
-  tail -8 "$OUT/sampler_replay.log" | tee -a "$LOG" ;;
+  tail -8 "$LOGS/sampler_replay.log" | tee -a "$LOG" ;;
 esac
 case ",${GPU_EXTRA:-}," in *,serve,*)
   stamp "serving: three schedulers, Huginn-0125 shape, replayed depths"
-  timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --out "$OUT/serve.json" \
-    >"$OUT/serve.log" 2>&1
+  timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --out "$LOGS/serve.json" \
+    >"$LOGS/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
-  tail -8 "$OUT/serve.log" | tee -a "$LOG"
+  tail -8 "$LOGS/serve.log" | tee -a "$LOG"
   # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
   # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
   stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"
   timeout 120 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
     --depths 4,4,4,4,4,4,4,4,6,6,6,6,6,6,8,8,8,8,8,12,12,12,12,16,16,16,24,24,32,32 \
-    --out "$OUT/serve_long_tail.json" >"$OUT/serve_long_tail.log" 2>&1
+    --out "$LOGS/serve_long_tail.json" >"$LOGS/serve_long_tail.log" 2>&1
   echo "serve (long tail) exit $?" | tee -a "$LOG"
-  tail -6 "$OUT/serve_long_tail.log" | tee -a "$LOG" ;;
+  tail -6 "$LOGS/serve_long_tail.log" | tee -a "$LOG" ;;
 esac
 
 case ",${GPU_EXTRA:-}," in *,train,*)
@@ -185,37 +198,39 @@ case ",${GPU_EXTRA:-}," in *,train,*)
   # published Coconut recipe's fp32 (no autocast) against the CPU's, then the CLI fine-tuning the built-in model
   # with the published recipe (bf16 weights, no autocast) and its micro-batches and loading the result
   stamp "training: bf16 on the GPU against fp32, and latentrt train"
-  timeout 90 $PYTEST -q tests/test_train.py -k gpu_in_bf16 >"$OUT/train.log" 2>&1
+  timeout 90 $PYTEST -q tests/test_train.py -k gpu_in_bf16 >"$LOGS/train.log" 2>&1
   echo "train test exit $?" | tee -a "$LOG"
+  grep -E "^E |^FAILED|Error" "$LOGS/train.log" | head -12 | tee -a "$LOG"
   python3 -c "from latentrt.train.data import generate_dataset, save_records; save_records(generate_dataset(64, (1, 2, 3)), '/tmp/lrt_train.json')"
   timeout 90 python3 -m latentrt.cli train builtin:recurrent /tmp/lrt_train.json --out /tmp/lrt_tuned --overwrite \
-    --max-steps 4 --checkpoint-activations --log "$OUT/train_log.jsonl" >>"$OUT/train.log" 2>&1 &&
+    --max-steps 4 --checkpoint-activations --log "$LOGS/train_log.jsonl" >>"$LOGS/train.log" 2>&1 &&
     timeout 60 python3 -m latentrt.cli generate /tmp/lrt_tuned "Alex is a wumpus. Is Alex a wumpus or rompus?" \
-      --max-new-tokens 8 >>"$OUT/train.log" 2>&1
+      --max-new-tokens 8 >>"$LOGS/train.log" 2>&1
   echo "latentrt train + generate exit $?" | tee -a "$LOG"
-  tail -6 "$OUT/train.log" | tee -a "$LOG" ;;
+  tail -6 "$LOGS/train.log" | tee -a "$LOG" ;;
 esac
 
 if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
   tools=${GPU_SANITIZE-memcheck racecheck}
+  [ "$tools" = none ] && tools=""
   for tool in $tools; do
     budget=$(($(left) / 2))
     [ "$tool" = "${tools##* }" ] && budget=$(left)
     [ "$budget" -lt 20 ] && { stamp "no time left for $tool"; continue; }
     stamp "compute-sanitizer $tool (${budget}s)"
     LATENTRT_STREAM_WATCHDOG=0 timeout "$budget" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m benchmarks.cuda_smoke --only "${SANITIZE// /,}" \
-      >>"$OUT/sanitizer.log" 2>&1
-    echo "$tool exit $?" | tee -a "$OUT/sanitizer.log" "$LOG"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -1 | tee -a "$LOG"
+      >>"$LOGS/sanitizer.log" 2>&1
+    echo "$tool exit $?" | tee -a "$LOGS/sanitizer.log" "$LOG"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitizer.log" | tail -1 | tee -a "$LOG"
   done
 fi
 stamp "done"
-echo "---- streamed loop tests"; grep -E "FAILED|ERROR" "$OUT/gpu_tests_stream.log" 2>/dev/null | head -20
-tail -15 "$OUT/gpu_tests_stream.log" 2>/dev/null
-echo "---- tests"; tail -25 "$OUT/gpu_tests.log" 2>/dev/null
-echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$OUT/bench.log" 2>/dev/null | head -60
-# the device tool brings back at most 8 files (2026-12-04: run 1's results.jsonl and smoke logs stayed behind):
-# every log but main.log goes back in one archive ($OUT/logs.tar.gz; `tar xzf` it)
-(cd "$OUT" && find . -type f ! -name main.log ! -name logs.tar.gz -print0 | tar czf logs.tar.gz --null -T - \
-  --remove-files) 2>>"$LOG"
+echo "---- streamed loop tests"; grep -E "FAILED|ERROR" "$LOGS/gpu_tests_stream.log" 2>/dev/null | head -20
+tail -15 "$LOGS/gpu_tests_stream.log" 2>/dev/null
+echo "---- tests"; tail -25 "$LOGS/gpu_tests.log" 2>/dev/null
+echo "---- benchmarks"; grep -E "^\| (ceilings|decode_|host_syncs)|best" "$LOGS/bench.log" 2>/dev/null | head -60
+kill "$PACKER" 2>/dev/null
+wait "$PACKER" 2>/dev/null
+pack
+rm -rf "$LOGS"
 true
