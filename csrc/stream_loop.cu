@@ -334,7 +334,7 @@ template <int MB>
 __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_t* act, float* sm, const Layer& L,
                          const Op* ops, int slot, bool zero_adapter) {
   const int B = a.B, d = a.d;
-  consume_op<MB>(a.ring, ops[0], s, c.cur, true, false, &a.watch);  // QKV
+  consume_op<MB>(a.ring, ops[0], s, c.cur, true, &a.watch);  // QKV
   sync(a, c);
   zero(a.acc_p, (size_t)B * d);  // last read by the previous norm after a PROJ: two barriers ago
   if (a.att_split_max > 0) {
@@ -344,17 +344,17 @@ __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_
   } else
     attend(a, L, c.pos, slot, L.slots > 1, act, sm);
   sync(a, c);
-  consume_op<MB>(a.ring, ops[1], s, c.cur, true, false, &a.watch);  // WO
+  consume_op<MB>(a.ring, ops[1], s, c.cur, true, &a.watch);  // WO
   sync(a, c);
   add_norm_norm(a, c, act, a.hx, a.acc_o, L.n2, a.hb, L.n3);
   zero(a.acc_qkv, (size_t)B * (a.H + 2 * a.Hkv) * a.D);  // last read by ATT
   zero(a.acc_o, (size_t)B * d);                           // last read by the norm above
   if (zero_adapter) zero(a.acc_a, (size_t)B * d);
-  consume_op<MB>(a.ring, ops[2], s, c.cur, true, false, &a.watch);  // FC
+  consume_op<MB>(a.ring, ops[2], s, c.cur, true, &a.watch);  // FC
   sync(a, c);
   gate(a, act);
   sync(a, c);
-  consume_op<MB>(a.ring, ops[3], s, c.cur, true, false, &a.watch);  // PROJ
+  consume_op<MB>(a.ring, ops[3], s, c.cur, true, &a.watch);  // PROJ
   sync(a, c);
 }
 
@@ -371,7 +371,7 @@ __device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act,
     add_norm_norm(a, c, act, a.hb, a.acc_p, L.n4, a.hx, j + 1 < a.n_coda ? a.coda[j + 1].n1 : a.ln_f);
     zero(a.acc_fc, (size_t)B * 2 * a.I);  // last read by G, two barriers ago
   }
-  consume_op<MB>(a.ring, coda_ops[kOpsPerLayer * a.n_coda], s, c.cur, true, false, &a.watch);  // lm_head
+  consume_op<MB>(a.ring, coda_ops[kOpsPerLayer * a.n_coda], s, c.cur, true, &a.watch);  // lm_head
   sync(a, c);
   for (int b = blockIdx.x; b < B; b += gridDim.x) {
     if (!act[b]) continue;  // uniform across the CTA
@@ -422,7 +422,7 @@ __device__ __forceinline__ void run(const Args& a, const Smem& s, uint8_t* act, 
   for (int t = 0; t < a.r_max; ++t) {
     if (blockIdx.x == 0 && ct < B && act[ct]) a.written[(size_t)ct * a.T + c.pos] = t + 1;
     // ADAPT, then h = rnd(rnd(acc_a) + term) -> hx and xs = norm_1(hx)
-    consume_op<MB>(a.ring, a.ops[0], s, c.cur, true, false, &a.watch);
+    consume_op<MB>(a.ring, a.ops[0], s, c.cur, true, &a.watch);
     sync(a, c);
     {
       float* st = norm_stats(a, c);

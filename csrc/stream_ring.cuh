@@ -44,18 +44,6 @@ struct Op {
   const int* cta_first;  // [ctas + 1]: CTA c streams tiles [cta_first[c], cta_first[c + 1])
 };
 
-// The probe's `copy=packed` (Ring::packed): `w` then points at the weights re-laid out as stage images, one
-// per (tile t, k-chunk j) ([tile_rows][row_stride] bytes, padding included) at image t * packed_chunks + j.
-__host__ __device__ inline int packed_chunks(const Op& op, int k_chunk) {
-  int64_t widest = 0;
-  for (int s = 0; s < op.split_k; ++s) {
-    int64_t c0, c1;
-    latentrt_stream::split_cols(op.cols, op.split_k, s, &c0, &c1);
-    widest = widest > c1 - c0 ? widest : c1 - c0;
-  }
-  return (int)((widest + k_chunk - 1) / k_chunk);
-}
-
 // A planned matrix's Op (stream_plan.h's OpPlan: shape, split-K, row tiles), its CTAs' tile runs at
 // `cta_first` (device memory); the caller sets the weights, input and output (and ldw, if the weights are a
 // slice of wider rows).
@@ -70,25 +58,44 @@ inline Op planned_op(const latentrt_stream::OpPlan& op, const int* cta_first) {
   return x;
 }
 
+// How the producer fills a stage. The kernels copy rows; the other two are the probe's (2026-12-04's H200
+// run: one copy per row segment bounds the stream alone at 0.9-2.4 TB/s, tensor-map boxes reach 3.4-3.7).
+enum RingCopy : int {
+  kCopyRows = 0,    // one cp.async.bulk per weight-row segment into padded rows (row_stride)
+  kCopyTensor = 1,  // 2D tensor-map boxes from the weights in place (`w`: the matrix's CUtensorMap in global
+                    // memory), unpadded: box_k columns x tile_rows each; on the tensor-core path 64-column
+                    // boxes with the 128-byte swizzle, so ldmatrix's 8 rows hit 8 different bank groups
+  kCopyNone = 2,    // nothing copied: a stage's full barrier completes at once (the consumers' own ceiling;
+                    // they multiply whatever the ring holds: wrong sums)
+};
+
 // The ring's geometry (the plan's), the batch, and whether each stage's input chunk is staged in shared
-// memory (the plan's stage_input; its buffers then follow the ring). Two probe-only settings (the kernels
-// leave them 0): stage_input 2 (`input=fixed`) multiplies every stage by the first input buffer as it
-// stands, never refilled (wrong sums: the consumers' cost without the input's per-stage L2 round trip);
-// packed 1 (`copy=packed`) copies each stage as one bulk copy of its packed image (packed_chunks) instead
-// of one per row segment (the producer's cost per copy); packed 2 (`copy=tensor`) as 2D tensor-map copies of
-// up to 256 columns each from the weights in place (`w` then points at the matrix's CUtensorMap in global
-// memory): the stage lands unpadded, in k-boxes, which the consumers do not read, so only the stream alone.
+// memory (the plan's stage_input; its buffers then follow the ring). Probe-only settings (the kernels leave
+// them 0): stage_input 2 (`input=fixed`) multiplies every stage by the first input buffer as it stands, never
+// refilled (wrong sums: the consumers' cost without the input's per-stage L2 round trip); `copy` (RingCopy).
 struct Ring {
   int batch, tile_rows, k_chunk, stages;
   int stage_input = 0;
-  int packed = 0;
-  // staged input buffers (2: each chunk copied one stage ahead; the probe's `input_depth=4|8` copies depth - 1
-  // stages ahead, its shared memory after the two the plan counts)
-  int input_depth = 2;
-  __device__ int row_stride() const { return k_chunk * 2 + kRowPad; }
-  __device__ int stage_bytes() const { return tile_rows * row_stride(); }
-  __device__ int input_stride() const { return k_chunk + kInputPad; }  // elements per staged input row
+  int copy = kCopyRows;
+  __host__ __device__ bool swizzled() const { return copy == kCopyTensor && batch > 4; }
+  __host__ __device__ int box_k() const { return swizzled() ? 64 : (k_chunk < 256 ? k_chunk : 256); }
+  __host__ __device__ int row_stride() const { return copy == kCopyTensor ? k_chunk * 2 : k_chunk * 2 + kRowPad; }
+  __host__ __device__ int stage_bytes() const { return tile_rows * row_stride(); }
+  __host__ __device__ int input_stride() const { return k_chunk + kInputPad; }  // elements per staged input row
 };
+
+// The byte offset in a stage of columns [e, e + 8) of tile row r (e a multiple of 8): padded rows, or (COPY
+// kCopyTensor) box e / box_k's row r, its 16-byte chunk XOR (r % 8) where swizzled (the box's base 1024-byte
+// aligned: smem_layout aligns the ring, and every box is a multiple of 8 rows x 128 bytes).
+template <int COPY>
+__device__ __forceinline__ int stage_offset(const Ring& g, int r, int e) {
+  if constexpr (COPY == kCopyTensor) {
+    const int bk = g.box_k(), box = e / bk, chunk = (e - box * bk) >> 3;
+    return (box * g.tile_rows + r) * bk * 2 + ((g.swizzled() ? chunk ^ (r & 7) : chunk) << 4);
+  } else {
+    return r * g.row_stride() + e * 2;
+  }
+}
 
 // ---------------------------------------------------------------- PTX wrappers
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -153,16 +160,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, uint64_t 
                : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Until at most `pending` of this thread's committed groups are in flight (0, 2 or 6: input depth 2, 4, 8).
-__device__ __forceinline__ void cp_async_wait_pending(int pending) {
-  if (pending >= 6)
-    asm volatile("cp.async.wait_group 6;" ::: "memory");
-  else if (pending >= 2)
-    asm volatile("cp.async.wait_group 2;" ::: "memory");
-  else
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-}
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -198,6 +195,7 @@ __device__ inline Smem smem_layout(unsigned char* base, const Ring& g) {
   s.empty = s.full + kMaxStages;
   s.red = reinterpret_cast<float*>(base + 2 * kMaxStages * 8 + 128);
   s.ring = reinterpret_cast<unsigned char*>(s.red) + kConsumerWarps * 16 * ((g.batch + 7) / 8 * 8) * 4;
+  if (g.copy == kCopyTensor) s.ring += (1024 - (smem_u32(s.ring) & 1023)) & 1023;  // (the probe adds 1 KB)
   s.input = reinterpret_cast<bf16*>(s.ring + (size_t)g.stages * g.stage_bytes());
   return s;
 }
@@ -299,22 +297,16 @@ __device__ inline bool produce_op(const Op& op, const Ring& g, const Smem& s, Pr
           if (stop_word(stop) < it) return false;
       if (stop_word(stop) < it) return false;
       unsigned char* st = s.ring + (size_t)p.cur.slot * g.stage_bytes();
-      if (g.packed == 2) {  // tensor-map boxes of tile rows x up to 256 columns (full boxes: zeros past the edge)
-        const int box_k = kc < 256 ? kc : 256, boxes = (w + box_k - 1) / box_k;
+      if (g.copy == kCopyTensor) {  // boxes of tile rows x box_k columns (full boxes: zeros past the edge)
+        const int box_k = g.box_k(), boxes = (w + box_k - 1) / box_k;
         if (lane == 0) {
           mbar_expect_tx(&s.full[p.cur.slot], (unsigned)(boxes * R * box_k * 2));
           for (int i = 0; i < boxes; ++i)
             tensor_copy_2d(st + (size_t)i * R * box_k * 2, op.w, k0 + i * box_k, tl.row0, &s.full[p.cur.slot], p.pol);
         }
         __syncwarp();
-      } else if (g.packed) {  // the stage's image in one copy (its row padding travels too)
-        const unsigned bytes = (unsigned)(tl.rows * row_stride);
-        const size_t image = (size_t)t * packed_chunks(op, kc) + (k0 - tl.c0) / kc;
-        if (lane == 0) {
-          mbar_expect_tx(&s.full[p.cur.slot], bytes);
-          bulk_copy(st, reinterpret_cast<const unsigned char*>(op.w) + image * g.stage_bytes(), bytes,
-                    &s.full[p.cur.slot], p.pol);
-        }
+      } else if (g.copy == kCopyNone) {
+        if (lane == 0) mbar_arrive(&s.full[p.cur.slot]);
         __syncwarp();
       } else {
         if (lane == 0) mbar_expect_tx(&s.full[p.cur.slot], (unsigned)(tl.rows * w * 2));
@@ -360,11 +352,10 @@ __device__ inline void stage_input_chunk(const Ring& g, const Op& op, int k0, in
 }
 
 // Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each. `staged`:
-// the input chunk in shared memory (stage_input), else read from L2. `ldg`: the weights straight from global
-// memory (the probe's no-ring baseline).
-template <int MB>
+// the input chunk in shared memory (stage_input), else read from L2. COPY: the stage's layout (stage_offset).
+template <int MB, int COPY>
 __device__ void consume_fma(const Ring& g, const Op& op, const Tile& tl, const unsigned char* st, int k0, int w,
-                            float (&acc)[2][MB], const bf16* staged, bool ldg = false) {
+                            float (&acc)[2][MB], const bf16* staged) {
   const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
   for (int e = lane * 8; e < w; e += 256) {
     uint4 xv[MB];
@@ -381,8 +372,8 @@ __device__ void consume_fma(const Ring& g, const Op& op, const Tile& tl, const u
     for (int i = 0; i < 2; ++i) {
       const int r = cw + 8 * i;
       if (r >= tl.rows) continue;
-      const uint4 wv = ldg ? __ldg(reinterpret_cast<const uint4*>(op.w + (size_t)(tl.row0 + r) * op.ldw + k0 + e))
-                           : *reinterpret_cast<const uint4*>(st + (size_t)r * row_stride + e * 2);
+      const unsigned char* at = COPY == kCopyTensor ? st + stage_offset<COPY>(g, r, e) : st + (size_t)r * row_stride + e * 2;
+      const uint4 wv = *reinterpret_cast<const uint4*>(at);
 #pragma unroll
       for (int b = 0; b < MB; ++b) acc[i][b] += dot8(wv, xv[b]);
     }
@@ -414,16 +405,17 @@ __device__ void finish_fma(const Ring& g, const Op& op, const Tile& tl, float (&
 // Batch > 4: R / 16 row blocks x (8 / (R / 16)) k-groups of warps; each warp: mma over its k-steps, for
 // every 8-wide slice of the batch; a tile's partial sums are reduced across k-groups in shared memory.
 // `staged`: the input chunk in shared memory (stage_input), else read from L2.
+template <int COPY>
 __device__ inline void consume_mma(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
                                    float (&c)[kMaxNTiles][4], const bf16* staged) {
   const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
   const int blocks = g.tile_rows / 16, groups = kConsumerWarps / blocks, rb = cw % blocks, kg = cw / blocks;
   const int n_tiles = (g.batch + 7) / 8;
-  const unsigned char* a_base =
-      st + (size_t)(rb * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * row_stride + (lane / 16) * 16;
+  const int a_row = rb * 16 + (lane % 8) + ((lane / 8) % 2) * 8;  // this lane's ldmatrix row (and 8 columns)
+  const unsigned char* a_base = st + (size_t)a_row * row_stride + (lane / 16) * 16;
   for (int ks = kg; ks * 16 < w; ks += groups) {
     uint32_t af[4];
-    ldmatrix_x4(af, a_base + ks * 32);
+    ldmatrix_x4(af, COPY == kCopyTensor ? st + stage_offset<COPY>(g, a_row, ks * 16 + (lane / 16) * 8) : a_base + ks * 32);
     const int kk = ks * 16 + (lane % 4) * 2, k = k0 + kk;
 #pragma unroll
     for (int nt = 0; nt < kMaxNTiles; ++nt) {
@@ -478,39 +470,24 @@ __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, f
 }
 
 // One op's share of this CTA: every stage of its tiles from the ring (in the producer's order), multiplied
-// and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores. `ldg`: no ring.
+// and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores.
 // With stage_input, stage i's input chunk was copied during stage i - 1 (the first one before the loop) into
 // buffer i % 2; one consumers' barrier a stage makes it readable and frees the other buffer for stage i + 1.
 // Not inlined: one copy per MB instead of one per call site (a kernel has 5-7), which halves the extension's
 // build (stream_loop.cu: 50 s -> 15 s in ptxas) at the cost of one call per op and its arguments in local
-// memory (64-168 bytes of stack, no spills).
-template <int MB>
+// memory (64-168 bytes of stack, no spills). COPY: how the producer filled the stages (the kernels: rows).
+template <int MB, int COPY = kCopyRows>
 __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
-                           bool ldg = false, const Watch* watch = nullptr) {
+                           const Watch* watch = nullptr) {
   const int lane = threadIdx.x % 32;
-  const bool mma = g.batch > 4, staged = g.stage_input == 1 && compute && !ldg;
+  const bool mma = g.batch > 4, staged = g.stage_input == 1 && compute;
   const bf16* fixed = g.stage_input == 2 ? s.input : nullptr;  // the probe's input=fixed
   const int t0 = op.cta_first[blockIdx.x], t1 = op.cta_first[blockIdx.x + 1];
   const size_t buf_elems = (size_t)g.batch * g.input_stride();
   float acc[2][MB] = {};
   float c[kMaxNTiles][4] = {};
   int buf = 0;
-  const bool deep = staged && g.input_depth > 2;  // the probe's deeper input prefetch
-  int ahead_t = t0, ahead_k = deep && t0 < t1 ? tile_at(op, g.tile_rows, t0).c0 : 0;  // the next chunk to prefetch
-  auto prefetch = [&](bf16* dst) {  // that chunk into dst (nothing past the op's last), one committed group
-    if (ahead_t < t1) {
-      const Tile at = tile_at(op, g.tile_rows, ahead_t);
-      stage_input_chunk(g, op, ahead_k, min(g.k_chunk, at.c1 - ahead_k), dst);
-      ahead_k += g.k_chunk;
-      if (ahead_k >= at.c1 && ++ahead_t < t1) ahead_k = tile_at(op, g.tile_rows, ahead_t).c0;
-    }
-    cp_async_commit();
-  };
-  int stage = 0;
-  if (deep && t0 < t1) {
-    consumers_sync();  // every warp is done with the buffers of the previous op
-    for (int j = 0; j < g.input_depth - 1; ++j) prefetch(s.input + j * buf_elems);
-  } else if (staged && t0 < t1) {
+  if (staged && t0 < t1) {
     consumers_sync();  // every warp is done with the buffers of the previous op
     const Tile first = tile_at(op, g.tile_rows, t0);
     stage_input_chunk(g, op, first.c0, min(g.k_chunk, first.c1 - first.c0), s.input);
@@ -520,13 +497,7 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
       const bf16* x = fixed;
-      if (deep) {
-        cp_async_wait_pending(g.input_depth - 2);  // this stage's group has landed (groups complete in order)
-        consumers_sync();  // readable by every warp; every warp is done with the previous stage's buffer
-        x = s.input + (stage % g.input_depth) * buf_elems;
-        prefetch(s.input + ((stage + g.input_depth - 1) % g.input_depth) * buf_elems);
-        ++stage;
-      } else if (staged) {
+      if (staged) {
         cp_async_wait_all();
         consumers_sync();  // this stage's chunk is readable; every warp is done with the other buffer
         x = s.input + buf * buf_elems;
@@ -539,18 +510,16 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
         }
         buf ^= 1;
       }
-      if (!ldg) mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
+      mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
       const unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
       if (compute) {
         if (mma)
-          consume_mma(g, op, st, k0, w, c, x);
+          consume_mma<COPY>(g, op, st, k0, w, c, x);
         else
-          consume_fma<MB>(g, op, tl, st, k0, w, acc, x, ldg);
+          consume_fma<MB, COPY>(g, op, tl, st, k0, w, acc, x);
       }
-      if (!ldg) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&s.empty[cur.slot]);
-      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&s.empty[cur.slot]);
       cur.next(g.stages);
     }
     if (compute) {

@@ -16,18 +16,18 @@
 //
 // First the consumers' barrier alone (us per barrier over every SM). Modes per batch: consume 0 (the stream
 // alone: consumers release stages untouched) / 1; wait 0 / 1 (the dependency counter: one barrier before
-// each matrix, 17 an iteration) / 2 (the 50 barriers an iteration of csrc/stream_loop.cu, the norm,
-// attention, gate and exit phases' included, without their work: do they hide behind the ring?); stages
-// 2 .. the plan's; the input staged or from L2 (at the plan's stages, consuming, with and without waits);
-// and `ldg` at batch 1 (no ring: consumers read the weights with 16-byte loads themselves, as
-// csrc/recurrent_loop.cu does today). Beside them the copy bandwidth of
-// a 4 GiB buffer, the floor's denominator (benchmarks/suites.py: bytes read + written per second).
-// Added after the H200 run of 2026-12-04 (the stream alone at 58% of the copy, its rate set by the bytes per
-// cp.async.bulk): `copy=packed` (the weights re-laid out as stage images, one copy per stage; alone and
-// consuming, checked), `copy=tensor` (2D tensor-map boxes from the weights in place; the stream alone) and
-// `input=fixed` (consuming without refilling the input each stage; sums not checked), which tell whether
-// the producer's copies or the consumers' input round trip bound the ring, and `input_depth=4|8` (the staged
-// input copied 3 or 7 stages ahead instead of 1; checked), the fix for the latter.
+// each matrix, 17 an iteration); the copy (below); the stages the plan's, or fewer. Beside them the copy
+// bandwidth of a 4 GiB buffer, the floor's denominator (benchmarks/suites.py: bytes read + written per
+// second). Decided by earlier runs and dropped from the list: the stage count and the 50 barriers of an
+// iteration of csrc/stream_loop.cu (2026-12-04: neither matters on row copies), the input read from L2 by
+// every warp (slower from batch 4), and the barrier kernel's no-ring `ldg` pattern (0.85 TB/s).
+// 2026-12-04's two H200 runs decided the stream (benchmarks/RESULTS.md): 2D tensor-map copies (`copy=tensor`)
+// stream alone at 3.4-3.7 TB/s where one cp.async.bulk per row segment reaches 0.9-2.4 (packed stage images
+// and a deeper input prefetch were slower and are gone), and without any input refill (`input=fixed`) the
+// consumers still run at half the tensor stream's rate. The lines now ask what bounds the consumers:
+// `copy=tensor` consuming (the consumers reading the tensor-map boxes; swizzled on the tensor-core path;
+// checked), and `copy=none` (nothing copied: each stage's barrier completes at once and the consumers
+// multiply the ring as it stands, sums not checked), their own ceiling. Beside them the row-copy baseline.
 // Correctness first: each configuration is run once on zeroed outputs and sampled rows of every matrix
 // are compared with a host dot product of the same bf16 values (rel. error < 1e-2), then timed.
 //
@@ -59,13 +59,12 @@ constexpr int kMaxOps = 24;
 struct Args {
   Op ops[kMaxOps];
   Ring ring;
-  int n_ops, iters, consume, ldg;
-  int wait;            // 0: none; 1: one barrier before each matrix; 2: gap[o] barriers before matrix o
-  int gap[kMaxOps];    // wait 2: the streamed loop's barriers between matrix o - 1 and o (kernel_gaps)
+  int n_ops, iters, consume;
+  int wait;  // 0: none; 1: one barrier before each matrix
   unsigned* counter;  // monotonic: one arrival per CTA per barrier; zeroed before each launch
 };
 
-template <int MB>
+template <int MB, int COPY>
 __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_constant__ Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ int stop;  // never set: the probe runs every iteration
@@ -73,39 +72,20 @@ __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_consta
   if (threadIdx.x == 0) stop = 1 << 30;
   ring_init(s, a.ring);
   if (threadIdx.x < 32) {
-    if (!a.ldg) produce(a.ops, a.n_ops, a.ring, s, a.iters, &stop);
+    produce(a.ops, a.n_ops, a.ring, s, a.iters, &stop);
     return;
   }
   Cursor cur;
   unsigned arrivals = 0;
   for (int it = 0; it < a.iters; ++it)
     for (int o = 0; o < a.n_ops; ++o) {
-      if (a.wait && arrivals > 0) {
-        wait_for(a.counter, arrivals * gridDim.x);
-        // wait 2: the phases the streamed loop runs between two matrices (norms, attention, gate, exit),
-        // each ended by a barrier; their own work is left out, so this is the barriers' cost alone
-        for (int g = 1; a.wait == 2 && g < a.gap[o]; ++g) {
-          arrive(a.counter);
-          wait_for(a.counter, ++arrivals * gridDim.x);
-        }
-      }
-      consume_op<MB>(a.ring, a.ops[o], s, cur, a.consume, a.ldg);
+      if (a.wait && arrivals > 0) wait_for(a.counter, arrivals * gridDim.x);
+      consume_op<MB, COPY>(a.ring, a.ops[o], s, cur, a.consume);
       if (a.wait) {
         arrive(a.counter);  // this CTA's outputs of the matrix are written (release)
         ++arrivals;
       }
     }
-}
-
-// The streamed loop's barriers (csrc/stream_loop.cu's `sync`) between two matrices of a Huginn iteration,
-// before each matrix in the probe's order (adapter, then per layer Wqkv, Wo, Wfc, Wproj): before the adapter
-// the last Wproj's + the exit's 2; before layer 0's Wqkv the adapter's + its 2 norm phases; before Wo the
-// Wqkv's + attention's; before Wfc the Wo's + 3 norm phases; before Wproj the Wfc's + the gate's; before a
-// later layer's Wqkv the Wproj's + 3 norm phases. 50 per iteration of 4 layers.
-std::vector<int> kernel_gaps(int layers) {
-  std::vector<int> gaps = {3};
-  for (int l = 0; l < layers; ++l) gaps.insert(gaps.end(), {l == 0 ? 3 : 4, 2, 4, 2});
-  return gaps;
 }
 
 // The consumers' barrier alone (stream_loop.cu's `sync`: arrive, then wait for every CTA's arrival), n times:
@@ -128,21 +108,6 @@ __host__ __device__ inline float value_at(uint64_t seed, uint64_t i) {  // repro
   return (float)(z >> 40) / (float)(1ull << 23) - 1.f;
 }
 
-// copy=packed: op's weights as stage images, image (t, j) = tile t's k-chunk j, [tile_rows][row_stride bytes],
-// zero past the tile's rows and columns and in each row's padding (stream_ring.cuh: packed_chunks)
-__global__ void pack(Op op, Ring g, bf16* packed, int tiles) {
-  const int R = g.tile_rows, kc = g.k_chunk, row_elems = g.row_stride() / 2, chunks = packed_chunks(op, kc);
-  const size_t n = (size_t)tiles * chunks * R * row_elems;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const int e = (int)(i % row_elems), r = (int)(i / row_elems % R);
-    const size_t image = i / ((size_t)R * row_elems);
-    const int t = (int)(image / chunks), j = (int)(image % chunks);
-    const Tile tl = tile_at(op, R, t);
-    const int k0 = tl.c0 + j * kc, w = min(kc, tl.c1 - k0);
-    packed[i] = r < tl.rows && e < w ? op.w[(size_t)(tl.row0 + r) * op.ldw + k0 + e] : __float2bfloat16(0.f);
-  }
-}
-
 __global__ void fill(bf16* p, size_t n, uint64_t seed, float scale) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     p[i] = __float2bfloat16(value_at(seed, i) * scale);
@@ -159,10 +124,15 @@ float host_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
     }                                                                                            \
   } while (0)
 
-const void* kernel_for(int batch) {
-  if (batch <= 1) return reinterpret_cast<const void*>(stream_kernel<1>);
-  if (batch <= 4) return reinterpret_cast<const void*>(stream_kernel<4>);
-  return reinterpret_cast<const void*>(stream_kernel<1>);  // mma path: MB unused
+template <int COPY>
+const void* kernel_of(int batch) {
+  if (batch <= 1) return reinterpret_cast<const void*>(stream_kernel<1, COPY>);
+  if (batch <= 4) return reinterpret_cast<const void*>(stream_kernel<4, COPY>);
+  return reinterpret_cast<const void*>(stream_kernel<1, COPY>);  // mma path: MB unused
+}
+// the consumers read rows unless the producer copied tensor-map boxes (copy=none: rows, as they stand)
+const void* kernel_for(int batch, int copy) {
+  return copy == kCopyTensor ? kernel_of<kCopyTensor>(batch) : kernel_of<kCopyRows>(batch);
 }
 
 }  // namespace
@@ -255,41 +225,25 @@ int main(int argc, char** argv) {
 
   int failures = 0;
   struct Config {
-    int batch, stages, consume, wait, ldg, staged;  // staged: 0 input from L2, 1 staged, 2 fixed (unchecked)
-    int packed = 0;  // 1 copy=packed: one bulk copy per stage; 2 copy=tensor: 2D tensor-map boxes
-    int depth = 2;   // staged input buffers: each chunk copied depth - 1 stages ahead
+    int batch, stages, consume, wait, staged;  // staged: 1 staged, 2 fixed (unchecked)
+    int copy = kCopyRows;                           // RingCopy (stream_ring.cuh)
   };
   std::vector<Config> configs;
-  for (int batch : {1, 4, 8, 16, 32})
-    for (int stages : {2, 4, 0})
-      for (int consume : {1, 0})
-        for (int wait : {1, 0})
-          for (int staged : {1, 0}) {
-            if (!consume && wait) continue;                  // nothing to wait for
-            if (!staged && !(consume && stages == 0)) continue;  // the input's A/B at the plan's stages only
-            configs.push_back({batch, stages, consume, wait, 0, staged});
-          }
-  // the streamed loop's own barriers (50 an iteration, against 17 above): whether the ring hides its norm,
-  // attention and gate phases' barriers, or fusing them away (issue #11 notes) is worth it
-  for (int batch : {1, 4, 8, 32}) configs.push_back({batch, 0, 1, 2, 0, 1});
-  configs.push_back({1, 0, 1, 1, 1, 0});  // ldg: the barrier kernel's pattern, no ring
-  configs.push_back({1, 0, 1, 0, 1, 0});
-  // 2026-12-04's run: the stream alone reached 58% of the copy at most, at a rate set by the bytes per
-  // cp.async.bulk, and consuming cost more than its arithmetic (likely each stage's input L2 round trip).
-  // copy=packed: one copy per stage, alone and consuming (the outputs checked: the packing is right);
-  // input=fixed: consuming without any input refill, with either copy (outputs not checked)
   for (int batch : {1, 4, 8, 16, 32}) {
-    configs.push_back({batch, 0, 0, 0, 0, 1, 1});
-    configs.push_back({batch, 0, 1, 1, 0, 1, 1});
+    // the baseline of the kernels' ring (rows), alone and consuming with a wait before each matrix
+    configs.push_back({batch, 0, 0, 0, 1});
+    configs.push_back({batch, 0, 1, 1, 1});
+    // tensor-map copies: alone, consuming (checked) with and without the waits, and without input refills
+    configs.push_back({batch, 0, 0, 0, 1, kCopyTensor});
+    configs.push_back({batch, 0, 1, 1, 1, kCopyTensor});
+    configs.push_back({batch, 0, 1, 0, 1, kCopyTensor});
+    configs.push_back({batch, 0, 1, 0, 2, kCopyTensor});
+    // the consumers alone (nothing copied), with the input staged each stage and without
+    configs.push_back({batch, 0, 1, 0, 1, kCopyNone});
+    configs.push_back({batch, 0, 1, 0, 2, kCopyNone});
   }
-  for (int batch : {1, 4, 8, 32})
-    for (int packed : {0, 1}) configs.push_back({batch, 0, 1, 0, 0, 2, packed});
-  // the staged input copied 3 and 7 stages ahead instead of 1 (outputs checked): the fix if input=fixed
-  // shows the input's round trip bounding the consumers
-  for (int batch : {1, 4, 8, 32})
-    for (int depth : {4, 8}) configs.push_back({batch, 0, 1, 1, 0, 1, 0, depth});
-  // copy=tensor: the stream alone through 2D tensor-map copies from the weights in place (no second copy)
-  for (int batch : {1, 4, 8, 16, 32}) configs.push_back({batch, 0, 0, 0, 0, 1, 2});
+  // a shallower ring on tensor copies (the row copies' rate did not depend on the stages; a faster stream may)
+  for (int batch : {1, 8}) configs.push_back({batch, 4, 1, 1, 1, kCopyTensor});
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   {
     cudaDriverEntryPointQueryResult found;
@@ -313,14 +267,10 @@ int main(int argc, char** argv) {
     Args a{};
     a.n_ops = n_ops;
     a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages, cf.staged,
-                  cf.packed, cf.depth};
+                  cf.copy};
     a.consume = cf.consume;
     a.wait = cf.wait;
-    const std::vector<int> gaps = kernel_gaps(layers);
-    for (int o = 0; o < n_ops; ++o) a.gap[o] = gaps[o];
-    a.ldg = cf.ldg;
     a.counter = counter;
-    if (cf.ldg && cf.batch > 4) continue;
     std::vector<int> host_first;
     size_t out_at = 0;
     for (int o = 0; o < n_ops; ++o) {
@@ -331,17 +281,18 @@ int main(int argc, char** argv) {
       out_at += (size_t)kMaxBatch * op.rows;
     }
     CHECK(cudaMemcpy(firsts, host_first.data(), host_first.size() * 4, cudaMemcpyHostToDevice));
-    if (cf.packed == 2) {  // the tensor maps of this plan's boxes (tile rows x up to 256 columns)
+    if (cf.copy == kCopyTensor) {  // the tensor maps of this plan's boxes (Ring::box_k columns x tile rows)
       if (encode == nullptr) continue;
       std::vector<CUtensorMap> host_maps(n_ops);
       bool encoded = true;
       for (int o = 0; o < n_ops; ++o) {
         const cuuint64_t dims[2] = {(cuuint64_t)mats[o].second, (cuuint64_t)mats[o].first};
         const cuuint64_t strides[1] = {(cuuint64_t)mats[o].second * 2};
-        const cuuint32_t box[2] = {(cuuint32_t)std::min(p.k_chunk, 256), (cuuint32_t)p.tile_rows};
+        const cuuint32_t box[2] = {(cuuint32_t)a.ring.box_k(), (cuuint32_t)p.tile_rows};
         const cuuint32_t unit[2] = {1, 1};
         const CUresult r = encode(&host_maps[o], CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, weights[o], dims, strides, box,
-                                  unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                  unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                  a.ring.swizzled() ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
                                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
         if (r != CUDA_SUCCESS) {
           std::printf("probe batch=%d copy=tensor: cuTensorMapEncodeTiled failed (%d) for matrix %d\n", cf.batch,
@@ -354,22 +305,11 @@ int main(int argc, char** argv) {
       if (!encoded) continue;
       CHECK(cudaMemcpy(maps, host_maps.data(), n_ops * sizeof(CUtensorMap), cudaMemcpyHostToDevice));
     }
-    std::vector<bf16*> packed_w;  // copy=packed: each op's stage images, made from its weights, stand in for them
-    for (int o = 0; cf.packed == 1 && o < n_ops; ++o) {
-      Op& op = a.ops[o];
-      const int tiles = op.row_tiles * op.split_k;
-      bf16* buf;
-      CHECK(cudaMalloc(&buf, (size_t)tiles * packed_chunks(op, p.k_chunk) * p.stage_bytes));
-      pack<<<1024, 256>>>(op, a.ring, buf, tiles);
-      CHECK(cudaGetLastError());
-      op.w = buf;
-      packed_w.push_back(buf);
-    }
-    const void* kernel = kernel_for(cf.batch);
-    // deeper input: its buffers beyond the plan's two follow them
-    const int smem = (int)p.smem_bytes + (cf.depth - 2) * cf.batch * (p.k_chunk + kInputPad) * 2;
+    const void* kernel = kernel_for(cf.batch, cf.copy);
+    // tensor copies: the ring moves up to 1 KB to its 1024-byte alignment (stream_ring.cuh: smem_layout)
+    const int smem = (int)p.smem_bytes + (cf.copy == kCopyTensor ? 1024 : 0);
     if (smem > optin) {
-      std::printf("probe batch=%d input_depth=%d skipped: %d B of shared memory\n", cf.batch, cf.depth, smem);
+      std::printf("probe batch=%d copy=tensor skipped: %d B of shared memory\n", cf.batch, smem);
       continue;
     }
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -381,7 +321,7 @@ int main(int argc, char** argv) {
     };
     // correctness: one iteration on zeroed outputs, sampled rows of every matrix against the host
     double worst = 0;
-    const bool checked = cf.consume && cf.staged != 2;
+    const bool checked = cf.consume && cf.staged != 2 && cf.copy != kCopyNone;
     if (checked) {
       CHECK(cudaMemset(outs, 0, out_elems * 4));
       launch(1);
@@ -404,22 +344,19 @@ int main(int argc, char** argv) {
         }
       }
     }
-    int barriers = 0;  // per iteration
-    for (int o = 0; o < n_ops; ++o) barriers += cf.wait == 2 ? gaps[o] : cf.wait;
+    const int barriers = cf.wait * n_ops;  // per iteration
     const float best = best_ms(4, [&](int) { launch(iters); });
     const double us = best * 1e3 / iters;
     const bool ok = !checked || worst < 1e-2;
-    for (bf16* buf : packed_w) CHECK(cudaFree(buf));
     failures += !ok;
     std::printf(
         "probe batch=%d mode=%s input=%s stages=%d consume=%d wait=%d barriers=%d tile_rows=%d k_chunk=%d "
-        "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s%s\n",
-        cf.batch, cf.ldg ? "ldg" : (cf.batch > 4 ? "ring-mma" : "ring-fma"),
-        cf.staged == 2 ? "fixed" : (cf.staged ? "staged" : "l2"), a.ring.stages, cf.consume, cf.wait, barriers,
+        "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s\n",
+        cf.batch, cf.batch > 4 ? "ring-mma" : "ring-fma", cf.staged == 2 ? "fixed" : "staged", a.ring.stages, cf.consume, cf.wait, barriers,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst,
         checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked",
-        cf.packed == 2 ? " copy=tensor" : (cf.packed ? " copy=packed" : ""),
-        cf.depth > 2 ? (cf.depth == 4 ? " input_depth=4" : " input_depth=8") : "");
+        cf.copy == kCopyTensor ? (a.ring.swizzled() ? " copy=tensor swizzle=128B" : " copy=tensor")
+                               : (cf.copy == kCopyNone ? " copy=none" : ""));
   }
   std::printf("probe done, %d wrong\n", failures);
   return failures ? 1 : 0;
