@@ -136,6 +136,9 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
         "tokens_per_pass": tokens / max(m.passes, 1),  # a pass reads its layers' weights once
         # tokens per core iteration's worth of weights read (prelude and head passes at their weights' share)
         "tokens_per_weight_read": tokens / max(m.weight_reads, 1e-9),
+        # passes through the captured launch sequences (CUDA graphs on a GPU; the rest launch op by op from
+        # Python: on the H200 at Huginn-0125's shape a step cost 3-13 ms where its bytes take 0.8-1.7)
+        "graph_share": m.graph_passes / max(m.passes, 1),
         "decode_graph": getattr(getattr(engine.program, "decode_core", None), "_graph", None) is not None,
         # the program's passes beside a core iteration's, in weights read (its own estimate, from the weights)
         "prelude_cost": engine.program.prelude_cost,
@@ -342,7 +345,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         )
     cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
     cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms", "tokens_per_pass"]
-    cols += ["tokens_per_weight_read"]
+    cols += ["tokens_per_weight_read", "graph_share"]
     print("| scheduler | " + " | ".join(cols) + " | vs token |")
     print("|" + "---|" * (len(cols) + 2))
     base = runs.get("token", {}).get("tokens_per_s")

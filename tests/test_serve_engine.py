@@ -708,6 +708,10 @@ def test_served_on_the_triton_backend_equals_generate_alone():
             steps += 1
     assert 0 < calls.count("DecodeCoreRunner") < steps and {"DecodeHeadRunner", "DecodePreludeRunner"} <= set(calls)
     assert "prefill" in calls
+    # the passes counted as captured are the runners' calls, and the metrics report them (benchmarks/serve.py)
+    graphed = sum(calls.count(k) for k in ("DecodeCoreRunner", "DecodeHeadRunner", "DecodePreludeRunner"))
+    assert program.graph_passes == graphed < program.passes
+    assert engine.metrics.snapshot()["graph_passes_total"] == graphed
     assert sum(syncs.hits.values()) == steps, syncs.hits  # one read per step
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)

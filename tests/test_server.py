@@ -567,6 +567,7 @@ def test_routes_and_bad_input(recurrent_server):
         "latentrt_kv_bytes_in_use",
         "latentrt_passes_total",
         "latentrt_weight_reads_total",
+        "latentrt_graph_passes_total",
     ):
         assert name in metrics
 

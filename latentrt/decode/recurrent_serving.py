@@ -164,7 +164,7 @@ class RecurrentServing(ServingProgram):
             self._place(units, chunk)  # entries and positions first: the graphed prelude reads them
             self.decode_prelude.prepare(chunk.rows, torch.stack([self.starting[r][0] for r in units]))
             e = self.decode_prelude()[chunk.rows]
-            self.count_pass(self.prelude_cost)
+            self.count_pass(self.prelude_cost, graph=True)
             self._start_units(units, chunk, e)
             return
         chunks, ids = [], []
@@ -255,6 +255,7 @@ class RecurrentServing(ServingProgram):
         if self.decode_core is not None and len(parts) == 1 and parts[0].loop is self.loop:
             self.decode_core.prepare(parts[0].rows.list)  # decode rows only: the captured pass
             new = [self.decode_core()[parts[0].rows.index]]
+            self.count_pass(graph=True)
         else:
             actives = [p.loop.active[p.rows.index] for p in parts]
             for p, active in zip(parts, actives):
@@ -263,7 +264,7 @@ class RecurrentServing(ServingProgram):
             s = packed.pack([p.loop.s[p.rows.index] for p in parts])
             e = packed.pack([p.e for p in parts])
             new = packed.unpack(model.core_iteration(s, e, pool, packed, None, None, self._rope(packed)))
-        self.count_pass()
+            self.count_pass()
         in_loop = [self._in_loop(p) for p in parts]
         for p, (rows, at), x in zip(parts, in_loop, new):
             p.loop.advance(rows, x if at is None else x[at])
@@ -321,7 +322,7 @@ class RecurrentServing(ServingProgram):
             rows = parts[0].rows.index  # decode rows only: the captured head of every pool row
             self.decode_head.prepare(rows, active[0])
             logits = self.decode_head()
-            self.count_pass(self.head_cost)
+            self.count_pass(self.head_cost, graph=True)
             return [logits[rows]]
         packed = Packed([p.chunk for p in parts], active)
         s = packed.pack([p.loop.s[p.rows.index] for p in parts])

@@ -49,6 +49,9 @@ class ServingProgram:
         self.launched_rows = 0  # rows the last launch ran (for slot utilisation)
         self.passes = 0  # passes over a set of the model's layers so far (each reads those weights once)
         self.weight_reads = 0.0  # those passes' weights, in core iterations' (prelude_cost, head_cost, 1)
+        # of the passes, those that took a captured launch sequence (a CUDA graph on a GPU, the same launches
+        # eagerly elsewhere): the rest launch op by op from Python, which on a GPU costs more than the bytes
+        self.graph_passes = 0
         # what beginning units (their preludes) and ending them (their heads) cost, in core iterations:
         # the scheduler lets ended units wait until batching them is worth it (latentrt/serve/engine.py)
         self.prelude_cost = self.head_cost = 0.0
@@ -94,10 +97,12 @@ class ServingProgram:
         finished = request.finish_reason in ("stop", "length")
         self.pool.release(row, max(self.pool.lengths[row] - 1, 0) if finished else 0)
 
-    def count_pass(self, weights: float = 1.0) -> None:
-        """One pass over layers whose weights are ``weights`` core iterations'."""
+    def count_pass(self, weights: float = 1.0, graph: bool = False) -> None:
+        """One pass over layers whose weights are ``weights`` core iterations'; ``graph``: through a captured
+        launch sequence (backends/graph.py)."""
         self.passes += 1
         self.weight_reads += weights
+        self.graph_passes += graph
 
     def latent_work(self, request) -> int:
         """Latent work a request's prompt cost beyond its units' iterations (Coconut: its thoughts)."""

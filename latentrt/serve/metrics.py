@@ -22,6 +22,7 @@ class EngineMetrics:
     launched_rows: int = 0  # row-iterations executed (rows launched per step, waiting rows included)
     passes: int = 0  # passes over a set of the model's layers (prelude, core, head, prompt: each reads its weights)
     weight_reads: float = 0.0  # those passes' weights, in core iterations' (what a weight-bound GPU pays)
+    graph_passes: int = 0  # of the passes, those through a captured launch sequence (a CUDA graph on a GPU)
     iterations: int = 0  # latent iterations the units needed (their loops' lengths)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished (stop or length)
@@ -42,6 +43,7 @@ class EngineMetrics:
         self.launched_rows += launched
         self.passes = engine.program.passes
         self.weight_reads = engine.program.weight_reads
+        self.graph_passes = engine.program.graph_passes
         self.recent.append((time.perf_counter(), self.tokens))
         self.queue_length, self.resident = len(engine.queue), len(engine.resident)
         pool = engine.program.pool
@@ -84,6 +86,7 @@ class EngineMetrics:
             "steps_total": self.steps,
             "passes_total": self.passes,
             "weight_reads_total": self.weight_reads,
+            "graph_passes_total": self.graph_passes,
             "kv_bytes_in_use": self.kv_bytes,
             "kv_bytes_capacity": self.kv_capacity,
         }

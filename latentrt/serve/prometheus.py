@@ -26,6 +26,10 @@ METRICS = {
     "steps_total": ("latentrt_steps", "Scheduler steps"),
     "passes_total": ("latentrt_passes", "Passes over a set of the model's layers (each reads those weights)"),
     "weight_reads_total": ("latentrt_weight_reads", "Weights read by those passes, in core iterations' weights"),
+    "graph_passes_total": (
+        "latentrt_graph_passes",
+        "Of those passes, those through a captured launch sequence (a CUDA graph on a GPU)",
+    ),
 }
 
 
