@@ -198,7 +198,7 @@ case ",${GPU_EXTRA:-}," in *,train,*)
   # published Coconut recipe's fp32 (no autocast) against the CPU's, then the CLI fine-tuning the built-in model
   # with the published recipe (bf16 weights, no autocast) and its micro-batches and loading the result
   stamp "training: bf16 on the GPU against fp32, and latentrt train"
-  timeout 90 $PYTEST -q tests/test_train.py -k gpu_in_bf16 >"$LOGS/train.log" 2>&1
+  timeout 90 $PYTEST -q tests/test_train.py -k training_on_the_gpu >"$LOGS/train.log" 2>&1
   echo "train test exit $?" | tee -a "$LOG"
   grep -E "^E |^FAILED|Error" "$LOGS/train.log" | head -12 | tee -a "$LOG"
   python3 -c "from latentrt.train.data import generate_dataset, save_records; save_records(generate_dataset(64, (1, 2, 3)), '/tmp/lrt_train.json')"

@@ -446,8 +446,7 @@ def test_recurrent_training_learns_saves_and_loads(tmp_path):
 def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
     """On a GPU the trainers run bf16 weights under bf16 autocast (``load``'s default dtype there): at one
     depth and a zero initial state the loss and gradient norm equal an fp32 CPU run's within bf16
-    tolerance; then a few micro-batched, activation-checkpointed steps of each trainer stay finite; the
-    published Coconut recipe on fp32 weights runs no autocast (the CPU's losses within fp32 tolerance)."""
+    tolerance (on the CPU, bf16 under autocast: 3e-4 and 7e-4 relative)."""
     from latentrt.train.recurrent import RecurrentLoss, collate
 
     recs = generate_dataset(8, (1, 2))
@@ -464,13 +463,28 @@ def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
         results.append((loss.item(), float(norm)))
     (loss32, norm32), (loss16, norm16) = results
     assert abs(loss16 - loss32) <= 2e-2 * loss32 and abs(norm16 - norm32) <= 5e-2 * norm32, results
+
+
+@pytest.mark.gpu
+def test_training_on_the_gpu_micro_batched_and_checkpointed_steps_stay_finite():
+    """A few micro-batched bf16 steps of each trainer on the GPU, activation-checkpointed where that applies
+    (recurrent depth: the Coconut trainer refuses it since 2e38506, which this test, then one GPU-only test,
+    had not followed: the 2026-12-04 H200 run failed there)."""
+    recs = generate_dataset(8, (1, 2))
     opts = TrainOptions(steps=3, batch_size=4, micro_batch_size=2, checkpoint_activations=True, progress=False)
     log = train_recurrent(_recurrent().to("cuda", torch.bfloat16), TOK, recs, opts)
     assert all(torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in log)
+    opts = dataclasses.replace(opts, checkpoint_activations=False)
     log = train_coconut(_gpt2().to("cuda", torch.bfloat16), TOK, recs, opts, Curriculum("coconut", max_stage=1))
     assert all(torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in log)
-    # the published Coconut recipe trains fp32 weights without autocast (run.py's bf16: False): its GPU steps
-    # equal the CPU's within fp32 tolerance (no dropout: the devices draw different masks)
+
+
+@pytest.mark.gpu
+def test_training_on_the_gpu_with_the_published_coconut_recipe_equals_the_cpu():
+    """The published Coconut recipe trains fp32 weights without autocast (run.py's bf16: False): its GPU steps
+    equal the CPU's within fp32 tolerance (no dropout: the devices draw different masks; on the CPU three
+    steps move by 2e-7 under a 1e-6 weight perturbation, far inside 1e-4)."""
+    recs = generate_dataset(8, (1, 2))
     losses = []
     for device in ("cpu", "cuda"):
         model = _gpt2(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0).to(device)
