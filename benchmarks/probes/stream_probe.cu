@@ -34,8 +34,6 @@
 // Build (no GPU needed): nvcc -std=c++17 -O3 -Icsrc -gencode=arch=compute_90a,code=sm_90a
 //   benchmarks/probes/stream_probe.cu -o stream_probe            (tools/ptxas_check.py checks spills)
 // Run: ./stream_probe [iterations per launch, default 8]; one line per configuration (`probe ...`).
-#include <cuda.h>  // CUtensorMap (copy=tensor; the encoder comes from the driver at run time, no -lcuda)
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -46,6 +44,7 @@
 #include <vector>
 
 #include "stream_ring.cuh"
+#include "stream_tensor_map.h"
 
 namespace {
 
@@ -244,18 +243,8 @@ int main(int argc, char** argv) {
   }
   // a shallower ring on tensor copies (the row copies' rate did not depend on the stages; a faster stream may)
   for (int batch : {1, 8}) configs.push_back({batch, 4, 1, 1, 1, kCopyTensor});
-  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  {
-    cudaDriverEntryPointQueryResult found;
-    void* fn = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) ==
-            cudaSuccess &&
-        found == cudaDriverEntryPointSuccess)
-      encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-    else
-      std::printf("probe copy=tensor unavailable: no cuTensorMapEncodeTiled from the driver\n");
-    cudaGetLastError();
-  }
+  if (tensor_map_encoder() == nullptr)
+    std::printf("probe copy=tensor unavailable: no cuTensorMapEncodeTiled from the driver\n");
   CUtensorMap* maps;  // copy=tensor: one per matrix, in global memory (64-byte aligned)
   CHECK(cudaMalloc(&maps, (size_t)n_ops * sizeof(CUtensorMap)));
   for (const Config& cf : configs) {
@@ -281,22 +270,15 @@ int main(int argc, char** argv) {
       out_at += (size_t)kMaxBatch * op.rows;
     }
     CHECK(cudaMemcpy(firsts, host_first.data(), host_first.size() * 4, cudaMemcpyHostToDevice));
-    if (cf.copy == kCopyTensor) {  // the tensor maps of this plan's boxes (Ring::box_k columns x tile rows)
-      if (encode == nullptr) continue;
+    if (cf.copy == kCopyTensor) {  // the tensor maps of this plan's boxes (stream_tensor_map.h)
+      if (tensor_map_encoder() == nullptr) continue;
       std::vector<CUtensorMap> host_maps(n_ops);
       bool encoded = true;
       for (int o = 0; o < n_ops; ++o) {
-        const cuuint64_t dims[2] = {(cuuint64_t)mats[o].second, (cuuint64_t)mats[o].first};
-        const cuuint64_t strides[1] = {(cuuint64_t)mats[o].second * 2};
-        const cuuint32_t box[2] = {(cuuint32_t)a.ring.box_k(), (cuuint32_t)p.tile_rows};
-        const cuuint32_t unit[2] = {1, 1};
-        const CUresult r = encode(&host_maps[o], CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, weights[o], dims, strides, box,
-                                  unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                  a.ring.swizzled() ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
-                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-        if (r != CUDA_SUCCESS) {
-          std::printf("probe batch=%d copy=tensor: cuTensorMapEncodeTiled failed (%d) for matrix %d\n", cf.batch,
-                      (int)r, o);
+        const std::string why = encode_weight_map(&host_maps[o], weights[o], mats[o].first, mats[o].second,
+                                                  mats[o].second, a.ring);
+        if (!why.empty()) {
+          std::printf("probe batch=%d copy=tensor: matrix %d: %s\n", cf.batch, o, why.c_str());
           encoded = false;
           break;
         }
