@@ -40,20 +40,28 @@ def streamed_loop() -> None:
     """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
     (latent-diff; KL with the coda and lm_head streamed at its checks), a batch on the tensor-core path, and
     one row at 56 positions (its attention in 4 splits, merged); each launch must return (a hang is the
-    likely bug). The attention and the input are the backend's defaults, or LATENTRT_STREAM_ATTENTION's and
-    LATENTRT_STREAM_INPUT's."""
+    likely bug). The attention, the input and the weight copies are the backend's defaults, or
+    LATENTRT_STREAM_ATTENTION's, LATENTRT_STREAM_INPUT's and LATENTRT_STREAM_COPY's."""
     cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    from latentrt.backends.cuda import PersistentTokenRunner
+
     model.backend = get_backend("cuda", model)
     model.backend.loop_kernel = "stream"
+    kernels, real = [], PersistentTokenRunner.recurrence
+    PersistentTokenRunner.recurrence = lambda self, *a: kernels.append(self.kernel) or real(self, *a)
     for batch, length in ((2, 3), (8, 3), (1, 56)):
         prompts = [[3 + (i + j) % 50 for j in range(length - i % 2)] for i in range(batch)]
         for crit in ("none", "latent-diff", "kl"):
             kw = dict(max_new_tokens=3, num_steps=4, kv_sharing="ring-2", adaptive=True, exit_criterion=crit)
+            kernels.clear()
             latentrt.generate(model, prompts, **kw)
             torch.cuda.synchronize()
+            if set(kernels) != {"stream"}:  # the plan refused the options: a smoke of another path proves nothing
+                raise SystemExit(f"the streamed loop did not run (batch {batch}, {crit}): launches {kernels}")
         b = model.backend
-        print(f"streamed loop ({b.stream_attention} attention, {b.stream_input} input) batch {batch} ok", flush=True)
+        what = f"{b.stream_attention} attention, {b.stream_input} input, {b.stream_copy} copies"
+        print(f"streamed loop ({what}) batch {batch} ok", flush=True)
 
 
 def streamed_thoughts() -> None:

@@ -342,8 +342,9 @@ def _backends(
     """(label, backend) for every backend that runs on the model's device; the persistent CUDA loop once per
     kernel: grid barriers by cooperative groups (``cuda``), the streamed-weight kernel (``cuda-stream``,
     csrc/stream_loop.cu / stream_thought.cu, attention split over positions; ``cuda-stream-cta``: the latent
-    loop's attention one (row, head) per CTA, timed where ``stream_attentions`` has "cta"), grid barriers by
-    counters in global memory (``cuda-counter-barrier``). LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke
+    loop's attention one (row, head) per CTA, timed where ``stream_attentions`` has "cta"; ``cuda-stream-tensor``:
+    the latent loop's weights copied as tensor-map boxes, decode_recurrent only), grid barriers by counters in
+    global memory (``cuda-counter-barrier``). LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke
     failed) names labels to leave out, everywhere (``cuda-stream``) or in one suite (``decode_coconut:cuda-stream``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
     for name in ("triton", "cuda"):
@@ -356,16 +357,20 @@ def _backends(
             continue
         skip = set(os.environ.get("LATENTRT_BENCH_SKIP", "").split(","))
         kernels = (
-            ("barrier", 0, "split", "cuda"),
-            ("stream", 0, "split", "cuda-stream"),
-            ("stream", 0, "cta", "cuda-stream-cta"),
-            ("barrier", 1, "split", "cuda-counter-barrier"),
+            ("barrier", 0, "split", "rows", "cuda"),
+            ("stream", 0, "split", "rows", "cuda-stream"),
+            ("stream", 0, "split", "tensor", "cuda-stream-tensor"),
+            ("stream", 0, "cta", "rows", "cuda-stream-cta"),
+            ("barrier", 1, "split", "rows", "cuda-counter-barrier"),
         )
-        for kernel, mode, attention, label in kernels:
+        for kernel, mode, attention, copy, label in kernels:
             if label in skip or f"{suite}:{label}" in skip or attention not in stream_attentions:
+                continue
+            if copy == "tensor" and suite != "decode_recurrent":  # the thought loop copies rows only
                 continue
             backend = latentrt.backends.get_backend(name, model)
             backend.loop_kernel, backend.barrier_mode, backend.stream_attention = kernel, mode, attention
+            backend.stream_copy = copy
             yield label, backend
 
 

@@ -42,14 +42,16 @@ template <class Key>
 class PlanCache {
  public:
   // The plan of `kernel` over the matrices `mats()` (computed on a miss only) at `batch` rows on `device`,
-  // with or without the staged input, cached under `key` (which names the device and the input mode), or
-  // why there is none.
+  // with or without the staged input, `reserve` bytes of the dynamic shared memory kept out of it, cached
+  // under `key` (which names the device, the input mode and the reserve), or why there is none.
   template <class Mats>
-  std::string get(int device, const void* kernel, const Key& key, int batch, bool stage_input, Mats mats, Plan* out) {
+  std::string get(int device, const void* kernel, const Key& key, int batch, bool stage_input, Mats mats, Plan* out,
+                  int64_t reserve = 0) {
     int sms = 0;
     int64_t smem = 0;
     std::string why = device_room(device, kernel, &sms, &smem);
     if (!why.empty()) return why;
+    smem -= reserve;
     std::lock_guard<std::mutex> guard(lock_);
     auto found = plans_.find(key);
     if (found == plans_.end()) found = plans_.emplace(key, plan_stream(mats(), batch, sms, smem, 0, 0, stage_input)).first;

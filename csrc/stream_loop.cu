@@ -43,6 +43,7 @@
 #include "stream_attention.cuh"
 #include "stream_host.cuh"
 #include "stream_loop.h"
+#include "stream_tensor_map.h"
 
 namespace {
 
@@ -334,7 +335,7 @@ template <int MB>
 __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_t* act, float* sm, const Layer& L,
                          const Op* ops, int slot, bool zero_adapter) {
   const int B = a.B, d = a.d;
-  consume_op<MB>(a.ring, ops[0], s, c.cur, true, &a.watch);  // QKV
+  consume<MB>(a.ring, ops[0], s, c.cur, true, &a.watch);  // QKV
   sync(a, c);
   zero(a.acc_p, (size_t)B * d);  // last read by the previous norm after a PROJ: two barriers ago
   if (a.att_split_max > 0) {
@@ -344,17 +345,17 @@ __device__ void sandwich(const Args& a, Consumer& c, const Smem& s, const uint8_
   } else
     attend(a, L, c.pos, slot, L.slots > 1, act, sm);
   sync(a, c);
-  consume_op<MB>(a.ring, ops[1], s, c.cur, true, &a.watch);  // WO
+  consume<MB>(a.ring, ops[1], s, c.cur, true, &a.watch);  // WO
   sync(a, c);
   add_norm_norm(a, c, act, a.hx, a.acc_o, L.n2, a.hb, L.n3);
   zero(a.acc_qkv, (size_t)B * (a.H + 2 * a.Hkv) * a.D);  // last read by ATT
   zero(a.acc_o, (size_t)B * d);                           // last read by the norm above
   if (zero_adapter) zero(a.acc_a, (size_t)B * d);
-  consume_op<MB>(a.ring, ops[2], s, c.cur, true, &a.watch);  // FC
+  consume<MB>(a.ring, ops[2], s, c.cur, true, &a.watch);  // FC
   sync(a, c);
   gate(a, act);
   sync(a, c);
-  consume_op<MB>(a.ring, ops[3], s, c.cur, true, &a.watch);  // PROJ
+  consume<MB>(a.ring, ops[3], s, c.cur, true, &a.watch);  // PROJ
   sync(a, c);
 }
 
@@ -371,7 +372,7 @@ __device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act,
     add_norm_norm(a, c, act, a.hb, a.acc_p, L.n4, a.hx, j + 1 < a.n_coda ? a.coda[j + 1].n1 : a.ln_f);
     zero(a.acc_fc, (size_t)B * 2 * a.I);  // last read by G, two barriers ago
   }
-  consume_op<MB>(a.ring, coda_ops[kOpsPerLayer * a.n_coda], s, c.cur, true, &a.watch);  // lm_head
+  consume<MB>(a.ring, coda_ops[kOpsPerLayer * a.n_coda], s, c.cur, true, &a.watch);  // lm_head
   sync(a, c);
   for (int b = blockIdx.x; b < B; b += gridDim.x) {
     if (!act[b]) continue;  // uniform across the CTA
@@ -422,7 +423,7 @@ __device__ __forceinline__ void run(const Args& a, const Smem& s, uint8_t* act, 
   for (int t = 0; t < a.r_max; ++t) {
     if (blockIdx.x == 0 && ct < B && act[ct]) a.written[(size_t)ct * a.T + c.pos] = t + 1;
     // ADAPT, then h = rnd(rnd(acc_a) + term) -> hx and xs = norm_1(hx)
-    consume_op<MB>(a.ring, a.ops[0], s, c.cur, true, &a.watch);
+    consume<MB>(a.ring, a.ops[0], s, c.cur, true, &a.watch);
     sync(a, c);
     {
       float* st = norm_stats(a, c);
@@ -556,8 +557,9 @@ std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::LoopArgs& a) {
   return m;
 }
 
-using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int, bool>;
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int, bool, bool>;
 latentrt_stream::PlanCache<PlanKey> plans;
+latentrt_ring::DeviceMaps tensor_maps;  // LoopArgs.tensor_copy: the weights' maps on the device
 
 std::string checks(const latentrt::LoopArgs& a) {
   if (a.batch < 1 || a.batch > kMaxBatch)
@@ -585,8 +587,22 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   if (!why.empty()) return why;
   const bool kl = a.criterion == kKL;
   const PlanKey key{device,     a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter,
-                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0, a.stage_input != 0};
-  return plans.get(device, kernel_for(a.batch), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out);
+                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0, a.stage_input != 0, a.tensor_copy != 0};
+  const int64_t reserve = a.tensor_copy ? latentrt_ring::kTensorRingSlack : 0;  // the tensor ring's alignment
+  why = plans.get(device, kernel_for(a.batch), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out,
+                  reserve);
+  if (why.empty() && a.tensor_copy) {
+    const Ring g{a.batch, out->tile_rows, out->k_chunk, out->stages, out->stage_input, latentrt_ring::kCopyTensor};
+    if (out->k_chunk % g.box_k())
+      return "tensor-map copies: k_chunk " + std::to_string(out->k_chunk) + " is not a multiple of the box's " +
+             std::to_string(g.box_k()) + " columns";
+  }
+  return why;
+}
+
+// The dynamic shared memory of a launch of plan `p`: the tensor-map ring's alignment beyond the plan's.
+int launch_smem(const latentrt::LoopArgs& a, const Plan& p) {
+  return (int)p.smem_bytes + (a.tensor_copy ? latentrt_ring::kTensorRingSlack : 0);
 }
 
 // Workspace layout: bf16 buffers, then the fp32 ones (zeroed by the kernel at its start).
@@ -629,7 +645,9 @@ namespace latentrt {
 
 std::string stream_loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes) {
   Plan p;
-  return latentrt_stream::grid_of(plan_for(a, device, &p), p, grid, smem_bytes);
+  const std::string why = latentrt_stream::grid_of(plan_for(a, device, &p), p, grid, smem_bytes);
+  if (why.empty()) *smem_bytes = launch_smem(a, p);
+  return why;
 }
 
 long long stream_loop_scratch_bytes(const LoopArgs& a) { return (long long)layout(a).end; }
@@ -647,7 +665,8 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
   Plan p;
   if (!plan_for(h, device, &p).empty() || h.table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
   Args a{};
-  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input};
+  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input,
+                h.tensor_copy ? latentrt_ring::kCopyTensor : latentrt_ring::kCopyRows};
   a.B = h.batch;
   a.d = h.d;
   a.H = h.n_head;
@@ -743,7 +762,15 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
     }
   }
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(h.stream);
-  return latentrt_stream::launch_cooperative(kernel_for(h.batch), p.ctas, kThreads, (int)p.smem_bytes, &a, a.counter, stream, why);
+  if (h.tensor_copy) {  // the producer copies tensor-map boxes: each op's `w` becomes its map (on the device)
+    std::string no = latentrt_ring::use_tensor_maps(a.ops, (int)p.ops.size(), a.ring, tensor_maps, stream);
+    if (!no.empty()) {
+      if (why != nullptr) *why = "tensor-map copies: " + no;
+      return 2;
+    }
+  }
+  return latentrt_stream::launch_cooperative(kernel_for(h.batch), p.ctas, kThreads, launch_smem(h, p), &a, a.counter,
+                                             stream, why);
 }
 
 }  // namespace latentrt

@@ -3,8 +3,9 @@
 // The plan (tiles, split-K, k-chunks, stages, each CTA's run of tiles) is csrc/stream_plan.h's.
 //
 // One CTA per SM. Warp 0 produces: it walks the CTA's tiles of every matrix in execution order, `iters`
-// times, and copies each k-chunk of a tile (tile_rows row segments, one cp.async.bulk each, L2 evict-first)
-// into the next free stage of a shared-memory ring, completing on the stage's "full" mbarrier. It waits only
+// times, and copies each k-chunk of a tile (tile_rows row segments, one cp.async.bulk each, or with
+// Ring::copy kCopyTensor a few 2D tensor-map boxes; L2 evict-first) into the next free stage of a
+// shared-memory ring, completing on the stage's "full" mbarrier. It waits only
 // for a free stage ("empty" mbarrier), never for activations. Warps 1..kConsumerWarps consume: per stage,
 // the staged weights times the batch's input chunk (CUDA-core dot products up to batch 4, mma.sync
 // m16n8k16 with the weights as M and the batch as N above), a tile's sums stored, or added with atomics
@@ -529,6 +530,17 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
         finish_fma<MB>(g, op, tl, acc);
     }
   }
+}
+
+// consume_op with the stage layout the ring's producer writes (Ring::copy, the same for every CTA and op): both
+// layouts are compiled once each per MB (consume_op is not inlined), the kernel itself once.
+template <int MB>
+__device__ __forceinline__ void consume(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
+                                        const Watch* watch = nullptr) {
+  if (g.copy == kCopyTensor)
+    consume_op<MB, kCopyTensor>(g, op, s, cur, compute, watch);
+  else
+    consume_op<MB, kCopyRows>(g, op, s, cur, compute, watch);
 }
 
 // ---------------------------------------------------------------- ordering across CTAs (consumers only)

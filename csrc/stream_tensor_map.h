@@ -8,7 +8,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "stream_ring.cuh"
 
@@ -44,6 +47,66 @@ inline std::string encode_weight_map(CUtensorMap* map, const void* w, int64_t ro
                             g.swizzled() ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? "" : "cuTensorMapEncodeTiled failed (CUresult " + std::to_string((int)r) + ")";
+}
+
+// The rows of the ring's tensor-map stages: the box and its 1024-byte alignment (smem_layout) need at most
+// this much dynamic shared memory beyond the plan's (which counts padded rows).
+constexpr int kTensorRingSlack = 1024;
+
+// Device copies of tensor-map arrays (a kernel's producer reads its maps from global memory), one per
+// distinct key (the weights and the box): copied on the first launch that needs them and kept for the
+// process, so a CUDA graph captured later replays with them in place. A miss under graph capture is refused
+// (the copy would be recorded, not done): the runners' first call runs eagerly, outside capture.
+class DeviceMaps {
+ public:
+  const CUtensorMap* get(const std::vector<int64_t>& key, const std::vector<CUtensorMap>& maps, cudaStream_t stream,
+                         std::string* why) {
+    std::lock_guard<std::mutex> guard(lock_);
+    auto found = copies_.find(key);
+    if (found != copies_.end()) return found->second;
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone) {
+      cudaGetLastError();
+      *why = "tensor maps are copied to the device outside CUDA graph capture (run one launch eagerly first)";
+      return nullptr;
+    }
+    CUtensorMap* dev = nullptr;
+    const size_t bytes = maps.size() * sizeof(CUtensorMap);
+    cudaError_t e = cudaMalloc(&dev, bytes);  // 256-byte aligned (a map needs 64)
+    if (e == cudaSuccess) e = cudaMemcpy(dev, maps.data(), bytes, cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) {
+      *why = cudaGetErrorString(e);
+      cudaGetLastError();
+      if (dev != nullptr) cudaFree(dev);
+      return nullptr;
+    }
+    copies_.emplace(key, dev);
+    return dev;
+  }
+
+ private:
+  std::mutex lock_;
+  std::map<std::vector<int64_t>, const CUtensorMap*> copies_;
+};
+
+// Point every op's `w` at its tensor map (the maps of their weights in `g`'s boxes, on the device through
+// `cache`); "" or why not (the ops then keep their weights).
+template <int N>
+inline std::string use_tensor_maps(Op (&ops)[N], int n_ops, const Ring& g, DeviceMaps& cache, cudaStream_t stream) {
+  if (g.k_chunk % g.box_k()) return "k_chunk " + std::to_string(g.k_chunk) + " is not a multiple of the box's columns";
+  std::vector<CUtensorMap> maps(n_ops);
+  std::vector<int64_t> key = {g.box_k(), g.tile_rows, g.swizzled()};
+  for (int o = 0; o < n_ops; ++o) {
+    const Op& op = ops[o];
+    const std::string why = encode_weight_map(&maps[o], op.w, op.rows, op.cols, op.ldw, g);
+    if (!why.empty()) return "matrix " + std::to_string(o) + ": " + why;
+    key.insert(key.end(), {(int64_t)(uintptr_t)op.w, op.rows, op.cols, op.ldw});
+  }
+  std::string why;
+  const CUtensorMap* dev = cache.get(key, maps, stream, &why);
+  if (dev == nullptr) return why;
+  for (int o = 0; o < n_ops; ++o) ops[o].w = reinterpret_cast<const bf16*>(dev + o);
+  return "";
 }
 
 }  // namespace latentrt_ring

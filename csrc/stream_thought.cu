@@ -178,7 +178,7 @@ template <int MB>
 __device__ void gemv(const Args& a, Consumer& c, const Smem& s, int o, size_t x_cta) {
   Op op = a.ops[o];
   op.x += (size_t)blockIdx.x * x_cta;
-  consume_op<MB>(a.ring, op, s, c.cur, true, &a.watch);
+  consume<MB>(a.ring, op, s, c.cur, true, &a.watch);
 }
 
 // After the last position: its hidden state -> out (block 0); with an LM head every CTA stages ln_f of it

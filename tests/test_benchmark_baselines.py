@@ -114,19 +114,23 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     monkeypatch.setattr(suites.latentrt.backends, "get_backend", lambda name, model: SimpleNamespace(name=name))
     monkeypatch.delenv("LATENTRT_BENCH_SKIP", raising=False)
     rows = {label: b for label, b in suites._backends(None)}
-    assert list(rows) == ["torch", "triton", "cuda", "cuda-stream", "cuda-stream-cta", "cuda-counter-barrier"]
-    variant = {k: (b.loop_kernel, b.barrier_mode, b.stream_attention) for k, b in rows.items() if k.startswith("cuda")}
+    labels = ["torch", "triton", "cuda", "cuda-stream", "cuda-stream-tensor", "cuda-stream-cta", "cuda-counter-barrier"]
+    assert list(rows) == labels
+    cuda = {k: b for k, b in rows.items() if k.startswith("cuda")}
+    variant = {k: (b.loop_kernel, b.barrier_mode, b.stream_attention, b.stream_copy) for k, b in cuda.items()}
     assert variant == {
-        "cuda": ("barrier", 0, "split"),
-        "cuda-stream": ("stream", 0, "split"),
-        "cuda-stream-cta": ("stream", 0, "cta"),
-        "cuda-counter-barrier": ("barrier", 1, "split"),
+        "cuda": ("barrier", 0, "split", "rows"),
+        "cuda-stream": ("stream", 0, "split", "rows"),
+        "cuda-stream-tensor": ("stream", 0, "split", "tensor"),
+        "cuda-stream-cta": ("stream", 0, "cta", "rows"),
+        "cuda-counter-barrier": ("barrier", 1, "split", "rows"),
     }
     monkeypatch.setenv("LATENTRT_BENCH_SKIP", "cuda-stream")
     assert [k for k, _ in suites._backends(None)] == [
         "torch",
         "triton",
         "cuda",
+        "cuda-stream-tensor",
         "cuda-stream-cta",
         "cuda-counter-barrier",
     ]
@@ -135,6 +139,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     monkeypatch.setenv("LATENTRT_BENCH_SKIP", "decode_coconut:cuda-stream")  # one suite's row only
     assert "cuda-stream" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "cuda-stream" in dict(suites._backends(None))
+    assert "cuda-stream-tensor" not in dict(suites._backends(None, ("split",), "decode_coconut"))  # rows only there
 
 
 def test_the_gpu_script_runs_through_its_fallbacks_without_a_gpu(tmp_path):

@@ -283,6 +283,26 @@ def test_the_streamed_input_mode_reaches_both_kernels_arguments():
     assert _cuda.LoopArgs().stage_input == 1 and _cuda.ThoughtLoopArgs().stage_input == 1
 
 
+def test_the_streamed_loop_options_reach_its_launch_arguments():
+    """``stream_attention``, ``stream_input`` and ``stream_copy`` set the streamed latent loop's
+    ``split_attention``, ``stage_input`` and ``tensor_copy``; an unknown value set after the backend is an
+    InputError naming it."""
+    from latentrt.backends import cuda as cuda_backend
+    from latentrt.errors import InputError
+
+    backend = cuda_backend.CudaBackend(tiny_recurrent(seed=1), reason="test")
+    args = _cuda.LoopArgs()
+    assert (args.split_attention, args.stage_input, args.tensor_copy) == (1, 1, 0)
+    backend.stream_options(args)
+    assert (args.split_attention, args.stage_input, args.tensor_copy) == (1, 1, 0)
+    backend.stream_attention, backend.stream_input, backend.stream_copy = "cta", "l2", "tensor"
+    backend.stream_options(args)
+    assert (args.split_attention, args.stage_input, args.tensor_copy) == (0, 0, 1)
+    backend.stream_copy = "packed"
+    with pytest.raises(InputError, match="stream_copy must be one of"):
+        backend.stream_options(args)
+
+
 def test_stream_watchdog_report_names_the_wait_that_hung(monkeypatch):
     """The streamed kernel's watchdog writes what a hung wait waited for into pinned host memory; the report
     reads it back (no CUDA call: it works after the context died)."""
@@ -329,16 +349,19 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
         ("LATENTRT_CUDA_LOOP", "loop_kernel", "barrier", "stream"),
         ("LATENTRT_STREAM_ATTENTION", "stream_attention", "split", "cta"),
         ("LATENTRT_STREAM_INPUT", "stream_input", "staged", "l2"),
+        ("LATENTRT_STREAM_COPY", "stream_copy", "rows", "tensor"),
     ],
 )
 def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch, env, attr, default, other):
     """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks), and
-    LATENTRT_STREAM_ATTENTION the streamed kernel's attention, LATENTRT_STREAM_INPUT its input chunks; a value
+    LATENTRT_STREAM_ATTENTION the streamed kernel's attention, LATENTRT_STREAM_INPUT its input chunks,
+    LATENTRT_STREAM_COPY its weight copies; a value
     none knows is an InputError naming the variable, when the backend is made, not at the first token."""
     from latentrt.backends import cuda as cuda_backend
     from latentrt.errors import InputError
 
-    assert env in (cuda_backend.LOOP_KERNEL_ENV, cuda_backend.STREAM_ATTENTION_ENV, cuda_backend.STREAM_INPUT_ENV)
+    names = (cuda_backend.LOOP_KERNEL_ENV, cuda_backend.STREAM_ATTENTION_ENV, cuda_backend.STREAM_INPUT_ENV)
+    assert env in (*names, cuda_backend.STREAM_COPY_ENV)
     model = tiny_recurrent(seed=1)
     monkeypatch.delenv(env, raising=False)
     assert getattr(cuda_backend.CudaBackend(model), attr) == default

@@ -114,11 +114,12 @@ def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
     _agree(a, b, _fp32_run(prompts, kw))
 
 
-STREAM_VARIANTS = {  # label: (loop_kernel, stream_attention, stream_input)
+STREAM_VARIANTS = {  # label: (loop_kernel, stream_attention, stream_input[, stream_copy])
     "barrier": ("barrier", "split", "staged"),
     "stream": ("stream", "split", "staged"),
     "stream-cta": ("stream", "cta", "staged"),  # the per-CTA attention
     "stream-l2": ("stream", "split", "l2"),  # every warp reads its input from L2
+    "stream-tensor": ("stream", "split", "staged", "tensor"),  # the weights copied as tensor-map boxes
 }
 
 
@@ -135,7 +136,8 @@ def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
     ref32 = latentrt.load("builtin:recurrent", device="cuda", dtype="float32", backend="torch")
     ref16, fast = _builtin_pair("recurrent")
     b = fast.backend
-    b.loop_kernel, b.stream_attention, b.stream_input = STREAM_VARIANTS[kernel]
+    b.loop_kernel, b.stream_attention, b.stream_input, *copy = STREAM_VARIANTS[kernel]
+    b.stream_copy = copy[0] if copy else "rows"
     prompts = _questions(ref16, 4)
     kw = dict(max_new_tokens=3, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
     a32, a16, b16 = (latentrt.generate(m, prompts, **kw) for m in (ref32, ref16, fast))
@@ -176,6 +178,27 @@ def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
     kernels = _stream_launches(monkeypatch)
     prompts = _questions(ref, batch)
     kw = dict(max_new_tokens=6, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
+    if criterion != "none":
+        kw.update(adaptive=True, exit_criterion=criterion)
+    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
+    assert kernels and set(kernels) == {"stream"}, kernels
+    _agree(a, b, _fp32_run(prompts, kw))
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8, 32])
+@pytest.mark.parametrize("criterion", ["none", "kl"])
+def test_streamed_loop_with_tensor_map_copies_equals_torch_backend(criterion, batch, monkeypatch):
+    """The streamed kernel with its weights copied as 2D tensor-map boxes (``stream_copy="tensor"``, the
+    2026-12-04 probe's fast stream; csrc/stream_tensor_map.h) on both GEMV paths (unswizzled 256-column
+    boxes up to batch 4, 128-byte swizzled 64-column boxes on tensor cores), the KL head's matrices included:
+    tokens, steps and logits as the torch backend."""
+    import latentrt
+
+    ref, fast = _builtin_pair("recurrent")
+    fast.backend.loop_kernel, fast.backend.stream_copy = "stream", "tensor"
+    kernels = _stream_launches(monkeypatch)
+    prompts = _questions(ref, batch)
+    kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="full", init_scale=0.0, return_logits=True)
     if criterion != "none":
         kw.update(adaptive=True, exit_criterion=criterion)
     a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)

@@ -17,6 +17,10 @@ the grid (default), or ``cta``, one (row, head) per CTA (the barrier kernel's lo
 H200 measured, kept as the GPU script's fallback). The streamed kernels' input (``CudaBackend.stream_input``,
 env LATENTRT_STREAM_INPUT): each ring stage's input chunk ``staged`` in shared memory once per stage (default:
 as fast at batch 1 and 1.4-2.4x faster from batch 4 in the probe), or read from ``l2`` by every consumer warp.
+How the streamed latent loop's producer copies the weights (``CudaBackend.stream_copy``, env
+LATENTRT_STREAM_COPY): ``rows``, one bulk copy per weight-row segment (default), or ``tensor``, 2D tensor-map
+boxes (csrc/stream_tensor_map.h): the 2026-12-04 probe streamed those alone at 3.4-3.7 TB/s against 0.9-2.4,
+and the kernel taking them awaits its first GPU run (the default changes once it is measured).
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
@@ -48,6 +52,8 @@ STREAM_ATTENTION_ENV = "LATENTRT_STREAM_ATTENTION"  # the streamed kernel's atte
 STREAM_ATTENTIONS = ("split", "cta")  # over positions by every warp of the grid / one (row, head) per CTA
 STREAM_INPUT_ENV = "LATENTRT_STREAM_INPUT"  # the streamed kernels' input chunks (default: staged)
 STREAM_INPUTS = ("staged", "l2")  # copied to shared memory once per stage / read from L2 by every warp
+STREAM_COPY_ENV = "LATENTRT_STREAM_COPY"  # how the streamed latent loop copies its weights (default: rows)
+STREAM_COPIES = ("rows", "tensor")  # a bulk copy per row segment / 2D tensor-map boxes
 WATCHDOG_ENV = "LATENTRT_STREAM_WATCHDOG"  # seconds a streamed-kernel wait may last (default 2; 0: off)
 _watches: list[Tensor] = []  # the latest runners' watchdog buffers (pinned host memory), for the report
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -204,6 +210,7 @@ class CudaBackend(TritonBackend):
     )
     stream_attention = "split"  # the streamed kernel's attention, one of STREAM_ATTENTIONS (benchmarks compare)
     stream_input = "staged"  # the streamed kernels' input chunks, one of STREAM_INPUTS (the probe compares)
+    stream_copy = "rows"  # the streamed latent loop's weight copies, one of STREAM_COPIES
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
@@ -213,6 +220,7 @@ class CudaBackend(TritonBackend):
         attention = env(STREAM_ATTENTION_ENV, type(self).stream_attention)
         self.stream_attention = _one_of(attention, STREAM_ATTENTIONS, STREAM_ATTENTION_ENV)
         self.stream_input = _one_of(env(STREAM_INPUT_ENV, type(self).stream_input), STREAM_INPUTS, STREAM_INPUT_ENV)
+        self.stream_copy = _one_of(env(STREAM_COPY_ENV, type(self).stream_copy), STREAM_COPIES, STREAM_COPY_ENV)
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
@@ -263,6 +271,13 @@ class CudaBackend(TritonBackend):
         """The launch arguments' ``stage_input`` for ``stream_input`` (set after the backend, maybe)."""
         return int(_one_of(self.stream_input, STREAM_INPUTS, "stream_input") == "staged")
 
+    def stream_options(self, args) -> None:
+        """The streamed latent loop's options (attention, input, weight copies) into its launch arguments
+        ``args`` (a LoopArgs), each checked (they may have been set after the backend)."""
+        args.split_attention = int(_one_of(self.stream_attention, STREAM_ATTENTIONS, "stream_attention") == "split")
+        args.stage_input = self._stage_input()
+        args.tensor_copy = int(_one_of(self.stream_copy, STREAM_COPIES, "stream_copy") == "tensor")
+
     def thought_args(self, cache, n_thoughts: int):
         """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""
         m, ext = self.model, self.ext
@@ -308,8 +323,7 @@ class CudaBackend(TritonBackend):
             args = loop_args(ext, m, cache, spec)
             args.barrier_mode = self.barrier_mode
             _one_of(self.loop_kernel, LOOP_KERNELS, "loop_kernel")  # both may have been set after the backend
-            args.split_attention = int(_one_of(self.stream_attention, STREAM_ATTENTIONS, "stream_attention") == "split")
-            args.stage_input = self._stage_input()
+            self.stream_options(args)
             planner = ext.stream_loop_plan if self.loop_kernel == "stream" else ext.loop_plan
             plan = planner(args, m.device.index or 0)
             if plan["ok"]:
