@@ -27,7 +27,9 @@
 // consumers still run at half the tensor stream's rate. The lines now ask what bounds the consumers:
 // `copy=tensor` consuming (the consumers reading the tensor-map boxes; swizzled on the tensor-core path;
 // checked), and `copy=none` (nothing copied: each stage's barrier completes at once and the consumers
-// multiply the ring as it stands, sums not checked), their own ceiling. Beside them the row-copy baseline.
+// multiply the ring as it stands, sums not checked), their own ceiling; and tensor consuming on other stage
+// shapes (k-chunks 256 / 1024 at batch 1 and 4, tiles 64 x 128 and 32 x 512 at batch 8, 32 x 256 at 32):
+// whether the consumers pay per stage or per byte. Beside them the row-copy baseline.
 // Correctness first: each configuration is run once on zeroed outputs and sampled rows of every matrix
 // are compared with a host dot product of the same bf16 values (rel. error < 1e-2), then timed.
 //
@@ -226,6 +228,7 @@ int main(int argc, char** argv) {
   struct Config {
     int batch, stages, consume, wait, staged;  // staged: 1 staged, 2 fixed (unchecked)
     int copy = kCopyRows;                           // RingCopy (stream_ring.cuh)
+    int tile_rows = 0, k_chunk = 0;                 // 0: the plan's
   };
   std::vector<Config> configs;
   for (int batch : {1, 4, 8, 16, 32}) {
@@ -243,12 +246,19 @@ int main(int argc, char** argv) {
   }
   // a shallower ring on tensor copies (the row copies' rate did not depend on the stages; a faster stream may)
   for (int batch : {1, 8}) configs.push_back({batch, 4, 1, 1, 1, kCopyTensor});
+  // other stage shapes on tensor copies, consuming with the waits: does the consumers' cost follow the stages
+  // (a fixed cost per stage: wider k-chunks amortise it) or the bytes?
+  for (int batch : {1, 4})
+    for (int kc : {256, 1024}) configs.push_back({batch, 0, 1, 1, 1, kCopyTensor, 16, kc});
+  configs.push_back({8, 0, 1, 1, 1, kCopyTensor, 64, 128});
+  configs.push_back({8, 0, 1, 1, 1, kCopyTensor, 32, 512});
+  configs.push_back({32, 0, 1, 1, 1, kCopyTensor, 32, 256});
   if (tensor_map_encoder() == nullptr)
     std::printf("probe copy=tensor unavailable: no cuTensorMapEncodeTiled from the driver\n");
   CUtensorMap* maps;  // copy=tensor: one per matrix, in global memory (64-byte aligned)
   CHECK(cudaMalloc(&maps, (size_t)n_ops * sizeof(CUtensorMap)));
   for (const Config& cf : configs) {
-    const Plan p = plan_stream(mats, cf.batch, sms, optin, 0, 0, cf.staged != 0);
+    const Plan p = plan_stream(mats, cf.batch, sms, optin, cf.tile_rows, cf.k_chunk, cf.staged != 0);
     if (!p.reason.empty()) {
       std::printf("probe batch=%d plan refused: %s\n", cf.batch, p.reason.c_str());
       continue;
