@@ -186,10 +186,11 @@ case ",${GPU_EXTRA:-}," in *,samplers,*)
 esac
 case ",${GPU_EXTRA:-}," in *,serve,*)
   stamp "serving: three schedulers, Huginn-0125 shape, replayed depths"
-  timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --out "$LOGS/serve.json" \
-    >"$LOGS/serve.log" 2>&1
+  # (--profile-steps: per step launches, graph replays, syncs, aten ops and GPU time, from a second untimed run)
+  timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --profile-steps 20 \
+    --out "$LOGS/serve.json" >"$LOGS/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
-  tail -8 "$LOGS/serve.log" | tee -a "$LOG"
+  tail -14 "$LOGS/serve.log" | tee -a "$LOG"
   # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
   # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
   stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"

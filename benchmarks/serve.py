@@ -38,7 +38,7 @@ from latentrt.loader import parse_device
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.train.data import generate_dataset
 
-from . import cli, replay_exit
+from . import cli, replay_exit, step_profile
 from .run import environment
 from .suites import HUGINN_0125, TINY_RECURRENT
 
@@ -89,8 +89,12 @@ def parse_scheduler(name: str) -> tuple[str, float | None]:
     return scheduler, float(cost) if cost else None
 
 
-def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max_len: int = 256) -> dict:
-    """Serve ``trace`` in real time with one scheduler; the figures of the run and every request's depths."""
+def replay(
+    model, trace: list[TraceRequest], scheduler: str, max_batch: int, max_len: int = 256, profile_steps: int = 0
+) -> dict:
+    """Serve ``trace`` in real time with one scheduler; the figures of the run and every request's depths.
+    ``profile_steps``: then serve it again, untimed, and profile that many steps from the tenth
+    (benchmarks/step_profile.py; the record's ``profile``)."""
     max_len = min(max_len, model.config.block_size)
     slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
     kind, edge_cost = parse_scheduler(scheduler)
@@ -100,24 +104,17 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
     warm.run_until_idle()
     del warm
     engine = Engine(model, max_queue=len(trace) + 1, **kw)
-    requests, i = [], 0
     start = time.perf_counter()
-    while i < len(trace) or engine.busy:
-        now = time.perf_counter() - start
-        while i < len(trace) and trace[i].arrival <= now:
-            requests.append(engine.submit(trace[i].prompt, **trace[i].options))
-            i += 1
-        if engine.busy:
-            engine.step()
-        elif i < len(trace):
-            time.sleep(max(0.0, trace[i].arrival - (time.perf_counter() - start)))
+    requests = _serve(engine, trace, engine.step)
     wall = time.perf_counter() - start
     failed = [r for r in requests if r.finish_reason not in ("stop", "length")]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed under {scheduler}: {failed[0].error!r}")
     m = engine.metrics
     tokens = sum(len(r.steps) for r in requests)
+    profiled = _profiled(model, trace, kw, profile_steps) if profile_steps else None
     return {
+        "profile": profiled,
         "scheduler": scheduler,
         "requests": len(requests),
         "tokens": tokens,
@@ -146,6 +143,40 @@ def replay(model, trace: list[TraceRequest], scheduler: str, max_batch: int, max
         "depths": [d for r in requests for d in r.steps],
         "outputs": [r.tokens for r in requests],
     }
+
+
+def _serve(engine, trace: list[TraceRequest], step) -> list:
+    """Submit the trace's requests at their arrival times (real time) while ``step`` drives the engine; the
+    requests once every one has ended."""
+    requests, i = [], 0
+    start = time.perf_counter()
+    while i < len(trace) or engine.busy:
+        now = time.perf_counter() - start
+        while i < len(trace) and trace[i].arrival <= now:
+            requests.append(engine.submit(trace[i].prompt, **trace[i].options))
+            i += 1
+        if engine.busy:
+            step()
+        elif i < len(trace):
+            time.sleep(max(0.0, trace[i].arrival - (time.perf_counter() - start)))
+    return requests
+
+
+def _profiled(model, trace: list[TraceRequest], kw: dict, steps: int) -> dict | None:
+    """The trace served again by a fresh engine, ``steps`` of its steps from the tenth profiled (None if the
+    run had fewer; no request is submitted during them)."""
+    engine = Engine(model, max_queue=len(trace) + 1, **kw)
+    done, result = [0], [None]
+
+    def step():
+        done[0] += 1
+        if done[0] == 10:
+            result[0] = step_profile.profile_steps(lambda: engine.busy and engine.step(), steps, model.device)
+        else:
+            engine.step()
+
+    _serve(engine, trace, step)
+    return result[0]
 
 
 def lockstep_bound(depths: list[int], rows: int, samples: int = 20000, seed: int = 0) -> float:
@@ -242,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=cli.output_file, default=None, help="write the records as JSON here")
     p.add_argument("--quick", action="store_true", help="a short trace (smoke test)")
+    p.add_argument(
+        "--profile-steps",
+        type=cli.at_least(0),
+        default=0,
+        help="also profile this many steps of each scheduler (a second, untimed run): launches, graph replays, "
+        "syncs per step",
+    )
     args = p.parse_args(argv)
     with cli.reported(p):
         return run_flags(args, p)
@@ -278,7 +316,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             p.error("--depths must be integers >= 1")
     trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps, new_tokens)
     model = latentrt.load(args.model, device=device, backend=args.backend)
-    runs = {} if synthetic else {s: replay(model, trace, s, args.max_batch) for s in schedulers}
+    prof = args.profile_steps
+    runs = {} if synthetic else {s: replay(model, trace, s, args.max_batch, profile_steps=prof) for s in schedulers}
     recorded = synthetic or runs[schedulers[0]]["depths"]
     differ = sum(len({json.dumps(r["outputs"][i]) for r in runs.values()}) > 1 for i in range(len(trace)))
     if differ:  # a request's output is the same under every scheduler unless rounding flips an exit (README)
@@ -299,7 +338,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 )
                 for r in trace
             ]
-            runs = {s: replay(model, replayed, s, args.max_batch) for s in schedulers}
+            runs = {s: replay(model, replayed, s, args.max_batch, profile_steps=prof) for s in schedulers}
         origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
         source = f"{args.shape} shape, random weights, depths replayed from {origin}"
 
@@ -352,6 +391,14 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     for s, r in runs.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"| {s} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + f" | {ratio} |")
+    profiled = {s: r["profile"] for s, r in runs.items() if r["profile"]}
+    if profiled:
+        keys = [k for k in next(iter(profiled.values())) if k != "steps"]
+        print(f"# per step, over {prof} profiled steps from the tenth of a second, untimed run (step_profile.py)")
+        print("| scheduler | " + " | ".join(keys) + " |")
+        print("|" + "---|" * (len(keys) + 1))
+        for s, r in profiled.items():
+            print(f"| {s} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
     if args.out:
         records = [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()]
         with open(args.out, "w") as f:

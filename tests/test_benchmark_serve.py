@@ -108,3 +108,19 @@ def test_bad_scheduler_names_are_refused(capsys):
             main(["--quick", "--schedulers", bad])
         err = capsys.readouterr().err
         assert "unknown schedulers" in err or "not a number" in err
+
+
+def test_profiled_steps_count_what_a_step_runs(tmp_path, capsys):
+    """--profile-steps serves the trace again, untimed, and profiles that many steps of each scheduler: per
+    step the kernel and graph launches, syncs (0 on the CPU: no CUDA), aten ops (each eager op) and time."""
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--requests", "6", "--rate", "inf", "--schedulers", "token,depth", "--profile-steps", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "| scheduler | kernel_launches_per_step |" in capsys.readouterr().out
+    for run in json.loads(out.read_text())["runs"]:
+        p = run["profile"]
+        assert p["steps"] == 3 and p["aten_ops_per_step"] > 10 and p["wall_ms_per_step"] > 0, p
+        assert p["kernel_launches_per_step"] == p["graph_launches_per_step"] == p["gpu_busy_ms_per_step"] == 0
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "-1"])
+    assert ">= 0" in capsys.readouterr().err

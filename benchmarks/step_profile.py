@@ -1,0 +1,49 @@
+"""What a serving step launches (``python -m benchmarks.serve --profile-steps N``): torch.profiler over N
+engine steps, summarised per step.
+
+On the H200 at Huginn-0125's shape a serving step took 3-13 ms where its bytes take 0.8-1.7 ms (RESULTS.md,
+2026-12-04), and the depth scheduler's steps cost 1.55-1.97x the token scheduler's; the profile says where a
+step's time goes: kernel launches from Python (eager passes) against CUDA graph replays, host syncs, aten ops,
+and the CPU time of the step against its GPU time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# the runtime / driver calls a step makes, by what they mean (names as the profiler records them)
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+GRAPH_LAUNCHES = ("cudaGraphLaunch",)
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_steps(step: Callable[[], None], steps: int, device: torch.device) -> dict:
+    """Run ``step`` ``steps`` times under the profiler; per step: kernel launches (eager), graph launches,
+    host syncs, aten ops, wall ms, and the GPU's busy ms (kernel time; 0 off CUDA)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    counts: dict[str, int] = {}
+    gpu_us = 0.0
+    for e in prof.key_averages():
+        counts[e.key] = counts.get(e.key, 0) + e.count
+        gpu_us += getattr(e, "self_device_time_total", 0.0) or 0.0
+    per = 1.0 / max(steps, 1)
+    return {
+        "steps": steps,
+        "kernel_launches_per_step": per * sum(counts.get(n, 0) for n in LAUNCHES),
+        "graph_launches_per_step": per * sum(counts.get(n, 0) for n in GRAPH_LAUNCHES),
+        "syncs_per_step": per * sum(counts.get(n, 0) for n in SYNCS),
+        "aten_ops_per_step": per * sum(c for k, c in counts.items() if k.startswith("aten::")),
+        "wall_ms_per_step": 1e3 * wall * per,  # with the profiler's own overhead
+        "gpu_busy_ms_per_step": 1e-3 * gpu_us * per,
+    }
