@@ -31,12 +31,14 @@ Without an exit criterion (``none``, i.e. fixed depth) every sequence runs r_max
 sequence's result does not depend on the others in the batch: masks, never host branches, decide who
 runs. The loop never reads the device from the host unless ``host_may_stop`` (the reference path, and any
 path with hooks: it stops early once every sequence has exited, a host read per check; so hooks are called
-after the iterations some sequence runs, the same ones on every backend).
+after the iterations some sequence runs, the same ones on every backend), or a caller of
+``recurrence_segments`` stops it at one of its boundaries (the Triton token runner's ``early_stop``: a few
+reads a token). Stopping once no sequence is active changes no result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Generator
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +225,56 @@ class LatentLoop:
         return out
 
 
+def recurrence_segments(
+    spec: LoopSpec,
+    s0: Tensor,
+    alive: Tensor,
+    valid: Tensor,
+    vocab: int,
+    iterate: Callable[[Tensor, int, Tensor], Tensor],
+    head: Callable[[Tensor, Tensor], Tensor],
+    mark: Callable[[int, Tensor], None],
+    exit_ops=None,
+    hooks=None,
+    stops: Container[int] = (),
+) -> Generator[LatentLoop, bool | None, tuple[Tensor, Tensor, Tensor]]:
+    """``run_recurrence``'s loop as a generator with boundaries: after each iteration t in ``stops`` (and its
+    check, if one is due) it yields its ``LatentLoop``, and the caller sends back whether to end the loop
+    there (true only once no sequence is active, read from ``loop.active``: rule 2 then changes nothing);
+    it returns what ``run_recurrence`` returns. The code between two boundaries reads nothing on the host,
+    so a caller may capture each stretch as a CUDA graph (latentrt/backends/graph.py)."""
+    B = s0.shape[0]
+    loop = LatentLoop(B, tuple(s0.shape[1:]), vocab, s0.device, s0.dtype, exit_ops)
+    rows = Rows.all(B)
+    loop.start(rows, spec, s0, alive)
+    for t in range(spec.r_max):
+        mark(t, loop.active)
+        new = iterate(loop.s, t, loop.active)
+        if hooks:
+            new = hooks.on_iteration(t, new, loop.active)
+        loop.advance(rows, new)
+        if spec.checks_at(t):
+            loop.check(rows, head(loop.s, loop.active) if spec.criterion.needs_logits else None, valid)
+        if t in stops and (yield loop):
+            break
+    return loop.s, loop.used, loop.final_logits(rows, lambda _: head(loop.s, alive))
+
+
+def all_exited(loop: LatentLoop) -> bool:
+    """Whether no sequence of ``loop`` is active (a host read)."""
+    return not bool(loop.active.any())
+
+
+def drive(segments: Generator, stop: Callable[[object], bool] = lambda _: False):
+    """Run a generator with boundaries to its end, sending ``stop(what it yielded)`` at each; its return value."""
+    try:
+        marker = next(segments)
+        while True:
+            marker = segments.send(stop(marker))
+    except StopIteration as done:
+        return done.value
+
+
 def run_recurrence(
     spec: LoopSpec,
     s0: Tensor,
@@ -243,21 +295,9 @@ def run_recurrence(
     [B, n] its real positions (for the latent-diff average); ``iterate(s, t, active)`` one core iteration;
     ``head(s, active)`` the next-token logits [B, vocab] (fp32) of a state; ``mark(t, active)`` records in
     the cache that ``active`` write iteration t; ``exit_ops`` the backend's exit formulas (None: reference);
-    ``hooks`` a HookList called after every iteration. Returns (final state, iterations used [B] long,
-    logits [B, vocab] fp32)."""
-    B = s0.shape[0]
-    loop = LatentLoop(B, tuple(s0.shape[1:]), vocab, s0.device, s0.dtype, exit_ops)
-    rows = Rows.all(B)
-    loop.start(rows, spec, s0, alive)
-    for t in range(spec.r_max):
-        mark(t, loop.active)
-        new = iterate(loop.s, t, loop.active)
-        if hooks:
-            new = hooks.on_iteration(t, new, loop.active)
-        loop.advance(rows, new)
-        if not spec.checks_at(t):
-            continue
-        loop.check(rows, head(loop.s, loop.active) if spec.criterion.needs_logits else None, valid)
-        if host_may_stop and not bool(loop.active.any()):
-            break
-    return loop.s, loop.used, loop.final_logits(rows, lambda _: head(loop.s, alive))
+    ``hooks`` a HookList called after every iteration; ``host_may_stop``: stop once every sequence has
+    exited, read on the host after every check. Returns (final state, iterations used [B] long, logits
+    [B, vocab] fp32)."""
+    stops = {t for t in range(spec.r_max) if spec.checks_at(t)} if host_may_stop else ()
+    segments = recurrence_segments(spec, s0, alive, valid, vocab, iterate, head, mark, exit_ops, hooks, stops)
+    return drive(segments, all_exited)

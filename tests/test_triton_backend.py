@@ -150,6 +150,30 @@ def test_cuda_graph_replay_equals_torch_backend(criterion):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("threshold", [1e9, 0.5])  # every sequence exits at the first check / at its own
+def test_cuda_graph_replay_with_early_stop_equals_torch_backend(threshold, monkeypatch):
+    """With ``early_stop`` a decode token is one graph per stretch of its loop (token.exit_boundaries), replayed
+    up to the boundary where no sequence is active: tokens, steps and logits as without it and as the torch
+    backend (the graphs share one memory pool; a skipped stretch must leave the last one's inputs intact)."""
+    from latentrt.backends.triton.token import RecurrentTokenRunner
+
+    runners = []
+    real_init = RecurrentTokenRunner.__init__
+    monkeypatch.setattr(RecurrentTokenRunner, "__init__", lambda self, *a: runners.append(self) or real_init(self, *a))
+    ref, fast = (tiny_recurrent(seed=4).cuda() for _ in range(2))
+    fast.backend = get_backend("triton", fast)
+    ref.backend = get_backend("torch", ref)
+    kw = dict(max_new_tokens=6, num_steps=16, adaptive=True, exit_criterion="latent-diff", init_scale=0.0)
+    kw.update(exit_threshold=threshold, return_logits=True)
+    a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
+    fast.backend.early_stop = True
+    c = latentrt.generate(fast, PROMPTS, **kw)
+    assert a.tokens == b.tokens == c.tokens and a.steps == b.steps == c.steps
+    assert torch.equal(torch.cat(c.logits), torch.cat(b.logits))
+    assert len(runners[-1]._graphs) == len(runners[-1].stops) + 1 > 2  # the stretches, each captured
+
+
+@pytest.mark.gpu
 def test_cuda_graph_coconut_thoughts_equal_torch_backend():
     ref, fast = tiny_coconut(seed=6).cuda(), tiny_coconut(seed=6).cuda()
     ref.backend, fast.backend = get_backend("torch", ref), get_backend("triton", fast)
@@ -265,3 +289,125 @@ def test_triton_coconut_thoughts_bf16_anchored_on_fp32():
         bf16_error = rel_err(x, z)
         assert 1e-3 < bf16_error < 3e-2
         assert rel_err(y, z) < 2 * bf16_error + 5e-3
+
+
+def test_exit_boundaries_follow_the_checks_and_double():
+    """The early-stopping runner reads back after the first check at or after 1, 2, 4, 8, ... iterations and
+    after the last iteration; nothing without an exit test."""
+    from latentrt.backends.triton.token import exit_boundaries
+    from latentrt.exits import make_criterion
+    from latentrt.recurrence import LoopSpec
+
+    kl = make_criterion("kl")
+    assert exit_boundaries(LoopSpec(32, kl)) == {0, 1, 3, 7, 15, 31}
+    assert exit_boundaries(LoopSpec(32, kl, min_steps=2, check_every=3)) == {2, 5, 11, 23, 31}
+    assert exit_boundaries(LoopSpec(5, kl)) == {0, 1, 3, 4}
+    assert exit_boundaries(LoopSpec(32, make_criterion("none"))) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("criterion", "opts"),
+    [
+        ("latent-diff", dict(exit_threshold=1e9)),  # every sequence exits at its first check
+        ("latent-diff", dict(exit_threshold=1e9, min_steps=2, check_criterion_every_n_steps=3)),
+        ("kl", dict(exit_threshold=THRESHOLDS["kl"])),  # sequences exit at different iterations
+    ],
+)
+def test_early_stop_skips_the_iterations_after_the_last_exit_and_changes_nothing(monkeypatch, criterion, opts):
+    """With ``early_stop`` the token runner's loop stops at a boundary once no sequence is active: fewer core
+    iterations run, and tokens, steps and logits are those of the runner without it and of the torch
+    backend (the iterations left out would have changed nothing: every sequence had exited)."""
+    from latentrt.backends.triton import token
+
+    ref, fast = _pair(seed=5)
+    kw = dict(max_new_tokens=3, num_steps=16, adaptive=True, exit_criterion=criterion, seed=3, return_logits=True)
+    kw.update(opts)
+    calls, real = [], token.core_iteration
+    monkeypatch.setattr(token, "core_iteration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for early in (False, True):
+        fast.backend.early_stop = early
+        calls.clear()
+        runs[early] = (latentrt.generate(fast, PROMPTS, **kw), len(calls))
+    (full, n_full), (early, n_early) = runs[False], runs[True]
+    a = latentrt.generate(ref, PROMPTS, **kw)
+    assert early.tokens == full.tokens == a.tokens and early.steps == full.steps == a.steps
+    assert torch.equal(torch.cat(early.logits), torch.cat(full.logits))
+    assert rel_err(torch.cat(early.logits), torch.cat(a.logits)) < 1e-4
+    assert n_early < n_full == 2 * 16  # two decode tokens, every iteration launched without early stop
+
+
+def test_the_early_stop_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LATENTRT_TRITON_EARLY_STOP", raising=False)
+    model = tiny_recurrent(seed=1)
+    assert get_backend("triton", model).early_stop is False
+    monkeypatch.setenv("LATENTRT_TRITON_EARLY_STOP", "1")
+    assert get_backend("triton", model).early_stop is True
+    monkeypatch.setenv("LATENTRT_TRITON_EARLY_STOP", "yes")
+    with pytest.raises(InputError, match="LATENTRT_TRITON_EARLY_STOP must be 0 or 1"):
+        get_backend("triton", model)
+
+
+def test_a_runner_with_boundaries_captures_a_graph_per_stretch_and_replays_up_to_its_stop(monkeypatch):
+    """GraphedRunner.segments: on CUDA each stretch between boundaries is captured as its own graph in one
+    memory pool, in order; a call replays them in order, asks ``stop`` at each boundary but the last (the
+    last stretch runs anyway) and jumps to the last stretch where it says so. (Graphs are stand-ins here:
+    the CPU has none; what is checked is the order and the pool.)"""
+    from latentrt.backends.graph import GraphedRunner
+
+    events = []
+
+    class Graph:
+        def __init__(self):
+            self.n = sum(e[0] == "capture" for e in events)
+
+        def replay(self):
+            events.append(("replay", self.n))
+
+        def pool(self):
+            return "pool"
+
+    class Capture:
+        def __init__(self, graph, pool=None, stream=None):
+            self.graph, self.pool = graph, pool
+
+        def __enter__(self):
+            events.append(("capture", self.graph.n, self.pool))
+
+        def __exit__(self, *exc):
+            return False
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    class Runner(GraphedRunner):
+        model = OnCuda()
+
+        def segments(self):
+            for marker in ("m0", "m1"):
+                if (yield marker):
+                    break
+            return "out"
+
+        def stop(self, marker):
+            events.append(("stop?", marker))
+            return marker in self.stop_at
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(GraphedRunner, "_run_on_capture_stream", lambda self: self.run())
+    runner = Runner()
+    runner.stop_at, runner._stream = set(), None
+    assert runner() == "out"  # the first call: eagerly (asking at each boundary), then captured
+    assert [e for e in events if e[0] == "capture"] == [
+        ("capture", 0, None),
+        ("capture", 1, "pool"),
+        ("capture", 2, "pool"),
+    ]
+    events.clear()
+    assert runner() == "out"
+    assert events == [("replay", 0), ("stop?", "m0"), ("replay", 1), ("replay", 2)]  # no read before the last
+    events.clear()
+    runner.stop_at = {"m0"}
+    runner()
+    assert events == [("replay", 0), ("stop?", "m0"), ("replay", 2)]

@@ -125,6 +125,11 @@ class PersistentTokenRunner(RecurrentTokenRunner):
             return self.run()
         return super().__call__()
 
+    def loop(self, where: DecodePosition, e_term: Tensor):
+        """The whole loop in one kernel launch: no boundary (a generator that yields nothing)."""
+        return self.recurrence(where, e_term)
+        yield
+
     def recurrence(self, where: DecodePosition, e_term: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a, crit = self.args, self.spec.criterion
         self.term.copy_(e_term)

@@ -6,6 +6,13 @@ captured on; later calls replay it. Off CUDA (tests under TRITON_INTERPRET=1) ev
 Where capturing fails (a torch version, a driver, a launch the capture refuses) the runner warns once and
 runs every later call eagerly; the first call's outputs stand (running it again would count its timeline
 entry twice).
+
+A runner may split its launches at boundaries (``segments``, a generator: it yields a marker at each and is
+sent whether to skip to its end), where the host reads the device (``stop``) to leave out work that would
+change nothing, e.g. latent iterations after every sequence has exited: a graph cannot branch and torch
+2.11 has no conditional graph nodes. Each stretch is then its own graph, all in one memory pool, captured
+in order; a call replays them in order up to the boundary where ``stop`` says so, then the last one. Data
+crosses boundaries only through tensors that stay alive (the runner's buffers, the loop's state).
 """
 
 from __future__ import annotations
@@ -14,24 +21,50 @@ import warnings
 
 import torch
 
+from ..recurrence import drive
+
 
 class GraphedRunner:
-    """Subclasses implement ``run`` (the launch sequence, no host reads) and fill their input buffers in
-    ``prepare`` before each call."""
+    """Subclasses implement ``run`` (the launch sequence, no host reads), or ``segments`` and ``stop`` (see
+    the module docstring), and fill their input buffers in ``prepare`` before each call."""
 
     model = None
-    _graph = None
+    _graph = None  # the first (or only) captured graph
+    _graphs: list = []  # every stretch's graph, in order (the last runs after the last boundary)
+    _markers: list = []  # what each boundary yielded at capture (``stop`` reads them at replay)
     capture_error: Exception | None = None  # why capturing failed here (every call then runs eagerly)
+
+    def run(self):
+        """The call's launches, eagerly (a runner with boundaries: its segments, stopping where ``stop`` says)."""
+        return drive(self.segments(), self.stop)
+
+    def segments(self):
+        """The call's launches as a generator with boundaries (default: ``run``, none); returns the outputs."""
+        return self.run()
+        yield  # (a generator without a boundary)
+
+    def stop(self, marker) -> bool:
+        """At a boundary: whether the call may skip to its last stretch (a host read; default never)."""
+        return False
 
     def __call__(self):
         if self._graph is not None:
-            self._graph.replay()
-            return self._outputs
+            return self._replay()
         if self.model.device.type != "cuda" or self.capture_error is not None:
             return self.run()
         out = self._run_on_capture_stream()
         self._capture()
         return out
+
+    def _replay(self):
+        """The graphs in order, asking ``stop`` at each boundary but the last (the last stretch runs anyway)."""
+        last = len(self._graphs) - 1
+        for i, graph in enumerate(self._graphs[:last]):
+            graph.replay()
+            if i + 1 < last and self.stop(self._markers[i]):
+                break
+        self._graphs[last].replay()
+        return self._outputs
 
     def _run_on_capture_stream(self):
         """The first call, eagerly, on the stream the graph is captured on (so per-stream library state, e.g.
@@ -49,16 +82,23 @@ class GraphedRunner:
     def _capture(self) -> None:
         """Record ``run``'s launches as the graph later calls replay (recording executes nothing: the state
         the eager call left is untouched); on failure, warn and stay eager."""
+        graphs, markers, pool, segments = [], [], None, self.segments()
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._outputs = self.run()
+            while True:  # one graph per stretch, in order, in one pool (none skipped: every boundary says go on)
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=pool, stream=self._stream):
+                        marker = segments.send(False if graphs else None)
+                except StopIteration as done:
+                    graphs.append(graph)
+                    self._outputs = done.value
+                    break
+                graphs.append(graph)
+                markers.append(marker)
+                pool = graph.pool()
         except RuntimeError as exc:
             self.capture_error = exc
             why = f"latentrt: {type(self).__name__} runs eagerly (CUDA graph capture failed: {exc})"
             warnings.warn(why, stacklevel=3)
             return
-        self._graph = graph
-
-    def run(self):
-        raise NotImplementedError
+        self._graphs, self._markers, self._graph = graphs, markers, graphs[0]

@@ -9,10 +9,13 @@ GPT-2 columns (Coconut thoughts and answer tokens) run as a ``ColumnRunner`` (co
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from ... import kernels
+from ...errors import InputError
 from ...kernels import exits, feedback, pool_attention, pool_prefill
 from ..base import Backend, Capabilities
 from .column import ColumnAnswerRunner, ColumnRunner, fused_layers_apply
@@ -32,15 +35,26 @@ class TritonExitOps:
         return exits.kl_fused(logits, prev_logp)
 
 
+EARLY_STOP_ENV = "LATENTRT_TRITON_EARLY_STOP"  # 1: the token runner stops its loop once all have exited
+
+
 class TritonBackend(Backend):
     name = "triton"
     capabilities = Capabilities(devices=("cuda",), dtypes=KERNEL_DTYPES, notes=("CPU via TRITON_INTERPRET=1",))
     sync_free = True
     exit_ops = TritonExitOps
+    # the decode token's loop split at token.exit_boundaries, stopping once every sequence has exited (a few
+    # host reads a token); off until a GPU has measured it against the launches it saves
+    early_stop = False
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
         self._token = None  # (e tensor, its adapter term, the position) of the token being decoded
+        flag = os.environ.get(EARLY_STOP_ENV, "")
+        if flag not in ("", "0", "1"):
+            raise InputError(f"{EARLY_STOP_ENV} must be 0 or 1, got {flag!r}")
+        if flag:
+            self.early_stop = flag == "1"
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
