@@ -80,8 +80,9 @@ class GraphedRunner:
         return out
 
     def _capture(self) -> None:
-        """Record ``run``'s launches as the graph later calls replay (recording executes nothing: the state
-        the eager call left is untouched); on failure, warn and stay eager."""
+        """Record the call's launches as the graphs later calls replay, one per stretch of ``segments``
+        (recording executes nothing: the state the eager call left is untouched); on failure, warn and stay
+        eager."""
         graphs, markers, pool, segments = [], [], None, self.segments()
         try:
             while True:  # one graph per stretch, in order, in one pool (none skipped: every boundary says go on)
