@@ -292,15 +292,15 @@ def test_triton_coconut_thoughts_bf16_anchored_on_fp32():
 
 
 def test_exit_boundaries_follow_the_checks_and_double():
-    """The early-stopping runner reads back after the first check at or after 1, 2, 4, 8, ... iterations and
-    after the last iteration; nothing without an exit test."""
+    """The early-stopping runner reads back after the first check at or after 1, 2, 4 and 8 iterations, then
+    every 4, and after the last iteration; nothing without an exit test."""
     from latentrt.backends.triton.token import exit_boundaries
     from latentrt.exits import make_criterion
     from latentrt.recurrence import LoopSpec
 
     kl = make_criterion("kl")
-    assert exit_boundaries(LoopSpec(32, kl)) == {0, 1, 3, 7, 15, 31}
-    assert exit_boundaries(LoopSpec(32, kl, min_steps=2, check_every=3)) == {2, 5, 11, 23, 31}
+    assert exit_boundaries(LoopSpec(32, kl)) == {0, 1, 3, 7, 11, 15, 19, 23, 27, 31}
+    assert exit_boundaries(LoopSpec(32, kl, min_steps=2, check_every=3)) == {2, 5, 11, 17, 23, 29, 31}
     assert exit_boundaries(LoopSpec(5, kl)) == {0, 1, 3, 4}
     assert exit_boundaries(LoopSpec(32, make_criterion("none"))) == frozenset()
 
