@@ -291,7 +291,7 @@ def test_triton_coconut_thoughts_bf16_anchored_on_fp32():
         assert rel_err(y, z) < 2 * bf16_error + 5e-3
 
 
-def test_exit_boundaries_follow_the_checks_and_double():
+def test_exit_boundaries_follow_the_checks_doubling_then_every_four():
     """The early-stopping runner reads back after the first check at or after 1, 2, 4 and 8 iterations, then
     every 4, and after the last iteration; nothing without an exit test."""
     from latentrt.backends.triton.token import exit_boundaries
@@ -308,9 +308,9 @@ def test_exit_boundaries_follow_the_checks_and_double():
 @pytest.mark.parametrize(
     ("criterion", "opts"),
     [
-        ("latent-diff", dict(exit_threshold=1e9)),  # every sequence exits at its first check
-        ("latent-diff", dict(exit_threshold=1e9, min_steps=2, check_criterion_every_n_steps=3)),
-        ("kl", dict(exit_threshold=THRESHOLDS["kl"])),  # sequences exit at different iterations
+        ("latent-diff", dict(exit_threshold=1e9, num_steps=8)),  # every sequence exits at its first check
+        ("latent-diff", dict(exit_threshold=1e9, num_steps=8, min_steps=2, check_criterion_every_n_steps=3)),
+        ("kl", dict(exit_threshold=THRESHOLDS["kl"], num_steps=16)),  # sequences exit at different iterations
     ],
 )
 def test_early_stop_skips_the_iterations_after_the_last_exit_and_changes_nothing(monkeypatch, criterion, opts):
@@ -320,7 +320,7 @@ def test_early_stop_skips_the_iterations_after_the_last_exit_and_changes_nothing
     from latentrt.backends.triton import token
 
     ref, fast = _pair(seed=5)
-    kw = dict(max_new_tokens=3, num_steps=16, adaptive=True, exit_criterion=criterion, seed=3, return_logits=True)
+    kw = dict(max_new_tokens=3, adaptive=True, exit_criterion=criterion, seed=3, return_logits=True)
     kw.update(opts)
     calls, real = [], token.core_iteration
     monkeypatch.setattr(token, "core_iteration", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -334,7 +334,7 @@ def test_early_stop_skips_the_iterations_after_the_last_exit_and_changes_nothing
     assert early.tokens == full.tokens == a.tokens and early.steps == full.steps == a.steps
     assert torch.equal(torch.cat(early.logits), torch.cat(full.logits))
     assert rel_err(torch.cat(early.logits), torch.cat(a.logits)) < 1e-4
-    assert n_early < n_full == 2 * 16  # two decode tokens, every iteration launched without early stop
+    assert n_early < n_full == 2 * kw["num_steps"]  # two decode tokens, every iteration without early stop
 
 
 def test_the_early_stop_comes_from_the_environment(monkeypatch):
