@@ -36,20 +36,30 @@ def persistent_loop() -> None:
             latentrt.generate(model, [[3, 4, 5], [6, 7]], **kw)
 
 
-def streamed_loop() -> None:
+def streamed_loop(copy: str | None = None) -> None:
     """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
     (latent-diff; KL with the coda and lm_head streamed at its checks), a batch on the tensor-core path, and
     one row at 56 positions (its attention in 4 splits, merged); each launch must return (a hang is the
     likely bug). The attention, the input and the weight copies are the backend's defaults, or
-    LATENTRT_STREAM_ATTENTION's, LATENTRT_STREAM_INPUT's and LATENTRT_STREAM_COPY's."""
+    LATENTRT_STREAM_ATTENTION's, LATENTRT_STREAM_INPUT's and LATENTRT_STREAM_COPY's; ``copy`` sets the
+    weight copies (family ``stream-tensor``: the tensor-map boxes)."""
     cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     from latentrt.backends.cuda import PersistentTokenRunner
 
     model.backend = get_backend("cuda", model)
     model.backend.loop_kernel = "stream"
+    if copy is not None:
+        model.backend.stream_copy = copy
     kernels, real = [], PersistentTokenRunner.recurrence
     PersistentTokenRunner.recurrence = lambda self, *a: kernels.append(self.kernel) or real(self, *a)
+    try:
+        _streamed_batches(model, kernels)
+    finally:
+        PersistentTokenRunner.recurrence = real
+
+
+def _streamed_batches(model, kernels: list) -> None:
     for batch, length in ((2, 3), (8, 3), (1, 56)):
         prompts = [[3 + (i + j) % 50 for j in range(length - i % 2)] for i in range(batch)]
         for crit in ("none", "latent-diff", "kl"):
@@ -90,10 +100,12 @@ def thought_loop() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cuda_smoke", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--only", default=None, help="kernel families, comma-separated: barrier, stream, stream-thoughts (default: all)"
+        "--only",
+        default=None,
+        help="kernel families, comma-separated: barrier, stream, stream-tensor, stream-thoughts (default: all)",
     )
     args = p.parse_args()
-    families = ("barrier", "stream", "stream-thoughts")
+    families = ("barrier", "stream", "stream-tensor", "stream-thoughts")
     only = set(families if args.only is None else args.only.split(","))
     if only - set(families):
         p.error(f"unknown kernel family {sorted(only - set(families))}; choose from {list(families)}")
@@ -106,7 +118,11 @@ def main() -> None:
     if "barrier" in only:
         persistent_loop()
         thought_loop()
-    streamed = {"stream": streamed_loop, "stream-thoughts": streamed_thoughts}
+    streamed = {
+        "stream": streamed_loop,
+        "stream-tensor": lambda: streamed_loop(copy="tensor"),
+        "stream-thoughts": streamed_thoughts,
+    }
     for name, run in streamed.items():
         if name not in only:
             continue
