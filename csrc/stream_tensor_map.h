@@ -54,16 +54,21 @@ inline std::string encode_weight_map(CUtensorMap* map, const void* w, int64_t ro
 constexpr int kTensorRingSlack = 1024;
 
 // Device copies of tensor-map arrays (a kernel's producer reads its maps from global memory), one per
-// distinct key (the weights and the box): copied on the first launch that needs them and kept for the
-// process, so a CUDA graph captured later replays with them in place. A miss under graph capture is refused
-// (the copy would be recorded, not done): the runners' first call runs eagerly, outside capture.
+// distinct key (the weights and the box): encoded and copied on the first launch that needs them and kept
+// for the process, so a CUDA graph captured later replays with them in place. A miss under graph capture is
+// refused (the copy would be recorded, not done): the runners' first call runs eagerly, outside capture.
 class DeviceMaps {
  public:
-  const CUtensorMap* get(const std::vector<int64_t>& key, const std::vector<CUtensorMap>& maps, cudaStream_t stream,
+  // The device array under `key`; on a miss, `n` maps made by `encode(maps)` ("" or why not) and copied.
+  template <class Encode>
+  const CUtensorMap* get(const std::vector<int64_t>& key, int n, Encode encode, cudaStream_t stream,
                          std::string* why) {
     std::lock_guard<std::mutex> guard(lock_);
     auto found = copies_.find(key);
     if (found != copies_.end()) return found->second;
+    std::vector<CUtensorMap> maps(n);
+    *why = encode(maps.data());
+    if (!why->empty()) return nullptr;
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone) {
       cudaGetLastError();
@@ -71,7 +76,7 @@ class DeviceMaps {
       return nullptr;
     }
     CUtensorMap* dev = nullptr;
-    const size_t bytes = maps.size() * sizeof(CUtensorMap);
+    const size_t bytes = (size_t)n * sizeof(CUtensorMap);
     cudaError_t e = cudaMalloc(&dev, bytes);  // 256-byte aligned (a map needs 64)
     if (e == cudaSuccess) e = cudaMemcpy(dev, maps.data(), bytes, cudaMemcpyHostToDevice);
     if (e != cudaSuccess) {
@@ -94,16 +99,19 @@ class DeviceMaps {
 template <int N>
 inline std::string use_tensor_maps(Op (&ops)[N], int n_ops, const Ring& g, DeviceMaps& cache, cudaStream_t stream) {
   if (g.k_chunk % g.box_k()) return "k_chunk " + std::to_string(g.k_chunk) + " is not a multiple of the box's columns";
-  std::vector<CUtensorMap> maps(n_ops);
   std::vector<int64_t> key = {g.box_k(), g.tile_rows, g.swizzled()};
-  for (int o = 0; o < n_ops; ++o) {
-    const Op& op = ops[o];
-    const std::string why = encode_weight_map(&maps[o], op.w, op.rows, op.cols, op.ldw, g);
-    if (!why.empty()) return "matrix " + std::to_string(o) + ": " + why;
-    key.insert(key.end(), {(int64_t)(uintptr_t)op.w, op.rows, op.cols, op.ldw});
-  }
+  for (int o = 0; o < n_ops; ++o)
+    key.insert(key.end(), {(int64_t)(uintptr_t)ops[o].w, ops[o].rows, ops[o].cols, ops[o].ldw});
+  auto encode = [&](CUtensorMap* maps) -> std::string {  // only on a miss: the eager launches reuse the copy
+    for (int o = 0; o < n_ops; ++o) {
+      const Op& op = ops[o];
+      const std::string why = encode_weight_map(&maps[o], op.w, op.rows, op.cols, op.ldw, g);
+      if (!why.empty()) return "matrix " + std::to_string(o) + ": " + why;
+    }
+    return "";
+  };
   std::string why;
-  const CUtensorMap* dev = cache.get(key, maps, stream, &why);
+  const CUtensorMap* dev = cache.get(key, n_ops, encode, stream, &why);
   if (dev == nullptr) return why;
   for (int o = 0; o < n_ops; ++o) ops[o].w = reinterpret_cast<const bf16*>(dev + o);
   return "";
