@@ -166,17 +166,18 @@ def _profiled(model, trace: list[TraceRequest], kw: dict, steps: int) -> dict | 
     """The trace served again by a fresh engine, ``steps`` of its steps from the tenth profiled (None if the
     run had fewer; no request is submitted during them)."""
     engine = Engine(model, max_queue=len(trace) + 1, **kw)
-    done, result = [0], [None]
+    done, result = 0, None
 
     def step():
-        done[0] += 1
-        if done[0] == 10:
-            result[0] = step_profile.profile_steps(lambda: engine.busy and engine.step(), steps, model.device)
+        nonlocal done, result
+        done += 1
+        if done == 10:
+            result = step_profile.profile_steps(lambda: engine.busy and engine.step(), steps, model.device)
         else:
             engine.step()
 
     _serve(engine, trace, step)
-    return result[0]
+    return result
 
 
 def lockstep_bound(depths: list[int], rows: int, samples: int = 20000, seed: int = 0) -> float:
