@@ -344,8 +344,8 @@ def _backends(
     csrc/stream_loop.cu / stream_thought.cu, attention split over positions; ``cuda-stream-cta``: the latent
     loop's attention one (row, head) per CTA, timed where ``stream_attentions`` has "cta"; ``cuda-stream-tensor``:
     the latent loop's weights copied as tensor-map boxes, decode_recurrent only), grid barriers by counters in
-    global memory (``cuda-counter-barrier``); the Triton path once more with ``early_stop``
-    (``triton-early-stop``: its loop stops once every sequence has exited; decode_recurrent only).
+    global memory (``cuda-counter-barrier``); the Triton path once more without ``early_stop``
+    (``triton-one-graph``: the token's whole loop one graph, never stopped early; decode_recurrent only).
     LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke failed) names labels to leave out, everywhere
     (``cuda-stream``) or in one suite (``decode_coconut:cuda-stream``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
@@ -357,10 +357,10 @@ def _backends(
             continue
         if name != "cuda":
             yield name, backend
-            if name == "triton" and suite == "decode_recurrent" and "triton-early-stop" not in skip:
+            if name == "triton" and suite == "decode_recurrent" and "triton-one-graph" not in skip:
                 backend = latentrt.backends.get_backend(name, model)
-                backend.early_stop = True
-                yield "triton-early-stop", backend
+                backend.early_stop = False
+                yield "triton-one-graph", backend
             continue
         kernels = (
             ("barrier", 0, "split", "rows", "cuda"),

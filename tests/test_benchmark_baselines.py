@@ -114,9 +114,9 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     monkeypatch.setattr(suites.latentrt.backends, "get_backend", lambda name, model: SimpleNamespace(name=name))
     monkeypatch.delenv("LATENTRT_BENCH_SKIP", raising=False)
     rows = {label: b for label, b in suites._backends(None)}
-    labels = ["torch", "triton", "triton-early-stop", "cuda", "cuda-stream", "cuda-stream-tensor", "cuda-stream-cta"]
+    labels = ["torch", "triton", "triton-one-graph", "cuda", "cuda-stream", "cuda-stream-tensor", "cuda-stream-cta"]
     assert list(rows) == [*labels, "cuda-counter-barrier"]
-    assert rows["triton-early-stop"].early_stop is True and not hasattr(rows["triton"], "early_stop")
+    assert rows["triton-one-graph"].early_stop is False and not hasattr(rows["triton"], "early_stop")
     cuda = {k: b for k, b in rows.items() if k.startswith("cuda")}
     variant = {k: (b.loop_kernel, b.barrier_mode, b.stream_attention, b.stream_copy) for k, b in cuda.items()}
     assert variant == {
@@ -130,7 +130,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert [k for k, _ in suites._backends(None)] == [
         "torch",
         "triton",
-        "triton-early-stop",
+        "triton-one-graph",
         "cuda",
         "cuda-stream-tensor",
         "cuda-stream-cta",
@@ -142,7 +142,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert "cuda-stream" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "cuda-stream" in dict(suites._backends(None))
     assert "cuda-stream-tensor" not in dict(suites._backends(None, ("split",), "decode_coconut"))  # rows only there
-    assert "triton-early-stop" not in dict(suites._backends(None, ("split",), "decode_coconut"))
+    assert "triton-one-graph" not in dict(suites._backends(None, ("split",), "decode_coconut"))
 
 
 def test_the_gpu_script_runs_through_its_fallbacks_without_a_gpu(tmp_path):

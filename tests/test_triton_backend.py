@@ -165,6 +165,8 @@ def test_cuda_graph_replay_with_early_stop_equals_torch_backend(threshold, monke
     ref.backend = get_backend("torch", ref)
     kw = dict(max_new_tokens=6, num_steps=16, adaptive=True, exit_criterion="latent-diff", init_scale=0.0)
     kw.update(exit_threshold=threshold, return_logits=True)
+    assert fast.backend.early_stop  # the default
+    fast.backend.early_stop = False  # the whole token one graph
     a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
     fast.backend.early_stop = True
     c = latentrt.generate(fast, PROMPTS, **kw)
@@ -340,6 +342,8 @@ def test_early_stop_skips_the_iterations_after_the_last_exit_and_changes_nothing
 def test_the_early_stop_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("LATENTRT_TRITON_EARLY_STOP", raising=False)
     model = tiny_recurrent(seed=1)
+    assert get_backend("triton", model).early_stop is True  # the default since the H200 measured it
+    monkeypatch.setenv("LATENTRT_TRITON_EARLY_STOP", "0")
     assert get_backend("triton", model).early_stop is False
     monkeypatch.setenv("LATENTRT_TRITON_EARLY_STOP", "1")
     assert get_backend("triton", model).early_stop is True

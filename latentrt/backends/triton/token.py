@@ -6,12 +6,13 @@ captured graph replays prelude -> the latent loop (latentrt/recurrence.py, ``run
 fused layers and exit tests) -> coda -> head. Sequences that exit are frozen by device masks and every
 weight-reading kernel returns before reading its weights when no sequence is active, so iterations after
 the last exit cost launches, not weight passes (a graph cannot branch; torch 2.11 cannot capture
-``torch.while_loop``). The host reads back once per token. With the backend's ``early_stop`` (env
-LATENTRT_TRITON_EARLY_STOP=1) the loop is split at ``exit_boundaries`` (after 1, 2, 4, 8, then every 4
-iterations, at a check) into graphs replayed in order, and at each boundary the host reads whether any sequence is still
-active, skipping the rest of the loop when none is: a few reads a token for the launches of every iteration
-after the last exit (on an H200, 2026-12-04: a token whose sequences all exit after one of 32 iterations
-took 6.97 ms, 0.41x the ideal, where the persistent kernels that stop on the device took 3.8-5.0 ms).
+``torch.while_loop``). With the backend's ``early_stop`` (the default; LATENTRT_TRITON_EARLY_STOP=0 turns
+it off) the loop is split at ``exit_boundaries`` (after 1, 2, 4, 8, then every 4 iterations, at a check) into
+graphs replayed in order, and at each boundary the host reads whether any sequence is still active, skipping
+the rest of the loop when none is: a few reads a token for the launches of every iteration after the last
+exit. On an H200 (RESULTS.md, 2026-12-04): a token whose sequences all exit after one of 32 iterations took
+7.02 ms as one graph and 2.97 ms split (56.7% of its HBM floor); at fixed r the split costs under 2%.
+Without it the host reads back once per token.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from ..base import Backend
 from ..graph import GraphedRunner
 from .recurrent_layers import DecodePosition, core_iteration, sandwich_layer
 
-# iterations: an empty iteration cost ~0.17 ms of launches on an H200 (2026-12-04); a read, a graph launch and
-# a small reduction are expected to cost tens of microseconds (not yet measured: the next GPU run times it)
+# iterations: an empty iteration cost ~0.17 ms of launches on an H200 (2026-12-04); a boundary (a read, a graph
+# launch, a small reduction) costs under 2% of a 32-iteration token there (37.80 ms split, 37.78 one graph)
 MAX_BOUNDARY_GAP = 4
 
 
@@ -56,7 +57,7 @@ class RecurrentTokenRunner(GraphedRunner):
     def __init__(self, backend: Backend, cache, spec: LoopSpec) -> None:
         model = backend.model
         self.model, self.cache, self.spec, self.exit_ops = model, cache, spec, backend.exit_ops
-        self.stops = exit_boundaries(spec) if getattr(backend, "early_stop", False) else frozenset()
+        self.stops = exit_boundaries(spec) if getattr(backend, "early_stop", True) else frozenset()
         B, d, dev = cache.batch, model.config.n_embd, model.device
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
         self.alive = torch.zeros(B, dtype=torch.bool, device=dev)
