@@ -217,8 +217,9 @@ class KVPool:
             for buf in (self.plain_k, self.plain_v):
                 buf[:, row, :, clean_from:n] = 0
             if held:
+                at = to_device(held, self.device)  # a list index would be copied to the device with a sync
                 for buf in (self.core_k, self.core_v):
-                    buf[:, held, :, clean_from:n] = 0
+                    buf[:, at, :, clean_from:n] = 0
         self.free_slot_rows = sorted(self.free_slot_rows + self.held.pop(row))
         self.dropping.discard(row)
         self.free_rows = sorted(self.free_rows + [row])

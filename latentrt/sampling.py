@@ -133,9 +133,19 @@ def sample(
         return logits.argmax(-1)
     probs = sampling_probs(logits, temperature, top_k, top_p, min_p, published_top_p)
     if rng is None:
-        return torch.multinomial(probs, 1)[:, 0]
+        return draw(probs)
     out = probs.argmax(-1)
     for b, running in enumerate(rows if rows is not None else [True] * probs.shape[0]):
         if running:
-            out[b] = torch.multinomial(probs[b : b + 1], 1, generator=rng[b])[0, 0]
+            out[b] = draw(probs[b : b + 1], rng[b])[0]
     return out
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of ``probs`` [B, V], bit-identical to ``torch.multinomial(probs, 1, generator=...)[:, 0]``
+    (the published samplers' call) without its host reads: torch draws one sample as argmax(p / q) with q
+    ~ Exp(1) from the generator, after checking its input with two ``.item()`` reads (two host syncs a call on
+    CUDA, which a serving step cannot afford). ``sampling_probs`` makes every row valid (finite, >= 0, a
+    positive sum), so the check has nothing to find; the draw, the generator's use and the ties are torch's."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, q).argmax(-1)

@@ -2,8 +2,10 @@
 
 A ``TorchFunctionMode`` sees every torch call; these would synchronise on CUDA: reading values to the host
 (``item``, ``tolist``, ``bool()`` / ``int()`` / ``float()`` / ``__index__`` of a tensor), data-dependent
-shapes (``nonzero``, masked selection, indexing with a bool tensor) and host data copied to a device by
-``torch.tensor(..., device=...)`` (pageable memory: the copy waits for the stream). What torch's
+shapes (``nonzero``, masked selection, indexing with a bool tensor), host data copied to a device by
+``torch.tensor(..., device=...)`` or by indexing with a Python list (pageable memory: the copy waits for the
+stream), and ``torch.multinomial`` (it checks its input with two ``.item()`` reads first; an H200 run counted
+these among a serving step's syncs, 2026-12-04). What torch's
 ``nn.init.trunc_normal_`` does inside is its own (the published initial state's draw) and is left out.
 """
 
@@ -16,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select", "argwhere"}
+READS |= {"multinomial", "equal", "allclose", "unique", "bincount", "repeat_interleave"}
 
 
 def _bool_index(index) -> bool:
@@ -24,6 +27,11 @@ def _bool_index(index) -> bool:
     if isinstance(index, tuple | list):
         return any(_bool_index(i) for i in index)
     return False
+
+
+def _list_index(index) -> bool:
+    """An advanced index given as a Python list (torch makes a host tensor of it and copies it over)."""
+    return isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index))
 
 
 class HostSyncs(TorchFunctionMode):
@@ -41,6 +49,8 @@ class HostSyncs(TorchFunctionMode):
             hit = name
         elif name in ("__getitem__", "__setitem__") and _bool_index(args[1]):
             hit = f"{name}[bool]"
+        elif name in ("__getitem__", "__setitem__") and _list_index(args[1]):
+            hit = f"{name}[list]"
         elif name in ("tensor", "as_tensor") and kwargs.get("device") not in (None, "cpu"):  # host data to a device
             hit = "tensor(device=...)"
         if hit is not None:

@@ -142,6 +142,31 @@ def test_sampling_filters():
         latentrt.generate(model, PROMPTS[0], top_k=-1, **sampled)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_sync_free_draw_is_torch_multinomials_draw(dtype):
+    """sampling.draw (no host read) picks what torch.multinomial(probs, 1) picks from a generator in the same
+    state, draw after draw: widths, zeroed tokens (top-k / top-p), one-hot rows, near-ties; both leave the
+    generator in the same state."""
+    from latentrt.sampling import draw
+
+    for seed in range(120):
+        g = torch.Generator().manual_seed(seed)
+        rows, vocab = 1 + seed % 4, [2, 7, 50, 1000, 50257][seed % 5]
+        logits = torch.randn(rows, vocab, generator=g, dtype=dtype) * (1 + seed % 3)
+        if seed % 7 == 0:
+            logits[:, vocab // 2 :] = float("-inf")
+        if seed % 9 == 0:
+            logits = logits.round(decimals=1)  # ties
+        probs = torch.softmax(logits, -1)
+        if seed % 11 == 0:
+            probs[0] = 0
+            probs[0, min(3, vocab - 1)] = 1
+        ours, theirs = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+        for _ in range(3):
+            assert torch.equal(draw(probs, ours), torch.multinomial(probs, 1, generator=theirs)[:, 0]), seed
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 def test_exit_thresholds_and_min_steps():
     model = tiny_recurrent(seed=8)
     zero_start = dict(max_new_tokens=4, adaptive=True, num_steps=12, init_scale=0.0)

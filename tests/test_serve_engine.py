@@ -3,6 +3,7 @@ scheduler; the K/V pool; admission, cancellation, failures that stay with their 
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
@@ -781,7 +782,13 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert engine.program.decode_core._graph is not None  # the decode rows' passes were captured and replayed
     assert engine.program.decode_head._graph is not None and engine.program.decode_prelude._graph is not None
-    assert len(syncs) <= steps + 3, [str(w.message) for w in syncs[:5]]  # one per step (+1 per capture)
+    # a warning carries the Python line that synchronised: the captures' own (each runner's first call and
+    # torch.cuda.graph) are left out; the rest, named by line, are one per step
+    capture = ("latentrt/backends/graph.py", "torch/cuda/graphs.py")
+    where = collections.Counter(
+        f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in syncs if not w.filename.endswith(capture)
+    )
+    assert sum(where.values()) == steps, (steps, where.most_common())
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
