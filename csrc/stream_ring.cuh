@@ -73,11 +73,13 @@ enum RingCopy : int {
 // The ring's geometry (the plan's), the batch, and whether each stage's input chunk is staged in shared
 // memory (the plan's stage_input; its buffers then follow the ring). Probe-only settings (the kernels leave
 // them 0): stage_input 2 (`input=fixed`) multiplies every stage by the first input buffer as it stands, never
-// refilled (wrong sums: the consumers' cost without the input's per-stage L2 round trip); `copy` (RingCopy).
+// refilled (wrong sums: the consumers' cost without the input's per-stage L2 round trip); `copy` (RingCopy);
+// `test_wait`.
 struct Ring {
   int batch, tile_rows, k_chunk, stages;
   int stage_input = 0;
   int copy = kCopyRows;
+  int test_wait = 0;  // probe-only: 1: consumers poll a full stage with mbarrier.test_wait (never suspended)
   __host__ __device__ bool swizzled() const { return copy == kCopyTensor && batch > 4; }
   __host__ __device__ int box_k() const { return swizzled() ? 64 : (k_chunk < 256 ? k_chunk : 256); }
   __host__ __device__ int row_stride() const { return copy == kCopyTensor ? k_chunk * 2 : k_chunk * 2 + kRowPad; }
@@ -113,6 +115,16 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* b, unsigned parity) {
   uint32_t done;
   asm volatile(
       "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(b)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Whether the phase of `parity` has completed, without the suspension try_wait may take (the probe's test_wait).
+__device__ __forceinline__ bool mbar_test_wait(uint64_t* b, unsigned parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
       : "=r"(done)
       : "r"(smem_u32(b)), "r"(parity)
       : "memory");
@@ -270,6 +282,14 @@ struct Cursor {
   }
 };
 
+// Where a CTA's ring cycles go (the probe's `prof` lines, stream_probe.cu): clock64 intervals added by one
+// consumer (warp 1, lane 0) and the producer's lane 0, each to its own fields, in shared memory. The kernels
+// never time (the PROF template arguments default to false: no clock reads, no stores).
+struct StageClock {
+  long long full_wait, input_wait, compute, finish, stages, tiles;  // consumer warp 1
+  long long empty_wait, issue, issued;                              // the producer
+};
+
 // ---------------------------------------------------------------- the producer warp
 // The producer's position: ring cursor and stages issued so far.
 struct Producer {
@@ -286,17 +306,26 @@ __device__ __forceinline__ void set_stop(int* stop, int last_iteration) { atomic
 
 // Issue every stage of this CTA's tiles of `op`, a matrix of iteration `it`. `stop` (shared memory, written
 // by the consumers): the last iteration they run; returns false, issuing nothing more, once it is below it.
+// `stop` null (the probe's nostop lines): never polled. PROF: time the waits and the issue into `clk`.
+template <bool PROF = false>
 __device__ inline bool produce_op(const Op& op, const Ring& g, const Smem& s, Producer& p, int it,
-                                  int* stop) {
+                                  int* stop, StageClock* clk = nullptr) {
   const int lane = threadIdx.x % 32, R = g.tile_rows, kc = g.k_chunk, row_stride = g.row_stride();
   for (int t = op.cta_first[blockIdx.x]; t < op.cta_first[blockIdx.x + 1]; ++t) {
     const Tile tl = tile_at(op, R, t);
     for (int k0 = tl.c0; k0 < tl.c1; k0 += kc) {
       const int w = min(kc, tl.c1 - k0);
+      long long t0 = 0;
+      if constexpr (PROF) t0 = clock64();
       if (p.issued >= (unsigned)g.stages)
         while (!mbar_try_wait(&s.empty[p.cur.slot], p.cur.phase ^ 1))
-          if (stop_word(stop) < it) return false;
-      if (stop_word(stop) < it) return false;
+          if (stop != nullptr && stop_word(stop) < it) return false;
+      if constexpr (PROF) {
+        const long long t1 = clock64();
+        if (lane == 0) clk->empty_wait += t1 - t0;
+        t0 = t1;
+      }
+      if (stop != nullptr && stop_word(stop) < it) return false;
       unsigned char* st = s.ring + (size_t)p.cur.slot * g.stage_bytes();
       if (g.copy == kCopyTensor) {  // boxes of tile rows x box_k columns (full boxes: zeros past the edge)
         const int box_k = g.box_k(), boxes = (w + box_k - 1) / box_k;
@@ -316,6 +345,9 @@ __device__ inline bool produce_op(const Op& op, const Ring& g, const Smem& s, Pr
           bulk_copy(st + (size_t)r * row_stride, op.w + (size_t)(tl.row0 + r) * op.ldw + k0, (unsigned)(w * 2),
                     &s.full[p.cur.slot], p.pol);
       }
+      if constexpr (PROF) {
+        if (lane == 0) clk->issue += clock64() - t0, ++clk->issued;
+      }
       ++p.issued;
       p.cur.next(g.stages);
     }
@@ -330,12 +362,13 @@ __device__ inline void drain(const Ring& g, const Smem& s, const Producer& p) {
 }
 
 // `iters` passes over ops[0 .. n_ops), then drain.
+template <bool PROF = false>
 __device__ inline void produce(const Op* ops, int n_ops, const Ring& g, const Smem& s, int iters,
-                               int* stop) {
+                               int* stop, StageClock* clk = nullptr) {
   Producer p;
   for (int it = 0; it < iters; ++it)
     for (int o = 0; o < n_ops; ++o)
-      if (!produce_op(ops[o], g, s, p, it, stop)) return drain(g, s, p);
+      if (!produce_op<PROF>(ops[o], g, s, p, it, stop, clk)) return drain(g, s, p);
   drain(g, s, p);
 }
 
@@ -477,10 +510,12 @@ __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, f
 // Not inlined: one copy per MB instead of one per call site (a kernel has 5-7), which halves the extension's
 // build (stream_loop.cu: 50 s -> 15 s in ptxas) at the cost of one call per op and its arguments in local
 // memory (64-168 bytes of stack, no spills). COPY: how the producer filled the stages (the kernels: rows).
-template <int MB, int COPY = kCopyRows>
+template <int MB, int COPY = kCopyRows, bool PROF = false>
 __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem& s, Cursor& cur, bool compute = true,
-                           const Watch* watch = nullptr) {
+                           const Watch* watch = nullptr, StageClock* clk = nullptr) {
   const int lane = threadIdx.x % 32;
+  const bool timer = PROF && threadIdx.x == 32;  // warp 1's lane 0 keeps the consumers' clock
+  long long tc = 0;
   const bool mma = g.batch > 4, staged = g.stage_input == 1 && compute;
   const bf16* fixed = g.stage_input == 2 ? s.input : nullptr;  // the probe's input=fixed
   const int t0 = op.cta_first[blockIdx.x], t1 = op.cta_first[blockIdx.x + 1];
@@ -498,9 +533,15 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
       const bf16* x = fixed;
+      if (timer) tc = clock64();
       if (staged) {
         cp_async_wait_all();
         consumers_sync();  // this stage's chunk is readable; every warp is done with the other buffer
+        if (timer) {
+          const long long now = clock64();
+          clk->input_wait += now - tc;
+          tc = now;
+        }
         x = s.input + buf * buf_elems;
         bf16* next = s.input + (buf ^ 1) * buf_elems;
         if (k0 + g.k_chunk < tl.c1) {  // the next stage: this tile's next chunk, or the next tile's first
@@ -511,7 +552,17 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
         }
         buf ^= 1;
       }
-      mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
+      if (timer) tc = clock64();
+      if (g.test_wait)
+        while (!mbar_test_wait(&s.full[cur.slot], cur.phase)) {
+        }
+      else
+        mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
+      if (timer) {
+        const long long now = clock64();
+        clk->full_wait += now - tc;
+        tc = now;
+      }
       const unsigned char* st = s.ring + (size_t)cur.slot * g.stage_bytes();
       if (compute) {
         if (mma)
@@ -521,14 +572,17 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(&s.empty[cur.slot]);
+      if (timer) clk->compute += clock64() - tc, ++clk->stages;
       cur.next(g.stages);
     }
+    if (timer) tc = clock64();
     if (compute) {
       if (mma)
         finish_mma(g, op, tl, c, s.red);
       else
         finish_fma<MB>(g, op, tl, acc);
     }
+    if (timer) clk->finish += clock64() - tc, ++clk->tiles;
   }
 }
 

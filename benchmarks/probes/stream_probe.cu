@@ -30,6 +30,11 @@
 // multiply the ring as it stands, sums not checked), their own ceiling; and tensor consuming on other stage
 // shapes (k-chunks 256 / 1024 at batch 1 and 4, tiles 64 x 128 and 32 x 512 at batch 8, 32 x 256 at 32):
 // whether the consumers pay per stage or per byte. Beside them the row-copy baseline.
+// 2026-12-04's third run (RESULTS.md): the consumers alone reach only what they reach behind row copies
+// (1.74 TB/s at batch 1) and tensor copies slow them; so first a clocked run per ring (`probe-clock` lines:
+// cycles a stage that one consumer warp waits for a full stage, for its staged input, multiplies; that the
+// producer waits for a free stage and issues), and the producer without its stop-word atomics (`nostop`)
+// and consumers that spin on test_wait (`test_wait`), timed.
 // Correctness first: each configuration is run once on zeroed outputs and sampled rows of every matrix
 // are compared with a host dot product of the same bf16 values (rel. error < 1e-2), then timed.
 //
@@ -62,18 +67,27 @@ struct Args {
   Ring ring;
   int n_ops, iters, consume;
   int wait;  // 0: none; 1: one barrier before each matrix
+  int nostop;  // 1: the producer never polls the stop word (the kernels poll it twice a stage, with atomics)
   unsigned* counter;  // monotonic: one arrival per CTA per barrier; zeroed before each launch
+  StageClock* clocks;  // PROF kernels: one per CTA (stream_ring.cuh), zeroed before the launch
 };
 
-template <int MB, int COPY>
+template <int MB, int COPY, bool PROF>
 __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_constant__ Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ int stop;  // never set: the probe runs every iteration
+  __shared__ StageClock clk;  // PROF: this CTA's clock (consumer and producer fields, one writer each)
   const Smem s = smem_layout(smem, a.ring);
   if (threadIdx.x == 0) stop = 1 << 30;
+  if (PROF && threadIdx.x == 0) clk = StageClock{};
   ring_init(s, a.ring);
   if (threadIdx.x < 32) {
-    produce(a.ops, a.n_ops, a.ring, s, a.iters, &stop);
+    produce<PROF>(a.ops, a.n_ops, a.ring, s, a.iters, a.nostop ? nullptr : &stop, &clk);
+    if (PROF && threadIdx.x == 0) {
+      a.clocks[blockIdx.x].empty_wait = clk.empty_wait;
+      a.clocks[blockIdx.x].issue = clk.issue;
+      a.clocks[blockIdx.x].issued = clk.issued;
+    }
     return;
   }
   Cursor cur;
@@ -81,12 +95,17 @@ __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_consta
   for (int it = 0; it < a.iters; ++it)
     for (int o = 0; o < a.n_ops; ++o) {
       if (a.wait && arrivals > 0) wait_for(a.counter, arrivals * gridDim.x);
-      consume_op<MB, COPY>(a.ring, a.ops[o], s, cur, a.consume);
+      consume_op<MB, COPY, PROF>(a.ring, a.ops[o], s, cur, a.consume, nullptr, &clk);
       if (a.wait) {
         arrive(a.counter);  // this CTA's outputs of the matrix are written (release)
         ++arrivals;
       }
     }
+  if (PROF && threadIdx.x == 32) {
+    StageClock& out = a.clocks[blockIdx.x];
+    out.full_wait = clk.full_wait, out.input_wait = clk.input_wait, out.compute = clk.compute;
+    out.finish = clk.finish, out.stages = clk.stages, out.tiles = clk.tiles;
+  }
 }
 
 // The consumers' barrier alone (stream_loop.cu's `sync`: arrive, then wait for every CTA's arrival), n times:
@@ -125,15 +144,16 @@ float host_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
     }                                                                                            \
   } while (0)
 
-template <int COPY>
+template <int COPY, bool PROF>
 const void* kernel_of(int batch) {
-  if (batch <= 1) return reinterpret_cast<const void*>(stream_kernel<1, COPY>);
-  if (batch <= 4) return reinterpret_cast<const void*>(stream_kernel<4, COPY>);
-  return reinterpret_cast<const void*>(stream_kernel<1, COPY>);  // mma path: MB unused
+  if (batch <= 1) return reinterpret_cast<const void*>(stream_kernel<1, COPY, PROF>);
+  if (batch <= 4) return reinterpret_cast<const void*>(stream_kernel<4, COPY, PROF>);
+  return reinterpret_cast<const void*>(stream_kernel<1, COPY, PROF>);  // mma path: MB unused
 }
 // the consumers read rows unless the producer copied tensor-map boxes (copy=none: rows, as they stand)
-const void* kernel_for(int batch, int copy) {
-  return copy == kCopyTensor ? kernel_of<kCopyTensor>(batch) : kernel_of<kCopyRows>(batch);
+const void* kernel_for(int batch, int copy, bool prof) {
+  if (prof) return copy == kCopyTensor ? kernel_of<kCopyTensor, true>(batch) : kernel_of<kCopyRows, true>(batch);
+  return copy == kCopyTensor ? kernel_of<kCopyTensor, false>(batch) : kernel_of<kCopyRows, false>(batch);
 }
 
 }  // namespace
@@ -221,6 +241,8 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&counter, 4));
   int* firsts;
   CHECK(cudaMalloc(&firsts, (size_t)n_ops * (sms + 1) * 4));
+  StageClock* clocks;
+  CHECK(cudaMalloc(&clocks, sms * sizeof(StageClock)));
   CHECK(cudaDeviceSynchronize());
   std::printf("probe weights bytes=%zu per iteration, %d matrices, %d iterations per launch\n", total, n_ops, iters);
 
@@ -229,8 +251,29 @@ int main(int argc, char** argv) {
     int batch, stages, consume, wait, staged;  // staged: 1 staged, 2 fixed (unchecked)
     int copy = kCopyRows;                           // RingCopy (stream_ring.cuh)
     int tile_rows = 0, k_chunk = 0;                 // 0: the plan's
+    int prof = 0;                                   // 1: also a clocked run: where a stage's cycles go
+    int nostop = 0;                                 // 1: the producer never polls the stop word
+    int test_wait = 0;                              // 1: consumers spin on test_wait (Ring::test_wait)
   };
   std::vector<Config> configs;
+  // 2026-12-04 (third run): the consumers alone (copy=none) run no faster than behind the row copies, and
+  // tensor copies (3.6 TB/s alone) make them slower still (1.08 at batch 1): a stage costs ~1900 cycles of an
+  // SM where its multiply is ~100 instructions a thread. First, where those cycles go: a clocked run (warp
+  // 1's waits for a full stage, for the staged input, its multiply and release; the producer's waits for a
+  // free stage and its issue, cycles a stage) of the row, tensor and no-copy rings at batch 1 and 8; then
+  // the same without the producer's two atomic stop-word polls a stage (nostop), and with the consumers
+  // spinning on test_wait instead of try_wait, which may suspend a warp past the stage's landing (timed).
+  for (int batch : {1, 8}) {
+    for (int copy : {kCopyRows, kCopyTensor, kCopyNone}) {
+      Config c{batch, 0, 1, 1, 1, copy};
+      c.prof = 1;
+      configs.push_back(c);
+      c.prof = 0, c.nostop = 1;
+      if (copy != kCopyNone) configs.push_back(c);
+      c.nostop = 0, c.test_wait = 1;  // and without try_wait's suspension on a full stage not yet landed
+      if (copy != kCopyNone) configs.push_back(c);
+    }
+  }
   for (int batch : {1, 4, 8, 16, 32}) {
     // the baseline of the kernels' ring (rows), alone and consuming with a wait before each matrix
     configs.push_back({batch, 0, 0, 0, 1});
@@ -266,7 +309,7 @@ int main(int argc, char** argv) {
     Args a{};
     a.n_ops = n_ops;
     a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages, cf.staged,
-                  cf.copy};
+                  cf.copy, cf.test_wait};
     a.consume = cf.consume;
     a.wait = cf.wait;
     a.counter = counter;
@@ -297,7 +340,9 @@ int main(int argc, char** argv) {
       if (!encoded) continue;
       CHECK(cudaMemcpy(maps, host_maps.data(), n_ops * sizeof(CUtensorMap), cudaMemcpyHostToDevice));
     }
-    const void* kernel = kernel_for(cf.batch, cf.copy);
+    a.nostop = cf.nostop;
+    a.clocks = clocks;
+    const void* kernel = kernel_for(cf.batch, cf.copy, false);
     // tensor copies: the ring moves up to 1 KB to its 1024-byte alignment (stream_ring.cuh: smem_layout)
     const int smem = (int)p.smem_bytes + (cf.copy == kCopyTensor ? 1024 : 0);
     if (smem > optin) {
@@ -341,14 +386,41 @@ int main(int argc, char** argv) {
     const double us = best * 1e3 / iters;
     const bool ok = !checked || worst < 1e-2;
     failures += !ok;
+    if (cf.prof) {  // one clocked launch (its own kernel: clock reads in the loops), averaged over the CTAs
+      const void* clocked = kernel_for(cf.batch, cf.copy, true);
+      CHECK(cudaFuncSetAttribute(clocked, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      CHECK(cudaMemset(clocks, 0, sms * sizeof(StageClock)));
+      a.iters = iters;
+      CHECK(cudaMemsetAsync(counter, 0, 4));
+      void* params[] = {&a};
+      CHECK(cudaLaunchCooperativeKernel(clocked, dim3(sms), dim3(kThreads), params, smem, 0));
+      CHECK(cudaDeviceSynchronize());
+      std::vector<StageClock> host(sms);
+      CHECK(cudaMemcpy(host.data(), clocks, sms * sizeof(StageClock), cudaMemcpyDeviceToHost));
+      StageClock t{};
+      for (const StageClock& h : host) {
+        t.full_wait += h.full_wait, t.input_wait += h.input_wait, t.compute += h.compute, t.finish += h.finish;
+        t.stages += h.stages, t.tiles += h.tiles, t.empty_wait += h.empty_wait, t.issue += h.issue;
+        t.issued += h.issued;
+      }
+      const double st = (double)std::max(1ll, t.stages), is = (double)std::max(1ll, t.issued);
+      std::printf(
+          "probe-clock batch=%d copy=%s cycles_per_stage: consumer full_wait=%.0f input_wait=%.0f compute=%.0f "
+          "finish=%.0f (per tile %.0f, %.1f stages a tile) | producer empty_wait=%.0f issue=%.0f | stages=%lld "
+          "issued=%lld\n",
+          cf.batch, cf.copy == kCopyTensor ? "tensor" : (cf.copy == kCopyNone ? "none" : "rows"), t.full_wait / st,
+          t.input_wait / st, t.compute / st, t.finish / st, t.finish / (double)std::max(1ll, t.tiles),
+          st / (double)std::max(1ll, t.tiles), t.empty_wait / is, t.issue / is, t.stages, t.issued);
+    }
     std::printf(
         "probe batch=%d mode=%s input=%s stages=%d consume=%d wait=%d barriers=%d tile_rows=%d k_chunk=%d "
-        "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s\n",
+        "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s%s\n",
         cf.batch, cf.batch > 4 ? "ring-mma" : "ring-fma", cf.staged == 2 ? "fixed" : "staged", a.ring.stages, cf.consume, cf.wait, barriers,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst,
         checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked",
         cf.copy == kCopyTensor ? (a.ring.swizzled() ? " copy=tensor swizzle=128B" : " copy=tensor")
-                               : (cf.copy == kCopyNone ? " copy=none" : ""));
+                               : (cf.copy == kCopyNone ? " copy=none" : ""),
+        cf.nostop ? " nostop" : (cf.test_wait ? " test_wait" : ""));
   }
   std::printf("probe done, %d wrong\n", failures);
   return failures ? 1 : 0;
