@@ -111,23 +111,17 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* b, unsigned bytes) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
 }
+// Whether the phase of `parity` has completed: try_wait may first suspend the thread a while (SUSPEND, the
+// kernels'), test_wait returns at once (the probe's test_wait lines time what the suspension costs).
+template <bool SUSPEND = true>
 __device__ __forceinline__ bool mbar_try_wait(uint64_t* b, unsigned parity) {
   uint32_t done;
-  asm volatile(
-      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(smem_u32(b)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-// Whether the phase of `parity` has completed, without the suspension try_wait may take (the probe's test_wait).
-__device__ __forceinline__ bool mbar_test_wait(uint64_t* b, unsigned parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(smem_u32(b)), "r"(parity)
-      : "memory");
+  if constexpr (SUSPEND)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+  else
+    asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
   return done != 0;
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
@@ -554,7 +548,7 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
       }
       if (timer) tc = clock64();
       if (g.test_wait)
-        while (!mbar_test_wait(&s.full[cur.slot], cur.phase)) {
+        while (!mbar_try_wait<false>(&s.full[cur.slot], cur.phase)) {
         }
       else
         mbar_wait_watched(s.full, cur.slot, cur.phase, watch);
