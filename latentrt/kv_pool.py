@@ -44,7 +44,7 @@ from .kernels.pool_attention import dropped, slot_rows, slot_target
 from .kernels.reference import attention
 from .kv_modes import KVMode
 from .memory import check_fits
-from .transfer import to_device
+from .transfer import fill_rows, to_device
 
 
 @dataclass
@@ -122,6 +122,7 @@ class KVPool:
         self.core_k = torch.zeros((layout.looped, self.slot_rows, H, width, D), dtype=dtype, device=device)
         self.core_v = torch.zeros_like(self.core_k)
         self.written = torch.zeros(rows, width, dtype=torch.long, device=device)  # iterations per entry
+        self._zero = torch.zeros((), dtype=torch.long, device=device)  # written as a device value: no host copy
         self.valid = torch.zeros(rows, width, dtype=torch.bool, device=device)
         self.n_valid = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_slots = max(self.slot_rows, 1)
@@ -200,7 +201,7 @@ class KVPool:
             self.modes[row] = to_device([1, 0, 0], self.device)
         self.valid[row] = False
         self.written[row] = 0
-        self.n_valid[row] = 0
+        fill_rows(self.n_valid, row, 0)
         self.lengths[row] = 0
         return row
 
@@ -219,7 +220,7 @@ class KVPool:
             if held:
                 at = to_device(held, self.device)  # a list index would be copied to the device with a sync
                 for buf in (self.core_k, self.core_v):
-                    buf[:, at, :, clean_from:n] = 0
+                    buf[:, :, :, clean_from:n].index_fill_(1, at, 0)
         self.free_slot_rows = sorted(self.free_slot_rows + self.held.pop(row))
         self.dropping.discard(row)
         self.free_rows = sorted(self.free_rows + [row])
@@ -241,7 +242,7 @@ class KVPool:
         real = steps[None, :] < length[:, None]
         q_idx = torch.where(real, to_device(starts, dev)[:, None] + steps, self.trash)
         self.valid[idx[:, None], q_idx] = real
-        self.written[idx[:, None], q_idx] = 0
+        self.written[idx[:, None], q_idx] = self._zero
         positions = torch.where(real, self.n_valid[idx][:, None] + steps, 0)
         self.n_valid[idx] += length
         return self._chunk(idx, starts, lengths, q_idx, positions, real)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .exits import ExitCriterion, ReferenceExitOps
-from .transfer import to_device
+from .transfer import fill_rows, to_device
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,11 @@ class LatentLoop:
         ix = rows.index
         self.s[ix] = s0
         self.reference[ix] = s0
-        self.active[ix] = True if alive is None else alive
-        self.used[ix] = 0
+        if alive is None:
+            fill_rows(self.active, ix, True)
+        else:
+            self.active[ix] = alive
+        fill_rows(self.used, ix, 0)
         for r in rows.list:
             self.t[r], self.specs[r], self.checked[r] = 0, spec, False
         crit = spec.criterion

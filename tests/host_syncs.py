@@ -5,7 +5,9 @@ A ``TorchFunctionMode`` sees every torch call; these would synchronise on CUDA: 
 shapes (``nonzero``, masked selection, indexing with a bool tensor), host data copied to a device by
 ``torch.tensor(..., device=...)`` or by indexing with a Python list (pageable memory: the copy waits for the
 stream), and ``torch.multinomial`` (it checks its input with two ``.item()`` reads first; an H200 run counted
-these among a serving step's syncs, 2026-12-04). What torch's
+these among a serving step's syncs, 2026-12-04), and a ``__setitem__`` whose value is a Python number (on a
+CUDA tensor torch wraps the number as a host tensor and copies it over, a pageable copy that waits: an H200
+run named ``active[rows] = True`` and its kind 260 times in 80 serving steps, 2026-12-04). What torch's
 ``nn.init.trunc_normal_`` does inside is its own (the published initial state's draw) and is left out.
 """
 
@@ -34,6 +36,16 @@ def _list_index(index) -> bool:
     return isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index))
 
 
+def _number_copied(t: torch.Tensor, index) -> bool:
+    """Whether ``t[index] = number`` copies the number to the device: an index with a tensor in it
+    (``index_put_`` moves its host value over) or one selecting a single element (a 0-dim ``copy_``);
+    a slice of more than one element is filled by ``fill_``, which takes the number as an argument."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, torch.Tensor) for i in parts):
+        return True
+    return len(parts) == t.dim() and all(isinstance(i, int) and not isinstance(i, bool) for i in parts)
+
+
 class HostSyncs(TorchFunctionMode):
     """``with HostSyncs() as syncs: ...``; ``syncs.hits``: (operation, latentrt file, line) -> count."""
 
@@ -51,6 +63,8 @@ class HostSyncs(TorchFunctionMode):
             hit = f"{name}[bool]"
         elif name in ("__getitem__", "__setitem__") and _list_index(args[1]):
             hit = f"{name}[list]"
+        elif name == "__setitem__" and isinstance(args[2], bool | int | float) and _number_copied(args[0], args[1]):
+            hit = "__setitem__(number)"
         elif name in ("tensor", "as_tensor") and kwargs.get("device") not in (None, "cpu"):  # host data to a device
             hit = "tensor(device=...)"
         if hit is not None:

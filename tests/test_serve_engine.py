@@ -713,7 +713,7 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     graphed = sum(calls.count(k) for k in ("DecodeCoreRunner", "DecodeHeadRunner", "DecodePreludeRunner"))
     assert program.graph_passes == graphed < program.passes
     assert engine.metrics.snapshot()["graph_passes_total"] == graphed
-    assert sum(syncs.hits.values()) == steps, syncs.hits  # one read per step
+    assert sum(syncs.hits.values()) <= steps, syncs.hits  # one read per step at most
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert req.error is None, req.error
@@ -725,8 +725,9 @@ def test_served_on_the_triton_backend_equals_generate_alone():
 
 @pytest.mark.parametrize("family, scheduler", [("recurrent", "depth"), ("recurrent", "token"), ("coconut", "depth")])
 def test_a_step_reads_the_device_once(family, scheduler):
-    """Inside a scheduler step the host waits for the device once: the read of which units ended and the
-    tokens sampled, with their log-probs where asked (everything else it sends is copied asynchronously, nothing
+    """Inside a scheduler step the host waits for the device at most once (a step that ran and sampled nothing
+    reads nothing): the read of which units ended and the tokens sampled, with their log-probs where asked
+    (everything else it sends is copied asynchronously, numbers written into device tensors included, nothing
     it needs is read back): counted on every operation that would synchronise on CUDA, mixed requests,
     prompts admitted mid-run."""
     from host_syncs import HostSyncs
@@ -747,8 +748,8 @@ def test_a_step_reads_the_device_once(family, scheduler):
             steps += 1
     assert engine.metrics.requests == 18 and steps > 20
     reads = {k: n for k, n in syncs.hits.items() if k[1] == "serve/engine.py" and k[0] == "tolist"}
-    assert list(reads.values()) == [steps], syncs.hits
-    assert sum(syncs.hits.values()) == steps, syncs.hits
+    assert len(reads) == 1 and steps - 3 <= sum(reads.values()) <= steps, syncs.hits  # none where nothing ran
+    assert sum(syncs.hits.values()) == sum(reads.values()), syncs.hits
 
 
 @pytest.mark.gpu
@@ -797,7 +798,9 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
         torch.cuda.set_sync_debug_mode("default")
     assert engine.program.decode_core._graph is not None  # the decode rows' passes were captured and replayed
     assert engine.program.decode_head._graph is not None and engine.program.decode_prelude._graph is not None
-    assert sum(where.values()) == steps, (steps, where.most_common())  # the step's one read
+    named = "\n".join(f"{n:5d} {line}" for line, n in where.most_common())
+    print(f"syncs in {steps} steps:\n{named}")  # in full: pytest shortens an assertion's message
+    assert sum(where.values()) <= steps, named  # the step's one read (none where a step read nothing)
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..models.layers import Packed
 from ..recurrence import LatentLoop, LoopSpec, Rows
-from ..transfer import to_device
+from ..transfer import fill_rows, to_device
 from .base import nonfinite_flags
 from .recurrent_serving_graph import DecodeCoreRunner, DecodeHeadRunner, DecodePreludeRunner
 from .serving import Ended, ServingProgram, ones, weight_ratio
@@ -365,7 +365,7 @@ class RecurrentServing(ServingProgram):
         later = [r for r in rows_l if r not in now]
         out = self._finish_units(now) if now else []
         if later:
-            self.loop.active[to_device(later, self.model.device)] = False  # masked if launched idle
+            fill_rows(self.loop.active, to_device(later, self.model.device), False)  # masked if launched idle
             self.parked.update(later)
             out += [Ended(self.requests[r].request, self.loop.t[r], ready=False) for r in later]
         return out
@@ -379,7 +379,7 @@ class RecurrentServing(ServingProgram):
         logits = self._final_logits(part)
         flags = nonfinite_flags(self.loop.s[ix], None, logits, ones(len(rows_l), dev))
         self.last[ix] = self.loop.s[ix]
-        self.loop.active[ix] = False  # retired: masked if launched again idle
+        fill_rows(self.loop.active, ix, False)  # retired: masked if launched again idle
         out = []
         for i, r in enumerate(rows_l):
             rec = self.requests[r]
@@ -428,5 +428,5 @@ class RecurrentServing(ServingProgram):
         self.results.pop(row, None)
         self.running.discard(row)
         self.parked.discard(row)
-        self.loop.active[row] = False
+        fill_rows(self.loop.active, row, False)
         self.release_row(request)

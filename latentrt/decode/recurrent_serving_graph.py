@@ -22,7 +22,7 @@ from torch import Tensor
 from ..backends.graph import GraphedRunner
 from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
-from ..transfer import to_device
+from ..transfer import fill_rows, to_device
 
 
 class DecodeCoreRunner(GraphedRunner):
@@ -113,7 +113,7 @@ class DecodePreludeRunner(GraphedRunner):
     def prepare(self, rows: Tensor, ids: Tensor) -> None:
         self.core.copy_entries()
         self.write.zero_()
-        self.write[rows] = True
+        fill_rows(self.write, rows, True)
         self.ids[rows] = ids
 
     def run(self) -> Tensor:

@@ -137,9 +137,9 @@ class Sampled:
     k: int = 0
     logprobs: torch.Tensor | None = None
 
-    def parts(self, device) -> list[torch.Tensor]:
-        parts = [self.tokens, self.flags] + ([self.logprobs] if self.logprobs is not None else [])
-        return [p.to(device) for p in parts]
+    def parts(self) -> list[torch.Tensor]:
+        """The tensors the step reads, on the device that computed them."""
+        return [self.tokens, self.flags] + ([self.logprobs] if self.logprobs is not None else [])
 
     def read(self, host: list[float]) -> tuple[list[int], list[int], dict]:
         """This record's values from the step's read: token ids, flags, and per request that asked,
@@ -391,8 +391,11 @@ class Engine:
             # the step's one device -> host read: which units ended, and last step's sampled tokens (the
             # program's work and sampling count as computation, the rest of the step as scheduling); fp64
             # holds the ids, flags and log-probs exactly
-            parts = [flags.reshape(-1)] + (self._sampled.parts(flags.device) if self._sampled is not None else [])
-            host = torch.cat([p.double() for p in parts]).tolist()
+            # (a step that launched nothing has empty host flags: left out, or they would pull the sampled
+            # tokens to the host as a second wait)
+            parts = [flags.reshape(-1)] if flags.numel() else []
+            parts += self._sampled.parts() if self._sampled is not None else []
+            host = torch.cat([p.double() for p in parts]).tolist() if parts else []
             n = flags.numel()
             t2 = time.perf_counter()
             self._take_tokens(host[n:])
