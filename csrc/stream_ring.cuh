@@ -174,14 +174,36 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+// Shared-memory loads by a 32-bit shared address. A generic pointer that crossed consume_op's call (not
+// inlined) has lost its state space: the compiler emits generic loads (LD), slower than LDS and kept in
+// program order behind their branches; the probe's stage clocks put 75-80% of a stage in these consumers
+// (2026-12-04). Volatile: never moved above the mbarrier wait that makes the stage readable.
+__device__ __forceinline__ uint4 lds128(uint32_t at) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(at));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t at) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at));
+  return v;
+}
+// Eight bf16 as floats: an input's columns, converted once for both of a warp's rows.
+__device__ __forceinline__ void unpack8(uint4 x, float (&f)[8]) {
   const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 b = __bfloat1622float2(x2[j]);
+    f[2 * j] = b.x, f[2 * j + 1] = b.y;
+  }
+}
+__device__ __forceinline__ float dot8(uint4 w, const float (&x)[8]) {
+  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
   float s = 0.f;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const float2 a = __bfloat1622float2(w2[j]), b = __bfloat1622float2(x2[j]);
-    s += a.x * b.x + a.y * b.y;
+    const float2 a = __bfloat1622float2(w2[j]);
+    s += a.x * x[2 * j] + a.y * x[2 * j + 1];
   }
   return s;
 }
@@ -379,33 +401,45 @@ __device__ inline void stage_input_chunk(const Ring& g, const Op& op, int k0, in
   }
 }
 
-// Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each. `staged`:
-// the input chunk in shared memory (stage_input), else read from L2. COPY: the stage's layout (stage_offset).
-template <int MB, int COPY>
-__device__ void consume_fma(const Ring& g, const Op& op, const Tile& tl, const unsigned char* st, int k0, int w,
-                            float (&acc)[2][MB], const bf16* staged) {
-  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
+// Batch <= 4: warp cw owns rows cw, cw + 8 of the tile (tile_rows 16); lanes walk 8 columns each. STAGED: the
+// input chunk in shared memory (stage_input), else read from L2. COPY: the stage's layout (stage_offset).
+// The Ring's fields in registers, the loads by shared address and without a branch between them (a short last
+// tile's rows past its end read its last row, and finish_fma drops their sums), two column steps unrolled:
+// each warp has its loads of both rows in flight at once instead of one dependent load after another.
+template <int MB, int COPY, bool STAGED>
+__device__ __forceinline__ void fma_columns(const Ring& g, const Op& op, const Tile& tl, const unsigned char* st, int k0,
+                                            int w, float (&acc)[2][MB], const bf16* staged) {
+  const Ring r = g;
+  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, in_stride = r.input_stride();
+  const int row0 = min(cw, tl.rows - 1), row1 = min(cw + 8, tl.rows - 1);
+  const uint32_t ring = smem_u32(st), x_at = STAGED ? smem_u32(staged) : 0u;
+#pragma unroll 2
   for (int e = lane * 8; e < w; e += 256) {
-    uint4 xv[MB];
+    float xf[MB][8];
 #pragma unroll
     for (int b = 0; b < MB; ++b) {
-      if (b >= g.batch)
-        xv[b] = uint4{};
-      else if (staged != nullptr)
-        xv[b] = *reinterpret_cast<const uint4*>(staged + (size_t)b * g.input_stride() + e);
-      else
-        xv[b] = __ldcg(reinterpret_cast<const uint4*>(op.x + (size_t)b * op.ldx + k0 + e));
+      uint4 xv = uint4{};
+      if (MB == 1 || b < r.batch)
+        xv = STAGED ? lds128(x_at + (uint32_t)(b * in_stride + e) * 2)
+                    : __ldcg(reinterpret_cast<const uint4*>(op.x + (size_t)b * op.ldx + k0 + e));
+      unpack8(xv, xf[b]);
     }
+    const uint4 w0 = lds128(ring + stage_offset<COPY>(r, row0, e)), w1 = lds128(ring + stage_offset<COPY>(r, row1, e));
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = cw + 8 * i;
-      if (r >= tl.rows) continue;
-      const unsigned char* at = COPY == kCopyTensor ? st + stage_offset<COPY>(g, r, e) : st + (size_t)r * row_stride + e * 2;
-      const uint4 wv = *reinterpret_cast<const uint4*>(at);
-#pragma unroll
-      for (int b = 0; b < MB; ++b) acc[i][b] += dot8(wv, xv[b]);
+    for (int b = 0; b < MB; ++b) {
+      acc[0][b] += dot8(w0, xf[b]);
+      acc[1][b] += dot8(w1, xf[b]);
     }
   }
+}
+
+template <int MB, int COPY>
+__device__ __forceinline__ void consume_fma(const Ring& g, const Op& op, const Tile& tl, const unsigned char* st,
+                                            int k0, int w, float (&acc)[2][MB], const bf16* staged) {
+  if (staged != nullptr)
+    fma_columns<MB, COPY, true>(g, op, tl, st, k0, w, acc, staged);
+  else
+    fma_columns<MB, COPY, false>(g, op, tl, st, k0, w, acc, staged);
 }
 
 template <int MB>
@@ -431,37 +465,65 @@ __device__ void finish_fma(const Ring& g, const Op& op, const Tile& tl, float (&
 }
 
 // Batch > 4: R / 16 row blocks x (8 / (R / 16)) k-groups of warps; each warp: mma over its k-steps, for
-// every 8-wide slice of the batch; a tile's partial sums are reduced across k-groups in shared memory.
-// `staged`: the input chunk in shared memory (stage_input), else read from L2.
-template <int COPY>
-__device__ inline void consume_mma(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
-                                   float (&c)[kMaxNTiles][4], const bf16* staged) {
-  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = g.row_stride();
-  const int blocks = g.tile_rows / 16, groups = kConsumerWarps / blocks, rb = cw % blocks, kg = cw / blocks;
-  const int n_tiles = (g.batch + 7) / 8;
+// every 8-wide slice of the batch (NT of them: 1, 2 or 4, the last masked where the batch is not a multiple
+// of 8); a tile's partial sums are reduced across k-groups in shared memory. STAGED: the input chunk in shared
+// memory (stage_input, read by shared address), else read from L2. As fma_columns: the Ring's fields in
+// registers, a k-step's loads ahead of its mma instructions with no branch between them, two k-steps unrolled.
+template <int COPY, bool STAGED, int NT>
+__device__ __forceinline__ void mma_columns(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
+                                            float (&c)[kMaxNTiles][4], const bf16* staged) {
+  const Ring r = g;
+  const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 1, row_stride = r.row_stride();
+  const int blocks = r.tile_rows / 16, groups = kConsumerWarps / blocks, rb = cw % blocks, kg = cw / blocks;
+  const int in_stride = r.input_stride();
   const int a_row = rb * 16 + (lane % 8) + ((lane / 8) % 2) * 8;  // this lane's ldmatrix row (and 8 columns)
   const unsigned char* a_base = st + (size_t)a_row * row_stride + (lane / 16) * 16;
+  const uint32_t x_at = STAGED ? smem_u32(staged) : 0u;
+#pragma unroll 2
   for (int ks = kg; ks * 16 < w; ks += groups) {
-    uint32_t af[4];
-    ldmatrix_x4(af, COPY == kCopyTensor ? st + stage_offset<COPY>(g, a_row, ks * 16 + (lane / 16) * 8) : a_base + ks * 32);
     const int kk = ks * 16 + (lane % 4) * 2, k = k0 + kk;
+    uint32_t b[NT][2];
 #pragma unroll
-    for (int nt = 0; nt < kMaxNTiles; ++nt) {
-      if (nt >= n_tiles) break;
+    for (int nt = 0; nt < NT; ++nt) {
       const int n = nt * 8 + lane / 4;
-      uint32_t b0 = 0, b1 = 0;
-      if (n < g.batch && staged != nullptr) {  // (row stride input_stride: the 8 n x 4 lanes hit 32 banks)
-        const bf16* xr = staged + (size_t)n * g.input_stride();
-        if (kk < w) b0 = *reinterpret_cast<const unsigned*>(xr + kk);
-        if (kk + 8 < w) b1 = *reinterpret_cast<const unsigned*>(xr + kk + 8);
-      } else if (n < g.batch) {
+      b[nt][0] = b[nt][1] = 0;
+      if (STAGED) {  // (row stride input_stride: the 8 n x 4 lanes hit 32 banks)
+        const uint32_t xr = x_at + (uint32_t)(n * in_stride) * 2;
+        if (n < r.batch && kk < w) b[nt][0] = lds32(xr + kk * 2);
+        if (n < r.batch && kk + 8 < w) b[nt][1] = lds32(xr + (kk + 8) * 2);
+      } else {
         const bf16* xr = op.x + (size_t)n * op.ldx;
-        if (k < op.cols) b0 = __ldcg(reinterpret_cast<const unsigned*>(xr + k));
-        if (k + 8 < op.cols) b1 = __ldcg(reinterpret_cast<const unsigned*>(xr + k + 8));
+        if (n < r.batch && k < op.cols) b[nt][0] = __ldcg(reinterpret_cast<const unsigned*>(xr + k));
+        if (n < r.batch && k + 8 < op.cols) b[nt][1] = __ldcg(reinterpret_cast<const unsigned*>(xr + k + 8));
       }
-      mma_bf16(c[nt], af, b0, b1);
     }
+    uint32_t af[4];
+    ldmatrix_x4(af, COPY == kCopyTensor ? st + stage_offset<COPY>(r, a_row, ks * 16 + (lane / 16) * 8) : a_base + ks * 32);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mma_bf16(c[nt], af, b[nt][0], b[nt][1]);
   }
+}
+
+template <int COPY, bool STAGED>
+__device__ __forceinline__ void mma_tiles(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
+                                          float (&c)[kMaxNTiles][4], const bf16* staged) {
+  static_assert(kMaxNTiles == 4, "mma_tiles dispatches 1, 2 or 4 batch tiles");
+  const int n_tiles = (g.batch + 7) / 8;
+  if (n_tiles == 1)
+    mma_columns<COPY, STAGED, 1>(g, op, st, k0, w, c, staged);
+  else if (n_tiles == 2)
+    mma_columns<COPY, STAGED, 2>(g, op, st, k0, w, c, staged);
+  else
+    mma_columns<COPY, STAGED, 4>(g, op, st, k0, w, c, staged);
+}
+
+template <int COPY>
+__device__ __forceinline__ void consume_mma(const Ring& g, const Op& op, const unsigned char* st, int k0, int w,
+                                            float (&c)[kMaxNTiles][4], const bf16* staged) {
+  if (staged != nullptr)
+    mma_tiles<COPY, true>(g, op, st, k0, w, c, staged);
+  else
+    mma_tiles<COPY, false>(g, op, st, k0, w, c, staged);
 }
 
 __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, float (&c)[kMaxNTiles][4],
