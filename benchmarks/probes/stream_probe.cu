@@ -256,24 +256,24 @@ int main(int argc, char** argv) {
     int test_wait = 0;                              // 1: consumers spin on test_wait (Ring::test_wait)
   };
   std::vector<Config> configs;
-  // 2026-12-04 (third run): the consumers alone (copy=none) run no faster than behind the row copies, and
-  // tensor copies (3.6 TB/s alone) make them slower still (1.08 at batch 1): a stage costs ~1900 cycles of an
-  // SM where its multiply is ~100 instructions a thread. First, where those cycles go: a clocked run (warp
-  // 1's waits for a full stage, for the staged input, its multiply and release; the producer's waits for a
-  // free stage and its issue, cycles a stage) of the row, tensor and no-copy rings at batch 1 and 8; then
-  // the same without the producer's two atomic stop-word polls a stage (nostop), and with the consumers
-  // spinning on test_wait instead of try_wait, which may suspend a warp past the stage's landing (timed).
-  for (int batch : {1, 8}) {
+  // 2026-12-04 (fourth run): the clocks put 75-80% of a stage in the consumers' own instructions (1221 cycles
+  // at batch 1, 1624 at 8, the same with nothing copied); the producer's stop-word polls and try_wait's
+  // suspension cost nothing measurable (the nostop / test_wait options, kept, not run). The consumers were
+  // rewritten (shared-memory loads by address, loads ahead of the math): the same clocked runs say what that
+  // changed, batch 32 added; then the row ring with wider stages (1024 columns at batch 1 and 4, 512 at 8),
+  // clocked at batch 1: how much of a stage's cost is fixed once the loads overlap.
+  for (int batch : {1, 8, 32})
     for (int copy : {kCopyRows, kCopyTensor, kCopyNone}) {
       Config c{batch, 0, 1, 1, 1, copy};
       c.prof = 1;
-      configs.push_back(c);
-      c.prof = 0, c.nostop = 1;
-      if (copy != kCopyNone) configs.push_back(c);
-      c.nostop = 0, c.test_wait = 1;  // and without try_wait's suspension on a full stage not yet landed
-      if (copy != kCopyNone) configs.push_back(c);
+      if (batch != 32 || copy == kCopyRows) configs.push_back(c);
     }
+  for (int batch : {1, 4}) {
+    Config c{batch, 6, 1, 1, 1, kCopyRows, 16, 1024};
+    c.prof = batch == 1;
+    configs.push_back(c);
   }
+  configs.push_back({8, 6, 1, 1, 1, kCopyRows, 32, 512});
   for (int batch : {1, 4, 8, 16, 32}) {
     // the baseline of the kernels' ring (rows), alone and consuming with a wait before each matrix
     configs.push_back({batch, 0, 0, 0, 1});
@@ -405,10 +405,11 @@ int main(int argc, char** argv) {
       }
       const double st = (double)std::max(1ll, t.stages), is = (double)std::max(1ll, t.issued);
       std::printf(
-          "probe-clock batch=%d copy=%s cycles_per_stage: consumer full_wait=%.0f input_wait=%.0f compute=%.0f "
+          "probe-clock batch=%d copy=%s tile_rows=%d k_chunk=%d cycles_per_stage: consumer full_wait=%.0f input_wait=%.0f compute=%.0f "
           "finish=%.0f (per tile %.0f, %.1f stages a tile) | producer empty_wait=%.0f issue=%.0f | stages=%lld "
           "issued=%lld\n",
-          cf.batch, cf.copy == kCopyTensor ? "tensor" : (cf.copy == kCopyNone ? "none" : "rows"), t.full_wait / st,
+          cf.batch, cf.copy == kCopyTensor ? "tensor" : (cf.copy == kCopyNone ? "none" : "rows"), a.ring.tile_rows,
+          a.ring.k_chunk, t.full_wait / st,
           t.input_wait / st, t.compute / st, t.finish / st, t.finish / (double)std::max(1ll, t.tiles),
           st / (double)std::max(1ll, t.tiles), t.empty_wait / is, t.issue / is, t.stages, t.issued);
     }
