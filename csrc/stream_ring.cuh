@@ -302,7 +302,7 @@ struct Cursor {
 // consumer (warp 1, lane 0) and the producer's lane 0, each to its own fields, in shared memory. The kernels
 // never time (the PROF template arguments default to false: no clock reads, no stores).
 struct StageClock {
-  long long full_wait, input_wait, compute, finish, stages, tiles;  // consumer warp 1
+  long long full_wait, input_wait, input_issue, compute, finish, stages, tiles;  // consumer warp 1
   long long empty_wait, issue, issued;                              // the producer
 };
 
@@ -393,11 +393,17 @@ __device__ inline void produce(const Op* ops, int n_ops, const Ring& g, const Sm
 // consumer thread at a time, asynchronously: readable after cp_async_wait_all() and a consumers' barrier.
 // Activations are read by every CTA, weights once: evict-last for these, evict-first for the weights.
 __device__ inline void stage_input_chunk(const Ring& g, const Op& op, int k0, int w, bf16* buf) {
-  const int per_row = w / 8, stride = g.input_stride();
+  // (a stage's per-thread cost, paid every stage: no integer division where the batch is 1 or a row's
+  // 16-byte pieces a power of two, the common k-chunks; the fields read once)
+  const int per_row = w / 8, stride = g.input_stride(), batch = g.batch, n = batch * per_row;
+  const bool pow2 = (per_row & (per_row - 1)) == 0;
+  const int shift = __ffs(per_row) - 1;
+  const bf16* x = op.x + k0;
+  const int64_t ldx = op.ldx;
   const uint64_t pol = evict_last();
-  for (int i = threadIdx.x - 32; i < g.batch * per_row; i += 32 * kConsumerWarps) {
-    const int b = i / per_row, c = (i - b * per_row) * 8;
-    cp_async16(buf + (size_t)b * stride + c, op.x + (size_t)b * op.ldx + k0 + c, pol);
+  for (int i = threadIdx.x - 32; i < n; i += 32 * kConsumerWarps) {
+    const int b = batch == 1 ? 0 : (pow2 ? i >> shift : i / per_row), c = (i - b * per_row) * 8;
+    cp_async16(buf + (size_t)b * stride + c, x + b * ldx + c, pol);
   }
 }
 
@@ -607,6 +613,7 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
           stage_input_chunk(g, op, nt.c0, min(g.k_chunk, nt.c1 - nt.c0), next);
         }
         buf ^= 1;
+        if (timer) clk->input_issue += clock64() - tc;  // issuing the next stage's chunk
       }
       if (timer) tc = clock64();
       if (g.test_wait)
