@@ -80,11 +80,13 @@ struct Ring {
   int stage_input = 0;
   int copy = kCopyRows;
   int test_wait = 0;  // probe-only: 1: consumers poll a full stage with mbarrier.test_wait (never suspended)
+  int input_cols = 0;  // stage_input 3 (probe-only, ranged): elements per staged row (widest range, padded)
   __host__ __device__ bool swizzled() const { return copy == kCopyTensor && batch > 4; }
   __host__ __device__ int box_k() const { return swizzled() ? 64 : (k_chunk < 256 ? k_chunk : 256); }
   __host__ __device__ int row_stride() const { return copy == kCopyTensor ? k_chunk * 2 : k_chunk * 2 + kRowPad; }
   __host__ __device__ int stage_bytes() const { return tile_rows * row_stride(); }
-  __host__ __device__ int input_stride() const { return k_chunk + kInputPad; }  // elements per staged input row
+  // elements per staged input row: a k-chunk (stage_input 1) or a CTA's whole column range of an op (3)
+  __host__ __device__ int input_stride() const { return stage_input == 3 ? input_cols : k_chunk + kInputPad; }
 };
 
 // The byte offset in a stage of columns [e, e + 8) of tile row r (e a multiple of 8): padded rows, or (COPY
@@ -579,7 +581,9 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
   const bool timer = PROF && threadIdx.x == 32;  // warp 1's lane 0 keeps the consumers' clock
   long long tc = 0;
   const bool mma = g.batch > 4, staged = g.stage_input == 1 && compute;
+  const bool ranged = g.stage_input == 3 && compute;  // the probe's input=ranged: one staging per column range
   const bf16* fixed = g.stage_input == 2 ? s.input : nullptr;  // the probe's input=fixed
+  int range0 = -1, range1 = -1;                               // ranged: the columns s.input holds
   const int t0 = op.cta_first[blockIdx.x], t1 = op.cta_first[blockIdx.x + 1];
   const size_t buf_elems = (size_t)g.batch * g.input_stride();
   float acc[2][MB] = {};
@@ -592,9 +596,18 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
   }
   for (int t = t0; t < t1; ++t) {
     const Tile tl = tile_at(op, g.tile_rows, t);
+    if (ranged && (tl.c0 != range0 || tl.c1 != range1)) {  // the tile's whole column range, once
+      if (timer) tc = clock64();
+      consumers_sync();  // every warp is done with the range before
+      stage_input_chunk(g, op, tl.c0, tl.c1 - tl.c0, s.input);
+      cp_async_wait_all();
+      consumers_sync();
+      range0 = tl.c0, range1 = tl.c1;
+      if (timer) clk->input_wait += clock64() - tc;
+    }
     for (int k0 = tl.c0; k0 < tl.c1; k0 += g.k_chunk) {
       const int w = min(g.k_chunk, tl.c1 - k0);
-      const bf16* x = fixed;
+      const bf16* x = ranged ? s.input + (k0 - tl.c0) : fixed;
       if (timer) tc = clock64();
       if (staged) {
         cp_async_wait_all();

@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
 
   int failures = 0;
   struct Config {
-    int batch, stages, consume, wait, staged;  // staged: 1 staged, 2 fixed (unchecked)
+    int batch, stages, consume, wait, staged;  // staged: 1 staged, 2 fixed (unchecked), 3 ranged
     int copy = kCopyRows;                           // RingCopy (stream_ring.cuh)
     int tile_rows = 0, k_chunk = 0;                 // 0: the plan's
     int prof = 0;                                   // 1: also a clocked run: where a stage's cycles go
@@ -277,6 +277,14 @@ int main(int argc, char** argv) {
     configs.push_back(c);
   }
   configs.push_back({8, 6, 1, 1, 1, kCopyRows, 32, 512});
+  // the input staged once per column range a CTA covers (input=ranged: one staging and two consumer barriers
+  // an op instead of one of each a stage), against the per-stage staging above and the unstaged ceiling
+  // (input=fixed); clocked at batch 1
+  for (int batch : {1, 4, 8}) {
+    Config c{batch, 0, 1, 1, 3, kCopyRows};
+    c.prof = batch == 1;
+    configs.push_back(c);
+  }
   for (int batch : {1, 4, 8, 16, 32}) {
     // the baseline of the kernels' ring (rows), alone and consuming with a wait before each matrix
     configs.push_back({batch, 0, 0, 0, 1});
@@ -313,6 +321,26 @@ int main(int argc, char** argv) {
     a.n_ops = n_ops;
     a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages, cf.staged,
                   cf.copy, cf.test_wait};
+    int64_t input_bytes = p.input_bytes;  // ranged: one buffer of the widest column range, rows padded as
+    if (cf.staged == 3) {                 // the per-stage chunks are (conflict-free mma B fragments)
+      int64_t widest = 0;
+      for (const OpPlan& op : p.ops)
+        for (int sp = 0; sp < op.split_k; ++sp) {
+          int64_t c0, c1;
+          latentrt_stream::split_cols(op.cols, op.split_k, sp, &c0, &c1);
+          widest = std::max(widest, c1 - c0);
+        }
+      a.ring.input_cols = (int)((widest + 63) / 64 * 64 + kInputPad);
+      input_bytes = (int64_t)cf.batch * a.ring.input_cols * 2;
+      const int64_t fixed_bytes = p.smem_bytes - p.input_bytes - (int64_t)p.stages * p.stage_bytes;
+      a.ring.stages = (int)std::min<int64_t>(a.ring.stages, (optin - fixed_bytes - input_bytes) / p.stage_bytes);
+      if (a.ring.stages < 2) {
+        std::printf("probe batch=%d input=ranged skipped: %lld B of input\n", cf.batch, (long long)input_bytes);
+        continue;
+      }
+    }
+    const int64_t smem_bytes = p.smem_bytes - p.input_bytes - (int64_t)(p.stages - a.ring.stages) * p.stage_bytes +
+                               input_bytes;
     a.consume = cf.consume;
     a.wait = cf.wait;
     a.counter = counter;
@@ -347,7 +375,7 @@ int main(int argc, char** argv) {
     a.clocks = clocks;
     const void* kernel = kernel_for(cf.batch, cf.copy, false);
     // tensor copies: the ring moves up to 1 KB to its 1024-byte alignment (stream_ring.cuh: smem_layout)
-    const int smem = (int)p.smem_bytes + (cf.copy == kCopyTensor ? 1024 : 0);
+    const int smem = (int)smem_bytes + (cf.copy == kCopyTensor ? 1024 : 0);
     if (smem > optin) {
       std::printf("probe batch=%d copy=tensor skipped: %d B of shared memory\n", cf.batch, smem);
       continue;
@@ -420,7 +448,7 @@ int main(int argc, char** argv) {
     std::printf(
         "probe batch=%d mode=%s input=%s stages=%d consume=%d wait=%d barriers=%d tile_rows=%d k_chunk=%d "
         "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s%s\n",
-        cf.batch, cf.batch > 4 ? "ring-mma" : "ring-fma", cf.staged == 2 ? "fixed" : "staged", a.ring.stages, cf.consume, cf.wait, barriers,
+        cf.batch, cf.batch > 4 ? "ring-mma" : "ring-fma", cf.staged == 2 ? "fixed" : (cf.staged == 3 ? "ranged" : "staged"), a.ring.stages, cf.consume, cf.wait, barriers,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst,
         checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked",
         cf.copy == kCopyTensor ? (a.ring.swizzled() ? " copy=tensor swizzle=128B" : " copy=tensor")
