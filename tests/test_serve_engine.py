@@ -834,6 +834,74 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
 
 
+def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch):
+    """The decode rows' captured pass runs every resident prompt group whole beside them (members out of
+    their loop masked), one graph per set of resident groups: captured at its first call, replayed while the
+    set stands, restored when it comes back (the empty set), dropped with its groups. A graph here is
+    simulated faithfully to CUDA's: its replay recomputes the pass from the runner's static inputs into the
+    outputs fixed at capture; so a replay of another set's graph, or inputs not refreshed, would change
+    tokens, and every request must still equal generate() alone."""
+    from latentrt.backends.graph import GraphedRunner
+
+    model, engine = _engine_on_triton(max_batch=4)
+    runner = engine.program.decode_core
+    captured, replays = [], [0]
+
+    class OnCuda:  # the model, as the runner sees it: on a CUDA device
+        device = torch.device("cuda")
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    class Graph:
+        def __init__(self, key):
+            self.key = key
+
+        def replay(self):
+            assert runner._key == self.key  # the set's own graph
+            replays[0] += 1
+            for static, new in zip(runner._outputs, runner.run()):
+                static.copy_(new)
+
+    def first_call(self):
+        self._first = self.run()
+        return self._first
+
+    def capture(self):
+        captured.append(self._key)
+        self._outputs = tuple(torch.full_like(o, float("nan")) for o in self._first)  # replays fill them
+        self._graphs, self._markers = [Graph(self._key)], []
+        self._graph = self._graphs[0]
+
+    runner.model = OnCuda()
+    monkeypatch.setattr(type(runner), "_run_on_capture_stream", first_call)
+    monkeypatch.setattr(type(runner), "_capture", capture)
+    requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:6]
+    requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in requests]
+    # admitted together, one group: the first's loop ends at its r_max (2) while the group runs on to 7, its
+    # entries then masked (its loop still active: only the group's members mask says it left; in shared KV
+    # mode an iteration it did not run would overwrite its one slot)
+    fixed = dict(max_new_tokens=3, kv_sharing="shared", init_scale=0.0)
+    requests = [([5, 6, 7, 8, 9], dict(fixed, num_steps=2)), ([9, 8, 7], dict(fixed, num_steps=7))] + requests
+    served = [engine.submit(p, top_logprobs=0, **kw) for p, kw in requests]  # log-probs: K/V changes show
+    with torch.no_grad():
+        engine.run_until_idle()
+    keys = set(captured)
+    assert () in keys and len(keys) >= 3 and len(captured) == len(keys), captured  # each set captured once
+    assert replays[0] > len(captured) and runner._key == () and runner._graph is not None
+    assert not runner._captured and not runner._views  # every group ended: its graphs and views dropped
+    V = model.config.vocab_size
+    for req, (p, kw) in zip(served, requests):
+        alone = latentrt.generate(model, p, return_logits=True, **kw)
+        assert req.error is None, req.error
+        assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+        lp = alone.logits[:, :V].float().log_softmax(-1)
+        assert [e.logprob for e in req.logprobs] == pytest.approx(
+            [lp[i, t].item() for i, t in enumerate(req.tokens)], abs=1e-5
+        )
+    assert GraphedRunner._graph is None  # (the class default untouched)
+
+
 def test_latency_samples_are_bounded(monkeypatch):
     """A server runs for days: the engine keeps the latest LATENCY_SAMPLES first-token and inter-token
     latencies (lists of every one grew with every token served), and the served requests' are recorded."""

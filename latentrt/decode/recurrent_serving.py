@@ -53,6 +53,7 @@ class _PromptGroup:
     rows: list[int]
     lengths: list[int]
     live: list[int]
+    serial: int = 0  # the program's count of groups begun when it began (the graphed pass's key, never reused)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _Part:
     build: Callable[[], object]  # -> the pool chunk of the rows' positions
     e: Tensor | None
     last: list[int]
+    group: _PromptGroup | None = None  # a prompt group's members (None: one-position units)
     _chunk: object = None
 
     @property
@@ -123,6 +125,7 @@ class RecurrentServing(ServingProgram):
         self.decode_head = DecodeHeadRunner(self.decode_core) if graphed else None
         self.decode_prelude = DecodePreludeRunner(self.decode_core) if graphed else None
         self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
+        self._serial = 0  # prompt groups begun
 
     # ---------------------------------------------------------------- units begin
     def admit(self, request) -> None:
@@ -192,7 +195,8 @@ class RecurrentServing(ServingProgram):
             s0[i, :m] = self._initial_state(self.requests[r], e[i : i + 1, :m])[0]
         specs = [self.requests[r].request.decoder.prefill_spec for r in rows]
         _start_by_spec(loop, list(range(len(rows))), specs, s0)
-        self.groups.append(_PromptGroup(loop, e, chunk, rows, lengths, list(range(len(rows)))))
+        self._serial += 1
+        self.groups.append(_PromptGroup(loop, e, chunk, rows, lengths, list(range(len(rows))), self._serial))
 
     def _place(self, rows: list[int], chunk) -> None:
         """Rows' timeline entries (host) and positions (device) of their units' one position."""
@@ -245,16 +249,21 @@ class RecurrentServing(ServingProgram):
         rows = Rows.all(len(group.rows)) if whole else Rows(members, 0, self.model.device)
         chunk = group.chunk.subset(rows.list)
         chunk.iterations = to_device([group.loop.t[i] for i in rows.list], self.model.device)
-        return _Part(group.loop, rows, lambda: chunk, group.e[rows.index], [group.lengths[i] - 1 for i in rows.list])
+        last = [group.lengths[i] - 1 for i in rows.list]
+        return _Part(group.loop, rows, lambda: chunk, group.e[rows.index], last, group)
 
     def _iterate(self, parts: list[_Part]) -> Tensor:
         """One core iteration of every part's rows, each at its own depth, as one pass (``Packed``: the
         linears once over every part's tokens, attention per part), then the checks due. Returns whether each
         row is still in its loop."""
         model, pool = self.model, self.pool
-        if self.decode_core is not None and len(parts) == 1 and parts[0].loop is self.loop:
-            self.decode_core.prepare(parts[0].rows.list)  # decode rows only: the captured pass
-            new = [self.decode_core()[parts[0].rows.index]]
+        if self.decode_core is not None:  # the captured pass: every pool row, each resident group whole
+            groups = [p.group for p in parts if p.group is not None]
+            decode = [p.rows.list for p in parts if p.group is None]
+            self.decode_core.prepare(decode[0] if decode else [], groups)
+            out = self.decode_core()
+            at = {g.serial: i + 1 for i, g in enumerate(groups)}
+            new = [out[0 if p.group is None else at[p.group.serial]][p.rows.index] for p in parts]
             self.count_pass(graph=True)
         else:
             actives = [p.loop.active[p.rows.index] for p in parts]

@@ -8,13 +8,21 @@ their outputs are dropped), and what changes between steps lives in device tenso
 prelude outputs, positions and loop flags (the program's own per-row tensors, updated in place) and their
 timeline entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the
 whole pass (``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling
-only; elsewhere (the interpreter tests) it runs eagerly, the same code. The head pass of decode rows (coda
+only; elsewhere (the interpreter tests) it runs eagerly, the same code. Prompt groups in their loops join that
+pass whole: every member of each resident group at the group's fixed chunk, members out of their loop
+masked (no K/V, no timeline mark, outputs dropped) like idle pool rows, each group's iterations and members
+in the runner's own device tensors. The pass's launches then depend only on which groups are resident, so
+one graph per set of resident groups (``key``), captured at its first call and replayed while the set stands
+(a group lives for its prompt's loop, several steps; on 2026-12-04 an eager pass with a prompt group cost a
+serving step at Huginn-0125's shape most of its host time). The head pass of decode rows (coda
 -> lm_head, for logit criteria every check and for sampling) is the same: every pool row's logits, the
 coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the prelude of the tokens that
 begin their units (``DecodePreludeRunner``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -29,9 +37,15 @@ class DecodeCoreRunner(GraphedRunner):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
     at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
 
+    MAX_GRAPHS = 4  # captured key sets kept (each holds its pass's activations)
+
     def __init__(self, program) -> None:
         self.program, self.model = program, program.model
         rows, dev = program.pool.rows, program.model.device
+        self.groups: list = []  # the prompt groups this pass runs beside the decode rows, in order (the key)
+        self._views: dict[int, tuple] = {}  # group serial -> (its chunk with our iterations, iterations, members)
+        self._key: tuple = ()
+        self._captured: dict[tuple, tuple] = {}  # other keys' captured graphs, most recent last
         self.entry = torch.zeros(rows, dtype=torch.long, device=dev)
         self.iterations = torch.zeros(rows, dtype=torch.long, device=dev)
         self.launched = torch.zeros(rows, dtype=torch.bool, device=dev)
@@ -48,8 +62,9 @@ class DecodeCoreRunner(GraphedRunner):
             self.iterations,
         )
 
-    def prepare(self, rows: list[int]) -> None:
-        """This step's launched rows, and every row's entry and iteration (asynchronous copies)."""
+    def prepare(self, rows: list[int], groups: list = ()) -> None:
+        """This step's launched rows and resident prompt groups (``_PromptGroup``), every row's entry and
+        iteration, each group's iterations and members in their loop (asynchronous copies)."""
         p = self.program
         dev = p.model.device
         launched = [False] * p.pool.rows
@@ -58,6 +73,37 @@ class DecodeCoreRunner(GraphedRunner):
         self.launched.copy_(to_device(launched, dev, torch.bool))
         self.copy_entries()
         self.iterations.copy_(to_device(p.loop.t, dev))
+        self._use(list(groups))
+        for g in self.groups:
+            _, iterations, members = self._views[g.serial]
+            iterations.copy_(to_device(g.loop.t, dev))
+            members.copy_(to_device([i in g.live for i in range(len(g.rows))], dev, torch.bool))
+
+    def _use(self, groups: list) -> None:
+        """Run beside ``groups`` from now on: the captured graphs of that set if it was captured, else none
+        (the next call captures it); views of new groups made, those of ended groups and their graphs
+        dropped."""
+        key = tuple(g.serial for g in groups)
+        if key == self._key:
+            return
+        if self._graph is not None:
+            self._captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs)
+        self._graph, self._graphs, self._markers, self._outputs = self._captured.pop(key, (None, [], [], None))
+        self._key, self.groups = key, groups
+        dev = self.program.model.device
+        for g in groups:
+            if g.serial not in self._views:
+                rows = len(g.rows)
+                iterations = torch.zeros(rows, dtype=torch.long, device=dev)
+                members = torch.zeros(rows, dtype=torch.bool, device=dev)
+                self._views[g.serial] = (dataclasses.replace(g.chunk, iterations=iterations), iterations, members)
+        resident = {g.serial for g in self.program.groups} | set(key)
+        for serial in [s for s in self._views if s not in resident]:
+            del self._views[serial]
+        for k in [k for k in self._captured if not set(k) <= resident]:
+            del self._captured[k]
+        while len(self._captured) >= self.MAX_GRAPHS:
+            del self._captured[next(iter(self._captured))]
 
     def copy_entries(self) -> None:
         """Every row's entry to the device, when a unit began since the last copy (the three passes of a
@@ -67,14 +113,24 @@ class DecodeCoreRunner(GraphedRunner):
             self.entry.copy_(to_device(p.entry, p.model.device))
             p.entries_changed = False
 
-    def run(self) -> Tensor:
+    def run(self) -> tuple[Tensor, ...]:
+        """New states: the pool rows' [rows, 1, d], then each group's [members, n, d]."""
         p, pool = self.program, self.program.pool
-        active = p.loop.active & self.launched
-        pool.mark_iteration(self.chunk, None, active)
-        packed = Packed([self.chunk], [active])
-        s, e = packed.pack([p.loop.s]), packed.pack([p.e])
-        new = self.model.core_iteration(s, e, pool, packed, None, None, p._rope(packed))
-        return packed.unpack(new)[0]
+        chunks, actives = [self.chunk], [p.loop.active & self.launched]
+        states, inputs = [p.loop.s], [p.e]
+        for g in self.groups:
+            chunk, _, members = self._views[g.serial]
+            chunks.append(chunk)
+            actives.append(g.loop.active & members)
+            states.append(g.loop.s)
+            inputs.append(g.e)
+        for chunk, active in zip(chunks, actives):
+            pool.mark_iteration(chunk, None, active)
+        packed = Packed(chunks, actives)
+        new = self.model.core_iteration(
+            packed.pack(states), packed.pack(inputs), pool, packed, None, None, p._rope(packed)
+        )
+        return tuple(packed.unpack(new))
 
 
 class DecodeHeadRunner(GraphedRunner):
