@@ -835,16 +835,17 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
 
 
 def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch):
-    """The decode rows' captured pass runs every resident prompt group whole beside them (members out of
-    their loop masked), one graph per set of resident groups: captured at its first call, replayed while the
-    set stands, restored when it comes back (the empty set), dropped with its groups. A graph here is
+    """The decode rows' captured core and head passes run every resident prompt group whole beside them
+    (members out of their loop masked), one graph per set of resident groups: captured at its first call,
+    replayed while the set stands, restored when it comes back (the empty set), dropped with its groups. A
+    graph here is
     simulated faithfully to CUDA's: its replay recomputes the pass from the runner's static inputs into the
     outputs fixed at capture; so a replay of another set's graph, or inputs not refreshed, would change
-    tokens, and every request must still equal generate() alone."""
+    tokens or log-probs, and every request must still equal generate() alone."""
     from latentrt.backends.graph import GraphedRunner
 
     model, engine = _engine_on_triton(max_batch=4)
-    runner = engine.program.decode_core
+    runner, head = engine.program.decode_core, engine.program.decode_head
     captured, replays = [], [0]
 
     class OnCuda:  # the model, as the runner sees it: on a CUDA device
@@ -854,13 +855,13 @@ def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch
             return getattr(model, name)
 
     class Graph:
-        def __init__(self, key):
-            self.key = key
+        def __init__(self, owner):
+            self.owner, self.key = owner, owner._key
 
         def replay(self):
-            assert runner._key == self.key  # the set's own graph
+            assert self.owner._key == self.key  # the set's own graph
             replays[0] += 1
-            for static, new in zip(runner._outputs, runner.run()):
+            for static, new in zip(self.owner._outputs, self.owner.run()):
                 static.copy_(new)
 
     def first_call(self):
@@ -868,14 +869,15 @@ def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch
         return self._first
 
     def capture(self):
-        captured.append(self._key)
+        captured.append((type(self).__name__, self._key))
         self._outputs = tuple(torch.full_like(o, float("nan")) for o in self._first)  # replays fill them
-        self._graphs, self._markers = [Graph(self._key)], []
+        self._graphs, self._markers = [Graph(self)], []
         self._graph = self._graphs[0]
 
-    runner.model = OnCuda()
-    monkeypatch.setattr(type(runner), "_run_on_capture_stream", first_call)
-    monkeypatch.setattr(type(runner), "_capture", capture)
+    for r in (runner, head):
+        r.model = OnCuda()
+        monkeypatch.setattr(type(r), "_run_on_capture_stream", first_call)
+        monkeypatch.setattr(type(r), "_capture", capture)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:6]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in requests]
     # admitted together, one group: the first's loop ends at its r_max (2) while the group runs on to 7, its
@@ -887,9 +889,13 @@ def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch
     with torch.no_grad():
         engine.run_until_idle()
     keys = set(captured)
-    assert () in keys and len(keys) >= 3 and len(captured) == len(keys), captured  # each set captured once
-    assert replays[0] > len(captured) and runner._key == () and runner._graph is not None
-    assert not runner._captured and not runner._views  # every group ended: its graphs and views dropped
+    assert len(captured) == len(keys), captured  # each set captured once
+    for name in ("DecodeCoreRunner", "DecodeHeadRunner"):
+        assert (name, ()) in keys and sum(k[0] == name and k[1] != () for k in keys) >= 2, captured
+    assert replays[0] > len(captured)
+    for r in (runner, head):
+        assert r._key == () and r._graph is not None and not r._captured  # every group ended: graphs dropped
+    assert not runner._views and not head._writes
     V = model.config.vocab_size
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, return_logits=True, **kw)

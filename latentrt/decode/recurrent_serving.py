@@ -314,7 +314,9 @@ class RecurrentServing(ServingProgram):
             return part
         at = {r: i for i, r in enumerate(part.rows.list)}
         members = [at[r] for r in rows.list]
-        return _Part(part.loop, rows, lambda: part.chunk.subset(members), None, [part.last[i] for i in members])
+        return _Part(
+            part.loop, rows, lambda: part.chunk.subset(members), None, [part.last[i] for i in members], part.group
+        )
 
     def _valid(self, part: _Part, rows: Rows) -> Tensor:
         """Which positions of ``rows`` (a part's) are real: every one of a one-position unit (without building
@@ -327,12 +329,14 @@ class RecurrentServing(ServingProgram):
         """Next-token logits [R, V] of each part's rows (at its rows' last real positions), in one pass
         (``Packed``); the coda's K/V written for ``active``."""
         model = self.model
-        if self.decode_head is not None and len(parts) == 1 and parts[0].loop is self.loop:
-            rows = parts[0].rows.index  # decode rows only: the captured head of every pool row
-            self.decode_head.prepare(rows, active[0])
-            logits = self.decode_head()
+        if self.decode_head is not None:  # the captured head of every pool row and each group's members
+            decode = [(p.rows.index, a) for p, a in zip(parts, active) if p.group is None]
+            groups = [(p.group, p.rows.index, a) for p, a in zip(parts, active) if p.group is not None]
+            self.decode_head.prepare(*(decode[0] if decode else (None, None)), groups)
+            out = self.decode_head()
+            at = {g.serial: i + 1 for i, (g, _, _) in enumerate(groups)}
             self.count_pass(self.head_cost, graph=True)
-            return [logits[rows]]
+            return [out[0 if p.group is None else at[p.group.serial]][p.rows.index] for p in parts]
         packed = Packed([p.chunk for p in parts], active)
         s = packed.pack([p.loop.s[p.rows.index] for p in parts])
         at = [a + i * p.chunk.n + last for a, p in zip(packed.offsets, parts) for i, last in enumerate(p.last)]

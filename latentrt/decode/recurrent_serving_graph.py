@@ -33,19 +33,40 @@ from ..models.layers import Packed
 from ..transfer import fill_rows, to_device
 
 
-class DecodeCoreRunner(GraphedRunner):
+class _PerGroupSet(GraphedRunner):
+    """A runner whose launches depend on which prompt groups are resident: the captured graphs of each set
+    (``key``: the groups' serials) kept while its groups live (the empty set's always, at most MAX_GRAPHS
+    others, most recent last)."""
+
+    MAX_GRAPHS = 4  # captured key sets kept besides the current (each holds its pass's activations)
+    _key: tuple = ()
+
+    def _select(self, key: tuple, resident: set) -> bool:
+        """Switch to ``key``'s graphs (none yet: the next call captures them); drop those of sets with a
+        group no longer ``resident``. Returns whether the key changed."""
+        if key == self._key:
+            return False
+        captured = self.__dict__.setdefault("_captured", {})
+        if self._graph is not None:
+            captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs)
+        self._graph, self._graphs, self._markers, self._outputs = captured.pop(key, (None, [], [], None))
+        self._key = key
+        for k in [k for k in captured if not set(k) <= resident]:
+            del captured[k]
+        while len(captured) > self.MAX_GRAPHS:
+            del captured[next(iter(k for k in captured if k))]
+        return True
+
+
+class DecodeCoreRunner(_PerGroupSet):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
     at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
-
-    MAX_GRAPHS = 4  # captured key sets kept (each holds its pass's activations)
 
     def __init__(self, program) -> None:
         self.program, self.model = program, program.model
         rows, dev = program.pool.rows, program.model.device
         self.groups: list = []  # the prompt groups this pass runs beside the decode rows, in order (the key)
         self._views: dict[int, tuple] = {}  # group serial -> (its chunk with our iterations, iterations, members)
-        self._key: tuple = ()
-        self._captured: dict[tuple, tuple] = {}  # other keys' captured graphs, most recent last
         self.entry = torch.zeros(rows, dtype=torch.long, device=dev)
         self.iterations = torch.zeros(rows, dtype=torch.long, device=dev)
         self.launched = torch.zeros(rows, dtype=torch.bool, device=dev)
@@ -80,16 +101,12 @@ class DecodeCoreRunner(GraphedRunner):
             members.copy_(to_device([i in g.live for i in range(len(g.rows))], dev, torch.bool))
 
     def _use(self, groups: list) -> None:
-        """Run beside ``groups`` from now on: the captured graphs of that set if it was captured, else none
-        (the next call captures it); views of new groups made, those of ended groups and their graphs
-        dropped."""
-        key = tuple(g.serial for g in groups)
-        if key == self._key:
+        """Run beside ``groups`` from now on (their set's graphs, ``_select``): views of new groups made,
+        those of ended groups dropped."""
+        resident = {g.serial for g in self.program.groups} | {g.serial for g in groups}
+        if not self._select(tuple(g.serial for g in groups), resident):
             return
-        if self._graph is not None:
-            self._captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs)
-        self._graph, self._graphs, self._markers, self._outputs = self._captured.pop(key, (None, [], [], None))
-        self._key, self.groups = key, groups
+        self.groups = groups
         dev = self.program.model.device
         for g in groups:
             if g.serial not in self._views:
@@ -97,13 +114,8 @@ class DecodeCoreRunner(GraphedRunner):
                 iterations = torch.zeros(rows, dtype=torch.long, device=dev)
                 members = torch.zeros(rows, dtype=torch.bool, device=dev)
                 self._views[g.serial] = (dataclasses.replace(g.chunk, iterations=iterations), iterations, members)
-        resident = {g.serial for g in self.program.groups} | set(key)
         for serial in [s for s in self._views if s not in resident]:
             del self._views[serial]
-        for k in [k for k in self._captured if not set(k) <= resident]:
-            del self._captured[k]
-        while len(self._captured) >= self.MAX_GRAPHS:
-            del self._captured[next(iter(self._captured))]
 
     def copy_entries(self) -> None:
         """Every row's entry to the device, when a unit began since the last copy (the three passes of a
@@ -133,26 +145,60 @@ class DecodeCoreRunner(GraphedRunner):
         return tuple(packed.unpack(new))
 
 
-class DecodeHeadRunner(GraphedRunner):
-    """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit, the coda's K/V written for
-    the rows ``prepare`` names (at their entries: the core runner's static chunk). Returns logits [rows, V]
-    (fp32); the caller keeps the rows it asked for."""
+class DecodeHeadRunner(_PerGroupSet):
+    """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit and of every member of the
+    prompt groups given (at each member's last real position; a group whole, at the core runner's view of
+    it), the coda's K/V written for the rows and members ``prepare`` names. Returns logits (fp32): [rows, V],
+    then [members, V] per group; the caller keeps the rows it asked for. One graph per set of groups, as the
+    core runner."""
 
     def __init__(self, core: DecodeCoreRunner) -> None:
         self.core, self.program, self.model = core, core.program, core.model
         self.write = torch.zeros(core.program.pool.rows, dtype=torch.bool, device=core.program.model.device)
+        self.groups: list = []
+        self._writes: dict[int, Tensor] = {}  # group serial -> which members' coda K/V are written
+        self._at = core.chunk.rows  # each row's (then member's) logits position in the packed sequence
 
-    def prepare(self, rows: Tensor, write: Tensor) -> None:
-        """``rows`` (a device index) whose K/V are written where ``write`` (aligned with ``rows``)."""
+    def prepare(self, rows: Tensor | None, write: Tensor | None, groups: list = ()) -> None:
+        """``rows`` (a device index, or None) whose K/V are written where ``write`` (aligned with ``rows``);
+        ``groups``: (group, members' device index, write) likewise."""
         self.core.copy_entries()
         self.write.zero_()
-        self.write[rows] = write
+        if rows is not None:
+            self.write[rows] = write
+        self._use([g for g, _, _ in groups])
+        for g, members, w in groups:
+            mask = self._writes[g.serial]
+            mask.zero_()
+            mask[members] = w
 
-    def run(self) -> Tensor:
-        p, chunk = self.program, self.core.chunk
-        packed = Packed([chunk], [self.write])
-        at = chunk.rows  # token i of the packed sequence is pool row i's
-        return self.model.head(packed.pack([p.loop.s]), p.pool, packed, None, p._rope(packed), at=at)[:, -1]
+    def _use(self, groups: list) -> None:
+        resident = {g.serial for g in self.program.groups} | {g.serial for g in groups}
+        if not self._select(tuple(g.serial for g in groups), resident):
+            return
+        self.groups = groups
+        dev = self.program.model.device
+        rows = self.program.pool.rows
+        at, offset = list(range(rows)), rows  # token i of the packed sequence is pool row i's, then the groups'
+        for g in groups:
+            self._writes.setdefault(g.serial, torch.zeros(len(g.rows), dtype=torch.bool, device=dev))
+            n = g.chunk.n
+            at += [offset + i * n + length - 1 for i, length in enumerate(g.lengths)]
+            offset += len(g.rows) * n
+        self._at = to_device(at, dev)
+        for serial in [s for s in self._writes if s not in resident]:
+            del self._writes[serial]
+
+    def run(self) -> tuple[Tensor, ...]:
+        p = self.program
+        chunks, writes, states = [self.core.chunk], [self.write], [p.loop.s]
+        for g in self.groups:
+            chunks.append(self.core._views[g.serial][0])
+            writes.append(self._writes[g.serial])
+            states.append(g.loop.s)
+        packed = Packed(chunks, writes)
+        logits = self.model.head(packed.pack(states), p.pool, packed, None, p._rope(packed), at=self._at)[:, -1]
+        return tuple(logits.split([len(c.starts) for c in chunks]))
 
 
 class DecodePreludeRunner(GraphedRunner):
