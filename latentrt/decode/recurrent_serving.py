@@ -247,10 +247,15 @@ class RecurrentServing(ServingProgram):
     def _group_part(self, group: _PromptGroup, members: list[int]) -> _Part:
         whole = len(members) == len(group.rows)
         rows = Rows.all(len(group.rows)) if whole else Rows(members, 0, self.model.device)
-        chunk = group.chunk.subset(rows.list)
-        chunk.iterations = to_device([group.loop.t[i] for i in rows.list], self.model.device)
+        iterations = [group.loop.t[i] for i in rows.list]  # as they are now (see _decode_part)
+
+        def build():  # (the captured passes need it only for checks and ended prompts)
+            chunk = group.chunk.subset(rows.list)
+            chunk.iterations = to_device(iterations, self.model.device)
+            return chunk
+
         last = [group.lengths[i] - 1 for i in rows.list]
-        return _Part(group.loop, rows, lambda: chunk, group.e[rows.index], last, group)
+        return _Part(group.loop, rows, build, group.e[rows.index], last, group)
 
     def _iterate(self, parts: list[_Part]) -> Tensor:
         """One core iteration of every part's rows, each at its own depth, as one pass (``Packed``: the
