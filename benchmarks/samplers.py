@@ -103,7 +103,10 @@ def run_set(model, records, kws: dict[str, dict], num_steps: int, max_new: int) 
             a["iters"] += it
 
     def decode_rate(a: dict) -> float:
-        return (a["tokens"] - firsts) / max(a["seconds"] - prefill, 1e-9)
+        """Tokens after the first per second after the prefill; NaN where the run took no longer than the
+        prefill timed apart (a loaded machine: the two timings cannot be told apart, 2026-12-04)."""
+        decode = a["seconds"] - prefill
+        return (a["tokens"] - firsts) / decode if decode > 0 else float("nan")
 
     rows = []
     for name, a in acc.items():

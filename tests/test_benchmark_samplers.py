@@ -22,7 +22,8 @@ def test_accuracy_and_speed_table(tmp_path, capsys):
     assert set(runs) == {"sequential", "speculative", "wavefront"}
     assert runs["sequential"]["tokens_per_pass"] == 1.0 and runs["sequential"]["vs_sequential"] == 1.0
     assert runs["sequential"]["decode_vs_sequential"] == 1.0
-    assert all(0 < r["prefill_share"] < 1 for r in runs.values())
+    # timings are reported, not asserted (a loaded machine once timed the prefill apart longer than a run)
+    assert all(r["prefill_share"] > 0 for r in runs.values())
     for r in runs.values():
         assert r["n"] == 3 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["tokens"] > 0
     assert "| wavefront |" in capsys.readouterr().out
