@@ -35,17 +35,19 @@ from ..transfer import fill_rows, to_device
 
 class _PerGroupSet(GraphedRunner):
     """A runner whose launches depend on which prompt groups are resident: the captured graphs of each set
-    (``key``: the groups' serials) kept while its groups live (the empty set's always, at most MAX_GRAPHS
-    others, most recent last)."""
+    (``key``: the groups' serials) kept while its groups live, at most MAX_GRAPHS sets besides the current
+    one (the oldest dropped first; the empty set's never)."""
 
-    MAX_GRAPHS = 4  # captured key sets kept besides the current (each holds its pass's activations)
+    MAX_GRAPHS = 4  # (each set's graphs hold its pass's activations)
     _key: tuple = ()
 
-    def _select(self, key: tuple, resident: set) -> bool:
-        """Switch to ``key``'s graphs (none yet: the next call captures them); drop those of sets with a
-        group no longer ``resident``. Returns whether the key changed."""
+    def _select(self, groups: list) -> set | None:
+        """Switch to the graphs of ``groups``' set (none yet: the next call captures them); drop those of sets
+        with a group no longer resident. Returns the resident groups' serials if the set changed, else None."""
+        key = tuple(g.serial for g in groups)
         if key == self._key:
-            return False
+            return None
+        resident = {g.serial for g in self.program.groups} | set(key)
         captured = self.__dict__.setdefault("_captured", {})
         if self._graph is not None:
             captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs)
@@ -55,7 +57,8 @@ class _PerGroupSet(GraphedRunner):
             del captured[k]
         while len(captured) > self.MAX_GRAPHS:
             del captured[next(iter(k for k in captured if k))]
-        return True
+        self.groups = groups
+        return resident
 
 
 class DecodeCoreRunner(_PerGroupSet):
@@ -103,10 +106,9 @@ class DecodeCoreRunner(_PerGroupSet):
     def _use(self, groups: list) -> None:
         """Run beside ``groups`` from now on (their set's graphs, ``_select``): views of new groups made,
         those of ended groups dropped."""
-        resident = {g.serial for g in self.program.groups} | {g.serial for g in groups}
-        if not self._select(tuple(g.serial for g in groups), resident):
+        resident = self._select(groups)
+        if resident is None:
             return
-        self.groups = groups
         dev = self.program.model.device
         for g in groups:
             if g.serial not in self._views:
@@ -173,10 +175,9 @@ class DecodeHeadRunner(_PerGroupSet):
             mask[members] = w
 
     def _use(self, groups: list) -> None:
-        resident = {g.serial for g in self.program.groups} | {g.serial for g in groups}
-        if not self._select(tuple(g.serial for g in groups), resident):
+        resident = self._select(groups)
+        if resident is None:
             return
-        self.groups = groups
         dev = self.program.model.device
         rows = self.program.pool.rows
         at, offset = list(range(rows)), rows  # token i of the packed sequence is pool row i's, then the groups'
