@@ -60,7 +60,7 @@ class RaggedChunk:
     end: int  # keys cover timeline [0, end): the longest row's end
     q_idx: Tensor  # [R, n] the entries' timeline indices (the trash entry for padding)
     positions: Tensor  # [R, n] model positions (RoPE / wpe)
-    mask: Tensor  # [R, 1, n, end] bool: which keys each query attends to
+    mask: Tensor | None  # [R, 1, n, end] bool: which keys each query attends to (None: not built)
     valid: Tensor  # [R, n] bool: real queries
     iterations: Tensor | None = None  # [R] the core iteration each row runs (set per iteration)
 
@@ -81,7 +81,7 @@ class RaggedChunk:
             self.end,
             self.q_idx[ix],
             self.positions[ix],
-            self.mask[ix],
+            None if self.mask is None else self.mask[ix],
             self.valid[ix],
         )
         if self.iterations is not None:
@@ -226,9 +226,10 @@ class KVPool:
         self.free_rows = sorted(self.free_rows + [row])
 
     # ---------------------------------------------------------------- timelines
-    def begin(self, rows: list[int], n: int, lengths: list[int] | None = None) -> RaggedChunk:
+    def begin(self, rows: list[int], n: int, lengths: list[int] | None = None, mask: bool = True) -> RaggedChunk:
         """Reserve the next entries of each row and describe them: ``n`` each, or with ``lengths`` row
-        ``rows[i]``'s next ``lengths[i]``, padded to ``n`` queries."""
+        ``rows[i]``'s next ``lengths[i]``, padded to ``n`` queries. ``mask`` false: the chunk has no attention
+        mask (None; for a caller whose attention reads the pool itself: its cost is a gather of the rows)."""
         lengths = [n] * len(rows) if lengths is None else list(lengths)
         starts = [self.lengths[r] for r in rows]
         for r, s, m in zip(rows, starts, lengths):
@@ -245,7 +246,7 @@ class KVPool:
         self.written[idx[:, None], q_idx] = self._zero
         positions = torch.where(real, self.n_valid[idx][:, None] + steps, 0)
         self.n_valid[idx] += length
-        return self._chunk(idx, starts, lengths, q_idx, positions, real)
+        return self._chunk(idx, starts, lengths, q_idx, positions, real, mask)
 
     def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
         """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model
@@ -255,12 +256,16 @@ class KVPool:
         real = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
         return self._chunk(idx, starts, [1] * len(rows), q_idx, positions[:, None], real)
 
-    def _chunk(self, idx, starts, lengths, q_idx: Tensor, positions: Tensor, valid: Tensor) -> RaggedChunk:
+    def _chunk(
+        self, idx, starts, lengths, q_idx: Tensor, positions: Tensor, valid: Tensor, mask: bool = True
+    ) -> RaggedChunk:
         end = max(s + m for s, m in zip(starts, lengths))
-        k_idx = torch.arange(end, device=self.device)
-        causal = k_idx[None, None, :] <= q_idx[:, :, None]  # [R, n, end] (padding: every earlier key)
-        mask = self.valid[idx, :end][:, None, :] & causal
-        return RaggedChunk(idx, starts, lengths, q_idx.shape[1], end, q_idx, positions, mask[:, None], valid)
+        attend = None
+        if mask:
+            k_idx = torch.arange(end, device=self.device)
+            causal = k_idx[None, None, :] <= q_idx[:, :, None]  # [R, n, end] (padding: every earlier key)
+            attend = (self.valid[idx, :end][:, None, :] & causal)[:, None]
+        return RaggedChunk(idx, starts, lengths, q_idx.shape[1], end, q_idx, positions, attend, valid)
 
     # ---------------------------------------------------------------- the cache interface of the models
     def _write(self, buf: Tensor, rows: Tensor, new: Tensor, chunk: RaggedChunk, active: Tensor | None) -> None:

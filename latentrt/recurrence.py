@@ -160,6 +160,16 @@ class LatentLoop:
         act = self.active[ix]
         self.s[ix] = torch.where(act[self._expand], new, self.s[ix])
         self.used[ix] += act.long()
+        self.count(rows)
+
+    def take(self, new: Tensor, ran: Tensor) -> None:
+        """Rule 2's device half over every row, by a mask (no index, no host value: capturable): the rows
+        where ``ran`` (active ones the pass ran) take ``new`` [rows, ...]; ``count`` is the host half."""
+        self.s.copy_(torch.where(ran[self._expand], new, self.s))
+        self.used.add_(ran.long())
+
+    def count(self, rows: Rows) -> None:
+        """Rule 2's host half: ``rows`` ran one more iteration."""
         for r in rows.list:
             self.t[r] += 1
 
@@ -179,31 +189,35 @@ class LatentLoop:
         """Rules 3-4 for ``rows`` (checking, one kind: all or none need ``logits``): each criterion compares
         with the state or logits of its previous check; rows whose criterion is met exit (freeze). ``valid``
         [len(rows), n] marks the units' real positions. Returns the exit mask of ``rows``."""
-        exits = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
         groups: dict[ExitCriterion, list[int]] = {}
         for i, r in enumerate(rows.list):
             groups.setdefault(self.specs[r].criterion, []).append(i)
+        ix = rows.index
+        now, active = self.s[ix], self.active[ix]
+        # (one criterion, the usual case: its mask is the rows' own, no gather and scatter of the rows)
+        exits = None if len(groups) == 1 else torch.zeros(len(rows), dtype=torch.bool, device=self.device)
         for crit, members in groups.items():
             whole = len(members) == len(rows)
             sub = rows if whole else Rows([rows.list[i] for i in members], 0, self.device)
             at = slice(None) if whole else to_device(members, self.device)
-            ix = sub.index
-            prev, new = self.reference[ix], self.s[ix]
+            prev, new = self.reference[sub.index], now[at]
             if prev.dim() == 2:  # one position per row: [R, d] -> [R, 1, d]
                 prev, new = prev[:, None], new[:, None]
-            state = _take(self._criterion_state(crit), ix)
+            state = _take(self._criterion_state(crit), sub.index)
             met, state = crit.update(state, prev, new, None if logits is None else logits[at], valid[at], self.ops)
-            _put(self.criterion_state[crit], ix, state)
-            exits[at] = met
-        ix = rows.index
-        exits = exits & self.active[ix]
-        self.reference[ix] = self.s[ix]
+            _put(self.criterion_state[crit], sub.index, state)
+            if exits is None:
+                exits = met
+            else:
+                exits[at] = met
+        exits = exits & active
+        self.reference[ix] = now
         if logits is not None:
             self.out[ix] = torch.where(exits[:, None], logits, self.out[ix])
             self.checked_logits[ix] = logits
             for r in rows.list:
                 self.checked[r] = True
-        self.active[ix] = self.active[ix] & ~exits
+        self.active[ix] = active & ~exits
         return exits
 
     def at_end(self, row: int) -> bool:

@@ -135,14 +135,18 @@ class Decoder:
         return []
 
 
-def nonfinite_flags(state: Tensor | None, state_valid: Tensor | None, logits: Tensor, alive: Tensor) -> Tensor:
-    """[B] long: 1 where a real position's latent state is NaN/inf, + 2 where the logits are."""
-    flags = 2 * (~torch.isfinite(logits).all(-1) & alive).long()
+def nonfinite_flags(
+    state: Tensor | None, state_valid: Tensor | None, logits: Tensor, alive: Tensor | None = None
+) -> Tensor:
+    """[B] long: 1 where a real position's latent state is NaN/inf, + 2 where the logits are (only where
+    ``alive``; None: every row, as a server's ended units are)."""
+    bad = ~torch.isfinite(logits).all(-1)
+    flags = 2 * (bad if alive is None else bad & alive).long()
     if state is not None:
         nonfinite = ~torch.isfinite(state).all(-1)
         if state_valid is not None:
             nonfinite = nonfinite & state_valid
         if nonfinite.dim() > 1:
             nonfinite = nonfinite.any(-1)
-        flags = flags + (nonfinite & alive).long()
+        flags = flags + (nonfinite if alive is None else nonfinite & alive).long()
     return flags

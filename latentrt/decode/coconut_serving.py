@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..transfer import to_device
 from .base import nonfinite_flags
-from .serving import Ended, ServingProgram, ones
+from .serving import Ended, ServingProgram
 
 
 @dataclass
@@ -106,7 +106,7 @@ class CoconutServing(ServingProgram):
         if rec.passes:
             return
         logits = self.model.lm_logits(self.model.transformer.ln_f(h))
-        self.results[row] = (logits[0], nonfinite_flags(None, None, logits, ones(1, h.device))[0])
+        self.results[row] = (logits[0], nonfinite_flags(None, None, logits)[0])
         self._ended.append(Ended(rec.request, 0))
 
     def ended(self, flags: list) -> list[Ended]:

@@ -156,6 +156,26 @@ class RecurrentServing(ServingProgram):
         gen = dec.rng[0] if dec.rng is not None else None
         return self.model.initial_state(like, dec.init_scale, gen)
 
+    def _initial_states(self, rows: list[int], e: Tensor) -> Tensor:
+        """Each of ``rows``' one-position units' s0 (``_initial_state``, ``e`` [rows, 1, d] aligned with them);
+        those drawn from the global generator at one init_scale as one draw, as generate() draws a batch's
+        (a per-request draw is what a seed or ``continuous`` fixes; unseeded draws have no order to keep)."""
+        states, shared = [None] * len(rows), {}
+        for i, r in enumerate(rows):
+            rec = self.requests[r]
+            dec = rec.request.decoder
+            if dec.rng is None and not (dec.continuous and rec.has_state):
+                shared.setdefault(dec.init_scale, []).append(i)
+            else:
+                states[i] = self._initial_state(rec, e[i : i + 1])
+        for scale, members in shared.items():
+            drawn = self.model.initial_state(e[: len(members)], scale)  # (``e``'s rows for their shape only)
+            if len(members) == len(rows):
+                return drawn
+            for j, i in enumerate(members):
+                states[i] = drawn[j : j + 1]
+        return torch.cat(states)
+
     def _begin(self) -> None:
         """The preludes of the prompts admitted and of the one-position units starting, as one pass
         (``Packed``); their loops start at iteration 0."""
@@ -163,7 +183,7 @@ class RecurrentServing(ServingProgram):
         prompts, self.admitted = self.admitted, []
         units = sorted(self.starting)
         if units and not prompts and self.decode_prelude is not None:  # units only: the captured prelude
-            chunk = pool.begin(units, 1)
+            chunk = pool.begin(units, 1, mask=False)  # (the captured passes attend by the pool's entries)
             self._place(units, chunk)  # entries and positions first: the graphed prelude reads them
             self.decode_prelude.prepare(chunk.rows, torch.stack([self.starting[r][0] for r in units]))
             e = self.decode_prelude()[chunk.rows]
@@ -211,7 +231,7 @@ class RecurrentServing(ServingProgram):
         self._place(rows, chunk)
         for r in rows:
             self.requests[r].spec = self.starting[r][1]
-        s0 = torch.cat([self._initial_state(self.requests[r], e[i : i + 1]) for i, r in enumerate(rows)])
+        s0 = self._initial_states(rows, e)
         _start_by_spec(self.loop, rows, [self.requests[r].spec for r in rows], s0)
         self.running.update(rows)
         self.starting.clear()
@@ -266,10 +286,11 @@ class RecurrentServing(ServingProgram):
             groups = [p.group for p in parts if p.group is not None]
             decode = [p.rows.list for p in parts if p.group is None]
             self.decode_core.prepare(decode[0] if decode else [], groups)
-            out = self.decode_core()
-            at = {g.serial: i + 1 for i, g in enumerate(groups)}
-            new = [out[0 if p.group is None else at[p.group.serial]][p.rows.index] for p in parts]
+            self.decode_core()  # (which takes the new states: rule 2's device half)
             self.count_pass(graph=True)
+            in_loop = [self._in_loop(p) for p in parts]
+            for p, (rows, _) in zip(parts, in_loop):
+                p.loop.count(rows)
         else:
             actives = [p.loop.active[p.rows.index] for p in parts]
             for p, active in zip(parts, actives):
@@ -279,9 +300,9 @@ class RecurrentServing(ServingProgram):
             e = packed.pack([p.e for p in parts])
             new = packed.unpack(model.core_iteration(s, e, pool, packed, None, None, self._rope(packed)))
             self.count_pass()
-        in_loop = [self._in_loop(p) for p in parts]
-        for p, (rows, at), x in zip(parts, in_loop, new):
-            p.loop.advance(rows, x if at is None else x[at])
+            in_loop = [self._in_loop(p) for p in parts]
+            for p, (rows, at), x in zip(parts, in_loop, new):
+                p.loop.advance(rows, x if at is None else x[at])
         heads = []
         for p, (rows, _) in zip(parts, in_loop):
             with_logits, without = p.loop.checking(rows)
@@ -395,8 +416,9 @@ class RecurrentServing(ServingProgram):
         part = self._decode_part(Rows(rows_l, 0, dev))
         ix = part.rows.index
         logits = self._final_logits(part)
-        flags = nonfinite_flags(self.loop.s[ix], None, logits, ones(len(rows_l), dev))
-        self.last[ix] = self.loop.s[ix]
+        final = self.loop.s[ix]
+        flags = nonfinite_flags(final, None, logits)
+        self.last[ix] = final
         fill_rows(self.loop.active, ix, False)  # retired: masked if launched again idle
         out = []
         for i, r in enumerate(rows_l):
@@ -411,11 +433,10 @@ class RecurrentServing(ServingProgram):
 
     def _end_prompts(self, group: _PromptGroup, members: list[int]) -> list[Ended]:
         """Logits of prompts whose loop ended, their last real states kept for ``continuous``."""
-        dev = self.model.device
         part = self._group_part(group, members)
         logits = self._final_logits(part)
         ix = part.rows.index
-        flags = nonfinite_flags(group.loop.s[ix], part.chunk.valid, logits, ones(len(members), dev))
+        flags = nonfinite_flags(group.loop.s[ix], part.chunk.valid, logits)
         out = []
         for j, i in enumerate(members):
             row = group.rows[i]

@@ -128,23 +128,27 @@ class DecodeCoreRunner(_PerGroupSet):
             p.entries_changed = False
 
     def run(self) -> tuple[Tensor, ...]:
-        """New states: the pool rows' [rows, 1, d], then each group's [members, n, d]."""
+        """The iteration, taken by the rows and members that ran it (``LatentLoop.take``: the caller counts
+        it on the host). Returns the new states: the pool rows' [rows, 1, d], then each group's [members, n, d]."""
         p, pool = self.program, self.program.pool
-        chunks, actives = [self.chunk], [p.loop.active & self.launched]
-        states, inputs = [p.loop.s], [p.e]
+        loops, chunks, actives = [p.loop], [self.chunk], [p.loop.active & self.launched]
+        inputs = [p.e]
         for g in self.groups:
             chunk, _, members = self._views[g.serial]
+            loops.append(g.loop)
             chunks.append(chunk)
             actives.append(g.loop.active & members)
-            states.append(g.loop.s)
             inputs.append(g.e)
         for chunk, active in zip(chunks, actives):
             pool.mark_iteration(chunk, None, active)
         packed = Packed(chunks, actives)
-        new = self.model.core_iteration(
-            packed.pack(states), packed.pack(inputs), pool, packed, None, None, p._rope(packed)
+        states = packed.pack([loop.s for loop in loops])
+        new = packed.unpack(
+            self.model.core_iteration(states, packed.pack(inputs), pool, packed, None, None, p._rope(packed))
         )
-        return tuple(packed.unpack(new))
+        for loop, x, active in zip(loops, new, actives):
+            loop.take(x, active)
+        return tuple(new)
 
 
 class DecodeHeadRunner(_PerGroupSet):
