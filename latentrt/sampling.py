@@ -106,15 +106,16 @@ def sampling_probs(
     filtered = filtered_logits(logits, temperature, top_k, top_p, min_p, published_top_p)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     # without a filter this zeroes only tokens whose probability is 0 already (logit -inf) or rows that overflow
-    probs = torch.where(filtered > float("-inf"), probs, torch.zeros_like(probs))
+    # (scalar operands and masks of the good rows: each op is a launch, and this runs per sampled token)
+    probs = torch.where(filtered > float("-inf"), probs, 0.0)
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
-    overflowed = ~torch.isfinite(probs).all(-1, keepdim=True)
-    probs = torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)
+    fits = torch.isfinite(probs).all(-1, keepdim=True)  # else float32 overflowed
+    probs = torch.where(fits, probs, torch.softmax(filtered, dim=-1).to(probs.dtype))
     # NaN logits (a non-finite state, which the caller reports after this token's one host read, discarding
     # the token): a uniform row, so the draw does not fail first with torch.multinomial's RuntimeError (a
     # device-side assert on CUDA) instead of the NonFiniteStateError naming the sequence
-    broken = ~torch.isfinite(probs).all(-1, keepdim=True) | (probs.sum(-1, keepdim=True) <= 0)
-    return torch.where(broken, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+    sound = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
+    return torch.where(sound, probs, 1.0 / probs.shape[-1])
 
 
 def sample(
@@ -134,6 +135,8 @@ def sample(
     probs = sampling_probs(logits, temperature, top_k, top_p, min_p, published_top_p)
     if rng is None:
         return draw(probs)
+    if probs.shape[0] == 1 and (rows is None or rows[0]):  # (one sequence, a server's row: no argmax to fill in)
+        return draw(probs, rng[0])
     out = probs.argmax(-1)
     for b, running in enumerate(rows if rows is not None else [True] * probs.shape[0]):
         if running:
