@@ -196,6 +196,14 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
     --out "$LOGS/serve.json" >"$LOGS/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
   tail -14 "$LOGS/serve.log" | tee -a "$LOG"
+  # the capture policy of sets of resident prompt groups: every set at its first step (the runtime's policy
+  # until 2026-12-04's fifth session; on the CPU's trace under depth a set lasted 1-2 steps) against the
+  # default above (a set captured at its third step in a row): compare step_ms and captures
+  stamp "serving: prompt-group sets captured at their first step"
+  timeout 100 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
+    --group-capture-at 1 --out "$LOGS/serve_capture_first.json" >"$LOGS/serve_capture_first.log" 2>&1
+  echo "serve (capture at first) exit $?" | tee -a "$LOG"
+  tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG"
   # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
   # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
   stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"

@@ -32,6 +32,7 @@ import torch
 
 import latentrt
 from latentrt.backends import CHOICES, get_backend
+from latentrt.decode.recurrent_serving_graph import PerGroupSetRunner
 from latentrt.exits import CRITERIA
 from latentrt.families import build_model, parse_config
 from latentrt.loader import parse_device
@@ -50,6 +51,19 @@ class TraceRequest:
     arrival: float  # seconds after the start
     prompt: str | list[int]
     options: dict = field(default_factory=dict)
+
+
+RUNNERS = ("decode_core", "decode_head", "decode_prelude")  # the recurrent program's captured passes
+
+
+def _engine(model, group_capture_at: int | None = None, **kw) -> Engine:
+    """An engine; ``group_capture_at`` set on its captured passes' runners (theirs alone)."""
+    engine = Engine(model, **kw)
+    for name in RUNNERS:
+        runner = getattr(engine.program, name, None)
+        if group_capture_at is not None and isinstance(runner, PerGroupSetRunner):
+            runner.CAPTURE_AT = group_capture_at
+    return engine
 
 
 def make_trace(
@@ -90,20 +104,28 @@ def parse_scheduler(name: str) -> tuple[str, float | None]:
 
 
 def replay(
-    model, trace: list[TraceRequest], scheduler: str, max_batch: int, max_len: int = 256, profile_steps: int = 0
+    model,
+    trace: list[TraceRequest],
+    scheduler: str,
+    max_batch: int,
+    max_len: int = 256,
+    profile_steps: int = 0,
+    group_capture_at: int | None = None,
 ) -> dict:
     """Serve ``trace`` in real time with one scheduler; the figures of the run and every request's depths.
     ``profile_steps``: then serve it again, untimed, and profile that many steps from the tenth
-    (benchmarks/step_profile.py; the record's ``profile``)."""
+    (benchmarks/step_profile.py; the record's ``profile``). ``group_capture_at``: the engine's captured
+    passes record a set of resident prompt groups at its N-th step in a row (None: the runtime's default)."""
     max_len = min(max_len, model.config.block_size)
     slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
     kind, edge_cost = parse_scheduler(scheduler)
     kw = dict(max_batch=max_batch, max_len=max_len, kv_slots=slots, scheduler=kind, edge_cost=edge_cost)
-    warm = Engine(model, **kw)  # first launches (allocations, kernels)
+    kw["group_capture_at"] = group_capture_at
+    warm = _engine(model, **kw)  # first launches (allocations, kernels)
     warm.submit(trace[0].prompt, **trace[0].options)
     warm.run_until_idle()
     del warm
-    engine = Engine(model, max_queue=len(trace) + 1, **kw)
+    engine = _engine(model, max_queue=len(trace) + 1, **kw)
     start = time.perf_counter()
     requests = _serve(engine, trace, engine.step)
     wall = time.perf_counter() - start
@@ -137,6 +159,9 @@ def replay(
         # Python: on the H200 at Huginn-0125's shape a step cost 3-13 ms where its bytes take 0.8-1.7)
         "graph_share": m.graph_passes / max(m.passes, 1),
         "decode_graph": getattr(getattr(engine.program, "decode_core", None), "_graph", None) is not None,
+        # CUDA graphs recorded by the captured passes' runners (a capture costs about two eager passes and a
+        # synchronize; a set of resident prompt groups is captured at its --group-capture-at-th step in a row)
+        "captures": sum(getattr(getattr(engine.program, n, None), "captures", 0) for n in RUNNERS),
         # the program's passes beside a core iteration's, in weights read (its own estimate, from the weights)
         "prelude_cost": engine.program.prelude_cost,
         "head_cost": engine.program.head_cost,
@@ -165,7 +190,7 @@ def _serve(engine, trace: list[TraceRequest], step) -> list:
 def _profiled(model, trace: list[TraceRequest], kw: dict, steps: int) -> dict | None:
     """The trace served again by a fresh engine, ``steps`` of its steps from the tenth profiled (None if the
     run had fewer; no request is submitted during them)."""
-    engine = Engine(model, max_queue=len(trace) + 1, **kw)
+    engine = _engine(model, max_queue=len(trace) + 1, **kw)
     done, result = 0, None
 
     def step():
@@ -271,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --shape huginn/tiny: replay these exit depths (comma-separated, each unit draws one) instead "
         "of the model's (a synthetic depth distribution: say so beside its numbers)",
     )
+    p.add_argument(
+        "--group-capture-at",
+        type=cli.at_least(1),
+        default=None,
+        help="capture a set of resident prompt groups' passes at its N-th step in a row (default: the "
+        "runtime's, 3; 1: at its first)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=cli.output_file, default=None, help="write the records as JSON here")
     p.add_argument("--quick", action="store_true", help="a short trace (smoke test)")
@@ -318,7 +350,14 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps, new_tokens)
     model = latentrt.load(args.model, device=device, backend=args.backend)
     prof = args.profile_steps
-    runs = {} if synthetic else {s: replay(model, trace, s, args.max_batch, profile_steps=prof) for s in schedulers}
+    runs = (
+        {}
+        if synthetic
+        else {
+            s: replay(model, trace, s, args.max_batch, profile_steps=prof, group_capture_at=args.group_capture_at)
+            for s in schedulers
+        }
+    )
     recorded = synthetic or runs[schedulers[0]]["depths"]
     differ = sum(len({json.dumps(r["outputs"][i]) for r in runs.values()}) > 1 for i in range(len(trace)))
     if differ:  # a request's output is the same under every scheduler unless rounding flips an exit (README)
@@ -339,7 +378,12 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 )
                 for r in trace
             ]
-            runs = {s: replay(model, replayed, s, args.max_batch, profile_steps=prof) for s in schedulers}
+            runs = {
+                s: replay(
+                    model, replayed, s, args.max_batch, profile_steps=prof, group_capture_at=args.group_capture_at
+                )
+                for s in schedulers
+            }
         origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
         source = f"{args.shape} shape, random weights, depths replayed from {origin}"
 
@@ -364,7 +408,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     graphs = ", ".join(s for s, r in runs.items() if r["decode_graph"]) or "none"
     print(
         f"# backend {model.backend.name}: pool decode attention {'fused (Triton)' if fused else 'reference'}; "
-        f"decode rows' core pass captured as a CUDA graph in: {graphs}"
+        f"decode rows' core pass captured as a CUDA graph in: {graphs}; a set of resident prompt groups "
+        f"captured at its step {args.group_capture_at or PerGroupSetRunner.CAPTURE_AT} in a row"
     )
     print(
         f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "
@@ -385,7 +430,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         )
     cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
     cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms", "tokens_per_pass"]
-    cols += ["tokens_per_weight_read", "graph_share"]
+    cols += ["tokens_per_weight_read", "graph_share", "captures"]
     print("| scheduler | " + " | ".join(cols) + " | vs token |")
     print("|" + "---|" * (len(cols) + 2))
     base = runs.get("token", {}).get("tokens_per_s")

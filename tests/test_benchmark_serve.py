@@ -83,6 +83,28 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
 
 
+def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
+    """--group-capture-at reaches the served engines' captured passes (their own attribute: the runtime's
+    default stays), each run records its captures (none off CUDA), and the header says which step captures."""
+    from benchmarks.serve import _engine
+    from latentrt.backends import get_backend
+    from latentrt.decode.recurrent_serving_graph import PerGroupSetRunner
+
+    model = latentrt.load("builtin:recurrent")
+    model.backend = get_backend("triton", model)
+    engine = _engine(model, group_capture_at=1, max_batch=2, max_len=64, kv_slots=64)
+    assert engine.program.decode_core.CAPTURE_AT == engine.program.decode_head.CAPTURE_AT == 1
+    assert PerGroupSetRunner.CAPTURE_AT == 3 and _engine(model, max_batch=2).program.decode_core.CAPTURE_AT == 3
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--requests", "3", "--rate", "inf", "--schedulers", "depth", "--group-capture-at", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "a set of resident prompt groups captured at its step 2 in a row" in capsys.readouterr().out
+    assert [r["captures"] for r in json.loads(out.read_text())["runs"]] == [0]  # (graphs are CUDA's)
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "0"])
+    assert "--group-capture-at" in capsys.readouterr().err
+
+
 def test_synthetic_depths_are_replayed_and_named(tmp_path, capsys):
     """--depths replays a given depth distribution on the random-weight model (and says so); on the trained
     model itself it is refused."""

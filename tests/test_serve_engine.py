@@ -834,19 +834,18 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
 
 
-def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch):
-    """The decode rows' captured core and head passes run every resident prompt group whole beside them
-    (members out of their loop masked), one graph per set of resident groups: captured at its first call,
-    replayed while the set stands, restored when it comes back (the empty set), dropped with its groups. A
-    graph here is
-    simulated faithfully to CUDA's: its replay recomputes the pass from the runner's static inputs into the
-    outputs fixed at capture; so a replay of another set's graph, or inputs not refreshed, would change
-    tokens or log-probs, and every request must still equal generate() alone."""
-    from latentrt.backends.graph import GraphedRunner
+def _serve_with_simulated_graphs(monkeypatch, capture_at: int):
+    """The workload of the per-set graph tests, served with the decode runners' graphs simulated faithfully to
+    CUDA's: a replay recomputes the pass from the runner's static inputs into the outputs fixed at capture;
+    so a replay of another set's graph, or inputs not refreshed, would change tokens or log-probs. Returns the
+    model, the engine, (runner, key) per capture, the core runner's calls as (key, how: eager / capture /
+    replay), the replays, and the (request, (prompt, options)) pairs served."""
+    from latentrt.decode.recurrent_serving_graph import PerGroupSetRunner
 
+    monkeypatch.setattr(PerGroupSetRunner, "CAPTURE_AT", capture_at)
     model, engine = _engine_on_triton(max_batch=4)
     runner, head = engine.program.decode_core, engine.program.decode_head
-    captured, replays = [], [0]
+    captured, calls, replays = [], [], [0]
 
     class OnCuda:  # the model, as the runner sees it: on a CUDA device
         device = torch.device("cuda")
@@ -870,14 +869,25 @@ def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch
 
     def capture(self):
         captured.append((type(self).__name__, self._key))
+        self.captures += 1
         self._outputs = tuple(torch.full_like(o, float("nan")) for o in self._first)  # replays fill them
         self._graphs, self._markers = [Graph(self)], []
         self._graph = self._graphs[0]
+
+    call = type(runner).__call__
+
+    def logged(self):  # the core runner's calls, by how each ran
+        graph, captures = self._graph, self.captures
+        out = call(self)
+        how = "replay" if graph is not None else "capture" if self.captures > captures else "eager"
+        calls.append((self._key, how))
+        return out
 
     for r in (runner, head):
         r.model = OnCuda()
         monkeypatch.setattr(type(r), "_run_on_capture_stream", first_call)
         monkeypatch.setattr(type(r), "_capture", capture)
+    monkeypatch.setattr(type(runner), "__call__", logged)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:6]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in requests]
     # admitted together, one group: the first's loop ends at its r_max (2) while the group runs on to 7, its
@@ -888,16 +898,12 @@ def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch
     served = [engine.submit(p, top_logprobs=0, **kw) for p, kw in requests]  # log-probs: K/V changes show
     with torch.no_grad():
         engine.run_until_idle()
-    keys = set(captured)
-    assert len(captured) == len(keys), captured  # each set captured once
-    for name in ("DecodeCoreRunner", "DecodeHeadRunner"):
-        assert (name, ()) in keys and sum(k[0] == name and k[1] != () for k in keys) >= 2, captured
-    assert replays[0] > len(captured)
-    for r in (runner, head):
-        assert r._key == () and r._graph is not None and not r._captured  # every group ended: graphs dropped
-    assert not runner._views and not head._writes
+    return model, engine, captured, calls, replays[0], list(zip(served, requests))
+
+
+def _assert_served_as_alone(model, served) -> None:
     V = model.config.vocab_size
-    for req, (p, kw) in zip(served, requests):
+    for req, (p, kw) in served:
         alone = latentrt.generate(model, p, return_logits=True, **kw)
         assert req.error is None, req.error
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
@@ -905,7 +911,48 @@ def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch
         assert [e.logprob for e in req.logprobs] == pytest.approx(
             [lp[i, t].item() for i, t in enumerate(req.tokens)], abs=1e-5
         )
+
+
+def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch):
+    """The decode rows' captured core and head passes run every resident prompt group whole beside them
+    (members out of their loop masked), one graph per set of resident groups: captured at its first call
+    (``CAPTURE_AT`` 1 here), replayed while the set stands, restored when it comes back (the empty set),
+    dropped with its groups; every request equals generate() alone."""
+    from latentrt.backends.graph import GraphedRunner
+
+    model, engine, captured, _, replays, served = _serve_with_simulated_graphs(monkeypatch, 1)
+    runner, head = engine.program.decode_core, engine.program.decode_head
+    keys = set(captured)
+    assert len(captured) == len(keys), captured  # each set captured once
+    for name in ("DecodeCoreRunner", "DecodeHeadRunner"):
+        assert (name, ()) in keys and sum(k[0] == name and k[1] != () for k in keys) >= 2, captured
+    assert replays > len(captured)
+    for r in (runner, head):
+        assert r._key == () and r._graph is not None and not r._captured  # every group ended: graphs dropped
+    assert not runner._views and not head._writes
+    _assert_served_as_alone(model, served)
     assert GraphedRunner._graph is None  # (the class default untouched)
+
+
+def test_a_set_of_prompt_groups_is_captured_only_at_its_third_call_in_a_row(monkeypatch):
+    """Sets of resident groups mostly last a step or two (a capture costs about two eager calls): a set's
+    first two calls in a row run eagerly, its third is captured, later ones replay; the empty set is
+    captured at its first call. Requests still equal generate() alone."""
+    model, engine, captured, calls, _, served = _serve_with_simulated_graphs(monkeypatch, 3)
+    run = 0
+    for i, (key, how) in enumerate(calls):
+        run = run + 1 if i and calls[i - 1][0] == key else 1  # this set's calls in a row
+        if (key, "capture") in calls[:i]:
+            expect = "replay"
+        elif key == ():
+            expect = "capture"
+        else:
+            expect = "eager" if run < 3 else "capture"
+        assert how == expect, (i, key, how, run, calls)
+    assert ((), "capture") in calls and any(how == "eager" for _, how in calls)  # short sets ran eagerly
+    assert any(key != () and how == "replay" for key, how in calls)  # a long one was captured and replayed
+    assert engine.program.decode_core.captures == sum(how == "capture" for _, how in calls)
+    _assert_served_as_alone(model, served)
 
 
 def test_latency_samples_are_bounded(monkeypatch):

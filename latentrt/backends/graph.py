@@ -33,6 +33,7 @@ class GraphedRunner:
     _graphs: list = []  # every stretch's graph, in order (the last runs after the last boundary)
     _markers: list = []  # what each boundary yielded at capture (``stop`` reads them at replay)
     capture_error: Exception | None = None  # why capturing failed here (every call then runs eagerly)
+    captures = 0  # graphs recorded (each costs an eager call, a synchronize, the recording, instantiation)
 
     def run(self):
         """The call's launches, eagerly (a runner with boundaries: its segments, stopping where ``stop`` says)."""
@@ -103,3 +104,4 @@ class GraphedRunner:
             warnings.warn(why, stacklevel=3)
             return
         self._graphs, self._markers, self._graph = graphs, markers, graphs[0]
+        self.captures += 1

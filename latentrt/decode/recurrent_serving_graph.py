@@ -33,13 +33,27 @@ from ..models.layers import Packed
 from ..transfer import fill_rows, to_device
 
 
-class _PerGroupSet(GraphedRunner):
+class PerGroupSetRunner(GraphedRunner):
     """A runner whose launches depend on which prompt groups are resident: the captured graphs of each set
     (``key``: the groups' serials) kept while its groups live, at most MAX_GRAPHS sets besides the current
-    one (the oldest dropped first; the empty set's never)."""
+    one (the oldest dropped first; the empty set's never).
+
+    A set with groups is captured at its CAPTURE_AT-th call in a row, its calls before run eagerly: a
+    capture costs about two eager calls and a synchronize, and a set lasts only while no group begins or ends
+    (on the CPU, the built-in model's serving trace at 200 requests/s: under the depth scheduler 24 sets with
+    groups in 84 steps, 13 of them for one step and 11 for two; a capture at every first call meant one every
+    2.4 steps). The empty set (decode rows only) is captured at its first call."""
 
     MAX_GRAPHS = 4  # (each set's graphs hold its pass's activations)
+    CAPTURE_AT = 3  # (benchmarks/serve.py --group-capture-at sets it; 1: every set at its first call)
     _key: tuple = ()
+    _calls = 0  # calls of the current set in a row
+
+    def __call__(self):
+        self._calls += 1
+        if self._graph is None and self._key and self._calls < self.CAPTURE_AT:
+            return self.run()
+        return super().__call__()
 
     def _select(self, groups: list) -> set | None:
         """Switch to the graphs of ``groups``' set (none yet: the next call captures them); drop those of sets
@@ -52,7 +66,7 @@ class _PerGroupSet(GraphedRunner):
         if self._graph is not None:
             captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs)
         self._graph, self._graphs, self._markers, self._outputs = captured.pop(key, (None, [], [], None))
-        self._key = key
+        self._key, self._calls = key, 0
         for k in [k for k in captured if not set(k) <= resident]:
             del captured[k]
         while len(captured) > self.MAX_GRAPHS:
@@ -61,7 +75,7 @@ class _PerGroupSet(GraphedRunner):
         return resident
 
 
-class DecodeCoreRunner(_PerGroupSet):
+class DecodeCoreRunner(PerGroupSetRunner):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
     at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
 
@@ -151,7 +165,7 @@ class DecodeCoreRunner(_PerGroupSet):
         return tuple(new)
 
 
-class DecodeHeadRunner(_PerGroupSet):
+class DecodeHeadRunner(PerGroupSetRunner):
     """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit and of every member of the
     prompt groups given (at each member's last real position; a group whole, at the core runner's view of
     it), the coda's K/V written for the rows and members ``prepare`` names. Returns logits (fp32): [rows, V],
