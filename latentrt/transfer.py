@@ -27,6 +27,16 @@ def to_device(values, device, dtype: torch.dtype = torch.long) -> Tensor:
     return t.to(device)
 
 
+def copy_from_host(dst: Tensor, values) -> None:
+    """``dst[:] = values`` (a list as long as ``dst``) without a sync: on CUDA staged in pinned memory and copied
+    into ``dst`` itself (``to_device`` then ``copy_`` would allocate a tensor and copy twice)."""
+    t = torch.tensor(values, dtype=dst.dtype, device="cpu")
+    if dst.device.type == "cuda":
+        dst.copy_(t.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(t)
+
+
 def fill_rows(t: Tensor, index: Tensor | slice | int, value: bool | float) -> None:
     """``t[index] = value`` along dim 0 without a sync: ``index`` a device index tensor, a slice or a row."""
     if isinstance(index, Tensor):

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..backends.graph import GraphedRunner
 from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
-from ..transfer import fill_rows, to_device
+from ..transfer import copy_from_host, fill_rows, to_device
 
 
 class PerGroupSetRunner(GraphedRunner):
@@ -104,18 +104,17 @@ class DecodeCoreRunner(PerGroupSetRunner):
         """This step's launched rows and resident prompt groups (``_PromptGroup``), every row's entry and
         iteration, each group's iterations and members in their loop (asynchronous copies)."""
         p = self.program
-        dev = p.model.device
         launched = [False] * p.pool.rows
         for r in rows:
             launched[r] = True
-        self.launched.copy_(to_device(launched, dev, torch.bool))
+        copy_from_host(self.launched, launched)
         self.copy_entries()
-        self.iterations.copy_(to_device(p.loop.t, dev))
+        copy_from_host(self.iterations, p.loop.t)
         self._use(list(groups))
         for g in self.groups:
             _, iterations, members = self._views[g.serial]
-            iterations.copy_(to_device(g.loop.t, dev))
-            members.copy_(to_device([i in g.live for i in range(len(g.rows))], dev, torch.bool))
+            copy_from_host(iterations, g.loop.t)
+            copy_from_host(members, [i in g.live for i in range(len(g.rows))])
 
     def _use(self, groups: list) -> None:
         """Run beside ``groups`` from now on (their set's graphs, ``_select``): views of new groups made,
@@ -138,7 +137,7 @@ class DecodeCoreRunner(PerGroupSetRunner):
         step share one copy, and a step where no unit began needs none)."""
         p = self.program
         if p.entries_changed:
-            self.entry.copy_(to_device(p.entry, p.model.device))
+            copy_from_host(self.entry, p.entry)
             p.entries_changed = False
 
     def run(self) -> tuple[Tensor, ...]:
