@@ -189,15 +189,20 @@ def _serve(engine, trace: list[TraceRequest], step) -> list:
 
 def _profiled(model, trace: list[TraceRequest], kw: dict, steps: int) -> dict | None:
     """The trace served again by a fresh engine, ``steps`` of its steps from the tenth profiled (None if the
-    run had fewer; no request is submitted during them)."""
+    run had fewer; no request is submitted during them), then the aten ops outside the captured passes counted
+    over the next ``steps`` (``eager_ops_per_step``, views apart; absent if the run ended first)."""
     engine = _engine(model, max_queue=len(trace) + 1, **kw)
     done, result = 0, None
+
+    runners = [r for r in (getattr(engine.program, n, None) for n in RUNNERS) if r is not None]
 
     def step():
         nonlocal done, result
         done += 1
         if done == 10:
             result = step_profile.profile_steps(lambda: engine.busy and engine.step(), steps, model.device)
+        elif done == 11 and result is not None and engine.busy:  # the next steps: ops outside the captured passes
+            result.update(step_profile.count_eager_ops(lambda: engine.busy and engine.step(), steps, runners))
         else:
             engine.step()
 
@@ -439,12 +444,15 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"| {s} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + f" | {ratio} |")
     profiled = {s: r["profile"] for s, r in runs.items() if r["profile"]}
     if profiled:
-        keys = [k for k in next(iter(profiled.values())) if k != "steps"]
-        print(f"# per step, over {prof} profiled steps from the tenth of a second, untimed run (step_profile.py)")
+        keys = list(dict.fromkeys(k for r in profiled.values() for k in r if k != "steps"))
+        print(
+            f"# per step, over {prof} profiled steps from the tenth of a second, untimed run (step_profile.py); "
+            f"eager ops: the next {prof} steps' aten ops outside the captured passes (views apart)"
+        )
         print("| scheduler | " + " | ".join(keys) + " |")
         print("|" + "---|" * (len(keys) + 1))
         for s, r in profiled.items():
-            print(f"| {s} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
+            print(f"| {s} | " + " | ".join(f"{r.get(k, float('nan')):.3g}" for k in keys) + " |")
     if args.out:
         records = [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()]
         with open(args.out, "w") as f:

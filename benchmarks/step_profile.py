@@ -9,11 +9,14 @@ and the CPU time of the step against its GPU time.
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # the runtime / driver calls a step makes, by what they mean (names as the profiler records them)
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -47,3 +50,60 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
         "wall_ms_per_step": 1e3 * wall * per,  # with the profiler's own overhead
         "gpu_busy_ms_per_step": 1e-3 * gpu_us * per,
     }
+
+
+# aten ops that make views or aliases: no kernel, a host cost of their own (counted apart)
+VIEWS = frozenset(
+    "view slice select unsqueeze squeeze expand as_strided alias t transpose permute _unsafe_view detach unbind "
+    "split split_with_sizes lift_fresh _reshape_alias".split()
+)
+
+
+class EagerOps(TorchDispatchMode):
+    """The aten ops dispatched outside the captured passes' calls (``inside``: a runner is running; on a GPU a
+    replay dispatches none, and every other op is a launch or a host operation of its own), views apart. Under
+    the Triton interpreter (the CPU's tests) what a kernel does inside is left out (it is one launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.views = 0
+        self.inside = 0
+        self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside and not (
+            self.interpreted and any("/triton/" in f.filename for f in traceback.extract_stack(limit=60))
+        ):
+            if func.__name__.split(".")[0] in VIEWS:
+                self.views += 1
+            else:
+                self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_eager_ops(step: Callable[[], None], steps: int, runners: list) -> dict:
+    """Run ``step`` ``steps`` times counting, per step, the aten ops outside ``runners``' calls (the captured
+    passes: GraphedRunner instances, their ``run`` wrapped for the count and restored)."""
+    counter = EagerOps()
+
+    def counted(run):
+        def run_inside():
+            counter.inside += 1
+            try:
+                return run()
+            finally:
+                counter.inside -= 1
+
+        return run_inside
+
+    for r in runners:
+        r.run = counted(r.run)
+    try:
+        with counter:
+            for _ in range(steps):
+                step()
+    finally:
+        for r in runners:
+            del r.run  # (the instance attribute: the class's method again)
+    per = 1.0 / max(steps, 1)
+    return {"eager_ops_per_step": per * counter.ops, "eager_views_per_step": per * counter.views}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_recurrent
 
 import latentrt
@@ -83,6 +84,27 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
 
 
+def test_eager_ops_leave_out_the_captured_passes():
+    """count_eager_ops counts the aten ops a step dispatches outside the runners' calls (a replay on a GPU),
+    views apart, and restores the runners."""
+    from benchmarks.step_profile import count_eager_ops
+
+    class Runner:
+        def run(self):
+            return torch.ones(3) * 2  # inside: not counted
+
+    runner = Runner()
+
+    def step():
+        x = torch.zeros(4) + 1  # zeros, add
+        x.view(2, 2)  # a view
+        runner.run()
+
+    counted = count_eager_ops(step, 2, [runner])
+    assert counted == {"eager_ops_per_step": 2.0, "eager_views_per_step": 1.0}
+    assert "run" not in vars(runner)  # the class's method again
+
+
 def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     """--group-capture-at reaches the served engines' captured passes (their own attribute: the runtime's
     default stays), each run records its captures (none off CUDA), and the header says which step captures."""
@@ -143,6 +165,7 @@ def test_profiled_steps_count_what_a_step_runs(tmp_path, capsys):
         p = run["profile"]
         assert p["steps"] == 3 and p["aten_ops_per_step"] > 10 and p["wall_ms_per_step"] > 0, p
         assert p["kernel_launches_per_step"] == p["graph_launches_per_step"] == p["gpu_busy_ms_per_step"] == 0
+        assert p["eager_ops_per_step"] > 0 and p["eager_views_per_step"] >= 0, p  # (the torch backend: all eager)
     with pytest.raises(SystemExit):
         main([*argv[:-1], "-1"])
     assert ">= 0" in capsys.readouterr().err
