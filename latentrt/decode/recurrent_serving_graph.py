@@ -12,12 +12,12 @@ only; elsewhere (the interpreter tests) it runs eagerly, the same code. Prompt g
 pass whole: every member of each resident group at the group's fixed chunk, members out of their loop
 masked (no K/V, no timeline mark, outputs dropped) like idle pool rows, each group's iterations and members
 in the runner's own device tensors. The pass's launches then depend only on which groups are resident, so
-one graph per set of resident groups (``key``), captured at its first call and replayed while the set stands
-(a group lives for its prompt's loop, several steps; on 2026-12-04 an eager pass with a prompt group cost a
-serving step at Huginn-0125's shape most of its host time). The head pass of decode rows (coda
--> lm_head, for logit criteria every check and for sampling) is the same: every pool row's logits, the
-coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the prelude of the tokens that
-begin their units (``DecodePreludeRunner``).
+one graph per set of resident groups (``key``), replayed while the set stands (on 2026-12-04 an eager pass with
+a prompt group cost a serving step at Huginn-0125's shape most of its host time); a set with groups is captured
+only at its third call in a row (``PerGroupSetRunner.CAPTURE_AT``: most sets last a step or two). The head
+pass of decode rows (coda -> lm_head, for logit criteria every check and for sampling) is the same: every
+pool row's logits, the coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the
+prelude of the tokens that begin their units (``DecodePreludeRunner``).
 """
 
 from __future__ import annotations
