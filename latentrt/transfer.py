@@ -19,22 +19,21 @@ import torch
 from torch import Tensor
 
 
+def _staged(values, dtype: torch.dtype, device) -> Tensor:
+    """``values`` as a host tensor (whatever torch's default device), in pinned memory when bound for CUDA."""
+    t = torch.tensor(values, dtype=dtype, device="cpu")
+    return t.pin_memory() if torch.device(device).type == "cuda" else t
+
+
 def to_device(values, device, dtype: torch.dtype = torch.long) -> Tensor:
     """``values`` (a number or a list of them) as a tensor on ``device``, copied without a sync."""
-    t = torch.tensor(values, dtype=dtype, device="cpu")  # host values (whatever torch's default device)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return _staged(values, dtype, device).to(device, non_blocking=True)
 
 
 def copy_from_host(dst: Tensor, values) -> None:
-    """``dst[:] = values`` (a list as long as ``dst``) without a sync: on CUDA staged in pinned memory and copied
-    into ``dst`` itself (``to_device`` then ``copy_`` would allocate a tensor and copy twice)."""
-    t = torch.tensor(values, dtype=dst.dtype, device="cpu")
-    if dst.device.type == "cuda":
-        dst.copy_(t.pin_memory(), non_blocking=True)
-    else:
-        dst.copy_(t)
+    """``dst[:] = values`` (a list as long as ``dst``) without a sync, copied into ``dst`` itself (``to_device``
+    then ``copy_`` would allocate a tensor and copy twice)."""
+    dst.copy_(_staged(values, dst.dtype, dst.device), non_blocking=True)
 
 
 def fill_rows(t: Tensor, index: Tensor | slice | int, value: bool | float) -> None:

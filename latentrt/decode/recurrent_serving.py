@@ -282,13 +282,13 @@ class RecurrentServing(ServingProgram):
         linears once over every part's tokens, attention per part), then the checks due. Returns whether each
         row is still in its loop."""
         model, pool = self.model, self.pool
+        in_loop = [self._in_loop(p) for p in parts]
         if self.decode_core is not None:  # the captured pass: every pool row, each resident group whole
             groups = [p.group for p in parts if p.group is not None]
             decode = [p.rows.list for p in parts if p.group is None]
             self.decode_core.prepare(decode[0] if decode else [], groups)
             self.decode_core()  # (which takes the new states: rule 2's device half)
             self.count_pass(graph=True)
-            in_loop = [self._in_loop(p) for p in parts]
             for p, (rows, _) in zip(parts, in_loop):
                 p.loop.count(rows)
         else:
@@ -300,7 +300,6 @@ class RecurrentServing(ServingProgram):
             e = packed.pack([p.e for p in parts])
             new = packed.unpack(model.core_iteration(s, e, pool, packed, None, None, self._rope(packed)))
             self.count_pass()
-            in_loop = [self._in_loop(p) for p in parts]
             for p, (rows, at), x in zip(parts, in_loop, new):
                 p.loop.advance(rows, x if at is None else x[at])
         heads = []
