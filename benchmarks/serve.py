@@ -56,11 +56,15 @@ class TraceRequest:
 RUNNERS = ("decode_core", "decode_head", "decode_prelude")  # the recurrent program's captured passes
 
 
+def _runners(engine: Engine) -> list:
+    """The engine's captured passes (GraphedRunner instances; none where its program has none)."""
+    return [r for r in (getattr(engine.program, name, None) for name in RUNNERS) if r is not None]
+
+
 def _engine(model, group_capture_at: int | None = None, **kw) -> Engine:
     """An engine; ``group_capture_at`` set on its captured passes' runners (theirs alone)."""
     engine = Engine(model, **kw)
-    for name in RUNNERS:
-        runner = getattr(engine.program, name, None)
+    for runner in _runners(engine):
         if group_capture_at is not None and isinstance(runner, PerGroupSetRunner):
             runner.CAPTURE_AT = group_capture_at
     return engine
@@ -161,7 +165,7 @@ def replay(
         "decode_graph": getattr(getattr(engine.program, "decode_core", None), "_graph", None) is not None,
         # CUDA graphs recorded by the captured passes' runners (a capture costs about two eager passes and a
         # synchronize; a set of resident prompt groups is captured at its --group-capture-at-th step in a row)
-        "captures": sum(getattr(getattr(engine.program, n, None), "captures", 0) for n in RUNNERS),
+        "captures": sum(r.captures for r in _runners(engine)),
         # the program's passes beside a core iteration's, in weights read (its own estimate, from the weights)
         "prelude_cost": engine.program.prelude_cost,
         "head_cost": engine.program.head_cost,
@@ -194,15 +198,13 @@ def _profiled(model, trace: list[TraceRequest], kw: dict, steps: int) -> dict | 
     engine = _engine(model, max_queue=len(trace) + 1, **kw)
     done, result = 0, None
 
-    runners = [r for r in (getattr(engine.program, n, None) for n in RUNNERS) if r is not None]
-
     def step():
         nonlocal done, result
         done += 1
         if done == 10:
             result = step_profile.profile_steps(lambda: engine.busy and engine.step(), steps, model.device)
         elif done == 11 and result is not None and engine.busy:  # the next steps: ops outside the captured passes
-            result.update(step_profile.count_eager_ops(lambda: engine.busy and engine.step(), steps, runners))
+            result.update(step_profile.count_eager_ops(lambda: engine.busy and engine.step(), steps, _runners(engine)))
         else:
             engine.step()
 
