@@ -41,6 +41,7 @@ from latentrt.train.data import generate_dataset
 
 from . import cli, replay_exit, step_profile
 from .run import environment
+from .simulated_graphs import SimulatedGraphs
 from .suites import HUGINN_0125, TINY_RECURRENT
 
 SHAPES = {"huginn": HUGINN_0125, "tiny": TINY_RECURRENT}  # random-weight models with replayed depths
@@ -193,22 +194,32 @@ def _serve(engine, trace: list[TraceRequest], step) -> list:
 
 def _profiled(model, trace: list[TraceRequest], kw: dict, steps: int) -> dict | None:
     """The trace served again by a fresh engine, ``steps`` of its steps from the tenth profiled (None if the
-    run had fewer; no request is submitted during them), then the aten ops outside the captured passes counted
-    over the next ``steps`` (``eager_ops_per_step``, views apart; absent if the run ended first)."""
+    run had fewer; no request is submitted during them), then the aten ops a GPU would launch one by one
+    counted over the next ``steps`` (``eager_ops_per_step``, views apart, replays of captured passes left out;
+    absent if the run ended first). Off CUDA the engine's captured passes capture and replay as on CUDA
+    throughout (benchmarks/simulated_graphs.py), so the count includes their eager calls, as a GPU's would."""
     engine = _engine(model, max_queue=len(trace) + 1, **kw)
     done, result = 0, None
+    simulated = SimulatedGraphs(_runners(engine) if model.device.type != "cuda" else [])
 
     def step():
         nonlocal done, result
         done += 1
         if done == 10:
             result = step_profile.profile_steps(lambda: engine.busy and engine.step(), steps, model.device)
-        elif done == 11 and result is not None and engine.busy:  # the next steps: ops outside the captured passes
-            result.update(step_profile.count_eager_ops(lambda: engine.busy and engine.step(), steps, _runners(engine)))
+        elif done == 11 and result is not None and engine.busy:  # the next steps: ops a GPU launches one by one
+            captures = sum(r.captures for r in _runners(engine))
+            result.update(
+                step_profile.count_eager_ops(
+                    lambda: engine.busy and engine.step(), steps, lambda: simulated.replaying > 0
+                )
+            )
+            result["captures_per_step"] = (sum(r.captures for r in _runners(engine)) - captures) / steps
         else:
             engine.step()
 
-    _serve(engine, trace, step)
+    with simulated:
+        _serve(engine, trace, step)
     return result
 
 
@@ -449,7 +460,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         keys = list(dict.fromkeys(k for r in profiled.values() for k in r if k != "steps"))
         print(
             f"# per step, over {prof} profiled steps from the tenth of a second, untimed run (step_profile.py); "
-            f"eager ops: the next {prof} steps' aten ops outside the captured passes (views apart)"
+            f"eager ops: the next {prof} steps' aten ops outside replays of captured passes (views apart; off CUDA "
+            "with the captures simulated), captures_per_step over the same steps"
         )
         print("| scheduler | " + " | ".join(keys) + " |")
         print("|" + "---|" * (len(keys) + 1))

@@ -60,18 +60,18 @@ VIEWS = frozenset(
 
 
 class EagerOps(TorchDispatchMode):
-    """The aten ops dispatched outside the captured passes' calls (``inside``: a runner is running; on a GPU a
-    replay dispatches none, and every other op is a launch or a host operation of its own), views apart. Under
-    the Triton interpreter (the CPU's tests) what a kernel does inside is left out (it is one launch on a GPU)."""
+    """The aten ops dispatched while ``replaying()`` is false (a replay on a GPU dispatches none: every other
+    op is a launch or a host operation of its own), views apart. Under the Triton interpreter (the CPU's tests)
+    what a kernel does inside is left out (it is one launch on a GPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, replaying: Callable[[], bool]) -> None:
         super().__init__()
         self.ops = self.views = 0
-        self.inside = 0
+        self.replaying = replaying
         self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.inside and not (
+        if not self.replaying() and not (
             self.interpreted and any("/triton/" in f.filename for f in traceback.extract_stack(limit=60))
         ):
             if func.__name__.split(".")[0] in VIEWS:
@@ -81,29 +81,35 @@ class EagerOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_eager_ops(step: Callable[[], None], steps: int, runners: list) -> dict:
-    """Run ``step`` ``steps`` times counting, per step, the aten ops outside ``runners``' calls (the captured
-    passes: GraphedRunner instances, their ``run`` wrapped for the count and restored)."""
-    counter = EagerOps()
+def count_eager_ops(step: Callable[[], None], steps: int, replaying: Callable[[], bool] = lambda: False) -> dict:
+    """Run ``step`` ``steps`` times counting, per step, the aten ops a GPU would launch or run on the host one
+    by one: every op dispatched while ``replaying()`` is false. On CUDA a captured pass's replay dispatches
+    nothing (its eager calls, before and at its capture, count); on the CPU pass the simulation's
+    ``replaying`` (benchmarks/simulated_graphs.py), under which the runners call as on CUDA. Under the Triton
+    interpreter also the Triton kernels launched outside replays (``eager_triton_launches_per_step``: aten
+    ops leave them out; on a GPU the profiler's kernel launches count them)."""
+    counter = EagerOps(replaying)
+    launches = [0]
+    interpreter = None
+    if counter.interpreted:
+        from triton.runtime import interpreter
 
-    def counted(run):
-        def run_inside():
-            counter.inside += 1
-            try:
-                return run()
-            finally:
-                counter.inside -= 1
+        launch = interpreter.GridExecutor.__call__
 
-        return run_inside
+        def counted(self, *args, **kwargs):
+            launches[0] += not replaying()
+            return launch(self, *args, **kwargs)
 
-    for r in runners:
-        r.run = counted(r.run)
+        interpreter.GridExecutor.__call__ = counted
     try:
         with counter:
             for _ in range(steps):
                 step()
     finally:
-        for r in runners:
-            del r.run  # (the instance attribute: the class's method again)
+        if interpreter is not None:
+            interpreter.GridExecutor.__call__ = launch
     per = 1.0 / max(steps, 1)
-    return {"eager_ops_per_step": per * counter.ops, "eager_views_per_step": per * counter.views}
+    counted = {"eager_ops_per_step": per * counter.ops, "eager_views_per_step": per * counter.views}
+    if interpreter is not None:
+        counted["eager_triton_launches_per_step"] = per * launches[0]
+    return counted

@@ -84,25 +84,57 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
 
 
-def test_eager_ops_leave_out_the_captured_passes():
-    """count_eager_ops counts the aten ops a step dispatches outside the runners' calls (a replay on a GPU),
-    views apart, and restores the runners."""
-    from benchmarks.step_profile import count_eager_ops
+def test_eager_ops_leave_out_replays_alone():
+    """count_eager_ops counts every aten op a step dispatches (views apart) and, under the interpreter, every
+    Triton launch, but those of replays; under simulated graphs a runner's eager calls (its first, its
+    capture's) count and its replays do not."""
+    import triton
+    import triton.language as tl
 
-    class Runner:
+    from benchmarks.simulated_graphs import SimulatedGraphs
+    from benchmarks.step_profile import count_eager_ops
+    from latentrt.backends.graph import GraphedRunner
+
+    @triton.jit
+    def one(x_ptr):
+        tl.store(x_ptr, 1.0)
+
+    class Model:
+        device = torch.device("cpu")
+
+    class Runner(GraphedRunner):
+        def __init__(self):
+            self.model = Model()
+
         def run(self):
-            return torch.ones(3) * 2  # inside: not counted
+            x = torch.ones(3)  # ones
+            one[(1,)](x)  # a launch
+            return x * 2  # mul
 
     runner = Runner()
+    model = runner.model
+    y = torch.zeros(1)
 
     def step():
+        one[(1,)](y)  # a launch outside
         x = torch.zeros(4) + 1  # zeros, add
         x.view(2, 2)  # a view
-        runner.run()
+        return runner()
 
-    counted = count_eager_ops(step, 2, [runner])
-    assert counted == {"eager_ops_per_step": 2.0, "eager_views_per_step": 1.0}
-    assert "run" not in vars(runner)  # the class's method again
+    with SimulatedGraphs([runner]) as sim:
+        counted = count_eager_ops(step, 2, lambda: sim.replaying > 0)
+        # (2 + 2 eager + 2 + 0 replayed) / 2 ops, (1 + 1 + 1 + 0) / 2 launches
+        assert counted == {
+            "eager_ops_per_step": 3.0,
+            "eager_views_per_step": 1.0,
+            "eager_triton_launches_per_step": 1.5,
+        }
+        assert runner.captures == 1 and sim.replays == 1 and sim.captured == [("Runner", None)]
+        out = step()
+        assert torch.equal(out, torch.full((3,), 2.0)) and out is runner._outputs  # the replay's outputs
+    assert runner.model is model and runner._graph is None and "_capture" not in vars(runner)  # restored
+    again = count_eager_ops(step, 1)  # eager again
+    assert again == {"eager_ops_per_step": 4.0, "eager_views_per_step": 1.0, "eager_triton_launches_per_step": 2.0}
 
 
 def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
