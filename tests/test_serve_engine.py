@@ -836,57 +836,27 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
 
 def _serve_with_simulated_graphs(monkeypatch, capture_at: int):
     """The workload of the per-set graph tests, served with the decode runners' graphs simulated faithfully to
-    CUDA's: a replay recomputes the pass from the runner's static inputs into the outputs fixed at capture;
-    so a replay of another set's graph, or inputs not refreshed, would change tokens or log-probs. Returns the
-    model, the engine, (runner, key) per capture, the core runner's calls as (key, how: eager / capture /
-    replay), the replays, and the (request, (prompt, options)) pairs served."""
+    CUDA's (benchmarks/simulated_graphs.py: a replay recomputes the pass from the runner's static inputs into
+    the outputs fixed at capture; so a replay of another set's graph, or inputs not refreshed, would change
+    tokens or log-probs). Returns the model, the engine, (runner, key) per capture, the core runner's calls as
+    (key, how: eager / capture / replay), the replays, each runner's (key, graph held, other sets' graphs) at
+    the end, and the (request, (prompt, options)) pairs served."""
+    from benchmarks.simulated_graphs import SimulatedGraphs
     from latentrt.decode.recurrent_serving_graph import PerGroupSetRunner
 
     monkeypatch.setattr(PerGroupSetRunner, "CAPTURE_AT", capture_at)
     model, engine = _engine_on_triton(max_batch=4)
     runner, head = engine.program.decode_core, engine.program.decode_head
-    captured, calls, replays = [], [], [0]
-
-    class OnCuda:  # the model, as the runner sees it: on a CUDA device
-        device = torch.device("cuda")
-
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-    class Graph:
-        def __init__(self, owner):
-            self.owner, self.key = owner, owner._key
-
-        def replay(self):
-            assert self.owner._key == self.key  # the set's own graph
-            replays[0] += 1
-            for static, new in zip(self.owner._outputs, self.owner.run()):
-                static.copy_(new)
-
-    def first_call(self):
-        self._first = self.run()
-        return self._first
-
-    def capture(self):
-        captured.append((type(self).__name__, self._key))
-        self.captures += 1
-        self._outputs = tuple(torch.full_like(o, float("nan")) for o in self._first)  # replays fill them
-        self._graphs, self._markers = [Graph(self)], []
-        self._graph = self._graphs[0]
-
+    calls = []
     call = type(runner).__call__
 
     def logged(self):  # the core runner's calls, by how each ran
         graph, captures = self._graph, self.captures
         out = call(self)
         how = "replay" if graph is not None else "capture" if self.captures > captures else "eager"
-        calls.append((self._key, how))
+        calls.append((self._key, how, self._serials))
         return out
 
-    for r in (runner, head):
-        r.model = OnCuda()
-        monkeypatch.setattr(type(r), "_run_on_capture_stream", first_call)
-        monkeypatch.setattr(type(r), "_capture", capture)
     monkeypatch.setattr(type(runner), "__call__", logged)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:6]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in requests]
@@ -895,10 +865,20 @@ def _serve_with_simulated_graphs(monkeypatch, capture_at: int):
     # mode an iteration it did not run would overwrite its one slot)
     fixed = dict(max_new_tokens=3, kv_sharing="shared", init_scale=0.0)
     requests = [([5, 6, 7, 8, 9], dict(fixed, num_steps=2)), ([9, 8, 7], dict(fixed, num_steps=7))] + requests
+    # then, once the server is idle, prompts of other lengths in groups of earlier ones' shapes: (2, 16, 16),
+    # then three in a slot of four members (4, 32, 32), checked by KL (the head of a padded slot every step)
+    kl = dict(fixed, adaptive=True, num_steps=6, exit_criterion="kl", exit_threshold=1e-3)
+    later = [(list(range(3, 13)), dict(fixed, num_steps=4)), (list(range(20, 32)), dict(fixed, num_steps=3))]
+    later += [(list(range(5, 25)), kl), ([9] * 18, dict(kl, num_steps=3)), ([4, 5] * 9, dict(kl, exit_threshold=0.1))]
     served = [engine.submit(p, top_logprobs=0, **kw) for p, kw in requests]  # log-probs: K/V changes show
-    with torch.no_grad():
+    with torch.no_grad(), SimulatedGraphs([runner, head]) as sim:
         engine.run_until_idle()
-    return model, engine, captured, calls, replays[0], list(zip(served, requests))
+        for batch in (later[:2], later[2:]):
+            served += [engine.submit(p, top_logprobs=0, **kw) for p, kw in batch]
+            engine.run_until_idle()
+        requests += later
+        graphs = [(r._key, r._graph is not None, set(r._captured)) for r in (runner, head)]  # at the end
+    return model, engine, sim.captured, calls, sim.replays, graphs, list(zip(served, requests))
 
 
 def _assert_served_as_alone(model, served) -> None:
@@ -913,45 +893,49 @@ def _assert_served_as_alone(model, served) -> None:
         )
 
 
-def test_the_captured_pass_is_kept_per_set_of_resident_prompt_groups(monkeypatch):
-    """The decode rows' captured core and head passes run every resident prompt group whole beside them
-    (members out of their loop masked), one graph per set of resident groups: captured at its first call
-    (``CAPTURE_AT`` 1 here), replayed while the set stands, restored when it comes back (the empty set),
-    dropped with its groups; every request equals generate() alone."""
+def test_the_captured_pass_is_kept_per_key_of_group_shapes(monkeypatch):
+    """The decode rows' captured core and head passes run every resident prompt group whole beside them, each
+    in a slot of its bucket's shape (members out of their loop and padding masked), one graph per tuple of
+    shapes: captured at its first call (``CAPTURE_AT`` 1 here), replayed while the set stands, and by later
+    sets of other groups of the same shapes, restored when it comes back (the empty key); every request
+    equals generate() alone (its tokens, steps and log-probs)."""
     from latentrt.backends.graph import GraphedRunner
 
-    model, engine, captured, _, replays, served = _serve_with_simulated_graphs(monkeypatch, 1)
-    runner, head = engine.program.decode_core, engine.program.decode_head
+    model, engine, captured, calls, replays, graphs, served = _serve_with_simulated_graphs(monkeypatch, 1)
     keys = set(captured)
-    assert len(captured) == len(keys), captured  # each set captured once
+    assert len(captured) == len(keys), captured  # each key captured once
     for name in ("DecodeCoreRunner", "DecodeHeadRunner"):
         assert (name, ()) in keys and sum(k[0] == name and k[1] != () for k in keys) >= 2, captured
     assert replays > len(captured)
-    for r in (runner, head):
-        assert r._key == () and r._graph is not None and not r._captured  # every group ended: graphs dropped
-    assert not runner._views and not head._writes
+    first = {}  # key -> the groups it was captured with
+    for key, _, serials in calls:
+        first.setdefault(key, serials)
+    reused = [(key, serials) for key, how, serials in calls if how == "replay" and serials != first[key]]
+    assert {key for key, _ in reused} == {((2, 16, 16),), ((4, 32, 32),)}, calls  # the later groups: earlier graphs
+    assert all(r[0] == () and r[1] for r in graphs)  # at the end: the empty key's graphs, the others kept
+    assert ((2, 16, 16),) in graphs[0][2]
     _assert_served_as_alone(model, served)
     assert GraphedRunner._graph is None  # (the class default untouched)
 
 
-def test_a_set_of_prompt_groups_is_captured_only_at_its_third_call_in_a_row(monkeypatch):
-    """Sets of resident groups mostly last a step or two (a capture costs about two eager calls): a set's
-    first two calls in a row run eagerly, its third is captured, later ones replay; the empty set is
-    captured at its first call. Requests still equal generate() alone."""
-    model, engine, captured, calls, _, served = _serve_with_simulated_graphs(monkeypatch, 3)
-    run = 0
-    for i, (key, how) in enumerate(calls):
-        run = run + 1 if i and calls[i - 1][0] == key else 1  # this set's calls in a row
-        if (key, "capture") in calls[:i]:
+def test_a_key_of_group_shapes_is_captured_only_at_its_third_call(monkeypatch):
+    """A key of group shapes runs eagerly at its first two calls (a capture costs about two eager calls; one
+    seen twice is likely to come back), its third is captured, later ones replay, whatever groups fill its
+    slots; the empty key is captured at its first call. Requests still equal generate() alone."""
+    model, engine, captured, calls, _, _, served = _serve_with_simulated_graphs(monkeypatch, 3)
+    seen: dict = {}
+    for i, (key, how, _) in enumerate(calls):
+        seen[key] = seen.get(key, 0) + 1
+        if (key, "capture") in [c[:2] for c in calls[:i]]:
             expect = "replay"
         elif key == ():
             expect = "capture"
         else:
-            expect = "eager" if run < 3 else "capture"
-        assert how == expect, (i, key, how, run, calls)
-    assert ((), "capture") in calls and any(how == "eager" for _, how in calls)  # short sets ran eagerly
-    assert any(key != () and how == "replay" for key, how in calls)  # a long one was captured and replayed
-    assert engine.program.decode_core.captures == sum(how == "capture" for _, how in calls)
+            expect = "eager" if seen[key] < 3 else "capture"
+        assert how == expect, (i, key, how, seen[key], calls)
+    assert ((), "capture") in [c[:2] for c in calls] and any(how == "eager" for _, how, _ in calls)
+    assert any(key != () and how == "replay" for key, how, _ in calls)  # a key with groups captured, replayed
+    assert engine.program.decode_core.captures == sum(how == "capture" for _, how, _ in calls)
     _assert_served_as_alone(model, served)
 
 

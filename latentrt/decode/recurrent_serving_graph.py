@@ -9,12 +9,14 @@ prelude outputs, positions and loop flags (the program's own per-row tensors, up
 timeline entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the
 whole pass (``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling
 only; elsewhere (the interpreter tests) it runs eagerly, the same code. Prompt groups in their loops join that
-pass whole: every member of each resident group at the group's fixed chunk, members out of their loop
-masked (no K/V, no timeline mark, outputs dropped) like idle pool rows, each group's iterations and members
-in the runner's own device tensors. The pass's launches then depend only on which groups are resident, so
-one graph per set of resident groups (``key``), replayed while the set stands (on 2026-12-04 an eager pass with
-a prompt group cost a serving step at Huginn-0125's shape most of its host time); a set with groups is captured
-only at its third call in a row (``PerGroupSetRunner.CAPTURE_AT``: most sets last a step or two). The head
+pass whole, each in a slot of its bucket's shape (``GroupSlot``: members, positions and keys rounded up to
+powers of two; padding masked), members out of their loop masked (no K/V, no timeline mark, outputs dropped)
+like idle pool rows. The pass's launches then depend only on the shapes of the resident groups' slots, so one
+graph per tuple of shapes (``key``), replayed by every set of groups of those shapes: sets of groups last a
+step or two (a group begins or ends), and a graph per set was captured, and mostly run eagerly before its
+capture, more often than replayed (on 2026-12-04 an eager pass with a prompt group cost a serving step at
+Huginn-0125's shape most of its host time). A key with groups is captured at its third call
+(``PerGroupSetRunner.CAPTURE_AT``). The head
 pass of decode rows (coda -> lm_head, for logit criteria every check and for sampling) is the same: every
 pool row's logits, the coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the
 prelude of the tokens that begin their units (``DecodePreludeRunner``).
@@ -22,32 +24,104 @@ prelude of the tokens that begin their units (``DecodePreludeRunner``).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
 from ..backends.graph import GraphedRunner
 from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
-from ..transfer import copy_from_host, fill_rows, to_device
+from ..transfer import copy_from_host, fill_rows
+
+
+def bucket(x: int, cap: int) -> int:
+    """The next power of two at or above ``x`` (>= 1), at most ``cap``: a group slot's size."""
+    return min(1 << (x - 1).bit_length(), cap)
+
+
+class GroupSlot:
+    """A resident prompt group's place in a captured pass: static buffers of its bucket's shape ``(M, N,
+    end)`` (members, positions, keys: powers of two at or above the group's), so that one graph serves every
+    set of groups of the same shapes. ``load`` copies in what is fixed while the group lives (pool rows,
+    entries, positions, real positions, prelude output, where each member's last real position lies); the
+    runners copy in each call what changes (states, iterations, which members run or write) and the core
+    runner copies the new states back into the group's loop. Padding members are never in the loop (no K/V, no
+    timeline mark, outputs dropped), padding positions write to the pool's trash entry, and a real position
+    attends to no key after its own (the keys past the group's end only add masked blocks, exact zeros), so
+    the group's real positions compute as without padding."""
+
+    def __init__(self, shape: tuple[int, int, int], program) -> None:
+        M, N, end = self.shape = shape
+        pool, model = program.pool, program.model
+        dev, dt = model.device, model.dtype
+        self.s = torch.zeros(M, N, model.config.n_embd, dtype=dt, device=dev)  # the group's states, copied in
+        self.e = torch.zeros_like(self.s)  # its prelude output
+        self.members = torch.zeros(M, dtype=torch.bool, device=dev)  # core: in their loop; head: K/V written
+        self.active = torch.zeros(M, dtype=torch.bool, device=dev)  # the group's loop's active rows
+        self.last = torch.zeros(M, dtype=torch.long, device=dev)  # each member's last real token in the slot
+        long, self.trash = dict(dtype=torch.long, device=dev), pool.trash
+        self.chunk = RaggedChunk(
+            torch.zeros(M, **long),
+            [0] * M,  # host starts / lengths: unused by the fused attention (it reads q_idx on the device)
+            [N] * M,
+            N,
+            end,
+            torch.full((M, N), self.trash, **long),
+            torch.zeros(M, N, **long),
+            None,
+            torch.zeros(M, N, dtype=torch.bool, device=dev),
+            torch.zeros(M, **long),
+        )
+        self.group = None
+        self.m = self.n = 0
+
+    @staticmethod
+    def shape_of(group, pool) -> tuple[int, int, int]:
+        return (
+            bucket(len(group.rows), pool.rows),
+            bucket(group.chunk.n, pool.max_len),
+            bucket(group.chunk.end, pool.max_len),
+        )
+
+    def load(self, group) -> None:
+        """``group``'s fixed values into the slot, the padding reset."""
+        M, N, _ = self.shape
+        m, n, c, own = len(group.rows), group.chunk.n, self.chunk, group.chunk
+        c.rows.copy_(own.rows[:1].expand(M))  # (padding members: the first member's row; they write nothing)
+        c.rows[:m].copy_(own.rows)
+        for static, value, pad in ((c.q_idx, own.q_idx, self.trash), (c.positions, own.positions, 0)):
+            static.fill_(pad)
+            static[:m, :n].copy_(value)
+        c.valid.zero_()
+        c.valid[:m, :n].copy_(own.valid)
+        for static, value in ((self.e, group.e), (self.s, group.loop.s)):
+            static.zero_()
+            static[:m, :n].copy_(value)
+        self.members.zero_()
+        self.active.zero_()
+        c.iterations.zero_()
+        copy_from_host(self.last, [i * N + (group.lengths[i] - 1 if i < m else 0) for i in range(M)])
+        self.group, self.m, self.n = group, m, n
 
 
 class PerGroupSetRunner(GraphedRunner):
-    """A runner whose launches depend on which prompt groups are resident: the captured graphs of each set
-    (``key``: the groups' serials) kept while its groups live, at most MAX_GRAPHS sets besides the current
-    one (the oldest dropped first; the empty set's never).
+    """A runner whose launches depend on the shapes of the resident prompt groups: each group in a
+    ``GroupSlot`` of its bucket's shape, one set of graphs (and slots) per tuple of shapes (``key``), kept
+    across sets of groups of those shapes, at most MAX_GRAPHS keys besides the current one (the oldest
+    dropped first; the empty key's never).
 
-    A set with groups is captured at its CAPTURE_AT-th call in a row, its calls before run eagerly: a
-    capture costs about two eager calls and a synchronize, and a set lasts only while no group begins or ends
-    (on the CPU, the built-in model's serving trace at 200 requests/s: under the depth scheduler 24 sets with
-    groups in 84 steps, 13 of them for one step and 11 for two; a capture at every first call meant one every
-    2.4 steps). The empty set (decode rows only) is captured at its first call."""
+    A key with groups is captured at its CAPTURE_AT-th call (every set of its shapes counted), its calls
+    before run eagerly: a capture costs about two eager calls and a synchronize. Sets of groups are
+    short-lived (on the CPU, the built-in model's serving trace at 200 requests/s: under the depth scheduler
+    24 sets with groups in 84 steps, 13 of them for one step, 11 for two); keyed by shapes, later sets replay
+    the graphs of earlier ones. The empty key (decode rows only) is captured at its first call."""
 
-    MAX_GRAPHS = 4  # (each set's graphs hold its pass's activations)
-    CAPTURE_AT = 3  # (benchmarks/serve.py --group-capture-at sets it; 1: every set at its first call)
+    MAX_GRAPHS = 8  # (each key's graphs hold its pass's activations)
+    CAPTURE_AT = 3  # (benchmarks/serve.py --group-capture-at sets it; 1: every key at its first call)
     _key: tuple = ()
-    _calls = 0  # calls of the current set in a row
+    _calls = 0  # calls of the current key
+    _serials: tuple = ()  # the groups in the slots now
+    _outputs = None
+    slots: list = []  # the current key's GroupSlot per resident group, in order
 
     def __call__(self):
         self._calls += 1
@@ -55,35 +129,40 @@ class PerGroupSetRunner(GraphedRunner):
             return self.run()
         return super().__call__()
 
-    def _select(self, groups: list) -> set | None:
-        """Switch to the graphs of ``groups``' set (none yet: the next call captures them); drop those of sets
-        with a group no longer resident. Returns the resident groups' serials if the set changed, else None."""
-        key = tuple(g.serial for g in groups)
-        if key == self._key:
-            return None
-        resident = {g.serial for g in self.program.groups} | set(key)
-        captured = self.__dict__.setdefault("_captured", {})
-        if self._graph is not None:
-            captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs)
-        self._graph, self._graphs, self._markers, self._outputs = captured.pop(key, (None, [], [], None))
-        self._key, self._calls = key, 0
-        for k in [k for k in captured if not set(k) <= resident]:
-            del captured[k]
-        while len(captured) > self.MAX_GRAPHS:
-            del captured[next(iter(k for k in captured if k))]
-        self.groups = groups
-        return resident
+    def _select(self, groups: list) -> None:
+        """Run beside ``groups`` from now on: the graphs and slots of their shapes' key (none yet: made, and
+        the key's next calls capture), each group loaded into its slot when the groups changed."""
+        serials = tuple(g.serial for g in groups)
+        if serials == self._serials:
+            return
+        self._serials = serials
+        key = tuple(GroupSlot.shape_of(g, self.program.pool) for g in groups)
+        if key != self._key:
+            for slot in self.slots:  # (reloaded if the key comes back: holds no ended group's tensors meanwhile)
+                slot.group = None
+            captured = self.__dict__.setdefault("_captured", {})
+            captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs, self.slots, self._calls)
+            got = captured.pop(key, None)
+            if got is None:
+                got = (None, [], [], None, [GroupSlot(shape, self.program) for shape in key], 0)
+            self._graph, self._graphs, self._markers, self._outputs, self.slots, self._calls = got
+            self._key = key
+            while len(captured) > self.MAX_GRAPHS:
+                del captured[next(iter(k for k in captured if k))]
+        for slot, g in zip(self.slots, groups):
+            slot.load(g)
 
 
 class DecodeCoreRunner(PerGroupSetRunner):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
-    at once (see module docstring): ``prepare(rows)`` then call; returns the new states [rows, 1, d]."""
+    at once, and of every member of the resident prompt groups, each in its slot (see module docstring):
+    ``prepare(rows, groups)`` then call; returns the new states [rows, 1, d], then each slot's [M, N, d] and
+    which of its members ran [M]. A call takes the new states into the loops (rule 2's device half; the
+    caller counts the iterations on the host)."""
 
     def __init__(self, program) -> None:
         self.program, self.model = program, program.model
         rows, dev = program.pool.rows, program.model.device
-        self.groups: list = []  # the prompt groups this pass runs beside the decode rows, in order (the key)
-        self._views: dict[int, tuple] = {}  # group serial -> (its chunk with our iterations, iterations, members)
         self.entry = torch.zeros(rows, dtype=torch.long, device=dev)
         self.iterations = torch.zeros(rows, dtype=torch.long, device=dev)
         self.launched = torch.zeros(rows, dtype=torch.bool, device=dev)
@@ -102,7 +181,7 @@ class DecodeCoreRunner(PerGroupSetRunner):
 
     def prepare(self, rows: list[int], groups: list = ()) -> None:
         """This step's launched rows and resident prompt groups (``_PromptGroup``), every row's entry and
-        iteration, each group's iterations and members in their loop (asynchronous copies)."""
+        iteration, each group's states, iterations and members in their loop (asynchronous copies)."""
         p = self.program
         launched = [False] * p.pool.rows
         for r in rows:
@@ -110,27 +189,19 @@ class DecodeCoreRunner(PerGroupSetRunner):
         copy_from_host(self.launched, launched)
         self.copy_entries()
         copy_from_host(self.iterations, p.loop.t)
-        self._use(list(groups))
-        for g in self.groups:
-            _, iterations, members = self._views[g.serial]
-            copy_from_host(iterations, g.loop.t)
-            copy_from_host(members, [i in g.live for i in range(len(g.rows))])
+        self._select(list(groups))
+        for slot in self.slots:
+            g, m, n = slot.group, slot.m, slot.n
+            copy_from_host(slot.chunk.iterations[:m], g.loop.t)
+            copy_from_host(slot.members[:m], [i in g.live for i in range(m)])
+            slot.active[:m].copy_(g.loop.active)
+            slot.s[:m, :n].copy_(g.loop.s)
 
-    def _use(self, groups: list) -> None:
-        """Run beside ``groups`` from now on (their set's graphs, ``_select``): views of new groups made,
-        those of ended groups dropped."""
-        resident = self._select(groups)
-        if resident is None:
-            return
-        dev = self.program.model.device
-        for g in groups:
-            if g.serial not in self._views:
-                rows = len(g.rows)
-                iterations = torch.zeros(rows, dtype=torch.long, device=dev)
-                members = torch.zeros(rows, dtype=torch.bool, device=dev)
-                self._views[g.serial] = (dataclasses.replace(g.chunk, iterations=iterations), iterations, members)
-        for serial in [s for s in self._views if s not in resident]:
-            del self._views[serial]
+    def __call__(self) -> tuple[Tensor, ...]:
+        out = super().__call__()
+        for j, slot in enumerate(self.slots):  # each group's loop takes its members' new states
+            slot.group.loop.take(out[1 + 2 * j][: slot.m, : slot.n], out[2 + 2 * j][: slot.m])
+        return out
 
     def copy_entries(self) -> None:
         """Every row's entry to the device, when a unit began since the last copy (the three passes of a
@@ -141,42 +212,38 @@ class DecodeCoreRunner(PerGroupSetRunner):
             p.entries_changed = False
 
     def run(self) -> tuple[Tensor, ...]:
-        """The iteration, taken by the rows and members that ran it (``LatentLoop.take``: the caller counts
-        it on the host). Returns the new states: the pool rows' [rows, 1, d], then each group's [members, n, d]."""
+        """The iteration; the pool rows that ran it take their new states (``LatentLoop.take``), the groups'
+        members theirs at the call. Returns the pool rows' new states [rows, 1, d], then per slot its new
+        states [M, N, d] and which members ran [M]."""
         p, pool = self.program, self.program.pool
-        loops, chunks, actives = [p.loop], [self.chunk], [p.loop.active & self.launched]
-        inputs = [p.e]
-        for g in self.groups:
-            chunk, _, members = self._views[g.serial]
-            loops.append(g.loop)
-            chunks.append(chunk)
-            actives.append(g.loop.active & members)
-            inputs.append(g.e)
+        chunks, actives, states, inputs = [self.chunk], [p.loop.active & self.launched], [p.loop.s], [p.e]
+        for slot in self.slots:
+            chunks.append(slot.chunk)
+            actives.append(slot.active & slot.members)
+            states.append(slot.s)
+            inputs.append(slot.e)
         for chunk, active in zip(chunks, actives):
             pool.mark_iteration(chunk, None, active)
         packed = Packed(chunks, actives)
-        states = packed.pack([loop.s for loop in loops])
         new = packed.unpack(
-            self.model.core_iteration(states, packed.pack(inputs), pool, packed, None, None, p._rope(packed))
+            self.model.core_iteration(
+                packed.pack(states), packed.pack(inputs), pool, packed, None, None, p._rope(packed)
+            )
         )
-        for loop, x, active in zip(loops, new, actives):
-            loop.take(x, active)
-        return tuple(new)
+        p.loop.take(new[0], actives[0])
+        return (new[0], *(t for pair in zip(new[1:], actives[1:]) for t in pair))
 
 
 class DecodeHeadRunner(PerGroupSetRunner):
     """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit and of every member of the
-    prompt groups given (at each member's last real position; a group whole, at the core runner's view of
-    it), the coda's K/V written for the rows and members ``prepare`` names. Returns logits (fp32): [rows, V],
-    then [members, V] per group; the caller keeps the rows it asked for. One graph per set of groups, as the
-    core runner."""
+    prompt groups given (at each member's last real position; each group in a slot of its own, as the core
+    runner's), the coda's K/V written for the rows and members ``prepare`` names. Returns logits (fp32): [rows,
+    V], then [members, V] per group (``run``: [M, V] per slot); the caller keeps the rows it asked for. One
+    graph per key of group shapes, as the core runner."""
 
     def __init__(self, core: DecodeCoreRunner) -> None:
         self.core, self.program, self.model = core, core.program, core.model
         self.write = torch.zeros(core.program.pool.rows, dtype=torch.bool, device=core.program.model.device)
-        self.groups: list = []
-        self._writes: dict[int, Tensor] = {}  # group serial -> which members' coda K/V are written
-        self._at = core.chunk.rows  # each row's (then member's) logits position in the packed sequence
 
     def prepare(self, rows: Tensor | None, write: Tensor | None, groups: list = ()) -> None:
         """``rows`` (a device index, or None) whose K/V are written where ``write`` (aligned with ``rows``);
@@ -185,37 +252,31 @@ class DecodeHeadRunner(PerGroupSetRunner):
         self.write.zero_()
         if rows is not None:
             self.write[rows] = write
-        self._use([g for g, _, _ in groups])
-        for g, members, w in groups:
-            mask = self._writes[g.serial]
-            mask.zero_()
-            mask[members] = w
+        self._select([g for g, _, _ in groups])
+        for slot, (g, members, w) in zip(self.slots, groups):
+            slot.members.zero_()
+            slot.members[: slot.m][members] = w  # (``members`` may be a slice: every member)
+            slot.s[: slot.m, : slot.n].copy_(g.loop.s)
 
-    def _use(self, groups: list) -> None:
-        resident = self._select(groups)
-        if resident is None:
-            return
-        dev = self.program.model.device
-        rows = self.program.pool.rows
-        at, offset = list(range(rows)), rows  # token i of the packed sequence is pool row i's, then the groups'
-        for g in groups:
-            self._writes.setdefault(g.serial, torch.zeros(len(g.rows), dtype=torch.bool, device=dev))
-            n = g.chunk.n
-            at += [offset + i * n + length - 1 for i, length in enumerate(g.lengths)]
-            offset += len(g.rows) * n
-        self._at = to_device(at, dev)
-        for serial in [s for s in self._writes if s not in resident]:
-            del self._writes[serial]
+    def __call__(self) -> tuple[Tensor, ...]:
+        out = super().__call__()
+        return (out[0], *(logits[: slot.m] for logits, slot in zip(out[1:], self.slots)))  # each group's members
 
     def run(self) -> tuple[Tensor, ...]:
         p = self.program
         chunks, writes, states = [self.core.chunk], [self.write], [p.loop.s]
-        for g in self.groups:
-            chunks.append(self.core._views[g.serial][0])
-            writes.append(self._writes[g.serial])
-            states.append(g.loop.s)
+        at, offset = (
+            [self.core.chunk.rows],
+            p.pool.rows,
+        )  # token i of the packed sequence: pool row i's, then the slots'
+        for slot in self.slots:
+            chunks.append(slot.chunk)
+            writes.append(slot.members)
+            states.append(slot.s)
+            at.append(slot.last + offset)
+            offset += slot.s.shape[0] * slot.s.shape[1]
         packed = Packed(chunks, writes)
-        logits = self.model.head(packed.pack(states), p.pool, packed, None, p._rope(packed), at=self._at)[:, -1]
+        logits = self.model.head(packed.pack(states), p.pool, packed, None, p._rope(packed), at=torch.cat(at))[:, -1]
         return tuple(logits.split([len(c.starts) for c in chunks]))
 
 
