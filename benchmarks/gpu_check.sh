@@ -196,10 +196,10 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
     --out "$LOGS/serve.json" >"$LOGS/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
   tail -14 "$LOGS/serve.log" | tee -a "$LOG"
-  # the capture policy of sets of resident prompt groups: every set at its first step (the runtime's policy
-  # until 2026-12-04's fifth session; on the CPU's trace under depth a set lasted 1-2 steps) against the
-  # default above (a set captured at its third step in a row): compare step_ms and captures
-  stamp "serving: prompt-group sets captured at their first step"
+  # the capture policy of the prompt groups' passes, one graph per key of slot shapes: every key at its first
+  # call against the default above (at its third; on the CPU's count, 17 against 9 captures a run for ~9
+  # fewer eager ops a step under depth): compare step_ms and captures
+  stamp "serving: prompt-group slot shapes captured at their first call"
   timeout 100 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
     --group-capture-at 1 --out "$LOGS/serve_capture_first.json" >"$LOGS/serve_capture_first.log" 2>&1
   echo "serve (capture at first) exit $?" | tee -a "$LOG"

@@ -120,7 +120,7 @@ def replay(
     """Serve ``trace`` in real time with one scheduler; the figures of the run and every request's depths.
     ``profile_steps``: then serve it again, untimed, and profile that many steps from the tenth
     (benchmarks/step_profile.py; the record's ``profile``). ``group_capture_at``: the engine's captured
-    passes record a set of resident prompt groups at its N-th step in a row (None: the runtime's default)."""
+    passes record a key of prompt-group slot shapes at its N-th call (None: the runtime's default)."""
     max_len = min(max_len, model.config.block_size)
     slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
     kind, edge_cost = parse_scheduler(scheduler)
@@ -165,7 +165,7 @@ def replay(
         "graph_share": m.graph_passes / max(m.passes, 1),
         "decode_graph": getattr(getattr(engine.program, "decode_core", None), "_graph", None) is not None,
         # CUDA graphs recorded by the captured passes' runners (a capture costs about two eager passes and a
-        # synchronize; a set of resident prompt groups is captured at its --group-capture-at-th step in a row)
+        # synchronize; a key of prompt-group slot shapes is captured at its --group-capture-at-th call)
         "captures": sum(r.captures for r in _runners(engine)),
         # the program's passes beside a core iteration's, in weights read (its own estimate, from the weights)
         "prelude_cost": engine.program.prelude_cost,
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "--group-capture-at",
         type=cli.at_least(1),
         default=None,
-        help="capture a set of resident prompt groups' passes at its N-th step in a row (default: the "
+        help="capture the passes of a key of prompt-group slot shapes at its N-th call (default: the "
         "runtime's, 3; 1: at its first)",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -426,8 +426,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     graphs = ", ".join(s for s, r in runs.items() if r["decode_graph"]) or "none"
     print(
         f"# backend {model.backend.name}: pool decode attention {'fused (Triton)' if fused else 'reference'}; "
-        f"decode rows' core pass captured as a CUDA graph in: {graphs}; a set of resident prompt groups "
-        f"captured at its step {args.group_capture_at or PerGroupSetRunner.CAPTURE_AT} in a row"
+        f"decode rows' core pass captured as a CUDA graph in: {graphs}; a key of prompt-group slot shapes "
+        f"captured at its call {args.group_capture_at or PerGroupSetRunner.CAPTURE_AT}"
     )
     print(
         f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "

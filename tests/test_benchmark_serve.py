@@ -152,7 +152,7 @@ def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["--quick", "--requests", "3", "--rate", "inf", "--schedulers", "depth", "--group-capture-at", "2"]
     assert main([*argv, "--out", str(out)]) == 0
-    assert "a set of resident prompt groups captured at its step 2 in a row" in capsys.readouterr().out
+    assert "a key of prompt-group slot shapes captured at its call 2" in capsys.readouterr().out
     assert [r["captures"] for r in json.loads(out.read_text())["runs"]] == [0]  # (graphs are CUDA's)
     with pytest.raises(SystemExit):
         main([*argv[:-1], "0"])
