@@ -93,9 +93,9 @@ class GroupSlot:
             static[:m, :n].copy_(value)
         c.valid.zero_()
         c.valid[:m, :n].copy_(own.valid)
-        for static, value in ((self.e, group.e), (self.s, group.loop.s)):
-            static.zero_()
-            static[:m, :n].copy_(value)
+        self.e.zero_()
+        self.e[:m, :n].copy_(group.e)
+        self.s.zero_()  # (the runners copy the group's states in at each call)
         self.members.zero_()
         self.active.zero_()
         c.iterations.zero_()
@@ -265,10 +265,8 @@ class DecodeHeadRunner(PerGroupSetRunner):
     def run(self) -> tuple[Tensor, ...]:
         p = self.program
         chunks, writes, states = [self.core.chunk], [self.write], [p.loop.s]
-        at, offset = (
-            [self.core.chunk.rows],
-            p.pool.rows,
-        )  # token i of the packed sequence: pool row i's, then the slots'
+        # the packed sequence's token i is pool row i's, then the slots' tokens follow
+        at, offset = [self.core.chunk.rows], p.pool.rows
         for slot in self.slots:
             chunks.append(slot.chunk)
             writes.append(slot.members)
