@@ -142,13 +142,13 @@ def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     default stays), each run records its captures (none off CUDA), and the header says which step captures."""
     from benchmarks.serve import _engine
     from latentrt.backends import get_backend
-    from latentrt.decode.recurrent_serving_graph import PerGroupSetRunner
+    from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
 
     model = latentrt.load("builtin:recurrent")
     model.backend = get_backend("triton", model)
     engine = _engine(model, group_capture_at=1, max_batch=2, max_len=64, kv_slots=64)
     assert engine.program.decode_core.CAPTURE_AT == engine.program.decode_head.CAPTURE_AT == 1
-    assert PerGroupSetRunner.CAPTURE_AT == 3 and _engine(model, max_batch=2).program.decode_core.CAPTURE_AT == 3
+    assert GroupSlotsRunner.CAPTURE_AT == 3 and _engine(model, max_batch=2).program.decode_core.CAPTURE_AT == 3
     out = tmp_path / "serve.json"
     argv = ["--quick", "--requests", "3", "--rate", "inf", "--schedulers", "depth", "--group-capture-at", "2"]
     assert main([*argv, "--out", str(out)]) == 0

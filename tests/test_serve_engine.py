@@ -842,9 +842,9 @@ def _serve_with_simulated_graphs(monkeypatch, capture_at: int):
     (key, how: eager / capture / replay), the replays, each runner's (key, graph held, other sets' graphs) at
     the end, and the (request, (prompt, options)) pairs served."""
     from benchmarks.simulated_graphs import SimulatedGraphs
-    from latentrt.decode.recurrent_serving_graph import PerGroupSetRunner
+    from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
 
-    monkeypatch.setattr(PerGroupSetRunner, "CAPTURE_AT", capture_at)
+    monkeypatch.setattr(GroupSlotsRunner, "CAPTURE_AT", capture_at)
     model, engine = _engine_on_triton(max_batch=4)
     runner, head = engine.program.decode_core, engine.program.decode_head
     calls = []

@@ -16,7 +16,7 @@ graph per tuple of shapes (``key``), replayed by every set of groups of those sh
 step or two (a group begins or ends), and a graph per set was captured, and mostly run eagerly before its
 capture, more often than replayed (on 2026-12-04 an eager pass with a prompt group cost a serving step at
 Huginn-0125's shape most of its host time). A key with groups is captured at its third call
-(``PerGroupSetRunner.CAPTURE_AT``). The head
+(``GroupSlotsRunner.CAPTURE_AT``). The head
 pass of decode rows (coda -> lm_head, for logit criteria every check and for sampling) is the same: every
 pool row's logits, the coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the
 prelude of the tokens that begin their units (``DecodePreludeRunner``).
@@ -103,7 +103,7 @@ class GroupSlot:
         self.group, self.m, self.n = group, m, n
 
 
-class PerGroupSetRunner(GraphedRunner):
+class GroupSlotsRunner(GraphedRunner):
     """A runner whose launches depend on the shapes of the resident prompt groups: each group in a
     ``GroupSlot`` of its bucket's shape, one set of graphs (and slots) per tuple of shapes (``key``), kept
     across sets of groups of those shapes, at most MAX_GRAPHS keys besides the current one (the oldest
@@ -153,7 +153,7 @@ class PerGroupSetRunner(GraphedRunner):
             slot.load(g)
 
 
-class DecodeCoreRunner(PerGroupSetRunner):
+class DecodeCoreRunner(GroupSlotsRunner):
     """One core iteration of the one-position units of ``program`` (a ``RecurrentServing``), all pool rows
     at once, and of every member of the resident prompt groups, each in its slot (see module docstring):
     ``prepare(rows, groups)`` then call; returns the new states [rows, 1, d], then each slot's [M, N, d] and
@@ -234,7 +234,7 @@ class DecodeCoreRunner(PerGroupSetRunner):
         return (new[0], *(t for pair in zip(new[1:], actives[1:]) for t in pair))
 
 
-class DecodeHeadRunner(PerGroupSetRunner):
+class DecodeHeadRunner(GroupSlotsRunner):
     """The head (coda -> ln_f -> lm_head) of every pool row's one-position unit and of every member of the
     prompt groups given (at each member's last real position; each group in a slot of its own, as the core
     runner's), the coda's K/V written for the rows and members ``prepare`` names. Returns logits (fp32): [rows,
