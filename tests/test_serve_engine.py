@@ -939,6 +939,42 @@ def test_a_key_of_group_shapes_is_captured_only_at_its_third_call(monkeypatch):
     _assert_served_as_alone(model, served)
 
 
+def test_keys_of_group_shapes_never_captured_are_dropped_before_captured_ones(monkeypatch):
+    """At most MAX_GRAPHS keys are kept besides the current one: the oldest key not yet captured goes first (a
+    captured key's graphs cost a capture to make again), then the oldest; the empty key never."""
+    from types import SimpleNamespace
+
+    from latentrt.decode import recurrent_serving_graph as graphs
+
+    class Slot:  # (a key's slots: their shapes alone)
+        def __init__(self, shape, program):
+            self.shape, self.group = shape, None
+
+        shape_of = staticmethod(lambda group, pool: group.shape)
+
+        def load(self, group):
+            self.group = group
+
+    monkeypatch.setattr(graphs, "GroupSlot", Slot)
+    runner = graphs.GroupSlotsRunner()
+    runner.program, runner.MAX_GRAPHS = SimpleNamespace(pool=None), 2
+    group = [SimpleNamespace(serial=i, shape=(1, 8 * (i + 1), 8 * (i + 1))) for i in range(4)]
+    runner._select([group[0]])
+    runner._graph = "captured"  # (the key of group 0's shape: captured)
+    for g in group[1:]:
+        runner._select([g])
+    assert list(runner._captured) == [(), (group[0].shape,)]  # group 1's key (never captured) went first
+    runner._select([group[0]])  # back: its graph restored, its slot loaded again
+    assert runner._graph == "captured" and [s.group for s in runner.slots] == [group[0]]
+    assert list(runner._captured) == [(), (group[3].shape,)]
+    runner = graphs.GroupSlotsRunner()  # every key captured: the oldest goes
+    runner.program, runner.MAX_GRAPHS = SimpleNamespace(pool=None), 2
+    for g in group[:3]:
+        runner._select([g])
+        runner._graph = f"graph {g.serial}"
+    assert list(runner._captured) == [(), (group[1].shape,)] and runner._graph == "graph 2"
+
+
 def test_latency_samples_are_bounded(monkeypatch):
     """A server runs for days: the engine keeps the latest LATENCY_SAMPLES first-token and inter-token
     latencies (lists of every one grew with every token served), and the served requests' are recorded."""

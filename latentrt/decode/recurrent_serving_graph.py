@@ -106,8 +106,8 @@ class GroupSlot:
 class GroupSlotsRunner(GraphedRunner):
     """A runner whose launches depend on the shapes of the resident prompt groups: each group in a
     ``GroupSlot`` of its bucket's shape, one set of graphs (and slots) per tuple of shapes (``key``), kept
-    across sets of groups of those shapes, at most MAX_GRAPHS keys besides the current one (the oldest
-    dropped first; the empty key's never).
+    across sets of groups of those shapes, at most MAX_GRAPHS keys besides the current one (dropped oldest
+    first, keys not yet captured before captured ones, whose graphs cost a capture; the empty key's never).
 
     A key with groups is captured at its CAPTURE_AT-th call (every set of its shapes counted), its calls
     before run eagerly: a capture costs about two eager calls and a synchronize. Sets of groups are
@@ -147,8 +147,9 @@ class GroupSlotsRunner(GraphedRunner):
                 got = (None, [], [], None, [GroupSlot(shape, self.program) for shape in key], 0)
             self._graph, self._graphs, self._markers, self._outputs, self.slots, self._calls = got
             self._key = key
-            while len(captured) > self.MAX_GRAPHS:
-                del captured[next(iter(k for k in captured if k))]
+            while len(captured) > self.MAX_GRAPHS:  # the oldest key never captured first, then the oldest
+                keys = [k for k in captured if k]
+                del captured[next((k for k in keys if captured[k][0] is None), keys[0])]
         for slot, g in zip(self.slots, groups):
             slot.load(g)
 
