@@ -16,10 +16,9 @@ graph per tuple of shapes (``key``), replayed by every set of groups of those sh
 step or two (a group begins or ends), and a graph per set was captured, and mostly run eagerly before its
 capture, more often than replayed (on 2026-12-04 an eager pass with a prompt group cost a serving step at
 Huginn-0125's shape most of its host time). A key with groups is captured at its third call
-(``GroupSlotsRunner.CAPTURE_AT``). The head
-pass of decode rows (coda -> lm_head, for logit criteria every check and for sampling) is the same: every
-pool row's logits, the coda's K/V written for the rows asked for (``DecodeHeadRunner``), and so is the
-prelude of the tokens that begin their units (``DecodePreludeRunner``).
+(``GroupSlotsRunner.CAPTURE_AT``). The head pass of decode rows (coda -> lm_head, for logit criteria every
+check and for sampling) is the same: every pool row's logits, the coda's K/V written for the rows asked for
+(``DecodeHeadRunner``), and so is the prelude of the tokens that begin their units (``DecodePreludeRunner``).
 """
 
 from __future__ import annotations
