@@ -105,6 +105,17 @@ def _put(state, ix, value) -> None:
         state[ix] = value
 
 
+def _put_where(state, mask: Tensor, value) -> None:
+    """A criterion's per-row state takes ``value`` (every row's) where ``mask`` [R], in place."""
+    if state is None:
+        return
+    if isinstance(state, tuple):
+        for s, v in zip(state, value):
+            _put_where(s, mask, v)
+    else:
+        state.copy_(torch.where(mask.view(-1, *[1] * (state.dim() - 1)), value, state))
+
+
 class LatentLoop:
     """The latent loops of R rows following the rules above, each row at its own iteration with its own
     ``LoopSpec``: the one implementation of rules 2-5.
@@ -215,10 +226,42 @@ class LatentLoop:
         if logits is not None:
             self.out[ix] = torch.where(exits[:, None], logits, self.out[ix])
             self.checked_logits[ix] = logits
-            for r in rows.list:
-                self.checked[r] = True
+            self.checked_on_host(rows.list)
         self.active[ix] = active & ~exits
         return exits
+
+    def due(self, rows: Rows) -> dict[ExitCriterion, list[int]]:
+        """Of ``rows``, those whose criterion runs after the iteration each runs next (rule 3; ``checking``
+        asks the same after it), by criterion: what a captured pass checks by masks (``check_where``)."""
+        due: dict[ExitCriterion, list[int]] = {}
+        for r in rows.list:
+            if self.specs[r].checks_at(self.t[r]):
+                due.setdefault(self.specs[r].criterion, []).append(r)
+        return due
+
+    def check_where(self, crit: ExitCriterion, checking: Tensor, logits: Tensor | None, valid: Tensor) -> None:
+        """``check`` by masks over every row (no index, no host value: capturable in a CUDA graph): the rows
+        where ``checking`` [R] (all under ``crit``) run rules 3-4 exactly as ``check`` runs them (the criterion
+        computed for every row, taken only where checking); the others keep their states, references, criterion
+        states and logits. ``logits`` [R, V] every row's (logit criteria), ``valid`` [R, n]. The host half,
+        for logit criteria: ``checked_on_host``."""
+        prev, new = self.reference, self.s
+        if prev.dim() == 2:  # one position per row: [R, d] -> [R, 1, d]
+            prev, new = prev[:, None], new[:, None]
+        state = self._criterion_state(crit)
+        met, updated = crit.update(state, prev, new, logits, valid, self.ops)
+        exits = met & self.active & checking
+        _put_where(state, checking, updated)
+        self.reference.copy_(torch.where(checking[self._expand], self.s, self.reference))
+        if logits is not None:
+            self.out.copy_(torch.where(exits[:, None], logits, self.out))
+            self.checked_logits.copy_(torch.where(checking[:, None], logits, self.checked_logits))
+        self.active &= ~exits
+
+    def checked_on_host(self, rows: list[int]) -> None:
+        """``check_where``'s host half for a logit criterion: ``rows`` have checked logits (rule 5 reads them)."""
+        for r in rows:
+            self.checked[r] = True
 
     def at_end(self, row: int) -> bool:
         """Whether a row ran its r_max iterations (host)."""

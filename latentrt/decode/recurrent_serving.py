@@ -105,6 +105,7 @@ class RecurrentServing(ServingProgram):
         self.e = torch.zeros(rows, 1, cfg.n_embd, dtype=dt, device=dev)  # each row's prelude output
         self.last = torch.zeros(rows, 1, cfg.n_embd, dtype=dt, device=dev)  # each row's last final state
         self.position = torch.zeros(rows, dtype=torch.long, device=dev)  # model position of each row's entry
+        self.one_position = torch.ones(rows, 1, dtype=torch.bool, device=dev)  # every row's unit's real positions
         self.entry = [0] * rows  # host: timeline index of each row's current entry
         self.entries_changed = True  # since the graphed passes last copied ``entry`` to the device
         self.requests: dict[int, _Request] = {}  # row -> its request
@@ -126,11 +127,40 @@ class RecurrentServing(ServingProgram):
         self.decode_prelude = DecodePreludeRunner(self.decode_core) if graphed else None
         self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
         self._serial = 0  # prompt groups begun
+        self._criteria: dict[bool, tuple] = {True: (), False: ()}  # ``criteria`` (logit ones, state ones)
+
+    MAX_CRITERIA = 4  # of a kind that ``criteria`` keeps once no resident request checks them
+
+    def criteria(self, logits: bool) -> tuple:
+        """The exit criteria on logits (or on states) that the captured passes check for the one-position units
+        (recurrent_serving_graph.py: part of their graphs' key), in a fixed order: every one a request admitted
+        since the start could check, so the key changes only when a new one comes (or, past MAX_CRITERIA of a
+        kind, the resident requests' alone)."""
+        return self._criteria[logits]
+
+    @staticmethod
+    def _unit_criteria(decoder) -> list:
+        """The criteria a request's one-position units check (its tokens'; its prompt positions' too when each
+        is a unit)."""
+        specs = (decoder.spec, decoder.prefill_spec) if decoder.adaptive_prefill else (decoder.spec,)
+        return [s.criterion for s in specs if not s.criterion.never_exits]
+
+    def _add_criteria(self, decoder) -> None:
+        for crit in self._unit_criteria(decoder):
+            kind = crit.needs_logits
+            if crit in self._criteria[kind]:
+                continue
+            found = {*self._criteria[kind], crit}
+            if len(found) > self.MAX_CRITERIA:
+                resident = (c for rec in self.requests.values() for c in self._unit_criteria(rec.request.decoder))
+                found = {c for c in resident if c.needs_logits == kind}
+            self._criteria[kind] = tuple(sorted(found, key=lambda c: (c.name, c.threshold)))
 
     # ---------------------------------------------------------------- units begin
     def admit(self, request) -> None:
         dec, row = request.decoder, request.row
         rec = self.requests[row] = _Request(request)
+        self._add_criteria(dec)
         self.loop.specs[row], self.loop.t[row] = dec.spec, 0  # the row's decode loop: inactive until a token
         self.entry[row] = 0
         self.entries_changed = True
@@ -283,11 +313,15 @@ class RecurrentServing(ServingProgram):
         row is still in its loop."""
         model, pool = self.model, self.pool
         in_loop = [self._in_loop(p) for p in parts]
+        due: dict = {}  # the captured passes: the decode rows' checks (criterion -> rows), run in the passes
         if self.decode_core is not None:  # the captured pass: every pool row, each resident group whole
             groups = [p.group for p in parts if p.group is not None]
-            decode = [p.rows.list for p in parts if p.group is None]
-            self.decode_core.prepare(decode[0] if decode else [], groups)
-            self.decode_core()  # (which takes the new states: rule 2's device half)
+            decode = [(p.rows.list, rows) for p, (rows, _) in zip(parts, in_loop) if p.group is None]
+            if decode:
+                due = self.loop.due(decode[0][1])
+            on_states = {c: rows for c, rows in due.items() if not c.needs_logits}
+            self.decode_core.prepare(decode[0][0] if decode else [], groups, on_states)
+            self.decode_core()  # (which takes the new states, rule 2's device half, and checks ``on_states``)
             self.count_pass(graph=True)
             for p, (rows, _) in zip(parts, in_loop):
                 p.loop.count(rows)
@@ -303,7 +337,13 @@ class RecurrentServing(ServingProgram):
             for p, (rows, at), x in zip(parts, in_loop, new):
                 p.loop.advance(rows, x if at is None else x[at])
         heads = []
+        on_logits = {c: rows for c, rows in due.items() if c.needs_logits}
         for p, (rows, _) in zip(parts, in_loop):
+            if p.loop is self.loop and self.decode_core is not None:  # checked in the captured passes
+                with_logits = {r for c in on_logits.values() for r in c}
+                if with_logits:
+                    heads.append(self._sub(p, rows.subset([r in with_logits for r in rows.list], self.model.device)))
+                continue
             with_logits, without = p.loop.checking(rows)
             if len(without):
                 p.loop.check(without, None, self._valid(p, without))
@@ -311,9 +351,12 @@ class RecurrentServing(ServingProgram):
                 heads.append(self._sub(p, with_logits))
         self.step_cost = 1.0 + (self.head_cost if heads else 0.0)
         if heads:
-            logits = self._heads(heads, [h.loop.active[h.rows.index] for h in heads])
+            logits = self._heads(heads, [h.loop.active[h.rows.index] for h in heads], on_logits)
             for h, lg in zip(heads, logits):
-                h.loop.check(h.rows, lg, self._valid(h, h.rows))
+                if h.loop is self.loop and self.decode_core is not None:
+                    self.loop.checked_on_host(h.rows.list)
+                else:
+                    h.loop.check(h.rows, lg, self._valid(h, h.rows))
         return torch.cat([p.loop.active[p.rows.index] for p in parts])
 
     def _in_loop(self, part: _Part) -> tuple[Rows, Tensor | None]:
@@ -347,17 +390,18 @@ class RecurrentServing(ServingProgram):
         """Which positions of ``rows`` (a part's) are real: every one of a one-position unit (without building
         its chunk), a prompt's first ``lengths``."""
         if part.loop is self.loop and part._chunk is None:
-            return torch.ones(len(rows), 1, dtype=torch.bool, device=self.model.device)
+            return self.one_position[: len(rows)]
         return self._sub(part, rows).chunk.valid
 
-    def _heads(self, parts: list[_Part], active: list[Tensor]) -> list[Tensor]:
+    def _heads(self, parts: list[_Part], active: list[Tensor], checks: dict | None = None) -> list[Tensor]:
         """Next-token logits [R, V] of each part's rows (at its rows' last real positions), in one pass
-        (``Packed``); the coda's K/V written for ``active``."""
+        (``Packed``); the coda's K/V written for ``active``; the captured pass also checks the decode rows
+        ``checks`` names (criterion -> rows, logit criteria)."""
         model = self.model
         if self.decode_head is not None:  # the captured head of every pool row and each group's members
             decode = [(p.rows.index, a) for p, a in zip(parts, active) if p.group is None]
             groups = [(p.group, p.rows.index, a) for p, a in zip(parts, active) if p.group is not None]
-            self.decode_head.prepare(*(decode[0] if decode else (None, None)), groups)
+            self.decode_head.prepare(*(decode[0] if decode else (None, None)), groups, checks)
             out = self.decode_head()
             at = {g.serial: i + 1 for i, (g, _, _) in enumerate(groups)}
             self.count_pass(self.head_cost, graph=True)

@@ -4,21 +4,23 @@ A server step (decode/recurrent_serving.py) runs one core iteration for every ru
 one-position units run (no prompt group in its loop) and the pool's decode attention is fused
 (latentrt/kernels/pool_attention.py: no host value, no data-dependent shape), that iteration is a fixed
 sequence of launches over *every* pool row: rows not launched this step are inactive (they write no K/V and
-their outputs are dropped), and what changes between steps lives in device tensors: the rows' states,
-prelude outputs, positions and loop flags (the program's own per-row tensors, updated in place) and their
-timeline entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the
-whole pass (``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling
-only; elsewhere (the interpreter tests) it runs eagerly, the same code. Prompt groups in their loops join that
-pass whole, each in a slot of its bucket's shape (``GroupSlot``: members, positions and keys rounded up to
-powers of two; padding masked), members out of their loop masked (no K/V, no timeline mark, outputs dropped)
-like idle pool rows. The pass's launches then depend only on the shapes of the resident groups' slots, so one
-graph per tuple of shapes (``key``), replayed by every set of groups of those shapes: sets of groups last a
-step or two (a group begins or ends), and a graph per set was captured, and mostly run eagerly before its
-capture, more often than replayed (on 2026-12-04 an eager pass with a prompt group cost a serving step at
-Huginn-0125's shape most of its host time). A key with groups is captured at its third call
+their outputs are dropped), and what changes between steps lives in device tensors: the rows' states, prelude
+outputs, positions and loop flags (the program's own per-row tensors, updated in place) and their timeline
+entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the whole pass
+(``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling only; elsewhere
+(the interpreter tests) it runs eagerly, the same code. Prompt groups in their loops join that pass whole,
+each in a slot of its bucket's shape (``GroupSlot``: members, positions and keys rounded up to powers of two;
+padding masked), members out of their loop masked (no K/V, no timeline mark, outputs dropped) like idle pool
+rows. The pass's launches then depend only on the shapes of the resident groups' slots, so one graph per tuple
+of shapes (``key``, with the exit criteria the pass checks), replayed by every set of groups of those shapes:
+sets of groups last a step or two (a group begins or ends), and a graph per set was captured, and mostly run
+eagerly before its capture, more often than replayed (on 2026-12-04 an eager pass with a prompt group cost a
+serving step at Huginn-0125's shape most of its host time). A key with groups is captured at its third call
 (``GroupSlotsRunner.CAPTURE_AT``). The head pass of decode rows (coda -> lm_head, for logit criteria every
 check and for sampling) is the same: every pool row's logits, the coda's K/V written for the rows asked for
 (``DecodeHeadRunner``), and so is the prelude of the tokens that begin their units (``DecodePreludeRunner``).
+The decode rows' exit checks run inside the core pass (criteria on states) and the head pass (on logits), by
+masks over every pool row (``LatentLoop.check_where``): a step's checks cost no launch of their own.
 """
 
 from __future__ import annotations
@@ -103,54 +105,90 @@ class GroupSlot:
 
 
 class GroupSlotsRunner(GraphedRunner):
-    """A runner whose launches depend on the shapes of the resident prompt groups: each group in a
-    ``GroupSlot`` of its bucket's shape, one set of graphs (and slots) per tuple of shapes (``key``), kept
-    across sets of groups of those shapes, at most MAX_GRAPHS keys besides the current one (dropped oldest
-    first, keys not yet captured before captured ones, whose graphs cost a capture; the empty key's never).
+    """A runner whose launches depend on the shapes of the resident prompt groups and on the exit criteria it
+    checks: each group in a ``GroupSlot`` of its bucket's shape, one set of graphs (and slots) per ``key`` (the
+    criteria, the tuple of shapes), kept across sets of groups of those shapes, at most MAX_GRAPHS keys besides
+    the current one (dropped oldest first, keys not yet captured before captured ones, whose graphs cost a
+    capture; keys without groups last).
 
     A key with groups is captured at its CAPTURE_AT-th call (every set of its shapes counted), its calls
     before run eagerly: a capture costs about two eager calls and a synchronize. Sets of groups are
     short-lived (on the CPU, the built-in model's serving trace at 200 requests/s: under the depth scheduler
     24 sets with groups in 84 steps, 13 of them for one step, 11 for two); keyed by shapes, later sets replay
-    the graphs of earlier ones. The empty key (decode rows only) is captured at its first call."""
+    the graphs of earlier ones. A key without groups (decode rows only) is captured at its first call.
+
+    The decode rows' exit checks run in the pass too (``LatentLoop.check_where``), one criterion after
+    another (``criteria``: those of the resident requests that this runner checks, sorted), each for the
+    rows ``check_as`` marks (copied in each call, all false in a call that checks nothing)."""
 
     MAX_GRAPHS = 8  # (each key's graphs hold its pass's activations)
     CAPTURE_AT = 3  # (benchmarks/serve.py --group-capture-at sets it; 1: every key at its first call)
-    _key: tuple = ()
+    HELD = ("_graph", "_graphs", "_markers", "_outputs", "slots", "_calls", "check_as")  # per key
+    _key: tuple = ((), ())
     _calls = 0  # calls of the current key
     _serials: tuple = ()  # the groups in the slots now
     _outputs = None
     slots: list = []  # the current key's GroupSlot per resident group, in order
+    check_as = None  # the current key's [criteria, pool rows] bool: which rows each criterion checks
+
+    @property
+    def criteria(self) -> tuple:
+        return self._key[0]
 
     def __call__(self):
         self._calls += 1
-        if self._graph is None and self._key and self._calls < self.CAPTURE_AT:
+        if self._graph is None and self._key[1] and self._calls < self.CAPTURE_AT:
             return self.run()
         return super().__call__()
 
-    def _select(self, groups: list) -> None:
-        """Run beside ``groups`` from now on: the graphs and slots of their shapes' key (none yet: made, and
-        the key's next calls capture), each group loaded into its slot when the groups changed."""
+    def _select(self, groups: list, criteria: tuple = ()) -> None:
+        """Run beside ``groups``, checking ``criteria``, from now on: the graphs and slots of their key (none
+        yet: made, and the key's next calls capture), each group loaded into its slot when the groups changed."""
         serials = tuple(g.serial for g in groups)
-        if serials == self._serials:
+        key = (criteria, tuple(GroupSlot.shape_of(g, self.program.pool) for g in groups))
+        if serials == self._serials and key == self._key:
             return
         self._serials = serials
-        key = tuple(GroupSlot.shape_of(g, self.program.pool) for g in groups)
         if key != self._key:
             for slot in self.slots:  # (reloaded if the key comes back: holds no ended group's tensors meanwhile)
                 slot.group = None
             captured = self.__dict__.setdefault("_captured", {})
-            captured[self._key] = (self._graph, self._graphs, self._markers, self._outputs, self.slots, self._calls)
+            captured[self._key] = tuple(getattr(self, name) for name in self.HELD)
             got = captured.pop(key, None)
             if got is None:
-                got = (None, [], [], None, [GroupSlot(shape, self.program) for shape in key], 0)
-            self._graph, self._graphs, self._markers, self._outputs, self.slots, self._calls = got
+                check_as = None
+                if criteria:
+                    rows, dev = self.program.pool.rows, self.program.model.device
+                    check_as = torch.zeros(len(criteria), rows, dtype=torch.bool, device=dev)
+                got = (None, [], [], None, [GroupSlot(shape, self.program) for shape in key[1]], 0, check_as)
+            for name, value in zip(self.HELD, got):
+                setattr(self, name, value)
             self._key = key
-            while len(captured) > self.MAX_GRAPHS:  # the oldest key never captured first, then the oldest
-                keys = [k for k in captured if k]
-                del captured[next((k for k in keys if captured[k][0] is None), keys[0])]
+            while len(captured) > self.MAX_GRAPHS:  # with groups never captured, with groups, any: oldest first
+                keys = list(captured)
+                grouped = [k for k in keys if k[1]]
+                order = [k for k in grouped if captured[k][0] is None] + grouped + keys
+                del captured[order[0]]
         for slot, g in zip(self.slots, groups):
             slot.load(g)
+
+    def prepare_checks(self, checks: dict) -> None:
+        """Which pool rows each of the key's criteria checks in this call (``checks``: criterion -> rows)."""
+        assert set(checks) <= set(self.criteria), "a row checks a criterion the key does not"
+        if not self.criteria:
+            return
+        rows = self.program.pool.rows
+        marks = [False] * (len(self.criteria) * rows)
+        for c, crit in enumerate(self.criteria):
+            for r in checks.get(crit, ()):
+                marks[c * rows + r] = True
+        copy_from_host(self.check_as.view(-1), marks)
+
+    def run_checks(self, logits: Tensor | None) -> None:
+        """The decode rows' checks marked in ``check_as`` (every row's ``logits`` for logit criteria)."""
+        p = self.program
+        for crit, checking in zip(self.criteria, self.check_as if self.criteria else ()):
+            p.loop.check_where(crit, checking, logits, p.one_position)
 
 
 class DecodeCoreRunner(GroupSlotsRunner):
@@ -179,9 +217,10 @@ class DecodeCoreRunner(GroupSlotsRunner):
             self.iterations,
         )
 
-    def prepare(self, rows: list[int], groups: list = ()) -> None:
+    def prepare(self, rows: list[int], groups: list = (), checks: dict | None = None) -> None:
         """This step's launched rows and resident prompt groups (``_PromptGroup``), every row's entry and
-        iteration, each group's states, iterations and members in their loop (asynchronous copies)."""
+        iteration, each group's states, iterations and members in their loop (asynchronous copies); ``checks``
+        (criterion -> rows, criteria on states only): the decode rows checked after the iteration."""
         p = self.program
         launched = [False] * p.pool.rows
         for r in rows:
@@ -189,7 +228,8 @@ class DecodeCoreRunner(GroupSlotsRunner):
         copy_from_host(self.launched, launched)
         self.copy_entries()
         copy_from_host(self.iterations, p.loop.t)
-        self._select(list(groups))
+        self._select(list(groups), p.criteria(logits=False))
+        self.prepare_checks(checks or {})
         for slot in self.slots:
             g, m, n = slot.group, slot.m, slot.n
             copy_from_host(slot.chunk.iterations[:m], g.loop.t)
@@ -231,6 +271,7 @@ class DecodeCoreRunner(GroupSlotsRunner):
             )
         )
         p.loop.take(new[0], actives[0])
+        self.run_checks(None)
         return (new[0], *(t for pair in zip(new[1:], actives[1:]) for t in pair))
 
 
@@ -245,14 +286,16 @@ class DecodeHeadRunner(GroupSlotsRunner):
         self.core, self.program, self.model = core, core.program, core.model
         self.write = torch.zeros(core.program.pool.rows, dtype=torch.bool, device=core.program.model.device)
 
-    def prepare(self, rows: Tensor | None, write: Tensor | None, groups: list = ()) -> None:
+    def prepare(self, rows: Tensor | None, write: Tensor | None, groups: list = (), checks: dict | None = None) -> None:
         """``rows`` (a device index, or None) whose K/V are written where ``write`` (aligned with ``rows``);
-        ``groups``: (group, members' device index, write) likewise."""
+        ``groups``: (group, members' device index, write) likewise; ``checks`` (criterion -> rows, logit
+        criteria only): the decode rows checked on their logits."""
         self.core.copy_entries()
         self.write.zero_()
         if rows is not None:
             self.write[rows] = write
-        self._select([g for g, _, _ in groups])
+        self._select([g for g, _, _ in groups], self.program.criteria(logits=True))
+        self.prepare_checks(checks or {})
         for slot, (g, members, w) in zip(self.slots, groups):
             slot.members.zero_()
             slot.members[: slot.m][members] = w  # (``members`` may be a slice: every member)
@@ -275,7 +318,9 @@ class DecodeHeadRunner(GroupSlotsRunner):
             offset += slot.s.shape[0] * slot.s.shape[1]
         packed = Packed(chunks, writes)
         logits = self.model.head(packed.pack(states), p.pool, packed, None, p._rope(packed), at=torch.cat(at))[:, -1]
-        return tuple(logits.split([len(c.starts) for c in chunks]))
+        out = tuple(logits.split([len(c.starts) for c in chunks]))
+        self.run_checks(out[0])
+        return out
 
 
 class DecodePreludeRunner(GraphedRunner):
