@@ -137,6 +137,20 @@ def test_eager_ops_leave_out_replays_alone():
     assert again == {"eager_ops_per_step": 4.0, "eager_views_per_step": 1.0, "eager_triton_launches_per_step": 2.0}
 
 
+def test_eager_ops_over_a_whole_run(capsys):
+    """benchmarks.eager_ops serves its requests to the end with the captured passes simulated (captures and
+    replays happen off CUDA) and prints the eager ops a step over every step of the run."""
+    from benchmarks import eager_ops
+
+    argv = ["--requests", "2", "--schedulers", "depth", "--num-steps", "3", "--group-capture-at", "1"]
+    assert eager_ops.main(argv) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| depth")]
+    assert len(lines) == 1
+    _, capture_at, ops, views, launches, steps, captures, replays = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert capture_at == "1" and int(steps) > 3 and float(ops) > 0 and float(launches) > 0
+    assert 0 < int(captures) < int(replays)  # (simulated: off CUDA nothing is captured otherwise)
+
+
 def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     """--group-capture-at reaches the served engines' captured passes (their own attribute: the runtime's
     default stays), each run records its captures (none off CUDA), and the header says which step captures."""
