@@ -187,7 +187,7 @@ class RecurrentServing(ServingProgram):
         return self.model.initial_state(like, dec.init_scale, gen)
 
     def _initial_states(self, rows: list[int], e: Tensor) -> Tensor:
-        """Each of ``rows``' one-position units' s0 (``_initial_state``, ``e`` [rows, 1, d] aligned with them);
+        """Each of ``rows``' one-position units' s0 (``_initial_state``; ``e`` [rows, 1, d] gives the shape and dtype);
         those drawn from the global generator at one init_scale as one draw, as generate() draws a batch's
         (a per-request draw is what a seed or ``continuous`` fixes; unseeded draws have no order to keep)."""
         states, shared = [None] * len(rows), {}
@@ -216,9 +216,9 @@ class RecurrentServing(ServingProgram):
             chunk = pool.begin(units, 1, mask=False)  # (the captured passes attend by the pool's entries)
             self._place(units, chunk)  # entries and positions first: the graphed prelude reads them
             self.decode_prelude.prepare(chunk.rows, torch.stack([self.starting[r][0] for r in units]))
-            e = self.decode_prelude()[chunk.rows]
+            self.decode_prelude()  # (which writes the rows' prelude outputs into ``e``)
             self.count_pass(self.prelude_cost, graph=True)
-            self._start_units(units, chunk, e)
+            self._start_units(units, chunk)
             return
         chunks, ids = [], []
         if prompts:
@@ -255,13 +255,16 @@ class RecurrentServing(ServingProgram):
             self.entry[r] = chunk.starts[i]
         self.entries_changed = True
 
-    def _start_units(self, rows: list[int], chunk, e: Tensor) -> None:
+    def _start_units(self, rows: list[int], chunk, e: Tensor | None = None) -> None:
+        """Start ``rows``' one-position units (``chunk``: their position) from prelude outputs ``e``; None: the
+        captured prelude wrote them, its entries and positions already placed."""
         ix = chunk.rows
-        self.e[ix] = e
-        self._place(rows, chunk)
+        if e is not None:
+            self.e[ix] = e
+            self._place(rows, chunk)
         for r in rows:
             self.requests[r].spec = self.starting[r][1]
-        s0 = self._initial_states(rows, e)
+        s0 = self._initial_states(rows, self.e[: len(rows)])  # (``e``'s rows for their shape only)
         _start_by_spec(self.loop, rows, [self.requests[r].spec for r in rows], s0)
         self.running.update(rows)
         self.starting.clear()

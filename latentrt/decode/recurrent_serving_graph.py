@@ -325,8 +325,8 @@ class DecodeHeadRunner(GroupSlotsRunner):
 
 class DecodePreludeRunner(GraphedRunner):
     """The prelude (embedding x sqrt(d) -> prelude layers) of every pool row's next token, the prelude's K/V
-    written for the rows whose unit begins (``prepare``: their rows and token ids; their entries and
-    positions already placed). Returns e [rows, 1, d]; the caller keeps the rows it asked for."""
+    written and the output taken into the program's ``e`` for the rows whose unit begins (``prepare``: their
+    rows and token ids; their entries and positions already placed). Returns e [rows, 1, d]."""
 
     def __init__(self, core: DecodeCoreRunner) -> None:
         self.core, self.program, self.model = core, core.program, core.model
@@ -341,6 +341,9 @@ class DecodePreludeRunner(GraphedRunner):
         self.ids[rows] = ids
 
     def run(self) -> Tensor:
+        """The prelude; the rows whose unit begins take their outputs into the program's ``e``."""
         p = self.program
         packed = Packed([self.core.chunk], [self.write])
-        return packed.unpack(self.model.prelude(self.ids[None], p.pool, packed, p._rope(packed)))[0]
+        e = packed.unpack(self.model.prelude(self.ids[None], p.pool, packed, p._rope(packed)))[0]
+        p.e.copy_(torch.where(self.write[:, None, None], e, p.e))
+        return e
