@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, check_finite, check_int
+from .kernels.reference import nonfinite_along
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float = 0.0) -> None:
@@ -109,13 +110,15 @@ def sampling_probs(
     # (scalar operands and masks of the good rows: each op is a launch, and this runs per sampled token)
     probs = torch.where(filtered > float("-inf"), probs, 0.0)
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
-    fits = torch.isfinite(probs).all(-1, keepdim=True)  # else float32 overflowed
-    probs = torch.where(fits, probs, torch.softmax(filtered, dim=-1).to(probs.dtype))
+    overflowed = nonfinite_along(probs, (-1,), keepdim=True)  # float32 overflowed
+    probs = torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)
     # NaN logits (a non-finite state, which the caller reports after this token's one host read, discarding
     # the token): a uniform row, so the draw does not fail first with torch.multinomial's RuntimeError (a
-    # device-side assert on CUDA) instead of the NonFiniteStateError naming the sequence
-    sound = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
-    return torch.where(sound, probs, 1.0 / probs.shape[-1])
+    # device-side assert on CUDA) instead of the NonFiniteStateError naming the sequence. (Each probability is
+    # at most 1 where finite, so the row's sum is finite exactly where every one is.)
+    total = probs.sum(-1, keepdim=True)
+    unsound = (total - total).isnan() | (total <= 0)
+    return torch.where(unsound, 1.0 / probs.shape[-1], probs)
 
 
 def sample(

@@ -378,6 +378,13 @@ def test_nan_from_a_hook_names_the_token():
     probs = latentrt.sampling.sampling_probs(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]), 1.0)
     assert torch.equal(probs[0], torch.tensor([0.5, 0.5]))  # a NaN row: uniform (its token is discarded)
     assert torch.allclose(probs[1], torch.tensor([0.0, 1.0]).softmax(-1))  # a finite row: its distribution
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor([[inf, 1.0], [-inf, -inf], [nan, nan], [0.0, 1.0]])
+    probs = latentrt.sampling.sampling_probs(rows, 1.0)
+    assert torch.equal(probs[:3], torch.full((3, 2), 0.5))  # an inf logit, every token impossible, all NaN
+    assert torch.equal(probs[3], torch.tensor([0.0, 1.0]).softmax(-1))
+    tiny = latentrt.sampling.sampling_probs(torch.tensor([[0.0, 1.0], [2.0, 1.0]]), 1e-45)  # float32 overflows
+    assert torch.equal(tiny, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # the float64 limit: the argmax
 
 
 def test_coconut_generate_matches_published_pattern():

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..cache import KVCache
 from ..config import eos_ids
+from ..kernels.reference import nonfinite_along
 from ..options import GenerateOptions
 from ..prompts import Batch, prompt_ids
 from ..sampling import SequenceRNG
@@ -135,22 +136,16 @@ class Decoder:
         return []
 
 
-def _nonfinite(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Where ``x`` holds a NaN or an inf along ``dims``: x - x is +0 where x is finite and NaN elsewhere, so
-    its sum is NaN exactly then (three launches; ``~isfinite(x).all()`` is six)."""
-    return (x - x).sum(dims).isnan()
-
-
 def nonfinite_flags(
     state: Tensor | None, state_valid: Tensor | None, logits: Tensor, alive: Tensor | None = None
 ) -> Tensor:
     """[B] long: 1 where a real position's latent state is NaN/inf, + 2 where the logits are (only where
     ``alive``; None: every row, as a server's ended units are)."""
-    flags = _nonfinite(logits, (-1,)) * 2
+    flags = nonfinite_along(logits, (-1,)) * 2
     if state is not None:
         if state_valid is None:  # every position: one reduction over all but the rows
-            bad = _nonfinite(state, tuple(range(1, state.dim())))
+            bad = nonfinite_along(state, tuple(range(1, state.dim())))
         else:
-            bad = (_nonfinite(state, (-1,)) & state_valid).any(-1)
+            bad = (nonfinite_along(state, (-1,)) & state_valid).any(-1)
         flags = flags + bad
     return flags if alive is None else flags * alive

@@ -67,6 +67,14 @@ def missed_iteration(written: Tensor, valid: Tensor, iterations, first) -> Tenso
     return (valid & (written <= it) & (p < start)).any(1)
 
 
+# ------------------------------------------------------------------------------------------ finiteness
+def nonfinite_along(x: Tensor, dims: tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """Where ``x`` holds a NaN or an inf along ``dims``: x - x is +0 where x is finite and NaN elsewhere, so
+    its sum is NaN exactly then, whatever the finite values' magnitude (three launches; ``~isfinite(x).all()``
+    takes six, and these run per generated token)."""
+    return (x - x).sum(dims, keepdim=keepdim).isnan()
+
+
 # ------------------------------------------------------------------------------------------ activations
 def gelu_new(x: Tensor) -> Tensor:
     """GPT-2's tanh approximation of GELU."""
