@@ -95,25 +95,25 @@ def _take(state, ix):
     return tuple(_take(s, ix) for s in state) if isinstance(state, tuple) else state[ix]
 
 
-def _put(state, ix, value) -> None:
+def _each(state, value, put: Callable[[Tensor, Tensor], None]) -> None:
+    """``put(tensor, its value)`` for each tensor of a criterion's per-row state (a tensor, a tuple, None)."""
     if state is None:
         return
     if isinstance(state, tuple):
         for s, v in zip(state, value):
-            _put(s, ix, v)
+            _each(s, v, put)
     else:
-        state[ix] = value
+        put(state, value)
+
+
+def _put(state, ix, value) -> None:
+    """A criterion's per-row state takes ``value`` at rows ``ix``."""
+    _each(state, value, lambda s, v: s.__setitem__(ix, v))
 
 
 def _put_where(state, mask: Tensor, value) -> None:
     """A criterion's per-row state takes ``value`` (every row's) where ``mask`` [R], in place."""
-    if state is None:
-        return
-    if isinstance(state, tuple):
-        for s, v in zip(state, value):
-            _put_where(s, mask, v)
-    else:
-        state.copy_(torch.where(mask.view(-1, *[1] * (state.dim() - 1)), value, state))
+    _each(state, value, lambda s, v: s.copy_(torch.where(mask.view(-1, *[1] * (s.dim() - 1)), v, s)))
 
 
 class LatentLoop:
