@@ -118,7 +118,7 @@ class GroupSlotsRunner(GraphedRunner):
     the graphs of earlier ones. A key without groups (decode rows only) is captured at its first call.
 
     The decode rows' exit checks run in the pass too (``LatentLoop.check_where``), one criterion after
-    another (``criteria``: those of the resident requests that this runner checks, sorted), each for the
+    another (``criteria``: those of its kind the program's ``criteria`` gives, part of the key), each for the
     rows ``check_as`` marks (copied in each call, all false in a call that checks nothing)."""
 
     MAX_GRAPHS = 8  # (each key's graphs hold its pass's activations)
