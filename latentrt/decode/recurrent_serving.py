@@ -341,8 +341,9 @@ class RecurrentServing(ServingProgram):
                 p.loop.advance(rows, x if at is None else x[at])
         heads = []
         on_logits = {c: rows for c, rows in due.items() if c.needs_logits}
+        in_passes = self.decode_core is not None  # the decode rows' checks: run in the captured passes
         for p, (rows, _) in zip(parts, in_loop):
-            if p.loop is self.loop and self.decode_core is not None:  # checked in the captured passes
+            if p.loop is self.loop and in_passes:
                 with_logits = {r for c in on_logits.values() for r in c}
                 if with_logits:
                     heads.append(self._sub(p, rows.subset([r in with_logits for r in rows.list], self.model.device)))
@@ -356,7 +357,7 @@ class RecurrentServing(ServingProgram):
         if heads:
             logits = self._heads(heads, [h.loop.active[h.rows.index] for h in heads], on_logits)
             for h, lg in zip(heads, logits):
-                if h.loop is self.loop and self.decode_core is not None:
+                if h.loop is self.loop and in_passes:
                     self.loop.checked_on_host(h.rows.list)
                 else:
                     h.loop.check(h.rows, lg, self._valid(h, h.rows))
