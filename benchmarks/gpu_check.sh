@@ -190,12 +190,23 @@ case ",${GPU_EXTRA:-}," in *,samplers,*)
   tail -8 "$LOGS/sampler_replay.log" | tee -a "$LOG" ;;
 esac
 case ",${GPU_EXTRA:-}," in *,serve,*)
-  stamp "serving: three schedulers, Huginn-0125 shape, replayed depths"
-  # (--profile-steps: per step launches, graph replays, syncs, aten ops and GPU time, from a second untimed run)
-  timeout 150 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --profile-steps 20 \
-    --out "$LOGS/serve.json" >"$LOGS/serve.log" 2>&1
+  stamp "serving: schedulers with and without asynchronous scheduling, Huginn-0125 shape, replayed depths"
+  # (--profile-steps: per step launches, graph replays, syncs, aten ops and GPU time, from a second untimed run;
+  # +async: the engine's asynchronous scheduling, each step launched before the last one's exits are read, so the host's
+  # work of a step runs while the device computes: compare step_ms and tokens/s with the same scheduler)
+  timeout 200 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --profile-steps 20 \
+    --schedulers static,token,depth,token+async,depth+async --out "$LOGS/serve.json" >"$LOGS/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
-  tail -14 "$LOGS/serve.log" | tee -a "$LOG"
+  tail -15 "$LOGS/serve.log" | tee -a "$LOG"
+  # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
+  # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
+  stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"
+  timeout 200 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 \
+    --schedulers token,depth,token+async,depth+async \
+    --depths 4,4,4,4,4,4,4,4,6,6,6,6,6,6,8,8,8,8,8,12,12,12,12,16,16,16,24,24,32,32 \
+    --out "$LOGS/serve_long_tail.json" >"$LOGS/serve_long_tail.log" 2>&1
+  echo "serve (long tail) exit $?" | tee -a "$LOG"
+  tail -8 "$LOGS/serve_long_tail.log" | tee -a "$LOG"
   # the capture policy of the prompt groups' passes, one graph per key of slot shapes: every key at its first
   # call against the default above (at its third; on the CPU's count, 17 against 9 captures a run for ~9
   # fewer eager ops a step under depth): compare step_ms and captures
@@ -203,15 +214,7 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
   timeout 100 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
     --group-capture-at 1 --out "$LOGS/serve_capture_first.json" >"$LOGS/serve_capture_first.log" 2>&1
   echo "serve (capture at first) exit $?" | tee -a "$LOG"
-  tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG"
-  # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
-  # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
-  stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"
-  timeout 120 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
-    --depths 4,4,4,4,4,4,4,4,6,6,6,6,6,6,8,8,8,8,8,12,12,12,12,16,16,16,24,24,32,32 \
-    --out "$LOGS/serve_long_tail.json" >"$LOGS/serve_long_tail.log" 2>&1
-  echo "serve (long tail) exit $?" | tee -a "$LOG"
-  tail -6 "$LOGS/serve_long_tail.log" | tee -a "$LOG" ;;
+  tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG" ;;
 esac
 
 case ",${GPU_EXTRA:-}," in *,train,*)

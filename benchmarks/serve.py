@@ -101,11 +101,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
-def parse_scheduler(name: str) -> tuple[str, float | None]:
-    """``depth`` or ``depth@COST``: a scheduler, and for ``depth`` the engine's ``edge_cost`` (default: the
-    program's estimate from the weights; 0: ended units sampled at every step)."""
+def parse_scheduler(name: str) -> tuple[str, float | None, bool]:
+    """``depth``, ``depth@COST``, either with ``+async``, ``token+async``: a scheduler, for ``depth`` the
+    engine's ``edge_cost`` (default: the program's estimate from the weights; 0: ended units sampled at every
+    step), and whether the engine schedules asynchronously (``async_scheduling``: a step launches before it
+    reads the last)."""
+    name, plus, suffix = name.partition("+")
+    if plus and suffix != "async":
+        raise ValueError(f"{name}+{suffix}: the only suffix is +async")
     scheduler, _, cost = name.partition("@")
-    return scheduler, float(cost) if cost else None
+    return scheduler, float(cost) if cost else None, bool(plus)
 
 
 def replay(
@@ -123,8 +128,9 @@ def replay(
     passes record a key of prompt-group slot shapes at its N-th call (None: the runtime's default)."""
     max_len = min(max_len, model.config.block_size)
     slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
-    kind, edge_cost = parse_scheduler(scheduler)
+    kind, edge_cost, async_scheduling = parse_scheduler(scheduler)
     kw = dict(max_batch=max_batch, max_len=max_len, kv_slots=slots, scheduler=kind, edge_cost=edge_cost)
+    kw["async_scheduling"] = async_scheduling
     kw["group_capture_at"] = group_capture_at
     warm = _engine(model, **kw)  # first launches (allocations, kernels)
     warm.submit(trace[0].prompt, **trace[0].options)
@@ -306,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--schedulers",
         default="static,token,depth,depth@0",
-        help="depth@COST: depth with that edge_cost (0: ended units sampled every step; default: from the weights)",
+        help="depth@COST: depth with that edge_cost (0: ended units sampled every step; default: from the "
+        "weights); +async (depth+async, token+async): the engine's asynchronous scheduling (each step launches "
+        "before reading the last)",
     )
     p.add_argument(
         "--depths",
@@ -345,9 +353,9 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     try:
         unknown = {s for s in schedulers if parse_scheduler(s)[0] not in SCHEDULERS}
     except ValueError as exc:
-        p.error(f"a scheduler's edge cost is not a number: {exc}")
+        p.error(f"a scheduler's edge cost is not a number, or its suffix not +async: {exc}")
     if unknown:
-        p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)} (depth@COST too)")
+        p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)} (depth@COST, +async too)")
 
     try:
         new_tokens = tuple(int(n) for n in args.new_tokens.split(","))

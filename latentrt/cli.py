@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "iterations; they wait until the iterations lost by waiting reach it (default: from the weights; 0: "
         "every step)",
     )
+    s.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="launch each step before reading the last one's exits, so the host's work runs while the device "
+        "computes (a unit's end is seen a step later; results unchanged)",
+    )
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
     s.add_argument(
         "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
@@ -365,6 +371,7 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
         kv_slots=args.kv_slots,
         scheduler=args.scheduler,
         edge_cost=args.edge_cost,
+        async_scheduling=args.async_scheduling,
     )
     template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
     name = args.served_model_name or args.model

@@ -11,7 +11,15 @@ from conftest import tiny_recurrent
 
 import latentrt
 from benchmarks import replay_exit
-from benchmarks.serve import lockstep_bound, main, make_trace, percentile, sampling_bound, weight_read_bounds
+from benchmarks.serve import (
+    lockstep_bound,
+    main,
+    make_trace,
+    parse_scheduler,
+    percentile,
+    sampling_bound,
+    weight_read_bounds,
+)
 from latentrt.exits import CRITERIA
 
 
@@ -193,11 +201,13 @@ def test_synthetic_depths_are_replayed_and_named(tmp_path, capsys):
 
 
 def test_bad_scheduler_names_are_refused(capsys):
-    for bad in ("fifo", "depth@x"):
+    for bad in ("fifo", "depth@x", "depth+later"):
         with pytest.raises(SystemExit):
             main(["--quick", "--schedulers", bad])
         err = capsys.readouterr().err
         assert "unknown schedulers" in err or "not a number" in err
+    assert parse_scheduler("depth@0+async") == ("depth", 0.0, True)
+    assert parse_scheduler("token") == ("token", None, False)
 
 
 def test_profiled_steps_count_what_a_step_runs(tmp_path, capsys):

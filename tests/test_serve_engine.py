@@ -73,11 +73,24 @@ def assert_served_equals_alone(model, requests, **engine_kw):
     return engine
 
 
-@pytest.mark.parametrize("scheduler, edge_cost", [("depth", None), ("depth", 0.0), ("token", None), ("static", None)])
-def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost):
-    """(``edge_cost``: how long ended units wait to be sampled together; waiting never changes a result.)"""
+@pytest.mark.parametrize(
+    "scheduler, edge_cost, async_scheduling",
+    [
+        ("depth", None, False),
+        ("depth", 0.0, False),
+        ("token", None, False),
+        ("static", None, False),
+        ("depth", None, True),
+        ("depth", 0.0, True),
+        ("token", None, True),
+    ],
+)
+def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost, async_scheduling):
+    """(``edge_cost``: how long ended units wait to be sampled together; waiting never changes a result.
+    ``async_scheduling``: each step launches before it reads the previous launch's exits; a unit that exited runs a
+    launch masked.)"""
     model = tiny_recurrent(seed=3)
-    kw = dict(max_batch=8, scheduler=scheduler, edge_cost=edge_cost)
+    kw = dict(max_batch=8, scheduler=scheduler, edge_cost=edge_cost, async_scheduling=async_scheduling)
     engine = assert_served_equals_alone(model, recurrent_requests(36), **kw)
     m = engine.metrics
     assert m.requests == 36 and not engine.resident and engine.program.pool.bytes_in_use() == 0
@@ -529,6 +542,10 @@ def test_unservable_family_and_bad_engine_options():
     for bad in (-1, float("inf"), float("nan"), "1", True):
         with pytest.raises(InputError, match="edge_cost"):
             Engine(model, edge_cost=bad)
+    with pytest.raises(InputError, match="async_scheduling must be true or false, got 'yes'"):
+        Engine(model, async_scheduling="yes")
+    with pytest.raises(InputError, match="Coconut continuous-thought models cannot be served with async_scheduling"):
+        Engine(tiny_coconut(), async_scheduling=True)
 
 
 def test_pool_gather_equals_the_generate_cache():
@@ -658,7 +675,7 @@ def test_pool_decode_kernel_equals_the_reference_in_packed_passes():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _engine_on_triton(max_batch: int):
+def _engine_on_triton(max_batch: int, async_scheduling: bool = False):
     """A tiny recurrent model and an engine built on its Triton backend (the pool's fused attention, the
     graphed decode passes; the interpreter on the CPU); the model then goes back to the reference backend,
     so generate() alone is the reference while the engine keeps its kernels."""
@@ -670,7 +687,7 @@ def _engine_on_triton(max_batch: int):
     model = tiny_recurrent(seed=3)
     reference = model.backend
     model.backend = get_backend("triton", model)
-    engine = Engine(model, max_batch=max_batch)
+    engine = Engine(model, max_batch=max_batch, async_scheduling=async_scheduling)
     assert engine.program.pool.decode_attention is not None and engine.program.decode_core is not None
     model.backend = reference
     return model, engine
@@ -747,17 +764,19 @@ def test_a_step_reads_the_device_once(family, scheduler):
                 engine.step()
             steps += 1
     assert engine.metrics.requests == 18 and steps > 20
-    reads = {k: n for k, n in syncs.hits.items() if k[1] == "serve/engine.py" and k[0] == "tolist"}
+    reads = {k: n for k, n in syncs.hits.items() if k[1] == "serve/readback.py" and k[0] == "tolist"}
     assert len(reads) == 1 and steps - 3 <= sum(reads.values()) <= steps, syncs.hits  # none where nothing ran
     assert sum(syncs.hits.values()) == sum(reads.values()), syncs.hits
 
 
 @pytest.mark.gpu
-def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone(async_scheduling):
     """On a GPU, with the Triton backend's pool kernel and the decode rows' core pass captured as a graph:
     CUDA's own sync check (warn mode) sees one host synchronisation per step (requests without state noise:
     torch's trunc_normal_ is not ours), and every request's tokens and steps equal generate() alone on the
-    reference backend."""
+    reference backend; also with asynchronous scheduling (the read waits on an event for a copy into pinned
+    memory queued before the next launch)."""
     import traceback
     import warnings
 
@@ -765,7 +784,7 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone():
 
     model = tiny_recurrent(seed=3).cuda()
     model.backend = get_backend("triton", model)
-    engine = Engine(model, max_batch=6)
+    engine = Engine(model, max_batch=6, async_scheduling=async_scheduling)
     assert engine.program.pool.decode_attention is not None
     model.backend = get_backend("torch", model)
     requests = [(p, dict(kw, init_scale=0.0)) for p, kw in recurrent_requests(12, seed=4)]
@@ -834,7 +853,7 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
 
 
-def _serve_with_simulated_graphs(monkeypatch, capture_at: int):
+def _serve_with_simulated_graphs(monkeypatch, capture_at: int, async_scheduling: bool = False):
     """The workload of the per-set graph tests, served with the decode runners' graphs simulated faithfully to
     CUDA's (benchmarks/simulated_graphs.py: a replay recomputes the pass from the runner's static inputs into
     the outputs fixed at capture; so a replay of another set's graph, or inputs not refreshed, would change
@@ -845,7 +864,7 @@ def _serve_with_simulated_graphs(monkeypatch, capture_at: int):
     from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
 
     monkeypatch.setattr(GroupSlotsRunner, "CAPTURE_AT", capture_at)
-    model, engine = _engine_on_triton(max_batch=4)
+    model, engine = _engine_on_triton(max_batch=4, async_scheduling=async_scheduling)
     runner, head = engine.program.decode_core, engine.program.decode_head
     calls = []
     call = type(runner).__call__
@@ -940,6 +959,16 @@ def test_a_key_of_group_shapes_is_captured_only_at_its_third_call(monkeypatch):
     assert any(how == "eager" for _, how, _ in calls)
     assert any(key[1] != () and how == "replay" for key, how, _ in calls)  # a key with groups captured, replayed
     assert engine.program.decode_core.captures == sum(how == "capture" for _, how, _ in calls)
+    _assert_served_as_alone(model, served)
+
+
+def test_async_scheduling_with_the_captured_passes_serves_as_alone(monkeypatch):
+    """With async_scheduling each step launches before it reads the previous launch's exits: decode rows and prompt
+    group members that exited run the next captured pass masked (their loops inactive), a group member at its
+    r_max is left out of it (its loop still active: the slot's members mask says so), and the iterations the
+    host counted for a unit that had exited are taken back. Every request still equals generate() alone."""
+    model, engine, captured, _, replays, _, served = _serve_with_simulated_graphs(monkeypatch, 1, async_scheduling=True)
+    assert captured and replays
     _assert_served_as_alone(model, served)
 
 

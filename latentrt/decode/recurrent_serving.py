@@ -27,6 +27,7 @@ tokens and steps are those of ``generate()`` for it alone.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,11 @@ class _PromptGroup:
     live: list[int]
     serial: int = 0  # the program's count of groups begun when it began (the graphed pass's key, never reused)
 
+    def running(self) -> list[int]:
+        """The members a launch runs: in their loop, not at their r_max (an end not read yet: asynchronous
+        scheduling)."""
+        return [i for i in self.live if not self.loop.at_end(i)]
+
 
 @dataclass
 class _Part:
@@ -75,6 +81,16 @@ class _Part:
         if self._chunk is None:
             self._chunk = self.build()
         return self._chunk
+
+
+@dataclass
+class _Launch:
+    """What a launch ran, for ``ended`` to read its flags by (a later launch may have run since: asynchronous
+    scheduling): per one-position row (row, its unit's serial, its iterations after the launch), per prompt
+    member (its group's serial, member, iterations after)."""
+
+    rows: list[tuple[int, int, int]]
+    prompts: list[tuple[int, int, int]]
 
 
 @dataclass
@@ -120,12 +136,14 @@ class RecurrentServing(ServingProgram):
         self.prelude_cost = weight_ratio(t.prelude, core)
         self.head_cost = weight_ratio([*t.coda, t.ln_f, model.lm_head], core)
         self._launched: list[int] = []
+        self._launches: deque[_Launch] = deque()  # launched, their flags not read yet (``ended``)
+        self.unit_serial = [0] * rows  # each row's current one-position unit, by the count of units begun
+        self._units = 0
         # the decode rows' core pass as one graph where the pool's attention is fused (recurrent_serving_graph.py)
         self.decode_core = DecodeCoreRunner(self) if self.pool.decode_attention is not None else None
         graphed = self.decode_core is not None
         self.decode_head = DecodeHeadRunner(self.decode_core) if graphed else None
         self.decode_prelude = DecodePreludeRunner(self.decode_core) if graphed else None
-        self._launched_prompts: list[tuple[int, int]] = []  # (id of the group, member) per prompt launched
         self._serial = 0  # prompt groups begun
         self._criteria: dict[bool, tuple] = {True: (), False: ()}  # ``criteria`` (logit ones, state ones)
 
@@ -264,26 +282,41 @@ class RecurrentServing(ServingProgram):
             self._place(rows, chunk)
         for r in rows:
             self.requests[r].spec = self.starting[r][1]
+            self._units += 1
+            self.unit_serial[r] = self._units
         s0 = self._initial_states(rows, self.e[: len(rows)])  # (``e``'s rows for their shape only)
         _start_by_spec(self.loop, rows, [self.requests[r].spec for r in rows], s0)
         self.running.update(rows)
         self.starting.clear()
 
     # ---------------------------------------------------------------- one step
+    async_scheduling = True  # ``ended`` may read a launch's flags after the next launch (see ``launch``)
+
     def launch(self, idle: list) -> Tensor:
+        """(See ServingProgram.launch.) A unit that exited in the previous launch, whose flags the scheduler
+        has not read yet (asynchronous scheduling), runs this one masked: its loop is inactive on the device,
+        so it writes no K/V and keeps its state; ``ended`` takes back the iteration this launch counted for it
+        on the host. A unit at its r_max is known on the host and is not launched."""
         if self.admitted or self.starting:
             self._begin()
         prompt_rows = {g.rows[i] for g in self.groups for i in g.live}
-        self._launched = sorted(self.running | {r.row for r in idle if r.row not in prompt_rows})
+        running = {r for r in self.running if not self.loop.at_end(r)}
+        self._launched = sorted(running | {r.row for r in idle if r.row not in prompt_rows})
         parts = []
         if self._launched:
             parts.append(self._decode_part(Rows(self._launched, 0, self.model.device)))
-        parts += [self._group_part(g, g.live) for g in self.groups]
-        self._launched_prompts = [(id(g), i) for g in self.groups for i in g.live]
-        self.launched_rows = len(self._launched) + len(self._launched_prompts)
-        if not parts:
-            return torch.zeros(0, dtype=torch.bool, device="cpu")
-        return self._iterate(parts)
+        groups = [(g, g.running()) for g in self.groups]
+        groups = [(g, members) for g, members in groups if members]
+        parts += [self._group_part(g, members) for g, members in groups]
+        self.launched_rows = len(self._launched) + sum(len(m) for _, m in groups)
+        flags = self._iterate(parts) if parts else torch.zeros(0, dtype=torch.bool, device="cpu")
+        self._launches.append(
+            _Launch(
+                [(r, self.unit_serial[r], self.loop.t[r]) for r in self._launched],
+                [(g.serial, i, g.loop.t[i]) for g, members in groups for i in members],
+            )
+        )
+        return flags
 
     def _decode_part(self, rows: Rows) -> _Part:
         # the host values as they are now (a chunk built after the loop advanced would see later iterations);
@@ -318,7 +351,7 @@ class RecurrentServing(ServingProgram):
         in_loop = [self._in_loop(p) for p in parts]
         due: dict = {}  # the captured passes: the decode rows' checks (criterion -> rows), run in the passes
         if self.decode_core is not None:  # the captured pass: every pool row, each resident group whole
-            groups = [p.group for p in parts if p.group is not None]
+            groups = [(p.group, set(p.rows.list)) for p in parts if p.group is not None]
             decode = [(p.rows.list, rows) for p, (rows, _) in zip(parts, in_loop) if p.group is None]
             if decode:
                 due = self.loop.due(decode[0][1])
@@ -420,14 +453,25 @@ class RecurrentServing(ServingProgram):
 
     # ---------------------------------------------------------------- units end
     def ended(self, flags: list) -> list[Ended]:
-        still = dict(zip(self._launched + self._launched_prompts, flags))
-        done = [r for r in self._launched if r in self.running and (not still[r] or self.loop.at_end(r))]
-        out = []
-        if done:
-            out += self._end_units(done)
+        """(See ServingProgram.ended.) ``flags`` are those of the oldest launch not read yet; a unit that ended
+        in it and ran masked in a later launch gets its iteration count as it ended."""
+        launch = self._launches.popleft()
+        n = len(launch.rows)
+        done = []
+        for (r, serial, t), still in zip(launch.rows, flags[:n]):
+            if r in self.running and self.unit_serial[r] == serial and (not still or t >= self.loop.specs[r].r_max):
+                self.loop.t[r] = t
+                done.append(r)
+        out = self._end_units(done) if done else []
+        by_group: dict[int, list[tuple[int, int, bool]]] = {}
+        for (serial, i, t), still in zip(launch.prompts, flags[n:]):
+            by_group.setdefault(serial, []).append((i, t, still))
         for group in self.groups:
-            ran = [i for i in group.live if (id(group), i) in still]
-            finished = [i for i in ran if not still[(id(group), i)] or group.loop.at_end(i)]
+            finished = []
+            for i, t, still in by_group.get(group.serial, ()):
+                if i in group.live and (not still or t >= group.loop.specs[i].r_max):
+                    group.loop.t[i] = t
+                    finished.append(i)
             if finished:
                 out += self._end_prompts(group, finished)
         self.groups = [g for g in self.groups if g.live]

@@ -218,9 +218,9 @@ class DecodeCoreRunner(GroupSlotsRunner):
         )
 
     def prepare(self, rows: list[int], groups: list = (), checks: dict | None = None) -> None:
-        """This step's launched rows and resident prompt groups (``_PromptGroup``), every row's entry and
-        iteration, each group's states, iterations and members in their loop (asynchronous copies); ``checks``
-        (criterion -> rows, criteria on states only): the decode rows checked after the iteration."""
+        """This step's launched rows and resident prompt groups (``(_PromptGroup, members launched)``), every
+        row's entry and iteration, each group's states, iterations and launched members (asynchronous copies);
+        ``checks`` (criterion -> rows, criteria on states only): the decode rows checked after the iteration."""
         p = self.program
         launched = [False] * p.pool.rows
         for r in rows:
@@ -228,12 +228,12 @@ class DecodeCoreRunner(GroupSlotsRunner):
         copy_from_host(self.launched, launched)
         self.copy_entries()
         copy_from_host(self.iterations, p.loop.t)
-        self._select(list(groups), p.criteria(logits=False))
+        self._select([g for g, _ in groups], p.criteria(logits=False))
         self.prepare_checks(checks or {})
-        for slot in self.slots:
-            g, m, n = slot.group, slot.m, slot.n
+        for slot, (g, members) in zip(self.slots, groups):
+            m, n = slot.m, slot.n
             copy_from_host(slot.chunk.iterations[:m], g.loop.t)
-            copy_from_host(slot.members[:m], [i in g.live for i in range(m)])
+            copy_from_host(slot.members[:m], [i in members for i in range(m)])
             slot.active[:m].copy_(g.loop.active)
             slot.s[:m, :n].copy_(g.loop.s)
 

@@ -57,6 +57,10 @@ class ServingProgram:
         self.prelude_cost = self.head_cost = 0.0
         self.step_cost = 1.0  # the last launch's passes, in core iterations
 
+    # whether ``ended`` may be given a launch's flags after the next ``launch`` (the engine's asynchronous scheduling:
+    # latentrt/serve/engine.py), each launch's flags once and in order
+    async_scheduling = False
+
     @staticmethod
     def kv_mode(decoder):
         """The KV mode a request's decoder asks for (None: the family has no looped layers)."""

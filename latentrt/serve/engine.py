@@ -29,6 +29,13 @@ Schedulers (``scheduler=``), for the same trace:
   are sampled together), and new requests join between tokens;
 - ``static``: a batch is admitted when the previous one has finished entirely (generate()'s policy).
 
+Asynchronous scheduling (``async_scheduling=True``, as vLLM's): a step queues its launch first and then
+reads the previous launch's flags and tokens (its read was started when that launch was queued), so the
+host's work of a step (reading, sampling, beginning units, preparing the next launch) runs while the device
+runs the launch, instead of between launches. The price: a unit that ends is seen one step later (a row
+that exited runs the next launch masked; the token schedulers' round ends one launch later), so the next
+unit of a request begins a step later. Results are the same (a masked row changes nothing).
+
 The engine runs on one thread (``run_forever`` or ``step`` in a loop); ``submit`` and ``cancel`` may be
 called from any thread. Each request receives ``RequestEvent``s through its ``on_event`` callback.
 """
@@ -54,6 +61,7 @@ from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
 from ..transfer import to_device
 from .metrics import EngineMetrics
+from .readback import Readback
 
 log = logging.getLogger("latentrt.serve")
 
@@ -155,6 +163,19 @@ class Sampled:
 
 
 @dataclass
+class _Read:
+    """A step's read on its way (``Readback``): the launch's flags (the first ``flags`` values), then the
+    tokens of ``sampled``."""
+
+    readback: Readback
+    flags: int
+    sampled: Sampled | None
+
+    def values(self) -> list[float]:
+        return self.readback.values()
+
+
+@dataclass
 class Request:
     """A resident or queued request and what it has produced so far."""
 
@@ -222,7 +243,8 @@ class Engine:
     new tokens; default the model's context, at most 2048); ``kv_slots`` looped-layer K/V slots are shared by
     the resident requests' KV modes (default: every row in ``full`` mode at the model's default depth);
     ``max_queue`` requests wait at most; ``prefill_budget`` prompt positions enter one step at most (a
-    longer prompt enters alone); ``edge_cost``: see ``_sample_due`` (None: the program's estimate)."""
+    longer prompt enters alone); ``edge_cost``: see ``_sample_due`` (None: the program's estimate);
+    ``async_scheduling``: each step launches before reading the previous launch's flags (see module docstring)."""
 
     def __init__(
         self,
@@ -235,6 +257,7 @@ class Engine:
         scheduler: str = "depth",
         prefill_budget: int = 2048,
         edge_cost: float | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         family = family_for(model)
         if family.serving is None:
@@ -267,12 +290,21 @@ class Engine:
         if edge_cost is not None and not (number and 0 <= edge_cost < float("inf")):
             raise InputError(f"edge_cost must be a number >= 0, got {edge_cost!r}")
         self.edge_cost = edge_cost
+        if not isinstance(async_scheduling, bool):
+            raise InputError(f"async_scheduling must be true or false, got {async_scheduling!r}")
+        if async_scheduling and not self.program.async_scheduling:
+            raise InputError(
+                f"{family.title} models cannot be served with async_scheduling (their program reads each step's "
+                "end at once)"
+            )
+        self.async_scheduling = async_scheduling
         self._exited: list[tuple[Ended, int]] = []  # units that ended, not sampled yet, and the step they ended
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.draining = False
         self._stopped = False
         self._sampled: Sampled | None = None  # the tokens sampled in the last step (device)
+        self._read: _Read | None = None  # asynchronous scheduling: the last launch's read, on its way to the host
         self._ids = 0
 
     # ---------------------------------------------------------------- requests in
@@ -346,7 +378,8 @@ class Engine:
     # ---------------------------------------------------------------- the loop
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.resident or self._sampled or self._exited)
+        pending = self._read is not None and (self._read.flags or self._read.sampled is not None)
+        return bool(self.queue or self.resident or self._sampled or self._exited or pending)
 
     def run_until_idle(self) -> None:
         while self.busy:
@@ -388,35 +421,49 @@ class Engine:
         try:
             t1 = time.perf_counter()
             flags = self.program.launch(idle)
-            # the step's one device -> host read: which units ended, and last step's sampled tokens (the
-            # program's work and sampling count as computation, the rest of the step as scheduling); fp64
-            # holds the ids, flags and log-probs exactly
-            # (a step that launched nothing has empty host flags: left out, or they would pull the sampled
-            # tokens to the host as a second wait)
-            parts = [flags.reshape(-1)] if flags.numel() else []
-            parts += self._sampled.parts() if self._sampled is not None else []
-            host = torch.cat([p.double() for p in parts]).tolist() if parts else []
-            n = flags.numel()
+            # the step's one device -> host read: which units ended, and the sampled tokens not read yet (the
+            # program's work and sampling count as computation, the rest of the step as scheduling); with
+            # asynchronous scheduling, those of the previous step, read while this step's launch runs
+            if self.async_scheduling:
+                read, self._read = self._read, None
+            else:
+                read = self._start_read(flags)
+            host = read.values() if read is not None else []
             t2 = time.perf_counter()
-            self._take_tokens(host[n:])
+            if read is not None:
+                self._take_tokens(read.sampled, host[read.flags :])
             t3 = time.perf_counter()
-            for e in self.program.ended([int(v) for v in host[:n]]):
-                e.request.exited = True
-                self._exited.append((e, self.metrics.steps))
+            if read is not None:
+                for e in self.program.ended([int(v) for v in host[: read.flags]]):
+                    e.request.exited = True
+                    self._exited.append((e, self.metrics.steps))
             if self._sample_due():
                 ended, self._exited = [e for e, _ in self._exited if not e.request.finished], []
                 self._sample(ended)
+            if self.async_scheduling:
+                self._read = self._start_read(flags)
             t4 = time.perf_counter()
         except Exception as exc:  # a fault no single request can be blamed for: fail the resident ones, go on
             self._reset(exc)
             return
         self.metrics.step(t4 - t0, program + (t2 - t1) + (t4 - t3), self.program.launched_rows, self)
 
+    def _start_read(self, flags: torch.Tensor) -> _Read:
+        """The read of a launch's flags and of the tokens sampled since the last read (started now, on its way
+        while later work is queued). A launch that ran nothing has no flags to read: they are left out, or they
+        would pull the sampled tokens to the host on their own."""
+        parts = [flags] if flags.numel() else []
+        parts += self._sampled.parts() if self._sampled is not None else []
+        read = _Read(Readback(parts), flags.numel(), self._sampled)
+        self._sampled = None
+        return read
+
     def _reset(self, exc: Exception) -> None:
         """After an unexpected error inside a launch: every resident request fails with it and the program
         starts afresh (a new pool); queued requests are served as usual. The traceback goes to the
         ``latentrt.serve`` log (clients see the message only)."""
         running = list(self.resident) + (self._sampled.reqs if self._sampled is not None else [])
+        running += self._read.sampled.reqs if self._read is not None and self._read.sampled is not None else []
         failing = list({id(r): r for r in running if not r.finished}.values())
         log.error("a scheduler step failed; %d running request(s) fail with it", len(failing), exc_info=exc)
         for req in failing:
@@ -427,7 +474,7 @@ class Engine:
             req.done.set()
         self.resident.clear()
         self._exited = []
-        self._sampled = None
+        self._sampled = self._read = None
         cls, pool = type(self.program), self.program.pool
         self.program = None  # the old pool goes before the new one is allocated
         self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
@@ -523,11 +570,10 @@ class Engine:
             out.append(TokenLogprob(ids[i + 1], *read_logprob_row(row, req.top_logprobs), offsets[i + 1]))
         return out
 
-    def _take_tokens(self, host: list[float]) -> None:
-        """Last step's sampled tokens on the host: record, stream, stop."""
-        if self._sampled is None:
+    def _take_tokens(self, sampled: Sampled | None, host: list[float]) -> None:
+        """Sampled tokens on the host (``sampled``: their record): record, stream, stop."""
+        if sampled is None:
             return
-        sampled, self._sampled = self._sampled, None
         tokens, flags, lps = sampled.read(host)
         for req, tok, flag in zip(sampled.reqs, tokens, flags):
             if req.finished:

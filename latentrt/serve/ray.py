@@ -47,8 +47,8 @@ def application(
     **engine_kw,
 ):
     """A Ray Serve application of ``replicas`` servers of ``model``; ``engine_kw`` go to each ``Engine``
-    (max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost), the resources to each replica's actor;
-    ``chat_template`` (a file's path) and ``api_key`` as ``latentrt serve``'s."""
+    (max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling), the resources to each
+    replica's actor; ``chat_template`` (a file's path) and ``api_key`` as ``latentrt serve``'s."""
     from ray import serve
 
     cfg = {
