@@ -617,7 +617,6 @@ class Engine:
         if not ended:
             return
         logits, flags = self.program.logits(ended)
-        tokens = torch.empty(len(ended), dtype=torch.long, device=logits.device)
         # greedy rows together; a request with penalties or a bias, or one that samples, on its own
         greedy = [
             i
@@ -625,9 +624,13 @@ class Engine:
             if e.request.options.temperature == 0 and not e.request.generation._adjusts_logits(e.request.sampled)
         ]
         vocab = self.model.config.vocab_size
-        if greedy:
-            at = to_device(greedy, logits.device)
-            tokens[at] = logits[at, :vocab].argmax(-1)
+        if len(greedy) == len(ended):  # (the usual case: one argmax, no gather and scatter of the rows)
+            tokens = logits[:, :vocab].argmax(-1)
+        else:
+            tokens = torch.empty(len(ended), dtype=torch.long, device=logits.device)
+            if greedy:
+                at = to_device(greedy, logits.device)
+                tokens[at] = logits[at, :vocab].argmax(-1)
         for i, e in enumerate(ended):
             req = e.request
             req.in_unit = req.exited = False

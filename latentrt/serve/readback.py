@@ -21,7 +21,8 @@ class Readback:
         if not parts:
             self.host = None
             return
-        packed = torch.cat([p.reshape(-1).double() for p in parts])
+        # (one conversion: cat promotes the other parts to the first's fp64)
+        packed = torch.cat([parts[0].reshape(-1).double(), *(p.reshape(-1) for p in parts[1:])])
         if packed.device.type == "cuda":
             self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host.copy_(packed, non_blocking=True)
