@@ -170,6 +170,7 @@ class _Read:
     readback: Readback
     flags: int
     sampled: Sampled | None
+    step: int  # the engine's step that launched it
 
     def values(self) -> list[float]:
         return self.readback.values()
@@ -436,7 +437,7 @@ class Engine:
             if read is not None:
                 for e in self.program.ended([int(v) for v in host[: read.flags]]):
                     e.request.exited = True
-                    self._exited.append((e, self.metrics.steps))
+                    self._exited.append((e, read.step))  # (waiting since the launch it ended in)
             if self._sample_due():
                 ended, self._exited = [e for e, _ in self._exited if not e.request.finished], []
                 self._sample(ended)
@@ -454,7 +455,7 @@ class Engine:
         would pull the sampled tokens to the host on their own."""
         parts = [flags] if flags.numel() else []
         parts += self._sampled.parts() if self._sampled is not None else []
-        read = _Read(Readback(parts), flags.numel(), self._sampled)
+        read = _Read(Readback(parts), flags.numel(), self._sampled, self.metrics.steps)
         self._sampled = None
         return read
 
