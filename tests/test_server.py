@@ -527,6 +527,26 @@ def test_many_concurrent_requests_each_equal_generate_alone(recurrent_server):
     assert engine.metrics.steps > steps_before and max(engine.metrics.resident, 0) == 0
 
 
+def test_concurrent_requests_under_asynchronous_scheduling_each_equal_generate_alone():
+    """The server with ``--async-scheduling`` (each step launches before it reads the last one's exits):
+    concurrent requests, half streamed, each equal to generate() alone; every row freed at the end."""
+    model = tiny_recurrent(seed=3)
+    bodies = mixed_requests(24)
+
+    def one(url, body):
+        if body["max_tokens"] % 2:
+            chunks = list(complete(url, body, stream=True))
+            return [ch.choices[0].latentrt["token_id"] for ch in chunks if ch.choices[0].finish_reason is None]
+        return complete(url, body).choices[0].latentrt["token_ids"]
+
+    with serving(model, max_batch=6, async_scheduling=True) as (url, engine), ThreadPoolExecutor(24) as pool:
+        served = list(pool.map(lambda body: one(url, body), bodies))
+        assert engine.async_scheduling and engine.metrics.steps > 0
+    for body, tokens in zip(bodies, served):
+        assert tokens == generate_alone(model, body).tokens, body
+    assert not engine.resident and engine.program.pool.bytes_in_use() == 0
+
+
 def test_coconut_server_thoughts():
     model = tiny_coconut(seed=2)
     with serving(model, max_batch=4) as (url, engine):
