@@ -159,6 +159,19 @@ def test_eager_ops_over_a_whole_run(capsys):
     assert 0 < int(captures) < int(replays)  # (simulated: off CUDA nothing is captured otherwise)
 
 
+def test_async_schedulers_run_beside_the_others(tmp_path, capsys):
+    """``+async`` runs a scheduler with the engine's asynchronous scheduling, on the same trace, with the same
+    tokens (the benchmark says when requests' outputs differ between schedulers)."""
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--requests", "4", "--rate", "inf", "--schedulers", "token,depth,token+async,depth+async"]
+    assert main([*argv, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "| depth+async |" in captured.out and "| token+async |" in captured.out
+    assert "differ between schedulers" not in captured.err
+    runs = {r["scheduler"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["depth+async"]["tokens"] == runs["depth"]["tokens"] > 0
+
+
 def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     """--group-capture-at reaches the served engines' captured passes (their own attribute: the runtime's
     default stays), each run records its captures (none off CUDA), and the header says which step captures."""
