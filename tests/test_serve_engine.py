@@ -1023,3 +1023,29 @@ def test_latency_samples_are_bounded(monkeypatch):
     assert len(engine.metrics.ttft) == 4 and len(engine.metrics.itl) == 5  # 12 inter-token gaps, the last 5
     stamps = [t for r in reqs for t in r.times["tokens"]]
     assert all(0 <= gap <= max(stamps) - min(stamps) for gap in engine.metrics.itl)
+
+
+@pytest.mark.parametrize("scheduler", ["depth", "token"])
+def test_asynchronous_scheduling_ends_loops_at_their_depth_before_the_next_launch(scheduler, monkeypatch):
+    """A unit at its r_max is known to end without reading the device: with asynchronous scheduling it is
+    ended and sampled before the next launch (``ended_on_host``), so fixed-depth requests do not wait a launch
+    per token for their exits to be read: the run takes fewer steps than without it (a few more than without
+    asynchronous scheduling: a finished request's last token, so its row, is read a step later), the depth
+    scheduler runs the same row-iterations as without asynchronous scheduling, and all equal generate() alone."""
+    from latentrt.decode.recurrent_serving import RecurrentServing
+
+    model = tiny_recurrent(seed=3)
+    rng = random.Random(1)
+    fixed = dict(max_new_tokens=4, num_steps=3, default_stops=False, init_scale=0.0)
+    requests = [([rng.randrange(1, 40) for _ in range(rng.randrange(1, 20))], fixed) for _ in range(10)]
+
+    def served(mode):
+        return assert_served_equals_alone(model, requests, max_batch=4, scheduler=scheduler, async_scheduling=mode)
+
+    sync, ahead = served(False).metrics, served(True).metrics
+    monkeypatch.setattr(RecurrentServing, "ended_on_host", lambda self: [])
+    late = served(True).metrics  # (every exit read from the flags, a launch later)
+    assert sync.steps < ahead.steps < late.steps
+    assert ahead.iterations == sync.iterations
+    if scheduler == "depth":  # (the token schedulers launch waiting rows masked: those steps count rows)
+        assert ahead.launched_rows == sync.launched_rows

@@ -477,6 +477,20 @@ class RecurrentServing(ServingProgram):
         self.groups = [g for g in self.groups if g.live]
         return out
 
+    def ended_on_host(self) -> list[Ended]:
+        """(See ServingProgram.ended_on_host.) Units at their r_max: whatever the last launch's flags say, their
+        loop is over (``launch`` did not run them again, so their iteration counts are as they ended)."""
+        out = []
+        done = [r for r in sorted(self.running) if self.loop.at_end(r)]
+        if done:
+            out += self._end_units(done)
+        for group in self.groups:
+            finished = [i for i in group.live if group.loop.at_end(i)]
+            if finished:
+                out += self._end_prompts(group, finished)
+        self.groups = [g for g in self.groups if g.live]
+        return out
+
     def _final_logits(self, part: _Part) -> Tensor:
         """Rule 5 for a part's rows whose loop is over (the head, where needed, over every position)."""
         dev = self.model.device

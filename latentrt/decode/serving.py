@@ -85,6 +85,12 @@ class ServingProgram:
         need the head (``ready`` false) stays in the program, out of the launches, until ``logits``."""
         raise NotImplementedError
 
+    def ended_on_host(self) -> list[Ended]:
+        """With asynchronous scheduling, before the next launch: the units whose end the host knows without the
+        last launch's flags (a loop at its r_max), ended now so that their next units join that launch;
+        ``ended`` then leaves them out."""
+        return []
+
     def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
         """Next-token logits [n, V] (fp32) of units that ended (in this or earlier launches), and their
         non-finite flags [n] (1: latent state, 2: logits); the heads of those not ``ready`` run as one pass."""

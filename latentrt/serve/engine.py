@@ -32,9 +32,12 @@ Schedulers (``scheduler=``), for the same trace:
 Asynchronous scheduling (``async_scheduling=True``, as vLLM's): a step queues its launch first and then
 reads the previous launch's flags and tokens (its read was started when that launch was queued), so the
 host's work of a step (reading, sampling, beginning units, preparing the next launch) runs while the device
-runs the launch, instead of between launches. The price: a unit that ends is seen one step later (a row
-that exited runs the next launch masked; the token schedulers' round ends one launch later), so the next
-unit of a request begins a step later. Results are the same (a masked row changes nothing).
+runs the launch, instead of between launches; the units that ended are sampled at the start of the step,
+before the launch their next units join. The price: an exit is seen one step later (a row that exited runs
+the next launch masked; the token schedulers' round ends one launch later), so the next unit of a request
+begins a step later, and a finished request's row is freed a step later. A loop at its r_max is known to end
+on the host (``ended_on_host``): it is sampled before the next launch, at no price. Results are the same (a
+masked row changes nothing).
 
 The engine runs on one thread (``run_forever`` or ``step`` in a loop); ``submit`` and ``cancel`` may be
 called from any thread. Each request receives ``RequestEvent``s through its ``on_event`` callback.
@@ -406,6 +409,16 @@ class Engine:
     def step(self) -> None:
         t0 = time.perf_counter()
         self._drop_cancelled()
+        t_sample = time.perf_counter()
+        if self.async_scheduling:  # sampled before the launch they join (see ``_sample_ended``)
+            try:
+                for e in self.program.ended_on_host():  # (they ended in the last launch: at their r_max)
+                    self._mark_exited(e, self.metrics.steps - 1)
+                self._sample_ended(joins=self.metrics.steps)
+            except Exception as exc:
+                self._reset(exc)
+                return
+        sampling = time.perf_counter() - t_sample
         admitted = self._admit()
         t_program = time.perf_counter()
         for req in admitted:
@@ -417,7 +430,8 @@ class Engine:
             except LatentRTError as exc:
                 self._fail(req, exc)
         self._start_units()
-        program = time.perf_counter() - t_program  # the program's work (begin units): computation, not scheduling
+        # the program's work (begin units) and sampling: computation, not scheduling
+        program = time.perf_counter() - t_program + sampling
         idle = [r for r in self.resident if not r.in_unit or r.exited] if self.scheduler != "depth" else []
         try:
             t1 = time.perf_counter()
@@ -436,13 +450,11 @@ class Engine:
             t3 = time.perf_counter()
             if read is not None:
                 for e in self.program.ended([int(v) for v in host[: read.flags]]):
-                    e.request.exited = True
-                    self._exited.append((e, read.step))  # (waiting since the launch it ended in)
-            if self._sample_due():
-                ended, self._exited = [e for e, _ in self._exited if not e.request.finished], []
-                self._sample(ended)
+                    self._mark_exited(e, read.step)
             if self.async_scheduling:
                 self._read = self._start_read(flags)
+            else:
+                self._sample_ended(joins=self.metrics.steps + 1)
             t4 = time.perf_counter()
         except Exception as exc:  # a fault no single request can be blamed for: fail the resident ones, go on
             self._reset(exc)
@@ -480,7 +492,20 @@ class Engine:
         self.program = None  # the old pool goes before the new one is allocated
         self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
 
-    def _sample_due(self) -> bool:
+    def _mark_exited(self, ended: Ended, step: int) -> None:
+        """A unit that ended in the launch of engine step ``step``: it waits to be sampled."""
+        ended.request.exited = True
+        self._exited.append((ended, step))
+
+    def _sample_ended(self, joins: int) -> None:
+        """Sample the units that ended if the scheduler says so now (``_sample_due``); their next units join
+        the launch of engine step ``joins`` (the next step's; with asynchronous scheduling, this step's: it
+        samples before its launch, as its reads come after it)."""
+        if self._sample_due(joins):
+            ended, self._exited = [e for e, _ in self._exited if not e.request.finished], []
+            self._sample(ended)
+
+    def _sample_due(self, joins: int) -> bool:
         """Whether this step samples the units that ended (then the next begins their tokens' preludes
         together): ``token`` / ``static`` when no unit runs any more (the round's end); ``depth`` also as
         soon as the iterations lost by rows waiting since they ended, counting the step they would wait
@@ -499,7 +524,7 @@ class Engine:
         if cost is None:
             heads = any(not e.ready for e, _ in self._exited)
             cost = program.prelude_cost + (program.head_cost if heads else 0.0)
-        waited = sum(self.metrics.steps - step for _, step in self._exited) + len(self._exited)
+        waited = sum(joins - step for _, step in self._exited)  # launches missed, the next one counted
         return waited * program.step_cost >= cost * len(self.resident)
 
     def _admit(self) -> list[Request]:
