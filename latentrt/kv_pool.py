@@ -124,7 +124,6 @@ class KVPool:
         self.written = torch.zeros(rows, width, dtype=torch.long, device=device)  # iterations per entry
         self._zero = torch.zeros((), dtype=torch.long, device=device)  # written as a device value: no host copy
         self.valid = torch.zeros(rows, width, dtype=torch.bool, device=device)
-        self.n_valid = [0] * rows  # host: real entries per row (the next entry's model position)
         self.max_slots = max(self.slot_rows, 1)
         self.slot_table = torch.zeros(rows, self.max_slots, dtype=torch.long, device=device)
         self.modes = torch.zeros(rows, 3, dtype=torch.long, device=device)  # each row's (K, a, lookup)
@@ -201,7 +200,7 @@ class KVPool:
             self.modes[row] = to_device([1, 0, 0], self.device)
         self.valid[row] = False
         self.written[row] = 0
-        self.n_valid[row] = self.lengths[row] = 0
+        self.lengths[row] = 0
         return row
 
     def release(self, row: int, clean_from: int = 0) -> None:
@@ -231,16 +230,16 @@ class KVPool:
         mask (None; for a caller whose attention reads the pool itself: its cost is a gather of the rows)."""
         lengths = [n] * len(rows) if lengths is None else list(lengths)
         starts = [self.lengths[r] for r in rows]
-        q_idx, positions, real = [], [], []  # host: every value here follows from host values
+        # every value follows from host values: a row's entries are all real, so an entry's index is its model
+        # position (padding queries: the trash entry, position 0)
+        q_idx, positions, real = [], [], []
         for r, s, m in zip(rows, starts, lengths):
             if s + m > self.max_len:
                 raise RuntimeError(f"KV pool row {r} overflow: {s + m} positions > {self.max_len}")
             self.lengths[r] = s + m
-            base = self.n_valid[r]
             q_idx += [s + j for j in range(m)] + [self.trash] * (n - m)
-            positions += [base + j for j in range(m)] + [0] * (n - m)
+            positions += [s + j for j in range(m)] + [0] * (n - m)
             real += [1] * m + [0] * (n - m)
-            self.n_valid[r] = base + m
         R = len(rows)
         staged = to_device(rows + q_idx + positions + real, self.device)  # one copy for the four
         idx, q_idx, positions, real = staged[:R], *staged[R:].view(3, R, n)
