@@ -472,19 +472,26 @@ def test_a_failed_requests_row_is_scrubbed_before_reuse():
     assert short.tokens == latentrt.generate(model, [5, 7], **kw).tokens
 
 
-def test_a_finished_requests_row_keeps_its_checked_entries_and_zeroes_the_last():
-    """A request that finished leaves its K/V in the pool (every ended unit's entries were checked finite)
-    except its last entry, which may belong to the unit begun after its last token (never checked): zeroed."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_finished_requests_row_keeps_its_checked_entries_and_zeroes_the_rest(async_scheduling):
+    """A request that finished leaves its K/V in the pool where every unit's token was read back finite, and
+    zeroes the entries after them (never checked): none after a length finish (no unit begins after the last
+    token); after a stop token the unit begun after it, and with asynchronous scheduling a second one (at
+    ``num_steps=1`` the first ends before the stop token is read, is sampled and the next begins)."""
     model = tiny_recurrent(seed=3)
-    engine = Engine(model, max_batch=1)
-    req = engine.submit([5, 6, 7], max_new_tokens=3, init_scale=0.0, default_stops=False)
-    engine.step()
-    pool, row = engine.program.pool, req.row
-    engine.run_until_idle()
-    n = len(req.prompt_ids) + len(req.tokens) - 1  # entries begun: a length finish begins no unit after
-    assert req.finish_reason == "length" and row in pool.free_rows
-    written = pool.plain_k[:, row, :, :n].abs().sum(dim=(0, 1, 3))  # per entry
-    assert (written[: n - 1] > 0).all() and written[n - 1] == 0
+    prompt, kw = [5, 6, 7], dict(max_new_tokens=6, init_scale=0.0, default_stops=False, num_steps=1)
+    stop = latentrt.generate(model, prompt, **kw).tokens[2]
+    engine = Engine(model, max_batch=1, async_scheduling=async_scheduling)
+    pool = engine.program.pool
+    for stops, reason, dropped in (([], "length", 0), ([stop], "stop", 2 if async_scheduling else 1)):
+        req = engine.submit(prompt, stop=stops, **kw)
+        engine.run_until_idle()
+        row = req.row
+        begun = len(prompt) + 2 + dropped if reason == "stop" else len(prompt) + kw["max_new_tokens"] - 1
+        assert req.finish_reason == reason and row in pool.free_rows and pool.lengths[row] == begun
+        written = pool.plain_k[:, row, :, :begun].abs().sum(dim=(0, 1, 3))  # per entry
+        kept = begun - dropped
+        assert (written[:kept] > 0).all() and (written[kept:] == 0).all()
 
 
 def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch, caplog):

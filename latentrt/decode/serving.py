@@ -102,10 +102,13 @@ class ServingProgram:
 
     def release_row(self, request) -> None:
         """Free the request's pool row, zeroing what may hold an unchecked value (``KVPool.release``): a
-        finished request's last entry, a failed or cancelled one's every entry."""
+        finished request's entries past those of units whose tokens were read back finite
+        (``checked_entries``: the unit begun after its last token, and with asynchronous scheduling one more
+        that may have ended and been sampled before the last token was read), a failed or cancelled one's every
+        entry."""
         row = request.row
         finished = request.finish_reason in ("stop", "length")
-        self.pool.release(row, max(self.pool.lengths[row] - 1, 0) if finished else 0)
+        self.pool.release(row, min(request.checked_entries, self.pool.lengths[row]) if finished else 0)
 
     def count_pass(self, weights: float = 1.0, graph: bool = False) -> None:
         """One pass over layers whose weights are ``weights`` core iterations'; ``graph``: through a captured

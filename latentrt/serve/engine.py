@@ -139,7 +139,9 @@ def read_logprob_row(row: list[float], keep: int) -> tuple[float, list[tuple[int
 class Sampled:
     """The tokens sampled in a step, on the device until the next step's one read: the requests, their
     token ids and non-finite flags [n], and for those of them that asked for log-probs (``lp_reqs``, in
-    order) rows [token's log-prob, the k best log-probs, their ids] flattened (``logprobs``, fp32)."""
+    order) rows [token's log-prob, the k best log-probs, their ids] flattened (``logprobs``, fp32);
+    ``entries``: each request's pool entries when its token was sampled (all of ended units: checked once
+    the token's flags read finite)."""
 
     reqs: list
     tokens: torch.Tensor
@@ -147,6 +149,7 @@ class Sampled:
     lp_reqs: list
     k: int = 0
     logprobs: torch.Tensor | None = None
+    entries: list[int] = field(default_factory=list)
 
     def parts(self) -> list[torch.Tensor]:
         """The tensors the step reads, on the device that computed them."""
@@ -203,6 +206,7 @@ class Request:
     stop_set: frozenset = frozenset()  # token ids that end it
     row: int | None = None
     latent_work: int = 0  # latent iterations (recurrent) or thoughts (Coconut) spent
+    checked_entries: int = 0  # its pool row's first entries known finite (those of units whose token read finite)
     # scheduler state
     in_unit: bool = False  # a unit of this request is running in the program (or waits for its logits)
     exited: bool = False  # its unit ended and waits for the step that samples ended units
@@ -601,9 +605,11 @@ class Engine:
         if sampled is None:
             return
         tokens, flags, lps = sampled.read(host)
-        for req, tok, flag in zip(sampled.reqs, tokens, flags):
+        for req, tok, flag, entries in zip(sampled.reqs, tokens, flags, sampled.entries):
             if req.finished:
                 continue
+            if not flag:
+                req.checked_entries = entries
             index = len(req.tokens)
             if flag:
                 try:
@@ -670,7 +676,8 @@ class Engine:
             if gen.penalties is not None:
                 gen.penalties.record(tokens[i : i + 1])
             req.next_token = tokens[i]
-        self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), [])
+        entries = [self.program.pool.lengths[e.request.row] for e in ended]
+        self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), [], entries=entries)
         want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]
         if want:  # the model's distribution (no temperature / top-k/p), over the vocabulary
             at = to_device(want, logits.device)
