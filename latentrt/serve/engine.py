@@ -141,15 +141,15 @@ class Sampled:
     token ids and non-finite flags [n], and for those of them that asked for log-probs (``lp_reqs``, in
     order) rows [token's log-prob, the k best log-probs, their ids] flattened (``logprobs``, fp32);
     ``entries``: each request's pool entries when its token was sampled (all of ended units: checked once
-    the token's flags read finite)."""
+    the token reads back finite)."""
 
     reqs: list
     tokens: torch.Tensor
     flags: torch.Tensor
-    lp_reqs: list
+    entries: list[int]
+    lp_reqs: list = field(default_factory=list)
     k: int = 0
     logprobs: torch.Tensor | None = None
-    entries: list[int] = field(default_factory=list)
 
     def parts(self) -> list[torch.Tensor]:
         """The tensors the step reads, on the device that computed them."""
@@ -677,7 +677,7 @@ class Engine:
                 gen.penalties.record(tokens[i : i + 1])
             req.next_token = tokens[i]
         entries = [self.program.pool.lengths[e.request.row] for e in ended]
-        self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), [], entries=entries)
+        self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), entries)
         want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]
         if want:  # the model's distribution (no temperature / top-k/p), over the vocabulary
             at = to_device(want, logits.device)
