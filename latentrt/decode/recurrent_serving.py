@@ -462,32 +462,29 @@ class RecurrentServing(ServingProgram):
             if r in self.running and self.unit_serial[r] == serial and (not still or t >= self.loop.specs[r].r_max):
                 self.loop.t[r] = t
                 done.append(r)
-        out = self._end_units(done) if done else []
-        by_group: dict[int, list[tuple[int, int, bool]]] = {}
+        members: dict[int, list[int]] = {}  # group serial -> its members that ended
+        live = {g.serial: g for g in self.groups}
         for (serial, i, t), still in zip(launch.prompts, flags[n:]):
-            by_group.setdefault(serial, []).append((i, t, still))
-        for group in self.groups:
-            finished = []
-            for i, t, still in by_group.get(group.serial, ()):
-                if i in group.live and (not still or t >= group.loop.specs[i].r_max):
-                    group.loop.t[i] = t
-                    finished.append(i)
-            if finished:
-                out += self._end_prompts(group, finished)
-        self.groups = [g for g in self.groups if g.live]
-        return out
+            group = live.get(serial)
+            if group is not None and i in group.live and (not still or t >= group.loop.specs[i].r_max):
+                group.loop.t[i] = t
+                members.setdefault(serial, []).append(i)
+        return self._end(done, members)
 
     def ended_on_host(self) -> list[Ended]:
         """(See ServingProgram.ended_on_host.) Units at their r_max: whatever the last launch's flags say, their
         loop is over (``launch`` did not run them again, so their iteration counts are as they ended)."""
-        out = []
         done = [r for r in sorted(self.running) if self.loop.at_end(r)]
-        if done:
-            out += self._end_units(done)
+        members = {g.serial: [i for i in g.live if g.loop.at_end(i)] for g in self.groups}
+        return self._end(done, members)
+
+    def _end(self, rows: list[int], members: dict[int, list[int]]) -> list[Ended]:
+        """End the one-position units of ``rows`` and each prompt group's ``members`` (by group serial); groups
+        with no member left in their loop go."""
+        out = self._end_units(rows) if rows else []
         for group in self.groups:
-            finished = [i for i in group.live if group.loop.at_end(i)]
-            if finished:
-                out += self._end_prompts(group, finished)
+            if members.get(group.serial):
+                out += self._end_prompts(group, members[group.serial])
         self.groups = [g for g in self.groups if g.live]
         return out
 
