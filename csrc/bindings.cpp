@@ -120,8 +120,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "stream_plan",
       [](const std::vector<std::pair<int64_t, int64_t>>& mats, int batch, int ctas, int64_t smem_optin, int tile_rows,
-         int k_chunk, bool stage_input) {
-        const auto p = latentrt_stream::plan_stream(mats, batch, ctas, smem_optin, tile_rows, k_chunk, stage_input);
+         int k_chunk, bool stage_input, int mma_from) {
+        const auto p =
+            latentrt_stream::plan_stream(mats, batch, ctas, smem_optin, tile_rows, k_chunk, stage_input, mma_from);
         py::dict d;
         d["ok"] = p.reason.empty();
         d["reason"] = p.reason;
@@ -163,7 +164,7 @@ PYBIND11_MODULE(_cuda, m) {
       },
       "the streamed-weight kernel's plan (csrc/stream_plan.h) for matrices {rows, cols} in execution order",
       py::arg("mats"), py::arg("batch"), py::arg("ctas"), py::arg("smem_optin"), py::arg("tile_rows") = 0,
-      py::arg("k_chunk") = 0, py::arg("stage_input") = true);
+      py::arg("k_chunk") = 0, py::arg("stage_input") = true, py::arg("mma_from") = latentrt_stream::kMmaFromBatch);
   m.def("attention_splits", &latentrt_stream::attention_splits,
         "splits per (row, head) of the streamed kernel's split attention (csrc/stream_plan.h)", py::arg("heads"),
         py::arg("positions"), py::arg("warps"), py::arg("split_max"));

@@ -45,6 +45,7 @@ namespace latentrt_stream {
 
 constexpr int kMaxBatch = 32;
 constexpr int kConsumerWarps = 8;
+constexpr int kMmaFromBatch = 5;  // batches from here multiply on tensor cores (mma_from: the probe lowers it)
 constexpr int64_t kStageTarget = 16384;  // bytes of weights per ring stage
 constexpr int kRowPad = 16;              // bytes after each staged row segment (no ldmatrix bank conflicts)
 constexpr int kInputPad = 8;             // elements after each staged input row (conflict-free B fragments)
@@ -67,7 +68,7 @@ struct OpPlan {
 struct Plan {
   std::string reason;  // empty when the plan is usable
   int batch = 0, ctas = 0, tile_rows = 0, k_chunk = 0, stages = 0;
-  bool tensor_cores = false;
+  bool tensor_cores = false;  // batch >= mma_from: mma.sync consumers, else CUDA-core dot products
   bool stage_input = true;   // the input chunk staged in shared memory per stage (else read from L2)
   int64_t stage_bytes = 0;   // shared memory of one stage (rows padded)
   int64_t reduce_bytes = 0;  // the consumer warps' partial sums of one tile (fp32)
@@ -155,9 +156,11 @@ inline int64_t input_buffer_bytes(bool stage_input, int batch, int k_chunk) {
 }
 
 // The plan for `mats` ({rows, cols} in execution order) at `batch` rows of input, over `ctas` persistent
-// CTAs with `smem_optin` bytes of shared memory each. tile_rows / k_chunk 0: chosen as above.
+// CTAs with `smem_optin` bytes of shared memory each. tile_rows / k_chunk 0: chosen as above. mma_from: the
+// smallest batch on tensor cores (the kernels' kMmaFromBatch; the probe times mma.sync at batch 1 and 4 too).
 inline Plan plan_stream(const std::vector<std::pair<int64_t, int64_t>>& mats, int batch, int ctas,
-                        int64_t smem_optin, int tile_rows = 0, int k_chunk = 0, bool stage_input = true) {
+                        int64_t smem_optin, int tile_rows = 0, int k_chunk = 0, bool stage_input = true,
+                        int mma_from = kMmaFromBatch) {
   Plan p;
   p.batch = batch;
   p.ctas = ctas;
@@ -174,14 +177,15 @@ inline Plan plan_stream(const std::vector<std::pair<int64_t, int64_t>>& mats, in
     p.reason = "no matrices";
     return p;
   }
-  p.tensor_cores = batch > 4;
+  p.tensor_cores = batch >= mma_from;
   p.tile_rows = tile_rows > 0 ? tile_rows : (batch <= 4 ? 16 : (batch <= 16 ? 32 : 64));
   if (p.tile_rows % 16 || p.tile_rows > 128) {
     p.reason = "tile_rows must be a multiple of 16 up to 128, got " + std::to_string(p.tile_rows);
     return p;
   }
   if (!p.tensor_cores && p.tile_rows != 16) {  // consume_fma: 8 consumer warps x 2 rows each
-    p.reason = "batch <= 4 (the CUDA-core path) takes tile_rows 16, got " + std::to_string(p.tile_rows);
+    p.reason = "the CUDA-core path (batch " + std::to_string(batch) + " < " + std::to_string(mma_from) +
+               ") takes tile_rows 16, got " + std::to_string(p.tile_rows);
     return p;
   }
   p.k_chunk = k_chunk > 0 ? k_chunk : (int)std::max<int64_t>(64, kStageTarget / (p.tile_rows * kElem));

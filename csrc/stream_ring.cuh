@@ -81,7 +81,9 @@ struct Ring {
   int copy = kCopyRows;
   int test_wait = 0;  // probe-only: 1: consumers poll a full stage with mbarrier.test_wait (never suspended)
   int input_cols = 0;  // stage_input 3 (probe-only, ranged): elements per staged row (widest range, padded)
-  __host__ __device__ bool swizzled() const { return copy == kCopyTensor && batch > 4; }
+  int mma_from = latentrt_stream::kMmaFromBatch;  // the plan's: batches from here multiply on tensor cores
+  __host__ __device__ bool mma() const { return batch >= mma_from; }
+  __host__ __device__ bool swizzled() const { return copy == kCopyTensor && mma(); }
   __host__ __device__ int box_k() const { return swizzled() ? 64 : (k_chunk < 256 ? k_chunk : 256); }
   __host__ __device__ int row_stride() const { return copy == kCopyTensor ? k_chunk * 2 : k_chunk * 2 + kRowPad; }
   __host__ __device__ int stage_bytes() const { return tile_rows * row_stride(); }
@@ -568,7 +570,7 @@ __device__ inline void finish_mma(const Ring& g, const Op& op, const Tile& tl, f
 }
 
 // One op's share of this CTA: every stage of its tiles from the ring (in the producer's order), multiplied
-// and written out. MB: the CUDA-core path's rows (batch <= 4); above, tensor cores.
+// and written out. MB: the CUDA-core path's rows (batch <= 4); from Ring::mma_from on, tensor cores.
 // With stage_input, stage i's input chunk was copied during stage i - 1 (the first one before the loop) into
 // buffer i % 2; one consumers' barrier a stage makes it readable and frees the other buffer for stage i + 1.
 // Not inlined: one copy per MB instead of one per call site (a kernel has 5-7), which halves the extension's
@@ -580,7 +582,7 @@ __device__ __noinline__ void consume_op(const Ring& g, const Op& op, const Smem&
   const int lane = threadIdx.x % 32;
   const bool timer = PROF && threadIdx.x == 32;  // warp 1's lane 0 keeps the consumers' clock
   long long tc = 0;
-  const bool mma = g.batch > 4, staged = g.stage_input == 1 && compute;
+  const bool mma = g.mma(), staged = g.stage_input == 1 && compute;
   const bool ranged = g.stage_input == 3 && compute;  // the probe's input=ranged: one staging per column range
   const bf16* fixed = g.stage_input == 2 ? s.input : nullptr;  // the probe's input=fixed
   int range0 = -1, range1 = -1;                               // ranged: the columns s.input holds

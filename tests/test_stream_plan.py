@@ -32,7 +32,7 @@ def check_plan(mats, batch, ctas, smem=H200_SMEM, **kw):
     # the staged input: two buffers of batch rows of a k-chunk + 8 elements (bf16), after the ring
     assert p["input_bytes"] == (2 * batch * (k + 8) * 2 if p["stage_input"] else 0)
     assert p["smem_bytes"] == BARRIERS + p["reduce_bytes"] + p["stages"] * p["stage_bytes"] + p["input_bytes"] <= smem
-    assert p["tensor_cores"] == (batch > 4)
+    assert p["tensor_cores"] == (batch >= kw.get("mma_from", 5))
     assert len(p["ops"]) == len(mats)
     for op, (m, n) in zip(p["ops"], mats):
         assert (op["rows"], op["cols"]) == (m, n)
@@ -116,6 +116,21 @@ def test_explicit_tiles_and_refusals():
     assert not p["ok"] and "multiple of 8" in p["reason"]
     p = _cuda.stream_plan(mats, 4, 132, H200_SMEM, tile_rows=32)  # the CUDA-core path covers 16 rows a tile
     assert not p["ok"] and "takes tile_rows 16" in p["reason"]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_tensor_cores_below_batch_5_on_request(batch):
+    """The probe's mma.sync consumers at batch 1 and 4 (mma_from=1): the same ring as the CUDA-core plan
+    (tiles of 16 rows, the reduction buffer the tensor-core path needs is always there), and wider tiles are
+    then allowed; the kernels' default keeps CUDA cores below batch 5."""
+    mats = huginn_iteration()
+    default = check_plan(mats, batch, 132)
+    mma = check_plan(mats, batch, 132, mma_from=1)
+    assert not default["tensor_cores"] and mma["tensor_cores"]
+    same = ("tile_rows", "k_chunk", "stages", "stage_bytes", "reduce_bytes", "input_bytes", "smem_bytes")
+    assert {k: mma[k] for k in same} == {k: default[k] for k in same}
+    assert [op["cta_first"] for op in mma["ops"]] == [op["cta_first"] for op in default["ops"]]
+    assert check_plan(mats, batch, 132, mma_from=1, tile_rows=32)["tile_rows"] == 32
 
 
 def split_cost(heads: int, positions: int, warps: int, splits: int) -> int:

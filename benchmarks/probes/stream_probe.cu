@@ -146,15 +146,15 @@ float host_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
   } while (0)
 
 template <int COPY, bool PROF>
-const void* kernel_of(int batch) {
-  if (batch <= 1) return reinterpret_cast<const void*>(stream_kernel<1, COPY, PROF>);
-  if (batch <= 4) return reinterpret_cast<const void*>(stream_kernel<4, COPY, PROF>);
-  return reinterpret_cast<const void*>(stream_kernel<1, COPY, PROF>);  // mma path: MB unused
+const void* kernel_of(const Ring& g) {
+  if (g.mma()) return reinterpret_cast<const void*>(stream_kernel<1, COPY, PROF>);  // mma path: MB unused
+  if (g.batch <= 1) return reinterpret_cast<const void*>(stream_kernel<1, COPY, PROF>);
+  return reinterpret_cast<const void*>(stream_kernel<4, COPY, PROF>);
 }
 // the consumers read rows unless the producer copied tensor-map boxes (copy=none: rows, as they stand)
-const void* kernel_for(int batch, int copy, bool prof) {
-  if (prof) return copy == kCopyTensor ? kernel_of<kCopyTensor, true>(batch) : kernel_of<kCopyRows, true>(batch);
-  return copy == kCopyTensor ? kernel_of<kCopyTensor, false>(batch) : kernel_of<kCopyRows, false>(batch);
+const void* kernel_for(const Ring& g, bool prof) {
+  if (prof) return g.copy == kCopyTensor ? kernel_of<kCopyTensor, true>(g) : kernel_of<kCopyRows, true>(g);
+  return g.copy == kCopyTensor ? kernel_of<kCopyTensor, false>(g) : kernel_of<kCopyRows, false>(g);
 }
 
 }  // namespace
@@ -255,6 +255,7 @@ int main(int argc, char** argv) {
     int prof = 0;                                   // 1: also a clocked run: where a stage's cycles go
     int nostop = 0;                                 // 1: the producer never polls the stop word
     int test_wait = 0;                              // 1: consumers spin on test_wait (Ring::test_wait)
+    int mma_from = latentrt_stream::kMmaFromBatch;  // 1: mma.sync consumers at batch 1-4 too (Ring::mma)
   };
   std::vector<Config> configs;
   // 2026-12-04 (fourth run): the clocks put 75-80% of a stage in the consumers' own instructions (1221 cycles
@@ -285,6 +286,22 @@ int main(int argc, char** argv) {
     c.prof = batch == 1;
     configs.push_back(c);
   }
+  // (added 2026-12-05, CPU only) tensor cores at batch 1 and 4: one mma.sync m16n8k16 multiplies a 16 x 16
+  // weight block (512 bytes) by the batch padded to 8 columns, its A fragment one ldmatrix.x4. cuobjdump -sass
+  // of this probe at batch 1: a k-step is ~16 warp instructions per 512 weight bytes (LDSM, HMMA, two
+  // predicated LDS for the B fragment, the rest the loop's address arithmetic and branch), where the dot
+  // products take ~35 (69 a lane per 32 weight bytes: 3 LDS.128, 36 bf16 unpacks (PRMT and shifts), 8 FMUL,
+  // 8 FFMA, 10 FADD); and a k-step's chain is LDSM -> HMMA instead of LDS -> unpack -> FMUL -> FFMA -> FADDs.
+  // The 7 padded columns cost nothing the stream pays for. Consuming behind row copies and tensor-map boxes (128-byte swizzled, as at batch 8;
+  // checked) and with nothing copied (the ceiling), batch 1 clocked: against the CUDA-core lines above at
+  // the same ring. If the consumers stop being the bound, the faster tensor-map stream is what they wait on.
+  for (int batch : {1, 4})
+    for (int copy : {kCopyRows, kCopyTensor, kCopyNone}) {
+      Config c{batch, 0, 1, copy != kCopyNone, 1, copy};
+      c.mma_from = 1;
+      c.prof = batch == 1;
+      configs.push_back(c);
+    }
   for (int batch : {1, 4, 8, 16, 32}) {
     // the baseline of the kernels' ring (rows), alone and consuming with a wait before each matrix
     configs.push_back({batch, 0, 0, 0, 1});
@@ -312,7 +329,7 @@ int main(int argc, char** argv) {
   CUtensorMap* maps;  // copy=tensor: one per matrix, in global memory (64-byte aligned)
   CHECK(cudaMalloc(&maps, (size_t)n_ops * sizeof(CUtensorMap)));
   for (const Config& cf : configs) {
-    const Plan p = plan_stream(mats, cf.batch, sms, optin, cf.tile_rows, cf.k_chunk, cf.staged != 0);
+    const Plan p = plan_stream(mats, cf.batch, sms, optin, cf.tile_rows, cf.k_chunk, cf.staged != 0, cf.mma_from);
     if (!p.reason.empty()) {
       std::printf("probe batch=%d plan refused: %s\n", cf.batch, p.reason.c_str());
       continue;
@@ -321,6 +338,7 @@ int main(int argc, char** argv) {
     a.n_ops = n_ops;
     a.ring = Ring{cf.batch, p.tile_rows, p.k_chunk, cf.stages ? std::min(cf.stages, p.stages) : p.stages, cf.staged,
                   cf.copy, cf.test_wait};
+    a.ring.mma_from = cf.mma_from;
     int64_t input_bytes = p.input_bytes;  // ranged: one buffer of the widest column range, rows padded as
     if (cf.staged == 3) {                 // the per-stage chunks are (conflict-free mma B fragments)
       int64_t widest = 0;
@@ -373,7 +391,7 @@ int main(int argc, char** argv) {
     }
     a.nostop = cf.nostop;
     a.clocks = clocks;
-    const void* kernel = kernel_for(cf.batch, cf.copy, false);
+    const void* kernel = kernel_for(a.ring, false);
     // tensor copies: the ring moves up to 1 KB to its 1024-byte alignment (stream_ring.cuh: smem_layout)
     const int smem = (int)smem_bytes + (cf.copy == kCopyTensor ? 1024 : 0);
     if (smem > optin) {
@@ -418,7 +436,7 @@ int main(int argc, char** argv) {
     const bool ok = !checked || worst < 1e-2;
     failures += !ok;
     if (cf.prof) {  // one clocked launch (its own kernel: clock reads in the loops), averaged over the CTAs
-      const void* clocked = kernel_for(cf.batch, cf.copy, true);
+      const void* clocked = kernel_for(a.ring, true);
       CHECK(cudaFuncSetAttribute(clocked, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       CHECK(cudaMemset(clocks, 0, sms * sizeof(StageClock)));
       a.iters = iters;
@@ -437,10 +455,11 @@ int main(int argc, char** argv) {
       }
       const double st = (double)std::max(1ll, t.stages), is = (double)std::max(1ll, t.issued);
       std::printf(
-          "probe-clock batch=%d copy=%s tile_rows=%d k_chunk=%d cycles_per_stage: consumer full_wait=%.0f "
+          "probe-clock batch=%d gemv=%s copy=%s tile_rows=%d k_chunk=%d cycles_per_stage: consumer full_wait=%.0f "
           "input_wait=%.0f input_issue=%.0f compute=%.0f finish=%.0f (per tile %.0f, %.1f stages a tile) | "
           "producer empty_wait=%.0f issue=%.0f | stages=%lld issued=%lld\n",
-          cf.batch, cf.copy == kCopyTensor ? "tensor" : (cf.copy == kCopyNone ? "none" : "rows"), a.ring.tile_rows,
+          cf.batch, a.ring.mma() ? "mma" : "fma", cf.copy == kCopyTensor ? "tensor" : (cf.copy == kCopyNone ? "none" : "rows"),
+          a.ring.tile_rows,
           a.ring.k_chunk, t.full_wait / st, t.input_wait / st, t.input_issue / st, t.compute / st, t.finish / st,
           t.finish / (double)std::max(1ll, t.tiles), st / (double)std::max(1ll, t.tiles), t.empty_wait / is,
           t.issue / is, t.stages, t.issued);
@@ -448,7 +467,7 @@ int main(int argc, char** argv) {
     std::printf(
         "probe batch=%d mode=%s input=%s stages=%d consume=%d wait=%d barriers=%d tile_rows=%d k_chunk=%d "
         "us_per_iteration=%.1f TB/s=%.3f max_rel_err=%.2e %s%s%s\n",
-        cf.batch, cf.batch > 4 ? "ring-mma" : "ring-fma", cf.staged == 2 ? "fixed" : (cf.staged == 3 ? "ranged" : "staged"), a.ring.stages, cf.consume, cf.wait, barriers,
+        cf.batch, a.ring.mma() ? "ring-mma" : "ring-fma", cf.staged == 2 ? "fixed" : (cf.staged == 3 ? "ranged" : "staged"), a.ring.stages, cf.consume, cf.wait, barriers,
         a.ring.tile_rows, a.ring.k_chunk, us, total / (us * 1e-6) / 1e12, worst,
         checked || !cf.consume ? (ok ? "ok" : "WRONG") : "unchecked",
         cf.copy == kCopyTensor ? (a.ring.swizzled() ? " copy=tensor swizzle=128B" : " copy=tensor")
