@@ -36,13 +36,14 @@ def persistent_loop() -> None:
             latentrt.generate(model, [[3, 4, 5], [6, 7]], **kw)
 
 
-def streamed_loop(copy: str | None = None) -> None:
+def streamed_loop(copy: str | None = None, gemv: str | None = None) -> None:
     """The streamed kernel: every row running to r_max (none), rows exiting at different iterations
     (latent-diff; KL with the coda and lm_head streamed at its checks), a batch on the tensor-core path, and
     one row at 56 positions (its attention in 4 splits, merged); each launch must return (a hang is the
     likely bug). The attention, the input and the weight copies are the backend's defaults, or
-    LATENTRT_STREAM_ATTENTION's, LATENTRT_STREAM_INPUT's and LATENTRT_STREAM_COPY's; ``copy`` sets the
-    weight copies (family ``stream-tensor``: the tensor-map boxes)."""
+    LATENTRT_STREAM_ATTENTION's, LATENTRT_STREAM_INPUT's, LATENTRT_STREAM_COPY's and LATENTRT_STREAM_GEMV's;
+    ``copy`` sets the weight copies (family ``stream-tensor``: the tensor-map boxes), ``gemv`` what multiplies
+    them (family ``stream-mma``: tensor cores at batch 1 and 2 too)."""
     cfg = parse_config(dict(TINY_RECURRENT, num_attention_heads=4, vocab_size=64, block_size=64, mean_recurrence=4))
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     from latentrt.backends.cuda import PersistentTokenRunner
@@ -51,6 +52,8 @@ def streamed_loop(copy: str | None = None) -> None:
     model.backend.loop_kernel = "stream"
     if copy is not None:
         model.backend.stream_copy = copy
+    if gemv is not None:
+        model.backend.stream_gemv = gemv
     kernels, real = [], PersistentTokenRunner.recurrence
     PersistentTokenRunner.recurrence = lambda self, *a: kernels.append(self.kernel) or real(self, *a)
     try:
@@ -70,7 +73,7 @@ def _streamed_batches(model, kernels: list) -> None:
             if set(kernels) != {"stream"}:  # the plan refused the options: a smoke of another path proves nothing
                 raise SystemExit(f"the streamed loop did not run (batch {batch}, {crit}): launches {kernels}")
         b = model.backend
-        what = f"{b.stream_attention} attention, {b.stream_input} input, {b.stream_copy} copies"
+        what = f"{b.stream_attention} attention, {b.stream_input} input, {b.stream_copy} copies, {b.stream_gemv} gemv"
         print(f"streamed loop ({what}) batch {batch} ok", flush=True)
 
 
@@ -102,10 +105,11 @@ def main() -> None:
     p.add_argument(
         "--only",
         default=None,
-        help="kernel families, comma-separated: barrier, stream, stream-tensor, stream-thoughts (default: all)",
+        help="kernel families, comma-separated: barrier, stream, stream-tensor, stream-mma, stream-thoughts "
+        "(default: all)",
     )
     args = p.parse_args()
-    families = ("barrier", "stream", "stream-tensor", "stream-thoughts")
+    families = ("barrier", "stream", "stream-tensor", "stream-mma", "stream-thoughts")
     only = set(families if args.only is None else args.only.split(","))
     if only - set(families):
         p.error(f"unknown kernel family {sorted(only - set(families))}; choose from {list(families)}")
@@ -121,6 +125,7 @@ def main() -> None:
     streamed = {
         "stream": streamed_loop,
         "stream-tensor": lambda: streamed_loop(copy="tensor"),
+        "stream-mma": lambda: streamed_loop(gemv="tensor-cores"),
         "stream-thoughts": streamed_thoughts,
     }
     for name, run in streamed.items():

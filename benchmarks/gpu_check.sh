@@ -119,14 +119,21 @@ if [ "$CUDA_BUILT" = 1 ] && ! smoke stream-thoughts 40; then
 fi
 
 # the streamed loop with its weights copied as tensor-map boxes (stream_copy="tensor", the 2026-12-04 probe's
-# fast stream; not yet run by a GPU): a failure drops only its tests and benchmark row; a pass puts it under
-# the sanitizer too
+# fast stream; correct on its first runs, 2026-12-04) and with its GEMVs on tensor cores at batch 1-4 too
+# (stream_gemv="tensor-cores", added 2026-12-05, not yet run by a GPU): a failure drops only that variant's
+# tests and benchmark row; a pass puts it under the sanitizer too
 if [ "$CUDA_BUILT" = 1 ] && [ "$STREAM_OK" = 1 ]; then
   if smoke stream-tensor 50; then
     SANITIZE="$SANITIZE stream-tensor"
   else
     STREAM_TESTS="$STREAM_TESTS and not tensor"
     export LATENTRT_BENCH_SKIP="${LATENTRT_BENCH_SKIP:+$LATENTRT_BENCH_SKIP,}cuda-stream-tensor"
+  fi
+  if smoke stream-mma 40; then
+    SANITIZE="$SANITIZE stream-mma"
+  else
+    STREAM_TESTS="$STREAM_TESTS and not mma"
+    export LATENTRT_BENCH_SKIP="${LATENTRT_BENCH_SKIP:+$LATENTRT_BENCH_SKIP,}cuda-stream-mma"
   fi
 fi
 
@@ -140,7 +147,7 @@ if [ "${GPU_TESTS:-}" = none ]; then
 elif [ "$STREAM_OK" = 1 ] && [ -z "${GPU_TESTS:-}" ]; then
   stamp "gpu tests: the streamed-weight loop"
   # -v: a line per test as it ends, so a stage cut by its timeout still says which tests passed
-  timeout 150 $PYTEST -v -k "$STREAM_TESTS" tests/test_cuda_ext.py >"$LOGS/gpu_tests_stream.log" 2>&1
+  timeout 180 $PYTEST -v -k "$STREAM_TESTS" tests/test_cuda_ext.py >"$LOGS/gpu_tests_stream.log" 2>&1
   echo "stream tests exit $?" | tee -a "$LOG"
   grep -E "passed|failed|error" "$LOGS/gpu_tests_stream.log" | tail -3 | tee -a "$LOG"
 fi

@@ -343,7 +343,8 @@ def _backends(
     kernel: grid barriers by cooperative groups (``cuda``), the streamed-weight kernel (``cuda-stream``,
     csrc/stream_loop.cu / stream_thought.cu, attention split over positions; ``cuda-stream-cta``: the latent
     loop's attention one (row, head) per CTA, timed where ``stream_attentions`` has "cta"; ``cuda-stream-tensor``:
-    the latent loop's weights copied as tensor-map boxes, decode_recurrent only), grid barriers by counters in
+    the latent loop's weights copied as tensor-map boxes, decode_recurrent only; ``cuda-stream-mma``: its GEMVs
+    on tensor cores at batch 1-4 too, decode_recurrent only), grid barriers by counters in
     global memory (``cuda-counter-barrier``); the Triton path once more without ``early_stop``
     (``triton-one-graph``: the token's whole loop one graph, never stopped early; decode_recurrent only).
     LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke failed) names labels to leave out, everywhere
@@ -362,21 +363,23 @@ def _backends(
                 backend.early_stop = False
                 yield "triton-one-graph", backend
             continue
-        kernels = (
-            ("barrier", 0, "split", "rows", "cuda"),
-            ("stream", 0, "split", "rows", "cuda-stream"),
-            ("stream", 0, "split", "tensor", "cuda-stream-tensor"),
-            ("stream", 0, "cta", "rows", "cuda-stream-cta"),
-            ("barrier", 1, "split", "rows", "cuda-counter-barrier"),
+        kernels = (  # kernel, barrier mode, attention, weight copies, GEMV units, label
+            ("barrier", 0, "split", "rows", "auto", "cuda"),
+            ("stream", 0, "split", "rows", "auto", "cuda-stream"),
+            ("stream", 0, "split", "rows", "tensor-cores", "cuda-stream-mma"),
+            ("stream", 0, "split", "tensor", "auto", "cuda-stream-tensor"),
+            ("stream", 0, "cta", "rows", "auto", "cuda-stream-cta"),
+            ("barrier", 1, "split", "rows", "auto", "cuda-counter-barrier"),
         )
-        for kernel, mode, attention, copy, label in kernels:
+        for kernel, mode, attention, copy, gemv, label in kernels:
             if label in skip or f"{suite}:{label}" in skip or attention not in stream_attentions:
                 continue
-            if copy == "tensor" and suite != "decode_recurrent":  # the thought loop copies rows only
+            # the thought loop copies rows only and keeps CUDA cores to batch 4
+            if (copy, gemv) != ("rows", "auto") and suite != "decode_recurrent":
                 continue
             backend = latentrt.backends.get_backend(name, model)
             backend.loop_kernel, backend.barrier_mode, backend.stream_attention = kernel, mode, attention
-            backend.stream_copy = copy
+            backend.stream_copy, backend.stream_gemv = copy, gemv
             yield label, backend
 
 

@@ -59,7 +59,7 @@ PYBIND11_MODULE(_cuda, m) {
       FIELD(pos) FIELD(r_max) FIELD(min_steps) FIELD(check_every) FIELD(criterion) FIELD(eps) FIELD(threshold)
       FIELD(core) FIELD(coda) FIELD(adapter) FIELD(ld_adapter) FIELD(term) FIELD(ln_f) FIELD(lm_head) FIELD(cos)
       FIELD(sin) FIELD(valid) FIELD(written) FIELD(state) FIELD(ref_state) FIELD(active) FIELD(used) FIELD(logits)
-      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(pos_ptr) FIELD(watch) FIELD(watch_cycles) FIELD(split_attention) FIELD(stage_input) FIELD(tensor_copy) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
+      FIELD(prev_logp) FIELD(scratch) FIELD(table) FIELD(pos_ptr) FIELD(watch) FIELD(watch_cycles) FIELD(split_attention) FIELD(stage_input) FIELD(tensor_copy) FIELD(tensor_core_gemv) FIELD(barrier) FIELD(barrier_mode) FIELD(stream);
 #undef FIELD
   m.def("loop_plan", [](const LoopArgs& a, int device) { return plan_dict(latentrt::loop_plan, a, device); });
   m.def("loop_scratch_elems", &latentrt::loop_scratch_elems);

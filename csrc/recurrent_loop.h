@@ -48,6 +48,7 @@ struct LoopArgs {
   int split_attention = 1;         // stream_loop only: attention split over positions (1), or per CTA (0)
   int stage_input = 1;             // stream_loop only: each stage's input chunk in shared memory (1) or from L2 (0)
   int tensor_copy = 0;             // stream_loop only: weights copied as 2D tensor-map boxes (1) or row segments (0)
+  int tensor_core_gemv = 0;        // stream_loop only: every batch's GEMVs on tensor cores (1), or from batch 5 (0)
   uint64_t barrier = 0;            // 2 x uint32, zeroed once; self-resetting
   int barrier_mode = 0;            // 0 cooperative-groups grid sync, 1 counters in global memory
   uint64_t stream = 0;

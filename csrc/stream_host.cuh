@@ -42,11 +42,12 @@ template <class Key>
 class PlanCache {
  public:
   // The plan of `kernel` over the matrices `mats()` (computed on a miss only) at `batch` rows on `device`,
-  // with or without the staged input, `reserve` bytes of the dynamic shared memory kept out of it, cached
-  // under `key` (which names the device, the input mode and the reserve), or why there is none.
+  // with or without the staged input, `reserve` bytes of the dynamic shared memory kept out of it, tensor cores
+  // from batch `mma_from`, cached under `key` (which names the device, the input mode, the reserve and
+  // mma_from), or why there is none.
   template <class Mats>
   std::string get(int device, const void* kernel, const Key& key, int batch, bool stage_input, Mats mats, Plan* out,
-                  int64_t reserve = 0) {
+                  int64_t reserve = 0, int mma_from = kMmaFromBatch) {
     int sms = 0;
     int64_t smem = 0;
     std::string why = device_room(device, kernel, &sms, &smem);
@@ -54,7 +55,7 @@ class PlanCache {
     smem -= reserve;
     std::lock_guard<std::mutex> guard(lock_);
     auto found = plans_.find(key);
-    if (found == plans_.end()) found = plans_.emplace(key, plan_stream(mats(), batch, sms, smem, 0, 0, stage_input)).first;
+    if (found == plans_.end()) found = plans_.emplace(key, plan_stream(mats(), batch, sms, smem, 0, 0, stage_input, mma_from)).first;
     if (!found->second.reason.empty()) return found->second.reason;
     *out = found->second;
     return "";

@@ -405,7 +405,7 @@ __device__ void kl_head(const Args& a, Consumer& c, const Smem& s, uint8_t* act,
 }
 
 // The consumers' walk: phases of every iteration in the producer's matrix order. MB: rows of the CUDA-core
-// GEMV (batch <= 4); above 4 the GEMVs run on tensor cores.
+// GEMV (batch <= 4); from Ring::mma_from on (batch 5, or 1 with LoopArgs.tensor_core_gemv) tensor cores.
 template <int MB>
 __device__ __forceinline__ void run(const Args& a, const Smem& s, uint8_t* act, float* sm, int* stop) {
   Consumer c;
@@ -538,10 +538,12 @@ __global__ void __launch_bounds__(kThreads, 1) stream_loop_kernel(const __grid_c
   run<MB>(a, s, act, sm, &stop);
 }
 
-const void* kernel_for(int batch) {
-  if (batch <= 1) return reinterpret_cast<const void*>(stream_loop_kernel<1>);
-  if (batch <= 4) return reinterpret_cast<const void*>(stream_loop_kernel<4>);
-  return reinterpret_cast<const void*>(stream_loop_kernel<1>);  // tensor cores: MB unused
+// The smallest batch whose GEMVs run on tensor cores (LoopArgs.tensor_core_gemv: every batch).
+int mma_from(const latentrt::LoopArgs& a) { return a.tensor_core_gemv ? 1 : latentrt_stream::kMmaFromBatch; }
+
+const void* kernel_for(const latentrt::LoopArgs& a) {
+  if (a.batch <= 1 || a.batch >= mma_from(a)) return reinterpret_cast<const void*>(stream_loop_kernel<1>);
+  return reinterpret_cast<const void*>(stream_loop_kernel<4>);  // CUDA cores, 2-4 rows (tensor cores: MB unused)
 }
 
 // The matrices of one iteration, {rows, cols}, in the producer's order (KL: the coda's and lm_head after).
@@ -557,7 +559,7 @@ std::vector<std::pair<int64_t, int64_t>> matrices(const latentrt::LoopArgs& a) {
   return m;
 }
 
-using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int, bool, bool>;
+using PlanKey = std::tuple<int, int, int, int, int, int, int, int, int, int, int, bool, bool, int>;
 latentrt_stream::PlanCache<PlanKey> plans;
 latentrt_ring::DeviceMaps tensor_maps;  // LoopArgs.tensor_copy: the weights' maps on the device
 
@@ -587,12 +589,13 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   if (!why.empty()) return why;
   const bool kl = a.criterion == kKL;
   const PlanKey key{device,     a.batch, a.d, a.n_head, a.n_kv, a.head_dim, a.ffn, (int)a.core.size(), a.ld_adapter,
-                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0, a.stage_input != 0, a.tensor_copy != 0};
+                    kl ? (int)a.coda.size() : -1, kl ? a.vocab : 0, a.stage_input != 0, a.tensor_copy != 0, mma_from(a)};
   const int64_t reserve = a.tensor_copy ? latentrt_ring::kTensorRingSlack : 0;  // the tensor ring's alignment
-  why = plans.get(device, kernel_for(a.batch), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out,
-                  reserve);
+  why = plans.get(device, kernel_for(a), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out, reserve,
+                  mma_from(a));
   if (why.empty() && a.tensor_copy) {
-    const Ring g{a.batch, out->tile_rows, out->k_chunk, out->stages, out->stage_input, latentrt_ring::kCopyTensor};
+    Ring g{a.batch, out->tile_rows, out->k_chunk, out->stages, out->stage_input, latentrt_ring::kCopyTensor};
+    g.mma_from = mma_from(a);
     if (out->k_chunk % g.box_k())
       return "tensor-map copies: k_chunk " + std::to_string(out->k_chunk) + " is not a multiple of the box's " +
              std::to_string(g.box_k()) + " columns";
@@ -667,6 +670,7 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
   Args a{};
   a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input,
                 h.tensor_copy ? latentrt_ring::kCopyTensor : latentrt_ring::kCopyRows};
+  a.ring.mma_from = mma_from(h);
   a.B = h.batch;
   a.d = h.d;
   a.H = h.n_head;
@@ -769,7 +773,7 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
       return 2;
     }
   }
-  return latentrt_stream::launch_cooperative(kernel_for(h.batch), p.ctas, kThreads, launch_smem(h, p), &a, a.counter,
+  return latentrt_stream::launch_cooperative(kernel_for(h), p.ctas, kThreads, launch_smem(h, p), &a, a.counter,
                                              stream, why);
 }
 

@@ -114,17 +114,20 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     monkeypatch.setattr(suites.latentrt.backends, "get_backend", lambda name, model: SimpleNamespace(name=name))
     monkeypatch.delenv("LATENTRT_BENCH_SKIP", raising=False)
     rows = {label: b for label, b in suites._backends(None)}
-    labels = ["torch", "triton", "triton-one-graph", "cuda", "cuda-stream", "cuda-stream-tensor", "cuda-stream-cta"]
-    assert list(rows) == [*labels, "cuda-counter-barrier"]
+    labels = ["torch", "triton", "triton-one-graph", "cuda", "cuda-stream", "cuda-stream-mma", "cuda-stream-tensor"]
+    assert list(rows) == [*labels, "cuda-stream-cta", "cuda-counter-barrier"]
     assert rows["triton-one-graph"].early_stop is False and not hasattr(rows["triton"], "early_stop")
     cuda = {k: b for k, b in rows.items() if k.startswith("cuda")}
-    variant = {k: (b.loop_kernel, b.barrier_mode, b.stream_attention, b.stream_copy) for k, b in cuda.items()}
+    variant = {
+        k: (b.loop_kernel, b.barrier_mode, b.stream_attention, b.stream_copy, b.stream_gemv) for k, b in cuda.items()
+    }
     assert variant == {
-        "cuda": ("barrier", 0, "split", "rows"),
-        "cuda-stream": ("stream", 0, "split", "rows"),
-        "cuda-stream-tensor": ("stream", 0, "split", "tensor"),
-        "cuda-stream-cta": ("stream", 0, "cta", "rows"),
-        "cuda-counter-barrier": ("barrier", 1, "split", "rows"),
+        "cuda": ("barrier", 0, "split", "rows", "auto"),
+        "cuda-stream": ("stream", 0, "split", "rows", "auto"),
+        "cuda-stream-mma": ("stream", 0, "split", "rows", "tensor-cores"),
+        "cuda-stream-tensor": ("stream", 0, "split", "tensor", "auto"),
+        "cuda-stream-cta": ("stream", 0, "cta", "rows", "auto"),
+        "cuda-counter-barrier": ("barrier", 1, "split", "rows", "auto"),
     }
     monkeypatch.setenv("LATENTRT_BENCH_SKIP", "cuda-stream")
     assert [k for k, _ in suites._backends(None)] == [
@@ -132,6 +135,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
         "triton",
         "triton-one-graph",
         "cuda",
+        "cuda-stream-mma",
         "cuda-stream-tensor",
         "cuda-stream-cta",
         "cuda-counter-barrier",
@@ -142,6 +146,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert "cuda-stream" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "cuda-stream" in dict(suites._backends(None))
     assert "cuda-stream-tensor" not in dict(suites._backends(None, ("split",), "decode_coconut"))  # rows only there
+    assert "cuda-stream-mma" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "triton-one-graph" not in dict(suites._backends(None, ("split",), "decode_coconut"))
 
 

@@ -284,22 +284,27 @@ def test_the_streamed_input_mode_reaches_both_kernels_arguments():
 
 
 def test_the_streamed_loop_options_reach_its_launch_arguments():
-    """``stream_attention``, ``stream_input`` and ``stream_copy`` set the streamed latent loop's
-    ``split_attention``, ``stage_input`` and ``tensor_copy``; an unknown value set after the backend is an
-    InputError naming it."""
+    """``stream_attention``, ``stream_input``, ``stream_copy`` and ``stream_gemv`` set the streamed latent
+    loop's ``split_attention``, ``stage_input``, ``tensor_copy`` and ``tensor_core_gemv``; an unknown value set
+    after the backend is an InputError naming it."""
     from latentrt.backends import cuda as cuda_backend
     from latentrt.errors import InputError
 
     backend = cuda_backend.CudaBackend(tiny_recurrent(seed=1), reason="test")
     args = _cuda.LoopArgs()
-    assert (args.split_attention, args.stage_input, args.tensor_copy) == (1, 1, 0)
+    fields = lambda: (args.split_attention, args.stage_input, args.tensor_copy, args.tensor_core_gemv)  # noqa: E731
+    assert fields() == (1, 1, 0, 0)
     backend.stream_options(args)
-    assert (args.split_attention, args.stage_input, args.tensor_copy) == (1, 1, 0)
+    assert fields() == (1, 1, 0, 0)
     backend.stream_attention, backend.stream_input, backend.stream_copy = "cta", "l2", "tensor"
+    backend.stream_gemv = "tensor-cores"
     backend.stream_options(args)
-    assert (args.split_attention, args.stage_input, args.tensor_copy) == (0, 0, 1)
+    assert fields() == (0, 0, 1, 1)
     backend.stream_copy = "packed"
     with pytest.raises(InputError, match="stream_copy must be one of"):
+        backend.stream_options(args)
+    backend.stream_copy, backend.stream_gemv = "rows", "fma"
+    with pytest.raises(InputError, match="stream_gemv must be one of"):
         backend.stream_options(args)
 
 
@@ -350,18 +355,19 @@ def test_streamed_token_runner_runs_eagerly_where_graph_capture_fails(monkeypatc
         ("LATENTRT_STREAM_ATTENTION", "stream_attention", "split", "cta"),
         ("LATENTRT_STREAM_INPUT", "stream_input", "staged", "l2"),
         ("LATENTRT_STREAM_COPY", "stream_copy", "rows", "tensor"),
+        ("LATENTRT_STREAM_GEMV", "stream_gemv", "auto", "tensor-cores"),
     ],
 )
 def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch, env, attr, default, other):
     """LATENTRT_CUDA_LOOP picks the CUDA backend's latent-loop kernel (CLI, server, benchmarks), and
     LATENTRT_STREAM_ATTENTION the streamed kernel's attention, LATENTRT_STREAM_INPUT its input chunks,
-    LATENTRT_STREAM_COPY its weight copies; a value
+    LATENTRT_STREAM_COPY its weight copies, LATENTRT_STREAM_GEMV what multiplies them; a value
     none knows is an InputError naming the variable, when the backend is made, not at the first token."""
     from latentrt.backends import cuda as cuda_backend
     from latentrt.errors import InputError
 
     names = (cuda_backend.LOOP_KERNEL_ENV, cuda_backend.STREAM_ATTENTION_ENV, cuda_backend.STREAM_INPUT_ENV)
-    assert env in (*names, cuda_backend.STREAM_COPY_ENV)
+    assert env in (*names, cuda_backend.STREAM_COPY_ENV, cuda_backend.STREAM_GEMV_ENV)
     model = tiny_recurrent(seed=1)
     monkeypatch.delenv(env, raising=False)
     assert getattr(cuda_backend.CudaBackend(model), attr) == default

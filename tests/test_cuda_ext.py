@@ -114,12 +114,13 @@ def test_persistent_loop_check_schedule_equals_torch_backend(criterion):
     _agree(a, b, _fp32_run(prompts, kw))
 
 
-STREAM_VARIANTS = {  # label: (loop_kernel, stream_attention, stream_input[, stream_copy])
+STREAM_VARIANTS = {  # label: (loop_kernel, stream_attention, stream_input[, stream_copy[, stream_gemv]])
     "barrier": ("barrier", "split", "staged"),
     "stream": ("stream", "split", "staged"),
     "stream-cta": ("stream", "cta", "staged"),  # the per-CTA attention
     "stream-l2": ("stream", "split", "l2"),  # every warp reads its input from L2
     "stream-tensor": ("stream", "split", "staged", "tensor"),  # the weights copied as tensor-map boxes
+    "stream-mma": ("stream", "split", "staged", "rows", "tensor-cores"),  # mma.sync at batch 1-4 too
 }
 
 
@@ -136,8 +137,8 @@ def test_persistent_loop_error_against_fp32_is_bf16_sized(kv, kernel):
     ref32 = latentrt.load("builtin:recurrent", device="cuda", dtype="float32", backend="torch")
     ref16, fast = _builtin_pair("recurrent")
     b = fast.backend
-    b.loop_kernel, b.stream_attention, b.stream_input, *copy = STREAM_VARIANTS[kernel]
-    b.stream_copy = copy[0] if copy else "rows"
+    b.loop_kernel, b.stream_attention, b.stream_input, *rest = STREAM_VARIANTS[kernel]
+    b.stream_copy, b.stream_gemv = (*rest, "rows", "auto")[:2] if len(rest) < 2 else rest
     prompts = _questions(ref16, 4)
     kw = dict(max_new_tokens=3, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
     a32, a16, b16 = (latentrt.generate(m, prompts, **kw) for m in (ref32, ref16, fast))
@@ -199,6 +200,28 @@ def test_streamed_loop_with_tensor_map_copies_equals_torch_backend(criterion, ba
     kernels = _stream_launches(monkeypatch)
     prompts = _questions(ref, batch)
     kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="full", init_scale=0.0, return_logits=True)
+    if criterion != "none":
+        kw.update(adaptive=True, exit_criterion=criterion)
+    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
+    assert kernels and set(kernels) == {"stream"}, kernels
+    _agree(a, b, _fp32_run(prompts, kw))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("copy", ["rows", "tensor"])
+@pytest.mark.parametrize("criterion", ["none", "kl"])
+def test_streamed_loop_mma_at_small_batches_equals_torch_backend(criterion, copy, batch, monkeypatch):
+    """``stream_gemv="tensor-cores"``: batches 1-4 multiply on mma.sync (the batch padded to its 8 columns)
+    instead of CUDA-core dot products (batch 1: its own kernel instance; 2-4 share one), with row copies and
+    with swizzled tensor-map boxes, the KL head's matrices included: tokens, steps and logits as the torch
+    backend."""
+    import latentrt
+
+    ref, fast = _builtin_pair("recurrent")
+    fast.backend.loop_kernel, fast.backend.stream_copy, fast.backend.stream_gemv = "stream", copy, "tensor-cores"
+    kernels = _stream_launches(monkeypatch)
+    prompts = _questions(ref, batch)
+    kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="shared", init_scale=0.0, return_logits=True)
     if criterion != "none":
         kw.update(adaptive=True, exit_criterion=criterion)
     a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)

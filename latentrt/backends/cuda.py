@@ -20,7 +20,11 @@ as fast at batch 1 and 1.4-2.4x faster from batch 4 in the probe), or read from 
 How the streamed latent loop's producer copies the weights (``CudaBackend.stream_copy``, env
 LATENTRT_STREAM_COPY): ``rows``, one bulk copy per weight-row segment (default), or ``tensor``, 2D tensor-map
 boxes (csrc/stream_tensor_map.h): the 2026-12-04 probe streamed those alone at 3.4-3.7 TB/s against 0.9-2.4,
-and the kernel taking them awaits its first GPU run (the default changes once it is measured).
+and the kernel taking them awaits its first GPU run (the default changes once it is measured). Which units
+multiply the streamed latent loop's weights (``CudaBackend.stream_gemv``, env LATENTRT_STREAM_GEMV): ``auto``,
+CUDA-core dot products up to batch 4 and mma.sync tensor cores above (default), or ``tensor-cores`` at every
+batch (the batch padded to the mma's 8 columns: about half the instructions per weight byte; the probe's
+``ring-mma`` lines at batch 1 and 4 measure it first).
 
 The prelude and the head around it run as in the Triton backend; between them one cooperative launch
 runs up to r_max iterations for the whole batch, decides convergence on the device (latent-diff, cosine,
@@ -54,6 +58,8 @@ STREAM_INPUT_ENV = "LATENTRT_STREAM_INPUT"  # the streamed kernels' input chunks
 STREAM_INPUTS = ("staged", "l2")  # copied to shared memory once per stage / read from L2 by every warp
 STREAM_COPY_ENV = "LATENTRT_STREAM_COPY"  # how the streamed latent loop copies its weights (default: rows)
 STREAM_COPIES = ("rows", "tensor")  # a bulk copy per row segment / 2D tensor-map boxes
+STREAM_GEMV_ENV = "LATENTRT_STREAM_GEMV"  # what multiplies the streamed latent loop's weights (default: auto)
+STREAM_GEMVS = ("auto", "tensor-cores")  # CUDA cores to batch 4, tensor cores above / tensor cores at every batch
 WATCHDOG_ENV = "LATENTRT_STREAM_WATCHDOG"  # seconds a streamed-kernel wait may last (default 2; 0: off)
 _watches: list[Tensor] = []  # the latest runners' watchdog buffers (pinned host memory), for the report
 CRITERIA = {"none": 0, "latent-diff": 1, "cosine": 2, "kl": 3}
@@ -216,6 +222,7 @@ class CudaBackend(TritonBackend):
     stream_attention = "split"  # the streamed kernel's attention, one of STREAM_ATTENTIONS (benchmarks compare)
     stream_input = "staged"  # the streamed kernels' input chunks, one of STREAM_INPUTS (the probe compares)
     stream_copy = "rows"  # the streamed latent loop's weight copies, one of STREAM_COPIES
+    stream_gemv = "auto"  # what multiplies the streamed latent loop's weights, one of STREAM_GEMVS
 
     def __init__(self, model, reason: str = "") -> None:
         super().__init__(model, reason)
@@ -226,6 +233,7 @@ class CudaBackend(TritonBackend):
         self.stream_attention = _one_of(attention, STREAM_ATTENTIONS, STREAM_ATTENTION_ENV)
         self.stream_input = _one_of(env(STREAM_INPUT_ENV, type(self).stream_input), STREAM_INPUTS, STREAM_INPUT_ENV)
         self.stream_copy = _one_of(env(STREAM_COPY_ENV, type(self).stream_copy), STREAM_COPIES, STREAM_COPY_ENV)
+        self.stream_gemv = _one_of(env(STREAM_GEMV_ENV, type(self).stream_gemv), STREAM_GEMVS, STREAM_GEMV_ENV)
 
     @classmethod
     def unavailable(cls, model, auto: bool = False) -> str | None:
@@ -277,11 +285,12 @@ class CudaBackend(TritonBackend):
         return int(_one_of(self.stream_input, STREAM_INPUTS, "stream_input") == "staged")
 
     def stream_options(self, args) -> None:
-        """The streamed latent loop's options (attention, input, weight copies) into its launch arguments
-        ``args`` (a LoopArgs), each checked (they may have been set after the backend)."""
+        """The streamed latent loop's options (attention, input, weight copies, GEMV units) into its launch
+        arguments ``args`` (a LoopArgs), each checked (they may have been set after the backend)."""
         args.split_attention = int(_one_of(self.stream_attention, STREAM_ATTENTIONS, "stream_attention") == "split")
         args.stage_input = self._stage_input()
         args.tensor_copy = int(_one_of(self.stream_copy, STREAM_COPIES, "stream_copy") == "tensor")
+        args.tensor_core_gemv = int(_one_of(self.stream_gemv, STREAM_GEMVS, "stream_gemv") == "tensor-cores")
 
     def thought_args(self, cache, n_thoughts: int):
         """Static launch arguments of the thought loop; Conv1D weights transposed once per backend."""
