@@ -212,8 +212,8 @@ def test_streamed_loop_with_tensor_map_copies_equals_torch_backend(criterion, ba
 @pytest.mark.parametrize("criterion", ["none", "kl"])
 def test_streamed_loop_mma_at_small_batches_equals_torch_backend(criterion, copy, batch, monkeypatch):
     """``stream_gemv="tensor-cores"``: batches 1-4 multiply on mma.sync (the batch padded to its 8 columns)
-    instead of CUDA-core dot products (batch 1: its own kernel instance; 2-4 share one), with row copies and
-    with swizzled tensor-map boxes, the KL head's matrices included: tokens, steps and logits as the torch
+    instead of CUDA-core dot products (all through the kernel's MB=1 instance), with row copies and with
+    swizzled tensor-map boxes, the KL head's matrices included: tokens, steps and logits as the torch
     backend."""
     import latentrt
 
