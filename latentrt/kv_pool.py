@@ -207,10 +207,11 @@ class KVPool:
         """Give a request's row and slot rows back, its entries from ``clean_from`` on zeroed. A batch's
         attention covers every row's keys up to its longest row, masked: a masked finite value adds exactly
         0, but a masked NaN would still poison the product (0 x NaN). Every entry of a unit whose token was
-        read back was checked (a NaN in its K/V spreads to its state or logits, and the request fails), so a
-        request that finished leaves unchecked only the entries of the units begun after its last such token
-        (``clean_from``: the serving program's ``release_row`` counts them); a failed or cancelled one is
-        zeroed from 0. (Zeroing every entry of every finished request was most of the scheduler's host time.)"""
+        read back was checked (a NaN in its K/V spreads to its state or logits, and the request fails), and a
+        unit writes only entries past the last one begun before it, so only the entries of the units begun
+        after the last token read back finite are unchecked (``clean_from``: the serving program's
+        ``release_row`` counts them; 0 where no token was). (Zeroing every entry of every finished request was
+        most of the scheduler's host time.)"""
         n, held = self.lengths[row], self.held[row]
         if clean_from < n:
             for buf in (self.plain_k, self.plain_v):

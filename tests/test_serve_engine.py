@@ -213,7 +213,7 @@ def test_text_not_read_per_token_is_decoded_once(monkeypatch):
     assert sorted(added) == sorted(live.tokens + streamed.tokens) and decoded.count(True) == 2
 
 
-def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
+def exiting_requests(n: int = 8, **extra) -> list[tuple[list[int], dict]]:
     return [
         (
             [3 + i, 5, 7],
@@ -225,7 +225,8 @@ def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
                 exit_threshold=0.3,
                 seed=i,
                 default_stops=False,
-            ),
+            )
+            | extra,
         )
         for i in range(n)
     ]
@@ -233,9 +234,10 @@ def exiting_requests(n: int = 8) -> list[tuple[list[int], dict]]:
 
 def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
     """Depth-level batching launches a row only while its loop runs: waiting rows cost nothing; token-level
-    batching launches the rows that exited until the slowest exits."""
+    batching launches the rows that exited until the slowest exits. (One K/V slot a position: the pool holds
+    four rows at once.)"""
     model = tiny_recurrent(seed=3)
-    reqs = exiting_requests()
+    reqs = exiting_requests(kv_sharing="shared")
     util = {}
     for scheduler in ("depth", "token"):
         engine = assert_served_equals_alone(model, reqs, max_batch=4, scheduler=scheduler)
@@ -475,15 +477,17 @@ def test_a_failed_requests_row_is_scrubbed_before_reuse():
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_finished_requests_row_keeps_its_checked_entries_and_zeroes_the_rest(async_scheduling):
     """A request that finished leaves its K/V in the pool where every unit's token was read back finite, and
-    zeroes the entries after them (never checked): none after a length finish (no unit begins after the last
-    token); after a stop token the unit begun after it, and with asynchronous scheduling a second one (at
-    ``num_steps=1`` the first ends before the stop token is read, is sampled and the next begins)."""
+    zeroes the entries after them (never checked): after a length finish the last token's unit (the row is
+    released when that token is sampled, before it is read); after a stop token the unit begun after it. With
+    asynchronous scheduling one more in each case: at ``num_steps=1`` a unit ends on the host at its r_max, so
+    the next token is sampled (and the next unit begins) before the previous token is read."""
     model = tiny_recurrent(seed=3)
     prompt, kw = [5, 6, 7], dict(max_new_tokens=6, init_scale=0.0, default_stops=False, num_steps=1)
     stop = latentrt.generate(model, prompt, **kw).tokens[2]
     engine = Engine(model, max_batch=1, async_scheduling=async_scheduling)
     pool = engine.program.pool
-    for stops, reason, dropped in (([], "length", 0), ([stop], "stop", 2 if async_scheduling else 1)):
+    for stops, reason in (([], "length"), ([stop], "stop")):
+        dropped = 2 if async_scheduling else 1
         req = engine.submit(prompt, stop=stops, **kw)
         engine.run_until_idle()
         row = req.row
@@ -492,6 +496,32 @@ def test_a_finished_requests_row_keeps_its_checked_entries_and_zeroes_the_rest(a
         written = pool.plain_k[:, row, :, :begun].abs().sum(dim=(0, 1, 3))  # per entry
         kept = begun - dropped
         assert (written[:kept] > 0).all() and (written[kept:] == 0).all()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_row_is_free_once_its_requests_last_token_is_sampled(async_scheduling):
+    """A request whose last token (``max_new_tokens``) is sampled needs its row no more: the row goes back to
+    the pool then, before the token is read, and the next queued request takes it at the next admission (the
+    next step; with asynchronous scheduling, which samples before it admits, the same step), not a step after
+    the token is read. The first request's last token is still read, checked and recorded as usual."""
+    model = tiny_recurrent(seed=3)
+    kw = dict(max_new_tokens=3, init_scale=0.0, default_stops=False, num_steps=2)
+    engine = Engine(model, max_batch=1, async_scheduling=async_scheduling)
+    a, b = engine.submit([5, 6, 7], **kw), engine.submit([8, 9], **kw)
+    steps = 0
+    while a.sampled < kw["max_new_tokens"]:
+        engine.step()
+        steps += 1
+    sampled_at = steps
+    while b not in engine.resident:
+        engine.step()
+        steps += 1
+    assert steps - sampled_at == (0 if async_scheduling else 1) and b.row == a.row
+    engine.run_until_idle()
+    for req, prompt in ((a, [5, 6, 7]), (b, [8, 9])):
+        alone = latentrt.generate(model, prompt, **kw)
+        assert (req.tokens, req.steps, req.finish_reason) == (alone.tokens, alone.steps, "length")
+    assert engine.program.pool.bytes_in_use() == 0
 
 
 def test_unexpected_error_fails_resident_requests_and_the_engine_goes_on(monkeypatch, caplog):
@@ -891,15 +921,16 @@ def _serve_with_simulated_graphs(monkeypatch, capture_at: int, async_scheduling:
     # mode an iteration it did not run would overwrite its one slot)
     fixed = dict(max_new_tokens=3, kv_sharing="shared", init_scale=0.0)
     requests = [([5, 6, 7, 8, 9], dict(fixed, num_steps=2)), ([9, 8, 7], dict(fixed, num_steps=7))] + requests
-    # then, once the server is idle, prompts of other lengths in groups of earlier ones' shapes: (2, 16, 16),
+    # then, once the server is idle, prompts of other lengths in groups of earlier ones' shapes: (4, 16, 16),
     # then three in a slot of four members (4, 32, 32), checked by KL (the head of a padded slot every step)
     kl = dict(fixed, adaptive=True, num_steps=6, exit_criterion="kl", exit_threshold=1e-3)
     later = [(list(range(3, 13)), dict(fixed, num_steps=4)), (list(range(20, 32)), dict(fixed, num_steps=3))]
+    later += [([6, 7, 8, 9], dict(fixed, num_steps=2)), (list(range(11, 20)), dict(fixed, num_steps=3))]
     later += [(list(range(5, 25)), kl), ([9] * 18, dict(kl, num_steps=3)), ([4, 5] * 9, dict(kl, exit_threshold=0.1))]
     served = [engine.submit(p, top_logprobs=0, **kw) for p, kw in requests]  # log-probs: K/V changes show
     with torch.no_grad(), SimulatedGraphs([runner, head]) as sim:
         engine.run_until_idle()
-        for batch in (later[:2], later[2:]):
+        for batch in (later[:4], later[4:]):
             served += [engine.submit(p, top_logprobs=0, **kw) for p, kw in batch]
             engine.run_until_idle()
         requests += later
@@ -938,11 +969,11 @@ def test_the_captured_pass_is_kept_per_key_of_group_shapes(monkeypatch):
     for key, _, serials in calls:
         first.setdefault(key, serials)
     reused = [(key, serials) for key, how, serials in calls if how == "replay" and serials != first[key]]
-    # the later groups of (2, 16, 16) replay an earlier group's graph; those of (4, 32, 32) do not: the server's
+    # the later group of (4, 16, 16) replays an earlier group's graph; that of (4, 32, 32) does not: the server's
     # criteria on states (part of the key) grew since its first capture
-    assert {key[1] for key, _ in reused} == {((2, 16, 16),)}, calls
+    assert {key[1] for key, _ in reused} == {((4, 16, 16),)}, calls
     assert all(r[0][1] == () and r[1] for r in graphs)  # at the end: a key without groups, the others kept
-    assert any(k[1] == ((2, 16, 16),) for k in graphs[0][2])
+    assert any(k[1] == ((4, 16, 16),) for k in graphs[0][2])
     _assert_served_as_alone(model, served)
     assert GraphedRunner._graph is None  # (the class default untouched)
 

@@ -101,14 +101,14 @@ class ServingProgram:
         raise NotImplementedError
 
     def release_row(self, request) -> None:
-        """Free the request's pool row, zeroing what may hold an unchecked value (``KVPool.release``): a
-        finished request's entries past those of units whose tokens were read back finite
-        (``checked_entries``: the unit begun after its last token, and with asynchronous scheduling one more
-        that may have ended and been sampled before the last token was read), a failed or cancelled one's every
-        entry."""
+        """Free the request's pool row, zeroing what may hold an unchecked value (``KVPool.release``): the
+        entries past those of units whose tokens were read back finite (``checked_entries``). After a stop,
+        the unit begun after the last token, and with asynchronous scheduling one more that may have ended and
+        been sampled before the last token was read; a row released when its last token is sampled (before it
+        is read), that token's unit; a failed request, its failing unit (and every entry if its first token
+        failed); a cancelled one, its units in flight."""
         row = request.row
-        finished = request.finish_reason in ("stop", "length")
-        self.pool.release(row, min(request.checked_entries, self.pool.lengths[row]) if finished else 0)
+        self.pool.release(row, min(request.checked_entries, self.pool.lengths[row]))
 
     def count_pass(self, weights: float = 1.0, graph: bool = False) -> None:
         """One pass over layers whose weights are ``weights`` core iterations'; ``graph``: through a captured

@@ -678,6 +678,9 @@ class Engine:
             req.next_token = tokens[i]
         entries = [self.program.pool.lengths[e.request.row] for e in ended]
         self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), entries)
+        for e in ended:  # its last token: the row is needed no more, whatever the token reads back as
+            if e.request.sampled >= e.request.options.max_new_tokens:
+                self._release(e.request)
         want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]
         if want:  # the model's distribution (no temperature / top-k/p), over the vocabulary
             at = to_device(want, logits.device)
@@ -696,14 +699,18 @@ class Engine:
         req.finish_reason = reason
         req.times["finished"] = time.perf_counter()
         req.times["finished_step"] = self.metrics.steps
-        if req.row is not None and req in self.resident:
-            req.latent_work += self.program.latent_work(req)
-            self.program.retire(req)
-            self.resident.remove(req)
+        self._release(req)
         if reason in ("stop", "length"):
             self.metrics.finished(req)
         req.emit(RequestEvent("error" if reason == "error" else "done"))
         req.done.set()
+
+    def _release(self, req: Request) -> None:
+        """Give a resident request's row back (its prompt's latent work counted first)."""
+        if req.row is not None and req in self.resident:
+            req.latent_work += self.program.latent_work(req)
+            self.program.retire(req)
+            self.resident.remove(req)
 
     def _fail(self, req: Request, exc: Exception) -> None:
         req.error = exc
