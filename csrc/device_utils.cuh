@@ -20,6 +20,14 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Two bf16 (a 32-bit word, the first in the low half) to fp32, exactly: a bf16 is an fp32's high 16 bits.
+// One shift and one mask (two instructions), where __bfloat1622float2 compiles to three (PRMT, two shifts):
+// the streamed kernels' CUDA-core consumers spend most of their instructions unpacking weights.
+__device__ __forceinline__ void bf16x2_floats(uint32_t v, float& lo, float& hi) {
+  lo = __uint_as_float(v << 16);
+  hi = __uint_as_float(v & 0xffff0000u);
+}
+
 // 8 bf16 values (one 16-byte load) to fp32.
 __device__ __forceinline__ void unpack8(const uint4& u, float* f) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);

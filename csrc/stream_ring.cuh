@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "device_utils.cuh"
 #include "stream_plan.h"
 
 namespace latentrt_ring {
@@ -192,22 +193,20 @@ __device__ __forceinline__ uint32_t lds32(uint32_t at) {
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at));
   return v;
 }
-// Eight bf16 as floats: an input's columns, converted once for both of a warp's rows.
-__device__ __forceinline__ void unpack8(uint4 x, float (&f)[8]) {
-  const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 b = __bfloat1622float2(x2[j]);
-    f[2 * j] = b.x, f[2 * j + 1] = b.y;
-  }
-}
+// (unpack8: eight bf16 as floats, an input's columns converted once for both of a warp's rows. It keeps the
+// intrinsic: with bf16x2_floats the streamed kernels' bodies, which unpack with it too, spill at MB 4.)
+using latentrt_device::unpack8;
+// (the sum starts from the first pair, not from 0.f + it: the compiler may not drop that add, as 0.f + -0.f
+// is +0.f; added to an accumulator that starts at +0.f, the two give the same sums)
 __device__ __forceinline__ float dot8(uint4 w, const float (&x)[8]) {
-  const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
-  float s = 0.f;
+  const uint32_t w2[4] = {w.x, w.y, w.z, w.w};
+  float lo, hi;
+  latentrt_device::bf16x2_floats(w2[0], lo, hi);
+  float s = lo * x[0] + hi * x[1];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 a = __bfloat1622float2(w2[j]);
-    s += a.x * x[2 * j] + a.y * x[2 * j + 1];
+  for (int j = 1; j < 4; ++j) {
+    latentrt_device::bf16x2_floats(w2[j], lo, hi);
+    s += lo * x[2 * j] + hi * x[2 * j + 1];
   }
   return s;
 }

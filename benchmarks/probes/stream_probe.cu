@@ -290,8 +290,9 @@ int main(int argc, char** argv) {
   // weight block (512 bytes) by the batch padded to 8 columns, its A fragment one ldmatrix.x4. cuobjdump -sass
   // of this probe at batch 1: a k-step is ~16 warp instructions per 512 weight bytes (LDSM, HMMA, two
   // predicated LDS for the B fragment, the rest the loop's address arithmetic and branch), where the dot
-  // products take ~35 (69 a lane per 32 weight bytes: 3 LDS.128, 36 bf16 unpacks (PRMT and shifts), 8 FMUL,
-  // 8 FFMA, 10 FADD); and a k-step's chain is LDSM -> HMMA instead of LDS -> unpack -> FMUL -> FFMA -> FADDs.
+  // products take ~30 (60 a lane per 32 weight bytes: 3 LDS.128, 28 bf16 unpacks, 8 FMUL, 8 FFMA, 8 FADD,
+  // 5 others; 69 before dot8 unpacked by shift and mask); and a k-step's chain is LDSM -> HMMA instead of
+  // LDS -> unpack -> FMUL -> FFMA -> FADDs.
   // The 7 padded columns cost nothing the stream pays for. Consuming behind row copies and tensor-map boxes (128-byte swizzled, as at batch 8;
   // checked) and with nothing copied (the ceiling), batch 1 clocked: against the CUDA-core lines above at
   // the same ring. If the consumers stop being the bound, the faster tensor-map stream is what they wait on.
