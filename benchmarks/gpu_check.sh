@@ -41,6 +41,14 @@ stamp() {
   pack
 }
 left() { echo $((${GPU_CHECK_BUDGET:-470} - ($(date +%s) - start))); }
+# within S: a stage's limit, S seconds or what the budget has left less 10 (for the logs' packing), so a
+# stage that starts late ends inside the call instead of being killed with it; under 20 s left, 1 (the stage
+# is cut at once: exit 124; never 0, which `timeout` reads as no limit)
+within() {
+  local l=$(($(left) - 10))
+  [ "$l" -lt 20 ] && l=1
+  [ "$l" -lt "$1" ] && echo "$l" || echo "$1"
+}
 
 {
   nvidia-smi -L
@@ -197,18 +205,19 @@ case ",${GPU_EXTRA:-}," in *,samplers,*)
   tail -8 "$LOGS/sampler_replay.log" | tee -a "$LOG" ;;
 esac
 case ",${GPU_EXTRA:-}," in *,serve,*)
+  # (each run within what the budget has left, most important first; a run cut short prints nothing)
   stamp "serving: schedulers with and without asynchronous scheduling, Huginn-0125 shape, replayed depths"
   # (--profile-steps: per step launches, graph replays, syncs, aten ops and GPU time, from a second untimed run;
   # +async: the engine's asynchronous scheduling, each step launched before the last one's exits are read, so the host's
   # work of a step runs while the device computes: compare step_ms and tokens/s with the same scheduler)
-  timeout 200 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --profile-steps 20 \
+  timeout "$(within 200)" python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --profile-steps 20 \
     --schedulers static,token,depth,token+async,depth+async --out "$LOGS/serve.json" >"$LOGS/serve.log" 2>&1
   echo "serve exit $?" | tee -a "$LOG"
   tail -15 "$LOGS/serve.log" | tee -a "$LOG"
   # the same shape with a long-tailed synthetic depth distribution over 4-32 iterations (on the CPU's tiny
   # shape depth batching measured 1.5-1.8x token batching with it; benchmarks/RESULTS.md)
   stamp "serving: token vs depth, Huginn-0125 shape, synthetic long-tailed depths"
-  timeout 200 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 \
+  timeout "$(within 200)" python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 \
     --schedulers token,depth,token+async,depth+async \
     --depths 4,4,4,4,4,4,4,4,6,6,6,6,6,6,8,8,8,8,8,12,12,12,12,16,16,16,24,24,32,32 \
     --out "$LOGS/serve_long_tail.json" >"$LOGS/serve_long_tail.log" 2>&1
@@ -218,8 +227,9 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
   # call against the default above (at its third; on the CPU's count, 17 against 9 captures a run for ~9
   # fewer eager ops a step under depth): compare step_ms and captures
   stamp "serving: prompt-group slot shapes captured at their first call"
-  timeout 100 python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 --schedulers token,depth \
-    --group-capture-at 1 --out "$LOGS/serve_capture_first.json" >"$LOGS/serve_capture_first.log" 2>&1
+  timeout "$(within 100)" python3 -m benchmarks.serve --shape huginn --requests 48 --max-batch 8 \
+    --schedulers token,depth --group-capture-at 1 --out "$LOGS/serve_capture_first.json" \
+    >"$LOGS/serve_capture_first.log" 2>&1
   echo "serve (capture at first) exit $?" | tee -a "$LOG"
   tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG" ;;
 esac

@@ -183,3 +183,21 @@ def test_the_gpu_script_runs_through_its_fallbacks_without_a_gpu(tmp_path):
         names = [line.split()[1] for line in log.splitlines() if line.startswith("smoke ")]
         assert names == ["barrier", "stream", "stream_l2", "stream_cta", "stream-thoughts"], log
         assert "./smoke_stream_cta.log" in packed, packed
+
+
+@pytest.mark.parametrize(("budget", "asked", "limit"), [(470, 200, 200), (100, 200, 90), (100, 50, 50), (25, 200, 1)])
+def test_the_gpu_scripts_late_stages_are_limited_by_the_budget_left(budget, asked, limit):
+    """gpu_check.sh's ``within S``: a stage's limit is S, or the budget left less 10 s once that is shorter
+    (the serve stage's runs end inside the call instead of dying with it), and 1, not 0, once under 20 s are
+    left (``timeout 0`` would mean no limit at all)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = (Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh").read_text()
+    left = re.search(r"^left\(\) \{.*\}$", script, re.M).group(0)  # one line
+    within = re.search(r"^within\(\) \{\n.*?\n\}$", script, re.M | re.S).group(0)
+    functions = f"{left}\n{within}"
+    shell = f"start=$(date +%s)\nGPU_CHECK_BUDGET={budget}\n{functions}\nwithin {asked}\n"
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.split()
+    assert abs(int(out[0]) - limit) <= 1, out
