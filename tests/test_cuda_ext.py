@@ -165,17 +165,17 @@ def _stream_launches(monkeypatch) -> list[str]:
     return kernels
 
 
-@pytest.mark.parametrize("batch", [1, 4, 8, 16, 32])
-@pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
-@pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
-def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
-    """The streamed-weight kernel (csrc/stream_loop.cu) at issue #11's batches: 1 and 4 on CUDA-core GEMVs,
-    8, 16 and 32 on tensor cores, every KV mode, rows exiting at their own iterations (KL: the coda and
-    lm_head streamed at each check): tokens, steps and logits as the torch backend."""
+def _assert_streamed_equals_torch(monkeypatch, batch: int, kv: str, criterion: str, **options) -> None:
+    """The streamed latent loop (the backend's ``options`` set) decodes ``batch`` questions, 6 tokens at
+    num_steps 8 in KV mode ``kv`` with ``criterion`` (adaptive unless "none"), every token through it: tokens,
+    steps and logits as the torch backend's, anchored on fp32."""
     import latentrt
 
     ref, fast = _builtin_pair("recurrent")
     fast.backend.loop_kernel = "stream"
+    for name, value in options.items():
+        assert hasattr(fast.backend, name), name  # (a misspelt option would test the default)
+        setattr(fast.backend, name, value)
     kernels = _stream_launches(monkeypatch)
     prompts = _questions(ref, batch)
     kw = dict(max_new_tokens=6, num_steps=8, kv_sharing=kv, init_scale=0.0, return_logits=True)
@@ -186,6 +186,16 @@ def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
     _agree(a, b, _fp32_run(prompts, kw))
 
 
+@pytest.mark.parametrize("batch", [1, 4, 8, 16, 32])
+@pytest.mark.parametrize("kv", ["full", "shared", "ring-3"])
+@pytest.mark.parametrize("criterion", ["none", "latent-diff", "kl"])
+def test_streamed_loop_equals_torch_backend(batch, kv, criterion, monkeypatch):
+    """The streamed-weight kernel (csrc/stream_loop.cu) at issue #11's batches: 1 and 4 on CUDA-core GEMVs,
+    8, 16 and 32 on tensor cores, every KV mode, rows exiting at their own iterations (KL: the coda and
+    lm_head streamed at each check): tokens, steps and logits as the torch backend."""
+    _assert_streamed_equals_torch(monkeypatch, batch, kv, criterion)
+
+
 @pytest.mark.parametrize("batch", [1, 4, 8, 32])
 @pytest.mark.parametrize("criterion", ["none", "kl"])
 def test_streamed_loop_with_tensor_map_copies_equals_torch_backend(criterion, batch, monkeypatch):
@@ -193,18 +203,7 @@ def test_streamed_loop_with_tensor_map_copies_equals_torch_backend(criterion, ba
     2026-12-04 probe's fast stream; csrc/stream_tensor_map.h) on both GEMV paths (unswizzled 256-column
     boxes up to batch 4, 128-byte swizzled 64-column boxes on tensor cores), the KL head's matrices included:
     tokens, steps and logits as the torch backend."""
-    import latentrt
-
-    ref, fast = _builtin_pair("recurrent")
-    fast.backend.loop_kernel, fast.backend.stream_copy = "stream", "tensor"
-    kernels = _stream_launches(monkeypatch)
-    prompts = _questions(ref, batch)
-    kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="full", init_scale=0.0, return_logits=True)
-    if criterion != "none":
-        kw.update(adaptive=True, exit_criterion=criterion)
-    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
-    assert kernels and set(kernels) == {"stream"}, kernels
-    _agree(a, b, _fp32_run(prompts, kw))
+    _assert_streamed_equals_torch(monkeypatch, batch, "full", criterion, stream_copy="tensor")
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -215,18 +214,7 @@ def test_streamed_loop_mma_at_small_batches_equals_torch_backend(criterion, copy
     instead of CUDA-core dot products (all through the kernel's MB=1 instance), with row copies and with
     swizzled tensor-map boxes, the KL head's matrices included: tokens, steps and logits as the torch
     backend."""
-    import latentrt
-
-    ref, fast = _builtin_pair("recurrent")
-    fast.backend.loop_kernel, fast.backend.stream_copy, fast.backend.stream_gemv = "stream", copy, "tensor-cores"
-    kernels = _stream_launches(monkeypatch)
-    prompts = _questions(ref, batch)
-    kw = dict(max_new_tokens=6, num_steps=8, kv_sharing="shared", init_scale=0.0, return_logits=True)
-    if criterion != "none":
-        kw.update(adaptive=True, exit_criterion=criterion)
-    a, b = latentrt.generate(ref, prompts, **kw), latentrt.generate(fast, prompts, **kw)
-    assert kernels and set(kernels) == {"stream"}, kernels
-    _agree(a, b, _fp32_run(prompts, kw))
+    _assert_streamed_equals_torch(monkeypatch, batch, "shared", criterion, stream_copy=copy, stream_gemv="tensor-cores")
 
 
 @pytest.mark.parametrize("batch", [4, 32])
