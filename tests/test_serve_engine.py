@@ -441,6 +441,40 @@ def test_queue_full_and_cancel_frees_the_row():
     assert b.tokens == latentrt.generate(model, [5, 7], max_new_tokens=3, init_scale=0.0).tokens
 
 
+@pytest.mark.parametrize("scheduler, async_scheduling", [("depth", False), ("depth", True), ("token", True)])
+def test_arrivals_cancels_and_failures_at_random_steps_leave_the_others_as_alone(scheduler, async_scheduling):
+    """Requests arrive at random steps, some are cancelled at random steps (waiting, resident, sampled but not
+    yet read), some fail (a state that overflows); every other one equals generate() alone, and at the end
+    nothing is resident and the pool holds no bytes: rows are freed on every path, whatever else is in
+    flight."""
+    model = tiny_recurrent(seed=3)
+    rng = random.Random(7)
+    reqs = recurrent_requests(16, seed=11)
+    failing = {3, 10}
+    for i in failing:  # fixed depth: the overflow is never an early exit
+        reqs[i] = (reqs[i][0], dict(max_new_tokens=4, num_steps=3, init_scale=1e39, seed=1, temperature=0.8))
+    engine = Engine(model, max_batch=4, scheduler=scheduler, async_scheduling=async_scheduling, max_queue=32)
+    served, pending, cancelled = [], list(enumerate(reqs)), set()
+    while pending or engine.busy:
+        while pending and rng.random() < 0.4:
+            i, (p, kw) = pending.pop(0)
+            served.append((i, engine.submit(p, **kw)))
+        if rng.random() < 0.08:
+            i, req = rng.choice(served)
+            if req.finish_reason is None and i not in failing:
+                engine.cancel(req)
+                cancelled.add(i)
+        engine.step()
+    assert 2 <= len(cancelled) and not engine.resident and engine.program.pool.bytes_in_use() == 0
+    for i, req in served:
+        p, kw = reqs[i]
+        if i in failing:
+            assert req.finish_reason == "error", (i, req.finish_reason)
+        elif req.finish_reason != "cancelled":
+            alone = latentrt.generate(model, p, **kw)
+            assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (i, kw)
+
+
 def test_a_failing_request_fails_alone():
     """A NaN state fails its request with generate()'s message; the others finish unchanged."""
     model = tiny_recurrent(seed=3)
