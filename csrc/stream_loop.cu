@@ -541,6 +541,14 @@ __global__ void __launch_bounds__(kThreads, 1) stream_loop_kernel(const __grid_c
 // The smallest batch whose GEMVs run on tensor cores (LoopArgs.tensor_core_gemv: every batch).
 int mma_from(const latentrt::LoopArgs& a) { return a.tensor_core_gemv ? 1 : latentrt_stream::kMmaFromBatch; }
 
+// The ring of a launch of plan `p`: its geometry, the weight copies and the GEMV units the arguments ask for.
+Ring ring_of(const latentrt::LoopArgs& a, const Plan& p) {
+  Ring g{a.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input,
+         a.tensor_copy ? latentrt_ring::kCopyTensor : latentrt_ring::kCopyRows};
+  g.mma_from = mma_from(a);
+  return g;
+}
+
 const void* kernel_for(const latentrt::LoopArgs& a) {
   if (a.batch <= 1 || a.batch >= mma_from(a)) return reinterpret_cast<const void*>(stream_loop_kernel<1>);
   return reinterpret_cast<const void*>(stream_loop_kernel<4>);  // CUDA cores, 2-4 rows (tensor cores: MB unused)
@@ -594,8 +602,7 @@ std::string plan_for(const latentrt::LoopArgs& a, int device, Plan* out) {
   why = plans.get(device, kernel_for(a), key, a.batch, a.stage_input != 0, [&] { return matrices(a); }, out, reserve,
                   mma_from(a));
   if (why.empty() && a.tensor_copy) {
-    Ring g{a.batch, out->tile_rows, out->k_chunk, out->stages, out->stage_input, latentrt_ring::kCopyTensor};
-    g.mma_from = mma_from(a);
+    const Ring g = ring_of(a, *out);
     if (out->k_chunk % g.box_k())
       return "tensor-map copies: k_chunk " + std::to_string(out->k_chunk) + " is not a multiple of the box's " +
              std::to_string(g.box_k()) + " columns";
@@ -668,9 +675,7 @@ int stream_loop(const LoopArgs& h, int device, std::string* why) {
   Plan p;
   if (!plan_for(h, device, &p).empty() || h.table == 0 || h.scratch == 0 || h.barrier == 0) return 1;
   Args a{};
-  a.ring = Ring{h.batch, p.tile_rows, p.k_chunk, p.stages, p.stage_input,
-                h.tensor_copy ? latentrt_ring::kCopyTensor : latentrt_ring::kCopyRows};
-  a.ring.mma_from = mma_from(h);
+  a.ring = ring_of(h, p);
   a.B = h.batch;
   a.d = h.d;
   a.H = h.n_head;
