@@ -20,7 +20,8 @@ as fast at batch 1 and 1.4-2.4x faster from batch 4 in the probe), or read from 
 How the streamed latent loop's producer copies the weights (``CudaBackend.stream_copy``, env
 LATENTRT_STREAM_COPY): ``rows``, one bulk copy per weight-row segment (default), or ``tensor``, 2D tensor-map
 boxes (csrc/stream_tensor_map.h): the 2026-12-04 probe streamed those alone at 3.4-3.7 TB/s against 0.9-2.4,
-and the kernel taking them awaits its first GPU run (the default changes once it is measured). Which units
+and the kernel taking them was correct on its first runs that day, but its consumers read that layout more
+slowly, so rows stay the default. Which units
 multiply the streamed latent loop's weights (``CudaBackend.stream_gemv``, env LATENTRT_STREAM_GEMV): ``auto``,
 CUDA-core dot products up to batch 4 and mma.sync tensor cores above (default), or ``tensor-cores`` at every
 batch (the batch padded to the mma's 8 columns: about half the instructions per weight byte; the probe's
