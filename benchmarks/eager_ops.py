@@ -7,6 +7,10 @@ groups are still being captured; this counts every step of a run of ``--requests
 Triton interpreter (``TRITON_INTERPRET=1``, the CPU) a kernel's insides are left out: one launch each on a GPU.
 
     TRITON_INTERPRET=1 python -m benchmarks.eager_ops --schedulers token,depth --requests 24
+
+``--host-time`` runs the same instead untimed by any counter and prints each step's wall ms and host ms: the
+wall time less the simulated replays and the interpreted kernels launched outside them, a CPU estimate of a
+step's host work beside a GPU (what asynchronous scheduling can hide behind the device's).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from .serve import _engine, _runners, make_trace
 from .simulated_graphs import SimulatedGraphs
 
 
-def count_run(model, scheduler: str, requests: int, max_batch: int, capture_at: int | None, trace_kw: dict) -> dict:
+def count_run(
+    model, scheduler: str, requests: int, max_batch: int, capture_at: int | None, trace_kw: dict, timed: bool = False
+) -> dict:
     """Serve ``requests`` requests (submitted at once) to the end; eager ops, views and Triton launches a step,
-    the steps, captures and replays of the run."""
+    the steps, captures and replays of the run. ``timed``: instead of counting, each step's wall and host ms
+    (step_profile.host_time: the counting's own cost would be in them)."""
     torch.manual_seed(0)
     trace = make_trace(requests, float("inf"), 0, **trace_kw)
     engine = _engine(
@@ -45,7 +52,10 @@ def count_run(model, scheduler: str, requests: int, max_batch: int, capture_at: 
 
     runners = _runners(engine)
     with torch.no_grad(), SimulatedGraphs(runners if model.device.type != "cuda" else []) as sim:
-        counted = step_profile.count_eager_ops(run, 1, lambda: sim.replaying > 0)
+        if timed:
+            counted = step_profile.host_time(run, 1, sim)
+        else:
+            counted = step_profile.count_eager_ops(run, 1, lambda: sim.replaying > 0)
     groups = [r for r in runners if isinstance(r, GroupSlotsRunner)]
     out = {"scheduler": scheduler, "capture_at": groups[0].CAPTURE_AT if groups else None}
     out |= {name: v / max(steps, 1) for name, v in counted.items()}  # (counted as one step: the run)
@@ -64,12 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-criterion", default="kl")
     ap.add_argument("--exit-threshold", type=float, default=1e-5)
     ap.add_argument("--num-steps", type=int, default=16)
+    ap.add_argument(
+        "--host-time",
+        action="store_true",
+        help="time the run instead of counting: wall and host ms a step (the host's share of a step beside a GPU, "
+        "estimated on the CPU: replays and interpreted kernels left out)",
+    )
     args = ap.parse_args(argv)
     model = latentrt.load(args.model)
     model.backend = get_backend(args.backend, model)
     trace_kw = dict(criterion=args.exit_criterion, threshold=args.exit_threshold, num_steps=args.num_steps)
     rows = [
-        count_run(model, s, args.requests, args.max_batch, args.group_capture_at, trace_kw)
+        count_run(model, s, args.requests, args.max_batch, args.group_capture_at, trace_kw, args.host_time)
         for s in args.schedulers.split(",")
     ]
     print(

@@ -12,6 +12,8 @@ by ``benchmarks.serve --profile-steps`` on the CPU (ops a GPU would launch op by
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 PATCHED = ("model", "_run_on_capture_stream", "_capture")  # each runner's attributes replaced, then restored
@@ -45,25 +47,28 @@ class _Graph:
         assert getattr(owner, "_key", None) == self.key, "a replay of another set's graph"
         sim.replays += 1
         sim.replaying += 1
+        t0 = time.perf_counter()
         try:
             for static, value in zip(_as_tuple(owner._outputs), _as_tuple(owner.run())):
                 static.copy_(value)
         finally:
             sim.replaying -= 1
+            sim.replay_seconds += time.perf_counter() - t0
 
 
 class SimulatedGraphs:
     """Within the block, ``runners`` (GraphedRunner instances on a CPU model) capture and replay as on CUDA;
     on leaving, the patches and every simulated graph are removed (the runners run eagerly again, their
-    captured sets forgotten). ``captured``: (runner class, key) per capture; ``replays``: replays so far;
-    ``replaying``: nonzero while a replay runs, or a capture makes its graph's outputs (what is dispatched then
-    a GPU would not launch op by op). Only the
+    captured sets forgotten). ``captured``: (runner class, key) per capture; ``replays``: replays so far,
+    ``replay_seconds`` the time they took (device time on a GPU); ``replaying``: nonzero while a replay runs,
+    or a capture makes its graph's outputs (what is dispatched then a GPU would not launch op by op). Only the
     runner's own attributes are replaced (a test may wrap its class's ``__call__``)."""
 
     def __init__(self, runners: list) -> None:
         self.runners = list(runners)
         self.captured: list[tuple[str, object]] = []
         self.replays = 0
+        self.replay_seconds = 0.0
         self.replaying = 0
         self._saved: list[dict] = []
 

@@ -89,27 +89,62 @@ def count_eager_ops(step: Callable[[], None], steps: int, replaying: Callable[[]
     interpreter also the Triton kernels launched outside replays (``eager_triton_launches_per_step``: aten
     ops leave them out; on a GPU the profiler's kernel launches count them)."""
     counter = EagerOps(replaying)
-    launches = [0]
-    interpreter = None
-    if counter.interpreted:
-        from triton.runtime import interpreter
-
-        launch = interpreter.GridExecutor.__call__
-
-        def counted(self, *args, **kwargs):
-            launches[0] += not replaying()
-            return launch(self, *args, **kwargs)
-
-        interpreter.GridExecutor.__call__ = counted
-    try:
-        with counter:
-            for _ in range(steps):
-                step()
-    finally:
-        if interpreter is not None:
-            interpreter.GridExecutor.__call__ = launch
+    with counter, InterpretedLaunches(replaying) as launches:
+        for _ in range(steps):
+            step()
     per = 1.0 / max(steps, 1)
     counted = {"eager_ops_per_step": per * counter.ops, "eager_views_per_step": per * counter.views}
-    if interpreter is not None:
-        counted["eager_triton_launches_per_step"] = per * launches[0]
+    if launches.interpreted:
+        counted["eager_triton_launches_per_step"] = per * launches.count
     return counted
+
+
+class InterpretedLaunches:
+    """Under the Triton interpreter (``TRITON_INTERPRET=1``), the kernels launched while ``replaying()`` is
+    false: how many and the seconds the interpreter took to run them (a launch's host cost on a GPU is
+    neither). Off the interpreter it counts nothing (``interpreted`` false)."""
+
+    def __init__(self, replaying: Callable[[], bool] = lambda: False) -> None:
+        self.replaying = replaying
+        self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        self.count, self.seconds = 0, 0.0
+
+    def __enter__(self) -> InterpretedLaunches:
+        if self.interpreted:
+            from triton.runtime import interpreter
+
+            self._executor = interpreter.GridExecutor
+            launch = self._launch = self._executor.__call__
+
+            def timed(executor, *args, **kwargs):
+                if self.replaying():
+                    return launch(executor, *args, **kwargs)
+                t0 = time.perf_counter()
+                try:
+                    return launch(executor, *args, **kwargs)
+                finally:
+                    self.count += 1
+                    self.seconds += time.perf_counter() - t0
+
+            self._executor.__call__ = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.interpreted:
+            self._executor.__call__ = self._launch
+
+
+def host_time(step: Callable[[], None], steps: int, sim) -> dict:
+    """Run ``step`` ``steps`` times (uncounted) under ``sim`` (benchmarks/simulated_graphs.py); per step its
+    wall ms and its host ms, a CPU estimate of what a step's host work takes beside a GPU: the wall time less
+    what a GPU would run on the device, the simulated replays and (under the Triton interpreter) the kernels
+    launched outside them. Each eager op's launch cost on a GPU is not in it."""
+    replayed = sim.replay_seconds
+    with InterpretedLaunches(lambda: sim.replaying > 0) as launches:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    device = sim.replay_seconds - replayed + launches.seconds
+    per = 1e3 / max(steps, 1)
+    return {"step_ms": per * wall, "host_ms": per * (wall - device)}

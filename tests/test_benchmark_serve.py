@@ -159,6 +159,21 @@ def test_eager_ops_over_a_whole_run(capsys):
     assert 0 < int(captures) < int(replays)  # (simulated: off CUDA nothing is captured otherwise)
 
 
+def test_host_time_leaves_out_what_a_gpu_runs_on_the_device(capsys):
+    """``--host-time``: the same run timed instead of counted; a step's host ms is its wall ms less the
+    simulated replays and the interpreted kernels outside them, so it is positive and below the wall."""
+    from benchmarks import eager_ops
+
+    argv = ["--requests", "2", "--schedulers", "depth", "--num-steps", "3", "--group-capture-at", "1", "--host-time"]
+    assert eager_ops.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(x for x in out if x.startswith("| scheduler"))
+    assert [c.strip() for c in header.strip("|").split("|")][2:4] == ["step_ms", "host_ms"]
+    row = next(x for x in out if x.startswith("| depth"))
+    _, _, step_ms, host_ms, steps, captures, replays = [c.strip() for c in row.strip("|").split("|")]
+    assert 0 < float(host_ms) < float(step_ms) and int(steps) > 3 and 0 < int(captures) < int(replays)
+
+
 def test_async_schedulers_run_beside_the_others(tmp_path, capsys):
     """``+async`` runs a scheduler with the engine's asynchronous scheduling, on the same trace, with the same
     tokens (the benchmark says when requests' outputs differ between schedulers)."""
