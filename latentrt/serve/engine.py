@@ -35,7 +35,8 @@ host's work of a step (reading, sampling, beginning units, preparing the next la
 runs the launch, instead of between launches; the units that ended are sampled at the start of the step,
 before the launch their next units join. The price: an exit is seen one step later (a row that exited runs
 the next launch masked; the token schedulers' round ends one launch later), so the next unit of a request
-begins a step later, and a finished request's row is freed a step later. A loop at its r_max is known to end
+begins a step later, and a request that stops on a token frees its row a step later (one that reaches
+``max_new_tokens`` frees it when that token is sampled, in either mode). A loop at its r_max is known to end
 on the host (``ended_on_host``): it is sampled before the next launch, at no price. Results are the same (a
 masked row changes nothing).
 
