@@ -46,6 +46,12 @@ def _number_copied(t: torch.Tensor, index) -> bool:
     return len(parts) == t.dim() and all(isinstance(i, int) and not isinstance(i, bool) for i in parts)
 
 
+def _ours(filename: str) -> bool:
+    """A latentrt file a hit is named by: the innermost on the stack, transfer.py's helpers passed over (their
+    caller is the place to look)."""
+    return "/latentrt/" in filename and not filename.endswith("/latentrt/transfer.py")
+
+
 class HostSyncs(TorchFunctionMode):
     """``with HostSyncs() as syncs: ...``; ``syncs.hits``: (operation, latentrt file, line) -> count."""
 
@@ -55,7 +61,17 @@ class HostSyncs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", str(func))
+        hit = self.hit(getattr(func, "__name__", str(func)), args, kwargs)
+        if hit is not None:
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.filename.replace("\\", "/").endswith("torch/nn/init.py") for f in stack):
+                ours = [f for f in stack if _ours(f.filename.replace("\\", "/"))]
+                where = ours[-1] if ours else stack[-1]
+                self.hits[(hit, where.filename.split("latentrt/")[-1], where.lineno)] += 1
+        return func(*args, **kwargs)
+
+    def hit(self, name: str, args: tuple, kwargs: dict) -> str | None:
+        """What of the call would synchronise on CUDA (None: nothing)."""
         hit = None
         if name in READS:
             hit = name
@@ -67,10 +83,73 @@ class HostSyncs(TorchFunctionMode):
             hit = "__setitem__(number)"
         elif name in ("tensor", "as_tensor") and kwargs.get("device") not in (None, "cpu"):  # host data to a device
             hit = "tensor(device=...)"
-        if hit is not None:
-            stack = traceback.extract_stack()[:-1]
-            if not any(f.filename.replace("\\", "/").endswith("torch/nn/init.py") for f in stack):
-                ours = [f for f in stack if "/latentrt/" in f.filename.replace("\\", "/")]
-                where = ours[-1] if ours else stack[-1]
-                self.hits[(hit, where.filename.split("latentrt/")[-1], where.lineno)] += 1
-        return func(*args, **kwargs)
+        return hit
+
+
+class CaptureHazards(HostSyncs):
+    """What a CUDA graph's capture refuses or gets wrong, on any device: HostSyncs' reads (a capture refuses
+    a synchronisation), and host data brought in (``torch.tensor`` / ``as_tensor`` / ``from_numpy`` /
+    ``pin_memory``, ``to_device``'s staging included: a capture records the copy from the host buffer of
+    its own call, so every replay would copy that buffer's values again, not the call's)."""
+
+    HOST_DATA = {"tensor", "as_tensor", "from_numpy", "pin_memory"}
+    paused = 0  # nonzero: calls are not looked at
+
+    def hit(self, name: str, args: tuple, kwargs: dict) -> str | None:
+        if self.paused:
+            return None
+        if name in self.HOST_DATA:
+            return f"host data: {name}"
+        return super().hit(name, args, kwargs)
+
+
+class GraphedCalls:
+    """Every call of a graphed runner (backends/graph.py; off CUDA each one runs its launches eagerly) under
+    ``CaptureHazards``, the runner's boundaries (``stop``: a host read between two captured stretches, by
+    design) excepted. ``calls``: runner class -> calls checked; ``hazards``: (runner class, hit, file, line)
+    -> count. ``install(monkeypatch)`` for a test's duration."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter = collections.Counter()
+        self.hazards: collections.Counter = collections.Counter()
+
+    def install(self, monkeypatch) -> GraphedCalls:
+        from latentrt.backends.graph import GraphedRunner
+
+        def subclasses(cls):
+            for sub in cls.__subclasses__():
+                yield sub
+                yield from subclasses(sub)
+
+        for cls in (GraphedRunner, *subclasses(GraphedRunner)):  # every class with a ``__call__`` of its own
+            if "__call__" in vars(cls):
+                monkeypatch.setattr(cls, "__call__", self._checked(vars(cls)["__call__"]))
+        return self
+
+    def _checked(self, call):
+        checked = self
+
+        def checked_call(runner):
+            if "stop" in vars(runner):  # (a subclass's call through its base's: checked once, outermost)
+                return call(runner)
+            kind, mode = type(runner).__name__, CaptureHazards()
+            stop = runner.stop
+
+            def boundary(marker):  # (the host read between stretches: outside every capture)
+                mode.paused += 1
+                try:
+                    return stop(marker)
+                finally:
+                    mode.paused -= 1
+
+            runner.stop = boundary
+            try:
+                with mode:
+                    out = call(runner)
+            finally:
+                del runner.stop
+            checked.calls[kind] += 1
+            checked.hazards.update({(kind, *k): n for k, n in mode.hits.items()})
+            return out
+
+        return checked_call

@@ -764,12 +764,14 @@ def _engine_on_triton(max_batch: int, async_scheduling: bool = False):
     return model, engine
 
 
-def test_served_on_the_triton_backend_equals_generate_alone():
+def test_served_on_the_triton_backend_equals_generate_alone(monkeypatch):
     """A server on the Triton backend (its pool's decode and prompt attention fused, the decode rows' core
     pass as one graphable launch sequence over all pool rows; under the interpreter on the CPU) serves each request as
-    generate() on the reference backend serves it alone, reading the device once per step."""
-    from host_syncs import HostSyncs
+    generate() on the reference backend serves it alone, reading the device once per step; the captured
+    passes' launches read nothing and bring in no host data (what a capture refuses or bakes in)."""
+    from host_syncs import GraphedCalls, HostSyncs
 
+    checked = GraphedCalls().install(monkeypatch)
     model, engine = _engine_on_triton(max_batch=4)
     requests = [r for r in recurrent_requests(14, seed=5) if not r[1].get("adaptive_prefill")][:5]
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 6))) for p, kw in requests]  # interpreted
@@ -802,6 +804,7 @@ def test_served_on_the_triton_backend_equals_generate_alone():
     assert program.graph_passes == graphed < program.passes
     assert engine.metrics.snapshot()["graph_passes_total"] == graphed
     assert sum(syncs.hits.values()) <= steps, syncs.hits  # one read per step at most
+    assert sum(checked.calls.values()) == graphed and not checked.hazards, checked.hazards
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert req.error is None, req.error

@@ -61,7 +61,12 @@ def test_adaptive_cases_cover_every_criterion_and_kv_mode():
 
 
 @pytest.mark.parametrize("criterion,kv", ADAPTIVE_CASES)
-def test_triton_equals_torch_adaptive(kv, criterion):
+def test_triton_equals_torch_adaptive(kv, criterion, monkeypatch):
+    """(Every call of the token runner, a CUDA graph on a GPU, is also checked for what its capture would
+    refuse or bake in: tests/host_syncs.py.)"""
+    from host_syncs import GraphedCalls
+
+    checked = GraphedCalls().install(monkeypatch)
     ref, fast = _pair()
     kw = dict(
         max_new_tokens=3,
@@ -79,6 +84,7 @@ def test_triton_equals_torch_adaptive(kv, criterion):
     for x, y in zip(a.logits, b.logits):
         assert rel_err(y, x) < 1e-4
     assert b.backend == "triton"
+    assert checked.calls["RecurrentTokenRunner"] == 2 and not checked.hazards, checked.hazards
     if kv in ("skip", "always-last"):  # the lookup differs from full's here (the check can fail)
         full = latentrt.generate(ref, PROMPTS, **dict(kw, kv_sharing="full"))
         # (100x the Triton-torch agreement asserted above)
@@ -190,8 +196,11 @@ def test_cuda_graph_coconut_thoughts_equal_torch_backend():
 def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
     """Thought columns and answer tokens run as the column runner (one CUDA graph on GPU; eager here) and
     equal the torch path."""
+    from host_syncs import GraphedCalls
+
     from latentrt.backends.triton.column import ColumnRunner
 
+    checked = GraphedCalls().install(monkeypatch)  # (a CUDA graph on a GPU: nothing its capture refuses)
     runs, fused = [], []
     real_run, real_fused = ColumnRunner.run, ColumnRunner._fused_layers
     monkeypatch.setattr(ColumnRunner, "run", lambda self: runs.append(1) or real_run(self))
@@ -200,6 +209,7 @@ def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
     fast.backend = get_backend("triton", fast)
     a, b = _same_generation(ref, fast, [[5, 6, 7, 2, 4, 4, 4, 3], [8, 9, 2, 4, 4, 4, 3]], max_new_tokens=4)
     assert len(runs) == 3 + 3 and len(fused) == len(runs) and b.num_thoughts == a.num_thoughts == 3  # + 3 answers
+    assert checked.calls["ColumnRunner"] == len(runs) and not checked.hazards, checked.hazards
 
 
 def _same_generation(ref, fast, ids, tol: float = 1e-5, **kw):
@@ -337,6 +347,39 @@ def test_early_stop_skips_the_iterations_after_the_last_exit_and_changes_nothing
     assert torch.equal(torch.cat(early.logits), torch.cat(full.logits))
     assert rel_err(torch.cat(early.logits), torch.cat(a.logits)) < 1e-4
     assert n_early < n_full == 2 * kw["num_steps"]  # two decode tokens, every iteration without early stop
+
+
+def test_graphed_calls_find_what_a_capture_would_refuse_or_bake_in(monkeypatch):
+    """The check the Triton workloads' runners run under (tests/host_syncs.py, ``GraphedCalls``): a read to
+    the host or host data copied in, inside a runner's launches, is named with its line; a boundary's read
+    (``stop``) is not."""
+    from host_syncs import GraphedCalls
+
+    from latentrt.backends.graph import GraphedRunner
+    from latentrt.transfer import to_device
+
+    class Runner(GraphedRunner):
+        model = tiny_recurrent()  # (on the CPU: every call runs its launches eagerly)
+        x = torch.ones(3)
+
+        def segments(self):
+            yield "boundary"
+            if self.bad:
+                self.x.sum().item()
+                return self.x + to_device([1, 2, 3], "cpu")
+            return self.x * 2
+
+        def stop(self, marker):
+            return bool(self.x.sum() > 10)  # a host read, at a boundary
+
+    checked = GraphedCalls().install(monkeypatch)
+    runner = Runner()
+    runner.bad = False
+    assert runner().tolist() == [2, 2, 2] and not checked.hazards and checked.calls == {"Runner": 1}
+    runner.bad = True
+    runner()
+    assert {(k[0], k[1]) for k in checked.hazards} == {("Runner", "item"), ("Runner", "host data: tensor")}
+    assert "stop" not in vars(runner)  # the boundary wrapper is gone after the call
 
 
 def test_the_early_stop_comes_from_the_environment(monkeypatch):
