@@ -330,11 +330,20 @@ def coconut_requests(n: int) -> list[tuple[list[int], dict]]:
 
 
 def test_coconut_requests_equal_generate_alone():
+    """(Slot utilisation counts a Coconut row's passes: the depth scheduler launches a row only for a pass it
+    needs; the token scheduler's rows wait for the round's most thoughts. It once read 0, counting latent
+    iterations, which Coconut has none of.)"""
     model = tiny_coconut(seed=2)
     reqs = coconut_requests(24)
+    util, needed = {}, {}
     for scheduler in ("depth", "token"):
         engine = assert_served_equals_alone(model, reqs, max_batch=6, scheduler=scheduler)
         assert engine.program.pool.bytes_in_use() == 0
+        m = engine.metrics
+        assert m.iterations == 0 and m.needed > m.tokens  # (every answer token a pass, prompts more)
+        util[scheduler], needed[scheduler] = m.utilisation(), m.needed
+    assert needed["depth"] == needed["token"]  # the same passes, whatever the schedule
+    assert util["depth"] == 1.0 and 0 < util["token"] < 1.0
 
 
 def test_kv_pool_admits_by_the_slots_a_mode_needs():

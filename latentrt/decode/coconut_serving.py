@@ -27,6 +27,7 @@ class _Request:
     passes: list = field(default_factory=list)  # ("chunk", ids [n]) / ("column", id, is_latent) still to run
     thoughts: int = 0  # latent passes run
     h: Tensor | None = None  # [1, d] the last pass's last hidden state before ln_f (fed to a thought)
+    unit_passes: int = 0  # passes of the running unit so far (its row's launches: slot utilisation)
 
 
 class CoconutServing(ServingProgram):
@@ -103,11 +104,13 @@ class CoconutServing(ServingProgram):
         """Keep the pass's hidden state; when no prompt pass is left, the unit ended: its logits."""
         rec = self.requests[row]
         rec.h = h
+        rec.unit_passes += 1
         if rec.passes:
             return
         logits = self.model.lm_logits(self.model.transformer.ln_f(h))
         self.results[row] = (logits[0], nonfinite_flags(None, None, logits)[0])
-        self._ended.append(Ended(rec.request, 0))
+        self._ended.append(Ended(rec.request, 0, launches=rec.unit_passes))
+        rec.unit_passes = 0
 
     def ended(self, flags: list) -> list[Ended]:
         return self._ended

@@ -34,6 +34,12 @@ class Ended:
     request: object
     iterations: int  # latent iterations the unit ran (0 where the family has none)
     ready: bool = True  # its logits exist already; False: ``logits`` runs the head for it (one pass for all)
+    launches: int | None = None  # the launches its row was needed in (None: one per iteration, a recurrent unit's)
+
+    @property
+    def needed(self) -> int:
+        """The launches the unit's row was needed in (slot utilisation counts them against the rows launched)."""
+        return self.iterations if self.launches is None else self.launches
 
 
 class ServingProgram:

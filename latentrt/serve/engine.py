@@ -671,6 +671,7 @@ class Engine:
             req.pending_steps = e.iterations
             req.latent_work += e.iterations
             self.metrics.iterations += e.iterations
+            self.metrics.needed += e.needed
             gen, index = req.generation, req.sampled - 1
             if req.options.temperature != 0 or gen._adjusts_logits(index):
                 tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1], index))[0]

@@ -24,6 +24,7 @@ class EngineMetrics:
     weight_reads: float = 0.0  # those passes' weights, in core iterations' (what a weight-bound GPU pays)
     graph_passes: int = 0  # of the passes, those through a captured launch sequence (a CUDA graph on a GPU)
     iterations: int = 0  # latent iterations the units needed (their loops' lengths)
+    needed: int = 0  # row-launches the units needed (recurrent: their iterations; Coconut: their passes)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished (stop or length)
     # seconds from submit to first token per request, and between consecutive tokens: the latest
@@ -64,8 +65,9 @@ class EngineMetrics:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def utilisation(self) -> float:
-        """Latent iterations needed / row-iterations executed (1.0: no launched row wasted)."""
-        return self.iterations / self.launched_rows if self.launched_rows else 1.0
+        """Row-launches the units needed / row-launches executed (1.0: no launched row wasted); a launch runs a
+        recurrent row's core iteration or a Coconut row's pass."""
+        return self.needed / self.launched_rows if self.launched_rows else 1.0
 
     def overhead(self) -> float:
         """Share of step time spent in the scheduler's own host work."""

@@ -17,7 +17,7 @@ METRICS = {
     "iterations_per_token": ("latentrt_iterations_per_token", "Mean latent iterations per produced token"),
     "kv_bytes_in_use": ("latentrt_kv_bytes_in_use", "K/V bytes held by resident requests"),
     "kv_bytes_capacity": ("latentrt_kv_bytes_capacity", "K/V bytes of the pool"),
-    "slot_utilisation": ("latentrt_slot_utilisation", "Latent iterations needed / row-iterations launched"),
+    "slot_utilisation": ("latentrt_slot_utilisation", "Row-launches needed / row-launches executed"),
     "scheduler_overhead": ("latentrt_scheduler_overhead", "Share of step time spent scheduling on the host"),
     "tokens_total": ("latentrt_tokens", "Tokens produced"),
     "requests_total": ("latentrt_requests", "Requests finished"),
