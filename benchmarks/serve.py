@@ -14,6 +14,10 @@ gain is at most E[max of B depths] / E[depth], estimated from the depths the dep
 
 ``--shape huginn`` (for a GPU) serves a random-weight model at Huginn-0125's shape, whose exit depths are
 those recorded from the built-in model on the same trace, replayed (benchmarks/replay_exit.py).
+
+A Coconut model (``--model builtin:coconut``) is served the same way, each request with its own count of
+continuous thoughts (``--thoughts``, drawn uniformly): a request holds its row for a pass per thought while
+its prompt runs, as a recurrent request does for an iteration; slot utilisation counts passes.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import latentrt
 from latentrt.backends import CHOICES, get_backend
 from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
 from latentrt.exits import CRITERIA
-from latentrt.families import build_model, parse_config
+from latentrt.families import build_model, family_for, parse_config
 from latentrt.loader import parse_device
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.train.data import generate_dataset
@@ -72,22 +76,29 @@ def _engine(model, group_capture_at: int | None = None, **kw) -> Engine:
 
 
 def make_trace(
-    n: int, rate: float, seed: int, criterion: str, threshold: float, num_steps: int, new_tokens=(4, 8, 12, 16)
+    n: int,
+    rate: float,
+    seed: int,
+    criterion: str,
+    threshold: float,
+    num_steps: int,
+    new_tokens=(4, 8, 12, 16),
+    thoughts: tuple[int, ...] | None = None,
 ) -> list[TraceRequest]:
-    """``n`` questions arriving at ``rate`` per second (Poisson), mixed lengths (difficulty 1-4) and options."""
+    """``n`` questions arriving at ``rate`` per second (Poisson), mixed lengths (difficulty 1-4) and options:
+    a recurrent-depth model's exit (``criterion``, ``threshold``, ``num_steps``), or with ``thoughts`` a Coconut
+    model's, each request's count of continuous thoughts drawn from them."""
     rng = random.Random(seed)
     questions = [r.question for r in generate_dataset(n, seed=seed)]
     rng.shuffle(questions)
     trace, t = [], 0.0
     for i, q in enumerate(questions):
         t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
-        opts = dict(
-            max_new_tokens=rng.choice(new_tokens),
-            adaptive=True,
-            num_steps=num_steps,
-            exit_criterion=criterion,
-            exit_threshold=threshold,
-        )
+        opts = dict(max_new_tokens=rng.choice(new_tokens))
+        if thoughts is None:
+            opts.update(adaptive=True, num_steps=num_steps, exit_criterion=criterion, exit_threshold=threshold)
+        else:
+            opts.update(num_thoughts=rng.choice(thoughts))
         if rng.random() < 0.3:
             opts.update(temperature=0.8, top_k=20, seed=1000 + i)
         trace.append(TraceRequest(t, q, opts))
@@ -127,7 +138,7 @@ def replay(
     (benchmarks/step_profile.py; the record's ``profile``). ``group_capture_at``: the engine's captured
     passes record a key of prompt-group slot shapes at its N-th call (None: the runtime's default)."""
     max_len = min(max_len, model.config.block_size)
-    slots = max_batch * max(r.options["num_steps"] for r in trace)  # room for every row in full KV mode
+    slots = max_batch * max(r.options.get("num_steps", 1) for r in trace)  # room for every row in full KV mode
     kind, edge_cost, async_scheduling = parse_scheduler(scheduler)
     kw = dict(max_batch=max_batch, max_len=max_len, kv_slots=slots, scheduler=kind, edge_cost=edge_cost)
     kw["async_scheduling"] = async_scheduling
@@ -310,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         help="max_new_tokens of the requests, drawn uniformly (longer answers: decode outweighs the prompts)",
     )
     p.add_argument(
+        "--thoughts",
+        default="0,1,2,3,4,5,6",
+        help="a Coconut model's requests: their counts of continuous thoughts, drawn uniformly (a request holds "
+        "its row for a pass per thought)",
+    )
+    p.add_argument(
         "--schedulers",
         default="static,token,depth,depth@0",
         help="depth@COST: depth with that edge_cost (0: ended units sampled every step; default: from the "
@@ -344,6 +361,43 @@ def main(argv: list[str] | None = None) -> int:
         return run_flags(args, p)
 
 
+def depth_bounds(run: dict, args: argparse.Namespace) -> dict:
+    """Print the bounds of depth-level over token-level batching for the depths ``run`` recorded (the depth
+    run's): lockstep, in weights read (sampling every step / for free), and with ended units sampled every k
+    steps; returns them (``--out``'s record)."""
+    depths = run["depths"]
+    bound = lockstep_bound(depths, args.max_batch)
+    costs = pass_costs(run, args.criterion if args.shape == "model" else "none")
+    read_bounds = weight_read_bounds(depths, args.max_batch, *costs)
+    # the same in passes, every pass one unit: the cost model of a CPU at these widths (overheads, not bytes)
+    logits = args.shape == "model" and CRITERIA[args.criterion].needs_logits
+    passes = (2.0, 1.0) if logits else (1.0, 2.0)  # (core [+ head] a step, prelude [+ head] a token)
+    waits = {c: sampling_bound(depths, args.max_batch, *cost) for c, cost in (("weights", costs), ("passes", passes))}
+    print(
+        f"# depths: mean {statistics.fmean(depths):.2f}, max {max(depths)}; lockstep bound "
+        f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}; in weights read (a pass costs {costs[0]:.2f} core "
+        f"iterations per iteration, {costs[1]:.2f} per token; no prompts): {read_bounds[1]:.2f} sampling every "
+        f"step, {read_bounds[0]:.2f} sampling for free"
+    )
+    print(
+        f"# sampling every k steps (a row that ended waits (k-1)/2 steps), at the best k: in weights read "
+        f"{waits['weights'][0]:.2f} (k={waits['weights'][1]}); in passes, each the same cost (a CPU at tiny "
+        f"widths: overheads, not bytes) {waits['passes'][0]:.2f} (k={waits['passes'][1]})"
+    )
+    return {"bound": bound, "weight_read_bounds": read_bounds, "sampling_bounds": waits}
+
+
+def _counts(p: argparse.ArgumentParser, flag: str, text: str, least: int) -> tuple[int, ...]:
+    """A flag's comma-separated integers, each at least ``least`` (else the parser's error naming the flag)."""
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        p.error(f"{flag} must be comma-separated integers, got {text!r}")
+    if min(counts) < least:
+        p.error(f"{flag} must be integers >= {least}")
+    return counts
+
+
 def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Run the trace under every scheduler and print the table (after the flags are parsed)."""
     if args.quick:
@@ -357,24 +411,27 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if unknown:
         p.error(f"unknown schedulers {sorted(unknown)}; choose from {list(SCHEDULERS)} (depth@COST, +async too)")
 
-    try:
-        new_tokens = tuple(int(n) for n in args.new_tokens.split(","))
-    except ValueError:
-        p.error(f"--new-tokens must be comma-separated integers, got {args.new_tokens!r}")
-    if min(new_tokens) < 1:
-        p.error("--new-tokens must be positive")
+    new_tokens = _counts(p, "--new-tokens", args.new_tokens, 1)
+    thoughts = _counts(p, "--thoughts", args.thoughts, 0)
     synthetic = None
     if args.depths is not None:
         if args.shape == "model":
             p.error("--depths replays depths on a random-weight model: give --shape huginn or tiny")
-        try:
-            synthetic = [int(d) for d in args.depths.split(",")]
-        except ValueError:
-            p.error(f"--depths must be comma-separated integers, got {args.depths!r}")
-        if min(synthetic) < 1:
-            p.error("--depths must be integers >= 1")
-    trace = make_trace(args.requests, args.rate, args.seed, args.criterion, args.threshold, args.num_steps, new_tokens)
+        synthetic = list(_counts(p, "--depths", args.depths, 1))
     model = latentrt.load(args.model, device=device, backend=args.backend)
+    coconut = "num_thoughts" in family_for(model).decoder.OPTIONS  # (continuous thoughts, no latent loop)
+    if coconut and (args.shape != "model" or synthetic):
+        p.error(f"--shape and --depths replay a recurrent-depth model's exit depths; {args.model} is a Coconut model")
+    trace = make_trace(
+        args.requests,
+        args.rate,
+        args.seed,
+        args.criterion,
+        args.threshold,
+        args.num_steps,
+        new_tokens,
+        thoughts if coconut else None,
+    )
     prof = args.profile_steps
     runs = (
         {}
@@ -413,22 +470,16 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
         source = f"{args.shape} shape, random weights, depths replayed from {origin}"
 
-    depth_source = runs.get("depth", runs[schedulers[0]])["depths"]
-    bound = lockstep_bound(depth_source, args.max_batch)
-    costs = pass_costs(runs[schedulers[0]], args.criterion if args.shape == "model" else "none")
-    read_bounds = weight_read_bounds(depth_source, args.max_batch, *costs)
-    # the same in passes, every pass one unit: the cost model of a CPU at these widths (overheads, not bytes)
-    logits = args.shape == "model" and CRITERIA[args.criterion].needs_logits
-    passes = (2.0, 1.0) if logits else (1.0, 2.0)  # (core [+ head] a step, prelude [+ head] a token)
-    waits = {
-        c: sampling_bound(depth_source, args.max_batch, *cost) for c, cost in (("weights", costs), ("passes", passes))
-    }
     env = environment(device)
+    if coconut:
+        knobs = f"thoughts {args.thoughts}"
+    else:
+        exits = f"{args.criterion} {args.threshold}" if args.shape == "model" else "replay-depths"
+        knobs = f"{exits}, num_steps {args.num_steps}"
     print(
         f"# serving: {source}; {args.requests} requests ({args.new_tokens} new tokens), Poisson {args.rate}/s, "
-        f"max batch {args.max_batch}, "
-        f"{f'{args.criterion} {args.threshold}' if args.shape == 'model' else 'replay-depths'}, num_steps "
-        f"{args.num_steps}; {env['card']}, torch {env['torch']}, commit {env['commit']}, {env['date']}"
+        f"max batch {args.max_batch}, {knobs}; {env['card']}, torch {env['torch']}, commit {env['commit']}, "
+        f"{env['date']}"
     )
     fused = model.backend.pool_attention() is not None
     graphs = ", ".join(s for s, r in runs.items() if r["decode_graph"]) or "none"
@@ -437,22 +488,20 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         f"decode rows' core pass captured as a CUDA graph in: {graphs}; a key of prompt-group slot shapes "
         f"captured at its call {args.group_capture_at or GroupSlotsRunner.CAPTURE_AT}"
     )
-    print(
-        f"# depths: mean {statistics.fmean(depth_source):.2f}, max {max(depth_source)}; lockstep bound "
-        f"E[max of {args.max_batch}]/E[depth] = {bound:.2f}; in weights read (a pass costs {costs[0]:.2f} core "
-        f"iterations per iteration, {costs[1]:.2f} per token; no prompts): {read_bounds[1]:.2f} sampling every "
-        f"step, {read_bounds[0]:.2f} sampling for free"
-    )
-    print(
-        f"# sampling every k steps (a row that ended waits (k-1)/2 steps), at the best k: in weights read "
-        f"{waits['weights'][0]:.2f} (k={waits['weights'][1]}); in passes, each the same cost (a CPU at tiny "
-        f"widths: overheads, not bytes) {waits['passes'][0]:.2f} (k={waits['passes'][1]})"
-    )
+    if coconut:
+        counts = [t.options["num_thoughts"] for t in trace]
+        print(
+            f"# Coconut: {statistics.fmean(counts):.2f} thoughts a request (max {max(counts)}), a pass each while "
+            "its prompt runs; an answer token is one pass (no latent loop: the depth bounds do not apply)"
+        )
+        bounds = {}
+    else:
+        bounds = depth_bounds(runs.get("depth", runs[schedulers[0]]), args)
     if "token" in runs:  # the lockstep loss the token run met: rows of a round exit at correlated depths
         realised = 1 / max(runs["token"]["slot_utilisation"], 1e-9)
         print(
-            f"# realised lockstep loss in the token run (1 / its slot utilisation): {realised:.2f} "
-            f"(the bound above draws each row's depth independently)"
+            f"# realised lockstep loss in the token run (1 / its slot utilisation): {realised:.2f}"
+            + ("" if coconut else " (the bound above draws each row's depth independently)")
         )
     cols = ["tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
     cols += ["iterations_per_token", "slot_utilisation", "scheduler_overhead", "step_ms", "tokens_per_pass"]
@@ -478,9 +527,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if args.out:
         records = [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()]
         with open(args.out, "w") as f:
-            record = {"environment": env, "args": vars(args), "bound": bound, "weight_read_bounds": read_bounds}
-            record["sampling_bounds"] = waits
-            json.dump({**record, "runs": records}, f, indent=1)
+            json.dump({"environment": env, "args": vars(args), **bounds, "runs": records}, f, indent=1)
     return 0
 
 

@@ -92,6 +92,32 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
 
 
+def test_load_generator_serves_a_coconut_model(tmp_path, capsys):
+    """A Coconut model's trace: each request with its own count of continuous thoughts (``--thoughts``); slot
+    utilisation counts passes (depth-level batching launches a row only for a pass it may need), and the depth
+    bounds, which need a latent loop, are left out; the options of a recurrent-depth model are not sent."""
+    out = tmp_path / "serve.json"
+    argv = ["--model", "builtin:coconut", "--quick", "--requests", "8", "--rate", "inf", "--thoughts", "0,2,5"]
+    assert main([*argv, "--schedulers", "token,depth", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "thoughts 0,2,5" in printed and "lockstep bound" not in printed and "| depth |" in printed
+    record = json.loads(out.read_text())
+    runs = {r["scheduler"]: r for r in record["runs"]}
+    assert "bound" not in record  # (a unit begun before its request's stop token is read is the depth run's waste)
+    assert 0 < runs["token"]["slot_utilisation"] < runs["depth"]["slot_utilisation"] <= 1.0
+    assert runs["depth"]["tokens"] == runs["token"]["tokens"]  # (greedy or seeded: the same tokens)
+    trace = make_trace(30, float("inf"), 0, "kl", 1e-5, 16, thoughts=(0, 2, 5))
+    assert {r.options["num_thoughts"] for r in trace} == {0, 2, 5}
+    assert not any("num_steps" in r.options or "adaptive" in r.options for r in trace)
+    for bad, why in [
+        (["--thoughts", "-1"], "--thoughts must be integers >= 0"),
+        (["--shape", "tiny"], "is a Coconut model"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
+        assert why in capsys.readouterr().err
+
+
 def test_eager_ops_leave_out_replays_alone():
     """count_eager_ops counts every aten op a step dispatches (views apart) and, under the interpreter, every
     Triton launch, but those of replays; under simulated graphs a runner's eager calls (its first, its
