@@ -341,9 +341,49 @@ def test_coconut_requests_equal_generate_alone():
         assert engine.program.pool.bytes_in_use() == 0
         m = engine.metrics
         assert m.iterations == 0 and m.needed > m.tokens  # (every answer token a pass, prompts more)
+        assert m.passes <= m.steps  # a step's passes, prompt chunks included, as one (Packed)
         util[scheduler], needed[scheduler] = m.utilisation(), m.needed
     assert needed["depth"] == needed["token"]  # the same passes, whatever the schedule
     assert util["depth"] == 1.0 and 0 < util["token"] < 1.0
+
+
+def test_coconut_requests_equal_generate_alone_where_the_pool_cannot_pack_their_passes():
+    """GPT-2 attention scaled by the inverse layer index is not the pool's (1/sqrt(D)): a step's prompt chunks
+    then run one by one beside the batched single-position passes, as before the packed pass."""
+    model = tiny_coconut(seed=2, scale_attn_by_inverse_layer_idx=True)
+    assert not model.packs and tiny_coconut(seed=2).packs
+    engine = assert_served_equals_alone(model, coconut_requests(10), max_batch=6)
+    assert engine.metrics.passes > engine.metrics.steps
+
+
+def test_coconut_served_on_the_triton_backend_equals_generate_alone():
+    """On the Triton backend a Coconut server's single-position passes attend through the pool's fused decode
+    kernel and its prompt chunks through the multi-query one (the interpreter on the CPU), each request as
+    generate() alone on the reference backend serves it."""
+    from latentrt import kernels
+    from latentrt.backends import get_backend
+
+    if not kernels.triton_available():
+        pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    model = tiny_coconut(seed=2)
+    reference = model.backend
+    model.backend = get_backend("triton", model)
+    engine = Engine(model, max_batch=4)
+    pool = engine.program.pool
+    assert pool.decode_attention is not None and pool.prefill_attention is not None
+    model.backend = reference
+    calls = []
+    for name in ("decode_attention", "prefill_attention"):
+        kernel = getattr(pool, name)
+        setattr(pool, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in coconut_requests(6)]
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    engine.run_until_idle()
+    assert {"decode_attention", "prefill_attention"} <= set(calls)
+    for req, (p, kw) in zip(served, requests):
+        alone = latentrt.generate(model, p, **kw)
+        assert req.error is None, req.error
+        assert req.tokens == alone.tokens, (p, kw)
 
 
 def test_kv_pool_admits_by_the_slots_a_mode_needs():

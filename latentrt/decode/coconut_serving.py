@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..models.layers import Packed
 from ..transfer import to_device
 from .base import nonfinite_flags
 from .serving import Ended, ServingProgram
@@ -58,21 +59,23 @@ class CoconutServing(ServingProgram):
         return rec.thoughts if rec is not None else 0
 
     def launch(self, idle: list) -> Tensor:
-        """One pass per request with a pass to run: single-position passes batched, chunks one by one. A
-        pass always completes, so ``ended`` needs no flags from the device."""
+        """One pass per request with a pass to run: the single-position passes and every prompt chunk as one
+        pass (``Packed``: the layers' weights read once; attention per chunk), or where the model's attention
+        scaling is not the pool's, the single-position passes batched and the chunks one by one. A pass
+        always completes, so ``ended`` needs no flags from the device."""
         self._ended = []
         columns, chunks = [], []
         for row, rec in sorted(self.requests.items()):
             if rec.passes:
                 (columns if rec.passes[0][0] == "column" else chunks).append(row)
-        if columns:
-            self._columns(columns)
-        for row in chunks:
-            self._chunk(row)
+        parts = ([self._columns(columns)] if columns else []) + [self._chunk(row) for row in chunks]
+        self._run([parts] if parts and self.model.packs else [[part] for part in parts])
         self.launched_rows = len(columns) + len(chunks) + len(idle)  # waiting rows count, computing nothing
         return torch.zeros(0, dtype=torch.bool, device="cpu")
 
-    def _columns(self, rows: list[int]) -> None:
+    def _columns(self, rows: list[int]) -> tuple:
+        """The single-position passes of ``rows`` (a prompt's or an answer's token, or a thought): their chunk,
+        positioned inputs and, where a thought is among them, ln_1 of the inputs (the fed-back path's)."""
         model, dev = self.model, self.model.device
         passes = [self.requests[r].passes.pop(0) for r in rows]
         chunk = self.pool.begin(rows, 1)
@@ -86,19 +89,38 @@ class CoconutServing(ServingProgram):
             is_latent = to_device(latent, dev, torch.bool)[:, None, None]
             x = torch.where(is_latent, fed.to(x.dtype), x)
             ln1x = torch.where(is_latent, fed_ln1.to(x.dtype), model.transformer.h[0].ln_1(x))
-        h = model.forward_residual(x, self.pool, chunk, ln1x)
-        self.count_pass()
-        for i, r in enumerate(rows):
-            self.requests[r].thoughts += latent[i]
-            self._after_pass(r, h[i : i + 1, -1])
+        for r, is_thought in zip(rows, latent):
+            self.requests[r].thoughts += is_thought
+        return rows, chunk, x, ln1x
 
-    def _chunk(self, row: int) -> None:
+    def _chunk(self, row: int) -> tuple:
+        """A prompt chunk of ``row``: its chunk and positioned inputs."""
         model, rec = self.model, self.requests[row]
         ids = rec.passes.pop(0)[1]
         chunk = self.pool.begin([row], ids.shape[0])
-        h = model.forward_residual(model.embed(ids[None]) + model.transformer.wpe(chunk.positions), self.pool, chunk)
-        self.count_pass()
-        self._after_pass(row, h[:, -1])
+        return [row], chunk, model.embed(ids[None]) + model.transformer.wpe(chunk.positions), None
+
+    def _run(self, passes: list[list[tuple]]) -> None:
+        """Each pass of ``passes`` (a list of parts: rows, chunk, inputs, ln_1 of the inputs or None) through
+        the layers; each row's last hidden state goes to ``_after_pass``."""
+        model = self.model
+        for parts in passes:
+            if len(parts) == 1:
+                rows, chunk, x, ln1x = parts[0]
+                outs = [model.forward_residual(x, self.pool, chunk, ln1x)]
+            else:
+                packed = Packed([p[1] for p in parts], [None] * len(parts))
+                ln1x = None
+                if any(p[3] is not None for p in parts):
+                    ln1 = model.transformer.h[0].ln_1
+                    ln1x = packed.pack([p[3] if p[3] is not None else ln1(p[2]) for p in parts])
+                outs = packed.unpack(
+                    model.forward_residual(packed.pack([p[2] for p in parts]), self.pool, packed, ln1x)
+                )
+            self.count_pass()
+            for (rows, *_), h in zip(parts, outs):
+                for i, r in enumerate(rows):
+                    self._after_pass(r, h[i : i + 1, -1])
 
     def _after_pass(self, row: int, h: Tensor) -> None:
         """Keep the pass's hidden state; when no prompt pass is left, the unit ended: its logits."""

@@ -22,7 +22,7 @@ from ..cache import Chunk, KVCache
 from ..config import ModelConfig, require_positive
 from ..errors import ConfigError, InputError, is_choice
 from .base import CacheLayout, LatentModel
-from .layers import ACTIVATIONS, Embedding, attention
+from .layers import ACTIVATIONS, Embedding, Packed, attention
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,15 @@ class GPT2Attention(nn.Module):
         self.scale = scale
         self.attn_pdrop, self.resid_pdrop = cfg.attn_pdrop, cfg.resid_pdrop
 
-    def forward(self, x: Tensor, mask: Tensor, kv) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | Packed, kv) -> Tensor:
         B, S, _ = x.shape
         q, k, v = (t.view(B, S, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).chunk(3, -1))
-        k_all, v_all = kv(k, v)
         drop = dropping(self)
-        y = attention(q, k_all, v_all, mask, scale=self.scale, dropout_p=self.attn_pdrop if drop else 0.0)
+        if isinstance(mask, Packed):  # a server's pass: attention per chunk, by the pool (scaled 1/sqrt(D))
+            y = mask.attend(q, k, v, kv)
+        else:
+            k_all, v_all = kv(k, v)
+            y = attention(q, k_all, v_all, mask, scale=self.scale, dropout_p=self.attn_pdrop if drop else 0.0)
         y = self.c_proj(y.transpose(1, 2).flatten(2))
         return F.dropout(y, self.resid_pdrop) if drop else y
 
@@ -287,8 +290,19 @@ class CoconutGPT2(LatentModel):
         if dropping(self) and self.config.embd_pdrop:
             x, ln1x = F.dropout(x, self.config.embd_pdrop), None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, chunk.mask, lambda k, v, i=i: cache.plain(i, k, v, chunk), ln1x if i == 0 else None)
+            if isinstance(chunk, Packed):  # (``packs``: the pool's attention is the model's)
+                kv = lambda j, q, k, v, i=i: cache.attend_plain(i, q, k, v, chunk.chunks[j], chunk.actives[j])  # noqa: E731
+            else:
+                kv = lambda k, v, i=i: cache.plain(i, k, v, chunk)  # noqa: E731
+            x = block(x, chunk.mask, kv, ln1x if i == 0 else None)
         return x
+
+    @functools.cached_property
+    def packs(self) -> bool:
+        """Whether a server's chunks may run as one ``Packed`` pass: the pool attends with scale 1/sqrt(D), as
+        GPT-2 does unless its config scales otherwise."""
+        cfg = self.config
+        return cfg.scale_attn_weights and not cfg.scale_attn_by_inverse_layer_idx
 
     def lm_logits(self, h: Tensor) -> Tensor:
         return self.lm_head(h).float()
