@@ -4,9 +4,10 @@ A request's prompt runs as generate() runs it (models/coconut.py, ``run_prompt``
 first ``<|latent|>`` as one chunk, then every column up to its last latent as a single-position pass (a
 thought's input is the previous pass's hidden state fed back), then the rest as one chunk; then one
 single-position pass per answer token. A launch runs one pass for every resident request: the
-single-position passes of all rows together (thoughts and answer tokens of different requests side by
-side), each chunk on its own. A request in its thought phase holds its row for k passes; its prompt's unit
-ends with the suffix, each answer token's with its pass.
+single-position passes of all rows (thoughts and answer tokens of different requests side by side) and the
+chunks of the prompts admitted, as one ``Packed`` pass (the layers' weights read once, attention per chunk
+by the pool). A request in its thought phase holds its row for k passes; its prompt's unit ends with the
+suffix, each answer token's with its pass.
 """
 
 from __future__ import annotations
