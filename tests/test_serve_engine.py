@@ -332,16 +332,21 @@ def coconut_requests(n: int) -> list[tuple[list[int], dict]]:
 def test_coconut_requests_equal_generate_alone():
     """(Slot utilisation counts a Coconut row's passes: the depth scheduler launches a row only for a pass it
     needs; the token scheduler's rows wait for the round's most thoughts. It once read 0, counting latent
-    iterations, which Coconut has none of.)"""
+    iterations, which Coconut has none of. With asynchronous scheduling every end is known on the host, so a
+    unit's next one joins the next launch as it does without: the same passes and rows launched.)"""
     model = tiny_coconut(seed=2)
     reqs = coconut_requests(24)
-    util, needed = {}, {}
+    util, needed, launched = {}, {}, {}
     for scheduler in ("depth", "token"):
-        engine = assert_served_equals_alone(model, reqs, max_batch=6, scheduler=scheduler)
-        assert engine.program.pool.bytes_in_use() == 0
-        m = engine.metrics
-        assert m.iterations == 0 and m.needed > m.tokens  # (every answer token a pass, prompts more)
-        assert m.passes <= m.steps  # a step's passes, prompt chunks included, as one (Packed)
+        for async_scheduling in (False, True):
+            kw = dict(max_batch=6, scheduler=scheduler, async_scheduling=async_scheduling)
+            engine = assert_served_equals_alone(model, reqs, **kw)
+            assert engine.program.pool.bytes_in_use() == 0
+            m = engine.metrics
+            assert m.iterations == 0 and m.needed > m.tokens  # (every answer token a pass, prompts more)
+            assert m.passes <= m.steps  # a step's passes, prompt chunks included, as one (Packed)
+            launched[scheduler, async_scheduling] = (m.passes, m.launched_rows)
+        assert launched[scheduler, False] == launched[scheduler, True]
         util[scheduler], needed[scheduler] = m.utilisation(), m.needed
     assert needed["depth"] == needed["token"]  # the same passes, whatever the schedule
     assert util["depth"] == 1.0 and 0 < util["token"] < 1.0
@@ -642,7 +647,7 @@ def test_streamed_events_spell_the_result():
     assert "".join(e.text for e in tokens) == req.text and events[-1].kind == "done"
 
 
-def test_unservable_family_and_bad_engine_options():
+def test_unservable_family_and_bad_engine_options(monkeypatch):
     model = tiny_recurrent()
     with pytest.raises(InputError, match="scheduler"):
         Engine(model, scheduler="fifo")
@@ -664,6 +669,9 @@ def test_unservable_family_and_bad_engine_options():
             Engine(model, edge_cost=bad)
     with pytest.raises(InputError, match="async_scheduling must be true or false, got 'yes'"):
         Engine(model, async_scheduling="yes")
+    from latentrt.decode.coconut_serving import CoconutServing
+
+    monkeypatch.setattr(CoconutServing, "async_scheduling", False)  # (a program that reads each step's ends at once)
     with pytest.raises(InputError, match="Coconut continuous-thought models cannot be served with async_scheduling"):
         Engine(tiny_coconut(), async_scheduling=True)
 

@@ -919,10 +919,6 @@ def test_cli_serve_errors(capsys, monkeypatch):
     assert cli.main(["serve", *port, "--max-batch", "0", "builtin:recurrent"]) == 2
     assert cli.main(["serve", *port, "--edge-cost", "-1", "builtin:recurrent"]) == 2
     capsys.readouterr()
-    assert cli.main(["serve", *port, "--async-scheduling", "builtin:coconut"]) == 2
-    assert "latentrt: error: Coconut continuous-thought models cannot be served with async_scheduling" in (
-        capsys.readouterr().err
-    )
     with socket.socket() as taken:  # a port in use: the error before the weights load, not after
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -12,6 +12,7 @@ suffix, each answer token's with its pass.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,8 @@ class CoconutServing(ServingProgram):
         super().__init__(model, rows, max_len, slot_rows)
         self.requests: dict[int, _Request] = {}
         self.results: dict[int, tuple[Tensor, Tensor]] = {}
-        self._ended: list[Ended] = []
+        self._ended: list[Ended] = []  # the units that ended in the running launch
+        self._unread: deque[list[Ended]] = deque()  # per launch whose ends ``ended`` has not given: its units
 
     def admit(self, request) -> None:
         ids = request.batch.ids[0]
@@ -65,6 +67,7 @@ class CoconutServing(ServingProgram):
         scaling is not the pool's, the single-position passes batched and the chunks one by one. A pass
         always completes, so ``ended`` needs no flags from the device."""
         self._ended = []
+        self._unread.append(self._ended)
         columns, chunks = [], []
         for row, rec in sorted(self.requests.items()):
             if rec.passes:
@@ -135,8 +138,20 @@ class CoconutServing(ServingProgram):
         self._ended.append(Ended(rec.request, 0, launches=rec.unit_passes))
         rec.unit_passes = 0
 
+    # a pass always completes, so every end is known on the host when its launch is queued: with asynchronous
+    # scheduling the engine takes them before the next launch (``ended_on_host``), and their next units join it
+    async_scheduling = True
+
     def ended(self, flags: list) -> list[Ended]:
-        return self._ended
+        """The oldest launch's ends not given yet (none were read from the device: ``flags`` is empty)."""
+        return self._unread.popleft()
+
+    def ended_on_host(self) -> list[Ended]:
+        """Every launch's ends not given yet; ``ended`` then gives none of them."""
+        out = [e for ends in self._unread for e in ends]
+        for ends in self._unread:
+            ends.clear()
+        return out
 
     def logits(self, ended: list[Ended]) -> tuple[Tensor, Tensor]:
         got = [self.results.pop(e.request.row) for e in ended]

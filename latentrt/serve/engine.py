@@ -37,8 +37,8 @@ before the launch their next units join. The price: an exit is seen one step lat
 the next launch masked; the token schedulers' round ends one launch later), so the next unit of a request
 begins a step later, and a request that stops on a token frees its row a step later (one that reaches
 ``max_new_tokens`` frees it when that token is sampled, in either mode). A loop at its r_max is known to end
-on the host (``ended_on_host``): it is sampled before the next launch, at no price. Results are the same (a
-masked row changes nothing).
+on the host (``ended_on_host``): it is sampled before the next launch, at no price, as is every Coconut unit
+(a pass always completes). Results are the same (a masked row changes nothing).
 
 The engine runs on one thread (``run_forever`` or ``step`` in a loop); ``submit`` and ``cancel`` may be
 called from any thread. Each request receives ``RequestEvent``s through its ``on_event`` callback.
