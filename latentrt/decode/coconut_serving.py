@@ -21,7 +21,7 @@ from torch import Tensor
 from ..models.layers import Packed
 from ..transfer import to_device
 from .base import nonfinite_flags
-from .serving import Ended, ServingProgram
+from .serving import Ended, ServingProgram, weight_ratio
 
 
 @dataclass
@@ -40,6 +40,10 @@ class CoconutServing(ServingProgram):
         self.results: dict[int, tuple[Tensor, Tensor]] = {}
         self._ended: list[Ended] = []  # the units that ended in the running launch
         self._unread: deque[list[Ended]] = deque()  # per launch whose ends ``ended`` has not given: its units
+        t = model.transformer
+        # a head pass's weights in a layer pass's (counted in ``weight_reads``; not ``head_cost``: a unit's head
+        # runs when it ends, so waiting to sample ended units together would save nothing)
+        self.head_weights = weight_ratio([t.ln_f, model.lm_head], t.h)
 
     def admit(self, request) -> None:
         ids = request.batch.ids[0]
@@ -122,21 +126,33 @@ class CoconutServing(ServingProgram):
                     model.forward_residual(packed.pack([p[2] for p in parts]), self.pool, packed, ln1x)
                 )
             self.count_pass()
+            ended, last = [], []
             for (rows, *_), h in zip(parts, outs):
                 for i, r in enumerate(rows):
-                    self._after_pass(r, h[i : i + 1, -1])
+                    if self._after_pass(r, h[i : i + 1, -1]):
+                        ended.append(r)
+                        last.append(h[i : i + 1, -1])
+            if ended:
+                self._heads(ended, torch.cat(last))
 
-    def _after_pass(self, row: int, h: Tensor) -> None:
-        """Keep the pass's hidden state; when no prompt pass is left, the unit ended: its logits."""
+    def _after_pass(self, row: int, h: Tensor) -> bool:
+        """Keep the pass's hidden state; whether no prompt pass is left (the unit ended: its logits are due)."""
         rec = self.requests[row]
         rec.h = h
         rec.unit_passes += 1
-        if rec.passes:
-            return
+        return not rec.passes
+
+    def _heads(self, rows: list[int], h: Tensor) -> None:
+        """The logits of the units of ``rows`` that ended (``h`` [n, d] their last hidden states), as one head
+        pass (ln_f -> lm_head: its weights read once for them all)."""
         logits = self.model.lm_logits(self.model.transformer.ln_f(h))
-        self.results[row] = (logits[0], nonfinite_flags(None, None, logits)[0])
-        self._ended.append(Ended(rec.request, 0, launches=rec.unit_passes))
-        rec.unit_passes = 0
+        self.count_pass(self.head_weights)
+        flags = nonfinite_flags(None, None, logits)
+        for i, row in enumerate(rows):
+            rec = self.requests[row]
+            self.results[row] = (logits[i], flags[i])
+            self._ended.append(Ended(rec.request, 0, launches=rec.unit_passes))
+            rec.unit_passes = 0
 
     # a pass always completes, so every end is known on the host when its launch is queued: with asynchronous
     # scheduling the engine takes them before the next launch (``ended_on_host``), and their next units join it
