@@ -367,34 +367,49 @@ def test_coconut_requests_equal_generate_alone_where_the_pool_cannot_pack_their_
     assert engine.metrics.passes - len(heads) > engine.metrics.steps  # (the layers' passes)
 
 
-def test_coconut_served_on_the_triton_backend_equals_generate_alone():
+def test_coconut_served_on_the_triton_backend_equals_generate_alone(monkeypatch):
     """On the Triton backend a Coconut server's single-position passes attend through the pool's fused decode
-    kernel and its prompt chunks through the multi-query one (the interpreter on the CPU), each request as
-    generate() alone on the reference backend serves it."""
+    kernel and its prompt chunks through the multi-query one (the interpreter on the CPU); a step of
+    single-position passes only is one captured pass over every pool row (``ColumnsRunner``: here its graph
+    simulated as on CUDA, captured at its first call and replayed, and checked for what a capture refuses or
+    bakes in). Each request equals generate() alone on the reference backend."""
+    from host_syncs import GraphedCalls
+
+    from benchmarks.simulated_graphs import SimulatedGraphs
     from latentrt import kernels
     from latentrt.backends import get_backend
 
     if not kernels.triton_available():
         pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
+    checked = GraphedCalls().install(monkeypatch)
     model = tiny_coconut(seed=2)
     reference = model.backend
     model.backend = get_backend("triton", model)
     engine = Engine(model, max_batch=4)
-    pool = engine.program.pool
-    assert pool.decode_attention is not None and pool.prefill_attention is not None
+    pool, runner = engine.program.pool, engine.program.columns_runner
+    assert pool.decode_attention is not None and pool.prefill_attention is not None and runner is not None
     model.backend = reference
     calls = []
     for name in ("decode_attention", "prefill_attention"):
         kernel = getattr(pool, name)
         setattr(pool, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in coconut_requests(6)]
-    served = [engine.submit(p, **kw) for p, kw in requests]
-    engine.run_until_idle()
+    served = [engine.submit(p, top_logprobs=0, **kw) for p, kw in requests]  # log-probs: K/V changes show
+    with torch.no_grad(), SimulatedGraphs([runner]) as sim:
+        engine.run_until_idle()
     assert {"decode_attention", "prefill_attention"} <= set(calls)
+    assert sim.captured == [("ColumnsRunner", None)] and sim.replays > 3
+    assert engine.metrics.graph_passes == sim.replays + 1  # (the capturing call's pass is counted too)
+    assert checked.calls["ColumnsRunner"] == sim.replays + 1 and not checked.hazards, checked.hazards
+    V = model.config.vocab_size
     for req, (p, kw) in zip(served, requests):
-        alone = latentrt.generate(model, p, **kw)
+        alone = latentrt.generate(model, p, return_logits=True, **kw)
         assert req.error is None, req.error
         assert req.tokens == alone.tokens, (p, kw)
+        lp = alone.logits[:, :V].float().log_softmax(-1)
+        assert [e.logprob for e in req.logprobs] == pytest.approx(
+            [lp[i, t].item() for i, t in enumerate(req.tokens)], abs=1e-5
+        )
 
 
 def test_kv_pool_admits_by_the_slots_a_mode_needs():
@@ -906,32 +921,16 @@ def test_a_step_reads_the_device_once(family, scheduler):
     assert sum(syncs.hits.values()) == sum(reads.values()), syncs.hits
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone(async_scheduling):
-    """On a GPU, with the Triton backend's pool kernel and the decode rows' core pass captured as a graph:
-    CUDA's own sync check (warn mode) sees one host synchronisation per step (requests without state noise:
-    torch's trunc_normal_ is not ours), and every request's tokens and steps equal generate() alone on the
-    reference backend; also with asynchronous scheduling (the read waits on an event for a copy into pinned
-    memory queued before the next launch)."""
+def _served_on_cuda(engine) -> tuple[int, collections.Counter]:
+    """Run ``engine`` until idle under CUDA's sync check (warn mode): the steps, and the syncs by the innermost
+    latentrt line on the Python stack (the C++ warning itself knows only the innermost Python frame, often
+    torch's); a runner's capture (its first call and the capture, backends/graph.py) is left out."""
     import traceback
     import warnings
 
-    from latentrt.backends import get_backend
-
-    model = tiny_recurrent(seed=3).cuda()
-    model.backend = get_backend("triton", model)
-    engine = Engine(model, max_batch=6, async_scheduling=async_scheduling)
-    assert engine.program.pool.decode_attention is not None
-    model.backend = get_backend("torch", model)
-    requests = [(p, dict(kw, init_scale=0.0)) for p, kw in recurrent_requests(12, seed=4)]
-    served = [engine.submit(p, **kw) for p, kw in requests]
     steps, where = 0, collections.Counter()
 
     def record(message, *_args, **_kwargs) -> None:
-        """A sync warning, named by the innermost latentrt line on the Python stack (the C++ warning itself
-        knows only the innermost Python frame, often torch's); a runner's capture (its first call and the
-        capture, backends/graph.py) is left out."""
         if "synchroniz" not in str(message):
             return
         stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
@@ -952,14 +951,57 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone(async_sch
                 steps += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert engine.program.decode_core._graph is not None  # the decode rows' passes were captured and replayed
-    assert engine.program.decode_head._graph is not None and engine.program.decode_prelude._graph is not None
     named = "\n".join(f"{n:5d} {line}" for line, n in where.most_common())
     print(f"syncs in {steps} steps:\n{named}")  # in full: pytest shortens an assertion's message
-    assert sum(where.values()) <= steps, named  # the step's one read (none where a step read nothing)
+    return steps, where
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone(async_scheduling):
+    """On a GPU, with the Triton backend's pool kernel and the decode rows' core pass captured as a graph:
+    CUDA's own sync check (warn mode) sees one host synchronisation per step (requests without state noise:
+    torch's trunc_normal_ is not ours), and every request's tokens and steps equal generate() alone on the
+    reference backend; also with asynchronous scheduling (the read waits on an event for a copy into pinned
+    memory queued before the next launch)."""
+    from latentrt.backends import get_backend
+
+    model = tiny_recurrent(seed=3).cuda()
+    model.backend = get_backend("triton", model)
+    engine = Engine(model, max_batch=6, async_scheduling=async_scheduling)
+    assert engine.program.pool.decode_attention is not None
+    model.backend = get_backend("torch", model)
+    requests = [(p, dict(kw, init_scale=0.0)) for p, kw in recurrent_requests(12, seed=4)]
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    steps, where = _served_on_cuda(engine)
+    assert engine.program.decode_core._graph is not None  # the decode rows' passes were captured and replayed
+    assert engine.program.decode_head._graph is not None and engine.program.decode_prelude._graph is not None
+    assert sum(where.values()) <= steps, where  # the step's one read (none where a step read nothing)
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_on_cuda_a_coconut_server_captures_its_passes_and_serves_as_generate_alone(async_scheduling):
+    """On a GPU a Coconut server's steps of single-position passes replay one captured pass (ColumnsRunner),
+    a step synchronises at most once, and every request's tokens equal generate() alone on the reference
+    backend."""
+    from latentrt.backends import get_backend
+
+    model = tiny_coconut(seed=2).cuda()
+    model.backend = get_backend("triton", model)
+    engine = Engine(model, max_batch=6, async_scheduling=async_scheduling)
+    assert engine.program.columns_runner is not None
+    model.backend = get_backend("torch", model)
+    requests = coconut_requests(12)
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    steps, where = _served_on_cuda(engine)
+    assert engine.program.columns_runner._graph is not None and engine.metrics.graph_passes > 3
+    assert sum(where.values()) <= steps, where
+    for req, (p, kw) in zip(served, requests):
+        assert req.tokens == latentrt.generate(model, p, **kw).tokens, (p, kw)
 
 
 def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):

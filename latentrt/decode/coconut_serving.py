@@ -21,6 +21,7 @@ from torch import Tensor
 from ..models.layers import Packed
 from ..transfer import to_device
 from .base import nonfinite_flags
+from .coconut_serving_graph import ColumnsRunner
 from .serving import Ended, ServingProgram, weight_ratio
 
 
@@ -29,7 +30,6 @@ class _Request:
     request: object
     passes: list = field(default_factory=list)  # ("chunk", ids [n]) / ("column", id, is_latent) still to run
     thoughts: int = 0  # latent passes run
-    h: Tensor | None = None  # [1, d] the last pass's last hidden state before ln_f (fed to a thought)
     unit_passes: int = 0  # passes of the running unit so far (its row's launches: slot utilisation)
 
 
@@ -44,6 +44,11 @@ class CoconutServing(ServingProgram):
         # a head pass's weights in a layer pass's (counted in ``weight_reads``; not ``head_cost``: a unit's head
         # runs when it ends, so waiting to sample ended units together would save nothing)
         self.head_weights = weight_ratio([t.ln_f, model.lm_head], t.h)
+        # each row's last pass's last hidden state before ln_f (a thought's input, fed back; its unit's logits)
+        self.h_rows = torch.zeros(rows, 1, model.config.n_embd, dtype=model.dtype, device=model.device)
+        # the single-position passes as one captured launch sequence, where the pool's decode attention is fused
+        fused = self.pool.decode_attention is not None and model.packs
+        self.columns_runner = ColumnsRunner(self) if fused else None
 
     def admit(self, request) -> None:
         ids = request.batch.ids[0]
@@ -76,8 +81,11 @@ class CoconutServing(ServingProgram):
         for row, rec in sorted(self.requests.items()):
             if rec.passes:
                 (columns if rec.passes[0][0] == "column" else chunks).append(row)
-        parts = ([self._columns(columns)] if columns else []) + [self._chunk(row) for row in chunks]
-        self._run([parts] if parts and self.model.packs else [[part] for part in parts])
+        if columns and not chunks and self.columns_runner is not None:
+            self._columns_captured(columns)
+        else:
+            parts = ([self._columns(columns)] if columns else []) + [self._chunk(row) for row in chunks]
+            self._run([parts] if parts and self.model.packs else [[part] for part in parts])
         self.launched_rows = len(columns) + len(chunks) + len(idle)  # waiting rows count, computing nothing
         return torch.zeros(0, dtype=torch.bool, device="cpu")
 
@@ -92,14 +100,27 @@ class CoconutServing(ServingProgram):
         ln1x = None
         latent = [bool(p[2]) for p in passes]
         if any(latent):  # a thought's input: the previous pass's hidden state, fed back
-            prev = torch.stack([self.requests[r].h if p[2] else torch.zeros_like(x[0]) for r, p in zip(rows, passes)])
-            fed, fed_ln1 = model.feedback(prev, chunk.positions)
+            fed, fed_ln1 = model.feedback(self.h_rows[chunk.rows], chunk.positions)
             is_latent = to_device(latent, dev, torch.bool)[:, None, None]
             x = torch.where(is_latent, fed.to(x.dtype), x)
             ln1x = torch.where(is_latent, fed_ln1.to(x.dtype), model.transformer.h[0].ln_1(x))
         for r, is_thought in zip(rows, latent):
             self.requests[r].thoughts += is_thought
         return rows, chunk, x, ln1x
+
+    def _columns_captured(self, rows: list[int]) -> None:
+        """``_columns``' passes through the captured pass over every pool row (ColumnsRunner)."""
+        passes = [self.requests[r].passes.pop(0) for r in rows]
+        latent = [bool(p[2]) for p in passes]
+        chunk = self.pool.begin(rows, 1, mask=False)  # (the fused attention reads the pool's entries)
+        self.columns_runner.prepare(rows, chunk, torch.stack([p[1] for p in passes]), latent)
+        self.columns_runner()
+        self.count_pass(graph=True)
+        for r, is_thought in zip(rows, latent):
+            self.requests[r].thoughts += is_thought
+        ended = [r for r in rows if self._after_pass(r)]
+        if ended:
+            self._heads(ended)
 
     def _chunk(self, row: int) -> tuple:
         """A prompt chunk of ``row``: its chunk and positioned inputs."""
@@ -126,25 +147,22 @@ class CoconutServing(ServingProgram):
                     model.forward_residual(packed.pack([p[2] for p in parts]), self.pool, packed, ln1x)
                 )
             self.count_pass()
-            ended, last = [], []
-            for (rows, *_), h in zip(parts, outs):
-                for i, r in enumerate(rows):
-                    if self._after_pass(r, h[i : i + 1, -1]):
-                        ended.append(r)
-                        last.append(h[i : i + 1, -1])
+            for (_, chunk, *_), h in zip(parts, outs):  # each row's last position's hidden state
+                self.h_rows.index_copy_(0, chunk.rows, h[:, -1:])
+            ended = [r for rows, *_ in parts for r in rows if self._after_pass(r)]
             if ended:
-                self._heads(ended, torch.cat(last))
+                self._heads(ended)
 
-    def _after_pass(self, row: int, h: Tensor) -> bool:
-        """Keep the pass's hidden state; whether no prompt pass is left (the unit ended: its logits are due)."""
+    def _after_pass(self, row: int) -> bool:
+        """Count the row's pass; whether no prompt pass is left (the unit ended: its logits are due)."""
         rec = self.requests[row]
-        rec.h = h
         rec.unit_passes += 1
         return not rec.passes
 
-    def _heads(self, rows: list[int], h: Tensor) -> None:
-        """The logits of the units of ``rows`` that ended (``h`` [n, d] their last hidden states), as one head
-        pass (ln_f -> lm_head: its weights read once for them all)."""
+    def _heads(self, rows: list[int]) -> None:
+        """The logits of the units of ``rows`` that ended (from their last hidden states), as one head pass
+        (ln_f -> lm_head: its weights read once for them all)."""
+        h = self.h_rows[to_device(rows, self.model.device)][:, 0]
         logits = self.model.lm_logits(self.model.transformer.ln_f(h))
         self.count_pass(self.head_weights)
         flags = nonfinite_flags(None, None, logits)
