@@ -710,7 +710,9 @@ class Engine:
     def _release(self, req: Request) -> None:
         """Give a resident request's row back (its prompt's latent work counted first)."""
         if req.row is not None and req in self.resident:
-            req.latent_work += self.program.latent_work(req)
+            work = self.program.latent_work(req)
+            req.latent_work += work
+            self.metrics.iterations += work  # (Coconut: its thoughts; /metrics' latent work per token)
             self.program.retire(req)
             self.resident.remove(req)
 

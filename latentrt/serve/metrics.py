@@ -23,7 +23,7 @@ class EngineMetrics:
     passes: int = 0  # passes over a set of the model's layers (prelude, core, head, prompt: each reads its weights)
     weight_reads: float = 0.0  # those passes' weights, in core iterations' (what a weight-bound GPU pays)
     graph_passes: int = 0  # of the passes, those through a captured launch sequence (a CUDA graph on a GPU)
-    iterations: int = 0  # latent iterations the units needed (their loops' lengths)
+    iterations: int = 0  # latent work: the units' loops' iterations (recurrent), the prompts' thoughts (Coconut)
     needed: int = 0  # row-launches the units needed (recurrent: their iterations; Coconut: their passes)
     tokens: int = 0  # tokens produced
     requests: int = 0  # requests finished (stop or length)
