@@ -169,7 +169,7 @@ def replay(
         "ttft_p99_ms": 1e3 * percentile(m.ttft, 99),
         "itl_p50_ms": 1e3 * percentile(m.itl, 50),
         "itl_p99_ms": 1e3 * percentile(m.itl, 99),
-        "iterations_per_token": sum(sum(r.steps) for r in requests) / max(tokens, 1),
+        "iterations_per_token": sum(r.latent_work for r in requests) / max(tokens, 1),  # (Coconut: thoughts)
         "slot_utilisation": m.utilisation(),
         "scheduler_overhead": m.overhead(),
         "steps": m.steps,

@@ -106,6 +106,7 @@ def test_load_generator_serves_a_coconut_model(tmp_path, capsys):
     assert "bound" not in record  # (a unit begun before its request's stop token is read is the depth run's waste)
     assert 0 < runs["token"]["slot_utilisation"] < runs["depth"]["slot_utilisation"] <= 1.0
     assert runs["depth"]["tokens"] == runs["token"]["tokens"]  # (greedy or seeded: the same tokens)
+    assert runs["depth"]["iterations_per_token"] == runs["token"]["iterations_per_token"] > 0  # (thoughts)
     trace = make_trace(30, float("inf"), 0, "kl", 1e-5, 16, thoughts=(0, 2, 5))
     assert {r.options["num_thoughts"] for r in trace} == {0, 2, 5}
     assert not any("num_steps" in r.options or "adaptive" in r.options for r in trace)
