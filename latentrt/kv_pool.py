@@ -249,6 +249,17 @@ class KVPool:
         self.written[idx[:, None], q_idx] = self._zero
         return self._chunk(idx, starts, lengths, q_idx, positions, real, mask)
 
+    def every_row(self, entry: Tensor, positions: Tensor, iterations: Tensor | None = None) -> RaggedChunk:
+        """The chunk of one entry per pool row, every row: row i's entry ``entry[i]`` at model position
+        ``positions[i]`` (device tensors [rows] its user updates in place: a captured pass over every row).
+        Its host starts and end say nothing: the fused attention reads the entries on the device."""
+        rows = self.rows
+        real = torch.ones(rows, 1, dtype=torch.bool, device=self.device)
+        idx = torch.arange(rows, device=self.device)
+        return RaggedChunk(
+            idx, [0] * rows, [1] * rows, 1, self.max_len, entry[:, None], positions[:, None], None, real, iterations
+        )
+
     def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
         """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model
         position ``positions[i]`` (a decode token over the iterations of its latent loop)."""

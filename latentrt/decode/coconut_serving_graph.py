@@ -35,17 +35,7 @@ class ColumnsRunner(GraphedRunner):
         self.write = torch.zeros(rows, dtype=torch.bool, device=dev)  # the rows that run (and write their K/V)
         self.latent = torch.zeros(rows, dtype=torch.bool, device=dev)  # of those, the thoughts
         self._entries = [0] * rows  # host copy of ``entry``
-        self.chunk = RaggedChunk(
-            torch.arange(rows, device=dev),
-            [0] * rows,  # host starts / end: unused by the fused attention (it reads ``entry`` on the device)
-            [1] * rows,
-            1,
-            program.pool.max_len,
-            self.entry[:, None],
-            self.entry[:, None],  # (a row's entry is its position)
-            None,
-            torch.ones(rows, 1, dtype=torch.bool, device=dev),
-        )
+        self.chunk = program.pool.every_row(self.entry, self.entry)  # (a row's entry is its position)
 
     def prepare(self, rows: list[int], chunk: RaggedChunk, ids: Tensor, latent: list[bool]) -> None:
         """This pass's rows and their chunk (their entries begun in the pool), token ids [len(rows)] (device; a

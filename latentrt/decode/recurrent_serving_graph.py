@@ -204,18 +204,7 @@ class DecodeCoreRunner(GroupSlotsRunner):
         self.entry = torch.zeros(rows, dtype=torch.long, device=dev)
         self.iterations = torch.zeros(rows, dtype=torch.long, device=dev)
         self.launched = torch.zeros(rows, dtype=torch.bool, device=dev)
-        self.chunk = RaggedChunk(
-            torch.arange(rows, device=dev),
-            [0] * rows,  # host starts / end: unused by the fused attention (it reads ``entry`` on the device)
-            [1] * rows,
-            1,
-            program.pool.max_len,
-            self.entry[:, None],
-            program.position[:, None],
-            None,
-            torch.ones(rows, 1, dtype=torch.bool, device=dev),
-            self.iterations,
-        )
+        self.chunk = program.pool.every_row(self.entry, program.position, self.iterations)
 
     def prepare(self, rows: list[int], groups: list = (), checks: dict | None = None) -> None:
         """This step's launched rows and resident prompt groups (``(_PromptGroup, members launched)``), every
