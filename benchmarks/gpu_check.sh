@@ -231,7 +231,15 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
     --schedulers token,depth --group-capture-at 1 --out "$LOGS/serve_capture_first.json" \
     >"$LOGS/serve_capture_first.log" 2>&1
   echo "serve (capture at first) exit $?" | tee -a "$LOG"
-  tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG" ;;
+  tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG"
+  # a Coconut server at GPT-2 124M's shape (random weights, each request 0-6 thoughts): one pass a step, the
+  # steps of single-position passes replaying one captured pass (ColumnsRunner); never run on a GPU before
+  stamp "serving: a Coconut model, GPT-2 124M shape"
+  timeout "$(within 100)" python3 -m benchmarks.serve --model builtin:coconut --shape gpt2 --requests 48 \
+    --max-batch 8 --schedulers static,token,depth,depth+async --out "$LOGS/serve_coconut.json" \
+    >"$LOGS/serve_coconut.log" 2>&1
+  echo "serve (coconut) exit $?" | tee -a "$LOG"
+  tail -8 "$LOGS/serve_coconut.log" | tee -a "$LOG" ;;
 esac
 
 case ",${GPU_EXTRA:-}," in *,train,*)

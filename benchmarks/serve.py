@@ -46,9 +46,16 @@ from latentrt.train.data import generate_dataset
 from . import cli, replay_exit, step_profile
 from .run import environment
 from .simulated_graphs import SimulatedGraphs
-from .suites import HUGINN_0125, TINY_RECURRENT
+from .suites import GPT2_124M, HUGINN_0125, TINY_GPT2, TINY_RECURRENT
 
 SHAPES = {"huginn": HUGINN_0125, "tiny": TINY_RECURRENT}  # random-weight models with replayed depths
+# random-weight Coconut models (the trace's thoughts; the latent markers the last ids of the vocabulary)
+MARKERS = dict(latent_id=-1, start_latent_id=-2, end_latent_id=-3)
+COCONUT_SHAPES = {
+    name: dict(shape, **{k: shape["vocab_size"] + v for k, v in MARKERS.items()})
+    for name, shape in (("gpt2", GPT2_124M), ("tiny-gpt2", TINY_GPT2))
+}
+SHAPES |= COCONUT_SHAPES
 
 
 @dataclass
@@ -300,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:recurrent", help="model to serve (and to record depths from)")
     p.add_argument(
-        "--shape", choices=["model", *SHAPES], default="model", help="huginn/tiny: random weights, replayed depths"
+        "--shape",
+        choices=["model", *SHAPES],
+        default="model",
+        help="huginn/tiny: random weights, replayed depths; gpt2/tiny-gpt2: a random-weight Coconut model (the "
+        "trace's thoughts)",
     )
     p.add_argument("--device", type=cli.device, default=None, help="default: cuda when available, else cpu")
     p.add_argument(
@@ -420,8 +431,11 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         synthetic = list(_counts(p, "--depths", args.depths, 1))
     model = latentrt.load(args.model, device=device, backend=args.backend)
     coconut = "num_thoughts" in family_for(model).decoder.OPTIONS  # (continuous thoughts, no latent loop)
-    if coconut and (args.shape != "model" or synthetic):
-        p.error(f"--shape and --depths replay a recurrent-depth model's exit depths; {args.model} is a Coconut model")
+    if args.shape != "model" and coconut != (args.shape in COCONUT_SHAPES):
+        kinds = ("a recurrent-depth", "a Coconut")
+        p.error(f"--shape {args.shape} is {kinds[not coconut]} model's shape; {args.model} is {kinds[coconut]} model")
+    if coconut and synthetic:
+        p.error(f"--depths replays a recurrent-depth model's exit depths; {args.model} is a Coconut model")
     trace = make_trace(
         args.requests,
         args.rate,
@@ -433,42 +447,36 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         thoughts if coconut else None,
     )
     prof = args.profile_steps
-    runs = (
-        {}
-        if synthetic
-        else {
-            s: replay(model, trace, s, args.max_batch, profile_steps=prof, group_capture_at=args.group_capture_at)
-            for s in schedulers
-        }
-    )
-    recorded = synthetic or runs[schedulers[0]]["depths"]
+
+    def serve_all(trace: list[TraceRequest]) -> dict:
+        kw = dict(profile_steps=prof, group_capture_at=args.group_capture_at)
+        return {s: replay(model, trace, s, args.max_batch, **kw) for s in schedulers}
+
+    runs = {} if synthetic or args.shape in COCONUT_SHAPES else serve_all(trace)
+    recorded = synthetic or (runs[schedulers[0]]["depths"] if runs else None)
     differ = sum(len({json.dumps(r["outputs"][i]) for r in runs.values()}) > 1 for i in range(len(trace)))
     if differ:  # a request's output is the same under every scheduler unless rounding flips an exit (README)
         print(f"note: {differ} of {len(trace)} requests' tokens differ between schedulers", file=sys.stderr)
     source = args.model
-    if args.shape != "model":  # the same trace on a random-weight model of that shape, the depths replayed
+    if args.shape != "model":  # the same trace on a random-weight model of that shape
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         del model
         model = random_model(args.shape, device, dtype)
         model.backend = get_backend(args.backend, model)
-        vocab = model.config.vocab_size
-        with replay_exit.registered(recorded, seed=args.seed) as name:
-            replayed = [
-                TraceRequest(
-                    r.arrival,
-                    [zlib.crc32(w.encode()) % (vocab - 1) + 1 for w in str(r.prompt).split()],  # ids of the same length
-                    dict(r.options, exit_criterion=name, exit_threshold=0.0, num_steps=max(recorded)),
-                )
-                for r in trace
-            ]
-            runs = {
-                s: replay(
-                    model, replayed, s, args.max_batch, profile_steps=prof, group_capture_at=args.group_capture_at
-                )
-                for s in schedulers
-            }
-        origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
-        source = f"{args.shape} shape, random weights, depths replayed from {origin}"
+        top = model.config.vocab_size - (len(MARKERS) if coconut else 0) - 1  # (ids below a Coconut's markers)
+
+        def ids(r: TraceRequest) -> list[int]:  # the prompt's words as ids, one a word
+            return [zlib.crc32(w.encode()) % top + 1 for w in str(r.prompt).split()]
+
+        if coconut:  # (its passes are the trace's thoughts: nothing to replay)
+            runs = serve_all([TraceRequest(r.arrival, ids(r), r.options) for r in trace])
+            source = f"{args.shape} shape, random weights (Coconut: the trace's thoughts)"
+        else:  # the depths replayed
+            with replay_exit.registered(recorded, seed=args.seed) as name:
+                exits = dict(exit_criterion=name, exit_threshold=0.0, num_steps=max(recorded))
+                runs = serve_all([TraceRequest(r.arrival, ids(r), dict(r.options, **exits)) for r in trace])
+            origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
+            source = f"{args.shape} shape, random weights, depths replayed from {origin}"
 
     env = environment(device)
     if coconut:

@@ -110,13 +110,23 @@ def test_load_generator_serves_a_coconut_model(tmp_path, capsys):
     trace = make_trace(30, float("inf"), 0, "kl", 1e-5, 16, thoughts=(0, 2, 5))
     assert {r.options["num_thoughts"] for r in trace} == {0, 2, 5}
     assert not any("num_steps" in r.options or "adaptive" in r.options for r in trace)
+    # at a shape of its own (random weights, ids below the latent markers): the same trace's thoughts
+    assert main([*argv, "--shape", "tiny-gpt2", "--schedulers", "depth", "--out", str(out)]) == 0
+    assert "tiny-gpt2 shape, random weights (Coconut" in capsys.readouterr().out
+    shaped = json.loads(out.read_text())["runs"][0]
+    assert shaped["requests"] == 8 and shaped["iterations_per_token"] > 0
     for bad, why in [
         (["--thoughts", "-1"], "--thoughts must be integers >= 0"),
-        (["--shape", "tiny"], "is a Coconut model"),
+        (["--shape", "tiny"], "--shape tiny is a recurrent-depth model's shape; builtin:coconut is a Coconut model"),
     ]:
         with pytest.raises(SystemExit):
             main([*argv, *bad])
         assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--quick", "--shape", "gpt2"])
+    assert "--shape gpt2 is a Coconut model's shape; builtin:recurrent is a recurrent-depth model" in (
+        capsys.readouterr().err
+    )
 
 
 def test_eager_ops_leave_out_replays_alone():
