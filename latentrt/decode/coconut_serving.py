@@ -131,7 +131,7 @@ class CoconutServing(ServingProgram):
 
     def _run(self, passes: list[list[tuple]]) -> None:
         """Each pass of ``passes`` (a list of parts: rows, chunk, inputs, ln_1 of the inputs or None) through
-        the layers; each row's last hidden state goes to ``_after_pass``."""
+        the layers; each row's last position's hidden state into ``h_rows``, the units it ends to one head pass."""
         model = self.model
         for parts in passes:
             if len(parts) == 1:
