@@ -323,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=cli.at_least(1), default=64)
     p.add_argument("--rate", type=cli.rate, default=200.0, help="arrivals per second (Poisson; inf: all at once)")
     p.add_argument("--max-batch", type=cli.at_least(1), default=16)
-    p.add_argument("--criterion", choices=sorted(CRITERIA), default="kl")
-    p.add_argument("--threshold", type=cli.non_negative, default=1e-5)
-    p.add_argument("--num-steps", type=cli.at_least(1), default=32)
+    # a recurrent-depth model's exit (None: the default here; a Coconut model refuses them)
+    p.add_argument("--criterion", choices=sorted(CRITERIA), default=None, help="default kl")
+    p.add_argument("--threshold", type=cli.non_negative, default=None, help="default 1e-5")
+    p.add_argument("--num-steps", type=cli.at_least(1), default=None, help="default 32")
     p.add_argument(
         "--new-tokens",
         default="4,8,12,16",
@@ -436,6 +437,12 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--shape {args.shape} is {kinds[not coconut]} model's shape; {args.model} is {kinds[coconut]} model")
     if coconut and synthetic:
         p.error(f"--depths replays a recurrent-depth model's exit depths; {args.model} is a Coconut model")
+    exits = {"--criterion": args.criterion, "--threshold": args.threshold, "--num-steps": args.num_steps}
+    given = [flag for flag, value in exits.items() if value is not None]
+    if coconut and given:
+        p.error(f"{', '.join(given)} set a recurrent-depth model's exit; {args.model} is a Coconut model")
+    for name, default in (("criterion", "kl"), ("threshold", 1e-5), ("num_steps", 32)):
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     trace = make_trace(
         args.requests,
         args.rate,

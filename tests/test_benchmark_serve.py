@@ -118,6 +118,7 @@ def test_load_generator_serves_a_coconut_model(tmp_path, capsys):
     for bad, why in [
         (["--thoughts", "-1"], "--thoughts must be integers >= 0"),
         (["--shape", "tiny"], "--shape tiny is a recurrent-depth model's shape; builtin:coconut is a Coconut model"),
+        (["--criterion", "kl", "--num-steps", "8"], "--criterion, --num-steps set a recurrent-depth model's exit"),
     ]:
         with pytest.raises(SystemExit):
             main([*argv, *bad])
