@@ -569,6 +569,34 @@ def test_a_failing_request_fails_alone():
         assert req.tokens == latentrt.generate(model, p, **kw).tokens
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_failing_coconut_request_fails_alone(async_scheduling):
+    """A Coconut request whose pass turns non-finite (a NaN position embedding at position 30, which only the
+    long prompt reaches) fails with generate()'s message, while the others, sharing its passes (one Packed
+    pass a step, one head pass) and then its row, finish as generate() alone serves them."""
+    model = tiny_coconut(seed=2)
+    with torch.no_grad():
+        model.transformer.wpe.weight[30].fill_(float("nan"))
+    long = [5, 6, 7] * 11 + [2, 4, 4, 3]
+    with pytest.raises(NonFiniteStateError) as alone:
+        latentrt.generate(model, long, max_new_tokens=2)
+    rng = random.Random(3)
+    short = [
+        ([rng.randrange(5, 40) for _ in range(rng.randrange(1, 8))], dict(max_new_tokens=rng.randrange(1, 6)))
+        for _ in range(8)
+    ]
+    short = [(p, dict(kw, num_thoughts=i % 4)) for i, (p, kw) in enumerate(short)]  # (under 30 positions)
+    engine = Engine(model, max_batch=3, async_scheduling=async_scheduling)
+    served = [engine.submit(p, **kw) for p, kw in short[:2]]
+    bad = engine.submit(long, max_new_tokens=2)
+    served += [engine.submit(p, **kw) for p, kw in short[2:]]
+    engine.run_until_idle()
+    assert bad.finish_reason == "error" and str(bad.error) == str(alone.value)
+    assert any(r.row == bad.row for r in served[2:])  # (its row served a later request)
+    for req, (p, kw) in zip(served, short):
+        assert req.error is None and req.tokens == latentrt.generate(model, p, **kw).tokens, (p, kw)
+
+
 def test_a_failed_requests_row_is_scrubbed_before_reuse():
     """A failed request leaves NaN K/V in its row; the short request that takes the row next attends
     (masked) over it while batched with a longer one, so the pool must zero it (``KVPool.release``): a
