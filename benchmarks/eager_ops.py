@@ -23,10 +23,9 @@ import torch
 import latentrt
 from latentrt.backends import get_backend
 from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
-from latentrt.families import family_for
 
 from . import step_profile
-from .serve import _engine, _runners, make_trace
+from .serve import THOUGHTS, _engine, _runners, make_trace, takes_thoughts
 from .simulated_graphs import SimulatedGraphs
 
 
@@ -85,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     model = latentrt.load(args.model)
     model.backend = get_backend(args.backend, model)
     trace_kw = dict(criterion=args.exit_criterion, threshold=args.exit_threshold, num_steps=args.num_steps)
-    if "num_thoughts" in family_for(model).decoder.OPTIONS:  # a Coconut model: thoughts, no exit criterion
-        trace_kw["thoughts"] = (0, 1, 2, 3, 4, 5, 6)
+    if takes_thoughts(model):  # a Coconut model: thoughts, no exit criterion
+        trace_kw["thoughts"] = THOUGHTS
     rows = [
         count_run(model, s, args.requests, args.max_batch, args.group_capture_at, trace_kw, args.host_time)
         for s in args.schedulers.split(",")

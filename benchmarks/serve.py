@@ -56,6 +56,12 @@ COCONUT_SHAPES = {
     for name, shape in (("gpt2", GPT2_124M), ("tiny-gpt2", TINY_GPT2))
 }
 SHAPES |= COCONUT_SHAPES
+THOUGHTS = (0, 1, 2, 3, 4, 5, 6)  # a Coconut trace's counts of thoughts (the built-in was trained with 3)
+
+
+def takes_thoughts(model) -> bool:
+    """Whether ``model`` is served with continuous thoughts (a Coconut model: no latent loop, no exit)."""
+    return "num_thoughts" in family_for(model).decoder.OPTIONS
 
 
 @dataclass
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--thoughts",
-        default="0,1,2,3,4,5,6",
+        default=",".join(map(str, THOUGHTS)),
         help="a Coconut model's requests: their counts of continuous thoughts, drawn uniformly (a request holds "
         "its row for a pass per thought)",
     )
@@ -431,7 +437,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             p.error("--depths replays depths on a random-weight model: give --shape huginn or tiny")
         synthetic = list(_counts(p, "--depths", args.depths, 1))
     model = latentrt.load(args.model, device=device, backend=args.backend)
-    coconut = "num_thoughts" in family_for(model).decoder.OPTIONS  # (continuous thoughts, no latent loop)
+    coconut = takes_thoughts(model)
     if args.shape != "model" and coconut != (args.shape in COCONUT_SHAPES):
         kinds = ("a recurrent-depth", "a Coconut")
         p.error(f"--shape {args.shape} is {kinds[not coconut]} model's shape; {args.model} is {kinds[coconut]} model")

@@ -92,35 +92,35 @@ class CoconutServing(ServingProgram):
     def _columns(self, rows: list[int]) -> tuple:
         """The single-position passes of ``rows`` (a prompt's or an answer's token, or a thought): their chunk,
         positioned inputs and, where a thought is among them, ln_1 of the inputs (the fed-back path's)."""
-        model, dev = self.model, self.model.device
-        passes = [self.requests[r].passes.pop(0) for r in rows]
+        model = self.model
+        ids, latent = self._take_columns(rows)
         chunk = self.pool.begin(rows, 1)
-        ids = torch.stack([p[1] for p in passes])[:, None]  # 0-d device tensors (prompt ids, sampled tokens)
-        x = model.embed(ids) + model.transformer.wpe(chunk.positions)
+        x = model.embed(ids[:, None]) + model.transformer.wpe(chunk.positions)
         ln1x = None
-        latent = [bool(p[2]) for p in passes]
         if any(latent):  # a thought's input: the previous pass's hidden state, fed back
-            fed, fed_ln1 = model.feedback(self.h_rows[chunk.rows], chunk.positions)
-            is_latent = to_device(latent, dev, torch.bool)[:, None, None]
-            x = torch.where(is_latent, fed.to(x.dtype), x)
-            ln1x = torch.where(is_latent, fed_ln1.to(x.dtype), model.transformer.h[0].ln_1(x))
-        for r, is_thought in zip(rows, latent):
-            self.requests[r].thoughts += is_thought
+            fed = model.feedback(self.h_rows[chunk.rows], chunk.positions)
+            x, ln1x = model.with_thoughts(x, *fed, to_device(latent, model.device, torch.bool)[:, None, None])
         return rows, chunk, x, ln1x
 
     def _columns_captured(self, rows: list[int]) -> None:
         """``_columns``' passes through the captured pass over every pool row (ColumnsRunner)."""
-        passes = [self.requests[r].passes.pop(0) for r in rows]
-        latent = [bool(p[2]) for p in passes]
+        ids, latent = self._take_columns(rows)
         chunk = self.pool.begin(rows, 1, mask=False)  # (the fused attention reads the pool's entries)
-        self.columns_runner.prepare(rows, chunk, torch.stack([p[1] for p in passes]), latent)
+        self.columns_runner.prepare(rows, chunk, ids, latent)
         self.columns_runner()
         self.count_pass(graph=True)
-        for r, is_thought in zip(rows, latent):
-            self.requests[r].thoughts += is_thought
         ended = [r for r in rows if self._after_pass(r)]
         if ended:
             self._heads(ended)
+
+    def _take_columns(self, rows: list[int]) -> tuple[Tensor, list[bool]]:
+        """``rows``' next passes, single-position ones, taken (their thoughts counted): the token ids [R] (0-d
+        device tensors stacked: prompt ids, sampled tokens; a thought's is unused) and which are thoughts."""
+        passes = [self.requests[r].passes.pop(0) for r in rows]
+        latent = [bool(p[2]) for p in passes]
+        for r, is_thought in zip(rows, latent):
+            self.requests[r].thoughts += is_thought
+        return torch.stack([p[1] for p in passes]), latent
 
     def _chunk(self, row: int) -> tuple:
         """A prompt chunk of ``row``: its chunk and positioned inputs."""

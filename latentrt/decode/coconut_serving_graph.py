@@ -53,10 +53,7 @@ class ColumnsRunner(GraphedRunner):
         p, m = self.program, self.model
         positions = self.entry[:, None]
         x = m.embed(self.ids[:, None]) + m.transformer.wpe(positions)
-        fed, fed_ln1 = m.feedback(p.h_rows, positions)
-        thought = self.latent[:, None, None]
-        x = torch.where(thought, fed.to(x.dtype), x)
-        ln1x = torch.where(thought, fed_ln1.to(x.dtype), m.transformer.h[0].ln_1(x))
+        x, ln1x = m.with_thoughts(x, *m.feedback(p.h_rows, positions), self.latent[:, None, None])
         packed = Packed([self.chunk], [self.write])
         h = packed.unpack(m.forward_residual(packed.pack([x]), p.pool, packed, packed.pack([ln1x])))[0]
         p.h_rows.copy_(torch.where(self.write[:, None, None], h, p.h_rows))

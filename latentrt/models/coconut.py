@@ -314,6 +314,12 @@ class CoconutGPT2(LatentModel):
         x = self.transformer.ln_f(h_pre) + self.transformer.wpe(positions)
         return x, self.transformer.h[0].ln_1(x)
 
+    def with_thoughts(self, x: Tensor, fed: Tensor, fed_ln1: Tensor, thought: Tensor) -> tuple[Tensor, Tensor]:
+        """A column's residual input and layer 0's ln_1 of it: the fed-back thought (``feedback``'s ``fed``,
+        ``fed_ln1``) where ``thought`` (bool, broadcast over x [B,1,d]), the token's input ``x`` elsewhere."""
+        x = torch.where(thought, fed.to(x.dtype), x)
+        return x, torch.where(thought, fed_ln1.to(x.dtype), self.transformer.h[0].ln_1(x))
+
     # ---------------------------------------------------------------- markers
     @property
     def marker_ids(self) -> tuple[int | None, int | None, int | None]:
@@ -443,8 +449,7 @@ class CoconutGPT2(LatentModel):
             replaced = hooks.on_thought(thought, fed, rows)
             if replaced is not fed:
                 fed, fed_ln1 = replaced, self.transformer.h[0].ln_1(replaced)
-        x = torch.where(rows[:, None, None], fed.to(x.dtype), x)
-        ln1x = torch.where(rows[:, None, None], fed_ln1.to(x.dtype), self.transformer.h[0].ln_1(x))
+        x, ln1x = self.with_thoughts(x, fed, fed_ln1, rows[:, None, None])
         return x, ln1x, thought + 1
 
     @torch.no_grad()

@@ -67,9 +67,7 @@ class ColumnRunner(GraphedRunner):
         rows = self.latent.index_select(1, self.col)[:, :, None]  # [B, 1, 1]
         positions = cache.begin_at(pos, valid[:, 0])[:, None]
         x = self.embeds.index_select(1, self.col) + t_.wpe(positions)
-        fed, fed_ln1 = self.feedback(self.h, positions)
-        x = torch.where(rows, fed.to(x.dtype), x)
-        ln1x = torch.where(rows, fed_ln1.to(x.dtype), t_.h[0].ln_1(x))
+        x, ln1x = m.with_thoughts(x, *self.feedback(self.h, positions), rows)
         if self.weights_t is not None:
             return self._fused_layers(x[:, 0], ln1x[:, 0])[:, None]
         mask = ((self.t_idx <= pos) & (cache.valid | (self.t_idx == pos)))[:, None, None, :]
