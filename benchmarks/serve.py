@@ -443,8 +443,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--shape {args.shape} is {kinds[not coconut]} model's shape; {args.model} is {kinds[coconut]} model")
     if coconut and synthetic:
         p.error(f"--depths replays a recurrent-depth model's exit depths; {args.model} is a Coconut model")
-    exits = {"--criterion": args.criterion, "--threshold": args.threshold, "--num-steps": args.num_steps}
-    given = [flag for flag, value in exits.items() if value is not None]
+    exit_flags = {"--criterion": args.criterion, "--threshold": args.threshold, "--num-steps": args.num_steps}
+    given = [flag for flag, value in exit_flags.items() if value is not None]
     if coconut and given:
         p.error(f"{', '.join(given)} set a recurrent-depth model's exit; {args.model} is a Coconut model")
     for name, default in (("criterion", "kl"), ("threshold", 1e-5), ("num_steps", 32)):
@@ -486,8 +486,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             source = f"{args.shape} shape, random weights (Coconut: the trace's thoughts)"
         else:  # the depths replayed
             with replay_exit.registered(recorded, seed=args.seed) as name:
-                exits = dict(exit_criterion=name, exit_threshold=0.0, num_steps=max(recorded))
-                runs = serve_all([TraceRequest(r.arrival, ids(r), dict(r.options, **exits)) for r in trace])
+                replayed = dict(exit_criterion=name, exit_threshold=0.0, num_steps=max(recorded))
+                runs = serve_all([TraceRequest(r.arrival, ids(r), dict(r.options, **replayed)) for r in trace])
             origin = f"the synthetic --depths {args.depths}" if synthetic else args.model
             source = f"{args.shape} shape, random weights, depths replayed from {origin}"
 
@@ -495,8 +495,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if coconut:
         knobs = f"thoughts {args.thoughts}"
     else:
-        exits = f"{args.criterion} {args.threshold}" if args.shape == "model" else "replay-depths"
-        knobs = f"{exits}, num_steps {args.num_steps}"
+        exit_rule = f"{args.criterion} {args.threshold}" if args.shape == "model" else "replay-depths"
+        knobs = f"{exit_rule}, num_steps {args.num_steps}"
     print(
         f"# serving: {source}; {args.requests} requests ({args.new_tokens} new tokens), Poisson {args.rate}/s, "
         f"max batch {args.max_batch}, {knobs}; {env['card']}, torch {env['torch']}, commit {env['commit']}, "
