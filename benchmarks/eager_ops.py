@@ -22,7 +22,7 @@ import torch
 
 import latentrt
 from latentrt.backends import get_backend
-from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
+from latentrt.decode.serving_graph import SlotsRunner
 
 from . import step_profile
 from .serve import THOUGHTS, _engine, _runners, make_trace, takes_thoughts
@@ -56,7 +56,7 @@ def count_run(
             counted = step_profile.host_time(run, 1, sim)
         else:
             counted = step_profile.count_eager_ops(run, 1, lambda: sim.replaying > 0)
-    groups = [r for r in runners if isinstance(r, GroupSlotsRunner)]
+    groups = [r for r in runners if isinstance(r, SlotsRunner)]
     out = {"scheduler": scheduler, "capture_at": groups[0].CAPTURE_AT if groups else None}
     out |= {name: v / max(steps, 1) for name, v in counted.items()}  # (counted as one step: the run)
     out |= {"steps": steps, "captures": sum(r.captures for r in runners), "replays": sim.replays}

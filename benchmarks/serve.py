@@ -36,7 +36,7 @@ import torch
 
 import latentrt
 from latentrt.backends import CHOICES, get_backend
-from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
+from latentrt.decode.serving_graph import SlotsRunner
 from latentrt.exits import CRITERIA
 from latentrt.families import build_model, family_for, parse_config
 from latentrt.loader import parse_device
@@ -83,7 +83,7 @@ def _engine(model, group_capture_at: int | None = None, **kw) -> Engine:
     """An engine; ``group_capture_at`` set on its captured passes' runners (theirs alone)."""
     engine = Engine(model, **kw)
     for runner in _runners(engine):
-        if group_capture_at is not None and isinstance(runner, GroupSlotsRunner):
+        if group_capture_at is not None and isinstance(runner, SlotsRunner):
             runner.CAPTURE_AT = group_capture_at
     return engine
 
@@ -507,7 +507,7 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     print(
         f"# backend {model.backend.name}: pool decode attention {'fused (Triton)' if fused else 'reference'}; "
         f"decode rows' core pass captured as a CUDA graph in: {graphs}; a key of prompt-group slot shapes "
-        f"captured at its call {args.group_capture_at or GroupSlotsRunner.CAPTURE_AT}"
+        f"captured at its call {args.group_capture_at or SlotsRunner.CAPTURE_AT}"
     )
     if coconut:
         counts = [t.options["num_thoughts"] for t in trace]

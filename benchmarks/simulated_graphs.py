@@ -2,7 +2,7 @@
 
 Off CUDA a ``GraphedRunner`` runs every call eagerly, so neither a test nor a count on the CPU sees which of
 its calls a GPU would replay and which it would run op by op (a capture's first call, and a
-``GroupSlotsRunner``'s calls before its key is captured). Under ``SimulatedGraphs`` each runner takes the
+``SlotsRunner``'s calls before its key is captured). Under ``SimulatedGraphs`` each runner takes the
 CUDA path: its first call runs eagerly, a capture records a graph, and a replay recomputes the pass from the
 runner's static inputs into the outputs fixed at the capture (poisoned with NaN until then), as a real
 replay writes them. So a replay of another set's graph, or inputs not refreshed before it, changes what the

@@ -2,8 +2,9 @@
 
 A request's prompt runs as generate() runs it (models/coconut.py, ``run_prompt``): the prefix before its
 first ``<|latent|>`` as one chunk, then every column up to its last latent as a single-position pass (a
-thought's input is the previous pass's hidden state fed back), then the rest as one chunk; then one
-single-position pass per answer token. A launch runs one pass for every resident request: the
+thought's input is the previous pass's hidden state fed back), then the rest as one chunk (a chunk of one
+token, often the end marker alone, as a single-position pass: it needs no slot of its own in the captured
+pass); then one single-position pass per answer token. A launch runs one pass for every resident request: the
 single-position passes of all rows (thoughts and answer tokens of different requests side by side) and the
 chunks of the prompts admitted, as one ``Packed`` pass (the layers' weights read once, attention per chunk
 by the pool). A request in its thought phase holds its row for k passes; its prompt's unit ends with the
@@ -21,14 +22,14 @@ from torch import Tensor
 from ..models.layers import Packed
 from ..transfer import to_device
 from .base import nonfinite_flags
-from .coconut_serving_graph import ColumnsRunner
+from .coconut_serving_graph import ColumnsRunner, PromptChunks
 from .serving import Ended, ServingProgram, weight_ratio
 
 
 @dataclass
 class _Request:
     request: object
-    passes: list = field(default_factory=list)  # ("chunk", ids [n]) / ("column", id, is_latent) still to run
+    passes: list = field(default_factory=list)  # ("chunk", ids [n], host ids) / ("column", id, is_latent) to run
     thoughts: int = 0  # latent passes run
     unit_passes: int = 0  # passes of the running unit so far (its row's launches: slot utilisation)
 
@@ -46,22 +47,27 @@ class CoconutServing(ServingProgram):
         self.head_weights = weight_ratio([t.ln_f, model.lm_head], t.h)
         # each row's last pass's last hidden state before ln_f (a thought's input, fed back; its unit's logits)
         self.h_rows = torch.zeros(rows, 1, model.config.n_embd, dtype=model.dtype, device=model.device)
-        # the single-position passes as one captured launch sequence, where the pool's decode attention is fused
-        fused = self.pool.decode_attention is not None and model.packs
-        self.columns_runner = ColumnsRunner(self) if fused else None
+        # a step's pass as one captured launch sequence, where the pool's decode and prefill attention are fused
+        fused = self.pool.decode_attention is not None and self.pool.prefill_attention is not None
+        self.columns_runner = ColumnsRunner(self) if fused and model.packs else None
+        self._chunk_sets = 0  # steps' prompt chunks begun (their serials)
 
     def admit(self, request) -> None:
-        ids = request.batch.ids[0]
-        latent = self.model.latent_columns(request.prompt_ids)  # on the host copy: nothing read back
+        ids, host = request.batch.ids[0], request.prompt_ids
+        latent = self.model.latent_columns(host)  # on the host copy: nothing read back
         cols = [i for i, x in enumerate(latent) if x]
         rec = self.requests[request.row] = _Request(request)
+
+        def chunk(a: int, b: int) -> tuple:  # (a chunk of one token runs as a single-position pass)
+            return ("column", ids[a], False) if b - a == 1 else ("chunk", ids[a:b], host[a:b])
+
         if not cols:
-            rec.passes = [("chunk", ids)]
+            rec.passes = [chunk(0, len(host))]
             return
         first, last = cols[0], cols[-1]
-        rec.passes = [("chunk", ids[:first])] + [("column", ids[c], latent[c]) for c in range(first, last + 1)]
-        if last + 1 < ids.shape[0]:
-            rec.passes.append(("chunk", ids[last + 1 :]))
+        rec.passes = [chunk(0, first)] + [("column", ids[c], latent[c]) for c in range(first, last + 1)]
+        if last + 1 < len(host):
+            rec.passes.append(chunk(last + 1, len(host)))
 
     def start(self, request, token: Tensor) -> None:
         self.requests[request.row].passes.append(("column", token, False))
@@ -72,8 +78,9 @@ class CoconutServing(ServingProgram):
 
     def launch(self, idle: list) -> Tensor:
         """One pass per request with a pass to run: the single-position passes and every prompt chunk as one
-        pass (``Packed``: the layers' weights read once; attention per chunk), or where the model's attention
-        scaling is not the pool's, the single-position passes batched and the chunks one by one. A pass
+        pass (``Packed``: the layers' weights read once; attention per chunk), captured where the pool's
+        attention is fused (ColumnsRunner), or where the model's attention scaling is not the pool's, the
+        single-position passes batched and the chunks one by one. A pass
         always completes, so ``ended`` needs no flags from the device."""
         self._ended = []
         self._unread.append(self._ended)
@@ -81,8 +88,8 @@ class CoconutServing(ServingProgram):
         for row, rec in sorted(self.requests.items()):
             if rec.passes:
                 (columns if rec.passes[0][0] == "column" else chunks).append(row)
-        if columns and not chunks and self.columns_runner is not None:
-            self._columns_captured(columns)
+        if (columns or chunks) and self.columns_runner is not None:
+            self._captured(columns, chunks)
         else:
             parts = ([self._columns(columns)] if columns else []) + [self._chunk(row) for row in chunks]
             self._run([parts] if parts and self.model.packs else [[part] for part in parts])
@@ -102,14 +109,23 @@ class CoconutServing(ServingProgram):
             x, ln1x = model.with_thoughts(x, *fed, to_device(latent, model.device, torch.bool)[:, None, None])
         return rows, chunk, x, ln1x
 
-    def _columns_captured(self, rows: list[int]) -> None:
-        """``_columns``' passes through the captured pass over every pool row (ColumnsRunner)."""
-        ids, latent = self._take_columns(rows)
-        chunk = self.pool.begin(rows, 1, mask=False)  # (the fused attention reads the pool's entries)
-        self.columns_runner.prepare(rows, chunk, ids, latent)
+    def _captured(self, columns: list[int], chunks: list[int]) -> None:
+        """The step's pass through the captured pass over every pool row and a slot for the prompt chunks
+        (ColumnsRunner): ``columns`` run their single-position passes, ``chunks`` their prompt chunks."""
+        ids, latent, chunk, prompts = None, [], None, None
+        if columns:  # (the fused attention reads the pool's entries: no mask)
+            ids, latent = self._take_columns(columns)
+            chunk = self.pool.begin(columns, 1, mask=False)
+        if chunks:
+            host = [self.requests[r].passes.pop(0)[2] for r in chunks]
+            lengths = [len(h) for h in host]
+            begun = self.pool.begin(chunks, max(lengths), lengths, mask=False)
+            self._chunk_sets += 1
+            prompts = PromptChunks(chunks, begun, lengths, host, self._chunk_sets)
+        self.columns_runner.prepare(columns, chunk, ids, latent, prompts)
         self.columns_runner()
         self.count_pass(graph=True)
-        ended = [r for r in rows if self._after_pass(r)]
+        ended = [r for r in columns + chunks if self._after_pass(r)]
         if ended:
             self._heads(ended)
 

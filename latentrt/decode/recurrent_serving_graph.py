@@ -9,13 +9,11 @@ outputs, positions and loop flags (the program's own per-row tensors, updated in
 entries and iterations (copied in asynchronously by ``prepare``). So on CUDA one graph replays the whole pass
 (``GraphedRunner``) instead of a launch per operation, and the step's host work is scheduling only; elsewhere
 (the interpreter tests) it runs eagerly, the same code. Prompt groups in their loops join that pass whole,
-each in a slot of its bucket's shape (``GroupSlot``: members, positions and keys rounded up to powers of two;
-padding masked), members out of their loop masked (no K/V, no timeline mark, outputs dropped) like idle pool
-rows. The pass's launches then depend only on the shapes of the resident groups' slots, so one graph per tuple
-of shapes (``key``, with the exit criteria the pass checks), replayed by every set of groups of those shapes:
-sets of groups last a step or two (a group begins or ends), and a graph per set was captured, and mostly run
-eagerly before its capture, more often than replayed (on 2026-12-04 an eager pass with a prompt group cost a
-serving step at Huginn-0125's shape most of its host time). A key with groups is captured at its third call
+each in a slot of its bucket's shape (``GroupSlot``; serving_graph.py: members, positions and keys rounded up
+to powers of two, padding masked), members out of their loop masked (no K/V, no timeline mark, outputs dropped)
+like idle pool rows, one graph per tuple of slot shapes (``key``, with the exit criteria the pass checks). (On
+2026-12-04 an eager pass with a prompt group cost a serving step at Huginn-0125's shape most of its host
+time.) A key with groups is captured at its third call
 (``GroupSlotsRunner.CAPTURE_AT``). The head pass of decode rows (coda -> lm_head, for logit criteria every
 check and for sampling) is the same: every pool row's logits, the coda's K/V written for the rows asked for
 (``DecodeHeadRunner``), and so is the prelude of the tokens that begin their units (``DecodePreludeRunner``).
@@ -29,148 +27,55 @@ import torch
 from torch import Tensor
 
 from ..backends.graph import GraphedRunner
-from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
 from ..transfer import copy_from_host, fill_rows
+from .serving_graph import ChunkSlot, SlotsRunner
 
 
-def bucket(x: int, cap: int) -> int:
-    """The next power of two at or above ``x`` (>= 1), at most ``cap``: a group slot's size."""
-    return min(1 << (x - 1).bit_length(), cap)
-
-
-class GroupSlot:
-    """A resident prompt group's place in a captured pass: static buffers of its bucket's shape ``(M, N,
-    end)`` (members, positions, keys: powers of two at or above the group's), so that one graph serves every
-    set of groups of the same shapes. ``load`` copies in what is fixed while the group lives (pool rows,
-    entries, positions, real positions, prelude output, where each member's last real position lies); the
-    runners copy in each call what changes (states, iterations, which members run or write) and the core
-    runner copies the new states back into the group's loop. Padding members are never in the loop (no K/V, no
-    timeline mark, outputs dropped), padding positions write to the pool's trash entry, and a real position
-    attends to no key after its own (the keys past the group's end only add masked blocks, exact zeros), so
-    the group's real positions compute as without padding."""
+class GroupSlot(ChunkSlot):
+    """A resident prompt group's slot (serving_graph.py's ``ChunkSlot``) with its loop's buffers: the runners
+    copy in each call what changes (states, iterations, which members run or write) and the core runner copies
+    the new states back into the group's loop. Padding members are never in the loop (no K/V, no timeline
+    mark, outputs dropped)."""
 
     def __init__(self, shape: tuple[int, int, int], program) -> None:
-        M, N, end = self.shape = shape
-        pool, model = program.pool, program.model
+        super().__init__(shape, program)
+        M, N, _ = shape
+        model = program.model
         dev, dt = model.device, model.dtype
         self.s = torch.zeros(M, N, model.config.n_embd, dtype=dt, device=dev)  # the group's states, copied in
         self.e = torch.zeros_like(self.s)  # its prelude output
         self.members = torch.zeros(M, dtype=torch.bool, device=dev)  # core: in their loop; head: K/V written
         self.active = torch.zeros(M, dtype=torch.bool, device=dev)  # the group's loop's active rows
-        self.last = torch.zeros(M, dtype=torch.long, device=dev)  # each member's last real token in the slot
-        long, self.trash = dict(dtype=torch.long, device=dev), pool.trash
-        self.chunk = RaggedChunk(
-            torch.zeros(M, **long),
-            [0] * M,  # host starts / lengths: unused by the fused attention (it reads q_idx on the device)
-            [N] * M,
-            N,
-            end,
-            torch.full((M, N), self.trash, **long),
-            torch.zeros(M, N, **long),
-            None,
-            torch.zeros(M, N, dtype=torch.bool, device=dev),
-            torch.zeros(M, **long),
-        )
-        self.group = None
-        self.m = self.n = 0
-
-    @staticmethod
-    def shape_of(group, pool) -> tuple[int, int, int]:
-        return (
-            bucket(len(group.rows), pool.rows),
-            bucket(group.chunk.n, pool.max_len),
-            bucket(group.chunk.end, pool.max_len),
-        )
+        self.chunk.iterations = torch.zeros(M, dtype=torch.long, device=dev)
 
     def load(self, group) -> None:
-        """``group``'s fixed values into the slot, the padding reset."""
-        M, N, _ = self.shape
-        m, n, c, own = len(group.rows), group.chunk.n, self.chunk, group.chunk
-        c.rows.copy_(own.rows[:1].expand(M))  # (padding members: the first member's row; they write nothing)
-        c.rows[:m].copy_(own.rows)
-        for static, value, pad in ((c.q_idx, own.q_idx, self.trash), (c.positions, own.positions, 0)):
-            static.fill_(pad)
-            static[:m, :n].copy_(value)
-        c.valid.zero_()
-        c.valid[:m, :n].copy_(own.valid)
+        """``group``'s fixed values (``ChunkSlot.load``) and prelude output into the slot, the rest reset."""
+        super().load(group)
         self.e.zero_()
-        self.e[:m, :n].copy_(group.e)
+        self.e[: self.m, : self.n].copy_(group.e)
         self.s.zero_()  # (the runners copy the group's states in at each call)
         self.members.zero_()
         self.active.zero_()
-        c.iterations.zero_()
-        copy_from_host(self.last, [i * N + (group.lengths[i] - 1 if i < m else 0) for i in range(M)])
-        self.group, self.m, self.n = group, m, n
+        self.chunk.iterations.zero_()
 
 
-class GroupSlotsRunner(GraphedRunner):
-    """A runner whose launches depend on the shapes of the resident prompt groups and on the exit criteria it
-    checks: each group in a ``GroupSlot`` of its bucket's shape, one set of graphs (and slots) per ``key`` (the
-    criteria, the tuple of shapes), kept across sets of groups of those shapes, at most MAX_GRAPHS keys besides
-    the current one (dropped oldest first, keys not yet captured before captured ones, whose graphs cost a
-    capture; keys without groups last).
+class GroupSlotsRunner(SlotsRunner):
+    """A ``SlotsRunner`` of prompt groups (``GroupSlot``) whose pass checks the decode rows' exits too
+    (``LatentLoop.check_where``), one criterion after another (``criteria``: those of its kind the program's
+    ``criteria`` gives, part of the key), each for the rows ``check_as`` marks (copied in each call, all false
+    in a call that checks nothing)."""
 
-    A key with groups is captured at its CAPTURE_AT-th call (every set of its shapes counted), its calls
-    before run eagerly: a capture costs about two eager calls and a synchronize. Sets of groups are
-    short-lived (on the CPU, the built-in model's serving trace at 200 requests/s: under the depth scheduler
-    24 sets with groups in 84 steps, 13 of them for one step, 11 for two); keyed by shapes, later sets replay
-    the graphs of earlier ones. A key without groups (decode rows only) is captured at its first call.
-
-    The decode rows' exit checks run in the pass too (``LatentLoop.check_where``), one criterion after
-    another (``criteria``: those of its kind the program's ``criteria`` gives, part of the key), each for the
-    rows ``check_as`` marks (copied in each call, all false in a call that checks nothing)."""
-
-    MAX_GRAPHS = 8  # (each key's graphs hold its pass's activations)
-    CAPTURE_AT = 3  # (benchmarks/serve.py --group-capture-at sets it; 1: every key at its first call)
-    HELD = ("_graph", "_graphs", "_markers", "_outputs", "slots", "_calls", "check_as")  # per key
-    _key: tuple = ((), ())
-    _calls = 0  # calls of the current key
-    _serials: tuple = ()  # the groups in the slots now
-    _outputs = None
-    slots: list = []  # the current key's GroupSlot per resident group, in order
+    SLOT = GroupSlot
+    HELD = SlotsRunner.HELD + ("check_as",)  # per key
     check_as = None  # the current key's [criteria, pool rows] bool: which rows each criterion checks
 
-    @property
-    def criteria(self) -> tuple:
-        return self._key[0]
-
-    def __call__(self):
-        self._calls += 1
-        if self._graph is None and self._key[1] and self._calls < self.CAPTURE_AT:
-            return self.run()
-        return super().__call__()
-
-    def _select(self, groups: list, criteria: tuple = ()) -> None:
-        """Run beside ``groups``, checking ``criteria``, from now on: the graphs and slots of their key (none
-        yet: made, and the key's next calls capture), each group loaded into its slot when the groups changed."""
-        serials = tuple(g.serial for g in groups)
-        key = (criteria, tuple(GroupSlot.shape_of(g, self.program.pool) for g in groups))
-        if serials == self._serials and key == self._key:
-            return
-        self._serials = serials
-        if key != self._key:
-            for slot in self.slots:  # (reloaded if the key comes back: holds no ended group's tensors meanwhile)
-                slot.group = None
-            captured = self.__dict__.setdefault("_captured", {})
-            captured[self._key] = tuple(getattr(self, name) for name in self.HELD)
-            got = captured.pop(key, None)
-            if got is None:
-                check_as = None
-                if criteria:
-                    rows, dev = self.program.pool.rows, self.program.model.device
-                    check_as = torch.zeros(len(criteria), rows, dtype=torch.bool, device=dev)
-                got = (None, [], [], None, [GroupSlot(shape, self.program) for shape in key[1]], 0, check_as)
-            for name, value in zip(self.HELD, got):
-                setattr(self, name, value)
-            self._key = key
-            while len(captured) > self.MAX_GRAPHS:  # with groups never captured, with groups, any: oldest first
-                keys = list(captured)
-                grouped = [k for k in keys if k[1]]
-                order = [k for k in grouped if captured[k][0] is None] + grouped + keys
-                del captured[order[0]]
-        for slot, g in zip(self.slots, groups):
-            slot.load(g)
+    def key_state(self, key: tuple) -> tuple:
+        criteria = key[0]
+        if not criteria:
+            return (None,)
+        rows, dev = self.program.pool.rows, self.program.model.device
+        return (torch.zeros(len(criteria), rows, dtype=torch.bool, device=dev),)
 
     def prepare_checks(self, checks: dict) -> None:
         """Which pool rows each of the key's criteria checks in this call (``checks``: criterion -> rows)."""
