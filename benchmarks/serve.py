@@ -71,7 +71,13 @@ class TraceRequest:
     options: dict = field(default_factory=dict)
 
 
-RUNNERS = ("decode_core", "decode_head", "decode_prelude", "columns_runner")  # the programs' captured passes
+RUNNERS = (
+    "decode_core",
+    "decode_head",
+    "decode_prelude",
+    "columns_runner",
+    "heads_runner",
+)  # the programs' captured passes
 
 
 def _runners(engine: Engine) -> list:

@@ -36,6 +36,13 @@ def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    """A tensor like ``t`` of values nothing should read: NaN, an integer's minimum, true."""
+    if t.is_floating_point():
+        return torch.full_like(t, float("nan"))
+    return torch.ones_like(t) if t.dtype == torch.bool else torch.full_like(t, torch.iinfo(t.dtype).min)
+
+
 class _Graph:
     """A recorded pass: a replay reruns the owner's launches and writes their results into its outputs."""
 
@@ -95,7 +102,7 @@ class SimulatedGraphs:
             runner.captures += 1
             first = vars(runner).pop("_first")
             sim.replaying += 1  # (the graph's outputs: allocated by the recording, on a GPU)
-            poisoned = tuple(torch.full_like(o, float("nan")) for o in _as_tuple(first))  # the replays fill them
+            poisoned = tuple(_poisoned(o) for o in _as_tuple(first))  # the replays fill them
             sim.replaying -= 1
             runner._outputs = poisoned if isinstance(first, tuple) else poisoned[0]
             runner._graphs, runner._markers = [_Graph(runner, sim)], []

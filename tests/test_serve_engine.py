@@ -425,14 +425,16 @@ def test_coconut_served_on_the_triton_backend_equals_generate_alone(monkeypatch)
         setattr(pool, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
     requests = [(p, dict(kw, max_new_tokens=min(kw["max_new_tokens"], 4))) for p, kw in coconut_requests(6)]
     served = [engine.submit(p, top_logprobs=0, **kw) for p, kw in requests]  # log-probs: K/V changes show
-    with torch.no_grad(), SimulatedGraphs([runner]) as sim:
+    with torch.no_grad(), SimulatedGraphs([runner, engine.program.heads_runner]) as sim:
         engine.run_until_idle()
     assert {"decode_attention", "prefill_attention"} <= set(calls)
     slots = [key[1] for name, key in sim.captured if name == "ColumnsRunner" and key[1]]
     assert ((), ()) in [key for _, key in sim.captured] and slots, sim.captured  # (a key with the chunks' slot)
-    # every pass of the layers went through the runner, and every call but a capture replayed
-    assert engine.metrics.graph_passes == engine.metrics.passes - len(heads) == checked.calls["ColumnsRunner"]
-    assert sim.replays == checked.calls["ColumnsRunner"] - len(sim.captured) > len(sim.captured)
+    assert ("HeadsRunner", None) in sim.captured
+    # every pass went through a runner (the layers' or the head's), and every call but a capture replayed
+    assert engine.metrics.graph_passes == engine.metrics.passes == sum(checked.calls.values())
+    assert checked.calls["HeadsRunner"] == len(heads)
+    assert sim.replays == engine.metrics.passes - len(sim.captured) > len(sim.captured)
     assert not checked.hazards, checked.hazards
     V = model.config.vocab_size
     for req, (p, kw) in zip(served, requests):

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..models.layers import Packed
 from ..transfer import to_device
 from .base import nonfinite_flags
-from .coconut_serving_graph import ColumnsRunner, PromptChunks
+from .coconut_serving_graph import ColumnsRunner, HeadsRunner, PromptChunks
 from .serving import Ended, ServingProgram, weight_ratio
 
 
@@ -50,6 +50,7 @@ class CoconutServing(ServingProgram):
         # a step's pass as one captured launch sequence, where the pool's decode and prefill attention are fused
         fused = self.pool.decode_attention is not None and self.pool.prefill_attention is not None
         self.columns_runner = ColumnsRunner(self) if fused and model.packs else None
+        self.heads_runner = HeadsRunner(self) if self.columns_runner is not None else None
         self._chunk_sets = 0  # steps' prompt chunks begun (their serials)
 
     def admit(self, request) -> None:
@@ -177,11 +178,15 @@ class CoconutServing(ServingProgram):
 
     def _heads(self, rows: list[int]) -> None:
         """The logits of the units of ``rows`` that ended (from their last hidden states), as one head pass
-        (ln_f -> lm_head: its weights read once for them all)."""
-        h = self.h_rows[to_device(rows, self.model.device)][:, 0]
-        logits = self.model.lm_logits(self.model.transformer.ln_f(h))
-        self.count_pass(self.head_weights)
-        flags = nonfinite_flags(None, None, logits)
+        (ln_f -> lm_head: its weights read once for them all; captured over every pool row where the step's
+        pass is: HeadsRunner)."""
+        at = to_device(rows, self.model.device)
+        if self.heads_runner is not None:
+            logits, flags = (t[at] for t in self.heads_runner())
+        else:
+            logits = self.model.lm_logits(self.model.transformer.ln_f(self.h_rows[at][:, 0]))
+            flags = nonfinite_flags(None, None, logits)
+        self.count_pass(self.head_weights, graph=self.heads_runner is not None)
         for i, row in enumerate(rows):
             rec = self.requests[row]
             self.results[row] = (logits[i], flags[i])

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..backends.graph import GraphedRunner
 from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
 from ..transfer import copy_from_host
+from .base import nonfinite_flags
 from .serving_graph import ChunkSlot, SlotsRunner
 
 
@@ -111,3 +113,18 @@ class ColumnsRunner(SlotsRunner):
         for slot, hs in zip(self.slots, in_slots):  # each chunk's last real position (padding: the first's)
             p.h_rows.index_copy_(0, slot.chunk.rows, hs.flatten(0, 1)[slot.last][:, None])
         return (h, *in_slots)
+
+
+class HeadsRunner(GraphedRunner):
+    """The head pass (ln_f -> lm_head) of every pool row's last hidden state (``program.h_rows``) and the logits'
+    non-finite flags: one captured launch sequence; the caller keeps the rows whose units ended. (The head's
+    weights are read once a pass whatever the rows; the rows not kept cost their arithmetic alone.) Returns
+    logits [rows, V] (fp32) and flags [rows]."""
+
+    def __init__(self, program) -> None:
+        self.program, self.model = program, program.model
+
+    def run(self) -> tuple[Tensor, Tensor]:
+        m = self.model
+        logits = m.lm_logits(m.transformer.ln_f(self.program.h_rows[:, 0]))
+        return logits, nonfinite_flags(None, None, logits)
