@@ -271,23 +271,6 @@ class Generation:
         o = self.options
         return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p, o.published_top_p)
 
-    @property
-    def sampling_settings(self) -> tuple:
-        """What ``_pick``'s distribution depends on besides the logits (equal: one distribution for the rows)."""
-        o = self.options
-        return o.temperature, o.top_k, o.top_p, o.min_p, o.published_top_p
-
-    @staticmethod
-    def pick_each(generations: list[Generation], logits: Tensor) -> Tensor:
-        """Tokens [n] from logits [n, V]: row i as ``generations[i]`` picks from its vocabulary's logits, each
-        a sequence alone (a server's requests), all with equal ``sampling_settings``. The distribution is
-        computed once for the rows, as ``_pick`` computes a batch's, then each row draws from its own
-        generator (torch's default without a seed)."""
-        o = generations[0].options
-        rng = [None if g.rng is None else g.rng[0] for g in generations]
-        logits = generations[0]._in_vocabulary(logits)
-        return sample(logits, o.temperature, o.top_k, o.top_p, rng, None, o.min_p, o.published_top_p)
-
     def _next_logits(self, logits: Tensor, index: int) -> Tensor:
         """The logits new token ``index`` (0: the first) is chosen from: the vocabulary's, with the call's
         penalties and bias; before ``min_new_tokens`` no stop token (HF's ``min_new_tokens``, vLLM's

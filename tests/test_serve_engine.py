@@ -73,29 +73,6 @@ def assert_served_equals_alone(model, requests, **engine_kw):
     return engine
 
 
-def test_requests_sampling_alike_share_one_distribution_and_draw_each_from_its_own_generator(monkeypatch):
-    """Ended units that sample with equal settings (temperature, top-k/p, min-p) and no penalty, bias or held
-    stop compute their distribution together (``Generation.pick_each``), then each draws from its request's
-    generator: each request's tokens equal generate() alone. Greedy rows, rows of other settings and a request
-    with a penalty in the same steps keep theirs."""
-    from latentrt.engine import Generation
-
-    sizes = []
-    real = Generation.pick_each
-    monkeypatch.setattr(Generation, "pick_each", lambda gens, logits: sizes.append(len(gens)) or real(gens, logits))
-    alike = dict(temperature=0.9, top_k=5, top_p=0.9, max_new_tokens=6, num_steps=3)
-    requests = [([5, 6, 7, 8], dict(alike, seed=10 + i)) for i in range(4)]
-    requests += [
-        ([5, 6, 7, 8], dict(alike, seed=20, top_k=None)),
-        ([5, 6, 7, 8], dict(max_new_tokens=6, num_steps=3, seed=50)),
-    ]
-    requests += [([5, 6, 7, 8], dict(alike, seed=30, repetition_penalty=1.5)), ([9, 6], dict(alike, seed=40))]
-    for scheduler in ("depth", "token"):
-        sizes.clear()
-        assert_served_equals_alone(tiny_recurrent(seed=3), requests, max_batch=8, scheduler=scheduler)
-        assert max(sizes) >= 4, sizes  # (the four alike requests end their units together)
-
-
 @pytest.mark.parametrize(
     "scheduler, edge_cost, async_scheduling",
     [

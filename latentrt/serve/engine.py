@@ -650,14 +650,15 @@ class Engine:
         if not ended:
             return
         logits, flags = self.program.logits(ended)
-        # greedy rows together, sampling rows of equal settings together (one distribution, a draw each from its
-        # own generator); a request with penalties, a bias or stops held back on its own
-        greedy, together = [], {}
-        for i, e in enumerate(ended):
-            gen = e.request.generation
-            if not gen._adjusts_logits(e.request.sampled):
-                settings = gen.sampling_settings
-                (greedy if settings[0] == 0 else together.setdefault(settings, [])).append(i)
+        # greedy rows together; a request with penalties or a bias, or one that samples, on its own (not a sampling
+        # batch of requests alike: torch's CPU sum over a 50k-token row splits across threads for one row and not
+        # for several, so a batch's distribution differs in its last bits from the row's alone, and the draw
+        # depends on those bits)
+        greedy = [
+            i
+            for i, e in enumerate(ended)
+            if e.request.options.temperature == 0 and not e.request.generation._adjusts_logits(e.request.sampled)
+        ]
         vocab = self.model.config.vocab_size
         if len(greedy) == len(ended):  # (the usual case: one argmax, no gather and scatter of the rows)
             tokens = logits[:, :vocab].argmax(-1)
@@ -666,10 +667,6 @@ class Engine:
             if greedy:
                 at = to_device(greedy, logits.device)
                 tokens[at] = logits[at, :vocab].argmax(-1)
-            for rows in together.values():
-                at = to_device(rows, logits.device) if len(rows) > 1 else slice(rows[0], rows[0] + 1)
-                tokens[at] = Generation.pick_each([ended[i].request.generation for i in rows], logits[at])
-        picked = set(greedy).union(*together.values())
         for i, e in enumerate(ended):
             req = e.request
             req.in_unit = req.exited = False
@@ -679,7 +676,7 @@ class Engine:
             self.metrics.iterations += e.iterations
             self.metrics.needed += e.needed
             gen, index = req.generation, req.sampled - 1
-            if i not in picked:
+            if req.options.temperature != 0 or gen._adjusts_logits(index):
                 tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1], index))[0]
             if gen.penalties is not None:
                 gen.penalties.record(tokens[i : i + 1])
