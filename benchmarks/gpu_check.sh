@@ -232,8 +232,9 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
     >"$LOGS/serve_capture_first.log" 2>&1
   echo "serve (capture at first) exit $?" | tee -a "$LOG"
   tail -6 "$LOGS/serve_capture_first.log" | tee -a "$LOG"
-  # a Coconut server at GPT-2 124M's shape (random weights, each request 0-6 thoughts): one pass a step, the
-  # steps of single-position passes replaying one captured pass (ColumnsRunner); never run on a GPU before
+  # a Coconut server at GPT-2 124M's shape (random weights, each request 0-6 thoughts): one pass a step, each
+  # a captured pass (StepPassRunner; admitted prompts' chunks in a slot of bucketed shape) and the ended rows'
+  # head pass captured (HeadsRunner); never run on a GPU before
   stamp "serving: a Coconut model, GPT-2 124M shape"
   timeout "$(within 100)" python3 -m benchmarks.serve --model builtin:coconut --shape gpt2 --requests 48 \
     --max-batch 8 --schedulers static,token,depth,depth+async --out "$LOGS/serve_coconut.json" \

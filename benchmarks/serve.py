@@ -75,7 +75,7 @@ RUNNERS = (
     "decode_core",
     "decode_head",
     "decode_prelude",
-    "columns_runner",
+    "pass_runner",
     "heads_runner",
 )  # the programs' captured passes
 

@@ -195,7 +195,7 @@ def test_eager_ops_over_a_whole_run(capsys):
     _, capture_at, ops, views, launches, steps, captures, replays = [c.strip() for c in lines[0].strip("|").split("|")]
     assert capture_at == "1" and int(steps) > 3 and float(ops) > 0 and float(launches) > 0
     assert 0 < int(captures) < int(replays)  # (simulated: off CUDA nothing is captured otherwise)
-    # a Coconut model's run: its trace draws thoughts, its captured pass (ColumnsRunner) is simulated too (its one
+    # a Coconut model's run: its trace draws thoughts, its captured pass (StepPassRunner) is simulated too (its one
     # prompt's chunk runs eagerly: a key with a chunk slot is captured at its third call)
     assert eager_ops.main(["--model", "builtin:coconut", "--requests", "1", "--schedulers", "token"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| token"))

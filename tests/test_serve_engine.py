@@ -371,29 +371,30 @@ def test_coconut_requests_equal_generate_alone_where_the_pool_cannot_pack_their_
 
 def test_coconut_served_on_the_triton_backend_equals_generate_alone(monkeypatch):
     """On the Triton backend a Coconut server's single-position passes attend through the pool's fused decode
-    kernel and its prompt chunks through the multi-query one (the interpreter on the CPU); a step of
-    single-position passes only is one captured pass over every pool row (``ColumnsRunner``: here its graph
-    simulated as on CUDA, captured at its first call and replayed, and checked for what a capture refuses or
-    bakes in). Each request equals generate() alone on the reference backend."""
+    kernel and its prompt chunks through the multi-query one (the interpreter on the CPU); every step is one
+    captured pass over every pool row, the step's prompt chunks in a slot of bucketed shape (``StepPassRunner``),
+    and the ended rows' head pass another (``HeadsRunner``): here their graphs simulated as on CUDA, each key
+    captured at its first call and replayed, and checked for what a capture refuses or bakes in. Each request
+    equals generate() alone on the reference backend (tokens; log-probs within 1e-5)."""
     from host_syncs import GraphedCalls
 
     from benchmarks.simulated_graphs import SimulatedGraphs
     from latentrt import kernels
     from latentrt.backends import get_backend
     from latentrt.decode.coconut_serving import CoconutServing
-    from latentrt.decode.coconut_serving_graph import ColumnsRunner
+    from latentrt.decode.coconut_serving_graph import StepPassRunner
 
     if not kernels.triton_available():
         pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
     checked = GraphedCalls().install(monkeypatch)
-    monkeypatch.setattr(ColumnsRunner, "CAPTURE_AT", 1)  # every key captured at its first call, then replayed
+    monkeypatch.setattr(StepPassRunner, "CAPTURE_AT", 1)  # every key captured at its first call, then replayed
     heads, real = [], CoconutServing._heads
     monkeypatch.setattr(CoconutServing, "_heads", lambda self, *a: heads.append(1) or real(self, *a))
     model = tiny_coconut(seed=2)
     reference = model.backend
     model.backend = get_backend("triton", model)
     engine = Engine(model, max_batch=4)
-    pool, runner = engine.program.pool, engine.program.columns_runner
+    pool, runner = engine.program.pool, engine.program.pass_runner
     assert pool.decode_attention is not None and pool.prefill_attention is not None and runner is not None
     model.backend = reference
     calls = []
@@ -405,7 +406,7 @@ def test_coconut_served_on_the_triton_backend_equals_generate_alone(monkeypatch)
     with torch.no_grad(), SimulatedGraphs([runner, engine.program.heads_runner]) as sim:
         engine.run_until_idle()
     assert {"decode_attention", "prefill_attention"} <= set(calls)
-    slots = [key[1] for name, key in sim.captured if name == "ColumnsRunner" and key[1]]
+    slots = [key[1] for name, key in sim.captured if name == "StepPassRunner" and key[1]]
     assert ((), ()) in [key for _, key in sim.captured] and slots, sim.captured  # (a key with the chunks' slot)
     assert ("HeadsRunner", None) in sim.captured
     # every pass went through a runner (the layers' or the head's), and every call but a capture replayed
@@ -1025,7 +1026,7 @@ def test_on_cuda_a_step_synchronises_once_and_serves_as_generate_alone(async_sch
 @pytest.mark.gpu
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_on_cuda_a_coconut_server_captures_its_passes_and_serves_as_generate_alone(async_scheduling):
-    """On a GPU a Coconut server's steps replay captured passes (ColumnsRunner; prompt chunks in a slot),
+    """On a GPU a Coconut server's steps replay captured passes (StepPassRunner; prompt chunks in a slot),
     a step synchronises at most once, and every request's tokens equal generate() alone on the reference
     backend."""
     from latentrt.backends import get_backend
@@ -1033,12 +1034,12 @@ def test_on_cuda_a_coconut_server_captures_its_passes_and_serves_as_generate_alo
     model = tiny_coconut(seed=2).cuda()
     model.backend = get_backend("triton", model)
     engine = Engine(model, max_batch=6, async_scheduling=async_scheduling)
-    assert engine.program.columns_runner is not None
+    assert engine.program.pass_runner is not None
     model.backend = get_backend("torch", model)
     requests = coconut_requests(12)
     served = [engine.submit(p, **kw) for p, kw in requests]
     steps, where = _served_on_cuda(engine)
-    assert engine.program.columns_runner.captures >= 1 and engine.metrics.graph_passes > 3
+    assert engine.program.pass_runner.captures >= 1 and engine.metrics.graph_passes > 3
     assert sum(where.values()) <= steps, where
     for req, (p, kw) in zip(served, requests):
         assert req.tokens == latentrt.generate(model, p, **kw).tokens, (p, kw)

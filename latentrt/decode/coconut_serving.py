@@ -22,7 +22,7 @@ from torch import Tensor
 from ..models.layers import Packed
 from ..transfer import to_device
 from .base import nonfinite_flags
-from .coconut_serving_graph import ColumnsRunner, HeadsRunner, PromptChunks
+from .coconut_serving_graph import HeadsRunner, PromptChunks, StepPassRunner
 from .serving import Ended, ServingProgram, weight_ratio
 
 
@@ -49,8 +49,8 @@ class CoconutServing(ServingProgram):
         self.h_rows = torch.zeros(rows, 1, model.config.n_embd, dtype=model.dtype, device=model.device)
         # a step's pass as one captured launch sequence, where the pool's decode and prefill attention are fused
         fused = self.pool.decode_attention is not None and self.pool.prefill_attention is not None
-        self.columns_runner = ColumnsRunner(self) if fused and model.packs else None
-        self.heads_runner = HeadsRunner(self) if self.columns_runner is not None else None
+        self.pass_runner = StepPassRunner(self) if fused and model.packs else None
+        self.heads_runner = HeadsRunner(self) if self.pass_runner is not None else None
         self._chunk_sets = 0  # steps' prompt chunks begun (their serials)
 
     def admit(self, request) -> None:
@@ -80,7 +80,7 @@ class CoconutServing(ServingProgram):
     def launch(self, idle: list) -> Tensor:
         """One pass per request with a pass to run: the single-position passes and every prompt chunk as one
         pass (``Packed``: the layers' weights read once; attention per chunk), captured where the pool's
-        attention is fused (ColumnsRunner), or where the model's attention scaling is not the pool's, the
+        attention is fused (StepPassRunner), or where the model's attention scaling is not the pool's, the
         single-position passes batched and the chunks one by one. A pass
         always completes, so ``ended`` needs no flags from the device."""
         self._ended = []
@@ -89,7 +89,7 @@ class CoconutServing(ServingProgram):
         for row, rec in sorted(self.requests.items()):
             if rec.passes:
                 (columns if rec.passes[0][0] == "column" else chunks).append(row)
-        if (columns or chunks) and self.columns_runner is not None:
+        if (columns or chunks) and self.pass_runner is not None:
             self._captured(columns, chunks)
         else:
             parts = ([self._columns(columns)] if columns else []) + [self._chunk(row) for row in chunks]
@@ -112,7 +112,7 @@ class CoconutServing(ServingProgram):
 
     def _captured(self, columns: list[int], chunks: list[int]) -> None:
         """The step's pass through the captured pass over every pool row and a slot for the prompt chunks
-        (ColumnsRunner): ``columns`` run their single-position passes, ``chunks`` their prompt chunks."""
+        (StepPassRunner): ``columns`` run their single-position passes, ``chunks`` their prompt chunks."""
         ids, latent, chunk, prompts = None, [], None, None
         if columns:  # (the fused attention reads the pool's entries: no mask)
             ids, latent = self._take_columns(columns)
@@ -123,8 +123,8 @@ class CoconutServing(ServingProgram):
             begun = self.pool.begin(chunks, max(lengths), lengths, mask=False)
             self._chunk_sets += 1
             prompts = PromptChunks(chunks, begun, lengths, host, self._chunk_sets)
-        self.columns_runner.prepare(columns, chunk, ids, latent, prompts)
-        self.columns_runner()
+        self.pass_runner.prepare(columns, chunk, ids, latent, prompts)
+        self.pass_runner()
         self.count_pass(graph=True)
         ended = [r for r in columns + chunks if self._after_pass(r)]
         if ended:

@@ -60,7 +60,7 @@ class PromptChunksSlot(ChunkSlot):
         copy_from_host(self.write, [i < self.m for i in range(M)])
 
 
-class ColumnsRunner(SlotsRunner):
+class StepPassRunner(SlotsRunner):
     """One pass of the pool rows ``prepare`` names (``CoconutServing``'s ``program``), single-position each (a
     token's embedding + wpe, or for a thought the previous pass's hidden state fed back: ``model.feedback``),
     and of the step's prompt chunks (``PromptChunks``, in a ``PromptChunksSlot``), through every layer; the
