@@ -81,8 +81,11 @@ RUNNERS = (
 
 
 def _runners(engine: Engine) -> list:
-    """The engine's captured passes (GraphedRunner instances; none where its program has none)."""
-    return [r for r in (getattr(engine.program, name, None) for name in RUNNERS) if r is not None]
+    """The engine's captured passes (GraphedRunner instances; none where its program has none), then its sampled
+    tokens' distributions (``Distributions``: a maker of runners, one per sampling settings)."""
+    return [r for r in (getattr(engine.program, name, None) for name in RUNNERS) if r is not None] + [
+        engine.distributions
+    ]
 
 
 def _engine(model, group_capture_at: int | None = None, **kw) -> Engine:

@@ -64,7 +64,8 @@ class _Graph:
 
 
 class SimulatedGraphs:
-    """Within the block, ``runners`` (GraphedRunner instances on a CPU model) capture and replay as on CUDA;
+    """Within the block, ``runners`` (GraphedRunner instances on a CPU model, or makers of them: objects with
+    ``new_runner`` and ``runners``, whose runners made within the block count too) capture and replay as on CUDA;
     on leaving, the patches and every simulated graph are removed (the runners run eagerly again, their
     captured sets forgotten). ``captured``: (runner class, key) per capture; ``replays``: replays so far,
     ``replay_seconds`` the time they took (device time on a GPU); ``replaying``: nonzero while a replay runs,
@@ -72,7 +73,8 @@ class SimulatedGraphs:
     runner's own attributes are replaced (a test may wrap its class's ``__call__``)."""
 
     def __init__(self, runners: list) -> None:
-        self.runners = list(runners)
+        self.makers = [r for r in runners if hasattr(r, "new_runner")]  # (makers of runners, e.g. Distributions)
+        self.runners = [r for r in runners if not hasattr(r, "new_runner")]
         self.captured: list[tuple[str, object]] = []
         self.replays = 0
         self.replay_seconds = 0.0
@@ -82,9 +84,23 @@ class SimulatedGraphs:
     def __enter__(self) -> SimulatedGraphs:
         for runner in self.runners:
             self._patch(runner)
+        for maker in self.makers:  # the runners it holds and every one it makes within the block
+
+            def made(*args, make=maker.new_runner):
+                runner = make(*args)
+                self.runners.append(runner)
+                self._patch(runner)
+                return runner
+
+            for runner in maker.runners.values():
+                self.runners.append(runner)
+                self._patch(runner)
+            maker.new_runner = made
         return self
 
     def __exit__(self, *exc) -> None:
+        for maker in self.makers:
+            vars(maker).pop("new_runner", None)
         for runner, saved in zip(self.runners, self._saved):
             for name in PATCHED + GRAPH_STATE:
                 vars(runner).pop(name, None)

@@ -25,7 +25,7 @@ from .penalties import NAMES as PENALTIES
 from .penalties import LogitPenalties, check_bias_vocabulary
 from .penalties import active as penalties_active
 from .prompts import Prompt, make_batch, prompt_texts
-from .sampling import SequenceRNG, sample
+from .sampling import SequenceRNG, draw, in_vocabulary, sample
 from .sequence_text import SequenceText
 from .stop_strings import StopStrings
 
@@ -271,6 +271,17 @@ class Generation:
         o = self.options
         return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p, o.published_top_p)
 
+    @property
+    def sampling_settings(self) -> tuple:
+        """What a sampled token's distribution depends on besides its logits (``sampling_probs``' settings)."""
+        o = self.options
+        return o.temperature, o.top_k, o.top_p, o.min_p, o.published_top_p
+
+    def draw_from(self, probs: Tensor) -> Tensor:
+        """A sequence alone's token [1] from its distribution [1, V] (``sampling_probs``) and its own generator
+        (torch's without a seed): ``_pick``'s draw for one sequence."""
+        return draw(probs, None if self.rng is None else self.rng[0])
+
     def _next_logits(self, logits: Tensor, index: int) -> Tensor:
         """The logits new token ``index`` (0: the first) is chosen from: the vocabulary's, with the call's
         penalties and bias; before ``min_new_tokens`` no stop token (HF's ``min_new_tokens``, vLLM's
@@ -293,10 +304,7 @@ class Generation:
 
     def _in_vocabulary(self, logits: Tensor) -> Tensor:
         """Padding rows of the head (ids >= vocab_size) are never sampled."""
-        vocab = self.model.config.vocab_size
-        if logits.shape[-1] <= vocab:
-            return logits
-        return torch.cat([logits[:, :vocab], torch.full_like(logits[:, vocab:], float("-inf"))], -1)
+        return in_vocabulary(logits, self.model.config.vocab_size)
 
     def _raise_if_nonfinite(self, flags: list[int], token: int) -> None:
         """Non-finite flags computed on the device (1: latent state, 2: logits) -> a clear error."""

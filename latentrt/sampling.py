@@ -44,6 +44,13 @@ class SequenceRNG:
         return self.generators[row]
 
 
+def in_vocabulary(logits: Tensor, vocab: int) -> Tensor:
+    """logits [B, W] with the head's padding columns (ids >= ``vocab``) at -inf: never sampled."""
+    if logits.shape[-1] <= vocab:
+        return logits
+    return torch.cat([logits[:, :vocab], torch.full_like(logits[:, vocab:], float("-inf"))], -1)
+
+
 def filtered_logits(
     logits: Tensor,
     temperature: float,

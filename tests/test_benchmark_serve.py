@@ -200,7 +200,7 @@ def test_eager_ops_over_a_whole_run(capsys):
     assert eager_ops.main(["--model", "builtin:coconut", "--requests", "1", "--schedulers", "token"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| token"))
     _, capture_at, ops, views, launches, steps, captures, replays = [c.strip() for c in line.strip("|").split("|")]
-    assert capture_at == "3" and float(ops) > 0 and int(captures) == 1 and int(replays) > 1
+    assert capture_at == "3" and float(ops) > 0 and int(captures) in (1, 2) and int(replays) > 1  # (2: it samples)
 
 
 def test_host_time_leaves_out_what_a_gpu_runs_on_the_device(capsys):

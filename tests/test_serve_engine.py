@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,6 +72,50 @@ def assert_served_equals_alone(model, requests, **engine_kw):
         assert req.finish_reason == alone.finish_reasons[0]
         assert req.text == alone.text
     return engine
+
+
+def test_sampled_tokens_distributions_replay_a_graph_per_settings(monkeypatch):
+    """A sampled token's distribution runs through its settings' captured graph (``Distributions``: here the
+    graphs simulated as on CUDA, each captured at its first call, replayed, and checked for what a capture
+    refuses or bakes in), penalised and stop-holding rows included; at most MAX_GRAPHS settings are held. Each
+    request's tokens equal generate() alone, and a graph's distribution is the row's alone bit for bit at a
+    real vocabulary with the head's padding."""
+    from host_syncs import GraphedCalls
+
+    from benchmarks.simulated_graphs import SimulatedGraphs
+    from latentrt.sampling import in_vocabulary, sampling_probs
+    from latentrt.serve.distributions import Distributions
+
+    checked = GraphedCalls().install(monkeypatch)
+    monkeypatch.setattr(Distributions, "CAPTURE_AT", 1)
+    monkeypatch.setattr(Distributions, "MAX_GRAPHS", 2)
+    settings = [dict(temperature=0.9, top_k=5), dict(temperature=0.7, top_p=0.8), dict(temperature=1.2, min_p=0.1)]
+    requests = []
+    for i in range(9):
+        kw = dict(settings[i % 3], seed=100 + i, max_new_tokens=5, num_steps=2 + i % 3)
+        if i == 4:
+            kw.update(repetition_penalty=1.5)
+        if i == 5:
+            kw.update(min_new_tokens=3, stop=[7])
+        requests.append(([5 + i, 6, 7], kw))
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=6)
+    served = [engine.submit(p, **kw) for p, kw in requests]
+    with torch.no_grad(), SimulatedGraphs([engine.distributions]) as sim:
+        engine.run_until_idle()
+    assert {name for name, _ in sim.captured} == {"DistributionRunner"} and len(sim.captured) >= 3
+    assert sim.replays >= checked.calls["DistributionRunner"] - len(sim.captured) > 10
+    assert len(engine.distributions.runners) == 2 and not checked.hazards, checked.hazards
+    for req, (p, kw) in zip(served, requests):
+        assert req.tokens == latentrt.generate(model, p, **kw).tokens, (p, kw)
+
+    big = SimpleNamespace(device=torch.device("cpu"), config=SimpleNamespace(vocab_size=50257))
+    logits = torch.randn(1, 50304) * 4
+    for args in [(0.8, 20, None, 0.0, False), (1.0, None, 0.9, 0.0, True), (0.7, 50, 0.95, 0.05, False)]:
+        with SimulatedGraphs([dists := Distributions(big)]):
+            for _ in range(2):  # (a capture, then a replay)
+                got = dists(args, logits)
+        assert torch.equal(got, sampling_probs(in_vocabulary(logits, 50257), *args))
 
 
 @pytest.mark.parametrize(
@@ -410,7 +455,8 @@ def test_coconut_served_on_the_triton_backend_equals_generate_alone(monkeypatch)
     assert ((), ()) in [key for _, key in sim.captured] and slots, sim.captured  # (a key with the chunks' slot)
     assert ("HeadsRunner", None) in sim.captured
     # every pass went through a runner (the layers' or the head's), and every call but a capture replayed
-    assert engine.metrics.graph_passes == engine.metrics.passes == sum(checked.calls.values())
+    passes = checked.calls["StepPassRunner"] + checked.calls["HeadsRunner"]
+    assert engine.metrics.graph_passes == engine.metrics.passes == passes
     assert checked.calls["HeadsRunner"] == len(heads)
     assert sim.replays == engine.metrics.passes - len(sim.captured) > len(sim.captured)
     assert not checked.hazards, checked.hazards
@@ -1196,8 +1242,6 @@ def test_async_scheduling_with_the_captured_passes_serves_as_alone(monkeypatch):
 def test_keys_of_group_shapes_never_captured_are_dropped_before_captured_ones(monkeypatch):
     """At most MAX_GRAPHS keys are kept besides the current one: the oldest key not yet captured goes first (a
     captured key's graphs cost a capture to make again), then the oldest; the empty key never."""
-    from types import SimpleNamespace
-
     from latentrt.decode.recurrent_serving_graph import GroupSlotsRunner
 
     class Slot:  # (a key's slots: their shapes alone)

@@ -64,6 +64,7 @@ from ..options import GenerateOptions
 from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
 from ..transfer import to_device
+from .distributions import Distributions
 from .metrics import EngineMetrics
 from .readback import Readback
 
@@ -295,6 +296,7 @@ class Engine:
         self.queue: deque[Request] = deque()
         self.resident: list[Request] = []
         self.metrics = EngineMetrics()
+        self.distributions = Distributions(model)  # sampled tokens' distributions, a captured graph per settings
         number = isinstance(edge_cost, int | float) and not isinstance(edge_cost, bool)
         if edge_cost is not None and not (number and 0 <= edge_cost < float("inf")):
             raise InputError(f"edge_cost must be a number >= 0, got {edge_cost!r}")
@@ -650,10 +652,8 @@ class Engine:
         if not ended:
             return
         logits, flags = self.program.logits(ended)
-        # greedy rows together; a request with penalties or a bias, or one that samples, on its own (not a sampling
-        # batch of requests alike: torch's CPU sum over a 50k-token row splits across threads for one row and not
-        # for several, so a batch's distribution differs in its last bits from the row's alone, and the draw
-        # depends on those bits)
+        # greedy rows together; a request with penalties or a bias, or one that samples, on its own: its
+        # distribution on its row alone, as generate() computes it (serve/distributions.py: a graph per settings)
         greedy = [
             i
             for i, e in enumerate(ended)
@@ -676,7 +676,10 @@ class Engine:
             self.metrics.iterations += e.iterations
             self.metrics.needed += e.needed
             gen, index = req.generation, req.sampled - 1
-            if req.options.temperature != 0 or gen._adjusts_logits(index):
+            if req.options.temperature != 0:  # (the distribution through its settings' graph, then the draw)
+                row = gen._next_logits(logits[i : i + 1], index) if gen._adjusts_logits(index) else logits[i : i + 1]
+                tokens[i] = gen.draw_from(self.distributions(gen.sampling_settings, row))[0]
+            elif gen._adjusts_logits(index):
                 tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1], index))[0]
             if gen.penalties is not None:
                 gen.penalties.record(tokens[i : i + 1])
