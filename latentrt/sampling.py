@@ -142,15 +142,17 @@ def sample(
     running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p, min_p, published_top_p)
+    settings = (temperature, top_k, top_p, min_p, published_top_p)
     if rng is None:
-        return draw(probs)
-    if probs.shape[0] == 1 and (rows is None or rows[0]):  # (one sequence, a server's row: no argmax to fill in)
-        return draw(probs, rng[0])
-    out = probs.argmax(-1)
-    for b, running in enumerate(rows if rows is not None else [True] * probs.shape[0]):
+        return draw(sampling_probs(logits, *settings))
+    if logits.shape[0] == 1 and (rows is None or rows[0]):  # (one sequence, a server's row: no argmax to fill in)
+        return draw(sampling_probs(logits, *settings), rng[0])
+    # each row's distribution on the row alone: torch sums a long row in another order alone than beside other
+    # rows (its threads or blocks split one row, not several), and the draw depends on the last bits
+    out = logits.argmax(-1)
+    for b, running in enumerate(rows if rows is not None else [True] * logits.shape[0]):
         if running:
-            out[b] = draw(probs[b : b + 1], rng[b])[0]
+            out[b] = draw(sampling_probs(logits[b : b + 1], *settings), rng[b])[0]
     return out
 
 
