@@ -21,6 +21,11 @@ from ..backends.graph import GraphedRunner
 from ..sampling import in_vocabulary, sampling_probs
 
 
+def distribution(logits: Tensor, vocab: int, settings: tuple) -> Tensor:
+    """The distribution [1, V] a row of the head's logits [1, W] draws from, as generate() computes it."""
+    return sampling_probs(in_vocabulary(logits, vocab), *settings)
+
+
 class DistributionRunner(GraphedRunner):
     """``sampling_probs`` of one row of logits (``logits``, [1, W] fp32, copied in per call) with fixed settings
     (temperature, top-k, top-p, min-p, published top-p), the head's padding columns excluded."""
@@ -31,7 +36,7 @@ class DistributionRunner(GraphedRunner):
         self.calls = 0
 
     def run(self) -> Tensor:
-        return sampling_probs(in_vocabulary(self.logits, self.model.config.vocab_size), *self.settings)
+        return distribution(self.logits, self.model.config.vocab_size, self.settings)
 
 
 class Distributions:
@@ -67,6 +72,6 @@ class Distributions:
             self._dropped_captures += self.runners.popitem(last=False)[1].captures
         runner.calls += 1
         if runner._graph is None and runner.calls < self.CAPTURE_AT:
-            return sampling_probs(in_vocabulary(logits, self.model.config.vocab_size), *settings)
+            return distribution(logits, self.model.config.vocab_size, settings)
         runner.logits.copy_(logits)
         return runner()
