@@ -184,14 +184,18 @@ class CoconutServing(ServingProgram):
         if self.heads_runner is not None:
             logits, flags = (t[at] for t in self.heads_runner())
         else:
-            logits = self.model.lm_logits(self.model.transformer.ln_f(self.h_rows[at][:, 0]))
-            flags = nonfinite_flags(None, None, logits)
+            logits, flags = self.head(self.h_rows[at][:, 0])
         self.count_pass(self.head_weights, graph=self.heads_runner is not None)
         for i, row in enumerate(rows):
             rec = self.requests[row]
             self.results[row] = (logits[i], flags[i])
             self._ended.append(Ended(rec.request, 0, launches=rec.unit_passes))
             rec.unit_passes = 0
+
+    def head(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden states [n, d] before ln_f -> their logits [n, V] (fp32) and non-finite flags [n]."""
+        logits = self.model.lm_logits(self.model.transformer.ln_f(h))
+        return logits, nonfinite_flags(None, None, logits)
 
     # a pass always completes, so every end is known on the host when its launch is queued: with asynchronous
     # scheduling the engine takes them before the next launch (``ended_on_host``), and their next units join it

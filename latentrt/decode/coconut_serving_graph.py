@@ -25,7 +25,6 @@ from ..backends.graph import GraphedRunner
 from ..kv_pool import RaggedChunk
 from ..models.layers import Packed
 from ..transfer import copy_from_host
-from .base import nonfinite_flags
 from .serving_graph import ChunkSlot, SlotsRunner
 
 
@@ -125,6 +124,4 @@ class HeadsRunner(GraphedRunner):
         self.program, self.model = program, program.model
 
     def run(self) -> tuple[Tensor, Tensor]:
-        m = self.model
-        logits = m.lm_logits(m.transformer.ln_f(self.program.h_rows[:, 0]))
-        return logits, nonfinite_flags(None, None, logits)
+        return self.program.head(self.program.h_rows[:, 0])
