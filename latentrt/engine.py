@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
+from .distributions import Distributions
 from .errors import InputError, NonFiniteStateError, PromptError
 from .families import Family, check_applicable, family_for
 from .hooks import HookList
@@ -269,7 +271,14 @@ class Generation:
     def _pick(self, logits: Tensor, rows: list[bool] | None = None) -> Tensor:
         """Tokens [B] from logits [B, V] with the call's sampling settings (``rows``: the running sequences)."""
         o = self.options
-        return sample(logits, o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p, o.published_top_p)
+        args = (o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p, o.published_top_p)
+        return sample(logits, *args, distributions=self.distributions if o.temperature else None)
+
+    @cached_property
+    def distributions(self) -> Distributions:
+        """Where sampled tokens' distributions are computed: the model's captured graphs (latentrt/distributions.py;
+        on the same launches as sampling_probs' eager ops, so the same bits)."""
+        return Distributions.of_model(self.model)
 
     @property
     def sampling_settings(self) -> tuple:

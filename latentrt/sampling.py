@@ -12,6 +12,7 @@ draw nothing. Without a seed the global torch RNG is used.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -137,22 +138,26 @@ def sample(
     rows: list[bool] | None = None,
     min_p: float = 0.0,
     published_top_p: bool = False,
+    distributions: Callable[[tuple, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """logits [B,V] -> token ids [B]. Greedy when temperature is 0. With ``rng`` each row in ``rows`` (the
-    running sequences) samples from its own generator; the others get their argmax (ignored by callers)."""
+    running sequences) samples from its own generator; the others get their argmax (ignored by callers).
+    ``distributions(settings, logits)``: the distribution ``sampling_probs(logits, *settings)`` computes, by
+    other launches (generate() passes its model's captured graphs, latentrt/distributions.py)."""
     if temperature == 0:
         return logits.argmax(-1)
     settings = (temperature, top_k, top_p, min_p, published_top_p)
+    probs = distributions or (lambda settings, logits: sampling_probs(logits, *settings))
     if rng is None:
-        return draw(sampling_probs(logits, *settings))
+        return draw(probs(settings, logits))
     if logits.shape[0] == 1 and (rows is None or rows[0]):  # (one sequence, a server's row: no argmax to fill in)
-        return draw(sampling_probs(logits, *settings), rng[0])
+        return draw(probs(settings, logits), rng[0])
     # each row's distribution on the row alone: torch sums a long row in another order alone than beside other
     # rows (its threads or blocks split one row, not several), and the draw depends on the last bits
     out = logits.argmax(-1)
     for b, running in enumerate(rows if rows is not None else [True] * logits.shape[0]):
         if running:
-            out[b] = draw(sampling_probs(logits[b : b + 1], *settings), rng[b])[0]
+            out[b] = draw(probs(settings, logits[b : b + 1]), rng[b])[0]
     return out
 
 

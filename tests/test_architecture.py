@@ -41,7 +41,7 @@ LAYERS = [
         "version",
     ),
     ("backends",),
-    ("models", "decode", "families"),
+    ("models", "decode", "families", "distributions"),
     ("engine", "loader", "evaluate"),
     ("cli", "cli_flags", "serve", "train", "__init__", "__main__"),
 ]

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..decode.serving import Ended
+from ..distributions import Distributions
 from ..engine import Generation, check_options_for
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
 from ..families import family_for
@@ -64,7 +65,6 @@ from ..options import GenerateOptions
 from ..sequence_text import SequenceText
 from ..stop_strings import StopStrings
 from ..transfer import to_device
-from .distributions import Distributions
 from .metrics import EngineMetrics
 from .readback import Readback
 
@@ -653,7 +653,7 @@ class Engine:
             return
         logits, flags = self.program.logits(ended)
         # greedy rows together; a request with penalties or a bias, or one that samples, on its own: its
-        # distribution on its row alone, as generate() computes it (serve/distributions.py: a graph per settings)
+        # distribution on its row alone, as generate() computes it (latentrt/distributions.py: a graph per settings)
         greedy = [
             i
             for i, e in enumerate(ended)

@@ -1,0 +1,86 @@
+"""latentrt/distributions.py: sampled tokens' distributions through captured graphs, bit for bit the eager ones.
+
+The graphs are simulated as on CUDA (benchmarks/simulated_graphs.py: a replay recomputes the pass from the
+runner's static input into the outputs fixed at the capture), so a stale input or a replay of another key's
+graph changes what generate() draws.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_coconut, tiny_recurrent
+from host_syncs import GraphedCalls
+
+import latentrt
+from benchmarks.simulated_graphs import SimulatedGraphs
+from latentrt.distributions import Distributions
+from latentrt.sampling import in_vocabulary, sampling_probs
+
+
+def test_a_graphs_distribution_is_the_eager_one_bit_for_bit_at_a_real_vocabulary():
+    """One row alone and a batch of rows, the head's padding columns left out, each settings' capture then
+    replays: equal to ``sampling_probs`` on the same logits (the draw depends on the last bits)."""
+    big = SimpleNamespace(device=torch.device("cpu"), config=SimpleNamespace(vocab_size=50257))
+    torch.manual_seed(0)
+    for rows in (1, 3):
+        logits = torch.randn(rows, 50304) * 4
+        for args in [(0.8, 20, None, 0.0, False), (1.0, None, 0.9, 0.0, True), (0.7, 50, 0.95, 0.05, False)]:
+            with SimulatedGraphs([dists := Distributions(big)]) as sim:
+                for _ in range(Distributions.CAPTURE_AT + 1):  # (eager calls, the capture, a replay)
+                    got = dists(args, logits)
+            assert sim.replays == 1 and len(sim.captured) == 1
+            assert torch.equal(got, sampling_probs(in_vocabulary(logits, 50257), *args))
+
+
+@pytest.mark.parametrize("make", [tiny_recurrent, tiny_coconut], ids=["recurrent", "coconut"])
+def test_generate_samples_through_its_models_graphs_as_it_does_eagerly(monkeypatch, make):
+    """generate()'s sampled tokens take their distributions from the model's graphs (one per settings and
+    shape, kept across calls; each captured here at its first call): seeded batches (each row's distribution
+    on the row alone), one prompt, unseeded batches (one distribution over the batch) and the speculative
+    sampler's draws. Tokens equal the eager run's, replays happen, and nothing is baked into a capture."""
+    model = make(seed=1)
+    prompts = [[5, 6, 7], [9, 13], [14, 11, 8, 12]]
+    calls = [
+        dict(prompt=prompts, temperature=0.9, top_k=5, seed=11, max_new_tokens=6),
+        dict(prompt=prompts, temperature=0.7, top_p=0.8, min_p=0.05, seed=3, max_new_tokens=5),
+        dict(prompt=prompts[0], temperature=1.1, seed=7, max_new_tokens=6),
+        dict(prompt=prompts, temperature=0.8, max_new_tokens=4),  # (unseeded: torch's generator, seeded below)
+    ]
+    if make is tiny_recurrent:
+        calls.append(dict(prompt=prompts[1], temperature=0.9, seed=5, max_new_tokens=6, decoding="speculative"))
+
+    def run_all() -> list:
+        out = []
+        for kw in calls:
+            kw = dict(kw)
+            torch.manual_seed(0)
+            out.append(latentrt.generate(model, kw.pop("prompt"), **kw).tokens)
+        return out
+
+    eager = run_all()
+    checked = GraphedCalls().install(monkeypatch)
+    monkeypatch.setattr(Distributions, "CAPTURE_AT", 1)
+    dists = Distributions.of_model(model)
+    assert Distributions.of_model(model) is dists
+    with torch.no_grad(), SimulatedGraphs([dists]) as sim:
+        graphed = run_all()
+        graphed_again = run_all()  # (every key's graph replayed)
+    assert graphed == eager and graphed_again == eager
+    shapes = {key[1] for key in dists.runners}
+    assert (1, model.config.vocab_size) in shapes and (3, model.config.vocab_size) in shapes, shapes
+    assert sim.replays > 40 and not checked.hazards, checked.hazards
+
+
+def test_a_copied_model_gets_its_own_empty_distributions():
+    """The graphs stay with their model: a deep copy (tests and trainers copy models) starts empty, for the copy."""
+    model = tiny_recurrent(seed=2)
+    latentrt.generate(model, [5, 6], temperature=0.8, seed=1, max_new_tokens=3)
+    dists = Distributions.of_model(model)
+    assert dists.runners
+    copied = copy.deepcopy(model)
+    theirs = Distributions.of_model(copied)
+    assert theirs is not dists and theirs.model is copied and not theirs.runners
