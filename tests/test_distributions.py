@@ -84,3 +84,41 @@ def test_a_copied_model_gets_its_own_empty_distributions():
     copied = copy.deepcopy(model)
     theirs = Distributions.of_model(copied)
     assert theirs is not dists and theirs.model is copied and not theirs.runners
+
+
+@pytest.mark.gpu
+def test_on_cuda_generate_samples_through_captured_graphs_as_it_does_eagerly(monkeypatch):
+    """On a GPU the distributions' graphs are real CUDA graphs (captured at a key's first call here): a
+    seeded batch, one prompt and an unseeded batch draw the tokens the eager distributions draw, on the
+    Triton backend (a graphed decode beside them) and a 50k vocabulary's row alone equals the eager one."""
+    from latentrt.backends import get_backend
+
+    model = tiny_recurrent(seed=1).cuda()
+    model.backend = get_backend("triton", model)
+    prompts = [[5, 6, 7], [9, 13], [14, 11, 8, 12]]
+    calls = [
+        (prompts, dict(temperature=0.9, top_k=5, seed=11, max_new_tokens=8)),
+        (prompts[0], dict(temperature=1.1, top_p=0.9, seed=7, max_new_tokens=8)),
+        (prompts, dict(temperature=0.8, max_new_tokens=6)),
+    ]
+
+    def run_all() -> list:
+        out = []
+        for prompt, kw in calls:
+            torch.manual_seed(0)
+            out.append(latentrt.generate(model, prompt, **kw).tokens)
+        return out
+
+    monkeypatch.setattr(Distributions, "CAPTURE_AT", 10**9)  # (never captured: the eager distributions)
+    eager = run_all()
+    monkeypatch.setattr(Distributions, "CAPTURE_AT", 1)
+    assert run_all() == eager and run_all() == eager
+    assert Distributions.of_model(model).captures >= 3
+
+    big = SimpleNamespace(device=torch.device("cuda"), config=SimpleNamespace(vocab_size=50257))
+    logits = torch.randn(1, 50304, device="cuda") * 4
+    dists = Distributions(big)
+    for _ in range(2):  # (the capture, then a replay)
+        got = dists((0.7, 50, 0.95, 0.05, False), logits)
+    assert dists.captures == 1
+    assert torch.equal(got, sampling_probs(in_vocabulary(logits, 50257), 0.7, 50, 0.95, 0.05, False))
