@@ -80,7 +80,8 @@ def record(full: bool, out: Path) -> None:
 
 
 def _linear_candidates() -> None:
-    """Every candidate GEMV launch config (the constexprs, hence registers, do not depend on N and K)."""
+    """Every candidate GEMV launch config (the constexprs, hence registers, do not depend on N and K), and the
+    default configs' programmatic dependent launches."""
     import torch
 
     from latentrt.kernels import linear
@@ -90,6 +91,11 @@ def _linear_candidates() -> None:
             for gate in (False, True):
                 x, w = torch.randn(m, 64).bfloat16(), torch.randn(64, 64).bfloat16()
                 linear.fused(x, w, gate=gate, config=cfg)
+    for m in (1, 8):  # programmatic dependent launches (benchmarks/probes/gemv_chain.py) at the default configs
+        for gate in (False, True):
+            x, w = torch.randn(m, 64).bfloat16(), torch.randn(128, 64).bfloat16()
+            linear.fused(x, w, gate=gate, pdl=True, config=linear.ONE_ROW_CONFIG if m == 1 else None)
+            linear.fused(x, w, gate=gate, pdl=True, config=linear.FEW_ROWS_CONFIG)
 
 
 def _workloads(size: str, dtype) -> None:

@@ -41,6 +41,7 @@ def norm_prologue_reference(h: Tensor, w_adapter: Tensor, add: Tensor, w_norm: T
 
 
 if HAVE_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _dot_rows(x, w):
@@ -51,6 +52,19 @@ if HAVE_TRITON:
         if w.dtype == tl.float32 or INTERPRETED:
             return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         return tl.dot(x.to(w.dtype), tl.trans(w))
+
+    @triton.jit
+    def _prefetch_rows(w_ptr, rows, rows_ok, K, stride_wn, LINES: tl.constexpr, LINE: tl.constexpr):
+        """Ask L2 for weight rows ``rows`` (K elements each, LINE elements a 128-byte line; LINES >= the lines a
+        row spans): one ``prefetch.global.L2`` a line, spread over the program's threads. A hint: nothing
+        waits for it and nothing is read."""
+        line = tl.arange(0, LINES) * LINE
+        ok = rows_ok[:, None] & (line[None, :] < K)
+        # (a line out of range asks for the row's first line again: cheaper than a branch, and never faults)
+        ptrs = w_ptr + rows[:, None] * stride_wn + tl.where(ok, line[None, :], 0)
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
 
     @triton.jit
     def _linear_kernel(
@@ -82,16 +96,27 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         REDUCE: tl.constexpr,
+        PDL: tl.constexpr = False,
+        PDL_LINES: tl.constexpr = 1,
+        PDL_LINE: tl.constexpr = 64,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        if PDL and not INTERPRETED:  # launched before the previous kernel ended (programmatic dependent launch):
+            # this program's weights stream into L2 meanwhile (they depend on nothing), then it waits for the
+            # previous kernel's writes before reading anything else, and lets the next kernel launch likewise
+            _prefetch_rows(w_ptr, rn, n_ok, K, stride_wn, PDL_LINES, PDL_LINE)
+            if GATE:
+                _prefetch_rows(w_ptr, rn + N, n_ok, K, stride_wn, PDL_LINES, PDL_LINE)
+            gdc_wait()
+            gdc_launch_dependents()
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         act = tl.load(act_ptr + rm, mask=m_ok, other=0)
         if tl.sum(act.to(tl.int32), 0) == 0:  # every row frozen: skip the weight pass
             return
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # REDUCE: products summed in registers per k lane, reduced once after the loop (no tensor cores,
@@ -221,6 +246,7 @@ def fused(
     gelu: bool = False,
     stats: Tensor | None = None,
     ln_prenorm: tuple[Tensor, Tensor, Tensor, float] | None = None,
+    pdl: bool | None = None,
 ) -> Tensor:
     """Triton version of ``reference`` for 2-D x [M, K]; W may be a column slice (row stride != K).
     ``config``: launch parameters (kind, BLOCK_N, BLOCK_K, num_warps, num_stages); default_config(M) if None.
@@ -228,7 +254,9 @@ def fused(
     their LayerNorm forms (GPT-2), with [M, 2] fp32 (sum, sum of squares) per row. ``bias`` [N] is added
     before rounding (addmm); ``gelu`` applies GPT-2's tanh GELU to the result. Rows of frozen sequences
     are left unwritten: zeros in a fresh ``out``, or whatever memory held with ``zero_frozen=False``
-    (callers that mask those rows save a memset per call)."""
+    (callers that mask those rows save a memset per call). ``pdl``: a programmatic dependent launch (sm_90+;
+    default: LATENTRT_PDL=1): the kernel starts while the previous one ends and streams its weights into L2
+    before it waits for the previous kernel's writes (a probe's question: benchmarks/probes/gemv_chain.py)."""
     M, K = x.shape
     N = w.shape[0] // 2 if gate else w.shape[0]
     assert w.stride(1) == 1 and x.stride(1) == 1
@@ -278,8 +306,24 @@ def fused(
         BLOCK_M=block_m,
         REDUCE=reduce,
         **cfg,
+        **(_pdl_launch(K, w) if (pdl if pdl is not None else PDL_BY_DEFAULT) and _pdl_capable(w) else {}),
     )
     return out
+
+
+PDL_BY_DEFAULT = os.environ.get("LATENTRT_PDL") == "1"
+
+
+def _pdl_capable(w: Tensor) -> bool:
+    """Programmatic dependent launch needs sm_90 or later (the interpreter runs the kernel without its waits)."""
+    return INTERPRETED or (w.is_cuda and torch.cuda.get_device_capability(w.device) >= (9, 0))
+
+
+def _pdl_launch(K: int, w: Tensor) -> dict:
+    """The constexprs and launch option of a programmatic dependent launch: lines (128 bytes) a row spans."""
+    line = 128 // w.element_size()
+    pdl = dict(PDL=True, PDL_LINES=next_pow2(triton.cdiv(K, line)), PDL_LINE=line)
+    return pdl if INTERPRETED else dict(pdl, launch_pdl=True)
 
 
 def _env_config() -> dict | None:
