@@ -66,6 +66,12 @@ if [ "${GPU_PROBE:-1}" = 1 ]; then
     -o /tmp/stream_probe >"$LOGS/probe_build.log" 2>&1 && timeout 60 /tmp/stream_probe 8 >"$LOGS/probe.log" 2>&1
   echo "probe exit $?" | tee -a "$LOG"
   grep "^probe" "$LOGS/probe.log" | tee -a "$LOG"
+  # the Triton path's side of #11 (68% of the floor at batch 1): its 17 weight products a core iteration in a
+  # graph, against one launch of the same bytes, cuBLAS, and programmatic dependent launches (~40 s: compiles)
+  stamp "probe: the Triton GEMV chain, launch gaps and PDL (benchmarks/probes/gemv_chain.py)"
+  timeout "$(within 90)" python3 -m benchmarks.probes.gemv_chain >"$LOGS/gemv_chain.log" 2>&1
+  echo "gemv chain exit $?" | tee -a "$LOG"
+  grep -v '^{' "$LOGS/gemv_chain.log" | tail -14 | tee -a "$LOG"
 fi
 
 if [ "${GPU_BUILD:-1}" = 1 ]; then  # GPU_BUILD=0: use the extension built already (tests' dry run)
