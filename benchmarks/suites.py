@@ -346,7 +346,9 @@ def _backends(
     the latent loop's weights copied as tensor-map boxes, decode_recurrent only; ``cuda-stream-mma``: its GEMVs
     on tensor cores at batch 1-4 too, decode_recurrent only), grid barriers by counters in
     global memory (``cuda-counter-barrier``); the Triton path once more without ``early_stop``
-    (``triton-one-graph``: the token's whole loop one graph, never stopped early; decode_recurrent only).
+    (``triton-one-graph``: the token's whole loop one graph, never stopped early; decode_recurrent only), and
+    with its weight products launched programmatically dependent (``triton-pdl``, timed under ``pdl_launches``;
+    decode_recurrent only: benchmarks/probes/gemv_chain.py asks first whether it pays).
     LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke failed) names labels to leave out, everywhere
     (``cuda-stream``) or in one suite (``decode_coconut:cuda-stream``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
@@ -362,6 +364,8 @@ def _backends(
                 backend = latentrt.backends.get_backend(name, model)
                 backend.early_stop = False
                 yield "triton-one-graph", backend
+            if name == "triton" and suite == "decode_recurrent" and "triton-pdl" not in skip:
+                yield "triton-pdl", latentrt.backends.get_backend(name, model)  # (timed under pdl_launches)
             continue
         kernels = (  # kernel, barrier mode, attention, weight copies, GEMV units, label
             ("barrier", 0, "split", "rows", "auto", "cuda"),
@@ -436,6 +440,20 @@ def cudnn_sdpa(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+@contextmanager
+def pdl_launches(enabled: bool) -> Iterator[None]:
+    """The Triton GEMVs launched programmatically dependent (``linear.fused``'s default) or not, restored
+    afterwards."""
+    from latentrt.kernels import linear
+
+    before = linear.PDL_BY_DEFAULT
+    linear.PDL_BY_DEFAULT = enabled
+    try:
+        yield
+    finally:
+        linear.PDL_BY_DEFAULT = before
+
+
 def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
     model = shared_model(plan, "recurrent")
     cfg = model.config
@@ -454,7 +472,7 @@ def recurrent_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
         for backend, impl in backends:
             model.backend = impl
             try:
-                with cudnn_sdpa(backend != NO_CUDNN_SDPA):
+                with cudnn_sdpa(backend != NO_CUDNN_SDPA), pdl_launches(backend == "triton-pdl"):
                     t, steps = _decode_ms(model, ids, plan.tokens, **kw)
             except Exception as exc:  # a failing backend is a result, not the end of the run
                 yield error_record("decode_recurrent", "generate", backend, c, exc)

@@ -114,8 +114,8 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     monkeypatch.setattr(suites.latentrt.backends, "get_backend", lambda name, model: SimpleNamespace(name=name))
     monkeypatch.delenv("LATENTRT_BENCH_SKIP", raising=False)
     rows = {label: b for label, b in suites._backends(None)}
-    labels = ["torch", "triton", "triton-one-graph", "cuda", "cuda-stream", "cuda-stream-mma", "cuda-stream-tensor"]
-    assert list(rows) == [*labels, "cuda-stream-cta", "cuda-counter-barrier"]
+    labels = ["torch", "triton", "triton-one-graph", "triton-pdl", "cuda", "cuda-stream", "cuda-stream-mma"]
+    assert list(rows) == [*labels, "cuda-stream-tensor", "cuda-stream-cta", "cuda-counter-barrier"]
     assert rows["triton-one-graph"].early_stop is False and not hasattr(rows["triton"], "early_stop")
     cuda = {k: b for k, b in rows.items() if k.startswith("cuda")}
     variant = {
@@ -134,6 +134,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
         "torch",
         "triton",
         "triton-one-graph",
+        "triton-pdl",
         "cuda",
         "cuda-stream-mma",
         "cuda-stream-tensor",
@@ -148,6 +149,23 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert "cuda-stream-tensor" not in dict(suites._backends(None, ("split",), "decode_coconut"))  # rows only there
     assert "cuda-stream-mma" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "triton-one-graph" not in dict(suites._backends(None, ("split",), "decode_coconut"))
+    assert "triton-pdl" not in dict(suites._backends(None, ("split",), "decode_coconut"))
+
+
+def test_the_pdl_row_times_the_triton_gemvs_launched_programmatically_dependent(monkeypatch):
+    """decode_recurrent's ``triton-pdl`` row runs under ``pdl_launches``: linear.fused's default is a
+    programmatic dependent launch there and only there (restored after, also after an error)."""
+    from benchmarks import suites
+    from latentrt.kernels import linear
+
+    seen = []
+    monkeypatch.setattr(suites, "_decode_ms", lambda *a, **k: seen.append(linear.PDL_BY_DEFAULT) or 1 / 0)
+    monkeypatch.setattr(linear, "PDL_BY_DEFAULT", False)
+    plan = suites.Plan(torch.device("cpu"), quick=True)
+    labels = [r["backend"] for r in suites.recurrent_decode(plan, 1e9) if r.get("backend")]
+    ran = dict(zip(labels, seen))
+    assert ran["triton-pdl"] is True and ran["triton"] is False and ran["torch"] is False
+    assert linear.PDL_BY_DEFAULT is False
 
 
 def test_the_gpu_script_runs_through_its_fallbacks_without_a_gpu(tmp_path):
