@@ -54,17 +54,18 @@ if HAVE_TRITON:
         return tl.dot(x.to(w.dtype), tl.trans(w))
 
     @triton.jit
-    def _prefetch_rows(w_ptr, rows, rows_ok, K, stride_wn, LINES: tl.constexpr, LINE: tl.constexpr):
-        """Ask L2 for weight rows ``rows`` (K elements each, LINE elements a 128-byte line; LINES >= the lines a
-        row spans): one ``prefetch.global.L2`` a line, spread over the program's threads. A hint: nothing
-        waits for it and nothing is read."""
-        line = tl.arange(0, LINES) * LINE
-        ok = rows_ok[:, None] & (line[None, :] < K)
-        # (a line out of range asks for the row's first line again: cheaper than a branch, and never faults)
-        ptrs = w_ptr + rows[:, None] * stride_wn + tl.where(ok, line[None, :], 0)
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )
+    def _prefetch_rows(w_ptr, rows, rows_ok, K, stride_wn, LINE: tl.constexpr, CHUNK: tl.constexpr):
+        """Ask L2 for weight rows ``rows`` (K elements each; LINE elements a 128-byte line), CHUNK lines of each
+        row at a time (a few addresses a thread: a whole row's at once would spill): one ``prefetch.global.L2``
+        a line. A hint: nothing waits for it and nothing is read."""
+        for k0 in range(0, K, CHUNK * LINE):
+            line = k0 + tl.arange(0, CHUNK) * LINE
+            ok = rows_ok[:, None] & (line[None, :] < K)
+            # (a line out of range asks for the row's first line again: cheaper than a branch, never a fault)
+            ptrs = w_ptr + rows[:, None] * stride_wn + tl.where(ok, line[None, :], 0)
+            tl.inline_asm_elementwise(
+                "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+            )
 
     @triton.jit
     def _linear_kernel(
@@ -97,8 +98,8 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         REDUCE: tl.constexpr,
         PDL: tl.constexpr = False,
-        PDL_LINES: tl.constexpr = 1,
         PDL_LINE: tl.constexpr = 64,
+        PDL_CHUNK: tl.constexpr = 1,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -107,9 +108,9 @@ if HAVE_TRITON:
         if PDL and not INTERPRETED:  # launched before the previous kernel ended (programmatic dependent launch):
             # this program's weights stream into L2 meanwhile (they depend on nothing), then it waits for the
             # previous kernel's writes before reading anything else, and lets the next kernel launch likewise
-            _prefetch_rows(w_ptr, rn, n_ok, K, stride_wn, PDL_LINES, PDL_LINE)
+            _prefetch_rows(w_ptr, rn, n_ok, K, stride_wn, PDL_LINE, PDL_CHUNK)
             if GATE:
-                _prefetch_rows(w_ptr, rn + N, n_ok, K, stride_wn, PDL_LINES, PDL_LINE)
+                _prefetch_rows(w_ptr, rn + N, n_ok, K, stride_wn, PDL_LINE, PDL_CHUNK)
             gdc_wait()
             gdc_launch_dependents()
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -306,7 +307,7 @@ def fused(
         BLOCK_M=block_m,
         REDUCE=reduce,
         **cfg,
-        **(_pdl_launch(K, w) if (pdl if pdl is not None else PDL_BY_DEFAULT) and _pdl_capable(w) else {}),
+        **(_pdl_launch(w, cfg) if (pdl if pdl is not None else PDL_BY_DEFAULT) and _pdl_capable(w) else {}),
     )
     return out
 
@@ -319,10 +320,11 @@ def _pdl_capable(w: Tensor) -> bool:
     return INTERPRETED or (w.is_cuda and torch.cuda.get_device_capability(w.device) >= (9, 0))
 
 
-def _pdl_launch(K: int, w: Tensor) -> dict:
-    """The constexprs and launch option of a programmatic dependent launch: lines (128 bytes) a row spans."""
-    line = 128 // w.element_size()
-    pdl = dict(PDL=True, PDL_LINES=next_pow2(triton.cdiv(K, line)), PDL_LINE=line)
+def _pdl_launch(w: Tensor, cfg: dict) -> dict:
+    """The constexprs and launch option of a programmatic dependent launch: 128-byte lines of elements, and
+    lines a row prefetched at a time (4 addresses a thread)."""
+    chunk = max(1, 4 * 32 * cfg["num_warps"] // cfg["BLOCK_N"])
+    pdl = dict(PDL=True, PDL_LINE=128 // w.element_size(), PDL_CHUNK=chunk)
     return pdl if INTERPRETED else dict(pdl, launch_pdl=True)
 
 
