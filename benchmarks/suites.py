@@ -347,8 +347,8 @@ def _backends(
     on tensor cores at batch 1-4 too, decode_recurrent only), grid barriers by counters in
     global memory (``cuda-counter-barrier``); the Triton path once more without ``early_stop``
     (``triton-one-graph``: the token's whole loop one graph, never stopped early; decode_recurrent only), and
-    with its weight products launched programmatically dependent (``triton-pdl``, timed under ``pdl_launches``;
-    decode_recurrent only: benchmarks/probes/gemv_chain.py asks first whether it pays).
+    with its weight products launched programmatically dependent (``triton-pdl``, timed under ``pdl_launches``:
+    benchmarks/probes/gemv_chain.py asks first whether it pays).
     LATENTRT_BENCH_SKIP (gpu_check.sh: kernels whose smoke failed) names labels to leave out, everywhere
     (``cuda-stream``) or in one suite (``decode_coconut:cuda-stream``)."""
     yield "torch", latentrt.backends.get_backend("torch", model)
@@ -364,7 +364,7 @@ def _backends(
                 backend = latentrt.backends.get_backend(name, model)
                 backend.early_stop = False
                 yield "triton-one-graph", backend
-            if name == "triton" and suite == "decode_recurrent" and "triton-pdl" not in skip:
+            if name == "triton" and "triton-pdl" not in skip and f"{suite}:triton-pdl" not in skip:
                 yield "triton-pdl", latentrt.backends.get_backend(name, model)  # (timed under pdl_launches)
             continue
         kernels = (  # kernel, barrier mode, attention, weight copies, GEMV units, label
@@ -618,10 +618,14 @@ def coconut_decode(plan: Plan, copy_bw: float) -> Iterator[dict]:
                 return single_shot((prompt_ms(with_thoughts(k2)) - prompt_ms(thoughts)) / (k2 - k), 1)
 
             config = {"batch": batch, "k": k, "k2": k2}
-            yield timed_record("decode_coconut", "thought", backend, config, per_thought, floor_ms)
             # answer tokens: single-position passes through the backend's column runner, plus the head
             answer = lambda thoughts=thoughts: _decode_ms(model, thoughts, plan.tokens)[0]  # noqa: E731
-            yield timed_record("decode_coconut", "answer_token", backend, config, answer, answer_floor_ms)
+            with pdl_launches(backend == "triton-pdl"):
+                rows = [
+                    timed_record("decode_coconut", "thought", backend, config, per_thought, floor_ms),
+                    timed_record("decode_coconut", "answer_token", backend, config, answer, answer_floor_ms),
+                ]
+            yield from rows
         model.backend = latentrt.backends.get_backend("torch", model)
         if batch == 1:
             n = 3

@@ -149,22 +149,32 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert "cuda-stream-tensor" not in dict(suites._backends(None, ("split",), "decode_coconut"))  # rows only there
     assert "cuda-stream-mma" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "triton-one-graph" not in dict(suites._backends(None, ("split",), "decode_coconut"))
-    assert "triton-pdl" not in dict(suites._backends(None, ("split",), "decode_coconut"))
+    assert "triton-pdl" in dict(suites._backends(None, ("split",), "decode_coconut"))
 
 
-def test_the_pdl_row_times_the_triton_gemvs_launched_programmatically_dependent(monkeypatch):
-    """decode_recurrent's ``triton-pdl`` row runs under ``pdl_launches``: linear.fused's default is a
-    programmatic dependent launch there and only there (restored after, also after an error)."""
+@pytest.mark.parametrize("suite", ["recurrent_decode", "coconut_decode"])
+def test_the_pdl_row_times_the_triton_gemvs_launched_programmatically_dependent(monkeypatch, suite):
+    """decode_recurrent's and decode_coconut's ``triton-pdl`` rows run under ``pdl_launches``: linear.fused's
+    default is a programmatic dependent launch there and only there (restored after, also after an error)."""
     from benchmarks import suites
     from latentrt.kernels import linear
 
     seen = []
-    monkeypatch.setattr(suites, "_decode_ms", lambda *a, **k: seen.append(linear.PDL_BY_DEFAULT) or 1 / 0)
+
+    def timed(*args, **kwargs):
+        seen.append(linear.PDL_BY_DEFAULT)
+        raise RuntimeError("not timed here")
+
+    monkeypatch.setattr(suites, "_decode_ms", timed)
+    monkeypatch.setattr(suites, "measure", timed)
     monkeypatch.setattr(linear, "PDL_BY_DEFAULT", False)
     plan = suites.Plan(torch.device("cpu"), quick=True)
-    labels = [r["backend"] for r in suites.recurrent_decode(plan, 1e9) if r.get("backend")]
-    ran = dict(zip(labels, seen))
-    assert ran["triton-pdl"] is True and ran["triton"] is False and ran["torch"] is False
+    records = [r for r in getattr(suites, suite)(plan, 1e9) if "error" in r]
+    assert len(records) == len(seen) and {r["error"] for r in records} == {"RuntimeError: not timed here"}
+    by_backend = {}
+    for r, pdl in zip(records, seen):
+        by_backend.setdefault(r["backend"], set()).add(pdl)
+    assert by_backend["triton-pdl"] == {True} and by_backend["triton"] == {False} and by_backend["torch"] == {False}
     assert linear.PDL_BY_DEFAULT is False
 
 
