@@ -72,6 +72,10 @@ if [ "${GPU_PROBE:-1}" = 1 ]; then
   timeout "$(within 90)" python3 -m benchmarks.probes.gemv_chain >"$LOGS/gemv_chain.log" 2>&1
   echo "gemv chain exit $?" | tee -a "$LOG"
   grep -v '^{' "$LOGS/gemv_chain.log" | tail -14 | tee -a "$LOG"
+  timeout "$(within 40)" python3 -m benchmarks.probes.gemv_chain --shape gpt2 --batch 1 --iters 8 \
+    >"$LOGS/gemv_chain_gpt2.log" 2>&1
+  echo "gemv chain gpt2 exit $?" | tee -a "$LOG"
+  grep -v '^{' "$LOGS/gemv_chain_gpt2.log" | tail -8 | tee -a "$LOG"
 fi
 
 if [ "${GPU_BUILD:-1}" = 1 ]; then  # GPU_BUILD=0: use the extension built already (tests' dry run)

@@ -26,6 +26,9 @@ def test_the_chain_is_the_products_in_order():
     """Each product reads the previous one's output (its first columns): the probe times the loop's order."""
     products = gemv_chain.core_products("tiny", torch.device("cpu"), torch.float32)
     assert [n for n, _, _ in products][:5] == ["adapter", "qkv0", "o0", "fc0", "proj0"] and len(products) == 17
+    thought = gemv_chain.core_products("gpt2", torch.device("cpu"), torch.bfloat16)
+    assert len(thought) == 48 and not any(gate for _, _, gate in thought)
+    assert gemv_chain.weight_bytes(thought) == 12 * 2 * (3 * 768 * 768 + 768 * 768 + 2 * 3072 * 768)
     x0 = torch.randn(2, products[0][1].shape[1])
     got = gemv_chain.chain(products, x0, 2, gemv_chain.cublas_product)
     x = x0

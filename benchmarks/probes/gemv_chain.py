@@ -18,9 +18,11 @@ bf16), in CUDA graphs, beside the copy bandwidth of a 4 GiB buffer measured in t
 ``LATENTRT_PDL=1``). ``chain`` and ``chain+pdl`` must give the same output bit for bit (same arithmetic; a
 difference is a missing wait). Prints one JSON line per measurement, then a table.
 
-    python -m benchmarks.probes.gemv_chain [--batch 1,8] [--iters 4] [--repeats 10] [--shape huginn|tiny]
+    python -m benchmarks.probes.gemv_chain [--batch 1,8] [--iters 4] [--repeats 10] [--shape huginn|gpt2|tiny]
 
-``--shape tiny`` runs anywhere (the CPU under ``TRITON_INTERPRET=1``: the probe's own test; no timing sense).
+``--shape gpt2``: a continuous thought's 48 products at GPT-2 124M (170 MB, a 0.04 ms floor at 4.3 TB/s; the
+Triton thought is 84 launches, these 48 among them, against the 0.1 ms goal). ``--shape tiny`` runs anywhere
+(the CPU under ``TRITON_INTERPRET=1``: the probe's own test; its timings mean nothing).
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ from ..timing import measure_graph
 
 def core_products(shape: str, device, dtype, seed: int = 0) -> list[tuple[str, torch.Tensor, bool]]:
     """(name, weight [N, K], gate) of one core iteration's products, in order: the adapter's state half, then
-    per layer qkv, o, fc (gate and up rows together), proj."""
+    per layer qkv, o, fc (gate and up rows together), proj; at GPT-2's shape a continuous thought's (48)."""
     d, heads, head_dim, ffn, _ = SHAPES[shape]
     g = torch.Generator(device).manual_seed(seed)  # (drawn on the device: 3.3 GB on the CPU take ~20 s)
 
     def weight(n: int, k: int) -> torch.Tensor:
         return (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)
 
+    if shape == "gpt2":  # a continuous thought: 12 layers of c_attn, attn.c_proj, c_fc (GELU), mlp.c_proj
+        kinds = (("qkv", 3 * d, d), ("o", d, d), ("fc", ffn, d), ("proj", d, ffn))
+        return [(f"{name}{layer}", weight(n, k), False) for layer in range(12) for name, n, k in kinds]
     adapter = weight(d, 2 * d)[:, :d]  # (a column slice: the loop reads W[:, :d] per iteration)
     out = [("adapter", adapter, False)]
     for layer in range(4):
@@ -88,9 +93,9 @@ def cublas_product(x, w, gate):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.probes.gemv_chain", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--iters", type=int, default=4, help="core iterations per graph replay")
+    ap.add_argument("--iters", type=int, default=4, help="core iterations (thoughts) per graph replay")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--shape", default="huginn", choices=["huginn", "tiny"])
+    ap.add_argument("--shape", default="huginn", choices=["huginn", "gpt2", "tiny"])
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     if not gpu and args.shape != "tiny":
