@@ -16,6 +16,7 @@ at its third call); a server keeps its own (its engine thread and a caller's gen
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -29,6 +30,11 @@ def distribution(logits: Tensor, vocab: int, settings: tuple) -> Tensor:
     """The distribution [B, V] logits [B, W] draw from (the head's padding columns excluded), as
     ``sampling.sample`` computes it eagerly."""
     return sampling_probs(in_vocabulary(logits, vocab), *settings)
+
+
+def _forgotten() -> None:
+    """What a copied or unpickled ``Distributions`` becomes (``Distributions.__reduce__``)."""
+    return None
 
 
 class DistributionRunner(GraphedRunner):
@@ -48,13 +54,15 @@ class Distributions:
     """Distributions to draw from, a ``DistributionRunner`` per settings and logits shape, at most MAX_GRAPHS
     (the least recently used dropped). A key's graph is captured at its CAPTURE_AT-th call, its calls before
     run eagerly: a request's own temperature (any float) would otherwise cost a capture (an eager call, a
-    synchronize, the recording) for one request's tokens."""
+    synchronize, the recording) for one request's tokens. A graph's input and output are shared: where threads
+    share an instance (generate()'s, kept on the model), each holds ``lock`` from its call to its draw."""
 
     MAX_GRAPHS = 16  # (each graph holds its shape's temporaries: a few MB a row at a 50k vocabulary)
     CAPTURE_AT = 3
 
     def __init__(self, model) -> None:
         self.model, self.device = model, model.device
+        self.lock = threading.Lock()  # held by a caller from a call to its draw, where threads share the model's
         self.runners: OrderedDict[tuple, DistributionRunner] = OrderedDict()
         self._dropped_captures = 0
 
@@ -67,9 +75,10 @@ class Distributions:
             found = model.__dict__["_latentrt_distributions"] = cls(model)
         return found
 
-    def __deepcopy__(self, memo: dict) -> None:
-        """A copied model's own is none (``of_model`` makes it anew): graphs and their buffers are not copied."""
-        return None
+    def __reduce__(self):
+        """A copied or pickled model's own is none (``of_model`` makes it anew): graphs, their buffers and the
+        lock are neither copied nor pickled."""
+        return (_forgotten, ())
 
     @property
     def captures(self) -> int:

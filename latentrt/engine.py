@@ -272,7 +272,10 @@ class Generation:
         """Tokens [B] from logits [B, V] with the call's sampling settings (``rows``: the running sequences)."""
         o = self.options
         args = (o.temperature, o.top_k, o.top_p, self.rng, rows, o.min_p, o.published_top_p)
-        return sample(logits, *args, distributions=self.distributions if o.temperature else None)
+        if not o.temperature:
+            return sample(logits, *args)
+        with self.distributions.lock:  # (the graphs are the model's: another thread's call would overwrite them)
+            return sample(logits, *args, distributions=self.distributions)
 
     @cached_property
     def distributions(self) -> Distributions:

@@ -8,6 +8,7 @@ graph changes what generate() draws.
 from __future__ import annotations
 
 import copy
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -75,15 +76,33 @@ def test_generate_samples_through_its_models_graphs_as_it_does_eagerly(monkeypat
     assert sim.replays > 40 and not checked.hazards, checked.hazards
 
 
-def test_a_copied_model_gets_its_own_empty_distributions():
-    """The graphs stay with their model: a deep copy (tests and trainers copy models) starts empty, for the copy."""
+def test_a_copied_or_pickled_model_gets_its_own_empty_distributions():
+    """The graphs stay with their model: a deep copy (tests and trainers copy models) or a pickled model
+    (``torch.save(model)``) starts without them, and makes its own at its first sampled token."""
     model = tiny_recurrent(seed=2)
     latentrt.generate(model, [5, 6], temperature=0.8, seed=1, max_new_tokens=3)
     dists = Distributions.of_model(model)
     assert dists.runners
-    copied = copy.deepcopy(model)
-    theirs = Distributions.of_model(copied)
-    assert theirs is not dists and theirs.model is copied and not theirs.runners
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.__dict__["_latentrt_distributions"] is None
+        theirs = Distributions.of_model(copied)
+        assert theirs is not dists and theirs.model is copied and not theirs.runners
+        assert latentrt.generate(copied, [5, 6], temperature=0.8, seed=1, max_new_tokens=3).tokens == (
+            latentrt.generate(model, [5, 6], temperature=0.8, seed=1, max_new_tokens=3).tokens
+        )
+
+
+def test_generate_holds_the_models_lock_from_a_distribution_to_its_draw(monkeypatch):
+    """Threads generating with one model share its graphs (an input copied in, an output overwritten by the
+    next replay): each sampled pick holds the lock across its distributions and draws."""
+    model = tiny_recurrent(seed=2)
+    held = []
+    call = Distributions.__call__
+    monkeypatch.setattr(Distributions, "__call__", lambda self, *a: held.append(self.lock.locked()) or call(self, *a))
+    latentrt.generate(model, [[5, 6], [7, 8, 9]], temperature=0.8, seed=1, max_new_tokens=3)
+    latentrt.generate(model, [[5, 6], [7, 8, 9]], temperature=0.8, max_new_tokens=3)
+    assert len(held) == 3 * 2 + 3 and all(held)
+    assert not Distributions.of_model(model).lock.locked()
 
 
 @pytest.mark.gpu
