@@ -38,12 +38,12 @@ def _forgotten() -> None:
 
 
 class DistributionRunner(GraphedRunner):
-    """``sampling_probs`` of logits of one shape (``logits``, fp32, copied in per call) with fixed settings
+    """``sampling_probs`` of logits of one shape and dtype (``logits``, copied in per call) with fixed settings
     (temperature, top-k, top-p, min-p, published top-p), the head's padding columns excluded."""
 
-    def __init__(self, model, settings: tuple, shape: tuple[int, ...]) -> None:
+    def __init__(self, model, settings: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.model, self.settings = model, settings
-        self.logits = torch.zeros(shape, dtype=torch.float32, device=model.device)
+        self.logits = torch.zeros(shape, dtype=dtype, device=model.device)
         self.calls = 0
 
     def run(self) -> Tensor:
@@ -51,7 +51,7 @@ class DistributionRunner(GraphedRunner):
 
 
 class Distributions:
-    """Distributions to draw from, a ``DistributionRunner`` per settings and logits shape, at most MAX_GRAPHS
+    """Distributions to draw from, a ``DistributionRunner`` per settings, logits shape and dtype, at most MAX_GRAPHS
     (the least recently used dropped). A key's graph is captured at its CAPTURE_AT-th call, its calls before
     run eagerly: a request's own temperature (any float) would otherwise cost a capture (an eager call, a
     synchronize, the recording) for one request's tokens. A graph's input and output are shared: where threads
@@ -85,14 +85,14 @@ class Distributions:
         """Graphs captured so far (the dropped runners' included)."""
         return self._dropped_captures + sum(r.captures for r in self.runners.values())
 
-    def new_runner(self, settings: tuple, shape: tuple[int, ...]) -> DistributionRunner:
-        return DistributionRunner(self.model, settings, shape)
+    def new_runner(self, settings: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> DistributionRunner:
+        return DistributionRunner(self.model, settings, shape, dtype)
 
     def __call__(self, settings: tuple, logits: Tensor) -> Tensor:
         """The distribution [B, V] to draw from, for logits [B, W] (the head's, or penalised: in the vocabulary
         already) and ``settings`` (``sampling_probs``' arguments after the logits). Valid until the next call
         with the same settings and shape (a graph's output is overwritten by its next replay)."""
-        key = (settings, tuple(logits.shape))
+        key = (settings, tuple(logits.shape), logits.dtype)
         runner = self.runners.pop(key, None) or self.new_runner(*key)
         self.runners[key] = runner
         while len(self.runners) > self.MAX_GRAPHS:

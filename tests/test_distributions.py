@@ -35,6 +35,12 @@ def test_a_graphs_distribution_is_the_eager_one_bit_for_bit_at_a_real_vocabulary
                     got = dists(args, logits)
             assert sim.replays == 1 and len(sim.captured) == 1
             assert torch.equal(got, sampling_probs(in_vocabulary(logits, 50257), *args))
+    half = logits.bfloat16()  # (a graph per dtype too: its input is the caller's logits as they are)
+    with SimulatedGraphs([dists := Distributions(big)]):
+        for _ in range(Distributions.CAPTURE_AT + 1):
+            got_half, got = dists(args, half), dists(args, logits)
+        assert got_half.data_ptr() != got.data_ptr()
+    assert torch.equal(got_half, sampling_probs(in_vocabulary(half, 50257), *args)) and len(dists.runners) == 2
 
 
 @pytest.mark.parametrize("make", [tiny_recurrent, tiny_coconut], ids=["recurrent", "coconut"])
