@@ -91,7 +91,7 @@ class Distributions:
     def __call__(self, settings: tuple, logits: Tensor) -> Tensor:
         """The distribution [B, V] to draw from, for logits [B, W] (the head's, or penalised: in the vocabulary
         already) and ``settings`` (``sampling_probs``' arguments after the logits). Valid until the next call
-        with the same settings and shape (a graph's output is overwritten by its next replay)."""
+        with the same settings, shape and dtype (a graph's output is overwritten by its next replay)."""
         key = (settings, tuple(logits.shape), logits.dtype)
         runner = self.runners.pop(key, None) or self.new_runner(*key)
         self.runners[key] = runner
