@@ -1083,7 +1083,8 @@ def run_huginn_training(rm, case: dict, model) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def draw_fingerprint() -> dict:
-    """What this torch draws from seed 0 with the two samplers the cases draw from, with its version:
+    """What this torch draws from seed 0 with the two samplers the cases draw from, with its version and the CPU
+    instruction set its kernels run (``cpu_capability``: the bf16 cases depend on it):
     ``trunc_normal_`` (the published random initial state; torch 2.13 changed it, 2.11 gives other numbers)
     and ``multinomial`` (sampling; torch 2.4 gives other tokens than 2.11 and 2.13). The published code and
     latentrt follow their torch alike, so a case that draws holds only under a torch that draws as the one
@@ -1093,7 +1094,12 @@ def draw_fingerprint() -> dict:
     probs = torch.softmax(torch.linspace(0.0, 1.0, 40), 0)[None]
     seeded = torch.Generator().manual_seed(0)
     tokens = [torch.multinomial(probs, 1, generator=seeded).item() for _ in range(8)]
-    return {"torch": torch.__version__, "trunc_normal_seed_0": x.tolist(), "multinomial_seed_0": tokens}
+    # torch's CPU kernels by instruction set round bf16 arithmetic differently (the bf16 cases' tokens differ
+    # between AVX512 and AVX2): the bf16 cases hold only where this capability is the running one
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"torch": torch.__version__, "cpu_capability": capability, "trunc_normal_seed_0": x.tolist()} | {
+        "multinomial_seed_0": tokens
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
