@@ -648,3 +648,53 @@ def test_pool_attention_bf16_anchored_on_fp32():
     got = pa.fused(*_clone(inputs))[0]
     want = pa.reference(*_as_float(_clone(inputs)))[0]
     _close(got, want, 2e-2)
+
+
+if kernels.triton_available():  # module level: the interpreter looks a kernel's helpers up in its globals
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _twice_plus(x, y):
+        return x * 2 + tl.abs(y)
+
+    @triton.jit
+    def _helper_calling_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m, other=0.0)
+        acc = x
+        for _ in range(3):
+            acc = _twice_plus(acc, x)
+        tl.store(out_ptr + offs, acc, mask=m)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's language patching")
+def test_the_interpreter_patches_the_language_once_per_launch_not_per_helper_call(monkeypatch):
+    """Under the interpreter a kernel's ``@triton.jit`` helpers run without patching triton.language again
+    (latentrt/kernels/_triton.py: it cost ~3 ms a call, in every program), their results unchanged, and the
+    language is restored after each launch, also when the kernel raises."""
+    from triton.runtime import interpreter
+
+    real = {name: getattr(tl, name) for name in ("load", "abs", "arange", "program_id")}
+    x = torch.randn(37)
+    want = x.clone()
+    for _ in range(3):
+        want = want * 2 + x.abs()
+    out = torch.full_like(x, float("nan"))
+    _helper_calling_kernel[(5,)](x, out, 37, BLOCK=8)  # warm: the first launch may patch for real
+    assert torch.equal(out, want)
+    patches = []
+    full_patch = interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: patches.append(a[0]) or full_patch(*a))
+    out.fill_(float("nan"))
+    _helper_calling_kernel[(5,)](x, out, 37, BLOCK=8)  # 5 programs x 3 helper calls
+    assert torch.equal(out, want)
+    assert patches == []  # neither the helpers nor the launch went through the language's members again
+    assert {name: getattr(tl, name) for name in real} == real  # restored after the launch
+    with pytest.raises(Exception, match="power of 2"):
+        _helper_calling_kernel[(5,)](x, out, 37, BLOCK=7)  # (arange's length: raises inside the launch)
+    assert {name: getattr(tl, name) for name in real} == real
+    out.fill_(float("nan"))
+    _helper_calling_kernel[(5,)](x, out, 37, BLOCK=8)  # a launch after one that raised runs patched again
+    assert torch.equal(out, want)

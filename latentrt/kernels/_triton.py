@@ -60,6 +60,60 @@ def _rounding_bf16_to_nearest(interpreter) -> None:
     cls.cast_impl = cast_impl
 
 
+def _patching_language_once(interpreter) -> None:
+    """Patch ``triton.language`` once per kernel launch, not again at each ``@triton.jit`` helper it calls.
+
+    The interpreter runs a kernel with ``triton.language`` patched for the CPU, and patches it again (~3 ms,
+    an ``inspect.getmembers`` of the language's modules) at every helper call, in every program of the
+    grid, although the launch's patch is in place: a third of the interpreted conformance check's time went
+    there. Here a helper call inside a running launch skips the patch when the launch has patched every
+    language module the helper sees (the patch acts on the modules, not on the function), and a launch
+    reapplies what the first launch of the same modules set (the patched members are stateless wrappers of
+    the one interpreter builder). Restoring after each launch is unchanged."""
+    import threading
+
+    patch = getattr(interpreter, "_patch_lang", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if patch is None or scope_type is None or executor is None or not hasattr(scope_type(), "_changes"):
+        return  # pragma: no cover - another Triton layout: keep its behaviour
+    running = threading.local()  # per thread, a stack: the language modules each running launch patched
+    patched_members: dict[frozenset, list] = {}
+
+    def modules_seen(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    def patch_lang(fn):
+        stack = getattr(running, "stack", None)
+        modules = modules_seen(fn)
+        if stack and stack[-1] is not None and modules <= stack[-1]:
+            return scope_type()  # a helper inside a launch that patched its modules: nothing to do
+        if stack and stack[-1] is None:
+            stack[-1] = modules  # the launch's own patch
+        members = patched_members.get(modules)
+        if members is None:
+            scope = patch(fn)
+            patched_members[modules] = [(obj, name, getattr(obj, name)) for obj, name, _ in scope._changes]
+            return scope
+        scope = scope_type()
+        for obj, name, value in members:
+            scope.set_attr(obj, name, value)
+        return scope
+
+    launch = executor.__call__
+
+    def launch_patching_once(self, *args, **kwargs):
+        stack = running.__dict__.setdefault("stack", [])
+        stack.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            stack.pop()
+
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = launch_patching_once
+
+
 if INTERPRETED:  # (the CPU tests) the interpreter, adjusted to run as compiled kernels do
     try:
         from triton.runtime import interpreter as _interpreter
@@ -68,3 +122,4 @@ if INTERPRETED:  # (the CPU tests) the interpreter, adjusted to run as compiled 
     if _interpreter is not None:
         _without_overflow_sanitizer(_interpreter)
         _rounding_bf16_to_nearest(_interpreter)
+        _patching_language_once(_interpreter)
