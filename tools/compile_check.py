@@ -140,8 +140,8 @@ def _recurrent_runs(model, prompts, size: str) -> None:
     criteria = ("none", "latent-diff", "kl", "entropy-diff", "argmax-stability") if tiny else ("none", "kl")
     # every KV mode once, then each criterion once in one mode: on 2026-12-05 the whole product of the two recorded
     # the same 141 launches as this, in 2.2x the time (208 s against 94 s on CI's machine, under the interpreter)
-    ring = "ring-2" if tiny else "shared"
-    runs = [(kv, criteria[0]) for kv in kv_modes] + [(ring, crit) for crit in criteria[1:]]
+    criteria_mode = "ring-2" if tiny else "shared"
+    runs = [(kv, criteria[0]) for kv in kv_modes] + [(criteria_mode, crit) for crit in criteria[1:]]
     for kv, crit in runs:
         kw = dict(max_new_tokens=2, num_steps=3, kv_sharing=kv, init_scale=0.0)
         if crit != "none":
