@@ -1094,11 +1094,11 @@ def draw_fingerprint() -> dict:
     probs = torch.softmax(torch.linspace(0.0, 1.0, 40), 0)[None]
     seeded = torch.Generator().manual_seed(0)
     tokens = [torch.multinomial(probs, 1, generator=seeded).item() for _ in range(8)]
-    # torch's CPU kernels by instruction set round bf16 arithmetic differently (the bf16 cases' tokens differ
-    # between AVX512 and AVX2): the bf16 cases hold only where this capability is the running one
-    capability = torch.backends.cpu.get_cpu_capability()
-    return {"torch": torch.__version__, "cpu_capability": capability, "trunc_normal_seed_0": x.tolist()} | {
-        "multinomial_seed_0": tokens
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (bf16 tokens differ between AVX512 and AVX2)
+        "trunc_normal_seed_0": x.tolist(),
+        "multinomial_seed_0": tokens,
     }
 
 
