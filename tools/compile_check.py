@@ -7,9 +7,15 @@ options) at tiny and at full Huginn-0125 / GPT-2 shapes, then compiles each dist
 (sm_90 by default) through Triton's own compiler with a stand-in driver, and reports the shared memory and
 registers each needs. It fails on a compile error or on shared memory above the target's limit.
 
-    python -m tools.compile_check [--arch 90] [--full]
+    python -m tools.compile_check [--arch 90] [--full] [--execute]
 
 ``--full`` adds the full-shape launches (builds a 3-layer Huginn-width model on the CPU: ~4 GB bf16).
+
+The workloads are recorded without running the kernels' bodies: the Triton backend's launches follow from
+shapes and options, not from values (a token's launches are what its CUDA graph captures), so the garbage
+the skipped kernels leave changes none of them. ``--execute`` runs them through the interpreter as well: on
+2026-12-05 both ways recorded the same 141 launches at tiny shapes, in 100 s executed and 5 s not (CI's
+machine). A kernel (a ``*_kernel`` jit function of latentrt.kernels) that no workload launches fails the check.
 """
 
 from __future__ import annotations
@@ -37,14 +43,17 @@ def _spec(value):
     return ("value", getattr(value, "value", repr(value)))
 
 
-def record(full: bool, out: Path) -> None:
-    """Run the workloads under TRITON_INTERPRET=1 and pickle one spec per distinct launch."""
+def record(full: bool, out: Path, execute: bool = False) -> None:
+    """Run the workloads under TRITON_INTERPRET=1 and pickle one spec per distinct launch; ``execute``: run
+    the kernels too (otherwise skipped: their outputs are left as allocated)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
     from triton.runtime import interpreter
 
     launches: dict = {}
-    execute = [True]
+    execute = [execute]
+    if not execute[0]:
+        _ignore_non_finite()  # the skipped kernels leave garbage, which must not stop the workloads
     real_run = interpreter.InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
@@ -69,8 +78,9 @@ def record(full: bool, out: Path) -> None:
         _workloads("tiny", dtype)
     _linear_candidates()
     if full:
-        execute[0] = False  # full shapes: record the launches, skip the (slow, interpreted) execution;
-        _ignore_non_finite()  # the skipped kernels leave garbage, which must not stop the workloads
+        if execute[0]:  # full shapes: never executed (hours under the interpreter)
+            execute[0] = False
+            _ignore_non_finite()
         for name in kernels.FAMILIES:
             fam = kernels.family(name)
             for shape in ("huginn", "gpt2"):
@@ -168,8 +178,8 @@ def _ignore_non_finite() -> None:
 
 
 def _attempt(fn) -> None:
-    """Run a workload; with kernels skipped (full shapes) values are garbage and host checks may stop it
-    after the launches of interest were recorded."""
+    """Run a workload; with kernels skipped values are garbage and host checks may stop it after the launches
+    of interest were recorded."""
     try:
         fn()
     except Exception as exc:  # noqa: BLE001 - recording keeps what ran before the stop
@@ -233,8 +243,35 @@ def compile_all(records: Path, arch: int) -> int:
             f"{module.split('.')[-1] + '.' + name:34s} {len(args):5d} {kw.get('num_warps', 4)!s:>5s} "
             f"{smem:8d} {n_regs!s:>9s}  {status}"
         )
+    for module, name in _never_launched(launches):
+        print(f"{module.split('.')[-1] + '.' + name:34s} FAIL never launched by the workloads: nothing compiled it")
+        failures += 1
     print(f"{len(launches)} launches compiled for sm_{arch}, {failures} failed")
     return failures
+
+
+def _never_launched(launches) -> list[tuple[str, str]]:
+    """The kernels (``*_kernel`` jit functions of latentrt.kernels' modules; the others are helpers they call)
+    that no recorded launch ran."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import KernelInterface  # (a JITFunction, or under the interpreter its stand-in)
+
+    import latentrt.kernels
+
+    launched = {(module, name) for module, name, *_ in launches}
+    kernels = []
+    for info in pkgutil.iter_modules(latentrt.kernels.__path__):
+        module = importlib.import_module(f"latentrt.kernels.{info.name}")
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, KernelInterface)
+                and name.endswith("_kernel")
+                and value.fn.__module__ == module.__name__
+            ):
+                kernels.append((module.__name__, name))
+    return [k for k in kernels if k not in launched]
 
 
 def _registers(kernel, arch: int):
@@ -273,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
     ap.add_argument("--full", action="store_true", help="also full Huginn-0125 / GPT-2 shapes (~4 GB of RAM)")
+    ap.add_argument("--execute", action="store_true", help="run the kernels while recording (slower, same launches)")
     ap.add_argument("--record-to", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--compile-from", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.record_to:
-        record(args.full, Path(args.record_to))
+        record(args.full, Path(args.record_to), execute=args.execute)
         return 0
     if args.compile_from:
         return 1 if compile_all(Path(args.compile_from), args.arch) else 0
@@ -286,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "launches.pkl"
         me = [sys.executable, "-m", "tools.compile_check", "--arch", str(args.arch)]
         interp = dict(os.environ, TRITON_INTERPRET="1", LATENTRT_GPU_CONFIGS="1")  # the GPU's launch configs
-        subprocess.run(me + ["--record-to", str(path)] + ["--full"] * args.full, env=interp, check=True)
+        flags = ["--full"] * args.full + ["--execute"] * args.execute
+        subprocess.run(me + ["--record-to", str(path), *flags], env=interp, check=True)
         compiled = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run(me + ["--compile-from", str(path)], env=compiled).returncode
 
