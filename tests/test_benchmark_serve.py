@@ -188,7 +188,18 @@ def test_eager_ops_over_a_whole_run(capsys):
     replays happen off CUDA) and prints the eager ops a step over every step of the run."""
     from benchmarks import eager_ops
 
-    argv = ["--requests", "2", "--schedulers", "depth", "--num-steps", "3", "--group-capture-at", "1"]
+    argv = [
+        "--requests",
+        "2",
+        "--max-batch",
+        "2",
+        "--schedulers",
+        "depth",
+        "--num-steps",
+        "3",
+        "--group-capture-at",
+        "1",
+    ]
     assert eager_ops.main(argv) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| depth")]
     assert len(lines) == 1
@@ -197,7 +208,10 @@ def test_eager_ops_over_a_whole_run(capsys):
     assert 0 < int(captures) < int(replays)  # (simulated: off CUDA nothing is captured otherwise)
     # a Coconut model's run: its trace draws thoughts, its captured pass (StepPassRunner) is simulated too (its one
     # prompt's chunk runs eagerly: a key with a chunk slot is captured at its third call)
-    assert eager_ops.main(["--model", "builtin:coconut", "--requests", "1", "--schedulers", "token"]) == 0
+    assert (
+        eager_ops.main(["--model", "builtin:coconut", "--requests", "1", "--max-batch", "1", "--schedulers", "token"])
+        == 0
+    )
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| token"))
     _, capture_at, ops, views, launches, steps, captures, replays = [c.strip() for c in line.strip("|").split("|")]
     assert capture_at == "3" and float(ops) > 0 and int(captures) in (1, 2) and int(replays) > 1  # (2: it samples)
@@ -208,7 +222,19 @@ def test_host_time_leaves_out_what_a_gpu_runs_on_the_device(capsys):
     simulated replays and the interpreted kernels outside them, so it is positive and below the wall."""
     from benchmarks import eager_ops
 
-    argv = ["--requests", "2", "--schedulers", "depth", "--num-steps", "3", "--group-capture-at", "1", "--host-time"]
+    argv = [
+        "--requests",
+        "2",
+        "--max-batch",
+        "2",
+        "--schedulers",
+        "depth",
+        "--num-steps",
+        "3",
+        "--group-capture-at",
+        "1",
+        "--host-time",
+    ]
     assert eager_ops.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     header = next(x for x in out if x.startswith("| scheduler"))
