@@ -64,6 +64,8 @@ def _cudart_dir(home: Path) -> Path:
 
 class NvccBuildExt(build_ext):
     """Compile .cu files with nvcc (sm_90a + PTX fallback by default), the binding with the host compiler.
+    LATENTRT_CUDA_ARCHS=90a,...: the SASS targets; LATENTRT_CUDA_PTX=0: no PTX fallback (the same sources through
+    the same front end again, for another virtual arch: it checks nothing the first target does not).
     LATENTRT_PTXAS_LOG=DIR: ptxas's register / spill report of each .cu file goes to DIR/<name>.log (CI's
     ``python -m tools.ptxas_check --from-build DIR`` reads it instead of compiling everything again)."""
 
@@ -90,8 +92,9 @@ class NvccBuildExt(build_ext):
                 gencode = []
                 for a in archs.split(","):
                     gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
-                base = archs.split(",")[0].rstrip("a")
-                gencode += [f"-gencode=arch=compute_{base},code=compute_{base}"]
+                if os.environ.get("LATENTRT_CUDA_PTX", "1") != "0":  # the PTX fallback (CI: 0, see .ci/run)
+                    base = archs.split(",")[0].rstrip("a")
+                    gencode += [f"-gencode=arch=compute_{base},code=compute_{base}"]
                 cmd = [
                     nvcc,
                     "-c",
