@@ -574,18 +574,30 @@ def _prefill_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int =
     return _pool_family_inputs("pool_prefill", looped, heads, dtype, seed, n=20, context=80)
 
 
+@pytest.fixture
+def gpu_blocks(monkeypatch):
+    """The GPU's launch blocks under the interpreter too (pool_prefill.launch_blocks; LATENTRT_GPU_CONFIGS)."""
+    monkeypatch.setenv("LATENTRT_GPU_CONFIGS", "1")
+
+
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])
 @pytest.mark.parametrize("looped", [True, False])
-def test_pool_prefill_ragged_prompts_per_row_lookup(heads, looped):
-    """Ragged prompt chunks (20 queries in two blocks, padding at the trash entry), each row over its own
-    pool row with its own KV mode and iteration, GQA / MQA: outputs (poisoned first) equal the reference."""
+@pytest.mark.parametrize("blocks", ["gpu", "interpreter"])
+def test_pool_prefill_ragged_prompts_per_row_lookup(heads, looped, blocks):
+    """Ragged prompt chunks (20 queries: two blocks of the GPU's 16, or the interpreter's one of 32; keys in
+    blocks of 32 or 64), padding at the trash entry, each row over its own pool row with its own KV mode and
+    iteration, GQA / MQA: outputs (poisoned first) equal the reference."""
+    from latentrt.kernels.pool_prefill import GPU_BLOCKS, launch_blocks
+
     pp, inputs = _prefill_inputs(looped, heads)
+    assert launch_blocks(20) == ((32, 64) if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS)
     want = pp.reference(*_clone(inputs))
     out = torch.full_like(inputs[0], float("nan"))
-    got = pp.fused(*_clone(inputs), out=out)
+    got = pp.fused(*_clone(inputs), out=out, blocks=GPU_BLOCKS if blocks == "gpu" else None)
     _close(got, want, 1e-5)
 
 
+@pytest.mark.usefixtures("gpu_blocks")
 def test_pool_prefill_reads_nothing_outside_its_rows_entries():
     """Storage a query must not read (other requests' slot rows, entries after the chunk, invalid entries,
     slots the lookup does not pick) is NaN: the real queries' outputs stay finite and equal."""
@@ -606,6 +618,7 @@ def test_pool_prefill_reads_nothing_outside_its_rows_entries():
     _close(got[mask], want[mask], 1e-5)
 
 
+@pytest.mark.usefixtures("gpu_blocks")
 def test_pool_prefill_bf16_anchored_on_fp32():
     pp, inputs = _prefill_inputs(True, (4, 2), torch.bfloat16, seed=2)
     got = pp.fused(*_clone(inputs))
@@ -613,6 +626,7 @@ def test_pool_prefill_bf16_anchored_on_fp32():
     _close(got, want, 2e-2)
 
 
+@pytest.mark.usefixtures("gpu_blocks")
 @pytest.mark.parametrize("family", ["pool_attention", "pool_prefill"])
 def test_pool_always_last_rows_read_last_entries_only_when_one_missed(family):
     """Every row ``always-last`` (full's slots), some at iteration 0 (every earlier entry ran it: each

@@ -18,6 +18,7 @@ keys in blocks where they lie (no gathered copy: at Huginn's width a row's K/V i
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -202,6 +203,18 @@ if HAVE_TRITON:
         tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=im[:, None] & dm[None, :])
 
 
+GPU_BLOCKS = (16, 32)  # (BLOCK_Q, BLOCK_T): 16 queries a program, 32 keys a step
+
+
+def launch_blocks(n: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_T) for a chunk of ``n`` queries: GPU_BLOCKS; under the interpreter (CPU tests), where the
+    time goes per program and per op, not per element, the chunk's queries in one program (up to 64) and 64
+    keys a step, unless LATENTRT_GPU_CONFIGS=1 (as linear.default_config; tests/test_kernels.py checks both)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1":
+        return max(16, min(64, next_pow2(n))), 64
+    return GPU_BLOCKS
+
+
 def fused(
     q: Tensor,
     k_buf: Tensor,
@@ -215,15 +228,17 @@ def fused(
     iterations: Tensor | None = None,
     written: Tensor | None = None,
     out: Tensor | None = None,
+    blocks: tuple[int, int] | None = None,
 ) -> Tensor:
-    """``reference`` as one launch (grid rows x query heads x query blocks); ``out`` [R,H,n,D] may be given."""
+    """``reference`` as one launch (grid rows x query heads x query blocks); ``out`` [R,H,n,D] may be given;
+    ``blocks``: (BLOCK_Q, BLOCK_T), by default ``launch_blocks(n)``."""
     R, H, n, D = q.shape
+    BLOCK_Q, BLOCK_T = blocks or launch_blocks(n)
     Hkv = k_buf.shape[1]
     rows = rows.to(torch.int64).contiguous()
     lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, modes, iterations, written))
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
-    BLOCK_Q = 16
     _pool_prefill_kernel[(R, H, triton.cdiv(n, BLOCK_Q))](
         q,
         k_buf,
@@ -243,7 +258,7 @@ def fused(
         LOOPED=table is not None,
         PRECISION="ieee" if k_buf.dtype == torch.float32 else "tf32",
         BLOCK_Q=BLOCK_Q,
-        BLOCK_T=32,
+        BLOCK_T=BLOCK_T,
         BLOCK_D=max(16, next_pow2(D)),
     )
     return out
