@@ -183,24 +183,16 @@ def test_eager_ops_leave_out_replays_alone():
     assert again == {"eager_ops_per_step": 4.0, "eager_views_per_step": 1.0, "eager_triton_launches_per_step": 2.0}
 
 
+# two requests in a pool of two rows (the pool kernels run every row: eight rows for two requests cost twice the time)
+EAGER_OPS_RUN = "--requests 2 --max-batch 2 --schedulers depth --num-steps 3 --group-capture-at 1".split()
+
+
 def test_eager_ops_over_a_whole_run(capsys):
     """benchmarks.eager_ops serves its requests to the end with the captured passes simulated (captures and
     replays happen off CUDA) and prints the eager ops a step over every step of the run."""
     from benchmarks import eager_ops
 
-    argv = [
-        "--requests",
-        "2",
-        "--max-batch",
-        "2",
-        "--schedulers",
-        "depth",
-        "--num-steps",
-        "3",
-        "--group-capture-at",
-        "1",
-    ]
-    assert eager_ops.main(argv) == 0
+    assert eager_ops.main(EAGER_OPS_RUN) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| depth")]
     assert len(lines) == 1
     _, capture_at, ops, views, launches, steps, captures, replays = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -208,10 +200,7 @@ def test_eager_ops_over_a_whole_run(capsys):
     assert 0 < int(captures) < int(replays)  # (simulated: off CUDA nothing is captured otherwise)
     # a Coconut model's run: its trace draws thoughts, its captured pass (StepPassRunner) is simulated too (its one
     # prompt's chunk runs eagerly: a key with a chunk slot is captured at its third call)
-    assert (
-        eager_ops.main(["--model", "builtin:coconut", "--requests", "1", "--max-batch", "1", "--schedulers", "token"])
-        == 0
-    )
+    assert eager_ops.main("--model builtin:coconut --requests 1 --max-batch 1 --schedulers token".split()) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| token"))
     _, capture_at, ops, views, launches, steps, captures, replays = [c.strip() for c in line.strip("|").split("|")]
     assert capture_at == "3" and float(ops) > 0 and int(captures) in (1, 2) and int(replays) > 1  # (2: it samples)
@@ -222,20 +211,7 @@ def test_host_time_leaves_out_what_a_gpu_runs_on_the_device(capsys):
     simulated replays and the interpreted kernels outside them, so it is positive and below the wall."""
     from benchmarks import eager_ops
 
-    argv = [
-        "--requests",
-        "2",
-        "--max-batch",
-        "2",
-        "--schedulers",
-        "depth",
-        "--num-steps",
-        "3",
-        "--group-capture-at",
-        "1",
-        "--host-time",
-    ]
-    assert eager_ops.main(argv) == 0
+    assert eager_ops.main([*EAGER_OPS_RUN, "--host-time"]) == 0
     out = capsys.readouterr().out.splitlines()
     header = next(x for x in out if x.startswith("| scheduler"))
     assert [c.strip() for c in header.strip("|").split("|")][2:4] == ["step_ms", "host_ms"]
