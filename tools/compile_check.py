@@ -51,8 +51,8 @@ def record(full: bool, out: Path, execute: bool = False) -> None:
     from triton.runtime import interpreter
 
     launches: dict = {}
-    execute = [execute]
-    if not execute[0]:
+    executing = [execute]  # (a list: the recording closure reads it, the full shapes turn it off)
+    if not executing[0]:
         _ignore_non_finite()  # the skipped kernels leave garbage, which must not stop the workloads
     real_run = interpreter.InterpretedFunction.run
 
@@ -64,7 +64,7 @@ def record(full: bool, out: Path, execute: bool = False) -> None:
             tuple(sorted((k, _spec(v)) for k, v in kwargs.items())),
         )
         launches[key] = True
-        if execute[0]:
+        if executing[0]:
             return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
         return None
 
@@ -78,8 +78,8 @@ def record(full: bool, out: Path, execute: bool = False) -> None:
         _workloads("tiny", dtype)
     _linear_candidates()
     if full:
-        if execute[0]:  # full shapes: never executed (hours under the interpreter)
-            execute[0] = False
+        if executing[0]:  # full shapes: never executed (hours under the interpreter)
+            executing[0] = False
             _ignore_non_finite()
         for name in kernels.FAMILIES:
             fam = kernels.family(name)
