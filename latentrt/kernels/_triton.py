@@ -14,6 +14,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def interpreter_configs() -> bool:
+    """Whether launches take the interpreter's configs: under TRITON_INTERPRET=1 (the CPU tests) the time goes
+    per program and per op, not per element, so big tiles and few programs; unless LATENTRT_GPU_CONFIGS=1
+    (tools/compile_check.py records the GPU's launches that way). Read at each launch: tests set it."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1"
+
+
 TORCH_TO_TL = {}
 INTERPRETED = False  # under TRITON_INTERPRET=1 (a tl.constexpr for the kernels that must know)
 if HAVE_TRITON:

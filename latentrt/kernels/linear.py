@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, INTERPRETED, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, INTERPRETED, interpreter_configs, next_pow2, tl, triton
 from .reference import rms_norm
 
 
@@ -199,11 +199,10 @@ INTERPRETER_CONFIG = dict(kind="dot", BLOCK_N=128, BLOCK_K=128, num_warps=4, num
 
 def default_config(rows: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The launch config for ``rows`` rows of x when the caller names none. FEW_ROWS_CONFIG's tiles need
-    288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only. Under the
-    interpreter (CPU tests) the time goes per program, so the config with the fewest programs runs there
-    (every config computes the same function: tests/test_kernels.py checks each kind), unless
-    LATENTRT_GPU_CONFIGS=1 (tools/compile_check.py records the GPU's launches that way)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1":
+    288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only. With the interpreter's
+    configs (``interpreter_configs``), the config with the fewest programs (every config computes the same
+    function: tests/test_kernels.py checks each kind)."""
+    if interpreter_configs():
         return INTERPRETER_CONFIG
     if rows == 1:
         return ONE_ROW_CONFIG

@@ -18,12 +18,11 @@ keys in blocks where they lie (no gathered copy: at Huginn's width a row's K/V i
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
 from .pool_attention import TEST_MODES, dropped, pool_launch_args, slot_rows, slot_table
 
 if HAVE_TRITON:
@@ -207,10 +206,10 @@ GPU_BLOCKS = (16, 32)  # (BLOCK_Q, BLOCK_T): 16 queries a program, 32 keys a ste
 
 
 def launch_blocks(n: int) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_T) for a chunk of ``n`` queries: GPU_BLOCKS; under the interpreter (CPU tests), where the
-    time goes per program and per op, not per element, the chunk's queries in one program (up to 64) and 64
-    keys a step, unless LATENTRT_GPU_CONFIGS=1 (as linear.default_config; tests/test_kernels.py checks both)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1":
+    """(BLOCK_Q, BLOCK_T) for a chunk of ``n`` queries: GPU_BLOCKS, or with the interpreter's configs
+    (``interpreter_configs``) the chunk's queries in one program (up to 64) and 64 keys a step
+    (tests/test_kernels.py checks both)."""
+    if interpreter_configs():
         return max(16, min(64, next_pow2(n))), 64
     return GPU_BLOCKS
 
