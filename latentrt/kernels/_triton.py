@@ -1,5 +1,7 @@
 """Triton import guard: the references in this package work without Triton; the kernels need it."""
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -18,16 +20,12 @@ def interpreter_configs() -> bool:
     """Whether launches take the interpreter's configs: under TRITON_INTERPRET=1 (the CPU tests) the time goes
     per program and per op, not per element, so big tiles and few programs; unless LATENTRT_GPU_CONFIGS=1
     (tools/compile_check.py records the GPU's launches that way). Read at each launch: tests set it."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1"
 
 
 TORCH_TO_TL = {}
 INTERPRETED = False  # under TRITON_INTERPRET=1 (a tl.constexpr for the kernels that must know)
 if HAVE_TRITON:
-    import os
-
     import torch
 
     TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
