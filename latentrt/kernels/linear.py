@@ -193,17 +193,26 @@ DEFAULT_CONFIG = dict(kind="dot", BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stage
 # program) and from 54.5 to 43.0 ms/token at batch 8 (tensor-core tiles of 64 x 256, 8 warps)
 ONE_ROW_CONFIG = dict(kind="reduce", BLOCK_N=2, BLOCK_K=1024, num_warps=4, num_stages=1)
 FEW_ROWS_CONFIG = dict(kind="dot", BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=3)
-# the interpreter's time goes per program and per op, not per element: big tiles, few programs
-INTERPRETER_CONFIG = dict(kind="dot", BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1)
 
 
-def default_config(rows: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The launch config for ``rows`` rows of x when the caller names none. FEW_ROWS_CONFIG's tiles need
-    288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights only. With the interpreter's
-    configs (``interpreter_configs``), the config with the fewest programs (every config computes the same
-    function: tests/test_kernels.py checks each kind)."""
+def interpreter_config(n: int, k: int) -> dict:
+    """The interpreter's tiles for an [n, k] weight: its time goes mostly per program and per op, and some per
+    element (a tile op is numpy over the whole tile), so one tile the size of the product, up to 512 x 256.
+    Measured on CI's CPU (2026-12-05): a product with 320 rows of 64 took 12.7 ms in one 512 x 64 tile, 34 ms in
+    three of 128 x 128; one fixed 512 x 256 tile took 20 ms there and 22.5 ms for 64 x 128 (12.4 fitted)."""
+    return dict(
+        kind="dot", BLOCK_N=min(512, max(16, next_pow2(n))), BLOCK_K=min(256, max(16, next_pow2(k))), num_warps=4,
+        num_stages=1,
+    )  # fmt: skip
+
+
+def default_config(rows: int, dtype: torch.dtype = torch.bfloat16, n: int = 512, k: int = 256) -> dict:
+    """The launch config for ``rows`` rows of x and an [n, k] weight when the caller names none.
+    FEW_ROWS_CONFIG's tiles need 288 KB of shared memory with fp32 weights (the limit is 227 KB): 16-bit weights
+    only. With the interpreter's configs (``interpreter_configs``), ``interpreter_config`` (every config computes
+    the same function: tests/test_kernels.py checks each kind)."""
     if interpreter_configs():
-        return INTERPRETER_CONFIG
+        return interpreter_config(n, k)
     if rows == 1:
         return ONE_ROW_CONFIG
     return FEW_ROWS_CONFIG if rows <= 16 and dtype.itemsize == 2 else DEFAULT_CONFIG
@@ -265,7 +274,7 @@ def fused(
         out = alloc(M, N, dtype=x.dtype, device=x.device)
     if active is None:
         active = torch.ones(M, dtype=torch.bool, device=x.device)
-    cfg = {**DEFAULT_CONFIG, **(config or _env_config() or default_config(M, w.dtype))}
+    cfg = {**DEFAULT_CONFIG, **(config or _env_config() or default_config(M, w.dtype, N, K))}
     if cfg["kind"] == "reduce" and M > 16:  # many rows (prefill): the tensor-core tiles
         cfg = dict(DEFAULT_CONFIG)
     reduce = cfg.pop("kind") == "reduce"
