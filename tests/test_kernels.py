@@ -22,9 +22,28 @@ def _close(a, b, tol):
     assert rel_err(a.float(), b.float()) < tol, rel_err(a.float(), b.float())
 
 
+def _poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, float("nan"))
+
+
+@pytest.fixture
+def gpu_blocks(monkeypatch):
+    """The GPU's launch blocks under the interpreter too (LATENTRT_GPU_CONFIGS=1: e.g. the key blocks
+    of 64 a test's block boundaries are placed for)."""
+    monkeypatch.setenv("LATENTRT_GPU_CONFIGS", "1")
+
+
+@pytest.fixture(params=["gpu", "interpreter"])
+def configs(request, monkeypatch):
+    """Each test twice: with the GPU's launch configs (LATENTRT_GPU_CONFIGS=1) and with the interpreter's (on a
+    CPU; on a GPU both runs take the GPU's)."""
+    monkeypatch.setenv("LATENTRT_GPU_CONFIGS", "1" if request.param == "gpu" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("rows,d", [(1, 64), (5, 96), (3, 130)])
 @pytest.mark.parametrize("with_y,with_b", [(True, True), (False, True), (True, False)])
-def test_sandwich_norms(rows, d, with_y, with_b):
+def test_sandwich_norms(rows, d, with_y, with_b, configs):
     from latentrt.kernels import norms
 
     g = torch.Generator().manual_seed(rows * d)
@@ -232,8 +251,12 @@ def test_interpreter_flag_documented():
 
 @pytest.mark.parametrize("H,Hkv,D", [(2, 2, 32), (4, 2, 16), (3, 3, 24)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
+def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias, configs):
+    """q rotated (poisoned first), k rotated and v copied into the slot of active rows only; a program per head
+    (the GPU's) or every head of a row in one (the interpreter's)."""
     from latentrt.kernels import rope_kv
+
+    assert rope_kv.heads_per_program(H + Hkv) == (1 if configs == "gpu" or not CPU else {4: 4, 6: 8}[H + Hkv])
     from latentrt.models.layers import rope_tables
 
     B, T, pos = 3, 10, 6
@@ -245,7 +268,8 @@ def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
     active = torch.tensor([True, False, True])
     kc, vc = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     kc2, vc2 = kc.clone(), vc.clone()
-    q = rope_kv.fused(qkv, qk_bias, cos[rp], sin[rp], kc, vc, torch.tensor([pos]), active, H, Hkv)
+    q_poisoned = torch.full((B, H, D), float("nan"))
+    q = rope_kv.fused(qkv, qk_bias, cos[rp], sin[rp], kc, vc, torch.tensor([pos]), active, H, Hkv, out=q_poisoned)
     want_q = rope_kv.reference(qkv[:, None], qk_bias, cos[rp][:, None], sin[rp][:, None], kc2, vc2, pos, active, H, Hkv)
     _close(q, want_q[:, :, 0], 1e-6)
     _close(kc, kc2, 1e-6)
@@ -257,7 +281,7 @@ def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias):
     "slots,use_written,drops", [(1, False, False), (4, True, False), (4, False, False), (4, True, True)]
 )
 @pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
-def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T):
+def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T, configs):
     """(``drops``: the skip mode, positions that ran no more than ``slot`` iterations are not attended)"""
     from latentrt.kernels import decode_attention as da
 
@@ -272,7 +296,15 @@ def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T):
     slot = slots - 1
     length = T - 2  # attend over the first T-2 positions only
     out = da.fused(
-        q, ks, vs, written if use_written else None, valid, slot, torch.tensor([length]), drops_missing=drops
+        q,
+        ks,
+        vs,
+        written if use_written else None,
+        valid,
+        slot,
+        torch.tensor([length]),
+        drops_missing=drops,
+        out=_poisoned(q),
     )
     w = written if use_written else torch.full_like(written, 10**6)
     ref_valid = valid[:, :length].clone()
@@ -284,6 +316,7 @@ def test_decode_attention_slot_lookup(slots, use_written, drops, H, Hkv, T):
         assert (written[:, : length - 1] <= slot).any() and not torch.allclose(want, kept)
 
 
+@pytest.mark.usefixtures("gpu_blocks")
 @pytest.mark.parametrize("use_written", [False, True])
 def test_decode_attention_whole_key_blocks_of_padding(use_written):
     """A row left-padded over whole key blocks (a short prompt batched with long ones: found on an H200,
@@ -307,7 +340,7 @@ def test_decode_attention_whole_key_blocks_of_padding(use_written):
 
 
 @pytest.mark.parametrize("H,Hkv,T", [(2, 2, 70), (4, 1, 9)])
-def test_decode_attention_reads_last_rows(H, Hkv, T):
+def test_decode_attention_reads_last_rows(H, Hkv, T, configs):
     """The always-last mode: flagged rows read each position's last entry (slot n_p - 1, deeper than the
     query's iteration too), the others min(slot, n_p - 1); the output (poisoned first) equals the reference
     and differs from the plain lookup on the flagged rows."""
@@ -322,8 +355,7 @@ def test_decode_attention_reads_last_rows(H, Hkv, T):
     valid[1, :3] = False
     slot, length = 2, T - 2
     last = torch.tensor([True, False, True])
-    out = torch.full_like(q, float("nan"))
-    out = da.fused(q, ks, vs, written, valid, slot, torch.tensor([length]), reads_last=last)
+    out = da.fused(q, ks, vs, written, valid, slot, torch.tensor([length]), reads_last=last, out=_poisoned(q))
     ref_valid = valid[:, :length].clone()
     ref_valid[:, length - 1] = True
     args = (q, ks[:, :, :, :length], vs[:, :, :, :length], written[:, :length], ref_valid, slot)
@@ -572,12 +604,6 @@ def test_pool_attention_reads_nothing_outside_its_rows_entries():
 
 def _prefill_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0):
     return _pool_family_inputs("pool_prefill", looped, heads, dtype, seed, n=20, context=80)
-
-
-@pytest.fixture
-def gpu_blocks(monkeypatch):
-    """The GPU's launch blocks under the interpreter too (pool_prefill.launch_blocks; LATENTRT_GPU_CONFIGS)."""
-    monkeypatch.setenv("LATENTRT_GPU_CONFIGS", "1")
 
 
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])

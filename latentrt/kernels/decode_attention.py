@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
 
 
 def reference(
@@ -28,6 +28,7 @@ def reference(
     slot: int,
     drops_missing=False,
     reads_last: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """q [B,H,D]; k_slots/v_slots [K,B,Hkv,T,D]; written [B,T] iterations per position; valid [B,T] bool.
     Returns [B,H,D]: softmax(q k^T / sqrt(D)) v over valid positions, keys from slot min(slot, n_p - 1);
@@ -84,12 +85,23 @@ if HAVE_TRITON:
         """One block of keys into a running softmax-weighted sum (FlashAttention's rescaling): running max
         ``m_i``, normaliser ``l_i``, ``acc`` [D]; ``scores`` [T] (-inf where masked), ``v`` [T, D]. While
         every key so far is masked (a block of left padding) the max is -inf: exponents are then taken
-        against 0, so the sums stay 0 instead of becoming exp(-inf - -inf) = NaN."""
+        against 0, so the sums stay 0 instead of becoming exp(-inf - -inf) = NaN. (pool_attention.py's; this
+        family's programs take several heads: ``online_softmax_rows``.)"""
         m_new = tl.maximum(m_i, tl.max(scores, 0))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(scores - m_ref)
         return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
+
+    @triton.jit
+    def online_softmax_rows(m_i, l_i, acc, scores, v):
+        """``online_softmax_step`` for R rows at once (here: query heads): ``m_i``, ``l_i`` [R], ``acc`` [R, D],
+        ``scores`` [R, T], ``v`` [R, T, D]."""
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(scores - m_ref[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 1)
 
     @triton.jit
     def _decode_attention_kernel(
@@ -119,27 +131,30 @@ if HAVE_TRITON:
         HAS_ACTIVE: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        HEADS: tl.constexpr,
     ):
-        """Program (b, h): online-softmax attention of one query over positions [0, length) of sequence b.
-        The key/value of position p come from slot min(slot, written[b, p] - 1) when USE_WRITTEN (looped
-        core layers with several slots), else from ``slot``. Invalid positions (padding, finished) are
-        skipped, except the query's own position; with DROPS_MISSING (and USE_WRITTEN) so are positions that
-        ran no more than ``slot`` iterations; with READS_LAST a row whose ``last`` flag is set reads slot
-        written[b, p] - 1. A frozen sequence (``act`` 0) returns at once."""
+        """Program (b, HEADS query heads): online-softmax attention of each head's query over positions
+        [0, length) of sequence b. The key/value of position p come from slot min(slot, written[b, p] - 1)
+        when USE_WRITTEN (looped core layers with several slots), else from ``slot``. Invalid positions
+        (padding, finished) are skipped, except the query's own position; with DROPS_MISSING (and USE_WRITTEN)
+        so are positions that ran no more than ``slot`` iterations; with READS_LAST a row whose ``last`` flag is
+        set reads slot written[b, p] - 1. A frozen sequence (``act`` 0) returns at once."""
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         if HAS_ACTIVE:
             if tl.load(act_ptr + b) == 0:
                 return
-        hk = h // group
+        hm = h < n_head
+        hk = tl.where(hm, h // group, 0)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        q = tl.load(q_ptr + (b * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
+        q_off = (b * n_head + h[:, None]) * D + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
         length = tl.load(len_ptr)
-        m_i = -float("inf")
-        l_i = 0.0
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        base = b * stride_kb + hk * stride_kh
+        m_i = tl.full((HEADS,), -float("inf"), tl.float32)
+        l_i = tl.zeros((HEADS,), tl.float32)
+        acc = tl.zeros((HEADS, BLOCK_D), dtype=tl.float32)
+        base = b * stride_kb + hk[:, None, None] * stride_kh  # [HEADS, 1, 1]
         use_last = False
         if READS_LAST:
             use_last = tl.load(last_ptr + b) != 0
@@ -156,15 +171,23 @@ if HAVE_TRITON:
                     ok = ok & ((n > slot) | (t == length - 1))
             else:
                 s_idx = tl.zeros((BLOCK_T,), dtype=tl.int64) + slot
-            off = s_idx[:, None] * stride_ks + base + t[:, None] * stride_kt + d[None, :]
-            kv_mask = ok[:, None] & dm[None, :]
+            off = base + (s_idx[:, None] * stride_ks + t[:, None] * stride_kt + d[None, :])[None, :, :]
+            kv_mask = (ok[:, None] & dm[None, :])[None, :, :]
             k = tl.load(k_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
-            scores = tl.sum(k * q[None, :], 1) * sm_scale
-            scores = tl.where(ok, scores, -float("inf"))
+            scores = tl.sum(k * q[:, None, :], 2) * sm_scale
+            scores = tl.where(ok[None, :], scores, -float("inf"))
             v = tl.load(v_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
-            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v)
-        out = acc / l_i
-        tl.store(out_ptr + (b * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
+            m_i, l_i, acc = online_softmax_rows(m_i, l_i, acc, scores, v)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+
+
+def launch_blocks(heads: int, positions: int) -> tuple[int, int]:
+    """(HEADS, BLOCK_T): query heads of one program and keys a step, for a cache of ``positions``. On a GPU a
+    program per head, 64 keys a step; with the interpreter's configs (``interpreter_configs``: its time goes
+    mostly per program and per op, some per element) every head of a row in one program and the cache's
+    positions in one step, up to 256."""
+    return (next_pow2(heads), min(256, max(16, next_pow2(positions)))) if interpreter_configs() else (1, 64)
 
 
 def fused(
@@ -179,19 +202,22 @@ def fused(
     zero_frozen: bool = True,
     drops_missing: bool = False,
     reads_last: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """q [B,H,D]; k/v_slots [K,B,Hkv,T,D]; written [B,T] or None (read ``slot`` for every position);
     valid [B,T]; length a 1-element device tensor (positions [0, length) are attended); ``active`` [B]
     bool or None: frozen sequences read nothing and get zeros (or unwritten memory with ``zero_frozen=False``);
     ``drops_missing`` (with ``written``; ``slot`` is then the iteration): the ``skip`` mode's lookup;
     ``reads_last`` [B] bool (with ``written``): the ``always-last`` mode's rows reading each last entry.
-    Returns [B,H,D]."""
+    Returns [B,H,D] (into ``out`` when given: active rows only)."""
     K, B, Hkv, T, D = k_slots.shape
     H = q.shape[1]
     assert k_slots.stride() == v_slots.stride() and k_slots.stride(-1) == 1
-    out = torch.zeros_like(q) if active is not None and zero_frozen else torch.empty_like(q)
+    if out is None:
+        out = torch.zeros_like(q) if active is not None and zero_frozen else torch.empty_like(q)
     w = written if written is not None else valid
-    _decode_attention_kernel[(B, H)](
+    heads, block_t = launch_blocks(H, T)
+    _decode_attention_kernel[(B, triton.cdiv(H, heads))](
         q.contiguous(),
         k_slots,
         v_slots,
@@ -216,8 +242,9 @@ def fused(
         DROPS_MISSING=drops_missing,
         READS_LAST=reads_last is not None,
         HAS_ACTIVE=active is not None,
-        BLOCK_T=64,
+        BLOCK_T=block_t,
         BLOCK_D=next_pow2(D),
+        HEADS=heads,
     )
     return out
 

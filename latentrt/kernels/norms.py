@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
 from .reference import rms_norm
 
 
@@ -44,31 +44,40 @@ if HAVE_TRITON:
         wb_ptr,
         out_ptr,
         normed_ptr,
+        n_rows,
         D,
         eps,
         HAS_Y: tl.constexpr,
         HAS_B: tl.constexpr,
         BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
-        """One row: x = res (+ y) rounded to the storage dtype; out = norm_a(x); normed = norm_b(out).
+        """ROWS rows: x = res (+ y) rounded to the storage dtype; out = norm_a(x); normed = norm_b(out).
         Each norm: fp32 x * rsqrt(mean(x^2) + eps), cast back, times the weight (Huginn's RMSNorm)."""
-        row = tl.program_id(0)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        m = cols < D
-        x = tl.load(res_ptr + row * D + cols, mask=m, other=0.0)
+        m = (rows < n_rows)[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        x = tl.load(res_ptr + off, mask=m, other=0.0)
         dt = x.dtype
         x = x.to(tl.float32)
         if HAS_Y:
-            x = (x + tl.load(y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, 0) / D + eps)
-        wa = tl.load(wa_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            x = (x + tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        wa = tl.load(wa_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
         out = ((x * r).to(dt).to(tl.float32) * wa).to(dt)
-        tl.store(out_ptr + row * D + cols, out, mask=m)
+        tl.store(out_ptr + off, out, mask=m)
         if HAS_B:
             o = out.to(tl.float32)
-            r2 = tl.rsqrt(tl.sum(o * o, 0) / D + eps)
-            wb = tl.load(wb_ptr + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(normed_ptr + row * D + cols, ((o * r2).to(dt).to(tl.float32) * wb).to(dt), mask=m)
+            r2 = tl.rsqrt(tl.sum(o * o, 1) / D + eps)[:, None]
+            wb = tl.load(wb_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+            tl.store(normed_ptr + off, ((o * r2).to(dt).to(tl.float32) * wb).to(dt), mask=m)
+
+
+def rows_per_program(rows: int) -> int:
+    """Rows of one program: one on a GPU (a program per row fills the SMs); with the interpreter's configs
+    (``interpreter_configs``: its time goes per program and per op, not per element) up to 64."""
+    return min(64, next_pow2(rows)) if interpreter_configs() else 1
 
 
 def fused(res: Tensor, y: Tensor | None, w_a: Tensor, w_b: Tensor | None, eps: float) -> tuple[Tensor, Tensor | None]:
@@ -78,17 +87,20 @@ def fused(res: Tensor, y: Tensor | None, w_a: Tensor, w_b: Tensor | None, eps: f
     y2 = y.reshape(-1, D).contiguous() if y is not None else res2
     out = torch.empty_like(res2)
     normed = torch.empty_like(res2) if w_b is not None else out
-    _sandwich_kernel[(res2.shape[0],)](
+    rows = rows_per_program(res2.shape[0])
+    _sandwich_kernel[(triton.cdiv(res2.shape[0], rows),)](
         res2,
         y2,
         w_a,
         w_b if w_b is not None else w_a,
         out,
         normed,
+        res2.shape[0],
         D,
         eps,
         HAS_Y=y is not None,
         HAS_B=w_b is not None,
         BLOCK=next_pow2(D),
+        ROWS=rows,
     )
     return out.view_as(res), (normed.view_as(res) if w_b is not None else None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
 from .reference import apply_rope, rope_tables
 
 
@@ -83,49 +83,51 @@ if HAVE_TRITON:
         HALF,
         HAS_BIAS: tl.constexpr,
         BLOCK: tl.constexpr,
+        HEADS: tl.constexpr,
     ):
-        """Program (b, head): q heads are biased, rotated and written to q; kv heads are biased (k),
-        rotated (k) and written into the cache slot at timeline index pos, only for active sequences."""
+        """Program (b, HEADS heads of q then k): q heads are biased, rotated and written to q; kv heads are
+        biased (k), rotated (k) and written with their v into the cache slot at timeline index pos, only for
+        active sequences. A head's q or k sits at column head * D of the row (k heads follow the q heads), and
+        so does its bias (laid out [q; k] by ``fused``)."""
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         i = tl.arange(0, BLOCK)
         m = i < HALF
         D = 2 * HALF
+        is_q = h < n_head
+        is_kv = (h >= n_head) & (h < n_head + n_kv) & (tl.load(act_ptr + b) != 0)
         row = qkv_ptr + b * stride_qkv
-        c = tl.load(cos_ptr + b * HALF + i, mask=m, other=0.0)
-        s = tl.load(sin_ptr + b * HALF + i, mask=m, other=0.0)
-        if h < n_head:
-            x0 = tl.load(row + h * D + 2 * i, mask=m, other=0.0)
-            dt = x0.dtype
-            x0 = x0.to(tl.float32)
-            x1 = tl.load(row + h * D + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                x0 = (x0 + tl.load(bias_ptr + h * D + 2 * i, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-                x1 = (
-                    (x1 + tl.load(bias_ptr + h * D + 2 * i + 1, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-                )
-            out = q_ptr + (b * n_head + h) * D
-            tl.store(out + 2 * i, (x0 * c - x1 * s).to(dt), mask=m)
-            tl.store(out + 2 * i + 1, (x1 * c + x0 * s).to(dt), mask=m)
-        else:
-            if tl.load(act_ptr + b) != 0:
-                j = h - n_head
-                pos = tl.load(pos_ptr)
-                k0 = tl.load(row + (n_head + j) * D + 2 * i, mask=m, other=0.0)
-                dt = k0.dtype
-                k0 = k0.to(tl.float32)
-                k1 = tl.load(row + (n_head + j) * D + 2 * i + 1, mask=m, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    kb = bias_ptr + n_head * D + j * D  # qk_bias[1] of head j
-                    k0 = (k0 + tl.load(kb + 2 * i, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-                    k1 = (k1 + tl.load(kb + 2 * i + 1, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-                dst = b * stride_cb + j * stride_ch + pos * stride_ct
-                tl.store(k_ptr + dst + 2 * i, (k0 * c - k1 * s).to(dt), mask=m)
-                tl.store(k_ptr + dst + 2 * i + 1, (k1 * c + k0 * s).to(dt), mask=m)
-                v0 = tl.load(row + (n_head + n_kv + j) * D + 2 * i, mask=m, other=0.0)
-                v1 = tl.load(row + (n_head + n_kv + j) * D + 2 * i + 1, mask=m, other=0.0)
-                tl.store(v_ptr + dst + 2 * i, v0, mask=m)
-                tl.store(v_ptr + dst + 2 * i + 1, v1, mask=m)
+        c = tl.load(cos_ptr + b * HALF + i, mask=m, other=0.0)[None, :]
+        s = tl.load(sin_ptr + b * HALF + i, mask=m, other=0.0)[None, :]
+        col = h[:, None] * D + 2 * i[None, :]  # the even elements of each head's pairs
+        hm = (is_q | is_kv)[:, None] & m[None, :]
+        x0 = tl.load(row + col, mask=hm, other=0.0)
+        dt = x0.dtype
+        x0 = x0.to(tl.float32)
+        x1 = tl.load(row + col + 1, mask=hm, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x0 = (x0 + tl.load(bias_ptr + col, mask=hm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            x1 = (x1 + tl.load(bias_ptr + col + 1, mask=hm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        y0 = (x0 * c - x1 * s).to(dt)
+        y1 = (x1 * c + x0 * s).to(dt)
+        qm = is_q[:, None] & m[None, :]
+        out = q_ptr + b * n_head * D + col
+        tl.store(out, y0, mask=qm)
+        tl.store(out + 1, y1, mask=qm)
+        kvm = is_kv[:, None] & m[None, :]
+        j = tl.where(is_kv, h - n_head, 0)  # the kv head (0 where masked: no negative offsets)
+        dst = b * stride_cb + j[:, None] * stride_ch + tl.load(pos_ptr) * stride_ct + 2 * i[None, :]
+        tl.store(k_ptr + dst, y0, mask=kvm)
+        tl.store(k_ptr + dst + 1, y1, mask=kvm)
+        tl.store(v_ptr + dst, tl.load(row + col + n_kv * D, mask=kvm, other=0.0), mask=kvm)
+        tl.store(v_ptr + dst + 1, tl.load(row + col + n_kv * D + 1, mask=kvm, other=0.0), mask=kvm)
+
+
+def heads_per_program(heads: int) -> int:
+    """Heads of one program: one on a GPU (a program per head and row: the tiles are small either way, and
+    the grid fills the SMs); with the interpreter's configs every head of a row in one program (its time
+    goes per program and per op, not per element)."""
+    return next_pow2(heads) if interpreter_configs() else 1
 
 
 def fused(
@@ -139,17 +141,20 @@ def fused(
     active: Tensor,
     n_head: int,
     n_kv: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Decode form (one new position per sequence): qkv [B, (H+2Hkv)D], cos/sin [B, D/2], k/v_cache
-    [B, Hkv, T, D] (one slot), pos a 1-element device tensor holding the timeline index. Returns q [B,H,D]."""
+    [B, Hkv, T, D] (one slot), pos a 1-element device tensor holding the timeline index. Returns q [B,H,D]
+    (into ``out`` when given)."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    q = torch.empty(B, n_head, D, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(B, n_head, D, dtype=qkv.dtype, device=qkv.device) if out is None else out
     bias = qk_bias if qk_bias is not None else qkv
     if qk_bias is not None and n_kv != n_head:  # k bias of the first n_kv heads, laid out after q's
         bias = torch.cat([qk_bias[0].reshape(-1), qk_bias[1][:, :n_kv].reshape(-1)])
-    _qkv_epilogue_kernel[(B, n_head + n_kv)](
+    heads = heads_per_program(n_head + n_kv)
+    _qkv_epilogue_kernel[(B, triton.cdiv(n_head + n_kv, heads))](
         qkv,
         bias,
         cos.contiguous(),
@@ -168,6 +173,7 @@ def fused(
         D // 2,
         HAS_BIAS=qk_bias is not None,
         BLOCK=next_pow2(D // 2),
+        HEADS=heads,
     )
     return q
 
