@@ -255,8 +255,9 @@ def test_qkv_epilogue_writes_slot_for_active_rows(H, Hkv, D, bias, configs):
     """q rotated (poisoned first), k rotated and v copied into the slot of active rows only; a program per head
     (the GPU's) or every head of a row in one (the interpreter's)."""
     from latentrt.kernels import rope_kv
+    from latentrt.kernels._triton import interpreter_block
 
-    assert rope_kv.heads_per_program(H + Hkv) == (1 if configs == "gpu" or not CPU else {4: 4, 6: 8}[H + Hkv])
+    assert interpreter_block(H + Hkv, gpu=1) == (1 if configs == "gpu" or not CPU else {4: 4, 6: 8}[H + Hkv])
     from latentrt.models.layers import rope_tables
 
     B, T, pos = 3, 10, 6

@@ -23,6 +23,18 @@ def interpreter_configs() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LATENTRT_GPU_CONFIGS") != "1"
 
 
+def fitted_block(n: int, least: int = 1, most: int = 1 << 20) -> int:
+    """The power of two covering ``n``, within [least, most]: a block the size of the work."""
+    return min(most, max(least, next_pow2(n)))
+
+
+def interpreter_block(n: int, gpu: int, least: int = 1, most: int = 1 << 20) -> int:
+    """A launch block for ``n`` heads, rows or keys: ``gpu`` on a GPU; with the interpreter's configs
+    (``interpreter_configs``) one block the size of the work (``fitted_block``): the interpreter's time goes
+    mostly per program and per op, some per element (a tile op is numpy over the whole tile)."""
+    return fitted_block(n, least, most) if interpreter_configs() else gpu
+
+
 TORCH_TO_TL = {}
 INTERPRETED = False  # under TRITON_INTERPRET=1 (a tl.constexpr for the kernels that must know)
 if HAVE_TRITON:

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_block, next_pow2, tl, triton
 
 
 def reference(
@@ -187,7 +187,7 @@ def launch_blocks(heads: int, positions: int) -> tuple[int, int]:
     program per head, 64 keys a step; with the interpreter's configs (``interpreter_configs``: its time goes
     mostly per program and per op, some per element) every head of a row in one program and the cache's
     positions in one step, up to 256."""
-    return (next_pow2(heads), min(256, max(16, next_pow2(positions)))) if interpreter_configs() else (1, 64)
+    return interpreter_block(heads, gpu=1), interpreter_block(positions, gpu=64, least=16, most=256)
 
 
 def fused(

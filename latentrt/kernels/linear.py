@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, INTERPRETED, interpreter_configs, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, INTERPRETED, fitted_block, interpreter_configs, next_pow2, tl, triton
 from .reference import rms_norm
 
 
@@ -201,9 +201,8 @@ def interpreter_config(n: int, k: int) -> dict:
     Measured on CI's CPU (2026-12-05): a product with 320 rows of 64 took 12.7 ms in one 512 x 64 tile, 34 ms in
     three of 128 x 128; one fixed 512 x 256 tile took 20 ms there and 22.5 ms for 64 x 128 (12.4 fitted)."""
     return dict(
-        kind="dot", BLOCK_N=min(512, max(16, next_pow2(n))), BLOCK_K=min(256, max(16, next_pow2(k))), num_warps=4,
-        num_stages=1,
-    )  # fmt: skip
+        kind="dot", BLOCK_N=fitted_block(n, 16, 512), BLOCK_K=fitted_block(k, 16, 256), num_warps=4, num_stages=1
+    )
 
 
 def default_config(rows: int, dtype: torch.dtype = torch.bfloat16, n: int = 512, k: int = 256) -> dict:
@@ -278,7 +277,7 @@ def fused(
     if cfg["kind"] == "reduce" and M > 16:  # many rows (prefill): the tensor-core tiles
         cfg = dict(DEFAULT_CONFIG)
     reduce = cfg.pop("kind") == "reduce"
-    block_m = next_pow2(M) if reduce else max(16, min(64, next_pow2(M)))
+    block_m = next_pow2(M) if reduce else fitted_block(M, 16, 64)
     if reduce:  # the register accumulator is [rows, BLOCK_N, BLOCK_K]: keep it the same size for any rows
         cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // block_m)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, block_m))

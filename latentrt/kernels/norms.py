@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_block, next_pow2, tl, triton
 from .reference import rms_norm
 
 
@@ -74,12 +74,6 @@ if HAVE_TRITON:
             tl.store(normed_ptr + off, ((o * r2).to(dt).to(tl.float32) * wb).to(dt), mask=m)
 
 
-def rows_per_program(rows: int) -> int:
-    """Rows of one program: one on a GPU (a program per row fills the SMs); with the interpreter's configs
-    (``interpreter_configs``: its time goes per program and per op, not per element) up to 64."""
-    return min(64, next_pow2(rows)) if interpreter_configs() else 1
-
-
 def fused(res: Tensor, y: Tensor | None, w_a: Tensor, w_b: Tensor | None, eps: float) -> tuple[Tensor, Tensor | None]:
     """Triton version of ``reference`` (y and w_b optional): one read of res and y, one write per output."""
     D = res.shape[-1]
@@ -87,7 +81,7 @@ def fused(res: Tensor, y: Tensor | None, w_a: Tensor, w_b: Tensor | None, eps: f
     y2 = y.reshape(-1, D).contiguous() if y is not None else res2
     out = torch.empty_like(res2)
     normed = torch.empty_like(res2) if w_b is not None else out
-    rows = rows_per_program(res2.shape[0])
+    rows = interpreter_block(res2.shape[0], gpu=1, most=64)  # GPU: a program per row (the grid fills the SMs)
     _sandwich_kernel[(triton.cdiv(res2.shape[0], rows),)](
         res2,
         y2,

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, fitted_block, interpreter_configs, tl, triton
 from .pool_attention import TEST_MODES, dropped, pool_launch_args, slot_rows, slot_table
 
 if HAVE_TRITON:
@@ -209,9 +209,7 @@ def launch_blocks(n: int) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_T) for a chunk of ``n`` queries: GPU_BLOCKS, or with the interpreter's configs
     (``interpreter_configs``) the chunk's queries in one program (up to 64) and 64 keys a step
     (tests/test_kernels.py checks both)."""
-    if interpreter_configs():
-        return max(16, min(64, next_pow2(n))), 64
-    return GPU_BLOCKS
+    return (fitted_block(n, 16, 64), 64) if interpreter_configs() else GPU_BLOCKS
 
 
 def fused(
@@ -258,6 +256,6 @@ def fused(
         PRECISION="ieee" if k_buf.dtype == torch.float32 else "tf32",
         BLOCK_Q=BLOCK_Q,
         BLOCK_T=BLOCK_T,
-        BLOCK_D=max(16, next_pow2(D)),
+        BLOCK_D=fitted_block(D, 16),
     )
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, interpreter_configs, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_block, next_pow2, tl, triton
 from .reference import apply_rope, rope_tables
 
 
@@ -123,13 +123,6 @@ if HAVE_TRITON:
         tl.store(v_ptr + dst + 1, tl.load(row + col + n_kv * D + 1, mask=kvm, other=0.0), mask=kvm)
 
 
-def heads_per_program(heads: int) -> int:
-    """Heads of one program: one on a GPU (a program per head and row: the tiles are small either way, and
-    the grid fills the SMs); with the interpreter's configs every head of a row in one program (its time
-    goes per program and per op, not per element)."""
-    return next_pow2(heads) if interpreter_configs() else 1
-
-
 def fused(
     qkv: Tensor,
     qk_bias: Tensor | None,
@@ -153,7 +146,7 @@ def fused(
     bias = qk_bias if qk_bias is not None else qkv
     if qk_bias is not None and n_kv != n_head:  # k bias of the first n_kv heads, laid out after q's
         bias = torch.cat([qk_bias[0].reshape(-1), qk_bias[1][:, :n_kv].reshape(-1)])
-    heads = heads_per_program(n_head + n_kv)
+    heads = interpreter_block(n_head + n_kv, gpu=1)  # GPU: a program per head and row (the grid fills the SMs)
     _qkv_epilogue_kernel[(B, triton.cdiv(n_head + n_kv, heads))](
         qkv,
         bias,
