@@ -552,12 +552,13 @@ def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0)
     return _pool_family_inputs("pool_attention", looped, heads, dtype, seed, context=90)
 
 
-@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (4, 1), (6, 2)])
 @pytest.mark.parametrize("looped", [True, False])
-def test_pool_attention_per_row_lookup_and_write(heads, looped):
+def test_pool_attention_per_row_lookup_and_write(heads, looped, configs):
     """Each row over its own pool row, slot rows by its own iteration and KV mode (shared, ring-3, full),
-    GQA / MQA: outputs (poisoned first) equal the reference, and the K/V written are exactly the
-    reference's: at the active rows' entries only, in the slot their iteration writes."""
+    GQA / MQA, a program per head (the GPU's) or per row (the interpreter's; 6 heads: a block of 8, two
+    masked): outputs (poisoned first) equal the reference, and the K/V written are exactly the reference's:
+    at the active rows' entries only, in the slot their iteration writes."""
     pa, inputs = _pool_inputs(looped, heads)
     want, want_k, want_v = pa.reference(*_clone(inputs))
     got_inputs = _clone(inputs)
@@ -571,7 +572,7 @@ def test_pool_attention_per_row_lookup_and_write(heads, looped):
 
 
 @pytest.mark.parametrize("looped", [True, False])
-def test_pool_attention_whole_key_blocks_invalid(looped):
+def test_pool_attention_whole_key_blocks_invalid(looped, configs):
     """A row whose first key blocks are all invalid entries: its output stays finite and equals the
     reference. (This kernel seeds its softmax with the row's own key, so no block starts from -inf; the
     test keeps it so should that change: decode_attention's step once turned such a block into NaN.)"""
@@ -584,7 +585,7 @@ def test_pool_attention_whole_key_blocks_invalid(looped):
     _close(pa.fused(*_clone(inputs), out=out)[0], want, 1e-5)
 
 
-def test_pool_attention_reads_nothing_outside_its_rows_entries():
+def test_pool_attention_reads_nothing_outside_its_rows_entries(configs):
     """Storage a row must not read (other requests' slot rows, its later entries, its invalid entries,
     slots its lookup does not pick; for an inactive row, everything) is NaN: the outputs stay finite and
     equal, zeros for the inactive row. (That an inactive row loads nothing, rather than masking what it

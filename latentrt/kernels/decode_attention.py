@@ -81,22 +81,12 @@ def bytes_moved(inputs) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def online_softmax_step(m_i, l_i, acc, scores, v):
-        """One block of keys into a running softmax-weighted sum (FlashAttention's rescaling): running max
-        ``m_i``, normaliser ``l_i``, ``acc`` [D]; ``scores`` [T] (-inf where masked), ``v`` [T, D]. While
-        every key so far is masked (a block of left padding) the max is -inf: exponents are then taken
-        against 0, so the sums stay 0 instead of becoming exp(-inf - -inf) = NaN. (pool_attention.py's; this
-        family's programs take several heads: ``online_softmax_rows``.)"""
-        m_new = tl.maximum(m_i, tl.max(scores, 0))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(scores - m_ref)
-        return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
-
-    @triton.jit
     def online_softmax_rows(m_i, l_i, acc, scores, v):
-        """``online_softmax_step`` for R rows at once (here: query heads): ``m_i``, ``l_i`` [R], ``acc`` [R, D],
-        ``scores`` [R, T], ``v`` [R, T, D]."""
+        """One block of keys into R running softmax-weighted sums at once (here: query heads; FlashAttention's
+        rescaling): running maxima ``m_i``, normalisers ``l_i`` [R], ``acc`` [R, D]; ``scores`` [R, T] (-inf where
+        masked), ``v`` [R, T, D]. While every key of a row so far is masked (a block of left padding) its max is
+        -inf: exponents are then taken against 0, so its sums stay 0 instead of becoming exp(-inf - -inf) = NaN.
+        (This family's and pool_attention.py's.)"""
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_ref)

@@ -28,11 +28,11 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import HAVE_TRITON, next_pow2, tl, triton
+from ._triton import HAVE_TRITON, interpreter_block, next_pow2, tl, triton
 from .reference import missed_iteration
 
 if HAVE_TRITON:
-    from .decode_attention import online_softmax_step
+    from .decode_attention import online_softmax_rows
 
 # a pool row's lookup (the third column of ``modes``; ``KVMode.pool_lookup``)
 SLOT, DROPS, LAST = 0, 1, 2  # min(s(t), n_p - 1); that, less stale earlier entries (skip); always-last
@@ -265,17 +265,19 @@ if HAVE_TRITON:
     @triton.jit
     def key_block(
         kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, in_range, cap, it, first,
-        hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
+        head_off, head_ok, d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
     ):  # fmt: skip
-        """Entries ``t`` of pool row ``row`` for K/V head ``hk``: (which to attend to: in range, valid and
-        kept, their keys, their values, both fp32 [len(t), BLOCK_D], zeros where not attended), read from the
-        storage rows of ``key_rows``. Shared by this family and pool_prefill.py."""
+        """Entries ``t`` of pool row ``row`` at K/V head offset ``head_off`` (hk x the head stride: a scalar,
+        or [HEADS, 1, 1] for several heads; ``head_ok`` the same shape: which of them exist). Returns (which to
+        attend to: in range, valid and kept [len(t)]; their keys and their values, fp32 [len(t), BLOCK_D], with
+        a leading HEADS for several heads, zeros where not attended), read from the storage rows of
+        ``key_rows``. Shared by this family and pool_prefill.py."""
         phys, kept = key_rows(
             row, t, in_range, cap, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table, LOOPED
         )
         ok = in_range & kept & (tl.load(valid_ptr + row * stride_pool + t, mask=in_range, other=0) != 0)
-        off = phys[:, None] * stride_bs + hk * stride_bh + t[:, None] * stride_bt + d[None, :]
-        kv_mask = ok[:, None] & dm[None, :]
+        off = head_off + (phys[:, None] * stride_bs + t[:, None] * stride_bt + d[None, :])
+        kv_mask = head_ok & ok[:, None] & dm[None, :]
         keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
         vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
         return ok, keys, vals
@@ -309,13 +311,15 @@ if HAVE_TRITON:
         LOOPED: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        HEADS: tl.constexpr,
     ):
-        """Program (r, h): query head h of launch row r over its pool row's entries [0, entry), storage
-        rows by the lookup rule when LOOPED, then its own K/V; the row's K/V stored at its entry (by the
-        first query head of each KV head). An inactive row stores zeros and reads nothing."""
+        """Program (r, HEADS query heads): each head of launch row r over its pool row's entries [0, entry),
+        storage rows by the lookup rule when LOOPED, then its own K/V; the row's K/V stored at its entry (by
+        the first query head of each KV head). An inactive row stores zeros and reads nothing."""
         r = tl.program_id(0)
-        h = tl.program_id(1)
-        hk = h // group
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+        hm = h < n_head
+        hk = tl.where(hm, h // group, 0)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         row = tl.load(rows_ptr + r)
@@ -328,30 +332,40 @@ if HAVE_TRITON:
                           BLOCK_T)  # fmt: skip
         else:
             cap = 0
-        q = tl.load(q_ptr + (r * n_head + h) * D + d, mask=dm, other=0.0).to(tl.float32)
-        k_own = tl.load(k_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
-        v_own = tl.load(v_ptr + (r * n_kv + hk) * D + d, mask=dm, other=0.0)
-        m_i = tl.sum(q * k_own.to(tl.float32), 0) * sm_scale  # the own key first: weight 1, value v_own
+        hd_mask = hm[:, None] & dm[None, :]
+        q = tl.load(q_ptr + (r * n_head + h[:, None]) * D + d[None, :], mask=hd_mask, other=0.0).to(tl.float32)
+        own_off = (r * n_kv + hk[:, None]) * D + d[None, :]
+        k_own = tl.load(k_ptr + own_off, mask=hd_mask, other=0.0)
+        v_own = tl.load(v_ptr + own_off, mask=hd_mask, other=0.0)
+        m_i = tl.sum(q * k_own.to(tl.float32), 1) * sm_scale  # the own key first: weight 1, value v_own
         l_i = m_i * 0.0 + 1.0
         acc = v_own.to(tl.float32)
+        head_off = (hk * stride_bh)[:, None, None]
         for t0 in range(0, n_read, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
                 kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < n_read, cap, it, n,
-                hk, d, dm, stride_bs, stride_bh, stride_bt, stride_pool, stride_table, LOOPED,
+                head_off, hm[:, None, None], d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED,
             )  # fmt: skip
-            scores = tl.where(ok, tl.sum(keys * q[None, :], 1) * sm_scale, -float("inf"))
-            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, vals)
-        out = tl.where(act, acc / l_i, 0.0)
-        tl.store(out_ptr + (r * n_head + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
-        if (h % group == 0) & act:
+            scores = tl.where(ok[None, :], tl.sum(keys * q[:, None, :], 2) * sm_scale, -float("inf"))
+            m_i, l_i, acc = online_softmax_rows(m_i, l_i, acc, scores, vals)
+        out = tl.where(act, acc / l_i[:, None], 0.0)
+        tl.store(out_ptr + (r * n_head + h[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=hd_mask)
+        if act:
             if LOOPED:
                 target = tl.load(table_ptr + row * stride_table + row_slot(modes_ptr, row, it))
             else:
                 target = row
-            dst = target * stride_bs + hk * stride_bh + n * stride_bt + d
-            tl.store(kbuf_ptr + dst, k_own.to(kbuf_ptr.dtype.element_ty), mask=dm)
-            tl.store(vbuf_ptr + dst, v_own.to(vbuf_ptr.dtype.element_ty), mask=dm)
+            dst = target * stride_bs + hk[:, None] * stride_bh + n * stride_bt + d[None, :]
+            first = hd_mask & (h % group == 0)[:, None]  # each KV head by its group's first query head
+            tl.store(kbuf_ptr + dst, k_own.to(kbuf_ptr.dtype.element_ty), mask=first)
+            tl.store(vbuf_ptr + dst, v_own.to(vbuf_ptr.dtype.element_ty), mask=first)
+
+
+def launch_heads(heads: int) -> int:
+    """Query heads of one program: one on a GPU (a program per row and head), every head of a row with the
+    interpreter's configs (``interpreter_configs``: its time goes mostly per program and per op)."""
+    return interpreter_block(heads, gpu=1)
 
 
 def fused(
@@ -370,13 +384,15 @@ def fused(
     written: Tensor | None = None,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``reference`` as one launch (grid rows x query heads); ``out`` [R,H,D] may be given."""
+    """``reference`` as one launch (grid rows x blocks of ``launch_heads`` query heads); ``out`` [R,H,D] may be
+    given."""
     R, H, D = q.shape
     Hkv = k.shape[1]
     rows = rows.to(torch.int64).contiguous()
     lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, modes, iterations, written))
     out = torch.empty_like(q) if out is None else out
-    _pool_attention_kernel[(R, H)](
+    heads = launch_heads(H)
+    _pool_attention_kernel[(R, triton.cdiv(H, heads))](
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -397,5 +413,6 @@ def fused(
         LOOPED=table is not None,
         BLOCK_T=64,
         BLOCK_D=next_pow2(D),
+        HEADS=heads,
     )
     return out, k_buf, v_buf
