@@ -701,6 +701,16 @@ if kernels.triton_available():  # module level: the interpreter looks a kernel's
         return x * 2 + tl.abs(y)
 
     @triton.jit
+    def _broadcasting_kernel(x_ptr, y_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+        r = tl.arange(0, R)
+        c = tl.arange(0, C)
+        x = tl.load(x_ptr + r[:, None] * C + c[None, :])  # [R, C]
+        y = tl.load(y_ptr + c)  # [C]
+        same = x * x + x  # blocks of one shape
+        mixed = same - y[None, :] + (r[:, None] == 1) * 2.0  # [R, C] with [1, C] and [R, 1]
+        tl.store(out_ptr + r[:, None] * C + c[None, :], mixed + 0.5)  # and a scalar
+
+    @triton.jit
     def _helper_calling_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
@@ -709,6 +719,31 @@ if kernels.triton_available():  # module level: the interpreter looks a kernel's
         for _ in range(3):
             acc = _twice_plus(acc, x)
         tl.store(out_ptr + offs, acc, mask=m)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's type building")
+def test_the_interpreter_shares_block_types_and_keeps_values():
+    """Under the interpreter latentrt builds a block type once per (element type, shape) and lets blocks of one
+    shape into a binary op without broadcasting them (latentrt/kernels/_triton.py, on the pinned Triton): the
+    types equal fresh ones, pointer blocks are still built, and a kernel mixing same-shape, broadcast and scalar
+    operands computes what torch does."""
+    import triton as triton_module
+
+    from latentrt.kernels._triton import interpreter_block  # noqa: F401 (the patches apply on import)
+
+    fresh = tl.core.block_type(tl.float32, [4, 8])
+    shared = fresh.with_element_ty(tl.float32)
+    if triton_module.__version__ == "3.6.0":
+        assert shared is fresh.with_element_ty(tl.float32)  # made once
+    assert shared == fresh and shared.shape == (4, 8) and shared.with_element_ty(tl.int32) != fresh
+    pointers = fresh.with_element_ty(tl.pointer_type(tl.float32))
+    assert pointers.element_ty == tl.pointer_type(tl.float32) and pointers.shape == (4, 8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 8, generator=g), torch.randn(8, generator=g)
+    out = torch.full_like(x, float("nan"))
+    _broadcasting_kernel[(1,)](x, y, out, R=4, C=8)
+    want = x * x + x - y[None, :] + (torch.arange(4)[:, None] == 1) * 2.0 + 0.5
+    assert torch.equal(out, want)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's language patching")
