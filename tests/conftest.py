@@ -18,8 +18,33 @@ from latentrt.tokenizer import word_tokenizer
 WORDS = "every cat dog bird is a an not yes no . ? , Tom Alex Ann the of".split()
 
 
+# The longest test files first (seconds of one core on CI's machine, 2026-12-05: 277, 174, 160, 68, 63, 62, 50,
+# 47, 45, 43, 42, 33, 29, 23), the rest in collection order. CI's two pytest-xdist workers each take a whole file
+# when they run low (--dist loadfile --no-loadscope-reorder: this order); by xdist's own order (most tests first)
+# the Ray file (one test, ~60 s) came second to last and one worker idled ~55 s at the end.
+LONGEST_FIRST = (
+    "test_serve_engine.py",
+    "test_published.py",
+    "test_triton_backend.py",
+    "test_benchmark_serve.py",
+    "test_server.py",
+    "test_serve_ray.py",
+    "test_readme.py",
+    "test_benchmark_baselines.py",
+    "test_reliability.py",
+    "test_samplers.py",
+    "test_kernels.py",
+    "test_torch_defaults.py",
+    "test_generate.py",
+    "test_train.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """gpu-marked tests skip cleanly without CUDA."""
+    """The longest files first (``LONGEST_FIRST``; a stable sort: each file's tests keep their order, which
+    test_readme.py's commands need); gpu-marked tests skip cleanly without CUDA."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
