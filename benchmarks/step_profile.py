@@ -9,6 +9,7 @@ and the CPU time of the step against its GPU time.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import traceback
@@ -59,6 +60,14 @@ VIEWS = frozenset(
 )
 
 
+def _in_triton(depth: int = 60) -> bool:
+    """Whether one of the ``depth`` innermost frames runs Triton's code (the interpreter running a kernel): by
+    the frames' file names alone (``traceback.extract_stack`` also read each frame's source line: most of a
+    counted run's time)."""
+    frames = itertools.islice(traceback.walk_stack(None), depth)
+    return any("/triton/" in frame.f_code.co_filename for frame, _ in frames)
+
+
 class EagerOps(TorchDispatchMode):
     """The aten ops dispatched while ``replaying()`` is false (a replay on a GPU dispatches none: every other
     op is a launch or a host operation of its own), views apart. Under the Triton interpreter (the CPU's tests)
@@ -71,9 +80,7 @@ class EagerOps(TorchDispatchMode):
         self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.replaying() and not (
-            self.interpreted and any("/triton/" in f.filename for f in traceback.extract_stack(limit=60))
-        ):
+        if not self.replaying() and not (self.interpreted and _in_triton()):
             if func.__name__.split(".")[0] in VIEWS:
                 self.views += 1
             else:
