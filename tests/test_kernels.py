@@ -729,8 +729,6 @@ def test_the_interpreter_shares_block_types_and_keeps_values():
     operands computes what torch does."""
     import triton as triton_module
 
-    from latentrt.kernels._triton import interpreter_block  # noqa: F401 (the patches apply on import)
-
     fresh = tl.core.block_type(tl.float32, [4, 8])
     shared = fresh.with_element_ty(tl.float32)
     if triton_module.__version__ == "3.6.0":
