@@ -3,6 +3,7 @@ routes through Ray's proxy, each answer equal to generate() alone, both replicas
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -90,16 +91,14 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
             alone = latentrt.generate(model, questions[i], max_new_tokens=12, seed=i, adaptive=True)
             assert a.choices[0].latentrt == {"token_ids": alone.tokens, "steps": alone.steps}
             assert a.choices[0].text == alone.text
+        # Ctrl-C in its terminal (SIGINT to the process group): the replicas drain, Ray stops, exit 0
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "ray.log").read_text()[-3000:]
     finally:
-        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:  # already gone
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
         log.close()
 
 

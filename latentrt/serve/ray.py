@@ -91,6 +91,12 @@ def check_before_starting(args) -> None:
     listening_socket(args.host, args.port).close()  # free now: Ray's proxy takes it a few seconds later
 
 
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (the main thread, waiting on it, then shuts Serve down)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..backends import CHOICES
     from ..cli import api_key_from
@@ -121,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    # Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to this process: the replicas drain and Ray
+    # stops (serve.shutdown, ~5 s). Set before Ray starts, so one during the start is no traceback, and again
+    # after ray.init, which sets a SIGTERM handler of its own (a plain sys.exit: no drain, Ray left running).
+    # (SIGTERM to the whole group also kills Serve's controller, and serve.shutdown then waits its 30 s.)
+    stop = threading.Event()
+    stop_on_signals(stop)
     ray.init(include_dashboard=args.dashboard)
+    stop_on_signals(stop)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = application(
         args.model,
@@ -135,10 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         api_key=api_key_from(args.api_key),
     )
     serve.run(app, route_prefix="/")
-    print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    if not stop.is_set():
+        print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
     stop.wait()
     serve.shutdown()
     return 0
