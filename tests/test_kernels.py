@@ -723,11 +723,14 @@ if kernels.triton_available():  # module level: the interpreter looks a kernel's
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's type building")
 def test_the_interpreter_shares_block_types_and_keeps_values():
-    """Under the interpreter latentrt builds a block type once per (element type, shape) and lets blocks of one
-    shape into a binary op without broadcasting them (latentrt/kernels/_triton.py, on the pinned Triton): the
-    types equal fresh ones, pointer blocks are still built, and a kernel mixing same-shape, broadcast and scalar
-    operands computes what torch does."""
+    """Under the interpreter latentrt builds a block type once per (element type, shape), lets blocks of one
+    shape into a binary op without broadcasting them and looks each type's numpy dtype up once
+    (latentrt/kernels/_triton.py, on the pinned Triton): the types equal fresh ones, pointer blocks are still
+    built, every type keeps its numpy dtype, and a kernel mixing same-shape, broadcast and scalar operands
+    computes what torch does."""
+    import numpy as np
     import triton as triton_module
+    from triton.runtime import interpreter
 
     fresh = tl.core.block_type(tl.float32, [4, 8])
     shared = fresh.with_element_ty(tl.float32)
@@ -736,6 +739,12 @@ def test_the_interpreter_shares_block_types_and_keeps_values():
     assert shared == fresh and shared.shape == (4, 8) and shared.with_element_ty(tl.int32) != fresh
     pointers = fresh.with_element_ty(tl.pointer_type(tl.float32))
     assert pointers.element_ty == tl.pointer_type(tl.float32) and pointers.shape == (4, 8)
+    stored = {tl.int1: bool, tl.int32: np.int32, tl.int64: np.int64, tl.float32: np.float32, tl.bfloat16: np.uint16}
+    for element, want in stored.items():  # twice: the second from the lookup's cache
+        for t in (element, tl.core.block_type(element, [2, 4]), element, fresh.with_element_ty(element)):
+            assert interpreter._get_np_dtype(t) == np.dtype(want), t
+    for t in (tl.pointer_type(tl.float32), pointers, pointers):
+        assert interpreter._get_np_dtype(t) == np.dtype(np.uint64)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 8, generator=g), torch.randn(8, generator=g)
     out = torch.full_like(x, float("nan"))
