@@ -11,6 +11,7 @@ import torch
 from conftest import rel_err
 
 import latentrt.kernels as kernels
+from latentrt.kernels._triton import next_pow2
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_status()[1])
 CPU = not torch.cuda.is_available()
@@ -556,10 +557,13 @@ def _pool_inputs(looped: bool, heads=(2, 2), dtype=torch.float32, seed: int = 0)
 @pytest.mark.parametrize("looped", [True, False])
 def test_pool_attention_per_row_lookup_and_write(heads, looped, configs):
     """Each row over its own pool row, slot rows by its own iteration and KV mode (shared, ring-3, full),
-    GQA / MQA, a program per head (the GPU's) or per row (the interpreter's; 6 heads: a block of 8, two
-    masked): outputs (poisoned first) equal the reference, and the K/V written are exactly the reference's:
-    at the active rows' entries only, in the slot their iteration writes."""
+    GQA / MQA, a program per row and head (the GPU's) or one for every row and head (the interpreter's: lanes
+    of 8 rows for the 6, 8 heads for 6, the rest masked): outputs (poisoned first) equal the reference, and the
+    K/V written are exactly the reference's: at the active rows' entries only, in the slot their iteration
+    writes."""
     pa, inputs = _pool_inputs(looped, heads)
+    interpreted = configs == "interpreter" and os.environ.get("TRITON_INTERPRET") == "1"
+    assert pa.launch_lanes(6, heads[0]) == ((8, next_pow2(heads[0])) if interpreted else (1, 1))
     want, want_k, want_v = pa.reference(*_clone(inputs))
     got_inputs = _clone(inputs)
     out = torch.full_like(inputs[0], float("nan"))

@@ -235,17 +235,18 @@ if HAVE_TRITON:
         """The highest slot pool row ``row``'s lookups read at iteration ``it`` (``lookup_cap``): ``slot``
         (s(t)), or K - 1 for a ``LAST`` row with a valid entry before ``first`` that ran no more than ``it``
         iterations. Only a ``LAST`` row scans its entries' ``written`` (9 bytes an entry, against its keys'
-        4 D per head)."""
+        4 D per head). ``row``, ``it``, ``first``, ``slot``: scalars (one row: the cap is then [1]) or [L, 1]
+        (a row per lane: [L, 1])."""
         lookup = tl.load(modes_ptr + row * 3 + 2)
         scan = tl.where(lookup == 2, first, 0)
-        missed = tl.zeros((BLOCK_T,), dtype=tl.int32)
-        for t0 in range(0, scan, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            m = t < scan
-            n_p = tl.load(written_ptr + row * stride_pool + t, mask=m, other=0)
-            ok = tl.load(valid_ptr + row * stride_pool + t, mask=m, other=0) != 0
+        t = tl.arange(0, BLOCK_T)
+        missed = tl.zeros((BLOCK_T,), dtype=tl.int32) + (scan * 0).to(tl.int32)  # [BLOCK_T] or [L, BLOCK_T]
+        for t0 in range(0, tl.max(scan + tl.zeros((1,), dtype=scan.dtype)), BLOCK_T):
+            m = t0 + t < scan
+            n_p = tl.load(written_ptr + row * stride_pool + t0 + t, mask=m, other=0)
+            ok = tl.load(valid_ptr + row * stride_pool + t0 + t, mask=m, other=0) != 0
             missed = tl.maximum(missed, (ok & (n_p <= it)).to(tl.int32))
-        return tl.where(tl.max(missed, 0) > 0, tl.load(modes_ptr + row * 3) - 1, slot)
+        return tl.where(tl.max(missed, -1, keep_dims=True) > 0, tl.load(modes_ptr + row * 3) - 1, slot)
 
     @triton.jit
     def key_rows(row, t, mask, cap, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table,
@@ -253,7 +254,8 @@ if HAVE_TRITON:
         """The storage rows of pool row ``row``'s entries ``t`` and which of them it reads (the lookup rule:
         a looped layer's entry p from slot min(``cap``, n_p - 1), ``cap`` = s(t) or ``row_cap``'s, and in a
         mode that drops not an entry before ``first`` that ran no more than ``it`` iterations; a plain
-        layer's from the row itself, every one)."""
+        layer's from the row itself, every one). Elementwise: ``row``, ``cap``, ``it``, ``first`` scalars or
+        [L, 1] (a row per lane), ``t`` [T] (then [T] or [L, T])."""
         if LOOPED:
             iters = tl.load(written_ptr + row * stride_pool + t, mask=mask, other=1)
             pick = tl.minimum(tl.maximum(iters - 1, 0), cap)
@@ -265,19 +267,20 @@ if HAVE_TRITON:
     @triton.jit
     def key_block(
         kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, in_range, cap, it, first,
-        head_off, head_ok, d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
+        head_off, d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED: tl.constexpr,
     ):  # fmt: skip
-        """Entries ``t`` of pool row ``row`` at K/V head offset ``head_off`` (hk x the head stride: a scalar,
-        or [HEADS, 1, 1] for several heads; ``head_ok`` the same shape: which of them exist). Returns (which to
-        attend to: in range, valid and kept [len(t)]; their keys and their values, fp32 [len(t), BLOCK_D], with
-        a leading HEADS for several heads, zeros where not attended), read from the storage rows of
-        ``key_rows``. Shared by this family and pool_prefill.py."""
+        """Entries ``t`` [T] of pool row ``row`` at K/V head offset ``head_off`` (hk x the head stride): one row
+        (``row`` etc. scalars, ``head_off`` a scalar) or a row and head per lane (``row``, ``cap``, ``it``,
+        ``first`` [L, 1], ``head_off`` [L, 1, 1], ``in_range`` [L, T]). Returns (which to attend to: in range,
+        valid and kept [T] or [L, T]; their keys and their values, fp32, with a last dimension BLOCK_D, zeros
+        where not attended), read from the storage rows of ``key_rows``. Shared by this family and
+        pool_prefill.py."""
         phys, kept = key_rows(
             row, t, in_range, cap, it, first, written_ptr, table_ptr, modes_ptr, stride_pool, stride_table, LOOPED
         )
         ok = in_range & kept & (tl.load(valid_ptr + row * stride_pool + t, mask=in_range, other=0) != 0)
-        off = head_off + (phys[:, None] * stride_bs + t[:, None] * stride_bt + d[None, :])
-        kv_mask = head_ok & ok[:, None] & dm[None, :]
+        off = head_off + tl.expand_dims(phys * stride_bs + t * stride_bt, -1) + d
+        kv_mask = tl.expand_dims(ok, -1) & dm
         keys = tl.load(kbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
         vals = tl.load(vbuf_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
         return ok, keys, vals
@@ -298,6 +301,7 @@ if HAVE_TRITON:
         it_ptr,
         written_ptr,
         out_ptr,
+        n_rows,
         n_head,
         n_kv,
         group,
@@ -311,61 +315,66 @@ if HAVE_TRITON:
         LOOPED: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ROWS: tl.constexpr,
         HEADS: tl.constexpr,
     ):
-        """Program (r, HEADS query heads): each head of launch row r over its pool row's entries [0, entry),
-        storage rows by the lookup rule when LOOPED, then its own K/V; the row's K/V stored at its entry (by
-        the first query head of each KV head). An inactive row stores zeros and reads nothing."""
-        r = tl.program_id(0)
-        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
-        hm = h < n_head
-        hk = tl.where(hm, h // group, 0)
+        """Program (ROWS launch rows, HEADS query heads): a lane per (row r, head), each over its pool row's
+        entries [0, entry), storage rows by the lookup rule when LOOPED, then its own K/V; the row's K/V stored
+        at its entry (by the first query head of each KV head). An inactive row stores zeros and reads
+        nothing."""
+        lane = tl.arange(0, ROWS * HEADS)
+        r = tl.program_id(0) * ROWS + lane // HEADS
+        h = tl.program_id(1) * HEADS + lane % HEADS
+        lm = (r < n_rows) & (h < n_head)
+        r = tl.where(r < n_rows, r, 0)
+        hk = tl.where(lm, h // group, 0)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         row = tl.load(rows_ptr + r)
         n = tl.load(entry_ptr + r)
-        act = tl.load(act_ptr + r) != 0
-        n_read = tl.where(act, n, 0)  # an inactive row reads no key
+        act = (tl.load(act_ptr + r) != 0) & lm
+        n_read = tl.where(act, n, 0)  # an inactive row (or a lane past the rows or heads) reads no key
         it = tl.load(it_ptr + r)
         if LOOPED:  # (s(t) recomputed for the write below rather than kept live over the key loop)
-            cap = row_cap(modes_ptr, valid_ptr, written_ptr, row, it, n_read, row_slot(modes_ptr, row, it), stride_pool,
-                          BLOCK_T)  # fmt: skip
+            cap = row_cap(modes_ptr, valid_ptr, written_ptr, row[:, None], it[:, None], n_read[:, None],
+                          row_slot(modes_ptr, row, it)[:, None], stride_pool, BLOCK_T)  # fmt: skip
         else:
             cap = 0
-        hd_mask = hm[:, None] & dm[None, :]
-        q = tl.load(q_ptr + (r * n_head + h[:, None]) * D + d[None, :], mask=hd_mask, other=0.0).to(tl.float32)
-        own_off = (r * n_kv + hk[:, None]) * D + d[None, :]
+        hd_mask = lm[:, None] & dm[None, :]
+        q = tl.load(q_ptr + (r * n_head + h)[:, None] * D + d[None, :], mask=hd_mask, other=0.0).to(tl.float32)
+        own_off = (r * n_kv + hk)[:, None] * D + d[None, :]
         k_own = tl.load(k_ptr + own_off, mask=hd_mask, other=0.0)
         v_own = tl.load(v_ptr + own_off, mask=hd_mask, other=0.0)
         m_i = tl.sum(q * k_own.to(tl.float32), 1) * sm_scale  # the own key first: weight 1, value v_own
         l_i = m_i * 0.0 + 1.0
         acc = v_own.to(tl.float32)
         head_off = (hk * stride_bh)[:, None, None]
-        for t0 in range(0, n_read, BLOCK_T):
+        for t0 in range(0, tl.max(n_read, 0), BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
-                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < n_read, cap, it, n,
-                head_off, hm[:, None, None], d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED,
+                kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row[:, None], t,
+                t[None, :] < n_read[:, None], cap, it[:, None], n[:, None], head_off, d, dm, stride_bs, stride_bt,
+                stride_pool, stride_table, LOOPED,
             )  # fmt: skip
-            scores = tl.where(ok[None, :], tl.sum(keys * q[:, None, :], 2) * sm_scale, -float("inf"))
+            scores = tl.where(ok, tl.sum(keys * q[:, None, :], 2) * sm_scale, -float("inf"))
             m_i, l_i, acc = online_softmax_rows(m_i, l_i, acc, scores, vals)
-        out = tl.where(act, acc / l_i[:, None], 0.0)
-        tl.store(out_ptr + (r * n_head + h[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=hd_mask)
-        if act:
-            if LOOPED:
-                target = tl.load(table_ptr + row * stride_table + row_slot(modes_ptr, row, it))
-            else:
-                target = row
-            dst = target * stride_bs + hk[:, None] * stride_bh + n * stride_bt + d[None, :]
-            first = hd_mask & (h % group == 0)[:, None]  # each KV head by its group's first query head
-            tl.store(kbuf_ptr + dst, k_own.to(kbuf_ptr.dtype.element_ty), mask=first)
-            tl.store(vbuf_ptr + dst, v_own.to(vbuf_ptr.dtype.element_ty), mask=first)
+        out = tl.where(act[:, None], acc / l_i[:, None], 0.0)
+        tl.store(out_ptr + (r * n_head + h)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=hd_mask)
+        if LOOPED:
+            target = tl.load(table_ptr + row * stride_table + row_slot(modes_ptr, row, it), mask=act, other=0)
+        else:
+            target = row
+        dst = (target * stride_bs + hk * stride_bh + n * stride_bt)[:, None] + d[None, :]
+        first = hd_mask & (act & (h % group == 0))[:, None]  # each KV head by its group's first query head
+        tl.store(kbuf_ptr + dst, k_own.to(kbuf_ptr.dtype.element_ty), mask=first)
+        tl.store(vbuf_ptr + dst, v_own.to(vbuf_ptr.dtype.element_ty), mask=first)
 
 
-def launch_heads(heads: int) -> int:
-    """Query heads of one program: one on a GPU (a program per row and head), every head of a row with the
-    interpreter's configs (``interpreter_configs``: its time goes mostly per program and per op)."""
-    return interpreter_block(heads, gpu=1)
+def launch_lanes(rows: int, heads: int) -> tuple[int, int]:
+    """(ROWS, HEADS) of one program: (1, 1) on a GPU (a program per row and head), every row and head of the
+    launch with the interpreter's configs (``interpreter_configs``: its time goes mostly per program and per op;
+    a launch of the server's 4 pool rows was 4 programs)."""
+    return interpreter_block(rows, gpu=1), interpreter_block(heads, gpu=1)
 
 
 def fused(
@@ -384,15 +393,15 @@ def fused(
     written: Tensor | None = None,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``reference`` as one launch (grid rows x blocks of ``launch_heads`` query heads); ``out`` [R,H,D] may be
-    given."""
+    """``reference`` as one launch (grid: blocks of rows x blocks of query heads, ``launch_lanes``); ``out``
+    [R,H,D] may be given."""
     R, H, D = q.shape
     Hkv = k.shape[1]
     rows = rows.to(torch.int64).contiguous()
     lookup, strides = pool_launch_args(k_buf, v_buf, valid, rows, H, (table, modes, iterations, written))
     out = torch.empty_like(q) if out is None else out
-    heads = launch_heads(H)
-    _pool_attention_kernel[(R, triton.cdiv(H, heads))](
+    rows_per, heads = launch_lanes(R, H)
+    _pool_attention_kernel[(triton.cdiv(R, rows_per), triton.cdiv(H, heads))](
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -404,6 +413,7 @@ def fused(
         active.contiguous(),
         *lookup,
         out,
+        R,
         H,
         Hkv,
         H // Hkv,
@@ -413,6 +423,7 @@ def fused(
         LOOPED=table is not None,
         BLOCK_T=64,
         BLOCK_D=next_pow2(D),
+        ROWS=rows_per,
         HEADS=heads,
     )
     return out, k_buf, v_buf

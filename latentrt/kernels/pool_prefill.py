@@ -185,7 +185,7 @@ if HAVE_TRITON:
             t = t0 + tl.arange(0, BLOCK_T)
             ok, keys, vals = key_block(
                 kbuf_ptr, vbuf_ptr, valid_ptr, written_ptr, table_ptr, modes_ptr, row, t, t < hi, cap, it, first,
-                hk * stride_bh, True, d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED,
+                hk * stride_bh, d, dm, stride_bs, stride_bt, stride_pool, stride_table, LOOPED,
             )  # fmt: skip
             s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
             attend = ok[None, :] & (t[None, :] <= qi[:, None])
