@@ -134,6 +134,9 @@ class KVPool:
         self.free_rows = list(range(rows))
         self.free_slot_rows = list(range(self.slot_rows))
         self.element_size = self.plain_k.element_size()
+        # each chunk's lookups (``core``'s storage rows, ``core_mask``'s dropped entries) for the iteration being
+        # run: the same for every core layer of it; cleared wherever ``written``, ``valid`` or the slots change
+        self._lookups: dict[tuple[int, str], tuple] = {}
 
     @property
     def device(self) -> torch.device:
@@ -145,9 +148,13 @@ class KVPool:
         packed pass (no ``iterations``) gets its mask: its attention asks ``attend_core``, which applies it."""
         if getattr(chunk, "iterations", None) is None or not self.dropping:
             return chunk.mask
-        first = to_device(chunk.starts, self.device)
-        drop = dropped(chunk.rows, self.written[:, : chunk.end], self.modes, chunk.iterations, first)
-        return chunk.mask & ~drop[:, None, None, :]
+
+        def mask():
+            first = to_device(chunk.starts, self.device)
+            drop = dropped(chunk.rows, self.written[:, : chunk.end], self.modes, chunk.iterations, first)
+            return chunk.mask & ~drop[:, None, None, :]
+
+        return self._looked_up(chunk, "mask", mask)
 
     # ---------------------------------------------------------------- admission
     def _slots_of(self, kv_mode: KVMode | None) -> int:
@@ -201,6 +208,7 @@ class KVPool:
         self.valid[row] = False
         self.written[row] = 0
         self.lengths[row] = 0
+        self._lookups.clear()
         return row
 
     def release(self, row: int, clean_from: int = 0) -> None:
@@ -247,6 +255,7 @@ class KVPool:
         real = real.bool()
         self.valid[idx[:, None], q_idx] = real
         self.written[idx[:, None], q_idx] = self._zero
+        self._lookups.clear()
         return self._chunk(idx, starts, lengths, q_idx, positions, real, mask)
 
     def every_row(self, entry: Tensor, positions: Tensor, iterations: Tensor | None = None) -> RaggedChunk:
@@ -303,17 +312,31 @@ class KVPool:
         rows = chunk.rows[:, None].expand_as(chunk.q_idx)
         cur = self.written[rows, chunk.q_idx]
         self.written[rows, chunk.q_idx] = torch.where(active[:, None], chunk.iterations[:, None] + 1, cur)
+        self._lookups.clear()
+
+    def _looked_up(self, chunk: RaggedChunk, what: str, compute):
+        """``compute()`` once per chunk and iteration (the lookups of every core layer of one iteration are
+        the same: ``written`` changes only at ``mark_iteration``)."""
+        key = (id(chunk), what)
+        got = self._lookups.get(key)
+        if got is None or got[0] is not chunk or got[1] is not chunk.iterations:
+            got = self._lookups[key] = (chunk, chunk.iterations, compute())  # (the chunk kept: its id not reused)
+        return got[2]
 
     def core(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, iteration, active: Tensor):
         """Write each row's iteration t into its slot s(t); return what its queries read: for each earlier
         entry p, slot min(s(t), n_p - 1), or n_p - 1 (``always-last``) (``iteration`` is ignored: each row's is
         ``chunk.iterations``); the entries a mode drops are read too, ``core_mask`` masks them."""
         end = chunk.end
-        first = to_device(chunk.starts, self.device)
-        looked_up = (self.valid[:, :end], self.slot_table, self.modes, chunk.iterations, first)
-        target, phys = slot_rows(chunk.rows, self.written[:, :end], *looked_up)
+
+        def lookup():
+            first = to_device(chunk.starts, self.device)
+            looked_up = (self.valid[:, :end], self.slot_table, self.modes, chunk.iterations, first)
+            target, phys = slot_rows(chunk.rows, self.written[:, :end], *looked_up)
+            return target, phys, torch.arange(end, device=self.device)[None, :].expand_as(phys)
+
+        target, phys, p = self._looked_up(chunk, "rows", lookup)
         self._store(self.core_k[layer], self.core_v[layer], target, k, v, chunk, active)
-        p = torch.arange(end, device=self.device)[None, :].expand_as(phys)
         k_sel = self.core_k[layer][phys, :, p].permute(0, 2, 1, 3)  # [R, end, H, D] -> [R, H, end, D]
         v_sel = self.core_v[layer][phys, :, p].permute(0, 2, 1, 3)
         return k_sel, v_sel

@@ -151,6 +151,31 @@ def test_recurrent_requests_equal_generate_alone(scheduler, edge_cost, async_sch
     assert m.iterations <= m.launched_rows
 
 
+def test_the_pools_lookups_run_once_per_iteration_not_per_core_layer(monkeypatch):
+    """The pool's reference path looks a chunk's slot rows up (and, for a mode that drops, its mask) once per
+    core iteration: every core layer of an iteration reads the same entries (``written`` changes only when the
+    next iteration is marked). Four core layers here: a lookup per layer would be four per mark."""
+    from latentrt import kv_pool
+
+    counts = collections.Counter()
+    for name in ("slot_rows", "dropped", "mark"):
+        real = getattr(kv_pool, name) if name != "mark" else kv_pool.KVPool.mark_iteration
+        counted = lambda *a, real=real, name=name, **k: counts.update([name]) or real(*a, **k)  # noqa: E731
+        if name == "mark":
+            monkeypatch.setattr(kv_pool.KVPool, "mark_iteration", counted)
+        else:
+            monkeypatch.setattr(kv_pool, name, counted)
+    model = tiny_recurrent(seed=3, n_layers_in_recurrent_block=4)
+    engine = Engine(model, max_batch=4)
+    kw = dict(max_new_tokens=4, num_steps=5, default_stops=False, seed=1)
+    served = [engine.submit([5, 6, 7], kv_sharing="skip", **kw), engine.submit([8, 9], kv_sharing="ring-2", **kw)]
+    engine.run_until_idle()
+    for req, (p, mode) in zip(served, (([5, 6, 7], "skip"), ([8, 9], "ring-2"))):
+        alone = latentrt.generate(model, p, kv_sharing=mode, **kw)
+        assert (req.tokens, req.steps) == (alone.tokens, alone.steps)
+    assert counts["mark"] > 0 and counts["slot_rows"] == counts["mark"] and 0 < counts["dropped"] <= counts["mark"]
+
+
 @pytest.mark.parametrize("scheduler", ["depth", "token"])
 def test_logprobs_equal_the_log_softmax_of_generates_logits(scheduler):
     """Requests that ask for log-probs (``top_logprobs`` 0 or 3) among those that do not, mixed options:
