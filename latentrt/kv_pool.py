@@ -317,10 +317,10 @@ class KVPool:
     def _looked_up(self, chunk: RaggedChunk, what: str, compute):
         """``compute()`` once per chunk and iteration (the lookups of every core layer of one iteration are
         the same: ``written`` changes only at ``mark_iteration``)."""
-        key = (id(chunk), what)
+        key = (id(chunk), what)  # (the entry keeps the chunk: its id is not reused while the entry stands)
         got = self._lookups.get(key)
-        if got is None or got[0] is not chunk or got[1] is not chunk.iterations:
-            got = self._lookups[key] = (chunk, chunk.iterations, compute())  # (the chunk kept: its id not reused)
+        if got is None or got[1] is not chunk.iterations:
+            got = self._lookups[key] = (chunk, chunk.iterations, compute())
         return got[2]
 
     def core(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, iteration, active: Tensor):
