@@ -34,7 +34,7 @@ chunk's mask (the reference).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -137,6 +137,7 @@ class KVPool:
         # each chunk's lookups (``core``'s storage rows, ``core_mask``'s dropped entries) for the iteration being
         # run: the same for every core layer of it; cleared wherever ``written``, ``valid`` or the slots change
         self._lookups: dict[tuple[int, str], tuple] = {}
+        self._at: dict[tuple, RaggedChunk] = {}  # ``at``'s chunks by (rows, entries), until ``valid`` changes
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +151,7 @@ class KVPool:
             return chunk.mask
 
         def mask():
-            first = to_device(chunk.starts, self.device)
+            first = chunk.q_idx[:, 0]  # each row's first entry of the chunk (a real one)
             drop = dropped(chunk.rows, self.written[:, : chunk.end], self.modes, chunk.iterations, first)
             return chunk.mask & ~drop[:, None, None, :]
 
@@ -209,6 +210,7 @@ class KVPool:
         self.written[row] = 0
         self.lengths[row] = 0
         self._lookups.clear()
+        self._at.clear()
         return row
 
     def release(self, row: int, clean_from: int = 0) -> None:
@@ -256,6 +258,7 @@ class KVPool:
         self.valid[idx[:, None], q_idx] = real
         self.written[idx[:, None], q_idx] = self._zero
         self._lookups.clear()
+        self._at.clear()
         return self._chunk(idx, starts, lengths, q_idx, positions, real, mask)
 
     def every_row(self, entry: Tensor, positions: Tensor, iterations: Tensor | None = None) -> RaggedChunk:
@@ -271,11 +274,16 @@ class KVPool:
 
     def at(self, rows: list[int], starts: list[int], positions: Tensor) -> RaggedChunk:
         """The chunk of one entry per row already begun: row ``rows[i]``'s entry ``starts[i]`` at model
-        position ``positions[i]`` (a decode token over the iterations of its latent loop)."""
-        idx = to_device(rows, self.device)
-        q_idx = to_device(starts, self.device)[:, None]
-        real = torch.ones(q_idx.shape, dtype=torch.bool, device=self.device)
-        return self._chunk(idx, starts, [1] * len(rows), q_idx, positions[:, None], real)
+        position ``positions[i]`` (a decode token over the iterations of its latent loop). Its indices and
+        mask are built once per (rows, entries) until the next ``begin`` / ``allocate`` changes ``valid``: the
+        iterations of a token reuse them."""
+        key = (tuple(rows), tuple(starts))
+        built = self._at.get(key)
+        if built is None:
+            idx, q_idx = to_device(rows + starts, self.device).view(2, len(rows))  # one copy for both
+            real = torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)
+            built = self._at[key] = self._chunk(idx, starts, [1] * len(rows), q_idx[:, None], None, real)
+        return replace(built, positions=positions[:, None])
 
     def _chunk(
         self, idx, starts, lengths, q_idx: Tensor, positions: Tensor, valid: Tensor, mask: bool = True
@@ -289,18 +297,18 @@ class KVPool:
         return RaggedChunk(idx, starts, lengths, q_idx.shape[1], end, q_idx, positions, attend, valid)
 
     # ---------------------------------------------------------------- the cache interface of the models
-    def _write(self, buf: Tensor, rows: Tensor, new: Tensor, chunk: RaggedChunk, active: Tensor | None) -> None:
-        """buf[rows[i], :, q_idx[i]] <- new [R, H, n, D] (rows of ``active`` only)."""
-        rows = rows[:, None].expand_as(chunk.q_idx)
-        new = new.permute(0, 2, 1, 3).to(buf.dtype)  # [R, n, H, D]
-        if active is not None:
-            new = torch.where(active[:, None, None, None], new, buf[rows, :, chunk.q_idx])
-        buf[rows, :, chunk.q_idx] = new
+    def _written_at(self, rows: Tensor, chunk: RaggedChunk, active: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Where a chunk's entries are written: (storage rows, entries) [R, n] for ``buf[rows, :, entries]``;
+        an inactive row's entries are its trash entry (never a key), so a write is one scatter, with no gather
+        and select to keep what its real entries hold."""
+        q_idx = chunk.q_idx if active is None else torch.where(active[:, None], chunk.q_idx, self.trash)
+        return rows[:, None].expand_as(q_idx), q_idx
 
     def _store(self, k_buf: Tensor, v_buf: Tensor, rows: Tensor, k: Tensor, v: Tensor, chunk, active) -> None:
-        """One layer's K and V of the chunk into storage rows ``rows`` (``_write``, both buffers)."""
-        self._write(k_buf, rows, k, chunk, active)
-        self._write(v_buf, rows, v, chunk, active)
+        """One layer's K and V [R, H, n, D] of the chunk into storage rows ``rows`` (active rows only)."""
+        at = self._written_at(rows, chunk, active)
+        for buf, new in ((k_buf, k), (v_buf, v)):
+            buf[at[0], :, at[1]] = new.permute(0, 2, 1, 3).to(buf.dtype)  # [R, n, H, D]
 
     def plain(self, layer: int, k: Tensor, v: Tensor, chunk: RaggedChunk, active: Tensor | None = None):
         """Write a plain layer's K/V; return the rows' keys and values [R, H, end, D]."""
@@ -309,9 +317,8 @@ class KVPool:
 
     def mark_iteration(self, chunk: RaggedChunk, iteration, active: Tensor) -> None:
         """Rows in ``active`` write iteration ``chunk.iterations`` at their entries (for the lookup rule)."""
-        rows = chunk.rows[:, None].expand_as(chunk.q_idx)
-        cur = self.written[rows, chunk.q_idx]
-        self.written[rows, chunk.q_idx] = torch.where(active[:, None], chunk.iterations[:, None] + 1, cur)
+        rows, entries = self._written_at(chunk.rows, chunk, active)
+        self.written[rows, entries] = (chunk.iterations[:, None] + 1).expand_as(entries)
         self._lookups.clear()
 
     def _looked_up(self, chunk: RaggedChunk, what: str, compute):
@@ -330,7 +337,7 @@ class KVPool:
         end = chunk.end
 
         def lookup():
-            first = to_device(chunk.starts, self.device)
+            first = chunk.q_idx[:, 0]
             looked_up = (self.valid[:, :end], self.slot_table, self.modes, chunk.iterations, first)
             target, phys = slot_rows(chunk.rows, self.written[:, :end], *looked_up)
             return target, phys, torch.arange(end, device=self.device)[None, :].expand_as(phys)

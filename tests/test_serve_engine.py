@@ -921,7 +921,8 @@ def _pool_passes(model, kernel):
         chunks = [decode] + ([pool.begin([2], 2)] if token % 2 else [])
         for t in range(1 + token):
             run(chunks, lambda r, t=t: (t + r) % 5)
-    return outs, [pool.plain_k, pool.plain_v, pool.core_k, pool.core_v]
+    # every entry but the trash one (``pool.trash``: padding's and inactive rows' writes go there, never a key)
+    return outs, [buf[..., : pool.trash, :] for buf in (pool.plain_k, pool.plain_v, pool.core_k, pool.core_v)]
 
 
 @torch.no_grad()

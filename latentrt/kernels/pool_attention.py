@@ -58,8 +58,14 @@ def lookup_cap(
     ``LAST`` row with a valid entry before its first of this pass (``first`` [R]) that ran no more than t
     iterations (``missed_iteration``); ``written`` / ``valid`` [N, W]."""
     m = modes[rows]
-    last = (m[:, 2] == LAST) & missed_iteration(written[rows], valid[rows], iterations, first)
-    return torch.where(last, m[:, 0] - 1, mode_slot(m, iterations))
+    return _cap(m, mode_slot(m, iterations), written[rows], valid[rows], iterations, first)
+
+
+def _cap(m: Tensor, slot: Tensor, written: Tensor, valid: Tensor, iterations: Tensor, first: Tensor) -> Tensor:
+    """``lookup_cap`` of rows already gathered: their modes ``m`` [R, 3], slots ``slot`` [R], ``written`` /
+    ``valid`` [R, W]."""
+    last = (m[:, 2] == LAST) & missed_iteration(written, valid, iterations, first)
+    return torch.where(last, m[:, 0] - 1, slot)
 
 
 def slot_rows(
@@ -68,11 +74,11 @@ def slot_rows(
     """A looped layer's storage rows by the rule in the docstring: (the row each launch row writes [R], the
     row each of its entries is read from [R, W]); ``written`` / ``valid`` [N, W] (W: the entries concerned),
     ``first`` [R] each row's first entry of this pass. The pool's reference (``KVPool.core``) and this
-    family's reference both look up slots here."""
-    slot = mode_slot(modes[rows], iterations)
-    cap = lookup_cap(rows, written, valid, modes, iterations, first)
-    own = table[rows]
-    lookup = torch.minimum((written[rows] - 1).clamp(min=0), cap[:, None])
+    family's reference both look up slots here. (Each row's mode, ``written`` and slots gathered once.)"""
+    m, w, own = modes[rows], written[rows], table[rows]
+    slot = mode_slot(m, iterations)
+    cap = _cap(m, slot, w, valid[rows], iterations, first)
+    lookup = torch.minimum((w - 1).clamp(min=0), cap[:, None])
     return own.gather(1, slot[:, None])[:, 0], own.gather(1, lookup)
 
 

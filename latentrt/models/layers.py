@@ -64,8 +64,9 @@ class Packed:
         return self
 
     def pack(self, parts: list[Tensor]) -> Tensor:
-        """Per-chunk tensors [rows, n, ...] -> one [1, tokens, ...]."""
-        return torch.cat([t.reshape(-1, *t.shape[2:]) for t in parts])[None]
+        """Per-chunk tensors [rows, n, ...] -> one [1, tokens, ...] (one chunk's: a view of it, not a copy)."""
+        flat = [t.reshape(-1, *t.shape[2:]) for t in parts]
+        return (flat[0] if len(flat) == 1 else torch.cat(flat))[None]
 
     def unpack(self, x: Tensor) -> list[Tensor]:
         """[1, tokens, ...] -> per-chunk views [rows, n, ...]."""
@@ -82,7 +83,7 @@ class Packed:
         for i, (a, m, c) in enumerate(self._spans()):
             q_i, k_i, v_i = (t[0, :, a : a + m].unflatten(1, (len(c.starts), c.n)).transpose(0, 1) for t in (q, k, v))
             out.append(kv(i, q_i, k_i, v_i).transpose(0, 1).flatten(1, 2))
-        return torch.cat(out, 1)[None]
+        return (out[0] if len(out) == 1 else torch.cat(out, 1))[None]
 
 
 ACTIVATIONS = {
