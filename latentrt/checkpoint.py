@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, os_errors_as
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # Prefixes that training code wraps around the model's own keys (Coconut wrapper, DDP, torch.compile).
@@ -46,7 +46,9 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
         _revision_unused(revision, f"{s!r} is a built-in model")
         return BUILTIN_DIR / name
     folder = Path(path)
-    if not folder.exists():
+    with os_errors_as(CheckpointError, f"checkpoint folder {s!r}"):
+        exists = folder.exists()
+    if not exists:
         from .hub import is_hub_id, resolve_hub
 
         if is_hub_id(s):
@@ -146,7 +148,9 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
     """
     if weights is not None:
         wp = Path(weights)
-        if not wp.is_file():
+        with os_errors_as(CheckpointError, f"weights file {str(wp)!r}"):
+            found = wp.is_file()
+        if not found:
             raise CheckpointError(f"weights file {str(wp)!r} does not exist")
         sd = _read_safetensors([wp]) if wp.suffix == ".safetensors" else _read_torch(wp)
     elif (folder / "model.safetensors").is_file():
@@ -323,7 +327,9 @@ def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
     to disk, swap it in whole (the previous folder stays complete until the new one is in place). A crash
     at any point leaves either the previous or the new folder complete (``recover_folder`` tidies up)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
+    with os_errors_as(CheckpointError, f"checkpoint folder {str(folder)!r}"):
+        a_file = folder.exists() and not folder.is_dir()
+    if a_file:
         raise CheckpointError(f"{str(folder)!r} is a file, not a checkpoint folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(folder)

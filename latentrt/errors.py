@@ -5,7 +5,8 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 
 class LatentRTError(Exception):
@@ -93,6 +94,17 @@ def check_bool(name: str, value) -> None:
     """InputError unless ``value`` is True or False (not 0/1, not a string)."""
     if not isinstance(value, bool):
         raise InputError(f"{name} must be True or False, got {value!r}")
+
+
+@contextmanager
+def os_errors_as(error: type[LatentRTError], what: str) -> Iterator[None]:
+    """Looking up a path a user gave (``Path.exists`` / ``is_file`` / ``is_dir``): those say False for a path
+    that is not there but raise OSError for one the file system refuses to look up (a name too long, a parent
+    folder that cannot be searched); that becomes ``error`` naming ``what`` and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        raise error(f"cannot look up {what}: {exc.strerror or exc}") from None
 
 
 def check_unicode(name: str, text: str) -> None:

@@ -45,9 +45,9 @@ def read_records_file(path: str | Path) -> list:
 
 
 def _parse_records_file(path: Path):
-    if path.is_dir():
-        raise InputError(f"data file {str(path)!r} is a folder, not a JSON file of records")
     try:
+        if path.is_dir():
+            raise InputError(f"data file {str(path)!r} is a folder, not a JSON file of records")
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"data file {str(path)!r} does not exist") from None

@@ -298,3 +298,43 @@ def test_text_that_is_not_unicode_is_named(recurrent_dir, tmp_path, capsys, monk
     monkeypatch.setattr("sys.stdin", io.StringIO("every \udcff cat\n"))  # as Python reads bytes 0xff
     assert main(["chat", str(recurrent_dir), "--chat-template", str(tmp_path / "t.jinja")]) == 2
     assert "latentrt: error: messages[0].content is not valid Unicode text" in capsys.readouterr().err
+
+
+def test_a_conversation_the_template_or_the_tokenizer_cannot_take_is_named(tmp_path):
+    """A template's own refusal (transformers' ``raise_exception``, as Llama's and Mistral's templates refuse
+    roles out of order) is the template's message; content that is no text, a conversation rendered to nothing,
+    a model without a tokenizer, and a template file that is not UTF-8 each say so."""
+    import shutil
+
+    from latentrt.chat import chat_prompt_ids, chat_training_ids
+
+    model = latentrt.load("builtin:recurrent")
+    strict = ChatTemplate(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user message') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    )
+    user_first = MESSAGES[1:]
+    text = render_chat(strict, user_first)
+    assert text.startswith(user_first[0]["content"])
+    assert latentrt.apply_chat_template(model, user_first, strict) == chat_prompt_ids(
+        strict, model.tokenizer, user_first
+    )
+    with pytest.raises(
+        latentrt.InputError, match="the chat template rejected the conversation: Conversations must start with a user"
+    ):
+        latentrt.apply_chat_template(model, MESSAGES, strict)  # (a system message first)
+    with pytest.raises(latentrt.InputError, match=r"messages\[0\].content must be a string or a list of text parts"):
+        latentrt.apply_chat_template(model, [{"role": "user", "content": 5}], strict)
+    silent = ChatTemplate("{% for m in messages %}{% endfor %}")
+    with pytest.raises(latentrt.InputError, match="the rendered conversation is empty"):
+        chat_prompt_ids(silent, model.tokenizer, MESSAGES)
+    for call in (chat_prompt_ids, chat_training_ids):
+        with pytest.raises(latentrt.InputError, match="this model has no tokenizer.json: chat needs one"):
+            call(strict, None, MESSAGES)
+    folder = tmp_path / "m"
+    shutil.copytree(model.folder, folder)
+    (folder / "chat_template.jinja").write_bytes(b"{{ '\xff' }}")
+    copy = latentrt.load(folder)
+    assert latentrt.generate(copy, "Alex is a wumpus.", max_new_tokens=2).tokens  # (loading and prompts work)
+    with pytest.raises(latentrt.InputError, match="chat template cannot be used: chat_template.jinja cannot be read"):
+        latentrt.apply_chat_template(copy, MESSAGES)

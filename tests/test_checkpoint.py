@@ -314,3 +314,77 @@ def test_a_folder_of_torch_weights_names_them_and_loads_through_weights(recurren
     model = latentrt.load(recurrent_dir, weights=recurrent_dir / "pytorch_model.bin", device="cpu")
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(model.logits(ids, init_scale=0.0), ref.logits(ids, init_scale=0.0))
+
+
+def test_every_malformed_weights_layout_is_a_clear_error(tmp_path, recurrent_dir):
+    """The layouts the loader reads, each broken the way a copy or a hand edit breaks it: a file where the
+    folder should be, a sharded index naming a missing shard or a tensor no shard holds, a torch file that is
+    not a state dict of tensors, an integer weight; and a save over a file."""
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        latentrt.load(recurrent_dir / "config.json")
+    sharded = tmp_path / "sharded"
+    save_checkpoint(tiny_recurrent(seed=3), sharded, max_shard_bytes=20_000)
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    latentrt.load(sharded, device="cpu")  # (intact first)
+    name, shard = next(iter(index["weight_map"].items()))
+    index["weight_map"]["transformer.extra.weight"] = shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"tensors \['transformer.extra.weight'\] are listed in the index"):
+        latentrt.load(sharded, device="cpu")
+    (sharded / shard).unlink()
+    with pytest.raises(CheckpointError, match=rf"shard file\(s\) \['{shard}'\] named in .* are missing"):
+        latentrt.load(sharded, device="cpu")
+    bad_bin = tmp_path / "weights.bin"
+    torch.save({"step": 3, "weight": torch.zeros(2)}, bad_bin)
+    with pytest.raises(CheckpointError, match="does not hold a state dict of tensors"):
+        latentrt.load(recurrent_dir, weights=bad_bin, device="cpu")
+    sd = load_file(recurrent_dir / "model.safetensors")
+    key = next(k for k in sd if "norm" in k)
+    sd[key] = sd[key].to(torch.int32)
+    save_file(sd, recurrent_dir / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=f"tensor '{key}' has dtype I32, expected floating point"
+    ):  # (its header's)
+        latentrt.load(recurrent_dir, device="cpu")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint folder"):
+        save_checkpoint(tiny_recurrent(), a_file)
+    assert a_file.read_text() == "x"  # (untouched)
+
+
+@pytest.mark.parametrize(
+    "family, edit, message",
+    [
+        ("rec", dict(n_embd=0), "config field 'n_embd' must be positive, got 0"),
+        ("rec", dict(mean_recurrence=-1), "config field 'mean_recurrence' must be positive, got -1"),
+        ("rec", dict(n_layers_in_coda=-1), "config field 'n_layers_in_coda' must be >= 0, got -1"),
+        ("rec", dict(n_heads=3), "n_embd=.* is not divisible by num_attention_heads=3"),
+        ("rec", dict(num_key_value_heads=4, n_heads=6, n_embd=48), "num_attention_heads=6 is not a multiple of"),
+        ("rec", dict(n_heads=16, n_embd=48), "head_dim=3 must be even for rotary embeddings"),
+        ("rec", dict(state_init="ones"), "state_init='ones' is not supported"),
+        ("rec", dict(tie_embeddings="yes"), "field 'tie_embeddings' must be true or false, got 'yes'"),
+        ("rec", dict(state_init=5), "field 'state_init' must be a string, got 5"),
+        ("coc", dict(n_layer=0), "config field 'n_layer' must be positive, got 0"),
+        ("coc", dict(n_inner=-4), "n_inner must be positive, got -4"),
+        ("coc", dict(n_head=5), "n_embd=.* is not divisible by n_head=5"),
+        ("coc", dict(activation_function="swish"), "activation_function='swish' is not supported"),
+        ("coc", dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a finite number > 0, got 0"),
+    ],
+)
+def test_every_invalid_config_value_is_a_clear_error(recurrent_dir, coconut_dir, family, edit, message):
+    """Each value a config.json may hold that the model cannot be built with: a ConfigError naming the field
+    and the value, before any weight is read."""
+    folder = recurrent_dir if family == "rec" else coconut_dir
+    _edit_config(folder, lambda c: c.update(edit))
+    with pytest.raises(ConfigError, match=message):
+        latentrt.load(folder, device="cpu")
+
+
+def test_an_integral_float_in_config_is_read_as_an_integer(recurrent_dir):
+    """A config written by a tool that stores every number as a float (64.0): the integer it means."""
+    n_embd = json.loads((recurrent_dir / "config.json").read_text())["n_embd"]
+    _edit_config(recurrent_dir, lambda c: c.update(n_embd=float(n_embd)))
+    model = latentrt.load(recurrent_dir, device="cpu")
+    assert model.config.n_embd == n_embd and type(model.config.n_embd) is int

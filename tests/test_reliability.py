@@ -519,3 +519,56 @@ def test_prompt_forms_a_user_has_at_hand():
     for empty in ([[]], torch.zeros(1, 0, dtype=torch.long), np.array([[]])):  # (it named [[]]'s float dtype)
         with pytest.raises(InputError, match=r"input_ids is empty \(shape \(1, 0\)\)"):
             model.logits(empty)
+
+
+def test_every_malformed_ids_or_mask_is_named():
+    """The prompt and mask shapes a caller gets wrong, each a message naming it: ragged or non-integer ids,
+    ids of three dimensions, a mask that is no tensor, holds other values than 0/1, or has a hole; text for
+    a model without a tokenizer. A 1-D mask beside a single 1-D prompt is that prompt's row (as its ids)."""
+    model = tiny_recurrent(seed=2)
+    model.tokenizer = None
+    kw = dict(max_new_tokens=2, init_scale=0.0)
+    ids = torch.tensor([[5, 6, 7]])
+    cases = [
+        (lambda: model.logits([[5, 6], [7]]), "input_ids must be a tensor or nested list of ints in range"),
+        (
+            lambda: model.logits(torch.ones(1, 1, 3, dtype=torch.long)),
+            r"input_ids must be \[batch, seq\] with seq >= 1",
+        ),
+        (lambda: model.logits(ids, attention_mask="all"), "attention_mask must be a tensor of 0/1"),
+        (lambda: model.logits(ids, attention_mask=torch.tensor([[0.5, 1, 1]])), "must hold 0/1 \\(or bool\\) values"),
+        (lambda: model.logits(ids, attention_mask=torch.tensor([[1, 0, 1]])), r"left-padding mask \(0...0 1...1"),
+        (lambda: latentrt.generate(model, [[5, 6], [7, "8"]], **kw), "token ids must be integers"),
+        (lambda: latentrt.generate(model, "every cat", **kw), "this model has no tokenizer.json: pass token ids"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError, match=message):
+            call()
+    one_row = latentrt.generate(model, torch.tensor([0, 5, 6]), attention_mask=torch.tensor([0, 1, 1]), **kw)
+    assert one_row.tokens == latentrt.generate(model, [5, 6], **kw).tokens
+
+
+def test_a_path_the_file_system_refuses_to_look_up_is_named(tmp_path, capsys):
+    """A name too long for the file system: pathlib's exists / is_file / is_dir raise OSError for it (they say
+    False only for a path that is not there), which reached users as a bare OSError (the CLI's "unexpected
+    failure" line). Each path a user gives names it: the model, weights=, a data file, a checkpoint or
+    training output folder."""
+    from latentrt.checkpoint import save_checkpoint
+    from latentrt.cli import main
+    from latentrt.errors import CheckpointError
+    from latentrt.records import read_records_file
+    from latentrt.train.checkpoints import check_output_folder
+
+    long = str(tmp_path / ("a" * 300))
+    cases = [
+        (lambda: latentrt.load(long), CheckpointError, "cannot look up checkpoint folder"),
+        (lambda: latentrt.load("builtin:recurrent", weights=long), CheckpointError, "cannot look up weights file"),
+        (lambda: save_checkpoint(tiny_recurrent(), long), CheckpointError, "cannot look up checkpoint folder"),
+        (lambda: read_records_file(long + ".json"), InputError, "cannot read data file"),
+        (lambda: check_output_folder(long, None, False), InputError, "cannot look up out="),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message + ".*: File name too long"):
+            call()
+    assert main(["eval", "builtin:recurrent", long + ".json"]) == 2
+    assert "cannot read data file" in capsys.readouterr().err

@@ -205,6 +205,9 @@ def test_logprobs_equal_the_log_softmax_of_generates_logits(scheduler):
         engine.submit([5], top_logprobs=21)
     with pytest.raises(InputError, match="only a request that echoes its prompt can generate no token"):
         engine.submit([5], score_only=True)
+    with pytest.raises(InputError, match="return_logits is not available from the server"):  # (top_logprobs is)
+        engine.submit([5], return_logits=True)
+    assert not engine.queue
 
 
 def test_coconut_echo_scores_the_prompt_with_its_thoughts():

@@ -295,6 +295,8 @@ def test_tokenize_takes_vllms_add_special_tokens():
         assert parse_tokenize({"prompt": "Alex is a wumpus", **extra}, None, wrapped) == want, extra
         with pytest.warns(latentrt.UnknownWordsWarning, match="Westeros"):  # either way, unknown words named
             parse_tokenize({"prompt": "Alex is Westeros", **extra}, None, wrapped)
+    with pytest.raises(latentrt.InputError, match="this model has no tokenizer.json: nothing to tokenize with"):
+        parse_tokenize({"prompt": "a"}, None, None)
     for body, message in (
         ({"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens must be true or false"),
         ({"messages": [{"role": "user", "content": "a"}], "add_special_tokens": True}, "applies to a prompt"),
@@ -596,7 +598,7 @@ def test_routes_and_bad_input(recurrent_server):
     def error(body, path="/v1/completions", status=400, raw=None):
         r = h.post(path, content=raw) if raw is not None else h.post(path, json=body)
         assert r.status_code == status, r.text
-        return r.json()["error"]["message"]
+        return r.json()["error"]["message"] if status != 200 else None
 
     assert "not valid JSON" in error(None, raw=b'{"prompt": ')
     # a JSON escape can carry a lone surrogate, which the tokenizer refused with a TypeError (a 500)
@@ -654,6 +656,15 @@ def test_routes_and_bad_input(recurrent_server):
     )
     assert "messages" in error({"messages": []}, path="/v1/chat/completions")
     assert "runs in generate() only" in error({"prompt": "a", "decoding": "wavefront"})
+    # the request's shape: a body that is no object, the choices it asks for, OpenAI fields latentrt lacks
+    assert error(["a"]) == "the request body must be a JSON object, got list"
+    assert error({"prompt": ["a"] * 17}) == "at most 16 prompts per request, got 17"
+    assert error({"prompt": ["a"] * 4, "n": 5}) == "at most 16 choices (prompts x n) per request, got 20"
+    assert error({"prompt": "a", "best_of": 3}) == "best_of is not supported by latentrt (leave it out)"
+    assert error({"prompt": "a", "best_of": 2, "n": 2, "max_tokens": 1}, status=200) is None  # (n's own: kept)
+    bad_options = {"prompt": "a", "stream": True, "stream_options": {"include_usage": True, "x": 1}}
+    assert error(bad_options).startswith("stream_options must be {'include_usage': true|false}, got")
+    assert error({"prompt": "a", "stream_options": {}}) == "stream_options is only allowed with stream=true"
 
 
 def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_never_a_500(recurrent_server):
@@ -710,6 +721,19 @@ def test_queue_full_is_429_with_retry_after():
             assert "queue is full (1 requests waiting)" in r.json()["error"]["message"]
             gate.set()
             assert first.result().status_code == 200
+
+
+def test_a_stopped_engine_answers_503_and_takes_nothing_more():
+    """Once the engine stops taking requests (``Engine.stop``: a drain, e.g. a Ray replica going away while its
+    HTTP proxy still routes to it), a request is a 503 saying so, and /health says so too."""
+    with serving(tiny_recurrent(), max_batch=2) as (url, engine):
+        h = httpx.Client(base_url=url, timeout=30)
+        assert h.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+        engine.stop()
+        r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["message"] == "the server is shutting down", r.text
+        assert h.get("/health").status_code == 503
+        assert not engine.queue and not engine.resident
 
 
 def test_disconnect_mid_stream_frees_the_slot_within_one_step():

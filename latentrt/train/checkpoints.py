@@ -31,7 +31,7 @@ from ..checkpoint import (
     tensor_mismatch,
     write_checkpoint_files,
 )
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, os_errors_as
 
 STATE_FILE = "trainer_state.pt"
 
@@ -43,7 +43,9 @@ def check_output_folder(out: str | None, resume: str | None, overwrite: bool) ->
     if out is None:
         return
     path = Path(out)
-    if path.exists() and not path.is_dir():
+    with os_errors_as(InputError, f"out={out!r}"):
+        a_file = path.exists() and not path.is_dir()
+    if a_file:
         raise InputError(f"out={out!r} is a file, not a folder for checkpoints")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
