@@ -207,6 +207,28 @@ def test_errors_exit_2(recurrent_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_decoding_options_from_the_command_line_equal_the_api(recurrent_dir, capsys):
+    """``--decoding-option KEY=VALUE`` (repeatable) reaches the sampler: VALUE read as JSON, else as text (so
+    the sampler names a wrong one); ``--ids`` with ``--chat`` is refused."""
+    import latentrt
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    kw = dict(max_new_tokens=5, default_stops=False, init_scale=0.0)
+    want = latentrt.generate(model, "every cat is", decoding="speculative", decoding_options={"lookahead": 3}, **kw)
+    argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "5", "--no-default-stops"]
+    argv += ["--init-scale", "0", "--decoding", "speculative", "--decoding-option", "lookahead=3", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
+    for option, message in (
+        ("lookahead=three", "lookahead must be an integer >= 1, got 'three'"),
+        ("lookahead", "--decoding-option takes KEY=VALUE, got 'lookahead'"),
+    ):
+        assert main([*argv[:-2], option]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", str(recurrent_dir), "--ids", "5,6", "--chat"]) == 2
+    assert "--ids and --chat do not go together" in capsys.readouterr().err
+
+
 def test_recurrence_flags_take_the_api_names_too():
     """--num-steps, --exit-criterion, --exit-threshold, --kv-sharing, --num-thoughts (generate()'s and the
     server's names) are the same flags as --steps, --criterion, --threshold, --kv, --thoughts."""

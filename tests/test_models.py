@@ -2,6 +2,7 @@
 HF GPT-2, and a functional Huginn forward written from the published description."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -144,6 +145,32 @@ def test_recurrent_logits_match_functional_reference(r):
     s0 = torch.randn(1, 7, 32)
     want = _functional_huginn(model, ids, r, s0)
     assert rel_err(model.logits(ids, num_steps=r, init_state=s0), want) < 1e-5
+
+
+def test_init_state_takes_the_forms_a_user_has_and_names_a_wrong_one():
+    """model.logits(init_state=...): a tensor [B, S, d], a nested list of it, [S, d] for one prompt, or
+    [B, 1, d] for every position; another shape is named; a state that the weights make non-finite names
+    its sequence."""
+    from latentrt.errors import InputError, NonFiniteStateError
+
+    model = tiny_recurrent(seed=4)
+    ids = torch.tensor([[3, 9, 12, 7]])
+    s0 = torch.randn(1, 4, 32)
+    want = model.logits(ids, num_steps=2, init_state=s0)
+    assert torch.equal(model.logits(ids, num_steps=2, init_state=s0.tolist()), want)
+    assert torch.equal(model.logits(ids, num_steps=2, init_state=s0[0]), want)
+    one = s0[:, :1]
+    assert torch.equal(
+        model.logits(ids, num_steps=2, init_state=one), model.logits(ids, num_steps=2, init_state=one.expand(1, 4, 32))
+    )
+    for bad in (torch.randn(1, 3, 32), torch.randn(2, 4, 32), torch.randn(1, 4, 16), torch.randn(4, 32, 1, 1)):
+        message = f"init_state must have shape (1, 4, 32) (or [B, 1, d]), got {tuple(bad.shape)}"
+        with pytest.raises(InputError, match=re.escape(message)):
+            model.logits(ids, num_steps=2, init_state=bad)
+    with torch.no_grad():
+        model.transformer.core_block[0].mlp.proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStateError, match=r"non-finite latent state in sequence\(s\) \[0\]"):
+        model.logits(ids, num_steps=2, init_state=s0)
 
 
 def test_init_state_distribution():
