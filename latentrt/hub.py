@@ -44,13 +44,18 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
                 local_files_only=offline,
             )
         )
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
         at = f" at revision {revision!r}" if revision else ""
         if offline:
             raise CheckpointError(
                 f"{repo_id!r} is not a local folder, and the Hub model{at} is not in the cache "
                 f"({constants.HF_HUB_CACHE}) while offline (HF_HUB_OFFLINE=1): download it once online, or "
                 "give a folder"
+            ) from None
+        if isinstance(exc.__cause__, huggingface_hub.errors.HfHubHTTPError):  # it answered, with an error status
+            raise CheckpointError(
+                f"{repo_id!r} is not a local folder and could not be fetched from the Hub{at}: the Hub answered "
+                f"{str(exc.__cause__).splitlines()[0]!r}, and the model is not in the cache ({constants.HF_HUB_CACHE})"
             ) from None
         raise CheckpointError(
             f"{repo_id!r} is not a local folder and could not be fetched from the Hub{at}: the Hub did not answer "

@@ -86,11 +86,15 @@ def test_an_unreachable_hub_is_named(hub_cache, monkeypatch):
     [
         (401, "GatedRepo", r"'acme/gated' is gated: accept its terms on its Hub page, then log in"),
         (404, "RepoNotFound", r"nor a model repository on the Hub that this login can see \(a private one"),
+        (404, "RevisionNotFound", r"the Hub model 'acme/gated' has no revision 'v9'"),
+        (500, "", r"from the Hub at revision 'v9': the Hub answered \"Server error '500 Internal Server Error'"),
     ],
 )
 def test_gated_and_unseen_hub_models_are_named(hub_cache, monkeypatch, status, code, message):
-    """A Hub that answers as huggingface.co does for a gated model (401, X-Error-Code: GatedRepo) or one this
-    login cannot see (404, RepoNotFound): a gated model said it was 'not a model repository on the Hub'."""
+    """A Hub that answers as huggingface.co does for a gated model (401, X-Error-Code: GatedRepo), one this
+    login cannot see (404, RepoNotFound), a revision it does not have (404, RevisionNotFound) or fails (500):
+    a gated model said it was 'not a model repository on the Hub', a failing Hub that it 'did not answer (no
+    network?)'."""
     import http.server
     import threading
 
@@ -115,7 +119,7 @@ def test_gated_and_unseen_hub_models_are_named(hub_cache, monkeypatch, status, c
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
         with pytest.raises(CheckpointError, match=message):
-            latentrt.load("acme/gated")
+            latentrt.load("acme/gated", revision="v9")
     finally:
         server.shutdown()
 
