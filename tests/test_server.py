@@ -760,6 +760,47 @@ def test_disconnect_mid_stream_frees_the_slot_within_one_step():
         assert not engine.resident and engine.program.pool.bytes_in_use() == 0
 
 
+def test_a_client_gone_before_its_answer_cancels_its_request():
+    """A request not streamed whose client goes away before the answer (here its timeout, while the request
+    waits in the queue) is cancelled: its wait polls the connection (``POLL_SECONDS``), the engine drops it
+    at its next step without a token, and serves the next one."""
+    model = tiny_recurrent()
+    gate = threading.Event()
+    with serving(model, max_batch=1) as (url, engine):
+        step = engine.step
+        engine.step = lambda: (gate.wait(), step())  # a busy device: nothing is admitted until the gate opens
+        with httpx.Client(base_url=url, timeout=0.5) as h, pytest.raises(httpx.ReadTimeout):
+            h.post("/v1/completions", json={"prompt": "a", "max_tokens": 40})
+        req = engine.queue[0]
+        deadline = time.time() + 10
+        while not req.cancelled:
+            assert time.time() < deadline, "the request was not cancelled"
+            time.sleep(0.02)
+        gate.set()
+        assert req.done.wait(10) and req.finish_reason == "cancelled" and req.tokens == []
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and not engine.queue and engine.program.pool.bytes_in_use() == 0
+
+
+def test_text_held_back_for_a_stop_string_is_streamed_when_a_stop_token_ends_it():
+    """Streamed text that might begin a stop string is held back; when a stop token that is not part of the
+    output (Coconut's ``published_eos``) ends the request instead, the held text comes as a chunk of its own,
+    so the streamed text equals the text returned whole (the built-in Coconut model ends its answer '.' then
+    EOS; the stop string '.X' holds the '.' back)."""
+    model = latentrt.load("builtin:coconut")
+    prompt = "Every wumpus is a yumpus. Alex is a wumpus. Is Alex a yumpus or rompus?"
+    alone = latentrt.generate(model, prompt, max_new_tokens=12, temperature=0.0, stop=[".X"], published_eos=True)
+    assert alone.finish_reasons == ["stop"] and alone.text.endswith(".")
+    assert model.tokenizer.token_to_id("<|endoftext|>") not in alone.tokens
+    with serving(model, "builtin", max_batch=2) as (url, _):
+        args = dict(model="builtin", prompt=prompt, max_tokens=12, temperature=0, stop=[".X"])
+        extra = {"published_eos": True}
+        whole = client(url).completions.create(extra_body=extra, **args).choices[0]
+        chunks = [c.choices[0] for c in client(url).completions.create(stream=True, extra_body=extra, **args)]
+    assert (whole.text, whole.finish_reason) == (alone.text, "stop")
+    assert "".join(c.text for c in chunks) == alone.text and chunks[-2].text == "."  # (then the finish chunk)
+
+
 def test_a_failing_request_is_500_and_the_others_are_served():
     model = tiny_recurrent(seed=3)
     with serving(model, max_batch=4) as (url, _):
