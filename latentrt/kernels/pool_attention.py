@@ -51,19 +51,11 @@ def slot_target(rows: Tensor, table: Tensor, modes: Tensor, iterations: Tensor) 
     return table[rows].gather(1, mode_slot(modes[rows], iterations)[:, None])[:, 0]
 
 
-def lookup_cap(
-    rows: Tensor, written: Tensor, valid: Tensor, modes: Tensor, iterations: Tensor, first: Tensor
-) -> Tensor:
-    """The highest slot each launch row's lookups read [R]: s(t), or K - 1 (any: each entry's last) for a
-    ``LAST`` row with a valid entry before its first of this pass (``first`` [R]) that ran no more than t
-    iterations (``missed_iteration``); ``written`` / ``valid`` [N, W]."""
-    m = modes[rows]
-    return _cap(m, mode_slot(m, iterations), written[rows], valid[rows], iterations, first)
-
-
-def _cap(m: Tensor, slot: Tensor, written: Tensor, valid: Tensor, iterations: Tensor, first: Tensor) -> Tensor:
-    """``lookup_cap`` of rows already gathered: their modes ``m`` [R, 3], slots ``slot`` [R], ``written`` /
-    ``valid`` [R, W]."""
+def lookup_cap(m: Tensor, slot: Tensor, written: Tensor, valid: Tensor, iterations: Tensor, first: Tensor) -> Tensor:
+    """The highest slot each launch row's lookups read [R]: its slot s(t) (``slot`` [R]), or K - 1 (any: each
+    entry's last) for a ``LAST`` row with a valid entry before its first of this pass (``first`` [R]) that ran
+    no more than t iterations (``missed_iteration``); of the launch rows' modes ``m`` [R, 3] and their rows of
+    ``written`` / ``valid`` [R, W]."""
     last = (m[:, 2] == LAST) & missed_iteration(written, valid, iterations, first)
     return torch.where(last, m[:, 0] - 1, slot)
 
@@ -77,7 +69,7 @@ def slot_rows(
     family's reference both look up slots here. (Each row's mode, ``written`` and slots gathered once.)"""
     m, w, own = modes[rows], written[rows], table[rows]
     slot = mode_slot(m, iterations)
-    cap = _cap(m, slot, w, valid[rows], iterations, first)
+    cap = lookup_cap(m, slot, w, valid[rows], iterations, first)
     lookup = torch.minimum((w - 1).clamp(min=0), cap[:, None])
     return own.gather(1, slot[:, None])[:, 0], own.gather(1, lookup)
 
