@@ -388,3 +388,10 @@ def test_an_integral_float_in_config_is_read_as_an_integer(recurrent_dir):
     _edit_config(recurrent_dir, lambda c: c.update(n_embd=float(n_embd)))
     model = latentrt.load(recurrent_dir, device="cpu")
     assert model.config.n_embd == n_embd and type(model.config.n_embd) is int
+
+
+def test_a_latent_marker_id_outside_the_vocabulary_is_named(coconut_dir):
+    """Coconut's marker ids given as overrides (or in config.json) must be token ids of the model."""
+    vocab = json.loads((coconut_dir / "config.json").read_text())["vocab_size"]
+    with pytest.raises(ConfigError, match=f"latent_id={vocab} is outside the vocabulary \\(size {vocab}\\)"):
+        latentrt.load(coconut_dir, device="cpu", latent_id=vocab)

@@ -89,6 +89,22 @@ def test_resume_never_runs_code_from_the_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+def test_resume_names_a_folder_that_is_no_trainer_checkpoint(tmp_path):
+    """resume= a model folder without a trainer state (save_checkpoint's), or with a plain file of another
+    shape: each named before anything trains."""
+    out = tmp_path / "ckpt"
+    train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=2, batch_size=2, progress=False, out=str(out)))
+    resume = lambda: train_recurrent(  # noqa: E731
+        _recurrent(), TOK, RECORDS, TrainOptions(steps=3, batch_size=2, progress=False), resume=str(out)
+    )
+    torch.save({"step": 2, "weights": torch.zeros(2)}, out / "trainer_state.pt")  # plain data, no format
+    with pytest.raises(CheckpointError, match="trainer_state.pt is not a latentrt trainer state"):
+        resume()
+    (out / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="has no trainer_state.pt: not a training checkpoint to resume from"):
+        resume()
+
+
 SAVE_STEPS = ["begin", "config-written", "weights-written", "written", "synced", "previous-moved", "new-moved", "done"]
 
 

@@ -856,6 +856,20 @@ def test_trainers_name_a_wrong_argument():
             ),
             "checkpoint_activations applies to recurrent-depth models",
         ),
+        (  # (Huginn's fine-tuning script cuts its examples; Coconut's run.py does not)
+            lambda: train_coconut(
+                coc, coc.tokenizer, records, dataclasses.replace(opts, max_seq_length=8), Curriculum("cot")
+            ),
+            "max_seq_length applies to recurrent-depth models",
+        ),
+        (
+            lambda: train_coconut(coc, coc.tokenizer, records, opts, Curriculum("thoughtful")),
+            "unknown Coconut training mode 'thoughtful'; choose one of",
+        ),
+        (  # the tiny model's context is 96 positions
+            lambda: train_recurrent(rec, rec.tokenizer, [dict(question="a " * 120, steps=[], answer="b")], opts),
+            "records [0] are longer than block_size=96",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(InputError, match=re.escape(message)):
