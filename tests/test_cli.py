@@ -284,6 +284,29 @@ def test_every_error_is_one_line_and_nonzero(recurrent_dir, coconut_dir, tmp_pat
     assert "unknown prompt format 'bogus'" in capsys.readouterr().err
 
 
+def test_an_unexpected_failure_and_ctrl_c_are_one_line(recurrent_dir, capsys, monkeypatch):
+    """A failure no check foresaw: one line naming its type and how to see the traceback, status 1 (with
+    LATENTRT_DEBUG=1 the exception itself); Ctrl-C: 'interrupted', status 130 (as a shell reports SIGINT)."""
+    from latentrt import cli
+
+    def fails(args):
+        raise RuntimeError("the device fell over")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", fails)
+    assert main(["info", str(recurrent_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err == "latentrt: error: RuntimeError: the device fell over (LATENTRT_DEBUG=1 shows the traceback)\n"
+    monkeypatch.setenv("LATENTRT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="the device fell over"):
+        main(["info", str(recurrent_dir)])
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", str(recurrent_dir)]) == 130
+    assert capsys.readouterr().err == "latentrt: interrupted\n"
+
+
 def test_a_prompt_dash_is_standard_input(recurrent_dir, capsys, monkeypatch):
     """``echo TEXT | latentrt generate MODEL -``: the text less its final newline, beside other prompts too;
     two ``-`` are an error before the model loads."""
