@@ -769,10 +769,13 @@ def test_a_client_gone_before_its_answer_cancels_its_request():
     with serving(model, max_batch=1) as (url, engine):
         step = engine.step
         engine.step = lambda: (gate.wait(), step())  # a busy device: nothing is admitted until the gate opens
-        with httpx.Client(base_url=url, timeout=0.5) as h, pytest.raises(httpx.ReadTimeout):
+        with httpx.Client(base_url=url, timeout=1.0) as h, pytest.raises(httpx.ReadTimeout):
             h.post("/v1/completions", json={"prompt": "a", "max_tokens": 40})
-        req = engine.queue[0]
         deadline = time.time() + 10
+        while not engine.queue:  # (queued well before the client gave up, unless this machine crawls)
+            assert time.time() < deadline, "the request was never queued"
+            time.sleep(0.02)
+        req = engine.queue[0]
         while not req.cancelled:
             assert time.time() < deadline, "the request was not cancelled"
             time.sleep(0.02)
