@@ -1208,7 +1208,7 @@ def _serve_with_simulated_graphs(monkeypatch, capture_at: int, async_scheduling:
 def _assert_served_as_alone(model, served) -> None:
     V = model.config.vocab_size
     for req, (p, kw) in served:
-        alone = latentrt.generate(model, p, return_logits=True, **kw)
+        alone = generate_alone(model, p, return_logits=True, **kw)
         assert req.error is None, req.error
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
         lp = alone.logits[:, :V].float().log_softmax(-1)
