@@ -17,7 +17,8 @@
 #     GPU_TESTS=none / GPU_BENCH=none / GPU_SANITIZE=none skip those stages; GPU_PROBE=0 the probe,
 #     GPU_BUILD=0 the build. Set GPU_CHECK_BUDGET about 30 s under the call's timeout: the later stages
 #     size themselves by it (2026-12-04, run 2: the default 470 under a 340 s call cut racecheck off)
-#   tests/test_benchmark_baselines.py runs it on the CPU (a stand-in nvidia-smi) through its fallbacks.
+#   tests/test_gpu_script.py runs it on the CPU (stand-ins for nvidia-smi, python3, compute-sanitizer)
+#   through its fallbacks.
 #   Carry .triton_cache (python -m tools.compile_check --full, with
 #   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
 set -uo pipefail
@@ -30,7 +31,16 @@ mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 mkdir -p "$LOGS/bench"
 pack() { tar czf "$OUT/.logs.tar.gz" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/.logs.tar.gz" "$OUT/logs.tar.gz"; }
-(while sleep 20; do pack; done) &
+# (its sleep is killed with it: an orphaned sleep would hold the caller's output open up to 20 s after the end)
+(
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  while :; do
+    sleep 20 &
+    nap=$!
+    wait "$nap"
+    pack
+  done
+) >/dev/null 2>&1 &
 PACKER=$!
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
