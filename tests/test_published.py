@@ -129,6 +129,9 @@ def test_torch_backend_equals_published(name):
 
 
 SEEDED = sorted(name for name, c in CASES.items() if "seed" in c["options"])
+# the seeded cases the two tests below run for their first tokens only (test_torch_backend_equals_published runs
+# them whole): 366 diffusion steps of ~1,800 iterations a token for the whole case, ~12 s a run on CI's machine
+FIRST_TOKENS = {"wavefront latent-acceleration-2 broadcast slices": 2}
 
 
 @pytest.mark.parametrize("name", SEEDED)
@@ -136,12 +139,13 @@ def test_unseeded_draws_from_torchs_generator_as_published(name):
     """Without ``seed=`` latentrt draws from torch's global generator in the published order: seeding it with
     torch.manual_seed as the published run was gives the published tokens."""
     case = CASES[name]
+    n = FIRST_TOKENS.get(name)
     options = {k: v for k, v in case["options"].items() if k != "seed"}
     torch.manual_seed(case["options"]["seed"])
-    got = _generate(dict(case, options=options), "torch")
-    assert got.tokens == case["tokens"]
+    got = _generate(dict(case, options=options), "torch", n)
+    assert got.tokens == case["tokens"][:n]
     if "steps" in case:
-        assert got.steps == case["steps"]
+        assert got.steps == case["steps"][:n]
 
 
 def test_the_seeded_vectors_depend_on_their_draws():
@@ -149,9 +153,12 @@ def test_the_seeded_vectors_depend_on_their_draws():
     the random initial state at the default init_scale, sampling, and the draw at init_scale 0."""
     assert len(SEEDED) >= 8
     for name in SEEDED:
-        case = CASES[name]
-        other = _generate(dict(case, options=dict(case["options"], seed=case["options"]["seed"] + 100)), "torch")
-        assert (other.tokens, other.steps) != (case["tokens"], case.get("steps", other.steps)), name
+        case, n = CASES[name], FIRST_TOKENS.get(name)
+        if n:  # the published seed's first tokens are the published ones (so the other seed's differ by its draws)
+            assert _generate(case, "torch", n).tokens == case["tokens"][:n], name
+        other = _generate(dict(case, options=dict(case["options"], seed=case["options"]["seed"] + 100)), "torch", n)
+        published = (case["tokens"][:n], case["steps"][:n] if "steps" in case else other.steps)
+        assert (other.tokens, other.steps) != published, name
     assert any("init_scale" not in CASES[n]["options"] and "temperature" not in CASES[n]["options"] for n in SEEDED)
     zero = CASES["sampling with a zero initial state"]["options"]
     assert zero["init_scale"] == 0 and zero["temperature"] > 0
