@@ -125,3 +125,60 @@ def test_the_launcher_refuses_what_every_replica_would_before_starting_ray(tmp_p
         err = capsys.readouterr().err
         assert err.startswith("latentrt: error:") and message in err, (argv, err)
     busy.close()
+
+
+@pytest.mark.parametrize("second", ["during the drain", "during the start"])
+def test_a_second_ctrl_c_stops_ray_at_once_in_one_line(monkeypatch, capsys, second):
+    """The launcher's first Ctrl-C drains the replicas (serve.shutdown); a second, while they drain or while Ray
+    starts, stops Ray at once (ray.shutdown: the processes ray.init started end with it, none is left) and
+    exits 130 with one line, no traceback. Ray itself is stood in for: what is checked is the launcher's
+    handling of the signals (the README test runs the real drain)."""
+    import threading
+
+    from ray import serve
+
+    from latentrt.serve import ray as launcher
+
+    calls = []
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def slow(name):  # a Ray call taking its time, interrupted by the signal a handler turns into an exception
+        def call(*args, **kwargs):
+            calls.append(name)
+            if second == "during the start" and name == "serve.run":
+                ctrl_c()
+                ctrl_c()
+            elif second == "during the drain" and name == "serve.shutdown":
+                ctrl_c()
+            for _ in range(100):
+                time.sleep(0.05)
+            pytest.fail(f"{name} was not interrupted")
+
+        return call
+
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append("ray.init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.append("serve.start"))
+    monkeypatch.setattr(launcher, "application", lambda *a, **kw: "app")
+    if second == "during the start":
+        monkeypatch.setattr(serve, "run", slow("serve.run"))
+    else:
+        monkeypatch.setattr(serve, "run", lambda app, **kw: calls.append("serve.run"))
+        threading.Timer(0.3, ctrl_c).start()  # the first, while the launcher waits
+    monkeypatch.setattr(serve, "shutdown", slow("serve.shutdown"))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert launcher.main(["builtin:recurrent", "--port", str(free_port())]) == 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    ended = (
+        ["serve.run", "ray.shutdown"]
+        if second == "during the start"
+        else ["serve.run", "serve.shutdown", "ray.shutdown"]
+    )
+    assert calls == ["ray.init", "serve.start", *ended], calls
+    err = capsys.readouterr().err
+    assert err == "latentrt: forced exit (Ray stopped without draining the replicas)\n", err

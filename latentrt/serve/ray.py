@@ -92,9 +92,16 @@ def check_before_starting(args) -> None:
 
 
 def stop_on_signals(stop: threading.Event) -> None:
-    """SIGINT and SIGTERM set ``stop`` (the main thread, waiting on it, then shuts Serve down)."""
+    """A first SIGINT or SIGTERM sets ``stop`` (the main thread, waiting on it, then drains the replicas); a
+    second one raises KeyboardInterrupt in the main thread (``main`` then stops Ray at once)."""
+
+    def handler(*_) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,27 +138,36 @@ def main(argv: list[str] | None = None) -> int:
     # stops (serve.shutdown, ~5 s). Set before Ray starts, so one during the start is no traceback, and again
     # after ray.init, which sets a SIGTERM handler of its own (a plain sys.exit: no drain, Ray left running).
     # (SIGTERM to the whole group also kills Serve's controller, and serve.shutdown then waits its 30 s.)
+    # A second one, during the drain or the start, stops Ray at once: ray.shutdown ends the processes ray.init
+    # started (the replicas among them), so nothing is left running, and their requests are cut short.
     stop = threading.Event()
     stop_on_signals(stop)
-    ray.init(include_dashboard=args.dashboard)
-    stop_on_signals(stop)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app = application(
-        args.model,
-        replicas=args.replicas,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        backend=args.backend,
-        max_batch=args.max_batch,
-        scheduler=args.scheduler,
-        chat_template=args.chat_template,
-        api_key=api_key_from(args.api_key),
-    )
-    serve.run(app, route_prefix="/")
-    if not stop.is_set():
-        print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
-    stop.wait()
-    serve.shutdown()
+    try:
+        ray.init(include_dashboard=args.dashboard)
+        stop_on_signals(stop)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        app = application(
+            args.model,
+            replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            backend=args.backend,
+            max_batch=args.max_batch,
+            scheduler=args.scheduler,
+            chat_template=args.chat_template,
+            api_key=api_key_from(args.api_key),
+        )
+        serve.run(app, route_prefix="/")
+        if not stop.is_set():
+            print(f"latentrt: {args.replicas} replicas of {args.model} on http://{args.host}:{args.port}", flush=True)
+        stop.wait()
+        serve.shutdown()
+    except KeyboardInterrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a third while Ray stops: no traceback either
+            signal.signal(sig, signal.SIG_IGN)
+        ray.shutdown()
+        print("latentrt: forced exit (Ray stopped without draining the replicas)", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
