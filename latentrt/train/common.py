@@ -183,7 +183,11 @@ def begin_step(optimizer: torch.optim.Optimizer, step: int, opts: TrainOptions) 
 def finish_step(module: nn.Module, optimizer: torch.optim.Optimizer, opts: TrainOptions) -> float:
     """Clip (or only measure) the gradients' norm and step; returns the norm."""
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), math.inf if opts.grad_clip is None else opts.grad_clip)
-    optimizer.step()
+    # AdamW makes its per-parameter step counts on torch's default device at the first step (torch 2.11; 2.13
+    # names the CPU): a caller's default device "meta" left them without values (an error), "cuda" would
+    # read one back per parameter each step. torch's own default, whatever the caller set:
+    with torch.device("cpu"):
+        optimizer.step()
     return float(norm)
 
 
