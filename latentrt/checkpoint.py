@@ -115,6 +115,14 @@ def read_training_info(folder: str | os.PathLike | None) -> dict:
     return info
 
 
+# safetensors' dtype names (a file's header) -> torch's, so an error names a dtype alike in either format
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+    "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
 class StoredTensor:
     """A tensor of a safetensors file, read when ``read`` is called; its shape and dtype are known before
     (from the header). The loader copies one tensor at a time into the model, so a checkpoint never sits
@@ -129,8 +137,9 @@ class StoredTensor:
         return self._dtype.startswith(("F", "BF"))  # F16 / BF16 / F32 / F64 / F8_*
 
     @property
-    def dtype(self) -> str:
-        return self._dtype
+    def dtype(self) -> torch.dtype | str:
+        """torch's dtype of the header's name (the name itself where torch has none)."""
+        return getattr(torch, _SAFETENSORS_DTYPES.get(self._dtype, ""), self._dtype)
 
     def read(self) -> Tensor:
         try:
