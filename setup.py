@@ -137,18 +137,22 @@ class NvccBuildExt(build_ext):
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         libdir = _cudart_dir(cuda_home)
+        # linked beside, then renamed into place: a process importing latentrt._cuda meanwhile (CI runs the tests
+        # while this builds) sees the old library or the whole new one, never a half-written file
+        partial = out.with_name(out.name + ".partial")
         subprocess.check_call(
             [
                 os.environ.get("CXX", "c++"),
                 "-shared",
                 *objects,
                 "-o",
-                str(out),
+                str(partial),
                 f"-L{libdir}",
                 "-lcudart",
                 f"-Wl,-rpath,{libdir}",
             ]
         )
+        os.replace(partial, out)
 
 
 def _run(cmd: list[str], log: Path | None) -> None:
