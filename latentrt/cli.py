@@ -33,9 +33,23 @@ from .serve.engine import SCHEDULERS
 from .train.command import add_train_args
 from .version import __version__
 
+# `latentrt --help` (the module's docstring above is for its readers)
+DESCRIPTION = """Run language models that reason in latent space (recurrent depth, continuous thought):
+generate, chat, evaluate, train and serve them. `latentrt COMMAND --help` lists a command's options; every
+generate() option has a flag. Errors print `latentrt: error: ...` and exit 2."""
+EXAMPLES = """examples:
+  latentrt generate builtin:recurrent "Alex is a wumpus. Is Alex a wumpus or rompus?" --adaptive
+  latentrt info builtin:coconut
+  latentrt serve builtin:recurrent --port 8000"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentrt", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="latentrt",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"latentrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

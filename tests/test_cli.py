@@ -399,3 +399,21 @@ def test_a_closed_pipe_ends_the_command_quietly(recurrent_dir, monkeypatch, caps
         finally:
             closed.close()  # its descriptor now points at /dev/null: closing it cannot fail
     assert capsys.readouterr().err == ""
+
+
+def test_the_top_level_help_says_what_the_tool_does_and_its_examples_parse(capsys):
+    """``latentrt --help``: a description for users (no docstring markup), and examples each of which the
+    parser takes as given (the serve example is only parsed; test_readme runs such commands)."""
+    import shlex
+
+    from latentrt.cli import EXAMPLES, build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "latent space" in out and "``" not in out and "examples:" in out
+    examples = [shlex.split(line.strip()) for line in EXAMPLES.splitlines()[1:]]
+    assert [argv[:2] for argv in examples] == [["latentrt", "generate"], ["latentrt", "info"], ["latentrt", "serve"]]
+    for argv in examples:
+        build_parser().parse_args(argv[1:])
+    assert main(examples[1][1:]) == 0 and "coconut" in capsys.readouterr().out
