@@ -30,7 +30,8 @@ mkdir -p "$OUT"
 # behind), and a run cut by the tool's time limit still brings back what its stages had written
 LOGS=$(mktemp -d)
 mkdir -p "$LOGS/bench"
-pack() { tar czf "$OUT/.logs.tar.gz" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/.logs.tar.gz" "$OUT/logs.tar.gz"; }
+# (a temporary name per process: the packer and a stage's stamp may pack at the same moment)
+pack() { tar czf "$OUT/.logs.$BASHPID.tar.gz" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/.logs.$BASHPID.tar.gz" "$OUT/logs.tar.gz"; }
 # (its sleep is killed with it: an orphaned sleep would hold the caller's output open up to 20 s after the end)
 (
   trap 'kill "$nap" 2>/dev/null; exit 0' TERM
