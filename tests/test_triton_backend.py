@@ -458,3 +458,29 @@ def test_a_runner_with_boundaries_captures_a_graph_per_stretch_and_replays_up_to
     runner.stop_at = {"m0"}
     runner()
     assert events == [("replay", 0), ("stop?", "m0"), ("replay", 2)]
+
+
+def test_an_older_triton_counts_as_none_and_everything_else_runs():
+    """torch 2.4 installs Triton 3.0 beside itself: the kernel modules (which use newer language features at
+    import) are then left out as without Triton, so the serving engine and the benchmarks still import, ``auto``
+    stays on the torch backend and ``backend="triton"`` names the version (it was an ImportError from
+    importing latentrt.serve, found on torch 2.4.1 / Triton 3.0.0)."""
+    import subprocess
+    import sys
+
+    script = """
+import triton
+triton.__version__ = "3.0.0"
+import latentrt, latentrt.serve.engine, latentrt.kernels.linear as linear, benchmarks.suites
+from latentrt.errors import InputError
+assert not linear.HAVE_TRITON and linear.triton is None
+assert latentrt.load("builtin:recurrent").backend.name == "torch"
+try:
+    latentrt.load("builtin:recurrent", backend="triton")
+    raise SystemExit("no error")
+except InputError as exc:
+    assert "triton 3.0.0 is older than 3.2" in str(exc), exc
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -32,7 +32,8 @@ def fused_of(fam):
 
 
 # The oldest Triton the kernels are tested with (their interpreter tests pass on 3.2 to 3.6; 3.0 and 3.1 refuse
-# ``tl.arange(0, BLOCK)``'s literal start under TRITON_INTERPRET=1); the GPU measurements used 3.6.
+# ``tl.arange(0, BLOCK)``'s literal start under TRITON_INTERPRET=1, and lack ``gdc_wait``, which linear.py imports);
+# the GPU measurements used 3.6. An older Triton counts as none (kernels/_triton.py: HAVE_TRITON).
 MIN_TRITON = (3, 2)
 
 

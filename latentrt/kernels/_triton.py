@@ -1,15 +1,20 @@
-"""Triton import guard: the references in this package work without Triton; the kernels need it."""
+"""Triton import guard: the references in this package work without Triton; the kernels need it, at
+MIN_TRITON or newer (an older one is treated as absent: the kernel modules use newer language features at
+import, and torch 2.4 installs Triton 3.0 beside itself)."""
 
 import os
+
+from . import MIN_TRITON, _version
 
 try:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
+    HAVE_TRITON = _version(getattr(triton, "__version__", "0")) >= MIN_TRITON
 except ImportError:  # pragma: no cover - exercised on installs without triton
-    triton = tl = None
     HAVE_TRITON = False
+if not HAVE_TRITON:
+    triton = tl = None
 
 
 def next_pow2(n: int) -> int:
