@@ -42,9 +42,17 @@ LONGEST_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first (``LONGEST_FIRST``; a stable sort: each file's tests keep their order, which
-    test_readme.py's commands need); gpu-marked tests skip cleanly without CUDA."""
+    test_readme.py's commands need); gpu-marked tests skip cleanly without CUDA, triton-marked ones without a
+    Triton the kernels can use."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    from latentrt.kernels import triton_status
+
+    usable, why = triton_status()
+    if not usable:  # triton-marked tests need the kernels (Triton >= 3.2; torch 2.4 brings 3.0)
+        for item in items:
+            if "triton" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"needs the Triton kernels: {why}"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

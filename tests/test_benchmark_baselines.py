@@ -152,6 +152,7 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert "triton-pdl" in dict(suites._backends(None, ("split",), "decode_coconut"))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("suite", ["recurrent_decode", "coconut_decode"])
 def test_the_pdl_row_times_the_triton_gemvs_launched_programmatically_dependent(monkeypatch, suite):
     """decode_recurrent's and decode_coconut's ``triton-pdl`` rows run under ``pdl_launches``: linear.fused's

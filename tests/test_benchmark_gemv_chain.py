@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks.probes import gemv_chain
 from latentrt.kernels import linear
+
+pytestmark = pytest.mark.triton
 
 
 def test_the_probe_runs_every_variant_at_a_tiny_shape(capsys):

@@ -130,6 +130,7 @@ def test_load_generator_serves_a_coconut_model(tmp_path, capsys):
     )
 
 
+@pytest.mark.triton
 def test_eager_ops_leave_out_replays_alone():
     """count_eager_ops counts every aten op a step dispatches (views apart) and, under the interpreter, every
     Triton launch, but those of replays; under simulated graphs a runner's eager calls (its first, its
@@ -187,6 +188,7 @@ def test_eager_ops_leave_out_replays_alone():
 EAGER_OPS_RUN = "--requests 2 --max-batch 2 --schedulers depth --num-steps 3 --group-capture-at 1".split()
 
 
+@pytest.mark.triton
 def test_eager_ops_over_a_whole_run(capsys):
     """benchmarks.eager_ops serves its requests to the end with the captured passes simulated (captures and
     replays happen off CUDA) and prints the eager ops a step over every step of the run."""
@@ -206,6 +208,7 @@ def test_eager_ops_over_a_whole_run(capsys):
     assert capture_at == "3" and float(ops) > 0 and int(captures) in (1, 2) and int(replays) > 1  # (2: it samples)
 
 
+@pytest.mark.triton
 def test_host_time_leaves_out_what_a_gpu_runs_on_the_device(capsys):
     """``--host-time``: the same run timed instead of counted; a step's host ms is its wall ms less the
     simulated replays and the interpreted kernels outside them, so it is positive and below the wall."""
@@ -233,6 +236,7 @@ def test_async_schedulers_run_beside_the_others(tmp_path, capsys):
     assert runs["depth+async"]["tokens"] == runs["depth"]["tokens"] > 0
 
 
+@pytest.mark.triton
 def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     """--group-capture-at reaches the served engines' captured passes (their own attribute: the runtime's
     default stays), each run records its captures (none off CUDA), and the header says which step captures."""

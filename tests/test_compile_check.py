@@ -1,6 +1,10 @@
 """tools.compile_check's host side: the kernels it must find launched (the compiling itself runs in CI)."""
 
+import pytest
+
 from tools.compile_check import _never_launched
+
+pytestmark = pytest.mark.triton  # (the kernels are found among the Triton functions)
 
 KERNEL = ("latentrt.kernels.linear", "_linear_kernel")
 

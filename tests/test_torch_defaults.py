@@ -160,8 +160,12 @@ def test_trainers_ignore_torchs_defaults(poison):
 
 def test_load_reads_torchs_default_device():
     assert parse_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.device("meta"), pytest.raises(InputError, match="default device is 'meta'.*pass device="):
-        latentrt.load("builtin:recurrent")
+    with torch.device("meta"):
+        if torch.get_default_device().type == "meta":
+            with pytest.raises(InputError, match="default device is 'meta'.*pass device="):
+                latentrt.load("builtin:recurrent")
+        else:  # torch 2.4 does not report a `with` block's device: the model is loaded whole where it says
+            assert latentrt.load("builtin:recurrent").device == torch.device("cpu")
     with mock.patch("torch.cuda.is_available", return_value=False):
         with mock.patch("torch.get_default_device", return_value=torch.device("cuda", 1)):
             with pytest.raises(InputError, match="'cuda:1': CUDA is not available.*torch's default device"):
