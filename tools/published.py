@@ -1086,7 +1086,8 @@ def draw_fingerprint() -> dict:
     """What this torch draws from seed 0 with the two samplers the cases draw from, with its version and the CPU
     instruction set its kernels run (``cpu_capability``: the bf16 cases depend on it):
     ``trunc_normal_`` (the published random initial state; torch 2.13 changed it, 2.11 gives other numbers)
-    and ``multinomial`` (sampling; torch 2.4 gives other tokens than 2.11 and 2.13). The published code and
+    and ``multinomial`` (sampling; torch 2.4 gives other tokens than 2.11 and 2.13), and ``bernoulli_`` (GPT-2's
+    dropout masks in the train-mode training cases; torch 2.4 draws others). The published code and
     latentrt follow their torch alike, so a case that draws holds only under a torch that draws as the one
     that made the vectors did; tests/test_published.py compares the two."""
     seeded = torch.Generator().manual_seed(0)  # draws as torch.manual_seed(0) would, leaving torch's own alone
@@ -1094,11 +1095,14 @@ def draw_fingerprint() -> dict:
     probs = torch.softmax(torch.linspace(0.0, 1.0, 40), 0)[None]
     seeded = torch.Generator().manual_seed(0)
     tokens = [torch.multinomial(probs, 1, generator=seeded).item() for _ in range(8)]
+    seeded = torch.Generator().manual_seed(0)
+    mask = torch.empty(32).bernoulli_(0.9, generator=seeded)  # dropout's mask draw (p=0.1 keeps 0.9)
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (bf16 tokens differ between AVX512 and AVX2)
         "trunc_normal_seed_0": x.tolist(),
         "multinomial_seed_0": tokens,
+        "bernoulli_seed_0": mask.int().tolist(),
     }
 
 
