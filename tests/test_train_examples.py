@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import recurrent_config
+from conftest import recurrent_config, transformers_with_torch
 from test_chat import GENERATION_BLOCK_TEMPLATE
 
 from latentrt.chat import ChatTemplate
@@ -164,7 +164,7 @@ def test_question_answer_records_train_as_huginns_published_fine_tuning_script_m
     conversation through the chat template, cut to max_seq_length + 1 tokens (TrainOptions.huginn_published's
     128) and padded to that width as it pads them: latentrt's inputs and targets equal the script's tensors
     (so the random initial state is drawn over the same positions), short records and cut ones alike."""
-    transformers = pytest.importorskip("transformers")
+    transformers = transformers_with_torch()  # (the script's tensors: return_tensors="pt")
     from latentrt.train.recurrent import collate, cut_examples
 
     tok = _bpe()
