@@ -1083,7 +1083,7 @@ def run_huginn_training(rm, case: dict, model) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def draw_fingerprint() -> dict:
-    """What this torch draws from seed 0 with the two samplers the cases draw from, with its version and the CPU
+    """What this torch draws from seed 0 with the samplers the cases draw from, with its version and the CPU
     instruction set its kernels run (``cpu_capability``: the bf16 cases depend on it):
     ``trunc_normal_`` (the published random initial state; torch 2.13 changed it, 2.11 gives other numbers)
     and ``multinomial`` (sampling; torch 2.4 gives other tokens than 2.11 and 2.13), and ``bernoulli_`` (GPT-2's
