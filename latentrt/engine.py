@@ -35,14 +35,15 @@ from .stop_strings import StopStrings
 @dataclass
 class GenerationResult:
     """What generate() returns. For a single prompt (str, list of ids, 1-D tensor) ``tokens``,
-    ``steps`` and ``text`` hold one sequence; for a batch they are lists with one entry per prompt."""
+    ``steps``, ``text`` and ``num_thoughts`` hold one sequence; for a batch they are lists with one entry per
+    prompt."""
 
     tokens: list = field(default_factory=list)  # new token ids
     steps: list = field(default_factory=list)  # recurrence iterations used per new token (0 for Coconut)
     text: str | list | None = None  # decoded new tokens (None without a tokenizer)
     kv_bytes: int = 0  # K/V storage held by the cache at the end
     finish_reasons: list = field(default_factory=list)  # "stop" or "length" per sequence
-    num_thoughts: int = 0  # Coconut: continuous thoughts run for the prompt
+    num_thoughts: int | list = 0  # Coconut: continuous thoughts run for the prompt (a batch: per prompt)
     backend: str = "torch"
     logits: list | None = None  # with return_logits=True: fp32 next-token logits [n, V] per sequence
     prefill_steps: list | None = None  # with adaptive_prefill: iterations per prompt position, per sequence
@@ -357,8 +358,9 @@ class Generation:
         prefill = self.decoder.prefill_steps
         if prefill is not None:  # per sequence, its real positions only
             prefill = [[n for n, v in zip(row, m) if v] for row, m in zip(prefill.tolist(), self.batch.mask.tolist())]
+        thoughts = self.decoder.thoughts_per_sequence(self.batch)
         if self.batch.single:
-            tokens, steps, texts = tokens[0], steps[0], texts[0]
+            tokens, steps, texts, thoughts = tokens[0], steps[0], texts[0], thoughts[0]
             logits = logits[0] if logits is not None else None
             prefill = prefill[0] if prefill is not None else None
         return GenerationResult(
@@ -367,7 +369,7 @@ class Generation:
             text=texts,
             kv_bytes=kv_bytes,
             finish_reasons=reasons,
-            num_thoughts=self.decoder.num_thoughts,
+            num_thoughts=thoughts,
             backend=self.model.backend.name,
             logits=logits,
             prefill_steps=prefill,

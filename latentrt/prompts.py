@@ -195,11 +195,16 @@ def make_batch(
         out_of_range = [t for t in s if not 0 <= t < vocab]
         if out_of_range:
             raise InputError(f"token id out of range [0, {vocab}){padding_note(cfg)}: {out_of_range[:5]}")
+    batch = left_padded(seqs, single, "cpu", pad_id)
+    return Batch(check_ids(batch.ids, cfg, device), batch.mask.to(device), single)
+
+
+def left_padded(seqs: list[list[int]], single: bool, device: torch.device | str, pad_id: int = 0) -> Batch:
+    """Token-id lists as one left-padded batch (built on the host, moved once)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")  # built on the host, moved once
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
     mask = torch.zeros(len(seqs), width, dtype=torch.bool, device="cpu")
     for i, s in enumerate(seqs):
         ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long, device="cpu")
         mask[i, width - len(s) :] = True
-    ids = check_ids(ids, cfg, device)
-    return Batch(ids, mask.to(device), single)
+    return Batch(ids.to(device), mask.to(device), single)

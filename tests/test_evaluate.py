@@ -106,7 +106,7 @@ def test_question_alone_formats_run_no_thoughts(monkeypatch, tmp_path, capsys):
     for mode, as_given, thoughts in (("cot", True, 0), ("nocot", True, 0), ("coconut", True, 3), ("pause", True, 3)):
         seen.clear()
         evaluate(model, records, mode=mode, max_new_tokens=4, progress=False)
-        assert seen and all(all(given) == as_given and k == thoughts for given, k in seen), (mode, seen)
+        assert seen and all(all(given) == as_given and k == [thoughts] * len(given) for given, k in seen), (mode, seen)
     start = model.config.start_latent_id
     assert start not in ev.family_for(model).decoder.eval_prompt(model, records[0].question, "cot")
     monkeypatch.undo()

@@ -240,6 +240,32 @@ def test_padding_rows_of_the_vocabulary_are_never_input_nor_sampled():
         assert max(out.tokens) < 37
 
 
+def test_a_batch_appends_the_trained_thoughts_to_each_prompt_without_markers_as_alone():
+    """The default thoughts are each prompt's own: in a batch whose other prompt carries markers, a prompt
+    without them still gets the trained count, as alone (a soak found the batch appending none to any, its
+    answers then those of no thought: a silent wrong answer; tools/soak.py). ``num_thoughts`` is per prompt."""
+    model = latentrt.load("builtin:coconut", device="cpu")
+    question = "Alex is a wumpus. Is Alex a wumpus or rompus?"
+    prompts = [
+        question,
+        question + "\n<|start-latent|><|latent|><|end-latent|>",
+        "Bob is a rompus. Is Bob a rompus or jelpus?",
+    ]
+    for batch_prompts in (prompts, [model.tokenizer.encode(p).ids for p in prompts]):  # text and token ids
+        batch = latentrt.generate(model, batch_prompts, max_new_tokens=4, return_logits=True)
+        assert batch.num_thoughts == [3 if i != 1 else 1 for i in range(3)]
+        for i, p in enumerate(batch_prompts):
+            alone = latentrt.generate(model, p, max_new_tokens=4, return_logits=True)
+            assert (batch.tokens[i], batch.text[i], batch.num_thoughts[i]) == (
+                alone.tokens,
+                alone.text,
+                alone.num_thoughts,
+            )
+            assert torch.allclose(batch.logits[i], alone.logits, atol=1e-4)
+    explicit = latentrt.generate(model, prompts, num_thoughts=2, max_new_tokens=1)  # num_thoughts=k: every prompt
+    assert explicit.num_thoughts == [2, 1 + 2, 2]
+
+
 def test_coconut_runs_its_trained_thought_count_by_default(capsys):
     model = latentrt.load("builtin:coconut", device="cpu")
     question = "Every wumpus is a yumpus. Alex is a wumpus. Is Alex a yumpus or rompus?"

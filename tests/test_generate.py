@@ -414,7 +414,7 @@ def test_coconut_generate_matches_published_pattern():
     ids = torch.tensor([[5, 6, 7, 2, 4, 4, 4, 3]])
     got = latentrt.generate(model, ids, max_new_tokens=6)
     assert got.tokens == [coconut_generate(model, ids, 6)]
-    assert got.num_thoughts == 3
+    assert got.num_thoughts == [3]  # a [1, S] tensor is a batch of one
     appended = latentrt.generate(model, [5, 6, 7], num_thoughts=3, max_new_tokens=6)
     assert appended.tokens == got.tokens[0]
 

@@ -52,10 +52,9 @@ class Decoder:
         """Validate the family options this decoder takes (``OPTIONS``; the engine has rejected the others)."""
 
     # ---------------------------------------------------------------- one generate() call
-    @property
-    def num_thoughts(self) -> int:
-        """Continuous thoughts run for the prompt (0 for families without them)."""
-        return 0
+    def thoughts_per_sequence(self, batch: Batch) -> list[int]:
+        """Continuous thoughts run for each prompt of the prepared ``batch`` (0 for families without them)."""
+        return [0] * batch.ids.shape[0]
 
     def prepare_text(self, texts: list[str]) -> list[str]:
         """Text prompts as the family's format wants them before tokenization (e.g. Coconut's newline before

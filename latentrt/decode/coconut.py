@@ -2,12 +2,11 @@
 
 The prompt's ``<|latent|>`` positions are continuous thoughts: each takes as input the previous position's last
 hidden state, in a single-position pass (the last one opens the prompt's final chunk, as the published passes
-run; models/coconut.py, ``run_prompt``). ``num_thoughts=k``
-appends ``<|start-latent|>``, k x ``<|latent|>``, ``<|end-latent|>`` to the prompt (by default the trained
-count, when no prompt carries markers), after a newline that ends a text prompt, as the published data
-format has it (``question + "\n"``, then the markers). Answer tokens are
-single-position passes too; both go through the backend's column runner where it has one (fused layers,
-one CUDA graph), else through the model's modules.
+run; models/coconut.py, ``run_prompt``). ``num_thoughts=k`` appends ``<|start-latent|>``, k x ``<|latent|>``,
+``<|end-latent|>`` to every prompt (by default the trained count to each prompt that carries no markers: a
+batch's prompts each as alone), after a newline that ends a text prompt, as the published data format has it
+(``question + "\n"``, then the markers). Answer tokens are single-position passes too; both go through the
+backend's column runner where it has one (fused layers, one CUDA graph), else through the model's modules.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from torch import Tensor
 from ..checkpoint import read_training_info
 from ..errors import CheckpointError, InputError, check_bool, check_int, is_choice
 from ..options import GenerateOptions
-from ..prompts import Batch, prompt_ids
+from ..prompts import Batch, left_padded, prompt_ids
 from .base import Decoder, TokenOutput, nonfinite_flags
 
 PROMPT_MODES = ("coconut", "cot", "nocot", "pause", "nothoughts")  # the formats a Coconut model is trained and
@@ -122,7 +121,6 @@ class CoconutDecoder(Decoder):
 
     def __init__(self, model, options: GenerateOptions, hooks) -> None:
         super().__init__(model, options, hooks)
-        self._thoughts = 0
         self._answer = None  # (the answer-token runner or None,) once made
         # published_eos: Coconut's generate never stops on its first answer token, and leaves out the eos
         # that ends a later one (latentrt's default, as HF: any stop token ends the answer and is kept)
@@ -138,47 +136,63 @@ class CoconutDecoder(Decoder):
     def stops_at(self, index: int) -> bool:
         return index > 0 or not self.options.published_eos
 
-    @property
-    def num_thoughts(self) -> int:
-        return self._thoughts
+    def thoughts_per_sequence(self, batch: Batch) -> list[int]:
+        """The ``<|latent|>`` positions of each prompt as run (0 each where the model runs them as ordinary tokens,
+        the pause baseline)."""
+        latent = self.model.marker_ids[1]
+        if latent is None or not self.model.continuous_thoughts:
+            return [0] * batch.ids.shape[0]
+        return ((batch.ids == latent) & batch.mask).sum(1).tolist()
 
-    def _thoughts_to_append(self, carries_markers) -> int | None:
-        """k thoughts to append: ``num_thoughts=k``, or by default the count the model was trained with (its
-        training.json) when no prompt carries latent markers already (``carries_markers()``); None: none
-        (always with ``append_thoughts=False``: the prompt as it is, Coconut's CoT / no-CoT formats)."""
+    def _thoughts_to_append(self, carries_markers: list[bool]) -> list[int | None]:
+        """Per prompt, the k thoughts to append (None: none): ``num_thoughts=k`` to every prompt, or by default
+        the count the model was trained with (its training.json) to each prompt that carries no latent markers
+        (``carries_markers``), so a batch's prompts are each extended as they would be alone; none with
+        ``append_thoughts=False`` (the prompt as it is: Coconut's CoT / no-CoT formats)."""
+        n = len(carries_markers)
         if not self.options.append_thoughts:
-            return None
+            return [None] * n
         k = self.options.num_thoughts
-        if k is None and self.model.marker_ids[1] is not None and not carries_markers():
-            k = default_thoughts(self.model) or None
-        return k
+        if k is not None:
+            return [k] * n
+        if self.model.marker_ids[1] is None or all(carries_markers):
+            return [None] * n
+        k = default_thoughts(self.model) or None  # (read, and its warning given, only where a prompt needs it)
+        return [None if carries else k for carries in carries_markers]
 
     def prepare_text(self, texts: list[str]) -> list[str]:
-        """End each text in a newline when markers will be appended (``thought_prompt``'s format, Coconut's
+        """End each text that markers will be appended to in a newline (``thought_prompt``'s format, Coconut's
         ``question + "\n"``); a text that ends in one already keeps it alone."""
         start = self.model.marker_ids[0]
         marker = self.model.tokenizer.id_to_token(start) if start is not None else None
-        if self._thoughts_to_append(lambda: marker is not None and any(marker in t for t in texts)) is None:
-            return texts
-        return [t if t.endswith("\n") else t + "\n" for t in texts]
+        appended = self._thoughts_to_append([marker is not None and marker in t for t in texts])
+        return [t if k is None or t.endswith("\n") else t + "\n" for t, k in zip(texts, appended)]
 
     def prepare_prompt(self, batch: Batch) -> Batch:
-        """Append k thoughts (``_thoughts_to_append``); the markers' structure is checked here, before any work
-        (a served request's bad markers are its 400, not a failure in the engine's step)."""
+        """Append each prompt's thoughts (``_thoughts_to_append``), left-padded again where the prompts get
+        different counts; the markers' structure is checked here, before any work (a served request's bad
+        markers are its 400, not a failure in the engine's step)."""
         start, latent, end = self.model.marker_ids
-        k = self._thoughts_to_append(lambda: bool((batch.ids == start).any()))
-        if k is not None:
-            B = batch.ids.shape[0]
+        carries = ((batch.ids == start) & batch.mask).any(1).tolist() if start is not None else []
+        appended = self._thoughts_to_append(carries or [False] * batch.ids.shape[0])
+        if len(set(appended)) == 1 and appended[0] is not None:  # the same thoughts after every prompt
+            B, k = batch.ids.shape[0], appended[0]
             extra = torch.tensor([start] + [latent] * k + [end], device=batch.ids.device).expand(B, -1)
             ids = torch.cat([batch.ids, extra], dim=1)
             mask = torch.cat([batch.mask, torch.ones_like(extra, dtype=torch.bool)], dim=1)
             batch = Batch(ids, mask, batch.single)
+        elif any(k is not None for k in appended):
+            rows = [
+                ids[real].tolist() + ([] if k is None else [start] + [latent] * k + [end])
+                for ids, real, k in zip(batch.ids.cpu(), batch.mask.cpu(), appended)
+            ]
+            batch = left_padded(rows, batch.single, batch.ids.device)
         self.model.check_markers(batch.ids, batch.mask)
         return batch
 
     def prefill(self, batch: Batch) -> TokenOutput:
         model, backend = self.model, self.backend
-        logits, _, self._thoughts = model.run_prompt(
+        logits, _, _ = model.run_prompt(
             batch.ids,
             batch.mask,
             self.cache,
