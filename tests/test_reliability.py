@@ -269,6 +269,25 @@ def test_batch_equals_single_with_sampling_and_random_initial_states(backend):
     assert len({tuple(t) for t in batch.tokens}) > 1
 
 
+@pytest.mark.parametrize("init_scale", [1.0, 0.0])
+def test_a_padded_prompt_run_position_by_position_in_continuous_mode_starts_as_alone(init_scale):
+    """``adaptive_prefill`` with ``continuous``: a left-padded prompt's first real position draws its own initial
+    state, as alone (it took its padding's final state and drew nothing, so its generator and every later
+    sample went otherwise: a soak found it, tools/soak.py); the unpadded row was right."""
+    model = tiny_recurrent(seed=5)
+    kw = dict(max_new_tokens=4, num_steps=5, adaptive_prefill=True, continuous=True, init_scale=init_scale)
+    kw.update(temperature=1.3, seed=100, return_logits=True)
+    batch = latentrt.generate(model, PROMPTS, **kw)
+    for i, p in enumerate(PROMPTS):
+        alone = latentrt.generate(model, p, **dict(kw, seed=100 + i))
+        assert (batch.tokens[i], batch.steps[i], batch.prefill_steps[i]) == (
+            alone.tokens,
+            alone.steps,
+            alone.prefill_steps,
+        )
+        assert torch.allclose(batch.logits[i], alone.logits, atol=1e-5)
+
+
 def test_coconut_batch_equals_single_with_sampling():
     model = tiny_coconut(seed=4)
     prompts = [[5, 6, 7, 2, 4, 4, 3, 9], [8, 2, 4, 3], [5, 6, 7, 8, 9, 10, 2, 4, 4, 4, 3]]

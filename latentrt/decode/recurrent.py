@@ -110,6 +110,7 @@ class RecurrentDecoder(Decoder):
         self.adaptive_prefill = o.adaptive_prefill
         self.continuous, self.init_scale = bool(o.continuous), float(o.init_scale)
         self.last_state: Tensor | None = None  # the previous unit's final state (continuous mode)
+        self.started: list[bool] | None = None  # per sequence: has a unit held one of its real positions yet
         self.runner = None
 
     @property
@@ -188,6 +189,22 @@ class RecurrentDecoder(Decoder):
                 s[b, -n:] = self.model.initial_state(like[b : b + 1, -n:], self.init_scale, self.rng[b])[0]
         return s
 
+    def _unit_state(self, e: Tensor, positions: list[int]) -> Tensor:
+        """A unit's initial states [B, n, d]: drawn (``_initial_state``), or in continuous mode the previous
+        unit's final state, for the sequences that have run a real position before; one whose first real
+        position this unit holds (a left-padded prompt run position by position, ``adaptive_prefill``) draws
+        its own, as it does alone: it has no previous state, only its padding's."""
+        started = self.started or [False] * len(positions)
+        self.started = [seen or n > 0 for seen, n in zip(started, positions)]
+        if not (self.continuous and self.last_state is not None):
+            return self._initial_state(e, positions)
+        s0 = self.last_state.expand_as(e).clone()
+        first = [0 if seen else n for seen, n in zip(started, positions)]
+        if any(first):
+            rows = torch.tensor([n > 0 for n in first], device=e.device)[:, None, None]
+            s0 = torch.where(rows, self._initial_state(e, first), s0)
+        return s0
+
     def unit(
         self,
         ids: Tensor,
@@ -204,10 +221,7 @@ class RecurrentDecoder(Decoder):
         chunk = cache.begin(valid)
         rope = model.rope(chunk)
         e = model.prelude(ids, cache, chunk, rope)
-        if self.continuous and self.last_state is not None:
-            s0 = self.last_state.expand_as(e).clone()
-        else:
-            s0 = self._initial_state(e, positions)
+        s0 = self._unit_state(e, positions)
         s, used, logits = run_recurrence(
             spec,
             s0,
