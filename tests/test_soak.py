@@ -1,0 +1,58 @@
+"""tools/soak.py: the differential soak runs each check on both families and reports a mismatch it is shown."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import latentrt
+from tools import soak
+
+
+@pytest.mark.parametrize("model", ["builtin:recurrent", "builtin:coconut"])
+def test_every_check_runs_and_agrees(model, capsys):
+    assert soak.main(["--model", model, "--cases", "8", "--checks", "batch,serve,http", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "no mismatch" in out
+    for check in ("batch", "serve", "http"):
+        assert f"{check} compared" in out, out  # each check compared something
+
+
+def test_options_follow_the_family_and_prompts_keep_markers_well_formed():
+    rng = random.Random(0)
+    recurrent, coconut = latentrt.load("builtin:recurrent"), latentrt.load("builtin:coconut")
+    drawn = [soak.draw_options(rng, recurrent, seed=1) for _ in range(50)]
+    assert any("num_steps" in kw for kw in drawn) and not any("num_thoughts" in kw for kw in drawn)
+    assert any(kw.get("adaptive") for kw in drawn)
+    drawn = [soak.draw_options(rng, coconut, seed=1) for _ in range(50)]
+    assert all("num_steps" not in kw for kw in drawn) and any("num_thoughts" in kw for kw in drawn)
+    prompts = [soak.draw_prompt(rng, coconut) for _ in range(200)]
+    start = coconut.marker_ids[0]
+    assert any(start in p for p in prompts)
+    for p in prompts:
+        coconut.latent_columns(p)  # well-formed markers (an InputError otherwise)
+
+
+def test_a_mismatch_is_reported_with_its_seed_and_fails_the_run(monkeypatch, capsys):
+    real = latentrt.generate
+
+    def wrong_in_a_batch(model, prompt, **kw):  # a batch's first row answers otherwise than alone
+        out = real(model, prompt, **kw)
+        if isinstance(prompt, list) and isinstance(prompt[0], list) and not kw.get("stream"):
+            out.tokens[0] = [t + 1 for t in out.tokens[0]]
+        return out
+
+    monkeypatch.setattr(soak.latentrt, "generate", wrong_in_a_batch)
+    assert soak.main(["--cases", "2", "--checks", "batch", "--seed", "7"]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH batch seed 7: position 0 (0: the prompt) differs" in out
+    assert "--checks CHECK --seed SEED --cases 1" in out
+
+
+def test_a_tie_within_rounding_is_labelled_as_one():
+    kw = dict(adaptive=True, exit_criterion="kl", exit_threshold=1e-3)
+    got, want = ([4, 5, 6], [3, 2, 2], "x", "length"), ([4, 5, 6], [3, 3, 2], "x", "length")
+    assert "exits one iteration apart (kl at 0.001): possibly a tie within rounding" in soak.describe(got, want, kw)
+    assert "possibly a tie" not in soak.describe(got, ([4, 5, 6], [3, 5, 2], "x", "length"), kw)
+    assert soak.describe(got, (*got[:2], "y", "stop"), kw) == "the lengths, texts or finish reasons differ"

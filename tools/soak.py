@@ -1,0 +1,350 @@
+"""Differential soak: random requests through two paths that must agree, for a time budget or a count of cases.
+
+    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,http] [--model builtin:recurrent]
+                         [--backend auto] [--device DEVICE] [--seed 0]
+
+Each case draws its prompts (token ids of the model's vocabulary, 1-30 long) and its options (every generic
+generate() option and the family's own, ``Decoder.OPTIONS``, so a Coconut model gets thoughts and a recurrent
+one depths, exit criteria and KV modes) from its own seed, and runs one check; the checks take turns:
+
+- ``batch``: generate() on 2-4 prompts equals each prompt alone with seed s + i (README, Guarantees), and
+  streamed equals it (the result, and each sequence's text as the events' pieces joined);
+- ``serve``: an Engine of random settings (scheduler, max batch, K/V slots, prefill budget, asynchronous
+  scheduling) serving 3-16 requests of their own options: each equals generate() alone (README, Serving);
+- ``backend``: generate() on ``--backend`` equals the torch backend (skipped where that is torch);
+- ``http``: the server's streamed answer equals its plain one (texts, finish reasons, usage; completions and
+  chat; needs the ``serve`` extra).
+
+An option set a path refuses is not a mismatch: generate() alone refusing it skips the request; an engine may
+refuse one generate() takes only for its capacity (K/V slots, context), counted as refused. A mismatch prints
+the case's seed and the command that repeats it, and the run exits 1. The tests pin these properties on
+chosen cases; this tool searches for the ones they miss, e.g. after a change to the engine or on a GPU
+backend. Floating point: a batch's products may round otherwise than one row's, so an exit whose criterion
+lies within rounding of its threshold may go one iteration apart (README, Guarantees); such a mismatch (tokens
+equal up to it, steps one apart) is labelled a possible tie, with its criterion and threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+
+import latentrt
+from latentrt.backends import CHOICES, get_backend
+from latentrt.chat import find_chat_template
+from latentrt.errors import InputError, LatentRTError
+from latentrt.exits import CRITERIA
+from latentrt.families import family_for
+from latentrt.serve.engine import SCHEDULERS, Engine
+
+KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
+CHECKS = ("batch", "serve", "backend", "http")
+
+
+def draw_prompt(rng: random.Random, model) -> list[int]:
+    """1-30 ids of the vocabulary; a Coconut model's latent markers only as a well-formed group of thoughts (in a
+    fifth of the prompts, after the first token: the marker ids drawn at random would make most prompts errors)."""
+    markers = [m for m in getattr(model, "marker_ids", ()) if m is not None]
+    words = [i for i in range(1, model.config.vocab_size) if i not in markers]
+    ids = [rng.choice(words) for _ in range(rng.randrange(1, 31))]
+    if len(markers) == 3 and rng.random() < 0.2:
+        start, latent, end = model.marker_ids
+        at = rng.randrange(1, len(ids) + 1)
+        ids[at:at] = [start] + [latent] * rng.randrange(0, 4) + [end]
+    return ids
+
+
+def draw_options(rng: random.Random, model, seed: int) -> dict:
+    """One request's generate() options: the generic ones and those the model's family takes."""
+    takes = family_for(model).decoder.OPTIONS
+    vocab = model.config.vocab_size
+    kw: dict = dict(max_new_tokens=rng.randrange(1, 12), seed=seed, default_stops=rng.random() < 0.7)
+    if rng.random() < 0.5:
+        kw.update(temperature=rng.choice([0.7, 1.0, 1.3]), top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]))
+        kw.update(min_p=rng.choice([0.0, 0.05]), published_top_p=rng.random() < 0.2)
+    if rng.random() < 0.3:
+        kw.update(
+            presence_penalty=0.5, frequency_penalty=rng.choice([0.0, 1.0]), logit_bias={rng.randrange(vocab): 4.0}
+        )
+        if rng.random() < 0.5:
+            kw["repetition_penalty"] = 1.6
+        else:
+            kw.update(dry_multiplier=2.0, dry_base=1.5, dry_allowed_length=1)
+    if rng.random() < 0.3:  # a stop token, or a stop string (a word, or two words across tokens)
+        words = [model.tokenizer.decode([rng.randrange(vocab)]) for _ in range(2)] if model.tokenizer else []
+        text = rng.choice([words[0], " ".join(words)]).strip() if words else ""
+        kw["stop"] = [text] if text and rng.random() < 0.5 else [rng.randrange(vocab)]
+        kw["include_stop_str_in_output"] = rng.random() < 0.3
+    if rng.random() < 0.2:
+        kw["min_new_tokens"] = rng.randrange(0, kw["max_new_tokens"] + 1)
+    if "num_steps" in takes:
+        kw.update(num_steps=rng.randrange(1, 14), kv_sharing=rng.choice(KV_MODES), init_scale=rng.choice([0.0, 1.0]))
+        if rng.random() < 0.6:
+            name = rng.choice(sorted(CRITERIA))
+            cls = CRITERIA[name]
+            threshold = rng.randrange(1, 4) if name == "argmax-stability" else cls.DEFAULT * rng.choice([1, 10, 100])
+            kw.update(adaptive=True, exit_criterion=name, exit_threshold=threshold)
+            kw.update(min_steps=rng.choice([0, 0, 2]), check_criterion_every_n_steps=rng.choice([1, 1, 2]))
+            kw.update(do_not_exit_in_prefill=rng.random() < 0.2, adaptive_prefill=rng.random() < 0.2)
+            kw["continuous"] = rng.random() < 0.2
+    if "num_thoughts" in takes:
+        kw.update(num_thoughts=rng.choice([None, 0, 1, 3, 5]), published_eos=rng.random() < 0.3)
+    return kw
+
+
+def outcome(result, i: int | None = None) -> tuple:
+    """(tokens, steps, text, finish reason) of a GenerationResult (row ``i`` of a batch) or a served Request."""
+    if hasattr(result, "finish_reason"):  # a served request
+        return result.tokens, result.steps, result.text, result.finish_reason
+    if i is None:
+        return result.tokens, result.steps, result.text, result.finish_reasons[0]
+    return result.tokens[i], result.steps[i], result.text[i], result.finish_reasons[i]
+
+
+def describe(got: tuple, want: tuple, options: dict) -> str:
+    """Where two outcomes first differ, and whether that may be a tie within rounding (README, Guarantees)."""
+    (t1, s1, *_), (t2, s2, *_) = got, want
+    at = next((j for j in range(min(len(s1), len(s2))) if (t1[j : j + 1], s1[j]) != (t2[j : j + 1], s2[j])), None)
+    if at is None:
+        return "the lengths, texts or finish reasons differ"
+    if t1[:at] == t2[:at] and abs(s1[at] - s2[at]) == 1 and options.get("adaptive"):
+        crit = f"{options['exit_criterion']} at {options['exit_threshold']:g}"
+        return f"position {at} (0: the prompt) exits one iteration apart ({crit}): possibly a tie within rounding"
+    return f"position {at} (0: the prompt) differs"
+
+
+class Soak:
+    def __init__(self, model, backend: str, log: Callable[[str], None] = print) -> None:
+        self.model, self.backend, self.log = model, backend, log
+        self.backends = {backend: model.backend}  # one backend object per name (its captured graphs kept)
+        self.counts: Counter = Counter()
+        self.mismatches: list[str] = []
+
+    def _backend(self, name: str):
+        if name not in self.backends:
+            self.backends[name] = get_backend(name, self.model)
+        return self.backends[name]
+
+    def alone(self, prompt, kw: dict, backend: str | None = None):
+        """generate() for one prompt on ``backend`` (default the soak's), or None where it refuses the options."""
+        self.model.backend = self._backend(backend or self.backend)
+        try:
+            return latentrt.generate(self.model, prompt, **kw)
+        except InputError:
+            self.counts["refused options"] += 1
+            return None
+
+    def compare(self, check: str, seed: int, got: tuple, want: tuple, kw: dict) -> None:
+        self.counts[f"{check} compared"] += 1
+        if got != want:
+            self.mismatch(check, seed, describe(got, want, kw), kw, f"\n  got  {got}\n  want {want}")
+
+    def mismatch(self, check: str, seed: int, what: str, kw: dict, detail: str = "") -> None:
+        self.mismatches.append(f"{check} seed {seed}: {what}")
+        self.log(f"MISMATCH {check} seed {seed}: {what}\n  options {kw}{detail}")
+
+    def batch(self, seed: int) -> None:
+        rng = random.Random(seed)
+        prompts = [draw_prompt(rng, self.model) for _ in range(rng.randrange(2, 5))]
+        kw = draw_options(rng, self.model, seed=seed)
+        alone = [self.alone(p, dict(kw, seed=seed + i)) for i, p in enumerate(prompts)]
+        if any(a is None for a in alone):
+            return
+        result = latentrt.generate(self.model, prompts, **kw)
+        for i, a in enumerate(alone):
+            self.compare("batch", seed, outcome(result, i), outcome(a), kw)
+        stream = latentrt.generate(self.model, prompts, **kw, stream=True)  # the same batch, streamed
+        joined = [""] * len(prompts)
+        for event in stream:
+            for i, piece in enumerate(event.text or []):
+                joined[i] += piece or ""
+        for i in range(len(prompts)):
+            self.compare("stream", seed, outcome(stream.result, i), outcome(result, i), kw)
+            if result.text is not None and joined[i] != result.text[i]:
+                self.mismatch("stream", seed, f"its events' text {joined[i]!r} is not its result's", kw)
+
+    def serve(self, seed: int) -> None:
+        rng = random.Random(seed)
+        settings = dict(max_batch=rng.choice([1, 2, 3, 5, 8]), scheduler=rng.choice(sorted(SCHEDULERS)))
+        settings.update(prefill_budget=rng.choice([1, 4, 16, 2048]), kv_slots=rng.choice([8, 16, 40, 200]))
+        settings["async_scheduling"] = rng.random() < 0.3
+        requests = []
+        for i in range(rng.randrange(3, 17)):
+            prompt, kw = draw_prompt(rng, self.model), draw_options(rng, self.model, seed=seed + i)
+            alone = self.alone(prompt, kw)
+            if alone is not None:
+                requests.append((prompt, kw, alone))
+        self.model.backend = self._backend(self.backend)
+        try:
+            engine = Engine(self.model, **settings)
+        except InputError:  # e.g. async scheduling a family's program does not offer
+            self.counts["engines refused"] += 1
+            return
+        served = []
+        for prompt, kw, alone in requests:
+            try:
+                served.append((engine.submit(prompt, **kw), kw, alone))
+            except LatentRTError:  # its capacity: K/V slots, the context
+                self.counts["refused by the engine"] += 1
+        engine.run_until_idle()
+        for request, kw, alone in served:
+            if request.error is not None:
+                self.mismatch("serve", seed, f"a request failed: {request.error}", dict(kw, engine=settings))
+                continue
+            self.compare("serve", seed, outcome(request), outcome(alone), dict(kw, engine=settings))
+
+    def backends(self, seed: int) -> None:
+        if self.backend == "torch":
+            self.counts["backend skipped (torch against torch)"] += 1
+            return
+        rng = random.Random(seed)
+        prompt, kw = draw_prompt(rng, self.model), draw_options(rng, self.model, seed=seed)
+        got, want = self.alone(prompt, kw), self.alone(prompt, kw, backend="torch")
+        if got is not None and want is not None:
+            self.compare("backend", seed, outcome(got), outcome(want), kw)
+
+
+@contextlib.contextmanager
+def http_server(model):
+    """The model served on a loopback port (a real uvicorn in a thread); yields its base URL."""
+    import uvicorn
+
+    from latentrt.serve.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Engine(model, max_batch=4), "soak")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def http_body(rng: random.Random, model, chat: bool) -> dict:
+    """A request body: OpenAI's fields and latentrt's (the options ``draw_options`` draws, by their names)."""
+    kw = draw_options(rng, model, seed=rng.randrange(1000))
+    renamed = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop": "stop_token_ids"}
+    body = {renamed.get(k, k): v for k, v in kw.items()}
+    body["n"] = rng.choice([1, 1, 2, 3])
+    if "logit_bias" in kw:
+        body["logit_bias"] = {str(k): v for k, v in kw["logit_bias"].items()}
+    words = [model.tokenizer.decode([rng.randrange(model.config.vocab_size)]) for _ in range(rng.randrange(1, 12))]
+    text = " ".join(w for w in words if w.strip()) or "a"
+    if rng.random() < 0.3:
+        body["stop"] = [rng.choice(words) or "."]
+    if chat:
+        body["messages"] = [{"role": "user", "content": text}]
+        if rng.random() < 0.3:
+            body.update(logprobs=True, top_logprobs=rng.randrange(0, 3))
+    else:
+        body["prompt"] = text
+        if rng.random() < 0.3:
+            body["logprobs"] = rng.randrange(0, 3)
+    return body
+
+
+def http_answers(client, path: str, body: dict, chat: bool):
+    """(status, texts by choice, finish reasons by choice, usage) of a plain and of a streamed request."""
+    plain = client.post(path, json=body)
+    if plain.status_code != 200:
+        first = (plain.status_code, plain.text)
+    else:
+        choices = plain.json()["choices"]
+        texts = {c["index"]: c["message"]["content"] if chat else c["text"] for c in choices}
+        first = (200, texts, {c["index"]: c["finish_reason"] for c in choices}, plain.json()["usage"])
+    texts, finish, usage = {}, {}, None
+    with client.stream("POST", path, json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
+        if r.status_code != 200:
+            return first, (r.status_code, r.read().decode())
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            usage = event.get("usage") or usage
+            for c in event.get("choices", []):
+                piece = c["delta"].get("content") if chat else c.get("text")
+                texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
+                if c.get("finish_reason"):
+                    finish[c["index"]] = c["finish_reason"]
+    return first, (200, texts, finish, usage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
+    p.add_argument("--cases", type=int, default=None, help="stop after this many cases instead")
+    p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {','.join(CHECKS)}")
+    p.add_argument("--model", default="builtin:recurrent", help="what latentrt.load takes (default builtin:recurrent)")
+    p.add_argument("--backend", default="auto", choices=CHOICES)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
+    args = p.parse_args(argv)
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown or not checks:
+        p.error(f"--checks takes {','.join(CHECKS)}; got {args.checks!r}")
+    warnings.simplefilter("ignore")  # the options' warnings (e.g. top_k unused when greedy) are not the point
+    model = latentrt.load(args.model, device=args.device, backend=args.backend)
+    soak = Soak(model, model.backend.name)
+    runs = {"batch": soak.batch, "serve": soak.serve, "backend": soak.backends}
+    stack = contextlib.ExitStack()
+    if "http" in checks:
+        import httpx
+
+        url = stack.enter_context(http_server(model))
+        has_template = find_chat_template(model.folder) is not None
+        client = stack.enter_context(httpx.Client(base_url=url, timeout=120))
+
+        def http(seed: int) -> None:
+            rng = random.Random(seed)
+            chat = rng.random() < 0.5 and has_template
+            body = http_body(rng, model, chat)
+            plain, streamed = http_answers(client, "/v1/chat/completions" if chat else "/v1/completions", body, chat)
+            soak.counts["http compared"] += 1
+            # a refusal: the same status and message either way (never a 5xx); an answer: the same answer
+            agree = plain == streamed if plain[0] == 200 else plain[0] < 500 and plain[:2] == streamed[:2]
+            if not agree:
+                soak.mismatch(
+                    "http", seed, "the streamed answer differs", body, f"\n  plain    {plain}\n  streamed {streamed}"
+                )
+
+        runs["http"] = http
+    start, case = time.time(), 0
+    with stack:
+        while (case < args.cases) if args.cases is not None else (time.time() - start < args.seconds):
+            seed = args.seed + case
+            runs[checks[case % len(checks)]](seed)
+            case += 1
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(soak.counts.items()))
+    print(f"soak: {case} cases in {time.time() - start:.0f} s on {args.model} ({model.backend.name}): {counts}")
+    if soak.mismatches:
+        print(
+            f"{len(soak.mismatches)} mismatches; repeat one with: python -m tools.soak --model {args.model} "
+            f"--backend {model.backend.name} --checks CHECK --seed SEED --cases 1 (the case's check first)"
+        )
+        return 1
+    print("no mismatch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
