@@ -12,11 +12,12 @@ from tools import soak
 
 @pytest.mark.parametrize("model", ["builtin:recurrent", "builtin:coconut"])
 def test_every_check_runs_and_agrees(model, capsys):
-    assert soak.main(["--model", model, "--cases", "8", "--checks", "batch,serve,http", "--seed", "3"]) == 0
+    assert soak.main(["--model", model, "--cases", "8", "--seed", "3"]) == 0  # every check, two cases each
     out = capsys.readouterr().out
     assert "no mismatch" in out
-    for check in ("batch", "serve", "http"):
+    for check in ("batch", "stream", "serve", "http"):
         assert f"{check} compared" in out, out  # each check compared something
+    assert "backend skipped (torch against torch)" in out
 
 
 def test_options_follow_the_family_and_prompts_keep_markers_well_formed():
@@ -56,3 +57,9 @@ def test_a_tie_within_rounding_is_labelled_as_one():
     assert "exits one iteration apart (kl at 0.001): possibly a tie within rounding" in soak.describe(got, want, kw)
     assert "possibly a tie" not in soak.describe(got, ([4, 5, 6], [3, 5, 2], "x", "length"), kw)
     assert soak.describe(got, (*got[:2], "y", "stop"), kw) == "the lengths, texts or finish reasons differ"
+
+
+@pytest.mark.triton
+def test_the_backend_check_compares_a_backend_with_torch(capsys):
+    assert soak.main(["--backend", "triton", "--checks", "backend", "--cases", "2", "--seed", "1"]) == 0
+    assert "on builtin:recurrent (triton): backend compared 2" in capsys.readouterr().out

@@ -125,14 +125,14 @@ def describe(got: tuple, want: tuple, options: dict) -> str:
 class Soak:
     def __init__(self, model, backend: str, log: Callable[[str], None] = print) -> None:
         self.model, self.backend, self.log = model, backend, log
-        self.backends = {backend: model.backend}  # one backend object per name (its captured graphs kept)
+        self._made = {backend: model.backend}  # one backend object per name (its captured graphs kept)
         self.counts: Counter = Counter()
         self.mismatches: list[str] = []
 
     def _backend(self, name: str):
-        if name not in self.backends:
-            self.backends[name] = get_backend(name, self.model)
-        return self.backends[name]
+        if name not in self._made:
+            self._made[name] = get_backend(name, self.model)
+        return self._made[name]
 
     def alone(self, prompt, kw: dict, backend: str | None = None):
         """generate() for one prompt on ``backend`` (default the soak's), or None where it refuses the options."""
@@ -335,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             runs[checks[case % len(checks)]](seed)
             case += 1
     counts = ", ".join(f"{k} {v}" for k, v in sorted(soak.counts.items()))
-    print(f"soak: {case} cases in {time.time() - start:.0f} s on {args.model} ({model.backend.name}): {counts}")
+    print(f"soak: {case} cases in {time.time() - start:.0f} s on {args.model} ({soak.backend}): {counts}")
     if soak.mismatches:
         print(
             f"{len(soak.mismatches)} mismatches; repeat one with: python -m tools.soak --model {args.model} "
-            f"--backend {model.backend.name} --checks CHECK --seed SEED --cases 1 (the case's check first)"
+            f"--backend {soak.backend} --checks CHECK --seed SEED --cases 1 (the case's check first)"
         )
         return 1
     print("no mismatch")
