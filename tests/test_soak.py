@@ -51,6 +51,20 @@ def test_a_mismatch_is_reported_with_its_seed_and_fails_the_run(monkeypatch, cap
     assert "--checks CHECK --seed SEED --cases 1" in out
 
 
+def test_logits_beyond_the_dtypes_rounding_are_a_mismatch(monkeypatch, capsys):
+    real = latentrt.generate
+
+    def off_in_a_batch(model, prompt, **kw):  # a batch's logits off by 1e-3 of their scale, tokens unchanged
+        out = real(model, prompt, **kw)
+        if isinstance(prompt, list) and isinstance(prompt[0], list) and not kw.get("stream"):
+            out.logits[0] = out.logits[0] * (1 + 1e-3)
+        return out
+
+    monkeypatch.setattr(soak.latentrt, "generate", off_in_a_batch)
+    assert soak.main(["--cases", "1", "--checks", "batch", "--seed", "7"]) == 1
+    assert "MISMATCH batch seed 7: sequence 0's logits differ from alone by 0.001" in capsys.readouterr().out
+
+
 def test_a_tie_within_rounding_is_labelled_as_one():
     kw = dict(adaptive=True, exit_criterion="kl", exit_threshold=1e-3)
     got, want = ([4, 5, 6], [3, 2, 2], "x", "length"), ([4, 5, 6], [3, 3, 2], "x", "length")

@@ -1,14 +1,15 @@
 """Differential soak: random requests through two paths that must agree, for a time budget or a count of cases.
 
     python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,http] [--model builtin:recurrent]
-                         [--backend auto] [--device DEVICE] [--seed 0]
+                         [--backend auto] [--device DEVICE] [--dtype DTYPE] [--seed 0]
 
 Each case draws its prompts (token ids of the model's vocabulary, 1-30 long) and its options (every generic
 generate() option and the family's own, ``Decoder.OPTIONS``, so a Coconut model gets thoughts and a recurrent
 one depths, exit criteria and KV modes) from its own seed, and runs one check; the checks take turns:
 
-- ``batch``: generate() on 2-4 prompts equals each prompt alone with seed s + i (README, Guarantees), and
-  streamed equals it (the result, and each sequence's text as the events' pieces joined);
+- ``batch``: generate() on 2-4 prompts equals each prompt alone with seed s + i (README, Guarantees): tokens,
+  steps, text, finish reason, and the logits to the dtype's rounding (``LOGITS_TOLERANCE``); streamed, the
+  batch equals itself (the result, and each sequence's text as the events' pieces joined);
 - ``serve``: an Engine of random settings (scheduler, max batch, K/V slots, prefill budget, asynchronous
   scheduling) serving 3-16 requests of their own options: each equals generate() alone (README, Serving);
 - ``backend``: generate() on ``--backend`` equals the torch backend (skipped where that is torch);
@@ -37,6 +38,8 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+
+import torch
 
 import latentrt
 from latentrt.backends import CHOICES, get_backend
@@ -110,6 +113,16 @@ def outcome(result, i: int | None = None) -> tuple:
     return result.tokens[i], result.steps[i], result.text[i], result.finish_reasons[i]
 
 
+# the logits of a sequence in a batch against alone, relative to their largest (README, Guarantees: fp32 under
+# 1e-6 relative for attention alone; the loops' products on top): beyond this a state went otherwise
+LOGITS_TOLERANCE = {torch.float32: 1e-4}
+
+
+def logits_error(got, want) -> float:
+    """max |got - want| / max |want| over a sequence's logits [n, V]."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
 def describe(got: tuple, want: tuple, options: dict) -> str:
     """Where two outcomes first differ, and whether that may be a tie within rounding (README, Guarantees)."""
     (t1, s1, *_), (t2, s2, *_) = got, want
@@ -156,12 +169,16 @@ class Soak:
         rng = random.Random(seed)
         prompts = [draw_prompt(rng, self.model) for _ in range(rng.randrange(2, 5))]
         kw = draw_options(rng, self.model, seed=seed)
-        alone = [self.alone(p, dict(kw, seed=seed + i)) for i, p in enumerate(prompts)]
+        alone = [self.alone(p, dict(kw, seed=seed + i, return_logits=True)) for i, p in enumerate(prompts)]
         if any(a is None for a in alone):
             return
-        result = latentrt.generate(self.model, prompts, **kw)
+        result = latentrt.generate(self.model, prompts, **kw, return_logits=True)
         for i, a in enumerate(alone):
             self.compare("batch", seed, outcome(result, i), outcome(a), kw)
+            if outcome(result, i) == outcome(a):  # the same tokens: the same logits, to the dtype's rounding
+                err = logits_error(result.logits[i], a.logits)
+                if err > LOGITS_TOLERANCE.get(self.model.dtype, 5e-2):
+                    self.mismatch("batch", seed, f"sequence {i}'s logits differ from alone by {err:.2g}", kw)
         stream = latentrt.generate(self.model, prompts, **kw, stream=True)  # the same batch, streamed
         joined = [""] * len(prompts)
         for event in stream:
@@ -296,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="builtin:recurrent", help="what latentrt.load takes (default builtin:recurrent)")
     p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="the weights' dtype (load's default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
     args = p.parse_args(argv)
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
@@ -303,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not checks:
         p.error(f"--checks takes {','.join(CHECKS)}; got {args.checks!r}")
     warnings.simplefilter("ignore")  # the options' warnings (e.g. top_k unused when greedy) are not the point
-    model = latentrt.load(args.model, device=args.device, backend=args.backend)
+    model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     soak = Soak(model, model.backend.name)
     runs = {"batch": soak.batch, "serve": soak.serve, "backend": soak.backends}
     stack = contextlib.ExitStack()
