@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 import latentrt
 from tools import soak
@@ -68,9 +69,34 @@ def test_logits_beyond_the_dtypes_rounding_are_a_mismatch(monkeypatch, capsys):
 def test_a_tie_within_rounding_is_labelled_as_one():
     kw = dict(adaptive=True, exit_criterion="kl", exit_threshold=1e-3)
     got, want = ([4, 5, 6], [3, 2, 2], "x", "length"), ([4, 5, 6], [3, 3, 2], "x", "length")
-    assert "exits one iteration apart (kl at 0.001): possibly a tie within rounding" in soak.describe(got, want, kw)
-    assert "possibly a tie" not in soak.describe(got, ([4, 5, 6], [3, 5, 2], "x", "length"), kw)
+    assert (
+        soak.describe(got, want, kw)
+        == "position 1 (0: the prompt) exits 1 iteration apart (kl at 0.001): possibly a tie within rounding"
+    )
+    three = ([4, 5, 6], [3, 5, 2], "x", "length")
+    assert soak.describe(got, three, kw) == "position 1 (0: the prompt) exits 3 iterations apart (kl at 0.001)"
+    every = dict(kw, check_criterion_every_n_steps=3)  # one check apart
+    assert soak.describe(got, three, every).endswith(
+        "exits 3 iterations apart (kl at 0.001): possibly a tie within rounding"
+    )
     assert soak.describe(got, (*got[:2], "y", "stop"), kw) == "the lengths, texts or finish reasons differ"
+    batch = ([4, 7, 6], [3, 2, 2], "x", "length")  # greedy: the batch chose 7 where alone chose 5
+    alone = torch.zeros(3, 10)
+    alone[1, 5], alone[1, 7] = 2.0, 1.999  # nearly tied
+    tied = alone.clone()
+    tied[1, 7] = 2.001  # the batch's rounding put 7 first
+    what = soak.describe(batch, got, {}, lambda j: (tied[j], alone[j]), tolerance=1e-2)
+    tie = "chose another token from logits 0.001 apart (relative): possibly a tie within rounding"
+    assert what == f"position 1 (0: the prompt) {tie}"
+    differs = "position 1 (0: the prompt) differs"
+    assert soak.describe(batch, got, {}, lambda j: (alone[j] * 1.1, alone[j]), 1e-2) == differs  # beyond rounding
+    apart = alone.clone()
+    apart[1, 7], apart[1, 0] = 1.0, 1e-4  # the logits alike, the two tokens far apart: no rounding chose 7
+    assert soak.describe(batch, got, {}, lambda j: (apart[j], apart[j] + 1e-4), 1e-2) == differs
+    sampled = soak.describe(batch, got, {"temperature": 0.7}, lambda j: (tied[j], alone[j]), 1e-2)
+    assert sampled == f"{differs} (a sampled token, from logits 0.001 apart, relative)"
+    penalised = soak.describe(batch, got, {"logit_bias": {7: 1.0}}, lambda j: (tied[j], alone[j]), 1e-2)
+    assert penalised == f"{differs} (a penalised token, from logits 0.001 apart, relative)"
 
 
 @pytest.mark.triton

@@ -123,16 +123,37 @@ def logits_error(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def describe(got: tuple, want: tuple, options: dict) -> str:
-    """Where two outcomes first differ, and whether that may be a tie within rounding (README, Guarantees)."""
+PROCESSORS = ("logit_bias", "presence_penalty", "frequency_penalty", "dry_multiplier")  # besides repetition_penalty
+
+
+def describe(got: tuple, want: tuple, options: dict, logits_at=None, tolerance: float = 0.0) -> str:
+    """Where two outcomes first differ, and whether that may be a tie within rounding (README, Guarantees): an
+    exit one check apart, or a greedy token chosen otherwise where the two runs' logits (``logits_at(j)``: both
+    rows [V] at position j, where known) lie within ``tolerance`` of each other and the two tokens' within that
+    difference of each other (a sampled or penalised token is chosen from other numbers: only the logits'
+    distance is given)."""
     (t1, s1, *_), (t2, s2, *_) = got, want
     at = next((j for j in range(min(len(s1), len(s2))) if (t1[j : j + 1], s1[j]) != (t2[j : j + 1], s2[j])), None)
     if at is None:
         return "the lengths, texts or finish reasons differ"
-    if t1[:at] == t2[:at] and abs(s1[at] - s2[at]) == 1 and options.get("adaptive"):
+    where = f"position {at} (0: the prompt)"
+    if t1[:at] == t2[:at] and s1[at] != s2[at] and options.get("adaptive"):
+        apart, every = abs(s1[at] - s2[at]), options.get("check_criterion_every_n_steps", 1)
         crit = f"{options['exit_criterion']} at {options['exit_threshold']:g}"
-        return f"position {at} (0: the prompt) exits one iteration apart ({crit}): possibly a tie within rounding"
-    return f"position {at} (0: the prompt) differs"
+        tie = ": possibly a tie within rounding" if apart == every else ""  # one check apart
+        return f"{where} exits {apart} iteration{'s' * (apart > 1)} apart ({crit}){tie}"
+    if s1[: at + 1] != s2[: at + 1] or logits_at is None or t1[:at] != t2[:at]:
+        return f"{where} differs"
+    l1, l2 = logits_at(at)
+    err = logits_error(l1, l2)
+    penalised = any(options.get(k) for k in PROCESSORS) or options.get("repetition_penalty", 1.0) != 1.0
+    if options.get("temperature") or penalised:  # chosen from other numbers than these logits
+        kind = "sampled" if options.get("temperature") else "penalised"
+        return f"{where} differs (a {kind} token, from logits {err:.2g} apart, relative)"
+    gap = max(abs(float(row[t1[at]] - row[t2[at]])) for row in (l1, l2))
+    if err <= tolerance and gap <= 2 * float((l1 - l2).abs().max()):
+        return f"{where} chose another token from logits {err:.2g} apart (relative): possibly a tie within rounding"
+    return f"{where} differs"
 
 
 class Soak:
@@ -140,6 +161,7 @@ class Soak:
         self.model, self.backend, self.log = model, backend, log
         self._made = {backend: model.backend}  # one backend object per name (its captured graphs kept)
         self.counts: Counter = Counter()
+        self.tolerance = LOGITS_TOLERANCE.get(model.dtype, 5e-2)  # (bf16, fp16: a few units in the last place)
         self.mismatches: list[str] = []
 
     def _backend(self, name: str):
@@ -156,10 +178,11 @@ class Soak:
             self.counts["refused options"] += 1
             return None
 
-    def compare(self, check: str, seed: int, got: tuple, want: tuple, kw: dict) -> None:
+    def compare(self, check: str, seed: int, got: tuple, want: tuple, kw: dict, logits_at=None) -> None:
         self.counts[f"{check} compared"] += 1
         if got != want:
-            self.mismatch(check, seed, describe(got, want, kw), kw, f"\n  got  {got}\n  want {want}")
+            what = describe(got, want, kw, logits_at, self.tolerance)
+            self.mismatch(check, seed, what, kw, f"\n  got  {got}\n  want {want}")
 
     def mismatch(self, check: str, seed: int, what: str, kw: dict, detail: str = "") -> None:
         self.mismatches.append(f"{check} seed {seed}: {what}")
@@ -174,10 +197,11 @@ class Soak:
             return
         result = latentrt.generate(self.model, prompts, **kw, return_logits=True)
         for i, a in enumerate(alone):
-            self.compare("batch", seed, outcome(result, i), outcome(a), kw)
+            rows = lambda j, i=i, a=a: (result.logits[i][j], a.logits[j])  # noqa: E731
+            self.compare("batch", seed, outcome(result, i), outcome(a), kw, rows)
             if outcome(result, i) == outcome(a):  # the same tokens: the same logits, to the dtype's rounding
                 err = logits_error(result.logits[i], a.logits)
-                if err > LOGITS_TOLERANCE.get(self.model.dtype, 5e-2):
+                if err > self.tolerance:
                     self.mismatch("batch", seed, f"sequence {i}'s logits differ from alone by {err:.2g}", kw)
         stream = latentrt.generate(self.model, prompts, **kw, stream=True)  # the same batch, streamed
         joined = [""] * len(prompts)
