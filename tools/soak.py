@@ -101,6 +101,10 @@ def draw_options(rng: random.Random, model, seed: int) -> dict:
             kw["continuous"] = rng.random() < 0.2
     if "num_thoughts" in takes:
         kw.update(num_thoughts=rng.choice([None, 0, 1, 3, 5]), published_eos=rng.random() < 0.3)
+        if kw["num_thoughts"] is None and rng.random() < 0.2:
+            kw["append_thoughts"] = False  # the prompt as it is (Coconut's CoT / no-CoT formats)
+    if rng.random() < 0.2:
+        kw["skip_special_tokens"] = False
     return kw
 
 
