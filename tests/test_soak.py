@@ -19,6 +19,8 @@ def test_every_check_runs_and_agrees(model, capsys):
     for check in ("batch", "stream", "serve", "http"):
         assert f"{check} compared" in out, out  # each check compared something
     assert "backend skipped (torch against torch)" in out
+    spec = "speculative compared" if model == "builtin:recurrent" else "speculative skipped (the family has no such"
+    assert spec in out
 
 
 def test_options_follow_the_family_and_prompts_keep_markers_well_formed():

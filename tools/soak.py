@@ -1,7 +1,7 @@
 """Differential soak: random requests through two paths that must agree, for a time budget or a count of cases.
 
-    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,http] [--model builtin:recurrent]
-                         [--backend auto] [--device DEVICE] [--dtype DTYPE] [--seed 0]
+    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,speculative,http]
+                         [--model builtin:recurrent] [--backend auto] [--device DEVICE] [--dtype DTYPE] [--seed 0]
 
 Each case draws its prompts (token ids of the model's vocabulary, 1-30 long) and its options (every generic
 generate() option and the family's own, ``Decoder.OPTIONS``, so a Coconut model gets thoughts and a recurrent
@@ -13,6 +13,8 @@ one depths, exit criteria and KV modes) from its own seed, and runs one check; t
 - ``serve``: an Engine of random settings (scheduler, max batch, K/V slots, prefill budget, asynchronous
   scheduling) serving 3-16 requests of their own options: each equals generate() alone (README, Serving);
 - ``backend``: generate() on ``--backend`` equals the torch backend (skipped where that is torch);
+- ``speculative``: greedy speculative decoding (random lookahead and draft depth) equals sequential decoding
+  at fixed depth, ``init_scale=0``, full K/V (recurrent-depth models);
 - ``http``: the server's streamed answer equals its plain one (texts, finish reasons, usage; completions and
   chat; needs the ``serve`` extra).
 
@@ -50,7 +52,7 @@ from latentrt.families import family_for
 from latentrt.serve.engine import SCHEDULERS, Engine
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
-CHECKS = ("batch", "serve", "backend", "http")
+CHECKS = ("batch", "serve", "backend", "speculative", "http")
 
 
 def draw_prompt(rng: random.Random, model) -> list[int]:
@@ -247,6 +249,23 @@ class Soak:
                 continue
             self.compare("serve", seed, outcome(request), outcome(alone), dict(kw, engine=settings))
 
+    def speculative(self, seed: int) -> None:
+        """Greedy, fixed depth, ``init_scale=0``, full K/V: speculative decoding's tokens are sequential
+        decoding's, whatever the lookahead and draft depth (README, Samplers)."""
+        if "speculative" not in family_for(self.model).decoder.SAMPLERS:
+            self.counts["speculative skipped (the family has no such sampler)"] += 1
+            return
+        rng = random.Random(seed)
+        prompt = draw_prompt(rng, self.model)
+        kw = dict(max_new_tokens=rng.randrange(1, 16), num_steps=rng.randrange(1, 14), init_scale=0.0)
+        kw.update(kv_sharing="full", default_stops=rng.random() < 0.7)
+        drafts = dict(lookahead=rng.randrange(1, 9), draft_steps=rng.randrange(1, 33))
+        sequential = self.alone(prompt, dict(kw, return_logits=True))
+        drafted = self.alone(prompt, dict(kw, decoding="speculative", decoding_options=drafts, return_logits=True))
+        if sequential is not None and drafted is not None:
+            rows = lambda j: (drafted.logits[j], sequential.logits[j])  # noqa: E731
+            self.compare("speculative", seed, outcome(drafted), outcome(sequential), dict(kw, **drafts), rows)
+
     def backends(self, seed: int) -> None:
         if self.backend == "torch":
             self.counts["backend skipped (torch against torch)"] += 1
@@ -351,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")  # the options' warnings (e.g. top_k unused when greedy) are not the point
     model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     soak = Soak(model, model.backend.name)
-    runs = {"batch": soak.batch, "serve": soak.serve, "backend": soak.backends}
+    runs = {"batch": soak.batch, "serve": soak.serve, "backend": soak.backends, "speculative": soak.speculative}
     stack = contextlib.ExitStack()
     if "http" in checks:
         import httpx
