@@ -240,8 +240,11 @@ class Soak:
         for prompt, kw, alone in requests:
             try:
                 served.append((engine.submit(prompt, **kw), kw, alone))
-            except LatentRTError:  # its capacity: K/V slots, the context
-                self.counts["refused by the engine"] += 1
+            except LatentRTError as exc:
+                if "this server" in str(exc):  # its capacity (kv_pool.never_fits): K/V slots, the context
+                    self.counts["refused by the engine"] += 1
+                else:
+                    self.mismatch("serve", seed, f"refused what generate() takes: {exc}", dict(kw, engine=settings))
         engine.run_until_idle()
         for request, kw, alone in served:
             if request.error is not None:
