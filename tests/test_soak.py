@@ -54,6 +54,18 @@ def test_a_mismatch_is_reported_with_its_seed_and_fails_the_run(monkeypatch, cap
     assert "--checks CHECK --seed SEED --cases 1" in out
 
 
+def test_a_case_that_raises_is_a_mismatch_and_the_soak_goes_on(monkeypatch, capsys):
+    def broken(self, seed):
+        if seed == 7:
+            raise RuntimeError("boom")
+        self.counts["batch compared"] += 1
+
+    monkeypatch.setattr(soak.Soak, "batch", broken)
+    assert soak.main(["--cases", "3", "--checks", "batch", "--seed", "6"]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH batch seed 7: raised RuntimeError: boom" in out and "batch compared 2" in out
+
+
 def test_logits_beyond_the_dtypes_rounding_are_a_mismatch(monkeypatch, capsys):
     real = latentrt.generate
 

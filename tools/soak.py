@@ -19,12 +19,12 @@ one depths, exit criteria and KV modes) from its own seed, and runs one check; t
   chat; needs the ``serve`` extra).
 
 An option set a path refuses is not a mismatch: generate() alone refusing it skips the request; an engine may
-refuse one generate() takes only for its capacity (K/V slots, context), counted as refused. A mismatch prints
-the case's seed and the command that repeats it, and the run exits 1. The tests pin these properties on
-chosen cases; this tool searches for the ones they miss, e.g. after a change to the engine or on a GPU
-backend. Floating point: a batch's products may round otherwise than one row's, so an exit whose criterion
-lies within rounding of its threshold may go one iteration apart (README, Guarantees); such a mismatch (tokens
-equal up to it, steps one apart) is labelled a possible tie, with its criterion and threshold.
+refuse one generate() takes only for its capacity (K/V slots, context), counted as refused. A mismatch (a case that
+raises is one) prints the case's seed and the command that repeats it, and the run exits 1. The tests pin these
+properties on chosen cases; this tool searches for the ones they miss, e.g. after a change to the engine or on a
+GPU backend. Floating point: a batch's products may round otherwise than one row's, so an exit whose criterion lies
+within rounding of its threshold may go one iteration apart, and a token within rounding of its rival otherwise
+(README, Guarantees): each mismatch is labelled by what rounding can explain (``describe``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -399,8 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     start, case = time.time(), 0
     with stack:
         while (case < args.cases) if args.cases is not None else (time.time() - start < args.seconds):
-            seed = args.seed + case
-            runs[checks[case % len(checks)]](seed)
+            seed, check = args.seed + case, checks[case % len(checks)]
+            try:
+                runs[check](seed)
+            except Exception as exc:  # noqa: BLE001 (a crash is a finding: its seed, then the next case)
+                soak.mismatch(check, seed, f"raised {type(exc).__name__}: {exc}", {}, "\n" + traceback.format_exc())
             case += 1
     counts = ", ".join(f"{k} {v}" for k, v in sorted(soak.counts.items()))
     print(f"soak: {case} cases in {time.time() - start:.0f} s on {args.model} ({soak.backend}): {counts}")
