@@ -29,6 +29,7 @@ from latentrt.chat import ChatTemplate  # noqa: E402
 from latentrt.serve import Engine  # noqa: E402
 from latentrt.serve.app import create_app  # noqa: E402
 from latentrt.serve.protocol import parse_completion  # noqa: E402
+from tools.soak import loopback  # noqa: E402
 
 TEMPLATE = ChatTemplate("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}")
 
@@ -43,20 +44,8 @@ def free_port() -> int:
 def serving(model, name: str = "tiny", template=None, api_key=None, **engine_kw):
     """A real uvicorn server on a loopback port, in a thread; yields (base url, engine)."""
     engine = Engine(model, **engine_kw)
-    app = create_app(engine, name, chat_template=template, api_key=api_key)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", engine
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with loopback(create_app(engine, name, chat_template=template, api_key=api_key)) as url:
+        yield url, engine
 
 
 def client(url: str):

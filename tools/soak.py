@@ -282,16 +282,14 @@ class Soak:
 
 
 @contextlib.contextmanager
-def http_server(model):
-    """The model served on a loopback port (a real uvicorn in a thread); yields its base URL."""
+def loopback(app):
+    """``app`` served by a real uvicorn on a free loopback port, in a thread; yields its base URL (the soak's
+    server, and tests/test_server.py's)."""
     import uvicorn
-
-    from latentrt.serve.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(Engine(model, max_batch=4), "soak")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -379,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if "http" in checks:
         import httpx
 
-        url = stack.enter_context(http_server(model))
+        from latentrt.serve.app import create_app
+
+        url = stack.enter_context(loopback(create_app(Engine(model, max_batch=4), "soak")))
         has_template = find_chat_template(model.folder) is not None
         client = stack.enter_context(httpx.Client(base_url=url, timeout=120))
 
