@@ -16,9 +16,7 @@ import torch
 
 import latentrt
 import latentrt.kernels as kernels
-from latentrt.backends import get_backend
-from latentrt.options import generation_defaults
-from tools.published import PROMPT, build, checksum, draw_fingerprint
+from tools.published import build, checksum, draw_fingerprint, run_latentrt
 
 VECTORS = json.loads((Path(__file__).parent / "published_vectors.json").read_text())
 CASES = {c["name"]: c for c in VECTORS["cases"]}
@@ -111,19 +109,8 @@ def _from_file(name: str):
 def _generate(case: dict, backend: str, n_tokens: int | None = None):
     _skip_bf16_elsewhere(case["model"], case.get("from_file", False))
     model = _from_file(case["model"]) if case.get("from_file") else _model(case["model"])
-    model.backend = get_backend(backend, model)
-    if case.get("coconut"):
-        model.eos_token_id = case["eos"]
-    n = n_tokens or case.get("max_new_tokens", 8)
-    sampler = case.get("speculative") or case.get("wavefront")  # a multi-token sampler's options
-    extra = {} if sampler is None else dict(decoding_options=sampler)
-    # the model's generation_config.json, as load() reads it (the published: the model's generation config)
-    model.generation_defaults = generation_defaults(case.get("generation_config", {}), case["name"])
-    if "torch_seed" in case:  # a batch drawing from torch's generator, seeded as the published run was
-        torch.manual_seed(case["torch_seed"])
-    prompt = case.get("prompts") or case.get("prompt", PROMPT)
     with _as_recorded():
-        return latentrt.generate(model, prompt, max_new_tokens=n, **case["options"], **extra)
+        return run_latentrt(case, model, backend, n_tokens)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

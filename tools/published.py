@@ -724,6 +724,28 @@ def run_wavefront(rm, case: dict, model) -> dict:
     return {"tokens": tokens, "steps": steps, "diffusion_steps": out.scores["diffusion_steps"]}
 
 
+def run_latentrt(case: dict, model, backend: str = "torch", n_tokens: int | None = None):
+    """latentrt's generate() on ``model`` with ``case``'s options as the published run had them (its multi-token
+    sampler's options, the model's generation config, a Coconut case's eos, a batch's torch seed); the first
+    ``n_tokens`` (default the case's ``max_new_tokens``, else 8)."""
+    import latentrt
+    from latentrt.backends import get_backend
+    from latentrt.options import generation_defaults
+
+    model.backend = get_backend(backend, model)
+    if case.get("coconut"):
+        model.eos_token_id = case["eos"]
+    n = n_tokens or case.get("max_new_tokens", 8)
+    sampler = case.get("speculative") or case.get("wavefront")  # a multi-token sampler's options
+    extra = {} if sampler is None else dict(decoding_options=sampler)
+    # the model's generation_config.json, as load() reads it (the published: the model's generation config)
+    model.generation_defaults = generation_defaults(case.get("generation_config", {}), case["name"])
+    if "torch_seed" in case:  # a batch drawing from torch's generator, seeded as the published run was
+        torch.manual_seed(case["torch_seed"])
+    prompt = case.get("prompts") or case.get("prompt", PROMPT)
+    return latentrt.generate(model, prompt, max_new_tokens=n, **case["options"], **extra)
+
+
 def save_bf16_checkpoint(model, folder: Path) -> None:
     """``model`` saved as a bf16 Huginn checkpoint is (Huginn-0125's dtype): latentrt's folder (published config
     names, the published ``freqs_cis`` table) with every tensor, the table included, cast to bf16."""
