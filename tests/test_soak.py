@@ -13,10 +13,10 @@ from tools import soak
 
 @pytest.mark.parametrize("model", ["builtin:recurrent", "builtin:coconut"])
 def test_every_check_runs_and_agrees(model, capsys):
-    assert soak.main(["--model", model, "--cases", "8", "--seed", "3"]) == 0  # every check, two cases each
+    assert soak.main(["--model", model, "--cases", "8", "--seed", "3"]) == 0  # every check, once or twice
     out = capsys.readouterr().out
     assert "no mismatch" in out
-    for check in ("batch", "stream", "serve", "http"):
+    for check in ("batch", "stream", "serve", "hooks", "score", "http"):
         assert f"{check} compared" in out, out  # each check compared something
     assert "backend skipped (torch against torch)" in out
     spec = "speculative compared" if model == "builtin:recurrent" else "speculative skipped (the family has no such"
@@ -117,3 +117,27 @@ def test_a_tie_within_rounding_is_labelled_as_one():
 def test_the_backend_check_compares_a_backend_with_torch(capsys):
     assert soak.main(["--backend", "triton", "--checks", "backend", "--cases", "2", "--seed", "1"]) == 0
     assert "on builtin:recurrent (triton): backend compared 2" in capsys.readouterr().out
+
+
+def test_a_hook_that_misses_an_iteration_is_a_mismatch(monkeypatch, capsys):
+    from latentrt.hooks import HookList
+
+    real = HookList.on_iteration
+
+    def skips_the_first(self, step, state, active):  # the hooks miss every token's first iteration
+        return state if step == 0 else real(self, step, state, active)
+
+    monkeypatch.setattr(HookList, "on_iteration", skips_the_first)
+    assert soak.main(["--cases", "1", "--checks", "hooks", "--seed", "2"]) == 1
+    assert "MISMATCH hooks seed 2: sequence 0's hook saw" in capsys.readouterr().out
+
+
+def test_decode_logits_other_than_one_pass_over_the_tokens_are_a_mismatch(monkeypatch, capsys):
+    from latentrt.models.recurrent import RecurrentDepthLM
+
+    real = RecurrentDepthLM.logits
+    monkeypatch.setattr(RecurrentDepthLM, "logits", lambda self, ids, **kw: real(self, ids, **kw) * (1 + 1e-3))
+    assert soak.main(["--cases", "1", "--checks", "score", "--seed", "2"]) == 1
+    assert "MISMATCH score seed 2: generate()'s logits differ from one pass over its tokens by 0.001" in (
+        capsys.readouterr().out
+    )

@@ -1,6 +1,6 @@
 """Differential soak: random requests through two paths that must agree, for a time budget or a count of cases.
 
-    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,speculative,http]
+    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,speculative,hooks,score,http]
                          [--model builtin:recurrent] [--backend auto] [--device DEVICE] [--dtype DTYPE] [--seed 0]
 
 Each case draws its prompts (token ids of the model's vocabulary, 1-30 long) and its options (every generic
@@ -15,6 +15,12 @@ one depths, exit criteria and KV modes) from its own seed, and runs one check; t
 - ``backend``: generate() on ``--backend`` equals the torch backend (skipped where that is torch);
 - ``speculative``: greedy speculative decoding (random lookahead and draft depth) equals sequential decoding
   at fixed depth, ``init_scale=0``, full K/V (recurrent-depth models);
+- ``hooks``: generate() with a hook that returns nothing equals it without (hooks run iteration by iteration
+  where a backend would run a token at once), and the hook sees each row's iterations per token (an adaptive
+  prefill's, summed, for the prompt) and thoughts as the result counts them;
+- ``score``: the logits generate() chose each token from equal one ``model.logits`` pass over the prompt and the
+  tokens (greedy; at fixed depth, ``init_scale=0``, full K/V for recurrent depth; a Coconut prompt's thoughts
+  as markers);
 - ``http``: the server's streamed answer equals its plain one (texts, finish reasons, usage; completions and
   chat; needs the ``serve`` extra).
 
@@ -53,7 +59,7 @@ from latentrt.families import family_for
 from latentrt.serve.engine import SCHEDULERS, Engine
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
-CHECKS = ("batch", "serve", "backend", "speculative", "http")
+CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http")
 
 
 def draw_prompt(rng: random.Random, model) -> list[int]:
@@ -270,6 +276,60 @@ class Soak:
             rows = lambda j: (drafted.logits[j], sequential.logits[j])  # noqa: E731
             self.compare("speculative", seed, outcome(drafted), outcome(sequential), dict(kw, **drafts), rows)
 
+    def hooks(self, seed: int) -> None:
+        """A hook that returns nothing changes nothing (on a backend with a token runner, hooks take the iteration
+        by iteration path), and it sees each row's iterations and thoughts as the result counts them (README,
+        Python API: ``hooks``)."""
+        rng = random.Random(seed)
+        prompts = [draw_prompt(rng, self.model) for _ in range(rng.randrange(1, 4))]
+        kw = dict(draw_options(rng, self.model, seed=seed), return_logits=True)
+        plain = self.alone(prompts, kw)
+        if plain is None:
+            return
+        seen: Counter = Counter()
+
+        def count(event) -> None:
+            for i in event.active.nonzero().flatten().tolist():
+                seen[event.kind, i, event.token_index if event.kind == "recurrence" else 0] += 1
+
+        hooked = latentrt.generate(self.model, prompts, **kw, hooks=[count])
+        for i in range(len(prompts)):
+            rows = lambda j, i=i: (hooked.logits[i][j], plain.logits[i][j])  # noqa: E731
+            self.compare("hooks", seed, outcome(hooked, i), outcome(plain, i), kw, rows)
+            steps = list(hooked.steps[i])
+            if hooked.prefill_steps is not None:  # the prompt's positions one by one: token 0's events are theirs
+                steps[0] = sum(hooked.prefill_steps[i])
+            iterations = [seen["recurrence", i, j] for j in range(len(steps))]
+            thoughts = hooked.num_thoughts[i] if isinstance(hooked.num_thoughts, list) else hooked.num_thoughts
+            if iterations != steps or seen["thought", i, 0] != thoughts:
+                what = f"sequence {i}'s hook saw {iterations} iterations and {seen['thought', i, 0]} thoughts"
+                self.mismatch("hooks", seed, what, kw, f"; its result counts {steps} and {thoughts}")
+
+    def score(self, seed: int) -> None:
+        """The logits generate() chose each token from equal ``model.logits`` over the prompt and the tokens before
+        (teacher forcing, one pass): greedy, at fixed depth, ``init_scale=0`` and full K/V for recurrent depth (the
+        parallel pass's rule); a Coconut prompt's thoughts given by its markers."""
+        rng = random.Random(seed)
+        prompt = draw_prompt(rng, self.model)
+        kw: dict = dict(max_new_tokens=rng.randrange(1, 12), default_stops=rng.random() < 0.7, return_logits=True)
+        scoring: dict = {}
+        if "num_steps" in family_for(self.model).decoder.OPTIONS:
+            scoring = dict(num_steps=rng.randrange(1, 14), init_scale=0.0)
+            kw.update(scoring, kv_sharing="full")
+        markers = getattr(self.model, "marker_ids", ())
+        if len(markers) == 3 and None not in markers and markers[0] not in prompt:
+            start, latent, end = markers
+            prompt = prompt + [start] + [latent] * rng.randrange(0, 5) + [end]
+        result = self.alone(prompt, kw)
+        if result is None:
+            return
+        self.model.backend = self._backend(self.backend)
+        forced = self.model.logits([prompt + result.tokens[:-1]], **scoring)[0, len(prompt) - 1 :]
+        self.counts["score compared"] += 1
+        err = logits_error(forced, result.logits)
+        if err > self.tolerance:
+            self.mismatch("score", seed, f"generate()'s logits differ from one pass over its tokens by {err:.2g}", kw)
+
     def backends(self, seed: int) -> None:
         if self.backend == "torch":
             self.counts["backend skipped (torch against torch)"] += 1
@@ -372,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")  # the options' warnings (e.g. top_k unused when greedy) are not the point
     model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     soak = Soak(model, model.backend.name)
-    runs = {"batch": soak.batch, "serve": soak.serve, "backend": soak.backends, "speculative": soak.speculative}
+    runs = dict(batch=soak.batch, serve=soak.serve, backend=soak.backends, speculative=soak.speculative)
+    runs.update(hooks=soak.hooks, score=soak.score)
     stack = contextlib.ExitStack()
     if "http" in checks:
         import httpx
