@@ -1,0 +1,76 @@
+"""tools/published_soak.py: its cases are ones latentrt runs, they span the published option space, and a result
+that differs from the published one is reported (the published code itself is not here: it is not vendored)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from latentrt.exits import CRITERIA
+from tools import published_soak as ps
+
+
+@pytest.fixture
+def as_published(monkeypatch):
+    """The soak with latentrt standing in for the published code (no published files needed)."""
+    monkeypatch.setattr(ps, "huginn_module", lambda folder: None)
+    monkeypatch.setattr(ps, "coconut_module", lambda folder: None)
+    monkeypatch.setattr(ps, "published_outcome", lambda modules, case, model: ps.latentrt_outcome(case, model))
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = ps.main(["--huginn", "none", "--coconut", "none", *args])
+    return code, capsys.readouterr().out
+
+
+def test_every_kind_of_case_runs_and_compares(as_published, capsys):
+    code, out = run(capsys, "--cases", "12", "--seed", "5")
+    assert code == 0 and "no mismatch" in out, out
+    for kind in ps.KINDS:
+        assert f"{kind} compared 2" in out, out  # none refused, none raised
+    assert "refused" not in out and "raised" not in out
+
+
+def test_the_cases_span_the_published_options():
+    rng = random.Random(0)
+    sequential = [ps.draw_sequential(rng)["options"] for _ in range(400)]
+    assert {o.get("exit_criterion") for o in sequential} >= set(CRITERIA) - {"none"}
+    assert {o.get("kv_sharing") for o in sequential} >= set(ps.LOOKUPS) - {"full"} | {"skip"}
+    for name in ("continuous", "do_not_exit_in_prefill", "published_top_p", "repetition_penalty", "dry_multiplier"):
+        assert any(o.get(name) for o in sequential), name
+    assert any("exit_threshold" not in o for o in sequential if o.get("adaptive"))  # the published "auto"
+    assert {o["init_scale"] for o in sequential} == {0.0, 1.0}
+    cases = [ps.draw_sequential(rng) for _ in range(400)]
+    assert {c.get("published_cache") for c in cases} == {None, "full", "skip"}
+    waves = [ps.draw_wavefront(rng)["wavefront"] for _ in range(200)]
+    assert {w["freeze_strategy"] for w in waves} == set(ps.FREEZE)
+
+
+def test_a_result_other_than_the_published_is_a_mismatch_with_its_case(as_published, monkeypatch, capsys, tmp_path):
+    def one_step_more(modules, case, model):
+        want = ps.latentrt_outcome(case, model)
+        want["steps"] = [s + 1 for s in want["steps"]]
+        return want
+
+    monkeypatch.setattr(ps, "published_outcome", one_step_more)
+    out_file = tmp_path / "mismatches.json"
+    code, out = run(capsys, "--cases", "1", "--kinds", "sequential", "--seed", "3", "--out", str(out_file))
+    assert code == 1
+    assert "MISMATCH sequential seed 3: token 0 (0: the prompt's) exits 1 iteration apart" in out
+    assert "--kinds KIND --seed SEED --cases 1" in out
+    (case,) = json.loads(out_file.read_text())
+    assert case["name"] == "sequential seed 3" and case["published"]["steps"] != case["latentrt"]["steps"]
+
+
+def test_where_names_the_first_difference():
+    case = dict(options=dict(adaptive=True, check_criterion_every_n_steps=2))
+    got, want = dict(tokens=[1, 2, 3], steps=[4, 4, 4]), dict(tokens=[1, 2, 5], steps=[4, 4, 6])
+    assert (
+        ps.where(got, want, case)
+        == "token 2 (0: the prompt's) exits 2 iterations apart: possibly a tie within rounding"
+    )
+    assert ps.where(dict(tokens=[1, 2]), dict(tokens=[1, 3]), {"options": {}}) == "token 1 differs"
+    batch = dict(prompts=[[1], [2]], options={})
+    assert ps.where(dict(tokens=[[1], [2]]), dict(tokens=[[1], [3]]), batch) == "the batch's tokens differ: 1"

@@ -1,0 +1,363 @@
+"""Differential soak against the published implementations: random cases, each run by the published code and by
+latentrt, for a time budget or a count of cases.
+
+    python -m tools.published_soak --huginn DIR --coconut DIR [--seconds 300 | --cases N] [--seed 0]
+                                   [--kinds sequential,batch,prefill,speculative,wavefront,coconut]
+                                   [--backend torch] [--out FILE]
+
+``--huginn`` / ``--coconut``: the folders ``python -m tools.published`` takes (the published files are not
+vendored: fetch them). tests/published_vectors.json pins 83 chosen cases; this tool draws others in the same
+format from the published option space, on the same tiny seeded models (``tools.published.MODELS``, fp32 and
+bf16: both sides run on this CPU), and compares the tokens, the iterations per token, an adaptive prefill's
+iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``):
+
+- ``sequential``: ``generate_with_adaptive_compute`` at batch 1: fixed depth or an adaptive exit (every published
+  criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
+  ``do_not_exit_in_prefill``, ``continuous_compute``), every published cache lookup latentrt names
+  (``kv_modes``), a random or zero initial state, greedy or sampled (temperature, top-k, the published top-p,
+  min-p), a repetition or DRY penalty;
+- ``batch``: the same at fixed depth over 2-3 prompts of one length (the published adaptive batch runs every row
+  until the last exits: only batch 1 compares there), unseeded on torch's generator seeded alike;
+- ``prefill``: ``forward_with_adaptive_compute`` (token-by-token adaptive prefill): the first token and the
+  iterations per prompt position;
+- ``speculative`` / ``wavefront``: ``generate_speculative`` / ``generate_diffusion_style`` with drawn options;
+- ``coconut``: Coconut's ``generate`` on a prompt with 0-4 thoughts (latentrt with ``published_eos``).
+
+What latentrt refuses (an ``InputError``) is counted, as "refused by both" where the published code fails on it
+too, else printed once with its reason (latentrt refuses some settings the published code runs to no effect,
+e.g. ``min_steps`` above ``num_steps``). A mismatch prints the case as JSON (a line to add to
+``tools.published.CASES`` once understood) and where it first differs; ``--out`` writes the mismatching cases
+with both results. Both sides compute the same products in the same dtype but not always in the same order, so
+an exit whose criterion lies within rounding of its threshold can go one check apart (README, Guarantees): such
+a mismatch is labelled, not explained away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import latentrt
+from latentrt.backends import CHOICES
+from latentrt.errors import InputError
+from latentrt.exits import CRITERIA
+
+from .published import (
+    MODELS,
+    build,
+    coconut_module,
+    huginn_module,
+    run_coconut,
+    run_huginn,
+    run_latentrt,
+)
+
+KINDS = ("sequential", "batch", "prefill", "speculative", "wavefront", "coconut")
+HUGINN_MODELS = ("huginn-a", "huginn-b", "huginn-mqa", "huginn-vocab97", "huginn-a-bf16", "huginn-b-bf16")
+# the published cache lookups latentrt takes by name (latentrt/kv_modes.py), and the published name its "full"
+# lookup has under an adaptive exit (latentrt's ``skip``); ``full`` at fixed depth is every mode's rule
+LOOKUPS = (
+    "latest-m4",
+    "available-m4",
+    "always-last-m4",
+    "compress-s4",
+    "latest-m4-compress-s4",
+    "latest-m4-compress-s8",
+    "latest-m4-compress-s12",
+    "latest-m4-compress-anchor",
+    "skip",
+    "full",
+)
+SPECULATIVE_LOOKUPS = ("full", "latest-m4", "latest-m4-compress-s4", "latest-m4-compress-anchor", "always-last-m4")
+FREEZE = ("latent-diff", "latent-acceleration-1", "latent-acceleration-2", "token-stability", "fixed")
+
+
+def _prompt(rng: random.Random, vocab: int, low: int = 1, high: int = 16) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(rng.randrange(low, high + 1))]
+
+
+def _kv(rng: random.Random, adaptive: bool) -> tuple[dict, dict]:
+    """(latentrt's kv_sharing option, the case's published_cache field where its name differs)."""
+    lookup = rng.choice(LOOKUPS)
+    if lookup == "full" and adaptive:  # the published full lookup under an exit is latentrt's skip
+        return dict(kv_sharing="skip"), dict(published_cache="full")
+    if lookup == "skip":
+        return dict(kv_sharing="skip"), dict(published_cache="skip")
+    return dict(kv_sharing=lookup), {}
+
+
+def _threshold(rng: random.Random, criterion: str):
+    """The published "auto" (None) or a threshold near the criterion's default (a tenth to ten times it)."""
+    if rng.random() < 0.25:
+        return None
+    if criterion == "argmax-stability":
+        return rng.randrange(1, 5)
+    return CRITERIA[criterion].DEFAULT * 10 ** rng.uniform(-1, 1)
+
+
+def _sampling(rng: random.Random) -> dict:
+    out: dict = dict(temperature=rng.choice([0.7, 1.0, 1.5]))
+    if rng.random() < 0.5:
+        out["top_k"] = rng.randrange(2, 10)
+    if rng.random() < 0.4:
+        out.update(top_p=rng.choice([0.5, 0.8, 0.95]), published_top_p=True)
+    if rng.random() < 0.3:
+        out["min_p"] = rng.choice([0.02, 0.1])
+    return out
+
+
+def draw_sequential(rng: random.Random) -> dict:
+    model = rng.choice(HUGINN_MODELS)
+    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    o: dict = dict(num_steps=rng.randrange(1, 13), init_scale=rng.choice([0.0, 1.0]), seed=rng.randrange(1000))
+    case: dict = dict(model=model, prompt=_prompt(rng, vocab), max_new_tokens=rng.randrange(1, 13))
+    if rng.random() < 0.7:
+        criterion = rng.choice(sorted(set(CRITERIA) - {"none"}))
+        threshold = _threshold(rng, criterion)
+        o.update(adaptive=True, exit_criterion=criterion)
+        if threshold is not None:
+            o["exit_threshold"] = threshold
+        o.update(min_steps=rng.choice([0, 0, 1, 3]), check_criterion_every_n_steps=rng.choice([1, 1, 2, 3]))
+        o["do_not_exit_in_prefill"] = rng.random() < 0.2
+        o["continuous"] = rng.random() < 0.2
+        kv, published = _kv(rng, adaptive=True)
+        o.update(kv)
+        case.update(published)
+    elif rng.random() < 0.5:
+        o.update(_kv(rng, adaptive=False)[0])
+    if rng.random() < 0.4:
+        o.update(_sampling(rng))
+    if rng.random() < 0.15:
+        o["repetition_penalty"] = rng.choice([1.3, 1.8, 3.0])
+    elif rng.random() < 0.1:
+        o.update(dry_multiplier=rng.choice([0.8, 2.0]), dry_base=rng.choice([1.5, 1.75]), dry_allowed_length=1)
+    return dict(case, options=o)
+
+
+def draw_batch(rng: random.Random) -> dict:
+    model = rng.choice(HUGINN_MODELS)
+    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    n = rng.randrange(1, 12)
+    o: dict = dict(num_steps=rng.randrange(1, 9), init_scale=rng.choice([0.0, 1.0]))
+    if rng.random() < 0.6:
+        o.update(_sampling(rng))
+    if rng.random() < 0.5:
+        o.update(_kv(rng, adaptive=False)[0])
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for _ in range(rng.randrange(2, 4))]
+    return dict(
+        model=model, prompts=prompts, torch_seed=rng.randrange(1000), max_new_tokens=rng.randrange(1, 9), options=o
+    )
+
+
+def draw_prefill(rng: random.Random) -> dict:
+    model = rng.choice(HUGINN_MODELS)
+    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    criterion = rng.choice(sorted(set(CRITERIA) - {"none", "argmax-stability"}))
+    threshold = _threshold(rng, criterion)
+    o = dict(adaptive=True, exit_criterion=criterion, exit_threshold=threshold or CRITERIA[criterion].DEFAULT)
+    o.update(num_steps=MODELS[model]["config"]["mean_recurrence"], adaptive_prefill=True)
+    o.update(init_scale=rng.choice([0.0, 1.0]), seed=rng.randrange(1000))
+    o["kv_sharing"] = rng.choice([k for k in LOOKUPS if k not in ("skip", "full")])
+    return dict(model=model, prompt=_prompt(rng, vocab), max_new_tokens=1, adaptive_prefill=True, options=o)
+
+
+def draw_speculative(rng: random.Random) -> dict:
+    model = rng.choice(HUGINN_MODELS[:4])
+    depth = rng.randrange(2, 13)
+    drafts = dict(lookahead=rng.randrange(1, 6), draft_steps=rng.randrange(1, depth + 1))
+    drafts["verification_threshold"] = rng.choice([1, 1, 0.5, 0.2])
+    o: dict = dict(num_steps=depth, init_scale=rng.choice([0.0, 1.0]), decoding="speculative")
+    o.update(kv_sharing=rng.choice(SPECULATIVE_LOOKUPS), seed=rng.randrange(1000))
+    if rng.random() < 0.3:
+        o["temperature"] = rng.choice([0.7, 1.0])
+    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    case = dict(model=model, prompt=_prompt(rng, vocab, 2), max_new_tokens=rng.randrange(1, 13))
+    return dict(case, speculative=drafts, options=o)
+
+
+def draw_wavefront(rng: random.Random) -> dict:
+    model = rng.choice(HUGINN_MODELS[:2])
+    depth = rng.randrange(2, 13)
+    wf: dict = dict(exit_t=rng.choice([0.01, 0.05, 0.1, 0.2]), inner_recurrence=rng.randrange(1, 5))
+    wf["freeze_strategy"] = rng.choice(FREEZE[:1] * 3 + FREEZE[1:])  # latent-diff, the default, most often
+    if rng.random() < 0.3:
+        wf["max_wavefront"] = rng.randrange(2, 6)  # 1 (= headway) is refused: a one-position window never commits
+    if rng.random() < 0.3:
+        wf.update(ema_embeds=rng.choice([0.0, 0.5]), state_noise_mixing=rng.choice([0.0, 0.5]))
+    if rng.random() < 0.2:
+        wf["continuous"] = True
+    wf["max_diffusion_steps"] = rng.choice([16, 64])  # a bound on settings that never freeze (4096 by default)
+    o: dict = dict(num_steps=depth, init_scale=rng.choice([0.0, 1.0]), decoding="wavefront", seed=rng.randrange(1000))
+    if rng.random() < 0.5:
+        o["kv_sharing"] = rng.choice(["latest-m4", "latest-m4-compress-s8", "skip", "always-last-m4"])
+    if rng.random() < 0.3:
+        o.update(temperature=rng.choice([0.7, 1.0]))
+    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    case = dict(model=model, prompt=_prompt(rng, vocab, 2, 10), max_new_tokens=rng.randrange(1, 9))
+    return dict(case, wavefront=wf, options=o)
+
+
+def draw_coconut(rng: random.Random) -> dict:
+    markers = MODELS["gpt2-a"]["markers"]
+    vocab = MODELS["gpt2-a"]["config"]["vocab_size"]
+    words = [i for i in range(vocab) if i not in markers.values()]
+    question = [rng.choice(words) for _ in range(rng.randrange(1, 12))]
+    thoughts = [markers["start_latent_id"]] + [markers["latent_id"]] * rng.randrange(0, 5)
+    prompt = question + thoughts + [markers["end_latent_id"]]
+    return dict(
+        model="gpt2-a",
+        coconut=True,
+        prompt=prompt,
+        max_new_tokens=rng.randrange(1, 13),
+        options=dict(published_eos=True),
+    )
+
+
+DRAW = dict(
+    sequential=draw_sequential,
+    batch=draw_batch,
+    prefill=draw_prefill,
+    speculative=draw_speculative,
+    wavefront=draw_wavefront,
+    coconut=draw_coconut,
+)
+
+
+def complete(case: dict, model) -> dict:
+    """The case with what depends on its model: a Coconut case's eos, its first answer token (as tools.published
+    chooses it), so the published rule (never stop on the first answer token; a later eos ends the answer, left
+    out) differs from stopping at once."""
+    if case.get("coconut"):
+        case["eos"] = latentrt.generate(model, case["prompt"], max_new_tokens=1, default_stops=False).tokens[0]
+    return case
+
+
+def latentrt_outcome(case: dict, model, backend: str = "torch") -> dict:
+    """latentrt's result on ``backend`` in the published run's terms."""
+    got = run_latentrt(case, model, backend)
+    out: dict = dict(tokens=got.tokens)
+    if "prompts" not in case and not case.get("coconut"):
+        out["steps"] = got.steps
+    if case.get("adaptive_prefill"):
+        out["prefill_steps"] = got.prefill_steps
+        out.pop("steps")
+    if case.get("speculative"):
+        out["accepted"] = got.decoding["accepted"]
+        out.pop("steps")
+    return out
+
+
+def published_outcome(modules: dict, case: dict, model) -> dict:
+    if case.get("coconut"):
+        want = run_coconut(modules["coconut"], case, model, case["eos"])
+        want.pop("eos")
+        return want
+    want = run_huginn(modules["huginn"], case, model)
+    want.pop("diffusion_steps", None)
+    return want
+
+
+def where(got: dict, want: dict, case: dict) -> str:
+    """Where the two results first differ, and whether an exit one check apart (a possible tie) explains it."""
+    t1, t2 = got["tokens"], want["tokens"]
+    if "prompts" in case:
+        return "the batch's tokens differ: " + ", ".join(str(i) for i, (a, b) in enumerate(zip(t1, t2)) if a != b)
+    s1, s2 = got.get("steps"), want.get("steps")
+    n = next((j for j in range(min(len(t1), len(t2))) if t1[j] != t2[j]), min(len(t1), len(t2)))
+    if s1 is not None and s2 is not None:
+        m = next((j for j in range(min(len(s1), len(s2))) if s1[j] != s2[j]), None)
+        if m is not None and m <= n:
+            apart, every = abs(s1[m] - s2[m]), case["options"].get("check_criterion_every_n_steps", 1)
+            tie = ": possibly a tie within rounding" if apart == every and case["options"].get("adaptive") else ""
+            return f"token {m} (0: the prompt's) exits {apart} iteration{'s' * (apart > 1)} apart{tie}"
+    for key in ("prefill_steps", "accepted"):
+        if got.get(key) != want.get(key):
+            return f"{key} differ"
+    return f"token {n} differs" if n < max(len(t1), len(t2)) else "the lengths differ"
+
+
+def attempt(run, *args):
+    """(run's result, None) or (None, the exception it raised)."""
+    try:
+        return run(*args), None
+    except Exception as exc:  # noqa: BLE001 (the caller judges it)
+        return None, exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.published_soak", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--huginn", required=True, type=Path)
+    ap.add_argument("--coconut", required=True, type=Path)
+    ap.add_argument("--seconds", type=float, default=300.0, help="time budget (default 300)")
+    ap.add_argument("--cases", type=int, default=None, help="stop after this many cases instead")
+    ap.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
+    ap.add_argument("--backend", default="torch", choices=CHOICES, help="latentrt's backend (default torch)")
+    ap.add_argument("--out", type=Path, default=None, help="write the mismatching cases here (JSON)")
+    args = ap.parse_args(argv)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(KINDS):
+        ap.error(f"--kinds takes {','.join(KINDS)}; got {args.kinds!r}")
+    warnings.simplefilter("ignore")
+    torch.set_grad_enabled(False)
+    modules = dict(huginn=huginn_module(args.huginn), coconut=coconut_module(args.coconut))
+    models: dict = {}
+    counts: Counter = Counter()
+    mismatches: list[dict] = []
+    refusals: set[str] = set()
+    start, i = time.time(), 0
+    while (i < args.cases) if args.cases is not None else (time.time() - start < args.seconds):
+        seed, kind = args.seed + i, kinds[i % len(kinds)]
+        i += 1
+        case = dict(DRAW[kind](random.Random(seed)), name=f"{kind} seed {seed}")
+        if case["model"] not in models:
+            models[case["model"]] = build(case["model"])
+        model = models[case["model"]]
+        complete(case, model)
+        want, published_error = attempt(published_outcome, modules, case, model)
+        got, error = attempt(latentrt_outcome, case, model, args.backend)
+        if isinstance(error, InputError):  # latentrt refuses: the published code fails too, or runs (its reason, once)
+            agree = published_error is not None
+            counts[f"{kind} refused by both" if agree else f"{kind} refused by latentrt"] += 1
+            if not agree and str(error) not in refusals:
+                refusals.add(str(error))
+                print(f"REFUSED {case['name']} (the published code runs it): {error}\n  case {json.dumps(case)}")
+            continue
+        if error is not None or published_error is not None:  # a crash is a finding: its case, then the next
+            counts[f"{kind} raised"] += 1
+            side, exc = ("latentrt", error) if error is not None else ("the published code", published_error)
+            mismatches.append(dict(case, error=f"{side}: {type(exc).__name__}: {exc}"))
+            trace = "".join(traceback.format_exception(exc))
+            print(f"RAISED {case['name']}: {side}: {type(exc).__name__}: {exc}\n  case {json.dumps(case)}\n{trace}")
+            continue
+        counts[f"{kind} compared"] += 1
+        if got != want:
+            what = where(got, want, case)
+            counts[f"{kind} differ"] += 1
+            mismatches.append(dict(case, published=want, latentrt=got, where=what))
+            print(f"MISMATCH {case['name']}: {what}\n  case      {json.dumps(case)}")
+            print(f"  published {want}\n  latentrt  {got}")
+    print(
+        f"published soak: {i} cases in {time.time() - start:.0f} s: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
+    if args.out is not None:
+        args.out.write_text(json.dumps(mismatches, indent=1) + "\n")
+    if mismatches:
+        print(f"{len(mismatches)} mismatches; repeat one with --kinds KIND --seed SEED --cases 1")
+        return 1
+    print("no mismatch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
