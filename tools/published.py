@@ -254,6 +254,27 @@ CASES = [
             kv_sharing="latest-m4-compress-s12",
         ),
     ),
+    # continuous_compute at fixed depth: generate_with_adaptive_compute with criterion "none" feeds back the state
+    # before ln_f (latentrt's rule); generate_minimal, where the published dispatcher sends continuous_compute
+    # without a criterion, feeds back its forward's latent_states, the state after ln_f (README: a difference)
+    dict(name="continuous fixed depth", model="huginn-a", options=dict(num_steps=4, init_scale=0.0, continuous=True)),
+    dict(
+        name="generate_minimal continuous fixed depth (the state after ln_f: differs)",
+        model="huginn-a",
+        minimal=True,
+        published_differs=True,
+        options=dict(num_steps=4, init_scale=0.0, continuous=True),
+    ),
+    # generate_minimal, the published fixed-depth loop: a sampled batch from torch's generator
+    dict(
+        name="generate_minimal sampled batch",
+        model="huginn-b",
+        minimal=True,
+        prompts=[[5, 6, 7, 8, 9], [9, 8, 7, 6, 5], [1, 2, 3, 4, 5]],
+        torch_seed=21,
+        max_new_tokens=8,
+        options=dict(num_steps=5, temperature=1.0, top_k=8, kv_sharing="latest-m4-compress-s4"),
+    ),
     dict(
         name="token-by-token adaptive prefill",
         model="huginn-a",
@@ -662,6 +683,15 @@ def _sampling(options: dict) -> dict:
     return dict(out, do_sample=bool(options.get("temperature")))
 
 
+def _penalties(options: dict) -> dict:
+    """The published sampler's penalty fields: a repetition penalty, or DRY (which it applies in place of a
+    repetition penalty != 1)."""
+    if not options.get("dry_multiplier"):
+        return dict(repetition_penalty=options.get("repetition_penalty", 1.0))
+    dry = {k: options[k] for k in ("dry_base", "dry_allowed_length") if k in options}
+    return dict(repetition_penalty=2.0, dry_multiplier=options["dry_multiplier"], **dry)
+
+
 def run_speculative(rm, case: dict, model) -> dict:
     """generate_speculative; the tokens committed per round from where each verify pass starts."""
     from transformers import GenerationConfig
@@ -698,6 +728,30 @@ def run_speculative(rm, case: dict, model) -> dict:
     ends = [v + 1 for v in verify] + [seq.shape[1]]  # round r commits ends[r + 1] - ends[r] tokens
     accepted = [b - a for a, b in zip(ends, ends[1:])]
     return {"tokens": seq[0, ids.shape[1] :].tolist()[:n_new], "accepted": accepted}
+
+
+def run_minimal(rm, case: dict, model) -> dict:
+    """generate_minimal (the published dispatcher's path for ``continuous_compute`` without an exit criterion):
+    fixed depth, one or several prompts; the tokens (each row's, for a batch)."""
+    from transformers import GenerationConfig
+
+    pub, _ = published_huginn(rm, model)
+    o = case["options"]
+    ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
+    n_new = case.get("max_new_tokens", 8)
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o), **_penalties(o))
+    _seed(case)
+    seq = pub.generate_minimal(
+        ids,
+        gc,
+        continuous_compute=o.get("continuous", False),
+        init_scale=o.get("init_scale", 1.0),
+        cache_lookup_strategy=o.get("kv_sharing", "full"),
+        num_steps=o.get("num_steps", model.config.mean_recurrence),
+        max_new_tokens=n_new,
+    )
+    tokens = seq[:, ids.shape[1] :].tolist()
+    return {"tokens": tokens if "prompts" in case else tokens[0]}
 
 
 def run_wavefront(rm, case: dict, model) -> dict:
@@ -784,17 +838,15 @@ def run_huginn(rm, case: dict, model) -> dict:
         return run_speculative(rm, case, model)
     if "wavefront" in case:
         return run_wavefront(rm, case, model)
+    if case.get("minimal"):
+        return run_minimal(rm, case, model)
     if case.get("from_file"):
         return run_huginn_from_file(rm, case, model)
     pub, units = published_huginn(rm, model)
     o = case["options"]
     ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
     n_new = case.get("max_new_tokens", 8)
-    sampler = dict(repetition_penalty=o.get("repetition_penalty", 1.0))
-    if o.get("dry_multiplier"):  # the published sampler applies DRY in place of a repetition penalty != 1
-        sampler = dict(repetition_penalty=2.0, dry_multiplier=o["dry_multiplier"])
-        sampler.update({k: o[k] for k in ("dry_base", "dry_allowed_length") if k in o})
-    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o), **sampler)
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o), **_penalties(o))
     if "generation_config" in case:  # the model's own config, read by generate when it is passed none
         pub.generation_config = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **case["generation_config"])
         gc = None

@@ -2,7 +2,7 @@
 latentrt, for a time budget or a count of cases.
 
     python -m tools.published_soak --huginn DIR --coconut DIR [--seconds 300 | --cases N] [--seed 0]
-                                   [--kinds sequential,batch,prefill,speculative,wavefront,coconut]
+                                   [--kinds sequential,batch,minimal,prefill,speculative,wavefront,coconut]
                                    [--backend torch] [--out FILE]
 
 ``--huginn`` / ``--coconut``: the folders ``python -m tools.published`` takes (the published files are not
@@ -15,9 +15,11 @@ iterations per position and the speculative rounds' accepted tokens (latentrt on
   criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
   ``do_not_exit_in_prefill``, ``continuous_compute``), every published cache lookup latentrt names
   (``kv_modes``), a random or zero initial state, greedy or sampled (temperature, top-k, the published top-p,
-  min-p), a repetition or DRY penalty;
+  min-p), a repetition or DRY penalty; ``continuous_compute`` at fixed depth too (criterion "none");
 - ``batch``: the same at fixed depth over 2-3 prompts of one length (the published adaptive batch runs every row
   until the last exits: only batch 1 compares there), unseeded on torch's generator seeded alike;
+- ``minimal``: ``generate_minimal``, the published fixed-depth loop, at batch 1 or over prompts of one length
+  (without ``continuous_compute``: there it feeds back the state after ln_f, README);
 - ``prefill``: ``forward_with_adaptive_compute`` (token-by-token adaptive prefill): the first token and the
   iterations per prompt position;
 - ``speculative`` / ``wavefront``: ``generate_speculative`` / ``generate_diffusion_style`` with drawn options;
@@ -48,6 +50,7 @@ import torch
 
 import latentrt
 from latentrt.backends import CHOICES
+from latentrt.decode.recurrent import RecurrentDecoder
 from latentrt.errors import InputError
 from latentrt.exits import CRITERIA
 
@@ -61,7 +64,7 @@ from .published import (
     run_latentrt,
 )
 
-KINDS = ("sequential", "batch", "prefill", "speculative", "wavefront", "coconut")
+KINDS = ("sequential", "batch", "minimal", "prefill", "speculative", "wavefront", "coconut")
 HUGINN_MODELS = ("huginn-a", "huginn-b", "huginn-mqa", "huginn-vocab97", "huginn-a-bf16", "huginn-b-bf16")
 # the published cache lookups latentrt takes by name (latentrt/kv_modes.py), and the published name its "full"
 # lookup has under an adaptive exit (latentrt's ``skip``); ``full`` at fixed depth is every mode's rule
@@ -132,8 +135,10 @@ def draw_sequential(rng: random.Random) -> dict:
         kv, published = _kv(rng, adaptive=True)
         o.update(kv)
         case.update(published)
-    elif rng.random() < 0.5:
-        o.update(_kv(rng, adaptive=False)[0])
+    else:
+        if rng.random() < 0.5:
+            o.update(_kv(rng, adaptive=False)[0])
+        o["continuous"] = rng.random() < 0.2
     if rng.random() < 0.4:
         o.update(_sampling(rng))
     if rng.random() < 0.15:
@@ -156,6 +161,18 @@ def draw_batch(rng: random.Random) -> dict:
     return dict(
         model=model, prompts=prompts, torch_seed=rng.randrange(1000), max_new_tokens=rng.randrange(1, 9), options=o
     )
+
+
+def draw_minimal(rng: random.Random) -> dict:
+    """``generate_minimal``, the published fixed-depth loop, at batch 1 or over prompts of one length (its
+    ``continuous_compute`` feeds back the state after ln_f: a documented difference, not drawn)."""
+    case = draw_batch(rng) if rng.random() < 0.4 else draw_sequential(rng)
+    o = {k: v for k, v in case["options"].items() if k not in RecurrentDecoder.ADAPTIVE_ONLY}
+    o.update(adaptive=False, continuous=False)
+    if o.get("kv_sharing") == "skip":
+        o["kv_sharing"] = "full"
+    case.pop("published_cache", None)
+    return dict(case, minimal=True, options=o)
 
 
 def draw_prefill(rng: random.Random) -> dict:
@@ -225,6 +242,7 @@ def draw_coconut(rng: random.Random) -> dict:
 DRAW = dict(
     sequential=draw_sequential,
     batch=draw_batch,
+    minimal=draw_minimal,
     prefill=draw_prefill,
     speculative=draw_speculative,
     wavefront=draw_wavefront,
@@ -242,18 +260,17 @@ def complete(case: dict, model) -> dict:
 
 
 def latentrt_outcome(case: dict, model, backend: str = "torch") -> dict:
-    """latentrt's result on ``backend`` in the published run's terms."""
+    """latentrt's result on ``backend`` in the published run's terms: the tokens, and what the published run of
+    the case's kind records (the iterations per token, an adaptive prefill's per position, the speculative
+    rounds' accepted tokens)."""
     got = run_latentrt(case, model, backend)
-    out: dict = dict(tokens=got.tokens)
-    if "prompts" not in case and not case.get("coconut"):
-        out["steps"] = got.steps
     if case.get("adaptive_prefill"):
-        out["prefill_steps"] = got.prefill_steps
-        out.pop("steps")
+        return dict(tokens=got.tokens, prefill_steps=got.prefill_steps)
     if case.get("speculative"):
-        out["accepted"] = got.decoding["accepted"]
-        out.pop("steps")
-    return out
+        return dict(tokens=got.tokens, accepted=got.decoding["accepted"])
+    if "prompts" in case or case.get("coconut") or case.get("minimal"):  # the published run counts no steps
+        return dict(tokens=got.tokens)
+    return dict(tokens=got.tokens, steps=got.steps)
 
 
 def published_outcome(modules: dict, case: dict, model) -> dict:
