@@ -16,7 +16,14 @@ import torch
 
 import latentrt
 import latentrt.kernels as kernels
-from tools.published import build, checksum, draw_fingerprint, run_latentrt
+from tools.published import (
+    build,
+    checksum,
+    draw_fingerprint,
+    latentrt_coconut_training,
+    latentrt_huginn_training,
+    run_latentrt,
+)
 
 VECTORS = json.loads((Path(__file__).parent / "published_vectors.json").read_text())
 CASES = {c["name"]: c for c in VECTORS["cases"]}
@@ -317,30 +324,18 @@ def test_coconut_training_loss_and_gradients_equal_published(case):
     the forward run.py runs for the mode (the Coconut module; the plain GPT-2 for cot and pause): the loss to
     float rounding, the gradients' norm too. A case with ``torch_seed`` runs both in train mode, GPT-2's dropout
     drawn from torch's generator seeded alike: the same layout and passes draw the same masks."""
-    from latentrt.train.coconut import CoconutLoss, collate
-
     model = _model(case["model"])
     c = model.config
     examples = [tuple(ex) for ex in case["examples"]]  # (pre, post, labels of post)
     assert any(c.latent_id in pre for pre, _, _ in examples) == (case.get("mode") in (None, "coconut", "pause"))
-    model.zero_grad(set_to_none=True)
-    if case.get("torch_seed") is not None:
-        if DRAWS["bernoulli_seed_0"] != VECTORS["draws"]["bernoulli_seed_0"]:
-            pytest.skip(
-                f"draws dropout masks, which torch {torch.__version__} draws otherwise than torch "
-                f"{VECTORS['draws']['torch']} that made the vectors (python -m tools.published remakes them)"
-            )
-        model.train()
-        torch.manual_seed(case["torch_seed"])
-    with torch.enable_grad():
-        continuous = case.get("mode") != "pause"  # pause as thought: the latent tokens are ordinary tokens
-        loss = CoconutLoss(model, None, continuous)(*collate(examples, 0, "cpu", c.latent_id))
-        loss.backward()
-    norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    assert abs(loss.item() - case["loss"]) <= 1e-6 * case["loss"]
-    assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
+    if case.get("torch_seed") is not None and DRAWS["bernoulli_seed_0"] != VECTORS["draws"]["bernoulli_seed_0"]:
+        pytest.skip(
+            f"draws dropout masks, which torch {torch.__version__} draws otherwise than torch "
+            f"{VECTORS['draws']['torch']} that made the vectors (python -m tools.published remakes them)"
+        )
+    got = latentrt_coconut_training(case, model)
+    assert abs(got["loss"] - case["loss"]) <= 1e-6 * case["loss"]
+    assert abs(got["grad_norm"] - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
 
 
 @pytest.mark.parametrize("case", VECTORS["curriculum"], ids=lambda c: c["name"])
@@ -365,20 +360,11 @@ def test_huginn_training_loss_and_gradients_equal_published(case):
     """The recurrent trainer's loss (RecurrentLoss at a given no-grad / grad depth) against the published
     forward in training mode as its fine-tuning script calls it, the random initial state drawn from torch's
     generator seeded alike: the loss to float rounding, the gradients' norm too."""
-    from latentrt.train.recurrent import RecurrentLoss
-
     _skip_bf16_elsewhere(case["model"])
-    model = _model(case["model"]).train()
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(case["torch_seed"])
-    with torch.enable_grad(), _as_recorded():
-        loss = RecurrentLoss(model)(torch.tensor(case["ids"]), torch.tensor(case["labels"]), *case["steps"])
-        loss.backward()
-    norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    assert abs(loss.item() - case["loss"]) <= 1e-6 * case["loss"]
-    assert abs(float(norm) - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
+    with _as_recorded():
+        got = latentrt_huginn_training(case, _model(case["model"]))
+    assert abs(got["loss"] - case["loss"]) <= 1e-6 * case["loss"]
+    assert abs(got["grad_norm"] - case["grad_norm"]) <= 1e-5 * case["grad_norm"]
 
 
 def test_coconut_default_stops_at_the_first_eos_and_keeps_it():

@@ -17,6 +17,7 @@ def as_published(monkeypatch):
     """The soak with latentrt standing in for the published code (no published files needed)."""
     monkeypatch.setattr(ps, "huginn_module", lambda folder: None)
     monkeypatch.setattr(ps, "coconut_module", lambda folder: None)
+    monkeypatch.setattr(ps, "coconut_dataset_module", lambda folder: None)
     monkeypatch.setattr(ps, "published_outcome", lambda modules, case, model: ps.latentrt_outcome(case, model))
 
 

@@ -1017,6 +1017,24 @@ def _hf_tokenizer(vocab_size: int, pad: int):
     return hf
 
 
+def grad_norm(module) -> float:
+    """The gradients' norm in float64 (a bf16 model's gradients summed in bf16 round by the parameters' order,
+    which the published modules and latentrt's need not share)."""
+    return float(sum(p.grad.double().norm() ** 2 for p in module.parameters() if p.grad is not None) ** 0.5)
+
+
+def coconut_examples(case: dict, model) -> list[list]:
+    """The case's examples with the markers' names (S, L, E, EOS) resolved, each (pre, post, labels of post) as
+    get_cot_latent_dataset labels them: the post part after the end marker, or all of it in a plain mode."""
+    c = model.config
+    names = {"S": c.start_latent_id, "L": c.latent_id, "E": c.end_latent_id, "EOS": case["eos"]}
+    plain = case.get("mode", "coconut") in PLAIN_MODES
+    out = []
+    for pre, post in ([[names.get(t, t) for t in part] for part in ex] for ex in case["examples"]):
+        out.append([pre, post, post if plain else [-100] + post[1:]])
+    return out
+
+
 def run_coconut_training(cm, dm, case: dict, model) -> dict:
     """run.py's training step on the case's batch: each example as get_cot_latent_dataset makes it (input ids,
     labels: -100 on the question, the markers and the thoughts; attention mask; position ids), the batch from
@@ -1025,15 +1043,17 @@ def run_coconut_training(cm, dm, case: dict, model) -> dict:
     weights."""
     c = model.config
     eos = case["eos"]
-    mode = case.get("mode", "coconut")
-    names = {"S": c.start_latent_id, "L": c.latent_id, "E": c.end_latent_id, "EOS": eos}
-    examples = [[[names.get(t, t) for t in part] for part in ex] for ex in case["examples"]]
+    examples = coconut_examples(case, model)
     features = []
-    for pre, post in examples:
-        labels = [-100] * len(pre) + (post if mode in PLAIN_MODES else [-100] + post[1:])
+    for pre, post, post_labels in examples:
         ids = pre + post
         features.append(
-            dict(input_ids=ids, labels=labels, attention_mask=[1] * len(ids), position_ids=list(range(len(ids))))
+            dict(
+                input_ids=ids,
+                labels=[-100] * len(pre) + post_labels,
+                attention_mask=[1] * len(ids),
+                position_ids=list(range(len(ids))),
+            )
         )
     batch = dm.MyCollator(_hf_tokenizer(c.vocab_size, eos), latent_id=c.latent_id)(features)
     pub, hf = published_coconut(cm, model, eos)
@@ -1041,14 +1061,12 @@ def run_coconut_training(cm, dm, case: dict, model) -> dict:
         hf.train()
         torch.manual_seed(case["torch_seed"])
     with torch.enable_grad():
-        if mode == "coconut":
+        if case.get("mode", "coconut") == "coconut":
             loss = pub(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]).loss
         else:  # run.py wraps only Coconut's model: the others are the plain GPT-2 (pause: its latent tokens too)
             loss = hf(**batch).loss
         loss.backward()
-    grads = [p.grad.norm() ** 2 for p in hf.parameters() if p.grad is not None]
-    out = [[pre, post, (post if mode in PLAIN_MODES else [-100] + post[1:])] for pre, post in examples]
-    return {"examples": out, "loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
+    return {"examples": examples, "loss": float(loss), "grad_norm": grad_norm(hf)}
 
 
 # Coconut's data: its dataset.py's get_cot_latent_dataset (one training sequence and its labels) on token ids, at a
@@ -1151,8 +1169,51 @@ def run_huginn_training(rm, case: dict, model) -> dict:
     with torch.enable_grad():
         loss = pub(ids[:, :-1], labels=labels[:, 1:].contiguous(), num_steps=(n, k)).loss
         loss.backward()
-    grads = [p.grad.norm() ** 2 for p in pub.parameters() if p.grad is not None]
-    return {"loss": float(loss), "grad_norm": float(sum(grads) ** 0.5)}
+    return {"loss": float(loss), "grad_norm": grad_norm(pub)}
+
+
+def _loss_and_grad_norm(model, loss_fn) -> dict:
+    """``loss_fn()``'s value and the weights' gradient norm after its backward (gradients cleared before and
+    after, the model back in eval mode)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_fn()
+        loss.backward()
+    norm = grad_norm(model)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {"loss": loss.item(), "grad_norm": norm}
+
+
+def latentrt_coconut_training(case: dict, model) -> dict:
+    """The Coconut trainer's loss (its thoughts as KV-cached single-position passes, latentrt's collate) on the
+    case's resolved examples (pre, post, labels of post: ``run_coconut_training``'s), in train mode with dropout
+    drawn from torch's generator where the case has a ``torch_seed``; its gradient norm."""
+    from latentrt.train.coconut import CoconutLoss, collate
+
+    examples = [tuple(ex) for ex in case["examples"]]
+    continuous = case.get("mode") != "pause"  # pause as thought: the latent tokens are ordinary tokens
+
+    def loss():
+        if case.get("torch_seed") is not None:
+            model.train()
+            torch.manual_seed(case["torch_seed"])
+        return CoconutLoss(model, None, continuous)(*collate(examples, 0, "cpu", model.config.latent_id))
+
+    return _loss_and_grad_norm(model, loss)
+
+
+def latentrt_huginn_training(case: dict, model) -> dict:
+    """The recurrent trainer's loss (RecurrentLoss at the case's no-grad / grad depth) in train mode, the random
+    initial state drawn from torch's generator seeded by the case; its gradient norm."""
+    from latentrt.train.recurrent import RecurrentLoss
+
+    def loss():
+        model.train()
+        torch.manual_seed(case["torch_seed"])
+        return RecurrentLoss(model)(torch.tensor(case["ids"]), torch.tensor(case["labels"]), *case["steps"])
+
+    return _loss_and_grad_norm(model, loss)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -2,14 +2,16 @@
 latentrt, for a time budget or a count of cases.
 
     python -m tools.published_soak --huginn DIR --coconut DIR [--seconds 300 | --cases N] [--seed 0]
-                                   [--kinds sequential,batch,minimal,prefill,speculative,wavefront,coconut]
+                                   [--kinds sequential,batch,minimal,prefill,speculative,wavefront,coconut,
+                                            coconut_training,huginn_training]
                                    [--backend torch] [--out FILE]
 
 ``--huginn`` / ``--coconut``: the folders ``python -m tools.published`` takes (the published files are not
 vendored: fetch them). tests/published_vectors.json pins 83 chosen cases; this tool draws others in the same
 format from the published option space, on the same tiny seeded models (``tools.published.MODELS``, fp32 and
 bf16: both sides run on this CPU), and compares the tokens, the iterations per token, an adaptive prefill's
-iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``):
+iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``), or a training
+step's loss and gradients:
 
 - ``sequential``: ``generate_with_adaptive_compute`` at batch 1: fixed depth or an adaptive exit (every published
   criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
@@ -23,7 +25,12 @@ iterations per position and the speculative rounds' accepted tokens (latentrt on
 - ``prefill``: ``forward_with_adaptive_compute`` (token-by-token adaptive prefill): the first token and the
   iterations per prompt position;
 - ``speculative`` / ``wavefront``: ``generate_speculative`` / ``generate_diffusion_style`` with drawn options;
-- ``coconut``: Coconut's ``generate`` on a prompt with 0-4 thoughts (latentrt with ``published_eos``).
+- ``coconut``: Coconut's ``generate`` on a prompt with 0-4 thoughts (latentrt with ``published_eos``);
+- ``coconut_training``: run.py's training step (the published collator and Coconut forward; the plain GPT-2 for
+  cot and pause) on 1-4 random examples with 0-3 thoughts each, in train mode (dropout) or not, against
+  latentrt's ``CoconutLoss`` on its ``collate``: the loss and the gradients' norm to float rounding;
+- ``huginn_training``: the published forward in training mode (a no-grad / grad depth, the random initial
+  state) on a right-padded batch, against latentrt's ``RecurrentLoss``, the same way.
 
 What latentrt refuses (an ``InputError``) is counted, as "refused by both" where the published code fails on it
 too, else printed once with its reason (latentrt refuses some settings the published code runs to no effect,
@@ -57,14 +64,32 @@ from latentrt.exits import CRITERIA
 from .published import (
     MODELS,
     build,
+    coconut_dataset_module,
+    coconut_examples,
     coconut_module,
     huginn_module,
+    latentrt_coconut_training,
+    latentrt_huginn_training,
     run_coconut,
+    run_coconut_training,
     run_huginn,
+    run_huginn_training,
     run_latentrt,
 )
 
-KINDS = ("sequential", "batch", "minimal", "prefill", "speculative", "wavefront", "coconut")
+KINDS = (
+    "sequential",
+    "batch",
+    "minimal",
+    "prefill",
+    "speculative",
+    "wavefront",
+    "coconut",
+    "coconut_training",
+    "huginn_training",
+)
+# training: the loss and the gradients' norm agree to float rounding (tests/test_published.py's tolerances)
+TRAINING_TOLERANCE = dict(loss=1e-6, grad_norm=1e-5)
 HUGINN_MODELS = ("huginn-a", "huginn-b", "huginn-mqa", "huginn-vocab97", "huginn-a-bf16", "huginn-b-bf16")
 # the published cache lookups latentrt takes by name (latentrt/kv_modes.py), and the published name its "full"
 # lookup has under an adaptive exit (latentrt's ``skip``); ``full`` at fixed depth is every mode's rule
@@ -239,6 +264,40 @@ def draw_coconut(rng: random.Random) -> dict:
     )
 
 
+def draw_coconut_training(rng: random.Random) -> dict:
+    """A batch of 1-4 curriculum examples as run.py trains them (tools.published.TRAINING's format: the question
+    [+ start marker and 0-3 thoughts] | [end marker +] the steps and answer + eos), coconut, cot or pause
+    as thought, in train mode (dropout drawn from torch's generator) or eval mode."""
+    mode = rng.choice(["coconut", "coconut", "cot", "pause"])
+    words = list(range(5, MODELS["gpt2-a"]["config"]["vocab_size"]))
+    examples = []
+    for _ in range(rng.randrange(1, 5)):
+        pre = [rng.choice(words) for _ in range(rng.randrange(1, 9))]
+        post = [rng.choice(words) for _ in range(rng.randrange(1, 7))] + ["EOS"]
+        if mode != "cot":
+            pre, post = pre + ["S"] + ["L"] * rng.randrange(0, 4), ["E"] + post
+        examples.append((pre, post))
+    case = dict(model="gpt2-a", training="coconut", mode=mode, eos=1, examples=examples)
+    return dict(case, torch_seed=rng.randrange(1000)) if rng.random() < 0.5 else case
+
+
+def draw_huginn_training(rng: random.Random) -> dict:
+    """A right-padded batch of 1-3 rows (labels -100 on a prompt prefix and the padding) at a no-grad / grad depth,
+    as the fine-tuning script's forward takes it, the random initial state from torch's generator."""
+    model = rng.choice(HUGINN_MODELS)
+    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    S = rng.randrange(3, 13)
+    ids, labels = [], []
+    for _ in range(rng.randrange(1, 4)):
+        n = rng.randrange(2, S + 1)
+        prompt = rng.randrange(0, min(3, n - 1))  # a label after the first position (the loss shifts by one)
+        row = [rng.randrange(1, vocab) for _ in range(n)]
+        ids.append(row + [0] * (S - n))
+        labels.append([-100] * prompt + row[prompt:] + [-100] * (S - n))
+    steps = [rng.randrange(0, 5), rng.randrange(1, 5)]
+    return dict(model=model, training="huginn", steps=steps, torch_seed=rng.randrange(1000), ids=ids, labels=labels)
+
+
 DRAW = dict(
     sequential=draw_sequential,
     batch=draw_batch,
@@ -247,6 +306,8 @@ DRAW = dict(
     speculative=draw_speculative,
     wavefront=draw_wavefront,
     coconut=draw_coconut,
+    coconut_training=draw_coconut_training,
+    huginn_training=draw_huginn_training,
 )
 
 
@@ -263,6 +324,10 @@ def latentrt_outcome(case: dict, model, backend: str = "torch") -> dict:
     """latentrt's result on ``backend`` in the published run's terms: the tokens, and what the published run of
     the case's kind records (the iterations per token, an adaptive prefill's per position, the speculative
     rounds' accepted tokens)."""
+    if case.get("training") == "coconut":
+        return latentrt_coconut_training(dict(case, examples=coconut_examples(case, model)), model)
+    if case.get("training") == "huginn":
+        return latentrt_huginn_training(case, model)
     got = run_latentrt(case, model, backend)
     if case.get("adaptive_prefill"):
         return dict(tokens=got.tokens, prefill_steps=got.prefill_steps)
@@ -274,6 +339,12 @@ def latentrt_outcome(case: dict, model, backend: str = "torch") -> dict:
 
 
 def published_outcome(modules: dict, case: dict, model) -> dict:
+    if case.get("training") == "coconut":
+        want = run_coconut_training(modules["coconut"], modules["dataset"], case, model)
+        want.pop("examples")
+        return want
+    if case.get("training") == "huginn":
+        return run_huginn_training(modules["huginn"], case, model)
     if case.get("coconut"):
         want = run_coconut(modules["coconut"], case, model, case["eos"])
         want.pop("eos")
@@ -281,6 +352,16 @@ def published_outcome(modules: dict, case: dict, model) -> dict:
     want = run_huginn(modules["huginn"], case, model)
     want.pop("diffusion_steps", None)
     return want
+
+
+def differs(got: dict, want: dict, case: dict) -> str | None:
+    """None where the two results agree (a training step's loss and gradient norm to float rounding, anything
+    else exactly), else where they differ."""
+    if case.get("training"):
+        off = {k: abs(got[k] - want[k]) / max(abs(want[k]), 1e-30) for k in TRAINING_TOLERANCE}
+        bad = [f"{k} {off[k]:.2g} apart (relative)" for k, tol in TRAINING_TOLERANCE.items() if off[k] > tol]
+        return ", ".join(bad) or None
+    return where(got, want, case) if got != want else None
 
 
 def where(got: dict, want: dict, case: dict) -> str:
@@ -296,6 +377,10 @@ def where(got: dict, want: dict, case: dict) -> str:
             apart, every = abs(s1[m] - s2[m]), case["options"].get("check_criterion_every_n_steps", 1)
             tie = ": possibly a tie within rounding" if apart == every and case["options"].get("adaptive") else ""
             return f"token {m} (0: the prompt's) exits {apart} iteration{'s' * (apart > 1)} apart{tie}"
+    p1, p2 = got.get("prefill_steps"), want.get("prefill_steps")
+    if p1 != p2 and p1 and p2 and len(p1) == len(p2):
+        j = next(j for j in range(len(p1)) if p1[j] != p2[j])
+        return f"prompt position {j} exits {abs(p1[j] - p2[j])} iterations apart (adaptive prefill)"
     for key in ("prefill_steps", "accepted"):
         if got.get(key) != want.get(key):
             return f"{key} differ"
@@ -327,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
     modules = dict(huginn=huginn_module(args.huginn), coconut=coconut_module(args.coconut))
+    modules["dataset"] = coconut_dataset_module(args.coconut)
     models: dict = {}
     counts: Counter = Counter()
     mismatches: list[dict] = []
@@ -357,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"RAISED {case['name']}: {side}: {type(exc).__name__}: {exc}\n  case {json.dumps(case)}\n{trace}")
             continue
         counts[f"{kind} compared"] += 1
-        if got != want:
-            what = where(got, want, case)
+        what = differs(got, want, case)
+        if what is not None:
             counts[f"{kind} differ"] += 1
             mismatches.append(dict(case, published=want, latentrt=got, where=what))
             print(f"MISMATCH {case['name']}: {what}\n  case      {json.dumps(case)}")
