@@ -75,3 +75,11 @@ def test_where_names_the_first_difference():
     assert ps.where(dict(tokens=[1, 2]), dict(tokens=[1, 3]), {"options": {}}) == "token 1 differs"
     batch = dict(prompts=[[1], [2]], options={})
     assert ps.where(dict(tokens=[[1], [2]]), dict(tokens=[[1], [3]]), batch) == "the batch's tokens differ: 1"
+
+
+def test_models_keeps_the_cases_of_the_named_models(as_published, capsys):
+    code, out = run(capsys, "--cases", "12", "--kinds", "sequential", "--models", "huginn-a,huginn-b", "--seed", "1")
+    assert code == 0 and "skipped (--models)" in out and "sequential compared" in out
+    with pytest.raises(SystemExit):
+        run(capsys, "--cases", "1", "--models", "huginn-z")
+    assert "--models takes names of" in capsys.readouterr().err

@@ -4,7 +4,7 @@ latentrt, for a time budget or a count of cases.
     python -m tools.published_soak --huginn DIR --coconut DIR [--seconds 300 | --cases N] [--seed 0]
                                    [--kinds sequential,batch,minimal,prefill,speculative,wavefront,coconut,
                                             coconut_training,huginn_training]
-                                   [--backend torch] [--out FILE]
+                                   [--backend torch] [--models huginn-a,...] [--out FILE]
 
 ``--huginn`` / ``--coconut``: the folders ``python -m tools.published`` takes (the published files are not
 vendored: fetch them). tests/published_vectors.json pins 83 chosen cases; this tool draws others in the same
@@ -38,7 +38,10 @@ e.g. ``min_steps`` above ``num_steps``). A mismatch prints the case as JSON (a l
 ``tools.published.CASES`` once understood) and where it first differs; ``--out`` writes the mismatching cases
 with both results. Both sides compute the same products in the same dtype but not always in the same order, so
 an exit whose criterion lies within rounding of its threshold can go one check apart (README, Guarantees): such
-a mismatch is labelled, not explained away.
+a mismatch is labelled, not explained away. A bf16 model on a fused backend (``--backend triton``) need not
+round where the published eager bf16 ops round (norms folded into products, fused exit tests): measured, its
+logits lie ~1e-2 (relative) from torch's bf16 ones, each as far from fp32, so exits near a threshold move; such
+mismatches say so (fp32 models must agree exactly there too).
 """
 
 from __future__ import annotations
@@ -404,11 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
     ap.add_argument("--backend", default="torch", choices=CHOICES, help="latentrt's backend (default torch)")
+    ap.add_argument("--models", default=None, help="comma-separated names of tools.published.MODELS to keep")
     ap.add_argument("--out", type=Path, default=None, help="write the mismatching cases here (JSON)")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(KINDS):
         ap.error(f"--kinds takes {','.join(KINDS)}; got {args.kinds!r}")
+    keep = None if args.models is None else {m.strip() for m in args.models.split(",") if m.strip()}
+    if keep is not None and (not keep or keep - set(MODELS)):
+        ap.error(f"--models takes names of {','.join(MODELS)}; got {args.models!r}")
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
     modules = dict(huginn=huginn_module(args.huginn), coconut=coconut_module(args.coconut))
@@ -422,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         seed, kind = args.seed + i, kinds[i % len(kinds)]
         i += 1
         case = dict(DRAW[kind](random.Random(seed)), name=f"{kind} seed {seed}")
+        if keep is not None and case["model"] not in keep:
+            counts["skipped (--models)"] += 1
+            continue
         if case["model"] not in models:
             models[case["model"]] = build(case["model"])
         model = models[case["model"]]
@@ -444,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         counts[f"{kind} compared"] += 1
         what = differs(got, want, case)
+        if what is not None and args.backend != "torch" and MODELS[case["model"]].get("dtype") == "bfloat16":
+            what += f" (bf16 on {args.backend}: its fused kernels round otherwise than the published eager bf16 ops)"
         if what is not None:
             counts[f"{kind} differ"] += 1
             mismatches.append(dict(case, published=want, latentrt=got, where=what))

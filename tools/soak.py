@@ -336,9 +336,11 @@ class Soak:
             return
         rng = random.Random(seed)
         prompt, kw = draw_prompt(rng, self.model), draw_options(rng, self.model, seed=seed)
+        kw["return_logits"] = True  # where they differ, how far apart the two backends' logits were there
         got, want = self.alone(prompt, kw), self.alone(prompt, kw, backend="torch")
         if got is not None and want is not None:
-            self.compare("backend", seed, outcome(got), outcome(want), kw)
+            rows = lambda j: (got.logits[j], want.logits[j])  # noqa: E731
+            self.compare("backend", seed, outcome(got), outcome(want), kw, rows)
 
 
 @contextlib.contextmanager
