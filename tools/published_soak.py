@@ -195,7 +195,7 @@ def draw_minimal(rng: random.Random) -> dict:
 def draw_prefill(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
     vocab = MODELS[model]["config"].get("vocab_size", 40)
-    criterion = rng.choice(sorted(set(CRITERIA) - {"none", "argmax-stability"}))
+    criterion = rng.choice(sorted(set(CRITERIA) - {"none"}))
     threshold = _threshold(rng, criterion)
     o = dict(adaptive=True, exit_criterion=criterion, exit_threshold=threshold or CRITERIA[criterion].DEFAULT)
     o.update(num_steps=MODELS[model]["config"]["mean_recurrence"], adaptive_prefill=True)
