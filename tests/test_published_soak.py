@@ -27,10 +27,10 @@ def run(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_every_kind_of_case_runs_and_compares(as_published, capsys):
-    code, out = run(capsys, "--cases", str(2 * len(ps.KINDS)), "--seed", "5")
+    code, out = run(capsys, "--cases", str(2 * len(ps.KINDS)), "--seed", "7")
     assert code == 0 and "no mismatch" in out, out
-    for kind in ps.KINDS:
-        assert f"{kind} compared 2" in out, out  # none refused, none raised
+    for kind in ps.KINDS:  # none refused, none raised (transformers' own generate is compared under 4 only)
+        assert f"{kind} compared 2" in out or kind == "hf" and "hf skipped (transformers' generate needs" in out, out
     assert "refused" not in out and "raised" not in out
 
 

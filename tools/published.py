@@ -608,8 +608,8 @@ def _load_module(path: Path, name: str):
 
 
 def huginn_module(folder: Path):
-    """The published modeling file as a package ``raven`` (it imports its config relatively), with the
-    shims transformers 5 needs: tied-weight keys as a mapping, a ``cache`` field on its output class (the
+    """The published modeling file as a package ``raven`` (it imports its config relatively), under transformers
+    5 with the shims it needs: tied-weight keys as a mapping, a ``cache`` field on its output class (the
     output wrapper renames past_key_values), transformers 4's ``_get_initial_cache_position`` and its
     cache-position update between tokens."""
     pkg = type(sys)("raven")
@@ -617,6 +617,10 @@ def huginn_module(folder: Path):
     sys.modules["raven"] = pkg
     _load_module(folder / "raven_config_minimal.py", "raven.raven_config_minimal")
     rm = _load_module(folder / "raven_modeling_minimal.py", "raven.raven_modeling_minimal")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # the version the file was written for: no shims
+        return rm
     from dataclasses import dataclass
     from typing import Any
 
@@ -754,6 +758,24 @@ def run_minimal(rm, case: dict, model) -> dict:
     return {"tokens": tokens if "prompts" in case else tokens[0]}
 
 
+def run_hf(rm, case: dict, model) -> dict:
+    """The published model through transformers' own ``generate`` (its dispatcher's path without latentrt's
+    keywords: the model card's ``model.generate(ids, config, num_steps=...)``; transformers 4, whose generate
+    loop the published file was written for), fixed depth, greedy or sampled by transformers' processors."""
+    from transformers import GenerationConfig
+
+    pub, _ = published_huginn(rm, model)
+    o = case["options"]
+    ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
+    n_new = case.get("max_new_tokens", 8)
+    # top_k None: transformers 4's GenerationConfig would sample from the top 50 (latentrt reads no such default)
+    gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, use_cache=True, **_sampling(o), **_penalties(o))
+    _seed(case)
+    seq = pub.generate(ids, gc, num_steps=o["num_steps"], init_scale=o.get("init_scale", 1.0))
+    tokens = seq[:, ids.shape[1] :].tolist()
+    return {"tokens": tokens if "prompts" in case else tokens[0]}
+
+
 def run_wavefront(rm, case: dict, model) -> dict:
     """generate_diffusion_style; the tokens and the iterations of the state that produced each."""
     from transformers import GenerationConfig
@@ -840,6 +862,8 @@ def run_huginn(rm, case: dict, model) -> dict:
         return run_wavefront(rm, case, model)
     if case.get("minimal"):
         return run_minimal(rm, case, model)
+    if case.get("hf"):
+        return run_hf(rm, case, model)
     if case.get("from_file"):
         return run_huginn_from_file(rm, case, model)
     pub, units = published_huginn(rm, model)

@@ -2,7 +2,7 @@
 latentrt, for a time budget or a count of cases.
 
     python -m tools.published_soak --huginn DIR --coconut DIR [--seconds 300 | --cases N] [--seed 0]
-                                   [--kinds sequential,batch,minimal,prefill,speculative,wavefront,coconut,
+                                   [--kinds sequential,batch,minimal,hf,prefill,speculative,wavefront,coconut,
                                             coconut_training,huginn_training]
                                    [--backend torch] [--models huginn-a,...] [--out FILE]
 
@@ -20,6 +20,9 @@ step's loss and gradients:
   min-p), a repetition or DRY penalty; ``continuous_compute`` at fixed depth too (criterion "none");
 - ``batch``: the same at fixed depth over 2-3 prompts of one length (the published adaptive batch runs every row
   until the last exits: only batch 1 compares there), unseeded on torch's generator seeded alike;
+- ``hf``: transformers' own ``generate`` on the published model (the model card's ``model.generate(ids,
+  config, num_steps=...)``), fixed depth, greedy or sampled by transformers' processors (top-k, top-p, min-p,
+  repetition penalty); under transformers 4 only (the file's; its loop changed in 5: skipped, said so);
 - ``minimal``: ``generate_minimal``, the published fixed-depth loop, at batch 1 or over prompts of one length
   (without ``continuous_compute``: there it feeds back the state after ln_f, README);
 - ``prefill``: ``forward_with_adaptive_compute`` (token-by-token adaptive prefill): the first token and the
@@ -192,6 +195,19 @@ def draw_minimal(rng: random.Random) -> dict:
     return dict(case, minimal=True, options=o)
 
 
+def draw_hf(rng: random.Random) -> dict:
+    """transformers' ``generate`` on the published model (the model card's call), fixed depth, batch 1 or
+    prompts of one length, greedy or sampled with transformers' own top-k / top-p / min-p and repetition
+    penalty (latentrt's ``top_p`` without ``published_top_p`` is transformers')."""
+    case = draw_minimal(rng)
+    o = {k: v for k, v in case["options"].items() if k not in ("kv_sharing", "dry_multiplier", "dry_base")}
+    o.pop("dry_allowed_length", None)
+    if o.get("published_top_p"):
+        o["published_top_p"] = False
+    case.pop("minimal")
+    return dict(case, hf=True, options=o)
+
+
 def draw_prefill(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
     vocab = MODELS[model]["config"].get("vocab_size", 40)
@@ -294,6 +310,7 @@ DRAW = dict(
     sequential=draw_sequential,
     batch=draw_batch,
     minimal=draw_minimal,
+    hf=draw_hf,
     prefill=draw_prefill,
     speculative=draw_speculative,
     wavefront=draw_wavefront,
@@ -326,7 +343,7 @@ def latentrt_outcome(case: dict, model, backend: str = "torch") -> dict:
         return dict(tokens=got.tokens, prefill_steps=got.prefill_steps)
     if case.get("speculative"):
         return dict(tokens=got.tokens, accepted=got.decoding["accepted"])
-    if "prompts" in case or case.get("coconut") or case.get("minimal"):  # the published run counts no steps
+    if "prompts" in case or case.get("coconut") or case.get("minimal") or case.get("hf"):  # no steps counted
         return dict(tokens=got.tokens)
     return dict(tokens=got.tokens, steps=got.steps)
 
@@ -408,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--models takes names of {','.join(MODELS)}; got {args.models!r}")
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
+    import transformers
+
+    transformers_4 = int(transformers.__version__.split(".")[0]) < 5
     modules = dict(huginn=huginn_module(args.huginn), coconut=coconut_module(args.coconut))
     modules["dataset"] = coconut_dataset_module(args.coconut)
     models: dict = {}
@@ -418,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     while (i < args.cases) if args.cases is not None else (time.time() - start < args.seconds):
         seed, kind = args.seed + i, kinds[i % len(kinds)]
         i += 1
+        if kind == "hf" and not transformers_4:  # its generate loop changed in 5 (tools.published's shims)
+            counts["hf skipped (transformers' generate needs transformers 4)"] += 1
+            continue
         case = dict(DRAW[kind](random.Random(seed)), name=f"{kind} seed {seed}")
         if keep is not None and case["model"] not in keep:
             counts["skipped (--models)"] += 1
