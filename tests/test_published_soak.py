@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from latentrt.exits import CRITERIA
 from tools import published_soak as ps
@@ -32,6 +33,7 @@ def test_every_kind_of_case_runs_and_compares(as_published, capsys):
     for kind in ps.KINDS:  # none refused, none raised (transformers' own generate is compared under 4 only)
         assert f"{kind} compared 2" in out or kind == "hf" and "hf skipped (transformers' generate needs" in out, out
     assert "refused" not in out and "raised" not in out
+    assert torch.is_grad_enabled()  # the soak leaves autograd as it found it (later tests train)
 
 
 def test_the_cases_span_the_published_options():

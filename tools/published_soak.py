@@ -405,6 +405,7 @@ def attempt(run, *args):
         return None, exc
 
 
+@torch.no_grad()  # restored on return (the training kinds enable it for their step)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.published_soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--huginn", required=True, type=Path)
@@ -424,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     if keep is not None and (not keep or keep - set(MODELS)):
         ap.error(f"--models takes names of {','.join(MODELS)}; got {args.models!r}")
     warnings.simplefilter("ignore")
-    torch.set_grad_enabled(False)
     import transformers
 
     transformers_4 = int(transformers.__version__.split(".")[0]) < 5
