@@ -349,6 +349,8 @@ def latentrt_outcome(case: dict, model, backend: str = "torch") -> dict:
 
 
 def published_outcome(modules: dict, case: dict, model) -> dict:
+    """The published code's result for the case (``modules``: the loaded huginn, coconut and dataset files), in
+    the terms ``latentrt_outcome`` gives."""
     if case.get("training") == "coconut":
         want = run_coconut_training(modules["coconut"], modules["dataset"], case, model)
         want.pop("examples")
