@@ -208,6 +208,10 @@ def test_exit_thresholds_and_min_steps():
             model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, min_steps=12, **base
         )
         assert never_checks.steps == [12] * 4
+        # above num_steps too, as the published loop runs it (it was an error): said so, the same tokens
+        with pytest.warns(UserWarning, match="min_steps=13 exceeds num_steps=12: the exit test never runs"):
+            above = latentrt.generate(model, PROMPTS[0], exit_criterion=crit, exit_threshold=1e9, min_steps=13, **base)
+        assert (above.tokens, above.steps) == (never_checks.tokens, never_checks.steps)
     none = latentrt.generate(model, PROMPTS[0], exit_criterion="none", **zero_start)
     assert none.steps == [12] * 4
     stab = latentrt.generate(model, PROMPTS[0], exit_criterion="argmax-stability", exit_threshold=1, **zero_start)
@@ -335,7 +339,6 @@ def test_bad_inputs_give_clear_errors():
         (dict(kv_sharing="half"), "kv_sharing"),
         (dict(temperature=-1), "temperature"),
         (dict(top_p=1.5), "top_p"),
-        (dict(min_steps=9, num_steps=4), "min_steps"),
         (dict(num_thoughts=2), "Coconut"),
         (dict(stop=[""]), "stop strings must not be empty"),
     ]

@@ -132,6 +132,13 @@ CASES = [
             kv_sharing="latest-m4-compress-s8",
         ),
     ),
+    dict(  # min_steps above num_steps: the published loop never checks (latentrt warns, and runs it alike)
+        name="min_steps above num_steps kl",
+        model="huginn-b",
+        options=dict(
+            ADAPTIVE, num_steps=5, exit_criterion="kl", exit_threshold=1.0, min_steps=7, kv_sharing="latest-m4"
+        ),
+    ),
     # 2. the published default thresholds ("auto")
     dict(
         name="default kl threshold",

@@ -36,8 +36,7 @@ step's loss and gradients:
   state) on a right-padded batch, against latentrt's ``RecurrentLoss``, the same way.
 
 What latentrt refuses (an ``InputError``) is counted, as "refused by both" where the published code fails on it
-too, else printed once with its reason (latentrt refuses some settings the published code runs to no effect,
-e.g. ``min_steps`` above ``num_steps``). A mismatch prints the case as JSON (a line to add to
+too, else printed once with its reason. A mismatch prints the case as JSON (a line to add to
 ``tools.published.CASES`` once understood) and where it first differs; ``--out`` writes the mismatching cases
 with both results. Both sides compute the same products in the same dtype but not always in the same order, so
 an exit whose criterion lies within rounding of its threshold can go one check apart (README, Guarantees): such

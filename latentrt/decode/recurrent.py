@@ -65,8 +65,12 @@ class RecurrentDecoder(Decoder):
         make_criterion(options.exit_criterion, options.exit_threshold)
         ms = options.min_steps
         check_int("min_steps", ms, 0)
-        if ms > r_max:
-            raise InputError(f"min_steps={ms} exceeds the maximum number of steps {r_max}")
+        if ms > r_max and options.adaptive:  # the published loop takes it: no check runs (LoopSpec clamps it)
+            warnings.warn(
+                f"min_steps={ms} exceeds num_steps={r_max}: the exit test never runs and every token runs {r_max} "
+                "iterations (as the published loop)",
+                stacklevel=2,
+            )
         check_int("check_criterion_every_n_steps", options.check_criterion_every_n_steps, 1)
         for name in ("adaptive", "continuous", "do_not_exit_in_prefill", "adaptive_prefill"):
             check_bool(name, getattr(options, name))
@@ -97,7 +101,8 @@ class RecurrentDecoder(Decoder):
         o = options
         r_max = model.default_steps() if o.num_steps is None else o.num_steps
         criterion = make_criterion(o.exit_criterion, o.exit_threshold) if o.adaptive else make_criterion("none")
-        self.spec = LoopSpec(r_max, criterion, o.min_steps, o.check_criterion_every_n_steps)
+        # min_steps above r_max checks nothing, as min_steps = r_max does: the backends see at most r_max
+        self.spec = LoopSpec(r_max, criterion, min(o.min_steps, r_max), o.check_criterion_every_n_steps)
         # the prompt's loop: no checks with do_not_exit_in_prefill (it runs r_max iterations)
         self.prefill_spec = (
             replace(self.spec, criterion=make_criterion("none")) if o.do_not_exit_in_prefill else self.spec
