@@ -703,6 +703,17 @@ def _penalties(options: dict) -> dict:
     return dict(repetition_penalty=2.0, dry_multiplier=options["dry_multiplier"], **dry)
 
 
+def _prompt_ids(case: dict) -> torch.Tensor:
+    """The case's prompt as a [1, S] batch, or its prompts (one length) as [B, S]."""
+    return torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
+
+
+def _new_tokens(case: dict, seq: torch.Tensor, ids: torch.Tensor) -> list:
+    """The tokens after the prompt in a published output ``seq``: a list, or one per row for a batch."""
+    tokens = seq[:, ids.shape[1] :].tolist()
+    return tokens if "prompts" in case else tokens[0]
+
+
 def run_speculative(rm, case: dict, model) -> dict:
     """generate_speculative; the tokens committed per round from where each verify pass starts."""
     from transformers import GenerationConfig
@@ -748,7 +759,7 @@ def run_minimal(rm, case: dict, model) -> dict:
 
     pub, _ = published_huginn(rm, model)
     o = case["options"]
-    ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
+    ids = _prompt_ids(case)
     n_new = case.get("max_new_tokens", 8)
     gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o), **_penalties(o))
     _seed(case)
@@ -761,8 +772,7 @@ def run_minimal(rm, case: dict, model) -> dict:
         num_steps=o.get("num_steps", model.config.mean_recurrence),
         max_new_tokens=n_new,
     )
-    tokens = seq[:, ids.shape[1] :].tolist()
-    return {"tokens": tokens if "prompts" in case else tokens[0]}
+    return {"tokens": _new_tokens(case, seq, ids)}
 
 
 def run_hf(rm, case: dict, model) -> dict:
@@ -773,14 +783,13 @@ def run_hf(rm, case: dict, model) -> dict:
 
     pub, _ = published_huginn(rm, model)
     o = case["options"]
-    ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
+    ids = _prompt_ids(case)
     n_new = case.get("max_new_tokens", 8)
     # top_k None: transformers 4's GenerationConfig would sample from the top 50 (latentrt reads no such default)
     gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, use_cache=True, **_sampling(o), **_penalties(o))
     _seed(case)
     seq = pub.generate(ids, gc, num_steps=o["num_steps"], init_scale=o.get("init_scale", 1.0))
-    tokens = seq[:, ids.shape[1] :].tolist()
-    return {"tokens": tokens if "prompts" in case else tokens[0]}
+    return {"tokens": _new_tokens(case, seq, ids)}
 
 
 def run_wavefront(rm, case: dict, model) -> dict:
@@ -875,7 +884,7 @@ def run_huginn(rm, case: dict, model) -> dict:
         return run_huginn_from_file(rm, case, model)
     pub, units = published_huginn(rm, model)
     o = case["options"]
-    ids = torch.tensor(case["prompts"] if "prompts" in case else [case.get("prompt", PROMPT)])
+    ids = _prompt_ids(case)
     n_new = case.get("max_new_tokens", 8)
     gc = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, **_sampling(o), **_penalties(o))
     if "generation_config" in case:  # the model's own config, read by generate when it is passed none
@@ -903,9 +912,9 @@ def run_huginn(rm, case: dict, model) -> dict:
     )
     _seed(case)
     seq = pub.generate_with_adaptive_compute(ids, gc, **kw)
-    if "prompts" in case:  # a batch (equal lengths): every row's tokens
-        return {"tokens": seq[:, ids.shape[1] :].tolist()}
-    tokens = seq[0, ids.shape[1] :].tolist()
+    tokens = _new_tokens(case, seq, ids)
+    if "prompts" in case:
+        return {"tokens": tokens}
     steps = [u for u in units if u]  # continuous mode embeds the prompt once more to initialise the state
     return {"tokens": tokens, "steps": steps[: len(tokens)]}
 
