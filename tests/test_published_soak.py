@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -28,12 +29,14 @@ def run(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_every_kind_of_case_runs_and_compares(as_published, capsys):
+    filters = list(warnings.filters)
     code, out = run(capsys, "--cases", str(2 * len(ps.KINDS)), "--seed", "7")
     assert code == 0 and "no mismatch" in out, out
     for kind in ps.KINDS:  # none refused, none raised (transformers' own generate is compared under 4 only)
         assert f"{kind} compared 2" in out or kind == "hf" and "hf skipped (transformers' generate needs" in out, out
     assert "refused" not in out and "raised" not in out
     assert torch.is_grad_enabled()  # the soak leaves autograd as it found it (later tests train)
+    assert warnings.filters == filters  # and the warnings filters (it silences the options' warnings itself)
 
 
 def test_the_cases_span_the_published_options():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from tools import soak
 
 @pytest.mark.parametrize("model", ["builtin:recurrent", "builtin:coconut"])
 def test_every_check_runs_and_agrees(model, capsys):
+    filters = list(warnings.filters)
     assert soak.main(["--model", model, "--cases", "8", "--seed", "3"]) == 0  # every check, once or twice
+    assert warnings.filters == filters  # the soak silences the options' warnings while it runs, not after
     out = capsys.readouterr().out
     assert "no mismatch" in out
     for check in ("batch", "stream", "serve", "hooks", "score", "http"):

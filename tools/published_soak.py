@@ -408,6 +408,14 @@ def attempt(run, *args):
 
 @torch.no_grad()  # restored on return (the training kinds enable it for their step)
 def main(argv: list[str] | None = None) -> int:
+    """The command; warnings are silenced while it runs and restored after (the options' warnings, e.g.
+    top_k unused when greedy, are not the point)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run(argv)
+
+
+def run(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.published_soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--huginn", required=True, type=Path)
     ap.add_argument("--coconut", required=True, type=Path)
@@ -425,7 +433,6 @@ def main(argv: list[str] | None = None) -> int:
     keep = None if args.models is None else {m.strip() for m in args.models.split(",") if m.strip()}
     if keep is not None and (not keep or keep - set(MODELS)):
         ap.error(f"--models takes names of {','.join(MODELS)}; got {args.models!r}")
-    warnings.simplefilter("ignore")
     import transformers
 
     transformers_4 = int(transformers.__version__.split(".")[0]) < 5

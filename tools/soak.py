@@ -417,6 +417,14 @@ def http_answers(client, path: str, body: dict, chat: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; warnings are silenced while it runs and restored after (the options' warnings, e.g.
+    top_k unused when greedy, are not the point)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run(argv)
+
+
+def run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
     p.add_argument("--cases", type=int, default=None, help="stop after this many cases instead")
@@ -431,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown or not checks:
         p.error(f"--checks takes {','.join(CHECKS)}; got {args.checks!r}")
-    warnings.simplefilter("ignore")  # the options' warnings (e.g. top_k unused when greedy) are not the point
     model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     soak = Soak(model, model.backend.name)
     runs = dict(batch=soak.batch, serve=soak.serve, backend=soak.backends, speculative=soak.speculative)
