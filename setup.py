@@ -7,6 +7,7 @@ on the Python side, so it does not depend on how torch itself was built.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,6 +21,15 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent
 CU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
 CPP_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+
+
+def _source_digest() -> str:
+    """latentrt/cuda_sources.py's digest of csrc/, compiled into the extension (loaded as a file: nothing of
+    latentrt is importable while it is being built)."""
+    spec = importlib.util.spec_from_file_location("_latentrt_cuda_sources", ROOT / "latentrt" / "cuda_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(ROOT / "csrc")
 
 
 def _gpu_visible() -> bool:
@@ -86,6 +96,7 @@ class NvccBuildExt(build_ext):
 
         includes.append(sysconfig.get_paths()["include"])
         inc_flags = [f"-I{p}" for p in includes]
+        digest = f'-DLATENTRT_SOURCE_DIGEST="{_source_digest()}"'  # latentrt._cuda.source_digest
         for src in ext.sources:
             obj = build_temp / (Path(src).stem + ".o")
             if src.endswith(".cu"):
@@ -124,6 +135,7 @@ class NvccBuildExt(build_ext):
                     "-O2",
                     "-std=c++17",
                     "-fPIC",
+                    digest,
                     *inc_flags,
                 ]
                 logs.append(None)

@@ -15,8 +15,9 @@
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
 #     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve,train (opt-in stages, below)
 #     GPU_TESTS=none / GPU_BENCH=none / GPU_SANITIZE=none skip those stages; GPU_PROBE=0 the probe,
-#     GPU_BUILD=0 the build. Set GPU_CHECK_BUDGET about 30 s under the call's timeout: the later stages
-#     size themselves by it (2026-12-04, run 2: the default 470 under a 340 s call cut racecheck off)
+#     GPU_BUILD=0 the build (default auto: none where a carried extension matches csrc/, below). Set
+#     GPU_CHECK_BUDGET about 30 s under the call's timeout: the later stages size themselves by it
+#     (2026-12-04, run 2: the default 470 under a 340 s call cut racecheck off)
 #   tests/test_gpu_script.py runs it on the CPU (stand-ins for nvidia-smi, python3, compute-sanitizer)
 #   through its fallbacks.
 #   Carry .triton_cache (python -m tools.compile_check --full, with
@@ -45,6 +46,8 @@ pack() { tar czf "$OUT/.logs.$BASHPID.tar.gz" -C "$LOGS" . 2>/dev/null && mv -f 
 PACKER=$!
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
+cache_entries() { find "${TRITON_CACHE_DIR:-/nonexistent}" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
+CARRIED_CACHE=$(cache_entries)  # (each compiled kernel, launcher or driver module is an entry)
 start=$(date +%s)
 LOG="$OUT/main.log"
 stamp() {
@@ -89,7 +92,21 @@ if [ "${GPU_PROBE:-1}" = 1 ]; then
   grep -v '^{' "$LOGS/gemv_chain_gpt2.log" | tail -8 | tee -a "$LOG"
 fi
 
-if [ "${GPU_BUILD:-1}" = 1 ]; then  # GPU_BUILD=0: use the extension built already (tests' dry run)
+# GPU_BUILD=auto (default): build unless the extension here (carried, built for Python 3.12 on the CPU machine:
+# RESULTS.md's plan) imports and carries this tree's csrc/ digest (latentrt.cuda_ext.built); 1: always build;
+# 0: use whatever is built (tests' dry run)
+BUILD=${GPU_BUILD:-auto}
+if [ "$BUILD" = auto ]; then
+  if python3 -c "from latentrt import cuda_ext; ok, why = cuda_ext.built(); print(why); raise SystemExit(not ok)" \
+    >"$LOGS/built.log" 2>&1; then
+    stamp "build skipped: the extension here was built from this tree's csrc/"
+    BUILD=0
+  else
+    echo "carried extension not used: $(tail -1 "$LOGS/built.log")" | tee -a "$LOG"
+    BUILD=1
+  fi
+fi
+if [ "$BUILD" = 1 ]; then
   stamp "build the CUDA extension"
   LATENTRT_FORCE_CUDA=1 timeout 150 python3 setup.py -q build_ext --inplace --build-temp /tmp/lrt-build \
     >"$LOGS/build.log" 2>&1
@@ -295,6 +312,8 @@ if [ "$CUDA_BUILT" = 1 ] && command -v compute-sanitizer >/dev/null; then
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitizer.log" | tail -1 | tee -a "$LOG"
   done
 fi
+[ -n "${TRITON_CACHE_DIR:-}" ] &&
+  echo "triton cache: $CARRIED_CACHE entries carried, $(($(cache_entries) - CARRIED_CACHE)) added on this machine" | tee -a "$LOG"
 stamp "done"
 echo "---- streamed loop tests"; grep -E "FAILED|ERROR" "$LOGS/gpu_tests_stream.log" 2>/dev/null | head -20
 tail -15 "$LOGS/gpu_tests_stream.log" 2>/dev/null

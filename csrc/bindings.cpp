@@ -14,6 +14,12 @@
 
 namespace py = pybind11;
 
+// latentrt/cuda_sources.py's digest of csrc/ as setup.py found it (latentrt.cuda_ext refuses an extension whose
+// digest is not the checkout's: built from other sources)
+#ifndef LATENTRT_SOURCE_DIGEST
+#define LATENTRT_SOURCE_DIGEST ""
+#endif
+
 static void check(int status, const char* what) {
   if (status == 1) throw std::invalid_argument(std::string(what) + ": unsupported shape or alignment");
   if (status != 0) throw std::runtime_error(std::string(what) + ": CUDA launch failed");
@@ -36,6 +42,7 @@ static py::dict plan_dict(Plan plan, const Args& a, int device) {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "latentrt CUDA kernels: the persistent latent and thought loops, their planners";
+  m.attr("source_digest") = LATENTRT_SOURCE_DIGEST;
   using latentrt::LoopArgs;
   using latentrt::SandwichLayer;
   py::class_<SandwichLayer>(m, "SandwichLayer", "device pointers of one Huginn sandwich layer")

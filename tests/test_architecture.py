@@ -37,6 +37,7 @@ LAYERS = [
         "hub",
         "memory",
         "cuda_ext",
+        "cuda_sources",
         "transfer",
         "version",
     ),

@@ -376,3 +376,15 @@ def test_the_latent_loop_kernel_comes_from_the_environment(monkeypatch, env, att
     monkeypatch.setenv(env, "fast")
     with pytest.raises(InputError, match=f"{env} must be one of"):
         cuda_backend.CudaBackend(model)
+
+
+def test_the_extension_carries_the_digest_of_the_sources_it_was_built_from():
+    """setup.py compiles csrc/'s digest into the extension; CI builds this checkout, so they agree (and
+    cuda_ext.built() takes it as this checkout's)."""
+    from pathlib import Path
+
+    from latentrt import cuda_ext
+    from latentrt.cuda_sources import source_digest
+
+    assert _cuda.source_digest == source_digest(Path(__file__).parent.parent / "csrc")
+    assert cuda_ext.built() == (True, "built")

@@ -26,6 +26,10 @@ case "$*" in
     echo "stand-in smoke $key failed"; exit 1 ;;
   *"print(sys.version"*) echo "3.12.0 stand-in" ;;
   *"import latentrt._cuda"*) exit 0 ;;
+  *"cuda_ext.built()"*)
+    [ "$STANDIN_BUILT" = 1 ] && { echo built; exit 0; }
+    echo "the CUDA extension is stale: stand-in"; exit 1 ;;
+  "setup.py -q build_ext "*) exit 0 ;;
   *"import pytest_timeout"*) exit 1 ;;
   *) echo "unexpected python3 call: $*" >&2; exit 97 ;;
 esac
@@ -36,8 +40,9 @@ echo "========= ERROR SUMMARY: 0 errors"
 """
 
 
-def _run_script(tmp_path, passing: str):
-    """Run gpu_check.sh with the stand-ins, smokes ``passing`` passing; (main.log, the calls, stderr)."""
+def _run_script(tmp_path, passing: str, **env_over: str):
+    """Run gpu_check.sh with the stand-ins, smokes ``passing`` passing, ``env_over`` set (or unset where
+    None); (main.log, the calls, the packed logs' names)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     for name, text in [
@@ -53,6 +58,12 @@ def _run_script(tmp_path, passing: str):
     env.update(STANDIN_PASS=passing)
     for name in ("LATENTRT_STREAM_INPUT", "LATENTRT_STREAM_ATTENTION", "LATENTRT_BENCH_SKIP", "GPU_SANITIZE"):
         env.pop(name, None)
+    env.pop("TRITON_CACHE_DIR", None)
+    for name, value in env_over.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "unbound variable" not in r.stderr and "syntax error" not in r.stderr, r.stderr[-2000:]
@@ -151,3 +162,27 @@ def test_the_late_stages_are_limited_by_the_budget_left(budget, asked, limit):
     shell = f"start=$(date +%s)\nGPU_CHECK_BUDGET={budget}\n{functions}\nwithin {asked}\n"
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.split()
     assert abs(int(out[0]) - limit) <= 1, out
+
+
+@pytest.mark.parametrize("matches", [True, False])
+def test_a_carried_extension_of_this_tree_skips_the_build(tmp_path, matches):
+    """GPU_BUILD unset (auto): the build runs only where the extension here does not carry this tree's csrc/
+    digest (cuda_ext.built(), stood in); with a Triton cache named, the log counts its entries carried and
+    added."""
+    cache = tmp_path / "triton_cache"
+    for key in ("a", "b"):
+        (cache / key).mkdir(parents=True)
+    log, calls, _ = _run_script(
+        tmp_path,
+        passing="barrier::",
+        GPU_BUILD=None,
+        STANDIN_BUILT="1" if matches else "0",
+        TRITON_CACHE_DIR=str(cache),
+    )
+    built = [c for c in calls if "setup.py" in c]
+    if matches:
+        assert "build skipped: the extension here was built from this tree's csrc/" in log and not built, log
+    else:
+        assert "carried extension not used: the CUDA extension is stale: stand-in" in log, log
+        assert "build the CUDA extension" in log and len(built) == 1, calls
+    assert "triton cache: 2 entries carried, 0 added on this machine" in log, log
