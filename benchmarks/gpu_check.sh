@@ -20,8 +20,9 @@
 #     (2026-12-04, run 2: the default 470 under a 340 s call cut racecheck off)
 #   tests/test_gpu_script.py runs it on the CPU (stand-ins for nvidia-smi, python3, compute-sanitizer)
 #   through its fallbacks.
-#   Carry .triton_cache (python -m tools.compile_check --full, with
-#   TRITON_CACHE_DIR=.triton_cache) to skip most Triton compiles.
+#   Carry .triton_cache (made on the CPU machine with the GPU machine's Python and Triton: RESULTS.md's plan,
+#   `TRITON_CACHE_DIR=.triton_cache python -m tools.compile_check --full --launchers`, then `--slim-cache
+#   .triton_cache`) to skip the Triton compiles of the launches it recorded; it is relocated here first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -45,7 +46,10 @@ pack() { tar czf "$OUT/.logs.$BASHPID.tar.gz" -C "$LOGS" . 2>/dev/null && mv -f 
 ) >/dev/null 2>&1 &
 PACKER=$!
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-[ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
+[ -z "${TRITON_CACHE_DIR:-}" ] && [ -d .triton_cache ] && export TRITON_CACHE_DIR=$PWD/.triton_cache
+if [ -d "${TRITON_CACHE_DIR:-/nonexistent}" ]; then  # a carried cache: its entries name their files' paths
+  python3 -m tools.compile_check --relocate-cache "$TRITON_CACHE_DIR" >/dev/null
+fi
 cache_entries() { find "${TRITON_CACHE_DIR:-/nonexistent}" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 CARRIED_CACHE=$(cache_entries)  # (each compiled kernel, launcher or driver module is an entry)
 start=$(date +%s)

@@ -21,3 +21,74 @@ def test_a_kernel_no_workload_launched_is_reported_and_helpers_are_not_kernels()
     launched = [_launch(*k) for k in missing]
     assert _never_launched(launched) == []
     assert _never_launched([k for k in launched if k[:2] != KERNEL]) == [KERNEL]
+
+
+KERNEL_SCRIPT = """
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.driver import driver
+
+from tools.compile_check import _StandInDriver
+
+
+@triton.jit
+def _scale_kernel(x, y, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y + offs, tl.load(x + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+driver.set_active(_StandInDriver(90))
+x = torch.empty(64)
+_scale_kernel.warmup(x, x, 64, BLOCK=64, grid=(1,))
+"""
+
+
+def _state(folder):
+    """Every file of a cache with its bytes (a compile rewrites its entry's group and stage files; a hit
+    writes nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _compile_into(script, cache):
+    """Compile the script's kernel for sm_90 (no GPU: compile_check's stand-in driver) with ``cache`` as
+    Triton's cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(cache), PYTHONPATH=str(Path(__file__).parent.parent))
+    subprocess.run([sys.executable, str(script)], env=env, check=True, capture_output=True)
+
+
+def test_a_carried_cache_is_hit_where_it_now_lies_once_relocated(tmp_path):
+    """Triton's cache entries name their files by absolute path: a cache moved elsewhere misses (the kernel is
+    compiled anew) until ``relocate_cache`` points it at its place; slimmed to what a launch reads, it still
+    hits (gpu_check.sh relocates a carried cache before anything compiles)."""
+    import shutil
+
+    from tools.compile_check import slim_cache
+
+    script = tmp_path / "scale.py"
+    script.write_text(KERNEL_SCRIPT)
+    made = tmp_path / "made"
+    _compile_into(script, made)
+    moved = tmp_path / "moved"
+    shutil.copytree(made, moved)
+    shutil.rmtree(made)  # (the paths its entries name are gone)
+    before = _state(moved)
+    _compile_into(script, moved)
+    assert _state(moved) != before  # not relocated: a miss, the entry written again
+    shutil.rmtree(moved)
+    _compile_into(script, made)
+    carried = tmp_path / "carried"
+    shutil.copytree(made, carried)
+    shutil.rmtree(made)
+    assert slim_cache(carried) > 0
+    suffixes = {p.suffix for p in carried.rglob("*") if p.is_file() and not p.name.startswith("__grp__")}
+    assert suffixes == {".json", ".cubin"}, suffixes
+    before = _state(carried)
+    _compile_into(script, carried)
+    assert _state(carried) == before  # relocated and slimmed: a hit, nothing written

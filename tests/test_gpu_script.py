@@ -30,6 +30,7 @@ case "$*" in
     [ "$STANDIN_BUILT" = 1 ] && { echo built; exit 0; }
     echo "the CUDA extension is stale: stand-in"; exit 1 ;;
   "setup.py -q build_ext "*) exit 0 ;;
+  "-m tools.compile_check --relocate-cache "*) exit 0 ;;
   *"import pytest_timeout"*) exit 1 ;;
   *) echo "unexpected python3 call: $*" >&2; exit 97 ;;
 esac
@@ -167,8 +168,8 @@ def test_the_late_stages_are_limited_by_the_budget_left(budget, asked, limit):
 @pytest.mark.parametrize("matches", [True, False])
 def test_a_carried_extension_of_this_tree_skips_the_build(tmp_path, matches):
     """GPU_BUILD unset (auto): the build runs only where the extension here does not carry this tree's csrc/
-    digest (cuda_ext.built(), stood in); with a Triton cache named, the log counts its entries carried and
-    added."""
+    digest (cuda_ext.built(), stood in); a Triton cache named is relocated first, and the log counts its
+    entries carried and added."""
     cache = tmp_path / "triton_cache"
     for key in ("a", "b"):
         (cache / key).mkdir(parents=True)
@@ -186,3 +187,4 @@ def test_a_carried_extension_of_this_tree_skips_the_build(tmp_path, matches):
         assert "carried extension not used: the CUDA extension is stale: stand-in" in log, log
         assert "build the CUDA extension" in log and len(built) == 1, calls
     assert "triton cache: 2 entries carried, 0 added on this machine" in log, log
+    assert calls[0] == f"python3 -m tools.compile_check --relocate-cache {cache} | input= attention=", calls

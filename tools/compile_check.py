@@ -7,7 +7,7 @@ options) at tiny and at full Huginn-0125 / GPT-2 shapes, then compiles each dist
 (sm_90 by default) through Triton's own compiler with a stand-in driver, and reports the shared memory and
 registers each needs. It fails on a compile error or on shared memory above the target's limit.
 
-    python -m tools.compile_check [--arch 90] [--full] [--execute]
+    python -m tools.compile_check [--arch 90] [--full] [--execute] [--launchers]
 
 ``--full`` adds the full-shape launches (builds a 3-layer Huginn-width model on the CPU: ~4 GB bf16).
 
@@ -16,6 +16,15 @@ shapes and options, not from values (a token's launches are what its CUDA graph 
 the skipped kernels leave changes none of them. ``--execute`` runs them through the interpreter as well: on
 2026-12-05 both ways recorded the same 141 launches at tiny shapes, in 100 s executed and 5 s not (CI's
 machine). A kernel (a ``*_kernel`` jit function of latentrt.kernels) that no workload launches fails the check.
+
+Every compiled kernel lands in Triton's cache (``TRITON_CACHE_DIR``) under the key a GPU's JIT computes for
+the same launch with the same Triton wheel: a cache made here with the GPU machine's Python and Triton, carried
+to it, spares it those compiles (benchmarks/gpu_check.sh counts what it still adds). ``--launchers`` also
+builds each kernel's host launcher and Triton's CUDA utility module (C, compiled by the host compiler on a
+GPU at a kernel's first launch) against a stub driver library, into the same cache. Triton's cache entries
+name their files by absolute path: ``--slim-cache DIR`` keeps only what a launch reads (each kernel's cubin and
+metadata, the host modules) for carrying, and ``--relocate-cache DIR`` (gpu_check.sh, on the GPU) points the
+entries at where the cache now lies.
 """
 
 from __future__ import annotations
@@ -186,6 +195,37 @@ def _attempt(fn) -> None:
         print(f"  workload stopped early: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------------ the cache
+# what a launch reads of a cached kernel (triton.compiler.CompiledKernel: its metadata and its binary; the host
+# modules are single files); the IRs of the compile's other stages are for people
+CACHE_KEEP = (".json", ".cubin", ".so")
+
+
+def relocate_cache(folder: Path) -> int:
+    """Point every entry of the Triton cache in ``folder`` at the entry's files where they now lie (an entry's
+    group file lists them by absolute path, which a carried cache changes), leaving out files that are gone;
+    the number of entries rewritten."""
+    import json
+
+    groups = sorted(Path(folder).resolve().glob("*/__grp__*"))
+    for group in groups:
+        children = json.loads(group.read_text()).get("child_paths") or {}
+        here = {name: str(group.parent / Path(path).name) for name, path in children.items()}
+        kept = {name: path for name, path in here.items() if Path(path).is_file()}
+        group.write_text(json.dumps({"child_paths": kept}))
+    return len(groups)
+
+
+def slim_cache(folder: Path) -> int:
+    """Remove what no launch reads from the Triton cache in ``folder`` (``CACHE_KEEP``), and relocate it; the
+    bytes it keeps."""
+    for path in Path(folder).glob("*/*"):
+        if path.is_file() and not path.name.startswith("__grp__") and path.suffix not in CACHE_KEEP:
+            path.unlink()
+    relocate_cache(folder)
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 # ------------------------------------------------------------------------------------------ compiling
 class _StandInDriver:
     """What JITFunction.warmup asks of a driver, for a target named on the command line."""
@@ -215,12 +255,38 @@ def _materialise(spec):
     return spec[1]
 
 
-def compile_all(records: Path, arch: int) -> int:
-    """Compile every recorded launch; print a table; return the number of failures."""
+def stub_driver_dir() -> Path:
+    """A folder holding a stand-in ``libcuda.so.1`` for Triton's host modules to link against on a machine
+    without a driver: every function Triton's cuda.h declares (its names after the header's versioning macros,
+    from the preprocessed header), each returning 0. A module linked against it names libcuda.so.1 as needed,
+    as one built on the GPU does, so there the real driver provides the functions."""
+    import re
+
+    from triton.backends.nvidia.driver import include_dirs
+
+    header = next(Path(d) / "cuda.h" for d in include_dirs if (Path(d) / "cuda.h").is_file())
+    cc = os.environ.get("CC", "cc")
+    text = subprocess.run([cc, "-E", "-P", str(header)], capture_output=True, text=True, check=True).stdout
+    names = sorted(set(re.findall(r"\b(cu[A-Z]\w*)\s*\(", text)))
+    folder = Path(tempfile.mkdtemp(prefix="libcuda-stub-"))
+    (folder / "stub.c").write_text("".join(f"int {name}(void) {{ return 0; }}\n" for name in names))
+    out = folder / "libcuda.so.1"
+    cmd = [cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(out), str(folder / "stub.c")]
+    subprocess.run(cmd, check=True)
+    return folder
+
+
+def compile_all(records: Path, arch: int, launchers: bool = False) -> int:
+    """Compile every recorded launch (``launchers``: and its host launcher); print a table; return the number
+    of failures."""
     import importlib
 
     from triton.runtime.driver import driver
 
+    if launchers:
+        from triton.backends.nvidia.driver import CudaLauncher, CudaUtils
+
+        CudaUtils()  # Triton's CUDA utility module, built once per machine (then loaded with the stand-in)
     driver.set_active(_StandInDriver(arch))
     launches = pickle.loads(records.read_bytes())
     failures = 0
@@ -230,6 +296,8 @@ def compile_all(records: Path, arch: int) -> int:
         kw = {k: _materialise(v) for k, v in kwargs}
         try:
             kernel = fn.warmup(*[_materialise(a) for a in args], grid=(1,), **kw)
+            if launchers:  # the host launcher a GPU builds at the kernel's first launch
+                CudaLauncher(kernel.src, kernel.metadata)
             smem = kernel.metadata.shared
             n_regs = _registers(kernel, arch)
             limit = SMEM_LIMIT.get(arch, 232448)
@@ -280,6 +348,8 @@ def _registers(kernel, arch: int):
 
     from triton.backends.nvidia.compiler import get_ptxas
 
+    if "ptx" not in kernel.asm:  # a hit in a slimmed cache (slim_cache): no PTX kept
+        return None
     try:
         ptxas = get_ptxas(arch).path
     except Exception:  # noqa: BLE001
@@ -311,14 +381,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
     ap.add_argument("--full", action="store_true", help="also full Huginn-0125 / GPT-2 shapes (~4 GB of RAM)")
     ap.add_argument("--execute", action="store_true", help="run the kernels while recording (slower, same launches)")
+    ap.add_argument(
+        "--launchers", action="store_true", help="also build the kernels' host launchers into Triton's cache"
+    )
+    ap.add_argument("--slim-cache", type=Path, default=None, help="keep what launches read of this Triton cache")
+    ap.add_argument("--relocate-cache", type=Path, default=None, help="point a carried Triton cache at its place")
     ap.add_argument("--record-to", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--compile-from", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.slim_cache:
+        print(f"{args.slim_cache}: {slim_cache(args.slim_cache) / 1e6:.1f} MB kept")
+        return 0
+    if args.relocate_cache:
+        print(f"{args.relocate_cache}: {relocate_cache(args.relocate_cache)} entries relocated")
+        return 0
     if args.record_to:
         record(args.full, Path(args.record_to), execute=args.execute)
         return 0
     if args.compile_from:
-        return 1 if compile_all(Path(args.compile_from), args.arch) else 0
+        return 1 if compile_all(Path(args.compile_from), args.arch, args.launchers) else 0
     # two processes: triton.jit decides at import time whether kernels are interpreted
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "launches.pkl"
@@ -327,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         flags = ["--full"] * args.full + ["--execute"] * args.execute
         subprocess.run(me + ["--record-to", str(path), *flags], env=interp, check=True)
         compiled = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run(me + ["--compile-from", str(path)], env=compiled).returncode
+        if args.launchers:  # linked against the stub, and loaded with it (Triton loads each module it builds)
+            stub = str(stub_driver_dir())
+            library_path = [stub, *filter(None, [compiled.get("LD_LIBRARY_PATH")])]
+            compiled.update(TRITON_LIBCUDA_PATH=stub, LD_LIBRARY_PATH=os.pathsep.join(library_path))
+        compile_flags = ["--launchers"] * args.launchers
+        return subprocess.run(me + ["--compile-from", str(path), *compile_flags], env=compiled).returncode
 
 
 if __name__ == "__main__":
