@@ -24,6 +24,8 @@ def test_a_kernel_no_workload_launched_is_reported_and_helpers_are_not_kernels()
 
 
 KERNEL_SCRIPT = """
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,11 @@ def _scale_kernel(x, y, n, BLOCK: tl.constexpr):
 
 driver.set_active(_StandInDriver(90))
 x = torch.empty(64)
-_scale_kernel.warmup(x, x, 64, BLOCK=64, grid=(1,))
+kernel = _scale_kernel.warmup(x, x, 64, BLOCK=64, grid=(1,))
+if sys.argv[1:] == ["--launcher"]:
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    CudaLauncher(kernel.src, kernel.metadata)
 """
 
 
@@ -50,7 +56,7 @@ def _state(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _compile_into(script, cache):
+def _compile_into(script, cache, *args, **env_over):
     """Compile the script's kernel for sm_90 (no GPU: compile_check's stand-in driver) with ``cache`` as
     Triton's cache."""
     import os
@@ -59,8 +65,8 @@ def _compile_into(script, cache):
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(cache), PYTHONPATH=str(Path(__file__).parent.parent))
-    subprocess.run([sys.executable, str(script)], env=env, check=True, capture_output=True)
+    env.update(TRITON_CACHE_DIR=str(cache), PYTHONPATH=str(Path(__file__).parent.parent), **env_over)
+    subprocess.run([sys.executable, str(script), *args], env=env, check=True, capture_output=True)
 
 
 def test_a_carried_cache_is_hit_where_it_now_lies_once_relocated(tmp_path):
@@ -92,3 +98,25 @@ def test_a_carried_cache_is_hit_where_it_now_lies_once_relocated(tmp_path):
     before = _state(carried)
     _compile_into(script, carried)
     assert _state(carried) == before  # relocated and slimmed: a hit, nothing written
+
+
+def test_a_kernels_host_launcher_is_built_against_the_stand_in_driver(tmp_path):
+    """``--launchers``: the launcher a GPU would build at the kernel's first launch lands in the cache, linked
+    against the stand-in libcuda.so.1 (every function of Triton's cuda.h), so it names the driver it needs."""
+    import os
+    import subprocess
+
+    from tools.compile_check import stub_driver
+
+    (tmp_path / "stub").mkdir()
+    stub = stub_driver(tmp_path / "stub")
+    assert (stub / "libcuda.so.1").is_file()
+    script = tmp_path / "scale.py"
+    script.write_text(KERNEL_SCRIPT)
+    library_path = os.pathsep.join(filter(None, [str(stub), os.environ.get("LD_LIBRARY_PATH")]))
+    cache = tmp_path / "cache"
+    _compile_into(script, cache, "--launcher", TRITON_LIBCUDA_PATH=str(stub), LD_LIBRARY_PATH=library_path)
+    launchers = list(cache.glob("*/__triton_launcher*.so"))
+    assert len(launchers) == 1, sorted(cache.rglob("*"))
+    dynamic = subprocess.run(["readelf", "-d", str(launchers[0])], capture_output=True, text=True, check=True)
+    assert "Shared library: [libcuda.so.1]" in dynamic.stdout, dynamic.stdout  # needs the driver by soname

@@ -255,11 +255,12 @@ def _materialise(spec):
     return spec[1]
 
 
-def stub_driver_dir() -> Path:
-    """A folder holding a stand-in ``libcuda.so.1`` for Triton's host modules to link against on a machine
-    without a driver: every function Triton's cuda.h declares (its names after the header's versioning macros,
-    from the preprocessed header), each returning 0. A module linked against it names libcuda.so.1 as needed,
-    as one built on the GPU does, so there the real driver provides the functions."""
+def stub_driver(folder: Path) -> Path:
+    """Write into ``folder`` a stand-in ``libcuda.so.1`` for Triton's host modules to link against on a machine
+    without a driver, and return ``folder``: every function Triton's cuda.h declares (its names after the
+    header's versioning macros, from the preprocessed header), each returning 0. A module linked against it
+    names libcuda.so.1 as needed, as one built on the GPU does, so there the real driver provides the
+    functions."""
     import re
 
     from triton.backends.nvidia.driver import include_dirs
@@ -268,7 +269,6 @@ def stub_driver_dir() -> Path:
     cc = os.environ.get("CC", "cc")
     text = subprocess.run([cc, "-E", "-P", str(header)], capture_output=True, text=True, check=True).stdout
     names = sorted(set(re.findall(r"\b(cu[A-Z]\w*)\s*\(", text)))
-    folder = Path(tempfile.mkdtemp(prefix="libcuda-stub-"))
     (folder / "stub.c").write_text("".join(f"int {name}(void) {{ return 0; }}\n" for name in names))
     out = folder / "libcuda.so.1"
     cmd = [cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(out), str(folder / "stub.c")]
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(me + ["--record-to", str(path), *flags], env=interp, check=True)
         compiled = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         if args.launchers:  # linked against the stub, and loaded with it (Triton loads each module it builds)
-            stub = str(stub_driver_dir())
+            stub = str(stub_driver(Path(tmp)))
             library_path = [stub, *filter(None, [compiled.get("LD_LIBRARY_PATH")])]
             compiled.update(TRITON_LIBCUDA_PATH=stub, LD_LIBRARY_PATH=os.pathsep.join(library_path))
         compile_flags = ["--launchers"] * args.launchers
