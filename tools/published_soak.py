@@ -54,7 +54,6 @@ import random
 import sys
 import time
 import traceback
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -66,6 +65,7 @@ from latentrt.decode.recurrent import RecurrentDecoder
 from latentrt.errors import InputError
 from latentrt.exits import CRITERIA
 
+from . import warnings_silenced
 from .published import (
     MODELS,
     build,
@@ -407,15 +407,8 @@ def attempt(run, *args):
 
 
 @torch.no_grad()  # restored on return (the training kinds enable it for their step)
+@warnings_silenced
 def main(argv: list[str] | None = None) -> int:
-    """The command; warnings are silenced while it runs and restored after (the options' warnings, e.g.
-    top_k unused when greedy, are not the point)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run(argv)
-
-
-def run(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.published_soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--huginn", required=True, type=Path)
     ap.add_argument("--coconut", required=True, type=Path)

@@ -44,7 +44,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from collections import Counter
 from collections.abc import Callable
 
@@ -57,6 +56,8 @@ from latentrt.errors import InputError, LatentRTError
 from latentrt.exits import CRITERIA
 from latentrt.families import family_for
 from latentrt.serve.engine import SCHEDULERS, Engine
+
+from . import warnings_silenced
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
 CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http")
@@ -416,15 +417,8 @@ def http_answers(client, path: str, body: dict, chat: bool):
     return first, (200, texts, finish, usage)
 
 
+@warnings_silenced
 def main(argv: list[str] | None = None) -> int:
-    """The command; warnings are silenced while it runs and restored after (the options' warnings, e.g.
-    top_k unused when greedy, are not the point)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run(argv)
-
-
-def run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
     p.add_argument("--cases", type=int, default=None, help="stop after this many cases instead")
