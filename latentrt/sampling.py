@@ -167,5 +167,10 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     ~ Exp(1) from the generator, after checking its input with two ``.item()`` reads (two host syncs a call on
     CUDA, which a serving step cannot afford). ``sampling_probs`` makes every row valid (finite, >= 0, a
     positive sum), so the check has nothing to find; the draw, the generator's use and the ties are torch's."""
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return torch.div(probs, q).argmax(-1)
+    return torch.div(probs, exponentials(probs, generator)).argmax(-1)
+
+
+def exponentials(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The Exp(1) numbers ``draw`` divides ``probs`` by, from ``generator``, one per entry (a seeded sequence
+    draws the same ones at the same token in any run: tools/soak.py reads them to tell a tie within rounding)."""
+    return torch.empty_like(probs).exponential_(1, generator=generator)

@@ -53,7 +53,9 @@ def test_a_mismatch_is_reported_with_its_seed_and_fails_the_run(monkeypatch, cap
     monkeypatch.setattr(soak.latentrt, "generate", wrong_in_a_batch)
     assert soak.main(["--cases", "2", "--checks", "batch", "--seed", "7"]) == 1
     out = capsys.readouterr().out
-    assert "MISMATCH batch seed 7: position 0 (0: the prompt) differs" in out
+    # (seed 7's requests sample: its draws show the token is not the one drawn, which no rounding explains)
+    assert "MISMATCH batch seed 7: position 0 (0: the prompt): a sampled token drawn from probabilities" in out
+    assert "(relative), not as the draws say" in out
     assert "--checks CHECK --seed SEED --cases 1" in out
 
 
@@ -144,3 +146,58 @@ def test_decode_logits_other_than_one_pass_over_the_tokens_are_a_mismatch(monkey
     assert "MISMATCH score seed 2: generate()'s logits differ from one pass over its tokens by 0.001" in (
         capsys.readouterr().out
     )
+
+
+def test_a_sampled_token_drawn_otherwise_with_the_same_exponentials_is_labelled_a_tie():
+    """Two runs of a seeded sequence draw the same Exp(1) numbers q at a token (argmax p / q): a token drawn
+    otherwise from probabilities within rounding of each other is a tie; far apart, or with numbers the other
+    run never drew (its generator went elsewhere), it is not."""
+    seeded = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    q = latentrt.sampling.exponentials(torch.zeros(1, 3), seeded())[0]  # (the numbers depend on the shape only)
+    p_alone = torch.stack([q[0], q[1] * (1 - 1e-6), q[2] * 0.5])[None] / 4  # ratios p / q: token 0 by a hair
+    p_tied = torch.stack([q[0] * (1 - 1e-6), q[1], q[2] * 0.5])[None] / 4  # token 1 by a hair
+    with soak.DrawLog() as alone:
+        token = int(latentrt.sampling.draw(p_alone, seeded())[0])
+    assert token == 0 and torch.equal(alone.rows[0][0], p_alone[0]) and torch.equal(alone.rows[0][1], q)
+    with soak.DrawLog() as served:
+        other = int(latentrt.sampling.draw(p_tied, seeded())[0])
+    assert other == 1
+    got, want = ([other], [0], "", "length"), ([token], [0], "", "length")
+    label = soak.describe(got, want, {"temperature": 1.0}, tolerance=1e-4, draws_at=soak.draws_of(served, alone, 1))
+    assert label.startswith("position 0 (0: the prompt): a sampled token drawn from probabilities")
+    assert label.endswith("with the same exponentials: a tie within rounding")
+    far = soak.describe(got, want, {"temperature": 1.0}, tolerance=1e-9, draws_at=soak.draws_of(served, alone, 1))
+    assert far.endswith("with the same exponentials")
+    with soak.DrawLog() as elsewhere:
+        latentrt.sampling.draw(p_tied, torch.Generator().manual_seed(6))
+    draws = soak.draws_of(elsewhere, alone, 1)
+    apart = soak.describe(got, want, {"temperature": 1.0}, tolerance=1e-4, draws_at=draws)
+    assert apart.endswith("never drew with its generator's numbers here: the generators went apart")
+    assert soak.draws_of(served, alone, 3) is None  # not one draw a token: nothing to match
+    assert latentrt.sampling.exponentials.__module__ == "latentrt.sampling"  # each log put the real one back
+
+
+def test_served_requests_arrive_over_steps_and_some_are_cancelled():
+    """The serve check's timing (its own draws: a seed's requests and engine stay what they were): all at once
+    or staggered over the first 40 steps, a quarter cancelled in a third of the cases."""
+    staggered = cancelled = 0
+    for seed in range(60):
+        requests = [soak.Arrival([1], {}, None) for _ in range(8)]
+        soak.draw_arrivals(random.Random(f"{seed}:arrivals"), requests)
+        staggered += any(a.arrive for a in requests)
+        cancelled += sum(a.cancel is not None for a in requests)
+        assert all(a.cancel is None or a.cancel >= a.arrive for a in requests)
+    assert 15 < staggered < 45 and cancelled > 5
+
+
+def test_a_cancelled_request_is_compared_up_to_its_cancel_and_a_leaked_row_is_a_mismatch(monkeypatch, capsys):
+    from latentrt.kv_pool import KVPool
+
+    monkeypatch.setattr(soak, "draw_arrivals", lambda rng, requests: setattr(requests[0], "cancel", 3))
+    assert soak.main(["--cases", "2", "--checks", "serve", "--seed", "11"]) == 0
+    out = capsys.readouterr().out
+    assert "serve cancelled 2" in out and "no mismatch" in out
+    real = KVPool.release
+    monkeypatch.setattr(KVPool, "release", lambda self, row, clean_from=0: None if row == 0 else real(self, row))
+    assert soak.main(["--cases", "1", "--checks", "serve", "--seed", "11"]) == 1
+    assert "MISMATCH serve seed 11: idle, the engine still holds pool rows [0]" in capsys.readouterr().out

@@ -11,7 +11,9 @@ one depths, exit criteria and KV modes) from its own seed, and runs one check; t
   steps, text, finish reason, and the logits to the dtype's rounding (``LOGITS_TOLERANCE``); streamed, the
   batch equals itself (the result, and each sequence's text as the events' pieces joined);
 - ``serve``: an Engine of random settings (scheduler, max batch, K/V slots, prefill budget, asynchronous
-  scheduling) serving 3-16 requests of their own options: each equals generate() alone (README, Serving);
+  scheduling) serving 3-16 requests of their own options, all at once or arriving over its first steps, some
+  cancelled at a random step: each equals generate() alone (README, Serving), a cancelled one its first
+  tokens; idle, the engine holds nothing (every pool row free, the K/V storage finite);
 - ``backend``: generate() on ``--backend`` equals the torch backend (skipped where that is torch);
 - ``speculative``: greedy speculative decoding (random lookahead and draft depth) equals sequential decoding
   at fixed depth, ``init_scale=0``, full K/V (recurrent-depth models);
@@ -46,10 +48,12 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 import latentrt
+from latentrt import sampling
 from latentrt.backends import CHOICES, get_backend
 from latentrt.chat import find_chat_template
 from latentrt.errors import InputError, LatentRTError
@@ -118,6 +122,34 @@ def draw_options(rng: random.Random, model, seed: int) -> dict:
     return kw
 
 
+@dataclass
+class Arrival:
+    """A served request of the ``serve`` check: what it asks, generate()'s answer alone, and when it comes and
+    goes (engine steps)."""
+
+    prompt: list[int]
+    kw: dict
+    alone: object  # generate()'s result for it alone
+    draws: DrawLog | None = None  # the draws of its tokens alone
+    arrive: int = 0  # the engine step it is submitted at
+    cancel: int | None = None  # the step its client goes away at (None: never)
+    request: object = None  # the engine's Request, once submitted
+
+
+DRAIN_STEPS = 20_000  # a serve case's engine steps at most (its requests need a few hundred)
+
+
+def draw_arrivals(rng: random.Random, requests: list[Arrival]) -> None:
+    """When each request comes and whether its client goes away: all at once (half the cases) or over the
+    first 40 steps, so that requests arrive while others decode; in a third of the cases a quarter of them
+    are cancelled at a random step (queued, mid-prompt, mid-loop, or after they finished)."""
+    staggered, cancelling = rng.random() < 0.5, rng.random() < 0.3
+    for a in requests:
+        a.arrive = rng.randrange(0, 40) if staggered else 0
+        if cancelling and rng.random() < 0.25:
+            a.cancel = a.arrive + rng.randrange(0, 60)
+
+
 def outcome(result, i: int | None = None) -> tuple:
     """(tokens, steps, text, finish reason) of a GenerationResult (row ``i`` of a batch) or a served Request."""
     if hasattr(result, "finish_reason"):  # a served request
@@ -137,15 +169,71 @@ def logits_error(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
+class DrawLog:
+    """The numbers of every token drawn while it is active (``with DrawLog() as log``): torch draws a token as
+    argmax(p / q), q ~ Exp(1) from the sequence's generator (``sampling.draw``), so two runs of a seeded
+    sequence draw the same q at the same token, and a token drawn otherwise in them is a tie within rounding
+    where their p lie that close (the tokens' ratios then lie within the runs' difference of each other); a q
+    one run drew and the other did not means their generators went apart."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (p [V], q [V]) of each row drawn, in order
+
+    def __enter__(self) -> DrawLog:
+        self._real = sampling.exponentials
+
+        def logged(probs, generator=None):
+            q = self._real(probs, generator)
+            self.rows += [(p.detach().float().cpu(), e.detach().float().cpu()) for p, e in zip(probs, q)]
+            return q
+
+        sampling.exponentials = logged
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sampling.exponentials = self._real
+
+    def drawn_with(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The probabilities of the draw that used exponentials ``q`` (None: none did)."""
+        return next((p for p, e in self.rows if torch.equal(e, q)), None)
+
+
+def draws_of(got: DrawLog, want: DrawLog, tokens: int) -> Callable[[int], tuple] | None:
+    """``describe``'s ``draws_at`` for a sequence whose ``tokens`` tokens ``want`` drew one a row, in order (a run
+    alone), and ``got`` drew among others: token j's (p in got or None, p in want, q)."""
+    if len(want.rows) != tokens:
+        return None  # not one draw a token (greedy, or another sampler): no draw to match
+
+    def at(j: int) -> tuple:
+        p, q = want.rows[j]
+        return got.drawn_with(q), p, q
+
+    return at
+
+
+def drawn_tie(draws: tuple, tokens: tuple[int, int], tolerance: float) -> str:
+    """What the draws of one token in two runs (``draws_of``) say of its two outcomes ``tokens`` (got, want)."""
+    p_got, p_want, q = draws
+    if p_got is None:
+        return "the other run never drew with its generator's numbers here: the generators went apart"
+    err = float((p_got - p_want).abs().max() / p_want.abs().max().clamp_min(1e-30))
+    r_got, r_want = p_got / q, p_want / q
+    if int(r_got.argmax()) != tokens[0] or int(r_want.argmax()) != tokens[1]:
+        return f"drawn from probabilities {err:.2g} apart (relative), not as the draws say"
+    tie = ": a tie within rounding" if err <= tolerance else ""
+    return f"drawn from probabilities {err:.2g} apart (relative) with the same exponentials{tie}"
+
+
 PROCESSORS = ("logit_bias", "presence_penalty", "frequency_penalty", "dry_multiplier")  # besides repetition_penalty
 
 
-def describe(got: tuple, want: tuple, options: dict, logits_at=None, tolerance: float = 0.0) -> str:
+def describe(got: tuple, want: tuple, options: dict, logits_at=None, tolerance: float = 0.0, draws_at=None) -> str:
     """Where two outcomes first differ, and whether that may be a tie within rounding (README, Guarantees): an
     exit one check apart, or a greedy token chosen otherwise where the two runs' logits (``logits_at(j)``: both
     rows [V] at position j, where known) lie within ``tolerance`` of each other and the two tokens' within that
-    difference of each other (a sampled or penalised token is chosen from other numbers: only the logits'
-    distance is given)."""
+    difference of each other, or a sampled token drawn otherwise with the same exponentials from probabilities
+    that close (``draws_at(j)``: ``draws_of``; without it only the logits' distance is given: a sampled or
+    penalised token is chosen from other numbers)."""
     (t1, s1, *_), (t2, s2, *_) = got, want
     at = next((j for j in range(min(len(s1), len(s2))) if (t1[j : j + 1], s1[j]) != (t2[j : j + 1], s2[j])), None)
     if at is None:
@@ -156,7 +244,10 @@ def describe(got: tuple, want: tuple, options: dict, logits_at=None, tolerance: 
         crit = f"{options['exit_criterion']} at {options['exit_threshold']:g}"
         tie = ": possibly a tie within rounding" if apart == every else ""  # one check apart
         return f"{where} exits {apart} iteration{'s' * (apart > 1)} apart ({crit}){tie}"
-    if s1[: at + 1] != s2[: at + 1] or logits_at is None or t1[:at] != t2[:at]:
+    same_before = t1[:at] == t2[:at] and s1[: at + 1] == s2[: at + 1]
+    if same_before and draws_at is not None and at < len(t1) and at < len(t2):
+        return f"{where}: a sampled token {drawn_tie(draws_at(at), (t1[at], t2[at]), tolerance)}"
+    if not same_before or logits_at is None:
         return f"{where} differs"
     l1, l2 = logits_at(at)
     err = logits_error(l1, l2)
@@ -192,10 +283,10 @@ class Soak:
             self.counts["refused options"] += 1
             return None
 
-    def compare(self, check: str, seed: int, got: tuple, want: tuple, kw: dict, logits_at=None) -> None:
+    def compare(self, check: str, seed: int, got: tuple, want: tuple, kw: dict, logits_at=None, draws_at=None) -> None:
         self.counts[f"{check} compared"] += 1
         if got != want:
-            what = describe(got, want, kw, logits_at, self.tolerance)
+            what = describe(got, want, kw, logits_at, self.tolerance, draws_at)
             self.mismatch(check, seed, what, kw, f"\n  got  {got}\n  want {want}")
 
     def mismatch(self, check: str, seed: int, what: str, kw: dict, detail: str = "") -> None:
@@ -206,13 +297,19 @@ class Soak:
         rng = random.Random(seed)
         prompts = [draw_prompt(rng, self.model) for _ in range(rng.randrange(2, 5))]
         kw = draw_options(rng, self.model, seed=seed)
-        alone = [self.alone(p, dict(kw, seed=seed + i, return_logits=True)) for i, p in enumerate(prompts)]
+        alone, drawn = [], []
+        for i, p in enumerate(prompts):
+            with DrawLog() as log:
+                alone.append(self.alone(p, dict(kw, seed=seed + i, return_logits=True)))
+            drawn.append(log)
         if any(a is None for a in alone):
             return
-        result = latentrt.generate(self.model, prompts, **kw, return_logits=True)
+        with DrawLog() as batched:
+            result = latentrt.generate(self.model, prompts, **kw, return_logits=True)
         for i, a in enumerate(alone):
             rows = lambda j, i=i, a=a: (result.logits[i][j], a.logits[j])  # noqa: E731
-            self.compare("batch", seed, outcome(result, i), outcome(a), kw, rows)
+            draws = draws_of(batched, drawn[i], len(a.tokens))
+            self.compare("batch", seed, outcome(result, i), outcome(a), kw, rows, draws)
             if outcome(result, i) == outcome(a):  # the same tokens: the same logits, to the dtype's rounding
                 err = logits_error(result.logits[i], a.logits)
                 if err > self.tolerance:
@@ -235,30 +332,85 @@ class Soak:
         requests = []
         for i in range(rng.randrange(3, 17)):
             prompt, kw = draw_prompt(rng, self.model), draw_options(rng, self.model, seed=seed + i)
-            alone = self.alone(prompt, kw)
+            with DrawLog() as drawn:
+                alone = self.alone(prompt, kw)
             if alone is not None:
-                requests.append((prompt, kw, alone))
+                requests.append(Arrival(prompt, kw, alone, drawn))
+        draw_arrivals(random.Random(f"{seed}:arrivals"), requests)  # (its own draws: the requests stay the seed's)
         self.model.backend = self._backend(self.backend)
         try:
             engine = Engine(self.model, **settings)
         except InputError:  # e.g. async scheduling a family's program does not offer
             self.counts["engines refused"] += 1
             return
-        served = []
-        for prompt, kw, alone in requests:
-            try:
-                served.append((engine.submit(prompt, **kw), kw, alone))
-            except LatentRTError as exc:
-                if "this server" in str(exc):  # its capacity (kv_pool.never_fits): K/V slots, the context
-                    self.counts["refused by the engine"] += 1
-                else:
-                    self.mismatch("serve", seed, f"refused what generate() takes: {exc}", dict(kw, engine=settings))
-        engine.run_until_idle()
-        for request, kw, alone in served:
-            if request.error is not None:
-                self.mismatch("serve", seed, f"a request failed: {request.error}", dict(kw, engine=settings))
+        with DrawLog() as served:
+            if not self._drive(engine, requests, seed, settings):
+                return
+        for a in requests:
+            kw = dict(a.kw, engine=settings, arrive=a.arrive, cancel=a.cancel)
+            request, draws = a.request, draws_of(served, a.draws, len(a.alone.tokens))
+            if request is None:
                 continue
-            self.compare("serve", seed, outcome(request), outcome(alone), dict(kw, engine=settings))
+            if request.error is not None or not request.finished:
+                what = f"a request failed: {request.error}" if request.error else "a request never finished"
+                self.mismatch("serve", seed, what, kw)
+            elif request.finish_reason == "cancelled":  # what it produced before: generate()'s first tokens
+                self.counts["serve cancelled"] += 1
+                n = len(request.tokens)
+                got, want = (request.tokens, request.steps), (a.alone.tokens[:n], a.alone.steps[:n])
+                self.compare("serve", seed, got, want, kw, draws_at=draws)
+            else:
+                self.compare("serve", seed, outcome(request), outcome(a.alone), kw, draws_at=draws)
+        self._check_released(engine, seed, settings)
+
+    def _drive(self, engine: Engine, requests: list[Arrival], seed: int, settings: dict) -> bool:
+        """Step ``engine`` until every request has arrived (submitted at its step), been cancelled where it
+        asks to be, and the engine is idle; False if it does not drain (a mismatch then)."""
+        pending = sorted(requests, key=lambda a: a.arrive)
+        to_cancel = sorted((a for a in requests if a.cancel is not None), key=lambda a: a.cancel)
+        step = 0
+        while pending or engine.busy:
+            while pending and pending[0].arrive <= step:
+                a = pending.pop(0)
+                try:
+                    a.request = engine.submit(a.prompt, **a.kw)
+                except LatentRTError as exc:
+                    if "this server" in str(exc):  # its capacity (kv_pool.never_fits): K/V slots, the context
+                        self.counts["refused by the engine"] += 1
+                    else:
+                        kw = dict(a.kw, engine=settings)
+                        self.mismatch("serve", seed, f"refused what generate() takes: {exc}", kw)
+            while to_cancel and to_cancel[0].cancel <= step:
+                a = to_cancel.pop(0)
+                if a.request is not None and not a.request.finished:
+                    engine.cancel(a.request)
+            if engine.busy:
+                engine.step()
+            elif pending:  # idle until the next arrival
+                step = pending[0].arrive
+                continue
+            step += 1
+            if step > DRAIN_STEPS:
+                self.mismatch("serve", seed, f"the engine still busy after {DRAIN_STEPS} steps", settings)
+                return False
+        return True
+
+    def _check_released(self, engine: Engine, seed: int, settings: dict) -> None:
+        """Idle, the engine holds nothing: every row and slot row of its pool is free, no request resident or
+        queued, and the K/V storage finite (a cancelled or finished request's entries may stay, zeroed where
+        unchecked: a masked NaN would poison the next request's attention)."""
+        pool = engine.program.pool
+        held = [] if not pool.held else sorted(pool.held)
+        free = sorted(pool.free_rows) == list(range(pool.rows))
+        free_slots = sorted(pool.free_slot_rows) == list(range(pool.slot_rows))
+        if held or not free or not free_slots or engine.resident or engine.queue:
+            what = f"idle, the engine still holds pool rows {held} (rows free: {free}, slot rows free: {free_slots})"
+            self.mismatch(
+                "serve", seed, f"{what}, {len(engine.resident)} resident, {len(engine.queue)} queued", settings
+            )
+        buffers = (pool.plain_k, pool.plain_v, pool.core_k, pool.core_v)
+        if not all(bool(torch.isfinite(b).all()) for b in buffers):
+            self.mismatch("serve", seed, "idle, the K/V pool holds a non-finite value", settings)
 
     def speculative(self, seed: int) -> None:
         """Greedy, fixed depth, ``init_scale=0``, full K/V: speculative decoding's tokens are sequential
