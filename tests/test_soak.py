@@ -19,7 +19,7 @@ def test_every_check_runs_and_agrees(model, capsys):
     assert warnings.filters == filters  # the soak silences the options' warnings while it runs, not after
     out = capsys.readouterr().out
     assert "no mismatch" in out
-    for check in ("batch", "stream", "serve", "hooks", "score", "http"):
+    for check in ("batch", "stream", "serve", "hooks", "score", "http", "burst"):
         assert f"{check} compared" in out, out  # each check compared something
     assert "backend skipped (torch against torch)" in out
     spec = "speculative compared" if model == "builtin:recurrent" else "speculative skipped (the family has no such"
@@ -200,4 +200,38 @@ def test_a_cancelled_request_is_compared_up_to_its_cancel_and_a_leaked_row_is_a_
     real = KVPool.release
     monkeypatch.setattr(KVPool, "release", lambda self, row, clean_from=0: None if row == 0 else real(self, row))
     assert soak.main(["--cases", "1", "--checks", "serve", "--seed", "11"]) == 1
-    assert "MISMATCH serve seed 11: idle, the engine still holds pool rows [0]" in capsys.readouterr().out
+    assert "MISMATCH serve seed 11: idle, the engine has not given back pool rows [0] and slot rows [" in (
+        capsys.readouterr().out
+    )
+
+
+def test_requests_at_once_over_http_answer_as_alone_and_a_dropped_stream_frees_its_row(monkeypatch, capsys):
+    """The burst check: its requests arrive together (some streams dropped mid-way); a row the server keeps
+    after a dropped stream, or an answer that changes among others, is a mismatch."""
+    assert soak.main(["--cases", "3", "--checks", "burst", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "burst compared" in out and "burst dropped" in out and "no mismatch" in out
+    real = soak.http_streamed
+
+    def off(client, path, body, chat, keep=None):  # a whole stream answers otherwise than the plain request
+        got = real(client, path, body, chat, keep)
+        return got if got is None or got[0] != 200 else (200, {k: v + "!" for k, v in got[1].items()}, *got[2:])
+
+    monkeypatch.setattr(soak, "http_streamed", off)
+    assert soak.main(["--cases", "2", "--checks", "burst", "--seed", "3"]) == 1
+    assert "MISMATCH burst seed 3: a request stream among others differs from alone" in capsys.readouterr().out
+    monkeypatch.setattr(soak, "http_streamed", real)
+    from latentrt.kv_pool import KVPool
+
+    release = KVPool.release
+
+    def loses_row_0(self, row, clean_from=0):  # row 0 given back, then never free again (the others serve on)
+        release(self, row, clean_from)
+        if row == 0:
+            self.free_rows.remove(0)
+
+    monkeypatch.setattr(KVPool, "release", loses_row_0)
+    assert soak.main(["--cases", "1", "--checks", "burst", "--seed", "2"]) == 1
+    assert "MISMATCH burst seed 2: idle, the engine has not given back pool rows [0] and slot rows []" in (
+        capsys.readouterr().out
+    )

@@ -1,6 +1,6 @@
 """Differential soak: random requests through two paths that must agree, for a time budget or a count of cases.
 
-    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,speculative,hooks,score,http]
+    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,speculative,hooks,score,http,burst]
                          [--model builtin:recurrent] [--backend auto] [--device DEVICE] [--dtype DTYPE] [--seed 0]
 
 Each case draws its prompts (token ids of the model's vocabulary, 1-30 long) and its options (every generic
@@ -24,7 +24,9 @@ one depths, exit criteria and KV modes) from its own seed, and runs one check; t
   tokens (greedy; at fixed depth, ``init_scale=0``, full K/V for recurrent depth; a Coconut prompt's thoughts
   as markers);
 - ``http``: the server's streamed answer equals its plain one (texts, finish reasons, usage; completions and
-  chat; needs the ``serve`` extra).
+  chat; needs the ``serve`` extra);
+- ``burst``: 2-6 requests sent to the server at once, each plain, streamed, or streamed and dropped after a few
+  events: each answer equals its answer alone, and the server then goes idle holding no pool row.
 
 An option set a path refuses is not a mismatch: generate() alone refusing it skips the request; an engine may
 refuse one generate() takes only for its capacity (K/V slots, context), counted as refused. A mismatch (a case that
@@ -48,6 +50,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +67,7 @@ from latentrt.serve.engine import SCHEDULERS, Engine
 from . import warnings_silenced
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
-CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http")
+CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http", "burst")
 
 
 def draw_prompt(rng: random.Random, model) -> list[int]:
@@ -361,7 +364,7 @@ class Soak:
                 self.compare("serve", seed, got, want, kw, draws_at=draws)
             else:
                 self.compare("serve", seed, outcome(request), outcome(a.alone), kw, draws_at=draws)
-        self._check_released(engine, seed, settings)
+        self.check_released("serve", engine, seed, settings)
 
     def _drive(self, engine: Engine, requests: list[Arrival], seed: int, settings: dict) -> bool:
         """Step ``engine`` until every request has arrived (submitted at its step), been cancelled where it
@@ -395,22 +398,20 @@ class Soak:
                 return False
         return True
 
-    def _check_released(self, engine: Engine, seed: int, settings: dict) -> None:
+    def check_released(self, check: str, engine: Engine, seed: int, settings: dict) -> None:
         """Idle, the engine holds nothing: every row and slot row of its pool is free, no request resident or
         queued, and the K/V storage finite (a cancelled or finished request's entries may stay, zeroed where
         unchecked: a masked NaN would poison the next request's attention)."""
         pool = engine.program.pool
-        held = [] if not pool.held else sorted(pool.held)
-        free = sorted(pool.free_rows) == list(range(pool.rows))
-        free_slots = sorted(pool.free_slot_rows) == list(range(pool.slot_rows))
-        if held or not free or not free_slots or engine.resident or engine.queue:
-            what = f"idle, the engine still holds pool rows {held} (rows free: {free}, slot rows free: {free_slots})"
-            self.mismatch(
-                "serve", seed, f"{what}, {len(engine.resident)} resident, {len(engine.queue)} queued", settings
-            )
+        rows = sorted(set(range(pool.rows)) - set(pool.free_rows))
+        slot_rows = sorted(set(range(pool.slot_rows)) - set(pool.free_slot_rows))
+        if rows or slot_rows or pool.held or engine.resident or engine.queue:
+            what = f"idle, the engine has not given back pool rows {rows} and slot rows {slot_rows}"
+            busy = f"{len(engine.resident)} resident, {len(engine.queue)} queued"
+            self.mismatch(check, seed, f"{what} ({busy}; held: {sorted(pool.held)})", settings)
         buffers = (pool.plain_k, pool.plain_v, pool.core_k, pool.core_v)
         if not all(bool(torch.isfinite(b).all()) for b in buffers):
-            self.mismatch("serve", seed, "idle, the K/V pool holds a non-finite value", settings)
+            self.mismatch(check, seed, "idle, the K/V pool holds a non-finite value", settings)
 
     def speculative(self, seed: int) -> None:
         """Greedy, fixed depth, ``init_scale=0``, full K/V: speculative decoding's tokens are sequential
@@ -545,20 +546,32 @@ def http_body(rng: random.Random, model, chat: bool) -> dict:
 
 def http_answers(client, path: str, body: dict, chat: bool):
     """(status, texts by choice, finish reasons by choice, usage) of a plain and of a streamed request."""
+    return http_plain(client, path, body, chat), http_streamed(client, path, body, chat)
+
+
+def http_plain(client, path: str, body: dict, chat: bool) -> tuple:
+    """(status, texts by choice, finish reasons by choice, usage) of a plain request; (status, body) if refused."""
     plain = client.post(path, json=body)
     if plain.status_code != 200:
-        first = (plain.status_code, plain.text)
-    else:
-        choices = plain.json()["choices"]
-        texts = {c["index"]: c["message"]["content"] if chat else c["text"] for c in choices}
-        first = (200, texts, {c["index"]: c["finish_reason"] for c in choices}, plain.json()["usage"])
+        return plain.status_code, plain.text
+    choices = plain.json()["choices"]
+    texts = {c["index"]: c["message"]["content"] if chat else c["text"] for c in choices}
+    return 200, texts, {c["index"]: c["finish_reason"] for c in choices}, plain.json()["usage"]
+
+
+def http_streamed(client, path: str, body: dict, chat: bool, keep: int | None = None) -> tuple | None:
+    """``http_plain`` of the request streamed (the events' pieces joined); ``keep``: the client goes away after
+    that many events instead (None returned)."""
     texts, finish, usage = {}, {}, None
     with client.stream("POST", path, json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
         if r.status_code != 200:
-            return first, (r.status_code, r.read().decode())
+            return r.status_code, r.read().decode()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
+            if keep is not None and keep == 0:
+                return None  # (leaving the block closes the connection mid-stream)
+            keep = None if keep is None else keep - 1
             event = json.loads(line[len("data: ") :])
             usage = event.get("usage") or usage
             for c in event.get("choices", []):
@@ -566,7 +579,12 @@ def http_answers(client, path: str, body: dict, chat: bool):
                 texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
                 if c.get("finish_reason"):
                     finish[c["index"]] = c["finish_reason"]
-    return first, (200, texts, finish, usage)
+    return 200, texts, finish, usage
+
+
+def same_answer(got: tuple, want: tuple) -> bool:
+    """Two answers of one request agree: the same answer, or the same refusal (status and message, never a 5xx)."""
+    return got == want if want[0] == 200 else want[0] < 500 and got[:2] == want[:2]
 
 
 @warnings_silenced
@@ -590,12 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = dict(batch=soak.batch, serve=soak.serve, backend=soak.backends, speculative=soak.speculative)
     runs.update(hooks=soak.hooks, score=soak.score)
     stack = contextlib.ExitStack()
-    if "http" in checks:
+    if "http" in checks or "burst" in checks:
         import httpx
 
         from latentrt.serve.app import create_app
 
-        url = stack.enter_context(loopback(create_app(Engine(model, max_batch=4), "soak")))
+        server = Engine(model, max_batch=4)
+        url = stack.enter_context(loopback(create_app(server, "soak")))
         has_template = find_chat_template(model.folder) is not None
         client = stack.enter_context(httpx.Client(base_url=url, timeout=120))
 
@@ -605,14 +624,48 @@ def main(argv: list[str] | None = None) -> int:
             body = http_body(rng, model, chat)
             plain, streamed = http_answers(client, "/v1/chat/completions" if chat else "/v1/completions", body, chat)
             soak.counts["http compared"] += 1
-            # a refusal: the same status and message either way (never a 5xx); an answer: the same answer
-            agree = plain == streamed if plain[0] == 200 else plain[0] < 500 and plain[:2] == streamed[:2]
-            if not agree:
+            if not same_answer(streamed, plain):
                 soak.mismatch(
                     "http", seed, "the streamed answer differs", body, f"\n  plain    {plain}\n  streamed {streamed}"
                 )
 
         runs["http"] = http
+
+        def burst(seed: int) -> None:
+            """2-6 requests at once over HTTP, each plain, streamed, or streamed and dropped after 0-3 events (the
+            client goes away): each answer equals its answer alone; then the server goes idle holding nothing (a
+            dropped request cancelled, its row freed)."""
+            rng = random.Random(seed)
+            asks = []  # (path, body, chat, how, events kept before a drop)
+            for _ in range(rng.randrange(2, 7)):
+                chat = rng.random() < 0.5 and has_template
+                path = "/v1/chat/completions" if chat else "/v1/completions"
+                body, how = http_body(rng, model, chat), rng.choice(["plain", "stream", "drop"])
+                asks.append((path, body, chat, how, rng.randrange(0, 4) if how == "drop" else None))
+            alone = [http_plain(client, path, body, chat) for path, body, chat, *_ in asks]
+
+            def ask(path, body, chat, how, keep):
+                with httpx.Client(base_url=url, timeout=120) as own:  # (a connection of its own, at once)
+                    if how == "plain":
+                        return http_plain(own, path, body, chat)
+                    return http_streamed(own, path, body, chat, keep)
+
+            with ThreadPoolExecutor(len(asks)) as pool:
+                answers = list(pool.map(lambda a: ask(*a), asks))
+            for (_, body, _, how, _), got, want in zip(asks, answers, alone):
+                if how == "drop":
+                    soak.counts["burst dropped"] += 1
+                    continue
+                soak.counts["burst compared"] += 1
+                if got is None or not same_answer(got, want):
+                    detail = f"\n  at once {got}\n  alone   {want}"
+                    soak.mismatch("burst", seed, f"a request {how} among others differs from alone", body, detail)
+            deadline = time.time() + 60
+            while server.busy and time.time() < deadline:
+                time.sleep(0.01)
+            soak.check_released("burst", server, seed, {"server": "max_batch 4"})
+
+        runs["burst"] = burst
     start, case = time.time(), 0
     with stack:
         while (case < args.cases) if args.cases is not None else (time.time() - start < args.seconds):
