@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels.reference import missed_iteration
+from .kernels.reference import kept_first, missed_iteration, take_positions
 from .kv_modes import KVMode
 
 
@@ -110,6 +110,7 @@ class KVCache:
         self.batch, self.max_len, self.length = batch, max_len, 0
         # fewest iterations any real, finished position wrote: a slot below it needs no per-position gather
         self.min_done, self.reported = 1 << 30, 0  # reported: positions [0, reported) went through record_iterations()
+        self._kept_memo: tuple | None = None  # ``_kept``'s last (chunk, iteration, result)
         self._bytes_per_position = (
             (n_plain + n_core * core_slots) * batch * kv_heads * head_dim * 2 * (self.plain_k.element_size())
         )
@@ -211,12 +212,31 @@ class KVCache:
 
     def core_mask(self, chunk: Chunk, iteration: int) -> Tensor:
         """The attention mask of the chunk's core layers at ``iteration``: the chunk's, less (in a mode that
-        ``drops_missing``, latentrt/kv_modes.py) the earlier positions that did not run that iteration."""
-        if not self.kv_mode.drops_missing or (iteration < self.min_done and self.reported >= chunk.start):
+        ``drops_missing``, latentrt/kv_modes.py) the earlier positions that did not run that iteration, which
+        ``core`` leaves out of the keys (``_kept``)."""
+        kept = self._kept(chunk, iteration)
+        if kept is None:
             return chunk.mask  # every earlier position ran it
-        ran = self.written[:, : chunk.end] > iteration
+        order, ran = kept
+        return take_positions(chunk.mask & ran[:, None, None, :], order, 3)
+
+    def _kept(self, chunk: Chunk, iteration: int) -> tuple[Tensor, Tensor] | None:
+        """In a mode that drops missing positions: (the chunk's keys its queries attend to, in order [B, n]: the
+        earlier real positions that ran ``iteration`` and the chunk's own; which of the chunk's keys those are
+        [B, end]), None where every earlier position ran it. The published cache stacks the kept entries alone,
+        and attention over them rounds otherwise with the dropped ones in between or after them, masked, so the
+        keys are the kept ones (``kept_first``; a row of a batch that keeps fewer than another, or a left-padded
+        one, ends with dropped or padding ones, masked): their count is one host read per chunk and iteration."""
+        if not self.kv_mode.drops_missing or (iteration < self.min_done and self.reported >= chunk.start):
+            return None
+        memo = self._kept_memo
+        if memo is not None and memo[0] is chunk and memo[1] == iteration:
+            return memo[2]
+        ran = (self.written[:, : chunk.end] > iteration) & self.valid[:, : chunk.end]  # (padding: as dropped)
         ran[:, chunk.start :] = True  # the chunk's own positions run it now (its mask says which it sees)
-        return chunk.mask & ran[:, None, None, :]
+        kept = kept_first(ran)[:, : int(ran.sum(1).max())], ran
+        self._kept_memo = (chunk, iteration, kept)  # (the chunk held: its core layers ask again)
+        return kept
 
     def core(
         self, layer: int, k: Tensor, v: Tensor, chunk: Chunk, iteration: int, active: Tensor
@@ -225,6 +245,14 @@ class KVCache:
         slot = self.slot(iteration)
         _write(self.core_k[layer, slot], k, chunk, active)
         _write(self.core_v[layer, slot], v, chunk, active)
+        k_sel, v_sel = self._looked_up(layer, chunk, iteration, slot)
+        kept = self._kept(chunk, iteration)
+        if kept is None:
+            return k_sel, v_sel
+        return take_positions(k_sel, kept[0], 2), take_positions(v_sel, kept[0], 2)
+
+    def _looked_up(self, layer: int, chunk: Chunk, iteration: int, slot: int) -> tuple[Tensor, Tensor]:
+        """The K/V a core layer's queries read at ``iteration`` [B, H, end, D], by the lookup rule."""
         if self.core_slots == 1 or (slot < self.min_done and self.reported >= chunk.start):
             # every earlier position has written this slot: a plain slice equals the gather
             return self.core_k[layer, slot, :, :, : chunk.end], self.core_v[layer, slot, :, :, : chunk.end]

@@ -10,6 +10,7 @@ import latentrt
 from latentrt.cache import KVCache
 from latentrt.errors import InputError
 from latentrt.exits import ExitTracker, make_criterion
+from latentrt.kernels.reference import attention
 from latentrt.kv_modes import KVMode, parse_kv_mode
 
 
@@ -198,14 +199,48 @@ def test_skip_masks_the_positions_that_did_not_run_the_iteration(reported):
     chunk = cache.begin(torch.ones(2, 2, dtype=torch.bool))  # a chunk of two new positions
     for t in range(8):
         mask = cache.core_mask(chunk, t)
+        kept = cache._kept(chunk, t)  # (the keys' positions, in the order ``core`` returns them)
+        order = kept[0] if kept is not None else torch.arange(5).expand(2, 5)
         for b in range(2):
+            earlier = [p for p in range(3) if t < iters[b][p] and (b == 0 or p > 0)]
+            if kept is not None:  # the kept ones first (padding after them, as the dropped ones)
+                assert order[b, : len(earlier) + 2].tolist() == earlier + [3, 4], (t, b)
             for q in range(2):
-                seen = [p for p in range(5) if mask[b, 0, q, p]]
-                earlier = [p for p in range(3) if t < iters[b][p] and (b == 0 or p > 0)]
+                seen = [int(order[b, j]) for j in range(mask.shape[-1]) if mask[b, 0, q, j]]
                 assert seen == earlier + [3, 4][: q + 1], (t, b, q)
     plain = KVCache(1, 4, 0, 1, 1, n_core=1, kv_mode=parse_kv_mode("full", 8))
     chunk = plain.begin(torch.ones(1, 1, dtype=torch.bool))
     assert plain.core_mask(chunk, 5) is chunk.mask
+
+
+def test_skip_attends_over_the_kept_keys_alone_as_the_published_cache_stacks_them():
+    """The published "full" / "skip" lookup stacks the entries of the positions that ran the iteration and
+    attends over them alone: in a batch of one the keys are exactly those, in order (no masked key between or
+    after them: attention would round otherwise), and attention equals one over them bit for bit."""
+    cache = KVCache(1, 8, 0, 1, 4, n_core=1, kv_mode=parse_kv_mode("skip", 8))
+    ran = [5, 2, 8, 1, 6]  # iterations of five earlier positions
+    for p in range(5):
+        chunk = cache.begin(torch.ones(1, 1, dtype=torch.bool))
+        for t in range(ran[p]):
+            cache.mark_iteration(chunk, t, torch.ones(1, dtype=torch.bool))
+            key = torch.full((1, 1, 1, 4), 100.0 * p + t)
+            cache.core(0, key, key + 0.5, chunk, t, torch.ones(1, dtype=torch.bool))
+        cache.record_iterations([ran[p]], [True])
+    chunk = cache.begin(torch.ones(1, 1, dtype=torch.bool))
+    g = torch.Generator().manual_seed(0)
+    for t in range(8):
+        cache.mark_iteration(chunk, t, torch.ones(1, dtype=torch.bool))
+        mask = cache.core_mask(chunk, t)
+        k_new = torch.randn(1, 1, 1, 4, generator=g)
+        k, v = cache.core(0, k_new, k_new, chunk, t, torch.ones(1, dtype=torch.bool))
+        kept = [p for p in range(5) if ran[p] > t] + [5]
+        assert k.shape[2] == len(kept) and bool(mask.all()), t
+        assert k[0, 0, :-1, 0].tolist() == [100.0 * p + t for p in kept[:-1]] and torch.equal(
+            k[0, 0, -1], k_new[0, 0, 0]
+        )
+        q = torch.randn(1, 1, 1, 4, generator=g)
+        alone = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # the published call: the kept keys
+        assert torch.equal(attention(q, k, v, mask), alone)
 
 
 def test_frozen_sequences_keep_their_entries():

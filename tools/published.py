@@ -445,6 +445,27 @@ CASES = [
             ("skip lookup adaptive entropy-diff", "huginn-a", "entropy-diff", 1e-2, "skip"),
         ]
     ],
+    # the same lookup where it drops positions in bf16: the published cache stacks the kept entries alone, and
+    # attention over them with the dropped ones masked in between (or after them) rounds otherwise; here that
+    # moved the fifth token's exit by one check (found by the published soak, seed 3371)
+    dict(
+        name="skip lookup bf16 cosine: the kept keys alone",
+        model="huginn-a-bf16",
+        prompt=[0, 11, 24, 28, 25, 25, 25, 4, 36, 30, 14, 17, 5, 8, 1],
+        max_new_tokens=10,
+        published_cache="full",
+        options=dict(
+            num_steps=11,
+            init_scale=1.0,
+            seed=569,
+            adaptive=True,
+            exit_criterion="cosine",
+            exit_threshold=0.00012958383357396675,
+            min_steps=3,
+            continuous=True,
+            kv_sharing="skip",
+        ),
+    ),
     # the published "always-last-m4" lookup: each earlier position's last iteration when one lacks the query's
     *[
         dict(
@@ -1307,16 +1328,16 @@ def main(argv: list[str] | None = None) -> int:
         expected = run_coconut_training(cm, dm, case, build(case["model"], models[case["model"]]))
         out.setdefault("training", []).append(dict(case, **expected))
         print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
-    for case in CURRICULUM:
-        if args.only and args.only not in case["name"]:
-            continue
-        out.setdefault("curriculum", []).append(dict(case, **run_curriculum(dm, case)))
     for case in HUGINN_TRAINING:
         if args.only and args.only not in case["name"]:
             continue
         expected = run_huginn_training(rm, case, build(case["model"], models[case["model"]]))
         out.setdefault("huginn_training", []).append(dict(case, **expected))
         print(f"{case['name']}: {expected['loss']}, {expected['grad_norm']}", flush=True)
+    for case in CURRICULUM:
+        if args.only and args.only not in case["name"]:
+            continue
+        out.setdefault("curriculum", []).append(dict(case, **run_curriculum(dm, case)))
     for case in CASES:
         if args.only and args.only not in case["name"]:
             continue

@@ -67,6 +67,23 @@ def missed_iteration(written: Tensor, valid: Tensor, iterations, first) -> Tenso
     return (valid & (written <= it) & (p < start)).any(1)
 
 
+def kept_first(kept: Tensor) -> Tensor:
+    """[B, T] each row's key positions reordered: those ``kept`` [B, T] marks first, in order, then the others.
+    A lookup that drops keys (``skip``, latentrt/kv_modes.py) attends over the first ``kept.sum(1).max()`` of
+    them: the published cache stacks the kept entries alone (Huginn's ``HuginnDynamicCache``), and attention
+    rounds otherwise (~1e-7 relative in fp32, a bf16 exit a check apart) with masked keys between the kept ones
+    or after them (CPU SDPA's sums run over the whole length in vector lanes)."""
+    return torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices
+
+
+def take_positions(x: Tensor, order: Tensor, dim: int) -> Tensor:
+    """``x`` with its key positions (dim ``dim``: 2 of K/V [B, H, T, D], 3 of a mask [B, 1, S, T]) in each
+    row's ``order`` [B, T]."""
+    view = [order.shape[0]] + [1] * (x.dim() - 1)
+    view[dim] = order.shape[1]
+    return x.gather(dim, order.view(view).expand(*x.shape[:dim], order.shape[1], *x.shape[dim + 1 :]))
+
+
 # ------------------------------------------------------------------------------------------ finiteness
 def nonfinite_along(x: Tensor, dims: tuple[int, ...], keepdim: bool = False) -> Tensor:
     """Where ``x`` holds a NaN or an inf along ``dims``: x - x is +0 where x is finite and NaN elsewhere, so
