@@ -244,3 +244,21 @@ def test_gpt2_dropout_never_acts_at_inference(tmp_path):
     for bad, match in ((1.5, "probability in"), (-0.1, "probability in"), (None, "got null"), ("0.1", "number")):
         with pytest.raises(ConfigError, match=f"attn_pdrop.*{match}"):
             parse_config(dict(base, attn_pdrop=bad))
+
+
+def test_one_value_head_reaches_attention_unexpanded_as_published(monkeypatch):
+    """One K/V head with qk_bias (keys per query head): the published attention gets the one value head and
+    broadcasts it; the value's copies per query head (expanded) round otherwise in CPU SDPA (~1e-6 at the first
+    exit check, found by tools.published_soak's states check): every core, prelude and coda call here gets one."""
+    model = tiny_recurrent(num_attention_heads=4, num_key_value_heads=1, qk_bias=True)
+    assert model.config.keys_per_query_head
+    heads = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        heads.append((q.shape[1], k.shape[1], v.shape[1]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    latentrt.generate(model, [5, 6, 7], max_new_tokens=2, num_steps=2, init_scale=0.0)
+    assert heads and set(heads) == {(4, 4, 1)}

@@ -88,3 +88,26 @@ def test_models_keeps_the_cases_of_the_named_models(as_published, capsys):
     with pytest.raises(SystemExit):
         run(capsys, "--cases", "1", "--models", "huginn-z")
     assert "--models takes names of" in capsys.readouterr().err
+
+
+def test_states_a_hair_apart_are_a_mismatch_though_tokens_and_steps_agree(as_published, monkeypatch, capsys):
+    """Bit-identical means the states every exit check sees, not only the tokens and exits they lead to: a
+    sequential adaptive case whose states differ by a hair (the published side's adapter scaled by 1 + 1e-6,
+    standing in for attention that rounds otherwise) is a mismatch at the first check that differs."""
+
+    def a_hair_apart(modules, case, model):
+        w = model.transformer.adapter.weight
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.mul_(1 + 1e-6)
+        try:
+            return ps.latentrt_outcome(case, model)
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+
+    code, out = run(capsys, "--kinds", "sequential", "--cases", "12", "--seed", "3")
+    assert code == 0 and "sequential states compared" in out, out  # the same code on both sides: the same bits
+    monkeypatch.setattr(ps, "published_outcome", a_hair_apart)
+    code, out = run(capsys, "--kinds", "sequential", "--cases", "12", "--seed", "3")
+    assert code == 1 and "differ (max |difference|" in out and "though tokens and steps agree" in out, out

@@ -11,7 +11,8 @@ vendored: fetch them). tests/published_vectors.json pins 83 chosen cases; this t
 format from the published option space, on the same tiny seeded models (``tools.published.MODELS``, fp32 and
 bf16: both sides run on this CPU), and compares the tokens, the iterations per token, an adaptive prefill's
 iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``), or a training
-step's loss and gradients:
+step's loss and gradients; where those agree, a sequential adaptive case on the torch backend also compares the
+latent states every exit check sees, bit for bit (``StatesSeen``):
 
 - ``sequential``: ``generate_with_adaptive_compute`` at batch 1: fixed depth or an adaptive exit (every published
   criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
@@ -49,6 +50,7 @@ mismatches say so (fp32 models must agree exactly there too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -398,6 +400,52 @@ def where(got: dict, want: dict, case: dict) -> str:
     return f"token {n} differs" if n < max(len(t1), len(t2)) else "the lengths differ"
 
 
+class StatesSeen:
+    """The latent states every exit check sees, on both sides: the published evaluators' ``check(model, latents,
+    aux)`` and latentrt's criteria's ``update(state, prev, new, ...)``. Bit-identical means these are equal bit for
+    bit, check by check; tokens and steps agree far more often (states 1e-7 apart seldom move a token or an
+    exit: the ``skip`` lookup's attention rounded so until 2026-12-06 with every token and exit equal).
+    ``with seen.side("published"): ...`` records one run."""
+
+    def __init__(self, huginn) -> None:
+        self.runs: dict[str, list[torch.Tensor]] = {"published": [], "latentrt": []}
+        base = getattr(huginn, "PerIterationExitEvaluator", None)  # (None: no published module loaded)
+        found = vars(huginn).values() if base is not None else ()
+        published = [c for c in found if isinstance(c, type) and issubclass(c, base)]
+        self.methods = [(c, "check", 2) for c in published if "check" in vars(c)]  # (class, method, latents' index)
+        self.methods += [(c, "update", 3) for c in set(CRITERIA.values()) if "update" in vars(c)]
+
+    @contextlib.contextmanager
+    def side(self, name: str):
+        seen, real = self.runs[name], [vars(c)[m] for c, m, _ in self.methods]
+
+        def recording(method, at: int):
+            def call(*args, **kwargs):
+                seen.append(args[at].detach().clone())
+                return method(*args, **kwargs)
+
+            return call
+
+        for (cls, name_, at), method in zip(self.methods, real):
+            setattr(cls, name_, recording(method, at))
+        try:
+            yield
+        finally:
+            for (cls, name_, _), method in zip(self.methods, real):
+                setattr(cls, name_, method)
+
+    def differs(self) -> str | None:
+        """None where both runs' checks saw the same states bit for bit, else the first check where not."""
+        a, b = self.runs["latentrt"], self.runs["published"]
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                off = float((x.double() - y.double()).abs().max()) if x.shape == y.shape else float("nan")
+                return f"the states at exit check {i} differ (max |difference| {off:.2g}) though tokens and steps agree"
+        if len(a) != len(b):
+            return f"{len(a)} exit checks against the published {len(b)} though tokens and steps agree"
+        return None
+
+
 def attempt(run, *args):
     """(run's result, None) or (None, the exception it raised)."""
     try:
@@ -450,8 +498,11 @@ def main(argv: list[str] | None = None) -> int:
             models[case["model"]] = build(case["model"])
         model = models[case["model"]]
         complete(case, model)
-        want, published_error = attempt(published_outcome, modules, case, model)
-        got, error = attempt(latentrt_outcome, case, model, args.backend)
+        seen = StatesSeen(modules["huginn"])  # (a sequential adaptive case's states, compared where all else agrees)
+        with seen.side("published"):
+            want, published_error = attempt(published_outcome, modules, case, model)
+        with seen.side("latentrt"):
+            got, error = attempt(latentrt_outcome, case, model, args.backend)
         if isinstance(error, InputError):  # latentrt refuses: the published code fails too, or runs (its reason, once)
             agree = published_error is not None
             counts[f"{kind} refused by both" if agree else f"{kind} refused by latentrt"] += 1
@@ -468,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         counts[f"{kind} compared"] += 1
         what = differs(got, want, case)
+        if what is None and kind == "sequential" and case["options"].get("adaptive") and args.backend == "torch":
+            counts["sequential states compared"] += 1
+            what = seen.differs()
         if what is not None and args.backend != "torch" and MODELS[case["model"]].get("dtype") == "bfloat16":
             what += f" (bf16 on {args.backend}: its fused kernels round otherwise than the published eager bf16 ops)"
         if what is not None:

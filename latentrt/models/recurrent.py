@@ -257,6 +257,8 @@ class CausalSelfAttention(nn.Module):
             y = mask.attend(q, k, v, kv)
         else:
             k_all, v_all = kv(k, v)
+            if self.keys_per_query_head:  # the one value head, broadcast by attention as the published code's
+                v_all = v_all[:, :1]  # (its copies per query head, expanded, round otherwise in CPU SDPA)
             y = attention(q, k_all, v_all, mask)
         return self.proj(y.transpose(1, 2).flatten(2))
 
