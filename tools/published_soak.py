@@ -11,8 +11,8 @@ vendored: fetch them). tests/published_vectors.json pins 83 chosen cases; this t
 format from the published option space, on the same tiny seeded models (``tools.published.MODELS``, fp32 and
 bf16: both sides run on this CPU), and compares the tokens, the iterations per token, an adaptive prefill's
 iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``), or a training
-step's loss and gradients; where those agree, a sequential adaptive case on the torch backend also compares the
-latent states every exit check sees, bit for bit (``StatesSeen``):
+step's loss and gradients; where those agree, a sequential adaptive or adaptive prefill case on the torch backend
+also compares the latent states every exit check sees, bit for bit (``StatesSeen``):
 
 - ``sequential``: ``generate_with_adaptive_compute`` at batch 1: fixed depth or an adaptive exit (every published
   criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
@@ -519,8 +519,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         counts[f"{kind} compared"] += 1
         what = differs(got, want, case)
-        if what is None and kind == "sequential" and case["options"].get("adaptive") and args.backend == "torch":
-            counts["sequential states compared"] += 1
+        adaptive = case.get("options", {}).get("adaptive") or case.get("adaptive_prefill")
+        if what is None and kind in ("sequential", "prefill") and adaptive and args.backend == "torch":
+            counts[f"{kind} states compared"] += 1
             what = seen.differs()
         if what is not None and args.backend != "torch" and MODELS[case["model"]].get("dtype") == "bfloat16":
             what += f" (bf16 on {args.backend}: its fused kernels round otherwise than the published eager bf16 ops)"
