@@ -57,6 +57,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -416,7 +417,7 @@ class StatesSeen:
         self.methods += [(c, "update", 3) for c in set(CRITERIA.values()) if "update" in vars(c)]
 
     @contextlib.contextmanager
-    def side(self, name: str):
+    def side(self, name: str) -> Iterator[None]:
         seen, real = self.runs[name], [vars(c)[m] for c, m, _ in self.methods]
 
         def recording(method, at: int):
