@@ -262,3 +262,18 @@ def test_one_value_head_reaches_attention_unexpanded_as_published(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     latentrt.generate(model, [5, 6, 7], max_new_tokens=2, num_steps=2, init_scale=0.0)
     assert heads and set(heads) == {(4, 4, 1)}
+
+
+def test_coconut_heads_each_pass_over_its_own_rows_as_published():
+    """The published Coconut forward computes logits per pass (the prefix, one column per thought but the last,
+    then the last thought and the rest) and concatenates them: a product rounds its rows with its row count on
+    the CPU, so one head over the whole prompt differed from the published first answer token's logits in the
+    last bits (~5e-7, every token equal). The head runs once per pass, over that pass's rows."""
+    model = tiny_coconut(seed=1)
+    ids = [5, 9, 11, 6, 2, 4, 4, 4, 3, 7, 8]  # start 2, three latent 4s, end 3
+    rows = []
+    real = model.lm_logits
+    model.lm_logits = lambda h: rows.append(h.shape[1]) or real(h)
+    latentrt.generate(model, ids, max_new_tokens=1)
+    first, last = ids.index(4), len(ids) - 1 - ids[::-1].index(4)
+    assert rows[: last - first + 2] == [first] + [1] * (last - first) + [len(ids) - last]

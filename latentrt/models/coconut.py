@@ -431,8 +431,10 @@ class CoconutGPT2(LatentModel):
                 if ln1x is not None:
                     ln1x = torch.cat([ln1x, self.transformer.h[0].ln_1(x[:, 1:])], 1)
             hs.append(self.forward_residual(x, cache, chunk, ln1x))
-        h = self.transformer.ln_f(torch.cat(hs, dim=1))
-        return self.lm_logits(h), h[:, -1], thought
+        # the head per pass, as the published forward's (its logits per pass, concatenated): a product's rows
+        # round with its row count on the CPU, so one over the whole prompt differs in the last bits
+        h = [self.transformer.ln_f(piece) for piece in hs]
+        return torch.cat([self.lm_logits(piece) for piece in h], 1), h[-1][:, -1], thought
 
     def _column_input(self, embeds, col, latent, chunk, h_prev, feedback, hooks, thought, width=None):
         """Column ``col``'s residual input [B,1,d] (positions from the first ``width`` of ``chunk``'s, all when
