@@ -111,3 +111,35 @@ def test_states_a_hair_apart_are_a_mismatch_though_tokens_and_steps_agree(as_pub
     monkeypatch.setattr(ps, "published_outcome", a_hair_apart)
     code, out = run(capsys, "--kinds", "sequential", "--cases", "12", "--seed", "3")
     assert code == 1 and "differ (max |difference|" in out and "though tokens and steps agree" in out, out
+
+
+def test_a_coconut_first_answer_from_logits_a_hair_apart_is_a_mismatch():
+    """HeadsSeen compares the first answer token's logits (the last prompt pass's head, call ``passes - 1``)
+    bit for bit: here both sides are latentrt's head (the published GPT-2's stands in), equal, then one run's head
+    weights scaled by 1 + 1e-6 (every token the same), which is a mismatch."""
+    import latentrt
+    from latentrt.models.coconut import CoconutGPT2
+    from tools.published import build
+
+    case = ps.draw_coconut(random.Random(3))
+    model = build(case["model"])
+    passes = case["prompt"].count(model.config.latent_id) + 1
+    seen = ps.HeadsSeen()
+    seen.methods["published"] = (CoconutGPT2, "lm_logits")
+    runs = []
+    for side in ("latentrt", "published"):
+        with seen.side(side):
+            runs.append(latentrt.generate(model, case["prompt"], max_new_tokens=3).tokens)
+    assert runs[0] == runs[1] and seen.differs(passes) is None and len(seen.runs["latentrt"]) >= passes
+    seen.runs = {"published": [], "latentrt": []}
+    w = model.lm_head.weight
+    for side, scale in (("latentrt", 1.0), ("published", 1 + 1e-6)):
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.mul_(scale)
+        with seen.side(side):
+            latentrt.generate(model, case["prompt"], max_new_tokens=3)
+        with torch.no_grad():
+            w.copy_(saved)
+    assert seen.differs(passes).startswith("the first answer token's logits differ (max |difference|")
+    assert seen.differs(passes + 100).endswith(f"fewer than the prompt's {passes + 100} passes")

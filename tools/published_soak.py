@@ -12,7 +12,8 @@ format from the published option space, on the same tiny seeded models (``tools.
 bf16: both sides run on this CPU), and compares the tokens, the iterations per token, an adaptive prefill's
 iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``), or a training
 step's loss and gradients; where those agree, a sequential adaptive or adaptive prefill case on the torch backend
-also compares the latent states every exit check sees, bit for bit (``StatesSeen``):
+also compares the latent states every exit check sees, bit for bit (``StatesSeen``), and a Coconut case the logits
+of its first answer token (``HeadsSeen``):
 
 - ``sequential``: ``generate_with_adaptive_compute`` at batch 1: fixed depth or an adaptive exit (every published
   criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
@@ -447,6 +448,50 @@ class StatesSeen:
         return None
 
 
+class HeadsSeen:
+    """The last row of every head call on both sides of a Coconut case (the published GPT-2's
+    ``GPT2LMHeadModel.forward`` logits, latentrt's ``CoconutGPT2.lm_logits``): the first answer token's logits are
+    the last pass's, call ``passes - 1`` on both sides (one pass per thought after the first, and one more),
+    compared bit for bit. Later tokens' are not: the published ``generate`` recomputes the whole sequence for each
+    new token, latentrt decodes from its cache. ``with seen.side("published"): ...`` records one run."""
+
+    def __init__(self) -> None:
+        from transformers import GPT2LMHeadModel
+
+        from latentrt.models.coconut import CoconutGPT2
+
+        self.runs: dict[str, list[torch.Tensor]] = {"published": [], "latentrt": []}
+        self.methods = {"published": (GPT2LMHeadModel, "forward"), "latentrt": (CoconutGPT2, "lm_logits")}
+
+    @contextlib.contextmanager
+    def side(self, name: str) -> Iterator[None]:
+        cls, method = self.methods[name]
+        real, seen = vars(cls)[method], self.runs[name]
+
+        def recording(*args, **kwargs):
+            out = real(*args, **kwargs)
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            seen.append(logits[0, -1].detach().float().clone())
+            return out
+
+        setattr(cls, method, recording)
+        try:
+            yield
+        finally:
+            setattr(cls, method, real)
+
+    def differs(self, passes: int) -> str | None:
+        """None where both runs' first answer token came from the same logits bit for bit."""
+        a, b = self.runs["latentrt"], self.runs["published"]
+        if min(len(a), len(b)) < passes:
+            return f"{len(a)} head calls against the published {len(b)}, fewer than the prompt's {passes} passes"
+        x, y = a[passes - 1], b[passes - 1]
+        if torch.equal(x, y):
+            return None
+        off = float((x - y).abs().max())
+        return f"the first answer token's logits differ (max |difference| {off:.2g}) though the tokens agree"
+
+
 def attempt(run, *args):
     """(run's result, None) or (None, the exception it raised)."""
     try:
@@ -499,7 +544,9 @@ def main(argv: list[str] | None = None) -> int:
             models[case["model"]] = build(case["model"])
         model = models[case["model"]]
         complete(case, model)
-        seen = StatesSeen(modules["huginn"])  # (a sequential adaptive case's states, compared where all else agrees)
+        # (a sequential adaptive case's states, a Coconut case's first answer logits: compared where all else agrees)
+        heads = kind == "coconut" and modules["coconut"] is not None  # (needs the published Coconut)
+        seen = HeadsSeen() if heads else StatesSeen(modules["huginn"])
         with seen.side("published"):
             want, published_error = attempt(published_outcome, modules, case, model)
         with seen.side("latentrt"):
@@ -524,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         if what is None and kind in ("sequential", "prefill") and adaptive and args.backend == "torch":
             counts[f"{kind} states compared"] += 1
             what = seen.differs()
+        if what is None and heads and args.backend == "torch":
+            counts["coconut first answer logits compared"] += 1
+            what = seen.differs(case["prompt"].count(model.config.latent_id) + 1)
         if what is not None and args.backend != "torch" and MODELS[case["model"]].get("dtype") == "bfloat16":
             what += f" (bf16 on {args.backend}: its fused kernels round otherwise than the published eager bf16 ops)"
         if what is not None:
