@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Callable, Iterator
 
 
 def warnings_silenced(fn):
@@ -17,3 +19,15 @@ def warnings_silenced(fn):
             return fn(*args, **kwargs)
 
     return silenced
+
+
+@contextlib.contextmanager
+def wrapped(owner, name: str, wrap: Callable) -> Iterator[None]:
+    """``owner.name`` (a class's method, a module's function) replaced by ``wrap(the real one)`` while the block
+    runs, then put back: the soaks' recorders of what a run computes."""
+    real = vars(owner)[name]
+    setattr(owner, name, wrap(real))
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)

@@ -69,7 +69,7 @@ from latentrt.decode.recurrent import RecurrentDecoder
 from latentrt.errors import InputError
 from latentrt.exits import CRITERIA
 
-from . import warnings_silenced
+from . import warnings_silenced, wrapped
 from .published import (
     MODELS,
     build,
@@ -419,22 +419,22 @@ class StatesSeen:
 
     @contextlib.contextmanager
     def side(self, name: str) -> Iterator[None]:
-        seen, real = self.runs[name], [vars(c)[m] for c, m, _ in self.methods]
+        seen = self.runs[name]
 
-        def recording(method, at: int):
-            def call(*args, **kwargs):
-                seen.append(args[at].detach().clone())
-                return method(*args, **kwargs)
+        def recording(at: int):
+            def wrap(method):
+                def call(*args, **kwargs):
+                    seen.append(args[at].detach().clone())
+                    return method(*args, **kwargs)
 
-            return call
+                return call
 
-        for (cls, name_, at), method in zip(self.methods, real):
-            setattr(cls, name_, recording(method, at))
-        try:
+            return wrap
+
+        with contextlib.ExitStack() as stack:
+            for cls, method, at in self.methods:
+                stack.enter_context(wrapped(cls, method, recording(at)))
             yield
-        finally:
-            for (cls, name_, _), method in zip(self.methods, real):
-                setattr(cls, name_, method)
 
     def differs(self) -> str | None:
         """None where both runs' checks saw the same states bit for bit, else the first check where not."""
@@ -465,20 +465,19 @@ class HeadsSeen:
 
     @contextlib.contextmanager
     def side(self, name: str) -> Iterator[None]:
-        cls, method = self.methods[name]
-        real, seen = vars(cls)[method], self.runs[name]
+        seen = self.runs[name]
 
-        def recording(*args, **kwargs):
-            out = real(*args, **kwargs)
-            logits = out if isinstance(out, torch.Tensor) else out.logits
-            seen.append(logits[0, -1].detach().float().clone())
-            return out
+        def wrap(real):
+            def recording(*args, **kwargs):
+                out = real(*args, **kwargs)
+                logits = out if isinstance(out, torch.Tensor) else out.logits
+                seen.append(logits[0, -1].detach().float().clone())
+                return out
 
-        setattr(cls, method, recording)
-        try:
+            return recording
+
+        with wrapped(*self.methods[name], wrap):
             yield
-        finally:
-            setattr(cls, method, real)
 
     def differs(self, passes: int) -> str | None:
         """None where both runs' first answer token came from the same logits bit for bit."""
@@ -544,12 +543,16 @@ def main(argv: list[str] | None = None) -> int:
             models[case["model"]] = build(case["model"])
         model = models[case["model"]]
         complete(case, model)
-        # (a sequential adaptive case's states, a Coconut case's first answer logits: compared where all else agrees)
-        heads = kind == "coconut" and modules["coconut"] is not None  # (needs the published Coconut)
-        seen = HeadsSeen() if heads else StatesSeen(modules["huginn"])
-        with seen.side("published"):
+        # compared where all else agrees, on the torch backend: a sequential adaptive or adaptive prefill case's
+        # states, a Coconut case's first answer logits (with the published Coconut loaded)
+        adaptive = case.get("options", {}).get("adaptive") or case.get("adaptive_prefill")
+        torch_backend = args.backend == "torch"
+        states = torch_backend and kind in ("sequential", "prefill") and adaptive
+        heads = torch_backend and kind == "coconut" and modules["coconut"] is not None
+        seen = StatesSeen(modules["huginn"]) if states else HeadsSeen() if heads else None
+        with seen.side("published") if seen is not None else contextlib.nullcontext():
             want, published_error = attempt(published_outcome, modules, case, model)
-        with seen.side("latentrt"):
+        with seen.side("latentrt") if seen is not None else contextlib.nullcontext():
             got, error = attempt(latentrt_outcome, case, model, args.backend)
         if isinstance(error, InputError):  # latentrt refuses: the published code fails too, or runs (its reason, once)
             agree = published_error is not None
@@ -567,11 +570,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         counts[f"{kind} compared"] += 1
         what = differs(got, want, case)
-        adaptive = case.get("options", {}).get("adaptive") or case.get("adaptive_prefill")
-        if what is None and kind in ("sequential", "prefill") and adaptive and args.backend == "torch":
+        if what is None and states:
             counts[f"{kind} states compared"] += 1
             what = seen.differs()
-        if what is None and heads and args.backend == "torch":
+        if what is None and heads:
             counts["coconut first answer logits compared"] += 1
             what = seen.differs(case["prompt"].count(model.config.latent_id) + 1)
         if what is not None and args.backend != "torch" and MODELS[case["model"]].get("dtype") == "bfloat16":

@@ -64,7 +64,7 @@ from latentrt.exits import CRITERIA
 from latentrt.families import family_for
 from latentrt.serve.engine import SCHEDULERS, Engine
 
-from . import warnings_silenced
+from . import warnings_silenced, wrapped
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
 CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http", "burst")
@@ -183,18 +183,20 @@ class DrawLog:
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (p [V], q [V]) of each row drawn, in order
 
     def __enter__(self) -> DrawLog:
-        self._real = sampling.exponentials
+        def wrap(real):
+            def logged(probs, generator=None):
+                q = real(probs, generator)
+                self.rows += [(p.detach().float().cpu(), e.detach().float().cpu()) for p, e in zip(probs, q)]
+                return q
 
-        def logged(probs, generator=None):
-            q = self._real(probs, generator)
-            self.rows += [(p.detach().float().cpu(), e.detach().float().cpu()) for p, e in zip(probs, q)]
-            return q
+            return logged
 
-        sampling.exponentials = logged
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(wrapped(sampling, "exponentials", wrap))
         return self
 
     def __exit__(self, *exc) -> None:
-        sampling.exponentials = self._real
+        self._stack.close()
 
     def drawn_with(self, q: torch.Tensor) -> torch.Tensor | None:
         """The probabilities of the draw that used exponentials ``q`` (None: none did)."""
