@@ -245,24 +245,29 @@ class KVCache:
         slot = self.slot(iteration)
         _write(self.core_k[layer, slot], k, chunk, active)
         _write(self.core_v[layer, slot], v, chunk, active)
-        k_sel, v_sel = self._looked_up(layer, chunk, iteration, slot)
         kept = self._kept(chunk, iteration)
-        if kept is None:
-            return k_sel, v_sel
-        return take_positions(k_sel, kept[0], 2), take_positions(v_sel, kept[0], 2)
+        return self._looked_up(layer, chunk, iteration, slot, None if kept is None else kept[0])
 
-    def _looked_up(self, layer: int, chunk: Chunk, iteration: int, slot: int) -> tuple[Tensor, Tensor]:
-        """The K/V a core layer's queries read at ``iteration`` [B, H, end, D], by the lookup rule."""
+    def _looked_up(
+        self, layer: int, chunk: Chunk, iteration: int, slot: int, order: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The K/V a core layer's queries read at ``iteration`` [B, H, n, D], by the lookup rule: of the chunk's
+        positions [0, end), or of those in ``order`` [B, n] (``_kept``), in one gather."""
         if self.core_slots == 1 or (slot < self.min_done and self.reported >= chunk.start):
             # every earlier position has written this slot: a plain slice equals the gather
-            return self.core_k[layer, slot, :, :, : chunk.end], self.core_v[layer, slot, :, :, : chunk.end]
+            k_sel, v_sel = self.core_k[layer, slot, :, :, : chunk.end], self.core_v[layer, slot, :, :, : chunk.end]
+            if order is None:
+                return k_sel, v_sel
+            return take_positions(k_sel, order, 2), take_positions(v_sel, order, 2)
         idx = (self.written[:, : chunk.end] - 1).clamp(min=0, max=slot)  # min(t mod K, n_p - 1)
         if self.kv_mode.reads_last:  # always-last: n_p - 1 where an earlier real position missed t
             last = (self.written[:, : chunk.end] - 1).clamp(min=0)  # the chunk's own: t (marked before)
             idx = torch.where(self.reads_last_rows(iteration, chunk.start)[:, None], last, idx)
         b = torch.arange(self.batch, device=self.device)[:, None]
-        p = torch.arange(chunk.end, device=self.device)[None, :]
-        # advanced indices split by a slice: result is [B, end, H, D]
+        p = torch.arange(chunk.end, device=self.device)[None, :] if order is None else order
+        if order is not None:
+            idx = idx.gather(1, order)
+        # advanced indices split by a slice: result is [B, n, H, D]
         k_sel = self.core_k[layer][idx, b, :, p].permute(0, 2, 1, 3)
         v_sel = self.core_v[layer][idx, b, :, p].permute(0, 2, 1, 3)
         return k_sel, v_sel
