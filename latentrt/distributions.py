@@ -1,6 +1,6 @@
 """Sampled tokens' distributions as captured launch sequences (CUDA graphs), one per sampling settings and shape.
 
-A sampled token's distribution (``sampling.sampling_probs``: ~30 torch ops, float64 filters, the overflow and
+A sampled token's distribution (``sampling.sampling_probs``: ~30 torch ops: the filters, the overflow and
 NaN guards) was launched op by op for every sampled token: by generate() once a token (once a sequence and
 token with a seed: each row's distribution is computed on the row alone) and by the server once a request and
 token. On a GPU that is host time in every token, and with the OpenAI API's default temperature of 1 most

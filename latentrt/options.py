@@ -50,7 +50,7 @@ class GenerateOptions:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
-    published_top_p: bool = False  # the published Huginn sampler's top_p rule (sampling.filtered_logits)
+    published_top_p: bool = False  # the published Huginn sampler's top_p rule (sampling.dropped)
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0

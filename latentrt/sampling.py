@@ -11,7 +11,6 @@ draw nothing. Without a seed the global torch RNG is used.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -52,50 +51,77 @@ def in_vocabulary(logits: Tensor, vocab: int) -> Tensor:
     return torch.cat([logits[:, :vocab], torch.full_like(logits[:, vocab:], float("-inf"))], -1)
 
 
-def filtered_logits(
+def dropped(
     logits: Tensor,
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float = 0.0,
     published_top_p: bool = False,
-) -> Tensor:
-    """logits [B,V] -> float64 logits / temperature with the tokens top-k, top-p and min-p drop at -inf (the
-    distribution ``sample`` draws from; temperature > 0). ``published_top_p``: top-p by the published Huginn
-    sampler's rule (``_published_top_p_drops``) instead of HF's."""
-    # in float64 from the maximum down, so a tiny temperature (1e-45) gives its limit, the argmax, not NaNs
-    raw, logits = logits, logits.double()
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1 and published_top_p:
-        logits = logits.masked_fill(_published_top_p_drops(raw, temperature, top_k, top_p), float("-inf"))
-    elif top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    if min_p:  # p < min_p * p_max, i.e. logit < max + log(min_p) (the maximum is 0 here; the top token stays)
-        logits = logits.masked_fill(logits < math.log(min_p), float("-inf"))
-    return logits
+) -> Tensor | None:
+    """[B, V] bool: the tokens top-k, top-p and min-p drop from logits [B, V] at ``temperature`` (> 0); None
+    where no filter is set. Decided as the rule's owner decides it, on its own float32 numbers, ties included:
+    HF's warpers (``hf_drops``; latentrt's default, vLLM's rule too), or with ``published_top_p`` the published
+    Huginn sampler (``published_drops``). A bf16 model's logits tie often (a 65,536-token vocabulary at top-p
+    0.9: most steps hold a tie at the cut), and the two rules break a tie at the cut differently: HF sorts
+    ascending and keeps the later ids of a tie, the published sampler sorts descending and keeps the earlier."""
+    if not (top_k or (top_p is not None and top_p < 1) or min_p):
+        return None
+    rule = published_drops if published_top_p else hf_drops
+    return rule(logits, temperature, top_k, top_p, min_p)
 
 
-def _published_top_p_drops(logits: Tensor, temperature: float, top_k: int | None, top_p: float) -> Tensor:
-    """The tokens the published Huginn sampler's top-p drops, computed as it computes them: on its float32
-    probabilities softmax(logits / temperature) with the top-k ones kept (not renormalised), sorted, a token
-    dropped where the cumulative sum up to and including it exceeds top_p (the token that crosses p goes; the
-    top one stays). HF's rule (the default) keeps the crossing token and renormalises after top-k."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def hf_drops(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, min_p: float) -> Tensor:
+    """The tokens HF's ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper`` and
+    ``MinPLogitsWarper`` set to -inf, in its generate's order, computed as they compute it on the float32
+    logits: top-k keeps every token tied with the k-th; top-p sorts ascending and drops a token while the
+    cumulative probability up to it is at most 1 - top_p (the last, likeliest, stays); min-p drops a token less
+    likely than min_p x the likeliest, from the probabilities of what is left."""
+    scores = logits.float() / temperature
+    drop = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+
+    def remove(where: Tensor) -> Tensor:
+        nonlocal drop
+        drop = drop | where
+        return scores.masked_fill(where, float("-inf"))
+
     if top_k:
-        kth = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-    sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-    drop_sorted = torch.cumsum(sorted_probs, dim=-1) > top_p
-    drop_sorted[:, 0] = False
-    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = remove(scores < torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None])
+    if top_p is not None and top_p < 1:
+        ascending, order = torch.sort(scores, descending=False)
+        out = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        out[..., -1:] = False
+        scores = remove(out.scatter(1, order, out))
+    if min_p:  # (HF then keeps the likeliest token: min_p <= 1 never drops it)
+        probs = torch.softmax(scores, dim=-1)
+        remove(probs < min_p * probs.max(dim=-1, keepdim=True).values)
+    return drop
+
+
+def published_drops(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, min_p: float) -> Tensor:
+    """The tokens the published Huginn sampler zeroes, computed as it computes them on its float32 probabilities
+    softmax(logits / temperature): top-k drops those below the k-th; top-p sorts descending and drops a token
+    where the cumulative sum up to and including it exceeds top_p (the token that crosses p goes; the top one
+    stays), counted over the top-k probabilities, not renormalised; min-p drops those below min_p x the
+    likeliest left. HF's rule keeps the crossing token and renormalises after top-k."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    drop = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+
+    def remove(where: Tensor) -> Tensor:
+        nonlocal drop
+        drop = drop | where
+        return torch.where(where, torch.zeros_like(probs), probs)
+
+    if top_k:
+        probs = remove(probs < torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[:, -1:])
+    if top_p is not None and top_p < 1:
+        descending, order = torch.sort(probs, descending=True, dim=-1)
+        out = torch.cumsum(descending, dim=-1) > top_p
+        out[:, 0] = False
+        probs = remove(torch.zeros_like(out).scatter(-1, order, out))
+    if min_p:
+        remove(probs < min_p * probs.max(dim=-1, keepdim=True)[0])
+    return drop
 
 
 def sampling_probs(
@@ -107,19 +133,21 @@ def sampling_probs(
     published_top_p: bool = False,
 ) -> Tensor:
     """The distribution [B, V] a sample draws from (temperature > 0), computed as the published Huginn sampler
-    computes it: softmax of logits / temperature in float32, the dropped tokens (``filtered_logits``'s rule)
-    zeroed, renormalised. ``torch.multinomial``'s draw depends on these bits, so a generator in the published
-    run's state draws the published token. A row where float32 overflows (a tiny temperature, where the
-    published sampler fails on NaNs) gets the float64 distribution of ``filtered_logits``: its limit, the
-    argmax. No host sync: the choice is made on the device."""
-    filtered = filtered_logits(logits, temperature, top_k, top_p, min_p, published_top_p)
+    computes it: softmax of logits / temperature in float32, the dropped tokens (``dropped``) zeroed,
+    renormalised. ``torch.multinomial``'s draw depends on these bits, so a generator in the published run's
+    state draws the published token. A row where float32 overflows (a tiny temperature, where the published
+    sampler fails on NaNs) gets its limit, the float64 softmax from the maximum down: the argmax (no filter
+    changes it: every other token's float64 probability is 0 there). No host sync: the choice is made on the
+    device."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    # without a filter this zeroes only tokens whose probability is 0 already (logit -inf) or rows that overflow
-    # (scalar operands and masks of the good rows: each op is a launch, and this runs per sampled token)
-    probs = torch.where(filtered > float("-inf"), probs, 0.0)
+    drop = dropped(logits, temperature, top_k, top_p, min_p, published_top_p)
+    if drop is not None:
+        probs = torch.where(drop, 0.0, probs)
     probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-10)
     overflowed = nonfinite_along(probs, (-1,), keepdim=True)  # float32 overflowed
-    probs = torch.where(overflowed, torch.softmax(filtered, dim=-1).to(probs.dtype), probs)
+    limit = logits.double()
+    limit = torch.softmax((limit - limit.max(-1, keepdim=True).values) / temperature, dim=-1)
+    probs = torch.where(overflowed, limit.to(probs.dtype), probs)
     # NaN logits (a non-finite state, which the caller reports after this token's one host read, discarding
     # the token): a uniform row, so the draw does not fail first with torch.multinomial's RuntimeError (a
     # device-side assert on CUDA) instead of the NonFiniteStateError naming the sequence. (Each probability is

@@ -474,6 +474,10 @@ def test_min_new_tokens_holds_back_every_stop():
         if i < m:
             logits[eos] = float("-inf")
         assert int(logits.argmax()) == token, i
+    seeded = latentrt.generate(model, prompt, max_new_tokens=16, seed=0)
+    L = len(seeded.tokens)  # its eos is token L - 1: min_new_tokens=L holds it back, the m-th token included
+    held = latentrt.generate(model, prompt, max_new_tokens=16, min_new_tokens=L, seed=0)
+    assert seeded.tokens[-1] == eos and held.tokens[: L - 1] == seeded.tokens[: L - 1] and held.tokens[L - 1] != eos
     stop = "rompus"
     kw = dict(max_new_tokens=24, min_new_tokens=6, default_stops=False)
     free = latentrt.generate(model, prompt, **kw)
@@ -484,6 +488,9 @@ def test_min_new_tokens_holds_back_every_stop():
         if stop in texts[n][max(0, len(texts[n - 1]) - len(stop) + 1) :]
     )
     assert stop in texts[5]  # (completed before the 6th token: not a stop)
+    first = next(n for n in range(1, len(texts)) if stop in texts[n])  # the token that completes it first
+    exact = latentrt.generate(model, prompt, stop=[stop], **dict(kw, min_new_tokens=first))
+    assert (exact.tokens, exact.finish_reasons) == (free.tokens[:first], ["stop"])  # the m-th token may stop
     got = latentrt.generate(model, prompt, stop=[stop], **kw)
     assert (got.tokens, got.text, got.finish_reasons) == (free.tokens[:n], texts[n][:at], ["stop"])
     streamed = latentrt.generate(model, prompt, stop=[stop], stream=True, **kw)

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 import latentrt
-from latentrt.sampling import filtered_logits, sampling_probs
+from latentrt.sampling import dropped, sampling_probs
 
 V = 50
 
@@ -73,28 +73,66 @@ def test_logit_bias_adds_and_everything_applies_in_vllms_order():
     assert torch.allclose(got[:, :V], want, atol=1e-6) and torch.equal(got[:, V:], logits[:, V:])
 
 
-@pytest.mark.parametrize(
-    "temperature, top_k, top_p, min_p",
-    [(1.0, None, None, 0.1), (0.7, 20, None, 0.05), (1.3, None, 0.9, 0.2), (0.5, 8, 0.8, 0.3)],
-)
-def test_min_p_keeps_what_hfs_warpers_keep_after_top_k_and_top_p(temperature, top_k, top_p, min_p):
-    """The published sampler's order (temperature, top-k, top-p, min-p), which is HF's."""
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(16, 200, generator=g) * 3
-    kept = filtered_logits(logits, temperature, top_k, top_p, min_p) > float("-inf")
-    x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+def _hf_kept(logits, temperature, top_k, top_p, min_p):
+    """What HF's warpers keep, in its generate's order (temperature, top-k, top-p, min-p)."""
+    x = logits.clone()
+    if temperature != 1.0:
+        x = TemperatureLogitsWarper(temperature)(None, x)
     if top_k:
         x = TopKLogitsWarper(top_k)(None, x)
-    if top_p:
+    if top_p is not None and top_p < 1:
         x = TopPLogitsWarper(top_p)(None, x)
-    x = MinPLogitsWarper(min_p)(None, x)
-    assert torch.equal(kept, x > float("-inf"))
-    assert kept.sum() < (filtered_logits(logits, temperature, top_k, top_p) > float("-inf")).sum()
+    if min_p:
+        x = MinPLogitsWarper(min_p)(None, x)
+    return x > float("-inf")
+
+
+FILTERS = [
+    (1.0, None, None, 0.1),
+    (0.7, 20, None, 0.05),
+    (1.3, None, 0.9, 0.2),
+    (0.5, 8, 0.8, 0.3),
+    (1.0, None, 0.9, 0),
+]
+FILTERS += [(0.7, None, 0.5, 0), (1.0, 40, 0.95, 0.02), (1.0, None, 1e-8, 0)]  # (1 - 1e-8: 1 in float32)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", FILTERS)
+@pytest.mark.parametrize("logits", ["continuous", "bf16 values"])
+def test_the_default_filters_drop_what_hfs_warpers_drop_ties_included(temperature, top_k, top_p, min_p, logits):
+    """latentrt's default top-k / top-p / min-p are HF's warpers, the kept tokens bit for bit, ties included. A
+    bf16 model's logits take few values: over a 65,536-token vocabulary most top-p cuts fall inside a tie, and
+    a rule that kept other ids of it (the published sampler's, or HF's formula in float64) differed from HF's
+    at 90% of the steps here (34 of 900 seeded draws differed from HF's generate)."""
+    g = torch.Generator().manual_seed(3)
+    V = 200 if logits == "continuous" else 65536
+    x = torch.randn(16 if logits == "continuous" else 4, V, generator=g) * 3
+    if logits == "bf16 values":
+        x = x.to(torch.bfloat16).float()
+    kept = ~dropped(x, temperature, top_k, top_p, min_p)
+    assert torch.equal(kept, _hf_kept(x, temperature, top_k, top_p, min_p))
+    if logits == "continuous" and min_p:
+        without = dropped(x, temperature, top_k, top_p, 0.0)  # (None: no filter left)
+        assert kept.sum() < (x.numel() if without is None else (~without).sum())  # (min_p drops something)
+
+
+@pytest.mark.parametrize("published", [False, True])
+def test_a_tie_at_the_top_p_cut_keeps_each_rules_ids(published):
+    """Four equal logits at top_p 0.5: HF sorts ascending and keeps the later ids of the tie, the published
+    sampler sorts descending and keeps the earlier ones (its vectors in tests/test_published.py, ``samplers``);
+    at min_p 1 both keep every token as likely as the likeliest."""
+    equal = torch.zeros(1, 4)
+    got = ~dropped(equal, 1.0, None, 0.5, 0.0, published)
+    assert got[0].nonzero().flatten().tolist() == ([0, 1] if published else [2, 3])
+    assert torch.equal(got, _hf_kept(equal, 1.0, None, 0.5, 0.0)) != published
+    assert dropped(equal, 1.0, None, None, 0.0, published) is None  # no filter: nothing to compute
+    two_best = torch.tensor([[0.0, 0.0, -1.0]])  # min_p 1: a token as likely as the likeliest stays (both rules)
+    assert (~dropped(two_best, 1.0, None, None, 1.0, published))[0].tolist() == [True, True, False]
 
 
 def test_sampling_probs_are_the_published_float32_distribution_and_overflow_falls_back_per_row():
     """The bits torch.multinomial draws from: the published sampler's float32 softmax / zeroing / renormalising
-    (top-k here; which tokens are dropped is ``filtered_logits``'s rule), so the same generator state draws
+    (top-k here; which tokens are dropped is ``dropped``'s rule), so the same generator state draws
     the same token; a row whose float32 logits / T overflow gets the float64 limit (its argmax), the others
     are untouched."""
     g = torch.Generator().manual_seed(4)

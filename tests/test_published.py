@@ -16,6 +16,7 @@ import torch
 
 import latentrt
 import latentrt.kernels as kernels
+from latentrt.sampling import draw, dropped, sampling_probs
 from tools.published import (
     build,
     checksum,
@@ -23,6 +24,7 @@ from tools.published import (
     latentrt_coconut_training,
     latentrt_huginn_training,
     run_latentrt,
+    sampler_logits,
 )
 
 VECTORS = json.loads((Path(__file__).parent / "published_vectors.json").read_text())
@@ -353,6 +355,20 @@ def test_coconut_curriculum_data_equals_published(case):
         pre, post, post_labels = assemble(TokenizedRecord(question, steps, answer), cur, case["stage"], (2, 3, 4))
         assert pre + post == ids
         assert [-100] * len(pre) + post_labels == labels
+
+
+@pytest.mark.parametrize("case", VECTORS["samplers"], ids=lambda c: c["name"])
+def test_published_top_p_keeps_and_draws_as_the_published_sampler(case):
+    """``published_top_p=True``: the published sampler's rule (its ``_sample_next_token``, which the adaptive,
+    speculative and wavefront samplers call) on logits with ties (bf16 values; four equal logits): the tokens
+    its distribution keeps, ties broken as it breaks them (the earlier ids, where HF's rule keeps the later),
+    and the token drawn from a generator seeded as the published run's."""
+    logits = sampler_logits(case)
+    settings = (case["temperature"], case.get("top_k"), case.get("top_p"), case.get("min_p") or 0.0, True)
+    assert (~dropped(logits, *settings))[0].nonzero().flatten().tolist() == case["kept"]
+    with _as_recorded():
+        token = draw(sampling_probs(logits, *settings), torch.Generator().manual_seed(case["seed"]))
+    assert int(token) == case["token"]
 
 
 @pytest.mark.parametrize("case", VECTORS["huginn_training"], ids=lambda c: c["name"])

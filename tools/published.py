@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import wrapped
+
 # ---------------------------------------------------------------------------------------------- the models
 BASE_HUGINN = dict(
     model_type="huginn_raven",
@@ -1220,6 +1222,54 @@ HUGINN_TRAINING = [
 ]
 
 
+# the published sampler (``_sample_next_token``: the adaptive, speculative and wavefront samplers' draws) on logits
+# with ties: a bf16 model's logits take few values (here bf16-rounded normals over 512 tokens), so a top-k, top-p
+# or min-p cut often falls inside a tie; four equal logits make the plainest one
+SAMPLERS_CASES = [
+    dict(name=f"{what} T={t}", vocab=v, scale=sc, seed=seed, temperature=t, **filters)
+    for seed, (what, v, sc, filters) in enumerate(
+        [
+            ("top_p 0.9 bf16", 512, 2.0, dict(top_p=0.9)),
+            ("top_p 0.5 bf16", 512, 2.0, dict(top_p=0.5)),
+            ("top_k 40 top_p 0.8 bf16", 512, 2.0, dict(top_k=40, top_p=0.8)),
+            ("min_p 0.1 bf16", 512, 2.0, dict(min_p=0.1)),
+            ("top_k 30 top_p 0.95 min_p 0.05 bf16", 512, 1.0, dict(top_k=30, top_p=0.95, min_p=0.05)),
+            ("top_p 0.5 four equal logits", 4, 0.0, dict(top_p=0.5)),
+        ],
+        start=40,
+    )
+    for t in (0.7, 1.0)
+]
+
+
+def sampler_logits(case: dict) -> torch.Tensor:
+    """A sampler case's logits [1, vocab]: float32 holding bf16 values (normals x ``scale`` from its seed)."""
+    x = torch.randn(1, case["vocab"], generator=torch.Generator().manual_seed(case["seed"])) * case["scale"]
+    return x.to(torch.bfloat16).float()
+
+
+def run_sampler(rm, case: dict) -> dict:
+    """The published ``_sample_next_token`` on the case's logits after ``torch.manual_seed(seed)``: the ids its
+    distribution keeps (the nonzero entries of what it hands ``torch.multinomial``) and the token it draws."""
+    from transformers import GenerationConfig
+
+    seen = []
+
+    def record(real):
+        def multinomial(probs, *args, **kwargs):
+            seen.append(probs.clone())
+            return real(probs, *args, **kwargs)
+
+        return multinomial
+
+    filters = {k: case.get(k) for k in ("top_k", "top_p", "min_p")}
+    config = GenerationConfig(do_sample=True, temperature=case["temperature"], repetition_penalty=None, **filters)
+    torch.manual_seed(case["seed"])
+    with wrapped(torch, "multinomial", record):
+        token = rm.RavenForCausalLM._sample_next_token(None, sampler_logits(case), None, config)
+    return {"kept": seen[0][0].nonzero().flatten().tolist(), "token": int(token)}
+
+
 def run_huginn_training(rm, case: dict, model) -> dict:
     """The published RavenForCausalLM in training mode on the case's batch: its loss and gradients' norm."""
     pub, _ = published_huginn(rm, model)
@@ -1338,6 +1388,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and args.only not in case["name"]:
             continue
         out.setdefault("curriculum", []).append(dict(case, **run_curriculum(dm, case)))
+    for case in SAMPLERS_CASES:
+        if args.only and args.only not in case["name"]:
+            continue
+        out.setdefault("samplers", []).append(dict(case, **run_sampler(rm, case)))
     for case in CASES:
         if args.only and args.only not in case["name"]:
             continue
