@@ -249,6 +249,8 @@ def test_the_vectors_cover_each_published_difference():
     coconut = CASES["coconut published eos"]
     assert coconut["tokens"][0] == coconut["eos"] and coconut["eos"] not in coconut["tokens"][1:]
     assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out
+    second = CASES["coconut published eos, the second answer token"]  # the first eos it checks, left out
+    assert len(second["tokens"]) == 1 and second["tokens"][0] != second["eos"]
     penalised = ("repetition penalty fixed depth", "repetition penalty adaptive kl", "dry penalty fixed depth")
     for name in (*penalised, "dry penalty adaptive kl"):  # the penalty bites
         case = CASES[name]

@@ -625,6 +625,15 @@ CASES = [
         max_new_tokens=10,
         options=dict(published_eos=True),
     ),
+    dict(  # eos := the second answer token: the first one the published generate checks ends it, left out
+        name="coconut published eos, the second answer token",
+        model="gpt2-a",
+        coconut=True,
+        prompt=[13, 2, 4, 4, 4, 4, 3],
+        max_new_tokens=10,
+        eos_at=1,
+        options=dict(published_eos=True),
+    ),
 ]
 
 
@@ -1397,10 +1406,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model = build(case["model"], models[case["model"]])
         if case.get("coconut"):
-            # eos := the first answer token, so the published rule (never stop on the first answer token; a
-            # later eos ends the answer and is left out) differs from stopping at once
-            first = latentrt.generate(model, case["prompt"], max_new_tokens=1, default_stops=False).tokens[0]
-            expected = run_coconut(cm, case, model, first)
+            # eos := the first answer token (or the case's ``eos_at``-th), so the published rule (never stop on
+            # the first answer token; a later eos ends the answer and is left out) differs from stopping at once
+            at = case.get("eos_at", 0)
+            answer = latentrt.generate(model, case["prompt"], max_new_tokens=at + 1, default_stops=False).tokens
+            expected = run_coconut(cm, case, model, answer[at])
         else:
             expected = run_huginn(rm, case, model)
         out["cases"].append(dict(case, **expected))
