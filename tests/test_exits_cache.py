@@ -10,7 +10,7 @@ import latentrt
 from latentrt.cache import KVCache
 from latentrt.errors import InputError
 from latentrt.exits import ExitTracker, make_criterion
-from latentrt.kernels.reference import attention
+from latentrt.kernels.reference import attention, cosine_reference, latent_diff_reference
 from latentrt.kv_modes import KVMode, parse_kv_mode
 
 
@@ -73,6 +73,24 @@ def test_argmax_stability_counts_unchanged_steps():
     seq = [[0, 1, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0]]
     out = [tr.update(None, torch.zeros(1, 1, 1), torch.tensor([s]).float(), None).item() for s in seq]
     assert out == [False, False, True, False]
+    tr = ExitTracker(make_criterion("argmax-stability", 2), 1, 3, torch.device("cpu"))
+    seq = [[1, 0, 0]] * 3  # token 0 first: no earlier argmax (published: -1), so not yet unchanged
+    out = [tr.update(None, torch.zeros(1, 1, 1), torch.tensor([s]).float(), None).item() for s in seq]
+    assert out == [False, False, True]
+
+
+def test_latent_diff_and_cosine_are_the_published_formulas():
+    """The published LatentDiffExitEvaluator's |s_t - s_prev| / |s_t| (the new state's norm) and
+    CosineExitEvaluator's 1 - cos(s_t, s_prev), each averaged over a sequence's real positions."""
+    g = torch.Generator().manual_seed(0)
+    prev, new = torch.randn(2, 3, 8, generator=g), 3 * torch.randn(2, 3, 8, generator=g)
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    for ref, per in (
+        (latent_diff_reference, lambda a, b: (b - a).norm() / b.norm()),
+        (cosine_reference, lambda a, b: 1 - (a @ b) / a.norm() / b.norm()),
+    ):
+        want = [torch.stack([per(prev[i, j], new[i, j]) for j in range(3) if valid[i, j]]).mean() for i in range(2)]
+        assert torch.allclose(ref(prev, new, valid), torch.stack(want), atol=1e-6)
 
 
 def test_criterion_validation():
