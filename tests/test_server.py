@@ -235,6 +235,31 @@ def test_chat_continues_the_final_message_as_vllm_does(recurrent_server):
         assert bad.status_code == 400 and message in bad.json()["error"]["message"], bad.text
 
 
+def test_usage_counts_a_prompt_once_whatever_its_choices(recurrent_server):
+    """``n`` choices of a prompt share it: its tokens count once in ``usage.prompt_tokens`` (OpenAI's billing,
+    vLLM's count), each prompt of a batch once, streamed or not; every choice's tokens count."""
+    url, _, model = recurrent_server
+    one, two = (len(model.tokenizer.encode(t).ids) for t in ("Tom is a cat", "Bob is a dog ."))
+    kw = dict(model="tiny", max_tokens=3, temperature=1.0, seed=4)
+    r = client(url).completions.create(prompt="Tom is a cat", n=3, **kw)
+    assert r.usage.prompt_tokens == one and r.usage.completion_tokens == sum(
+        len(c.latentrt["token_ids"]) for c in r.choices
+    )
+    r = client(url).completions.create(prompt=["Tom is a cat", "Bob is a dog ."], n=2, **kw)
+    assert len(r.choices) == 4 and r.usage.prompt_tokens == one + two
+    assert r.usage.total_tokens == one + two + r.usage.completion_tokens
+    same = client(url).completions.create(prompt=["Tom is a cat", "Tom is a cat"], **kw)  # two prompts: twice
+    assert same.usage.prompt_tokens == 2 * one
+    messages = [{"role": "user", "content": "Tom is a cat"}]
+    alone = client(url).chat.completions.create(messages=messages, **kw)
+    chunks = list(
+        client(url).chat.completions.create(
+            messages=messages, n=3, stream=True, stream_options={"include_usage": True}, **kw
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens == alone.usage.prompt_tokens
+
+
 def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_server):
     """vLLM's /tokenize and /detokenize: a prompt's ids are those /v1/completions runs (its usage counts them),
     a conversation's those /v1/chat/completions runs; /detokenize inverts; bad bodies are 400s."""

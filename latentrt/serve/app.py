@@ -174,8 +174,8 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
             return _error(503, str(exc), "server_shutting_down")
         rid = new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
-            return await stream(request, rid, reqs, events, chat, parsed.include_usage)
-        return await complete(request, rid, reqs, events, chat)
+            return await stream(request, rid, reqs, events, chat, parsed.include_usage, parsed.prompt_index)
+        return await complete(request, rid, reqs, events, chat, parsed.prompt_index)
 
     async def next_event(request: Request, reqs, events: asyncio.Queue):
         """The next (choice, event), or None when the client went away (its requests are cancelled)."""
@@ -188,7 +188,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
                         engine.cancel(r)
                     return None
 
-    async def complete(request: Request, rid: str, reqs, events, chat: bool):
+    async def complete(request: Request, rid: str, reqs, events, chat: bool, prompt_index: list[int]):
         open_ = len(reqs)
         while open_:
             got = await next_event(request, reqs, events)
@@ -201,9 +201,11 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
             for r in reqs:
                 engine.cancel(r)
             return _error(500, str(failed[0].error), "server_error")
-        return JSONResponse(completion_body(rid, model_name, reqs, chat, text_of))
+        return JSONResponse(completion_body(rid, model_name, reqs, chat, text_of, prompt_index))
 
-    async def stream(request: Request, rid: str, reqs, events, chat: bool, include_usage: bool):
+    async def stream(
+        request: Request, rid: str, reqs, events, chat: bool, include_usage: bool, prompt_index: list[int]
+    ):
         first = await next_event(request, reqs, events)
         if first is None:
             return _error(499, "client closed the request")
@@ -244,7 +246,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
                             "created": int(time.time()),
                             "model": model_name,
                             "choices": [],
-                            "usage": usage(reqs),
+                            "usage": usage(reqs, prompt_index),
                         }
                     )
                 yield "data: [DONE]\n\n"

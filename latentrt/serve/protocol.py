@@ -350,9 +350,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(reqs) -> dict:
-    """OpenAI usage plus the latent work: recurrence iterations (recurrent depth) or thoughts (Coconut)."""
-    prompt = sum(r.prompt_tokens for r in reqs)
+def usage(reqs, prompt_index: list[int] | None = None) -> dict:
+    """OpenAI usage plus the latent work: recurrence iterations (recurrent depth) or thoughts (Coconut) of every
+    choice. A prompt's tokens count once however many choices it has (``prompt_index``: each choice's prompt,
+    ``Parsed.prompt_index``; None: one prompt a choice), as OpenAI bills them and vLLM counts them."""
+    prompts = dict(zip(prompt_index if prompt_index is not None else range(len(reqs)), reqs))
+    prompt = sum(r.prompt_tokens for r in prompts.values())
     completion = sum(len(r.tokens) for r in reqs)
     return {
         "prompt_tokens": prompt,
@@ -391,7 +394,7 @@ def logprobs_body(entries, chat: bool, text) -> dict:
     }
 
 
-def completion_body(rid: str, model: str, reqs, chat: bool, text=str) -> dict:
+def completion_body(rid: str, model: str, reqs, chat: bool, text=str, prompt_index: list[int] | None = None) -> dict:
     """The response to a request that is not streamed; ``text``: token id -> text, for log-probs."""
     choices = []
     for i, r in enumerate(reqs):
@@ -413,7 +416,7 @@ def completion_body(rid: str, model: str, reqs, chat: bool, text=str) -> dict:
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(reqs),
+        "usage": usage(reqs, prompt_index),
     }
 
 
