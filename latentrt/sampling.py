@@ -61,13 +61,15 @@ def dropped(
 ) -> Tensor | None:
     """[B, V] bool: the tokens top-k, top-p and min-p drop from logits [B, V] at ``temperature`` (> 0); None
     where no filter is set. Decided as the rule's owner decides it, on its own float32 numbers, ties included:
-    HF's warpers (``hf_drops``; latentrt's default, vLLM's rule too), or with ``published_top_p`` the published
-    Huginn sampler (``published_drops``). A bf16 model's logits tie often (a 65,536-token vocabulary at top-p
-    0.9: most steps hold a tie at the cut), and the two rules break a tie at the cut differently: HF sorts
-    ascending and keeps the later ids of a tie, the published sampler sorts descending and keeps the earlier."""
-    if not (top_k or (top_p is not None and top_p < 1) or min_p):
+    HF's warpers (``hf_drops``; latentrt's default, vLLM's rule too), or with ``published_top_p`` and a top-p
+    the published Huginn sampler (``published_drops``: its top-k and min-p too, on its probabilities). A bf16
+    model's logits tie often (a 65,536-token vocabulary at top-p 0.9: most steps hold a tie at the cut), and
+    the two rules break a tie at the cut differently: HF sorts ascending and keeps the later ids of a tie, the
+    published sampler sorts descending and keeps the earlier."""
+    nucleus = top_p is not None and top_p < 1
+    if not (top_k or nucleus or min_p):
         return None
-    rule = published_drops if published_top_p else hf_drops
+    rule = published_drops if published_top_p and nucleus else hf_drops
     return rule(logits, temperature, top_k, top_p, min_p)
 
 

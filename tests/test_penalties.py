@@ -127,7 +127,17 @@ def test_a_tie_at_the_top_p_cut_keeps_each_rules_ids(published):
     assert torch.equal(got, _hf_kept(equal, 1.0, None, 0.5, 0.0)) != published
     assert dropped(equal, 1.0, None, None, 0.0, published) is None  # no filter: nothing to compute
     two_best = torch.tensor([[0.0, 0.0, -1.0]])  # min_p 1: a token as likely as the likeliest stays (both rules)
-    assert (~dropped(two_best, 1.0, None, None, 1.0, published))[0].tolist() == [True, True, False]
+    assert (~dropped(two_best, 1.0, None, 0.99, 1.0, published))[0].tolist() == [True, True, False]
+
+
+def test_published_top_p_brings_the_published_top_k_with_a_top_p_only():
+    """Logits a hair apart whose float32 probabilities are equal: HF's top-k (on the logits) keeps one, the
+    published sampler's (on its probabilities) keeps the tie. ``published_top_p`` takes the published sampler's
+    filters where there is a top-p for its rule; without one (it warns: nothing to act on) HF's."""
+    x = torch.tensor([[1e-10, 0.0, 0.0, -5.0]])
+    assert (~dropped(x, 1.0, 1, None, 0.0, True))[0].tolist() == [True, False, False, False]
+    assert (~dropped(x, 1.0, 1, 0.999, 0.0, True))[0].tolist() == [True, True, True, False]
+    assert (~dropped(x, 1.0, 1, 0.999, 0.0, False))[0].tolist() == [True, False, False, False]
 
 
 def test_sampling_probs_are_the_published_float32_distribution_and_overflow_falls_back_per_row():
