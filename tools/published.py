@@ -81,6 +81,8 @@ def build(name: str, spec: dict | None = None):
         if copy is not None and copy[1] is not None:
             row, src, scale = copy
             model.lm_head.weight[row] = scale * model.lm_head.weight[src]
+        if spec.get("head_scale"):  # logits spread as a trained model's: peaked distributions
+            model.lm_head.weight.mul_(spec["head_scale"])
     model.eval()
     return model.to(getattr(torch, spec.get("dtype", "float32")))
 

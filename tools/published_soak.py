@@ -71,6 +71,7 @@ from latentrt.exits import CRITERIA
 
 from . import warnings_silenced, wrapped
 from .published import (
+    BASE_HUGINN,
     MODELS,
     build,
     coconut_dataset_module,
@@ -88,7 +89,17 @@ from .published import (
 
 # training: the loss and the gradients' norm agree to float rounding (tests/test_published.py's tolerances)
 TRAINING_TOLERANCE = dict(loss=1e-6, grad_norm=1e-5)
+# the soak's own models beside the vectors': Huginn-0125's vocabulary and dtype, its head scaled so the
+# distributions are peaked as a trained model's: bf16 logits over 65,536 tokens tie often at a top-k / top-p /
+# min-p cut, where the rules differ in which ids of a tie they keep (latentrt/sampling.py ``dropped``)
+SOAK_MODELS = {
+    "huginn-peaked-bf16": dict(
+        config=dict(BASE_HUGINN, vocab_size=65536, tie_embeddings=False), seed=11, dtype="bfloat16", head_scale=8.0
+    ),
+}
+ALL_MODELS = {**MODELS, **SOAK_MODELS}
 HUGINN_MODELS = ("huginn-a", "huginn-b", "huginn-mqa", "huginn-vocab97", "huginn-a-bf16", "huginn-b-bf16")
+HUGINN_MODELS += tuple(SOAK_MODELS)  # (last: the speculative and wavefront draws take the first ones)
 # the published cache lookups latentrt takes by name (latentrt/kv_modes.py), and the published name its "full"
 # lookup has under an adaptive exit (latentrt's ``skip``); ``full`` at fixed depth is every mode's rule
 LOOKUPS = (
@@ -143,7 +154,7 @@ def _sampling(rng: random.Random) -> dict:
 
 def draw_sequential(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
-    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
     o: dict = dict(num_steps=rng.randrange(1, 13), init_scale=rng.choice([0.0, 1.0]), seed=rng.randrange(1000))
     case: dict = dict(model=model, prompt=_prompt(rng, vocab), max_new_tokens=rng.randrange(1, 13))
     if rng.random() < 0.7:
@@ -173,7 +184,7 @@ def draw_sequential(rng: random.Random) -> dict:
 
 def draw_batch(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
-    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
     n = rng.randrange(1, 12)
     o: dict = dict(num_steps=rng.randrange(1, 9), init_scale=rng.choice([0.0, 1.0]))
     if rng.random() < 0.6:
@@ -207,17 +218,19 @@ def draw_hf(rng: random.Random) -> dict:
     o.pop("dry_allowed_length", None)
     if o.get("published_top_p"):
         o["published_top_p"] = False
+    if ALL_MODELS[case["model"]]["config"].get("vocab_size", 40) > 65504:  # transformers stops at no Huginn stop
+        o["default_stops"] = False  # token (its eos is None here): neither does latentrt then
     case.pop("minimal")
     return dict(case, hf=True, options=o)
 
 
 def draw_prefill(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
-    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
     criterion = rng.choice(sorted(set(CRITERIA) - {"none"}))
     threshold = _threshold(rng, criterion)
     o = dict(adaptive=True, exit_criterion=criterion, exit_threshold=threshold or CRITERIA[criterion].DEFAULT)
-    o.update(num_steps=MODELS[model]["config"]["mean_recurrence"], adaptive_prefill=True)
+    o.update(num_steps=ALL_MODELS[model]["config"]["mean_recurrence"], adaptive_prefill=True)
     o.update(init_scale=rng.choice([0.0, 1.0]), seed=rng.randrange(1000))
     o["kv_sharing"] = rng.choice([k for k in LOOKUPS if k not in ("skip", "full")])
     return dict(model=model, prompt=_prompt(rng, vocab), max_new_tokens=1, adaptive_prefill=True, options=o)
@@ -232,7 +245,7 @@ def draw_speculative(rng: random.Random) -> dict:
     o.update(kv_sharing=rng.choice(SPECULATIVE_LOOKUPS), seed=rng.randrange(1000))
     if rng.random() < 0.3:
         o["temperature"] = rng.choice([0.7, 1.0])
-    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
     case = dict(model=model, prompt=_prompt(rng, vocab, 2), max_new_tokens=rng.randrange(1, 13))
     return dict(case, speculative=drafts, options=o)
 
@@ -254,14 +267,14 @@ def draw_wavefront(rng: random.Random) -> dict:
         o["kv_sharing"] = rng.choice(["latest-m4", "latest-m4-compress-s8", "skip", "always-last-m4"])
     if rng.random() < 0.3:
         o.update(temperature=rng.choice([0.7, 1.0]))
-    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
     case = dict(model=model, prompt=_prompt(rng, vocab, 2, 10), max_new_tokens=rng.randrange(1, 9))
     return dict(case, wavefront=wf, options=o)
 
 
 def draw_coconut(rng: random.Random) -> dict:
-    markers = MODELS["gpt2-a"]["markers"]
-    vocab = MODELS["gpt2-a"]["config"]["vocab_size"]
+    markers = ALL_MODELS["gpt2-a"]["markers"]
+    vocab = ALL_MODELS["gpt2-a"]["config"]["vocab_size"]
     words = [i for i in range(vocab) if i not in markers.values()]
     question = [rng.choice(words) for _ in range(rng.randrange(1, 12))]
     thoughts = [markers["start_latent_id"]] + [markers["latent_id"]] * rng.randrange(0, 5)
@@ -280,7 +293,7 @@ def draw_coconut_training(rng: random.Random) -> dict:
     [+ start marker and 0-3 thoughts] | [end marker +] the steps and answer + eos), coconut, cot or pause
     as thought, in train mode (dropout drawn from torch's generator) or eval mode."""
     mode = rng.choice(["coconut", "coconut", "cot", "pause"])
-    words = list(range(5, MODELS["gpt2-a"]["config"]["vocab_size"]))
+    words = list(range(5, ALL_MODELS["gpt2-a"]["config"]["vocab_size"]))
     examples = []
     for _ in range(rng.randrange(1, 5)):
         pre = [rng.choice(words) for _ in range(rng.randrange(1, 9))]
@@ -296,7 +309,7 @@ def draw_huginn_training(rng: random.Random) -> dict:
     """A right-padded batch of 1-3 rows (labels -100 on a prompt prefix and the padding) at a no-grad / grad depth,
     as the fine-tuning script's forward takes it, the random initial state from torch's generator."""
     model = rng.choice(HUGINN_MODELS)
-    vocab = MODELS[model]["config"].get("vocab_size", 40)
+    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
     S = rng.randrange(3, 13)
     ids, labels = [], []
     for _ in range(rng.randrange(1, 4)):
@@ -510,15 +523,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
     ap.add_argument("--backend", default="torch", choices=CHOICES, help="latentrt's backend (default torch)")
-    ap.add_argument("--models", default=None, help="comma-separated names of tools.published.MODELS to keep")
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated names of tools.published.MODELS (or the soak's SOAK_MODELS) to keep",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the mismatching cases here (JSON)")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(KINDS):
         ap.error(f"--kinds takes {','.join(KINDS)}; got {args.kinds!r}")
     keep = None if args.models is None else {m.strip() for m in args.models.split(",") if m.strip()}
-    if keep is not None and (not keep or keep - set(MODELS)):
-        ap.error(f"--models takes names of {','.join(MODELS)}; got {args.models!r}")
+    if keep is not None and (not keep or keep - set(ALL_MODELS)):
+        ap.error(f"--models takes names of {','.join(ALL_MODELS)}; got {args.models!r}")
     import transformers
 
     transformers_4 = int(transformers.__version__.split(".")[0]) < 5
@@ -540,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             counts["skipped (--models)"] += 1
             continue
         if case["model"] not in models:
-            models[case["model"]] = build(case["model"])
+            models[case["model"]] = build(case["model"], ALL_MODELS[case["model"]])
         model = models[case["model"]]
         complete(case, model)
         # compared where all else agrees, on the torch backend: a sequential adaptive or adaptive prefill case's
@@ -576,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         if what is None and heads:
             counts["coconut first answer logits compared"] += 1
             what = seen.differs(case["prompt"].count(model.config.latent_id) + 1)
-        if what is not None and args.backend != "torch" and MODELS[case["model"]].get("dtype") == "bfloat16":
+        if what is not None and args.backend != "torch" and ALL_MODELS[case["model"]].get("dtype") == "bfloat16":
             what += f" (bf16 on {args.backend}: its fused kernels round otherwise than the published eager bf16 ops)"
         if what is not None:
             counts[f"{kind} differ"] += 1
