@@ -12,6 +12,7 @@ draw nothing. Without a seed the global torch RNG is used.
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import inf
 
 import torch
 from torch import Tensor
@@ -75,55 +76,42 @@ def dropped(
 
 def hf_drops(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, min_p: float) -> Tensor:
     """The tokens HF's ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper`` and
-    ``MinPLogitsWarper`` set to -inf, in its generate's order, computed as they compute it on the float32
+    ``MinPLogitsWarper`` leave at -inf, in its generate's order, computed as they compute it on the float32
     logits: top-k keeps every token tied with the k-th; top-p sorts ascending and drops a token while the
     cumulative probability up to it is at most 1 - top_p (the last, likeliest, stays); min-p drops a token less
-    likely than min_p x the likeliest, from the probabilities of what is left."""
+    likely than min_p x the likeliest, from the probabilities of what is left (HF then keeps the likeliest
+    token: min_p <= 1 never drops it). A token at -inf already (a padding column) counts as dropped."""
     scores = logits.float() / temperature
-    drop = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-
-    def remove(where: Tensor) -> Tensor:
-        nonlocal drop
-        drop = drop | where
-        return scores.masked_fill(where, float("-inf"))
-
     if top_k:
-        scores = remove(scores < torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None])
+        scores = scores.masked_fill(scores < torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None], -inf)
     if top_p is not None and top_p < 1:
         ascending, order = torch.sort(scores, descending=False)
         out = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
         out[..., -1:] = False
-        scores = remove(out.scatter(1, order, out))
-    if min_p:  # (HF then keeps the likeliest token: min_p <= 1 never drops it)
+        scores = scores.masked_fill(out.scatter(1, order, out), -inf)
+    if min_p:
         probs = torch.softmax(scores, dim=-1)
-        remove(probs < min_p * probs.max(dim=-1, keepdim=True).values)
-    return drop
+        scores = scores.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -inf)
+    return scores == -inf
 
 
 def published_drops(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, min_p: float) -> Tensor:
-    """The tokens the published Huginn sampler zeroes, computed as it computes them on its float32 probabilities
-    softmax(logits / temperature): top-k drops those below the k-th; top-p sorts descending and drops a token
-    where the cumulative sum up to and including it exceeds top_p (the token that crosses p goes; the top one
-    stays), counted over the top-k probabilities, not renormalised; min-p drops those below min_p x the
-    likeliest left. HF's rule keeps the crossing token and renormalises after top-k."""
+    """The tokens the published Huginn sampler leaves at probability 0, computed as it computes them on its
+    float32 probabilities softmax(logits / temperature): top-k zeroes those below the k-th; top-p sorts
+    descending and zeroes a token where the cumulative sum up to and including it exceeds top_p (the token that
+    crosses p goes; the top one stays), counted over the top-k probabilities, not renormalised; min-p zeroes those
+    below min_p x the likeliest left. HF's rule keeps the crossing token and renormalises after top-k."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    drop = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-
-    def remove(where: Tensor) -> Tensor:
-        nonlocal drop
-        drop = drop | where
-        return torch.where(where, torch.zeros_like(probs), probs)
-
     if top_k:
-        probs = remove(probs < torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[:, -1:])
+        probs = torch.where(probs < torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[:, -1:], 0.0, probs)
     if top_p is not None and top_p < 1:
         descending, order = torch.sort(probs, descending=True, dim=-1)
         out = torch.cumsum(descending, dim=-1) > top_p
         out[:, 0] = False
-        probs = remove(torch.zeros_like(out).scatter(-1, order, out))
+        probs = torch.where(torch.zeros_like(out).scatter(-1, order, out), 0.0, probs)
     if min_p:
-        remove(probs < min_p * probs.max(dim=-1, keepdim=True)[0])
-    return drop
+        probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True)[0], 0.0, probs)
+    return probs == 0
 
 
 def sampling_probs(
