@@ -141,6 +141,11 @@ def _threshold(rng: random.Random, criterion: str):
     return CRITERIA[criterion].DEFAULT * 10 ** rng.uniform(-1, 1)
 
 
+def _vocab(model: str) -> int:
+    """The vocabulary of a model of ``ALL_MODELS`` (BASE_HUGINN's 40 where its config leaves it)."""
+    return ALL_MODELS[model]["config"].get("vocab_size", 40)
+
+
 def _sampling(rng: random.Random) -> dict:
     out: dict = dict(temperature=rng.choice([0.7, 1.0, 1.5]))
     if rng.random() < 0.5:
@@ -154,7 +159,7 @@ def _sampling(rng: random.Random) -> dict:
 
 def draw_sequential(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
-    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
+    vocab = _vocab(model)
     o: dict = dict(num_steps=rng.randrange(1, 13), init_scale=rng.choice([0.0, 1.0]), seed=rng.randrange(1000))
     case: dict = dict(model=model, prompt=_prompt(rng, vocab), max_new_tokens=rng.randrange(1, 13))
     if rng.random() < 0.7:
@@ -184,7 +189,7 @@ def draw_sequential(rng: random.Random) -> dict:
 
 def draw_batch(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
-    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
+    vocab = _vocab(model)
     n = rng.randrange(1, 12)
     o: dict = dict(num_steps=rng.randrange(1, 9), init_scale=rng.choice([0.0, 1.0]))
     if rng.random() < 0.6:
@@ -218,7 +223,7 @@ def draw_hf(rng: random.Random) -> dict:
     o.pop("dry_allowed_length", None)
     if o.get("published_top_p"):
         o["published_top_p"] = False
-    if ALL_MODELS[case["model"]]["config"].get("vocab_size", 40) > 65504:  # transformers stops at no Huginn stop
+    if _vocab(case["model"]) > 65504:  # transformers stops at no Huginn stop
         o["default_stops"] = False  # token (its eos is None here): neither does latentrt then
     case.pop("minimal")
     return dict(case, hf=True, options=o)
@@ -226,7 +231,7 @@ def draw_hf(rng: random.Random) -> dict:
 
 def draw_prefill(rng: random.Random) -> dict:
     model = rng.choice(HUGINN_MODELS)
-    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
+    vocab = _vocab(model)
     criterion = rng.choice(sorted(set(CRITERIA) - {"none"}))
     threshold = _threshold(rng, criterion)
     o = dict(adaptive=True, exit_criterion=criterion, exit_threshold=threshold or CRITERIA[criterion].DEFAULT)
@@ -245,7 +250,7 @@ def draw_speculative(rng: random.Random) -> dict:
     o.update(kv_sharing=rng.choice(SPECULATIVE_LOOKUPS), seed=rng.randrange(1000))
     if rng.random() < 0.3:
         o["temperature"] = rng.choice([0.7, 1.0])
-    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
+    vocab = _vocab(model)
     case = dict(model=model, prompt=_prompt(rng, vocab, 2), max_new_tokens=rng.randrange(1, 13))
     return dict(case, speculative=drafts, options=o)
 
@@ -267,7 +272,7 @@ def draw_wavefront(rng: random.Random) -> dict:
         o["kv_sharing"] = rng.choice(["latest-m4", "latest-m4-compress-s8", "skip", "always-last-m4"])
     if rng.random() < 0.3:
         o.update(temperature=rng.choice([0.7, 1.0]))
-    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
+    vocab = _vocab(model)
     case = dict(model=model, prompt=_prompt(rng, vocab, 2, 10), max_new_tokens=rng.randrange(1, 9))
     return dict(case, wavefront=wf, options=o)
 
@@ -309,7 +314,7 @@ def draw_huginn_training(rng: random.Random) -> dict:
     """A right-padded batch of 1-3 rows (labels -100 on a prompt prefix and the padding) at a no-grad / grad depth,
     as the fine-tuning script's forward takes it, the random initial state from torch's generator."""
     model = rng.choice(HUGINN_MODELS)
-    vocab = ALL_MODELS[model]["config"].get("vocab_size", 40)
+    vocab = _vocab(model)
     S = rng.randrange(3, 13)
     ids, labels = [], []
     for _ in range(rng.randrange(1, 4)):
