@@ -211,6 +211,10 @@ def test_chat_with_the_models_template(recurrent_server):
         model="tiny", messages=messages, max_tokens=6, temperature=0, seed=4, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == alone.text
+    # a null max_completion_tokens is absent: the deprecated max_tokens counts (vLLM's reading)
+    body = dict(model="tiny", messages=messages, temperature=0, seed=4, max_completion_tokens=None, max_tokens=3)
+    raw = httpx.post(f"{url}/v1/chat/completions", json=body).json()
+    assert raw["choices"][0]["latentrt"]["token_ids"] == alone.tokens[:3]
 
 
 def test_chat_continues_the_final_message_as_vllm_does(recurrent_server):
@@ -658,6 +662,7 @@ def test_routes_and_bad_input(recurrent_server):
     talk = {"messages": [{"role": "user", "content": "a"}]}
     assert error({**talk, "max_completion_tokens": 0}, **chat).startswith("max_completion_tokens must be")
     assert error({**talk, "max_tokens": 0}, **chat).startswith("max_tokens must be")
+    assert error({**talk, "max_completion_tokens": None, "max_tokens": 0}, **chat).startswith("max_tokens must be")
     assert error({**talk, "min_tokens": 99}, **chat).startswith(
         "min_tokens must be an integer in [0, max_completion_tokens=64]"
     )

@@ -291,11 +291,12 @@ def parse_chat(body, template, tokenizer) -> Parsed:
     body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
     ids = chat_prompt_ids(template, tokenizer, body.get("messages"), chat_options(body))
     stream = _flag(body, "stream")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    opts, n = _options(body, max_tokens)
+    # max_completion_tokens, else the deprecated max_tokens (a null one is absent, as vLLM reads it)
+    old_name = body.get("max_completion_tokens") is None and body.get("max_tokens") is not None
+    given = "max_tokens" if old_name else "max_completion_tokens"
+    opts, n = _options(body, body.get(given))
     parsed = _per_choice([ids], opts, n)
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
-    given = "max_tokens" if "max_completion_tokens" not in body and "max_tokens" in body else "max_completion_tokens"
     parsed.field_names = dict(RENAMED, max_new_tokens=given)
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=True)
