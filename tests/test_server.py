@@ -262,6 +262,22 @@ def test_usage_counts_a_prompt_once_whatever_its_choices(recurrent_server):
         )
     )
     assert chunks[-1].usage.prompt_tokens == alone.usage.prompt_tokens
+    for options in (None, {"include_usage": False}):  # no usage asked: no usage chunk
+        chunks = list(client(url).completions.create(prompt="Tom is a cat", stream=True, stream_options=options, **kw))
+        assert all(c.usage is None and c.choices for c in chunks)
+
+
+def test_choices_sample_with_seed_plus_their_index_as_a_generate_batch(recurrent_server):
+    """``n`` choices of each prompt of a list: choice i samples with seed + i, as sequence i of a generate()
+    batch does (so the n choices of a prompt differ)."""
+    url, _, model = recurrent_server
+    prompts, kw = ["Tom is a cat", "Alex is a dog ."], dict(max_new_tokens=6, temperature=1.5)
+    r = client(url).completions.create(model="tiny", prompt=prompts, n=3, max_tokens=6, temperature=1.5, seed=40)
+    got = [c.latentrt["token_ids"] for c in r.choices]
+    assert got == [
+        latentrt.generate(model, prompts[k], seed=40 + 3 * k + j, **kw).tokens for k in (0, 1) for j in range(3)
+    ]
+    assert len({tuple(t) for t in got[:3]}) > 1
 
 
 def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_server):
@@ -467,6 +483,7 @@ def test_vllms_stop_and_text_fields(recurrent_server):
     cases = [
         (dict(stop_token_ids=[stop_id], ignore_eos=True), dict(stop=[stop_id], default_stops=False)),
         (dict(stop=[stop], include_stop_str_in_output=True), dict(stop=[stop], include_stop_str_in_output=True)),
+        (dict(stop=[stop], stop_token_ids=[stop_id]), dict(stop=[stop, stop_id])),  # both: whichever comes first
         (dict(logit_bias=pad), dict(logit_bias={1: 4.0})),
         (dict(logit_bias=pad, skip_special_tokens=False), dict(logit_bias={1: 4.0}, skip_special_tokens=False)),
     ]
