@@ -301,6 +301,8 @@ def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_serve
         ("/tokenize", {"prompt": [1, 2]}, "prompt must be a string"),
         ("/tokenize", {"prompt": "a", "extra": 1}, "unknown field(s) ['extra'] for /tokenize"),
         ("/detokenize", {"tokens": [1, 10**6]}, "tokens must be a list of token ids"),
+        ("/detokenize", {"tokens": [model.config.vocab_size]}, f"in [0, {model.config.vocab_size})"),
+        ("/detokenize", {"tokens": [-1]}, "tokens must be a list of token ids"),
     ]:
         bad = h.post(route, json=body)
         assert bad.status_code == 400 and message in bad.json()["error"]["message"], bad.text
