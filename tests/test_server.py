@@ -210,7 +210,9 @@ def test_chat_with_the_models_template(recurrent_server):
     stream = client(url).chat.completions.create(
         model="tiny", messages=messages, max_tokens=6, temperature=0, seed=4, stream=True
     )
-    assert "".join(c.choices[0].delta.content or "" for c in stream) == alone.text
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == alone.text
+    assert chunks[0].choices[0].delta.model_dump(exclude_unset=True) == {"role": "assistant", "content": ""}
     # a null max_completion_tokens is absent: the deprecated max_tokens counts (vLLM's reading)
     body = dict(model="tiny", messages=messages, temperature=0, seed=4, max_completion_tokens=None, max_tokens=3)
     raw = httpx.post(f"{url}/v1/chat/completions", json=body).json()
@@ -278,6 +280,7 @@ def test_choices_sample_with_seed_plus_their_index_as_a_generate_batch(recurrent
         latentrt.generate(model, prompts[k], seed=40 + 3 * k + j, **kw).tokens for k in (0, 1) for j in range(3)
     ]
     assert len({tuple(t) for t in got[:3]}) > 1
+    assert r.usage.latent_iterations == sum(sum(c.latentrt["steps"]) for c in r.choices)  # every choice's
 
 
 def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_server):

@@ -426,7 +426,8 @@ def chunk_body(
 ):
     """One server-sent event's object of a stream (``token_text``: token id -> text, for log-probs)."""
     if chat:
-        delta = {"role": "assistant"} if role else ({} if text is None else {"content": text})
+        # the first chunk names the role with empty content, as OpenAI's and vLLM's first chunk does
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
         choice = {"index": index, "delta": delta, "finish_reason": finish}
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
