@@ -152,19 +152,13 @@ def coconut_generate(model, ids: Tensor, max_new_tokens: int) -> list[int]:
     embeds = model.embed(ids)
     cols = (ids[0] == latent).nonzero()[:, 0].tolist() if latent is not None else []
     for c in cols:
-        h = _full_pass(model, embeds[:, :c])
+        h = model.pass_whole(embeds[:, :c])
         embeds = embeds.clone()
         embeds[:, c] = h[:, -1]
     out = []
     for _ in range(max_new_tokens):
-        h = _full_pass(model, embeds)
+        h = model.pass_whole(embeds)
         tok = int(model.lm_logits(h[:, -1]).argmax(-1).item())
         out.append(tok)
         embeds = torch.cat([embeds, model.embed(torch.tensor([[tok]], device=ids.device))], 1)
     return out
-
-
-def _full_pass(model, embeds: Tensor) -> Tensor:
-    cache = model.new_cache(1, embeds.shape[1])
-    chunk = cache.begin(torch.ones(1, embeds.shape[1], dtype=torch.bool, device=embeds.device))
-    return model.forward_embeds(embeds, cache, chunk)

@@ -30,6 +30,7 @@ GENERATE_FLAGS = {
     "thoughts": "num_thoughts",
     "append_thoughts": "append_thoughts",
     "published_eos": "published_eos",
+    "published_recompute": "published_recompute",
     "default_stops": "default_stops",
     "include_stop_str_in_output": "include_stop_str_in_output",
     "skip_special_tokens": "skip_special_tokens",
@@ -158,6 +159,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=UNSET,
         help="Coconut: never stop on the first answer token; leave out the eos that ends a later one",
+    )
+    p.add_argument(
+        "--published-recompute",
+        action="store_true",
+        default=UNSET,
+        help="Coconut: compute each answer token after the first from the whole sequence run anew, as the "
+        "published generate does (its logits bit for bit; no KV cache: slower)",
     )
     p.add_argument(
         "--no-default-stops",

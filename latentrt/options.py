@@ -46,6 +46,7 @@ class GenerateOptions:
     num_thoughts: int | None = None
     append_thoughts: bool = True  # False: a prompt without markers runs as it is (the CoT / no-CoT formats)
     published_eos: bool = False
+    published_recompute: bool = False  # each answer token after the first from the whole sequence run anew
     # sampling and stopping
     temperature: float = 0.0
     top_k: int | None = None

@@ -422,6 +422,40 @@ def test_coconut_generate_matches_published_pattern():
     assert appended.tokens == got.tokens[0]
 
 
+def test_coconut_published_recompute_runs_each_later_answer_token_over_the_whole_sequence():
+    """``published_recompute``: each answer token after the first from the sequence's input embeddings (the
+    prompt's, a thought's the hidden state before it, then the answer's tokens') run whole, from scratch, as
+    Coconut's generate runs it (tests/test_published.py: a bf16 case where the cached pass gives another token);
+    the first token's logits are the prompt's passes' as before; a batch's rows each as alone; the published
+    pattern's tokens (fp32: the cached default's too)."""
+    model = tiny_coconut(seed=3)
+    ids = [5, 6, 7, 2, 4, 4, 4, 3]
+    got = latentrt.generate(model, ids, max_new_tokens=6, published_recompute=True, return_logits=True)
+    cached = latentrt.generate(model, ids, max_new_tokens=6, return_logits=True)
+    assert got.tokens == cached.tokens == coconut_generate(model, torch.tensor([ids]), 6)
+    assert torch.equal(got.logits[0], cached.logits[0])
+    assert not torch.equal(got.logits[1:], cached.logits[1:]) and rel_err(got.logits, cached.logits) < 1e-5
+    # the passes themselves: the prompt's input embeddings (thoughts: the hidden state before), then the answer's
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        _, hidden, _ = model.run_prompt(x, torch.ones_like(x, dtype=torch.bool), model.new_cache(1, len(ids)))
+        embeds = model.embed(x)[0]
+        for c in (4, 5, 6):
+            embeds[c] = hidden[0, c - 1]
+        for t in range(1, 6):
+            embeds = torch.cat([embeds, model.embed(torch.tensor([got.tokens[t - 1]]))])
+            assert torch.equal(got.logits[t], model.lm_logits(model.pass_whole(embeds[None]))[0, -1]), t
+    prompts = [[5, 6, 7, 2, 4, 4, 3, 9], [8, 2, 4, 3], [5, 6, 7, 8, 9, 10, 2, 4, 4, 4, 3]]
+    batch = latentrt.generate(model, prompts, max_new_tokens=5, published_recompute=True, return_logits=True)
+    for i, p in enumerate(prompts):
+        alone = latentrt.generate(model, p, max_new_tokens=5, published_recompute=True, return_logits=True)
+        assert batch.tokens[i] == alone.tokens and rel_err(batch.logits[i], alone.logits) < 1e-5
+    with pytest.raises(InputError, match="published_recompute runs the published generate's passes, which take no"):
+        latentrt.generate(model, ids, published_recompute=True, hooks=lambda ev: None)
+    with pytest.raises(InputError, match="published_recompute does not apply to this recurrent-depth model"):
+        latentrt.generate(tiny_recurrent(), [5, 6], published_recompute=True)
+
+
 def test_coconut_batch_equals_single():
     model = tiny_coconut(seed=4)
     prompts = [[5, 6, 7, 2, 4, 4, 3, 9], [8, 2, 4, 3], [5, 6, 7, 8, 9, 10, 2, 4, 4, 4, 3]]

@@ -251,6 +251,9 @@ def test_the_vectors_cover_each_published_difference():
     assert len(coconut["tokens"]) < coconut["max_new_tokens"]  # a later eos ended it, left out
     second = CASES["coconut published eos, the second answer token"]  # the first eos it checks, left out
     assert len(second["tokens"]) == 1 and second["tokens"][0] != second["eos"]
+    recomputed = CASES["coconut bf16 answer tokens recomputed as published"]  # the cached pass: another token
+    cached = _generate(dict(recomputed, options=dict(recomputed["options"], published_recompute=False)), "torch")
+    assert cached.tokens != recomputed["tokens"] and cached.tokens[:6] == recomputed["tokens"][:6]
     penalised = ("repetition penalty fixed depth", "repetition penalty adaptive kl", "dry penalty fixed depth")
     for name in (*penalised, "dry penalty adaptive kl"):  # the penalty bites
         case = CASES[name]
@@ -266,7 +269,7 @@ def test_the_bf16_cases_depend_on_the_criteria_rounding_in_bf16(monkeypatch):
     from latentrt.exits import ReferenceExitOps
 
     assert _generate(CASES["cosine zero initial state"], "torch").steps[0] == 2  # not at the NaN check
-    bf16 = [n for n in CASES if CASES[n]["model"].endswith("-bf16")]
+    bf16 = [n for n in CASES if CASES[n]["model"].endswith("-bf16") and not CASES[n].get("coconut")]
     assert {CASES[n]["options"]["exit_criterion"] for n in bf16} == {"latent-diff", "cosine"}
     in_fp32 = ReferenceExitOps.latent_diff
 

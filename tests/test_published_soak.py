@@ -116,7 +116,8 @@ def test_states_a_hair_apart_are_a_mismatch_though_tokens_and_steps_agree(as_pub
 def test_a_coconut_first_answer_from_logits_a_hair_apart_is_a_mismatch():
     """HeadsSeen compares the first answer token's logits (the last prompt pass's head, call ``passes - 1``)
     bit for bit: here both sides are latentrt's head (the published GPT-2's stands in), equal, then one run's head
-    weights scaled by 1 + 1e-6 (every token the same), which is a mismatch."""
+    weights scaled by 1 + 1e-6 (every token the same), which is a mismatch; with ``published_recompute`` each
+    later answer token's logits too (a call each)."""
     import latentrt
     from latentrt.models.coconut import CoconutGPT2
     from tools.published import build
@@ -141,5 +142,16 @@ def test_a_coconut_first_answer_from_logits_a_hair_apart_is_a_mismatch():
             latentrt.generate(model, case["prompt"], max_new_tokens=3)
         with torch.no_grad():
             w.copy_(saved)
-    assert seen.differs(passes).startswith("the first answer token's logits differ (max |difference|")
+    assert seen.differs(passes).startswith("answer token 0's logits differ (max |difference|")
     assert seen.differs(passes + 100).endswith(f"fewer than the prompt's {passes + 100} passes")
+    # with published_recompute every answer token's logits are compared: a later one a hair apart is a mismatch
+    seen.runs = {"published": [], "latentrt": []}
+    for side in ("latentrt", "published"):
+        with seen.side(side):
+            latentrt.generate(model, case["prompt"], max_new_tokens=3, published_recompute=True)
+    assert seen.differs(passes, recomputed=True) is None and len(seen.runs["latentrt"]) == passes + 2
+    seen.runs["published"][passes + 1] = seen.runs["published"][passes + 1] * (1 + 1e-6)
+    assert seen.differs(passes) is None
+    assert seen.differs(passes, recomputed=True).startswith("answer token 2's logits differ (max |difference|")
+    seen.runs["published"].pop()
+    assert seen.differs(passes, recomputed=True) == f"{passes + 2} head calls against the published {passes + 1}"

@@ -605,6 +605,10 @@ def test_coconut_server_thoughts():
         r = h.post("/v1/completions", json={"prompt": [[5, 6, 7], [5, 6, 3]], "max_tokens": 2})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["message"] == "prompt 1: end-latent marker at token 2 without a start marker"
+        # an option the server's passes do not run is refused, not ignored
+        r = h.post("/v1/completions", json={"prompt": "Tom", "max_tokens": 2, "published_recompute": True})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == "published_recompute=True runs in generate() only, not in the server"
 
 
 # ------------------------------------------------------------------------------ raw HTTP and faults

@@ -62,6 +62,15 @@ MODELS = {
         noise=0.3,
         markers=dict(latent_id=4, start_latent_id=2, end_latent_id=3),
     ),
+    # GPT-2's vocabulary in bf16 (run.py evaluates a bf16 model so): a pass of one position over the KV cache
+    # rounds otherwise than the published generate's pass over the whole sequence, and an answer token differs
+    "gpt2-bf16": dict(
+        config=dict(model_type="gpt2", n_embd=64, n_head=2, n_layer=2, n_positions=128, vocab_size=50257),
+        seed=7,
+        noise=0.3,
+        markers=dict(latent_id=50254, start_latent_id=50255, end_latent_id=50256),
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -635,6 +644,14 @@ CASES = [
         max_new_tokens=10,
         eos_at=1,
         options=dict(published_eos=True),
+    ),
+    dict(  # the seventh answer token: from the cache, 472; the published generate's whole-sequence pass, 40871
+        name="coconut bf16 answer tokens recomputed as published",
+        model="gpt2-bf16",
+        coconut=True,
+        prompt=[22403, 20018, 47870, 21749, 2898, 50255, 50254, 50254, 50254, 50256],
+        max_new_tokens=8,
+        options=dict(published_eos=True, published_recompute=True),
     ),
 ]
 

@@ -7,13 +7,13 @@ latentrt, for a time budget or a count of cases.
                                    [--backend torch] [--models huginn-a,...] [--out FILE]
 
 ``--huginn`` / ``--coconut``: the folders ``python -m tools.published`` takes (the published files are not
-vendored: fetch them). tests/published_vectors.json pins 83 chosen cases; this tool draws others in the same
+vendored: fetch them). tests/published_vectors.json pins chosen cases; this tool draws others in the same
 format from the published option space, on the same tiny seeded models (``tools.published.MODELS``, fp32 and
 bf16: both sides run on this CPU), and compares the tokens, the iterations per token, an adaptive prefill's
 iterations per position and the speculative rounds' accepted tokens (latentrt on ``--backend``), or a training
 step's loss and gradients; where those agree, a sequential adaptive or adaptive prefill case on the torch backend
 also compares the latent states every exit check sees, bit for bit (``StatesSeen``), and a Coconut case the logits
-of its first answer token (``HeadsSeen``):
+of its first answer token, of every one with ``published_recompute`` (``HeadsSeen``):
 
 - ``sequential``: ``generate_with_adaptive_compute`` at batch 1: fixed depth or an adaptive exit (every published
   criterion, the default "auto" threshold or a drawn one, ``min_steps``, ``check_criterion_every_n_steps``,
@@ -30,7 +30,8 @@ of its first answer token (``HeadsSeen``):
 - ``prefill``: ``forward_with_adaptive_compute`` (token-by-token adaptive prefill): the first token and the
   iterations per prompt position;
 - ``speculative`` / ``wavefront``: ``generate_speculative`` / ``generate_diffusion_style`` with drawn options;
-- ``coconut``: Coconut's ``generate`` on a prompt with 0-4 thoughts (latentrt with ``published_eos``);
+- ``coconut``: Coconut's ``generate`` on a prompt with 0-4 thoughts (latentrt with ``published_eos``, and
+  ``published_recompute`` always on the bf16 GPT-2, on half the cases on the fp32 one);
 - ``coconut_training``: run.py's training step (the published collator and Coconut forward; the plain GPT-2 for
   cot and pause) on 1-4 random examples with 0-3 thoughts each, in train mode (dropout) or not, against
   latentrt's ``CoconutLoss`` on its ``collate``: the loss and the gradients' norm to float rounding;
@@ -278,18 +279,22 @@ def draw_wavefront(rng: random.Random) -> dict:
 
 
 def draw_coconut(rng: random.Random) -> dict:
-    markers = ALL_MODELS["gpt2-a"]["markers"]
-    vocab = ALL_MODELS["gpt2-a"]["config"]["vocab_size"]
-    words = [i for i in range(vocab) if i not in markers.values()]
-    question = [rng.choice(words) for _ in range(rng.randrange(1, 12))]
+    """A Coconut prompt of 0-4 thoughts on a GPT-2 of 40 tokens (fp32; half the cases with
+    ``published_recompute``) or of GPT-2's vocabulary in bf16 (always with it: the cached pass gives another token
+    in a few answers of a hundred there, README)."""
+    model = rng.choice(["gpt2-a", "gpt2-bf16"])
+    markers, vocab = ALL_MODELS[model]["markers"], _vocab(model)
+    words = [rng.randrange(vocab) for _ in range(12)]
+    question = [w for w in words if w not in markers.values()][: rng.randrange(1, 12)] or [vocab - 4]
     thoughts = [markers["start_latent_id"]] + [markers["latent_id"]] * rng.randrange(0, 5)
     prompt = question + thoughts + [markers["end_latent_id"]]
+    recompute = model == "gpt2-bf16" or rng.random() < 0.5
     return dict(
-        model="gpt2-a",
+        model=model,
         coconut=True,
         prompt=prompt,
         max_new_tokens=rng.randrange(1, 13),
-        options=dict(published_eos=True),
+        options=dict(published_eos=True, published_recompute=recompute),
     )
 
 
@@ -470,8 +475,9 @@ class HeadsSeen:
     """The last row of every head call on both sides of a Coconut case (the published GPT-2's
     ``GPT2LMHeadModel.forward`` logits, latentrt's ``CoconutGPT2.lm_logits``): the first answer token's logits are
     the last pass's, call ``passes - 1`` on both sides (one pass per thought after the first, and one more),
-    compared bit for bit. Later tokens' are not: the published ``generate`` recomputes the whole sequence for each
-    new token, latentrt decodes from its cache. ``with seen.side("published"): ...`` records one run."""
+    compared bit for bit. Later tokens' too (a call each) where latentrt runs them as the published ``generate``
+    does (``published_recompute``: the whole sequence anew); else latentrt decodes from its cache, which rounds
+    otherwise. ``with seen.side("published"): ...`` records one run."""
 
     def __init__(self) -> None:
         from transformers import GPT2LMHeadModel
@@ -497,16 +503,19 @@ class HeadsSeen:
         with wrapped(*self.methods[name], wrap):
             yield
 
-    def differs(self, passes: int) -> str | None:
-        """None where both runs' first answer token came from the same logits bit for bit."""
+    def differs(self, passes: int, recomputed: bool = False) -> str | None:
+        """None where both runs' first answer token (with ``recomputed``, every answer token) came from the same
+        logits bit for bit."""
         a, b = self.runs["latentrt"], self.runs["published"]
         if min(len(a), len(b)) < passes:
             return f"{len(a)} head calls against the published {len(b)}, fewer than the prompt's {passes} passes"
-        x, y = a[passes - 1], b[passes - 1]
-        if torch.equal(x, y):
-            return None
-        off = float((x - y).abs().max())
-        return f"the first answer token's logits differ (max |difference| {off:.2g}) though the tokens agree"
+        if recomputed and len(a) != len(b):
+            return f"{len(a)} head calls against the published {len(b)}"
+        for t, (x, y) in enumerate(zip(a[passes - 1 :], b[passes - 1 :] if recomputed else b[passes - 1 : passes])):
+            if not torch.equal(x, y):
+                off = float((x - y).abs().max())
+                return f"answer token {t}'s logits differ (max |difference| {off:.2g}) though the tokens agree"
+        return None
 
 
 def attempt(run, *args):
@@ -596,8 +605,9 @@ def main(argv: list[str] | None = None) -> int:
             counts[f"{kind} states compared"] += 1
             what = seen.differs()
         if what is None and heads:
-            counts["coconut first answer logits compared"] += 1
-            what = seen.differs(case["prompt"].count(model.config.latent_id) + 1)
+            recomputed = case["options"]["published_recompute"]
+            counts["coconut answer logits compared" if recomputed else "coconut first answer logits compared"] += 1
+            what = seen.differs(case["prompt"].count(model.config.latent_id) + 1, recomputed)
         if what is not None and args.backend != "torch" and ALL_MODELS[case["model"]].get("dtype") == "bfloat16":
             what += f" (bf16 on {args.backend}: its fused kernels round otherwise than the published eager bf16 ops)"
         if what is not None:

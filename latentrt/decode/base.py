@@ -38,6 +38,7 @@ class Decoder:
     TITLE: ClassVar[str]  # how messages name the family's models
     OPTIONS: ClassVar[frozenset[str]] = frozenset()  # the family options (latentrt/options.py) it accepts
     SAMPLERS: ClassVar[dict] = {}  # name -> multi-token sampler class (decode/samplers.py) it offers
+    GENERATE_ONLY: ClassVar[frozenset[str]] = frozenset()  # of OPTIONS, those the server's programs do not run
 
     def __init__(self, model, options: GenerateOptions, hooks) -> None:
         self.model, self.options, self.hooks = model, options, hooks

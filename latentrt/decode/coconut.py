@@ -104,11 +104,15 @@ def thought_prompt(tokenizer, question: str, thoughts: int | None, markers: tupl
 
 class CoconutDecoder(Decoder):
     TITLE = "Coconut continuous-thought"
-    OPTIONS = frozenset({"num_thoughts", "append_thoughts", "published_eos"})
+    OPTIONS = frozenset({"num_thoughts", "append_thoughts", "published_eos", "published_recompute"})
+    GENERATE_ONLY = frozenset({"published_recompute"})  # (a server's passes run over its pool's cache)
 
     @classmethod
     def check_options(cls, model, options: GenerateOptions) -> None:
         check_bool("published_eos", options.published_eos)
+        check_bool("published_recompute", options.published_recompute)
+        if options.published_recompute and options.hooks:
+            raise InputError("published_recompute runs the published generate's passes, which take no hooks")
         check_bool("append_thoughts", options.append_thoughts)
         k = options.num_thoughts
         if k is None:
@@ -125,6 +129,9 @@ class CoconutDecoder(Decoder):
         # published_eos: Coconut's generate never stops on its first answer token, and leaves out the eos
         # that ends a later one (latentrt's default, as HF: any stop token ends the answer and is kept)
         self.keep_stop_token = not options.published_eos
+        # published_recompute: each row's input embeddings so far (its real positions, [n, d]), run whole for
+        # each answer token after the first, as Coconut's generate runs them (``_recomputed``)
+        self._sequences: list[Tensor] | None = None
 
     SCORES_PROMPTS = True
 
@@ -192,7 +199,7 @@ class CoconutDecoder(Decoder):
 
     def prefill(self, batch: Batch) -> TokenOutput:
         model, backend = self.model, self.backend
-        logits, _, _ = model.run_prompt(
+        logits, hidden, _ = model.run_prompt(
             batch.ids,
             batch.mask,
             self.cache,
@@ -201,12 +208,17 @@ class CoconutDecoder(Decoder):
             columns=partial(backend.column_runner, self.cache),
         )
         logits = logits[:, -1]
+        if self.options.published_recompute:
+            embeds = model.input_embeddings(batch.ids, batch.mask, hidden)
+            self._sequences = [embeds[b][real] for b, real in enumerate(batch.mask)]
         alive = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return self._output(logits, alive)
 
     def next_token(self, tokens: Tensor, alive: Tensor, rows: list[bool]) -> TokenOutput:
         model, cache = self.model, self.cache
         embeds = model.embed(tokens[:, None])
+        if self._sequences is not None:
+            return self._output(self._recomputed(embeds, rows), alive)
         runner = self._answer_runner()
         if runner is None:
             chunk = cache.begin(alive[:, None])
@@ -215,6 +227,19 @@ class CoconutDecoder(Decoder):
             runner.prepare(embeds, alive)
             logits = runner()
         return self._output(logits, alive)
+
+    def _recomputed(self, embeds: Tensor, rows: list[bool]) -> Tensor:
+        """``published_recompute``: the next logits [B, V] of each running row (``rows``; the others 0), its
+        sequence of input embeddings with the new token's (``embeds`` [B,1,d]) run whole, from scratch, alone
+        (``pass_whole``: Coconut's generate, batch 1, computes each answer token after the first so,
+        and the cached pass rounds otherwise: in bf16 a token differs in a few answers of a hundred)."""
+        out = torch.zeros(len(rows), self.model.config.vocab_size, device=embeds.device)
+        for b, running in enumerate(rows):
+            if running:
+                self._sequences[b] = torch.cat([self._sequences[b], embeds[b]], 0)
+                # the head over every position, as the published pass (a product's rows round with its row count)
+                out[b] = self.model.lm_logits(self.model.pass_whole(self._sequences[b][None]))[0, -1]
+        return out
 
     def _answer_runner(self):
         """The backend's answer-token runner (static buffers: one CUDA graph serves every token), made once;

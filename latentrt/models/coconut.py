@@ -384,7 +384,8 @@ class CoconutGPT2(LatentModel):
         The published passes: the prefix before the first latent as one chunk, each column from the first
         latent to the one before the last as a single-position pass (thought inputs = fed-back hidden states),
         then the last latent column and the rest as one chunk (so a trainer's dropout draws its masks as the
-        published forward does). Returns (logits [B,S,V], last hidden [B,d], number of thought columns). With
+        published forward does). Returns (logits [B,S,V], the last hidden states [B,S,d] after ln_f, number of
+        thought columns); a thought's input embedding is the hidden state before it (``input_embeddings``). With
         ``continuous=False`` the latent tokens stay ordinary tokens (the pause-as-thought baseline); None: the
         model's ``continuous_thoughts``. A backend
         may supply ``feedback`` (same contract as ``self.feedback``) and ``columns``, a column runner
@@ -402,7 +403,7 @@ class CoconutGPT2(LatentModel):
         if not cols:
             chunk = cache.begin(mask)
             h = self.transformer.ln_f(self.forward_residual(embeds + wpe(chunk.positions), cache, chunk))
-            return self.lm_logits(h), h[:, -1], 0
+            return self.lm_logits(h), h, 0
         first, last = cols[0], cols[-1]
         chunk = cache.begin(mask[:, :first])
         hs = [self.forward_residual(embeds[:, :first] + wpe(chunk.positions), cache, chunk)]  # before ln_f
@@ -434,7 +435,28 @@ class CoconutGPT2(LatentModel):
         # the head per pass, as the published forward's (its logits per pass, concatenated): a product's rows
         # round with its row count on the CPU, so one over the whole prompt differs in the last bits
         h = [self.transformer.ln_f(piece) for piece in hs]
-        return torch.cat([self.lm_logits(piece) for piece in h], 1), h[-1][:, -1], thought
+        return torch.cat([self.lm_logits(piece) for piece in h], 1), torch.cat(h, 1), thought
+
+    def input_embeddings(self, ids: Tensor, mask: Tensor, hidden: Tensor) -> Tensor:
+        """The input embeddings [B,S,d] a prompt ``ids`` (``mask``: its real positions) ran with, as the published
+        Coconut forward returns them (``inputs_embeds``): the tokens' embeddings, a continuous thought's the last
+        hidden state before it (``hidden``: ``run_prompt``'s, [B,S,d]); no positions added."""
+        embeds = self.embed(ids)
+        if self.marker_ids[1] is None or not self.continuous_thoughts:
+            return embeds
+        latent = (ids == self.marker_ids[1]) & mask
+        before = torch.cat([hidden[:, :1], hidden[:, :-1]], 1).to(embeds.dtype)  # (a prompt never opens on one)
+        return torch.where(latent[..., None], before, embeds)
+
+    def pass_whole(self, embeds: Tensor) -> Tensor:
+        """Input embeddings [B,n,d] (no positions) run whole, from scratch, no cache kept: the last hidden states
+        [B,n,d] after ln_f. The published Coconut ``generate``'s pass for each answer token after the first
+        (``base_causallm(inputs_embeds=...)``, positions 0..n-1), which rounds otherwise than a pass of the new
+        position over the cache."""
+        B, n = embeds.shape[:2]
+        cache = self.new_cache(B, n)
+        chunk = cache.begin(torch.ones(B, n, dtype=torch.bool, device=embeds.device))
+        return self.forward_embeds(embeds, cache, chunk)
 
     def _column_input(self, embeds, col, latent, chunk, h_prev, feedback, hooks, thought, width=None):
         """Column ``col``'s residual input [B,1,d] (positions from the first ``width`` of ``chunk``'s, all when

@@ -351,6 +351,9 @@ class Engine:
         gen = Generation(self.model, prompt, opts)
         if gen.decoder.sampler is not None:
             raise InputError(f"decoding={opts.decoding!r} runs in generate() only; the server decodes sequentially")
+        for name in sorted(gen.decoder.GENERATE_ONLY):
+            if opts.is_set(name):
+                raise InputError(f"{name}={getattr(opts, name)!r} runs in generate() only, not in the server")
         if score_only and not echo:
             raise InputError("only a request that echoes its prompt can generate no token (max_tokens 0)")
         if echo and top_logprobs is not None and not gen.decoder.SCORES_PROMPTS:
