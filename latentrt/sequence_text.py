@@ -37,7 +37,7 @@ class SequenceText:
         self.ids: list[int] = []
         self.text = ""  # decoded so far (whole characters only)
         self.cut: int | None = None  # where the first stop string begins, once a token completed one
-        self._cut_from = 0  # where the search that found it began (the final text's search begins there too)
+        self._cut_from = 0  # where the new text began at the token that found it (the final text's search too)
         self.shown = 0  # characters a stream has been given
         self.final: str | None = None  # the whole decode, up to the stop string (set by ``finish``)
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
@@ -53,7 +53,7 @@ class SequenceText:
             piece = self._redecode()
         if not piece:
             return
-        start = max(0, len(self.text) - self.stops.longest + 1)
+        start = len(self.text)
         self.text += piece
         if self.stops and self.cut is None and may_stop:
             self.cut, self._cut_from = self.stops.cut(self.text, start, self.keep_stop), start

@@ -16,16 +16,16 @@ class StopStrings:
 
     def __init__(self, strings: list[str]) -> None:
         self.strings = tuple(dict.fromkeys(strings))
-        self.longest = max((len(s) for s in self.strings), default=0)
 
     def __bool__(self) -> bool:
         return bool(self.strings)
 
-    def cut(self, text: str, start: int = 0, keep: bool = False) -> int | None:
-        """Where the text ends at the first stop string in ``text`` that begins at ``start`` or later: where
-        the string begins, or with ``keep`` (vLLM's ``include_stop_str_in_output``) where it ends; None if
-        there is none."""
-        found = [(j, -len(s)) for s, j in ((s, text.find(s, start)) for s in self.strings) if j >= 0]
+    def cut(self, text: str, new: int = 0, keep: bool = False) -> int | None:
+        """Where the text ends at the first stop string in ``text`` that ends after ``new`` (where the text the
+        last token added begins: each string is looked for from its own length before it, as vLLM's, so one
+        that ended before, while ``min_new_tokens`` held stops back, is not found again): where the string
+        begins, or with ``keep`` (vLLM's ``include_stop_str_in_output``) where it ends; None if there is none."""
+        found = [(j, -len(s)) for s, j in ((s, text.find(s, max(0, new - len(s) + 1))) for s in self.strings) if j >= 0]
         if not found:
             return None
         begin, minus_length = min(found)  # the first to begin (of two there, the longer: both are complete)

@@ -527,6 +527,10 @@ def test_min_new_tokens_holds_back_every_stop():
     assert (exact.tokens, exact.finish_reasons) == (free.tokens[:first], ["stop"])  # the m-th token may stop
     got = latentrt.generate(model, prompt, stop=[stop], **kw)
     assert (got.tokens, got.text, got.finish_reasons) == (free.tokens[:n], texts[n][:at], ["stop"])
+    # each string is looked for where it can end in the new text: a longer one beside it changes nothing (the
+    # search back by the longest string's length found the held "rompus" again at the 6th token)
+    longer = latentrt.generate(model, prompt, stop=[stop, "a string the model never writes"], **kw)
+    assert (longer.tokens, longer.text) == (got.tokens, got.text)
     streamed = latentrt.generate(model, prompt, stop=[stop], stream=True, **kw)
     assert "".join(e.text or "" for e in streamed) == got.text
     other = "Bob is a zumpus. Is Bob a zumpus or rompus?"

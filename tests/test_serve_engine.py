@@ -250,6 +250,10 @@ def test_stop_strings_served_as_generate_alone():
         for stop in (text[2:7], text[-3:] + "zz", text[4:6]):
             if stop.strip():
                 requests.append((p, dict(kw, stop=[stop, "never"])))
+                ended = latentrt.generate(model, p, **requests[-1][1])
+                if ended.finish_reasons == ["stop"]:  # min_new_tokens at its stop: the m-th token may stop, not before
+                    for m in (len(ended.tokens), len(ended.tokens) + 1):
+                        requests.append((p, dict(kw, stop=[stop, "never"], min_new_tokens=m)))
     engine = Engine(model, max_batch=4)
     events = [[] for _ in requests]
     served = [engine.submit(p, on_event=events[i].append, **o) for i, (p, o) in enumerate(requests)]
