@@ -616,6 +616,25 @@ def test_queue_full_and_cancel_frees_the_row():
     assert b.tokens == latentrt.generate(model, [5, 7], max_new_tokens=3, init_scale=0.0).tokens
 
 
+def test_a_step_admits_prompts_up_to_its_prefill_budget_and_a_longer_one_alone():
+    """``prefill_budget``: the prompt positions a step admits (FIFO, so a long prompt does not stall decode),
+    but the first request of a step enters whatever its length; each request still equals generate() alone."""
+    model = tiny_recurrent()
+    engine = Engine(model, max_batch=8, prefill_budget=10)
+    prompts = [[5] * 6, [6] * 4, [7] * 3, [8] * 20, [9] * 2]
+    kw = dict(max_new_tokens=3, init_scale=0.0, default_stops=False)
+    served = [engine.submit(p, **kw) for p in prompts]
+    admitted = []
+    while engine.busy:
+        before = {id(r) for r in engine.resident}
+        engine.step()
+        new = [served.index(r) for r in engine.resident if id(r) not in before and not r.finished]
+        admitted += [new] if new else []
+    assert admitted[:3] == [[0, 1], [2], [3]]  # 6 + 4 fit; 3 does not fit beside them; 20 enters alone
+    for req, p in zip(served, prompts):
+        assert req.tokens == latentrt.generate(model, p, **kw).tokens
+
+
 @pytest.mark.parametrize("scheduler, async_scheduling", [("depth", False), ("depth", True), ("token", True)])
 def test_arrivals_cancels_and_failures_at_random_steps_leave_the_others_as_alone(scheduler, async_scheduling):
     """Requests arrive at random steps, some are cancelled at random steps (waiting, resident, sampled but not
