@@ -210,6 +210,11 @@ def test_triton_coconut_thought_columns_equal_torch(monkeypatch):
     a, b = _same_generation(ref, fast, [[5, 6, 7, 2, 4, 4, 4, 3], [8, 9, 2, 4, 4, 4, 3]], max_new_tokens=4)
     assert len(runs) == 3 + 3 and len(fused) == len(runs) and b.num_thoughts == a.num_thoughts == [3, 3]  # + 3 answers
     assert checked.calls["ColumnRunner"] == len(runs) and not checked.hazards, checked.hazards
+    # published_recompute: the thoughts through the column runner, each later answer token's pass over the whole
+    # sequence through the model's modules (the published generate's eager passes), as on the torch backend
+    runs.clear()
+    _same_generation(ref, fast, [[5, 6, 7, 2, 4, 4, 4, 3]], max_new_tokens=4, published_recompute=True)
+    assert len(runs) == 3  # no answer token through the runner
 
 
 def _same_generation(ref, fast, ids, tol: float = 1e-5, **kw):
