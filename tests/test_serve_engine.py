@@ -333,6 +333,35 @@ def test_depth_batching_refills_rows_and_wastes_no_slot_on_exits():
     assert util["depth"] == 1.0
 
 
+@pytest.mark.parametrize("scheduler", ["depth", "token", "static"])
+def test_when_each_scheduler_admits_a_request_that_arrives_mid_token(scheduler):
+    """A request that arrives while a resident one is inside its token's loop enters at once (``depth``: a
+    freed or free row is filled at the next step), at the end of that token's round (``token``, vLLM's policy:
+    new requests join between tokens), or once every resident request has finished (``static``)."""
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=4, scheduler=scheduler)
+    kw = dict(num_steps=6, max_new_tokens=3, init_scale=0.0, default_stops=False)
+    a = engine.submit([5, 9, 2], **kw)
+    engine.step()
+    engine.step()  # a's first token's loop is running
+    b = engine.submit([7, 3], **kw)
+    entered = None
+    for step in range(1, 40):
+        engine.step()
+        if b in engine.resident or b.finished:
+            entered = step, len(a.tokens), a.finished
+            break
+    if scheduler == "depth":
+        assert entered == (1, 0, False)
+    elif scheduler == "token":
+        assert entered[0] > 1 and entered[1:] == (1, False)  # once a's first token's round ended
+    else:
+        assert entered[2]  # a finished first
+    engine.run_until_idle()
+    for req, p in ((a, [5, 9, 2]), (b, [7, 3])):
+        assert req.tokens == latentrt.generate(model, p, **kw).tokens
+
+
 @pytest.mark.parametrize("scheduler", ["token", "static"])
 def test_an_ended_unit_launched_idle_keeps_its_logits(scheduler):
     """A unit that ends without a check of its logit criterion (``min_steps`` = ``num_steps``) waits for its
