@@ -167,6 +167,8 @@ def test_server_wide_defaults_sit_between_the_request_and_openais():
     ):
         with pytest.raises(latentrt.InputError, match=message):
             server_defaults(model, bad)
+    with pytest.raises(latentrt.InputError, match=r"\['published_recompute'\] cannot be server defaults"):
+        server_defaults(tiny_coconut(), {"published_recompute": True})
     model.generation_defaults = defaults
     plain = tiny_recurrent(seed=3)
     with serving(model) as (url, _):

@@ -82,6 +82,9 @@ def server_defaults(model: LatentModel, override: dict) -> dict:
     bad = sorted(set(override) & set(NOT_SERVER_DEFAULTS))
     if bad:
         raise InputError(f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks)")
+    only = sorted(name for name in family_for(model).decoder.GENERATE_ONLY if override.get(name))
+    if only:
+        raise InputError(f"{only} cannot be server defaults: they run in generate() only")
     merged = {**model.generation_defaults, **override}
     check_options_for(model, GenerateOptions.build(None, **merged))
     return merged
