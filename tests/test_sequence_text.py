@@ -32,31 +32,36 @@ def byte_level_tokenizer() -> Tokenizer:
 TOKENIZERS = {"byte-level": byte_level_tokenizer(), "word": word_tokenizer("the cat sat on mat . , ? ! a".split())}
 
 
-def whole_decode_reference(tok, ids: list[int], stops: list[str], keep=False, skip=True) -> tuple[int, str]:
+def whole_decode_reference(tok, ids: list[int], stops: list[str], keep=False, skip=True, m=1) -> tuple[int, str]:
     """What decoding the whole text after every token gives: the number of tokens kept (the one completing a
-    stop string is kept) and the final text (ending before the stop string; with ``keep``, after it)."""
+    stop string is kept) and the final text (ending before the stop string; with ``keep``, after it). From
+    token ``m`` on (``min_new_tokens``): before it nothing stops, and a string that ended then is not found
+    later (vLLM's rule: a token looks for a string only where it ends in that token's new text)."""
+    before = ""
     for n in range(1, len(ids) + 1):
         text = tok.decode(ids[:n], skip_special_tokens=skip)
-        found = sorted((j, -len(s)) for s, j in ((s, text.find(s)) for s in stops) if j >= 0)
+        ends_here = [(s, text.find(s, max(0, len(before) - len(s) + 1))) for s in stops]
+        before = text
+        found = sorted((j, -len(s)) for s, j in ends_here if j >= 0) if n >= m else []
         if found:
             begin, minus_length = found[0]
             return n, text[: begin - minus_length if keep else begin]
     return len(ids), tok.decode(ids, skip_special_tokens=skip)
 
 
-def run(tok, ids: list[int], stops: list[str], keep=False, skip=True) -> tuple[int, str, list[str], SequenceText]:
-    """Feed ``ids`` until a stop string ends it, as generate() does: the tokens kept, the final text, the
-    stream's pieces."""
+def run(tok, ids: list[int], stops: list[str], keep=False, skip=True, m=1) -> tuple[int, str, list[str], SequenceText]:
+    """Feed ``ids`` until a stop string ends it, as generate() does (from token ``m`` on): the tokens kept, the
+    final text, the stream's pieces."""
     text, pieces = SequenceText(tok, StopStrings(stops), skip, keep), []
     for n, t in enumerate(ids, 1):
-        text.add(t)
+        text.add(t, may_stop=n >= m)
         if text.cut is not None or n == len(ids):
             pieces.append(text.end(ids[:n]))
             return n, text.final, pieces, text
         pieces.append(text.show())
         if keep:  # nothing held back but an incomplete character
             assert "".join(pieces) == text.text
-        else:
+        elif m == 1:  # (one that ended before min_new_tokens is text like any other)
             assert not any(s in "".join(pieces) for s in stops)  # a stop string is never shown, even in part ...
     raise AssertionError("unreachable")
 
@@ -93,6 +98,28 @@ def test_stop_strings_end_where_the_whole_decode_would(name, keep):
         kept, final, pieces, _ = run(tok, ids, stops, keep)
         assert (kept, final) == whole_decode_reference(tok, ids, stops, keep)
         assert "".join(pieces) == final
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_stop_strings_from_min_new_tokens_on_end_where_the_whole_decode_would(name):
+    """Stop strings of several lengths, with ``min_new_tokens`` anywhere: a string that ended before it is not
+    found again later, a longer string beside it changes nothing (they once did: each search began the longest
+    string's length back), and the stream's pieces add up to the final text."""
+    tok, rng = TOKENIZERS[name], random.Random(2)
+    held = 0
+    for line in CORPUS * 20:
+        ids = tok.encode(line).ids
+        whole = tok.decode(ids, skip_special_tokens=True)
+        a = rng.randrange(len(whole))
+        stops = [whole[a : a + rng.randint(1, 3)], "a much longer string never seen"]
+        stops = [s for s in stops if s.strip()]
+        m = rng.randint(1, len(ids))
+        for keep in (False, True):
+            kept, final, pieces, _ = run(tok, ids, stops, keep, m=m)
+            assert (kept, final) == whole_decode_reference(tok, ids, stops, keep, m=m), (stops, m)
+            assert "".join(pieces) == final
+        held += whole_decode_reference(tok, ids, stops, m=m) != whole_decode_reference(tok, ids, stops)
+    assert held >= 5  # min_new_tokens changes where some of them stop
 
 
 def test_a_decoder_that_rewrites_earlier_text_falls_back_to_the_whole_decode():
