@@ -438,10 +438,13 @@ def test_coconut_published_recompute_runs_each_later_answer_token_over_the_whole
     # the passes themselves: the prompt's input embeddings (thoughts: the hidden state before), then the answer's
     with torch.no_grad():
         x = torch.tensor([ids])
-        _, hidden, _ = model.run_prompt(x, torch.ones_like(x, dtype=torch.bool), model.new_cache(1, len(ids)))
-        embeds = model.embed(x)[0]
-        for c in (4, 5, 6):
-            embeds[c] = hidden[0, c - 1]
+        logits, inputs, _ = model.run_prompt(x, torch.ones_like(x, dtype=torch.bool), model.new_cache(1, len(ids)))
+        # the input embeddings the prompt ran with (the published forward's inputs_embeds): the tokens', a
+        # thought's the hidden state before it, so one pass over them all gives the multipass prompt's logits
+        assert torch.equal(inputs[0, :4], model.embed(x)[0, :4]) and torch.equal(inputs[0, 7], model.embed(x)[0, 7])
+        assert not torch.equal(inputs[0, 4:7], model.embed(x)[0, 4:7])
+        assert rel_err(model.lm_logits(model.pass_whole(inputs)), logits) < 1e-5
+        embeds = inputs[0]
         for t in range(1, 6):
             embeds = torch.cat([embeds, model.embed(torch.tensor([got.tokens[t - 1]]))])
             assert torch.equal(got.logits[t], model.lm_logits(model.pass_whole(embeds[None]))[0, -1]), t

@@ -199,7 +199,7 @@ class CoconutDecoder(Decoder):
 
     def prefill(self, batch: Batch) -> TokenOutput:
         model, backend = self.model, self.backend
-        logits, hidden, _ = model.run_prompt(
+        logits, inputs, _ = model.run_prompt(
             batch.ids,
             batch.mask,
             self.cache,
@@ -209,8 +209,7 @@ class CoconutDecoder(Decoder):
         )
         logits = logits[:, -1]
         if self.options.published_recompute:
-            embeds = model.input_embeddings(batch.ids, batch.mask, hidden)
-            self._sequences = [embeds[b][real] for b, real in enumerate(batch.mask)]
+            self._sequences = [inputs[b][real] for b, real in enumerate(batch.mask)]
         alive = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return self._output(logits, alive)
 

@@ -384,8 +384,9 @@ class CoconutGPT2(LatentModel):
         The published passes: the prefix before the first latent as one chunk, each column from the first
         latent to the one before the last as a single-position pass (thought inputs = fed-back hidden states),
         then the last latent column and the rest as one chunk (so a trainer's dropout draws its masks as the
-        published forward does). Returns (logits [B,S,V], the last hidden states [B,S,d] after ln_f, number of
-        thought columns); a thought's input embedding is the hidden state before it (``input_embeddings``). With
+        published forward does). Returns (logits [B,S,V], the input embeddings [B,S,d] it ran with, as the
+        published forward returns them: a thought's the last hidden state before it, no positions; number of
+        thought columns). With
         ``continuous=False`` the latent tokens stay ordinary tokens (the pause-as-thought baseline); None: the
         model's ``continuous_thoughts``. A backend
         may supply ``feedback`` (same contract as ``self.feedback``) and ``columns``, a column runner
@@ -403,7 +404,7 @@ class CoconutGPT2(LatentModel):
         if not cols:
             chunk = cache.begin(mask)
             h = self.transformer.ln_f(self.forward_residual(embeds + wpe(chunk.positions), cache, chunk))
-            return self.lm_logits(h), h, 0
+            return self.lm_logits(h), embeds, 0
         first, last = cols[0], cols[-1]
         chunk = cache.begin(mask[:, :first])
         hs = [self.forward_residual(embeds[:, :first] + wpe(chunk.positions), cache, chunk)]  # before ln_f
@@ -435,18 +436,12 @@ class CoconutGPT2(LatentModel):
         # the head per pass, as the published forward's (its logits per pass, concatenated): a product's rows
         # round with its row count on the CPU, so one over the whole prompt differs in the last bits
         h = [self.transformer.ln_f(piece) for piece in hs]
-        return torch.cat([self.lm_logits(piece) for piece in h], 1), torch.cat(h, 1), thought
-
-    def input_embeddings(self, ids: Tensor, mask: Tensor, hidden: Tensor) -> Tensor:
-        """The input embeddings [B,S,d] a prompt ``ids`` (``mask``: its real positions) ran with, as the published
-        Coconut forward returns them (``inputs_embeds``): the tokens' embeddings, a continuous thought's the last
-        hidden state before it (``hidden``: ``run_prompt``'s, [B,S,d]); no positions added."""
-        embeds = self.embed(ids)
-        if self.marker_ids[1] is None or not self.continuous_thoughts:
-            return embeds
-        latent = (ids == self.marker_ids[1]) & mask
-        before = torch.cat([hidden[:, :1], hidden[:, :-1]], 1).to(embeds.dtype)  # (a prompt never opens on one)
-        return torch.where(latent[..., None], before, embeds)
+        before = torch.cat([h[0][:, :1], *h], 1)[:, :-1].to(embeds.dtype)  # (a prompt never opens on a thought)
+        return (
+            torch.cat([self.lm_logits(piece) for piece in h], 1),
+            torch.where(latent[..., None], before, embeds),
+            thought,
+        )
 
     def pass_whole(self, embeds: Tensor) -> Tensor:
         """Input embeddings [B,n,d] (no positions) run whole, from scratch, no cache kept: the last hidden states
