@@ -82,12 +82,18 @@ def server_defaults(model: LatentModel, override: dict) -> dict:
     bad = sorted(set(override) & set(NOT_SERVER_DEFAULTS))
     if bad:
         raise InputError(f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks)")
-    only = sorted(name for name in family_for(model).decoder.GENERATE_ONLY if override.get(name))
+    merged = {**model.generation_defaults, **override}
+    options = GenerateOptions.build(None, **merged)
+    check_options_for(model, options)
+    only = generate_only(family_for(model).decoder, options)
     if only:
         raise InputError(f"{only} cannot be server defaults: they run in generate() only")
-    merged = {**model.generation_defaults, **override}
-    check_options_for(model, GenerateOptions.build(None, **merged))
     return merged
+
+
+def generate_only(decoder, options: GenerateOptions) -> list[str]:
+    """The options set in ``options`` that the family's decoder runs in generate() only (``GENERATE_ONLY``)."""
+    return [name for name in sorted(decoder.GENERATE_ONLY) if options.is_set(name)]
 
 
 class QueueFull(LatentRTError):
@@ -354,9 +360,8 @@ class Engine:
         gen = Generation(self.model, prompt, opts)
         if gen.decoder.sampler is not None:
             raise InputError(f"decoding={opts.decoding!r} runs in generate() only; the server decodes sequentially")
-        for name in sorted(gen.decoder.GENERATE_ONLY):
-            if opts.is_set(name):
-                raise InputError(f"{name}={getattr(opts, name)!r} runs in generate() only, not in the server")
+        for name in generate_only(gen.decoder, opts):
+            raise InputError(f"{name}={getattr(opts, name)!r} runs in generate() only, not in the server")
         if score_only and not echo:
             raise InputError("only a request that echoes its prompt can generate no token (max_tokens 0)")
         if echo and top_logprobs is not None and not gen.decoder.SCORES_PROMPTS:
