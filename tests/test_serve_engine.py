@@ -14,6 +14,7 @@ from conftest import tiny_coconut, tiny_recurrent
 
 import latentrt
 from latentrt.errors import InputError, NonFiniteStateError
+from latentrt.kv_pool import KVPool
 from latentrt.serve import Engine, QueueFull
 
 CRITERIA_THRESHOLDS = {
@@ -44,8 +45,8 @@ def recurrent_requests(n: int, seed: int = 0) -> list[tuple[list[int], dict]]:
                 kw.update(min_steps=1, check_criterion_every_n_steps=2)
             if kind == 3:
                 kw.update(do_not_exit_in_prefill=True, continuous=True)
-            if kind == 4:
-                kw.update(adaptive_prefill=rng.random() < 0.5, init_scale=0.5)
+            if kind == 4:  # (continuous: each prompt position's unit starts from the one before's final state)
+                kw.update(adaptive_prefill=rng.random() < 0.5, init_scale=0.5, continuous=i % 4 == 0)
         kw["kv_sharing"] = rng.choice(["full", "shared", "ring-2", "anchor-2", "skip", "always-last"])
         if rng.random() < 0.4:
             kw.update(temperature=0.9, top_k=rng.choice([None, 5]), top_p=rng.choice([None, 0.9]))
@@ -556,6 +557,8 @@ def test_kv_pool_admits_by_the_slots_a_mode_needs():
     assert pool.bytes_in_use() == pool.request_bytes(full.decoder.kv_mode) + 2 * pool.request_bytes(
         shared[0].decoder.kv_mode
     )
+    # every slot row is held, one of the 4 rows is free: the capacity (/metrics) is in use but one row's plain layers
+    assert pool.capacity_bytes() == pool.bytes_in_use() + pool.request_bytes(None) > pool.bytes_in_use()
     engine.run_until_idle()
     assert (
         full2.finish_reason == "length"
@@ -565,8 +568,30 @@ def test_kv_pool_admits_by_the_slots_a_mode_needs():
         engine.submit([5], kv_sharing="full", num_steps=16, max_new_tokens=2)
     with pytest.raises(InputError, match="needs 16 K/V slots"):
         engine.submit([5], kv_sharing="skip", num_steps=16, max_new_tokens=2)
+    with pytest.raises(InputError, match="needs 11 K/V slots"):  # the bounds: 10 slot rows, 20 positions
+        engine.submit([5], kv_sharing="full", num_steps=11, max_new_tokens=2)
+    at_bounds = engine.submit([5, 9], kv_sharing="full", num_steps=10, max_new_tokens=2, init_scale=0.0)
+    short = Engine(model, max_len=20)
     with pytest.raises(InputError, match="context per request"):
-        Engine(model, max_len=20).submit([5] * 15, max_new_tokens=8)
+        short.submit([5] * 13, max_new_tokens=8)
+    longest_kw = dict(max_new_tokens=8, num_steps=2, init_scale=0.0, default_stops=False)
+    longest = short.submit([5] * 12, **longest_kw)
+    engine.run_until_idle()
+    short.run_until_idle()
+    assert at_bounds.tokens == latentrt.generate(model, [5, 9], num_steps=10, max_new_tokens=2, init_scale=0.0).tokens
+    assert longest.tokens == latentrt.generate(model, [5] * 12, **longest_kw).tokens and len(longest.tokens) == 8
+
+
+def test_a_pool_row_never_takes_more_entries_than_its_context():
+    """The pool's own guard (a request that could not fit is refused at submit, above): a row's entries end at
+    max_len; one more would be the trash entry, which padding queries write to and no query reads."""
+    model = tiny_recurrent(seed=1)
+    pool = KVPool(model.cache_layout(), 2, 6, 2, model.dtype, model.device)
+    row = pool.allocate(None)
+    pool.begin([row], 4)
+    pool.begin([row], 2)
+    with pytest.raises(RuntimeError, match="overflow: 7 positions > 6"):
+        pool.begin([row], 1)
 
 
 def lookup_requests(modes=("full", "skip", "always-last", "anchor-2", "ring-3", "shared"), cases=None):
