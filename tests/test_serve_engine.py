@@ -1429,3 +1429,20 @@ def test_asynchronous_scheduling_ends_loops_at_their_depth_before_the_next_launc
     assert ahead.iterations == sync.iterations
     if scheduler == "depth":  # (the token schedulers launch waiting rows masked: those steps count rows)
         assert ahead.launched_rows == sync.launched_rows
+
+
+def test_prompts_admitted_together_give_their_first_tokens_in_the_same_step():
+    """A prompt group whose loops all reach their r_max ends whole at once (``ended_on_host``): each member's
+    first token comes in the step the longest wait allows, not one member per step."""
+    model = tiny_recurrent(seed=1)
+    engine = Engine(model, max_batch=4)
+    kw = dict(max_new_tokens=2, num_steps=3, init_scale=0.0, default_stops=False)
+    reqs = [engine.submit(p, **kw) for p in ([5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15])]
+    first = {}
+    for _ in range(20):  # (bounded: a member that never ends fails here rather than hang)
+        engine.step()
+        first.update({id(r): engine.metrics.steps for r in reqs if r.tokens and id(r) not in first})
+    assert len(first) == len(reqs) and len(set(first.values())) == 1
+    engine.run_until_idle()
+    for r, p in zip(reqs, ([5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15])):
+        assert r.tokens == latentrt.generate(model, p, **kw).tokens
