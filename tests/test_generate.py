@@ -261,6 +261,19 @@ def test_streaming_equals_result():
     assert all(isinstance(e.tokens, list) and len(e.tokens) == 2 for e in batch)
 
 
+def test_a_stop_token_that_is_not_kept_streams_neither_a_token_nor_a_text():
+    """Coconut's published_eos ends a sequence at a stop token it does not keep (after its first token): that
+    position's event has no token and no text for it (None, as a finished sequence's), and the pieces add up
+    to the result's text."""
+    model = tiny_coconut()
+    kw = dict(max_new_tokens=4, published_eos=True, stop=[12])
+    want = latentrt.generate(model, [[5, 6, 7], [8, 9]], **kw)
+    events = list(latentrt.generate(model, [[5, 6, 7], [8, 9]], stream=True, **kw))
+    assert want.finish_reasons == ["stop", "stop"] and [len(t) for t in want.tokens] == [1, 1]
+    assert [(e.tokens, e.text) for e in events[1:]] == [([None, None], [None, None])]
+    assert ["".join(e.text[b] or "" for e in events) for b in range(2)] == want.text
+
+
 def test_hooks_observe_and_replace():
     model = tiny_recurrent(seed=10)
     seen = []
@@ -347,6 +360,13 @@ def test_bad_inputs_give_clear_errors():
             latentrt.generate(model, PROMPTS[0], **kwargs)
     with pytest.raises(InputError, match="longer than the model's context"):
         latentrt.generate(model, list(range(5, 35)) * 4)
+    # the bound: a prompt and its new tokens fill the context exactly, one more does not fit
+    block = model.config.block_size
+    assert len(latentrt.generate(model, [5] * (block - 1), max_new_tokens=1, num_steps=1).tokens) == 1
+    with pytest.raises(
+        InputError, match=rf"prompt \({block - 1} tokens\) \+ max_new_tokens \(2\) = {block + 1} exceeds"
+    ):
+        latentrt.generate(model, [5] * (block - 1), max_new_tokens=2, num_steps=1)
     with pytest.raises(InputError, match="longer than the model's context"):
         model.logits(torch.ones(1, 97, dtype=torch.long))
     # each family's context as its config.json names it (a GPT-2's was called block_size)
@@ -567,6 +587,14 @@ def test_stop_strings_that_span_tokens_end_the_text_before_them():
             n = next(n for n, d in enumerate(decoded) if stop in d)  # the token that completes it
             assert (r.tokens, r.text, r.finish_reasons) == (base.tokens[:n], text[:at], ["stop"]), stop
         assert pieces == r.text == streamed.result.text, stop
+    # a sequence that ends by length while its text's end may still begin a stop string: the last piece shows it
+    for n in (3, 5):
+        cut = latentrt.generate(model, prompt, **dict(kw, max_new_tokens=n))
+        stop = cut.text[-2:] + "zz"
+        streamed = latentrt.generate(model, prompt, stop=[stop], stream=True, **dict(kw, max_new_tokens=n))
+        pieces = [e.text or "" for e in streamed]
+        assert streamed.result.finish_reasons == ["length"], stop
+        assert "".join(pieces) == streamed.result.text == cut.text, stop
     other = "Bob is a zumpus. Is Bob a zumpus or rompus?"
     both = latentrt.generate(model, [prompt, other], stop=[text[5:12]], **kw)
     alone = latentrt.generate(model, other, stop=[text[5:12]], **kw)
