@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -206,11 +207,36 @@ def _read_safetensors(files: list[Path]) -> dict[str, StoredTensor]:
     return sd
 
 
-def _read_torch(path: Path) -> dict[str, Tensor]:
+def load_plain_torch(path: Path, what: str) -> object:
+    """A ``torch.save`` file of tensors and plain data, read with ``weights_only=True`` (code in the file never
+    runs); otherwise CheckpointError saying it cannot be read as ``what``, with the unpickler's reason in one
+    line (torch's own message suggests ``weights_only=False``, which would run the file's code)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a torch state dict: {exc}") from None
+        raise CheckpointError(
+            f"cannot read {path} as {what}: {_unpickling_reason(str(exc)) or type(exc).__name__} (torch files are "
+            "read with weights_only=True: tensors and plain data only, so no code in them runs)"
+        ) from None
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Check the documentation")  # torch.load's paragraphs around the reason
+
+
+def _unpickling_reason(text: str) -> str:
+    """torch.load's reason for refusing a file, in one line, without the paragraphs around it (which advise
+    ``weights_only=False`` or allow-listing the file's globals: running its code)."""
+    kept = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.split("WeightsUnpickler error:")[-1].split(" Please use `torch.serialization")[0]
+        paragraph = " ".join(paragraph.split())
+        if paragraph and not paragraph.startswith(_TORCH_ADVICE):
+            kept.append(paragraph)
+    return " ".join(kept)[:300]
+
+
+def _read_torch(path: Path) -> dict[str, Tensor]:
+    obj = load_plain_torch(path, "a torch state dict")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

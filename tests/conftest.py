@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -129,6 +130,17 @@ def transformers_with_torch():
         reason = f"transformers {transformers.__version__} does not run on torch {torch.__version__}"
         pytest.skip(reason, allow_module_level=True)
     return transformers
+
+
+class CodeRunningPickle:
+    """Pickled, a file that would create ``marker`` when unpickled without weights_only (loading tests: no code
+    from a file ever runs)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,11 +2,12 @@
 
 import collections
 import json
+import re
 import weakref
 
 import pytest
 import torch
-from conftest import rel_err, tiny_coconut, tiny_recurrent
+from conftest import CodeRunningPickle, rel_err, tiny_coconut, tiny_recurrent
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -314,6 +315,28 @@ def test_a_folder_of_torch_weights_names_them_and_loads_through_weights(recurren
     model = latentrt.load(recurrent_dir, weights=recurrent_dir / "pytorch_model.bin", device="cpu")
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(model.logits(ids, init_scale=0.0), ref.logits(ids, init_scale=0.0))
+
+
+def test_a_torch_weights_file_never_runs_its_code_and_says_why_it_is_refused(tmp_path, recurrent_dir):
+    """weights= a torch file holding more than tensors (a pickle that would run code) or no torch file at all:
+    a one-line error with the unpickler's reason, nothing run, and no advice to load it with
+    weights_only=False (torch's own message gives that advice)."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"wte.weight": torch.zeros(2), "payload": CodeRunningPickle(marker)}, evil)
+    garbage = tmp_path / "notes.bin"
+    garbage.write_text("not a torch file\n")
+    for path, reason in ((evil, "(?i:unsupported global)"), (garbage, "")):
+        with pytest.raises(
+            CheckpointError, match=f"cannot read {re.escape(str(path))} as a torch state dict: .*{reason}"
+        ) as got:
+            latentrt.load(recurrent_dir, weights=path, device="cpu")
+        message = str(got.value)
+        assert "\n" not in message and "weights_only` set to `False`" not in message, message
+        assert message.endswith(
+            "(torch files are read with weights_only=True: tensors and plain data only, so no code in them runs)"
+        )
+    assert not marker.exists()
 
 
 def test_every_malformed_weights_layout_is_a_clear_error(tmp_path, recurrent_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, tiny_coconut, tiny_recurrent
+from conftest import WORDS, CodeRunningPickle, tiny_coconut, tiny_recurrent
 from safetensors.torch import save_file
 
 import latentrt
@@ -67,22 +67,14 @@ def _crash_on(monkeypatch, point: str, occurrence: int) -> None:
 
 
 # ------------------------------------------------------------------------------ resuming, safely and exactly
-class _Payload:
-    """A pickle that would create a file when unpickled without weights_only."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_resume_never_runs_code_from_the_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=2, batch_size=2, progress=False, out=str(out)))
     marker = tmp_path / "pwned"
-    torch.save({"format": 1, "step": 2, "payload": _Payload(marker)}, out / "trainer_state.pt")
-    with pytest.raises(CheckpointError, match="not a plain trainer state"):
+    torch.save({"format": 1, "step": 2, "payload": CodeRunningPickle(marker)}, out / "trainer_state.pt")
+    with pytest.raises(
+        CheckpointError, match=r"as a plain trainer state: (?i:unsupported global).*no code in them runs"
+    ):
         train_recurrent(
             _recurrent(), TOK, RECORDS, TrainOptions(steps=3, batch_size=2, progress=False), resume=str(out)
         )

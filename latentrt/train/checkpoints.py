@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..checkpoint import (
+    load_plain_torch,
     read_weights_metadata,
     recover_folder,
     replaced_folder,
@@ -147,13 +147,7 @@ def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.O
     path = folder / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{str(folder)!r} has no {STATE_FILE}: not a training checkpoint to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a plain trainer state (tensors and plain data only; loading anything else could run "
-            f"code from the file): {str(exc).splitlines()[0][:200]}"
-        ) from None
+    state = load_plain_torch(path, "a plain trainer state")
     if not isinstance(state, dict) or state.get("format") != 1 or "step" not in state:
         raise CheckpointError(f"{path} is not a latentrt trainer state")
     saved = read_weights_metadata(folder).get("step")
