@@ -354,6 +354,8 @@ def test_bad_inputs_give_clear_errors():
         (dict(top_p=1.5), "top_p"),
         (dict(num_thoughts=2), "Coconut"),
         (dict(stop=[""]), "stop strings must not be empty"),
+        (dict(stop=[model.config.vocab_size]), rf"stop token id {model.config.vocab_size} is not in the vocabulary"),
+        (dict(stop=[-1]), "stop token id -1 is not in the vocabulary"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(InputError, match=msg):
