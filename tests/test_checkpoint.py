@@ -20,13 +20,15 @@ IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
 
 @pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("shard", [None, 20_000])
+@pytest.mark.parametrize("shard", [None, 20_000, 1_000])  # (1_000: most tensors alone are larger)
 def test_recurrent_round_trip(tmp_path, tie, shard):
     model = tiny_recurrent(seed=3, tie_embeddings=tie)
     save_checkpoint(model, tmp_path, max_shard_bytes=shard, tie_key="lm_head.weight" if tie else None)
     if shard:
-        assert (tmp_path / "model.safetensors.index.json").is_file()
-        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+        files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert len(files) > 1 and sorted(set(index["weight_map"].values())) == files  # no empty shard
+        assert all(name.endswith(f"-of-{len(files):05d}.safetensors") for name in files)
     loaded = latentrt.load(tmp_path, device="cpu")
     assert loaded.config == model.config
     want = model.logits(IDS, num_steps=3, init_scale=0.0)

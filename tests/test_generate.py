@@ -274,6 +274,28 @@ def test_a_stop_token_that_is_not_kept_streams_neither_a_token_nor_a_text():
     assert ["".join(e.text[b] or "" for e in events) for b in range(2)] == want.text
 
 
+def test_generation_stops_computing_once_every_sequence_has_stopped(monkeypatch):
+    """Once every sequence of a batch has stopped (a stop token, a stop string), no further token is computed:
+    the decoder is asked for exactly one next token per position some sequence still needs."""
+    from latentrt.decode.recurrent import RecurrentDecoder
+
+    model = latentrt.load("builtin:recurrent")
+    prompts = ["Alex is a wumpus. Is Alex a wumpus or rompus?", "Bob is a zumpus. Is Bob a zumpus or rompus?"]
+    kw = dict(max_new_tokens=12, num_steps=4, init_scale=0.0, default_stops=False)
+    base = latentrt.generate(model, prompts, **kw)
+    stops = [base.tokens[0][2], base.tokens[1][3]]  # each sequence's stop, at its 3rd or its 4th token
+    calls = []
+    real = RecurrentDecoder.next_token
+    monkeypatch.setattr(RecurrentDecoder, "next_token", lambda self, *a: calls.append(1) or real(self, *a))
+    got = latentrt.generate(model, prompts, stop=stops, **kw)
+    ends = [min(seq.index(s) for s in stops if s in seq) + 1 for seq in base.tokens]  # either stop ends either
+    assert got.finish_reasons == ["stop", "stop"] and [len(t) for t in got.tokens] == ends
+    assert len(calls) == max(ends) - 1 < kw["max_new_tokens"] - 1
+    calls.clear()
+    text = latentrt.generate(model, prompts[0], stop=[base.text[0][-3:]], **kw)  # a string: the same
+    assert text.finish_reasons == ["stop"] and len(calls) == len(text.tokens) - 1
+
+
 def test_hooks_observe_and_replace():
     model = tiny_recurrent(seed=10)
     seen = []
