@@ -271,6 +271,15 @@ def test_coconut_wrapper_checkpoint(tmp_path, coconut_dir):
     assert rel_err(m.logits(ids), ref.logits(ids)) < 1e-7
     with pytest.raises(CheckpointError, match="does not exist"):
         latentrt.load(coconut_dir, weights=tmp_path / "missing.pt")
+    # HF's GPT-2 files: keys without ``transformer.``, the attention's causal-mask buffers stored beside them
+    n = ref.config.n_positions
+    hf = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    for i in range(ref.config.n_layer):
+        hf[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        hf[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    m = latentrt.load(coconut_dir, device="cpu", weights=tmp_path / "pytorch_model.bin")
+    assert rel_err(m.logits(ids), ref.logits(ids)) < 1e-7
 
 
 def test_coconut_markers_from_overrides(coconut_dir):
@@ -317,6 +326,12 @@ def test_a_folder_of_torch_weights_names_them_and_loads_through_weights(recurren
     model = latentrt.load(recurrent_dir, weights=recurrent_dir / "pytorch_model.bin", device="cpu")
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(model.logits(ids, init_scale=0.0), ref.logits(ids, init_scale=0.0))
+    # a training script's checkpoint: the state dict under one of the usual keys, beside plain data
+    sd = torch.load(recurrent_dir / "pytorch_model.bin", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        torch.save({key: sd, "step": 7, "note": "epoch 1"}, recurrent_dir / "trained.pt")
+        model = latentrt.load(recurrent_dir, weights=recurrent_dir / "trained.pt", device="cpu")
+        assert torch.equal(model.logits(ids, init_scale=0.0), ref.logits(ids, init_scale=0.0)), key
 
 
 def test_a_torch_weights_file_never_runs_its_code_and_says_why_it_is_refused(tmp_path, recurrent_dir):

@@ -378,12 +378,18 @@ def test_bad_inputs_give_clear_errors():
         (dict(stop=[""]), "stop strings must not be empty"),
         (dict(stop=[model.config.vocab_size]), rf"stop token id {model.config.vocab_size} is not in the vocabulary"),
         (dict(stop=[-1]), "stop token id -1 is not in the vocabulary"),
+        (dict(seed=2**63, temperature=1.0), r"seed must be in \[0, 2\*\*63 - 1\], got 9223372036854775808"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(InputError, match=msg):
             latentrt.generate(model, PROMPTS[0], **kwargs)
     with pytest.raises(InputError, match="longer than the model's context"):
         latentrt.generate(model, list(range(5, 35)) * 4)
+    top_seed = latentrt.generate(model, PROMPTS[0], seed=2**63 - 1, temperature=1.0, max_new_tokens=3, num_steps=2)
+    assert (
+        top_seed.tokens
+        == latentrt.generate(model, PROMPTS[0], seed=2**63 - 1, temperature=1.0, max_new_tokens=3, num_steps=2).tokens
+    )
     # the bound: a prompt and its new tokens fill the context exactly, one more does not fit
     block = model.config.block_size
     assert len(latentrt.generate(model, [5] * (block - 1), max_new_tokens=1, num_steps=1).tokens) == 1
