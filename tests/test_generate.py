@@ -245,6 +245,9 @@ def test_sampling_and_dry_options_given_where_they_do_nothing_are_said_to():
         warnings.simplefilter("error")
         for quiet in (dict(top_p=1.0), dict(top_k=3, temperature=0.5, seed=1), dict(dry_base=2, dry_multiplier=0.5)):
             latentrt.generate(model, "Alex is", max_new_tokens=3, init_scale=0.0, **quiet)
+        for invalid in (dict(top_p=1.5), dict(top_k=-2), dict(dry_base=-1.0)):  # their error alone, no warning first
+            with pytest.raises(InputError, match=next(iter(invalid))):
+                latentrt.generate(model, "Alex is", max_new_tokens=3, init_scale=0.0, **invalid)
 
 
 def test_streaming_equals_result():
