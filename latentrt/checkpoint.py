@@ -248,9 +248,8 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
 def _strip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for k, v in sd.items():
-        for p in _STRIP_PREFIXES:
-            if k.startswith(p):
-                k = k[len(p) :]
+        while k.startswith(_STRIP_PREFIXES):  # in any order: torch.compile of a DDP model is _orig_mod.module.
+            k = k[len(next(p for p in _STRIP_PREFIXES if k.startswith(p))) :]
         out[k] = v
     return out
 

@@ -271,6 +271,11 @@ def test_coconut_wrapper_checkpoint(tmp_path, coconut_dir):
     assert rel_err(m.logits(ids), ref.logits(ids)) < 1e-7
     with pytest.raises(CheckpointError, match="does not exist"):
         latentrt.load(coconut_dir, weights=tmp_path / "missing.pt")
+    # the prefixes training wraps around the keys: DDP's, torch.compile's, both
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "base_causallm.module."):
+        torch.save({prefix + k: v for k, v in ref.state_dict().items()}, tmp_path / "wrapped.pt")
+        m = latentrt.load(coconut_dir, device="cpu", weights=tmp_path / "wrapped.pt")
+        assert rel_err(m.logits(ids), ref.logits(ids)) < 1e-7, prefix
     # HF's GPT-2 files: keys without ``transformer.``, the attention's causal-mask buffers stored beside them
     n = ref.config.n_positions
     hf = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}

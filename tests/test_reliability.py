@@ -112,6 +112,9 @@ def test_a_crash_anywhere_in_a_save_resumes_to_the_same_weights(tmp_path, monkey
     with pytest.raises(checkpoint.SimulatedCrash):
         train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(**opts, out=str(out), save_every=2))
     monkeypatch.undo()
+    if point == "previous-moved":  # the folder is aside, the new one not in yet: loading it says where it is
+        with pytest.raises(CheckpointError, match=r"does not exist .*an interrupted save left '.*\.ckpt\.previous'"):
+            latentrt.load(out)
     resumed = _recurrent()
     train_recurrent(resumed, TOK, RECORDS, TrainOptions(**opts, out=str(out), save_every=2), resume=str(out))
     _same_weights(straight, resumed)
@@ -314,7 +317,14 @@ def test_generation_config_eos_list_stops_on_every_id(tmp_path):
         outside = "generation_config.json: eos_token_id 999 is not in the vocabulary (ids 0 to 39)"
         assert len(said) == (999 in eos) and all(outside in m for m in said)
         assert latentrt.generate(model, [5, 6, 7], **kw).tokens == free[:cut]
-    for bad in ("[1, 2", '"text"', "[1]", '{"eos_token_id": [1, "x"]}'):
+    for bad in (
+        "[1, 2",
+        '"text"',
+        "[1]",
+        '{"eos_token_id": [1, "x"]}',
+        '{"eos_token_id": true}',
+        '{"eos_token_id": []}',
+    ):
         (tmp_path / "generation_config.json").write_text(bad)
         with pytest.raises(ConfigError, match="generation_config.json"):
             latentrt.load(tmp_path, device="cpu")
