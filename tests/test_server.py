@@ -615,7 +615,7 @@ def test_coconut_server_thoughts():
 
 # ------------------------------------------------------------------------------ raw HTTP and faults
 def test_routes_and_bad_input(recurrent_server):
-    url, _, model = recurrent_server
+    url, engine, model = recurrent_server
     h = httpx.Client(base_url=url)
     assert h.get("/health").json()["status"] == "ok"
     assert h.get("/version").json() == {"version": latentrt.__version__}  # vLLM's route
@@ -658,7 +658,13 @@ def test_routes_and_bad_input(recurrent_server):
     assert error({"prompt": [[1], ""]}).startswith("prompt 1: empty prompt")
     assert error({"prompt": [[1, 2], [1, True]]}).startswith("prompt 1 must be a string or a list of token ids")
     too_long = "prompt 1: prompt (90 tokens) + max_tokens (16) = 106 exceeds the model's context (block_size=96)"
-    assert error({"prompt": [[1], [1] * 90]}) == too_long
+    submitted, submit = [], engine.submit
+    engine.submit = lambda *a, **kw: submitted.append(submit(*a, **kw)) or submitted[-1]
+    try:
+        assert error({"prompt": [[1], [1] * 90]}) == too_long
+    finally:
+        del engine.submit
+    assert len(submitted) == 1 and submitted[0].cancelled  # prompt 0, queued before prompt 1 failed: cancelled
     assert error({"prompt": [[1, vocab]]}).startswith("token id out of range")
     assert error({"prompt": ["a", "b"], "temperature": -1}).startswith("temperature must be")
     # choice i samples with seed + i: the bound says so (it said 'got 2**63', a seed the client never sent)
@@ -982,6 +988,8 @@ def test_api_key_guards_the_model_routes_and_a_template_file_gives_a_model_chat(
         assert h.post("/tokenize", json={"prompt": "Tom"}).status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
         assert h.post("/tokenize", json={"prompt": "Tom"}, headers=auth).json()["count"] == 1
+        for near in ("Bearer s3cretX", "Bearer s3cre", "bearer s3cret", "s3cret"):  # the whole header, exactly
+            assert h.post("/tokenize", json={"prompt": "Tom"}, headers={"Authorization": near}).status_code == 401
         assert h.get("/health").status_code == 200 and h.get("/metrics").status_code == 200
     (tmp_path / "empty.jinja").write_text(" ")
     with pytest.raises(latentrt.InputError, match="is empty"):
