@@ -265,7 +265,10 @@ def test_usage_counts_a_prompt_once_whatever_its_choices(recurrent_server):
             messages=messages, n=3, stream=True, stream_options={"include_usage": True}, **kw
         )
     )
-    assert chunks[-1].usage.prompt_tokens == alone.usage.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens == alone.usage.prompt_tokens and chunks[-1].choices == []
+    # each choice's first chunk gives its role, as OpenAI's (the client joins a choice's deltas by index)
+    roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1, 2]
     for options in (None, {"include_usage": False}):  # no usage asked: no usage chunk
         chunks = list(client(url).completions.create(prompt="Tom is a cat", stream=True, stream_options=options, **kw))
         assert all(c.usage is None and c.choices for c in chunks)
@@ -301,6 +304,9 @@ def test_tokenize_and_detokenize_as_the_generation_routes_encode(recurrent_serve
     assert chat["count"] == c.usage.prompt_tokens
     back = h.post("/detokenize", json={"model": "tiny", "tokens": got["tokens"]}).json()
     assert back == {"prompt": model.tokenizer.decode(got["tokens"], skip_special_tokens=False)}
+    special = [i for i, t in model.tokenizer.get_added_tokens_decoder().items() if t.special][:1] + got["tokens"]
+    back = h.post("/detokenize", json={"tokens": special}).json()["prompt"]  # special tokens kept, as vLLM's
+    assert back == model.tokenizer.decode(special, skip_special_tokens=False) != model.tokenizer.decode(special)
     for route, body, message in [
         ("/tokenize", {"prompt": "a", "messages": messages}, "one of 'prompt' (text) or 'messages'"),
         ("/tokenize", {"prompt": [1, 2]}, "prompt must be a string"),
@@ -785,8 +791,14 @@ def test_a_stopped_engine_answers_503_and_takes_nothing_more():
         engine.stop()
         r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
         assert r.status_code == 503 and r.json()["error"]["message"] == "the server is shutting down", r.text
-        assert h.get("/health").status_code == 503
+        health = h.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["message"] == "shutting down"
         assert not engine.queue and not engine.resident
+    engine = Engine(tiny_recurrent(), max_batch=2)
+    engine.run_forever = lambda: None  # the engine's thread ends at once, as one that died would
+    with loopback(create_app(engine, "tiny")) as url:
+        health = httpx.get(url + "/health", timeout=30)
+        assert health.status_code == 503 and health.json()["error"]["message"] == "the engine thread stopped"
 
 
 def test_disconnect_mid_stream_frees_the_slot_within_one_step():
