@@ -76,6 +76,10 @@ def test_a_malformed_template_field_is_named_when_chatting(tmp_path, field, mess
     assert latentrt.apply_chat_template(latentrt.load(folder), MESSAGES) == latentrt.apply_chat_template(
         latentrt.load("builtin:recurrent"), MESSAGES
     )
+    for blank in ("", " \n ", []):  # an empty template (or list) is none: chatting says the model has none
+        config.write_text(json.dumps({**good, "chat_template": blank}))
+        with pytest.raises(latentrt.InputError, match="this model has no chat template"):
+            latentrt.apply_chat_template(latentrt.load(folder), MESSAGES)
 
 
 def test_the_special_tokens_a_template_sees_are_transformers(tmp_path):
@@ -206,6 +210,10 @@ def test_continue_final_message_and_template_variables_render_as_transformers_re
         (ChatOptions(True, True), "continue_final_message and add_generation_prompt cannot both be true"),
         (ChatOptions(False, "yes"), "continue_final_message must be true or false"),
         (ChatOptions(template_kwargs={"messages": []}), "chat_template_kwargs cannot set ['messages']"),
+        (
+            ChatOptions(template_kwargs={"tools": [], "documents": [], "add_generation_prompt": False, "x": 1}),
+            "chat_template_kwargs cannot set ['add_generation_prompt', 'documents', 'tools']",
+        ),
         (ChatOptions(template_kwargs=[1]), "chat_template_kwargs must be an object"),
     ]
     for options, message in bad:
