@@ -220,8 +220,10 @@ def test_continue_final_message_and_template_variables_render_as_transformers_re
         with pytest.raises(latentrt.InputError, match=re.escape(message)):
             render_chat(ChatTemplate(kept), conversation, options)
     drops_last = ChatTemplate("{% for m in messages[:-1] %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(latentrt.InputError, match="does not render the final message as written"):
-        render_chat(drops_last, conversation, ChatOptions(False, True))
+    changes_it = ChatTemplate("{% for m in messages %}{{ m['content'] | upper }} {% endfor %}")  # (the tag kept)
+    for template in (drops_last, changes_it):  # as transformers: the final message must appear as written
+        with pytest.raises(latentrt.InputError, match="does not render the final message as written"):
+            render_chat(template, conversation, ChatOptions(False, True))
 
 
 def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
