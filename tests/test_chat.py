@@ -82,6 +82,26 @@ def test_a_malformed_template_field_is_named_when_chatting(tmp_path, field, mess
             latentrt.apply_chat_template(latentrt.load(folder), MESSAGES)
 
 
+def test_whitespace_around_block_tags_renders_as_transformers_renders_it():
+    """transformers renders templates with trim_blocks and lstrip_blocks: the newline after a block tag and the
+    indentation before one are not output, so an indented, multi-line template gives transformers' text."""
+    transformers = pytest.importorskip("transformers")
+    model = latentrt.load("builtin:recurrent")
+    source = (
+        "{% for m in messages %}\n"
+        "    {% if m['role'] == 'user' %}\n"
+        "  U: {{ m['content'] }}\n"
+        "    {% else %}\n"
+        "  {{ m['role'] }}: {{ m['content'] }}\n"
+        "    {% endif %}\n"
+        "{% endfor %}\n"
+        "  {% if add_generation_prompt %}A:{% endif %}"
+    )
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=model.tokenizer)
+    want = hf.apply_chat_template(MESSAGES, chat_template=source, tokenize=False, add_generation_prompt=True)
+    assert render_chat(ChatTemplate(source), MESSAGES) == want == "  system: Be brief.\n  U: Alex is a wumpus.\nA:"
+
+
 def test_the_special_tokens_a_template_sees_are_transformers(tmp_path):
     """Every special token transformers passes a template (bos, eos, unk, sep, pad, cls, mask), from
     tokenizer_config.json with special_tokens_map.json's winning; one neither names is undefined (it was bos
