@@ -323,6 +323,12 @@ def test_hooks_observe_and_replace():
         hooks=lambda ev: ev.state * 0.5,
     )
     assert not torch.allclose(base.logits, steered.logits)
+    # adaptive: a token's hooks are called for the iterations some sequence runs, not up to num_steps
+    seen.clear()
+    kw = dict(max_new_tokens=6, adaptive=True, num_steps=20, exit_criterion="latent-diff", init_scale=0.0)
+    hooked = latentrt.generate(model, PROMPTS[0], hooks=lambda ev: seen.append(ev.token_index), **kw)
+    calls = [seen.count(t) for t in range(1, 6)]  # (token 0's are the prompt's)
+    assert calls == hooked.steps[1:] and max(calls) < 20
     with pytest.raises(InputError, match="hook returned"):
         latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=lambda ev: torch.zeros(3))
     with pytest.raises(InputError, match="hook returned a torch.int64 tensor .* expected a floating-point tensor"):
