@@ -137,6 +137,8 @@ def test_torch_backend_equals_published(name):
         assert got.prefill_steps == case["prefill_steps"]
     if "accepted" in case:  # speculative: the tokens committed per draft-and-verify round
         assert got.decoding["accepted"] == case["accepted"]
+    if "diffusion_steps" in case:  # wavefront: the published counter, which skips the step its loop breaks in
+        assert case["diffusion_steps"] <= got.decoding["steps"] <= case["diffusion_steps"] + 1
 
 
 def test_continuous_compute_feeds_back_the_state_before_ln_f_as_the_adaptive_loop_does():
@@ -234,6 +236,10 @@ def test_the_vectors_cover_each_published_difference():
     speculative = [c for c in CASES.values() if "speculative" in c]
     assert len({len(set(c["accepted"])) > 1 for c in speculative}) == 2  # rounds accept more and fewer
     assert any(max(c["accepted"]) == c["speculative"]["lookahead"] for c in speculative)  # whole drafts
+    # drafts deeper than num_steps read the committed positions by the lookup rule: the published full (skip) and
+    # latest-m4 (latentrt's full) accept different drafts
+    deep = [CASES[f"speculative lookahead 8 draft 9 {kv} depth 6"] for kv in ("skip", "latest-m4")]
+    assert deep[0]["tokens"] == deep[1]["tokens"] and deep[0]["accepted"] != deep[1]["accepted"]
     wavefront = [c for c in CASES.values() if "wavefront" in c]
     assert sum(len(c["tokens"]) == c["max_new_tokens"] for c in wavefront) >= 9  # they freeze and commit
     assert all(len(set(c["tokens"])) > 2 for c in wavefront if len(c["tokens"]) > 1)

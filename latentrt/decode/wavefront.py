@@ -30,7 +30,8 @@ to its last special token; below the vocabulary's size in a smaller one) from th
 random draws follow the published code (its new positions' states drawn in bfloat16, whatever the model's
 dtype), so the tokens equal the published code's (tests/test_published.py) with ``init_scale=0`` and with
 a ``seed`` (the published run seeded alike), guesses included.
-``GenerationResult.decoding`` holds the steps, core passes, tokens per step and the freeze statistics.
+``GenerationResult.decoding`` holds the steps, core passes, tokens per step and the freeze statistics (``steps``
+counts every step run, the last one too; the published ``diffusion_steps`` leaves out a step its loop breaks in).
 """
 
 from __future__ import annotations
@@ -262,6 +263,8 @@ class Wavefront(Sampler):
                     frozen = frozen + new[:h_step]
                 else:
                     self._clear(cache, states.shape[1] - h_step)
+            st["steps"] = step + 1  # (before the tokens: the caller stops reading at max_new_tokens)
+            st["tokens_per_step"] = min(len(frozen) - S, dec.options.max_new_tokens) / (2 + step)  # + the prompt's
             for p in range(max(before, done), len(frozen)):  # position p's token: position p - 1's state
                 yield Proposal(frozen[p], int(counter[p - 1]), logits[p - 1 - index], 0)
             done = max(done, len(frozen))  # (token-stability can shorten the published frozen prefix)
@@ -273,8 +276,6 @@ class Wavefront(Sampler):
                 previous = states.clone()
             old_index = index
             step += 1
-            st["steps"] = step
-            st["tokens_per_step"] = (len(frozen) - S) / (1 + step)
 
     def misaligned(self, what: str) -> InputError:
         """The window no longer lines up with the step's guesses or states: the published sampler fails on the
