@@ -30,6 +30,18 @@ def test_speculative_greedy_full_kv_equals_sequential_for_every_lookahead_and_dr
     assert len(rounds) > 3  # the drafts were accepted to different extents
 
 
+def test_speculative_drafts_fewer_at_the_end_of_the_context():
+    """Up to the last position of the context: a round drafts only as many tokens as positions are left, and the
+    tokens are still sequential decoding's."""
+    model = build("huginn-a")
+    n = model.config.block_size - len(PROMPT)
+    kw = dict(max_new_tokens=n, num_steps=2, init_scale=0.0, kv_sharing="full", default_stops=False)
+    sequential = latentrt.generate(model, PROMPT, **kw)
+    got = latentrt.generate(model, PROMPT, decoding="speculative", decoding_options=dict(lookahead=8, draft_steps=1),
+                            **kw)  # fmt: skip
+    assert got.tokens == sequential.tokens and len(got.tokens) == n
+
+
 def test_speculative_whole_drafts_when_the_draft_is_the_verifier():
     model = build("huginn-b")
     opts = dict(lookahead=4, draft_steps=6)
@@ -37,6 +49,32 @@ def test_speculative_whole_drafts_when_the_draft_is_the_verifier():
                             decoding_options=opts)  # fmt: skip
     assert got.decoding["accepted"] == [4, 4, 4]  # drafting at full depth: every draft verified
     assert got.decoding["tokens_per_pass"] == pytest.approx(13 / (1 + 3 * 5))
+
+
+def test_speculative_acceptance_counts_the_drafts_the_verifier_took():
+    """One draft a round: every round commits one token, accepted or replaced, so only ``acceptance`` tells how
+    good the drafts were: all of them when drafting at the verifier's depth, fewer at one iteration."""
+    model = build("huginn-b")
+    kw = dict(max_new_tokens=14, num_steps=6, init_scale=0.0, kv_sharing="full", decoding="speculative")
+    for draft_steps, expected in ((6, 13), (1, 3)):
+        got = latentrt.generate(model, PROMPT, decoding_options=dict(lookahead=1, draft_steps=draft_steps), **kw)
+        stats = got.decoding
+        assert stats["accepted"] == [1] * 13 and stats["draft_passes"] == 13 and stats["verify_passes"] == 14
+        assert stats["drafts_accepted"] == expected and stats["acceptance"] == expected / 13
+
+
+@pytest.mark.parametrize("window, waves", [(dict(max_wavefront=3), True), ({}, False)])
+def test_wavefront_statistics_count_every_step(window, waves):
+    """``steps`` counts the step that committed the last token too (the caller stops reading there): each step
+    runs inner_recurrence core passes after the prompt's one; tokens per step counts the prompt's pass;
+    ``standing_waves`` counts the steps whose window max_wavefront cut."""
+    model = build("huginn-b")
+    got = latentrt.generate(model, PROMPT, max_new_tokens=10, num_steps=8, init_scale=0.0, decoding="wavefront",
+                            decoding_options=dict(window, exit_t=0.01, inner_recurrence=4))  # fmt: skip
+    stats = got.decoding
+    assert len(got.tokens) == 10 and stats["core_passes"] == 1 + 4 * stats["steps"]
+    assert stats["tokens_per_step"] == 10 / (1 + stats["steps"])
+    assert (stats["standing_waves"] > 0) == waves and stats["standing_waves"] <= stats["steps"]
 
 
 def test_wavefront_invariants_with_noise():
@@ -79,6 +117,12 @@ def test_samplers_return_logits_whose_argmax_is_the_greedy_token():
         (dict(decoding_options={"lookahead": 2}), "decoding_options need decoding="),
         (dict(decoding="speculative", decoding_options={"lookahead": 0}), "lookahead must be an integer >= 1"),
         (dict(decoding="speculative", decoding_options={"lookahed": 2}), "unknown decoding_options ['lookahed']"),
+        (dict(decoding="speculative", decoding_options={"draft_steps": 0}), "draft_steps must be an integer >= 1"),
+        (
+            dict(decoding="speculative", decoding_options={"verification_threshold": -0.5}),
+            "verification_threshold must be a number >= 0.0, got -0.5",
+        ),
+        (dict(decoding="wavefront", decoding_options={"ema_embeds": 1.5}), "ema_embeds must be a number in [0.0, 1.0]"),
         # the published keywords: renamed ones point to latentrt's name, unimplemented ones say why
         (
             dict(decoding="speculative", decoding_options={"lookahead_for_draft": 2}),
@@ -148,3 +192,14 @@ def test_wavefront_options_the_published_sampler_cannot_run_are_named(window, pr
     # the same freeze strategies with the published defaults run
     got = latentrt.generate(model, prompt, decoding_options=dict(freeze_strategy=window["freeze_strategy"]), **kw)
     assert len(got.tokens) == 9
+
+
+def test_wavefront_acceleration_stops_where_the_published_windows_no_longer_overlap():
+    """latent-acceleration-2 with a loose exit_t freezes so far ahead that the next step's window shares no
+    position with the two before: the published step fails there ('The size of tensor a (2) must match the size
+    of tensor b (0)', checked with its code); latentrt says so, naming the options. The criterion is the
+    acceleration over the current states' norm: over the previous ones' it would freeze elsewhere and run on."""
+    opts = dict(freeze_strategy="latent-acceleration-2", exit_t=1.0, inner_recurrence=2)
+    with pytest.raises(InputError, match=r"the last three steps' states cover 2, 0 and 0 positions"):
+        latentrt.generate(build("huginn-a"), PROMPT, max_new_tokens=10, num_steps=4, init_scale=0.0,
+                          decoding="wavefront", decoding_options=opts)  # fmt: skip

@@ -349,6 +349,11 @@ CASES = [
             ("huginn-b", 3, 2, 8, "skip"),
             ("huginn-a", 3, 2, 8, "always-last-m4"),
             ("huginn-b", 4, 10, 12, "always-last-m4"),
+            # drafts deeper than the verifier: the cache keeps draft_steps iterations; a draft's query past num_steps
+            # finds no entry of the committed positions (the published full lookup: latentrt's skip; latest-m4:
+            # latentrt's full, their latest entry)
+            ("huginn-b", 8, 9, 6, "skip"),
+            ("huginn-b", 8, 9, 6, "latest-m4"),
         ]
     ],
     # 9. wavefront decoding (generate_diffusion_style): the published defaults without randomness
@@ -373,6 +378,8 @@ CASES = [
             ("constant sqrt mixer", "huginn-a", dict(dampened_state_mixer=False, sqrt_mixer=True)),
             ("max_wavefront 3", "huginn-b", dict(max_wavefront=3, exit_t=0.01)),
             ("continuous", "huginn-a", dict(continuous=True, exit_t=0.05)),
+            ("max_wavefront 0", "huginn-b", dict(max_wavefront=0, exit_t=0.01)),  # freezes past need + 1 positions
+            ("fixed max_diffusion_steps 3", "huginn-a", dict(freeze_strategy="fixed", max_diffusion_steps=3)),
         ]
     ],
     # 9b. wavefront decoding under other published lookups than its default (one slot per core layer)
@@ -602,6 +609,14 @@ CASES = [
         model="huginn-stops",
         max_new_tokens=8,
         wavefront=dict(headway=2, exit_t=0.1),
+        options=dict(num_steps=4, init_scale=1.0, decoding="wavefront", default_stops=False, seed=8),
+    ),
+    # continuous with a window narrower than headway (the first step's): new positions from fresh states
+    dict(
+        name="wavefront continuous headway 2",
+        model="huginn-stops",
+        max_new_tokens=8,
+        wavefront=dict(headway=2, continuous=True, exit_t=0.1),
         options=dict(num_steps=4, init_scale=1.0, decoding="wavefront", default_stops=False, seed=8),
     ),
     dict(
