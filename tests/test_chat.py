@@ -246,7 +246,7 @@ def test_continue_final_message_and_template_variables_render_as_transformers_re
             render_chat(template, conversation, ChatOptions(False, True))
 
 
-def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
+def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys, monkeypatch):
     """``--chat`` (with ``--system`` and ``--chat-template``): each prompt a user message, the tokens of
     generate() on the API's ids; the flags that need --chat without it are an error."""
     import json
@@ -263,6 +263,8 @@ def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
         for m in ({"role": "user", "content": "every cat"}, {"role": "user", "content": "is a"})
     ]
     argv = ["generate", str(recurrent_dir), "every cat", "is a", "--chat", "--system", "Be brief."]
+    seen, real = [], latentrt.chat.apply_chat_template
+    monkeypatch.setattr("latentrt.chat.apply_chat_template", lambda m, msgs, *a: seen.append(msgs) or real(m, msgs, *a))
     assert (
         main(
             [
@@ -279,8 +281,11 @@ def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["tokens"] == [w.tokens for w in want]
-    assert main(["generate", str(recurrent_dir), "x", "--system", "hi"]) == 2
-    assert "--system and --chat-template go with --chat" in capsys.readouterr().err
+    # (the tiny model answers alike with or without the system message: the messages themselves are checked)
+    assert seen == [MESSAGES[:1] + [{"role": "user", "content": p}] for p in ("every cat", "is a")]
+    for flag in (["--system", "hi"], ["--chat-template", str(tmp_path / "t.jinja")]):
+        assert main(["generate", str(recurrent_dir), "x", *flag]) == 2
+        assert "--system and --chat-template go with --chat" in capsys.readouterr().err
     assert main(["generate", str(recurrent_dir), "x", "--chat"]) == 2  # a folder without a template
     assert "has no chat template" in capsys.readouterr().err
 
@@ -303,8 +308,17 @@ def test_cli_chat_keeps_the_conversation(recurrent_dir, tmp_path, capsys, monkey
     want.append(latentrt.generate(model, latentrt.apply_chat_template(model, fresh, template), **kw).text)
     monkeypatch.setattr("sys.stdin", io.StringIO("every cat\n\nis a\n/reset\na cat\n/exit\nnever read\n"))
     argv = ["chat", str(recurrent_dir), "--system", "cat", "--chat-template", str(template)]
+    seen, real = [], latentrt.chat.apply_chat_template
+
+    def record(model, messages, *a, **k):
+        seen.append([m["content"] for m in messages])
+        return real(model, messages, *a, **k)
+
+    monkeypatch.setattr("latentrt.chat.apply_chat_template", record)
     assert main([*argv, "--max-new-tokens", "4", "--init-scale", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == want
+    # the messages are the lines without their newline (the word tokenizer would not show it in the answers)
+    assert seen == [["cat", "every cat"], ["cat", "every cat", want[0], "is a"], ["cat", "a cat"]]
 
 
 def test_text_that_is_not_unicode_is_named(recurrent_dir, tmp_path, capsys, monkeypatch):

@@ -88,8 +88,22 @@ def test_generate_json_batch_stream(recurrent_dir, capsys):
     assert main(["generate", str(recurrent_dir), "every cat", "Tom is", "--max-new-tokens", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["tokens"]) == 2 and all(len(t) == 3 for t in res["tokens"])
-    assert main(["generate", str(recurrent_dir), "every cat", "--max-new-tokens", "3", "--stream"]) == 0
-    capsys.readouterr()
+    sampled = [
+        "generate",
+        str(recurrent_dir),
+        "every cat",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "3",
+        "--temperature",
+        "1",
+    ]
+    assert main([*sampled, "--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert main([*sampled, "--stream"]) == 0
+    lines = capsys.readouterr().out.split("\n")  # the pieces on one line as they came, then the report
+    assert text.count(" ") >= 2 and lines[0] == text and lines[1].startswith("steps per token: [")
     # --json with --stream: every line is JSON (the streamed text came before the JSON, so no reader parsed it)
     for prompts in (["every cat"], ["every cat", "Tom is"]):
         assert main(["generate", str(recurrent_dir), *prompts, "--max-new-tokens", "3", "--stream", "--json"]) == 0
@@ -153,6 +167,11 @@ def test_generate_stop_text_equals_the_api(recurrent_dir, capsys):
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert (res["tokens"], res["text"], res["finish_reasons"]) == (want.tokens, want.text, want.finish_reasons)
+    # and the ids stop it where they come first
+    first = ["--stop", str(plain.tokens[0]), "--stop-text", "zebra", "--json"]
+    assert main([*argv[: argv.index("--stop")], *first]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["tokens"], res["finish_reasons"]) == (plain.tokens[:1], ["stop"])
     # --include-stop-str-in-output and --no-skip-special-tokens: the text as generate()'s with those options
     want = latentrt.generate(
         model,
@@ -198,6 +217,9 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
 def test_generate_coconut(coconut_dir, capsys):
     assert main(["generate", str(coconut_dir), "every cat", "--thoughts", "2", "--max-new-tokens", "3"]) == 0
     assert "continuous thoughts: 2" in capsys.readouterr().out
+    argv = ["generate", str(coconut_dir), "every cat", "--thoughts", "2", "--max-new-tokens", "3", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["num_thoughts"] == 2
 
 
 def test_errors_exit_2(recurrent_dir, tmp_path, capsys):
@@ -218,10 +240,12 @@ def test_decoding_options_from_the_command_line_equal_the_api(recurrent_dir, cap
     argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "5", "--no-default-stops"]
     argv += ["--init-scale", "0", "--decoding", "speculative", "--decoding-option", "lookahead=3", "--json"]
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] == want.tokens and got["decoding"] == want.decoding
     for option, message in (
         ("lookahead=three", "lookahead must be an integer >= 1, got 'three'"),
         ("lookahead", "--decoding-option takes KEY=VALUE, got 'lookahead'"),
+        ("=3", "--decoding-option takes KEY=VALUE, got '=3'"),
     ):
         assert main([*argv[:-2], option]) == 2
         assert message in capsys.readouterr().err
@@ -318,6 +342,11 @@ def test_a_prompt_dash_is_standard_input(recurrent_dir, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out) == want
     assert main(["generate", d, "-", "-"]) == 2
     assert "only one prompt can be - (standard input)" in capsys.readouterr().err
+    # only the final newline goes (what echo adds): the text's own lines and spaces are the prompt's
+    from latentrt.cli import _read_stdin_prompt
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("  two lines\nend \n\n"))
+    assert _read_stdin_prompt(["x", "-"]) == ["x", "  two lines\nend \n"]
 
 
 def test_ids_prompts_for_a_model_without_a_tokenizer(recurrent_dir, capsys):

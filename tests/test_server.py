@@ -1044,6 +1044,30 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
         create_app(Engine(tiny_recurrent(), max_batch=1), 3)
 
 
+def test_cli_serve_passes_every_engine_flag(monkeypatch):
+    """``latentrt serve``'s flags reach the engine and the app as given (each one of them was once a keyword
+    the command could drop without a test noticing)."""
+    from latentrt.cli import main
+
+    seen = {}
+
+    def run_server(engine, name, *a, sock, **kw):
+        seen.update(engine=engine, name=name)
+
+    monkeypatch.setattr("latentrt.serve.app.run_server", run_server)
+    argv = ["--max-batch", "3", "--max-queue", "7", "--max-len", "40", "--kv-slots", "20", "--scheduler", "token"]
+    argv += ["--edge-cost", "2.5", "--async-scheduling", "--served-model-name", "mine"]
+    argv += ["--override-generation-config", '{"temperature": 0.5, "num_steps": 3}', "--backend", "torch"]
+    assert main(["serve", "--port", str(free_port()), *argv, "builtin:recurrent"]) == 0
+    engine = seen["engine"]
+    assert (engine.max_batch, engine.max_queue, engine.max_len, engine.program.pool.slot_rows) == (3, 7, 40, 20)
+    assert (engine.scheduler, engine.edge_cost, engine.async_scheduling) == ("token", 2.5, True)
+    assert seen["name"] == "mine" and engine.model.generation_defaults == {"temperature": 0.5, "num_steps": 3}
+    assert main(["serve", "--port", str(free_port()), "--backend", "torch", "builtin:recurrent"]) == 0
+    engine = seen["engine"]
+    assert (engine.edge_cost, engine.async_scheduling, seen["name"]) == (None, False, "builtin:recurrent")
+
+
 def test_cli_serve_errors(capsys, monkeypatch):
     from latentrt import cli
 
