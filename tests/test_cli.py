@@ -200,8 +200,13 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
-    assert main(["generate", str(recurrent_dir), "x", "--logit-bias", "5"]) == 2
-    assert "--logit-bias takes ID=BIAS" in capsys.readouterr().err
+    for item, form in (
+        ("5", "ID=BIAS"),
+        ("5=much", "ID=BIAS (a token id and a number)"),
+        ("x=1", "ID=BIAS (a token id and a number)"),
+    ):
+        assert main(["generate", str(recurrent_dir), "x", "--logit-bias", item]) == 2
+        assert f"--logit-bias takes {form}, got '{item}'" in capsys.readouterr().err
     assert main(["generate", str(recurrent_dir), "x", "--repetition-penalty", "0"]) == 2
     assert "error: --repetition-penalty must be in [1e-30, 1e+30]" in capsys.readouterr().err
     dry = dict(dry_multiplier=2.5, dry_base=1.5, dry_allowed_length=1)
