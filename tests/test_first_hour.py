@@ -71,6 +71,30 @@ def test_hub_errors_say_which_problem(hub_cache, tmp_path):
         latentrt.load("acme/llama")
 
 
+def test_hub_ids_are_owner_slash_name_and_fetch_only_what_latentrt_reads(hub_cache, monkeypatch):
+    """``owner/name`` as the Hub spells ids (no leading dot or dash, no ``..``: a path, not an id), and a download
+    asks for the configs, tokenizer, chat template and safetensors files, never pickles or code."""
+    from fnmatch import fnmatch
+
+    import huggingface_hub
+
+    from latentrt.hub import is_hub_id
+
+    assert all(map(is_hub_id, ("acme/tiny-huginn", "a/b", "Org_1/model.v2-x")))
+    assert not any(map(is_hub_id, ("acme/..", "a/b..c", "../x", ".acme/x", "-acme/x", "acme", "a/b/c", "/a/b")))
+    with pytest.raises(CheckpointError, match=r"does not exist \(and .* is not a Hub id"):
+        latentrt.load("acme/..")
+    calls, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(kw) or real(repo, **kw))
+    latentrt.load("acme/tiny-huginn", device="cpu")
+    allowed = calls[0]["allow_patterns"]
+    wanted = ["config.json", "tokenizer.json", "model.safetensors", "model-00001-of-00002.safetensors"]
+    wanted += ["model.safetensors.index.json", "generation_config.json", "chat_template.jinja", "tokenizer.model"]
+    assert all(any(fnmatch(f, p) for p in allowed) for f in wanted)
+    unwanted = ("pytorch_model.bin", "model.pt", "modeling_raven.py", "training_args.bin", "model.ckpt")
+    assert not any(fnmatch(f, p) for f in unwanted for p in allowed)
+
+
 def test_an_unreachable_hub_is_named(hub_cache, monkeypatch):
     """Online, a Hub that does not answer (no network) and a model not in the cache: an error saying so."""
     from huggingface_hub import constants

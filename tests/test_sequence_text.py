@@ -139,3 +139,29 @@ def test_a_decoder_that_rewrites_earlier_text_falls_back_to_the_whole_decode():
         text.add(t)
         assert text.text == tok.decode(ids[: i + 1]).rstrip("\ufffd")[: len(text.text)]
     assert text.finish(ids) == CORPUS[0] and text.text == CORPUS[0]
+
+
+class RewritingTokenizer:
+    """A decoder whose text is not a prefix of the next one's (a final '!' upper-cases the whole text):
+    ``DecodeStream`` cannot follow it (here it refuses the object outright), so SequenceText decodes it all again."""
+
+    WORDS = ["!", "a", "b", "c"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = " ".join(self.WORDS[i] for i in ids)
+        return text.upper() if ids and ids[-1] == 0 else text
+
+
+def test_a_decoder_that_rewrites_earlier_text_is_decoded_whole_and_its_stop_strings_found():
+    tok = RewritingTokenizer()
+    text = SequenceText(tok, StopStrings(["B !"]))
+    for t in (1, 2):
+        text.add(t)
+    assert text.text == "a b" and text.show() == "a b" and text.cut is None
+    text.add(0)  # the earlier text is now "A B": a stop string that only the rewritten text holds ends it
+    assert text.text == "A B !" and text.cut == 2
+    assert text.end([1, 2, 0]) == "" and text.final == "A "  # (the stream showed "a b": what the end changed)
+    plain = SequenceText(tok, StopStrings(["never"]))
+    for t in (3, 1):
+        plain.add(t)
+    assert plain.text == "c a" and plain.end([3, 1]) == "c a"
