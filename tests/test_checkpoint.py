@@ -87,6 +87,13 @@ def test_bf16_load(recurrent_dir):
     assert rel_err(out, ref) < 5e-2
 
 
+def test_a_loaded_model_is_in_eval_mode(recurrent_dir, coconut_dir):
+    """As HF's from_pretrained: no module of a loaded model is in training mode (a trainer sets it)."""
+    for folder in (recurrent_dir, coconut_dir):
+        model = latentrt.load(folder, device="cpu")
+        assert not any(m.training for m in model.modules())
+
+
 def _edit_weights(folder, fn):
     sd = load_file(folder / "model.safetensors")
     fn(sd)

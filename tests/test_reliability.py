@@ -345,6 +345,9 @@ def test_an_eos_outside_the_vocabulary_is_said_at_load_and_ends_nothing(tmp_path
         ):
             model = latentrt.load(tmp_path, device="cpu")
         assert latentrt.generate(model, [5, 6, 7], **kw).tokens == free
+    with pytest.warns(UserWarning) as said:  # the warning points at the caller's load(), not at latentrt
+        latentrt.load(tmp_path, device="cpu")
+    assert [w.filename for w in said] == [__file__]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[2], 10**20]}))
     with pytest.warns(UserWarning, match=r"generation_config.json: eos_token_id 100000000000000000000 is not in"):
         model = latentrt.load(tmp_path, device="cpu")
@@ -471,6 +474,24 @@ def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             latentrt.load(recurrent_dir, device="cuda")
+    from latentrt.loader import parse_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    with pytest.MonkeyPatch.context() as mp:  # (a machine with `count` GPUs, whatever this one has)
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr(torch.cuda, "device_count", lambda: count)
+        assert parse_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
+        with pytest.raises(InputError, match=rf"device 'cuda:{count}': only {count} CUDA device\(s\) here"):
+            parse_device(f"cuda:{count}")
+    from latentrt.loader import _parse_dtype  # the default: bf16 on a GPU (Huginn-0125's dtype), fp32 on the CPU
+
+    assert (
+        _parse_dtype(None, torch.device("cuda")) == torch.bfloat16
+        and _parse_dtype(None, torch.device("cpu")) == torch.float32
+    )
+    assert (
+        _parse_dtype("BF16", torch.device("cpu")) == torch.bfloat16 and _parse_dtype(torch.half, "cpu") == torch.float16
+    )
     for field, value in (
         ("norm_eps", float("inf")),
         ("norm_eps", 0.0),
