@@ -244,8 +244,9 @@ def test_unknown_words_are_named():
         latentrt.UnknownWordsWarning, match=r"^4 word\(s\) of the prompt .*\['The', 'Westeros', 'capital', 'of'\]"
     ):
         latentrt.generate(model, "The capital of Westeros is Alex", max_new_tokens=1)
-    with pytest.warns(latentrt.UnknownWordsWarning, match=r"^1 word\(s\) of prompt 1 .*\['Westeros'\]"):
-        latentrt.generate(model, ["Alex is", "Westeros is"], max_new_tokens=1)
+    with pytest.warns(latentrt.UnknownWordsWarning, match=r"^1 word\(s\) of prompt 1 .*\['Westeros'\]") as said:
+        latentrt.generate(model, ("Alex is", "Westeros is"), max_new_tokens=1)  # (a tuple of texts: a batch)
+    assert [w.filename for w in said] == [__file__]  # at the generate() call, as the other warnings
     with pytest.raises(InputError, match="not in the tokenizer's vocabulary"):
         latentrt.generate(model, "The capital of Westeros is", max_new_tokens=1, strict=True)
     with warnings.catch_warnings():

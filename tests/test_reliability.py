@@ -597,6 +597,13 @@ def test_every_malformed_ids_or_mask_is_named():
         (lambda: model.logits(ids, attention_mask=torch.tensor([[0.5, 1, 1]])), "must hold 0/1 \\(or bool\\) values"),
         (lambda: model.logits(ids, attention_mask=torch.tensor([[1, 0, 1]])), r"left-padding mask \(0...0 1...1"),
         (lambda: latentrt.generate(model, [[5, 6], [7, "8"]], **kw), "token ids must be integers"),
+        (lambda: latentrt.generate(model, [[5, 6], [7, True]], **kw), "token ids must be integers"),  # no bools
+        (lambda: latentrt.generate(model, [5, -1, 40], **kw), r"token id out of range \[0, 40\): \[-1, 40\]"),
+        (
+            lambda: model.logits(torch.tensor([[True, False]])),
+            "input_ids must hold integer token ids, got dtype torch.bool",
+        ),
+        (lambda: model.logits(torch.tensor([[5, 40]])), r"token id out of range \[0, 40\).*: min 5, max 40"),
         (lambda: latentrt.generate(model, "every cat", **kw), "this model has no tokenizer.json: pass token ids"),
     ]
     for call, message in cases:
