@@ -246,6 +246,18 @@ def test_continue_final_message_and_template_variables_render_as_transformers_re
             render_chat(template, conversation, ChatOptions(False, True))
 
 
+def conversations_rendered(monkeypatch) -> list:
+    """The message lists the CLI renders through latentrt.chat.apply_chat_template, recorded as it is called."""
+    seen, real = [], latentrt.chat.apply_chat_template
+
+    def record(model, messages, *args, **kwargs):
+        seen.append(list(messages))  # (chat appends to its history after rendering it)
+        return real(model, messages, *args, **kwargs)
+
+    monkeypatch.setattr("latentrt.chat.apply_chat_template", record)
+    return seen
+
+
 def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys, monkeypatch):
     """``--chat`` (with ``--system`` and ``--chat-template``): each prompt a user message, the tokens of
     generate() on the API's ids; the flags that need --chat without it are an error."""
@@ -263,8 +275,7 @@ def test_cli_chat_equals_the_api(recurrent_dir, tmp_path, capsys, monkeypatch):
         for m in ({"role": "user", "content": "every cat"}, {"role": "user", "content": "is a"})
     ]
     argv = ["generate", str(recurrent_dir), "every cat", "is a", "--chat", "--system", "Be brief."]
-    seen, real = [], latentrt.chat.apply_chat_template
-    monkeypatch.setattr("latentrt.chat.apply_chat_template", lambda m, msgs, *a: seen.append(msgs) or real(m, msgs, *a))
+    seen = conversations_rendered(monkeypatch)
     assert (
         main(
             [
@@ -308,17 +319,12 @@ def test_cli_chat_keeps_the_conversation(recurrent_dir, tmp_path, capsys, monkey
     want.append(latentrt.generate(model, latentrt.apply_chat_template(model, fresh, template), **kw).text)
     monkeypatch.setattr("sys.stdin", io.StringIO("every cat\n\nis a\n/reset\na cat\n/exit\nnever read\n"))
     argv = ["chat", str(recurrent_dir), "--system", "cat", "--chat-template", str(template)]
-    seen, real = [], latentrt.chat.apply_chat_template
-
-    def record(model, messages, *a, **k):
-        seen.append([m["content"] for m in messages])
-        return real(model, messages, *a, **k)
-
-    monkeypatch.setattr("latentrt.chat.apply_chat_template", record)
+    seen = conversations_rendered(monkeypatch)
     assert main([*argv, "--max-new-tokens", "4", "--init-scale", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == want
     # the messages are the lines without their newline (the word tokenizer would not show it in the answers)
-    assert seen == [["cat", "every cat"], ["cat", "every cat", want[0], "is a"], ["cat", "a cat"]]
+    contents = [[m["content"] for m in messages] for messages in seen]
+    assert contents == [["cat", "every cat"], ["cat", "every cat", want[0], "is a"], ["cat", "a cat"]]
 
 
 def test_text_that_is_not_unicode_is_named(recurrent_dir, tmp_path, capsys, monkeypatch):
