@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .caller import warn_at_caller
 from .errors import CheckpointError, ConfigError, os_errors_as
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -71,7 +71,7 @@ def _revision_unused(revision: str | None, what: str) -> None:
     """A revision names a Hub commit, branch or tag: given with a local or built-in model it cannot apply, and
     the files read are not what was asked for (HF and vLLM ignore it silently)."""
     if revision is not None:
-        warnings.warn(f"revision={revision!r} applies to Hub ids; {what}, read as it is", stacklevel=5)
+        warn_at_caller(f"revision={revision!r} applies to Hub ids; {what}, read as it is")
 
 
 def read_json(path: Path, error: type[Exception]) -> object:

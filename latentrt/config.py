@@ -8,9 +8,9 @@ own validation. ``latentrt.families.parse_config`` picks the class by config.jso
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, ClassVar
 
+from .caller import warn_at_caller
 from .errors import ConfigError
 
 # Fields that published config.json files carry but that do not change the computation.
@@ -83,7 +83,7 @@ class ModelConfig:
             elif key not in cls.IGNORED and key not in HF_BOILERPLATE:
                 unknown.append(key)
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown config fields {sorted(unknown)}", stacklevel=4)
+            warn_at_caller(f"{source}: ignoring unknown config fields {sorted(unknown)}")
         for key, value in (overrides or {}).items():
             key = cls.ALIASES.get(key, key)
             if key not in names or key == "model_type":

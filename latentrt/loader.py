@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
 from .backends import get_backend
+from .caller import warn_at_caller
 from .checkpoint import load_tokenizer, load_weights, read_config, read_generation_config, read_state_dict, resolve
 from .config import eos_ids
 from .errors import ConfigError, InputError
@@ -83,11 +83,10 @@ def _warn_eos_outside_vocabulary(eos, vocab_size: int, source) -> None:
     GPT-2 keeping GPT2Config's default 50256): said once at load; the default stops leave it out."""
     outside = [i for i in eos_ids(eos) if not 0 <= i < vocab_size]
     if outside:
-        warnings.warn(
+        warn_at_caller(
             f"{source}: eos_token_id {outside[0] if len(outside) == 1 else outside} is not in the vocabulary "
             f"(ids 0 to {vocab_size - 1}): no generated token can be it, so it ends no sequence",
             UserWarning,
-            stacklevel=3,
         )
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from .caller import warn_at_caller
 from .dry import check_dry
 from .errors import ConfigError, InputError, check_bool, check_int, plain_scalar
 from .penalties import check_penalties
@@ -143,7 +143,7 @@ def _warn_unused(options: GenerateOptions, given: set[str]) -> None:
                 options.validate()
             except InputError:
                 return
-            warnings.warn(unused_message(set_here, why), stacklevel=4)
+            warn_at_caller(unused_message(set_here, why))
 
 
 def unused_message(names: list[str], only: str) -> str:
@@ -186,10 +186,9 @@ def generation_defaults(gen_cfg: dict, source: str) -> dict:
         k for k, neutral in UNREAD_GENERATION_FIELDS.items() if gen_cfg.get(k, neutral) not in (None, neutral, [], {})
     )
     if unread:
-        warnings.warn(
+        warn_at_caller(
             f"{source}: not read as defaults: {', '.join(f'{k}={gen_cfg[k]!r}' for k in unread)} (HF's generate or "
             "the published sampler would apply them); pass the generate() option where there is one",
-            stacklevel=3,
         )
     return out
 

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .caller import warn_at_caller
 from .errors import InputError, check_unicode
 
 # what generate() takes as a prompt: one text or id list (a 1-D tensor / array), or a batch of them
@@ -120,7 +120,7 @@ def encode_text(tokenizer, texts: list[str], strict: bool = False, add_special_t
             )
             if strict:
                 raise InputError(msg)
-            warnings.warn(msg, UnknownWordsWarning, stacklevel=5)  # at the caller of generate()
+            warn_at_caller(msg, UnknownWordsWarning)  # at the caller of generate()
         out.append(prompt_ids(enc))
     return out
 

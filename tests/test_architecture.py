@@ -16,6 +16,7 @@ LAYERS = [
     ("kernels", "_cuda"),
     (
         "errors",
+        "caller",
         "config",
         "cache",
         "kv_modes",

@@ -17,10 +17,9 @@ crosses boundaries only through tensors that stay alive (the runner's buffers, t
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from ..caller import warn_at_caller
 from ..recurrence import drive
 
 
@@ -101,7 +100,7 @@ class GraphedRunner:
         except RuntimeError as exc:
             self.capture_error = exc
             why = f"latentrt: {type(self).__name__} runs eagerly (CUDA graph capture failed: {exc})"
-            warnings.warn(why, stacklevel=3)
+            warn_at_caller(why)
             return
         self._graphs, self._markers, self._graph = graphs, markers, graphs[0]
         self.captures += 1

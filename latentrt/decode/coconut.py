@@ -11,12 +11,12 @@ backend's column runner where it has one (fused layers, one CUDA graph), else th
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from ..caller import warn_at_caller
 from ..checkpoint import read_training_info
 from ..errors import CheckpointError, InputError, check_bool, check_int, is_choice
 from ..options import GenerateOptions
@@ -74,12 +74,11 @@ def default_thoughts(model) -> int:
     mode, info = trained_mode(model)  # (one read of training.json: generate() asks at every prompt)
     folder = getattr(model, "folder", None)
     if folder is not None and not info and model.marker_ids[1] is not None:
-        warnings.warn(
+        warn_at_caller(
             f"{getattr(model, 'source', None) or folder} has latent markers but no training.json saying how many "
             "thoughts it was trained with, so none are appended: give the count (num_thoughts=, --thoughts; "
             "Coconut's published ProsQA and GSM8k models think 6)",
             UserWarning,
-            stacklevel=4,
         )
     return _trained_count(model, mode, info)
 

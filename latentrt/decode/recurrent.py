@@ -10,12 +10,12 @@ on the CUDA backend), both of which implement the same rules.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from ..caller import warn_at_caller
 from ..errors import InputError, check_bool, check_finite, check_int, is_choice
 from ..exits import make_criterion
 from ..kv_modes import parse_kv_mode
@@ -66,10 +66,9 @@ class RecurrentDecoder(Decoder):
         ms = options.min_steps
         check_int("min_steps", ms, 0)
         if ms > r_max and options.adaptive:  # the published loop takes it: no check runs (LoopSpec clamps it)
-            warnings.warn(
+            warn_at_caller(
                 f"min_steps={ms} exceeds num_steps={r_max}: the exit test never runs and every token runs {r_max} "
                 "iterations (as the published loop)",
-                stacklevel=2,
             )
         check_int("check_criterion_every_n_steps", options.check_criterion_every_n_steps, 1)
         for name in ("adaptive", "continuous", "do_not_exit_in_prefill", "adaptive_prefill"):
@@ -79,7 +78,7 @@ class RecurrentDecoder(Decoder):
         unused = [name for name in cls.ADAPTIVE_ONLY if options.is_set(name)] if not options.adaptive else []
         if unused:  # as HF warns of sampling flags in greedy mode: a sweep of adaptive on/off keeps its kwargs
             only = "on the adaptive exit: without adaptive=True every token runs num_steps iterations and"
-            warnings.warn(unused_message(unused, only), stacklevel=2)
+            warn_at_caller(unused_message(unused, only))
 
     @classmethod
     def sampler_class(cls, options: GenerateOptions):

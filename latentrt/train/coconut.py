@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..cache import GrowingKVCache
+from ..caller import warn_at_caller
 from ..decode.coconut import PROMPT_MODES, thought_prompt, trained_mode
 from ..errors import InputError, check_int, is_choice
 from ..hooks import HookList
@@ -311,14 +311,13 @@ def _warn_if_no_trained_weights(model: nn.Module, cur: Curriculum) -> None:
     here, when the model is neither a training run's folder (a training.json) nor loaded with ``weights=``."""
     if trained_mode(model)[1] or getattr(model, "weights_file", None):
         return
-    warnings.warn(
+    warn_at_caller(
         f"the curriculum skips the first {cur.start_epoch} epoch(s) (it starts at stage "
         f"{cur.stage_of_epoch(cur.start_epoch)}) but the model is no trained checkpoint (no training.json, no "
         "weights file): Coconut's GSM8k run starts there from a CoT-tuned model (its load_model_path); train one "
         "first with the cot curriculum (Curriculum.published(dataset, 'cot'), --curriculum cot) or load it with "
         "load(..., weights=) / --weights",
         UserWarning,
-        stacklevel=3,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..caller import warn_at_caller
 from ..chat import ChatTemplate, chat_template_for
 from ..errors import InputError
 from ..hooks import HookList
@@ -63,12 +63,11 @@ def cut_examples(data: list[tuple[list[int], list[int]]], max_seq_length: int) -
         )
     if n_cut:
         left_out = len(data) - len(kept)
-        warnings.warn(
+        warn_at_caller(
             f"{n_cut} of {len(data)} records are longer than max_seq_length + 1 = {keep} tokens and are cut there, as "
             f"the published fine-tuning script cuts them"
             + (f"; {left_out} left with no token under the loss are left out" if left_out else "")
             + " (max_seq_length=None, --max-seq-length 0 on the command line, keeps them whole)",
-            stacklevel=3,
         )
     return kept
 
