@@ -76,7 +76,12 @@ def test_bad_options_are_named_before_the_first_batch(monkeypatch):
     model = latentrt.load("builtin:recurrent")
     monkeypatch.setattr("latentrt.evaluate.generate", lambda *a, **k: pytest.fail("generate() ran"))
     records = generate_dataset(2, seed=3)
-    for bad, message in [(dict(exit_threshold=-5.0), "exit_threshold must be >= 0"), (dict(num_thoughts=2), "apply")]:
+    for bad, message in [
+        (dict(exit_threshold=-5.0), "exit_threshold must be >= 0"),
+        (dict(num_thoughts=2), "apply"),
+        (dict(kv_sharing="ring-0"), "kv_sharing must be"),
+        (dict(decoding="speculative", decoding_options={"lookahead": 0}), "lookahead"),
+    ]:
         with pytest.raises(latentrt.InputError, match=message):
             evaluate(model, records, progress=False, **bad)
 

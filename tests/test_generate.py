@@ -223,6 +223,17 @@ def test_exit_thresholds_and_min_steps():
     assert fixed.steps == [7] * 4  # not adaptive: the criterion is ignored, and said so (it was silent)
     with pytest.warns(UserWarning, match="^min_steps acts only on the adaptive exit: .* and it is unused"):
         latentrt.generate(model, PROMPTS[0], max_new_tokens=1, num_steps=7, min_steps=2)
+    # without adaptive=True, min_steps above num_steps is unused (one warning), not "exceeds"; with it, the
+    # adaptive-only options and min_steps up to num_steps say nothing
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=1, num_steps=7, min_steps=9)
+    assert [str(w.message).split(":")[0] for w in said] == ["min_steps acts only on the adaptive exit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adaptive = dict(adaptive=True, exit_criterion="kl", exit_threshold=0.1, check_criterion_every_n_steps=2)
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=1, num_steps=7, min_steps=7, **adaptive)
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=1, num_steps=7, do_not_exit_in_prefill=True, **adaptive)
 
 
 def test_sampling_and_dry_options_given_where_they_do_nothing_are_said_to():

@@ -227,6 +227,24 @@ def test_triton_backend_equals_published(name):
         assert got.steps == case["steps"][:n]
 
 
+def test_the_published_stop_tokens_are_stops_where_the_vocabulary_has_them():
+    """Huginn's generate paths stop on <|begin_text|>, <|end_text|> and <|end_turn|> (65504, 65505, 65508) besides
+    the configured eos (the vectors show 65505 only); a vocabulary without them (the built-in model's) stops on its
+    eos alone, and ``default_stops=False`` on none."""
+    from latentrt.engine import Generation
+    from latentrt.options import GenerateOptions
+
+    def stop_ids(model, **kw):
+        return set(Generation(model, [1, 2], GenerateOptions(max_new_tokens=2, **kw)).stop_ids.tolist())
+
+    model = _model("huginn-stops")
+    eos = {model.eos_token_id} - {None}
+    assert stop_ids(model) == {65504, 65505, 65508} | eos
+    assert stop_ids(model, default_stops=False) == set()
+    builtin = latentrt.load("builtin:recurrent")
+    assert stop_ids(builtin) == {builtin.eos_token_id}
+
+
 def test_the_vectors_cover_each_published_difference():
     """The cases exercise what they are named after: exits vary, stops and the Coconut eos rule bite."""
     for name in ("min_steps latent-diff shared", "check every 3 steps latent-diff", "minp-kl"):

@@ -432,6 +432,10 @@ def test_bad_generate_arguments():
         (dict(continuous="yes"), "continuous must be True or False"),
         (dict(adaptive="yes"), "adaptive must be True or False"),
         (dict(check_criterion_every_n_steps=0), "check_criterion_every_n_steps"),
+        (dict(min_steps=-1, adaptive=True), "min_steps must be an integer >= 0, got -1"),
+        (dict(do_not_exit_in_prefill=1), "do_not_exit_in_prefill must be True or False"),
+        (dict(adaptive_prefill="no"), "adaptive_prefill must be True or False"),
+        (dict(init_scale=-0.5), "init_scale must be a finite number >= 0"),
         (dict(max_new_token=3), "did you mean 'max_new_tokens'"),
     ]
     for kwargs, msg in cases:

@@ -163,6 +163,24 @@ def test_wavefront_takes_the_published_keywords_set_to_what_it_does():
     got = latentrt.generate(model, PROMPT, max_new_tokens=6, num_steps=6, init_scale=0.0, decoding="wavefront",
                             decoding_options=published)  # fmt: skip
     assert got.tokens == plain.tokens and got.steps == plain.steps
+    for other in (dict(full_prefill=1), dict(return_analysis_tablets=0)):  # (equal to True / False, not them)
+        with pytest.raises(InputError, match="is a published option latentrt does not implement"):
+            latentrt.generate(model, PROMPT, max_new_tokens=2, decoding="wavefront", decoding_options=other)
+
+
+def test_decoding_options_may_be_the_samplers_options_object():
+    """``decoding_options`` as the sampler's own options class runs as its dict does; another sampler's class is
+    named."""
+    from latentrt.decode.speculative import SpeculativeOptions
+    from latentrt.decode.wavefront import WavefrontOptions
+
+    model = build("huginn-a")
+    kw = dict(max_new_tokens=6, num_steps=6, init_scale=0.0, decoding="speculative")
+    given = latentrt.generate(model, PROMPT, decoding_options=dict(lookahead=3, draft_steps=2), **kw)
+    typed = latentrt.generate(model, PROMPT, decoding_options=SpeculativeOptions(lookahead=3, draft_steps=2), **kw)
+    assert (typed.tokens, typed.steps, typed.decoding) == (given.tokens, given.steps, given.decoding)
+    with pytest.raises(InputError, match="decoding_options must be a dict, got WavefrontOptions"):
+        latentrt.generate(model, PROMPT, decoding_options=WavefrontOptions(), **kw)
 
 
 def test_samplers_take_one_prompt_and_only_recurrent_models():
