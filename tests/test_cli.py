@@ -451,3 +451,22 @@ def test_the_top_level_help_says_what_the_tool_does_and_its_examples_parse(capsy
     for argv in examples:
         build_parser().parse_args(argv[1:])
     assert main(examples[1][1:]) == 0 and "coconut" in capsys.readouterr().out
+
+
+def test_the_recurrent_report_lines():
+    """The lines ``latentrt generate`` prints after the text: steps per token and their mean, a row index only
+    for a batch, and a sampler's statistics (floats to three significant digits)."""
+    from types import SimpleNamespace
+
+    from latentrt.decode.recurrent import RecurrentDecoder
+
+    one = SimpleNamespace(text="a", steps=[4, 1], decoding=None)
+    assert RecurrentDecoder.report(one) == ["steps per token: [4, 1] (mean 2.50)"]
+    empty = SimpleNamespace(text="", steps=[], decoding=None)
+    assert RecurrentDecoder.report(empty) == ["steps per token: [] (mean 0.00)"]
+    batch = SimpleNamespace(text=["a", "b"], steps=[[3], [1, 2]], decoding={"tokens_per_step": 1.23456, "steps": 3})
+    assert RecurrentDecoder.report(batch) == [
+        "[0] steps per token: [3] (mean 3.00)",
+        "[1] steps per token: [1, 2] (mean 1.50)",
+        "decoding: tokens_per_step 1.23, steps 3",
+    ]

@@ -555,6 +555,15 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):
     )  # OpenAI's scoring request: the prompt only, no token generated
     assert (scored.text, scored.finish_reason, scored.latentrt["token_ids"]) == (prompt_text, "length", [])
     assert scored.logprobs.token_logprobs == got.token_logprobs[: len(ids)]
+    # a random initial state: the prompt's forward draws it from the request's seed, as model.logits(seed=) does
+    noisy = dict(extra, init_scale=1.0)
+    seeded = client(url).completions.create(
+        model="tiny", prompt=ids, max_tokens=0, logprobs=1, echo=True, temperature=0, seed=3, extra_body=noisy
+    )
+    lp = model.logits(torch.tensor([ids]), num_steps=3, init_scale=1.0, seed=3)[0, :, :V].log_softmax(-1)
+    want = [lp[i, t].item() for i, t in enumerate(ids[1:])]
+    assert seeded.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert seeded.choices[0].logprobs.token_logprobs != got.token_logprobs[: len(ids)]
     plain = client(url).completions.create(model="tiny", prompt="Tom is a cat", max_tokens=2, echo=True, temperature=0)
     assert plain.choices[0].text.startswith("Tom is a cat") and plain.choices[0].logprobs is None
 
