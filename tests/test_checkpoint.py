@@ -3,8 +3,10 @@
 import collections
 import json
 import re
+import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from conftest import CodeRunningPickle, rel_err, tiny_coconut, tiny_recurrent
@@ -140,10 +142,31 @@ def test_unknown_model_type(recurrent_dir):
         latentrt.load(recurrent_dir, device="cpu")
 
 
+def test_config_json_that_is_no_family_config(recurrent_dir):
+    """config.json without a model_type, or not a JSON object, and an override of model_type: named."""
+    _edit_config(recurrent_dir, lambda c: c.pop("model_type"))
+    with pytest.raises(ConfigError, match=r"config.json has no 'model_type' field \(expected one of \["):
+        latentrt.load(recurrent_dir, device="cpu")
+    (recurrent_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json must hold a JSON object, got list"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_model_type_cannot_be_overridden(recurrent_dir):
+    with pytest.raises(ConfigError, match="unknown config field 'model_type' for model_type 'huginn_raven'"):
+        latentrt.load(recurrent_dir, device="cpu", model_type="gpt2")
+
+
 @pytest.mark.parametrize("field", ["n_embd", "n_layers_in_recurrent_block", "vocab_size"])
 def test_config_missing_field(recurrent_dir, field):
     _edit_config(recurrent_dir, lambda c: c.pop(field))
     with pytest.raises(ConfigError, match=f"missing required field.*{field}"):
+        latentrt.load(recurrent_dir, device="cpu")
+
+
+def test_config_required_field_null(recurrent_dir):
+    _edit_config(recurrent_dir, lambda c: c.update(n_embd=None))
+    with pytest.raises(ConfigError, match=r"config.json is missing required field\(s\) \['n_embd'\]"):
         latentrt.load(recurrent_dir, device="cpu")
 
 
@@ -154,6 +177,17 @@ def test_config_bad_values(recurrent_dir):
     _edit_config(recurrent_dir, lambda c: c.update(injection_type="linear", n_embd="big"))
     with pytest.raises(ConfigError, match="n_embd.*integer"):
         latentrt.load(recurrent_dir, device="cpu")
+    # a bool is no number (Python's True == 1), a fractional float no integer; an integral float is one
+    for field, value, message in [
+        ("n_embd", True, "field 'n_embd' must be an integer, got True"),
+        ("n_embd", 32.5, "field 'n_embd' must be an integer, got 32.5"),
+        ("rope_base", False, "field 'rope_base' must be a number, got False"),
+    ]:
+        _edit_config(recurrent_dir, lambda c, edit={"n_embd": 32, field: value}: c.update(edit))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            latentrt.load(recurrent_dir, device="cpu")
+    _edit_config(recurrent_dir, lambda c: c.update(n_embd=32.0, rope_base=50000.0))
+    assert latentrt.load(recurrent_dir, device="cpu").config.n_embd == 32
 
 
 def test_published_fields_that_would_change_the_computation(recurrent_dir):
@@ -181,6 +215,22 @@ def test_unknown_override_and_file_field(recurrent_dir):
         latentrt.load(recurrent_dir, device="cpu")
     m = latentrt.load(recurrent_dir, device="cpu", mean_recurrence=7)
     assert m.config.mean_recurrence == 7
+    # overrides: a published alias names its field; a numpy scalar is the number it holds
+    m = latentrt.load(recurrent_dir, device="cpu", n_heads=2, mean_recurrence=np.int64(5))
+    assert (m.config.num_attention_heads, m.config.mean_recurrence) == (2, 5)
+
+
+@pytest.mark.parametrize("make", [tiny_recurrent, tiny_coconut], ids=["recurrent", "coconut"])
+def test_published_and_hf_fields_load_without_a_warning(tmp_path, make):
+    """Fields the published files carry that do not change the computation (the family's IGNORED, HF's
+    boilerplate) load silently; only a field neither knows is named."""
+    save_checkpoint(make(), tmp_path, tie_key="lm_head.weight")
+    family = {"huginn_raven": ("architecture_class_name", "RavenForCausalLM"), "gpt2": ("summary_type", "cls_index")}
+    extra = dict([family[json.loads((tmp_path / "config.json").read_text())["model_type"]]])
+    _edit_config(tmp_path, lambda c: c.update(extra, transformers_version="4.44.0", architectures=["X"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        latentrt.load(tmp_path, device="cpu")
 
 
 def test_n_heads_alias_and_rope_default(recurrent_dir):

@@ -147,3 +147,28 @@ def test_on_cuda_generate_samples_through_captured_graphs_as_it_does_eagerly(mon
         got = dists((0.7, 50, 0.95, 0.05, False), logits)
     assert dists.captures == 1
     assert torch.equal(got, sampling_probs(in_vocabulary(logits, 50257), 0.7, 50, 0.95, 0.05, False))
+
+
+def test_the_least_recently_used_settings_graph_is_dropped_and_its_captures_still_counted(monkeypatch):
+    """At most MAX_GRAPHS runners are kept; a new key drops the one used longest ago (a key used again moves to
+    the end), and ``captures`` still counts the dropped runners' graphs. A model moved to another device gets
+    new distributions (graphs hold the old device's memory)."""
+    big = SimpleNamespace(device=torch.device("cpu"), config=SimpleNamespace(vocab_size=7))
+    monkeypatch.setattr(Distributions, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(Distributions, "CAPTURE_AT", 1)
+    logits = torch.randn(1, 8)
+    a, b, c = ((t, None, None, 0.0, False) for t in (0.5, 0.8, 1.2))
+    with SimulatedGraphs([dists := Distributions(big)]):
+        for settings in (a, b, a, c):  # (a used again after b: b is the least recently used when c comes)
+            got = dists(settings, logits)
+            assert torch.equal(got, sampling_probs(in_vocabulary(logits, 7), *settings))
+    assert [key[0] for key in dists.runners] == [a, c] and dists.captures == 3
+
+    class Moved:
+        device = torch.device("cpu")
+
+    model = Moved()
+    first = Distributions.of_model(model)
+    assert Distributions.of_model(model) is first
+    model.device = torch.device("meta")
+    assert Distributions.of_model(model) is not first and Distributions.of_model(model).device == model.device

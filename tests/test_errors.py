@@ -38,6 +38,8 @@ def test_check_finite_returns_a_float_and_refuses_nan_inf_and_bools():
 
 def test_check_float_and_check_bool():
     check_float("p", 0.5, 0.0, 1.0)
+    check_float("p", 1.0, 0.0, 1.0)  # (the bounds are in the range: top_p=1.0)
+    check_float("p", 0, 0.0, 1.0)
     for bad in (math.nan, 1.5, -0.1, True, "0.5"):
         with pytest.raises(InputError, match=r"^p must be a number in \[0.0, 1.0\], got "):
             check_float("p", bad, 0.0, 1.0)

@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from conftest import tiny_recurrent
 
 import latentrt
 from latentrt.chat import ChatTemplate
@@ -84,6 +85,14 @@ def test_bad_options_are_named_before_the_first_batch(monkeypatch):
     ]:
         with pytest.raises(latentrt.InputError, match=message):
             evaluate(model, records, progress=False, **bad)
+    coconut = latentrt.load("builtin:coconut")
+    for bad, message in [
+        (dict(thoughts=-1), "thoughts must be an integer >= 0, got -1"),
+        (dict(num_thoughts=2), "evaluate\\(\\) takes the thought count as thoughts="),
+        (dict(mode="chatty"), "unknown prompt format 'chatty' for this model; choose from"),
+    ]:
+        with pytest.raises(latentrt.InputError, match=message):
+            evaluate(coconut, records, progress=False, **bad)
 
 
 def test_question_alone_formats_run_no_thoughts(monkeypatch, tmp_path, capsys):
@@ -130,11 +139,14 @@ def test_evaluate_takes_record_dicts_and_names_bad_arguments():
     records = generate_dataset(3, (1,), seed=4)
     kw = dict(init_scale=0.0, max_new_tokens=4, progress=False)
     assert evaluate(model, [r.__dict__ for r in records], **kw) == evaluate(model, records, **kw)
+    bare = tiny_recurrent()
+    bare.tokenizer = None  # (a checkpoint without tokenizer.json)
     for args, extra, message in [
         (("builtin:recurrent", records), {}, "expected a model from latentrt.load"),
         ((model, records[0]), {}, r"records must be a list of records \(Record objects or their dicts\), got Record"),
         ((model, []), {}, "records is empty: nothing to evaluate"),
         ((model, records), {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ((bare, records), {}, "evaluation needs a model with a tokenizer.json"),
     ]:
         with pytest.raises(latentrt.InputError, match=message):
             evaluate(*args, **{**kw, **extra})

@@ -185,9 +185,14 @@ def test_toy_family_generates_with_adaptive_exit(toy):
 
 
 def test_toy_family_options_checkpoints_and_cli(toy, tmp_path, capsys):
-    with pytest.raises(InputError, match="kv_sharing does not apply to this toy gated-loop model"):
+    # the message names the families an option applies to, not every other one
+    with pytest.raises(InputError, match="^kv_sharing does not apply to this toy gated-loop model; it applies to "):
         latentrt.generate(toy, [5, 6], kv_sharing="shared")
-    with pytest.raises(InputError, match="num_thoughts.*Coconut"):
+    with pytest.raises(InputError, match="; it applies to recurrent-depth models$"):
+        latentrt.generate(toy, [5, 6], kv_sharing="shared")
+    with pytest.raises(
+        InputError, match="num_thoughts does not apply .*; it applies to Coconut continuous-thought models$"
+    ):
         latentrt.generate(toy, [5, 6], num_thoughts=2)
     save_checkpoint(toy, tmp_path / "toy")
     loaded = latentrt.load(tmp_path / "toy", device="cpu")
@@ -201,3 +206,23 @@ def test_toy_family_options_checkpoints_and_cli(toy, tmp_path, capsys):
     assert "KV cache" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "toy"), "every cat", "--kv", "shared"]) == 2
     assert "--kv does not apply" in capsys.readouterr().err
+
+
+def test_the_registrys_lookups_name_what_is_wrong(capsys):
+    """Something that only looks like a loaded model (a transformers GPT-2 has config.model_type 'gpt2') is named
+    as not one; ``decodings`` (the CLI's --decoding choices) starts with the default, sequential; eos ids in
+    any form config.json holds them come back as a list."""
+    from types import SimpleNamespace
+
+    from latentrt.config import eos_ids
+
+    for fake, what in [
+        (SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), "a SimpleNamespace"),
+        ("builtin:recurrent", "the string 'builtin:recurrent'"),
+    ]:
+        with pytest.raises(InputError, match=rf"^expected a model from latentrt.load\(\.\.\.\), got {what}; call"):
+            latentrt.generate(fake, [5, 6])
+    assert families.decodings() == ["sequential", "speculative", "wavefront"]
+    assert main(["generate", "builtin:recurrent", "Alex is", "--decoding", "sequential", "--max-new-tokens", "1"]) == 0
+    capsys.readouterr()
+    assert [eos_ids(None), eos_ids(3), eos_ids([1, 2]), eos_ids((4,))] == [[], [3], [1, 2], [4]]

@@ -298,6 +298,8 @@ def test_sizes_that_cannot_fit_are_named_before_allocating(recurrent_dir):
         with pytest.raises(ConfigError, match=r"the weights .* need [\d.]+ GB, more than the [\d.]+ GB available"):
             over = {field: value, "padded_vocab_size": value} if field == "vocab_size" else {field: value}
             latentrt.load(recurrent_dir, device="cpu", **over)
+    with pytest.raises(ConfigError, match=r"^the weights need [\d.]+ GB, more than the [\d.]+ GB available"):
+        build_model(parse_config(dict(json.loads((recurrent_dir / "config.json").read_text()), n_embd=2**20)))
     model = latentrt.load(recurrent_dir, device="cpu", block_size=10**8)  # RoPE tables grow on demand
     assert model.rope_cos.shape[0] < 10**5
     with pytest.raises(InputError, match=r"the KV cache .* need [\d.]+ GB"):

@@ -16,6 +16,7 @@ from conftest import recurrent_config, rel_err, tiny_coconut, tiny_recurrent, tr
 import latentrt
 from latentrt.errors import InputError
 from latentrt.families import build_model
+from latentrt.records import as_records
 from latentrt.train.coconut import CoconutLoss, Curriculum, collate, encode, train_coconut
 from latentrt.train.common import TrainOptions
 from latentrt.train.data import build_tokenizer, generate_dataset, generate_problem, load_records, save_records
@@ -213,6 +214,10 @@ def test_evaluation_uses_the_published_answer_rule():
     assert is_correct(tok, prompt, tok.encode("## Tom is a cat.").ids, "Tom is a cat.")
     assert not is_correct(tok, prompt, tok.encode("Tom is a cat.").ids, "Tom is a cat.")  # no '#'
     assert extract_answer("a ### b, c #d ") == "d"
+    # the answer's commas go too; special tokens (the eos the model stopped on) are skipped
+    assert is_correct(tok, prompt, tok.encode("### 1000 cats").ids, "1,000 cats")
+    eos = tok.token_to_id("<|endoftext|>")
+    assert is_correct(tok, prompt, tok.encode("### Tom is a cat.").ids + [eos], "Tom is a cat.")
 
 
 def test_the_published_coconut_optimiser():
@@ -366,7 +371,6 @@ def test_coconut_records_fit_alone_though_their_batch_is_wider():
     left-padded to align the first thoughts and right-padded after, is wider (it was refused mid-run); the
     padded batch's loss is the token-weighted mean of the rows' own. A record too long at a stage it would
     train on is named before any step (it failed only when a batch drew it)."""
-    from latentrt.records import as_records
 
     fact, short = "Alex is a wumpus . ", "Alex is a wumpus ."
     wide = [
@@ -776,6 +780,14 @@ def test_malformed_data_files(tmp_path):
     assert len(load_records(p)) == 3
     with pytest.raises(InputError, match="does not exist"):
         load_records(tmp_path / "none.json")
+    with pytest.raises(InputError, match="is a folder, not a JSON file of records"):
+        load_records(tmp_path)
+    # JSON Lines after blank lines; records as a tuple; a bool is no difficulty
+    (tmp_path / "blank.json").write_text("\n\n" + "\n".join(json.dumps(r.__dict__) for r in generate_dataset(3)))
+    assert load_records(tmp_path / "blank.json") == load_records(p)
+    assert as_records(tuple(load_records(p))) == load_records(p)
+    with pytest.raises(InputError, match="records: record 0: 'difficulty' must be an integer"):
+        as_records([{"question": "q", "steps": [], "answer": "a", "difficulty": True}])
     lines = tmp_path / "d.jsonl"  # JSON Lines: one record per line, blank lines skipped
     lines.write_text("\n".join(json.dumps(r.__dict__) for r in generate_dataset(3)) + "\n\n")
     assert load_records(lines) == load_records(p)
