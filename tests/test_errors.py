@@ -95,7 +95,7 @@ def test_environment_numbers_are_checked_and_named(monkeypatch):
 
     monkeypatch.delenv("LATENTRT_TEST_N", raising=False)
     assert env_number("LATENTRT_TEST_N", 3) == 3
-    for raw, want in (("", 3), (" 7 ", 7)):
+    for raw, want in (("", 3), ("  ", 3), (" 7 ", 7)):
         monkeypatch.setenv("LATENTRT_TEST_N", raw)
         assert env_number("LATENTRT_TEST_N", 3) == want
     monkeypatch.setenv("LATENTRT_TEST_N", "0.5")

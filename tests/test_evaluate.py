@@ -43,17 +43,24 @@ def test_mean_iterations_count_the_decoded_tokens_or_the_only_one():
 
     model = latentrt.load("builtin:recurrent")
     records = generate_dataset(4, (1,), seed=5)
+    # (the prompt pass runs all 12 iterations, the decoded tokens exit early: the first token's count differs)
     kw = dict(adaptive=True, num_steps=12, exit_criterion="kl", exit_threshold=1e-3, init_scale=0.0)
+    kw.update(do_not_exit_in_prefill=True)
     for n in (1, 4):
         table = evaluate(model, records, max_new_tokens=n, progress=False, **kw)
-        want = []
+        want, every = [], []
         for rec in records:
             prompt = model.tokenizer.encode(rec.question + "\n").ids
             steps = latentrt.generate(model, prompt, max_new_tokens=n, **kw).steps
             decoded = steps[1:] if len(steps) > 1 else steps
             want.append(sum(decoded) / len(decoded))
+            every.append(sum(steps) / len(steps))
         assert table["all"]["mean_steps"] == pytest.approx(sum(want) / len(want)) and table["all"]["mean_steps"] > 0
+        assert n == 1 or want != every
         assert "mean iterations" in format_table(table)
+    # a model that does not iterate in latent space (Coconut's GPT-2): no iterations column
+    coconut = evaluate(latentrt.load("builtin:coconut"), records, max_new_tokens=2, progress=False)
+    assert coconut["all"]["mean_steps"] == 0 and "mean iterations" not in format_table(coconut)
 
 
 def test_cli_eval_chat(tmp_path, capsys):
@@ -238,6 +245,26 @@ def test_cot_match_is_the_published_rule(monkeypatch):
     assert "cot_match" not in evaluate(model, records, mode="cot", chat=TEMPLATE, progress=False)["all"]
     no_steps = [dict(r.__dict__, steps=[]) for r in records]
     assert "cot_match" not in evaluate(model, no_steps, mode="cot", progress=False)["all"]
+    some_steps = [records[0].__dict__, *no_steps[1:]]  # (not every record has them: no column)
+    assert "cot_match" not in evaluate(model, some_steps, mode="cot", progress=False)["all"]
+
+
+def test_cli_eval_scores_from_a_zero_initial_state_and_the_first_records(monkeypatch, tmp_path, capsys):
+    """``latentrt eval`` scores a recurrent-depth model from a zero initial state (deterministic; a Coconut model
+    has none), and ``--limit N`` scores the first N records."""
+    import latentrt.evaluate as ev
+
+    save_records(generate_dataset(5, (1,), seed=5), tmp_path / "p.json")
+    seen = []
+    real = ev.evaluate
+    monkeypatch.setattr(
+        ev, "evaluate", lambda m, records, **kw: seen.append((len(records), kw)) or real(m, records, **kw)
+    )
+    args = ["eval", "builtin:recurrent", str(tmp_path / "p.json"), "--max-new-tokens", "2"]
+    assert main([*args, "--limit", "2"]) == 0
+    assert main(["eval", "builtin:coconut", *args[2:]]) == 0
+    capsys.readouterr()
+    assert [(n, kw.get("init_scale", "none")) for n, kw in seen] == [(2, 0.0), (5, "none")]
 
 
 def test_the_coconut_format_answers_as_run_py_generates(monkeypatch):
