@@ -154,6 +154,7 @@ def test_evaluate_takes_record_dicts_and_names_bad_arguments():
         ((model, []), {}, "records is empty: nothing to evaluate"),
         ((model, records), {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ((bare, records), {}, "evaluation needs a model with a tokenizer.json"),
+        ((model, [{"question": "q"}]), {}, "records: record 0 has no 'answer'"),
     ]:
         with pytest.raises(latentrt.InputError, match=message):
             evaluate(*args, **{**kw, **extra})
