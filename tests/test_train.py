@@ -246,6 +246,44 @@ def test_the_published_coconut_optimiser():
             TrainOptions(**bad).validate()
 
 
+def test_the_schedules_clipping_and_parameter_groups_by_hand():
+    """Cosine: linear warmup to lr over ``warmup`` steps (lr / warmup at step 0), then down to min_lr_ratio x lr,
+    held there past ``steps`` (a longer resumed run). Warmup-stable-decay (transformers' shape) likewise ends at
+    min_lr_ratio x lr. The norm is clipped to grad_clip and the unclipped one returned; qk_bias (a matrix) does
+    not decay; Python's, NumPy's and torch's generators are seeded; autocast is off unless asked for."""
+    import random
+
+    import numpy as np
+
+    from latentrt.train.common import autocast, finish_step, lr_at, make_optimizer, seed_all
+
+    cosine = TrainOptions(steps=10, warmup=4, lr=1.0, min_lr_ratio=0.1)
+    got = [lr_at(step, cosine) for step in range(13)]
+    assert got[:5] == [0.25, 0.5, 0.75, 1.0, 1.0] and got[9] > 0.1 and got[10:] == [pytest.approx(0.1)] * 3
+    wsd = TrainOptions(steps=10, schedule="wsd", warmup=2, cooldown=2, lr=1.0, min_lr_ratio=0.1)
+    got = [lr_at(step, wsd) for step in range(13)]
+    assert got == pytest.approx([0.1, 0.55, *[1.0] * 7, 0.55, 0.1, 0.1, 0.1])
+    model = _recurrent()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e4)
+    opts = TrainOptions(grad_clip=0.5)
+    norm = finish_step(model, make_optimizer(model, opts), opts)
+    clipped = torch.stack([p.grad.norm() for p in model.parameters()]).norm()
+    assert norm > 1e4 and clipped == pytest.approx(0.5, rel=1e-5)
+    decay, no_decay = (g["params"] for g in make_optimizer(model, opts).param_groups)
+    qk = [p for n, p in model.named_parameters() if n.endswith("qk_bias")]
+    assert qk and all(p.dim() >= 2 for p in qk)
+    assert all(any(p is q for q in no_decay) for p in qk) and not any(p is q for p in qk for q in decay)
+    with pytest.raises(InputError, match="betas must be two numbers"):
+        TrainOptions(betas=(0.9, 0.95, 0.99)).validate()
+    draws = []
+    for _ in range(2):
+        seed_all(7)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    assert type(autocast(torch.device("cuda"), enabled=False)).__name__ == "nullcontext"
+
+
 def test_the_published_huginn_fine_tuning_optimiser_and_schedule():
     """Huginn's finetuning_simple_example.py: AdamW(lr 5e-7, no weight decay, betas (0.9, 0.95)) under
     transformers' get_scheduler("warmup_stable_decay", 10% warmup, 10% decay, min_lr_ratio 0.001) — the
@@ -858,6 +896,7 @@ def test_trainers_name_a_wrong_argument():
             "train_coconut trains Coconut",
         ),
         (lambda: train_recurrent(rec, None, records, opts), "train_recurrent needs a tokenizer"),
+        (lambda: train_recurrent(rec, "words.json", records, opts), "has none), got str"),
         (lambda: train_recurrent(rec, rec.tokenizer, [], opts), "records is empty: nothing to train on"),
         (lambda: train_recurrent(rec, rec.tokenizer, records, {"steps": 4}), "opts must be a TrainOptions, got dict"),
         (lambda: train_coconut(coc, coc.tokenizer, records, opts, "coconut"), "cur must be a Curriculum"),

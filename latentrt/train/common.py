@@ -237,7 +237,7 @@ def check_arguments(model: nn.Module, tokenizer, records, opts, model_type: str,
     family = family_for(model)  # (anything but a loaded model: its own error)
     if model.config.model_type != model_type:
         raise InputError(f"{trainer} trains {FAMILIES[model_type].title} models; this is a {family.title} model")
-    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "token_to_id")):  # (a str has encode)
         raise InputError(
             f"{trainer} needs a tokenizer (the model's: model.tokenizer; a model without tokenizer.json has none), "
             f"got {type(tokenizer).__name__}"
