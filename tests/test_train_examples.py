@@ -82,6 +82,31 @@ def test_texts_and_question_answer_records():
     words = build_tokenizer()  # the built-in models' tokenizer has <|endoftext|>: used as before
     qa = generate_dataset(1)[0]
     assert training_examples([qa], words, eos_token_id=5) == [encode_qa(words, qa, words.token_to_id("<|endoftext|>"))]
+    assert training_examples((qa,), words) == training_examples([qa], words)  # (a tuple of records)
+    # a tokenizer whose post-processor adds a BOS: once, before the question, not again before the answer
+    from tokenizers.processors import TemplateProcessing
+
+    words.post_processor = TemplateProcessing(single="<|pad|> $A", special_tokens=[("<|pad|>", 1)])
+    [(ids, labels)] = training_examples([qa], words)
+    assert ids[0] == 1 and ids.count(1) == 1 and labels[0] == -100
+
+
+def test_a_record_with_messages_trains_on_them_whatever_else_it_holds():
+    """A record with ``messages`` is the conversation (a 'question' beside them does not make it a published
+    {question, answer} record); a {question, answer} record's turns are stripped, as the published script
+    strips them."""
+    from latentrt.train.examples import PUBLISHED_SYSTEM_PROMPT, published_conversation
+
+    tok = _bpe()
+    both = {"question": "Why?", "answer": "Because.", "messages": CONVERSATION}
+    assert training_examples([both], tok, chat_template=TEMPLATE) == training_examples(
+        [{"messages": CONVERSATION}], tok, chat_template=TEMPLATE
+    )
+    assert published_conversation({"question": " Why?\n", "answer": "\tBecause. "}, 0) == [
+        {"role": "system", "content": PUBLISHED_SYSTEM_PROMPT},
+        {"role": "user", "content": "Why?"},
+        {"role": "Huginn", "content": "Because."},
+    ]
 
 
 def test_records_that_cannot_be_trained_on_are_named():
