@@ -221,6 +221,14 @@ def test_output_folder_rules(tmp_path):
         train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=10**6, out=str(a_file / "run"), **opts))
     assert time.perf_counter() - start < 5, "the output folder must be checked before training"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "file"]  # the write probe left nothing
+    from latentrt.train.checkpoints import check_output_folder
+
+    if Path("/proc/self").is_dir():  # a folder that exists but takes no new one, even from root: the write probe
+        with pytest.raises(InputError, match="out='/proc/latentrt-run' cannot be written: a save writes beside it"):
+            check_output_folder("/proc/latentrt-run", None, False)
+    check_output_folder(str(busy), str(busy), False)  # resuming the run in it
+    with pytest.raises(InputError, match="already holds files"):  # resuming another run into it
+        check_output_folder(str(busy), str(tmp_path / "file"), False)
     train_recurrent(_recurrent(), TOK, RECORDS, TrainOptions(steps=1, out=str(busy), overwrite=True, **opts))
     left = sorted(p.name for p in busy.iterdir())
     assert left == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "training.json"]
