@@ -484,6 +484,44 @@ def test_recurrent_training_learns_saves_and_loads(tmp_path):
     assert (tmp_path / "trainer_state.pt").is_file() and (tmp_path / "tokenizer.json").is_file()
 
 
+def test_the_recurrent_trainers_log_saves_and_mode(tmp_path, monkeypatch):
+    """Each step draws its own depth (a function of seed and step), logged as a number without micro-batches; a
+    save every ``save_every`` steps (after steps 2 and 4 of 5) and at the end; the model in eval mode after;
+    ``loss_on`` reaches the examples."""
+    import latentrt.train.recurrent as rec
+
+    saved = []
+    monkeypatch.setattr(rec, "save_training", lambda model, opt, out, step, *a, **k: saved.append(step))
+    model = _recurrent()
+    opts = TrainOptions(steps=5, batch_size=2, save_every=2, out=str(tmp_path / "run"), progress=False)
+    log = train_recurrent(model, TOK, generate_dataset(4, (1,)), opts)
+    assert all(isinstance(e["depth"], int) for e in log) and len({e["depth"] for e in log}) > 1
+    assert saved == [2, 4, 5] and not model.training
+    with pytest.raises(InputError, match="loss_on"):
+        train_recurrent(_recurrent(), TOK, generate_dataset(4, (1,)), opts, loss_on="everything")
+
+
+def test_trainer_state_keeps_the_generators_and_what_the_run_adds(tmp_path, monkeypatch):
+    """The trainer state restores Python's, NumPy's and torch's generators and returns the ``extra`` the trainer
+    saved; training.json says whether torchrun started the run."""
+    import random
+
+    import numpy as np
+
+    from latentrt.train.checkpoints import load_training, rng_state, save_training, set_rng_state
+    from latentrt.train.common import make_optimizer
+
+    state = rng_state()
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+    model, opts = _recurrent(), TrainOptions(steps=1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    save_training(model, make_optimizer(model, opts), tmp_path, 3, opts, extra={"stage": 2})
+    assert json.loads((tmp_path / "training.json").read_text())["torchrun"] is True
+    assert load_training(tmp_path, model, None)["extra"] == {"stage": 2}
+
+
 @pytest.mark.gpu
 def test_training_on_the_gpu_in_bf16_is_anchored_on_fp32():
     """On a GPU the trainers run bf16 weights under bf16 autocast (``load``'s default dtype there): at one
