@@ -661,6 +661,9 @@ def test_the_published_coconut_epoch_schedule():
     one); args/*_coconut.yaml: ProsQA / ProntoQA 6 stages x 5 epochs in 50, GSM8k 3 x 3 in 25 (2 thoughts)."""
     pros = Curriculum.published("prosqa")
     assert (pros.max_stage, pros.thoughts_per_step, pros.epochs) == (6, 1, 50)
+    from latentrt.train.coconut import stage_steps
+
+    assert stage_steps(10, 3) == [3, 3, 4] and stage_steps(6, 3) == [2, 2, 2]  # (the step schedule: remainder last)
     assert [pros.stage_of_epoch(e) for e in range(50)] == [min(e // 5, 7) for e in range(50)]
     gsm = Curriculum.published("gsm")
     assert [gsm.stage_of_epoch(e) for e in range(25)] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 13
@@ -739,6 +742,7 @@ def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch, tmp_path):
         (dict(start_epoch=2), "start_epoch=2 skips epochs of the published epoch schedule: it needs epochs"),
         (dict(epochs=3, start_epoch=3), "start_epoch=3 skips epochs"),
         (dict(epochs=3, start_epoch=-1), "start_epoch must be an integer >= 0"),
+        (dict(thoughts_per_step=-1), "thoughts_per_step must be an integer >= 0"),
     ):
         with pytest.raises(InputError, match=message):
             Curriculum(**bad).validate()
