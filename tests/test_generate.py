@@ -346,11 +346,47 @@ def test_hooks_observe_and_replace():
         latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=lambda ev: ev.state.long())  # not truncated
 
 
+def test_hooks_chain_in_order_and_cannot_change_who_runs():
+    """Hooks given as a tuple run in order, each seeing the state the one before returned; a hook that writes
+    into the mask it was given changes nothing (it gets a copy); a replacement in another dtype is cast to the
+    state's before the next hook sees it, one on another device or a non-callable hook is refused by name."""
+    model = tiny_recurrent(seed=10)
+    kw = dict(max_new_tokens=3, num_steps=4, init_scale=0.0, return_logits=True)
+    base = latentrt.generate(model, PROMPTS[:2], **kw)
+    halved = latentrt.generate(model, PROMPTS[:2], hooks=lambda ev: ev.state * 0.5, **kw)
+    seen = []
+
+    def double(ev):
+        return ev.state.double() * 2
+
+    def record(ev):
+        seen.append(ev.state.dtype)
+        return ev.state * 0.25
+
+    chained = latentrt.generate(model, PROMPTS[:2], hooks=(double, record), **kw)
+    assert chained.tokens == halved.tokens
+    assert all(torch.allclose(a, b) for a, b in zip(chained.logits, halved.logits))
+    assert set(seen) == {torch.float32}  # the second hook saw the first one's replacement, cast
+
+    def blindfold(ev):
+        ev.active.fill_(False)
+
+    blind = latentrt.generate(model, PROMPTS[:2], hooks=blindfold, **kw)
+    assert blind.tokens == base.tokens and blind.steps == base.steps
+    assert all(torch.equal(a, b) for a, b in zip(blind.logits, base.logits))
+    with pytest.raises(InputError, match="hook returned a torch.float32 tensor .* on meta; expected .* on cpu"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=lambda ev: ev.state.to("meta"))
+    with pytest.raises(InputError, match="hooks must be callables taking a LatentEvent, got int"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks=[record, 3])
+    with pytest.raises(InputError, match="hooks must be a callable or a list of callables, got str"):
+        latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks="record")
+
+
 def test_coconut_hooks_see_each_thought():
     model = tiny_coconut(seed=1)
     seen = []
-    latentrt.generate(model, [5, 6], num_thoughts=3, max_new_tokens=2, hooks=lambda ev: seen.append(ev.step))
-    assert seen == [0, 1, 2]
+    latentrt.generate(model, [5, 6], num_thoughts=3, max_new_tokens=2, hooks=lambda ev: seen.append((ev.kind, ev.step)))
+    assert seen == [("thought", 0), ("thought", 1), ("thought", 2)]
 
 
 def test_a_text_prompt_keeps_the_tokenizers_bos_and_not_an_appended_eos():
