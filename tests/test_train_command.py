@@ -45,10 +45,13 @@ def test_the_command_trains_as_the_api_does_and_keeps_the_models_files(huginn_li
     log = tmp_path / "log.jsonl"
     assert main([*args, "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "4", "--log", str(log)]) == 0
     printed = capsys.readouterr().out
-    assert f"checkpoint: {out}" in printed and "steps 1-3: loss " in printed
     model = latentrt.load(folder, device="cpu")
     opts = TrainOptions.huginn_published(steps=3, batch_size=2, micro_batch_size=1, lr=1e-3, seed=4, progress=False)
     want = train_recurrent(model, model.tokenizer, RECORDS, opts)
+    assert (
+        printed == f"steps 1-3: loss {want[0]['loss']:.4f} -> {want[-1]['loss']:.4f}\ncheckpoint: {out} (latentrt "
+        f"generate {out} PROMPT)\n"
+    )
     assert [json.loads(line) for line in log.read_text().splitlines()] == want  # --log: each step's entry
     tuned = latentrt.load(out, device="cpu")
     source = latentrt.load(folder, device="cpu")
@@ -172,6 +175,66 @@ def test_the_published_runs_options_as_flags_equal_the_api(coconut_dir, tmp_path
         assert info["curriculum"]["reset_optimizer"] is False and info["curriculum"]["uniform_prob"] == 0.5
 
 
+def test_the_flags_reach_the_trainers(huginn_like, coconut_dir, tmp_path, capsys, monkeypatch):
+    """What each flag hands the trainer (the trainers replaced by recorders: the runs above check the training):
+    --resume, --loss-on and --checkpoint-activations; the default step count, one pass over the records in
+    batches of --batch-size per process (WORLD_SIZE processes under torchrun), per curriculum stage for Coconut;
+    a published curriculum in the --curriculum mode; only the main process prints the report; a trainer's error
+    names the flags."""
+    import latentrt.train.coconut as coconut
+    import latentrt.train.distributed as distributed
+    import latentrt.train.recurrent as recurrent
+
+    calls = []
+
+    def recorder(model, tok, records, opts, *rest, **kw):
+        calls.append(dict(kw, opts=opts, rest=rest, n=len(records)))
+        return [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+    monkeypatch.setattr(recurrent, "train_recurrent", recorder)
+    monkeypatch.setattr(coconut, "train_coconut", recorder)
+    folder, data = huginn_like
+    out = ["--out", str(tmp_path / "o")]
+    assert main(["train", str(folder), str(data), *out]) == 0
+    assert capsys.readouterr().out.startswith("steps 1-2: loss 2.0000 -> 1.5000\ncheckpoint: ")
+    assert main(["train", str(folder), str(data), *out, "--loss-on", "all", "--checkpoint-activations",
+                 "--resume", "ckpt", "--batch-size", "2"]) == 0  # fmt: skip
+    default, given = calls[-2:]
+    assert (default["resume"], default["loss_on"], default["opts"].checkpoint_activations) == (None, "assistant", False)
+    assert (given["resume"], given["loss_on"], given["opts"].checkpoint_activations) == ("ckpt", "all", True)
+    assert (default["opts"].steps, given["opts"].steps) == (1, 2)  # 4 records: one batch of 32, two of 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", str(folder), str(data), *out, "--batch-size", "1", "--micro-batch-size", "1"]) == 0
+    assert calls[-1]["opts"].steps == 2  # two processes take a record each per step
+    monkeypatch.delenv("WORLD_SIZE")
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "yes ."}] * 3))
+    assert (
+        main(["train", str(coconut_dir), str(qa), *out, "--max-stage", "1", "--batch-size", "2", "--resume", "c"]) == 0
+    )
+    got = calls[-1]
+    stages = len(coconut.Curriculum("coconut", max_stage=1).stages())
+    assert got["opts"].steps == stages * 2 and got["resume"] == "c"  # per stage, two batches of 2 over 3 records
+    assert main(["train", str(coconut_dir), str(qa), *out, "--published-curriculum", "prosqa",
+                 "--curriculum", "nothoughts"]) == 0  # fmt: skip
+    cur = calls[-1]["rest"][0]
+    assert (cur.mode, cur.max_stage, cur.epochs) == ("nothoughts", 6, 50)
+    capsys.readouterr()
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert main(["train", str(folder), str(data), *out]) == 0
+    assert capsys.readouterr().out == ""
+    shutdowns = []  # the process group is destroyed after a run, failed or not
+    monkeypatch.setattr(distributed, "shutdown", lambda: shutdowns.append(1))
+    assert main(["train", str(folder), str(data), *out]) == 0
+
+    def failing(*args, **kw):
+        raise latentrt.InputError("seed must be sown")
+
+    monkeypatch.setattr(recurrent, "train_recurrent", failing)
+    assert main(["train", str(folder), str(data), *out]) == 2 and len(shutdowns) == 2
+    assert "latentrt: error: --seed must be sown" in capsys.readouterr().err  # named as the flag
+
+
 def test_a_run_whose_optimizer_state_cannot_fit_is_refused_before_training(huginn_like, tmp_path, capsys, monkeypatch):
     """Gradients and AdamW's two moments (3 x the weights) are checked against the free memory before the
     first step: a clear error naming both figures, not an allocation failure (or the OOM killer) mid-run."""
@@ -198,6 +261,9 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
     qa = tmp_path / "qa.json"
     qa.write_text(json.dumps([{"question": "is Tom a cat ?", "steps": ["Tom is a cat ."], "answer": "yes"}]))
     out = str(tmp_path / "out")
+    untokenized = tmp_path / "bare"
+    save_checkpoint(tiny_recurrent(seed=3), untokenized, tie_key="lm_head.weight")
+    (untokenized / "tokenizer.json").unlink()
     cases = [
         ([str(coconut_dir), str(data)], "record 0: Coconut trains on question-answer records ({question, steps, "),
         ([str(coconut_dir), str(data), "--loss-on", "all"], "--loss-on applies to recurrent-depth (huginn_raven)"),
@@ -224,6 +290,9 @@ def test_bad_input_is_a_clear_error(huginn_like, tmp_path, capsys, coconut_dir):
         ([str(folder), str(tmp_path / "empty.json")], "holds no records"),
         ([str(folder), str(tmp_path / "none.json")], "record 0 has no token under the loss"),
         ([str(folder), str(data), "--max-steps", "0"], "--max-steps must be >= 1"),
+        ([str(folder), str(data), "--published-curriculum", "gsm"], "--published-curriculum applies to Coconut (gpt2)"),
+        ([str(coconut_dir), str(qa), "--published-curriculum", "gsm", "--max-stage", "2"], "drop --max-stage"),
+        ([str(untokenized), str(data)], "training needs a model with a tokenizer.json"),
         (
             [str(folder), str(data), "--batch-size", "4", "--micro-batch-size", "3"],
             "--micro-batch-size must divide --batch",

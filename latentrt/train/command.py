@@ -150,11 +150,8 @@ def in_flags(exc: InputError) -> InputError:
 
 
 def validated(options: TrainOptions | Curriculum) -> TrainOptions | Curriculum:
-    """``options`` checked before the trainer runs, their errors naming the flags."""
-    try:
-        options.validate()
-    except InputError as exc:
-        raise in_flags(exc) from None
+    """``options`` checked before the trainer runs (``run_train`` names the options in their errors as flags)."""
+    options.validate()
     return options
 
 
