@@ -20,6 +20,17 @@ def test_host_values_arrive_in_the_destinations_dtype():
     assert dst.tolist() == [9, 0, 9, 1]
 
 
+def test_values_are_staged_on_the_host_whatever_the_default_device():
+    """Under ``torch.set_default_device`` (gpt-fast's style) a tensor made without a device lands there: the
+    staging copy is made on the host all the same (meta here, which cannot be copied out of, stands in for
+    the CUDA default, whose tensor could not be pinned)."""
+    dst = torch.zeros(2, dtype=torch.long, device="cpu")
+    with torch.device("meta"):
+        assert to_device([2, 4], "cpu").tolist() == [2, 4]
+        copy_from_host(dst, [5, 6])
+    assert dst.tolist() == [5, 6]
+
+
 @pytest.mark.gpu
 def test_on_cuda_no_transfer_synchronises():
     """CUDA's sync check in error mode: staging through pinned memory and writing numbers by index_fill_ / fill_
