@@ -20,16 +20,18 @@ from .cli_flags import (
     add_generate_args,
     add_latent_args,
     add_model_args,
+    add_serve_args,
     check_chat_args,
     check_counts,
+    engine_options,
     generate_options,
     in_flags,
     json_object,
+    model_options,
     name_options_as_flags,
     token_ids,
 )
 from .errors import InputError, LatentRTError
-from .serve.engine import SCHEDULERS
 from .train.command import add_train_args
 from .version import __version__
 
@@ -122,51 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
     add_model_args(s, default="builtin:recurrent")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=16, help="requests resident at once (rows of the K/V pool)")
-    s.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (then 429)")
-    s.add_argument("--max-len", type=int, default=None, help="positions per request (default: context, <= 2048)")
-    s.add_argument(
-        "--kv-slots",
-        type=int,
-        default=None,
-        help="looped-layer K/V slots shared by the resident requests (default: max-batch x the default depth, "
-        "i.e. every request in full mode)",
-    )
-    s.add_argument("--scheduler", default="depth", choices=SCHEDULERS, help="batching policy (depth)")
-    s.add_argument(
-        "--edge-cost",
-        type=float,
-        default=None,
-        help="depth scheduler: what sampling ended units and starting their next tokens costs, in core "
-        "iterations; they wait until the iterations lost by waiting reach it (default: from the weights; 0: "
-        "every step)",
-    )
-    s.add_argument(
-        "--async-scheduling",
-        action="store_true",
-        help="launch each step before reading the last one's exits, so the host's work runs while the device "
-        "computes (a unit's end is seen a step later; results unchanged)",
-    )
-    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
-    s.add_argument(
-        "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
-    )
-    s.add_argument(
-        "--api-key",
-        default=None,
-        help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
-    )
-    s.add_argument(
-        "--override-generation-config",
-        default=None,
-        metavar="JSON",
-        help="defaults of every request's generate() options, over the model's generation_config.json (vLLM's "
-        'flag; any option: \'{"temperature": 0.5, "num_steps": 32, "kv_sharing": "shared"}\'); a '
-        "request's own fields win",
-    )
-    s.add_argument("--log-level", default="info")
+    add_serve_args(s)
     return parser
 
 
@@ -369,24 +327,10 @@ def cmd_serve(args) -> int:
 
 def _serve(args, sock, override: dict, api_key: str | None) -> int:
     from .chat import chat_template_file
-    from .serve import Engine
-    from .serve.app import run_server
+    from .serve.app import load_engine, run_server
 
-    model = _load(args)
-    if override:
-        from .serve import server_defaults
-
-        model.generation_defaults = server_defaults(model, override)
-    engine = Engine(
-        model,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_len=args.max_len,
-        kv_slots=args.kv_slots,
-        scheduler=args.scheduler,
-        edge_cost=args.edge_cost,
-        async_scheduling=args.async_scheduling,
-    )
+    engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
+    model = engine.model
     template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
     name = args.served_model_name or args.model
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")

@@ -13,6 +13,7 @@ from .checkpoint import builtin_names
 from .errors import InputError, renamed
 from .exits import CRITERIA
 from .families import decodings
+from .serve.engine import SCHEDULERS
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
 GENERATE_FLAGS = {
@@ -96,6 +97,78 @@ def json_object(text: str | None, flag: str) -> dict:
     if not isinstance(value, dict):
         raise InputError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+# latentrt serve's flags that configure its Engine (the others: the model's, the server's)
+ENGINE_FLAGS = ("max_batch", "max_queue", "max_len", "kv_slots", "scheduler", "edge_cost", "async_scheduling")
+
+
+def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> None:
+    """``latentrt serve``'s flags after the model's; the Ray Serve launcher (latentrt/serve/ray.py) takes them
+    too, but the log level (its replicas log through Ray)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests resident at once (rows of the K/V pool)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (then 429)")
+    p.add_argument("--max-len", type=int, default=None, help="positions per request (default: context, <= 2048)")
+    p.add_argument(
+        "--kv-slots",
+        type=int,
+        default=None,
+        help="looped-layer K/V slots shared by the resident requests (default: max-batch x the default depth, "
+        "i.e. every request in full mode)",
+    )
+    p.add_argument("--scheduler", default="depth", choices=SCHEDULERS, help="batching policy (depth)")
+    p.add_argument(
+        "--edge-cost",
+        type=float,
+        default=None,
+        help="depth scheduler: what sampling ended units and starting their next tokens costs, in core "
+        "iterations; they wait until the iterations lost by waiting reach it (default: from the weights; 0: "
+        "every step)",
+    )
+    p.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="launch each step before reading the last one's exits, so the host's work runs while the device "
+        "computes (a unit's end is seen a step later; results unchanged)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    p.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
+    )
+    p.add_argument(
+        "--override-generation-config",
+        default=None,
+        metavar="JSON",
+        help="defaults of every request's generate() options, over the model's generation_config.json (vLLM's "
+        'flag; any option: \'{"temperature": 0.5, "num_steps": 32, "kv_sharing": "shared"}\'); a '
+        "request's own fields win",
+    )
+    if log_level:
+        p.add_argument("--log-level", default="info")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The model flags (``add_model_args``) as ``latentrt.serve.app.load_engine``'s keywords."""
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        weights=args.weights,
+        revision=args.revision,
+        hf_overrides=json_object(args.hf_overrides, "--hf-overrides"),
+    )
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The serve flags that configure the ``Engine``, as its keywords."""
+    return {name: getattr(args, name) for name in ENGINE_FLAGS}
 
 
 def add_latent_args(p: argparse.ArgumentParser) -> None:

@@ -57,7 +57,7 @@ def load(
         eos, cfg.vocab_size, folder / ("generation_config.json" if "eos_token_id" in gen_cfg else "config.json")
     )
     device = parse_device(device)
-    dtype = _parse_dtype(dtype, device)
+    dtype = parse_dtype(dtype, device)
     check_fits(cfg.weight_bytes(dtype.itemsize), device, f"the weights of {path} ({dtype})", ConfigError)
 
     with torch.device("meta"):
@@ -129,7 +129,8 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    """A supported torch dtype from its name or itself; None: bf16 on CUDA, fp32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():

@@ -497,14 +497,14 @@ def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):
         assert parse_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
         with pytest.raises(InputError, match=rf"device 'cuda:{count}': only {count} CUDA device\(s\) here"):
             parse_device(f"cuda:{count}")
-    from latentrt.loader import _parse_dtype  # the default: bf16 on a GPU (Huginn-0125's dtype), fp32 on the CPU
+    from latentrt.loader import parse_dtype  # the default: bf16 on a GPU (Huginn-0125's dtype), fp32 on the CPU
 
     assert (
-        _parse_dtype(None, torch.device("cuda")) == torch.bfloat16
-        and _parse_dtype(None, torch.device("cpu")) == torch.float32
+        parse_dtype(None, torch.device("cuda")) == torch.bfloat16
+        and parse_dtype(None, torch.device("cpu")) == torch.float32
     )
     assert (
-        _parse_dtype("BF16", torch.device("cpu")) == torch.bfloat16 and _parse_dtype(torch.half, "cpu") == torch.float16
+        parse_dtype("BF16", torch.device("cpu")) == torch.bfloat16 and parse_dtype(torch.half, "cpu") == torch.float16
     )
     for field, value in (
         ("norm_eps", float("inf")),

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import latentrt
+from latentrt.checkpoint import BUILTIN_DIR
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -43,8 +45,11 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
     argv = shlex.split(RAY_COMMAND.replace("--port 8000", f"--port {port}"))
     assert argv[:3] == ["python", "-m", "latentrt.serve.ray"] and "--replicas" in argv
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    shutil.copytree(BUILTIN_DIR / "recurrent", tmp_path / "m")  # a folder given relative to the launcher's cwd
     argv = [sys.executable, *argv[1:], "--num-cpus", "0.5", "--backend", "torch", "--max-batch", "4"]
+    argv = [a.replace("builtin:recurrent", "m") for a in argv]
     argv += ["--chat-template", "t.jinja", "--api-key", "k3y"]  # (relative: the replicas get its absolute path)
+    argv += ["--served-model-name", "tiny", "--override-generation-config", '{"num_steps": 3}']  # serve's flags
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     log = open(tmp_path / "ray.log", "w")
@@ -69,15 +74,16 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
         ] * 3
         client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
         assert httpx.post(url + "/v1/completions", json={"prompt": "Tom", "max_tokens": 1}).status_code == 401
+        assert [m.id for m in client.models.list()] == ["tiny"]
         chat = client.chat.completions.create(
-            model="builtin:recurrent", messages=[{"role": "user", "content": questions[0]}], max_tokens=4, temperature=0
+            model="tiny", messages=[{"role": "user", "content": questions[0]}], max_tokens=4, temperature=0
         )
         ids = model.tokenizer.encode(questions[0] + " ", add_special_tokens=False).ids
-        assert chat.choices[0].message.content == latentrt.generate(model, ids, max_new_tokens=4).text
+        assert chat.choices[0].message.content == latentrt.generate(model, ids, max_new_tokens=4, num_steps=3).text
 
         def ask(i):
             return client.completions.create(
-                model="builtin:recurrent",
+                model="tiny",
                 prompt=questions[i],
                 max_tokens=12,
                 temperature=0,
@@ -88,7 +94,7 @@ def test_readme_ray_command_serves_two_replicas(tmp_path):
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(6)))
         for i, a in enumerate(answers):
-            alone = latentrt.generate(model, questions[i], max_new_tokens=12, seed=i, adaptive=True)
+            alone = latentrt.generate(model, questions[i], max_new_tokens=12, seed=i, adaptive=True, num_steps=3)
             assert a.choices[0].latentrt == {"token_ids": alone.tokens, "steps": alone.steps}
             assert a.choices[0].text == alone.text
         # Ctrl-C in its terminal (SIGINT to the process group): the replicas drain, Ray stops, exit 0
@@ -119,6 +125,16 @@ def test_the_launcher_refuses_what_every_replica_would_before_starting_ray(tmp_p
         (["--port", "70000"], "--port must be in [1, 65535], got 70000"),
         (["--chat-template", str(tmp_path / "none.jinja")], "cannot read the chat template"),
         (["--port", str(busy.getsockname()[1])], f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}"),
+        # latentrt serve's flags, checked as far as they can be without the weights
+        (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+        (["--weights", str(tmp_path / "none.safetensors")], "is not a file"),
+        (["--hf-overrides", "[1]"], "--hf-overrides must be a JSON object, got list"),
+        (["--hf-overrides", '{"mean_recurrence": "x"}'], "mean_recurrence"),
+        (["--override-generation-config", "{"], "--override-generation-config must be a JSON object"),
+        (["--override-generation-config", '{"temprature": 0.5}'], "did you mean 'temperature'"),
+        (["--override-generation-config", '{"num_thoughts": 2}'], "num_thoughts does not apply"),
+        (["--override-generation-config", '{"hooks": 1}'], "cannot be server defaults"),
+        (["--dtype", "float8"], "dtype"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

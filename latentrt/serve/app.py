@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..chat import chat_template_for
 from ..errors import InputError, LatentRTError, PromptError, renamed
 from ..version import __version__
-from .engine import Engine, QueueFull, ShuttingDown
+from .engine import Engine, QueueFull, ShuttingDown, server_defaults
 from .protocol import (
     check_model,
     chunk_body,
@@ -346,12 +346,21 @@ def load_engine(
     dtype: str | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    weights: str | None = None,
+    hf_overrides: dict | None = None,
+    generation_config: dict | None = None,
     **engine_kw,
 ) -> Engine:
-    """Load a model (as ``latentrt.load``) and wrap it in an Engine."""
+    """Load a model (as ``latentrt.load``, ``hf_overrides`` its config overrides) and wrap it in an Engine
+    (``engine_kw``); ``generation_config``: every request's defaults over the model's generation_config.json
+    (``server_defaults``: ``latentrt serve --override-generation-config``)."""
     from ..loader import load
 
-    return Engine(load(model, device=device, dtype=dtype, backend=backend, revision=revision), **engine_kw)
+    loaded = load(model, device=device, dtype=dtype, backend=backend, weights=weights, revision=revision,
+                  **(hf_overrides or {}))  # fmt: skip
+    if generation_config:
+        loaded.generation_defaults = server_defaults(loaded, generation_config)
+    return Engine(loaded, **engine_kw)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -59,7 +59,7 @@ from ..decode.serving import Ended
 from ..distributions import Distributions
 from ..engine import Generation, check_options_for
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
-from ..families import family_for
+from ..families import Family, check_applicable, family_for
 from ..models.base import LatentModel
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText
@@ -79,13 +79,23 @@ def server_defaults(model: LatentModel, override: dict) -> dict:
     """The generate() defaults a server gives every request (``latentrt serve --override-generation-config``):
     the model's (its generation_config.json) with ``override``'s options on top; any generate() option the
     server takes, checked now (names, values, the model's family) with generate()'s messages."""
+    merged = checked_defaults(family_for(model), model.generation_defaults, override)
+    check_options_for(model, GenerateOptions.build(None, **merged))  # (and the decoder's checks, on the model)
+    return merged
+
+
+def checked_defaults(family: Family, defaults: dict, override: dict) -> dict:
+    """``defaults`` (a model's generation_config.json) with ``override`` on top, checked as far as the family
+    tells without the model: ``server_defaults`` less the decoder's own checks, for a launcher whose servers
+    load the model elsewhere (latentrt/serve/ray.py)."""
     bad = sorted(set(override) & set(NOT_SERVER_DEFAULTS))
     if bad:
         raise InputError(f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks)")
-    merged = {**model.generation_defaults, **override}
+    merged = {**defaults, **override}
     options = GenerateOptions.build(None, **merged)
-    check_options_for(model, options)
-    only = generate_only(family_for(model).decoder, options)
+    options.validate()
+    check_applicable(family, options)
+    only = generate_only(family.decoder, options)
     if only:
         raise InputError(f"{only} cannot be server defaults: they run in generate() only")
     return merged

@@ -31,6 +31,11 @@ def build_app():
     return create_app(engine, cfg["name"], chat_template=cfg.get("chat_template"), api_key=cfg.get("api_key"))
 
 
+def _absolute(path: str | None) -> str | None:
+    """A file or folder given relative to the launcher's directory, for replicas that run elsewhere."""
+    return None if path is None else os.path.abspath(path)
+
+
 def application(
     model: str = "builtin:recurrent",
     *,
@@ -42,21 +47,36 @@ def application(
     dtype: str | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    weights: str | None = None,
+    hf_overrides: dict | None = None,
+    generation_config: dict | None = None,
     chat_template: str | None = None,
     api_key: str | None = None,
     **engine_kw,
 ):
-    """A Ray Serve application of ``replicas`` servers of ``model``; ``engine_kw`` go to each ``Engine``
-    (max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling), the resources to each
-    replica's actor; ``chat_template`` (a file's path) and ``api_key`` as ``latentrt serve``'s."""
+    """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same
+    options serves: the model loaded as ``load_engine`` loads it (``hf_overrides``, ``generation_config``:
+    ``--hf-overrides``, ``--override-generation-config``), ``engine_kw`` to each ``Engine`` (max_batch,
+    max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling), ``name`` the model name clients send
+    (default: ``model``), ``chat_template`` (a file's path) and ``api_key`` as ``latentrt serve``'s; the
+    resources to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
     from ray import serve
 
+    local = os.path.isdir(model)  # (a folder, not a Hub id or builtin:NAME: the replicas need its full path)
     cfg = {
-        "model": model,
+        "model": _absolute(model) if local else model,
         "name": name or model,
-        "load": {"device": device, "dtype": dtype, "backend": backend, "revision": revision},
+        "load": {
+            "device": device,
+            "dtype": dtype,
+            "backend": backend,
+            "revision": revision,
+            "weights": _absolute(weights),
+            "hf_overrides": hf_overrides or {},
+            "generation_config": generation_config or {},
+        },
         "engine": engine_kw,
-        "chat_template": None if chat_template is None else os.path.abspath(chat_template),
+        "chat_template": _absolute(chat_template),
         "api_key": api_key,
     }
 
@@ -75,17 +95,32 @@ def application(
 
 def check_before_starting(args) -> None:
     """What every replica would refuse, refused before Ray starts (a replica that fails to build is a Ray
-    traceback after its retries): counts out of bounds, the model's folder and config (no weights read),
-    the template file, a port in use or a host that does not resolve (Ray's proxy would fail to bind it)."""
+    traceback after its retries): counts out of bounds, the model's folder and config with --hf-overrides (no
+    weights read), --dtype, a --weights file that is not there, --override-generation-config as far as the model's
+    family tells, the template file, a port in use or a host that does not resolve (Ray's proxy would fail to
+    bind it)."""
     from ..chat import chat_template_file
+    from ..checkpoint import read_generation_config
     from ..cli import api_key_from
-    from ..cli_flags import check_counts
-    from ..loader import read_model_config
+    from ..cli_flags import check_counts, json_object, model_options
+    from ..errors import InputError
+    from ..loader import parse_dtype, read_model_config
+    from ..options import generation_defaults
     from .app import listening_socket
+    from .engine import checked_defaults
 
     check_counts(args)
     api_key_from(args.api_key)
-    folder, _, _ = read_model_config(args.model)
+    load = model_options(args)
+    folder, _, family = read_model_config(args.model, args.revision, **load["hf_overrides"])
+    if args.dtype is not None:  # (the device is the replicas': a GPU node's, perhaps not this one's)
+        parse_dtype(args.dtype, None)
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise InputError(f"--weights {args.weights!r} is not a file")
+    override = json_object(args.override_generation_config, "--override-generation-config")
+    if override:
+        source = folder / "generation_config.json"
+        checked_defaults(family, generation_defaults(read_generation_config(folder), str(source)), override)
     if args.chat_template is not None:
         chat_template_file(args.chat_template, folder)
     listening_socket(args.host, args.port).close()  # free now: Ray's proxy takes it a few seconds later
@@ -105,26 +140,19 @@ def stop_on_signals(stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..backends import CHOICES
     from ..cli import api_key_from
+    from ..cli_flags import add_model_args, add_serve_args, engine_options, json_object, model_options
     from ..errors import LatentRTError
-    from .engine import SCHEDULERS
 
     ap = argparse.ArgumentParser(
         prog="python -m latentrt.serve.ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("model", nargs="?", default="builtin:recurrent")
+    add_model_args(ap, default="builtin:recurrent")
+    add_serve_args(ap, log_level=False)
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     ap.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--scheduler", default="depth", choices=SCHEDULERS)
-    ap.add_argument("--backend", default="auto", choices=CHOICES)
     ap.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too (slower to start)")
-    ap.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja chat template (as latentrt serve)")
-    ap.add_argument("--api-key", default=None, help="as latentrt serve (default: $LATENTRT_API_KEY)")
     args = ap.parse_args(argv)
     try:
         check_before_starting(args)
@@ -149,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         app = application(
             args.model,
             replicas=args.replicas,
+            name=args.served_model_name,
             num_cpus=args.num_cpus,
             num_gpus=args.num_gpus,
-            backend=args.backend,
-            max_batch=args.max_batch,
-            scheduler=args.scheduler,
+            **model_options(args),
+            generation_config=json_object(args.override_generation_config, "--override-generation-config"),
             chat_template=args.chat_template,
             api_key=api_key_from(args.api_key),
+            **engine_options(args),
         )
         serve.run(app, route_prefix="/")
         if not stop.is_set():
