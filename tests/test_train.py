@@ -75,6 +75,57 @@ def test_generator_problems_are_sound():
         assert 0 not in TOK.encode(rec.question + " ### " + rec.answer).ids  # every word is in the vocabulary
 
 
+def _facts_and_options(question: str):
+    """(the facts as (subject, class) pairs, the person asked about, the two options) of a generated question."""
+    *facts, ask = [f.strip() + "." for f in question.rstrip("?").split(".") if f.strip()]
+    pairs = []
+    for fact in facts:
+        m = re.fullmatch(r"(\w+) is a (\w+)\.", fact) or re.fullmatch(r"Every (\w+) is a (\w+)\.", fact)
+        assert m, fact
+        pairs.append(m.groups())
+    who, first, second = re.fullmatch(r"Is (\w+) a (\w+) or (\w+)\.", ask).groups()
+    return facts, pairs, who, (first, second)
+
+
+def test_generated_problems_are_answerable_one_way_only():
+    """The answer's concept is reachable from the person through the facts and the other option is not (the two
+    chains are disjoint, the distractors end in dead ends); the two people differ; names are subjects of 'X is a'
+    facts, concepts of 'Every X is a'; the options' order and the facts' order are drawn; ``distractors`` counts
+    the dead-end facts; a dataset cycles through its difficulties."""
+    import random
+
+    from latentrt.train.data import CONCEPTS, NAMES
+
+    rng = random.Random(7)
+    orders, leading = set(), set()
+    for d in (1, 2, 3, 4) * 5:
+        rec = generate_problem(rng, d)
+        facts, pairs, who, options = _facts_and_options(rec.question)
+        for fact, (subject, _) in zip(facts, pairs):
+            assert (subject in NAMES) != fact.startswith("Every") and (subject in NAMES or subject in CONCEPTS), fact
+        people = {subject for subject, _ in pairs if subject in NAMES}
+        assert len(people) == 2 and who in people
+        reach, todo = set(), [who]
+        while todo:
+            node = todo.pop()
+            for subject, cls in pairs:
+                if subject == node and cls not in reach:
+                    reach.add(cls)
+                    todo.append(cls)
+        target = rec.answer.split()[-1].rstrip(".")
+        assert rec.answer == f"{who} is a {target}." and target in options
+        assert target in reach and [o for o in options if o != target][0] not in reach, rec.question
+        orders.add(options.index(target))
+        leading.add(facts.index(rec.steps[0]))
+    assert orders == {0, 1} and len(leading) > 2  # (where the first step stands varies)
+    for n in (0, 3):
+        facts, *_ = _facts_and_options(generate_problem(rng, 2, distractors=n).question)
+        assert len(facts) == 2 * 2 + n  # two chains of two facts, n dead ends
+    assert [r.difficulty for r in generate_dataset(5, (1, 3))] == [1, 3, 1, 3, 1]
+    with pytest.raises(InputError, match="difficulty must be >= 1, got 0"):
+        generate_problem(rng, 0)
+
+
 def test_qa_loss_covers_only_the_answer():
     rec = generate_dataset(1)[0]
     ids, labels = encode_qa(TOK, rec, 0)
@@ -470,6 +521,24 @@ def test_gradient_flows_through_the_thought_chain():
     assert not torch.isclose(loss, pause)
 
 
+def test_coconut_loss_is_the_shifted_cross_entropy_of_the_models_logits():
+    """CoconutLoss is GPT-2's language-model loss (the logits at position t against the label at t + 1, -100
+    ignored) over the prompt run as the model runs it: its <|latent|> positions as continuous thoughts, or with
+    ``continuous=False`` (the pause mode) as ordinary tokens, the model's logits either way (dropout off)."""
+    model = _gpt2().eval()
+    rec = generate_dataset(1, (2,), seed=5)[0]
+    cur = Curriculum("coconut", max_stage=2)
+    ids, mask, labels = collate([encode(TOK, rec, cur, 2)], 1, "cpu", TOK.token_to_id("<|latent|>"))
+    assert (ids == TOK.token_to_id("<|latent|>")).sum() == 2 and (labels[0] != -100).sum() > 1
+    for continuous in (True, False):
+        model.continuous_thoughts = continuous  # (what model.logits runs the latent positions as)
+        logits = model.logits(ids)[0]
+        want = torch.nn.functional.cross_entropy(logits[:-1], labels[0, 1:], ignore_index=-100)
+        got = CoconutLoss(model, None, continuous)(ids, mask, labels)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), continuous
+    assert not torch.allclose(CoconutLoss(model, None, True)(ids, mask, labels), got)
+
+
 def test_recurrent_training_learns_saves_and_loads(tmp_path):
     model = _recurrent()
     recs = generate_dataset(4, (1,))
@@ -725,6 +794,32 @@ def test_coconut_step_schedule_takes_shuffled_passes_within_each_stage(monkeypat
     for stage in (0, 1):
         drawn = [ex for batch in seen[3 * stage : 3 * stage + 3] for ex in batch]
         assert sorted(map(str, drawn)) == sorted(str(encode(TOK, r, cur, stage)) for r in recs), stage
+
+
+def test_coconut_segments_reshuffle_every_pass_and_stage_and_count_the_padded_share():
+    """A stage's passes each draw a new order, and so does every stage (a seed per stage and pass, not one order
+    repeated); under torchrun an epoch has as many steps as the largest share of the padded records (torch's
+    DistributedSampler pads 5 records to 6 for 2 processes: 3 each, 2 batches of 2), on every process."""
+    from latentrt.train.coconut import Segment, schedule
+    from latentrt.train.common import epoch_batches
+
+    opts = TrainOptions(steps=9, batch_size=2, seed=3, progress=False)
+    passes = {}
+    for stage in (0, 1):
+        batches = [Segment(stage, 9).batches(5, opts, 0, 1, n) for n in range(9)]
+        assert [len(b) for b in batches] == [2, 2, 1] * 3
+        for p in range(3):
+            order = [i for b in batches[3 * p : 3 * p + 3] for i in b]
+            assert sorted(order) == [0, 1, 2, 3, 4]  # every record once per pass
+            passes[stage, p] = tuple(order)
+    assert len(set(passes.values())) == 6, passes
+    cur = Curriculum("coconut", max_stage=1, epochs=2)
+    segments = schedule(cur, opts, 5, world=2)
+    assert [seg.steps for seg in segments] == [2, 2]
+    for rank in (0, 1):
+        for seg in segments:
+            assert len(epoch_batches(5, 2, opts.seed, seg.epoch, rank, 2)) == seg.steps
+            assert [len(seg.batches(5, opts, rank, 2, n)) for n in range(seg.steps)] == [2, 1]
 
 
 def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch, tmp_path):
