@@ -554,6 +554,43 @@ def test_recurrent_training_learns_saves_and_loads(tmp_path):
     assert (tmp_path / "trainer_state.pt").is_file() and (tmp_path / "tokenizer.json").is_file()
 
 
+def test_frozen_parameters_stay_frozen_and_a_frozen_model_is_refused():
+    """Parameters a user froze (requires_grad=False: fine-tuning only the core block, say) are neither trained
+    nor unfrozen, by either trainer (the trainers unfroze every parameter, silently training all of them), a
+    plain GPT-2's grown embedding included; a model with nothing to train is a clear error."""
+    model = _recurrent()
+    model.transformer.wte.requires_grad_(False)
+    model.transformer.prelude.requires_grad_(False)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(frozen) > 5 and trained
+    train_recurrent(model, TOK, generate_dataset(4, (1,)), TrainOptions(steps=2, batch_size=2, progress=False))
+    after = dict(model.named_parameters())
+    assert all(not after[n].requires_grad and torch.equal(after[n], p) for n, p in frozen.items())
+    assert all(after[n].requires_grad for n in trained) and any(
+        not torch.equal(after[n], p) for n, p in trained.items()
+    )
+    gpt2, cur = _gpt2(), Curriculum("coconut", max_stage=0)
+    gpt2.transformer.wte.requires_grad_(False)  # (tied: the head too)
+    before = gpt2.transformer.wte.weight.detach().clone()
+    train_coconut(gpt2, TOK, generate_dataset(2, (1,)), TrainOptions(steps=2, batch_size=2, progress=False), cur)
+    assert not gpt2.transformer.wte.weight.requires_grad and torch.equal(gpt2.transformer.wte.weight, before)
+    tok = _byte_level_tokenizer(markers=False)
+    from latentrt.families import parse_config
+    from latentrt.train.coconut import add_latent_markers
+
+    for tied in (True, False):
+        cfg = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, n_positions=256, vocab_size=tok.get_vocab_size(),
+                   tie_word_embeddings=tied)  # fmt: skip
+        plain = build_model(parse_config(cfg), seed=0)
+        plain.transformer.wte.requires_grad_(False)
+        assert add_latent_markers(plain, _byte_level_tokenizer(markers=False))
+        assert not plain.transformer.wte.weight.requires_grad and plain.lm_head.weight.requires_grad == (not tied)
+    model.requires_grad_(False)
+    with pytest.raises(InputError, match="every parameter of the model is frozen"):
+        train_recurrent(model, TOK, generate_dataset(4, (1,)), TrainOptions(steps=2, batch_size=2, progress=False))
+
+
 def test_the_recurrent_trainers_log_saves_and_mode(tmp_path, monkeypatch):
     """Each step draws its own depth (a function of seed and step), logged as a number without micro-batches; a
     save every ``save_every`` steps (after steps 2 and 4 of 5) and at the end; the model in eval mode after;

@@ -163,8 +163,8 @@ def add_latent_markers(model: nn.Module, tokenizer) -> bool:
         if head.weight is not wte.weight:  # an untied head grows the same way
             new_head = nn.Linear(cfg.n_embd, cfg.vocab_size + 3, bias=False, device=head.weight.device)
             new_head.weight.copy_(torch.cat([head.weight, head.weight[target].expand(3, -1)]))
-            model.lm_head = new_head.to(head.weight.dtype)
-    model.transformer.wte = grown
+            model.lm_head = new_head.to(head.weight.dtype).requires_grad_(head.weight.requires_grad)
+    model.transformer.wte = grown.requires_grad_(wte.weight.requires_grad)  # (a frozen embedding stays frozen)
     ids = dict(zip(("start_latent_id", "end_latent_id", "latent_id"), map(tokenizer.token_to_id, names)))
     model.config = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 3, **ids)
     model.tie_weights()

@@ -262,9 +262,10 @@ def check_vocabulary(records: list[list[int]], cfg) -> None:
 
 
 def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None) -> tuple[int, int, torch.device]:
-    """Validate options and the output folder, join the process group (torchrun), check that the gradients and
-    AdamW's moments fit beside the weights, seed every process alike, and put the model in training mode on its device
-    with the tokenizer attached (so checkpoints carry tokenizer.json)."""
+    """Validate options and the output folder, join the process group (torchrun), check that something is
+    trainable and that its gradients and AdamW's moments fit beside the weights, seed every process alike, and
+    put the model in training mode on its device with the tokenizer attached (so checkpoints carry
+    tokenizer.json)."""
     from ..memory import check_fits
     from . import distributed
     from .checkpoints import check_output_folder
@@ -272,13 +273,17 @@ def prepare(model: nn.Module, tokenizer, opts: TrainOptions, resume: str | None)
     opts.validate()
     check_output_folder(opts.out, resume, opts.overwrite)
     rank, world, device = distributed.init()
-    weights = {id(p): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
-    what = "training's gradients and AdamW's two moments (3 x the weights' bytes, before activations)"
-    check_fits(3 * sum(weights.values()), device, what, InputError)
+    trainable = {id(p): p.numel() * p.element_size() for p in model.parameters() if p.requires_grad}  # tied: once
+    if not trainable:
+        raise InputError(
+            "every parameter of the model is frozen (requires_grad=False): nothing to train; unfreeze what should "
+            "train (model.requires_grad_(True), or per module)"
+        )
+    what = "training's gradients and AdamW's two moments (3 x the trainable weights' bytes, before activations)"
+    check_fits(3 * sum(trainable.values()), device, what, InputError)
     # the same seed on every process, as both published trainers seed (Coconut's set_seed, Huginn's
     # seed_everything): dropout masks and initial states drawn alike; each process's data differs by rank
     seed_all(opts.seed)
-    model.to(device).train()
-    model.requires_grad_(True)
+    model.to(device).train()  # (parameters a user froze stay frozen: the optimizer takes the others, as HF's Trainer)
     model.tokenizer = tokenizer
     return rank, world, device
