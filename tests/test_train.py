@@ -254,6 +254,29 @@ def test_a_plain_gpt2_gets_the_latent_markers_as_coconuts_run_py_adds_them(tmp_p
         add_latent_markers(build_model(parse_config(dict(cfg, vocab_size=no_angle.get_vocab_size()))), no_angle)
 
 
+def test_the_pause_mode_trains_latent_tokens_as_tokens_and_leaves_the_model_so():
+    """``pause`` (the pause-as-thought baseline): a plain GPT-2 gets the markers as for ``coconut``, every forward
+    runs the <|latent|> tokens as ordinary tokens (no continuous thought), and the trained model is left in eval
+    mode running them so (``continuous_thoughts``), as its checkpoint will load."""
+    from latentrt.families import parse_config
+
+    tok = _byte_level_tokenizer(markers=False)
+    cfg = dict(model_type="gpt2", n_embd=16, n_head=2, n_layer=1, n_positions=256, vocab_size=tok.get_vocab_size())
+    model = build_model(parse_config(cfg), seed=0)
+    flags, real = [], model.run_prompt
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("continuous"))
+        return real(*args, **kwargs)
+
+    model.run_prompt = spy
+    train_coconut(model, tok, generate_dataset(4, (2,)), TrainOptions(steps=3, batch_size=2, progress=False),
+                  Curriculum("pause", max_stage=1))  # fmt: skip
+    assert model.config.vocab_size == cfg["vocab_size"] + 3 and tok.token_to_id("<|latent|>") is not None
+    assert flags and set(flags) == {False}
+    assert not model.training and model.continuous_thoughts is False
+
+
 def test_evaluation_uses_the_published_answer_rule():
     """Coconut's run.py: the decoded prompt and output after the last '#', commas removed, against the
     answer without commas; an output without '#' is judged on the whole decoded text (so it fails)."""
@@ -497,6 +520,22 @@ def test_coconut_records_fit_alone_though_their_batch_is_wider():
     ):
         train_coconut(model, TOK, [*wide, too_long], opts, cur)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.filterwarnings("ignore:the curriculum skips the first")
+def test_coconut_lengths_are_checked_at_the_stages_the_run_can_train():
+    """A record too long only at stage 0 trains on a published schedule that skips stage 0's epochs; with
+    ``uniform_prob`` any stage may be drawn for it, so it is refused; an invalid curriculum is named."""
+    fact, short = "Alex is a wumpus . ", "Alex is a wumpus ."
+    long_at_0 = [dict(question=fact * 40 + "Is Alex a wumpus ?", steps=[fact * 40], answer=short)] * 2
+    opts = TrainOptions(steps=1, batch_size=2, progress=False)
+    skip_0 = Curriculum("coconut", max_stage=1, epochs=3, start_epoch=1)
+    log = train_coconut(_gpt2(), TOK, long_at_0, opts, skip_0)
+    assert [e["stage"] for e in log] == [1, 2]
+    with pytest.raises(InputError, match=r"record 0 is \d+ tokens long at stage 0"):
+        train_coconut(_gpt2(), TOK, long_at_0, opts, dataclasses.replace(skip_0, uniform_prob=0.5))
+    with pytest.raises(InputError, match="max_stage must be an integer >= 0"):
+        train_coconut(_gpt2(), TOK, long_at_0, opts, Curriculum("coconut", max_stage=-1))
 
 
 def test_gradient_flows_through_the_thought_chain():
@@ -886,6 +925,12 @@ def test_coconut_start_epoch_skips_the_first_epochs(monkeypatch, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             train_coconut(model, TOK, recs, TrainOptions(steps=1, batch_size=3, progress=False), cur)
+    saving = TrainOptions(steps=1, batch_size=3, progress=False, out=str(tmp_path / "run"), save_every=1)
+    with pytest.warns(UserWarning, match="skips the first 3"):
+        train_coconut(_gpt2(), TOK, recs, saving, cur)
+    with warnings.catch_warnings():  # resumed: the run's own weights are restored, nothing to warn about
+        warnings.simplefilter("error")
+        train_coconut(_gpt2(), TOK, recs, saving, cur, resume=str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("reset", [True, False])
@@ -918,7 +963,7 @@ def test_coconut_uniform_prob_mixes_stages_as_published(monkeypatch):
     assert abs(len(mixed) / len(drawn) - 0.3) < 0.03 and set(mixed) == {0, 1, 2, 3}
     assert drawn == cur.record_stages(n_steps, 99, (0, 1, 2)) != cur.record_stages(n_steps, 99, (0, 2, 2))
     assert Curriculum("coconut").record_stages([1, 2], 5, (0,)) == [5, 5]
-    every = Curriculum("coconut", max_stage=1, epochs=2, uniform_prob=1.0)
+    every = Curriculum("coconut", max_stage=1, epochs=2, epochs_per_stage=2, uniform_prob=1.0)  # stage 0 twice
     recs = generate_dataset(40, (1, 3))
     _, seen, _ = _coconut_run(monkeypatch, every, TrainOptions(steps=1, batch_size=40, progress=False), recs)
     assert len(seen) == 2
@@ -928,7 +973,7 @@ def test_coconut_uniform_prob_mixes_stages_as_published(monkeypatch):
             rec = next(r for r in recs if any(encode(TOK, r, every, s) == ex for s in range(len(r.steps) + 1)))
             stages.append(next(s for s in range(len(rec.steps) + 1) if encode(TOK, rec, every, s) == ex))
         assert len(set(stages)) >= 3
-    assert seen[0] != seen[1]  # drawn anew per epoch
+    assert sorted(map(str, seen[0])) != sorted(map(str, seen[1]))  # drawn anew per epoch, within a stage too
     for bad, message in (
         (dict(uniform_prob=1.5), r"uniform_prob must be a probability in \[0, 1\], got 1.5"),
         (dict(uniform_prob=True), "uniform_prob must be a probability"),
@@ -1112,18 +1157,27 @@ def test_every_process_seeds_torch_alike(monkeypatch):
     assert torch.initial_seed() == 7
 
 
-@pytest.mark.parametrize("kept", [False, True], ids=["reset", "one optimizer, mixed stages"])
-def test_coconut_resume_is_exact(tmp_path, kept):
+@pytest.mark.parametrize(
+    "kept, every, stop, rest",
+    [
+        (False, 3, 4, [(1, 2), (2, 1), (2, 2)]),
+        (True, 3, 4, [(1, 2), (2, 1), (2, 2)]),
+        (False, 2, 5, [(2, 1), (2, 2)]),
+    ],
+    ids=["reset", "one optimizer, mixed stages", "at a stage's start"],
+)
+def test_coconut_resume_is_exact(tmp_path, kept, every, stop, rest):
     """A run stopped mid-stage and resumed from its last checkpoint ends with the uninterrupted run's weights
     bit for bit: the optimizer, the stage schedule and torch's generator (GPT-2's dropout masks) restored;
-    with one optimizer for the run, its schedule and moments; with mixed stages, the same draws."""
+    with one optimizer for the run, its schedule and moments; with mixed stages, the same draws; resumed where
+    a stage starts, the new stage's fresh optimizer (not the checkpoint's)."""
     recs = generate_dataset(8, (1, 2))
     cur = Curriculum("coconut", max_stage=1)  # 3 stages of 2 steps
     if kept:
         cur = dataclasses.replace(cur, reset_optimizer=False, uniform_prob=0.5)
 
     def opts(out=None):
-        return TrainOptions(steps=6, batch_size=2, progress=False, warmup=1, save_every=3, out=out)
+        return TrainOptions(steps=6, batch_size=2, progress=False, warmup=1, save_every=every, out=out)
 
     straight = _gpt2()
     assert straight.config.resid_pdrop > 0  # dropout draws
@@ -1134,16 +1188,16 @@ def test_coconut_resume_is_exact(tmp_path, kept):
 
     calls = []
 
-    def stop_at_4(entry):
+    def stop_at(entry):
         calls.append(entry)
-        if len(calls) == 4:  # before step 4's save: the last checkpoint is step 3's, in stage 1
+        if len(calls) == stop:  # before its step's save: the last checkpoint is the one before (step 3 or 4)
             raise Stop
 
     with pytest.raises(Stop):
-        train_coconut(_gpt2(), TOK, recs, opts(str(tmp_path)), cur, on_step=stop_at_4)
+        train_coconut(_gpt2(), TOK, recs, opts(str(tmp_path)), cur, on_step=stop_at)
     resumed = latentrt.load(tmp_path, device="cpu")
     log = train_coconut(resumed, TOK, recs, opts(str(tmp_path)), cur, resume=str(tmp_path))
-    assert [(e["stage"], e["step"]) for e in log] == [(1, 2), (2, 1), (2, 2)]
+    assert [(e["stage"], e["step"]) for e in log] == rest
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
