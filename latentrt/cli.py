@@ -131,15 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .loader import load
 
-    return load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-        weights=args.weights,
-        revision=args.revision,
-        **json_object(args.hf_overrides, "--hf-overrides"),
-    )
+    options = model_options(args)
+    overrides = options.pop("hf_overrides")
+    return load(args.model, **options, **overrides)
 
 
 def published_dtype(args) -> str | None:

@@ -471,6 +471,10 @@ def test_every_malformed_weights_layout_is_a_clear_error(tmp_path, recurrent_dir
         ("coc", dict(n_head=5), "n_embd=.* is not divisible by n_head=5"),
         ("coc", dict(activation_function="swish"), "activation_function='swish' is not supported"),
         ("coc", dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a finite number > 0, got 0"),
+        ("coc", dict(n_inner=0), "n_inner must be positive, got 0"),
+        ("coc", dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite number > 0, got inf"),
+        ("coc", dict(resid_pdrop=1.5), r"resid_pdrop must be a probability in \[0, 1\], got 1.5"),
+        ("coc", dict(attn_pdrop=-0.1), r"attn_pdrop must be a probability in \[0, 1\], got -0.1"),
     ],
 )
 def test_every_invalid_config_value_is_a_clear_error(recurrent_dir, coconut_dir, family, edit, message):

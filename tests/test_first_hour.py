@@ -181,6 +181,18 @@ def test_coconut_training_checkpoint_on_a_gpt2_base(tmp_path, hub_cache):
     (root.parent.parent / "refs" / "main").write_text(COMMIT)
     on_hub = latentrt.load("acme/gpt2", weights=tmp_path / "checkpoint_6", device="cpu")
     assert rel_err(on_hub.logits(ids), trained.logits(ids)) < 1e-6
+    # a GPT2Model's weights (HF's base class; the Hub's gpt2 keys: no "transformer." prefix, no head) grow alike
+    body = {k.removeprefix("transformer."): v for k, v in trained.state_dict().items() if k.startswith("transformer.")}
+    torch.save(body, tmp_path / "body.pt")
+    bare = latentrt.load(tmp_path / "gpt2", weights=tmp_path / "body.pt", device="cpu")
+    assert bare.marker_ids == (40, 42, 41) and rel_err(bare.logits(ids), trained.logits(ids)) < 1e-6
+    # a tokenizer that is not the base's (41 tokens for 40 rows): the markers' ids cannot be placed
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "gpt2", other)
+    tok = word_tokenizer(WORDS + [f"w{i}" for i in range(41 - 2 - len(WORDS))])
+    tok.save(str(other / "tokenizer.json"))
+    with pytest.raises(latentrt.ConfigError, match="embedding has 43 rows, the base 40: its 3 latent markers cannot"):
+        latentrt.load(other, weights=tmp_path / "checkpoint_6", device="cpu")
 
 
 def test_a_published_checkpoint_without_training_json_says_its_thought_count_is_unknown(tmp_path, capsys, monkeypatch):

@@ -277,3 +277,18 @@ def test_coconut_heads_each_pass_over_its_own_rows_as_published():
     latentrt.generate(model, ids, max_new_tokens=1)
     first, last = ids.index(4), len(ids) - 1 - ids[::-1].index(4)
     assert rows[: last - first + 2] == [first] + [1] * (last - first) + [len(ids) - last]
+
+
+def test_coconut_padding_is_never_read_as_a_thought_or_a_marker():
+    """Left padding holds whatever id the caller padded with, <|latent|>'s or a marker's included: only the
+    positions the attention mask keeps are checked for markers and run as thoughts (a padded row whose padding
+    is the latent id was refused as a prompt opening on a thought, or ran its padding as thoughts)."""
+    model = tiny_coconut(seed=1)
+    start, latent, end = model.marker_ids
+    row = [5, 9, start, latent, latent, end, 7]
+    other = [6, 5, 9, start, latent, latent, end, 8]
+    mask = torch.tensor([[False] + [True] * len(row), [True] * len(other)])
+    want = model.logits(torch.tensor([[0, *row], other]), attention_mask=mask)
+    for pad in (latent, start, end):
+        got = model.logits(torch.tensor([[pad, *row], other]), attention_mask=mask)
+        assert torch.equal(got[mask], want[mask]), pad
