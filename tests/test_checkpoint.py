@@ -78,6 +78,11 @@ def test_the_files_rope_table_is_used_as_published(tmp_path, recurrent_model):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'freqs_cis' has shape \(1, 96, 1, 16, 2\), the config implies"):
         latentrt.load(tmp_path, device="cpu")
+    for shape in ((2, T, 1, hd // 2, 2), (1, T, 2, hd // 2, 2), (1, 0, 1, hd // 2, 2)):  # batch, head, no position
+        sd["freqs_cis"] = torch.zeros(shape)
+        save_file(sd, tmp_path / "model.safetensors")
+        with pytest.raises(CheckpointError, match=f"'freqs_cis' has shape {re.escape(str(shape))}"):
+            latentrt.load(tmp_path, device="cpu")
 
 
 def test_bf16_load(recurrent_dir):
@@ -199,9 +204,10 @@ def test_published_fields_that_would_change_the_computation(recurrent_dir):
     std = math.sqrt(2 / (5 * d))
     _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=0, init_values={"std": std, "embed_scale": 8.0}))
     latentrt.load(recurrent_dir, device="cpu")
-    _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=0.5))
-    with pytest.raises(ConfigError, match="test_time_noise=0.5 .*not implemented"):
-        latentrt.load(recurrent_dir, device="cpu")
+    for noise in (0.5, 1):
+        _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=noise))  # noqa: B023
+        with pytest.raises(ConfigError, match=f"test_time_noise={noise} .*not implemented"):
+            latentrt.load(recurrent_dir, device="cpu")
     _edit_config(recurrent_dir, lambda c: c.update(test_time_noise=0, init_values={"std": 2 * std}))
     with pytest.raises(ConfigError, match="init_values.std=.* differs from the published"):
         latentrt.load(recurrent_dir, device="cpu")
@@ -472,6 +478,8 @@ def test_every_malformed_weights_layout_is_a_clear_error(tmp_path, recurrent_dir
         ("coc", dict(activation_function="swish"), "activation_function='swish' is not supported"),
         ("coc", dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a finite number > 0, got 0"),
         ("coc", dict(n_inner=0), "n_inner must be positive, got 0"),
+        ("rec", dict(mean_backprop_depth=-1), "config field 'mean_backprop_depth' must be >= 0, got -1"),
+        ("rec", dict(rope_base=1), "rope_base must be a finite number > 1, got 1"),
         ("coc", dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite number > 0, got inf"),
         ("coc", dict(resid_pdrop=1.5), r"resid_pdrop must be a probability in \[0, 1\], got 1.5"),
         ("coc", dict(attn_pdrop=-0.1), r"attn_pdrop must be a probability in \[0, 1\], got -0.1"),
@@ -484,6 +492,13 @@ def test_every_invalid_config_value_is_a_clear_error(recurrent_dir, coconut_dir,
     _edit_config(folder, lambda c: c.update(edit))
     with pytest.raises(ConfigError, match=message):
         latentrt.load(folder, device="cpu")
+
+
+def test_the_padded_vocabulary_may_equal_the_vocabulary_but_not_fall_short(recurrent_dir):
+    vocab = json.loads((recurrent_dir / "config.json").read_text())["vocab_size"]
+    _edit_config(recurrent_dir, lambda c: c.update(padded_vocab_size=vocab - 1))
+    with pytest.raises(ConfigError, match=f"padded_vocab_size={vocab - 1} is smaller than vocab_size={vocab}"):
+        latentrt.load(recurrent_dir, device="cpu")
 
 
 def test_an_integral_float_in_config_is_read_as_an_integer(recurrent_dir):

@@ -292,3 +292,22 @@ def test_coconut_padding_is_never_read_as_a_thought_or_a_marker():
     for pad in (latent, start, end):
         got = model.logits(torch.tensor([[pad, *row], other]), attention_mask=mask)
         assert torch.equal(got[mask], want[mask]), pad
+
+
+def test_a_non_finite_initial_state_is_refused_and_padding_is_never_blamed():
+    """A NaN or inf in a user's init_state is named before any iteration; a non-finite value only where the mask
+    says padding is no error (padded positions are never read), one at a kept position names its sequence."""
+    from latentrt.errors import NonFiniteStateError
+    from latentrt.models.recurrent import check_finite
+
+    model = tiny_recurrent(seed=2)
+    ids = torch.tensor([[5, 6, 7]])
+    state = torch.zeros(1, 3, model.config.n_embd)
+    state[0, 1, 4] = float("nan")
+    with pytest.raises(NonFiniteStateError, match="init_state contains NaN or inf"):
+        model.logits(ids, num_steps=2, init_state=state)
+    x = torch.zeros(2, 3, 4)
+    x[1, 0, 2] = float("inf")
+    check_finite(x, torch.tensor([[True] * 3, [False, True, True]]), "latent state")
+    with pytest.raises(NonFiniteStateError, match=r"non-finite latent state in sequence\(s\) \[1\]"):
+        check_finite(x, torch.ones(2, 3, dtype=torch.bool), "latent state")
