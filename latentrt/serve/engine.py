@@ -57,7 +57,7 @@ import torch
 
 from ..decode.serving import Ended
 from ..distributions import Distributions
-from ..engine import Generation, check_options_for
+from ..engine import Generation
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
 from ..families import Family, check_applicable, family_for
 from ..models.base import LatentModel
@@ -79,8 +79,9 @@ def server_defaults(model: LatentModel, override: dict) -> dict:
     """The generate() defaults a server gives every request (``latentrt serve --override-generation-config``):
     the model's (its generation_config.json) with ``override``'s options on top; any generate() option the
     server takes, checked now (names, values, the model's family) with generate()'s messages."""
-    merged = checked_defaults(family_for(model), model.generation_defaults, override)
-    check_options_for(model, GenerateOptions.build(None, **merged))  # (and the decoder's checks, on the model)
+    family = family_for(model)
+    merged = checked_defaults(family, model.generation_defaults, override)
+    family.decoder.check_options(model, GenerateOptions.build(None, **merged))  # (the checks needing the model)
     return merged
 
 
