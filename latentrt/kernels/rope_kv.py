@@ -88,7 +88,7 @@ if HAVE_TRITON:
         """Program (b, HEADS heads of q then k): q heads are biased, rotated and written to q; kv heads are
         biased (k), rotated (k) and written with their v into the cache slot at timeline index pos, only for
         active sequences. A head's q or k sits at column head * D of the row (k heads follow the q heads), and
-        so does its bias (laid out [q; k] by ``fused``)."""
+        so does its bias (qk_bias [2, 1, H, D] read flat: k head j's bias at (H + j) D)."""
         b = tl.program_id(0)
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         i = tl.arange(0, BLOCK)
@@ -143,9 +143,8 @@ def fused(
     D = k_cache.shape[-1]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     q = torch.empty(B, n_head, D, dtype=qkv.dtype, device=qkv.device) if out is None else out
-    bias = qk_bias if qk_bias is not None else qkv
-    if qk_bias is not None and n_kv != n_head:  # k bias of the first n_kv heads, laid out after q's
-        bias = torch.cat([qk_bias[0].reshape(-1), qk_bias[1][:, :n_kv].reshape(-1)])
+    # qk_bias [2, 1, H, D]: q's H heads, then k's, of which the kernel reads the first n_kv (k head j at (H + j) D)
+    bias = qk_bias.contiguous() if qk_bias is not None else qkv
     heads = interpreter_block(n_head + n_kv, gpu=1)  # GPU: a program per head and row (the grid fills the SMs)
     _qkv_epilogue_kernel[(B, triton.cdiv(n_head + n_kv, heads))](
         qkv,
