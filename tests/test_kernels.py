@@ -729,6 +729,23 @@ def test_pool_prefill_reads_nothing_outside_its_rows_entries():
     _close(got[mask], want[mask], 1e-5)
 
 
+@pytest.mark.parametrize("blocks", ["gpu", "interpreter"])
+def test_pool_prefill_whole_key_blocks_invalid(blocks):
+    """A row whose entries before its chunk are invalid over whole key blocks (32 on a GPU, 64 with the
+    interpreter's blocks): a block where a query has no key yet leaves its running softmax as it is (no
+    exp(-inf - -inf)), so the output stays finite and equals the reference."""
+    from latentrt.kernels.pool_prefill import GPU_BLOCKS
+
+    pp, inputs = _pool_family_inputs("pool_prefill", True, (4, 2), torch.float32, 0, n=20, context=160)
+    rows, q_idx, valid = inputs[3], inputs[4], inputs[6]
+    r = int(torch.argmax(q_idx[:, 0]))
+    assert int(q_idx[r, 0]) >= 70
+    valid[rows[r], :70] = False
+    want = pp.reference(*_clone(inputs))
+    out = torch.full_like(inputs[0], float("nan"))
+    _close(pp.fused(*_clone(inputs), out=out, blocks=GPU_BLOCKS if blocks == "gpu" else None), want, 1e-5)
+
+
 @pytest.mark.usefixtures("gpu_blocks")
 def test_pool_prefill_bf16_anchored_on_fp32():
     pp, inputs = _prefill_inputs(True, (4, 2), torch.bfloat16, seed=2)
@@ -766,6 +783,38 @@ def test_pool_always_last_rows_read_last_entries_only_when_one_missed(family):
         same, later = same[inputs[8]], later[inputs[8]]
     assert later.any() and (~later).any()
     assert same[~later].all() and not same[later].any(), "iteration 0 reads as full; a missed iteration differs"
+
+
+@pytest.mark.usefixtures("gpu_blocks")
+@pytest.mark.parametrize("family", ["pool_attention", "pool_prefill"])
+def test_pool_always_last_an_entry_that_ran_t_iterations_missed_iteration_t(family):
+    """Iteration t (counted from 0) is an entry's (t + 1)-th: one that ran exactly t iterations missed it. Every
+    row at t = 12, every entry ran 13 or more, except in every other row one earlier entry that ran 12: those
+    rows (only those) read last slots, as the reference does."""
+    from latentrt.kernels.pool_attention import LAST, SLOT
+
+    fam = kernels.family(family)
+    on_pool = family == "pool_attention"
+    shape = {"context": 90} if on_pool else {"n": 20, "context": 80}
+    inputs = list(fam.make_inputs("tiny", DEV, torch.float32, seed=4, kv_modes=((32, 0, LAST),), heads=(4, 2), **shape))
+    rows, valid, iterations, written = (inputs[i] for i in ((5, 7, 11, 12) if on_pool else (3, 6, 9, 10)))
+    first = inputs[6] if on_pool else inputs[4][:, 0]
+    iterations[:] = 12
+    written.clamp_(min=13)
+    missed = (torch.arange(len(rows)) % 2 == 1) & (first > 3)
+    if on_pool:
+        missed &= inputs[8]  # (an inactive row reads nothing)
+    for r in missed.nonzero()[:, 0].tolist():
+        written[rows[r], 3], valid[rows[r], 3] = 12, True
+    want = fam.reference(*_clone(inputs))
+    got = fam.fused(*_clone(inputs), out=torch.full_like(inputs[0], float("nan")))
+    got, want = (got[0], want[0]) if on_pool else (got, want)
+    _close(got, want, 1e-5)
+    as_full = _clone(inputs)
+    as_full[10 if on_pool else 8][:, 2] = SLOT
+    full = fam.reference(*as_full)
+    same = (want == (full[0] if on_pool else full)).flatten(1).all(1)
+    assert missed.any() and (same == ~missed).all()
 
 
 def test_pool_attention_bf16_anchored_on_fp32():
