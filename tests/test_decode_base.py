@@ -1,9 +1,10 @@
-"""The non-finite flags of a unit's result (decode/base.py) against their definition by ``torch.isfinite``."""
+"""The non-finite flags of a unit's result (kernels/reference.py: every decoder's and the Triton token runner's)
+against their definition by ``torch.isfinite``."""
 
 import pytest
 import torch
 
-from latentrt.decode.base import nonfinite_flags
+from latentrt.kernels.reference import nonfinite_flags
 
 
 def _by_definition(state, valid, logits, alive):

@@ -21,10 +21,11 @@ from latentrt import families
 from latentrt.checkpoint import save_checkpoint
 from latentrt.cli import main
 from latentrt.config import ModelConfig, require_positive
-from latentrt.decode.base import Decoder, TokenOutput, nonfinite_flags
+from latentrt.decode.base import Decoder, TokenOutput
 from latentrt.errors import InputError
 from latentrt.exits import ExitCriterion, make_criterion
 from latentrt.families import build_model, parse_config
+from latentrt.kernels.reference import nonfinite_flags
 from latentrt.models.base import CacheLayout, LatentModel
 from latentrt.recurrence import LoopSpec, run_recurrence
 from latentrt.tokenizer import word_tokenizer

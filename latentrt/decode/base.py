@@ -17,7 +17,6 @@ from torch import Tensor
 
 from ..cache import KVCache
 from ..config import eos_ids
-from ..kernels.reference import nonfinite_along
 from ..options import GenerateOptions
 from ..prompts import Batch, prompt_ids
 from ..sampling import SequenceRNG
@@ -134,18 +133,3 @@ class Decoder:
     def report(cls, result) -> list[str]:
         """Lines the CLI prints after a generation's text (family-specific statistics)."""
         return []
-
-
-def nonfinite_flags(
-    state: Tensor | None, state_valid: Tensor | None, logits: Tensor, alive: Tensor | None = None
-) -> Tensor:
-    """[B] long: 1 where a real position's latent state is NaN/inf, + 2 where the logits are (only where
-    ``alive``; None: every row, as a server's ended units are)."""
-    flags = nonfinite_along(logits, (-1,)) * 2
-    if state is not None:
-        if state_valid is None:  # every position: one reduction over all but the rows
-            bad = nonfinite_along(state, tuple(range(1, state.dim())))
-        else:
-            bad = (nonfinite_along(state, (-1,)) & state_valid).any(-1)
-        flags = flags + bad
-    return flags if alive is None else flags * alive

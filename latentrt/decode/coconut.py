@@ -19,9 +19,10 @@ from torch import Tensor
 from ..caller import warn_at_caller
 from ..checkpoint import read_training_info
 from ..errors import CheckpointError, InputError, check_bool, check_int, is_choice
+from ..kernels.reference import nonfinite_flags
 from ..options import GenerateOptions
 from ..prompts import Batch, left_padded, prompt_ids
-from .base import Decoder, TokenOutput, nonfinite_flags
+from .base import Decoder, TokenOutput
 
 PROMPT_MODES = ("coconut", "cot", "nocot", "pause", "nothoughts")  # the formats a Coconut model is trained and
 # asked in (nothoughts: the question alone, as cot / nocot)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..kernels.reference import nonfinite_flags
 from ..models.layers import Packed
 from ..transfer import to_device
-from .base import nonfinite_flags
 from .coconut_serving_graph import HeadsRunner, PromptChunks, StepPassRunner
 from .serving import Ended, ServingProgram, weight_ratio
 

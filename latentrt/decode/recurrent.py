@@ -18,12 +18,13 @@ from torch import Tensor
 from ..caller import warn_at_caller
 from ..errors import InputError, check_bool, check_finite, check_int, is_choice
 from ..exits import make_criterion
+from ..kernels.reference import nonfinite_flags
 from ..kv_modes import parse_kv_mode
 from ..models.recurrent import check_steps
 from ..options import GenerateOptions, unused_message
 from ..prompts import Batch
 from ..recurrence import LoopSpec, run_recurrence
-from .base import Decoder, TokenOutput, nonfinite_flags
+from .base import Decoder, TokenOutput
 from .speculative import Speculative
 from .wavefront import Wavefront
 

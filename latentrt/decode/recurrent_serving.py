@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.reference import nonfinite_flags
 from ..models.layers import Packed
 from ..recurrence import LatentLoop, LoopSpec, Rows
 from ..transfer import fill_rows, to_device
-from .base import nonfinite_flags
 from .recurrent_serving_graph import DecodeCoreRunner, DecodeHeadRunner, DecodePreludeRunner
 from .serving import Ended, ServingProgram, ones, weight_ratio
 

@@ -92,6 +92,21 @@ def nonfinite_along(x: Tensor, dims: tuple[int, ...], keepdim: bool = False) -> 
     return (x - x).sum(dims, keepdim=keepdim).isnan()
 
 
+def nonfinite_flags(
+    state: Tensor | None, state_valid: Tensor | None, logits: Tensor, alive: Tensor | None = None
+) -> Tensor:
+    """[B] long: 1 where a real position's latent state is NaN/inf, + 2 where the logits are (only where
+    ``alive``; None: every row, as a server's ended units are)."""
+    flags = nonfinite_along(logits, (-1,)) * 2
+    if state is not None:
+        if state_valid is None:  # every position: one reduction over all but the rows
+            bad = nonfinite_along(state, tuple(range(1, state.dim())))
+        else:
+            bad = (nonfinite_along(state, (-1,)) & state_valid).any(-1)
+        flags = flags + bad
+    return flags if alive is None else flags * alive
+
+
 # ------------------------------------------------------------------------------------------ activations
 def gelu_new(x: Tensor) -> Tensor:
     """GPT-2's tanh approximation of GELU."""

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ...kernels import feedback, linear, norms
+from ...kernels.reference import nonfinite_flags
 from ...recurrence import LoopSpec, all_exited, recurrence_segments
 from ..base import Backend
 from ..graph import GraphedRunner
@@ -80,10 +81,7 @@ class RecurrentTokenRunner(GraphedRunner):
         """The token's launches (GraphedRunner): prelude, the loop with its boundaries (``self.stops``), head."""
         where, e_term = self._begin()
         s, used, out = yield from self.loop(where, e_term)
-        alive = self.alive
-        bad_state = ~torch.isfinite(s).all(-1) & alive
-        bad_logits = ~torch.isfinite(out).all(-1) & alive
-        return out, used, bad_state.long() + 2 * bad_logits.long(), s
+        return out, used, nonfinite_flags(s, None, out, self.alive), s
 
     def _begin(self) -> tuple[DecodePosition, Tensor]:
         """Begin the timeline entry on the device, run the prelude, and compute the adapter's per-token
