@@ -310,8 +310,8 @@ def recurrence_segments(
     for t in range(spec.r_max):
         mark(t, loop.active)
         new = iterate(loop.s, t, loop.active)
-        if hooks:
-            new = hooks.on_iteration(t, new, loop.active)
+        if hooks:  # a frozen sequence's row shows the state it keeps (what a backend computed there is dropped)
+            new = hooks.on_iteration(t, torch.where(loop.active[loop._expand], new, loop.s), loop.active)
         loop.advance(rows, new)
         if spec.checks_at(t):
             loop.check(rows, head(loop.s, loop.active) if spec.criterion.needs_logits else None, valid)

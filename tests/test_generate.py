@@ -382,6 +382,30 @@ def test_hooks_chain_in_order_and_cannot_change_who_runs():
         latentrt.generate(model, PROMPTS[0], max_new_tokens=2, hooks="record")
 
 
+def test_hooks_see_a_frozen_sequence_keep_its_state():
+    """After a sequence exits, the events of the iterations the others still run show its row as the state it
+    keeps (what it held at its exit, the hook's replacement included), on every backend
+    (tests/test_triton_backend.py compares them), not the iteration a backend may have computed there."""
+    model = tiny_recurrent(seed=5)
+    kw = dict(max_new_tokens=3, num_steps=8, adaptive=True, exit_criterion="kl", exit_threshold=0.05, seed=3)
+    events = []
+
+    def hook(ev):
+        events.append((ev.token_index, ev.active.clone(), ev.state.clone()))
+        return ev.state * 0.9
+
+    latentrt.generate(model, PROMPTS, hooks=hook, **kw)
+    frozen_seen, kept = 0, {}
+    for token, active, state in events:
+        for r in range(len(active)):
+            if active[r]:  # the hook's replacement is what the sequence goes on from
+                kept[token, r] = state[r] * 0.9
+            else:
+                assert torch.equal(state[r], kept[token, r]), (token, r)
+                frozen_seen += 1
+    assert frozen_seen > 0
+
+
 def test_coconut_hooks_see_each_thought():
     model = tiny_coconut(seed=1)
     seen = []

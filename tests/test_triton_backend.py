@@ -23,11 +23,25 @@ def _cpu_models_need_the_interpreter(request):
         pytest.skip("CPU models through the Triton interpreter (TRITON_INTERPRET=1; on a GPU the gpu tests run)")
 
 
-def _pair(seed=1, **cfg):
+def _pair(seed=1, visible_norms: bool = False, **cfg):
+    """(``visible_norms``: every RMSNorm weight drawn around 1, see ``_visible_norms``; the adaptive tests'
+    thresholds are set for the init's ones.)"""
     ref = tiny_recurrent(seed=seed, **cfg)
     fast = tiny_recurrent(seed=seed, **cfg)
+    for model in (ref, fast) if visible_norms else ():
+        _visible_norms(model, seed)
     fast.backend = get_backend("triton", fast)
     return ref, fast
+
+
+def _visible_norms(model, seed: int) -> None:
+    """Every RMSNorm weight drawn around 1: with the init's ones, ln_f of a state the core block's last norm
+    just normalised is that state again, so a backend that left a norm out would go unseen."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_f" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
 
 
 # thresholds at which this tiny model's sequences exit at different iterations (the test checks that)
@@ -91,9 +105,17 @@ def test_triton_equals_torch_adaptive(kv, criterion, monkeypatch):
         assert any(rel_err(y, x) > 1e-4 for x, y in zip(full.logits, a.logits) if x.shape == y.shape)
 
 
-@pytest.mark.parametrize("kv", ["full", "shared"])
-def test_triton_equals_torch_fixed_depth_gqa(kv):
-    ref, fast = _pair(seed=2, num_attention_heads=4, num_key_value_heads=2, qk_bias=False)
+@pytest.mark.parametrize(
+    "kv,shape",
+    [
+        ("full", dict(num_attention_heads=4, num_key_value_heads=2, qk_bias=False)),  # GQA
+        ("shared", dict(num_attention_heads=4, num_key_value_heads=2, qk_bias=False)),
+        ("full", dict(num_attention_heads=4, num_key_value_heads=1, qk_bias=True)),  # one K/V head, a key per query
+        ("ring-2", dict(n_layers_in_prelude=0, n_layers_in_coda=0)),  # the core block alone between ln_f's
+    ],
+)
+def test_triton_equals_torch_fixed_depth_other_shapes(kv, shape):
+    ref, fast = _pair(seed=2, visible_norms=True, **shape)
     kw = dict(max_new_tokens=4, num_steps=3, kv_sharing=kv, init_scale=0.0, return_logits=True)
     a, b = latentrt.generate(ref, PROMPTS[0], **kw), latentrt.generate(fast, PROMPTS[0], **kw)
     assert a.tokens == b.tokens
@@ -109,7 +131,7 @@ def test_decode_tokens_run_as_one_token_runner(monkeypatch):
     runs = []
     real_run = RecurrentTokenRunner.run
     monkeypatch.setattr(RecurrentTokenRunner, "run", lambda self: runs.append(1) or real_run(self))
-    ref, fast = _pair(seed=3)
+    ref, fast = _pair(seed=3, visible_norms=True)
     kw = dict(max_new_tokens=3, num_steps=5, continuous=True, kv_sharing="ring-2", seed=7, return_logits=True)
     a, b = latentrt.generate(ref, PROMPTS, **kw), latentrt.generate(fast, PROMPTS, **kw)
     assert len(runs) == 2  # tokens 2 and 3; the prompt is a prefill
@@ -124,20 +146,26 @@ def test_decode_tokens_run_as_one_token_runner(monkeypatch):
 def test_hooks_see_the_same_iterations_on_every_backend():
     """With an adaptive exit, hooks are called after the iterations some sequence runs, as on the torch
     backend: the Triton path (whose loop keeps exit masks on the device) called them for every iteration up to
-    num_steps, the later ones with nobody active. A hook's replaced state gives the same tokens and steps."""
+    num_steps, the later ones with nobody active. A hook's replaced state gives the same tokens and steps, and
+    the states it sees are the same, a frozen sequence's (its last state, kept) included."""
     ref, fast = _pair(seed=5)
-    kw = dict(max_new_tokens=3, num_steps=8, adaptive=True, exit_criterion="kl", exit_threshold=0.5, seed=3)
-    logs = []
+    kw = dict(max_new_tokens=3, num_steps=8, adaptive=True, exit_criterion="kl", exit_threshold=0.05, seed=3)
+    logs, states = [], []
     for model in (ref, fast):
-        log = []
+        log, seen = [], []
 
-        def hook(ev, log=log):
+        def hook(ev, log=log, seen=seen):
             log.append((ev.kind, ev.step, ev.token_index, tuple(ev.active.tolist())))
+            seen.append(ev.state.clone())
             return ev.state * 0.9
 
         out = latentrt.generate(model, PROMPTS, hooks=hook, **kw)
         logs.append((out.tokens, out.steps, log))
+        states.append(seen)
     assert logs[0] == logs[1]
+    assert any(not all(active) for *_, active in logs[0][2])  # (frozen sequences were seen)
+    for a, b in zip(*states):
+        assert rel_err(b, a) < 1e-4
     assert max(max(s) for s in logs[0][1]) < 8  # (every sequence exited early: iterations were left to skip)
 
 
@@ -240,14 +268,19 @@ def test_coconut_fused_layers_follow_weight_updates():
     _same_generation(ref, fast, ids, max_new_tokens=3)
 
 
-def test_coconut_thoughts_without_fused_layers_for_other_attention_scaling(monkeypatch):
-    """GPT-2 configs the fused layer path does not cover (attention scaled by the inverse layer index) run
-    the thought columns through the model's own modules, still equal to the torch path."""
+@pytest.mark.parametrize(
+    "other",
+    [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False), dict(activation_function="gelu")],
+)
+def test_coconut_thoughts_without_fused_layers_for_other_configs(other):
+    """GPT-2 configs the fused layer path does not cover (attention scaled by the inverse layer index or not
+    scaled, GELU's exact form) run the thought columns through the model's own modules, still equal to the
+    torch path."""
     from latentrt.backends.triton.column import fused_layers_apply
 
     assert fused_layers_apply(tiny_coconut(seed=5).config) is None
-    ref = tiny_coconut(seed=5, scale_attn_by_inverse_layer_idx=True)
-    fast = tiny_coconut(seed=5, scale_attn_by_inverse_layer_idx=True)
+    ref = tiny_coconut(seed=5, **other)
+    fast = tiny_coconut(seed=5, **other)
     fast.backend = get_backend("triton", fast)
     assert fused_layers_apply(fast.config) is not None
     ids = [[5, 6, 7, 2, 4, 4, 3]]

@@ -97,7 +97,7 @@ class TritonBackend(Backend):
         e_term, where = self._position(e, cache, chunk, rope)
         s0 = s[:, 0].contiguous()
         new = core_iteration(m, s0, e_term, cache, iteration, where, active)
-        return torch.where(active[:, None], new, s0)[:, None]  # frozen rows keep their state (hooks see it)
+        return new[:, None]  # (frozen rows: unspecified, as the reference's; the loop keeps their state)
 
     def token_runner(self, cache, spec) -> RecurrentTokenRunner | None:
         """The graph-capturable decode token (see token.py); None where the kernels do not apply."""
