@@ -1026,7 +1026,7 @@ def test_pool_decode_kernel_equals_the_reference_in_packed_passes():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _engine_on_triton(max_batch: int, async_scheduling: bool = False):
+def _engine_on_triton(max_batch: int, async_scheduling: bool = False, scheduler: str = "depth"):
     """A tiny recurrent model and an engine built on its Triton backend (the pool's fused attention, the
     graphed decode passes; the interpreter on the CPU); the model then goes back to the reference backend,
     so generate() alone is the reference while the engine keeps its kernels."""
@@ -1038,7 +1038,7 @@ def _engine_on_triton(max_batch: int, async_scheduling: bool = False):
     model = tiny_recurrent(seed=3)
     reference = model.backend
     model.backend = get_backend("triton", model)
-    engine = Engine(model, max_batch=max_batch, async_scheduling=async_scheduling)
+    engine = Engine(model, max_batch=max_batch, async_scheduling=async_scheduling, scheduler=scheduler)
     assert engine.program.pool.decode_attention is not None and engine.program.decode_core is not None
     model.backend = reference
     return model, engine
@@ -1232,6 +1232,34 @@ def test_the_decode_pass_runs_eagerly_where_graph_capture_fails(monkeypatch):
     for req, (p, kw) in zip(served, requests):
         alone = latentrt.generate(model, p, **kw)
         assert (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
+
+
+@pytest.mark.parametrize("scheduler", ["depth", "token"])
+def test_two_prompt_groups_in_the_captured_passes_beside_waiting_rows(monkeypatch, scheduler):
+    """Two prompt groups resident at once (the second admitted while the first is in its loop), both checked by
+    KL, so the head pass holds two slots (the second's positions after the first's in the packed sequence); and
+    under the token-synchronous scheduler, decode rows that ended their token wait out the others' iterations
+    unlaunched, still active in their loops. Every request equals generate() alone."""
+    from latentrt.decode.recurrent_serving_graph import DecodeHeadRunner
+
+    slots_seen = []
+    run = DecodeHeadRunner.run
+    monkeypatch.setattr(DecodeHeadRunner, "run", lambda self: slots_seen.append(len(self.slots)) or run(self))
+    model, engine = _engine_on_triton(max_batch=6, scheduler=scheduler)
+    kl = dict(max_new_tokens=3, adaptive=True, exit_criterion="kl", exit_threshold=1e-3, init_scale=0.0)
+    first = [(list(range(3, 12)), dict(kl, num_steps=8)), ([7, 8, 9], dict(kl, num_steps=8, kv_sharing="ring-2"))]
+    second = [(list(range(20, 26)), dict(kl, num_steps=6)), ([5] * 11, dict(kl, num_steps=7, kv_sharing="shared"))]
+    fixed = [([4, 5, 6], dict(max_new_tokens=4, num_steps=2, init_scale=0.0))]
+    served = [(engine.submit(p, **kw), p, kw) for p, kw in first + fixed]
+    with torch.no_grad():
+        for _ in range(2):
+            engine.step()
+        served += [(engine.submit(p, **kw), p, kw) for p, kw in second]
+        engine.run_until_idle()
+    assert max(slots_seen) == (2 if scheduler == "depth" else 1)  # (the token scheduler: one group at a time)
+    for req, p, kw in served:
+        alone = generate_alone(model, p, **kw)
+        assert req.error is None and (req.tokens, req.steps) == (alone.tokens, alone.steps), (p, kw)
 
 
 def _serve_with_simulated_graphs(monkeypatch, capture_at: int, async_scheduling: bool = False):
