@@ -4,6 +4,7 @@ requests, a clear error for every bad input."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -236,7 +237,9 @@ def test_output_folder_rules(tmp_path):
     assert info["world_size"] == 1 and info["command"] and info["options"]["out"] == str(busy)
 
 
-def test_builtin_trainer_writes_a_new_folder_unless_told(tmp_path, monkeypatch):
+def test_builtin_trainer_writes_a_new_folder_unless_told(tmp_path, monkeypatch, capsys):
+    """It writes into --out (the package's own folder only with --overwrite-builtin); a bad flag is an error
+    naming it before anything is trained or written (a --steps of 0 was the default's 1,500 steps)."""
     from latentrt.checkpoint import BUILTIN_DIR
     from latentrt.train import builtin
 
@@ -246,9 +249,21 @@ def test_builtin_trainer_writes_a_new_folder_unless_told(tmp_path, monkeypatch):
     assert (tmp_path / "mine" / "recurrent" / "model.safetensors").is_file()
     info = json.loads((tmp_path / "mine" / "recurrent" / "training.json").read_text())
     assert f"--out {tmp_path / 'mine'}" in info["command"]
-    with pytest.raises(SystemExit, match="--overwrite-builtin"):
-        builtin.main(["--only", "recurrent", "--steps", "2", "--out", str(BUILTIN_DIR)])
+    capsys.readouterr()
+    bad = {
+        ("--out", str(BUILTIN_DIR)): "--out is the package's built-in folder: pass --overwrite-builtin",
+        ("--steps", "0"): "--steps must be an integer >= 1, got 0",
+        ("--threads", "0"): "--threads must be an integer >= 1, got 0",
+        ("--seed", "-1"): r"--seed must be an integer in \[0, 2\*\*63 - 1\], got -1",
+        ("--only", "coconut", "--steps", "4"): "--steps 4 is fewer than the Coconut curriculum's 5 stages",
+    }
+    for flags, message in bad.items():
+        argv = ["--only", "recurrent", "--steps", "2", "--out", str(tmp_path / "bad"), *flags]
+        assert builtin.main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"latentrt: error: {message}.*\n", err), err
     assert (BUILTIN_DIR / "recurrent" / "model.safetensors").read_bytes() == shipped
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------ batch = single

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import BUILTIN_DIR, replaced_folder, write_checkpoint_files
+from ..errors import InputError, LatentRTError, check_int
 from ..families import build_model, parse_config
+from ..sampling import MAX_SEED
 from .coconut import Curriculum, train_coconut
 from .common import TrainOptions
 from .data import build_tokenizer, generate_dataset
@@ -32,6 +35,7 @@ from .recurrent import train_recurrent
 
 DIFFICULTIES = (1, 2, 3)  # 1-6 with the same CPU budget stayed at chance (see README)
 MODELS = ("recurrent", "coconut", "coconut-cot", "coconut-nocot")
+DEFAULT_STEPS = {"recurrent": 1500, "coconut": 2500, "coconut-cot": 2000, "coconut-nocot": 2000}
 
 
 def recurrent_config(vocab: int):
@@ -128,8 +132,13 @@ def train_one(name: str, seed: int, steps: int, out_root: Path, command: str) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    """Train the models; a bad flag prints ``latentrt: error: ...`` (exit 2) before any training, no traceback."""
+    ap = argparse.ArgumentParser(
+        prog="python -m latentrt.train.builtin",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=MODELS, default=None)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (Coconut: split over its stages)")
@@ -141,20 +150,36 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    names = [args.only] if args.only else list(MODELS)
+    try:
+        out = checked_out(args, names)
+    except LatentRTError as exc:
+        print(f"latentrt: error: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    out = BUILTIN_DIR if args.overwrite_builtin else Path(args.out)
-    if not args.overwrite_builtin and out.resolve() == BUILTIN_DIR.resolve():
-        raise SystemExit(
-            "latentrt: error: --out is the package's built-in folder: pass --overwrite-builtin to replace them"
-        )
-    defaults = {"recurrent": 1500, "coconut": 2500, "coconut-cot": 2000, "coconut-nocot": 2000}
-    for name in [args.only] if args.only else MODELS:
-        steps = args.steps or defaults[name]
+    for name in names:
+        steps = args.steps or DEFAULT_STEPS[name]
         where = "--overwrite-builtin" if args.overwrite_builtin else f"--out {args.out}"
         command = f"python -m latentrt.train.builtin --only {name} --seed {args.seed} --steps {steps} {where}"
         path = train_one(name, args.seed, steps, out, command)
         print(f"wrote {path}", flush=True)
+    return 0
+
+
+def checked_out(args: argparse.Namespace, names: list[str]) -> Path:
+    """The output folder, once every flag is known good for every model to train (before the first is)."""
+    check_int("--seed", args.seed, 0, MAX_SEED, high_label="2**63 - 1")
+    check_int("--threads", args.threads, 1)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1)
+        stages = len(Curriculum("coconut", max(DIFFICULTIES)).stages())
+        if "coconut" in names and args.steps < stages:
+            raise InputError(f"--steps {args.steps} is fewer than the Coconut curriculum's {stages} stages")
+    out = BUILTIN_DIR if args.overwrite_builtin else Path(args.out)
+    if not args.overwrite_builtin and out.resolve() == BUILTIN_DIR.resolve():
+        raise InputError("--out is the package's built-in folder: pass --overwrite-builtin to replace them")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
