@@ -235,3 +235,20 @@ def test_requests_at_once_over_http_answer_as_alone_and_a_dropped_stream_frees_i
     assert "MISMATCH burst seed 2: idle, the engine has not given back pool rows [0] and slot rows []" in (
         capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seconds", "-1"], "--seconds must be > 0, got -1.0"),
+        (["--cases", "0"], "--cases must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be >= 0 and leave room for the cases' seeds"),
+        (["--model", "nosuch:x"], "checkpoint folder 'nosuch:x' does not exist"),
+    ],
+)
+def test_bad_flags_are_errors_not_an_empty_soak(flags, message, capsys):
+    """A soak of no case said "no mismatch"; a negative seed made every case a mismatch; a bad model was a
+    traceback: each is now an error naming the flag (exit 2)."""
+    with pytest.raises(SystemExit) as stop:
+        soak.main(flags)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
+
+from latentrt.sampling import MAX_SEED
 
 
 def warnings_silenced(fn):
@@ -31,3 +34,14 @@ def wrapped(owner, name: str, wrap: Callable) -> Iterator[None]:
         yield
     finally:
         setattr(owner, name, real)
+
+
+def check_budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The soaks' --seconds, --cases and --seed, or a parser error naming the flag: a soak of no case would say
+    "no mismatch", and a seed out of range would make every case a mismatch."""
+    if not args.seconds > 0:  # (nan too)
+        parser.error(f"--seconds must be > 0, got {args.seconds}")
+    if args.cases is not None and args.cases < 1:
+        parser.error(f"--cases must be >= 1, got {args.cases}")
+    if not 0 <= args.seed <= MAX_SEED - (args.cases or 10**9):
+        parser.error(f"--seed must be >= 0 and leave room for the cases' seeds (seed + i), got {args.seed}")

@@ -70,7 +70,7 @@ from latentrt.decode.recurrent import RecurrentDecoder
 from latentrt.errors import InputError
 from latentrt.exits import CRITERIA
 
-from . import warnings_silenced, wrapped
+from . import check_budget, warnings_silenced, wrapped
 from .published import (
     BASE_HUGINN,
     MODELS,
@@ -550,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = None if args.models is None else {m.strip() for m in args.models.split(",") if m.strip()}
     if keep is not None and (not keep or keep - set(ALL_MODELS)):
         ap.error(f"--models takes names of {','.join(ALL_MODELS)}; got {args.models!r}")
+    check_budget(ap, args)
     import transformers
 
     transformers_4 = int(transformers.__version__.split(".")[0]) < 5

@@ -64,7 +64,7 @@ from latentrt.exits import CRITERIA
 from latentrt.families import family_for
 from latentrt.serve.engine import SCHEDULERS, Engine
 
-from . import warnings_silenced, wrapped
+from . import check_budget, warnings_silenced, wrapped
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
 CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http", "burst")
@@ -605,7 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown or not checks:
         p.error(f"--checks takes {','.join(CHECKS)}; got {args.checks!r}")
-    model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    check_budget(p, args)
+    try:
+        model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    except LatentRTError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     soak = Soak(model, model.backend.name)
     runs = dict(batch=soak.batch, serve=soak.serve, backend=soak.backends, speculative=soak.speculative)
     runs.update(hooks=soak.hooks, score=soak.score)
