@@ -485,6 +485,15 @@ def test_coconut_requests_equal_generate_alone_where_the_pool_cannot_pack_their_
     assert engine.metrics.passes - len(heads) > engine.metrics.steps  # (the layers' passes)
 
 
+@pytest.mark.parametrize("other", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False)])
+def test_coconut_served_with_other_attention_scaling_equals_generate_alone(other):
+    """A GPT-2 config whose attention is not scaled by 1/sqrt(head_dim) is not packed into one pass (the pool
+    attends with that scale): its requests still equal generate() alone."""
+    model = tiny_coconut(seed=2, **other)
+    assert not model.packs
+    assert_served_equals_alone(model, coconut_requests(6), max_batch=4)
+
+
 @pytest.mark.parametrize("scheduler", ["token", "static"])
 def test_coconut_on_the_triton_backend_under_the_synchronous_schedulers(scheduler):
     """Under a token-synchronous or static scheduler a row whose passes for the token are done waits out the
