@@ -21,7 +21,8 @@ class LatentEvent:
     kind: str  # "recurrence" (one core-block iteration) or "thought" (one Coconut continuous thought)
     step: int  # iteration index within the token, or thought index within the prompt
     state: Tensor  # recurrence: [B, n, d] latent state; thought: [B, 1, d] next residual input (ln_f(h) + wpe)
-    active: Tensor  # [B] bool: sequences this step updates (a recurrence's frozen rows show the state they keep)
+    active: Tensor  # [B] bool: sequences this step updates (other rows show the state they keep, or in a
+    # thought's event the token input they run)
     token_index: int = 0  # which generated token (0 = the prompt / prefill)
 
 

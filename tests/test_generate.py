@@ -407,10 +407,21 @@ def test_hooks_see_a_frozen_sequence_keep_its_state():
 
 
 def test_coconut_hooks_see_each_thought():
+    """A thought event per thought column; in a batch, a row whose token at that column is not a thought shows
+    the input it runs there (its token's embedding and position), not a thought it does not take."""
     model = tiny_coconut(seed=1)
     seen = []
     latentrt.generate(model, [5, 6], num_thoughts=3, max_new_tokens=2, hooks=lambda ev: seen.append((ev.kind, ev.step)))
     assert seen == [("thought", 0), ("thought", 1), ("thought", 2)]
+    events = []
+    hook = lambda ev: events.append((ev.active.tolist(), ev.state.clone()))  # noqa: E731
+    # left-padded: [5 6 S L L L E] and [. 7 8 9 S L E]; at the first thought column the second row runs token 9
+    latentrt.generate(model, [[5, 6, 2, 4, 4, 4, 3], [7, 8, 9, 2, 4, 3]], max_new_tokens=1, hooks=hook)
+    active, state = events[0]
+    assert active == [True, False] and [a for a, _ in events] == [[True, False], [True, False], [True, True]]
+    t = model.transformer
+    with torch.no_grad():
+        assert torch.equal(state[1, 0], t.wte.weight[9] + t.wpe.weight[2])
 
 
 def test_a_text_prompt_keeps_the_tokenizers_bos_and_not_an_appended_eos():

@@ -456,18 +456,19 @@ class CoconutGPT2(LatentModel):
     def _column_input(self, embeds, col, latent, chunk, h_prev, feedback, hooks, thought, width=None):
         """Column ``col``'s residual input [B,1,d] (positions from the first ``width`` of ``chunk``'s, all when
         None): the token's embedding, or on the rows whose token is ``<|latent|>`` the thought fed back from
-        ``h_prev``'s last position (hooks may replace it); layer 0's ln_1 of it where fed (else None); and the
-        thought count after it."""
+        ``h_prev``'s last position (hooks may replace it: they see the column's input, a thought where fed);
+        layer 0's ln_1 of it where fed (else None); and the thought count after it."""
         positions = chunk.positions[:, :width] if width else chunk.positions
         x = embeds[:, col : col + 1] + self.transformer.wpe(positions)
         rows = latent[:, col]
         if not rows.any():
             return x, None, thought
         fed, fed_ln1 = feedback(h_prev[:, -1:], positions)
-        if hooks:
-            replaced = hooks.on_thought(thought, fed, rows)
-            if replaced is not fed:
-                fed, fed_ln1 = replaced, self.transformer.h[0].ln_1(replaced)
+        if hooks:  # the hooks see the column's input (a row not in a thought: its token's, what it runs); the
+            # column runs on what they return, its thought rows only (a gradient reaches what they saw)
+            x = torch.where(rows[:, None, None], fed.to(x.dtype), x)
+            x = torch.where(rows[:, None, None], hooks.on_thought(thought, x, rows), x)
+            return x, self.transformer.h[0].ln_1(x), thought + 1
         x, ln1x = self.with_thoughts(x, fed, fed_ln1, rows[:, None, None])
         return x, ln1x, thought + 1
 
