@@ -590,6 +590,20 @@ def _mark_read(read, table, mode, t: int, written, valid, entries, first: int) -
             read[table[min(max(int(written[p]) - 1, 0), cap)], p] = True
 
 
+def test_missed_iteration_counts_valid_entries_before_the_first_only():
+    """always-last's test (kernels/reference.py, which the cache and both pool references ask): a row missed
+    iteration t when a valid entry before its ``first`` ran no more than t iterations; padding (invalid, never
+    run) does not count, nor do the row's own entries from ``first`` on; ``iterations`` / ``first`` per row or
+    shared."""
+    from latentrt.kernels.reference import missed_iteration
+
+    written = torch.tensor([[0, 0, 5, 6, 1], [0, 4, 5, 6, 1], [3, 6, 6, 6, 1], [6, 6, 6, 2, 2]])
+    valid = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = missed_iteration(written, valid, torch.tensor([4, 4, 3, 4]), torch.tensor([4, 4, 4, 3]))
+    assert got.tolist() == [False, True, True, False]
+    assert missed_iteration(written, valid, 4, 4).tolist() == [False, True, True, True]
+
+
 def test_pool_modes_encode_the_kv_modes_write_rule():
     """A pool row's (K, kept, lookup) gives ``KVMode.slot`` for every iteration of every mode (the pool's
     kernels and the cache write the same slots), and the test pools exercise what the rules distinguish:
