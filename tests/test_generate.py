@@ -66,9 +66,11 @@ def test_kv_bytes_modes():
     assert published_bytes == r["full"].kv_bytes
 
 
-@pytest.mark.parametrize("kv", ["full", "shared", "ring-2"])
+@pytest.mark.parametrize("kv", ["full", "shared", "ring-2", "skip", "always-last", "anchor-2"])
 @pytest.mark.parametrize("criterion", ["latent-diff", "kl", "argmax-stability"])
 def test_batch_equals_single(kv, criterion):
+    """(Left padding: the lookups of skip and always-last must not count the padding as a position that missed
+    an iteration.)"""
     model = tiny_recurrent(seed=5)
     kw = dict(
         max_new_tokens=7,
