@@ -278,10 +278,11 @@ long long loop_scratch_elems(const LoopArgs& a) {
 }
 
 std::string loop_plan(const LoopArgs& a, int device, int* grid, int* smem_bytes) {
-  if (a.batch < 1 || a.batch > kMaxB) return "batch " + std::to_string(a.batch) + " > " + std::to_string(kMaxB);
+  if (a.batch < 1 || a.batch > kMaxB)
+    return "batch " + std::to_string(a.batch) + " is outside 1.." + std::to_string(kMaxB);
   if ((int)a.core.size() > kMaxCore || (int)a.coda.size() > kMaxCoda) return "too many layers";
   if (a.head_dim > kMaxHeadDim || a.head_dim % 2) return "head_dim must be even and <= 128";
-  if (a.n_head % a.n_kv) return "n_head must be a multiple of n_kv";
+  if (a.n_kv < 1 || a.n_head % a.n_kv) return "n_head must be a multiple of n_kv";
   if (a.d % 8 || a.ffn % 8 || (a.n_head * a.head_dim) % 8 || a.ld_adapter % 8)
     return "widths must be multiples of 8 (16-byte loads)";
   if (a.criterion == 3 && (a.lm_head == 0 || a.ln_f == 0)) return "criterion kl needs the head weights";

@@ -162,7 +162,8 @@ long long thought_scratch_elems(const ThoughtLoopArgs& a) {
 long long thought_table_bytes(const ThoughtLoopArgs& a) { return (long long)a.layers.size() * sizeof(Gpt2Layer); }
 
 std::string thought_plan(const ThoughtLoopArgs& a, int device, int* grid, int* smem_bytes) {
-  if (a.batch < 1 || a.batch > kMaxB) return "batch " + std::to_string(a.batch) + " > " + std::to_string(kMaxB);
+  if (a.batch < 1 || a.batch > kMaxB)
+    return "batch " + std::to_string(a.batch) + " is outside 1.." + std::to_string(kMaxB);
   if (a.head_dim > kMaxHeadDim || a.n_head * a.head_dim != a.d) return "head_dim must be d / n_head <= 128";
   if (a.d % 8 || a.ffn % 8) return "widths must be multiples of 8 (16-byte loads)";
   if (a.n_thoughts < 1 || a.layers.empty()) return "nothing to run";

@@ -44,11 +44,15 @@ def test_loop_args_describe_model_and_cache():
 @pytest.mark.parametrize(
     "change,reason",
     [
-        (dict(batch=17), "batch 17 > 16"),
+        (dict(batch=17), "batch 17 is outside 1..16"),
+        (dict(batch=0), "batch 0 is outside 1..16"),
         (dict(head_dim=130), "head_dim"),
+        (dict(head_dim=7), "head_dim must be even"),
         (dict(ffn=60), "multiples of 8"),
         (dict(n_kv=3), "multiple of n_kv"),
+        (dict(n_kv=0), "multiple of n_kv"),
         (dict(check_every=0), "check_every"),
+        (dict(criterion=3, ln_f=0), "kl needs the head weights"),
     ],
 )
 def test_loop_plan_refuses_unsupported_shapes_with_a_reason(change, reason):
@@ -76,13 +80,32 @@ def test_loop_plan_without_a_device_says_so():
         (dict(check_every=0), "check_every"),
         (dict(criterion=3, lm_head=0), "kl needs the head weights"),
         (dict(criterion=3, coda=[]), "coda layers"),
+        (dict(criterion=3, coda=5), "criterion kl: 1 to 4 coda layers"),
+        (dict(criterion=3, ln_f=0), "kl needs the head weights"),
+        (dict(criterion=3, vocab=0), "kl needs the head weights"),
+        (dict(criterion=3, vocab=100), "the vocabulary must be a multiple of 8"),
+        (dict(criterion=4), "unknown exit criterion"),
+        (dict(criterion=-1), "unknown exit criterion"),
         (dict(core=[]), "core layers"),
+        (dict(core=9), "1 to 8 core layers"),
+        (dict(head_dim=7), "head_dim must be even"),
+        (dict(n_kv=0), "multiple of n_kv"),
+        (dict(d=100), "multiples of 8"),
+        (dict(ld_adapter=100), "multiples of 8"),
+        (dict(min_steps=-1), "min_steps >= 0"),
+        (dict(slots=0), "every core layer needs at least one KV slot"),
     ],
 )
 def test_stream_loop_plan_refuses_unsupported_shapes_with_a_reason(change, reason):
     _, _, a = _args()
     a.criterion = 1  # latent-diff: the streamed kernel's criteria are none / latent-diff / cosine
     for k, v in change.items():
+        if k in ("core", "coda") and isinstance(v, int):  # that many layers (copies of the first)
+            v = [getattr(a, k)[0]] * v
+        if k == "slots":  # the last core layer's
+            layers = a.core
+            layers[-1].slots = v
+            k, v = "core", layers
         setattr(a, k, v)
     plan = _cuda.stream_loop_plan(a, 0)
     assert not plan["ok"] and reason in plan["reason"]
@@ -109,6 +132,10 @@ def test_stream_loop_workspace_and_table():
     assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + up(heads * 4)
     a.criterion = 3  # KL: lm_head's fp32 sums too
     assert _cuda.stream_loop_scratch_bytes(a) == bf16 + fp32 + up(heads * 4) + up(B * cfg.padded_vocab_size * 4)
+    a.head_dim, a.split_attention = 12, 1  # not a multiple of 8 (the 16-byte loads): no split attention either
+    unsplit = _cuda.stream_loop_scratch_bytes(a)
+    a.split_attention = 0
+    assert _cuda.stream_loop_scratch_bytes(a) == unsplit
     if not torch.cuda.is_available():
         assert _cuda.stream_loop_table(a, 0) == []
         with pytest.raises(ValueError, match="unsupported"):
@@ -178,10 +205,28 @@ def test_stream_thought_workspace_table_and_refusals():
         ("head_dim", 12, "head_dim must be d / n_head, a multiple of 8"),
         ("n_thoughts", 0, "nothing to run"),
         ("layers", [], "1 to 48 layers"),
+        ("layers", 49, "1 to 48 layers"),
+        ("head_dim", 24, "head_dim must be d / n_head, a multiple of 8"),  # 2 x 24 is not d = 32
+        ("head_dim", 8, "head_dim must be d / n_head, a multiple of 8"),
+        ("ffn", 100, "widths must be multiples of 8"),
+        ("d", 36, "head_dim must be d / n_head"),
+    ]:
+        b = CudaBackend(model, reason="test").thought_args(model.new_cache(3, 20), 4)
+        setattr(b, field, [b.layers[0]] * value if field == "layers" and value else value)
+        assert _cuda.stream_thought_plan(b, 0)["reason"].startswith(reason), (field, value)
+    b.n_head, b.head_dim, b.d = 257, 8, 2056  # a row wider than the LayerNorm's staged shared memory
+    assert _cuda.stream_thought_plan(b, 0)["reason"] == "d must be <= 2048"
+    b.n_head, b.head_dim, b.d = 8, 4, 32  # d / n_head, but narrower than a 16-byte load
+    assert _cuda.stream_thought_plan(b, 0)["reason"].startswith("head_dim must be d / n_head, a multiple of 8")
+    for field, value, reason in [  # the barrier kernel (csrc/thought_loop.cu)
+        ("batch", 0, "batch 0 is outside 1..16"),
+        ("head_dim", 24, "head_dim must be d / n_head"),
+        ("layers", [], "nothing to run"),
+        ("table_uploaded", True, "answer tokens, device-held positions and prepared tables run on stream_thought"),
     ]:
         b = CudaBackend(model, reason="test").thought_args(model.new_cache(3, 20), 4)
         setattr(b, field, value)
-        assert _cuda.stream_thought_plan(b, 0)["reason"].startswith(reason)
+        assert _cuda.thought_plan(b, 0)["reason"].startswith(reason), (field, value)
 
 
 def test_stream_thought_answer_token_table_on_the_host():
@@ -218,7 +263,7 @@ def test_stream_thought_answer_token_table_on_the_host():
     ops = [struct.unpack_from("<QQQiiiiiiQ", t, 56 * o) for o in range(n_ops)]
     runs_at = n_ops * 56 + L * 88
     xs, y, g = ops[0][1], ops[1][1], ops[3][1]
-    assert all(scratch <= p < scratch + scratch_bytes for p in (xs, y, g))
+    assert all(scratch <= p < scratch + scratch_bytes for p in (xs, y, g)) and len({xs, y, g}) == 3
     shapes = [(3 * d, d, d), (d, d, d), (ffn, d, d), (d, ffn, ffn)] * L + [(V, d, d)]  # rows, cols, ldx
     for o, (w, x, out, rows, cols, ldw, ldx, split_k, row_tiles, first) in enumerate(ops):
         assert (rows, cols, ldx) == shapes[o] and ldw == cols
