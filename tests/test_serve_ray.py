@@ -198,3 +198,69 @@ def test_a_second_ctrl_c_stops_ray_at_once_in_one_line(monkeypatch, capsys, seco
     assert calls == ["ray.init", "serve.start", *ended], calls
     err = capsys.readouterr().err
     assert err == "latentrt: forced exit (Ray stopped without draining the replicas)\n", err
+
+
+def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypatch):
+    """The replica's configuration round-trips through JSON to ``load_engine`` and ``create_app`` as
+    ``latentrt serve`` passes them: loading options (revision, weights, overrides, dtype, backend, device), engine
+    options, the served name, the template and the API key; a folder, weights and a template given relative to
+    the launcher's directory reach the replicas absolute, a Hub id or builtin:NAME unchanged."""
+    import json
+
+    from latentrt.serve import app as serve_app
+    from latentrt.serve import ray as serve_ray
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = serve_ray.replica_config(
+        "m",
+        name="tiny",
+        device="cpu",
+        dtype="float32",
+        backend="torch",
+        revision="r1",
+        weights="w.safetensors",
+        hf_overrides={"mean_recurrence": 4},
+        generation_config={"num_steps": 3},
+        chat_template="t.jinja",
+        api_key="k3y",
+        max_batch=4,
+        scheduler="token",
+    )
+    seen = {}
+    monkeypatch.setattr(serve_app, "load_engine", lambda model, **kw: seen.update(model=model, load=kw) or "engine")
+    monkeypatch.setattr(
+        serve_app, "create_app", lambda engine, name, **kw: seen.update(engine=engine, name=name, app=kw) or "app"
+    )
+    monkeypatch.setenv(serve_ray.CONFIG_ENV, json.dumps(cfg))
+    assert serve_ray.build_app() == "app"
+    assert seen == {
+        "model": str(tmp_path / "m"),
+        "load": dict(
+            device="cpu",
+            dtype="float32",
+            backend="torch",
+            revision="r1",
+            weights=str(tmp_path / "w.safetensors"),
+            hf_overrides={"mean_recurrence": 4},
+            generation_config={"num_steps": 3},
+            max_batch=4,
+            scheduler="token",
+        ),
+        "engine": "engine",
+        "name": "tiny",
+        "app": dict(chat_template=str(tmp_path / "t.jinja"), api_key="k3y"),
+    }
+    for model in ("builtin:recurrent", "tomg-group-umd/huginn-0125"):
+        plain = serve_ray.replica_config(model)
+        assert plain["model"] == plain["name"] == model
+        assert plain["load"]["weights"] is plain["chat_template"] is plain["api_key"] is None
+    # the Ray Serve application is built without a cluster (its replicas start on serve.run): the count, each
+    # replica's resources and its configuration in its runtime env (Ray's bound deployment, read back)
+    bound = serve_ray.application("m", replicas=3, num_cpus=0.5, num_gpus=1, name="tiny", max_batch=4)._bound_deployment
+    assert bound.num_replicas == 3
+    actor = bound.ray_actor_options
+    assert (actor["num_cpus"], actor["num_gpus"]) == (0.5, 1)
+    assert json.loads(actor["runtime_env"]["env_vars"][serve_ray.CONFIG_ENV]) == serve_ray.replica_config(
+        "m", name="tiny", max_batch=4
+    )

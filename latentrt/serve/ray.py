@@ -36,13 +36,10 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
-def application(
+def replica_config(
     model: str = "builtin:recurrent",
     *,
-    replicas: int = 2,
     name: str | None = None,
-    num_cpus: float = 1,
-    num_gpus: float = 0,
     device: str | None = None,
     dtype: str | None = None,
     backend: str = "auto",
@@ -53,17 +50,12 @@ def application(
     chat_template: str | None = None,
     api_key: str | None = None,
     **engine_kw,
-):
-    """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same
-    options serves: the model loaded as ``load_engine`` loads it (``hf_overrides``, ``generation_config``:
-    ``--hf-overrides``, ``--override-generation-config``), ``engine_kw`` to each ``Engine`` (max_batch,
-    max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling), ``name`` the model name clients send
-    (default: ``model``), ``chat_template`` (a file's path) and ``api_key`` as ``latentrt serve``'s; the
-    resources to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
-    from ray import serve
-
+) -> dict:
+    """What a replica's ``build_app`` reads (JSON): the model and its loading options, the engine's, the name
+    clients send (default: ``model``), the template and the API key; a model folder, ``weights`` and
+    ``chat_template`` made absolute (the replicas may run in another directory)."""
     local = os.path.isdir(model)  # (a folder, not a Hub id or builtin:NAME: the replicas need its full path)
-    cfg = {
+    return {
         "model": _absolute(model) if local else model,
         "name": name or model,
         "load": {
@@ -80,17 +72,36 @@ def application(
         "api_key": api_key,
     }
 
+
+def application(
+    model: str = "builtin:recurrent",
+    *,
+    replicas: int = 2,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    **options,
+):
+    """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same
+    options serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``,
+    ``weights``, ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and
+    ``--override-generation-config``, ``chat_template`` (a file's path), ``api_key``, and the rest to each
+    ``Engine``: max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling); the resources
+    to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
+    from ray import serve
+
+    cfg = replica_config(model, **options)
+
     @serve.deployment(name="latentrt")
     @serve.ingress(build_app)
     class LatentRTReplica:
         """One engine behind Ray's proxy (the routes are the app's)."""
 
-    options = {
+    actor = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
         "runtime_env": {"env_vars": {CONFIG_ENV: json.dumps(cfg)}},
     }
-    return LatentRTReplica.options(num_replicas=replicas, ray_actor_options=options).bind()
+    return LatentRTReplica.options(num_replicas=replicas, ray_actor_options=actor).bind()
 
 
 def check_before_starting(args) -> None:
