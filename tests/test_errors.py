@@ -108,6 +108,7 @@ def test_environment_numbers_are_checked_and_named(monkeypatch):
         ("WORLD_SIZE", "abc", "WORLD_SIZE must be an integer >= 1"),
         ("WORLD_SIZE", "0", "WORLD_SIZE must be an integer >= 1"),
         ("RANK", "2", "RANK must be below WORLD_SIZE=1"),
+        ("RANK", "1", "RANK must be below WORLD_SIZE=1"),
         ("LOCAL_RANK", "-1", "LOCAL_RANK must be an integer >= 0"),
     ):
         with monkeypatch.context() as env:

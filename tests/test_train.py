@@ -1100,6 +1100,13 @@ def test_ddp_two_processes_gloo(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k  # gradients were all-reduced: the replicas stayed identical
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "huginn_raven"
+    assert json.loads((tmp_path / "training.json").read_text())["world_size"] == 2
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # one all-reduce a step (the second micro-batch's backward; the first ran under no_sync), the logged loss
+    # the mean over the processes (the same on both), distributed.mean the mean of the ranks 0 and 1
+    assert ranks[0]["syncs"] == ranks[1]["syncs"] == [False, True] * 3
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+    assert [r["mean"] for r in ranks] == [0.5, 0.5]
 
 
 def test_trainers_name_a_wrong_argument():
