@@ -1,7 +1,7 @@
 """The byte counts behind the floors reproduce the reference points measured on an H200 (issue #3)."""
 
 from benchmarks.floors import coconut_step_bytes, gpt2_params, recurrent_step_bytes, recurrent_step_flops
-from benchmarks.suites import HUGINN_0125
+from benchmarks.suites import GPT2_124M, HUGINN_0125
 from latentrt.families import parse_config
 
 HUGINN = HUGINN_0125
@@ -80,3 +80,23 @@ def test_coconut_thought_bytes_read_no_head():
     head = model.transformer.wte.weight.numel()
     assert coconut_step_bytes(cfg, batch=1, context=70)["weights"] == 2 * layers
     assert coconut_step_bytes(cfg, batch=1, context=70, with_head=True)["weights"] == 2 * (layers + head)
+
+
+def test_kv_and_activation_bytes_per_token():
+    """The K/V part: every attention call of the token (prelude, coda, each iteration's core layers) reads the
+    cached positions and writes its new entry, K and V of the KV heads only (GQA: 5 of 55 here); the
+    activations: the state read and written per iteration, 4 rows of d around it, the fp32 logits. A
+    continuous thought: its 12 layers' K/V and 4 rows of d."""
+    cfg = parse_config(dict(HUGINN, num_key_value_heads=5))
+    d, entry = cfg.n_embd, 2 * 5 * cfg.head_dim * 2  # K and V, bf16
+    for batch, steps, context in ((1, 32, 512), (8, 4, 70), (32, 1, 0)):
+        b = recurrent_step_bytes(cfg, batch=batch, context=context, steps=steps)
+        calls = 2 + 2 + 4 * steps  # prelude, coda, core layers x iterations
+        assert b["kv"] == batch * calls * (context + 1) * entry, (batch, steps)
+        assert b["activations"] == batch * (2 * steps + 4) * d * 2 + batch * cfg.padded_vocab_size * 4
+        assert b["total"] == b["weights"] + b["kv"] + b["activations"]
+    gpt2 = parse_config(GPT2_124M)
+    for batch, context in ((1, 70), (4, 511)):
+        c = coconut_step_bytes(gpt2, batch=batch, context=context)
+        assert c["kv"] == batch * 12 * (context + 1) * 2 * 768 * 2
+        assert c["activations"] == batch * 4 * 768 * 2 and c["total"] == c["weights"] + c["kv"] + c["activations"]
