@@ -88,13 +88,34 @@ def test_adaptive_rows_carry_their_ratio_to_the_ideal_of_the_iterations_they_ran
         row("b", 40.0, batch=8, adaptive=True, mean_steps=12.5, launch_steps=18.0),  # ideal 36
         row("a", 99.0, batch=8, adaptive=True, launch_steps=3.0),  # no fixed row of its backend and batch
         row("b", 30.0, kv="full", adaptive=True, launch_steps=3.0),  # nor of its KV mode
+        row("a", 36.0, context=70, launch_steps=32.0),  # a fixed-depth row: no ideal of its own
+        row("a", 8.0, r=4, context=64),  # r = 4 both ways: 2 ms per iteration, the passes uncounted
+        row("a", 10.0, r=4, context=64, adaptive=True, launch_steps=3.0),  # ideal 6
     ]
     add_ratios(records)
-    b1, b8 = records[2], records[4]
+    b1, b8, r4 = records[2], records[4], records[9]
     assert b1["ideal_ms"] == 14.0 and b1["vs_ideal"] == 14.0 / 16.0
     assert b8["ideal_ms"] == 36.0 and b8["vs_ideal"] == 36.0 / 40.0
-    assert not any("vs_ideal" in r for i, r in enumerate(records) if i not in (2, 4))
+    assert r4["ideal_ms"] == 6.0 and r4["vs_ideal"] == 0.6
+    assert not any("vs_ideal" in r for i, r in enumerate(records) if i not in (2, 4, 9))
     assert "0.88x ideal" in table(records) and "0.90x ideal" in table(records)
+
+
+def test_timed_records_carry_their_floor_or_their_error():
+    """A timing's record: its floor and the fraction of it reached (floor / median: 1.0 at the floor); a
+    timing that raised is an error record naming the exception, not the end of the run."""
+    from benchmarks.suites import timed_record
+
+    t = {"median_ms": 4.0, "p10_ms": 3.5, "p90_ms": 5.0, "repeats": 20}
+    rec = timed_record("micro", "gemv", "triton", {"batch": 1}, lambda: t, 3.0)
+    assert rec == {"suite": "micro", "name": "gemv", "backend": "triton", "config": {"batch": 1}, **t,
+                   "floor_ms": 3.0, "fraction_of_floor": 0.75}  # fmt: skip
+
+    def fails():
+        raise RuntimeError("out of resources")
+
+    bad = timed_record("micro", "gemv", "cuda", {"batch": 32}, fails, 3.0)
+    assert bad["error"] == "RuntimeError: out of resources" and "median_ms" not in bad
 
 
 def test_step_counts_mean_per_sequence_and_per_launch():
