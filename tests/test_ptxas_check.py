@@ -61,7 +61,7 @@ def test_a_callee_spill_is_reported_under_its_own_name_not_hidden_in_the_entry()
     callee's clean properties printed after the entry's do not overwrite the entry's."""
     entry, *callees = parse_report(WITH_CALLEES, "csrc/stream_loop.cu")
     assert entry["name"] == "stream_loop_kernel<1>" and (entry["stack"], entry["registers"]) == (40, 168)
-    assert [c.get("function") for c in callees] == [True, True]
+    assert [c.get("function") for c in callees] == [True, True] and callees[0]["name"] == "watch_trip"
     assert problems([entry, *callees], {}) == [f"{callees[1]['name']} (csrc/stream_loop.cu) spills 76 bytes"]
     clean = parse_report(WITH_CALLEES.replace("12 bytes spill stores, 64", "0 bytes spill stores, 0"), "x.cu")
     assert problems(clean, {}) == []
@@ -74,3 +74,30 @@ def test_reports_come_from_the_build_logs_when_given(tmp_path):
     (tmp_path / "stream_loop.log").write_text(WITH_CALLEES)
     kernels = report(ROOT / "csrc" / "stream_loop.cu", "90a", None, tmp_path)
     assert kernels[0]["name"] == "stream_loop_kernel<1>" and kernels[0]["source"] == "csrc/stream_loop.cu"
+
+
+def test_probes_are_compiled_even_with_build_logs(tmp_path, monkeypatch):
+    """The extension's build compiles csrc/ only: a probe is compiled here, whatever log shares its name."""
+    from tools import ptxas_check
+
+    compiled = []
+    monkeypatch.setattr(ptxas_check, "compile_report", lambda src, arch, nvcc: compiled.append(src.name) or [])
+    (tmp_path / "stream_probe.log").write_text(WITH_CALLEES)
+    assert report(ptxas_check.ROOT / "benchmarks" / "probes" / "stream_probe.cu", "90a", "nvcc", tmp_path) == []
+    assert compiled == ["stream_probe.cu"]
+
+
+def test_the_command_fails_on_an_unknown_spill_and_says_when_nvcc_is_missing(monkeypatch, capsys):
+    from tools import ptxas_check
+
+    monkeypatch.setattr(ptxas_check, "SOURCES", [ptxas_check.ROOT / "csrc" / "stream_loop.cu"])
+    monkeypatch.setattr(ptxas_check, "report", lambda *a: parse_report(WITH_CALLEES, "csrc/stream_loop.cu"))
+    which = shutil.which  # (c++filt stays the real one)
+    monkeypatch.setattr(ptxas_check.shutil, "which", lambda name: "nvcc" if name == "nvcc" else which(name))
+    assert ptxas_check.main([]) == 1
+    out = capsys.readouterr().out
+    assert "ptxas check failed" in out and "spills 76 bytes" in out and " SPILLS" in out
+    monkeypatch.setattr(ptxas_check, "report", lambda *a: parse_report(REPORT, "csrc/x.cu"))
+    assert ptxas_check.main([]) == 0 and "no unexpected spills" in capsys.readouterr().out
+    monkeypatch.setattr(ptxas_check.shutil, "which", lambda name: None if name == "nvcc" else which(name))
+    assert ptxas_check.main([]) == 0 and "nvcc not found, nothing checked" in capsys.readouterr().out
