@@ -120,3 +120,31 @@ def test_a_kernels_host_launcher_is_built_against_the_stand_in_driver(tmp_path):
     assert len(launchers) == 1, sorted(cache.rglob("*"))
     dynamic = subprocess.run(["readelf", "-d", str(launchers[0])], capture_output=True, text=True, check=True)
     assert "Shared library: [libcuda.so.1]" in dynamic.stdout, dynamic.stdout  # needs the driver by soname
+
+
+def test_relocation_drops_files_that_are_gone_and_counts_its_entries(tmp_path):
+    """An entry's group file, rewritten: each file it lists now named where the entry lies, a listed file that
+    is no longer there (slimmed away) left out; the count is the entries rewritten."""
+    import json
+
+    from tools.compile_check import relocate_cache
+
+    for key in ("a1", "b2"):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "k.cubin").write_bytes(b"\0")
+        listed = {"k.cubin": f"/elsewhere/{key}/k.cubin", "k.ptx": f"/elsewhere/{key}/k.ptx"}  # k.ptx: gone
+        (tmp_path / key / "__grp__k.json").write_text(json.dumps({"child_paths": listed}))
+    assert relocate_cache(tmp_path) == 2
+    for key in ("a1", "b2"):
+        group = json.loads((tmp_path / key / "__grp__k.json").read_text())
+        assert group == {"child_paths": {"k.cubin": str((tmp_path / key / "k.cubin").resolve())}}
+
+
+def test_recorded_tensor_arguments_keep_their_alignment():
+    """A launch recorded with a tensor off a 16-byte boundary compiles the kernel's unaligned variant (Triton
+    specialises on it): the stand-in tensor keeps the recorded alignment."""
+    from tools.compile_check import _materialise
+
+    assert _materialise(("tensor", "float32", True)).data_ptr() % 16 == 0
+    assert _materialise(("tensor", "float32", False)).data_ptr() % 16 != 0
+    assert _materialise(("value", 7)) == 7
