@@ -171,6 +171,9 @@ def test_decode_rows_time_each_persistent_kernel_variant(monkeypatch):
     assert "cuda-stream-mma" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "triton-one-graph" not in dict(suites._backends(None, ("split",), "decode_coconut"))
     assert "triton-pdl" in dict(suites._backends(None, ("split",), "decode_coconut"))
+    monkeypatch.setenv("LATENTRT_BENCH_SKIP", "triton-one-graph,decode_coconut:triton-pdl")
+    assert {"triton-one-graph", "triton-pdl"} & set(dict(suites._backends(None, ("split",), "decode_coconut"))) == set()
+    assert "triton-pdl" in dict(suites._backends(None)) and "triton-one-graph" not in dict(suites._backends(None))
 
 
 @pytest.mark.triton
@@ -198,3 +201,24 @@ def test_the_pdl_row_times_the_triton_gemvs_launched_programmatically_dependent(
         by_backend.setdefault(r["backend"], set()).add(pdl)
     assert by_backend["triton-pdl"] == {True} and by_backend["triton"] == {False} and by_backend["torch"] == {False}
     assert linear.PDL_BY_DEFAULT is False
+
+
+def test_recurrent_configs_time_the_acceptance_rows_and_every_ideals_fixed_rows():
+    """On a GPU, --quick: issue #11's acceptance rows (fixed depth at batch 1, r=32 and r=4; batch 8 and 32)
+    come first, and every adaptive row has the fixed-depth rows at its r and at r=4 of its batch and KV mode
+    that its ideal needs; the full sweep: every batch, depth and KV mode, fixed and adaptive."""
+    from benchmarks import suites
+
+    quick = suites.recurrent_configs(suites.Plan(torch.device("cuda"), quick=True))
+    acceptance = [dict(batch=b, r=r, kv="shared", adaptive=False) for b, r in ((1, 32), (1, 4), (8, 32), (32, 32))]
+    assert [c for c in quick[:5] if not c["adaptive"]] == acceptance
+    fixed = {(c["batch"], c["r"], c["kv"]) for c in quick if not c["adaptive"]}
+    adaptive = [c for c in quick if c["adaptive"]]
+    assert {c["batch"] for c in adaptive} == {1, 8, 32}
+    assert all({(c["batch"], c["r"], c["kv"]), (c["batch"], 4, c["kv"])} <= fixed for c in adaptive)
+    plan = suites.Plan(torch.device("cuda"), quick=False)
+    full = suites.recurrent_configs(plan)
+    assert len(full) == len(plan.batches) * len(plan.depths) * 2 * 2 and plan.batches == [1, 8, 32]
+    assert {(c["batch"], c["r"], c["kv"], c["adaptive"]) for c in full} == {
+        (b, r, kv, a) for b in (1, 8, 32) for r in (4, 16, 32) for kv in ("full", "shared") for a in (False, True)
+    }
