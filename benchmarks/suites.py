@@ -84,7 +84,8 @@ class Plan:
 
     @property
     def batches(self) -> list[int]:
-        return ([1, 8] if self.quick else [1, 8, 32]) if self.gpu else [1, 4]
+        """The full sweep's batches (--quick on a GPU times recurrent_configs' own list)."""
+        return [1, 8, 32] if self.gpu else [1, 4]
 
     @property
     def depths(self) -> list[int]:
