@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pytest
@@ -77,3 +78,69 @@ def test_flag_types(tmp_path):
     ]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_the_harness_runs_the_suites_asked_for_with_the_ceilings_floor_and_keeps_going(tmp_path, monkeypatch, capsys):
+    """benchmarks.run with stand-in suites: the ceilings run first whatever --only says (their copy bandwidth
+    reaches every other suite's floors, host_syncs takes none), the suites asked for run in their order, a
+    suite that raises is an error record and the run goes on (exit 1 under --strict only), every record lands
+    in results.jsonl as it comes and in results.json with its ratios, the bandwidth is printed beside the
+    table; an unknown suite is refused; a failing ceilings suite ends the run (no floor without it)."""
+    seen = []
+
+    def ceilings(plan):
+        yield {"suite": "ceilings", "name": "copy_bandwidth", "value": 2e12, "unit": "B/s"}
+        yield {"suite": "ceilings", "name": "copy_bandwidth_256MiB", "value": 3e12, "unit": "B/s"}
+
+    def decode(plan, copy_bw):
+        seen.append(("decode_recurrent", copy_bw))
+        cfg = dict(batch=1, r=32, kv="shared", context=64)
+        for name, ms in (("torch-compile+cudagraph", 8.0), ("generate", 4.0)):
+            yield {"suite": "decode_recurrent", "name": name, "backend": "torch", "config": cfg, "median_ms": ms}
+
+    def syncs(plan):
+        seen.append(("host_syncs", None))
+        yield {"suite": "host_syncs", "name": "per_token", "value": 1, "unit": "syncs"}
+
+    def broken(plan, copy_bw):
+        seen.append(("micro", copy_bw))
+        raise RuntimeError("boom")
+        yield
+
+    suites = {"ceilings": ceilings, "micro": broken, "decode_recurrent": decode, "host_syncs": syncs}
+    monkeypatch.setattr(run, "SUITES", suites)
+    argv = ["--only", "host_syncs,micro,decode_recurrent", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert run.main(argv) == 0
+    assert seen == [("host_syncs", None), ("micro", 2e12), ("decode_recurrent", 2e12)]
+    records = json.loads((tmp_path / "o" / "results.json").read_text())
+    streamed = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    names = [(r["suite"], r["name"]) for r in records]
+    assert (
+        names
+        == [(r["suite"], r["name"]) for r in streamed]
+        == [
+            ("ceilings", "copy_bandwidth"),
+            ("ceilings", "copy_bandwidth_256MiB"),
+            ("host_syncs", "per_token"),
+            ("micro", "suite"),
+            ("decode_recurrent", "torch-compile+cudagraph"),
+            ("decode_recurrent", "generate"),
+        ]
+    )
+    assert records[3]["error"] == "RuntimeError: boom" and records[-1]["vs_compiled"] == 2.0
+    out = capsys.readouterr().out
+    assert "# CPU run: tiny shapes" in out and "2.00x compiled" in out
+    assert "# floors use copy bandwidth 2.000 TB/s (best of repeats); 256 MiB buffer: 3.00 TB/s" in out
+    assert run.main([*argv, "--strict"]) == 1 and "micro/suite/: RuntimeError: boom" in capsys.readouterr().err
+    assert run.main([*argv[2:], "--only", "decode_recurrent", "--strict"]) == 0  # nothing failed
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--only", "decode,micro", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "unknown suite(s) ['decode']" in capsys.readouterr().err
+
+    def no_ceiling(plan):
+        raise RuntimeError("no copy bandwidth")
+        yield
+
+    monkeypatch.setitem(suites, "ceilings", no_ceiling)
+    with pytest.raises(RuntimeError, match="no copy bandwidth"):
+        run.main(argv)
