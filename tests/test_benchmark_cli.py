@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,23 @@ def test_flag_types(tmp_path):
         (cli.device, "cuda:99"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_output_flags_refuse_what_cannot_be_written(tmp_path, monkeypatch):
+    """A read-only output file or folder (tests run as root here, which may write anywhere: os.access stands
+    in for the permissions) is refused naming the permissions, before anything is measured."""
+    (tmp_path / "kept.json").write_text("")
+    (tmp_path / "ro").mkdir()
+    read_only = {tmp_path / "kept.json", tmp_path / "ro"}
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) not in read_only)
+    assert cli.output_file(str(tmp_path / "new.json")) == str(tmp_path / "new.json")
+    for parse, text in [
+        (cli.output_file, str(tmp_path / "kept.json")),  # the file itself is read-only
+        (cli.output_file, str(tmp_path / "ro" / "new.json")),
+        (cli.output_folder, str(tmp_path / "ro" / "new" / "deeper")),  # its nearest existing folder is
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match="cannot be written here"):
             parse(text)
 
 
