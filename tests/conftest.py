@@ -93,6 +93,16 @@ def tiny_recurrent(seed: int = 0, **over):
     return model
 
 
+def draw_norm_weights(model, seed: int) -> None:
+    """Every RMSNorm weight drawn around 1: with the init's ones, ln_f of a state the core block's last norm
+    just normalised is that state again, so a backend that left a norm out would go unseen."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_f" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
 def tiny_coconut(seed: int = 0, **over):
     cfg = gpt2_config(**{"latent_id": 4, "start_latent_id": 2, "end_latent_id": 3, **over})
     model = build_model(cfg, seed=seed)

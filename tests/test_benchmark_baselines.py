@@ -3,7 +3,7 @@ CUDA graph baseline, in every KV mode at fixed depth, eager and traced whole by 
 
 import pytest
 import torch
-from conftest import rel_err, tiny_recurrent
+from conftest import draw_norm_weights, rel_err, tiny_recurrent
 
 import latentrt
 from benchmarks.compiled_baseline import StaticDecoder, compiled_step
@@ -12,35 +12,42 @@ from latentrt.kv_modes import parse_kv_mode
 
 @pytest.mark.parametrize("kv", ["shared", "full", "ring-2"])
 @pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("prompts", [[[5, 6, 7, 8, 9]], [[5, 6, 7, 8, 9], [7, 8, 9]]], ids=["one", "left-padded"])
 @torch.no_grad()  # as the benchmarks run (benchmarks/run.py)
-def test_static_decoder_matches_generate(kv, compiled):
+def test_static_decoder_matches_generate(kv, compiled, prompts):
+    """Token by token, the static decoder's logits are generate()'s, for one prompt and for a left-padded
+    batch (each row's RoPE positions and its padding masked), with norm weights a left-out norm would change."""
     model = tiny_recurrent(seed=12)
-    prompt = [5, 6, 7, 8, 9]
-    r = 3
+    draw_norm_weights(model, 12)
+    r, B, n = 3, len(prompts), max(map(len, prompts))
     want = latentrt.generate(
-        model, prompt, max_new_tokens=3, num_steps=r, kv_sharing=kv, init_scale=0.0, return_logits=True
+        model, prompts, max_new_tokens=3, num_steps=r, kv_sharing=kv, init_scale=0.0, return_logits=True
     )
     # prefill exactly as the engine does, into a cache the static decoder then continues
-    ids = torch.tensor([prompt])
-    cache = model.new_cache(1, 8, parse_kv_mode(kv, r, model.config.n_layers_in_recurrent_block))
-    chunk = cache.begin(torch.ones(1, 5, dtype=torch.bool))
+    ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (n - len(p)) + [True] * len(p) for p in prompts])
+    cache = model.new_cache(B, n + 3, parse_kv_mode(kv, r, model.config.n_layers_in_recurrent_block))
+    chunk = cache.begin(valid)
     rope = model.rope(chunk)
     e = model.prelude(ids, cache, chunk, rope)
     s = torch.zeros_like(e)
-    on = torch.ones(1, dtype=torch.bool)
+    on = torch.ones(B, dtype=torch.bool)
     for t in range(r):
         cache.mark_iteration(chunk, t, on)
         s = model.core_iteration(s, e, cache, chunk, t, on, rope)
     first = model.head(s, cache, chunk, on, rope)[:, -1]
-    assert rel_err(first[0], want.logits[0]) < 1e-6
+    logits_of = want.logits  # (prompts as a list of lists: one [tokens, V] per row)
+    for b in range(B):
+        assert rel_err(first[b], logits_of[b][0]) < 1e-6
     dec = StaticDecoder(model, cache, r)
     # compiled: the iteration traced whole by dynamo (fullgraph: no graph break) and run through AOT autograd
     step = compiled_step(dec, backend="aot_eager") if compiled else dec.step
     tok = first.argmax(-1)
     for i in range(1, 3):
-        dec.set_token(tok, 5 + i - 1)
+        dec.set_token(tok, n + i - 1)
         logits = step()
-        assert rel_err(logits[0], want.logits[i]) < 1e-5
+        for b in range(B):
+            assert rel_err(logits[b], logits_of[b][i]) < 1e-5, (b, i)
         tok = logits.argmax(-1)
 
 

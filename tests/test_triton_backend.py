@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import rel_err, tiny_coconut, tiny_recurrent
+from conftest import draw_norm_weights, rel_err, tiny_coconut, tiny_recurrent
 
 import latentrt
 import latentrt.kernels as kernels
@@ -24,24 +24,14 @@ def _cpu_models_need_the_interpreter(request):
 
 
 def _pair(seed=1, visible_norms: bool = False, **cfg):
-    """(``visible_norms``: every RMSNorm weight drawn around 1, see ``_visible_norms``; the adaptive tests'
-    thresholds are set for the init's ones.)"""
+    """(``visible_norms``: every RMSNorm weight drawn around 1, see conftest's ``draw_norm_weights``; the adaptive
+    tests' thresholds are set for the init's ones.)"""
     ref = tiny_recurrent(seed=seed, **cfg)
     fast = tiny_recurrent(seed=seed, **cfg)
     for model in (ref, fast) if visible_norms else ():
-        _visible_norms(model, seed)
+        draw_norm_weights(model, seed)
     fast.backend = get_backend("triton", fast)
     return ref, fast
-
-
-def _visible_norms(model, seed: int) -> None:
-    """Every RMSNorm weight drawn around 1: with the init's ones, ln_f of a state the core block's last norm
-    just normalised is that state again, so a backend that left a norm out would go unseen."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_f" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
 
 
 # thresholds at which this tiny model's sequences exit at different iterations (the test checks that)
