@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err, tiny_coconut, tiny_recurrent
+from conftest import draw_norm_weights, rel_err, tiny_coconut, tiny_recurrent
 
 import latentrt
 from benchmarks.published_pattern import coconut_generate, recurrent_generate
@@ -42,6 +42,7 @@ def test_adaptive_matches_published_pattern(kv, criterion):
 @pytest.mark.parametrize("kv", ["full", "shared"])
 def test_fixed_depth_and_continuous_match_published_pattern(kv):
     model = tiny_recurrent(seed=2)
+    draw_norm_weights(model, 2)  # (with the init's ones, a left-out ln_f would change nothing)
     ids = torch.tensor([PROMPTS[2]])
     for continuous in (False, True):
         got = latentrt.generate(
