@@ -195,6 +195,8 @@ def replay(
         "slot_utilisation": m.utilisation(),
         "scheduler_overhead": m.overhead(),
         "steps": m.steps,
+        "rows_per_step": m.launched_rows / max(m.steps, 1),  # rows launched a step (waiting rows included)
+        "async_scheduling": engine.async_scheduling,
         "step_ms": 1e3 * m.step_seconds / max(m.steps, 1),
         "tokens_per_pass": tokens / max(m.passes, 1),  # a pass reads its layers' weights once
         # tokens per core iteration's worth of weights read (prelude and head passes at their weights' share)
@@ -311,6 +313,12 @@ def pass_costs(run: dict, criterion: str) -> tuple[float, float]:
     prelude, head = run["prelude_cost"], run["head_cost"]
     logits = criterion in CRITERIA and CRITERIA[criterion].needs_logits
     return (1.0 + head, prelude) if logits else (1.0, prelude + head)
+
+
+def word_ids(prompt: str, top: int) -> list[int]:
+    """The prompt's words as ids of a random-weight model, one a word, in 1..``top`` (a word's id fixed by its
+    CRC: the same word the same id in every request); id 0 left out."""
+    return [zlib.crc32(w.encode()) % top + 1 for w in prompt.split()]
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype):
@@ -487,8 +495,8 @@ def run_flags(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         model.backend = get_backend(args.backend, model)
         top = model.config.vocab_size - (len(MARKERS) if coconut else 0) - 1  # (ids below a Coconut's markers)
 
-        def ids(r: TraceRequest) -> list[int]:  # the prompt's words as ids, one a word
-            return [zlib.crc32(w.encode()) % top + 1 for w in str(r.prompt).split()]
+        def ids(r: TraceRequest) -> list[int]:
+            return word_ids(str(r.prompt), top)
 
         if coconut:  # (its passes are the trace's thoughts: nothing to replay)
             runs = serve_all([TraceRequest(r.arrival, ids(r), r.options) for r in trace])

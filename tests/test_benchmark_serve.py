@@ -4,6 +4,8 @@ replayed-depth criterion exits after exactly the depths it replays. Checks that 
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import pytest
 import torch
@@ -12,15 +14,21 @@ from conftest import tiny_recurrent
 import latentrt
 from benchmarks import replay_exit
 from benchmarks.serve import (
+    TraceRequest,
+    _serve,
     lockstep_bound,
     main,
     make_trace,
     parse_scheduler,
+    pass_costs,
     percentile,
+    replay,
     sampling_bound,
     weight_read_bounds,
+    word_ids,
 )
 from latentrt.exits import CRITERIA
+from latentrt.train.data import generate_dataset
 
 
 def test_trace_is_poisson_mixed_and_reproducible():
@@ -31,6 +39,11 @@ def test_trace_is_poisson_mixed_and_reproducible():
     assert len({len(r.prompt) for r in a}) > 5 and len({r.options["max_new_tokens"] for r in a}) > 1
     assert {r.options["exit_criterion"] for r in a} == {"kl"}  # one criterion and threshold for all
     assert any("temperature" in r.options for r in a) and any("temperature" not in r.options for r in a)
+    seeds = [r.options["seed"] for r in a if "seed" in r.options]
+    assert len(set(seeds)) == len(seeds) > 1  # each sampled request its own seed
+    # the questions shuffled: generate_dataset cycles difficulties 1-4, the trace's arrivals do not
+    questions = [r.question for r in generate_dataset(40, seed=3)]
+    assert [r.prompt for r in a] != questions and sorted(r.prompt for r in a) == sorted(questions)
 
 
 def test_lockstep_bound_and_percentiles():
@@ -38,6 +51,68 @@ def test_lockstep_bound_and_percentiles():
     assert lockstep_bound([1, 9], 1) == pytest.approx(1.0, abs=0.05)
     assert lockstep_bound([1, 9], 16) == pytest.approx(9 / 5, rel=0.01)  # the max is 9 almost surely
     assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 99) == 4
+    assert percentile([4, 1, 3, 2], 50) == 2 and percentile([4, 1, 3, 2], 25) == 1  # (unsorted)
+    assert math.isnan(percentile([], 50))  # no sample: no figure (not a zero latency)
+
+
+def test_pass_costs_put_the_head_where_the_criterion_runs_it():
+    """A criterion that needs logits runs the head every iteration; the others once a token, with the prelude."""
+    run = {"prelude_cost": 0.25, "head_cost": 0.5}
+    assert pass_costs(run, "kl") == (1.5, 0.25) and pass_costs(run, "entropy-diff") == (1.5, 0.25)
+    assert pass_costs(run, "latent-diff") == (1.0, 0.75) and pass_costs(run, "none") == (1.0, 0.75)
+    assert not CRITERIA["latent-diff"].needs_logits and CRITERIA["kl"].needs_logits
+
+
+def test_word_ids_stay_in_range_and_name_a_word_alike():
+    ids = word_ids("Alex is a wumpus . Alex is a rompus .", 7)
+    assert len(ids) == 10 and all(1 <= i <= 7 for i in ids) and ids[:3] == ids[5:8]
+    assert set(word_ids(" ".join(map(str, range(200))), 3)) == {1, 2, 3}  # (id 0 never)
+
+
+def test_arrivals_interleave_with_steps():
+    """_serve submits each request at its arrival time and steps the engine meanwhile: a request that arrives
+    later does not hold back the steps of one already there, and an idle engine sleeps until the next arrival."""
+
+    class Engine:
+        def __init__(self):
+            self.events, self.pending = [], 0
+
+        @property
+        def busy(self):
+            return self.pending > 0
+
+        def submit(self, prompt, **options):
+            self.events.append(("submit", prompt))
+            self.pending += 1
+            return prompt
+
+        def step(self):
+            self.events.append(("step", None))
+            self.pending -= 1
+
+    engine, sleeps = Engine(), []
+    real_sleep = time.sleep
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        real_sleep(seconds)
+
+    trace = [TraceRequest(0.0, "a"), TraceRequest(0.1, "b")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(time, "sleep", sleep)
+        assert _serve(engine, trace, engine.step) == ["a", "b"]
+    assert engine.events == [("submit", "a"), ("step", None), ("submit", "b"), ("step", None)]
+    assert sleeps and 0.05 < sum(sleeps) < 0.11  # (one idle wait for b, not a busy loop)
+
+
+def test_a_failed_request_fails_the_run():
+    """A request that ends in an error (here a state that overflows fp32) fails the scheduler's run, naming it,
+    rather than counting as served."""
+    model = tiny_recurrent(seed=3)
+    ok = dict(max_new_tokens=2, adaptive=True, num_steps=4, exit_criterion="kl", exit_threshold=1e-5)
+    trace = [TraceRequest(0.0, [5, 6, 7], ok), TraceRequest(0.0, [5, 6], dict(ok, init_scale=1e39, seed=1))]
+    with pytest.raises(RuntimeError, match="1 requests failed under depth: NonFiniteStateError"):
+        replay(model, trace, "depth", max_batch=2)
 
 
 def test_weight_read_bounds_count_the_per_token_passes():
@@ -82,14 +157,38 @@ def test_load_generator_smoke(tmp_path, capsys, shape):
     record = json.loads(out.read_text())
     runs = {r["scheduler"]: r for r in record["runs"]}
     assert set(runs) == {"depth", "depth@0", "token", "static"}
+    # --quick caps the trace and the batch; the exit left unset is the defaults'
+    args = {k: record["args"][k] for k in ("requests", "max_batch", "criterion", "threshold", "num_steps")}
+    assert args == dict(requests=6, max_batch=4, criterion="kl", threshold=1e-5, num_steps=32)
     for r in runs.values():
-        assert r["requests"] == 6 and r["tokens"] == len(r["depths"]) > 0
+        assert r["requests"] == 6 and r["tokens"] == len(r["depths"]) > 0 and "outputs" not in r
         assert 0 < r["slot_utilisation"] <= 1 and 0 <= r["scheduler_overhead"] < 1
-        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        # the figures are the run's counts over its time: per second, per step, per pass
+        assert r["tokens_per_s"] * r["seconds"] == pytest.approx(r["tokens"])
+        assert r["requests_per_s"] * r["seconds"] == pytest.approx(6)
+        assert r["iterations_per_token"] == pytest.approx(sum(r["depths"]) / r["tokens"])
+        assert 0 < r["step_ms"] * r["steps"] <= 1e3 * r["seconds"]
+        assert 0 < r["tokens_per_pass"] <= 4 and 0 < r["tokens_per_weight_read"] <= 4  # (a pass: 4 rows at most)
+        # six requests at once in a batch of four: several rows a step (the pool holds every row in full KV
+        # mode), the last two requests' first tokens after the first four's
+        assert 1.5 < r["rows_per_step"] <= 4 and not r["async_scheduling"]
+        assert r["ttft_p50_ms"] < r["ttft_p99_ms"] and r["itl_p50_ms"] < r["itl_p99_ms"]
+    lines = printed.splitlines()
+    assert next(x for x in lines if x.startswith("| token |")).endswith("| 1.00x |")
+    ratio = runs["depth"]["tokens_per_s"] / runs["token"]["tokens_per_s"]
+    assert next(x for x in lines if x.startswith("| depth |")).endswith(f"| {ratio:.2f}x |")
+    realised = 1 / runs["token"]["slot_utilisation"]
+    assert f"realised lockstep loss in the token run (1 / its slot utilisation): {realised:.2f}" in printed
     # depth-level batching launches a row only while its loop runs
     assert runs["depth"]["slot_utilisation"] >= runs["token"]["slot_utilisation"]
     assert record["bound"] >= 1 and record["weight_read_bounds"][0] >= record["weight_read_bounds"][1]
     assert set(record["sampling_bounds"]) == {"weights", "passes"} and "in passes" in printed
+    # the bounds of the depth run's depths; kl needs logits: a step's core iteration runs the head too
+    depths, costs = runs["depth"]["depths"], pass_costs(runs["depth"], "kl" if shape == "model" else "none")
+    assert record["bound"] == lockstep_bound(depths, 4)
+    assert record["sampling_bounds"]["weights"] == list(sampling_bound(depths, 4, *costs))
+    passes = (2.0, 1.0) if shape == "model" else (1.0, 2.0)
+    assert record["sampling_bounds"]["passes"] == list(sampling_bound(depths, 4, *passes))
 
 
 def test_load_generator_serves_a_coconut_model(tmp_path, capsys):
@@ -234,6 +333,30 @@ def test_async_schedulers_run_beside_the_others(tmp_path, capsys):
     assert "differ between schedulers" not in captured.err
     runs = {r["scheduler"]: r for r in json.loads(out.read_text())["runs"]}
     assert runs["depth+async"]["tokens"] == runs["depth"]["tokens"] > 0
+    assert [runs[s]["async_scheduling"] for s in ("token", "depth", "token+async", "depth+async")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+
+
+def test_outputs_that_differ_between_schedulers_are_noted(monkeypatch, capsys):
+    """A request's tokens are the same under every scheduler unless rounding flips an exit; when they are not,
+    the benchmark says how many requests differ."""
+    import benchmarks.serve as serve
+
+    real = serve.replay
+
+    def replay(model, trace, scheduler, *args, **kw):
+        run = real(model, trace, scheduler, *args, **kw)
+        if scheduler == "depth":
+            run["outputs"][1] = [*run["outputs"][1], 0]
+        return run
+
+    monkeypatch.setattr(serve, "replay", replay)
+    assert main(["--quick", "--requests", "3", "--rate", "inf", "--schedulers", "token,depth"]) == 0
+    assert "note: 1 of 3 requests' tokens differ between schedulers" in capsys.readouterr().err
 
 
 @pytest.mark.triton
@@ -249,6 +372,7 @@ def test_group_capture_at_is_set_on_the_engines_runners_alone(tmp_path, capsys):
     engine = _engine(model, group_capture_at=1, max_batch=2, max_len=64, kv_slots=64)
     assert engine.program.decode_core.CAPTURE_AT == engine.program.decode_head.CAPTURE_AT == 1
     assert GroupSlotsRunner.CAPTURE_AT == 3 and _engine(model, max_batch=2).program.decode_core.CAPTURE_AT == 3
+    assert engine.distributions.CAPTURE_AT == 3  # (the sampled distributions' graphs keep their own)
     out = tmp_path / "serve.json"
     argv = ["--quick", "--requests", "3", "--rate", "inf", "--schedulers", "depth", "--group-capture-at", "2"]
     assert main([*argv, "--out", str(out)]) == 0
@@ -268,7 +392,7 @@ def test_synthetic_depths_are_replayed_and_named(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "depths replayed from the synthetic --depths 2,9" in printed
     runs = {r["scheduler"]: r for r in json.loads(out.read_text())["runs"]}
-    assert set(runs["depth"]["depths"]) <= {2, 9} and set(runs["token"]["depths"]) <= {2, 9}
+    assert set(runs["depth"]["depths"]) == {2, 9} and set(runs["token"]["depths"]) == {2, 9}  # (num_steps 9)
     for bad, why in [(["--depths", "2,x"], "comma-separated integers"), (["--depths", "0"], ">= 1")]:
         with pytest.raises(SystemExit):
             main([*argv, *bad])
@@ -276,6 +400,11 @@ def test_synthetic_depths_are_replayed_and_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--depths", "2,9"])
     assert "--shape huginn or tiny" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--quick", "--model", "builtin:coconut", "--shape", "tiny-gpt2", "--depths", "2,9"])
+    assert "--depths replays a recurrent-depth model's exit depths; builtin:coconut is a Coconut model" in (
+        capsys.readouterr().err
+    )
 
 
 def test_bad_scheduler_names_are_refused(capsys):
