@@ -7,26 +7,110 @@ import json
 import pytest
 
 from benchmarks.samplers import main, wilson
+from latentrt.train.data import generate_dataset
 
 
 def test_wilson_interval():
     lo, hi = wilson(66, 100)
     assert lo == pytest.approx(0.563, abs=1e-3) and hi == pytest.approx(0.745, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert wilson(0, 0) == (0.0, 1.0)  # no problem: nothing known
 
 
-def test_accuracy_and_speed_table(tmp_path, capsys):
+def test_accuracy_and_speed_table(tmp_path, capsys, monkeypatch):
+    """--quick caps the problems at 4 (and the ProsQA file's records at 2); the samplers run with the flags'
+    lookahead, draft steps and new tokens."""
+    from benchmarks import samplers
+
+    prosqa = tmp_path / "prosqa.json"  # (the shared file's format: a JSON list of records)
+    names = ("Alex", "Bob", "Carol")
+    prosqa.write_text(
+        json.dumps(
+            [
+                dict(question=f"{n} is a wumpus. Is {n} a wumpus or rompus?", steps=[], answer=f"{n} is a wumpus.")
+                for n in names
+            ]
+        )
+    )
+    monkeypatch.setattr(samplers, "SHARED_PROSQA", prosqa)
+    calls, real = [], samplers.run_set
+
+    def run_set(model, records, kws, num_steps, max_new):
+        calls.append((len(records), kws["speculative"]["decoding_options"], num_steps, max_new))
+        return real(model, records, kws, num_steps, max_new)
+
+    monkeypatch.setattr(samplers, "run_set", run_set)
     out = tmp_path / "s.json"
-    assert main(["--quick", "--problems", "3", "--prosqa", "0", "--out", str(out)]) == 0
-    runs = {r["sampler"]: r for r in json.loads(out.read_text())["runs"]}
+    flags = ["--lookahead", "2", "--draft-steps", "1", "--max-new-tokens", "5", "--num-steps", "3"]
+    assert main(["--quick", "--problems", "9", *flags, "--out", str(out)]) == 0
+    options = dict(lookahead=2, draft_steps=1)
+    assert calls == [(4, options, 3, 5), (2, options, 3, 5)]  # generated, then the ProsQA file's
+    runs = {r["sampler"]: r for r in json.loads(out.read_text())["runs"] if r["set"] == "generated"}
     assert set(runs) == {"sequential", "speculative", "wavefront"}
     assert runs["sequential"]["tokens_per_pass"] == 1.0 and runs["sequential"]["vs_sequential"] == 1.0
     assert runs["sequential"]["decode_vs_sequential"] == 1.0
+    assert runs["sequential"]["iterations_per_token"] == 3  # (every token at num_steps: fixed depth)
+    assert runs["sequential"]["draft_acceptance"] is None and runs["wavefront"]["draft_acceptance"] is None
+    assert 0 <= runs["speculative"]["draft_acceptance"] <= 1
     # timings are reported, not asserted (a loaded machine once timed the prefill apart longer than a run)
     assert all(r["prefill_share"] > 0 for r in runs.values())
     for r in runs.values():
-        assert r["n"] == 3 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["tokens"] > 0
+        assert r["n"] == 4 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["tokens"] > 0
     assert "| wavefront |" in capsys.readouterr().out
+    calls.clear()
+    assert main(["--quick", "--problems", "1", "--prosqa", "0", *flags]) == 0
+    assert [n for n, *_ in calls] == [1]  # (no ProsQA set)
+
+
+def test_passes_are_the_units_a_sampler_ran():
+    """``passes`` reads a generation's passes (a head each) and core iterations from its decoding record; they
+    are the head and core calls the model made (sampler_replay's recording), for every sampler."""
+    import latentrt
+    from benchmarks.sampler_replay import record_passes
+    from benchmarks.samplers import configs, passes
+
+    model = latentrt.load("builtin:recurrent")
+    question = generate_dataset(1, seed=12345)[0].question
+    for draft_steps in (1, 2):
+        for name, kw in configs(4, lookahead=3, draft_steps=draft_steps).items():
+            with record_passes(model) as calls:
+                out = latentrt.generate(model, question, max_new_tokens=10, num_steps=4, **kw)
+            if name == "speculative":
+                out.decoding["draft_steps"] = draft_steps  # (as run_set adds it)
+            heads = sum(kind.startswith("head") for kind, _ in calls)
+            assert passes(out, 4) == (heads, sum(kind == "core" for kind, _ in calls)), (name, draft_steps)
+
+
+def test_rates_time_the_runs_and_the_decode_leaves_out_the_prefill(monkeypatch):
+    """On a clock where a generation costs 1 s plus 0.1 s a token: tokens/s over the runs' time, and the
+    decode phase's rate (the prompt timed apart and every first token subtracted) 10 tokens/s exactly."""
+    import types
+
+    import latentrt
+    from benchmarks import samplers
+
+    clock = [0.0]
+    real = latentrt.generate
+
+    def generate(model, prompt, **kw):
+        out = real(model, prompt, **kw)
+        clock[0] += 1.0 + 0.1 * len(out.tokens)
+        return out
+
+    monkeypatch.setattr(samplers.latentrt, "generate", generate)
+    monkeypatch.setattr(samplers, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    model = latentrt.load("builtin:recurrent")
+    records = generate_dataset(2, seed=12345)
+    rows = {r["sampler"]: r for r in samplers.run_set(model, records, samplers.configs(4), 4, 6)}
+    for r in rows.values():
+        n = r["tokens"]
+        assert r["tokens_per_s"] == pytest.approx(n / (2 + 0.1 * n))
+        assert r["decode_tokens_per_s"] == pytest.approx(10.0) and r["decode_vs_sequential"] == pytest.approx(1.0)
+        assert r["prefill_share"] == pytest.approx(2 * 1.1 / (2 + 0.1 * n))
+        assert r["vs_sequential"] == pytest.approx(r["tokens_per_s"] / rows["sequential"]["tokens_per_s"])
+    # accuracy: the answer after '###' (the first problem right, the second wrong at 4 steps)
+    right = [real(model, r.question, max_new_tokens=6, num_steps=4).text == f"### {r.answer}" for r in records]
+    assert right == [True, False] and rows["sequential"]["accuracy"] == 0.5
 
 
 def test_pass_cost_table(tmp_path):
