@@ -139,6 +139,16 @@ class Arrival:
     request: object = None  # the engine's Request, once submitted
 
 
+def draw_engine_settings(rng: random.Random) -> dict:
+    """The ``serve`` check's Engine: its max batch, scheduler, prefill budget, K/V slots (few enough that some
+    requests wait for slots, or are refused as never fitting) and, in three cases of ten, asynchronous
+    scheduling."""
+    settings = dict(max_batch=rng.choice([1, 2, 3, 5, 8]), scheduler=rng.choice(sorted(SCHEDULERS)))
+    settings.update(prefill_budget=rng.choice([1, 4, 16, 2048]), kv_slots=rng.choice([8, 16, 40, 200]))
+    settings["async_scheduling"] = rng.random() < 0.3
+    return settings
+
+
 DRAIN_STEPS = 20_000  # a serve case's engine steps at most (its requests need a few hundred)
 
 
@@ -331,9 +341,7 @@ class Soak:
 
     def serve(self, seed: int) -> None:
         rng = random.Random(seed)
-        settings = dict(max_batch=rng.choice([1, 2, 3, 5, 8]), scheduler=rng.choice(sorted(SCHEDULERS)))
-        settings.update(prefill_budget=rng.choice([1, 4, 16, 2048]), kv_slots=rng.choice([8, 16, 40, 200]))
-        settings["async_scheduling"] = rng.random() < 0.3
+        settings = draw_engine_settings(rng)
         requests = []
         for i in range(rng.randrange(3, 17)):
             prompt, kw = draw_prompt(rng, self.model), draw_options(rng, self.model, seed=seed + i)
@@ -352,21 +360,27 @@ class Soak:
             if not self._drive(engine, requests, seed, settings):
                 return
         for a in requests:
-            kw = dict(a.kw, engine=settings, arrive=a.arrive, cancel=a.cancel)
-            request, draws = a.request, draws_of(served, a.draws, len(a.alone.tokens))
-            if request is None:
-                continue
-            if request.error is not None or not request.finished:
-                what = f"a request failed: {request.error}" if request.error else "a request never finished"
-                self.mismatch("serve", seed, what, kw)
-            elif request.finish_reason == "cancelled":  # what it produced before: generate()'s first tokens
-                self.counts["serve cancelled"] += 1
-                n = len(request.tokens)
-                got, want = (request.tokens, request.steps), (a.alone.tokens[:n], a.alone.steps[:n])
-                self.compare("serve", seed, got, want, kw, draws_at=draws)
-            else:
-                self.compare("serve", seed, outcome(request), outcome(a.alone), kw, draws_at=draws)
+            self.judge(a, seed, settings, served)
         self.check_released("serve", engine, seed, settings)
+
+    def judge(self, a: Arrival, seed: int, settings: dict, served: DrawLog) -> None:
+        """A served request against generate() alone: a finished one its whole outcome, a cancelled one the
+        tokens and steps it produced before (generate()'s first ones); one that failed or never finished is a
+        mismatch, one the engine refused (``request`` None) is skipped."""
+        kw = dict(a.kw, engine=settings, arrive=a.arrive, cancel=a.cancel)
+        request, draws = a.request, draws_of(served, a.draws, len(a.alone.tokens))
+        if request is None:
+            return
+        if request.error is not None or not request.finished:
+            what = f"a request failed: {request.error}" if request.error else "a request never finished"
+            self.mismatch("serve", seed, what, kw)
+        elif request.finish_reason == "cancelled":  # what it produced before: generate()'s first tokens
+            self.counts["serve cancelled"] += 1
+            n = len(request.tokens)
+            got, want = (request.tokens, request.steps), (a.alone.tokens[:n], a.alone.steps[:n])
+            self.compare("serve", seed, got, want, kw, draws_at=draws)
+        else:
+            self.compare("serve", seed, outcome(request), outcome(a.alone), kw, draws_at=draws)
 
     def _drive(self, engine: Engine, requests: list[Arrival], seed: int, settings: dict) -> bool:
         """Step ``engine`` until every request has arrived (submitted at its step), been cancelled where it
