@@ -134,21 +134,126 @@ def test_replayed_passes_split_at_each_first_token():
     )
 
 
-def test_sampler_replay_smoke(tmp_path, capsys):
+def test_sampler_replay_smoke(tmp_path, capsys, monkeypatch):
+    """The whole run on the built-in model: the flags reach the recording and the timing (at the problems' mean
+    prompt length, --quick capping the problems at 3), and the floor is the copy bandwidth over a token's bytes."""
     import latentrt
+    from benchmarks import floors, sampler_replay
     from benchmarks.sampler_replay import main, record_passes
 
+    seen = {}
+    trace, time_passes = sampler_replay.trace, sampler_replay.time_passes
+
+    def traced(model, questions, *args):
+        seen["questions"], seen["trace"] = questions, args
+        return trace(model, questions, *args)
+
+    def timed(model, keys, context, num_steps, repeats):
+        seen["time"] = (context, num_steps)
+        return time_passes(model, keys, context, num_steps, repeats)
+
+    monkeypatch.setattr(sampler_replay, "trace", traced)
+    monkeypatch.setattr(sampler_replay, "time_passes", timed)
+    monkeypatch.setattr(sampler_replay, "copy_bandwidth", lambda nbytes, device, repeats: {"value": 1e12})
     out = tmp_path / "r.json"
-    argv = ["--quick", "--shape", "model", "--problems", "2", "--num-steps", "4", "--lookahead", "2"]
-    assert main([*argv, "--draft-steps", "1", "--out", str(out)]) == 0
+    argv = ["--quick", "--shape", "model", "--problems", "5", "--num-steps", "4", "--lookahead", "2"]
+    assert main([*argv, "--draft-steps", "1", "--max-new-tokens", "6", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
+    model = latentrt.load("builtin:recurrent")
+    context = round(sum(len(model.tokenizer.encode(q)) for q in seen["questions"]) / 3)
+    assert len(seen["questions"]) == 3 and seen["trace"] == (4, 6, 2, 1) and seen["time"] == (context, 4)
+    assert rec["context"] == context
+    step = floors.recurrent_step_bytes(model.config, batch=1, context=context, steps=4, element_size=4)
+    assert rec["floor_tokens_per_s"] == pytest.approx(1e12 / step["total"])
     rows = {r["sampler"]: r for r in rec["rows"]}
     assert set(rows) == {"sequential", "speculative", "wavefront"} and rows["sequential"]["vs_sequential"] == 1.0
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
-    assert rec["pass_ms"] and rec["floor_tokens_per_s"] > 0 and rec["sequential_generate_tokens_per_s"] > 0
+    assert rec["pass_ms"] and rec["sequential_generate_tokens_per_s"] > 0
     assert "| wavefront |" in capsys.readouterr().out
-    model = latentrt.load("builtin:recurrent")
     with record_passes(model) as calls:
         latentrt.generate(model, [3, 4, 5], max_new_tokens=2, num_steps=3)
     # sequential: per unit a prelude, num_steps iterations, a head; the methods are the class's again after
     assert calls.count(("core", 1)) == 3 and calls[0] == ("prelude", 3) and "prelude" not in vars(model)
+
+
+def test_replayed_estimates_sum_each_samplers_passes_at_their_cost():
+    """estimate: a sampler's time is the sum of its passes' costs, end to end and for the decode phase alone;
+    the ratios are to sequential decoding (configs()' first)."""
+    from collections import Counter
+
+    from benchmarks.sampler_replay import estimate
+
+    cost = {("prelude", 1): 1.0, ("core", 1): 2.0, ("head", 1): 0.5, ("core", 4): 3.0}
+    traced = {
+        "sequential": dict(
+            every=Counter({("prelude", 1): 4, ("core", 1): 8, ("head", 1): 4}),
+            decode=Counter({("prelude", 1): 3, ("core", 1): 6, ("head", 1): 3}),
+            tokens=4,
+            decode_tokens=3,
+        ),
+        "speculative": dict(
+            every=Counter({("core", 4): 2, ("head", 1): 2}), decode=Counter({("core", 4): 1}), tokens=5, decode_tokens=4
+        ),
+    }
+    seq, spec = estimate(traced, cost)
+    assert (seq["sampler"], seq["passes"], seq["tokens"]) == ("sequential", 16, 4)
+    assert seq["tokens_per_s"] == pytest.approx(4 / 0.022) and seq["decode_tokens_per_s"] == pytest.approx(3 / 0.0165)
+    assert spec["passes"] == 4 and spec["tokens_per_s"] == pytest.approx(5 / 0.007)
+    assert spec["decode_tokens_per_s"] == pytest.approx(4 / 0.003)
+    assert seq["vs_sequential"] == seq["decode_vs_sequential"] == 1.0
+    assert spec["vs_sequential"] == pytest.approx((5 / 0.007) / (4 / 0.022))
+    assert spec["decode_vs_sequential"] == pytest.approx((4 / 0.003) / (3 / 0.0165))
+
+
+def test_traced_passes_and_the_targets_own_rate(monkeypatch):
+    """trace counts every sampler's passes and tokens (sequential at fixed depth: a prelude, num_steps core
+    iterations and a head a token; the first token of each problem is the prompt's); sequential_generate is the
+    decode rate from two timed runs (1 and n tokens: the prompt's cost cancels)."""
+    import types
+
+    import latentrt
+    from benchmarks import sampler_replay
+
+    model = latentrt.load("builtin:recurrent")
+    questions = [r.question for r in generate_dataset(2, seed=12345)]
+    traced = sampler_replay.trace(model, questions, 3, 5, 2, 1)
+    assert set(traced) == {"sequential", "speculative", "wavefront"}
+    seq = traced["sequential"]
+    n, prompts = seq["tokens"], [len(model.tokenizer.encode(q).ids) for q in questions]
+    assert seq["decode_tokens"] == n - 2
+    decode = {("prelude", 1): n - 2, ("core", 1): 3 * (n - 2), ("head_last", 1): n - 2}  # (a head: the last logits)
+    assert seq["decode"] == decode and seq["every"] == decode | {
+        (kind, w): 3 if kind == "core" else 1 for w in prompts for kind in ("prelude", "core", "head_last")
+    }
+    assert model.backend.name == "torch"
+
+    clock, calls = [0.0], []
+
+    def generate(model, ids, max_new_tokens, **kw):  # 1 s for the prompt, 0.1 s a token
+        calls.append((max_new_tokens, kw))
+        clock[0] += 1.0 + 0.1 * max_new_tokens
+
+    monkeypatch.setattr(sampler_replay.latentrt, "generate", generate)
+    monkeypatch.setattr(sampler_replay, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert sampler_replay.sequential_generate(model, 7, 6, 4) == pytest.approx(10.0)
+    assert calls == [(n, dict(num_steps=4, default_stops=False)) for n in (2, 1, 6)]  # (a warm-up, then timed)
+
+
+def test_each_pass_is_timed_as_the_sampler_ran_it():
+    """time_passes runs each distinct pass at its width after the cached context: a head_last pass with
+    last_only (the logits of its last position only), a head pass without; each one a timing."""
+    import latentrt
+    from benchmarks.sampler_replay import time_passes
+
+    model = latentrt.load("builtin:recurrent")
+    heads, real = [], model.head
+
+    def head(*args, **kwargs):
+        heads.append((int(args[0].shape[1]), kwargs.get("last_only")))
+        return real(*args, **kwargs)
+
+    model.head = head
+    keys = {("head", 3), ("head_last", 3), ("core", 2), ("prelude", 1)}
+    cost = time_passes(model, keys, context=5, num_steps=2, repeats=2)
+    assert set(cost) == keys and all(ms > 0 for ms in cost.values())
+    assert set(heads) == {(3, False), (3, True)}
