@@ -21,10 +21,12 @@ import sys
 import torch
 
 import latentrt
-from latentrt.backends import get_backend
+from latentrt.backends import CHOICES, get_backend
 from latentrt.decode.serving_graph import SlotsRunner
+from latentrt.exits import CRITERIA
+from latentrt.serve.engine import SCHEDULERS
 
-from . import step_profile
+from . import cli, step_profile
 from .serve import THOUGHTS, _engine, _runners, make_trace, takes_thoughts
 from .simulated_graphs import SimulatedGraphs
 
@@ -66,14 +68,18 @@ def count_run(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.eager_ops", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:recurrent")
-    ap.add_argument("--backend", default="triton", help="the serving backend (default triton: the captured passes)")
-    ap.add_argument("--schedulers", default="token,depth")
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--group-capture-at", type=int, default=None, help="a key of group shapes captured at this call")
-    ap.add_argument("--exit-criterion", default="kl")
-    ap.add_argument("--exit-threshold", type=float, default=1e-5)
-    ap.add_argument("--num-steps", type=int, default=16)
+    ap.add_argument(
+        "--backend", choices=CHOICES, default="triton", help="the serving backend (default triton: the captured passes)"
+    )
+    ap.add_argument("--schedulers", default="token,depth", help=f"comma-separated, of {','.join(SCHEDULERS)}")
+    ap.add_argument("--requests", type=cli.at_least(1), default=24)
+    ap.add_argument("--max-batch", type=cli.at_least(1), default=8)
+    ap.add_argument(
+        "--group-capture-at", type=cli.at_least(1), default=None, help="a key of group shapes captured at this call"
+    )
+    ap.add_argument("--exit-criterion", choices=sorted(CRITERIA), default="kl")
+    ap.add_argument("--exit-threshold", type=cli.non_negative, default=1e-5)
+    ap.add_argument("--num-steps", type=cli.at_least(1), default=16)
     ap.add_argument(
         "--host-time",
         action="store_true",
@@ -81,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         "estimated on the CPU: replays and interpreted kernels left out)",
     )
     args = ap.parse_args(argv)
+    schedulers = [s.strip() for s in args.schedulers.split(",")]
+    unknown = sorted({s for s in schedulers if s not in SCHEDULERS})
+    if unknown:
+        ap.error(f"unknown schedulers {unknown}; choose from {list(SCHEDULERS)}")
+    with cli.reported(ap):
+        return run_flags(args, schedulers)
+
+
+def run_flags(args: argparse.Namespace, schedulers: list[str]) -> int:
+    """Count (or time) each scheduler's run and print the table (after the flags are parsed)."""
     model = latentrt.load(args.model)
     model.backend = get_backend(args.backend, model)
     trace_kw = dict(criterion=args.exit_criterion, threshold=args.exit_threshold, num_steps=args.num_steps)
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_kw["thoughts"] = THOUGHTS
     rows = [
         count_run(model, s, args.requests, args.max_batch, args.group_capture_at, trace_kw, args.host_time)
-        for s in args.schedulers.split(",")
+        for s in schedulers
     ]
     print(
         f"# {args.requests} requests at once, max batch {args.max_batch}, {args.exit_criterion} "

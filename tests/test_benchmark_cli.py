@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, decode_cpu, run, sampler_replay, samplers, serve
+from benchmarks import cli, decode_cpu, eager_ops, run, sampler_replay, samplers, serve
 
 
 def refused(main, argv, capsys) -> str:
@@ -55,6 +55,24 @@ def test_serve_benchmark_refuses_bad_flags(argv, message, capsys):
 )
 def test_other_benchmarks_refuse_bad_flags(main, argv, message, capsys):
     assert message in refused(main, ["--quick", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--requests", "0"], "argument --requests: must be an integer >= 1, got 0"),  # it printed an empty table
+        (["--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got 0"),  # a traceback, as below
+        (["--num-steps", "0"], "argument --num-steps: must be an integer >= 1, got 0"),
+        (["--group-capture-at", "0"], "argument --group-capture-at: must be an integer >= 1, got 0"),
+        (["--exit-threshold", "nan"], "argument --exit-threshold: must be a finite number >= 0"),
+        (["--exit-criterion", "bogus"], "argument --exit-criterion: invalid choice: 'bogus'"),
+        (["--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
+        (["--schedulers", "token,fifo"], "unknown schedulers ['fifo']; choose from ['depth', 'token', 'static']"),
+        (["--model", "/nonexistent-model"], "checkpoint folder '/nonexistent-model' does not exist"),
+    ],
+)
+def test_eager_ops_refuses_bad_flags(argv, message, capsys):
+    assert f"python -m benchmarks.eager_ops: error: {message}" in refused(eager_ops.main, argv, capsys)
 
 
 def test_decode_cpu_refuses_a_zero_context(monkeypatch, capsys):
