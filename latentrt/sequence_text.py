@@ -91,3 +91,19 @@ class SequenceText:
             return ""  # (only a decoder that rewrites earlier text: the stream showed what the end changed)
         piece, self.shown = final[self.shown :], len(final)
         return piece
+
+
+def separator(tokenizer, before: list[int], after: list[int], skip_special_tokens: bool = True) -> str:
+    """What the tokenizer's decode puts between the text of ``before`` and that of ``after`` when they are one
+    sequence: a word-level tokenizer's space, a SentencePiece word's leading space (dropped where a decode
+    starts with it); "" where each token carries its own (byte-level BPE: GPT-2, Huginn). A prompt echoed with
+    its completion (OpenAI's ``echo``) joins them with it, as vLLM's text decoded in the prompt's context does;
+    decoded apart, "Alex" and "is a" fused into "Alexis a". A few tokens either side are enough context."""
+    if not before or not after:
+        return ""
+    head, tail = before[-CONTEXT:], after[:CONTEXT]
+    a, b = (tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in (head, tail))
+    joined = tokenizer.decode(head + tail, skip_special_tokens=skip_special_tokens)
+    if len(joined) >= len(a) + len(b) and joined.startswith(a) and joined.endswith(b):
+        return joined[len(a) : len(joined) - len(b)]
+    return ""  # (a decoder that merges across the boundary: nothing to insert)

@@ -165,3 +165,25 @@ def test_a_decoder_that_rewrites_earlier_text_is_decoded_whole_and_its_stop_stri
     for t in (3, 1):
         plain.add(t)
     assert plain.text == "c a" and plain.end([3, 1]) == "c a"
+
+
+def test_the_separator_is_what_a_whole_decode_puts_between_two_parts():
+    """An echoed prompt and its completion join as the tokenizer decodes them as one sequence: a word-level
+    tokenizer's space, a SentencePiece word's leading space, nothing for byte-level BPE (its tokens carry their
+    spaces); nothing where either part is empty."""
+    from latentrt.sequence_text import separator
+
+    word = word_tokenizer(["Alex", "is", "a", "wumpus"])
+    a, b = word.encode("Alex").ids, word.encode("is a").ids
+    assert separator(word, a, b) == " " and word.decode(a) + " " + word.decode(b) == word.decode(a + b)
+    metaspace = Tokenizer(models.WordLevel({"<unk>": 0, "▁Alex": 1, "▁is": 2, "▁a": 3}, unk_token="<unk>"))
+    metaspace.pre_tokenizer, metaspace.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    assert metaspace.decode([2, 3]) == "is a" and separator(metaspace, [1], [2, 3]) == " "
+    bpe = byte_level_tokenizer()
+    a, b = bpe.encode("Every wumpus").ids, bpe.encode(" is a yumpus.").ids
+    assert separator(bpe, a, b) == "" and bpe.decode(a) + bpe.decode(b) == bpe.decode(a + b)
+    assert separator(word, [], b) == separator(word, a, []) == ""
+    for _ in range(50):  # random ids either side: the separator completes the whole decode of the two
+        rng = random.Random(_)
+        x, y = ([rng.randrange(word.get_vocab_size()) for _ in range(rng.randrange(1, 6))] for _ in range(2))
+        assert word.decode(x) + separator(word, x, y) + word.decode(y) == word.decode(x + y)

@@ -544,8 +544,11 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):
         model.tokenizer.decode([t], skip_special_tokens=False) for t in lp.argmax(-1).tolist()
     ]
     prompt_text = model.tokenizer.decode(ids, skip_special_tokens=True)
-    assert choice.text == prompt_text + latentrt.generate(model, ids, max_new_tokens=1, seed=3, **extra).text
-    assert got.text_offset[len(ids)] == len(prompt_text)  # the generated token's text starts after the prompt's
+    completion = latentrt.generate(model, ids, max_new_tokens=1, seed=3, **extra)
+    # the completion reads after the prompt as the tokenizer joins them (below: a word tokenizer's space), and the
+    # generated token's text (its space first) starts where the prompt's ends
+    assert choice.text == model.tokenizer.decode(ids + completion.tokens)
+    assert got.text_offset[len(ids)] == len(prompt_text)
     scored = (
         client(url)
         .completions.create(
@@ -564,8 +567,10 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(recurrent_server):
     want = [lp[i, t].item() for i, t in enumerate(ids[1:])]
     assert seeded.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
     assert seeded.choices[0].logprobs.token_logprobs != got.token_logprobs[: len(ids)]
-    plain = client(url).completions.create(model="tiny", prompt="Tom is a cat", max_tokens=2, echo=True, temperature=0)
-    assert plain.choices[0].text.startswith("Tom is a cat") and plain.choices[0].logprobs is None
+    ask = dict(model="tiny", prompt="Tom is a cat", max_tokens=2, temperature=0, seed=3, extra_body=extra)
+    plain, alone = client(url).completions.create(**ask, echo=True), client(url).completions.create(**ask)
+    assert alone.choices[0].text and plain.choices[0].logprobs is None
+    assert plain.choices[0].text == f"Tom is a cat {alone.choices[0].text}"  # (it was fused: "Tom is a catbird")
 
 
 def test_many_concurrent_requests_each_equal_generate_alone(recurrent_server):

@@ -62,7 +62,7 @@ from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError
 from ..families import Family, check_applicable, family_for
 from ..models.base import LatentModel
 from ..options import GenerateOptions
-from ..sequence_text import SequenceText
+from ..sequence_text import SequenceText, separator
 from ..stop_strings import StopStrings
 from ..transfer import to_device
 from .metrics import EngineMetrics
@@ -220,6 +220,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token in ``tokens`` (when asked)
     echo: bool = False  # the response repeats the prompt (and with log-probs, scores its tokens)
     prompt_text: str = ""  # the prompt as text (decoded where it came as ids)
+    echo_separator: str = ""  # echo: what the tokenizer puts between the prompt's text and the completion's
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
     live_text: bool = True  # decoded as it grows (a stream, stop strings, log-prob offsets); else at the end
     score_only: bool = False  # echo with no new token: the prompt is scored (with log-probs) and it ends
@@ -726,6 +727,10 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         if req.sequence_text is not None:
             req.text = req.sequence_text.finish(req.tokens)
+            if req.echo and req.text:  # (the completion's text as it reads after the prompt's)
+                req.echo_separator = separator(
+                    self.model.tokenizer, req.prompt_ids, req.tokens, req.sequence_text.skip_special
+                )
         req.finish_reason = reason
         req.times["finished"] = time.perf_counter()
         req.times["finished_step"] = self.metrics.steps

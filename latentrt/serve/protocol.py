@@ -402,14 +402,14 @@ def completion_body(rid: str, model: str, reqs, chat: bool, text=str, prompt_ind
         c = {"index": i, "finish_reason": r.finish_reason, "latentrt": choice_extras(r)}
         entries = r.logprobs
         if r.echo:  # the prompt's tokens first; the completion's text offsets after the prompt's text
-            shift = len(r.prompt_text)
+            shift = len(r.prompt_text)  # (a token's offset: where the text it adds starts, its separator too)
             entries = r.prompt_logprobs + [dataclasses.replace(e, offset=e.offset + shift) for e in entries]
         logprobs = logprobs_body(entries, chat, text) if r.top_logprobs is not None else None
         if chat:
             c["message"] = {"role": "assistant", "content": r.text}
             c["logprobs"] = logprobs
         else:
-            c.update(text=r.prompt_text + r.text if r.echo else r.text, logprobs=logprobs)
+            c.update(text=r.prompt_text + r.echo_separator + r.text if r.echo else r.text, logprobs=logprobs)
         choices.append(c)
     return {
         "id": rid,
