@@ -44,11 +44,13 @@ def test_fixed_depth_and_continuous_match_published_pattern(kv):
     model = tiny_recurrent(seed=2)
     draw_norm_weights(model, 2)  # (with the init's ones, a left-out ln_f would change nothing)
     ids = torch.tensor([PROMPTS[2]])
-    for continuous in (False, True):
+    # (at 2 steps the state carried from the prompt's last position still decides the first tokens: carried
+    # from its first position, they differ; at 5 the loop has forgotten it)
+    for continuous, num_steps in ((False, 5), (True, 5), (True, 2)):
         got = latentrt.generate(
-            model, ids, max_new_tokens=6, num_steps=5, kv_sharing=kv, init_scale=0.0, continuous=continuous
+            model, ids, max_new_tokens=6, num_steps=num_steps, kv_sharing=kv, init_scale=0.0, continuous=continuous
         )
-        want, steps, _ = recurrent_generate(model, ids, 6, 5, kv=kv, continuous=continuous)
+        want, steps, _ = recurrent_generate(model, ids, 6, num_steps, kv=kv, continuous=continuous)
         assert got.tokens == [want] and got.steps == [steps]
 
 
