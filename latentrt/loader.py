@@ -28,6 +28,18 @@ _DTYPES = {
 }
 
 
+def merged_overrides(hf_overrides: dict | None, overrides: dict) -> dict:
+    """``load()``'s config overrides: its keywords and vLLM's ``hf_overrides`` dict, one set."""
+    if hf_overrides is None:
+        return overrides
+    if not isinstance(hf_overrides, dict) or not all(isinstance(k, str) for k in hf_overrides):
+        raise ConfigError(f"hf_overrides must be a dict of config.json fields, got {hf_overrides!r}")
+    both = sorted(set(hf_overrides) & set(overrides))
+    if both:
+        raise ConfigError(f"config field(s) {both} given both in hf_overrides and as load() keywords")
+    return {**hf_overrides, **overrides}
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -36,6 +48,7 @@ def load(
     weights: str | os.PathLike | None = None,
     backend: str = "auto",
     revision: str | None = None,
+    hf_overrides: dict | None = None,
     **overrides,
 ) -> LatentModel:
     """Load a checkpoint: a local folder, ``builtin:NAME``, or a Hugging Face Hub id (``owner/name``, at
@@ -47,7 +60,10 @@ def load(
     weights: a .safetensors or torch state-dict file to use instead of the folder's weights (e.g. a
     Coconut training checkpoint on top of a GPT-2 folder or Hub id). overrides: config fields to replace
     (e.g. mean_recurrence=16, or Coconut marker ids latent_id=...); unknown names are an error.
+    hf_overrides: the same as a dict, as vLLM's ``LLM(hf_overrides=...)`` and the CLI's ``--hf-overrides`` take
+    them (a field given both ways is an error).
     """
+    overrides = merged_overrides(hf_overrides, overrides)
     folder, cfg, family = read_model_config(path, revision, **overrides)
     gen_cfg = read_generation_config(folder)
     state_dict = read_state_dict(folder, weights)

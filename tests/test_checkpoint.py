@@ -221,6 +221,15 @@ def test_unknown_override_and_file_field(recurrent_dir):
         latentrt.load(recurrent_dir, device="cpu")
     m = latentrt.load(recurrent_dir, device="cpu", mean_recurrence=7)
     assert m.config.mean_recurrence == 7
+    # vLLM's hf_overrides dict: the same overrides, beside the keywords (a field given both ways is an error)
+    m = latentrt.load(recurrent_dir, device="cpu", hf_overrides={"mean_recurrence": 6}, n_heads=2)
+    assert (m.config.mean_recurrence, m.config.num_attention_heads) == (6, 2)
+    with pytest.raises(ConfigError, match=r"config field\(s\) \['mean_recurrence'\] given both in hf_overrides"):
+        latentrt.load(recurrent_dir, device="cpu", hf_overrides={"mean_recurrence": 6}, mean_recurrence=5)
+    with pytest.raises(ConfigError, match="hf_overrides must be a dict of config.json fields, got '{\"mean"):
+        latentrt.load(recurrent_dir, device="cpu", hf_overrides='{"mean_recurrence": 6}')
+    with pytest.raises(ConfigError, match="unknown config field 'mean_recurence'"):
+        latentrt.load(recurrent_dir, device="cpu", hf_overrides={"mean_recurence": 6})
     # overrides: a published alias names its field; a numpy scalar is the number it holds
     m = latentrt.load(recurrent_dir, device="cpu", n_heads=2, mean_recurrence=np.int64(5))
     assert (m.config.num_attention_heads, m.config.mean_recurrence) == (2, 5)
