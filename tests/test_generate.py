@@ -751,3 +751,25 @@ def test_include_stop_str_in_output_and_skip_special_tokens_as_vllm():
     assert cases[-1][1].endswith(eos)
     with pytest.raises(InputError, match="skip_special_tokens must be True or False"):
         latentrt.generate(model, prompt, skip_special_tokens="no")
+
+
+def test_logits_span_the_padded_head_but_padding_is_never_a_token():
+    """The logits are the head's full width (padded_vocab_size, as the published code and transformers give
+    them); the padding columns are no token: with their logits made the largest, greedy and sampled decoding
+    still pick vocabulary tokens, and a served request's log-probs leave them out too."""
+    from latentrt.serve.engine import Engine
+
+    model = latentrt.load("builtin:recurrent")  # (a copy of its own: its head is changed below)
+    V, padded = model.config.vocab_size, model.config.padded_vocab_size
+    assert padded > V
+    with torch.no_grad():
+        model.lm_head.weight[V:] = 50 * model.lm_head.weight[: padded - V]  # (tied: the unused embedding rows)
+    out = latentrt.generate(model, "Alex is a", max_new_tokens=4, num_steps=2, return_logits=True)
+    assert out.logits.shape == (len(out.steps), padded)
+    assert (out.logits[:, V:].max(-1).values > out.logits[:, :V].max(-1).values).all()  # padding on top
+    sampled = latentrt.generate(model, ["Alex is a"] * 8, max_new_tokens=4, num_steps=2, temperature=2.0, seed=1)
+    assert all(t < V for row in [out.tokens, *sampled.tokens] for t in row)
+    engine = Engine(model, max_batch=2)
+    req = engine.submit("Alex is a", max_new_tokens=3, num_steps=2, top_logprobs=5)
+    engine.run_until_idle()
+    assert req.tokens == out.tokens[:3] and all(t < V for e in req.logprobs for t, _ in e.top)
