@@ -448,6 +448,17 @@ CASES = [
             dry_allowed_length=1,
         ),
     ),
+    # its penalty multiplier x base ** (match + 1 - allowed_length), which seldom reaches a chosen token (its match
+    # reads the context forwards against the end backwards): here the prompt ends as it began, "9" then "20",
+    # so the greedy 20 is penalised; 0.17 x 3 ** 1 outweighs its lead over 27 (0.40), 0.17 x 1.75 (the default
+    # base) or 0.17 x 3 ** 0 (the default allowed length 2) does not: the case pins both fields
+    dict(
+        name="dry penalty base and allowed length",
+        model="huginn-a",
+        prompt=[9, 20, 13, 18, 23, 9],
+        max_new_tokens=6,
+        options=dict(num_steps=4, init_scale=0.0, dry_multiplier=0.17, dry_base=3.0, dry_allowed_length=1),
+    ),
     # 12. the published default lookup under adaptive exit: its "full" (run with the published default, as
     # ``published_cache`` says) and its "skip" drop the positions that did not run the iteration; latentrt's
     # "skip" mode
@@ -538,6 +549,8 @@ CASES = [
                 dict(adaptive=True, num_steps=12, exit_criterion="latent-diff", exit_threshold=0.1, continuous=True),
             ),
             ("sampling temperature fixed depth", "huginn-a", 12, 3, dict(num_steps=4, temperature=0.9)),
+            # min_p where it drops tokens (the top_k / min_p case above draws the same tokens without it)
+            ("sampling min_p fixed depth", "huginn-a", 12, 6, dict(num_steps=4, temperature=1.5, min_p=0.2)),
             (
                 "sampling top_k min_p repetition penalty adaptive kl",
                 "huginn-b",
