@@ -131,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .loader import load
 
-    options = model_options(args)
-    overrides = options.pop("hf_overrides")
-    return load(args.model, **options, **overrides)
+    return load(args.model, **model_options(args))  # (its hf_overrides: load's own keyword)
 
 
 def published_dtype(args) -> str | None:

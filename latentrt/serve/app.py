@@ -356,8 +356,15 @@ def load_engine(
     (``server_defaults``: ``latentrt serve --override-generation-config``)."""
     from ..loader import load
 
-    loaded = load(model, device=device, dtype=dtype, backend=backend, weights=weights, revision=revision,
-                  **(hf_overrides or {}))  # fmt: skip
+    loaded = load(
+        model,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        weights=weights,
+        revision=revision,
+        hf_overrides=hf_overrides,
+    )
     if generation_config:
         loaded.generation_defaults = server_defaults(loaded, generation_config)
     return Engine(loaded, **engine_kw)
