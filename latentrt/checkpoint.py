@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .caller import warn_at_caller
-from .errors import CheckpointError, ConfigError, os_errors_as
+from .errors import CheckpointError, ConfigError, InputError, os_errors_as
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # Prefixes that training code wraps around the model's own keys (Coconut wrapper, DDP, torch.compile).
@@ -455,6 +455,73 @@ def save_checkpoint(
     with replaced_folder(folder) as tmp:
         write_checkpoint_files(model, tmp, max_shard_bytes=max_shard_bytes, tie_key=tie_key)
     return Path(folder)
+
+
+# the files a checkpoint folder consists of (what ``write_checkpoint_files`` and the trainers write): a folder of
+# these only is one ``save_pretrained`` may replace without ``overwrite=True``
+_CHECKPOINT_FILE = re.compile(
+    r"config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors|tokenizer\.json"
+    r"|training\.json|trainer_state\.pt|" + "|".join(re.escape(name) for name in COMPANION_FILES)
+)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def shard_bytes(max_shard_size: int | str | None) -> int | None:
+    """transformers' ``max_shard_size``: bytes as an int, or a string such as "5GB" (10^9) or "2GiB" (2^30)."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
+        raise InputError(f"max_shard_size must be bytes (an int) or a size such as '5GB', got {max_shard_size!r}")
+    if isinstance(max_shard_size, int):
+        size = max_shard_size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", max_shard_size.upper())
+        if m is None:
+            raise InputError(f"max_shard_size {max_shard_size!r} is not a size such as '500MB', '5GB' or '2GiB'")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if size < 1:
+        raise InputError(f"max_shard_size must be at least 1 byte, got {max_shard_size!r}")
+    return size
+
+
+def save_pretrained(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``LatentModel.save_pretrained``: the model as a checkpoint folder ``load`` reads back to the same
+    numbers (config.json with any load-time overrides, the weights in their dtype, tokenizer.json, and the
+    source folder's chat template, generation defaults and training.json). The folder is replaced whole and
+    atomically, so one holding anything but checkpoint files is refused unless ``overwrite``."""
+    limit = shard_bytes(max_shard_size)
+    path = Path(folder)
+    with os_errors_as(CheckpointError, f"checkpoint folder {str(path)!r}"):
+        others = (
+            sorted(
+                f.name + ("/" if f.is_dir() else "") for f in path.iterdir() if not _CHECKPOINT_FILE.fullmatch(f.name)
+            )
+            if path.is_dir()
+            else []
+        )
+    if others and not overwrite:
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise CheckpointError(
+            f"{str(path)!r} holds files that are not a checkpoint's ({listed}); save_pretrained replaces the "
+            "folder whole: choose another folder, or pass overwrite=True to replace it with everything in it"
+        )
+    keys = model.tied_keys()
+    with replaced_folder(path) as tmp:
+        write_checkpoint_files(model, tmp, max_shard_bytes=limit, tie_key=keys[0] if keys else None)
+        source = getattr(model, "folder", None)
+        trained = None if source is None else Path(source) / "training.json"
+        # how the folder's weights were trained (a Coconut model's prompt format and thought count); not for
+        # weights read from another file (load(weights=...)), which it does not describe
+        if trained is not None and trained.is_file() and getattr(model, "weights_file", None) is None:
+            shutil.copyfile(trained, tmp / "training.json")
+    return path
 
 
 def read_weights_metadata(folder: str | os.PathLike) -> dict[str, str]:

@@ -523,3 +523,137 @@ def test_a_latent_marker_id_outside_the_vocabulary_is_named(coconut_dir):
     vocab = json.loads((coconut_dir / "config.json").read_text())["vocab_size"]
     with pytest.raises(ConfigError, match=f"latent_id={vocab} is outside the vocabulary \\(size {vocab}\\)"):
         latentrt.load(coconut_dir, device="cpu", latent_id=vocab)
+
+
+# ------------------------------------------------------------------------------------- save_pretrained
+QUESTION = "Stella is a rempus. Fae is a worpus. Every worpus is a timpus. Is Fae a rempus or worpus?"
+
+
+@pytest.mark.parametrize("name", ["recurrent", "coconut"])
+def test_save_pretrained_loads_back_to_the_same_numbers_and_keeps_the_folders_companions(tmp_path, name):
+    """A loaded model saved and loaded again gives the same logits and tokens: its load-time overrides are in
+    config.json, and the chat template, generation defaults and training.json (a Coconut model's thought
+    count) come with it."""
+    overrides = {"mean_recurrence": 5} if name == "recurrent" else {}
+    model = latentrt.load(f"builtin:{name}", device="cpu", hf_overrides=overrides)
+    # a model saved from a saved folder keeps the companions too
+    model.save_pretrained(tmp_path / "first")
+    (tmp_path / "first" / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+    (tmp_path / "first" / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    model = latentrt.load(tmp_path / "first", device="cpu")
+    out = model.save_pretrained(tmp_path / "second")
+    assert out == tmp_path / "second"
+    files = {p.name for p in out.iterdir()}
+    assert files == {n for n in (p.name for p in (tmp_path / "first").iterdir())}, files
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training.json", "chat_template.jinja"} <= files
+    again = latentrt.load(out, device="cpu")
+    assert again.config == model.config and again.generation_defaults == {"max_new_tokens": 5}
+    if name == "recurrent":
+        assert again.config.mean_recurrence == 5
+    _same_state(again, model)
+    a, b = latentrt.generate(model, QUESTION), latentrt.generate(again, QUESTION)
+    assert a.tokens == b.tokens and a.steps == b.steps and a.num_thoughts == b.num_thoughts
+    assert len(a.tokens) == 5 and (name == "recurrent" or a.num_thoughts == 3)
+
+
+def _same_state(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def test_save_pretrained_shards_keeps_the_dtype_and_ties_the_head(tmp_path):
+    model = latentrt.load("builtin:recurrent", device="cpu", dtype="bf16")
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 5 and not (tmp_path / "model.safetensors").exists()
+    assert all(p.stat().st_size < 100_000 + 70_000 for p in shards)  # (a tensor larger than a shard is alone)
+    stored = {k: v for p in shards for k, v in load_file(p).items()}
+    assert "lm_head.weight" not in stored  # (and the published RoPE table as the file had it)
+    assert {v.dtype for k, v in stored.items() if k != "freqs_cis"} == {torch.bfloat16}
+    again = latentrt.load(tmp_path, device="cpu", dtype="bf16")
+    _same_state(again, model)
+    assert again.lm_head.weight is again.transformer.wte.weight
+    # saved again as one file, over the shards (a checkpoint's files: no overwrite needed, no stale shard left)
+    model.save_pretrained(tmp_path, max_shard_size=None)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "size, want",
+    [(1000, 1000), ("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("1.5MB", 1_500_000), (" 100 kb ", 100_000), ("7B", 7)],
+)
+def test_max_shard_size_reads_as_transformers_does(size, want):
+    from latentrt.checkpoint import shard_bytes
+
+    assert shard_bytes(size) == want
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 1.5, "5", "5 GBs", "GB", "0MB", "-1GB", [5]])
+def test_a_bad_max_shard_size_is_named(tmp_path, size):
+    model = latentrt.load("builtin:recurrent", device="cpu")
+    with pytest.raises(latentrt.InputError, match="max_shard_size"):
+        model.save_pretrained(tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_pretrained_refuses_to_replace_a_folder_of_other_files_unless_told(tmp_path):
+    model = latentrt.load("builtin:recurrent", device="cpu")
+    folder = tmp_path / "work"
+    (folder / "data").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds files that are not a checkpoint's \(data/, notes.txt\)"):
+        model.save_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "config.json").read_text() == "{}"
+    for i in range(6):
+        (folder / f"n{i}.txt").write_text("")
+    with pytest.raises(CheckpointError, match=r"\(data/, n0.txt, n1.txt, n2.txt, n3.txt and 3 more\)"):
+        model.save_pretrained(folder)
+    model.save_pretrained(folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training.json"]
+    )
+    _same_state(latentrt.load(folder, device="cpu"), model)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint folder"):
+        model.save_pretrained(tmp_path / "a_file")
+    # into the folder it was loaded from (read while the new one is written)
+    loaded = latentrt.load(folder, device="cpu")
+    loaded.save_pretrained(folder)
+    _same_state(latentrt.load(folder, device="cpu"), model)
+
+
+def test_save_pretrained_leaves_out_a_training_json_that_describes_other_weights(tmp_path):
+    """Weights read from another file (``load(weights=...)``) are not the folder's: its training.json does not
+    describe them and stays behind (the saved model warns, as the published checkpoint loaded so does)."""
+    ref = latentrt.load("builtin:coconut", device="cpu")
+    torch.save({"base_causallm." + k: v for k, v in ref.state_dict().items()}, tmp_path / "checkpoint_3")
+    model = latentrt.load("builtin:coconut", device="cpu", weights=tmp_path / "checkpoint_3")
+    model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "training.json").exists() and (tmp_path / "out" / "tokenizer_config.json").exists()
+    again = latentrt.load(tmp_path / "out", device="cpu")
+    _same_state(again, ref)
+    with pytest.warns(UserWarning, match="no training.json"):
+        assert latentrt.generate(again, QUESTION).num_thoughts == 0
+
+
+@pytest.mark.parametrize("point", ["begin", "written", "synced", "previous-moved", "new-moved"])
+def test_a_crash_in_save_pretrained_leaves_a_complete_checkpoint(tmp_path, monkeypatch, point):
+    from latentrt import checkpoint
+
+    old = latentrt.load("builtin:recurrent", device="cpu")
+    old.save_pretrained(tmp_path / "ckpt")
+    new = latentrt.load("builtin:recurrent", device="cpu", mean_recurrence=3)
+    monkeypatch.setattr(checkpoint, "CRASH_AT", point)
+    with pytest.raises(checkpoint.SimulatedCrash):
+        new.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(checkpoint, "CRASH_AT", None)
+    if point == "previous-moved":  # the old folder moved aside, the new one not yet in place: load says where
+        with pytest.raises(CheckpointError, match=r"an interrupted save left '.*\.ckpt\.previous'"):
+            latentrt.load(tmp_path / "ckpt", device="cpu")
+        checkpoint.recover_folder(tmp_path / "ckpt")  # (what the next save does first)
+    back = latentrt.load(tmp_path / "ckpt", device="cpu")
+    assert back.config.mean_recurrence == (3 if point == "new-moved" else old.config.mean_recurrence)
+    _same_state(back, old)

@@ -9,13 +9,16 @@ benchmarks) talks to models only through this surface and the family's decoder.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..cache import KVCache
+from ..checkpoint import save_pretrained
 from ..kv_modes import KVMode
 
 
@@ -123,6 +126,17 @@ class LatentModel(nn.Module):
         if keys is not None:
             head, emb = (self.get_submodule(k.rsplit(".", 1)[0]) for k in keys)
             head.weight = emb.weight
+
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, max_shard_size: int | str | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write the model as a checkpoint folder that ``latentrt.load`` reads back to the same numbers
+        (transformers' name): config.json (load-time overrides included), safetensors in the weights' dtype
+        (one file, or shards of at most ``max_shard_size``: bytes or "5GB" / "2GiB"), tokenizer.json, and
+        the loaded folder's chat template, generation defaults and training.json. The folder is replaced
+        whole and atomically (a crash leaves the previous or the new one complete); a folder holding other
+        files than a checkpoint's is refused unless ``overwrite=True``. Returns the folder."""
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, overwrite=overwrite)
 
     @classmethod
     def bind_checkpoint(cls, config, tokenizer, state_dict: dict):
