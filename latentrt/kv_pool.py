@@ -166,6 +166,10 @@ class KVPool:
         per_entry = self.layout.kv_heads * self.layout.head_dim * 2 * self.element_size * self.max_len
         return (self.layout.plain + self.layout.looped * self._slots_of(kv_mode)) * per_entry
 
+    def position_bytes(self, kv_mode: KVMode | None) -> int:
+        """K/V bytes one position of a request in ``kv_mode`` fills (as ``KVCache.used_bytes`` counts them)."""
+        return self.layout.bytes_per_position(self._slots_of(kv_mode), self.element_size)
+
     def capacity_bytes(self) -> int:
         per_entry = self.layout.kv_heads * self.layout.head_dim * 2 * self.element_size * self.max_len
         return (self.layout.plain * self.rows + self.layout.looped * self.slot_rows) * per_entry

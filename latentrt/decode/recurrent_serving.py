@@ -98,6 +98,7 @@ class _Request:
     request: object
     spec: LoopSpec | None = None  # the current unit's loop spec
     prompt_left: list[int] = field(default_factory=list)  # adaptive_prefill: prompt ids still to run
+    prefilling: bool = False  # adaptive_prefill: the unit running is a prompt position's
     has_state: bool = False  # a unit ended before (continuous mode starts from its final state)
 
 
@@ -183,7 +184,8 @@ class RecurrentServing(ServingProgram):
         self.entry[row] = 0
         self.entries_changed = True
         if dec.adaptive_prefill:  # every prompt position its own unit (generate's _prefill_by_token)
-            rec.prompt_left = list(request.prompt_ids)
+            rec.prompt_left, rec.prefilling = list(request.prompt_ids), True
+            request.prefill_steps = []  # each position's iterations, as generate()'s ``prefill_steps``
             self._next_prompt_position(rec)
         else:
             self.admitted.append(row)
@@ -526,6 +528,9 @@ class RecurrentServing(ServingProgram):
         for i, r in enumerate(rows_l):
             rec = self.requests[r]
             rec.has_state = True
+            if rec.prefilling:
+                rec.request.prefill_steps.append(int(self.loop.t[r]))
+                rec.prefilling = bool(rec.prompt_left)
             if rec.prompt_left:  # adaptive prefill: logits of a non-last prompt position are not used
                 self._next_prompt_position(rec)
                 continue

@@ -1,5 +1,6 @@
-"""Serving: the engine (continuous batching at latent-iteration granularity), an OpenAI-compatible HTTP
-server (``latentrt serve``, the ``serve`` extra) and Ray Serve replicas (the ``ray`` extra).
+"""Serving: the engine (continuous batching at latent-iteration granularity; ``Engine.generate`` for offline
+batches of prompts with their own options), an OpenAI-compatible HTTP server (``latentrt serve``, the
+``serve`` extra) and Ray Serve replicas (the ``ray`` extra).
 
 The engine needs only torch; ``latentrt.serve.app`` imports FastAPI and ``latentrt.serve.ray`` Ray.
 """

@@ -57,7 +57,7 @@ import torch
 
 from ..decode.serving import Ended
 from ..distributions import Distributions
-from ..engine import Generation
+from ..engine import Generation, GenerationResult
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
 from ..families import Family, check_applicable, family_for
 from ..models.base import LatentModel
@@ -66,6 +66,7 @@ from ..sequence_text import SequenceText, separator
 from ..stop_strings import StopStrings
 from ..transfer import to_device
 from .metrics import EngineMetrics
+from .offline import generate_all
 from .readback import Readback
 
 log = logging.getLogger("latentrt.serve")
@@ -229,6 +230,7 @@ class Request:
     stop_set: frozenset = frozenset()  # token ids that end it
     row: int | None = None
     latent_work: int = 0  # latent iterations (recurrent) or thoughts (Coconut) spent
+    prefill_steps: list[int] | None = None  # adaptive_prefill: each prompt position's latent iterations
     checked_entries: int = 0  # its pool row's first entries known finite (those of units whose token read finite)
     # scheduler state
     in_unit: bool = False  # a unit of this request is running in the program (or waits for its logits)
@@ -338,6 +340,7 @@ class Engine:
         self._sampled: Sampled | None = None  # the tokens sampled in the last step (device)
         self._read: _Read | None = None  # asynchronous scheduling: the last launch's read, on its way to the host
         self._ids = 0
+        self.looping = False  # run_forever is stepping the engine (on some thread)
 
     # ---------------------------------------------------------------- requests in
     def submit(
@@ -362,6 +365,32 @@ class Engine:
         need it at every token (no per-token decoding work for the rest); ``score_only`` (with
         ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
         (``max_new_tokens`` is then only checked)."""
+        req = self.request(
+            prompt,
+            options,
+            on_event=on_event,
+            top_logprobs=top_logprobs,
+            echo=echo,
+            text_per_token=text_per_token,
+            score_only=score_only,
+            **kwargs,
+        )
+        self.enqueue(req, request_id)
+        return req
+
+    def request(
+        self,
+        prompt,
+        options: GenerateOptions | None = None,
+        *,
+        on_event: Callable[[RequestEvent], None] | None = None,
+        top_logprobs: int | None = None,
+        echo: bool = False,
+        text_per_token: bool = True,
+        score_only: bool = False,
+        **kwargs,
+    ) -> Request:
+        """``submit``'s validation: the Request it would queue (not queued; ``enqueue`` queues it)."""
         opts = GenerateOptions.build(options, self.model.generation_defaults, **kwargs)
         if top_logprobs is not None:
             check_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
@@ -384,24 +413,28 @@ class Engine:
         why = self.program.pool.never_fits(need, self.program.kv_mode(gen.decoder))
         if why is not None:
             raise PromptError(why)
-        prompt_tokens, stop_set = int(gen.batch.mask.sum()), frozenset(gen.stop_ids.tolist())
-        prompt_ids = gen.batch.ids[0].tolist()
+        req = Request("", gen, on_event, prompt_tokens=int(gen.batch.mask.sum()))
+        req.stop_set, req.prompt_ids = frozenset(gen.stop_ids.tolist()), gen.batch.ids[0].tolist()
+        req.top_logprobs, req.echo = top_logprobs, bool(echo)
+        req.prompt_text = prompt if isinstance(prompt, str) else gen._decode(req.prompt_ids) or ""
+        req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
+        req.score_only = bool(score_only)
+        return req
+
+    def enqueue(self, req: Request, request_id: str | None = None, *, beyond_max_queue: bool = False) -> None:
+        """Queue a ``request`` (QueueFull past ``max_queue`` unless ``beyond_max_queue``: a caller that is
+        its own queue, as ``generate``; ShuttingDown once draining)."""
         with self.lock:
             if self.draining:
                 raise ShuttingDown("the server is shutting down")
-            if len(self.queue) >= self.max_queue:
+            if len(self.queue) >= self.max_queue and not beyond_max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._ids += 1
-            req = Request(request_id or f"req-{self._ids}", gen, on_event, prompt_tokens=prompt_tokens)
-            req.stop_set, req.prompt_ids, req.top_logprobs = stop_set, prompt_ids, top_logprobs
-            req.echo, req.prompt_text = bool(echo), prompt if isinstance(prompt, str) else gen._decode(prompt_ids) or ""
-            req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
-            req.score_only = bool(score_only)
+            req.id = request_id or f"req-{self._ids}"
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
             self.queue.append(req)
             self.wake.notify()
-        return req
 
     def cancel(self, req: Request) -> None:
         """The client went away: the request ends at the next step and frees its row."""
@@ -421,13 +454,26 @@ class Engine:
 
     def run_forever(self) -> None:
         """Step while there is work, sleep while there is none, return after ``stop`` (once drained)."""
-        while True:
-            with self.lock:
-                while not self.busy and not self._stopped:
-                    self.wake.wait()
-                if self._stopped and not self.busy:
-                    return
-            self.step()
+        self.looping = True
+        try:
+            while True:
+                with self.lock:
+                    while not self.busy and not self._stopped:
+                        self.wake.wait()
+                    if self._stopped and not self.busy:
+                        return
+                self.step()
+        finally:
+            self.looping = False
+
+    def generate(self, prompts, options=None, **kwargs) -> list[GenerationResult]:
+        """vLLM's offline ``LLM.generate``: every prompt a request with its own options (one
+        ``GenerateOptions`` for all, or a list with one per prompt; keywords replace fields of each), served by
+        continuous batching; one single-prompt ``GenerationResult`` per prompt, in order, each equal to
+        ``latentrt.generate(model, prompt, options)`` alone. Every prompt is validated before any runs (an
+        error names its index). Steps the engine itself, or waits while ``run_forever`` runs it on another
+        thread (latentrt/serve/offline.py)."""
+        return generate_all(self, prompts, options, **kwargs)
 
     def stop(self) -> None:
         """Stop taking requests; ``run_forever`` returns once the queued and resident ones are done."""

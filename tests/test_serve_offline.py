@@ -1,0 +1,132 @@
+"""``Engine.generate`` (latentrt/serve/offline.py): many prompts with their own options through continuous
+batching, each result equal to ``latentrt.generate()`` alone, field by field."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_coconut, tiny_recurrent
+from test_serve_engine import coconut_requests, generate_alone, recurrent_requests
+
+import latentrt
+from latentrt.errors import InputError, NonFiniteStateError, PromptError
+from latentrt.serve import Engine
+
+QUESTION = "Stella is a rempus. Fae is a worpus. Every worpus is a timpus. Is Fae a rempus or worpus?"
+
+
+def _options(kw: dict) -> latentrt.GenerateOptions:
+    return latentrt.GenerateOptions.build(None, **kw)
+
+
+@pytest.mark.parametrize("scheduler", ["depth", "token"])
+def test_each_prompt_with_its_own_options_equals_generate_alone(scheduler):
+    """Mixed depths, criteria, KV modes, sampling, penalties and stops, more prompts than rows and than the
+    queue takes: every field of each result is generate()'s for that prompt alone (kv_bytes and the backend
+    included)."""
+    model = tiny_recurrent(seed=3)
+    requests = recurrent_requests(20, seed=7)
+    engine = Engine(model, max_batch=4, max_queue=3, scheduler=scheduler)
+    results = engine.generate([p for p, _ in requests], [_options(kw) for _, kw in requests])
+    assert len(results) == len(requests)
+    for result, (prompt, kw) in zip(results, requests):
+        assert result == generate_alone(model, prompt, **kw), (prompt, kw)
+    assert not engine.busy and len(engine.program.pool.free_rows) == 4
+
+
+def test_coconut_prompts_with_their_thoughts_equal_generate_alone():
+    model = tiny_coconut(seed=2)
+    requests = coconut_requests(10)
+    results = Engine(model, max_batch=3).generate([p for p, _ in requests], [_options(kw) for _, kw in requests])
+    for result, (prompt, kw) in zip(results, requests):
+        assert result == generate_alone(model, prompt, **kw), (prompt, kw)
+    assert {r.num_thoughts for r in results} >= {0, 1, 3}  # (thoughts as generate() counts them)
+
+
+def test_text_prompts_one_prompt_and_keywords_for_every_prompt():
+    model = latentrt.load("builtin:coconut", device="cpu")
+    engine = Engine(model, max_batch=2)
+    few = latentrt.GenerateOptions(max_new_tokens=3)
+    texts = [QUESTION, "Bob is a rompus. Is Bob a rompus or jelpus?", "Alex is a wumpus."]
+    got = engine.generate(texts, [few, None, few], num_thoughts=1)
+    want = [latentrt.generate(model, t, o, num_thoughts=1) for t, o in zip(texts, [few, None, few])]
+    assert got == want and [r.num_thoughts for r in got] == [1, 1, 1] and len(got[0].tokens) == 3
+    # one prompt (text, or a list of ids) is a list of one result; no options: the model's defaults
+    assert engine.generate(QUESTION) == [latentrt.generate(model, QUESTION)]
+    ids = model.tokenizer.encode("Alex is a wumpus.").ids
+    assert engine.generate(ids, max_new_tokens=2) == [latentrt.generate(model, ids, max_new_tokens=2)]
+
+
+def test_every_prompt_is_checked_before_any_runs():
+    """A bad prompt or option is generate()'s error naming the prompt's index, and nothing was queued or run."""
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=2, max_len=64)
+    ok = [[5, 6, 7], [8, 9]]
+    cases = [
+        (ok + [[]], None, {}, InputError, r"prompts\[2\]: empty prompt"),
+        (ok, [None, _options(dict(temperature=-1))], {}, InputError, r"prompts\[1\]: .*temperature"),
+        (ok, None, dict(num_stepz=3), InputError, r"prompts\[0\]: unknown generate\(\) option"),
+        (ok + [[5] * 62], None, {}, PromptError, r"prompts\[2\]: .*"),
+        (ok, None, dict(hooks=[lambda e: None]), InputError, r"prompts\[0\]: hooks cannot be used"),
+        (ok, [None], {}, InputError, "options has 1 entries for 2 prompts"),
+        (ok, {"max_new_tokens": 2}, {}, InputError, "options must be a GenerateOptions or a list"),
+        ([], None, {}, InputError, "prompts is empty"),
+        (b"bytes", None, {}, InputError, "prompts must be a prompt"),
+        (7, None, {}, InputError, "prompts must be a prompt"),
+    ]
+    for prompts, options, kw, error, message in cases:
+        with pytest.raises(error, match=message):
+            engine.generate(prompts, options, **{"max_new_tokens": 3, **kw})
+    assert not engine.queue and not engine.resident and engine.metrics.steps == 0
+
+
+def test_a_failing_prompt_is_its_error_naming_it():
+    model = tiny_recurrent(seed=3)
+    bad_kw = dict(max_new_tokens=4, init_scale=1e39, seed=1, temperature=0.8)  # the state overflows fp32
+    with pytest.raises(NonFiniteStateError) as alone:
+        latentrt.generate(model, [5, 6, 7], **bad_kw)
+    engine = Engine(model, max_batch=2)
+    with pytest.raises(NonFiniteStateError, match=r"prompts\[1\]: ") as served:
+        engine.generate([[8, 9], [5, 6, 7], [10]], [None, _options(bad_kw), None])
+    assert str(served.value) == f"prompts[1]: {alone.value}"
+    assert not engine.busy  # (the others finished; the engine serves on)
+    assert engine.generate([[8, 9]], seed=2) == [latentrt.generate(model, [8, 9], seed=2)]
+
+
+def test_while_a_server_loop_runs_the_engine_it_waits_for_its_results():
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=2, kv_slots=32)
+    loop = threading.Thread(target=engine.run_forever)
+    loop.start()
+    try:
+        requests = recurrent_requests(6, seed=2)
+        from_thread = engine.submit([5, 6, 7], max_new_tokens=3, seed=4)  # a server's request beside ours
+        results = engine.generate([p for p, _ in requests], [_options(kw) for _, kw in requests])
+        assert engine.looping
+    finally:
+        engine.stop()
+        loop.join(timeout=60)
+    assert not loop.is_alive() and not engine.looping
+    for result, (prompt, kw) in zip(results, requests):
+        assert result == generate_alone(model, prompt, **kw)
+    assert (
+        from_thread.done.is_set()
+        and from_thread.tokens == latentrt.generate(model, [5, 6, 7], max_new_tokens=3, seed=4).tokens
+    )
+
+
+def test_kv_bytes_count_the_positions_generate_fills():
+    """The prompt as run and every new token but the last, in the request's KV mode: a stop token and the
+    length limit, full and shared K/V, a bf16 model."""
+    model = tiny_recurrent(seed=3).to(torch.bfloat16)
+    engine = Engine(model, max_batch=2, kv_slots=16)
+    prompts = [[5, 6, 7], [5, 6, 7], [9, 10]]
+    options = [
+        _options(dict(max_new_tokens=n, kv_sharing=kv, stop=[7, 11], seed=1))
+        for n, kv in ((1, "full"), (9, "shared"), (9, "ring-3"))
+    ]
+    for result, prompt, opts in zip(engine.generate(prompts, options), prompts, options):
+        alone = latentrt.generate(model, prompt, opts)
+        assert result.kv_bytes == alone.kv_bytes > 0 and result == alone
