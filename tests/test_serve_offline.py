@@ -130,3 +130,37 @@ def test_kv_bytes_count_the_positions_generate_fills():
     for result, prompt, opts in zip(engine.generate(prompts, options), prompts, options):
         alone = latentrt.generate(model, prompt, opts)
         assert result.kv_bytes == alone.kv_bytes > 0 and result == alone
+
+
+def test_callers_on_several_threads_take_turns_stepping():
+    """Two threads each serving their prompts through one engine (no server loop): the steps never overlap,
+    and each gets generate()'s results."""
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=3, kv_slots=32)
+    real, inside, overlapped = engine._step, [0], []
+
+    def watched_step():
+        inside[0] += 1
+        overlapped.append(inside[0] > 1)
+        try:
+            real()
+        finally:
+            inside[0] -= 1
+
+    engine._step = watched_step
+    batches = [recurrent_requests(6, seed=11), recurrent_requests(6, seed=12)]
+    results: dict = {}
+
+    def serve(i: int) -> None:
+        prompts, kws = zip(*batches[i])
+        results[i] = engine.generate(list(prompts), [_options(kw) for kw in kws])
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert overlapped and not any(overlapped)
+    for i, requests in enumerate(batches):
+        for result, (prompt, kw) in zip(results[i], requests):
+            assert result == generate_alone(model, prompt, **kw)

@@ -40,8 +40,9 @@ begins a step later, and a request that stops on a token frees its row a step la
 on the host (``ended_on_host``): it is sampled before the next launch, at no price, as is every Coconut unit
 (a pass always completes). Results are the same (a masked row changes nothing).
 
-The engine runs on one thread (``run_forever`` or ``step`` in a loop); ``submit`` and ``cancel`` may be
-called from any thread. Each request receives ``RequestEvent``s through its ``on_event`` callback.
+The engine runs on one thread (``run_forever`` or ``step`` in a loop; steps called from several threads,
+as concurrent ``Engine.generate`` calls make them, take turns); ``submit`` and ``cancel`` may be called from
+any thread. Each request receives ``RequestEvent``s through its ``on_event`` callback.
 """
 
 from __future__ import annotations
@@ -341,6 +342,7 @@ class Engine:
         self._read: _Read | None = None  # asynchronous scheduling: the last launch's read, on its way to the host
         self._ids = 0
         self.looping = False  # run_forever is stepping the engine (on some thread)
+        self._stepping = threading.Lock()  # one step at a time, whichever thread steps
 
     # ---------------------------------------------------------------- requests in
     def submit(
@@ -481,8 +483,13 @@ class Engine:
             self.draining = self._stopped = True
             self.wake.notify()
 
-    @torch.no_grad()
     def step(self) -> None:
+        """One scheduler step (see module docstring); callers on several threads take turns."""
+        with self._stepping:
+            self._step()
+
+    @torch.no_grad()
+    def _step(self) -> None:
         t0 = time.perf_counter()
         self._drop_cancelled()
         t_sample = time.perf_counter()
