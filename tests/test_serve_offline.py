@@ -164,3 +164,15 @@ def test_callers_on_several_threads_take_turns_stepping():
     for i, requests in enumerate(batches):
         for result, (prompt, kw) in zip(results[i], requests):
             assert result == generate_alone(model, prompt, **kw)
+
+
+def test_a_stop_token_the_output_leaves_out_still_counts_in_kv_bytes():
+    """Coconut's published eos: the eos that ends an answer is sampled and left out of the tokens; generate()'s
+    cache holds its position's predecessor all the same (found by tools/soak.py's offline check)."""
+    model = latentrt.load("builtin:coconut", device="cpu")
+    engine = Engine(model, max_batch=2)
+    for published in (False, True):
+        got = engine.generate([QUESTION, "Alex is a wumpus."], published_eos=published)
+        want = [latentrt.generate(model, q, published_eos=published) for q in (QUESTION, "Alex is a wumpus.")]
+        assert got == want and got[0].finish_reasons == ["stop"]
+        assert (got[0].tokens[-1] == model.eos_token_id) != published  # (left out with the published eos)

@@ -16,11 +16,11 @@ from tools import soak
 @pytest.mark.parametrize("model", ["builtin:recurrent", "builtin:coconut"])
 def test_every_check_runs_and_agrees(model, capsys):
     filters = list(warnings.filters)
-    assert soak.main(["--model", model, "--cases", "8", "--seed", "3"]) == 0  # every check, once or twice
+    assert soak.main(["--model", model, "--cases", "10", "--seed", "3"]) == 0  # every check, once or twice
     assert warnings.filters == filters  # the soak silences the options' warnings while it runs, not after
     out = capsys.readouterr().out
     assert "no mismatch" in out
-    for check in ("batch", "stream", "serve", "hooks", "score", "http", "burst"):
+    for check in ("batch", "stream", "serve", "offline", "hooks", "score", "http", "burst"):
         assert f"{check} compared" in out, out  # each check compared something
     assert "backend skipped (torch against torch)" in out
     spec = "speculative compared" if model == "builtin:recurrent" else "speculative skipped (the family has no such"
@@ -445,6 +445,45 @@ def test_a_cancelled_request_is_compared_up_to_its_cancel_and_a_leaked_row_is_a_
     assert "MISMATCH serve seed 11: idle, the engine has not given back pool rows [0] and slot rows [" in (
         capsys.readouterr().out
     )
+
+
+def test_offline_results_other_than_alone_or_a_refusal_are_mismatches(monkeypatch, capsys):
+    """The offline check compares Engine.generate's results with generate() alone: the outcome, then the fields
+    beside it; a refusal that is not the engine's capacity is a mismatch, one that is is left out."""
+    from latentrt.serve import offline
+
+    assert soak.main(["--cases", "2", "--checks", "offline", "--seed", "5"]) == 0
+    assert "no mismatch" in capsys.readouterr().out
+    real_result, real_bytes = offline.result_of, offline.kv_bytes
+    monkeypatch.setattr(offline, "kv_bytes", lambda engine, req: real_bytes(engine, req) + 1)
+    assert soak.main(["--cases", "1", "--checks", "offline", "--seed", "5"]) == 1
+    assert "MISMATCH offline seed 5: kv_bytes differ from generate() alone" in capsys.readouterr().out
+    monkeypatch.setattr(offline, "kv_bytes", real_bytes)
+
+    def other_steps(engine, req):
+        result = real_result(engine, req)
+        result.steps = [s + 1 for s in result.steps]
+        return result
+
+    monkeypatch.setattr(offline, "result_of", other_steps)
+    assert soak.main(["--cases", "1", "--checks", "offline", "--seed", "5"]) == 1
+    assert "MISMATCH offline seed 5: position 0 (0: the prompt)" in capsys.readouterr().out
+    monkeypatch.setattr(offline, "result_of", real_result)
+
+    def refusing(self, prompt, options=None, **kw):
+        raise latentrt.InputError("no")
+
+    monkeypatch.setattr(soak.Engine, "request", refusing)
+    assert soak.main(["--cases", "1", "--checks", "offline", "--seed", "5"]) == 1
+    assert "MISMATCH offline seed 5: refused what generate() takes: no" in capsys.readouterr().out
+
+    def full(self, prompt, options=None, **kw):
+        raise latentrt.PromptError("more than this server's context")
+
+    monkeypatch.setattr(soak.Engine, "request", full)
+    assert soak.main(["--cases", "1", "--checks", "offline", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "refused by the engine" in out and "offline compared" not in out
 
 
 def test_a_streamed_answer_other_than_the_plain_one_is_a_mismatch(monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Differential soak: random requests through two paths that must agree, for a time budget or a count of cases.
 
-    python -m tools.soak [--seconds 60 | --cases N] [--checks batch,serve,backend,speculative,hooks,score,http,burst]
+    python -m tools.soak [--seconds 60 | --cases N]
+                         [--checks batch,serve,offline,backend,speculative,hooks,score,http,burst]
                          [--model builtin:recurrent] [--backend auto] [--device DEVICE] [--dtype DTYPE] [--seed 0]
 
 Each case draws its prompts (token ids of the model's vocabulary, 1-30 long) and its options (every generic
@@ -14,6 +15,8 @@ one depths, exit criteria and KV modes) from its own seed, and runs one check; t
   scheduling) serving 3-16 requests of their own options, all at once or arriving over its first steps, some
   cancelled at a random step: each equals generate() alone (README, Serving), a cancelled one its first
   tokens; idle, the engine holds nothing (every pool row free, the K/V storage finite);
+- ``offline``: ``Engine.generate`` (random engine settings) on 2-8 prompts of their own options: each result
+  equals generate() alone, field by field (``kv_bytes``, thoughts, adaptive prefill's per-position steps);
 - ``backend``: generate() on ``--backend`` equals the torch backend (skipped where that is torch);
 - ``speculative``: greedy speculative decoding (random lookahead and draft depth) equals sequential decoding
   at fixed depth, ``init_scale=0``, full K/V (recurrent-depth models);
@@ -62,12 +65,13 @@ from latentrt.chat import find_chat_template
 from latentrt.errors import InputError, LatentRTError
 from latentrt.exits import CRITERIA
 from latentrt.families import family_for
+from latentrt.options import GenerateOptions
 from latentrt.serve.engine import SCHEDULERS, Engine
 
 from . import check_budget, warnings_silenced, wrapped
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
-CHECKS = ("batch", "serve", "backend", "speculative", "hooks", "score", "http", "burst")
+CHECKS = ("batch", "serve", "offline", "backend", "speculative", "hooks", "score", "http", "burst")
 
 
 def draw_prompt(rng: random.Random, model) -> list[int]:
@@ -363,6 +367,55 @@ class Soak:
             self.judge(a, seed, settings, served)
         self.check_released("serve", engine, seed, settings)
 
+    def offline(self, seed: int) -> None:
+        """``Engine.generate``: prompts with their own options, each result generate()'s alone field by field
+        (outcome, then kv_bytes, thoughts, adaptive prefill's per-position steps, backend); a prompt the engine
+        can never fit (its pool, ``kv_pool.never_fits``) is left out, any other refusal is a mismatch."""
+        rng = random.Random(seed)
+        settings = draw_engine_settings(rng)
+        drawn = [
+            (draw_prompt(rng, self.model), draw_options(rng, self.model, seed=seed + i))
+            for i in range(rng.randrange(2, 9))
+        ]
+        alone = [(p, kw, self.alone(p, kw)) for p, kw in drawn]
+        self.model.backend = self._backend(self.backend)
+        try:
+            engine = Engine(self.model, **settings)
+        except InputError:  # e.g. async scheduling a family's program does not offer
+            self.counts["engines refused"] += 1
+            return
+        cases = []
+        for p, kw, a in alone:
+            if a is None:
+                continue
+            try:
+                engine.request(p, GenerateOptions.build(None, **kw))
+            except LatentRTError as exc:
+                if "this server" not in str(exc):
+                    self.mismatch("offline", seed, f"refused what generate() takes: {exc}", dict(kw, engine=settings))
+                    return
+                self.counts["refused by the engine"] += 1
+                continue
+            cases.append((p, kw, a))
+        if not cases:
+            return
+        results = engine.generate([p for p, _, _ in cases], [GenerateOptions.build(None, **kw) for _, kw, _ in cases])
+        for result, (_, kw, a) in zip(results, cases):
+            kw = dict(kw, engine=settings)
+            self.compare("offline", seed, outcome(result), outcome(a), kw)
+            extra = ("kv_bytes", "num_thoughts", "prefill_steps", "backend")
+            got, want = ([getattr(r, name) for name in extra] for r in (result, a))
+            if outcome(result) == outcome(a) and got != want:
+                differ = [name for name, g, w in zip(extra, got, want) if g != w]
+                self.mismatch(
+                    "offline",
+                    seed,
+                    f"{', '.join(differ)} differ from generate() alone",
+                    kw,
+                    f"\n  got  {got}\n  want {want}",
+                )
+        self.check_released("offline", engine, seed, settings)
+
     def judge(self, a: Arrival, seed: int, settings: dict, served: DrawLog) -> None:
         """A served request against generate() alone: a finished one its whole outcome, a cancelled one the
         tokens and steps it produced before (generate()'s first ones); one that failed or never finished is a
@@ -625,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     except LatentRTError as exc:
         p.exit(2, f"{p.prog}: error: {exc}\n")
     soak = Soak(model, model.backend.name)
-    runs = dict(batch=soak.batch, serve=soak.serve, backend=soak.backends, speculative=soak.speculative)
+    runs = dict(batch=soak.batch, serve=soak.serve, offline=soak.offline, backend=soak.backends)
+    runs.update(speculative=soak.speculative)
     runs.update(hooks=soak.hooks, score=soak.score)
     stack = contextlib.ExitStack()
     if "http" in checks or "burst" in checks:

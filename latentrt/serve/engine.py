@@ -232,6 +232,7 @@ class Request:
     row: int | None = None
     latent_work: int = 0  # latent iterations (recurrent) or thoughts (Coconut) spent
     prefill_steps: list[int] | None = None  # adaptive_prefill: each prompt position's latent iterations
+    stop_token_left_out: bool = False  # it ended on a stop token its output leaves out (Coconut's published eos)
     checked_entries: int = 0  # its pool row's first entries known finite (those of units whose token read finite)
     # scheduler state
     in_unit: bool = False  # a unit of this request is running in the program (or waits for its logits)
@@ -698,6 +699,7 @@ class Engine:
                 continue
             stopped = tok in req.stop_set and req.decoder.stops_at(index)
             kept = req.decoder.keep_stop_token or not stopped
+            req.stop_token_left_out = not kept
             lp = None
             if kept:
                 if id(req) in lps:

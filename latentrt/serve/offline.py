@@ -42,10 +42,12 @@ def _options_per_prompt(options, n: int) -> list:
 
 def kv_bytes(engine, req) -> int:
     """What ``generate()`` alone reports as ``kv_bytes`` for a finished request: the bytes of K/V its cache
-    holds for the positions filled (the prompt as run, then every new token but the last, which ends the
-    sequence without being run), in the request's KV mode at the model's dtype."""
+    holds for the positions filled (the prompt as run, then every token sampled but the last, which ends the
+    sequence without being run: a stop token the output leaves out counts), in the request's KV mode at the
+    model's dtype."""
     per_position = engine.program.pool.position_bytes(engine.program.kv_mode(req.decoder))
-    return per_position * (req.prompt_tokens + max(len(req.tokens) - 1, 0))
+    sampled = len(req.tokens) + req.stop_token_left_out
+    return per_position * (req.prompt_tokens + max(sampled - 1, 0))
 
 
 def generate_all(engine, prompts, options=None, **kwargs) -> list[GenerationResult]:
