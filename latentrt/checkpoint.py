@@ -497,6 +497,8 @@ def save_pretrained(
     source folder's chat template, generation defaults and training.json). The folder is replaced whole and
     atomically, so one holding anything but checkpoint files is refused unless ``overwrite``."""
     limit = shard_bytes(max_shard_size)
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder).strip():
+        raise InputError(f"save_pretrained takes a folder path, got {folder!r}")
     path = Path(folder)
     with os_errors_as(CheckpointError, f"checkpoint folder {str(path)!r}"):
         others = (

@@ -590,6 +590,13 @@ def test_max_shard_size_reads_as_transformers_does(size, want):
     assert shard_bytes(size) == want
 
 
+@pytest.mark.parametrize("folder", [None, "", " ", 3, b"out"])
+def test_save_pretrained_takes_a_folder_path(folder):
+    model = latentrt.load("builtin:recurrent", device="cpu")
+    with pytest.raises(latentrt.InputError, match="save_pretrained takes a folder path, got"):
+        model.save_pretrained(folder)
+
+
 @pytest.mark.parametrize("size", [0, -1, True, 1.5, "5", "5 GBs", "GB", "0MB", "-1GB", [5]])
 def test_a_bad_max_shard_size_is_named(tmp_path, size):
     model = latentrt.load("builtin:recurrent", device="cpu")
