@@ -1,5 +1,5 @@
 """Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``,
-``latentrt train MODEL DATA --out DIR``, ``latentrt serve [MODEL]``.
+``latentrt train MODEL DATA --out DIR``, ``latentrt serve [MODEL]``, ``latentrt run-batch MODEL -i IN -o OUT``.
 
 Every generate() option the user gives is passed on as given (the flags: latentrt/cli_flags.py); options that
 do not apply to the model's family are errors (the same message as the Python API, naming the flags typed).
@@ -17,6 +17,7 @@ import warnings
 from .cli_flags import (
     UNSET,
     add_chat_args,
+    add_engine_args,
     add_generate_args,
     add_latent_args,
     add_model_args,
@@ -37,12 +38,13 @@ from .version import __version__
 
 # `latentrt --help` (the module's docstring above is for its readers)
 DESCRIPTION = """Run language models that reason in latent space (recurrent depth, continuous thought):
-generate, chat, evaluate, train and serve them. `latentrt COMMAND --help` lists a command's options; every
-generate() option has a flag. Errors print `latentrt: error: ...` and exit 2."""
+generate, chat, evaluate, train and serve them, or answer a file of requests. `latentrt COMMAND --help` lists a
+command's options; every generate() option has a flag. Errors print `latentrt: error: ...` and exit 2."""
 EXAMPLES = """examples:
   latentrt generate builtin:recurrent "Alex is a wumpus. Is Alex a wumpus or rompus?" --adaptive
   latentrt info builtin:coconut
-  latentrt serve builtin:recurrent --port 8000"""
+  latentrt serve builtin:recurrent --port 8000
+  latentrt run-batch builtin:recurrent -i requests.jsonl -o results.jsonl"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
     add_model_args(s, default="builtin:recurrent")
     add_serve_args(s)
+
+    b = sub.add_parser(
+        "run-batch",
+        help="answer a file of OpenAI Batch API requests (JSON Lines) through the server's routes, in-process "
+        "(vLLM's run-batch; needs the 'serve' extra)",
+    )
+    add_model_args(b)
+    b.add_argument(
+        "-i",
+        "--input-file",
+        required=True,
+        help="JSON Lines: {custom_id, method, url, body} a line (-: standard input)",
+    )
+    b.add_argument("-o", "--output-file", required=True, help="JSON Lines: {id, custom_id, response, error} a line")
+    add_engine_args(b)
     return parser
 
 
@@ -333,6 +350,27 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
     return 0
 
 
+def cmd_run_batch(args) -> int:
+    try:
+        from .serve.batch import check_output, read_batch, run_batch
+    except ImportError as exc:
+        raise InputError(f"run-batch needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise InputError(f"--chat-template {args.chat_template!r} is not a file")
+    override = json_object(args.override_generation_config, "--override-generation-config")
+    requests = read_batch(args.input_file)  # (every line checked, and the output's place, before the weights load)
+    check_output(args.output_file)
+    from .chat import chat_template_file
+    from .serve.app import load_engine
+
+    engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
+    template = None if args.chat_template is None else chat_template_file(args.chat_template, engine.model.folder)
+    counts = run_batch(engine, args.served_model_name or args.model, requests, args.output_file, template)
+    answered = ", ".join(f"{n} with status {status}" for status, n in sorted(counts.items()))
+    print(f"latentrt: {len(requests)} request(s) answered ({answered}); results in {args.output_file}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train.command import run_train
 
@@ -386,6 +424,7 @@ def _run(args) -> int:
             "eval": cmd_eval,
             "train": cmd_train,
             "serve": cmd_serve,
+            "run-batch": cmd_run_batch,
         }
         return commands[args.command](args)
     except InputError as exc:

@@ -108,8 +108,20 @@ def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> Non
     too, but the log level (its replicas log through Ray)."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="requests resident at once (rows of the K/V pool)")
+    add_engine_args(p)
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (then 429)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
+    )
+    if log_level:
+        p.add_argument("--log-level", default="info")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the engine and of the routes in front of it: ``latentrt serve``'s and ``run-batch``'s."""
+    p.add_argument("--max-batch", type=int, default=16, help="requests resident at once (rows of the K/V pool)")
     p.add_argument("--max-len", type=int, default=None, help="positions per request (default: context, <= 2048)")
     p.add_argument(
         "--kv-slots",
@@ -138,11 +150,6 @@ def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> Non
         "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
     )
     p.add_argument(
-        "--api-key",
-        default=None,
-        help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
-    )
-    p.add_argument(
         "--override-generation-config",
         default=None,
         metavar="JSON",
@@ -150,8 +157,6 @@ def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> Non
         'flag; any option: \'{"temperature": 0.5, "num_steps": 32, "kv_sharing": "shared"}\'); a '
         "request's own fields win",
     )
-    if log_level:
-        p.add_argument("--log-level", default="info")
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -167,8 +172,8 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    """The serve flags that configure the ``Engine``, as its keywords."""
-    return {name: getattr(args, name) for name in ENGINE_FLAGS}
+    """The flags that configure the ``Engine`` (those of them the command has), as its keywords."""
+    return {name: getattr(args, name) for name in ENGINE_FLAGS if hasattr(args, name)}
 
 
 def add_latent_args(p: argparse.ArgumentParser) -> None:

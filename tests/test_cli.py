@@ -447,7 +447,8 @@ def test_the_top_level_help_says_what_the_tool_does_and_its_examples_parse(capsy
     out = capsys.readouterr().out
     assert "latent space" in out and "``" not in out and "examples:" in out
     examples = [shlex.split(line.strip()) for line in EXAMPLES.splitlines()[1:]]
-    assert [argv[:2] for argv in examples] == [["latentrt", "generate"], ["latentrt", "info"], ["latentrt", "serve"]]
+    commands = [argv[:2] for argv in examples]
+    assert commands == [["latentrt", c] for c in ("generate", "info", "serve", "run-batch")]
     for argv in examples:
         build_parser().parse_args(argv[1:])
     assert main(examples[1][1:]) == 0 and "coconut" in capsys.readouterr().out
