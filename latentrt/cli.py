@@ -323,9 +323,7 @@ def cmd_serve(args) -> int:
         from .serve.app import listening_socket
     except ImportError as exc:
         raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
-    if args.chat_template is not None and not os.path.isfile(args.chat_template):
-        raise InputError(f"--chat-template {args.chat_template!r} is not a file")
-    override = json_object(args.override_generation_config, "--override-generation-config")
+    override = checked_engine_flags(args)
     api_key = api_key_from(args.api_key)
     sock = listening_socket(args.host, args.port)  # before the weights load: a port in use fails at once
     try:
@@ -334,13 +332,29 @@ def cmd_serve(args) -> int:
         sock.close()
 
 
-def _serve(args, sock, override: dict, api_key: str | None) -> int:
+def checked_engine_flags(args) -> dict:
+    """``serve``'s and ``run-batch``'s flags checked before the model loads: the chat template is a file, the
+    request defaults a JSON object (returned)."""
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise InputError(f"--chat-template {args.chat_template!r} is not a file")
+    return json_object(args.override_generation_config, "--override-generation-config")
+
+
+def engine_from_flags(args, override: dict):
+    """The model loaded into an Engine as ``serve``'s and ``run-batch``'s flags say, and the chat template."""
     from .chat import chat_template_file
-    from .serve.app import load_engine, run_server
+    from .serve.app import load_engine
 
     engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
+    template = None if args.chat_template is None else chat_template_file(args.chat_template, engine.model.folder)
+    return engine, template
+
+
+def _serve(args, sock, override: dict, api_key: str | None) -> int:
+    from .serve.app import run_server
+
+    engine, template = engine_from_flags(args, override)
     model = engine.model
-    template = None if args.chat_template is None else chat_template_file(args.chat_template, model.folder)
     name = args.served_model_name or args.model
     print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
     applied = _model_defaults_applied(model, {})
@@ -355,16 +369,10 @@ def cmd_run_batch(args) -> int:
         from .serve.batch import check_output, read_batch, run_batch
     except ImportError as exc:
         raise InputError(f"run-batch needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
-    if args.chat_template is not None and not os.path.isfile(args.chat_template):
-        raise InputError(f"--chat-template {args.chat_template!r} is not a file")
-    override = json_object(args.override_generation_config, "--override-generation-config")
+    override = checked_engine_flags(args)
     requests = read_batch(args.input_file)  # (every line checked, and the output's place, before the weights load)
     check_output(args.output_file)
-    from .chat import chat_template_file
-    from .serve.app import load_engine
-
-    engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
-    template = None if args.chat_template is None else chat_template_file(args.chat_template, engine.model.folder)
+    engine, template = engine_from_flags(args, override)
     counts = run_batch(engine, args.served_model_name or args.model, requests, args.output_file, template)
     answered = ", ".join(f"{n} with status {status}" for status, n in sorted(counts.items()))
     print(f"latentrt: {len(requests)} request(s) answered ({answered}); results in {args.output_file}")

@@ -354,11 +354,8 @@ class Soak:
             if alone is not None:
                 requests.append(Arrival(prompt, kw, alone, drawn))
         draw_arrivals(random.Random(f"{seed}:arrivals"), requests)  # (its own draws: the requests stay the seed's)
-        self.model.backend = self._backend(self.backend)
-        try:
-            engine = Engine(self.model, **settings)
-        except InputError:  # e.g. async scheduling a family's program does not offer
-            self.counts["engines refused"] += 1
+        engine = self.engine(settings)
+        if engine is None:
             return
         with DrawLog() as served:
             if not self._drive(engine, requests, seed, settings):
@@ -366,6 +363,16 @@ class Soak:
         for a in requests:
             self.judge(a, seed, settings, served)
         self.check_released("serve", engine, seed, settings)
+
+    def engine(self, settings: dict) -> Engine | None:
+        """An Engine of ``settings`` on the soak's backend, or None (counted) where it refuses them (e.g.
+        asynchronous scheduling a family's program does not offer)."""
+        self.model.backend = self._backend(self.backend)
+        try:
+            return Engine(self.model, **settings)
+        except InputError:
+            self.counts["engines refused"] += 1
+            return None
 
     def offline(self, seed: int) -> None:
         """``Engine.generate``: prompts with their own options, each result generate()'s alone field by field
@@ -378,11 +385,8 @@ class Soak:
             for i in range(rng.randrange(2, 9))
         ]
         alone = [(p, kw, self.alone(p, kw)) for p, kw in drawn]
-        self.model.backend = self._backend(self.backend)
-        try:
-            engine = Engine(self.model, **settings)
-        except InputError:  # e.g. async scheduling a family's program does not offer
-            self.counts["engines refused"] += 1
+        engine = self.engine(settings)
+        if engine is None:
             return
         cases = []
         for p, kw, a in alone:
