@@ -550,3 +550,10 @@ def test_bad_flags_are_errors_not_an_empty_soak(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
         soak.main(flags)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_engine_refusing_its_settings_is_counted_not_run():
+    check = soak.Soak(latentrt.load("builtin:recurrent"), "torch", log=lambda _: None)
+    assert check.engine({"scheduler": "nope"}) is None and check.counts["engines refused"] == 1
+    engine = check.engine({"max_batch": 2})
+    assert engine is not None and engine.max_batch == 2 and check.counts["engines refused"] == 1
