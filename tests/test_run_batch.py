@@ -179,11 +179,16 @@ def test_without_the_serve_extra_it_says_which_extra(tmp_path, capsys, monkeypat
 
 
 def test_the_whole_batch_is_queued_at_once_whatever_the_engines_queue(tmp_path):
-    """run_batch on an engine that queues one request: none of eight is refused as a full queue (429)."""
+    """run_batch on an engine that queues one request: none of eight lines (14 choices) is refused as a full
+    queue (429)."""
     from latentrt.serve import Engine
     from latentrt.serve.batch import run_batch
 
     requests = [dict(r, method="POST") for r in _requests(8, seed=3)]
+    for r in requests[:3]:
+        r["body"]["n"] = 3  # (a line's n choices are n requests of the engine)
     engine = Engine(latentrt.load(MODEL), max_batch=2, max_queue=1)
     counts = run_batch(engine, MODEL, requests, tmp_path / "out.jsonl")
     assert counts == {200: 8}
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [len(x["response"]["body"]["choices"]) for x in lines] == [3, 3, 3, 1, 1, 1, 1, 1]

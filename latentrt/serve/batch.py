@@ -129,7 +129,7 @@ def run_batch(engine, model_name: str, requests: list[dict], output: str | os.Pa
     ``output``; the count of answers per status code."""
     from .app import create_app
 
-    engine.max_queue = max(engine.max_queue, len(requests))  # every request queued at once: none is a 429
+    engine.max_queue = sys.maxsize  # every request (each of a line's n choices) queued at once: none is a 429
     app = create_app(engine, model_name, chat_template=chat_template)
     runner = app.state.runner
     runner.start()  # (an in-process client runs no lifespan: the engine's thread is started here)
