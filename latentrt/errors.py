@@ -50,7 +50,14 @@ def renamed(message: str, names: Mapping[str, str]) -> str:
 
 
 def not_a_model(value) -> InputError:
-    """The error for something given where a loaded model goes (most likely its name: load it first)."""
+    """The error for something given where a loaded model goes (most likely its name: load it first; or the
+    model wrapped by ``torch.compile``, whose module is not the model latentrt's backends run)."""
+    if hasattr(value, "_orig_mod"):  # torch.compile's OptimizedModule
+        inner = type(value._orig_mod).__name__
+        return InputError(
+            f"expected a model from latentrt.load(...), got a torch.compile'd {inner}; pass the model itself "
+            "(latentrt compiles its decode step through its backends: load(..., backend='triton' or 'cuda'))"
+        )
     what = f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
     return InputError(f"expected a model from latentrt.load(...), got {what}; call latentrt.load first")
 

@@ -223,6 +223,11 @@ def test_the_registrys_lookups_name_what_is_wrong(capsys):
     ]:
         with pytest.raises(InputError, match=rf"^expected a model from latentrt.load\(\.\.\.\), got {what}; call"):
             latentrt.generate(fake, [5, 6])
+    # torch.compile's wrapper (its OptimizedModule holds the module as ``_orig_mod``; a stand-in: importing
+    # torch._dynamo costs a second and warnings)
+    compiled = SimpleNamespace(_orig_mod=latentrt.load("builtin:recurrent"))
+    with pytest.raises(InputError, match=r"got a torch.compile'd RecurrentDepthLM; pass the model itself"):
+        latentrt.generate(compiled, [5, 6])
     assert families.decodings() == ["sequential", "speculative", "wavefront"]
     assert main(["generate", "builtin:recurrent", "Alex is", "--decoding", "sequential", "--max-new-tokens", "1"]) == 0
     capsys.readouterr()
