@@ -664,3 +664,20 @@ def test_a_crash_in_save_pretrained_leaves_a_complete_checkpoint(tmp_path, monke
     back = latentrt.load(tmp_path / "ckpt", device="cpu")
     assert back.config.mean_recurrence == (3 if point == "new-moved" else old.config.mean_recurrence)
     _same_state(back, old)
+
+
+def test_a_saved_coconut_model_loads_in_transformers_to_the_same_logits(tmp_path):
+    """A GPT-2 family folder written by save_pretrained is also transformers' GPT-2 (the oracle here): without
+    latent positions, GPT2LMHeadModel gives the same logits."""
+    from conftest import transformers_with_torch
+
+    transformers = transformers_with_torch()
+    model = latentrt.load("builtin:coconut", device="cpu")
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (its config has no bos_token_id: transformers warns of GPT-2's default)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(model.logits(ids)[..., : want.shape[-1]], want) < 1e-6
