@@ -141,31 +141,19 @@ def test_files_that_cannot_be_used_are_errors(tmp_path, capsys, monkeypatch):
         assert err.startswith("latentrt: error: ") and pytest.importorskip("re").search(message, err), err
 
 
-def test_the_output_is_written_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
-    """A failure while writing leaves the previous output file as it was and no partial file beside it."""
-    from latentrt.serve import batch
+def test_the_output_is_written_whole_or_not_at_all(tmp_path):
+    """A failure while writing (here a line that is no JSON) leaves the previous output file as it was and no
+    partial file beside it; a whole write replaces it."""
+    from latentrt.serve.batch import write_lines
 
-    source = tmp_path / "in.jsonl"
-    source.write_text(
-        "\n".join(_line(f"r{i}", "/v1/completions", {"prompt": "Alex is", "max_tokens": 1}) for i in range(3))
-    )
     out = tmp_path / "out.jsonl"
     out.write_text("previous\n")
-    real, calls = json.dumps, []
-
-    def failing(obj, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(obj, **kw)
-
-    monkeypatch.setattr(batch.json, "dumps", failing)
-    assert main(["run-batch", MODEL, "-i", str(source), "-o", str(out)]) != 0
-    capsys.readouterr()
-    assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
-    monkeypatch.setattr(batch.json, "dumps", real)
-    assert main(["run-batch", MODEL, "-i", str(source), "-o", str(out)]) == 0
-    assert len(out.read_text().splitlines()) == 3
+    with pytest.raises(TypeError):
+        write_lines(out, [{"a": 1}, object()])
+    assert out.read_text() == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    write_lines(out, [{"a": 1}, {"b": "é"}])
+    assert out.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_without_the_serve_extra_it_says_which_extra(tmp_path, capsys, monkeypatch):

@@ -98,7 +98,14 @@ def test_a_failing_prompt_is_its_error_naming_it():
 def test_while_a_server_loop_runs_the_engine_it_waits_for_its_results():
     model = tiny_recurrent(seed=3)
     engine = Engine(model, max_batch=2, kv_slots=32)
-    loop = threading.Thread(target=engine.run_forever)
+    real, stepped_on = engine._step, set()
+
+    def step():
+        stepped_on.add(threading.current_thread().name)
+        real()
+
+    engine._step = step
+    loop = threading.Thread(target=engine.run_forever, name="server-loop")
     loop.start()
     try:
         requests = recurrent_requests(6, seed=2)
@@ -109,6 +116,7 @@ def test_while_a_server_loop_runs_the_engine_it_waits_for_its_results():
         engine.stop()
         loop.join(timeout=60)
     assert not loop.is_alive() and not engine.looping
+    assert stepped_on == {"server-loop"}  # (the caller waited; it did not step the engine itself)
     for result, (prompt, kw) in zip(results, requests):
         assert result == generate_alone(model, prompt, **kw)
     assert (
@@ -176,3 +184,14 @@ def test_a_stop_token_the_output_leaves_out_still_counts_in_kv_bytes():
         want = [latentrt.generate(model, q, published_eos=published) for q in (QUESTION, "Alex is a wumpus.")]
         assert got == want and got[0].finish_reasons == ["stop"]
         assert (got[0].tokens[-1] == model.eos_token_id) != published  # (left out with the published eos)
+
+
+def test_one_options_object_for_every_prompt_and_a_model_without_a_tokenizer():
+    model = tiny_recurrent(seed=3)
+    model.tokenizer = None
+    engine = Engine(model, max_batch=2)
+    options = latentrt.GenerateOptions(max_new_tokens=4, num_steps=3, seed=7)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    got = engine.generate(prompts, options)
+    assert got == [latentrt.generate(model, p, options) for p in prompts]
+    assert all(r.text is None and len(r.tokens) == 4 and r.steps[1:] == [3] * 3 for r in got)
