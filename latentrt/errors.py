@@ -58,6 +58,12 @@ def not_a_model(value) -> InputError:
             f"expected a model from latentrt.load(...), got a torch.compile'd {inner}; pass the model itself "
             "(latentrt compiles its decode step through its backends: load(..., backend='triton' or 'cuda'))"
         )
+    inner = getattr(value, "module", None)  # DistributedDataParallel / DataParallel around a model
+    if hasattr(inner, "config") and hasattr(inner, "tokenizer"):
+        return InputError(
+            f"expected a model from latentrt.load(...), got a {type(value).__name__} wrapping a "
+            f"{type(inner).__name__}; pass its .module"
+        )
     what = f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
     return InputError(f"expected a model from latentrt.load(...), got {what}; call latentrt.load first")
 

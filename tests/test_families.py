@@ -228,6 +228,9 @@ def test_the_registrys_lookups_name_what_is_wrong(capsys):
     compiled = SimpleNamespace(_orig_mod=latentrt.load("builtin:recurrent"))
     with pytest.raises(InputError, match=r"got a torch.compile'd RecurrentDepthLM; pass the model itself"):
         latentrt.generate(compiled, [5, 6])
+    ddp = torch.nn.DataParallel(latentrt.load("builtin:recurrent"))  # (DDP's wrapper holds it as .module too)
+    with pytest.raises(InputError, match=r"got a DataParallel wrapping a RecurrentDepthLM; pass its \.module$"):
+        latentrt.generate(ddp, [5, 6])
     assert families.decodings() == ["sequential", "speculative", "wavefront"]
     assert main(["generate", "builtin:recurrent", "Alex is", "--decoding", "sequential", "--max-new-tokens", "1"]) == 0
     capsys.readouterr()
