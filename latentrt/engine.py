@@ -156,7 +156,9 @@ class Generation:
             )
         per_position = model.cache_layout().bytes_per_position(self.decoder.kv_slots, model.dtype.itemsize)
         what = f"the KV cache ({B} sequences x {need} positions, {self.decoder.kv_slots} slot(s) per looped layer)"
-        check_fits(per_position * B * need, model.device, what, PromptError)  # (+ a sampler's few extra)
+        many = "give fewer prompts a call, or latentrt.serve.Engine(model).generate(prompts): max_batch at once"
+        hint = "" if B == 1 else many
+        check_fits(per_position * B * need, model.device, what, PromptError, hint)  # (+ a sampler's few extra)
         extra = 0 if self.sampler is None else self.sampler.extra_positions
         self.cache_len = min(need + extra, model.config.block_size)  # a sampler's drafts / window beyond
         model.reserve_positions(self.cache_len)

@@ -30,8 +30,9 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62  # unknown: do not refuse
 
 
-def check_fits(nbytes: int, device: torch.device, what: str, error: type[Exception]) -> None:
-    """Raise ``error`` when ``nbytes`` exceed the free memory of ``device``."""
+def check_fits(nbytes: int, device: torch.device, what: str, error: type[Exception], hint: str = "") -> None:
+    """Raise ``error`` when ``nbytes`` exceed the free memory of ``device`` (``hint``: what to do instead)."""
     free = available_bytes(device)
     if nbytes > free:
-        raise error(f"{what} need {nbytes / GB:.2f} GB, more than the {free / GB:.2f} GB available on {device}")
+        message = f"{what} need {nbytes / GB:.2f} GB, more than the {free / GB:.2f} GB available on {device}"
+        raise error(message + (f"; {hint}" if hint else ""))

@@ -54,3 +54,7 @@ def test_check_fits_names_both_figures(monkeypatch):
     check_fits(GB, torch.device("cpu"), "the weights", InputError)  # exactly what is free fits
     with pytest.raises(InputError, match=r"^the weights need 3.00 GB, more than the 1.00 GB available on cpu$"):
         check_fits(3 * GB, torch.device("cpu"), "the weights", InputError)
+    with pytest.raises(
+        InputError, match=r"^the weights need 3.00 GB, more than the 1.00 GB available on cpu; do less$"
+    ):
+        check_fits(3 * GB, torch.device("cpu"), "the weights", InputError, hint="do less")

@@ -325,8 +325,12 @@ def test_sizes_that_cannot_fit_are_named_before_allocating(recurrent_dir):
         build_model(parse_config(dict(json.loads((recurrent_dir / "config.json").read_text()), n_embd=2**20)))
     model = latentrt.load(recurrent_dir, device="cpu", block_size=10**8)  # RoPE tables grow on demand
     assert model.rope_cos.shape[0] < 10**5
-    with pytest.raises(InputError, match=r"the KV cache .* need [\d.]+ GB"):
+    with pytest.raises(InputError, match=r"the KV cache .* need [\d.]+ GB, more than the [\d.]+ GB available on cpu$"):
         latentrt.generate(model, [5, 6], num_steps=10**7, max_new_tokens=4)
+    # too many prompts at once: the error says what to do instead
+    too_many = r"\(400000 sequences x 10 positions, .* available on cpu; give fewer prompts a call, or latentrt.serve"
+    with pytest.raises(InputError, match=too_many):
+        latentrt.generate(model, [[5, 6]] * 400_000, num_steps=4000, max_new_tokens=8)
 
 
 def test_generation_config_eos_list_stops_on_every_id(tmp_path):
