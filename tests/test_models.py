@@ -311,3 +311,12 @@ def test_a_non_finite_initial_state_is_refused_and_padding_is_never_blamed():
     check_finite(x, torch.tensor([[True] * 3, [False, True, True]]), "latent state")
     with pytest.raises(NonFiniteStateError, match=r"non-finite latent state in sequence\(s\) \[1\]"):
         check_finite(x, torch.ones(2, 3, dtype=torch.bool), "latent state")
+
+
+@pytest.mark.parametrize("name", ["recurrent", "coconut"])
+def test_calling_the_model_as_a_module_names_its_entry_points(name):
+    """transformers' ``model(input_ids)``: a clear error naming what runs a latentrt model, not torch's
+    'missing the required forward function'."""
+    model = latentrt.load(f"builtin:{name}")
+    with pytest.raises(latentrt.InputError, match=r"is not called as a module: model.logits\(input_ids, \.\.\.\)"):
+        model(torch.tensor([[5, 6]]))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..cache import KVCache
 from ..checkpoint import save_pretrained
+from ..errors import InputError
 from ..kv_modes import KVMode
 
 
@@ -112,6 +113,15 @@ class LatentModel(nn.Module):
     @torch.no_grad()
     def logits(self, input_ids: Tensor, **kwargs) -> Tensor:
         raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        """Calling the model as a module (transformers' ``model(input_ids)``) is not how latentrt runs it: the
+        error names what does (a family's layers are modules; the whole model is run by its entry points)."""
+        raise InputError(
+            f"a {type(self).__name__} is not called as a module: model.logits(input_ids, ...) gives the logits "
+            "(inference, no gradients), latentrt.generate(model, prompt) generates, and latentrt.train's "
+            "train_recurrent / train_coconut train it"
+        )
 
     # ---------------------------------------------------------------- weights
     HEAD_KEY: ClassVar[str] = "lm_head.weight"
