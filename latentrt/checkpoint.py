@@ -392,6 +392,32 @@ def replaced_folder(folder: str | os.PathLike) -> Iterator[Path]:
 COMPANION_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 
 
+def config_file_dict(model: nn.Module) -> dict:
+    """config.json as a save writes it: the model's config under its published names, over the fields of the
+    file it was loaded from (``model.file_config``) that latentrt does not model (transformers' ``architectures``
+    and ``auto_map``, a published config's own fields), as transformers' save keeps them; a field that file
+    spelled another way (an alias: Huginn's ``n_heads`` / ``num_attention_heads``) keeps that file's spelling,
+    and its dtype field says the saved weights' dtype."""
+    source = getattr(model, "file_config", None) or {}
+    aliases = type(model.config).ALIASES  # published name -> field
+
+    def field(key: str) -> str:
+        return aliases.get(key, key)
+
+    out = dict(source)
+    for key, value in model.config.to_file_dict().items():
+        spelled = [k for k in out if field(k) == field(key)]
+        if value is None and not spelled or key.endswith("_token"):
+            continue  # (a field without a value is left out unless the file had it)
+        for k in spelled:
+            del out[k]
+        out[spelled[0] if spelled else key] = value
+    for key in ("torch_dtype", "dtype"):  # (transformers' name for the weights' dtype, before and since 4.56)
+        if key in source:
+            out[key] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return out
+
+
 def write_checkpoint_files(
     model: nn.Module,
     folder: Path,
@@ -403,9 +429,7 @@ def write_checkpoint_files(
     """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder, and
     the ``COMPANION_FILES`` of the folder the model was loaded from that ``folder`` does not have yet;
     ``metadata`` goes into every safetensors header (e.g. the trainer's step)."""
-    cfg = model.config.to_file_dict()
-    cfg = {k: v for k, v in cfg.items() if v is not None and not k.endswith("_token")}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "config.json").write_text(json.dumps(config_file_dict(model), indent=2))
     _step("config-written")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if tie_key is not None:

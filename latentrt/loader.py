@@ -89,6 +89,7 @@ def load(
     model.eos_token_id = eos
     model.generation_defaults = generation_defaults(gen_cfg, str(folder / "generation_config.json"))
     model.source, model.folder = str(path), folder
+    model.file_config = read_config(folder)  # (its fields latentrt does not model: a save keeps them)
     model.weights_file = None if weights is None else str(weights)
     model.backend = get_backend(backend, model)
     return model

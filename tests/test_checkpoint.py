@@ -681,3 +681,37 @@ def test_a_saved_coconut_model_loads_in_transformers_to_the_same_logits(tmp_path
     with torch.no_grad():
         want = hf(ids).logits
     assert rel_err(model.logits(ids)[..., : want.shape[-1]], want) < 1e-6
+
+
+def test_a_save_keeps_the_loaded_files_other_config_fields_in_its_spelling(tmp_path):
+    """Fields latentrt does not model (transformers' architectures and auto_map, the published config's own)
+    stay as the file had them, an aliased field keeps the file's spelling (no second spelling beside it),
+    load-time overrides and the weights' dtype are written over them, and the saved folder loads without a
+    warning the original did not give."""
+    source = tmp_path / "published"
+    save_checkpoint(tiny_recurrent(seed=2), source, tie_key="lm_head.weight")
+    raw = json.loads((source / "config.json").read_text())
+    heads = raw.pop("n_heads", None) or raw.pop("num_attention_heads")
+    extra = {
+        "architectures": ["RavenForCausalLM"],
+        "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig"},
+        "num_attention_heads": heads,  # (the field's own name, not the published n_heads)
+        "torch_dtype": "float32",
+        "name": "tiny",
+    }
+    (source / "config.json").write_text(json.dumps({**raw, **extra}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = latentrt.load(source, device="cpu", dtype="bf16", mean_recurrence=3)
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: saved[k] for k in extra} == {**extra, "torch_dtype": "bfloat16"}
+    assert "n_heads" not in saved and saved["mean_recurrence"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = latentrt.load(tmp_path / "out", device="cpu", dtype="bf16")
+    assert again.config == model.config
+    # a model built in memory (no file) writes its own fields only, under their published names
+    save_checkpoint(tiny_recurrent(seed=2), tmp_path / "built", tie_key="lm_head.weight")
+    built = json.loads((tmp_path / "built" / "config.json").read_text())
+    assert "n_heads" in built and "architectures" not in built and "torch_dtype" not in built

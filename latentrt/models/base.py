@@ -54,6 +54,7 @@ class LatentModel(nn.Module):
         self.generation_defaults: dict = {}  # generate() option defaults (generation_config.json; options.py)
         self.source: str | None = None  # what load() was given (a folder, builtin:NAME, a Hub id)
         self.folder = None  # the checkpoint folder it was read from (a Path), if any
+        self.file_config: dict | None = None  # that folder's config.json as read (save_pretrained keeps its fields)
         self.weights_file: str | None = None  # load(weights=): the file its weights came from instead of the folder's
 
     # ---------------------------------------------------------------- what every model has
