@@ -438,18 +438,18 @@ def write_checkpoint_files(
     if file_buffers is not None:
         sd.update(file_buffers())
     meta = {"format": "pt", **(metadata or {})}
-    if max_shard_bytes is None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:  # (all within one shard: one file, no index, as transformers writes it)
         save_file(sd, str(folder / "model.safetensors"), metadata=meta)
     else:
-        shards: list[dict[str, Tensor]] = [{}]
-        size = 0
-        for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -1,5 +1,6 @@
 """Command line: ``latentrt generate MODEL PROMPT``, ``latentrt info MODEL``, ``latentrt eval MODEL DATA``,
-``latentrt train MODEL DATA --out DIR``, ``latentrt serve [MODEL]``, ``latentrt run-batch MODEL -i IN -o OUT``.
+``latentrt train MODEL DATA --out DIR``, ``latentrt save MODEL OUT``, ``latentrt serve [MODEL]``,
+``latentrt run-batch MODEL -i IN -o OUT``.
 
 Every generate() option the user gives is passed on as given (the flags: latentrt/cli_flags.py); options that
 do not apply to the model's family are errors (the same message as the Python API, naming the flags typed).
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the config, parameter count and KV bytes per token")
     add_model_args(i)
     i.add_argument("--steps", "--num-steps", type=int, default=None, help="recurrence depth for the KV figures")
+
+    v = sub.add_parser(
+        "save",
+        help="write the model as a checkpoint folder (save_pretrained): --weights, --hf-overrides and --dtype baked in",
+    )
+    add_model_args(v)
+    v.add_argument("out", help="the folder to write (replaced whole; one holding other files needs --overwrite)")
+    v.add_argument("--max-shard-size", default=None, help="shards of at most this size: bytes, 5GB, 2GiB")
+    v.add_argument("--overwrite", action="store_true", help="replace a folder that holds other files")
 
     e = sub.add_parser(
         "eval", help="accuracy per difficulty on a JSON (or JSON Lines) file of {question, steps, answer} records"
@@ -318,6 +328,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_save(args) -> int:
+    from .checkpoint import shard_bytes
+
+    size = args.max_shard_size
+    size = int(size) if size is not None and size.strip().isdigit() else size  # (bytes, or "5GB")
+    try:
+        shard_bytes(size)  # (a bad size is an error before the weights load)
+        model = _load(args)
+        out = model.save_pretrained(args.out, max_shard_size=size, overwrite=args.overwrite)
+    except LatentRTError as exc:  # (save_pretrained's keywords named as this command's flags)
+        message = str(exc).replace("max_shard_size", "--max-shard-size").replace("overwrite=True", "--overwrite")
+        raise type(exc)(message) from None
+    print(f"latentrt: saved {args.model} ({model.family}, {model.dtype}) to {out}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     try:
         from .serve.app import listening_socket
@@ -432,6 +458,7 @@ def _run(args) -> int:
             "eval": cmd_eval,
             "train": cmd_train,
             "serve": cmd_serve,
+            "save": cmd_save,
             "run-batch": cmd_run_batch,
         }
         return commands[args.command](args)

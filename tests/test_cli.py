@@ -471,3 +471,33 @@ def test_the_recurrent_report_lines():
         "[1] steps per token: [1, 2] (mean 1.50)",
         "decoding: tokens_per_step 1.23, steps 3",
     ]
+
+
+def test_save_writes_the_model_with_its_flags_baked_in(tmp_path, capsys):
+    """``latentrt save MODEL OUT``: save_pretrained from the command line; --weights, --hf-overrides and --dtype
+    end up in the folder, and its errors name the command's flags."""
+    import torch
+
+    out = tmp_path / "r8"
+    argv = ["save", "builtin:recurrent", str(out), "--hf-overrides", '{"mean_recurrence": 8}', "--dtype", "bf16"]
+    assert main([*argv, "--max-shard-size", "100000"]) == 0
+    assert f"latentrt: saved builtin:recurrent (recurrent, torch.bfloat16) to {out}" in capsys.readouterr().out
+    saved = latentrt.load(out)
+    assert saved.config.mean_recurrence == 8 and saved.dtype == torch.float32  # (load's CPU default)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert main(["save", "builtin:recurrent", str(out), "--max-shard-size", "1GB"]) == 0  # a checkpoint: replaced
+    assert latentrt.load(out).config.mean_recurrence == 4 and (out / "model.safetensors").exists()
+    capsys.readouterr()
+    (out / "notes.txt").write_text("mine")
+    for flags, message in (
+        (["--max-shard-size", "5XB"], "latentrt: error: --max-shard-size '5XB' is not a size such as"),
+        (
+            [],
+            "holds files that are not a checkpoint's (notes.txt); save_pretrained replaces the folder whole: "
+            "choose another folder, or pass --overwrite to",
+        ),
+    ):
+        assert main(["save", "builtin:recurrent", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["save", "builtin:recurrent", str(out), "--overwrite"]) == 0 and not (out / "notes.txt").exists()
