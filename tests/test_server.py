@@ -501,7 +501,7 @@ def test_vllms_stop_and_text_fields(recurrent_server):
         (dict(logit_bias=pad, skip_special_tokens=False), dict(logit_bias={1: 4.0}, skip_special_tokens=False)),
     ]
     assert parse_completion(dict(args, ignore_eos=True)).options[0]["default_stops"] is False  # (no eos here)
-    texts = set()
+    texts = []
     for fields, options in cases:
         alone = latentrt.generate(model, "Tom is a cat", **kw, **options)
         body = dict(args, **fields)
@@ -509,8 +509,11 @@ def test_vllms_stop_and_text_fields(recurrent_server):
         assert (r["text"], r["latentrt"]["token_ids"]) == (alone.text, alone.tokens), fields
         chunks = list(client(url).completions.create(stream=True, extra_body=fields, **args))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text, fields
-        texts.add(alone.text)
-    assert len(texts) == len(cases)  # (each option changes the answer)
+        texts.append(alone.text)
+    # each option changes the answer; both stops end it where the first of them does (which one comes first
+    # depends on the tiny model's weights: torch 2.11 draws them otherwise than 2.13)
+    at_string = latentrt.generate(model, "Tom is a cat", **kw, stop=[stop]).text
+    assert len({texts[i] for i in (0, 1, 3, 4)}) == 4 and texts[2] in (texts[0], at_string)
     for bad, message in [
         (dict(stop_token_ids=[1, "x"]), "stop_token_ids must be a list of token ids"),
         (dict(stop_token_ids=[10**6]), "stop token id 1000000 is not in the vocabulary"),
