@@ -244,6 +244,16 @@ class _StandInDriver:
     def get_current_target(self):
         return self.target
 
+    @property
+    def utils(self):
+        """Triton's CUDA utility module (built against the stand-in libcuda.so.1 for host launchers: Triton 3.8's
+        launcher takes its ``launch`` from the active driver; 3.6's builds its own)."""
+        from triton.backends.nvidia.driver import CudaUtils
+
+        if getattr(self, "_utils", None) is None:
+            self._utils = CudaUtils()
+        return self._utils
+
 
 def _materialise(spec):
     import torch
