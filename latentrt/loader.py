@@ -40,6 +40,38 @@ def merged_overrides(hf_overrides: dict | None, overrides: dict) -> dict:
     return {**hf_overrides, **overrides}
 
 
+# transformers' from_pretrained keywords that are no config field: what load() does with each (the Huginn card's
+# `from_pretrained(..., torch_dtype=torch.bfloat16, trust_remote_code=True)` carried over as it is)
+IGNORED_TRANSFORMERS_KEYWORDS = {
+    "trust_remote_code": "latentrt never runs code from a checkpoint: it implements the model itself",
+    "low_cpu_mem_usage": "latentrt always allocates each weight once, in its dtype",
+    "attn_implementation": "each latentrt backend has its own attention (backend=...)",
+}
+
+
+def transformers_keywords(dtype, overrides: dict) -> tuple:
+    """(dtype, overrides) with transformers' ``from_pretrained`` keywords taken out: ``torch_dtype`` is ``dtype``
+    (transformers' older name), those that change nothing here are named in a warning, ``device_map`` is an error
+    naming ``device=`` (it spreads a model over devices; latentrt loads onto one)."""
+    overrides = dict(overrides)
+    if "torch_dtype" in overrides:
+        if dtype is not None:
+            raise ConfigError("torch_dtype (transformers' name for dtype) and dtype both given: give one")
+        dtype = overrides.pop("torch_dtype")
+    if "device_map" in overrides:
+        raise ConfigError(
+            f"device_map={overrides['device_map']!r} is transformers' (it spreads a model over devices); "
+            "latentrt.load puts the model on one device: device='cuda', 'cuda:1' or 'cpu'"
+        )
+    ignored = sorted(set(overrides) & set(IGNORED_TRANSFORMERS_KEYWORDS))
+    for name in ignored:
+        overrides.pop(name)
+    if ignored:
+        why = "; ".join(f"{name}: {IGNORED_TRANSFORMERS_KEYWORDS[name]}" for name in ignored)
+        warn_at_caller(f"latentrt.load ignores transformers' {', '.join(ignored)} ({why})", UserWarning)
+    return dtype, overrides
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -61,8 +93,11 @@ def load(
     Coconut training checkpoint on top of a GPT-2 folder or Hub id). overrides: config fields to replace
     (e.g. mean_recurrence=16, or Coconut marker ids latent_id=...); unknown names are an error.
     hf_overrides: the same as a dict, as vLLM's ``LLM(hf_overrides=...)`` and the CLI's ``--hf-overrides`` take
-    them (a field given both ways is an error).
+    them (a field given both ways is an error). transformers' ``from_pretrained`` keywords: ``torch_dtype`` is
+    ``dtype``; ``trust_remote_code``, ``low_cpu_mem_usage`` and ``attn_implementation`` change nothing (a warning
+    says why); ``device_map`` is an error naming ``device``.
     """
+    dtype, overrides = transformers_keywords(dtype, overrides)
     overrides = merged_overrides(hf_overrides, overrides)
     folder, cfg, family = read_model_config(path, revision, **overrides)
     gen_cfg = read_generation_config(folder)

@@ -447,3 +447,26 @@ def test_loading_and_generating_do_not_import_torch_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_transformers_from_pretrained_keywords_carried_over(recurrent_dir):
+    """The Huginn card's ``from_pretrained(..., torch_dtype=torch.bfloat16, trust_remote_code=True)`` carried
+    over to latentrt.load: torch_dtype is dtype, those that change nothing are named in one warning (not read as
+    unknown config fields), device_map is an error naming device=."""
+    with pytest.warns(UserWarning, match=r"ignores transformers' trust_remote_code \(trust_remote_code: latentrt"):
+        model = latentrt.load(recurrent_dir, device="cpu", torch_dtype=torch.bfloat16, trust_remote_code=True)
+    assert model.dtype == torch.bfloat16
+    message = r"ignores transformers' attn_implementation, low_cpu_mem_usage \(attn_implementation: each"
+    with pytest.warns(UserWarning, match=message):
+        model = latentrt.load(recurrent_dir, device="cpu", low_cpu_mem_usage=True, attn_implementation="sdpa")
+    assert model.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a config override beside them is still one)
+        assert (
+            latentrt.load(recurrent_dir, device="cpu", torch_dtype="fp32", mean_recurrence=3).config.mean_recurrence
+            == 3
+        )
+    with pytest.raises(ConfigError, match=r"^device_map='auto' is transformers' .* device='cuda', 'cuda:1' or 'cpu'$"):
+        latentrt.load(recurrent_dir, device_map="auto")
+    with pytest.raises(ConfigError, match=r"^torch_dtype \(transformers' name for dtype\) and dtype both given"):
+        latentrt.load(recurrent_dir, torch_dtype="bf16", dtype="fp32")
