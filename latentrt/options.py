@@ -92,7 +92,11 @@ class GenerateOptions:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
-            hint = "; ".join(f"{u!r}: did you mean {h[0]!r}?" for u, h in zip(unknown, hints) if h)
+            hint = "; ".join(
+                f"{u!r}: {TRANSFORMERS_GENERATE[u]}" if u in TRANSFORMERS_GENERATE else f"{u!r}: did you mean {h[0]!r}?"
+                for u, h in zip(unknown, hints)
+                if h or u in TRANSFORMERS_GENERATE
+            )
             raise InputError(
                 f"unknown generate() option(s) {unknown}" + (f" ({hint})" if hint else "") + f"; known: {sorted(names)}"
             )
@@ -122,6 +126,24 @@ class GenerateOptions:
         for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens", "published_top_p"):
             check_bool(name, getattr(self, name))
 
+
+# transformers' generate() keywords that are no option here, and what to give instead (named in the error)
+TRANSFORMERS_GENERATE = {
+    "do_sample": "latentrt samples when temperature > 0 (do_sample=False is temperature=0, the default; "
+    "do_sample=True is temperature=1.0, or yours)",
+    "max_length": "give max_new_tokens (max_length counts the prompt too)",
+    "num_beams": "latentrt has no beam search (decoding= 'sequential', 'speculative' or 'wavefront')",
+    "num_return_sequences": "give the prompt n times in a batch, with seed=s (row i draws with s + i)",
+    "pad_token_id": "latentrt pads a batch itself (a padded tensor takes attention_mask=)",
+    "eos_token_id": "stop=[ids] adds stop tokens; default_stops=False leaves out the model's",
+    "stop_strings": "stop=['text', ...] takes stop strings (and token ids)",
+    "tokenizer": "stop strings need no tokenizer argument: stop=['text', ...]",
+    "streamer": "stream=True returns a GenerationStream of events",
+    "use_cache": "latentrt always decodes with its KV cache (kv_sharing= picks its mode)",
+    "return_dict_in_generate": "the result is a GenerationResult; return_logits=True adds the logits",
+    "output_scores": "return_logits=True",
+    "output_logits": "return_logits=True",
+}
 
 # options that act only under another: (their names, the test that they are unused, why); a caller's value other
 # than the option's default or neutral value (top_p 1) under that test gets a warning, as HF's generate warns

@@ -466,6 +466,10 @@ def test_bad_generate_arguments():
         (dict(adaptive_prefill="no"), "adaptive_prefill must be True or False"),
         (dict(init_scale=-0.5), "init_scale must be a finite number >= 0"),
         (dict(max_new_token=3), "did you mean 'max_new_tokens'"),
+        # transformers' generate() keywords: what to give instead
+        (dict(do_sample=True), r"'do_sample': latentrt samples when temperature > 0 \(do_sample=False is"),
+        (dict(max_length=9, num_beams=1), r"'max_length': give max_new_tokens .*; 'num_beams': latentrt has no beam"),
+        (dict(num_return_sequences=2), r"'num_return_sequences': give the prompt n times in a batch, with seed=s"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(InputError, match=msg):
