@@ -418,6 +418,13 @@ def config_file_dict(model: nn.Module) -> dict:
     return out
 
 
+def tied_head_key(model: nn.Module) -> str | None:
+    """The head's key a checkpoint leaves out when the head is the token embedding (tied: the file may omit
+    it, as the published ones do), else None."""
+    keys = model.tied_keys() if hasattr(model, "tied_keys") else None
+    return keys[0] if keys else None
+
+
 def write_checkpoint_files(
     model: nn.Module,
     folder: Path,
@@ -538,9 +545,8 @@ def save_pretrained(
             f"{str(path)!r} holds files that are not a checkpoint's ({listed}); save_pretrained replaces the "
             "folder whole: choose another folder, or pass overwrite=True to replace it with everything in it"
         )
-    keys = model.tied_keys()
     with replaced_folder(path) as tmp:
-        write_checkpoint_files(model, tmp, max_shard_bytes=limit, tie_key=keys[0] if keys else None)
+        write_checkpoint_files(model, tmp, max_shard_bytes=limit, tie_key=tied_head_key(model))
         source = getattr(model, "folder", None)
         trained = None if source is None else Path(source) / "training.json"
         # how the folder's weights were trained (a Coconut model's prompt format and thought count); not for

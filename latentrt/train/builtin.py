@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import BUILTIN_DIR, replaced_folder, write_checkpoint_files
+from ..checkpoint import BUILTIN_DIR, replaced_folder, tied_head_key, write_checkpoint_files
 from ..errors import InputError, LatentRTError, check_int
 from ..families import build_model, parse_config
 from ..sampling import MAX_SEED
@@ -115,7 +115,6 @@ def train_one(name: str, seed: int, steps: int, out_root: Path, command: str) ->
             "steps_per_stage": per_stage,
         }
     model.tokenizer = tok
-    keys = model.tied_keys()
     info.update(
         seed=seed,
         difficulties=list(DIFFICULTIES),
@@ -126,7 +125,7 @@ def train_one(name: str, seed: int, steps: int, out_root: Path, command: str) ->
         torch=torch.__version__,
     )
     with replaced_folder(out) as tmp:  # the model and how it was made, swapped in together
-        write_checkpoint_files(model, tmp, tie_key=keys[0] if keys else None)
+        write_checkpoint_files(model, tmp, tie_key=tied_head_key(model))
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=1))
     return out

@@ -29,6 +29,7 @@ from ..checkpoint import (
     recover_folder,
     replaced_folder,
     tensor_mismatch,
+    tied_head_key,
     write_checkpoint_files,
 )
 from ..errors import CheckpointError, InputError, os_errors_as
@@ -100,7 +101,6 @@ def save_training(
     text files to write in it (name -> text), e.g. the chat template the run trained with."""
     from . import distributed
 
-    keys = model.tied_keys() if hasattr(model, "tied_keys") else None
     state = {
         "format": 1,
         "step": step,
@@ -118,7 +118,7 @@ def save_training(
         **(extra or {}),
     }
     with replaced_folder(folder) as tmp:
-        write_checkpoint_files(model, tmp, tie_key=keys[0] if keys else None, metadata={"step": str(step)})
+        write_checkpoint_files(model, tmp, tie_key=tied_head_key(model), metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
         (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
         for name, text in (files or {}).items():
