@@ -99,7 +99,7 @@ def load(
     """
     dtype, overrides = transformers_keywords(dtype, overrides)
     overrides = merged_overrides(hf_overrides, overrides)
-    folder, cfg, family = read_model_config(path, revision, **overrides)
+    folder, file_config, cfg, family = _read_model_config(path, revision, overrides)
     gen_cfg = read_generation_config(folder)
     state_dict = read_state_dict(folder, weights)
     cfg, tokenizer = family.model.bind_checkpoint(cfg, load_tokenizer(folder), state_dict)
@@ -124,7 +124,7 @@ def load(
     model.eos_token_id = eos
     model.generation_defaults = generation_defaults(gen_cfg, str(folder / "generation_config.json"))
     model.source, model.folder = str(path), folder
-    model.file_config = read_config(folder)  # (its fields latentrt does not model: a save keeps them)
+    model.file_config = file_config  # (its fields latentrt does not model: a save keeps them)
     model.weights_file = None if weights is None else str(weights)
     model.backend = get_backend(backend, model)
     return model
@@ -145,9 +145,16 @@ def _warn_eos_outside_vocabulary(eos, vocab_size: int, source) -> None:
 def read_model_config(path: str | os.PathLike, revision: str | None = None, **overrides):
     """What ``load`` reads before any weight: the checkpoint folder, its parsed config and its family (the
     errors ``load`` would give about them, without reading the weights)."""
+    folder, _, cfg, family = _read_model_config(path, revision, overrides)
+    return folder, cfg, family
+
+
+def _read_model_config(path, revision, overrides: dict):
+    """``read_model_config`` and the config.json it parsed, as read (a save keeps its other fields)."""
     folder = resolve(path, revision)
-    cfg = parse_config(read_config(folder), overrides, source=str(folder / "config.json"))
-    return folder, cfg, family_of(cfg.model_type)
+    raw = read_config(folder)
+    cfg = parse_config(raw, overrides, source=str(folder / "config.json"))
+    return folder, raw, cfg, family_of(cfg.model_type)
 
 
 def parse_device(device) -> torch.device:
