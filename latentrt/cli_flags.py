@@ -44,6 +44,8 @@ GENERATE_FLAGS = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "logit_bias": "logit_bias",
+    "allowed_token_ids": "allowed_token_ids",
+    "bad_words": "bad_words",
     "dry_multiplier": "dry_multiplier",
     "dry_base": "dry_base",
     "dry_allowed_length": "dry_allowed_length",
@@ -306,6 +308,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default=UNSET,
         metavar="ID=BIAS",
         help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
+    )
+    p.add_argument(
+        "--allowed-token-ids",
+        type=int,
+        nargs="+",
+        default=UNSET,
+        metavar="ID",
+        help="only these token ids are chosen (vLLM's allowed_token_ids)",
+    )
+    p.add_argument(
+        "--bad-words", nargs="+", default=UNSET, metavar="WORD", help="words never generated (vLLM's bad_words)"
     )
     p.add_argument(
         "--dry-multiplier", type=float, default=UNSET, help="the published sampler's DRY penalty (0: none; README)"

@@ -30,6 +30,9 @@ from .prompts import Prompt, make_batch, prompt_texts
 from .sampling import SequenceRNG, draw, in_vocabulary, sample
 from .sequence_text import SequenceText
 from .stop_strings import StopStrings
+from .token_constraints import NAMES as CONSTRAINTS
+from .token_constraints import TokenConstraints
+from .token_constraints import active as constraints_active
 
 
 @dataclass
@@ -125,11 +128,15 @@ class Generation:
         self.hooks = hooks
         self.stop_ids = self._stop_ids(options.stop)
         self.sampler = self.decoder.sampler
-        if self.sampler is not None and (penalties_active(options) or options.min_new_tokens):
-            given = [n for n in (*PENALTIES, "min_new_tokens") if options.is_set(n)]
+        if self.sampler is not None and (
+            penalties_active(options) or constraints_active(options) or options.min_new_tokens
+        ):
+            given = [n for n in (*PENALTIES, *CONSTRAINTS, "min_new_tokens") if options.is_set(n)]
             verb = "applies" if len(given) == 1 else "apply"
             raise InputError(f"{', '.join(given)} {verb} with decoding='sequential' only, not {options.decoding!r}")
         check_bias_vocabulary(options.logit_bias, model.config.vocab_size)
+        held = set(self.stop_ids.tolist()) if options.min_new_tokens else set()
+        TokenConstraints.check_for(options, model.tokenizer, model.config.vocab_size, held)
         try:
             texts = prompt_texts(prompt)
             if texts is not None and model.tokenizer is not None:
@@ -147,6 +154,9 @@ class Generation:
         self.rng = None if options.seed is None else SequenceRNG(options.seed, B, model.device)
         self.decoder.rng = self.rng
         self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
+        self.constraints = TokenConstraints.build(
+            options, model.tokenizer, self.batch.ids, self.batch.mask, model.config.vocab_size
+        )
         length = self.batch.ids.shape[1]
         need = length + options.max_new_tokens
         if need > model.config.block_size:
@@ -212,13 +222,12 @@ class Generation:
         stop_set = set(self.stop_ids.tolist())
         for i in range(opts.max_new_tokens):
             if proposals is None:
-                tok = self._pick(self._next_logits(out.logits, i), alive_l)
-                if self.penalties is not None:
-                    self.penalties.record(tok, alive)
+                tok = self._pick(self._next_logits(out.logits, i, alive_l), alive_l)
+                self._record(tok, alive)
                 stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
                 # the one device->host read per token
                 tok_l, used_l, stop_l, flags_l = torch.stack(
-                    [tok, out.iterations, stopped.long(), out.nonfinite]
+                    [tok, out.iterations, stopped.long(), self.flags(out.nonfinite)]
                 ).tolist()
                 logits_l = out.logits
             else:  # a sampler commits the tokens (one prompt): host values already
@@ -297,16 +306,33 @@ class Generation:
         (torch's without a seed): ``_pick``'s draw for one sequence."""
         return draw(probs, None if self.rng is None else self.rng[0])
 
-    def _next_logits(self, logits: Tensor, index: int) -> Tensor:
+    def _next_logits(self, logits: Tensor, index: int, rows: list[bool] | None = None) -> Tensor:
         """The logits new token ``index`` (0: the first) is chosen from: the vocabulary's, with the call's
         penalties and bias; before ``min_new_tokens`` no stop token (HF's ``min_new_tokens``, vLLM's
-        ``min_tokens``)."""
+        ``min_tokens``); then the allowed tokens, bad words and logits processors (of the running ``rows``;
+        None: all)."""
         logits = self._in_vocabulary(logits)
         if self.penalties is not None:
             logits = self.penalties.apply(logits)
         if self._holds_stops(index):
             logits = logits.index_fill(-1, self.stop_ids, float("-inf"))
+        if self.constraints is not None:
+            logits = self.constraints.apply(logits, rows)
         return logits
+
+    def _record(self, tokens: Tensor, rows: Tensor | None = None) -> None:
+        """The sampled ``tokens`` join what the penalties and constraints know of their sequences (``rows``:
+        the running ones; None: all)."""
+        if self.penalties is not None:
+            self.penalties.record(tokens, rows)
+        if self.constraints is not None:
+            self.constraints.record(tokens, rows)
+
+    def flags(self, nonfinite: Tensor) -> Tensor:
+        """The flags read with the sampled tokens: the decoder's non-finite flags and the constraints' rows that
+        had no token to choose (``_raise_if_nonfinite`` reads them)."""
+        extra = None if self.constraints is None else self.constraints.flags()
+        return nonfinite if extra is None else nonfinite.long() | extra
 
     def _holds_stops(self, index: int) -> bool:
         """Whether new token ``index`` comes before ``min_new_tokens`` (and there are stop ids to hold back)."""
@@ -315,16 +341,25 @@ class Generation:
     def _adjusts_logits(self, index: int) -> bool:
         """Whether ``_next_logits`` changes the logits of new token ``index`` (else the argmax of the
         vocabulary's logits is the greedy token)."""
-        return self.penalties is not None or self._holds_stops(index)
+        return self.penalties is not None or self.constraints is not None or self._holds_stops(index)
 
     def _in_vocabulary(self, logits: Tensor) -> Tensor:
         """Padding rows of the head (ids >= vocab_size) are never sampled."""
         return in_vocabulary(logits, self.model.config.vocab_size)
 
     def _raise_if_nonfinite(self, flags: list[int], token: int) -> None:
-        """Non-finite flags computed on the device (1: latent state, 2: logits) -> a clear error."""
+        """Flags computed on the device (1: latent state, 2: logits non-finite; 4: no token left to choose) -> a
+        clear error."""
         if not any(flags):
             return
+        if not any(f & 3 for f in flags):
+            seqs = [i for i, f in enumerate(flags) if f]
+            raise InputError(
+                f"no token left to choose for new token {token} in sequence(s) {seqs}: allowed_token_ids, bad_words "
+                "and the logits processors exclude every token (or a processor returned NaN or +inf)"
+                + (" with min_new_tokens holding back the stop tokens" if self._holds_stops(token) else "")
+            )
+        flags = [f & 3 for f in flags]
         where = f" at new token {token}" if token else " in the prompt"
         what = "latent state" if any(f & 1 for f in flags) else "logits"
         seqs = [i for i, f in enumerate(flags) if f]

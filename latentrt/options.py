@@ -20,6 +20,7 @@ from .dry import check_dry
 from .errors import ConfigError, InputError, check_bool, check_int, plain_scalar
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
+from .token_constraints import check_constraints
 
 
 @dataclass
@@ -57,6 +58,9 @@ class GenerateOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Any = None  # {token id: bias}
+    allowed_token_ids: Any = None  # vLLM's: only these token ids are chosen (latentrt/token_constraints.py)
+    bad_words: Any = None  # vLLM's: words never generated
+    logits_processors: Any = None  # transformers' LogitsProcessor callables, (input_ids, scores) -> scores
     dry_multiplier: float = 0.0  # the published sampler's DRY penalty (latentrt/dry.py); 0: none
     dry_base: float = 1.75
     dry_allowed_length: int = 2
@@ -118,6 +122,7 @@ class GenerateOptions:
         check_int("min_new_tokens", self.min_new_tokens, 0, n, high_label=f"max_new_tokens={n}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
+        check_constraints(self.allowed_token_ids, self.bad_words, self.logits_processors)
         check_dry(self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.repetition_penalty)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
@@ -143,6 +148,11 @@ TRANSFORMERS_GENERATE = {
     "return_dict_in_generate": "the result is a GenerationResult; return_logits=True adds the logits",
     "output_scores": "return_logits=True",
     "output_logits": "return_logits=True",
+    "logits_processor": "logits_processors=[...] takes transformers' LogitsProcessor callables (a "
+    "LogitsProcessorList too)",
+    "bad_words_ids": "bad_words=['text', ...] takes words (vLLM's); for token ids, logits_processors=[transformers' "
+    "NoBadWordsLogitsProcessor(ids)]",
+    "suppress_tokens": "logits_processors=[transformers' SuppressTokensLogitsProcessor(ids)], or bad_words=['text']",
 }
 
 # options that act only under another: (their names, the test that they are unused, why); a caller's value other

@@ -219,6 +219,23 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     assert "dry_multiplier and repetition_penalty are exclusive" in capsys.readouterr().err
 
 
+def test_generate_allowed_token_ids_and_bad_words_equal_the_api(recurrent_dir, capsys):
+    """``--allowed-token-ids ID ...`` and ``--bad-words WORD ...`` reach generate(); errors name the flags."""
+    import latentrt
+
+    model = latentrt.load(recurrent_dir, device="cpu")
+    words = [i for i in range(model.config.vocab_size) if (model.tokenizer.id_to_token(i) or "<").isalpha()]
+    kw = dict(max_new_tokens=8, temperature=0.9, seed=2, default_stops=False)
+    want = latentrt.generate(model, "every cat is", **kw, allowed_token_ids=words, bad_words=["cat", "is a"])
+    assert want.tokens != latentrt.generate(model, "every cat is", **kw).tokens
+    argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--temperature", "0.9"]
+    argv += ["--seed", "2", "--no-default-stops", "--json", "--bad-words", "cat", "is a", "--allowed-token-ids"]
+    assert main(argv + [str(i) for i in words]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
+    assert main(["generate", str(recurrent_dir), "x", "--allowed-token-ids", "999"]) == 2
+    assert "error: --allowed-token-ids must be ids of the vocabulary [0, 40), got [999]" in capsys.readouterr().err
+
+
 def test_generate_coconut(coconut_dir, capsys):
     assert main(["generate", str(coconut_dir), "every cat", "--thoughts", "2", "--max-new-tokens", "3"]) == 0
     assert "continuous thoughts: 2" in capsys.readouterr().out

@@ -743,6 +743,34 @@ def test_routes_and_bad_input(recurrent_server):
     assert error({"prompt": "a", "stream_options": {}}) == "stream_options is only allowed with stream=true"
 
 
+def test_allowed_token_ids_and_bad_words_as_vllm_takes_them(recurrent_server):
+    """vLLM's extra fields ``allowed_token_ids`` and ``bad_words``: the tokens of generate() alone with the same
+    options, streamed or not, completions and chat; bad values are 400s with the API's message."""
+    url, _, model = recurrent_server
+    args = dict(model="tiny", prompt="Tom is a cat", max_tokens=8, temperature=0.8, seed=3)
+    word_ids = [i for i in range(model.config.vocab_size) if (model.tokenizer.id_to_token(i) or "<").isalpha()]
+    extra = {"allowed_token_ids": word_ids, "bad_words": ["cat", "is a"]}
+    alone = latentrt.generate(model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3, **extra)
+    plain = latentrt.generate(model, "Tom is a cat", max_new_tokens=8, temperature=0.8, seed=3)
+    assert alone.tokens != plain.tokens and set(alone.tokens) <= set(word_ids)
+    r = client(url).completions.create(extra_body=extra, **args)
+    assert r.choices[0].latentrt["token_ids"] == alone.tokens and r.choices[0].text == alone.text
+    chunks = list(client(url).completions.create(stream=True, extra_body=extra, **args))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == alone.text
+    h = httpx.Client(base_url=url)
+    for bad, message in [
+        (dict(allowed_token_ids=[]), "allowed_token_ids must be a non-empty list of token ids"),
+        (dict(allowed_token_ids=[999]), "allowed_token_ids must be ids of the vocabulary [0, 40), got [999]"),
+        (dict(bad_words="cat"), "bad_words must be a list of strings"),
+        (dict(bad_words=["cat jabberwock"]), "bad_words[0] 'cat jabberwock': ['jabberwock'] not in the tokenizer's"),
+        (dict(bad_words=["cat"] * 257), "bad_words takes at most 256 words, got 257"),
+        (dict(allowed_token_ids=[6], bad_words=["is"]), "allowed_token_ids [6]: bad_words exclude every one of them"),
+        (dict(logits_processors=["print"]), "unknown field(s) ['logits_processors']"),
+    ]:
+        got = h.post("/v1/completions", json=dict(args, **bad))
+        assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
+
+
 def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_never_a_500(recurrent_server):
     """Each field of both routes set, one at a time, to values of every JSON type (lists and objects where a
     name is expected, huge and negative numbers, nulls): each body gets 200 or a 4xx naming the problem; the
@@ -755,7 +783,7 @@ def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_neve
         *("continuous", "decoding", "decoding_options", "num_thoughts", "stream_options", "ignore_eos", "user"),
         *("include_stop_str_in_output", "skip_special_tokens", "response_format", "tools", "chat_template_kwargs"),
         *("add_generation_prompt", "continue_final_message", "top_logprobs", "max_completion_tokens", "suffix"),
-        *("messages", "prompt", "model"),
+        *("messages", "prompt", "model", "allowed_token_ids", "bad_words"),
     ]
     values = [None, True, -1, 3, 0.5, 1e30, 2**63, "", "kl", [1, 2], ["a"], {"5": 100}, [{"role": 3}]]
     h = httpx.Client(base_url=url, timeout=60)

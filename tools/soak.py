@@ -110,6 +110,13 @@ def draw_options(rng: random.Random, model, seed: int) -> dict:
         kw["include_stop_str_in_output"] = rng.random() < 0.3
     if rng.random() < 0.2:
         kw["min_new_tokens"] = rng.randrange(0, kw["max_new_tokens"] + 1)
+    own = random.Random(f"constraints {seed}")  # (its own draws: the other options' stay as they were)
+    if own.random() < 0.2:  # tokens a sequence may not choose next (latentrt/token_constraints.py)
+        if own.random() < 0.5:
+            kw["allowed_token_ids"] = own.sample(range(vocab), own.randrange(3, vocab // 2))
+        words = [model.tokenizer.decode([own.randrange(vocab)]).strip() for _ in range(2)] if model.tokenizer else []
+        if all(words) and words and own.random() < 0.7:
+            kw["bad_words"] = [own.choice([words[0], " ".join(words)])]
     if "num_steps" in takes:
         kw.update(num_steps=rng.randrange(1, 14), kv_sharing=rng.choice(KV_MODES), init_scale=rng.choice([0.0, 1.0]))
         if rng.random() < 0.6:
@@ -243,7 +250,8 @@ def drawn_tie(draws: tuple, tokens: tuple[int, int], tolerance: float) -> str:
     return f"drawn from probabilities {err:.2g} apart (relative) with the same exponentials{tie}"
 
 
-PROCESSORS = ("logit_bias", "presence_penalty", "frequency_penalty", "dry_multiplier")  # besides repetition_penalty
+# besides repetition_penalty
+PROCESSORS = ("logit_bias", "presence_penalty", "frequency_penalty", "dry_multiplier", "allowed_token_ids", "bad_words")
 
 
 def describe(got: tuple, want: tuple, options: dict, logits_at=None, tolerance: float = 0.0, draws_at=None) -> str:

@@ -74,7 +74,7 @@ log = logging.getLogger("latentrt.serve")
 
 SCHEDULERS = ("depth", "token", "static")
 MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position at most (vLLM's default limit)
-NOT_SERVER_DEFAULTS = ("hooks", "return_logits", "decoding", "decoding_options", "strict")
+NOT_SERVER_DEFAULTS = ("hooks", "logits_processors", "return_logits", "decoding", "decoding_options", "strict")
 
 
 def server_defaults(model: LatentModel, override: dict) -> dict:
@@ -694,7 +694,7 @@ class Engine:
             if flag:
                 try:
                     req.generation._raise_if_nonfinite([flag], index)
-                except NonFiniteStateError as exc:
+                except (NonFiniteStateError, InputError) as exc:  # (InputError: no token left to choose)
                     self._fail(req, exc)
                 continue
             stopped = tok in req.stop_set and req.decoder.stops_at(index)
@@ -745,6 +745,9 @@ class Engine:
             if greedy:
                 at = to_device(greedy, logits.device)
                 tokens[at] = logits[at, :vocab].argmax(-1)
+        if any(e.request.generation.constraints is not None for e in ended):
+            flags = flags.long().clone()  # (the program's own tensor is left as it is)
+        failed = []
         for i, e in enumerate(ended):
             req = e.request
             req.in_unit = req.exited = False
@@ -754,19 +757,28 @@ class Engine:
             self.metrics.iterations += e.iterations
             self.metrics.needed += e.needed
             gen, index = req.generation, req.sampled - 1
-            if req.options.temperature != 0:  # (the distribution through its settings' graph, then the draw)
-                row = gen._next_logits(logits[i : i + 1], index) if gen._adjusts_logits(index) else logits[i : i + 1]
-                tokens[i] = gen.draw_from(self.distributions(gen.sampling_settings, row))[0]
-            elif gen._adjusts_logits(index):
-                tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1], index))[0]
-            if gen.penalties is not None:
-                gen.penalties.record(tokens[i : i + 1])
+            try:
+                if req.options.temperature != 0:  # (the distribution through its settings' graph, then the draw)
+                    adjusted = gen._adjusts_logits(index)
+                    row = gen._next_logits(logits[i : i + 1], index) if adjusted else logits[i : i + 1]
+                    tokens[i] = gen.draw_from(self.distributions(gen.sampling_settings, row))[0]
+                elif gen._adjusts_logits(index):
+                    tokens[i] = gen._pick(gen._next_logits(logits[i : i + 1], index))[0]
+            except Exception as exc:  # (a request's own logits processor raised: it fails alone, below)
+                failed.append((req, exc))
+                tokens[i] = 0
+                continue
+            gen._record(tokens[i : i + 1])
+            if gen.constraints is not None:  # (a row left no token to choose: its flag fails it when read)
+                flags[i : i + 1] = gen.flags(flags[i : i + 1])
             req.next_token = tokens[i]
         entries = [self.program.pool.lengths[e.request.row] for e in ended]
         self._sampled = Sampled([e.request for e in ended], tokens, flags.long(), entries)
         for e in ended:  # its last token: the row is needed no more, whatever the token reads back as
             if e.request.sampled >= e.request.options.max_new_tokens:
                 self._release(e.request)
+        for req, exc in failed:
+            self._fail(req, exc)
         want = [i for i, e in enumerate(ended) if e.request.top_logprobs is not None]
         if want:  # the model's distribution (no temperature / top-k/p), over the vocabulary
             at = to_device(want, logits.device)

@@ -10,8 +10,9 @@ prompt, and with ``logprobs`` scores its tokens too (recurrent depth: one forwar
 latentrt's options are extra body fields with their generate() names (``num_steps``, ``adaptive``,
 ``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...), and vLLM's extra fields where
 latentrt has the option (``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
-``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``...). ``n`` > 1 or a list of prompts
-run as separate requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
+``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``, ``bad_words``
+...). ``n`` > 1 or a list of prompts run as separate requests; with a ``seed``, choice i uses seed + i, as
+sequence i of a generate() batch does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.v
     "dry_allowed_length",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    "allowed_token_ids",
+    "bad_words",
 )
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
@@ -67,7 +70,7 @@ CHAT_FIELDS = (
     | set(NEUTRAL)
 )
 MAX_CHOICES = 16
-MAX_STOP_STRINGS = 256  # vLLM takes any number (OpenAI 4); a bound keeps each token's matching cheap
+MAX_STOP_STRINGS = 256  # stop strings and bad_words: vLLM takes any number (OpenAI 4); a bound keeps matching cheap
 # generate()'s options a request field of another name sets (besides max_new_tokens, the route's max_tokens)
 RENAMED = {"min_new_tokens": "min_tokens"}
 
@@ -142,6 +145,9 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
         if len(stops) > MAX_STOP_STRINGS:
             raise InputError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         opts["stop"] = stops
+    words = body.get("bad_words")
+    if isinstance(words, list) and len(words) > MAX_STOP_STRINGS:
+        raise InputError(f"bad_words takes at most {MAX_STOP_STRINGS} words, got {len(words)}")
     ids = body.get("stop_token_ids")
     if ids is not None:  # checked against the vocabulary by generate()
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

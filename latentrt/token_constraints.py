@@ -1,0 +1,200 @@
+"""Tokens a sequence may not choose next: vLLM's ``allowed_token_ids`` and ``bad_words``, and HF-style
+``logits_processors``, applied to the next-token logits after the penalties and ``min_new_tokens``' mask,
+before temperature and the filters (latentrt/sampling.py), as HF runs custom processors after its own.
+
+- ``allowed_token_ids``: a list of token ids; every other token's logit is -inf (vLLM's).
+- ``bad_words``: a list of strings, each encoded as vLLM encodes it (the word with its leading spaces
+  stripped, and again after one space where that gives another first token and as many tokens; no special
+  tokens). A word of one token is never chosen; for a longer one, the token that would complete it after
+  the sequence's last generated tokens is not (vLLM's rule: the generated tokens only, not the prompt).
+- ``logits_processors``: callables with transformers' ``LogitsProcessor`` signature,
+  ``processor(input_ids, scores) -> scores``, called in order for each running sequence on its own:
+  ``input_ids`` [1, L] its prompt and the tokens generated so far, ``scores`` [1, W] float32 (the head's
+  width; columns past the vocabulary are -inf and stay so). transformers' own processors work as they are.
+
+The allowed set and the bad words run on the logits' device without reading it (the recent tokens the
+longer words are matched against are kept there); processors are Python, so their sequences' tokens are
+read when they are called. A sequence left with no token to choose (every one excluded, or a processor's
+NaN) is flagged on the device (``empty``) and read with the token: generate() raises, it never picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import InputError, check_unicode
+from .prompts import unknown_words
+
+NAMES = ("allowed_token_ids", "bad_words", "logits_processors")
+NO_TOKEN_LEFT = 4  # the flag bit (beside 1: latent state, 2: logits) of a sequence with nothing to choose
+
+
+def check_constraints(allowed_token_ids, bad_words, logits_processors) -> None:
+    """The options' types (the ids against the vocabulary, and the words against the tokenizer, are checked by
+    ``TokenConstraints.check_for``, which generate() calls before the prompt)."""
+    if allowed_token_ids is not None:
+        if not isinstance(allowed_token_ids, (list, tuple, set, frozenset)) or not allowed_token_ids:
+            raise InputError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed_token_ids!r}")
+        for t in allowed_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise InputError(f"allowed_token_ids must hold token ids (integers), got {t!r}")
+    if bad_words is not None:
+        if isinstance(bad_words, str) or not isinstance(bad_words, (list, tuple)):
+            raise InputError(f"bad_words must be a list of strings, got {bad_words!r}")
+        for i, w in enumerate(bad_words):
+            if not isinstance(w, str) or not w.strip():
+                raise InputError(f"bad_words[{i}] must be a string with a word in it, got {w!r}")
+            check_unicode(f"bad_words[{i}]", w)
+    if logits_processors is not None:
+        items = [logits_processors] if callable(logits_processors) else logits_processors
+        if not isinstance(items, (list, tuple)) or not all(callable(p) for p in items):
+            raise InputError(
+                "logits_processors must be a callable or a list of callables (input_ids [1, L], scores [1, V]) -> "
+                f"scores, as transformers' LogitsProcessor; got {logits_processors!r}"
+            )
+
+
+def active(options) -> bool:
+    """Whether ``options`` set any of these."""
+    return any(getattr(options, n) not in (None, [], ()) for n in NAMES)
+
+
+def processors_of(options) -> list[Callable]:
+    p = options.logits_processors
+    return [] if p is None else [p] if callable(p) else list(p)
+
+
+def bad_word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Each word's token sequences, as vLLM's ``update_from_tokenizer`` encodes them: ``word.lstrip()``, and
+    ``" " + word.lstrip()`` where that gives a different first token and as many tokens (a word at the start
+    of a text and one inside it). A word the tokenizer does not know (it became the unknown token) is an
+    error: banning the unknown token is not what was asked."""
+    if tokenizer is None:
+        raise InputError("bad_words needs a tokenizer (this model has none); use allowed_token_ids or logit_bias")
+    out: list[list[int]] = []
+    for i, word in enumerate(words):
+        for spaced in (False, True):
+            text = (" " if spaced else "") + word.lstrip()
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            unknown = unknown_words(tokenizer, text, enc)
+            if unknown:
+                raise InputError(f"bad_words[{i}] {word!r}: {sorted(set(unknown))} not in the tokenizer's vocabulary")
+            if not enc.ids:
+                raise InputError(f"bad_words[{i}] {word!r} has no tokens")
+            if not spaced or (enc.ids[0] != out[-1][0] and len(enc.ids) == len(out[-1])):
+                out.append(list(enc.ids))
+    return out
+
+
+class TokenConstraints:
+    """The allowed set, bad words and processors of one generate() call (or one served request), with what
+    each sequence holds."""
+
+    def __init__(self, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int) -> None:
+        device, batch = ids.device, ids.shape[0]
+        self.vocab = vocab
+        blocked = torch.zeros(vocab, dtype=torch.bool)
+        if options.allowed_token_ids is not None:
+            blocked[:] = True
+            blocked[sorted(options.allowed_token_ids)] = False
+        words = bad_word_ids(tokenizer, options.bad_words) if options.bad_words else []
+        for w in words:
+            if len(w) == 1:
+                blocked[w[0]] = True
+        self.blocked = blocked.to(device) if blocked.any() else None
+        longer = [w for w in words if len(w) > 1]
+        self.recent = self.prefixes = self.last = None
+        if longer:  # prefixes right-aligned against the recent tokens; -2 matches any (never a real id nor -1)
+            held = max(len(w) for w in longer) - 1
+            prefixes = torch.full((len(longer), held), -2, dtype=torch.long)
+            for j, w in enumerate(longer):
+                prefixes[j, held - len(w) + 1 :] = torch.tensor(w[:-1])
+            self.prefixes = prefixes.to(device)
+            self.last = torch.tensor([w[-1] for w in longer], device=device)
+            self.recent = torch.full((batch, held), -1, dtype=torch.long, device=device)  # -1: no token yet
+        self.processors = processors_of(options)
+        real = mask.bool().cpu()
+        self.history = [row[keep].tolist() for row, keep in zip(ids.cpu(), real)] if self.processors else []
+        self.pending: list[tuple[Tensor, Tensor | None]] = []  # tokens recorded, not read yet (processors only)
+        self.empty: Tensor | None = None  # [B] bool: rows the last apply left nothing to choose
+
+    @classmethod
+    def build(cls, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int) -> TokenConstraints | None:
+        """For a call's (validated) options and its prompts ``ids`` [B, S] (``mask``: real positions); None when
+        none is set."""
+        return cls(options, tokenizer, ids, mask, vocab) if active(options) else None
+
+    @staticmethod
+    def check_for(options, tokenizer, vocab: int, held_stops: set[int]) -> None:
+        """The ids against the vocabulary and the words against the tokenizer, before any work; an allowed set
+        that the single-token bad words (and, before ``min_new_tokens``, the stop tokens: ``held_stops``)
+        empty is an error here rather than at the first token."""
+        allowed = options.allowed_token_ids
+        bad = sorted(t for t in allowed or () if not 0 <= t < vocab)
+        if bad:
+            raise InputError(f"allowed_token_ids must be ids of the vocabulary [0, {vocab}), got {bad[:5]}")
+        banned = (
+            {w[0] for w in bad_word_ids(tokenizer, options.bad_words) if len(w) == 1} if options.bad_words else set()
+        )
+        if allowed is not None and not set(allowed) - banned - held_stops:
+            why = "bad_words" + (" and the stop tokens min_new_tokens holds back" if held_stops else "")
+            raise InputError(f"allowed_token_ids {sorted(allowed)[:10]}: {why} exclude every one of them")
+
+    def apply(self, logits: Tensor, rows: list[bool] | None = None) -> Tensor:
+        """logits [B, W] -> fp32 logits with the excluded tokens at -inf and the processors run on the running
+        rows (``rows``; None: all); sets ``empty``."""
+        x = logits.float()
+        vocab = x[:, : self.vocab]
+        if self.blocked is not None:
+            vocab = vocab.masked_fill(self.blocked, float("-inf"))
+        if self.recent is not None:  # longer bad words: their last token where the recent tokens end the rest
+            hit = ((self.recent[:, None, :] == self.prefixes) | (self.prefixes == -2)).all(-1)  # [B, words]
+            ban = torch.zeros_like(vocab).scatter_add_(1, self.last.expand(len(x), -1), hit.float())
+            vocab = vocab.masked_fill(ban > 0, float("-inf"))
+        x = torch.cat([vocab, x[:, self.vocab :]], -1)
+        if self.processors:
+            x = self._process(x, rows)
+        vocab = x[:, : self.vocab]
+        self.empty = vocab.isnan().any(-1) | (vocab == float("inf")).any(-1) | (vocab == float("-inf")).all(-1)
+        # a flagged row picks a harmless token (it is never used: the flag is read with it and raises)
+        return torch.cat([torch.where(self.empty[:, None], 0.0, vocab), x[:, self.vocab :]], -1)
+
+    def _process(self, x: Tensor, rows: list[bool] | None) -> Tensor:
+        for tokens, which in self.pending:
+            took = which.tolist() if which is not None else [True] * len(tokens)
+            for b, (t, keep) in enumerate(zip(tokens.tolist(), took)):
+                if keep:
+                    self.history[b].append(t)
+        self.pending = []
+        out = []
+        for b in range(len(x)):
+            scores = x[b : b + 1]
+            if rows is None or rows[b]:
+                ids = torch.tensor([self.history[b]], dtype=torch.long, device=x.device)
+                for p in self.processors:
+                    scores = p(ids, scores.clone())
+                    fits = isinstance(scores, Tensor) and scores.shape == (1, x.shape[1])
+                    if not (fits and scores.is_floating_point()):
+                        got = f"shape {tuple(scores.shape)}" if isinstance(scores, Tensor) else type(scores).__name__
+                        raise InputError(
+                            f"logits processor {p!r} must return the scores as a float tensor of shape "
+                            f"{(1, x.shape[1])}, got {got}"
+                        )
+            out.append(scores.float().to(x.device))
+        x = torch.cat(out)
+        return torch.cat([x[:, : self.vocab], torch.full_like(x[:, self.vocab :], float("-inf"))], -1)
+
+    def record(self, tokens: Tensor, rows: Tensor | None = None) -> None:
+        """The sampled ``tokens`` [B] join their sequences (``rows``: the running ones; None: all)."""
+        if self.recent is not None:
+            shifted = torch.cat([self.recent[:, 1:], tokens[:, None].long()], 1)
+            self.recent = shifted if rows is None else torch.where(rows[:, None], shifted, self.recent)
+        if self.processors:
+            self.pending.append((tokens.clone(), None if rows is None else rows.clone()))
+
+    def flags(self) -> Tensor | None:
+        """``NO_TOKEN_LEFT`` for the rows the last apply left nothing to choose (a [B] long), or None."""
+        return None if self.empty is None else self.empty.long() * NO_TOKEN_LEFT
