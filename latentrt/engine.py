@@ -326,7 +326,7 @@ class Generation:
         if self.penalties is not None:
             self.penalties.record(tokens, rows)
         if self.constraints is not None:
-            self.constraints.record(tokens, rows)
+            self.constraints.record(tokens)
 
     def flags(self, nonfinite: Tensor) -> Tensor:
         """The flags read with the sampled tokens: the decoder's non-finite flags and the constraints' rows that

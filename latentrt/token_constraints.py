@@ -118,7 +118,7 @@ class TokenConstraints:
         self.processors = processors_of(options)
         real = mask.bool().cpu()
         self.history = [row[keep].tolist() for row, keep in zip(ids.cpu(), real)] if self.processors else []
-        self.pending: list[tuple[Tensor, Tensor | None]] = []  # tokens recorded, not read yet (processors only)
+        self.pending: list[Tensor] = []  # tokens recorded, not read yet (processors only)
         self.empty: Tensor | None = None  # [B] bool: rows the last apply left nothing to choose
 
     @classmethod
@@ -158,16 +158,15 @@ class TokenConstraints:
         if self.processors:
             x = self._process(x, rows)
         vocab = x[:, : self.vocab]
+        # (a flagged row's token, drawn from -inf or NaN scores without an error, is never used: the flag is read
+        # with it and raises)
         self.empty = vocab.isnan().any(-1) | (vocab == float("inf")).any(-1) | (vocab == float("-inf")).all(-1)
-        # a flagged row picks a harmless token (it is never used: the flag is read with it and raises)
-        return torch.cat([torch.where(self.empty[:, None], 0.0, vocab), x[:, self.vocab :]], -1)
+        return x
 
     def _process(self, x: Tensor, rows: list[bool] | None) -> Tensor:
-        for tokens, which in self.pending:
-            took = which.tolist() if which is not None else [True] * len(tokens)
-            for b, (t, keep) in enumerate(zip(tokens.tolist(), took)):
-                if keep:
-                    self.history[b].append(t)
+        for tokens in self.pending:  # (a row that stopped gets tokens too: it is not processed any more)
+            for b, t in enumerate(tokens.tolist()):
+                self.history[b].append(t)
         self.pending = []
         out = []
         for b in range(len(x)):
@@ -175,7 +174,7 @@ class TokenConstraints:
             if rows is None or rows[b]:
                 ids = torch.tensor([self.history[b]], dtype=torch.long, device=x.device)
                 for p in self.processors:
-                    scores = p(ids, scores.clone())
+                    scores = p(ids, scores)  # (x is this call's own: a processor may write in place)
                     fits = isinstance(scores, Tensor) and scores.shape == (1, x.shape[1])
                     if not (fits and scores.is_floating_point()):
                         got = f"shape {tuple(scores.shape)}" if isinstance(scores, Tensor) else type(scores).__name__
@@ -187,13 +186,13 @@ class TokenConstraints:
         x = torch.cat(out)
         return torch.cat([x[:, : self.vocab], torch.full_like(x[:, self.vocab :], float("-inf"))], -1)
 
-    def record(self, tokens: Tensor, rows: Tensor | None = None) -> None:
-        """The sampled ``tokens`` [B] join their sequences (``rows``: the running ones; None: all)."""
+    def record(self, tokens: Tensor) -> None:
+        """The sampled ``tokens`` [B] join their sequences (a row that stopped is never asked again: whatever it
+        gets changes nothing)."""
         if self.recent is not None:
-            shifted = torch.cat([self.recent[:, 1:], tokens[:, None].long()], 1)
-            self.recent = shifted if rows is None else torch.where(rows[:, None], shifted, self.recent)
+            self.recent = torch.cat([self.recent[:, 1:], tokens[:, None].long()], 1)
         if self.processors:
-            self.pending.append((tokens.clone(), None if rows is None else rows.clone()))
+            self.pending.append(tokens)  # (callers sample a new tensor each token)
 
     def flags(self) -> Tensor | None:
         """``NO_TOKEN_LEFT`` for the rows the last apply left nothing to choose (a [B] long), or None."""

@@ -160,6 +160,7 @@ def test_server_wide_defaults_sit_between_the_request_and_openais():
     assert defaults == {"repetition_penalty": 1.5, **override}
     for bad, message in (
         ({"hooks": [print]}, "cannot be server defaults"),
+        ({"logits_processors": [print]}, r"\['logits_processors'\] cannot be server defaults"),
         ({"num_thoughts": 1}, "num_thoughts does not apply"),
         ({"temprature": 0.5}, "did you mean 'temperature'"),
         ({"temperature": -1}, "temperature must be"),

@@ -157,12 +157,17 @@ def test_logits_processors_see_each_sequences_prompt_and_tokens_and_transformers
     kw = dict(det, max_new_tokens=10, default_stops=False, return_logits=True)
     prompts = [words[:5], words[6:8]]
     plain = latentrt.generate(model, prompts, **kw)
-    rec = Recorder(plain.tokens[1][0])
     ngram = NoRepeatNGramLogitsProcessor(2)
-    got = latentrt.generate(model, prompts, **kw, logits_processors=[ngram, rec])
+    free = latentrt.generate(model, prompts, **kw, logits_processors=[ngram, Recorder(plain.tokens[1][0])])
+    stop = next(t for t in free.tokens[0][2:] if t not in free.tokens[1])  # one the first sequence alone says
+    rec = Recorder(plain.tokens[1][0])
+    got = latentrt.generate(model, prompts, **kw, logits_processors=[ngram, rec], stop=[stop])
     assert got.tokens != plain.tokens
+    assert len(got.tokens[0]) < 10 == len(got.tokens[1])  # the first sequence stops early
+    assert len(rec.seen) == len(got.tokens[0]) + len(got.tokens[1])  # each running sequence once a token
     width = plain.logits[0].shape[-1]
     assert all(shape == (1, width) and dtype == torch.float32 for _, shape, dtype in rec.seen)
+    assert torch.equal(got.logits[1][0], plain.logits[1][0])  # the model's (a processor writes on its own copy)
     seen = [ids[0] for ids, _, _ in rec.seen]
     markers = ["<|start-latent|>", "<|latent|>", "<|end-latent|>"] if family == "coconut" else []  # one thought
     for b in range(2):  # (the rows take turns while both run)
@@ -173,6 +178,21 @@ def test_logits_processors_see_each_sequences_prompt_and_tokens_and_transformers
             ids = torch.tensor([want[i]])
             x = rec(ids, ngram(ids, got.logits[b][i : i + 1].clone()))[0, :vocab]
             assert int(x.argmax()) == token, (b, i)
+
+
+def test_a_processor_cannot_make_a_column_past_the_vocabulary_a_token():
+    """The head's padding columns (ids >= vocab_size) stay -inf whatever a processor writes there."""
+    model = tiny_recurrent(seed=2, vocab_size=37, padded_vocab_size=40)  # (the head: 40 columns)
+
+    def unmask(input_ids, scores):
+        scores[:, 37:] = 100.0
+        return scores
+
+    for sampled in (dict(), dict(temperature=1.0, seed=1)):
+        out = latentrt.generate(
+            model, [3, 4], max_new_tokens=6, default_stops=False, logits_processors=unmask, **sampled
+        )
+        assert max(out.tokens) < 37
 
 
 def test_a_batch_with_constraints_equals_each_prompt_alone():
@@ -229,8 +249,18 @@ def test_no_token_left_is_an_error_never_a_token():
             latentrt.InputError, match=r"no token left to choose for new token 1 in sequence\(s\) \[0, 1\]"
         ):
             latentrt.generate(model, [words[:2], words[3:6]], **kw, **sampled, allowed_token_ids=[a], bad_words=["a a"])
-    with pytest.raises(latentrt.InputError, match="no token left to choose for new token 0"):
-        latentrt.generate(model, words[:2], **kw, logits_processors=lambda ids, s: s * float("nan"))
+
+    def one_nan(input_ids, scores):
+        scores[0, 5] = float("nan")
+        return scores
+
+    def forced(input_ids, scores):  # +inf: sampling would draw from NaN probabilities (force with -inf elsewhere)
+        scores[0, 5] = float("inf")
+        return scores
+
+    for broken in (lambda ids, s: s * float("nan"), one_nan, forced):
+        with pytest.raises(latentrt.InputError, match="no token left to choose for new token 0"):
+            latentrt.generate(model, words[:2], **kw, logits_processors=broken)
     engine = Engine(model)
     failing = engine.submit(words[:2], GenerateOptions(**kw, allowed_token_ids=[a], bad_words=["a a"]))
     ok = engine.submit(words[2:5], GenerateOptions(**kw))
@@ -274,27 +304,28 @@ def test_bad_words_need_a_tokenizer():
 
 def test_the_device_state_matches_the_rule_on_random_histories():
     """TokenConstraints' vectorised match (recent tokens on the device, words right-aligned) against the rule
-    written per token, for random words and histories of several rows, some not running."""
+    written per token, for random words over four tokens (id 0, the end-of-text token, among them: no token
+    yet is not token 0) and random histories of several rows."""
     g = torch.Generator().manual_seed(0)
     tok = word_tokenizer([f"w{i}" for i in range(12)])
+    names = ["<|endoftext|>", "w0", "w1", "w2"]
+    ids_of_names = [tok.token_to_id(n) for n in names]
+    assert ids_of_names[0] == 0
     vocab = tok.get_vocab_size()
-    for trial in range(20):
+    for _ in range(30):
         words = [
-            " ".join(f"w{int(t)}" for t in torch.randint(0, 4, (int(n),), generator=g))
+            " ".join(names[int(t)] for t in torch.randint(0, 4, (int(n),), generator=g))
             for n in torch.randint(1, 4, (3,), generator=g)
         ]
-        opts = GenerateOptions(bad_words=words)
         ids = torch.zeros(3, 2, dtype=torch.long)
-        cons = TokenConstraints.build(opts, tok, ids, torch.ones_like(ids), vocab)
+        cons = TokenConstraints.build(GenerateOptions(bad_words=words), tok, ids, torch.ones_like(ids), vocab)
+        word_ids = bad_word_ids(tok, words)
         history: list[list[int]] = [[], [], []]
-        for step in range(6):
+        for _step in range(6):
             x = cons.apply(torch.zeros(3, vocab))
-            ids_of = bad_word_ids(tok, words)
             for b in range(3):
-                assert set((x[b] == float("-inf")).nonzero()[:, 0].tolist()) == vllm_bad_word_ban(ids_of, history[b])
-            tokens = torch.randint(0, 4, (3,), generator=g)
-            rows = torch.tensor([True, step % 2 == 0, trial % 3 != 0])
-            cons.record(tokens, rows)
+                assert set((x[b] == float("-inf")).nonzero()[:, 0].tolist()) == vllm_bad_word_ban(word_ids, history[b])
+            tokens = torch.tensor([ids_of_names[int(i)] for i in torch.randint(0, 4, (3,), generator=g)])
+            cons.record(tokens)
             for b in range(3):
-                if rows[b]:
-                    history[b].append(int(tokens[b]))
+                history[b].append(int(tokens[b]))

@@ -93,7 +93,9 @@ def checked_defaults(family: Family, defaults: dict, override: dict) -> dict:
     load the model elsewhere (latentrt/serve/ray.py)."""
     bad = sorted(set(override) & set(NOT_SERVER_DEFAULTS))
     if bad:
-        raise InputError(f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks)")
+        raise InputError(
+            f"{bad} cannot be server defaults (the server runs sequential decoding, without hooks or callables)"
+        )
     merged = {**defaults, **override}
     options = GenerateOptions.build(None, **merged)
     options.validate()
@@ -746,7 +748,7 @@ class Engine:
                 at = to_device(greedy, logits.device)
                 tokens[at] = logits[at, :vocab].argmax(-1)
         if any(e.request.generation.constraints is not None for e in ended):
-            flags = flags.long().clone()  # (the program's own tensor is left as it is)
+            flags = flags.long()  # (the programs' logits() return a new tensor: written in place below)
         failed = []
         for i, e in enumerate(ended):
             req = e.request
