@@ -1508,3 +1508,42 @@ def test_prompts_admitted_together_give_their_first_tokens_in_the_same_step():
     engine.run_until_idle()
     for r, p in zip(reqs, ([5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15])):
         assert r.tokens == latentrt.generate(model, p, **kw).tokens
+
+
+def test_a_request_made_while_a_failed_step_replaces_the_program_waits_for_the_new_one():
+    """A failed step replaces the program (``_reset``: the old pool freed first); ``request`` on another thread
+    (the server's) reads the pool meanwhile: it waits for the new program, never finds none (found by
+    tools.soak: an AttributeError on the server's thread)."""
+    import threading
+    import time
+
+    engine = Engine(tiny_recurrent(seed=1))
+    entered, release = threading.Event(), threading.Event()
+    base = type(engine.program)
+
+    class Slow(base):  # a program whose pool takes its time to allocate
+        def __init__(self, *args, **kwargs) -> None:
+            entered.set()
+            release.wait(10)
+            super().__init__(*args, **kwargs)
+
+    engine.program.__class__ = Slow
+    resetting = threading.Thread(target=engine._reset, args=(RuntimeError("a failed step"),))
+    resetting.start()
+    assert entered.wait(10)
+    got: dict = {}
+
+    def ask() -> None:
+        try:
+            got["request"] = engine.request([5, 6], latentrt.GenerateOptions(max_new_tokens=2))
+        except Exception as exc:  # noqa: BLE001 (what the thread met, for the assertion)
+            got["error"] = exc
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    time.sleep(0.2)
+    assert asking.is_alive() and not got  # waiting for the new program
+    release.set()
+    resetting.join(10)
+    asking.join(10)
+    assert "error" not in got and got["request"].options.max_new_tokens == 2

@@ -415,7 +415,8 @@ class Engine:
         if not gen.batch.single:
             raise InputError("a request takes one prompt (send several requests for a batch)")
         need = gen.batch.ids.shape[1] + opts.max_new_tokens
-        why = self.program.pool.never_fits(need, self.program.kv_mode(gen.decoder))
+        with self.lock:  # (not while ``_reset`` replaces the program)
+            why = self.program.pool.never_fits(need, self.program.kv_mode(gen.decoder))
         if why is not None:
             raise PromptError(why)
         req = Request("", gen, on_event, prompt_tokens=int(gen.batch.mask.sum()))
@@ -575,8 +576,9 @@ class Engine:
         self._exited = []
         self._sampled = self._read = None
         cls, pool = type(self.program), self.program.pool
-        self.program = None  # the old pool goes before the new one is allocated
-        self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
+        with self.lock:  # (``request`` reads the program's pool on the caller's thread: it waits for the new one)
+            self.program = None  # the old pool goes before the new one is allocated
+            self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
 
     def _mark_exited(self, ended: Ended, step: int) -> None:
         """A unit that ended in the launch of engine step ``step``: it waits to be sampled."""

@@ -45,7 +45,8 @@ def kv_bytes(engine, req) -> int:
     holds for the positions filled (the prompt as run, then every token sampled but the last, which ends the
     sequence without being run: a stop token the output leaves out counts), in the request's KV mode at the
     model's dtype."""
-    per_position = engine.program.pool.position_bytes(engine.program.kv_mode(req.decoder))
+    with engine.lock:  # (a server thread's step may be replacing the program: latentrt/serve/engine.py's _reset)
+        per_position = engine.program.pool.position_bytes(engine.program.kv_mode(req.decoder))
     sampled = len(req.tokens) + req.stop_token_left_out
     return per_position * (req.prompt_tokens + max(sampled - 1, 0))
 
