@@ -46,6 +46,7 @@ GENERATE_FLAGS = {
     "logit_bias": "logit_bias",
     "allowed_token_ids": "allowed_token_ids",
     "bad_words": "bad_words",
+    "guided_choice": "guided_choice",
     "dry_multiplier": "dry_multiplier",
     "dry_base": "dry_base",
     "dry_allowed_length": "dry_allowed_length",
@@ -319,6 +320,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bad-words", nargs="+", default=UNSET, metavar="WORD", help="words never generated (vLLM's bad_words)"
+    )
+    p.add_argument(
+        "--guided-choice",
+        nargs="+",
+        default=UNSET,
+        metavar="TEXT",
+        help="the text is one of these, then a stop token (vLLM's guided_choice)",
     )
     p.add_argument(
         "--dry-multiplier", type=float, default=UNSET, help="the published sampler's DRY penalty (0: none; README)"

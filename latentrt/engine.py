@@ -135,8 +135,10 @@ class Generation:
             verb = "applies" if len(given) == 1 else "apply"
             raise InputError(f"{', '.join(given)} {verb} with decoding='sequential' only, not {options.decoding!r}")
         check_bias_vocabulary(options.logit_bias, model.config.vocab_size)
-        held = set(self.stop_ids.tolist()) if options.min_new_tokens else set()
-        TokenConstraints.check_for(options, model.tokenizer, model.config.vocab_size, held)
+        stops = set(self.stop_ids.tolist())
+        TokenConstraints.check_for(
+            options, model.tokenizer, model.config.vocab_size, stops, stops if options.min_new_tokens else set()
+        )
         try:
             texts = prompt_texts(prompt)
             if texts is not None and model.tokenizer is not None:
@@ -155,7 +157,7 @@ class Generation:
         self.decoder.rng = self.rng
         self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
         self.constraints = TokenConstraints.build(
-            options, model.tokenizer, self.batch.ids, self.batch.mask, model.config.vocab_size
+            options, model.tokenizer, self.batch.ids, self.batch.mask, model.config.vocab_size, self.stop_ids.tolist()
         )
         length = self.batch.ids.shape[1]
         need = length + options.max_new_tokens
@@ -227,7 +229,7 @@ class Generation:
                 stopped = torch.isin(tok, self.stop_ids) & alive & decoder.stops_at(i)
                 # the one device->host read per token
                 tok_l, used_l, stop_l, flags_l = torch.stack(
-                    [tok, out.iterations, stopped.long(), self.flags(out.nonfinite)]
+                    [tok, out.iterations, stopped.long(), self.flags(out.nonfinite, alive)]
                 ).tolist()
                 logits_l = out.logits
             else:  # a sampler commits the tokens (one prompt): host values already
@@ -328,10 +330,10 @@ class Generation:
         if self.constraints is not None:
             self.constraints.record(tokens)
 
-    def flags(self, nonfinite: Tensor) -> Tensor:
+    def flags(self, nonfinite: Tensor, running: Tensor | None = None) -> Tensor:
         """The flags read with the sampled tokens: the decoder's non-finite flags and the constraints' rows that
-        had no token to choose (``_raise_if_nonfinite`` reads them)."""
-        extra = None if self.constraints is None else self.constraints.flags()
+        had no token to choose, of the ``running`` ones (None: all; ``_raise_if_nonfinite`` reads them)."""
+        extra = None if self.constraints is None else self.constraints.flags(running)
         return nonfinite if extra is None else nonfinite.long() | extra
 
     def _holds_stops(self, index: int) -> bool:

@@ -60,6 +60,7 @@ class GenerateOptions:
     logit_bias: Any = None  # {token id: bias}
     allowed_token_ids: Any = None  # vLLM's: only these token ids are chosen (latentrt/token_constraints.py)
     bad_words: Any = None  # vLLM's: words never generated
+    guided_choice: Any = None  # vLLM's: the text is one of these strings (latentrt/choices.py)
     logits_processors: Any = None  # transformers' LogitsProcessor callables, (input_ids, scores) -> scores
     dry_multiplier: float = 0.0  # the published sampler's DRY penalty (latentrt/dry.py); 0: none
     dry_base: float = 1.75
@@ -122,7 +123,7 @@ class GenerateOptions:
         check_int("min_new_tokens", self.min_new_tokens, 0, n, high_label=f"max_new_tokens={n}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
-        check_constraints(self.allowed_token_ids, self.bad_words, self.logits_processors)
+        check_constraints(self.allowed_token_ids, self.bad_words, self.guided_choice, self.logits_processors)
         check_dry(self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.repetition_penalty)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")

@@ -1,20 +1,22 @@
-"""Tokens a sequence may not choose next: vLLM's ``allowed_token_ids`` and ``bad_words``, and HF-style
-``logits_processors``, applied to the next-token logits after the penalties and ``min_new_tokens``' mask,
-before temperature and the filters (latentrt/sampling.py), as HF runs custom processors after its own.
+"""Tokens a sequence may not choose next: vLLM's ``allowed_token_ids``, ``bad_words`` and ``guided_choice``
+(latentrt/choices.py), and HF-style ``logits_processors``, applied to the next-token logits after the
+penalties and ``min_new_tokens``' mask, before temperature and the filters (latentrt/sampling.py), as HF runs
+custom processors after its own.
 
 - ``allowed_token_ids``: a list of token ids; every other token's logit is -inf (vLLM's).
 - ``bad_words``: a list of strings, each encoded as vLLM encodes it (the word with its leading spaces
   stripped, and again after one space where that gives another first token and as many tokens; no special
   tokens). A word of one token is never chosen; for a longer one, the token that would complete it after
   the sequence's last generated tokens is not (vLLM's rule: the generated tokens only, not the prompt).
+- ``guided_choice``: a list of strings; the tokens follow one of them, then a stop token (latentrt/choices.py).
 - ``logits_processors``: callables with transformers' ``LogitsProcessor`` signature,
   ``processor(input_ids, scores) -> scores``, called in order for each running sequence on its own:
   ``input_ids`` [1, L] its prompt and the tokens generated so far, ``scores`` [1, W] float32 (the head's
   width; columns past the vocabulary are -inf and stay so). transformers' own processors work as they are.
 
 The allowed set and the bad words run on the logits' device without reading it (the recent tokens the
-longer words are matched against are kept there); processors are Python, so their sequences' tokens are
-read when they are called. A sequence left with no token to choose (every one excluded, or a processor's
+longer words are matched against are kept there); choices and processors are Python, so their sequences'
+tokens are read when they are applied. A sequence left with no token to choose (every one excluded, or a processor's
 NaN) is flagged on the device (``empty``) and read with the token: generate() raises, it never picks one.
 """
 
@@ -25,14 +27,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .choices import ChoiceTrie, check_choices
 from .errors import InputError, check_unicode
 from .prompts import unknown_words
 
-NAMES = ("allowed_token_ids", "bad_words", "logits_processors")
+NAMES = ("allowed_token_ids", "bad_words", "guided_choice", "logits_processors")
 NO_TOKEN_LEFT = 4  # the flag bit (beside 1: latent state, 2: logits) of a sequence with nothing to choose
 
 
-def check_constraints(allowed_token_ids, bad_words, logits_processors) -> None:
+def check_constraints(allowed_token_ids, bad_words, guided_choice, logits_processors) -> None:
     """The options' types (the ids against the vocabulary, and the words against the tokenizer, are checked by
     ``TokenConstraints.check_for``, which generate() calls before the prompt)."""
     if allowed_token_ids is not None:
@@ -48,6 +51,7 @@ def check_constraints(allowed_token_ids, bad_words, logits_processors) -> None:
             if not isinstance(w, str) or not w.strip():
                 raise InputError(f"bad_words[{i}] must be a string with a word in it, got {w!r}")
             check_unicode(f"bad_words[{i}]", w)
+    check_choices(guided_choice)
     if logits_processors is not None:
         items = [logits_processors] if callable(logits_processors) else logits_processors
         if not isinstance(items, (list, tuple)) or not all(callable(p) for p in items):
@@ -93,7 +97,7 @@ class TokenConstraints:
     """The allowed set, bad words and processors of one generate() call (or one served request), with what
     each sequence holds."""
 
-    def __init__(self, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int) -> None:
+    def __init__(self, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int, stop_ids: Sequence[int] = ()) -> None:
         device, batch = ids.device, ids.shape[0]
         self.vocab = vocab
         blocked = torch.zeros(vocab, dtype=torch.bool)
@@ -116,22 +120,34 @@ class TokenConstraints:
             self.last = torch.tensor([w[-1] for w in longer], device=device)
             self.recent = torch.full((batch, held), -1, dtype=torch.long, device=device)  # -1: no token yet
         self.processors = processors_of(options)
+        self.choices = ChoiceTrie(tokenizer, options.guided_choice) if options.guided_choice else None
+        self.stop_ids = sorted(stop_ids)
         real = mask.bool().cpu()
-        self.history = [row[keep].tolist() for row, keep in zip(ids.cpu(), real)] if self.processors else []
-        self.pending: list[Tensor] = []  # tokens recorded, not read yet (processors only)
+        on_host = self.processors or self.choices is not None  # (what needs each sequence's tokens on the host)
+        self.history = [row[keep].tolist() for row, keep in zip(ids.cpu(), real)] if on_host else []
+        self.prompt_lengths = [len(h) for h in self.history]
+        self.pending: list[Tensor] = []  # tokens recorded, not read yet (host history only)
         self.empty: Tensor | None = None  # [B] bool: rows the last apply left nothing to choose
 
     @classmethod
-    def build(cls, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int) -> TokenConstraints | None:
-        """For a call's (validated) options and its prompts ``ids`` [B, S] (``mask``: real positions); None when
-        none is set."""
-        return cls(options, tokenizer, ids, mask, vocab) if active(options) else None
+    def build(
+        cls, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int, stop_ids: Sequence[int] = ()
+    ) -> TokenConstraints | None:
+        """For a call's (validated) options and its prompts ``ids`` [B, S] (``mask``: real positions) with its stop
+        token ids (a guided choice ends with one); None when none is set."""
+        return cls(options, tokenizer, ids, mask, vocab, stop_ids) if active(options) else None
 
     @staticmethod
-    def check_for(options, tokenizer, vocab: int, held_stops: set[int]) -> None:
-        """The ids against the vocabulary and the words against the tokenizer, before any work; an allowed set
-        that the single-token bad words (and, before ``min_new_tokens``, the stop tokens: ``held_stops``)
-        empty is an error here rather than at the first token."""
+    def check_for(options, tokenizer, vocab: int, stop_ids: set[int], held_stops: set[int]) -> None:
+        """The ids against the vocabulary and the words and choices against the tokenizer, before any work; an
+        allowed set that the single-token bad words (and, before ``min_new_tokens``, the stop tokens:
+        ``held_stops``) empty, or a choice with no stop token to end it (``stop_ids``), is an error here rather
+        than at a token."""
+        if options.guided_choice:
+            ChoiceTrie(tokenizer, options.guided_choice)
+            if not stop_ids:
+                why = "the model names no end-of-text token" if options.default_stops else "default_stops=False"
+                raise InputError(f"guided_choice must end with a stop token and there is none ({why}): give stop=[id]")
         allowed = options.allowed_token_ids
         bad = sorted(t for t in allowed or () if not 0 <= t < vocab)
         if bad:
@@ -155,19 +171,35 @@ class TokenConstraints:
             ban = torch.zeros_like(vocab).scatter_add_(1, self.last.expand(len(x), -1), hit.float())
             vocab = vocab.masked_fill(ban > 0, float("-inf"))
         x = torch.cat([vocab, x[:, self.vocab :]], -1)
+        if self.history:
+            self._read_pending()
+        if self.choices is not None:
+            x = self._choose(x)
         if self.processors:
             x = self._process(x, rows)
         vocab = x[:, : self.vocab]
-        # (a flagged row's token, drawn from -inf or NaN scores without an error, is never used: the flag is read
-        # with it and raises)
         self.empty = vocab.isnan().any(-1) | (vocab == float("inf")).any(-1) | (vocab == float("-inf")).all(-1)
-        return x
+        # a flagged row draws from even scores over the vocabulary: a token of it (the server's log-probs and the
+        # next prelude read it), never used (the flag is read with it and raises)
+        return torch.cat([torch.where(self.empty[:, None], 0.0, vocab), x[:, self.vocab :]], -1)
 
-    def _process(self, x: Tensor, rows: list[bool] | None) -> Tensor:
-        for tokens in self.pending:  # (a row that stopped gets tokens too: it is not processed any more)
+    def _read_pending(self) -> None:
+        for tokens in self.pending:  # (a row that stopped gets tokens too: it is not asked any more)
             for b, t in enumerate(tokens.tolist()):
                 self.history[b].append(t)
         self.pending = []
+
+    def _choose(self, x: Tensor) -> Tensor:
+        """Each row's scores where its tokens so far continue a choice (and at the stop tokens where they hold
+        one); -inf elsewhere (a row that stopped, off the choices, has none left: it is asked nothing)."""
+        out = torch.full_like(x, float("-inf"))
+        for b in range(len(x)):
+            nxt, whole = self.choices.allowed(self.history[b][self.prompt_lengths[b] :])
+            keep = torch.tensor(nxt + (self.stop_ids if whole else []), dtype=torch.long, device=x.device)
+            out[b, keep] = x[b, keep]
+        return out
+
+    def _process(self, x: Tensor, rows: list[bool] | None) -> Tensor:
         out = []
         for b in range(len(x)):
             scores = x[b : b + 1]
@@ -191,9 +223,13 @@ class TokenConstraints:
         gets changes nothing)."""
         if self.recent is not None:
             self.recent = torch.cat([self.recent[:, 1:], tokens[:, None].long()], 1)
-        if self.processors:
+        if self.history:
             self.pending.append(tokens)  # (callers sample a new tensor each token)
 
-    def flags(self) -> Tensor | None:
-        """``NO_TOKEN_LEFT`` for the rows the last apply left nothing to choose (a [B] long), or None."""
-        return None if self.empty is None else self.empty.long() * NO_TOKEN_LEFT
+    def flags(self, running: Tensor | None = None) -> Tensor | None:
+        """``NO_TOKEN_LEFT`` for the rows the last apply left nothing to choose (a [B] long; ``running``: the rows
+        that count, a sequence that stopped is asked nothing), or None."""
+        if self.empty is None:
+            return None
+        empty = self.empty if running is None else self.empty & running
+        return empty.long() * NO_TOKEN_LEFT

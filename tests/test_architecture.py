@@ -27,6 +27,7 @@ LAYERS = [
         "sampling",
         "dry",
         "penalties",
+        "choices",
         "token_constraints",
         "stop_strings",
         "sequence_text",

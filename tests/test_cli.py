@@ -219,8 +219,9 @@ def test_generate_penalties_equal_the_api(recurrent_dir, capsys):
     assert "dry_multiplier and repetition_penalty are exclusive" in capsys.readouterr().err
 
 
-def test_generate_allowed_token_ids_and_bad_words_equal_the_api(recurrent_dir, capsys):
-    """``--allowed-token-ids ID ...`` and ``--bad-words WORD ...`` reach generate(); errors name the flags."""
+def test_generate_allowed_token_ids_bad_words_and_guided_choice_equal_the_api(recurrent_dir, capsys):
+    """``--allowed-token-ids ID ...``, ``--bad-words WORD ...`` and ``--guided-choice TEXT ...`` reach generate();
+    errors name the flags."""
     import latentrt
 
     model = latentrt.load(recurrent_dir, device="cpu")
@@ -234,6 +235,12 @@ def test_generate_allowed_token_ids_and_bad_words_equal_the_api(recurrent_dir, c
     assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens
     assert main(["generate", str(recurrent_dir), "x", "--allowed-token-ids", "999"]) == 2
     assert "error: --allowed-token-ids must be ids of the vocabulary [0, 40), got [999]" in capsys.readouterr().err
+    want = latentrt.generate(model, "every cat is", max_new_tokens=8, stop=[0], guided_choice=["Tom is a cat", "no"])
+    argv = ["generate", str(recurrent_dir), "every cat is", "--max-new-tokens", "8", "--stop", "0", "--json"]
+    assert main(argv + ["--guided-choice", "Tom is a cat", "no"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want.tokens and want.text in ("Tom is a cat", "no")
+    assert main(["generate", str(recurrent_dir), "x", "--guided-choice", "no"]) == 2
+    assert "error: --guided-choice must end with a stop token and there is none" in capsys.readouterr().err
 
 
 def test_generate_coconut(coconut_dir, capsys):

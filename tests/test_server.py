@@ -764,12 +764,52 @@ def test_allowed_token_ids_and_bad_words_as_vllm_takes_them(recurrent_server):
         (dict(allowed_token_ids=[999]), "allowed_token_ids must be ids of the vocabulary [0, 40), got [999]"),
         (dict(bad_words="cat"), "bad_words must be a list of strings"),
         (dict(bad_words=["cat jabberwock"]), "bad_words[0] 'cat jabberwock': ['jabberwock'] not in the tokenizer's"),
-        (dict(bad_words=["cat"] * 257), "bad_words takes at most 256 words, got 257"),
+        (dict(bad_words=["cat"] * 257), "bad_words takes at most 256 strings, got 257"),
         (dict(allowed_token_ids=[6], bad_words=["is"]), "allowed_token_ids [6]: bad_words exclude every one of them"),
         (dict(logits_processors=["print"]), "unknown field(s) ['logits_processors']"),
     ]:
         got = h.post("/v1/completions", json=dict(args, **bad))
         assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
+
+
+def test_guided_choice_and_structured_outputs_choice_as_vllm_takes_them(recurrent_server):
+    """vLLM's ``guided_choice`` and ``structured_outputs: {"choice": [...]}``: one of the choices, the tokens of
+    generate() alone, completions and chat; the other structured outputs are 400s saying latentrt has not them."""
+    url, _, model = recurrent_server
+    choices = ["Tom is a cat", "Ann is a dog", "no"]
+    args = dict(model="tiny", max_tokens=8, temperature=0.8, seed=3)
+    extra = {"stop_token_ids": [0]}  # (the tiny model names no eos: a choice ends with this stop)
+    alone = latentrt.generate(model, "every cat is", max_new_tokens=8, temperature=0.8, seed=3, stop=[0])
+    for body in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        want = latentrt.generate(
+            model, "every cat is", max_new_tokens=8, temperature=0.8, seed=3, stop=[0], guided_choice=choices
+        )
+        assert want.text in choices and want.tokens != alone.tokens
+        r = client(url).completions.create(prompt="every cat is", extra_body=dict(extra, **body), **args)
+        assert r.choices[0].latentrt["token_ids"] == want.tokens and r.choices[0].text == want.text
+        chat = [{"role": "user", "content": "every cat is"}]
+        r = client(url).chat.completions.create(messages=chat, extra_body=dict(extra, **body), **args)
+        assert r.choices[0].message.content in choices
+    h = httpx.Client(base_url=url)
+    for bad, message in [
+        (dict(structured_outputs={"json": {"type": "object"}}), 'structured_outputs takes {"choice": [...]} only'),
+        (dict(structured_outputs={"choice": ["no"]}, guided_choice=["no"]), "give guided_choice or structured_"),
+        (dict(guided_json={"type": "object"}), "guided_json={'type': 'object'} is not supported by latentrt"),
+        (dict(guided_regex="a+"), "guided_regex='a+' is not supported by latentrt"),
+        (dict(guided_choice=["no"]), "guided_choice must end with a stop token and there is none"),
+        (dict(guided_choice="no", stop_token_ids=[0]), "guided_choice must be a non-empty list of strings"),
+        (dict(guided_choice=["a"] * 257, stop_token_ids=[0]), "guided_choice takes at most 256 strings, got 257"),
+    ]:
+        got = h.post("/v1/completions", json=dict(args, prompt="every cat is", **bad))
+        assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
+    # a choice min_tokens holds open: no token left after it (known only then): a 400, or mid-stream its event
+    held = dict(args, prompt="every cat is", guided_choice=["no"], stop_token_ids=[0], min_tokens=2)
+    got = h.post("/v1/completions", json=held)
+    assert got.status_code == 400 and "no token left to choose for new token 1" in got.json()["error"]["message"]
+    with h.stream("POST", "/v1/completions", json=dict(held, stream=True)) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[0]["choices"][0]["text"] == "no"
+    assert events[-1]["error"]["type"] == "invalid_request_error" and "no token left" in events[-1]["error"]["message"]
 
 
 def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_never_a_500(recurrent_server):
@@ -784,7 +824,7 @@ def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_neve
         *("continuous", "decoding", "decoding_options", "num_thoughts", "stream_options", "ignore_eos", "user"),
         *("include_stop_str_in_output", "skip_special_tokens", "response_format", "tools", "chat_template_kwargs"),
         *("add_generation_prompt", "continue_final_message", "top_logprobs", "max_completion_tokens", "suffix"),
-        *("messages", "prompt", "model", "allowed_token_ids", "bad_words"),
+        *("messages", "prompt", "model", "allowed_token_ids", "bad_words", "guided_choice", "structured_outputs"),
     ]
     values = [None, True, -1, 3, 0.5, 1e30, 2**63, "", "kl", [1, 2], ["a"], {"5": 100}, [{"role": 3}]]
     h = httpx.Client(base_url=url, timeout=60)

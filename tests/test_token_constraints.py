@@ -261,12 +261,23 @@ def test_no_token_left_is_an_error_never_a_token():
     for broken in (lambda ids, s: s * float("nan"), one_nan, forced):
         with pytest.raises(latentrt.InputError, match="no token left to choose for new token 0"):
             latentrt.generate(model, words[:2], **kw, logits_processors=broken)
+
+
+@pytest.mark.parametrize("seed", [None, 2, 3])
+def test_a_served_request_left_no_token_fails_alone_with_log_probs_and_a_padded_head(seed):
+    """The serving engine: the request fails with the message; the others, resident beside it, go on. Its
+    token, drawn from nothing, is still a token of the vocabulary: with log-probs asked and a head wider
+    than the vocabulary, a padding column once failed the whole step (found by tools.soak)."""
+    model = tiny_recurrent(seed=3, vocab_size=37, padded_vocab_size=256)  # (a draw from nothing: mostly padding)
+    kw = dict(num_steps=3, init_scale=0.0, max_new_tokens=4, default_stops=False)
+    kw.update(temperature=1.0, seed=seed) if seed is not None else None
+    a = model.tokenizer.token_to_id("a")
     engine = Engine(model)
-    failing = engine.submit(words[:2], GenerateOptions(**kw, allowed_token_ids=[a], bad_words=["a a"]))
-    ok = engine.submit(words[2:5], GenerateOptions(**kw))
+    failing = engine.submit([5, 6], GenerateOptions(**kw, allowed_token_ids=[a], bad_words=["a a"]), top_logprobs=3)
+    ok = engine.submit([7, 8, 9], GenerateOptions(**kw), top_logprobs=3)
     engine.run_until_idle()
     assert failing.finish_reason == "error" and "no token left to choose for new token 1" in str(failing.error)
-    assert ok.tokens == latentrt.generate(model, words[2:5], **kw).tokens
+    assert ok.finish_reason == "length" and ok.tokens == latentrt.generate(model, [7, 8, 9], **kw).tokens
 
 
 @pytest.mark.parametrize(
@@ -329,3 +340,26 @@ def test_the_device_state_matches_the_rule_on_random_histories():
             cons.record(tokens)
             for b in range(3):
                 history[b].append(int(tokens[b]))
+
+
+def test_a_sequence_that_stopped_is_asked_nothing():
+    """Once a sequence stopped, what the constraints would leave it is no error: here its last token would leave
+    it none (allowed {a, b}, b a stop, bad words 'b a' and 'b b'), while the other sequence goes on."""
+    model, det, words = make("recurrent")
+    tok = model.tokenizer
+    prompts = [words[:3], words[5:9]]
+
+    def first(p, a, b):
+        return latentrt.generate(model, p, **det, max_new_tokens=1, default_stops=False, allowed_token_ids=[a, b])
+
+    a, b = next(
+        (a, b)
+        for a in words
+        for b in words
+        if a != b and first(prompts[0], a, b).tokens == [b] and first(prompts[1], a, b).tokens == [a]
+    )
+    kw = dict(det, max_new_tokens=6, default_stops=False, allowed_token_ids=[a, b], stop=[b])
+    bad = [f"{tok.id_to_token(b)} {tok.id_to_token(a)}", f"{tok.id_to_token(b)} {tok.id_to_token(b)}"]
+    out = latentrt.generate(model, prompts, **kw, bad_words=bad)
+    assert out.tokens[0] == [b] and len(out.tokens[1]) > 1
+    assert out.tokens[1] == latentrt.generate(model, prompts[1], **kw, bad_words=bad).tokens

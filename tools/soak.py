@@ -67,6 +67,7 @@ from latentrt.exits import CRITERIA
 from latentrt.families import family_for
 from latentrt.options import GenerateOptions
 from latentrt.serve.engine import SCHEDULERS, Engine
+from latentrt.token_constraints import NAMES as TOKEN_CONSTRAINTS
 
 from . import check_budget, warnings_silenced, wrapped
 
@@ -117,6 +118,11 @@ def draw_options(rng: random.Random, model, seed: int) -> dict:
         words = [model.tokenizer.decode([own.randrange(vocab)]).strip() for _ in range(2)] if model.tokenizer else []
         if all(words) and words and own.random() < 0.7:
             kw["bad_words"] = [own.choice([words[0], " ".join(words)])]
+    if own.random() < 0.1 and model.tokenizer is not None:  # the text one of a few (latentrt/choices.py)
+        words = [model.tokenizer.decode([own.randrange(vocab)]).strip() for _ in range(6)]
+        choices = [" ".join(w for w in words[j : j + own.randrange(1, 4)] if w) for j in range(own.randrange(1, 4))]
+        if all(choices):
+            kw.update(guided_choice=choices, default_stops=True)
     if "num_steps" in takes:
         kw.update(num_steps=rng.randrange(1, 14), kv_sharing=rng.choice(KV_MODES), init_scale=rng.choice([0.0, 1.0]))
         if rng.random() < 0.6:
@@ -251,7 +257,7 @@ def drawn_tie(draws: tuple, tokens: tuple[int, int], tolerance: float) -> str:
 
 
 # besides repetition_penalty
-PROCESSORS = ("logit_bias", "presence_penalty", "frequency_penalty", "dry_multiplier", "allowed_token_ids", "bad_words")
+PROCESSORS = ("logit_bias", "presence_penalty", "frequency_penalty", "dry_multiplier", *TOKEN_CONSTRAINTS)
 
 
 def describe(got: tuple, want: tuple, options: dict, logits_at=None, tolerance: float = 0.0, draws_at=None) -> str:
@@ -634,7 +640,9 @@ def http_plain(client, path: str, body: dict, chat: bool) -> tuple:
     """(status, texts by choice, finish reasons by choice, usage) of a plain request; (status, body) if refused."""
     plain = client.post(path, json=body)
     if plain.status_code != 200:
-        return plain.status_code, plain.text
+        return plain.status_code, plain.json() if plain.headers.get(
+            "content-type"
+        ) == "application/json" else plain.text
     choices = plain.json()["choices"]
     texts = {c["index"]: c["message"]["content"] if chat else c["text"] for c in choices}
     return 200, texts, {c["index"]: c["finish_reason"] for c in choices}, plain.json()["usage"]
@@ -646,7 +654,8 @@ def http_streamed(client, path: str, body: dict, chat: bool, keep: int | None = 
     texts, finish, usage = {}, {}, None
     with client.stream("POST", path, json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
         if r.status_code != 200:
-            return r.status_code, r.read().decode()
+            r.read()
+            return r.status_code, r.json() if r.headers.get("content-type") == "application/json" else r.text
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -654,6 +663,8 @@ def http_streamed(client, path: str, body: dict, chat: bool, keep: int | None = 
                 return None  # (leaving the block closes the connection mid-stream)
             keep = None if keep is None else keep - 1
             event = json.loads(line[len("data: ") :])
+            if "error" in event:  # failed mid-stream: as the plain answer's status would say
+                return 400 if event["error"]["type"] == "invalid_request_error" else 500, event
             usage = event.get("usage") or usage
             for c in event.get("choices", []):
                 piece = c["delta"].get("content") if chat else c.get("text")

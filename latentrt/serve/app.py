@@ -56,6 +56,15 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
     return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
 
 
+def failure(error: Exception) -> tuple[int, str, str]:
+    """(status, message, error type) of a request that failed while it ran: its own options' doing (an
+    InputError: no token left to choose) is a 400, as if refused up front; anything else (a non-finite state,
+    a failed step) a 500."""
+    if isinstance(error, InputError):
+        return 400, str(error), "invalid_request_error"
+    return 500, str(error), "server_error"
+
+
 class EngineThread:
     """The engine's stepping thread, started once (by the app's lifespan or its first request)."""
 
@@ -200,7 +209,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
         if failed:
             for r in reqs:
                 engine.cancel(r)
-            return _error(500, str(failed[0].error), "server_error")
+            return _error(*failure(failed[0].error))
         return JSONResponse(completion_body(rid, model_name, reqs, chat, text_of, prompt_index))
 
     async def stream(
@@ -209,10 +218,10 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
         first = await next_event(request, reqs, events)
         if first is None:
             return _error(499, "client closed the request")
-        if first[1].kind == "error":  # failed before its first token: a plain 500
+        if first[1].kind == "error":  # failed before its first token: a plain error answer
             for r in reqs:
                 engine.cancel(r)
-            return _error(500, str(reqs[first[0]].error), "server_error")
+            return _error(*failure(reqs[first[0]].error))
 
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
@@ -233,7 +242,7 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
                         yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
                         open_ -= 1
                     else:
-                        yield sse(error_body(str(reqs[i].error), "server_error"))
+                        yield sse(error_body(*failure(reqs[i].error)[1:]))
                         open_ -= 1
                     if not open_:
                         break

@@ -10,9 +10,9 @@ prompt, and with ``logprobs`` scores its tokens too (recurrent depth: one forwar
 latentrt's options are extra body fields with their generate() names (``num_steps``, ``adaptive``,
 ``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...), and vLLM's extra fields where
 latentrt has the option (``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
-``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``, ``bad_words``
-...). ``n`` > 1 or a list of prompts run as separate requests; with a ``seed``, choice i uses seed + i, as
-sequence i of a generate() batch does.
+``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``, ``bad_words``,
+``guided_choice`` or ``structured_outputs: {"choice": [...]}``...). ``n`` > 1 or a list of prompts run as
+separate requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.v
     "skip_special_tokens",
     "allowed_token_ids",
     "bad_words",
+    "guided_choice",
 )
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
@@ -51,8 +52,12 @@ NEUTRAL = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),  # vLLM's other structured outputs (guided_choice is taken)
+    "guided_regex": (None,),
+    "guided_grammar": (None,),
 }
 COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"} | {
+    "structured_outputs",  # vLLM's: {"choice": [...]} is guided_choice
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
@@ -145,9 +150,16 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
         if len(stops) > MAX_STOP_STRINGS:
             raise InputError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         opts["stop"] = stops
-    words = body.get("bad_words")
-    if isinstance(words, list) and len(words) > MAX_STOP_STRINGS:
-        raise InputError(f"bad_words takes at most {MAX_STOP_STRINGS} words, got {len(words)}")
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, dict) or set(structured) != {"choice"}:
+            raise InputError(f'structured_outputs takes {{"choice": [...]}} only (latentrt), got {structured!r:.200}')
+        if body.get("guided_choice") is not None:
+            raise InputError("give guided_choice or structured_outputs' choice, not both")
+        opts["guided_choice"] = structured["choice"]
+    for name in ("bad_words", "guided_choice"):
+        if isinstance(opts.get(name), list) and len(opts[name]) > MAX_STOP_STRINGS:
+            raise InputError(f"{name} takes at most {MAX_STOP_STRINGS} strings, got {len(opts[name])}")
     ids = body.get("stop_token_ids")
     if ids is not None:  # checked against the vocabulary by generate()
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
