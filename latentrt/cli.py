@@ -215,15 +215,25 @@ def cmd_generate(args) -> int:
         result = generate(model, prompt, **kwargs)
     if args.json:
         fields = ("tokens", "steps", "text", "kv_bytes", "finish_reasons", "num_thoughts", "decoding")
-        print(json.dumps({f: getattr(result, f) for f in fields}))
+        out = {f: getattr(result, f) for f in fields}
+        if result.logprobs is not None:  # (each token's: {token, logprob, top: [[id, logprob], ...]})
+            per_sequence = result.logprobs if batch_of(result) else [result.logprobs]
+            rows = [[{"token": lp.token, "logprob": lp.logprob, "top": lp.top} for lp in seq] for seq in per_sequence]
+            out["logprobs"] = rows if batch_of(result) else rows[0]
+        print(json.dumps(out))
         return 0
-    batch = isinstance(result.text, list)
+    batch = batch_of(result)
     texts = result.text if batch else [result.text]
     if model.tokenizer is None:  # no text: each sequence's ids
         texts = [" ".join(map(str, t)) for t in (result.tokens if batch else [result.tokens])]
     for n, text in enumerate(texts):
         if not args.stream or len(texts) > 1:
             print(f"[{n}] {text}" if len(texts) > 1 else text)
+    if result.logprobs is not None:
+        for n, seq in enumerate(result.logprobs if batch else [result.logprobs]):
+            lps = [lp.logprob for lp in seq]
+            where = f"[{n}] " if batch else ""
+            print(f"{where}log-prob per token: {[round(v, 3) for v in lps]} (sum {sum(lps):.3f})")
     for line in family_for(model).decoder.report(result):
         print(line)
     print(f"KV cache: {result.kv_bytes / 2**20:.2f} MiB, backend {result.backend}")
@@ -287,6 +297,11 @@ def cmd_chat(args) -> int:
             print(ev.text or "", end="", flush=True)
         print(flush=True)
         history.append({"role": "assistant", "content": stream.result.text})
+
+
+def batch_of(result) -> bool:
+    """Whether a GenerationResult holds a batch (a list per field) or one sequence."""
+    return bool(result.tokens) and isinstance(result.tokens[0], list)
 
 
 def _chat_ids(model, prompt: str, template, args) -> list[int]:

@@ -51,6 +51,7 @@ GENERATE_FLAGS = {
     "dry_base": "dry_base",
     "dry_allowed_length": "dry_allowed_length",
     "seed": "seed",
+    "logprobs": "logprobs",
     "max_new_tokens": "max_new_tokens",
     "min_new_tokens": "min_new_tokens",
     "stop": "stop",
@@ -334,6 +335,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-base", type=float, default=UNSET, help="DRY's growth per token of a repeat (1.75)")
     p.add_argument("--dry-allowed-length", type=int, default=UNSET, help="repeats DRY lets pass (2)")
     p.add_argument("--seed", type=int, default=UNSET)
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=UNSET,
+        metavar="K",
+        help="report each new token's log-prob and the K most likely tokens' (K in [0, 20]; vLLM's logprobs)",
+    )
 
 
 def add_chat_args(p: argparse.ArgumentParser, each: str) -> None:

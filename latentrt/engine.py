@@ -20,6 +20,7 @@ from .distributions import Distributions
 from .errors import InputError, NonFiniteStateError, PromptError
 from .families import Family, check_applicable, family_for
 from .hooks import HookList
+from .logprobs import TokenLogprob, logprob_rows, read_logprob_row
 from .memory import check_fits
 from .models.base import LatentModel
 from .options import GenerateOptions
@@ -51,6 +52,7 @@ class GenerationResult:
     logits: list | None = None  # with return_logits=True: fp32 next-token logits [n, V] per sequence
     prefill_steps: list | None = None  # with adaptive_prefill: iterations per prompt position, per sequence
     decoding: dict | None = None  # a multi-token sampler's statistics (decode/speculative.py, wavefront.py)
+    logprobs: list | None = None  # with logprobs=k: a TokenLogprob per new token (latentrt/logprobs.py)
 
 
 @dataclass
@@ -217,6 +219,7 @@ class Generation:
         tokens: list[list[int]] = [[] for _ in range(B)]
         steps: list[list[int]] = [[] for _ in range(B)]
         kept_logits: list[list[Tensor]] = [[] for _ in range(B)]
+        scored: list[tuple[Tensor, list[int], list[bool]]] = []  # logprobs=k: (rows [B, 1 + 2k], tokens, kept)
         reasons = ["length"] * B
         live = self.texts is not None and (stream or bool(self.stop_strings))  # decoded as it grows, when read
         proposals = None if self.sampler is None else self.sampler.tokens(self.batch, self._draw)
@@ -242,6 +245,10 @@ class Generation:
             self._raise_if_nonfinite(flags_l, i)
             decoder.record(used_l, alive_l)
             kept = [a and (decoder.keep_stop_token or not st) for a, st in zip(alive_l, stop_l)]
+            if opts.logprobs is not None:  # (read at the end, all at once)
+                rows = logits_l if proposals is None else torch.stack(logits_l)
+                chosen = tok if proposals is None else torch.tensor(tok_l, device=rows.device)
+                scored.append((logprob_rows(rows, chosen, opts.logprobs, self.model.config.vocab_size), tok_l, kept))
             for b in range(B):
                 if kept[b]:
                     tokens[b].append(tok_l[b])
@@ -272,7 +279,21 @@ class Generation:
             if opts.return_logits
             else None
         )
-        return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out)
+        return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out, self._logprobs(scored, B))
+
+    def _logprobs(self, scored: list, batch: int) -> list | None:
+        """Per sequence, a TokenLogprob per kept token (``logprobs=k``), from the rows kept on the device."""
+        if self.options.logprobs is None:
+            return None
+        host = torch.stack([rows for rows, _, _ in scored]).tolist() if scored else []
+        return [
+            [
+                TokenLogprob(tok_l[b], *read_logprob_row(host[i][b], self.options.logprobs))
+                for i, (_, tok_l, kept) in enumerate(scored)
+                if kept[b]
+            ]
+            for b in range(batch)
+        ]
 
     def _draw(self, logits: Tensor) -> Tensor:
         """Tokens [n] from logits [n, V] of one sequence with the call's sampling settings (a sampler's
@@ -392,7 +413,7 @@ class Generation:
             return StreamEvent(i, toks[0], st[0], texts[0])
         return StreamEvent(i, toks, st, texts)
 
-    def _result(self, tokens, steps, reasons, kv_bytes: int, logits) -> GenerationResult:
+    def _result(self, tokens, steps, reasons, kv_bytes: int, logits, logprobs=None) -> GenerationResult:
         texts = [None] * len(tokens) if self.texts is None else [x.finish(t) for x, t in zip(self.texts, tokens)]
         prefill = self.decoder.prefill_steps
         if prefill is not None:  # per sequence, its real positions only
@@ -401,6 +422,7 @@ class Generation:
         if self.batch.single:
             tokens, steps, texts, thoughts = tokens[0], steps[0], texts[0], thoughts[0]
             logits = logits[0] if logits is not None else None
+            logprobs = logprobs[0] if logprobs is not None else None
             prefill = prefill[0] if prefill is not None else None
         return GenerationResult(
             tokens=tokens,
@@ -413,4 +435,5 @@ class Generation:
             logits=logits,
             prefill_steps=prefill,
             decoding=None if self.sampler is None else dict(self.sampler.stats, sampler=self.sampler.NAME),
+            logprobs=logprobs,
         )

@@ -18,6 +18,7 @@ from typing import Any
 from .caller import warn_at_caller
 from .dry import check_dry
 from .errors import ConfigError, InputError, check_bool, check_int, plain_scalar
+from .logprobs import MAX_TOP_LOGPROBS
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
 from .token_constraints import check_constraints
@@ -75,6 +76,7 @@ class GenerateOptions:
     # observation
     hooks: Any = None
     return_logits: bool = False
+    logprobs: int | None = None  # vLLM's: each token's log-prob and the k most likely tokens' (latentrt/logprobs.py)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy scalars (a sweep's np.arange) as Python numbers
@@ -123,6 +125,8 @@ class GenerateOptions:
         check_int("min_new_tokens", self.min_new_tokens, 0, n, high_label=f"max_new_tokens={n}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         check_constraints(self.allowed_token_ids, self.bad_words, self.guided_choice, self.logits_processors)
         check_dry(self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.repetition_penalty)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -147,7 +151,7 @@ TRANSFORMERS_GENERATE = {
     "streamer": "stream=True returns a GenerationStream of events",
     "use_cache": "latentrt always decodes with its KV cache (kv_sharing= picks its mode)",
     "return_dict_in_generate": "the result is a GenerationResult; return_logits=True adds the logits",
-    "output_scores": "return_logits=True",
+    "output_scores": "logprobs=k gives each token's log-prob and the k best; return_logits=True the logits",
     "output_logits": "return_logits=True",
     "logits_processor": "logits_processors=[...] takes transformers' LogitsProcessor callables (a "
     "LogitsProcessorList too)",

@@ -29,6 +29,7 @@ LAYERS = [
         "penalties",
         "choices",
         "token_constraints",
+        "logprobs",
         "stop_strings",
         "sequence_text",
         "chat",

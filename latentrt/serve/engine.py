@@ -61,6 +61,7 @@ from ..distributions import Distributions
 from ..engine import Generation, GenerationResult
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
 from ..families import Family, check_applicable, family_for
+from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprob_rows, read_logprob_row
 from ..models.base import LatentModel
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText, separator
@@ -73,8 +74,10 @@ from .readback import Readback
 log = logging.getLogger("latentrt.serve")
 
 SCHEDULERS = ("depth", "token", "static")
-MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position at most (vLLM's default limit)
-NOT_SERVER_DEFAULTS = ("hooks", "logits_processors", "return_logits", "decoding", "decoding_options", "strict")
+NOT_SERVER_DEFAULTS = (
+    *("hooks", "logits_processors", "return_logits", "decoding", "decoding_options", "strict"),
+    "logprobs",  # (a request's own field)
+)
 
 
 def server_defaults(model: LatentModel, override: dict) -> dict:
@@ -120,18 +123,6 @@ class ShuttingDown(LatentRTError):
 
 
 @dataclass
-class TokenLogprob:
-    """A generated token's log-probability under the model's distribution (log-softmax of its logits over
-    the vocabulary, before temperature and top-k/p), the (id, log-prob) of the most likely tokens, best
-    first, and where its text starts in the request's text."""
-
-    token: int
-    logprob: float | None  # None: a prompt's first token (nothing before it to score it)
-    top: list[tuple[int, float]]
-    offset: int
-
-
-@dataclass
 class RequestEvent:
     """One thing that happened to a request: ``token`` (a new token: id, its latent iterations, the text
     it adds, its log-probs if the request asked), ``text`` (text held back while it might have begun a stop
@@ -143,22 +134,6 @@ class RequestEvent:
     steps: int | None = None
     text: str | None = None
     logprob: TokenLogprob | None = None
-
-
-def logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab: int) -> torch.Tensor:
-    """[n, 1 + 2k] fp32 on the logits' device: per row, ``tokens``' log-prob under the model's distribution
-    (log-softmax of ``logits[:, :vocab]``: no temperature or top-k/p), then the k best log-probs and their
-    ids (ids < 2^24: exact in fp32); k is clipped to the vocabulary. ``read_logprob_row`` reads a row back."""
-    lp = torch.log_softmax(logits[:, :vocab].float(), -1)
-    cols = [lp.gather(1, tokens[:, None])]
-    best = lp.topk(min(k, vocab), -1)
-    return torch.cat(cols + [best.values, best.indices.float()], 1)
-
-
-def read_logprob_row(row: list[float], keep: int) -> tuple[float, list[tuple[int, float]]]:
-    """A ``logprob_rows`` row on the host: (the token's log-prob, [(id, log-prob)] of its ``keep`` best)."""
-    k = (len(row) - 1) // 2
-    return row[0], [(int(i), v) for v, i in zip(row[1 : 1 + k], row[1 + k :])][:keep]
 
 
 @dataclass
@@ -397,6 +372,10 @@ class Engine:
     ) -> Request:
         """``submit``'s validation: the Request it would queue (not queued; ``enqueue`` queues it)."""
         opts = GenerateOptions.build(options, self.model.generation_defaults, **kwargs)
+        if top_logprobs is not None and opts.logprobs is not None and top_logprobs != opts.logprobs:
+            raise InputError(f"top_logprobs={top_logprobs} and logprobs={opts.logprobs} disagree: give one")
+        if top_logprobs is None:  # (the option's name in generate(); the server's field sets top_logprobs)
+            top_logprobs = opts.logprobs
         if top_logprobs is not None:
             check_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
         if opts.hooks:

@@ -10,9 +10,11 @@ alone (the engine's guarantee: tests/test_serve_engine.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import astuple
 
 from ..engine import GenerationResult
 from ..errors import InputError, LatentRTError
+from ..logprobs import TokenLogprob
 from ..options import GenerateOptions
 
 
@@ -89,4 +91,5 @@ def result_of(engine, req) -> GenerationResult:
         num_thoughts=thoughts,
         backend=engine.model.backend.name,
         prefill_steps=None if req.prefill_steps is None else list(req.prefill_steps),
+        logprobs=None if req.options.logprobs is None else [TokenLogprob(*astuple(lp)[:3]) for lp in req.logprobs],
     )

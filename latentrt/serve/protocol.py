@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from ..chat import ChatOptions, chat_prompt_ids
 from ..errors import InputError, check_int, check_unicode
 from ..families import FAMILIES
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..prompts import encode_text
 from ..sampling import MAX_SEED
-from .engine import MAX_TOP_LOGPROBS
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
 # decoder names them), and the sampling / stopping options the OpenAI body has no field for
