@@ -157,6 +157,12 @@ TRANSFORMERS_GENERATE = {
     "LogitsProcessorList too)",
     "bad_words_ids": "bad_words=['text', ...] takes words (vLLM's); for token ids, logits_processors=[transformers' "
     "NoBadWordsLogitsProcessor(ids)]",
+    "stopping_criteria": "stop=[ids, 'strings'] ends sequences (a rule of your own: a logits processor leaving only a "
+    "stop token)",
+    "prefix_allowed_tokens_fn": "logits_processors=[...] see each sequence's ids and may mask any token; or "
+    "guided_choice=[...] / allowed_token_ids=[...]",
+    "sequence_bias": "logit_bias={id: bias} biases tokens; bad_words=['text', ...] bans sequences",
+    "output_hidden_states": "hooks=[...] see every latent state (LatentEvent.state, each iteration or thought)",
     "suppress_tokens": "logits_processors=[transformers' SuppressTokensLogitsProcessor(ids)], or bad_words=['text']",
 }
 

@@ -470,6 +470,9 @@ def test_bad_generate_arguments():
         (dict(do_sample=True), r"'do_sample': latentrt samples when temperature > 0 \(do_sample=False is"),
         (dict(max_length=9, num_beams=1), r"'max_length': give max_new_tokens .*; 'num_beams': latentrt has no beam"),
         (dict(num_return_sequences=2), r"'num_return_sequences': give the prompt n times in a batch, with seed=s"),
+        (dict(output_hidden_states=True), r"'output_hidden_states': hooks=\[...\] see every latent state"),
+        (dict(stopping_criteria=[print]), r"'stopping_criteria': stop=\[ids, 'strings'\] ends sequences"),
+        (dict(prefix_allowed_tokens_fn=print), r"'prefix_allowed_tokens_fn': logits_processors=\[...\] see each"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(InputError, match=msg):
