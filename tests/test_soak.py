@@ -557,3 +557,20 @@ def test_an_engine_refusing_its_settings_is_counted_not_run():
     assert check.engine({"scheduler": "nope"}) is None and check.counts["engines refused"] == 1
     engine = check.engine({"max_batch": 2})
     assert engine is not None and engine.max_batch == 2 and check.counts["engines refused"] == 1
+
+
+def test_logprobs_agree_within_the_tolerance_and_a_tie_may_swap_the_best_ids():
+    from latentrt.logprobs import TokenLogprob
+
+    want = [TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.25), (8, -1.25)])]
+    swapped = [TokenLogprob(5, -0.50001, [(5, -0.5), (8, -1.25), (7, -1.25)])]
+    assert soak.same_logprobs(swapped, want, 1e-4) and soak.same_logprobs(None, None, 1e-4)
+    for other in (
+        [TokenLogprob(5, -0.6, want[0].top)],  # the token's log-prob
+        [TokenLogprob(6, -0.5, want[0].top)],  # another token
+        [TokenLogprob(5, -0.5, want[0].top[:2])],  # fewer best
+        [TokenLogprob(5, -0.5, [(5, -0.5), (7, -1.3), (8, -1.25)])],  # a best's value
+        [],
+        None,
+    ):
+        assert not soak.same_logprobs(other, want, 1e-4), other

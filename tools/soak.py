@@ -118,6 +118,8 @@ def draw_options(rng: random.Random, model, seed: int) -> dict:
         words = [model.tokenizer.decode([own.randrange(vocab)]).strip() for _ in range(2)] if model.tokenizer else []
         if all(words) and words and own.random() < 0.7:
             kw["bad_words"] = [own.choice([words[0], " ".join(words)])]
+    if own.random() < 0.2:
+        kw["logprobs"] = own.randrange(0, 4)
     if own.random() < 0.1 and model.tokenizer is not None:  # the text one of a few (latentrt/choices.py)
         words = [model.tokenizer.decode([own.randrange(vocab)]).strip() for _ in range(6)]
         choices = [" ".join(w for w in words[j : j + own.randrange(1, 4)] if w) for j in range(own.randrange(1, 4))]
@@ -432,6 +434,11 @@ class Soak:
                     kw,
                     f"\n  got  {got}\n  want {want}",
                 )
+            elif outcome(result) == outcome(a) and not same_logprobs(result.logprobs, a.logprobs, self.tolerance):
+                got, want = result.logprobs, a.logprobs
+                self.mismatch(
+                    "offline", seed, "logprobs differ from generate() alone", kw, f"\n  got  {got}\n  want {want}"
+                )
         self.check_released("offline", engine, seed, settings)
 
     def judge(self, a: Arrival, seed: int, settings: dict, served: DrawLog) -> None:
@@ -608,9 +615,27 @@ def loopback(app):
         thread.join(30)
 
 
+def same_logprobs(got: list | None, want: list | None, tolerance: float) -> bool:
+    """Two runs' ``logprobs`` of the same tokens agree: the same tokens, log-probs within ``tolerance`` (the runs'
+    logits may differ in their last bits; absolute, in nats, at least 1e-4) and the k best's values too (their
+    ids may swap on a tie)."""
+    if got is None or want is None:
+        return got is want
+    tol = max(tolerance, 1e-4)
+    close = lambda a, b: abs(a - b) <= tol * max(1.0, abs(b))  # noqa: E731
+    return len(got) == len(want) and all(
+        g.token == w.token
+        and close(g.logprob, w.logprob)
+        and len(g.top) == len(w.top)
+        and all(close(gv, wv) for (_, gv), (_, wv) in zip(g.top, w.top))
+        for g, w in zip(got, want)
+    )
+
+
 def http_body(rng: random.Random, model, chat: bool) -> dict:
     """A request body: OpenAI's fields and latentrt's (the options ``draw_options`` draws, by their names)."""
     kw = draw_options(rng, model, seed=rng.randrange(1000))
+    kw.pop("logprobs", None)  # (the body's own logprobs field, drawn below)
     renamed = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop": "stop_token_ids"}
     body = {renamed.get(k, k): v for k, v in kw.items()}
     body["n"] = rng.choice([1, 1, 2, 3])
