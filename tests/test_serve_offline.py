@@ -195,3 +195,37 @@ def test_one_options_object_for_every_prompt_and_a_model_without_a_tokenizer():
     got = engine.generate(prompts, options)
     assert got == [latentrt.generate(model, p, options) for p in prompts]
     assert all(r.text is None and len(r.tokens) == 4 and r.steps[1:] == [3] * 3 for r in got)
+
+
+def test_chat_is_the_chat_template_then_generate(tmp_path):
+    """``Engine.chat`` (vLLM's ``LLM.chat``): each conversation rendered as ``apply_chat_template`` renders it
+    (the template, its flags and variables passed on), then each result ``generate()``'s alone; one
+    conversation alone is a list of one; a conversation the template refuses is an error naming its index."""
+    model = latentrt.load("builtin:recurrent")
+    convs = [
+        [{"role": "user", "content": QUESTION}],
+        [{"role": "user", "content": "Bob is a rompus. Is Bob a rompus or jelpus?"}],
+    ]
+    kw = dict(max_new_tokens=8, init_scale=0.0)
+    engine = Engine(model, max_batch=2)
+    got = engine.chat(convs, **kw)
+    for conv, result in zip(convs, got):
+        alone = latentrt.generate(model, latentrt.apply_chat_template(model, conv), **kw)
+        assert (result.tokens, result.steps, result.text) == (alone.tokens, alone.steps, alone.text)
+    assert got[0].text == "### Fae is a worpus."
+    template = tmp_path / "t.jinja"  # a template of its own, with a flag and a variable it reads
+    template.write_text(
+        "{{ first }}{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ###{% endif %}"
+    )
+    for flags in (dict(chat_template_kwargs={"first": "Alex is a wumpus. "}), dict(add_generation_prompt=False)):
+        (one,) = engine.chat(convs[1], template=template, **flags, **kw)  # (one conversation: its messages)
+        variables = flags.pop("chat_template_kwargs", {})
+        ids = latentrt.apply_chat_template(model, convs[1], template, **flags, **variables)
+        assert one.tokens == latentrt.generate(model, ids, **kw).tokens
+    with pytest.raises(InputError, match="conversations must be a list of messages or a list of such lists"):
+        engine.chat([])
+    with pytest.raises(InputError, match=r"conversations\[1\]: messages\[0\].content must be a string"):
+        engine.chat([convs[0], [{"role": "user"}]])
+    with pytest.raises(InputError, match="chat_template_kwargs must be a dict"):
+        engine.chat(convs, chat_template_kwargs=[1])
+    assert not engine.busy

@@ -68,7 +68,7 @@ from ..sequence_text import SequenceText, separator
 from ..stop_strings import StopStrings
 from ..transfer import to_device
 from .metrics import EngineMetrics
-from .offline import generate_all
+from .offline import chat_all, generate_all
 from .readback import Readback
 
 log = logging.getLogger("latentrt.serve")
@@ -459,6 +459,13 @@ class Engine:
         error names its index). Steps the engine itself, or waits while ``run_forever`` runs it on another
         thread (latentrt/serve/offline.py)."""
         return generate_all(self, prompts, options, **kwargs)
+
+    def chat(self, conversations, options=None, **kwargs) -> list[GenerationResult]:
+        """vLLM's offline ``LLM.chat``: each conversation (OpenAI-style messages; one, or a list of them) through
+        the model's chat template (``template=``, ``add_generation_prompt=``, ``continue_final_message=``,
+        ``chat_template_kwargs=``: as ``apply_chat_template`` takes them), then ``generate``
+        (latentrt/serve/offline.py)."""
+        return chat_all(self, conversations, options, **kwargs)
 
     def stop(self) -> None:
         """Stop taking requests; ``run_forever`` returns once the queued and resident ones are done."""

@@ -1,5 +1,6 @@
-"""Offline batched generation through the serving engine (vLLM's ``LLM.generate``): many prompts, each with
-its own options, scheduled by continuous batching instead of one batch that waits for its slowest sequence.
+"""Offline batched generation through the serving engine (vLLM's ``LLM.generate``; ``LLM.chat``, the same after
+the chat template): many prompts, each with its own options, scheduled by continuous batching instead of one
+batch that waits for its slowest sequence.
 
 Each prompt becomes an engine request; every prompt is validated before any runs (a bad one is an error
 naming its index, and nothing is queued); the results are ``generate()``'s, one single-prompt
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import astuple
 
+from ..chat import apply_chat_template
 from ..engine import GenerationResult
 from ..errors import InputError, LatentRTError
 from ..logprobs import TokenLogprob
@@ -77,6 +79,47 @@ def generate_all(engine, prompts, options=None, **kwargs) -> list[GenerationResu
             error = req.error
             raise (type(error)(f"prompts[{i}]: {error}") if isinstance(error, LatentRTError) else error) from None
     return [result_of(engine, req) for req in requests]
+
+
+def chat_all(
+    engine,
+    conversations,
+    options=None,
+    *,
+    template=None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict | None = None,
+    **kwargs,
+) -> list[GenerationResult]:
+    """``Engine.chat`` (vLLM's ``LLM.chat``): each conversation (OpenAI-style messages; one conversation or a
+    list of them) rendered by the model's chat template as ``apply_chat_template`` renders it (the server's chat
+    route), then ``generate_all``. A conversation the template cannot render is an error naming its index,
+    before any runs."""
+    if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+        conversations = [conversations]  # (one conversation)
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise InputError(
+            f"conversations must be a list of messages or a list of such lists, got {conversations!r:.200}"
+        )
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise InputError(f"chat_template_kwargs must be a dict, got {chat_template_kwargs!r:.200}")
+    prompts = []
+    for i, messages in enumerate(conversations):
+        try:
+            prompts.append(
+                apply_chat_template(
+                    engine.model,
+                    messages,
+                    template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    **(chat_template_kwargs or {}),
+                )
+            )
+        except LatentRTError as exc:
+            raise type(exc)(f"conversations[{i}]: {exc}") from None
+    return generate_all(engine, prompts, options, **kwargs)
 
 
 def result_of(engine, req) -> GenerationResult:
