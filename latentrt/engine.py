@@ -332,8 +332,8 @@ class Generation:
     def _next_logits(self, logits: Tensor, index: int, rows: list[bool] | None = None) -> Tensor:
         """The logits new token ``index`` (0: the first) is chosen from: the vocabulary's, with the call's
         penalties and bias; before ``min_new_tokens`` no stop token (HF's ``min_new_tokens``, vLLM's
-        ``min_tokens``); then the allowed tokens, bad words and logits processors (of the running ``rows``;
-        None: all)."""
+        ``min_tokens``); then the allowed tokens, bad words, guided choice and logits processors (of the running
+        ``rows``; None: all)."""
         logits = self._in_vocabulary(logits)
         if self.penalties is not None:
             logits = self.penalties.apply(logits)

@@ -75,7 +75,7 @@ CHAT_FIELDS = (
     | set(NEUTRAL)
 )
 MAX_CHOICES = 16
-MAX_STOP_STRINGS = 256  # stop strings and bad_words: vLLM takes any number (OpenAI 4); a bound keeps matching cheap
+MAX_STOP_STRINGS = 256  # stop, bad_words, guided_choice: vLLM takes any number (OpenAI 4); a bound keeps them cheap
 # generate()'s options a request field of another name sets (besides max_new_tokens, the route's max_tokens)
 RENAMED = {"min_new_tokens": "min_tokens"}
 
