@@ -137,9 +137,8 @@ class Generation:
             verb = "applies" if len(given) == 1 else "apply"
             raise InputError(f"{', '.join(given)} {verb} with decoding='sequential' only, not {options.decoding!r}")
         check_bias_vocabulary(options.logit_bias, model.config.vocab_size)
-        stops = set(self.stop_ids.tolist())
-        TokenConstraints.check_for(
-            options, model.tokenizer, model.config.vocab_size, stops, stops if options.min_new_tokens else set()
+        make_constraints = TokenConstraints.build(
+            options, model.tokenizer, model.config.vocab_size, self.stop_ids.tolist()
         )
         try:
             texts = prompt_texts(prompt)
@@ -158,9 +157,7 @@ class Generation:
         self.rng = None if options.seed is None else SequenceRNG(options.seed, B, model.device)
         self.decoder.rng = self.rng
         self.penalties = LogitPenalties.build(options, self.batch.ids, self.batch.mask, model.config.vocab_size)
-        self.constraints = TokenConstraints.build(
-            options, model.tokenizer, self.batch.ids, self.batch.mask, model.config.vocab_size, self.stop_ids.tolist()
-        )
+        self.constraints = None if make_constraints is None else make_constraints(self.batch.ids, self.batch.mask)
         length = self.batch.ids.shape[1]
         need = length + options.max_new_tokens
         if need > model.config.block_size:

@@ -37,7 +37,7 @@ NO_TOKEN_LEFT = 4  # the flag bit (beside 1: latent state, 2: logits) of a seque
 
 def check_constraints(allowed_token_ids, bad_words, guided_choice, logits_processors) -> None:
     """The options' types (the ids against the vocabulary, and the words against the tokenizer, are checked by
-    ``TokenConstraints.check_for``, which generate() calls before the prompt)."""
+    ``TokenConstraints.build``, which generate() calls before the prompt)."""
     if allowed_token_ids is not None:
         if not isinstance(allowed_token_ids, (list, tuple, set, frozenset)) or not allowed_token_ids:
             raise InputError(f"allowed_token_ids must be a non-empty list of token ids, got {allowed_token_ids!r}")
@@ -97,14 +97,16 @@ class TokenConstraints:
     """The allowed set, bad words and processors of one generate() call (or one served request), with what
     each sequence holds."""
 
-    def __init__(self, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int, stop_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, options, words: list[list[int]], choices: ChoiceTrie | None, ids: Tensor, mask: Tensor, vocab: int,
+        stop_ids: Sequence[int],
+    ) -> None:  # fmt: skip
         device, batch = ids.device, ids.shape[0]
         self.vocab = vocab
         blocked = torch.zeros(vocab, dtype=torch.bool)
         if options.allowed_token_ids is not None:
             blocked[:] = True
             blocked[sorted(options.allowed_token_ids)] = False
-        words = bad_word_ids(tokenizer, options.bad_words) if options.bad_words else []
         for w in words:
             if len(w) == 1:
                 blocked[w[0]] = True
@@ -120,7 +122,7 @@ class TokenConstraints:
             self.last = torch.tensor([w[-1] for w in longer], device=device)
             self.recent = torch.full((batch, held), -1, dtype=torch.long, device=device)  # -1: no token yet
         self.processors = processors_of(options)
-        self.choices = ChoiceTrie(tokenizer, options.guided_choice) if options.guided_choice else None
+        self.choices = choices
         self.stop_ids = sorted(stop_ids)
         real = mask.bool().cpu()
         on_host = self.processors or self.choices is not None  # (what needs each sequence's tokens on the host)
@@ -130,21 +132,22 @@ class TokenConstraints:
         self.empty: Tensor | None = None  # [B] bool: rows the last apply left nothing to choose
 
     @classmethod
-    def build(
-        cls, options, tokenizer, ids: Tensor, mask: Tensor, vocab: int, stop_ids: Sequence[int] = ()
-    ) -> TokenConstraints | None:
-        """For a call's (validated) options and its prompts ``ids`` [B, S] (``mask``: real positions) with its stop
-        token ids (a guided choice ends with one); None when none is set."""
-        return cls(options, tokenizer, ids, mask, vocab, stop_ids) if active(options) else None
+    def build(cls, options, tokenizer, vocab: int, stop_ids: Sequence[int]) -> Callable | None:
+        """For a call's (validated) options, before its prompts: the ids checked against the vocabulary, the words
+        and choices encoded and checked against the tokenizer (an allowed set that the one-token bad words, and
+        before ``min_new_tokens`` the stop tokens, empty is an error here rather than at a token; so is a choice
+        with no stop token to end it). None when none is set; else ``make(ids, mask)``: the constraints of the
+        prompts ``ids`` [B, S] (``mask``: their real positions)."""
+        if not active(options):
+            return None
+        words = bad_word_ids(tokenizer, options.bad_words) if options.bad_words else []
+        choices = ChoiceTrie(tokenizer, options.guided_choice) if options.guided_choice else None
+        cls._check(options, words, vocab, set(stop_ids))
+        return lambda ids, mask: cls(options, words, choices, ids, mask, vocab, stop_ids)
 
     @staticmethod
-    def check_for(options, tokenizer, vocab: int, stop_ids: set[int], held_stops: set[int]) -> None:
-        """The ids against the vocabulary and the words and choices against the tokenizer, before any work; an
-        allowed set that the single-token bad words (and, before ``min_new_tokens``, the stop tokens:
-        ``held_stops``) empty, or a choice with no stop token to end it (``stop_ids``), is an error here rather
-        than at a token."""
+    def _check(options, words: list[list[int]], vocab: int, stop_ids: set[int]) -> None:
         if options.guided_choice:
-            ChoiceTrie(tokenizer, options.guided_choice)
             if not stop_ids:
                 why = "the model names no end-of-text token" if options.default_stops else "default_stops=False"
                 raise InputError(f"guided_choice must end with a stop token and there is none ({why}): give stop=[id]")
@@ -152,9 +155,8 @@ class TokenConstraints:
         bad = sorted(t for t in allowed or () if not 0 <= t < vocab)
         if bad:
             raise InputError(f"allowed_token_ids must be ids of the vocabulary [0, {vocab}), got {bad[:5]}")
-        banned = (
-            {w[0] for w in bad_word_ids(tokenizer, options.bad_words) if len(w) == 1} if options.bad_words else set()
-        )
+        banned = {w[0] for w in words if len(w) == 1}
+        held_stops = stop_ids if options.min_new_tokens else set()
         if allowed is not None and not set(allowed) - banned - held_stops:
             why = "bad_words" + (" and the stop tokens min_new_tokens holds back" if held_stops else "")
             raise InputError(f"allowed_token_ids {sorted(allowed)[:10]}: {why} exclude every one of them")

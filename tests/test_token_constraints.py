@@ -329,7 +329,7 @@ def test_the_device_state_matches_the_rule_on_random_histories():
             for n in torch.randint(1, 4, (3,), generator=g)
         ]
         ids = torch.zeros(3, 2, dtype=torch.long)
-        cons = TokenConstraints.build(GenerateOptions(bad_words=words), tok, ids, torch.ones_like(ids), vocab)
+        cons = TokenConstraints.build(GenerateOptions(bad_words=words), tok, vocab, [])(ids, torch.ones_like(ids))
         word_ids = bad_word_ids(tok, words)
         history: list[list[int]] = [[], [], []]
         for _step in range(6):
