@@ -133,7 +133,14 @@ class GenerateOptions:
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
-        for name in ("default_stops", "include_stop_str_in_output", "skip_special_tokens", "published_top_p"):
+        for name in (
+            "default_stops",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
+            "published_top_p",
+            "strict",
+            "return_logits",
+        ):
             check_bool(name, getattr(self, name))
 
 

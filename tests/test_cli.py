@@ -426,7 +426,7 @@ def test_generate_options_are_named_as_the_commands_flags(recurrent_dir, tmp_pat
         ),
         (
             ["chat", d, "--chat-template", str(tmp_path / "t.jinja"), "--check-every", "0", "--adaptive"],
-            "error: --check-every must be an integer >= 1, got 0",
+            "error: --check-every must be an integer in [1, 2**31 - 1], got 0",
         ),
         (["eval", d, str(tmp_path / "r.json"), "--criterion", "kl", "--adaptive", "--threshold", "-2"], "--threshold"),
     ]:

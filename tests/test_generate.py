@@ -460,7 +460,7 @@ def test_a_text_prompt_keeps_the_tokenizers_bos_and_not_an_appended_eos():
 def test_bad_inputs_give_clear_errors():
     model = tiny_recurrent()
     cases = [
-        (dict(num_steps=0), "num_steps must be an integer >= 1"),
+        (dict(num_steps=0), r"num_steps must be an integer in \[1, 2\*\*31 - 1\], got 0"),
         (dict(exit_criterion="entropy"), "unknown exit criterion 'entropy'"),
         (dict(exit_criterion=["kl"]), r"unknown exit criterion \['kl'\]"),  # a JSON list: not a TypeError
         (dict(adaptive=True, exit_threshold=-0.1), "exit_threshold must be >= 0"),

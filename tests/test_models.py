@@ -167,6 +167,17 @@ def test_init_state_takes_the_forms_a_user_has_and_names_a_wrong_one():
         message = f"init_state must have shape (1, 4, 32) (or [B, 1, d]), got {tuple(bad.shape)}"
         with pytest.raises(InputError, match=re.escape(message)):
             model.logits(ids, num_steps=2, init_state=bad)
+    # what is no tensor of numbers is named (an IndexError or torch's "Could not infer dtype" before: tools.fuzz)
+    for bad, got in ((1.5, "()"), (torch.tensor(2.0), "()"), (torch.zeros(32), "(32,)")):
+        with pytest.raises(
+            InputError, match=re.escape(f"init_state must have shape (1, 4, 32) (or [B, 1, d]), got {got}")
+        ):
+            model.logits(ids, num_steps=2, init_state=bad)
+    for bad, got in (("abc", "str"), ({"a": 1}, "dict"), ([None], "list"), (2**63, "int")):
+        with pytest.raises(
+            InputError, match=re.escape(f"init_state must be a tensor of shape (1, 4, 32) (or [B, 1, d]), got {got}")
+        ):
+            model.logits(ids, num_steps=2, init_state=bad)
     with torch.no_grad():
         model.transformer.core_block[0].mlp.proj.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteStateError, match=r"non-finite latent state in sequence\(s\) \[0\]"):

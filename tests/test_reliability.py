@@ -461,6 +461,15 @@ def test_bad_generate_arguments():
         (dict(continuous="yes"), "continuous must be True or False"),
         (dict(adaptive="yes"), "adaptive must be True or False"),
         (dict(check_criterion_every_n_steps=0), "check_criterion_every_n_steps"),
+        # the backends count iterations in 32 bits: a larger count is refused, not wrapped (found by tools.fuzz)
+        (dict(num_steps=2**31), r"num_steps must be an integer in \[1, 2\*\*31 - 1\], got 2147483648"),
+        (
+            dict(check_criterion_every_n_steps=2**40, adaptive=True),
+            r"check_criterion_every_n_steps must be an integer in \[1, 2\*\*31 - 1\]",
+        ),
+        # bools taken as truthy before (tools.fuzz): strict="abc" was strict, return_logits=1.5 returned logits
+        (dict(strict="abc"), "strict must be True or False, got 'abc'"),
+        (dict(return_logits=1.5), "return_logits must be True or False, got 1.5"),
         (dict(min_steps=-1, adaptive=True), "min_steps must be an integer >= 0, got -1"),
         (dict(do_not_exit_in_prefill=1), "do_not_exit_in_prefill must be True or False"),
         (dict(adaptive_prefill="no"), "adaptive_prefill must be True or False"),

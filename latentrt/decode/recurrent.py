@@ -20,7 +20,7 @@ from ..errors import InputError, check_bool, check_finite, check_int, is_choice
 from ..exits import make_criterion
 from ..kernels.reference import nonfinite_flags
 from ..kv_modes import parse_kv_mode
-from ..models.recurrent import check_steps
+from ..models.recurrent import MAX_STEPS, check_steps
 from ..options import GenerateOptions, unused_message
 from ..prompts import Batch
 from ..recurrence import LoopSpec, run_recurrence
@@ -71,7 +71,7 @@ class RecurrentDecoder(Decoder):
                 f"min_steps={ms} exceeds num_steps={r_max}: the exit test never runs and every token runs {r_max} "
                 "iterations (as the published loop)",
             )
-        check_int("check_criterion_every_n_steps", options.check_criterion_every_n_steps, 1)
+        check_int("check_criterion_every_n_steps", options.check_criterion_every_n_steps, 1, MAX_STEPS, "2**31 - 1")
         for name in ("adaptive", "continuous", "do_not_exit_in_prefill", "adaptive_prefill"):
             check_bool(name, getattr(options, name))
         check_finite("init_scale", options.init_scale, 0)

@@ -550,20 +550,30 @@ class RecurrentDepthLM(LatentModel):
         return self.head(s, cache, chunk, active, rope)
 
 
+# the most iterations a token may run (and the largest check interval): the backends count iterations in 32-bit
+# integers (the CUDA kernels' r_max and check_every); a larger count would wrap there, not run longer
+MAX_STEPS = 2**31 - 1
+
+
 def check_steps(num_steps: int) -> int:
-    check_int("num_steps", num_steps, 1)
+    check_int("num_steps", num_steps, 1, MAX_STEPS, high_label="2**31 - 1")
     return num_steps
 
 
 def check_state(state: Tensor, like: Tensor) -> Tensor:
     """A user-given latent state: right shape, finite, on the model's device and dtype."""
     if not isinstance(state, Tensor):
-        state = torch.as_tensor(state, device="cpu")  # moved to the model's device below
+        try:  # (a nested list or an array of numbers; anything else says what it got)
+            state = torch.as_tensor(state, device="cpu")  # moved to the model's device below
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(
+                f"init_state must be a tensor of shape {tuple(like.shape)} (or [B, 1, d]), got {type(state).__name__}"
+            ) from None
     if state.dim() == 2:
         state = state[None]
     if (
-        state.shape[-1] != like.shape[-1]
-        or state.dim() != 3
+        state.dim() != 3
+        or state.shape[-1] != like.shape[-1]
         or state.shape[0] != like.shape[0]
         or (state.shape[1] not in (1, like.shape[1]))
     ):
