@@ -16,6 +16,7 @@ import sys
 import warnings
 
 from .cli_flags import (
+    ENGINE_FLAGS,
     UNSET,
     add_chat_args,
     add_engine_args,
@@ -33,7 +34,7 @@ from .cli_flags import (
     name_options_as_flags,
     token_ids,
 )
-from .errors import InputError, LatentRTError
+from .errors import InputError, LatentRTError, renamed
 from .train.command import add_train_args
 from .version import __version__
 
@@ -386,7 +387,10 @@ def engine_from_flags(args, override: dict):
     from .chat import chat_template_file
     from .serve.app import load_engine
 
-    engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
+    try:
+        engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
+    except InputError as exc:  # the Engine's own checks (max_len against the context...) name its flags
+        raise InputError(renamed(str(exc), {name: "--" + name.replace("_", "-") for name in ENGINE_FLAGS})) from None
     template = None if args.chat_template is None else chat_template_file(args.chat_template, engine.model.folder)
     return engine, template
 

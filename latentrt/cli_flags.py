@@ -104,7 +104,16 @@ def json_object(text: str | None, flag: str) -> dict:
 
 
 # latentrt serve's flags that configure its Engine (the others: the model's, the server's)
-ENGINE_FLAGS = ("max_batch", "max_queue", "max_len", "kv_slots", "scheduler", "edge_cost", "async_scheduling")
+ENGINE_FLAGS = (
+    "max_batch",
+    "max_queue",
+    "max_len",
+    "kv_slots",
+    "scheduler",
+    "edge_cost",
+    "async_scheduling",
+    "max_num_steps",
+)
 
 
 def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> None:
@@ -135,6 +144,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "i.e. every request in full mode)",
     )
     p.add_argument("--scheduler", default="depth", choices=SCHEDULERS, help="batching policy (depth)")
+    p.add_argument(
+        "--max-num-steps",
+        type=int,
+        default=None,
+        help="the most latent iterations per token a request may ask for (num_steps; default: 256, or the model's "
+        "default depth if larger)",
+    )
     p.add_argument(
         "--edge-cost",
         type=float,
@@ -442,6 +458,7 @@ COUNT_BOUNDS = (
     ("max_queue", 1, None),
     ("max_len", 2, None),  # a prompt token and a new one (the model's context bounds it above, once loaded)
     ("kv_slots", 1, None),
+    ("max_num_steps", 1, None),
     ("replicas", 1, None),
 )
 

@@ -925,6 +925,22 @@ def test_unservable_family_and_bad_engine_options(monkeypatch):
             Engine(model, edge_cost=bad)
     with pytest.raises(InputError, match="async_scheduling must be true or false, got 'yes'"):
         Engine(model, async_scheduling="yes")
+    # the bound on a request's iterations per token: never below the model's own default depth
+    default = model.default_steps()
+    for bad in (default - 1, 0, "64", True, 2.5):
+        with pytest.raises(InputError, match=rf"max_num_steps must be an integer >= {default} \(the num_steps a "):
+            Engine(model, max_num_steps=bad)
+    assert Engine(model, max_batch=1).max_num_steps == 256
+    deep = Engine(tiny_recurrent(mean_recurrence=300), max_batch=1, kv_slots=1)
+    assert deep.max_num_steps == 300  # (a default request of a deeper model is served)
+    model.generation_defaults = {"num_steps": 20}  # (the server's defaults: --override-generation-config)
+    with pytest.raises(InputError, match=r"max_num_steps must be an integer >= 20 \(the num_steps a request gets by"):
+        Engine(model, max_batch=1, max_num_steps=10)
+    model.generation_defaults = {}
+    bounded = Engine(model, max_batch=1, kv_slots=8, max_num_steps=default + 1)
+    bounded.request([5, 6], num_steps=default + 1)
+    with pytest.raises(InputError, match=rf"num_steps={default + 2} is above this server's limit of {default + 1} "):
+        bounded.request([5, 6], num_steps=default + 2, kv_sharing="shared")
     from latentrt.decode.coconut_serving import CoconutServing
 
     monkeypatch.setattr(CoconutServing, "async_scheduling", False)  # (a program that reads each step's ends at once)

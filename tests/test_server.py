@@ -714,6 +714,10 @@ def test_routes_and_bad_input(recurrent_server):
         latentrt.generate(model, [5] * 90, max_new_tokens=10)
     assert error({"prompt": [5] * 90, "max_tokens": 10}) == str(api.value).replace("max_new_tokens", "max_tokens")
     assert error({"prompt": "a", "max_tokens": 0}) == "max_tokens must be an integer >= 1, got 0"
+    # a request's iterations per token are bounded as its tokens are (num_steps=10**9 held a row for ever)
+    assert error({"prompt": "a", "num_steps": 257, "kv_sharing": "shared"}) == (
+        "num_steps=257 is above this server's limit of 256 latent iterations per token (its max_num_steps)"
+    )
     assert error({"prompt": "a", "max_tokens": 2, "min_tokens": 5}).startswith(
         "min_tokens must be an integer in [0, max_tokens=2]"
     )

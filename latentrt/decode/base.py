@@ -70,6 +70,11 @@ class Decoder:
         """Slots the looped layers keep per position (the KV mode's)."""
         return 1
 
+    @property
+    def max_steps(self) -> int:
+        """The most latent iterations a token of this call may run (1 for a model that does not loop)."""
+        return 1
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         self.cache = self.model.new_cache(batch, max_len)
         return self.cache

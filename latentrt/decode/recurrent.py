@@ -122,6 +122,10 @@ class RecurrentDecoder(Decoder):
     def kv_slots(self) -> int:
         return self.kv_mode.slots
 
+    @property
+    def max_steps(self) -> int:
+        return self.spec.r_max
+
     SCORES_PROMPTS = True
 
     def prompt_logits(self, ids: Tensor) -> Tensor:

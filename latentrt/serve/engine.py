@@ -74,6 +74,9 @@ from .readback import Readback
 log = logging.getLogger("latentrt.serve")
 
 SCHEDULERS = ("depth", "token", "static")
+# the most latent iterations per token a request may ask for, unless the engine is told (``max_num_steps``): 8x
+# Huginn-0125's default depth (32)
+DEFAULT_MAX_NUM_STEPS = 256
 NOT_SERVER_DEFAULTS = (
     *("hooks", "logits_processors", "return_logits", "decoding", "decoding_options", "strict"),
     "logprobs",  # (a request's own field)
@@ -256,7 +259,9 @@ class Engine:
     the resident requests' KV modes (default: every row in ``full`` mode at the model's default depth);
     ``max_queue`` requests wait at most; ``prefill_budget`` prompt positions enter one step at most (a
     longer prompt enters alone); ``edge_cost``: see ``_sample_due`` (None: the program's estimate);
-    ``async_scheduling``: each step launches before reading the previous launch's flags (see module docstring)."""
+    ``async_scheduling``: each step launches before reading the previous launch's flags (see module docstring);
+    ``max_num_steps``: the most latent iterations per token a request may ask for (``num_steps``; default 256, or
+    the model's default depth if larger): a request's cost per token, bounded as ``max_len`` bounds its tokens."""
 
     def __init__(
         self,
@@ -270,6 +275,7 @@ class Engine:
         prefill_budget: int = 2048,
         edge_cost: float | None = None,
         async_scheduling: bool = False,
+        max_num_steps: int | None = None,
     ) -> None:
         family = family_for(model)
         if family.serving is None:
@@ -311,6 +317,16 @@ class Engine:
                 "end at once)"
             )
         self.async_scheduling = async_scheduling
+        # a request's latent iterations per token are its cost per token: bounded, as max_len bounds its tokens
+        # (a request's default depth: the server's defaults', else the model's)
+        default = model.generation_defaults.get("num_steps") or model.default_steps()
+        self.max_num_steps = max(DEFAULT_MAX_NUM_STEPS, default) if max_num_steps is None else max_num_steps
+        ok = isinstance(self.max_num_steps, int) and not isinstance(self.max_num_steps, bool)
+        if not ok or self.max_num_steps < default:
+            raise InputError(
+                f"max_num_steps must be an integer >= {default} (the num_steps a request gets by default), got "
+                f"{max_num_steps!r}"
+            )
         self._exited: list[tuple[Ended, int]] = []  # units that ended, not sampled yet, and the step they ended
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
@@ -387,6 +403,11 @@ class Engine:
             raise InputError(f"decoding={opts.decoding!r} runs in generate() only; the server decodes sequentially")
         for name in generate_only(gen.decoder, opts):
             raise InputError(f"{name}={getattr(opts, name)!r} runs in generate() only, not in the server")
+        if gen.decoder.max_steps > self.max_num_steps:
+            raise InputError(
+                f"num_steps={gen.decoder.max_steps} is above this server's limit of {self.max_num_steps} latent "
+                "iterations per token (its max_num_steps)"
+            )
         if score_only and not echo:
             raise InputError("only a request that echoes its prompt can generate no token (max_tokens 0)")
         if echo and top_logprobs is not None and not gen.decoder.SCORES_PROMPTS:

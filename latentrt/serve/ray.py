@@ -85,7 +85,8 @@ def application(
     options serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``,
     ``weights``, ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and
     ``--override-generation-config``, ``chat_template`` (a file's path), ``api_key``, and the rest to each
-    ``Engine``: max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling); the resources
+    ``Engine``: max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling,
+    max_num_steps); the resources
     to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
     from ray import serve
 
