@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from ..errors import InputError, os_errors_as
+from ..errors import InputError, check_unicode, os_errors_as
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -61,6 +61,7 @@ def read_batch(path: str | os.PathLike) -> list[dict]:
         custom_id = request.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise InputError(f"{where}: custom_id must be a non-empty string, got {custom_id!r}")
+        check_unicode(f"{where}: custom_id", custom_id)  # (it is written back into the output file)
         if custom_id in seen:
             raise InputError(f"{where}: custom_id {custom_id!r} is also line {seen[custom_id]}'s (each must be unique)")
         seen[custom_id] = number
@@ -91,11 +92,16 @@ def check_output(path: str | os.PathLike) -> None:
 
 async def _answers(app, requests: list[dict]) -> list[dict]:
     """Every request through ``app``'s route at once, as output lines in the requests' order."""
-    transport = httpx.ASGITransport(app=app)
+    # (an exception in a route is its 500 answer, as a server's client would get it, not the end of the batch)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:
 
         async def one(request: dict) -> dict:
-            reply = await client.post(request["url"], json=request["body"])
+            # the body as the line wrote it: JSON's escapes for text that is no valid Unicode (a lone surrogate)
+            # and Python's NaN / Infinity, which httpx's json= cannot encode, reach the route to be refused there
+            body = json.dumps(request["body"], allow_nan=True).encode()
+            headers = {"content-type": "application/json"}
+            reply = await client.post(request["url"], content=body, headers=headers)
             return {
                 "id": f"batch_req_{uuid.uuid4().hex}",
                 "custom_id": request["custom_id"],
