@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .distributions import Distributions
-from .errors import InputError, NonFiniteStateError, PromptError
+from .errors import InputError, NonFiniteStateError, PromptError, check_unicode
 from .families import Family, check_applicable, family_for
 from .hooks import HookList
 from .logprobs import TokenLogprob, logprob_rows, read_logprob_row
@@ -191,6 +191,7 @@ class Generation:
                     raise InputError(f"stop string {s!r} needs a tokenizer (this model has none); pass token ids")
                 if not s:
                     raise InputError("stop strings must not be empty")
+                check_unicode(f"stop string {s!r}", s)  # (no decoded text holds a lone surrogate: it never stops)
                 strings.append(s)
             elif not isinstance(s, int) or isinstance(s, bool):
                 raise InputError(f"stop entries must be token ids or strings, got {s!r}")
