@@ -53,7 +53,10 @@ class DryPenalty:
 
     def __init__(self, multiplier: float, base: float, allowed_length: int, ids: Tensor, mask: Tensor) -> None:
         """``ids`` [B, S], ``mask``: the prompts' real positions (padding is not part of a sequence)."""
-        self.multiplier, self.base, self.allowed = float(multiplier), float(base), int(allowed_length)
+        # (a continuation is at most MAX_MATCH + 1 long: a larger allowed length penalises nothing, as this bound
+        # does, and an int past 64 bits would not enter the tensor arithmetic below)
+        self.multiplier, self.base = float(multiplier), float(base)
+        self.allowed = min(int(allowed_length), MAX_MATCH + 2)
         B, device = ids.shape[0], ids.device
         real = mask.bool()
         # each row's real tokens moved to the right end (a stable sort puts padding first, order kept)

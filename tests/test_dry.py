@@ -66,6 +66,25 @@ def test_dry_is_the_published_rule_on_random_sequences(multiplier, base, allowed
     assert changed >= (4 if allowed < 4 else 1)  # rows the penalty changed (so the comparison can fail)
 
 
+def test_an_allowed_length_past_the_longest_continuation_penalises_nothing():
+    """A continuation is at most 33 long (a 32-token match, then its token): an allowed length of 33 penalises
+    that one, a larger one nothing, up to values past 64 bits (an OverflowError before: found by tools.fuzz)."""
+    ids, new = [[1]], [[2, 3] * 40]
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0))
+    assert max(dry_rule(ids[0] + new[0], 1.0, 2.0, 0).values()) == 2.0**33
+    at_33 = state(ids, new, dry_multiplier=1.0, dry_allowed_length=33).apply(logits)
+    assert torch.equal(at_33[0], penalised(logits[0], ids[0] + new[0], 1.0, 1.75, 33)) and not torch.equal(
+        at_33, logits
+    )
+    for allowed in (34, 35, 2**63, 10**30):
+        assert torch.equal(state(ids, new, dry_multiplier=1.0, dry_allowed_length=allowed).apply(logits), logits)
+    model = tiny_recurrent()
+    kw = dict(max_new_tokens=4, dry_multiplier=1.0, init_scale=0.0)
+    assert latentrt.generate(model, [5, 6], dry_allowed_length=10**30, **kw).tokens == (
+        latentrt.generate(model, [5, 6], max_new_tokens=4, init_scale=0.0).tokens
+    )
+
+
 def test_runs_are_counted_as_the_published_code_counts_them():
     """The published comparison runs forward from a start and backward from the end: in ``4 5 6 9 7 6 5 4``
     the start 0 (``4 5 6``, the end read backward) is a run of 3, so 9 continues it with length 4. The DRY of

@@ -473,7 +473,10 @@ def test_bad_inputs_give_clear_errors():
         (dict(num_thoughts=2), "Coconut"),
         (dict(stop=[""]), "stop strings must not be empty"),
         # (a JSON body's "\ud800": no decoded text holds it, so it stopped nothing, silently; found by tools.fuzz)
-        (dict(stop=["ok", "\ud800"]), r"stop string '\\ud800' is not valid Unicode text \(surrogates not allowed at 0\)"),
+        (
+            dict(stop=["ok", "\ud800"]),
+            r"stop string '\\ud800' is not valid Unicode text \(surrogates not allowed at 0\)",
+        ),
         (dict(stop=[model.config.vocab_size]), rf"stop token id {model.config.vocab_size} is not in the vocabulary"),
         (dict(stop=[-1]), "stop token id -1 is not in the vocabulary"),
         (dict(seed=2**63, temperature=1.0), r"seed must be in \[0, 2\*\*63 - 1\], got 9223372036854775808"),
