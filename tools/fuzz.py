@@ -11,11 +11,13 @@ options or fields (by their names in that layer) to values from ``ODD_VALUES`` (
 infinities, huge and negative numbers, empty and malformed containers, ids past the vocabulary, lone
 surrogates); a third of the prompts are odd too (``BAD_PROMPTS``). The checks take turns:
 
-- ``api``: ``latentrt.generate`` (plain or streamed) and ``model.logits`` (odd keyword values): a result, or a
+- ``api``: ``latentrt.generate`` (plain or streamed), ``model.logits`` and ``latentrt.load`` (odd keyword values,
+  config overrides): a result, or a
   ``LatentRTError`` (``InputError`` and its kin; ``NonFiniteStateError`` where the options make the state
   overflow). Any other exception (a ``TypeError``, ``IndexError``, ``RuntimeError`` from deep inside) is a
   finding;
-- ``cli``: ``latentrt generate`` / ``info`` / ``save`` with flags set to their choices, plausible numbers or odd
+- ``cli``: ``latentrt generate`` / ``chat`` / ``info`` / ``save`` / ``eval`` / ``train`` (one step; its records
+  file drawn too, some records odd) with flags set to their choices, plausible numbers or odd
   texts, in-process: exit 0, or exit 2 with ``error: ...`` on stderr. Exit 1 (the CLI's "unexpected failure"
   path), an exception or a traceback is a finding;
 - ``http``: ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize`` and ``/detokenize`` (odd field values;
@@ -35,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import io
 import json
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -55,6 +59,7 @@ from latentrt.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
 from . import check_budget, soak, warnings_silenced
 
 CHECKS = ("api", "cli", "http", "batch")
+LOAD_KEYWORDS = ["device", "dtype", "weights", "backend", "revision", "hf_overrides", "torch_dtype", "device_map"]
 ROUTE_FIELDS = {  # the body fields of the routes that are not OpenAI's (latentrt/serve/protocol.py)
     "/tokenize": ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "chat_template_kwargs"),
     "/detokenize": ("model", "tokens"),
@@ -232,9 +237,10 @@ class Fuzz:
             self.client = TestClient(app, raise_server_exceptions=False).__enter__()  # (its lifespan runs)
 
     def close(self) -> None:
-        """Stop the server (its lifespan drains the engine)."""
+        """Stop the server (its lifespan drains the engine) and remove the cases' files."""
         if self.client is not None:
             self.client.__exit__(None, None, None)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def found(self, check: str, seed: int, what: str, detail: str) -> None:
         self.findings.append(f"[{check}] seed {seed}: {what}\n    {detail}")
@@ -264,8 +270,13 @@ class Fuzz:
     def check_api(self, rng: random.Random, seed: int) -> None:
         prompt = draw_prompt(rng, self.model)
         kw, odd_names = draw_options(rng, self.model, self.options)
-        call = rng.choice(["generate", "stream", "logits"])
-        if call == "logits":
+        call = rng.choices(["generate", "stream", "logits", "load"], weights=[4, 2, 2, 1])[0]
+        if call == "load":  # config fields (overrides) and load()'s keywords
+            names = [f.name for f in dataclasses.fields(self.model.config)] + LOAD_KEYWORDS
+            odd_names = rng.sample(names, rng.randrange(1, 3))
+            kw = {name: odd(rng) for name in odd_names}
+            prompt = self.model_name
+        elif call == "logits":
             names = [n for n in inspect.signature(self.model.logits).parameters if n != "input_ids"]
             odd_names = rng.sample(names, rng.randrange(0, 3))
             kw = {name: odd(rng) for name in odd_names}
@@ -277,8 +288,10 @@ class Fuzz:
             elif call == "stream":
                 for _ in latentrt.generate(self.model, prompt, stream=True, **kw):
                     pass
-            else:
+            elif call == "logits":
                 self.model.logits(prompt, **kw)
+            else:
+                latentrt.load(prompt, **kw)
         except LatentRTError:
             self.outcomes["api refused"] += 1
         except Exception as exc:
@@ -314,20 +327,26 @@ class Fuzz:
         from latentrt.cli import build_parser
 
         subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-        command = rng.choice(["generate", "generate", "generate", "info", "save"])
+        command = rng.choice(["generate", "generate", "generate", "chat", "info", "save", "eval", "train"])
         actions = [a for a in subcommands[command]._actions if a.option_strings and a.dest != "help"]
         argv = [command, self.model_name]
         if command == "generate":
             argv.append(rng.choice(["Alex is a wumpus. Is Alex a wumpus or rompus?", "", "-", "é\u2028", "5,6,7"]))
-        if command == "save":
+        elif command == "save":
             argv.append(str(self.tmp / f"save-{seed}"))
-        for action in rng.sample(actions, min(len(actions), rng.randrange(1, 4))):
+        elif command in ("eval", "train"):  # a records file, some records (or the file) odd
+            data = self.tmp / f"records-{seed}.json"
+            data.write_text(draw_records(rng), encoding="utf-8")
+            argv.append(str(data))
+            argv += ["--limit", "2"] if command == "eval" else ["--out", str(self.tmp / f"train-{seed}"), "--max-steps"]
+            argv += ["1"] if command == "train" else []
+        for action in rng.sample(actions, min(len(actions), rng.randrange(0, 4))):
             argv.append(rng.choice(action.option_strings))
             if action.nargs != 0:
                 argv += [
                     flag_value(rng, action) for _ in range(1 if action.nargs in (None, "?") else rng.randrange(1, 3))
                 ]
-        if command == "generate" and "--max-new-tokens" not in argv:
+        if command in ("generate", "chat") and "--max-new-tokens" not in argv:
             argv += ["--max-new-tokens", "3"]
         self.current = "latentrt " + " ".join(map(shown, argv))
         self.command("cli", seed, argv, stdin=rng.choice(["Alex is a wumpus.", "", "\n\n"]))
@@ -397,6 +416,31 @@ class Fuzz:
         source.write_text("\n".join(lines) + "\n", encoding="utf-8")
         self.current = f"run-batch of {shown(lines)}"
         self.command("batch", seed, ["run-batch", self.model_name, "-i", str(source), "-o", str(target)])
+
+
+RECORD = {
+    "question": "Alex is a wumpus. Is Alex a wumpus or rompus?",
+    "steps": ["Alex is a wumpus."],
+    "answer": "wumpus",
+}
+
+
+def draw_records(rng: random.Random) -> str:
+    """A records file's text (``latentrt eval`` / ``train``): 1-4 records, each valid (ProsQA's shape, or the
+    other shapes train takes) or with an odd field, as a JSON list or JSON Lines; sometimes no valid JSON."""
+    records = []
+    for _ in range(rng.randrange(1, 5)):
+        record = dict(
+            rng.choice([RECORD, {"text": "Alex is a wumpus."}, {"messages": [{"role": "user", "content": "a"}]}])
+        )
+        if rng.random() < 0.5:
+            record[rng.choice(["question", "steps", "answer", "text", "messages", "extra"])] = odd(rng)
+        records.append(record)
+    if rng.random() < 0.1:
+        return rng.choice(["", "[", "{}", "[1, 2]", "null", '[{"question": "a"}'])
+    if rng.random() < 0.5:
+        return json.dumps(records, allow_nan=True)
+    return "\n".join(json.dumps(r, allow_nan=True) for r in records) + "\n"
 
 
 def flag_value(rng: random.Random, action: argparse.Action) -> str:
