@@ -207,3 +207,24 @@ def test_the_whole_batch_is_queued_at_once_whatever_the_engines_queue(tmp_path):
     assert counts == {200: 8}
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [len(x["response"]["body"]["choices"]) for x in lines] == [3, 3, 3, 1, 1, 1, 1, 1]
+
+
+def test_a_run_keeps_no_engine_alive(tmp_path):
+    """Each run_batch call makes an app; once it returns, its engine, model and K/V pool are freed (a notebook's
+    sweep of batches grew by every call's pool before)."""
+    import gc
+    import weakref
+
+    from latentrt.serve import Engine
+    from latentrt.serve.batch import read_batch, run_batch
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(_line("a", "/v1/completions", {"prompt": "Alex is a wumpus.", "max_tokens": 2}) + "\n")
+    refs = []
+    for _ in range(2):
+        engine = Engine(latentrt.load(MODEL), max_batch=2)
+        refs.append(weakref.ref(engine.program))
+        assert run_batch(engine, MODEL, read_batch(source), tmp_path / "out.jsonl") == {200: 1}
+        del engine
+    gc.collect()
+    assert [r() for r in refs] == [None, None]

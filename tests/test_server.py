@@ -1205,3 +1205,30 @@ def test_published_top_p_reaches_the_api_the_cli_and_the_server(recurrent_dir, c
         latentrt.generate(model, [5, 6, 7], max_new_tokens=2, temperature=1.0, published_top_p=True)
     with pytest.raises(latentrt.InputError, match="published_top_p must be True or False"):
         latentrt.generate(model, [5, 6, 7], published_top_p="yes")
+
+
+def test_an_app_that_is_gone_keeps_no_engine_alive():
+    """FastAPI caches up to 4,096 route functions module-wide; a route that closed over the engine kept every
+    app's model and K/V pool alive after the app was gone (run_batch makes an app per call: ~55 MB a call for
+    the built-in model, found by tools.fuzz's memory). The routes read the engine from the request instead."""
+    import gc
+    import weakref
+
+    from fastapi.testclient import TestClient
+
+    engine = Engine(tiny_recurrent(), max_batch=1)
+    refs = [weakref.ref(engine), weakref.ref(engine.model), weakref.ref(engine.program)]
+    app = create_app(engine, "tiny", chat_template=TEMPLATE, api_key="k")
+    with TestClient(app) as client:  # every route, once
+        auth = {"authorization": "Bearer k"}
+        assert client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, headers=auth).status_code == 200
+        body = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2, "stream": True}
+        assert "[DONE]" in client.post("/v1/chat/completions", json=body, headers=auth).text
+        assert client.post("/tokenize", json={"prompt": "a"}, headers=auth).json()["count"] >= 1
+        assert client.post("/detokenize", json={"tokens": [5]}, headers=auth).status_code == 200
+        assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 401
+        for path in ("/v1/models", "/v1/models/tiny", "/health", "/version", "/metrics"):
+            assert client.get(path, headers=auth).status_code == 200, path
+    del app, engine, client
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]

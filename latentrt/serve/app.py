@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 from fastapi import FastAPI, Request
@@ -89,6 +90,25 @@ class EngineThread:
             self.thread.join(timeout)
 
 
+@dataclass
+class Served:
+    """What the routes serve: an app's engine and its settings, kept in ``app.state.served``. The routes read it
+    from the request (``request.app.state.served``) rather than close over it: FastAPI keeps every route
+    function in a module-level cache of up to 4,096 callables, so a route that held the engine would keep each
+    app's model and K/V pool alive after the app is gone (``run_batch`` makes an app per call)."""
+
+    engine: Engine
+    runner: EngineThread
+    model_name: str
+    template: object  # the chat template (latentrt/chat.py), or None
+    text_of: object  # a token id -> its text as log-probs name it
+    started: int  # when the app was made (the model card's ``created``)
+
+    @property
+    def model(self):
+        return self.engine.model
+
+
 def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
     path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
@@ -101,251 +121,272 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
         )
     if not isinstance(model_name, str) or not model_name:
         raise InputError(f"model_name must be a non-empty string (the name clients send), got {model_name!r}")
-    runner = EngineThread(engine)
     model = engine.model
-    text_of = partial(token_text, model.tokenizer)  # a token as log-probs name it
-    template = chat_template_for(model, chat_template)
+    served = Served(
+        engine,
+        EngineThread(engine),
+        model_name,
+        chat_template_for(model, chat_template),
+        partial(token_text, model.tokenizer),
+        int(time.time()),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        runner = app.state.served.runner
         runner.start()
         yield
         await asyncio.to_thread(runner.stop)  # drains: queued and resident requests finish first
 
     app = FastAPI(title="latentrt", lifespan=lifespan)
-    app.state.engine, app.state.runner = engine, runner
+    app.state.served, app.state.engine, app.state.runner = served, engine, served.runner
 
     if api_key is not None:
         if not isinstance(api_key, str) or not api_key.strip():
             raise InputError(f"api_key must be a non-empty string or None (no key), got {api_key!r}")
-        expected = f"Bearer {api_key}".encode()
+        app.middleware("http")(partial(_require_key, f"Bearer {api_key}".encode()))
 
-        @app.middleware("http")
-        async def require_key(request: Request, call_next):
-            guarded = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
-            given = request.headers.get("authorization", "").encode()
-            if guarded and not hmac.compare_digest(given, expected):
-                return _error(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
-            return await call_next(request)
-
-    async def body_of(request: Request):
-        try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"the request body is not valid JSON: {exc}") from None
-
-    def submit_all(parsed, on_event_for) -> list:
-        """Submit one engine request per choice; on a failure, cancel the ones already queued."""
-        runner.start()
-        reqs = []
-        try:
-            for i, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options)):
-                reqs.append(
-                    engine.submit(
-                        prompt,
-                        on_event=on_event_for(i),
-                        top_logprobs=parsed.top_logprobs,
-                        echo=parsed.echo,
-                        score_only=parsed.score_only,
-                        text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
-                        **with_openai_defaults(opts, parsed.openai_defaults, engine.model.generation_defaults),
-                    )
-                )
-        except Exception as exc:
-            for r in reqs:
-                engine.cancel(r)
-            if not isinstance(exc, InputError):
-                raise
-            message = renamed(str(exc), parsed.field_names)  # the request's fields, not generate()'s names
-            if isinstance(exc, PromptError) and parsed.several_prompts:
-                message = f"prompt {parsed.prompt_index[len(reqs)]}: {message}"
-            raise InputError(message) from None
-        return reqs
-
-    async def handle(request: Request, chat: bool):
-        try:
-            body = await body_of(request)
-            check_model(body, model_name)
-            if chat:
-                parsed = parse_chat(body, template, model.tokenizer)
-            else:
-                parsed = parse_completion(body)
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue = asyncio.Queue()
-            reqs = submit_all(parsed, lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
-        except InputError as exc:
-            return _error(400, str(exc))
-        except LookupError as exc:
-            return _error(404, str(exc), "model_not_found")
-        except QueueFull as exc:
-            return _error(429, str(exc), "rate_limit_exceeded", headers={"Retry-After": "1"})
-        except ShuttingDown as exc:
-            return _error(503, str(exc), "server_shutting_down")
-        rid = new_id("chatcmpl" if chat else "cmpl")
-        if parsed.stream:
-            return await stream(request, rid, reqs, events, chat, parsed.include_usage, parsed.prompt_index)
-        return await complete(request, rid, reqs, events, chat, parsed.prompt_index)
-
-    async def next_event(request: Request, reqs, events: asyncio.Queue):
-        """The next (choice, event), or None when the client went away (its requests are cancelled)."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    for r in reqs:
-                        engine.cancel(r)
-                    return None
-
-    async def complete(request: Request, rid: str, reqs, events, chat: bool, prompt_index: list[int]):
-        open_ = len(reqs)
-        while open_:
-            got = await next_event(request, reqs, events)
-            if got is None:
-                return _error(499, "client closed the request")
-            if got[1].kind in ("done", "error"):
-                open_ -= 1
-        failed = [r for r in reqs if r.error is not None]
-        if failed:
-            for r in reqs:
-                engine.cancel(r)
-            return _error(*failure(failed[0].error))
-        return JSONResponse(completion_body(rid, model_name, reqs, chat, text_of, prompt_index))
-
-    async def stream(
-        request: Request, rid: str, reqs, events, chat: bool, include_usage: bool, prompt_index: list[int]
-    ):
-        first = await next_event(request, reqs, events)
-        if first is None:
-            return _error(499, "client closed the request")
-        if first[1].kind == "error":  # failed before its first token: a plain error answer
-            for r in reqs:
-                engine.cancel(r)
-            return _error(*failure(reqs[first[0]].error))
-
-        def sse(obj) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def body():
-            got, open_ = first, len(reqs)
-            try:
-                if chat:
-                    for i in range(len(reqs)):
-                        yield sse(chunk_body(rid, model_name, i, True, role=True))
-                while True:
-                    i, ev = got
-                    if ev.kind == "token":
-                        yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev, token_text=text_of))
-                    elif ev.kind == "text":  # held back while it might have begun a stop string
-                        yield sse(chunk_body(rid, model_name, i, chat, text=ev.text))
-                    elif ev.kind == "done":
-                        yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
-                        open_ -= 1
-                    else:
-                        yield sse(error_body(*failure(reqs[i].error)[1:]))
-                        open_ -= 1
-                    if not open_:
-                        break
-                    got = await events.get()
-                if include_usage:
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": int(time.time()),
-                            "model": model_name,
-                            "choices": [],
-                            "usage": usage(reqs, prompt_index),
-                        }
-                    )
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away (the response task is cancelled) or the stream ended
-                for r in reqs:
-                    if not r.finished:
-                        engine.cancel(r)
-
-        return StreamingResponse(body(), media_type="text/event-stream")
-
+    # (the routes hold nothing of this app: each reads it from its request, see ``Served``)
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, chat=False)
+        return await _handle(request.app.state.served, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    async def quick(request: Request, respond):
-        """A route whose work is quick and needs no engine: ``respond(body)``'s JSON, or its error's status."""
-        try:
-            body = await body_of(request)
-            check_model(body, model_name)
-            return respond(body)
-        except InputError as exc:
-            return _error(400, str(exc))
-        except LookupError as exc:
-            return _error(404, str(exc), "model_not_found")
-
-    def tokenized(body) -> dict:
-        ids = parse_tokenize(body, template, model.tokenizer)
-        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}  # (as /v1/models says)
-
-    def detokenized(body) -> dict:
-        ids = parse_detokenize(body, model.config.vocab_size)
-        if model.tokenizer is None:
-            raise InputError("this model has no tokenizer.json: nothing to detokenize with")
-        return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
+        return await _handle(request.app.state.served, request, chat=True)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return await quick(request, tokenized)
+        return await _quick(request.app.state.served, request, _tokenized)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return await quick(request, detokenized)
-
-    started = int(time.time())
-
-    def model_card() -> dict:
-        """OpenAI's model object, with vLLM's ``max_model_len`` (the positions a request may use here)."""
-        return {
-            "id": model_name,
-            "object": "model",
-            "created": started,
-            "owned_by": "latentrt",
-            "max_model_len": engine.max_len,
-        }
+        return await _quick(request.app.state.served, request, _detokenized)
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
+    async def models(request: Request):
+        return {"object": "list", "data": [_model_card(request.app.state.served)]}
 
     @app.get("/v1/models/{name:path}")  # OpenAI's retrieve (client.models.retrieve); a Hub id holds a '/'
-    async def one_model(name: str):
+    async def one_model(request: Request, name: str):
+        served = request.app.state.served
         try:
-            check_model({"model": name}, model_name)
+            check_model({"model": name}, served.model_name)
         except LookupError as exc:
             return _error(404, str(exc), "model_not_found")
-        return model_card()
+        return _model_card(served)
 
     @app.get("/health")
-    async def health():
-        if engine.draining:
+    async def health(request: Request):
+        served = request.app.state.served
+        if served.engine.draining:
             return _error(503, "shutting down", "server_shutting_down")
-        if runner.thread is not None and not runner.alive:
+        if served.runner.thread is not None and not served.runner.alive:
             return _error(503, "the engine thread stopped", "server_error")
-        return {"status": "ok", "model": model_name, "pid": os.getpid()}  # pid: which replica answered
+        return {"status": "ok", "model": served.model_name, "pid": os.getpid()}  # pid: which replica answered
 
     @app.get("/version")  # vLLM's: which latentrt answers (open, as /health)
     async def version():
         return {"version": __version__}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
         from .prometheus import render
 
-        return PlainTextResponse(render(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render(request.app.state.served.engine), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def _require_key(expected: bytes, request: Request, call_next):
+    """The API key's middleware: the model routes answer only ``Authorization: <expected>``."""
+    guarded = request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
+    given = request.headers.get("authorization", "").encode()
+    if guarded and not hmac.compare_digest(given, expected):
+        return _error(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error")
+    return await call_next(request)
+
+
+async def _body_of(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"the request body is not valid JSON: {exc}") from None
+
+
+def _submit_all(served: Served, parsed, on_event_for) -> list:
+    """Submit one engine request per choice; on a failure, cancel the ones already queued."""
+    engine = served.engine
+    served.runner.start()
+    reqs = []
+    try:
+        for i, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options)):
+            reqs.append(
+                engine.submit(
+                    prompt,
+                    on_event=on_event_for(i),
+                    top_logprobs=parsed.top_logprobs,
+                    echo=parsed.echo,
+                    score_only=parsed.score_only,
+                    text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
+                    **with_openai_defaults(opts, parsed.openai_defaults, engine.model.generation_defaults),
+                )
+            )
+    except Exception as exc:
+        for r in reqs:
+            engine.cancel(r)
+        if not isinstance(exc, InputError):
+            raise
+        message = renamed(str(exc), parsed.field_names)  # the request's fields, not generate()'s names
+        if isinstance(exc, PromptError) and parsed.several_prompts:
+            message = f"prompt {parsed.prompt_index[len(reqs)]}: {message}"
+        raise InputError(message) from None
+    return reqs
+
+
+async def _handle(served: Served, request: Request, chat: bool):
+    try:
+        body = await _body_of(request)
+        check_model(body, served.model_name)
+        if chat:
+            parsed = parse_chat(body, served.template, served.model.tokenizer)
+        else:
+            parsed = parse_completion(body)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        reqs = _submit_all(served, parsed, lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+    except InputError as exc:
+        return _error(400, str(exc))
+    except LookupError as exc:
+        return _error(404, str(exc), "model_not_found")
+    except QueueFull as exc:
+        return _error(429, str(exc), "rate_limit_exceeded", headers={"Retry-After": "1"})
+    except ShuttingDown as exc:
+        return _error(503, str(exc), "server_shutting_down")
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    if parsed.stream:
+        return await _stream(served, request, rid, reqs, events, chat, parsed.include_usage, parsed.prompt_index)
+    return await _complete(served, request, rid, reqs, events, chat, parsed.prompt_index)
+
+
+async def _next_event(served: Served, request: Request, reqs, events: asyncio.Queue):
+    """The next (choice, event), or None when the client went away (its requests are cancelled)."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), POLL_SECONDS)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                for r in reqs:
+                    served.engine.cancel(r)
+                return None
+
+
+async def _complete(served: Served, request: Request, rid: str, reqs, events, chat: bool, prompt_index: list[int]):
+    open_ = len(reqs)
+    while open_:
+        got = await _next_event(served, request, reqs, events)
+        if got is None:
+            return _error(499, "client closed the request")
+        if got[1].kind in ("done", "error"):
+            open_ -= 1
+    failed = [r for r in reqs if r.error is not None]
+    if failed:
+        for r in reqs:
+            served.engine.cancel(r)
+        return _error(*failure(failed[0].error))
+    return JSONResponse(completion_body(rid, served.model_name, reqs, chat, served.text_of, prompt_index))
+
+
+async def _stream(
+    served: Served, request: Request, rid: str, reqs, events, chat: bool, include_usage: bool, prompt_index: list[int]
+):
+    engine, model_name = served.engine, served.model_name
+    first = await _next_event(served, request, reqs, events)
+    if first is None:
+        return _error(499, "client closed the request")
+    if first[1].kind == "error":  # failed before its first token: a plain error answer
+        for r in reqs:
+            engine.cancel(r)
+        return _error(*failure(reqs[first[0]].error))
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def body():
+        got, open_ = first, len(reqs)
+        try:
+            if chat:
+                for i in range(len(reqs)):
+                    yield sse(chunk_body(rid, model_name, i, True, role=True))
+            while True:
+                i, ev = got
+                if ev.kind == "token":
+                    yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev, token_text=served.text_of))
+                elif ev.kind == "text":  # held back while it might have begun a stop string
+                    yield sse(chunk_body(rid, model_name, i, chat, text=ev.text))
+                elif ev.kind == "done":
+                    yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
+                    open_ -= 1
+                else:
+                    yield sse(error_body(*failure(reqs[i].error)[1:]))
+                    open_ -= 1
+                if not open_:
+                    break
+                got = await events.get()
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": int(time.time()),
+                        "model": model_name,
+                        "choices": [],
+                        "usage": usage(reqs, prompt_index),
+                    }
+                )
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the response task is cancelled) or the stream ended
+            for r in reqs:
+                if not r.finished:
+                    engine.cancel(r)
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _quick(served: Served, request: Request, respond):
+    """A route whose work is quick and needs no engine: ``respond(served, body)``'s JSON, or its error's status."""
+    try:
+        body = await _body_of(request)
+        check_model(body, served.model_name)
+        return respond(served, body)
+    except InputError as exc:
+        return _error(400, str(exc))
+    except LookupError as exc:
+        return _error(404, str(exc), "model_not_found")
+
+
+def _tokenized(served: Served, body) -> dict:
+    ids = parse_tokenize(body, served.template, served.model.tokenizer)
+    return {"count": len(ids), "max_model_len": served.engine.max_len, "tokens": ids}  # (as /v1/models says)
+
+
+def _detokenized(served: Served, body) -> dict:
+    model = served.model
+    ids = parse_detokenize(body, model.config.vocab_size)
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer.json: nothing to detokenize with")
+    return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
+
+
+def _model_card(served: Served) -> dict:
+    """OpenAI's model object, with vLLM's ``max_model_len`` (the positions a request may use here)."""
+    return {
+        "id": served.model_name,
+        "object": "model",
+        "created": served.started,
+        "owned_by": "latentrt",
+        "max_model_len": served.engine.max_len,
+    }
 
 
 def load_engine(
