@@ -217,7 +217,8 @@ class Fuzz:
     """The checks' state: the model, the server's client, and the findings so far."""
 
     def __init__(self, model_name: str, checks: list[str]) -> None:
-        self.model_name = model_name
+        # (a folder's path made absolute: the commands run in the cases' folder)
+        self.model_name = str(Path(model_name).resolve()) if Path(model_name).exists() else model_name
         self.model = latentrt.load(model_name)
         self.options = sorted(f.name for f in GenerateOptions.__dataclass_fields__.values())
         self.findings: list[str] = []
@@ -308,7 +309,8 @@ class Fuzz:
         out, err, real_stdin = io.StringIO(), io.StringIO(), sys.stdin
         try:
             sys.stdin = io.StringIO(stdin)
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            # (in the cases' folder: an odd flag value may name a file the command writes, e.g. --log nan)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(self.tmp):
                 rc = main(argv)
         except SystemExit as exc:  # argparse's own errors
             rc = exc.code
