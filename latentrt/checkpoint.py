@@ -157,6 +157,8 @@ def read_state_dict(folder: Path, weights: str | os.PathLike | None = None) -> d
     state dict (e.g. Coconut's training checkpoints, keys prefixed ``base_causallm.``).
     """
     if weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise InputError(f"weights must be a file's path (a str or os.PathLike), got {type(weights).__name__}")
         wp = Path(weights)
         with os_errors_as(CheckpointError, f"weights file {str(wp)!r}"):
             found = wp.is_file()

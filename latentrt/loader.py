@@ -151,6 +151,8 @@ def read_model_config(path: str | os.PathLike, revision: str | None = None, **ov
 
 def _read_model_config(path, revision, overrides: dict):
     """``read_model_config`` and the config.json it parsed, as read (a save keeps its other fields)."""
+    if revision is not None and not isinstance(revision, str):  # (a Hub id's branch, tag or commit)
+        raise InputError(f"revision must be a branch, tag or commit name (a str), got {revision!r}")
     folder = resolve(path, revision)
     raw = read_config(folder)
     cfg = parse_config(raw, overrides, source=str(folder / "config.json"))

@@ -499,6 +499,11 @@ def test_bad_generate_arguments():
         model.logits(ids, attention_mask=torch.tensor([[1, 1, 0]]))
     with pytest.raises(InputError, match="left padding"):
         tiny_coconut().logits(ids, attention_mask=torch.tensor([[1, 1, 0]]))
+    # thoughts beyond the context are refused before the markers are built (num_thoughts=2**63 raised OverflowError,
+    # 10**9 made a list of a billion ids first: tools.fuzz)
+    for k in (97, 2**63):
+        with pytest.raises(InputError, match=r"num_thoughts must be an integer in \[0, 96 \(the model's context\)\]"):
+            latentrt.generate(tiny_coconut(), [5, 6], num_thoughts=k)
     # model.logits checks its initial-state arguments as generate() does (a NaN scale gave finite-looking logits)
     for kwargs, msg in [
         (dict(init_scale=float("nan")), "init_scale must be a finite number >= 0"),
@@ -517,7 +522,14 @@ def test_bad_generate_arguments():
 
 
 def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):
-    for kw, msg in ((dict(device="banana"), "not a device"), (dict(dtype=torch.int32), "unsupported dtype")):
+    for kw, msg in [
+        (dict(device="banana"), "not a device"),
+        (dict(dtype=torch.int32), "unsupported dtype"),
+        # a TypeError from pathlib, and a revision ignored whatever its type (found by tools.fuzz)
+        (dict(weights=3), r"weights must be a file's path \(a str or os.PathLike\), got int"),
+        (dict(weights=[tmp_path]), r"weights must be a file's path \(a str or os.PathLike\), got list"),
+        (dict(revision=3), r"revision must be a branch, tag or commit name \(a str\), got 3"),
+    ]:
         with pytest.raises(InputError, match=msg):
             latentrt.load(recurrent_dir, **kw)
     if not torch.cuda.is_available():

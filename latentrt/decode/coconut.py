@@ -119,7 +119,9 @@ class CoconutDecoder(Decoder):
             return
         if not options.append_thoughts:
             raise InputError(f"num_thoughts={k!r} appends thoughts and append_thoughts=False appends none: give one")
-        check_int("num_thoughts", k, 0)
+        # (bounded before the markers are built: num_thoughts=10**9 made a list of a billion ids first)
+        block = model.config.block_size
+        check_int("num_thoughts", k, 0, block, high_label=f"{block} (the model's context)")
         if model.marker_ids[1] is None:
             raise InputError(NO_MARKERS)
 
