@@ -228,3 +228,29 @@ def test_a_run_keeps_no_engine_alive(tmp_path):
         del engine
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_a_route_that_fails_unexpectedly_is_that_lines_500(tmp_path, capsys, monkeypatch):
+    """An exception in a route (a bug) is its request's 500 line, as a server's client would get it; the other
+    lines are answered and the run ends normally (the framework's plain-text 500 ended it with a traceback and no
+    output: tools.fuzz)."""
+    import latentrt.serve.app as app
+
+    real = app.parse_completion
+
+    def fails_for_one(body):
+        if body.get("prompt") == "Bob is a rompus.":
+            raise RuntimeError("a bug")
+        return real(body)
+
+    monkeypatch.setattr(app, "parse_completion", fails_for_one)
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = ["Alex is a wumpus.", "Bob is a rompus.", "Alex is a yumpus."]
+    source.write_text(
+        "\n".join(_line(f"r{i}", "/v1/completions", {"prompt": p, "max_tokens": 2}) for i, p in enumerate(prompts))
+    )
+    assert main(["run-batch", MODEL, "-i", str(source), "-o", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["response"]["status_code"] for x in lines] == [200, 500, 200]
+    assert lines[1]["response"]["body"]["error"]["type"] == "server_error"
+    assert "1 with status 500" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from ..errors import InputError, check_unicode, os_errors_as
+from .protocol import error_body
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -102,13 +103,17 @@ async def _answers(app, requests: list[dict]) -> list[dict]:
             body = json.dumps(request["body"], allow_nan=True).encode()
             headers = {"content-type": "application/json"}
             reply = await client.post(request["url"], content=body, headers=headers)
+            try:
+                answer = reply.json()
+            except ValueError:  # (a route's unexpected exception: the framework's plain-text 500)
+                answer = error_body(reply.text or f"status {reply.status_code}", "server_error")
             return {
                 "id": f"batch_req_{uuid.uuid4().hex}",
                 "custom_id": request["custom_id"],
                 "response": {
                     "status_code": reply.status_code,
                     "request_id": f"req_{uuid.uuid4().hex}",
-                    "body": reply.json(),
+                    "body": answer,
                 },
                 "error": None,
             }
