@@ -84,9 +84,17 @@ def check_int(name: str, value, low: int, high: int | None = None, high_label: s
         raise InputError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+def as_float(value: int | float) -> float:
+    """A number as a float, an int past a float's range as the infinity of its sign (``float()`` raises there)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_finite(name: str, value, low: float | None = None) -> float:
     """``value`` as a float; InputError unless it is a finite number (not a bool) and, with ``low``, >= low."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(as_float(value))
     if not ok or (low is not None and value < low):
         bound = "" if low is None else f" >= {low}"
         raise InputError(f"{name} must be a finite number{bound}, got {value!r}")

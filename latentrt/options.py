@@ -17,7 +17,7 @@ from typing import Any
 
 from .caller import warn_at_caller
 from .dry import check_dry
-from .errors import ConfigError, InputError, check_bool, check_int, plain_scalar
+from .errors import ConfigError, InputError, as_float, check_bool, check_int, plain_scalar
 from .logprobs import MAX_TOP_LOGPROBS
 from .penalties import check_penalties
 from .sampling import MAX_SEED, check_sampling
@@ -80,7 +80,10 @@ class GenerateOptions:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy scalars (a sweep's np.arange) as Python numbers
-            setattr(self, f.name, plain_scalar(getattr(self, f.name)))
+            value = plain_scalar(getattr(self, f.name))
+            if f.type in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
+                value = as_float(value)  # (an int past a float's range, e.g. a JSON body's 10**30, raised in torch)
+            setattr(self, f.name, value)
 
     @classmethod
     def build(

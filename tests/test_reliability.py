@@ -467,6 +467,9 @@ def test_bad_generate_arguments():
             dict(check_criterion_every_n_steps=2**40, adaptive=True),
             r"check_criterion_every_n_steps must be an integer in \[1, 2\*\*31 - 1\]",
         ),
+        # an int past a float's range is that infinity (math.isfinite and torch raised OverflowError: tools.fuzz)
+        (dict(temperature=10**400), "temperature must be a finite number >= 0, got inf"),
+        (dict(repetition_penalty=-(10**400)), "repetition_penalty must be a finite number, got -inf"),
         # bools taken as truthy before (tools.fuzz): strict="abc" was strict, return_logits=1.5 returned logits
         (dict(strict="abc"), "strict must be True or False, got 'abc'"),
         (dict(return_logits=1.5), "return_logits must be True or False, got 1.5"),
@@ -490,6 +493,14 @@ def test_bad_generate_arguments():
         latentrt.generate(model, [5, 2**63])
     with pytest.raises(InputError, match="not valid Unicode"):
         latentrt.generate(model, "every \ud800 cat")
+    # a large int is the float it stands for (temperature=10**30 divided a tensor: "int too big to convert")
+    huge = latentrt.generate(model, [5, 6], max_new_tokens=3, temperature=10**30, seed=1, init_scale=10**3)
+    assert (
+        huge.tokens
+        == latentrt.generate(model, [5, 6], max_new_tokens=3, temperature=1e30, seed=1, init_scale=1e3).tokens
+    )
+    with pytest.raises(InputError, match="init_scale must be a finite number >= 0, got 1000"):
+        model.logits(torch.tensor([[5, 6]]), init_scale=10**400)
     tiny_t = latentrt.generate(model, [5, 6], max_new_tokens=3, temperature=1e-45, seed=1, init_scale=0.0)
     assert tiny_t.tokens == latentrt.generate(model, [5, 6], max_new_tokens=3, init_scale=0.0).tokens
     ids = torch.tensor([[5, 6, 7]])
