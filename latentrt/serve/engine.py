@@ -284,6 +284,16 @@ class Engine:
             raise InputError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_budget", prefill_budget)):
             check_int(name, value, 1)
+        # a request's latent iterations per token are its cost per token: bounded, as max_len bounds its tokens
+        # (a request's default depth: the server's defaults', else the model's)
+        default = model.generation_defaults.get("num_steps") or model.default_steps()
+        self.max_num_steps = max(DEFAULT_MAX_NUM_STEPS, default) if max_num_steps is None else max_num_steps
+        ok = isinstance(self.max_num_steps, int) and not isinstance(self.max_num_steps, bool)
+        if not ok or self.max_num_steps < default:
+            raise InputError(
+                f"max_num_steps must be an integer >= {default} (the num_steps a request gets by default), got "
+                f"{max_num_steps!r}"
+            )
         block = model.config.block_size
         max_len = min(block, 2048) if max_len is None else max_len
         # at least a prompt token and a new one: a pool of shorter rows could serve no request
@@ -317,16 +327,6 @@ class Engine:
                 "end at once)"
             )
         self.async_scheduling = async_scheduling
-        # a request's latent iterations per token are its cost per token: bounded, as max_len bounds its tokens
-        # (a request's default depth: the server's defaults', else the model's)
-        default = model.generation_defaults.get("num_steps") or model.default_steps()
-        self.max_num_steps = max(DEFAULT_MAX_NUM_STEPS, default) if max_num_steps is None else max_num_steps
-        ok = isinstance(self.max_num_steps, int) and not isinstance(self.max_num_steps, bool)
-        if not ok or self.max_num_steps < default:
-            raise InputError(
-                f"max_num_steps must be an integer >= {default} (the num_steps a request gets by default), got "
-                f"{max_num_steps!r}"
-            )
         self._exited: list[tuple[Ended, int]] = []  # units that ended, not sampled yet, and the step they ended
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
