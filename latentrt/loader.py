@@ -178,7 +178,7 @@ def parse_device(device) -> torch.device:
             raise InputError(f"{exc}: it is torch's default device (torch.set_default_device)") from None
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # (ValueError: an index past 64 bits)
         raise InputError(f"device {device!r} is not a device torch knows ({str(exc).splitlines()[0]})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():

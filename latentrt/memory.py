@@ -30,9 +30,18 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62  # unknown: do not refuse
 
 
+def gigabytes(nbytes: int) -> str:
+    """``nbytes`` as a reader wants it: 12.34 GB; 1.23e+09 GB when huge; a config's absurd sizes (beyond what a float
+    holds, e.g. a width of 1e300) by their power of ten."""
+    if nbytes >= 2**1000:
+        return f"about 10**{len(str(nbytes)) - 1} bytes"
+    gb = nbytes / GB
+    return f"{gb:.2f} GB" if gb < 1e6 else f"{gb:.3g} GB"
+
+
 def check_fits(nbytes: int, device: torch.device, what: str, error: type[Exception], hint: str = "") -> None:
     """Raise ``error`` when ``nbytes`` exceed the free memory of ``device`` (``hint``: what to do instead)."""
     free = available_bytes(device)
     if nbytes > free:
-        message = f"{what} need {nbytes / GB:.2f} GB, more than the {free / GB:.2f} GB available on {device}"
+        message = f"{what} need {gigabytes(nbytes)}, more than the {free / GB:.2f} GB available on {device}"
         raise error(message + (f"; {hint}" if hint else ""))

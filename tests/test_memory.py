@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import latentrt
 import latentrt.memory as memory
 from latentrt.errors import InputError
 from latentrt.memory import GB, available_bytes, check_fits
@@ -47,6 +48,19 @@ def test_a_cuda_device_reports_cudas_free_memory(monkeypatch):
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (123, 456))
     assert available_bytes(torch.device("cuda", 1)) == 123 and asked == [torch.device("cuda", 1)]
+
+
+def test_sizes_are_said_in_gigabytes_even_past_a_floats_range():
+    """A config's absurd width (n_embd=1e300: an int of 600 digits of bytes) raised OverflowError while its error
+    was written (found by tools.fuzz); it is said by its power of ten."""
+    from latentrt.memory import gigabytes
+
+    assert gigabytes(3 * GB) == "3.00 GB" and gigabytes(GB * 10**9) == "1e+09 GB"
+    assert gigabytes(10**400) == "about 10**400 bytes"
+    with pytest.raises(
+        latentrt.ConfigError, match=r"^the weights of builtin:coconut .* need about 10\*\*\d+ bytes, more"
+    ):
+        latentrt.load("builtin:coconut", n_embd=1e300)
 
 
 def test_check_fits_names_both_figures(monkeypatch):

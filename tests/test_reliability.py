@@ -535,6 +535,7 @@ def test_bad_generate_arguments():
 def test_bad_load_arguments_and_files(recurrent_dir, tmp_path):
     for kw, msg in [
         (dict(device="banana"), "not a device"),
+        (dict(device=2**64), "device 18446744073709551616 is not a device torch knows"),  # (torch's ValueError)
         (dict(dtype=torch.int32), "unsupported dtype"),
         # a TypeError from pathlib, and a revision ignored whatever its type (found by tools.fuzz)
         (dict(weights=3), r"weights must be a file's path \(a str or os.PathLike\), got int"),
