@@ -11,8 +11,9 @@ options or fields (by their names in that layer) to values from ``ODD_VALUES`` (
 infinities, huge and negative numbers, empty and malformed containers, ids past the vocabulary, lone
 surrogates); a third of the prompts are odd too (``BAD_PROMPTS``). The checks take turns:
 
-- ``api``: ``latentrt.generate`` (plain or streamed), ``model.logits`` and ``latentrt.load`` (odd keyword values,
-  config overrides): a result, or a
+- ``api``: ``latentrt.generate`` (plain or streamed), ``Engine.generate`` (vLLM's offline API),
+  ``apply_chat_template`` then ``generate``, ``model.logits`` and ``latentrt.load`` (odd keyword values, config
+  overrides, conversations): a result, or a
   ``LatentRTError`` (``InputError`` and its kin; ``NonFiniteStateError`` where the options make the state
   overflow). Any other exception (a ``TypeError``, ``IndexError``, ``RuntimeError`` from deep inside) is a
   finding;
@@ -123,6 +124,11 @@ ODD_VALUES = (
     {"a": 1},
     {"lookahead": 0},
     {"lookahead": "x"},
+    [{"role": "user"}],  # conversations of odd messages (and, for other fields, odd lists of objects)
+    [{"role": 3, "content": "a"}],
+    [{"role": "user", "content": ["a", None]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    [{"role": "tool", "content": "a", "tool_call_id": 1}],
 )
 # the values a CLI flag gets (its text)
 ODD_TEXTS = (
@@ -227,6 +233,7 @@ class Fuzz:
         self.accepted: Counter = Counter()  # the odd values a call answered with ("name=value")
         self.refusals: Counter = Counter()  # the command line's error messages (their start)
         self.client = None
+        self._offline = None  # (``offline``)
         self.tmp = Path(tempfile.mkdtemp(prefix="latentrt-fuzz-"))
         if "http" in checks:
             from fastapi.testclient import TestClient
@@ -236,6 +243,14 @@ class Fuzz:
 
             app = create_app(Engine(self.model, max_batch=4), model_name)
             self.client = TestClient(app, raise_server_exceptions=False).__enter__()  # (its lifespan runs)
+
+    def offline(self):
+        """The Engine the ``engine`` calls run on (a new one after a case was cut short inside it)."""
+        if self._offline is None:
+            from latentrt.serve.engine import Engine
+
+            self._offline = Engine(self.model, max_batch=4)
+        return self._offline
 
     def close(self) -> None:
         """Stop the server (its lifespan drains the engine) and remove the cases' files."""
@@ -262,6 +277,7 @@ class Fuzz:
             getattr(self, f"check_{check}")(rng, seed)
         except Overdue:
             self.found(check, seed, self.current, f"still running after {limit:g} s")
+            self._offline = None  # (it may hold the cut case's requests)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
@@ -271,12 +287,14 @@ class Fuzz:
     def check_api(self, rng: random.Random, seed: int) -> None:
         prompt = draw_prompt(rng, self.model)
         kw, odd_names = draw_options(rng, self.model, self.options)
-        call = rng.choices(["generate", "stream", "logits", "load"], weights=[4, 2, 2, 1])[0]
+        call = rng.choices(["generate", "stream", "logits", "load", "engine", "chat"], weights=[4, 2, 2, 1, 2, 1])[0]
         if call == "load":  # config fields (overrides) and load()'s keywords
             names = [f.name for f in dataclasses.fields(self.model.config)] + LOAD_KEYWORDS
             odd_names = rng.sample(names, rng.randrange(1, 3))
             kw = {name: odd(rng) for name in odd_names}
             prompt = self.model_name
+        elif call == "chat":  # a conversation (odd or not) through the chat template, then generate()
+            prompt = rng.choice([[{"role": "user", "content": "Alex is a wumpus."}], odd(rng)])
         elif call == "logits":
             names = [n for n in inspect.signature(self.model.logits).parameters if n != "input_ids"]
             odd_names = rng.sample(names, rng.randrange(0, 3))
@@ -289,6 +307,10 @@ class Fuzz:
             elif call == "stream":
                 for _ in latentrt.generate(self.model, prompt, stream=True, **kw):
                     pass
+            elif call == "engine":  # vLLM's offline LLM.generate: the server's path, in-process
+                self.offline().generate([prompt], **kw)
+            elif call == "chat":
+                latentrt.generate(self.model, latentrt.apply_chat_template(self.model, prompt), **kw)
             elif call == "logits":
                 self.model.logits(prompt, **kw)
             else:
