@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 # what latentrt reads: configs, tokenizer files, safetensors weights and their index
@@ -75,3 +75,72 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
         raise CheckpointError(f"the Hub model {repo_id!r} has no revision {revision!r}") from None
     except huggingface_hub.errors.HfHubHTTPError as exc:
         raise CheckpointError(f"fetching {repo_id!r} from the Hub failed: {str(exc).splitlines()[0]}") from None
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = None,
+):
+    """transformers' ``push_to_hub``: the folder ``save_pretrained`` writes, uploaded as one commit to the Hub model
+    repository ``repo_id`` (created if it does not exist: ``private`` then; ``revision``: a branch; ``create_pr``: as
+    a pull request). ``token``: huggingface_hub's (default: the login, or HF_TOKEN). Returns huggingface_hub's
+    ``CommitInfo`` (``.commit_url``, ``.pr_url``). ``latentrt.load(repo_id)`` reads it back to the same numbers."""
+    import tempfile
+
+    from .checkpoint import save_pretrained
+
+    if not isinstance(repo_id, str) or not is_hub_id(repo_id):
+        raise InputError(f"repo_id must be a Hub model id, owner/name, got {repo_id!r}")
+    for name, value in (("private", private), ("create_pr", create_pr)):
+        if value is not None and not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}")
+    for name, value in (("token", token), ("revision", revision), ("commit_message", commit_message)):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{name} must be a string or None, got {value!r}")
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    except ImportError:
+        raise CheckpointError("pushing to the Hub needs huggingface_hub (pip install huggingface_hub)") from None
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="latentrt-push-") as tmp:
+        folder = save_pretrained(model, Path(tmp) / "model", max_shard_size=max_shard_size)  # (checked before any call)
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id,
+                repo_type="model",
+                folder_path=folder,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload model (latentrt save_pretrained)",
+            )
+        except OfflineModeIsEnabled:
+            raise CheckpointError(f"cannot push {repo_id!r}: huggingface_hub is offline (HF_HUB_OFFLINE=1)") from None
+        except HfHubHTTPError as exc:
+            raise CheckpointError(
+                f"pushing to {repo_id!r} failed: the Hub answered {str(exc).splitlines()[0]!r}"
+            ) from None
+        except _transport_errors() as exc:
+            raise CheckpointError(f"pushing to {repo_id!r} failed: the Hub did not answer ({exc})") from None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a Hub that does not answer, from the HTTP client huggingface_hub uses (requests' are OSErrors;
+    httpx's and httpx2's, of newer releases, are not)."""
+    import importlib
+
+    found: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)

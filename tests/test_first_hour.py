@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import warnings
+from re import escape as re_escape
 
 import pytest
 import torch
@@ -146,6 +147,86 @@ def test_gated_and_unseen_hub_models_are_named(hub_cache, monkeypatch, status, c
             latentrt.load("acme/gated", revision="v9")
     finally:
         server.shutdown()
+
+
+def test_push_to_hub_uploads_the_saved_folder_as_one_commit(hub_cache, monkeypatch, tmp_path):
+    """model.push_to_hub (transformers' name): the repository is created if missing, save_pretrained's folder is
+    uploaded as one commit with the options given, and what was uploaded loads back to the same logits."""
+    from huggingface_hub import CommitInfo, HfApi
+
+    calls = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        calls.append(("upload_folder", repo_id, kw))
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="", commit_description="", oid="1"
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = latentrt.load("acme/tiny-huginn")
+    info = model.push_to_hub("me/huginn-copy", private=True, revision="dev", commit_message="first")
+    assert info.commit_url == "https://huggingface.co/me/huginn-copy/commit/1"
+    assert calls == [
+        ("create_repo", "me/huginn-copy", {"repo_type": "model", "private": True, "exist_ok": True}),
+        (
+            "upload_folder",
+            "me/huginn-copy",
+            {"repo_type": "model", "revision": "dev", "create_pr": False, "commit_message": "first"},
+        ),
+    ]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "uploaded").iterdir()}
+    ids = torch.tensor([[5, 6, 7]])
+    back = latentrt.load(tmp_path / "uploaded")
+    assert torch.equal(back.logits(ids, num_steps=2, seed=1), model.logits(ids, num_steps=2, seed=1))
+
+
+def test_push_to_hub_errors_say_which_problem(hub_cache, monkeypatch):
+    """Bad arguments before any call; offline mode, a Hub that refuses (here every request a 401) and one that
+    does not answer: a CheckpointError saying so (huggingface_hub's own errors reach these through its API)."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    model = tiny_recurrent()
+    for kw, message in [
+        (dict(repo_id="not an id"), "repo_id must be a Hub model id, owner/name, got 'not an id'"),
+        (dict(repo_id="me/x", private="yes"), "private must be True or False, got 'yes'"),
+        (dict(repo_id="me/x", revision=3), "revision must be a string or None, got 3"),
+    ]:
+        with pytest.raises(InputError, match=re_escape(message)):
+            model.push_to_hub(**kw)
+    with pytest.raises(CheckpointError, match=r"cannot push 'me/x': huggingface_hub is offline \(HF_HUB_OFFLINE=1\)"):
+        model.push_to_hub("me/x")
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(CheckpointError, match=r"pushing to 'me/x' failed: the Hub answered .*401"):
+            model.push_to_hub("me/x", token="hf_fake")
+    finally:
+        server.shutdown()
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(CheckpointError, match=r"pushing to 'me/x' failed: the Hub did not answer"):
+        model.push_to_hub("me/x", token="hf_fake")
 
 
 def _gpt2_base(folder):

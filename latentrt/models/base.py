@@ -149,6 +149,14 @@ class LatentModel(nn.Module):
         files than a checkpoint's is refused unless ``overwrite=True``. Returns the folder."""
         return save_pretrained(self, folder, max_shard_size=max_shard_size, overwrite=overwrite)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """transformers' name: ``save_pretrained``'s folder uploaded as one commit to the Hub model repository
+        ``repo_id`` (created if missing); keywords ``private``, ``token``, ``revision``, ``commit_message``,
+        ``create_pr``, ``max_shard_size`` (latentrt/hub.py). Returns huggingface_hub's ``CommitInfo``."""
+        from ..hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def bind_checkpoint(cls, config, tokenizer, state_dict: dict):
         """(config, tokenizer) completed from what the checkpoint holds (e.g. special-token ids, an embedding
