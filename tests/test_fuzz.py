@@ -107,7 +107,7 @@ def test_a_case_running_past_its_limit_is_a_finding_and_the_run_goes_on(monkeypa
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--checks", "api,nope"], "--checks must name some of api,cli,http,batch"),
+        (["--checks", "api,nope"], "--checks takes api,cli,http,batch"),
         (["--cases", "0"], "--cases must be >= 1"),
         (["--case-seconds", "0"], "--case-seconds must be > 0"),
     ],

@@ -57,7 +57,7 @@ from latentrt.errors import LatentRTError
 from latentrt.options import GenerateOptions
 from latentrt.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
 
-from . import check_budget, soak, warnings_silenced
+from . import case_parser, parsed_checks, soak, warnings_silenced
 
 CHECKS = ("api", "cli", "http", "batch")
 LOAD_KEYWORDS = ["device", "dtype", "weights", "backend", "revision", "hf_overrides", "torch_dtype", "device_map"]
@@ -489,22 +489,13 @@ def where(exc: BaseException) -> str:
 
 @warnings_silenced
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.fuzz", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
-    p.add_argument("--cases", type=int, default=None, help="stop after this many cases instead")
-    p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {','.join(CHECKS)}")
-    p.add_argument("--model", default="builtin:recurrent", help="what latentrt.load takes (default builtin:recurrent)")
+    p = case_parser("python -m tools.fuzz", __doc__, CHECKS)
     p.add_argument("--case-seconds", type=float, default=30.0, help="a case running longer is a finding (30)")
     p.add_argument("--show-accepted", action="store_true", help="list the odd option values a call answered with")
-    p.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
     args = p.parse_args(argv)
-    check_budget(p, args)
+    checks = parsed_checks(p, args, CHECKS)
     if not args.case_seconds > 0:
         p.error(f"--case-seconds must be > 0, got {args.case_seconds}")
-    checks = [c for c in args.checks.split(",") if c]
-    unknown = sorted(set(checks) - set(CHECKS))
-    if unknown or not checks:
-        p.error(f"--checks must name some of {','.join(CHECKS)}, got {args.checks!r}")
     fuzz = Fuzz(args.model, checks)
     start, i = time.monotonic(), 0
     try:

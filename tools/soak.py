@@ -42,7 +42,6 @@ within rounding of its threshold may go one iteration apart, and a token within 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -69,7 +68,7 @@ from latentrt.options import GenerateOptions
 from latentrt.serve.engine import SCHEDULERS, Engine
 from latentrt.token_constraints import NAMES as TOKEN_CONSTRAINTS
 
-from . import check_budget, warnings_silenced, wrapped
+from . import case_parser, parsed_checks, warnings_silenced, wrapped
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
 CHECKS = ("batch", "serve", "offline", "backend", "speculative", "hooks", "score", "http", "burst")
@@ -706,21 +705,12 @@ def same_answer(got: tuple, want: tuple) -> bool:
 
 @warnings_silenced
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
-    p.add_argument("--cases", type=int, default=None, help="stop after this many cases instead")
-    p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of {','.join(CHECKS)}")
-    p.add_argument("--model", default="builtin:recurrent", help="what latentrt.load takes (default builtin:recurrent)")
+    p = case_parser("python -m tools.soak", __doc__, CHECKS)
     p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="the weights' dtype (load's default: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--seed", type=int, default=0, help="the first case's seed (case i: seed + i)")
     args = p.parse_args(argv)
-    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
-    unknown = sorted(set(checks) - set(CHECKS))
-    if unknown or not checks:
-        p.error(f"--checks takes {','.join(CHECKS)}; got {args.checks!r}")
-    check_budget(p, args)
+    checks = parsed_checks(p, args, CHECKS)
     try:
         model = latentrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     except LatentRTError as exc:
