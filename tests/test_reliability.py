@@ -470,6 +470,10 @@ def test_bad_generate_arguments():
         # an int past a float's range is that infinity (math.isfinite and torch raised OverflowError: tools.fuzz)
         (dict(temperature=10**400), "temperature must be a finite number >= 0, got inf"),
         (dict(repetition_penalty=-(10**400)), "repetition_penalty must be a finite number, got -inf"),
+        (
+            dict(adaptive=True, exit_threshold=10**400),
+            "exit_threshold must be a finite number, got inf",
+        ),  # (float | None)
         # bools taken as truthy before (tools.fuzz): strict="abc" was strict, return_logits=1.5 returned logits
         (dict(strict="abc"), "strict must be True or False, got 'abc'"),
         (dict(return_logits=1.5), "return_logits must be True or False, got 1.5"),

@@ -1232,3 +1232,22 @@ def test_an_app_that_is_gone_keeps_no_engine_alive():
     del app, engine, client
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_an_app_run_without_its_lifespan_starts_its_engine_on_the_first_request():
+    """Mounted where no lifespan runs (a sub-application, a test client used without ``with``), the app starts its
+    engine's thread on the first request instead of waiting for ever."""
+    from fastapi.testclient import TestClient
+
+    engine = Engine(tiny_recurrent(), max_batch=1)
+    client = TestClient(create_app(engine, "tiny"))  # (no ``with``: no lifespan)
+    answer = {}
+    asking = threading.Thread(
+        target=lambda: answer.update(r=client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})),
+        daemon=True,
+    )
+    asking.start()
+    asking.join(60)
+    assert not asking.is_alive(), "the request never finished: no engine thread"
+    assert answer["r"].status_code == 200 and answer["r"].json()["usage"]["completion_tokens"] == 2
+    engine.stop()
