@@ -23,6 +23,18 @@ def test_every_check_runs_without_a_finding(model, capsys):
         assert check in outcomes, outcomes
 
 
+def test_the_backend_reaches_every_check(monkeypatch, capsys):
+    """--backend loads the in-process model on it and passes it to every command (a case may draw its own)."""
+    import latentrt.cli
+
+    argvs = []
+    monkeypatch.setattr(latentrt.cli, "main", lambda argv: argvs.append(argv) or 0)
+    assert fuzz.main(["--cases", "4", "--checks", "cli,batch", "--backend", "torch", "--seed", "2"]) == 0
+    assert len(argvs) == 4 and all("--backend" in a for a in argvs)
+    assert all(a[a.index("--backend") + 1] == "torch" for a in argvs if a.count("--backend") == 1)
+    assert fuzz.Fuzz("builtin:recurrent", ["api"], "torch").model.backend.name == "torch"
+
+
 def test_the_draws_mix_valid_requests_with_odd_values():
     model = latentrt.load("builtin:recurrent")
     rng = fuzz.random.Random(0)

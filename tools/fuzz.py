@@ -2,7 +2,7 @@
 which must each answer with a result or a clear error, never an unexpected exception, a 5xx or a hang.
 
     python -m tools.fuzz [--seconds 60 | --cases N] [--checks api,cli,http,batch] [--model builtin:recurrent]
-                         [--case-seconds 30] [--show-accepted] [--seed 0]
+                         [--backend auto] [--case-seconds 30] [--show-accepted] [--seed 0]
 
 The guide's rule (bad input gets a clear error naming the problem, from the API, the CLI and the server) is
 pinned by the tests on chosen inputs; this tool draws the inputs nobody chose. Each case draws, from its own
@@ -53,6 +53,7 @@ from collections import Counter
 from pathlib import Path
 
 import latentrt
+from latentrt.backends import CHOICES
 from latentrt.errors import LatentRTError
 from latentrt.options import GenerateOptions
 from latentrt.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
@@ -222,10 +223,11 @@ def shown(value) -> str:
 class Fuzz:
     """The checks' state: the model, the server's client, and the findings so far."""
 
-    def __init__(self, model_name: str, checks: list[str]) -> None:
+    def __init__(self, model_name: str, checks: list[str], backend: str = "auto") -> None:
         # (a folder's path made absolute: the commands run in the cases' folder)
         self.model_name = str(Path(model_name).resolve()) if Path(model_name).exists() else model_name
-        self.model = latentrt.load(model_name)
+        self.backend = backend  # (the commands' too, unless a case draws its own --backend)
+        self.model = latentrt.load(model_name, backend=backend)
         self.options = sorted(f.name for f in GenerateOptions.__dataclass_fields__.values())
         self.findings: list[str] = []
         self.counts = {c: 0 for c in checks}
@@ -372,6 +374,8 @@ class Fuzz:
                 ]
         if command in ("generate", "chat") and "--max-new-tokens" not in argv:
             argv += ["--max-new-tokens", "3"]
+        if "--backend" not in argv:
+            argv += ["--backend", self.backend]
         self.current = "latentrt " + " ".join(map(shown, argv))
         self.command("cli", seed, argv, stdin=rng.choice(["Alex is a wumpus.", "", "\n\n"]))
 
@@ -439,7 +443,8 @@ class Fuzz:
         source, target = self.tmp / f"batch-{seed}.jsonl", self.tmp / f"batch-{seed}.out.jsonl"
         source.write_text("\n".join(lines) + "\n", encoding="utf-8")
         self.current = f"run-batch of {shown(lines)}"
-        self.command("batch", seed, ["run-batch", self.model_name, "-i", str(source), "-o", str(target)])
+        argv = ["run-batch", self.model_name, "-i", str(source), "-o", str(target), "--backend", self.backend]
+        self.command("batch", seed, argv)
 
 
 RECORD = {
@@ -490,13 +495,14 @@ def where(exc: BaseException) -> str:
 @warnings_silenced
 def main(argv: list[str] | None = None) -> int:
     p = case_parser("python -m tools.fuzz", __doc__, CHECKS)
+    p.add_argument("--backend", default="auto", choices=CHOICES, help="the model's backend, in every check")
     p.add_argument("--case-seconds", type=float, default=30.0, help="a case running longer is a finding (30)")
     p.add_argument("--show-accepted", action="store_true", help="list the odd option values a call answered with")
     args = p.parse_args(argv)
     checks = parsed_checks(p, args, CHECKS)
     if not args.case_seconds > 0:
         p.error(f"--case-seconds must be > 0, got {args.case_seconds}")
-    fuzz = Fuzz(args.model, checks)
+    fuzz = Fuzz(args.model, checks, args.backend)
     start, i = time.monotonic(), 0
     try:
         while (args.cases is None and time.monotonic() - start < args.seconds) or (
