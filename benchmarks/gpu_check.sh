@@ -13,7 +13,7 @@
 #   torch backend) -> compute-sanitizer memcheck and
 #   racecheck on the small run. A follow-up run can narrow the stages (defaults: everything):
 #     GPU_TESTS='tests/test_cuda_ext.py -k ring'  GPU_BENCH=linear_configs,decode_tuned  GPU_SANITIZE=racecheck
-#     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve,train (opt-in stages, below)
+#     GPU_CHECK_BUDGET=seconds (470)   GPU_EXTRA=samplers,serve,train,fuzz (opt-in stages, below)
 #     GPU_TESTS=none / GPU_BENCH=none / GPU_SANITIZE=none skip those stages; GPU_PROBE=0 the probe,
 #     GPU_BUILD=0 the build (default auto: none where a carried extension matches csrc/, below). Set
 #     GPU_CHECK_BUDGET about 30 s under the call's timeout: the later stages size themselves by it
@@ -283,6 +283,15 @@ case ",${GPU_EXTRA:-}," in *,serve,*)
     >"$LOGS/serve_coconut.log" 2>&1
   echo "serve (coconut) exit $?" | tee -a "$LOG"
   tail -8 "$LOGS/serve_coconut.log" | tee -a "$LOG" ;;
+esac
+
+case ",${GPU_EXTRA:-}," in *,fuzz,*)
+  # bad input through the GPU's backend (auto: the fast path where it runs): every answer a result or a clear
+  # error, never a CUDA failure or a 5xx (tools.fuzz; CPU runs found nothing since its fixes, 2026-12-07)
+  stamp "bad input on the GPU: tools.fuzz, auto backend"
+  timeout "$(within 90)" python3 -m tools.fuzz --seconds 60 --checks api,http --case-seconds 30 >"$LOGS/fuzz.log" 2>&1
+  echo "fuzz exit $?" | tee -a "$LOG"
+  grep -E "^FINDING|cases in" -A1 "$LOGS/fuzz.log" | head -12 | tee -a "$LOG" ;;
 esac
 
 case ",${GPU_EXTRA:-}," in *,train,*)
