@@ -63,6 +63,8 @@ class StreamEvent:
     tokens: int | list  # int for a single prompt; list with None for finished sequences otherwise
     steps: int | list
     text: str | list | None  # decoded text of this token
+    # with logprobs=k: this token's TokenLogprob (latentrt/logprobs.py; a list, None for finished sequences)
+    logprobs: object = None
 
 
 class GenerationStream:
@@ -243,10 +245,11 @@ class Generation:
             self._raise_if_nonfinite(flags_l, i)
             decoder.record(used_l, alive_l)
             kept = [a and (decoder.keep_stop_token or not st) for a, st in zip(alive_l, stop_l)]
-            if opts.logprobs is not None:  # (read at the end, all at once)
+            if opts.logprobs is not None:  # (read at the end, all at once; a stream reads each token's with it)
                 rows = logits_l if proposals is None else torch.stack(logits_l)
                 chosen = tok if proposals is None else torch.tensor(tok_l, device=rows.device)
-                scored.append((logprob_rows(rows, chosen, opts.logprobs, self.model.config.vocab_size), tok_l, kept))
+                rows = logprob_rows(rows, chosen, opts.logprobs, self.model.config.vocab_size)
+                scored.append((rows.tolist() if stream else rows, tok_l, kept))
             for b in range(B):
                 if kept[b]:
                     tokens[b].append(tok_l[b])
@@ -259,7 +262,11 @@ class Generation:
             if self.stop_strings and any(kept):
                 stopped = torch.tensor(stop_l, dtype=torch.bool, device=alive.device)
             ending = [a and (st or i + 1 == opts.max_new_tokens) for a, st in zip(alive_l, stop_l)]
-            yield self._event(i, tok_l, used_l, kept, tokens, ending) if stream else None
+            yield (
+                self._event(i, tok_l, used_l, kept, tokens, ending, scored[-1][0] if scored else None)
+                if stream
+                else None
+            )
             for b in range(B):
                 if stop_l[b]:
                     reasons[b] = "stop"
@@ -280,10 +287,14 @@ class Generation:
         return self._result(tokens, steps, reasons, cache.used_bytes(), logits_out, self._logprobs(scored, B))
 
     def _logprobs(self, scored: list, batch: int) -> list | None:
-        """Per sequence, a TokenLogprob per kept token (``logprobs=k``), from the rows kept on the device."""
+        """Per sequence, a TokenLogprob per kept token (``logprobs=k``), from the rows kept on the device (a
+        stream's: read already, one token's at a time)."""
         if self.options.logprobs is None:
             return None
-        host = torch.stack([rows for rows, _, _ in scored]).tolist() if scored else []
+        if scored and isinstance(scored[0][0], list):
+            host = [rows for rows, _, _ in scored]
+        else:
+            host = torch.stack([rows for rows, _, _ in scored]).tolist() if scored else []
         return [
             [
                 TokenLogprob(tok_l[b], *read_logprob_row(host[i][b], self.options.logprobs))
@@ -393,13 +404,21 @@ class Generation:
         tok = self.model.tokenizer
         return None if tok is None else tok.decode(ids, skip_special_tokens=self.options.skip_special_tokens)
 
-    def _event(self, i: int, tok: list[int], used: list[int], kept: list[bool], tokens, ending) -> StreamEvent:
+    def _event(
+        self, i: int, tok: list[int], used: list[int], kept: list[bool], tokens, ending, rows=None
+    ) -> StreamEvent:
         """The new token of each sequence, with the text it adds (latentrt/sequence_text.py): a character
         that spans tokens comes out whole, and an end that may begin a stop string is held back until the
         next tokens decide; a sequence that ends shows all it held back, so the pieces add up to its text
-        (with a stop token that is not kept, as a text without a token)."""
+        (with a stop token that is not kept, as a text without a token); with ``logprobs=k`` (``rows``: this
+        position's rows, read), each kept token's TokenLogprob, the one the result will hold."""
         toks = [t if a else None for t, a in zip(tok, kept)]
         st = [u if a else None for u, a in zip(used, kept)]
+        k = self.options.logprobs
+        lps = [
+            None if rows is None or t is None else TokenLogprob(t, *read_logprob_row(rows[b], k))
+            for b, t in enumerate(toks)
+        ]
         texts = []
         for b, t in enumerate(toks):
             if self.texts is None or (t is None and not ending[b]):
@@ -408,8 +427,8 @@ class Generation:
             piece = self.texts[b].end(tokens[b]) if ending[b] else self.texts[b].show()
             texts.append(piece if t is not None or piece else None)
         if self.batch.single:
-            return StreamEvent(i, toks[0], st[0], texts[0])
-        return StreamEvent(i, toks, st, texts)
+            return StreamEvent(i, toks[0], st[0], texts[0], lps[0])
+        return StreamEvent(i, toks, st, texts, lps if rows is not None else None)
 
     def _result(self, tokens, steps, reasons, kv_bytes: int, logits, logprobs=None) -> GenerationResult:
         texts = [None] * len(tokens) if self.texts is None else [x.finish(t) for x, t in zip(self.texts, tokens)]

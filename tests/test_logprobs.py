@@ -78,6 +78,39 @@ def test_speculative_decodings_log_probs_are_sequential_decodings():
 
 
 @pytest.mark.parametrize("family", ["recurrent", "coconut"])
+def test_a_stream_gives_each_tokens_log_prob_as_it_comes(family):
+    """vLLM streams each token's log-probs with it: each event of a stream carries its tokens' TokenLogprob, the
+    very ones the result holds (None for a sequence that ended, and no log-probs without ``logprobs``); the
+    stream's result equals the same call not streamed."""
+    model, det = make(family)
+    kw = dict(det, max_new_tokens=8, default_stops=False, logprobs=2, temperature=0.8, seed=4)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    stop = latentrt.generate(model, prompts, **kw).tokens[1][1]
+    stream = latentrt.generate(model, prompts, **kw, stop=[stop], stream=True)
+    events = list(stream)
+    result = stream.result
+    assert result.logprobs == latentrt.generate(model, prompts, **kw, stop=[stop]).logprobs
+    assert len(result.tokens[1]) < len(result.tokens[0])  # (the second sequence stops first)
+    for b in range(2):
+        mine = [e.logprobs[b] for e in events if e.tokens[b] is not None]
+        assert mine == result.logprobs[b] and [lp.token for lp in mine] == result.tokens[b]
+        assert all(e.logprobs[b] is None for e in events if e.tokens[b] is None)
+    one = latentrt.generate(model, prompts[0], **kw, stream=True)
+    assert [e.logprobs for e in one] == one.result.logprobs
+    spec = (
+        latentrt.generate(
+            model, [5, 6, 7], **dict(kw, temperature=0.0, logprobs=1), decoding="speculative", stream=True
+        )
+        if family == "recurrent"
+        else None
+    )
+    if spec is not None:  # (a sampler's tokens: their rows are stacked host values)
+        assert [e.logprobs for e in spec] == spec.result.logprobs
+    plain = latentrt.generate(model, prompts[0], **dict(kw, logprobs=None), stream=True)
+    assert all(e.logprobs is None for e in plain)
+
+
+@pytest.mark.parametrize("family", ["recurrent", "coconut"])
 def test_the_engines_log_probs_equal_generate_alones(family):
     model, det = make(family)
     kw = dict(det, max_new_tokens=6, default_stops=False, logprobs=2)
