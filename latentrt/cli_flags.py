@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 from .backends import CHOICES
 from .checkpoint import builtin_names
@@ -47,6 +48,10 @@ GENERATE_FLAGS = {
     "allowed_token_ids": "allowed_token_ids",
     "bad_words": "bad_words",
     "guided_choice": "guided_choice",
+    "guided_json": "guided_json",
+    "guided_regex": "guided_regex",
+    "guided_grammar": "guided_grammar",
+    "disable_any_whitespace": "disable_any_whitespace",
     "dry_multiplier": "dry_multiplier",
     "dry_base": "dry_base",
     "dry_allowed_length": "dry_allowed_length",
@@ -346,6 +351,27 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         help="the text is one of these, then a stop token (vLLM's guided_choice)",
     )
     p.add_argument(
+        "--guided-json",
+        default=UNSET,
+        metavar="SCHEMA",
+        help="the text follows this JSON schema (JSON text, or @FILE), then a stop token (vLLM's guided_json)",
+    )
+    p.add_argument(
+        "--guided-regex", default=UNSET, metavar="REGEX", help="the text matches this regex (vLLM's guided_regex)"
+    )
+    p.add_argument(
+        "--guided-grammar",
+        default=UNSET,
+        metavar="GRAMMAR",
+        help="the text follows this Lark or GBNF grammar (text, or @FILE; vLLM's guided_grammar)",
+    )
+    p.add_argument(
+        "--disable-any-whitespace",
+        action="store_true",
+        default=UNSET,
+        help="--guided-json's JSON has no whitespace between its items (vLLM's disable_any_whitespace)",
+    )
+    p.add_argument(
         "--dry-multiplier", type=float, default=UNSET, help="the published sampler's DRY penalty (0: none; README)"
     )
     p.add_argument("--dry-base", type=float, default=UNSET, help="DRY's growth per token of a repeat (1.75)")
@@ -414,7 +440,18 @@ def generate_options(args: argparse.Namespace) -> dict:
         opts["decoding_options"] = dict(_key_value(item, "--decoding-option") for item in opts["decoding_options"])
     if "logit_bias" in opts:
         opts["logit_bias"] = dict(_token_bias(item) for item in opts["logit_bias"])
+    for name in ("guided_json", "guided_grammar"):
+        if isinstance(opts.get(name), str) and opts[name].startswith("@"):
+            opts[name] = _file_text(opts[name][1:], "--" + name.replace("_", "-"))
     return opts
+
+
+def _file_text(path: str, flag: str) -> str:
+    """The text of ``@FILE`` given to ``flag``."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{flag} @{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _token_bias(item: str) -> tuple[int, float]:

@@ -62,6 +62,10 @@ class GenerateOptions:
     allowed_token_ids: Any = None  # vLLM's: only these token ids are chosen (latentrt/token_constraints.py)
     bad_words: Any = None  # vLLM's: words never generated
     guided_choice: Any = None  # vLLM's: the text is one of these strings (latentrt/choices.py)
+    guided_json: Any = None  # vLLM's: the text follows this JSON schema (latentrt/structured.py)
+    guided_regex: Any = None  # vLLM's: the text matches this regular expression
+    guided_grammar: Any = None  # vLLM's: the text follows this Lark or GBNF grammar
+    disable_any_whitespace: bool = False  # vLLM's: guided_json's JSON without whitespace between its items
     logits_processors: Any = None  # transformers' LogitsProcessor callables, (input_ids, scores) -> scores
     dry_multiplier: float = 0.0  # the published sampler's DRY penalty (latentrt/dry.py); 0: none
     dry_base: float = 1.75
@@ -130,7 +134,10 @@ class GenerateOptions:
         check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
         if self.logprobs is not None:
             check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
-        check_constraints(self.allowed_token_ids, self.bad_words, self.guided_choice, self.logits_processors)
+        check_constraints(
+            self.allowed_token_ids, self.bad_words, self.guided_choice, self.logits_processors, self.guided_json,
+            self.guided_regex, self.guided_grammar,
+        )  # fmt: skip
         check_dry(self.dry_multiplier, self.dry_base, self.dry_allowed_length, self.repetition_penalty)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
@@ -143,6 +150,7 @@ class GenerateOptions:
             "published_top_p",
             "strict",
             "return_logits",
+            "disable_any_whitespace",
         ):
             check_bool(name, getattr(self, name))
 
@@ -183,6 +191,7 @@ ACT_ONLY_WHEN = (
     (("top_k", "top_p", "min_p"), lambda o: o.temperature == 0, "when sampling (temperature > 0); with temperature=0"),
     (("dry_base", "dry_allowed_length"), lambda o: not o.dry_multiplier, "with DRY (dry_multiplier > 0); without it"),
     (("published_top_p",), lambda o: not o.temperature or o.top_p in (None, 1), "with top_p < 1 when sampling; here"),
+    (("disable_any_whitespace",), lambda o: o.guided_json is None, "with guided_json; without it"),
 )
 NEUTRAL = {"top_p": 1, "top_k": 0}
 

@@ -9,15 +9,17 @@ custom processors after its own.
   tokens). A word of one token is never chosen; for a longer one, the token that would complete it after
   the sequence's last generated tokens is not (vLLM's rule: the generated tokens only, not the prompt).
 - ``guided_choice``: a list of strings; the tokens follow one of them, then a stop token (latentrt/choices.py).
+- ``guided_json``, ``guided_regex``, ``guided_grammar``: the text follows a JSON schema, a regular expression or
+  a grammar, then a stop token (latentrt/structured.py).
 - ``logits_processors``: callables with transformers' ``LogitsProcessor`` signature,
   ``processor(input_ids, scores) -> scores``, called in order for each running sequence on its own:
   ``input_ids`` [1, L] its prompt and the tokens generated so far, ``scores`` [1, W] float32 (the head's
   width; columns past the vocabulary are -inf and stay so). transformers' own processors work as they are.
 
-The allowed set and the bad words run on the logits' device without reading it (the recent tokens the
-longer words are matched against are kept there); choices and processors are Python, so their sequences'
-tokens are read when they are applied. A sequence left with no token to choose (every one excluded, or a processor's
-NaN) is flagged on the device (``empty``) and read with the token: generate() raises, it never picks one.
+The allowed set and the bad words run on the logits' device without reading it (the recent tokens the longer words
+are matched against are kept there); choices, grammars and processors run on the host, so their sequences' tokens
+are read when they are applied. A sequence left with no token to choose (every one excluded, or a processor's NaN)
+is flagged on the device (``empty``) and read with the token: generate() raises, it never picks one.
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ from torch import Tensor
 from .choices import ChoiceTrie, check_choices
 from .errors import InputError, check_unicode
 from .prompts import unknown_words
+from .structured import NAMES as GRAMMARS
+from .structured import GrammarState, check_structured, compile_grammar
+from .structured import active as grammar_active
 
-NAMES = ("allowed_token_ids", "bad_words", "guided_choice", "logits_processors")
+NAMES = ("allowed_token_ids", "bad_words", "guided_choice", *GRAMMARS, "logits_processors")
 NO_TOKEN_LEFT = 4  # the flag bit (beside 1: latent state, 2: logits) of a sequence with nothing to choose
 
 
-def check_constraints(allowed_token_ids, bad_words, guided_choice, logits_processors) -> None:
+def check_constraints(
+    allowed_token_ids, bad_words, guided_choice, logits_processors, guided_json=None, guided_regex=None,
+    guided_grammar=None,
+) -> None:  # fmt: skip
     """The options' types (the ids against the vocabulary, and the words against the tokenizer, are checked by
     ``TokenConstraints.build``, which generate() calls before the prompt)."""
     if allowed_token_ids is not None:
@@ -52,6 +60,7 @@ def check_constraints(allowed_token_ids, bad_words, guided_choice, logits_proces
                 raise InputError(f"bad_words[{i}] must be a string with a word in it, got {w!r}")
             check_unicode(f"bad_words[{i}]", w)
     check_choices(guided_choice)
+    check_structured(guided_json, guided_regex, guided_grammar, guided_choice)
     if logits_processors is not None:
         items = [logits_processors] if callable(logits_processors) else logits_processors
         if not isinstance(items, (list, tuple)) or not all(callable(p) for p in items):
@@ -98,8 +107,8 @@ class TokenConstraints:
     each sequence holds."""
 
     def __init__(
-        self, options, words: list[list[int]], choices: ChoiceTrie | None, ids: Tensor, mask: Tensor, vocab: int,
-        stop_ids: Sequence[int],
+        self, options, words: list[list[int]], choices: ChoiceTrie | None, grammar, ids: Tensor, mask: Tensor,
+        vocab: int, stop_ids: Sequence[int],
     ) -> None:  # fmt: skip
         device, batch = ids.device, ids.shape[0]
         self.vocab = vocab
@@ -123,9 +132,11 @@ class TokenConstraints:
             self.recent = torch.full((batch, held), -1, dtype=torch.long, device=device)  # -1: no token yet
         self.processors = processors_of(options)
         self.choices = choices
+        self.grammar = None if grammar is None else GrammarState(grammar, batch)
         self.stop_ids = sorted(stop_ids)
         real = mask.bool().cpu()
-        on_host = self.processors or self.choices is not None  # (what needs each sequence's tokens on the host)
+        # (what needs each sequence's tokens on the host)
+        on_host = self.processors or self.choices is not None or self.grammar is not None
         self.history = [row[keep].tolist() for row, keep in zip(ids.cpu(), real)] if on_host else []
         self.prompt_lengths = [len(h) for h in self.history]
         self.pending: list[Tensor] = []  # tokens recorded, not read yet (host history only)
@@ -142,8 +153,9 @@ class TokenConstraints:
             return None
         words = bad_word_ids(tokenizer, options.bad_words) if options.bad_words else []
         choices = ChoiceTrie(tokenizer, options.guided_choice) if options.guided_choice else None
+        grammar = compile_grammar(options, tokenizer, vocab, stop_ids) if grammar_active(options) else None
         cls._check(options, words, vocab, set(stop_ids))
-        return lambda ids, mask: cls(options, words, choices, ids, mask, vocab, stop_ids)
+        return lambda ids, mask: cls(options, words, choices, grammar, ids, mask, vocab, stop_ids)
 
     @staticmethod
     def _check(options, words: list[list[int]], vocab: int, stop_ids: set[int]) -> None:
@@ -177,6 +189,8 @@ class TokenConstraints:
             self._read_pending()
         if self.choices is not None:
             x = self._choose(x)
+        if self.grammar is not None:
+            x = self._follow_grammar(x, rows)
         if self.processors:
             x = self._process(x, rows)
         vocab = x[:, : self.vocab]
@@ -200,6 +214,15 @@ class TokenConstraints:
             keep = torch.tensor(nxt + (self.stop_ids if whole else []), dtype=torch.long, device=x.device)
             out[b, keep] = x[b, keep]
         return out
+
+    def _follow_grammar(self, x: Tensor, rows: list[bool] | None) -> Tensor:
+        """Each running row's scores where its grammar allows the token; -inf elsewhere (a row that stopped is
+        asked nothing: it gets none)."""
+        allowed = torch.zeros(x.shape, dtype=torch.bool, device="cpu")  # (filled on the host, moved once)
+        for b in range(len(x)):
+            if rows is None or rows[b]:
+                allowed[b, : self.vocab] = self.grammar.allowed(b, self.history[b][self.prompt_lengths[b] :])
+        return x.masked_fill(~allowed.to(x.device), float("-inf"))
 
     def _process(self, x: Tensor, rows: list[bool] | None) -> Tensor:
         out = []

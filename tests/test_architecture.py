@@ -28,6 +28,7 @@ LAYERS = [
         "dry",
         "penalties",
         "choices",
+        "structured",
         "token_constraints",
         "logprobs",
         "stop_strings",

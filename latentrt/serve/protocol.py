@@ -1,18 +1,19 @@
 """The OpenAI completions and chat protocol: request bodies -> generate() options, results -> responses.
 
-No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI
-feature latentrt does not implement (``suffix``, tools, ``response_format``) set to anything but its neutral
-value, is an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so the
-messages are the Python API's. Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with
-``top_logprobs: k``) are the model's distribution's (log-softmax of the logits, before temperature and
-top-k/p), each token's and the k most likely tokens' (serve/engine.py); completions' ``echo`` repeats the
-prompt, and with ``logprobs`` scores its tokens too (recurrent depth: one forward at ``num_steps``).
-latentrt's options are extra body fields with their generate() names (``num_steps``, ``adaptive``,
-``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...), and vLLM's extra fields where
-latentrt has the option (``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``repetition_penalty``,
-``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``, ``bad_words``,
-``guided_choice`` or ``structured_outputs: {"choice": [...]}``...). ``n`` > 1 or a list of prompts run as
-separate requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
+No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI feature
+latentrt does not implement (``suffix``, tools) set to anything but its neutral value, is an InputError naming it
+(HTTP 400); option values are checked by generate()'s own validation, so the messages are the Python API's.
+Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with ``top_logprobs: k``) are the model's
+distribution's (log-softmax of the logits, before temperature and top-k/p), each token's and the k most likely
+tokens' (serve/engine.py); completions' ``echo`` repeats the prompt, and with ``logprobs`` scores its tokens too
+(recurrent depth: one forward at ``num_steps``). latentrt's options are extra body fields with their generate()
+names (``num_steps``, ``adaptive``, ``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...),
+and vLLM's extra fields where latentrt has the option (``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+``repetition_penalty``, ``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``,
+``bad_words``, ``guided_choice``, ``guided_json``, ``guided_regex``, ``guided_grammar`` or the same as
+``structured_outputs: {"choice": [...]}`` and its ``json``, ``regex``, ``grammar``, ``json_object``; OpenAI's
+``response_format`` JSON modes are ``guided_json``). ``n`` > 1 or a list of prompts run as separate requests; with a
+``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
 """
 
 from __future__ import annotations
@@ -45,19 +46,20 @@ LATENT_FIELDS = tuple(sorted(set().union(*(f.decoder.OPTIONS for f in FAMILIES.v
     "allowed_token_ids",
     "bad_words",
     "guided_choice",
+    "guided_json",
+    "guided_regex",
+    "guided_grammar",
+    "disable_any_whitespace",
 )
 # OpenAI fields latentrt does not implement, with the only value(s) it accepts
 NEUTRAL = {
     "suffix": (None,),
     "tools": (None, []),
     "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),  # vLLM's other structured outputs (guided_choice is taken)
-    "guided_regex": (None,),
-    "guided_grammar": (None,),
 }
 COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user", "max_tokens"} | {
-    "structured_outputs",  # vLLM's: {"choice": [...]} is guided_choice
+    "structured_outputs",  # vLLM's: {"choice": [...]} is guided_choice, {"json": ...} guided_json...
+    "response_format",  # OpenAI's: its JSON modes are guided_json
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
@@ -150,13 +152,7 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
         if len(stops) > MAX_STOP_STRINGS:
             raise InputError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
         opts["stop"] = stops
-    structured = body.get("structured_outputs")
-    if structured is not None:
-        if not isinstance(structured, dict) or set(structured) != {"choice"}:
-            raise InputError(f'structured_outputs takes {{"choice": [...]}} only (latentrt), got {structured!r:.200}')
-        if body.get("guided_choice") is not None:
-            raise InputError("give guided_choice or structured_outputs' choice, not both")
-        opts["guided_choice"] = structured["choice"]
+    opts.update(_structured(body))
     for name in ("bad_words", "guided_choice"):
         if isinstance(opts.get(name), list) and len(opts[name]) > MAX_STOP_STRINGS:
             raise InputError(f"{name} takes at most {MAX_STOP_STRINGS} strings, got {len(opts[name])}")
@@ -176,6 +172,63 @@ def _options(body: dict, max_tokens) -> tuple[dict, int]:
         n = 1
     check_int("n", n, 1, MAX_CHOICES)
     return opts, n
+
+
+# vLLM's ``structured_outputs`` keys -> generate()'s options (``json_object: true`` is any JSON object)
+STRUCTURED = {"choice": "guided_choice", "json": "guided_json", "regex": "guided_regex", "grammar": "guided_grammar"}
+ANY_OBJECT = {"type": "object"}
+
+
+def _structured(body: dict) -> dict:
+    """The guided option ``structured_outputs`` (vLLM's) or ``response_format`` (OpenAI's JSON modes) sets, as
+    generate()'s keyword; {} when neither does. Given with another guided field, either is an error (vLLM's rule:
+    one kind of guided decoding)."""
+    found, options = [], {}
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        keys = {*STRUCTURED, "json_object", "disable_any_whitespace"}
+        if not isinstance(structured, dict) or not set(structured) <= keys:
+            raise InputError(f"structured_outputs takes one of {sorted(keys)} (latentrt), got {structured!r:.200}")
+        for key, value in structured.items():
+            if key == "json_object":
+                if value not in (None, True, False):
+                    raise InputError(f"structured_outputs' json_object must be true or false, got {value!r:.200}")
+                if value:
+                    found.append(("structured_outputs' json_object", "guided_json", ANY_OBJECT))
+            elif key == "disable_any_whitespace":  # (generate()'s option of that name: a bool, checked there)
+                if body.get(key) is not None:
+                    raise InputError("give disable_any_whitespace or structured_outputs' disable_any_whitespace")
+                options[key] = value
+            elif value is not None:
+                found.append((f"structured_outputs' {key}", STRUCTURED[key], value))
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        found.append(("response_format", "guided_json", _response_format(fmt)))
+    if len(found) > 1 or (found and any(body.get(n) is not None for n in STRUCTURED.values())):
+        given = [f[0] for f in found] + [n for n in STRUCTURED.values() if body.get(n) is not None]
+        raise InputError(f"give one kind of structured output, not {len(given)} ({', '.join(given)})")
+    return {**options, **{name: value for _, name, value in found}}
+
+
+def _response_format(fmt) -> dict | str:
+    """OpenAI's ``response_format``: ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}}}`` (without a schema: any JSON value) -> ``guided_json``."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object" and set(fmt) == {"type"}:
+        return ANY_OBJECT
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"}:
+        spec = fmt["json_schema"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise InputError(f"response_format's json_schema must be an object with a name, got {spec!r:.200}")
+        unknown = sorted(set(spec) - {"name", "description", "schema", "strict"})
+        if unknown:
+            raise InputError(f"unknown field(s) {unknown} in response_format's json_schema")
+        schema = spec.get("schema")
+        return {} if schema is None else schema
+    raise InputError(
+        'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+        f'"json_schema": {{"name": ..., "schema": {{...}}}}}}, got {fmt!r:.200}'
+    )
 
 
 def _logit_bias(bias) -> dict:

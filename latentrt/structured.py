@@ -1,0 +1,192 @@
+"""vLLM's structured outputs ``guided_json``, ``guided_regex`` and ``guided_grammar``: the new text follows a JSON
+schema, a regular expression or a context-free grammar (Lark, or llama.cpp's GBNF), then a stop token.
+
+The grammar engine is llguidance (what vLLM's ``guidance`` backend, llama.cpp and SGLang run; the optional
+``structured`` extra). It compiles the grammar against the tokenizer's vocabulary and gives, after a sequence's
+tokens so far, the tokens that keep its text a prefix of a string of the grammar, and the stop tokens once the text
+is a whole string of it; where the grammar leaves one way on (bytes it forces), only the tokenizer's own tokens for
+them (llguidance's fast-forward, as in vLLM). After a whole string nothing may extend, only a stop token is left.
+The JSON grammar allows whitespace between items, as vLLM's does by default (``disable_any_whitespace=True``: none,
+vLLM's option). llguidance reads the tokenizers of GPT-2 and Huginn (byte-level BPE) and SentencePiece-style ones;
+a word-level tokenizer (the built-in models') is an error naming it. latentrt/token_constraints.py applies each
+sequence's allowed set with the other constraints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import InputError, check_unicode
+
+NAMES = ("guided_json", "guided_regex", "guided_grammar")
+GUIDED = ("guided_choice", *NAMES)  # at most one of these (vLLM's rule)
+MAX_GRAMMAR_CHARS = 1_000_000  # a schema, regex or grammar this long is a mistake, not a request worth compiling
+INSTALL = "pip install 'latentrt[structured]'"
+
+
+def check_structured(guided_json, guided_regex, guided_grammar, guided_choice=None) -> None:
+    """The options' types, and that at most one guided option is set (the grammar itself is checked against
+    the tokenizer by ``compile_grammar``)."""
+    given = [n for n, v in zip(GUIDED, (guided_choice, guided_json, guided_regex, guided_grammar)) if v is not None]
+    if len(given) > 1:
+        raise InputError(f"give one of {', '.join(GUIDED)}, not {len(given)} ({', '.join(given)})")
+    if guided_json is not None:
+        schema_text(guided_json)
+    for name, value in (("guided_regex", guided_regex), ("guided_grammar", guided_grammar)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{name} must be a non-empty string, got {value!r:.200}")
+        check_unicode(name, value)
+        if len(value) > MAX_GRAMMAR_CHARS:
+            raise InputError(f"{name} is {len(value):,} characters; at most {MAX_GRAMMAR_CHARS:,}")
+
+
+def schema_text(schema) -> str:
+    """A JSON schema as JSON text: a dict, the text of a JSON object, or a pydantic model class (its
+    ``model_json_schema()``, as vLLM's ``guided_json`` takes one)."""
+    if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
+        schema = schema.model_json_schema()
+    if isinstance(schema, str):
+        check_unicode("guided_json", schema)
+        try:
+            parsed = json.loads(schema)
+        except ValueError as exc:
+            raise InputError(f"guided_json is not JSON text ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise InputError(f"guided_json must be a JSON schema (an object), got {schema!r:.200}")
+        text = schema
+    elif isinstance(schema, dict):
+        try:
+            text = json.dumps(schema, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"guided_json must be a JSON schema of JSON values ({exc})") from None
+    else:
+        raise InputError(f"guided_json must be a JSON schema: a dict or its JSON text, got {schema!r:.200}")
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise InputError(f"guided_json is {len(text):,} characters of JSON; at most {MAX_GRAMMAR_CHARS:,}")
+    return text
+
+
+def active(options) -> bool:
+    return any(getattr(options, n) is not None for n in NAMES)
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise InputError(f"guided_json, guided_regex and guided_grammar need llguidance: {INSTALL}") from None
+    return llguidance
+
+
+def _grammar(options) -> tuple[str, str]:
+    """(the option's name, its llguidance grammar)."""
+    llg = _llguidance()
+    if options.guided_json is not None:
+        return "guided_json", llg.LLMatcher.grammar_from_json_schema(
+            schema_text(options.guided_json), defaults={"whitespace_flexible": not options.disable_any_whitespace}
+        )
+    if options.guided_regex is not None:
+        return "guided_regex", llg.LLMatcher.grammar_from_regex(options.guided_regex)
+    try:  # (GBNF is converted to Lark; Lark is taken as it is)
+        return "guided_grammar", llg.grammar_from("grammar", options.guided_grammar)
+    except ValueError as exc:
+        raise InputError(f"guided_grammar is neither Lark nor GBNF: {exc}") from None
+
+
+# one llguidance tokenizer per (tokenizer, vocabulary size, stop tokens): building one reads the whole vocabulary
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _ll_tokenizer(tokenizer, vocab: int, stop_ids: Sequence[int]):
+    key = (vocab, tuple(stop_ids))
+    held = _TOKENIZERS.setdefault(tokenizer, {})
+    if key not in held:
+        size = tokenizer.get_vocab_size()
+        if size > vocab:
+            raise InputError(
+                f"structured outputs need every token of the tokenizer in the model's vocabulary: the tokenizer has "
+                f"{size}, the model {vocab}"
+            )
+        try:
+            held[key] = _llguidance().LLTokenizer(tokenizer.to_str(), n_vocab=vocab, eos_token=list(stop_ids))
+        except ValueError as exc:  # (a decoder llguidance does not read; more tokens than the model's vocabulary)
+            raise InputError(
+                f"structured outputs need a tokenizer llguidance reads (byte-level BPE as GPT-2's and Huginn's, "
+                f"or SentencePiece); this model's: {exc}"
+            ) from None
+    return held[key]
+
+
+@dataclass
+class Grammar:
+    """A call's compiled grammar: ``matcher()`` gives a sequence its own state in it."""
+
+    name: str  # the option that set it
+    tokenizer: object  # llguidance.LLTokenizer
+    grammar: str
+    vocab: int
+
+    def matcher(self):
+        return _llguidance().LLMatcher(self.tokenizer, self.grammar, log_level=0)
+
+
+def compile_grammar(options, tokenizer, vocab: int, stop_ids: Sequence[int]) -> Grammar:
+    """The call's grammar, checked against the tokenizer before any work: an invalid schema, regex or grammar,
+    no tokenizer, no stop token to end the text, are InputErrors."""
+    if tokenizer is None:
+        raise InputError("structured outputs need a tokenizer (this model has none); use allowed_token_ids")
+    name, grammar = _grammar(options)
+    if not stop_ids:
+        why = "the model names no end-of-text token" if options.default_stops else "default_stops=False"
+        raise InputError(f"{name} must end with a stop token and there is none ({why}): give stop=[id]")
+    ll = _ll_tokenizer(tokenizer, vocab, stop_ids)
+    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, ll)
+    if failed:
+        raise InputError(f"{name} must be a valid {_WHAT[name]}: {_one_line(messages[0], name)}")
+    return Grammar(name, ll, grammar, vocab)
+
+
+def _one_line(message: str, name: str) -> str:
+    """llguidance's error on one line: its excerpt of the grammar it compiled dropped (``   1 | start: /.../``,
+    and for a regex or schema the position in that grammar, which is not the caller's text)."""
+    lines = []
+    for line in message.splitlines():
+        if re.match(r"\s*\d+ \| ", line):
+            break
+        lines.append(line.strip())
+    text = " ".join(x for x in lines if x)
+    return re.sub(r"^at \d+\(\d+\): ", "", text) if name != "guided_grammar" else text
+
+
+_WHAT = {"guided_json": "JSON schema", "guided_regex": "regular expression", "guided_grammar": "grammar"}
+_BITS = torch.arange(8, dtype=torch.uint8, device="cpu")
+
+
+class GrammarState:
+    """Each sequence's state in a call's grammar: it follows the tokens the sequence generates."""
+
+    def __init__(self, grammar: Grammar, batch: int) -> None:
+        self.grammar = grammar
+        self.matchers = [grammar.matcher() for _ in range(batch)]
+        self.followed = [0] * batch  # how many of each sequence's new tokens its matcher has taken
+
+    def allowed(self, b: int, generated: Sequence[int]) -> Tensor:
+        """Sequence ``b``'s allowed next tokens [vocab] bool (on the host) after its new tokens ``generated``;
+        none after a token the grammar did not allow (only ever after a row flagged with nothing to choose)."""
+        m = self.matchers[b]
+        for t in generated[self.followed[b] :]:
+            m.consume_token(t)
+        self.followed[b] = len(generated)
+        if m.is_error():
+            return torch.zeros(self.grammar.vocab, dtype=torch.bool, device="cpu")
+        packed = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.uint8)
+        return ((packed[:, None] >> _BITS) & 1).flatten()[: self.grammar.vocab].bool()
