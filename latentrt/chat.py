@@ -26,7 +26,7 @@ from typing import Protocol
 
 from tokenizers import Tokenizer
 
-from .errors import CheckpointError, InputError, check_unicode, not_a_model
+from .errors import CheckpointError, InputError, check_unicode, json_loads, not_a_model
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, each a template variable where the tokenizer names it
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -117,7 +117,7 @@ def _json_object(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text())
+        config = json_loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path.name} cannot be read as JSON: {exc}") from None
     if not isinstance(config, dict):

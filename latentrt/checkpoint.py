@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .caller import warn_at_caller
-from .errors import CheckpointError, ConfigError, InputError, os_errors_as
+from .errors import CheckpointError, ConfigError, InputError, json_loads, os_errors_as
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # Prefixes that training code wraps around the model's own keys (Coconut wrapper, DDP, torch.compile).
@@ -77,7 +77,7 @@ def _revision_unused(revision: str | None, what: str) -> None:
 def read_json(path: Path, error: type[Exception]) -> object:
     """A JSON file's content; ``error`` names the file when it is not UTF-8 JSON."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json_loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise error(f"{path} is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:

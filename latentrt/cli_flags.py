@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .backends import CHOICES
 from .checkpoint import builtin_names
-from .errors import InputError, renamed
+from .errors import InputError, json_loads, renamed
 from .exits import CRITERIA
 from .families import decodings
 from .serve.engine import SCHEDULERS
@@ -100,7 +100,7 @@ def json_object(text: str | None, flag: str) -> dict:
     if text is None:
         return {}
     try:
-        value = json.loads(text)
+        value = json_loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{flag} must be a JSON object: {exc}") from None
     if not isinstance(value, dict):
@@ -469,7 +469,7 @@ def _key_value(item: str, flag: str, form: str = "KEY=VALUE") -> tuple[str, obje
     if not sep or not key:
         raise InputError(f"{flag} takes {form}, got {item!r}")
     try:
-        return key, json.loads(value)
+        return key, json_loads(value)
     except json.JSONDecodeError:
         return key, value
 

@@ -1,6 +1,7 @@
 """Exception types, and the argument checks every layer shares. Each error names the problem; all are
 ValueError subclasses except the numeric one."""
 
+import json
 import math
 import numbers
 import os
@@ -126,6 +127,16 @@ def os_errors_as(error: type[LatentRTError], what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise error(f"cannot look up {what}: {exc.strerror or exc}") from None
+
+
+def json_loads(text: str | bytes):
+    """``json.loads``, with a value nested past Python's recursion limit (a body of 100,000 ``[``) a
+    ``json.JSONDecodeError`` like any other bad JSON: json.loads raises RecursionError there, which no caller's
+    handling of bad JSON caught (a request body gave a 500)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
 
 
 def check_unicode(name: str, text: str) -> None:

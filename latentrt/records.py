@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, check_unicode
+from .errors import InputError, check_unicode, json_loads
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _parse_records_file(path: Path):
     if path.suffix == ".jsonl" or _first_line_is_a_value(text):
         return _json_lines(text, path)
     try:
-        return json.loads(text)
+        return json_loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
 
@@ -70,7 +70,7 @@ def _first_line_is_a_value(text: str) -> bool:
     if not rest.strip():
         return False
     try:
-        json.loads(first)
+        json_loads(first)
     except json.JSONDecodeError:
         return False
     return True
@@ -81,7 +81,7 @@ def _json_lines(text: str, path: Path) -> list:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append(json_loads(line))
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}, line {number}: not valid JSON: {exc}") from None
     return records

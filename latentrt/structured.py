@@ -15,15 +15,18 @@ sequence's allowed set with the other constraints.
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .errors import InputError, check_unicode
+from .errors import InputError, check_unicode, json_loads
 
 NAMES = ("guided_json", "guided_regex", "guided_grammar")
 GUIDED = ("guided_choice", *NAMES)  # at most one of these (vLLM's rule)
@@ -57,8 +60,8 @@ def schema_text(schema) -> str:
     if isinstance(schema, str):
         check_unicode("guided_json", schema)
         try:
-            parsed = json.loads(schema)
-        except ValueError as exc:
+            parsed = json_loads(schema)
+        except (ValueError, RecursionError) as exc:
             raise InputError(f"guided_json is not JSON text ({exc})") from None
         if not isinstance(parsed, dict):
             raise InputError(f"guided_json must be a JSON schema (an object), got {schema!r:.200}")
@@ -66,7 +69,7 @@ def schema_text(schema) -> str:
     elif isinstance(schema, dict):
         try:
             text = json.dumps(schema, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InputError(f"guided_json must be a JSON schema of JSON values ({exc})") from None
     else:
         raise InputError(f"guided_json must be a JSON schema: a dict or its JSON text, got {schema!r:.200}")
@@ -87,19 +90,54 @@ def _llguidance():
     return llguidance
 
 
+# llguidance's compiler recurses as deep as a grammar's rules nest: a chain of 3,000 rules (or of JSON schema
+# ``$ref``s) overflows a thread's 8 MB of stack and kills the process. Every llguidance call runs on one thread with
+# 512 MB of stack (address space, touched only as deep as a grammar goes), enough for any grammar of
+# MAX_GRAMMAR_CHARS (a 62,000-rule chain of 0.9 MB compiles in 0.5 s on it).
+STACK_BYTES = 512 << 20
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _forget_worker() -> None:  # (a forked child has no such thread: it starts its own)
+    global _worker
+    _worker = None
+
+
+os.register_at_fork(after_in_child=_forget_worker)
+
+
+def on_grammar_stack(fn, *args):
+    """``fn(*args)`` on the grammar thread (its exceptions raised here)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            old = threading.stack_size(STACK_BYTES)
+            try:
+                _worker = ThreadPoolExecutor(1, thread_name_prefix="latentrt-grammar")
+                _worker.submit(int).result()  # (the thread starts now, with that stack)
+            finally:
+                threading.stack_size(old)
+    return _worker.submit(fn, *args).result()
+
+
 def _grammar(options) -> tuple[str, str]:
     """(the option's name, its llguidance grammar)."""
     llg = _llguidance()
-    if options.guided_json is not None:
-        return "guided_json", llg.LLMatcher.grammar_from_json_schema(
-            schema_text(options.guided_json), defaults={"whitespace_flexible": not options.disable_any_whitespace}
-        )
-    if options.guided_regex is not None:
-        return "guided_regex", llg.LLMatcher.grammar_from_regex(options.guided_regex)
-    try:  # (GBNF is converted to Lark; Lark is taken as it is)
+    try:
+        if options.guided_json is not None:
+            flexible = not options.disable_any_whitespace
+            text = schema_text(options.guided_json)
+            return "guided_json", llg.LLMatcher.grammar_from_json_schema(
+                text, defaults={"whitespace_flexible": flexible}
+            )
+        if options.guided_regex is not None:
+            return "guided_regex", llg.LLMatcher.grammar_from_regex(options.guided_regex)
+        # (GBNF is converted to Lark; Lark is taken as it is)
         return "guided_grammar", llg.grammar_from("grammar", options.guided_grammar)
-    except ValueError as exc:
-        raise InputError(f"guided_grammar is neither Lark nor GBNF: {exc}") from None
+    except ValueError as exc:  # (a schema nested past serde's 128 levels; GBNF that does not convert)
+        name = next(n for n in NAMES if getattr(options, n) is not None)
+        raise InputError(f"{name} must be a valid {_WHAT[name]}: {exc}") from None
 
 
 # one llguidance tokenizer per (tokenizer, vocabulary size, stop tokens): building one reads the whole vocabulary
@@ -118,7 +156,7 @@ def _ll_tokenizer(tokenizer, vocab: int, stop_ids: Sequence[int]):
             )
         try:
             held[key] = _llguidance().LLTokenizer(tokenizer.to_str(), n_vocab=vocab, eos_token=list(stop_ids))
-        except ValueError as exc:  # (a decoder llguidance does not read; more tokens than the model's vocabulary)
+        except ValueError as exc:  # (a decoder llguidance does not read)
             raise InputError(
                 f"structured outputs need a tokenizer llguidance reads (byte-level BPE as GPT-2's and Huginn's, "
                 f"or SentencePiece); this model's: {exc}"
@@ -128,7 +166,7 @@ def _ll_tokenizer(tokenizer, vocab: int, stop_ids: Sequence[int]):
 
 @dataclass
 class Grammar:
-    """A call's compiled grammar: ``matcher()`` gives a sequence its own state in it."""
+    """A call's compiled grammar: ``matcher()`` gives a sequence its own state in it (on the grammar thread)."""
 
     name: str  # the option that set it
     tokenizer: object  # llguidance.LLTokenizer
@@ -144,12 +182,12 @@ def compile_grammar(options, tokenizer, vocab: int, stop_ids: Sequence[int]) -> 
     no tokenizer, no stop token to end the text, are InputErrors."""
     if tokenizer is None:
         raise InputError("structured outputs need a tokenizer (this model has none); use allowed_token_ids")
-    name, grammar = _grammar(options)
+    name, grammar = on_grammar_stack(_grammar, options)
     if not stop_ids:
         why = "the model names no end-of-text token" if options.default_stops else "default_stops=False"
         raise InputError(f"{name} must end with a stop token and there is none ({why}): give stop=[id]")
-    ll = _ll_tokenizer(tokenizer, vocab, stop_ids)
-    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, ll)
+    ll = on_grammar_stack(_ll_tokenizer, tokenizer, vocab, stop_ids)
+    failed, messages = on_grammar_stack(_llguidance().LLMatcher.validate_grammar_with_warnings, grammar, ll)
     if failed:
         raise InputError(f"{name} must be a valid {_WHAT[name]}: {_one_line(messages[0], name)}")
     return Grammar(name, ll, grammar, vocab)
@@ -160,7 +198,7 @@ def _one_line(message: str, name: str) -> str:
     and for a regex or schema the position in that grammar, which is not the caller's text)."""
     lines = []
     for line in message.splitlines():
-        if re.match(r"\s*\d+ \| ", line):
+        if re.match(r"\s*\d+ \| |<state>", line):
             break
         lines.append(line.strip())
     text = " ".join(x for x in lines if x)
@@ -176,17 +214,36 @@ class GrammarState:
 
     def __init__(self, grammar: Grammar, batch: int) -> None:
         self.grammar = grammar
-        self.matchers = [grammar.matcher() for _ in range(batch)]
+        self.matchers = on_grammar_stack(lambda: [grammar.matcher() for _ in range(batch)])
         self.followed = [0] * batch  # how many of each sequence's new tokens its matcher has taken
+        self.last: list[Tensor | None] = [None] * batch  # the allowed set each was last given
+        self.off = [False] * batch  # given a token its set had not (a row flagged with none: it raises)
 
-    def allowed(self, b: int, generated: Sequence[int]) -> Tensor:
-        """Sequence ``b``'s allowed next tokens [vocab] bool (on the host) after its new tokens ``generated``;
-        none after a token the grammar did not allow (only ever after a row flagged with nothing to choose)."""
-        m = self.matchers[b]
-        for t in generated[self.followed[b] :]:
-            m.consume_token(t)
-        self.followed[b] = len(generated)
-        if m.is_error():
-            return torch.zeros(self.grammar.vocab, dtype=torch.bool, device="cpu")
-        packed = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.uint8)
-        return ((packed[:, None] >> _BITS) & 1).flatten()[: self.grammar.vocab].bool()
+    def allowed(self, generated: dict[int, Sequence[int]]) -> dict[int, Tensor]:
+        """Each asked sequence's allowed next tokens [vocab] bool (on the host) after its new tokens
+        (``generated``: sequence -> its new tokens); none after a token its last set had not. A token its set
+        had that llguidance then refuses (one of its limits hit: a regex of a million states) is an InputError."""
+        return on_grammar_stack(self._allowed, generated)
+
+    def _allowed(self, generated: dict[int, Sequence[int]]) -> dict[int, Tensor]:
+        out = {}
+        for b, tokens in generated.items():
+            m = self.matchers[b]
+            for t in tokens[self.followed[b] :]:
+                if not self.off[b] and not m.consume_token(t):
+                    if self.last[b] is not None and bool(self.last[b][t]):
+                        self._gave_up(m, self.followed[b])
+                    self.off[b] = True
+                self.followed[b] += 1
+            if self.off[b]:
+                out[b] = torch.zeros(self.grammar.vocab, dtype=torch.bool, device="cpu")
+                continue
+            packed = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.uint8)
+            if m.is_error():
+                self._gave_up(m, len(tokens))
+            out[b] = self.last[b] = ((packed[:, None] >> _BITS) & 1).flatten()[: self.grammar.vocab].bool()
+        return out
+
+    def _gave_up(self, matcher, at: int) -> None:
+        error = _one_line(matcher.get_error(), "")
+        raise InputError(f"{self.grammar.name}: llguidance stopped following it at new token {at}: {error}")

@@ -218,10 +218,10 @@ class TokenConstraints:
     def _follow_grammar(self, x: Tensor, rows: list[bool] | None) -> Tensor:
         """Each running row's scores where its grammar allows the token; -inf elsewhere (a row that stopped is
         asked nothing: it gets none)."""
+        asked = {b: self.history[b][self.prompt_lengths[b] :] for b in range(len(x)) if rows is None or rows[b]}
         allowed = torch.zeros(x.shape, dtype=torch.bool, device="cpu")  # (filled on the host, moved once)
-        for b in range(len(x)):
-            if rows is None or rows[b]:
-                allowed[b, : self.vocab] = self.grammar.allowed(b, self.history[b][self.prompt_lengths[b] :])
+        for b, row in self.grammar.allowed(asked).items():
+            allowed[b, : self.vocab] = row
         return x.masked_fill(~allowed.to(x.device), float("-inf"))
 
     def _process(self, x: Tensor, rows: list[bool] | None) -> Tensor:

@@ -4,7 +4,17 @@ import math
 
 import pytest
 
-from latentrt.errors import InputError, check_bool, check_finite, check_float, check_int, is_choice, renamed
+import latentrt
+from latentrt.errors import (
+    InputError,
+    check_bool,
+    check_finite,
+    check_float,
+    check_int,
+    is_choice,
+    json_loads,
+    renamed,
+)
 
 
 @pytest.mark.parametrize("value", [0, 3, 2**70])
@@ -141,3 +151,24 @@ def test_renamed_names_options_as_the_caller_knows_them():
     for message, want in cases:
         assert renamed(message, names) == want
     assert renamed("lr must be", {}) == "lr must be"
+
+
+def test_json_nested_past_pythons_reader_is_bad_json_everywhere_json_is_read(tmp_path):
+    """json.loads raises RecursionError on a value nested past Python's recursion limit, which no handling of bad
+    JSON caught (a request body of 100,000 ``[`` gave a 500): ``json_loads`` makes it a JSONDecodeError, and each
+    reader of JSON says so as for any bad JSON."""
+    import json
+
+    from latentrt.records import read_records_file
+
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        json_loads(deep)
+    assert json_loads("[[1]]") == [[1]]
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(InputError, match="deep.json is not valid JSON: nested too deeply"):
+        read_records_file(tmp_path / "deep.json")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(deep)
+    with pytest.raises(latentrt.ConfigError, match="config.json is not valid JSON: nested too deeply"):
+        latentrt.load(tmp_path / "m")

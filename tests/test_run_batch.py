@@ -110,6 +110,7 @@ BAD_LINES = [
     (_line("a", "/v1/completions", {"prompt": "x", "stream": True}), "line 2: stream is not supported in a batch"),
     # (written back into the output: it failed there, after every request had run; found by tools.fuzz)
     (_line("\ud800", "/v1/completions", {}), "line 2: custom_id is not valid Unicode text (surrogates not allowed"),
+    ("[" * 100_000 + "]" * 100_000, "line 2: not JSON (nested too deeply)"),  # (json.loads' RecursionError)
 ]
 
 

@@ -817,6 +817,20 @@ def test_guided_choice_and_structured_outputs_choice_as_vllm_takes_them(recurren
     assert events[-1]["error"]["type"] == "invalid_request_error" and "no token left" in events[-1]["error"]["message"]
 
 
+def test_a_body_nested_past_pythons_json_reader_is_a_400(recurrent_server):
+    """json.loads raises RecursionError there (it gave a 500): the body is bad JSON, as any other."""
+    url, _, _ = recurrent_server
+    h = httpx.Client(base_url=url)
+    for body in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"prompt": "a", "guided_json": ' + '{"a": ' * 50_000 + "1" + "}" * 50_001,
+    ):
+        got = h.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert got.status_code == 400, got.text
+        assert "the request body is not valid JSON: nested too deeply" in got.json()["error"]["message"]
+    assert h.get("/health").status_code == 200
+
+
 def test_every_field_with_values_of_every_json_type_gets_an_answer_or_a_4xx_never_a_500(recurrent_server):
     """Each field of both routes set, one at a time, to values of every JSON type (lists and objects where a
     name is expected, huge and negative numbers, nulls): each body gets 200 or a 4xx naming the problem; the

@@ -241,6 +241,29 @@ def test_bad_structured_options_are_clear_errors(kwargs, message):
         latentrt.generate(model, "Alex is", **dict(kw, max_new_tokens=4, **kwargs))
 
 
+def test_grammars_past_llguidances_limits_are_errors_and_deep_ones_do_not_crash():
+    """A regex of a million states: llguidance gives up after the first token (its lexer's limit), an InputError
+    naming it, never "no token left". Rules nested 3,000 deep overflowed the 8 MB stack of the calling thread
+    inside llguidance's compiler (the process died): its calls run on a thread with a larger stack."""
+    model, kw = make("recurrent")
+    kw = dict(kw, max_new_tokens=4)
+    with pytest.raises(
+        latentrt.InputError, match="guided_regex: llguidance stopped following it at new token 0: lexer"
+    ):
+        latentrt.generate(model, "Alex", **kw, guided_regex="a{1000000}")
+    chain = "start: r0\n" + "\n".join(f'r{i}: r{i + 1} | "x"' for i in range(3000)) + '\nr3000: "y"'
+    with pytest.raises(latentrt.InputError, match="guided_grammar: llguidance stopped .* Current row has \\d+ items"):
+        latentrt.generate(model, "Alex", **kw, guided_grammar=chain)
+    refs = {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(3000)} | {"a3000": {"enum": ["x"]}}
+    out = latentrt.generate(model, "Alex", **kw, guided_json={"$defs": refs, "$ref": "#/$defs/a0"})
+    assert out.text == '"x"'
+    nested = {"type": "string"}
+    for _ in range(3000):
+        nested = {"type": "array", "items": nested}
+    with pytest.raises(latentrt.InputError, match="guided_json must be a JSON schema of JSON values .*recursion"):
+        latentrt.generate(model, "Alex", **kw, guided_json=nested)
+
+
 def test_a_tokenizer_llguidance_cannot_read_and_a_missing_llguidance_are_clear_errors(monkeypatch):
     with pytest.raises(latentrt.InputError, match="need a tokenizer llguidance reads .*WordPiece"):
         latentrt.generate(tiny_recurrent(), "cat", max_new_tokens=2, stop=[0], guided_regex="a")

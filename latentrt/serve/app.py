@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..chat import chat_template_for
-from ..errors import InputError, LatentRTError, PromptError, renamed
+from ..errors import InputError, LatentRTError, PromptError, json_loads, renamed
 from ..version import __version__
 from .engine import Engine, QueueFull, ShuttingDown, server_defaults
 from .protocol import (
@@ -209,7 +209,7 @@ async def _require_key(expected: bytes, request: Request, call_next):
 
 async def _body_of(request: Request):
     try:
-        return json.loads(await request.body())
+        return json_loads(await request.body())
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"the request body is not valid JSON: {exc}") from None
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from ..errors import InputError, check_unicode, os_errors_as
+from ..errors import InputError, check_unicode, json_loads, os_errors_as
 from .protocol import error_body
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -51,7 +51,7 @@ def read_batch(path: str | os.PathLike) -> list[dict]:
             continue
         where = f"{path}, line {number}"
         try:
-            request = json.loads(line)
+            request = json_loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: not JSON ({exc.msg})") from None
         if not isinstance(request, dict):
