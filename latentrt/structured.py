@@ -45,7 +45,7 @@ def check_structured(guided_json, guided_regex, guided_grammar, guided_choice=No
     for name, value in (("guided_regex", guided_regex), ("guided_grammar", guided_grammar)):
         if value is None:
             continue
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not value:
             raise InputError(f"{name} must be a non-empty string, got {value!r:.200}")
         check_unicode(name, value)
         if len(value) > MAX_GRAMMAR_CHARS:

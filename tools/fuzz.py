@@ -130,6 +130,13 @@ ODD_VALUES = (
     [{"role": "user", "content": ["a", None]}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     [{"role": "tool", "content": "a", "tool_call_id": 1}],
+    "(ab",  # structured outputs: a bad regex, one past llguidance's limits, bad and empty schemas, bad grammars
+    "a{1000000}",
+    {"type": "nonsense"},
+    {"$ref": "#"},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    "start: foo",
+    'root ::= "x"',
 )
 # the values a CLI flag gets (its text)
 ODD_TEXTS = (
@@ -168,6 +175,7 @@ ODD_TEXTS = (
     '{"nope": 1}',
     "é\u2028",
 )
+DEEP = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"  # nested past Python's JSON reader
 BAD_PROMPTS = (
     "",
     " ",
@@ -398,8 +406,8 @@ class Fuzz:
         self.current = f"POST {route} {shown(body)}"
         data = json.dumps(body, allow_nan=True)  # (NaN and Infinity as Python's json writes them)
         if rng.random() < 0.05:  # a body that is no JSON object
-            data = rng.choice(["", "{", "[1, 2]", "null", "3", "\xff\xfe", '{"prompt": "a",}'])
-            self.current = f"POST {route} {data!r}"
+            data = rng.choice(["", "{", "[1, 2]", "null", "3", "\xff\xfe", '{"prompt": "a",}', DEEP])
+            self.current = f"POST {route} {shown(data)}"
         try:
             response = self.post(route, data)
         except Exception as exc:
@@ -439,7 +447,7 @@ class Fuzz:
             if rng.random() < 0.1:  # a line the file check refuses
                 request[rng.choice(["custom_id", "method", "url", "body"])] = odd(rng)
             line = json.dumps(request, allow_nan=True)
-            lines.append(rng.choices([line, line[:-3], "", "[]"], weights=[20, 1, 1, 1])[0])
+            lines.append(rng.choices([line, line[:-3], "", "[]", DEEP], weights=[20, 1, 1, 1, 1])[0])
         source, target = self.tmp / f"batch-{seed}.jsonl", self.tmp / f"batch-{seed}.out.jsonl"
         source.write_text("\n".join(lines) + "\n", encoding="utf-8")
         self.current = f"run-batch of {shown(lines)}"
