@@ -38,6 +38,19 @@ def huginn_like(tmp_path):
     return folder, data
 
 
+def test_a_run_refused_after_its_log_is_checked_leaves_no_log_file(huginn_like, tmp_path, capsys):
+    """``--log FILE`` is checked before training (a path that cannot be written is an error at once) without
+    creating it: a run refused later (here its --resume folder is missing) leaves no empty log behind."""
+    folder, data = huginn_like
+    log = tmp_path / "log.jsonl"
+    args = ["train", str(folder), str(data), "--out", str(tmp_path / "o"), "--max-steps", "1", "--log", str(log)]
+    assert main([*args, "--resume", str(tmp_path / "missing")]) == 2
+    assert "latentrt: error:" in capsys.readouterr().err and not log.exists()
+    assert main([*args[:-1], str(tmp_path / "no-such-folder" / "log.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "latentrt: error: --log " in err and "no-such-folder" in err and "cannot be written" in err, err
+
+
 def test_the_command_trains_as_the_api_does_and_keeps_the_models_files(huginn_like, tmp_path, capsys):
     folder, data = huginn_like
     out = tmp_path / "tuned"

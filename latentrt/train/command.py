@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -196,8 +197,12 @@ def _log_writer(path: str | None) -> Callable[[dict], None] | None:
     the run goes on; a resumed run appends)."""
     if path is None:
         return None
-    try:
-        open(path, "a").close()  # before training: a path that cannot be written is an error now
+    try:  # before training, a path that cannot be written is an error now; a run refused later leaves no file
+        if os.path.exists(path):
+            open(path, "a").close()  # (a resumed run appends)
+        else:
+            open(path, "x").close()
+            os.remove(path)
     except OSError as exc:
         raise InputError(f"--log {path!r} cannot be written: {exc.strerror}") from None
 
