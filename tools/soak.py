@@ -43,6 +43,7 @@ within rounding of its threshold may go one iteration apart, and a token within 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import socket
@@ -71,6 +72,16 @@ from latentrt.token_constraints import NAMES as TOKEN_CONSTRAINTS
 from . import case_parser, parsed_checks, warnings_silenced, wrapped
 
 KV_MODES = ("full", "shared", "ring-2", "anchor-2", "skip", "always-last")
+# the structured outputs a request may ask (refused, and counted so, where the tokenizer is one llguidance does
+# not read: the built-in models' word-level one)
+STRUCTURED_DRAWS = (
+    ("guided_regex", r"[a-z ]{1,12}"),
+    ("guided_regex", r"(yes|no|maybe)\.?"),
+    ("guided_regex", r"\d{1,4}"),
+    ("guided_json", {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}),
+    ("guided_json", {"type": "integer"}),
+    ("guided_grammar", 'start: "a" ("b" | "c")* "."'),
+)
 CHECKS = ("batch", "serve", "offline", "backend", "speculative", "hooks", "score", "http", "burst")
 
 
@@ -85,6 +96,17 @@ def draw_prompt(rng: random.Random, model) -> list[int]:
         at = rng.randrange(1, len(ids) + 1)
         ids[at:at] = [start] + [latent] * rng.randrange(0, 4) + [end]
     return ids
+
+
+@functools.lru_cache(maxsize=4)
+def takes_structured(model) -> bool:
+    """Whether the model's tokenizer is one llguidance reads (and llguidance is installed): else its draws would
+    all be refused."""
+    try:
+        latentrt.generate(model, [1], max_new_tokens=1, guided_regex="a", stop=[0])
+    except InputError:
+        return False
+    return True
 
 
 def draw_options(rng: random.Random, model, seed: int) -> dict:
@@ -124,6 +146,11 @@ def draw_options(rng: random.Random, model, seed: int) -> dict:
         choices = [" ".join(w for w in words[j : j + own.randrange(1, 4)] if w) for j in range(own.randrange(1, 4))]
         if all(choices):
             kw.update(guided_choice=choices, default_stops=True)
+    elif own.random() < 0.1 and takes_structured(model):  # structured outputs (latentrt/structured.py)
+        name, value = own.choice(STRUCTURED_DRAWS)
+        kw.update({name: value, "default_stops": True})
+        if name == "guided_json" and own.random() < 0.5:
+            kw["disable_any_whitespace"] = True
     if "num_steps" in takes:
         kw.update(num_steps=rng.randrange(1, 14), kv_sharing=rng.choice(KV_MODES), init_scale=rng.choice([0.0, 1.0]))
         if rng.random() < 0.6:
