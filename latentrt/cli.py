@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
     add_model_args(s, default="builtin:recurrent")
     add_serve_args(s)
+    s.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="HTTPS: the server's private key (PEM)")
+    s.add_argument("--ssl-certfile", default=None, metavar="FILE", help="HTTPS: its certificate (PEM)")
 
     b = sub.add_parser(
         "run-batch",
@@ -362,11 +364,14 @@ def cmd_save(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .serve.app import listening_socket
+        from .serve.app import check_origins, check_tls, listening_socket
     except ImportError as exc:
         raise InputError(f"serving needs the 'serve' extra (pip install 'latentrt[serve]'): {exc}") from None
     override = checked_engine_flags(args)
     api_key = api_key_from(args.api_key)
+    check_tls(args.ssl_keyfile, args.ssl_certfile)
+    if args.allowed_origins is not None:
+        check_origins(args.allowed_origins)
     sock = listening_socket(args.host, args.port)  # before the weights load: a port in use fails at once
     try:
         return _serve(args, sock, override, api_key)
@@ -401,11 +406,26 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
     engine, template = engine_from_flags(args, override)
     model = engine.model
     name = args.served_model_name or args.model
-    print(f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on http://{args.host}:{args.port}")
+    scheme = "https" if args.ssl_certfile else "http"
+    print(
+        f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on {scheme}://{args.host}:{args.port}"
+    )
     applied = _model_defaults_applied(model, {})
     if applied:  # as vLLM says it: the defaults of every request that leaves them out
         print(f"latentrt: request defaults (generation_config.json, --override-generation-config): {applied}")
-    run_server(engine, name, args.host, args.port, args.log_level, chat_template=template, api_key=api_key, sock=sock)
+    run_server(
+        engine,
+        name,
+        args.host,
+        args.port,
+        args.log_level,
+        chat_template=template,
+        api_key=api_key,
+        sock=sock,
+        allowed_origins=args.allowed_origins,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+    )
     return 0
 
 

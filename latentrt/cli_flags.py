@@ -133,6 +133,14 @@ def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> Non
         default=None,
         help="answer /v1 and tokenizer routes only with 'Authorization: Bearer KEY' (default: $LATENTRT_API_KEY)",
     )
+    p.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="web origins a browser page may call the server from (CORS: https://app.example:8080, or '*'; "
+        "default none, where vLLM allows any)",
+    )
     if log_level:
         p.add_argument("--log-level", default="info")
 

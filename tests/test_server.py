@@ -991,14 +991,15 @@ def test_a_failing_request_is_500_and_the_others_are_served():
             assert r.status_code == 200 and r.json()["choices"][0]["latentrt"]["token_ids"] == alone.tokens
 
 
-@pytest.mark.slow
-def serve_process(tmp_path, model) -> tuple[subprocess.Popen, str]:
-    """`latentrt serve` on ``model`` saved as a checkpoint folder, in a process of its own, once healthy:
-    (the process, its URL). Its output (stdout and stderr) is ``proc.stdout``."""
+def serve_process(tmp_path, model, *extra: str, verify=True) -> tuple[subprocess.Popen, str]:
+    """`latentrt serve` on ``model`` saved as a checkpoint folder (with the flags ``extra``), in a process of its
+    own, once healthy: (the process, its URL; https with ``--ssl-certfile``, its certificate ``verify``). Its
+    output (stdout and stderr) is ``proc.stdout``."""
     save_checkpoint(model, tmp_path / "m", tie_key="lm_head.weight")
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     argv = ["serve", str(tmp_path / "m"), "--port", str(port), "--backend", "torch", "--log-level", "warning"]
+    argv += list(extra)
     proc = subprocess.Popen(
         [sys.executable, "-m", "latentrt.cli", *argv],
         stdout=subprocess.PIPE,
@@ -1006,13 +1007,13 @@ def serve_process(tmp_path, model) -> tuple[subprocess.Popen, str]:
         env=env,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if '--ssl-certfile' in extra else 'http'}://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         if proc.poll() is not None:
             raise AssertionError(proc.stdout.read())
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + "/health", verify=verify).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -1266,3 +1267,95 @@ def test_an_app_run_without_its_lifespan_starts_its_engine_on_the_first_request(
     assert not asking.is_alive(), "the request never finished: no engine thread"
     assert answer["r"].status_code == 200 and answer["r"].json()["usage"]["completion_tokens"] == 2
     engine.stop()
+
+
+def test_cors_lets_the_allowed_origins_call_and_no_other(recurrent_server):
+    """``allowed_origins`` (``--allowed-origins``): Starlette's CORS middleware, outermost, so a browser's preflight
+    (which carries no key) is answered even with an API key; another origin gets no CORS header; without it (the
+    default) no origin does."""
+    from fastapi.testclient import TestClient
+
+    _, engine, _ = recurrent_server
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    body = {"model": "tiny", "prompt": "every cat is", "max_tokens": 2}
+    app = create_app(Engine(engine.model), "tiny", api_key="k", allowed_origins=["https://app.example"])
+    with TestClient(app) as c:
+        ok = c.options("/v1/completions", headers={"Origin": "https://app.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        other = c.options("/v1/completions", headers={"Origin": "https://evil.example", **preflight})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        auth = {"Authorization": "Bearer k"}
+        r = c.post("/v1/completions", json=body, headers={"Origin": "https://app.example", **auth})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = c.post("/v1/completions", json=body, headers={"Origin": "https://evil.example", **auth})
+        assert "access-control-allow-origin" not in r.headers
+        assert c.post("/v1/completions", json=body, headers={"Origin": "https://app.example"}).status_code == 401
+    with TestClient(create_app(Engine(engine.model), "tiny")) as c:
+        r = c.options("/v1/completions", headers={"Origin": "https://app.example", **preflight})
+        assert "access-control-allow-origin" not in r.headers
+    for bad, message in [
+        ("https://a.example", "allowed_origins must be a list of origins"),
+        (["a.example"], "allowed origin 'a.example' is neither '\\*' nor scheme://host"),
+        (["https://a.example/path"], "neither '\\*' nor scheme://host\\[:port\\] \\(no path\\)"),
+        ([3], "allowed origin 3 is neither"),
+    ]:
+        with pytest.raises(latentrt.InputError, match=message):
+            create_app(Engine(engine.model), "tiny", allowed_origins=bad)
+
+
+def self_signed(tmp_path, name: str = "") -> tuple[str, str]:
+    """A key and its self-signed certificate for 127.0.0.1 (PEM files), made with the openssl command."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command here to make a certificate")
+    key, cert = tmp_path / f"key{name}.pem", tmp_path / f"cert{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return str(key), str(cert)
+
+
+def test_cli_serve_speaks_https_with_a_key_and_certificate(tmp_path):
+    """``--ssl-keyfile`` / ``--ssl-certfile`` (uvicorn's): the server answers over TLS, its certificate verified,
+    with --allowed-origins in the same process; plain HTTP gets no answer."""
+    key, cert = self_signed(tmp_path)
+    extra = ["--ssl-keyfile", key, "--ssl-certfile", cert, "--allowed-origins", "https://app.example"]
+    proc, url = serve_process(tmp_path, tiny_recurrent(seed=3), *extra, verify=cert)
+    try:
+        assert url.startswith("https://")
+        body = {"model": str(tmp_path / "m"), "prompt": "every cat is", "max_tokens": 2}
+        r = httpx.post(url + "/v1/completions", json=body, verify=cert, headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://") + "/health", timeout=5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    # (uvicorn re-raises the SIGTERM once drained, so supervisors see it)
+    assert proc.returncode in (0, -signal.SIGTERM) and "on https://127.0.0.1:" in out and "Traceback" not in out, out
+
+
+def test_cli_serve_refuses_bad_tls_and_origin_flags_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from latentrt.cli import main
+
+    monkeypatch.setattr(latentrt.loader, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    key, cert = self_signed(tmp_path)
+    other_key, _ = self_signed(tmp_path, "2")
+    port = str(free_port())
+    for flags, message in [
+        (["--ssl-keyfile", key], "--ssl-keyfile and --ssl-certfile go together"),
+        (["--ssl-keyfile", key, "--ssl-certfile", str(tmp_path / "none.pem")], "none.pem"),
+        (["--ssl-keyfile", cert, "--ssl-certfile", cert], f"--ssl-certfile {cert!r} / --ssl-keyfile {cert!r}: "),
+        (["--ssl-keyfile", other_key, "--ssl-certfile", cert], "KEY_VALUES_MISMATCH"),
+        (["--allowed-origins", "app.example"], "allowed origin 'app.example' is neither '*' nor scheme://host"),
+    ]:
+        assert main(["serve", "builtin:recurrent", "--port", port, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("latentrt: error: ") and message in err and err.count("\n") == 1, (flags, err)

@@ -19,8 +19,10 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -109,12 +111,19 @@ class Served:
         return self.engine.model
 
 
-def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    model_name: str,
+    chat_template=None,
+    api_key: str | None = None,
+    allowed_origins: list[str] | None = None,
+) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
     path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
     ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401
     otherwise, as OpenAI's and vLLM's), while ``/health``, ``/version`` and ``/metrics`` stay open for probes and
-    scrapers."""
+    scrapers. ``allowed_origins``: the web origins a browser page may call it from (CORS, Starlette's middleware;
+    ``["*"]`` any; None, the default: none, where vLLM allows any)."""
     if not isinstance(engine, Engine):
         raise InputError(
             f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
@@ -145,6 +154,11 @@ def create_app(engine: Engine, model_name: str, chat_template=None, api_key: str
         if not isinstance(api_key, str) or not api_key.strip():
             raise InputError(f"api_key must be a non-empty string or None (no key), got {api_key!r}")
         app.middleware("http")(partial(_require_key, f"Bearer {api_key}".encode()))
+    if allowed_origins is not None:  # (added last, so outermost: a browser's preflight carries no key)
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = check_origins(allowed_origins)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
 
     # (the routes hold nothing of this app: each reads it from its request, see ``Served``)
     @app.post("/v1/completions")
@@ -420,6 +434,31 @@ def load_engine(
     return Engine(loaded, **engine_kw)
 
 
+def check_origins(origins) -> list[str]:
+    """CORS origins: a list of ``scheme://host[:port]`` strings, or ``*`` (any)."""
+    if isinstance(origins, str) or not isinstance(origins, (list, tuple)):
+        raise InputError(f"allowed_origins must be a list of origins (or ['*']), got {origins!r}")
+    for origin in origins:
+        if not isinstance(origin, str) or not (origin == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin)):
+            raise InputError(f"allowed origin {origin!r} is neither '*' nor scheme://host[:port] (no path)")
+    return list(origins)
+
+
+def check_tls(keyfile: str | None, certfile: str | None) -> ssl.SSLContext | None:
+    """``--ssl-keyfile`` and ``--ssl-certfile`` read before the model loads: both or neither, and a certificate
+    and key that load (a bad one would stop uvicorn with a traceback, after the weights)."""
+    if keyfile is None and certfile is None:
+        return None
+    if keyfile is None or certfile is None:
+        raise InputError("--ssl-keyfile and --ssl-certfile go together (HTTPS needs the key and its certificate)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except OSError as exc:  # (ssl.SSLError is an OSError: a file that is no PEM, a key not the certificate's)
+        raise InputError(f"--ssl-certfile {certfile!r} / --ssl-keyfile {keyfile!r}: {exc.strerror or exc}") from None
+    return context
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host``:``port``, taken before the model loads (as vLLM does): a port in use or a
     host that does not resolve is an error at once, not after the weights are read."""
@@ -442,9 +481,13 @@ def run_server(
     chat_template=None,
     api_key: str | None = None,
     sock: socket.socket | None = None,
+    allowed_origins: list[str] | None = None,
+    ssl_keyfile: str | None = None,
+    ssl_certfile: str | None = None,
 ) -> None:
-    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``: as ``create_app``); on
-    ``sock`` when given (``listening_socket``), else on ``host``:``port``."""
+    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``, ``allowed_origins``: as
+    ``create_app``); on ``sock`` when given (``listening_socket``), else on ``host``:``port``; HTTPS with
+    ``ssl_keyfile`` and ``ssl_certfile`` (PEM files, uvicorn's)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -459,9 +502,27 @@ def run_server(
                 os._exit(130)
             super().handle_exit(sig, frame)
 
-    app = create_app(engine, model_name, chat_template=chat_template, api_key=api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    check_tls(ssl_keyfile, ssl_certfile)
+    app = create_app(engine, model_name, chat_template=chat_template, api_key=api_key, allowed_origins=allowed_origins)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=None,
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
+    )
     Server(config).run(sockets=None if sock is None else [sock])
 
 
-__all__ = ["create_app", "listening_socket", "load_engine", "run_server", "EngineThread", "LatentRTError"]
+__all__ = [
+    "check_origins",
+    "check_tls",
+    "create_app",
+    "listening_socket",
+    "load_engine",
+    "run_server",
+    "EngineThread",
+    "LatentRTError",
+]

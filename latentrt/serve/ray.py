@@ -28,7 +28,13 @@ def build_app():
 
     cfg = json.loads(os.environ[CONFIG_ENV])
     engine = load_engine(cfg["model"], **cfg["load"], **cfg["engine"])
-    return create_app(engine, cfg["name"], chat_template=cfg.get("chat_template"), api_key=cfg.get("api_key"))
+    return create_app(
+        engine,
+        cfg["name"],
+        chat_template=cfg.get("chat_template"),
+        api_key=cfg.get("api_key"),
+        allowed_origins=cfg.get("allowed_origins"),
+    )
 
 
 def _absolute(path: str | None) -> str | None:
@@ -49,6 +55,7 @@ def replica_config(
     generation_config: dict | None = None,
     chat_template: str | None = None,
     api_key: str | None = None,
+    allowed_origins: list[str] | None = None,
     **engine_kw,
 ) -> dict:
     """What a replica's ``build_app`` reads (JSON): the model and its loading options, the engine's, the name
@@ -70,6 +77,7 @@ def replica_config(
         "engine": engine_kw,
         "chat_template": _absolute(chat_template),
         "api_key": api_key,
+        "allowed_origins": allowed_origins,
     }
 
 
@@ -81,13 +89,12 @@ def application(
     num_gpus: float = 0,
     **options,
 ):
-    """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same
-    options serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``,
-    ``weights``, ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and
-    ``--override-generation-config``, ``chat_template`` (a file's path), ``api_key``, and the rest to each
-    ``Engine``: max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling,
-    max_num_steps); the resources
-    to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
+    """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same options
+    serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``, ``weights``,
+    ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and ``--override-generation-config``,
+    ``chat_template`` (a file's path), ``api_key``, ``allowed_origins``, and the rest to each ``Engine``:
+    max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling, max_num_steps); the
+    resources to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
     from ray import serve
 
     cfg = replica_config(model, **options)
@@ -118,11 +125,13 @@ def check_before_starting(args) -> None:
     from ..errors import InputError
     from ..loader import parse_dtype, read_model_config
     from ..options import generation_defaults
-    from .app import listening_socket
+    from .app import check_origins, listening_socket
     from .engine import checked_defaults
 
     check_counts(args)
     api_key_from(args.api_key)
+    if args.allowed_origins is not None:
+        check_origins(args.allowed_origins)
     load = model_options(args)
     folder, _, family = read_model_config(args.model, args.revision, **load["hf_overrides"])
     if args.dtype is not None:  # (the device is the replicas': a GPU node's, perhaps not this one's)
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             generation_config=json_object(args.override_generation_config, "--override-generation-config"),
             chat_template=args.chat_template,
             api_key=api_key_from(args.api_key),
+            allowed_origins=args.allowed_origins,
             **engine_options(args),
         )
         serve.run(app, route_prefix="/")
