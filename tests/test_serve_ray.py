@@ -224,6 +224,7 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
         generation_config={"num_steps": 3},
         chat_template="t.jinja",
         api_key="k3y",
+        allowed_origins=["https://app.example"],
         max_batch=4,
         scheduler="token",
     )
@@ -249,7 +250,7 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
         ),
         "engine": "engine",
         "name": "tiny",
-        "app": dict(chat_template=str(tmp_path / "t.jinja"), api_key="k3y"),
+        "app": dict(chat_template=str(tmp_path / "t.jinja"), api_key="k3y", allowed_origins=["https://app.example"]),
     }
     for model in ("builtin:recurrent", "tomg-group-umd/huginn-0125"):
         plain = serve_ray.replica_config(model)

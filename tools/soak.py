@@ -67,6 +67,7 @@ from latentrt.exits import CRITERIA
 from latentrt.families import family_for
 from latentrt.options import GenerateOptions
 from latentrt.serve.engine import SCHEDULERS, Engine
+from latentrt.structured import compile_grammar
 from latentrt.token_constraints import NAMES as TOKEN_CONSTRAINTS
 
 from . import case_parser, parsed_checks, warnings_silenced, wrapped
@@ -103,7 +104,7 @@ def takes_structured(model) -> bool:
     """Whether the model's tokenizer is one llguidance reads (and llguidance is installed): else its draws would
     all be refused."""
     try:
-        latentrt.generate(model, [1], max_new_tokens=1, guided_regex="a", stop=[0])
+        compile_grammar(GenerateOptions(guided_regex="a"), model.tokenizer, model.config.vocab_size, [0])
     except InputError:
         return False
     return True
