@@ -50,11 +50,14 @@ class ChatOptions:
     """How a conversation is rendered: transformers' ``apply_chat_template`` arguments, vLLM's chat request
     fields. ``add_generation_prompt``: end with the header of a new assistant turn; ``continue_final_message``:
     end inside the last message instead, for the model to continue it (an assistant prefix); the two exclude
-    each other. ``template_kwargs``: more template variables (vLLM's ``chat_template_kwargs``)."""
+    each other. ``template_kwargs``: more template variables (vLLM's ``chat_template_kwargs``). ``tools``: the
+    functions the model may call, as the template's ``tools`` (OpenAI's ``{"type": "function", "function":
+    {...}}`` objects, as transformers passes them)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict | None = None
+    tools: list | None = None
 
     def validate(self) -> None:
         for name in ("add_generation_prompt", "continue_final_message"):
@@ -65,6 +68,10 @@ class ChatOptions:
                 "continue_final_message and add_generation_prompt cannot both be true: the first continues the "
                 "last message, the second starts a new assistant turn (set add_generation_prompt to false)"
             )
+        if self.tools is not None and (
+            not isinstance(self.tools, list) or not all(isinstance(t, dict) for t in self.tools)
+        ):
+            raise InputError(f"tools must be a list of objects (JSON schemas of functions), got {self.tools!r:.200}")
         kwargs = self.template_kwargs
         if kwargs is None:
             return
@@ -180,14 +187,22 @@ def _unusable(problem: str) -> ChatTemplate:
 
 
 def check_messages(messages: object) -> list[dict]:
-    """OpenAI chat messages: a non-empty list of {"role": str, "content": str or text parts}."""
+    """OpenAI chat messages: a non-empty list of {"role": str, "content": str or text parts}; an assistant message
+    with ``tool_calls`` may have no content (None), and its calls' JSON ``arguments`` reach the template as
+    objects (vLLM's rule: templates render them with ``tojson``)."""
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InputError(f"messages[{i}] must be an object with a string 'role'")
+        check_unicode(f"messages[{i}].role", m["role"])
         content = m.get("content")
+        if "tool_calls" in m and m["tool_calls"] is not None:
+            m = {**m, "tool_calls": _tool_calls(m["tool_calls"], i)}
+            if content is None:
+                out.append(m)
+                continue
         if isinstance(content, list):  # content parts: text only, joined by newlines as vLLM joins them
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
@@ -198,9 +213,30 @@ def check_messages(messages: object) -> list[dict]:
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InputError(f"messages[{i}].content must be a string or a list of text parts")
-        check_unicode(f"messages[{i}].role", m["role"])
         check_unicode(f"messages[{i}].content", content)
         out.append({**m, "content": content})
+    return out
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's ``tool_calls``: {"id", "type": "function", "function": {"name", "arguments": JSON
+    text}} each, the arguments parsed (an object, as templates expect)."""
+    if not isinstance(calls, list):
+        raise InputError(f"messages[{i}].tool_calls must be a list of calls, got {calls!r:.200}")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InputError(
+                f"messages[{i}].tool_calls[{j}] must be {{'type': 'function', 'function': {{'name', ...}}}}"
+            )
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json_loads(arguments)
+            except ValueError as exc:
+                raise InputError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {exc}") from None
+        out.append({**call, "function": {**fn, "arguments": arguments}})
     return out
 
 
@@ -284,6 +320,8 @@ def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans
     options.validate()
     messages = check_messages(messages)
     final = messages[-1]["content"]
+    if options.continue_final_message and not isinstance(final, str):
+        raise InputError("continue_final_message: the final message has no text content to continue")
     if options.continue_final_message:  # transformers: tag the final message, cut the text where the tag is
         messages = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE_TAG}]
     import jinja2
@@ -291,7 +329,7 @@ def _render(template: ChatTemplate | None, messages, options: ChatOptions, spans
     variables = {**template.token_variables(), **(options.template_kwargs or {})}
     variables.update(
         messages=messages,
-        tools=None,  # as transformers passes them without tools / documents: "is defined", and none
+        tools=options.tools,  # (as transformers passes them: None without tools, "is defined" either way)
         documents=None,
         add_generation_prompt=options.add_generation_prompt,
     )
@@ -409,12 +447,14 @@ def apply_chat_template(
     *,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    tools: list[dict] | None = None,
     **template_kwargs,
 ) -> list[int]:
     """The prompt ids of a conversation (OpenAI-style ``messages``) for ``model``, as HF's
     ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` gives them and the server's chat
     route runs them: ``generate(model, apply_chat_template(model, messages))``. ``template``: as
     ``chat_template_for``'s; ``continue_final_message=True`` (with ``add_generation_prompt=False``) ends inside
-    the last message, for the model to continue it; other keywords are template variables (as HF's)."""
-    options = ChatOptions(add_generation_prompt, continue_final_message, template_kwargs or None)
+    the last message, for the model to continue it; ``tools``: the functions the template shows the model (HF's
+    ``tools``, as JSON schemas); other keywords are template variables (as HF's)."""
+    options = ChatOptions(add_generation_prompt, continue_final_message, template_kwargs or None, tools)
     return chat_prompt_ids(chat_template_for(model, template), model.tokenizer, messages, options)

@@ -279,8 +279,8 @@ async def _handle(served: Served, request: Request, chat: bool):
         return _error(503, str(exc), "server_shutting_down")
     rid = new_id("chatcmpl" if chat else "cmpl")
     if parsed.stream:
-        return await _stream(served, request, rid, reqs, events, chat, parsed.include_usage, parsed.prompt_index)
-    return await _complete(served, request, rid, reqs, events, chat, parsed.prompt_index)
+        return await _stream(served, request, rid, reqs, events, chat, parsed)
+    return await _complete(served, request, rid, reqs, events, chat, parsed)
 
 
 async def _next_event(served: Served, request: Request, reqs, events: asyncio.Queue):
@@ -295,7 +295,7 @@ async def _next_event(served: Served, request: Request, reqs, events: asyncio.Qu
                 return None
 
 
-async def _complete(served: Served, request: Request, rid: str, reqs, events, chat: bool, prompt_index: list[int]):
+async def _complete(served: Served, request: Request, rid: str, reqs, events, chat: bool, parsed):
     open_ = len(reqs)
     while open_:
         got = await _next_event(served, request, reqs, events)
@@ -308,13 +308,17 @@ async def _complete(served: Served, request: Request, rid: str, reqs, events, ch
         for r in reqs:
             served.engine.cancel(r)
         return _error(*failure(failed[0].error))
-    return JSONResponse(completion_body(rid, served.model_name, reqs, chat, served.text_of, prompt_index))
+    body = completion_body(
+        rid, served.model_name, reqs, chat, served.text_of, parsed.prompt_index, tool_choice=parsed.tool_choice
+    )
+    return JSONResponse(body)
 
 
-async def _stream(
-    served: Served, request: Request, rid: str, reqs, events, chat: bool, include_usage: bool, prompt_index: list[int]
-):
+async def _stream(served: Served, request: Request, rid: str, reqs, events, chat: bool, parsed):
     engine, model_name = served.engine, served.model_name
+    include_usage, prompt_index = parsed.include_usage, parsed.prompt_index
+    # (with a tool choice each choice's text goes out as its calls' deltas: serve/tools.py)
+    calls = None if parsed.tool_choice is None else [parsed.tool_choice.stream() for _ in reqs]
     first = await _next_event(served, request, reqs, events)
     if first is None:
         return _error(499, "client closed the request")
@@ -334,12 +338,25 @@ async def _stream(
                     yield sse(chunk_body(rid, model_name, i, True, role=True))
             while True:
                 i, ev = got
-                if ev.kind == "token":
+                delta = None if calls is None or ev.kind not in ("token", "text") else calls[i].delta(ev.text or "")
+                if calls is not None and ev.kind == "token":  # (a call's deltas; its token and log-prob still)
+                    yield sse(
+                        chunk_body(rid, model_name, i, chat, event=ev, token_text=served.text_of, delta=delta or {})
+                    )
+                elif calls is not None and ev.kind == "text":
+                    if delta is not None:
+                        yield sse(chunk_body(rid, model_name, i, chat, delta=delta))
+                elif ev.kind == "token":
                     yield sse(chunk_body(rid, model_name, i, chat, text=ev.text, event=ev, token_text=served.text_of))
                 elif ev.kind == "text":  # held back while it might have begun a stop string
                     yield sse(chunk_body(rid, model_name, i, chat, text=ev.text))
                 elif ev.kind == "done":
-                    yield sse(chunk_body(rid, model_name, i, chat, finish=reqs[i].finish_reason))
+                    finish = reqs[i].finish_reason
+                    if calls is not None:
+                        last, finish = calls[i].end(finish)
+                        if last is not None:
+                            yield sse(chunk_body(rid, model_name, i, chat, delta=last))
+                    yield sse(chunk_body(rid, model_name, i, chat, finish=finish))
                     open_ -= 1
                 else:
                     yield sse(error_body(*failure(reqs[i].error)[1:]))

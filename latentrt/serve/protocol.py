@@ -1,19 +1,20 @@
 """The OpenAI completions and chat protocol: request bodies -> generate() options, results -> responses.
 
 No web framework here (app.py is the HTTP layer). Every field is checked: an unknown one, or an OpenAI feature
-latentrt does not implement (``suffix``, tools) set to anything but its neutral value, is an InputError naming it
-(HTTP 400); option values are checked by generate()'s own validation, so the messages are the Python API's.
-Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with ``top_logprobs: k``) are the model's
-distribution's (log-softmax of the logits, before temperature and top-k/p), each token's and the k most likely
-tokens' (serve/engine.py); completions' ``echo`` repeats the prompt, and with ``logprobs`` scores its tokens too
-(recurrent depth: one forward at ``num_steps``). latentrt's options are extra body fields with their generate()
-names (``num_steps``, ``adaptive``, ``exit_criterion``, ``exit_threshold``, ``kv_sharing``, ``num_thoughts``...),
-and vLLM's extra fields where latentrt has the option (``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-``repetition_penalty``, ``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``,
-``bad_words``, ``guided_choice``, ``guided_json``, ``guided_regex``, ``guided_grammar`` or the same as
-``structured_outputs: {"choice": [...]}`` and its ``json``, ``regex``, ``grammar``, ``json_object``; OpenAI's
-``response_format`` JSON modes are ``guided_json``). ``n`` > 1 or a list of prompts run as separate requests; with a
-``seed``, choice i uses seed + i, as sequence i of a generate() batch does.
+latentrt does not implement (``suffix``; tools on the completions route) set to anything but its neutral value, is
+an InputError naming it (HTTP 400); option values are checked by generate()'s own validation, so the messages are
+the Python API's. Log-probabilities (completions ``logprobs: k``, chat ``logprobs: true`` with ``top_logprobs: k``)
+are the model's distribution's (log-softmax of the logits, before temperature and top-k/p), each token's and the k
+most likely tokens' (serve/engine.py); completions' ``echo`` repeats the prompt, and with ``logprobs`` scores its
+tokens too (recurrent depth: one forward at ``num_steps``). latentrt's options are extra body fields with their
+generate() names (``num_steps``, ``adaptive``, ``exit_criterion``, ``exit_threshold``, ``kv_sharing``,
+``num_thoughts``...), and vLLM's extra fields where latentrt has the option (``min_tokens``, ``stop_token_ids``,
+``ignore_eos``, ``repetition_penalty``, ``min_p``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``allowed_token_ids``, ``bad_words``, ``guided_choice``, ``guided_json``, ``guided_regex``, ``guided_grammar`` or
+the same as ``structured_outputs: {"choice": [...]}`` and its ``json``, ``regex``, ``grammar``, ``json_object``;
+OpenAI's ``response_format`` JSON modes are ``guided_json``). ``n`` > 1 or a list of prompts run as separate
+requests; with a ``seed``, choice i uses seed + i, as sequence i of a generate() batch does. Chat's ``tools`` and
+``tool_choice``: serve/tools.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from ..families import FAMILIES
 from ..logprobs import MAX_TOP_LOGPROBS
 from ..prompts import encode_text
 from ..sampling import MAX_SEED
+from ..structured import GUIDED
+from .tools import ToolChoice, parse_tools
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
 # decoder names them), and the sampling / stopping options the OpenAI body has no field for
@@ -95,6 +98,7 @@ class Parsed:
     score_only: bool = False  # echo with max_tokens 0: no token is generated
     openai_defaults: dict = field(default_factory=dict)  # OpenAI's value of each option the request left out
     prompt_index: list[int] = field(default_factory=list)  # per choice: its prompt's index in the request
+    tool_choice: ToolChoice | None = None  # chat: the functions one of which the answer calls (serve/tools.py)
     # generate()'s option names -> the request's fields for them, for its errors: "max_tokens must be ..."
     field_names: dict[str, str] = field(default_factory=dict)
 
@@ -104,14 +108,16 @@ class Parsed:
         return len(set(self.prompt_index)) > 1
 
 
-def _check_fields(body, allowed: set[str], what: str) -> dict:
+def _check_fields(body, allowed: set[str], what: str, taken: tuple[str, ...] = ()) -> dict:
+    """``body`` with only the ``allowed`` fields, and those of ``NEUTRAL`` but the route's ``taken`` ones at their
+    neutral values."""
     if not isinstance(body, dict):
         raise InputError(f"the request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InputError(f"unknown field(s) {unknown} for {what}; latentrt options: {list(LATENT_FIELDS)}")
     for name, accepted in NEUTRAL.items():
-        if name in body and body[name] not in accepted:
+        if name in body and name not in taken and body[name] not in accepted:
             raise InputError(f"{name}={body[name]!r} is not supported by latentrt (leave it out)")
     return body
 
@@ -348,25 +354,34 @@ def parse_completion(body) -> Parsed:
 
 def chat_options(body: dict) -> ChatOptions:
     """How a request's conversation is rendered: vLLM's add_generation_prompt (true), continue_final_message
-    (false) and chat_template_kwargs."""
+    (false) and chat_template_kwargs, and the tools the template shows."""
+    tools = body.get("tools") or None
     return ChatOptions(
         body.get("add_generation_prompt", True),
         body.get("continue_final_message", False),
         body.get("chat_template_kwargs"),
+        None if tools is None else list(tools),
     )
 
 
 def parse_chat(body, template, tokenizer) -> Parsed:
     """A /v1/chat/completions body: the conversation rendered with the model's chat template (chat.py),
     tokenized without adding special tokens (the template places them)."""
-    body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions", taken=("tools", "tool_choice"))
+    tool_choice = parse_tools(body)
     ids = chat_prompt_ids(template, tokenizer, body.get("messages"), chat_options(body))
     stream = _flag(body, "stream")
     # max_completion_tokens, else the deprecated max_tokens (a null one is absent, as vLLM reads it)
     old_name = body.get("max_completion_tokens") is None and body.get("max_tokens") is not None
     given = "max_tokens" if old_name else "max_completion_tokens"
     opts, n = _options(body, body.get(given))
+    if tool_choice is not None and tool_choice.calls:
+        guided = [name for name in GUIDED if opts.get(name) is not None]
+        if guided:
+            raise InputError(f"tool_choice sets the structured output (the call's arguments): drop {guided[0]}")
+        opts["guided_json"] = tool_choice.guided_json()
     parsed = _per_choice([ids], opts, n)
+    parsed.tool_choice = tool_choice if tool_choice is not None and tool_choice.calls else None
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
     parsed.field_names = dict(RENAMED, max_new_tokens=given)
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
@@ -466,8 +481,17 @@ def logprobs_body(entries, chat: bool, text) -> dict:
     }
 
 
-def completion_body(rid: str, model: str, reqs, chat: bool, text=str, prompt_index: list[int] | None = None) -> dict:
-    """The response to a request that is not streamed; ``text``: token id -> text, for log-probs."""
+def completion_body(
+    rid: str,
+    model: str,
+    reqs,
+    chat: bool,
+    text=str,
+    prompt_index: list[int] | None = None,
+    tool_choice: ToolChoice | None = None,
+) -> dict:
+    """The response to a request that is not streamed; ``text``: token id -> text, for log-probs; with
+    ``tool_choice``, each message holds the calls its text makes."""
     choices = []
     for i, r in enumerate(reqs):
         c = {"index": i, "finish_reason": r.finish_reason, "latentrt": choice_extras(r)}
@@ -478,6 +502,8 @@ def completion_body(rid: str, model: str, reqs, chat: bool, text=str, prompt_ind
         logprobs = logprobs_body(entries, chat, text) if r.top_logprobs is not None else None
         if chat:
             c["message"] = {"role": "assistant", "content": r.text}
+            if tool_choice is not None:
+                c["message"], c["finish_reason"] = tool_choice.message(r.text, r.finish_reason)
             c["logprobs"] = logprobs
         else:
             c.update(text=r.prompt_text + r.echo_separator + r.text if r.echo else r.text, logprobs=logprobs)
@@ -493,12 +519,24 @@ def completion_body(rid: str, model: str, reqs, chat: bool, text=str, prompt_ind
 
 
 def chunk_body(
-    rid: str, model: str, index: int, chat: bool, *, text=None, event=None, finish=None, role=False, token_text=str
+    rid: str,
+    model: str,
+    index: int,
+    chat: bool,
+    *,
+    text=None,
+    event=None,
+    finish=None,
+    role=False,
+    token_text=str,
+    delta: dict | None = None,
 ):
-    """One server-sent event's object of a stream (``token_text``: token id -> text, for log-probs)."""
+    """One server-sent event's object of a stream (``token_text``: token id -> text, for log-probs; ``delta``:
+    a chat chunk's delta in place of its text's, a tool call's)."""
     if chat:
         # the first chunk names the role with empty content, as OpenAI's and vLLM's first chunk does
-        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        if delta is None:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
         choice = {"index": index, "delta": delta, "finish_reason": finish}
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}

@@ -1,0 +1,212 @@
+"""latentrt/serve/tools.py: OpenAI function calling on the chat route through the official client. A named or
+required tool choice makes the answer calls whose arguments follow the functions' schemas (structured outputs),
+each choice's tokens those of generate() alone on the prompt the template renders with the tools and the
+schema vLLM asks; streamed as OpenAI streams calls; 'none' answers text; 'auto' and bad tools are 400s."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_recurrent
+from test_structured import TOKENIZER
+
+import latentrt
+from latentrt.chat import ChatTemplate
+from latentrt.serve.tools import ToolChoice
+
+pytest.importorskip("llguidance")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+TEMPLATE = ChatTemplate(
+    "{% if tools %}functions: {% for t in tools %}{{ t.function.name }} {% endfor %}. {% endif %}"
+    "{% for m in messages %}{{ m.role }}: {% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}call {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
+    " . {% endfor %}assistant:"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}  # (no parameters: an empty object)
+CHAT = [{"role": "user", "content": "Alex is"}]
+COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
+STEPS = {"stop_token_ids": [0], "num_steps": 3, "init_scale": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tool_server():
+    from test_server import serving
+
+    model = tiny_recurrent(seed=3, vocab_size=TOKENIZER.get_vocab_size(), block_size=256)  # (room for the tools)
+    model.tokenizer = TOKENIZER
+    with serving(model, template=TEMPLATE, max_batch=4) as (url, engine):
+        yield url, model
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def alone(model, tools, schema, messages=CHAT, **kw):
+    """generate() alone on the conversation rendered with ``tools``, its text held to ``schema``."""
+    prompt = latentrt.apply_chat_template(model, messages, TEMPLATE, tools=tools)
+    options = dict(stop=[0], num_steps=3, init_scale=0.0, disable_any_whitespace=True, **kw)
+    return latentrt.generate(model, prompt, guided_json=schema, **options)
+
+
+def test_a_named_function_is_called_with_arguments_of_its_schema(tool_server):
+    url, model = tool_server
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    args = dict(model="tiny", messages=CHAT, max_tokens=40, temperature=0.8, seed=3)
+    r = client(url).chat.completions.create(
+        tools=[WEATHER, CLOCK], tool_choice=named, extra_body=dict(STEPS, **COMPACT), **args
+    )
+    choice = r.choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "stop" and choice.message.content is None  # (OpenAI's, for a forced call)
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert arguments["city"] in ("Paris", "Rome") and set(arguments) <= {"city", "days"}
+    want = alone(model, [WEATHER, CLOCK], WEATHER["function"]["parameters"], max_new_tokens=40, temperature=0.8, seed=3)
+    assert choice.latentrt["token_ids"] == want.tokens and call.function.arguments == want.text
+    plain = latentrt.apply_chat_template(model, CHAT, TEMPLATE)
+    assert r.usage.prompt_tokens == len(latentrt.apply_chat_template(model, CHAT, TEMPLATE, tools=[WEATHER, CLOCK]))
+    assert r.usage.prompt_tokens > len(plain)  # the template showed the tools
+
+    # streamed: the call's id and name first, its arguments as they come; the same call
+    stream = client(url).chat.completions.create(
+        tools=[WEATHER, CLOCK], tool_choice=named, extra_body=dict(STEPS, **COMPACT), stream=True, **args
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices and c.choices[0].delta.tool_calls]
+    first = deltas[0].tool_calls[0]
+    assert first.id.startswith("call_") and first.function.name == "get_weather" and first.type == "function"
+    assert all(d.tool_calls[0].id is None and d.tool_calls[0].index == 0 for d in deltas[1:])
+    assert "".join(d.tool_calls[0].function.arguments for d in deltas) == call.function.arguments
+
+
+def test_required_calls_name_functions_of_the_tools_with_their_schemas(tool_server):
+    url, model = tool_server
+    args = dict(model="tiny", messages=CHAT, max_tokens=60, temperature=1.0, seed=5)
+    tools = [WEATHER, CLOCK]
+    r = client(url).chat.completions.create(
+        tools=tools, tool_choice="required", extra_body=dict(STEPS, **COMPACT), **args
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert arguments["city"] in ("Paris", "Rome")
+        else:
+            assert call.function.name == "get_time" and isinstance(arguments, dict)
+    schema = ToolChoice(tuple(tools), required=True).guided_json()
+    assert schema["minItems"] == 1 and "maxItems" not in schema
+    want = alone(model, tools, schema, max_new_tokens=60, temperature=1.0, seed=5)
+    assert choice.latentrt["token_ids"] == want.tokens
+    made = json.loads(want.text)
+    assert [c.function.name for c in choice.message.tool_calls] == [c["name"] for c in made]
+    assert [json.loads(c.function.arguments) for c in choice.message.tool_calls] == [c["parameters"] for c in made]
+
+    stream = client(url).chat.completions.create(
+        tools=tools, tool_choice="required", extra_body=dict(STEPS, **COMPACT), stream=True, **args
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    got = [(c.index, c.function.name, c.function.arguments) for c in deltas[0].tool_calls]
+    assert got == [(k, c.function.name, c.function.arguments) for k, c in enumerate(choice.message.tool_calls)]
+
+    one = ToolChoice(tuple(tools), required=True, parallel=False).guided_json()
+    r = client(url).chat.completions.create(
+        tools=tools, tool_choice="required", parallel_tool_calls=False, extra_body=dict(STEPS, **COMPACT), **args
+    )
+    assert one["maxItems"] == 1 and len(r.choices[0].message.tool_calls) == 1
+    assert (
+        r.choices[0].latentrt["token_ids"]
+        == alone(model, tools, one, max_new_tokens=60, temperature=1.0, seed=5).tokens
+    )
+
+
+def test_none_answers_text_with_the_tools_shown_and_a_history_of_calls_renders(tool_server):
+    url, model = tool_server
+    r = client(url).chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=4, tools=[WEATHER], tool_choice="none", extra_body=STEPS
+    )
+    assert isinstance(r.choices[0].message.content, str) and not r.choices[0].message.tool_calls
+    history = [
+        *CHAT,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    ids = httpx.post(url + "/tokenize", json={"model": "tiny", "messages": history}).json()["tokens"]
+    text = model.tokenizer.decode(ids)
+    assert 'assistant: call get_weather {"city": "Rome"} . tool: sunny . assistant:' in text  # (arguments an object)
+    r = client(url).chat.completions.create(
+        model="tiny", messages=history, max_tokens=4, tools=[WEATHER], tool_choice="none", extra_body=STEPS
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_call_cut_by_max_tokens_keeps_its_text(tool_server):
+    url, model = tool_server
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    body = dict(model="tiny", messages=CHAT, max_tokens=3, tools=[WEATHER], extra_body=dict(STEPS, **COMPACT))
+    r = client(url).chat.completions.create(tool_choice=named, **body)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls[0].function.arguments
+    r = client(url).chat.completions.create(tool_choice="required", **body)
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content.startswith("[")
+
+
+def test_bad_tools_and_choices_are_400s(tool_server):
+    url, _ = tool_server
+    h = httpx.Client(base_url=url)
+    base = dict(model="tiny", messages=CHAT, max_tokens=2, **STEPS)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for bad, message in [
+        (dict(tools=[WEATHER]), "tool_choice 'auto' (the default with tools) needs a parser"),
+        (dict(tools=[WEATHER], tool_choice="auto"), "give tool_choice 'required' or"),
+        (dict(tool_choice="required"), "tool_choice 'required' needs tools"),
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "x"}}), "names 'x', which is"),
+        (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice must be 'none', 'auto', 'required' or"),
+        (dict(tools=[{"type": "function"}], tool_choice="none"), "tools[0] must be {'type': 'function', 'function'"),
+        (dict(tools=[{"type": "function", "function": {"x": 1}}], tool_choice="none"), "tools[0].function takes"),
+        (dict(tools=[{"type": "code", "function": {}}], tool_choice="none"), "tools[0] must be {'type': 'function'"),
+        (dict(tools=[WEATHER, WEATHER], tool_choice="none"), "tools[1]: a second function named 'get_weather'"),
+        (dict(tools=[{"type": "function", "function": {"name": "a b"}}], tool_choice="none"), "must be 1-64 letters"),
+        (dict(tools=[{"type": "function", "function": {"name": "a", "parameters": 3}}], tool_choice="none"), "a JSON"),
+        (dict(tools=WEATHER, tool_choice="none"), "tools must be a list of"),
+        (dict(tools=[WEATHER] * 129, tool_choice="none"), "tools takes at most 128 functions, got 129"),
+        (dict(tools=[WEATHER], tool_choice=named, parallel_tool_calls="yes"), "parallel_tool_calls must be true or"),
+        (dict(tools=[WEATHER], tool_choice=named, guided_regex="a"), "tool_choice sets the structured output"),
+        (
+            dict(messages=[{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]),
+            "messages[0].tool_calls[0].function.arguments is not JSON",
+        ),
+        (dict(messages=[{"role": "assistant", "tool_calls": 3}]), "messages[0].tool_calls must be a list of calls"),
+    ]:
+        got = h.post("/v1/chat/completions", json=dict(base, **bad))
+        assert got.status_code == 400 and message in got.json()["error"]["message"], (bad, got.text)
+    got = h.post("/v1/completions", json=dict(model="tiny", prompt="a", max_tokens=2, tools=[WEATHER]))
+    assert got.status_code == 400 and "tools=" in got.json()["error"]["message"]
