@@ -129,6 +129,23 @@ def test_sampled_tokens_stay_in_the_language_and_a_batch_equals_each_prompt_alon
         assert alone.tokens == tokens
 
 
+def test_a_row_is_asked_once_per_token_and_never_after_it_stopped(monkeypatch):
+    """A sequence of a batch that stopped is asked nothing more (its matcher would be fed the tokens a stopped
+    row gets, none of which its grammar allowed): each row's grammar is asked once per token it generates."""
+    from latentrt.structured import GrammarState
+
+    asked: list[int] = []
+    original = GrammarState._allowed
+    monkeypatch.setattr(GrammarState, "_allowed", lambda self, gen: asked.extend(gen) or original(self, gen))
+    model, kw = make("recurrent", seed=5)
+    out = latentrt.generate(
+        model, ["Alex is", "Every", "Was"], **kw, max_new_tokens=24, temperature=1.5, seed=2, guided_regex=REGEX
+    )
+    lengths = [len(t) for t in out.tokens]
+    assert len(set(lengths)) > 1 and out.finish_reasons == ["stop"] * 3  # (rows stop at different tokens)
+    assert [asked.count(b) for b in range(3)] == lengths
+
+
 def test_a_stream_gives_the_same_tokens_and_text():
     model, kw = make("recurrent")
     kw = dict(kw, max_new_tokens=24, guided_regex=REGEX)
