@@ -91,34 +91,32 @@ def _llguidance():
 
 
 # llguidance's compiler recurses as deep as a grammar's rules nest: a chain of 3,000 rules (or of JSON schema
-# ``$ref``s) overflows a thread's 8 MB of stack and kills the process. Every llguidance call runs on one thread with
+# ``$ref``s) overflows a thread's 8 MB of stack and kills the process. Every llguidance call runs on a thread with
 # 512 MB of stack (address space, touched only as deep as a grammar goes), enough for any grammar of
-# MAX_GRAMMAR_CHARS (a 62,000-rule chain of 0.9 MB compiles in 0.5 s on it).
+# MAX_GRAMMAR_CHARS (a 62,000-rule chain of 0.9 MB compiles in 0.5 s on it). Two such threads: one compiles the
+# grammars of requests being submitted (and their first allowed sets, seconds for a pathological grammar), one
+# follows the running sequences (each token's set), so a request's compile never holds up the others' tokens.
 STACK_BYTES = 512 << 20
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
+WORKERS = ("compile", "step")
+_workers: dict[str, ThreadPoolExecutor] = {}
+_workers_lock = threading.Lock()
 
 
-def _forget_worker() -> None:  # (a forked child has no such thread: it starts its own)
-    global _worker
-    _worker = None
+os.register_at_fork(after_in_child=_workers.clear)  # (a forked child has no such threads: it starts its own)
 
 
-os.register_at_fork(after_in_child=_forget_worker)
-
-
-def on_grammar_stack(fn, *args):
-    """``fn(*args)`` on the grammar thread (its exceptions raised here)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
+def on_grammar_stack(fn, *args, worker: str = "compile"):
+    """``fn(*args)`` on the ``worker`` grammar thread (its exceptions raised here)."""
+    with _workers_lock:
+        if worker not in _workers:
             old = threading.stack_size(STACK_BYTES)
             try:
-                _worker = ThreadPoolExecutor(1, thread_name_prefix="latentrt-grammar")
-                _worker.submit(int).result()  # (the thread starts now, with that stack)
+                _workers[worker] = ThreadPoolExecutor(1, thread_name_prefix=f"latentrt-grammar-{worker}")
+                _workers[worker].submit(int).result()  # (the thread starts now, with that stack)
             finally:
                 threading.stack_size(old)
-    return _worker.submit(fn, *args).result()
+        executor = _workers[worker]
+    return executor.submit(fn, *args).result()
 
 
 def _grammar(options) -> tuple[str, str]:
@@ -210,25 +208,37 @@ _BITS = torch.arange(8, dtype=torch.uint8, device="cpu")
 
 
 class GrammarState:
-    """Each sequence's state in a call's grammar: it follows the tokens the sequence generates."""
+    """Each sequence's state in a call's grammar: it follows the tokens the sequence generates. Made when the call
+    (or the served request) is, with the first allowed set: a grammar llguidance cannot start is an InputError
+    then, before any work, and a slow start is spent off the sequences' steps."""
 
     def __init__(self, grammar: Grammar, batch: int) -> None:
         self.grammar = grammar
-        self.matchers = on_grammar_stack(lambda: [grammar.matcher() for _ in range(batch)])
+        self.matchers, first = on_grammar_stack(self._start, batch)
         self.followed = [0] * batch  # how many of each sequence's new tokens its matcher has taken
-        self.last: list[Tensor | None] = [None] * batch  # the allowed set each was last given
+        self.last: list[Tensor | None] = [first] * batch  # the allowed set each was last given
         self.off = [False] * batch  # given a token its set had not (a row flagged with none: it raises)
+
+    def _start(self, batch: int) -> tuple[list, Tensor]:
+        matchers = [self.grammar.matcher() for _ in range(batch)]
+        return matchers, self._mask(matchers[0], 0)
 
     def allowed(self, generated: dict[int, Sequence[int]]) -> dict[int, Tensor]:
         """Each asked sequence's allowed next tokens [vocab] bool (on the host) after its new tokens
         (``generated``: sequence -> its new tokens); none after a token its last set had not. A token its set
-        had that llguidance then refuses (one of its limits hit: a regex of a million states) is an InputError."""
-        return on_grammar_stack(self._allowed, generated)
+        had that llguidance then refuses (one of its limits hit: a regex of a million states), or a set it cannot
+        compute, is an InputError."""
+        if all(not tokens for tokens in generated.values()):  # (the first token: the sets made with the state)
+            return {b: self.last[b] for b in generated}
+        return on_grammar_stack(self._allowed, generated, worker="step")
 
     def _allowed(self, generated: dict[int, Sequence[int]]) -> dict[int, Tensor]:
         out = {}
         for b, tokens in generated.items():
             m = self.matchers[b]
+            if not tokens:
+                out[b] = self.last[b]
+                continue
             for t in tokens[self.followed[b] :]:
                 if not self.off[b] and not m.consume_token(t):
                     if self.last[b] is not None and bool(self.last[b][t]):
@@ -238,11 +248,14 @@ class GrammarState:
             if self.off[b]:
                 out[b] = torch.zeros(self.grammar.vocab, dtype=torch.bool, device="cpu")
                 continue
-            packed = torch.frombuffer(bytearray(m.compute_bitmask()), dtype=torch.uint8)
-            if m.is_error():
-                self._gave_up(m, len(tokens))
-            out[b] = self.last[b] = ((packed[:, None] >> _BITS) & 1).flatten()[: self.grammar.vocab].bool()
+            out[b] = self.last[b] = self._mask(m, len(tokens))
         return out
+
+    def _mask(self, matcher, at: int) -> Tensor:
+        packed = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+        if matcher.is_error():
+            self._gave_up(matcher, at)
+        return ((packed[:, None] >> _BITS) & 1).flatten()[: self.grammar.vocab].bool()
 
     def _gave_up(self, matcher, at: int) -> None:
         error = _one_line(matcher.get_error(), "")

@@ -210,3 +210,31 @@ def test_bad_tools_and_choices_are_400s(tool_server):
         assert got.status_code == 400 and message in got.json()["error"]["message"], (bad, got.text)
     got = h.post("/v1/completions", json=dict(model="tiny", prompt="a", max_tokens=2, tools=[WEATHER]))
     assert got.status_code == 400 and "tools=" in got.json()["error"]["message"]
+
+
+def test_a_slow_grammar_compiles_off_the_event_loop_and_the_steps_of_others(tool_server):
+    """A grammar whose first allowed set takes llguidance seconds (a 20,000-rule chain, which it then refuses): the
+    request is a 400 naming it, and while it compiles the server answers others and streams go on (the compile
+    runs on a thread of its own, not on the event loop nor on the thread that follows running sequences)."""
+    import threading
+    import time
+
+    url, _ = tool_server
+    chain = "start: r0\n" + "\n".join(f'r{i}: r{i + 1} | "x"' for i in range(20_000)) + '\nr20000: "y"'
+    slow = dict(model="tiny", prompt="Alex", max_tokens=2, guided_grammar=chain, **STEPS)
+    answer = {}
+    sender = threading.Thread(
+        target=lambda: answer.update(r=httpx.post(url + "/v1/completions", json=slow, timeout=120))
+    )
+    started = time.time()
+    sender.start()
+    time.sleep(0.5)
+    quick = []
+    while sender.is_alive() and len(quick) < 5:
+        t = time.time()
+        r = httpx.post(url + "/v1/completions", json=dict(model="tiny", prompt="Alex", max_tokens=2, **STEPS))
+        assert r.status_code == 200
+        quick.append(time.time() - t)
+    sender.join()
+    assert answer["r"].status_code == 400 and "guided_grammar: llguidance stopped" in answer["r"].text
+    assert len(quick) >= 2 and max(quick) < (time.time() - started) / 2, quick  # (answered while it compiled)

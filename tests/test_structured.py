@@ -135,8 +135,8 @@ def test_a_row_is_asked_once_per_token_and_never_after_it_stopped(monkeypatch):
     from latentrt.structured import GrammarState
 
     asked: list[int] = []
-    original = GrammarState._allowed
-    monkeypatch.setattr(GrammarState, "_allowed", lambda self, gen: asked.extend(gen) or original(self, gen))
+    original = GrammarState.allowed
+    monkeypatch.setattr(GrammarState, "allowed", lambda self, gen: asked.extend(gen) or original(self, gen))
     model, kw = make("recurrent", seed=5)
     out = latentrt.generate(
         model, ["Alex is", "Every", "Was"], **kw, max_new_tokens=24, temperature=1.5, seed=2, guided_regex=REGEX

@@ -268,7 +268,10 @@ async def _handle(served: Served, request: Request, chat: bool):
             parsed = parse_completion(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        reqs = _submit_all(served, parsed, lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        on_event_for = lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev))  # noqa: E731
+        # (off the event loop: a request's validation, a long prompt's tokens or a grammar's compile take their
+        # time while the other requests' streams go on)
+        reqs = await asyncio.to_thread(_submit_all, served, parsed, on_event_for)
     except InputError as exc:
         return _error(400, str(exc))
     except LookupError as exc:
