@@ -238,3 +238,16 @@ def test_a_slow_grammar_compiles_off_the_event_loop_and_the_steps_of_others(tool
     sender.join()
     assert answer["r"].status_code == 400 and "guided_grammar: llguidance stopped" in answer["r"].text
     assert len(quick) >= 2 and max(quick) < (time.time() - started) / 2, quick  # (answered while it compiled)
+
+
+def test_the_offline_engine_chat_shows_the_tools_and_takes_a_schema(tool_server):
+    """``Engine.chat(..., tools=)`` (vLLM's ``LLM.chat``): the prompt the template renders with the tools, the
+    tokens of generate() alone with the schema a named call asks."""
+    from latentrt.serve import Engine
+
+    _, model = tool_server
+    schema = WEATHER["function"]["parameters"]
+    kw = dict(max_new_tokens=30, stop=[0], num_steps=3, init_scale=0.0, disable_any_whitespace=True)
+    (got,) = Engine(model).chat(CHAT, template=TEMPLATE, tools=[WEATHER], guided_json=schema, **kw)
+    assert got.tokens == alone(model, [WEATHER], schema, max_new_tokens=30).tokens
+    assert json.loads(got.text)["city"] in ("Paris", "Rome")

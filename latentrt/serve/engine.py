@@ -484,7 +484,7 @@ class Engine:
     def chat(self, conversations, options=None, **kwargs) -> list[GenerationResult]:
         """vLLM's offline ``LLM.chat``: each conversation (OpenAI-style messages; one, or a list of them) through
         the model's chat template (``template=``, ``add_generation_prompt=``, ``continue_final_message=``,
-        ``chat_template_kwargs=``: as ``apply_chat_template`` takes them), then ``generate``
+        ``chat_template_kwargs=``, ``tools=``: as ``apply_chat_template`` takes them), then ``generate``
         (latentrt/serve/offline.py)."""
         return chat_all(self, conversations, options, **kwargs)
 

@@ -90,12 +90,13 @@ def chat_all(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict | None = None,
+    tools: list[dict] | None = None,
     **kwargs,
 ) -> list[GenerationResult]:
-    """``Engine.chat`` (vLLM's ``LLM.chat``): each conversation (OpenAI-style messages; one conversation or a
-    list of them) rendered by the model's chat template as ``apply_chat_template`` renders it (the server's chat
-    route), then ``generate_all``. A conversation the template cannot render is an error naming its index,
-    before any runs."""
+    """``Engine.chat`` (vLLM's ``LLM.chat``): each conversation (OpenAI-style messages; one conversation or a list of
+    them) rendered by the model's chat template as ``apply_chat_template`` renders it (the server's chat route;
+    ``tools``: the functions it shows, vLLM's keyword), then ``generate_all``. A conversation the template
+    cannot render is an error naming its index, before any runs."""
     if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
         conversations = [conversations]  # (one conversation)
     if not isinstance(conversations, (list, tuple)) or not conversations:
@@ -114,6 +115,7 @@ def chat_all(
                     template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,
+                    tools=tools,
                     **(chat_template_kwargs or {}),
                 )
             )
