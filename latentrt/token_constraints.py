@@ -33,7 +33,7 @@ from .choices import ChoiceTrie, check_choices
 from .errors import InputError, check_unicode
 from .prompts import unknown_words
 from .structured import NAMES as GRAMMARS
-from .structured import GrammarState, check_structured, compile_grammar
+from .structured import Grammar, GrammarState, check_structured, compile_grammar
 from .structured import active as grammar_active
 
 NAMES = ("allowed_token_ids", "bad_words", "guided_choice", *GRAMMARS, "logits_processors")
@@ -107,8 +107,8 @@ class TokenConstraints:
     each sequence holds."""
 
     def __init__(
-        self, options, words: list[list[int]], choices: ChoiceTrie | None, grammar, ids: Tensor, mask: Tensor,
-        vocab: int, stop_ids: Sequence[int],
+        self, options, words: list[list[int]], choices: ChoiceTrie | None, grammar: Grammar | None, ids: Tensor,
+        mask: Tensor, vocab: int, stop_ids: Sequence[int],
     ) -> None:  # fmt: skip
         device, batch = ids.device, ids.shape[0]
         self.vocab = vocab
