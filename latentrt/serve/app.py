@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..chat import chat_template_for
 from ..errors import InputError, LatentRTError, PromptError, json_loads, renamed
 from ..version import __version__
+from . import responses
 from .engine import Engine, QueueFull, ShuttingDown, server_defaults
 from .protocol import (
     check_model,
@@ -169,6 +170,10 @@ def create_app(
     async def chat_completions(request: Request):
         return await _handle(request.app.state.served, request, chat=True)
 
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        return await _handle_responses(request.app.state.served, request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return await _quick(request.app.state.served, request, _tokenized)
@@ -259,13 +264,26 @@ def _submit_all(served: Served, parsed, on_event_for) -> list:
 
 
 async def _handle(served: Served, request: Request, chat: bool):
+    def parse(body):
+        return parse_chat(body, served.template, served.model.tokenizer) if chat else parse_completion(body)
+
+    submitted = await _submitted(served, request, parse)
+    if isinstance(submitted, JSONResponse):
+        return submitted
+    _, parsed, reqs, events = submitted
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    if parsed.stream:
+        return await _stream(served, request, rid, reqs, events, chat, parsed)
+    return await _complete(served, request, rid, reqs, events, chat, parsed)
+
+
+async def _submitted(served: Served, request: Request, parse):
+    """The request's body read, ``parse``d and submitted: (body, parsed, engine requests, their events' queue), or
+    the error response."""
     try:
         body = await _body_of(request)
         check_model(body, served.model_name)
-        if chat:
-            parsed = parse_chat(body, served.template, served.model.tokenizer)
-        else:
-            parsed = parse_completion(body)
+        parsed = parse(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         on_event_for = lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev))  # noqa: E731
@@ -280,10 +298,64 @@ async def _handle(served: Served, request: Request, chat: bool):
         return _error(429, str(exc), "rate_limit_exceeded", headers={"Retry-After": "1"})
     except ShuttingDown as exc:
         return _error(503, str(exc), "server_shutting_down")
-    rid = new_id("chatcmpl" if chat else "cmpl")
-    if parsed.stream:
-        return await _stream(served, request, rid, reqs, events, chat, parsed)
-    return await _complete(served, request, rid, reqs, events, chat, parsed)
+    return body, parsed, reqs, events
+
+
+async def _handle_responses(served: Served, request: Request):
+    """``/v1/responses``: the body as a chat request (serve/responses.py), answered as a response object or its
+    stream of typed events."""
+
+    def parse(body):
+        parsed = parse_chat(responses.to_chat(body), served.template, served.model.tokenizer)
+        parsed.field_names["max_new_tokens"] = "max_output_tokens"  # (its errors name the request's fields)
+        return parsed
+
+    submitted = await _submitted(served, request, parse)
+    if isinstance(submitted, JSONResponse):
+        return submitted
+    body, parsed, reqs, events = submitted
+    rid, req = responses.new_item_id("resp"), reqs[0]
+    if not parsed.stream:
+        while True:
+            got = await _next_event(served, request, reqs, events)
+            if got is None:
+                return _error(499, "client closed the request")
+            if got[1].kind in ("done", "error"):
+                break
+        if req.error is not None:
+            return _error(*failure(req.error))
+        output = responses.output_items(req, parsed.tool_choice)
+        return JSONResponse(responses.response_body(rid, served.model_name, body, int(time.time()), req, output))
+    stream = responses.ResponseEvents(rid, served.model_name, body, parsed.tool_choice)
+
+    async def events_out():
+        try:
+            for event in stream.start():
+                yield _sse(event)
+            while True:
+                got = await _next_event(served, request, reqs, events)
+                if got is None:
+                    return
+                ev = got[1]
+                if ev.kind in ("token", "text"):
+                    for event in stream.delta(ev.text or ""):
+                        yield _sse(event)
+                elif ev.kind == "done":
+                    for event in stream.end(req):
+                        yield _sse(event)
+                    return
+                else:
+                    yield _sse(stream.error(*failure(req.error)))
+                    return
+        finally:
+            if not req.finished:  # (a client gone mid-stream: its request ends)
+                served.engine.cancel(req)
+
+    return StreamingResponse(events_out(), media_type="text/event-stream")
+
+
+def _sse(obj: dict) -> str:
+    return f"event: {obj['type']}\ndata: {json.dumps(obj)}\n\n"
 
 
 async def _next_event(served: Served, request: Request, reqs, events: asyncio.Queue):
