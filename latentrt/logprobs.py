@@ -27,9 +27,11 @@ class TokenLogprob:
 def logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab: int) -> torch.Tensor:
     """[n, 1 + 2k] fp32 on the logits' device: per row, ``tokens``' log-prob under the model's distribution
     (log-softmax of ``logits[:, :vocab]``: no temperature or top-k/p), then the k best log-probs and their
-    ids (ids < 2^24: exact in fp32); k is clipped to the vocabulary. ``read_logprob_row`` reads a row back."""
+    ids (ids < 2^24: exact in fp32); k is clipped to the vocabulary. ``read_logprob_row`` reads a row back. A
+    token past the vocabulary (drawn from non-finite logits, whose flag fails its sequence when read) reads the
+    last id's value rather than past the row."""
     lp = torch.log_softmax(logits[:, :vocab].float(), -1)
-    cols = [lp.gather(1, tokens[:, None])]
+    cols = [lp.gather(1, tokens[:, None].clamp(0, vocab - 1))]
     best = lp.topk(min(k, vocab), -1)
     return torch.cat(cols + [best.values, best.indices.float()], 1)
 

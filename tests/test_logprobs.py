@@ -156,3 +156,25 @@ def test_the_cli_reports_them(recurrent_dir, capsys):
     assert f"log-prob per token: {[round(w.logprob, 3) for w in want.logprobs]}" in out
     assert main(["generate", str(recurrent_dir), "x", "--logprobs", "30"]) == 2
     assert "error: --logprobs must be an integer in [0, 20], got 30" in capsys.readouterr().err
+
+
+def test_a_served_request_whose_state_overflows_fails_as_non_finite_with_log_probs():
+    """Sampling from non-finite logits may draw a padding column of the head (past the vocabulary): its
+    log-prob row read past the vocabulary's logits and failed the whole scheduler step with an IndexError (the
+    server's 500 "index 112 is out of bounds", found by tools.fuzz); the request now fails alone as generate()
+    does, with the non-finite state's error, and the other request finishes."""
+    from latentrt.errors import NonFiniteStateError
+    from latentrt.options import GenerateOptions
+
+    model = latentrt.load("builtin:recurrent")  # (its head is wider than its vocabulary: 128 columns, 68 ids)
+    assert model.lm_head.weight.shape[0] > model.config.vocab_size
+    kw = dict(max_new_tokens=4, seed=360, temperature=1.3, top_k=5, top_p=0.9, num_steps=12, kv_sharing="ring-2")
+    prompt = "grimpus Bob ### dumpus yumpus Polly lorpus Oliver . rompus"
+    engine = Engine(model, max_batch=2)
+    bad = engine.submit(prompt, GenerateOptions(**kw, init_scale=1e300), top_logprobs=0)
+    good = engine.submit(prompt, GenerateOptions(**kw), top_logprobs=0)
+    engine.run_until_idle()
+    assert isinstance(bad.error, NonFiniteStateError) and good.error is None
+    assert good.tokens == latentrt.generate(model, prompt, **kw).tokens
+    with pytest.raises(NonFiniteStateError):
+        latentrt.generate(model, prompt, **kw, init_scale=1e300, logprobs=0)

@@ -16,6 +16,7 @@ pytest.importorskip("llguidance")
 httpx = pytest.importorskip("httpx")
 
 EXTRA = {"num_steps": 3, "init_scale": 0.0}
+JSON = {"content-type": "application/json"}
 
 
 def chat_alone(model, messages, **kw):
@@ -163,6 +164,14 @@ def test_what_latentrt_does_not_take_is_a_400(tool_server):  # noqa: F811
         (dict(nope=1), "unknown field(s) ['nope'] for /v1/responses"),
         (dict(tools=[{"type": "function", "name": "f"}]), "tool_choice 'auto' (the default with tools)"),
         (dict(max_output_tokens=-1), "max_output_tokens must be"),
+        (dict(user="\ud800"), "user is not valid Unicode text"),
+        (dict(metadata={"a": 3}), "metadata must be an object of strings"),
     ]:
-        got = h.post("/v1/responses", json=dict(base, **bad))
+        got = h.post("/v1/responses", content=json.dumps(dict(base, **bad)), headers=JSON)  # (ASCII: surrogates too)
         assert got.status_code == 400 and message in got.json()["error"]["message"], (bad, got.text)
+    # what the response echoes, as given (ASCII JSON: a lone surrogate in a tool's description answered 500)
+    tool = {"type": "function", "name": "f", "description": "\ud800"}
+    got = h.post(
+        "/v1/responses", content=json.dumps(dict(base, tools=[tool], tool_choice="none", **STEPS)), headers=JSON
+    )
+    assert got.status_code == 200 and got.json()["tools"] == [tool]

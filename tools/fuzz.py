@@ -57,6 +57,7 @@ from latentrt.backends import CHOICES
 from latentrt.errors import LatentRTError
 from latentrt.options import GenerateOptions
 from latentrt.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+from latentrt.serve.responses import FIELDS as RESPONSE_FIELDS
 
 from . import case_parser, parsed_checks, soak, warnings_silenced
 
@@ -65,7 +66,10 @@ LOAD_KEYWORDS = ["device", "dtype", "weights", "backend", "revision", "hf_overri
 ROUTE_FIELDS = {  # the body fields of the routes that are not OpenAI's (latentrt/serve/protocol.py)
     "/tokenize": ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "chat_template_kwargs"),
     "/detokenize": ("model", "tokens"),
+    "/v1/responses": tuple(sorted(RESPONSE_FIELDS)),
 }
+# how an error event shows in a route's answer (a response object holds "error": null when all is well)
+ERROR_MARK = {"/v1/responses": '"type": "error"'}
 NON_FINITE = "non-finite"  # what NonFiniteStateError's messages say (latentrt/recurrence.py, decode/)
 
 # values no option takes as they are, or takes only at its edge
@@ -389,7 +393,8 @@ class Fuzz:
 
     # ------------------------------------------------------------ http
     def check_http(self, rng: random.Random, seed: int) -> None:
-        route = rng.choice(["/v1/completions", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
+        routes = ["/v1/completions", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
+        route = rng.choice([*routes, "/v1/responses"])
         fields = sorted(ROUTE_FIELDS.get(route, ()) or (CHAT_FIELDS if "chat" in route else COMPLETION_FIELDS))
         if route == "/tokenize":
             body: object = rng.choice(
@@ -397,6 +402,12 @@ class Fuzz:
             )
         elif route == "/detokenize":
             body = {"tokens": [rng.randrange(self.model.config.vocab_size) for _ in range(rng.randrange(0, 6))]}
+        elif route == "/v1/responses":
+            body = {
+                "input": rng.choice(["Alex is a wumpus.", [{"role": "user", "content": "a"}]]),
+                "max_output_tokens": 4,
+            }
+            body["stream"] = rng.random() < 0.3
         else:  # a valid request (the soak's), then odd values
             body = soak.http_body(rng, self.model, chat="chat" in route)
             body["max_tokens"] = min(body.get("max_tokens", 4), 4)
@@ -426,7 +437,9 @@ class Fuzz:
                 self.found("http", seed, self.current, f"{status} without an error message: {text[:600]}")
             else:
                 self.refusals[message[:60]] += 1
-        elif '"error"' in text and "invalid_request_error" not in text and NON_FINITE not in text:
+        elif (
+            ERROR_MARK.get(route, '"error"') in text and "invalid_request_error" not in text and NON_FINITE not in text
+        ):
             self.found("http", seed, self.current, f"a stream's error event: {text[-600:]}")
 
     def post(self, route: str, data: str):

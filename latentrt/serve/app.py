@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..chat import chat_template_for
@@ -325,7 +325,9 @@ async def _handle_responses(served: Served, request: Request):
         if req.error is not None:
             return _error(*failure(req.error))
         output = responses.output_items(req, parsed.tool_choice)
-        return JSONResponse(responses.response_body(rid, served.model_name, body, int(time.time()), req, output))
+        answer = responses.response_body(rid, served.model_name, body, int(time.time()), req, output)
+        # (ASCII JSON: the body echoes the request's fields, which may hold what UTF-8 cannot encode)
+        return Response(json.dumps(answer), media_type="application/json")
     stream = responses.ResponseEvents(rid, served.model_name, body, parsed.tool_choice)
 
     async def events_out():

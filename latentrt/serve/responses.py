@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from ..errors import InputError
+from ..errors import InputError, check_unicode
 from .protocol import LATENT_FIELDS
 from .tools import ToolChoice
 
@@ -55,8 +55,17 @@ def to_chat(body) -> dict:
             raise InputError(f"{name}={body[name]!r:.100} is not supported: {NEUTRAL_WHY[name]}")
     if body.get("background") not in (None, False):
         raise InputError("background responses are not supported: latentrt stores no responses")
-    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
-        raise InputError(f"metadata must be an object of strings, got {body['metadata']!r:.100}")
+    metadata = body.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InputError(f"metadata must be an object of strings, got {metadata!r:.100}")
+    for name, text in [
+        ("user", body.get("user")),
+        *((f"metadata[{k!r}]", f"{k}{v}") for k, v in (metadata or {}).items()),
+    ]:
+        if isinstance(text, str):
+            check_unicode(name, text)  # (echoed in the response)
     chat = {name: body[name] for name in LATENT_FIELDS if name in body}
     chat.update({TO_CHAT[name]: body[name] for name in TO_CHAT if name in body})
     chat["messages"] = _messages(body.get("instructions"), body.get("input"))
