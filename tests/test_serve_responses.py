@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_serve_tools import CHAT, COMPACT, STEPS, TEMPLATE, WEATHER, client, tool_server  # noqa: F401
+from test_serve_tools import CALLED, CHAT, COMPACT, STEPS, TEMPLATE, WEATHER, client, tool_server  # noqa: F401
 
 import latentrt
 
@@ -86,22 +86,7 @@ def test_message_lists_and_function_call_items_become_the_conversation(tool_serv
     r = client(url).responses.create(
         model="tiny", input=items, max_output_tokens=4, extra_body=dict(EXTRA, stop_token_ids=[0], temperature=0)
     )
-    messages = [
-        {"role": "system", "content": "Be brief"},
-        *CHAT,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-    ]
+    messages = [{"role": "system", "content": "Be brief"}, *CHAT, *CALLED]
     assert r.output_text == chat_alone(model, messages, max_new_tokens=4).text
 
 

@@ -40,6 +40,16 @@ WEATHER = {
 }
 CLOCK = {"type": "function", "function": {"name": "get_time"}}  # (no parameters: an empty object)
 CHAT = [{"role": "user", "content": "Alex is"}]
+WEATHER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+}
+# a call of get_weather and its answer, as a conversation's history holds them
+CALLED = [
+    {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
 STEPS = {"stop_token_ids": [0], "num_steps": 3, "init_scale": 0.0}
 
@@ -144,21 +154,7 @@ def test_none_answers_text_with_the_tools_shown_and_a_history_of_calls_renders(t
         model="tiny", messages=CHAT, max_tokens=4, tools=[WEATHER], tool_choice="none", extra_body=STEPS
     )
     assert isinstance(r.choices[0].message.content, str) and not r.choices[0].message.tool_calls
-    history = [
-        *CHAT,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-    ]
+    history = [*CHAT, *CALLED]
     ids = httpx.post(url + "/tokenize", json={"model": "tiny", "messages": history}).json()["tokens"]
     text = model.tokenizer.decode(ids)
     assert 'assistant: call get_weather {"city": "Rome"} . tool: sunny . assistant:' in text  # (arguments an object)
