@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_serve_tools import CALLED, CHAT, COMPACT, STEPS, TEMPLATE, WEATHER, client, tool_server  # noqa: F401
+from test_serve_tools import CHAT, COMPACT, STEPS, TEMPLATE, WEATHER, WEATHER_CALL, client, tool_server  # noqa: F401
 
 import latentrt
 
@@ -76,17 +76,30 @@ def test_a_text_response_is_the_chat_routes_answer(tool_server):  # noqa: F811
 
 
 def test_message_lists_and_function_call_items_become_the_conversation(tool_server):  # noqa: F811
+    """A developer message is a system one; calls in a row are one assistant message's tool_calls; their outputs
+    tool messages: the prompt (its length) and the text of the chat route's conversation."""
     url, model = tool_server
+    rome = '{"city": "Rome"}'
     items = [
         {"role": "developer", "content": "Be brief"},
         {"role": "user", "content": [{"type": "input_text", "text": "Alex is"}]},
-        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": rome},
+        {"type": "function_call", "call_id": "call_2", "name": "get_time", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "noon"},
     ]
     r = client(url).responses.create(
         model="tiny", input=items, max_output_tokens=4, extra_body=dict(EXTRA, stop_token_ids=[0], temperature=0)
     )
-    messages = [{"role": "system", "content": "Be brief"}, *CHAT, *CALLED]
+    clock = {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    messages = [
+        {"role": "system", "content": "Be brief"},
+        *CHAT,
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL, clock]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+    ]
+    assert r.usage.input_tokens == len(latentrt.apply_chat_template(model, messages, TEMPLATE))
     assert r.output_text == chat_alone(model, messages, max_new_tokens=4).text
 
 
