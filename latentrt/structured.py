@@ -164,15 +164,15 @@ def _ll_tokenizer(tokenizer, vocab: int, stop_ids: Sequence[int]):
 
 @dataclass
 class Grammar:
-    """A call's compiled grammar: ``matcher()`` gives a sequence its own state in it (on the grammar thread)."""
+    """A call's compiled grammar: ``matcher()`` gives a sequence its own state in it (a copy of the compiled one,
+    not a compile again; on the grammar thread)."""
 
     name: str  # the option that set it
-    tokenizer: object  # llguidance.LLTokenizer
-    grammar: str
+    compiled: object  # an llguidance.LLMatcher at the start, never advanced
     vocab: int
 
     def matcher(self):
-        return _llguidance().LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        return self.compiled.deep_copy()
 
 
 def compile_grammar(options, tokenizer, vocab: int, stop_ids: Sequence[int]) -> Grammar:
@@ -185,10 +185,10 @@ def compile_grammar(options, tokenizer, vocab: int, stop_ids: Sequence[int]) -> 
         why = "the model names no end-of-text token" if options.default_stops else "default_stops=False"
         raise InputError(f"{name} must end with a stop token and there is none ({why}): give stop=[id]")
     ll = on_grammar_stack(_ll_tokenizer, tokenizer, vocab, stop_ids)
-    failed, messages = on_grammar_stack(_llguidance().LLMatcher.validate_grammar_with_warnings, grammar, ll)
-    if failed:
-        raise InputError(f"{name} must be a valid {_WHAT[name]}: {_one_line(messages[0], name)}")
-    return Grammar(name, ll, grammar, vocab)
+    compiled = on_grammar_stack(lambda: _llguidance().LLMatcher(ll, grammar, log_level=0))
+    if compiled.is_error():  # (llguidance's matcher never raises: a grammar it cannot compile leaves it in error)
+        raise InputError(f"{name} must be a valid {_WHAT[name]}: {_one_line(compiled.get_error(), name)}")
+    return Grammar(name, compiled, vocab)
 
 
 def _one_line(message: str, name: str) -> str:
