@@ -251,7 +251,6 @@ class ResponseEvents:
         self.number = 0
         self.item_id = new_item_id("fc" if tool_choice is not None and tool_choice.name else "msg")
         self.call = None if tool_choice is None else tool_choice.stream()
-        self.text = ""
 
     def _event(self, kind: str, **fields) -> dict:
         self.number += 1
@@ -278,7 +277,6 @@ class ResponseEvents:
         """The events for new text."""
         if not text:
             return []
-        self.text += text
         if self.tool_choice is None:
             return [
                 self._event(
@@ -312,9 +310,8 @@ class ResponseEvents:
         """The closing events and the completed (or incomplete) response."""
         out = []
         if self.tool_choice is None:
-            part = {"type": "output_text", "text": req.text, "annotations": []}
-            status = "incomplete" if req.finish_reason == "length" else "completed"
-            item = message_item(self.item_id, req.text, status)
+            item = output_items(req, None)[0] | {"id": self.item_id}  # (its status: the finish reason's)
+            part = item["content"][0]
             out.append(
                 self._event(
                     "response.output_text.done",
