@@ -33,6 +33,7 @@ from .cli_flags import (
     model_options,
     name_options_as_flags,
     token_ids,
+    tool_call_parser,
 )
 from .errors import InputError, LatentRTError, renamed
 from .train.command import add_train_args
@@ -384,6 +385,7 @@ def checked_engine_flags(args) -> dict:
     request defaults a JSON object (returned)."""
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
+    tool_call_parser(args)
     return json_object(args.override_generation_config, "--override-generation-config")
 
 
@@ -425,6 +427,7 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
         allowed_origins=args.allowed_origins,
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
+        tool_call_parser=tool_call_parser(args),
     )
     return 0
 
@@ -438,7 +441,8 @@ def cmd_run_batch(args) -> int:
     requests = read_batch(args.input_file)  # (every line checked, and the output's place, before the weights load)
     check_output(args.output_file)
     engine, template = engine_from_flags(args, override)
-    counts = run_batch(engine, args.served_model_name or args.model, requests, args.output_file, template)
+    name = args.served_model_name or args.model
+    counts = run_batch(engine, name, requests, args.output_file, template, tool_call_parser(args))
     answered = ", ".join(f"{n} with status {status}" for status, n in sorted(counts.items()))
     print(f"latentrt: {len(requests)} request(s) answered ({answered}); results in {args.output_file}")
     return 0

@@ -15,6 +15,7 @@ from .errors import InputError, json_loads, renamed
 from .exits import CRITERIA
 from .families import decodings
 from .serve.engine import SCHEDULERS
+from .serve.tool_parsers import PARSERS
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
 GENERATE_FLAGS = {
@@ -190,6 +191,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         'flag; any option: \'{"temperature": 0.5, "num_steps": 32, "kv_sharing": "shared"}\'); a '
         "request's own fields win",
     )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let chat requests leave the choice between text and tool calls to the model (tool_choice 'auto', "
+        "OpenAI's default with tools); needs --tool-call-parser",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        metavar="NAME",
+        help=f"the model's tool-call format, read for tool_choice 'auto': {', '.join(sorted(PARSERS))} (vLLM's names)",
+    )
+
+
+def tool_call_parser(args: argparse.Namespace) -> str | None:
+    """The tool-call parser's name the flags ask for (None: none), checked: vLLM's two flags go together."""
+    name, enabled = args.tool_call_parser, args.enable_auto_tool_choice
+    if enabled and name is None:
+        raise InputError(f"--enable-auto-tool-choice needs --tool-call-parser NAME (one of {sorted(PARSERS)})")
+    if name is not None and not enabled:
+        raise InputError("--tool-call-parser is read for tool_choice 'auto': give --enable-auto-tool-choice too")
+    if name is not None and name not in PARSERS:
+        raise InputError(f"--tool-call-parser {name!r:.100} is not one of {sorted(PARSERS)}")
+    return name
 
 
 def model_options(args: argparse.Namespace) -> dict:

@@ -137,6 +137,7 @@ def test_files_that_cannot_be_used_are_errors(tmp_path, capsys, monkeypatch):
         (["-i", str(good), "-o", str(tmp_path)], "is a folder"),
         (["-i", str(good), "-o", str(tmp_path / "no" / "o.jsonl")], "its folder .* does not exist"),
         (["-i", str(good), "-o", "o.jsonl", "--chat-template", "nope.jinja"], "--chat-template 'nope.jinja' is not"),
+        (["-i", str(good), "-o", "o.jsonl", "--enable-auto-tool-choice"], "needs --tool-call-parser NAME"),
     ]
     for flags, message in cases:
         assert main(["run-batch", MODEL, *flags]) == 2

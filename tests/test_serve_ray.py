@@ -203,8 +203,9 @@ def test_a_second_ctrl_c_stops_ray_at_once_in_one_line(monkeypatch, capsys, seco
 def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypatch):
     """The replica's configuration round-trips through JSON to ``load_engine`` and ``create_app`` as
     ``latentrt serve`` passes them: loading options (revision, weights, overrides, dtype, backend, device), engine
-    options, the served name, the template and the API key; a folder, weights and a template given relative to
-    the launcher's directory reach the replicas absolute, a Hub id or builtin:NAME unchanged."""
+    options, the served name, the template, the API key, the origins and the tool-call parser; a folder, weights
+    and a template given relative to the launcher's directory reach the replicas absolute, a Hub id or builtin:NAME
+    unchanged."""
     import json
 
     from latentrt.serve import app as serve_app
@@ -225,6 +226,7 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
         chat_template="t.jinja",
         api_key="k3y",
         allowed_origins=["https://app.example"],
+        tool_call_parser="hermes",
         max_batch=4,
         scheduler="token",
     )
@@ -250,7 +252,12 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
         ),
         "engine": "engine",
         "name": "tiny",
-        "app": dict(chat_template=str(tmp_path / "t.jinja"), api_key="k3y", allowed_origins=["https://app.example"]),
+        "app": dict(
+            chat_template=str(tmp_path / "t.jinja"),
+            api_key="k3y",
+            allowed_origins=["https://app.example"],
+            tool_call_parser="hermes",
+        ),
     }
     for model in ("builtin:recurrent", "tomg-group-umd/huginn-0125"):
         plain = serve_ray.replica_config(model)

@@ -247,3 +247,95 @@ def test_the_offline_engine_chat_shows_the_tools_and_takes_a_schema(tool_server)
     (got,) = Engine(model).chat(CHAT, template=TEMPLATE, tools=[WEATHER], guided_json=schema, **kw)
     assert got.tokens == alone(model, [WEATHER], schema, max_new_tokens=30).tokens
     assert json.loads(got.text)["city"] in ("Paris", "Rome")
+
+
+# "auto": the model decides, in its own format (Hermes' here), which the server's parser reads. The tiny model has
+# no format of its own, so a regex holds its answer to one: a call after some text, or text alone.
+CALLS = r'Sure\.<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}</tool_call>'
+TEXT = r"(Paris|Rome) is sunny\."
+
+
+@pytest.fixture(scope="module")
+def auto_server():
+    from test_server import serving
+
+    model = tiny_recurrent(seed=3, vocab_size=TOKENIZER.get_vocab_size(), block_size=256)
+    model.tokenizer = TOKENIZER
+    with serving(model, template=TEMPLATE, max_batch=4, tool_call_parser="hermes") as (url, engine):
+        yield url, model
+
+
+def regex_alone(model, regex: str, **kw):
+    """generate() alone on the conversation rendered with the tools, its text held to ``regex``."""
+    prompt = latentrt.apply_chat_template(model, CHAT, TEMPLATE, tools=[WEATHER, CLOCK])
+    return latentrt.generate(model, prompt, guided_regex=regex, stop=[0], num_steps=3, init_scale=0.0, **kw)
+
+
+def test_auto_answers_the_calls_the_model_writes_in_its_format(auto_server):
+    """tool_choice left out (OpenAI's default with tools: auto): the text before the call is the message's content,
+    the call its name and arguments as written (``finish_reason`` "tool_calls"); streamed, the content goes out as it
+    comes (no piece of ``<tool_call>``) and the call whole at the end; the tokens are generate()'s alone."""
+    import re
+
+    url, model = auto_server
+    args = dict(model="tiny", messages=CHAT, max_tokens=120, temperature=1.0, seed=7, tools=[WEATHER, CLOCK])
+    want = regex_alone(model, CALLS, max_new_tokens=120, temperature=1.0, seed=7)
+    city = re.fullmatch(CALLS, want.text).group(1)
+    r = client(url).chat.completions.create(extra_body=dict(STEPS, guided_regex=CALLS), **args)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": city} and r.usage.completion_tokens == len(want.tokens)
+
+    chunks = list(client(url).chat.completions.create(extra_body=dict(STEPS, guided_regex=CALLS), stream=True, **args))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Sure."
+    (calls,) = [d.tool_calls for d in deltas if d.tool_calls]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # the model answering in text: the message is its text (finish "stop"), streamed as it comes
+    text = regex_alone(model, TEXT, max_new_tokens=40, temperature=1.0, seed=9).text  # (the route's temperature)
+    r = client(url).chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        max_tokens=40,
+        tools=[WEATHER, CLOCK],
+        extra_body=dict(STEPS, guided_regex=TEXT, seed=9),
+    )
+    assert r.choices[0].message.content == text and not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "stop"
+    stream = client(url).chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        max_tokens=40,
+        tools=[WEATHER, CLOCK],
+        extra_body=dict(STEPS, guided_regex=TEXT, seed=9),
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == text and len(pieces) > 1
+
+
+def test_auto_on_the_responses_route_gives_the_message_then_the_call(auto_server):
+    url, model = auto_server
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
+    args = dict(model="tiny", input="Alex is", max_output_tokens=120, tools=[tool])
+    extra = dict(STEPS, guided_regex=CALLS, seed=7)  # (the route samples at temperature 1 unless told)
+    r = client(url).responses.create(extra_body=extra, **args)
+    message, call = r.output
+    assert message.type == "message" and message.content[0].text == "Sure." and r.status == "completed"
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+
+    events = list(client(url).responses.create(extra_body=extra, stream=True, **args))
+    texts = [e.delta for e in events if e.type == "response.output_text.delta"]
+    added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+    assert "".join(texts) == "Sure." and added == [(0, "message"), (1, "function_call")]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert events[-1].type == "response.completed" and [o.type for o in final.output] == ["message", "function_call"]
+    assert final.output[0].id == events[2].item.id and final.output[1].arguments == call.arguments

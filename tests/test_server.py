@@ -41,10 +41,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model, name: str = "tiny", template=None, api_key=None, **engine_kw):
+def serving(model, name: str = "tiny", template=None, api_key=None, tool_call_parser=None, **engine_kw):
     """A real uvicorn server on a loopback port, in a thread; yields (base url, engine)."""
     engine = Engine(model, **engine_kw)
-    with loopback(create_app(engine, name, chat_template=template, api_key=api_key)) as url:
+    app = create_app(engine, name, chat_template=template, api_key=api_key, tool_call_parser=tool_call_parser)
+    with loopback(app) as url:
         yield url, engine
 
 
@@ -1342,7 +1343,7 @@ def test_cli_serve_speaks_https_with_a_key_and_certificate(tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM) and "on https://127.0.0.1:" in out and "Traceback" not in out, out
 
 
-def test_cli_serve_refuses_bad_tls_and_origin_flags_before_the_model_loads(tmp_path, capsys, monkeypatch):
+def test_cli_serve_refuses_bad_tls_origin_and_tool_parser_flags_before_the_model_loads(tmp_path, capsys, monkeypatch):
     from latentrt.cli import main
 
     monkeypatch.setattr(latentrt.loader, "load", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -1355,6 +1356,9 @@ def test_cli_serve_refuses_bad_tls_and_origin_flags_before_the_model_loads(tmp_p
         (["--ssl-keyfile", cert, "--ssl-certfile", cert], f"--ssl-certfile {cert!r} / --ssl-keyfile {cert!r}: "),
         (["--ssl-keyfile", other_key, "--ssl-certfile", cert], "KEY_VALUES_MISMATCH"),
         (["--allowed-origins", "app.example"], "allowed origin 'app.example' is neither '*' nor scheme://host"),
+        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser NAME (one of ['hermes',"),
+        (["--tool-call-parser", "hermes"], "--tool-call-parser is read for tool_choice 'auto': give --enable-auto"),
+        (["--enable-auto-tool-choice", "--tool-call-parser", "x"], "--tool-call-parser 'x' is not one of ['hermes'"),
     ]:
         assert main(["serve", "builtin:recurrent", "--port", port, *flags]) == 2, flags
         err = capsys.readouterr().err

@@ -255,7 +255,8 @@ class Fuzz:
             from latentrt.serve.app import create_app
             from latentrt.serve.engine import Engine
 
-            app = create_app(Engine(self.model, max_batch=4), model_name)
+            # (with a tool-call parser: a body whose tools pass leaves the choice to the model, which is answered)
+            app = create_app(Engine(self.model, max_batch=4), model_name, tool_call_parser="hermes")
             self.client = TestClient(app, raise_server_exceptions=False).__enter__()  # (its lifespan runs)
 
     def offline(self):

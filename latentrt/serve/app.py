@@ -52,6 +52,7 @@ from .protocol import (
     usage,
     with_openai_defaults,
 )
+from .tool_parsers import tool_parser
 
 POLL_SECONDS = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
@@ -106,6 +107,7 @@ class Served:
     template: object  # the chat template (latentrt/chat.py), or None
     text_of: object  # a token id -> its text as log-probs name it
     started: int  # when the app was made (the model card's ``created``)
+    tool_parser: object = None  # the reader of the model's tool-call format ("auto" tool choice), or None
 
     @property
     def model(self):
@@ -118,13 +120,17 @@ def create_app(
     chat_template=None,
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
     path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
     ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401
     otherwise, as OpenAI's and vLLM's), while ``/health``, ``/version`` and ``/metrics`` stay open for probes and
     scrapers. ``allowed_origins``: the web origins a browser page may call it from (CORS, Starlette's middleware;
-    ``["*"]`` any; None, the default: none, where vLLM allows any)."""
+    ``["*"]`` any; None, the default: none, where vLLM allows any); ``tool_call_parser``: the name of the
+    model's tool-call format (serve/tool_parsers/: "hermes", "llama3_json"), which lets chat requests leave the
+    choice between text and calls to the model (``tool_choice: "auto"``, OpenAI's default with tools; vLLM's
+    ``--enable-auto-tool-choice --tool-call-parser``); None, the default: such requests are 400s."""
     if not isinstance(engine, Engine):
         raise InputError(
             f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
@@ -132,6 +138,7 @@ def create_app(
     if not isinstance(model_name, str) or not model_name:
         raise InputError(f"model_name must be a non-empty string (the name clients send), got {model_name!r}")
     model = engine.model
+    parser = None if tool_call_parser is None else tool_parser(tool_call_parser)
     served = Served(
         engine,
         EngineThread(engine),
@@ -139,6 +146,7 @@ def create_app(
         chat_template_for(model, chat_template),
         partial(token_text, model.tokenizer),
         int(time.time()),
+        parser,
     )
 
     @asynccontextmanager
@@ -265,7 +273,9 @@ def _submit_all(served: Served, parsed, on_event_for) -> list:
 
 async def _handle(served: Served, request: Request, chat: bool):
     def parse(body):
-        return parse_chat(body, served.template, served.model.tokenizer) if chat else parse_completion(body)
+        if not chat:
+            return parse_completion(body)
+        return parse_chat(body, served.template, served.model.tokenizer, served.tool_parser)
 
     submitted = await _submitted(served, request, parse)
     if isinstance(submitted, JSONResponse):
@@ -306,7 +316,7 @@ async def _handle_responses(served: Served, request: Request):
     stream of typed events."""
 
     def parse(body):
-        parsed = parse_chat(responses.to_chat(body), served.template, served.model.tokenizer)
+        parsed = parse_chat(responses.to_chat(body), served.template, served.model.tokenizer, served.tool_parser)
         parsed.field_names["max_new_tokens"] = "max_output_tokens"  # (its errors name the request's fields)
         return parsed
 
@@ -578,10 +588,11 @@ def run_server(
     allowed_origins: list[str] | None = None,
     ssl_keyfile: str | None = None,
     ssl_certfile: str | None = None,
+    tool_call_parser: str | None = None,
 ) -> None:
-    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``, ``allowed_origins``: as
-    ``create_app``); on ``sock`` when given (``listening_socket``), else on ``host``:``port``; HTTPS with
-    ``ssl_keyfile`` and ``ssl_certfile`` (PEM files, uvicorn's)."""
+    """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``, ``allowed_origins``,
+    ``tool_call_parser``: as ``create_app``); on ``sock`` when given (``listening_socket``), else on
+    ``host``:``port``; HTTPS with ``ssl_keyfile`` and ``ssl_certfile`` (PEM files, uvicorn's)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -597,7 +608,14 @@ def run_server(
             super().handle_exit(sig, frame)
 
     check_tls(ssl_keyfile, ssl_certfile)
-    app = create_app(engine, model_name, chat_template=chat_template, api_key=api_key, allowed_origins=allowed_origins)
+    app = create_app(
+        engine,
+        model_name,
+        chat_template=chat_template,
+        api_key=api_key,
+        allowed_origins=allowed_origins,
+        tool_call_parser=tool_call_parser,
+    )
     config = uvicorn.Config(
         app,
         host=host,

@@ -135,13 +135,20 @@ def write_lines(path: str | os.PathLike, lines: list[dict]) -> None:
         raise
 
 
-def run_batch(engine, model_name: str, requests: list[dict], output: str | os.PathLike, chat_template=None) -> Counter:
+def run_batch(
+    engine,
+    model_name: str,
+    requests: list[dict],
+    output: str | os.PathLike,
+    chat_template=None,
+    tool_call_parser: str | None = None,
+) -> Counter:
     """Answer ``requests`` (``read_batch``) with ``engine`` served as ``model_name``, write the output lines to
-    ``output``; the count of answers per status code."""
+    ``output``; the count of answers per status code (``tool_call_parser``: as ``create_app``)."""
     from .app import create_app
 
     engine.max_queue = sys.maxsize  # every request (each of a line's n choices) queued at once: none is a 429
-    app = create_app(engine, model_name, chat_template=chat_template)
+    app = create_app(engine, model_name, chat_template=chat_template, tool_call_parser=tool_call_parser)
     runner = app.state.runner
     runner.start()  # (an in-process client runs no lifespan: the engine's thread is started here)
     try:

@@ -31,6 +31,7 @@ from ..logprobs import MAX_TOP_LOGPROBS
 from ..prompts import encode_text
 from ..sampling import MAX_SEED
 from ..structured import GUIDED
+from .tool_parsers import ToolParser
 from .tools import ToolChoice, parse_tools
 
 # latentrt's generate() options accepted as extra request fields: every family's options (a family's
@@ -364,11 +365,12 @@ def chat_options(body: dict) -> ChatOptions:
     )
 
 
-def parse_chat(body, template, tokenizer) -> Parsed:
+def parse_chat(body, template, tokenizer, tool_parser: ToolParser | None = None) -> Parsed:
     """A /v1/chat/completions body: the conversation rendered with the model's chat template (chat.py),
-    tokenized without adding special tokens (the template places them)."""
+    tokenized without adding special tokens (the template places them); ``tool_parser``: the server's reader of
+    the model's tool-call format (serve/tools.py)."""
     body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions", taken=("tools", "tool_choice"))
-    tool_choice = parse_tools(body)
+    tool_choice = parse_tools(body, tool_parser)
     ids = chat_prompt_ids(template, tokenizer, body.get("messages"), chat_options(body))
     stream = _flag(body, "stream")
     # max_completion_tokens, else the deprecated max_tokens (a null one is absent, as vLLM reads it)
@@ -381,7 +383,7 @@ def parse_chat(body, template, tokenizer) -> Parsed:
             raise InputError(f"tool_choice sets the structured output (the call's arguments): drop {guided[0]}")
         opts["guided_json"] = tool_choice.guided_json()
     parsed = _per_choice([ids], opts, n)
-    parsed.tool_choice = tool_choice if tool_choice is not None and tool_choice.calls else None
+    parsed.tool_choice = tool_choice if tool_choice is not None and (tool_choice.calls or tool_choice.auto) else None
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
     parsed.field_names = dict(RENAMED, max_new_tokens=given)
     parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)

@@ -34,6 +34,7 @@ def build_app():
         chat_template=cfg.get("chat_template"),
         api_key=cfg.get("api_key"),
         allowed_origins=cfg.get("allowed_origins"),
+        tool_call_parser=cfg.get("tool_call_parser"),
     )
 
 
@@ -56,6 +57,7 @@ def replica_config(
     chat_template: str | None = None,
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
+    tool_call_parser: str | None = None,
     **engine_kw,
 ) -> dict:
     """What a replica's ``build_app`` reads (JSON): the model and its loading options, the engine's, the name
@@ -78,6 +80,7 @@ def replica_config(
         "chat_template": _absolute(chat_template),
         "api_key": api_key,
         "allowed_origins": allowed_origins,
+        "tool_call_parser": tool_call_parser,
     }
 
 
@@ -92,9 +95,10 @@ def application(
     """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same options
     serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``, ``weights``,
     ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and ``--override-generation-config``,
-    ``chat_template`` (a file's path), ``api_key``, ``allowed_origins``, and the rest to each ``Engine``:
-    max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling, max_num_steps); the
-    resources to each replica's actor. Values must be JSON (they reach the replicas as JSON)."""
+    ``chat_template`` (a file's path), ``api_key``, ``allowed_origins``, ``tool_call_parser``, and the rest to
+    each ``Engine``: max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling,
+    max_num_steps); the resources to each replica's actor. Values must be JSON (they reach the replicas as
+    JSON)."""
     from ray import serve
 
     cfg = replica_config(model, **options)
@@ -121,7 +125,7 @@ def check_before_starting(args) -> None:
     from ..chat import chat_template_file
     from ..checkpoint import read_generation_config
     from ..cli import api_key_from
-    from ..cli_flags import check_counts, json_object, model_options
+    from ..cli_flags import check_counts, json_object, model_options, tool_call_parser
     from ..errors import InputError
     from ..loader import parse_dtype, read_model_config
     from ..options import generation_defaults
@@ -130,6 +134,7 @@ def check_before_starting(args) -> None:
 
     check_counts(args)
     api_key_from(args.api_key)
+    tool_call_parser(args)
     if args.allowed_origins is not None:
         check_origins(args.allowed_origins)
     load = model_options(args)
@@ -162,7 +167,14 @@ def stop_on_signals(stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ..cli import api_key_from
-    from ..cli_flags import add_model_args, add_serve_args, engine_options, json_object, model_options
+    from ..cli_flags import (
+        add_model_args,
+        add_serve_args,
+        engine_options,
+        json_object,
+        model_options,
+        tool_call_parser,
+    )
     from ..errors import LatentRTError
 
     ap = argparse.ArgumentParser(
@@ -206,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             chat_template=args.chat_template,
             api_key=api_key_from(args.api_key),
             allowed_origins=args.allowed_origins,
+            tool_call_parser=tool_call_parser(args),
             **engine_options(args),
         )
         serve.run(app, route_prefix="/")

@@ -4,8 +4,9 @@ A request's ``instructions`` (a system message) and ``input`` (text, or a list o
 / ``function_call_output`` items) become the conversation the chat template renders; its options become the chat
 request's (``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` as ``response_format``, function
 ``tools`` and ``tool_choice`` as serve/tools.py takes them, latentrt's extra fields, and vLLM's extra sampling and
-stopping fields). The answer is a ``response`` object whose ``output`` holds one message of ``output_text``, or the
-function calls the tool choice made; ``stream: true`` sends the Responses API's typed events. Nothing is stored
+stopping fields). The answer is a ``response`` object whose ``output`` holds one message of ``output_text``, the
+function calls the tool choice made, or (``auto``) the message of the text before the calls, then the calls;
+``stream: true`` sends the Responses API's typed events. Nothing is stored
 (vLLM's default): ``previous_response_id`` is a 400, and the response says ``store: false``. Built-in tools (web
 search...), images and ``truncation: auto`` are 400s.
 """
@@ -174,11 +175,14 @@ def new_item_id(prefix: str) -> str:
 
 
 def output_items(req, tool_choice: ToolChoice | None) -> list[dict]:
-    """A finished request's ``output``: its message, or the calls its text makes."""
+    """A finished request's ``output``: its message, or the calls its text makes (after its message where the
+    text before them is one: "auto")."""
     if tool_choice is not None:
         message, _ = tool_choice.message(req.text, req.finish_reason)
         if message.get("tool_calls"):
-            return [_call_item(c) for c in message["tool_calls"]]
+            calls = [_call_item(c) for c in message["tool_calls"]]
+            text = message["content"]
+            return calls if text is None else [message_item(new_item_id("msg"), text, "completed"), *calls]
     status = "incomplete" if req.finish_reason == "length" else "completed"
     return [message_item(new_item_id("msg"), req.text, status)]
 
@@ -251,6 +255,7 @@ class ResponseEvents:
         self.number = 0
         self.item_id = new_item_id("fc" if tool_choice is not None and tool_choice.name else "msg")
         self.call = None if tool_choice is None else tool_choice.stream()
+        self.opened = False  # (whether the message item is open: its text streams)
 
     def _event(self, kind: str, **fields) -> dict:
         self.number += 1
@@ -263,34 +268,45 @@ class ResponseEvents:
             self._event("response.created", response=progress),
             self._event("response.in_progress", response=progress),
         ]
-        if self.tool_choice is not None:  # (calls come as they are known: serve/tools.py's rule)
+        if self.tool_choice is not None:  # (calls come as they are known, text with its first delta: tools.py)
             return out
+        return out + self._open_message()
+
+    def _open_message(self) -> list[dict]:
+        self.opened = True
         item = {**message_item(self.item_id, "", "in_progress"), "content": []}
         part = {"type": "output_text", "text": "", "annotations": []}
-        out.append(self._event("response.output_item.added", output_index=0, item=item))
-        out.append(
-            self._event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0, part=part)
-        )
-        return out
+        return [
+            self._event("response.output_item.added", output_index=0, item=item),
+            self._event(
+                "response.content_part.added", item_id=self.item_id, output_index=0, content_index=0, part=part
+            ),
+        ]
+
+    def _text(self, text: str) -> list[dict]:
+        out = [] if self.opened else self._open_message()
+        delta = dict(item_id=self.item_id, output_index=0, content_index=0, delta=text, logprobs=[])
+        return out + [self._event("response.output_text.delta", **delta)]
+
+    def _close_message(self, item: dict) -> list[dict]:
+        part, where = item["content"][0], dict(item_id=self.item_id, output_index=0, content_index=0)
+        return [
+            self._event("response.output_text.done", **where, text=part["text"], logprobs=[]),
+            self._event("response.content_part.done", **where, part=part),
+            self._event("response.output_item.done", output_index=0, item=item),
+        ]
 
     def delta(self, text: str) -> list[dict]:
         """The events for new text."""
         if not text:
             return []
         if self.tool_choice is None:
-            return [
-                self._event(
-                    "response.output_text.delta",
-                    item_id=self.item_id,
-                    output_index=0,
-                    content_index=0,
-                    delta=text,
-                    logprobs=[],
-                )
-            ]
+            return self._text(text)
         delta = self.call.delta(text)
         if delta is None:
             return []
+        if "content" in delta:  # ("auto": the text before any call)
+            return self._text(delta["content"])
         call = delta["tool_calls"][0]
         out = []
         if "id" in call:  # (a named call's first text: its item opens)
@@ -309,26 +325,16 @@ class ResponseEvents:
     def end(self, req) -> list[dict]:
         """The closing events and the completed (or incomplete) response."""
         out = []
-        if self.tool_choice is None:
-            item = output_items(req, None)[0] | {"id": self.item_id}  # (its status: the finish reason's)
-            part = item["content"][0]
-            out.append(
-                self._event(
-                    "response.output_text.done",
-                    item_id=self.item_id,
-                    output_index=0,
-                    content_index=0,
-                    text=req.text,
-                    logprobs=[],
-                )
-            )
-            out.append(
-                self._event(
-                    "response.content_part.done", item_id=self.item_id, output_index=0, content_index=0, part=part
-                )
-            )
-            out.append(self._event("response.output_item.done", output_index=0, item=item))
-            items = [item]
+        if self.tool_choice is None or self.tool_choice.auto:
+            if self.tool_choice is not None:  # (text held back while it might have begun a call)
+                last, _ = self.call.end(req.finish_reason)
+                if last is not None and last.get("content"):
+                    out += self._text(last["content"])
+            items = output_items(req, self.tool_choice)
+            if self.opened:  # (the streamed message: its own id; its status the finish reason's)
+                items[0] |= {"id": self.item_id}
+                out += self._close_message(items[0])
+            out += self._whole_items(items, 1 if self.opened else 0)
         else:
             items = output_items(req, self.tool_choice)
             if self.tool_choice.name is not None and items[0]["type"] == "function_call":
@@ -346,23 +352,27 @@ class ResponseEvents:
                 )
                 out.append(self._event("response.output_item.done", output_index=0, item=items[0]))
             else:  # (required calls, or text the calls did not parse from: each item whole)
-                for k, item in enumerate(items):
-                    out.append(
-                        self._event("response.output_item.added", output_index=k, item=item | {"status": "in_progress"})
-                    )
-                    if item["type"] == "function_call":
-                        out.append(
-                            self._event(
-                                "response.function_call_arguments.done",
-                                item_id=item["id"],
-                                output_index=k,
-                                arguments=item["arguments"],
-                            )
-                        )
-                    out.append(self._event("response.output_item.done", output_index=k, item=item))
+                out += self._whole_items(items, 0)
         final = response_body(self.rid, self.model, self.body, self.created, req, items)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         out.append(self._event(kind, response=final))
+        return out
+
+    def _whole_items(self, items: list[dict], first: int) -> list[dict]:
+        """Each item from ``first`` on, added and done at once."""
+        out = []
+        for k, item in enumerate(items[first:], start=first):
+            out.append(self._event("response.output_item.added", output_index=k, item=item | {"status": "in_progress"}))
+            if item["type"] == "function_call":
+                out.append(
+                    self._event(
+                        "response.function_call_arguments.done",
+                        item_id=item["id"],
+                        output_index=k,
+                        arguments=item["arguments"],
+                    )
+                )
+            out.append(self._event("response.output_item.done", output_index=k, item=item))
         return out
 
     def error(self, status: int, message: str, kind: str) -> dict:

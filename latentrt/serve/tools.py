@@ -10,11 +10,19 @@ shows functions to the model shows these. ``tool_choice``:
   of ``tools`` with its own schema (vLLM's schema; at most one with ``parallel_tool_calls: false``); the message
   holds the calls (``finish_reason`` "tool_calls");
 - ``"none"`` (the default without tools): text, as without tools;
-- ``"auto"`` (OpenAI's default with tools): deciding between text and a call needs a parser of the model's own
-  tool-call format, which latentrt has not (vLLM needs ``--tool-call-parser``): a 400 naming what to give.
+- ``"auto"`` (OpenAI's default with tools): the model decides between text and calls, in its own tool-call
+  format, which the server's parser reads (``--enable-auto-tool-choice --tool-call-parser NAME``, vLLM's flags;
+  serve/tool_parsers/); the message holds the text before the calls as its content and the calls
+  (``finish_reason`` "tool_calls"), or the text alone where it makes none or they do not parse. Nothing
+  constrains the text. A server started without a parser answers 400 naming the flags (as vLLM does).
+  ``parallel_tool_calls`` does not bind it (as in vLLM): the calls are the model's.
 
 A call's text cut by ``max_tokens`` is kept as it is: a named call's arguments (vLLM's), a required one as the
 message's content with no calls (it does not parse).
+
+Streamed, a named call's arguments go out as they come; "required" calls whole at the end (a partial JSON array
+names no call yet); with "auto" the content goes out as it comes until the calls begin (text that may begin
+them, such as a part of ``<tool_call>``, held until it shows which), and the calls whole at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import InputError, json_loads
+from .tool_parsers import ToolParser
 
 MAX_TOOLS = 128  # OpenAI's bound
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's function names
@@ -34,17 +43,24 @@ EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # a function without pa
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """A chat request's tools and how one must be called: ``name`` (one function), or ``required`` (any)."""
+    """A chat request's tools and how one must be called: ``name`` (one function), ``required`` (any), or as
+    the model decides (``parser``: "auto")."""
 
     tools: tuple[dict, ...]
     name: str | None = None
     required: bool = False
     parallel: bool = True
+    parser: ToolParser | None = None
 
     @property
     def calls(self) -> bool:
-        """Whether the answer is calls (else text)."""
+        """Whether the answer is calls (else text), held to their schemas."""
         return self.name is not None or self.required
+
+    @property
+    def auto(self) -> bool:
+        """Whether the model decides between text and calls (which the parser finds)."""
+        return self.parser is not None and not self.calls
 
     def guided_json(self) -> dict:
         """The schema the text follows."""
@@ -66,6 +82,11 @@ class ToolChoice:
         """The assistant message for a choice's text, and its finish reason."""
         if self.name is not None:
             return _message([_call(self.name, text)]), finish_reason
+        if self.auto:
+            content, found = self.parser.extract(text)
+            if not found:
+                return {"role": "assistant", "content": text}, finish_reason
+            return _message([_call(name, args) for name, args in found], content), "tool_calls"
         made = self._required_calls(text)
         if made is None:  # (cut by max_tokens or a stop string: no whole array)
             return {"role": "assistant", "content": text}, finish_reason
@@ -84,18 +105,20 @@ class ToolChoice:
 
 
 class ToolStream:
-    """One streamed choice of calls, as OpenAI streams them: a named call's arguments as they come (its first
-    delta with the call's id and name); "required" calls whole at the end (a partial JSON array names no
-    call yet)."""
+    """One streamed choice as OpenAI streams it (the module's docstring says what goes out when)."""
 
     def __init__(self, choice: ToolChoice) -> None:
         self.choice = choice
         self.id: str | None = None
         self.text = ""
+        self.sent = 0  # (auto: how much of the text went out as content)
+        self.begun = False  # (auto: whether the calls began)
 
     def delta(self, text: str) -> dict | None:
         """The delta for new text (None: nothing to send yet)."""
         self.text += text
+        if self.choice.auto:
+            return self._content()
         if self.choice.name is None or not text:
             return None
         if self.id is None:
@@ -104,6 +127,14 @@ class ToolStream:
             return {"tool_calls": [{"index": 0, **call}]}
         return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
 
+    def _content(self) -> dict | None:
+        if self.begun:
+            return None
+        end, self.begun = self.choice.parser.split(self.text)
+        end = max(end, self.sent)
+        out, self.sent = self.text[self.sent : end], end
+        return {"content": out} if out else None
+
     def end(self, finish_reason: str) -> tuple[dict | None, str]:
         """The last delta (None: none) and the finish reason, once the choice's text is whole."""
         if self.choice.name is not None:
@@ -111,7 +142,8 @@ class ToolStream:
             return first, finish_reason
         message, finish = self.choice.message(self.text, finish_reason)
         if message.get("tool_calls") is None:
-            return {"content": self.text}, finish
+            rest = self.text[self.sent :]
+            return ({"content": rest} if rest or not self.choice.auto else None), finish
         return {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]}, finish
 
 
@@ -123,12 +155,13 @@ def _call(name: str, arguments: str) -> dict:
     }
 
 
-def _message(calls: list[dict]) -> dict:
-    return {"role": "assistant", "content": None, "tool_calls": calls}
+def _message(calls: list[dict], content: str | None = None) -> dict:
+    return {"role": "assistant", "content": content, "tool_calls": calls}
 
 
-def parse_tools(body: dict) -> ToolChoice | None:
-    """A chat body's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, checked; None without tools."""
+def parse_tools(body: dict, parser: ToolParser | None = None) -> ToolChoice | None:
+    """A chat body's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, checked; None without tools.
+    ``parser``: the server's reader of the model's tool-call format ("auto" needs one)."""
     tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise InputError(f"parallel_tool_calls must be true or false, got {parallel!r:.200}")
@@ -139,10 +172,13 @@ def parse_tools(body: dict) -> ToolChoice | None:
     checked = _check_tools(tools)
     names = [t["function"]["name"] for t in checked]
     if choice is None or choice == "auto":
+        if parser is not None:
+            return ToolChoice(checked, parallel=parallel is not False, parser=parser)
         raise InputError(
-            "tool_choice 'auto' (the default with tools) needs a parser of the model's own tool-call format, which "
-            "latentrt has not: give tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} "
-            "(the call's arguments then follow its parameters' schema), or 'none'"
+            "tool_choice 'auto' (the default with tools) needs a parser of the model's own tool-call format: start "
+            "the server with --enable-auto-tool-choice --tool-call-parser NAME, or give tool_choice 'required' or "
+            "{'type': 'function', 'function': {'name': ...}} (the call's arguments then follow its parameters' "
+            "schema), or 'none'"
         )
     if choice == "none":
         return ToolChoice(checked)
