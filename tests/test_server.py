@@ -271,6 +271,19 @@ def test_usage_counts_a_prompt_once_whatever_its_choices(recurrent_server):
     # each choice's first chunk gives its role, as OpenAI's (the client joins a choice's deltas by index)
     roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
     assert sorted(roles) == [0, 1, 2]
+    # vLLM's continuous_usage_stats: each chunk also carries its choice's usage so far (its tokens sent)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client(url).completions.create(prompt="Tom is a cat", n=2, stream=True, stream_options=options, **kw))
+    seen = {0: 0, 1: 0}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        seen[choice.index] += (getattr(choice, "latentrt", None) or {}).get("token_id") is not None
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (one, seen[choice.index])
+        assert c.usage.total_tokens == one + seen[choice.index]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(seen.values()) > 2
+    only = {"continuous_usage_stats": True}  # (read with include_usage only, as vLLM reads it)
+    chunks = list(client(url).completions.create(prompt="Tom is a cat", stream=True, stream_options=only, **kw))
+    assert all(c.usage is None and c.choices for c in chunks)
     for options in (None, {"include_usage": False}):  # no usage asked: no usage chunk
         chunks = list(client(url).completions.create(prompt="Tom is a cat", stream=True, stream_options=options, **kw))
         assert all(c.usage is None and c.choices for c in chunks)
@@ -745,7 +758,9 @@ def test_routes_and_bad_input(recurrent_server):
     assert error({"prompt": "a", "best_of": 3}) == "best_of is not supported by latentrt (leave it out)"
     assert h.post("/v1/completions", json={"prompt": "a", "best_of": 2, "n": 2, "max_tokens": 1}).status_code == 200
     bad_options = {"prompt": "a", "stream": True, "stream_options": {"include_usage": True, "x": 1}}
-    assert error(bad_options).startswith("stream_options must be {'include_usage': true|false}, got")
+    assert error(bad_options).startswith("stream_options must be {'include_usage': true|false, 'continuous_usage")
+    bad_options["stream_options"] = {"include_usage": "false"}  # (a string would be true: refused, not read)
+    assert error(bad_options) == "stream_options.include_usage must be true or false, got 'false'"
     assert error({"prompt": "a", "stream_options": {}}) == "stream_options is only allowed with stream=true"
 
 

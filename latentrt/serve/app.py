@@ -414,7 +414,13 @@ async def _stream(served: Served, request: Request, rid: str, reqs, events, chat
             engine.cancel(r)
         return _error(*failure(reqs[first[0]].error))
 
+    sent = [0] * len(reqs)  # per choice: the tokens its chunks carried so far
+
     def sse(obj) -> str:
+        if parsed.continuous_usage and obj["choices"]:  # (vLLM's continuous_usage_stats: the choice's so far)
+            i = obj["choices"][0]["index"]
+            prompt = reqs[i].prompt_tokens
+            obj["usage"] = {"prompt_tokens": prompt, "completion_tokens": sent[i], "total_tokens": prompt + sent[i]}
         return f"data: {json.dumps(obj)}\n\n"
 
     async def body():
@@ -425,6 +431,7 @@ async def _stream(served: Served, request: Request, rid: str, reqs, events, chat
                     yield sse(chunk_body(rid, model_name, i, True, role=True))
             while True:
                 i, ev = got
+                sent[i] += ev.kind == "token"
                 delta = None if calls is None or ev.kind not in ("token", "text") else calls[i].delta(ev.text or "")
                 if calls is not None and ev.kind == "token":  # (a call's deltas; its token and log-prob still)
                     yield sse(

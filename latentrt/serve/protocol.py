@@ -94,6 +94,7 @@ class Parsed:
     options: list[dict]  # per choice: generate() keyword options
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # stream: each chunk carries its choice's usage so far
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per token
     echo: bool = False  # completions: the prompt is repeated (and scored, with log-probs)
     score_only: bool = False  # echo with max_tokens 0: no token is generated
@@ -269,15 +270,23 @@ def _top_logprobs(body: dict, chat: bool) -> int | None:
     return top
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
+    """Whether a stream ends with a usage chunk (``include_usage``), and whether each chunk also carries its
+    choice's usage so far (vLLM's ``continuous_usage_stats``, read with ``include_usage`` only, as vLLM does)."""
     so = body.get("stream_options")
     if so is None:
-        return False
+        return False, False
     if not stream:
         raise InputError("stream_options is only allowed with stream=true")
-    if not isinstance(so, dict) or set(so) - {"include_usage"}:
-        raise InputError(f"stream_options must be {{'include_usage': true|false}}, got {so!r}")
-    return bool(so.get("include_usage", False))
+    if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
+        raise InputError(
+            f"stream_options must be {{'include_usage': true|false, 'continuous_usage_stats': true|false}}, got {so!r}"
+        )
+    for name, value in so.items():
+        if not isinstance(value, bool) and value is not None:
+            raise InputError(f"stream_options.{name} must be true or false, got {value!r:.100}")
+    include = bool(so.get("include_usage"))
+    return include, include and bool(so.get("continuous_usage_stats"))
 
 
 def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
@@ -340,7 +349,7 @@ def parse_completion(body) -> Parsed:
     parsed.field_names = dict(RENAMED, max_new_tokens="max_tokens")
     if len(parsed.prompts) > MAX_CHOICES:
         raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
-    parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
+    parsed.stream, (parsed.include_usage, parsed.continuous_usage) = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=False)
     parsed.echo = _flag(body, "echo")
     if parsed.echo and stream:
@@ -386,7 +395,7 @@ def parse_chat(body, template, tokenizer, tool_parser: ToolParser | None = None)
     parsed.tool_choice = tool_choice if tool_choice is not None and (tool_choice.calls or tool_choice.auto) else None
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
     parsed.field_names = dict(RENAMED, max_new_tokens=given)
-    parsed.stream, parsed.include_usage = stream, _stream_options(body, stream)
+    parsed.stream, (parsed.include_usage, parsed.continuous_usage) = stream, _stream_options(body, stream)
     parsed.top_logprobs = _top_logprobs(body, chat=True)
     return parsed
 
