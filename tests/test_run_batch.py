@@ -256,3 +256,20 @@ def test_a_route_that_fails_unexpectedly_is_that_lines_500(tmp_path, capsys, mon
     assert [x["response"]["status_code"] for x in lines] == [200, 500, 200]
     assert lines[1]["response"]["body"]["error"]["type"] == "server_error"
     assert "1 with status 500" in capsys.readouterr().out
+
+
+def test_the_tool_call_parser_flags_reach_the_routes(tmp_path, capsys):
+    """A chat request with tools and no tool_choice (OpenAI's default: auto) is answered with the parser flags, a
+    400 naming them without."""
+    tool = {"type": "function", "function": {"name": "get_weather"}}
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Alex is"}], max_tokens=3, tools=[tool])
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(_line("a", "/v1/chat/completions", body) + "\n")
+    assert main(["run-batch", MODEL, "-i", str(source), "-o", str(out)]) == 0
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["response"]["status_code"] == 400 and "--enable-auto-tool-choice" in json.dumps(line["response"])
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert main(["run-batch", MODEL, "-i", str(source), "-o", str(out), *flags]) == 0
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    message = line["response"]["body"]["choices"][0]["message"]
+    assert line["response"]["status_code"] == 200 and message["content"] and not message.get("tool_calls")

@@ -1149,7 +1149,9 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
     assert seen["port"] == int(port[1])  # served on the socket taken before the model loaded
     monkeypatch.setenv("LATENTRT_API_KEY", "k2")
     assert main(["serve", *port, "builtin:coconut"]) == 0
-    assert seen["chat_template"] is None and seen["api_key"] == "k2"
+    assert seen["chat_template"] is None and seen["api_key"] == "k2" and seen["tool_call_parser"] is None
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    assert main(["serve", *port, *tools, "builtin:coconut"]) == 0 and seen["tool_call_parser"] == "llama3_json"
     # an empty key (--api-key "$UNSET", an exported empty variable) is refused, not served without a key
     for argv, source in ((["--api-key", " "], "--api-key"), ([], "LATENTRT_API_KEY")):
         monkeypatch.setenv("LATENTRT_API_KEY", "")
