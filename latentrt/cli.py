@@ -32,6 +32,7 @@ from .cli_flags import (
     json_object,
     model_options,
     name_options_as_flags,
+    responses_store,
     token_ids,
     tool_call_parser,
 )
@@ -386,6 +387,8 @@ def checked_engine_flags(args) -> dict:
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
     tool_call_parser(args)
+    if hasattr(args, "enable_responses_api_store"):  # (serve's, not run-batch's)
+        responses_store(args)
     return json_object(args.override_generation_config, "--override-generation-config")
 
 
@@ -428,6 +431,7 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
         tool_call_parser=tool_call_parser(args),
+        responses_store=responses_store(args),
     )
     return 0
 

@@ -109,6 +109,8 @@ def json_object(text: str | None, flag: str) -> dict:
     return value
 
 
+RESPONSES_KEPT = 1000  # --responses-store-size's default
+
 # latentrt serve's flags that configure its Engine (the others: the model's, the server's)
 ENGINE_FLAGS = (
     "max_batch",
@@ -141,6 +143,19 @@ def add_serve_args(p: argparse.ArgumentParser, *, log_level: bool = True) -> Non
         metavar="ORIGIN",
         help="web origins a browser page may call the server from (CORS: https://app.example:8080, or '*'; "
         "default none, where vLLM allows any)",
+    )
+    p.add_argument(
+        "--enable-responses-api-store",
+        action="store_true",
+        help="keep finished /v1/responses answers in memory, for GET /v1/responses/{id} and previous_response_id "
+        "(default: none kept, as vLLM)",
+    )
+    p.add_argument(
+        "--responses-store-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --enable-responses-api-store: how many are kept, the oldest dropped first ({RESPONSES_KEPT})",
     )
     if log_level:
         p.add_argument("--log-level", default="info")
@@ -215,6 +230,16 @@ def tool_call_parser(args: argparse.Namespace) -> str | None:
     if name is not None and name not in PARSERS:
         raise InputError(f"--tool-call-parser {name!r:.100} is not one of {sorted(PARSERS)}")
     return name
+
+
+def responses_store(args: argparse.Namespace) -> int:
+    """How many finished responses the server keeps (0: none), as the store's flags say."""
+    size = args.responses_store_size
+    if not args.enable_responses_api_store:
+        if size is not None:
+            raise InputError("--responses-store-size is read with --enable-responses-api-store: give it too")
+        return 0
+    return RESPONSES_KEPT if size is None else size
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -530,6 +555,7 @@ COUNT_BOUNDS = (
     ("kv_slots", 1, None),
     ("max_num_steps", 1, None),
     ("replicas", 1, None),
+    ("responses_store_size", 1, None),
 )
 
 

@@ -203,9 +203,9 @@ def test_a_second_ctrl_c_stops_ray_at_once_in_one_line(monkeypatch, capsys, seco
 def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypatch):
     """The replica's configuration round-trips through JSON to ``load_engine`` and ``create_app`` as
     ``latentrt serve`` passes them: loading options (revision, weights, overrides, dtype, backend, device), engine
-    options, the served name, the template, the API key, the origins and the tool-call parser; a folder, weights
-    and a template given relative to the launcher's directory reach the replicas absolute, a Hub id or builtin:NAME
-    unchanged."""
+    options, the served name, the template, the API key, the origins, the tool-call parser and the store; a folder,
+    weights and a template given relative to the launcher's directory reach the replicas absolute, a Hub id or
+    builtin:NAME unchanged."""
     import json
 
     from latentrt.serve import app as serve_app
@@ -227,6 +227,7 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
         api_key="k3y",
         allowed_origins=["https://app.example"],
         tool_call_parser="hermes",
+        responses_store=5,
         max_batch=4,
         scheduler="token",
     )
@@ -257,6 +258,7 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
             api_key="k3y",
             allowed_origins=["https://app.example"],
             tool_call_parser="hermes",
+            responses_store=5,
         ),
     }
     for model in ("builtin:recurrent", "tomg-group-umd/huginn-0125"):

@@ -150,7 +150,8 @@ def test_what_latentrt_does_not_take_is_a_400(tool_server):  # noqa: F811
     h = httpx.Client(base_url=url)
     base = dict(model="tiny", input="Alex is", max_output_tokens=2)
     for bad, message in [
-        (dict(previous_response_id="resp_1"), "latentrt stores no responses"),
+        (dict(previous_response_id="resp_1"), "this server stores no responses (start it with --enable-responses-api"),
+        (dict(store="yes"), "store must be true or false, got 'yes'"),
         (dict(truncation="auto"), "truncation='auto' is not supported"),
         (dict(background=True), "background responses are not supported"),
         (dict(tools=[{"type": "web_search"}]), "tools[0]: only function tools are supported, got 'web_search'"),
@@ -167,6 +168,10 @@ def test_what_latentrt_does_not_take_is_a_400(tool_server):  # noqa: F811
     ]:
         got = h.post("/v1/responses", content=json.dumps(dict(base, **bad)), headers=JSON)  # (ASCII: surrogates too)
         assert got.status_code == 400 and message in got.json()["error"]["message"], (bad, got.text)
+    # no store: nothing to fetch or delete (404s naming why)
+    for method in (h.get, h.delete):
+        got = method("/v1/responses/resp_1")
+        assert got.status_code == 404 and "response 'resp_1' not found: this server stores no responses" in got.text
     # what the response echoes, as given (ASCII JSON: a lone surrogate in a tool's description answered 500)
     tool = {"type": "function", "name": "f", "description": "\ud800"}
     got = h.post(

@@ -41,10 +41,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model, name: str = "tiny", template=None, api_key=None, tool_call_parser=None, **engine_kw):
+def serving(
+    model, name: str = "tiny", template=None, api_key=None, tool_call_parser=None, responses_store=0, **engine_kw
+):
     """A real uvicorn server on a loopback port, in a thread; yields (base url, engine)."""
     engine = Engine(model, **engine_kw)
-    app = create_app(engine, name, chat_template=template, api_key=api_key, tool_call_parser=tool_call_parser)
+    app = create_app(
+        engine,
+        name,
+        chat_template=template,
+        api_key=api_key,
+        tool_call_parser=tool_call_parser,
+        responses_store=responses_store,
+    )
     with loopback(app) as url:
         yield url, engine
 
@@ -1150,8 +1159,15 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTRT_API_KEY", "k2")
     assert main(["serve", *port, "builtin:coconut"]) == 0
     assert seen["chat_template"] is None and seen["api_key"] == "k2" and seen["tool_call_parser"] is None
+    assert seen["responses_store"] == 0
     tools = ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
     assert main(["serve", *port, *tools, "builtin:coconut"]) == 0 and seen["tool_call_parser"] == "llama3_json"
+    store = ["--enable-responses-api-store"]
+    for flags, kept in ((store, 1000), ([*store, "--responses-store-size", "5"], 5)):
+        assert main(["serve", *port, *flags, "builtin:coconut"]) == 0 and seen["responses_store"] == kept
+    seen.clear()
+    assert main(["serve", *port, *store, "--responses-store-size", "0", "builtin:coconut"]) == 2 and not seen
+    assert main(["serve", *port, "--responses-store-size", "5", "builtin:coconut"]) == 2 and not seen
     # an empty key (--api-key "$UNSET", an exported empty variable) is refused, not served without a key
     for argv, source in ((["--api-key", " "], "--api-key"), ([], "LATENTRT_API_KEY")):
         monkeypatch.setenv("LATENTRT_API_KEY", "")

@@ -52,6 +52,7 @@ CASES = {
         ),
         ('{"name": "a", "parameters": {}} ;{"name": "b", "parameters": {}}', None, [("a", "{}"), ("b", "{}")]),
         ('{"name": "a", "parameters": {}} {"name": "b", "parameters": {}}', None, None),  # (no separator)
+        ('{"name": "a", "parameters": {}} x{"name": "b", "parameters": {}}', None, None),  # (another one)
         ('{"name": "a", "parameters": {}};', None, None),
         ('{"name": "a"}', None, None),
         ('{"city": "Rome"} is what I would send', None, None),
@@ -123,15 +124,9 @@ def test_the_message_holds_the_calls_and_the_text_before_them():
 
 
 def test_held_text_is_the_longest_end_that_may_begin_the_marker():
-    assert [held_suffix(t, "<tool_call>") for t in ["", "a", "a<", "a<tool", "<tool_call", "a<tox", "<<"]] == [
-        0,
-        0,
-        1,
-        5,
-        10,
-        0,
-        1,
-    ]
+    texts = ["", "a", "a<", "a<tool", "<tool_call", "a<tox", "<<", "a<tool_call>"]
+    assert [held_suffix(t, "<tool_call>") for t in texts] == [0, 0, 1, 5, 10, 0, 1, 0]  # (a whole marker is found)
+    assert held_suffix("xaa", "aab") == 2  # (the longest of two)
 
 
 def test_the_registry_names_each_parser_and_refuses_others():

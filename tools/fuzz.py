@@ -256,7 +256,9 @@ class Fuzz:
             from latentrt.serve.engine import Engine
 
             # (with a tool-call parser: a body whose tools pass leaves the choice to the model, which is answered)
-            app = create_app(Engine(self.model, max_batch=4), model_name, tool_call_parser="hermes")
+            # (and a store: previous_response_id is looked up)
+            engine = Engine(self.model, max_batch=4)
+            app = create_app(engine, model_name, tool_call_parser="hermes", responses_store=16)
             self.client = TestClient(app, raise_server_exceptions=False).__enter__()  # (its lifespan runs)
 
     def offline(self):

@@ -52,6 +52,7 @@ from .protocol import (
     usage,
     with_openai_defaults,
 )
+from .response_store import ResponseNotFound, ResponseStore
 from .tool_parsers import tool_parser
 
 POLL_SECONDS = 0.1  # how often a waiting non-streaming request checks that its client is still there
@@ -108,6 +109,7 @@ class Served:
     text_of: object  # a token id -> its text as log-probs name it
     started: int  # when the app was made (the model card's ``created``)
     tool_parser: object = None  # the reader of the model's tool-call format ("auto" tool choice), or None
+    responses: ResponseStore | None = None  # the Responses API's store, or None (none kept)
 
     @property
     def model(self):
@@ -121,6 +123,7 @@ def create_app(
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
     tool_call_parser: str | None = None,
+    responses_store: int = 0,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
     path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
@@ -130,7 +133,9 @@ def create_app(
     ``["*"]`` any; None, the default: none, where vLLM allows any); ``tool_call_parser``: the name of the
     model's tool-call format (serve/tool_parsers/: "hermes", "llama3_json"), which lets chat requests leave the
     choice between text and calls to the model (``tool_choice: "auto"``, OpenAI's default with tools; vLLM's
-    ``--enable-auto-tool-choice --tool-call-parser``); None, the default: such requests are 400s."""
+    ``--enable-auto-tool-choice --tool-call-parser``); None, the default: such requests are 400s;
+    ``responses_store``: how many finished responses ``/v1/responses`` keeps in memory for ``GET`` and
+    ``previous_response_id`` (serve/response_store.py; 0, the default: none)."""
     if not isinstance(engine, Engine):
         raise InputError(
             f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
@@ -147,6 +152,7 @@ def create_app(
         partial(token_text, model.tokenizer),
         int(time.time()),
         parser,
+        ResponseStore(responses_store) if responses_store else None,
     )
 
     @asynccontextmanager
@@ -181,6 +187,18 @@ def create_app(
     @app.post("/v1/responses")
     async def create_response(request: Request):
         return await _handle_responses(request.app.state.served, request)
+
+    @app.get("/v1/responses/{rid}")
+    async def get_response(request: Request, rid: str):
+        return _stored(request.app.state.served, rid, lambda store: store.response(rid))
+
+    @app.delete("/v1/responses/{rid}")
+    async def delete_response(request: Request, rid: str):
+        return _stored(
+            request.app.state.served,
+            rid,
+            lambda store: store.delete(rid) or {"id": rid, "object": "response", "deleted": True},
+        )
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -303,7 +321,7 @@ async def _submitted(served: Served, request: Request, parse):
     except InputError as exc:
         return _error(400, str(exc))
     except LookupError as exc:
-        return _error(404, str(exc), "model_not_found")
+        return _error(404, str(exc), getattr(exc, "kind", "model_not_found"))
     except QueueFull as exc:
         return _error(429, str(exc), "rate_limit_exceeded", headers={"Retry-After": "1"})
     except ShuttingDown as exc:
@@ -311,12 +329,31 @@ async def _submitted(served: Served, request: Request, parse):
     return body, parsed, reqs, events
 
 
+def _stored(served: Served, rid: str, answer):
+    """A stored response's route: ``answer(store)``, or a 404 (no such response, or no store)."""
+    if served.responses is None:
+        return _error(404, f"response {rid!r:.100} not found: this server stores no responses", "invalid_request_error")
+    try:  # (ASCII JSON: a response echoes its request's fields, which may hold what UTF-8 cannot encode)
+        return Response(json.dumps(answer(served.responses)), media_type="application/json")
+    except ResponseNotFound as exc:
+        return _error(404, str(exc), exc.kind)
+
+
 async def _handle_responses(served: Served, request: Request):
     """``/v1/responses``: the body as a chat request (serve/responses.py), answered as a response object or its
-    stream of typed events."""
+    stream of typed events; kept in the store (if the server has one and the request did not say ``store:
+    false``) with its conversation."""
+    made = {}
 
     def parse(body):
-        parsed = parse_chat(responses.to_chat(body), served.template, served.model.tokenizer, served.tool_parser)
+        store, previous = served.responses, body.get("previous_response_id") if isinstance(body, dict) else None
+        history = None
+        if store is not None and previous is not None:
+            if not isinstance(previous, str):
+                raise InputError(f"previous_response_id must be a response's id, got {previous!r:.100}")
+            history = store.conversation(previous)  # (a ResponseNotFound: 404)
+        made["chat"] = chat = responses.to_chat(body, history)
+        parsed = parse_chat(chat, served.template, served.model.tokenizer, served.tool_parser)
         parsed.field_names["max_new_tokens"] = "max_output_tokens"  # (its errors name the request's fields)
         return parsed
 
@@ -325,6 +362,12 @@ async def _handle_responses(served: Served, request: Request):
         return submitted
     body, parsed, reqs, events = submitted
     rid, req = responses.new_item_id("resp"), reqs[0]
+    stored = served.responses is not None and body.get("store") is not False
+
+    def keep(answer: dict) -> None:
+        if stored:
+            served.responses.put(answer, responses.conversation_of(body, made["chat"], answer["output"]))
+
     if not parsed.stream:
         while True:
             got = await _next_event(served, request, reqs, events)
@@ -335,10 +378,11 @@ async def _handle_responses(served: Served, request: Request):
         if req.error is not None:
             return _error(*failure(req.error))
         output = responses.output_items(req, parsed.tool_choice)
-        answer = responses.response_body(rid, served.model_name, body, int(time.time()), req, output)
+        answer = responses.response_body(rid, served.model_name, body, int(time.time()), req, output, stored=stored)
+        keep(answer)
         # (ASCII JSON: the body echoes the request's fields, which may hold what UTF-8 cannot encode)
         return Response(json.dumps(answer), media_type="application/json")
-    stream = responses.ResponseEvents(rid, served.model_name, body, parsed.tool_choice)
+    stream = responses.ResponseEvents(rid, served.model_name, body, parsed.tool_choice, stored=stored)
 
     async def events_out():
         try:
@@ -353,7 +397,9 @@ async def _handle_responses(served: Served, request: Request):
                     for event in stream.delta(ev.text or ""):
                         yield _sse(event)
                 elif ev.kind == "done":
-                    for event in stream.end(req):
+                    closing = stream.end(req)
+                    keep(closing[-1]["response"])  # (kept before the client reads it: a next turn may follow)
+                    for event in closing:
                         yield _sse(event)
                     return
                 else:
@@ -596,10 +642,12 @@ def run_server(
     ssl_keyfile: str | None = None,
     ssl_certfile: str | None = None,
     tool_call_parser: str | None = None,
+    responses_store: int = 0,
 ) -> None:
     """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``, ``allowed_origins``,
-    ``tool_call_parser``: as ``create_app``); on ``sock`` when given (``listening_socket``), else on
-    ``host``:``port``; HTTPS with ``ssl_keyfile`` and ``ssl_certfile`` (PEM files, uvicorn's)."""
+    ``tool_call_parser``, ``responses_store``: as ``create_app``); on ``sock`` when given
+    (``listening_socket``), else on ``host``:``port``; HTTPS with ``ssl_keyfile`` and ``ssl_certfile`` (PEM
+    files, uvicorn's)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -622,6 +670,7 @@ def run_server(
         api_key=api_key,
         allowed_origins=allowed_origins,
         tool_call_parser=tool_call_parser,
+        responses_store=responses_store,
     )
     config = uvicorn.Config(
         app,

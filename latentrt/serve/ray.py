@@ -35,6 +35,7 @@ def build_app():
         api_key=cfg.get("api_key"),
         allowed_origins=cfg.get("allowed_origins"),
         tool_call_parser=cfg.get("tool_call_parser"),
+        responses_store=cfg.get("responses_store", 0),
     )
 
 
@@ -58,6 +59,7 @@ def replica_config(
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
     tool_call_parser: str | None = None,
+    responses_store: int = 0,
     **engine_kw,
 ) -> dict:
     """What a replica's ``build_app`` reads (JSON): the model and its loading options, the engine's, the name
@@ -81,6 +83,7 @@ def replica_config(
         "api_key": api_key,
         "allowed_origins": allowed_origins,
         "tool_call_parser": tool_call_parser,
+        "responses_store": responses_store,
     }
 
 
@@ -95,10 +98,10 @@ def application(
     """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same options
     serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``, ``weights``,
     ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and ``--override-generation-config``,
-    ``chat_template`` (a file's path), ``api_key``, ``allowed_origins``, ``tool_call_parser``, and the rest to
-    each ``Engine``: max_batch, max_queue, max_len, kv_slots, scheduler, edge_cost, async_scheduling,
-    max_num_steps); the resources to each replica's actor. Values must be JSON (they reach the replicas as
-    JSON)."""
+    ``chat_template`` (a file's path), ``api_key``, ``allowed_origins``, ``tool_call_parser``,
+    ``responses_store`` (each replica its own), and the rest to each ``Engine``: max_batch, max_queue, max_len,
+    kv_slots, scheduler, edge_cost, async_scheduling, max_num_steps); the resources to each replica's actor.
+    Values must be JSON (they reach the replicas as JSON)."""
     from ray import serve
 
     cfg = replica_config(model, **options)
@@ -125,7 +128,7 @@ def check_before_starting(args) -> None:
     from ..chat import chat_template_file
     from ..checkpoint import read_generation_config
     from ..cli import api_key_from
-    from ..cli_flags import check_counts, json_object, model_options, tool_call_parser
+    from ..cli_flags import check_counts, json_object, model_options, responses_store, tool_call_parser
     from ..errors import InputError
     from ..loader import parse_dtype, read_model_config
     from ..options import generation_defaults
@@ -135,6 +138,7 @@ def check_before_starting(args) -> None:
     check_counts(args)
     api_key_from(args.api_key)
     tool_call_parser(args)
+    responses_store(args)
     if args.allowed_origins is not None:
         check_origins(args.allowed_origins)
     load = model_options(args)
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_options,
         json_object,
         model_options,
+        responses_store,
         tool_call_parser,
     )
     from ..errors import LatentRTError
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             api_key=api_key_from(args.api_key),
             allowed_origins=args.allowed_origins,
             tool_call_parser=tool_call_parser(args),
+            responses_store=responses_store(args),
             **engine_options(args),
         )
         serve.run(app, route_prefix="/")

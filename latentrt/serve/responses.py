@@ -30,13 +30,11 @@ PASSED = ("stop", "stop_token_ids", "ignore_eos", "min_tokens", "structured_outp
 PASSED += ("frequency_penalty", "logit_bias")
 FIELDS |= set(PASSED)
 NEUTRAL = {
-    "previous_response_id": (None,),
     "truncation": (None, "disabled"),
     "reasoning": (None, {}),
     "include": (None, []),
 }
 NEUTRAL_WHY = {
-    "previous_response_id": "latentrt stores no responses: send the conversation in input",
     "truncation": "latentrt does not cut conversations: a prompt past the context is a 400",
     "reasoning": "latentrt's models reason in latent space (num_steps, num_thoughts), not in reasoning tokens",
     "include": "latentrt has no extra output to include",
@@ -44,8 +42,9 @@ NEUTRAL_WHY = {
 TO_CHAT = {name: name for name in ("temperature", "top_p", "stream", "seed", "user", *PASSED)}
 
 
-def to_chat(body) -> dict:
-    """The chat body a Responses body asks for (an InputError naming what latentrt does not take)."""
+def to_chat(body, history: list[dict] | None = None) -> dict:
+    """The chat body a Responses body asks for (an InputError naming what latentrt does not take); ``history``:
+    the conversation its ``previous_response_id`` continues (the store's), None without a store."""
     if not isinstance(body, dict):
         raise InputError(f"the request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - FIELDS)
@@ -54,8 +53,16 @@ def to_chat(body) -> dict:
     for name, accepted in NEUTRAL.items():
         if body.get(name) not in accepted:
             raise InputError(f"{name}={body[name]!r:.100} is not supported: {NEUTRAL_WHY[name]}")
+    previous = body.get("previous_response_id")
+    if previous is not None and history is None:
+        raise InputError(
+            f"previous_response_id={previous!r:.100} is not supported: this server stores no responses (start it "
+            "with --enable-responses-api-store), so send the conversation in input"
+        )
+    if body.get("store") not in (None, True, False):
+        raise InputError(f"store must be true or false, got {body['store']!r:.100}")
     if body.get("background") not in (None, False):
-        raise InputError("background responses are not supported: latentrt stores no responses")
+        raise InputError("background responses are not supported: latentrt answers each response as it runs")
     metadata = body.get("metadata")
     if metadata is not None and (
         not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
@@ -69,7 +76,7 @@ def to_chat(body) -> dict:
             check_unicode(name, text)  # (echoed in the response)
     chat = {name: body[name] for name in LATENT_FIELDS if name in body}
     chat.update({TO_CHAT[name]: body[name] for name in TO_CHAT if name in body})
-    chat["messages"] = _messages(body.get("instructions"), body.get("input"))
+    chat["messages"] = _messages(body.get("instructions"), body.get("input"), history or [])
     if body.get("model") is not None:
         chat["model"] = body["model"]
     if body.get("max_output_tokens") is not None:
@@ -130,14 +137,16 @@ def _text(content, where: str) -> str:
     raise InputError(f"{where}.content must be text or a list of input_text parts (no images, files or audio)")
 
 
-def _messages(instructions, items) -> list[dict]:
-    """The conversation: the instructions as a system message, then the input's items (a text is one user
-    message; function calls join an assistant message's tool_calls, their outputs are tool messages)."""
+def _messages(instructions, items, history: list[dict]) -> list[dict]:
+    """The conversation: the instructions as a system message, the turns before (``history``), then the input's
+    items (a text is one user message; function calls join an assistant message's tool_calls, their outputs are
+    tool messages)."""
     messages = []
     if instructions is not None:
         if not isinstance(instructions, str):
             raise InputError(f"instructions must be a string, got {instructions!r:.100}")
         messages.append({"role": "system", "content": instructions})
+    messages += history
     if isinstance(items, str):
         return [*messages, {"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
@@ -168,6 +177,20 @@ def _messages(instructions, items) -> list[dict]:
                 f"{item!r:.200}"
             )
     return messages
+
+
+def conversation_of(body: dict, chat: dict, output: list[dict]) -> list[dict]:
+    """What a stored response keeps for a next turn: its chat messages without its instructions' system message,
+    then its answer as one assistant message (its text, and its calls with the ids the client was given)."""
+    messages = chat["messages"][1:] if body.get("instructions") is not None else list(chat["messages"])
+    text = [part["text"] for item in output if item["type"] == "message" for part in item["content"]]
+    calls = [
+        {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+        for item in output
+        if item["type"] == "function_call"
+    ]
+    answer = {"role": "assistant", "content": "".join(text) if text else None}
+    return [*messages, answer | {"tool_calls": calls} if calls else answer]
 
 
 def new_item_id(prefix: str) -> str:
@@ -204,8 +227,11 @@ def _call_item(call: dict, status: str = "completed") -> dict:
     }
 
 
-def response_body(rid: str, model: str, body: dict, created: int, req=None, output=None, status=None) -> dict:
-    """The response object (``req`` None: one still in progress, for a stream's first events)."""
+def response_body(
+    rid: str, model: str, body: dict, created: int, req=None, output=None, status=None, stored: bool = False
+) -> dict:
+    """The response object (``req`` None: one still in progress, for a stream's first events; ``stored``: whether
+    the server keeps it)."""
     fmt = (body.get("text") or {}).get("format") or {"type": "text"}
     out = {
         "id": rid,
@@ -226,7 +252,7 @@ def response_body(rid: str, model: str, body: dict, created: int, req=None, outp
         "tools": body.get("tools") or [],
         "top_p": body.get("top_p"),
         "truncation": "disabled",
-        "store": False,
+        "store": stored,
         "user": body.get("user"),
         "usage": None,
     }
@@ -249,8 +275,8 @@ def response_body(rid: str, model: str, body: dict, created: int, req=None, outp
 class ResponseEvents:
     """The typed events of a streamed response, numbered (``sequence_number``) as they go out."""
 
-    def __init__(self, rid: str, model: str, body: dict, tool_choice: ToolChoice | None) -> None:
-        self.rid, self.model, self.body, self.tool_choice = rid, model, body, tool_choice
+    def __init__(self, rid: str, model: str, body: dict, tool_choice: ToolChoice | None, stored: bool = False) -> None:
+        self.rid, self.model, self.body, self.tool_choice, self.stored = rid, model, body, tool_choice, stored
         self.created = int(time.time())
         self.number = 0
         self.item_id = new_item_id("fc" if tool_choice is not None and tool_choice.name else "msg")
@@ -263,7 +289,7 @@ class ResponseEvents:
 
     def start(self) -> list[dict]:
         """The response created and in progress, its output item and (for text) its content part opened."""
-        progress = response_body(self.rid, self.model, self.body, self.created)
+        progress = response_body(self.rid, self.model, self.body, self.created, stored=self.stored)
         out = [
             self._event("response.created", response=progress),
             self._event("response.in_progress", response=progress),
@@ -353,7 +379,7 @@ class ResponseEvents:
                 out.append(self._event("response.output_item.done", output_index=0, item=items[0]))
             else:  # (required calls, or text the calls did not parse from: each item whole)
                 out += self._whole_items(items, 0)
-        final = response_body(self.rid, self.model, self.body, self.created, req, items)
+        final = response_body(self.rid, self.model, self.body, self.created, req, items, stored=self.stored)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         out.append(self._event(kind, response=final))
         return out
