@@ -339,3 +339,11 @@ def test_auto_on_the_responses_route_gives_the_message_then_the_call(auto_server
     final = events[-1].response
     assert events[-1].type == "response.completed" and [o.type for o in final.output] == ["message", "function_call"]
     assert final.output[0].id == events[2].item.id and final.output[1].arguments == call.arguments
+
+    # text whose end might have begun a call (held back while streaming) goes out when the answer ends
+    held = dict(STEPS, guided_regex=r"(Paris|Rome) is <tool", seed=7)
+    r = client(url).responses.create(extra_body=held, **args)
+    events = list(client(url).responses.create(extra_body=held, stream=True, **args))
+    (message,) = r.output
+    assert message.content[0].text.endswith(" is <tool") and events[-1].response.output_text == r.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text

@@ -994,9 +994,16 @@ def test_text_held_back_for_a_stop_string_is_streamed_when_a_stop_token_ends_it(
         args = dict(model="builtin", prompt=prompt, max_tokens=12, temperature=0, stop=[".X"])
         extra = {"published_eos": True}
         whole = client(url).completions.create(extra_body=extra, **args).choices[0]
-        chunks = [c.choices[0] for c in client(url).completions.create(stream=True, extra_body=extra, **args)]
+        usage = {"include_usage": True, "continuous_usage_stats": True}
+        raw = list(client(url).completions.create(stream=True, stream_options=usage, extra_body=extra, **args))
+    chunks = [c.choices[0] for c in raw[:-1]]
     assert (whole.text, whole.finish_reason) == (alone.text, "stop")
     assert "".join(c.text for c in chunks) == alone.text and chunks[-2].text == "."  # (then the finish chunk)
+    # the held text's chunk carries no token: the choice's usage so far (vLLM's continuous_usage_stats) counts none
+    assert getattr(chunks[-2], "latentrt", None) is None
+    n = len(alone.tokens)
+    assert [c.usage.completion_tokens for c in raw[:-1]] == [*range(1, n + 1), n, n]
+    assert raw[-1].usage.completion_tokens == len(alone.tokens)
 
 
 def test_a_failing_request_is_500_and_the_others_are_served():

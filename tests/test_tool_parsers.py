@@ -74,6 +74,18 @@ def test_whole_answers_read_as_vllms_parser_reads_them(name):
         assert parser.extract(text) == expected(text, content, calls), text[:80]
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_what_goes_out_stays_out_as_the_text_grows(name):
+    """``split`` over each prefix of each answer: its end never falls, and once the calls began they stay begun."""
+    parser = tool_parser(name)
+    for text, _, _ in CASES[name]:
+        last_end, begun = 0, False
+        for k in range(len(text) + 1):
+            end, now = parser.split(text[:k])
+            assert last_end <= end <= k and (now or not begun), (text[:k], end, now)
+            last_end, begun = end, now
+
+
 def pieces(text: str, rng: random.Random) -> list[str]:
     out, at = [], 0
     while at < len(text):

@@ -59,8 +59,8 @@ class ToolChoice:
 
     @property
     def auto(self) -> bool:
-        """Whether the model decides between text and calls (which the parser finds)."""
-        return self.parser is not None and not self.calls
+        """Whether the model decides between text and calls (which the parser finds: only "auto" has one)."""
+        return self.parser is not None
 
     def guided_json(self) -> dict:
         """The schema the text follows."""
@@ -130,8 +130,7 @@ class ToolStream:
     def _content(self) -> dict | None:
         if self.begun:
             return None
-        end, self.begun = self.choice.parser.split(self.text)
-        end = max(end, self.sent)
+        end, self.begun = self.choice.parser.split(self.text)  # (never below what went out: a parser's rule)
         out, self.sent = self.text[self.sent : end], end
         return {"content": out} if out else None
 

@@ -5,7 +5,8 @@ calls in its text. One parser per file, registered here by vLLM's name. A parser
 
 - ``split(text) -> (end, begun)``: how much of the text so far is surely the message's content (streamed as it
   comes), and whether the calls have begun there (then the rest is held until the text ends); where the text's
-  end may yet begin the calls (a part of ``<tool_call>``), it is held back until it shows which;
+  end may yet begin the calls (a part of ``<tool_call>``), it is held back until it shows which. As the text
+  grows, ``end`` never falls and ``begun`` never turns false (what went out stays out);
 - ``extract(text) -> (content, calls)``: the whole text's content (None: none) and calls, each a
   ``(name, arguments as JSON text)``; no calls (and the text as content) where they do not parse.
 
