@@ -299,23 +299,12 @@ def test_auto_answers_the_calls_the_model_writes_in_its_format(auto_server):
 
     # the model answering in text: the message is its text (finish "stop"), streamed as it comes
     text = regex_alone(model, TEXT, max_new_tokens=40, temperature=1.0, seed=9).text  # (the route's temperature)
-    r = client(url).chat.completions.create(
-        model="tiny",
-        messages=CHAT,
-        max_tokens=40,
-        tools=[WEATHER, CLOCK],
-        extra_body=dict(STEPS, guided_regex=TEXT, seed=9),
-    )
+    said = dict(model="tiny", messages=CHAT, max_tokens=40, tools=[WEATHER, CLOCK])
+    said["extra_body"] = dict(STEPS, guided_regex=TEXT, seed=9)
+    r = client(url).chat.completions.create(**said)
     assert r.choices[0].message.content == text and not r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "stop"
-    stream = client(url).chat.completions.create(
-        model="tiny",
-        messages=CHAT,
-        max_tokens=40,
-        tools=[WEATHER, CLOCK],
-        extra_body=dict(STEPS, guided_regex=TEXT, seed=9),
-        stream=True,
-    )
+    stream = client(url).chat.completions.create(stream=True, **said)
     pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
     assert "".join(pieces) == text and len(pieces) > 1
 

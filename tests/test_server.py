@@ -683,6 +683,9 @@ def test_routes_and_bad_input(recurrent_server):
         "latentrt_passes_total",
         "latentrt_weight_reads_total",
         "latentrt_graph_passes_total",
+        "latentrt_time_to_first_token_seconds_bucket",
+        "latentrt_token_latent_iterations_count",
+        "latentrt_requests_ended_total",
     ):
         assert name in metrics
 

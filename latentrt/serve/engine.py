@@ -577,6 +577,7 @@ class Engine:
             req.error = exc
             req.finish_reason = "error"
             req.times["finished"] = time.perf_counter()
+            self.metrics.ended["error"] += 1
             req.emit(RequestEvent("error"))
             req.done.set()
         self.resident.clear()
@@ -813,6 +814,7 @@ class Engine:
         req.times["finished"] = time.perf_counter()
         req.times["finished_step"] = self.metrics.steps
         self._release(req)
+        self.metrics.ended[reason] += 1
         if reason in ("stop", "length"):
             self.metrics.finished(req)
         req.emit(RequestEvent("error" if reason == "error" else "done"))

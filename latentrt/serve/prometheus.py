@@ -7,7 +7,7 @@ state: several engines in one process, e.g. in tests, never collide).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # snapshot key -> (metric name, help); keys ending in _total are counters
 METRICS = {
@@ -33,6 +33,16 @@ METRICS = {
         "latentrt_graph_passes",
         "Of those passes, those through a captured launch sequence (a CUDA graph on a GPU)",
     ),
+    "prompt_tokens_total": ("latentrt_prompt_tokens", "Prompt tokens of the requests finished"),
+}
+# EngineMetrics.distributions' names -> help (exported as latentrt_NAME histograms; of finished requests)
+HISTOGRAMS = {
+    "time_to_first_token_seconds": "Seconds from a request's arrival to its first token",
+    "inter_token_latency_seconds": "Seconds between a request's consecutive tokens",
+    "e2e_request_latency_seconds": "Seconds from a request's arrival to its end",
+    "request_queue_time_seconds": "Seconds a request waited for a row of the K/V pool",
+    "request_prompt_tokens": "Prompt tokens per request",
+    "token_latent_iterations": "Latent iterations each token ran (recurrent depth: its loop's exit depth)",
 }
 
 
@@ -45,6 +55,15 @@ class EngineCollector:
         for key, (name, doc) in METRICS.items():
             family = CounterMetricFamily if key.endswith("_total") else GaugeMetricFamily
             yield family(name, doc, value=snap[key])
+        metrics = self.engine.metrics
+        for key, doc in HISTOGRAMS.items():
+            hist = metrics.distributions[key]
+            buckets = [("+Inf" if b == float("inf") else repr(float(b)), n) for b, n in hist.cumulative()]
+            yield HistogramMetricFamily(f"latentrt_{key}", doc, buckets=buckets, sum_value=hist.total)
+        ended = CounterMetricFamily("latentrt_requests_ended", "Requests ended, by finish reason", labels=["reason"])
+        for reason, n in sorted(metrics.ended.items()):
+            ended.add_metric([reason], n)
+        yield ended
 
 
 def render(engine) -> bytes:
