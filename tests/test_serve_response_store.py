@@ -12,6 +12,7 @@ from test_serve_tools import CHAT, COMPACT, TEMPLATE, WEATHER, client
 from test_structured import TOKENIZER
 
 import latentrt
+from latentrt.chat import ChatTemplate
 from latentrt.serve.response_store import ResponseNotFound, ResponseStore
 
 pytest.importorskip("llguidance")
@@ -19,6 +20,12 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 GREEDY = dict(EXTRA, stop_token_ids=[0], temperature=0)
+# the tests' template, refusing a system message after the first (as many models' templates do): a conversation
+# continued out of order is a 400 (the tiny model's text hardly depends on its prompt's order)
+STRICT = ChatTemplate(
+    "{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message after the first') }}{% endif %}{% endfor %}" + TEMPLATE.source
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,7 @@ def store_server():
 
     model = tiny_recurrent(seed=3, vocab_size=TOKENIZER.get_vocab_size(), block_size=256)
     model.tokenizer = TOKENIZER
-    with serving(model, template=TEMPLATE, max_batch=4, responses_store=3) as (url, engine):
+    with serving(model, template=STRICT, max_batch=4, responses_store=3) as (url, engine):
         yield url, model
 
 
