@@ -410,10 +410,11 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
 
     engine, template = engine_from_flags(args, override)
     model = engine.model
-    name = args.served_model_name or args.model
+    name = args.served_model_name or [args.model]
     scheme = "https" if args.ssl_certfile else "http"
     print(
-        f"latentrt: serving {name} ({model.family}, backend {model.backend.name}) on {scheme}://{args.host}:{args.port}"
+        f"latentrt: serving {', '.join(name)} ({model.family}, backend {model.backend.name}) on "
+        f"{scheme}://{args.host}:{args.port}"
     )
     applied = _model_defaults_applied(model, {})
     if applied:  # as vLLM says it: the defaults of every request that leaves them out
@@ -445,7 +446,7 @@ def cmd_run_batch(args) -> int:
     requests = read_batch(args.input_file)  # (every line checked, and the output's place, before the weights load)
     check_output(args.output_file)
     engine, template = engine_from_flags(args, override)
-    name = args.served_model_name or args.model
+    name = args.served_model_name or [args.model]
     counts = run_batch(engine, name, requests, args.output_file, template, tool_call_parser(args))
     answered = ", ".join(f"{n} with status {status}" for status, n in sorted(counts.items()))
     print(f"latentrt: {len(requests)} request(s) answered ({answered}); results in {args.output_file}")

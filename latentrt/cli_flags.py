@@ -194,7 +194,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="launch each step before reading the last one's exits, so the host's work runs while the device "
         "computes (a unit's end is seen a step later; results unchanged)",
     )
-    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="the model name clients use (default: MODEL); repeated, several names: a request may give any and "
+        "answers carry the first (vLLM's several names; one per flag here, so none is taken for MODEL)",
+    )
     p.add_argument(
         "--chat-template", default=None, metavar="FILE", help="a jinja chat template (default: the model folder's)"
     )

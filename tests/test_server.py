@@ -1190,8 +1190,9 @@ def test_cli_serve_passes_the_template_file_and_the_key(tmp_path, monkeypatch):
     # create_app's own arguments (a model where the engine goes: an AttributeError before)
     with pytest.raises(latentrt.InputError, match="engine must be a latentrt.serve.Engine"):
         create_app(tiny_recurrent(), "tiny")
-    with pytest.raises(latentrt.InputError, match="model_name must be a non-empty string"):
-        create_app(Engine(tiny_recurrent(), max_batch=1), 3)
+    for bad in (3, [], ["a", ""], ["a", 3]):
+        with pytest.raises(latentrt.InputError, match="model_name must be a non-empty string"):
+            create_app(Engine(tiny_recurrent(), max_batch=1), bad)
 
 
 def test_cli_serve_passes_every_engine_flag(monkeypatch):
@@ -1212,10 +1213,13 @@ def test_cli_serve_passes_every_engine_flag(monkeypatch):
     engine = seen["engine"]
     assert (engine.max_batch, engine.max_queue, engine.max_len, engine.program.pool.slot_rows) == (3, 7, 40, 20)
     assert (engine.scheduler, engine.edge_cost, engine.async_scheduling) == ("token", 2.5, True)
-    assert seen["name"] == "mine" and engine.model.generation_defaults == {"temperature": 0.5, "num_steps": 3}
+    assert seen["name"] == ["mine"] and engine.model.generation_defaults == {"temperature": 0.5, "num_steps": 3}
     assert main(["serve", "--port", str(free_port()), "--backend", "torch", "builtin:recurrent"]) == 0
     engine = seen["engine"]
-    assert (engine.edge_cost, engine.async_scheduling, seen["name"]) == (None, False, "builtin:recurrent")
+    assert (engine.edge_cost, engine.async_scheduling, seen["name"]) == (None, False, ["builtin:recurrent"])
+    names = ["--served-model-name", "a", "--served-model-name", "b"]
+    assert main(["serve", "--port", str(free_port()), *names, "builtin:recurrent"]) == 0
+    assert seen["name"] == ["a", "b"]
 
 
 def test_cli_serve_errors(capsys, monkeypatch):
@@ -1406,3 +1410,17 @@ def test_cli_serve_refuses_bad_tls_origin_and_tool_parser_flags_before_the_model
         assert main(["serve", "builtin:recurrent", "--port", port, *flags]) == 2, flags
         err = capsys.readouterr().err
         assert err.startswith("latentrt: error: ") and message in err and err.count("\n") == 1, (flags, err)
+
+
+def test_a_model_served_under_several_names_answers_to_each():
+    """vLLM's ``--served-model-name a b``: a request may name any of them, answers carry the first; /v1/models
+    lists each; another name is a 404 listing them."""
+    model = tiny_recurrent(seed=3)
+    with serving(model, ["tiny", "alias"], max_batch=2) as (url, _):
+        c = client(url)
+        r = c.completions.create(model="alias", prompt="Tom is a cat", max_tokens=2, temperature=0, seed=5)
+        alone = latentrt.generate(model, "Tom is a cat", max_new_tokens=2, seed=5)
+        assert r.model == "tiny" and r.choices[0].latentrt["token_ids"] == alone.tokens
+        assert [m.id for m in c.models.list().data] == ["tiny", "alias"] and c.models.retrieve("alias").id == "alias"
+        with pytest.raises(openai.NotFoundError, match=r"this server serves one of \['tiny', 'alias'\]"):
+            c.completions.create(model="other", prompt="a", max_tokens=1)

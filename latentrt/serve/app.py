@@ -104,12 +104,13 @@ class Served:
 
     engine: Engine
     runner: EngineThread
-    model_name: str
+    model_name: str  # the name answers carry (the first of ``names``)
     template: object  # the chat template (latentrt/chat.py), or None
     text_of: object  # a token id -> its text as log-probs name it
     started: int  # when the app was made (the model card's ``created``)
     tool_parser: object = None  # the reader of the model's tool-call format ("auto" tool choice), or None
     responses: ResponseStore | None = None  # the Responses API's store, or None (none kept)
+    names: tuple[str, ...] = ()  # every name a request may give (``model_name`` first)
 
     @property
     def model(self):
@@ -118,41 +119,46 @@ class Served:
 
 def create_app(
     engine: Engine,
-    model_name: str,
+    model_name: str | list[str],
     chat_template=None,
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
     tool_call_parser: str | None = None,
     responses_store: int = 0,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``chat_template`` (a ``ChatTemplate`` or a file's
-    path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
-    ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401
-    otherwise, as OpenAI's and vLLM's), while ``/health``, ``/version`` and ``/metrics`` stay open for probes and
-    scrapers. ``allowed_origins``: the web origins a browser page may call it from (CORS, Starlette's middleware;
-    ``["*"]`` any; None, the default: none, where vLLM allows any); ``tool_call_parser``: the name of the
-    model's tool-call format (serve/tool_parsers/: "hermes", "llama3_json"), which lets chat requests leave the
-    choice between text and calls to the model (``tool_choice: "auto"``, OpenAI's default with tools; vLLM's
-    ``--enable-auto-tool-choice --tool-call-parser``); None, the default: such requests are 400s;
-    ``responses_store``: how many finished responses ``/v1/responses`` keeps in memory for ``GET`` and
-    ``previous_response_id`` (serve/response_store.py; 0, the default: none)."""
+    """The FastAPI app serving ``engine`` as ``model_name`` (or as each of a list of names, any of which a request
+    may give; answers carry the first: vLLM's ``--served-model-name a b``); ``chat_template`` (a ``ChatTemplate`` or
+    a file's path, latentrt/chat.py) defaults to the model folder's; with ``api_key`` the model routes (``/v1/...``,
+    ``/tokenize``, ``/detokenize``) answer only requests with ``Authorization: Bearer <api_key>`` (401 otherwise, as
+    OpenAI's and vLLM's), while ``/health``, ``/version`` and ``/metrics`` stay open for probes and scrapers.
+    ``allowed_origins``: the web origins a browser page may call it from (CORS, Starlette's middleware; ``["*"]``
+    any; None, the default: none, where vLLM allows any); ``tool_call_parser``: the name of the model's tool-call
+    format (serve/tool_parsers/: "hermes", "llama3_json"), which lets chat requests leave the choice between text
+    and calls to the model (``tool_choice: "auto"``, OpenAI's default with tools; vLLM's ``--enable-auto-tool-choice
+    --tool-call-parser``); None, the default: such requests are 400s; ``responses_store``: how many finished
+    responses ``/v1/responses`` keeps in memory for ``GET`` and ``previous_response_id`` (serve/response_store.py;
+    0, the default: none)."""
     if not isinstance(engine, Engine):
         raise InputError(
             f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
         )
-    if not isinstance(model_name, str) or not model_name:
-        raise InputError(f"model_name must be a non-empty string (the name clients send), got {model_name!r}")
+    names = [model_name] if isinstance(model_name, str) else model_name
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise InputError(
+            f"model_name must be a non-empty string (the name clients send), or a list of them, got {model_name!r}"
+        )
     model = engine.model
     parser = None if tool_call_parser is None else tool_parser(tool_call_parser)
     served = Served(
         engine,
         EngineThread(engine),
-        model_name,
+        names[0],
         chat_template_for(model, chat_template),
         partial(token_text, model.tokenizer),
         int(time.time()),
         parser,
         ResponseStore(responses_store) if responses_store else None,
+        tuple(dict.fromkeys(names)),
     )
 
     @asynccontextmanager
@@ -210,16 +216,17 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request):
-        return {"object": "list", "data": [_model_card(request.app.state.served)]}
+        served = request.app.state.served
+        return {"object": "list", "data": [_model_card(served, name) for name in served.names]}
 
     @app.get("/v1/models/{name:path}")  # OpenAI's retrieve (client.models.retrieve); a Hub id holds a '/'
     async def one_model(request: Request, name: str):
         served = request.app.state.served
         try:
-            check_model({"model": name}, served.model_name)
+            check_model({"model": name}, served.names)
         except LookupError as exc:
             return _error(404, str(exc), "model_not_found")
-        return _model_card(served)
+        return _model_card(served, name)
 
     @app.get("/health")
     async def health(request: Request):
@@ -310,7 +317,7 @@ async def _submitted(served: Served, request: Request, parse):
     the error response."""
     try:
         body = await _body_of(request)
-        check_model(body, served.model_name)
+        check_model(body, served.names)
         parsed = parse(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -528,7 +535,7 @@ async def _quick(served: Served, request: Request, respond):
     """A route whose work is quick and needs no engine: ``respond(served, body)``'s JSON, or its error's status."""
     try:
         body = await _body_of(request)
-        check_model(body, served.model_name)
+        check_model(body, served.names)
         return respond(served, body)
     except InputError as exc:
         return _error(400, str(exc))
@@ -549,10 +556,11 @@ def _detokenized(served: Served, body) -> dict:
     return {"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)}
 
 
-def _model_card(served: Served) -> dict:
-    """OpenAI's model object, with vLLM's ``max_model_len`` (the positions a request may use here)."""
+def _model_card(served: Served, name: str) -> dict:
+    """OpenAI's model object of one of the served names, with vLLM's ``max_model_len`` (the positions a request
+    may use here)."""
     return {
-        "id": served.model_name,
+        "id": name,
         "object": "model",
         "created": served.started,
         "owned_by": "latentrt",
@@ -631,7 +639,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def run_server(
     engine: Engine,
-    model_name: str,
+    model_name: str | list[str],
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",

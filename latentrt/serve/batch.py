@@ -137,7 +137,7 @@ def write_lines(path: str | os.PathLike, lines: list[dict]) -> None:
 
 def run_batch(
     engine,
-    model_name: str,
+    model_name: str | list[str],
     requests: list[dict],
     output: str | os.PathLike,
     chat_template=None,

@@ -434,13 +434,16 @@ def parse_detokenize(body, vocab: int) -> list[int]:
     return ids
 
 
-def check_model(body, served: str) -> None:
-    """The OpenAI clients name a model in every request; it must be the one served (or omitted)."""
+def check_model(body, served: str | tuple[str, ...]) -> None:
+    """The OpenAI clients name a model in every request; it must be the one served, by any of its names (or
+    omitted)."""
+    names = (served,) if isinstance(served, str) else tuple(served)
+    said = repr(names[0]) if len(names) == 1 else f"one of {list(names)}"
     name = body.get("model") if isinstance(body, dict) else None
     if name is not None and not isinstance(name, str):
-        raise InputError(f"model must be a string (the served model's name, {served!r}), got {name!r}")
-    if name is not None and name != served:
-        raise LookupError(f"model {name!r} is not served here; this server serves {served!r}")
+        raise InputError(f"model must be a string (the served model's name, {said}), got {name!r}")
+    if name is not None and name not in names:
+        raise LookupError(f"model {name!r} is not served here; this server serves {said}")
 
 
 # ---------------------------------------------------------------- responses

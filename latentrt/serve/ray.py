@@ -47,7 +47,7 @@ def _absolute(path: str | None) -> str | None:
 def replica_config(
     model: str = "builtin:recurrent",
     *,
-    name: str | None = None,
+    name: str | list[str] | None = None,
     device: str | None = None,
     dtype: str | None = None,
     backend: str = "auto",
