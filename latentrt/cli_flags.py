@@ -14,7 +14,7 @@ from .checkpoint import builtin_names
 from .errors import InputError, json_loads, renamed
 from .exits import CRITERIA
 from .families import decodings
-from .serve.engine import SCHEDULERS
+from .serve.engine import POLICIES, SCHEDULERS
 from .serve.tool_parsers import PARSERS
 
 # CLI flag (dest) -> generate() option, for the options both generate and eval take
@@ -121,6 +121,7 @@ ENGINE_FLAGS = (
     "edge_cost",
     "async_scheduling",
     "max_num_steps",
+    "scheduling_policy",
 )
 
 
@@ -173,6 +174,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "i.e. every request in full mode)",
     )
     p.add_argument("--scheduler", default="depth", choices=SCHEDULERS, help="batching policy (depth)")
+    p.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=POLICIES,
+        help="which queued request a free row takes: fcfs the first come; priority the one of lowest 'priority' "
+        "(a request field, default 0), first come among equals (vLLM's)",
+    )
     p.add_argument(
         "--max-num-steps",
         type=int,

@@ -1563,3 +1563,27 @@ def test_a_request_made_while_a_failed_step_replaces_the_program_waits_for_the_n
     resetting.join(10)
     asking.join(10)
     assert "error" not in got and got["request"].options.max_new_tokens == 2
+
+
+def test_the_priority_policy_admits_the_lowest_priority_first_and_fcfs_refuses_one():
+    """``scheduling_policy="priority"`` (vLLM's): a free row takes the queued request of lowest priority, the first
+    come among equals; each request's tokens stay those of generate() alone. Under "fcfs" a priority other than
+    0 is an error (as in vLLM), and priorities must be integers."""
+    model = tiny_recurrent(seed=3)
+    engine = Engine(model, max_batch=1, scheduling_policy="priority")
+    priorities = [0, 5, -1, 0, 5, -3]
+    reqs = [engine.submit([5 + i, 6], max_new_tokens=2, seed=i, priority=p) for i, p in enumerate(priorities)]
+    engine.run_until_idle()
+    order = sorted(range(len(reqs)), key=lambda i: reqs[i].times["admitted"])
+    assert order == sorted(range(len(reqs)), key=lambda i: (priorities[i], i)) == [5, 2, 0, 3, 1, 4]
+    for i, req in enumerate(reqs):
+        assert req.tokens == latentrt.generate(model, [5 + i, 6], max_new_tokens=2, seed=i).tokens
+    fcfs = Engine(model, max_batch=1)
+    with pytest.raises(InputError, match=r"priority=2 is read under the priority scheduling policy"):
+        fcfs.submit([5, 6], max_new_tokens=1, priority=2)
+    fcfs.submit([5, 6], max_new_tokens=1, priority=0)  # (0, the default, is every request's under fcfs)
+    for bad in ("1", 1.5, True):
+        with pytest.raises(InputError, match="priority must be an integer"):
+            engine.submit([5, 6], max_new_tokens=1, priority=bad)
+    with pytest.raises(InputError, match=r"scheduling_policy must be one of \['fcfs', 'priority'\], got 'lifo'"):
+        Engine(model, scheduling_policy="lifo")

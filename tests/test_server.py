@@ -1207,16 +1207,26 @@ def test_cli_serve_passes_every_engine_flag(monkeypatch):
 
     monkeypatch.setattr("latentrt.serve.app.run_server", run_server)
     argv = ["--max-batch", "3", "--max-queue", "7", "--max-len", "40", "--kv-slots", "20", "--scheduler", "token"]
-    argv += ["--edge-cost", "2.5", "--async-scheduling", "--served-model-name", "mine"]
+    argv += [
+        "--edge-cost",
+        "2.5",
+        "--async-scheduling",
+        "--served-model-name",
+        "mine",
+        "--scheduling-policy",
+        "priority",
+    ]
     argv += ["--override-generation-config", '{"temperature": 0.5, "num_steps": 3}', "--backend", "torch"]
     assert main(["serve", "--port", str(free_port()), *argv, "builtin:recurrent"]) == 0
     engine = seen["engine"]
     assert (engine.max_batch, engine.max_queue, engine.max_len, engine.program.pool.slot_rows) == (3, 7, 40, 20)
     assert (engine.scheduler, engine.edge_cost, engine.async_scheduling) == ("token", 2.5, True)
+    assert engine.scheduling_policy == "priority"
     assert seen["name"] == ["mine"] and engine.model.generation_defaults == {"temperature": 0.5, "num_steps": 3}
     assert main(["serve", "--port", str(free_port()), "--backend", "torch", "builtin:recurrent"]) == 0
     engine = seen["engine"]
     assert (engine.edge_cost, engine.async_scheduling, seen["name"]) == (None, False, ["builtin:recurrent"])
+    assert engine.scheduling_policy == "fcfs"
     names = ["--served-model-name", "a", "--served-model-name", "b"]
     assert main(["serve", "--port", str(free_port()), *names, "builtin:recurrent"]) == 0
     assert seen["name"] == ["a", "b"]
@@ -1424,3 +1434,23 @@ def test_a_model_served_under_several_names_answers_to_each():
         assert [m.id for m in c.models.list().data] == ["tiny", "alias"] and c.models.retrieve("alias").id == "alias"
         with pytest.raises(openai.NotFoundError, match=r"this server serves one of \['tiny', 'alias'\]"):
             c.completions.create(model="other", prompt="a", max_tokens=1)
+
+
+def test_a_requests_priority_reaches_the_engine_of_its_policy():
+    """vLLM's ``priority`` field: taken by a server under the priority policy (on each route), a 400 naming the
+    policy under fcfs (the default), and a 400 when it is not an integer."""
+    model = tiny_recurrent(seed=3)
+    body = dict(model="tiny", prompt="Tom is a cat", max_tokens=2, temperature=0, seed=5, priority=-2)
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Tom"}], max_tokens=2, priority=4)
+    with serving(model, template=TEMPLATE, max_batch=2, scheduling_policy="priority") as (url, _):
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        alone = latentrt.generate(model, "Tom is a cat", max_new_tokens=2, seed=5)
+        assert r.status_code == 200 and r.json()["choices"][0]["latentrt"]["token_ids"] == alone.tokens
+        assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        bad = httpx.post(url + "/v1/completions", json=dict(body, priority="high"), timeout=60)
+        assert bad.status_code == 400 and "priority must be an integer" in bad.text
+    with serving(model, template=TEMPLATE, max_batch=2) as (url, _):
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "priority=-2 is read under the priority scheduling policy" in r.text
+        r = httpx.post(url + "/v1/completions", json=dict(body, priority=0), timeout=60)
+        assert r.status_code == 200

@@ -280,6 +280,7 @@ def _submit_all(served: Served, parsed, on_event_for) -> list:
                     top_logprobs=parsed.top_logprobs,
                     echo=parsed.echo,
                     score_only=parsed.score_only,
+                    priority=parsed.priority,
                     text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
                     **with_openai_defaults(opts, parsed.openai_defaults, engine.model.generation_defaults),
                 )

@@ -59,7 +59,7 @@ import torch
 from ..decode.serving import Ended
 from ..distributions import Distributions
 from ..engine import Generation, GenerationResult
-from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int
+from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int, is_choice
 from ..families import Family, check_applicable, family_for
 from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprob_rows, read_logprob_row
 from ..models.base import LatentModel
@@ -74,6 +74,7 @@ from .readback import Readback
 log = logging.getLogger("latentrt.serve")
 
 SCHEDULERS = ("depth", "token", "static")
+POLICIES = ("fcfs", "priority")  # which queued request a free row takes (vLLM's --scheduling-policy)
 # the most latent iterations per token a request may ask for, unless the engine is told (``max_num_steps``): 8x
 # Huginn-0125's default depth (32)
 DEFAULT_MAX_NUM_STEPS = 256
@@ -206,6 +207,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo with log-probs: per prompt token
     live_text: bool = True  # decoded as it grows (a stream, stop strings, log-prob offsets); else at the end
     score_only: bool = False  # echo with no new token: the prompt is scored (with log-probs) and it ends
+    priority: int = 0  # its place in the queue under the "priority" policy: lower first
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
     stop_set: frozenset = frozenset()  # token ids that end it
@@ -261,7 +263,10 @@ class Engine:
     longer prompt enters alone); ``edge_cost``: see ``_sample_due`` (None: the program's estimate);
     ``async_scheduling``: each step launches before reading the previous launch's flags (see module docstring);
     ``max_num_steps``: the most latent iterations per token a request may ask for (``num_steps``; default 256, or
-    the model's default depth if larger): a request's cost per token, bounded as ``max_len`` bounds its tokens."""
+    the model's default depth if larger): a request's cost per token, bounded as ``max_len`` bounds its tokens;
+    ``scheduling_policy``: which queued request a free row takes: "fcfs" the first come, "priority" the one of
+    lowest ``priority`` (a request's own, default 0), the first come among equals (vLLM's policies; a resident
+    request is never preempted)."""
 
     def __init__(
         self,
@@ -276,12 +281,16 @@ class Engine:
         edge_cost: float | None = None,
         async_scheduling: bool = False,
         max_num_steps: int | None = None,
+        scheduling_policy: str = "fcfs",
     ) -> None:
         family = family_for(model)
         if family.serving is None:
             raise InputError(f"{family.title} models cannot be served yet (their family has no serving program)")
         if scheduler not in SCHEDULERS:
             raise InputError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+        if not is_choice(scheduling_policy, POLICIES):
+            raise InputError(f"scheduling_policy must be one of {list(POLICIES)}, got {scheduling_policy!r}")
+        self.scheduling_policy = scheduling_policy
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_budget", prefill_budget)):
             check_int(name, value, 1)
         # a request's latent iterations per token are its cost per token: bounded, as max_len bounds its tokens
@@ -350,17 +359,19 @@ class Engine:
         echo: bool = False,
         text_per_token: bool = True,
         score_only: bool = False,
+        priority: int = 0,
         **kwargs,
     ) -> Request:
-        """Validate and queue a request (errors: InputError with generate()'s message, QueueFull,
-        ShuttingDown). ``prompt``: one prompt (text, ids); ``top_logprobs``: report each token's
-        log-probability and those of the ``top_logprobs`` most likely tokens (None: no log-probs); ``echo``: the
-        prompt too (its text, and with log-probs its tokens', where the family scores prompts);
-        ``text_per_token``: False when nobody reads the text before the request finishes (a response that is
-        not streamed): it is then decoded once, at the end, unless stop strings or log-probs' text offsets
-        need it at every token (no per-token decoding work for the rest); ``score_only`` (with
-        ``echo``: OpenAI's ``max_tokens: 0``): no token is generated, the request ends once its prompt is scored
-        (``max_new_tokens`` is then only checked)."""
+        """Validate and queue a request (errors: InputError with generate()'s message, QueueFull, ShuttingDown);
+        ``priority``: its place in the queue under the "priority" scheduling policy (lower first; any other value
+        than 0 is an error under "fcfs", as in vLLM). ``prompt``: one prompt (text, ids); ``top_logprobs``: report
+        each token's log-probability and those of the ``top_logprobs`` most likely tokens (None: no log-probs);
+        ``echo``: the prompt too (its text, and with log-probs its tokens', where the family scores prompts);
+        ``text_per_token``: False when nobody reads the text before the request finishes (a response that is not
+        streamed): it is then decoded once, at the end, unless stop strings or log-probs' text offsets need it at
+        every token (no per-token decoding work for the rest); ``score_only`` (with ``echo``: OpenAI's ``max_tokens:
+        0``): no token is generated, the request ends once its prompt is scored (``max_new_tokens`` is then only
+        checked)."""
         req = self.request(
             prompt,
             options,
@@ -369,6 +380,7 @@ class Engine:
             echo=echo,
             text_per_token=text_per_token,
             score_only=score_only,
+            priority=priority,
             **kwargs,
         )
         self.enqueue(req, request_id)
@@ -384,9 +396,16 @@ class Engine:
         echo: bool = False,
         text_per_token: bool = True,
         score_only: bool = False,
+        priority: int = 0,
         **kwargs,
     ) -> Request:
         """``submit``'s validation: the Request it would queue (not queued; ``enqueue`` queues it)."""
+        check_int("priority", priority, -(2**63), 2**63 - 1, high_label="2**63 - 1")  # (an int64, as vLLM's)
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise InputError(
+                f"priority={priority} is read under the priority scheduling policy (--scheduling-policy priority); "
+                "this server takes requests first come, first served"
+            )
         opts = GenerateOptions.build(options, self.model.generation_defaults, **kwargs)
         if top_logprobs is not None and opts.logprobs is not None and top_logprobs != opts.logprobs:
             raise InputError(f"top_logprobs={top_logprobs} and logprobs={opts.logprobs} disagree: give one")
@@ -425,6 +444,7 @@ class Engine:
         req.prompt_text = prompt if isinstance(prompt, str) else gen._decode(req.prompt_ids) or ""
         req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
         req.score_only = bool(score_only)
+        req.priority = priority
         return req
 
     def enqueue(self, req: Request, request_id: str | None = None, *, beyond_max_queue: bool = False) -> None:
@@ -439,7 +459,11 @@ class Engine:
             req.id = request_id or f"req-{self._ids}"
             req.times["submitted"] = time.perf_counter()
             req.times["tokens"] = []
-            self.queue.append(req)
+            if self.scheduling_policy == "priority":  # (before the first that comes after it: FIFO among equals)
+                at = next((i for i, q in enumerate(self.queue) if q.priority > req.priority), len(self.queue))
+                self.queue.insert(at, req)
+            else:
+                self.queue.append(req)
             self.wake.notify()
 
     def cancel(self, req: Request) -> None:
@@ -624,7 +648,8 @@ class Engine:
         return waited * program.step_cost >= cost * len(self.resident)
 
     def _admit(self) -> list[Request]:
-        """Queued requests into free rows, FIFO, as the scheduler allows."""
+        """Queued requests into free rows, in the queue's order (the scheduling policy's), as the scheduler
+        allows."""
         if self.scheduler == "static" and self.resident:
             return []
         if self.scheduler == "token" and any(r.in_unit for r in self.resident):

@@ -70,6 +70,7 @@ COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "sto
     "min_tokens",  # vLLM's: generate()'s min_new_tokens
     "stop_token_ids",  # vLLM's: generate()'s stop ids
     "ignore_eos",  # vLLM's: generate()'s default_stops=False
+    "priority",  # vLLM's: the request's place in the queue under --scheduling-policy priority (the engine's)
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "best_of", "logprobs", "echo"} | set(LATENT_FIELDS) | set(NEUTRAL)
 CHAT_RENDERING = {"add_generation_prompt", "continue_final_message", "chat_template_kwargs"}  # vLLM's
@@ -95,6 +96,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # stream: each chunk carries its choice's usage so far
+    priority: int = 0  # the queue's order under the priority scheduling policy (lower first)
     top_logprobs: int | None = None  # None: no log-probs; else the most likely tokens reported per token
     echo: bool = False  # completions: the prompt is repeated (and scored, with log-probs)
     score_only: bool = False  # echo with max_tokens 0: no token is generated
@@ -289,6 +291,12 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
     return include, include and bool(so.get("continuous_usage_stats"))
 
 
+def _priority(body: dict) -> int:
+    """The request's ``priority`` (None: 0); the engine checks it against its policy."""
+    value = body.get("priority")
+    return 0 if value is None else value
+
+
 def _per_choice(prompts: list, opts: dict, n: int) -> Parsed:
     """One request per (prompt, copy); with a seed, choice i takes seed + i (generate()'s batch rule)."""
     seed, choices = opts.get("seed"), len(prompts) * n
@@ -350,6 +358,7 @@ def parse_completion(body) -> Parsed:
     if len(parsed.prompts) > MAX_CHOICES:
         raise InputError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got {len(parsed.prompts)}")
     parsed.stream, (parsed.include_usage, parsed.continuous_usage) = stream, _stream_options(body, stream)
+    parsed.priority = _priority(body)
     parsed.top_logprobs = _top_logprobs(body, chat=False)
     parsed.echo = _flag(body, "echo")
     if parsed.echo and stream:
@@ -396,6 +405,7 @@ def parse_chat(body, template, tokenizer, tool_parser: ToolParser | None = None)
     parsed.openai_defaults = dict(temperature=OPENAI_TEMPERATURE, max_new_tokens=64)  # chat: generate()'s
     parsed.field_names = dict(RENAMED, max_new_tokens=given)
     parsed.stream, (parsed.include_usage, parsed.continuous_usage) = stream, _stream_options(body, stream)
+    parsed.priority = _priority(body)
     parsed.top_logprobs = _top_logprobs(body, chat=True)
     return parsed
 

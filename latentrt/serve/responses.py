@@ -27,7 +27,7 @@ FIELDS = {
 } | set(LATENT_FIELDS)
 # the chat route's fields a Responses body may carry as they are (vLLM's extra sampling and stopping fields)
 PASSED = ("stop", "stop_token_ids", "ignore_eos", "min_tokens", "structured_outputs", "presence_penalty")
-PASSED += ("frequency_penalty", "logit_bias")
+PASSED += ("frequency_penalty", "logit_bias", "priority")
 FIELDS |= set(PASSED)
 NEUTRAL = {
     "truncation": (None, "disabled"),
