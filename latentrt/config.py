@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from .caller import warn_at_caller
-from .errors import ConfigError
+from .errors import ConfigError, as_float
 
 # Fields that published config.json files carry but that do not change the computation.
 HF_BOILERPLATE = frozenset(
@@ -148,6 +148,8 @@ def check_types(cls: type, values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: field {f.name!r} must be an integer, got {v!r}")
         if t.startswith("float") and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ConfigError(f"{source}: field {f.name!r} must be a number, got {v!r}")
+        if t.startswith("float") and isinstance(v, int):  # (as a float: an int past its range is infinite, which
+            values[f.name] = as_float(v)  # the family's checks refuse, where torch could not take it: tools.fuzz)
         if t.startswith("bool") and not isinstance(v, bool):
             raise ConfigError(f"{source}: field {f.name!r} must be true or false, got {v!r}")
         if t.startswith("str") and not isinstance(v, str):

@@ -490,6 +490,9 @@ def test_every_malformed_weights_layout_is_a_clear_error(tmp_path, recurrent_dir
         ("rec", dict(mean_backprop_depth=-1), "config field 'mean_backprop_depth' must be >= 0, got -1"),
         ("rec", dict(rope_base=1), "rope_base must be a finite number > 1, got 1"),
         ("coc", dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite number > 0, got inf"),
+        # an integer past a float's range (JSON holds any): infinite, not an OverflowError inside torch (tools.fuzz)
+        ("rec", dict(rope_base=10**400), "rope_base must be a finite number > 1, got inf"),
+        ("coc", dict(layer_norm_epsilon=10**400), "layer_norm_epsilon must be a finite number > 0, got inf"),
         ("coc", dict(resid_pdrop=1.5), r"resid_pdrop must be a probability in \[0, 1\], got 1.5"),
         ("coc", dict(attn_pdrop=-0.1), r"attn_pdrop must be a probability in \[0, 1\], got -0.1"),
     ],
@@ -715,3 +718,11 @@ def test_a_save_keeps_the_loaded_files_other_config_fields_in_its_spelling(tmp_p
     save_checkpoint(tiny_recurrent(seed=2), tmp_path / "built", tie_key="lm_head.weight")
     built = json.loads((tmp_path / "built" / "config.json").read_text())
     assert "n_heads" in built and "architectures" not in built and "torch_dtype" not in built
+
+
+def test_a_large_integer_where_a_number_goes_is_read_as_a_float():
+    """A float field given as an integer torch cannot take (rope_base=10**30 as load()'s override; tools.fuzz
+    found an OverflowError) is read as its float: the model loads and runs."""
+    model = latentrt.load("builtin:recurrent", rope_base=10**30)
+    assert model.config.rope_base == 1e30 and isinstance(model.config.rope_base, float)
+    assert latentrt.generate(model, "Alex is", max_new_tokens=1, num_steps=2).tokens
