@@ -1587,3 +1587,13 @@ def test_the_priority_policy_admits_the_lowest_priority_first_and_fcfs_refuses_o
             engine.submit([5, 6], max_new_tokens=1, priority=bad)
     with pytest.raises(InputError, match=r"scheduling_policy must be one of \['fcfs', 'priority'\], got 'lifo'"):
         Engine(model, scheduling_policy="lifo")
+
+    # offline (vLLM's LLM.generate(priority=)): one per prompt, or one for all; the results in the prompts' order
+    prompts = [[5 + i, 6] for i in range(4)]
+    got = engine.generate(prompts, max_new_tokens=2, seed=1, priority=[3, 1, 2, 0])
+    assert [r.tokens for r in got] == [latentrt.generate(model, p, max_new_tokens=2, seed=1).tokens for p in prompts]
+    assert len(engine.generate(prompts[:2], max_new_tokens=1, priority=4)) == 2
+    with pytest.raises(InputError, match="priority has 3 entries for 4 prompts"):
+        engine.generate(prompts, max_new_tokens=1, priority=[0, 1, 2])
+    with pytest.raises(InputError, match=r"prompts\[1\]: priority=1 is read under the priority scheduling policy"):
+        fcfs.generate(prompts, max_new_tokens=1, priority=[0, 1, 0, 0])

@@ -501,8 +501,9 @@ class Engine:
         ``GenerateOptions`` for all, or a list with one per prompt; keywords replace fields of each), served by
         continuous batching; one single-prompt ``GenerationResult`` per prompt, in order, each equal to
         ``latentrt.generate(model, prompt, options)`` alone. Every prompt is validated before any runs (an
-        error names its index). Steps the engine itself, or waits while ``run_forever`` runs it on another
-        thread (latentrt/serve/offline.py)."""
+        error names its index). ``priority=``: one for every prompt or one per prompt (vLLM's keyword; read under
+        the "priority" scheduling policy). Steps the engine itself, or waits while ``run_forever`` runs it on
+        another thread (latentrt/serve/offline.py)."""
         return generate_all(self, prompts, options, **kwargs)
 
     def chat(self, conversations, options=None, **kwargs) -> list[GenerationResult]:

@@ -44,6 +44,15 @@ def _options_per_prompt(options, n: int) -> list:
     return list(options)
 
 
+def _priorities(priority, n: int) -> list:
+    """``priority``: one for every prompt, or a list with one per prompt (each checked by the engine)."""
+    if not isinstance(priority, (list, tuple)):
+        return [priority] * n
+    if len(priority) != n:
+        raise InputError(f"priority has {len(priority)} entries for {n} prompts: give one per prompt (or one for all)")
+    return list(priority)
+
+
 def kv_bytes(engine, req) -> int:
     """What ``generate()`` alone reports as ``kv_bytes`` for a finished request: the bytes of K/V its cache
     holds for the positions filled (the prompt as run, then every token sampled but the last, which ends the
@@ -55,15 +64,18 @@ def kv_bytes(engine, req) -> int:
     return per_position * (req.prompt_tokens + max(sampled - 1, 0))
 
 
-def generate_all(engine, prompts, options=None, **kwargs) -> list[GenerationResult]:
+def generate_all(engine, prompts, options=None, *, priority=0, **kwargs) -> list[GenerationResult]:
     """``Engine.generate``: see the module docstring. ``options``: one ``GenerateOptions`` or a list with one
-    per prompt; ``kwargs`` replace fields of every prompt's options (as ``generate()``'s keywords)."""
+    per prompt; ``priority``: one for every prompt or a list with one per prompt (vLLM's keyword: under the
+    engine's "priority" scheduling policy, the lower first); ``kwargs`` replace fields of every prompt's
+    options (as ``generate()``'s keywords)."""
     prompts = _prompt_list(prompts)
     per_prompt = _options_per_prompt(options, len(prompts))
+    priorities = _priorities(priority, len(prompts))
     requests = []
     for i, (prompt, opts) in enumerate(zip(prompts, per_prompt)):
         try:
-            requests.append(engine.request(prompt, opts, text_per_token=False, **kwargs))
+            requests.append(engine.request(prompt, opts, text_per_token=False, priority=priorities[i], **kwargs))
         except LatentRTError as exc:
             raise type(exc)(f"prompts[{i}]: {exc}") from None
     for req in requests:  # (the caller holds every prompt: the engine's max_queue is the server's backpressure)
