@@ -112,17 +112,22 @@ class Parsed:
         return len(set(self.prompt_index)) > 1
 
 
-def _check_fields(body, allowed: set[str], what: str, taken: tuple[str, ...] = ()) -> dict:
-    """``body`` with only the ``allowed`` fields, and those of ``NEUTRAL`` but the route's ``taken`` ones at their
-    neutral values."""
+def check_fields(
+    body, allowed: set[str], what: str, taken: tuple[str, ...] = (), neutral: dict = NEUTRAL, why: dict | None = None
+) -> dict:
+    """``body`` with only the ``allowed`` fields, and those of ``neutral`` (a route's fields latentrt does not
+    implement, with the values it accepts) but the route's ``taken`` ones at their neutral values (``why``: the
+    reason each is not supported, said in its error)."""
     if not isinstance(body, dict):
         raise InputError(f"the request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InputError(f"unknown field(s) {unknown} for {what}; latentrt options: {list(LATENT_FIELDS)}")
-    for name, accepted in NEUTRAL.items():
+    for name, accepted in neutral.items():
         if name in body and name not in taken and body[name] not in accepted:
-            raise InputError(f"{name}={body[name]!r} is not supported by latentrt (leave it out)")
+            if why is None:
+                raise InputError(f"{name}={body[name]!r} is not supported by latentrt (leave it out)")
+            raise InputError(f"{name}={body[name]!r:.100} is not supported: {why[name]}")
     return body
 
 
@@ -330,7 +335,7 @@ def with_openai_defaults(opts: dict, openai: dict, model_defaults: dict | None) 
 
 def parse_completion(body) -> Parsed:
     """A /v1/completions body."""
-    body = _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
+    body = check_fields(body, COMPLETION_FIELDS, "/v1/completions")
     prompt = body.get("prompt")
     if prompt is None:
         raise InputError("prompt is required: a string, a list of strings, a list of token ids or a list of such lists")
@@ -387,7 +392,7 @@ def parse_chat(body, template, tokenizer, tool_parser: ToolParser | None = None)
     """A /v1/chat/completions body: the conversation rendered with the model's chat template (chat.py),
     tokenized without adding special tokens (the template places them); ``tool_parser``: the server's reader of
     the model's tool-call format (serve/tools.py)."""
-    body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions", taken=("tools", "tool_choice"))
+    body = check_fields(body, CHAT_FIELDS, "/v1/chat/completions", taken=("tools", "tool_choice"))
     tool_choice = parse_tools(body, tool_parser)
     ids = chat_prompt_ids(template, tokenizer, body.get("messages"), chat_options(body))
     stream = _flag(body, "stream")
@@ -414,7 +419,7 @@ def parse_tokenize(body, template, tokenizer) -> list[int]:
     """vLLM's /tokenize body: ``prompt`` (text, encoded as /v1/completions encodes it; vLLM's
     ``add_special_tokens: false``: the text's tokens alone) or ``messages`` (rendered with the chat template, as
     /v1/chat/completions does: the template places the special tokens) -> token ids."""
-    body = _check_fields(body, {"model", "prompt", "messages", "add_special_tokens"} | CHAT_RENDERING, "/tokenize")
+    body = check_fields(body, {"model", "prompt", "messages", "add_special_tokens"} | CHAT_RENDERING, "/tokenize")
     if tokenizer is None:
         raise InputError("this model has no tokenizer.json: nothing to tokenize with")
     if ("prompt" in body) == ("messages" in body):
@@ -435,7 +440,7 @@ def parse_tokenize(body, template, tokenizer) -> list[int]:
 
 def parse_detokenize(body, vocab: int) -> list[int]:
     """vLLM's /detokenize body: ``tokens``, ids in the vocabulary."""
-    body = _check_fields(body, {"model", "tokens"}, "/detokenize")
+    body = check_fields(body, {"model", "tokens"}, "/detokenize")
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(
         isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids

@@ -17,7 +17,7 @@ import time
 import uuid
 
 from ..errors import InputError, check_unicode
-from .protocol import LATENT_FIELDS
+from .protocol import LATENT_FIELDS, check_fields
 from .tools import ToolChoice
 
 FIELDS = {
@@ -45,14 +45,7 @@ TO_CHAT = {name: name for name in ("temperature", "top_p", "stream", "seed", "us
 def to_chat(body, history: list[dict] | None = None) -> dict:
     """The chat body a Responses body asks for (an InputError naming what latentrt does not take); ``history``:
     the conversation its ``previous_response_id`` continues (the store's), None without a store."""
-    if not isinstance(body, dict):
-        raise InputError(f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise InputError(f"unknown field(s) {unknown} for /v1/responses; latentrt options: {list(LATENT_FIELDS)}")
-    for name, accepted in NEUTRAL.items():
-        if body.get(name) not in accepted:
-            raise InputError(f"{name}={body[name]!r:.100} is not supported: {NEUTRAL_WHY[name]}")
+    check_fields(body, FIELDS, "/v1/responses", neutral=NEUTRAL, why=NEUTRAL_WHY)
     previous = body.get("previous_response_id")
     if previous is not None and history is None:
         raise InputError(
