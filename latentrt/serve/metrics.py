@@ -107,8 +107,9 @@ class EngineMetrics:
         hist, times = self.distributions, req.times
         tokens = times.get("tokens", [])
         if tokens:
-            self.ttft.append(tokens[0] - times["submitted"])
-            hist["time_to_first_token_seconds"].observe(tokens[0] - times["submitted"])
+            first = tokens[0] - times["submitted"]
+            self.ttft.append(first)
+            hist["time_to_first_token_seconds"].observe(first)
             gaps = [b - a for a, b in zip(tokens, tokens[1:])]
             self.itl.extend(gaps)
             for gap in gaps:
