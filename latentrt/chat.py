@@ -437,6 +437,9 @@ def chat_template_for(model: ChatModel, template: ChatTemplate | str | Path | No
     folder = getattr(model, "folder", None)
     if isinstance(template, (str, Path)):
         return chat_template_file(template, folder)
+    adapter = getattr(model, "adapter_folder", None)  # a LoRA fine-tune's own template (latentrt train's files)
+    if template is None and adapter is not None and (Path(adapter) / "chat_template.jinja").is_file():
+        return chat_template_file(Path(adapter) / "chat_template.jinja", folder)
     return template if template is not None else find_chat_template(folder)
 
 

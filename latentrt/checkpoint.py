@@ -438,6 +438,11 @@ def write_checkpoint_files(
     """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder, and
     the ``COMPANION_FILES`` of the folder the model was loaded from that ``folder`` does not have yet;
     ``metadata`` goes into every safetensors header (e.g. the trainer's step)."""
+    if getattr(model, "lora", None) is not None:  # (its state dict names wrapped layers: not a loadable model)
+        raise InputError(
+            "the model has LoRA adapters not merged: latentrt.lora.save_adapter(model, folder) writes the adapter, "
+            "or latentrt.lora.merge_lora(model) first to write the whole model"
+        )
     (folder / "config.json").write_text(json.dumps(config_file_dict(model), indent=2))
     _step("config-written")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -558,16 +563,14 @@ def save_pretrained(
     return path
 
 
-def read_weights_metadata(folder: str | os.PathLike) -> dict[str, str]:
-    """The safetensors header metadata of a folder's (first) weights file."""
+def read_weights_metadata(folder: str | os.PathLike, name: str = "model") -> dict[str, str]:
+    """The safetensors header metadata of a folder's (first) weights file, ``name``.safetensors or its shards
+    (``name``: a file's own name, e.g. a LoRA adapter's adapter_model.safetensors)."""
     folder = Path(folder)
-    files = (
-        [folder / "model.safetensors"]
-        if (folder / "model.safetensors").is_file()
-        else sorted(folder.glob("model-*.safetensors"))
-    )
+    single = folder / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+    files = [single] if single.is_file() else sorted(folder.glob(f"{name}-*.safetensors"))
     if not files:
-        raise CheckpointError(f"{str(folder)!r} has no model.safetensors")
+        raise CheckpointError(f"{str(folder)!r} has no {single.name}")
     try:
         with safe_open(str(files[0]), framework="pt") as f:
             return dict(f.metadata() or {})

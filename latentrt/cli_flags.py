@@ -89,6 +89,12 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> No
     p.add_argument("--backend", default="auto", choices=CHOICES)
     p.add_argument("--weights", default=None, help="weights file to use instead of the folder's (.safetensors/.pt)")
     p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a LoRA adapter (PEFT's folder layout, or a Hub id) merged into the weights at load",
+    )
+    p.add_argument(
         "--hf-overrides",
         default=None,
         metavar="JSON",
@@ -266,6 +272,7 @@ def model_options(args: argparse.Namespace) -> dict:
         weights=args.weights,
         revision=args.revision,
         hf_overrides=json_object(args.hf_overrides, "--hf-overrides"),
+        adapter=args.adapter,
     )
 
 

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from . import lora
 from .backends import get_backend
 from .caller import warn_at_caller
 from .checkpoint import load_tokenizer, load_weights, read_config, read_generation_config, read_state_dict, resolve
@@ -81,24 +82,28 @@ def load(
     backend: str = "auto",
     revision: str | None = None,
     hf_overrides: dict | None = None,
+    adapter: str | os.PathLike | None = None,
     **overrides,
 ) -> LatentModel:
-    """Load a checkpoint: a local folder, ``builtin:NAME``, or a Hugging Face Hub id (``owner/name``, at
-    ``revision``; through the hub's cache, offline with HF_HUB_OFFLINE=1). The family is read from
-    config.json's model_type.
+    """Load a checkpoint: a local folder, ``builtin:NAME``, or a Hugging Face Hub id (``owner/name``, at ``revision``;
+    through the hub's cache, offline with HF_HUB_OFFLINE=1). The family is read from config.json's model_type.
 
     device: default torch's default device where one was set (``torch.set_default_device``), else CUDA when
-    available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU (torch's default dtype is not read).
-    weights: a .safetensors or torch state-dict file to use instead of the folder's weights (e.g. a
-    Coconut training checkpoint on top of a GPT-2 folder or Hub id). overrides: config fields to replace
-    (e.g. mean_recurrence=16, or Coconut marker ids latent_id=...); unknown names are an error.
-    hf_overrides: the same as a dict, as vLLM's ``LLM(hf_overrides=...)`` and the CLI's ``--hf-overrides`` take
-    them (a field given both ways is an error). transformers' ``from_pretrained`` keywords: ``torch_dtype`` is
-    ``dtype``; ``trust_remote_code``, ``low_cpu_mem_usage`` and ``attn_implementation`` change nothing (a warning
-    says why); ``device_map`` is an error naming ``device``.
+    available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU (torch's default dtype is not read). weights: a
+    .safetensors or torch state-dict file to use instead of the folder's weights (e.g. a Coconut training checkpoint
+    on top of a GPT-2 folder or Hub id). overrides: config fields to replace (e.g. mean_recurrence=16, or Coconut
+    marker ids latent_id=...); unknown names are an error. adapter: a LoRA adapter folder in PEFT's layout (or a Hub
+    id) merged into the weights (latentrt/lora.py); a ``path`` that is such a folder loads its base model (its
+    ``base_model_name_or_path``) with it, as transformers does with PEFT installed. hf_overrides: the same as a
+    dict, as vLLM's ``LLM(hf_overrides=...)`` and the CLI's ``--hf-overrides`` take them (a field given both ways is
+    an error). transformers' ``from_pretrained`` keywords: ``torch_dtype`` is ``dtype``; ``trust_remote_code``,
+    ``low_cpu_mem_usage`` and ``attn_implementation`` change nothing (a warning says why); ``device_map`` is an
+    error naming ``device``.
     """
     dtype, overrides = transformers_keywords(dtype, overrides)
     overrides = merged_overrides(hf_overrides, overrides)
+    path, adapter = lora.base_and_adapter(path, adapter)
+    lora_adapter = None if adapter is None else lora.read_adapter(adapter)
     folder, file_config, cfg, family = _read_model_config(path, revision, overrides)
     gen_cfg = read_generation_config(folder)
     state_dict = read_state_dict(folder, weights)
@@ -117,6 +122,9 @@ def load(
     model.to_empty(device=device)
     model.tie_weights()
     load_weights(model, state_dict, model.tied_keys())
+    if lora_adapter is not None:
+        lora.merge_adapter(model, lora_adapter)
+        model.adapter, model.adapter_folder = str(adapter), lora_adapter.folder
     model.read_file_buffers(state_dict)
     model.init_buffers()
     model.eval()

@@ -1,4 +1,5 @@
-"""Worker for test_train.py's DDP test: run under torchrun with 2 processes (gloo on CPU)."""
+"""Worker for test_train.py's DDP test: run under torchrun with 2 processes (gloo on CPU); ``lora`` as the
+third argument trains LoRA adapters."""
 
 import json
 import sys
@@ -7,6 +8,7 @@ import torch
 from _tiny_train import CONFIG, TOK
 
 from latentrt.families import build_model, parse_config
+from latentrt.lora import add_lora
 from latentrt.train import distributed
 from latentrt.train.common import TrainOptions
 from latentrt.train.data import generate_dataset
@@ -29,6 +31,8 @@ rank, world, device = distributed.init()
 mean_of_ranks = distributed.mean(rank, device)  # (before training: the worker's last collective stays the trainer's)
 cfg = parse_config(CONFIG)
 model = build_model(cfg, seed=0)
+if sys.argv[3:] == ["lora"]:  # LoRA adapters only (the frozen base weights take no all-reduce)
+    add_lora(model, rank=2, seed=0)
 log = train_recurrent(
     model,
     TOK,

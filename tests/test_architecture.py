@@ -47,7 +47,7 @@ LAYERS = [
         "version",
     ),
     ("backends",),
-    ("models", "decode", "families", "distributions"),
+    ("models", "decode", "families", "distributions", "lora"),
     ("engine", "loader", "evaluate"),
     ("cli", "cli_flags", "serve", "train", "__init__", "__main__"),
 ]

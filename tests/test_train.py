@@ -1080,7 +1080,8 @@ def test_prosqa_file_reads(tmp_path):
     assert len(recs) == 300 and all(3 <= r.difficulty <= 6 for r in recs)
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_ddp_two_processes_gloo(tmp_path, lora):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
     cmd = [
         sys.executable,
@@ -1093,13 +1094,24 @@ def test_ddp_two_processes_gloo(tmp_path):
         str(Path(__file__).parent / "_ddp_train.py"),
         str(tmp_path),
         str(Path(__file__).parent),
+        *(["lora"] if lora else []),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k  # gradients were all-reduced: the replicas stayed identical
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "huginn_raven"
+    if lora:  # the checkpoint is the adapter; the replicas' base weights never moved
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+        from _tiny_train import CONFIG
+
+        from latentrt.families import parse_config
+
+        base = build_model(parse_config(CONFIG), seed=0).state_dict()
+        assert all(torch.equal(a[k], base[k.replace(".base_layer", "")]) for k in a if ".lora_" not in k)
+        assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if ".lora_B" in k)
+    else:
+        assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "huginn_raven"
     assert json.loads((tmp_path / "training.json").read_text())["world_size"] == 2
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # one all-reduce a step (the second micro-batch's backward; the first ran under no_sync), the logged loss

@@ -52,6 +52,7 @@ class Backend:
     capabilities: ClassVar[Capabilities] = Capabilities()
     sync_free: ClassVar[bool] = False  # True: exit masks stay on the device (no host read per iteration)
     exit_ops = None  # the exit criteria's formulas (None: latentrt.exits.ReferenceExitOps)
+    requested: str = "auto"  # the name get_backend was given (latentrt.lora.merge_lora asks for it again)
 
     def __init__(self, model, reason: str = "") -> None:
         self.model = model
@@ -121,7 +122,22 @@ def backend_class(name: str) -> type[Backend]:
 def get_backend(name: str, model) -> Backend:
     """The named backend for ``model``; ``auto`` takes the first of the model's measured preferences (its
     class's ``AUTO_BACKENDS``, in the family's model file) that can run here well, and says why in ``.reason``."""
+    if getattr(model, "lora", None) is not None and name in BACKENDS and name != "torch":
+        raise InputError(
+            f"backend {name!r} cannot run the model's LoRA adapters unmerged (only the torch backend runs wrapped "
+            "layers): merge them first (latentrt.lora.merge_lora(model))"
+        )
+    backend = _chosen(name, model)
+    backend.requested = name
+    return backend
+
+
+def _chosen(name: str, model) -> Backend:
     if name == "auto":
+        if getattr(model, "lora", None) is not None:
+            from .torch import TorchBackend
+
+            return TorchBackend(model, reason="auto: LoRA adapters not merged, which the PyTorch reference runs")
         tried = []
         for choice, why in getattr(model, "AUTO_BACKENDS", ()):
             cls = backend_class(choice)

@@ -44,6 +44,8 @@ class LatentModel(nn.Module):
     family: ClassVar[str]  # short name users read ("recurrent", "coconut"): set by the family's model
     # backend="auto": the backends to try in order, each with the measurement that put it there
     AUTO_BACKENDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # latentrt.lora.add_lora's default targets: the blocks' linear layers, by their last names (PEFT's rule)
+    LORA_TARGETS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -56,6 +58,9 @@ class LatentModel(nn.Module):
         self.folder = None  # the checkpoint folder it was read from (a Path), if any
         self.file_config: dict | None = None  # that folder's config.json as read (save_pretrained keeps its fields)
         self.weights_file: str | None = None  # load(weights=): the file its weights came from instead of the folder's
+        self.adapter: str | None = None  # load(adapter=): the LoRA adapter merged into its weights
+        self.adapter_folder = None  # that adapter's folder (its chat_template.jinja, if any, is the model's)
+        self.lora = None  # the unmerged adapters' LoraSpec (latentrt.lora.add_lora), else None
 
     # ---------------------------------------------------------------- what every model has
     @property

@@ -196,6 +196,8 @@ class CoconutGPT2(LatentModel):
         ("triton", "fused Triton kernels, one CUDA graph per GPT-2 column"),
     )
 
+    LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every block's attention and MLP
+
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__(cfg)
         self.transformer = nn.ModuleDict(

@@ -301,6 +301,8 @@ class RecurrentDepthLM(LatentModel):
         ),
     )
 
+    LORA_TARGETS = ("Wqkv", "proj", "fc")  # every sandwich block's attention and MLP
+
     def __init__(self, cfg: RecurrentConfig) -> None:
         super().__init__(cfg)
         d = cfg.n_embd

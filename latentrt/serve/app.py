@@ -578,6 +578,7 @@ def load_engine(
     revision: str | None = None,
     weights: str | None = None,
     hf_overrides: dict | None = None,
+    adapter: str | None = None,
     generation_config: dict | None = None,
     **engine_kw,
 ) -> Engine:
@@ -594,6 +595,7 @@ def load_engine(
         weights=weights,
         revision=revision,
         hf_overrides=hf_overrides,
+        adapter=adapter,
     )
     if generation_config:
         loaded.generation_defaults = server_defaults(loaded, generation_config)

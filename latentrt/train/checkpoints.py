@@ -3,7 +3,9 @@
 A checkpoint is the published layout latentrt.load reads (config.json, model.safetensors, tokenizer.json)
 plus ``trainer_state.pt`` (optimizer state, step, RNG states, options: tensors and plain data only, so it
 loads with ``torch.load(weights_only=True)``) and ``training.json`` (how it was made: the command, the
-world size). The whole folder is replaced at once (latentrt.checkpoint.replaced_folder): a crash at any
+world size). A LoRA run's checkpoint (latentrt/lora.py) holds its adapter instead of the model, in PEFT's
+layout (adapter_config.json, adapter_model.safetensors): ``latentrt.load`` reads the folder as its base model
+with the adapter merged. The whole folder is replaced at once (latentrt.checkpoint.replaced_folder): a crash at any
 point leaves the previous or the new checkpoint complete, never a mix. The step is recorded in the
 weights' metadata and in the trainer state; a pair that disagrees is refused.
 """
@@ -33,6 +35,7 @@ from ..checkpoint import (
     write_checkpoint_files,
 )
 from ..errors import CheckpointError, InputError, os_errors_as
+from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter_weights, read_adapter, write_adapter_files
 
 STATE_FILE = "trainer_state.pt"
 
@@ -118,7 +121,10 @@ def save_training(
         **(extra or {}),
     }
     with replaced_folder(folder) as tmp:
-        write_checkpoint_files(model, tmp, tie_key=tied_head_key(model), metadata={"step": str(step)})
+        if getattr(model, "lora", None) is not None:  # a LoRA run's checkpoint is its adapter (PEFT's files)
+            write_adapter_files(model, tmp, metadata={"step": str(step)})
+        else:
+            write_checkpoint_files(model, tmp, tie_key=tied_head_key(model), metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
         (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
         for name, text in (files or {}).items():
@@ -150,12 +156,39 @@ def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.O
     state = load_plain_torch(path, "a plain trainer state")
     if not isinstance(state, dict) or state.get("format") != 1 or "step" not in state:
         raise CheckpointError(f"{path} is not a latentrt trainer state")
-    saved = read_weights_metadata(folder).get("step")
+    lora = getattr(model, "lora", None) is not None
+    if lora != (folder / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(
+            f"{folder} holds "
+            + ("a whole model, and this run trains LoRA adapters" if lora else "a LoRA adapter, and this run does not")
+            + ": resume with the options the run was saved with (latentrt train: --lora-rank)"
+        )
+    saved = read_weights_metadata(folder, ADAPTER_WEIGHTS if lora else "model").get("step")
     if saved != str(state["step"]):
         raise CheckpointError(
             f"{folder}: the weights (step {saved}) and {STATE_FILE} (step {state['step']}) come from different "
             "saves; refusing to resume from a mismatched pair"
         )
+    if lora:
+        load_adapter_weights(model, read_adapter(folder))
+    else:
+        _load_model_weights(folder, model)
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            saved = state.get("options", {}) if isinstance(state.get("options"), dict) else {}
+            raise CheckpointError(
+                f"{path}: its optimizer state does not fit this run's optimizer ({exc}); it was saved with "
+                f"decay_everything={saved.get('decay_everything')!r} (latentrt train: the recipe), which decides "
+                "the parameter groups: resume with the options the run was saved with"
+            ) from None
+    set_rng_state(state["rng"])
+    return state
+
+
+def _load_model_weights(folder: Path, model: nn.Module) -> None:
+    """A whole-model checkpoint's weights into ``model``, refused unless they are the same model's."""
     weights = load_file(str(folder / "model.safetensors"))
     for name in getattr(model, "FILE_BUFFERS", ()):  # (for the published code's loader: freqs_cis)
         weights.pop(name, None)
@@ -169,15 +202,3 @@ def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.O
         )
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
-    if optimizer is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            saved = state.get("options", {}) if isinstance(state.get("options"), dict) else {}
-            raise CheckpointError(
-                f"{path}: its optimizer state does not fit this run's optimizer ({exc}); it was saved with "
-                f"decay_everything={saved.get('decay_everything')!r} (latentrt train: the recipe), which decides "
-                "the parameter groups: resume with the options the run was saved with"
-            ) from None
-    set_rng_state(state["rng"])
-    return state

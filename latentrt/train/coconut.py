@@ -144,6 +144,11 @@ def add_latent_markers(model: nn.Module, tokenizer) -> bool:
     cfg = model.config
     if all(i is not None for i in model.marker_ids):
         return False
+    if getattr(model, "lora", None) is not None:
+        raise InputError(
+            "LoRA fine-tuning needs a model that has Coconut's latent markers (a Coconut checkpoint): adding them "
+            "grows the embedding, which an adapter does not carry; fine-tune the whole model, or give the markers' ids"
+        )
     names = (cfg.start_latent_token, cfg.end_latent_token, cfg.latent_token)
     target = tokenizer.token_to_id("<<")
     if target is None:

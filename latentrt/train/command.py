@@ -29,6 +29,8 @@ from .coconut import MODES, PUBLISHED_CURRICULA, Curriculum
 from .common import TrainOptions
 
 RECIPES = {"huginn": TrainOptions.huginn_published, "coconut": TrainOptions.coconut_published, "scratch": TrainOptions}
+LORA_FLAGS = ("lora_alpha", "lora_target", "lora_dropout")  # (each needs --lora-rank)
+LORA_LR = 2e-4  # a LoRA run's learning rate unless --lr (QLoRA's and PEFT's examples'; the recipes' are whole-model)
 RECURRENT_FLAGS = ("loss_on", "chat_template", "checkpoint_activations", "max_seq_length")
 CURRICULUM_FIELDS = (  # the Curriculum fields with a flag of their own (--max-stage ...)
     "max_stage",
@@ -98,6 +100,23 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--chat-template", default=None, metavar="FILE", help="recurrent: a jinja chat template (default: the model's)"
     )
+    t.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="train LoRA adapters of this rank instead of the whole model (latentrt/lora.py); the checkpoint is the "
+        f"adapter, in PEFT's layout; the learning rate defaults to {LORA_LR:g} (the recipes' are whole-model rates)",
+    )
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA: the update's scale is alpha / rank (16)")
+    t.add_argument(
+        "--lora-target",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="LoRA: a layer to adapt, by its (last) name, repeated for several (default: every block's attention "
+        "and MLP layers: Wqkv, proj, fc on recurrent models, c_attn, c_proj, c_fc on Coconut ones)",
+    )
+    t.add_argument("--lora-dropout", type=float, default=None, help="LoRA: dropout on an adapter's input (0)")
     t.add_argument("--curriculum", default=None, choices=MODES, help="Coconut: the mode (coconut)")
     t.add_argument("--max-stage", type=int, default=None, help="Coconut: steps replaced by thoughts, at most (3)")
     t.add_argument("--thoughts-per-step", type=int, default=None, help="Coconut: thoughts per replaced step (1)")
@@ -165,6 +184,8 @@ def options_from_args(args, n_records: int, recipe: str, passes: int = 1) -> Tra
         for name in ("lr", "batch_size", "micro_batch_size", "seed", "save_every", "autocast")
         if getattr(args, name) is not None
     }
+    if getattr(args, "lora_rank", None) is not None:
+        given.setdefault("lr", LORA_LR)
     make = RECIPES[recipe]
     batch = given.get("batch_size", make().batch_size)
     steps = args.max_steps if args.max_steps is not None else passes * max(1, math.ceil(n_records / (batch * world)))
@@ -267,6 +288,25 @@ def summary(log: list[dict]) -> str:
     return f"{steps}: loss {first['loss']:.4f} -> {last['loss']:.4f}"
 
 
+def _add_lora(model, args) -> None:
+    """``--lora-rank``: the model's adapters, drawn from the run's seed (alike on every torchrun process)."""
+    if args.lora_rank is None:
+        given = [n for n in LORA_FLAGS if getattr(args, n) is not None]
+        if given:
+            raise InputError(f"{_flag(given[0])} applies to LoRA runs: give --lora-rank too")
+        return
+    from ..lora import add_lora
+
+    lora = dict(rank=args.lora_rank, targets=args.lora_target, seed=0 if args.seed is None else args.seed)
+    lora.update({k: v for k, v in (("alpha", args.lora_alpha), ("dropout", args.lora_dropout)) if v is not None})
+    try:
+        add_lora(model, **lora)
+    except InputError as exc:
+        raise InputError(
+            renamed(str(exc), {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout"})
+        ) from None
+
+
 def run_train(model, args) -> int:
     """The CLI's train command on a loaded model: its family's trainer, the other trainers' flags refused."""
     trainer = TRAINERS.get(model.config.model_type)
@@ -279,6 +319,7 @@ def run_train(model, args) -> int:
         if misplaced:
             raise InputError(f"{FLAG_OF.get(misplaced[0], _flag(misplaced[0]))} applies to {other.title} models only")
     records = read_records_file(args.data)
+    _add_lora(model, args)
     from . import distributed
 
     try:
