@@ -475,6 +475,9 @@ def write_checkpoint_files(
     _step("weights-written")
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(str(folder / "tokenizer.json"))
+    adapter = getattr(model, "adapter_folder", None)  # a merged LoRA fine-tune's own chat template, if it has one
+    if adapter is not None and (Path(adapter) / "chat_template.jinja").is_file():
+        shutil.copyfile(Path(adapter) / "chat_template.jinja", folder / "chat_template.jinja")
     source = getattr(model, "folder", None)
     for name in COMPANION_FILES:  # as save_pretrained keeps them: the chat template, the generation defaults
         if source is not None and (Path(source) / name).is_file() and not (folder / name).exists():

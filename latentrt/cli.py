@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser(
         "save",
-        help="write the model as a checkpoint folder (save_pretrained): --weights, --hf-overrides and --dtype baked in",
+        help="write the model as a checkpoint folder (save_pretrained): --weights, --adapter, --hf-overrides and "
+        "--dtype baked in",
     )
     add_model_args(v)
     v.add_argument("out", help="the folder to write (replaced whole; one holding other files needs --overwrite)")

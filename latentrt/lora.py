@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import CheckpointError, InputError, check_finite, check_int, os_errors_as
+from .errors import CheckpointError, InputError, check_bool, check_finite, check_float, check_int, os_errors_as
 from .models.coconut import Conv1D
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,19 +57,36 @@ class LoraSpec:
     def validate(self) -> None:
         check_int("rank", self.rank, 1)
         check_finite("alpha", self.alpha)
-        if not 0 <= self.dropout < 1 or isinstance(self.dropout, bool):
-            raise InputError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.rslora, bool):
-            raise InputError(f"rslora must be True or False, got {self.rslora!r}")
+        check_float("dropout", self.dropout, 0, 1)
+        if self.dropout == 1:
+            raise InputError("dropout must be below 1 (1 drops every input: the adapter would never train)")
+        check_bool("rslora", self.rslora)
         if self.targets is not None and not isinstance(self.targets, str):
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 raise InputError(f"targets must be layer names (non-empty strs) or one pattern, got {self.targets!r}")
+        for name, patterns, check in (
+            ("rank_pattern", self.rank_pattern, lambda k, v: check_int(f"rank_pattern[{k!r}]", v, 1)),
+            ("alpha_pattern", self.alpha_pattern, lambda k, v: check_finite(f"alpha_pattern[{k!r}]", v)),
+        ):
+            for key, value in patterns.items():
+                _pattern(name, key if isinstance(key, str) else repr(key))
+                check(key, value)
+        if isinstance(self.targets, str):
+            _pattern("targets", self.targets)
 
     def scaling(self, layer: str) -> float:
         """``alpha / rank`` for ``layer`` (the patterns' values where one matches, PEFT's rule)."""
         rank = _by_pattern(self.rank_pattern, layer, self.rank)
         alpha = _by_pattern(self.alpha_pattern, layer, self.alpha)
         return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+def _pattern(name: str, pattern: str) -> None:
+    """InputError unless ``pattern`` is a regular expression Python reads."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"{name}: {pattern!r} is not a regular expression ({exc})") from None
 
 
 def _by_pattern(patterns: dict, layer: str, default):
@@ -371,8 +388,8 @@ def read_adapter(path: str | os.PathLike, revision: str | None = None) -> Adapte
             alpha=config.get("lora_alpha", 8),
             targets=config.get("target_modules") if isinstance(config.get("target_modules"), str) else None,
             rslora=config.get("use_rslora", False),
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            rank_pattern=_object(config, "rank_pattern"),
+            alpha_pattern=_object(config, "alpha_pattern"),
         )
         spec.validate()
     except (InputError, TypeError, ValueError) as exc:
@@ -390,6 +407,13 @@ def read_adapter(path: str | os.PathLike, revision: str | None = None) -> Adapte
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}") from None
     return Adapter(str(path), folder, spec, _pairs(flat, weights), config.get("base_model_name_or_path"))
+
+
+def _object(config: dict, key: str) -> dict:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise InputError(f"{key} must be an object (pattern -> value), got {value!r}")
+    return value
 
 
 def _pairs(flat: dict[str, Tensor], source: Path) -> dict[str, tuple[Tensor, Tensor]]:

@@ -441,3 +441,56 @@ def test_a_coconut_lora_fine_tune_trains_the_adapters_through_the_curriculum(tmp
     lora.merge_lora(model)
     ids = torch.tensor([TOK.encode("every wumpus is a yumpus").ids])
     assert torch.equal(loaded.logits(ids), model.logits(ids))
+
+
+@pytest.mark.parametrize("family", ["recurrent", "coconut"])
+def test_unmerged_adapters_serve_and_generate_as_merged_ones(family):
+    """The torch backend runs the wrapped layers everywhere the model runs: continuous batching (the engine's
+    packed passes, Coconut's thoughts) gives generate()'s results alone, and the merged model's tokens."""
+    from test_serve_engine import coconut_requests, generate_alone, recurrent_requests
+
+    from latentrt.serve import Engine
+
+    model = tiny_recurrent(seed=3) if family == "recurrent" else tiny_coconut(seed=2)
+    lora.add_lora(model, rank=4, seed=0)
+    _random_updates(model, 8, scale=0.05)
+    requests = recurrent_requests(6, seed=7) if family == "recurrent" else coconut_requests(6)
+    results = Engine(model, max_batch=3).generate(
+        [p for p, _ in requests], [latentrt.GenerateOptions.build(None, **kw) for _, kw in requests]
+    )
+    wrapped = [generate_alone(model, prompt, **kw) for prompt, kw in requests]
+    assert results == wrapped
+    lora.merge_lora(model)
+    merged = [generate_alone(model, prompt, **kw) for prompt, kw in requests]
+    assert [r.tokens for r in merged] == [r.tokens for r in wrapped]
+
+
+def test_the_save_command_bakes_an_adapter_in(tmp_path, recurrent_dir, capsys):
+    """``latentrt save MODEL OUT --adapter DIR``: PEFT's merge_and_unload as a command; the folder keeps the
+    adapter's own chat template."""
+    model = lora.add_lora(latentrt.load(recurrent_dir, device="cpu"), rank=2, seed=0)
+    _random_updates(model, 9)
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
+    opts = TrainOptions(steps=1, batch_size=2, out=str(tmp_path / "a"), progress=False)
+    train_recurrent(model, model.tokenizer, RECORDS, opts, chat_template=str(template))
+    assert main(["save", str(recurrent_dir), str(tmp_path / "m"), "--adapter", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    saved = latentrt.load(tmp_path / "m", device="cpu")
+    assert (tmp_path / "m" / "chat_template.jinja").read_text() == TEMPLATE
+    assert torch.equal(_logits(saved), _logits(latentrt.load(recurrent_dir, device="cpu", adapter=tmp_path / "a")))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rank_pattern={"Wqkv": 0}), r"rank_pattern\['Wqkv'\] must be an integer >= 1"),
+        (dict(alpha_pattern={"(": 2}), r"alpha_pattern: '\(' is not a regular expression"),
+        (dict(alpha_pattern=[1]), "alpha_pattern must be an object"),
+        (dict(use_rslora="yes"), "rslora must be True or False"),
+        (dict(lora_alpha="16"), "alpha must be a finite number"),
+    ],
+)
+def test_adapter_config_values_are_checked(tmp_path, recurrent_dir, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        latentrt.load(recurrent_dir, device="cpu", adapter=_adapter_folder(tmp_path, **change))
