@@ -467,7 +467,7 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
                 f"adapter {adapter.source}: {layer!r} is {n_in} -> {n_out} here, the adapter's "
                 f"{a.shape[1]} -> {b.shape[0]} (another base model?)"
             )
-        plan.append((module, a, b, adapter.spec.scaling(name)))
+        plan.append((module, a, b, adapter.spec.scaling(layer)))  # (PEFT's patterns name its own layers)
     with torch.no_grad():
         for module, a, b, scaling in plan:
             d = (b.float() @ a.float()) * scaling

@@ -86,12 +86,13 @@ def test_an_adapter_trained_here_loads_in_peft(hf_gpt2, tmp_path):
     _, folder = hf_gpt2
     with pytest.warns(UserWarning, match="eos_token_id"):
         ours = latentrt.load(folder, device="cpu")
-    lora.add_lora(ours, rank=3, alpha=5, seed=1)
+    lora.add_lora(ours, rank=3, alpha=5, rslora=True, seed=1)
     _random_updates(ours, 2)
     wrapped = _logits(ours)
     lora.save_adapter(ours, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["c_attn", "c_proj", "c_fc"] and config["fan_in_fan_out"] is True
+    assert config["use_rslora"] is True and config["r"] == 3
     assert config["base_model_name_or_path"] == str(folder.resolve())
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
@@ -117,6 +118,25 @@ def test_the_wrapped_model_starts_as_the_model_and_merges_to_its_forward(recurre
     assert rel_err(wrapped, before) > 1e-3
     lora.merge_lora(recurrent_model)
     assert rel_err(_logits(recurrent_model), wrapped) < 1e-5
+
+
+def test_a_is_drawn_as_peft_draws_it(recurrent_model):
+    """kaiming_uniform_(a=sqrt(5)): uniform in +-1/sqrt(fan_in), from torch's generator or ``seed``'s."""
+    for seed in (None, 3):
+        model = lora.add_lora(tiny_recurrent(), rank=8, seed=seed)
+        for wrapped in lora.lora_layers(model).values():
+            a, bound = wrapped.lora_A.weight, 1 / wrapped.lora_A.weight.shape[1] ** 0.5
+            assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound and a.std() > 0.4 * bound, seed
+            assert not wrapped.lora_B.weight.any()
+
+
+def test_a_bf16_merge_rounds_once(recurrent_model):
+    model = tiny_recurrent().to(torch.bfloat16)
+    lora.add_lora(model, rank=4, seed=0)
+    _random_updates(model, 10, scale=0.01)
+    want = {n: (w.base_layer.weight.float() + w.delta()).to(torch.bfloat16) for n, w in lora.lora_layers(model).items()}
+    lora.merge_lora(model)
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in want.items())
 
 
 def test_add_lora_draws_its_adapters_from_its_seed(recurrent_model):
@@ -174,6 +194,10 @@ def test_targets_follow_peft_rules_and_bad_ones_are_clear_errors(recurrent_model
         "transformer.core_block.0.attn.Wqkv"
     }
     assert len(lora.target_layers(coconut_model)) == 2 * 4
+    with pytest.raises(InputError, match="match no layer"):  # a list entry ends a name after a dot: not c_proj
+        lora.target_layers(coconut_model, ["proj"])
+    with pytest.raises(InputError, match="match no layer"):  # a str is a pattern for the whole name
+        lora.target_layers(recurrent_model, "Wqkv")
     with pytest.raises(InputError, match=r"match no layer .*its linear layers: Wqkv, proj, fc, adapter"):
         lora.add_lora(recurrent_model, targets=["q_proj"])
     with pytest.raises(InputError, match=r"transformer.wte \(Embedding\) is not a linear layer"):
@@ -259,6 +283,8 @@ def test_adapter_weights_that_do_not_fit_the_model_are_refused_before_any_weight
         (lambda t: t.update(pair("transformer.ln_f", 32, 32)), r"'transformer.ln_f' is not a linear layer \(RMSNorm\)"),
         (lambda t: t.update(pair("x.y", 32, 32)), "'x.y' is no layer of this model"),
         (lambda t: t.update({key + "A.weight": torch.zeros(2, 16)}), "is 32 -> 96 here, the adapter's 16 -> 96"),
+        (lambda t: t.update({key + "B.weight": torch.zeros(95, 2)}), "is 32 -> 96 here, the adapter's 32 -> 95"),
+        (lambda t: t.update({"transformer.x.lora_A.weight": torch.zeros(2, 2)}), "is not a LoRA A or B weight"),
         (lambda t: t.update(pair("lm_head", 32, 40)), "tied to the token embedding"),
     ]
     clean = latentrt.load(recurrent_dir, device="cpu").state_dict()
@@ -282,7 +308,25 @@ def test_adapter_weights_that_do_not_fit_the_model_are_refused_before_any_weight
         latentrt.load(recurrent_dir, device="cpu", adapter=tmp_path / "missing")
 
 
-def test_an_adapter_folder_loads_its_base_model_or_says_which_to_give(tmp_path, recurrent_dir):
+def test_a_peft_adapter_of_the_base_model_class_loads(hf_gpt2, tmp_path):
+    """PEFT on transformers' GPT2Model (no LM head) names the layers without ``transformer.``: they are the
+    same layers."""
+    hf, folder = hf_gpt2
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)).eval()
+    _random_updates(peft_model, 11)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = peft_model(IDS).logits
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k.replace("model.transformer.", "model."): v for k, v in tensors.items()}, str(path))
+    assert all(".h.0." not in k or "model.h.0." in k for k in load_file(str(path)))
+    with pytest.warns(UserWarning, match="eos_token_id"):
+        ours = latentrt.load(folder, device="cpu", adapter=tmp_path / "adapter")
+    assert rel_err(_logits(ours), want) < 1e-5
+
+
+def test_an_adapter_folder_loads_its_base_model_or_says_which_to_give(tmp_path, recurrent_dir, monkeypatch):
     model = latentrt.load(recurrent_dir, device="cpu")
     lora.add_lora(model, rank=2, seed=0)
     _random_updates(model, 7)
@@ -299,6 +343,13 @@ def test_an_adapter_folder_loads_its_base_model_or_says_which_to_give(tmp_path, 
         latentrt.load(tmp_path / "b", device="cpu")
     builtin = lora.add_lora(latentrt.load("builtin:recurrent", device="cpu"), rank=2)
     assert lora.adapter_config(builtin)["base_model_name_or_path"] == "builtin:recurrent"
+    monkeypatch.chdir(recurrent_dir.parent)  # a folder given relative: the adapter names it absolute
+    relative = lora.add_lora(latentrt.load(recurrent_dir.name, device="cpu"), rank=2)
+    assert lora.adapter_config(relative)["base_model_name_or_path"] == str(recurrent_dir.resolve())
+    # a model folder that also holds adapter files is the model (its own weights), not the adapter
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (recurrent_dir / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    assert torch.equal(_logits(latentrt.load(recurrent_dir, device="cpu")), _logits(relative))
 
 
 def test_a_lora_fine_tune_trains_the_adapters_only_and_resumes_bit_for_bit(tmp_path):
