@@ -438,7 +438,7 @@ def write_checkpoint_files(
     """config.json + model.safetensors (or shards with an index) + tokenizer.json into an existing folder, and
     the ``COMPANION_FILES`` of the folder the model was loaded from that ``folder`` does not have yet;
     ``metadata`` goes into every safetensors header (e.g. the trainer's step)."""
-    if getattr(model, "lora", None) is not None:  # (its state dict names wrapped layers: not a loadable model)
+    if getattr(model, "lora", None) is not None or getattr(model, "adapter_bank", None) is not None:  # (wrapped)
         raise InputError(
             "the model has LoRA adapters not merged: latentrt.lora.save_adapter(model, folder) writes the adapter, "
             "or latentrt.lora.merge_lora(model) first to write the whole model"

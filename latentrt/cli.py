@@ -30,6 +30,7 @@ from .cli_flags import (
     generate_options,
     in_flags,
     json_object,
+    lora_modules,
     model_options,
     name_options_as_flags,
     responses_store,
@@ -388,6 +389,7 @@ def checked_engine_flags(args) -> dict:
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
     tool_call_parser(args)
+    lora_modules(args)
     if hasattr(args, "enable_responses_api_store"):  # (serve's, not run-batch's)
         responses_store(args)
     return json_object(args.override_generation_config, "--override-generation-config")
@@ -399,7 +401,13 @@ def engine_from_flags(args, override: dict):
     from .serve.app import load_engine
 
     try:
-        engine = load_engine(args.model, **model_options(args), generation_config=override, **engine_options(args))
+        engine = load_engine(
+            args.model,
+            **model_options(args),
+            lora_modules=lora_modules(args),
+            generation_config=override,
+            **engine_options(args),
+        )
     except InputError as exc:  # the Engine's own checks (max_len against the context...) name its flags
         raise InputError(renamed(str(exc), {name: "--" + name.replace("_", "-") for name in ENGINE_FLAGS})) from None
     template = None if args.chat_template is None else chat_template_file(args.chat_template, engine.model.folder)
@@ -417,6 +425,8 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
         f"latentrt: serving {', '.join(name)} ({model.family}, backend {model.backend.name}) on "
         f"{scheme}://{args.host}:{args.port}"
     )
+    if model.adapter_bank is not None:
+        print(f"latentrt: LoRA adapters served as models: {', '.join(model.adapter_bank.names)}")
     applied = _model_defaults_applied(model, {})
     if applied:  # as vLLM says it: the defaults of every request that leaves them out
         print(f"latentrt: request defaults (generation_config.json, --override-generation-config): {applied}")

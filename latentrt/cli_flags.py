@@ -228,6 +228,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "request's own fields win",
     )
     p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters beside the model (--lora-modules; vLLM's flag): a request names one as its model",
+    )
+    p.add_argument(
+        "--lora-modules",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="with --enable-lora: an adapter served as NAME (a PEFT adapter folder or Hub id; or vLLM's JSON form "
+        '\'{"name": NAME, "path": PATH}\'); repeated for several, one per flag',
+    )
+    p.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",
         help="let chat requests leave the choice between text and tool calls to the model (tool_choice 'auto', "
@@ -251,6 +264,41 @@ def tool_call_parser(args: argparse.Namespace) -> str | None:
     if name is not None and name not in PARSERS:
         raise InputError(f"--tool-call-parser {name!r:.100} is not one of {sorted(PARSERS)}")
     return name
+
+
+def lora_modules(args: argparse.Namespace) -> dict[str, str] | None:
+    """The served adapters the flags name (name -> path; None: none), checked: --lora-modules needs --enable-lora."""
+    given, enabled = args.lora_modules, args.enable_lora
+    if given and not enabled:
+        raise InputError("--lora-modules serves adapters with --enable-lora: give it too")
+    if enabled and not given:
+        raise InputError("--enable-lora serves the adapters --lora-modules NAME=PATH names: give at least one")
+    if not given:
+        return None
+    modules: dict[str, str] = {}
+    for text in given:
+        name, path = _lora_module(text)
+        if name in modules:
+            raise InputError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    return modules
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """One --lora-modules value: NAME=PATH, or vLLM's JSON object with "name" and "path"."""
+    if text.lstrip().startswith("{"):
+        value = json_object(text, "--lora-modules")
+        name, path = value.get("name"), value.get("path")
+        unknown = sorted(set(value) - {"name", "path", "base_model_name"})
+        if unknown:
+            raise InputError(
+                f"--lora-modules {text!r:.100}: unknown field {unknown[0]!r} (name, path, base_model_name)"
+            )
+    else:
+        name, _, path = text.partition("=")
+    if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
+        raise InputError(f'--lora-modules takes NAME=PATH (or \'{{"name": ..., "path": ...}}\'), got {text!r:.100}')
+    return name.strip(), path.strip()
 
 
 def responses_store(args: argparse.Namespace) -> int:

@@ -202,6 +202,8 @@ def add_lora(
     torch's). The model runs on the torch backend until ``merge_lora``. Returns the model."""
     if lora_layers(model):
         raise InputError("the model already has LoRA adapters: merge_lora(model) first to add others")
+    if getattr(model, "adapter_bank", None) is not None:
+        raise InputError("the model already has LoRA adapters (served ones): load it anew to train others")
     spec = LoraSpec(rank, alpha, tuple(targets) if isinstance(targets, list) else targets, dropout, rslora)
     spec.validate()
     layers = target_layers(model, spec.targets)

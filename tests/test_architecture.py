@@ -47,7 +47,7 @@ LAYERS = [
         "version",
     ),
     ("backends",),
-    ("models", "decode", "families", "distributions", "lora"),
+    ("models", "decode", "families", "distributions", "lora", "lora_serving"),
     ("engine", "loader", "evaluate"),
     ("cli", "cli_flags", "serve", "train", "__init__", "__main__"),
 ]

@@ -203,15 +203,16 @@ def test_a_second_ctrl_c_stops_ray_at_once_in_one_line(monkeypatch, capsys, seco
 def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypatch):
     """The replica's configuration round-trips through JSON to ``load_engine`` and ``create_app`` as
     ``latentrt serve`` passes them: loading options (revision, weights, overrides, dtype, backend, device), engine
-    options, the served name, the template, the API key, the origins, the tool-call parser and the store; a folder,
-    weights and a template given relative to the launcher's directory reach the replicas absolute, a Hub id or
+    options, the served name, the template, the API key, the origins, the tool-call parser and the store, the
+    merged and the served LoRA adapters; a folder, weights, adapter folders and a template given relative to the launcher's directory reach the replicas absolute, a Hub id or
     builtin:NAME unchanged."""
     import json
 
     from latentrt.serve import app as serve_app
     from latentrt.serve import ray as serve_ray
 
-    (tmp_path / "m").mkdir()
+    for folder in ("m", "a", "sql"):
+        (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path)
     cfg = serve_ray.replica_config(
         "m",
@@ -222,6 +223,8 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
         revision="r1",
         weights="w.safetensors",
         hf_overrides={"mean_recurrence": 4},
+        adapter="a",
+        lora_modules={"sql": "sql", "hub": "owner/adapter"},
         generation_config={"num_steps": 3},
         chat_template="t.jinja",
         api_key="k3y",
@@ -247,6 +250,8 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
             revision="r1",
             weights=str(tmp_path / "w.safetensors"),
             hf_overrides={"mean_recurrence": 4},
+            adapter=str(tmp_path / "a"),
+            lora_modules={"sql": str(tmp_path / "sql"), "hub": "owner/adapter"},
             generation_config={"num_steps": 3},
             max_batch=4,
             scheduler="token",

@@ -122,19 +122,25 @@ def backend_class(name: str) -> type[Backend]:
 def get_backend(name: str, model) -> Backend:
     """The named backend for ``model``; ``auto`` takes the first of the model's measured preferences (its
     class's ``AUTO_BACKENDS``, in the family's model file) that can run here well, and says why in ``.reason``."""
-    if getattr(model, "lora", None) is not None and name in BACKENDS and name != "torch":
+    if _unmerged_adapters(model) and name in BACKENDS and name != "torch":
         raise InputError(
             f"backend {name!r} cannot run the model's LoRA adapters unmerged (only the torch backend runs wrapped "
-            "layers): merge them first (latentrt.lora.merge_lora(model))"
+            "layers): merge them first (latentrt.lora.merge_lora(model), or load(model, adapter=...))"
         )
     backend = _chosen(name, model)
     backend.requested = name
     return backend
 
 
+def _unmerged_adapters(model) -> bool:
+    """Whether the model runs LoRA adapters beside its weights (latentrt/lora.py, lora_serving.py): wrapped
+    layers, which only the module calls of the torch backend run."""
+    return getattr(model, "lora", None) is not None or getattr(model, "adapter_bank", None) is not None
+
+
 def _chosen(name: str, model) -> Backend:
     if name == "auto":
-        if getattr(model, "lora", None) is not None:
+        if _unmerged_adapters(model):
             from .torch import TorchBackend
 
             return TorchBackend(model, reason="auto: LoRA adapters not merged, which the PyTorch reference runs")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.reference import nonfinite_flags
+from ..lora_serving import pass_over
 from ..models.layers import Packed
 from ..transfer import to_device
 from .coconut_serving_graph import HeadsRunner, PromptChunks, StepPassRunner
@@ -153,7 +154,8 @@ class CoconutServing(ServingProgram):
         for parts in passes:
             if len(parts) == 1:
                 rows, chunk, x, ln1x = parts[0]
-                outs = [model.forward_residual(x, self.pool, chunk, ln1x)]
+                with pass_over(model, chunk):  # (served LoRA adapters: the chunk's rows' own)
+                    outs = [model.forward_residual(x, self.pool, chunk, ln1x)]
             else:
                 packed = Packed([p[1] for p in parts], [None] * len(parts))
                 ln1x = None

@@ -61,6 +61,7 @@ class LatentModel(nn.Module):
         self.adapter: str | None = None  # load(adapter=): the LoRA adapter merged into its weights
         self.adapter_folder = None  # that adapter's folder (its chat_template.jinja, if any, is the model's)
         self.lora = None  # the unmerged adapters' LoraSpec (latentrt.lora.add_lora), else None
+        self.adapter_bank = None  # the adapters it serves side by side (latentrt.lora_serving), else None
 
     # ---------------------------------------------------------------- what every model has
     @property

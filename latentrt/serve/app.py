@@ -111,6 +111,11 @@ class Served:
     tool_parser: object = None  # the reader of the model's tool-call format ("auto" tool choice), or None
     responses: ResponseStore | None = None  # the Responses API's store, or None (none kept)
     names: tuple[str, ...] = ()  # every name a request may give (``model_name`` first)
+    adapters: tuple[str, ...] = ()  # the served LoRA adapters' names: a request giving one runs with it
+
+    def answer_name(self, reqs) -> str:
+        """The model an answer names: the adapter its requests ran with, else the model's (vLLM's)."""
+        return reqs[0].adapter or self.model_name if reqs else self.model_name
 
     @property
     def model(self):
@@ -159,7 +164,11 @@ def create_app(
         parser,
         ResponseStore(responses_store) if responses_store else None,
         tuple(dict.fromkeys(names)),
+        tuple(model.adapter_bank.names) if model.adapter_bank is not None else (),
     )
+    clash = set(served.names) & set(served.adapters)
+    if clash:
+        raise InputError(f"{sorted(clash)[0]!r} names both the model and a served LoRA adapter: rename one")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -217,13 +226,14 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request):
         served = request.app.state.served
-        return {"object": "list", "data": [_model_card(served, name) for name in served.names]}
+        cards = [_model_card(served, name) for name in served.names + served.adapters]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")  # OpenAI's retrieve (client.models.retrieve); a Hub id holds a '/'
     async def one_model(request: Request, name: str):
         served = request.app.state.served
         try:
-            check_model({"model": name}, served.names)
+            check_model({"model": name}, served.names + served.adapters)
         except LookupError as exc:
             return _error(404, str(exc), "model_not_found")
         return _model_card(served, name)
@@ -266,8 +276,9 @@ async def _body_of(request: Request):
         raise InputError(f"the request body is not valid JSON: {exc}") from None
 
 
-def _submit_all(served: Served, parsed, on_event_for) -> list:
-    """Submit one engine request per choice; on a failure, cancel the ones already queued."""
+def _submit_all(served: Served, parsed, on_event_for, adapter: str | None = None) -> list:
+    """Submit one engine request per choice (with the served LoRA ``adapter`` the request named, if any); on a
+    failure, cancel the ones already queued."""
     engine = served.engine
     served.runner.start()
     reqs = []
@@ -281,6 +292,7 @@ def _submit_all(served: Served, parsed, on_event_for) -> list:
                     echo=parsed.echo,
                     score_only=parsed.score_only,
                     priority=parsed.priority,
+                    adapter=adapter,
                     text_per_token=parsed.stream,  # a response that is not streamed reads the text at the end
                     **with_openai_defaults(opts, parsed.openai_defaults, engine.model.generation_defaults),
                 )
@@ -318,14 +330,15 @@ async def _submitted(served: Served, request: Request, parse):
     the error response."""
     try:
         body = await _body_of(request)
-        check_model(body, served.names)
+        check_model(body, served.names + served.adapters)
+        adapter = body.get("model") if body.get("model") in served.adapters else None
         parsed = parse(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         on_event_for = lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev))  # noqa: E731
         # (off the event loop: a request's validation, a long prompt's tokens or a grammar's compile take their
         # time while the other requests' streams go on)
-        reqs = await asyncio.to_thread(_submit_all, served, parsed, on_event_for)
+        reqs = await asyncio.to_thread(_submit_all, served, parsed, on_event_for, adapter)
     except InputError as exc:
         return _error(400, str(exc))
     except LookupError as exc:
@@ -386,11 +399,12 @@ async def _handle_responses(served: Served, request: Request):
         if req.error is not None:
             return _error(*failure(req.error))
         output = responses.output_items(req, parsed.tool_choice)
-        answer = responses.response_body(rid, served.model_name, body, int(time.time()), req, output, stored=stored)
+        name = served.answer_name(reqs)
+        answer = responses.response_body(rid, name, body, int(time.time()), req, output, stored=stored)
         keep(answer)
         # (ASCII JSON: the body echoes the request's fields, which may hold what UTF-8 cannot encode)
         return Response(json.dumps(answer), media_type="application/json")
-    stream = responses.ResponseEvents(rid, served.model_name, body, parsed.tool_choice, stored=stored)
+    stream = responses.ResponseEvents(rid, served.answer_name(reqs), body, parsed.tool_choice, stored=stored)
 
     async def events_out():
         try:
@@ -450,13 +464,13 @@ async def _complete(served: Served, request: Request, rid: str, reqs, events, ch
             served.engine.cancel(r)
         return _error(*failure(failed[0].error))
     body = completion_body(
-        rid, served.model_name, reqs, chat, served.text_of, parsed.prompt_index, tool_choice=parsed.tool_choice
+        rid, served.answer_name(reqs), reqs, chat, served.text_of, parsed.prompt_index, tool_choice=parsed.tool_choice
     )
     return JSONResponse(body)
 
 
 async def _stream(served: Served, request: Request, rid: str, reqs, events, chat: bool, parsed):
-    engine, model_name = served.engine, served.model_name
+    engine, model_name = served.engine, served.answer_name(reqs)
     include_usage, prompt_index = parsed.include_usage, parsed.prompt_index
     # (with a tool choice each choice's text goes out as its calls' deltas: serve/tools.py)
     calls = None if parsed.tool_choice is None else [parsed.tool_choice.stream() for _ in reqs]
@@ -559,14 +573,17 @@ def _detokenized(served: Served, body) -> dict:
 
 def _model_card(served: Served, name: str) -> dict:
     """OpenAI's model object of one of the served names, with vLLM's ``max_model_len`` (the positions a request
-    may use here)."""
-    return {
+    may use here) and, for a LoRA adapter, vLLM's ``root`` (its folder) and ``parent`` (the model's name)."""
+    card = {
         "id": name,
         "object": "model",
         "created": served.started,
         "owned_by": "latentrt",
         "max_model_len": served.engine.max_len,
     }
+    if name in served.adapters:
+        card.update(root=served.model.adapter_bank.sources[name], parent=served.model_name)
+    return card
 
 
 def load_engine(
@@ -579,12 +596,14 @@ def load_engine(
     weights: str | None = None,
     hf_overrides: dict | None = None,
     adapter: str | None = None,
+    lora_modules: dict[str, str] | None = None,
     generation_config: dict | None = None,
     **engine_kw,
 ) -> Engine:
     """Load a model (as ``latentrt.load``, ``hf_overrides`` its config overrides) and wrap it in an Engine
-    (``engine_kw``); ``generation_config``: every request's defaults over the model's generation_config.json
-    (``server_defaults``: ``latentrt serve --override-generation-config``)."""
+    (``engine_kw``); ``lora_modules``: LoRA adapters served beside it, name -> adapter folder or Hub id (a request
+    names one as its ``model``: latentrt/lora_serving.py); ``generation_config``: every request's defaults over the
+    model's generation_config.json (``server_defaults``: ``latentrt serve --override-generation-config``)."""
     from ..loader import load
 
     loaded = load(
@@ -597,6 +616,10 @@ def load_engine(
         hf_overrides=hf_overrides,
         adapter=adapter,
     )
+    if lora_modules:
+        from ..lora_serving import serve_adapters
+
+        serve_adapters(loaded, lora_modules)
     if generation_config:
         loaded.generation_defaults = server_defaults(loaded, generation_config)
     return Engine(loaded, **engine_kw)

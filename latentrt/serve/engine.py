@@ -62,6 +62,7 @@ from ..engine import Generation, GenerationResult
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int, is_choice
 from ..families import Family, check_applicable, family_for
 from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprob_rows, read_logprob_row
+from ..lora_serving import using
 from ..models.base import LatentModel
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText, separator
@@ -208,6 +209,8 @@ class Request:
     live_text: bool = True  # decoded as it grows (a stream, stop strings, log-prob offsets); else at the end
     score_only: bool = False  # echo with no new token: the prompt is scored (with log-probs) and it ends
     priority: int = 0  # its place in the queue under the "priority" policy: lower first
+    adapter: str | None = None  # the served LoRA adapter it runs with (None: the base model)
+    adapter_slot: int | None = None  # that adapter's slot in the model's AdapterBank (None: the model has none)
     finish_reason: str | None = None  # "stop" / "length" / "cancelled" / "error"
     error: Exception | None = None
     stop_set: frozenset = frozenset()  # token ids that end it
@@ -320,6 +323,7 @@ class Engine:
         )
         model.reserve_positions(max_len)  # tables sized once: nothing grows while serving
         self.program = family.serving(model, max_batch, max_len, kv_slots if looped else 0)
+        self._bind_adapters()
         self.queue: deque[Request] = deque()
         self.resident: list[Request] = []
         self.metrics = EngineMetrics()
@@ -360,6 +364,7 @@ class Engine:
         text_per_token: bool = True,
         score_only: bool = False,
         priority: int = 0,
+        adapter: str | None = None,
         **kwargs,
     ) -> Request:
         """Validate and queue a request (errors: InputError with generate()'s message, QueueFull, ShuttingDown);
@@ -371,7 +376,8 @@ class Engine:
         streamed): it is then decoded once, at the end, unless stop strings or log-probs' text offsets need it at
         every token (no per-token decoding work for the rest); ``score_only`` (with ``echo``: OpenAI's ``max_tokens:
         0``): no token is generated, the request ends once its prompt is scored (``max_new_tokens`` is then only
-        checked)."""
+        checked); ``adapter``: the name of one of the LoRA adapters the model serves (latentrt/lora_serving.py;
+        None: the base model)."""
         req = self.request(
             prompt,
             options,
@@ -381,6 +387,7 @@ class Engine:
             text_per_token=text_per_token,
             score_only=score_only,
             priority=priority,
+            adapter=adapter,
             **kwargs,
         )
         self.enqueue(req, request_id)
@@ -397,10 +404,15 @@ class Engine:
         text_per_token: bool = True,
         score_only: bool = False,
         priority: int = 0,
+        adapter: str | None = None,
         **kwargs,
     ) -> Request:
         """``submit``'s validation: the Request it would queue (not queued; ``enqueue`` queues it)."""
         check_int("priority", priority, -(2**63), 2**63 - 1, high_label="2**63 - 1")  # (an int64, as vLLM's)
+        bank = getattr(self.model, "adapter_bank", None)
+        if adapter is not None and bank is None:
+            raise InputError(f"adapter={adapter!r}: this model serves no LoRA adapters (--enable-lora --lora-modules)")
+        adapter_slot = None if bank is None else bank.slot(adapter)
         if priority != 0 and self.scheduling_policy != "priority":
             raise InputError(
                 f"priority={priority} is read under the priority scheduling policy (--scheduling-policy priority); "
@@ -445,6 +457,7 @@ class Engine:
         req.live_text = bool(text_per_token) or bool(gen.stop_strings) or top_logprobs is not None
         req.score_only = bool(score_only)
         req.priority = priority
+        req.adapter, req.adapter_slot = adapter, adapter_slot
         return req
 
     def enqueue(self, req: Request, request_id: str | None = None, *, beyond_max_queue: bool = False) -> None:
@@ -502,7 +515,8 @@ class Engine:
         continuous batching; one single-prompt ``GenerationResult`` per prompt, in order, each equal to
         ``latentrt.generate(model, prompt, options)`` alone. Every prompt is validated before any runs (an
         error names its index). ``priority=``: one for every prompt or one per prompt (vLLM's keyword; read under
-        the "priority" scheduling policy). Steps the engine itself, or waits while ``run_forever`` runs it on
+        the "priority" scheduling policy). ``adapter=``: a served LoRA adapter's name, one for every prompt or one per
+        prompt (vLLM's ``lora_request``). Steps the engine itself, or waits while ``run_forever`` runs it on
         another thread (latentrt/serve/offline.py)."""
         return generate_all(self, prompts, options, **kwargs)
 
@@ -590,6 +604,12 @@ class Engine:
         self._sampled = None
         return read
 
+    def _bind_adapters(self) -> None:
+        """Served LoRA adapters (latentrt/lora_serving.py): one slot per pool row, set when a request is admitted."""
+        bank = getattr(self.model, "adapter_bank", None)
+        if bank is not None:
+            bank.bind_rows(self.program.pool.rows)
+
     def _reset(self, exc: Exception) -> None:
         """After an unexpected error inside a launch: every resident request fails with it and the program
         starts afresh (a new pool); queued requests are served as usual. The traceback goes to the
@@ -612,6 +632,7 @@ class Engine:
         with self.lock:  # (``request`` reads the program's pool on the caller's thread: it waits for the new one)
             self.program = None  # the old pool goes before the new one is allocated
             self.program = cls(self.model, pool.rows, pool.max_len, pool.slot_rows)
+            self._bind_adapters()
 
     def _mark_exited(self, ended: Ended, step: int) -> None:
         """A unit that ended in the launch of engine step ``step``: it waits to be sampled."""
@@ -674,6 +695,8 @@ class Engine:
                     break
                 self.queue.popleft()
                 req.row = pool.allocate(mode)
+                if req.adapter_slot is not None:  # (its tokens' adapter in every pass over its row)
+                    self.model.adapter_bank.row_slots[req.row] = req.adapter_slot
                 req.times["admitted"] = time.perf_counter()
                 budget -= size
                 admitted.append(req)
@@ -705,7 +728,8 @@ class Engine:
         adds starts (the length of the prompt's tokens before it, decoded), as for generated tokens."""
         ids, vocab = req.prompt_ids, self.model.config.vocab_size
         ids_t = torch.tensor(ids, device=self.model.device)
-        logits = req.decoder.prompt_logits(ids_t)
+        with using(self.model, req.adapter):
+            logits = req.decoder.prompt_logits(ids_t)
         rows = logprob_rows(logits[:-1], ids_t[1:], req.top_logprobs, vocab).tolist() if len(ids) > 1 else []
         offsets = [0] * len(ids)
         if self.model.tokenizer is not None:  # (decoded as it grows, as generated tokens' offsets are)

@@ -44,13 +44,13 @@ def _options_per_prompt(options, n: int) -> list:
     return list(options)
 
 
-def _priorities(priority, n: int) -> list:
-    """``priority``: one for every prompt, or a list with one per prompt (each checked by the engine)."""
-    if not isinstance(priority, (list, tuple)):
-        return [priority] * n
-    if len(priority) != n:
-        raise InputError(f"priority has {len(priority)} entries for {n} prompts: give one per prompt (or one for all)")
-    return list(priority)
+def _per_prompt(name: str, value, n: int) -> list:
+    """A keyword given for every prompt, or as a list with one per prompt (each checked by the engine)."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * n
+    if len(value) != n:
+        raise InputError(f"{name} has {len(value)} entries for {n} prompts: give one per prompt (or one for all)")
+    return list(value)
 
 
 def kv_bytes(engine, req) -> int:
@@ -64,18 +64,24 @@ def kv_bytes(engine, req) -> int:
     return per_position * (req.prompt_tokens + max(sampled - 1, 0))
 
 
-def generate_all(engine, prompts, options=None, *, priority=0, **kwargs) -> list[GenerationResult]:
+def generate_all(engine, prompts, options=None, *, priority=0, adapter=None, **kwargs) -> list[GenerationResult]:
     """``Engine.generate``: see the module docstring. ``options``: one ``GenerateOptions`` or a list with one
     per prompt; ``priority``: one for every prompt or a list with one per prompt (vLLM's keyword: under the
-    engine's "priority" scheduling policy, the lower first); ``kwargs`` replace fields of every prompt's
-    options (as ``generate()``'s keywords)."""
+    engine's "priority" scheduling policy, the lower first); ``adapter``: the served LoRA adapter's name, one for
+    every prompt or one per prompt (vLLM's ``lora_request``; None: the base model); ``kwargs`` replace fields of
+    every prompt's options (as ``generate()``'s keywords)."""
     prompts = _prompt_list(prompts)
     per_prompt = _options_per_prompt(options, len(prompts))
-    priorities = _priorities(priority, len(prompts))
+    priorities = _per_prompt("priority", priority, len(prompts))
+    adapters = _per_prompt("adapter", adapter, len(prompts))
     requests = []
     for i, (prompt, opts) in enumerate(zip(prompts, per_prompt)):
         try:
-            requests.append(engine.request(prompt, opts, text_per_token=False, priority=priorities[i], **kwargs))
+            requests.append(
+                engine.request(
+                    prompt, opts, text_per_token=False, priority=priorities[i], adapter=adapters[i], **kwargs
+                )
+            )
         except LatentRTError as exc:
             raise type(exc)(f"prompts[{i}]: {exc}") from None
     for req in requests:  # (the caller holds every prompt: the engine's max_queue is the server's backpressure)

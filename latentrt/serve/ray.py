@@ -54,6 +54,8 @@ def replica_config(
     revision: str | None = None,
     weights: str | None = None,
     hf_overrides: dict | None = None,
+    adapter: str | None = None,
+    lora_modules: dict[str, str] | None = None,
     generation_config: dict | None = None,
     chat_template: str | None = None,
     api_key: str | None = None,
@@ -76,6 +78,8 @@ def replica_config(
             "revision": revision,
             "weights": _absolute(weights),
             "hf_overrides": hf_overrides or {},
+            "adapter": _absolute(adapter) if adapter is not None and os.path.isdir(adapter) else adapter,
+            "lora_modules": {n: _absolute(p) if os.path.isdir(p) else p for n, p in (lora_modules or {}).items()},
             "generation_config": generation_config or {},
         },
         "engine": engine_kw,
@@ -98,6 +102,7 @@ def application(
     """A Ray Serve application of ``replicas`` servers of ``model``, each what ``latentrt serve`` with the same options
     serves (``replica_config``'s: ``name``, ``device``, ``dtype``, ``backend``, ``revision``, ``weights``,
     ``hf_overrides`` and ``generation_config`` as ``--hf-overrides`` and ``--override-generation-config``,
+    ``adapter`` (merged) and ``lora_modules`` (served: name -> adapter folder or Hub id),
     ``chat_template`` (a file's path), ``api_key``, ``allowed_origins``, ``tool_call_parser``,
     ``responses_store`` (each replica its own), and the rest to each ``Engine``: max_batch, max_queue, max_len,
     kv_slots, scheduler, edge_cost, async_scheduling, max_num_steps); the resources to each replica's actor.
@@ -128,7 +133,7 @@ def check_before_starting(args) -> None:
     from ..chat import chat_template_file
     from ..checkpoint import read_generation_config
     from ..cli import api_key_from
-    from ..cli_flags import check_counts, json_object, model_options, responses_store, tool_call_parser
+    from ..cli_flags import check_counts, json_object, lora_modules, model_options, responses_store, tool_call_parser
     from ..errors import InputError
     from ..loader import parse_dtype, read_model_config
     from ..options import generation_defaults
@@ -139,6 +144,7 @@ def check_before_starting(args) -> None:
     api_key_from(args.api_key)
     tool_call_parser(args)
     responses_store(args)
+    lora_modules(args)
     if args.allowed_origins is not None:
         check_origins(args.allowed_origins)
     load = model_options(args)
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         add_serve_args,
         engine_options,
         json_object,
+        lora_modules,
         model_options,
         responses_store,
         tool_call_parser,
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             allowed_origins=args.allowed_origins,
             tool_call_parser=tool_call_parser(args),
             responses_store=responses_store(args),
+            lora_modules=lora_modules(args),
             **engine_options(args),
         )
         serve.run(app, route_prefix="/")

@@ -1,0 +1,193 @@
+"""Several LoRA adapters served at once (latentrt/lora_serving.py; vLLM's --enable-lora --lora-modules): each
+request with its adapter, mixed in one batch, equals generate() alone under ``using`` bit for bit; the base
+model's requests are the plain model's; the server routes by the request's model name, through the official
+client; the flags and bad adapters are clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err, tiny_coconut, tiny_recurrent
+from test_serve_engine import coconut_requests, generate_alone, recurrent_requests
+
+import latentrt
+from latentrt import lora
+from latentrt.backends import get_backend
+from latentrt.cli import main
+from latentrt.errors import CheckpointError, InputError
+from latentrt.lora_serving import serve_adapters, using
+from latentrt.serve import Engine
+
+openai = pytest.importorskip("openai")
+IDS = torch.tensor([[5, 9, 11, 3, 7, 20, 21, 2]])
+
+
+def _adapters(tmp_path, make, shapes) -> dict[str, str]:
+    """Adapter folders trained on nothing: each with its own rank, targets and random A and B."""
+    out = {}
+    for i, (name, rank, targets) in enumerate(shapes):
+        model = lora.add_lora(make(), rank=rank, targets=targets, seed=i)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        lora.save_adapter(model, tmp_path / name)
+        out[name] = str(tmp_path / name)
+    return out
+
+
+SHAPES = [("sql", 2, None), ("poet", 4, ["Wqkv", "fc"])]
+
+
+@pytest.mark.parametrize("family", ["recurrent", "coconut"])
+def test_mixed_adapters_in_one_batch_each_equal_generate_alone(tmp_path, family):
+    make = (lambda: tiny_recurrent(seed=3)) if family == "recurrent" else (lambda: tiny_coconut(seed=2))
+    shapes = SHAPES if family == "recurrent" else [("sql", 2, None), ("poet", 4, ["c_attn", "c_fc"])]
+    sources = _adapters(tmp_path, make, shapes)
+    model, plain = make(), make()
+    serve_adapters(model, sources)
+    assert model.backend.name == "torch" and "LoRA" in model.backend.reason
+    requests = recurrent_requests(9, seed=7) if family == "recurrent" else coconut_requests(9)
+    adapters = [("sql", "poet", None)[i % 3] for i in range(len(requests))]
+    results = Engine(model, max_batch=4).generate(
+        [p for p, _ in requests],
+        [latentrt.GenerateOptions.build(None, **kw) for _, kw in requests],
+        adapter=adapters,
+    )
+    for result, (prompt, kw), adapter in zip(results, requests, adapters):
+        with using(model, adapter):
+            assert result == generate_alone(model, prompt, **kw), (adapter, prompt, kw)
+        if adapter is None:  # the base model's requests: the plain model's tokens (nothing added)
+            assert result.tokens == generate_alone(plain, prompt, **kw).tokens
+    assert len({tuple(r.tokens) for r in results}) > 3
+
+
+def test_a_served_adapter_computes_the_merged_models_numbers(tmp_path, recurrent_dir):
+    sources = _adapters(tmp_path, lambda: latentrt.load(recurrent_dir, device="cpu"), SHAPES)
+    model = latentrt.load(recurrent_dir, device="cpu")
+    serve_adapters(model, sources)
+    for name, path in sources.items():
+        merged = latentrt.load(recurrent_dir, device="cpu", adapter=path)
+        with using(model, name):
+            assert rel_err(model.logits(IDS, seed=0), merged.logits(IDS, seed=0)) < 1e-5
+    base = latentrt.load(recurrent_dir, device="cpu").logits(IDS, seed=0)
+    assert torch.equal(model.logits(IDS, seed=0), base)
+    with pytest.raises(
+        InputError, match=r"no LoRA adapter 'nope' is served here; the served adapters: \['sql', 'poet'\]"
+    ):
+        with using(model, "nope"):
+            pass
+    with pytest.raises(InputError, match="merge them first"):
+        get_backend("triton", model)
+    with pytest.raises(InputError, match="not merged"):
+        model.save_pretrained(tmp_path / "saved")
+
+
+def test_bad_adapter_sets_are_clear_errors(tmp_path, recurrent_dir):
+    sources = _adapters(tmp_path, lambda: latentrt.load(recurrent_dir, device="cpu"), [("a", 2, ["adapter"])])
+    model = latentrt.load(recurrent_dir, device="cpu")
+    with pytest.raises(InputError, match="outside the model's blocks"):
+        serve_adapters(model, sources)
+    other = _adapters(tmp_path / "o", lambda: tiny_recurrent(n_embd=48), [("b", 2, None)])
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        serve_adapters(model, other)
+    with pytest.raises(InputError, match="at least one"):
+        serve_adapters(model, {})
+    served = _adapters(tmp_path / "s", lambda: latentrt.load(recurrent_dir, device="cpu"), [("c", 2, None)])
+    serve_adapters(model, served)
+    with pytest.raises(InputError, match="already has LoRA adapters"):
+        serve_adapters(model, served)
+    with pytest.raises(InputError, match="already has LoRA adapters"):
+        lora.add_lora(model)
+    with pytest.raises(InputError, match="serves no LoRA adapters"):
+        Engine(latentrt.load(recurrent_dir, device="cpu")).generate(["every cat"], adapter="c")
+
+
+def test_the_server_routes_a_request_to_the_adapter_its_model_names(tmp_path, recurrent_dir):
+    """Through the official client: /v1/models lists each adapter with vLLM's root and parent; a completion or chat
+    naming an adapter runs with it (equal to generate() alone under ``using``) and answers under its name."""
+    from test_server import serving
+
+    sources = _adapters(tmp_path, lambda: latentrt.load(recurrent_dir, device="cpu"), SHAPES)
+    model = latentrt.load(recurrent_dir, device="cpu")
+    serve_adapters(model, sources)
+    with serving(model, name="base", max_batch=4) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        cards = {m.id: m for m in client.models.list().data}
+        assert list(cards) == ["base", "sql", "poet"]
+        assert cards["sql"].parent == "base" and cards["sql"].root == sources["sql"]
+        assert not hasattr(cards["base"], "parent") or cards["base"].parent is None
+        extra = {"num_steps": 3, "init_scale": 0.0}
+        for name in ("base", "sql", "poet"):
+            r = client.completions.create(
+                model=name, prompt="every cat is", max_tokens=5, temperature=0, extra_body=extra
+            )
+            with using(model, None if name == "base" else name):
+                want = latentrt.generate(model, "every cat is", max_new_tokens=5, **extra)
+            assert r.model == name and r.choices[0].latentrt["token_ids"] == want.tokens, name
+            stream = client.completions.create(
+                model=name, prompt="every cat is", max_tokens=5, temperature=0, extra_body=extra, stream=True
+            )
+            chunks = list(stream)
+            assert {c.model for c in chunks} == {name}
+        assert client.models.retrieve("poet").parent == "base"
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client.completions.create(model="nope", prompt="every cat", max_tokens=2)
+
+
+def test_the_flags(tmp_path, recurrent_dir, capsys):
+    from test_server import free_port
+
+    base = ["serve", str(recurrent_dir), "--port", str(free_port())]
+    for bad, message in [
+        (["--lora-modules", "a=x"], "--lora-modules serves adapters with --enable-lora: give it too"),
+        (["--enable-lora"], "--enable-lora serves the adapters --lora-modules NAME=PATH names"),
+        (["--enable-lora", "--lora-modules", "a"], "--lora-modules takes NAME=PATH"),
+        (["--enable-lora", "--lora-modules", "a=x", "--lora-modules", "a=y"], "--lora-modules names 'a' twice"),
+        (["--enable-lora", "--lora-modules", '{"name": "a", "path": "x", "rank": 2}'], "unknown field 'rank'"),
+        (["--enable-lora", "--lora-modules", f"a={tmp_path / 'missing'}"], "does not exist"),
+    ]:
+        assert main([*base, *bad]) == 2
+        assert message in capsys.readouterr().err, bad
+    from latentrt.cli_flags import lora_modules
+
+    class Args:
+        enable_lora, lora_modules = True, ['{"name": "sql", "path": "/a/b", "base_model_name": "m"}', "poet=c=d"]
+
+    assert lora_modules(Args) == {"sql": "/a/b", "poet": "c=d"}
+
+
+def test_run_batch_serves_adapters(tmp_path, recurrent_dir, capsys):
+    sources = _adapters(tmp_path, lambda: latentrt.load(recurrent_dir, device="cpu"), SHAPES)
+    lines = [
+        {"custom_id": str(i), "method": "POST", "url": "/v1/completions", "body": body}
+        for i, body in enumerate(
+            [
+                {
+                    "model": name,
+                    "prompt": "every cat",
+                    "max_tokens": 3,
+                    "temperature": 0,
+                    "num_steps": 3,
+                    "init_scale": 0,
+                }
+                for name in ("sql", "poet", str(recurrent_dir))
+            ]
+        )
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    args = ["run-batch", str(recurrent_dir), "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]
+    modules = [f"--lora-modules={name}={path}" for name, path in sources.items()]
+    assert main([*args, "--enable-lora", *modules]) == 0
+    capsys.readouterr()
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["body"]["model"] for o in out] == ["sql", "poet", str(recurrent_dir)]
+    model = latentrt.load(recurrent_dir, device="cpu")
+    serve_adapters(model, sources)
+    for o, name in zip(out, ("sql", "poet", None)):
+        with using(model, name):
+            want = latentrt.generate(model, "every cat", max_new_tokens=3, num_steps=3, temperature=0.0, init_scale=0.0)
+        assert o["response"]["body"]["choices"][0]["latentrt"]["token_ids"] == want.tokens
