@@ -201,11 +201,11 @@ def test_a_second_ctrl_c_stops_ray_at_once_in_one_line(monkeypatch, capsys, seco
 
 
 def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypatch):
-    """The replica's configuration round-trips through JSON to ``load_engine`` and ``create_app`` as
-    ``latentrt serve`` passes them: loading options (revision, weights, overrides, dtype, backend, device), engine
-    options, the served name, the template, the API key, the origins, the tool-call parser and the store, the
-    merged and the served LoRA adapters; a folder, weights, adapter folders and a template given relative to the launcher's directory reach the replicas absolute, a Hub id or
-    builtin:NAME unchanged."""
+    """The replica's configuration round-trips through JSON to ``load_engine`` and ``create_app`` as ``latentrt serve``
+    passes them: loading options (revision, weights, overrides, dtype, backend, device), engine options, the served
+    name, the template, the API key, the origins, the tool-call parser and the store, the merged and the served LoRA
+    adapters; a folder, weights, adapter folders and a template given relative to the launcher's directory reach the
+    replicas absolute, a Hub id or builtin:NAME unchanged."""
     import json
 
     from latentrt.serve import app as serve_app
