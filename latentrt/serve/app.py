@@ -331,7 +331,8 @@ async def _submitted(served: Served, request: Request, parse):
     try:
         body = await _body_of(request)
         check_model(body, served.names + served.adapters)
-        adapter = body.get("model") if body.get("model") in served.adapters else None
+        named = body.get("model") if isinstance(body, dict) else None  # (a body of another type: parse's 400)
+        adapter = named if named in served.adapters else None
         parsed = parse(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
