@@ -52,9 +52,13 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 import latentrt
 from latentrt.backends import CHOICES
 from latentrt.errors import LatentRTError
+from latentrt.lora import add_lora, save_adapter
+from latentrt.lora_serving import serve_adapters
 from latentrt.options import GenerateOptions
 from latentrt.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
 from latentrt.serve.responses import FIELDS as RESPONSE_FIELDS
@@ -256,10 +260,23 @@ class Fuzz:
             from latentrt.serve.engine import Engine
 
             # (with a tool-call parser: a body whose tools pass leaves the choice to the model, which is answered)
-            # (and a store: previous_response_id is looked up)
-            engine = Engine(self.model, max_batch=4)
+            # (and a store: previous_response_id is looked up; and a LoRA adapter served as "lora", on a model of
+            # its own: the served one runs on the torch backend)
+            served = latentrt.load(model_name, backend=backend)
+            serve_adapters(served, {"lora": str(self._adapter(model_name))})
+            engine = Engine(served, max_batch=4)
             app = create_app(engine, model_name, tool_call_parser="hermes", responses_store=16)
             self.client = TestClient(app, raise_server_exceptions=False).__enter__()  # (its lifespan runs)
+
+    def _adapter(self, model_name: str) -> Path:
+        """A LoRA adapter of the model, its updates drawn small (a case's answer stays a model's)."""
+        model = add_lora(latentrt.load(model_name, device="cpu"), rank=2, seed=0)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        return save_adapter(model, self.tmp / "adapter")
 
     def offline(self):
         """The Engine the ``engine`` calls run on (a new one after a case was cut short inside it)."""
@@ -415,6 +432,8 @@ class Fuzz:
             body = soak.http_body(rng, self.model, chat="chat" in route)
             body["max_tokens"] = min(body.get("max_tokens", 4), 4)
             body["stream"] = rng.random() < 0.3
+        if isinstance(body, dict) and rng.random() < 0.3:
+            body["model"] = "lora"  # (the served adapter)
         for name in rng.sample(fields, rng.choices([0, 1, 2], weights=[1, 6, 2])[0]):
             body[name] = odd(rng)
         self.current = f"POST {route} {shown(body)}"
