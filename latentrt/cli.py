@@ -328,6 +328,8 @@ def cmd_info(args) -> int:
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     print(f"model: {args.model} ({model.family}, model_type {cfg.model_type})")
     print(f"device: {model.device}, dtype: {str(model.dtype).replace('torch.', '')}")
+    if model.adapter is not None:
+        print(f"LoRA adapter merged: {model.adapter}")
     print(f"backend: {model.backend.name}; {model.backend.reason}")
     for name, why in availability(model).items():
         print(f"  {name}: {why}")

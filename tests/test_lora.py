@@ -444,6 +444,8 @@ def test_the_command_trains_lora_adapters_and_their_checkpoint_generates(tmp_pat
     )
     by_flag = capsys.readouterr().out
     assert by_folder == by_flag and by_folder.strip()
+    assert main(["info", str(out)]) == 0
+    assert f"LoRA adapter merged: {out}" in capsys.readouterr().out
     for bad, message in [
         (["--lora-alpha", "3"], "--lora-alpha applies to LoRA runs: give --lora-rank too"),
         (["--lora-rank", "0"], "--lora-rank must be an integer >= 1"),
