@@ -39,7 +39,7 @@ def _adapters(tmp_path, make, shapes) -> dict[str, str]:
     return out
 
 
-SHAPES = [("sql", 2, None), ("poet", 4, ["Wqkv", "fc"])]
+SHAPES = [("sql", 2, None), ("poet", 5, ["Wqkv", "fc"])]  # (ranks apart: the bank pads to the largest)
 
 
 @pytest.mark.parametrize("family", ["recurrent", "coconut"])
@@ -134,8 +134,21 @@ def test_the_server_routes_a_request_to_the_adapter_its_model_names(tmp_path, re
             chunks = list(stream)
             assert {c.model for c in chunks} == {name}
         assert client.models.retrieve("poet").parent == "base"
+        # echo with log-probs scores the prompt with the adapter too (one forward, as model.logits)
+        ids = [5, 9, 14, 3, 22]
+        r = client.completions.create(
+            model="sql", prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0, extra_body=extra
+        )
+        with using(model, "sql"):
+            lp = model.logits(torch.tensor([ids]), num_steps=3, init_scale=0.0)[0, :, : model.config.vocab_size]
+        want = [lp.log_softmax(-1)[i, t].item() for i, t in enumerate(ids[1:])]
+        assert r.choices[0].logprobs.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-5)
         with pytest.raises(openai.NotFoundError, match="not served here"):
             client.completions.create(model="nope", prompt="every cat", max_tokens=2)
+    from latentrt.serve.app import create_app
+
+    with pytest.raises(InputError, match="'sql' names both the model and a served LoRA adapter"):
+        create_app(Engine(model), ["base", "sql"])
 
 
 def test_the_flags(tmp_path, recurrent_dir, capsys):
