@@ -547,3 +547,18 @@ def test_the_save_command_bakes_an_adapter_in(tmp_path, recurrent_dir, capsys):
 def test_adapter_config_values_are_checked(tmp_path, recurrent_dir, change, message):
     with pytest.raises(CheckpointError, match=message):
         latentrt.load(recurrent_dir, device="cpu", adapter=_adapter_folder(tmp_path, **change))
+
+
+def test_the_readmes_count_of_a_huginn_0125_lora_fine_tune():
+    """Rank-8 adapters on every block's attention and MLP of Huginn-0125 (built on the meta device: no memory):
+    6,144,000 trainable parameters, 98 MB of fp32 weights, gradients and AdamW moments (README: LoRA adapters)."""
+    from benchmarks.suites import HUGINN_0125
+
+    from latentrt.families import build_model, parse_config
+
+    with torch.device("meta"):
+        model = build_model(parse_config(HUGINN_0125))
+    lora.add_lora(model, rank=8)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 6_144_000 and round(16 * trainable / 1e6) == 98
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) > 3.5e9
