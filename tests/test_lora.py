@@ -553,7 +553,6 @@ def test_the_readmes_count_of_a_huginn_0125_lora_fine_tune():
     """Rank-8 adapters on every block's attention and MLP of Huginn-0125 (built on the meta device: no memory):
     6,144,000 trainable parameters, 98 MB of fp32 weights, gradients and AdamW moments (README: LoRA adapters)."""
     from benchmarks.suites import HUGINN_0125
-
     from latentrt.families import build_model, parse_config
 
     with torch.device("meta"):
@@ -562,3 +561,41 @@ def test_the_readmes_count_of_a_huginn_0125_lora_fine_tune():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 6_144_000 and round(16 * trainable / 1e6) == 98
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) > 3.5e9
+
+
+@pytest.mark.gpu
+def test_a_merged_adapter_on_the_gpus_fused_backend_gives_the_torch_backends_tokens(tmp_path):
+    """On a GPU, a model loaded with an adapter merged runs the Triton backend (auto's there) as any model: in fp32
+    its tokens equal the torch backend's of the same load."""
+    backend = "triton"
+    model = lora.add_lora(latentrt.load("builtin:recurrent", device="cpu"), rank=4, seed=0)
+    _random_updates(model, 12, scale=0.02)
+    lora.save_adapter(model, tmp_path / "adapter")
+    dtype = "float32"
+    options = dict(num_steps=8, max_new_tokens=8, init_scale=0.0)
+    prompt = "Alex is a wumpus. Every wumpus is a zumpus. Is Alex a zumpus or rompus?"
+    runs = {}
+    for name in ("torch", backend):
+        loaded = latentrt.load(tmp_path / "adapter", device="cuda", dtype=dtype, backend=name)
+        runs[name] = latentrt.generate(loaded, prompt, **options).tokens
+    assert runs[backend] == runs["torch"]
+
+
+@pytest.mark.gpu
+def test_a_lora_fine_tune_on_the_gpu_in_bf16_trains_the_fp32_adapters(tmp_path):
+    """bf16 weights under bf16 autocast (the GPU's recipe): the adapters stay fp32, move, and the checkpoint
+    loads merged on the GPU."""
+    model = lora.add_lora(latentrt.load("builtin:recurrent", device="cuda"), rank=4, seed=0)
+    assert all(w.lora_A.weight.dtype == torch.float32 for w in lora.lora_layers(model).values())
+    opts = TrainOptions(steps=3, batch_size=2, lr=1e-2, out=str(tmp_path / "a"), progress=False)
+    log = train_recurrent(model, model.tokenizer, RECORDS, opts, chat_template=_template_file(tmp_path))
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+    assert all(w.lora_B.weight.abs().max() > 0 for w in lora.lora_layers(model).values())
+    loaded = latentrt.load(tmp_path / "a", device="cuda")
+    assert loaded.dtype == torch.bfloat16 and loaded.adapter == str(tmp_path / "a")
+
+
+def _template_file(tmp_path):
+    path = tmp_path / "template.jinja"
+    path.write_text(TEMPLATE)
+    return str(path)

@@ -204,3 +204,20 @@ def test_run_batch_serves_adapters(tmp_path, recurrent_dir, capsys):
         with using(model, name):
             want = latentrt.generate(model, "every cat", max_new_tokens=3, num_steps=3, temperature=0.0, init_scale=0.0)
         assert o["response"]["body"]["choices"][0]["latentrt"]["token_ids"] == want.tokens
+
+
+@pytest.mark.gpu
+def test_served_adapters_on_the_gpu_each_equal_generate_alone(tmp_path):
+    """On a GPU (the torch backend, bf16, the engine's captured passes where it takes them): mixed adapters in one
+    batch, each request equal to generate() alone under ``using``."""
+    make = lambda: latentrt.load("builtin:recurrent", device="cuda")  # noqa: E731
+    sources = _adapters(tmp_path, make, SHAPES)
+    model = make()
+    serve_adapters(model, sources)
+    prompts = ["Alex is a wumpus. Is Alex a wumpus or rompus?", "Every cat is a dog.", "Tom is", "Ann is a"]
+    adapters = ["sql", None, "poet", "sql"]
+    options = dict(num_steps=6, max_new_tokens=6, init_scale=0.0)
+    results = Engine(model, max_batch=3).generate(prompts, None, adapter=adapters, **options)
+    for prompt, adapter, result in zip(prompts, adapters, results):
+        with using(model, adapter):
+            assert result.tokens == latentrt.generate(model, prompt, **options).tokens, adapter
