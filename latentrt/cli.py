@@ -30,7 +30,7 @@ from .cli_flags import (
     generate_options,
     in_flags,
     json_object,
-    lora_modules,
+    lora_options,
     model_options,
     name_options_as_flags,
     responses_store,
@@ -391,7 +391,7 @@ def checked_engine_flags(args) -> dict:
     if args.chat_template is not None and not os.path.isfile(args.chat_template):
         raise InputError(f"--chat-template {args.chat_template!r} is not a file")
     tool_call_parser(args)
-    lora_modules(args)
+    lora_options(args)
     if hasattr(args, "enable_responses_api_store"):  # (serve's, not run-batch's)
         responses_store(args)
     return json_object(args.override_generation_config, "--override-generation-config")
@@ -406,7 +406,7 @@ def engine_from_flags(args, override: dict):
         engine = load_engine(
             args.model,
             **model_options(args),
-            lora_modules=lora_modules(args),
+            **lora_options(args),
             generation_config=override,
             **engine_options(args),
         )
@@ -446,6 +446,7 @@ def _serve(args, sock, override: dict, api_key: str | None) -> int:
         ssl_certfile=args.ssl_certfile,
         tool_call_parser=tool_call_parser(args),
         responses_store=responses_store(args),
+        runtime_lora_updating=args.allow_runtime_lora_updating,
     )
     return 0
 

@@ -14,6 +14,7 @@ from .checkpoint import builtin_names
 from .errors import InputError, json_loads, renamed
 from .exits import CRITERIA
 from .families import decodings
+from .lora_serving import DEFAULT_MAX_RANK
 from .serve.engine import POLICIES, SCHEDULERS
 from .serve.tool_parsers import PARSERS
 
@@ -241,6 +242,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         '\'{"name": NAME, "path": PATH}\'); repeated for several, one per flag',
     )
     p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="with --enable-lora: adapters served at most (default: the --lora-modules given; 1 more with "
+        "--allow-runtime-lora-updating)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help=f"with --enable-lora: an adapter's rank at most (default: the largest given; {DEFAULT_MAX_RANK} with "
+        "--allow-runtime-lora-updating and none given)",
+    )
+    p.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="with --enable-lora: vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (its "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); adapters loaded later adapt the model's default LoRA layers",
+    )
+    p.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",
         help="let chat requests leave the choice between text and tool calls to the model (tool_choice 'auto', "
@@ -266,17 +287,42 @@ def tool_call_parser(args: argparse.Namespace) -> str | None:
     return name
 
 
-def lora_modules(args: argparse.Namespace) -> dict[str, str] | None:
-    """The served adapters the flags name (name -> path; None: none), checked: --lora-modules needs --enable-lora."""
-    given, enabled = args.lora_modules, args.enable_lora
-    if given and not enabled:
-        raise InputError("--lora-modules serves adapters with --enable-lora: give it too")
-    if enabled and not given:
-        raise InputError("--enable-lora serves the adapters --lora-modules NAME=PATH names: give at least one")
-    if not given:
-        return None
+def lora_options(args: argparse.Namespace) -> dict:
+    """The served adapters' flags as ``load_engine``'s keywords ({} without --enable-lora), checked: the others
+    need --enable-lora, which needs adapters or runtime loading."""
+    runtime = getattr(args, "allow_runtime_lora_updating", False)
+    given = {"--lora-modules": args.lora_modules, "--max-loras": args.max_loras, "--max-lora-rank": args.max_lora_rank}
+    if not args.enable_lora:
+        stray = [flag for flag, value in given.items() if value is not None] + [
+            "--allow-runtime-lora-updating"
+        ] * runtime
+        if stray:
+            raise InputError(f"{stray[0]} is read with --enable-lora: give it too")
+        return {}
+    if not args.lora_modules and not runtime:
+        raise InputError(
+            "--enable-lora serves the adapters --lora-modules NAME=PATH names (or loads them while it runs: "
+            "--allow-runtime-lora-updating): give at least one"
+        )
+    modules = lora_modules(args)
+    max_loras = args.max_loras if args.max_loras is not None or not runtime else len(modules) + 1
+    for flag, value in (("--max-loras", max_loras), ("--max-lora-rank", args.max_lora_rank)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    if max_loras is not None and max_loras < len(modules):
+        raise InputError(f"--max-loras {max_loras} is fewer than the {len(modules)} adapters --lora-modules names")
+    return dict(
+        lora_modules=modules,
+        max_loras=max_loras,
+        max_lora_rank=args.max_lora_rank,
+        runtime_lora_updating=runtime,
+    )
+
+
+def lora_modules(args: argparse.Namespace) -> dict[str, str]:
+    """The adapters --lora-modules names (name -> path; {} when none)."""
     modules: dict[str, str] = {}
-    for text in given:
+    for text in args.lora_modules or ():
         name, path = _lora_module(text)
         if name in modules:
             raise InputError(f"--lora-modules names {name!r} twice")

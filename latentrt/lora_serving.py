@@ -30,14 +30,28 @@ from .models.layers import Packed
 BASE_SLOT = 0  # the base model: no adapter
 
 
+class AdapterNotFound(LookupError):
+    """No served adapter of that name (a server's 404)."""
+
+    kind = "model_not_found"
+
+
+DEFAULT_MAX_RANK = 16  # a server started for adapters loaded later: their rank at most (vLLM's --max-lora-rank)
+
+
 @dataclass
 class AdapterBank:
-    """The served adapters' names (slots 1..N, in the order given), the slot of each pool row and the slot of
-    passes that are not the server's (``using``)."""
+    """The served adapters: their names' slots (1..``capacity``; 0 the base model), the wrapped layers holding
+    them (``layers``: ``rank`` columns per slot), the slot of each pool row and of passes that are not the
+    server's (``using``). ``add`` and ``remove`` write a slot's columns in place: the buffers never move, so a
+    captured pass stays valid."""
 
-    names: dict[str, int]
-    sources: dict[str, str]
+    capacity: int
+    rank: int
     device: torch.device
+    names: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, BankedLoraLinear] = field(default_factory=dict)
     row_slots: Tensor = field(init=False)  # [pool rows] (bind_rows)
     call_slot: int = BASE_SLOT
     current: Tensor | None = None  # the running pass's slots: [tokens] or 0-d
@@ -53,6 +67,53 @@ class AdapterBank:
         if not isinstance(name, str) or name not in self.names:
             raise InputError(f"no LoRA adapter {name!r} is served here; the served adapters: {list(self.names)}")
         return self.names[name]
+
+    def add(self, name: str, adapter: Adapter) -> int:
+        """Serve ``adapter`` as ``name`` in a free slot (checked whole before any column is written)."""
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"an adapter's name must be a non-empty str, got {name!r}")
+        if name in self.names:
+            raise InputError(f"a LoRA adapter named {name!r} is served already (unload it first)")
+        free = sorted(set(range(1, self.capacity + 1)) - set(self.names.values()))
+        if not free:
+            raise InputError(f"{self.capacity} LoRA adapters are served, the most this server holds (--max-loras)")
+        plan = []
+        for layer, (a, b) in adapter.tensors.items():
+            full = self._layer_of(layer)
+            if full not in self.layers:
+                raise InputError(
+                    f"adapter {name!r} adapts {full}, which this server does not (adapters are served on the layers "
+                    f"inside the blocks that the startup's adapters adapt: {_last_names(self.layers)})"
+                )
+            wrapped = self.layers[full]
+            if a.shape[0] > self.rank:
+                raise InputError(
+                    f"adapter {name!r} has rank {a.shape[0]}, above this server's {self.rank} (--max-lora-rank)"
+                )
+            n_in, n_out = _shape(wrapped.base_layer)
+            if a.shape[1] != n_in or b.shape[0] != n_out:
+                raise CheckpointError(f"adapter {adapter.source}: {layer!r} does not fit this model (another base?)")
+            plan.append((wrapped, a, b, adapter.spec.scaling(layer)))
+        slot = free[0]
+        for wrapped in self.layers.values():
+            wrapped.clear(slot)
+        for wrapped, a, b, scaling in plan:
+            wrapped.write(slot, a, b, scaling)
+        self.names[name], self.sources[name] = slot, adapter.source
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``: its slot's columns zeroed, the slot free."""
+        if name not in self.names:
+            raise AdapterNotFound(f"no LoRA adapter {name!r} is served here; the served adapters: {list(self.names)}")
+        slot = self.names[name]
+        for wrapped in self.layers.values():
+            wrapped.clear(slot)
+        del self.names[name], self.sources[name]
+
+    def _layer_of(self, layer: str) -> str:
+        """The model's name of a file's layer (PEFT on the base model class leaves out ``transformer.``)."""
+        return layer if layer in self.layers or "transformer." + layer not in self.layers else "transformer." + layer
 
     def bind_rows(self, rows: int) -> None:
         """A serving engine's pool rows, each on the base model until a request is admitted to it."""
@@ -71,24 +132,31 @@ class AdapterBank:
 
 
 class BankedLoraLinear(nn.Module):
-    """A frozen linear layer plus every served adapter's update, each token its own (see module docstring)."""
+    """A frozen linear layer plus every served adapter's update, each token its own (see module docstring):
+    ``rank`` columns per slot, ``slots`` slots, in fp32 whatever the layer's dtype (as trained adapters are)."""
 
-    def __init__(self, base: nn.Module, bank: AdapterBank, rank: int, updates: dict[int, tuple]) -> None:
+    def __init__(self, base: nn.Module, bank: AdapterBank) -> None:
         super().__init__()
         n_in, n_out = _shape(base)
-        slots = len(bank.names)
-        self.base_layer, self.bank = base, bank
+        self.base_layer, self.bank, self.rank = base, bank, bank.rank
         device = base.weight.device
-        a = torch.zeros(slots * rank, n_in, device=device)
-        b = torch.zeros(n_out, slots * rank, device=device)
-        for slot, (a_i, b_i, scaling) in updates.items():  # slot 1..N: columns [(slot - 1) r, (slot - 1) r + r_i)
-            at, r_i = (slot - 1) * rank, a_i.shape[0]
-            a[at : at + r_i] = a_i.float()
-            b[:, at : at + r_i] = b_i.float() * scaling
-        self.register_buffer("lora_A", a, persistent=False)
-        self.register_buffer("lora_B", b, persistent=False)
-        column_slot = torch.arange(1, slots + 1, device=device).repeat_interleave(rank)
+        self.register_buffer("lora_A", torch.zeros(bank.capacity * bank.rank, n_in, device=device), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(n_out, bank.capacity * bank.rank, device=device), persistent=False)
+        column_slot = torch.arange(1, bank.capacity + 1, device=device).repeat_interleave(bank.rank)
         self.register_buffer("column_slot", column_slot, persistent=False)
+
+    def write(self, slot: int, a: Tensor, b: Tensor, scaling: float) -> None:
+        """Slot ``slot``'s columns: A's rows, B's columns times the scaling (a smaller rank padded with zeros)."""
+        at, r = (slot - 1) * self.rank, a.shape[0]
+        with torch.no_grad():
+            self.lora_A[at : at + r] = a.float()
+            self.lora_B[:, at : at + r] = b.float() * scaling
+
+    def clear(self, slot: int) -> None:
+        at = (slot - 1) * self.rank
+        with torch.no_grad():
+            self.lora_A[at : at + self.rank] = 0
+            self.lora_B[:, at : at + self.rank] = 0
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
@@ -99,39 +167,62 @@ class BankedLoraLinear(nn.Module):
         return y + update.view(*y.shape).to(y.dtype)
 
 
+def _last_names(layers) -> str:
+    return ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers)) or "none"
+
+
+def read_for(model: nn.Module, source) -> Adapter:
+    """An adapter folder (or Hub id, or a read ``Adapter``) read and checked against the model's layers."""
+    return _read(model, source)
+
+
 def _read(model: nn.Module, source) -> Adapter:
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
     for layer in adapter.tensors:
         name, module = _model_layer(model, layer)
+        if isinstance(module, BankedLoraLinear):  # (a served model: the layer it wraps)
+            module = module.base_layer
         if module is None or not _is_linear(module):
             raise CheckpointError(f"adapter {adapter.source}: {layer!r} is not a linear layer of this model")
     return adapter
 
 
-def serve_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike | Adapter]) -> AdapterBank:
+def serve_adapters(
+    model: nn.Module,
+    adapters: dict[str, str | os.PathLike | Adapter],
+    *,
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
+    targets: tuple[str, ...] | None = None,
+) -> AdapterBank:
     """Serve ``adapters`` (name -> a PEFT adapter folder, Hub id or read ``Adapter``) from ``model`` (see module
-    docstring): every layer one of them adapts is wrapped, the others are left as they are; the model then runs
-    on the torch backend. Only layers inside the blocks may be adapted (a block's pre-hook selects the
-    adapters). Returns the bank (also ``model.adapter_bank``)."""
+    docstring), with room for ``max_loras`` adapters (default: these) of rank ``max_lora_rank`` at most (default:
+    their largest), vLLM's flags: the bank's ``add`` and ``remove`` change the set while it serves. The layers
+    wrapped are those the adapters adapt, or with ``targets`` (layer names, PEFT's rule) those inside the blocks
+    that they name (for adapters added later); the model then runs on the torch backend. Only layers inside the
+    blocks may be adapted (a block's pre-hook selects the adapters). Returns the bank (also
+    ``model.adapter_bank``)."""
     from .backends import get_backend
-    from .lora import lora_layers
+    from .errors import check_int
+    from .lora import _matches, lora_layers
 
-    if not isinstance(adapters, dict) or not adapters:
-        raise InputError("serve_adapters takes a dict of adapter names and folders, with at least one")
+    if not isinstance(adapters, dict) or not (adapters or max_loras):
+        raise InputError("serve_adapters takes a dict of adapter names and folders, with at least one (or max_loras)")
     if getattr(model, "adapter_bank", None) is not None or lora_layers(model):
         raise InputError("the model already has LoRA adapters (trained or served): load it anew to serve others")
-    for name in adapters:
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"an adapter's name must be a non-empty str, got {name!r}")
     read = {name: _read(model, source) for name, source in adapters.items()}
-    bank = AdapterBank({n: i + 1 for i, n in enumerate(read)}, {n: a.source for n, a in read.items()}, model.device)
+    ranks = [a.shape[0] for adapter in read.values() for a, _ in adapter.tensors.values()]
+    capacity = len(read) if max_loras is None else max_loras
+    rank = max(ranks, default=DEFAULT_MAX_RANK) if max_lora_rank is None else max_lora_rank
+    check_int("max_loras", capacity, max(1, len(read)))
+    check_int("max_lora_rank", rank, 1)
     blocks = _blocks(model)
-    per_layer: dict[str, dict[int, tuple]] = {}
-    rank = max(a.shape[0] for adapter in read.values() for a, _ in adapter.tensors.values())
-    for name, adapter in read.items():
+    inside = {n for n, m in model.named_modules() if _is_linear(m) and any(n.startswith(b + ".") for b in blocks)}
+    wanted = set()
+    for name, adapter in read.items():  # (all checked before the model changes)
         for layer, (a, b) in adapter.tensors.items():
             full, module = _model_layer(model, layer)
-            if not any(full.startswith(block + ".") for block in blocks):
+            if full not in inside:
                 raise InputError(
                     f"adapter {name!r} adapts {full}, outside the model's blocks: a served adapter adapts the blocks' "
                     "layers only (merge it at load instead: --adapter)"
@@ -139,11 +230,21 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str | os.PathLike | Ada
             n_in, n_out = _shape(module)
             if a.shape[1] != n_in or b.shape[0] != n_out:
                 raise CheckpointError(f"adapter {adapter.source}: {layer!r} does not fit this model (another base?)")
-            per_layer.setdefault(full, {})[bank.names[name]] = (a, b, adapter.spec.scaling(layer))
-    for full, updates in per_layer.items():
+            if a.shape[0] > rank:
+                raise InputError(f"adapter {name!r} has rank {a.shape[0]}, above max_lora_rank={rank}")
+            wanted.add(full)
+    if targets is not None:
+        wanted |= {n for n in inside if _matches(n, targets)}
+    if not wanted:
+        raise InputError(f"targets {targets!r} name no layer inside the model's blocks")
+    bank = AdapterBank(capacity, rank, model.device)
+    for full in sorted(wanted):
         parent, _, child = full.rpartition(".")
-        module = model.get_submodule(full)
-        setattr(model.get_submodule(parent), child, BankedLoraLinear(module, bank, rank, updates))
+        wrapped = BankedLoraLinear(model.get_submodule(full), bank)
+        setattr(model.get_submodule(parent), child, wrapped)
+        bank.layers[full] = wrapped
+    for name, adapter in read.items():
+        bank.add(name, adapter)
     for block in blocks:
         model.get_submodule(block).register_forward_pre_hook(lambda _module, args: bank.select(args))
     model.adapter_bank = bank

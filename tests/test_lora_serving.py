@@ -22,6 +22,7 @@ from latentrt.serve import Engine
 
 openai = pytest.importorskip("openai")
 IDS = torch.tensor([[5, 9, 11, 3, 7, 20, 21, 2]])
+PROMPT = "every cat is"
 
 
 def _adapters(tmp_path, make, shapes) -> dict[str, str]:
@@ -156,8 +157,18 @@ def test_the_flags(tmp_path, recurrent_dir, capsys):
 
     base = ["serve", str(recurrent_dir), "--port", str(free_port())]
     for bad, message in [
-        (["--lora-modules", "a=x"], "--lora-modules serves adapters with --enable-lora: give it too"),
+        (["--lora-modules", "a=x"], "--lora-modules is read with --enable-lora: give it too"),
+        (["--max-loras", "2"], "--max-loras is read with --enable-lora: give it too"),
+        (["--allow-runtime-lora-updating"], "--allow-runtime-lora-updating is read with --enable-lora"),
         (["--enable-lora"], "--enable-lora serves the adapters --lora-modules NAME=PATH names"),
+        (
+            ["--enable-lora", "--lora-modules", "a=x", "--lora-modules", "b=y", "--max-loras", "1"],
+            "--max-loras 1 is fewer",
+        ),
+        (
+            ["--enable-lora", "--allow-runtime-lora-updating", "--max-lora-rank", "0"],
+            "--max-lora-rank must be at least 1",
+        ),
         (["--enable-lora", "--lora-modules", "a"], "--lora-modules takes NAME=PATH"),
         (["--enable-lora", "--lora-modules", "a=x", "--lora-modules", "a=y"], "--lora-modules names 'a' twice"),
         (["--enable-lora", "--lora-modules", '{"name": "a", "path": "x", "rank": 2}'], "unknown field 'rank'"),
@@ -165,12 +176,19 @@ def test_the_flags(tmp_path, recurrent_dir, capsys):
     ]:
         assert main([*base, *bad]) == 2
         assert message in capsys.readouterr().err, bad
-    from latentrt.cli_flags import lora_modules
+    from latentrt.cli_flags import lora_modules, lora_options
 
     class Args:
         enable_lora, lora_modules = True, ['{"name": "sql", "path": "/a/b", "base_model_name": "m"}', "poet=c=d"]
+        max_loras = max_lora_rank = None
+        allow_runtime_lora_updating = False
 
     assert lora_modules(Args) == {"sql": "/a/b", "poet": "c=d"}
+    assert lora_options(Args) == dict(
+        lora_modules={"sql": "/a/b", "poet": "c=d"}, max_loras=None, max_lora_rank=None, runtime_lora_updating=False
+    )
+    Args.allow_runtime_lora_updating = True  # (room for one more than given, vLLM's default of 1 beyond them)
+    assert lora_options(Args)["max_loras"] == 3
 
 
 def test_run_batch_serves_adapters(tmp_path, recurrent_dir, capsys):
@@ -221,3 +239,101 @@ def test_served_adapters_on_the_gpu_each_equal_generate_alone(tmp_path):
     for prompt, adapter, result in zip(prompts, adapters, results):
         with using(model, adapter):
             assert result.tokens == latentrt.generate(model, prompt, **options).tokens, adapter
+
+
+def test_adapters_load_and_unload_while_the_server_runs(tmp_path, recurrent_dir):
+    """vLLM's runtime routes: a loaded adapter serves at once (equal to generate() alone under ``using``), in a
+    slot of the bank's fixed room; an unloaded one is a 404 again; loading past --max-loras, above the rank, twice,
+    onto the model's name, or unloading one that is not served are clear errors; the routes exist only when
+    asked for."""
+    from test_server import serving
+
+    from latentrt.serve.app import create_app
+
+    make = lambda: latentrt.load(recurrent_dir, device="cpu")  # noqa: E731
+    sources = _adapters(tmp_path, make, [*SHAPES, ("big", 9, None), ("third", 3, None)])
+    model = make()
+    serve_adapters(model, {"sql": sources["sql"]}, max_loras=2, max_lora_rank=8, targets=("Wqkv", "proj", "fc"))
+    reference = make()
+    serve_adapters(reference, {n: sources[n] for n in ("sql", "poet")})
+    extra = {"num_steps": 3, "init_scale": 0.0}
+    with serving(model, name="base", max_batch=4) as (url, _):
+        import httpx
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert httpx.post(url + "/v1/load_lora_adapter", json={}).status_code == 404  # (not enabled)
+    app = create_app(Engine(model, max_batch=4), "base", runtime_lora_updating=True)
+    from test_server import loopback
+
+    with loopback(app) as url:
+        import httpx
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def post(route, body):
+            return httpx.post(url + route, json=body)
+
+        r = post("/v1/load_lora_adapter", {"lora_name": "poet", "lora_path": sources["poet"]})
+        assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'poet' added successfully.")
+        assert [m.id for m in client.models.list().data] == ["base", "sql", "poet"]
+        for name in ("sql", "poet"):
+            got = client.completions.create(
+                model=name, prompt="every cat is", max_tokens=4, temperature=0, extra_body=extra
+            )
+            with using(reference, name):
+                want = latentrt.generate(reference, PROMPT, max_new_tokens=4, **extra)
+            assert got.choices[0].latentrt["token_ids"] == want.tokens, name
+        for body, status, message in [
+            ({"lora_name": "third", "lora_path": sources["third"]}, 400, "2 LoRA adapters are served, the most"),
+            ({"lora_name": "poet", "lora_path": sources["poet"]}, 400, "'poet' is served already"),
+            ({"lora_name": "base", "lora_path": sources["poet"]}, 400, "'base' is served already"),
+            ({"lora_name": "x"}, 400, "lora_path must be"),
+            ({"lora_name": "x", "lora_path": sources["poet"], "rank": 2}, 400, "unknown field 'rank'"),
+            ({"lora_name": "x", "lora_path": str(tmp_path / "missing")}, 400, "does not exist"),
+        ]:
+            r = post("/v1/load_lora_adapter", body)
+            assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
+        r = post("/v1/unload_lora_adapter", {"lora_name": "sql"})
+        assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'sql' removed successfully.")
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client.completions.create(model="sql", prompt="every cat", max_tokens=2)
+        r = post("/v1/unload_lora_adapter", {"lora_name": "sql"})
+        assert r.status_code == 404 and "no LoRA adapter 'sql'" in r.json()["error"]["message"]
+        r = post("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": sources["big"]})
+        assert r.status_code == 400 and "rank 9, above this server's 8 (--max-lora-rank)" in r.text
+        r = post("/v1/load_lora_adapter", {"lora_name": "third", "lora_path": sources["third"]})  # (sql's slot, reused)
+        assert r.status_code == 200
+        got = client.completions.create(
+            model="third", prompt="every cat is", max_tokens=4, temperature=0, extra_body=extra
+        )
+        alone = make()
+        serve_adapters(alone, {"third": sources["third"]})
+        with using(alone, "third"):
+            want = latentrt.generate(alone, PROMPT, max_new_tokens=4, **extra)
+        assert got.choices[0].latentrt["token_ids"] == want.tokens
+    with pytest.raises(InputError, match="runtime_lora_updating needs a model that serves LoRA adapters"):
+        create_app(Engine(make()), "base", runtime_lora_updating=True)
+
+
+def test_an_adapter_in_use_is_not_unloaded(tmp_path, recurrent_dir):
+    model = latentrt.load(recurrent_dir, device="cpu")
+    sources = _adapters(tmp_path, lambda: latentrt.load(recurrent_dir, device="cpu"), SHAPES)
+    serve_adapters(model, sources)
+    engine = Engine(model, max_batch=2)
+    req = engine.submit("every cat", adapter="sql", max_new_tokens=2)
+    with pytest.raises(InputError, match="'sql' is in use by 1 request"):
+        engine.unload_adapter("sql")
+    while not req.finished:
+        engine.step()
+    engine.unload_adapter("sql")
+    late = engine.request("every cat", adapter="poet", max_new_tokens=2)
+    engine.unload_adapter("poet")  # (between the request's check and its queueing)
+    with pytest.raises(InputError, match="'poet' is served here \\(it was unloaded\\)|no LoRA adapter 'poet'"):
+        engine.enqueue(late)
+
+
+def test_ray_replicas_do_not_load_adapters_at_runtime(capsys):
+    from latentrt.serve import ray as serve_ray
+
+    assert serve_ray.main(["--enable-lora", "--allow-runtime-lora-updating"]) == 2
+    assert "a load would reach one replica only" in capsys.readouterr().err

@@ -252,6 +252,8 @@ def test_every_replica_builds_the_app_the_launcher_configured(tmp_path, monkeypa
             hf_overrides={"mean_recurrence": 4},
             adapter=str(tmp_path / "a"),
             lora_modules={"sql": str(tmp_path / "sql"), "hub": "owner/adapter"},
+            max_loras=None,
+            max_lora_rank=None,
             generation_config={"num_steps": 3},
             max_batch=4,
             scheduler="token",

@@ -47,6 +47,7 @@ from .protocol import (
     parse_chat,
     parse_completion,
     parse_detokenize,
+    parse_lora_update,
     parse_tokenize,
     token_text,
     usage,
@@ -111,7 +112,12 @@ class Served:
     tool_parser: object = None  # the reader of the model's tool-call format ("auto" tool choice), or None
     responses: ResponseStore | None = None  # the Responses API's store, or None (none kept)
     names: tuple[str, ...] = ()  # every name a request may give (``model_name`` first)
-    adapters: tuple[str, ...] = ()  # the served LoRA adapters' names: a request giving one runs with it
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The served LoRA adapters' names (now: runtime loading changes them): a request giving one runs with it."""
+        bank = self.engine.model.adapter_bank
+        return () if bank is None else tuple(bank.names)
 
     def answer_name(self, reqs) -> str:
         """The model an answer names: the adapter its requests ran with, else the model's (vLLM's)."""
@@ -130,6 +136,7 @@ def create_app(
     allowed_origins: list[str] | None = None,
     tool_call_parser: str | None = None,
     responses_store: int = 0,
+    runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name`` (or as each of a list of names, any of which a request
     may give; answers carry the first: vLLM's ``--served-model-name a b``); ``chat_template`` (a ``ChatTemplate`` or
@@ -142,7 +149,9 @@ def create_app(
     and calls to the model (``tool_choice: "auto"``, OpenAI's default with tools; vLLM's ``--enable-auto-tool-choice
     --tool-call-parser``); None, the default: such requests are 400s; ``responses_store``: how many finished
     responses ``/v1/responses`` keeps in memory for ``GET`` and ``previous_response_id`` (serve/response_store.py;
-    0, the default: none)."""
+    0, the default: none); ``runtime_lora_updating``: vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+    routes, which change the served LoRA adapters (latentrt/lora_serving.py; the model must serve some: vLLM's
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``)."""
     if not isinstance(engine, Engine):
         raise InputError(
             f"engine must be a latentrt.serve.Engine (Engine(latentrt.load(...))), got {type(engine).__name__}"
@@ -164,7 +173,6 @@ def create_app(
         parser,
         ResponseStore(responses_store) if responses_store else None,
         tuple(dict.fromkeys(names)),
-        tuple(model.adapter_bank.names) if model.adapter_bank is not None else (),
     )
     clash = set(served.names) & set(served.adapters)
     if clash:
@@ -214,6 +222,18 @@ def create_app(
             rid,
             lambda store: store.delete(rid) or {"id": rid, "object": "response", "deleted": True},
         )
+
+    if runtime_lora_updating:
+        if model.adapter_bank is None:
+            raise InputError("runtime_lora_updating needs a model that serves LoRA adapters (--enable-lora)")
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request):
+            return await _lora_update(request.app.state.served, request, load=True)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request):
+            return await _lora_update(request.app.state.served, request, load=False)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -349,6 +369,26 @@ async def _submitted(served: Served, request: Request, parse):
     except ShuttingDown as exc:
         return _error(503, str(exc), "server_shutting_down")
     return body, parsed, reqs, events
+
+
+async def _lora_update(served: Served, request: Request, load: bool):
+    """vLLM's runtime LoRA routes: ``{"lora_name", "lora_path"}`` loads an adapter, ``{"lora_name"}`` unloads one;
+    answered in vLLM's words (plain text), off the event loop (the change waits for the running step)."""
+    try:
+        body = await _body_of(request)
+        name, path = parse_lora_update(body, load)
+        if load and (name in served.names or name in served.adapters):
+            raise InputError(f"the name {name!r} is served already (the model's or an adapter's): choose another")
+        if load:
+            await asyncio.to_thread(served.engine.load_adapter, name, path)
+        else:
+            await asyncio.to_thread(served.engine.unload_adapter, name)
+    except LatentRTError as exc:  # (a bad request, or an adapter folder that cannot be read: CheckpointError)
+        return _error(400, str(exc))
+    except LookupError as exc:
+        return _error(404, str(exc), getattr(exc, "kind", "model_not_found"))
+    done = "added" if load else "removed"
+    return Response(f"Success: LoRA adapter '{name}' {done} successfully.", media_type="text/plain")
 
 
 def _stored(served: Served, rid: str, answer):
@@ -598,13 +638,18 @@ def load_engine(
     hf_overrides: dict | None = None,
     adapter: str | None = None,
     lora_modules: dict[str, str] | None = None,
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
+    runtime_lora_updating: bool = False,
     generation_config: dict | None = None,
     **engine_kw,
 ) -> Engine:
     """Load a model (as ``latentrt.load``, ``hf_overrides`` its config overrides) and wrap it in an Engine
     (``engine_kw``); ``lora_modules``: LoRA adapters served beside it, name -> adapter folder or Hub id (a request
-    names one as its ``model``: latentrt/lora_serving.py); ``generation_config``: every request's defaults over the
-    model's generation_config.json (``server_defaults``: ``latentrt serve --override-generation-config``)."""
+    names one as its ``model``: latentrt/lora_serving.py), with room for ``max_loras`` of rank ``max_lora_rank`` at
+    most (``runtime_lora_updating``: on the family's default LoRA layers, for adapters loaded later);
+    ``generation_config``: every request's defaults over the model's generation_config.json (``server_defaults``:
+    ``latentrt serve --override-generation-config``)."""
     from ..loader import load
 
     loaded = load(
@@ -617,10 +662,11 @@ def load_engine(
         hf_overrides=hf_overrides,
         adapter=adapter,
     )
-    if lora_modules:
+    if lora_modules or runtime_lora_updating:  # (runtime loading: room on the family's default LoRA layers)
         from ..lora_serving import serve_adapters
 
-        serve_adapters(loaded, lora_modules)
+        targets = type(loaded).LORA_TARGETS if runtime_lora_updating else None
+        serve_adapters(loaded, lora_modules or {}, max_loras=max_loras, max_lora_rank=max_lora_rank, targets=targets)
     if generation_config:
         loaded.generation_defaults = server_defaults(loaded, generation_config)
     return Engine(loaded, **engine_kw)
@@ -678,9 +724,10 @@ def run_server(
     ssl_certfile: str | None = None,
     tool_call_parser: str | None = None,
     responses_store: int = 0,
+    runtime_lora_updating: bool = False,
 ) -> None:
     """Serve until SIGTERM / Ctrl-C, then drain (``chat_template``, ``api_key``, ``allowed_origins``,
-    ``tool_call_parser``, ``responses_store``: as ``create_app``); on ``sock`` when given
+    ``tool_call_parser``, ``responses_store``, ``runtime_lora_updating``: as ``create_app``); on ``sock`` when given
     (``listening_socket``), else on ``host``:``port``; HTTPS with ``ssl_keyfile`` and ``ssl_certfile`` (PEM
     files, uvicorn's)."""
     import uvicorn
@@ -706,6 +753,7 @@ def run_server(
         allowed_origins=allowed_origins,
         tool_call_parser=tool_call_parser,
         responses_store=responses_store,
+        runtime_lora_updating=runtime_lora_updating,
     )
     config = uvicorn.Config(
         app,

@@ -62,7 +62,7 @@ from ..engine import Generation, GenerationResult
 from ..errors import InputError, LatentRTError, NonFiniteStateError, PromptError, check_int, is_choice
 from ..families import Family, check_applicable, family_for
 from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprob_rows, read_logprob_row
-from ..lora_serving import using
+from ..lora_serving import read_for, using
 from ..models.base import LatentModel
 from ..options import GenerateOptions
 from ..sequence_text import SequenceText, separator
@@ -466,6 +466,9 @@ class Engine:
         with self.lock:
             if self.draining:
                 raise ShuttingDown("the server is shutting down")
+            bank = self.model.adapter_bank
+            if req.adapter is not None and bank.names.get(req.adapter) != req.adapter_slot:  # (unloaded meanwhile)
+                raise InputError(f"no LoRA adapter {req.adapter!r} is served here (it was unloaded)")
             if len(self.queue) >= self.max_queue and not beyond_max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._ids += 1
@@ -603,6 +606,29 @@ class Engine:
         read = _Read(Readback(parts), flags.numel(), self._sampled, self.metrics.steps)
         self._sampled = None
         return read
+
+    def load_adapter(self, name: str, path) -> None:
+        """Serve one more LoRA adapter (vLLM's runtime loading): read, then written into a free slot of the
+        model's bank between two steps (latentrt/lora_serving.py)."""
+        bank = self._adapter_bank()
+        adapter = read_for(self.model, path)  # (the files read outside the step)
+        with self._stepping, self.lock:
+            bank.add(name, adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving a LoRA adapter, between two steps; refused while a queued or resident request uses it."""
+        bank = self._adapter_bank()
+        with self._stepping, self.lock:
+            users = sum(r.adapter == name for r in (*self.queue, *self.resident))
+            if users and name in bank.names:
+                raise InputError(f"LoRA adapter {name!r} is in use by {users} request(s): unload it once they finish")
+            bank.remove(name)
+
+    def _adapter_bank(self):
+        bank = self.model.adapter_bank
+        if bank is None:
+            raise InputError("this model serves no LoRA adapters (--enable-lora)")
+        return bank
 
     def _bind_adapters(self) -> None:
         """Served LoRA adapters (latentrt/lora_serving.py): one slot per pool row, set when a request is admitted."""

@@ -449,6 +449,24 @@ def parse_detokenize(body, vocab: int) -> list[int]:
     return ids
 
 
+def parse_lora_update(body, load: bool) -> tuple[str, str | None]:
+    """vLLM's load / unload LoRA adapter bodies: (``lora_name``, ``lora_path`` when loading)."""
+    if not isinstance(body, dict):
+        raise InputError(f"the request body must be a JSON object, got {type(body).__name__}")
+    allowed = {"lora_name", "lora_path", "load_inplace"} if load else {"lora_name", "lora_int_id"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r} (this route takes {sorted(allowed)})")
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"lora_name must be the adapter's name (a non-empty string), got {name!r:.100}")
+    if load and (not isinstance(path, str) or not path.strip()):
+        raise InputError(f"lora_path must be the adapter's folder or Hub id (a non-empty string), got {path!r:.100}")
+    if body.get("load_inplace") not in (None, False):
+        raise InputError("load_inplace (replacing a served adapter in place) is not supported: unload it, then load")
+    return name, path
+
+
 def check_model(body, served: str | tuple[str, ...]) -> None:
     """The OpenAI clients name a model in every request; it must be the one served, by any of its names (or
     omitted)."""

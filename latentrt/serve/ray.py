@@ -56,6 +56,9 @@ def replica_config(
     hf_overrides: dict | None = None,
     adapter: str | None = None,
     lora_modules: dict[str, str] | None = None,
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
+    runtime_lora_updating: bool = False,
     generation_config: dict | None = None,
     chat_template: str | None = None,
     api_key: str | None = None,
@@ -80,6 +83,8 @@ def replica_config(
             "hf_overrides": hf_overrides or {},
             "adapter": _absolute(adapter) if adapter is not None and os.path.isdir(adapter) else adapter,
             "lora_modules": {n: _absolute(p) if os.path.isdir(p) else p for n, p in (lora_modules or {}).items()},
+            "max_loras": max_loras,
+            "max_lora_rank": max_lora_rank,
             "generation_config": generation_config or {},
         },
         "engine": engine_kw,
@@ -133,7 +138,7 @@ def check_before_starting(args) -> None:
     from ..chat import chat_template_file
     from ..checkpoint import read_generation_config
     from ..cli import api_key_from
-    from ..cli_flags import check_counts, json_object, lora_modules, model_options, responses_store, tool_call_parser
+    from ..cli_flags import check_counts, json_object, lora_options, model_options, responses_store, tool_call_parser
     from ..errors import InputError
     from ..loader import parse_dtype, read_model_config
     from ..options import generation_defaults
@@ -144,7 +149,12 @@ def check_before_starting(args) -> None:
     api_key_from(args.api_key)
     tool_call_parser(args)
     responses_store(args)
-    lora_modules(args)
+    if args.allow_runtime_lora_updating:
+        raise InputError(
+            "--allow-runtime-lora-updating is not for Ray replicas: a load would reach one replica only; serve the "
+            "adapters with --lora-modules"
+        )
+    lora_options(args)
     if args.allowed_origins is not None:
         check_origins(args.allowed_origins)
     load = model_options(args)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         add_serve_args,
         engine_options,
         json_object,
-        lora_modules,
+        lora_options,
         model_options,
         responses_store,
         tool_call_parser,
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             allowed_origins=args.allowed_origins,
             tool_call_parser=tool_call_parser(args),
             responses_store=responses_store(args),
-            lora_modules=lora_modules(args),
+            **lora_options(args),
             **engine_options(args),
         )
         serve.run(app, route_prefix="/")
