@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, check_unicode
 from .lora import Adapter, _is_linear, _model_layer, _shape, read_adapter
 from .models.layers import Packed
 
@@ -72,6 +72,7 @@ class AdapterBank:
         """Serve ``adapter`` as ``name`` in a free slot (checked whole before any column is written)."""
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"an adapter's name must be a non-empty str, got {name!r}")
+        check_unicode("an adapter's name", name)  # (answers carry it)
         if name in self.names:
             raise InputError(f"a LoRA adapter named {name!r} is served already (unload it first)")
         free = sorted(set(range(1, self.capacity + 1)) - set(self.names.values()))

@@ -270,8 +270,8 @@ def test_adapters_load_and_unload_while_the_server_runs(tmp_path, recurrent_dir)
 
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
-        def post(route, body):
-            return httpx.post(url + route, json=body)
+        def post(route, body):  # (JSON's escapes: a lone surrogate sent as the fuzz sends it)
+            return httpx.post(url + route, content=json.dumps(body), headers={"content-type": "application/json"})
 
         r = post("/v1/load_lora_adapter", {"lora_name": "poet", "lora_path": sources["poet"]})
         assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'poet' added successfully.")
@@ -290,6 +290,7 @@ def test_adapters_load_and_unload_while_the_server_runs(tmp_path, recurrent_dir)
             ({"lora_name": "x"}, 400, "lora_path must be"),
             ({"lora_name": "x", "lora_path": sources["poet"], "rank": 2}, 400, "unknown field 'rank'"),
             ({"lora_name": "x", "lora_path": str(tmp_path / "missing")}, 400, "does not exist"),
+            ({"lora_name": "\ud800", "lora_path": sources["poet"]}, 400, "lora_name is not valid Unicode text"),
         ]:
             r = post("/v1/load_lora_adapter", body)
             assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)

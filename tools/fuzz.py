@@ -70,6 +70,8 @@ LOAD_KEYWORDS = ["device", "dtype", "weights", "backend", "revision", "hf_overri
 ROUTE_FIELDS = {  # the body fields of the routes that are not OpenAI's (latentrt/serve/protocol.py)
     "/tokenize": ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "chat_template_kwargs"),
     "/detokenize": ("model", "tokens"),
+    "/v1/load_lora_adapter": ("lora_name", "lora_path", "load_inplace"),
+    "/v1/unload_lora_adapter": ("lora_name", "lora_int_id"),
     "/v1/responses": tuple(sorted(RESPONSE_FIELDS)),
 }
 # how an error event shows in a route's answer (a response object holds "error": null when all is well)
@@ -262,10 +264,14 @@ class Fuzz:
             # (with a tool-call parser: a body whose tools pass leaves the choice to the model, which is answered)
             # (and a store: previous_response_id is looked up; and a LoRA adapter served as "lora", on a model of
             # its own: the served one runs on the torch backend)
+            # (with room for a second, loaded and unloaded at runtime by the LoRA routes' cases)
             served = latentrt.load(model_name, backend=backend)
-            serve_adapters(served, {"lora": str(self._adapter(model_name))})
+            self.adapter_path = str(self._adapter(model_name))
+            serve_adapters(served, {"lora": self.adapter_path}, max_loras=2, targets=type(served).LORA_TARGETS)
             engine = Engine(served, max_batch=4)
-            app = create_app(engine, model_name, tool_call_parser="hermes", responses_store=16)
+            app = create_app(
+                engine, model_name, tool_call_parser="hermes", responses_store=16, runtime_lora_updating=True
+            )
             self.client = TestClient(app, raise_server_exceptions=False).__enter__()  # (its lifespan runs)
 
     def _adapter(self, model_name: str) -> Path:
@@ -414,7 +420,7 @@ class Fuzz:
     # ------------------------------------------------------------ http
     def check_http(self, rng: random.Random, seed: int) -> None:
         routes = ["/v1/completions", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
-        route = rng.choice([*routes, "/v1/responses"])
+        route = rng.choice([*routes, "/v1/responses", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
         fields = sorted(ROUTE_FIELDS.get(route, ()) or (CHAT_FIELDS if "chat" in route else COMPLETION_FIELDS))
         if route == "/tokenize":
             body: object = rng.choice(
@@ -422,6 +428,10 @@ class Fuzz:
             )
         elif route == "/detokenize":
             body = {"tokens": [rng.randrange(self.model.config.vocab_size) for _ in range(rng.randrange(0, 6))]}
+        elif "lora_adapter" in route:  # (a second adapter, "x", comes and goes; "lora" is in use or not)
+            body = {"lora_name": rng.choice(["x", "x", "lora"])}
+            if route == "/v1/load_lora_adapter":
+                body["lora_path"] = self.adapter_path
         elif route == "/v1/responses":
             body = {
                 "input": rng.choice(["Alex is a wumpus.", [{"role": "user", "content": "a"}]]),
@@ -432,7 +442,7 @@ class Fuzz:
             body = soak.http_body(rng, self.model, chat="chat" in route)
             body["max_tokens"] = min(body.get("max_tokens", 4), 4)
             body["stream"] = rng.random() < 0.3
-        if isinstance(body, dict) and rng.random() < 0.3:
+        if isinstance(body, dict) and "lora_adapter" not in route and rng.random() < 0.3:
             body["model"] = "lora"  # (the served adapter)
         for name in rng.sample(fields, rng.choices([0, 1, 2], weights=[1, 6, 2])[0]):
             body[name] = odd(rng)

@@ -462,6 +462,7 @@ def parse_lora_update(body, load: bool) -> tuple[str, str | None]:
         raise InputError(f"lora_name must be the adapter's name (a non-empty string), got {name!r:.100}")
     if load and (not isinstance(path, str) or not path.strip()):
         raise InputError(f"lora_path must be the adapter's folder or Hub id (a non-empty string), got {path!r:.100}")
+    check_unicode("lora_name", name)  # (a name answers carry: text a response can encode)
     if body.get("load_inplace") not in (None, False):
         raise InputError("load_inplace (replacing a served adapter in place) is not supported: unload it, then load")
     return name, path
