@@ -105,11 +105,11 @@ def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, Conv1D)
 
 
-def _shape(layer: nn.Module) -> tuple[int, int]:
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features): nn.Linear stores its weight [out, in], GPT-2's Conv1D [in, out]."""
     rows, cols = layer.weight.shape
     return (rows, cols) if isinstance(layer, Conv1D) else (cols, rows)
@@ -126,7 +126,7 @@ def target_layers(model: nn.Module, targets: tuple[str, ...] | str | None = None
             continue
         if isinstance(module, LoraLinear):
             raise InputError(f"{name} already has a LoRA adapter (merge_lora(model) first to add another)")
-        if not _is_linear(module):
+        if not is_linear(module):
             raise InputError(
                 f"LoRA target {name} ({type(module).__name__}) is not a linear layer: adapters wrap linear layers "
                 f"only (this model's: {_linear_names(model)})"
@@ -143,7 +143,7 @@ def target_layers(model: nn.Module, targets: tuple[str, ...] | str | None = None
 
 def _linear_names(model: nn.Module) -> str:
     """The last parts of the model's linear layers' names, each once: what ``targets`` usually lists."""
-    names = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m))
+    names = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m))
     return ", ".join(names)
 
 
@@ -155,7 +155,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
-        n_in, n_out = _shape(base)
+        n_in, n_out = layer_shape(base)
         self.base_layer = base
         device = base.weight.device
         self.lora_A = nn.Linear(n_in, rank, bias=False, device=device, dtype=torch.float32)
@@ -441,7 +441,7 @@ def _pairs(flat: dict[str, Tensor], source: Path) -> dict[str, tuple[Tensor, Ten
     return pairs
 
 
-def _model_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module | None]:
+def model_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module | None]:
     """The model's layer a file key names (PEFT on transformers' GPT2Model / the base model leaves out the
     ``transformer.`` prefix latentrt's names have, as a weights file may)."""
     modules = dict(model.named_modules())
@@ -457,13 +457,13 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
     tied = model.tied_keys() if hasattr(model, "tied_keys") else None
     plan = []
     for layer, (a, b) in adapter.tensors.items():
-        name, module = _model_layer(model, layer)
-        if module is None or not _is_linear(module):
+        name, module = model_layer(model, layer)
+        if module is None or not is_linear(module):
             what = "no layer" if module is None else f"not a linear layer ({type(module).__name__})"
             raise CheckpointError(f"adapter {adapter.source}: {layer!r} is {what} of this model (another base model?)")
         if tied is not None and f"{name}.weight" in tied:
             raise CheckpointError(f"adapter {adapter.source}: {layer!r} is tied to the token embedding")
-        n_in, n_out = _shape(module)
+        n_in, n_out = layer_shape(module)
         if a.shape[1] != n_in or b.shape[0] != n_out:
             raise CheckpointError(
                 f"adapter {adapter.source}: {layer!r} is {n_in} -> {n_out} here, the adapter's "
@@ -481,7 +481,7 @@ def load_adapter_weights(model: nn.Module, adapter: Adapter) -> None:
     """Copy a read adapter into the model's unmerged ``LoraLinear`` layers (a resumed fine-tune): the layers
     and shapes must be those the model has."""
     layers = lora_layers(model)
-    names = {_model_layer(model, layer)[0]: ab for layer, ab in adapter.tensors.items()}
+    names = {model_layer(model, layer)[0]: ab for layer, ab in adapter.tensors.items()}
     if set(names) != set(layers):
         missing, extra = sorted(set(layers) - set(names)), sorted(set(names) - set(layers))
         raise CheckpointError(

@@ -2,9 +2,11 @@
 
 ``serve_adapters(model, {name: adapter folder})`` keeps the base weights as they are and wraps every layer an
 adapter adapts in a ``BankedLoraLinear`` that holds all the adapters side by side: A stacked as one [N*r, in]
-matrix, B (its scaling folded in) as one [out, N*r], each adapter padded to the largest rank with zeros. A token's
-update is ``((x A^T) * its adapter's columns) B^T``: one pass over every token of a batch whatever adapters its
-rows use, without a host sync (a token of the base model, slot 0, selects no column and gets nothing added).
+matrix, B (its scaling folded in) as one [out, N*r], N slots of r columns (``max_loras``, ``max_lora_rank``), a
+smaller rank padded with zeros. A token's update is ``((x A^T) * its adapter's columns) B^T``: one pass over every
+token of a batch whatever adapters its rows use, without a host sync (a token of the base model, slot 0, selects no
+column and gets nothing added). The bank's ``add`` and ``remove`` write a slot in place (the server's runtime
+loading, between two steps): no buffer moves.
 
 Which adapter a token uses comes from the ``AdapterBank``: the serving engine sets each pool row's slot when it
 admits a request (``row_slots``), and a pre-hook on every block reads the pass's rows from its ``Packed`` chunks
@@ -24,19 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, InputError, check_unicode
-from .lora import Adapter, _is_linear, _model_layer, _shape, read_adapter
+from .lora import Adapter, is_linear, layer_shape, model_layer, read_adapter
 from .models.layers import Packed
 
 BASE_SLOT = 0  # the base model: no adapter
+
+DEFAULT_MAX_RANK = 16  # a server started for adapters loaded later: their rank at most (vLLM's --max-lora-rank)
 
 
 class AdapterNotFound(LookupError):
     """No served adapter of that name (a server's 404)."""
 
     kind = "model_not_found"
-
-
-DEFAULT_MAX_RANK = 16  # a server started for adapters loaded later: their rank at most (vLLM's --max-lora-rank)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class AdapterBank:
                 raise InputError(
                     f"adapter {name!r} has rank {a.shape[0]}, above this server's {self.rank} (--max-lora-rank)"
                 )
-            n_in, n_out = _shape(wrapped.base_layer)
+            n_in, n_out = layer_shape(wrapped.base_layer)
             if a.shape[1] != n_in or b.shape[0] != n_out:
                 raise CheckpointError(f"adapter {adapter.source}: {layer!r} does not fit this model (another base?)")
             plan.append((wrapped, a, b, adapter.spec.scaling(layer)))
@@ -138,7 +139,7 @@ class BankedLoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, bank: AdapterBank) -> None:
         super().__init__()
-        n_in, n_out = _shape(base)
+        n_in, n_out = layer_shape(base)
         self.base_layer, self.bank, self.rank = base, bank, bank.rank
         device = base.weight.device
         self.register_buffer("lora_A", torch.zeros(bank.capacity * bank.rank, n_in, device=device), persistent=False)
@@ -174,16 +175,12 @@ def _last_names(layers) -> str:
 
 def read_for(model: nn.Module, source) -> Adapter:
     """An adapter folder (or Hub id, or a read ``Adapter``) read and checked against the model's layers."""
-    return _read(model, source)
-
-
-def _read(model: nn.Module, source) -> Adapter:
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
     for layer in adapter.tensors:
-        name, module = _model_layer(model, layer)
+        name, module = model_layer(model, layer)
         if isinstance(module, BankedLoraLinear):  # (a served model: the layer it wraps)
             module = module.base_layer
-        if module is None or not _is_linear(module):
+        if module is None or not is_linear(module):
             raise CheckpointError(f"adapter {adapter.source}: {layer!r} is not a linear layer of this model")
     return adapter
 
@@ -211,24 +208,24 @@ def serve_adapters(
         raise InputError("serve_adapters takes a dict of adapter names and folders, with at least one (or max_loras)")
     if getattr(model, "adapter_bank", None) is not None or lora_layers(model):
         raise InputError("the model already has LoRA adapters (trained or served): load it anew to serve others")
-    read = {name: _read(model, source) for name, source in adapters.items()}
+    read = {name: read_for(model, source) for name, source in adapters.items()}
     ranks = [a.shape[0] for adapter in read.values() for a, _ in adapter.tensors.values()]
     capacity = len(read) if max_loras is None else max_loras
     rank = max(ranks, default=DEFAULT_MAX_RANK) if max_lora_rank is None else max_lora_rank
     check_int("max_loras", capacity, max(1, len(read)))
     check_int("max_lora_rank", rank, 1)
     blocks = _blocks(model)
-    inside = {n for n, m in model.named_modules() if _is_linear(m) and any(n.startswith(b + ".") for b in blocks)}
+    inside = {n for n, m in model.named_modules() if is_linear(m) and any(n.startswith(b + ".") for b in blocks)}
     wanted = set()
     for name, adapter in read.items():  # (all checked before the model changes)
         for layer, (a, b) in adapter.tensors.items():
-            full, module = _model_layer(model, layer)
+            full, module = model_layer(model, layer)
             if full not in inside:
                 raise InputError(
                     f"adapter {name!r} adapts {full}, outside the model's blocks: a served adapter adapts the blocks' "
                     "layers only (merge it at load instead: --adapter)"
                 )
-            n_in, n_out = _shape(module)
+            n_in, n_out = layer_shape(module)
             if a.shape[1] != n_in or b.shape[0] != n_out:
                 raise CheckpointError(f"adapter {adapter.source}: {layer!r} does not fit this model (another base?)")
             if a.shape[0] > rank:

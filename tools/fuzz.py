@@ -66,7 +66,17 @@ from latentrt.serve.responses import FIELDS as RESPONSE_FIELDS
 from . import case_parser, parsed_checks, soak, warnings_silenced
 
 CHECKS = ("api", "cli", "http", "batch")
-LOAD_KEYWORDS = ["device", "dtype", "weights", "backend", "revision", "hf_overrides", "torch_dtype", "device_map"]
+LOAD_KEYWORDS = [
+    "device",
+    "dtype",
+    "weights",
+    "backend",
+    "revision",
+    "hf_overrides",
+    "torch_dtype",
+    "device_map",
+    "adapter",
+]
 ROUTE_FIELDS = {  # the body fields of the routes that are not OpenAI's (latentrt/serve/protocol.py)
     "/tokenize": ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "chat_template_kwargs"),
     "/detokenize": ("model", "tokens"),
