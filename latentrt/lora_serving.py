@@ -105,13 +105,10 @@ class AdapterBank:
         return slot
 
     def remove(self, name: str) -> None:
-        """Stop serving ``name``: its slot's columns zeroed, the slot free."""
+        """Stop serving ``name``: its slot free (no request uses it: the engine refuses to unload one in use)."""
         if name not in self.names:
             raise AdapterNotFound(f"no LoRA adapter {name!r} is served here; the served adapters: {list(self.names)}")
-        slot = self.names[name]
-        for wrapped in self.layers.values():
-            wrapped.clear(slot)
-        del self.names[name], self.sources[name]
+        del self.names[name], self.sources[name]  # (its columns are cleared when the slot is taken again)
 
     def _layer_of(self, layer: str) -> str:
         """The model's name of a file's layer (PEFT on the base model class leaves out ``transformer.``)."""

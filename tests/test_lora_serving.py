@@ -6,10 +6,12 @@ client; the flags and bad adapters are clear errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import rel_err, tiny_coconut, tiny_recurrent
+from safetensors.torch import load_file, save_file
 from test_serve_engine import coconut_requests, generate_alone, recurrent_requests
 
 import latentrt
@@ -291,6 +293,7 @@ def test_adapters_load_and_unload_while_the_server_runs(tmp_path, recurrent_dir)
             ({"lora_name": "x", "lora_path": sources["poet"], "rank": 2}, 400, "unknown field 'rank'"),
             ({"lora_name": "x", "lora_path": str(tmp_path / "missing")}, 400, "does not exist"),
             ({"lora_name": "\ud800", "lora_path": sources["poet"]}, 400, "lora_name is not valid Unicode text"),
+            ({"lora_name": "y", "lora_path": sources["poet"], "load_inplace": True}, 400, "load_inplace"),
         ]:
             r = post("/v1/load_lora_adapter", body)
             assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
@@ -302,8 +305,14 @@ def test_adapters_load_and_unload_while_the_server_runs(tmp_path, recurrent_dir)
         assert r.status_code == 404 and "no LoRA adapter 'sql'" in r.json()["error"]["message"]
         r = post("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": sources["big"]})
         assert r.status_code == 400 and "rank 9, above this server's 8 (--max-lora-rank)" in r.text
-        r = post("/v1/load_lora_adapter", {"lora_name": "third", "lora_path": sources["third"]})  # (sql's slot, reused)
-        assert r.status_code == 200
+        # poet's slot reused by a smaller adapter (rank 3 on every layer, its file's layers named without
+        # "transformer.", as PEFT on the base model class names them): none of poet's columns left over
+        assert post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": sources["sql"]}).status_code == 200
+        assert post("/v1/unload_lora_adapter", {"lora_name": "poet"}).status_code == 200
+        path = Path(sources["third"]) / "adapter_model.safetensors"
+        save_file({k.replace("model.transformer.", "model."): v for k, v in load_file(str(path)).items()}, str(path))
+        r = post("/v1/load_lora_adapter", {"lora_name": "third", "lora_path": sources["third"]})
+        assert r.status_code == 200 and model.adapter_bank.names == {"sql": 1, "third": 2}
         got = client.completions.create(
             model="third", prompt="every cat is", max_tokens=4, temperature=0, extra_body=extra
         )
@@ -338,3 +347,37 @@ def test_ray_replicas_do_not_load_adapters_at_runtime(capsys):
 
     assert serve_ray.main(["--enable-lora", "--allow-runtime-lora-updating"]) == 2
     assert "a load would reach one replica only" in capsys.readouterr().err
+
+
+def test_room_names_and_layers_of_a_bank(tmp_path, recurrent_dir):
+    """The room is the adapters given unless max_loras; an adapter's name must be text; a file naming a layer that
+    is not linear is refused as such; load_engine's runtime loading wraps the family's default LoRA layers, so an
+    adapter of other layers than the startup's loads."""
+    from latentrt.lora import read_adapter
+    from latentrt.serve.app import load_engine
+
+    make = lambda: latentrt.load(recurrent_dir, device="cpu")  # noqa: E731
+    sources = _adapters(tmp_path, make, [("q", 2, ["Wqkv"]), *SHAPES])
+    bank = serve_adapters(make(), {n: sources[n] for n in ("sql", "poet")})
+    with pytest.raises(InputError, match="2 LoRA adapters are served, the most"):
+        bank.add("q", read_adapter(sources["q"]))
+    with pytest.raises(InputError, match="not valid Unicode"):
+        serve_adapters(make(), {"\ud800": sources["q"]})
+    path = Path(sources["q"]) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.model.transformer.ln_f.lora_A.weight"] = torch.zeros(2, 32)
+    tensors["base_model.model.transformer.ln_f.lora_B.weight"] = torch.zeros(32, 2)
+    save_file(tensors, str(tmp_path / "ln_f.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((Path(sources["q"]) / "adapter_config.json").read_bytes())
+    (tmp_path / "ln_f.safetensors").rename(broken / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="'transformer.ln_f' is not a linear layer of this model"):
+        serve_adapters(make(), {"b": str(broken)})
+    engine = load_engine(
+        str(recurrent_dir), device="cpu", lora_modules={"q": sources["q"]}, max_lora_rank=8, runtime_lora_updating=True
+    )
+    assert engine.model.adapter_bank.capacity == 1  # (load_engine's room: as given; the flags add one)
+    engine.unload_adapter("q")
+    engine.load_adapter("poet", sources["poet"])  # (fc: wrapped for adapters loaded later, not by q)
+    assert set(engine.model.adapter_bank.names) == {"poet"}
