@@ -321,6 +321,8 @@ def test_adapters_load_and_unload_while_the_server_runs(tmp_path, recurrent_dir)
         with using(alone, "third"):
             want = latentrt.generate(alone, PROMPT, max_new_tokens=4, **extra)
         assert got.choices[0].latentrt["token_ids"] == want.tokens
+        with using(model, "third"), using(alone, "third"):  # (the numbers too: a leftover column would show)
+            assert rel_err(model.logits(IDS, seed=0), alone.logits(IDS, seed=0)) < 1e-6
     with pytest.raises(InputError, match="runtime_lora_updating needs a model that serves LoRA adapters"):
         create_app(Engine(make()), "base", runtime_lora_updating=True)
 
