@@ -173,8 +173,20 @@ class LoraLinear(nn.Module):
 
     def delta(self) -> Tensor:
         """``s B A`` in fp32, laid out as the wrapped layer's weight."""
-        d = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        return d.t() if isinstance(self.base_layer, Conv1D) else d
+        return _delta(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+
+def _delta(layer: nn.Module, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``scaling B A`` in fp32, laid out as ``layer``'s weight (GPT-2's Conv1D: transposed)."""
+    d = (b.float() @ a.float()) * scaling
+    return d.t() if isinstance(layer, Conv1D) else d
+
+
+def _fold(layer: nn.Module, a: Tensor, b: Tensor, scaling: float) -> None:
+    """``layer``'s weight += ``scaling B A``, summed in fp32 and rounded once to the weight's dtype."""
+    w = layer.weight
+    with torch.no_grad():
+        w.copy_((w.float() + _delta(layer, a, b, scaling).to(w.device)).to(w.dtype))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -241,11 +253,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     if not layers:
         raise InputError("the model has no LoRA adapter to merge")
-    with torch.no_grad():
-        for name, wrapped in layers.items():
-            w = wrapped.base_layer.weight
-            w.copy_((w.float() + wrapped.delta()).to(w.dtype))
-            _replace(model, name, wrapped.base_layer)
+    for name, wrapped in layers.items():
+        _fold(wrapped.base_layer, wrapped.lora_A.weight, wrapped.lora_B.weight, wrapped.scaling)
+        _replace(model, name, wrapped.base_layer)
     model.lora = None
     before = model.__dict__.pop("backend_before_lora", None)
     if before is not None:
@@ -441,23 +451,28 @@ def _pairs(flat: dict[str, Tensor], source: Path) -> dict[str, tuple[Tensor, Ten
     return pairs
 
 
-def model_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module | None]:
-    """The model's layer a file key names (PEFT on transformers' GPT2Model / the base model leaves out the
-    ``transformer.`` prefix latentrt's names have, as a weights file may)."""
-    modules = dict(model.named_modules())
-    for name in (layer, "transformer." + layer):
-        if name in modules:
-            return name, modules[name]
-    return layer, None
+def model_layer(model: nn.Module, layer: str, modules: dict | None = None) -> tuple[str, nn.Module | None]:
+    """The model's layer a file key names, and its name (``modules``: the model's by name, given to look up many
+    layers; default: ``model.named_modules()``)."""
+    modules = dict(model.named_modules()) if modules is None else modules
+    name = layer_name(layer, modules)
+    return name, modules.get(name)
+
+
+def layer_name(layer: str, names) -> str:
+    """The name among ``names`` of a file's layer: PEFT on transformers' GPT2Model (the base model class) leaves out
+    the ``transformer.`` prefix latentrt's names have, as a weights file may."""
+    return "transformer." + layer if layer not in names and "transformer." + layer in names else layer
 
 
 def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
     """Fold a read adapter into the model's weights (``merge_lora``'s arithmetic); every layer it names must be
     one of the model's untied linear layers of the right shape, checked before any weight changes."""
     tied = model.tied_keys() if hasattr(model, "tied_keys") else None
+    modules = dict(model.named_modules())
     plan = []
     for layer, (a, b) in adapter.tensors.items():
-        name, module = model_layer(model, layer)
+        name, module = model_layer(model, layer, modules)
         if module is None or not is_linear(module):
             what = "no layer" if module is None else f"not a linear layer ({type(module).__name__})"
             raise CheckpointError(f"adapter {adapter.source}: {layer!r} is {what} of this model (another base model?)")
@@ -470,18 +485,15 @@ def merge_adapter(model: nn.Module, adapter: Adapter) -> None:
                 f"{a.shape[1]} -> {b.shape[0]} (another base model?)"
             )
         plan.append((module, a, b, adapter.spec.scaling(layer)))  # (PEFT's patterns name its own layers)
-    with torch.no_grad():
-        for module, a, b, scaling in plan:
-            d = (b.float() @ a.float()) * scaling
-            w = module.weight
-            w.copy_((w.float() + (d.t() if isinstance(module, Conv1D) else d).to(w.device)).to(w.dtype))
+    for module, a, b, scaling in plan:
+        _fold(module, a, b, scaling)
 
 
 def load_adapter_weights(model: nn.Module, adapter: Adapter) -> None:
     """Copy a read adapter into the model's unmerged ``LoraLinear`` layers (a resumed fine-tune): the layers
     and shapes must be those the model has."""
     layers = lora_layers(model)
-    names = {model_layer(model, layer)[0]: ab for layer, ab in adapter.tensors.items()}
+    names = {layer_name(layer, layers): ab for layer, ab in adapter.tensors.items()}
     if set(names) != set(layers):
         missing, extra = sorted(set(layers) - set(names)), sorted(set(names) - set(layers))
         raise CheckpointError(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, InputError, check_unicode
-from .lora import Adapter, is_linear, layer_shape, model_layer, read_adapter
+from .lora import Adapter, is_linear, layer_name, layer_shape, model_layer, read_adapter
 from .models.layers import Packed
 
 BASE_SLOT = 0  # the base model: no adapter
@@ -81,7 +81,7 @@ class AdapterBank:
             raise InputError(f"{self.capacity} LoRA adapters are served, the most this server holds (--max-loras)")
         plan = []
         for layer, (a, b) in adapter.tensors.items():
-            full = self._layer_of(layer)
+            full = layer_name(layer, self.layers)
             if full not in self.layers:
                 raise InputError(
                     f"adapter {name!r} adapts {full}, which this server does not (adapters are served on the layers "
@@ -109,10 +109,6 @@ class AdapterBank:
         if name not in self.names:
             raise AdapterNotFound(f"no LoRA adapter {name!r} is served here; the served adapters: {list(self.names)}")
         del self.names[name], self.sources[name]  # (its columns are cleared when the slot is taken again)
-
-    def _layer_of(self, layer: str) -> str:
-        """The model's name of a file's layer (PEFT on the base model class leaves out ``transformer.``)."""
-        return layer if layer in self.layers or "transformer." + layer not in self.layers else "transformer." + layer
 
     def bind_rows(self, rows: int) -> None:
         """A serving engine's pool rows, each on the base model until a request is admitted to it."""
@@ -173,8 +169,9 @@ def _last_names(layers) -> str:
 def read_for(model: nn.Module, source) -> Adapter:
     """An adapter folder (or Hub id, or a read ``Adapter``) read and checked against the model's layers."""
     adapter = source if isinstance(source, Adapter) else read_adapter(source)
+    modules = dict(model.named_modules())
     for layer in adapter.tensors:
-        name, module = model_layer(model, layer)
+        name, module = model_layer(model, layer, modules)
         if isinstance(module, BankedLoraLinear):  # (a served model: the layer it wraps)
             module = module.base_layer
         if module is None or not is_linear(module):
@@ -211,12 +208,12 @@ def serve_adapters(
     rank = max(ranks, default=DEFAULT_MAX_RANK) if max_lora_rank is None else max_lora_rank
     check_int("max_loras", capacity, max(1, len(read)))
     check_int("max_lora_rank", rank, 1)
-    blocks = _blocks(model)
-    inside = {n for n, m in model.named_modules() if is_linear(m) and any(n.startswith(b + ".") for b in blocks)}
+    blocks, modules = _blocks(model), dict(model.named_modules())
+    inside = {n for n, m in modules.items() if is_linear(m) and any(n.startswith(b + ".") for b in blocks)}
     wanted = set()
     for name, adapter in read.items():  # (all checked before the model changes)
         for layer, (a, b) in adapter.tensors.items():
-            full, module = model_layer(model, layer)
+            full, module = model_layer(model, layer, modules)
             if full not in inside:
                 raise InputError(
                     f"adapter {name!r} adapts {full}, outside the model's blocks: a served adapter adapts the blocks' "
