@@ -568,9 +568,9 @@ def save_pretrained(
 
 def read_weights_metadata(folder: str | os.PathLike, name: str = "model") -> dict[str, str]:
     """The safetensors header metadata of a folder's (first) weights file, ``name``.safetensors or its shards
-    (``name``: a file's own name, e.g. a LoRA adapter's adapter_model.safetensors)."""
+    (``name``: e.g. "adapter_model", a LoRA adapter's)."""
     folder = Path(folder)
-    single = folder / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+    single = folder / f"{name}.safetensors"
     files = [single] if single.is_file() else sorted(folder.glob(f"{name}-*.safetensors"))
     if not files:
         raise CheckpointError(f"{str(folder)!r} has no {single.name}")

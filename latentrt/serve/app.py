@@ -377,8 +377,8 @@ async def _lora_update(served: Served, request: Request, load: bool):
     try:
         body = await _body_of(request)
         name, path = parse_lora_update(body, load)
-        if load and (name in served.names or name in served.adapters):
-            raise InputError(f"the name {name!r} is served already (the model's or an adapter's): choose another")
+        if load and name in served.names:  # (an adapter's name taken already: the bank's own error)
+            raise InputError(f"the name {name!r} is served already (the model's): choose another")
         if load:
             await asyncio.to_thread(served.engine.load_adapter, name, path)
         else:

@@ -163,7 +163,7 @@ def load_training(folder: str | Path, model: nn.Module, optimizer: torch.optim.O
             + ("a whole model, and this run trains LoRA adapters" if lora else "a LoRA adapter, and this run does not")
             + ": resume with the options the run was saved with (latentrt train: --lora-rank)"
         )
-    saved = read_weights_metadata(folder, ADAPTER_WEIGHTS if lora else "model").get("step")
+    saved = read_weights_metadata(folder, Path(ADAPTER_WEIGHTS).stem if lora else "model").get("step")
     if saved != str(state["step"]):
         raise CheckpointError(
             f"{folder}: the weights (step {saved}) and {STATE_FILE} (step {state['step']}) come from different "
